@@ -1,0 +1,45 @@
+// The caller's identity, from the kernel only: SO_PEERCRED, SO_PEERGROUPS and SO_PEERPIDFD.
+import fs from 'node:fs';
+import { sys, type PeerCredentials } from '@tapbroker/protocol';
+import type { Caller } from './policy.js';
+
+export interface Identity extends Caller {
+  pid: number;
+  /** A pidfd for the caller process, owned by the session; null where the kernel lacks SO_PEERPIDFD. */
+  pidfd: number | null;
+  /** The caller's executable, or null when it cannot be read or the pid no longer names the caller. */
+  exe: string | null;
+  user: string | null;
+}
+
+export function identify(peer: PeerCredentials): Identity {
+  return {
+    uid: peer.uid, gid: peer.gid, groups: peer.groups, pid: peer.pid, pidfd: peer.pidfd,
+    exe: readExe(peer.pid, peer.pidfd), user: userName(peer.uid),
+  };
+}
+
+const names = new Map<number, string | null>();
+
+function userName(uid: number): string | null {
+  if (!names.has(uid)) names.set(uid, sys.getpwuid(uid)?.name ?? null);
+  return names.get(uid)!;
+}
+
+// /proc/<pid>/exe is only trusted when the pidfd, read after it, still names the same pid:
+// otherwise the pid may have been reused by another process in between.
+function readExe(pid: number, pidfd: number | null): string | null {
+  let exe: string;
+  try {
+    exe = fs.readlinkSync(`/proc/${pid}/exe`);
+  } catch {
+    return null;
+  }
+  if (pidfd === null) return exe;
+  try {
+    const info = fs.readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8');
+    return /^Pid:\s*(-?\d+)$/m.exec(info)?.[1] === String(pid) ? exe : null;
+  } catch {
+    return null;
+  }
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env node
+// tapbrokerd: usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group]
+import fs from 'node:fs';
+import path from 'node:path';
+import { SeqpacketListener, TapbrokerError, sys } from '@tapbroker/protocol';
+import { Broker } from './broker.js';
+import { loadPolicy, type Policy } from './policy.js';
+
+export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
+export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
+const USAGE = 'usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group]';
+// sysexits(3)
+const EX_USAGE = 64;
+const EX_UNAVAILABLE = 69;
+const EX_CONFIG = 78;
+
+interface Options {
+  check: boolean;
+  policy: string;
+  socket: string;
+  mode: number;
+  group: string | null;
+}
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const value = () => {
+      const v = argv[++i];
+      if (v === undefined) usage(`option ${a} needs a value`);
+      return v;
+    };
+    switch (a) {
+      case '-n': o.check = true; break;
+      case '-f': o.policy = value(); break;
+      case '-s': o.socket = value(); break;
+      case '-m': {
+        const m = value();
+        if (!/^[0-7]{3,4}$/.test(m)) usage(`bad mode \`${m}'`);
+        o.mode = parseInt(m, 8);
+        break;
+      }
+      case '-g': o.group = value(); break;
+      case '-h': case '--help': process.stdout.write(`${USAGE}\n`); process.exit(0);
+      default: usage(`unknown argument \`${a}'`);
+    }
+  }
+  return o;
+}
+
+function usage(why: string): never {
+  process.stderr.write(`tapbrokerd: ${why}\n${USAGE}\n`);
+  process.exit(EX_USAGE);
+}
+
+function log(line: string): void {
+  process.stderr.write(`tapbrokerd: ${line}\n`);
+}
+
+function load(file: string): Policy {
+  const policy = loadPolicy(file);
+  for (const w of policy.warnings) log(`warning: ${w}`);
+  return policy;
+}
+
+/** The inherited listening socket under socket activation (sd_listen_fds), or null. */
+function activationFd(): number | null {
+  if (process.env['LISTEN_PID'] !== String(process.pid)) return null;
+  const n = Number(process.env['LISTEN_FDS'] ?? '0');
+  delete process.env['LISTEN_PID'];
+  delete process.env['LISTEN_FDS'];
+  delete process.env['LISTEN_FDNAMES'];
+  if (n !== 1) throw new Error(`expected exactly one socket from the service manager, got ${n}`);
+  return 3;
+}
+
+function main(): void {
+  const opts = parseArgs(process.argv.slice(2));
+  let policy: Policy;
+  try {
+    policy = load(opts.policy);
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message.split('\n').map((l) => `tapbrokerd: ${l}`).join('\n')}\n`);
+    process.exit(EX_CONFIG);
+  }
+  if (opts.check) {
+    process.stdout.write(`${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, ${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`);
+    process.exit(0);
+  }
+
+  let listener: SeqpacketListener;
+  try {
+    const inherited = activationFd();
+    if (inherited !== null) {
+      listener = SeqpacketListener.adopt(inherited);
+    } else {
+      let gid: number | undefined;
+      if (opts.group !== null) {
+        const g = /^\d+$/.test(opts.group) ? Number(opts.group) : sys.getgrnam(opts.group);
+        if (g === null) usage(`no group \`${opts.group}'`);
+        gid = g;
+      }
+      fs.mkdirSync(path.dirname(opts.socket), { recursive: true, mode: 0o755 });
+      listener = SeqpacketListener.listen(opts.socket, gid === undefined ? { mode: opts.mode } : { mode: opts.mode, gid });
+    }
+  } catch (err) {
+    log(`cannot listen: ${(err as Error).message}`);
+    process.exit(EX_UNAVAILABLE);
+  }
+
+  const broker = new Broker({ policy });
+  broker.serve(listener);
+  log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}`);
+
+  process.on('SIGHUP', () => {
+    try {
+      broker.policy = load(opts.policy);
+      log(`policy reloaded; sha256 ${broker.policy.sha256}`);
+    } catch (err) {
+      log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`);
+    }
+  });
+  let stopping = false;
+  const stop = (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    log(`${sig}: finishing requests in flight`);
+    void broker.shutdown().then(() => process.exit(0));
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+}
+
+main();

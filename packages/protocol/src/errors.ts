@@ -1,0 +1,51 @@
+// The one list of stable error codes. Callers match on `code`; messages may change.
+// docs/PROTOCOL.md documents every code, and a test fails if the two disagree.
+
+export const ERROR_CODES = {
+  TB_E_MALFORMED: 'the frame is not a well-formed message: bad msgpack, trailing bytes, duplicate keys or nesting too deep',
+  TB_E_FRAME_TOO_LARGE: 'the frame is larger than the size cap and was discarded unread',
+  TB_E_UNSUPPORTED_TYPE: 'the frame holds a value type the protocol does not carry (extension, binary, non-string key)',
+  TB_E_INVALID_REQUEST: 'a field is missing, unknown or of the wrong type',
+  TB_E_UNKNOWN_OP: 'the op is not one the broker knows',
+  TB_E_VERSION: 'the client speaks a protocol version the broker does not',
+  TB_E_HELLO_REQUIRED: 'the first message on a connection must be hello',
+  TB_E_UNEXPECTED_FDS: 'the request carried file descriptors; the broker accepts none and closed them',
+  TB_E_INVALID_NAME: 'an interface name is empty, longer than 15 bytes, has characters outside [A-Za-z0-9_.-] or is outside the caller\'s prefix',
+  TB_E_INVALID_MAC: 'a MAC address is malformed, multicast, all-zero or outside the rule\'s prefix',
+  TB_E_INVALID_QUEUES: 'the queue count is not an integer from 1 to 126',
+  TB_E_NO_SUCH_BRIDGE: 'the named bridge does not exist',
+  TB_E_NOT_A_BRIDGE: 'the named device exists but is not a Linux bridge',
+  TB_E_POLICY_DENIED: 'the policy does not allow this request; the reply names the rule and what could change',
+  TB_E_QUOTA_EXCEEDED: 'the caller already holds as many live devices as the rule allows',
+  TB_E_VHOST_UNAVAILABLE: 'vhost-net was asked for but /dev/vhost-net does not exist on this host',
+  TB_E_DEVICE_EXISTS: 'a device with the requested name already exists',
+  TB_E_KERNEL: 'the kernel refused an operation; the message names it and the errno; nothing was left behind',
+  TB_E_TIMEOUT: 'the client did not say hello in time',
+  TB_E_BUSY: 'the broker is at its connection limit',
+  TB_E_INTERNAL: 'the broker hit a bug; nothing was left behind and it keeps serving',
+  TB_E_CONNECT: 'the client could not connect to the broker socket',
+  TB_E_BROKER_CLOSED: 'the broker closed the connection before replying',
+  TB_E_BAD_REPLY: 'the broker\'s reply did not match the protocol',
+  TB_E_USAGE: 'the command line is wrong',
+  TB_E_POLICY_INVALID: 'the policy file cannot be read, parsed or validated',
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+export function isErrorCode(s: string): s is ErrorCode {
+  return Object.hasOwn(ERROR_CODES, s);
+}
+
+/** An error with a stable code; `rule` and `hint` accompany policy decisions. */
+export class TapbrokerError extends Error {
+  readonly code: ErrorCode;
+  readonly rule: string | undefined;
+  readonly hint: string | undefined;
+  constructor(code: ErrorCode, message: string, extra: { rule?: string; hint?: string; cause?: unknown } = {}) {
+    super(message, extra.cause === undefined ? undefined : { cause: extra.cause });
+    this.name = 'TapbrokerError';
+    this.code = code;
+    this.rule = extra.rule;
+    this.hint = extra.hint;
+  }
+}

@@ -1,0 +1,15 @@
+// The public surface of @tapbroker/protocol. Nothing else is importable from outside.
+export { ERROR_CODES, TapbrokerError, isErrorCode, type ErrorCode } from './errors.js';
+export {
+  PROTOCOL_VERSION, MAX_REQUEST_BYTES, MAX_REPLY_BYTES, MAX_REPLY_FDS, OPS,
+  Request, HelloRequest, CreateTapRequest, Reply, HelloReply, CreateTapReply, ErrorReply, TapDevice,
+  describeIssues, type Op,
+} from './messages.js';
+export { encodeFrame, decodeFrame, decodeRequest, decodeReply, scanFrame, MAX_DEPTH, type Decoded } from './codec.js';
+export {
+  SeqpacketConnection, SeqpacketListener, SCM_MAX_FD, type Packet, type PeerCredentials, type ListenOptions,
+} from './transport.js';
+export {
+  checkIfName, checkMac, checkMacPrefix, macToBuffer, macFromBuffer, IFNAME_MAX_BYTES,
+} from './validate.js';
+export * as sys from './sys.js';

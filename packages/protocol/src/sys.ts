@@ -1,0 +1,230 @@
+// Every foreign call of the project lives here: typed wrappers over libc via koffi,
+// each throwing a SyscallError that carries errno. Layouts are x86_64/aarch64 LP64 Linux.
+import koffi from 'koffi';
+import { constants as osConstants } from 'node:os';
+
+const libc = koffi.load('libc.so.6');
+
+export const AF_UNIX = 1;
+export const AF_NETLINK = 16;
+export const SOCK_RAW = 3;
+export const SOCK_SEQPACKET = 5;
+export const SOCK_NONBLOCK = 0x800;
+export const SOCK_CLOEXEC = 0x80000;
+export const SOL_SOCKET = 1;
+export const SO_TYPE = 3;
+export const SO_PASSCRED = 16;
+export const SO_PEERCRED = 17;
+export const SO_ACCEPTCONN = 30;
+export const SO_DOMAIN = 39;
+export const SO_PEERGROUPS = 59;
+export const SO_PEERPIDFD = 77;
+export const SCM_RIGHTS = 1;
+export const MSG_CTRUNC = 0x8;
+export const MSG_TRUNC = 0x20;
+export const MSG_DONTWAIT = 0x40;
+export const MSG_NOSIGNAL = 0x4000;
+export const MSG_CMSG_CLOEXEC = 0x40000000;
+export const F_GETFD = 1;
+export const F_GETFL = 3;
+export const F_SETFL = 4;
+export const O_NONBLOCK = 0x800;
+export const NETLINK_ROUTE = 0;
+export const SOL_NETLINK = 270;
+export const NETLINK_EXT_ACK = 11;
+export const NETLINK_GET_STRICT_CHK = 12;
+
+const errnoNames = new Map<number, string>(
+  Object.entries(osConstants.errno).map(([name, value]) => [value, name]),
+);
+
+/** A failed system call, with the errno the kernel gave. */
+export class SyscallError extends Error {
+  readonly errno: number;
+  readonly syscall: string;
+  /** Symbolic errno, e.g. `EBUSY`. */
+  readonly code: string;
+  /** strerror(errno), lower-case: `no such device`. */
+  readonly reason: string;
+  constructor(syscall: string, errno: number, detail?: string) {
+    const code = errnoNames.get(errno) ?? `E${errno}`;
+    super(`${syscall}${detail ? ` ${detail}` : ''}: ${strerror(errno)} (${code})`);
+    this.reason = strerror(errno).toLowerCase();
+    this.name = 'SyscallError';
+    this.errno = errno;
+    this.syscall = syscall;
+    this.code = code;
+  }
+}
+
+export const errno = osConstants.errno;
+
+const _socket = libc.func('int socket(int domain, int type, int protocol)');
+const _bind = libc.func('int bind(int fd, void *addr, uint32_t len)');
+const _listen = libc.func('int listen(int fd, int backlog)');
+const _accept4 = libc.func('int accept4(int fd, void *addr, void *len, int flags)');
+const _connect = libc.func('int connect(int fd, void *addr, uint32_t len)');
+const _sendmsg = libc.func('intptr_t sendmsg(int fd, void *msg, int flags)');
+const _recvmsg = libc.func('intptr_t recvmsg(int fd, void *msg, int flags)');
+const _getsockopt = libc.func('int getsockopt(int fd, int level, int name, void *val, _Inout_ uint32_t *len)');
+const _setsockopt = libc.func('int setsockopt(int fd, int level, int name, void *val, uint32_t len)');
+const _close = libc.func('int close(int fd)');
+const _ioctl = libc.func('int ioctl(int fd, unsigned long req, ...)');
+const _fcntl = libc.func('int fcntl(int fd, int cmd, ...)');
+const _strerror = libc.func('const char *strerror(int errnum)');
+const _getpwnam_r = libc.func('int getpwnam_r(const char *name, void *pwd, void *buf, size_t len, _Out_ void **result)');
+const _getpwuid_r = libc.func('int getpwuid_r(uint32_t uid, void *pwd, void *buf, size_t len, _Out_ void **result)');
+const _getgrnam_r = libc.func('int getgrnam_r(const char *name, void *grp, void *buf, size_t len, _Out_ void **result)');
+
+function strerror(e: number): string {
+  return (_strerror(e) as string | null) ?? `errno ${e}`;
+}
+
+function fail(syscall: string, detail?: string): never {
+  throw new SyscallError(syscall, koffi.errno(), detail);
+}
+
+/** The address of a Buffer, for embedding in another structure. The caller keeps `buf` referenced. */
+export function addressOf(buf: Buffer): bigint {
+  return koffi.address(buf) as bigint;
+}
+
+export function socket(domain: number, type: number, protocol = 0): number {
+  const fd = _socket(domain, type, protocol) as number;
+  if (fd < 0) fail('socket');
+  return fd;
+}
+
+/** A `struct sockaddr_un` for a filesystem path; paths that do not fit are refused, never truncated. */
+export function sockaddrUn(path: string): Buffer {
+  const bytes = Buffer.from(path, 'utf8');
+  if (bytes.length === 0 || bytes.length > 107 || bytes.includes(0)) {
+    throw new SyscallError('sockaddr_un', errno.ENAMETOOLONG, `\`${path}'`);
+  }
+  const sa = Buffer.alloc(110);
+  sa.writeUInt16LE(AF_UNIX, 0);
+  bytes.copy(sa, 2);
+  return sa;
+}
+
+export function bind(fd: number, addr: Buffer, what?: string): void {
+  if ((_bind(fd, addr, addr.length) as number) < 0) fail('bind', what);
+}
+
+export function listen(fd: number, backlog: number): void {
+  if ((_listen(fd, backlog) as number) < 0) fail('listen');
+}
+
+/** accept4 with CLOEXEC|NONBLOCK; returns -1 when no connection is pending. */
+export function accept(fd: number): number {
+  const cfd = _accept4(fd, null, null, SOCK_CLOEXEC | SOCK_NONBLOCK) as number;
+  if (cfd >= 0) return cfd;
+  const e = koffi.errno();
+  if (e === errno.EAGAIN || e === errno.ECONNABORTED || e === errno.EINTR) return -1;
+  throw new SyscallError('accept4', e);
+}
+
+export function connect(fd: number, addr: Buffer, what?: string): void {
+  if ((_connect(fd, addr, addr.length) as number) < 0) fail('connect', what);
+}
+
+/** sendmsg; returns -1 on EAGAIN, throws on every other error. */
+export function sendmsg(fd: number, msghdr: Buffer, flags: number): number {
+  const n = Number(_sendmsg(fd, msghdr, flags));
+  if (n >= 0) return n;
+  const e = koffi.errno();
+  if (e === errno.EAGAIN || e === errno.EINTR) return -1;
+  throw new SyscallError('sendmsg', e);
+}
+
+/** recvmsg; returns -1 on EAGAIN, throws on every other error. */
+export function recvmsg(fd: number, msghdr: Buffer, flags: number): number {
+  const n = Number(_recvmsg(fd, msghdr, flags));
+  if (n >= 0) return n;
+  const e = koffi.errno();
+  if (e === errno.EAGAIN || e === errno.EINTR) return -1;
+  throw new SyscallError('recvmsg', e);
+}
+
+/** getsockopt into `buf`; returns the length the kernel wrote. */
+export function getsockopt(fd: number, level: number, name: number, buf: Buffer): number {
+  const len = [buf.length];
+  if ((_getsockopt(fd, level, name, buf, len) as number) < 0) fail('getsockopt', `(${level}, ${name})`);
+  return len[0]!;
+}
+
+export function getsockoptInt(fd: number, level: number, name: number): number {
+  const buf = Buffer.alloc(4);
+  getsockopt(fd, level, name, buf);
+  return buf.readInt32LE(0);
+}
+
+export function setsockoptInt(fd: number, level: number, name: number, value: number): void {
+  const buf = Buffer.alloc(4);
+  buf.writeInt32LE(value, 0);
+  if ((_setsockopt(fd, level, name, buf, 4) as number) < 0) fail('setsockopt', `(${level}, ${name})`);
+}
+
+export function close(fd: number): void {
+  if ((_close(fd) as number) < 0) fail('close');
+}
+
+/** ioctl with a pointer argument (a struct in `arg`). */
+export function ioctlPtr(fd: number, req: number, arg: Buffer, what?: string): void {
+  if ((_ioctl(fd, req, 'void *', arg) as number) < 0) fail('ioctl', what);
+}
+
+/** ioctl with an integer argument. */
+export function ioctlInt(fd: number, req: number, arg: number, what?: string): void {
+  if ((_ioctl(fd, req, 'unsigned long', arg) as number) < 0) fail('ioctl', what);
+}
+
+export function fcntlGet(fd: number, cmd: number): number {
+  const r = _fcntl(fd, cmd) as number;
+  if (r < 0) fail('fcntl');
+  return r;
+}
+
+export function fcntlSet(fd: number, cmd: number, value: number): void {
+  if ((_fcntl(fd, cmd, 'int', value) as number) < 0) fail('fcntl');
+}
+
+/** True when `fd` is an open descriptor of this process. */
+export function isOpenFd(fd: number): boolean {
+  if (!Number.isInteger(fd) || fd < 0) return false;
+  return (_fcntl(fd, F_GETFD) as number) >= 0;
+}
+
+// struct passwd: pw_name@0 pw_passwd@8 pw_uid@16 pw_gid@20 ... (48 bytes);
+// struct group: gr_name@0 gr_passwd@8 gr_gid@16 gr_mem@24 (32 bytes).
+const nssBuf = Buffer.alloc(64 * 1024);
+const nssRec = Buffer.alloc(64);
+
+function nssLookup(call: (out: unknown[]) => number, what: string): boolean {
+  const out: unknown[] = [null];
+  const rc = call(out);
+  if (rc !== 0 && rc !== errno.ENOENT && rc !== errno.ESRCH) throw new SyscallError(what, rc);
+  return out[0] !== null && out[0] !== undefined;
+}
+
+/** The user database entry for a name (through NSS), or null. */
+export function getpwnam(name: string): { uid: number; gid: number } | null {
+  if (!nssLookup((o) => _getpwnam_r(name, nssRec, nssBuf, nssBuf.length, o) as number, 'getpwnam_r')) return null;
+  return { uid: nssRec.readUInt32LE(16), gid: nssRec.readUInt32LE(20) };
+}
+
+/** The user name for a uid (through NSS), or null. */
+export function getpwuid(uid: number): { name: string; gid: number } | null {
+  if (!nssLookup((o) => _getpwuid_r(uid, nssRec, nssBuf, nssBuf.length, o) as number, 'getpwuid_r')) return null;
+  const namePtr = nssRec.readBigUInt64LE(0);
+  const name = koffi.decode(namePtr, 'char', -1) as string;
+  return { name, gid: nssRec.readUInt32LE(20) };
+}
+
+/** The gid for a group name (through NSS), or null. */
+export function getgrnam(name: string): number | null {
+  if (!nssLookup((o) => _getgrnam_r(name, nssRec, nssBuf, nssBuf.length, o) as number, 'getgrnam_r')) return null;
+  return nssRec.readUInt32LE(16);
+}
+
+export { koffi };
