@@ -1,0 +1,88 @@
+// tapbrokerd as a real child process inside a test's namespace, with its audit records parsed.
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { AuditRecord } from '@tapbroker/broker';
+import type { Netns } from './netns.js';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+export const BROKER_MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
+export const CLIENT_CLI = path.join(ROOT, 'packages/client/dist/cli.js');
+
+const running = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const p of running) p.kill('SIGKILL');
+});
+
+/** A world-traversable temporary directory (the unprivileged client must reach the socket). */
+export function tempDir(tag: string): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `tb-${tag}-`));
+  fs.chmodSync(dir, 0o755);
+  return dir;
+}
+
+export class BrokerProcess {
+  readonly records: AuditRecord[] = [];
+  stderr = '';
+  private exitPromise: Promise<number | null>;
+
+  private constructor(readonly proc: ChildProcess, readonly socket: string, readonly dir: string) {
+    running.add(proc);
+    proc.stderr!.setEncoding('utf8');
+    let partial = '';
+    proc.stderr!.on('data', (chunk: string) => {
+      this.stderr += chunk;
+      const lines = (partial + chunk).split('\n');
+      partial = lines.pop()!;
+      for (const line of lines) {
+        if (line.startsWith('{"audit":')) this.records.push((JSON.parse(line) as { audit: AuditRecord }).audit);
+      }
+    });
+    this.exitPromise = new Promise((resolve) => proc.on('exit', (code) => { running.delete(proc); resolve(code); }));
+  }
+
+  /** Writes `policy` and starts the broker in `ns`, resolving once it listens. */
+  static async start(ns: Netns, policy: string, opts: { tag?: string; args?: string[] } = {}): Promise<BrokerProcess> {
+    const dir = tempDir(opts.tag ?? 'broker');
+    const policyPath = path.join(dir, 'policy.toml');
+    fs.writeFileSync(policyPath, policy);
+    const socket = path.join(dir, 'tapbroker.sock');
+    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', policyPath, '-s', socket, '-m', '0666', ...(opts.args ?? [])], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    const b = new BrokerProcess(proc, socket, dir);
+    await b.waitFor(() => b.stderr.includes('listening on'), 10_000, 'broker did not start');
+    return b;
+  }
+
+  get policyPath(): string {
+    return path.join(this.dir, 'policy.toml');
+  }
+
+  async waitFor(cond: () => boolean, ms: number, what: string): Promise<void> {
+    const deadline = Date.now() + ms;
+    while (!cond()) {
+      if (this.proc.exitCode !== null) throw new Error(`${what}: broker exited ${this.proc.exitCode}:\n${this.stderr}`);
+      if (Date.now() > deadline) throw new Error(`${what} (after ${ms} ms):\n${this.stderr}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  get alive(): boolean {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+
+  /** Open fds of the broker process (the `ip netns exec` wrapper execs node in place). */
+  fdCount(): number {
+    return fs.readdirSync(`/proc/${this.proc.pid}/fd`).length;
+  }
+
+  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+    if (this.alive) this.proc.kill(signal);
+    const code = await this.exitPromise;
+    fs.rmSync(this.dir, { recursive: true, force: true });
+    return code;
+  }
+}

@@ -1,0 +1,64 @@
+// A fresh network namespace per test file, removed even when tests fail.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+
+const live = new Set<string>();
+process.on('exit', () => {
+  for (const name of live) spawnSync('ip', ['netns', 'del', name]);
+});
+
+export interface LinkInfo {
+  ifindex: number;
+  ifname: string;
+  flags: string[];
+  mtu: number;
+  master?: string;
+  address: string;
+  operstate: string;
+  linkinfo?: { info_kind?: string; info_slave_kind?: string; info_data?: Record<string, unknown> };
+  stats64?: { rx: { packets: number; bytes: number }; tx: { packets: number; bytes: number } };
+}
+
+export class Netns {
+  private constructor(readonly name: string) {}
+
+  static create(tag: string): Netns {
+    const name = `tbt-${tag}-${randomBytes(3).toString('hex')}`;
+    execFileSync('ip', ['netns', 'add', name]);
+    live.add(name);
+    const ns = new Netns(name);
+    ns.ip('link', 'set', 'lo', 'up');
+    return ns;
+  }
+
+  /** `ip -n NS ARGS…`, returning stdout. */
+  ip(...args: string[]): string {
+    return execFileSync('ip', ['-n', this.name, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  }
+
+  /** A bridge with an address, up. */
+  bridge(name: string, opts: { mtu?: number; address?: string } = {}): void {
+    this.ip('link', 'add', name, 'type', 'bridge');
+    if (opts.mtu) this.ip('link', 'set', name, 'mtu', String(opts.mtu));
+    if (opts.address) this.ip('addr', 'add', opts.address, 'dev', name);
+    this.ip('link', 'set', name, 'up');
+  }
+
+  links(): LinkInfo[] {
+    return JSON.parse(this.ip('-j', '-d', '-s', 'link', 'show')) as LinkInfo[];
+  }
+
+  link(name: string): LinkInfo | undefined {
+    return this.links().find((l) => l.ifname === name);
+  }
+
+  /** Names of every link that is not loopback and not in `keep`. */
+  extraLinks(keep: readonly string[]): string[] {
+    return this.links().map((l) => l.ifname).filter((n) => n !== 'lo' && !keep.includes(n));
+  }
+
+  destroy(): void {
+    if (!live.delete(this.name)) return;
+    spawnSync('ip', ['netns', 'del', this.name]);
+  }
+}
