@@ -1,0 +1,77 @@
+// Byte layouts that reach the kernel: ifreq for TUNSETIFF and rtnetlink link messages.
+import test from 'ava';
+import {
+  IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, attrString, attrU32, hostMac, linkMessage,
+  parseAttrs, parseLink, randomMac, rtattr, tapFlags, tapName, tunIfreq,
+} from '@tapbroker/broker';
+
+test('TUNSETIFF flags: always tap, no PI and exclusive for the creating open', (t) => {
+  t.is(tapFlags({ vnetHdr: true, multiQueue: false, exclusive: true }), IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL | IFF_VNET_HDR);
+  t.is(tapFlags({ vnetHdr: false, multiQueue: true, exclusive: false }), IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE);
+  t.is(IFF_TUN_EXCL, 0x8000);
+});
+
+test('ifreq: name at 0, NUL-terminated, flags u16 at 16, 40 bytes', (t) => {
+  const ifr = tunIfreq('tb1000-abc', 0x9002);
+  t.is(ifr.length, 40);
+  t.is(ifr.toString('utf8', 0, 10), 'tb1000-abc');
+  t.is(ifr[10], 0);
+  t.is(ifr.readUInt16LE(16), 0x9002);
+});
+
+test('ifreq: a 16-byte name is refused, never truncated', (t) => {
+  t.throws(() => tunIfreq('a'.repeat(16), 0), { message: /longer than 15 bytes/ });
+  t.notThrows(() => tunIfreq('a'.repeat(15), 0));
+});
+
+test('rtattr: length excludes padding, payload padded to 4', (t) => {
+  const a = rtattr(3, Buffer.from('br0\0'));
+  t.deepEqual([...a], [8, 0, 3, 0, 0x62, 0x72, 0x30, 0]);
+  const b = attrString(3, 'tap1');
+  t.is(b.readUInt16LE(0), 9);
+  t.is(b.length, 12);
+  t.deepEqual([...attrU32(10, 7)], [8, 0, 10, 0, 7, 0, 0, 0]);
+});
+
+test('RTM_NEWLINK: header, ifinfomsg, attributes', (t) => {
+  const m = linkMessage(16, 0x5, 99, { index: 42, flags: 1, change: 1 }, [attrU32(4, 1400), attrU32(10, 3)]);
+  t.is(m.readUInt32LE(0), m.length);
+  t.is(m.length, 16 + 16 + 16);
+  t.is(m.readUInt16LE(4), 16);
+  t.is(m.readUInt16LE(6), 0x5);
+  t.is(m.readUInt32LE(8), 99);
+  t.is(m.readInt32LE(20), 42);
+  t.is(m.readUInt32LE(24), 1);
+  t.is(m.readUInt32LE(28), 1);
+  const attrs = parseAttrs(m, 32);
+  t.is(attrs.get(4)!.readUInt32LE(0), 1400);
+  t.is(attrs.get(10)!.readUInt32LE(0), 3);
+});
+
+test('parseLink reads what the kernel sends back', (t) => {
+  const linkinfo = rtattr(18, attrString(1, 'bridge'));
+  const m = linkMessage(16, 0, 1, { index: 5, flags: 0x1043 }, [attrString(3, 'br0'), attrU32(4, 9000), rtattr(1, Buffer.from([2, 0, 0, 0, 0, 1])), linkinfo]);
+  t.deepEqual(parseLink(m), { index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge' });
+});
+
+test('host MAC: guest MAC with first octet 0xfe', (t) => {
+  t.deepEqual([...hostMac(Buffer.from([0x52, 0x54, 0, 1, 2, 3]))], [0xfe, 0x54, 0, 1, 2, 3]);
+});
+
+test('broker-chosen names embed the uid and fit IFNAMSIZ for every uid', (t) => {
+  for (const uid of [0, 1000, 65534, 4294967294]) {
+    const n = tapName(uid);
+    t.true(n.startsWith(`tb${uid}-`));
+    t.true(n.length <= 15, n);
+    t.regex(n, /^tb\d+-[0-9a-z]{2,6}$/);
+  }
+});
+
+test('random MACs stay inside the prefix and are unicast', (t) => {
+  for (const prefix of ['52:54:00', '02', '02:aa:bb:cc:dd:ee']) {
+    const mac = randomMac(prefix);
+    t.true(mac.startsWith(prefix));
+    t.regex(mac, /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/);
+    t.is(parseInt(mac.slice(0, 2), 16) & 1, 0);
+  }
+});

@@ -1,0 +1,132 @@
+// The policy decision table: users, groups, deny wins, no match, limits, quota; and load errors.
+import test from 'ava';
+import { TapbrokerError } from '@tapbroker/protocol';
+import { decide, macInPrefix, parsePolicy, type Caller, type TapAsk } from '@tapbroker/broker';
+
+const policy = parsePolicy(`
+[[rule]]
+name = "lab"
+users = [1001, "root"]
+groups = [500]
+bridges = ["br0", "br1"]
+max_queues = 4
+mac_prefix = "52:54:00"
+max_devices = 2
+
+[[rule]]
+name = "vhost"
+users = [1001]
+bridges = ["br0"]
+max_queues = 8
+vhost = true
+mac_prefix = "02:aa"
+
+[[rule]]
+name = "all"
+users = ["*"]
+bridges = ["pub0"]
+
+[[deny]]
+name = "no-1002"
+users = [1002]
+
+[[deny]]
+name = "no-br1-for-600"
+groups = [600]
+bridges = ["br1"]
+`);
+
+const caller = (uid: number, gid = uid, groups: number[] = []): Caller => ({ uid, gid, groups });
+const ask = (a: Partial<TapAsk> = {}): TapAsk => ({ bridge: 'br0', queues: 1, vhost: false, mac: null, ...a });
+const none = () => 0;
+
+const decides = test.macro({
+  exec(t, who: Caller, a: TapAsk, expect: { allow: true; rule: string } | { allow: false; code: string; rule: string | null }, live: (rule: string) => number = none) {
+    const d = decide(policy, who, a, live);
+    if (expect.allow) {
+      t.true(d.allow, d.allow ? '' : d.message);
+      if (d.allow) t.is(d.rule.name, expect.rule);
+    } else {
+      t.false(d.allow);
+      if (!d.allow) {
+        t.is<string>(d.code, expect.code);
+        t.is(d.rule, expect.rule);
+        t.true(d.hint.length > 0, 'every denial says what could change');
+      }
+    }
+  },
+  title: (what) => `decide: ${what}`,
+});
+
+test('a listed uid', decides, caller(1001), ask(), { allow: true, rule: 'lab' });
+test('a user name resolved at load (root)', decides, caller(0), ask(), { allow: true, rule: 'lab' });
+test('a primary group', decides, caller(2000, 500), ask(), { allow: true, rule: 'lab' });
+test('a supplementary group', decides, caller(2000, 2000, [7, 500]), ask(), { allow: true, rule: 'lab' });
+test('nobody matching', decides, caller(3000), ask(), { allow: false, code: 'TB_E_POLICY_DENIED', rule: null });
+test('the everyone rule covers only its bridge', decides, caller(3000), ask({ bridge: 'pub0' }), { allow: true, rule: 'all' });
+test('a bridge outside every rule', decides, caller(1001), ask({ bridge: 'br9' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: null });
+test('deny wins over an allow naming the same user', decides, caller(1002, 500), ask(), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-1002' });
+test('deny wins over the everyone rule', decides, caller(1002), ask({ bridge: 'pub0' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-1002' });
+test('a bridge-scoped deny blocks that bridge', decides, caller(1001, 1001, [600]), ask({ bridge: 'br1' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-br1-for-600' });
+test('a bridge-scoped deny leaves other bridges', decides, caller(1001, 1001, [600]), ask({ bridge: 'br0' }), { allow: true, rule: 'lab' });
+test('queues within the first rule', decides, caller(1001), ask({ queues: 4 }), { allow: true, rule: 'lab' });
+test('queues beyond the first rule fall to the next rule that allows them', decides, caller(1001), ask({ queues: 8, mac: '02:aa:00:00:00:01' }), { allow: true, rule: 'vhost' });
+test('queues beyond every rule', decides, caller(2000, 500), ask({ queues: 5 }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'lab' });
+test('vhost only where allowed', decides, caller(1001), ask({ vhost: true }), { allow: true, rule: 'vhost' });
+test('vhost refused', decides, caller(2000, 500), ask({ vhost: true }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'lab' });
+test('a MAC inside the prefix', decides, caller(1001), ask({ mac: '52:54:00:aa:bb:cc' }), { allow: true, rule: 'lab' });
+test('a MAC outside the prefix', decides, caller(2000, 500), ask({ mac: '52:55:00:aa:bb:cc' }), { allow: false, code: 'TB_E_INVALID_MAC', rule: 'lab' });
+test('under quota', decides, caller(1001), ask(), { allow: true, rule: 'lab' }, () => 1);
+test('at quota', decides, caller(2000, 500), ask(), { allow: false, code: 'TB_E_QUOTA_EXCEEDED', rule: 'lab' }, () => 2);
+test('at quota in one rule, room in the next', decides, caller(1001), ask(), { allow: true, rule: 'vhost' }, (r) => (r === 'lab' ? 2 : 0));
+
+test('a MAC prefix matches whole octets only', (t) => {
+  t.true(macInPrefix('52:54:00:01:02:03', '52:54:00'));
+  t.false(macInPrefix('52:54:01:01:02:03', '52:54:0'));
+  t.true(macInPrefix('52:54:00:01:02:03', '52:54:00:01:02:03'));
+});
+
+test('defaults: one queue, no vhost, 52:54:00, no device limit', (t) => {
+  const p = parsePolicy('[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n');
+  t.like(p.allow[0], { maxQueues: 1, vhost: false, macPrefix: '52:54:00', maxDevices: null });
+});
+
+test('an empty policy denies everyone', (t) => {
+  const d = decide(parsePolicy(''), caller(0), ask(), none);
+  t.false(d.allow);
+});
+
+test('the digest is the sha256 of the file text', (t) => {
+  t.is(parsePolicy('').sha256, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855');
+});
+
+test('a user that does not exist loads with a warning and matches nobody', (t) => {
+  const p = parsePolicy('[[rule]]\nname = "x"\nusers = ["no-such-user-here"]\nbridges = ["br0"]\n', 'p.toml');
+  t.is(p.warnings.length, 1);
+  t.regex(p.warnings[0]!, /no user `no-such-user-here'/);
+  t.is(p.allow[0]!.who.uids.size, 0);
+});
+
+const invalid = test.macro({
+  exec(t, text: string, pattern: RegExp) {
+    const err = t.throws(() => parsePolicy(text, 'p.toml'));
+    t.true(err instanceof TapbrokerError);
+    t.is((err as TapbrokerError).code, 'TB_E_POLICY_INVALID');
+    t.regex(err!.message, pattern);
+  },
+  title: (what) => `policy refused: ${what}`,
+});
+
+test('TOML syntax, with line and column', invalid, '[[rule]\nname = "x"', /^p\.toml:1:\d+: /);
+test('unknown key', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nbridge = "br1"\n', /unrecognized key.*bridge/i);
+test('unknown table', invalid, '[[allow]]\nname = "x"\n', /allow/);
+test('a bridge name of 16 bytes is refused, not truncated', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0123456789abcd"]\n', /16 bytes long/);
+test('no bridges', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = []\n', /bridges/);
+test('no users and no groups', invalid, '[[rule]]\nname = "x"\nbridges = ["br0"]\n', /names no users and no groups/);
+test('duplicate rule names', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n[[rule]]\nname = "x"\nusers = [2]\nbridges = ["br0"]\n', /duplicate rule name `x'/);
+test('max_queues out of range', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmax_queues = 0\n', /max_queues/);
+test('a multicast mac_prefix', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmac_prefix = "01:00"\n', /multicast/);
+test('a malformed mac_prefix', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmac_prefix = "52-54"\n', /mac_prefix/);
+test('a negative uid', invalid, '[[rule]]\nname = "x"\nusers = [-1]\nbridges = ["br0"]\n', /users/);
+test('a wrong type', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nvhost = "yes"\n', /vhost/);
+test('a future version', invalid, 'version = 2\n', /version/);
