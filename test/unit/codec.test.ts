@@ -35,7 +35,7 @@ const rejects = test.macro({
     const d = decodeRequest(frame);
     t.false(d.ok);
     if (!d.ok) {
-      t.is<string>(d.error.code, code, d.error.message);
+      t.is(d.error.code as string, code, d.error.message);
       t.true(d.error instanceof TapbrokerError);
       t.true(d.error.message.length > 0 && d.error.message.length < 300);
     }

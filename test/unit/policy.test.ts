@@ -49,7 +49,7 @@ const decides = test.macro({
     } else {
       t.false(d.allow);
       if (!d.allow) {
-        t.is<string>(d.code, expect.code);
+        t.is(d.code as string, expect.code);
         t.is(d.rule, expect.rule);
         t.true(d.hint.length > 0, 'every denial says what could change');
       }
