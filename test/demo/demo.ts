@@ -58,7 +58,7 @@ async function main(): Promise<number> {
     if (why) {
       say(`no guest boot: ${why}`);
     } else {
-      say(`booting a guest as uid ${NOBODY} on a brokered tap (TCG, ~15 s)`);
+      say(`booting a guest as uid ${NOBODY} on a brokered tap (TCG, a few seconds)`);
       const img = guestImage();
       const rc = await run('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'run', '--socket', broker.socket, '--net', 'bridge=br0', '--', QEMU, ...guestQemuArgs(img, { ip: '192.0.2.2/24', ping: '192.0.2.1' })]);
       say(rc === 0 ? 'the guest pinged the bridge and powered off' : `qemu exited ${rc}`);
