@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// tapbrokerd: usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group]
+// tapbrokerd: the privileged broker. Usage in USAGE below.
 import fs from 'node:fs';
 import path from 'node:path';
 import { SeqpacketListener, TapbrokerError, sys } from '@tapbroker/protocol';
@@ -8,7 +8,7 @@ import { loadPolicy, type Policy } from './policy.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
-const USAGE = 'usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group]';
+const USAGE = 'usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]';
 // sysexits(3)
 const EX_USAGE = 64;
 const EX_UNAVAILABLE = 69;
@@ -20,10 +20,11 @@ interface Options {
   socket: string;
   mode: number;
   group: string | null;
+  helloTimeoutMs: number;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null };
+  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null, helloTimeoutMs: 5000 };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -42,6 +43,12 @@ function parseArgs(argv: string[]): Options {
         break;
       }
       case '-g': o.group = value(); break;
+      case '-T': {
+        const ms = value();
+        if (!/^[1-9][0-9]{0,6}$/.test(ms)) usage(`bad hello timeout \`${ms}'`);
+        o.helloTimeoutMs = Number(ms);
+        break;
+      }
       case '-h': case '--help': process.stdout.write(`${USAGE}\n`); process.exit(0);
       default: usage(`unknown argument \`${a}'`);
     }
@@ -109,7 +116,7 @@ function main(): void {
     process.exit(EX_UNAVAILABLE);
   }
 
-  const broker = new Broker({ policy });
+  const broker = new Broker({ policy, helloTimeoutMs: opts.helloTimeoutMs });
   broker.serve(listener);
   log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}`);
 
