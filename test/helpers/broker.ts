@@ -44,12 +44,13 @@ export class BrokerProcess {
   }
 
   /** Writes `policy` and starts the broker in `ns`, resolving once it listens. */
-  static async start(ns: Netns, policy: string, opts: { tag?: string; args?: string[] } = {}): Promise<BrokerProcess> {
-    const dir = tempDir(opts.tag ?? 'broker');
+  static async start(ns: Netns, policy: string, opts: { tag?: string; args?: string[]; dir?: string } = {}): Promise<BrokerProcess> {
+    const dir = opts.dir ?? tempDir(opts.tag ?? 'broker');
     const policyPath = path.join(dir, 'policy.toml');
     fs.writeFileSync(policyPath, policy);
     const socket = path.join(dir, 'tapbroker.sock');
-    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', policyPath, '-s', socket, '-m', '0666', ...(opts.args ?? [])], {
+    const state = path.join(dir, 'state');
+    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? [])], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
     const b = new BrokerProcess(proc, socket, dir);
@@ -79,10 +80,15 @@ export class BrokerProcess {
     return fs.readdirSync(`/proc/${this.proc.pid}/fd`).length;
   }
 
-  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+  get stateFile(): string {
+    return path.join(this.dir, 'state', 'leases.json');
+  }
+
+  /** Stops the broker; `keep` leaves its directory (policy, state) for a restart. */
+  async stop(signal: NodeJS.Signals = 'SIGTERM', keep = false): Promise<number | null> {
     if (this.alive) this.proc.kill(signal);
     const code = await this.exitPromise;
-    fs.rmSync(this.dir, { recursive: true, force: true });
+    if (!keep) fs.rmSync(this.dir, { recursive: true, force: true });
     return code;
   }
 }

@@ -2,18 +2,27 @@
 // asks the broker for taps, proves each fd works by writing a frame, prints one JSON line, then
 // holds the fds until its stdin closes.
 import fs from 'node:fs';
-import { TapbrokerClient, TapbrokerError, type Tap, type TapOptions } from '@tapbroker/client';
+import { TapbrokerClient, TapbrokerError, type Lease, type MacvtapOptions, type Tap, type TapOptions } from '@tapbroker/client';
+
+export type ProbeRequest = TapOptions | (MacvtapOptions & { bridge?: undefined });
 
 export interface ProbeArgs {
   socket: string;
-  requests: TapOptions[];
-  /** Write one Ethernet frame into every tap fd. */
+  requests?: ProbeRequest[];
+  /** Write one Ethernet frame into every queue fd. */
   write?: boolean;
+  /** Then list the caller's leases. */
+  list?: boolean;
+  /** Then release these names. */
+  release?: string[];
 }
 
 export interface ProbeResult {
   uid: number;
+  pid: number;
   taps: Array<{ device: Tap['device']; tapFds: number; vhostFds: number; written: number[] }>;
+  leases: Lease[] | null;
+  released: Lease[];
   error: { code: string; message: string; rule?: string; hint?: string } | null;
 }
 
@@ -29,27 +38,30 @@ export function testFrame(srcMac: string): Buffer {
 
 async function main(): Promise<void> {
   const args = JSON.parse(process.argv[2]!) as ProbeArgs;
-  const result: ProbeResult = { uid: process.getuid!(), taps: [], error: null };
+  const result: ProbeResult = { uid: process.getuid!(), pid: process.pid, taps: [], leases: null, released: [], error: null };
   const held: Tap[] = [];
+  // The connection stays open until stdin closes: macvtap leases live as long as it does.
+  let client: TapbrokerClient | null = null;
   try {
-    const client = await TapbrokerClient.connect(args.socket);
-    try {
-      for (const r of args.requests) {
-        const tap = await client.createTap(r);
-        held.push(tap);
-        const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac))) : [];
-        result.taps.push({ device: tap.device, tapFds: tap.tapFds.length, vhostFds: tap.vhostFds.length, written });
-      }
-    } finally {
-      client.close();
+    client = await TapbrokerClient.connect(args.socket);
+    for (const r of args.requests ?? []) {
+      const tap = r.bridge !== undefined ? await client.createTap(r) : await client.createMacvtap(r as MacvtapOptions);
+      held.push(tap);
+      const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac))) : [];
+      result.taps.push({ device: tap.device, tapFds: tap.tapFds.length, vhostFds: tap.vhostFds.length, written });
     }
+    if (args.list) result.leases = (await client.list()).leases;
+    for (const name of args.release ?? []) result.released.push(await client.release(name));
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
     result.error = { code: err.code, message: err.message, ...(err.rule ? { rule: err.rule } : {}), ...(err.hint ? { hint: err.hint } : {}) };
   }
   process.stdout.write(`${JSON.stringify(result)}\n`);
   process.stdin.resume();
-  process.stdin.on('end', () => process.exit(0));
+  process.stdin.on('end', () => {
+    client?.close();
+    process.exit(0);
+  });
 }
 
 void main();

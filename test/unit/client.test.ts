@@ -1,15 +1,17 @@
 // --net SPEC parsing and qemu argv building.
 import test from 'ava';
-import { TapbrokerError, buildNicArgs, childFdNumbers, exitCodeFor, nicArgs, parseArgs, parseNetSpec, shellQuote } from '@tapbroker/client';
+import { TapbrokerError, buildNicArgs, childFdNumbers, exitCodeFor, libvirtInterfaceXml, nicArgs, parseArgs, parseLeaseArgs, parseNetSpec, shellQuote } from '@tapbroker/client';
 
 test('a bare bridge spec takes the defaults', (t) => {
-  t.deepEqual(parseNetSpec('bridge=br0'), { bridge: 'br0', queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', name: null });
+  t.deepEqual(parseNetSpec('bridge=br0'), { kind: 'tap', parent: 'br0', mode: null, queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', name: null });
+  t.deepEqual(parseNetSpec('macvtap=eth0'), { kind: 'macvtap', parent: 'eth0', mode: 'bridge', queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', name: null });
 });
 
 test('every key', (t) => {
   t.deepEqual(parseNetSpec('bridge=br0,queues=4,vhost=on,mac=52:54:00:AA:BB:CC,id=lan,model=e1000,name=tb1000-vm0'), {
-    bridge: 'br0', queues: 4, vhost: true, mac: '52:54:00:aa:bb:cc', id: 'lan', model: 'e1000', name: 'tb1000-vm0',
+    kind: 'tap', parent: 'br0', mode: null, queues: 4, vhost: true, mac: '52:54:00:aa:bb:cc', id: 'lan', model: 'e1000', name: 'tb1000-vm0',
   });
+  t.like(parseNetSpec('macvtap=eth0,mode=passthru,mac=52:54:00:aa:bb:01'), { kind: 'macvtap', parent: 'eth0', mode: 'passthru' });
 });
 
 const badSpec = test.macro({
@@ -20,7 +22,10 @@ const badSpec = test.macro({
   },
   title: (what) => `spec refused: ${what}`,
 });
-test('no bridge', badSpec, 'queues=2', /bridge=NAME is required/);
+test('no bridge', badSpec, 'queues=2', /exactly one of bridge=NAME or macvtap=PARENT/);
+test('both bridge and macvtap', badSpec, 'bridge=br0,macvtap=eth0', /exactly one of/);
+test('a mode for a tap', badSpec, 'bridge=br0,mode=vepa', /mode= is for macvtap/);
+test('a mode that does not exist', badSpec, 'macvtap=eth0,mode=source', /mode must be one of/);
 test('unknown key', badSpec, 'bridge=br0,script=/bin/sh', /unknown key `script'/);
 test('repeated key', badSpec, 'bridge=br0,bridge=br1', /given twice/);
 test('not key=value', badSpec, 'bridge=br0,vhost', /not key=value/);
@@ -91,4 +96,21 @@ test('exit codes follow sysexits', (t) => {
 test('shell quoting only where needed', (t) => {
   t.is(shellQuote('tap,id=net0,fd=3'), 'tap,id=net0,fd=3');
   t.is(shellQuote("it's"), `'it'\\''s'`);
+});
+
+test('create needs --persistent and exactly one kind', (t) => {
+  t.regex(t.throws(() => parseLeaseArgs(['create', '--bridge', 'br0']))!.message, /--persistent/);
+  t.regex(t.throws(() => parseLeaseArgs(['create', '--persistent']))!.message, /exactly one of --bridge or --macvtap/);
+  t.regex(t.throws(() => parseLeaseArgs(['create', '--persistent', '--bridge', 'br0', '--mode', 'vepa']))!.message, /--mode is for --macvtap/);
+  t.like(parseLeaseArgs(['create', '--persistent', '--macvtap', 'eth0', '--mode', 'vepa', '--mac', '52:54:00:AA:BB:02', '--xml']), { macvtap: 'eth0', mode: 'vepa', mac: '52:54:00:aa:bb:02', output: 'xml' });
+  t.like(parseLeaseArgs(['release', 'tb1000-x']), { command: 'release', name: 'tb1000-x' });
+});
+
+test('libvirt XML for a precreated device', (t) => {
+  const xml = libvirtInterfaceXml({ kind: 'tap', name: 'tb1000-vm0', mac: '52:54:00:12:34:56', queues: 4 });
+  t.regex(xml, /<interface type='ethernet'>/);
+  t.regex(xml, /<target dev='tb1000-vm0' managed='no'\/>/);
+  t.regex(xml, /<mac address='52:54:00:12:34:56'\/>/);
+  t.regex(xml, /<driver queues='4'\/>/);
+  t.notRegex(libvirtInterfaceXml({ kind: 'macvtap', name: 'tb1000-m', mac: '52:54:00:12:34:57', queues: 1 }), /driver/);
 });

@@ -1,7 +1,7 @@
 // The policy decision table: users, groups, deny wins, no match, limits, quota; and load errors.
 import test from 'ava';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { decide, macInPrefix, parsePolicy, type Caller, type TapAsk } from '@tapbroker/broker';
+import { decide, macInPrefix, nameMatches, parsePolicy, type Ask, type Caller } from '@tapbroker/broker';
 
 const policy = parsePolicy(`
 [[rule]]
@@ -37,11 +37,11 @@ bridges = ["br1"]
 `);
 
 const caller = (uid: number, gid = uid, groups: number[] = []): Caller => ({ uid, gid, groups });
-const ask = (a: Partial<TapAsk> = {}): TapAsk => ({ bridge: 'br0', queues: 1, vhost: false, mac: null, ...a });
+const ask = (a: Partial<Ask> = {}): Ask => ({ kind: 'tap', parent: 'br0', mode: null, queues: 1, vhost: false, mac: null, name: null, persistent: false, ...a });
 const none = () => 0;
 
 const decides = test.macro({
-  exec(t, who: Caller, a: TapAsk, expect: { allow: true; rule: string } | { allow: false; code: string; rule: string | null }, live: (rule: string) => number = none) {
+  exec(t, who: Caller, a: Ask, expect: { allow: true; rule: string } | { allow: false; code: string; rule: string | null }, live: (rule: string) => number = none) {
     const d = decide(policy, who, a, live);
     if (expect.allow) {
       t.true(d.allow, d.allow ? '' : d.message);
@@ -63,12 +63,12 @@ test('a user name resolved at load (root)', decides, caller(0), ask(), { allow: 
 test('a primary group', decides, caller(2000, 500), ask(), { allow: true, rule: 'lab' });
 test('a supplementary group', decides, caller(2000, 2000, [7, 500]), ask(), { allow: true, rule: 'lab' });
 test('nobody matching', decides, caller(3000), ask(), { allow: false, code: 'TB_E_POLICY_DENIED', rule: null });
-test('the everyone rule covers only its bridge', decides, caller(3000), ask({ bridge: 'pub0' }), { allow: true, rule: 'all' });
-test('a bridge outside every rule', decides, caller(1001), ask({ bridge: 'br9' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: null });
+test('the everyone rule covers only its bridge', decides, caller(3000), ask({ parent: 'pub0' }), { allow: true, rule: 'all' });
+test('a bridge outside every rule', decides, caller(1001), ask({ parent: 'br9' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: null });
 test('deny wins over an allow naming the same user', decides, caller(1002, 500), ask(), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-1002' });
-test('deny wins over the everyone rule', decides, caller(1002), ask({ bridge: 'pub0' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-1002' });
-test('a bridge-scoped deny blocks that bridge', decides, caller(1001, 1001, [600]), ask({ bridge: 'br1' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-br1-for-600' });
-test('a bridge-scoped deny leaves other bridges', decides, caller(1001, 1001, [600]), ask({ bridge: 'br0' }), { allow: true, rule: 'lab' });
+test('deny wins over the everyone rule', decides, caller(1002), ask({ parent: 'pub0' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-1002' });
+test('a bridge-scoped deny blocks that bridge', decides, caller(1001, 1001, [600]), ask({ parent: 'br1' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-br1-for-600' });
+test('a bridge-scoped deny leaves other bridges', decides, caller(1001, 1001, [600]), ask({ parent: 'br0' }), { allow: true, rule: 'lab' });
 test('queues within the first rule', decides, caller(1001), ask({ queues: 4 }), { allow: true, rule: 'lab' });
 test('queues beyond the first rule fall to the next rule that allows them', decides, caller(1001), ask({ queues: 8, mac: '02:aa:00:00:00:01' }), { allow: true, rule: 'vhost' });
 test('queues beyond every rule', decides, caller(2000, 500), ask({ queues: 5 }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'lab' });
@@ -121,7 +121,7 @@ test('TOML syntax, with line and column', invalid, '[[rule]\nname = "x"', /^p\.t
 test('unknown key', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nbridge = "br1"\n', /unrecognized key.*bridge/i);
 test('unknown table', invalid, '[[allow]]\nname = "x"\n', /allow/);
 test('a bridge name of 16 bytes is refused, not truncated', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0123456789abcd"]\n', /16 bytes long/);
-test('no bridges', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = []\n', /bridges/);
+test('no bridges and no macvtap parents', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = []\n', /allows no bridges and no macvtap parents/);
 test('no users and no groups', invalid, '[[rule]]\nname = "x"\nbridges = ["br0"]\n', /names no users and no groups/);
 test('duplicate rule names', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n[[rule]]\nname = "x"\nusers = [2]\nbridges = ["br0"]\n', /duplicate rule name `x'/);
 test('max_queues out of range', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmax_queues = 0\n', /max_queues/);
@@ -130,3 +130,72 @@ test('a malformed mac_prefix', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbrid
 test('a negative uid', invalid, '[[rule]]\nname = "x"\nusers = [-1]\nbridges = ["br0"]\n', /users/);
 test('a wrong type', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nvhost = "yes"\n', /vhost/);
 test('a future version', invalid, 'version = 2\n', /version/);
+
+// ---- macvtap, persistent devices, names ----
+
+const mv = parsePolicy(`
+[[rule]]
+name = "mv"
+users = [1001]
+macvtap = [{ parent = "eth0", modes = ["bridge", "vepa"] }, { parent = "eth1" }]
+persistent = true
+name_pattern = "vm{uid}-*"
+max_devices = 4
+
+[[rule]]
+name = "pt"
+users = [1003]
+macvtap = [{ parent = "eth0", modes = ["passthru"] }]
+
+[[deny]]
+name = "no-eth1-for-1002"
+users = [1002]
+parents = ["eth1"]
+
+[[rule]]
+name = "both"
+users = [1002]
+bridges = ["eth1"]
+macvtap = [{ parent = "eth1" }]
+`);
+const mvAsk = (a: Partial<Ask> = {}): Ask => ({ kind: 'macvtap', parent: 'eth0', mode: 'bridge', queues: 1, vhost: false, mac: null, name: null, persistent: false, ...a });
+const mvDecides = test.macro({
+  exec(t, who: Caller & { user?: string | null }, a: Ask, expect: { allow: true; rule: string } | { allow: false; code: string; rule: string | null }) {
+    const d = decide(mv, who, a, none);
+    t.is(d.allow, expect.allow, d.allow ? '' : d.message);
+    if (d.allow && expect.allow) t.is(d.rule.name, expect.rule);
+    if (!d.allow && !expect.allow) {
+      t.is(d.code as string, expect.code);
+      t.is(d.rule, expect.rule);
+    }
+  },
+  title: (what) => `macvtap decide: ${what}`,
+});
+test('an allowed parent and mode', mvDecides, caller(1001), mvAsk(), { allow: true, rule: 'mv' });
+test('the second allowed mode', mvDecides, caller(1001), mvAsk({ mode: 'vepa' }), { allow: true, rule: 'mv' });
+test('modes default to bridge only', mvDecides, caller(1001), mvAsk({ parent: 'eth1', mode: 'vepa' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'mv' });
+test('passthru only where named', mvDecides, caller(1001), mvAsk({ mode: 'passthru' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'mv' });
+test('passthru named explicitly', mvDecides, caller(1003), mvAsk({ mode: 'passthru' }), { allow: true, rule: 'pt' });
+test('a parent not in the rule', mvDecides, caller(1001), mvAsk({ parent: 'eth9' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: null });
+test('a bridge grant does not grant a macvtap parent', mvDecides, caller(1001), ask({ parent: 'eth0' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: null });
+test('a parents-scoped deny blocks macvtaps there', mvDecides, caller(1002), mvAsk({ parent: 'eth1' }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'no-eth1-for-1002' });
+test('a parents-scoped deny leaves a same-named bridge alone', mvDecides, caller(1002), ask({ parent: 'eth1' }), { allow: true, rule: 'both' });
+test('persistent where allowed', mvDecides, caller(1001), mvAsk({ persistent: true }), { allow: true, rule: 'mv' });
+test('persistent where not allowed', mvDecides, caller(1003), mvAsk({ mode: 'passthru', persistent: true }), { allow: false, code: 'TB_E_POLICY_DENIED', rule: 'pt' });
+test('a name inside the pattern', mvDecides, caller(1001), mvAsk({ name: 'vm1001-web' }), { allow: true, rule: 'mv' });
+test('a name of another uid', mvDecides, caller(1001), mvAsk({ name: 'vm1002-web' }), { allow: false, code: 'TB_E_INVALID_NAME', rule: 'mv' });
+test('a name outside the default pattern', mvDecides, caller(1003), mvAsk({ mode: 'passthru', name: 'eth0' }), { allow: false, code: 'TB_E_INVALID_NAME', rule: 'pt' });
+test('the default pattern', mvDecides, caller(1003), mvAsk({ mode: 'passthru', name: 'tb1003-a' }), { allow: true, rule: 'pt' });
+
+test('name patterns: {uid}, {user}, * and nothing else', (t) => {
+  t.true(nameMatches('tb1000-vm0', 'tb{uid}-*', 1000, 'alice'));
+  t.false(nameMatches('tb10000-vm0', 'tb{uid}-*', 1000, 'alice'), 'uid 1000 cannot take uid 10000\'s prefix');
+  t.false(nameMatches('tb1000-', 'tb{uid}-*', 1000, 'alice'), '* needs at least one character');
+  t.true(nameMatches('alice-0', '{user}-*', 1000, 'alice'));
+  t.false(nameMatches('alice-0', '{user}-*', 1000, null));
+  t.false(nameMatches('tb1000.vm', 'tb{uid}-*', 1000, null));
+  t.false(nameMatches('tb1000-a/b', 'tb{uid}-*', 1000, null));
+});
+test('a name_pattern without {uid} or {user}', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nname_pattern = "vm-*"\n', /must contain \{uid\} or \{user\}/);
+test('a name_pattern with an unknown placeholder', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nname_pattern = "{home}-*"\n', /name_pattern/);
+test('a macvtap mode that does not exist', invalid, '[[rule]]\nname = "x"\nusers = [1]\nmacvtap = [{ parent = "eth0", modes = ["source"] }]\n', /modes/);

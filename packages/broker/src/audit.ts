@@ -2,13 +2,14 @@
 import fs from 'node:fs';
 import type { Identity } from './identity.js';
 
-export type AuditDecision = 'grant' | 'deny' | 'error' | 'cleanup';
+export type AuditDecision = 'grant' | 'deny' | 'error' | 'cleanup' | 'release' | 'reconcile';
 
 export interface AuditEvent {
   op: string;
   decision: AuditDecision;
   rule: string | null;
-  caller: Identity | null;
+  /** The caller, or for automatic actions the owner (uid alone). */
+  caller: Partial<Identity> | null;
   request?: Record<string, unknown>;
   device?: Record<string, unknown>;
   code?: string;

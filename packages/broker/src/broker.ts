@@ -1,28 +1,34 @@
 // The privileged path, in order: accept → peer identity from the kernel → decode → validate →
-// policy decision → netdev operation → audit record → reply with fds → close the broker's copies.
+// policy decision → netdev operation → lease → audit record → reply with fds → close the broker's copies.
 import { randomBytes } from 'node:crypto';
+import os from 'node:os';
 import {
-  MAX_REQUEST_BYTES, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
-  checkIfName, checkMac, decodeRequest, encodeFrame, macFromBuffer, macToBuffer, sys,
-  type CreateTapRequest, type ErrorCode, type HelloRequest, type Reply, type SeqpacketListener,
+  MAX_REPLY_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
+  checkIfName, checkMac, decodeRequest, encodeFrame, macFromBuffer, macToBuffer, sys, watchReadable,
+  type CreateMacvtapRequest, type CreateTapRequest, type Device, type ErrorCode, type HelloRequest,
+  type ListRequest, type ReleaseRequest, type Reply, type SeqpacketListener,
 } from '@tapbroker/protocol';
 import { Audit } from './audit.js';
 import { identify, type Identity } from './identity.js';
-import { Leases } from './leases.js';
-import { Netdev, closeInBackground } from './netdev.js';
+import { LeaseTable, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
+import { Netdev, closeInBackground, type CreatedTap } from './netdev.js';
 import { MAX_QUEUES, decide, type Policy } from './policy.js';
+import { LinkMonitor, RTM_DELLINK, deleteLinkInBackground, type Link } from './rtnetlink.js';
 
-export const BROKER_VERSION = 'tapbrokerd 0.1.0';
+export const BROKER_VERSION = 'tapbrokerd 0.2.0';
 /** Fds a request may (wrongly) carry that are received and closed; the kernel closes any beyond. */
 const MAX_REQUEST_FDS = 16;
 
 export interface BrokerOptions {
   policy: Policy;
+  /** Where the lease table lives; null keeps it in memory (tests, embedding). */
+  stateDir: string | null;
   /** Where audit records go (default: stderr). */
   auditFd?: number;
   /** A connection that has not said hello by then is closed. */
   helloTimeoutMs?: number;
   maxConnections?: number;
+  log?: (line: string) => void;
 }
 
 interface Outcome {
@@ -30,25 +36,40 @@ interface Outcome {
   fds: number[];
 }
 
+const KERNEL_KIND = { tap: 'tun', macvtap: 'macvtap' } as const;
+
 export class Broker {
   policy: Policy;
   readonly netdev = new Netdev();
   readonly audit: Audit;
-  readonly leases: Leases;
+  readonly leases: LeaseTable;
+  readonly stateDir: string | null;
   private readonly sessions = new Set<Session>();
+  /** pidfd watches of holders whose leases outlived a broker restart. */
+  private readonly holderWatches = new Map<string, { close(): void }>();
+  private readonly deletions = new Set<Promise<unknown>>();
   private listener: SeqpacketListener | null = null;
+  private monitor: LinkMonitor | null = null;
   readonly helloTimeoutMs: number;
   private readonly maxConnections: number;
+  private readonly log: (line: string) => void;
 
   constructor(opts: BrokerOptions) {
     this.policy = opts.policy;
+    this.stateDir = opts.stateDir;
     this.audit = new Audit(() => this.policy.sha256, opts.auditFd);
     this.helloTimeoutMs = opts.helloTimeoutMs ?? 5000;
     this.maxConnections = opts.maxConnections ?? 1024;
-    this.leases = new Leases((ifindex, name) => this.netdev.rtnl.getLinkByIndex(ifindex)?.name === name);
+    this.log = opts.log ?? (() => {});
+    const { table, problem } = LeaseTable.load(opts.stateDir);
+    this.leases = table;
+    if (problem) this.log(`warning: ${problem}`);
   }
 
-  serve(listener: SeqpacketListener): void {
+  /** Reconciles the lease table with the kernel, follows link events, and serves `listener`. */
+  start(listener: SeqpacketListener): void {
+    this.monitor = new LinkMonitor((type, link) => { if (type === RTM_DELLINK) this.linkGone(link); }, () => this.resync());
+    this.reconcile();
     this.listener = listener;
     listener.start((fd) => this.accept(fd));
   }
@@ -57,11 +78,15 @@ export class Broker {
     return this.sessions.size;
   }
 
-  /** Stops accepting, lets requests in flight finish, closes every connection. */
+  /** Stops accepting, lets requests in flight finish, closes every connection; leases stay on disk. */
   async shutdown(): Promise<void> {
     this.listener?.close();
     this.listener = null;
     await Promise.all([...this.sessions].map((s) => s.finish()));
+    await Promise.all([...this.deletions]);
+    for (const w of this.holderWatches.values()) w.close();
+    this.holderWatches.clear();
+    this.monitor?.close();
     this.netdev.close();
   }
 
@@ -92,46 +117,186 @@ export class Broker {
     return { reply: { op: 'hello', id: req.id, version: PROTOCOL_VERSION, broker: BROKER_VERSION }, fds: [] };
   }
 
-  createTap(caller: Identity, req: CreateTapRequest): Outcome {
+  /** create-tap and create-macvtap: one path, so both get the same checks in the same order. */
+  create(caller: Identity, req: CreateTapRequest | CreateMacvtapRequest, session: Session): Outcome {
+    const kind = req.op === 'create-tap' ? 'tap' : 'macvtap';
+    const parent = req.op === 'create-tap' ? req.bridge : req.parent;
+    const mode = req.op === 'create-macvtap' ? req.mode ?? 'bridge' : null;
     const queues = req.queues ?? 1;
     const vhost = req.vhost ?? false;
     const vnetHdr = req.vnet_hdr ?? true;
-    const request = { bridge: req.bridge, queues, vhost, vnet_hdr: vnetHdr, mac: req.mac ?? null, name: req.name ?? null };
+    const persistent = req.persistent ?? false;
+    const group = req.op === 'create-tap' ? req.group ?? null : null;
+    const request = { kind, parent, mode, queues, vhost, vnet_hdr: vnetHdr, mac: req.mac ?? null, name: req.name ?? null, persistent, group };
     let audited = false;
     try {
-      validateCreateTap(caller, req, queues);
-      const decision = decide(this.policy, caller, { bridge: req.bridge, queues, vhost, mac: req.mac ?? null }, (rule) => this.leases.live(caller.uid, rule));
+      validateCreate(caller, { kind, parent, queues, mac: req.mac, name: req.name, persistent, vhost, group });
+      const decision = decide(this.policy, caller, { kind, parent, mode, queues, vhost, mac: req.mac ?? null, name: req.name ?? null, persistent }, (rule) => this.liveDevices(caller.uid, rule));
       if (!decision.allow) {
-        this.audit.record({ op: 'create-tap', decision: 'deny', rule: decision.rule, caller, request, code: decision.code, message: decision.message });
+        this.audit.record({ op: req.op, decision: 'deny', rule: decision.rule, caller, request, code: decision.code, message: decision.message });
         audited = true;
         throw new TapbrokerError(decision.code, decision.message, { rule: decision.rule ?? 'no rule matched', hint: decision.hint });
       }
       const rule = decision.rule;
-      const bridge = this.netdev.bridge(req.bridge);
+      const link: Link = kind === 'tap' ? this.netdev.bridge(parent) : this.netdev.macvtapParent(parent);
       const mac = req.mac ?? randomMac(rule.macPrefix);
-      const created = this.createNamed(caller.uid, req.name, (name) =>
-        this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge }));
-      const device = {
-        name: created.name, ifindex: created.ifindex, bridge: bridge.name, mtu: created.mtu, host_mac: macFromBuffer(created.hostMac),
-        mac, queues, vnet_hdr: vnetHdr, vhost, rule: rule.name,
+      const owner = persistent ? { uid: caller.uid, gid: group } : null;
+      const ends = persistent ? 'release' : kind === 'tap' ? 'fds' : 'holder';
+      const id = newLeaseId();
+      const alias = `tapbroker lease=${id} uid=${caller.uid} rule=${rule.name} ends=${ends}`;
+      const created = this.createNamed(caller.uid, req.name, (name): CreatedTap => kind === 'tap'
+        ? this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge: link, persistent: owner, alias })
+        : this.netdev.createMacvtap({ name, parent: link, mode: mode!, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), persistent: owner, alias }, this.stateDir ?? os.tmpdir()));
+      const lease: LeaseRecord = {
+        id, uid: caller.uid, user: caller.user, kind, name: created.name, ifindex: created.ifindex, parent: link.name, mode, mac,
+        queues, rule: rule.name, created: new Date().toISOString(), ends,
+        holder: ends === 'holder' ? caller.pid : null, holder_start: ends === 'holder' ? processStartTime(caller.pid) : null,
       };
-      this.leases.add({ uid: caller.uid, rule: rule.name, kind: 'tap', name: created.name, ifindex: created.ifindex, bridge: bridge.name, mac, created: new Date().toISOString() });
-      this.audit.record({ op: 'create-tap', decision: 'grant', rule: rule.name, caller, request, device });
-      return {
-        reply: { op: 'create-tap', id: req.id, device, fds: { tap: created.tapFds.length, vhost: created.vhostFds.length } },
-        fds: [...created.tapFds, ...created.vhostFds],
+      this.leases.add(lease);
+      if (ends === 'holder') session.hold(lease.id);
+      const device: Device = {
+        kind, name: created.name, ifindex: created.ifindex, parent: link.name, mode, mtu: created.mtu, host_mac: macFromBuffer(created.hostMac),
+        mac, queues, vnet_hdr: vnetHdr, vhost, persistent, rule: rule.name,
       };
+      this.audit.record({ op: req.op, decision: 'grant', rule: rule.name, caller, request, device: { ...device, lease: id } });
+      // A persistent device keeps no fd: the broker's one goes now, and none is sent.
+      const fds = persistent ? [] : [...created.tapFds, ...created.vhostFds];
+      if (persistent) void closeInBackground(created.tapFds);
+      const body = { id: req.id, device, fds: { tap: persistent ? 0 : created.tapFds.length, vhost: persistent ? 0 : created.vhostFds.length } };
+      return { reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body }, fds };
     } catch (err) {
       if (!audited) {
         const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', String(err));
-        this.audit.record({ op: 'create-tap', decision: 'error', rule: null, caller, request, code: e.code, message: e.message });
+        this.audit.record({ op: req.op, decision: 'error', rule: null, caller, request, code: e.code, message: e.message });
       }
       throw err;
     }
   }
 
+  /** The caller's leases, oldest first (root: everyone's), as many as one reply holds. */
+  list(caller: Identity, req: ListRequest): Outcome {
+    const mine = this.leases.all().filter((l) => caller.uid === 0 || l.uid === caller.uid).sort((a, b) => a.created.localeCompare(b.created)).map(leaseView);
+    let n = mine.length;
+    const reply = (): Reply => ({ op: 'list', id: req.id, leases: mine.slice(0, n), truncated: n < mine.length });
+    while (n > 0 && encodeFrame(reply()).length > MAX_REPLY_BYTES) n = Math.floor(n * 0.9);
+    return { reply: reply(), fds: [] };
+  }
+
+  /**
+   * release: the caller's persistent lease with this name (root: anyone's), and only while the device
+   * carrying the name is that very lease's device (ifindex and kind), never a same-named other one.
+   */
+  async release(caller: Identity, req: ReleaseRequest): Promise<Outcome> {
+    const request = { name: req.name };
+    const refuse = (message: string): never => {
+      this.audit.record({ op: 'release', decision: 'deny', rule: null, caller, request, code: 'TB_E_NO_SUCH_LEASE', message });
+      throw new TapbrokerError('TB_E_NO_SUCH_LEASE', message, { hint: 'tapbroker list shows your leases' });
+    };
+    const why = checkIfName(req.name);
+    if (why) refuse(`name \`${printable(req.name)}' ${why}`);
+    // One answer whether the name is unknown or someone else's: the reply reveals nothing of other users.
+    const lease = this.leases.all().find((l) => l.name === req.name && l.ends === 'release' && (caller.uid === 0 || l.uid === caller.uid));
+    if (!lease) return refuse(`you hold no persistent device named \`${req.name}'`);
+    const link = this.netdev.rtnl.getLinkByIndex(lease.ifindex);
+    if (!link || link.name !== lease.name || link.kind !== KERNEL_KIND[lease.kind]) {
+      this.leases.remove(lease.id);
+      this.audit.record({ op: 'release', decision: 'reconcile', rule: lease.rule, caller: { uid: lease.uid }, device: leaseView(lease), message: 'the lease\'s device is gone; lease dropped' });
+      return refuse(`you hold no persistent device named \`${req.name}'`);
+    }
+    // Out of the table first, so a racing request cannot act on it twice.
+    this.leases.remove(lease.id);
+    try {
+      await this.track(deleteLinkInBackground(lease.ifindex));
+    } catch (err) {
+      this.leases.add(lease);
+      const e = new TapbrokerError('TB_E_KERNEL', `failed to delete \`${lease.name}': ${err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : String(err)}`);
+      this.audit.record({ op: 'release', decision: 'error', rule: lease.rule, caller, request, code: e.code, message: e.message });
+      throw e;
+    }
+    this.audit.record({ op: 'release', decision: 'release', rule: lease.rule, caller, request, device: leaseView(lease) });
+    return { reply: { op: 'release', id: req.id, lease: leaseView(lease) }, fds: [] };
+  }
+
+  // ---- leases ----
+
+  /** Live devices of `uid` under `rule`; a lease whose device vanished is dropped on the way. */
+  private liveDevices(uid: number, rule: string): number {
+    let n = 0;
+    for (const l of this.leases.all()) {
+      if (l.uid !== uid || l.rule !== rule) continue;
+      if (this.deviceOf(l)) n++;
+      else this.dropVanished(l);
+    }
+    return n;
+  }
+
+  /** The kernel link that is this lease's device, or null. */
+  private deviceOf(l: LeaseRecord): Link | null {
+    const link = this.netdev.rtnl.getLinkByIndex(l.ifindex);
+    return link && link.name === l.name && link.kind === KERNEL_KIND[l.kind] ? link : null;
+  }
+
+  private dropVanished(l: LeaseRecord): void {
+    this.leases.remove(l.id);
+    this.holderWatches.get(l.id)?.close();
+    this.holderWatches.delete(l.id);
+    this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished' });
+  }
+
+  private linkGone(link: Link): void {
+    const l = this.leases.byIfindex(link.index);
+    if (l && l.name === link.name) this.dropVanished(l);
+  }
+
+  /** After lost link events: check every lease against the kernel. */
+  private resync(): void {
+    for (const l of this.leases.all()) if (!this.deviceOf(l)) this.dropVanished(l);
+  }
+
+  /** Ends a lease that lives as long as its holder: the device is deleted (off the event loop). */
+  endLease(id: string, reason: string): void {
+    const l = this.leases.get(id);
+    if (!l) return;
+    this.leases.remove(id);
+    this.holderWatches.get(id)?.close();
+    this.holderWatches.delete(id);
+    if (this.deviceOf(l)) void this.track(deleteLinkInBackground(l.ifindex)).catch((err: Error) => this.log(`failed to delete \`${l.name}': ${err.message}`));
+    this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: reason });
+  }
+
+  /**
+   * At start: drop leases whose device is gone; delete devices whose holder exited while the broker
+   * was down; watch holders still running; keep persistent devices. Devices without a lease are never touched.
+   */
+  reconcile(): void {
+    for (const l of this.leases.all()) {
+      if (!this.deviceOf(l)) {
+        this.leases.remove(l.id);
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: 'the device is gone; lease dropped' });
+        continue;
+      }
+      if (l.ends !== 'holder') continue;
+      const pidfd = l.holder === null ? null : sys.pidfdOpen(l.holder);
+      // The pid is only the holder if the process started when the holder did.
+      if (pidfd !== null && processStartTime(l.holder!) === l.holder_start) {
+        const watch = watchReadable(pidfd, () => this.endLease(l.id, 'its holder exited'));
+        this.holderWatches.set(l.id, { close: () => { watch.close(); sys.close(pidfd); } });
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: `holder pid ${l.holder} still runs; watching it` });
+      } else {
+        if (pidfd !== null) sys.close(pidfd);
+        this.endLease(l.id, 'its holder exited while the broker was down');
+      }
+    }
+  }
+
+  private track<T>(p: Promise<T>): Promise<T> {
+    this.deletions.add(p);
+    void p.catch(() => {}).finally(() => this.deletions.delete(p));
+    return p;
+  }
+
   /** Tries the caller's name, or broker-chosen names `tb<uid>-<random>` until one is free. */
-  private createNamed<T>(uid: number, asked: string | undefined, create: (name: string) => T): T & { name: string } {
+  private createNamed(uid: number, asked: string | undefined, create: (name: string) => CreatedTap): CreatedTap & { name: string } {
     if (asked !== undefined) return { ...create(asked), name: asked };
     for (let attempt = 0; ; attempt++) {
       const name = tapName(uid);
@@ -144,7 +309,7 @@ export class Broker {
   }
 }
 
-/** Names the caller may use begin with `tb<uid>-`, so no user can mimic a host device or another user's. */
+/** Broker-chosen names begin with `tb<uid>-`, so no user can mimic a host device or another user's. */
 export function namePrefix(uid: number): string {
   return `tb${uid}-`;
 }
@@ -165,21 +330,34 @@ export function randomMac(prefix: string): string {
   return [...fixed, ...rest].join(':');
 }
 
-function validateCreateTap(caller: Identity, req: CreateTapRequest, queues: number): void {
-  const bridgeWhy = checkIfName(req.bridge);
-  if (bridgeWhy) throw new TapbrokerError('TB_E_INVALID_NAME', `bridge name \`${printable(req.bridge)}' ${bridgeWhy}`);
-  if (queues < 1 || queues > MAX_QUEUES) throw new TapbrokerError('TB_E_INVALID_QUEUES', `queues must be from 1 to ${MAX_QUEUES}, not ${queues}`);
-  if (req.mac !== undefined) {
-    const why = checkMac(req.mac);
-    if (why) throw new TapbrokerError('TB_E_INVALID_MAC', `mac \`${printable(req.mac)}' ${why}`);
+interface CreateFields {
+  kind: 'tap' | 'macvtap';
+  parent: string;
+  queues: number;
+  mac: string | undefined;
+  name: string | undefined;
+  persistent: boolean;
+  vhost: boolean;
+  group: number | null;
+}
+
+/** Grammar of every field, exactly as it will reach the kernel. */
+function validateCreate(caller: Identity, f: CreateFields): void {
+  const parentWhy = checkIfName(f.parent);
+  if (parentWhy) throw new TapbrokerError('TB_E_INVALID_NAME', `${f.kind === 'tap' ? 'bridge' : 'parent'} name \`${printable(f.parent)}' ${parentWhy}`);
+  if (f.queues < 1 || f.queues > MAX_QUEUES) throw new TapbrokerError('TB_E_INVALID_QUEUES', `queues must be from 1 to ${MAX_QUEUES}, not ${f.queues}`);
+  if (f.mac !== undefined) {
+    const why = checkMac(f.mac);
+    if (why) throw new TapbrokerError('TB_E_INVALID_MAC', `mac \`${printable(f.mac)}' ${why}`);
   }
-  if (req.name !== undefined) {
-    const why = checkIfName(req.name);
-    if (why) throw new TapbrokerError('TB_E_INVALID_NAME', `name \`${printable(req.name)}' ${why}`);
-    const prefix = namePrefix(caller.uid);
-    if (!req.name.startsWith(prefix) || req.name.length === prefix.length) {
-      throw new TapbrokerError('TB_E_INVALID_NAME', `name \`${req.name}' must begin with \`${prefix}' and have more after it`, { hint: `try \`${prefix}vm0'` });
-    }
+  if (f.name !== undefined) {
+    const why = checkIfName(f.name);
+    if (why) throw new TapbrokerError('TB_E_INVALID_NAME', `name \`${printable(f.name)}' ${why}`);
+  }
+  if (f.persistent && f.vhost) throw new TapbrokerError('TB_E_INVALID_REQUEST', 'vhost-net fds travel with a fd-passed device; a persistent one gets none');
+  if (f.group !== null && !f.persistent) throw new TapbrokerError('TB_E_INVALID_REQUEST', 'group is for persistent devices');
+  if (f.group !== null && f.group !== caller.gid && !caller.groups.includes(f.group)) {
+    throw new TapbrokerError('TB_E_POLICY_DENIED', `you are not in group ${f.group}`, { rule: 'no rule matched', hint: 'name one of your own groups' });
   }
 }
 
@@ -193,6 +371,10 @@ class Session {
   private helloed = false;
   private inFlight: Promise<void> = Promise.resolve();
   private helloTimer: NodeJS.Timeout | null = null;
+  /** Leases that end when this connection or its process ends. */
+  private readonly held = new Set<string>();
+  private holderWatch: { close(): void } | null = null;
+  private shuttingDown = false;
 
   constructor(private readonly broker: Broker, private readonly conn: SeqpacketConnection, readonly caller: Identity) {}
 
@@ -217,8 +399,9 @@ class Session {
     }
   }
 
-  /** Waits for the request in flight, then closes. */
+  /** Broker shutdown: waits for the request in flight, then closes, keeping held leases for the next start. */
   async finish(): Promise<void> {
+    this.shuttingDown = true;
     await this.inFlight;
     this.close();
   }
@@ -228,12 +411,26 @@ class Session {
     this.close();
   }
 
+  /** The lease ends with this connection, or sooner if the process that connected exits. */
+  hold(leaseId: string): void {
+    this.held.add(leaseId);
+    if (!this.holderWatch && this.caller.pidfd !== null) {
+      this.holderWatch = watchReadable(this.caller.pidfd, () => this.endHeld('its holder exited'));
+    }
+  }
+
+  private endHeld(reason: string): void {
+    for (const id of this.held) this.broker.endLease(id, reason);
+    this.held.clear();
+  }
+
   private close(): void {
     if (this.helloTimer) clearTimeout(this.helloTimer);
-    if (!this.conn.closed) {
-      this.conn.close();
-      if (this.caller.pidfd !== null) sys.close(this.caller.pidfd);
-    }
+    if (this.conn.closed) return;
+    this.holderWatch?.close();
+    this.conn.close();
+    if (!this.shuttingDown) this.endHeld('its holder closed the connection');
+    if (this.caller.pidfd !== null) sys.close(this.caller.pidfd);
   }
 
   /** Returns false when the connection must end after this request. */
@@ -259,7 +456,14 @@ class Session {
           if (this.helloTimer) clearTimeout(this.helloTimer);
           break;
         case 'create-tap':
-          outcome = this.broker.createTap(this.caller, req);
+        case 'create-macvtap':
+          outcome = this.broker.create(this.caller, req, this);
+          break;
+        case 'list':
+          outcome = this.broker.list(this.caller, req);
+          break;
+        case 'release':
+          outcome = await this.broker.release(this.caller, req);
           break;
       }
     } catch (err) {

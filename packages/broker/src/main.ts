@@ -8,7 +8,8 @@ import { loadPolicy, type Policy } from './policy.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
-const USAGE = 'usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]';
+const USAGE = 'usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms] [--state-dir dir]';
+export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const EX_USAGE = 64;
 const EX_UNAVAILABLE = 69;
@@ -21,10 +22,11 @@ interface Options {
   mode: number;
   group: string | null;
   helloTimeoutMs: number;
+  stateDir: string;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null, helloTimeoutMs: 5000 };
+  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null, helloTimeoutMs: 5000, stateDir: DEFAULT_STATE_DIR };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -43,6 +45,7 @@ function parseArgs(argv: string[]): Options {
         break;
       }
       case '-g': o.group = value(); break;
+      case '--state-dir': o.stateDir = value(); break;
       case '-T': {
         const ms = value();
         if (!/^[1-9][0-9]{0,6}$/.test(ms)) usage(`bad hello timeout \`${ms}'`);
@@ -116,9 +119,16 @@ function main(): void {
     process.exit(EX_UNAVAILABLE);
   }
 
-  const broker = new Broker({ policy, helloTimeoutMs: opts.helloTimeoutMs });
-  broker.serve(listener);
-  log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}`);
+  let broker: Broker;
+  try {
+    fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
+    broker = new Broker({ policy, stateDir: opts.stateDir, helloTimeoutMs: opts.helloTimeoutMs, log });
+    broker.start(listener);
+  } catch (err) {
+    log(`cannot start: ${(err as Error).message}`);
+    process.exit(EX_UNAVAILABLE);
+  }
+  log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; ${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}`);
 
   process.on('SIGHUP', () => {
     try {

@@ -1,11 +1,17 @@
 // Kernel steps on network devices: tun ioctls, rtnetlink, /dev/vhost-net. Every function here acts
 // with privilege and is transactional: on failure it undoes what it made and throws a
 // TapbrokerError that names the object and the errno.
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import { TapbrokerError, sys } from '@tapbroker/protocol';
-import { Rtnetlink, type Link } from './rtnetlink.js';
+import path from 'node:path';
+import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol';
+import { Rtnetlink, deleteLinkInBackground, type Link } from './rtnetlink.js';
 
 export const TUNSETIFF = 0x400454ca;
+export const TUNSETPERSIST = 0x400454cb;
+export const TUNSETOWNER = 0x400454cc;
+export const TUNSETGROUP = 0x400454ce;
+const IFF_LOOPBACK = 0x8;
 export const IFF_TAP = 0x0002;
 export const IFF_MULTI_QUEUE = 0x0100;
 export const IFF_NO_PI = 0x1000;
@@ -18,6 +24,7 @@ const VHOST_PATH = '/dev/vhost-net';
 
 /** The ifreq for TUNSETIFF. The name was validated to fit; it is never truncated here. */
 export function tunIfreq(name: string, flags: number): Buffer {
+  // An empty name is used only on macvtap fds, where TUNSETIFF sets flags and ignores the name.
   const ifr = Buffer.alloc(IFREQ_SIZE);
   const bytes = Buffer.from(name, 'utf8');
   if (bytes.length > 15) throw new TapbrokerError('TB_E_INVALID_NAME', `interface name \`${name}' is longer than 15 bytes`);
@@ -43,6 +50,12 @@ export function closeInBackground(fds: readonly number[]): Promise<void> {
   return Promise.all(fds.map((fd) => new Promise<void>((resolve) => fs.close(fd, () => resolve())))).then(() => undefined);
 }
 
+/** For persistent devices: who owns them. */
+export interface Owner {
+  uid: number;
+  gid: number | null;
+}
+
 export interface TapRequest {
   name: string;
   queues: number;
@@ -50,6 +63,31 @@ export interface TapRequest {
   vhost: boolean;
   guestMac: Buffer;
   bridge: Link;
+  /** Persistent and owned by this user (TUNSETOWNER/TUNSETGROUP/TUNSETPERSIST); null for fd-passed. */
+  persistent: Owner | null;
+  /** IFLA_IFALIAS: who the device belongs to, readable with `ip link`. */
+  alias: string;
+}
+
+export interface MacvtapRequest {
+  alias: string;
+  name: string;
+  parent: Link;
+  mode: MacvtapMode;
+  queues: number;
+  vnetHdr: boolean;
+  vhost: boolean;
+  guestMac: Buffer;
+  /** Persistent: its char device is made the owner's alone, and no fds are opened. */
+  persistent: Owner | null;
+}
+
+/** major:minor of a dev_t as Node reports it (glibc encoding). */
+export function devNumbers(rdev: number | bigint): [number, number] {
+  const d = BigInt(rdev);
+  const major = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn));
+  const minor = Number((d & 0xffn) | ((d >> 12n) & ~0xffn));
+  return [major, minor];
 }
 
 export interface CreatedTap {
@@ -86,7 +124,9 @@ export class Netdev {
     const vhostFds: number[] = [];
     try {
       const multiQueue = req.queues > 1;
-      for (let q = 0; q < req.queues; q++) {
+      // A persistent tap needs one open: libvirt attaches its own queues, with the same IFF_MULTI_QUEUE.
+      const opens = req.persistent ? 1 : req.queues;
+      for (let q = 0; q < opens; q++) {
         const fd = fs.openSync(TUN_PATH, fs.constants.O_RDWR);
         tapFds.push(fd);
         // Only the first open creates; the others attach queues to the device that fd now holds.
@@ -104,17 +144,138 @@ export class Netdev {
       if (!link || link.kind !== 'tun') throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
       const mac = hostMac(req.guestMac);
       try {
-        this.rtnl.configureLink(link.index, { address: mac, mtu: req.bridge.mtu, master: req.bridge.index, up: true });
+        this.rtnl.configureLink(link.index, { address: mac, mtu: req.bridge.mtu, master: req.bridge.index, up: true, alias: req.alias });
       } catch (err) {
         throw kernelError(`failed to attach \`${req.name}' to bridge \`${req.bridge.name}'`, err);
       }
-      if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
+      if (req.persistent) {
+        // Persistence comes last, so every earlier failure is undone by closing the fd.
+        const fd = tapFds[0]!;
+        try {
+          sys.ioctlInt(fd, TUNSETOWNER, req.persistent.uid);
+          if (req.persistent.gid !== null) sys.ioctlInt(fd, TUNSETGROUP, req.persistent.gid);
+          sys.ioctlInt(fd, TUNSETPERSIST, 1);
+        } catch (err) {
+          throw kernelError(`failed to make \`${req.name}' persistent`, err);
+        }
+      } else if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
       return { ifindex: link.index, hostMac: mac, mtu: req.bridge.mtu, tapFds, vhostFds };
     } catch (err) {
       void closeInBackground([...tapFds, ...vhostFds]);
       throw err;
     }
   }
+
+  /** The parent a macvtap may sit on, or a TapbrokerError saying why not. */
+  macvtapParent(name: string): Link {
+    const link = this.rtnl.getLinkByName(name);
+    if (!link) throw new TapbrokerError('TB_E_NO_SUCH_PARENT', `no device \`${name}'`);
+    if ((link.flags & IFF_LOOPBACK) !== 0 || ['bridge', 'macvlan', 'macvtap', 'tun'].includes(link.kind ?? '')) {
+      throw new TapbrokerError('TB_E_BAD_PARENT', `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'loopback'} and cannot carry a macvtap`);
+    }
+    return link;
+  }
+
+  /** Refuses a MAC already carried by the parent or any device stacked on it. */
+  checkMacFree(parent: Link, mac: Buffer): void {
+    const clash = this.rtnl.dumpLinks().find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
+    if (clash) throw new TapbrokerError('TB_E_MAC_IN_USE', `mac ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} is already used by \`${clash.name}' on \`${parent.name}'`);
+  }
+
+  /**
+   * netdev.createMacvtap: a macvtap with the guest's MAC, up; then one fd per queue from its char
+   * device (checked by device number, since /dev/tap<ifindex> is shared by every namespace), or for
+   * a persistent one, that char device handed to its owner. All or nothing.
+   */
+  createMacvtap(req: MacvtapRequest, stateDir: string): CreatedTap {
+    this.checkMacFree(req.parent, req.guestMac);
+    try {
+      this.rtnl.createMacvtap({ name: req.name, parent: req.parent.index, mac: req.guestMac, mode: req.mode, alias: req.alias });
+    } catch (err) {
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.EEXIST) throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' already exists`);
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.EADDRINUSE) throw new TapbrokerError('TB_E_MAC_IN_USE', `the MAC is already in use on \`${req.parent.name}'`);
+      throw kernelError(`failed to create macvtap \`${req.name}' on \`${req.parent.name}'`, err);
+    }
+    const tapFds: number[] = [];
+    const vhostFds: number[] = [];
+    let link: Link | null = null;
+    try {
+      link = this.rtnl.getLinkByName(req.name);
+      if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
+      const [major, minor] = macvtapDevNumber(req.name, link.index);
+      if (req.persistent) {
+        const node = `/dev/tap${link.index}`;
+        if (!nodeIs(node, major, minor)) throw new TapbrokerError('TB_E_KERNEL', `${node} is not the char device of \`${req.name}' (another namespace has a device with ifindex ${link.index})`);
+        fs.chownSync(node, req.persistent.uid, req.persistent.gid ?? 0);
+        fs.chmodSync(node, 0o600);
+      } else {
+        const node = charNode(link.index, major, minor, stateDir);
+        try {
+          for (let q = 0; q < req.queues; q++) {
+            const fd = fs.openSync(node.path, fs.constants.O_RDWR);
+            tapFds.push(fd);
+            const [maj, min] = devNumbers(fs.fstatSync(fd).rdev);
+            if (maj !== major || min !== minor) throw new TapbrokerError('TB_E_KERNEL', `${node.path} changed under us`);
+            if (!req.vnetHdr) sys.ioctlPtr(fd, TUNSETIFF, tunIfreq('', IFF_TAP | IFF_NO_PI));
+          }
+        } finally {
+          node.remove();
+        }
+        if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
+      }
+      return { ifindex: link.index, hostMac: Buffer.from(req.guestMac), mtu: link.mtu, tapFds, vhostFds };
+    } catch (err) {
+      void closeInBackground([...tapFds, ...vhostFds]);
+      const index = link?.index;
+      if (index) void deleteLinkInBackground(index).catch(() => {});
+      else void this.deleteByName(req.name);
+      throw err instanceof TapbrokerError ? err : kernelError(`failed to open macvtap \`${req.name}'`, err);
+    }
+  }
+
+  private async deleteByName(name: string): Promise<void> {
+    const link = this.rtnl.getLinkByName(name);
+    if (link?.kind === 'macvtap') await deleteLinkInBackground(link.index).catch(() => {});
+  }
+}
+
+/** The char device number of a macvtap, from sysfs, after checking sysfs shows this namespace's device. */
+function macvtapDevNumber(name: string, ifindex: number): [number, number] {
+  const dir = `/sys/class/net/${name}`;
+  let seen: string;
+  let dev: string;
+  try {
+    seen = fs.readFileSync(`${dir}/ifindex`, 'utf8').trim();
+    dev = fs.readFileSync(`${dir}/macvtap/tap${ifindex}/dev`, 'utf8').trim();
+  } catch (err) {
+    throw kernelError(`cannot read the char device of \`${name}' from sysfs`, err);
+  }
+  if (seen !== String(ifindex)) throw new TapbrokerError('TB_E_KERNEL', `sysfs shows another namespace's \`${name}' (ifindex ${seen}, not ${ifindex}); mount sysfs for the broker's namespace`);
+  const m = /^(\d+):(\d+)$/.exec(dev);
+  if (!m) throw new TapbrokerError('TB_E_KERNEL', `unexpected device number \`${dev}' for \`${name}'`);
+  return [Number(m[1]), Number(m[2])];
+}
+
+function nodeIs(node: string, major: number, minor: number): boolean {
+  try {
+    const st = fs.statSync(node);
+    if (!st.isCharacterDevice()) return false;
+    const [a, b] = devNumbers(st.rdev);
+    return a === major && b === minor;
+  } catch {
+    return false;
+  }
+}
+
+/** /dev/tap<ifindex> when it is this device; otherwise a private node of our own in the state directory. */
+function charNode(ifindex: number, major: number, minor: number, stateDir: string): { path: string; remove(): void } {
+  const shared = `/dev/tap${ifindex}`;
+  if (nodeIs(shared, major, minor)) return { path: shared, remove: () => {} };
+  const dir = path.join(stateDir, 'dev');
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const own = path.join(dir, `tap${ifindex}.${randomBytes(4).toString('hex')}`);
+  sys.mknodChar(own, 0o600, major, minor);
+  return { path: own, remove: () => fs.rmSync(own, { force: true }) };
 }
 
 function openVhost(): number {

@@ -6,12 +6,14 @@ import fs from 'node:fs';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import {
-  TapbrokerError, checkIfName, checkMacPrefix, sys, type ErrorCode,
+  MACVTAP_MODES, TapbrokerError, checkIfName, checkMacPrefix, sys, type ErrorCode, type MacvtapMode,
 } from '@tapbroker/protocol';
 
 export const DEFAULT_MAC_PREFIX = '52:54:00';
 /** Queues per device: 126 tap fds plus 126 vhost fds still fit one SCM_RIGHTS message (253 fds). */
 export const MAX_QUEUES = 126;
+/** Names callers may pick: `{uid}` and `{user}` are substituted, `*` stands for one or more of [A-Za-z0-9_.-]. */
+export const DEFAULT_NAME_PATTERN = 'tb{uid}-*';
 
 const Principal = z.union([z.string().min(1).max(256), z.number().int().min(0).max(0xfffffffe)]);
 const IfName = z.string().superRefine((s, ctx) => {
@@ -20,11 +22,28 @@ const IfName = z.string().superRefine((s, ctx) => {
 });
 const RuleName = z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 characters of A-Z a-z 0-9 _ . -');
 
+const NamePattern = z.string().superRefine((s, ctx) => {
+  if (!/^[A-Za-z0-9_.*{}-]+$/.test(s) || /\{(?!uid\}|user\})/.test(s)) {
+    ctx.addIssue({ code: 'custom', message: `name_pattern \`${s}' may use A-Z a-z 0-9 _ . - *, {uid} and {user} only` });
+  } else if (!s.includes('{uid}') && !s.includes('{user}')) {
+    ctx.addIssue({ code: 'custom', message: `name_pattern \`${s}' must contain {uid} or {user}, so users cannot take each other's names` });
+  }
+});
+
+const MacvtapGrant = z.strictObject({
+  parent: IfName,
+  /** passthru takes the whole NIC: it is only allowed where named. */
+  modes: z.array(z.enum(MACVTAP_MODES)).min(1).default(['bridge']),
+});
+
 const RuleSchema = z.strictObject({
   name: RuleName,
   users: z.array(Principal).optional(),
   groups: z.array(Principal).optional(),
-  bridges: z.array(IfName).min(1),
+  bridges: z.array(IfName).default([]),
+  macvtap: z.array(MacvtapGrant).default([]),
+  persistent: z.boolean().default(false),
+  name_pattern: NamePattern.default(DEFAULT_NAME_PATTERN),
   max_queues: z.number().int().min(1).max(MAX_QUEUES).default(1),
   vhost: z.boolean().default(false),
   mac_prefix: z.string().superRefine((s, ctx) => {
@@ -40,6 +59,7 @@ const DenySchema = z.strictObject({
   users: z.array(Principal).optional(),
   groups: z.array(Principal).optional(),
   bridges: z.array(IfName).min(1).optional(),
+  parents: z.array(IfName).min(1).optional(),
 });
 
 const PolicySchema = z.strictObject({
@@ -60,6 +80,9 @@ export interface AllowRule {
   name: string;
   who: Selector;
   bridges: readonly string[];
+  macvtap: ReadonlyArray<{ parent: string; modes: readonly MacvtapMode[] }>;
+  persistent: boolean;
+  namePattern: string;
   maxQueues: number;
   vhost: boolean;
   macPrefix: string;
@@ -71,8 +94,10 @@ export interface DenyRule {
   kind: 'deny';
   name: string;
   who: Selector;
-  /** Bridges this deny applies to; null means every bridge. */
+  /** Bridges this deny applies to; null means every bridge (unless `parents` narrows it to macvtaps). */
   bridges: readonly string[] | null;
+  /** Macvtap parents this deny applies to; null means every parent (unless `bridges` narrows it to taps). */
+  parents: readonly string[] | null;
 }
 
 export interface Policy {
@@ -91,11 +116,18 @@ export interface Caller {
   groups: readonly number[];
 }
 
-export interface TapAsk {
-  bridge: string;
+/** What a create request asks for, as the policy sees it. */
+export interface Ask {
+  kind: 'tap' | 'macvtap';
+  /** The bridge of a tap, the parent of a macvtap. */
+  parent: string;
+  mode: MacvtapMode | null;
   queues: number;
   vhost: boolean;
   mac: string | null;
+  /** A name the caller picked, or null for a broker-chosen one. */
+  name: string | null;
+  persistent: boolean;
 }
 
 export type Decision =
@@ -134,9 +166,10 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     if (names.has(r.name)) errors.push(`${path}: rule.${i}.name: duplicate rule name \`${r.name}'`);
     names.add(r.name);
     const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, path);
+    if (r.bridges.length === 0 && r.macvtap.length === 0) errors.push(`${path}: rule.${i}: rule \`${r.name}' allows no bridges and no macvtap parents`);
     return {
-      kind: 'allow', name: r.name, who, bridges: r.bridges, maxQueues: r.max_queues, vhost: r.vhost,
-      macPrefix: r.mac_prefix, maxDevices: r.max_devices ?? null,
+      kind: 'allow', name: r.name, who, bridges: r.bridges, macvtap: r.macvtap, persistent: r.persistent,
+      namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix, maxDevices: r.max_devices ?? null,
     };
   });
   const deny = parsed.data.deny.map((d, i): DenyRule => {
@@ -144,7 +177,7 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     if (names.has(name)) errors.push(`${path}: deny.${i}.name: duplicate rule name \`${name}'`);
     names.add(name);
     const who = resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, path);
-    return { kind: 'deny', name, who, bridges: d.bridges ?? null };
+    return { kind: 'deny', name, who, bridges: d.bridges ?? null, parents: d.parents ?? null };
   });
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
   const sha256 = createHash('sha256').update(text).digest('hex');
@@ -190,18 +223,45 @@ export function macInPrefix(mac: string, prefix: string): boolean {
   return mac.startsWith(prefix) && (mac.length === prefix.length || mac[prefix.length] === ':');
 }
 
+/** Does a deny rule cover this request? With neither `bridges` nor `parents` it covers everything. */
+function denies(d: DenyRule, ask: Ask): boolean {
+  if (d.bridges === null && d.parents === null) return true;
+  const scope = ask.kind === 'tap' ? d.bridges : d.parents;
+  return scope !== null && scope.includes(ask.parent);
+}
+
+function grantsTarget(rule: AllowRule, ask: Ask): boolean {
+  return ask.kind === 'tap' ? rule.bridges.includes(ask.parent) : rule.macvtap.some((m) => m.parent === ask.parent);
+}
+
+function targets(rule: AllowRule, kind: Ask['kind']): string[] {
+  return kind === 'tap' ? [...rule.bridges] : rule.macvtap.map((m) => `${m.parent} (${m.modes.join(', ')})`);
+}
+
+/** Does `name` match `pattern` for this caller? */
+export function nameMatches(name: string, pattern: string, uid: number, user: string | null): boolean {
+  if (pattern.includes('{user}') && user === null) return false;
+  const re = pattern
+    .split(/(\*|\{uid\}|\{user\})/)
+    .map((part) => (part === '*' ? '[A-Za-z0-9_.-]+' : part === '{uid}' ? String(uid) : part === '{user}' ? escapeRe(user!) : escapeRe(part)))
+    .join('');
+  return new RegExp(`^${re}$`).test(name);
+}
+
+function escapeRe(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
 /**
- * The decision for one create-tap request. `liveDevices(rule)` counts the caller's live devices
+ * The decision for one create request. `liveDevices(rule)` counts the caller's live devices
  * charged to that rule. Pure: no I/O beyond that callback.
  */
-export function decide(policy: Policy, caller: Caller, ask: TapAsk, liveDevices: (rule: string) => number): Decision {
-  const deny = policy.deny.find((d) => matches(d.who, caller) && (d.bridges === null || d.bridges.includes(ask.bridge)));
+export function decide(policy: Policy, caller: Caller & { user?: string | null }, ask: Ask, liveDevices: (rule: string) => number): Decision {
+  const what = ask.kind === 'tap' ? `bridge \`${ask.parent}'` : `macvtap parent \`${ask.parent}'`;
+  const deny = policy.deny.find((d) => matches(d.who, caller) && denies(d, ask));
   if (deny) {
-    return {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name,
-      message: `denied by rule \`${deny.name}'`,
-      hint: deny.bridges ? `the deny rule covers bridge${deny.bridges.length > 1 ? 's' : ''} ${deny.bridges.join(', ')}; another bridge may be allowed` : 'the deny rule covers every bridge; only an administrator can change it',
-    };
+    const scope = deny.bridges || deny.parents ? `covers ${[...(deny.bridges ?? []), ...(deny.parents ?? [])].join(', ')}; another ${ask.kind === 'tap' ? 'bridge' : 'parent'} may be allowed` : 'covers everything; only an administrator can change it';
+    return { allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'`, hint: `the deny rule ${scope}` };
   }
   const mine = policy.allow.filter((r) => matches(r.who, caller));
   if (mine.length === 0) {
@@ -210,25 +270,38 @@ export function decide(policy: Policy, caller: Caller, ask: TapAsk, liveDevices:
       hint: `no rule names uid ${caller.uid} or any of its groups; ask an administrator to add one`,
     };
   }
-  const forBridge = mine.filter((r) => r.bridges.includes(ask.bridge));
-  if (forBridge.length === 0) {
-    const allowed = [...new Set(mine.flatMap((r) => r.bridges))].join(', ');
+  const forTarget = mine.filter((r) => grantsTarget(r, ask));
+  if (forTarget.length === 0) {
+    const allowed = [...new Set(mine.flatMap((r) => targets(r, ask.kind)))];
     return {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: `no rule matched bridge \`${ask.bridge}'`,
-      hint: `your rules allow bridge${allowed.includes(',') ? 's' : ''} ${allowed}`,
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: `no rule matched ${what}`,
+      hint: allowed.length ? `your rules allow ${ask.kind === 'tap' ? 'bridges' : 'macvtap parents'}: ${allowed.join(', ')}` : `your rules allow no ${ask.kind === 'tap' ? 'bridges' : 'macvtap parents'}`,
     };
   }
   let first: Decision | null = null;
-  for (const rule of forBridge) {
-    const refusal = refuse(rule, ask, liveDevices(rule.name));
+  for (const rule of forTarget) {
+    const refusal = refuse(rule, caller, ask, liveDevices(rule.name));
     if (!refusal) return { allow: true, rule };
     first ??= refusal;
   }
   return first!;
 }
 
-function refuse(rule: AllowRule, ask: TapAsk, live: number): Decision | null {
+function refuse(rule: AllowRule, caller: Caller & { user?: string | null }, ask: Ask, live: number): Decision | null {
   const no = (code: ErrorCode, message: string, hint: string): Decision => ({ allow: false, code, rule: rule.name, message, hint });
+  if (ask.kind === 'macvtap') {
+    const modes = rule.macvtap.find((m) => m.parent === ask.parent)!.modes;
+    if (!modes.includes(ask.mode!)) {
+      return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' allows mode${modes.length > 1 ? 's' : ''} ${modes.join(', ')} on \`${ask.parent}', not ${ask.mode}`, `ask for mode ${modes[0]}`);
+    }
+  }
+  if (ask.persistent && !rule.persistent) {
+    return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' does not allow persistent devices`, 'use tapbroker run, which needs no persistent device');
+  }
+  if (ask.name !== null && !nameMatches(ask.name, rule.namePattern, caller.uid, caller.user ?? null)) {
+    const example = rule.namePattern.replace('{uid}', String(caller.uid)).replace('{user}', caller.user ?? 'USER').replace('*', 'vm0');
+    return no('TB_E_INVALID_NAME', `name \`${ask.name}' does not match rule \`${rule.name}' name_pattern ${rule.namePattern}`, `pick a name like \`${example}', or leave it out and the broker picks one`);
+  }
   if (ask.queues > rule.maxQueues) {
     return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' allows at most ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''}, not ${ask.queues}`, `ask for ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''} or fewer`);
   }

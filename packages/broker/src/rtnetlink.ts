@@ -1,6 +1,6 @@
 // rtnetlink: message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
 // Requests are tiny and answered in well under a millisecond; slow teardown never goes through here.
-import { sys } from '@tapbroker/protocol';
+import { sys, watchReadable } from '@tapbroker/protocol';
 
 export const RTM_NEWLINK = 16;
 export const RTM_DELLINK = 17;
@@ -14,9 +14,17 @@ export const NLM_F_CREATE = 0x400;
 export const IFLA_ADDRESS = 1;
 export const IFLA_IFNAME = 3;
 export const IFLA_MTU = 4;
+export const IFLA_LINK = 5;
 export const IFLA_MASTER = 10;
 export const IFLA_LINKINFO = 18;
+export const IFLA_IFALIAS = 20;
 export const IFLA_INFO_KIND = 1;
+export const IFLA_INFO_DATA = 2;
+export const IFLA_MACVLAN_MODE = 1;
+export const NLM_F_DUMP = 0x300;
+export const RTMGRP_LINK = 1;
+/** MACVLAN_MODE_* from if_link.h. */
+export const MACVLAN_MODES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as const;
 export const IFLA_EXT_MASK = 29;
 export const NLMSGERR_ATTR_MSG = 1;
 export const IFF_UP = 0x1;
@@ -90,6 +98,8 @@ export interface Link {
   address: Buffer | null;
   /** IFLA_INFO_KIND: `bridge`, `tun`, `veth`, `macvtap`…; null for devices without one (lo, physical NICs). */
   kind: string | null;
+  /** IFLA_LINK: the lower device (a macvtap's parent), or null. */
+  link: number | null;
 }
 
 /** Decodes the ifinfomsg of an RTM_NEWLINK message (header included). */
@@ -98,6 +108,7 @@ export function parseLink(msg: Buffer): Link {
   const linkinfo = attrs.get(IFLA_LINKINFO);
   const kind = linkinfo ? cstr(parseAttrs(linkinfo).get(IFLA_INFO_KIND)) ?? null : null;
   const master = attrs.get(IFLA_MASTER);
+  const lower = attrs.get(IFLA_LINK);
   return {
     index: msg.readInt32LE(20),
     flags: msg.readUInt32LE(24),
@@ -106,7 +117,24 @@ export function parseLink(msg: Buffer): Link {
     master: master && master.readUInt32LE(0) !== 0 ? master.readUInt32LE(0) : null,
     address: attrs.get(IFLA_ADDRESS) ?? null,
     kind,
+    link: lower && lower.readUInt32LE(0) !== 0 ? lower.readUInt32LE(0) : null,
   };
+}
+
+/** RTM_NEWLINK creating a macvtap on `parent` with the guest's MAC, up, never replacing a device. */
+export function macvtapMessage(seq: number, opts: { name: string; parent: number; mac: Buffer; mode: keyof typeof MACVLAN_MODES; alias?: string }): Buffer {
+  return linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, { flags: IFF_UP, change: IFF_UP }, [
+    attrString(IFLA_IFNAME, opts.name),
+    ...(opts.alias ? [attrString(IFLA_IFALIAS, opts.alias)] : []),
+    attrU32(IFLA_LINK, opts.parent),
+    rtattr(IFLA_ADDRESS, opts.mac),
+    attrNested(IFLA_LINKINFO, [attrString(IFLA_INFO_KIND, 'macvtap'), attrNested(IFLA_INFO_DATA, [attrU32(IFLA_MACVLAN_MODE, MACVLAN_MODES[opts.mode])])]),
+  ]);
+}
+
+/** The error carried by an NLMSG_ERROR message (0 for an ACK). */
+export function ackError(m: Buffer): number {
+  return -m.readInt32LE(NLMSGHDR);
 }
 
 /** Splits a datagram into netlink messages. */
@@ -197,15 +225,106 @@ export class Rtnetlink {
     }
   }
 
+  /** Every link in the namespace. */
+  dumpLinks(): Link[] {
+    return this.request((seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, [attrU32(IFLA_EXT_MASK, 1)]), 'dump links').map(parseLink);
+  }
+
+  /** Creates a macvtap; throws SyscallError (EEXIST if the name is taken). */
+  createMacvtap(opts: Parameters<typeof macvtapMessage>[1]): void {
+    this.request((seq) => macvtapMessage(seq, opts), `create macvtap \`${opts.name}'`);
+  }
+
   /** Sets address, MTU, master and up in one RTM_NEWLINK. */
-  configureLink(index: number, opts: { address?: Buffer; mtu?: number; master?: number; up?: boolean }): void {
+  configureLink(index: number, opts: { address?: Buffer; mtu?: number; master?: number; up?: boolean; alias?: string }): void {
     const attrs: Buffer[] = [];
+    if (opts.alias !== undefined) attrs.push(attrString(IFLA_IFALIAS, opts.alias));
     if (opts.address) attrs.push(rtattr(IFLA_ADDRESS, opts.address));
     if (opts.mtu !== undefined) attrs.push(attrU32(IFLA_MTU, opts.mtu));
     if (opts.master !== undefined) attrs.push(attrU32(IFLA_MASTER, opts.master));
     const info: IfInfo = { index };
     if (opts.up !== undefined) Object.assign(info, { flags: opts.up ? IFF_UP : 0, change: IFF_UP });
     this.request((seq) => linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, info, attrs), `configure link ${index}`);
+  }
+}
+
+/**
+ * RTM_DELLINK on libuv's thread pool, on a socket of its own: destroying a netdev costs the kernel
+ * ~20 ms in the calling thread, which must never be the event loop's. Resolves true when deleted,
+ * false when the link was already gone.
+ */
+export async function deleteLinkInBackground(index: number): Promise<boolean> {
+  const fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC, sys.NETLINK_ROUTE);
+  const msg = linkMessage(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, { index }, []);
+  const rx = Buffer.alloc(8192);
+  const iovs = Buffer.alloc(32);
+  const tx = Buffer.alloc(56);
+  const rxHdr = Buffer.alloc(56);
+  iovs.writeBigUInt64LE(sys.addressOf(msg), 0);
+  iovs.writeBigUInt64LE(BigInt(msg.length), 8);
+  iovs.writeBigUInt64LE(sys.addressOf(rx), 16);
+  iovs.writeBigUInt64LE(BigInt(rx.length), 24);
+  tx.writeBigUInt64LE(sys.addressOf(iovs), 16);
+  tx.writeBigUInt64LE(1n, 24);
+  rxHdr.writeBigUInt64LE(sys.addressOf(iovs) + 16n, 16);
+  rxHdr.writeBigUInt64LE(1n, 24);
+  try {
+    const n = await sys.sendRecvInBackground(fd, tx, rxHdr);
+    // Every buffer above stays referenced until here, so nothing the kernel writes into is freed early.
+    void [msg, iovs, tx, rxHdr];
+    const ack = splitMessages(rx.subarray(0, n)).find((m) => m.readUInt16LE(4) === NLMSG_ERROR);
+    const err = ack ? ackError(ack) : sys.errno.EIO;
+    if (err === 0) return true;
+    if (err === sys.errno.ENODEV) return false;
+    throw new sys.SyscallError('rtnetlink', err, `delete link ${index}`);
+  } finally {
+    sys.close(fd);
+  }
+}
+
+/** RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK; `onOverrun` when some were lost. */
+export class LinkMonitor {
+  private readonly fd: number;
+  private readonly watch: { close(): void };
+  private readonly rx = Buffer.alloc(64 * 1024);
+  private readonly iov = Buffer.alloc(16);
+  private readonly hdr = Buffer.alloc(56);
+
+  constructor(onLink: (type: number, link: Link) => void, onOverrun: () => void) {
+    this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
+    const sa = Buffer.alloc(12);
+    sa.writeUInt16LE(sys.AF_NETLINK, 0);
+    sa.writeUInt32LE(RTMGRP_LINK, 8);
+    sys.bind(this.fd, sa, 'RTMGRP_LINK');
+    this.iov.writeBigUInt64LE(sys.addressOf(this.rx), 0);
+    this.iov.writeBigUInt64LE(BigInt(this.rx.length), 8);
+    this.watch = watchReadable(this.fd, () => {
+      for (;;) {
+        this.hdr.fill(0);
+        this.hdr.writeBigUInt64LE(sys.addressOf(this.iov), 16);
+        this.hdr.writeBigUInt64LE(1n, 24);
+        let n: number;
+        try {
+          n = sys.recvmsg(this.fd, this.hdr, sys.MSG_DONTWAIT);
+        } catch (err) {
+          if (err instanceof sys.SyscallError && err.errno === sys.errno.ENOBUFS) {
+            onOverrun();
+            continue;
+          }
+          throw err;
+        }
+        if (n < 0) return;
+        for (const m of splitMessages(this.rx.subarray(0, n))) {
+          const type = m.readUInt16LE(4);
+          if (type === RTM_NEWLINK || type === RTM_DELLINK) onLink(type, parseLink(m));
+        }
+      }
+    });
+  }
+
+  close(): void {
+    this.watch.close();
+    sys.close(this.fd);
   }
 }
 

@@ -1,18 +1,22 @@
 #!/usr/bin/env node
-// tapbroker: the unprivileged client.
-//   tapbroker run [--socket P] --net SPEC... -- CMD ARGS...
-//   tapbroker qemu-args --net SPEC...
+// tapbroker: the unprivileged client. Usage in USAGE below.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import { TapbrokerError, type ErrorCode } from '@tapbroker/protocol';
+import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
 import { TapbrokerClient, closeTap, type Tap } from './client.js';
+import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
 import { childFdNumbers, nicArgs, shellQuote } from './qemu-args.js';
 
 const USAGE = `usage: tapbroker run [--socket PATH] --net SPEC... -- COMMAND [ARG...]
        tapbroker qemu-args --net SPEC...
-SPEC:  bridge=NAME[,queues=N][,vhost=on|off][,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`;
+       tapbroker create --persistent (--bridge BRIDGE | --macvtap PARENT [--mode MODE]) [--name NAME]
+                        [--queues N] [--mac MAC] [--group GROUP] [--xml | --json] [--socket PATH]
+       tapbroker list [--json] [--socket PATH]
+       tapbroker release NAME [--socket PATH]
+SPEC:  bridge=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N][,vhost=on|off]
+       [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`;
 
 /** sysexits(3), documented in the README. */
 export const EXIT = { USAGE: 64, DATAERR: 65, SOFTWARE: 70, UNAVAILABLE: 69, NOPERM: 77 } as const;
@@ -24,7 +28,8 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'TB_E_POLICY_DENIED': case 'TB_E_QUOTA_EXCEEDED':
       return EXIT.NOPERM;
     case 'TB_E_INVALID_NAME': case 'TB_E_INVALID_MAC': case 'TB_E_INVALID_QUEUES': case 'TB_E_NO_SUCH_BRIDGE':
-    case 'TB_E_NOT_A_BRIDGE': case 'TB_E_DEVICE_EXISTS': case 'TB_E_INVALID_REQUEST':
+    case 'TB_E_NOT_A_BRIDGE': case 'TB_E_DEVICE_EXISTS': case 'TB_E_INVALID_REQUEST': case 'TB_E_NO_SUCH_PARENT':
+    case 'TB_E_BAD_PARENT': case 'TB_E_MAC_IN_USE': case 'TB_E_NO_SUCH_LEASE':
       return EXIT.DATAERR;
     case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_BUSY': case 'TB_E_TIMEOUT':
     case 'TB_E_VERSION':
@@ -85,23 +90,26 @@ export function buildNicArgs(nets: readonly NetSpec[], taps: readonly Tap[] | nu
   }));
 }
 
+export function describeDevice(d: Device): string {
+  const where = d.kind === 'tap' ? `on ${d.parent}` : `macvtap on ${d.parent} (${d.mode})`;
+  return `${d.name} ${where} (ifindex ${d.ifindex}, mtu ${d.mtu}, mac ${d.mac}, ${d.queues} queue${d.queues > 1 ? 's' : ''}${d.vhost ? ', vhost' : ''}${d.persistent ? ', persistent' : ''}, rule ${d.rule})`;
+}
+
 async function run(args: Args): Promise<number> {
   const client = await TapbrokerClient.connect(args.socket);
   const taps: Tap[] = [];
   try {
     for (const n of args.nets) {
-      taps.push(await client.createTap({ bridge: n.bridge, queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name }));
+      const common = { queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name };
+      taps.push(n.kind === 'tap' ? await client.createTap({ bridge: n.parent, ...common }) : await client.createMacvtap({ parent: n.parent, mode: n.mode!, ...common }));
     }
   } catch (err) {
     taps.forEach(closeTap);
-    throw err;
-  } finally {
     client.close();
+    throw err;
   }
-  for (const t of taps) {
-    const d = t.device;
-    process.stderr.write(`tapbroker: ${d.name} on ${d.bridge} (ifindex ${d.ifindex}, mtu ${d.mtu}, mac ${d.mac}, ${d.queues} queue${d.queues > 1 ? 's' : ''}${d.vhost ? ', vhost' : ''}, rule ${d.rule})\n`);
-  }
+  // The connection stays open while the command runs: a macvtap lease ends when it closes.
+  for (const t of taps) process.stderr.write(`tapbroker: ${describeDevice(t.device)}\n`);
   const fds = taps.flatMap((t) => [...t.tapFds, ...t.vhostFds]);
   const [cmd, ...rest] = args.argv as [string, ...string[]];
   const child = spawn(cmd, [...rest, ...buildNicArgs(args.nets, taps)], { stdio: ['inherit', 'inherit', 'inherit', ...fds] });
@@ -114,6 +122,7 @@ async function run(args: Args): Promise<number> {
     child.on('error', (err) => reject(new TapbrokerError('TB_E_USAGE', `cannot run ${cmd}: ${err.message}`)));
     child.on('exit', (code, signal) => {
       for (const [sig, h] of handlers) process.off(sig, h);
+      client.close();
       if (signal) {
         // Die the way the child died, so our parent sees the same status.
         process.kill(process.pid, signal);
@@ -123,12 +132,128 @@ async function run(args: Args): Promise<number> {
   });
 }
 
+interface LeaseArgs {
+  command: 'create' | 'list' | 'release';
+  socket: string | null;
+  persistent: boolean;
+  bridge: string | null;
+  macvtap: string | null;
+  mode: MacvtapMode | null;
+  name: string | null;
+  queues: number;
+  mac: string | null;
+  group: number | null;
+  output: 'text' | 'xml' | 'json';
+}
+
+export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
+  const o: LeaseArgs = {
+    command: argv[0] as LeaseArgs['command'], socket: null, persistent: false, bridge: null, macvtap: null, mode: null,
+    name: null, queues: 1, mac: null, group: null, output: 'text',
+  };
+  const usage = (m: string): never => { throw new TapbrokerError('TB_E_USAGE', m); };
+  for (let i = 1; i < argv.length; i++) {
+    const a = argv[i]!;
+    const [flag, inline] = a.startsWith('--') && a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
+    const value = () => inline ?? argv[++i] ?? usage(`${flag} needs a value`);
+    const ifname = (what: string) => {
+      const v = value();
+      const why = checkIfName(v);
+      return why ? usage(`${what} \`${v}' ${why}`) : v;
+    };
+    switch (flag) {
+      case '--socket': o.socket = value(); break;
+      case '--persistent': o.persistent = true; break;
+      case '--bridge': o.bridge = ifname('bridge'); break;
+      case '--macvtap': o.macvtap = ifname('parent'); break;
+      case '--mode': {
+        const m = value();
+        if (!(MACVTAP_MODES as readonly string[]).includes(m)) usage(`--mode must be one of ${MACVTAP_MODES.join(', ')}`);
+        o.mode = m as MacvtapMode;
+        break;
+      }
+      case '--name': o.name = ifname('name'); break;
+      case '--queues': {
+        const q = value();
+        if (!/^[1-9][0-9]{0,2}$/.test(q)) usage(`--queues must be a positive integer, not \`${q}'`);
+        o.queues = Number(q);
+        break;
+      }
+      case '--mac': {
+        const m = value().toLowerCase();
+        const why = checkMac(m);
+        if (why) usage(`mac \`${m}' ${why}`);
+        o.mac = m;
+        break;
+      }
+      case '--group': {
+        const g = value();
+        const gid = /^\d+$/.test(g) ? Number(g) : sys.getgrnam(g);
+        o.group = gid ?? usage(`no group \`${g}'`);
+        break;
+      }
+      case '--xml': o.output = 'xml'; break;
+      case '--json': o.output = 'json'; break;
+      default:
+        if (o.command === 'release' && !a.startsWith('-') && o.name === null) {
+          o.name = a;
+          break;
+        }
+        usage(`unknown argument \`${a}'`);
+    }
+  }
+  if (o.command === 'create') {
+    if (!o.persistent) usage('create makes persistent devices: say --persistent (for a VM you start yourself, use tapbroker run)');
+    if ((o.bridge === null) === (o.macvtap === null)) usage('create needs exactly one of --bridge or --macvtap');
+    if (o.mode !== null && o.macvtap === null) usage('--mode is for --macvtap');
+  }
+  if (o.command === 'release' && o.name === null) usage('release needs the NAME of a device');
+  return o;
+}
+
+function leaseTable(leases: readonly Lease[]): string {
+  const rows = [['NAME', 'KIND', 'PARENT', 'MODE', 'MAC', 'QUEUES', 'OWNER', 'RULE', 'ENDS', 'CREATED'],
+    ...leases.map((l) => [l.name, l.kind, l.parent, l.mode ?? '-', l.mac, String(l.queues), l.user ?? String(l.uid), l.rule,
+      l.ends === 'holder' ? `with pid ${l.holder}` : l.ends === 'fds' ? 'with its fds' : 'on release', l.created])];
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
+  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
+}
+
+async function leaseCommand(o: LeaseArgs): Promise<number> {
+  const client = await TapbrokerClient.connect(o.socket);
+  try {
+    if (o.command === 'list') {
+      const { leases, truncated } = await client.list();
+      process.stdout.write(o.output === 'json' ? `${JSON.stringify({ leases, truncated }, null, 2)}\n` : `${leaseTable(leases)}\n`);
+      if (truncated) process.stderr.write('tapbroker: more leases exist than one reply holds; the oldest are listed\n');
+      return 0;
+    }
+    if (o.command === 'release') {
+      const lease = await client.release(o.name!);
+      process.stdout.write(o.output === 'json' ? `${JSON.stringify(lease, null, 2)}\n` : `released ${lease.name} (${lease.kind} on ${lease.parent})\n`);
+      return 0;
+    }
+    const common = { queues: o.queues, mac: o.mac, name: o.name, persistent: true };
+    const tap = o.bridge !== null
+      ? await client.createTap({ bridge: o.bridge, group: o.group, ...common })
+      : await client.createMacvtap({ parent: o.macvtap!, mode: o.mode ?? 'bridge', ...common });
+    const d = tap.device;
+    if (o.output === 'xml') process.stdout.write(libvirtInterfaceXml(d));
+    else if (o.output === 'json') process.stdout.write(`${JSON.stringify(d, null, 2)}\n`);
+    else process.stdout.write(`created ${describeDevice(d)}\nrelease it with: tapbroker release ${d.name}\n`);
+    return 0;
+  } finally {
+    client.close();
+  }
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
   if (argv[0] === '-h' || argv[0] === '--help' || argv[0] === 'help') {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
   try {
+    if (argv[0] === 'create' || argv[0] === 'list' || argv[0] === 'release') return await leaseCommand(parseLeaseArgs(argv));
     const args = parseArgs(argv);
     if (args.command === 'qemu-args') {
       process.stdout.write(`${buildNicArgs(args.nets, null).map(shellQuote).join(' ')}\n`);

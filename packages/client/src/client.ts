@@ -2,7 +2,8 @@
 import fs from 'node:fs';
 import {
   MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
-  decodeReply, encodeFrame, sys, type CreateTapRequest, type Reply, type TapDevice,
+  decodeReply, encodeFrame, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
+  type MacvtapMode, type Reply, type Request,
 } from '@tapbroker/protocol';
 
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
@@ -12,18 +13,30 @@ export function socketPath(explicit?: string | null): string {
   return explicit || process.env['TAPBROKER_SOCKET'] || DEFAULT_SOCKET;
 }
 
-export interface TapOptions {
-  bridge: string;
+interface CommonOptions {
   queues?: number;
   vhost?: boolean;
   vnetHdr?: boolean;
   mac?: string | null;
   name?: string | null;
+  /** A persistent device owned by the caller; no fds come back. */
+  persistent?: boolean;
 }
 
-/** A granted tap: the device as the broker made it and the fds this process now owns. */
+export interface TapOptions extends CommonOptions {
+  bridge: string;
+  /** With `persistent`: a group (one of the caller's) that may also use the tap. */
+  group?: number | null;
+}
+
+export interface MacvtapOptions extends CommonOptions {
+  parent: string;
+  mode?: MacvtapMode;
+}
+
+/** A granted device: as the broker made it, and the fds this process now owns (none for persistent ones). */
 export interface Tap {
-  device: TapDevice;
+  device: Device;
   tapFds: number[];
   vhostFds: number[];
 }
@@ -62,24 +75,50 @@ export class TapbrokerClient {
   }
 
   async createTap(opts: TapOptions): Promise<Tap> {
-    const req: CreateTapRequest = { op: 'create-tap', id: this.nextId++, bridge: opts.bridge };
-    if (opts.queues !== undefined) req.queues = opts.queues;
-    if (opts.vhost !== undefined) req.vhost = opts.vhost;
-    if (opts.vnetHdr !== undefined) req.vnet_hdr = opts.vnetHdr;
-    if (opts.mac) req.mac = opts.mac;
-    if (opts.name) req.name = opts.name;
+    const req: CreateTapRequest = { op: 'create-tap', id: this.nextId++, bridge: opts.bridge, ...common(opts) };
+    if (opts.group !== undefined && opts.group !== null) req.group = opts.group;
+    return this.create(req);
+  }
+
+  /**
+   * A macvtap outlives its fds, so the broker deletes it when this connection closes or this process
+   * exits: keep the client open for as long as the VM runs.
+   */
+  async createMacvtap(opts: MacvtapOptions): Promise<Tap> {
+    const req: CreateMacvtapRequest = { op: 'create-macvtap', id: this.nextId++, parent: opts.parent, ...common(opts) };
+    if (opts.mode) req.mode = opts.mode;
+    return this.create(req);
+  }
+
+  /** The caller's leases (root: everyone's). */
+  async list(): Promise<{ leases: Lease[]; truncated: boolean }> {
+    const { reply } = await this.call({ op: 'list', id: this.nextId++ });
+    if (reply.op !== 'list') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a list reply, got ${reply.op}`);
+    return { leases: reply.leases, truncated: reply.truncated };
+  }
+
+  /** Deletes a persistent device of the caller's. */
+  async release(name: string): Promise<Lease> {
+    const { reply } = await this.call({ op: 'release', id: this.nextId++, name });
+    if (reply.op !== 'release') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a release reply, got ${reply.op}`);
+    return reply.lease;
+  }
+
+  private async create(req: CreateTapRequest | CreateMacvtapRequest): Promise<Tap> {
     const { reply, fds } = await this.call(req);
     const closeAll = () => fds.forEach((fd) => fs.closeSync(fd));
-    if (reply.op !== 'create-tap') {
+    if (reply.op !== req.op) {
       closeAll();
-      throw new TapbrokerError('TB_E_BAD_REPLY', `expected a create-tap reply, got ${reply.op}`);
+      throw new TapbrokerError('TB_E_BAD_REPLY', `expected a ${req.op} reply, got ${reply.op}`);
     }
-    const want = reply.fds.tap + reply.fds.vhost;
-    if (fds.length !== want || reply.fds.tap !== reply.device.queues || (reply.fds.vhost !== 0 && reply.fds.vhost !== reply.fds.tap)) {
+    const { device, fds: counts } = reply as Extract<Reply, { op: 'create-tap' | 'create-macvtap' }>;
+    const queueFds = device.persistent ? 0 : device.queues;
+    const vhostOk = counts.vhost === 0 || counts.vhost === counts.tap;
+    if (fds.length !== counts.tap + counts.vhost || counts.tap !== queueFds || !vhostOk) {
       closeAll();
-      throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for ${reply.fds.tap} tap and ${reply.fds.vhost} vhost fds`);
+      throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for ${counts.tap} queue and ${counts.vhost} vhost fds`);
     }
-    return { device: reply.device, tapFds: fds.slice(0, reply.fds.tap), vhostFds: fds.slice(reply.fds.tap) };
+    return { device, tapFds: fds.slice(0, counts.tap), vhostFds: fds.slice(counts.tap) };
   }
 
   close(): void {
@@ -87,7 +126,7 @@ export class TapbrokerClient {
   }
 
   /** One request, one reply. Error replies become TapbrokerErrors; stray fds are closed. */
-  private async call(req: CreateTapRequest | { op: 'hello'; id: number; version: number; client: string }): Promise<{ reply: Reply; fds: number[] }> {
+  private async call(req: Request): Promise<{ reply: Reply; fds: number[] }> {
     await this.conn.send(encodeFrame(req)).catch((err: Error) => {
       throw new TapbrokerError('TB_E_BROKER_CLOSED', `the broker closed the connection: ${err.message}`);
     });
@@ -110,4 +149,17 @@ export class TapbrokerClient {
     if (reply.id !== req.id) fail(new TapbrokerError('TB_E_BAD_REPLY', `reply id ${String(reply.id)} does not match request id ${req.id}`));
     return { reply, fds: packet.fds };
   }
+}
+
+type CommonFields = Pick<CreateTapRequest, 'queues' | 'vhost' | 'vnet_hdr' | 'mac' | 'name' | 'persistent'>;
+
+function common(o: CommonOptions): CommonFields {
+  const r: CommonFields = {};
+  if (o.queues !== undefined) r.queues = o.queues;
+  if (o.vhost !== undefined) r.vhost = o.vhost;
+  if (o.vnetHdr !== undefined) r.vnet_hdr = o.vnetHdr;
+  if (o.mac) r.mac = o.mac;
+  if (o.name) r.name = o.name;
+  if (o.persistent) r.persistent = true;
+  return r;
 }

@@ -1,8 +1,12 @@
-// `--net` SPECs: `bridge=NAME[,queues=N][,vhost=on|off][,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
-import { TapbrokerError, checkIfName, checkMac } from '@tapbroker/protocol';
+// `--net` SPECs: `bridge=NAME|macvtap=PARENT[,mode=M][,queues=N][,vhost=on|off][,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
+import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, type MacvtapMode } from '@tapbroker/protocol';
 
 export interface NetSpec {
-  bridge: string;
+  kind: 'tap' | 'macvtap';
+  /** The bridge of a tap, the parent of a macvtap. */
+  parent: string;
+  /** Macvtap mode (default bridge); null for a tap. */
+  mode: MacvtapMode | null;
   queues: number;
   vhost: boolean;
   mac: string | null;
@@ -14,7 +18,7 @@ export interface NetSpec {
 }
 
 export const DEFAULT_MODEL = 'virtio-net-pci';
-const KEYS = new Set(['bridge', 'queues', 'vhost', 'mac', 'id', 'model', 'name']);
+const KEYS = new Set(['bridge', 'macvtap', 'mode', 'queues', 'vhost', 'mac', 'id', 'model', 'name']);
 // qemu option values: nothing that could end the value (`,`) or start another option.
 const QEMU_ID = /^[A-Za-z][A-Za-z0-9_.-]{0,31}$/;
 const QEMU_MODEL = /^[A-Za-z0-9_-]{1,64}$/;
@@ -34,9 +38,16 @@ export function parseNetSpec(spec: string): NetSpec {
     fields.set(key, part.slice(eq + 1));
   }
   const bridge = fields.get('bridge');
-  if (bridge === undefined) bad(`--net ${spec}: bridge=NAME is required`);
-  const bridgeWhy = checkIfName(bridge);
-  if (bridgeWhy) bad(`--net ${spec}: bridge name \`${bridge}' ${bridgeWhy}`);
+  const macvtap = fields.get('macvtap');
+  if ((bridge === undefined) === (macvtap === undefined)) bad(`--net ${spec}: exactly one of bridge=NAME or macvtap=PARENT is required`);
+  const kind = bridge !== undefined ? 'tap' : 'macvtap';
+  const parent = (bridge ?? macvtap)!;
+  const parentWhy = checkIfName(parent);
+  if (parentWhy) bad(`--net ${spec}: ${kind === 'tap' ? 'bridge' : 'parent'} name \`${parent}' ${parentWhy}`);
+  const modeText = fields.get('mode');
+  if (modeText !== undefined && kind === 'tap') bad(`--net ${spec}: mode= is for macvtap`);
+  if (modeText !== undefined && !(MACVTAP_MODES as readonly string[]).includes(modeText)) bad(`--net ${spec}: mode must be one of ${MACVTAP_MODES.join(', ')}`);
+  const mode = kind === 'macvtap' ? ((modeText as MacvtapMode | undefined) ?? 'bridge') : null;
   const q = fields.get('queues') ?? '1';
   if (!/^[1-9][0-9]{0,2}$/.test(q)) bad(`--net ${spec}: queues must be a positive integer, not \`${q}'`);
   const vhost = fields.get('vhost') ?? 'off';
@@ -55,5 +66,5 @@ export function parseNetSpec(spec: string): NetSpec {
     const why = checkIfName(name);
     if (why) bad(`--net ${spec}: name \`${name}' ${why}`);
   }
-  return { bridge, queues: Number(q), vhost: vhost === 'on', mac, id, model, name };
+  return { kind, parent, mode, queues: Number(q), vhost: vhost === 'on', mac, id, model, name };
 }

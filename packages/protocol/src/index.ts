@@ -2,12 +2,13 @@
 export { ERROR_CODES, TapbrokerError, isErrorCode, type ErrorCode } from './errors.js';
 export {
   PROTOCOL_VERSION, MAX_REQUEST_BYTES, MAX_REPLY_BYTES, MAX_REPLY_FDS, OPS,
-  Request, HelloRequest, CreateTapRequest, Reply, HelloReply, CreateTapReply, ErrorReply, TapDevice,
-  describeIssues, type Op,
+  Request, HelloRequest, CreateTapRequest, CreateMacvtapRequest, ListRequest, ReleaseRequest,
+  Reply, HelloReply, CreateTapReply, CreateMacvtapReply, ListReply, ReleaseReply, ErrorReply,
+  Device, Lease, MACVTAP_MODES, LEASE_ENDS, describeIssues, type Op, type MacvtapMode, type TapDevice,
 } from './messages.js';
 export { encodeFrame, decodeFrame, decodeRequest, decodeReply, scanFrame, MAX_DEPTH, type Decoded } from './codec.js';
 export {
-  SeqpacketConnection, SeqpacketListener, SCM_MAX_FD, type Packet, type PeerCredentials, type ListenOptions,
+  SeqpacketConnection, SeqpacketListener, SCM_MAX_FD, watchReadable, type Packet, type PeerCredentials, type ListenOptions,
 } from './transport.js';
 export {
   checkIfName, checkMac, checkMacPrefix, macToBuffer, macFromBuffer, IFNAME_MAX_BYTES,

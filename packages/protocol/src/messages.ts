@@ -8,7 +8,8 @@ export const PROTOCOL_VERSION = 1;
 /** The largest request frame the broker reads; larger ones are refused unread. */
 export const MAX_REQUEST_BYTES = 4096;
 /** The largest reply frame a client reads. */
-export const MAX_REPLY_BYTES = 65536;
+/** The largest reply frame; below the default socket send buffer (net.core.wmem_default, 208 KiB). */
+export const MAX_REPLY_BYTES = 192 * 1024;
 /** The most fds one reply carries: the kernel's SCM_MAX_FD. */
 export const MAX_REPLY_FDS = 253;
 
@@ -34,14 +35,42 @@ export const CreateTapRequest = z.strictObject({
   vnet_hdr: z.boolean().optional(),
   mac: Text(64).optional(),
   name: Text(64).optional(),
+  /** A persistent tap owned by the caller (for libvirt managed='no'); no fds are sent. */
+  persistent: z.boolean().optional(),
+  /** With `persistent`: also let this group (one of the caller's) use the tap. */
+  group: z.number().int().min(0).max(0xfffffffe).optional(),
 });
 
-export const Request = z.discriminatedUnion('op', [HelloRequest, CreateTapRequest]);
+export const MACVTAP_MODES = ['bridge', 'vepa', 'private', 'passthru'] as const;
+export type MacvtapMode = (typeof MACVTAP_MODES)[number];
+
+export const CreateMacvtapRequest = z.strictObject({
+  op: z.literal('create-macvtap'),
+  id: Id,
+  parent: Text(64),
+  mode: z.enum(MACVTAP_MODES).optional(),
+  queues: z.number().int().optional(),
+  vhost: z.boolean().optional(),
+  vnet_hdr: z.boolean().optional(),
+  mac: Text(64).optional(),
+  name: Text(64).optional(),
+  /** A persistent macvtap whose char device only the caller may open; no fds are sent. */
+  persistent: z.boolean().optional(),
+});
+
+export const ListRequest = z.strictObject({ op: z.literal('list'), id: Id });
+
+export const ReleaseRequest = z.strictObject({ op: z.literal('release'), id: Id, name: Text(64) });
+
+export const Request = z.discriminatedUnion('op', [HelloRequest, CreateTapRequest, CreateMacvtapRequest, ListRequest, ReleaseRequest]);
 export type Request = z.infer<typeof Request>;
 export type HelloRequest = z.infer<typeof HelloRequest>;
 export type CreateTapRequest = z.infer<typeof CreateTapRequest>;
+export type CreateMacvtapRequest = z.infer<typeof CreateMacvtapRequest>;
+export type ListRequest = z.infer<typeof ListRequest>;
+export type ReleaseRequest = z.infer<typeof ReleaseRequest>;
 export type Op = Request['op'];
-export const OPS: readonly Op[] = ['hello', 'create-tap'];
+export const OPS: readonly Op[] = ['hello', 'create-tap', 'create-macvtap', 'list', 'release'];
 
 // ---- replies ----
 
@@ -52,30 +81,60 @@ export const HelloReply = z.strictObject({
   broker: Text(128),
 });
 
-export const TapDevice = z.strictObject({
+/** How a lease ends: its fds closing (tap), its holder exiting (macvtap), or `release` (persistent). */
+export const LEASE_ENDS = ['fds', 'holder', 'release'] as const;
+
+export const Device = z.strictObject({
+  kind: z.enum(['tap', 'macvtap']),
   name: Text(15),
   ifindex: z.number().int().positive(),
-  bridge: Text(15),
+  /** The bridge of a tap, or the parent of a macvtap. */
+  parent: Text(15),
+  mode: z.enum(MACVTAP_MODES).nullable(),
   mtu: z.number().int().positive(),
-  /** The host-side MAC of the tap (first octet 0xfe, so the bridge keeps its own address). */
+  /** The host-side MAC: for a tap, first octet 0xfe (the bridge keeps its own address); for a macvtap, the guest's. */
   host_mac: Text(17),
   /** The MAC the guest must use. */
   mac: Text(17),
   queues: z.number().int().positive(),
   vnet_hdr: z.boolean(),
   vhost: z.boolean(),
+  persistent: z.boolean(),
   /** The policy rule that granted the device. */
   rule: Text(128),
 });
-export type TapDevice = z.infer<typeof TapDevice>;
+export type Device = z.infer<typeof Device>;
+/** Kept for readers of version 0.1 code: a tap is a Device of kind `tap`. */
+export type TapDevice = Device;
 
-/** SCM_RIGHTS carries `fds.tap` tap fds (one per queue) followed by `fds.vhost` vhost-net fds. */
-export const CreateTapReply = z.strictObject({
-  op: z.literal('create-tap'),
-  id: Id,
-  device: TapDevice,
-  fds: z.strictObject({ tap: z.number().int().positive(), vhost: z.number().int().min(0) }),
+/** SCM_RIGHTS carries `fds.tap` queue fds (one per queue) followed by `fds.vhost` vhost-net fds; none for persistent devices. */
+const Fds = z.strictObject({ tap: z.number().int().min(0), vhost: z.number().int().min(0) });
+
+export const CreateTapReply = z.strictObject({ op: z.literal('create-tap'), id: Id, device: Device, fds: Fds });
+export const CreateMacvtapReply = z.strictObject({ op: z.literal('create-macvtap'), id: Id, device: Device, fds: Fds });
+
+export const Lease = z.strictObject({
+  id: Text(32),
+  uid: z.number().int().min(0),
+  user: Text(256).nullable(),
+  kind: z.enum(['tap', 'macvtap']),
+  name: Text(15),
+  ifindex: z.number().int().positive(),
+  parent: Text(15),
+  mode: z.enum(MACVTAP_MODES).nullable(),
+  mac: Text(17),
+  queues: z.number().int().positive(),
+  rule: Text(128),
+  created: Text(64),
+  ends: z.enum(LEASE_ENDS),
+  /** For leases that end with their holder: the holder's pid. */
+  holder: z.number().int().positive().nullable(),
 });
+export type Lease = z.infer<typeof Lease>;
+
+/** `truncated` says more leases exist than one reply holds (the first ones, oldest first, are listed). */
+export const ListReply = z.strictObject({ op: z.literal('list'), id: Id, leases: z.array(Lease).max(4096), truncated: z.boolean() });
+export const ReleaseReply = z.strictObject({ op: z.literal('release'), id: Id, lease: Lease });
 
 const codes = Object.keys(ERROR_CODES) as [ErrorCode, ...ErrorCode[]];
 
@@ -88,10 +147,13 @@ export const ErrorReply = z.strictObject({
   hint: Text(1024).optional(),
 });
 
-export const Reply = z.discriminatedUnion('op', [HelloReply, CreateTapReply, ErrorReply]);
+export const Reply = z.discriminatedUnion('op', [HelloReply, CreateTapReply, CreateMacvtapReply, ListReply, ReleaseReply, ErrorReply]);
 export type Reply = z.infer<typeof Reply>;
 export type HelloReply = z.infer<typeof HelloReply>;
 export type CreateTapReply = z.infer<typeof CreateTapReply>;
+export type CreateMacvtapReply = z.infer<typeof CreateMacvtapReply>;
+export type ListReply = z.infer<typeof ListReply>;
+export type ReleaseReply = z.infer<typeof ReleaseReply>;
 export type ErrorReply = z.infer<typeof ErrorReply>;
 
 /** Zod's issues in one line: `queues: expected number, received string`. */

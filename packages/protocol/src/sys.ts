@@ -72,6 +72,9 @@ const _close = libc.func('int close(int fd)');
 const _ioctl = libc.func('int ioctl(int fd, unsigned long req, ...)');
 const _fcntl = libc.func('int fcntl(int fd, int cmd, ...)');
 const _strerror = libc.func('const char *strerror(int errnum)');
+const _syscall = libc.func('long syscall(long nr, ...)');
+const _mknod = libc.func('int mknod(const char *path, uint32_t mode, uint64_t dev)');
+const SYS_pidfd_open = 434;
 const _getpwnam_r = libc.func('int getpwnam_r(const char *name, void *pwd, void *buf, size_t len, _Out_ void **result)');
 const _getpwuid_r = libc.func('int getpwuid_r(uint32_t uid, void *pwd, void *buf, size_t len, _Out_ void **result)');
 const _getgrnam_r = libc.func('int getgrnam_r(const char *name, void *grp, void *buf, size_t len, _Out_ void **result)');
@@ -167,6 +170,37 @@ export function setsockoptInt(fd: number, level: number, name: number, value: nu
 
 export function close(fd: number): void {
   if ((_close(fd) as number) < 0) fail('close');
+}
+
+/** Async sendmsg then recvmsg on libuv's thread pool, for kernel calls that may take long (RTM_DELLINK). */
+export function sendRecvInBackground(fd: number, tx: Buffer, rxHdr: Buffer): Promise<number> {
+  return new Promise((resolve, reject) => {
+    _sendmsg.async(fd, tx, 0, (err: Error | null, sent: bigint | number) => {
+      if (err) return reject(err);
+      if (Number(sent) < 0) return reject(new SyscallError('sendmsg', errno.EIO, 'in background'));
+      _recvmsg.async(fd, rxHdr, 0, (err2: Error | null, n: bigint | number) => {
+        if (err2) reject(err2);
+        else if (Number(n) < 0) reject(new SyscallError('recvmsg', errno.EIO, 'in background'));
+        else resolve(Number(n));
+      });
+    });
+  });
+}
+
+/** pidfd_open(2): a pidfd for `pid`, or null if there is no such process. */
+export function pidfdOpen(pid: number): number | null {
+  const fd = Number(_syscall(SYS_pidfd_open, 'int', pid, 'unsigned int', 0));
+  if (fd >= 0) return fd;
+  const e = koffi.errno();
+  if (e === errno.ESRCH) return null;
+  throw new SyscallError('pidfd_open', e);
+}
+
+/** mknod(2) of a character device node. */
+export function mknodChar(path: string, mode: number, major: number, minor: number): void {
+  // glibc's makedev() encoding of dev_t.
+  const dev = (BigInt(major & 0xfff) << 8n) | BigInt(minor & 0xff) | (BigInt(minor & ~0xff) << 12n) | (BigInt(major & ~0xfff) << 32n);
+  if ((_mknod(path, 0o020000 | mode, dev) as number) < 0) fail('mknod', `\`${path}'`);
 }
 
 /** ioctl with a pointer argument (a struct in `arg`). */

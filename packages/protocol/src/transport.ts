@@ -60,6 +60,15 @@ class Poller {
   }
 }
 
+/** Calls `onReadable` each time `fd` is readable until closed (a pidfd turns readable when its process exits). */
+export function watchReadable(fd: number, onReadable: () => void): { close(): void } {
+  const poller = new Poller(fd, (status) => {
+    if (status >= 0) onReadable();
+  });
+  poller.want({ readable: true });
+  return { close: () => poller.close() };
+}
+
 interface PendingSend {
   msghdr: Buffer;
   // Referenced so GC keeps them while their addresses sit in msghdr.
