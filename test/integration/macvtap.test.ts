@@ -1,0 +1,174 @@
+// Macvtaps against the real kernel, on a veth parent (the dummy driver is absent here), clients
+// unprivileged; and their lifetime: gone within a second of their holder, however it ends.
+import anyTest, { type TestFn } from 'ava';
+import fs from 'node:fs';
+import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, OTHER_UID, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+let ns: Netns;
+let broker: BrokerProcess;
+const BASE = ['vparent', 'vpeer', 'vp2', 'vq2', 'br0'];
+
+const POLICY = `
+[[rule]]
+name = "mv"
+users = [${NOBODY}]
+macvtap = [{ parent = "vparent", modes = ["bridge", "vepa", "private", "passthru"] }, { parent = "br0" }, { parent = "ghost0" }]
+max_queues = 2
+
+[[rule]]
+name = "mv-other"
+users = [${OTHER_UID}]
+macvtap = [{ parent = "vparent" }]
+`;
+
+test.before(async () => {
+  ns = Netns.create('mvtap');
+  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
+  ns.ip('link', 'set', 'vparent', 'up');
+  ns.ip('link', 'set', 'vpeer', 'up');
+  ns.ip('link', 'add', 'vp2', 'type', 'veth', 'peer', 'name', 'vq2');
+  ns.bridge('br0');
+  broker = await BrokerProcess.start(ns, POLICY, { tag: 'mvtap' });
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  ns?.destroy();
+});
+
+const sock = () => broker.socket;
+const rx = (name: string) => ns.link(name)?.stats64?.rx.packets ?? -1;
+const gone = (name: string, ms = 1000) => broker.waitFor(() => ns.link(name) === undefined, ms, `${name} still exists after ${ms} ms`);
+
+test.serial('a macvtap on a veth parent: guest MAC, mode, up, and its fd works for uid 65534', async (t) => {
+  const before = rx('vpeer');
+  const p = await probe({ socket: sock(), requests: [{ parent: 'vparent', mode: 'bridge', mac: '52:54:00:aa:bb:01' }], write: true });
+  try {
+    t.is(p.result.error, null, p.result.error?.message);
+    const { device, written } = p.result.taps[0]!;
+    t.like(device, { kind: 'macvtap', parent: 'vparent', mode: 'bridge', mac: '52:54:00:aa:bb:01', host_mac: '52:54:00:aa:bb:01', persistent: false });
+    const link = ns.link(device.name)!;
+    t.is(link.linkinfo?.info_kind, 'macvtap');
+    t.is(link.linkinfo?.info_data?.['mode'], 'bridge');
+    t.is(link.address, '52:54:00:aa:bb:01', 'a macvtap carries the guest MAC');
+    t.true(link.flags.includes('UP'));
+    t.deepEqual(written, [70]);
+    await broker.waitFor(() => rx('vpeer') > before, 1000, 'the frame did not leave through the parent');
+    t.true(rx('vpeer') > before, 'the frame written by uid 65534 left through the parent and reached its veth peer');
+  } finally {
+    await p.release();
+  }
+});
+
+for (const mode of ['bridge', 'vepa', 'private', 'passthru'] as const) {
+  test.serial(`mode ${mode}`, async (t) => {
+    const p = await probe({ socket: sock(), requests: [{ parent: 'vparent', mode }], write: true });
+    try {
+      t.is(p.result.error, null, p.result.error?.message);
+      const name = p.result.taps[0]!.device.name;
+      t.is(ns.link(name)?.linkinfo?.info_data?.['mode'], mode);
+      t.deepEqual(p.result.taps[0]!.written, [70]);
+    } finally {
+      await p.release();
+    }
+    await gone(p.result.taps[0]!.device.name);
+    t.pass();
+  });
+}
+
+test.serial('multiqueue: one working fd per queue', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ parent: 'vparent', queues: 2 }], write: true });
+  try {
+    t.is(p.result.error, null);
+    t.is(p.result.taps[0]!.tapFds, 2);
+    t.deepEqual(p.result.taps[0]!.written, [70, 70]);
+  } finally {
+    await p.release();
+  }
+});
+
+const refused = test.macro({
+  async exec(t, request: { parent?: string; mode?: 'bridge' | 'vepa' | 'private' | 'passthru'; mac?: string }, code: string, uid: number = NOBODY) {
+    const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', ...request }] }, { uid });
+    t.is(r.error?.code, code, r.error?.message);
+    t.deepEqual(ns.extraLinks(BASE), [], 'no device left behind');
+  },
+  title: (what) => `macvtap refused: ${what}`,
+});
+test.serial('MAC outside the prefix', refused, { mac: '02:00:00:00:00:01' }, 'TB_E_INVALID_MAC');
+test.serial('a parent the rule does not list', refused, { parent: 'vp2' }, 'TB_E_POLICY_DENIED');
+test.serial('passthru where the rule does not name it', refused, { mode: 'passthru' }, 'TB_E_POLICY_DENIED', OTHER_UID);
+test.serial('a bridge as parent', refused, { parent: 'br0' }, 'TB_E_BAD_PARENT');
+test.serial('a parent that does not exist', refused, { parent: 'ghost0' }, 'TB_E_NO_SUCH_PARENT');
+test.serial('the parent\'s own MAC', refused, { mac: '52:54:00:00:00:fe' }, 'TB_E_MAC_IN_USE');
+
+test.before(() => {
+  // The parent's own MAC as a guest MAC: put vparent inside the 52:54:00 prefix so the policy passes.
+  ns.ip('link', 'set', 'vparent', 'address', '52:54:00:00:00:fe');
+});
+test.serial('a MAC already used by another macvtap on the parent', async (t) => {
+  const held = await probe({ socket: sock(), requests: [{ parent: 'vparent', mac: '52:54:00:aa:bb:77' }] });
+  try {
+    t.is(held.result.error, null);
+    const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', mac: '52:54:00:aa:bb:77' }] });
+    t.is(r.error?.code, 'TB_E_MAC_IN_USE');
+    t.is(ns.extraLinks(BASE).length, 1);
+  } finally {
+    await held.release();
+  }
+});
+
+test.serial('SIGKILL of the client: the macvtap is gone within 1 s', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ parent: 'vparent' }] });
+  const name = p.result.taps[0]!.device.name;
+  t.truthy(ns.link(name));
+  p.child.kill('SIGKILL');
+  await gone(name);
+  const cleanup = broker.records.find((r) => r.decision === 'cleanup' && (r.device as { name?: string })?.name === name);
+  t.truthy(cleanup, 'the automatic cleanup was audited');
+});
+
+test.serial('SIGKILL of the VM process under tapbroker run: the macvtap is gone within 1 s', async (t) => {
+  const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', sock(), '--net', 'macvtap=vparent', '--', 'sh', '-c', 'echo vm $$; exec sleep 60'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stderr!.on('data', (d) => (err += d));
+  const vmPid = await new Promise<number>((resolve) => child.stdout!.on('data', (d) => { out += d; const m = /vm (\d+)/.exec(out); if (m) resolve(Number(m[1])); }));
+  const name = /tapbroker: (\S+) macvtap on vparent/.exec(err)![1]!;
+  t.truthy(ns.link(name));
+  process.kill(vmPid, 'SIGKILL');
+  const code = await new Promise<number | null>((resolve) => child.on('exit', (c, s) => resolve(c ?? (s ? -1 : null))));
+  t.is(code, -1, 'the client died by the signal that killed the VM');
+  await gone(name);
+});
+
+test.serial('a /dev/tap<ifindex> that belongs to another namespace is never used', async (t) => {
+  // Predict the next ifindex here and make the shared node of that number another namespace's device.
+  const probeIdx = await probe({ socket: sock(), requests: [{ parent: 'vparent' }] });
+  const last = probeIdx.result.taps[0]!.device.ifindex;
+  await probeIdx.release();
+  await gone(probeIdx.result.taps[0]!.device.name);
+  const next = last + 1;
+  const other = Netns.create('mvother');
+  try {
+    other.ip('link', 'add', 'op', 'type', 'veth', 'peer', 'name', 'oq');
+    other.ip('link', 'add', 'link', 'op', 'name', 'mvx', 'index', String(next), 'type', 'macvtap');
+    const node = `/dev/tap${next}`;
+    t.true(fs.existsSync(node), `${node} is the other namespace's device`);
+    const before = rx('vpeer');
+    const p = await probe({ socket: sock(), requests: [{ parent: 'vparent' }], write: true });
+    try {
+      t.is(p.result.error, null, p.result.error?.message);
+      t.is(p.result.taps[0]!.device.ifindex, next, 'the scenario happened: same ifindex in two namespaces');
+      await broker.waitFor(() => rx('vpeer') > before, 1000, 'frame did not reach our parent');
+      t.is(other.link('oq')?.stats64?.rx.packets ?? 0, 0, 'nothing went to the other namespace\'s device');
+    } finally {
+      await p.release();
+    }
+  } finally {
+    other.destroy();
+  }
+});
