@@ -36,20 +36,28 @@ function childPids(pid: number): number[] {
   }
 }
 
-(unavailable ? test.skip : test)('an unprivileged qemu guest on a brokered tap pings the bridge', async (t) => {
-  t.timeout(180_000);
-  const img = guestImage();
+test.before(async () => {
+  if (unavailable) return;
   ns = Netns.create('e2e');
   ns.bridge('br0', { address: '192.0.2.1/24' });
-  broker = await BrokerProcess.start(ns, `[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`, { tag: 'e2e' });
+  // A veth whose peer end answers for 198.51.100.1: the macvtap's parent and the guest's neighbour.
+  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
+  ns.ip('addr', 'add', '198.51.100.1/24', 'dev', 'vpeer');
+  ns.ip('link', 'set', 'vparent', 'up');
+  ns.ip('link', 'set', 'vpeer', 'up');
+  broker = await BrokerProcess.start(ns, `[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nbridges = ["br0"]\nmacvtap = [{ parent = "vparent" }]\n`, { tag: 'e2e' });
+});
 
-  const client = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker.socket, '--net', 'bridge=br0', '--', QEMU, ...guestQemuArgs(img, { ip: '192.0.2.2/24', ping: '192.0.2.1' })], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** Boots the guest through `tapbroker run --net SPEC` as uid 65534; returns what happened. */
+async function boot(spec: string, ip: string, ping: string): Promise<{ code: number | null; out: string; err: string; qemuPrivileges: { uid: string; capEff: string } | null }> {
+  const img = guestImage();
+  const client = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker!.socket, '--net', spec, '--', QEMU, ...guestQemuArgs(img, { ip, ping })], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   client.stdout!.on('data', (d) => (out += d));
   client.stderr!.on('data', (d) => (err += d));
   // setpriv execs node in place, so the client's pid is the setpriv child's pid and qemu is its child.
-  let qemuPrivileges: ReturnType<typeof privileges> = null;
+  let qemuPrivileges = null as ReturnType<typeof privileges>;
   const watch = setInterval(() => {
     for (const pid of childPids(client.pid!)) qemuPrivileges ??= privileges(pid);
   }, 100);
@@ -57,6 +65,14 @@ function childPids(pid: number): number[] {
   const code = await new Promise<number | null>((resolve) => client.on('exit', (c) => resolve(c)));
   clearInterval(watch);
   clearTimeout(timer);
+  return { code, out, err, qemuPrivileges };
+}
+
+(unavailable ? test.skip : test.serial)('an unprivileged qemu guest on a brokered tap pings the bridge', async (t) => {
+  t.timeout(180_000);
+  const { code, out, err, qemuPrivileges } = await boot('bridge=br0', '192.0.2.2/24', '192.0.2.1');
+  ns = ns!;
+  broker = broker!;
   t.log(out.split('\n').filter((l) => l.startsWith('TB-')).join('\n'));
 
   t.is(code, 0, `client exit ${code}\nstdout:\n${out}\nstderr:\n${err}`);
@@ -70,4 +86,16 @@ function childPids(pid: number): number[] {
   t.is(qemuPrivileges!.uid.split(/\s+/)[0], String(NOBODY), 'qemu ran as uid 65534');
   t.is(qemuPrivileges!.capEff, '0000000000000000', 'qemu had no capabilities');
   t.is(ns.link(device.name), undefined, 'the tap vanished with qemu');
+});
+
+(unavailable ? test.skip : test.serial)('an unprivileged qemu guest on a brokered macvtap pings the parent\'s veth peer', async (t) => {
+  t.timeout(180_000);
+  const { code, out, err } = await boot('macvtap=vparent,mode=bridge', '198.51.100.2/24', '198.51.100.1');
+  t.log(out.split('\n').filter((l) => l.startsWith('TB-')).join('\n'));
+  t.is(code, 0, `client exit ${code}\nstdout:\n${out}\nstderr:\n${err}`);
+  t.regex(out, /TB-GUEST-PING-OK 198\.51\.100\.1/);
+  const name = /tapbroker: (\S+) macvtap on vparent/.exec(err)![1]!;
+  const mac = /mac (52:54:00:[0-9a-f:]+)/.exec(err)![1]!;
+  t.true(out.includes(`TB-GUEST-MAC ${mac}`), 'the guest uses the macvtap\'s MAC');
+  await broker!.waitFor(() => ns!.link(name) === undefined, 1000, 'the macvtap outlived its VM');
 });

@@ -1,0 +1,179 @@
+// Persistent devices for rootless libvirtd, the lease table, and broker restarts.
+import anyTest, { type TestFn } from 'ava';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { BrokerProcess, tempDir } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+const OPEN_TAP = path.join(path.dirname(fileURLToPath(import.meta.url)), '../helpers/open-tap.js');
+const A = NOBODY;
+const B = OTHER_UID;
+let ns: Netns;
+let broker: BrokerProcess;
+let dir: string;
+const BASE = ['br0', 'vparent', 'vpeer'];
+
+const POLICY = `
+[[rule]]
+name = "libvirt"
+users = [${A}, ${B}]
+bridges = ["br0"]
+macvtap = [{ parent = "vparent" }]
+persistent = true
+max_queues = 4
+max_devices = 3
+`;
+
+test.before(async () => {
+  ns = Netns.create('lease');
+  ns.bridge('br0', { mtu: 1450 });
+  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
+  ns.ip('link', 'set', 'vparent', 'up');
+  ns.ip('link', 'set', 'vpeer', 'up');
+  // Push this namespace's ifindex numbers away from other test files', whose macvtaps share devtmpfs.
+  const batch = Array.from({ length: 40 }, (_, i) => `link add pad${i} type veth peer name pae${i}`).join('\n');
+  spawnSync('ip', ['-n', ns.name, '-batch', '-'], { input: batch });
+  for (let i = 0; i < 40; i++) BASE.push(`pad${i}`, `pae${i}`);
+  dir = tempDir('lease');
+  broker = await BrokerProcess.start(ns, POLICY, { dir });
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  ns?.destroy();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const sock = () => broker.socket;
+const openAs = (uid: number, name: string, mq = false) =>
+  JSON.parse(spawnSync('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid }), process.execPath, OPEN_TAP, name, ...(mq ? ['mq'] : [])], { encoding: 'utf8' }).stdout) as { ok: boolean; code?: string };
+
+async function restart(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  await broker.stop(signal, true);
+  broker = await BrokerProcess.start(ns, POLICY, { dir });
+}
+
+test.serial('a persistent tap for uid A: owned by A, multiqueue as asked, attached and up; A can open it by name, B cannot', async (t) => {
+  const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, queues: 2, name: `tb${A}-lv0` }] }, { uid: A });
+  t.is(r.error, null, r.error?.message);
+  t.like(r.taps[0], { tapFds: 0, vhostFds: 0 });
+  t.like(r.taps[0]!.device, { kind: 'tap', name: `tb${A}-lv0`, persistent: true, queues: 2, mtu: 1450 });
+  const link = ns.link(`tb${A}-lv0`)!;
+  t.truthy(link, 'it outlived the client');
+  t.is(link.master, 'br0');
+  t.true(link.flags.includes('UP'));
+  t.true([String(A), 'nobody'].includes(String(link.linkinfo?.info_data?.['user'])), 'owned by A (TUNSETOWNER)');
+  t.is(link.linkinfo?.info_data?.['multi_queue'], true);
+  t.deepEqual(openAs(A, `tb${A}-lv0`, true), { ok: true }, 'A opens it as libvirt does');
+  t.deepEqual(openAs(B, `tb${A}-lv0`, true), { ok: false, code: 'EPERM' }, 'B may not');
+});
+
+test.serial('B can neither list nor release A\'s device', async (t) => {
+  const listB = await probeOnce({ socket: sock(), list: true }, { uid: B });
+  t.deepEqual(listB.leases!.filter((l) => l.uid === A), []);
+  const relB = await probeOnce({ socket: sock(), release: [`tb${A}-lv0`] }, { uid: B });
+  t.is(relB.error?.code, 'TB_E_NO_SUCH_LEASE');
+  t.truthy(ns.link(`tb${A}-lv0`));
+  const listA = await probeOnce({ socket: sock(), list: true }, { uid: A });
+  t.like(listA.leases!.find((l) => l.name === `tb${A}-lv0`), { uid: A, kind: 'tap', ends: 'release', parent: 'br0' });
+});
+
+test.serial('persistent devices survive a broker restart and stay listed', async (t) => {
+  await restart();
+  t.truthy(ns.link(`tb${A}-lv0`));
+  const listA = await probeOnce({ socket: sock(), list: true }, { uid: A });
+  t.truthy(listA.leases!.find((l) => l.name === `tb${A}-lv0`));
+});
+
+test.serial('the quota counts fd-passed and persistent devices alike', async (t) => {
+  const held = await probe({ socket: sock(), requests: [{ bridge: 'br0' }, { parent: 'vparent' }] }, { uid: A });
+  try {
+    t.is(held.result.error, null, held.result.error?.message);
+    const over = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: A });
+    t.is(over.error?.code, 'TB_E_QUOTA_EXCEEDED', 'one persistent + one tap + one macvtap = 3');
+    const overP = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true }] }, { uid: A });
+    t.is(overP.error?.code, 'TB_E_QUOTA_EXCEEDED');
+    const otherUser = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: B });
+    t.is(otherUser.error, null, 'quotas are per user');
+  } finally {
+    await held.release();
+  }
+});
+
+test.serial('release deletes the device and its lease', async (t) => {
+  const r = await probeOnce({ socket: sock(), release: [`tb${A}-lv0`] }, { uid: A });
+  t.is(r.error, null, r.error?.message);
+  t.like(r.released[0], { name: `tb${A}-lv0`, uid: A, kind: 'tap' });
+  t.is(ns.link(`tb${A}-lv0`), undefined);
+  const again = await probeOnce({ socket: sock(), release: [`tb${A}-lv0`] }, { uid: A });
+  t.is(again.error?.code, 'TB_E_NO_SUCH_LEASE');
+  const rec = broker.records.find((x) => x.op === 'release' && x.decision === 'release');
+  t.truthy(rec);
+});
+
+test.serial('release of a same-named device that is not the lease is refused and the device untouched', async (t) => {
+  const name = `tb${A}-same`;
+  const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, name }] }, { uid: A });
+  t.is(r.error, null);
+  const leased = r.taps[0]!.device.ifindex;
+  // Behind the broker's back: the leased device goes, an unrelated one takes its name.
+  await broker.stop('SIGKILL', true);
+  ns.ip('link', 'del', name);
+  ns.ip('tuntap', 'add', 'dev', name, 'mode', 'tap');
+  const impostor = ns.link(name)!.ifindex;
+  t.not(impostor, leased);
+  broker = await BrokerProcess.start(ns, POLICY, { dir });
+  const rel = await probeOnce({ socket: sock(), release: [name] }, { uid: A });
+  t.is(rel.error?.code, 'TB_E_NO_SUCH_LEASE');
+  t.is(ns.link(name)?.ifindex, impostor, 'the same-named device that is not the lease is untouched');
+  ns.ip('tuntap', 'del', 'dev', name, 'mode', 'tap');
+});
+
+test.serial('a persistent macvtap: its char device belongs to its owner alone', async (t) => {
+  const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', persistent: true, mac: '52:54:00:aa:bb:02' }] }, { uid: A });
+  t.is(r.error, null, r.error?.message);
+  const d = r.taps[0]!.device;
+  t.like(d, { kind: 'macvtap', persistent: true, mac: '52:54:00:aa:bb:02' });
+  const st = fs.statSync(`/dev/tap${d.ifindex}`);
+  t.is(st.uid, A);
+  t.is(st.mode & 0o777, 0o600);
+  const rel = await probeOnce({ socket: sock(), release: [d.name] }, { uid: A });
+  t.is(rel.error, null);
+  t.is(ns.link(d.name), undefined);
+});
+
+test.serial('broker SIGKILLed while a macvtap lease is live; the VM exits; the broker restarts: the macvtap is deleted', async (t) => {
+  const dead = await probe({ socket: sock(), requests: [{ parent: 'vparent' }] }, { uid: A });
+  const alive = await probe({ socket: sock(), requests: [{ parent: 'vparent' }] }, { uid: B });
+  const deadName = dead.result.taps[0]!.device.name;
+  const aliveName = alive.result.taps[0]!.device.name;
+  await broker.stop('SIGKILL', true);
+  await dead.release();
+  t.truthy(ns.link(deadName), 'nobody deletes it while the broker is down');
+  broker = await BrokerProcess.start(ns, POLICY, { dir });
+  await broker.waitFor(() => ns.link(deadName) === undefined, 1000, `${deadName} not deleted after restart`);
+  t.truthy(ns.link(aliveName), 'a holder still running keeps its macvtap');
+  t.truthy(broker.records.find((r) => r.op === 'cleanup' && (r.device as { name: string }).name === deadName));
+  alive.child.kill('SIGKILL');
+  await broker.waitFor(() => ns.link(aliveName) === undefined, 1000, `${aliveName} not deleted when its holder exited after the restart`);
+  t.pass();
+});
+
+test.serial('the lease table matches the kernel after all that', async (t) => {
+  const state = JSON.parse(fs.readFileSync(broker.stateFile, 'utf8')) as { leases: Array<{ name: string }> };
+  for (const l of state.leases) t.truthy(ns.link(l.name), `lease ${l.name} has a device`);
+  t.deepEqual(ns.extraLinks(BASE).sort(), state.leases.map((l) => l.name).sort());
+});
+
+test.serial('a corrupt state file: the broker starts, says what it found, and serves', async (t) => {
+  await broker.stop('SIGTERM', true);
+  fs.writeFileSync(path.join(dir, 'state', 'leases.json'), '{"version":1,"leases":[{"id":');
+  broker = await BrokerProcess.start(ns, POLICY, { dir });
+  t.regex(broker.stderr, /warning: .*leases\.json is not JSON/);
+  const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: A });
+  t.is(r.error, null);
+});
