@@ -72,6 +72,16 @@ test.serial('a persistent tap for uid A: owned by A, multiqueue as asked, attach
   t.deepEqual(openAs(B, `tb${A}-lv0`, true), { ok: false, code: 'EPERM' }, 'B may not');
 });
 
+test.serial('a persistent tap may also be given to one of the caller\'s own groups, not to any other', async (t) => {
+  const mine = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, group: 4242 }] }, { uid: A, groups: [4242] });
+  t.is(mine.error, null, mine.error?.message);
+  const name = mine.taps[0]!.device.name;
+  t.is(String(ns.link(name)?.linkinfo?.info_data?.['group']), '4242');
+  const notMine = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, group: 4343 }] }, { uid: A, groups: [4242] });
+  t.is(notMine.error?.code, 'TB_E_POLICY_DENIED');
+  t.deepEqual((await probeOnce({ socket: sock(), release: [name] }, { uid: A })).error, null);
+});
+
 test.serial('B can neither list nor release A\'s device', async (t) => {
   const listB = await probeOnce({ socket: sock(), list: true }, { uid: B });
   t.deepEqual(listB.leases!.filter((l) => l.uid === A), []);
