@@ -44,14 +44,14 @@ export class BrokerProcess {
   }
 
   /** Writes `policy` and starts the broker in `ns`, resolving once it listens. */
-  static async start(ns: Netns, policy: string, opts: { tag?: string; args?: string[]; dir?: string } = {}): Promise<BrokerProcess> {
+  static async start(ns: Netns, policy: string, opts: { tag?: string; args?: string[]; dir?: string; env?: NodeJS.ProcessEnv } = {}): Promise<BrokerProcess> {
     const dir = opts.dir ?? tempDir(opts.tag ?? 'broker');
     const policyPath = path.join(dir, 'policy.toml');
     fs.writeFileSync(policyPath, policy);
     const socket = path.join(dir, 'tapbroker.sock');
     const state = path.join(dir, 'state');
-    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? [])], {
-      stdio: ['ignore', 'ignore', 'pipe'],
+    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])], {
+      stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...opts.env },
     });
     const b = new BrokerProcess(proc, socket, dir);
     await b.waitFor(() => b.stderr.includes('listening on'), 10_000, 'broker did not start');

@@ -1,8 +1,26 @@
-// One structured record per decision, written by the broker itself before the reply leaves.
+// One structured record per decision, written by the broker itself before the reply leaves: to journald
+// (native protocol, TAPBROKER_* fields, a fixed MESSAGE_ID per kind) when its socket exists, otherwise
+// as a JSON line on stderr; and, when asked, appended to a JSON-lines file.
 import fs from 'node:fs';
+import { sys } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 
-export type AuditDecision = 'grant' | 'deny' | 'error' | 'cleanup' | 'release' | 'reconcile';
+export type AuditDecision = 'grant' | 'deny' | 'error' | 'cleanup' | 'release' | 'reconcile' | 'reload';
+
+/** `journalctl MESSAGE_ID=<id>` finds every record of one kind. Fixed forever. */
+export const MESSAGE_IDS: Record<AuditDecision, string> = {
+  grant: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f41',
+  deny: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f42',
+  error: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f43',
+  cleanup: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f44',
+  release: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f45',
+  reconcile: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f46',
+  reload: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f47',
+};
+
+const PRIORITY: Record<AuditDecision, number> = { grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5 };
+
+export const DEFAULT_JOURNAL_SOCKET = '/run/systemd/journal/socket';
 
 export interface AuditEvent {
   op: string;
@@ -34,8 +52,30 @@ export interface AuditRecord {
   message?: string;
 }
 
+export interface AuditOptions {
+  /** journald's native socket; used when it exists at start (default /run/systemd/journal/socket). */
+  journalSocket?: string | null;
+  /** An append-only JSON-lines file. */
+  file?: string | null;
+  /** Where JSON lines go without journald (default stderr). */
+  fd?: number;
+}
+
 export class Audit {
-  constructor(private readonly policySha: () => string, private readonly fd = 2) {}
+  private readonly journal: string | null;
+  private readonly fileFd: number | null;
+  private readonly fd: number;
+
+  constructor(private readonly policySha: () => string, opts: AuditOptions = {}) {
+    const journal = opts.journalSocket === undefined ? DEFAULT_JOURNAL_SOCKET : opts.journalSocket;
+    this.journal = journal && fs.existsSync(journal) ? journal : null;
+    this.fileFd = opts.file ? fs.openSync(opts.file, fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT, 0o600) : null;
+    this.fd = opts.fd ?? 2;
+  }
+
+  get sink(): string {
+    return this.journal ? `journald (${this.journal})` : 'stderr';
+  }
 
   record(ev: AuditEvent): AuditRecord {
     const c = ev.caller;
@@ -47,7 +87,67 @@ export class Audit {
     if (ev.device) rec.device = ev.device;
     if (ev.code) rec.code = ev.code;
     if (ev.message) rec.message = ev.message;
-    fs.writeSync(this.fd, `${JSON.stringify({ audit: rec })}\n`);
+    const line = `${JSON.stringify({ audit: rec })}\n`;
+    let journaled = false;
+    if (this.journal) {
+      try {
+        sys.sendDatagram(this.journal, journalEntry(rec));
+        journaled = true;
+      } catch {
+        // journald went away: the record still goes somewhere.
+      }
+    }
+    if (!journaled) fs.writeSync(this.fd, line);
+    // write(2) with O_APPEND: in the kernel before the reply is sent; no user-space buffering.
+    if (this.fileFd !== null) fs.writeSync(this.fileFd, line);
     return rec;
   }
+
+  close(): void {
+    if (this.fileFd !== null) fs.closeSync(this.fileFd);
+  }
+}
+
+/** A human summary for MESSAGE=. */
+export function summary(r: AuditRecord): string {
+  const dev = r.device as { name?: string } | undefined;
+  const who = r.uid === null ? '' : ` uid ${r.uid}${r.user ? ` (${r.user})` : ''}`;
+  return `${r.decision} ${r.op}${dev?.name ? ` ${dev.name}` : ''}${who}${r.rule ? ` rule ${r.rule}` : ''}${r.code ? ` ${r.code}` : ''}${r.message ? `: ${r.message}` : ''}`;
+}
+
+/** journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the raw value for values with newlines. */
+export function journalEntry(r: AuditRecord): Buffer {
+  const fields: Array<[string, string]> = [
+    ['MESSAGE', summary(r)],
+    ['MESSAGE_ID', MESSAGE_IDS[r.decision]],
+    ['PRIORITY', String(PRIORITY[r.decision])],
+    ['SYSLOG_IDENTIFIER', 'tapbrokerd'],
+    ['TAPBROKER_TIME', r.time],
+    ['TAPBROKER_OP', r.op],
+    ['TAPBROKER_DECISION', r.decision],
+    ['TAPBROKER_POLICY_SHA256', r.policy_sha256],
+  ];
+  const opt = (k: string, v: unknown) => { if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? JSON.stringify(v) : String(v)]); };
+  opt('TAPBROKER_RULE', r.rule);
+  opt('TAPBROKER_UID', r.uid);
+  opt('TAPBROKER_GID', r.gid);
+  opt('TAPBROKER_PID', r.pid);
+  opt('TAPBROKER_EXE', r.exe);
+  opt('TAPBROKER_USER', r.user);
+  opt('TAPBROKER_REQUEST', r.request);
+  opt('TAPBROKER_DEVICE', r.device);
+  opt('TAPBROKER_CODE', r.code);
+  opt('TAPBROKER_MESSAGE', r.message);
+  const parts: Buffer[] = [];
+  for (const [k, v] of fields) {
+    if (!v.includes('\n')) {
+      parts.push(Buffer.from(`${k}=${v}\n`));
+      continue;
+    }
+    const value = Buffer.from(v);
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(value.length));
+    parts.push(Buffer.from(`${k}\n`), len, value, Buffer.from('\n'));
+  }
+  return Buffer.concat(parts);
 }

@@ -5,14 +5,14 @@ import os from 'node:os';
 import {
   MAX_REPLY_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
   checkIfName, checkMac, decodeRequest, encodeFrame, macFromBuffer, macToBuffer, sys, watchReadable,
-  type CreateMacvtapRequest, type CreateTapRequest, type Device, type ErrorCode, type HelloRequest,
+  type CanRequest, type CreateMacvtapRequest, type CreateTapRequest, type Device, type ErrorCode, type HelloRequest,
   type ListRequest, type ReleaseRequest, type Reply, type SeqpacketListener,
 } from '@tapbroker/protocol';
-import { Audit } from './audit.js';
+import { Audit, type AuditOptions } from './audit.js';
 import { identify, type Identity } from './identity.js';
 import { LeaseTable, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import { Netdev, closeInBackground, type CreatedTap } from './netdev.js';
-import { MAX_QUEUES, decide, type Policy } from './policy.js';
+import { MAX_QUEUES, decide, loadPolicy, type Policy } from './policy.js';
 import { LinkMonitor, RTM_DELLINK, deleteLinkInBackground, type Link } from './rtnetlink.js';
 
 export const BROKER_VERSION = 'tapbrokerd 0.2.0';
@@ -23,8 +23,10 @@ export interface BrokerOptions {
   policy: Policy;
   /** Where the lease table lives; null keeps it in memory (tests, embedding). */
   stateDir: string | null;
-  /** Where audit records go (default: stderr). */
-  auditFd?: number;
+  /** The policy file, re-read by reload(); null when the policy did not come from a file. */
+  policyPath?: string | null;
+  /** Where audit records go. */
+  audit?: AuditOptions;
   /** A connection that has not said hello by then is closed. */
   helloTimeoutMs?: number;
   maxConnections?: number;
@@ -44,6 +46,7 @@ export class Broker {
   readonly audit: Audit;
   readonly leases: LeaseTable;
   readonly stateDir: string | null;
+  readonly policyPath: string | null;
   private readonly sessions = new Set<Session>();
   /** pidfd watches of holders whose leases outlived a broker restart. */
   private readonly holderWatches = new Map<string, { close(): void }>();
@@ -57,7 +60,8 @@ export class Broker {
   constructor(opts: BrokerOptions) {
     this.policy = opts.policy;
     this.stateDir = opts.stateDir;
-    this.audit = new Audit(() => this.policy.sha256, opts.auditFd);
+    this.policyPath = opts.policyPath ?? null;
+    this.audit = new Audit(() => this.policy.sha256, opts.audit);
     this.helloTimeoutMs = opts.helloTimeoutMs ?? 5000;
     this.maxConnections = opts.maxConnections ?? 1024;
     this.log = opts.log ?? (() => {});
@@ -88,6 +92,32 @@ export class Broker {
     this.holderWatches.clear();
     this.monitor?.close();
     this.netdev.close();
+    this.audit.close();
+  }
+
+  /**
+   * Re-reads the policy file. A valid one applies to requests from now on; an invalid one is refused
+   * with its errors and the last good policy stays. Leases are never touched.
+   */
+  reload(caller: Partial<Identity> | null): Policy {
+    const before = this.policy.sha256;
+    try {
+      if (!this.policyPath) throw new TapbrokerError('TB_E_POLICY_INVALID', 'the policy did not come from a file');
+      const next = loadPolicy(this.policyPath);
+      for (const w of next.warnings) this.log(`warning: ${w}`);
+      this.policy = next;
+      this.audit.record({ op: 'reload', decision: 'reload', rule: null, caller, message: `policy ${before} replaced by ${next.sha256}` });
+      return next;
+    } catch (err) {
+      const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_POLICY_INVALID', String(err));
+      this.audit.record({ op: 'reload', decision: 'error', rule: null, caller, code: e.code, message: `${e.message} (keeping ${before})` });
+      throw e;
+    }
+  }
+
+  /** Idle: no connection and no lease. */
+  get idle(): boolean {
+    return this.sessions.size === 0 && this.leases.size === 0;
   }
 
   private accept(fd: number): void {
@@ -215,6 +245,30 @@ export class Broker {
     }
     this.audit.record({ op: 'release', decision: 'release', rule: lease.rule, caller, request, device: leaseView(lease) });
     return { reply: { op: 'release', id: req.id, lease: leaseView(lease) }, fds: [] };
+  }
+
+  reloadOp(caller: Identity, id: number): Outcome {
+    if (caller.uid !== 0) {
+      this.audit.record({ op: 'reload', decision: 'deny', rule: null, caller, code: 'TB_E_POLICY_DENIED', message: 'only root may reload the policy' });
+      throw new TapbrokerError('TB_E_POLICY_DENIED', 'only root may reload the policy', { rule: 'no rule matched', hint: 'run it as root, or send tapbrokerd SIGHUP' });
+    }
+    return { reply: { op: 'reload', id, policy_sha256: this.reload(caller).sha256 }, fds: [] };
+  }
+
+  /** can: the decision a create request would get now, as this caller, with nothing created. */
+  can(caller: Identity, req: CanRequest): Outcome {
+    const queues = req.queues ?? 1;
+    const persistent = req.persistent ?? false;
+    const vhost = req.vhost ?? false;
+    validateCreate(caller, { kind: req.kind, parent: req.parent, queues, mac: req.mac, name: req.name, persistent, vhost, group: null });
+    const mode = req.kind === 'macvtap' ? req.mode ?? 'bridge' : null;
+    const d = decide(this.policy, caller, { kind: req.kind, parent: req.parent, mode, queues, vhost, mac: req.mac ?? null, name: req.name ?? null, persistent }, (rule) => this.liveDevices(caller.uid, rule));
+    const request = { kind: req.kind, parent: req.parent, mode, queues, vhost, persistent };
+    this.audit.record({ op: 'can', decision: d.allow ? 'grant' : 'deny', rule: d.allow ? d.rule.name : d.rule, caller, request, ...(d.allow ? {} : { code: d.code, message: d.message }) });
+    const reply: Reply = d.allow
+      ? { op: 'can', id: req.id, allow: true, rule: d.rule.name, message: `rule \`${d.rule.name}' would grant it` }
+      : { op: 'can', id: req.id, allow: false, rule: d.rule, code: d.code, message: d.message, hint: d.hint };
+    return { reply, fds: [] };
   }
 
   // ---- leases ----
@@ -464,6 +518,12 @@ class Session {
           break;
         case 'release':
           outcome = await this.broker.release(this.caller, req);
+          break;
+        case 'reload':
+          outcome = this.broker.reloadOp(this.caller, req.id);
+          break;
+        case 'can':
+          outcome = this.broker.can(this.caller, req);
           break;
       }
     } catch (err) {

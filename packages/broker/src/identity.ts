@@ -7,7 +7,11 @@ export interface Identity extends Caller {
   pid: number;
   /** A pidfd for the caller process, owned by the session; null where the kernel lacks SO_PEERPIDFD. */
   pidfd: number | null;
-  /** The caller's executable, or null when it cannot be read or the pid no longer names the caller. */
+  /**
+   * The caller's executable; without CAP_SYS_PTRACE (the hardened unit) /proc/<pid>/exe of another
+   * user is unreadable, and this is `comm:<name>` from /proc/<pid>/comm instead. Null when the pid no
+   * longer names the caller.
+   */
   exe: string | null;
   user: string | null;
 }
@@ -33,7 +37,11 @@ function readExe(pid: number, pidfd: number | null): string | null {
   try {
     exe = fs.readlinkSync(`/proc/${pid}/exe`);
   } catch {
-    return null;
+    try {
+      exe = `comm:${fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim()}`;
+    } catch {
+      return null;
+    }
   }
   if (pidfd === null) return exe;
   try {

@@ -5,10 +5,15 @@ import path from 'node:path';
 import { SeqpacketListener, TapbrokerError, sys } from '@tapbroker/protocol';
 import { Broker } from './broker.js';
 import { loadPolicy, type Policy } from './policy.js';
+import { policyTool } from './policy-tools.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
-const USAGE = 'usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms] [--state-dir dir]';
+const USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]
+                  [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]
+       tapbrokerd check-policy [file] [--json]
+       tapbrokerd explain-policy [file] --user name [--json]
+       tapbrokerd who-can [file] (--bridge name | --macvtap parent [--mode mode]) [--json]`;
 export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const EX_USAGE = 64;
@@ -23,10 +28,13 @@ interface Options {
   group: string | null;
   helloTimeoutMs: number;
   stateDir: string;
+  auditFile: string | null;
+  journalSocket: string | null | undefined;
+  idleExit: number | null;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null, helloTimeoutMs: 5000, stateDir: DEFAULT_STATE_DIR };
+  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null, helloTimeoutMs: 5000, stateDir: DEFAULT_STATE_DIR, auditFile: null, journalSocket: undefined, idleExit: null };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -46,6 +54,14 @@ function parseArgs(argv: string[]): Options {
       }
       case '-g': o.group = value(); break;
       case '--state-dir': o.stateDir = value(); break;
+      case '--audit-file': o.auditFile = value(); break;
+      case '--journal-socket': o.journalSocket = value(); break;
+      case '--idle-exit': {
+        const sec = value();
+        if (!/^[1-9][0-9]{0,5}$/.test(sec)) usage(`bad idle time \`${sec}'`);
+        o.idleExit = Number(sec);
+        break;
+      }
       case '-T': {
         const ms = value();
         if (!/^[1-9][0-9]{0,6}$/.test(ms)) usage(`bad hello timeout \`${ms}'`);
@@ -85,8 +101,23 @@ function activationFd(): number | null {
   return 3;
 }
 
+/** sd_notify(3): a datagram to $NOTIFY_SOCKET when the service manager set one. */
+function notify(state: string): void {
+  const target = process.env['NOTIFY_SOCKET'];
+  if (!target) return;
+  try {
+    sys.sendDatagram(target, Buffer.from(state));
+  } catch (err) {
+    log(`sd_notify failed: ${(err as Error).message}`);
+  }
+}
+
 function main(): void {
-  const opts = parseArgs(process.argv.slice(2));
+  const argv = process.argv.slice(2);
+  if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
+    process.exit(policyTool(argv, DEFAULT_POLICY));
+  }
+  const opts = parseArgs(argv);
   let policy: Policy;
   try {
     policy = load(opts.policy);
@@ -122,31 +153,46 @@ function main(): void {
   let broker: Broker;
   try {
     fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
-    broker = new Broker({ policy, stateDir: opts.stateDir, helloTimeoutMs: opts.helloTimeoutMs, log });
+    broker = new Broker({
+      policy, policyPath: opts.policy, stateDir: opts.stateDir, helloTimeoutMs: opts.helloTimeoutMs, log,
+      audit: { file: opts.auditFile, ...(opts.journalSocket !== undefined ? { journalSocket: opts.journalSocket } : {}) },
+    });
     broker.start(listener);
   } catch (err) {
     log(`cannot start: ${(err as Error).message}`);
     process.exit(EX_UNAVAILABLE);
   }
-  log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; ${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}`);
+  const status = () => `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); policy ${broker.policy.sha256.slice(0, 12)}`;
+  log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; ${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`);
+  notify(`READY=1\n${status()}`);
 
   process.on('SIGHUP', () => {
+    notify(`RELOADING=1\nMONOTONIC_USEC=${process.hrtime.bigint() / 1000n}`);
     try {
-      broker.policy = load(opts.policy);
+      broker.reload(null);
       log(`policy reloaded; sha256 ${broker.policy.sha256}`);
     } catch (err) {
       log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`);
     }
+    notify(`READY=1\n${status()}`);
   });
   let stopping = false;
-  const stop = (sig: string) => {
+  const stop = (why: string) => {
     if (stopping) return;
     stopping = true;
-    log(`${sig}: finishing requests in flight`);
+    log(`${why}: finishing requests in flight`);
+    notify(`STOPPING=1\nSTATUS=${why}: stopping`);
     void broker.shutdown().then(() => process.exit(0));
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  if (opts.idleExit !== null) {
+    let idleFor = 0;
+    setInterval(() => {
+      idleFor = broker.idle ? idleFor + 1 : 0;
+      if (idleFor >= opts.idleExit!) stop(`idle for ${opts.idleExit} s with no connections and no leases`);
+    }, 1000).unref();
+  }
 }
 
 main();

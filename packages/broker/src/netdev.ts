@@ -206,8 +206,9 @@ export class Netdev {
       if (req.persistent) {
         const node = `/dev/tap${link.index}`;
         if (!nodeIs(node, major, minor)) throw new TapbrokerError('TB_E_KERNEL', `${node} is not the char device of \`${req.name}' (another namespace has a device with ifindex ${link.index})`);
-        fs.chownSync(node, req.persistent.uid, req.persistent.gid ?? 0);
+        // chmod first: after chown, changing the mode would need CAP_FOWNER as well.
         fs.chmodSync(node, 0o600);
+        fs.chownSync(node, req.persistent.uid, req.persistent.gid ?? 0);
       } else {
         const node = charNode(link.index, major, minor, stateDir);
         try {

@@ -78,6 +78,8 @@ export interface Selector {
 export interface AllowRule {
   kind: 'allow';
   name: string;
+  /** Line of its [[rule]] header in the file. */
+  line: number;
   who: Selector;
   bridges: readonly string[];
   macvtap: ReadonlyArray<{ parent: string; modes: readonly MacvtapMode[] }>;
@@ -93,6 +95,7 @@ export interface AllowRule {
 export interface DenyRule {
   kind: 'deny';
   name: string;
+  line: number;
   who: Selector;
   /** Bridges this deny applies to; null means every bridge (unless `parents` narrows it to macvtaps). */
   bridges: readonly string[] | null;
@@ -156,7 +159,7 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
   }
   const parsed = PolicySchema.safeParse(doc);
   if (!parsed.success) {
-    const errors = parsed.error.issues.map((i) => `${path}: ${i.path.join('.') || 'top level'}: ${i.message}`);
+    const errors = parsed.error.issues.map((i) => `${path}:${lineOf(text, i.path)}: ${i.path.join('.') || 'top level'}: ${i.message}`);
     throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
   }
   const warnings: string[] = [];
@@ -165,10 +168,10 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
   const allow = parsed.data.rule.map((r, i): AllowRule => {
     if (names.has(r.name)) errors.push(`${path}: rule.${i}.name: duplicate rule name \`${r.name}'`);
     names.add(r.name);
-    const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, path);
+    const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, `${path}:${lineOf(text, ['rule', i])}`);
     if (r.bridges.length === 0 && r.macvtap.length === 0) errors.push(`${path}: rule.${i}: rule \`${r.name}' allows no bridges and no macvtap parents`);
     return {
-      kind: 'allow', name: r.name, who, bridges: r.bridges, macvtap: r.macvtap, persistent: r.persistent,
+      kind: 'allow', name: r.name, line: lineOf(text, ['rule', i]), who, bridges: r.bridges, macvtap: r.macvtap, persistent: r.persistent,
       namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix, maxDevices: r.max_devices ?? null,
     };
   });
@@ -176,12 +179,32 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     const name = d.name ?? `deny.${i}`;
     if (names.has(name)) errors.push(`${path}: deny.${i}.name: duplicate rule name \`${name}'`);
     names.add(name);
-    const who = resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, path);
-    return { kind: 'deny', name, who, bridges: d.bridges ?? null, parents: d.parents ?? null };
+    const who = resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, `${path}:${lineOf(text, ['deny', i])}`);
+    return { kind: 'deny', name, line: lineOf(text, ['deny', i]), who, bridges: d.bridges ?? null, parents: d.parents ?? null };
   });
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
   const sha256 = createHash('sha256').update(text).digest('hex');
   return { path, sha256, allow, deny, warnings };
+}
+
+/** The line of `[[table]]` number `index`, or of `key` inside it; 1 when it cannot be told. */
+export function lineOf(text: string, where: ReadonlyArray<PropertyKey>): number {
+  const [table, index, key] = where;
+  if (typeof table !== 'string') return 1;
+  const lines = text.split('\n');
+  const header = new RegExp(`^\\s*\\[\\[\\s*${table}\\s*\\]\\]`);
+  let seen = -1;
+  for (let n = 0; n < lines.length; n++) {
+    if (!header.test(lines[n]!)) continue;
+    if (++seen !== (typeof index === 'number' ? index : 0)) continue;
+    if (typeof key !== 'string') return n + 1;
+    for (let m = n + 1; m < lines.length && !/^\s*\[/.test(lines[m]!); m++) {
+      if (new RegExp(`^\\s*${key}\\s*=`).test(lines[m]!)) return m + 1;
+    }
+    return n + 1;
+  }
+  const top = lines.findIndex((l) => new RegExp(`^\\s*${table}\\s*=`).test(l));
+  return top >= 0 ? top + 1 : 1;
 }
 
 function resolveSelector(

@@ -15,6 +15,8 @@ const USAGE = `usage: tapbroker run [--socket PATH] --net SPEC... -- COMMAND [AR
                         [--queues N] [--mac MAC] [--group GROUP] [--xml | --json] [--socket PATH]
        tapbroker list [--json] [--socket PATH]
        tapbroker release NAME [--socket PATH]
+       tapbroker can [--socket PATH] --net SPEC...      (dry run: would the broker grant it, by which rule?)
+       tapbroker reload [--socket PATH]                 (root: the broker re-reads its policy)
 SPEC:  bridge=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N][,vhost=on|off]
        [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`;
 
@@ -40,7 +42,7 @@ export function exitCodeFor(code: ErrorCode): number {
 }
 
 interface Args {
-  command: 'run' | 'qemu-args';
+  command: 'run' | 'qemu-args' | 'can';
   socket: string | null;
   nets: NetSpec[];
   argv: string[];
@@ -48,7 +50,7 @@ interface Args {
 
 export function parseArgs(argv: readonly string[]): Args {
   const command = argv[0];
-  if (command !== 'run' && command !== 'qemu-args') throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
+  if (command !== 'run' && command !== 'qemu-args' && command !== 'can') throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
   const out: Args = { command, socket: null, nets: [], argv: [] };
   let i = 1;
   for (; i < argv.length; i++) {
@@ -64,12 +66,12 @@ export function parseArgs(argv: readonly string[]): Args {
       return v;
     };
     if (flag === '--net') out.nets.push(parseNetSpec(value()));
-    else if (flag === '--socket' && command === 'run') out.socket = value();
+    else if (flag === '--socket' && command !== 'qemu-args') out.socket = value();
     else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
   }
   if (out.nets.length === 0) throw new TapbrokerError('TB_E_USAGE', 'at least one --net SPEC is needed');
   if (command === 'run' && out.argv.length === 0) throw new TapbrokerError('TB_E_USAGE', 'no command after --');
-  if (command === 'qemu-args' && i < argv.length) throw new TapbrokerError('TB_E_USAGE', 'qemu-args takes no command');
+  if (command !== 'run' && i < argv.length) throw new TapbrokerError('TB_E_USAGE', `${command} takes no command`);
   const ids = out.nets.map((n, k) => n.id ?? `net${k}`);
   const dup = ids.find((id, k) => ids.indexOf(id) !== k);
   if (dup) throw new TapbrokerError('TB_E_USAGE', `netdev id \`${dup}' used twice`);
@@ -254,7 +256,33 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
   try {
     if (argv[0] === 'create' || argv[0] === 'list' || argv[0] === 'release') return await leaseCommand(parseLeaseArgs(argv));
+    if (argv[0] === 'reload') {
+      const socket = argv[1] === '--socket' ? argv[2] ?? null : null;
+      if (argv.length !== (socket ? 3 : 1)) throw new TapbrokerError('TB_E_USAGE', 'reload takes only --socket PATH');
+      const client = await TapbrokerClient.connect(socket);
+      try {
+        process.stdout.write(`policy reloaded: sha256 ${await client.reload()}\n`);
+      } finally {
+        client.close();
+      }
+      return 0;
+    }
     const args = parseArgs(argv);
+    if (args.command === 'can') {
+      const client = await TapbrokerClient.connect(args.socket);
+      let all = true;
+      try {
+        for (const n of args.nets) {
+          const r = await client.can({ kind: n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name });
+          all &&= r.allow;
+          const target = n.kind === 'tap' ? `bridge=${n.parent}` : `macvtap=${n.parent} (${n.mode})`;
+          process.stdout.write(r.allow ? `${target}: yes, by rule ${r.rule}\n` : `${target}: no, ${r.code}: ${r.message}${r.rule ? ` (rule: ${r.rule})` : ''}${r.hint ? `; hint: ${r.hint}` : ''}\n`);
+        }
+      } finally {
+        client.close();
+      }
+      return all ? 0 : EXIT.NOPERM;
+    }
     if (args.command === 'qemu-args') {
       process.stdout.write(`${buildNicArgs(args.nets, null).map(shellQuote).join(' ')}\n`);
       if (args.nets.some((n) => !n.mac)) process.stderr.write('tapbroker: without mac=, `run` adds the MAC the broker assigns\n');

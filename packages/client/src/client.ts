@@ -104,6 +104,27 @@ export class TapbrokerClient {
     return reply.lease;
   }
 
+  /** Dry run: would the broker grant this, and by which rule? Nothing is created. */
+  async can(opts: { kind: 'tap' | 'macvtap'; parent: string; mode?: MacvtapMode | null; queues?: number; vhost?: boolean; mac?: string | null; name?: string | null; persistent?: boolean }) {
+    const req: Request = { op: 'can', id: this.nextId++, kind: opts.kind, parent: opts.parent };
+    if (opts.mode) req.mode = opts.mode;
+    if (opts.queues !== undefined) req.queues = opts.queues;
+    if (opts.vhost !== undefined) req.vhost = opts.vhost;
+    if (opts.mac) req.mac = opts.mac;
+    if (opts.name) req.name = opts.name;
+    if (opts.persistent) req.persistent = true;
+    const { reply } = await this.call(req);
+    if (reply.op !== 'can') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a can reply, got ${reply.op}`);
+    return reply;
+  }
+
+  /** Root only: the broker re-reads its policy file; returns the new digest. */
+  async reload(): Promise<string> {
+    const { reply } = await this.call({ op: 'reload', id: this.nextId++ });
+    if (reply.op !== 'reload') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a reload reply, got ${reply.op}`);
+    return reply.policy_sha256;
+  }
+
   private async create(req: CreateTapRequest | CreateMacvtapRequest): Promise<Tap> {
     const { reply, fds } = await this.call(req);
     const closeAll = () => fds.forEach((fd) => fs.closeSync(fd));

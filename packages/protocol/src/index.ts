@@ -2,8 +2,8 @@
 export { ERROR_CODES, TapbrokerError, isErrorCode, type ErrorCode } from './errors.js';
 export {
   PROTOCOL_VERSION, MAX_REQUEST_BYTES, MAX_REPLY_BYTES, MAX_REPLY_FDS, OPS,
-  Request, HelloRequest, CreateTapRequest, CreateMacvtapRequest, ListRequest, ReleaseRequest,
-  Reply, HelloReply, CreateTapReply, CreateMacvtapReply, ListReply, ReleaseReply, ErrorReply,
+  Request, HelloRequest, CreateTapRequest, CreateMacvtapRequest, ListRequest, ReleaseRequest, ReloadRequest, CanRequest,
+  Reply, HelloReply, CreateTapReply, CreateMacvtapReply, ListReply, ReleaseReply, ReloadReply, CanReply, ErrorReply,
   Device, Lease, MACVTAP_MODES, LEASE_ENDS, describeIssues, type Op, type MacvtapMode, type TapDevice,
 } from './messages.js';
 export { encodeFrame, decodeFrame, decodeRequest, decodeReply, scanFrame, MAX_DEPTH, type Decoded } from './codec.js';

@@ -62,17 +62,38 @@ export const ListRequest = z.strictObject({ op: z.literal('list'), id: Id });
 
 export const ReleaseRequest = z.strictObject({ op: z.literal('release'), id: Id, name: Text(64) });
 
-export const Request = z.discriminatedUnion('op', [HelloRequest, CreateTapRequest, CreateMacvtapRequest, ListRequest, ReleaseRequest]);
+/** Root only: re-read the policy file (as SIGHUP does). */
+export const ReloadRequest = z.strictObject({ op: z.literal('reload'), id: Id });
+
+/** A dry run of a create request, as the caller: the decision, with nothing created. */
+export const CanRequest = z.strictObject({
+  op: z.literal('can'),
+  id: Id,
+  kind: z.enum(['tap', 'macvtap']),
+  parent: Text(64),
+  mode: z.enum(MACVTAP_MODES).optional(),
+  queues: z.number().int().optional(),
+  vhost: z.boolean().optional(),
+  mac: Text(64).optional(),
+  name: Text(64).optional(),
+  persistent: z.boolean().optional(),
+});
+
+export const Request = z.discriminatedUnion('op', [HelloRequest, CreateTapRequest, CreateMacvtapRequest, ListRequest, ReleaseRequest, ReloadRequest, CanRequest]);
 export type Request = z.infer<typeof Request>;
 export type HelloRequest = z.infer<typeof HelloRequest>;
 export type CreateTapRequest = z.infer<typeof CreateTapRequest>;
 export type CreateMacvtapRequest = z.infer<typeof CreateMacvtapRequest>;
 export type ListRequest = z.infer<typeof ListRequest>;
 export type ReleaseRequest = z.infer<typeof ReleaseRequest>;
+export type ReloadRequest = z.infer<typeof ReloadRequest>;
+export type CanRequest = z.infer<typeof CanRequest>;
 export type Op = Request['op'];
-export const OPS: readonly Op[] = ['hello', 'create-tap', 'create-macvtap', 'list', 'release'];
+export const OPS: readonly Op[] = ['hello', 'create-tap', 'create-macvtap', 'list', 'release', 'reload', 'can'];
 
 // ---- replies ----
+
+const codes = Object.keys(ERROR_CODES) as [ErrorCode, ...ErrorCode[]];
 
 export const HelloReply = z.strictObject({
   op: z.literal('hello'),
@@ -135,8 +156,8 @@ export type Lease = z.infer<typeof Lease>;
 /** `truncated` says more leases exist than one reply holds (the first ones, oldest first, are listed). */
 export const ListReply = z.strictObject({ op: z.literal('list'), id: Id, leases: z.array(Lease).max(4096), truncated: z.boolean() });
 export const ReleaseReply = z.strictObject({ op: z.literal('release'), id: Id, lease: Lease });
+export const ReloadReply = z.strictObject({ op: z.literal('reload'), id: Id, policy_sha256: Text(64) });
 
-const codes = Object.keys(ERROR_CODES) as [ErrorCode, ...ErrorCode[]];
 
 export const ErrorReply = z.strictObject({
   op: z.literal('error'),
@@ -147,13 +168,26 @@ export const ErrorReply = z.strictObject({
   hint: Text(1024).optional(),
 });
 
-export const Reply = z.discriminatedUnion('op', [HelloReply, CreateTapReply, CreateMacvtapReply, ListReply, ReleaseReply, ErrorReply]);
+/** `allow` false carries the code, rule and hint a real request would get. */
+export const CanReply = z.strictObject({
+  op: z.literal('can'),
+  id: Id,
+  allow: z.boolean(),
+  rule: Text(128).nullable(),
+  code: z.enum(codes).optional(),
+  message: Text(1024),
+  hint: Text(1024).optional(),
+});
+
+export const Reply = z.discriminatedUnion('op', [HelloReply, CreateTapReply, CreateMacvtapReply, ListReply, ReleaseReply, ReloadReply, CanReply, ErrorReply]);
 export type Reply = z.infer<typeof Reply>;
 export type HelloReply = z.infer<typeof HelloReply>;
 export type CreateTapReply = z.infer<typeof CreateTapReply>;
 export type CreateMacvtapReply = z.infer<typeof CreateMacvtapReply>;
 export type ListReply = z.infer<typeof ListReply>;
 export type ReleaseReply = z.infer<typeof ReleaseReply>;
+export type ReloadReply = z.infer<typeof ReloadReply>;
+export type CanReply = z.infer<typeof CanReply>;
 export type ErrorReply = z.infer<typeof ErrorReply>;
 
 /** Zod's issues in one line: `queues: expected number, received string`. */

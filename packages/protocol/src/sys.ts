@@ -7,6 +7,7 @@ const libc = koffi.load('libc.so.6');
 
 export const AF_UNIX = 1;
 export const AF_NETLINK = 16;
+export const SOCK_DGRAM = 2;
 export const SOCK_RAW = 3;
 export const SOCK_SEQPACKET = 5;
 export const SOCK_NONBLOCK = 0x800;
@@ -108,6 +109,41 @@ export function sockaddrUn(path: string): Buffer {
   sa.writeUInt16LE(AF_UNIX, 0);
   bytes.copy(sa, 2);
   return sa;
+}
+
+/** A `struct sockaddr_un` for a path or, with a leading `@`, an abstract name; returns [addr, length]. */
+export function sockaddrUnAny(name: string): [Buffer, number] {
+  if (!name.startsWith('@')) {
+    const sa = sockaddrUn(name);
+    return [sa, sa.length];
+  }
+  const bytes = Buffer.from(name.slice(1), 'utf8');
+  if (bytes.length > 106) throw new SyscallError('sockaddr_un', errno.ENAMETOOLONG, `\`${name}'`);
+  const sa = Buffer.alloc(110);
+  sa.writeUInt16LE(AF_UNIX, 0);
+  bytes.copy(sa, 3);
+  return [sa, 3 + bytes.length];
+}
+
+/** One datagram to an AF_UNIX datagram socket (sd_notify, journald's native protocol). */
+export function sendDatagram(name: string, data: Buffer): void {
+  const [sa, salen] = sockaddrUnAny(name);
+  const fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC);
+  try {
+    const iov = Buffer.alloc(16);
+    iov.writeBigUInt64LE(addressOf(data), 0);
+    iov.writeBigUInt64LE(BigInt(data.length), 8);
+    const hdr = Buffer.alloc(56);
+    hdr.writeBigUInt64LE(addressOf(sa), 0);
+    hdr.writeUInt32LE(salen, 8);
+    hdr.writeBigUInt64LE(addressOf(iov), 16);
+    hdr.writeBigUInt64LE(1n, 24);
+    const n = Number(_sendmsg(fd, hdr, MSG_NOSIGNAL));
+    if (n < 0) fail('sendmsg', `to \`${name}'`);
+    void [sa, iov, data];
+  } finally {
+    close(fd);
+  }
 }
 
 export function bind(fd: number, addr: Buffer, what?: string): void {

@@ -1,0 +1,182 @@
+// Policy audit tools that need no daemon: check-policy, explain-policy, who-can. They read the same
+// policy the broker reads, through the same code.
+import { execFileSync } from 'node:child_process';
+import { MACVTAP_MODES, TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol';
+import { loadPolicy, matches, type AllowRule, type DenyRule, type Policy, type Selector } from './policy.js';
+
+const EX_OK = 0;
+const EX_USAGE = 64;
+const EX_DATAERR = 65;
+const EX_CONFIG = 78;
+
+export interface Finding {
+  level: 'error' | 'warning';
+  line: number | null;
+  message: string;
+}
+
+/** Risky but valid: what a reviewer should look at twice. */
+export function policyWarnings(p: Policy): Finding[] {
+  const out: Finding[] = p.warnings.map((w) => ({ level: 'warning', line: Number(/:(\d+):/.exec(w)?.[1]) || null, message: w.replace(/^[^:]*:(\d+:)? ?/, '') }));
+  const warn = (r: AllowRule | DenyRule, message: string) => out.push({ level: 'warning', line: r.line, message });
+  for (const r of p.allow) {
+    if (r.who.everyone) warn(r, `rule \`${r.name}' matches every user`);
+    if (r.macvtap.some((m) => m.modes.includes('passthru'))) warn(r, `rule \`${r.name}' allows macvtap passthru, which hands a whole NIC to a guest`);
+    if (r.persistent && r.maxDevices === null) warn(r, `rule \`${r.name}' allows persistent devices without max_devices: they outlive VMs and nothing limits them`);
+    if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: guests may collide with real NICs`);
+  }
+  p.deny.forEach((d, i) => {
+    if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0) warn(d, `deny rule \`${d.name}' matches nobody on this host: it is unreachable`);
+    const earlier = p.deny.slice(0, i).find((e) => covers(e, d));
+    if (earlier) warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (line ${earlier.line}), which already denies all it denies`);
+  });
+  return out;
+}
+
+function selectorCovers(a: Selector, b: Selector): boolean {
+  // A selector that matches nobody is reported as unreachable, not as shadowed.
+  if (!b.everyone && b.uids.size === 0 && b.gids.size === 0) return false;
+  return a.everyone || (!b.everyone && [...b.uids].every((u) => a.uids.has(u)) && [...b.gids].every((g) => a.gids.has(g)));
+}
+
+function scopeCovers(a: readonly string[] | null, b: readonly string[] | null, aOther: readonly string[] | null): boolean {
+  if (a === null) return aOther === null; // a deny with no scope at all covers everything
+  return b !== null && b.every((x) => a.includes(x));
+}
+
+function covers(a: DenyRule, b: DenyRule): boolean {
+  if (!selectorCovers(a.who, b.who)) return false;
+  if (a.bridges === null && a.parents === null) return true;
+  return scopeCovers(a.bridges, b.bridges, a.parents) && scopeCovers(a.parents, b.parents, a.bridges);
+}
+
+function principals(s: Selector): string {
+  if (s.everyone) return 'everyone';
+  const name = (u: number) => sys.getpwuid(u)?.name ?? String(u);
+  return [...[...s.uids].map((u) => `user ${name(u)}`), ...[...s.gids].map((g) => `group ${g}`)].join(', ') || 'nobody';
+}
+
+function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
+  const o = { file: defaultPolicy, json: false, user: null as string | null, bridge: null as string | null, macvtap: null as string | null, mode: null as MacvtapMode | null };
+  for (let i = 1; i < argv.length; i++) {
+    const a = argv[i]!;
+    const value = () => {
+      const v = argv[++i];
+      if (v === undefined) throw new TapbrokerError('TB_E_USAGE', `${a} needs a value`);
+      return v;
+    };
+    if (a === '--json') o.json = true;
+    else if (a === '--user') o.user = value();
+    else if (a === '--bridge') o.bridge = value();
+    else if (a === '--macvtap') o.macvtap = value();
+    else if (a === '--mode') {
+      const m = value();
+      if (!(MACVTAP_MODES as readonly string[]).includes(m)) throw new TapbrokerError('TB_E_USAGE', `--mode must be one of ${MACVTAP_MODES.join(', ')}`);
+      o.mode = m as MacvtapMode;
+    } else if (!a.startsWith('-') && i === 1) o.file = a;
+    else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
+  }
+  return o;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
+}
+
+/** Runs one tool; returns the exit status (sysexits). */
+export function policyTool(argv: readonly string[], defaultPolicy: string): number {
+  const write = (s: string) => process.stdout.write(s.endsWith('\n') ? s : `${s}\n`);
+  let o: ReturnType<typeof parseToolArgs>;
+  try {
+    o = parseToolArgs(argv, defaultPolicy);
+  } catch (err) {
+    process.stderr.write(`tapbrokerd: ${(err as Error).message}\n`);
+    return EX_USAGE;
+  }
+  let policy: Policy;
+  try {
+    policy = loadPolicy(o.file);
+  } catch (err) {
+    const errors: Finding[] = (err as Error).message.split('\n').map((m) => ({ level: 'error', line: Number(/^[^:]*:(\d+):/.exec(m)?.[1]) || null, message: m.replace(/^[^:]*:(\d+:)? ?/, '') }));
+    if (argv[0] === 'check-policy' && o.json) write(JSON.stringify({ file: o.file, ok: false, findings: errors }, null, 2));
+    else for (const e of errors) process.stderr.write(`${o.file}:${e.line ?? '-'}: error: ${e.message}\n`);
+    return EX_CONFIG;
+  }
+
+  if (argv[0] === 'check-policy') {
+    const findings = policyWarnings(policy);
+    if (o.json) write(JSON.stringify({ file: o.file, ok: true, sha256: policy.sha256, rules: policy.allow.length, deny_rules: policy.deny.length, findings }, null, 2));
+    else {
+      for (const f of findings) write(`${o.file}:${f.line ?? '-'}: ${f.level}: ${f.message}`);
+      write(`${o.file}: ok: ${policy.allow.length} rules, ${policy.deny.length} deny rules, ${findings.length} warning${findings.length === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
+    }
+    return EX_OK;
+  }
+
+  if (argv[0] === 'explain-policy') {
+    if (!o.user) {
+      process.stderr.write('tapbrokerd: explain-policy needs --user NAME\n');
+      return EX_USAGE;
+    }
+    const pw = /^\d+$/.test(o.user) ? { uid: Number(o.user), gid: sys.getpwuid(Number(o.user))?.gid ?? Number(o.user) } : sys.getpwnam(o.user);
+    if (!pw) {
+      process.stderr.write(`tapbrokerd: no user \`${o.user}'\n`);
+      return EX_DATAERR;
+    }
+    let groups: number[] = [];
+    try {
+      groups = execFileSync('id', ['-G', o.user], { encoding: 'utf8' }).trim().split(/\s+/).map(Number);
+    } catch {
+      // A uid without a passwd entry has only its primary group.
+    }
+    const caller = { uid: pw.uid, gid: pw.gid, groups };
+    const allows = policy.allow.filter((r) => matches(r.who, caller));
+    const denies = policy.deny.filter((d) => matches(d.who, caller));
+    const result = {
+      user: o.user, uid: pw.uid, gid: pw.gid, groups,
+      denied_by: denies.map((d) => ({ rule: d.name, line: d.line, bridges: d.bridges ?? (d.parents ? [] : 'all'), parents: d.parents ?? (d.bridges ? [] : 'all') })),
+      allowed_by: allows.map((r) => ({
+        rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, max_queues: r.maxQueues, vhost: r.vhost,
+        mac_prefix: r.macPrefix, persistent: r.persistent, name_pattern: r.namePattern, max_devices: r.maxDevices,
+      })),
+    };
+    if (o.json) write(JSON.stringify(result, null, 2));
+    else {
+      write(`user ${o.user}: uid ${pw.uid}, gid ${pw.gid}, groups ${groups.join(',') || '-'}`);
+      if (allows.length === 0) write('no rule allows this user anything (default deny)');
+      else write(table([['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT', 'MAX DEVICES'],
+        ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-', r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-',
+          String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
+      for (const d of denies) {
+        const scope = d.bridges || d.parents ? `${d.bridges ? `bridges ${d.bridges.join(',')}` : ''}${d.bridges && d.parents ? ' and ' : ''}${d.parents ? `macvtap parents ${d.parents.join(',')}` : ''}` : 'everything';
+        write(`denied by \`${d.name}' (line ${d.line}): ${scope} — deny wins over every rule above`);
+      }
+    }
+    return EX_OK;
+  }
+
+  // who-can
+  if ((o.bridge === null) === (o.macvtap === null)) {
+    process.stderr.write('tapbrokerd: who-can needs exactly one of --bridge or --macvtap\n');
+    return EX_USAGE;
+  }
+  const kind = o.bridge !== null ? 'tap' : 'macvtap';
+  const target = (o.bridge ?? o.macvtap)!;
+  const grants = policy.allow.filter((r) => kind === 'tap' ? r.bridges.includes(target) : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode))));
+  const denies = policy.deny.filter((d) => (d.bridges === null && d.parents === null) || (kind === 'tap' ? d.bridges?.includes(target) : d.parents?.includes(target)));
+  const result = {
+    target: { kind, name: target, mode: o.mode },
+    allowed_by: grants.map((r) => ({ rule: r.name, line: r.line, who: principals(r.who), max_queues: r.maxQueues, vhost: r.vhost, persistent: r.persistent, max_devices: r.maxDevices })),
+    except: denies.map((d) => ({ rule: d.name, line: d.line, who: principals(d.who) })),
+  };
+  if (o.json) write(JSON.stringify(result, null, 2));
+  else {
+    write(`${kind === 'tap' ? 'bridge' : 'macvtap parent'} ${target}${o.mode ? ` (mode ${o.mode})` : ''}:`);
+    if (grants.length === 0) write('nobody: no rule grants it');
+    else write(table([['RULE', 'LINE', 'WHO', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
+      ...grants.map((r) => [r.name, String(r.line), principals(r.who), String(r.maxQueues), r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
+    for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);
+  }
+  return EX_OK;
+}

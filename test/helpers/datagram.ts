@@ -1,0 +1,68 @@
+// A real AF_UNIX datagram socket for tests: stands in for journald and for systemd's NOTIFY_SOCKET.
+import fs from 'node:fs';
+import { sys, watchReadable } from '@tapbroker/protocol';
+
+export class DatagramSink {
+  readonly messages: Buffer[] = [];
+  private readonly fd: number;
+  private readonly watch: { close(): void };
+  private readonly buf = Buffer.alloc(256 * 1024);
+  private readonly iov = Buffer.alloc(16);
+  private readonly hdr = Buffer.alloc(56);
+
+  constructor(readonly path: string) {
+    this.fd = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM | sys.SOCK_NONBLOCK | sys.SOCK_CLOEXEC);
+    sys.bind(this.fd, sys.sockaddrUn(path));
+    fs.chmodSync(path, 0o666);
+    this.iov.writeBigUInt64LE(sys.addressOf(this.buf), 0);
+    this.iov.writeBigUInt64LE(BigInt(this.buf.length), 8);
+    this.watch = watchReadable(this.fd, () => {
+      for (;;) {
+        this.hdr.fill(0);
+        this.hdr.writeBigUInt64LE(sys.addressOf(this.iov), 16);
+        this.hdr.writeBigUInt64LE(1n, 24);
+        const n = sys.recvmsg(this.fd, this.hdr, sys.MSG_DONTWAIT);
+        if (n < 0) return;
+        this.messages.push(Buffer.from(this.buf.subarray(0, n)));
+      }
+    });
+  }
+
+  texts(): string[] {
+    return this.messages.map((m) => m.toString('utf8'));
+  }
+
+  async waitFor(pred: (texts: string[]) => boolean, ms = 3000): Promise<void> {
+    const deadline = Date.now() + ms;
+    while (!pred(this.texts())) {
+      if (Date.now() > deadline) throw new Error(`no matching datagram in ${ms} ms; got:\n${this.texts().join('\n---\n')}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  close(): void {
+    this.watch.close();
+    sys.close(this.fd);
+    fs.rmSync(this.path, { force: true });
+  }
+}
+
+/** journald's native format, the simple KEY=value form, as a map. */
+export function journalFields(msg: Buffer): Map<string, string> {
+  const out = new Map<string, string>();
+  let o = 0;
+  while (o < msg.length) {
+    const nl = msg.indexOf(0x0a, o);
+    const line = msg.toString('utf8', o, nl);
+    const eq = line.indexOf('=');
+    if (eq >= 0) {
+      out.set(line.slice(0, eq), line.slice(eq + 1));
+      o = nl + 1;
+    } else {
+      const len = Number(msg.readBigUInt64LE(nl + 1));
+      out.set(line, msg.toString('utf8', nl + 9, nl + 9 + len));
+      o = nl + 9 + len + 1;
+    }
+  }
+  return out;
+}

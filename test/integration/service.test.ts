@@ -1,0 +1,177 @@
+// The broker as a system service: audit sinks read back from a real datagram socket and a file,
+// sd_notify, reload by signal and by request, SIGTERM, idle exit; and the policy audit tools.
+import anyTest, { type TestFn } from 'ava';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { DatagramSink, journalFields } from '../helpers/datagram.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+let ns: Netns;
+let dir: string;
+const POLICY = `[[rule]]\nname = "svc"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`;
+
+test.before(() => {
+  ns = Netns.create('svc');
+  ns.bridge('br0');
+  ns.bridge('br1');
+  dir = tempDir('svc');
+});
+
+test.after.always(() => {
+  ns?.destroy();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+test.serial('audit records reach journald\'s socket as native fields, and the audit file, before the reply', async (t) => {
+  const journal = new DatagramSink(path.join(dir, 'journal.sock'));
+  const file = path.join(dir, 'audit.jsonl');
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'journal', args: ['--journal-socket', journal.path, '--audit-file', file] });
+  try {
+    const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+    t.is(r.error, null);
+    // The reply has been received, so the records were written before it left.
+    const lines = fs.readFileSync(file, 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { audit: Record<string, unknown> }).audit);
+    const grant = lines.find((l) => l['decision'] === 'grant')!;
+    t.like(grant, { op: 'create-tap', rule: 'svc', uid: NOBODY });
+    await journal.waitFor((m) => m.some((x) => x.includes('TAPBROKER_DECISION=grant')));
+    const fields = journal.messages.map(journalFields).find((f) => f.get('TAPBROKER_DECISION') === 'grant')!;
+    t.is(fields.get('MESSAGE_ID'), '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f41');
+    t.is(fields.get('TAPBROKER_UID'), String(NOBODY));
+    t.is(fields.get('TAPBROKER_RULE'), 'svc');
+    t.is(fields.get('TAPBROKER_OP'), 'create-tap');
+    t.is(fields.get('SYSLOG_IDENTIFIER'), 'tapbrokerd');
+    t.regex(fields.get('TAPBROKER_POLICY_SHA256')!, /^[0-9a-f]{64}$/);
+    t.is((JSON.parse(fields.get('TAPBROKER_DEVICE')!) as { name: string }).name, r.taps[0]!.device.name);
+    t.regex(fields.get('MESSAGE')!, /^grant create-tap tb65534-\S+ uid 65534 \(nobody\) rule svc/);
+    t.false(broker.stderr.includes('{"audit":'), 'with journald present, stderr carries no audit lines');
+    const denied = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] });
+    t.is(denied.error?.code, 'TB_E_POLICY_DENIED');
+    await journal.waitFor((m) => m.some((x) => x.includes('TAPBROKER_DECISION=deny')));
+    t.is(journal.messages.map(journalFields).find((f) => f.get('TAPBROKER_DECISION') === 'deny')!.get('MESSAGE_ID'), '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f42');
+  } finally {
+    await broker.stop();
+    journal.close();
+  }
+});
+
+test.serial('sd_notify: READY=1 with STATUS, reload, STOPPING=1; SIGTERM exits 0', async (t) => {
+  const notify = new DatagramSink(path.join(dir, 'notify.sock'));
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'notify', env: { NOTIFY_SOCKET: notify.path } });
+  try {
+    await notify.waitFor((m) => m.some((x) => x.startsWith('READY=1\nSTATUS=serving')));
+    broker.proc.kill('SIGHUP');
+    await notify.waitFor((m) => m.some((x) => x.startsWith('RELOADING=1')));
+    await notify.waitFor((m) => m.filter((x) => x.startsWith('READY=1')).length >= 2);
+    t.is(await broker.stop('SIGTERM'), 0);
+    await notify.waitFor((m) => m.some((x) => x.startsWith('STOPPING=1')));
+  } finally {
+    notify.close();
+  }
+});
+
+test.serial('reload: a valid policy applies to new requests, an invalid one is refused and the last good stays', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'reload' });
+  try {
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error?.code, 'TB_E_POLICY_DENIED');
+    fs.writeFileSync(broker.policyPath, POLICY.replace('["br0"]', '["br0", "br1"]'));
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => broker.stderr.includes('policy reloaded'), 3000, 'no reload');
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error, null, 'the new policy applies');
+    fs.writeFileSync(broker.policyPath, '[[rule]]\nname = "broken"\nbridges = 7\n');
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => broker.stderr.includes('policy reload failed'), 3000, 'no refusal');
+    t.regex(broker.stderr, /policy reload failed; keeping sha256 [0-9a-f]{64}: .*bridges/);
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error, null, 'the last good policy stays');
+    t.truthy(broker.records.find((r) => r.op === 'reload' && r.decision === 'error'));
+    // tapbroker reload: root only.
+    fs.writeFileSync(broker.policyPath, POLICY);
+    const asNobody = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(asNobody.status, 77);
+    const asRoot = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(asRoot.status, 0, asRoot.stderr);
+    t.regex(asRoot.stdout, /policy reloaded: sha256 [0-9a-f]{64}/);
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error?.code, 'TB_E_POLICY_DENIED');
+  } finally {
+    await broker.stop();
+  }
+});
+
+test.serial('--idle-exit: with no connections and no leases the broker exits 0 by itself', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'idle', args: ['--journal-socket', '', '--idle-exit', '1'] });
+  await broker.waitFor(() => !broker.alive, 5000, 'the broker did not exit when idle');
+  t.is(broker.proc.exitCode, 0);
+  await broker.stop();
+});
+
+test.serial('tapbroker can: a dry run as the caller, creating nothing', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'can' });
+  try {
+    const yes = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'can', '--socket', broker.socket, '--net', 'bridge=br0'], { encoding: 'utf8' });
+    t.is(yes.status, 0, yes.stderr);
+    t.is(yes.stdout.trim(), 'bridge=br0: yes, by rule svc');
+    const no = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'can', '--socket', broker.socket, '--net', 'bridge=br0', '--net', 'bridge=br1'], { encoding: 'utf8' });
+    t.is(no.status, 77);
+    t.regex(no.stdout, /bridge=br1: no, TB_E_POLICY_DENIED: no rule matched bridge `br1'.*hint: your rules allow bridges: br0/);
+    t.deepEqual(ns.extraLinks(['br0', 'br1']), []);
+  } finally {
+    await broker.stop();
+  }
+});
+
+const tool = (...args: string[]) => spawnSync(process.execPath, [BROKER_MAIN, ...args], { encoding: 'utf8' });
+
+test('check-policy: errors with line numbers, exit 78', (t) => {
+  const file = path.join(dir, 'bad.toml');
+  fs.writeFileSync(file, '# a comment\n[[rule]]\nname = "ok"\nusers = [1]\nbridges = ["br0"]\n\n[[rule]]\nname = "bad"\nusers = [1]\nbridges = ["br0123456789abcdef"]\n');
+  const r = tool('check-policy', file);
+  t.is(r.status, 78);
+  t.regex(r.stderr, new RegExp(`${file.replace(/[.]/g, '\\.')}:10: error: rule\\.1\\.bridges\\.0: interface name .* 18 bytes long`));
+});
+
+test('check-policy: warnings for risky rules, with their lines, and --json', (t) => {
+  const file = path.join(dir, 'risky.toml');
+  fs.writeFileSync(file, [
+    '[[rule]]', 'name = "all"', 'users = ["*"]', 'bridges = ["br0"]', '',
+    '[[rule]]', 'name = "nic"', 'users = [1000]', 'macvtap = [{ parent = "eth0", modes = ["passthru"] }]', 'persistent = true', 'mac_prefix = "00:16:3e"', '',
+    '[[rule]]', 'name = "ghost"', 'users = ["no-such-user-xyz"]', 'bridges = ["br0"]', '',
+    '[[deny]]', 'name = "d1"', 'users = [1000, 1001]', '',
+    '[[deny]]', 'name = "d2"', 'users = [1000]', 'bridges = ["br0"]', '',
+    '[[deny]]', 'name = "d3"', 'groups = ["no-such-group-xyz"]', '',
+  ].join('\n'));
+  const r = tool('check-policy', file, '--json');
+  t.is(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { ok: boolean; findings: Array<{ level: string; line: number; message: string }> };
+  t.true(out.ok);
+  const has = (re: RegExp, line: number) => t.truthy(out.findings.find((f) => re.test(f.message) && f.line === line), `${re} at line ${line}: ${JSON.stringify(out.findings)}`);
+  has(/rule `all' matches every user/, 1);
+  has(/allows macvtap passthru/, 6);
+  has(/persistent devices without max_devices/, 6);
+  has(/lacks the locally-administered bit/, 6);
+  has(/no user `no-such-user-xyz'/, 13);
+  has(/deny rule `d2' is shadowed by `d1'/, 22);
+  has(/deny rule `d3' matches nobody/, 27);
+  const text = tool('check-policy', file);
+  t.regex(text.stdout, /risky\.toml:1: warning: rule `all' matches every user/);
+});
+
+test('explain-policy and who-can', (t) => {
+  const file = path.join(dir, 'explain.toml');
+  fs.writeFileSync(file, `[[rule]]\nname = "lab"\nusers = ["nobody"]\nbridges = ["br0"]\nmax_queues = 4\n\n[[rule]]\nname = "mv"\nusers = [${NOBODY}]\nmacvtap = [{ parent = "eth0", modes = ["bridge", "vepa"] }]\n\n[[deny]]\nname = "no-br0"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
+  const ex = JSON.parse(tool('explain-policy', file, '--user', 'nobody', '--json').stdout) as { uid: number; allowed_by: Array<{ rule: string }>; denied_by: Array<{ rule: string }> };
+  t.is(ex.uid, NOBODY);
+  t.deepEqual(ex.allowed_by.map((r) => r.rule), ['lab', 'mv']);
+  t.deepEqual(ex.denied_by.map((r) => r.rule), ['no-br0']);
+  t.regex(tool('explain-policy', file, '--user', 'nobody').stdout, /denied by `no-br0' \(line 12\): bridges br0/);
+  const who = JSON.parse(tool('who-can', file, '--macvtap', 'eth0', '--mode', 'vepa', '--json').stdout) as { allowed_by: Array<{ rule: string; who: string }> };
+  t.deepEqual(who.allowed_by.map((r) => r.rule), ['mv']);
+  t.is(JSON.parse(tool('who-can', file, '--macvtap', 'eth0', '--mode', 'passthru', '--json').stdout).allowed_by.length, 0);
+  const br = tool('who-can', file, '--bridge', 'br0');
+  t.regex(br.stdout, /lab\s+1\s+user nobody/);
+  t.regex(br.stdout, /except user nobody: denied by `no-br0'/);
+  t.is(tool('who-can', file).status, 64);
+  t.is(tool('explain-policy', file, '--user', 'no-such-user-xyz').status, 65);
+});

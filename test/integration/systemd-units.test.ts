@@ -1,0 +1,328 @@
+// The systemd units in systemd/: hardening score, socket permissions, directives systemd knows, the
+// example policy and the node flags ExecStart uses. Opt-in (TAPBROKER_TEST_SYSTEMD_BOOT=1): the units
+// as shipped under a real systemd, booted as PID 1 of throwaway namespaces.
+import test from 'ava';
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { BROKER_MAIN, ROOT } from '../helpers/broker.js';
+
+const UNITS = path.join(ROOT, 'systemd');
+const SERVICE = path.join(UNITS, 'tapbrokerd.service');
+const SOCKET = path.join(UNITS, 'tapbrokerd.socket');
+const EXAMPLE = path.join(UNITS, 'policy.example.toml');
+/** The target for `systemd-analyze security` (systemd-networkd.service scores 2.8). */
+const MAX_EXPOSURE = 2.0;
+
+type Unit = Map<string, Array<[string, string]>>;
+
+/** A unit file's `Key=value` lines by section, comments and blank lines dropped (no continuations). */
+function parseUnit(file: string): Unit {
+  const unit: Unit = new Map();
+  let section = '';
+  for (const raw of fs.readFileSync(file, 'utf8').split('\n')) {
+    const line = raw.trim();
+    if (line === '' || line.startsWith('#') || line.startsWith(';')) continue;
+    const header = /^\[(.+)\]$/.exec(line);
+    if (header) {
+      section = header[1]!;
+      if (!unit.has(section)) unit.set(section, []);
+      continue;
+    }
+    const eq = line.indexOf('=');
+    if (eq < 0) throw new Error(`${file}: not a Key=value line: ${line}`);
+    unit.get(section)!.push([line.slice(0, eq).trim(), line.slice(eq + 1).trim()]);
+  }
+  return unit;
+}
+
+/** Every value of `key` in `section`, in file order. */
+function values(unit: Unit, section: string, key: string): string[] {
+  return (unit.get(section) ?? []).filter(([k]) => k === key).map(([, v]) => v);
+}
+
+function one(unit: Unit, section: string, key: string): string | undefined {
+  const all = values(unit, section, key);
+  return all[all.length - 1];
+}
+
+function analyzeUnavailable(): string | null {
+  const r = spawnSync('systemd-analyze', ['--version'], { encoding: 'utf8' });
+  if (r.error) return `systemd-analyze is not installed (${(r.error as NodeJS.ErrnoException).code})`;
+  const version = Number(/^systemd (\d+)/.exec(r.stdout)?.[1] ?? 0);
+  if (version < 250) return `systemd-analyze ${version} has no \`security --offline' (systemd 250 and later)`;
+  return null;
+}
+
+const unavailable = analyzeUnavailable();
+if (unavailable) console.log(`# skip systemd-analyze checks: ${unavailable}`);
+const analyzeTest = unavailable ? test.skip : test;
+const skipped = unavailable ? ` (skipped: ${unavailable})` : '';
+
+function analyze(args: string[]) {
+  return spawnSync('systemd-analyze', args, { encoding: 'utf8', timeout: 60_000 });
+}
+
+analyzeTest(`systemd-analyze security scores the service at most ${MAX_EXPOSURE.toFixed(1)}${skipped}`, (t) => {
+  const r = analyze(['security', '--offline=true', '--no-pager', SERVICE]);
+  const overall = /Overall exposure level for tapbrokerd\.service: (\d+\.\d)/.exec(r.stdout);
+  if (!overall) return t.fail(`no overall exposure in the output:\n${r.stdout}${r.stderr}`);
+  const exposure = Number(overall[1]);
+  const json = analyze(['security', '--offline=true', '--json=short', SERVICE]);
+  const items = (JSON.parse(json.stdout) as Array<{ name: string; exposure: string | null }>)
+    .filter((i) => i.exposure !== null && Number(i.exposure) > 0)
+    .map((i) => `${i.exposure} ${i.name}`);
+  t.log(`${analyze(['--version']).stdout.split('\n')[0]}: exposure ${exposure}; what is left: ${items.join(', ')}`);
+  t.true(exposure <= MAX_EXPOSURE, `exposure ${exposure} is over ${MAX_EXPOSURE}; what is left:\n${items.join('\n')}`);
+  // systemd's own gate (--threshold counts tenths) agrees.
+  const gate = analyze(['security', '--offline=true', `--threshold=${Math.round(MAX_EXPOSURE * 10)}`, SERVICE]);
+  t.is(gate.status, 0, gate.stdout.split('\n').slice(-3).join('\n'));
+});
+
+analyzeTest(`systemd-analyze verify knows every directive in both units${skipped}`, (t) => {
+  const r = analyze(['verify', SOCKET, SERVICE]);
+  const out = `${r.stdout}${r.stderr}`;
+  // A verify that cannot even load units (no usable manager environment) says nothing about ours.
+  if (/Failed to (initialize|set up|setup|create) (manager|working directory|the manager)|Failed to start transient/i.test(out)) {
+    t.log(`verify cannot run here, assertion skipped: ${out.trim().split('\n')[0]}`);
+    return t.pass();
+  }
+  // Lines about our files: `FILE:LINE: Unknown key ...', `Failed to parse ...', `..., ignoring.'
+  const problems = out.split('\n').filter((l) => /tapbrokerd\.(service|socket)/.test(l) && /Unknown|Failed to parse|Invalid|ignoring|not valid|unsupported/i.test(l));
+  t.deepEqual(problems, [], out);
+});
+
+test('the socket: SOCK_SEQPACKET at the default path, 0660 root:tapbroker, removed on stop', (t) => {
+  const s = parseUnit(SOCKET);
+  t.deepEqual(values(s, 'Socket', 'ListenSequentialPacket'), ['/run/tapbroker/tapbroker.sock']);
+  t.is(one(s, 'Socket', 'SocketMode'), '0660');
+  t.is(one(s, 'Socket', 'SocketUser'), 'root');
+  t.is(one(s, 'Socket', 'SocketGroup'), 'tapbroker');
+  t.is(one(s, 'Socket', 'RemoveOnStop'), 'yes');
+  t.not(one(s, 'Socket', 'Accept'), 'yes', 'one broker serves every connection');
+  t.not(one(s, 'Socket', 'PassCredentials'), 'yes', 'SCM_CREDENTIALS would arrive on messages the broker does not expect');
+  t.deepEqual(values(s, 'Install', 'WantedBy'), ['sockets.target']);
+  // The group the socket names is the one sysusers creates.
+  t.regex(fs.readFileSync(path.join(UNITS, 'tapbroker.sysusers'), 'utf8'), /^g\s+tapbroker\s+-\s*$/m);
+});
+
+test('the service: root with CAP_NET_ADMIN only, host network, its runtime directory kept across restarts', (t) => {
+  const s = parseUnit(SERVICE);
+  t.is(one(s, 'Service', 'Type'), 'notify');
+  t.deepEqual(values(s, 'Unit', 'Requires'), ['tapbrokerd.socket']);
+  t.deepEqual(values(s, 'Unit', 'After'), ['tapbrokerd.socket']);
+  t.is(one(s, 'Service', 'User'), undefined, 'runs as root: uid 0 owns /dev/vhost-net and /dev/tapN');
+  t.deepEqual(values(s, 'Service', 'CapabilityBoundingSet'), ['CAP_NET_ADMIN']);
+  for (const off of ['PrivateNetwork', 'PrivateUsers', 'PrivateDevices', 'ProtectProc']) {
+    t.is(one(s, 'Service', off), undefined, `${off}= would break the broker (see the unit's comments)`);
+  }
+  t.is(one(s, 'Service', 'DevicePolicy'), 'closed');
+  t.deepEqual(values(s, 'Service', 'DeviceAllow'), ['/dev/net/tun rw', '/dev/vhost-net rw', 'char-macvtap rw']);
+  t.deepEqual(values(s, 'Service', 'RestrictAddressFamilies'), ['AF_UNIX AF_NETLINK']);
+  // The socket's directory is the runtime directory, which must outlive the service (the socket's
+  // node and the lease table are in it), and is the --state-dir.
+  t.is(one(s, 'Service', 'RuntimeDirectory'), 'tapbroker');
+  t.is(one(s, 'Service', 'RuntimeDirectoryPreserve'), 'yes');
+  t.is(one(s, 'Service', 'RuntimeDirectoryMode'), '0755');
+  const exec = one(s, 'Service', 'ExecStart')!.split(/\s+/);
+  t.deepEqual(exec.slice(exec.indexOf('--state-dir'), exec.indexOf('--state-dir') + 2), ['--state-dir', '/run/tapbroker']);
+  t.deepEqual(exec.slice(exec.indexOf('-f'), exec.indexOf('-f') + 2), ['-f', '/etc/tapbroker/policy.toml']);
+  t.is(one(s, 'Service', 'ExecReload'), '/bin/kill -HUP $MAINPID');
+});
+
+test('MemoryDenyWriteExecute= comes with node --jitless, and the broker runs with ExecStart\'s node flags', (t) => {
+  const s = parseUnit(SERVICE);
+  const exec = one(s, 'Service', 'ExecStart')!.split(/\s+/);
+  const script = exec.findIndex((a) => a.endsWith('/broker/dist/main.js'));
+  t.true(script > 0, 'ExecStart runs node on the broker explicitly');
+  const nodeFlags = exec.slice(1, script);
+  if (one(s, 'Service', 'MemoryDenyWriteExecute') === 'yes') {
+    t.true(nodeFlags.includes('--jitless'), 'V8 aborts at start under MemoryDenyWriteExecute= without --jitless (nodejs/node#55509)');
+  }
+  const r = spawnSync(process.execPath, [...nodeFlags, BROKER_MAIN, '-n', '-f', EXAMPLE], { encoding: 'utf8', timeout: 30_000 });
+  t.is(r.status, 0, r.stderr);
+  t.regex(r.stdout, /: ok: \d+ rules?, \d+ deny rules?, sha256 [0-9a-f]{64}\n$/);
+  t.notRegex(r.stderr, /^Warning:/m, 'node/V8 warnings would land in the journal on every start');
+});
+
+test('the example policy passes tapbrokerd -n (users and groups missing here only warn)', (t) => {
+  const r = spawnSync(process.execPath, [BROKER_MAIN, '-n', '-f', EXAMPLE], { encoding: 'utf8', timeout: 30_000 });
+  t.is(r.status, 0, r.stderr);
+  t.regex(r.stdout, /policy\.example\.toml: ok: 2 rules, 2 deny rules, sha256 [0-9a-f]{64}/);
+  for (const line of r.stderr.trim().split('\n').filter(Boolean)) t.regex(line, /^tapbrokerd: warning: .*(no user|no group) `[^']+' on this host; it matches nobody$/);
+});
+
+const hasSysusers = !spawnSync('systemd-sysusers', ['--version']).error && !spawnSync('systemd-tmpfiles', ['--version']).error;
+(hasSysusers ? test : test.skip)(`sysusers.d and tmpfiles.d entries apply to an empty root${hasSysusers ? '' : ' (skipped: systemd-sysusers or systemd-tmpfiles not installed)'}`, (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-sysroot-'));
+  t.teardown(() => fs.rmSync(root, { recursive: true, force: true }));
+  fs.mkdirSync(path.join(root, 'etc'));
+  const users = spawnSync('systemd-sysusers', [`--root=${root}`, path.join(UNITS, 'tapbroker.sysusers')], { encoding: 'utf8' });
+  t.is(users.status, 0, users.stderr);
+  t.regex(fs.readFileSync(path.join(root, 'etc/group'), 'utf8'), /^tapbroker:x:\d+:$/m);
+  const files = spawnSync('systemd-tmpfiles', [`--root=${root}`, '--create', path.join(UNITS, 'tapbroker.tmpfiles')], { encoding: 'utf8' });
+  t.is(files.status, 0, files.stderr);
+  for (const dir of ['run/tapbroker', 'etc/tapbroker']) {
+    const st = fs.statSync(path.join(root, dir));
+    t.true(st.isDirectory());
+    t.is(st.mode & 0o7777, 0o755, dir);
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Opt-in: systemd 252+ as PID 1 of new pid/mount/uts/net/ipc/cgroup namespaces, with only these
+// units and empty targets on its unit path (no sysinit work touches the host: /run, /tmp, /var/tmp
+// are tmpfs, /etc and /usr/lib are overlays, /proc/sys is read-only), the repo at
+// /usr/lib/tapbroker/broker, a bridge br0, and uid 65534 in group tapbroker as the client.
+
+const SYSTEMD = '/lib/systemd/systemd';
+
+function cgroup2Mount(): string | null {
+  for (const line of fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [pre, post] = line.split(' - ');
+    if (post?.split(' ')[0] === 'cgroup2') return pre!.split(' ')[4]!;
+  }
+  return null;
+}
+
+function bootUnavailable(): string | null {
+  if (process.env['TAPBROKER_TEST_SYSTEMD_BOOT'] !== '1') return 'set TAPBROKER_TEST_SYSTEMD_BOOT=1 to run the units under a real systemd in namespaces';
+  if (process.getuid?.() !== 0) return 'needs root';
+  if (!fs.existsSync(SYSTEMD)) return `${SYSTEMD} is not installed`;
+  for (const tool of ['unshare', 'nsenter', 'ip', 'setpriv', 'bash']) {
+    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed`;
+  }
+  if (!cgroup2Mount()) return 'no cgroup2 hierarchy is mounted';
+  return null;
+}
+
+const INNER = String.raw`#!/bin/bash
+# PID 1 of the new namespaces until it execs systemd. $1: repo, $2: gid for group tapbroker.
+set -eu
+mount --make-rprivate /
+mount -t proc proc /proc
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /run/tb/repo /run/tb/etc-up /run/tb/etc-work /run/tb/lib-up /run/tb/lib-work /run/tb/units /run/tb/empty
+mount --bind "$1" /run/tb/repo
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /var/tmp
+mount -t sysfs sysfs /sys
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
+mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/tb/etc-up,workdir=/run/tb/etc-work /etc
+mount -t overlay overlay -o lowerdir=/usr/lib,upperdir=/run/tb/lib-up,workdir=/run/tb/lib-work /usr/lib
+echo "tapbroker:x:$2:" >> /etc/group
+echo tbtest > /etc/hostname
+mkdir -p /etc/tapbroker /usr/lib/tapbroker
+ln -s /run/tb/repo/packages/broker /usr/lib/tapbroker/broker
+printf '[[rule]]\nname = "sd"\ngroups = ["tapbroker"]\nbridges = ["br0"]\nmax_queues = 2\n' > /etc/tapbroker/policy.toml
+ip link set lo up
+ip link add br0 type bridge
+ip link set br0 up
+U=/run/tb/units
+cp /run/tb/repo/systemd/tapbrokerd.socket /run/tb/repo/systemd/tapbrokerd.service $U/
+for t in sysinit basic sockets shutdown local-fs paths timers; do printf '[Unit]\nDefaultDependencies=no\n' > $U/$t.target; done
+printf '[Unit]\nDefaultDependencies=no\n' > $U/system.slice
+printf '[Unit]\nDefaultDependencies=no\nWants=tapbrokerd.socket\n' > $U/tbtest.target
+mkdir -p $U/tapbrokerd.service.d
+# No journald here: the broker's output goes to a file. A broker that never says READY=1 fails fast.
+printf '[Service]\nStandardOutput=append:/run/tb/broker.log\nStandardError=inherit\nTimeoutStartSec=20s\n' > $U/tapbrokerd.service.d/test.conf
+exec env -i container=tapbroker-test SYSTEMD_UNIT_PATH=$U SYSTEMD_GENERATOR_PATH=/run/tb/empty \
+  SYSTEMD_ENVIRONMENT_GENERATOR_PATH=/run/tb/empty PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+  ${SYSTEMD} --system --unit=tbtest.target --log-target=console --log-level=notice --log-color=no
+`;
+
+const boot = bootUnavailable();
+if (boot) console.log(`# skip units under a real systemd: ${boot}`);
+
+(boot ? test.skip : test.serial)('under a real systemd: socket activation, CAP_NET_ADMIN only, seccomp, READY=1, reload, restart', async (t) => {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-sdboot-'));
+  const inner = path.join(tmp, 'inner.sh');
+  fs.writeFileSync(inner, INNER, { mode: 0o755 });
+  const cg = path.join(cgroup2Mount()!, `tapbroker-test-${process.pid}`);
+  fs.mkdirSync(cg, { recursive: true });
+  const usedGids = new Set(fs.readFileSync('/etc/group', 'utf8').split('\n').map((l) => Number(l.split(':')[2])));
+  let gid = 61000;
+  while (usedGids.has(gid)) gid++;
+
+  const launcher = spawn('bash', ['-c', `echo $$ > ${cg}/cgroup.procs && exec unshare --pid --fork --mount --uts --net --ipc --cgroup --propagation private bash ${inner} ${ROOT} ${gid}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let console_ = '';
+  launcher.stdout.on('data', (d) => { console_ += d; });
+  launcher.stderr.on('data', (d) => { console_ += d; });
+  const exited = new Promise<void>((resolve) => launcher.on('exit', () => resolve()));
+  let pid1 = 0;
+  t.teardown(async () => {
+    if (pid1) try { process.kill(pid1, 'SIGKILL'); } catch { /* gone */ }
+    launcher.kill('SIGKILL');
+    await exited;
+    // Remove the cgroups systemd made, deepest first.
+    const rm = (dir: string): void => {
+      for (const e of fs.readdirSync(dir, { withFileTypes: true })) if (e.isDirectory()) rm(path.join(dir, e.name));
+      for (let i = 0; i < 50; i++) {
+        try { fs.rmdirSync(dir); return; } catch { spawnSync('sleep', ['0.1']); }
+      }
+    };
+    rm(cg);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  for (let i = 0; i < 100 && !pid1; i++) {
+    try { pid1 = Number(fs.readFileSync(`/proc/${launcher.pid}/task/${launcher.pid}/children`, 'utf8').trim().split(' ')[0]) || 0; } catch { /* not yet */ }
+    if (!pid1) await sleep(100);
+  }
+  if (!pid1) return t.fail(`systemd did not start:\n${console_}`);
+  const ns = (args: string[]) => spawnSync('nsenter', ['-t', String(pid1), '-a', ...args], { encoding: 'utf8', timeout: 60_000 });
+  const systemctl = (...args: string[]) => ns(['systemctl', '--no-pager', ...args]);
+  const client = (uid: number, groups: number[], args: string[]) =>
+    ns(['setpriv', '--reuid', String(uid), '--regid', String(uid), ...(groups.length ? ['--groups', groups.join(',')] : ['--clear-groups']),
+      process.execPath, '/run/tb/repo/packages/client/dist/cli.js', ...args]);
+
+  let socketState = '';
+  for (let i = 0; i < 100 && socketState !== 'active'; i++) {
+    socketState = systemctl('is-active', 'tapbrokerd.socket').stdout.trim();
+    if (socketState !== 'active') await sleep(100);
+  }
+  t.is(socketState, 'active', `tapbrokerd.socket did not start:\n${console_}${systemctl('status', 'tapbrokerd.socket').stdout}`);
+  t.regex(ns(['stat', '-c', '%A %U %G', '/run/tapbroker/tapbroker.sock']).stdout, /^srw-rw---- root tapbroker$/m);
+
+  // The first connection starts the broker; uid 65534 in group tapbroker gets a 2-queue tap.
+  const run = client(65534, [gid], ['run', '--net', 'bridge=br0,queues=2', '--', 'sh', '-c', 'readlink /proc/$$/fd/3 /proc/$$/fd/4']);
+  const log = () => ns(['cat', '/run/tb/broker.log']).stdout;
+  t.is(run.status, 0, `${run.stderr}\n${log()}`);
+  t.deepEqual(run.stdout.trim().split('\n'), ['/dev/net/tun', '/dev/net/tun']);
+
+  // READY=1 makes it active; then its credentials are what the unit says.
+  let state = '';
+  for (let i = 0; i < 50 && state !== 'active'; i++) {
+    state = systemctl('show', '-p', 'ActiveState', '--value', 'tapbrokerd.service').stdout.trim();
+    if (state !== 'active') await sleep(100);
+  }
+  t.is(state, 'active', `the service is ${state}: Type=notify needs READY=1 on $NOTIFY_SOCKET\n${log()}`);
+  const mainPid = systemctl('show', '-p', 'MainPID', '--value', 'tapbrokerd.service').stdout.trim();
+  const status = ns(['cat', `/proc/${mainPid}/status`]).stdout;
+  t.regex(status, /^Uid:\s+0\s+0\s+0\s+0$/m);
+  t.regex(status, /^CapEff:\s+0000000000001000$/m, 'CAP_NET_ADMIN alone');
+  t.regex(status, /^CapBnd:\s+0000000000001000$/m);
+  t.regex(status, /^NoNewPrivs:\s+1$/m);
+  t.regex(status, /^Seccomp:\s+2$/m);
+
+  // Not in group tapbroker: the socket's mode refuses the connection.
+  const outsider = client(65533, [], ['run', '--net', 'bridge=br0', '--', 'true']);
+  t.is(outsider.status, 69);
+  t.regex(outsider.stderr, /EACCES/);
+
+  // systemctl reload re-reads the policy.
+  t.is(systemctl('reload', 'tapbrokerd.service').status, 0);
+  await sleep(500);
+  t.regex(log(), /policy reloaded/);
+
+  // Stopping the service keeps the socket (and its directory); the next client starts it again.
+  t.is(systemctl('stop', 'tapbrokerd.service').status, 0);
+  t.is(systemctl('show', '-p', 'Result', '--value', 'tapbrokerd.service').stdout.trim(), 'success', 'SIGTERM ends it with status 0');
+  t.is(ns(['test', '-S', '/run/tapbroker/tapbroker.sock']).status, 0);
+  const again = client(65534, [gid], ['run', '--net', 'bridge=br0', '--', 'true']);
+  t.is(again.status, 0, `${again.stderr}\n${log()}`);
+});
