@@ -206,9 +206,14 @@ export class Netdev {
       if (req.persistent) {
         const node = `/dev/tap${link.index}`;
         if (!nodeIs(node, major, minor)) throw new TapbrokerError('TB_E_KERNEL', `${node} is not the char device of \`${req.name}' (another namespace has a device with ifindex ${link.index})`);
-        // chmod first: after chown, changing the mode would need CAP_FOWNER as well.
+        // root keeps owning the node; a POSIX ACL lets the caller (and nobody else) open it. This needs
+        // no capability beyond ownership, unlike chown (CAP_CHOWN), so it works in the hardened unit.
         fs.chmodSync(node, 0o600);
-        fs.chownSync(node, req.persistent.uid, req.persistent.gid ?? 0);
+        try {
+          sys.grantUserOnly(node, req.persistent.uid);
+        } catch (err) {
+          throw kernelError(`failed to give ${node} to uid ${req.persistent.uid}`, err);
+        }
       } else {
         const node = charNode(link.index, major, minor, stateDir);
         try {
@@ -275,7 +280,11 @@ function charNode(ifindex: number, major: number, minor: number, stateDir: strin
   const dir = path.join(stateDir, 'dev');
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const own = path.join(dir, `tap${ifindex}.${randomBytes(4).toString('hex')}`);
-  sys.mknodChar(own, 0o600, major, minor);
+  try {
+    sys.mknodChar(own, 0o600, major, minor);
+  } catch (err) {
+    throw new TapbrokerError('TB_E_KERNEL', `${shared} is another namespace's device and a private node cannot be made in ${dir} (${err instanceof sys.SyscallError ? err.code : String(err)}: needs CAP_MKNOD and a state directory without nodev)`);
+  }
   return { path: own, remove: () => fs.rmSync(own, { force: true }) };
 }
 

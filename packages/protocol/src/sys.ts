@@ -76,6 +76,7 @@ const _strerror = libc.func('const char *strerror(int errnum)');
 const _syscall = libc.func('long syscall(long nr, ...)');
 const _mknod = libc.func('int mknod(const char *path, uint32_t mode, uint64_t dev)');
 const SYS_pidfd_open = 434;
+const _setxattr = libc.func('int setxattr(const char *path, const char *name, void *value, size_t size, int flags)');
 const _getpwnam_r = libc.func('int getpwnam_r(const char *name, void *pwd, void *buf, size_t len, _Out_ void **result)');
 const _getpwuid_r = libc.func('int getpwuid_r(uint32_t uid, void *pwd, void *buf, size_t len, _Out_ void **result)');
 const _getgrnam_r = libc.func('int getgrnam_r(const char *name, void *grp, void *buf, size_t len, _Out_ void **result)');
@@ -237,6 +238,26 @@ export function mknodChar(path: string, mode: number, major: number, minor: numb
   // glibc's makedev() encoding of dev_t.
   const dev = (BigInt(major & 0xfff) << 8n) | BigInt(minor & 0xff) | (BigInt(minor & ~0xff) << 12n) | (BigInt(major & ~0xfff) << 32n);
   if ((_mknod(path, 0o020000 | mode, dev) as number) < 0) fail('mknod', `\`${path}'`);
+}
+
+/** The system.posix_acl_access value: owner rw, `uid` rw, group none, mask rw, other none. */
+export function aclUserOnly(uid: number): Buffer {
+  // posix_acl_xattr: u32 version 2, then {u16 tag, u16 perm, u32 id} sorted by tag.
+  const entries: Array<[number, number, number]> = [[0x01, 6, 0xffffffff], [0x02, 6, uid], [0x04, 0, 0xffffffff], [0x10, 6, 0xffffffff], [0x20, 0, 0xffffffff]];
+  const buf = Buffer.alloc(4 + 8 * entries.length);
+  buf.writeUInt32LE(2, 0);
+  entries.forEach(([tag, perm, id], i) => {
+    buf.writeUInt16LE(tag, 4 + 8 * i);
+    buf.writeUInt16LE(perm, 6 + 8 * i);
+    buf.writeUInt32LE(id, 8 + 8 * i);
+  });
+  return buf;
+}
+
+/** Gives `uid` (and nobody else but the owner) read-write access to `path` with a POSIX ACL. */
+export function grantUserOnly(path: string, uid: number): void {
+  const value = aclUserOnly(uid);
+  if ((_setxattr(path, 'system.posix_acl_access', value, value.length, 0) as number) < 0) fail('setxattr', `\`${path}'`);
 }
 
 /** ioctl with a pointer argument (a struct in `arg`). */
