@@ -10,7 +10,8 @@ import {
 } from '@tapbroker/protocol';
 import { Audit, type AuditOptions } from './audit.js';
 import { identify, type Identity } from './identity.js';
-import { LeaseTable, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
+import { LeaseTable, leaseAlias, leaseFromAlias, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
+import { hook } from './testhook.js';
 import { Netdev, closeInBackground, type CreatedTap } from './netdev.js';
 import { MAX_QUEUES, decide, loadPolicy, type Policy } from './policy.js';
 import { LinkMonitor, RTM_DELLINK, deleteLinkInBackground, type Link } from './rtnetlink.js';
@@ -30,6 +31,8 @@ export interface BrokerOptions {
   /** A connection that has not said hello by then is closed. */
   helloTimeoutMs?: number;
   maxConnections?: number;
+  /** Connections one uid may hold at once, so no user can take every slot (default 64). */
+  maxConnectionsPerUser?: number;
   log?: (line: string) => void;
 }
 
@@ -47,6 +50,7 @@ export class Broker {
   readonly leases: LeaseTable;
   readonly stateDir: string | null;
   readonly policyPath: string | null;
+  private readonly leasesTrusted: boolean;
   private readonly sessions = new Set<Session>();
   /** pidfd watches of holders whose leases outlived a broker restart. */
   private readonly holderWatches = new Map<string, { close(): void }>();
@@ -55,6 +59,7 @@ export class Broker {
   private monitor: LinkMonitor | null = null;
   readonly helloTimeoutMs: number;
   private readonly maxConnections: number;
+  private readonly maxConnectionsPerUser: number;
   private readonly log: (line: string) => void;
 
   constructor(opts: BrokerOptions) {
@@ -64,9 +69,11 @@ export class Broker {
     this.audit = new Audit(() => this.policy.sha256, opts.audit);
     this.helloTimeoutMs = opts.helloTimeoutMs ?? 5000;
     this.maxConnections = opts.maxConnections ?? 1024;
+    this.maxConnectionsPerUser = opts.maxConnectionsPerUser ?? 64;
     this.log = opts.log ?? (() => {});
-    const { table, problem } = LeaseTable.load(opts.stateDir);
+    const { table, problem, trusted } = LeaseTable.load(opts.stateDir);
     this.leases = table;
+    this.leasesTrusted = trusted;
     if (problem) this.log(`warning: ${problem}`);
   }
 
@@ -134,6 +141,12 @@ export class Broker {
       void session.refuse('TB_E_BUSY', `the broker is at its limit of ${this.maxConnections} connections; try again`);
       return;
     }
+    let mine = 0;
+    for (const s of this.sessions) if (s.caller.uid === caller.uid) mine++;
+    if (caller.uid !== 0 && mine >= this.maxConnectionsPerUser) {
+      void session.refuse('TB_E_BUSY', `uid ${caller.uid} already holds ${mine} connections, the most one user may`);
+      return;
+    }
     this.sessions.add(session);
     void session.run().finally(() => this.sessions.delete(session));
   }
@@ -172,21 +185,27 @@ export class Broker {
       const mac = req.mac ?? randomMac(rule.macPrefix);
       const owner = persistent ? { uid: caller.uid, gid: group } : null;
       const ends = persistent ? 'release' : kind === 'tap' ? 'fds' : 'holder';
-      const id = newLeaseId();
-      const alias = `tapbroker lease=${id} uid=${caller.uid} rule=${rule.name} ends=${ends}`;
-      const created = this.createNamed(caller.uid, req.name, (name): CreatedTap => kind === 'tap'
-        ? this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge: link, persistent: owner, alias })
-        : this.netdev.createMacvtap({ name, parent: link, mode: mode!, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), persistent: owner, alias }, this.stateDir ?? os.tmpdir()));
-      const lease: LeaseRecord = {
-        id, uid: caller.uid, user: caller.user, kind, name: created.name, ifindex: created.ifindex, parent: link.name, mode, mac,
+      // The lease is written into the device itself (ifalias), so a crash between here and the lease
+      // table leaves a device the next start recognises as ours.
+      const draft: LeaseRecord = {
+        id: newLeaseId(), uid: caller.uid, user: caller.user, kind, name: '', ifindex: 1, parent: link.name, mode, mac,
         queues, rule: rule.name, created: new Date().toISOString(), ends,
         holder: ends === 'holder' ? caller.pid : null, holder_start: ends === 'holder' ? processStartTime(caller.pid) : null,
       };
+      const alias = leaseAlias(draft);
+      const created = this.createNamed(caller.uid, req.name, (name): CreatedTap => kind === 'tap'
+        ? this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge: link, persistent: owner, alias })
+        : this.netdev.createMacvtap({ name, parent: link, mode: mode!, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), persistent: owner, alias }, this.stateDir ?? os.tmpdir()));
+      // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
+      const actualMac = kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;
+      const lease: LeaseRecord = { ...draft, name: created.name, ifindex: created.ifindex, mac: actualMac };
+      const id = lease.id;
       this.leases.add(lease);
+      hook('create:leased');
       if (ends === 'holder') session.hold(lease.id);
       const device: Device = {
         kind, name: created.name, ifindex: created.ifindex, parent: link.name, mode, mtu: created.mtu, host_mac: macFromBuffer(created.hostMac),
-        mac, queues, vnet_hdr: vnetHdr, vhost, persistent, rule: rule.name,
+        mac: actualMac, queues, vnet_hdr: vnetHdr, vhost, persistent, rule: rule.name,
       };
       this.audit.record({ op: req.op, decision: 'grant', rule: rule.name, caller, request, device: { ...device, lease: id } });
       // A persistent device keeps no fd: the broker's one goes now, and none is sent.
@@ -235,8 +254,10 @@ export class Broker {
     }
     // Out of the table first, so a racing request cannot act on it twice.
     this.leases.remove(lease.id);
+    hook('release:unleased');
     try {
       await this.track(deleteLinkInBackground(lease.ifindex));
+      hook('release:deleted');
     } catch (err) {
       this.leases.add(lease);
       const e = new TapbrokerError('TB_E_KERNEL', `failed to delete \`${lease.name}': ${err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : String(err)}`);
@@ -323,6 +344,19 @@ export class Broker {
    * was down; watch holders still running; keep persistent devices. Devices without a lease are never touched.
    */
   reconcile(): void {
+    // Devices that carry our tag but have no lease: orphans of a crash mid-create or mid-release when
+    // the table is intact (deleted), or leases to rebuild when it was lost or corrupt.
+    for (const link of this.netdev.rtnl.dumpLinks()) {
+      const tagged = leaseFromAlias(link.alias, link);
+      if (!tagged || this.leases.get(tagged.id) || link.kind !== KERNEL_KIND[tagged.kind]) continue;
+      if (this.leasesTrusted) {
+        void this.track(deleteLinkInBackground(link.index)).catch((err: Error) => this.log(`failed to delete \`${link.name}': ${err.message}`));
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: tagged.rule, caller: { uid: tagged.uid }, device: leaseView(tagged), message: 'a device of ours without a lease (the broker died mid-create or mid-release): deleted' });
+      } else {
+        this.leases.add(tagged);
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: tagged.rule, caller: { uid: tagged.uid }, device: leaseView(tagged), message: 'lease rebuilt from the device\'s tag' });
+      }
+    }
     for (const l of this.leases.all()) {
       if (!this.deviceOf(l)) {
         this.leases.remove(l.id);

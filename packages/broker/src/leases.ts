@@ -42,28 +42,29 @@ export class LeaseTable {
 
   /**
    * Reads the table. A missing file is an empty table; an unreadable or invalid one is reported in
-   * `problem` and also yields an empty table, which reconciliation then rebuilds from the kernel.
+   * `problem` and also yields an empty table. `trusted` is true only when a file was read intact: then
+   * a tagged device without a lease is an orphan of a crash; otherwise its lease is rebuilt from its tag.
    */
-  static load(dir: string | null): { table: LeaseTable; problem: string | null } {
+  static load(dir: string | null): { table: LeaseTable; problem: string | null; trusted: boolean } {
     const table = new LeaseTable(dir);
-    if (!dir) return { table, problem: null };
+    if (!dir) return { table, problem: null, trusted: true };
     const file = path.join(dir, STATE_FILE);
     let text: string;
     try {
       text = fs.readFileSync(file, 'utf8');
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { table, problem: null };
-      return { table, problem: `cannot read ${file}: ${(err as Error).message}` };
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { table, problem: null, trusted: false };
+      return { table, problem: `cannot read ${file}: ${(err as Error).message}`, trusted: false };
     }
     let parsed: z.ZodSafeParseResult<z.infer<typeof StateFile>>;
     try {
       parsed = StateFile.safeParse(JSON.parse(text));
     } catch (err) {
-      return { table, problem: `${file} is not JSON (${(err as Error).message}); starting from the kernel's view` };
+      return { table, problem: `${file} is not JSON (${(err as Error).message}); rebuilding from the kernel`, trusted: false };
     }
-    if (!parsed.success) return { table, problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); starting from the kernel's view` };
+    if (!parsed.success) return { table, problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); rebuilding from the kernel`, trusted: false };
     for (const l of parsed.data.leases) table.byId.set(l.id, l);
-    return { table, problem: null };
+    return { table, problem: null, trusted: true };
   }
 
   all(): LeaseRecord[] {
@@ -117,4 +118,25 @@ export class LeaseTable {
       fs.closeSync(dfd);
     }
   }
+}
+
+/** The ifalias every device carries: its whole lease, so the kernel alone can tell whose it is. */
+export function leaseAlias(l: LeaseRecord): string {
+  const holder = l.holder !== null ? ` holder=${l.holder}:${l.holder_start ?? 0}` : '';
+  return `tapbroker lease=${l.id} uid=${l.uid} kind=${l.kind} rule=${l.rule} ends=${l.ends} parent=${l.parent} queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${holder}`;
+}
+
+/** The lease a device's ifalias describes, with name, ifindex and MAC from the device itself; null if it is not ours. */
+export function leaseFromAlias(alias: string | null, dev: { name: string; index: number; address: Buffer | null }): LeaseRecord | null {
+  if (!alias?.startsWith('tapbroker ')) return null;
+  const f = new Map(alias.slice(10).split(' ').map((kv) => kv.split('=', 2) as [string, string]));
+  const [holder, start] = (f.get('holder') ?? '').split(':');
+  const candidate = {
+    id: f.get('lease'), uid: Number(f.get('uid')), user: null, kind: f.get('kind'), name: dev.name, ifindex: dev.index,
+    parent: f.get('parent'), mode: f.get('mode') ?? null, mac: dev.address ? [...dev.address].map((b) => b.toString(16).padStart(2, '0')).join(':') : '00:00:00:00:00:00',
+    queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: new Date().toISOString(), ends: f.get('ends'),
+    holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
+  };
+  const parsed = LeaseRecord.safeParse(candidate);
+  return parsed.success ? parsed.data : null;
 }

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol';
 import { Rtnetlink, deleteLinkInBackground, type Link } from './rtnetlink.js';
+import { hook } from './testhook.js';
 
 export const TUNSETIFF = 0x400454ca;
 export const TUNSETPERSIST = 0x400454cb;
@@ -140,6 +141,7 @@ export class Netdev {
           throw kernelError(`failed to create tap \`${req.name}'${q > 0 ? ` queue ${q}` : ''}`, err);
         }
       }
+      hook('tap:created');
       const link = this.rtnl.getLinkByName(req.name);
       if (!link || link.kind !== 'tun') throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
       const mac = hostMac(req.guestMac);
@@ -148,6 +150,7 @@ export class Netdev {
       } catch (err) {
         throw kernelError(`failed to attach \`${req.name}' to bridge \`${req.bridge.name}'`, err);
       }
+      hook('tap:configured');
       if (req.persistent) {
         // Persistence comes last, so every earlier failure is undone by closing the fd.
         const fd = tapFds[0]!;
@@ -158,6 +161,7 @@ export class Netdev {
         } catch (err) {
           throw kernelError(`failed to make \`${req.name}' persistent`, err);
         }
+        hook('tap:persisted');
       } else if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
       return { ifindex: link.index, hostMac: mac, mtu: req.bridge.mtu, tapFds, vhostFds };
     } catch (err) {
@@ -200,6 +204,7 @@ export class Netdev {
     const vhostFds: number[] = [];
     let link: Link | null = null;
     try {
+      hook('macvtap:created');
       link = this.rtnl.getLinkByName(req.name);
       if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
       const [major, minor] = macvtapDevNumber(req.name, link.index);
@@ -229,7 +234,8 @@ export class Netdev {
         }
         if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
       }
-      return { ifindex: link.index, hostMac: Buffer.from(req.guestMac), mtu: link.mtu, tapFds, vhostFds };
+      hook('macvtap:opened');
+      return { ifindex: link.index, hostMac: link.address ? Buffer.from(link.address) : Buffer.from(req.guestMac), mtu: link.mtu, tapFds, vhostFds };
     } catch (err) {
       void closeInBackground([...tapFds, ...vhostFds]);
       const index = link?.index;

@@ -100,6 +100,8 @@ export interface Link {
   kind: string | null;
   /** IFLA_LINK: the lower device (a macvtap's parent), or null. */
   link: number | null;
+  /** IFLA_IFALIAS, or null. */
+  alias: string | null;
 }
 
 /** Decodes the ifinfomsg of an RTM_NEWLINK message (header included). */
@@ -118,6 +120,7 @@ export function parseLink(msg: Buffer): Link {
     address: attrs.get(IFLA_ADDRESS) ?? null,
     kind,
     link: lower && lower.readUInt32LE(0) !== 0 ? lower.readUInt32LE(0) : null,
+    alias: cstr(attrs.get(IFLA_IFALIAS)) || null,
   };
 }
 
