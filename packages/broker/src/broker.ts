@@ -81,6 +81,8 @@ export class Broker {
   start(listener: SeqpacketListener): void {
     this.monitor = new LinkMonitor((type, link) => { if (type === RTM_DELLINK) this.linkGone(link); }, () => this.resync());
     this.reconcile();
+    // Written at every start, so that from now on a missing file means it was lost, not never made.
+    this.leases.save();
     this.listener = listener;
     listener.start((fd) => this.accept(fd));
   }
@@ -193,9 +195,17 @@ export class Broker {
         holder: ends === 'holder' ? caller.pid : null, holder_start: ends === 'holder' ? processStartTime(caller.pid) : null,
       };
       const alias = leaseAlias(draft);
-      const created = this.createNamed(caller.uid, req.name, (name): CreatedTap => kind === 'tap'
-        ? this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge: link, persistent: owner, alias })
-        : this.netdev.createMacvtap({ name, parent: link, mode: mode!, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), persistent: owner, alias }, this.stateDir ?? os.tmpdir()));
+      const created = this.createNamed(caller.uid, req.name, (name): CreatedTap => {
+        if (kind === 'tap') return this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge: link, persistent: owner, alias });
+        this.leases.intend({ id: draft.id, name, parent: link.name, mac });
+        try {
+          return this.netdev.createMacvtap({ name, parent: link, mode: mode!, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), persistent: owner, alias }, this.stateDir ?? os.tmpdir());
+        } catch (err) {
+          this.leases.settle(draft.id);
+          throw err;
+        }
+      });
+      this.leases.settle(draft.id, false);
       // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
       const actualMac = kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;
       const lease: LeaseRecord = { ...draft, name: created.name, ifindex: created.ifindex, mac: actualMac };
@@ -344,6 +354,19 @@ export class Broker {
    * was down; watch holders still running; keep persistent devices. Devices without a lease are never touched.
    */
   reconcile(): void {
+    // A macvtap intended but perhaps never tagged: the device of that name, on that parent, with that
+    // MAC, untagged or tagged with that lease, is the one we were making.
+    for (const i of this.leases.unsettled()) {
+      const link = this.netdev.rtnl.getLinkByName(i.name);
+      const parent = this.netdev.rtnl.getLinkByName(i.parent);
+      const ours = link && parent && link.kind === 'macvtap' && link.link === parent.index && link.address && macFromBuffer(link.address) === i.mac
+        && (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
+      if (ours && !this.leases.get(i.id)) {
+        void this.track(deleteLinkInBackground(link.index)).catch(() => {});
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: null, caller: null, device: { name: i.name, parent: i.parent, mac: i.mac, lease: i.id }, message: 'a macvtap the broker died while creating: deleted' });
+      }
+      this.leases.settle(i.id, false);
+    }
     // Devices that carry our tag but have no lease: orphans of a crash mid-create or mid-release when
     // the table is intact (deleted), or leases to rebuild when it was lost or corrupt.
     for (const link of this.netdev.rtnl.dumpLinks()) {

@@ -9,7 +9,13 @@ import { Lease } from '@tapbroker/protocol';
 /** A lease as stored: the wire Lease plus the holder's start time, so a reused pid is never taken for it. */
 export const LeaseRecord = Lease.extend({ holder_start: z.number().int().min(0).nullable() });
 export type LeaseRecord = z.infer<typeof LeaseRecord>;
-const StateFile = z.strictObject({ version: z.literal(1), leases: z.array(LeaseRecord) });
+/**
+ * A macvtap about to be created. The kernel ignores IFLA_IFALIAS when it creates a link, so between
+ * RTM_NEWLINK and tagging the device there is a moment when only this record says it is ours.
+ */
+export const Intent = z.strictObject({ id: z.string(), name: z.string(), parent: z.string(), mac: z.string() });
+export type Intent = z.infer<typeof Intent>;
+const StateFile = z.strictObject({ version: z.literal(1), leases: z.array(LeaseRecord), intents: z.array(Intent).default([]) });
 
 export const STATE_FILE = 'leases.json';
 
@@ -36,6 +42,7 @@ export function processStartTime(pid: number): number | null {
 
 export class LeaseTable {
   private readonly byId = new Map<string, LeaseRecord>();
+  private readonly intents = new Map<string, Intent>();
 
   /** `dir` null keeps the table in memory only. */
   private constructor(readonly dir: string | null) {}
@@ -64,6 +71,7 @@ export class LeaseTable {
     }
     if (!parsed.success) return { table, problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); rebuilding from the kernel`, trusted: false };
     for (const l of parsed.data.leases) table.byId.set(l.id, l);
+    for (const i of parsed.data.intents) table.intents.set(i.id, i);
     return { table, problem: null, trusted: true };
   }
 
@@ -98,6 +106,21 @@ export class LeaseTable {
     return l;
   }
 
+  /** Records, durably, that a device is about to be made. */
+  intend(intent: Intent): void {
+    this.intents.set(intent.id, intent);
+    this.save();
+  }
+
+  /** The intent is carried out (its lease added) or abandoned; `save` false when a save follows anyway. */
+  settle(id: string, save = true): void {
+    if (this.intents.delete(id) && save) this.save();
+  }
+
+  unsettled(): Intent[] {
+    return [...this.intents.values()];
+  }
+
   /** Writes the table to a temporary file, syncs it, renames it over the old one, syncs the directory. */
   save(): void {
     if (!this.dir) return;
@@ -105,7 +128,7 @@ export class LeaseTable {
     const tmp = `${file}.${process.pid}.tmp`;
     const fd = fs.openSync(tmp, 'w', 0o600);
     try {
-      fs.writeSync(fd, `${JSON.stringify({ version: 1, leases: this.all() })}\n`);
+      fs.writeSync(fd, `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled() })}\n`);
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);

@@ -128,7 +128,12 @@ export class Netdev {
       // A persistent tap needs one open: libvirt attaches its own queues, with the same IFF_MULTI_QUEUE.
       const opens = req.persistent ? 1 : req.queues;
       for (let q = 0; q < opens; q++) {
-        const fd = fs.openSync(TUN_PATH, fs.constants.O_RDWR);
+        let fd: number;
+        try {
+          fd = fs.openSync(TUN_PATH, fs.constants.O_RDWR);
+        } catch (err) {
+          throw kernelError(`failed to open ${TUN_PATH} for \`${req.name}' queue ${q}`, err);
+        }
         tapFds.push(fd);
         // Only the first open creates; the others attach queues to the device that fd now holds.
         const flags = tapFlags({ vnetHdr: req.vnetHdr, multiQueue, exclusive: q === 0 });
@@ -207,6 +212,8 @@ export class Netdev {
       hook('macvtap:created');
       link = this.rtnl.getLinkByName(req.name);
       if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
+      // Tag it at once: the kernel ignored the alias in the create message.
+      this.rtnl.configureLink(link.index, { alias: req.alias });
       const [major, minor] = macvtapDevNumber(req.name, link.index);
       if (req.persistent) {
         const node = `/dev/tap${link.index}`;
@@ -313,5 +320,5 @@ function kernelError(what: string, err: unknown): TapbrokerError {
     return new TapbrokerError('TB_E_KERNEL', `${what}: ${err.reason} (${err.code})`, { cause: err });
   }
   const e = err as NodeJS.ErrnoException;
-  return new TapbrokerError('TB_E_KERNEL', `${what}: ${e.message}`, { cause: err });
+  return new TapbrokerError('TB_E_KERNEL', `${what}: ${e.code ?? ''} ${e.message}`.trim(), { cause: err });
 }

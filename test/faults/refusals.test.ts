@@ -1,0 +1,85 @@
+// The kernel refusing mid-transaction: everything made so far is undone and the broker keeps serving.
+import anyTest, { type TestFn } from 'ava';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { BrokerProcess, tempDir } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, probe, probeOnce } from '../helpers/unpriv.js';
+import type { ProbeRequest } from '../helpers/probe.js';
+
+const test = anyTest as TestFn;
+const POLICY = `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0", "brx"]\nmacvtap = [{ parent = "vx" }]\nmax_queues = 64\n`;
+let ns: Netns;
+let dir: string;
+
+test.before(() => {
+  ns = Netns.create('refuse');
+  ns.bridge('br0');
+  dir = tempDir('refuse');
+});
+
+test.after.always(() => {
+  ns?.destroy();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+/** Starts a broker that waits at `point`, runs `meanwhile` there, and returns the request's outcome. */
+async function interrupted(point: string, request: ProbeRequest, meanwhile: () => void) {
+  const gate = path.join(dir, `gate-${point.replace(':', '-')}`);
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'refuse', env: { TAPBROKER_TEST_HOOK: `${point}=wait:${gate}` } });
+  try {
+    const pending = probeOnce({ socket: broker.socket, requests: [request] });
+    await broker.waitFor(() => fs.existsSync(`${gate}.reached`), 5000, `never reached ${point}`);
+    meanwhile();
+    fs.writeFileSync(gate, '');
+    const result = await pending;
+    const after = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+    return { result, after, broker };
+  } finally {
+    await broker.stop();
+    fs.rmSync(gate, { force: true });
+    fs.rmSync(`${gate}.reached`, { force: true });
+  }
+}
+
+test.serial('the bridge deleted between decision and attach: TB_E_KERNEL, the tap is gone, the broker serves', async (t) => {
+  ns.bridge('brx');
+  const { result, after } = await interrupted('tap:created', { bridge: 'brx' }, () => ns.ip('link', 'del', 'brx'));
+  t.is(result.error?.code, 'TB_E_KERNEL');
+  t.regex(result.error!.message, /failed to attach `tb65534-\w+' to bridge `brx'/);
+  t.deepEqual(ns.extraLinks(['br0']), []);
+  t.is(after.error, null, 'the next request is served');
+});
+
+test.serial('the macvtap parent deleted mid-create: TB_E_KERNEL, nothing left', async (t) => {
+  ns.ip('link', 'add', 'vx', 'type', 'veth', 'peer', 'name', 'vy');
+  ns.ip('link', 'set', 'vx', 'up');
+  const { result, after } = await interrupted('macvtap:created', { parent: 'vx' }, () => ns.ip('link', 'del', 'vx'));
+  t.is(result.error?.code, 'TB_E_KERNEL');
+  t.deepEqual(ns.extraLinks(['br0']), []);
+  t.is(after.error, null);
+});
+
+test.serial('EMFILE in the broker: the queues opened so far are closed, the tap is gone, fds return to baseline', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'emfile' });
+  try {
+    const baseline = broker.fdCount();
+    // Only the soft limit moves, so it can be raised again without CAP_SYS_RESOURCE.
+    const hard = /^Max open files\s+\d+\s+(\d+)/m.exec(fs.readFileSync(`/proc/${broker.proc.pid}/limits`, 'utf8'))![1]!;
+    spawnSync('prlimit', ['--pid', String(broker.proc.pid), `--nofile=${baseline + 20}:${hard}`]);
+    const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 40 }] });
+    t.is(r.error?.code, 'TB_E_KERNEL');
+    t.regex(r.error!.message, /EMFILE|too many open files/i);
+    await broker.waitFor(() => ns.extraLinks(['br0']).length === 0, 2000, 'tap left behind');
+    await broker.waitFor(() => broker.fdCount() === baseline, 2000, `fds ${broker.fdCount()} != ${baseline}`);
+    const restored = spawnSync('prlimit', ['--pid', String(broker.proc.pid), `--nofile=${Math.min(4096, Number(hard))}:${hard}`], { encoding: 'utf8' });
+    t.is(restored.status, 0, restored.stderr);
+    const ok = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 40 }] });
+    t.is(ok.result.error, null);
+    t.is(ok.result.taps[0]!.tapFds, 40);
+    await ok.release();
+  } finally {
+    await broker.stop();
+  }
+});
