@@ -5,5 +5,5 @@ export type { Policy, AllowRule, DenyRule, Caller, Ask, Decision, Selector } fro
 export { Netdev, tunIfreq, tapFlags, hostMac, devNumbers, closeInBackground, TUNSETIFF, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE, IFF_TUN_EXCL } from './netdev.js';
 export { Rtnetlink, LinkMonitor, linkMessage, macvtapMessage, parseLink, parseAttrs, rtattr, attrU32, attrString, attrNested, splitMessages, deleteLinkInBackground, MACVLAN_MODES } from './rtnetlink.js';
 export type { Link } from './rtnetlink.js';
-export { Audit, type AuditRecord } from './audit.js';
+export { Audit, MESSAGE_IDS, journalEntry, type AuditRecord } from './audit.js';
 export { LeaseTable, LeaseRecord, leaseView, processStartTime, STATE_FILE } from './leases.js';

@@ -21,12 +21,14 @@ SPEC:  bridge=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N]
        [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`;
 
 /** sysexits(3), documented in the README. */
-export const EXIT = { USAGE: 64, DATAERR: 65, SOFTWARE: 70, UNAVAILABLE: 69, NOPERM: 77 } as const;
+export const EXIT = { USAGE: 64, DATAERR: 65, SOFTWARE: 70, UNAVAILABLE: 69, NOPERM: 77, CONFIG: 78 } as const;
 
 export function exitCodeFor(code: ErrorCode): number {
   switch (code) {
     case 'TB_E_USAGE':
       return EXIT.USAGE;
+    case 'TB_E_POLICY_INVALID':
+      return EXIT.CONFIG;
     case 'TB_E_POLICY_DENIED': case 'TB_E_QUOTA_EXCEEDED':
       return EXIT.NOPERM;
     case 'TB_E_INVALID_NAME': case 'TB_E_INVALID_MAC': case 'TB_E_INVALID_QUEUES': case 'TB_E_NO_SUCH_BRIDGE':
@@ -208,6 +210,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
     if (!o.persistent) usage('create makes persistent devices: say --persistent (for a VM you start yourself, use tapbroker run)');
     if ((o.bridge === null) === (o.macvtap === null)) usage('create needs exactly one of --bridge or --macvtap');
     if (o.mode !== null && o.macvtap === null) usage('--mode is for --macvtap');
+    if (o.group !== null && o.macvtap !== null) usage('--group is for --bridge: a persistent macvtap is its owner\'s alone');
   }
   if (o.command === 'release' && o.name === null) usage('release needs the NAME of a device');
   return o;
@@ -257,8 +260,8 @@ export async function main(argv: readonly string[]): Promise<number> {
   try {
     if (argv[0] === 'create' || argv[0] === 'list' || argv[0] === 'release') return await leaseCommand(parseLeaseArgs(argv));
     if (argv[0] === 'reload') {
-      const socket = argv[1] === '--socket' ? argv[2] ?? null : null;
-      if (argv.length !== (socket ? 3 : 1)) throw new TapbrokerError('TB_E_USAGE', 'reload takes only --socket PATH');
+      const socket = argv[1]?.startsWith('--socket=') ? argv[1].slice(9) : argv[1] === '--socket' ? argv[2] ?? null : null;
+      if (argv.length !== (socket === null ? 1 : argv[1] === '--socket' ? 3 : 2)) throw new TapbrokerError('TB_E_USAGE', 'reload takes only --socket PATH');
       const client = await TapbrokerClient.connect(socket);
       try {
         process.stdout.write(`policy reloaded: sha256 ${await client.reload()}\n`);

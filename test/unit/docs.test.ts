@@ -1,0 +1,38 @@
+// The man pages and README say what the code does: every option, command, policy key and MESSAGE_ID.
+import test from 'ava';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { MESSAGE_IDS } from '@tapbroker/broker';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+const read = (f: string) => fs.readFileSync(path.join(root, f), 'utf8');
+// roff escapes hyphens as \- ; compare on the rendered text.
+const man = (f: string) => read(f).replace(/\\-/g, '-').replace(/\\\(em/g, '—');
+
+const mentions = test.macro({
+  exec(t, file: string, words: string[]) {
+    const text = man(file);
+    t.deepEqual(words.filter((w) => !text.includes(w)), [], `${file} does not mention them`);
+  },
+  title: (what) => `docs: ${what}`,
+});
+
+test('tapbrokerd(8) documents every option and subcommand', mentions, 'man/tapbrokerd.8',
+  ['-n', '-f', '-s', '-m', '-g', '-T', '--state-dir', '--audit-file', '--journal-socket', '--idle-exit', 'check-policy', 'explain-policy', 'who-can', 'SIGHUP', 'SIGTERM', 'LISTEN_FDS', 'NOTIFY_SOCKET', 'EXIT STATUS', 'FILES', 'SEE ALSO']);
+test('tapbroker(1) documents every command', mentions, 'man/tapbroker.1',
+  ['run', 'qemu-args', 'create', '--persistent', 'list', 'release', 'can', 'reload', 'TAPBROKER_SOCKET', 'bridge=', 'macvtap=', 'queues=', 'vhost=', 'EXIT STATUS', 'SEE ALSO']);
+test('tapbroker-policy(5) documents every key', mentions, 'man/tapbroker-policy.5',
+  ['name', 'users', 'groups', 'bridges', 'macvtap', 'modes', 'persistent', 'name_pattern', 'max_queues', 'vhost', 'mac_prefix', 'max_devices', 'parents', 'version', 'EXAMPLES', 'FILES', 'SEE ALSO']);
+
+test('every journald MESSAGE_ID in the code is in tapbrokerd(8) and PROTOCOL.md', (t) => {
+  for (const [kind, id] of Object.entries(MESSAGE_IDS)) {
+    t.true(man('man/tapbrokerd.8').includes(id), `${kind} ${id} in tapbrokerd(8)`);
+    t.true(read('docs/PROTOCOL.md').includes(id), `${kind} ${id} in PROTOCOL.md`);
+  }
+});
+
+test('README links the documentation that exists', (t) => {
+  for (const f of ['docs/PROTOCOL.md', 'SECURITY.md', 'man/tapbrokerd.8', 'man/tapbroker.1', 'man/tapbroker-policy.5']) t.true(fs.existsSync(path.join(root, f)), f);
+  t.regex(read('README.md'), /SECURITY\.md/);
+});
