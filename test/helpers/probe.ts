@@ -2,6 +2,7 @@
 // asks the broker for taps, proves each fd works by writing a frame, prints one JSON line, then
 // holds the fds until its stdin closes.
 import fs from 'node:fs';
+import { sys } from '@tapbroker/protocol';
 import { TapbrokerClient, TapbrokerError, type Lease, type MacvtapOptions, type Tap, type TapOptions } from '@tapbroker/client';
 
 export type ProbeRequest = TapOptions | (MacvtapOptions & { bridge?: undefined });
@@ -15,6 +16,8 @@ export interface ProbeArgs {
   list?: boolean;
   /** Then release these names. */
   release?: string[];
+  /** Misbehave: make every granted tap persistent through its own fd (TUNSETPERSIST). */
+  persistOwnFds?: boolean;
 }
 
 export interface ProbeResult {
@@ -48,6 +51,7 @@ async function main(): Promise<void> {
       const tap = r.bridge !== undefined ? await client.createTap(r) : await client.createMacvtap(r as MacvtapOptions);
       held.push(tap);
       const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac))) : [];
+      if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
       result.taps.push({ device: tap.device, tapFds: tap.tapFds.length, vhostFds: tap.vhostFds.length, written });
     }
     if (args.list) result.leases = (await client.list()).leases;

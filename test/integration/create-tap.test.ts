@@ -243,6 +243,17 @@ test.serial('a client that disconnects mid-request leaves nothing behind and the
   t.deepEqual(ns.extraLinks(HOST_LINKS), []);
 });
 
+test.serial('a tap its holder made persistent against the rule is deleted at the next check', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ bridge: 'br0' }], persistOwnFds: true });
+  const name = p.result.taps[0]!.device.name;
+  await p.release();
+  t.truthy(ns.link(name), 'TUNSETPERSIST on its own fd kept it alive after the holder exited');
+  const next = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] });
+  t.is(next.error, null);
+  await broker.waitFor(() => ns.link(name) === undefined, 2000, `${name} was not deleted`);
+  t.truthy(broker.records.find((r) => r.decision === 'cleanup' && /made it persistent/.test(r.message ?? '')));
+});
+
 test.serial('a root client not named in the policy is refused by policy, not by uid', async (t) => {
   const conn = await SeqpacketConnection.connect(sock(), { maxPacket: MAX_REPLY_BYTES });
   try {

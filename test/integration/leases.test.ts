@@ -114,6 +114,16 @@ test.serial('the quota counts fd-passed and persistent devices alike', async (t)
   }
 });
 
+test.serial('a tap its holder made persistent, where the rule allows it, becomes a releasable persistent lease', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ bridge: 'br0' }], persistOwnFds: true }, { uid: B });
+  const name = p.result.taps[0]!.device.name;
+  await p.release();
+  const listed = await probeOnce({ socket: sock(), list: true }, { uid: B });
+  t.like(listed.leases!.find((l) => l.name === name), { ends: 'release' });
+  t.is((await probeOnce({ socket: sock(), release: [name] }, { uid: B })).error, null);
+  t.is(ns.link(name), undefined);
+});
+
 test.serial('release deletes the device and its lease', async (t) => {
   const r = await probeOnce({ socket: sock(), release: [`tb${A}-lv0`] }, { uid: A });
   t.is(r.error, null, r.error?.message);

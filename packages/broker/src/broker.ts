@@ -234,6 +234,7 @@ export class Broker {
 
   /** The caller's leases, oldest first (root: everyone's), as many as one reply holds. */
   list(caller: Identity, req: ListRequest): Outcome {
+    for (const l of this.leases.all()) if ((caller.uid === 0 || l.uid === caller.uid) && !this.deviceOf(l) && this.leases.get(l.id)) this.dropVanished(l);
     const mine = this.leases.all().filter((l) => caller.uid === 0 || l.uid === caller.uid).sort((a, b) => a.created.localeCompare(b.created)).map(leaseView);
     let n = mine.length;
     const reply = (): Reply => ({ op: 'list', id: req.id, leases: mine.slice(0, n), truncated: n < mine.length });
@@ -315,14 +316,33 @@ export class Broker {
     return n;
   }
 
-  /** The kernel link that is this lease's device, or null. */
+  /**
+   * The kernel link that is this lease's device, or null. A tap handed out by fd that its holder made
+   * persistent (TUNSETPERSIST needs no capability on an attached fd) would outlive its lease's terms:
+   * where the rule allows persistent devices its lease becomes one (releasable, counted); otherwise
+   * the device is deleted.
+   */
   private deviceOf(l: LeaseRecord): Link | null {
     const link = this.netdev.rtnl.getLinkByIndex(l.ifindex);
-    return link && link.name === l.name && link.kind === KERNEL_KIND[l.kind] ? link : null;
+    if (!link || link.name !== l.name || link.kind !== KERNEL_KIND[l.kind]) return null;
+    if (l.ends === 'fds' && link.persist) {
+      const rule = this.policy.allow.find((r) => r.name === l.rule);
+      if (rule?.persistent) {
+        const converted: LeaseRecord = { ...l, ends: 'release' };
+        this.leases.add(converted);
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(converted), message: 'its holder made it persistent; the rule allows that: it is now a persistent lease' });
+      } else {
+        this.leases.remove(l.id);
+        void this.track(deleteLinkInBackground(l.ifindex)).catch(() => {});
+        this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: `its holder made it persistent, which rule \`${l.rule}' does not allow: deleted` });
+        return null;
+      }
+    }
+    return link;
   }
 
   private dropVanished(l: LeaseRecord): void {
-    this.leases.remove(l.id);
+    if (!this.leases.remove(l.id)) return;
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
     this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished' });

@@ -21,6 +21,7 @@ export const IFLA_IFALIAS = 20;
 export const IFLA_INFO_KIND = 1;
 export const IFLA_INFO_DATA = 2;
 export const IFLA_MACVLAN_MODE = 1;
+export const IFLA_TUN_PERSIST = 6;
 export const NLM_F_DUMP = 0x300;
 export const RTMGRP_LINK = 1;
 /** MACVLAN_MODE_* from if_link.h. */
@@ -102,13 +103,17 @@ export interface Link {
   link: number | null;
   /** IFLA_IFALIAS, or null. */
   alias: string | null;
+  /** For a tun/tap: IFLA_TUN_PERSIST; null for other kinds. */
+  persist: boolean | null;
 }
 
 /** Decodes the ifinfomsg of an RTM_NEWLINK message (header included). */
 export function parseLink(msg: Buffer): Link {
   const attrs = parseAttrs(msg, NLMSGHDR + IFINFOMSG, msg.readUInt32LE(0));
   const linkinfo = attrs.get(IFLA_LINKINFO);
-  const kind = linkinfo ? cstr(parseAttrs(linkinfo).get(IFLA_INFO_KIND)) ?? null : null;
+  const info = linkinfo ? parseAttrs(linkinfo) : null;
+  const kind = info ? cstr(info.get(IFLA_INFO_KIND)) ?? null : null;
+  const tunData = kind === 'tun' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!) : null;
   const master = attrs.get(IFLA_MASTER);
   const lower = attrs.get(IFLA_LINK);
   return {
@@ -121,6 +126,7 @@ export function parseLink(msg: Buffer): Link {
     kind,
     link: lower && lower.readUInt32LE(0) !== 0 ? lower.readUInt32LE(0) : null,
     alias: cstr(attrs.get(IFLA_IFALIAS)) || null,
+    persist: tunData ? (tunData.get(IFLA_TUN_PERSIST)?.[0] ?? 0) === 1 : null,
   };
 }
 
