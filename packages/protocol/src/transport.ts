@@ -58,6 +58,11 @@ class Poller {
     this.handle?.close();
     this.handle = null;
   }
+
+  /** libuv stopped the handle itself (it does on POLLERR): restart it at the next want(). */
+  stopped(): void {
+    this.interest = { readable: false, writable: false };
+  }
 }
 
 /** Calls `onReadable` each time `fd` is readable until closed (a pidfd turns readable when its process exits). */
@@ -202,7 +207,12 @@ export class SeqpacketConnection {
   private onPoll(status: number, ev: Interest): void {
     if (this._closed) return;
     if (status < 0) {
-      this.fail(new sys.SyscallError('poll', -status));
+      // libuv turns POLLERR into EBADF and stops the handle. On AF_UNIX that is the peer closing with
+      // our data unread (ECONNRESET): packets it sent first are still queued, so read and write on and
+      // let recvmsg/sendmsg say what really happened.
+      this.poller.stopped();
+      if (this.sendQueue.length > 0) this.flush();
+      if (this.pendingReceive) this.tryReceive();
       return;
     }
     if (ev.writable) this.flush();
