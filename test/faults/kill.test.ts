@@ -75,7 +75,7 @@ const createCases: Array<[string, ProbeRequest]> = [
 ];
 
 for (const [point, request] of createCases) {
-  const what = `${request.bridge ? 'tap' : 'macvtap'}${request.persistent ? ' (persistent)' : ''}`;
+  const what = `${'parent' in request ? 'macvtap' : 'tap'}${request.persistent ? ' (persistent)' : ''}`;
   test.serial(`SIGKILL at ${point} creating a ${what}: nothing leaks`, async (t) => {
     let held: Awaited<ReturnType<typeof probe>> | null = null;
     await killAt(point, async () => {

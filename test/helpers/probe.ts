@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
 import { TapbrokerClient, TapbrokerError, type Lease, type MacvtapOptions, type Tap, type TapOptions } from '@tapbroker/client';
 
-export type ProbeRequest = TapOptions | (MacvtapOptions & { bridge?: undefined });
+export type ProbeRequest = TapOptions | MacvtapOptions;
 
 export interface ProbeArgs {
   socket: string;
@@ -48,7 +48,7 @@ async function main(): Promise<void> {
   try {
     client = await TapbrokerClient.connect(args.socket);
     for (const r of args.requests ?? []) {
-      const tap = r.bridge !== undefined ? await client.createTap(r) : await client.createMacvtap(r as MacvtapOptions);
+      const tap = 'parent' in r ? await client.createMacvtap(r as MacvtapOptions) : await client.createTap(r as TapOptions);
       held.push(tap);
       const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac))) : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);

@@ -3,13 +3,13 @@ import test from 'ava';
 import { TapbrokerError, buildNicArgs, childFdNumbers, exitCodeFor, libvirtInterfaceXml, nicArgs, parseArgs, parseLeaseArgs, parseNetSpec, shellQuote } from '@tapbroker/client';
 
 test('a bare bridge spec takes the defaults', (t) => {
-  t.deepEqual(parseNetSpec('bridge=br0'), { kind: 'tap', parent: 'br0', mode: null, queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', name: null });
-  t.deepEqual(parseNetSpec('macvtap=eth0'), { kind: 'macvtap', parent: 'eth0', mode: 'bridge', queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', name: null });
+  t.deepEqual(parseNetSpec('bridge=br0'), { kind: 'tap', parent: 'br0', mode: null, network: false, queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', name: null });
+  t.deepEqual(parseNetSpec('macvtap=eth0'), { kind: 'macvtap', parent: 'eth0', mode: 'bridge', network: false, queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', name: null });
 });
 
 test('every key', (t) => {
   t.deepEqual(parseNetSpec('bridge=br0,queues=4,vhost=on,mac=52:54:00:AA:BB:CC,id=lan,model=e1000,name=tb1000-vm0'), {
-    kind: 'tap', parent: 'br0', mode: null, queues: 4, vhost: true, mac: '52:54:00:aa:bb:cc', id: 'lan', model: 'e1000', name: 'tb1000-vm0',
+    kind: 'tap', parent: 'br0', mode: null, network: false, queues: 4, vhost: true, mac: '52:54:00:aa:bb:cc', id: 'lan', model: 'e1000', name: 'tb1000-vm0',
   });
   t.like(parseNetSpec('macvtap=eth0,mode=passthru,mac=52:54:00:aa:bb:01'), { kind: 'macvtap', parent: 'eth0', mode: 'passthru' });
 });
@@ -22,7 +22,8 @@ const badSpec = test.macro({
   },
   title: (what) => `spec refused: ${what}`,
 });
-test('no bridge', badSpec, 'queues=2', /exactly one of bridge=NAME or macvtap=PARENT/);
+test('no bridge', badSpec, 'queues=2', /exactly one of bridge=NAME, macvtap=PARENT or network=NAME/);
+test('a network name with a comma trick', badSpec, 'network=a b', /network name/);
 test('both bridge and macvtap', badSpec, 'bridge=br0,macvtap=eth0', /exactly one of/);
 test('a mode for a tap', badSpec, 'bridge=br0,mode=vepa', /mode= is for macvtap/);
 test('a mode that does not exist', badSpec, 'macvtap=eth0,mode=source', /mode must be one of/);
@@ -100,7 +101,7 @@ test('shell quoting only where needed', (t) => {
 
 test('create needs --persistent and exactly one kind', (t) => {
   t.regex(t.throws(() => parseLeaseArgs(['create', '--bridge', 'br0']))!.message, /--persistent/);
-  t.regex(t.throws(() => parseLeaseArgs(['create', '--persistent']))!.message, /exactly one of --bridge or --macvtap/);
+  t.regex(t.throws(() => parseLeaseArgs(['create', '--persistent']))!.message, /exactly one of --bridge, --network or --macvtap/);
   t.regex(t.throws(() => parseLeaseArgs(['create', '--persistent', '--bridge', 'br0', '--mode', 'vepa']))!.message, /--mode is for --macvtap/);
   t.like(parseLeaseArgs(['create', '--persistent', '--macvtap', 'eth0', '--mode', 'vepa', '--mac', '52:54:00:AA:BB:02', '--xml']), { macvtap: 'eth0', mode: 'vepa', mac: '52:54:00:aa:bb:02', output: 'xml' });
   t.like(parseLeaseArgs(['release', 'tb1000-x']), { command: 'release', name: 'tb1000-x' });

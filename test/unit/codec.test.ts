@@ -67,7 +67,7 @@ test('op of the wrong type', rejects, pack({ op: 5, id: 1 }), 'TB_E_UNKNOWN_OP')
 test('unknown field', rejects, pack({ op: 'create-tap', id: 1, bridge: 'br0', uid: 0 }), 'TB_E_INVALID_REQUEST');
 test('wrong type', rejects, pack({ op: 'create-tap', id: 1, bridge: 'br0', queues: '4' }), 'TB_E_INVALID_REQUEST');
 test('fractional queues', rejects, pack({ op: 'create-tap', id: 1, bridge: 'br0', queues: 1.5 }), 'TB_E_INVALID_REQUEST');
-test('missing field', rejects, pack({ op: 'create-tap', id: 1 }), 'TB_E_INVALID_REQUEST');
+test('missing field', rejects, pack({ op: 'create-macvtap', id: 1 }), 'TB_E_INVALID_REQUEST');
 test('negative id', rejects, pack({ op: 'hello', id: -1, version: 1 }), 'TB_E_INVALID_REQUEST');
 test('null where a string belongs', rejects, pack({ op: 'create-tap', id: 1, bridge: null }), 'TB_E_INVALID_REQUEST');
 test('a 64-bit integer', rejects, map(3, str('op'), str('hello'), str('id'), hex('cf 7fffffffffffffff'), str('version'), Buffer.from([1])), 'TB_E_INVALID_REQUEST');
@@ -85,7 +85,7 @@ test('an unknown-field error names the field', (t) => {
 });
 
 test('the scanner accepts what the encoder makes, at the depth the protocol uses', (t) => {
-  t.notThrows(() => scanFrame(encodeFrame({ op: 'create-tap', id: 1, device: { kind: 'tap', name: 'x', ifindex: 1, parent: 'b', mode: null, mtu: 1500, host_mac: 'fe', mac: '52', queues: 1, vnet_hdr: true, vhost: false, persistent: false, rule: 'r' }, fds: { tap: 1, vhost: 0 } })));
+  t.notThrows(() => scanFrame(encodeFrame({ op: 'create-tap', id: 1, device: { kind: 'tap', name: 'x', ifindex: 1, parent: 'b', network: null, vlan: null, mode: null, mtu: 1500, host_mac: 'fe', mac: '52', queues: 1, vnet_hdr: true, vhost: false, persistent: false, rule: 'r' }, fds: { tap: 1, vhost: 0 } })));
 });
 
 test('a reply with an unknown error code is a bad reply', (t) => {

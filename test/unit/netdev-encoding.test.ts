@@ -2,7 +2,7 @@
 import test from 'ava';
 import {
   IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, attrString, attrU32, hostMac, linkMessage,
-  parseAttrs, parseLink, randomMac, rtattr, tapFlags, tapName, tunIfreq,
+  bridgeVlanMessage, parseAttrs, parseLink, randomMac, rtattr, tapFlags, tapName, tunIfreq,
 } from '@tapbroker/broker';
 
 test('TUNSETIFF flags: always tap, no PI and exclusive for the creating open', (t) => {
@@ -51,7 +51,7 @@ test('RTM_NEWLINK: header, ifinfomsg, attributes', (t) => {
 test('parseLink reads what the kernel sends back', (t) => {
   const linkinfo = rtattr(18, attrString(1, 'bridge'));
   const m = linkMessage(16, 0, 1, { index: 5, flags: 0x1043 }, [attrString(3, 'br0'), attrU32(4, 9000), rtattr(1, Buffer.from([2, 0, 0, 0, 0, 1])), linkinfo]);
-  t.deepEqual(parseLink(m), { index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null });
+  t.deepEqual(parseLink(m), { index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, vlanFiltering: null });
 });
 
 test('host MAC: guest MAC with first octet 0xfe', (t) => {
@@ -74,4 +74,18 @@ test('random MACs stay inside the prefix and are unicast', (t) => {
     t.regex(mac, /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/);
     t.is(parseInt(mac.slice(0, 2), 16) & 1, 0);
   }
+});
+
+test('bridge VLAN: AF_BRIDGE RTM_SETLINK with IFLA_AF_SPEC/IFLA_BRIDGE_VLAN_INFO {PVID|UNTAGGED, vid}', (t) => {
+  const m = bridgeVlanMessage(7, 42, 100, true);
+  t.is(m.readUInt16LE(4), 19, 'RTM_SETLINK');
+  t.is(m[16], 7, 'AF_BRIDGE');
+  t.is(m.readInt32LE(20), 42, 'the port');
+  const spec = parseAttrs(m, 32).get(26)!;
+  const info = parseAttrs(spec).get(2)!;
+  t.is(info.readUInt16LE(0), 0x2 | 0x4, 'PVID | UNTAGGED');
+  t.is(info.readUInt16LE(2), 100);
+  const del = bridgeVlanMessage(8, 42, 1, false);
+  t.is(del.readUInt16LE(4), 17, 'RTM_DELLINK removes the default VLAN');
+  t.is(parseAttrs(parseAttrs(del, 32).get(26)!).get(2)!.readUInt16LE(0), 0);
 });

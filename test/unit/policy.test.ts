@@ -121,7 +121,7 @@ test('TOML syntax, with line and column', invalid, '[[rule]\nname = "x"', /^p\.t
 test('unknown key', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nbridge = "br1"\n', /unrecognized key.*bridge/i);
 test('unknown table', invalid, '[[allow]]\nname = "x"\n', /allow/);
 test('a bridge name of 16 bytes is refused, not truncated', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0123456789abcd"]\n', /16 bytes long/);
-test('no bridges and no macvtap parents', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = []\n', /allows no bridges and no macvtap parents/);
+test('no bridges and no macvtap parents', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = []\n', /allows no bridges, no macvtap parents and no networks/);
 test('no users and no groups', invalid, '[[rule]]\nname = "x"\nbridges = ["br0"]\n', /names no users and no groups/);
 test('duplicate rule names', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n[[rule]]\nname = "x"\nusers = [2]\nbridges = ["br0"]\n', /duplicate rule name `x'/);
 test('max_queues out of range', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmax_queues = 0\n', /max_queues/);

@@ -12,8 +12,10 @@ import { Audit, type AuditOptions } from './audit.js';
 import { identify, type Identity } from './identity.js';
 import { LeaseTable, leaseAlias, leaseFromAlias, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import { hook } from './testhook.js';
+import { runHook } from './hook.js';
+import { addPort, delPort, isOvsBridge, ovsdbTarget } from './ovs.js';
 import { Netdev, closeInBackground, type CreatedTap } from './netdev.js';
-import { MAX_QUEUES, decide, loadPolicy, type Policy } from './policy.js';
+import { MAX_QUEUES, decide, hookUnsafe, loadPolicy, type Policy } from './policy.js';
 import { LinkMonitor, RTM_DELLINK, deleteLinkInBackground, type Link } from './rtnetlink.js';
 
 export const BROKER_VERSION = 'tapbrokerd 0.2.0';
@@ -163,43 +165,47 @@ export class Broker {
   }
 
   /** create-tap and create-macvtap: one path, so both get the same checks in the same order. */
-  create(caller: Identity, req: CreateTapRequest | CreateMacvtapRequest, session: Session): Outcome {
+  async create(caller: Identity, req: CreateTapRequest | CreateMacvtapRequest, session: Session): Promise<Outcome> {
     const kind = req.op === 'create-tap' ? 'tap' : 'macvtap';
-    const parent = req.op === 'create-tap' ? req.bridge : req.parent;
+    const network = req.op === 'create-tap' ? req.network ?? null : null;
+    const parent = req.op === 'create-tap' ? req.bridge ?? req.network ?? '' : req.parent;
     const mode = req.op === 'create-macvtap' ? req.mode ?? 'bridge' : null;
     const queues = req.queues ?? 1;
     const vhost = req.vhost ?? false;
     const vnetHdr = req.vnet_hdr ?? true;
     const persistent = req.persistent ?? false;
     const group = req.op === 'create-tap' ? req.group ?? null : null;
-    const request = { kind, parent, mode, queues, vhost, vnet_hdr: vnetHdr, mac: req.mac ?? null, name: req.name ?? null, persistent, group };
+    const request = { kind, parent, network, mode, queues, vhost, vnet_hdr: vnetHdr, mac: req.mac ?? null, name: req.name ?? null, persistent, group };
     let audited = false;
     try {
-      validateCreate(caller, { kind, parent, queues, mac: req.mac, name: req.name, persistent, vhost, group });
-      const decision = decide(this.policy, caller, { kind, parent, mode, queues, vhost, mac: req.mac ?? null, name: req.name ?? null, persistent }, (rule) => this.liveDevices(caller.uid, rule));
+      if (req.op === 'create-tap' && (req.bridge === undefined) === (req.network === undefined)) {
+        throw new TapbrokerError('TB_E_INVALID_REQUEST', 'create-tap needs exactly one of bridge or network');
+      }
+      validateCreate(caller, { kind, parent, network: network !== null, queues, mac: req.mac, name: req.name, persistent, vhost, group });
+      const decision = decide(this.policy, caller, { kind, parent, network: network !== null, mode, queues, vhost, mac: req.mac ?? null, name: req.name ?? null, persistent }, (rule) => this.liveDevices(caller.uid, rule));
       if (!decision.allow) {
         this.audit.record({ op: req.op, decision: 'deny', rule: decision.rule, caller, request, code: decision.code, message: decision.message });
         audited = true;
         throw new TapbrokerError(decision.code, decision.message, { rule: decision.rule ?? 'no rule matched', hint: decision.hint });
       }
       const rule = decision.rule;
-      const link: Link = kind === 'tap' ? this.netdev.bridge(parent) : this.netdev.macvtapParent(parent);
+      const target = await this.resolveTarget(kind, parent, network);
       const mac = req.mac ?? randomMac(rule.macPrefix);
       const owner = persistent ? { uid: caller.uid, gid: group } : null;
       const ends = persistent ? 'release' : kind === 'tap' ? 'fds' : 'holder';
       // The lease is written into the device itself (ifalias), so a crash between here and the lease
       // table leaves a device the next start recognises as ours.
       const draft: LeaseRecord = {
-        id: newLeaseId(), uid: caller.uid, user: caller.user, kind, name: '', ifindex: 1, parent: link.name, mode, mac,
+        id: newLeaseId(), uid: caller.uid, user: caller.user, kind, name: '', ifindex: 1, parent: target.parentName, network, mode, mac,
         queues, rule: rule.name, created: new Date().toISOString(), ends,
         holder: ends === 'holder' ? caller.pid : null, holder_start: ends === 'holder' ? processStartTime(caller.pid) : null,
       };
       const alias = leaseAlias(draft);
       const created = this.createNamed(caller.uid, req.name, (name): CreatedTap => {
-        if (kind === 'tap') return this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge: link, persistent: owner, alias });
-        this.leases.intend({ id: draft.id, name, parent: link.name, mac });
+        if (kind === 'tap') return this.netdev.createTap({ name, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), bridge: target.bridge, vlan: target.vlan, persistent: owner, alias });
+        this.leases.intend({ id: draft.id, name, parent: target.parentName, mac });
         try {
-          return this.netdev.createMacvtap({ name, parent: link, mode: mode!, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), persistent: owner, alias }, this.stateDir ?? os.tmpdir());
+          return this.netdev.createMacvtap({ name, parent: target.link!, mode: mode!, queues, vnetHdr, vhost, guestMac: macToBuffer(mac), persistent: owner, alias }, this.stateDir ?? os.tmpdir());
         } catch (err) {
           this.leases.settle(draft.id);
           throw err;
@@ -209,27 +215,86 @@ export class Broker {
       // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
       const actualMac = kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;
       const lease: LeaseRecord = { ...draft, name: created.name, ifindex: created.ifindex, mac: actualMac };
-      const id = lease.id;
       this.leases.add(lease);
       hook('create:leased');
+      const fds = persistent ? [] : [...created.tapFds, ...created.vhostFds];
+      // Open vSwitch or a hook plugs the device now; if that fails, everything above is undone.
+      const plugged = await this.plug(lease, 'up').catch((err: unknown) => {
+        this.leases.remove(lease.id);
+        void closeInBackground([...created.tapFds, ...created.vhostFds]);
+        if (persistent || kind === 'macvtap') void this.track(deleteLinkInBackground(created.ifindex)).catch(() => {});
+        throw err;
+      });
       if (ends === 'holder') session.hold(lease.id);
       const device: Device = {
-        kind, name: created.name, ifindex: created.ifindex, parent: link.name, mode, mtu: created.mtu, host_mac: macFromBuffer(created.hostMac),
-        mac: actualMac, queues, vnet_hdr: vnetHdr, vhost, persistent, rule: rule.name,
+        kind, name: created.name, ifindex: created.ifindex, parent: target.parentName, network, vlan: target.vlan, mode, mtu: created.mtu,
+        host_mac: macFromBuffer(created.hostMac), mac: actualMac, queues, vnet_hdr: vnetHdr, vhost, persistent, rule: rule.name,
       };
-      this.audit.record({ op: req.op, decision: 'grant', rule: rule.name, caller, request, device: { ...device, lease: id } });
+      this.audit.record({ op: req.op, decision: 'grant', rule: rule.name, caller, request, device: { ...device, lease: lease.id, ...(plugged ? { plug: plugged } : {}) } });
       // A persistent device keeps no fd: the broker's one goes now, and none is sent.
-      const fds = persistent ? [] : [...created.tapFds, ...created.vhostFds];
       if (persistent) void closeInBackground(created.tapFds);
       const body = { id: req.id, device, fds: { tap: persistent ? 0 : created.tapFds.length, vhost: persistent ? 0 : created.vhostFds.length } };
       return { reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body }, fds };
     } catch (err) {
       if (!audited) {
         const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', String(err));
-        this.audit.record({ op: req.op, decision: 'error', rule: null, caller, request, code: e.code, message: e.message });
+        const plug = (err as { hook?: unknown }).hook;
+        this.audit.record({ op: req.op, decision: 'error', rule: null, caller, request, code: e.code, message: e.message, ...(plug ? { device: { plug } } : {}) });
       }
       throw err;
     }
+  }
+
+  /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, or an OVS bridge or hook network. */
+  private async resolveTarget(kind: 'tap' | 'macvtap', parent: string, network: string | null): Promise<{ link: Link | null; bridge: Link | null; vlan: number | null; parentName: string }> {
+    if (kind === 'macvtap') {
+      const link = this.netdev.macvtapParent(parent);
+      return { link, bridge: null, vlan: null, parentName: link.name };
+    }
+    if (network === null) {
+      const bridge = this.netdev.bridge(parent);
+      return { link: bridge, bridge, vlan: null, parentName: bridge.name };
+    }
+    const net = this.policy.networks.get(network)!;
+    if (net.kind === 'bridge') {
+      const bridge = this.netdev.bridge(net.target);
+      if (net.vlan !== null) this.netdev.checkVlanFiltering(bridge);
+      return { link: bridge, bridge, vlan: net.vlan, parentName: bridge.name };
+    }
+    if (net.kind === 'ovs') {
+      if (!(await isOvsBridge(ovsdbTarget(net.ovsdb ?? undefined), net.target))) throw new TapbrokerError('TB_E_NO_SUCH_BRIDGE', `no open vswitch bridge \`${net.target}'`);
+      return { link: null, bridge: null, vlan: net.vlan, parentName: net.target };
+    }
+    const unsafe = hookUnsafe(net.target);
+    if (unsafe) throw new TapbrokerError('TB_E_HOOK_FAILED', `hook ${net.target} ${unsafe}; not run`);
+    return { link: null, bridge: null, vlan: null, parentName: '-' };
+  }
+
+  /** Joins (`up`) or leaves (`down`) a device to its named network where OVS or a hook does that. */
+  private async plug(l: LeaseRecord, action: 'up' | 'down'): Promise<Record<string, unknown> | null> {
+    const net = l.network ? this.policy.networks.get(l.network) : undefined;
+    if (!net || net.kind === 'bridge') return null;
+    if (net.kind === 'ovs') {
+      const db = ovsdbTarget(net.ovsdb ?? undefined);
+      if (action === 'up') {
+        await addPort(db, net.target, l.name, {
+          ...(net.vlan !== null ? { tag: net.vlan } : {}), ...(net.trunk !== null ? { trunks: [...net.trunk] } : {}),
+          externalIds: { 'tapbroker-lease': l.id, 'tapbroker-uid': String(l.uid), 'tapbroker-mac': l.mac, 'tapbroker-rule': l.rule },
+        });
+      } else await delPort(db, net.target, l.name);
+      return { ovs: net.target, action, ...(net.vlan !== null ? { tag: net.vlan } : {}) };
+    }
+    const r = await runHook(net.target, action, { device: l.name, ifindex: l.ifindex, mac: l.mac, uid: l.uid, network: net.name, lease: l.id }, net.hookTimeoutMs);
+    return { hook: net.target, action, code: r.code, stdout: r.stdout, stderr: r.stderr, ms: r.ms };
+  }
+
+  /** After a device of a named network is gone or going: its OVS port record or hook `down`. Never throws. */
+  private unplug(l: LeaseRecord): void {
+    if (!l.network) return;
+    void this.track(this.plug(l, 'down')).then(
+      (r) => { if (r) this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: { ...leaseView(l), plug: r }, message: 'unplugged from its network' }); },
+      (err: Error) => this.audit.record({ op: 'cleanup', decision: 'error', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), code: 'TB_E_HOOK_FAILED', message: `unplugging failed: ${err.message}` }),
+    );
   }
 
   /** The caller's leases, oldest first (root: everyone's), as many as one reply holds. */
@@ -275,6 +340,7 @@ export class Broker {
       this.audit.record({ op: 'release', decision: 'error', rule: lease.rule, caller, request, code: e.code, message: e.message });
       throw e;
     }
+    this.unplug(lease);
     this.audit.record({ op: 'release', decision: 'release', rule: lease.rule, caller, request, device: leaseView(lease) });
     return { reply: { op: 'release', id: req.id, lease: leaseView(lease) }, fds: [] };
   }
@@ -292,9 +358,11 @@ export class Broker {
     const queues = req.queues ?? 1;
     const persistent = req.persistent ?? false;
     const vhost = req.vhost ?? false;
-    validateCreate(caller, { kind: req.kind, parent: req.parent, queues, mac: req.mac, name: req.name, persistent, vhost, group: null });
+    const kind = req.kind === 'network' ? 'tap' : req.kind;
+    const network = req.kind === 'network';
+    validateCreate(caller, { kind, parent: req.parent, network, queues, mac: req.mac, name: req.name, persistent, vhost, group: null });
     const mode = req.kind === 'macvtap' ? req.mode ?? 'bridge' : null;
-    const d = decide(this.policy, caller, { kind: req.kind, parent: req.parent, mode, queues, vhost, mac: req.mac ?? null, name: req.name ?? null, persistent }, (rule) => this.liveDevices(caller.uid, rule));
+    const d = decide(this.policy, caller, { kind, network, parent: req.parent, mode, queues, vhost, mac: req.mac ?? null, name: req.name ?? null, persistent }, (rule) => this.liveDevices(caller.uid, rule));
     const request = { kind: req.kind, parent: req.parent, mode, queues, vhost, persistent };
     this.audit.record({ op: 'can', decision: d.allow ? 'grant' : 'deny', rule: d.allow ? d.rule.name : d.rule, caller, request, ...(d.allow ? {} : { code: d.code, message: d.message }) });
     const reply: Reply = d.allow
@@ -343,6 +411,7 @@ export class Broker {
 
   private dropVanished(l: LeaseRecord): void {
     if (!this.leases.remove(l.id)) return;
+    this.unplug(l);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
     this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished' });
@@ -366,6 +435,7 @@ export class Broker {
     this.holderWatches.get(id)?.close();
     this.holderWatches.delete(id);
     if (this.deviceOf(l)) void this.track(deleteLinkInBackground(l.ifindex)).catch((err: Error) => this.log(`failed to delete \`${l.name}': ${err.message}`));
+    this.unplug(l);
     this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: reason });
   }
 
@@ -464,6 +534,8 @@ export function randomMac(prefix: string): string {
 interface CreateFields {
   kind: 'tap' | 'macvtap';
   parent: string;
+  /** `parent` names a network. */
+  network: boolean;
   queues: number;
   mac: string | undefined;
   name: string | undefined;
@@ -474,8 +546,12 @@ interface CreateFields {
 
 /** Grammar of every field, exactly as it will reach the kernel. */
 function validateCreate(caller: Identity, f: CreateFields): void {
-  const parentWhy = checkIfName(f.parent);
-  if (parentWhy) throw new TapbrokerError('TB_E_INVALID_NAME', `${f.kind === 'tap' ? 'bridge' : 'parent'} name \`${printable(f.parent)}' ${parentWhy}`);
+  if (f.network) {
+    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(f.parent)) throw new TapbrokerError('TB_E_INVALID_NAME', `network name \`${printable(f.parent)}' must be 1-64 characters of A-Z a-z 0-9 _ . -`);
+  } else {
+    const parentWhy = checkIfName(f.parent);
+    if (parentWhy) throw new TapbrokerError('TB_E_INVALID_NAME', `${f.kind === 'tap' ? 'bridge' : 'parent'} name \`${printable(f.parent)}' ${parentWhy}`);
+  }
   if (f.queues < 1 || f.queues > MAX_QUEUES) throw new TapbrokerError('TB_E_INVALID_QUEUES', `queues must be from 1 to ${MAX_QUEUES}, not ${f.queues}`);
   if (f.mac !== undefined) {
     const why = checkMac(f.mac);
@@ -588,7 +664,7 @@ class Session {
           break;
         case 'create-tap':
         case 'create-macvtap':
-          outcome = this.broker.create(this.caller, req, this);
+          outcome = await this.broker.create(this.caller, req, this);
           break;
         case 'list':
           outcome = this.broker.list(this.caller, req);

@@ -146,7 +146,7 @@ export class LeaseTable {
 /** The ifalias every device carries: its whole lease, so the kernel alone can tell whose it is. */
 export function leaseAlias(l: LeaseRecord): string {
   const holder = l.holder !== null ? ` holder=${l.holder}:${l.holder_start ?? 0}` : '';
-  return `tapbroker lease=${l.id} uid=${l.uid} kind=${l.kind} rule=${l.rule} ends=${l.ends} parent=${l.parent} queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${holder}`;
+  return `tapbroker lease=${l.id} uid=${l.uid} kind=${l.kind} rule=${l.rule} ends=${l.ends} parent=${l.parent} queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${l.network ? ` network=${l.network}` : ''}${holder}`;
 }
 
 /** The lease a device's ifalias describes, with name, ifindex and MAC from the device itself; null if it is not ours. */
@@ -156,7 +156,7 @@ export function leaseFromAlias(alias: string | null, dev: { name: string; index:
   const [holder, start] = (f.get('holder') ?? '').split(':');
   const candidate = {
     id: f.get('lease'), uid: Number(f.get('uid')), user: null, kind: f.get('kind'), name: dev.name, ifindex: dev.index,
-    parent: f.get('parent'), mode: f.get('mode') ?? null, mac: dev.address ? [...dev.address].map((b) => b.toString(16).padStart(2, '0')).join(':') : '00:00:00:00:00:00',
+    parent: f.get('parent'), network: f.get('network') ?? null, mode: f.get('mode') ?? null, mac: dev.address ? [...dev.address].map((b) => b.toString(16).padStart(2, '0')).join(':') : '00:00:00:00:00:00',
     queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: new Date().toISOString(), ends: f.get('ends'),
     holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
   };

@@ -63,7 +63,10 @@ export interface TapRequest {
   vnetHdr: boolean;
   vhost: boolean;
   guestMac: Buffer;
-  bridge: Link;
+  /** The Linux bridge to attach to; null for a tap that something else plugs (Open vSwitch, a hook). */
+  bridge: Link | null;
+  /** Access VLAN on the bridge (needs bridge VLAN filtering); none when absent or null. */
+  vlan?: number | null;
   /** Persistent and owned by this user (TUNSETOWNER/TUNSETGROUP/TUNSETPERSIST); null for fd-passed. */
   persistent: Owner | null;
   /** IFLA_IFALIAS: who the device belongs to, readable with `ip link`. */
@@ -150,10 +153,12 @@ export class Netdev {
       const link = this.rtnl.getLinkByName(req.name);
       if (!link || link.kind !== 'tun') throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
       const mac = hostMac(req.guestMac);
+      const bridge = req.bridge;
       try {
-        this.rtnl.configureLink(link.index, { address: mac, mtu: req.bridge.mtu, master: req.bridge.index, up: true, alias: req.alias });
+        this.rtnl.configureLink(link.index, bridge ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: true, alias: req.alias } : { address: mac, up: true, alias: req.alias });
+        if (bridge && req.vlan) this.rtnl.setAccessVlan(link.index, req.vlan);
       } catch (err) {
-        throw kernelError(`failed to attach \`${req.name}' to bridge \`${req.bridge.name}'`, err);
+        throw kernelError(bridge ? `failed to attach \`${req.name}' to bridge \`${bridge.name}'${req.vlan ? ` on vlan ${req.vlan}` : ''}` : `failed to set up \`${req.name}'`, err);
       }
       hook('tap:configured');
       if (req.persistent) {
@@ -168,11 +173,19 @@ export class Netdev {
         }
         hook('tap:persisted');
       } else if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
-      return { ifindex: link.index, hostMac: mac, mtu: req.bridge.mtu, tapFds, vhostFds };
+      return { ifindex: link.index, hostMac: mac, mtu: bridge?.mtu ?? link.mtu, tapFds, vhostFds };
     } catch (err) {
       void closeInBackground([...tapFds, ...vhostFds]);
       throw err;
     }
+  }
+
+  /** Refuses a VLAN on a bridge without VLAN filtering, before anything is made. */
+  checkVlanFiltering(bridge: Link): void {
+    if (bridge.vlanFiltering === true) return;
+    const why = bridge.vlanFiltering === null ? 'this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)'
+      : `vlan_filtering is off on ${bridge.name}; turn it on with \`ip link set ${bridge.name} type bridge vlan_filtering 1' (this fails where the kernel lacks CONFIG_BRIDGE_VLAN_FILTERING)`;
+    throw new TapbrokerError('TB_E_VLAN_UNAVAILABLE', `vlan filtering unavailable on ${bridge.name}: ${why}`);
   }
 
   /** The parent a macvtap may sit on, or a TapbrokerError saying why not. */

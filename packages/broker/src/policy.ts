@@ -36,12 +36,38 @@ const MacvtapGrant = z.strictObject({
   modes: z.array(z.enum(MACVTAP_MODES)).min(1).default(['bridge']),
 });
 
+const NetworkName = z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 characters of A-Z a-z 0-9 _ . -');
+const Vlan = z.number().int().min(1).max(4094);
+
+const NetworkSchema = z.strictObject({
+  bridge: IfName.optional(),
+  ovs: IfName.optional(),
+  /** Absolute path of a plug program, run by the broker as `PATH up|down DEVICE key=value…`. */
+  hook: z.string().regex(/^\/[^\0]*$/, 'must be an absolute path').optional(),
+  /** Access VLAN: the port's PVID, untagged. */
+  vlan: Vlan.optional(),
+  /** Trunk VLANs (Open vSwitch only). */
+  trunk: z.array(Vlan).min(1).optional(),
+  /** Seconds a hook may run (default 10). */
+  hook_timeout: z.number().int().min(1).max(300).optional(),
+  /** OVSDB to use instead of the one ovs-vsctl would find. */
+  ovsdb: z.string().regex(/^unix:\/\S+$/, 'must be unix:/path').optional(),
+}).superRefine((n, ctx) => {
+  const kinds = [n.bridge, n.ovs, n.hook].filter((x) => x !== undefined).length;
+  if (kinds !== 1) ctx.addIssue({ code: 'custom', message: 'a network needs exactly one of bridge, ovs or hook' });
+  if (n.vlan !== undefined && n.trunk !== undefined) ctx.addIssue({ code: 'custom', message: 'vlan and trunk exclude each other' });
+  if (n.trunk !== undefined && n.ovs === undefined) ctx.addIssue({ code: 'custom', message: 'trunk needs ovs' });
+  if ((n.vlan !== undefined || n.trunk !== undefined) && n.hook !== undefined) ctx.addIssue({ code: 'custom', message: 'a hook network sets its own VLANs' });
+  if (n.ovsdb !== undefined && n.ovs === undefined) ctx.addIssue({ code: 'custom', message: 'ovsdb needs ovs' });
+});
+
 const RuleSchema = z.strictObject({
   name: RuleName,
   users: z.array(Principal).optional(),
   groups: z.array(Principal).optional(),
   bridges: z.array(IfName).default([]),
   macvtap: z.array(MacvtapGrant).default([]),
+  networks: z.array(NetworkName).default([]),
   persistent: z.boolean().default(false),
   name_pattern: NamePattern.default(DEFAULT_NAME_PATTERN),
   max_queues: z.number().int().min(1).max(MAX_QUEUES).default(1),
@@ -60,13 +86,27 @@ const DenySchema = z.strictObject({
   groups: z.array(Principal).optional(),
   bridges: z.array(IfName).min(1).optional(),
   parents: z.array(IfName).min(1).optional(),
+  networks: z.array(NetworkName).min(1).optional(),
 });
 
 const PolicySchema = z.strictObject({
   version: z.literal(1).optional(),
+  network: z.record(NetworkName, NetworkSchema).default({}),
   rule: z.array(RuleSchema).default([]),
   deny: z.array(DenySchema).default([]),
 });
+
+/** A named network: what an admin calls it, and how a tap joins it. */
+export interface Network {
+  name: string;
+  kind: 'bridge' | 'ovs' | 'hook';
+  /** The Linux bridge or OVS bridge, or the hook's path. */
+  target: string;
+  vlan: number | null;
+  trunk: readonly number[] | null;
+  ovsdb: string | null;
+  hookTimeoutMs: number;
+}
 
 /** Who a rule applies to, resolved to numbers. `everyone` is the `"*"` user. */
 export interface Selector {
@@ -83,6 +123,7 @@ export interface AllowRule {
   who: Selector;
   bridges: readonly string[];
   macvtap: ReadonlyArray<{ parent: string; modes: readonly MacvtapMode[] }>;
+  networks: readonly string[];
   persistent: boolean;
   namePattern: string;
   maxQueues: number;
@@ -101,6 +142,8 @@ export interface DenyRule {
   bridges: readonly string[] | null;
   /** Macvtap parents this deny applies to; null means every parent (unless `bridges` narrows it to taps). */
   parents: readonly string[] | null;
+  /** Named networks this deny applies to. */
+  networks: readonly string[] | null;
 }
 
 export interface Policy {
@@ -108,6 +151,7 @@ export interface Policy {
   sha256: string;
   allow: readonly AllowRule[];
   deny: readonly DenyRule[];
+  networks: ReadonlyMap<string, Network>;
   /** Problems that do not stop the policy from loading (e.g. a user that does not exist here). */
   warnings: readonly string[];
 }
@@ -122,8 +166,10 @@ export interface Caller {
 /** What a create request asks for, as the policy sees it. */
 export interface Ask {
   kind: 'tap' | 'macvtap';
-  /** The bridge of a tap, the parent of a macvtap. */
+  /** The bridge of a tap, the parent of a macvtap, the name of a network. */
   parent: string;
+  /** True when `parent` names a network. */
+  network?: boolean;
   mode: MacvtapMode | null;
   queues: number;
   vhost: boolean;
@@ -169,9 +215,10 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     if (names.has(r.name)) errors.push(`${path}: rule.${i}.name: duplicate rule name \`${r.name}'`);
     names.add(r.name);
     const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, `${path}:${lineOf(text, ['rule', i])}`);
-    if (r.bridges.length === 0 && r.macvtap.length === 0) errors.push(`${path}: rule.${i}: rule \`${r.name}' allows no bridges and no macvtap parents`);
+    if (r.bridges.length === 0 && r.macvtap.length === 0 && r.networks.length === 0) errors.push(`${path}:${lineOf(text, ['rule', i])}: rule \`${r.name}' allows no bridges, no macvtap parents and no networks`);
+    for (const n of r.networks) if (!Object.hasOwn(parsed.data.network, n)) errors.push(`${path}:${lineOf(text, ['rule', i, 'networks'])}: rule \`${r.name}' names network \`${n}', which is not defined`);
     return {
-      kind: 'allow', name: r.name, line: lineOf(text, ['rule', i]), who, bridges: r.bridges, macvtap: r.macvtap, persistent: r.persistent,
+      kind: 'allow', name: r.name, line: lineOf(text, ['rule', i]), who, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks, persistent: r.persistent,
       namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix, maxDevices: r.max_devices ?? null,
     };
   });
@@ -180,11 +227,39 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     if (names.has(name)) errors.push(`${path}: deny.${i}.name: duplicate rule name \`${name}'`);
     names.add(name);
     const who = resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, `${path}:${lineOf(text, ['deny', i])}`);
-    return { kind: 'deny', name, line: lineOf(text, ['deny', i]), who, bridges: d.bridges ?? null, parents: d.parents ?? null };
+    return { kind: 'deny', name, line: lineOf(text, ['deny', i]), who, bridges: d.bridges ?? null, parents: d.parents ?? null, networks: d.networks ?? null };
   });
+  const networks = new Map<string, Network>();
+  for (const [name, n] of Object.entries(parsed.data.network)) {
+    const kind = n.bridge !== undefined ? 'bridge' : n.ovs !== undefined ? 'ovs' : 'hook';
+    const target = (n.bridge ?? n.ovs ?? n.hook)!;
+    if (kind === 'hook') {
+      const why = hookUnsafe(target);
+      if (why) errors.push(`${path}:${lineOf(text, ['network'])}: network \`${name}': hook ${target} ${why}`);
+    }
+    networks.set(name, { name, kind, target, vlan: n.vlan ?? null, trunk: n.trunk ?? null, ovsdb: n.ovsdb ?? null, hookTimeoutMs: (n.hook_timeout ?? 10) * 1000 });
+  }
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
   const sha256 = createHash('sha256').update(text).digest('hex');
-  return { path, sha256, allow, deny, warnings };
+  return { path, sha256, allow, deny, warnings, networks };
+}
+
+/**
+ * Why a hook program may not be run as root, or null: it must be a regular file owned by root,
+ * executable, and writable by nobody but root — checked at load and again before each run.
+ */
+export function hookUnsafe(file: string): string | null {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(file);
+  } catch {
+    return 'does not exist';
+  }
+  if (!st.isFile()) return 'is not a regular file';
+  if (st.uid !== 0) return `is owned by uid ${st.uid}, not root`;
+  if (st.mode & 0o022) return 'is writable by group or others';
+  if (!(st.mode & 0o100)) return 'is not executable';
+  return null;
 }
 
 /** The line of `[[table]]` number `index`, or of `key` inside it; 1 when it cannot be told. */
@@ -248,17 +323,23 @@ export function macInPrefix(mac: string, prefix: string): boolean {
 
 /** Does a deny rule cover this request? With neither `bridges` nor `parents` it covers everything. */
 function denies(d: DenyRule, ask: Ask): boolean {
-  if (d.bridges === null && d.parents === null) return true;
-  const scope = ask.kind === 'tap' ? d.bridges : d.parents;
+  if (d.bridges === null && d.parents === null && d.networks === null) return true;
+  const scope = ask.network ? d.networks : ask.kind === 'tap' ? d.bridges : d.parents;
   return scope !== null && scope.includes(ask.parent);
 }
 
 function grantsTarget(rule: AllowRule, ask: Ask): boolean {
+  if (ask.network) return rule.networks.includes(ask.parent);
   return ask.kind === 'tap' ? rule.bridges.includes(ask.parent) : rule.macvtap.some((m) => m.parent === ask.parent);
 }
 
-function targets(rule: AllowRule, kind: Ask['kind']): string[] {
-  return kind === 'tap' ? [...rule.bridges] : rule.macvtap.map((m) => `${m.parent} (${m.modes.join(', ')})`);
+function targets(rule: AllowRule, ask: Ask): string[] {
+  if (ask.network) return [...rule.networks];
+  return ask.kind === 'tap' ? [...rule.bridges] : rule.macvtap.map((m) => `${m.parent} (${m.modes.join(', ')})`);
+}
+
+function targetNoun(ask: Ask): string {
+  return ask.network ? 'networks' : ask.kind === 'tap' ? 'bridges' : 'macvtap parents';
 }
 
 /** Does `name` match `pattern` for this caller? */
@@ -280,10 +361,11 @@ function escapeRe(s: string): string {
  * charged to that rule. Pure: no I/O beyond that callback.
  */
 export function decide(policy: Policy, caller: Caller & { user?: string | null }, ask: Ask, liveDevices: (rule: string) => number): Decision {
-  const what = ask.kind === 'tap' ? `bridge \`${ask.parent}'` : `macvtap parent \`${ask.parent}'`;
+  const what = ask.network ? `network \`${ask.parent}'` : ask.kind === 'tap' ? `bridge \`${ask.parent}'` : `macvtap parent \`${ask.parent}'`;
   const deny = policy.deny.find((d) => matches(d.who, caller) && denies(d, ask));
   if (deny) {
-    const scope = deny.bridges || deny.parents ? `covers ${[...(deny.bridges ?? []), ...(deny.parents ?? [])].join(', ')}; another ${ask.kind === 'tap' ? 'bridge' : 'parent'} may be allowed` : 'covers everything; only an administrator can change it';
+    const listed = [...(deny.bridges ?? []), ...(deny.parents ?? []), ...(deny.networks ?? [])];
+    const scope = listed.length ? `covers ${listed.join(', ')}; another ${targetNoun(ask).replace(/s$/, '')} may be allowed` : 'covers everything; only an administrator can change it';
     return { allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'`, hint: `the deny rule ${scope}` };
   }
   const mine = policy.allow.filter((r) => matches(r.who, caller));
@@ -295,10 +377,10 @@ export function decide(policy: Policy, caller: Caller & { user?: string | null }
   }
   const forTarget = mine.filter((r) => grantsTarget(r, ask));
   if (forTarget.length === 0) {
-    const allowed = [...new Set(mine.flatMap((r) => targets(r, ask.kind)))];
+    const allowed = [...new Set(mine.flatMap((r) => targets(r, ask)))];
     return {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: `no rule matched ${what}`,
-      hint: allowed.length ? `your rules allow ${ask.kind === 'tap' ? 'bridges' : 'macvtap parents'}: ${allowed.join(', ')}` : `your rules allow no ${ask.kind === 'tap' ? 'bridges' : 'macvtap parents'}`,
+      hint: allowed.length ? `your rules allow ${targetNoun(ask)}: ${allowed.join(', ')}` : `your rules allow no ${targetNoun(ask)}`,
     };
   }
   let first: Decision | null = null;
@@ -312,7 +394,7 @@ export function decide(policy: Policy, caller: Caller & { user?: string | null }
 
 function refuse(rule: AllowRule, caller: Caller & { user?: string | null }, ask: Ask, live: number): Decision | null {
   const no = (code: ErrorCode, message: string, hint: string): Decision => ({ allow: false, code, rule: rule.name, message, hint });
-  if (ask.kind === 'macvtap') {
+  if (ask.kind === 'macvtap' && !ask.network) {
     const modes = rule.macvtap.find((m) => m.parent === ask.parent)!.modes;
     if (!modes.includes(ask.mode!)) {
       return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' allows mode${modes.length > 1 ? 's' : ''} ${modes.join(', ')} on \`${ask.parent}', not ${ask.mode}`, `ask for mode ${modes[0]}`);

@@ -22,6 +22,13 @@ export const IFLA_INFO_KIND = 1;
 export const IFLA_INFO_DATA = 2;
 export const IFLA_MACVLAN_MODE = 1;
 export const IFLA_TUN_PERSIST = 6;
+export const RTM_SETLINK = 19;
+export const AF_BRIDGE = 7;
+export const IFLA_AF_SPEC = 26;
+export const IFLA_BRIDGE_VLAN_INFO = 2;
+export const BRIDGE_VLAN_INFO_PVID = 0x2;
+export const BRIDGE_VLAN_INFO_UNTAGGED = 0x4;
+export const IFLA_BR_VLAN_FILTERING = 7;
 export const NLM_F_DUMP = 0x300;
 export const RTMGRP_LINK = 1;
 /** MACVLAN_MODE_* from if_link.h. */
@@ -105,6 +112,8 @@ export interface Link {
   alias: string | null;
   /** For a tun/tap: IFLA_TUN_PERSIST; null for other kinds. */
   persist: boolean | null;
+  /** For a bridge: IFLA_BR_VLAN_FILTERING; null for other kinds or where the kernel has no VLAN filtering. */
+  vlanFiltering: boolean | null;
 }
 
 /** Decodes the ifinfomsg of an RTM_NEWLINK message (header included). */
@@ -114,6 +123,7 @@ export function parseLink(msg: Buffer): Link {
   const info = linkinfo ? parseAttrs(linkinfo) : null;
   const kind = info ? cstr(info.get(IFLA_INFO_KIND)) ?? null : null;
   const tunData = kind === 'tun' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!) : null;
+  const brFiltering = kind === 'bridge' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!).get(IFLA_BR_VLAN_FILTERING) : undefined;
   const master = attrs.get(IFLA_MASTER);
   const lower = attrs.get(IFLA_LINK);
   return {
@@ -127,6 +137,7 @@ export function parseLink(msg: Buffer): Link {
     link: lower && lower.readUInt32LE(0) !== 0 ? lower.readUInt32LE(0) : null,
     alias: cstr(attrs.get(IFLA_IFALIAS)) || null,
     persist: tunData ? (tunData.get(IFLA_TUN_PERSIST)?.[0] ?? 0) === 1 : null,
+    vlanFiltering: brFiltering ? brFiltering[0] === 1 : null,
   };
 }
 
@@ -139,6 +150,19 @@ export function macvtapMessage(seq: number, opts: { name: string; parent: number
     rtattr(IFLA_ADDRESS, opts.mac),
     attrNested(IFLA_LINKINFO, [attrString(IFLA_INFO_KIND, 'macvtap'), attrNested(IFLA_INFO_DATA, [attrU32(IFLA_MACVLAN_MODE, MACVLAN_MODES[opts.mode])])]),
   ]);
+}
+
+/**
+ * A bridge port's VLAN (AF_BRIDGE RTM_SETLINK/RTM_DELLINK with IFLA_AF_SPEC/IFLA_BRIDGE_VLAN_INFO):
+ * `add` as the port's PVID, untagged — an access port — or remove `vid` (the default VLAN 1).
+ */
+export function bridgeVlanMessage(seq: number, port: number, vid: number, add: boolean): Buffer {
+  const info = Buffer.alloc(4);
+  info.writeUInt16LE(add ? BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED : 0, 0);
+  info.writeUInt16LE(vid, 2);
+  const msg = linkMessage(add ? RTM_SETLINK : RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index: port }, [attrNested(IFLA_AF_SPEC, [rtattr(IFLA_BRIDGE_VLAN_INFO, info)])]);
+  msg.writeUInt8(AF_BRIDGE, 16);
+  return msg;
 }
 
 /** The error carried by an NLMSG_ERROR message (0 for an ACK). */
@@ -242,6 +266,12 @@ export class Rtnetlink {
   /** Creates a macvtap; throws SyscallError (EEXIST if the name is taken). */
   createMacvtap(opts: Parameters<typeof macvtapMessage>[1]): void {
     this.request((seq) => macvtapMessage(seq, opts), `create macvtap \`${opts.name}'`);
+  }
+
+  /** Makes `port` an access port of VLAN `vid` on its bridge (and drops the default VLAN 1). */
+  setAccessVlan(port: number, vid: number): void {
+    this.request((seq) => bridgeVlanMessage(seq, port, vid, true), `set vlan ${vid} on port ${port}`);
+    if (vid !== 1) this.request((seq) => bridgeVlanMessage(seq, port, 1, false), `remove vlan 1 from port ${port}`);
   }
 
   /** Sets address, MTU, master and up in one RTM_NEWLINK. */

@@ -11,13 +11,13 @@ import { childFdNumbers, nicArgs, shellQuote } from './qemu-args.js';
 
 const USAGE = `usage: tapbroker run [--socket PATH] --net SPEC... -- COMMAND [ARG...]
        tapbroker qemu-args --net SPEC...
-       tapbroker create --persistent (--bridge BRIDGE | --macvtap PARENT [--mode MODE]) [--name NAME]
+       tapbroker create --persistent (--bridge BRIDGE | --network NAME | --macvtap PARENT [--mode MODE]) [--name NAME]
                         [--queues N] [--mac MAC] [--group GROUP] [--xml | --json] [--socket PATH]
        tapbroker list [--json] [--socket PATH]
        tapbroker release NAME [--socket PATH]
        tapbroker can [--socket PATH] --net SPEC...      (dry run: would the broker grant it, by which rule?)
        tapbroker reload [--socket PATH]                 (root: the broker re-reads its policy)
-SPEC:  bridge=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N][,vhost=on|off]
+SPEC:  bridge=NAME|network=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N][,vhost=on|off]
        [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`;
 
 /** sysexits(3), documented in the README. */
@@ -95,7 +95,8 @@ export function buildNicArgs(nets: readonly NetSpec[], taps: readonly Tap[] | nu
 }
 
 export function describeDevice(d: Device): string {
-  const where = d.kind === 'tap' ? `on ${d.parent}` : `macvtap on ${d.parent} (${d.mode})`;
+  const net = d.network ? `network ${d.network}${d.parent !== '-' ? ` (${d.parent}${d.vlan !== null ? `, vlan ${d.vlan}` : ''})` : ''}` : '';
+  const where = d.network ? `on ${net}` : d.kind === 'tap' ? `on ${d.parent}` : `macvtap on ${d.parent} (${d.mode})`;
   return `${d.name} ${where} (ifindex ${d.ifindex}, mtu ${d.mtu}, mac ${d.mac}, ${d.queues} queue${d.queues > 1 ? 's' : ''}${d.vhost ? ', vhost' : ''}${d.persistent ? ', persistent' : ''}, rule ${d.rule})`;
 }
 
@@ -105,7 +106,8 @@ async function run(args: Args): Promise<number> {
   try {
     for (const n of args.nets) {
       const common = { queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name };
-      taps.push(n.kind === 'tap' ? await client.createTap({ bridge: n.parent, ...common }) : await client.createMacvtap({ parent: n.parent, mode: n.mode!, ...common }));
+      taps.push(n.kind === 'macvtap' ? await client.createMacvtap({ parent: n.parent, mode: n.mode!, ...common })
+        : await client.createTap({ ...(n.network ? { network: n.parent } : { bridge: n.parent }), ...common }));
     }
   } catch (err) {
     taps.forEach(closeTap);
@@ -141,6 +143,7 @@ interface LeaseArgs {
   socket: string | null;
   persistent: boolean;
   bridge: string | null;
+  network: string | null;
   macvtap: string | null;
   mode: MacvtapMode | null;
   name: string | null;
@@ -152,7 +155,7 @@ interface LeaseArgs {
 
 export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
   const o: LeaseArgs = {
-    command: argv[0] as LeaseArgs['command'], socket: null, persistent: false, bridge: null, macvtap: null, mode: null,
+    command: argv[0] as LeaseArgs['command'], socket: null, persistent: false, bridge: null, network: null, macvtap: null, mode: null,
     name: null, queues: 1, mac: null, group: null, output: 'text',
   };
   const usage = (m: string): never => { throw new TapbrokerError('TB_E_USAGE', m); };
@@ -170,6 +173,12 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
       case '--persistent': o.persistent = true; break;
       case '--bridge': o.bridge = ifname('bridge'); break;
       case '--macvtap': o.macvtap = ifname('parent'); break;
+      case '--network': {
+        const n = value();
+        if (!/^[A-Za-z0-9_.-]{1,64}$/.test(n)) usage(`network name \`${n}' must be 1-64 characters of A-Z a-z 0-9 _ . -`);
+        o.network = n;
+        break;
+      }
       case '--mode': {
         const m = value();
         if (!(MACVTAP_MODES as readonly string[]).includes(m)) usage(`--mode must be one of ${MACVTAP_MODES.join(', ')}`);
@@ -208,7 +217,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
   }
   if (o.command === 'create') {
     if (!o.persistent) usage('create makes persistent devices: say --persistent (for a VM you start yourself, use tapbroker run)');
-    if ((o.bridge === null) === (o.macvtap === null)) usage('create needs exactly one of --bridge or --macvtap');
+    if ([o.bridge, o.network, o.macvtap].filter((x) => x !== null).length !== 1) usage('create needs exactly one of --bridge, --network or --macvtap');
     if (o.mode !== null && o.macvtap === null) usage('--mode is for --macvtap');
     if (o.group !== null && o.macvtap !== null) usage('--group is for --bridge: a persistent macvtap is its owner\'s alone');
   }
@@ -239,9 +248,9 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
       return 0;
     }
     const common = { queues: o.queues, mac: o.mac, name: o.name, persistent: true };
-    const tap = o.bridge !== null
-      ? await client.createTap({ bridge: o.bridge, group: o.group, ...common })
-      : await client.createMacvtap({ parent: o.macvtap!, mode: o.mode ?? 'bridge', ...common });
+    const tap = o.macvtap === null
+      ? await client.createTap({ ...(o.bridge !== null ? { bridge: o.bridge } : { network: o.network! }), group: o.group, ...common })
+      : await client.createMacvtap({ parent: o.macvtap, mode: o.mode ?? 'bridge', ...common });
     const d = tap.device;
     if (o.output === 'xml') process.stdout.write(libvirtInterfaceXml(d));
     else if (o.output === 'json') process.stdout.write(`${JSON.stringify(d, null, 2)}\n`);
@@ -276,9 +285,9 @@ export async function main(argv: readonly string[]): Promise<number> {
       let all = true;
       try {
         for (const n of args.nets) {
-          const r = await client.can({ kind: n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name });
+          const r = await client.can({ kind: n.network ? 'network' : n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name });
           all &&= r.allow;
-          const target = n.kind === 'tap' ? `bridge=${n.parent}` : `macvtap=${n.parent} (${n.mode})`;
+          const target = n.network ? `network=${n.parent}` : n.kind === 'tap' ? `bridge=${n.parent}` : `macvtap=${n.parent} (${n.mode})`;
           process.stdout.write(r.allow ? `${target}: yes, by rule ${r.rule}\n` : `${target}: no, ${r.code}: ${r.message}${r.rule ? ` (rule: ${r.rule})` : ''}${r.hint ? `; hint: ${r.hint}` : ''}\n`);
         }
       } finally {

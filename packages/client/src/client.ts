@@ -23,8 +23,10 @@ interface CommonOptions {
   persistent?: boolean;
 }
 
+/** Exactly one of `bridge` or `network`. */
 export interface TapOptions extends CommonOptions {
-  bridge: string;
+  bridge?: string;
+  network?: string;
   /** With `persistent`: a group (one of the caller's) that may also use the tap. */
   group?: number | null;
 }
@@ -75,7 +77,9 @@ export class TapbrokerClient {
   }
 
   async createTap(opts: TapOptions): Promise<Tap> {
-    const req: CreateTapRequest = { op: 'create-tap', id: this.nextId++, bridge: opts.bridge, ...common(opts) };
+    const req: CreateTapRequest = { op: 'create-tap', id: this.nextId++, ...common(opts) };
+    if (opts.bridge !== undefined) req.bridge = opts.bridge;
+    if (opts.network !== undefined) req.network = opts.network;
     if (opts.group !== undefined && opts.group !== null) req.group = opts.group;
     return this.create(req);
   }
@@ -105,7 +109,7 @@ export class TapbrokerClient {
   }
 
   /** Dry run: would the broker grant this, and by which rule? Nothing is created. */
-  async can(opts: { kind: 'tap' | 'macvtap'; parent: string; mode?: MacvtapMode | null; queues?: number; vhost?: boolean; mac?: string | null; name?: string | null; persistent?: boolean }) {
+  async can(opts: { kind: 'tap' | 'macvtap' | 'network'; parent: string; mode?: MacvtapMode | null; queues?: number; vhost?: boolean; mac?: string | null; name?: string | null; persistent?: boolean }) {
     const req: Request = { op: 'can', id: this.nextId++, kind: opts.kind, parent: opts.parent };
     if (opts.mode) req.mode = opts.mode;
     if (opts.queues !== undefined) req.queues = opts.queues;

@@ -1,4 +1,4 @@
-// `--net` SPECs: `bridge=NAME|macvtap=PARENT[,mode=M][,queues=N][,vhost=on|off][,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
+// `--net` SPECs: `bridge=NAME|macvtap=PARENT|network=NAME[,mode=M][,queues=N][,vhost=on|off][,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
 import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, type MacvtapMode } from '@tapbroker/protocol';
 
 export interface NetSpec {
@@ -7,6 +7,8 @@ export interface NetSpec {
   parent: string;
   /** Macvtap mode (default bridge); null for a tap. */
   mode: MacvtapMode | null;
+  /** `parent` names a network the admin defined (`network=NAME`), not a bridge. */
+  network: boolean;
   queues: number;
   vhost: boolean;
   mac: string | null;
@@ -18,7 +20,7 @@ export interface NetSpec {
 }
 
 export const DEFAULT_MODEL = 'virtio-net-pci';
-const KEYS = new Set(['bridge', 'macvtap', 'mode', 'queues', 'vhost', 'mac', 'id', 'model', 'name']);
+const KEYS = new Set(['bridge', 'macvtap', 'network', 'mode', 'queues', 'vhost', 'mac', 'id', 'model', 'name']);
 // qemu option values: nothing that could end the value (`,`) or start another option.
 const QEMU_ID = /^[A-Za-z][A-Za-z0-9_.-]{0,31}$/;
 const QEMU_MODEL = /^[A-Za-z0-9_-]{1,64}$/;
@@ -39,11 +41,16 @@ export function parseNetSpec(spec: string): NetSpec {
   }
   const bridge = fields.get('bridge');
   const macvtap = fields.get('macvtap');
-  if ((bridge === undefined) === (macvtap === undefined)) bad(`--net ${spec}: exactly one of bridge=NAME or macvtap=PARENT is required`);
-  const kind = bridge !== undefined ? 'tap' : 'macvtap';
-  const parent = (bridge ?? macvtap)!;
-  const parentWhy = checkIfName(parent);
-  if (parentWhy) bad(`--net ${spec}: ${kind === 'tap' ? 'bridge' : 'parent'} name \`${parent}' ${parentWhy}`);
+  const network = fields.get('network');
+  if ([bridge, macvtap, network].filter((x) => x !== undefined).length !== 1) bad(`--net ${spec}: exactly one of bridge=NAME, macvtap=PARENT or network=NAME is required`);
+  const kind = macvtap !== undefined ? 'macvtap' : 'tap';
+  const parent = (bridge ?? macvtap ?? network)!;
+  if (network !== undefined) {
+    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(network)) bad(`--net ${spec}: network name \`${network}' must be 1-64 characters of A-Z a-z 0-9 _ . -`);
+  } else {
+    const parentWhy = checkIfName(parent);
+    if (parentWhy) bad(`--net ${spec}: ${kind === 'tap' ? 'bridge' : 'parent'} name \`${parent}' ${parentWhy}`);
+  }
   const modeText = fields.get('mode');
   if (modeText !== undefined && kind === 'tap') bad(`--net ${spec}: mode= is for macvtap`);
   if (modeText !== undefined && !(MACVTAP_MODES as readonly string[]).includes(modeText)) bad(`--net ${spec}: mode must be one of ${MACVTAP_MODES.join(', ')}`);
@@ -66,5 +73,5 @@ export function parseNetSpec(spec: string): NetSpec {
     const why = checkIfName(name);
     if (why) bad(`--net ${spec}: name \`${name}' ${why}`);
   }
-  return { kind, parent, mode, queues: Number(q), vhost: vhost === 'on', mac, id, model, name };
+  return { kind, parent, mode, network: network !== undefined, queues: Number(q), vhost: vhost === 'on', mac, id, model, name };
 }

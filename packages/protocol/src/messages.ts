@@ -26,10 +26,12 @@ export const HelloRequest = z.strictObject({
   client: Text(128).optional(),
 });
 
+/** Exactly one of `bridge` (a Linux bridge by its name) or `network` (a network the admin named). */
 export const CreateTapRequest = z.strictObject({
   op: z.literal('create-tap'),
   id: Id,
-  bridge: Text(64),
+  bridge: Text(64).optional(),
+  network: Text(64).optional(),
   queues: z.number().int().optional(),
   vhost: z.boolean().optional(),
   vnet_hdr: z.boolean().optional(),
@@ -69,7 +71,8 @@ export const ReloadRequest = z.strictObject({ op: z.literal('reload'), id: Id })
 export const CanRequest = z.strictObject({
   op: z.literal('can'),
   id: Id,
-  kind: z.enum(['tap', 'macvtap']),
+  /** `network`: `parent` names a network. */
+  kind: z.enum(['tap', 'macvtap', 'network']),
   parent: Text(64),
   mode: z.enum(MACVTAP_MODES).optional(),
   queues: z.number().int().optional(),
@@ -109,8 +112,12 @@ export const Device = z.strictObject({
   kind: z.enum(['tap', 'macvtap']),
   name: Text(15),
   ifindex: z.number().int().positive(),
-  /** The bridge of a tap, or the parent of a macvtap. */
+  /** The bridge of a tap (Linux or Open vSwitch), the parent of a macvtap, `-` for a hook network. */
   parent: Text(15),
+  /** The named network the device joined, or null. */
+  network: Text(64).nullable(),
+  /** Its access VLAN, or null. */
+  vlan: z.number().int().nullable(),
   mode: z.enum(MACVTAP_MODES).nullable(),
   mtu: z.number().int().positive(),
   /** The host-side MAC: for a tap, first octet 0xfe (the bridge keeps its own address); for a macvtap, the guest's. */
@@ -142,6 +149,7 @@ export const Lease = z.strictObject({
   name: Text(15),
   ifindex: z.number().int().positive(),
   parent: Text(15),
+  network: Text(64).nullable().default(null),
   mode: z.enum(MACVTAP_MODES).nullable(),
   mac: Text(17),
   queues: z.number().int().positive(),

@@ -104,17 +104,19 @@ export class SeqpacketConnection {
   }
 
   /** Connects to a listening SEQPACKET socket at `path`, waiting while its backlog is full. */
-  static async connect(path: string, opts: { maxPacket: number; maxFds?: number }): Promise<SeqpacketConnection> {
+  static async connect(path: string, opts: { maxPacket: number; maxFds?: number; connectTimeoutMs?: number }): Promise<SeqpacketConnection> {
     const addr = sys.sockaddrUn(path);
     const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_NONBLOCK | sys.SOCK_CLOEXEC);
     try {
+      const deadline = Date.now() + (opts.connectTimeoutMs ?? 10_000);
       for (let attempt = 0; ; attempt++) {
         try {
           sys.connect(fd, addr, `\`${path}'`);
           break;
         } catch (err) {
-          // A non-blocking AF_UNIX connect says EAGAIN while the listener's backlog is full.
-          if (!(err instanceof sys.SyscallError && err.errno === sys.errno.EAGAIN) || attempt >= 40) throw err;
+          // A non-blocking AF_UNIX connect says EAGAIN while the listener's backlog is full: a busy
+          // broker, not a missing one. Wait, within a bound.
+          if (!(err instanceof sys.SyscallError && err.errno === sys.errno.EAGAIN) || Date.now() > deadline) throw err;
           await new Promise((r) => setTimeout(r, Math.min(2 ** attempt, 100)));
         }
       }

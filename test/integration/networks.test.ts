@@ -1,0 +1,181 @@
+// Named networks: a Linux bridge by the admin's name, bridge VLANs (absent on this kernel: a clear
+// refusal), and plug hooks run by the broker — recording their calls, failing, hanging, printing garbage.
+import anyTest, { type TestFn } from 'ava';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+let ns: Netns;
+let broker: BrokerProcess;
+let dir: string;
+let log: string;
+const BASE = ['br0', 'br-hook'];
+
+function script(name: string, body: string, mode = 0o755): string {
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, `#!/bin/sh\n${body}\n`);
+  fs.chmodSync(file, mode);
+  return file;
+}
+
+test.before(async () => {
+  ns = Netns.create('nets');
+  ns.bridge('br0');
+  ns.bridge('br-hook');
+  dir = tempDir('nets');
+  log = path.join(dir, 'hook.log');
+  // A hook that records its argv and environment, then plugs the tap into br-hook itself.
+  const plug = script('plug', `echo "$@ | env: $(env | sort | tr '\\n' ' ')" >> ${log}\nif [ "$1" = up ]; then ip link set "$2" master br-hook; fi\necho "plugged $2"`);
+  const fail = script('fail', 'echo "no such segment" >&2; exit 3');
+  const hang = script('hang', 'sleep 60');
+  const garbage = script('garbage', "printf '\\001\\377binary\\033[31m\\n'; exit 0");
+  const policy = `
+[network.lab]
+bridge = "br0"
+
+[network.lab100]
+bridge = "br0"
+vlan = 100
+
+[network.custom]
+hook = "${plug}"
+
+[network.broken]
+hook = "${fail}"
+
+[network.stuck]
+hook = "${hang}"
+hook_timeout = 1
+
+[network.noisy]
+hook = "${garbage}"
+
+[[rule]]
+name = "nets"
+users = [${NOBODY}]
+networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy"]
+persistent = true
+`;
+  broker = await BrokerProcess.start(ns, policy, { dir });
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  ns?.destroy();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const sock = () => broker.socket;
+
+test.serial('network=lab: a tap on the bridge the admin named, recorded as that network', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ network: 'lab' }] });
+  try {
+    t.is(p.result.error, null, p.result.error?.message);
+    t.like(p.result.taps[0]!.device, { network: 'lab', parent: 'br0', vlan: null });
+    t.is(ns.link(p.result.taps[0]!.device.name)?.master, 'br0');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('a network the rule does not list, and a bridge= the rule does not list, are refused', async (t) => {
+  t.is((await probeOnce({ socket: sock(), requests: [{ network: 'nope' }] })).error?.code, 'TB_E_POLICY_DENIED');
+  const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] });
+  t.is(r.error?.code, 'TB_E_POLICY_DENIED', 'a network grant does not grant its bridge by name');
+  t.deepEqual(ns.extraLinks(BASE), []);
+});
+
+test.serial('a bridge VLAN where the kernel has no VLAN filtering: a clear refusal, nothing made', async (t) => {
+  const r = await probeOnce({ socket: sock(), requests: [{ network: 'lab100' }] });
+  t.is(r.error?.code, 'TB_E_VLAN_UNAVAILABLE');
+  t.regex(r.error!.message, /^vlan filtering unavailable on br0/);
+  const canFilter = spawnSync('ip', ['-n', ns.name, 'link', 'set', 'br0', 'type', 'bridge', 'vlan_filtering', '1']).status === 0;
+  if (!canFilter) t.log('skip the VLAN traffic test: this kernel cannot turn on bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING off); the netlink encoding is unit-tested');
+  else ns.ip('link', 'set', 'br0', 'type', 'bridge', 'vlan_filtering', '0');
+  t.deepEqual(ns.extraLinks(BASE), []);
+});
+
+test.serial('a plug hook: run up with fixed argv and documented variables only, plugs the device; down when it is gone', async (t) => {
+  fs.rmSync(log, { force: true });
+  const p = await probe({ socket: sock(), requests: [{ network: 'custom' }] });
+  const d = p.result.taps[0]!.device;
+  t.is(p.result.error, null, p.result.error?.message);
+  t.like(d, { network: 'custom', parent: '-' });
+  t.is(ns.link(d.name)?.master, 'br-hook', 'the hook plugged it');
+  const up = fs.readFileSync(log, 'utf8').trim();
+  t.true(up.startsWith(`up ${d.name} ifindex=${d.ifindex} mac=${d.mac} uid=${NOBODY} network=custom lease=`), up);
+  // sh itself adds PWD, SHLVL and _; everything else came from the broker.
+  const env = up.split(' | env: ')[1]!.trim().split(' ').map((kv) => kv.split('=')[0]!).filter((k) => !['PWD', 'SHLVL', '_', 'OLDPWD'].includes(k)).sort();
+  t.deepEqual(env, ['PATH', 'TAPBROKER_ACTION', 'TAPBROKER_DEVICE', 'TAPBROKER_IFINDEX', 'TAPBROKER_LEASE', 'TAPBROKER_MAC', 'TAPBROKER_NETWORK', 'TAPBROKER_UID']);
+  const grant = broker.records.find((r) => r.decision === 'grant' && (r.device as { name: string }).name === d.name)!;
+  t.like((grant.device as { plug: Record<string, unknown> }).plug, { action: 'up', code: 0, stdout: `plugged ${d.name}\n` });
+  await p.release();
+  await broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 3000, 'no down call');
+  t.pass();
+});
+
+const hookFails = test.macro({
+  async exec(t, network: string, pattern: RegExp) {
+    const r = await probeOnce({ socket: sock(), requests: [{ network }] });
+    t.is(r.error?.code, 'TB_E_HOOK_FAILED');
+    t.regex(r.error!.message, pattern);
+    await broker.waitFor(() => ns.extraLinks(BASE).length === 0, 2000, 'the device was not rolled back');
+    const state = JSON.parse(fs.readFileSync(broker.stateFile, 'utf8')) as { leases: unknown[] };
+    t.deepEqual(state.leases, []);
+    t.true(broker.alive);
+  },
+  title: (what) => `a hook that ${what}: refused, rolled back`,
+});
+test.serial('fails', hookFails, 'broken', /exited 3: no such segment/);
+test.serial('hangs past its timeout', hookFails, 'stuck', /timed out after 1000 ms/);
+
+test.serial('a hook printing garbage: its output is captured, made printable, and the grant stands', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ network: 'noisy' }] });
+  try {
+    t.is(p.result.error, null);
+    const grant = [...broker.records].reverse().find((r) => r.decision === 'grant')!;
+    t.is((grant.device as { plug: { stdout: string } }).plug.stdout, '??binary?[31m\n');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('a hook made unsafe after the policy loaded is not run', async (t) => {
+  const file = path.join(dir, 'plug');
+  fs.chmodSync(file, 0o777);
+  fs.rmSync(log, { force: true });
+  try {
+    const r = await probeOnce({ socket: sock(), requests: [{ network: 'custom' }] });
+    t.is(r.error?.code, 'TB_E_HOOK_FAILED');
+    t.regex(r.error!.message, /writable by group or others; not run/);
+    t.false(fs.existsSync(log), 'never executed');
+    t.deepEqual(ns.extraLinks(BASE), []);
+  } finally {
+    fs.chmodSync(file, 0o755);
+  }
+});
+
+test.serial('a policy with an unsafe hook does not load', (t) => {
+  const bad = path.join(dir, 'unsafe.toml');
+  const hookFile = script('unsafe-hook', 'exit 0', 0o775);
+  fs.writeFileSync(bad, `[network.x]\nhook = "${hookFile}"\n[[rule]]\nname = "r"\nusers = [1]\nnetworks = ["x"]\n`);
+  const r = spawnSync(process.execPath, [BROKER_MAIN, 'check-policy', bad], { encoding: 'utf8' });
+  t.is(r.status, 78);
+  t.regex(r.stderr, /hook .*unsafe-hook is writable by group or others/);
+});
+
+test.serial('tapbroker run --net network=NAME and create --persistent --network NAME', async (t) => {
+  const run = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'run', '--socket', sock(), '--net', 'network=lab', '--', 'sh', '-c', 'echo "$@"', 'sh'], { encoding: 'utf8' });
+  t.is(run.status, 0, run.stderr);
+  t.regex(run.stderr, /on network lab \(br0\)/);
+  const made = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'create', '--persistent', '--network', 'lab', '--json', '--socket', sock()], { encoding: 'utf8' });
+  t.is(made.status, 0, made.stderr);
+  const d = JSON.parse(made.stdout) as { name: string; network: string };
+  t.is(d.network, 'lab');
+  t.is(ns.link(d.name)?.master, 'br0');
+  t.is((await probeOnce({ socket: sock(), release: [d.name] })).error, null);
+});
