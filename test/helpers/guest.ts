@@ -31,7 +31,7 @@ export function guestImage(): GuestImage {
 }
 
 /** qemu arguments to boot the guest under TCG, console on stdio, with instructions on the cmdline. */
-export function guestQemuArgs(img: GuestImage, opts: { ip: string; ping: string; count?: number }): string[] {
-  const cmdline = `console=ttyS0 quiet panic=-1 tb.ip=${opts.ip} tb.ping=${opts.ping}${opts.count ? ` tb.count=${opts.count}` : ''}`;
+export function guestQemuArgs(img: GuestImage, opts: { ip: string; ping: string; count?: number; timeout?: number }): string[] {
+  const cmdline = `console=ttyS0 quiet panic=-1 tb.ip=${opts.ip} tb.ping=${opts.ping}${opts.count ? ` tb.count=${opts.count}` : ''}${opts.timeout ? ` tb.timeout=${opts.timeout}` : ''}`;
   return ['-accel', 'tcg', '-m', '256', '-nodefaults', '-display', 'none', '-serial', 'stdio', '-no-reboot', '-kernel', img.kernel, '-initrd', img.initrd, '-append', cmdline];
 }

@@ -97,15 +97,51 @@ export class Audit {
         // journald went away: the record still goes somewhere.
       }
     }
-    if (!journaled) fs.writeSync(this.fd, line);
+    if (!journaled) this.dropped += this.fd === 2 ? toStderr(line) : writeFully(this.fd, line);
     // write(2) with O_APPEND: in the kernel before the reply is sent; no user-space buffering.
-    if (this.fileFd !== null) fs.writeSync(this.fileFd, line);
+    if (this.fileFd !== null) this.dropped += writeFully(this.fileFd, line);
     return rec;
   }
+
+  /** Records that could not be written at all (the sink failed with something other than EAGAIN). */
+  dropped = 0;
 
   close(): void {
     if (this.fileFd !== null) fs.closeSync(this.fileFd);
   }
+}
+
+const pause = new Int32Array(new SharedArrayBuffer(4));
+const STDERR_BACKLOG = 16 * 1024 * 1024;
+
+/**
+ * stderr is often a pipe whose reader may stall; blocking on it would stall every client. Records go
+ * through Node's ordered, buffered stream instead (the file and journald sinks are the ones written
+ * before the reply), and past 16 MiB of backlog they are dropped and counted.
+ */
+function toStderr(line: string): number {
+  if (process.stderr.writableLength > STDERR_BACKLOG) return 1;
+  process.stderr.write(line);
+  return 0;
+}
+
+/**
+ * Writes all of `text`, waiting out EAGAIN: stderr may be a non-blocking pipe whose reader is slow, and
+ * a record must be written before the reply leaves. Never throws (a failing audit sink must not turn a
+ * granted device into a leaked one); returns 1 when the record could not be written.
+ */
+function writeFully(fd: number, text: string): number {
+  let buf = Buffer.from(text);
+  for (let waited = 0; buf.length > 0;) {
+    try {
+      buf = buf.subarray(fs.writeSync(fd, buf));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN' || waited > 10_000) return 1;
+      Atomics.wait(pause, 0, 0, 1);
+      waited++;
+    }
+  }
+  return 0;
 }
 
 /** A human summary for MESSAGE=. */

@@ -13,7 +13,7 @@ import { identify, type Identity } from './identity.js';
 import { LeaseTable, leaseAlias, leaseFromAlias, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import { hook } from './testhook.js';
 import { runHook } from './hook.js';
-import { addPort, delPort, isOvsBridge, ovsdbTarget } from './ovs.js';
+import { addPort, delPort, listOurPorts, ovsdbTarget } from './ovs.js';
 import { Netdev, closeInBackground, type CreatedTap } from './netdev.js';
 import { MAX_QUEUES, decide, hookUnsafe, loadPolicy, type Policy } from './policy.js';
 import { LinkMonitor, RTM_DELLINK, deleteLinkInBackground, type Link } from './rtnetlink.js';
@@ -83,6 +83,7 @@ export class Broker {
   start(listener: SeqpacketListener): void {
     this.monitor = new LinkMonitor((type, link) => { if (type === RTM_DELLINK) this.linkGone(link); }, () => this.resync());
     this.reconcile();
+    void this.track(this.reconcileOvs());
     // Written at every start, so that from now on a missing file means it was lost, not never made.
     this.leases.save();
     this.listener = listener;
@@ -189,7 +190,8 @@ export class Broker {
         throw new TapbrokerError(decision.code, decision.message, { rule: decision.rule ?? 'no rule matched', hint: decision.hint });
       }
       const rule = decision.rule;
-      const target = await this.resolveTarget(kind, parent, network);
+      // Nothing is awaited between the decision and the lease: concurrent requests see each other's quota.
+      const target = this.resolveTarget(kind, parent, network);
       const mac = req.mac ?? randomMac(rule.macPrefix);
       const owner = persistent ? { uid: caller.uid, gid: group } : null;
       const ends = persistent ? 'release' : kind === 'tap' ? 'fds' : 'holder';
@@ -246,7 +248,7 @@ export class Broker {
   }
 
   /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, or an OVS bridge or hook network. */
-  private async resolveTarget(kind: 'tap' | 'macvtap', parent: string, network: string | null): Promise<{ link: Link | null; bridge: Link | null; vlan: number | null; parentName: string }> {
+  private resolveTarget(kind: 'tap' | 'macvtap', parent: string, network: string | null): { link: Link | null; bridge: Link | null; vlan: number | null; parentName: string } {
     if (kind === 'macvtap') {
       const link = this.netdev.macvtapParent(parent);
       return { link, bridge: null, vlan: null, parentName: link.name };
@@ -261,10 +263,8 @@ export class Broker {
       if (net.vlan !== null) this.netdev.checkVlanFiltering(bridge);
       return { link: bridge, bridge, vlan: net.vlan, parentName: bridge.name };
     }
-    if (net.kind === 'ovs') {
-      if (!(await isOvsBridge(ovsdbTarget(net.ovsdb ?? undefined), net.target))) throw new TapbrokerError('TB_E_NO_SUCH_BRIDGE', `no open vswitch bridge \`${net.target}'`);
-      return { link: null, bridge: null, vlan: net.vlan, parentName: net.target };
-    }
+    // An OVS bridge that does not exist makes add-port fail, and the grant is rolled back then.
+    if (net.kind === 'ovs') return { link: null, bridge: null, vlan: net.vlan, parentName: net.target };
     const unsafe = hookUnsafe(net.target);
     if (unsafe) throw new TapbrokerError('TB_E_HOOK_FAILED', `hook ${net.target} ${unsafe}; not run`);
     return { link: null, bridge: null, vlan: null, parentName: '-' };
@@ -490,6 +490,33 @@ export class Broker {
     }
   }
 
+  /**
+   * OVS keeps a port record after its tap is gone. At start, remove every port that carries our
+   * external-ids but whose lease is gone or whose device is not the lease's; never a port without them.
+   */
+  async reconcileOvs(): Promise<void> {
+    const dbs = new Set([...this.policy.networks.values()].filter((n) => n.kind === 'ovs').map((n) => ovsdbTarget(n.ovsdb ?? undefined)));
+    for (const db of dbs) {
+      let ports: Awaited<ReturnType<typeof listOurPorts>>;
+      try {
+        ports = await listOurPorts(db);
+      } catch (err) {
+        this.log(`warning: cannot reconcile open vswitch at ${db}: ${(err as Error).message}`);
+        continue;
+      }
+      for (const p of ports) {
+        const l = this.leases.get(p.lease);
+        if (l && l.name === p.port && this.deviceOf(l)) continue;
+        try {
+          await delPort(db, p.bridge, p.port);
+          this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l?.rule ?? null, caller: { uid: p.uid }, device: { name: p.port, ovs: p.bridge, lease: p.lease }, message: 'a stale open vswitch port of ours: removed' });
+        } catch (err) {
+          this.log(`failed to remove stale port ${p.port} from ${p.bridge}: ${(err as Error).message}`);
+        }
+      }
+    }
+  }
+
   private track<T>(p: Promise<T>): Promise<T> {
     this.deletions.add(p);
     void p.catch(() => {}).finally(() => this.deletions.delete(p));
@@ -568,6 +595,11 @@ function validateCreate(caller: Identity, f: CreateFields): void {
   }
 }
 
+/** Reply text within the protocol's limits (1024 characters for messages). */
+function bounded(s: string, max = 1024): string {
+  return s.length <= max ? s : `${s.slice(0, max - 1)}…`;
+}
+
 /** Caller-supplied text as it may appear in a message: control characters escaped, length bounded. */
 function printable(s: string): string {
   return JSON.stringify(s.slice(0, 64)).slice(1, -1);
@@ -643,13 +675,15 @@ class Session {
   /** Returns false when the connection must end after this request. */
   private async handle(data: Buffer, fds: number[], truncated: boolean): Promise<boolean> {
     // Nobody may hand the broker descriptors: close them at once, whatever else the frame says.
+    // Before hello, any refusal also ends the connection; after it, the connection serves on.
     if (fds.length > 0) {
-      for (const fd of fds) sys.close(fd);
-      return this.replyError(null, new TapbrokerError('TB_E_UNEXPECTED_FDS', `the request carried ${fds.length} file descriptor${fds.length > 1 ? 's' : ''}; they were closed`), true);
+      // Off the event loop: one of them may be the last fd of a tap, whose close takes ~20 ms.
+      void closeInBackground(fds);
+      return this.replyError(null, new TapbrokerError('TB_E_UNEXPECTED_FDS', `the request carried ${fds.length} file descriptor${fds.length > 1 ? 's' : ''}; they were closed`), this.helloed);
     }
-    if (truncated) return this.replyError(null, new TapbrokerError('TB_E_FRAME_TOO_LARGE', `frame exceeds the ${MAX_REQUEST_BYTES}-byte cap`), true);
+    if (truncated) return this.replyError(null, new TapbrokerError('TB_E_FRAME_TOO_LARGE', `frame exceeds the ${MAX_REQUEST_BYTES}-byte cap`), this.helloed);
     const decoded = decodeRequest(data);
-    if (!decoded.ok) return this.replyError(decoded.id, decoded.error, true);
+    if (!decoded.ok) return this.replyError(decoded.id, decoded.error, this.helloed);
     const req = decoded.message;
     if (!this.helloed && req.op !== 'hello') {
       return this.replyError(req.id, new TapbrokerError('TB_E_HELLO_REQUIRED', `the first message must be hello, not ${req.op}`), false);
@@ -699,9 +733,9 @@ class Session {
   private async replyError(id: number | null, err: unknown, keepOpen: boolean): Promise<boolean> {
     const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', `internal error: ${(err as Error).message}`);
     if (e.code === 'TB_E_INTERNAL') process.stderr.write(`tapbrokerd: internal error: ${(err as Error).stack}\n`);
-    const reply: Reply = { op: 'error', id, code: e.code, message: e.message };
-    if (e.rule !== undefined) reply.rule = e.rule;
-    if (e.hint !== undefined) reply.hint = e.hint;
+    const reply: Reply = { op: 'error', id, code: e.code, message: bounded(e.message) };
+    if (e.rule !== undefined) reply.rule = bounded(e.rule, 128);
+    if (e.hint !== undefined) reply.hint = bounded(e.hint);
     try {
       await this.reply(reply, []);
     } catch {

@@ -48,7 +48,8 @@ export class TapbrokerError extends Error {
   readonly rule: string | undefined;
   readonly hint: string | undefined;
   constructor(code: ErrorCode, message: string, extra: { rule?: string; hint?: string; cause?: unknown } = {}) {
-    super(message, extra.cause === undefined ? undefined : { cause: extra.cause });
+    // Bounded so that every error fits an error reply (messages at most 1024 characters).
+    super(message.length > 1000 ? `${message.slice(0, 999)}…` : message, extra.cause === undefined ? undefined : { cause: extra.cause });
     this.name = 'TapbrokerError';
     this.code = code;
     this.rule = extra.rule;

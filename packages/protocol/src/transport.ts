@@ -49,7 +49,14 @@ class Poller {
       this.handle?.stop();
       return;
     }
-    const cb = ((status: number, ev: Interest) => this.onEvent(status, ev)) as unknown as (ev: unknown) => void;
+    // An exception escaping a libuv poll callback wedges the process: report it and carry on.
+    const cb = ((status: number, ev: Interest) => {
+      try {
+        this.onEvent(status, ev);
+      } catch (err) {
+        process.stderr.write(`tapbroker: error in a poll callback: ${(err as Error).stack}\n`);
+      }
+    }) as unknown as (ev: unknown) => void;
     if (!this.handle) this.handle = sys.koffi.node.poll(this.fd, next, cb);
     else this.handle.start(next, cb);
   }
@@ -68,7 +75,13 @@ class Poller {
 /** Calls `onReadable` each time `fd` is readable until closed (a pidfd turns readable when its process exits). */
 export function watchReadable(fd: number, onReadable: () => void): { close(): void } {
   const poller = new Poller(fd, (status) => {
-    if (status >= 0) onReadable();
+    // POLLERR (libuv says EBADF and stops the handle): e.g. a netlink socket that overran. Restart and
+    // let the reader meet the error (ENOBUFS) itself.
+    if (status < 0) {
+      poller.stopped();
+      poller.want({ readable: true });
+    }
+    onReadable();
   });
   poller.want({ readable: true });
   return { close: () => poller.close() };

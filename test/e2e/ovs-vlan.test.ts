@@ -1,0 +1,100 @@
+// Open vSwitch networks through the broker, against a real ovsdb-server/ovs-vswitchd (userspace
+// datapath) in the test's namespace: port records with the lease's external-ids, removed when the
+// lease ends or found stale at start; and a qemu guest on an access port of VLAN 100 that reaches a
+// peer on VLAN 100 and cannot reach one on VLAN 200.
+import anyTest, { type TestFn } from 'ava';
+import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { QEMU, guestImage, guestQemuArgs, guestUnavailable } from '../helpers/guest.js';
+import { Netns } from '../helpers/netns.js';
+import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
+import { NOBODY, probe, spawnAs } from '../helpers/unpriv.js';
+import fs from 'node:fs';
+
+const test = anyTest as TestFn;
+const unavailable = ovsUnavailable();
+if (unavailable) console.log(`# skip open vswitch networks: ${unavailable}`);
+const t0 = unavailable ? test.skip : test.serial;
+
+let ns: Netns;
+let ovs: OvsInstance;
+let broker: BrokerProcess;
+let dir: string;
+let policy: string;
+
+test.before(async () => {
+  if (unavailable) return;
+  ns = Netns.create('ovs-e2e');
+  ovs = await OvsInstance.start(ns);
+  ovs.addBridge('br-int');
+  // Two peers as internal ports: 192.0.2.1 on VLAN 100, 192.0.2.3 on VLAN 200.
+  for (const [port, tag, ip] of [['p100', '100', '192.0.2.1/24'], ['p200', '200', '192.0.2.3/24']] as const) {
+    ovs.vsctl('add-port', 'br-int', port, `tag=${tag}`, '--', 'set', 'Interface', port, 'type=internal');
+    ns.ip('addr', 'add', ip, 'dev', port);
+    ns.ip('link', 'set', port, 'up');
+  }
+  dir = tempDir('ovs-e2e');
+  policy = `[network.prod]\novs = "br-int"\nvlan = 100\novsdb = "${ovs.db}"\n\n[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nnetworks = ["prod"]\npersistent = true\n`;
+  broker = await BrokerProcess.start(ns, policy, { dir });
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  await ovs?.stop();
+  ns?.destroy();
+  if (dir) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const portOf = (name: string) => {
+  try {
+    return { tag: ovs.vsctl('get', 'Port', name, 'tag').trim(), ids: ovs.vsctl('get', 'Port', name, 'external_ids').trim() };
+  } catch {
+    return null;
+  }
+};
+
+t0('a tap on network prod is an OVS access port of VLAN 100 whose external-ids name its lease; gone with the lease', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+  const d = p.result.taps[0]!.device;
+  t.is(p.result.error, null, p.result.error?.message);
+  t.like(d, { network: 'prod', parent: 'br-int', vlan: 100 });
+  const port = portOf(d.name)!;
+  t.is(port.tag, '100');
+  t.regex(port.ids, new RegExp(`"tapbroker-uid"="${NOBODY}"`));
+  t.regex(port.ids, new RegExp(`"tapbroker-mac"="${d.mac}"`));
+  t.regex(port.ids, /"tapbroker-lease"="[0-9a-f]{16}"/);
+  await p.release();
+  await broker.waitFor(() => portOf(d.name) === null, 3000, 'the OVS port outlived its tap');
+  t.pass();
+});
+
+t0('at start, stale OVS ports of ours are removed; a port without our external-ids is never touched', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+  const name = p.result.taps[0]!.device.name;
+  await broker.stop('SIGKILL', true);
+  await p.release();
+  t.truthy(portOf(name), 'the tap is gone but its port record stays');
+  ns.ip('tuntap', 'add', 'foreign0', 'mode', 'tap');
+  ovs.vsctl('add-port', 'br-int', 'foreign0');
+  broker = await BrokerProcess.start(ns, policy, { dir });
+  await broker.waitFor(() => portOf(name) === null, 5000, 'stale port not removed');
+  t.truthy(portOf('foreign0'), 'foreign port untouched');
+  ovs.vsctl('del-port', 'br-int', 'foreign0');
+  ns.ip('tuntap', 'del', 'foreign0', 'mode', 'tap');
+});
+
+const noGuest = unavailable ?? guestUnavailable();
+(noGuest ? test.skip : test.serial)('a qemu guest on an OVS access port of VLAN 100 reaches VLAN 100 and not VLAN 200', async (t) => {
+  t.timeout(180_000);
+  const img = guestImage();
+  const boot = (ping: string) => new Promise<string>((resolve) => {
+    const c = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker.socket, '--net', 'network=prod', '--', QEMU, ...guestQemuArgs(img, { ip: '192.0.2.2/24', ping, timeout: 6 })], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    c.stdout!.on('data', (d) => (out += d));
+    const timer = setTimeout(() => c.kill('SIGKILL'), 120_000);
+    c.on('exit', () => { clearTimeout(timer); resolve(out); });
+  });
+  const same = await boot('192.0.2.1');
+  t.regex(same, /TB-GUEST-PING-OK 192\.0\.2\.1/, 'same VLAN');
+  const other = await boot('192.0.2.3');
+  t.regex(other, /TB-GUEST-PING-FAIL 192\.0\.2\.3/, 'the VLAN 200 peer is unreachable');
+});
