@@ -1049,7 +1049,10 @@ test.serial('rtnetlink overrun: a burst of host link events does not blind the b
     await until(() => !ns2.link(name) && leaseNames(b).length === 0, 3000);
     t.is(ns2.link(name), undefined, 'the tap is gone');
     t.deepEqual(leaseNames(b), [], 'and so is its lease');
-    t.true(b.records.some((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name), 'the cleanup is audited');
+    // stderr is written asynchronously, after the lease table: wait for the record itself.
+    const audited = () => b.records.some((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name);
+    await until(audited, 3000);
+    t.true(audited(), 'the cleanup is audited');
   } finally {
     await done();
   }

@@ -120,8 +120,21 @@ const STDERR_BACKLOG = 16 * 1024 * 1024;
  * before the reply), and past 16 MiB of backlog they are dropped and counted.
  */
 function toStderr(line: string): number {
-  if (process.stderr.writableLength > STDERR_BACKLOG) return 1;
-  process.stderr.write(line);
+  // While a backlog is queued, queue behind it, so records stay in order.
+  if (process.stderr.writableLength > 0) {
+    if (process.stderr.writableLength > STDERR_BACKLOG) return 1;
+    process.stderr.write(line);
+    return 0;
+  }
+  // Normally the pipe has room: written now, before the reply.
+  const buf = Buffer.from(line);
+  let sent = 0;
+  try {
+    sent = fs.writeSync(2, buf);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') return 1;
+  }
+  if (sent < buf.length) process.stderr.write(buf.subarray(sent));
   return 0;
 }
 

@@ -5,7 +5,6 @@ import path from 'node:path';
 import { SeqpacketListener, TapbrokerError, sys } from '@tapbroker/protocol';
 import { Broker } from './broker.js';
 import { loadPolicy, type Policy } from './policy.js';
-import { policyTool } from './policy-tools.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
@@ -115,7 +114,9 @@ function notify(state: string): void {
 function main(): void {
   const argv = process.argv.slice(2);
   if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
-    process.exit(policyTool(argv, DEFAULT_POLICY));
+    // Loaded only for the tools: the daemon's start-up does not pay for them.
+    void import('./policy-tools.js').then(({ policyTool }) => process.exit(policyTool(argv, DEFAULT_POLICY)));
+    return;
   }
   const opts = parseArgs(argv);
   let policy: Policy;

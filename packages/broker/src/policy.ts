@@ -385,7 +385,8 @@ export function decide(policy: Policy, caller: Caller & { user?: string | null }
   }
   let first: Decision | null = null;
   for (const rule of forTarget) {
-    const refusal = refuse(rule, caller, ask, liveDevices(rule.name));
+    // Counting live devices asks the kernel about each lease: only where the rule has a quota.
+    const refusal = refuse(rule, caller, ask, rule.maxDevices === null ? 0 : liveDevices(rule.name));
     if (!refusal) return { allow: true, rule };
     first ??= refusal;
   }

@@ -191,11 +191,20 @@ export class Rtnetlink {
   private readonly rxIov = Buffer.alloc(16);
   private readonly hdr = Buffer.alloc(56);
   private readonly txIov = Buffer.alloc(16);
+  /** The request being sent: its address sits in txIov, so it must stay referenced from here (a local
+   * can be collected by a GC that any allocation may trigger, and the kernel would read freed memory). */
+  private tx: Buffer = Buffer.alloc(0);
+  /** A reply that never comes fails the request instead of hanging the broker. */
+  static readonly TIMEOUT_MS = 5000;
 
   constructor() {
     this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC, sys.NETLINK_ROUTE);
     sys.setsockoptInt(this.fd, sys.SOL_NETLINK, sys.NETLINK_EXT_ACK, 1);
     sys.setsockoptInt(this.fd, sys.SOL_NETLINK, sys.NETLINK_GET_STRICT_CHK, 1);
+    // SO_RCVTIMEO 1 s: a blocking recvmsg wakes up to check the request's deadline.
+    const tv = Buffer.alloc(16);
+    tv.writeBigInt64LE(1n, 0);
+    sys.setsockopt(this.fd, sys.SOL_SOCKET, 20 /* SO_RCVTIMEO */, tv);
     this.rxIov.writeBigUInt64LE(sys.addressOf(this.rx), 0);
     this.rxIov.writeBigUInt64LE(BigInt(this.rx.length), 8);
   }
@@ -207,15 +216,17 @@ export class Rtnetlink {
   /** Sends one request and returns the reply messages (for a plain request with ACK: none). */
   request(build: (seq: number) => Buffer, what: string): Buffer[] {
     const seq = (this.seq = (this.seq + 1) & 0x7fffffff);
-    const msg = build(seq);
-    this.txIov.writeBigUInt64LE(sys.addressOf(msg), 0);
-    this.txIov.writeBigUInt64LE(BigInt(msg.length), 8);
+    this.tx = build(seq);
+    this.txIov.writeBigUInt64LE(sys.addressOf(this.tx), 0);
+    this.txIov.writeBigUInt64LE(BigInt(this.tx.length), 8);
     this.hdr.fill(0);
     this.hdr.writeBigUInt64LE(sys.addressOf(this.txIov), 16);
     this.hdr.writeBigUInt64LE(1n, 24);
-    sys.sendmsg(this.fd, this.hdr, 0);
+    if (sys.sendmsg(this.fd, this.hdr, 0) < 0) throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, `${what}: request not sent`);
+    const deadline = Date.now() + Rtnetlink.TIMEOUT_MS;
     const replies: Buffer[] = [];
     for (;;) {
+      if (Date.now() > deadline) throw new sys.SyscallError('rtnetlink', sys.errno.ETIMEDOUT, `${what}: no reply`);
       this.hdr.fill(0);
       this.hdr.writeBigUInt64LE(sys.addressOf(this.rxIov), 16);
       this.hdr.writeBigUInt64LE(1n, 24);

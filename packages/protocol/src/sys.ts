@@ -126,12 +126,16 @@ export function sockaddrUnAny(name: string): [Buffer, number] {
   return [sa, 3 + bytes.length];
 }
 
+let inFlight: Buffer[] = [];
+
 /** One datagram to an AF_UNIX datagram socket (sd_notify, journald's native protocol). */
 export function sendDatagram(name: string, data: Buffer): void {
   const [sa, salen] = sockaddrUnAny(name);
   const fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC);
   try {
     const iov = Buffer.alloc(16);
+    // Referenced from module scope across the call: their addresses sit in iov and hdr.
+    inFlight = [sa, iov, data];
     iov.writeBigUInt64LE(addressOf(data), 0);
     iov.writeBigUInt64LE(BigInt(data.length), 8);
     const hdr = Buffer.alloc(56);
@@ -139,10 +143,11 @@ export function sendDatagram(name: string, data: Buffer): void {
     hdr.writeUInt32LE(salen, 8);
     hdr.writeBigUInt64LE(addressOf(iov), 16);
     hdr.writeBigUInt64LE(1n, 24);
+    inFlight.push(hdr);
     const n = Number(_sendmsg(fd, hdr, MSG_NOSIGNAL));
     if (n < 0) fail('sendmsg', `to \`${name}'`);
-    void [sa, iov, data];
   } finally {
+    inFlight = [];
     close(fd);
   }
 }
@@ -197,6 +202,10 @@ export function getsockoptInt(fd: number, level: number, name: number): number {
   const buf = Buffer.alloc(4);
   getsockopt(fd, level, name, buf);
   return buf.readInt32LE(0);
+}
+
+export function setsockopt(fd: number, level: number, name: number, value: Buffer): void {
+  if ((_setsockopt(fd, level, name, value, value.length) as number) < 0) fail('setsockopt', `(${level}, ${name})`);
 }
 
 export function setsockoptInt(fd: number, level: number, name: number, value: number): void {
