@@ -179,3 +179,15 @@ test.serial('tapbroker run --net network=NAME and create --persistent --network 
   t.is(ns.link(d.name)?.master, 'br0');
   t.is((await probeOnce({ socket: sock(), release: [d.name] })).error, null);
 });
+
+test.serial('the policy tools understand networks', (t) => {
+  const who = spawnSync(process.execPath, [BROKER_MAIN, 'who-can', broker.policyPath, '--network', 'lab100', '--json'], { encoding: 'utf8' });
+  t.is(who.status, 0, who.stderr);
+  t.deepEqual((JSON.parse(who.stdout) as { allowed_by: Array<{ rule: string }> }).allowed_by.map((r) => r.rule), ['nets']);
+  const text = spawnSync(process.execPath, [BROKER_MAIN, 'who-can', broker.policyPath, '--network', 'lab100'], { encoding: 'utf8' }).stdout;
+  t.regex(text, /network lab100 \(bridge br0, vlan 100\)/);
+  const ex = JSON.parse(spawnSync(process.execPath, [BROKER_MAIN, 'explain-policy', broker.policyPath, '--user', 'nobody', '--json'], { encoding: 'utf8' }).stdout) as { allowed_by: Array<{ networks: string[] }> };
+  t.true(ex.allowed_by[0]!.networks.includes('custom'));
+  t.is(spawnSync(process.execPath, [BROKER_MAIN, 'who-can', broker.policyPath, '--network', 'nope'], { encoding: 'utf8' }).status, 65);
+  t.is(spawnSync(process.execPath, [BROKER_MAIN, 'check-policy', broker.policyPath], { encoding: 'utf8' }).status, 0);
+});

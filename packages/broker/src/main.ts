@@ -12,7 +12,7 @@ const USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g grou
                   [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]
        tapbrokerd check-policy [file] [--json]
        tapbrokerd explain-policy [file] --user name [--json]
-       tapbrokerd who-can [file] (--bridge name | --macvtap parent [--mode mode]) [--json]`;
+       tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]`;
 export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const EX_USAGE = 64;

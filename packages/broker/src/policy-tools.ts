@@ -46,7 +46,9 @@ function scopeCovers(a: readonly string[] | null, b: readonly string[] | null, a
 
 function covers(a: DenyRule, b: DenyRule): boolean {
   if (!selectorCovers(a.who, b.who)) return false;
-  if (a.bridges === null && a.parents === null) return true;
+  if (a.bridges === null && a.parents === null && a.networks === null) return true;
+  // Scoped to networks: covered only by a deny naming at least those networks (and nothing else to compare).
+  if (a.networks !== null || b.networks !== null) return a.networks !== null && b.networks !== null && b.networks.every((n) => a.networks!.includes(n)) && a.bridges === null && a.parents === null;
   return scopeCovers(a.bridges, b.bridges, a.parents) && scopeCovers(a.parents, b.parents, a.bridges);
 }
 
@@ -57,7 +59,7 @@ function principals(s: Selector): string {
 }
 
 function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
-  const o = { file: defaultPolicy, json: false, user: null as string | null, bridge: null as string | null, macvtap: null as string | null, mode: null as MacvtapMode | null };
+  const o = { file: defaultPolicy, json: false, user: null as string | null, bridge: null as string | null, macvtap: null as string | null, network: null as string | null, mode: null as MacvtapMode | null };
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -69,6 +71,7 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
     else if (a === '--user') o.user = value();
     else if (a === '--bridge') o.bridge = value();
     else if (a === '--macvtap') o.macvtap = value();
+    else if (a === '--network') o.network = value();
     else if (a === '--mode') {
       const m = value();
       if (!(MACVTAP_MODES as readonly string[]).includes(m)) throw new TapbrokerError('TB_E_USAGE', `--mode must be one of ${MACVTAP_MODES.join(', ')}`);
@@ -137,7 +140,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
       user: o.user, uid: pw.uid, gid: pw.gid, groups,
       denied_by: denies.map((d) => ({ rule: d.name, line: d.line, bridges: d.bridges ?? (d.parents ? [] : 'all'), parents: d.parents ?? (d.bridges ? [] : 'all') })),
       allowed_by: allows.map((r) => ({
-        rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, max_queues: r.maxQueues, vhost: r.vhost,
+        rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks, max_queues: r.maxQueues, vhost: r.vhost,
         mac_prefix: r.macPrefix, persistent: r.persistent, name_pattern: r.namePattern, max_devices: r.maxDevices,
       })),
     };
@@ -145,8 +148,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     else {
       write(`user ${o.user}: uid ${pw.uid}, gid ${pw.gid}, groups ${groups.join(',') || '-'}`);
       if (allows.length === 0) write('no rule allows this user anything (default deny)');
-      else write(table([['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT', 'MAX DEVICES'],
-        ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-', r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-',
+      else write(table([['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT', 'MAX DEVICES'],
+        ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-', r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
           String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
       for (const d of denies) {
         const scope = d.bridges || d.parents ? `${d.bridges ? `bridges ${d.bridges.join(',')}` : ''}${d.bridges && d.parents ? ' and ' : ''}${d.parents ? `macvtap parents ${d.parents.join(',')}` : ''}` : 'everything';
@@ -157,14 +160,19 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
   }
 
   // who-can
-  if ((o.bridge === null) === (o.macvtap === null)) {
-    process.stderr.write('tapbrokerd: who-can needs exactly one of --bridge or --macvtap\n');
+  if ([o.bridge, o.macvtap, o.network].filter((x) => x !== null).length !== 1) {
+    process.stderr.write('tapbrokerd: who-can needs exactly one of --bridge, --macvtap or --network\n');
     return EX_USAGE;
   }
-  const kind = o.bridge !== null ? 'tap' : 'macvtap';
-  const target = (o.bridge ?? o.macvtap)!;
-  const grants = policy.allow.filter((r) => kind === 'tap' ? r.bridges.includes(target) : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode))));
-  const denies = policy.deny.filter((d) => (d.bridges === null && d.parents === null) || (kind === 'tap' ? d.bridges?.includes(target) : d.parents?.includes(target)));
+  const kind = o.bridge !== null ? 'tap' : o.macvtap !== null ? 'macvtap' : 'network';
+  const target = (o.bridge ?? o.macvtap ?? o.network)!;
+  if (kind === 'network' && !policy.networks.has(target)) {
+    process.stderr.write(`tapbrokerd: no network \`${target}' in ${o.file}\n`);
+    return EX_DATAERR;
+  }
+  const grants = policy.allow.filter((r) => kind === 'tap' ? r.bridges.includes(target) : kind === 'network' ? r.networks.includes(target) : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode))));
+  const denies = policy.deny.filter((d) => (d.bridges === null && d.parents === null && d.networks === null)
+    || (kind === 'tap' ? d.bridges?.includes(target) : kind === 'network' ? d.networks?.includes(target) : d.parents?.includes(target)));
   const result = {
     target: { kind, name: target, mode: o.mode },
     allowed_by: grants.map((r) => ({ rule: r.name, line: r.line, who: principals(r.who), max_queues: r.maxQueues, vhost: r.vhost, persistent: r.persistent, max_devices: r.maxDevices })),
@@ -172,7 +180,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
   };
   if (o.json) write(JSON.stringify(result, null, 2));
   else {
-    write(`${kind === 'tap' ? 'bridge' : 'macvtap parent'} ${target}${o.mode ? ` (mode ${o.mode})` : ''}:`);
+    const net = kind === 'network' ? policy.networks.get(target)! : null;
+    write(`${kind === 'tap' ? 'bridge' : kind === 'network' ? 'network' : 'macvtap parent'} ${target}${o.mode ? ` (mode ${o.mode})` : ''}${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
     else write(table([['RULE', 'LINE', 'WHO', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
       ...grants.map((r) => [r.name, String(r.line), principals(r.who), String(r.maxQueues), r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
