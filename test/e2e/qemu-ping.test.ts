@@ -77,7 +77,7 @@ async function boot(spec: string, ip: string, ping: string): Promise<{ code: num
 
   t.is(code, 0, `client exit ${code}\nstdout:\n${out}\nstderr:\n${err}`);
   t.regex(out, /TB-GUEST-PING-OK 192\.0\.2\.1/);
-  const grant = broker.records.find((r) => r.decision === 'grant');
+  const grant = await broker!.record((r) => r.decision === 'grant');
   t.truthy(grant);
   const device = grant!.device as { name: string; mac: string };
   t.true(out.includes(`TB-GUEST-MAC ${device.mac}`), 'the guest NIC has the MAC the broker assigned');

@@ -71,6 +71,13 @@ export class BrokerProcess {
     }
   }
 
+  /** The first audit record matching `pred`, waiting for it: records arrive through the stderr pipe,
+   * which the test reads independently of the client's pipes. */
+  async record(pred: (r: AuditRecord) => boolean, ms = 3000): Promise<AuditRecord> {
+    await this.waitFor(() => this.records.some(pred), ms, 'no matching audit record');
+    return this.records.find(pred)!;
+  }
+
   get alive(): boolean {
     return this.proc.exitCode === null && this.proc.signalCode === null;
   }

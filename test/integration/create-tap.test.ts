@@ -78,7 +78,7 @@ test.serial('a granted tap is a port of the bridge, up, with its MTU and a 0xfe 
     t.is(link.linkinfo?.info_data?.['vnet_hdr'], true);
     t.deepEqual(p.result.taps[0]!.written, [70]);
     t.is(rx(device.name), 1, 'the frame written by uid 65534 arrived on the tap');
-    const grant = broker.records.find((r) => r.decision === 'grant' && (r.device as { name: string }).name === device.name);
+    const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === device.name);
     t.truthy(grant);
     t.is(grant!.uid, NOBODY);
     t.is(grant!.rule, 'lab');
@@ -120,6 +120,7 @@ const refused = test.macro({
     const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', ...request }] }, as);
     t.is(r.error?.code, code, r.error?.message);
     t.deepEqual(ns.extraLinks(HOST_LINKS), [], 'no device left behind');
+    await broker.waitFor(() => broker.records.slice(before).some((x) => x.op === 'create-tap'), 3000, 'refusal not audited');
     const rec = broker.records.slice(before).find((x) => x.op === 'create-tap');
     t.truthy(rec, 'the refusal was audited');
     t.is(rec!.code, code);
@@ -251,7 +252,8 @@ test.serial('a tap its holder made persistent against the rule is deleted at the
   const next = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] });
   t.is(next.error, null);
   await broker.waitFor(() => ns.link(name) === undefined, 2000, `${name} was not deleted`);
-  t.truthy(broker.records.find((r) => r.decision === 'cleanup' && /made it persistent/.test(r.message ?? '')));
+  await broker.waitFor(() => broker.records.some((r) => r.decision === 'cleanup' && /made it persistent/.test(r.message ?? '')), 3000, 'no cleanup record');
+  t.pass();
 });
 
 test.serial('a root client not named in the policy is refused by policy, not by uid', async (t) => {

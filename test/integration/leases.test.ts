@@ -131,7 +131,7 @@ test.serial('release deletes the device and its lease', async (t) => {
   t.is(ns.link(`tb${A}-lv0`), undefined);
   const again = await probeOnce({ socket: sock(), release: [`tb${A}-lv0`] }, { uid: A });
   t.is(again.error?.code, 'TB_E_NO_SUCH_LEASE');
-  const rec = broker.records.find((x) => x.op === 'release' && x.decision === 'release');
+  const rec = await broker.record((x) => x.op === 'release' && x.decision === 'release');
   t.truthy(rec);
 });
 
@@ -179,7 +179,7 @@ test.serial('broker SIGKILLed while a macvtap lease is live; the VM exits; the b
   broker = await BrokerProcess.start(ns, POLICY, { dir });
   await broker.waitFor(() => ns.link(deadName) === undefined, 1000, `${deadName} not deleted after restart`);
   t.truthy(ns.link(aliveName), 'a holder still running keeps its macvtap');
-  t.truthy(broker.records.find((r) => r.op === 'cleanup' && (r.device as { name: string }).name === deadName));
+  await broker.waitFor(() => broker.records.some((r) => r.op === 'cleanup' && (r.device as { name: string }).name === deadName), 3000, 'no cleanup record');
   alive.child.kill('SIGKILL');
   await broker.waitFor(() => ns.link(aliveName) === undefined, 1000, `${aliveName} not deleted when its holder exited after the restart`);
   t.pass();

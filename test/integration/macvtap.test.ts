@@ -127,8 +127,10 @@ test.serial('SIGKILL of the client: the macvtap is gone within 1 s', async (t) =
   t.truthy(ns.link(name));
   p.child.kill('SIGKILL');
   await gone(name);
-  const cleanup = broker.records.find((r) => r.decision === 'cleanup' && (r.device as { name?: string })?.name === name);
-  t.truthy(cleanup, 'the automatic cleanup was audited');
+  // The audit line travels through the broker's stderr pipe: wait for it rather than race it.
+  const cleanup = () => broker.records.find((r) => r.decision === 'cleanup' && (r.device as { name?: string })?.name === name);
+  await broker.waitFor(() => cleanup() !== undefined, 3000, 'no cleanup record');
+  t.truthy(cleanup(), 'the automatic cleanup was audited');
 });
 
 test.serial('SIGKILL of the VM process under tapbroker run: the macvtap is gone within 1 s', async (t) => {

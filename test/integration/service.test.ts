@@ -86,7 +86,7 @@ test.serial('reload: a valid policy applies to new requests, an invalid one is r
     await broker.waitFor(() => broker.stderr.includes('policy reload failed'), 3000, 'no refusal');
     t.regex(broker.stderr, /policy reload failed; keeping sha256 [0-9a-f]{64}: .*bridges/);
     t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error, null, 'the last good policy stays');
-    t.truthy(broker.records.find((r) => r.op === 'reload' && r.decision === 'error'));
+    t.truthy(await broker.record((r) => r.op === 'reload' && r.decision === 'error'));
     // tapbroker reload: root only.
     fs.writeFileSync(broker.policyPath, POLICY);
     const asNobody = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });

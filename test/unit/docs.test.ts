@@ -18,21 +18,21 @@ const mentions = test.macro({
   title: (what) => `docs: ${what}`,
 });
 
-test('tapbrokerd(8) documents every option and subcommand', mentions, 'man/tapbrokerd.8',
+test('tapbrokerd(8) documents every option and subcommand', mentions, 'packages/broker/man/tapbrokerd.8',
   ['-n', '-f', '-s', '-m', '-g', '-T', '--state-dir', '--audit-file', '--journal-socket', '--idle-exit', 'check-policy', 'explain-policy', 'who-can', 'SIGHUP', 'SIGTERM', 'LISTEN_FDS', 'NOTIFY_SOCKET', 'EXIT STATUS', 'FILES', 'SEE ALSO']);
-test('tapbroker(1) documents every command', mentions, 'man/tapbroker.1',
+test('tapbroker(1) documents every command', mentions, 'packages/client/man/tapbroker.1',
   ['run', 'qemu-args', 'create', '--persistent', 'list', 'release', 'can', 'reload', 'TAPBROKER_SOCKET', 'bridge=', 'macvtap=', 'queues=', 'vhost=', 'EXIT STATUS', 'SEE ALSO']);
-test('tapbroker-policy(5) documents every key', mentions, 'man/tapbroker-policy.5',
+test('tapbroker-policy(5) documents every key', mentions, 'packages/broker/man/tapbroker-policy.5',
   ['name', 'users', 'groups', 'bridges', 'macvtap', 'modes', 'persistent', 'name_pattern', 'max_queues', 'vhost', 'mac_prefix', 'max_devices', 'parents', 'version', 'EXAMPLES', 'FILES', 'SEE ALSO']);
 
 test('every journald MESSAGE_ID in the code is in tapbrokerd(8) and PROTOCOL.md', (t) => {
   for (const [kind, id] of Object.entries(MESSAGE_IDS)) {
-    t.true(man('man/tapbrokerd.8').includes(id), `${kind} ${id} in tapbrokerd(8)`);
+    t.true(man('packages/broker/man/tapbrokerd.8').includes(id), `${kind} ${id} in tapbrokerd(8)`);
     t.true(read('docs/PROTOCOL.md').includes(id), `${kind} ${id} in PROTOCOL.md`);
   }
 });
 
 test('README links the documentation that exists', (t) => {
-  for (const f of ['docs/PROTOCOL.md', 'SECURITY.md', 'man/tapbrokerd.8', 'man/tapbroker.1', 'man/tapbroker-policy.5']) t.true(fs.existsSync(path.join(root, f)), f);
+  for (const f of ['docs/PROTOCOL.md', 'SECURITY.md', 'packages/broker/man/tapbrokerd.8', 'packages/client/man/tapbroker.1', 'packages/broker/man/tapbroker-policy.5']) t.true(fs.existsSync(path.join(root, f)), f);
   t.regex(read('README.md'), /SECURITY\.md/);
 });
