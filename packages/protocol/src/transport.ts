@@ -392,7 +392,12 @@ export class SeqpacketListener {
   }
 
   private onPoll(status: number): void {
-    if (this._closed || status < 0) return;
+    if (this._closed) return;
+    // POLLERR stops libuv's handle (reported as EBADF): restart it and let accept() say what is wrong.
+    if (status < 0) {
+      this.poller.stopped();
+      this.poller.want({ readable: true });
+    }
     for (;;) {
       let fd: number;
       try {
