@@ -26,19 +26,24 @@ export const HelloRequest = z.strictObject({
   client: Text(128).optional(),
 });
 
+/** Fields every create request shares. */
+const DeviceOptions = {
+  queues: z.number().int().optional(),
+  vhost: z.boolean().optional(),
+  vnet_hdr: z.boolean().optional(),
+  mac: Text(64).optional(),
+  name: Text(64).optional(),
+  /** A persistent device owned by the caller (for libvirt managed='no'); no fds are sent. */
+  persistent: z.boolean().optional(),
+};
+
 /** Exactly one of `bridge` (a Linux bridge by its name) or `network` (a network the admin named). */
 export const CreateTapRequest = z.strictObject({
   op: z.literal('create-tap'),
   id: Id,
   bridge: Text(64).optional(),
   network: Text(64).optional(),
-  queues: z.number().int().optional(),
-  vhost: z.boolean().optional(),
-  vnet_hdr: z.boolean().optional(),
-  mac: Text(64).optional(),
-  name: Text(64).optional(),
-  /** A persistent tap owned by the caller (for libvirt managed='no'); no fds are sent. */
-  persistent: z.boolean().optional(),
+  ...DeviceOptions,
   /** With `persistent`: also let this group (one of the caller's) use the tap. */
   group: z.number().int().min(0).max(0xfffffffe).optional(),
 });
@@ -46,18 +51,13 @@ export const CreateTapRequest = z.strictObject({
 export const MACVTAP_MODES = ['bridge', 'vepa', 'private', 'passthru'] as const;
 export type MacvtapMode = (typeof MACVTAP_MODES)[number];
 
+/** A persistent macvtap's char device is opened only by the caller; no fds are sent. */
 export const CreateMacvtapRequest = z.strictObject({
   op: z.literal('create-macvtap'),
   id: Id,
   parent: Text(64),
   mode: z.enum(MACVTAP_MODES).optional(),
-  queues: z.number().int().optional(),
-  vhost: z.boolean().optional(),
-  vnet_hdr: z.boolean().optional(),
-  mac: Text(64).optional(),
-  name: Text(64).optional(),
-  /** A persistent macvtap whose char device only the caller may open; no fds are sent. */
-  persistent: z.boolean().optional(),
+  ...DeviceOptions,
 });
 
 export const ListRequest = z.strictObject({ op: z.literal('list'), id: Id });
