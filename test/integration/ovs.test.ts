@@ -4,12 +4,9 @@
 import anyTest, { type ExecutionContext, type TestFn } from 'ava';
 import { execFileSync } from 'node:child_process';
 import { TapbrokerError, type ErrorCode } from '@tapbroker/protocol';
-import type * as OvsModule from '../../packages/broker/src/ovs.js';
+import { addPort, delPort, isOvsBridge, listOurPorts, ovsdbTarget } from '@tapbroker/broker';
 import { Netns } from '../helpers/netns.js';
 import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
-
-// The package's index does not re-export the OVS module (yet): load it next to the index.
-const { addPort, delPort, isOvsBridge, listOurPorts, ovsdbTarget } = (await import(new URL('./ovs.js', import.meta.resolve('@tapbroker/broker')).href)) as typeof OvsModule;
 
 const test = anyTest as TestFn;
 const unavailable = ovsUnavailable();
