@@ -30,15 +30,8 @@ export function closeAll(fds: readonly number[]): Promise<void> {
   return Promise.all(fds.map((fd) => new Promise<void>((resolve) => fs.close(fd, () => resolve())))).then(() => undefined);
 }
 
-const libc = sys.koffi.load('libc.so.6');
-const _socketpair = libc.func('int socketpair(int domain, int type, int protocol, void *sv)');
-
 /** socketpair(2): two connected sockets, [a, b]. */
-export function socketpair(type: number): [number, number] {
-  const sv = Buffer.alloc(8);
-  if ((_socketpair(sys.AF_UNIX, type, 0, sv) as number) < 0) throw new sys.SyscallError('socketpair', sys.koffi.errno());
-  return [sv.readInt32LE(0), sv.readInt32LE(4)];
-}
+export const socketpair = (type: number): [number, number] => sys.socketpair(type);
 
 /** Reads JSON lines from a stream, one callback per line. */
 export function onLines(stream: NodeJS.ReadableStream, cb: (line: string) => void): void {

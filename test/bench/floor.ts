@@ -14,7 +14,8 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import { Netdev } from '@tapbroker/broker';
+import os from 'node:os';
+import { Netdev } from '@tapbroker/broker/internal';
 import { SeqpacketConnection, sys } from '@tapbroker/protocol';
 import { closeAll, now, socketpair } from './common.js';
 
@@ -50,12 +51,18 @@ const mode = process.argv[2];
 const args = JSON.parse(process.argv[3] ?? '{}') as Args;
 const held: number[] = [];
 
+/** The floor undoes a failed create at once, in this thread: it measures kernel steps, not the broker's queues. */
+const SYNC_CLEANUP = {
+  closeFds: (fds: readonly number[]) => { for (const fd of fds) fs.closeSync(fd); },
+  deleteLink: () => {},
+};
+
 function guestMac(): Buffer {
   return Buffer.from([0x52, 0x54, 0x00, ...randomBytes(3)]);
 }
 
 function floor(): FloorResult {
-  const netdev = new Netdev();
+  const netdev = new Netdev(SYNC_CLEANUP, os.tmpdir());
   // The bridge is looked up once; createTap itself does TUNSETIFF, one RTM_GETLINK by name and one
   // RTM_NEWLINK (address, MTU, master, up, ifalias), like the broker.
   const bridge = netdev.bridge(args.bridge);
@@ -65,7 +72,7 @@ function floor(): FloorResult {
     const mac = guestMac();
     const name = `${args.prefix ?? 'fl'}${i}`;
     const t0 = now();
-    const tap = netdev.createTap({ name, queues: 1, vnetHdr: true, vhost: false, guestMac: mac, bridge, persistent: null, alias });
+    const tap = netdev.createTap({ uid: 0, name, queues: 1, vnetHdr: true, vhost: false, guestMac: mac, bridge, persistent: null, alias });
     const dt = now() - t0;
     if (i >= args.warmup) samples.push(dt);
     // Off the clock: the last close destroys the tap (~20 ms, synchronously, in this thread), so every
@@ -78,7 +85,7 @@ function floor(): FloorResult {
 }
 
 async function teardown(): Promise<FloorResult> {
-  const netdev = new Netdev();
+  const netdev = new Netdev(SYNC_CLEANUP, os.tmpdir());
   const bridge = netdev.bridge(args.bridge);
   const dyingOn = netdev.bridge(args.bridges?.[0] ?? args.bridge);
   const samples: number[] = [];
@@ -89,7 +96,7 @@ async function teardown(): Promise<FloorResult> {
   while (samples.length < args.n && now() - started < 60_000) {
     const dying: number[] = [];
     for (let i = 0; i < (args.dying ?? 50); i++) {
-      dying.push(...netdev.createTap({ name: `td${k++}`, queues: 1, vnetHdr: true, vhost: false, guestMac: guestMac(), bridge: dyingOn, persistent: null, alias }).tapFds);
+      dying.push(...netdev.createTap({ uid: 0, name: `td${k++}`, queues: 1, vnetHdr: true, vhost: false, guestMac: guestMac(), bridge: dyingOn, persistent: null, alias }).tapFds);
     }
     const mine: number[] = [];
     let done = false;
@@ -97,7 +104,7 @@ async function teardown(): Promise<FloorResult> {
     const closing = closeAll(dying).then(() => { done = true; windows.push(now() - t0); });
     while (!done) {
       const t1 = now();
-      const tap = netdev.createTap({ name: `tm${k++}`, queues: 1, vnetHdr: true, vhost: false, guestMac: guestMac(), bridge, persistent: null, alias });
+      const tap = netdev.createTap({ uid: 0, name: `tm${k++}`, queues: 1, vnetHdr: true, vhost: false, guestMac: guestMac(), bridge, persistent: null, alias });
       samples.push(now() - t1);
       mine.push(...tap.tapFds);
       // Let the pool's completions in: createTap is synchronous.
@@ -112,14 +119,14 @@ async function teardown(): Promise<FloorResult> {
 
 /** Taps tagged as the broker tags its own (leases.ts leaseAlias), for it to adopt at start. */
 function tagged(): FloorResult {
-  const netdev = new Netdev();
+  const netdev = new Netdev(SYNC_CLEANUP, os.tmpdir());
   const bridges = (args.bridges ?? [args.bridge]).map((b) => netdev.bridge(b));
   const samples: number[] = [];
   for (let i = 0; i < args.n; i++) {
     const bridge = bridges[i % bridges.length]!;
     const alias = `tapbroker lease=${randomBytes(8).toString('hex')} uid=${args.uid ?? 0} kind=tap rule=${args.rule ?? 'hold'} ends=fds parent=${bridge.name} queues=1`;
     const t0 = now();
-    const tap = netdev.createTap({ name: `tb${args.uid ?? 0}-h${i}`, queues: 1, vnetHdr: true, vhost: false, guestMac: guestMac(), bridge, persistent: null, alias });
+    const tap = netdev.createTap({ uid: 0, name: `tb${args.uid ?? 0}-h${i}`, queues: 1, vnetHdr: true, vhost: false, guestMac: guestMac(), bridge, persistent: null, alias });
     samples.push(now() - t0);
     held.push(...tap.tapFds);
   }

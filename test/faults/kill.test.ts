@@ -1,5 +1,5 @@
 // SIGKILL of the broker at every step of create-tap, create-macvtap, persistent create and release
-// (test-only hook points, see packages/broker/src/testhook.ts); after a restart: no leaked device, a
+// (fault points injected through the test-only entry point test/helpers/broker-entry.ts); after a restart: no leaked device, a
 // lease table that matches the kernel, quotas true.
 import anyTest, { type TestFn } from 'ava';
 import fs from 'node:fs';
@@ -53,7 +53,7 @@ async function releaseAll(): Promise<void> {
 
 async function killAt(point: string, run: () => Promise<void>): Promise<void> {
   await broker.stop('SIGTERM', true);
-  broker = await BrokerProcess.start(ns, POLICY, { dir, env: { TAPBROKER_TEST_HOOK: point } });
+  broker = await BrokerProcess.start(ns, POLICY, { dir, fault: point });
   await run();
   await broker.waitFor(() => !broker.alive, 5000, `the broker was not killed at ${point}`);
   broker = await BrokerProcess.start(ns, POLICY, { dir });

@@ -27,7 +27,7 @@ test.after.always(() => {
 /** Starts a broker that waits at `point`, runs `meanwhile` there, and returns the request's outcome. */
 async function interrupted(point: string, request: ProbeRequest, meanwhile: () => void) {
   const gate = path.join(dir, `gate-${point.replace(':', '-')}`);
-  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'refuse', env: { TAPBROKER_TEST_HOOK: `${point}=wait:${gate}` } });
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'refuse', fault: `${point}=wait:${gate}` });
   try {
     const pending = probeOnce({ socket: broker.socket, requests: [request] });
     await broker.waitFor(() => fs.existsSync(`${gate}.reached`), 5000, `never reached ${point}`);

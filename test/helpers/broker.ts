@@ -4,12 +4,14 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { AuditRecord } from '@tapbroker/broker';
+import type { AuditRecord } from '@tapbroker/broker/internal';
 import type { Netns } from './netns.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const BROKER_MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
 export const CLIENT_CLI = path.join(ROOT, 'packages/client/dist/cli.js');
+/** The test-only entry point: the same daemon with injected faults or the fd fallback. */
+export const BROKER_TEST_ENTRY = path.join(ROOT, 'test/build/helpers/broker-entry.js');
 
 const running = new Set<ChildProcess>();
 process.on('exit', () => {
@@ -44,14 +46,24 @@ export class BrokerProcess {
   }
 
   /** Writes `policy` and starts the broker in `ns`, resolving once it listens. */
-  static async start(ns: Netns, policy: string, opts: { tag?: string; args?: string[]; dir?: string; env?: NodeJS.ProcessEnv } = {}): Promise<BrokerProcess> {
+  /**
+   * `fault` (POINT or POINT=wait:FILE) and `fdFallback` run the test-only entry point instead of the
+   * shipped main.js.
+   */
+  static async start(ns: Netns, policy: string, opts: {
+    tag?: string; args?: string[]; dir?: string; env?: NodeJS.ProcessEnv; fault?: string; fdFallback?: boolean;
+  } = {}): Promise<BrokerProcess> {
     const dir = opts.dir ?? tempDir(opts.tag ?? 'broker');
     const policyPath = path.join(dir, 'policy.toml');
     fs.writeFileSync(policyPath, policy);
     const socket = path.join(dir, 'tapbroker.sock');
     const state = path.join(dir, 'state');
-    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])], {
-      stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...opts.env },
+    const entry = opts.fault || opts.fdFallback ? BROKER_TEST_ENTRY : BROKER_MAIN;
+    const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
+    if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
+    if (opts.fdFallback) env['TB_TEST_FD_FALLBACK'] = '1';
+    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])], {
+      stdio: ['ignore', 'ignore', 'pipe'], env,
     });
     const b = new BrokerProcess(proc, socket, dir);
     await b.waitFor(() => b.stderr.includes('listening on'), 10_000, 'broker did not start');

@@ -6,24 +6,17 @@ export class DatagramSink {
   readonly messages: Buffer[] = [];
   private readonly fd: number;
   private readonly watch: { close(): void };
-  private readonly buf = Buffer.alloc(256 * 1024);
-  private readonly iov = Buffer.alloc(16);
-  private readonly hdr = Buffer.alloc(56);
+  private readonly rx = new sys.Receiver(256 * 1024);
 
   constructor(readonly path: string) {
     this.fd = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM | sys.SOCK_NONBLOCK | sys.SOCK_CLOEXEC);
     sys.bind(this.fd, sys.sockaddrUn(path));
     fs.chmodSync(path, 0o666);
-    this.iov.writeBigUInt64LE(sys.addressOf(this.buf), 0);
-    this.iov.writeBigUInt64LE(BigInt(this.buf.length), 8);
     this.watch = watchReadable(this.fd, () => {
       for (;;) {
-        this.hdr.fill(0);
-        this.hdr.writeBigUInt64LE(sys.addressOf(this.iov), 16);
-        this.hdr.writeBigUInt64LE(1n, 24);
-        const n = sys.recvmsg(this.fd, this.hdr, sys.MSG_DONTWAIT);
-        if (n < 0) return;
-        this.messages.push(Buffer.from(this.buf.subarray(0, n)));
+        const m = this.rx.recv(this.fd, sys.MSG_DONTWAIT);
+        if (m === null) return;
+        this.messages.push(Buffer.from(m.data));
       }
     });
   }

@@ -1,6 +1,7 @@
 // A fresh network namespace per test file, removed even when tests fail.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 
 const live = new Set<string>();
 process.on('exit', () => {
@@ -17,6 +18,17 @@ export interface LinkInfo {
   operstate: string;
   linkinfo?: { info_kind?: string; info_slave_kind?: string; info_data?: Record<string, unknown> };
   stats64?: { rx: { packets: number; bytes: number }; tx: { packets: number; bytes: number } };
+}
+
+/**
+ * A private clone device (char 10:200) of mode 0666 in `dir`, as udev makes /dev/net/tun on real hosts:
+ * what any local user can open, without changing this machine's /dev/net/tun.
+ */
+export function tunNode(dir: string): string {
+  const node = `${dir}/tun`;
+  if (existsSync(node)) return node;
+  execFileSync('mknod', ['-m', '0666', node, 'c', '10', '200']);
+  return node;
 }
 
 export class Netns {
@@ -36,9 +48,13 @@ export class Netns {
     return execFileSync('ip', ['-n', this.name, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
   }
 
-  /** A bridge with an address, up. */
+  /**
+   * A bridge with an address, up, its MAC pinned as the broker requires (addr_assign_type 3): a bridge
+   * whose MAC nobody set takes its lowest port's, which a guest could choose.
+   */
   bridge(name: string, opts: { mtu?: number; address?: string } = {}): void {
     this.ip('link', 'add', name, 'type', 'bridge');
+    this.ip('link', 'set', name, 'address', `02:00:5e:${randomBytes(3).toString('hex').match(/../g)!.join(':')}`);
     if (opts.mtu) this.ip('link', 'set', name, 'mtu', String(opts.mtu));
     if (opts.address) this.ip('addr', 'add', opts.address, 'dev', name);
     this.ip('link', 'set', name, 'up');

@@ -18,6 +18,10 @@ export interface ProbeArgs {
   release?: string[];
   /** Misbehave: make every granted tap persistent through its own fd (TUNSETPERSIST). */
   persistOwnFds?: boolean;
+  /** Misbehave: set every granted tap's MAC through its own fd (SIOCSIFHWADDR, no capability needed). */
+  setOwnMac?: string;
+  /** Misbehave: make itself every granted tap's owner through its own fd (TUNSETOWNER). */
+  ownOwnFds?: boolean;
 }
 
 export interface ProbeResult {
@@ -52,6 +56,14 @@ async function main(): Promise<void> {
       held.push(tap);
       const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac))) : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
+      if (args.ownOwnFds) sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());
+      if (args.setOwnMac) {
+        // struct ifreq: the name is ignored on a tap fd; ifr_hwaddr (a sockaddr) at 16: ARPHRD_ETHER, MAC.
+        const ifr = Buffer.alloc(40);
+        ifr.writeUInt16LE(1, 16);
+        Buffer.from(args.setOwnMac.split(':').map((h) => parseInt(h, 16))).copy(ifr, 18);
+        sys.ioctlPtr(tap.tapFds[0]!, 0x8924 /* SIOCSIFHWADDR */, ifr);
+      }
       result.taps.push({ device: tap.device, tapFds: tap.tapFds.length, vhostFds: tap.vhostFds.length, written });
     }
     if (args.list) result.leases = (await client.list()).leases;

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BrokerProcess, tempDir } from '../helpers/broker.js';
-import { Netns } from '../helpers/netns.js';
+import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
@@ -50,7 +50,7 @@ test.after.always(async () => {
 
 const sock = () => broker.socket;
 const openAs = (uid: number, name: string, mq = false) =>
-  JSON.parse(spawnSync('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid }), process.execPath, OPEN_TAP, name, ...(mq ? ['mq'] : [])], { encoding: 'utf8' }).stdout) as { ok: boolean; code?: string };
+  JSON.parse(spawnSync('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid }), process.execPath, OPEN_TAP, name, mq ? 'mq' : '-', tunNode(dir)], { encoding: 'utf8' }).stdout) as { ok: boolean; code?: string };
 
 async function restart(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
   await broker.stop(signal, true);

@@ -4,7 +4,7 @@
 import anyTest, { type ExecutionContext, type TestFn } from 'ava';
 import { execFileSync } from 'node:child_process';
 import { TapbrokerError, type ErrorCode } from '@tapbroker/protocol';
-import { addPort, delPort, isOvsBridge, listOurPorts, ovsdbTarget } from '@tapbroker/broker';
+import { addPort, delPort, isOvsBridge, listOurPorts, ovsdbTarget } from '@tapbroker/broker/internal';
 import { Netns } from '../helpers/netns.js';
 import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
 

@@ -220,6 +220,7 @@ ln -s /run/tb/repo/packages/broker /usr/lib/tapbroker/broker
 printf '[[rule]]\nname = "sd"\ngroups = ["tapbroker"]\nbridges = ["br0"]\nmax_queues = 2\n' > /etc/tapbroker/policy.toml
 ip link set lo up
 ip link add br0 type bridge
+ip link set br0 address 02:00:5e:00:00:01
 ip link set br0 up
 U=/run/tb/units
 cp /run/tb/repo/systemd/tapbrokerd.socket /run/tb/repo/systemd/tapbrokerd.service $U/

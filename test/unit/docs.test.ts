@@ -3,7 +3,7 @@ import test from 'ava';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { MESSAGE_IDS } from '@tapbroker/broker';
+import { MESSAGE_IDS } from '@tapbroker/broker/internal';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 const read = (f: string) => fs.readFileSync(path.join(root, f), 'utf8');

@@ -3,7 +3,7 @@ import test from 'ava';
 import {
   IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, attrString, attrU32, hostMac, linkMessage,
   bridgeVlanMessage, parseAttrs, parseLink, randomMac, rtattr, tapFlags, tapName, tunIfreq,
-} from '@tapbroker/broker';
+} from '@tapbroker/broker/internal';
 
 test('TUNSETIFF flags: always tap, no PI and exclusive for the creating open', (t) => {
   t.is(tapFlags({ vnetHdr: true, multiQueue: false, exclusive: true }), IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL | IFF_VNET_HDR);
@@ -51,7 +51,7 @@ test('RTM_NEWLINK: header, ifinfomsg, attributes', (t) => {
 test('parseLink reads what the kernel sends back', (t) => {
   const linkinfo = rtattr(18, attrString(1, 'bridge'));
   const m = linkMessage(16, 0, 1, { index: 5, flags: 0x1043 }, [attrString(3, 'br0'), attrU32(4, 9000), rtattr(1, Buffer.from([2, 0, 0, 0, 0, 1])), linkinfo]);
-  t.deepEqual(parseLink(m), { index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, vlanFiltering: null });
+  t.deepEqual(parseLink(m), { family: 0, index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, tun: null, vlanFiltering: null });
 });
 
 test('host MAC: guest MAC with first octet 0xfe', (t) => {

@@ -1,7 +1,7 @@
 // The policy decision table: users, groups, deny wins, no match, limits, quota; and load errors.
 import test from 'ava';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { decide, macInPrefix, nameMatches, parsePolicy, type Ask, type Caller } from '@tapbroker/broker';
+import { decide, macInPrefix, nameMatches, parsePolicy, type Ask, type Caller } from '@tapbroker/broker/internal';
 
 const policy = parsePolicy(`
 [[rule]]
@@ -199,3 +199,78 @@ test('name patterns: {uid}, {user}, * and nothing else', (t) => {
 test('a name_pattern without {uid} or {user}', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nname_pattern = "vm-*"\n', /must contain \{uid\} or \{user\}/);
 test('a name_pattern with an unknown placeholder', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nname_pattern = "{home}-*"\n', /name_pattern/);
 test('a macvtap mode that does not exist', invalid, '[[rule]]\nname = "x"\nusers = [1]\nmacvtap = [{ parent = "eth0", modes = ["source"] }]\n', /modes/);
+
+// ---- deny wins across names (review A2): decided on the resolved target, by the one function the
+// broker and the policy tools share.
+const named = parsePolicy(`
+[network.lab]
+bridge = "br0"
+
+[network.lab100]
+bridge = "br0"
+vlan = 100
+
+[network.fabric]
+ovs = "ovsbr0"
+
+[[rule]]
+name = "net"
+users = [1001, 1002, 1003]
+bridges = ["br0", "ovsbr0"]
+networks = ["lab", "lab100", "fabric"]
+
+[[deny]]
+name = "no-br0-for-1001"
+users = [1001]
+bridges = ["br0"]
+
+[[deny]]
+name = "no-lab-for-1002"
+users = [1002]
+networks = ["lab"]
+
+[[deny]]
+name = "no-ovsbr0-for-1003"
+users = [1003]
+bridges = ["ovsbr0"]
+`);
+const viaNet = (parent: string): Ask => ask({ parent, network: true });
+const ruleOf = (d: ReturnType<typeof decide>) => (d.allow ? `grant by ${d.rule.name}` : `deny by ${d.rule}`);
+
+for (const [who, a, want] of [
+  [1001, ask({ parent: 'br0' }), 'deny by no-br0-for-1001'],
+  [1001, viaNet('lab'), 'deny by no-br0-for-1001'],
+  [1001, viaNet('lab100'), 'deny by no-br0-for-1001'],
+  [1001, viaNet('fabric'), 'grant by net'],
+  [1002, viaNet('lab'), 'deny by no-lab-for-1002'],
+  [1002, ask({ parent: 'br0' }), 'deny by no-lab-for-1002'],
+  [1002, viaNet('lab100'), 'grant by net'],
+  [1003, viaNet('fabric'), 'deny by no-ovsbr0-for-1003'],
+  [1003, ask({ parent: 'ovsbr0' }), 'deny by no-ovsbr0-for-1003'],
+  [1003, viaNet('lab'), 'grant by net'],
+] as const) {
+  const what = a.network ? `network ${a.parent}` : `bridge ${a.parent}`;
+  test(`deny wins across names: uid ${who}, ${what} → ${want}`, (t) => {
+    t.is(ruleOf(decide(named, caller(who), a, none)), want);
+  });
+}
+
+test('who-can and explain-policy agree with the broker about a deny reached through a network', async (t) => {
+  const { execFileSync } = await import('node:child_process');
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
+  try {
+    const file = path.join(dir, 'policy.toml');
+    fs.writeFileSync(file, `[network.lab]\nbridge = "br0"\n\n[[rule]]\nname = "r"\nusers = [1001]\nnetworks = ["lab"]\n\n[[deny]]\nname = "d"\nusers = [1001]\nbridges = ["br0"]\n\n[[deny]]\nname = "n"\nusers = [1001]\nnetworks = ["lab"]\n`);
+    const main = path.resolve('packages/broker/dist/main.js');
+    const whoCan = JSON.parse(execFileSync(process.execPath, [main, 'who-can', file, '--bridge', 'br0', '--json'], { encoding: 'utf8' })) as { allowed_by: Array<{ rule: string; via_network: string | null }>; except: Array<{ rule: string }> };
+    t.deepEqual(whoCan.allowed_by.map((g) => [g.rule, g.via_network]), [['r', 'lab']], 'the grant through network lab is shown');
+    t.deepEqual(whoCan.except.map((d) => d.rule).sort(), ['d', 'n'], 'and both denies that cover it');
+    const explained = JSON.parse(execFileSync(process.execPath, [main, 'explain-policy', file, '--user', '1001', '--json'], { encoding: 'utf8' })) as { denied_by: Array<{ rule: string; covers: string }> };
+    t.deepEqual(explained.denied_by.map((d) => [d.rule, d.covers]), [['d', 'bridges br0'], ['n', 'networks lab']], 'a networks-only deny is not "everything"');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

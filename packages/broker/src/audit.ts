@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 
-export type AuditDecision = 'grant' | 'deny' | 'error' | 'cleanup' | 'release' | 'reconcile' | 'reload';
+export type AuditDecision = 'grant' | 'deny' | 'error' | 'cleanup' | 'release' | 'reconcile' | 'reload' | 'dry-run' | 'suppressed';
 
 /** `journalctl MESSAGE_ID=<id>` finds every record of one kind. Fixed forever. */
 export const MESSAGE_IDS: Record<AuditDecision, string> = {
@@ -16,9 +16,13 @@ export const MESSAGE_IDS: Record<AuditDecision, string> = {
   release: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f45',
   reconcile: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f46',
   reload: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f47',
+  'dry-run': '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f48',
+  suppressed: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f49',
 };
 
-const PRIORITY: Record<AuditDecision, number> = { grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5 };
+const PRIORITY: Record<AuditDecision, number> = {
+  grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5, 'dry-run': 6, suppressed: 4,
+};
 
 export const DEFAULT_JOURNAL_SOCKET = '/run/systemd/journal/socket';
 
@@ -32,6 +36,8 @@ export interface AuditEvent {
   device?: Record<string, unknown>;
   code?: string;
   message?: string;
+  /** The digest of the policy the decision was made under, when not the current one. */
+  policy?: string;
 }
 
 /** Stable field names: tools and tests match on them. */
@@ -80,7 +86,7 @@ export class Audit {
   record(ev: AuditEvent): AuditRecord {
     const c = ev.caller;
     const rec: AuditRecord = {
-      time: new Date().toISOString(), op: ev.op, decision: ev.decision, rule: ev.rule, policy_sha256: this.policySha(),
+      time: new Date().toISOString(), op: ev.op, decision: ev.decision, rule: ev.rule, policy_sha256: ev.policy ?? this.policySha(),
       uid: c?.uid ?? null, gid: c?.gid ?? null, pid: c?.pid ?? null, exe: c?.exe ?? null, user: c?.user ?? null,
     };
     if (ev.request) rec.request = ev.request;
@@ -106,10 +112,52 @@ export class Audit {
   /** Records that could not be written at all (the sink failed with something other than EAGAIN). */
   dropped = 0;
 
+  private readonly refusals = new Map<number, { n: number; suppressed: Map<string, number>; since: number }>();
+  private refusalTimer: NodeJS.Timeout | null = null;
+
+  /**
+   * A refusal no handler saw (a malformed frame, pushed fds, a timeout, a full broker). Each is
+   * recorded, up to REFUSALS_PER_WINDOW per uid per window; past that a flood is counted, and one
+   * `suppressed` record per uid and window says how many of each code were not written one by one.
+   */
+  refusal(caller: Partial<Identity>, op: string, code: string, message: string): void {
+    const uid = caller.uid ?? -1;
+    let w = this.refusals.get(uid);
+    if (!w) this.refusals.set(uid, (w = { n: 0, suppressed: new Map(), since: Date.now() }));
+    if (++w.n <= REFUSALS_PER_WINDOW) {
+      this.record({ op, decision: 'error', rule: null, caller, code, message });
+    } else {
+      w.suppressed.set(code, (w.suppressed.get(code) ?? 0) + 1);
+    }
+    this.refusalTimer ??= setTimeout(() => this.flushRefusals(), REFUSAL_WINDOW_MS).unref();
+  }
+
+  /** Ends the window: one aggregated record per uid that was over the limit. */
+  flushRefusals(): void {
+    if (this.refusalTimer) clearTimeout(this.refusalTimer);
+    this.refusalTimer = null;
+    for (const [uid, w] of this.refusals) {
+      if (w.suppressed.size === 0) continue;
+      const total = [...w.suppressed.values()].reduce((a, b) => a + b, 0);
+      const counts = Object.fromEntries(w.suppressed);
+      this.record({
+        op: 'refusals', decision: 'suppressed', rule: null, caller: uid < 0 ? null : { uid },
+        request: { window_ms: Date.now() - w.since, counts },
+        message: `${total} more refusal(s) of uid ${uid} in this window, counted but not written one by one`,
+      });
+    }
+    this.refusals.clear();
+  }
+
   close(): void {
+    this.flushRefusals();
     if (this.fileFd !== null) fs.closeSync(this.fileFd);
   }
 }
+
+/** Refusals written one by one per uid and window; the rest are aggregated. */
+export const REFUSALS_PER_WINDOW = 20;
+const REFUSAL_WINDOW_MS = 10_000;
 
 const pause = new Int32Array(new SharedArrayBuffer(4));
 const STDERR_BACKLOG = 16 * 1024 * 1024;

@@ -2,7 +2,7 @@
 // Open vSwitch. Run by the broker (not by qemu, which keeps its confinement), from the policy's path
 // only, re-checked before each run, with a fixed argv, an empty environment plus documented variables,
 // a timeout, and its output captured for the audit record.
-import { execFile } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { TapbrokerError } from '@tapbroker/protocol';
 import { hookUnsafe } from './policy.js';
 
@@ -46,15 +46,37 @@ export function runHook(file: string, action: 'up' | 'down', ctx: HookContext, t
   const argv = [action, ctx.device, `ifindex=${ctx.ifindex}`, `mac=${ctx.mac}`, `uid=${ctx.uid}`, `network=${ctx.network}`, `lease=${ctx.lease}`];
   const started = Date.now();
   return new Promise((resolve, reject) => {
-    execFile(file, argv, { env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...vars }, cwd: '/', timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 1024 * 1024, encoding: 'utf8' },
-      (err, stdout, stderr) => {
-        const result: HookResult = {
-          code: err ? (typeof err.code === 'number' ? err.code : null) : 0, signal: err?.signal ?? null,
-          stdout: captured(stdout ?? ''), stderr: captured(stderr ?? ''), ms: Date.now() - started,
-        };
-        if (!err) return resolve(result);
-        const why = err.killed && err.signal === 'SIGKILL' ? `timed out after ${timeoutMs} ms` : result.code !== null ? `exited ${result.code}` : `died of ${result.signal}`;
-        reject(Object.assign(new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} ${why}${result.stderr ? `: ${result.stderr.trim().split('\n').pop()}` : ''}`), { hook: result }));
-      });
+    // Its own process group, killed whole: a hook's children must not finish `up` after a rollback.
+    const child = spawn(file, argv, { env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...vars }, cwd: '/', detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => { if (stdout.length < OUTPUT_CAP + 1) stdout += d; });
+    child.stderr.setEncoding('utf8').on('data', (d: string) => { if (stderr.length < OUTPUT_CAP + 1) stderr += d; });
+    let timedOut = false;
+    const killGroup = () => {
+      try {
+        process.kill(-child.pid!, 'SIGKILL');
+      } catch {
+        // The group is already gone.
+      }
+    };
+    const timer = setTimeout(() => { timedOut = true; killGroup(); }, timeoutMs);
+    child.on('error', (err) => {
+      clearTimeout(timer);
+      reject(new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} could not run: ${err.message}`));
+    });
+    // Done when the hook exits, not when its output closes: a child that keeps the pipes open must not
+    // hold the grant. Whatever it left running in its group is killed.
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      killGroup();
+      child.stdout.destroy();
+      child.stderr.destroy();
+      const result: HookResult = { code, signal, stdout: captured(stdout), stderr: captured(stderr), ms: Date.now() - started };
+      if (code === 0 && !timedOut) return resolve(result);
+      const why = timedOut ? `timed out after ${timeoutMs} ms` : code !== null ? `exited ${code}` : `died of ${signal}`;
+      const last = result.stderr ? `: ${result.stderr.trim().split('\n').pop()}` : '';
+      reject(Object.assign(new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} ${why}${last}`), { hook: result }));
+    });
   });
 }

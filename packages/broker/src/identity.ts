@@ -1,6 +1,7 @@
 // The caller's identity, from the kernel only: SO_PEERCRED, SO_PEERGROUPS and SO_PEERPIDFD.
 import fs from 'node:fs';
-import { sys, type PeerCredentials } from '@tapbroker/protocol';
+import type { PeerCredentials } from '@tapbroker/protocol';
+import { getpwuid } from './libc.js';
 import type { Caller } from './policy.js';
 
 export interface Identity extends Caller {
@@ -23,11 +24,21 @@ export function identify(peer: PeerCredentials): Identity {
   };
 }
 
-const names = new Map<number, string | null>();
+/** uid → user name, looked up again after NAME_TTL_MS: accounts are renamed and uids reused. */
+const names = new Map<number, { name: string | null; at: number }>();
+const NAME_TTL_MS = 60_000;
 
 function userName(uid: number): string | null {
-  if (!names.has(uid)) names.set(uid, sys.getpwuid(uid)?.name ?? null);
-  return names.get(uid)!;
+  const hit = names.get(uid);
+  if (hit && Date.now() - hit.at < NAME_TTL_MS) return hit.name;
+  const name = getpwuid(uid)?.name ?? null;
+  names.set(uid, { name, at: Date.now() });
+  return name;
+}
+
+/** Forgets every cached user name (a policy reload, whose `{user}` patterns depend on them). */
+export function forgetUserNames(): void {
+  names.clear();
 }
 
 // /proc/<pid>/exe is only trusted when the pidfd, read after it, still names the same pid:

@@ -6,8 +6,25 @@ import path from 'node:path';
 import { z } from 'zod';
 import { Lease } from '@tapbroker/protocol';
 
-/** A lease as stored: the wire Lease plus the holder's start time, so a reused pid is never taken for it. */
-export const LeaseRecord = Lease.extend({ holder_start: z.number().int().min(0).nullable() });
+/**
+ * How a device was joined to its network, recorded with its lease so that undoing it never depends on
+ * a later policy (a reload may retire or re-point the network).
+ */
+export const Plug = z.union([
+  z.strictObject({ ovs: z.string(), db: z.string() }),
+  z.strictObject({ hook: z.string(), timeout_ms: z.number().int().positive() }),
+]);
+export type Plug = z.infer<typeof Plug>;
+
+/**
+ * A lease as stored: the wire Lease plus the holder's start time (so a reused pid is never taken for
+ * it), the group a persistent tap was given, and its plugging.
+ */
+export const LeaseRecord = Lease.extend({
+  holder_start: z.number().int().min(0).nullable(),
+  group: z.number().int().min(0).nullable().default(null),
+  plug: Plug.nullable().default(null),
+});
 export type LeaseRecord = z.infer<typeof LeaseRecord>;
 /**
  * A macvtap about to be created. The kernel ignores IFLA_IFALIAS when it creates a link, so between
@@ -25,7 +42,7 @@ export function newLeaseId(): string {
 
 /** The wire form of a lease (no bookkeeping fields). */
 export function leaseView(l: LeaseRecord): Lease {
-  const { holder_start: _ignored, ...view } = l;
+  const { holder_start: _start, group: _group, plug: _plug, ...view } = l;
   return view;
 }
 
@@ -92,29 +109,62 @@ export class LeaseTable {
     return undefined;
   }
 
+  /** Adds a lease durably; throws (and keeps nothing) when the table cannot be written. */
   add(lease: LeaseRecord): void {
+    const before = this.byId.get(lease.id);
     this.byId.set(lease.id, lease);
-    this.save();
+    try {
+      this.save();
+    } catch (err) {
+      if (before) this.byId.set(lease.id, before);
+      else this.byId.delete(lease.id);
+      throw err;
+    }
   }
 
+  /** Drops a lease from memory only (a failed add already did). */
+  forget(id: string): void {
+    this.byId.delete(id);
+  }
+
+  /**
+   * Removes a lease. Never throws: a table that cannot be written then lists a lease too many, which
+   * the next start drops (its device is gone); a removal must never fail the teardown it records.
+   */
   remove(id: string): LeaseRecord | undefined {
     const l = this.byId.get(id);
     if (l) {
       this.byId.delete(id);
-      this.save();
+      this.trySave();
     }
     return l;
   }
 
-  /** Records, durably, that a device is about to be made. */
+  /** Records, durably, that a device is about to be made; throws when it cannot. */
   intend(intent: Intent): void {
     this.intents.set(intent.id, intent);
-    this.save();
+    try {
+      this.save();
+    } catch (err) {
+      this.intents.delete(intent.id);
+      throw err;
+    }
   }
 
   /** The intent is carried out (its lease added) or abandoned; `save` false when a save follows anyway. */
   settle(id: string, save = true): void {
-    if (this.intents.delete(id) && save) this.save();
+    if (this.intents.delete(id) && save) this.trySave();
+  }
+
+  /** The last write's failure, or null: reported once by whoever watches (status, logs). */
+  writeError: string | null = null;
+
+  private trySave(): void {
+    try {
+      this.save();
+    } catch {
+      // Recorded in writeError by save().
+    }
   }
 
   unsettled(): Intent[] {
@@ -126,19 +176,31 @@ export class LeaseTable {
     if (!this.dir) return;
     const file = path.join(this.dir, STATE_FILE);
     const tmp = `${file}.${process.pid}.tmp`;
-    const fd = fs.openSync(tmp, 'w', 0o600);
     try {
-      fs.writeSync(fd, `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled() })}\n`);
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, file);
-    const dfd = fs.openSync(this.dir, 'r');
-    try {
-      fs.fsyncSync(dfd);
-    } finally {
-      fs.closeSync(dfd);
+      // O_NOFOLLOW|O_EXCL: never written through a link someone planted in the state directory.
+      const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW, 0o600);
+      try {
+        fs.writeSync(fd, `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled() })}\n`);
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      fs.renameSync(tmp, file);
+      const dfd = fs.openSync(this.dir, 'r');
+      try {
+        fs.fsyncSync(dfd);
+      } finally {
+        fs.closeSync(dfd);
+      }
+      this.writeError = null;
+    } catch (err) {
+      try {
+        fs.rmSync(tmp, { force: true });
+      } catch {
+        // A read-only or full state directory: nothing was written to remove.
+      }
+      this.writeError = `cannot write ${file}: ${(err as Error).message}`;
+      throw err;
     }
   }
 }
@@ -146,7 +208,9 @@ export class LeaseTable {
 /** The ifalias every device carries: its whole lease, so the kernel alone can tell whose it is. */
 export function leaseAlias(l: LeaseRecord): string {
   const holder = l.holder !== null ? ` holder=${l.holder}:${l.holder_start ?? 0}` : '';
-  return `tapbroker lease=${l.id} uid=${l.uid} kind=${l.kind} rule=${l.rule} ends=${l.ends} parent=${l.parent} queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${l.network ? ` network=${l.network}` : ''}${holder}`;
+  const group = l.group !== null ? ` group=${l.group}` : '';
+  return `tapbroker lease=${l.id} uid=${l.uid} kind=${l.kind} rule=${l.rule} ends=${l.ends} parent=${l.parent} `
+    + `queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${l.network ? ` network=${l.network}` : ''}${holder}${group}`;
 }
 
 /** The lease a device's ifalias describes, with name, ifindex and MAC from the device itself; null if it is not ours. */
@@ -159,6 +223,7 @@ export function leaseFromAlias(alias: string | null, dev: { name: string; index:
     parent: f.get('parent'), network: f.get('network') ?? null, mode: f.get('mode') ?? null, mac: dev.address ? [...dev.address].map((b) => b.toString(16).padStart(2, '0')).join(':') : '00:00:00:00:00:00',
     queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: new Date().toISOString(), ends: f.get('ends'),
     holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
+    group: f.has('group') ? Number(f.get('group')) : null, plug: null,
   };
   const parsed = LeaseRecord.safeParse(candidate);
   return parsed.success ? parsed.data : null;

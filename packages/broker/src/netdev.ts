@@ -4,9 +4,9 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol';
-import { Rtnetlink, deleteLinkInBackground, type Link } from './rtnetlink.js';
-import { hook } from './testhook.js';
+import { TapbrokerError, macFromBuffer, sys, type MacvtapMode } from '@tapbroker/protocol';
+import { grantUserOnly, mknodChar } from './libc.js';
+import { Rtnetlink, type Link } from './rtnetlink.js';
 
 export const TUNSETIFF = 0x400454ca;
 export const TUNSETPERSIST = 0x400454cb;
@@ -46,9 +46,17 @@ export function hostMac(guestMac: Buffer): Buffer {
   return mac;
 }
 
-/** Closes fds off the event loop: the last close of a tap destroys the netdev (~20 ms of kernel time). */
-export function closeInBackground(fds: readonly number[]): Promise<void> {
-  return Promise.all(fds.map((fd) => new Promise<void>((resolve) => fs.close(fd, () => resolve())))).then(() => undefined);
+/** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
+export type FaultPoint =
+  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:persisted' | 'macvtap:created' | 'macvtap:opened'
+  | 'create:leased' | 'release:unleased' | 'release:deleted';
+export type Faults = (point: FaultPoint) => void;
+export const NO_FAULTS: Faults = () => {};
+
+/** Undo work that is slow or may fail: done off the event loop by whoever owns lifetimes. */
+export interface Cleanup {
+  closeFds(fds: readonly number[], uid: number): void;
+  deleteLink(ifindex: number, uid: number, name: string, why: string): void;
 }
 
 /** For persistent devices: who owns them. */
@@ -57,7 +65,18 @@ export interface Owner {
   gid: number | null;
 }
 
+/** A foreign queue got onto a new tap before its owner was set: destroyed; a fresh name may be tried. */
+export class ForeignQueueError extends TapbrokerError {
+  readonly ifindex: number;
+  constructor(code: 'TB_E_KERNEL', message: string, extra: { ifindex: number }) {
+    super(code, message);
+    this.ifindex = extra.ifindex;
+  }
+}
+
 export interface TapRequest {
+  /** Whose device it is (for accounting of its teardown). */
+  uid: number;
   name: string;
   queues: number;
   vnetHdr: boolean;
@@ -74,6 +93,7 @@ export interface TapRequest {
 }
 
 export interface MacvtapRequest {
+  uid: number;
   alias: string;
   name: string;
   parent: Link;
@@ -107,15 +127,31 @@ export interface CreatedTap {
 export class Netdev {
   readonly rtnl = new Rtnetlink();
 
+  /**
+   * `stateDir` holds private device nodes when /dev/tapN is another namespace's.
+   */
+  constructor(
+    private readonly cleanup: Cleanup, private readonly stateDir: string, readonly faultPoint: Faults = NO_FAULTS,
+  ) {}
+
   close(): void {
     this.rtnl.close();
   }
 
-  /** The bridge called `name`, or a TapbrokerError saying why it cannot be used. */
+  /**
+   * The bridge called `name`, or a TapbrokerError saying why it cannot be used. A bridge whose MAC
+   * nobody set takes the lowest of its ports' MACs, and a guest's holder can set its tap's MAC to
+   * anything (SIOCSIFHWADDR needs no capability on its fd): only a pinned bridge keeps its address.
+   */
   bridge(name: string): Link {
     const link = this.rtnl.getLinkByName(name);
     if (!link) throw new TapbrokerError('TB_E_NO_SUCH_BRIDGE', `no bridge \`${name}'`);
     if (link.kind !== 'bridge') throw new TapbrokerError('TB_E_NOT_A_BRIDGE', `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'a device'}, not a bridge`);
+    if (addrAssignType(name, link.index) !== NET_ADDR_SET) {
+      const mac = link.address ? macFromBuffer(link.address) : '02:00:00:00:00:01';
+      throw new TapbrokerError('TB_E_BRIDGE_ADDRESS', `bridge \`${name}' has no fixed MAC address, so a guest could take it over; `
+        + `pin it with \`ip link set ${name} address ${mac}' (or MACAddress= in its .netdev)`);
+    }
     return link;
   }
 
@@ -148,10 +184,14 @@ export class Netdev {
           }
           throw kernelError(`failed to create tap \`${req.name}'${q > 0 ? ` queue ${q}` : ''}`, err);
         }
+        if (q > 0) continue;
+        this.faultPoint('tap:opened');
+        this.own(fd, req);
       }
-      hook('tap:created');
+      this.faultPoint('tap:created');
       const link = this.rtnl.getLinkByName(req.name);
       if (!link || link.kind !== 'tun') throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
+      this.checkQueues(link, opens, req);
       const mac = hostMac(req.guestMac);
       const bridge = req.bridge;
       try {
@@ -160,24 +200,51 @@ export class Netdev {
       } catch (err) {
         throw kernelError(bridge ? `failed to attach \`${req.name}' to bridge \`${bridge.name}'${req.vlan ? ` on vlan ${req.vlan}` : ''}` : `failed to set up \`${req.name}'`, err);
       }
-      hook('tap:configured');
+      this.faultPoint('tap:configured');
       if (req.persistent) {
         // Persistence comes last, so every earlier failure is undone by closing the fd.
-        const fd = tapFds[0]!;
         try {
-          sys.ioctlInt(fd, TUNSETOWNER, req.persistent.uid);
-          if (req.persistent.gid !== null) sys.ioctlInt(fd, TUNSETGROUP, req.persistent.gid);
-          sys.ioctlInt(fd, TUNSETPERSIST, 1);
+          sys.ioctlInt(tapFds[0]!, TUNSETPERSIST, 1);
         } catch (err) {
           throw kernelError(`failed to make \`${req.name}' persistent`, err);
         }
-        hook('tap:persisted');
+        this.faultPoint('tap:persisted');
       } else if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
       return { ifindex: link.index, hostMac: mac, mtu: bridge?.mtu ?? link.mtu, tapFds, vhostFds };
     } catch (err) {
-      void closeInBackground([...tapFds, ...vhostFds]);
+      this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
+      if (err instanceof ForeignQueueError) this.cleanup.deleteLink(err.ifindex, req.uid, req.name, err.message);
       throw err;
     }
+  }
+
+  /**
+   * Who may attach to the new tap, set on the first fd right after TUNSETIFF. The tun driver lets any
+   * uid attach a queue to an owner-less multiqueue tap through /dev/net/tun (mode 0666); with an owner
+   * (or group) set, only that uid (or members) or CAP_NET_ADMIN may. A fd-passed tap belongs to the
+   * broker (root): its holder's fds work as before, and nobody can add queues beyond the rule's. A
+   * persistent tap belongs to its caller, or to its group alone when one was asked (the driver
+   * requires owner *and* group when both are set).
+   */
+  private own(fd: number, req: TapRequest): void {
+    try {
+      if (!req.persistent) sys.ioctlInt(fd, TUNSETOWNER, process.geteuid?.() ?? 0);
+      else if (req.persistent.gid !== null) sys.ioctlInt(fd, TUNSETGROUP, req.persistent.gid);
+      else sys.ioctlInt(fd, TUNSETOWNER, req.persistent.uid);
+    } catch (err) {
+      throw kernelError(`failed to set the owner of \`${req.name}'`, err);
+    }
+  }
+
+  /**
+   * Between TUNSETIFF and the owner being set, a uid watching link events may attach a queue of its own
+   * to a multiqueue tap. After the owner is set, nobody else can: if the kernel then counts more queues
+   * than the broker opened, the device is not handed out but destroyed.
+   */
+  private checkQueues(link: Link, opened: number, req: TapRequest): void {
+    const attached = link.tun?.queues ?? null;
+    if (attached === null || attached <= opened) return;
+    throw new ForeignQueueError('TB_E_KERNEL', `tap \`${req.name}' had ${attached - opened} queue(s) attached by another process before its owner was set; destroyed`, { ifindex: link.index });
   }
 
   /** Refuses a VLAN on a bridge without VLAN filtering, before anything is made. */
@@ -209,7 +276,7 @@ export class Netdev {
    * device (checked by device number, since /dev/tap<ifindex> is shared by every namespace), or for
    * a persistent one, that char device handed to its owner. All or nothing.
    */
-  createMacvtap(req: MacvtapRequest, stateDir: string): CreatedTap {
+  createMacvtap(req: MacvtapRequest): CreatedTap {
     this.checkMacFree(req.parent, req.guestMac);
     try {
       this.rtnl.createMacvtap({ name: req.name, parent: req.parent.index, mac: req.guestMac, mode: req.mode, alias: req.alias });
@@ -222,7 +289,7 @@ export class Netdev {
     const vhostFds: number[] = [];
     let link: Link | null = null;
     try {
-      hook('macvtap:created');
+      this.faultPoint('macvtap:created');
       link = this.rtnl.getLinkByName(req.name);
       if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
       // Tag it at once: the kernel ignored the alias in the create message.
@@ -235,12 +302,12 @@ export class Netdev {
         // no capability beyond ownership, unlike chown (CAP_CHOWN), so it works in the hardened unit.
         fs.chmodSync(node, 0o600);
         try {
-          sys.grantUserOnly(node, req.persistent.uid);
+          grantUserOnly(node, req.persistent.uid);
         } catch (err) {
           throw kernelError(`failed to give ${node} to uid ${req.persistent.uid}`, err);
         }
       } else {
-        const node = charNode(link.index, major, minor, stateDir);
+        const node = charNode(link.index, major, minor, this.stateDir);
         try {
           for (let q = 0; q < req.queues; q++) {
             const fd = fs.openSync(node.path, fs.constants.O_RDWR);
@@ -254,20 +321,30 @@ export class Netdev {
         }
         if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
       }
-      hook('macvtap:opened');
+      this.faultPoint('macvtap:opened');
       return { ifindex: link.index, hostMac: link.address ? Buffer.from(link.address) : Buffer.from(req.guestMac), mtu: link.mtu, tapFds, vhostFds };
     } catch (err) {
-      void closeInBackground([...tapFds, ...vhostFds]);
-      const index = link?.index;
-      if (index) void deleteLinkInBackground(index).catch(() => {});
-      else void this.deleteByName(req.name);
+      this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
+      const made = link ?? this.rtnl.getLinkByName(req.name);
+      if (made?.kind === 'macvtap') this.cleanup.deleteLink(made.index, req.uid, req.name, 'rollback of a failed create');
       throw err instanceof TapbrokerError ? err : kernelError(`failed to open macvtap \`${req.name}'`, err);
     }
   }
+}
 
-  private async deleteByName(name: string): Promise<void> {
-    const link = this.rtnl.getLinkByName(name);
-    if (link?.kind === 'macvtap') await deleteLinkInBackground(link.index).catch(() => {});
+/** addr_assign_type 3: an administrator set the address (`ip link set … address`). */
+const NET_ADDR_SET = 3;
+
+/** A device's addr_assign_type from sysfs, after checking sysfs shows this namespace's device. */
+function addrAssignType(name: string, ifindex: number): number {
+  const dir = `/sys/class/net/${name}`;
+  try {
+    if (fs.readFileSync(`${dir}/ifindex`, 'utf8').trim() !== String(ifindex)) {
+      throw new TapbrokerError('TB_E_KERNEL', `sysfs shows another namespace's \`${name}'; mount sysfs for the broker's namespace`);
+    }
+    return Number(fs.readFileSync(`${dir}/addr_assign_type`, 'utf8').trim());
+  } catch (err) {
+    throw kernelError(`cannot read the address type of \`${name}' from sysfs`, err);
   }
 }
 
@@ -307,7 +384,7 @@ function charNode(ifindex: number, major: number, minor: number, stateDir: strin
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const own = path.join(dir, `tap${ifindex}.${randomBytes(4).toString('hex')}`);
   try {
-    sys.mknodChar(own, 0o600, major, minor);
+    mknodChar(own, 0o600, major, minor);
   } catch (err) {
     throw new TapbrokerError('TB_E_KERNEL', `${shared} is another namespace's device and a private node cannot be made in ${dir} (${err instanceof sys.SyscallError ? err.code : String(err)}: needs CAP_MKNOD and a state directory without nodev)`);
   }

@@ -26,6 +26,8 @@ const FALLBACK_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 const EXTERNAL_ID_KEY = /^tapbroker-[a-z]+$/;
 const EXTERNAL_ID_VALUE = /^[A-Za-z0-9_.:-]{1,128}$/;
 export const LEASE_KEY = 'tapbroker-lease';
+/** An OVSDB target this broker passes to ovs-vsctl: a unix socket path, no spaces or commas. */
+export const OVSDB_TARGET = /^unix:\/[^\0\s,]+$/;
 
 export interface AddPortOptions {
   /** Access VLAN: the port's tag. */
@@ -51,7 +53,7 @@ export interface OvsPort {
 export function ovsdbTarget(policyValue?: string): string {
   if (policyValue !== undefined) {
     // One unix socket only: a comma would make ovs-vsctl try a list of remotes.
-    if (!/^unix:\/[^\0\s,]*$/.test(policyValue)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${policyValue}' is not unix:/path`);
+    if (!OVSDB_TARGET.test(policyValue)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${policyValue}' is not unix:/path`);
     return policyValue;
   }
   const rundir = process.env.OVS_RUNDIR;
@@ -189,7 +191,7 @@ function checkVlan(v: number): number {
 }
 
 function checkDb(db: string): void {
-  if (!/^unix:\/[^\0\s,]*$/.test(db)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${db}' is not unix:/path`);
+  if (!OVSDB_TARGET.test(db)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${db}' is not unix:/path`);
 }
 
 /** `external-ids:k=v` arguments; values only from a set that needs no quoting in ovs-vsctl's syntax. */

@@ -1,8 +1,13 @@
 // Policy audit tools that need no daemon: check-policy, explain-policy, who-can. They read the same
 // policy the broker reads, through the same code.
 import { execFileSync } from 'node:child_process';
-import { MACVTAP_MODES, TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol';
-import { loadPolicy, matches, type AllowRule, type DenyRule, type Policy, type Selector } from './policy.js';
+import fs from 'node:fs';
+import { MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
+import { getpwnam, getpwuid } from './libc.js';
+import {
+  denyCovers, denyScope, loadPolicy, matches, matchesDeny, resolveTarget, type AllowRule, type DenyRule, type Policy, type Selector,
+  type Target,
+} from './policy.js';
 
 const EX_OK = 0;
 const EX_USAGE = 64;
@@ -25,7 +30,21 @@ export function policyWarnings(p: Policy): Finding[] {
     if (r.persistent && r.maxDevices === null) warn(r, `rule \`${r.name}' allows persistent devices without max_devices: they outlive VMs and nothing limits them`);
     if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: guests may collide with real NICs`);
   }
+  // Bridges a grant can reach, as this host has them now: one whose MAC nobody pinned is refused.
+  const bridges = new Set([...p.allow.flatMap((r) => r.bridges), ...[...p.networks.values()].filter((n) => n.kind === 'bridge').map((n) => n.target)]);
+  for (const b of bridges) {
+    let type: string | null = null;
+    try {
+      type = fs.readFileSync(`/sys/class/net/${b}/addr_assign_type`, 'utf8').trim();
+    } catch {
+      // Not on this host (yet): nothing to say.
+    }
+    if (type !== null && type !== '3') {
+      out.push({ level: 'warning', line: null, message: `bridge ${b} has no fixed MAC address: grants on it are refused until an administrator pins it (ip link set ${b} address …)` });
+    }
+  }
   p.deny.forEach((d, i) => {
+    if (d.who.gids.size > 0) warn(d, `deny rule \`${d.name}' names groups: it holds for members by the account database (read at load) and by the caller's own groups; a member added later is covered after a reload`);
     if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0) warn(d, `deny rule \`${d.name}' matches nobody on this host: it is unreachable`);
     const earlier = p.deny.slice(0, i).find((e) => covers(e, d));
     if (earlier) warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (line ${earlier.line}), which already denies all it denies`);
@@ -54,7 +73,7 @@ function covers(a: DenyRule, b: DenyRule): boolean {
 
 function principals(s: Selector): string {
   if (s.everyone) return 'everyone';
-  const name = (u: number) => sys.getpwuid(u)?.name ?? String(u);
+  const name = (u: number) => getpwuid(u)?.name ?? String(u);
   return [...[...s.uids].map((u) => `user ${name(u)}`), ...[...s.gids].map((g) => `group ${g}`)].join(', ') || 'nobody';
 }
 
@@ -122,7 +141,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
       process.stderr.write('tapbrokerd: explain-policy needs --user NAME\n');
       return EX_USAGE;
     }
-    const pw = /^\d+$/.test(o.user) ? { uid: Number(o.user), gid: sys.getpwuid(Number(o.user))?.gid ?? Number(o.user) } : sys.getpwnam(o.user);
+    const pw = /^\d+$/.test(o.user) ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? Number(o.user) } : getpwnam(o.user);
     if (!pw) {
       process.stderr.write(`tapbrokerd: no user \`${o.user}'\n`);
       return EX_DATAERR;
@@ -135,10 +154,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     }
     const caller = { uid: pw.uid, gid: pw.gid, groups };
     const allows = policy.allow.filter((r) => matches(r.who, caller));
-    const denies = policy.deny.filter((d) => matches(d.who, caller));
+    const denies = policy.deny.filter((d) => matchesDeny(d.who, caller));
+    const everything = (d: DenyRule) => d.bridges === null && d.parents === null && d.networks === null;
     const result = {
       user: o.user, uid: pw.uid, gid: pw.gid, groups,
-      denied_by: denies.map((d) => ({ rule: d.name, line: d.line, bridges: d.bridges ?? (d.parents ? [] : 'all'), parents: d.parents ?? (d.bridges ? [] : 'all') })),
+      denied_by: denies.map((d) => ({
+        rule: d.name, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [], parents: everything(d) ? 'all' : d.parents ?? [],
+        networks: everything(d) ? 'all' : d.networks ?? [], covers: denyScope(d),
+      })),
       allowed_by: allows.map((r) => ({
         rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks, max_queues: r.maxQueues, vhost: r.vhost,
         mac_prefix: r.macPrefix, persistent: r.persistent, name_pattern: r.namePattern, max_devices: r.maxDevices,
@@ -152,8 +175,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
         ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-', r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
           String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
       for (const d of denies) {
-        const scope = d.bridges || d.parents ? `${d.bridges ? `bridges ${d.bridges.join(',')}` : ''}${d.bridges && d.parents ? ' and ' : ''}${d.parents ? `macvtap parents ${d.parents.join(',')}` : ''}` : 'everything';
-        write(`denied by \`${d.name}' (line ${d.line}): ${scope} — deny wins over every rule above`);
+        write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(d)} — deny wins over every rule above`);
       }
     }
     return EX_OK;
@@ -170,12 +192,26 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     process.stderr.write(`tapbrokerd: no network \`${target}' in ${o.file}\n`);
     return EX_DATAERR;
   }
-  const grants = policy.allow.filter((r) => kind === 'tap' ? r.bridges.includes(target) : kind === 'network' ? r.networks.includes(target) : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode))));
-  const denies = policy.deny.filter((d) => (d.bridges === null && d.parents === null && d.networks === null)
-    || (kind === 'tap' ? d.bridges?.includes(target) : kind === 'network' ? d.networks?.includes(target) : d.parents?.includes(target)));
+  // Every way a request can reach this target: by its own name and through each network onto it. Each
+  // is judged with the broker's own functions (resolveTarget, denyCovers), so the tools cannot disagree.
+  const asked: Target = kind === 'network' ? resolveTarget(policy, { kind: 'tap', parent: target, network: true })
+    : { kind: kind === 'tap' ? 'bridge' : 'macvtap', name: target, vlan: null, network: null };
+  const routes = kind === 'network' ? [{ via: null as string | null, t: asked }] : [
+    { via: null as string | null, t: asked },
+    ...[...policy.networks.values()].filter((n) => kind === 'tap' && (n.kind === 'bridge' || n.kind === 'ovs') && n.target === target)
+      .map((n) => ({ via: n.name as string | null, t: resolveTarget(policy, { kind: 'tap', parent: n.name, network: true }) })),
+  ];
+  const grantsRoute = (r: AllowRule, via: string | null) => via !== null ? r.networks.includes(via)
+    : kind === 'tap' ? r.bridges.includes(target) : kind === 'network' ? r.networks.includes(target)
+      : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode)));
+  const grants = routes.flatMap(({ via }) => policy.allow.filter((r) => grantsRoute(r, via)).map((r) => ({ r, via })));
+  const denies = policy.deny.filter((d) => routes.some(({ t }) => denyCovers(policy, d, t)));
   const result = {
     target: { kind, name: target, mode: o.mode },
-    allowed_by: grants.map((r) => ({ rule: r.name, line: r.line, who: principals(r.who), max_queues: r.maxQueues, vhost: r.vhost, persistent: r.persistent, max_devices: r.maxDevices })),
+    allowed_by: grants.map(({ r, via }) => ({
+      rule: r.name, line: r.line, who: principals(r.who), via_network: via, max_queues: r.maxQueues, vhost: r.vhost, persistent: r.persistent,
+      max_devices: r.maxDevices,
+    })),
     except: denies.map((d) => ({ rule: d.name, line: d.line, who: principals(d.who) })),
   };
   if (o.json) write(JSON.stringify(result, null, 2));
@@ -183,8 +219,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     const net = kind === 'network' ? policy.networks.get(target)! : null;
     write(`${kind === 'tap' ? 'bridge' : kind === 'network' ? 'network' : 'macvtap parent'} ${target}${o.mode ? ` (mode ${o.mode})` : ''}${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
-    else write(table([['RULE', 'LINE', 'WHO', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
-      ...grants.map((r) => [r.name, String(r.line), principals(r.who), String(r.maxQueues), r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
+    else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
+      ...grants.map(({ r, via }) => [r.name, String(r.line), principals(r.who), via === null ? '-' : `network ${via}`, String(r.maxQueues),
+        r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
     for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);
   }
   return EX_OK;

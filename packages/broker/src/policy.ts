@@ -6,12 +6,12 @@ import fs from 'node:fs';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import {
-  MACVTAP_MODES, TapbrokerError, checkIfName, checkMacPrefix, sys, type ErrorCode, type MacvtapMode,
+  MACVTAP_MODES, MAX_QUEUES, TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName, type ErrorCode, type MacvtapMode,
 } from '@tapbroker/protocol';
+import { accountMembers, getgrnam, getpwnam } from './libc.js';
+import { OVSDB_TARGET } from './ovs.js';
 
 export const DEFAULT_MAC_PREFIX = '52:54:00';
-/** Queues per device: 126 tap fds plus 126 vhost fds still fit one SCM_RIGHTS message (253 fds). */
-export const MAX_QUEUES = 126;
 /** Names callers may pick: `{uid}` and `{user}` are substituted, `*` stands for one or more of [A-Za-z0-9_.-]. */
 export const DEFAULT_NAME_PATTERN = 'tb{uid}-*';
 
@@ -20,7 +20,11 @@ const IfName = z.string().superRefine((s, ctx) => {
   const why = checkIfName(s);
   if (why) ctx.addIssue({ code: 'custom', message: `interface name \`${s}' ${why}` });
 });
-const RuleName = z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 characters of A-Z a-z 0-9 _ . -');
+const PolicyName = z.string().superRefine((s, ctx) => {
+  const why = checkNetworkName(s);
+  if (why) ctx.addIssue({ code: 'custom', message: why });
+});
+const RuleName = PolicyName;
 
 const NamePattern = z.string().superRefine((s, ctx) => {
   if (!/^[A-Za-z0-9_.*{}-]+$/.test(s) || /\{(?!uid\}|user\})/.test(s)) {
@@ -36,7 +40,7 @@ const MacvtapGrant = z.strictObject({
   modes: z.array(z.enum(MACVTAP_MODES)).min(1).default(['bridge']),
 });
 
-const NetworkName = z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 characters of A-Z a-z 0-9 _ . -');
+const NetworkName = PolicyName;
 const Vlan = z.number().int().min(1).max(4094);
 
 const NetworkSchema = z.strictObject({
@@ -51,7 +55,7 @@ const NetworkSchema = z.strictObject({
   /** Seconds a hook may run (default 10). */
   hook_timeout: z.number().int().min(1).max(300).optional(),
   /** OVSDB to use instead of the one ovs-vsctl would find. */
-  ovsdb: z.string().regex(/^unix:\/\S+$/, 'must be unix:/path').optional(),
+  ovsdb: z.string().regex(OVSDB_TARGET, 'must be unix:/path (no spaces or commas)').optional(),
 }).superRefine((n, ctx) => {
   const kinds = [n.bridge, n.ovs, n.hook].filter((x) => x !== undefined).length;
   if (kinds !== 1) ctx.addIssue({ code: 'custom', message: 'a network needs exactly one of bridge, ovs or hook' });
@@ -113,6 +117,11 @@ export interface Selector {
   everyone: boolean;
   uids: ReadonlySet<number>;
   gids: ReadonlySet<number>;
+  /**
+   * Deny rules only: users who are members of `gids` by the account database (read at load). A
+   * process can drop a group it holds (setgroups in a user namespace); it cannot leave the database.
+   */
+  members: ReadonlySet<number>;
 }
 
 export interface AllowRule {
@@ -226,7 +235,7 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     const name = d.name ?? `deny.${i}`;
     if (names.has(name)) errors.push(`${path}: deny.${i}.name: duplicate rule name \`${name}'`);
     names.add(name);
-    const who = resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, `${path}:${lineOf(text, ['deny', i])}`);
+    const who = resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, `${path}:${lineOf(text, ['deny', i])}`, true);
     return { kind: 'deny', name, line: lineOf(text, ['deny', i]), who, bridges: d.bridges ?? null, parents: d.parents ?? null, networks: d.networks ?? null };
   });
   const networks = new Map<string, Network>();
@@ -284,7 +293,7 @@ export function lineOf(text: string, where: ReadonlyArray<PropertyKey>): number 
 
 function resolveSelector(
   users: ReadonlyArray<string | number> | undefined, groups: ReadonlyArray<string | number> | undefined,
-  what: string, warnings: string[], errors: string[], path: string,
+  what: string, warnings: string[], errors: string[], path: string, withMembers = false,
 ): Selector {
   if ((users?.length ?? 0) + (groups?.length ?? 0) === 0) {
     errors.push(`${path}: ${what} names no users and no groups (use users = ["*"] to mean everyone)`);
@@ -296,7 +305,7 @@ function resolveSelector(
     if (u === '*') everyone = true;
     else if (typeof u === 'number') uids.add(u);
     else {
-      const pw = sys.getpwnam(u);
+      const pw = getpwnam(u);
       if (pw) uids.add(pw.uid);
       else warnings.push(`${path}: ${what}: no user \`${u}' on this host; it matches nobody`);
     }
@@ -304,28 +313,69 @@ function resolveSelector(
   for (const g of groups ?? []) {
     if (typeof g === 'number') gids.add(g);
     else {
-      const gid = sys.getgrnam(g);
+      const gid = getgrnam(g);
       if (gid !== null) gids.add(gid);
       else warnings.push(`${path}: ${what}: no group \`${g}' on this host; it matches nobody`);
     }
   }
-  return { everyone, uids, gids };
+  const members = new Set<number>();
+  if (withMembers) for (const set of accountMembers(gids).values()) for (const u of set) members.add(u);
+  return { everyone, uids, gids, members };
 }
 
+/** An allow rule's selector: the caller's uid, or a group the calling process holds (kernel's list). */
 export function matches(who: Selector, caller: Caller): boolean {
   if (who.everyone || who.uids.has(caller.uid) || who.gids.has(caller.gid)) return true;
   return caller.groups.some((g) => who.gids.has(g));
+}
+
+/** A deny rule's selector: as for allow rules, or membership of a group by the account database. */
+export function matchesDeny(who: Selector, caller: Caller): boolean {
+  return matches(who, caller) || who.members.has(caller.uid);
 }
 
 export function macInPrefix(mac: string, prefix: string): boolean {
   return mac.startsWith(prefix) && (mac.length === prefix.length || mac[prefix.length] === ':');
 }
 
-/** Does a deny rule cover this request? With neither `bridges` nor `parents` it covers everything. */
-function denies(d: DenyRule, ask: Ask): boolean {
+/**
+ * What a request reaches once names are resolved: a network is its Linux bridge, Open vSwitch bridge
+ * or hook (with its VLAN). Deny rules are decided on this, so no second name escapes a deny.
+ */
+export interface Target {
+  kind: 'bridge' | 'ovs' | 'hook' | 'macvtap' | 'unknown';
+  /** The bridge, the macvtap parent, the hook's path; for an unknown network its name. */
+  name: string;
+  vlan: number | null;
+  /** The network the request named, or null. */
+  network: string | null;
+}
+
+export function resolveTarget(policy: Policy, ask: Pick<Ask, 'kind' | 'parent' | 'network'>): Target {
+  if (!ask.network) return { kind: ask.kind === 'tap' ? 'bridge' : 'macvtap', name: ask.parent, vlan: null, network: null };
+  return networkTarget(policy.networks.get(ask.parent)) ?? { kind: 'unknown', name: ask.parent, vlan: null, network: ask.parent };
+}
+
+function networkTarget(n: Network | undefined): Target | null {
+  return n ? { kind: n.kind, name: n.target, vlan: n.vlan, network: n.name } : null;
+}
+
+const sameSegment = (a: Target, b: Target) => a.kind === b.kind && a.name === b.name && a.vlan === b.vlan;
+
+/**
+ * Does a deny rule cover this target? With no scope it covers everything; `bridges` covers every way
+ * onto those bridges (Linux or Open vSwitch, directly or through a network); `parents` macvtaps on
+ * those parents; `networks` those networks and anything else reaching the same bridge and VLAN.
+ */
+export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
   if (d.bridges === null && d.parents === null && d.networks === null) return true;
-  const scope = ask.network ? d.networks : ask.kind === 'tap' ? d.bridges : d.parents;
-  return scope !== null && scope.includes(ask.parent);
+  if ((t.kind === 'bridge' || t.kind === 'ovs') && d.bridges?.includes(t.name)) return true;
+  if (t.kind === 'macvtap' && d.parents?.includes(t.name)) return true;
+  if (t.network !== null && d.networks?.includes(t.network)) return true;
+  return (d.networks ?? []).some((n) => {
+    const denied = networkTarget(policy.networks.get(n));
+    return denied !== null && denied.kind !== 'hook' && sameSegment(denied, t);
+  });
 }
 
 function grantsTarget(rule: AllowRule, ask: Ask): boolean {
@@ -356,17 +406,31 @@ function escapeRe(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
+/** What a deny rule covers, in words: `bridges br0; networks lab` or `everything`. */
+export function denyScope(d: DenyRule): string {
+  const parts = [
+    d.bridges ? `bridges ${d.bridges.join(', ')}` : '', d.parents ? `macvtap parents ${d.parents.join(', ')}` : '',
+    d.networks ? `networks ${d.networks.join(', ')}` : '',
+  ].filter(Boolean);
+  return parts.length ? parts.join('; ') : 'everything';
+}
+
 /**
- * The decision for one create request. `liveDevices(rule)` counts the caller's live devices
- * charged to that rule. Pure: no I/O beyond that callback.
+ * The decision for one create request: the one function the broker and the policy tools use.
+ * `live(rule)` is the caller's count of devices charged to that rule, looked up, not computed: a pure
+ * function of its inputs.
  */
-export function decide(policy: Policy, caller: Caller & { user?: string | null }, ask: Ask, liveDevices: (rule: string) => number): Decision {
+export function decide(policy: Policy, caller: Caller & { user?: string | null }, ask: Ask, live: (rule: string) => number): Decision {
   const what = ask.network ? `network \`${ask.parent}'` : ask.kind === 'tap' ? `bridge \`${ask.parent}'` : `macvtap parent \`${ask.parent}'`;
-  const deny = policy.deny.find((d) => matches(d.who, caller) && denies(d, ask));
+  const target = resolveTarget(policy, ask);
+  const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
   if (deny) {
-    const listed = [...(deny.bridges ?? []), ...(deny.parents ?? []), ...(deny.networks ?? [])];
-    const scope = listed.length ? `covers ${listed.join(', ')}; another ${targetNoun(ask).replace(/s$/, '')} may be allowed` : 'covers everything; only an administrator can change it';
-    return { allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'`, hint: `the deny rule ${scope}` };
+    const scope = denyScope(deny);
+    const onto = target.network !== null && target.kind !== 'unknown' ? ` (network \`${target.network}' is ${target.kind} ${target.name})` : '';
+    return {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'${onto}`,
+      hint: `the deny rule covers ${scope}${scope === 'everything' ? '; only an administrator can change it' : `; another ${targetNoun(ask).replace(/s$/, '')} may be allowed`}`,
+    };
   }
   const mine = policy.allow.filter((r) => matches(r.who, caller));
   if (mine.length === 0) {
@@ -385,8 +449,7 @@ export function decide(policy: Policy, caller: Caller & { user?: string | null }
   }
   let first: Decision | null = null;
   for (const rule of forTarget) {
-    // Counting live devices asks the kernel about each lease: only where the rule has a quota.
-    const refusal = refuse(rule, caller, ask, rule.maxDevices === null ? 0 : liveDevices(rule.name));
+    const refusal = refuse(rule, caller, ask, live(rule.name));
     if (!refusal) return { allow: true, rule };
     first ??= refusal;
   }

@@ -1,6 +1,7 @@
 // rtnetlink: message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
 // Requests are tiny and answered in well under a millisecond; slow teardown never goes through here.
 import { sys, watchReadable } from '@tapbroker/protocol';
+import { netlinkInBackground } from './libc.js';
 
 export const RTM_NEWLINK = 16;
 export const RTM_DELLINK = 17;
@@ -21,7 +22,11 @@ export const IFLA_IFALIAS = 20;
 export const IFLA_INFO_KIND = 1;
 export const IFLA_INFO_DATA = 2;
 export const IFLA_MACVLAN_MODE = 1;
+export const IFLA_TUN_OWNER = 1;
+export const IFLA_TUN_GROUP = 2;
 export const IFLA_TUN_PERSIST = 6;
+export const IFLA_TUN_NUM_QUEUES = 8;
+export const IFLA_TUN_NUM_DISABLED_QUEUES = 9;
 export const RTM_SETLINK = 19;
 export const AF_BRIDGE = 7;
 export const IFLA_AF_SPEC = 26;
@@ -98,6 +103,8 @@ export function parseAttrs(buf: Buffer, start = 0, end = buf.length): Map<number
 const cstr = (b: Buffer | undefined) => (b ? b.toString('utf8', 0, b.indexOf(0) >= 0 ? b.indexOf(0) : b.length) : undefined);
 
 export interface Link {
+  /** ifi_family: AF_UNSPEC for the device itself, AF_BRIDGE for its bridge-port view. */
+  family: number;
   index: number;
   name: string;
   flags: number;
@@ -112,6 +119,8 @@ export interface Link {
   alias: string | null;
   /** For a tun/tap: IFLA_TUN_PERSIST; null for other kinds. */
   persist: boolean | null;
+  /** For a tun/tap: its owner and group (null when unset), and its attached queues (enabled + disabled). */
+  tun: { owner: number | null; group: number | null; queues: number | null } | null;
   /** For a bridge: IFLA_BR_VLAN_FILTERING; null for other kinds or where the kernel has no VLAN filtering. */
   vlanFiltering: boolean | null;
 }
@@ -126,7 +135,11 @@ export function parseLink(msg: Buffer): Link {
   const brFiltering = kind === 'bridge' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!).get(IFLA_BR_VLAN_FILTERING) : undefined;
   const master = attrs.get(IFLA_MASTER);
   const lower = attrs.get(IFLA_LINK);
+  const u32 = (t: number) => tunData?.get(t)?.readUInt32LE(0);
+  const id = (v: number | undefined) => (v === undefined || v === 0xffffffff ? null : v);
+  const queues = u32(IFLA_TUN_NUM_QUEUES);
   return {
+    family: msg.readUInt8(16),
     index: msg.readInt32LE(20),
     flags: msg.readUInt32LE(24),
     name: cstr(attrs.get(IFLA_IFNAME)) ?? '',
@@ -137,6 +150,10 @@ export function parseLink(msg: Buffer): Link {
     link: lower && lower.readUInt32LE(0) !== 0 ? lower.readUInt32LE(0) : null,
     alias: cstr(attrs.get(IFLA_IFALIAS)) || null,
     persist: tunData ? (tunData.get(IFLA_TUN_PERSIST)?.[0] ?? 0) === 1 : null,
+    tun: tunData ? {
+      owner: id(u32(IFLA_TUN_OWNER)), group: id(u32(IFLA_TUN_GROUP)),
+      queues: queues === undefined ? null : queues + (u32(IFLA_TUN_NUM_DISABLED_QUEUES) ?? 0),
+    } : null,
     vlanFiltering: brFiltering ? brFiltering[0] === 1 : null,
   };
 }
@@ -187,13 +204,7 @@ export function splitMessages(buf: Buffer): Buffer[] {
 export class Rtnetlink {
   private readonly fd: number;
   private seq = Math.floor(Math.random() * 0x7fffffff);
-  private readonly rx = Buffer.alloc(64 * 1024);
-  private readonly rxIov = Buffer.alloc(16);
-  private readonly hdr = Buffer.alloc(56);
-  private readonly txIov = Buffer.alloc(16);
-  /** The request being sent: its address sits in txIov, so it must stay referenced from here (a local
-   * can be collected by a GC that any allocation may trigger, and the kernel would read freed memory). */
-  private tx: Buffer = Buffer.alloc(0);
+  private readonly rx = new sys.Receiver(64 * 1024);
   /** A reply that never comes fails the request instead of hanging the broker. */
   static readonly TIMEOUT_MS = 5000;
 
@@ -205,8 +216,6 @@ export class Rtnetlink {
     const tv = Buffer.alloc(16);
     tv.writeBigInt64LE(1n, 0);
     sys.setsockopt(this.fd, sys.SOL_SOCKET, 20 /* SO_RCVTIMEO */, tv);
-    this.rxIov.writeBigUInt64LE(sys.addressOf(this.rx), 0);
-    this.rxIov.writeBigUInt64LE(BigInt(this.rx.length), 8);
   }
 
   close(): void {
@@ -216,22 +225,13 @@ export class Rtnetlink {
   /** Sends one request and returns the reply messages (for a plain request with ACK: none). */
   request(build: (seq: number) => Buffer, what: string): Buffer[] {
     const seq = (this.seq = (this.seq + 1) & 0x7fffffff);
-    this.tx = build(seq);
-    this.txIov.writeBigUInt64LE(sys.addressOf(this.tx), 0);
-    this.txIov.writeBigUInt64LE(BigInt(this.tx.length), 8);
-    this.hdr.fill(0);
-    this.hdr.writeBigUInt64LE(sys.addressOf(this.txIov), 16);
-    this.hdr.writeBigUInt64LE(1n, 24);
-    if (sys.sendmsg(this.fd, this.hdr, 0) < 0) throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, `${what}: request not sent`);
+    if (sys.sendMsg(this.fd, { data: build(seq) }, 0) < 0) throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, `${what}: request not sent`);
     const deadline = Date.now() + Rtnetlink.TIMEOUT_MS;
     const replies: Buffer[] = [];
     for (;;) {
       if (Date.now() > deadline) throw new sys.SyscallError('rtnetlink', sys.errno.ETIMEDOUT, `${what}: no reply`);
-      this.hdr.fill(0);
-      this.hdr.writeBigUInt64LE(sys.addressOf(this.rxIov), 16);
-      this.hdr.writeBigUInt64LE(1n, 24);
-      const n = sys.recvmsg(this.fd, this.hdr, 0);
-      for (const m of splitMessages(this.rx.subarray(0, Math.max(n, 0)))) {
+      const got = this.rx.recv(this.fd, 0);
+      for (const m of splitMessages(got?.data ?? Buffer.alloc(0))) {
         if (m.readUInt32LE(8) !== seq) continue;
         const type = m.readUInt16LE(4);
         if (type === NLMSG_ERROR) {
@@ -305,23 +305,9 @@ export class Rtnetlink {
  */
 export async function deleteLinkInBackground(index: number): Promise<boolean> {
   const fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC, sys.NETLINK_ROUTE);
-  const msg = linkMessage(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, { index }, []);
   const rx = Buffer.alloc(8192);
-  const iovs = Buffer.alloc(32);
-  const tx = Buffer.alloc(56);
-  const rxHdr = Buffer.alloc(56);
-  iovs.writeBigUInt64LE(sys.addressOf(msg), 0);
-  iovs.writeBigUInt64LE(BigInt(msg.length), 8);
-  iovs.writeBigUInt64LE(sys.addressOf(rx), 16);
-  iovs.writeBigUInt64LE(BigInt(rx.length), 24);
-  tx.writeBigUInt64LE(sys.addressOf(iovs), 16);
-  tx.writeBigUInt64LE(1n, 24);
-  rxHdr.writeBigUInt64LE(sys.addressOf(iovs) + 16n, 16);
-  rxHdr.writeBigUInt64LE(1n, 24);
   try {
-    const n = await sys.sendRecvInBackground(fd, tx, rxHdr);
-    // Every buffer above stays referenced until here, so nothing the kernel writes into is freed early.
-    void [msg, iovs, tx, rxHdr];
+    const n = await netlinkInBackground(fd, linkMessage(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, { index }, []), rx);
     const ack = splitMessages(rx.subarray(0, n)).find((m) => m.readUInt16LE(4) === NLMSG_ERROR);
     const err = ack ? ackError(ack) : sys.errno.EIO;
     if (err === 0) return true;
@@ -332,44 +318,56 @@ export async function deleteLinkInBackground(index: number): Promise<boolean> {
   }
 }
 
-/** RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK; `onOverrun` when some were lost. */
+/**
+ * RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK of a device (the
+ * AF_BRIDGE port messages, e.g. a port leaving its bridge, are not the device and are not passed on);
+ * `onOverrun` once per overrun, when some were lost. `drain()` applies what is queued now, so a decision
+ * never runs on a table older than the events the kernel already sent.
+ */
 export class LinkMonitor {
   private readonly fd: number;
   private readonly watch: { close(): void };
-  private readonly rx = Buffer.alloc(64 * 1024);
-  private readonly iov = Buffer.alloc(16);
-  private readonly hdr = Buffer.alloc(56);
+  private readonly rx = new sys.Receiver(256 * 1024);
 
-  constructor(onLink: (type: number, link: Link) => void, onOverrun: () => void) {
+  constructor(private readonly onLink: (type: number, link: Link) => void, private readonly onOverrun: () => void) {
     this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
+    // A larger queue overruns less often under a teardown burst (each overrun costs one dump).
+    try {
+      sys.setsockoptInt(this.fd, sys.SOL_SOCKET, 33 /* SO_RCVBUFFORCE */, 4 * 1024 * 1024);
+    } catch {
+      // Without CAP_NET_ADMIN the default stays; overruns are still handled.
+    }
     const sa = Buffer.alloc(12);
     sa.writeUInt16LE(sys.AF_NETLINK, 0);
     sa.writeUInt32LE(RTMGRP_LINK, 8);
     sys.bind(this.fd, sa, 'RTMGRP_LINK');
-    this.iov.writeBigUInt64LE(sys.addressOf(this.rx), 0);
-    this.iov.writeBigUInt64LE(BigInt(this.rx.length), 8);
-    this.watch = watchReadable(this.fd, () => {
-      for (;;) {
-        this.hdr.fill(0);
-        this.hdr.writeBigUInt64LE(sys.addressOf(this.iov), 16);
-        this.hdr.writeBigUInt64LE(1n, 24);
-        let n: number;
-        try {
-          n = sys.recvmsg(this.fd, this.hdr, sys.MSG_DONTWAIT);
-        } catch (err) {
-          if (err instanceof sys.SyscallError && err.errno === sys.errno.ENOBUFS) {
-            onOverrun();
-            continue;
-          }
-          throw err;
+    this.watch = watchReadable(this.fd, () => this.drain());
+  }
+
+  drain(): void {
+    let overrun = false;
+    for (;;) {
+      let got: sys.MsgIn | null;
+      try {
+        got = this.rx.recv(this.fd, sys.MSG_DONTWAIT);
+      } catch (err) {
+        if (err instanceof sys.SyscallError && err.errno === sys.errno.ENOBUFS) {
+          overrun = true;
+          continue;
         }
-        if (n < 0) return;
-        for (const m of splitMessages(this.rx.subarray(0, n))) {
-          const type = m.readUInt16LE(4);
-          if (type === RTM_NEWLINK || type === RTM_DELLINK) onLink(type, parseLink(m));
-        }
+        throw err;
       }
-    });
+      if (got === null) break;
+      for (const m of splitMessages(got.data)) {
+        const type = m.readUInt16LE(4);
+        if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
+        const link = parseLink(m);
+        if (link.family === AF_BRIDGE) continue;
+        this.onLink(type, link);
+      }
+    }
+    // One resync after the queue is empty: a dump then reflects everything lost.
+    if (overrun) this.onOverrun();
   }
 
   close(): void {

@@ -1,34 +1,71 @@
-// One connection: the hello gate, then requests one at a time, in order, each dispatched by its op to
-// the broker's handler of the same name; the reply (with fds) goes out, and the broker's copies close.
+// One connection: the hello gate, then requests one at a time, in order, each dispatched by its op; the
+// reply (with fds) goes out, and the broker's copies close. Foreign fds are never closed here, and a
+// connection never closes with a peer's fds still queued on it.
 import {
   MAX_REQUEST_BYTES, SeqpacketConnection, TapbrokerError, decodeRequest, encodeFrame, sys, watchReadable,
-  type ErrorCode, type Reply,
+  type ErrorCode, type Reply, type Request,
 } from '@tapbroker/protocol';
-import type { Broker, Outcome } from './broker.js';
 import type { Identity } from './identity.js';
-import { closeInBackground } from './netdev.js';
+
+/** What a handler returns: the reply, the fds that travel with it, and a lease this connection holds. */
+export interface Outcome {
+  reply: Reply;
+  fds: number[];
+  /** A lease that ends when this connection or its process ends. */
+  hold?: string;
+}
+
+/** What a session needs of the broker (the broker implements it; no import cycle). */
+export interface SessionHost {
+  readonly helloTimeoutMs: number;
+  /** A connection without a held lease that sends nothing for this long is closed. */
+  readonly idleTimeoutMs: number;
+  dispatch(caller: Identity, req: Request): Outcome | Promise<Outcome>;
+  /** The broker's copies of a reply's fds, closed off the event loop once sent (or not). */
+  release(fds: number[], uid: number): void;
+  /** Fds a client pushed: never closed in this process. */
+  foreign(fds: number[]): void;
+  endLease(id: string, reason: string): void;
+  /** An audit record for a refusal the handlers never saw (bad frames, fds, timeouts). */
+  refused(caller: Identity, op: string, code: ErrorCode, message: string): void;
+}
 
 /** Reply text within the protocol's limits (1024 characters for messages). */
 function bounded(s: string, max = 1024): string {
   return s.length <= max ? s : `${s.slice(0, max - 1)}…`;
 }
 
+/** How long a client may leave a reply unread before its connection is closed. */
+const UNREAD_REPLY_MS = 5000;
+
 /** One connection: requests are handled one at a time, in order; reading pauses while one is in flight. */
 export class Session {
   private helloed = false;
   private inFlight: Promise<void> = Promise.resolve();
-  private helloTimer: NodeJS.Timeout | null = null;
+  private timer: NodeJS.Timeout | null = null;
   /** Leases that end when this connection or its process ends. */
   private readonly held = new Set<string>();
   private holderWatch: { close(): void } | null = null;
   private shuttingDown = false;
+  /** The last reply carried fds: they are in flight until the client reads it. */
+  private fdsInFlight = false;
 
-  constructor(private readonly broker: Broker, private readonly conn: SeqpacketConnection, readonly caller: Identity) {}
+  constructor(private readonly host: SessionHost, private readonly conn: SeqpacketConnection, readonly caller: Identity) {}
+
+  get closed(): boolean {
+    return this.conn.closed;
+  }
 
   async run(): Promise<void> {
-    this.helloTimer = setTimeout(() => void this.refuse('TB_E_TIMEOUT', `no hello within ${this.broker.helloTimeoutMs} ms`), this.broker.helloTimeoutMs);
+    this.arm(this.host.helloTimeoutMs, 'TB_E_TIMEOUT', `no hello within ${this.host.helloTimeoutMs} ms`);
     try {
       for (;;) {
+        // A client that does not read its replies holds their fds in flight: read nothing more from it
+        // until it has, so one connection has at most one reply's fds outstanding.
+        if (this.fdsInFlight && !(await this.repliesRead())) {
+          this.host.refused(this.caller, 'connection', 'TB_E_TIMEOUT', `a reply stayed unread for ${UNREAD_REPLY_MS} ms; connection closed`);
+          break;
+        }
         const packet = await this.conn.receive();
         if (!packet) break;
         let done!: () => void;
@@ -38,6 +75,7 @@ export class Session {
         } finally {
           done();
         }
+        if (this.helloed && this.held.size === 0) this.arm(this.host.idleTimeoutMs, null, 'idle');
       }
     } catch {
       // A socket error ends this session only; the broker keeps serving everyone else.
@@ -54,93 +92,119 @@ export class Session {
   }
 
   async refuse(code: ErrorCode, message: string): Promise<void> {
+    this.host.refused(this.caller, 'connection', code, message);
     await this.reply({ op: 'error', id: null, code, message }, []).catch(() => {});
     this.close();
   }
 
+  /** A timer that ends the connection: with an error reply (hello timeout) or quietly (idle). */
+  private arm(ms: number, code: ErrorCode | null, message: string): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      if (code) void this.refuse(code, message);
+      else if (this.held.size === 0) this.close();
+    }, ms);
+    this.timer.unref?.();
+  }
+
+  private async repliesRead(): Promise<boolean> {
+    const deadline = Date.now() + UNREAD_REPLY_MS;
+    for (;;) {
+      if (this.conn.closed) return true;
+      let unread: number;
+      try {
+        unread = this.conn.unreadBytes();
+      } catch {
+        return true;
+      }
+      if (unread === 0) {
+        this.fdsInFlight = false;
+        return true;
+      }
+      if (Date.now() > deadline) return false;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+
   /** The lease ends with this connection, or sooner if the process that connected exits. */
-  hold(leaseId: string): void {
+  private hold(leaseId: string): void {
     // A connection already gone ends the lease at once: nobody holds it.
     if (this.conn.closed) {
-      this.broker.endLease(leaseId, 'its holder closed the connection');
+      this.host.endLease(leaseId, 'its holder closed the connection');
       return;
     }
     this.held.add(leaseId);
+    if (this.timer) clearTimeout(this.timer);
     if (!this.holderWatch && this.caller.pidfd !== null) {
-      this.holderWatch = watchReadable(this.caller.pidfd, () => this.endHeld('its holder exited'));
+      const pidfd = this.caller.pidfd;
+      // Level-triggered: stop watching once it fired, or an exited holder's pidfd fires forever.
+      this.holderWatch = watchReadable(pidfd, () => {
+        this.holderWatch?.close();
+        this.endHeld('its holder exited');
+      });
     }
   }
 
   private endHeld(reason: string): void {
-    for (const id of this.held) this.broker.endLease(id, reason);
+    for (const id of this.held) this.host.endLease(id, reason);
     this.held.clear();
   }
 
   private close(): void {
-    if (this.helloTimer) clearTimeout(this.helloTimer);
+    if (this.timer) clearTimeout(this.timer);
     if (this.conn.closed) return;
     this.holderWatch?.close();
-    this.conn.close();
+    this.holderWatch = null;
+    // Packets still queued may carry fds: their last close must not happen in this thread.
+    this.conn.drainAndClose((fds) => this.host.foreign(fds));
     if (!this.shuttingDown) this.endHeld('its holder closed the connection');
     if (this.caller.pidfd !== null) sys.close(this.caller.pidfd);
   }
 
   /** Returns false when the connection must end after this request. */
   private async handle(data: Buffer, fds: number[], truncated: boolean): Promise<boolean> {
-    // Nobody may hand the broker descriptors: close them at once, whatever else the frame says.
-    // Before hello, any refusal also ends the connection; after it, the connection serves on.
+    // Nobody may hand the broker descriptors (the socket refuses them where the kernel can). Any that
+    // arrive go to the closer, whatever else the frame says. Before hello, any refusal also ends the
+    // connection; after it, the connection serves on.
     if (fds.length > 0) {
-      // Off the event loop: one of them may be the last fd of a tap, whose close takes ~20 ms.
-      void closeInBackground(fds);
-      return this.replyError(null, new TapbrokerError('TB_E_UNEXPECTED_FDS', `the request carried ${fds.length} file descriptor${fds.length > 1 ? 's' : ''}; they were closed`), this.helloed);
+      this.host.foreign(fds);
+      const n = fds.length;
+      return this.refusal(null, 'request', new TapbrokerError('TB_E_UNEXPECTED_FDS', `the request carried ${n} file descriptor${n > 1 ? 's' : ''}; they were closed`));
     }
-    if (truncated) return this.replyError(null, new TapbrokerError('TB_E_FRAME_TOO_LARGE', `frame exceeds the ${MAX_REQUEST_BYTES}-byte cap`), this.helloed);
+    if (truncated) return this.refusal(null, 'request', new TapbrokerError('TB_E_FRAME_TOO_LARGE', `frame exceeds the ${MAX_REQUEST_BYTES}-byte cap`));
     const decoded = decodeRequest(data);
-    if (!decoded.ok) return this.replyError(decoded.id, decoded.error, this.helloed);
+    if (!decoded.ok) return this.refusal(decoded.id, 'request', decoded.error);
     const req = decoded.message;
     if (!this.helloed && req.op !== 'hello') {
-      return this.replyError(req.id, new TapbrokerError('TB_E_HELLO_REQUIRED', `the first message must be hello, not ${req.op}`), false);
+      return this.refusal(req.id, req.op, new TapbrokerError('TB_E_HELLO_REQUIRED', `the first message must be hello, not ${req.op}`));
     }
     let outcome: Outcome;
     try {
-      switch (req.op) {
-        case 'hello':
-          outcome = this.broker.hello(req);
-          this.helloed = true;
-          if (this.helloTimer) clearTimeout(this.helloTimer);
-          break;
-        case 'create-tap':
-        case 'create-macvtap':
-          outcome = await this.broker.create(this.caller, req, this);
-          break;
-        case 'list':
-          outcome = this.broker.list(this.caller, req);
-          break;
-        case 'release':
-          outcome = await this.broker.release(this.caller, req);
-          break;
-        case 'reload':
-          outcome = this.broker.reloadOp(this.caller, req.id);
-          break;
-        case 'can':
-          outcome = this.broker.can(this.caller, req);
-          break;
-      }
+      outcome = await this.host.dispatch(this.caller, req);
     } catch (err) {
       return this.replyError(req.id, err, req.op !== 'hello');
     }
+    if (req.op === 'hello') {
+      this.helloed = true;
+      if (this.timer) clearTimeout(this.timer);
+    }
+    if (outcome.hold) this.hold(outcome.hold);
     try {
       await this.reply(outcome.reply, outcome.fds);
+      this.fdsInFlight = outcome.fds.length > 0;
     } catch {
-      if (outcome.fds.length > 0) {
-        this.broker.audit.record({ op: req.op, decision: 'cleanup', rule: null, caller: this.caller, code: 'TB_E_BROKER_CLOSED', message: 'the client went away before the reply; its devices were destroyed' });
-      }
       return false;
     } finally {
       // Every fd has one owner: once sent (or not), the broker's copies go, off the event loop.
-      void closeInBackground(outcome.fds);
+      this.host.release(outcome.fds, this.caller.uid);
     }
     return true;
+  }
+
+  /** A refusal of a frame no handler saw: audited here, then answered. */
+  private refusal(id: number | null, op: string, e: TapbrokerError): Promise<boolean> {
+    this.host.refused(this.caller, op, e.code, e.message);
+    return this.replyError(id, e, this.helloed);
   }
 
   private async replyError(id: number | null, err: unknown, keepOpen: boolean): Promise<boolean> {

@@ -3,7 +3,7 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
+import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, checkNetworkName, checkQueues, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
 import { TapbrokerClient, closeTap, type Tap } from './client.js';
 import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
@@ -175,7 +175,8 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
       case '--macvtap': o.macvtap = ifname('parent'); break;
       case '--network': {
         const n = value();
-        if (!/^[A-Za-z0-9_.-]{1,64}$/.test(n)) usage(`network name \`${n}' must be 1-64 characters of A-Z a-z 0-9 _ . -`);
+        const why = checkNetworkName(n);
+        if (why) usage(`network name \`${n}' ${why}`);
         o.network = n;
         break;
       }
@@ -188,7 +189,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
       case '--name': o.name = ifname('name'); break;
       case '--queues': {
         const q = value();
-        if (!/^[1-9][0-9]{0,2}$/.test(q)) usage(`--queues must be a positive integer, not \`${q}'`);
+        if (!/^[0-9]{1,4}$/.test(q) || checkQueues(Number(q))) usage(`--queues ${checkQueues(Number(q)) ?? 'must be an integer'}`);
         o.queues = Number(q);
         break;
       }

@@ -1,5 +1,5 @@
 // `--net` SPECs: `bridge=NAME|macvtap=PARENT|network=NAME[,mode=M][,queues=N][,vhost=on|off][,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
-import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, type MacvtapMode } from '@tapbroker/protocol';
+import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, checkNetworkName, checkQueues, type MacvtapMode } from '@tapbroker/protocol';
 
 export interface NetSpec {
   kind: 'tap' | 'macvtap';
@@ -46,7 +46,8 @@ export function parseNetSpec(spec: string): NetSpec {
   const kind = macvtap !== undefined ? 'macvtap' : 'tap';
   const parent = (bridge ?? macvtap ?? network)!;
   if (network !== undefined) {
-    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(network)) bad(`--net ${spec}: network name \`${network}' must be 1-64 characters of A-Z a-z 0-9 _ . -`);
+    const why = checkNetworkName(network);
+    if (why) bad(`--net ${spec}: network name \`${network}' ${why}`);
   } else {
     const parentWhy = checkIfName(parent);
     if (parentWhy) bad(`--net ${spec}: ${kind === 'tap' ? 'bridge' : 'parent'} name \`${parent}' ${parentWhy}`);
@@ -56,7 +57,7 @@ export function parseNetSpec(spec: string): NetSpec {
   if (modeText !== undefined && !(MACVTAP_MODES as readonly string[]).includes(modeText)) bad(`--net ${spec}: mode must be one of ${MACVTAP_MODES.join(', ')}`);
   const mode = kind === 'macvtap' ? ((modeText as MacvtapMode | undefined) ?? 'bridge') : null;
   const q = fields.get('queues') ?? '1';
-  if (!/^[1-9][0-9]{0,2}$/.test(q)) bad(`--net ${spec}: queues must be a positive integer, not \`${q}'`);
+  if (!/^[0-9]{1,4}$/.test(q) || checkQueues(Number(q))) bad(`--net ${spec}: queues ${checkQueues(Number(q)) ?? 'must be an integer'}`);
   const vhost = fields.get('vhost') ?? 'off';
   if (vhost !== 'on' && vhost !== 'off') bad(`--net ${spec}: vhost must be on or off, not \`${vhost}'`);
   const mac = fields.get('mac')?.toLowerCase() ?? null;

@@ -15,6 +15,7 @@ export const ERROR_CODES = {
   TB_E_INVALID_QUEUES: 'the queue count is not an integer from 1 to 126',
   TB_E_NO_SUCH_BRIDGE: 'the named bridge does not exist',
   TB_E_NOT_A_BRIDGE: 'the named device exists but is not a Linux bridge',
+  TB_E_BRIDGE_ADDRESS: 'the bridge\'s MAC address was never set by an administrator, so a guest could take it over; pin it first',
   TB_E_NO_SUCH_PARENT: 'the named macvtap parent does not exist',
   TB_E_BAD_PARENT: 'the named parent cannot carry a macvtap (a bridge, a macvlan/macvtap, a tun/tap, or loopback)',
   TB_E_MAC_IN_USE: 'the MAC is already used by the parent or another device on it',

@@ -8,9 +8,9 @@ export {
 } from './messages.js';
 export { encodeFrame, decodeFrame, decodeRequest, decodeReply, scanFrame, MAX_DEPTH, type Decoded } from './codec.js';
 export {
-  SeqpacketConnection, SeqpacketListener, SCM_MAX_FD, watchReadable, type Packet, type PeerCredentials, type ListenOptions,
+  SeqpacketConnection, SeqpacketListener, SCM_MAX_FD, refuseFds, watchReadable, type Packet, type PeerCredentials, type ListenOptions,
 } from './transport.js';
 export {
-  checkIfName, checkMac, checkMacPrefix, macToBuffer, macFromBuffer, IFNAME_MAX_BYTES,
+  checkIfName, checkMac, checkMacPrefix, checkNetworkName, checkQueues, macToBuffer, macFromBuffer, IFNAME_MAX_BYTES, MAX_QUEUES,
 } from './validate.js';
 export * as sys from './sys.js';

@@ -20,6 +20,9 @@ export const SO_ACCEPTCONN = 30;
 export const SO_DOMAIN = 39;
 export const SO_PEERGROUPS = 59;
 export const SO_PEERPIDFD = 77;
+/** Linux ≥ 6.16: 0 makes the kernel refuse SCM_RIGHTS sent to this socket (the sender gets EPERM). */
+export const SO_PASSRIGHTS = 83;
+export const SHUT_RD = 0;
 export const SCM_RIGHTS = 1;
 export const MSG_CTRUNC = 0x8;
 export const MSG_TRUNC = 0x20;
@@ -70,15 +73,11 @@ const _recvmsg = libc.func('intptr_t recvmsg(int fd, void *msg, int flags)');
 const _getsockopt = libc.func('int getsockopt(int fd, int level, int name, void *val, _Inout_ uint32_t *len)');
 const _setsockopt = libc.func('int setsockopt(int fd, int level, int name, void *val, uint32_t len)');
 const _close = libc.func('int close(int fd)');
+const _socketpair = libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)');
+const _shutdown = libc.func('int shutdown(int fd, int how)');
 const _ioctl = libc.func('int ioctl(int fd, unsigned long req, ...)');
 const _fcntl = libc.func('int fcntl(int fd, int cmd, ...)');
 const _strerror = libc.func('const char *strerror(int errnum)');
-const _syscall = libc.func('long syscall(long nr, ...)');
-const _mknod = libc.func('int mknod(const char *path, uint32_t mode, uint64_t dev)');
-const SYS_pidfd_open = 434;
-const _setxattr = libc.func('int setxattr(const char *path, const char *name, void *value, size_t size, int flags)');
-const _getpwnam_r = libc.func('int getpwnam_r(const char *name, void *pwd, void *buf, size_t len, _Out_ void **result)');
-const _getpwuid_r = libc.func('int getpwuid_r(uint32_t uid, void *pwd, void *buf, size_t len, _Out_ void **result)');
 const _getgrnam_r = libc.func('int getgrnam_r(const char *name, void *grp, void *buf, size_t len, _Out_ void **result)');
 
 function strerror(e: number): string {
@@ -90,7 +89,7 @@ function fail(syscall: string, detail?: string): never {
 }
 
 /** The address of a Buffer, for embedding in another structure. The caller keeps `buf` referenced. */
-export function addressOf(buf: Buffer): bigint {
+function addressOf(buf: Buffer): bigint {
   return koffi.address(buf) as bigint;
 }
 
@@ -113,7 +112,7 @@ export function sockaddrUn(path: string): Buffer {
 }
 
 /** A `struct sockaddr_un` for a path or, with a leading `@`, an abstract name; returns [addr, length]. */
-export function sockaddrUnAny(name: string): [Buffer, number] {
+function sockaddrUnAny(name: string): [Buffer, number] {
   if (!name.startsWith('@')) {
     const sa = sockaddrUn(name);
     return [sa, sa.length];
@@ -124,32 +123,6 @@ export function sockaddrUnAny(name: string): [Buffer, number] {
   sa.writeUInt16LE(AF_UNIX, 0);
   bytes.copy(sa, 3);
   return [sa, 3 + bytes.length];
-}
-
-let inFlight: Buffer[] = [];
-
-/** One datagram to an AF_UNIX datagram socket (sd_notify, journald's native protocol). */
-export function sendDatagram(name: string, data: Buffer): void {
-  const [sa, salen] = sockaddrUnAny(name);
-  const fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC);
-  try {
-    const iov = Buffer.alloc(16);
-    // Referenced from module scope across the call: their addresses sit in iov and hdr.
-    inFlight = [sa, iov, data];
-    iov.writeBigUInt64LE(addressOf(data), 0);
-    iov.writeBigUInt64LE(BigInt(data.length), 8);
-    const hdr = Buffer.alloc(56);
-    hdr.writeBigUInt64LE(addressOf(sa), 0);
-    hdr.writeUInt32LE(salen, 8);
-    hdr.writeBigUInt64LE(addressOf(iov), 16);
-    hdr.writeBigUInt64LE(1n, 24);
-    inFlight.push(hdr);
-    const n = Number(_sendmsg(fd, hdr, MSG_NOSIGNAL));
-    if (n < 0) fail('sendmsg', `to \`${name}'`);
-  } finally {
-    inFlight = [];
-    close(fd);
-  }
 }
 
 export function bind(fd: number, addr: Buffer, what?: string): void {
@@ -173,22 +146,172 @@ export function connect(fd: number, addr: Buffer, what?: string): void {
   if ((_connect(fd, addr, addr.length) as number) < 0) fail('connect', what);
 }
 
-/** sendmsg; returns -1 on EAGAIN, throws on every other error. */
-export function sendmsg(fd: number, msghdr: Buffer, flags: number): number {
-  const n = Number(_sendmsg(fd, msghdr, flags));
-  if (n >= 0) return n;
-  const e = koffi.errno();
-  if (e === errno.EAGAIN || e === errno.EINTR) return -1;
-  throw new SyscallError('sendmsg', e);
+// ---- struct msghdr, in one place: x86_64/aarch64 layouts (msghdr 56, iovec 16, cmsghdr 16) ----
+const MSGHDR_SIZE = 56;
+const IOVEC_SIZE = 16;
+const CMSGHDR_SIZE = 16;
+/** The kernel's own limit of fds in one SCM_RIGHTS message (SCM_MAX_FD). */
+export const SCM_MAX_FD = 253;
+const align8 = (n: number) => (n + 7) & ~7;
+/** CMSG_SPACE(4 * fds). */
+export const rightsSpace = (fds: number) => CMSGHDR_SIZE + align8(4 * fds);
+
+/**
+ * Buffers whose addresses sit in a msghdr during a call. A local the code no longer reads may be
+ * collected by V8 before the call returns, and the kernel would then use freed memory: every such
+ * buffer is pinned here for the call's duration instead.
+ */
+let pinned: Buffer[] = [];
+/** Read only by the garbage collector, which must see the pins. */
+export const pinnedCount = (): number => pinned.length;
+
+function msghdr(name: Buffer | null, nameLen: number, iov: Buffer, control: Buffer | null): Buffer {
+  const hdr = Buffer.alloc(MSGHDR_SIZE);
+  if (name) {
+    hdr.writeBigUInt64LE(addressOf(name), 0);
+    hdr.writeUInt32LE(nameLen, 8);
+  }
+  hdr.writeBigUInt64LE(addressOf(iov), 16);
+  hdr.writeBigUInt64LE(1n, 24);
+  if (control) {
+    hdr.writeBigUInt64LE(addressOf(control), 32);
+    hdr.writeBigUInt64LE(BigInt(control.length), 40);
+  }
+  return hdr;
 }
 
-/** recvmsg; returns -1 on EAGAIN, throws on every other error. */
-export function recvmsg(fd: number, msghdr: Buffer, flags: number): number {
-  const n = Number(_recvmsg(fd, msghdr, flags));
-  if (n >= 0) return n;
-  const e = koffi.errno();
-  if (e === errno.EAGAIN || e === errno.EINTR) return -1;
-  throw new SyscallError('recvmsg', e);
+function iovec(buf: Buffer): Buffer {
+  const iov = Buffer.alloc(IOVEC_SIZE);
+  iov.writeBigUInt64LE(addressOf(buf), 0);
+  iov.writeBigUInt64LE(BigInt(buf.length), 8);
+  return iov;
+}
+
+export interface MsgOut {
+  data: Buffer;
+  /** Sent as one SCM_RIGHTS message; the caller still owns them. */
+  fds?: readonly number[];
+  /** A destination (datagram sockets): [sockaddr, its length]. */
+  addr?: [Buffer, number];
+}
+
+/** sendmsg(2) of one packet; returns the bytes sent, or -1 on EAGAIN; throws on every other error. */
+export function sendMsg(fd: number, out: MsgOut, flags: number): number {
+  const fds = out.fds ?? [];
+  if (fds.length > SCM_MAX_FD) throw new SyscallError('sendmsg', errno.EINVAL, `${fds.length} fds`);
+  let control: Buffer | null = null;
+  if (fds.length > 0) {
+    control = Buffer.alloc(rightsSpace(fds.length));
+    control.writeBigUInt64LE(BigInt(CMSGHDR_SIZE + 4 * fds.length), 0);
+    control.writeInt32LE(SOL_SOCKET, 8);
+    control.writeInt32LE(SCM_RIGHTS, 12);
+    fds.forEach((f, i) => control!.writeInt32LE(f, CMSGHDR_SIZE + 4 * i));
+  }
+  const iov = iovec(out.data);
+  const hdr = msghdr(out.addr?.[0] ?? null, out.addr?.[1] ?? 0, iov, control);
+  pinned = [out.data, iov, hdr, ...(control ? [control] : []), ...(out.addr ? [out.addr[0]] : [])];
+  try {
+    const n = Number(_sendmsg(fd, hdr, flags));
+    if (n >= 0) return n;
+    const e = koffi.errno();
+    if (e === errno.EAGAIN || e === errno.EINTR) return -1;
+    throw new SyscallError('sendmsg', e);
+  } finally {
+    pinned = [];
+  }
+}
+
+export interface MsgIn {
+  /** Bytes received (a view into the receiver's buffer, valid until its next receive). */
+  data: Buffer;
+  /** Descriptors that arrived (CLOEXEC when asked with MSG_CMSG_CLOEXEC); the caller owns them. */
+  fds: number[];
+  /** recvmsg's msg_flags: MSG_TRUNC, MSG_CTRUNC. */
+  flags: number;
+}
+
+/** Long-lived receive buffers for one socket: room for `maxData` bytes and `maxFds` descriptors. */
+export class Receiver {
+  private readonly data: Buffer;
+  private readonly control: Buffer | null;
+  private readonly iov: Buffer;
+
+  constructor(maxData: number, maxFds = 0) {
+    this.data = Buffer.alloc(maxData);
+    this.control = maxFds > 0 ? Buffer.alloc(rightsSpace(maxFds)) : null;
+    this.iov = iovec(this.data);
+  }
+
+  /** recvmsg(2); null on EAGAIN; throws on every other error. */
+  recv(fd: number, flags: number): MsgIn | null {
+    const hdr = msghdr(null, 0, this.iov, this.control);
+    pinned = [hdr];
+    let n: number;
+    try {
+      n = Number(_recvmsg(fd, hdr, flags));
+    } finally {
+      pinned = [];
+    }
+    if (n < 0) {
+      const e = koffi.errno();
+      if (e === errno.EAGAIN || e === errno.EINTR) return null;
+      throw new SyscallError('recvmsg', e);
+    }
+    const fds = this.control ? parseRights(this.control, Number(hdr.readBigUInt64LE(40))) : [];
+    return { data: this.data.subarray(0, n), fds, flags: hdr.readInt32LE(48) };
+  }
+}
+
+function parseRights(control: Buffer, len: number): number[] {
+  const fds: number[] = [];
+  let o = 0;
+  while (o + CMSGHDR_SIZE <= len) {
+    const cmsgLen = Number(control.readBigUInt64LE(o));
+    if (cmsgLen < CMSGHDR_SIZE || o + cmsgLen > len) break;
+    if (control.readInt32LE(o + 8) === SOL_SOCKET && control.readInt32LE(o + 12) === SCM_RIGHTS) {
+      for (let p = o + CMSGHDR_SIZE; p + 4 <= o + cmsgLen; p += 4) fds.push(control.readInt32LE(p));
+    }
+    o += align8(cmsgLen);
+  }
+  return fds;
+}
+
+/** One datagram to an AF_UNIX datagram socket (sd_notify, journald's native protocol), never blocking. */
+export function sendDatagram(name: string, data: Buffer): void {
+  const addr = sockaddrUnAny(name);
+  const fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK);
+  try {
+    if (sendMsg(fd, { data, addr }, MSG_NOSIGNAL) < 0) throw new SyscallError('sendmsg', errno.EAGAIN, `to \`${name}' (its queue is full)`);
+  } finally {
+    close(fd);
+  }
+}
+
+/** socketpair(2) with CLOEXEC. */
+export function socketpair(type: number): [number, number] {
+  const sv = [0, 0];
+  if ((_socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) as number) < 0) fail('socketpair');
+  return [sv[0]!, sv[1]!];
+}
+
+export function shutdown(fd: number, how: number): void {
+  if ((_shutdown(fd, how) as number) < 0) fail('shutdown');
+}
+
+export type PollInterest = { readable: boolean; writable: boolean };
+export interface PollHandle {
+  start(interest: PollInterest, cb: (status: number, events: PollInterest) => void): void;
+  stop(): void;
+  close(): void;
+}
+
+/**
+ * A libuv poll handle on Node's loop for `fd` (koffi's, undocumented: the callback gets a status and
+ * the events). libuv aborts the process on a second handle for one fd or a bad fd: the caller
+ * keeps one handle per open fd and closes the handle before the fd.
+ */
+export function pollHandle(fd: number, interest: PollInterest, cb: (status: number, events: PollInterest) => void): PollHandle {
+  return koffi.node.poll(fd, interest, cb as unknown as (ev: unknown) => void) as unknown as PollHandle;
 }
 
 /** getsockopt into `buf`; returns the length the kernel wrote. */
@@ -216,57 +339,6 @@ export function setsockoptInt(fd: number, level: number, name: number, value: nu
 
 export function close(fd: number): void {
   if ((_close(fd) as number) < 0) fail('close');
-}
-
-/** Async sendmsg then recvmsg on libuv's thread pool, for kernel calls that may take long (RTM_DELLINK). */
-export function sendRecvInBackground(fd: number, tx: Buffer, rxHdr: Buffer): Promise<number> {
-  return new Promise((resolve, reject) => {
-    _sendmsg.async(fd, tx, 0, (err: Error | null, sent: bigint | number) => {
-      if (err) return reject(err);
-      if (Number(sent) < 0) return reject(new SyscallError('sendmsg', errno.EIO, 'in background'));
-      _recvmsg.async(fd, rxHdr, 0, (err2: Error | null, n: bigint | number) => {
-        if (err2) reject(err2);
-        else if (Number(n) < 0) reject(new SyscallError('recvmsg', errno.EIO, 'in background'));
-        else resolve(Number(n));
-      });
-    });
-  });
-}
-
-/** pidfd_open(2): a pidfd for `pid`, or null if there is no such process. */
-export function pidfdOpen(pid: number): number | null {
-  const fd = Number(_syscall(SYS_pidfd_open, 'int', pid, 'unsigned int', 0));
-  if (fd >= 0) return fd;
-  const e = koffi.errno();
-  if (e === errno.ESRCH) return null;
-  throw new SyscallError('pidfd_open', e);
-}
-
-/** mknod(2) of a character device node. */
-export function mknodChar(path: string, mode: number, major: number, minor: number): void {
-  // glibc's makedev() encoding of dev_t.
-  const dev = (BigInt(major & 0xfff) << 8n) | BigInt(minor & 0xff) | (BigInt(minor & ~0xff) << 12n) | (BigInt(major & ~0xfff) << 32n);
-  if ((_mknod(path, 0o020000 | mode, dev) as number) < 0) fail('mknod', `\`${path}'`);
-}
-
-/** The system.posix_acl_access value: owner rw, `uid` rw, group none, mask rw, other none. */
-export function aclUserOnly(uid: number): Buffer {
-  // posix_acl_xattr: u32 version 2, then {u16 tag, u16 perm, u32 id} sorted by tag.
-  const entries: Array<[number, number, number]> = [[0x01, 6, 0xffffffff], [0x02, 6, uid], [0x04, 0, 0xffffffff], [0x10, 6, 0xffffffff], [0x20, 0, 0xffffffff]];
-  const buf = Buffer.alloc(4 + 8 * entries.length);
-  buf.writeUInt32LE(2, 0);
-  entries.forEach(([tag, perm, id], i) => {
-    buf.writeUInt16LE(tag, 4 + 8 * i);
-    buf.writeUInt16LE(perm, 6 + 8 * i);
-    buf.writeUInt32LE(id, 8 + 8 * i);
-  });
-  return buf;
-}
-
-/** Gives `uid` (and nobody else but the owner) read-write access to `path` with a POSIX ACL. */
-export function grantUserOnly(path: string, uid: number): void {
-  const value = aclUserOnly(uid);
-  if ((_setxattr(path, 'system.posix_acl_access', value, value.length, 0) as number) < 0) fail('setxattr', `\`${path}'`);
 }
 
 /** ioctl with a pointer argument (a struct in `arg`). */
@@ -307,24 +379,9 @@ function nssLookup(call: (out: unknown[]) => number, what: string): boolean {
   return out[0] !== null && out[0] !== undefined;
 }
 
-/** The user database entry for a name (through NSS), or null. */
-export function getpwnam(name: string): { uid: number; gid: number } | null {
-  if (!nssLookup((o) => _getpwnam_r(name, nssRec, nssBuf, nssBuf.length, o) as number, 'getpwnam_r')) return null;
-  return { uid: nssRec.readUInt32LE(16), gid: nssRec.readUInt32LE(20) };
-}
-
-/** The user name for a uid (through NSS), or null. */
-export function getpwuid(uid: number): { name: string; gid: number } | null {
-  if (!nssLookup((o) => _getpwuid_r(uid, nssRec, nssBuf, nssBuf.length, o) as number, 'getpwuid_r')) return null;
-  const namePtr = nssRec.readBigUInt64LE(0);
-  const name = koffi.decode(namePtr, 'char', -1) as string;
-  return { name, gid: nssRec.readUInt32LE(20) };
-}
-
 /** The gid for a group name (through NSS), or null. */
 export function getgrnam(name: string): number | null {
   if (!nssLookup((o) => _getgrnam_r(name, nssRec, nssBuf, nssBuf.length, o) as number, 'getgrnam_r')) return null;
   return nssRec.readUInt32LE(16);
 }
 
-export { koffi };

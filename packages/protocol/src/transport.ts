@@ -4,14 +4,8 @@
 import fs from 'node:fs';
 import * as sys from './sys.js';
 
-const MSGHDR_SIZE = 56;
-const IOVEC_SIZE = 16;
-const CMSGHDR_SIZE = 16;
 /** The kernel's own limit of fds in one SCM_RIGHTS message (SCM_MAX_FD). */
-export const SCM_MAX_FD = 253;
-
-const align8 = (n: number) => (n + 7) & ~7;
-const cmsgSpace = (n: number) => CMSGHDR_SIZE + align8(n);
+export const SCM_MAX_FD = sys.SCM_MAX_FD;
 
 export interface Packet {
   data: Buffer;
@@ -33,11 +27,11 @@ export interface PeerCredentials {
   pidfd: number | null;
 }
 
-type Interest = { readable: boolean; writable: boolean };
+type Interest = sys.PollInterest;
 
 /** One poll handle per fd, started with the union of what is waited for. */
 class Poller {
-  private handle: ReturnType<typeof sys.koffi.node.poll> | null = null;
+  private handle: sys.PollHandle | null = null;
   private interest: Interest = { readable: false, writable: false };
   constructor(private readonly fd: number, private readonly onEvent: (status: number, ev: Interest) => void) {}
 
@@ -50,14 +44,14 @@ class Poller {
       return;
     }
     // An exception escaping a libuv poll callback wedges the process: report it and carry on.
-    const cb = ((status: number, ev: Interest) => {
+    const cb = (status: number, ev: Interest) => {
       try {
         this.onEvent(status, ev);
       } catch (err) {
         process.stderr.write(`tapbroker: error in a poll callback: ${(err as Error).stack}\n`);
       }
-    }) as unknown as (ev: unknown) => void;
-    if (!this.handle) this.handle = sys.koffi.node.poll(this.fd, next, cb);
+    };
+    if (!this.handle) this.handle = sys.pollHandle(this.fd, next, cb);
     else this.handle.start(next, cb);
   }
 
@@ -88,9 +82,8 @@ export function watchReadable(fd: number, onReadable: () => void): { close(): vo
 }
 
 interface PendingSend {
-  msghdr: Buffer;
-  // Referenced so GC keeps them while their addresses sit in msghdr.
-  keep: Buffer[];
+  data: Buffer;
+  fds: readonly number[];
   resolve: () => void;
   reject: (err: Error) => void;
 }
@@ -98,21 +91,18 @@ interface PendingSend {
 export class SeqpacketConnection {
   readonly fd: number;
   private readonly poller: Poller;
-  private readonly recvData: Buffer;
-  private readonly recvControl: Buffer;
-  private readonly recvIov = Buffer.alloc(IOVEC_SIZE);
-  private readonly recvHdr = Buffer.alloc(MSGHDR_SIZE);
+  private readonly receiver: sys.Receiver;
   private pendingReceive: { resolve: (p: Packet | null) => void; reject: (e: Error) => void } | null = null;
   private readonly sendQueue: PendingSend[] = [];
   private _closed = false;
 
-  /** Takes ownership of a connected, non-blocking SEQPACKET socket. */
+  /**
+   * Takes ownership of a connected, non-blocking SEQPACKET socket. Room is made for `maxFds` received
+   * fds (default: the kernel's most, so the kernel never discards any inside this process's recvmsg).
+   */
   constructor(fd: number, opts: { maxPacket: number; maxFds?: number }) {
     this.fd = fd;
-    this.recvData = Buffer.alloc(opts.maxPacket);
-    this.recvControl = Buffer.alloc(cmsgSpace(4 * (opts.maxFds ?? SCM_MAX_FD)));
-    this.recvIov.writeBigUInt64LE(sys.addressOf(this.recvData), 0);
-    this.recvIov.writeBigUInt64LE(BigInt(this.recvData.length), 8);
+    this.receiver = new sys.Receiver(opts.maxPacket, opts.maxFds ?? SCM_MAX_FD);
     this.poller = new Poller(fd, (status, ev) => this.onPoll(status, ev));
   }
 
@@ -184,27 +174,46 @@ export class SeqpacketConnection {
   send(data: Buffer, fds: readonly number[] = []): Promise<void> {
     if (this._closed) return Promise.reject(new sys.SyscallError('sendmsg', sys.errno.EBADF, 'on a closed connection'));
     if (fds.length > SCM_MAX_FD) return Promise.reject(new sys.SyscallError('sendmsg', sys.errno.EINVAL, `${fds.length} fds`));
-    const iov = Buffer.alloc(IOVEC_SIZE);
-    iov.writeBigUInt64LE(sys.addressOf(data), 0);
-    iov.writeBigUInt64LE(BigInt(data.length), 8);
-    const msghdr = Buffer.alloc(MSGHDR_SIZE);
-    msghdr.writeBigUInt64LE(sys.addressOf(iov), 16);
-    msghdr.writeBigUInt64LE(1n, 24);
-    const keep = [data, iov];
-    if (fds.length > 0) {
-      const control = Buffer.alloc(cmsgSpace(4 * fds.length));
-      control.writeBigUInt64LE(BigInt(CMSGHDR_SIZE + 4 * fds.length), 0);
-      control.writeInt32LE(sys.SOL_SOCKET, 8);
-      control.writeInt32LE(sys.SCM_RIGHTS, 12);
-      fds.forEach((fd, i) => control.writeInt32LE(fd, CMSGHDR_SIZE + 4 * i));
-      msghdr.writeBigUInt64LE(sys.addressOf(control), 32);
-      msghdr.writeBigUInt64LE(BigInt(control.length), 40);
-      keep.push(control);
-    }
     return new Promise((resolve, reject) => {
-      this.sendQueue.push({ msghdr, keep, resolve, reject });
+      this.sendQueue.push({ data, fds, resolve, reject });
       if (this.sendQueue.length === 1) this.flush();
     });
+  }
+
+  /** Bytes this side sent that the peer has not read yet (SIOCOUTQ): replies left unread. */
+  unreadBytes(): number {
+    const buf = Buffer.alloc(4);
+    sys.ioctlPtr(this.fd, 0x5411 /* SIOCOUTQ */, buf);
+    return buf.readInt32LE(0);
+  }
+
+  /**
+   * Refuses fds sent to this socket from now on (SO_PASSRIGHTS=0, Linux ≥ 6.16: the sender gets EPERM).
+   * Returns false where the kernel lacks the option.
+   */
+  refuseFds(): boolean {
+    return refuseFds(this.fd);
+  }
+
+  /**
+   * Closes without ever releasing a peer's fds in this thread: reading is shut down (the peer can queue
+   * nothing more), every packet still queued is read, and the fds they carried go to `foreign` before
+   * the socket closes. A queued fd's last close can block (a lingering TCP socket) — whoever receives
+   * them must close them elsewhere.
+   */
+  drainAndClose(foreign: (fds: number[]) => void): void {
+    if (this._closed) return;
+    try {
+      sys.shutdown(this.fd, sys.SHUT_RD);
+      for (let i = 0; i < 100_000; i++) {
+        const m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | sys.MSG_CMSG_CLOEXEC);
+        if (m === null || (m.data.length === 0 && m.fds.length === 0)) break;
+        if (m.fds.length > 0) foreign(m.fds);
+      }
+    } catch {
+      // ENOTCONN, ECONNRESET: nothing more to read.
+    }
+    this.close();
   }
 
   /** Closes the socket; a pending receive resolves to null and queued sends fail. */
@@ -245,38 +254,30 @@ export class SeqpacketConnection {
   private tryReceive(): void {
     const pr = this.pendingReceive;
     if (!pr || this._closed) return;
-    const hdr = this.recvHdr;
-    hdr.fill(0);
-    hdr.writeBigUInt64LE(sys.addressOf(this.recvIov), 16);
-    hdr.writeBigUInt64LE(1n, 24);
-    hdr.writeBigUInt64LE(sys.addressOf(this.recvControl), 32);
-    hdr.writeBigUInt64LE(BigInt(this.recvControl.length), 40);
-    let n: number;
+    let m: sys.MsgIn | null;
     try {
-      n = sys.recvmsg(this.fd, hdr, sys.MSG_DONTWAIT | sys.MSG_CMSG_CLOEXEC);
+      m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | sys.MSG_CMSG_CLOEXEC);
     } catch (err) {
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) n = 0;
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) m = { data: Buffer.alloc(0), fds: [], flags: 0 };
       else return this.fail(err as Error);
     }
-    if (n < 0) {
+    if (m === null) {
       this.poller.want({ readable: true });
       return;
     }
     this.pendingReceive = null;
     this.poller.want({ readable: false });
-    const flags = hdr.readInt32LE(48);
-    const fds = parseRights(this.recvControl, Number(hdr.readBigUInt64LE(40)));
     // A zero-length read is the end of the connection; SEQPACKET cannot tell it from an empty
     // packet, so the protocol has no empty packets.
-    if (n === 0 && fds.length === 0) {
+    if (m.data.length === 0 && m.fds.length === 0) {
       pr.resolve(null);
       return;
     }
     pr.resolve({
-      data: Buffer.from(this.recvData.subarray(0, n)),
-      fds,
-      truncated: (flags & sys.MSG_TRUNC) !== 0,
-      fdsTruncated: (flags & sys.MSG_CTRUNC) !== 0,
+      data: Buffer.from(m.data),
+      fds: m.fds,
+      truncated: (m.flags & sys.MSG_TRUNC) !== 0,
+      fdsTruncated: (m.flags & sys.MSG_CTRUNC) !== 0,
     });
   }
 
@@ -285,7 +286,7 @@ export class SeqpacketConnection {
       const s = this.sendQueue[0]!;
       let n: number;
       try {
-        n = sys.sendmsg(this.fd, s.msghdr, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
+        n = sys.sendMsg(this.fd, { data: s.data, fds: s.fds }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
       } catch (err) {
         this.sendQueue.shift();
         s.reject(err as Error);
@@ -302,18 +303,15 @@ export class SeqpacketConnection {
   }
 }
 
-function parseRights(control: Buffer, len: number): number[] {
-  const fds: number[] = [];
-  let o = 0;
-  while (o + CMSGHDR_SIZE <= len) {
-    const cmsgLen = Number(control.readBigUInt64LE(o));
-    if (cmsgLen < CMSGHDR_SIZE || o + cmsgLen > len) break;
-    if (control.readInt32LE(o + 8) === sys.SOL_SOCKET && control.readInt32LE(o + 12) === sys.SCM_RIGHTS) {
-      for (let p = o + CMSGHDR_SIZE; p + 4 <= o + cmsgLen; p += 4) fds.push(control.readInt32LE(p));
-    }
-    o += align8(cmsgLen);
+/** SO_PASSRIGHTS=0 on `fd`; false where the kernel lacks the option (before Linux 6.16). */
+export function refuseFds(fd: number): boolean {
+  try {
+    sys.setsockoptInt(fd, sys.SOL_SOCKET, sys.SO_PASSRIGHTS, 0);
+    return true;
+  } catch (err) {
+    if (err instanceof sys.SyscallError && (err.errno === sys.errno.ENOPROTOOPT || err.errno === sys.errno.EINVAL)) return false;
+    throw err;
   }
-  return fds;
 }
 
 export interface ListenOptions {
@@ -325,6 +323,8 @@ export interface ListenOptions {
 }
 
 export class SeqpacketListener {
+  /** Connections accepted per event-loop turn, at most. */
+  static readonly ACCEPTS_PER_TURN = 16;
   private readonly poller: Poller;
   private onConnection: ((fd: number) => void) | null = null;
   private _closed = false;
@@ -372,6 +372,14 @@ export class SeqpacketListener {
     return new SeqpacketListener(fd, null);
   }
 
+  /**
+   * SO_PASSRIGHTS=0 on the listener: connections made from now on refuse fds. One already queued was
+   * made before and still accepts them — set it on each accepted socket too. False before Linux 6.16.
+   */
+  refuseFds(): boolean {
+    return refuseFds(this.fd);
+  }
+
   /** Calls `cb` with each accepted connection's fd (CLOEXEC, non-blocking). */
   start(cb: (fd: number) => void): void {
     this.onConnection = cb;
@@ -398,7 +406,13 @@ export class SeqpacketListener {
       this.poller.stopped();
       this.poller.want({ readable: true });
     }
-    for (;;) {
+    // A bounded number per loop turn: a connect flood must not keep the loop from serving others.
+    for (let n = 0; ; n++) {
+      if (n === SeqpacketListener.ACCEPTS_PER_TURN) {
+        this.poller.want({ readable: false });
+        setImmediate(() => { if (!this._closed) this.poller.want({ readable: true }); });
+        return;
+      }
       let fd: number;
       try {
         fd = sys.accept(this.fd);

@@ -15,6 +15,20 @@ export function checkIfName(name: string): string | null {
   return null;
 }
 
+/** Queues per device: 126 tap fds plus 126 vhost fds still fit one SCM_RIGHTS message (253 fds). */
+export const MAX_QUEUES = 126;
+
+export function checkQueues(n: number): string | null {
+  return Number.isInteger(n) && n >= 1 && n <= MAX_QUEUES ? null : `must be from 1 to ${MAX_QUEUES}, not ${n}`;
+}
+
+const NETWORK_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
+/** Names of networks and rules: what an administrator writes in the policy. */
+export function checkNetworkName(name: string): string | null {
+  return NETWORK_NAME.test(name) ? null : 'must be 1-64 characters of A-Z a-z 0-9 _ . -';
+}
+
 const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
 const PREFIX_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){0,5}$/;
 

@@ -1,0 +1,202 @@
+// tapbrokerd's command line and lifecycle: options, policy, listener, signals, sd_notify. Usage in
+// USAGE below. main.ts runs it; a test entry point may run it with broker options of its own.
+import fs from 'node:fs';
+import path from 'node:path';
+import { SeqpacketListener, TapbrokerError, sys } from '@tapbroker/protocol';
+import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
+import { loadPolicy, type Policy } from './policy.js';
+
+export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
+export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
+const USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]
+                  [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]
+       tapbrokerd check-policy [file] [--json]
+       tapbrokerd explain-policy [file] --user name [--json]
+       tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]`;
+export const DEFAULT_STATE_DIR = '/run/tapbroker';
+// sysexits(3)
+const EX_USAGE = 64;
+const EX_UNAVAILABLE = 69;
+const EX_CONFIG = 78;
+
+interface Options {
+  check: boolean;
+  policy: string;
+  socket: string;
+  mode: number;
+  group: string | null;
+  helloTimeoutMs: number;
+  stateDir: string;
+  auditFile: string | null;
+  journalSocket: string | null | undefined;
+  idleExit: number | null;
+}
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null, helloTimeoutMs: 5000, stateDir: DEFAULT_STATE_DIR, auditFile: null, journalSocket: undefined, idleExit: null };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const value = () => {
+      const v = argv[++i];
+      if (v === undefined) usage(`option ${a} needs a value`);
+      return v;
+    };
+    switch (a) {
+      case '-n': o.check = true; break;
+      case '-f': o.policy = value(); break;
+      case '-s': o.socket = value(); break;
+      case '-m': {
+        const m = value();
+        if (!/^[0-7]{3,4}$/.test(m)) usage(`bad mode \`${m}'`);
+        o.mode = parseInt(m, 8);
+        break;
+      }
+      case '-g': o.group = value(); break;
+      case '--state-dir': o.stateDir = value(); break;
+      case '--audit-file': o.auditFile = value(); break;
+      case '--journal-socket': o.journalSocket = value(); break;
+      case '--idle-exit': {
+        const sec = value();
+        if (!/^[1-9][0-9]{0,5}$/.test(sec)) usage(`bad idle time \`${sec}'`);
+        o.idleExit = Number(sec);
+        break;
+      }
+      case '-T': {
+        const ms = value();
+        if (!/^[1-9][0-9]{0,6}$/.test(ms)) usage(`bad hello timeout \`${ms}'`);
+        o.helloTimeoutMs = Number(ms);
+        break;
+      }
+      case '-h': case '--help': process.stdout.write(`${USAGE}\n`); process.exit(0);
+      case '-V': case '--version': process.stdout.write(`${BROKER_VERSION} (protocol ${PROTOCOL_VERSION})\n`); process.exit(0);
+      default: usage(`unknown argument \`${a}'`);
+    }
+  }
+  return o;
+}
+
+function usage(why: string): never {
+  process.stderr.write(`tapbrokerd: ${why}\n${USAGE}\n`);
+  process.exit(EX_USAGE);
+}
+
+function log(line: string): void {
+  process.stderr.write(`tapbrokerd: ${line}\n`);
+}
+
+function load(file: string): Policy {
+  const policy = loadPolicy(file);
+  for (const w of policy.warnings) log(`warning: ${w}`);
+  return policy;
+}
+
+/** The inherited listening socket under socket activation (sd_listen_fds), or null. */
+function activationFd(): number | null {
+  if (process.env['LISTEN_PID'] !== String(process.pid)) return null;
+  const n = Number(process.env['LISTEN_FDS'] ?? '0');
+  delete process.env['LISTEN_PID'];
+  delete process.env['LISTEN_FDS'];
+  delete process.env['LISTEN_FDNAMES'];
+  if (n !== 1) throw new Error(`expected exactly one socket from the service manager, got ${n}`);
+  return 3;
+}
+
+/** sd_notify(3): a datagram to $NOTIFY_SOCKET when the service manager set one. */
+function notify(state: string): void {
+  const target = process.env['NOTIFY_SOCKET'];
+  if (!target) return;
+  try {
+    sys.sendDatagram(target, Buffer.from(state));
+  } catch (err) {
+    log(`sd_notify failed: ${(err as Error).message}`);
+  }
+}
+
+/** Extra broker options a caller of daemon() may set (a test entry point: faults, the fd fallback). */
+export type DaemonExtras = Pick<BrokerOptions, 'faults' | 'refuseFdsAtSocket'>;
+
+export function daemon(argv: string[], extras: DaemonExtras = {}): void {
+  if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
+    // Loaded only for the tools: the daemon's start-up does not pay for them.
+    void import('./policy-tools.js').then(({ policyTool }) => process.exit(policyTool(argv, DEFAULT_POLICY)));
+    return;
+  }
+  const opts = parseArgs(argv);
+  let policy: Policy;
+  try {
+    policy = load(opts.policy);
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message.split('\n').map((l) => `tapbrokerd: ${l}`).join('\n')}\n`);
+    process.exit(EX_CONFIG);
+  }
+  if (opts.check) {
+    process.stdout.write(`${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, ${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`);
+    process.exit(0);
+  }
+
+  let listener: SeqpacketListener;
+  try {
+    const inherited = activationFd();
+    if (inherited !== null) {
+      listener = SeqpacketListener.adopt(inherited);
+    } else {
+      let gid: number | undefined;
+      if (opts.group !== null) {
+        const g = /^\d+$/.test(opts.group) ? Number(opts.group) : sys.getgrnam(opts.group);
+        if (g === null) usage(`no group \`${opts.group}'`);
+        gid = g;
+      }
+      fs.mkdirSync(path.dirname(opts.socket), { recursive: true, mode: 0o755 });
+      listener = SeqpacketListener.listen(opts.socket, gid === undefined ? { mode: opts.mode } : { mode: opts.mode, gid });
+    }
+  } catch (err) {
+    log(`cannot listen: ${(err as Error).message}`);
+    process.exit(EX_UNAVAILABLE);
+  }
+
+  let broker: Broker;
+  try {
+    fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
+    broker = new Broker({
+      ...extras, policy, policyPath: opts.policy, stateDir: opts.stateDir, helloTimeoutMs: opts.helloTimeoutMs, log,
+      audit: { file: opts.auditFile, ...(opts.journalSocket !== undefined ? { journalSocket: opts.journalSocket } : {}) },
+    });
+    broker.start(listener);
+  } catch (err) {
+    log(`cannot start: ${(err as Error).message}`);
+    process.exit(EX_UNAVAILABLE);
+  }
+  const status = () => `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); policy ${broker.policy.sha256.slice(0, 12)}`;
+  if (!broker.fdsRefusedAtSocket) log('warning: this kernel cannot refuse fds at the socket (SO_PASSRIGHTS, Linux 6.16); fds sent to the broker go to a closer process');
+  log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; ${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`);
+  notify(`READY=1\n${status()}`);
+
+  process.on('SIGHUP', () => {
+    notify(`RELOADING=1\nMONOTONIC_USEC=${process.hrtime.bigint() / 1000n}`);
+    try {
+      broker.reload(null);
+      log(`policy reloaded; sha256 ${broker.policy.sha256}`);
+    } catch (err) {
+      log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`);
+    }
+    notify(`READY=1\n${status()}`);
+  });
+  let stopping = false;
+  const stop = (why: string) => {
+    if (stopping) return;
+    stopping = true;
+    log(`${why}: finishing requests in flight`);
+    notify(`STOPPING=1\nSTATUS=${why}: stopping`);
+    void broker.shutdown().then(() => process.exit(0));
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+  if (opts.idleExit !== null) {
+    let idleFor = 0;
+    setInterval(() => {
+      idleFor = broker.idle ? idleFor + 1 : 0;
+      if (idleFor >= opts.idleExit!) stop(`idle for ${opts.idleExit} s with no connections and no leases`);
+    }, 1000).unref();
+  }
+}
+

@@ -1,0 +1,21 @@
+// Internals of @tapbroker/broker for tests and benchmarks: the modules on the privileged path as they
+// are, not test-only code. Not a stable interface.
+export * from './index.js';
+export { daemon, type DaemonExtras } from './daemon.js';
+export { namePrefix, tapName, randomMac } from './naming.js';
+export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
+export { matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope } from './policy.js';
+export {
+  Netdev, tunIfreq, tapFlags, hostMac, devNumbers, TUNSETIFF, TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST, IFF_TAP, IFF_NO_PI,
+  IFF_VNET_HDR, IFF_MULTI_QUEUE, IFF_TUN_EXCL, type FaultPoint, type Faults,
+} from './netdev.js';
+export {
+  Rtnetlink, LinkMonitor, linkMessage, macvtapMessage, bridgeVlanMessage, parseLink, parseAttrs, rtattr, attrU32, attrString,
+  attrNested, splitMessages, deleteLinkInBackground, MACVLAN_MODES, type Link,
+} from './rtnetlink.js';
+export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
+export { LeaseTable, LeaseRecord, leaseView, processStartTime, STATE_FILE } from './leases.js';
+export { addPort, delPort, listOurPorts, isOvsBridge, ovsdbTarget } from './ovs.js';
+export { runHook, type HookResult } from './hook.js';
+export { Reaper } from './reaper.js';
+export { accountMembers, aclUserOnly, getpwnam, getpwuid } from './libc.js';

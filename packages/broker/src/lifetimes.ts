@@ -1,0 +1,350 @@
+// Lease lifetimes: how each lease ends (its fds, its holder, a release), and keeping the lease table
+// true to the kernel (link events, one dump after lost events, reconcile at start). Every device the
+// broker deletes goes through retire(), which audits both success and failure.
+import { macFromBuffer, sys, watchReadable } from '@tapbroker/protocol';
+import type { Audit, AuditEvent } from './audit.js';
+import type { Identity } from './identity.js';
+import {
+  LeaseTable, leaseFromAlias, leaseView, processStartTime, type LeaseRecord,
+} from './leases.js';
+import { pidfdOpen } from './libc.js';
+import { hostMac, type Cleanup, type Netdev } from './netdev.js';
+import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
+import { plugDown } from './plug.js';
+import type { Policy } from './policy.js';
+import type { Reaper } from './reaper.js';
+import { LinkMonitor, RTM_DELLINK, type Link } from './rtnetlink.js';
+
+const KERNEL_KIND = { tap: 'tun', macvtap: 'macvtap' } as const;
+
+export interface RetireOptions {
+  op: string;
+  decision: 'cleanup' | 'release' | 'reconcile';
+  message: string;
+  caller?: Partial<Identity> | null;
+  request?: Record<string, unknown>;
+}
+
+export class Lifetimes implements Cleanup {
+  readonly table: LeaseTable;
+  /** False when the table file was missing or unreadable: tagged devices then rebuild their leases. */
+  private readonly trusted: boolean;
+  /** Leases whose create has not finished: counted by quotas, invisible to list and release. */
+  private readonly creating = new Set<string>();
+  private readonly holderWatches = new Map<string, { close(): void }>();
+  private readonly unplugs = new Set<Promise<unknown>>();
+  private monitor: LinkMonitor | null = null;
+
+  constructor(
+    stateDir: string | null,
+    private readonly netdev: Netdev,
+    private readonly reaper: Reaper,
+    private readonly audit: Audit,
+    private readonly policy: () => Policy,
+    private readonly log: (line: string) => void,
+  ) {
+    const { table, problem, trusted } = LeaseTable.load(stateDir);
+    this.table = table;
+    this.trusted = trusted;
+    if (problem) log(`warning: ${problem}`);
+  }
+
+  /** Follows link events, then reconciles the table with the kernel. */
+  start(): void {
+    this.monitor = new LinkMonitor((type, link) => this.onLink(type, link), () => this.resync());
+    this.reconcile();
+    void this.reconcileOvs();
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.unplugs]);
+    for (const w of this.holderWatches.values()) w.close();
+    this.holderWatches.clear();
+    this.monitor?.close();
+  }
+
+  // ---- the table as a decision sees it
+
+  /** Applies every link event the kernel has already sent, so a decision never counts a gone device. */
+  catchUp(): void {
+    this.monitor?.drain();
+  }
+
+  /** The caller's devices per rule: a lookup, computed after catchUp(). */
+  counts(uid: number): (rule: string) => number {
+    const n = new Map<string, number>();
+    for (const l of this.table.all()) if (l.uid === uid) n.set(l.rule, (n.get(l.rule) ?? 0) + 1);
+    return (rule) => n.get(rule) ?? 0;
+  }
+
+  /** Leases a caller may see (list) or act on (release): its own (root: all), with their create finished. */
+  visible(uid: number): LeaseRecord[] {
+    return this.table.all().filter((l) => (uid === 0 || l.uid === uid) && !this.creating.has(l.id));
+  }
+
+  /** A lease whose device exists and is tagged, still mid-create. */
+  begin(l: LeaseRecord): void {
+    this.creating.add(l.id);
+    this.table.add(l);
+  }
+
+  commit(id: string): void {
+    this.creating.delete(id);
+  }
+
+  /** The create failed after its lease was written: the device goes (audited), the lease with it. */
+  abort(l: LeaseRecord, fds: number[], why: string): void {
+    this.creating.delete(l.id);
+    this.reaper.closeFds(fds, l.uid).catch(() => {});
+    void this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `create rolled back: ${why}` }).catch(() => {});
+  }
+
+  // ---- Cleanup, for the kernel steps' own rollbacks
+
+  closeFds(fds: readonly number[], uid: number): void {
+    this.reaper.closeFds(fds, uid).catch(() => {});
+  }
+
+  /** Deletes a device that never got (or no longer has) a lease; audited either way. */
+  deleteLink(ifindex: number, uid: number, name: string, why: string): void {
+    const device = { name, ifindex };
+    this.reaper.deleteLink(ifindex, uid).then(
+      (deleted) => this.audit.record({
+        op: 'cleanup', decision: 'cleanup', rule: null, caller: { uid }, device, message: `${why}: ${deleted ? 'deleted' : 'already gone'}`,
+      }),
+      (err: Error) => this.audit.record({
+        op: 'cleanup', decision: 'error', rule: null, caller: { uid }, device, code: 'TB_E_KERNEL', message: `failed to delete \`${name}' (${why}): ${err.message}`,
+      }),
+    );
+  }
+
+  // ---- how leases end
+
+  /** A lease that ends with its holder process: watched through a pidfd the caller owns. */
+  watchHolder(id: string, pidfd: number): void {
+    const watch = watchReadable(pidfd, () => this.endLease(id, 'its holder exited'));
+    this.holderWatches.set(id, { close: () => { watch.close(); sys.close(pidfd); } });
+  }
+
+  /** Ends a lease that lives as long as its holder or connection: its device is deleted. */
+  endLease(id: string, reason: string): void {
+    const l = this.table.get(id);
+    if (!l) return;
+    void this.retire(l, { op: 'cleanup', decision: 'cleanup', message: reason }).catch(() => {});
+  }
+
+  /**
+   * The one way a device of the broker's goes: out of the table first (so nothing acts on it twice),
+   * deleted off the event loop, unplugged from its network, and audited whether it worked or not. On
+   * failure the error is rethrown after its record (release puts the lease back).
+   */
+  async retire(l: LeaseRecord, o: RetireOptions): Promise<void> {
+    this.table.remove(l.id);
+    this.creating.delete(l.id);
+    this.holderWatches.get(l.id)?.close();
+    this.holderWatches.delete(l.id);
+    const base: AuditEvent = { op: o.op, decision: o.decision, rule: l.rule, caller: o.caller ?? { uid: l.uid }, device: leaseView(l) };
+    if (o.request) base.request = o.request;
+    try {
+      await this.reaper.deleteLink(l.ifindex, l.uid);
+    } catch (err) {
+      const message = `failed to delete \`${l.name}': ${err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : String(err)}`;
+      this.audit.record({ ...base, decision: 'error', code: 'TB_E_KERNEL', message });
+      throw err;
+    }
+    this.unplug(l);
+    this.audit.record({ ...base, message: o.message });
+  }
+
+  /** A lease whose device is already gone: dropped and unplugged. */
+  private dropVanished(l: LeaseRecord, message: string): void {
+    if (!this.table.remove(l.id)) return;
+    this.creating.delete(l.id);
+    this.holderWatches.get(l.id)?.close();
+    this.holderWatches.delete(l.id);
+    this.unplug(l);
+    this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message });
+  }
+
+  /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
+  private unplug(l: LeaseRecord): void {
+    if (!l.plug) return;
+    const p = plugDown(l).then(
+      (r) => { if (r) this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: { ...leaseView(l), plug: r }, message: 'unplugged from its network' }); },
+      (err: Error) => this.audit.record({ op: 'cleanup', decision: 'error', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), code: 'TB_E_HOOK_FAILED', message: `unplugging failed: ${err.message}` }),
+    );
+    this.unplugs.add(p);
+    void p.finally(() => this.unplugs.delete(p));
+  }
+
+  // ---- the kernel's view
+
+  /** Is `link` this lease's device (same index, name and kind)? */
+  private isDevice(l: LeaseRecord, link: Link | null | undefined): link is Link {
+    return !!link && link.name === l.name && link.kind === KERNEL_KIND[l.kind];
+  }
+
+  private onLink(type: number, link: Link): void {
+    const l = this.table.byIfindex(link.index);
+    if (!l || l.name !== link.name) return;
+    if (type === RTM_DELLINK) {
+      this.dropVanished(l, l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished');
+      return;
+    }
+    // An event is a snapshot of its moment (a creation's first events predate its owner and address):
+    // judge the device as it is now.
+    this.judge(l, this.netdev.rtnl.getLinkByIndex(link.index));
+  }
+
+  /**
+   * Holds a live lease's device to the terms it was granted on. Whoever holds a tap fd can, with no
+   * capability, make it persistent (TUNSETPERSIST), give it an owner (TUNSETOWNER) or change its MAC
+   * (SIOCSIFHWADDR, which can move the bridge's address or displace another port's FDB entry). Each is
+   * undone by deleting the device at once; a persistent one where the rule allows it becomes a lease
+   * that ends with release.
+   */
+  private judge(l: LeaseRecord, link: Link | null): void {
+    if (!this.isDevice(l, link)) {
+      this.dropVanished(l, l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished');
+      return;
+    }
+    if (this.creating.has(l.id)) return;
+    const violation = this.violation(l, link);
+    if (violation === null) return;
+    if (violation === 'persist') {
+      const rule = this.policy().allow.find((r) => r.name === l.rule);
+      if (rule?.persistent) {
+        const converted: LeaseRecord = { ...l, ends: 'release' };
+        this.table.add(converted);
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(converted), message: 'its holder made it persistent; the rule allows that: it is now a persistent lease' });
+        return;
+      }
+    }
+    const why = {
+      persist: `its holder made it persistent, which rule \`${l.rule}' does not allow`,
+      owner: 'its holder changed its owner or group (TUNSETOWNER/TUNSETGROUP)',
+      address: `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'} (the lease's is ${this.expectedMac(l)})`,
+    }[violation];
+    void this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` }).catch(() => {});
+  }
+
+  private violation(l: LeaseRecord, link: Link): 'persist' | 'owner' | 'address' | null {
+    // The broker's own ownership (root) is never a violation: a tap its holder made persistent keeps it.
+    const euid = process.geteuid?.() ?? 0;
+    const broker = (t: NonNullable<Link['tun']>) => t.owner === euid && t.group === null;
+    if (l.kind === 'tap' && l.ends === 'fds') {
+      if (link.persist) return 'persist';
+      if (link.tun && !broker(link.tun)) return 'owner';
+    }
+    if (l.kind === 'tap' && l.ends === 'release' && link.tun && !broker(link.tun)) {
+      const owner = l.group !== null ? null : l.uid;
+      if (link.tun.owner !== owner || link.tun.group !== l.group) return 'owner';
+    }
+    if (link.address && macFromBuffer(link.address) !== this.expectedMac(l)) return 'address';
+    return null;
+  }
+
+  /** The device's own address: a tap's host side is the guest's MAC with 0xfe first; a macvtap's is the guest's. */
+  private expectedMac(l: LeaseRecord): string {
+    return l.kind === 'tap' ? macFromBuffer(hostMac(Buffer.from(l.mac.split(':').map((h) => parseInt(h, 16))))) : l.mac;
+  }
+
+  /** After lost link events: one dump, and every lease judged against it. */
+  resync(): void {
+    const links = new Map(this.netdev.rtnl.dumpLinks().map((k) => [k.index, k]));
+    for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
+  }
+
+  /**
+   * At start: devices the broker died while making are deleted; leases whose device is gone dropped;
+   * devices whose holder exited while the broker was down deleted; holders still running watched;
+   * persistent devices kept. Devices without our tag are never touched.
+   */
+  reconcile(): void {
+    const links = this.netdev.rtnl.dumpLinks();
+    const byName = new Map(links.map((k) => [k.name, k]));
+    // A macvtap intended but perhaps never tagged: the device of that name, on that parent, with that
+    // MAC, untagged or tagged with that lease, is the one we were making.
+    for (const i of this.table.unsettled()) {
+      const link = byName.get(i.name);
+      const parent = byName.get(i.parent);
+      const ours = link && parent && link.kind === 'macvtap' && link.link === parent.index && link.address && macFromBuffer(link.address) === i.mac
+        && (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
+      if (ours && !this.table.get(i.id)) {
+        this.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating');
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: null, caller: null, device: { name: i.name, parent: i.parent, mac: i.mac, lease: i.id }, message: 'a macvtap the broker died while creating: deleted' });
+      }
+      this.table.settle(i.id, false);
+    }
+    // Devices that carry our tag but have no lease: orphans of a crash mid-create or mid-release when
+    // the table is intact (deleted), or leases to rebuild when it was lost or corrupt.
+    for (const link of links) {
+      const tagged = leaseFromAlias(link.alias, link);
+      if (!tagged || this.table.get(tagged.id) || link.kind !== KERNEL_KIND[tagged.kind]) continue;
+      if (this.trusted) {
+        this.deleteLink(link.index, tagged.uid, link.name, 'an orphan of a crash');
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: tagged.rule, caller: { uid: tagged.uid }, device: leaseView(tagged), message: 'a device of ours without a lease (the broker died mid-create or mid-release): deleted' });
+      } else {
+        this.table.add(tagged);
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: tagged.rule, caller: { uid: tagged.uid }, device: leaseView(tagged), message: 'lease rebuilt from the device\'s tag' });
+      }
+    }
+    const byIndex = new Map(links.map((k) => [k.index, k]));
+    for (const l of this.table.all()) {
+      if (!this.isDevice(l, byIndex.get(l.ifindex))) {
+        this.table.remove(l.id);
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: 'the device is gone; lease dropped' });
+        continue;
+      }
+      if (l.ends !== 'holder') continue;
+      const pidfd = l.holder === null ? null : pidfdOpen(l.holder);
+      // The pid is only the holder if the process started when the holder did.
+      if (pidfd !== null && processStartTime(l.holder!) === l.holder_start) {
+        this.watchHolder(l.id, pidfd);
+        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: `holder pid ${l.holder} still runs; watching it` });
+      } else {
+        if (pidfd !== null) sys.close(pidfd);
+        this.endLease(l.id, 'its holder exited while the broker was down');
+      }
+    }
+    // Written at every start, so that from now on a missing file means it was lost, not never made. A
+    // state directory that cannot be written (full, read-only) does not stop the broker: it says so.
+    try {
+      this.table.save();
+    } catch (err) {
+      this.log(`warning: the lease table cannot be written (${(err as Error).message}); `
+        + 'requests that need a lease will be refused until it can');
+    }
+  }
+
+  /**
+   * OVS keeps a port record after its tap is gone. At start, remove every port that carries our
+   * external-ids but whose lease is gone or whose device is not the lease's; never a port without them.
+   * Every database a lease or the policy names is visited, so a network a reload retired is cleaned too.
+   */
+  async reconcileOvs(): Promise<void> {
+    const dbs = new Set<string>();
+    for (const l of this.table.all()) if (l.plug && 'ovs' in l.plug) dbs.add(l.plug.db);
+    for (const n of this.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
+    for (const db of dbs) {
+      let ports: Awaited<ReturnType<typeof listOurPorts>>;
+      try {
+        ports = await listOurPorts(db);
+      } catch (err) {
+        this.log(`warning: cannot reconcile open vswitch at ${db}: ${(err as Error).message}`);
+        continue;
+      }
+      for (const p of ports) {
+        const l = this.table.get(p.lease);
+        if (l && l.name === p.port && this.isDevice(l, this.netdev.rtnl.getLinkByIndex(l.ifindex))) continue;
+        try {
+          await delPort(db, p.bridge, p.port);
+          this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l?.rule ?? null, caller: { uid: p.uid }, device: { name: p.port, ovs: p.bridge, lease: p.lease }, message: 'a stale open vswitch port of ours: removed' });
+        } catch (err) {
+          this.audit.record({ op: 'reconcile', decision: 'error', rule: l?.rule ?? null, caller: { uid: p.uid }, device: { name: p.port, ovs: p.bridge, lease: p.lease }, code: 'TB_E_KERNEL', message: `failed to remove a stale open vswitch port: ${(err as Error).message}` });
+        }
+      }
+    }
+  }
+}
+

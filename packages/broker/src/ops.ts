@@ -1,0 +1,300 @@
+// The closed set of operations: one handler per op, named after it. Each create handler reads as its
+// steps in order: spec → grammar → decision → kernel step → lease → plugging → audit → reply.
+import {
+  MAX_REPLY_BYTES, PROTOCOL_VERSION, TapbrokerError, checkIfName, encodeFrame, macFromBuffer, macToBuffer,
+  type CanRequest, type CreateMacvtapRequest, type CreateTapRequest, type Device, type HelloRequest, type ListRequest,
+  type ReleaseRequest, type ReloadRequest, type Reply, type Request,
+} from '@tapbroker/protocol';
+import type { Audit } from './audit.js';
+import type { Identity } from './identity.js';
+import { leaseAlias, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
+import type { Lifetimes } from './lifetimes.js';
+import { printable, randomMac, tapName } from './naming.js';
+import { ForeignQueueError, type CreatedTap, type Netdev } from './netdev.js';
+import { plugOf, plugUp } from './plug.js';
+import { decide, hookUnsafe, resolveTarget, type AllowRule, type Policy } from './policy.js';
+import type { Link } from './rtnetlink.js';
+import type { Outcome } from './session.js';
+import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
+
+/** Devices of one uid still being torn down, at most: beyond, its grants wait (TB_E_BUSY). */
+export const MAX_TEARDOWN_PER_UID = 32;
+
+/** What the handlers act on: the broker's state, read through this narrow view. */
+export interface OpContext {
+  readonly policy: Policy;
+  readonly netdev: Netdev;
+  readonly lifetimes: Lifetimes;
+  readonly audit: Audit;
+  readonly version: string;
+  /** Devices of `uid` queued for teardown. */
+  teardowns(uid: number): number;
+  reload(caller: Identity): Policy;
+}
+
+type Handler<R extends Request> = (ctx: OpContext, caller: Identity, req: R) => Outcome | Promise<Outcome>;
+type Handlers = { [K in Request['op']]: Handler<Extract<Request, { op: K }>> };
+
+export const HANDLERS: Handlers = {
+  'hello': hello,
+  'create-tap': createTap,
+  'create-macvtap': createMacvtap,
+  'list': list,
+  'release': release,
+  'reload': reload,
+  'can': can,
+};
+
+export function dispatch(ctx: OpContext, caller: Identity, req: Request): Outcome | Promise<Outcome> {
+  return (HANDLERS[req.op] as Handler<Request>)(ctx, caller, req);
+}
+
+function hello(ctx: OpContext, _caller: Identity, req: HelloRequest): Outcome {
+  if (req.version !== PROTOCOL_VERSION) {
+    throw new TapbrokerError('TB_E_VERSION', `client speaks protocol version ${req.version}; this broker speaks ${PROTOCOL_VERSION}`);
+  }
+  return { reply: { op: 'hello', id: req.id, version: PROTOCOL_VERSION, broker: ctx.version }, fds: [] };
+}
+
+function createTap(ctx: OpContext, caller: Identity, req: CreateTapRequest): Promise<Outcome> {
+  return createDevice(ctx, caller, req);
+}
+
+function createMacvtap(ctx: OpContext, caller: Identity, req: CreateMacvtapRequest): Promise<Outcome> {
+  return createDevice(ctx, caller, req);
+}
+
+/** Where a new device goes, resolved against the policy the decision used. */
+interface Placement {
+  /** A macvtap's parent. */
+  link: Link | null;
+  /** The Linux bridge a tap attaches to (null: OVS or a hook plugs it). */
+  bridge: Link | null;
+  vlan: number | null;
+  parentName: string;
+}
+
+/** create-tap and create-macvtap: the same checks in the same order. */
+async function createDevice(ctx: OpContext, caller: Identity, req: CreateTapRequest | CreateMacvtapRequest): Promise<Outcome> {
+  // The policy the decision is made under is the one its records name, even if a reload lands meanwhile.
+  const policy = ctx.policy;
+  const audit = (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) =>
+    ctx.audit.record({ op: req.op, caller, policy: policy.sha256, ...ev });
+  let spec: CreateSpec | null = null;
+  let audited = false;
+  try {
+    // 1. One normalised request, checked as it will reach the kernel.
+    spec = createSpec(req);
+    checkSpec(spec, caller);
+    // 2. The decision, on a lease table that has seen every link event the kernel sent.
+    ctx.lifetimes.catchUp();
+    const decision = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
+    if (!decision.allow) {
+      audit({ decision: 'deny', rule: decision.rule, request: specView(spec), code: decision.code, message: decision.message });
+      audited = true;
+      throw new TapbrokerError(decision.code, decision.message, { ...(decision.rule ? { rule: decision.rule } : {}), hint: decision.hint });
+    }
+    const busy = ctx.teardowns(caller.uid);
+    if (busy >= MAX_TEARDOWN_PER_UID) {
+      throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down; try again shortly`);
+    }
+    // 3. The kernel step. Nothing is awaited between the decision and the lease: concurrent requests
+    // see each other's quota.
+    const granted = makeDevice(ctx, policy, caller, spec, decision.rule);
+    // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone.
+    let plugged: Record<string, unknown> | null;
+    try {
+      plugged = await plugUp(granted.lease, spec.network ? policy.networks.get(spec.parent) : undefined);
+    } catch (err) {
+      ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message);
+      throw err;
+    }
+    ctx.lifetimes.commit(granted.lease.id);
+    // 5. The record, then the reply. A persistent device keeps no fd: none is sent.
+    audit({
+      decision: 'grant', rule: decision.rule.name, request: specView(spec),
+      device: { ...granted.device, lease: granted.lease.id, ...(plugged ? { plug: plugged } : {}) },
+    });
+    const body = { id: req.id, device: granted.device, fds: granted.counts };
+    return {
+      reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body },
+      fds: granted.fds, ...(granted.lease.ends === 'holder' ? { hold: granted.lease.id } : {}),
+    };
+  } catch (err) {
+    if (!audited) {
+      const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', String(err));
+      const plug = (err as { hook?: unknown }).hook;
+      audit({ decision: 'error', rule: null, ...(spec ? { request: specView(spec) } : {}), code: e.code, message: e.message, ...(plug ? { device: { plug } } : {}) });
+    }
+    throw err;
+  }
+}
+
+/** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
+function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule) {
+  const place = placement(ctx.netdev, policy, spec);
+  const mac = spec.mac ?? randomMac(rule.macPrefix);
+  const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
+  const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
+  const holding = ends === 'holder';
+  const draft: LeaseRecord = {
+    id: newLeaseId(), uid: caller.uid, user: caller.user, kind: spec.kind, name: '', ifindex: 1, parent: place.parentName,
+    network: spec.network ? spec.parent : null, mode: spec.mode, mac, queues: spec.queues, rule: rule.name,
+    created: new Date().toISOString(), ends, holder: holding ? caller.pid : null,
+    holder_start: holding ? processStartTime(caller.pid) : null, group: spec.kind === 'tap' ? spec.group : null,
+    plug: plugOf(spec.network ? policy.networks.get(spec.parent) : undefined),
+  };
+  // The lease is written into the device itself (ifalias), so a crash between here and the lease
+  // table leaves a device the next start recognises as ours.
+  const alias = leaseAlias(draft);
+  const common = { uid: caller.uid, queues: spec.queues, vnetHdr: spec.vnetHdr, vhost: spec.vhost, guestMac: macToBuffer(mac), persistent: owner, alias };
+  const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
+    if (spec.kind === 'tap') return ctx.netdev.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan });
+    ctx.lifetimes.table.intend({ id: draft.id, name, parent: place.parentName, mac });
+    try {
+      return ctx.netdev.createMacvtap({ ...common, name, parent: place.link!, mode: spec.mode! });
+    } catch (err) {
+      ctx.lifetimes.table.settle(draft.id);
+      throw err;
+    }
+  });
+  ctx.lifetimes.table.settle(draft.id, false);
+  // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
+  const actualMac = spec.kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;
+  const lease: LeaseRecord = { ...draft, name: created.name, ifindex: created.ifindex, mac: actualMac };
+  const all = [...created.tapFds, ...created.vhostFds];
+  try {
+    ctx.lifetimes.begin(lease);
+  } catch (err) {
+    // The table could not be written (a full state disk): nothing may stay behind.
+    ctx.lifetimes.table.forget(lease.id);
+    ctx.lifetimes.closeFds(all, caller.uid);
+    if (spec.persistent || spec.kind === 'macvtap') ctx.lifetimes.deleteLink(created.ifindex, caller.uid, created.name, 'the lease could not be written');
+    throw new TapbrokerError('TB_E_KERNEL', `the lease of \`${created.name}' could not be written: ${(err as Error).message}`);
+  }
+  ctx.netdev.faultPoint('create:leased');
+  const device: Device = {
+    kind: spec.kind, name: created.name, ifindex: created.ifindex, parent: place.parentName, network: lease.network,
+    vlan: place.vlan, mode: spec.mode, mtu: created.mtu, host_mac: macFromBuffer(created.hostMac), mac: actualMac, queues: spec.queues,
+    vnet_hdr: spec.vnetHdr, vhost: spec.vhost, persistent: spec.persistent, rule: rule.name,
+  };
+  // A persistent device keeps no fd: the broker's go now, and none is sent.
+  if (spec.persistent) ctx.lifetimes.closeFds(all, caller.uid);
+  const fds = spec.persistent ? [] : all;
+  const counts = { tap: spec.persistent ? 0 : created.tapFds.length, vhost: spec.persistent ? 0 : created.vhostFds.length };
+  return { lease, device, fds, counts };
+}
+
+/** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */
+function placement(netdev: Netdev, policy: Policy, spec: CreateSpec): Placement {
+  const target = resolveTarget(policy, spec);
+  switch (target.kind) {
+    case 'macvtap': {
+      const link = netdev.macvtapParent(target.name);
+      return { link, bridge: null, vlan: null, parentName: link.name };
+    }
+    case 'bridge': {
+      const bridge = netdev.bridge(target.name);
+      if (target.vlan !== null) netdev.checkVlanFiltering(bridge);
+      return { link: bridge, bridge, vlan: target.vlan, parentName: bridge.name };
+    }
+    // An OVS bridge that does not exist makes add-port fail, and the grant is rolled back then.
+    case 'ovs':
+      return { link: null, bridge: null, vlan: target.vlan, parentName: target.name };
+    case 'hook': {
+      const unsafe = hookUnsafe(target.name);
+      if (unsafe) throw new TapbrokerError('TB_E_HOOK_FAILED', `hook ${target.name} ${unsafe}; not run`);
+      return { link: null, bridge: null, vlan: null, parentName: '-' };
+    }
+    case 'unknown':
+      throw new TapbrokerError('TB_E_POLICY_DENIED', `no network \`${target.name}'`);
+  }
+}
+
+/** The caller's name, or broker-chosen names `tb<uid>-<random>` until one is free and clean. */
+function createNamed(uid: number, asked: string | null, create: (name: string) => CreatedTap): CreatedTap & { name: string } {
+  if (asked !== null) return { ...create(asked), name: asked };
+  for (let attempt = 0; ; attempt++) {
+    const name = tapName(uid);
+    try {
+      return { ...create(name), name };
+    } catch (err) {
+      const retry = err instanceof ForeignQueueError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
+      if (!retry || attempt >= 8) throw err;
+    }
+  }
+}
+
+/** The caller's leases, oldest first (root: everyone's), as many as one reply holds. */
+function list(ctx: OpContext, caller: Identity, req: ListRequest): Outcome {
+  ctx.lifetimes.catchUp();
+  const mine = ctx.lifetimes.visible(caller.uid).sort((a, b) => a.created.localeCompare(b.created)).map(leaseView);
+  let n = mine.length;
+  const reply = (): Reply => ({ op: 'list', id: req.id, leases: mine.slice(0, n), truncated: n < mine.length });
+  while (n > 0 && encodeFrame(reply()).length > MAX_REPLY_BYTES) n = Math.floor(n * 0.9);
+  return { reply: reply(), fds: [] };
+}
+
+/**
+ * release: the caller's persistent lease with this name (root: anyone's), and only while the device
+ * carrying the name is that very lease's device (ifindex and kind), never a same-named other one.
+ */
+async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): Promise<Outcome> {
+  const request = { name: req.name };
+  const refuse = (message: string): never => {
+    ctx.audit.record({ op: 'release', decision: 'deny', rule: null, caller, request, code: 'TB_E_NO_SUCH_LEASE', message });
+    throw new TapbrokerError('TB_E_NO_SUCH_LEASE', message, { hint: 'tapbroker list shows your leases' });
+  };
+  const why = checkIfName(req.name);
+  if (why) refuse(`name \`${printable(req.name)}' ${why}`);
+  ctx.lifetimes.catchUp();
+  // One answer whether the name is unknown or someone else's: the reply reveals nothing of other users.
+  const lease = ctx.lifetimes.visible(caller.uid).find((l) => l.name === req.name && l.ends === 'release');
+  if (!lease) return refuse(`you hold no persistent device named \`${req.name}'`);
+  // Out of the table first (durably), so a crash from here on leaves a tagged device without a lease:
+  // the next start deletes it as an orphan.
+  ctx.lifetimes.table.remove(lease.id);
+  ctx.netdev.faultPoint('release:unleased');
+  try {
+    await ctx.lifetimes.retire(lease, { op: 'release', decision: 'release', caller, request, message: 'released' });
+  } catch (err) {
+    ctx.lifetimes.table.add(lease);
+    throw new TapbrokerError('TB_E_KERNEL', `failed to delete \`${lease.name}': ${(err as Error).message}`);
+  }
+  ctx.netdev.faultPoint('release:deleted');
+  return { reply: { op: 'release', id: req.id, lease: leaseView(lease) }, fds: [] };
+}
+
+function reload(ctx: OpContext, caller: Identity, req: ReloadRequest): Outcome {
+  if (caller.uid !== 0) {
+    ctx.audit.record({ op: 'reload', decision: 'deny', rule: null, caller, code: 'TB_E_POLICY_DENIED', message: 'only root may reload the policy' });
+    throw new TapbrokerError('TB_E_POLICY_DENIED', 'only root may reload the policy', { hint: 'run it as root, or send tapbrokerd SIGHUP' });
+  }
+  return { reply: { op: 'reload', id: req.id, policy_sha256: ctx.reload(caller).sha256 }, fds: [] };
+}
+
+/** can: the decision a create request would get now, as this caller, with nothing created. */
+function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
+  const policy = ctx.policy;
+  const spec = createSpec(req);
+  try {
+    checkSpec(spec, caller);
+  } catch (err) {
+    const e = err as TapbrokerError;
+    ctx.audit.record({ op: 'can', decision: 'dry-run', rule: null, caller, policy: policy.sha256, request: specView(spec), code: e.code, message: e.message });
+    throw err;
+  }
+  ctx.lifetimes.catchUp();
+  const d = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
+  ctx.audit.record({
+    op: 'can', decision: 'dry-run', rule: d.allow ? d.rule.name : d.rule, caller, policy: policy.sha256, request: specView(spec),
+    message: d.allow ? 'would grant' : `would deny: ${d.message}`, ...(d.allow ? {} : { code: d.code }),
+  });
+  const reply: Reply = d.allow
+    ? { op: 'can', id: req.id, allow: true, rule: d.rule.name, message: `rule \`${d.rule.name}' would grant it` }
+    : { op: 'can', id: req.id, allow: false, rule: d.rule, code: d.code, message: d.message, hint: d.hint };
+  return { reply, fds: [] };
+}
+
+/** For the audit record of a request the handlers saw. */
+export type { CreateSpec };

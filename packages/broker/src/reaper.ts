@@ -1,0 +1,90 @@
+// Slow kernel work off the event loop, bounded: destroying a netdev costs the kernel ~20 ms in the
+// calling thread (RTM_DELLINK, or the last close of a tap fd). Jobs run at most MAX_RUNNING at a time on
+// libuv's pool (koffi allows 256 pending async calls and kills the process beyond), queue in order
+// otherwise, are counted against the uid they belong to, and never throw out of a callback.
+import fs from 'node:fs';
+import { sys } from '@tapbroker/protocol';
+import { deleteLinkInBackground } from './rtnetlink.js';
+
+/** Pool threads the reaper may occupy at once (libuv has 4; the rest stay free for everything else). */
+const MAX_RUNNING = 2;
+
+interface Job {
+  /** The uid whose device this job deletes, or null (closing the broker's copies of fds). */
+  uid: number | null;
+  run: () => Promise<unknown>;
+  done: (ok: boolean, value: unknown) => void;
+}
+
+export class Reaper {
+  private readonly queue: Job[] = [];
+  private running = 0;
+  private readonly perUid = new Map<number, number>();
+  private readonly idleWaiters: Array<() => void> = [];
+
+  /**
+   * Deletions queued or running for `uid`: devices on their way out, already out of the lease table,
+   * that still count against it. (Closing the broker's copies of fds is not counted: the device lives
+   * on with its holder's fds, in the lease table, until the kernel says it is gone.)
+   */
+  pending(uid: number): number {
+    return this.perUid.get(uid) ?? 0;
+  }
+
+  get backlog(): number {
+    return this.queue.length + this.running;
+  }
+
+  /** Deletes link `ifindex` (made for `uid`): true when deleted, false when it was already gone. */
+  deleteLink(ifindex: number, uid: number): Promise<boolean> {
+    return this.submit(uid, () => deleteLinkInBackground(ifindex)) as Promise<boolean>;
+  }
+
+  /** Closes the broker's copies of fds; the last close of a tap destroys it. */
+  closeFds(fds: readonly number[], _uid: number): Promise<void> {
+    if (fds.length === 0) return Promise.resolve();
+    const all = [...fds];
+    return this.submit(null, () => Promise.all(all.map((fd) => new Promise<void>((r) => fs.close(fd, () => r()))))) as Promise<void>;
+  }
+
+
+  /** Resolves when nothing is queued or running. */
+  idle(): Promise<void> {
+    if (this.backlog === 0) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  private submit(uid: number | null, run: () => Promise<unknown>): Promise<unknown> {
+    if (uid !== null) this.perUid.set(uid, this.pending(uid) + 1);
+    return new Promise((resolve, reject) => {
+      this.queue.push({ uid, run, done: (ok, v) => (ok ? resolve(v) : reject(v)) });
+      this.next();
+    });
+  }
+
+  private next(): void {
+    while (this.running < MAX_RUNNING && this.queue.length > 0) {
+      const job = this.queue.shift()!;
+      this.running++;
+      let p: Promise<unknown>;
+      try {
+        p = job.run();
+      } catch (err) {
+        p = Promise.reject(err instanceof Error ? err : new sys.SyscallError('reaper', sys.errno.EIO, String(err)));
+      }
+      p.then((v) => this.finish(job, true, v), (e: unknown) => this.finish(job, false, e));
+    }
+    if (this.backlog === 0) for (const w of this.idleWaiters.splice(0)) w();
+  }
+
+  private finish(job: Job, ok: boolean, value: unknown): void {
+    this.running--;
+    if (job.uid !== null) {
+      const n = this.pending(job.uid) - 1;
+      if (n > 0) this.perUid.set(job.uid, n);
+      else this.perUid.delete(job.uid);
+    }
+    job.done(ok, value);
+    this.next();
+  }
+}

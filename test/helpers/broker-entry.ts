@@ -1,0 +1,26 @@
+// Test-only entry point: tapbrokerd with broker options a test injects, which the shipped main.js
+// never reads. TB_TEST_FAULT=POINT SIGKILLs the broker at that fault point; TB_TEST_FAULT=POINT=wait:FILE
+// creates FILE.reached there and blocks until FILE exists. TB_TEST_FD_FALLBACK=1 skips SO_PASSRIGHTS,
+// so fds pushed at the broker take the path every kernel before 6.16 relies on.
+import fs from 'node:fs';
+import { daemon, type FaultPoint } from '@tapbroker/broker/internal';
+
+const spec = process.env['TB_TEST_FAULT'] ?? '';
+const fallback = process.env['TB_TEST_FD_FALLBACK'] === '1';
+delete process.env['TB_TEST_FAULT'];
+delete process.env['TB_TEST_FD_FALLBACK'];
+const [armed, action] = spec.split(/=(.*)/s) as [string, string | undefined];
+
+function fault(point: FaultPoint): void {
+  if (point !== armed) return;
+  if (action?.startsWith('wait:')) {
+    const file = action.slice(5);
+    fs.writeFileSync(`${file}.reached`, point);
+    const pause = new Int32Array(new SharedArrayBuffer(4));
+    while (!fs.existsSync(file)) Atomics.wait(pause, 0, 0, 10);
+    return;
+  }
+  process.kill(process.pid, 'SIGKILL');
+}
+
+daemon(process.argv.slice(2), { ...(spec ? { faults: fault } : {}), refuseFdsAtSocket: !fallback });

@@ -1,0 +1,73 @@
+// An attacker for the fds-pushed-at-the-broker class, run as an unprivileged uid inside the test's
+// namespace: it makes TCP sockets whose close() blocks (SO_LINGER 30 s, unsent data, a peer that never
+// reads: connections left unaccepted on a listener of its own), pushes them at the broker among copies
+// of /dev/null (lingering ones last, where a short control buffer makes the kernel release them inside
+// the broker's recvmsg), closes its own copies so the broker's would be the last, prints one JSON line,
+// and holds the listener until its stdin closes.
+//   node linger.js SOCKET LINGERING NULLS MODE     MODE: hello | behind (after a frame refused pre-hello)
+import fs from 'node:fs';
+import { MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame, sys } from '@tapbroker/protocol';
+
+const [socket, lingering, nulls, mode] = process.argv.slice(2) as [string, string, string, 'hello' | 'behind'];
+const AF_INET = 2;
+const SOCK_STREAM = 1;
+const SO_LINGER = 13;
+
+function inet(port: number): Buffer {
+  const sa = Buffer.alloc(16);
+  sa.writeUInt16LE(AF_INET, 0);
+  sa.writeUInt16BE(port, 2);
+  Buffer.from([127, 0, 0, 1]).copy(sa, 4);
+  return sa;
+}
+
+const port = 20000 + Math.floor(Math.random() * 20000);
+const listener = sys.socket(AF_INET, SOCK_STREAM | sys.SOCK_CLOEXEC);
+sys.bind(listener, inet(port));
+sys.listen(listener, 64);
+
+const stuck: number[] = [];
+for (let i = 0; i < Number(lingering); i++) {
+  const s = sys.socket(AF_INET, SOCK_STREAM | sys.SOCK_CLOEXEC);
+  sys.connect(s, inet(port));
+  sys.fcntlSet(s, sys.F_SETFL, sys.fcntlGet(s, sys.F_GETFL) | sys.O_NONBLOCK);
+  const chunk = Buffer.alloc(64 * 1024, 0x61);
+  while (sys.sendMsg(s, { data: chunk }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL) >= 0);
+  const linger = Buffer.alloc(8);
+  linger.writeInt32LE(1, 0);
+  linger.writeInt32LE(30, 4);
+  sys.setsockopt(s, sys.SOL_SOCKET, SO_LINGER, linger);
+  stuck.push(s);
+}
+const nul = fs.openSync('/dev/null', 'r');
+const fds = [...Array<number>(Number(nulls)).fill(nul), ...stuck];
+
+const out: Record<string, unknown> = { port };
+const conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
+const reply = async () => {
+  const p = await Promise.race([conn.receive(), new Promise<null>((r) => setTimeout(() => r(null), 3000))]);
+  return p ? (decodeReply(p.data) as { op: string; code?: string }) : null;
+};
+try {
+  if (mode === 'hello') {
+    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+    out['hello'] = (await reply())?.op ?? null;
+    await conn.send(encodeFrame({ op: 'list', id: 2 }), fds);
+  } else {
+    // Refused before hello, which ends the connection, with the fds queued right behind it.
+    await conn.send(encodeFrame({ op: 'list', id: 2 }));
+    await conn.send(encodeFrame({ op: 'list', id: 3 }), fds);
+  }
+  out['sent'] = 'ok';
+  const r = await reply();
+  out['reply'] = r ? (r.code ?? r.op) : null;
+} catch (err) {
+  out['sent'] = (err as { code?: string }).code ?? String(err);
+}
+process.stdout.write(`${JSON.stringify(out)}\n`);
+// Our copies go now: where the broker holds the others, its close would be the last. (Where the send
+// was refused, these closes are the last and block this process instead, which is the point.)
+fs.closeSync(nul);
+process.stdin.resume();
+process.stdin.on('end', () => process.exit(0));
+for (const s of stuck) sys.close(s);

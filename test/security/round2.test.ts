@@ -1,0 +1,343 @@
+// The second outside review's findings, each as its attack: hostile local users (uid 65534 and 64000
+// with a rule, 64002 with none) against a real broker in a fresh namespace. Each test failed on the
+// code before its fix; the finding it guards is in its title (issue 9 = A, issue 10 = B).
+import anyTest, { type ExecutionContext, type TestFn } from 'ava';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import {
+  MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, encodeFrame,
+} from '@tapbroker/protocol';
+import type { AuditRecord } from '@tapbroker/broker/internal';
+import { BrokerProcess, tempDir } from '../helpers/broker.js';
+import { Netns, tunNode } from '../helpers/netns.js';
+import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const LINGER = path.join(HERE, '../helpers/linger.js');
+const OPEN_TAP = path.join(HERE, '../helpers/open-tap.js');
+/** A local user no rule names. */
+const STRANGER = 64002;
+const GROUP = 4242;
+
+const POLICY = `
+[network.lab]
+bridge = "br0"
+
+[network.side]
+bridge = "br1"
+
+[[rule]]
+name = "r2"
+users = [0, ${NOBODY}, ${OTHER_UID}]
+bridges = ["br0", "br1"]
+networks = ["lab", "side"]
+macvtap = [{ parent = "vparent" }]
+persistent = true
+max_queues = 4
+max_devices = 400
+
+[[deny]]
+name = "not-br1"
+users = ["*"]
+bridges = ["br1"]
+`;
+const BASE = ['br0', 'br1', 'vparent', 'vpeer'];
+
+let ns: Netns;
+let broker: BrokerProcess;
+let dir: string;
+const children = new Set<ChildProcess>();
+
+test.before(async () => {
+  ns = Netns.create('r2');
+  ns.bridge('br0');
+  ns.bridge('br1');
+  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
+  ns.ip('link', 'set', 'vparent', 'up');
+  ns.ip('link', 'set', 'vpeer', 'up');
+  dir = tempDir('r2');
+  broker = await BrokerProcess.start(ns, POLICY, { tag: 'r2' });
+});
+
+test.after.always(async () => {
+  for (const c of children) c.kill('SIGKILL');
+  await broker?.stop();
+  ns?.destroy();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A program run as `uid` inside the test's namespace, held until released. */
+function inNs(uid: number, script: string, args: string[]): { child: ChildProcess; line: Promise<Record<string, unknown>> } {
+  const child = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid }), process.execPath, script, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  let out = '';
+  let err = '';
+  child.stderr!.on('data', (d) => (err += d));
+  const line = new Promise<Record<string, unknown>>((resolve, reject) => {
+    child.stdout!.on('data', (d) => {
+      out += d;
+      if (out.includes('\n')) resolve(JSON.parse(out.slice(0, out.indexOf('\n'))) as Record<string, unknown>);
+    });
+    child.on('exit', (code) => reject(new Error(`${path.basename(script)} exited ${code}: ${err}`)));
+  });
+  return { child, line };
+}
+
+/** A victim's grant and a fresh hello, each within `ms`: the broker still serves everyone else. */
+async function serves(t: ExecutionContext, b: BrokerProcess, ms = 3000): Promise<void> {
+  const started = Date.now();
+  const r = await Promise.race([probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID }), sleep(ms).then(() => null)]);
+  t.truthy(r, `a victim's grant did not complete within ${ms} ms`);
+  t.is(r?.error ?? null, null, r?.error?.message);
+  t.log(`a victim's grant meanwhile: ${Date.now() - started} ms`);
+}
+
+/** What each of a process's fds is (`socket:[inode]`, `/dev/null`, …). */
+function fdTargets(b: BrokerProcess): string[] {
+  const dir = `/proc/${b.proc.pid}/fd`;
+  return fs.readdirSync(dir).map((f) => { try { return fs.readlinkSync(`${dir}/${f}`); } catch { return '?'; } });
+}
+
+/** The broker's fds that are TCP sockets (an attacker's lingering ones) or /dev/null beyond `nulls`. */
+function foreignHeld(b: BrokerProcess, nulls: number): string[] {
+  const tcp = new Set(fs.readFileSync(`/proc/${b.proc.pid}/net/tcp`, 'utf8').split('\n').slice(1)
+    .map((l) => l.trim().split(/\s+/)[9]).filter(Boolean).map((i) => `socket:[${i}]`));
+  const targets = fdTargets(b);
+  const extraNulls = targets.filter((x) => x === '/dev/null').length - nulls;
+  return [...targets.filter((x) => tcp.has(x)), ...Array<string>(Math.max(0, extraNulls)).fill('/dev/null')];
+}
+
+const records = (b: BrokerProcess, pred: (r: AuditRecord) => boolean) => b.records.filter(pred);
+
+// ---------------------------------------------------------------- A1: fds pushed at the broker
+
+test.serial('A1: fds pushed at the broker are refused by its socket (EPERM); a lingering socket never reaches it', async (t) => {
+  const a = inNs(STRANGER, LINGER, [broker.socket, '4', '16', 'hello']);
+  try {
+    const out = await a.line;
+    t.is(out['hello'], 'hello', 'no rule is needed to say hello');
+    t.is(out['sent'], 'EPERM', 'the kernel refused the fds at the broker\'s socket');
+    await serves(t, broker);
+  } finally {
+    a.child.kill('SIGKILL');
+  }
+});
+
+test.serial('A1 (kernels without SO_PASSRIGHTS): 16 fds then 4 lingering TCP sockets in one packet; the broker serves on', async (t) => {
+  const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb', fdFallback: true });
+  try {
+    const nulls = fdTargets(fb).filter((x) => x === '/dev/null').length;
+    const a = inNs(STRANGER, LINGER, [fb.socket, '4', '16', 'hello']);
+    try {
+      const out = await a.line;
+      t.is(out['sent'], 'ok');
+      t.is(out['reply'], 'TB_E_UNEXPECTED_FDS');
+      // The lingering sockets now block whoever closes them last: never the broker's loop or pool.
+      await serves(t, fb);
+      await serves(t, fb);
+      // It holds none of the pushed fds: no TCP socket, no copy of /dev/null beyond its own.
+      const held = () => foreignHeld(fb, nulls);
+      await fb.waitFor(() => held().length === 0, 3000, `the broker still holds ${held().join(', ')}`);
+      await fb.record((r) => r.code === 'TB_E_UNEXPECTED_FDS' && r.uid === STRANGER);
+      await fb.waitFor(() => /fd closer stuck/.test(fb.stderr), 6000, 'the stuck closer was not replaced');
+    } finally {
+      a.child.kill('SIGKILL');
+    }
+    t.true(fb.alive);
+  } finally {
+    await fb.stop();
+  }
+});
+
+test.serial('A1 (kernels without SO_PASSRIGHTS): fds queued behind a frame refused before hello; the close never releases them in the broker', async (t) => {
+  const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb2', fdFallback: true });
+  try {
+    const a = inNs(STRANGER, LINGER, [fb.socket, '2', '0', 'behind']);
+    try {
+      const out = await a.line;
+      t.is(out['sent'], 'ok');
+      t.is(out['reply'], 'TB_E_HELLO_REQUIRED');
+      await serves(t, fb);
+      await fb.record((r) => r.code === 'TB_E_HELLO_REQUIRED' && r.uid === STRANGER);
+    } finally {
+      a.child.kill('SIGKILL');
+    }
+  } finally {
+    await fb.stop();
+  }
+});
+
+// ---------------------------------------------------------------- B1, B3, B12: who can reach a device
+
+const openAs = (uid: number, name: string, opts: { mq?: boolean; hold?: boolean } = {}) =>
+  inNs(uid, OPEN_TAP, [name, opts.mq ? 'mq' : '-', tunNode(dir), ...(opts.hold ? ['hold'] : [])]);
+
+test.serial('B1: a uid in no rule cannot attach a queue to another user\'s multiqueue tap', async (t) => {
+  const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 2 }] });
+  try {
+    t.is(victim.result.error, null, victim.result.error?.message);
+    const name = victim.result.taps[0]!.device.name;
+    const a = openAs(STRANGER, name, { mq: true });
+    t.deepEqual(await a.line, { ok: false, code: 'EPERM' }, 'the tap belongs to the broker (TUNSETOWNER), not to anyone who asks');
+    const self = openAs(NOBODY, name, { mq: true });
+    t.deepEqual(await self.line, { ok: false, code: 'EPERM' }, 'nor can its holder add queues beyond its rule\'s');
+  } finally {
+    await victim.release();
+  }
+});
+
+test.serial('B1: a holder that makes itself its tap\'s owner (TUNSETOWNER) loses the tap at once', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 2 }], ownOwnFds: true });
+  try {
+    const name = p.result.taps[0]!.device.name;
+    await broker.waitFor(() => ns.link(name) === undefined, 2000, `${name} survived its owner change`);
+    await broker.record((r) => r.decision === 'cleanup' && /changed its owner/.test(r.message ?? ''));
+    t.pass();
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('B3: a queue attached in the window before the owner is set: the device is destroyed, never handed out', async (t) => {
+  const gate = path.join(dir, 'gate');
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2race', fault: `tap:opened=wait:${gate}` });
+  let attacker: ReturnType<typeof openAs> | null = null;
+  try {
+    const name = `tb${NOBODY}-race`;
+    const asked = probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, queues: 2, name }] });
+    await b.waitFor(() => fs.existsSync(`${gate}.reached`), 5000, 'the broker never reached tap:opened');
+    // The racing attacker: the tap exists, owner-less, multiqueue. It attaches a queue and keeps it.
+    attacker = openAs(STRANGER, name, { mq: true, hold: true });
+    t.deepEqual(await attacker.line, { ok: true }, 'the attacker won the window');
+    fs.writeFileSync(gate, '');
+    const r = await asked;
+    t.is(r.error?.code, 'TB_E_KERNEL', 'the device with a foreign queue is not handed out');
+    t.regex(r.error?.message ?? '', /attached by another process/);
+    await b.waitFor(() => ns.link(name) === undefined, 3000, `${name} with the attacker's queue survived`);
+    // Without a name of its own choosing, the broker simply takes another.
+    const again = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', queues: 2 }] });
+    t.is(again.error, null);
+  } finally {
+    attacker?.child.kill('SIGKILL');
+    await b.stop();
+    fs.rmSync(gate, { force: true });
+    fs.rmSync(`${gate}.reached`, { force: true });
+  }
+});
+
+test.serial('B12: a persistent tap given to a group: any member may open it, not only its creator', async (t) => {
+  const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true, group: GROUP }] }, { uid: NOBODY, groups: [GROUP] });
+  t.is(made.error, null, made.error?.message);
+  const name = made.taps[0]!.device.name;
+  try {
+    const link = ns.link(name)!;
+    t.is(String(link.linkinfo?.info_data?.['group']), String(GROUP));
+    t.falsy(link.linkinfo?.info_data?.['user'], 'no owner: the driver would demand owner and group both');
+    const outsider = inNs(OTHER_UID, OPEN_TAP, [name, '-', tunNode(dir)]);
+    t.deepEqual(await outsider.line, { ok: false, code: 'EPERM' }, 'not a member: refused');
+    const cmd = spawnSync('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: OTHER_UID, groups: [GROUP] }), process.execPath, OPEN_TAP, name, '-', tunNode(dir)], { encoding: 'utf8' });
+    t.deepEqual(JSON.parse(cmd.stdout) as unknown, { ok: true }, 'another member of the group opens it');
+  } finally {
+    await probeOnce({ socket: broker.socket, release: [name] });
+  }
+});
+
+// ---------------------------------------------------------------- A8, A10: what the link monitor believes
+
+test.serial('A8: a port leaving its bridge is not the device vanishing', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+  try {
+    const name = p.result.taps[0]!.device.name;
+    ns.ip('link', 'set', name, 'nomaster');
+    await sleep(300);
+    const listed = await probeOnce({ socket: broker.socket, list: true });
+    t.truthy(listed.leases!.find((l) => l.name === name), 'the lease is still there');
+    t.deepEqual(records(broker, (r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name), [], 'no false cleanup record');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('A10: a holder that changes its tap\'s MAC (SIOCSIFHWADDR on its fd) loses the tap; the bridge keeps its address', async (t) => {
+  const before = ns.link('br0')!.address;
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], setOwnMac: '02:00:00:00:00:01' });
+  try {
+    const name = p.result.taps[0]!.device.name;
+    await broker.waitFor(() => ns.link(name) === undefined, 2000, `${name} survived a MAC change`);
+    await broker.record((r) => r.decision === 'cleanup' && /its MAC was changed to 02:00:00:00:00:01/.test(r.message ?? ''));
+    t.is(ns.link('br0')!.address, before, 'the bridge address never moved');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('A10: a bridge whose MAC nobody pinned is refused, with how to pin it', async (t) => {
+  ns.ip('link', 'add', 'brfree', 'type', 'bridge');
+  try {
+    const b = await BrokerProcess.start(ns, `[[rule]]\nname = "f"\nusers = [${NOBODY}]\nbridges = ["brfree"]\n`, { tag: 'r2free' });
+    try {
+      const r = await probeOnce({ socket: b.socket, requests: [{ bridge: 'brfree' }] });
+      t.is(r.error?.code, 'TB_E_BRIDGE_ADDRESS');
+      t.regex(r.error?.message ?? '', /ip link set brfree address/);
+      t.deepEqual(ns.extraLinks([...BASE, 'brfree']), []);
+    } finally {
+      await b.stop();
+    }
+  } finally {
+    ns.ip('link', 'del', 'brfree');
+  }
+});
+
+// ---------------------------------------------------------------- A2: deny wins across names
+
+test.serial('A2: a bridge deny holds for a network onto that bridge', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, requests: [{ network: 'side' }] });
+  t.is(r.error?.code, 'TB_E_POLICY_DENIED');
+  t.is(r.error?.rule, 'not-br1');
+  t.deepEqual(ns.extraLinks(BASE), []);
+});
+
+// ---------------------------------------------------------------- A9, A6: refusals and unread replies
+
+test.serial('A9: refusals no handler saw are audited; a flood is aggregated', async (t) => {
+  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  await conn.send(Buffer.from([0xc1, 0x00]));
+  await conn.receive();
+  conn.close();
+  await broker.record((r) => r.code === 'TB_E_MALFORMED' && r.uid === 0);
+  // 60 more from one connection: at most 20 one by one per window, the rest counted in one record.
+  const flood = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  await flood.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+  await flood.receive();
+  for (let i = 0; i < 60; i++) {
+    await flood.send(Buffer.from([0xc1]));
+    await flood.receive();
+  }
+  flood.close();
+  const single = records(broker, (r) => r.code === 'TB_E_MALFORMED' && r.uid === 0).length;
+  t.true(single <= 20, `${single} single records`);
+  const agg = await broker.record((r) => r.decision === 'suppressed' && r.uid === 0, 15_000);
+  t.true(((agg.request as { counts: Record<string, number> }).counts['TB_E_MALFORMED'] ?? 0) >= 40);
+});
+
+test.serial('A6: a client that does not read its replies holds one reply\'s fds at most, then loses the connection', async (t) => {
+  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+  await conn.receive();
+  const before = ns.extraLinks(BASE).length;
+  // Ten requests, no reads: the replies (and their fds) would pile up in this socket.
+  for (let i = 0; i < 10; i++) await conn.send(encodeFrame({ op: 'create-tap', id: 10 + i, bridge: 'br0' }));
+  await sleep(1000);
+  const held = ns.extraLinks(BASE).length - before;
+  t.true(held <= 1, `${held} taps held through unread replies`);
+  await broker.waitFor(() => records(broker, (r) => /stayed unread/.test(r.message ?? '')).length > 0, 8000, 'the connection was not closed');
+  conn.close();
+  await broker.waitFor(() => ns.extraLinks(BASE).length === before, 3000, 'taps left');
+  t.pass();
+});
