@@ -58,7 +58,8 @@ export class BrokerProcess {
     fs.writeFileSync(policyPath, policy);
     const socket = path.join(dir, 'tapbroker.sock');
     const state = path.join(dir, 'state');
-    const entry = opts.fault || opts.fdFallback ? BROKER_TEST_ENTRY : BROKER_MAIN;
+    // TB_TEST_BROKER_MAIN runs another build's main.js instead (to show a test fails on the code before a fix).
+    const entry = process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback ? BROKER_TEST_ENTRY : BROKER_MAIN);
     const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
     if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
     if (opts.fdFallback) env['TB_TEST_FD_FALLBACK'] = '1';

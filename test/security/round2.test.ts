@@ -341,3 +341,19 @@ test.serial('A6: a client that does not read its replies holds one reply\'s fds 
   await broker.waitFor(() => ns.extraLinks(BASE).length === before, 3000, 'taps left');
   t.pass();
 });
+
+// ---------------------------------------------------------------- A4: a group deny and setgroups
+
+test.serial('A4: a group deny holds for a member who dropped the group (as setgroups in a user namespace allows)', async (t) => {
+  // nobody's primary group is nogroup (65534) in the account database. The process asks with another
+  // gid and no supplementary groups: the kernel's lists no longer say nogroup, the database does.
+  const b = await BrokerProcess.start(ns, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n\n[[deny]]\nname = "no-nogroup"\ngroups = ["nogroup"]\nbridges = ["br0"]\n`, { tag: 'r2grp' });
+  try {
+    const r = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, gid: 4343 });
+    t.is(r.error?.code, 'TB_E_POLICY_DENIED');
+    t.is(r.error?.rule, 'no-nogroup');
+    t.deepEqual(ns.extraLinks(BASE), []);
+  } finally {
+    await b.stop();
+  }
+});

@@ -150,7 +150,11 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   const common = { uid: caller.uid, queues: spec.queues, vnetHdr: spec.vnetHdr, vhost: spec.vhost, guestMac: macToBuffer(mac), persistent: owner, alias };
   const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
     if (spec.kind === 'tap') return ctx.netdev.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan });
-    ctx.lifetimes.table.intend({ id: draft.id, name, parent: place.parentName, mac });
+    try {
+      ctx.lifetimes.table.intend({ id: draft.id, name, parent: place.parentName, mac });
+    } catch (err) {
+      throw unwritable(err);
+    }
     try {
       return ctx.netdev.createMacvtap({ ...common, name, parent: place.link!, mode: spec.mode! });
     } catch (err) {
@@ -170,7 +174,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     ctx.lifetimes.table.forget(lease.id);
     ctx.lifetimes.closeFds(all, caller.uid);
     if (spec.persistent || spec.kind === 'macvtap') ctx.lifetimes.deleteLink(created.ifindex, caller.uid, created.name, 'the lease could not be written');
-    throw new TapbrokerError('TB_E_KERNEL', `the lease of \`${created.name}' could not be written: ${(err as Error).message}`);
+    throw unwritable(err);
   }
   ctx.netdev.faultPoint('create:leased');
   const device: Device = {
@@ -183,6 +187,12 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   const fds = spec.persistent ? [] : all;
   const counts = { tap: spec.persistent ? 0 : created.tapFds.length, vhost: spec.persistent ? 0 : created.vhostFds.length };
   return { lease, device, fds, counts };
+}
+
+function unwritable(err: unknown): TapbrokerError {
+  return new TapbrokerError('TB_E_STATE_UNWRITABLE', `the lease table could not be written: ${(err as Error).message}`, {
+    hint: 'the broker\'s state directory is full or read-only; an administrator must free it',
+  });
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */

@@ -27,6 +27,7 @@ export const ERROR_CODES = {
   TB_E_VHOST_UNAVAILABLE: 'vhost-net was asked for but /dev/vhost-net does not exist on this host',
   TB_E_DEVICE_EXISTS: 'a device with the requested name already exists',
   TB_E_KERNEL: 'the kernel refused an operation; the message names it and the errno; nothing was left behind',
+  TB_E_STATE_UNWRITABLE: 'the broker\'s lease table cannot be written (its state directory is full or read-only); nothing was created',
   TB_E_TIMEOUT: 'the client did not say hello in time',
   TB_E_BUSY: 'the broker is at its connection limit',
   TB_E_INTERNAL: 'the broker hit a bug; nothing was left behind and it keeps serving',
