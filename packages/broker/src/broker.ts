@@ -3,8 +3,17 @@
 // kernel steps, lease lifetimes, the audit trail, and the queues of slow work.
 import { createRequire } from 'node:module';
 import {
-  MAX_REQUEST_BYTES, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError, encodeFrame, refuseFds, sys,
-  type ErrorCode, type PeerCredentials, type Request, type SeqpacketListener,
+  MAX_REQUEST_BYTES,
+  PROTOCOL_VERSION,
+  SeqpacketConnection,
+  TapbrokerError,
+  encodeFrame,
+  refuseFds,
+  sys,
+  type ErrorCode,
+  type PeerCredentials,
+  type Request,
+  type SeqpacketListener,
 } from '@tapbroker/protocol';
 import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
@@ -79,10 +88,14 @@ export class Broker implements SessionHost, OpContext {
     this.log = opts.log ?? (() => {});
     this.foreignFds = new ForeignFds(this.log);
     let lifetimes!: Lifetimes;
-    this.netdev = new Netdev({
-      closeFds: (fds, uid) => lifetimes.closeFds(fds, uid),
-      deleteLink: (ifindex, uid, name, why) => lifetimes.deleteLink(ifindex, uid, name, why),
-    }, opts.stateDir ?? '/run/tapbroker', opts.faults ?? NO_FAULTS);
+    this.netdev = new Netdev(
+      {
+        closeFds: (fds, uid) => lifetimes.closeFds(fds, uid),
+        deleteLink: (ifindex, uid, name, why) => lifetimes.deleteLink(ifindex, uid, name, why),
+      },
+      opts.stateDir ?? '/run/tapbroker',
+      opts.faults ?? NO_FAULTS,
+    );
     lifetimes = new Lifetimes(opts.stateDir, this.netdev, this.reaper, this.audit, () => this.policy, this.log);
     this.lifetimes = lifetimes;
   }
@@ -127,11 +140,24 @@ export class Broker implements SessionHost, OpContext {
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${w}`);
       this.policy = next;
-      this.audit.record({ op: 'reload', decision: 'reload', rule: null, caller, message: `policy ${before} replaced by ${next.sha256}` });
+      this.audit.record({
+        op: 'reload',
+        decision: 'reload',
+        rule: null,
+        caller,
+        message: `policy ${before} replaced by ${next.sha256}`,
+      });
       return next;
     } catch (err) {
       const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_POLICY_INVALID', String(err));
-      this.audit.record({ op: 'reload', decision: 'error', rule: null, caller, code: e.code, message: `${e.message} (keeping ${before})` });
+      this.audit.record({
+        op: 'reload',
+        decision: 'error',
+        rule: null,
+        caller,
+        code: e.code,
+        message: `${e.message} (keeping ${before})`,
+      });
       throw e;
     }
   }
@@ -185,13 +211,19 @@ export class Broker implements SessionHost, OpContext {
       return;
     }
     const mine = this.perUid.get(peer.uid) ?? 0;
-    const full = this.sessions.size >= this.maxConnections
-      ? `the broker is at its limit of ${this.maxConnections} connections; try again`
-      : peer.uid !== 0 && mine >= this.maxConnectionsPerUser ? `uid ${peer.uid} already holds ${mine} connections, the most one user may` : null;
+    const full =
+      this.sessions.size >= this.maxConnections
+        ? `the broker is at its limit of ${this.maxConnections} connections; try again`
+        : peer.uid !== 0 && mine >= this.maxConnectionsPerUser
+          ? `uid ${peer.uid} already holds ${mine} connections, the most one user may`
+          : null;
     if (full) {
       if (peer.pidfd !== null) sys.close(peer.pidfd);
       this.audit.refusal({ uid: peer.uid, gid: peer.gid, pid: peer.pid }, 'connection', 'TB_E_BUSY', full);
-      conn.send(Buffer.from(encodeBusy(full))).catch(() => {}).finally(() => conn.drainAndClose((fds) => this.foreign(fds)));
+      conn
+        .send(Buffer.from(encodeBusy(full)))
+        .catch(() => {})
+        .finally(() => conn.drainAndClose((fds) => this.foreign(fds)));
       return;
     }
     const session = new Session(this, conn, identify(peer));
@@ -205,7 +237,6 @@ export class Broker implements SessionHost, OpContext {
     });
   }
 }
-
 
 function encodeBusy(message: string): Buffer {
   return encodeFrame({ op: 'error', id: null, code: 'TB_E_BUSY', message });

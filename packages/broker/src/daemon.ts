@@ -33,7 +33,18 @@ interface Options {
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { check: false, policy: DEFAULT_POLICY, socket: DEFAULT_SOCKET, mode: 0o660, group: null, helloTimeoutMs: 5000, stateDir: DEFAULT_STATE_DIR, auditFile: null, journalSocket: undefined, idleExit: null };
+  const o: Options = {
+    check: false,
+    policy: DEFAULT_POLICY,
+    socket: DEFAULT_SOCKET,
+    mode: 0o660,
+    group: null,
+    helloTimeoutMs: 5000,
+    stateDir: DEFAULT_STATE_DIR,
+    auditFile: null,
+    journalSocket: undefined,
+    idleExit: null,
+  };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -42,19 +53,33 @@ function parseArgs(argv: string[]): Options {
       return v;
     };
     switch (a) {
-      case '-n': o.check = true; break;
-      case '-f': o.policy = value(); break;
-      case '-s': o.socket = value(); break;
+      case '-n':
+        o.check = true;
+        break;
+      case '-f':
+        o.policy = value();
+        break;
+      case '-s':
+        o.socket = value();
+        break;
       case '-m': {
         const m = value();
         if (!/^[0-7]{3,4}$/.test(m)) usage(`bad mode \`${m}'`);
         o.mode = parseInt(m, 8);
         break;
       }
-      case '-g': o.group = value(); break;
-      case '--state-dir': o.stateDir = value(); break;
-      case '--audit-file': o.auditFile = value(); break;
-      case '--journal-socket': o.journalSocket = value(); break;
+      case '-g':
+        o.group = value();
+        break;
+      case '--state-dir':
+        o.stateDir = value();
+        break;
+      case '--audit-file':
+        o.auditFile = value();
+        break;
+      case '--journal-socket':
+        o.journalSocket = value();
+        break;
       case '--idle-exit': {
         const sec = value();
         if (!/^[1-9][0-9]{0,5}$/.test(sec)) usage(`bad idle time \`${sec}'`);
@@ -67,9 +92,16 @@ function parseArgs(argv: string[]): Options {
         o.helloTimeoutMs = Number(ms);
         break;
       }
-      case '-h': case '--help': process.stdout.write(`${USAGE}\n`); process.exit(0);
-      case '-V': case '--version': process.stdout.write(`${BROKER_VERSION} (protocol ${PROTOCOL_VERSION})\n`); process.exit(0);
-      default: usage(`unknown argument \`${a}'`);
+      case '-h':
+      case '--help':
+        process.stdout.write(`${USAGE}\n`);
+        process.exit(0);
+      case '-V':
+      case '--version':
+        process.stdout.write(`${BROKER_VERSION} (protocol ${PROTOCOL_VERSION})\n`);
+        process.exit(0);
+      default:
+        usage(`unknown argument \`${a}'`);
     }
   }
   return o;
@@ -126,11 +158,18 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   try {
     policy = load(opts.policy);
   } catch (err) {
-    process.stderr.write(`${(err as Error).message.split('\n').map((l) => `tapbrokerd: ${l}`).join('\n')}\n`);
+    process.stderr.write(
+      `${(err as Error).message
+        .split('\n')
+        .map((l) => `tapbrokerd: ${l}`)
+        .join('\n')}\n`,
+    );
     process.exit(EX_CONFIG);
   }
   if (opts.check) {
-    process.stdout.write(`${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, ${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`);
+    process.stdout.write(
+      `${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, ${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`,
+    );
     process.exit(0);
   }
 
@@ -147,7 +186,10 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
         gid = g;
       }
       fs.mkdirSync(path.dirname(opts.socket), { recursive: true, mode: 0o755 });
-      listener = SeqpacketListener.listen(opts.socket, gid === undefined ? { mode: opts.mode } : { mode: opts.mode, gid });
+      listener = SeqpacketListener.listen(
+        opts.socket,
+        gid === undefined ? { mode: opts.mode } : { mode: opts.mode, gid },
+      );
     }
   } catch (err) {
     log(`cannot listen: ${(err as Error).message}`);
@@ -158,17 +200,31 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   try {
     fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
     broker = new Broker({
-      ...extras, policy, policyPath: opts.policy, stateDir: opts.stateDir, helloTimeoutMs: opts.helloTimeoutMs, log,
-      audit: { file: opts.auditFile, ...(opts.journalSocket !== undefined ? { journalSocket: opts.journalSocket } : {}) },
+      ...extras,
+      policy,
+      policyPath: opts.policy,
+      stateDir: opts.stateDir,
+      helloTimeoutMs: opts.helloTimeoutMs,
+      log,
+      audit: {
+        file: opts.auditFile,
+        ...(opts.journalSocket !== undefined ? { journalSocket: opts.journalSocket } : {}),
+      },
     });
     broker.start(listener);
   } catch (err) {
     log(`cannot start: ${(err as Error).message}`);
     process.exit(EX_UNAVAILABLE);
   }
-  const status = () => `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); policy ${broker.policy.sha256.slice(0, 12)}`;
-  if (!broker.fdsRefusedAtSocket) log('warning: this kernel cannot refuse fds at the socket (SO_PASSRIGHTS, Linux 6.16); fds sent to the broker go to a closer process');
-  log(`listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; ${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`);
+  const status = () =>
+    `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); policy ${broker.policy.sha256.slice(0, 12)}`;
+  if (!broker.fdsRefusedAtSocket)
+    log(
+      'warning: this kernel cannot refuse fds at the socket (SO_PASSRIGHTS, Linux 6.16); fds sent to the broker go to a closer process',
+    );
+  log(
+    `listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; ${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`,
+  );
   notify(`READY=1\n${status()}`);
 
   process.on('SIGHUP', () => {
@@ -199,4 +255,3 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     }, 1000).unref();
   }
 }
-

@@ -105,7 +105,10 @@ export class ForeignFds {
   private spawnCloser(): void {
     const [mine, theirs] = sys.socketpair(sys.SOCK_SEQPACKET);
     try {
-      this.child = spawn(process.execPath, [CLOSER], { stdio: ['ignore', 'ignore', 'inherit', theirs], detached: false });
+      this.child = spawn(process.execPath, [CLOSER], {
+        stdio: ['ignore', 'ignore', 'inherit', theirs],
+        detached: false,
+      });
       this.child.on('error', (err) => this.log(`fd closer: ${err.message}`));
     } finally {
       sys.close(theirs);

@@ -6,12 +6,39 @@ export { namePrefix, tapName, randomMac } from './naming.js';
 export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
 export { matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope } from './policy.js';
 export {
-  Netdev, tunIfreq, tapFlags, hostMac, devNumbers, TUNSETIFF, TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST, IFF_TAP, IFF_NO_PI,
-  IFF_VNET_HDR, IFF_MULTI_QUEUE, IFF_TUN_EXCL, type FaultPoint, type Faults,
+  Netdev,
+  tunIfreq,
+  tapFlags,
+  hostMac,
+  devNumbers,
+  TUNSETIFF,
+  TUNSETOWNER,
+  TUNSETGROUP,
+  TUNSETPERSIST,
+  IFF_TAP,
+  IFF_NO_PI,
+  IFF_VNET_HDR,
+  IFF_MULTI_QUEUE,
+  IFF_TUN_EXCL,
+  type FaultPoint,
+  type Faults,
 } from './netdev.js';
 export {
-  Rtnetlink, LinkMonitor, linkMessage, macvtapMessage, bridgeVlanMessage, parseLink, parseAttrs, rtattr, attrU32, attrString,
-  attrNested, splitMessages, deleteLinkInBackground, MACVLAN_MODES, type Link,
+  Rtnetlink,
+  LinkMonitor,
+  linkMessage,
+  macvtapMessage,
+  bridgeVlanMessage,
+  parseLink,
+  parseAttrs,
+  rtattr,
+  attrU32,
+  attrString,
+  attrNested,
+  splitMessages,
+  deleteLinkInBackground,
+  MACVLAN_MODES,
+  type Link,
 } from './rtnetlink.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LeaseTable, LeaseRecord, leaseView, processStartTime, STATE_FILE } from './leases.js';

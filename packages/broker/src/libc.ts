@@ -10,7 +10,9 @@ const _mknod = libc.func('int mknod(const char *path, uint32_t mode, uint64_t de
 const _setxattr = libc.func('int setxattr(const char *path, const char *name, void *value, size_t size, int flags)');
 const _sendmsg = libc.func('intptr_t sendmsg(int fd, void *msg, int flags)');
 const _recvmsg = libc.func('intptr_t recvmsg(int fd, void *msg, int flags)');
-const _getpwnam_r = libc.func('int getpwnam_r(const char *name, void *pwd, void *buf, size_t len, _Out_ void **result)');
+const _getpwnam_r = libc.func(
+  'int getpwnam_r(const char *name, void *pwd, void *buf, size_t len, _Out_ void **result)',
+);
 const _getpwuid_r = libc.func('int getpwuid_r(uint32_t uid, void *pwd, void *buf, size_t len, _Out_ void **result)');
 const _setpwent = libc.func('void setpwent()');
 const _getpwent = libc.func('void *getpwent()');
@@ -36,7 +38,11 @@ export function pidfdOpen(pid: number): number | null {
 /** mknod(2) of a character device node. */
 export function mknodChar(path: string, mode: number, major: number, minor: number): void {
   // glibc's makedev() encoding of dev_t.
-  const dev = (BigInt(major & 0xfff) << 8n) | BigInt(minor & 0xff) | (BigInt(minor & ~0xff) << 12n) | (BigInt(major & ~0xfff) << 32n);
+  const dev =
+    (BigInt(major & 0xfff) << 8n) |
+    BigInt(minor & 0xff) |
+    (BigInt(minor & ~0xff) << 12n) |
+    (BigInt(major & ~0xfff) << 32n);
   if ((_mknod(path, 0o020000 | mode, dev) as number) < 0) fail('mknod', `\`${path}'`);
 }
 
@@ -44,7 +50,11 @@ export function mknodChar(path: string, mode: number, major: number, minor: numb
 export function aclUserOnly(uid: number): Buffer {
   // posix_acl_xattr: u32 version 2, then {u16 tag, u16 perm, u32 id} sorted by tag.
   const entries: Array<[number, number, number]> = [
-    [0x01, 6, 0xffffffff], [0x02, 6, uid], [0x04, 0, 0xffffffff], [0x10, 6, 0xffffffff], [0x20, 0, 0xffffffff],
+    [0x01, 6, 0xffffffff],
+    [0x02, 6, uid],
+    [0x04, 0, 0xffffffff],
+    [0x10, 6, 0xffffffff],
+    [0x20, 0, 0xffffffff],
   ];
   const buf = Buffer.alloc(4 + 8 * entries.length);
   buf.writeUInt32LE(2, 0);
@@ -59,7 +69,8 @@ export function aclUserOnly(uid: number): Buffer {
 /** Gives `uid` (and nobody else but the owner) read-write access to `path` with a POSIX ACL. */
 export function grantUserOnly(path: string, uid: number): void {
   const value = aclUserOnly(uid);
-  if ((_setxattr(path, 'system.posix_acl_access', value, value.length, 0) as number) < 0) fail('setxattr', `\`${path}'`);
+  if ((_setxattr(path, 'system.posix_acl_access', value, value.length, 0) as number) < 0)
+    fail('setxattr', `\`${path}'`);
 }
 
 // struct passwd: pw_name@0 pw_passwd@8 pw_uid@16 pw_gid@20 (48 bytes);

@@ -4,9 +4,7 @@
 import { macFromBuffer, sys, watchReadable } from '@tapbroker/protocol';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
-import {
-  LeaseTable, leaseFromAlias, leaseView, processStartTime, type LeaseRecord,
-} from './leases.js';
+import { LeaseTable, leaseFromAlias, leaseView, processStartTime, type LeaseRecord } from './leases.js';
 import { pidfdOpen } from './libc.js';
 import { hostMac, type Cleanup, type Netdev } from './netdev.js';
 import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
@@ -51,7 +49,10 @@ export class Lifetimes implements Cleanup {
 
   /** Follows link events, then reconciles the table with the kernel. */
   start(): void {
-    this.monitor = new LinkMonitor((type, link) => this.onLink(type, link), () => this.resync());
+    this.monitor = new LinkMonitor(
+      (type, link) => this.onLink(type, link),
+      () => this.resync(),
+    );
     this.reconcile();
     void this.reconcileOvs();
   }
@@ -61,6 +62,17 @@ export class Lifetimes implements Cleanup {
     for (const w of this.holderWatches.values()) w.close();
     this.holderWatches.clear();
     this.monitor?.close();
+  }
+
+  /** An audit record about a lease, on its owner's behalf. */
+  private note(
+    op: string,
+    decision: AuditEvent['decision'],
+    l: LeaseRecord,
+    message: string,
+    extra: Partial<AuditEvent> = {},
+  ): void {
+    this.audit.record({ op, decision, rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message, ...extra });
   }
 
   // ---- the table as a decision sees it
@@ -109,12 +121,25 @@ export class Lifetimes implements Cleanup {
   deleteLink(ifindex: number, uid: number, name: string, why: string): void {
     const device = { name, ifindex };
     this.reaper.deleteLink(ifindex, uid).then(
-      (deleted) => this.audit.record({
-        op: 'cleanup', decision: 'cleanup', rule: null, caller: { uid }, device, message: `${why}: ${deleted ? 'deleted' : 'already gone'}`,
-      }),
-      (err: Error) => this.audit.record({
-        op: 'cleanup', decision: 'error', rule: null, caller: { uid }, device, code: 'TB_E_KERNEL', message: `failed to delete \`${name}' (${why}): ${err.message}`,
-      }),
+      (deleted) =>
+        this.audit.record({
+          op: 'cleanup',
+          decision: 'cleanup',
+          rule: null,
+          caller: { uid },
+          device,
+          message: `${why}: ${deleted ? 'deleted' : 'already gone'}`,
+        }),
+      (err: Error) =>
+        this.audit.record({
+          op: 'cleanup',
+          decision: 'error',
+          rule: null,
+          caller: { uid },
+          device,
+          code: 'TB_E_KERNEL',
+          message: `failed to delete \`${name}' (${why}): ${err.message}`,
+        }),
     );
   }
 
@@ -123,7 +148,12 @@ export class Lifetimes implements Cleanup {
   /** A lease that ends with its holder process: watched through a pidfd the caller owns. */
   watchHolder(id: string, pidfd: number): void {
     const watch = watchReadable(pidfd, () => this.endLease(id, 'its holder exited'));
-    this.holderWatches.set(id, { close: () => { watch.close(); sys.close(pidfd); } });
+    this.holderWatches.set(id, {
+      close: () => {
+        watch.close();
+        sys.close(pidfd);
+      },
+    });
   }
 
   /** Ends a lease that lives as long as its holder or connection: its device is deleted. */
@@ -143,12 +173,19 @@ export class Lifetimes implements Cleanup {
     this.creating.delete(l.id);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
-    const base: AuditEvent = { op: o.op, decision: o.decision, rule: l.rule, caller: o.caller ?? { uid: l.uid }, device: leaseView(l) };
+    const base: AuditEvent = {
+      op: o.op,
+      decision: o.decision,
+      rule: l.rule,
+      caller: o.caller ?? { uid: l.uid },
+      device: leaseView(l),
+    };
     if (o.request) base.request = o.request;
     try {
       await this.reaper.deleteLink(l.ifindex, l.uid);
     } catch (err) {
-      const message = `failed to delete \`${l.name}': ${err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : String(err)}`;
+      const why = err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : String(err);
+      const message = `failed to delete \`${l.name}': ${why}`;
       this.audit.record({ ...base, decision: 'error', code: 'TB_E_KERNEL', message });
       throw err;
     }
@@ -163,15 +200,17 @@ export class Lifetimes implements Cleanup {
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
     this.unplug(l);
-    this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message });
+    this.note('cleanup', 'cleanup', l, message);
   }
 
   /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
   private unplug(l: LeaseRecord): void {
     if (!l.plug) return;
     const p = plugDown(l).then(
-      (r) => { if (r) this.audit.record({ op: 'cleanup', decision: 'cleanup', rule: l.rule, caller: { uid: l.uid }, device: { ...leaseView(l), plug: r }, message: 'unplugged from its network' }); },
-      (err: Error) => this.audit.record({ op: 'cleanup', decision: 'error', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), code: 'TB_E_HOOK_FAILED', message: `unplugging failed: ${err.message}` }),
+      (r) =>
+        r && this.note('cleanup', 'cleanup', l, 'unplugged from its network', { device: { ...leaseView(l), plug: r } }),
+      (err: Error) =>
+        this.note('cleanup', 'error', l, `unplugging failed: ${err.message}`, { code: 'TB_E_HOOK_FAILED' }),
     );
     this.unplugs.add(p);
     void p.finally(() => this.unplugs.delete(p));
@@ -216,14 +255,19 @@ export class Lifetimes implements Cleanup {
       if (rule?.persistent) {
         const converted: LeaseRecord = { ...l, ends: 'release' };
         this.table.add(converted);
-        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(converted), message: 'its holder made it persistent; the rule allows that: it is now a persistent lease' });
+        this.note(
+          'reconcile',
+          'reconcile',
+          converted,
+          'its holder made it persistent; the rule allows that: it is now a persistent lease',
+        );
         return;
       }
     }
     const why = {
       persist: `its holder made it persistent, which rule \`${l.rule}' does not allow`,
       owner: 'its holder changed its owner or group (TUNSETOWNER/TUNSETGROUP)',
-      address: `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'} (the lease's is ${this.expectedMac(l)})`,
+      address: `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'} (its lease's: ${this.expectedMac(l)})`,
     }[violation];
     void this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` }).catch(() => {});
   }
@@ -268,11 +312,24 @@ export class Lifetimes implements Cleanup {
     for (const i of this.table.unsettled()) {
       const link = byName.get(i.name);
       const parent = byName.get(i.parent);
-      const ours = link && parent && link.kind === 'macvtap' && link.link === parent.index && link.address && macFromBuffer(link.address) === i.mac
-        && (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
+      const ours =
+        link &&
+        parent &&
+        link.kind === 'macvtap' &&
+        link.link === parent.index &&
+        link.address &&
+        macFromBuffer(link.address) === i.mac &&
+        (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
       if (ours && !this.table.get(i.id)) {
         this.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating');
-        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: null, caller: null, device: { name: i.name, parent: i.parent, mac: i.mac, lease: i.id }, message: 'a macvtap the broker died while creating: deleted' });
+        this.audit.record({
+          op: 'reconcile',
+          decision: 'reconcile',
+          rule: null,
+          caller: null,
+          device: { name: i.name, parent: i.parent, mac: i.mac, lease: i.id },
+          message: 'a macvtap the broker died while creating: deleted',
+        });
       }
       this.table.settle(i.id, false);
     }
@@ -283,17 +340,22 @@ export class Lifetimes implements Cleanup {
       if (!tagged || this.table.get(tagged.id) || link.kind !== KERNEL_KIND[tagged.kind]) continue;
       if (this.trusted) {
         this.deleteLink(link.index, tagged.uid, link.name, 'an orphan of a crash');
-        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: tagged.rule, caller: { uid: tagged.uid }, device: leaseView(tagged), message: 'a device of ours without a lease (the broker died mid-create or mid-release): deleted' });
+        this.note(
+          'reconcile',
+          'reconcile',
+          tagged,
+          'a device of ours without a lease (the broker died mid-create or mid-release): deleted',
+        );
       } else {
         this.table.add(tagged);
-        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: tagged.rule, caller: { uid: tagged.uid }, device: leaseView(tagged), message: 'lease rebuilt from the device\'s tag' });
+        this.note('reconcile', 'reconcile', tagged, "lease rebuilt from the device's tag");
       }
     }
     const byIndex = new Map(links.map((k) => [k.index, k]));
     for (const l of this.table.all()) {
       if (!this.isDevice(l, byIndex.get(l.ifindex))) {
         this.table.remove(l.id);
-        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: 'the device is gone; lease dropped' });
+        this.note('reconcile', 'reconcile', l, 'the device is gone; lease dropped');
         continue;
       }
       if (l.ends !== 'holder') continue;
@@ -301,7 +363,7 @@ export class Lifetimes implements Cleanup {
       // The pid is only the holder if the process started when the holder did.
       if (pidfd !== null && processStartTime(l.holder!) === l.holder_start) {
         this.watchHolder(l.id, pidfd);
-        this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l.rule, caller: { uid: l.uid }, device: leaseView(l), message: `holder pid ${l.holder} still runs; watching it` });
+        this.note('reconcile', 'reconcile', l, `holder pid ${l.holder} still runs; watching it`);
       } else {
         if (pidfd !== null) sys.close(pidfd);
         this.endLease(l.id, 'its holder exited while the broker was down');
@@ -312,8 +374,10 @@ export class Lifetimes implements Cleanup {
     try {
       this.table.save();
     } catch (err) {
-      this.log(`warning: the lease table cannot be written (${(err as Error).message}); `
-        + 'requests that need a lease will be refused until it can');
+      this.log(
+        `warning: the lease table cannot be written (${(err as Error).message}); ` +
+          'requests that need a lease will be refused until it can',
+      );
     }
   }
 
@@ -337,14 +401,20 @@ export class Lifetimes implements Cleanup {
       for (const p of ports) {
         const l = this.table.get(p.lease);
         if (l && l.name === p.port && this.isDevice(l, this.netdev.rtnl.getLinkByIndex(l.ifindex))) continue;
+        const about = {
+          op: 'reconcile',
+          rule: l?.rule ?? null,
+          caller: { uid: p.uid },
+          device: { name: p.port, ovs: p.bridge, lease: p.lease },
+        };
         try {
           await delPort(db, p.bridge, p.port);
-          this.audit.record({ op: 'reconcile', decision: 'reconcile', rule: l?.rule ?? null, caller: { uid: p.uid }, device: { name: p.port, ovs: p.bridge, lease: p.lease }, message: 'a stale open vswitch port of ours: removed' });
+          this.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
         } catch (err) {
-          this.audit.record({ op: 'reconcile', decision: 'error', rule: l?.rule ?? null, caller: { uid: p.uid }, device: { name: p.port, ovs: p.bridge, lease: p.lease }, code: 'TB_E_KERNEL', message: `failed to remove a stale open vswitch port: ${(err as Error).message}` });
+          const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
+          this.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
         }
       }
     }
   }
 }
-

@@ -1,9 +1,23 @@
 // The closed set of operations: one handler per op, named after it. Each create handler reads as its
 // steps in order: spec → grammar → decision → kernel step → lease → plugging → audit → reply.
 import {
-  MAX_REPLY_BYTES, PROTOCOL_VERSION, TapbrokerError, checkIfName, encodeFrame, macFromBuffer, macToBuffer,
-  type CanRequest, type CreateMacvtapRequest, type CreateTapRequest, type Device, type HelloRequest, type ListRequest,
-  type ReleaseRequest, type ReloadRequest, type Reply, type Request,
+  MAX_REPLY_BYTES,
+  PROTOCOL_VERSION,
+  TapbrokerError,
+  checkIfName,
+  encodeFrame,
+  macFromBuffer,
+  macToBuffer,
+  type CanRequest,
+  type CreateMacvtapRequest,
+  type CreateTapRequest,
+  type Device,
+  type HelloRequest,
+  type ListRequest,
+  type ReleaseRequest,
+  type ReloadRequest,
+  type Reply,
+  type Request,
 } from '@tapbroker/protocol';
 import type { Audit } from './audit.js';
 import type { Identity } from './identity.js';
@@ -36,13 +50,13 @@ type Handler<R extends Request> = (ctx: OpContext, caller: Identity, req: R) => 
 type Handlers = { [K in Request['op']]: Handler<Extract<Request, { op: K }>> };
 
 export const HANDLERS: Handlers = {
-  'hello': hello,
+  hello: hello,
   'create-tap': createTap,
   'create-macvtap': createMacvtap,
-  'list': list,
-  'release': release,
-  'reload': reload,
-  'can': can,
+  list: list,
+  release: release,
+  reload: reload,
+  can: can,
 };
 
 export function dispatch(ctx: OpContext, caller: Identity, req: Request): Outcome | Promise<Outcome> {
@@ -51,7 +65,10 @@ export function dispatch(ctx: OpContext, caller: Identity, req: Request): Outcom
 
 function hello(ctx: OpContext, _caller: Identity, req: HelloRequest): Outcome {
   if (req.version !== PROTOCOL_VERSION) {
-    throw new TapbrokerError('TB_E_VERSION', `client speaks protocol version ${req.version}; this broker speaks ${PROTOCOL_VERSION}`);
+    throw new TapbrokerError(
+      'TB_E_VERSION',
+      `client speaks protocol version ${req.version}; this broker speaks ${PROTOCOL_VERSION}`,
+    );
   }
   return { reply: { op: 'hello', id: req.id, version: PROTOCOL_VERSION, broker: ctx.version }, fds: [] };
 }
@@ -75,7 +92,11 @@ interface Placement {
 }
 
 /** create-tap and create-macvtap: the same checks in the same order. */
-async function createDevice(ctx: OpContext, caller: Identity, req: CreateTapRequest | CreateMacvtapRequest): Promise<Outcome> {
+async function createDevice(
+  ctx: OpContext,
+  caller: Identity,
+  req: CreateTapRequest | CreateMacvtapRequest,
+): Promise<Outcome> {
   // The policy the decision is made under is the one its records name, even if a reload lands meanwhile.
   const policy = ctx.policy;
   const audit = (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) =>
@@ -90,9 +111,18 @@ async function createDevice(ctx: OpContext, caller: Identity, req: CreateTapRequ
     ctx.lifetimes.catchUp();
     const decision = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
     if (!decision.allow) {
-      audit({ decision: 'deny', rule: decision.rule, request: specView(spec), code: decision.code, message: decision.message });
+      audit({
+        decision: 'deny',
+        rule: decision.rule,
+        request: specView(spec),
+        code: decision.code,
+        message: decision.message,
+      });
       audited = true;
-      throw new TapbrokerError(decision.code, decision.message, { ...(decision.rule ? { rule: decision.rule } : {}), hint: decision.hint });
+      throw new TapbrokerError(decision.code, decision.message, {
+        ...(decision.rule ? { rule: decision.rule } : {}),
+        hint: decision.hint,
+      });
     }
     const busy = ctx.teardowns(caller.uid);
     if (busy >= MAX_TEARDOWN_PER_UID) {
@@ -112,19 +142,29 @@ async function createDevice(ctx: OpContext, caller: Identity, req: CreateTapRequ
     ctx.lifetimes.commit(granted.lease.id);
     // 5. The record, then the reply. A persistent device keeps no fd: none is sent.
     audit({
-      decision: 'grant', rule: decision.rule.name, request: specView(spec),
+      decision: 'grant',
+      rule: decision.rule.name,
+      request: specView(spec),
       device: { ...granted.device, lease: granted.lease.id, ...(plugged ? { plug: plugged } : {}) },
     });
     const body = { id: req.id, device: granted.device, fds: granted.counts };
     return {
       reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body },
-      fds: granted.fds, ...(granted.lease.ends === 'holder' ? { hold: granted.lease.id } : {}),
+      fds: granted.fds,
+      ...(granted.lease.ends === 'holder' ? { hold: granted.lease.id } : {}),
     };
   } catch (err) {
     if (!audited) {
       const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', String(err));
       const plug = (err as { hook?: unknown }).hook;
-      audit({ decision: 'error', rule: null, ...(spec ? { request: specView(spec) } : {}), code: e.code, message: e.message, ...(plug ? { device: { plug } } : {}) });
+      audit({
+        decision: 'error',
+        rule: null,
+        ...(spec ? { request: specView(spec) } : {}),
+        code: e.code,
+        message: e.message,
+        ...(plug ? { device: { plug } } : {}),
+      });
     }
     throw err;
   }
@@ -138,16 +178,37 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
   const holding = ends === 'holder';
   const draft: LeaseRecord = {
-    id: newLeaseId(), uid: caller.uid, user: caller.user, kind: spec.kind, name: '', ifindex: 1, parent: place.parentName,
-    network: spec.network ? spec.parent : null, mode: spec.mode, mac, queues: spec.queues, rule: rule.name,
-    created: new Date().toISOString(), ends, holder: holding ? caller.pid : null,
-    holder_start: holding ? processStartTime(caller.pid) : null, group: spec.kind === 'tap' ? spec.group : null,
+    id: newLeaseId(),
+    uid: caller.uid,
+    user: caller.user,
+    kind: spec.kind,
+    name: '',
+    ifindex: 1,
+    parent: place.parentName,
+    network: spec.network ? spec.parent : null,
+    mode: spec.mode,
+    mac,
+    queues: spec.queues,
+    rule: rule.name,
+    created: new Date().toISOString(),
+    ends,
+    holder: holding ? caller.pid : null,
+    holder_start: holding ? processStartTime(caller.pid) : null,
+    group: spec.kind === 'tap' ? spec.group : null,
     plug: plugOf(spec.network ? policy.networks.get(spec.parent) : undefined),
   };
   // The lease is written into the device itself (ifalias), so a crash between here and the lease
   // table leaves a device the next start recognises as ours.
   const alias = leaseAlias(draft);
-  const common = { uid: caller.uid, queues: spec.queues, vnetHdr: spec.vnetHdr, vhost: spec.vhost, guestMac: macToBuffer(mac), persistent: owner, alias };
+  const common = {
+    uid: caller.uid,
+    queues: spec.queues,
+    vnetHdr: spec.vnetHdr,
+    vhost: spec.vhost,
+    guestMac: macToBuffer(mac),
+    persistent: owner,
+    alias,
+  };
   const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
     if (spec.kind === 'tap') return ctx.netdev.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan });
     try {
@@ -173,26 +234,46 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     // The table could not be written (a full state disk): nothing may stay behind.
     ctx.lifetimes.table.forget(lease.id);
     ctx.lifetimes.closeFds(all, caller.uid);
-    if (spec.persistent || spec.kind === 'macvtap') ctx.lifetimes.deleteLink(created.ifindex, caller.uid, created.name, 'the lease could not be written');
+    if (spec.persistent || spec.kind === 'macvtap')
+      ctx.lifetimes.deleteLink(created.ifindex, caller.uid, created.name, 'the lease could not be written');
     throw unwritable(err);
   }
   ctx.netdev.faultPoint('create:leased');
   const device: Device = {
-    kind: spec.kind, name: created.name, ifindex: created.ifindex, parent: place.parentName, network: lease.network,
-    vlan: place.vlan, mode: spec.mode, mtu: created.mtu, host_mac: macFromBuffer(created.hostMac), mac: actualMac, queues: spec.queues,
-    vnet_hdr: spec.vnetHdr, vhost: spec.vhost, persistent: spec.persistent, rule: rule.name,
+    kind: spec.kind,
+    name: created.name,
+    ifindex: created.ifindex,
+    parent: place.parentName,
+    network: lease.network,
+    vlan: place.vlan,
+    mode: spec.mode,
+    mtu: created.mtu,
+    host_mac: macFromBuffer(created.hostMac),
+    mac: actualMac,
+    queues: spec.queues,
+    vnet_hdr: spec.vnetHdr,
+    vhost: spec.vhost,
+    persistent: spec.persistent,
+    rule: rule.name,
   };
   // A persistent device keeps no fd: the broker's go now, and none is sent.
   if (spec.persistent) ctx.lifetimes.closeFds(all, caller.uid);
   const fds = spec.persistent ? [] : all;
-  const counts = { tap: spec.persistent ? 0 : created.tapFds.length, vhost: spec.persistent ? 0 : created.vhostFds.length };
+  const counts = {
+    tap: spec.persistent ? 0 : created.tapFds.length,
+    vhost: spec.persistent ? 0 : created.vhostFds.length,
+  };
   return { lease, device, fds, counts };
 }
 
 function unwritable(err: unknown): TapbrokerError {
-  return new TapbrokerError('TB_E_STATE_UNWRITABLE', `the lease table could not be written: ${(err as Error).message}`, {
-    hint: 'the broker\'s state directory is full or read-only; an administrator must free it',
-  });
+  return new TapbrokerError(
+    'TB_E_STATE_UNWRITABLE',
+    `the lease table could not be written: ${(err as Error).message}`,
+    {
+      hint: "the broker's state directory is full or read-only; an administrator must free it",
+    },
+  );
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */
@@ -222,14 +303,19 @@ function placement(netdev: Netdev, policy: Policy, spec: CreateSpec): Placement 
 }
 
 /** The caller's name, or broker-chosen names `tb<uid>-<random>` until one is free and clean. */
-function createNamed(uid: number, asked: string | null, create: (name: string) => CreatedTap): CreatedTap & { name: string } {
+function createNamed(
+  uid: number,
+  asked: string | null,
+  create: (name: string) => CreatedTap,
+): CreatedTap & { name: string } {
   if (asked !== null) return { ...create(asked), name: asked };
   for (let attempt = 0; ; attempt++) {
     const name = tapName(uid);
     try {
       return { ...create(name), name };
     } catch (err) {
-      const retry = err instanceof ForeignQueueError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
+      const retry =
+        err instanceof ForeignQueueError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
       if (!retry || attempt >= 8) throw err;
     }
   }
@@ -238,7 +324,10 @@ function createNamed(uid: number, asked: string | null, create: (name: string) =
 /** The caller's leases, oldest first (root: everyone's), as many as one reply holds. */
 function list(ctx: OpContext, caller: Identity, req: ListRequest): Outcome {
   ctx.lifetimes.catchUp();
-  const mine = ctx.lifetimes.visible(caller.uid).sort((a, b) => a.created.localeCompare(b.created)).map(leaseView);
+  const mine = ctx.lifetimes
+    .visible(caller.uid)
+    .sort((a, b) => a.created.localeCompare(b.created))
+    .map(leaseView);
   let n = mine.length;
   const reply = (): Reply => ({ op: 'list', id: req.id, leases: mine.slice(0, n), truncated: n < mine.length });
   while (n > 0 && encodeFrame(reply()).length > MAX_REPLY_BYTES) n = Math.floor(n * 0.9);
@@ -252,7 +341,15 @@ function list(ctx: OpContext, caller: Identity, req: ListRequest): Outcome {
 async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): Promise<Outcome> {
   const request = { name: req.name };
   const refuse = (message: string): never => {
-    ctx.audit.record({ op: 'release', decision: 'deny', rule: null, caller, request, code: 'TB_E_NO_SUCH_LEASE', message });
+    ctx.audit.record({
+      op: 'release',
+      decision: 'deny',
+      rule: null,
+      caller,
+      request,
+      code: 'TB_E_NO_SUCH_LEASE',
+      message,
+    });
     throw new TapbrokerError('TB_E_NO_SUCH_LEASE', message, { hint: 'tapbroker list shows your leases' });
   };
   const why = checkIfName(req.name);
@@ -277,8 +374,17 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
 
 function reload(ctx: OpContext, caller: Identity, req: ReloadRequest): Outcome {
   if (caller.uid !== 0) {
-    ctx.audit.record({ op: 'reload', decision: 'deny', rule: null, caller, code: 'TB_E_POLICY_DENIED', message: 'only root may reload the policy' });
-    throw new TapbrokerError('TB_E_POLICY_DENIED', 'only root may reload the policy', { hint: 'run it as root, or send tapbrokerd SIGHUP' });
+    ctx.audit.record({
+      op: 'reload',
+      decision: 'deny',
+      rule: null,
+      caller,
+      code: 'TB_E_POLICY_DENIED',
+      message: 'only root may reload the policy',
+    });
+    throw new TapbrokerError('TB_E_POLICY_DENIED', 'only root may reload the policy', {
+      hint: 'run it as root, or send tapbrokerd SIGHUP',
+    });
   }
   return { reply: { op: 'reload', id: req.id, policy_sha256: ctx.reload(caller).sha256 }, fds: [] };
 }
@@ -291,14 +397,29 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
     checkSpec(spec, caller);
   } catch (err) {
     const e = err as TapbrokerError;
-    ctx.audit.record({ op: 'can', decision: 'dry-run', rule: null, caller, policy: policy.sha256, request: specView(spec), code: e.code, message: e.message });
+    ctx.audit.record({
+      op: 'can',
+      decision: 'dry-run',
+      rule: null,
+      caller,
+      policy: policy.sha256,
+      request: specView(spec),
+      code: e.code,
+      message: e.message,
+    });
     throw err;
   }
   ctx.lifetimes.catchUp();
   const d = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
   ctx.audit.record({
-    op: 'can', decision: 'dry-run', rule: d.allow ? d.rule.name : d.rule, caller, policy: policy.sha256, request: specView(spec),
-    message: d.allow ? 'would grant' : `would deny: ${d.message}`, ...(d.allow ? {} : { code: d.code }),
+    op: 'can',
+    decision: 'dry-run',
+    rule: d.allow ? d.rule.name : d.rule,
+    caller,
+    policy: policy.sha256,
+    request: specView(spec),
+    message: d.allow ? 'would grant' : `would deny: ${d.message}`,
+    ...(d.allow ? {} : { code: d.code }),
   });
   const reply: Reply = d.allow
     ? { op: 'can', id: req.id, allow: true, rule: d.rule.name, message: `rule \`${d.rule.name}' would grant it` }

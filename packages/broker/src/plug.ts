@@ -18,8 +18,14 @@ export async function plugUp(l: LeaseRecord, net: Network | undefined): Promise<
   if (!p) return null;
   if ('ovs' in p) {
     await addPort(p.db, p.ovs, l.name, {
-      ...(net?.vlan != null ? { tag: net.vlan } : {}), ...(net?.trunk ? { trunks: [...net.trunk] } : {}),
-      externalIds: { 'tapbroker-lease': l.id, 'tapbroker-uid': String(l.uid), 'tapbroker-mac': l.mac, 'tapbroker-rule': l.rule },
+      ...(net?.vlan != null ? { tag: net.vlan } : {}),
+      ...(net?.trunk ? { trunks: [...net.trunk] } : {}),
+      externalIds: {
+        'tapbroker-lease': l.id,
+        'tapbroker-uid': String(l.uid),
+        'tapbroker-mac': l.mac,
+        'tapbroker-rule': l.rule,
+      },
     });
     return { ovs: p.ovs, action: 'up', ...(net?.vlan != null ? { tag: net.vlan } : {}) };
   }

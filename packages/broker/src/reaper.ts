@@ -44,9 +44,10 @@ export class Reaper {
   closeFds(fds: readonly number[], _uid: number): Promise<void> {
     if (fds.length === 0) return Promise.resolve();
     const all = [...fds];
-    return this.submit(null, () => Promise.all(all.map((fd) => new Promise<void>((r) => fs.close(fd, () => r()))))) as Promise<void>;
+    return this.submit(null, () =>
+      Promise.all(all.map((fd) => new Promise<void>((r) => fs.close(fd, () => r())))),
+    ) as Promise<void>;
   }
-
 
   /** Resolves when nothing is queued or running. */
   idle(): Promise<void> {
@@ -72,7 +73,10 @@ export class Reaper {
       } catch (err) {
         p = Promise.reject(err instanceof Error ? err : new sys.SyscallError('reaper', sys.errno.EIO, String(err)));
       }
-      p.then((v) => this.finish(job, true, v), (e: unknown) => this.finish(job, false, e));
+      p.then(
+        (v) => this.finish(job, true, v),
+        (e: unknown) => this.finish(job, false, e),
+      );
     }
     if (this.backlog === 0) for (const w of this.idleWaiters.splice(0)) w();
   }

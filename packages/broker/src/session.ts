@@ -2,8 +2,16 @@
 // reply (with fds) goes out, and the broker's copies close. Foreign fds are never closed here, and a
 // connection never closes with a peer's fds still queued on it.
 import {
-  MAX_REQUEST_BYTES, SeqpacketConnection, TapbrokerError, decodeRequest, encodeFrame, sys, watchReadable,
-  type ErrorCode, type Reply, type Request,
+  MAX_REQUEST_BYTES,
+  SeqpacketConnection,
+  TapbrokerError,
+  decodeRequest,
+  encodeFrame,
+  sys,
+  watchReadable,
+  type ErrorCode,
+  type Reply,
+  type Request,
 } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 
@@ -50,7 +58,11 @@ export class Session {
   /** The last reply carried fds: they are in flight until the client reads it. */
   private fdsInFlight = false;
 
-  constructor(private readonly host: SessionHost, private readonly conn: SeqpacketConnection, readonly caller: Identity) {}
+  constructor(
+    private readonly host: SessionHost,
+    private readonly conn: SeqpacketConnection,
+    readonly caller: Identity,
+  ) {}
 
   get closed(): boolean {
     return this.conn.closed;
@@ -63,7 +75,12 @@ export class Session {
         // A client that does not read its replies holds their fds in flight: read nothing more from it
         // until it has, so one connection has at most one reply's fds outstanding.
         if (this.fdsInFlight && !(await this.repliesRead())) {
-          this.host.refused(this.caller, 'connection', 'TB_E_TIMEOUT', `a reply stayed unread for ${UNREAD_REPLY_MS} ms; connection closed`);
+          this.host.refused(
+            this.caller,
+            'connection',
+            'TB_E_TIMEOUT',
+            `a reply stayed unread for ${UNREAD_REPLY_MS} ms; connection closed`,
+          );
           break;
         }
         const packet = await this.conn.receive();
@@ -169,14 +186,30 @@ export class Session {
     if (fds.length > 0) {
       this.host.foreign(fds);
       const n = fds.length;
-      return this.refusal(null, 'request', new TapbrokerError('TB_E_UNEXPECTED_FDS', `the request carried ${n} file descriptor${n > 1 ? 's' : ''}; they were closed`));
+      return this.refusal(
+        null,
+        'request',
+        new TapbrokerError(
+          'TB_E_UNEXPECTED_FDS',
+          `the request carried ${n} file descriptor${n > 1 ? 's' : ''}; they were closed`,
+        ),
+      );
     }
-    if (truncated) return this.refusal(null, 'request', new TapbrokerError('TB_E_FRAME_TOO_LARGE', `frame exceeds the ${MAX_REQUEST_BYTES}-byte cap`));
+    if (truncated)
+      return this.refusal(
+        null,
+        'request',
+        new TapbrokerError('TB_E_FRAME_TOO_LARGE', `frame exceeds the ${MAX_REQUEST_BYTES}-byte cap`),
+      );
     const decoded = decodeRequest(data);
     if (!decoded.ok) return this.refusal(decoded.id, 'request', decoded.error);
     const req = decoded.message;
     if (!this.helloed && req.op !== 'hello') {
-      return this.refusal(req.id, req.op, new TapbrokerError('TB_E_HELLO_REQUIRED', `the first message must be hello, not ${req.op}`));
+      return this.refusal(
+        req.id,
+        req.op,
+        new TapbrokerError('TB_E_HELLO_REQUIRED', `the first message must be hello, not ${req.op}`),
+      );
     }
     let outcome: Outcome;
     try {
@@ -208,7 +241,10 @@ export class Session {
   }
 
   private async replyError(id: number | null, err: unknown, keepOpen: boolean): Promise<boolean> {
-    const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', `internal error: ${(err as Error).message}`);
+    const e =
+      err instanceof TapbrokerError
+        ? err
+        : new TapbrokerError('TB_E_INTERNAL', `internal error: ${(err as Error).message}`);
     if (e.code === 'TB_E_INTERNAL') process.stderr.write(`tapbrokerd: internal error: ${(err as Error).stack}\n`);
     const reply: Reply = { op: 'error', id, code: e.code, message: bounded(e.message) };
     if (e.rule !== undefined) reply.rule = bounded(e.rule, 128);

@@ -2,8 +2,15 @@
 // against the kernel's grammar, then handed unchanged to the decision, the kernel step, the lease and
 // the audit record.
 import {
-  TapbrokerError, checkIfName, checkMac, checkNetworkName, checkQueues,
-  type CanRequest, type CreateMacvtapRequest, type CreateTapRequest, type MacvtapMode,
+  TapbrokerError,
+  checkIfName,
+  checkMac,
+  checkNetworkName,
+  checkQueues,
+  type CanRequest,
+  type CreateMacvtapRequest,
+  type CreateTapRequest,
+  type MacvtapMode,
 } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 import { printable } from './naming.js';
@@ -29,7 +36,10 @@ export interface CreateSpec {
 /** The spec of a create request or of a `can` dry run, defaults applied. */
 export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanRequest): CreateSpec {
   const common = {
-    queues: req.queues ?? 1, vhost: req.vhost ?? false, mac: req.mac ?? null, name: req.name ?? null,
+    queues: req.queues ?? 1,
+    vhost: req.vhost ?? false,
+    mac: req.mac ?? null,
+    name: req.name ?? null,
     persistent: req.persistent ?? false,
   };
   switch (req.op) {
@@ -38,25 +48,43 @@ export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanReq
         throw new TapbrokerError('TB_E_INVALID_REQUEST', 'create-tap needs exactly one of bridge or network');
       }
       return {
-        ...common, kind: 'tap', parent: (req.bridge ?? req.network)!, network: req.network !== undefined, mode: null,
-        vnetHdr: req.vnet_hdr ?? true, group: req.group ?? null,
+        ...common,
+        kind: 'tap',
+        parent: (req.bridge ?? req.network)!,
+        network: req.network !== undefined,
+        mode: null,
+        vnetHdr: req.vnet_hdr ?? true,
+        group: req.group ?? null,
       };
     case 'create-macvtap':
       return {
-        ...common, kind: 'macvtap', parent: req.parent, network: false, mode: req.mode ?? 'bridge', vnetHdr: req.vnet_hdr ?? true,
+        ...common,
+        kind: 'macvtap',
+        parent: req.parent,
+        network: false,
+        mode: req.mode ?? 'bridge',
+        vnetHdr: req.vnet_hdr ?? true,
         group: null,
       };
     case 'can':
       return {
-        ...common, kind: req.kind === 'macvtap' ? 'macvtap' : 'tap', parent: req.parent, network: req.kind === 'network',
-        mode: req.kind === 'macvtap' ? req.mode ?? 'bridge' : null, vnetHdr: true, group: null,
+        ...common,
+        kind: req.kind === 'macvtap' ? 'macvtap' : 'tap',
+        parent: req.parent,
+        network: req.kind === 'network',
+        mode: req.kind === 'macvtap' ? (req.mode ?? 'bridge') : null,
+        vnetHdr: true,
+        group: null,
       };
   }
 }
 
 /** Grammar of every field, exactly as it will reach the kernel; the caller's own groups only. */
 export function checkSpec(s: CreateSpec, caller: Identity): void {
-  const invalid = (code: 'TB_E_INVALID_NAME' | 'TB_E_INVALID_QUEUES' | 'TB_E_INVALID_MAC' | 'TB_E_INVALID_REQUEST', m: string) => {
+  const invalid = (
+    code: 'TB_E_INVALID_NAME' | 'TB_E_INVALID_QUEUES' | 'TB_E_INVALID_MAC' | 'TB_E_INVALID_REQUEST',
+    m: string,
+  ) => {
     throw new TapbrokerError(code, m);
   };
   const what = s.network ? 'network' : s.kind === 'tap' ? 'bridge' : 'parent';
@@ -73,14 +101,25 @@ export function checkSpec(s: CreateSpec, caller: Identity): void {
   }
   if (s.group !== null && !s.persistent) invalid('TB_E_INVALID_REQUEST', 'group is for persistent devices');
   if (s.group !== null && s.group !== caller.gid && !caller.groups.includes(s.group)) {
-    throw new TapbrokerError('TB_E_POLICY_DENIED', `you are not in group ${s.group}`, { hint: 'name one of your own groups' });
+    throw new TapbrokerError('TB_E_POLICY_DENIED', `you are not in group ${s.group}`, {
+      hint: 'name one of your own groups',
+    });
   }
 }
 
 /** The request as audit records show it. */
 export function specView(s: CreateSpec): Record<string, unknown> {
   return {
-    kind: s.kind, parent: s.parent, network: s.network ? s.parent : null, mode: s.mode, queues: s.queues, vhost: s.vhost,
-    vnet_hdr: s.vnetHdr, mac: s.mac, name: s.name, persistent: s.persistent, group: s.group,
+    kind: s.kind,
+    parent: s.parent,
+    network: s.network ? s.parent : null,
+    mode: s.mode,
+    queues: s.queues,
+    vhost: s.vhost,
+    vnet_hdr: s.vnetHdr,
+    mac: s.mac,
+    name: s.name,
+    persistent: s.persistent,
+    group: s.group,
   };
 }
