@@ -357,3 +357,49 @@ test.serial('A4: a group deny holds for a member who dropped the group (as setgr
     await b.stop();
   }
 });
+
+// ---------------------------------------------------------------- B11: the client and a fake broker
+
+async function fakeBroker(as: number | null, mode: 'socket' | 'escape'): Promise<{ socket: string; stop(): void }> {
+  const socket = path.join(dir, `fake-${mode}-${as ?? 0}.sock`);
+  fs.rmSync(socket, { force: true });
+  const script = path.join(HERE, '../helpers/fake-broker.js');
+  const child = as === null
+    ? spawn(process.execPath, [script, socket, mode], { stdio: ['ignore', 'pipe', 'inherit'] })
+    : spawn('setpriv', [...setprivArgs({ uid: as }), process.execPath, script, socket, mode], { stdio: ['ignore', 'pipe', 'inherit'] });
+  children.add(child);
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.on('data', (d: Buffer) => { if (d.toString().includes('ready')) resolve(); });
+    child.on('exit', (code) => reject(new Error(`fake broker exited ${code}`)));
+  });
+  return { socket, stop: () => child.kill('SIGKILL') };
+}
+
+test.serial('B11: the client refuses a "broker" that is not root\'s', async (t) => {
+  fs.chmodSync(dir, 0o777);
+  const fake = await fakeBroker(OTHER_UID, 'socket');
+  try {
+    const r = await probeOnce({ socket: fake.socket, requests: [{ bridge: 'br0' }] });
+    t.is(r.error?.code, 'TB_E_CONNECT');
+    t.regex(r.error?.message ?? '', /served by uid 64000, not root/);
+  } finally {
+    fake.stop();
+    fs.chmodSync(dir, 0o755);
+  }
+});
+
+test.serial('B11: the client refuses fds that are not the tap the reply names, and replies with terminal escapes', async (t) => {
+  const sockets = await fakeBroker(null, 'socket');
+  const escapes = await fakeBroker(null, 'escape');
+  try {
+    const r = await probeOnce({ socket: sockets.socket, requests: [{ bridge: 'br0' }] });
+    t.is(r.error?.code, 'TB_E_BAD_REPLY', 'a socket handed over as a NIC is refused');
+    t.regex(r.error?.message ?? '', /not a tap/);
+    const e = await probeOnce({ socket: escapes.socket, requests: [{ bridge: 'br0' }] });
+    t.is(e.error?.code, 'TB_E_BAD_REPLY');
+    t.notRegex(e.error?.message ?? '', /\u001b/);
+  } finally {
+    sockets.stop();
+    escapes.stop();
+  }
+});

@@ -274,3 +274,20 @@ test('who-can and explain-policy agree with the broker about a deny reached thro
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// ---- name patterns that two possible users could share (review A11)
+const withPattern = (...patterns: string[]) => patterns.map((p, i) => `[[rule]]\nname = "r${i}"\nusers = [${1000 + i}]\nbridges = ["br0"]\nname_pattern = "${p}"\n`).join('\n');
+for (const [patterns, why] of [
+  [['tb{uid}*'], /\{uid\} must be followed by a character that is not a digit/],
+  [['vm{uid}0-*'], /\{uid\} must be followed/],
+  [['{user}-*'], /\{user\} must end the pattern/],
+  [['t{user}'], /the names the broker picks/],
+  [['vm{uid}-*', 'vm{user}'], /overlaps rule `r0'/],
+  [['vm{uid}-*', 'vmx{uid}-*'], /overlaps rule `r0'/],
+  [['vm-*{uid}'], /\* may only follow the placeholder/],
+] as const) {
+  test(`name_pattern ${patterns.join(' + ')}`, invalid, withPattern(...patterns), why);
+}
+test('name patterns that no two users can share load', (t) => {
+  t.notThrows(() => parsePolicy(withPattern('tb{uid}-*', 'tb{uid}-*', 'vm{uid}-*', 'user-{user}', 'x{uid}')));
+});

@@ -248,9 +248,59 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     }
     networks.set(name, { name, kind, target, vlan: n.vlan ?? null, trunk: n.trunk ?? null, ovsdb: n.ovsdb ?? null, hookTimeoutMs: (n.hook_timeout ?? 10) * 1000 });
   }
+  errors.push(...patternOverlaps(allow, path));
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
   const sha256 = createHash('sha256').update(text).digest('hex');
   return { path, sha256, allow, deny, warnings, networks };
+}
+
+/**
+ * Name patterns under which two possible users (any uid, any user name, not only today's accounts)
+ * could be given one device name, as errors. Each pattern is LITERAL{uid}REST or LITERAL{user}:
+ * - `{uid}` must be followed by a character that is not a digit, or end the pattern (`tb{uid}*` lets
+ *   uid 1 make `tb10-vm0`, uid 10's name);
+ * - `{user}` must end the pattern, without `*` (user names may contain every character `*` stands for);
+ * - the literal parts before the placeholder, the broker's own `tb` among them (its names are
+ *   `tb<uid>-…`), must be prefix-free unless the whole patterns are equal: checked after one sort.
+ */
+function patternOverlaps(rules: readonly AllowRule[], path: string): string[] {
+  const errors: string[] = [];
+  const shapes = new Map<string, { pattern: string; rule: string; line: number }>();
+  shapes.set('tb', { pattern: DEFAULT_NAME_PATTERN, rule: 'the names the broker picks', line: 0 });
+  for (const r of rules) {
+    const p = r.namePattern;
+    const at = `${path}:${r.line}: rule \`${r.name}' name_pattern ${p}`;
+    const holes = p.match(/\{uid\}|\{user\}/g) ?? [];
+    if (holes.length !== 1) {
+      errors.push(`${at}: must contain exactly one of {uid} or {user}`);
+      continue;
+    }
+    const i = p.indexOf(holes[0]!);
+    const prefix = p.slice(0, i);
+    const rest = p.slice(i + holes[0]!.length);
+    if (prefix.includes('*')) errors.push(`${at}: * may only follow the placeholder`);
+    else if (holes[0] === '{uid}' && /^[0-9*]/.test(rest)) {
+      errors.push(`${at}: {uid} must be followed by a character that is not a digit (e.g. tb{uid}-*), or two uids could share a name`);
+    } else if (holes[0] === '{user}' && rest !== '') {
+      errors.push(`${at}: {user} must end the pattern, without * (user names may contain - . _ and digits)`);
+    } else {
+      const seen = shapes.get(prefix);
+      if (seen && seen.pattern !== p) errors.push(`${at}: overlaps ${seen.rule === 'the names the broker picks' ? seen.rule : `rule \`${seen.rule}' (${seen.pattern})`}`);
+      else shapes.set(prefix, { pattern: p, rule: r.name, line: r.line });
+    }
+  }
+  // Prefix-free: in sorted order a prefix sits right before the strings it begins.
+  const sorted = [...shapes.keys()].sort();
+  for (let k = 1; k < sorted.length; k++) {
+    const a = shapes.get(sorted[k - 1]!)!;
+    const b = shapes.get(sorted[k]!)!;
+    if (sorted[k]!.startsWith(sorted[k - 1]!)) {
+      const who = (x: typeof a) => (x.line === 0 ? x.rule : `rule \`${x.rule}' (${x.pattern})`);
+      errors.push(`${path}:${b.line || a.line}: name_pattern ${b.pattern} of ${who(b)} overlaps ${who(a)}: `
+        + 'the text before {uid} or {user} must not begin another pattern\'s');
+    }
+  }
+  return errors;
 }
 
 /**

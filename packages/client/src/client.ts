@@ -66,6 +66,7 @@ export class TapbrokerClient {
     }
     const client = new TapbrokerClient(conn, path);
     try {
+      checkPeer(conn, path);
       const { reply } = await client.call({ op: 'hello', id: client.nextId++, version: PROTOCOL_VERSION, client: 'tapbroker' });
       if (reply.op !== 'hello') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a hello reply, got ${reply.op}`);
       client.broker = reply.broker;
@@ -143,6 +144,12 @@ export class TapbrokerClient {
       closeAll();
       throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for ${counts.tap} queue and ${counts.vhost} vhost fds`);
     }
+    const why = fds.slice(0, counts.tap).map((fd) => notTheTap(fd, device.name)).find((w) => w !== null)
+      ?? fds.slice(counts.tap).map(notVhost).find((w) => w !== null) ?? null;
+    if (why !== null) {
+      closeAll();
+      throw new TapbrokerError('TB_E_BAD_REPLY', `the broker's fds are not what it says: ${why}`);
+    }
     return { device, tapFds: fds.slice(0, counts.tap), vhostFds: fds.slice(counts.tap) };
   }
 
@@ -168,12 +175,61 @@ export class TapbrokerClient {
     } catch (err) {
       return fail(err as TapbrokerError);
     }
+    if (hasControlCharacters(reply)) fail(new TapbrokerError('TB_E_BAD_REPLY', 'the reply carries control characters'));
     if (reply.op === 'error') {
       fail(new TapbrokerError(reply.code, reply.message, { ...(reply.rule ? { rule: reply.rule } : {}), ...(reply.hint ? { hint: reply.hint } : {}) }));
     }
     if (reply.id !== req.id) fail(new TapbrokerError('TB_E_BAD_REPLY', `reply id ${String(reply.id)} does not match request id ${req.id}`));
     return { reply, fds: packet.fds };
   }
+}
+
+/**
+ * The broker is root's. A socket at $TAPBROKER_SOCKET (or --socket) served by anyone else is not a
+ * broker: it could hand qemu a socket for a NIC and read the guest's frames.
+ */
+function checkPeer(conn: SeqpacketConnection, path: string): void {
+  const peer = conn.peer();
+  if (peer.pidfd !== null) sys.close(peer.pidfd);
+  if (peer.uid !== 0) {
+    throw new TapbrokerError('TB_E_CONNECT', `the socket at ${path} is served by uid ${peer.uid}, not root: not a tapbroker broker`, {
+      hint: 'check --socket and $TAPBROKER_SOCKET',
+    });
+  }
+}
+
+const TUNGETIFF = 0x800454d2;
+const IFF_TAP = 0x0002;
+
+/** Why `fd` is not a queue of the tap or macvtap `name`, or null. */
+function notTheTap(fd: number, name: string): string | null {
+  const ifr = Buffer.alloc(40);
+  try {
+    sys.ioctlPtr(fd, TUNGETIFF, ifr);
+  } catch {
+    return `fd for \`${name}' is not a tap`;
+  }
+  const end = ifr.indexOf(0);
+  const got = ifr.toString('utf8', 0, end >= 0 && end < 16 ? end : 16);
+  if ((ifr.readUInt16LE(16) & IFF_TAP) === 0) return `fd for \`${name}' is a tun, not a tap`;
+  return got === name ? null : `fd for \`${name}' is attached to \`${got}'`;
+}
+
+/** Why `fd` is not /dev/vhost-net (char 10:238), or null. */
+function notVhost(fd: number): string | null {
+  const st = fs.fstatSync(fd);
+  const rdev = BigInt(st.rdev);
+  const major = Number(((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & ~0xfffn));
+  const minor = Number((rdev & 0xffn) | ((rdev >> 12n) & ~0xffn));
+  return st.isCharacterDevice() && major === 10 && minor === 238 ? null : 'a vhost fd is not /dev/vhost-net';
+}
+
+/** Control characters other than tab and newline, anywhere in a reply's strings (terminal escapes). */
+function hasControlCharacters(v: unknown): boolean {
+  if (typeof v === 'string') return /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/.test(v);
+  if (Array.isArray(v)) return v.some(hasControlCharacters);
+  if (v && typeof v === 'object') return Object.values(v).some(hasControlCharacters);
+  return false;
 }
 
 type CommonFields = Pick<CreateTapRequest, 'queues' | 'vhost' | 'vnet_hdr' | 'mac' | 'name' | 'persistent'>;
