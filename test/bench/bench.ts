@@ -297,11 +297,13 @@ const POLICY = `# bench policy: the bench process runs as root
 name = "bench"
 users = [0]
 bridges = ["br0"]
+max_devices = 100000
 
 [[rule]]
 name = "hold"
 users = [0]
 bridges = ["br1", "br2"]
+max_devices = 100000
 `;
 
 /** After a reload: the measuring client's br0 grants fall under the rule that holds every lease. */
@@ -310,6 +312,7 @@ const POLICY_ONE_RULE = `# bench policy, reloaded: one rule for every bridge
 name = "hold"
 users = [0]
 bridges = ["br0", "br1", "br2"]
+max_devices = 100000
 `;
 
 /** A broker child in the namespace, its drained log, and one client connection to it. */

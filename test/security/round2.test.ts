@@ -403,3 +403,69 @@ test.serial('B11: the client refuses fds that are not the tap the reply names, a
     escapes.stop();
   }
 });
+
+// ---------------------------------------------------------------- two brokers in one namespace
+
+test.serial('A (also): a second broker with its own state directory never deletes the first one\'s devices', async (t) => {
+  const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  t.is(made.error, null, made.error?.message);
+  const name = made.taps[0]!.device.name;
+  const otherDir = tempDir('r2other');
+  try {
+    // An intact table of its own (trusted): a tagged device without a lease would be taken for an orphan
+    // of its own crash and deleted; without one it would be adopted. Neither may happen.
+    fs.mkdirSync(path.join(otherDir, 'state'), { recursive: true });
+    fs.writeFileSync(path.join(otherDir, 'state', 'leases.json'), '{"version":1,"leases":[],"intents":[]}\n');
+    const other = await BrokerProcess.start(ns, POLICY, { dir: otherDir });
+    await sleep(300);
+    t.deepEqual(other.records.filter((r) => (r.device as { name?: string } | undefined)?.name === name), [], 'it never acted on it');
+    await other.stop('SIGTERM', true);
+    t.truthy(ns.link(name), 'the first broker\'s persistent tap is still there');
+  } finally {
+    fs.rmSync(otherDir, { recursive: true, force: true });
+    await probeOnce({ socket: broker.socket, release: [name] });
+  }
+});
+
+// ---------------------------------------------------------------- files root trusts
+
+test.serial('A (also): a policy, state directory or hook another user could change is refused', async (t) => {
+  const base = tempDir('r2files');
+  try {
+    const policy = path.join(base, 'policy.toml');
+    fs.writeFileSync(policy, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
+    const run = (...args: string[]) => spawnSync('ip', ['netns', 'exec', ns.name, process.execPath, path.join(HERE, '../../../packages/broker/dist/main.js'), ...args], { encoding: 'utf8' });
+    fs.chmodSync(policy, 0o666);
+    const writable = run('-n', '-f', policy);
+    t.is(writable.status, 78, 'a world-writable policy does not pass -n');
+    t.regex(writable.stderr, /is writable by others: a user other than root could change the policy/);
+    const check = run('check-policy', policy);
+    t.regex(check.stdout, /warning: .*writable by others/, 'check-policy reports it');
+    fs.chmodSync(policy, 0o644);
+    fs.chownSync(policy, NOBODY, NOBODY);
+    t.is(run('-n', '-f', policy).status, 78, 'nor one owned by another user');
+    fs.chownSync(policy, 0, 0);
+    // A parent directory anyone may write to (not sticky): anyone could swap the file.
+    const open = path.join(base, 'open');
+    fs.mkdirSync(open);
+    fs.chmodSync(open, 0o777);
+    fs.copyFileSync(policy, path.join(open, 'policy.toml'));
+    t.is(run('-n', '-f', path.join(open, 'policy.toml')).status, 78, 'nor one in a directory others may write');
+    // The state directory: a link to a directory another user owns.
+    const theirs = path.join(base, 'theirs');
+    fs.mkdirSync(theirs);
+    fs.chownSync(theirs, NOBODY, NOBODY);
+    fs.symlinkSync(theirs, path.join(base, 'state-link'));
+    const state = run('-f', policy, '-s', path.join(base, 'x.sock'), '--state-dir', path.join(base, 'state-link'), '--journal-socket', '');
+    t.is(state.status, 78);
+    t.regex(state.stderr, /state directory .* is owned by uid 65534/);
+    // A hook whose directory others may write.
+    fs.writeFileSync(path.join(open, 'hook'), '#!/bin/sh\nexit 0\n', { mode: 0o755 });
+    fs.writeFileSync(policy, `[network.h]\nhook = "${path.join(open, 'hook')}"\n\n[[rule]]\nname = "r"\nusers = [${NOBODY}]\nnetworks = ["h"]\n`);
+    const hook = run('-n', '-f', policy);
+    t.is(hook.status, 78);
+    t.regex(hook.stderr, /hook .* is writable by others \(through .*open\)/);
+  } finally {
+    fs.rmSync(base, { recursive: true, force: true });
+  }
+});

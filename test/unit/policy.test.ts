@@ -86,9 +86,9 @@ test('a MAC prefix matches whole octets only', (t) => {
   t.true(macInPrefix('52:54:00:01:02:03', '52:54:00:01:02:03'));
 });
 
-test('defaults: one queue, no vhost, 52:54:00, no device limit', (t) => {
+test('defaults: one queue, no vhost, 52:54:00, 64 devices per user', (t) => {
   const p = parsePolicy('[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n');
-  t.like(p.allow[0], { maxQueues: 1, vhost: false, macPrefix: '52:54:00', maxDevices: null });
+  t.like(p.allow[0], { maxQueues: 1, vhost: false, macPrefix: '52:54:00', maxDevices: 64, maxDevicesDefault: true });
 });
 
 test('an empty policy denies everyone', (t) => {

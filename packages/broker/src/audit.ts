@@ -75,7 +75,7 @@ export class Audit {
   constructor(private readonly policySha: () => string, opts: AuditOptions = {}) {
     const journal = opts.journalSocket === undefined ? DEFAULT_JOURNAL_SOCKET : opts.journalSocket;
     this.journal = journal && fs.existsSync(journal) ? journal : null;
-    this.fileFd = opts.file ? fs.openSync(opts.file, fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT, 0o600) : null;
+    this.fileFd = opts.file ? fs.openSync(opts.file, fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, 0o600) : null;
     this.fd = opts.fd ?? 2;
   }
 

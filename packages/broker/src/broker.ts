@@ -21,7 +21,7 @@ import { forgetUserNames, identify, type Identity } from './identity.js';
 import { Lifetimes } from './lifetimes.js';
 import { NO_FAULTS, Netdev, type Faults } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
-import { loadPolicy, type Policy } from './policy.js';
+import { loadTrustedPolicy, type Policy } from './policy.js';
 import { Reaper } from './reaper.js';
 import { Session, type Outcome, type SessionHost } from './session.js';
 
@@ -136,7 +136,7 @@ export class Broker implements SessionHost, OpContext {
     const before = this.policy.sha256;
     try {
       if (!this.policyPath) throw new TapbrokerError('TB_E_POLICY_INVALID', 'the policy did not come from a file');
-      const next = loadPolicy(this.policyPath);
+      const next = loadTrustedPolicy(this.policyPath);
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${w}`);
       this.policy = next;

@@ -4,7 +4,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { SeqpacketListener, TapbrokerError, sys } from '@tapbroker/protocol';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
-import { loadPolicy, type Policy } from './policy.js';
+import { loadTrustedPolicy, type Policy } from './policy.js';
+import { notRootsAlone } from './paths.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
@@ -117,7 +118,7 @@ function log(line: string): void {
 }
 
 function load(file: string): Policy {
-  const policy = loadPolicy(file);
+  const policy = loadTrustedPolicy(file);
   for (const w of policy.warnings) log(`warning: ${w}`);
   return policy;
 }
@@ -186,6 +187,11 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
         gid = g;
       }
       fs.mkdirSync(path.dirname(opts.socket), { recursive: true, mode: 0o755 });
+      const why = notRootsAlone(path.dirname(opts.socket));
+      if (why) {
+        log(`the socket's directory ${path.dirname(opts.socket)} ${why}; refusing to start`);
+        process.exit(EX_CONFIG);
+      }
       listener = SeqpacketListener.listen(
         opts.socket,
         gid === undefined ? { mode: opts.mode } : { mode: opts.mode, gid },
@@ -199,6 +205,14 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   let broker: Broker;
   try {
     fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
+    // Where the broker writes as root: nobody else may be able to swap what is there.
+    for (const [what, p] of [['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)]] as const) {
+      const why = p ? notRootsAlone(p) : null;
+      if (why) {
+        log(`the ${what} ${p} ${why}; refusing to start`);
+        process.exit(EX_CONFIG);
+      }
+    }
     broker = new Broker({
       ...extras,
       policy,

@@ -1,6 +1,6 @@
 // The lease table: one lease per device the broker made, persisted under the state directory with
 // atomic writes (a crash at any moment leaves the old file or the new one, never a mix).
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
@@ -206,11 +206,31 @@ export class LeaseTable {
 }
 
 /** The ifalias every device carries: its whole lease, so the kernel alone can tell whose it is. */
-export function leaseAlias(l: LeaseRecord): string {
+export function leaseAlias(l: LeaseRecord, broker: string): string {
   const holder = l.holder !== null ? ` holder=${l.holder}:${l.holder_start ?? 0}` : '';
   const group = l.group !== null ? ` group=${l.group}` : '';
   return `tapbroker lease=${l.id} uid=${l.uid} kind=${l.kind} rule=${l.rule} ends=${l.ends} parent=${l.parent} `
-    + `queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${l.network ? ` network=${l.network}` : ''}${holder}${group}`;
+    + `queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${l.network ? ` network=${l.network}` : ''}${holder}${group}`
+    + ` broker=${broker}`;
+}
+
+/**
+ * Which broker tagged a device: its state directory's identity (brokerId). Null for tags written before
+ * brokers tagged themselves, which every broker takes for its own.
+ */
+export function aliasBroker(alias: string | null): string | null {
+  return / broker=([0-9a-f]+)(?: |$)/.exec(alias ?? '')?.[1] ?? null;
+}
+
+/** A broker's identity in its devices' tags: from its state directory, so two brokers never take each other's. */
+export function brokerId(stateDir: string | null): string {
+  let dir = stateDir ?? '-';
+  try {
+    if (stateDir) dir = fs.realpathSync(stateDir);
+  } catch {
+    // Not created yet: the name as given.
+  }
+  return createHash('sha256').update(dir).digest('hex').slice(0, 8);
 }
 
 /** The lease a device's ifalias describes, with name, ifindex and MAC from the device itself; null if it is not ours. */

@@ -4,7 +4,9 @@
 import { macFromBuffer, sys, watchReadable } from '@tapbroker/protocol';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
-import { LeaseTable, leaseFromAlias, leaseView, processStartTime, type LeaseRecord } from './leases.js';
+import {
+  LeaseTable, aliasBroker, brokerId, leaseFromAlias, leaseView, processStartTime, type LeaseRecord,
+} from './leases.js';
 import { pidfdOpen } from './libc.js';
 import { hostMac, type Cleanup, type Netdev } from './netdev.js';
 import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
@@ -32,6 +34,8 @@ export class Lifetimes implements Cleanup {
   private readonly holderWatches = new Map<string, { close(): void }>();
   private readonly unplugs = new Set<Promise<unknown>>();
   private monitor: LinkMonitor | null = null;
+  /** This broker's identity in its devices' tags. */
+  readonly brokerId: string;
 
   constructor(
     stateDir: string | null,
@@ -41,6 +45,7 @@ export class Lifetimes implements Cleanup {
     private readonly policy: () => Policy,
     private readonly log: (line: string) => void,
   ) {
+    this.brokerId = brokerId(stateDir);
     const { table, problem, trusted } = LeaseTable.load(stateDir);
     this.table = table;
     this.trusted = trusted;
@@ -338,6 +343,9 @@ export class Lifetimes implements Cleanup {
     for (const link of links) {
       const tagged = leaseFromAlias(link.alias, link);
       if (!tagged || this.table.get(tagged.id) || link.kind !== KERNEL_KIND[tagged.kind]) continue;
+      // Another broker's device (another state directory in this namespace): never ours to touch.
+      const by = aliasBroker(link.alias);
+      if (by !== null && by !== this.brokerId) continue;
       if (this.trusted) {
         this.deleteLink(link.index, tagged.uid, link.name, 'an orphan of a crash');
         this.note(

@@ -199,7 +199,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   };
   // The lease is written into the device itself (ifalias), so a crash between here and the lease
   // table leaves a device the next start recognises as ours.
-  const alias = leaseAlias(draft);
+  const alias = leaseAlias(draft, ctx.lifetimes.brokerId);
   const common = {
     uid: caller.uid,
     queues: spec.queues,

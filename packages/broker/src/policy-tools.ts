@@ -4,6 +4,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import { MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { getpwnam, getpwuid } from './libc.js';
+import { notRootsAlone } from './paths.js';
 import {
   denyCovers, denyScope, loadPolicy, matches, matchesDeny, resolveTarget, type AllowRule, type DenyRule, type Policy, type Selector,
   type Target,
@@ -27,7 +28,7 @@ export function policyWarnings(p: Policy): Finding[] {
   for (const r of p.allow) {
     if (r.who.everyone) warn(r, `rule \`${r.name}' matches every user`);
     if (r.macvtap.some((m) => m.modes.includes('passthru'))) warn(r, `rule \`${r.name}' allows macvtap passthru, which hands a whole NIC to a guest`);
-    if (r.persistent && r.maxDevices === null) warn(r, `rule \`${r.name}' allows persistent devices without max_devices: they outlive VMs and nothing limits them`);
+    if (r.persistent && r.maxDevicesDefault) warn(r, `rule \`${r.name}' allows persistent devices without max_devices: they outlive VMs, and only the default of ${r.maxDevices} per user limits them`);
     if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: guests may collide with real NICs`);
   }
   // Bridges a grant can reach, as this host has them now: one whose MAC nobody pinned is refused.
@@ -128,6 +129,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
+    const unsafe = notRootsAlone(o.file);
+    if (unsafe) findings.unshift({ level: 'warning', line: null, message: `${o.file} ${unsafe}: a user other than root could change it, and tapbrokerd refuses to run on it` });
     if (o.json) write(JSON.stringify({ file: o.file, ok: true, sha256: policy.sha256, rules: policy.allow.length, deny_rules: policy.deny.length, findings }, null, 2));
     else {
       for (const f of findings) write(`${o.file}:${f.line ?? '-'}: ${f.level}: ${f.message}`);
@@ -173,7 +176,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
       if (allows.length === 0) write('no rule allows this user anything (default deny)');
       else write(table([['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT', 'MAX DEVICES'],
         ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-', r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
-          String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
+          String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no', String(r.maxDevices)])]));
       for (const d of denies) {
         write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(d)} — deny wins over every rule above`);
       }
@@ -221,7 +224,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     if (grants.length === 0) write('nobody: no rule grants it');
     else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
       ...grants.map(({ r, via }) => [r.name, String(r.line), principals(r.who), via === null ? '-' : `network ${via}`, String(r.maxQueues),
-        r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', r.maxDevices === null ? 'no limit' : String(r.maxDevices)])]));
+        r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', String(r.maxDevices)])]));
     for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);
   }
   return EX_OK;

@@ -10,10 +10,13 @@ import {
 } from '@tapbroker/protocol';
 import { accountMembers, getgrnam, getpwnam } from './libc.js';
 import { OVSDB_TARGET } from './ovs.js';
+import { notRootsAlone } from './paths.js';
 
 export const DEFAULT_MAC_PREFIX = '52:54:00';
 /** Names callers may pick: `{uid}` and `{user}` are substituted, `*` stands for one or more of [A-Za-z0-9_.-]. */
 export const DEFAULT_NAME_PATTERN = 'tb{uid}-*';
+/** Devices per user under a rule that names no max_devices: finite, so no rule leaves it unbounded. */
+export const DEFAULT_MAX_DEVICES = 64;
 
 const Principal = z.union([z.string().min(1).max(256), z.number().int().min(0).max(0xfffffffe)]);
 const IfName = z.string().superRefine((s, ctx) => {
@@ -138,8 +141,10 @@ export interface AllowRule {
   maxQueues: number;
   vhost: boolean;
   macPrefix: string;
-  /** Live devices per user under this rule; null means no limit. */
-  maxDevices: number | null;
+  /** Live devices per user under this rule (DEFAULT_MAX_DEVICES when the rule names none). */
+  maxDevices: number;
+  /** The rule named no max_devices. */
+  maxDevicesDefault: boolean;
 }
 
 export interface DenyRule {
@@ -192,6 +197,16 @@ export type Decision =
   | { allow: true; rule: AllowRule }
   | { allow: false; code: ErrorCode; rule: string | null; message: string; hint: string };
 
+/**
+ * The policy the broker runs on: only from a file no user but root could have changed (nor any
+ * directory above it), then as loadPolicy.
+ */
+export function loadTrustedPolicy(path: string): Policy {
+  const why = notRootsAlone(path);
+  if (why) throw new TapbrokerError('TB_E_POLICY_INVALID', `${path}: ${why}: a user other than root could change the policy`);
+  return loadPolicy(path);
+}
+
 /** Reads, parses, validates and resolves a policy file; throws TB_E_POLICY_INVALID with every error found. */
 export function loadPolicy(path: string): Policy {
   let text: string;
@@ -228,7 +243,8 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     for (const n of r.networks) if (!Object.hasOwn(parsed.data.network, n)) errors.push(`${path}:${lineOf(text, ['rule', i, 'networks'])}: rule \`${r.name}' names network \`${n}', which is not defined`);
     return {
       kind: 'allow', name: r.name, line: lineOf(text, ['rule', i]), who, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks, persistent: r.persistent,
-      namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix, maxDevices: r.max_devices ?? null,
+      namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix,
+      maxDevices: r.max_devices ?? DEFAULT_MAX_DEVICES, maxDevicesDefault: r.max_devices === undefined,
     };
   });
   const deny = parsed.data.deny.map((d, i): DenyRule => {
@@ -315,10 +331,8 @@ export function hookUnsafe(file: string): string | null {
     return 'does not exist';
   }
   if (!st.isFile()) return 'is not a regular file';
-  if (st.uid !== 0) return `is owned by uid ${st.uid}, not root`;
-  if (st.mode & 0o022) return 'is writable by group or others';
   if (!(st.mode & 0o100)) return 'is not executable';
-  return null;
+  return notRootsAlone(file);
 }
 
 /** The line of `[[table]]` number `index`, or of `key` inside it; 1 when it cannot be told. */
@@ -530,7 +544,7 @@ function refuse(rule: AllowRule, caller: Caller & { user?: string | null }, ask:
   if (ask.mac !== null && !macInPrefix(ask.mac, rule.macPrefix)) {
     return no('TB_E_INVALID_MAC', `mac ${ask.mac} is outside rule \`${rule.name}' prefix ${rule.macPrefix}`, `use a MAC starting with ${rule.macPrefix}, or leave it out and the broker picks one`);
   }
-  if (rule.maxDevices !== null && live >= rule.maxDevices) {
+  if (live >= rule.maxDevices) {
     return no('TB_E_QUOTA_EXCEEDED', `rule \`${rule.name}' allows ${rule.maxDevices} live device${rule.maxDevices === 1 ? '' : 's'} per user and you hold ${live}`, 'stop a VM that holds one, then ask again');
   }
   return null;

@@ -1,0 +1,26 @@
+// Files root trusts must be files only root could have changed: the policy, hooks, the state directory,
+// the audit file, the socket's directory. As OpenSSH's StrictModes has it: the file (after symlinks)
+// and every directory above it are root's and writable by nobody else, except a sticky directory
+// (such as /tmp) whose entry is root's.
+import fs from 'node:fs';
+import path from 'node:path';
+
+/** Why a user other than root could have changed `file` or any directory above it; null if none could. */
+export function notRootsAlone(file: string): string | null {
+  let real: string;
+  try {
+    real = fs.realpathSync(file);
+  } catch (err) {
+    return `cannot be resolved (${(err as NodeJS.ErrnoException).code ?? String(err)})`;
+  }
+  let entry: fs.Stats | null = null;
+  for (let p = real; ; p = path.dirname(p)) {
+    const st = fs.statSync(p);
+    const where = p === real ? '' : ` (through ${p})`;
+    if (st.uid !== 0) return `is owned by uid ${st.uid}${where}, not root`;
+    const sticky = st.isDirectory() && (st.mode & 0o1000) !== 0 && entry !== null && entry.uid === 0;
+    if ((st.mode & 0o022) !== 0 && !sticky) return `is writable by ${st.mode & 0o002 ? 'others' : 'its group'}${where}`;
+    if (p === path.dirname(p)) return null;
+    entry = st;
+  }
+}
