@@ -4,11 +4,12 @@
 // of /dev/null (lingering ones last, where a short control buffer makes the kernel release them inside
 // the broker's recvmsg), closes its own copies so the broker's would be the last, prints one JSON line,
 // and holds the listener until its stdin closes.
-//   node linger.js SOCKET LINGERING NULLS MODE     MODE: hello | behind (after a frame refused pre-hello)
+//   node linger.js SOCKET LINGERING COPIES MODE [FILE]   MODE: hello | behind (after a frame refused pre-hello);
+//   COPIES of FILE (default /dev/null) go before the lingering sockets.
 import fs from 'node:fs';
 import { MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame, sys } from '@tapbroker/protocol';
 
-const [socket, lingering, nulls, mode] = process.argv.slice(2) as [string, string, string, 'hello' | 'behind'];
+const [socket, lingering, nulls, mode, copied] = process.argv.slice(2) as [string, string, string, 'hello' | 'behind', string | undefined];
 const AF_INET = 2;
 const SOCK_STREAM = 1;
 const SO_LINGER = 13;
@@ -39,7 +40,7 @@ for (let i = 0; i < Number(lingering); i++) {
   sys.setsockopt(s, sys.SOL_SOCKET, SO_LINGER, linger);
   stuck.push(s);
 }
-const nul = fs.openSync('/dev/null', 'r');
+const nul = fs.openSync(copied ?? '/dev/null', 'r');
 const fds = [...Array<number>(Number(nulls)).fill(nul), ...stuck];
 
 const out: Record<string, unknown> = { port };

@@ -99,18 +99,23 @@ async function serves(t: ExecutionContext, b: BrokerProcess, ms = 3000): Promise
 }
 
 /** What each of a process's fds is (`socket:[inode]`, `/dev/null`, …). */
-function fdTargets(b: BrokerProcess): string[] {
-  const dir = `/proc/${b.proc.pid}/fd`;
+function fdTargets(pid: number): string[] {
+  const dir = `/proc/${pid}/fd`;
   return fs.readdirSync(dir).map((f) => { try { return fs.readlinkSync(`${dir}/${f}`); } catch { return '?'; } });
 }
 
-/** The broker's fds that are TCP sockets (an attacker's lingering ones) or /dev/null beyond `nulls`. */
-function foreignHeld(b: BrokerProcess, nulls: number): string[] {
-  const tcp = new Set(fs.readFileSync(`/proc/${b.proc.pid}/net/tcp`, 'utf8').split('\n').slice(1)
+/** The broker's fds that are TCP sockets (an attacker's lingering ones) or copies of `pushed`. */
+function foreignHeld(pid: number, pushed: string): string[] {
+  const tcp = new Set(fs.readFileSync(`/proc/${pid}/net/tcp`, 'utf8').split('\n').slice(1)
     .map((l) => l.trim().split(/\s+/)[9]).filter(Boolean).map((i) => `socket:[${i}]`));
-  const targets = fdTargets(b);
-  const extraNulls = targets.filter((x) => x === '/dev/null').length - nulls;
-  return [...targets.filter((x) => tcp.has(x)), ...Array<string>(Math.max(0, extraNulls)).fill('/dev/null')];
+  return fdTargets(pid).filter((x) => tcp.has(x) || x === pushed);
+}
+
+/** A file whose copies a test pushes at the broker, so any it kept can be told from its own. */
+function pushedFile(): string {
+  const f = path.join(dir, 'pushed');
+  fs.writeFileSync(f, '', { mode: 0o644 });
+  return f;
 }
 
 const records = (b: BrokerProcess, pred: (r: AuditRecord) => boolean) => b.records.filter(pred);
@@ -132,8 +137,8 @@ test.serial('A1: fds pushed at the broker are refused by its socket (EPERM); a l
 test.serial('A1 (kernels without SO_PASSRIGHTS): 16 fds then 4 lingering TCP sockets in one packet; the broker serves on', async (t) => {
   const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb', fdFallback: true });
   try {
-    const nulls = fdTargets(fb).filter((x) => x === '/dev/null').length;
-    const a = inNs(STRANGER, LINGER, [fb.socket, '4', '16', 'hello']);
+    const pushed = pushedFile();
+    const a = inNs(STRANGER, LINGER, [fb.socket, '4', '16', 'hello', pushed]);
     try {
       const out = await a.line;
       t.is(out['sent'], 'ok');
@@ -142,7 +147,7 @@ test.serial('A1 (kernels without SO_PASSRIGHTS): 16 fds then 4 lingering TCP soc
       await serves(t, fb);
       await serves(t, fb);
       // It holds none of the pushed fds: no TCP socket, no copy of /dev/null beyond its own.
-      const held = () => foreignHeld(fb, nulls);
+      const held = () => foreignHeld(fb.proc.pid!, pushed);
       await fb.waitFor(() => held().length === 0, 3000, `the broker still holds ${held().join(', ')}`);
       await fb.record((r) => r.code === 'TB_E_UNEXPECTED_FDS' && r.uid === STRANGER);
       await fb.waitFor(() => /fd closer stuck/.test(fb.stderr), 6000, 'the stuck closer was not replaced');
@@ -467,5 +472,94 @@ test.serial('A (also): a policy, state directory or hook another user could chan
     t.regex(hook.stderr, /hook .* is writable by others \(through .*open\)/);
   } finally {
     fs.rmSync(base, { recursive: true, force: true });
+  }
+});
+
+test.serial('A1: a connection queued before the broker started (socket activation) cannot slip fds past it', async (t) => {
+  // The service manager's listening socket, made here as systemd would (without SO_PASSRIGHTS), and a
+  // client that connects and sends fds before any broker runs: its packet waits in the queue.
+  const sockPath = path.join(dir, 'activated.sock');
+  fs.rmSync(sockPath, { force: true });
+  const { SeqpacketListener } = await import('@tapbroker/protocol');
+  const listener = SeqpacketListener.listen(sockPath, { mode: 0o666 });
+  const early = await SeqpacketConnection.connect(sockPath, { maxPacket: MAX_REPLY_BYTES });
+  const pushed = pushedFile();
+  const nul = fs.openSync(pushed, 'r');
+  await early.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }), Array<number>(20).fill(nul));
+  fs.closeSync(nul);
+  // LISTEN_PID is the shell's pid, which exec keeps through `ip netns exec` to node.
+  const main = path.join(HERE, '../../../packages/broker/dist/main.js');
+  const child = spawn('sh', ['-c', `LISTEN_PID=$$ LISTEN_FDS=1 exec ip netns exec ${ns.name} "$0" "$@"`, process.execPath, main,
+    '-f', broker.policyPath, '--state-dir', path.join(dir, 'activated-state'), '--journal-socket', ''],
+  { stdio: ['ignore', 'ignore', 'pipe', listener.fd] });
+  children.add(child);
+  let err = '';
+  child.stderr!.on('data', (d) => (err += d));
+  try {
+    const reply = await Promise.race([early.receive(), sleep(5000).then(() => null)]);
+    t.truthy(reply, `no reply: ${err}`);
+    const { decodeReply } = await import('@tapbroker/protocol');
+    t.is(reply ? (decodeReply(reply.data) as { code?: string }).code : null, 'TB_E_UNEXPECTED_FDS', 'the queued fds were refused');
+    await sleep(200);
+    t.deepEqual(foreignHeld(child.pid!, pushed), [], 'the broker kept none of them');
+    // A connection made now meets SO_PASSRIGHTS: refused by the kernel.
+    const late = await SeqpacketConnection.connect(sockPath, { maxPacket: MAX_REPLY_BYTES });
+    const again = fs.openSync('/dev/null', 'r');
+    await t.throwsAsync(late.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }), [again]), { message: /EPERM/ });
+    fs.closeSync(again);
+    late.close();
+    t.regex(err, /listening on inherited fd 3/);
+  } finally {
+    early.close();
+    child.kill('SIGTERM');
+    await new Promise((r) => child.once('exit', r));
+    listener.close();
+  }
+});
+
+test.serial('B7: a macvtap holder that passes its connection on and exits: its macvtap goes, and the broker does not spin', async (t) => {
+  const out = spawnSync('setpriv', [...setprivArgs({ uid: NOBODY }), process.execPath, path.join(HERE, '../helpers/pass-on.js'), broker.socket, 'vparent'], { encoding: 'utf8' });
+  t.is(out.status, 0, out.stderr);
+  const { name } = JSON.parse(out.stdout) as { name: string };
+  await broker.waitFor(() => ns.link(name) === undefined, 3000, `${name} outlived its holder`);
+  // The connection lives on in `sleep`; the holder's pidfd stays readable. CPU over one second:
+  const ticks = () => fs.readFileSync(`/proc/${broker.proc.pid}/stat`, 'utf8').split(') ')[1]!.split(' ').slice(11, 13).map(Number).reduce((a, b) => a + b, 0);
+  const before = ticks();
+  await sleep(1000);
+  const used = ticks() - before;
+  t.true(used < 30, `the broker used ${used} clock ticks of CPU in one idle second`);
+});
+
+// ---------------------------------------------------------------- A3: squatting /dev/tapN
+
+const userns = spawnSync('setpriv', [...setprivArgs({ uid: STRANGER }), 'unshare', '-Urn', 'true']).status === 0;
+if (!userns) console.log('# skip A3: unprivileged user namespaces are off here, so nobody can squat /dev/tapN this way');
+(userns ? test.serial : test.serial.skip)('A3: a user squatting /dev/tapN from its own user namespace blocks nobody\'s macvtaps', async (t) => {
+  // The indexes the kernel would give next in the broker's namespace, taken in a namespace of the
+  // attacker's own (no privilege needed): their /dev/tapN nodes are the attacker's.
+  const last = Math.max(...ns.links().map((l) => l.ifindex));
+  const squat = `ip link add v0 type veth peer name v1 && for i in $(seq ${last + 1} ${last + 40}); do ip link add link v0 name m$i index $i type macvtap; done; echo squatting; sleep 60`;
+  const squatter = spawn('setpriv', [...setprivArgs({ uid: STRANGER }), 'unshare', '-Urn', 'sh', '-c', squat], { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(squatter);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      squatter.stdout!.on('data', (d: Buffer) => { if (d.toString().includes('squatting')) resolve(); });
+      squatter.on('exit', (code) => reject(new Error(`the squatter exited ${code}`)));
+    });
+    t.true(fs.existsSync(`/dev/tap${last + 1}`), 'the next index\'s node is the attacker\'s');
+    const p = await probe({ socket: broker.socket, requests: [{ parent: 'vparent' }] });
+    try {
+      t.is(p.result.error, null, p.result.error?.message);
+    } finally {
+      await p.release();
+    }
+    const made = await probeOnce({ socket: broker.socket, requests: [{ parent: 'vparent', persistent: true }] });
+    t.is(made.error, null, made.error?.message);
+    const name = made.taps[0]!.device.name;
+    const node = `/dev/tap${made.taps[0]!.device.ifindex}`;
+    t.is(fs.statSync(node).uid, 0, 'its node is root\'s (with an ACL for its owner)');
+    await probeOnce({ socket: broker.socket, release: [name] });
+  } finally {
+    squatter.kill('SIGKILL');
   }
 });

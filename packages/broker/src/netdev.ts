@@ -1,7 +1,7 @@
 // Kernel steps on network devices: tun ioctls, rtnetlink, /dev/vhost-net. Every function here acts
 // with privilege and is transactional: on failure it undoes what it made and throws a
 // TapbrokerError that names the object and the errno.
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomInt } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, macFromBuffer, sys, type MacvtapMode } from '@tapbroker/protocol';
@@ -65,8 +65,11 @@ export interface Owner {
   gid: number | null;
 }
 
-/** A foreign queue got onto a new tap before its owner was set: destroyed; a fresh name may be tried. */
-export class ForeignQueueError extends TapbrokerError {
+/**
+ * Someone else reached a new device before it was secured (a queue on a tap before its owner was set,
+ * a macvtap's /dev/tapN node): it was destroyed; another name (and index) may be tried.
+ */
+export class ContestedDeviceError extends TapbrokerError {
   readonly ifindex: number;
   constructor(code: 'TB_E_KERNEL', message: string, extra: { ifindex: number }) {
     super(code, message);
@@ -213,7 +216,7 @@ export class Netdev {
       return { ifindex: link.index, hostMac: mac, mtu: bridge?.mtu ?? link.mtu, tapFds, vhostFds };
     } catch (err) {
       this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
-      if (err instanceof ForeignQueueError) this.cleanup.deleteLink(err.ifindex, req.uid, req.name, err.message);
+      if (err instanceof ContestedDeviceError) this.cleanup.deleteLink(err.ifindex, req.uid, req.name, err.message);
       throw err;
     }
   }
@@ -244,7 +247,16 @@ export class Netdev {
   private checkQueues(link: Link, opened: number, req: TapRequest): void {
     const attached = link.tun?.queues ?? null;
     if (attached === null || attached <= opened) return;
-    throw new ForeignQueueError('TB_E_KERNEL', `tap \`${req.name}' had ${attached - opened} queue(s) attached by another process before its owner was set; destroyed`, { ifindex: link.index });
+    throw new ContestedDeviceError('TB_E_KERNEL', `tap \`${req.name}' had ${attached - opened} queue(s) attached by another process before its owner was set; destroyed`, { ifindex: link.index });
+  }
+
+  /** A random ifindex above 2^20, unused in this namespace, whose /dev/tap node does not exist. */
+  private freeTapIndex(): number {
+    for (let i = 0; i < 64; i++) {
+      const index = 0x100000 + randomInt(0x7fffffff - 0x100000);
+      if (!fs.existsSync(`/dev/tap${index}`) && !this.rtnl.getLinkByIndex(index)) return index;
+    }
+    throw new TapbrokerError('TB_E_KERNEL', 'no free ifindex for a macvtap after 64 tries');
   }
 
   /** Refuses a VLAN on a bridge without VLAN filtering, before anything is made. */
@@ -278,8 +290,12 @@ export class Netdev {
    */
   createMacvtap(req: MacvtapRequest): CreatedTap {
     this.checkMacFree(req.parent, req.guestMac);
+    // /dev/tap<ifindex> lives in the devtmpfs every namespace shares, and a user who owns a network
+    // namespace may create a macvtap at any ifindex there and own its node first. The broker's macvtap
+    // gets an ifindex nobody can predict, whose node does not exist yet.
+    const index = this.freeTapIndex();
     try {
-      this.rtnl.createMacvtap({ name: req.name, parent: req.parent.index, mac: req.guestMac, mode: req.mode, alias: req.alias });
+      this.rtnl.createMacvtap({ name: req.name, index, parent: req.parent.index, mac: req.guestMac, mode: req.mode, alias: req.alias });
     } catch (err) {
       if (err instanceof sys.SyscallError && err.errno === sys.errno.EEXIST) throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' already exists`);
       if (err instanceof sys.SyscallError && err.errno === sys.errno.EADDRINUSE) throw new TapbrokerError('TB_E_MAC_IN_USE', `the MAC is already in use on \`${req.parent.name}'`);
@@ -295,6 +311,11 @@ export class Netdev {
       // Tag it at once: the kernel ignored the alias in the create message.
       this.rtnl.configureLink(link.index, { alias: req.alias });
       const [major, minor] = macvtapDevNumber(req.name, link.index);
+      const shared = `/dev/tap${link.index}`;
+      if (fs.existsSync(shared) && !nodeIs(shared, major, minor)) {
+        // Someone made that node between the choice of the index and the device: try another.
+        throw new ContestedDeviceError('TB_E_KERNEL', `${shared} was taken by another namespace's device; destroyed`, { ifindex: link.index });
+      }
       if (req.persistent) {
         const node = `/dev/tap${link.index}`;
         if (!nodeIs(node, major, minor)) throw new TapbrokerError('TB_E_KERNEL', `${node} is not the char device of \`${req.name}' (another namespace has a device with ifindex ${link.index})`);

@@ -24,7 +24,7 @@ import type { Identity } from './identity.js';
 import { leaseAlias, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import type { Lifetimes } from './lifetimes.js';
 import { printable, randomMac, tapName } from './naming.js';
-import { ForeignQueueError, type CreatedTap, type Netdev } from './netdev.js';
+import { ContestedDeviceError, type CreatedTap, type Netdev } from './netdev.js';
 import { plugOf, plugUp } from './plug.js';
 import { decide, hookUnsafe, resolveTarget, type AllowRule, type Policy } from './policy.js';
 import type { Link } from './rtnetlink.js';
@@ -315,7 +315,7 @@ function createNamed(
       return { ...create(name), name };
     } catch (err) {
       const retry =
-        err instanceof ForeignQueueError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
+        err instanceof ContestedDeviceError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
       if (!retry || attempt >= 8) throw err;
     }
   }

@@ -159,8 +159,8 @@ export function parseLink(msg: Buffer): Link {
 }
 
 /** RTM_NEWLINK creating a macvtap on `parent` with the guest's MAC, up, never replacing a device. */
-export function macvtapMessage(seq: number, opts: { name: string; parent: number; mac: Buffer; mode: keyof typeof MACVLAN_MODES; alias?: string }): Buffer {
-  return linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, { flags: IFF_UP, change: IFF_UP }, [
+export function macvtapMessage(seq: number, opts: { name: string; index?: number; parent: number; mac: Buffer; mode: keyof typeof MACVLAN_MODES; alias?: string }): Buffer {
+  return linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, { index: opts.index ?? 0, flags: IFF_UP, change: IFF_UP }, [
     attrString(IFLA_IFNAME, opts.name),
     ...(opts.alias ? [attrString(IFLA_IFALIAS, opts.alias)] : []),
     attrU32(IFLA_LINK, opts.parent),
