@@ -149,3 +149,29 @@ test.serial('B9: a hook that leaves a child holding its output: the grant does n
     await broker.stop();
   }
 });
+
+test.serial('B5: taps whose teardown is queued still count against their owner: churning never fills the bridge', async (t) => {
+  const broker = await BrokerProcess.start(ns, `[[rule]]\nname = "churn"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`, { tag: 'b5' });
+  try {
+    let most = 0;
+    const sample = setInterval(() => { most = Math.max(most, ns.extraLinks(BASE).length); }, 10);
+    const { spawnAs } = await import('../helpers/unpriv.js');
+    // Eight churners at once, so the broker's own closes (often the last ones) queue up.
+    const churn = path.join(path.dirname(new URL(import.meta.url).pathname), '../helpers/churn.js');
+    const outs = await Promise.all(Array.from({ length: 8 }, () => new Promise<string>((resolve) => {
+      const child = spawnAs({ uid: NOBODY }, process.execPath, [churn, broker.socket, '100', 'br0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      child.stdout!.on('data', (d) => (out += d));
+      child.on('exit', () => resolve(out));
+    })));
+    clearInterval(sample);
+    const all = outs.map((o) => JSON.parse(o) as { granted: number; refused: Record<string, number> });
+    const r = { granted: all.reduce((n, x) => n + x.granted, 0), refused: all.map((x) => x.refused) };
+    t.log(`granted ${r.granted}, refused ${JSON.stringify(r.refused)}, at most ${most} taps alive`);
+    t.true(most <= 64 + 2, `${most} taps alive at once: the default of 64 per user (and the one being made) bounds them`);
+    t.true(r.granted >= 64, 'and the user was served');
+    await broker.waitFor(() => ns.extraLinks(BASE).length === 0, 10_000, 'taps left');
+  } finally {
+    await broker.stop();
+  }
+});

@@ -229,3 +229,30 @@ test('an inherited socket is adopted only if it is a listening SEQPACKET AF_UNIX
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a connect flood: the listener accepts a bounded number per event-loop turn, then lets others run (review A5)', async (t) => {
+  const dir = tempDir('flood');
+  const sockPath = path.join(dir, 'flood.sock');
+  const listener = SeqpacketListener.listen(sockPath, { mode: 0o600 });
+  const clients: SeqpacketConnection[] = [];
+  const accepted: number[] = [];
+  try {
+    for (let i = 0; i < 64; i++) clients.push(await SeqpacketConnection.connect(sockPath, { maxPacket: 64 }));
+    let atFirstTurnEnd = -1;
+    await new Promise<void>((resolve) => {
+      listener.start((fd) => {
+        accepted.push(fd);
+        // Whatever else is due runs after this turn's accepts: how many happened by then?
+        if (accepted.length === 1) setImmediate(() => { atFirstTurnEnd = accepted.length; });
+        if (accepted.length === clients.length) resolve();
+      });
+    });
+    t.true(atFirstTurnEnd > 0 && atFirstTurnEnd <= SeqpacketListener.ACCEPTS_PER_TURN, `${atFirstTurnEnd} accepts before anything else ran`);
+    t.is(accepted.length, 64, 'and every connection was accepted in the end');
+  } finally {
+    for (const fd of accepted) fs.closeSync(fd);
+    for (const c of clients) c.close();
+    listener.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -1,7 +1,7 @@
-// Slow kernel work off the event loop, bounded: destroying a netdev costs the kernel ~20 ms in the
-// calling thread (RTM_DELLINK, or the last close of a tap fd). Jobs run at most MAX_RUNNING at a time on
-// libuv's pool (koffi allows 256 pending async calls and kills the process beyond), queue in order
-// otherwise, are counted against the uid they belong to, and never throw out of a callback.
+// Slow kernel work off the event loop: destroying a netdev costs the kernel ~20 ms in the calling thread
+// (RTM_DELLINK, or the last close of a tap fd). Deletions run at most MAX_RUNNING at a time (koffi allows
+// 256 pending async calls and kills the process beyond), queue in order otherwise, are counted against
+// the uid they belong to, and never throw out of a callback. Closes go to the pool at once.
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
 import { deleteLinkInBackground } from './rtnetlink.js';
@@ -21,6 +21,7 @@ export class Reaper {
   private running = 0;
   private readonly perUid = new Map<number, number>();
   private readonly idleWaiters: Array<() => void> = [];
+  private readonly closing = new Set<Promise<void>>();
 
   /**
    * Deletions queued or running for `uid`: devices on their way out, already out of the lease table,
@@ -32,7 +33,7 @@ export class Reaper {
   }
 
   get backlog(): number {
-    return this.queue.length + this.running;
+    return this.queue.length + this.running + this.closing.size;
   }
 
   /** Deletes link `ifindex` (made for `uid`): true when deleted, false when it was already gone. */
@@ -40,13 +41,21 @@ export class Reaper {
     return this.submit(uid, () => deleteLinkInBackground(ifindex)) as Promise<boolean>;
   }
 
-  /** Closes the broker's copies of fds; the last close of a tap destroys it. */
+  /**
+   * Closes the broker's copies of fds on the thread pool, at once: right after a reply they are rarely
+   * the last (the client holds its own), and queueing them behind deletions would make them so. When
+   * one is the last, its ~20 ms stay on the pool, and the device, still in the lease table until the
+   * kernel says it is gone, still counts against its owner.
+   */
   closeFds(fds: readonly number[], _uid: number): Promise<void> {
     if (fds.length === 0) return Promise.resolve();
-    const all = [...fds];
-    return this.submit(null, () =>
-      Promise.all(all.map((fd) => new Promise<void>((r) => fs.close(fd, () => r())))),
-    ) as Promise<void>;
+    const p = Promise.all(fds.map((fd) => new Promise<void>((r) => fs.close(fd, () => r())))).then(() => undefined);
+    this.closing.add(p);
+    void p.finally(() => {
+      this.closing.delete(p);
+      if (this.backlog === 0) for (const w of this.idleWaiters.splice(0)) w();
+    });
+    return p;
   }
 
   /** Resolves when nothing is queued or running. */
