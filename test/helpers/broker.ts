@@ -52,6 +52,8 @@ export class BrokerProcess {
    */
   static async start(ns: Netns, policy: string, opts: {
     tag?: string; args?: string[]; dir?: string; env?: NodeJS.ProcessEnv; fault?: string; fdFallback?: boolean;
+    /** Another main.js to run (an installed package's). */
+    main?: string;
   } = {}): Promise<BrokerProcess> {
     const dir = opts.dir ?? tempDir(opts.tag ?? 'broker');
     const policyPath = path.join(dir, 'policy.toml');
@@ -59,7 +61,7 @@ export class BrokerProcess {
     const socket = path.join(dir, 'tapbroker.sock');
     const state = path.join(dir, 'state');
     // TB_TEST_BROKER_MAIN runs another build's main.js instead (to show a test fails on the code before a fix).
-    const entry = process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback ? BROKER_TEST_ENTRY : BROKER_MAIN);
+    const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback ? BROKER_TEST_ENTRY : BROKER_MAIN);
     const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
     if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
     if (opts.fdFallback) env['TB_TEST_FD_FALLBACK'] = '1';

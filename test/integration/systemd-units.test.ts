@@ -174,7 +174,7 @@ const hasSysusers = !spawnSync('systemd-sysusers', ['--version']).error && !spaw
 // Opt-in: systemd 252+ as PID 1 of new pid/mount/uts/net/ipc/cgroup namespaces, with only these
 // units and empty targets on its unit path (no sysinit work touches the host: /run, /tmp, /var/tmp
 // are tmpfs, /etc and /usr/lib are overlays, /proc/sys is read-only), the repo at
-// /usr/lib/tapbroker/broker, a bridge br0, and uid 65534 in group tapbroker as the client.
+// /usr/lib/tapbroker/node_modules/@tapbroker/broker, a bridge br0, and uid 65534 in group tapbroker as the client.
 
 const SYSTEMD = '/lib/systemd/systemd';
 
@@ -215,8 +215,8 @@ mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/tb/etc-up,workdir=/run/t
 mount -t overlay overlay -o lowerdir=/usr/lib,upperdir=/run/tb/lib-up,workdir=/run/tb/lib-work /usr/lib
 echo "tapbroker:x:$2:" >> /etc/group
 echo tbtest > /etc/hostname
-mkdir -p /etc/tapbroker /usr/lib/tapbroker
-ln -s /run/tb/repo/packages/broker /usr/lib/tapbroker/broker
+mkdir -p /etc/tapbroker /usr/lib/tapbroker/node_modules/@tapbroker
+ln -s /run/tb/repo/packages/broker /usr/lib/tapbroker/node_modules/@tapbroker/broker
 printf '[[rule]]\nname = "sd"\ngroups = ["tapbroker"]\nbridges = ["br0"]\nmax_queues = 2\n' > /etc/tapbroker/policy.toml
 ip link set lo up
 ip link add br0 type bridge

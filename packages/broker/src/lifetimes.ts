@@ -236,7 +236,8 @@ export class Lifetimes implements Cleanup {
       return;
     }
     // An event is a snapshot of its moment (a creation's first events predate its owner and address):
-    // judge the device as it is now.
+    // one that shows nothing wrong needs no more; one that does is judged on the device as it is now.
+    if (this.creating.has(l.id) || this.violation(l, link) === null) return;
     this.judge(l, this.netdev.rtnl.getLinkByIndex(link.index));
   }
 

@@ -139,6 +139,9 @@ async function createDevice(
       ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message);
       throw err;
     }
+    // The device's own creation events (before its owner and MAC were set) are read while it is still
+    // being created, so they are not taken for its holder's doing.
+    ctx.lifetimes.catchUp();
     ctx.lifetimes.commit(granted.lease.id);
     // 5. The record, then the reply. A persistent device keeps no fd: none is sent.
     audit({

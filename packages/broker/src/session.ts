@@ -72,8 +72,11 @@ export class Session {
     this.arm(this.host.helloTimeoutMs, 'TB_E_TIMEOUT', `no hello within ${this.host.helloTimeoutMs} ms`);
     try {
       for (;;) {
-        // A client that does not read its replies holds their fds in flight: read nothing more from it
-        // until it has, so one connection has at most one reply's fds outstanding.
+        const packet = await this.conn.receive();
+        if (!packet) break;
+        // A client that does not read its replies holds their fds in flight: handle nothing more from
+        // it until it has (a client that reads each reply before its next request never waits), so
+        // one connection has at most one reply's fds outstanding.
         if (this.fdsInFlight && !(await this.repliesRead())) {
           this.host.refused(
             this.caller,
@@ -81,10 +84,9 @@ export class Session {
             'TB_E_TIMEOUT',
             `a reply stayed unread for ${UNREAD_REPLY_MS} ms; connection closed`,
           );
+          this.host.foreign(packet.fds);
           break;
         }
-        const packet = await this.conn.receive();
-        if (!packet) break;
         let done!: () => void;
         this.inFlight = new Promise((r) => (done = r));
         try {

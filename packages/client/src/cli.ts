@@ -2,8 +2,9 @@
 // tapbroker: the unprivileged client. Usage in USAGE below.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
-import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, checkNetworkName, checkQueues, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
+import { MACVTAP_MODES, PROTOCOL_VERSION, TapbrokerError, checkIfName, checkMac, checkNetworkName, checkQueues, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
 import { TapbrokerClient, closeTap, type Tap } from './client.js';
 import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
@@ -263,6 +264,11 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
+  if (argv[0] === '-V' || argv[0] === '--version') {
+    const { version } = createRequire(import.meta.url)('../package.json') as { version: string };
+    process.stdout.write(`tapbroker ${version} (protocol ${PROTOCOL_VERSION})\n`);
+    return 0;
+  }
   if (argv[0] === '-h' || argv[0] === '--help' || argv[0] === 'help') {
     process.stdout.write(`${USAGE}\n`);
     return 0;

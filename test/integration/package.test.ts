@@ -1,0 +1,126 @@
+// The Debian package (`npm run package`): built from this checkout, checked for what it carries, then
+// installed with dpkg into a throwaway root (overlayfs over /usr, /etc and /var in a private mount
+// namespace, so this machine is untouched), used, and purged.
+import anyTest, { type TestFn } from 'ava';
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { BrokerProcess, ROOT, tempDir } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, probeOnce } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn<{ deb: string }>;
+const version = (JSON.parse(fs.readFileSync(path.join(ROOT, 'packages/broker/package.json'), 'utf8')) as { version: string }).version;
+const hasDpkg = spawnSync('dpkg-deb', ['--version']).status === 0;
+if (!hasDpkg) console.log('# skip package tests: dpkg-deb is not installed');
+const maybe = hasDpkg ? test.serial : test.serial.skip;
+
+let deb = '';
+test.before(() => {
+  if (!hasDpkg) return;
+  const out = execFileSync(process.execPath, [path.join(ROOT, 'packaging/deb.mjs')], { encoding: 'utf8' }).trim().split('\n');
+  deb = out[out.length - 1]!;
+});
+
+maybe('npm run package: a .deb of this version and architecture, whose control file says what it needs', (t) => {
+  const arch = execFileSync('dpkg', ['--print-architecture'], { encoding: 'utf8' }).trim();
+  t.is(path.basename(deb), `tapbroker_${version}_${arch}.deb`, 'its path is the last line printed');
+  const field = (f: string) => execFileSync('dpkg-deb', ['--field', deb, f], { encoding: 'utf8' }).trim();
+  t.is(field('Package'), 'tapbroker');
+  t.is(field('Version'), version, 'the version of the packages\' package.json');
+  t.is(field('Architecture'), arch);
+  t.regex(field('Depends'), /nodejs \(>= 20\.19\)/);
+  // The native code it carries (koffi's) needs exactly these libraries.
+  for (const lib of ['libc6', 'libstdc++6', 'libgcc-s1']) t.regex(field('Depends'), new RegExp(lib.replace(/\+/g, '\\+')));
+  t.is(execFileSync('dpkg-deb', ['--info', deb, 'conffiles'], { encoding: 'utf8' }).trim(), '/etc/tapbroker/policy.toml');
+});
+
+maybe('the package carries the application and its production dependencies only', (t) => {
+  const files = execFileSync('dpkg-deb', ['--contents', deb], { encoding: 'utf8', maxBuffer: 64 << 20 })
+    .split('\n').filter(Boolean).map((l) => l.split(/\s+/).slice(5).join(' ').replace(/^\.\//, '/').replace(/ -> .*/, ''));
+  for (const f of ['/usr/sbin/tapbrokerd', '/usr/bin/tapbroker', '/usr/lib/systemd/system/tapbrokerd.socket', '/usr/lib/systemd/system/tapbrokerd.service',
+    '/usr/lib/sysusers.d/tapbroker.conf', '/usr/lib/tmpfiles.d/tapbroker.conf', '/usr/lib/modules-load.d/tapbroker.conf',
+    '/usr/share/man/man1/tapbroker.1.gz', '/usr/share/man/man5/tapbroker-policy.5.gz', '/usr/share/man/man8/tapbrokerd.8.gz',
+    '/etc/tapbroker/policy.toml', '/usr/share/doc/tapbroker/copyright', '/usr/share/doc/tapbroker/changelog.gz',
+    '/usr/share/doc/tapbroker/examples/policy.example.toml',
+    '/usr/lib/tapbroker/node_modules/@tapbroker/broker/dist/main.js', '/usr/lib/tapbroker/node_modules/@tapbroker/client/dist/cli.js']) {
+    t.true(files.includes(f), `${f} is in the package`);
+  }
+  const unwanted = files.filter((f) => /\.ts$|\.map$|\/test\/|node_modules\/(typescript|ava|fast-check|@types)\/|musl|\.(cc|hh|S|asm)$|msgpackr-extract/.test(f));
+  t.deepEqual(unwanted, [], 'no sources, tests, dev dependencies, other platforms\' builds or optional native parts');
+  const unit = execFileSync('sh', ['-c', `dpkg-deb --fsys-tarfile '${deb}' | tar -xO ./usr/lib/systemd/system/tapbrokerd.service`], { encoding: 'utf8' });
+  const exec = /^ExecStart=\S+ .*?(\/usr\/lib\/\S+main\.js)/m.exec(unit)?.[1];
+  t.true(exec !== undefined && files.includes(exec), `ExecStart= runs ${exec}, which the package installs`);
+});
+
+const lintian = spawnSync('lintian', ['--version']).status === 0;
+if (hasDpkg && !lintian) console.log('# skip lintian: not installed (apt-get install lintian)');
+(hasDpkg && lintian ? test.serial : test.serial.skip)('lintian finds no error in the package', (t) => {
+  const r = spawnSync('lintian', ['--allow-root', deb], { encoding: 'utf8' });
+  const lines = `${r.stdout}${r.stderr}`.split('\n').filter((l) => /^[EW]: /.test(l));
+  t.log(lines.join('\n') || 'lintian: clean');
+  t.deepEqual(lines.filter((l) => l.startsWith('E: ')), []);
+});
+
+// Installed for real: dpkg -i, used, dpkg --purge, all inside a private mount namespace whose /usr, /etc
+// and /var are overlays that vanish with it.
+const SCRIPT = String.raw`
+set -eu
+deb=$1; work=$2
+mount -t tmpfs tmpfs "$work"
+for d in usr etc var; do
+  mkdir -p "$work/$d-up" "$work/$d-work"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$work/$d-up,workdir=$work/$d-work" "/$d"
+done
+dpkg -i "$deb" >/dev/null
+echo "version: $(tapbrokerd --version)"
+echo "client: $(tapbroker --version)"
+echo "check: $(tapbrokerd check-policy)"
+echo "group: $(getent group tapbroker | cut -d: -f1)"
+echo "man: $(man -w tapbrokerd tapbroker tapbroker-policy | tr '\n' ' ')"
+echo "n: $(tapbrokerd -n)"
+dpkg --purge tapbroker >/dev/null
+left=$(find /usr/lib/tapbroker /etc/tapbroker /usr/sbin/tapbrokerd /usr/bin/tapbroker /usr/lib/systemd/system/tapbrokerd.socket 2>/dev/null || true)
+echo "left: $left"
+`;
+
+maybe('installed with dpkg: commands on PATH answer --version, the default policy denies everything, man finds the pages; purge leaves nothing', (t) => {
+  const work = tempDir('pkgroot');
+  try {
+    const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', SCRIPT, 'sh', deb, work], { encoding: 'utf8' });
+    t.is(r.status, 0, r.stderr);
+    const got = Object.fromEntries(r.stdout.split('\n').filter((l) => l.includes(': ')).map((l) => [l.slice(0, l.indexOf(': ')), l.slice(l.indexOf(': ') + 2)]));
+    t.is(got['version'], `tapbrokerd ${version} (protocol 1)`);
+    t.is(got['client'], `tapbroker ${version} (protocol 1)`);
+    t.regex(got['check'] ?? '', /^\/etc\/tapbroker\/policy\.toml: ok: 0 rules, 0 deny rules/, 'the default policy loads and allows nothing');
+    t.is(got['group'], 'tapbroker', 'the group exists after install');
+    for (const page of ['man8/tapbrokerd.8.gz', 'man1/tapbroker.1.gz', 'man5/tapbroker-policy.5.gz']) t.true((got['man'] ?? '').includes(page), `man -w finds ${page}`);
+    t.is(got['left'], '', 'purge leaves no file of the package');
+  } finally {
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+});
+
+maybe('the installed broker grants a tap to a client, from the package\'s own files', async (t) => {
+  const root = tempDir('pkgx');
+  const ns = Netns.create('pkg');
+  try {
+    execFileSync('dpkg', ['-x', deb, root]);
+    fs.chmodSync(root, 0o755);
+    ns.bridge('br0');
+    const broker = await BrokerProcess.start(ns, `[[rule]]\nname = "p"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`, {
+      tag: 'pkgb', main: path.join(root, 'usr/lib/tapbroker/node_modules/@tapbroker/broker/dist/main.js'),
+    });
+    try {
+      const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+      t.is(r.error, null, r.error?.message);
+      const list = spawnSync('setpriv', ['--reuid', String(NOBODY), '--regid', String(NOBODY), '--clear-groups', '--', path.join(root, 'usr/bin/tapbroker'), 'list', '--socket', broker.socket], { encoding: 'utf8' });
+      t.is(list.status, 0, list.stderr);
+    } finally {
+      await broker.stop();
+    }
+  } finally {
+    ns.destroy();
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+});
