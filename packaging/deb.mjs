@@ -21,7 +21,8 @@ const arch = execFileSync('dpkg', ['--print-architecture'], { encoding: 'utf8' }
 const nodeArch = { amd64: 'x64', arm64: 'arm64' }[arch];
 if (!nodeArch) throw new Error(`no koffi build for ${arch}`);
 
-const out = path.join(ROOT, 'build');
+// `node packaging/deb.mjs [DIR]`: into DIR (default build/), staged in DIR/deb.
+const out = path.resolve(process.argv[2] ?? path.join(ROOT, 'build'));
 const stage = path.join(out, 'deb');
 fs.rmSync(stage, { recursive: true, force: true });
 const at = (p) => path.join(stage, p);

@@ -18,9 +18,11 @@ const maybe = hasDpkg ? test.serial : test.serial.skip;
 let deb = '';
 test.before(() => {
   if (!hasDpkg) return;
-  const out = execFileSync(process.execPath, [path.join(ROOT, 'packaging/deb.mjs')], { encoding: 'utf8' }).trim().split('\n');
+  const out = execFileSync(process.execPath, [path.join(ROOT, 'packaging/deb.mjs'), path.join(ROOT, 'build/test-package')], { encoding: 'utf8' }).trim().split('\n');
   deb = out[out.length - 1]!;
 });
+
+test.after.always(() => fs.rmSync(path.join(ROOT, 'build/test-package'), { recursive: true, force: true }));
 
 maybe('npm run package: a .deb of this version and architecture, whose control file says what it needs', (t) => {
   const arch = execFileSync('dpkg', ['--print-architecture'], { encoding: 'utf8' }).trim();

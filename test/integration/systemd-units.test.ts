@@ -1,8 +1,8 @@
 // The systemd units in systemd/: hardening score, socket permissions, directives systemd knows, the
-// example policy and the node flags ExecStart uses. Opt-in (TAPBROKER_TEST_SYSTEMD_BOOT=1): the units
+// example policy and the node flags ExecStart uses. And the installed package (npm run package): its units
 // as shipped under a real systemd, booted as PID 1 of throwaway namespaces.
 import test from 'ava';
-import { spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -171,10 +171,11 @@ const hasSysusers = !spawnSync('systemd-sysusers', ['--version']).error && !spaw
 });
 
 // ---------------------------------------------------------------------------------------------
-// Opt-in: systemd 252+ as PID 1 of new pid/mount/uts/net/ipc/cgroup namespaces, with only these
-// units and empty targets on its unit path (no sysinit work touches the host: /run, /tmp, /var/tmp
-// are tmpfs, /etc and /usr/lib are overlays, /proc/sys is read-only), the repo at
-// /usr/lib/tapbroker/node_modules/@tapbroker/broker, a bridge br0, and uid 65534 in group tapbroker as the client.
+// systemd 252+ as PID 1 of new pid/mount/uts/net/ipc/cgroup namespaces, running the Debian package as
+// installed there with dpkg (npm run package): only its units and empty targets on the unit path (no
+// sysinit work touches the host: /run, /tmp, /var/tmp are tmpfs, /etc, /usr and /var are overlays,
+// /proc/sys is read-only), a bridge br0, and uid 65534 in group tapbroker as the client, using the
+// installed /usr/bin/tapbroker.
 
 const SYSTEMD = '/lib/systemd/systemd';
 
@@ -187,10 +188,9 @@ function cgroup2Mount(): string | null {
 }
 
 function bootUnavailable(): string | null {
-  if (process.env['TAPBROKER_TEST_SYSTEMD_BOOT'] !== '1') return 'set TAPBROKER_TEST_SYSTEMD_BOOT=1 to run the units under a real systemd in namespaces';
   if (process.getuid?.() !== 0) return 'needs root';
   if (!fs.existsSync(SYSTEMD)) return `${SYSTEMD} is not installed`;
-  for (const tool of ['unshare', 'nsenter', 'ip', 'setpriv', 'bash']) {
+  for (const tool of ['unshare', 'nsenter', 'ip', 'setpriv', 'bash', 'dpkg']) {
     if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed`;
   }
   if (!cgroup2Mount()) return 'no cgroup2 hierarchy is mounted';
@@ -198,32 +198,36 @@ function bootUnavailable(): string | null {
 }
 
 const INNER = String.raw`#!/bin/bash
-# PID 1 of the new namespaces until it execs systemd. $1: repo, $2: gid for group tapbroker.
+# PID 1 of the new namespaces until it execs systemd. $1: repo, $2: gid for group tapbroker, $3: the .deb.
 set -eu
 mount --make-rprivate /
 mount -t proc proc /proc
 mount -t tmpfs -o mode=755 tmpfs /run
-mkdir -p /run/tb/repo /run/tb/etc-up /run/tb/etc-work /run/tb/lib-up /run/tb/lib-work /run/tb/units /run/tb/empty
+mkdir -p /run/tb/repo /run/tb/units /run/tb/empty
+for d in etc usr var; do mkdir -p /run/tb/$d-up /run/tb/$d-work; done
 mount --bind "$1" /run/tb/repo
+for d in etc usr var; do mount -t overlay overlay -o lowerdir=/$d,upperdir=/run/tb/$d-up,workdir=/run/tb/$d-work /$d; done
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /var/tmp
 mount -t sysfs sysfs /sys
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount --bind /proc/sys /proc/sys
 mount -o remount,bind,ro /proc/sys
-mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/tb/etc-up,workdir=/run/tb/etc-work /etc
-mount -t overlay overlay -o lowerdir=/usr/lib,upperdir=/run/tb/lib-up,workdir=/run/tb/lib-work /usr/lib
 echo "tapbroker:x:$2:" >> /etc/group
 echo tbtest > /etc/hostname
-mkdir -p /etc/tapbroker /usr/lib/tapbroker/node_modules/@tapbroker
-ln -s /run/tb/repo/packages/broker /usr/lib/tapbroker/node_modules/@tapbroker/broker
-printf '[[rule]]\nname = "sd"\ngroups = ["tapbroker"]\nbridges = ["br0"]\nmax_queues = 2\n' > /etc/tapbroker/policy.toml
+dpkg -i "$3" > /run/tb/dpkg.log 2>&1
+printf '[[rule]]
+name = "sd"
+groups = ["tapbroker"]
+bridges = ["br0"]
+max_queues = 2
+' > /etc/tapbroker/policy.toml
 ip link set lo up
 ip link add br0 type bridge
 ip link set br0 address 02:00:5e:00:00:01
 ip link set br0 up
 U=/run/tb/units
-cp /run/tb/repo/systemd/tapbrokerd.socket /run/tb/repo/systemd/tapbrokerd.service $U/
+cp /usr/lib/systemd/system/tapbrokerd.socket /usr/lib/systemd/system/tapbrokerd.service $U/
 for t in sysinit basic sockets shutdown local-fs paths timers; do printf '[Unit]\nDefaultDependencies=no\n' > $U/$t.target; done
 printf '[Unit]\nDefaultDependencies=no\n' > $U/system.slice
 printf '[Unit]\nDefaultDependencies=no\nWants=tapbrokerd.socket\n' > $U/tbtest.target
@@ -238,7 +242,7 @@ exec env -i container=tapbroker-test SYSTEMD_UNIT_PATH=$U SYSTEMD_GENERATOR_PATH
 const boot = bootUnavailable();
 if (boot) console.log(`# skip units under a real systemd: ${boot}`);
 
-(boot ? test.skip : test.serial)('under a real systemd: socket activation, CAP_NET_ADMIN only, seccomp, READY=1, reload, restart', async (t) => {
+(boot ? test.skip : test.serial)('the installed package under a real systemd: socket activation, CAP_NET_ADMIN only, seccomp, READY=1, reload, restart', async (t) => {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-sdboot-'));
   const inner = path.join(tmp, 'inner.sh');
   fs.writeFileSync(inner, INNER, { mode: 0o755 });
@@ -248,7 +252,9 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
   let gid = 61000;
   while (usedGids.has(gid)) gid++;
 
-  const launcher = spawn('bash', ['-c', `echo $$ > ${cg}/cgroup.procs && exec unshare --pid --fork --mount --uts --net --ipc --cgroup --propagation private bash ${inner} ${ROOT} ${gid}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const built = execFileSync(process.execPath, [path.join(ROOT, 'packaging/deb.mjs'), path.join(ROOT, 'build/test-systemd')], { encoding: 'utf8' }).trim().split('\n');
+  const deb = `/run/tb/repo/${path.relative(ROOT, built[built.length - 1]!)}`;
+  const launcher = spawn('bash', ['-c', `echo $$ > ${cg}/cgroup.procs && exec unshare --pid --fork --mount --uts --net --ipc --cgroup --propagation private bash ${inner} ${ROOT} ${gid} ${deb}`], { stdio: ['ignore', 'pipe', 'pipe'] });
   let console_ = '';
   launcher.stdout.on('data', (d) => { console_ += d; });
   launcher.stderr.on('data', (d) => { console_ += d; });
@@ -267,6 +273,7 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
     };
     rm(cg);
     fs.rmSync(tmp, { recursive: true, force: true });
+    fs.rmSync(path.join(ROOT, 'build/test-systemd'), { recursive: true, force: true });
   });
 
   const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -279,7 +286,7 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
   const systemctl = (...args: string[]) => ns(['systemctl', '--no-pager', ...args]);
   const client = (uid: number, groups: number[], args: string[]) =>
     ns(['setpriv', '--reuid', String(uid), '--regid', String(uid), ...(groups.length ? ['--groups', groups.join(',')] : ['--clear-groups']),
-      process.execPath, '/run/tb/repo/packages/client/dist/cli.js', ...args]);
+      '/usr/bin/tapbroker', ...args]);
 
   let socketState = '';
   for (let i = 0; i < 100 && socketState !== 'active'; i++) {
