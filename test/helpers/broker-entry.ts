@@ -1,12 +1,15 @@
 // Test-only entry point: tapbrokerd with broker options a test injects, which the shipped main.js
 // never reads. TB_TEST_FAULT=POINT SIGKILLs the broker at that fault point; TB_TEST_FAULT=POINT=wait:FILE
 // creates FILE.reached there and blocks until FILE exists. TB_TEST_FD_FALLBACK=1 skips SO_PASSRIGHTS,
-// so fds pushed at the broker take the path every kernel before 6.16 relies on.
+// so fds pushed at the broker take the path every kernel before 6.16 relies on. TB_TEST_MAX_CONNECTIONS=N
+// makes the broker's connection limit N (the default is 1024).
 import fs from 'node:fs';
 import { daemon, type FaultPoint } from '@tapbroker/broker/internal';
 
 const spec = process.env['TB_TEST_FAULT'] ?? '';
 const fallback = process.env['TB_TEST_FD_FALLBACK'] === '1';
+const maxConnections = Number(process.env['TB_TEST_MAX_CONNECTIONS'] ?? 0) || undefined;
+delete process.env['TB_TEST_MAX_CONNECTIONS'];
 delete process.env['TB_TEST_FAULT'];
 delete process.env['TB_TEST_FD_FALLBACK'];
 const [armed, action] = spec.split(/=(.*)/s) as [string, string | undefined];
@@ -23,4 +26,6 @@ function fault(point: FaultPoint): void {
   process.kill(process.pid, 'SIGKILL');
 }
 
-daemon(process.argv.slice(2), { ...(spec ? { faults: fault } : {}), refuseFdsAtSocket: !fallback });
+daemon(process.argv.slice(2), {
+  ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}), refuseFdsAtSocket: !fallback,
+});

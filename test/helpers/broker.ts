@@ -54,6 +54,10 @@ export class BrokerProcess {
     tag?: string; args?: string[]; dir?: string; env?: NodeJS.ProcessEnv; fault?: string; fdFallback?: boolean;
     /** Another main.js to run (an installed package's). */
     main?: string;
+    /** The broker's connection limit (runs the test-only entry point). */
+    maxConnections?: number;
+    /** A file bind-mounted over /etc/passwd in the broker's own mount namespace (its account database). */
+    passwd?: string;
   } = {}): Promise<BrokerProcess> {
     const dir = opts.dir ?? tempDir(opts.tag ?? 'broker');
     const policyPath = path.join(dir, 'policy.toml');
@@ -61,11 +65,17 @@ export class BrokerProcess {
     const socket = path.join(dir, 'tapbroker.sock');
     const state = path.join(dir, 'state');
     // TB_TEST_BROKER_MAIN runs another build's main.js instead (to show a test fails on the code before a fix).
-    const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback ? BROKER_TEST_ENTRY : BROKER_MAIN);
+    const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback || opts.maxConnections ? BROKER_TEST_ENTRY : BROKER_MAIN);
     const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
     if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
     if (opts.fdFallback) env['TB_TEST_FD_FALLBACK'] = '1';
-    const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])], {
+    if (opts.maxConnections) env['TB_TEST_MAX_CONNECTIONS'] = String(opts.maxConnections);
+    const argv = ['ip', 'netns', 'exec', ns.name, process.execPath, entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])];
+    // `ip netns exec` keeps the pid it is started with, so the broker's pid is this child's either way.
+    const [cmd, ...args] = opts.passwd
+      ? ['unshare', '-m', '--propagation', 'private', 'sh', '-c', 'mount --bind "$0" /etc/passwd && exec "$@"', opts.passwd, ...argv]
+      : argv;
+    const proc = spawn(cmd!, args, {
       stdio: ['ignore', 'ignore', 'pipe'], env,
     });
     const b = new BrokerProcess(proc, socket, dir);

@@ -563,3 +563,52 @@ if (!userns) console.log('# skip A3: unprivileged user namespaces are off here, 
     squatter.kill('SIGKILL');
   }
 });
+
+test.serial('A5: users together cannot take every connection: the last ones are kept for a user who holds none', async (t) => {
+  // A limit of 16 keeps 4 (a quarter, at most 64) for newcomers.
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2cap', maxConnections: 16 });
+  const held: SeqpacketConnection[] = [];
+  try {
+    for (let i = 0; i < 12; i++) held.push(await SeqpacketConnection.connect(b.socket, { maxPacket: MAX_REPLY_BYTES }));
+    // Root's twelve fill the broker up to its kept slots (root is exempt from the per-user cap, not from
+    // the count). uid 65534 holds one, then asks for a second; uid 64000 asks for its first.
+    const first = await probe({ socket: b.socket, requests: [] }, { uid: NOBODY });
+    const second = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY });
+    t.is(second.error?.code, 'TB_E_BUSY', 'a user who holds a connection does not get a kept slot');
+    const newcomer = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+    t.is(newcomer.error, null, 'a user who holds none still gets in');
+    await first.release();
+  } finally {
+    for (const c of held) c.close();
+    await b.stop();
+  }
+});
+
+// ---------------------------------------------------------------- B13: renamed users
+
+test.serial('B13: a renamed user: after a reload, {user} patterns and audit records use the new name', async (t) => {
+  // The broker's own account database: a copy of /etc/passwd with a user for uid 64000, renamed later.
+  const passwd = path.join(dir, 'passwd');
+  const base = fs.readFileSync('/etc/passwd', 'utf8').split('\n').filter((l) => l && !l.split(':')[2]?.startsWith(`${OTHER_UID}`)).join('\n');
+  const write = (name: string) => fs.writeFileSync(passwd, `${base}\n${name}:x:${OTHER_UID}:${OTHER_UID}::/nonexistent:/usr/sbin/nologin\n`);
+  write('tbold');
+  const policy = `[[rule]]\nname = "u"\nusers = [${OTHER_UID}]\nbridges = ["br0"]\npersistent = true\nname_pattern = "u-{user}"\n`;
+  const b = await BrokerProcess.start(ns, policy, { tag: 'r2user', passwd });
+  try {
+    const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, name: 'u-tbold' }] }, { uid: OTHER_UID });
+    t.is(before.error, null, before.error?.message);
+    await probeOnce({ socket: b.socket, release: ['u-tbold'] }, { uid: OTHER_UID });
+    // The account is renamed (the same file, rewritten in place), and the policy reloaded.
+    fs.writeFileSync(passwd, fs.readFileSync(passwd, 'utf8').replace('tbold:', 'tbnew:'));
+    b.proc.kill('SIGHUP');
+    await b.record((r) => r.op === 'reload' && r.decision === 'reload');
+    const old = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, name: 'u-tbold' }] }, { uid: OTHER_UID });
+    t.is(old.error?.code, 'TB_E_INVALID_NAME', 'the old name no longer fits');
+    const renamed = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, name: 'u-tbnew' }] }, { uid: OTHER_UID });
+    t.is(renamed.error, null, renamed.error?.message);
+    t.is((await b.record((r) => r.decision === 'grant' && (r.device as { name?: string }).name === 'u-tbnew')).user, 'tbnew');
+    await probeOnce({ socket: b.socket, release: ['u-tbnew'] }, { uid: OTHER_UID });
+  } finally {
+    await b.stop();
+  }
+});

@@ -30,6 +30,9 @@ const PACKAGE_VERSION = (createRequire(import.meta.url)('../package.json') as { 
 export const BROKER_VERSION = `tapbrokerd ${PACKAGE_VERSION}`;
 export { PROTOCOL_VERSION };
 
+/** Connections kept for users who hold none, so many users together cannot lock a new one out. */
+const RESERVED_FOR_NEWCOMERS = 64;
+
 export interface BrokerOptions {
   policy: Policy;
   /** Where the lease table lives; null keeps it in memory (tests, embedding). */
@@ -211,12 +214,17 @@ export class Broker implements SessionHost, OpContext {
       return;
     }
     const mine = this.perUid.get(peer.uid) ?? 0;
+    // The last slots are kept for users who hold none: however many users together fill the broker, a
+    // user's first connection still gets in.
+    const reserve = Math.min(RESERVED_FOR_NEWCOMERS, Math.floor(this.maxConnections / 4));
     const full =
       this.sessions.size >= this.maxConnections
         ? `the broker is at its limit of ${this.maxConnections} connections; try again`
         : peer.uid !== 0 && mine >= this.maxConnectionsPerUser
           ? `uid ${peer.uid} already holds ${mine} connections, the most one user may`
-          : null;
+          : peer.uid !== 0 && mine > 0 && this.sessions.size >= this.maxConnections - reserve
+            ? `the broker's last ${reserve} connections are kept for users who hold none; uid ${peer.uid} holds ${mine}`
+            : null;
     if (full) {
       if (peer.pidfd !== null) sys.close(peer.pidfd);
       this.audit.refusal({ uid: peer.uid, gid: peer.gid, pid: peer.pid }, 'connection', 'TB_E_BUSY', full);

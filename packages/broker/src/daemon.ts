@@ -146,7 +146,7 @@ function notify(state: string): void {
 }
 
 /** Extra broker options a caller of daemon() may set (a test entry point: faults, the fd fallback). */
-export type DaemonExtras = Pick<BrokerOptions, 'faults' | 'refuseFdsAtSocket'>;
+export type DaemonExtras = Pick<BrokerOptions, 'faults' | 'refuseFdsAtSocket' | 'maxConnections' | 'maxConnectionsPerUser'>;
 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
