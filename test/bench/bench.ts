@@ -39,7 +39,7 @@ const GRANT_TIMEOUT_MS = 15_000;
 
 // ---- options ----
 
-const PHASES = ['floor', 'helper', 'cold', 'seq', 'variants', 'fresh', 'concurrent', 'teardown', 'leases'] as const;
+const PHASES = ['floor', 'helper', 'cold', 'seq', 'variants', 'fresh', 'concurrent', 'flood', 'teardown', 'leases'] as const;
 type Phase = (typeof PHASES)[number];
 
 interface Options {
@@ -637,6 +637,25 @@ async function phaseFresh(br: Broker): Promise<void> {
   });
 }
 
+/** A victim's grants while another uid floods the broker with connections it closes at once. */
+async function phaseFlood(br: Broker): Promise<void> {
+  const script = path.join(path.dirname(fileURLToPath(import.meta.url)), 'flood.js');
+  const flooder = spawn('ip', ['netns', 'exec', ns().name, 'setpriv', '--reuid', '65533', '--regid', '65533', '--clear-groups', '--',
+    process.execPath, script, br.socket], { stdio: ['ignore', 'pipe', 'ignore'] });
+  let rate = 0;
+  flooder.stdout!.on('data', (d: Buffer) => { rate = Number(d.toString().trim().split('\n').pop()) || rate; });
+  try {
+    await sleep(1000);
+    const base = find('seq')?.stats?.p50;
+    await measure({ id: 'flood', label: 'tapbroker, one connection, during a connect/close flood', note: 'another uid (in no rule) opens and closes connections, 32 at a time, as fast as it can' },
+      (samples) => br.isolated(opts.n, opts.warmup, samples).then(() => undefined),
+      (st) => (base ? { text: `p50 vs no flood (${base.toFixed(3)} ms): ${(st.p50 / base).toFixed(2)}×`, pass: st.p50 <= 2 * base } : undefined) as Figure['target']);
+    notes.push(`flood: about ${rate} connections opened and closed so far by the flooder`);
+  } finally {
+    flooder.kill('SIGKILL');
+  }
+}
+
 async function phaseConcurrent(br: Broker): Promise<void> {
   const clients = await Promise.all(Array.from({ length: opts.clients }, () => TapbrokerClient.connect(br.socket)));
   const round = () => Promise.all(clients.map((c) => br.grant(c)));
@@ -957,6 +976,7 @@ async function main(): Promise<void> {
   }
   if (wanted('fresh')) await withFreshBroker('fresh', phaseFresh);
   if (wanted('concurrent')) await withFreshBroker('concurrent', phaseConcurrent);
+  if (wanted('flood')) await withFreshBroker('flood', phaseFlood);
   if (wanted('teardown')) await phaseTeardown();
   if (wanted('leases')) {
     try {
