@@ -74,7 +74,10 @@ for d in usr etc var; do
   mkdir -p "$work/$d-up" "$work/$d-work"
   mount -t overlay overlay -o "lowerdir=/$d,upperdir=$work/$d-up,workdir=$work/$d-work" "/$d"
 done
-dpkg -i "$deb" >/dev/null
+# An administrator's copy from the earlier manual set-up shadows the packaged unit: postinst says so.
+mkdir -p /etc/systemd/system && echo '[Service]' > /etc/systemd/system/tapbrokerd.service
+echo "shadow: $(dpkg -i "$deb" 2>&1 >/dev/null | grep -c 'overrides the packaged')"
+rm /etc/systemd/system/tapbrokerd.service
 echo "version: $(tapbrokerd --version)"
 echo "client: $(tapbroker --version)"
 echo "check: $(tapbrokerd check-policy)"
@@ -98,6 +101,7 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     t.is(got['group'], 'tapbroker', 'the group exists after install');
     for (const page of ['man8/tapbrokerd.8.gz', 'man1/tapbroker.1.gz', 'man5/tapbroker-policy.5.gz']) t.true((got['man'] ?? '').includes(page), `man -w finds ${page}`);
     t.is(got['left'], '', 'purge leaves no file of the package');
+    t.is(got['shadow'], '1', 'postinst tells about a unit copy under /etc/systemd/system that shadows the packaged one');
   } finally {
     fs.rmSync(work, { recursive: true, force: true });
   }
