@@ -91,6 +91,27 @@ t0('at start, stale OVS ports of ours are removed; a port without our external-i
   ns.ip('tuntap', 'del', 'foreign0', 'mode', 'tap');
 });
 
+t0('a network a reload retired: its lease\'s port is removed when the lease ends, and at start when the lease is gone (review B4)', async (t) => {
+  // A persistent tap on prod; then the policy retires prod.
+  const made = await probe({ socket: broker.socket, requests: [{ network: 'prod', persistent: true }] });
+  await made.release();
+  const name = made.result.taps[0]!.device.name;
+  t.truthy(portOf(name));
+  const retired = `[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nbridges = []\nmacvtap = [{ parent = "lo" }]\npersistent = true\n`;
+  fs.writeFileSync(broker.policyPath, retired);
+  broker.proc.kill('SIGHUP');
+  await broker.record((r) => r.op === 'reload' && r.decision === 'reload');
+  // The broker dies, the device goes behind its back; at the next start the lease is dropped and the
+  // port, in a database no network of the policy names any more, is still found and removed.
+  await broker.stop('SIGKILL', true);
+  ns.ip('link', 'del', name);
+  t.truthy(portOf(name), 'the port record outlived its tap');
+  broker = await BrokerProcess.start(ns, retired, { dir });
+  await broker.waitFor(() => portOf(name) === null, 5000, 'the retired network\'s stale port was not removed');
+  await broker.stop('SIGTERM', true);
+  broker = await BrokerProcess.start(ns, policy, { dir });
+});
+
 const noGuest = unavailable ?? guestUnavailable();
 (noGuest ? test.skip : test.serial)('a qemu guest on an OVS access port of VLAN 100 reaches VLAN 100 and not VLAN 200', async (t) => {
   t.timeout(180_000);

@@ -32,7 +32,13 @@ export type LeaseRecord = z.infer<typeof LeaseRecord>;
  */
 export const Intent = z.strictObject({ id: z.string(), name: z.string(), parent: z.string(), mac: z.string() });
 export type Intent = z.infer<typeof Intent>;
-const StateFile = z.strictObject({ version: z.literal(1), leases: z.array(LeaseRecord), intents: z.array(Intent).default([]) });
+const StateFile = z.strictObject({
+  version: z.literal(1),
+  leases: z.array(LeaseRecord),
+  intents: z.array(Intent).default([]),
+  /** Every Open vSwitch database a lease was ever plugged into: reconcile looks there for stale ports. */
+  ovsdbs: z.array(z.string()).default([]),
+});
 
 export const STATE_FILE = 'leases.json';
 
@@ -60,6 +66,7 @@ export function processStartTime(pid: number): number | null {
 export class LeaseTable {
   private readonly byId = new Map<string, LeaseRecord>();
   private readonly intents = new Map<string, Intent>();
+  private readonly dbs = new Set<string>();
 
   /** `dir` null keeps the table in memory only. */
   private constructor(readonly dir: string | null) {}
@@ -89,6 +96,7 @@ export class LeaseTable {
     if (!parsed.success) return { table, problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); rebuilding from the kernel`, trusted: false };
     for (const l of parsed.data.leases) table.byId.set(l.id, l);
     for (const i of parsed.data.intents) table.intents.set(i.id, i);
+    for (const d of parsed.data.ovsdbs) table.dbs.add(d);
     return { table, problem: null, trusted: true };
   }
 
@@ -109,10 +117,16 @@ export class LeaseTable {
     return undefined;
   }
 
+  /** Open vSwitch databases leases were plugged into, now or before (kept after their leases end). */
+  ovsdbs(): string[] {
+    return [...this.dbs];
+  }
+
   /** Adds a lease durably; throws (and keeps nothing) when the table cannot be written. */
   add(lease: LeaseRecord): void {
     const before = this.byId.get(lease.id);
     this.byId.set(lease.id, lease);
+    if (lease.plug && 'ovs' in lease.plug) this.dbs.add(lease.plug.db);
     try {
       this.save();
     } catch (err) {
@@ -180,7 +194,7 @@ export class LeaseTable {
       // O_NOFOLLOW|O_EXCL: never written through a link someone planted in the state directory.
       const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW, 0o600);
       try {
-        fs.writeSync(fd, `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled() })}\n`);
+        fs.writeSync(fd, `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled(), ovsdbs: this.ovsdbs() })}\n`);
         fs.fsyncSync(fd);
       } finally {
         fs.closeSync(fd);

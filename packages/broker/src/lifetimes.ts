@@ -397,7 +397,7 @@ export class Lifetimes implements Cleanup {
    */
   async reconcileOvs(): Promise<void> {
     const dbs = new Set<string>();
-    for (const l of this.table.all()) if (l.plug && 'ovs' in l.plug) dbs.add(l.plug.db);
+    for (const db of this.table.ovsdbs()) dbs.add(db);
     for (const n of this.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
     for (const db of dbs) {
       let ports: Awaited<ReturnType<typeof listOurPorts>>;
