@@ -612,3 +612,27 @@ test.serial('B13: a renamed user: after a reload, {user} patterns and audit reco
     await b.stop();
   }
 });
+
+test.serial('A10: a holder that takes another guest\'s MAC loses its tap, and the guest\'s forwarding entry goes back to its port', async (t) => {
+  // The victim's guest sends a frame: the bridge learns its MAC on the victim's port.
+  const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], write: true }, { uid: OTHER_UID });
+  try {
+    const v = victim.result.taps[0]!.device;
+    const fdb = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'show', 'br', 'br0'], { encoding: 'utf8' }).stdout
+      .split('\n').filter((l) => l.startsWith(`${v.mac} `));
+    await broker.waitFor(() => fdb().some((l) => l.includes(`dev ${v.name} `)), 2000, 'the bridge never learned the victim\'s MAC');
+    // The attacker gives its own tap the victim's MAC: the bridge moves the entry to the attacker's port.
+    const attacker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], setOwnMac: v.mac });
+    try {
+      const a = attacker.result.taps[0]!.device;
+      await broker.waitFor(() => ns.link(a.name) === undefined, 2000, `${a.name} survived taking another guest's MAC`);
+      await broker.waitFor(() => fdb().some((l) => l.includes(`dev ${v.name} `)), 2000, `the entry did not come back: ${fdb().join('; ')}`);
+      await broker.record((r) => /forwarding entry for .* restored/.test(r.message ?? ''));
+      t.pass();
+    } finally {
+      await attacker.release();
+    }
+  } finally {
+    await victim.release();
+  }
+});

@@ -275,7 +275,25 @@ export class Lifetimes implements Cleanup {
       owner: 'its holder changed its owner or group (TUNSETOWNER/TUNSETGROUP)',
       address: `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'} (its lease's: ${this.expectedMac(l)})`,
     }[violation];
-    void this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` }).catch(() => {});
+    const retired = this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` });
+    // A tap given another guest's MAC made the bridge move that guest's forwarding entry to this port;
+    // once this device is gone, the entry goes back to the port of the lease the MAC belongs to.
+    if (violation === 'address' && link.address) void retired.then(() => this.restoreFdb(l, link.address!), () => {});
+    else void retired.catch(() => {});
+  }
+
+  /** The port of the lease whose guest MAC is `mac`, on `l`'s bridge, gets `mac`'s forwarding entry back. */
+  private restoreFdb(l: LeaseRecord, mac: Buffer): void {
+    const victim = this.table.all().find((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent && v.mac === macFromBuffer(mac));
+    if (!victim) return;
+    try {
+      this.netdev.rtnl.restoreFdbEntry(victim.ifindex, mac);
+      this.note('cleanup', 'cleanup', victim, `its forwarding entry for ${victim.mac}, taken by \`${l.name}', restored`);
+    } catch (err) {
+      this.note('cleanup', 'error', victim, `its forwarding entry for ${victim.mac} could not be restored: ${(err as Error).message}`, {
+        code: 'TB_E_KERNEL',
+      });
+    }
   }
 
   private violation(l: LeaseRecord, link: Link): 'persist' | 'owner' | 'address' | null {

@@ -182,6 +182,31 @@ export function bridgeVlanMessage(seq: number, port: number, vid: number, add: b
   return msg;
 }
 
+export const RTM_NEWNEIGH = 28;
+const NDA_LLADDR = 2;
+const NTF_MASTER = 0x04;
+const NUD_REACHABLE = 0x02;
+const NDMSG = 12;
+
+/**
+ * RTM_NEWNEIGH (AF_BRIDGE, NTF_MASTER, NLM_F_REPLACE): the bridge's forwarding entry for `mac` points at
+ * port `port` again, as if the bridge had learned it there (NUD_REACHABLE: it ages like a learned one).
+ */
+export function fdbEntryMessage(seq: number, port: number, mac: Buffer): Buffer {
+  const attrs = rtattr(NDA_LLADDR, mac);
+  const buf = Buffer.alloc(NLMSGHDR + NDMSG + attrs.length);
+  buf.writeUInt32LE(buf.length, 0);
+  buf.writeUInt16LE(RTM_NEWNEIGH, 4);
+  buf.writeUInt16LE(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | 0x100 /* NLM_F_REPLACE */, 6);
+  buf.writeUInt32LE(seq, 8);
+  buf.writeUInt8(AF_BRIDGE, 16);
+  buf.writeInt32LE(port, 20);
+  buf.writeUInt16LE(NUD_REACHABLE, 24);
+  buf.writeUInt8(NTF_MASTER, 26);
+  attrs.copy(buf, NLMSGHDR + NDMSG);
+  return buf;
+}
+
 /** The error carried by an NLMSG_ERROR message (0 for an ACK). */
 export function ackError(m: Buffer): number {
   return -m.readInt32LE(NLMSGHDR);
@@ -283,6 +308,11 @@ export class Rtnetlink {
   setAccessVlan(port: number, vid: number): void {
     this.request((seq) => bridgeVlanMessage(seq, port, vid, true), `set vlan ${vid} on port ${port}`);
     if (vid !== 1) this.request((seq) => bridgeVlanMessage(seq, port, 1, false), `remove vlan 1 from port ${port}`);
+  }
+
+  /** Points the bridge's forwarding entry for `mac` at port `port` (see fdbEntryMessage). */
+  restoreFdbEntry(port: number, mac: Buffer): void {
+    this.request((seq) => fdbEntryMessage(seq, port, mac), `restore fdb entry on port ${port}`);
   }
 
   /** Sets address, MTU, master and up in one RTM_NEWLINK. */
