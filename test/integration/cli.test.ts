@@ -100,3 +100,25 @@ test('tapbrokerd -n checks the policy and exits', (t) => {
   t.is(usage.status, 64);
   t.regex(usage.stderr, /usage: tapbrokerd \[-n\] \[-f policy\] \[-s socket\]/);
 });
+
+test('output piped to a slow reader is never cut: check-policy --json of 2,000 rules arrives whole (review 15.1)', async (t) => {
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const { BROKER_MAIN } = await import('../helpers/broker.js');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-pipe-'));
+  try {
+    const file = path.join(dir, 'policy.toml');
+    // Every rule matches everyone: one warning each, so the JSON runs to hundreds of KiB.
+    const rules = Array.from({ length: 2000 }, (_, i) => `[[rule]]\nname = "r${i}"\nusers = ["*"]\nbridges = ["br${i % 100}"]\n`).join('\n');
+    fs.writeFileSync(file, rules);
+    // The reader sleeps first, so the pipe fills while the tool is already done writing.
+    const r = spawnSync('sh', ['-c', `"${process.execPath}" "${BROKER_MAIN}" check-policy "${file}" --json | (sleep 1; cat)`], { encoding: 'utf8', maxBuffer: 64 << 20 });
+    t.is(r.status, 0, r.stderr);
+    t.true(r.stdout.length > 65536, `${r.stdout.length} bytes: more than one pipe's worth`);
+    const parsed = JSON.parse(r.stdout) as { rules: number };
+    t.is(parsed.rules, 2000);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -151,7 +151,14 @@ export type DaemonExtras = Pick<BrokerOptions, 'faults' | 'refuseFdsAtSocket' | 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
     // Loaded only for the tools: the daemon's start-up does not pay for them.
-    void import('./policy-tools.js').then(({ policyTool }) => process.exit(policyTool(argv, DEFAULT_POLICY)));
+    void import('./policy-tools.js').then(({ policyTool }) => {
+      // Exit once the output has left: a pipe takes 64 KiB at a time, and process.exit() drops the rest.
+      const code = policyTool(argv, DEFAULT_POLICY);
+      let pending = 2;
+      const done = () => { if (--pending === 0) process.exit(code); };
+      process.stdout.write('', done);
+      process.stderr.write('', done);
+    });
     return;
   }
   const opts = parseArgs(argv);

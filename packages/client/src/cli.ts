@@ -263,6 +263,17 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
   }
 }
 
+/**
+ * Exits once everything written to stdout and stderr has left: a pipe takes 64 KiB at a time, and
+ * process.exit() would drop the rest (`tapbroker list --json | jq` of many leases).
+ */
+export function exitFlushed(code: number): void {
+  let pending = 2;
+  const done = () => { if (--pending === 0) process.exit(code); };
+  process.stdout.write('', done);
+  process.stderr.write('', done);
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
   if (argv[0] === '-V' || argv[0] === '--version') {
     const { version } = createRequire(import.meta.url)('../package.json') as { version: string };
@@ -321,7 +332,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 
 // Run when executed directly (not when imported by tests).
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
-  main(process.argv.slice(2)).then((code) => process.exit(code), (err: Error) => {
+  main(process.argv.slice(2)).then((code) => exitFlushed(code), (err: Error) => {
     process.stderr.write(`tapbroker: internal error: ${err.stack}\n`);
     process.exit(EXIT.SOFTWARE);
   });
