@@ -569,12 +569,18 @@ test.serial('A5: users together cannot take every connection: the last ones are 
   const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2cap', maxConnections: 16 });
   const held: SeqpacketConnection[] = [];
   try {
-    for (let i = 0; i < 12; i++) held.push(await SeqpacketConnection.connect(b.socket, { maxPacket: MAX_REPLY_BYTES }));
+    for (let i = 0; i < 12; i++) {
+      // Each says hello and hears back: accepted and counted, and not dropped by the hello timeout.
+      const c = await SeqpacketConnection.connect(b.socket, { maxPacket: MAX_REPLY_BYTES });
+      await c.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+      await c.receive();
+      held.push(c);
+    }
     // Root's twelve fill the broker up to its kept slots (root is exempt from the per-user cap, not from
     // the count). uid 65534 holds one, then asks for a second; uid 64000 asks for its first.
     const first = await probe({ socket: b.socket, requests: [] }, { uid: NOBODY });
     const second = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY });
-    t.is(second.error?.code, 'TB_E_BUSY', 'a user who holds a connection does not get a kept slot');
+    t.is(second.error?.code, 'TB_E_BUSY', `a user who holds a connection does not get a kept slot: ${JSON.stringify(second.error)}`);
     const newcomer = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
     t.is(newcomer.error, null, 'a user who holds none still gets in');
     await first.release();

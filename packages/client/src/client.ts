@@ -159,7 +159,15 @@ export class TapbrokerClient {
 
   /** One request, one reply. Error replies become TapbrokerErrors; stray fds are closed. */
   private async call(req: Request): Promise<{ reply: Reply; fds: number[] }> {
-    await this.conn.send(encodeFrame(req)).catch((err: Error) => {
+    await this.conn.send(encodeFrame(req)).catch(async (err: Error) => {
+      // The broker may have refused the connection (TB_E_BUSY) and closed it before our first request
+      // went out: its refusal is still queued here, and says more than the broken pipe.
+      const queued = await this.conn.receive().catch(() => null);
+      const refusal = queued ? (() => { try { return decodeReply(queued.data); } catch { return null; } })() : null;
+      queued?.fds.forEach((fd) => fs.closeSync(fd));
+      if (refusal?.op === 'error' && !hasControlCharacters(refusal)) {
+        throw new TapbrokerError(refusal.code, refusal.message, refusal.hint ? { hint: refusal.hint } : {});
+      }
       throw new TapbrokerError('TB_E_BROKER_CLOSED', `the broker closed the connection: ${err.message}`);
     });
     const packet = await this.conn.receive();
