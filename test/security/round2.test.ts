@@ -579,11 +579,11 @@ test.serial('A5: users together cannot take every connection: the last ones are 
     // Root's twelve fill the broker up to its kept slots (root is exempt from the per-user cap, not from
     // the count). uid 65534 holds one, then asks for a second; uid 64000 asks for its first.
     const first = await probe({ socket: b.socket, requests: [] }, { uid: NOBODY });
+    t.teardown(() => first.release());
     const second = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY });
     t.is(second.error?.code, 'TB_E_BUSY', `a user who holds a connection does not get a kept slot: ${JSON.stringify(second.error)}`);
     const newcomer = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
     t.is(newcomer.error, null, 'a user who holds none still gets in');
-    await first.release();
   } finally {
     for (const c of held) c.close();
     await b.stop();
