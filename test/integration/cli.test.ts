@@ -1,7 +1,7 @@
 // `tapbroker run` and `tapbroker qemu-args` as a user runs them: exit status, signals, errors, env.
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
-import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
+import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, setprivArgs, spawnAs } from '../helpers/unpriv.js';
 
@@ -65,10 +65,36 @@ test('a refusal prints code, rule and hint, and exits 77', (t) => {
   t.regex(r.stderr, /hint: ask for 2 queues or fewer/);
 });
 
-test('no broker: exit 69 with the path', (t) => {
+test('no broker: exit 69 with the path, and what to check', (t) => {
   const r = tapbroker(['run', '--socket', '/nonexistent/tb.sock', '--net', 'bridge=br0', '--', 'true']);
   t.is(r.code, 69);
   t.regex(r.stderr, /TB_E_CONNECT: cannot connect to the broker at \/nonexistent\/tb\.sock/);
+  t.regex(r.stderr, /hint: no broker listens there: is tapbrokerd\.socket enabled and started/);
+});
+
+test('a socket the user may not open: the hint names group tapbroker and logging in again', async (t) => {
+  const { SeqpacketListener } = await import('@tapbroker/protocol');
+  const fs = await import('node:fs');
+  const dir = tempDir('cli-eacces');
+  const listener = SeqpacketListener.listen(`${dir}/root-only.sock`, { mode: 0o600 });
+  try {
+    const r = tapbroker(['run', '--socket', `${dir}/root-only.sock`, '--net', 'bridge=br0', '--', 'true']);
+    t.is(r.code, 69);
+    t.regex(r.stderr, /permission denied \(EACCES\)/);
+    t.regex(r.stderr, /hint: only root and members of group tapbroker may connect.*log in again/);
+    // A socket file nothing accepts on any more (a broker killed without cleaning up).
+    listener.close();
+    const stale = SeqpacketListener.listen(`${dir}/stale2.sock`, { mode: 0o666 });
+    // Close the fd but keep the node: the path now refuses connections.
+    const { sys } = await import('@tapbroker/protocol');
+    sys.close(stale.fd);
+    const refused = tapbroker(['run', '--socket', `${dir}/stale2.sock`, '--net', 'bridge=br0', '--', 'true']);
+    t.is(refused.code, 69);
+    t.regex(refused.stderr, /hint: the socket exists but nothing accepts on it/);
+  } finally {
+    listener.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('usage errors exit 64', (t) => {
@@ -118,6 +144,24 @@ test('output piped to a slow reader is never cut: check-policy --json of 2,000 r
     t.true(r.stdout.length > 65536, `${r.stdout.length} bytes: more than one pipe's worth`);
     const parsed = JSON.parse(r.stdout) as { rules: number };
     t.is(parsed.rules, 2000);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a broker without CAP_NET_ADMIN refuses to start, with exit 77, which the unit does not restart', async (t) => {
+  const fs = await import('node:fs');
+  const { BROKER_MAIN, ROOT } = await import('../helpers/broker.js');
+  const dir = tempDir('nocap');
+  try {
+    fs.writeFileSync(`${dir}/policy.toml`, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
+    // Root, but with CAP_NET_ADMIN out of its bounding and inheritable sets.
+    const r = spawnSync('setpriv', ['--bounding-set', '-net_admin', '--inh-caps', '-net_admin', '--', process.execPath, BROKER_MAIN,
+      '-f', `${dir}/policy.toml`, '-s', `${dir}/tb.sock`, '--state-dir', `${dir}/state`, '--journal-socket', ''], { encoding: 'utf8', timeout: 10_000 });
+    t.is(r.status, 77);
+    t.regex(r.stderr, /needs CAP_NET_ADMIN/);
+    t.false(fs.existsSync(`${dir}/tb.sock`), 'it never listened');
+    t.regex(fs.readFileSync(`${ROOT}/systemd/tapbrokerd.service`, 'utf8'), /^RestartPreventExitStatus=.*\b77\b/m);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

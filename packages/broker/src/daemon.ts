@@ -18,7 +18,15 @@ export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const EX_USAGE = 64;
 const EX_UNAVAILABLE = 69;
+const EX_NOPERM = 77;
 const EX_CONFIG = 78;
+const CAP_NET_ADMIN = 12;
+
+/** Whether this process holds CAP_NET_ADMIN now (CapEff in /proc/self/status). */
+function hasNetAdmin(): boolean {
+  const eff = /^CapEff:\s*([0-9a-f]+)$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1];
+  return eff !== undefined && (BigInt(`0x${eff}`) & (1n << BigInt(CAP_NET_ADMIN))) !== 0n;
+}
 
 interface Options {
   check: boolean;
@@ -179,6 +187,14 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       `${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, ${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`,
     );
     process.exit(0);
+  }
+
+  // Without CAP_NET_ADMIN every request would fail with EPERM: refuse to start instead, with a status
+  // the unit's RestartPreventExitStatus= lists, so no restart loop follows.
+  if (!hasNetAdmin()) {
+    log('needs CAP_NET_ADMIN to create and configure network devices, and does not have it; run it as root, '
+      + 'or under tapbrokerd.service (CapabilityBoundingSet=CAP_NET_ADMIN)');
+    process.exit(EX_NOPERM);
   }
 
   let listener: SeqpacketListener;

@@ -8,6 +8,17 @@ import {
 
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
 
+/** What to do about a connect error: the way forward, not only the errno. */
+const CONNECT_HINTS: Record<string, string> = {
+  EACCES: 'only root and members of group tapbroker may connect: ask an administrator to add you '
+    + '(usermod -aG tapbroker USER), then log in again so the new group applies (`id -nG` shows it)',
+  ENOENT: 'no broker listens there: is tapbrokerd.socket enabled and started (systemctl status tapbrokerd.socket)? '
+    + 'Or give the right path with --socket or $TAPBROKER_SOCKET',
+  ECONNREFUSED: 'the socket exists but nothing accepts on it: the broker is not running (systemctl status '
+    + 'tapbrokerd.socket tapbrokerd.service), or it left a stale socket behind',
+  ENOTDIR: 'the socket path is wrong: give the right one with --socket or $TAPBROKER_SOCKET',
+};
+
 /** `--socket`, else $TAPBROKER_SOCKET, else the default. */
 export function socketPath(explicit?: string | null): string {
   return explicit || process.env['TAPBROKER_SOCKET'] || DEFAULT_SOCKET;
@@ -62,7 +73,11 @@ export class TapbrokerClient {
     try {
       conn = await SeqpacketConnection.connect(path, { maxPacket: MAX_REPLY_BYTES, maxFds: MAX_REPLY_FDS });
     } catch (err) {
-      throw new TapbrokerError('TB_E_CONNECT', `cannot connect to the broker at ${path}: ${err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : (err as Error).message}`, { cause: err });
+      const why = err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : (err as Error).message;
+      const code = err instanceof sys.SyscallError ? err.code : '';
+      throw new TapbrokerError('TB_E_CONNECT', `cannot connect to the broker at ${path}: ${why}`, {
+        cause: err, ...(CONNECT_HINTS[code] ? { hint: CONNECT_HINTS[code] } : {}),
+      });
     }
     const client = new TapbrokerClient(conn, path);
     try {
