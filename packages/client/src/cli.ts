@@ -28,7 +28,7 @@ export function exitCodeFor(code: ErrorCode): number {
   switch (code) {
     case 'TB_E_USAGE':
       return EXIT.USAGE;
-    case 'TB_E_POLICY_INVALID':
+    case 'TB_E_POLICY_INVALID': case 'TB_E_BRIDGE_ADDRESS':
       return EXIT.CONFIG;
     case 'TB_E_POLICY_DENIED': case 'TB_E_QUOTA_EXCEEDED':
       return EXIT.NOPERM;
@@ -37,7 +37,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'TB_E_BAD_PARENT': case 'TB_E_MAC_IN_USE': case 'TB_E_NO_SUCH_LEASE':
       return EXIT.DATAERR;
     case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_BUSY': case 'TB_E_TIMEOUT':
-    case 'TB_E_VERSION':
+    case 'TB_E_VERSION': case 'TB_E_STATE_UNWRITABLE':
       return EXIT.UNAVAILABLE;
     default:
       return EXIT.SOFTWARE;
