@@ -10,8 +10,8 @@ import { deleteLinkInBackground } from './rtnetlink.js';
 const MAX_RUNNING = 2;
 
 interface Job {
-  /** The uid whose device this job deletes, or null (closing the broker's copies of fds). */
-  uid: number | null;
+  /** The uid whose device this job deletes. */
+  uid: number;
   run: () => Promise<unknown>;
   done: (ok: boolean, value: unknown) => void;
 }
@@ -64,8 +64,8 @@ export class Reaper {
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
-  private submit(uid: number | null, run: () => Promise<unknown>): Promise<unknown> {
-    if (uid !== null) this.perUid.set(uid, this.pending(uid) + 1);
+  private submit(uid: number, run: () => Promise<unknown>): Promise<unknown> {
+    this.perUid.set(uid, this.pending(uid) + 1);
     return new Promise((resolve, reject) => {
       this.queue.push({ uid, run, done: (ok, v) => (ok ? resolve(v) : reject(v)) });
       this.next();
@@ -92,11 +92,9 @@ export class Reaper {
 
   private finish(job: Job, ok: boolean, value: unknown): void {
     this.running--;
-    if (job.uid !== null) {
-      const n = this.pending(job.uid) - 1;
-      if (n > 0) this.perUid.set(job.uid, n);
-      else this.perUid.delete(job.uid);
-    }
+    const n = this.pending(job.uid) - 1;
+    if (n > 0) this.perUid.set(job.uid, n);
+    else this.perUid.delete(job.uid);
     job.done(ok, value);
     this.next();
   }
