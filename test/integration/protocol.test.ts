@@ -214,7 +214,16 @@ test('an inherited socket is adopted only if it is a listening SEQPACKET AF_UNIX
     child.stderr!.on('data', (d) => (err += d));
     const deadline = Date.now() + 5000;
     while (!fs.existsSync(sockPath) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-    const conn = await SeqpacketConnection.connect(sockPath, { maxPacket: MAX_REPLY_BYTES });
+    // The node exists from bind(); connections are refused until listen() a moment later.
+    let conn: SeqpacketConnection | null = null;
+    while (!conn) {
+      try {
+        conn = await SeqpacketConnection.connect(sockPath, { maxPacket: MAX_REPLY_BYTES });
+      } catch (err) {
+        if (!/ECONNREFUSED/.test(String(err)) || Date.now() > deadline) throw err;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
     t.is((await exchange(conn, encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION })))?.op, 'hello');
     conn.close();
     await new Promise((r) => setTimeout(r, 100));
