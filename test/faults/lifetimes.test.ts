@@ -103,7 +103,7 @@ test.serial('B6: a full state disk: a clean refusal, nothing left, the broker se
 
 test.serial('B4, B8, B10: a hook network: release waits for `up`; the grant names the policy it was decided under; a reload retiring the network still runs its `down`', async (t) => {
   const log = path.join(dir, 'hook.log');
-  const slow = script('slow-hook', `echo "$1 $2" >> ${log}\nif [ "$1" = up ]; then sleep 1; fi`);
+  const slow = script('slow-hook', `echo "$1 $2" >> ${log}\nif [ "$1" = up ]; then sleep 4; fi`);
   const policyA = `[network.h]\nhook = "${slow}"\n\n[[rule]]\nname = "h"\nusers = [${NOBODY}]\nnetworks = ["h"]\npersistent = true\n`;
   const policyB = `[[rule]]\nname = "h"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`;
   const broker = await BrokerProcess.start(ns, policyA, { tag: 'hooknet' });
@@ -118,7 +118,7 @@ test.serial('B4, B8, B10: a hook network: release waits for `up`; the grant name
     fs.writeFileSync(broker.policyPath, policyB);
     broker.proc.kill('SIGHUP');
     await broker.record((r) => r.op === 'reload' && r.decision === 'reload');
-    const made = await creating;
+    const made = await creating; // `up` sleeps 4 s: room for a slow machine to release and reload meanwhile
     t.is(made.error, null, made.error?.message);
     const reload = broker.records.find((r) => r.op === 'reload' && r.decision === 'reload')!;
     const grant = broker.records.find((r) => r.op === 'create-tap' && r.decision === 'grant')!;
