@@ -90,7 +90,7 @@ function inNs(uid: number, script: string, args: string[]): { child: ChildProces
 }
 
 /** A victim's grant and a fresh hello, each within `ms`: the broker still serves everyone else. */
-async function serves(t: ExecutionContext, b: BrokerProcess, ms = 3000): Promise<void> {
+async function serves(t: ExecutionContext, b: BrokerProcess, ms = 8000): Promise<void> {
   const started = Date.now();
   const r = await Promise.race([probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID }), sleep(ms).then(() => null)]);
   t.truthy(r, `a victim's grant did not complete within ${ms} ms`);
