@@ -210,6 +210,8 @@ test('an inherited socket is adopted only if it is a listening SEQPACKET AF_UNIX
     // systemd-socket-activate binds the socket and execs the broker with LISTEN_FDS=1 at fd 3.
     const child = spawn('ip', ['netns', 'exec', ns.name, 'systemd-socket-activate', '--seqpacket', '-l', sockPath, process.execPath,
       broker.proc.spawnargs.find((a) => a.endsWith('main.js'))!, '-f', broker.policyPath, '-s', '/nonexistent/ignored.sock'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // Killed even when an assertion below fails: the broker it starts must not outlive the test.
+    t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
     let err = '';
     child.stderr!.on('data', (d) => (err += d));
     const deadline = Date.now() + 5000;
