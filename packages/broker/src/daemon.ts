@@ -2,7 +2,7 @@
 // USAGE below. main.ts runs it; a test entry point may run it with broker options of its own.
 import fs from 'node:fs';
 import path from 'node:path';
-import { SeqpacketListener, TapbrokerError, sys } from '@tapbroker/protocol';
+import { SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/protocol';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import { loadTrustedPolicy, type Policy } from './policy.js';
 import { notRootsAlone } from './paths.js';
@@ -159,14 +159,7 @@ export type DaemonExtras = Pick<BrokerOptions, 'faults' | 'refuseFdsAtSocket' | 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
     // Loaded only for the tools: the daemon's start-up does not pay for them.
-    void import('./policy-tools.js').then(({ policyTool }) => {
-      // Exit once the output has left: a pipe takes 64 KiB at a time, and process.exit() drops the rest.
-      const code = policyTool(argv, DEFAULT_POLICY);
-      let pending = 2;
-      const done = () => { if (--pending === 0) process.exit(code); };
-      process.stdout.write('', done);
-      process.stderr.write('', done);
-    });
+    void import('./policy-tools.js').then(({ policyTool }) => exitFlushed(policyTool(argv, DEFAULT_POLICY)));
     return;
   }
   const opts = parseArgs(argv);

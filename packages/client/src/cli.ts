@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
-import { MACVTAP_MODES, PROTOCOL_VERSION, TapbrokerError, checkIfName, checkMac, checkNetworkName, checkQueues, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
+import { MACVTAP_MODES, PROTOCOL_VERSION, TapbrokerError, exitFlushed, checkIfName, checkMac, checkNetworkName, checkQueues, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
 import { TapbrokerClient, closeTap, type Tap } from './client.js';
 import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
@@ -261,17 +261,6 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
   } finally {
     client.close();
   }
-}
-
-/**
- * Exits once everything written to stdout and stderr has left: a pipe takes 64 KiB at a time, and
- * process.exit() would drop the rest (`tapbroker list --json | jq` of many leases).
- */
-export function exitFlushed(code: number): void {
-  let pending = 2;
-  const done = () => { if (--pending === 0) process.exit(code); };
-  process.stdout.write('', done);
-  process.stderr.write('', done);
 }
 
 export async function main(argv: readonly string[]): Promise<number> {

@@ -14,3 +14,4 @@ export {
   checkIfName, checkMac, checkMacPrefix, checkNetworkName, checkQueues, macToBuffer, macFromBuffer, IFNAME_MAX_BYTES, MAX_QUEUES,
 } from './validate.js';
 export * as sys from './sys.js';
+export { exitFlushed } from './exit.js';
