@@ -22,7 +22,7 @@ listener.start((fd) => {
         const [a, b] = sys.socketpair(sys.SOCK_SEQPACKET);
         const device = {
           kind: 'tap', name: 'tb0-fake', ifindex: 7, parent: 'br0', network: null, vlan: null, mode: null, mtu: 1500,
-          host_mac: 'fe:54:00:00:00:01', mac: '52:54:00:00:00:01', queues: 1, vnet_hdr: true, vhost: false, persistent: false, rule: 'r',
+          host_mac: 'fe:54:00:00:00:01', mac: '52:54:00:00:00:01', queues: 1, vnet_hdr: true, vhost: false, persistent: false, rule: 'r', locked: false,
         } as const;
         await conn.send(encodeFrame({ op: 'create-tap', id: req.id, device, fds: { tap: 1, vhost: 0 } }), [a]);
         sys.close(a);

@@ -54,7 +54,7 @@ async function main(): Promise<void> {
     for (const r of args.requests ?? []) {
       const tap = 'parent' in r ? await client.createMacvtap(r as MacvtapOptions) : await client.createTap(r as TapOptions);
       held.push(tap);
-      const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac))) : [];
+      const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac!))) : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
       if (args.ownOwnFds) sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());
       if (args.setOwnMac) {

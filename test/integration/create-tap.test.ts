@@ -71,8 +71,8 @@ test.serial('a granted tap is a port of the bridge, up, with its MTU and a 0xfe 
     t.is(device.mtu, 1400);
     t.is(link.address, device.host_mac);
     t.true(link.address.startsWith('fe:'));
-    t.true(device.mac.startsWith('52:54:00:'));
-    t.is(link.address.slice(2), device.mac.slice(2), 'host MAC is the guest MAC with a 0xfe first octet');
+    t.true(device.mac!.startsWith('52:54:00:'));
+    t.is(link.address.slice(2), device.mac!.slice(2), 'host MAC is the guest MAC with a 0xfe first octet');
     t.is(link.linkinfo?.info_kind, 'tun');
     t.is(link.linkinfo?.info_data?.['type'], 'tap');
     t.is(link.linkinfo?.info_data?.['vnet_hdr'], true);

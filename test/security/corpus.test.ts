@@ -457,7 +457,7 @@ test.serial('trailing bytes after the map', attack, { frame: Buffer.concat([ct()
 test.serial('two maps in one frame', attack, { frame: Buffer.concat([HELLO, ct()]), expect: 'TB_E_MALFORMED' });
 test.serial('an empty map', attack, { frame: hex('80'), expect: 'TB_E_UNKNOWN_OP' });
 test.serial('id 2^32-1 is echoed', async (t) => {
-  const got = await once(nobody, pack({ op: 'hello', id: 2 ** 32 - 1, version: 1 }));
+  const got = await once(nobody, pack({ op: 'hello', id: 2 ** 32 - 1, version: PROTOCOL_VERSION }));
   t.is(got.code, 'hello');
   t.is(got.reply?.id, 2 ** 32 - 1);
   await clean(t);
@@ -499,9 +499,9 @@ test.serial('truncated frames: a grantable create-tap cut at every length, each 
 
 /** A hello frame of exactly `n` bytes (its `client` padded). */
 function helloOfSize(n: number): Buffer {
-  let pad = n - encodeFrame({ op: 'hello', id: 1, version: 1, client: '' }).length;
+  let pad = n - encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION, client: '' }).length;
   for (;;) {
-    const f = pack({ op: 'hello', id: 1, version: 1, client: 'x'.repeat(Math.max(0, pad)) });
+    const f = pack({ op: 'hello', id: 1, version: PROTOCOL_VERSION, client: 'x'.repeat(Math.max(0, pad)) });
     if (f.length === n) return f;
     pad += n - f.length;
   }
@@ -859,7 +859,7 @@ test.serial('10,000 requests on one connection, pipelined: every one answered, i
 test.serial('a client that never reads its replies holds up nobody else', async (t) => {
   const greedy = await localConnect();
   const sends: Array<Promise<void>> = [];
-  for (let i = 0; i < 20_000; i++) sends.push(greedy.send(encodeFrame({ op: 'hello', id: i, version: 1 })).catch(() => {}));
+  for (let i = 0; i < 20_000; i++) sends.push(greedy.send(encodeFrame({ op: 'hello', id: i, version: PROTOCOL_VERSION })).catch(() => {}));
   await sleep(200);
   const polite = await localConnect();
   const started = Date.now();

@@ -628,7 +628,7 @@ test.serial('A10: a holder that takes another guest\'s MAC loses its tap, and th
       .split('\n').filter((l) => l.startsWith(`${v.mac} `));
     await broker.waitFor(() => fdb().some((l) => l.includes(`dev ${v.name} `)), 2000, 'the bridge never learned the victim\'s MAC');
     // The attacker gives its own tap the victim's MAC: the bridge moves the entry to the attacker's port.
-    const attacker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], setOwnMac: v.mac });
+    const attacker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], setOwnMac: v.mac! });
     try {
       const a = attacker.result.taps[0]!.device;
       await broker.waitFor(() => ns.link(a.name) === undefined, 2000, `${a.name} survived taking another guest's MAC`);

@@ -85,7 +85,7 @@ test('an unknown-field error names the field', (t) => {
 });
 
 test('the scanner accepts what the encoder makes, at the depth the protocol uses', (t) => {
-  t.notThrows(() => scanFrame(encodeFrame({ op: 'create-tap', id: 1, device: { kind: 'tap', name: 'x', ifindex: 1, parent: 'b', network: null, vlan: null, mode: null, mtu: 1500, host_mac: 'fe', mac: '52', queues: 1, vnet_hdr: true, vhost: false, persistent: false, rule: 'r' }, fds: { tap: 1, vhost: 0 } })));
+  t.notThrows(() => scanFrame(encodeFrame({ op: 'create-tap', id: 1, device: { kind: 'tap', name: 'x', ifindex: 1, parent: 'b', network: null, vlan: null, mode: null, mtu: 1500, host_mac: 'fe', mac: '52', queues: 1, vnet_hdr: true, vhost: false, persistent: false, rule: 'r', locked: false }, fds: { tap: 1, vhost: 0 } })));
 });
 
 test('a reply with an unknown error code is a bad reply', (t) => {

@@ -5,7 +5,16 @@ import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 
-export type AuditDecision = 'grant' | 'deny' | 'error' | 'cleanup' | 'release' | 'reconcile' | 'reload' | 'dry-run' | 'suppressed';
+export type AuditDecision =
+  | 'grant'
+  | 'deny'
+  | 'error'
+  | 'cleanup'
+  | 'release'
+  | 'reconcile'
+  | 'reload'
+  | 'dry-run'
+  | 'suppressed';
 
 /** `journalctl MESSAGE_ID=<id>` finds every record of one kind. Fixed forever. */
 export const MESSAGE_IDS: Record<AuditDecision, string> = {
@@ -52,6 +61,9 @@ export interface AuditRecord {
   pid: number | null;
   exe: string | null;
   user: string | null;
+  /** The caller's parent when it connected (see Identity.parent); absent for records without a caller. */
+  ppid?: number;
+  parent_exe?: string | null;
   request?: Record<string, unknown>;
   device?: Record<string, unknown>;
   code?: string;
@@ -75,7 +87,13 @@ export class Audit {
   constructor(private readonly policySha: () => string, opts: AuditOptions = {}) {
     const journal = opts.journalSocket === undefined ? DEFAULT_JOURNAL_SOCKET : opts.journalSocket;
     this.journal = journal && fs.existsSync(journal) ? journal : null;
-    this.fileFd = opts.file ? fs.openSync(opts.file, fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, 0o600) : null;
+    this.fileFd = opts.file
+      ? fs.openSync(
+          opts.file,
+          fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW,
+          0o600,
+        )
+      : null;
     this.fd = opts.fd ?? 2;
   }
 
@@ -86,9 +104,14 @@ export class Audit {
   record(ev: AuditEvent): AuditRecord {
     const c = ev.caller;
     const rec: AuditRecord = {
-      time: new Date().toISOString(), op: ev.op, decision: ev.decision, rule: ev.rule, policy_sha256: ev.policy ?? this.policySha(),
+      time: new Date().toISOString(), op: ev.op, decision: ev.decision, rule: ev.rule,
+      policy_sha256: ev.policy ?? this.policySha(),
       uid: c?.uid ?? null, gid: c?.gid ?? null, pid: c?.pid ?? null, exe: c?.exe ?? null, user: c?.user ?? null,
     };
+    if (c?.parent) {
+      rec.ppid = c.parent.pid;
+      rec.parent_exe = c.parent.exe;
+    }
     if (ev.request) rec.request = ev.request;
     if (ev.device) rec.device = ev.device;
     if (ev.code) rec.code = ev.code;
@@ -209,7 +232,10 @@ function writeFully(fd: number, text: string): number {
 export function summary(r: AuditRecord): string {
   const dev = r.device as { name?: string } | undefined;
   const who = r.uid === null ? '' : ` uid ${r.uid}${r.user ? ` (${r.user})` : ''}`;
-  return `${r.decision} ${r.op}${dev?.name ? ` ${dev.name}` : ''}${who}${r.rule ? ` rule ${r.rule}` : ''}${r.code ? ` ${r.code}` : ''}${r.message ? `: ${r.message}` : ''}`;
+  return (
+    `${r.decision} ${r.op}${dev?.name ? ` ${dev.name}` : ''}${who}` +
+    `${r.rule ? ` rule ${r.rule}` : ''}${r.code ? ` ${r.code}` : ''}${r.message ? `: ${r.message}` : ''}`
+  );
 }
 
 /** journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the raw value for values with newlines. */
@@ -224,13 +250,17 @@ export function journalEntry(r: AuditRecord): Buffer {
     ['TAPBROKER_DECISION', r.decision],
     ['TAPBROKER_POLICY_SHA256', r.policy_sha256],
   ];
-  const opt = (k: string, v: unknown) => { if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? JSON.stringify(v) : String(v)]); };
+  const opt = (k: string, v: unknown) => {
+    if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? JSON.stringify(v) : String(v)]);
+  };
   opt('TAPBROKER_RULE', r.rule);
   opt('TAPBROKER_UID', r.uid);
   opt('TAPBROKER_GID', r.gid);
   opt('TAPBROKER_PID', r.pid);
   opt('TAPBROKER_EXE', r.exe);
   opt('TAPBROKER_USER', r.user);
+  opt('TAPBROKER_PPID', r.ppid);
+  opt('TAPBROKER_PARENT_EXE', r.parent_exe);
   opt('TAPBROKER_REQUEST', r.request);
   opt('TAPBROKER_DEVICE', r.device);
   opt('TAPBROKER_CODE', r.code);

@@ -61,6 +61,7 @@ export interface BrokerOptions {
 export class Broker implements SessionHost, OpContext {
   policy: Policy;
   readonly version = BROKER_VERSION;
+  readonly started = new Date().toISOString();
   readonly netdev: Netdev;
   readonly audit: Audit;
   readonly lifetimes: Lifetimes;

@@ -36,18 +36,32 @@ function captured(s: string): string {
  * `HOOK up|down DEVICE ifindex=N mac=M uid=U network=NAME lease=ID`, environment: PATH and the same as
  * TAPBROKER_* variables. Resolves with the outcome; throws TB_E_HOOK_FAILED when it fails.
  */
-export function runHook(file: string, action: 'up' | 'down', ctx: HookContext, timeoutMs = HOOK_TIMEOUT_MS): Promise<HookResult> {
+export function runHook(
+  file: string,
+  action: 'up' | 'down',
+  ctx: HookContext,
+  timeoutMs = HOOK_TIMEOUT_MS,
+): Promise<HookResult> {
   const unsafe = hookUnsafe(file);
   if (unsafe) return Promise.reject(new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${unsafe}; not run`));
   const vars: Record<string, string> = {
-    TAPBROKER_ACTION: action, TAPBROKER_DEVICE: ctx.device, TAPBROKER_IFINDEX: String(ctx.ifindex), TAPBROKER_MAC: ctx.mac,
+    TAPBROKER_ACTION: action, TAPBROKER_DEVICE: ctx.device, TAPBROKER_IFINDEX: String(ctx.ifindex),
+    TAPBROKER_MAC: ctx.mac,
     TAPBROKER_UID: String(ctx.uid), TAPBROKER_NETWORK: ctx.network, TAPBROKER_LEASE: ctx.lease,
   };
-  const argv = [action, ctx.device, `ifindex=${ctx.ifindex}`, `mac=${ctx.mac}`, `uid=${ctx.uid}`, `network=${ctx.network}`, `lease=${ctx.lease}`];
+  const argv = [
+    action, ctx.device, `ifindex=${ctx.ifindex}`, `mac=${ctx.mac}`, `uid=${ctx.uid}`, `network=${ctx.network}`,
+    `lease=${ctx.lease}`,
+  ];
   const started = Date.now();
   return new Promise((resolve, reject) => {
     // Its own process group, killed whole: a hook's children must not finish `up` after a rollback.
-    const child = spawn(file, argv, { env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...vars }, cwd: '/', detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(file, argv, {
+      env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...vars },
+      cwd: '/',
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => { if (stdout.length < OUTPUT_CAP + 1) stdout += d; });
@@ -63,7 +77,9 @@ export function runHook(file: string, action: 'up' | 'down', ctx: HookContext, t
     const timer = setTimeout(() => { timedOut = true; killGroup(); }, timeoutMs);
     child.on('error', (err) => {
       clearTimeout(timer);
-      reject(new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} could not run: ${err.message}`));
+      reject(
+        new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} could not run: ${err.message}`),
+      );
     });
     // Done when the hook exits, not when its output closes: a child that keeps the pipes open must not
     // hold the grant. Whatever it left running in its group is killed.
@@ -72,11 +88,21 @@ export function runHook(file: string, action: 'up' | 'down', ctx: HookContext, t
       killGroup();
       child.stdout.destroy();
       child.stderr.destroy();
-      const result: HookResult = { code, signal, stdout: captured(stdout), stderr: captured(stderr), ms: Date.now() - started };
+      const result: HookResult = {
+        code,
+        signal,
+        stdout: captured(stdout),
+        stderr: captured(stderr),
+        ms: Date.now() - started,
+      };
       if (code === 0 && !timedOut) return resolve(result);
       const why = timedOut ? `timed out after ${timeoutMs} ms` : code !== null ? `exited ${code}` : `died of ${signal}`;
       const last = result.stderr ? `: ${result.stderr.trim().split('\n').pop()}` : '';
-      reject(Object.assign(new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} ${why}${last}`), { hook: result }));
+      reject(
+        Object.assign(new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} ${why}${last}`), {
+          hook: result,
+        }),
+      );
     });
   });
 }

@@ -15,13 +15,27 @@ export interface Identity extends Caller {
    */
   exe: string | null;
   user: string | null;
+  /**
+   * The caller's parent when it connected (qemu or libvirtd for the bridge helper), as /proc showed it:
+   * recorded for the audit trail, never used in a decision (the parent may exit or be replaced meanwhile).
+   */
+  parent: { pid: number; exe: string | null } | null;
 }
 
 export function identify(peer: PeerCredentials): Identity {
   return {
     uid: peer.uid, gid: peer.gid, groups: peer.groups, pid: peer.pid, pidfd: peer.pidfd,
-    exe: readExe(peer.pid, peer.pidfd), user: userName(peer.uid),
+    exe: readExe(peer.pid, peer.pidfd), user: userName(peer.uid), parent: readParent(peer.pid),
   };
+}
+
+function readParent(pid: number): Identity['parent'] {
+  try {
+    const ppid = Number(/^PPid:\s*(\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+    return ppid > 0 ? { pid: ppid, exe: readExe(ppid, null) } : null;
+  } catch {
+    return null;
+  }
 }
 
 /** uid → user name, looked up again after NAME_TTL_MS: accounts are renamed and uids reused. */

@@ -24,6 +24,8 @@ export const LeaseRecord = Lease.extend({
   holder_start: z.number().int().min(0).nullable(),
   group: z.number().int().min(0).nullable().default(null),
   plug: Plug.nullable().default(null),
+  /** The device's own address at the grant, judged at every link event (null in records before 0.4.0). */
+  host_mac: z.string().nullable().default(null),
 });
 export type LeaseRecord = z.infer<typeof LeaseRecord>;
 /**
@@ -48,7 +50,7 @@ export function newLeaseId(): string {
 
 /** The wire form of a lease (no bookkeeping fields). */
 export function leaseView(l: LeaseRecord): Lease {
-  const { holder_start: _start, group: _group, plug: _plug, ...view } = l;
+  const { holder_start: _start, group: _group, plug: _plug, host_mac: _host, ...view } = l;
   return view;
 }
 
@@ -91,9 +93,18 @@ export class LeaseTable {
     try {
       parsed = StateFile.safeParse(JSON.parse(text));
     } catch (err) {
-      return { table, problem: `${file} is not JSON (${(err as Error).message}); rebuilding from the kernel`, trusted: false };
+      return {
+        table,
+        problem: `${file} is not JSON (${(err as Error).message}); rebuilding from the kernel`,
+        trusted: false,
+      };
     }
-    if (!parsed.success) return { table, problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); rebuilding from the kernel`, trusted: false };
+    if (!parsed.success)
+      return {
+        table,
+        problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); rebuilding from the kernel`,
+        trusted: false,
+      };
     for (const l of parsed.data.leases) table.byId.set(l.id, l);
     for (const i of parsed.data.intents) table.intents.set(i.id, i);
     for (const d of parsed.data.ovsdbs) table.dbs.add(d);
@@ -192,9 +203,16 @@ export class LeaseTable {
     const tmp = `${file}.${process.pid}.tmp`;
     try {
       // O_NOFOLLOW|O_EXCL: never written through a link someone planted in the state directory.
-      const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW, 0o600);
+      const fd = fs.openSync(
+        tmp,
+        fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW,
+        0o600,
+      );
       try {
-        fs.writeSync(fd, `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled(), ovsdbs: this.ovsdbs() })}\n`);
+        fs.writeSync(
+          fd,
+          `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled(), ovsdbs: this.ovsdbs() })}\n`,
+        );
         fs.fsyncSync(fd);
       } finally {
         fs.closeSync(fd);
@@ -247,14 +265,21 @@ export function brokerId(stateDir: string | null): string {
   return createHash('sha256').update(dir).digest('hex').slice(0, 8);
 }
 
-/** The lease a device's ifalias describes, with name, ifindex and MAC from the device itself; null if it is not ours. */
-export function leaseFromAlias(alias: string | null, dev: { name: string; index: number; address: Buffer | null }): LeaseRecord | null {
+/**
+ * The lease a device's ifalias describes, with name, ifindex and MAC from the device itself; null if it is not
+ * ours.
+ */
+export function leaseFromAlias(
+  alias: string | null,
+  dev: { name: string; index: number; address: Buffer | null },
+): LeaseRecord | null {
   if (!alias?.startsWith('tapbroker ')) return null;
   const f = new Map(alias.slice(10).split(' ').map((kv) => kv.split('=', 2) as [string, string]));
   const [holder, start] = (f.get('holder') ?? '').split(':');
   const candidate = {
     id: f.get('lease'), uid: Number(f.get('uid')), user: null, kind: f.get('kind'), name: dev.name, ifindex: dev.index,
-    parent: f.get('parent'), network: f.get('network') ?? null, mode: f.get('mode') ?? null, mac: dev.address ? [...dev.address].map((b) => b.toString(16).padStart(2, '0')).join(':') : '00:00:00:00:00:00',
+    parent: f.get('parent'), network: f.get('network') ?? null, mode: f.get('mode') ?? null,
+    mac: dev.address ? [...dev.address].map((b) => b.toString(16).padStart(2, '0')).join(':') : '00:00:00:00:00:00',
     queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: new Date().toISOString(), ends: f.get('ends'),
     holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
     group: f.has('group') ? Number(f.get('group')) : null, plug: null,

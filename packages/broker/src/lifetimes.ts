@@ -1,7 +1,7 @@
 // Lease lifetimes: how each lease ends (its fds, its holder, a release), and keeping the lease table
 // true to the kernel (link events, one dump after lost events, reconcile at start). Every device the
 // broker deletes goes through retire(), which audits both success and failure.
-import { macFromBuffer, sys, watchReadable } from '@tapbroker/protocol';
+import { macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/protocol';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import {
@@ -273,7 +273,9 @@ export class Lifetimes implements Cleanup {
     const why = {
       persist: `its holder made it persistent, which rule \`${l.rule}' does not allow`,
       owner: 'its holder changed its owner or group (TUNSETOWNER/TUNSETGROUP)',
-      address: `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'} (its lease's: ${this.expectedMac(l)})`,
+      address:
+        `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'}` +
+        ` (its lease's: ${this.expectedMac(l)})`,
     }[violation];
     const retired = this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` });
     // A tap given another guest's MAC made the bridge move that guest's forwarding entry to this port;
@@ -284,15 +286,26 @@ export class Lifetimes implements Cleanup {
 
   /** The port of the lease whose guest MAC is `mac`, on `l`'s bridge, gets `mac`'s forwarding entry back. */
   private restoreFdb(l: LeaseRecord, mac: Buffer): void {
-    const victim = this.table.all().find((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent && v.mac === macFromBuffer(mac));
+    const victim = this.table
+      .all()
+      .find((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent && v.mac === macFromBuffer(mac));
     if (!victim) return;
     try {
       this.netdev.rtnl.restoreFdbEntry(victim.ifindex, mac);
-      this.note('cleanup', 'cleanup', victim, `its forwarding entry for ${victim.mac}, taken by \`${l.name}', restored`);
+      this.note(
+        'cleanup',
+        'cleanup',
+        victim,
+        `its forwarding entry for ${victim.mac}, taken by \`${l.name}', restored`,
+      );
     } catch (err) {
-      this.note('cleanup', 'error', victim, `its forwarding entry for ${victim.mac} could not be restored: ${(err as Error).message}`, {
-        code: 'TB_E_KERNEL',
-      });
+      this.note(
+        'cleanup',
+        'error',
+        victim,
+        `its forwarding entry for ${victim.mac} could not be restored: ${(err as Error).message}`,
+        { code: 'TB_E_KERNEL' },
+      );
     }
   }
 
@@ -308,13 +321,18 @@ export class Lifetimes implements Cleanup {
       const owner = l.group !== null ? null : l.uid;
       if (link.tun.owner !== owner || link.tun.group !== l.group) return 'owner';
     }
-    if (link.address && macFromBuffer(link.address) !== this.expectedMac(l)) return 'address';
+    const expected = this.expectedMac(l);
+    if (link.address && expected !== null && macFromBuffer(link.address) !== expected) return 'address';
     return null;
   }
 
-  /** The device's own address: a tap's host side is the guest's MAC with 0xfe first; a macvtap's is the guest's. */
-  private expectedMac(l: LeaseRecord): string {
-    return l.kind === 'tap' ? macFromBuffer(hostMac(Buffer.from(l.mac.split(':').map((h) => parseInt(h, 16))))) : l.mac;
+  /**
+   * The device's own address, as recorded at the grant; for leases recorded before 0.4.0, a tap's host side is
+   * the guest's MAC with 0xfe first, and a macvtap's is the guest's.
+   */
+  private expectedMac(l: LeaseRecord): string | null {
+    if (l.host_mac !== null || l.mac === null) return l.host_mac;
+    return l.kind === 'tap' ? macFromBuffer(hostMac(macToBuffer(l.mac))) : l.mac;
   }
 
   /** After lost link events: one dump, and every lease judged against it. */

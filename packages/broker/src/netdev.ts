@@ -28,7 +28,9 @@ export function tunIfreq(name: string, flags: number): Buffer {
   // An empty name is used only on macvtap fds, where TUNSETIFF sets flags and ignores the name.
   const ifr = Buffer.alloc(IFREQ_SIZE);
   const bytes = Buffer.from(name, 'utf8');
-  if (bytes.length > 15) throw new TapbrokerError('TB_E_INVALID_NAME', `interface name \`${name}' is longer than 15 bytes`);
+  if (bytes.length > 15) {
+    throw new TapbrokerError('TB_E_INVALID_NAME', `interface name \`${name}' is longer than 15 bytes`);
+  }
   bytes.copy(ifr, 0);
   ifr.writeUInt16LE(flags, 16);
   return ifr;
@@ -36,7 +38,13 @@ export function tunIfreq(name: string, flags: number): Buffer {
 
 /** TUNSETIFF flags for a tap: never attaching to an existing device (IFF_TUN_EXCL). */
 export function tapFlags(opts: { vnetHdr: boolean; multiQueue: boolean; exclusive: boolean }): number {
-  return IFF_TAP | IFF_NO_PI | (opts.exclusive ? IFF_TUN_EXCL : 0) | (opts.vnetHdr ? IFF_VNET_HDR : 0) | (opts.multiQueue ? IFF_MULTI_QUEUE : 0);
+  return (
+    IFF_TAP |
+    IFF_NO_PI |
+    (opts.exclusive ? IFF_TUN_EXCL : 0) |
+    (opts.vnetHdr ? IFF_VNET_HDR : 0) |
+    (opts.multiQueue ? IFF_MULTI_QUEUE : 0)
+  );
 }
 
 /** The host side of a guest MAC: first octet 0xfe so the bridge never adopts it as its own address. */
@@ -149,11 +157,19 @@ export class Netdev {
   bridge(name: string): Link {
     const link = this.rtnl.getLinkByName(name);
     if (!link) throw new TapbrokerError('TB_E_NO_SUCH_BRIDGE', `no bridge \`${name}'`);
-    if (link.kind !== 'bridge') throw new TapbrokerError('TB_E_NOT_A_BRIDGE', `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'a device'}, not a bridge`);
+    if (link.kind !== 'bridge') {
+      throw new TapbrokerError(
+        'TB_E_NOT_A_BRIDGE',
+        `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'a device'}, not a bridge`,
+      );
+    }
     if (addrAssignType(name, link.index) !== NET_ADDR_SET) {
       const mac = link.address ? macFromBuffer(link.address) : '02:00:00:00:00:01';
-      throw new TapbrokerError('TB_E_BRIDGE_ADDRESS', `bridge \`${name}' has no fixed MAC address, so a guest could take it over; `
-        + `pin it with \`ip link set ${name} address ${mac}' (or MACAddress= in its .netdev)`);
+      throw new TapbrokerError(
+        'TB_E_BRIDGE_ADDRESS',
+        `bridge \`${name}' has no fixed MAC address, so a guest could take it over; `
+          + `pin it with \`ip link set ${name} address ${mac}' (or MACAddress= in its .netdev)`,
+      );
     }
     return link;
   }
@@ -193,15 +209,27 @@ export class Netdev {
       }
       this.faultPoint('tap:created');
       const link = this.rtnl.getLinkByName(req.name);
-      if (!link || link.kind !== 'tun') throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
+      if (!link || link.kind !== 'tun') {
+        throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
+      }
       this.checkQueues(link, opens, req);
       const mac = hostMac(req.guestMac);
       const bridge = req.bridge;
       try {
-        this.rtnl.configureLink(link.index, bridge ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: true, alias: req.alias } : { address: mac, up: true, alias: req.alias });
+        this.rtnl.configureLink(
+          link.index,
+          bridge
+            ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: true, alias: req.alias }
+            : { address: mac, up: true, alias: req.alias },
+        );
         if (bridge && req.vlan) this.rtnl.setAccessVlan(link.index, req.vlan);
       } catch (err) {
-        throw kernelError(bridge ? `failed to attach \`${req.name}' to bridge \`${bridge.name}'${req.vlan ? ` on vlan ${req.vlan}` : ''}` : `failed to set up \`${req.name}'`, err);
+        throw kernelError(
+          bridge
+            ? `failed to attach \`${req.name}' to bridge \`${bridge.name}'${req.vlan ? ` on vlan ${req.vlan}` : ''}`
+            : `failed to set up \`${req.name}'`,
+          err,
+        );
       }
       this.faultPoint('tap:configured');
       if (req.persistent) {
@@ -247,7 +275,12 @@ export class Netdev {
   private checkQueues(link: Link, opened: number, req: TapRequest): void {
     const attached = link.tun?.queues ?? null;
     if (attached === null || attached <= opened) return;
-    throw new ContestedDeviceError('TB_E_KERNEL', `tap \`${req.name}' had ${attached - opened} queue(s) attached by another process before its owner was set; destroyed`, { ifindex: link.index });
+    throw new ContestedDeviceError(
+      'TB_E_KERNEL',
+      `tap \`${req.name}' had ${attached - opened} queue(s) attached by another process before its owner was set; `
+        + 'destroyed',
+      { ifindex: link.index },
+    );
   }
 
   /** A random ifindex above 2^20, unused in this namespace, whose /dev/tap node does not exist. */
@@ -262,8 +295,11 @@ export class Netdev {
   /** Refuses a VLAN on a bridge without VLAN filtering, before anything is made. */
   checkVlanFiltering(bridge: Link): void {
     if (bridge.vlanFiltering === true) return;
-    const why = bridge.vlanFiltering === null ? 'this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)'
-      : `vlan_filtering is off on ${bridge.name}; turn it on with \`ip link set ${bridge.name} type bridge vlan_filtering 1' (this fails where the kernel lacks CONFIG_BRIDGE_VLAN_FILTERING)`;
+    const why = bridge.vlanFiltering === null
+      ? 'this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)'
+      : `vlan_filtering is off on ${bridge.name}; turn it on with `
+        + `\`ip link set ${bridge.name} type bridge vlan_filtering 1' `
+        + '(this fails where the kernel lacks CONFIG_BRIDGE_VLAN_FILTERING)';
     throw new TapbrokerError('TB_E_VLAN_UNAVAILABLE', `vlan filtering unavailable on ${bridge.name}: ${why}`);
   }
 
@@ -272,15 +308,26 @@ export class Netdev {
     const link = this.rtnl.getLinkByName(name);
     if (!link) throw new TapbrokerError('TB_E_NO_SUCH_PARENT', `no device \`${name}'`);
     if ((link.flags & IFF_LOOPBACK) !== 0 || ['bridge', 'macvlan', 'macvtap', 'tun'].includes(link.kind ?? '')) {
-      throw new TapbrokerError('TB_E_BAD_PARENT', `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'loopback'} and cannot carry a macvtap`);
+      throw new TapbrokerError(
+        'TB_E_BAD_PARENT',
+        `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'loopback'} and cannot carry a macvtap`,
+      );
     }
     return link;
   }
 
   /** Refuses a MAC already carried by the parent or any device stacked on it. */
   checkMacFree(parent: Link, mac: Buffer): void {
-    const clash = this.rtnl.dumpLinks().find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
-    if (clash) throw new TapbrokerError('TB_E_MAC_IN_USE', `mac ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} is already used by \`${clash.name}' on \`${parent.name}'`);
+    const clash = this.rtnl
+      .dumpLinks()
+      .find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
+    if (clash) {
+      throw new TapbrokerError(
+        'TB_E_MAC_IN_USE',
+        `mac ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} `
+          + `is already used by \`${clash.name}' on \`${parent.name}'`,
+      );
+    }
   }
 
   /**
@@ -295,10 +342,21 @@ export class Netdev {
     // gets an ifindex nobody can predict, whose node does not exist yet.
     const index = this.freeTapIndex();
     try {
-      this.rtnl.createMacvtap({ name: req.name, index, parent: req.parent.index, mac: req.guestMac, mode: req.mode, alias: req.alias });
+      this.rtnl.createMacvtap({
+        name: req.name,
+        index,
+        parent: req.parent.index,
+        mac: req.guestMac,
+        mode: req.mode,
+        alias: req.alias,
+      });
     } catch (err) {
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.EEXIST) throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' already exists`);
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.EADDRINUSE) throw new TapbrokerError('TB_E_MAC_IN_USE', `the MAC is already in use on \`${req.parent.name}'`);
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.EEXIST) {
+        throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' already exists`);
+      }
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.EADDRINUSE) {
+        throw new TapbrokerError('TB_E_MAC_IN_USE', `the MAC is already in use on \`${req.parent.name}'`);
+      }
       throw kernelError(`failed to create macvtap \`${req.name}' on \`${req.parent.name}'`, err);
     }
     const tapFds: number[] = [];
@@ -307,18 +365,28 @@ export class Netdev {
     try {
       this.faultPoint('macvtap:created');
       link = this.rtnl.getLinkByName(req.name);
-      if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
+      if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) {
+        throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
+      }
       // Tag it at once: the kernel ignored the alias in the create message.
       this.rtnl.configureLink(link.index, { alias: req.alias });
       const [major, minor] = macvtapDevNumber(req.name, link.index);
       const shared = `/dev/tap${link.index}`;
       if (fs.existsSync(shared) && !nodeIs(shared, major, minor)) {
         // Someone made that node between the choice of the index and the device: try another.
-        throw new ContestedDeviceError('TB_E_KERNEL', `${shared} was taken by another namespace's device; destroyed`, { ifindex: link.index });
+        throw new ContestedDeviceError('TB_E_KERNEL', `${shared} was taken by another namespace's device; destroyed`, {
+          ifindex: link.index,
+        });
       }
       if (req.persistent) {
         const node = `/dev/tap${link.index}`;
-        if (!nodeIs(node, major, minor)) throw new TapbrokerError('TB_E_KERNEL', `${node} is not the char device of \`${req.name}' (another namespace has a device with ifindex ${link.index})`);
+        if (!nodeIs(node, major, minor)) {
+          throw new TapbrokerError(
+            'TB_E_KERNEL',
+            `${node} is not the char device of \`${req.name}' `
+              + `(another namespace has a device with ifindex ${link.index})`,
+          );
+        }
         // root keeps owning the node; a POSIX ACL lets the caller (and nobody else) open it. This needs
         // no capability beyond ownership, unlike chown (CAP_CHOWN), so it works in the hardened unit.
         fs.chmodSync(node, 0o600);
@@ -334,7 +402,9 @@ export class Netdev {
             const fd = fs.openSync(node.path, fs.constants.O_RDWR);
             tapFds.push(fd);
             const [maj, min] = devNumbers(fs.fstatSync(fd).rdev);
-            if (maj !== major || min !== minor) throw new TapbrokerError('TB_E_KERNEL', `${node.path} changed under us`);
+            if (maj !== major || min !== minor) {
+              throw new TapbrokerError('TB_E_KERNEL', `${node.path} changed under us`);
+            }
             if (!req.vnetHdr) sys.ioctlPtr(fd, TUNSETIFF, tunIfreq('', IFF_TAP | IFF_NO_PI));
           }
         } finally {
@@ -343,11 +413,19 @@ export class Netdev {
         if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
       }
       this.faultPoint('macvtap:opened');
-      return { ifindex: link.index, hostMac: link.address ? Buffer.from(link.address) : Buffer.from(req.guestMac), mtu: link.mtu, tapFds, vhostFds };
+      return {
+        ifindex: link.index,
+        hostMac: link.address ? Buffer.from(link.address) : Buffer.from(req.guestMac),
+        mtu: link.mtu,
+        tapFds,
+        vhostFds,
+      };
     } catch (err) {
       this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
       const made = link ?? this.rtnl.getLinkByName(req.name);
-      if (made?.kind === 'macvtap') this.cleanup.deleteLink(made.index, req.uid, req.name, 'rollback of a failed create');
+      if (made?.kind === 'macvtap') {
+        this.cleanup.deleteLink(made.index, req.uid, req.name, 'rollback of a failed create');
+      }
       throw err instanceof TapbrokerError ? err : kernelError(`failed to open macvtap \`${req.name}'`, err);
     }
   }
@@ -361,7 +439,10 @@ function addrAssignType(name: string, ifindex: number): number {
   const dir = `/sys/class/net/${name}`;
   try {
     if (fs.readFileSync(`${dir}/ifindex`, 'utf8').trim() !== String(ifindex)) {
-      throw new TapbrokerError('TB_E_KERNEL', `sysfs shows another namespace's \`${name}'; mount sysfs for the broker's namespace`);
+      throw new TapbrokerError(
+        'TB_E_KERNEL',
+        `sysfs shows another namespace's \`${name}'; mount sysfs for the broker's namespace`,
+      );
     }
     return Number(fs.readFileSync(`${dir}/addr_assign_type`, 'utf8').trim());
   } catch (err) {
@@ -380,7 +461,13 @@ function macvtapDevNumber(name: string, ifindex: number): [number, number] {
   } catch (err) {
     throw kernelError(`cannot read the char device of \`${name}' from sysfs`, err);
   }
-  if (seen !== String(ifindex)) throw new TapbrokerError('TB_E_KERNEL', `sysfs shows another namespace's \`${name}' (ifindex ${seen}, not ${ifindex}); mount sysfs for the broker's namespace`);
+  if (seen !== String(ifindex)) {
+    throw new TapbrokerError(
+      'TB_E_KERNEL',
+      `sysfs shows another namespace's \`${name}' `
+        + `(ifindex ${seen}, not ${ifindex}); mount sysfs for the broker's namespace`,
+    );
+  }
   const m = /^(\d+):(\d+)$/.exec(dev);
   if (!m) throw new TapbrokerError('TB_E_KERNEL', `unexpected device number \`${dev}' for \`${name}'`);
   return [Number(m[1]), Number(m[2])];
@@ -407,7 +494,12 @@ function charNode(ifindex: number, major: number, minor: number, stateDir: strin
   try {
     mknodChar(own, 0o600, major, minor);
   } catch (err) {
-    throw new TapbrokerError('TB_E_KERNEL', `${shared} is another namespace's device and a private node cannot be made in ${dir} (${err instanceof sys.SyscallError ? err.code : String(err)}: needs CAP_MKNOD and a state directory without nodev)`);
+    throw new TapbrokerError(
+      'TB_E_KERNEL',
+      `${shared} is another namespace's device and a private node cannot be made in ${dir} `
+        + `(${err instanceof sys.SyscallError ? err.code : String(err)}: `
+        + 'needs CAP_MKNOD and a state directory without nodev)',
+    );
   }
   return { path: own, remove: () => fs.rmSync(own, { force: true }) };
 }
@@ -418,7 +510,10 @@ function openVhost(): number {
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') {
-      throw new TapbrokerError('TB_E_VHOST_UNAVAILABLE', `vhost unavailable: ${VHOST_PATH} does not exist on this host`);
+      throw new TapbrokerError(
+        'TB_E_VHOST_UNAVAILABLE',
+        `vhost unavailable: ${VHOST_PATH} does not exist on this host`,
+      );
     }
     throw kernelError(`failed to open ${VHOST_PATH}`, err);
   }

@@ -2,6 +2,7 @@
 // steps in order: spec → grammar → decision → kernel step → lease → plugging → audit → reply.
 import {
   MAX_REPLY_BYTES,
+  MAX_REPLY_FDS,
   PROTOCOL_VERSION,
   TapbrokerError,
   checkIfName,
@@ -10,14 +11,17 @@ import {
   macToBuffer,
   type CanRequest,
   type CreateMacvtapRequest,
+  type CreateRequest,
   type CreateTapRequest,
   type Device,
   type HelloRequest,
   type ListRequest,
+  type Nic,
   type ReleaseRequest,
   type ReloadRequest,
   type Reply,
   type Request,
+  type StatusRequest,
 } from '@tapbroker/protocol';
 import type { Audit } from './audit.js';
 import type { Identity } from './identity.js';
@@ -26,7 +30,7 @@ import type { Lifetimes } from './lifetimes.js';
 import { printable, randomMac, tapName } from './naming.js';
 import { ContestedDeviceError, type CreatedTap, type Netdev } from './netdev.js';
 import { plugOf, plugUp } from './plug.js';
-import { decide, hookUnsafe, resolveTarget, type AllowRule, type Policy } from './policy.js';
+import { decide, hookUnsafe, matches, resolveTarget, type AllowRule, type Policy } from './policy.js';
 import type { Link } from './rtnetlink.js';
 import type { Outcome } from './session.js';
 import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
@@ -41,6 +45,10 @@ export interface OpContext {
   readonly lifetimes: Lifetimes;
   readonly audit: Audit;
   readonly version: string;
+  /** When the broker started (ISO 8601). */
+  readonly started: string;
+  /** Open connections. */
+  readonly connections: number;
   /** Devices of `uid` queued for teardown. */
   teardowns(uid: number): number;
   reload(caller: Identity): Policy;
@@ -53,10 +61,12 @@ export const HANDLERS: Handlers = {
   hello: hello,
   'create-tap': createTap,
   'create-macvtap': createMacvtap,
+  create: create,
   list: list,
   release: release,
   reload: reload,
   can: can,
+  status: status,
 };
 
 export function dispatch(ctx: OpContext, caller: Identity, req: Request): Outcome | Promise<Outcome> {
@@ -68,17 +78,51 @@ function hello(ctx: OpContext, _caller: Identity, req: HelloRequest): Outcome {
     throw new TapbrokerError(
       'TB_E_VERSION',
       `client speaks protocol version ${req.version}; this broker speaks ${PROTOCOL_VERSION}`,
+      {
+        hint: req.version < PROTOCOL_VERSION
+          ? `upgrade the client to one that speaks version ${PROTOCOL_VERSION} (the tapbroker package ships both)`
+          : 'this broker is older than the client: restart tapbrokerd after the upgrade (systemctl restart tapbrokerd)',
+      },
     );
   }
   return { reply: { op: 'hello', id: req.id, version: PROTOCOL_VERSION, broker: ctx.version }, fds: [] };
 }
 
 function createTap(ctx: OpContext, caller: Identity, req: CreateTapRequest): Promise<Outcome> {
-  return createDevice(ctx, caller, req);
+  return createOne(ctx, caller, req);
 }
 
 function createMacvtap(ctx: OpContext, caller: Identity, req: CreateMacvtapRequest): Promise<Outcome> {
-  return createDevice(ctx, caller, req);
+  return createOne(ctx, caller, req);
+}
+
+async function createOne(ctx: OpContext, caller: Identity, req: CreateTapRequest | CreateMacvtapRequest): Promise<Outcome> {
+  const [nic] = await grantAll(ctx, caller, req.op, [req]);
+  const body = { id: req.id, device: nic!.device, fds: nic!.counts };
+  return {
+    reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body },
+    fds: nic!.fds,
+    hold: holds([nic!]),
+  };
+}
+
+/** create: one VM's NICs in one request, each decided and audited on its own, granted all or none. */
+async function create(ctx: OpContext, caller: Identity, req: CreateRequest): Promise<Outcome> {
+  const fds = req.nics.reduce((n, nic) => n + (nic.persistent ? 0 : (nic.queues ?? 1) * (nic.vhost ? 2 : 1)), 0);
+  if (fds > MAX_REPLY_FDS) {
+    throw new TapbrokerError('TB_E_INVALID_REQUEST', `these NICs need ${fds} fds; one reply carries at most ${MAX_REPLY_FDS}`);
+  }
+  const nics = await grantAll(ctx, caller, 'create', req.nics);
+  return {
+    reply: { op: 'create', id: req.id, devices: nics.map((n) => n.device), fds: nics.map((n) => n.counts) },
+    fds: nics.flatMap((n) => n.fds),
+    hold: holds(nics),
+  };
+}
+
+/** Leases that end with the connection that asked for them. */
+function holds(nics: Granted[]): string[] {
+  return nics.filter((n) => n.lease.ends === 'holder').map((n) => n.lease.id);
 }
 
 /** Where a new device goes, resolved against the policy the decision used. */
@@ -91,21 +135,67 @@ interface Placement {
   parentName: string;
 }
 
-/** create-tap and create-macvtap: the same checks in the same order. */
-async function createDevice(
+type Granted = ReturnType<typeof makeDevice> & { plugged: Record<string, unknown> | null; spec: CreateSpec };
+
+/**
+ * Each NIC in order through the same steps; if one is refused, the ones before it are rolled back (audited
+ * as cleanups), so the caller gets all of them or none. Grants are recorded once all of them stand.
+ */
+async function grantAll(
   ctx: OpContext,
   caller: Identity,
-  req: CreateTapRequest | CreateMacvtapRequest,
-): Promise<Outcome> {
-  // The policy the decision is made under is the one its records name, even if a reload lands meanwhile.
+  op: string,
+  nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
+): Promise<Granted[]> {
+  // The policy the decisions are made under is the one their records name, even if a reload lands meanwhile.
   const policy = ctx.policy;
   const audit = (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) =>
-    ctx.audit.record({ op: req.op, caller, policy: policy.sha256, ...ev });
+    ctx.audit.record({ op, caller, policy: policy.sha256, ...ev });
+  const granted: Granted[] = [];
+  for (const [i, nic] of nics.entries()) {
+    try {
+      granted.push(await grantOne(ctx, policy, caller, nic, audit));
+    } catch (err) {
+      const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
+      for (const g of granted) ctx.lifetimes.abort(g.lease, g.fds, why);
+      if (nics.length > 1 && err instanceof TapbrokerError) {
+        throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
+          ...(err.rule !== undefined ? { rule: err.rule } : {}),
+          ...(err.hint !== undefined ? { hint: err.hint } : {}),
+          nic: i,
+        });
+      }
+      throw err;
+    }
+  }
+  // The devices' own creation events (before their owner and MAC were set) are read while they are still
+  // being created, so they are not taken for their holder's doing.
+  ctx.lifetimes.catchUp();
+  for (const g of granted) {
+    ctx.lifetimes.commit(g.lease.id);
+    audit({
+      decision: 'grant',
+      rule: g.lease.rule,
+      request: specView(g.spec),
+      device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
+    });
+  }
+  return granted;
+}
+
+/** One device: spec → grammar → decision → kernel step → lease → plugging. Refusals are audited here. */
+async function grantOne(
+  ctx: OpContext,
+  policy: Policy,
+  caller: Identity,
+  nic: CreateTapRequest | CreateMacvtapRequest | Nic,
+  audit: (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) => void,
+): Promise<Granted> {
   let spec: CreateSpec | null = null;
   let audited = false;
   try {
     // 1. One normalised request, checked as it will reach the kernel.
-    spec = createSpec(req);
+    spec = createSpec(nic);
     checkSpec(spec, caller);
     // 2. The decision, on a lease table that has seen every link event the kernel sent.
     ctx.lifetimes.catchUp();
@@ -132,30 +222,13 @@ async function createDevice(
     // see each other's quota.
     const granted = makeDevice(ctx, policy, caller, spec, decision.rule);
     // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone.
-    let plugged: Record<string, unknown> | null;
     try {
-      plugged = await plugUp(granted.lease, spec.network ? policy.networks.get(spec.parent) : undefined);
+      const plugged = await plugUp(granted.lease, spec.network ? policy.networks.get(spec.parent) : undefined);
+      return { ...granted, plugged, spec };
     } catch (err) {
       ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message);
       throw err;
     }
-    // The device's own creation events (before its owner and MAC were set) are read while it is still
-    // being created, so they are not taken for its holder's doing.
-    ctx.lifetimes.catchUp();
-    ctx.lifetimes.commit(granted.lease.id);
-    // 5. The record, then the reply. A persistent device keeps no fd: none is sent.
-    audit({
-      decision: 'grant',
-      rule: decision.rule.name,
-      request: specView(spec),
-      device: { ...granted.device, lease: granted.lease.id, ...(plugged ? { plug: plugged } : {}) },
-    });
-    const body = { id: req.id, device: granted.device, fds: granted.counts };
-    return {
-      reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body },
-      fds: granted.fds,
-      ...(granted.lease.ends === 'holder' ? { hold: granted.lease.id } : {}),
-    };
   } catch (err) {
     if (!audited) {
       const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', String(err));
@@ -176,7 +249,8 @@ async function createDevice(
 /** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
 function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule) {
   const place = placement(ctx.netdev, policy, spec);
-  const mac = spec.mac ?? randomMac(rule.macPrefix);
+  // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
+  const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
   const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
   const holding = ends === 'holder';
@@ -191,6 +265,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     network: spec.network ? spec.parent : null,
     mode: spec.mode,
     mac,
+    locked: false,
     queues: spec.queues,
     rule: rule.name,
     created: new Date().toISOString(),
@@ -199,6 +274,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     holder_start: holding ? processStartTime(caller.pid) : null,
     group: spec.kind === 'tap' ? spec.group : null,
     plug: plugOf(spec.network ? policy.networks.get(spec.parent) : undefined),
+    host_mac: null,
   };
   // The lease is written into the device itself (ifalias), so a crash between here and the lease
   // table leaves a device the next start recognises as ours.
@@ -208,14 +284,14 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     queues: spec.queues,
     vnetHdr: spec.vnetHdr,
     vhost: spec.vhost,
-    guestMac: macToBuffer(mac),
+    guestMac: macToBuffer(mac ?? randomMac(rule.macPrefix)),
     persistent: owner,
     alias,
   };
   const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
     if (spec.kind === 'tap') return ctx.netdev.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan });
     try {
-      ctx.lifetimes.table.intend({ id: draft.id, name, parent: place.parentName, mac });
+      ctx.lifetimes.table.intend({ id: draft.id, name, parent: place.parentName, mac: mac! });
     } catch (err) {
       throw unwritable(err);
     }
@@ -229,7 +305,8 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   ctx.lifetimes.table.settle(draft.id, false);
   // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
   const actualMac = spec.kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;
-  const lease: LeaseRecord = { ...draft, name: created.name, ifindex: created.ifindex, mac: actualMac };
+  const hostMac = macFromBuffer(created.hostMac);
+  const lease: LeaseRecord = { ...draft, name: created.name, ifindex: created.ifindex, mac: actualMac, host_mac: hostMac };
   const all = [...created.tapFds, ...created.vhostFds];
   try {
     ctx.lifetimes.begin(lease);
@@ -251,8 +328,9 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     vlan: place.vlan,
     mode: spec.mode,
     mtu: created.mtu,
-    host_mac: macFromBuffer(created.hostMac),
+    host_mac: hostMac,
     mac: actualMac,
+    locked: false,
     queues: spec.queues,
     vnet_hdr: spec.vnetHdr,
     vhost: spec.vhost,
@@ -425,8 +503,31 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
     ...(d.allow ? {} : { code: d.code }),
   });
   const reply: Reply = d.allow
-    ? { op: 'can', id: req.id, allow: true, rule: d.rule.name, message: `rule \`${d.rule.name}' would grant it` }
-    : { op: 'can', id: req.id, allow: false, rule: d.rule, code: d.code, message: d.message, hint: d.hint };
+    ? { op: 'can', id: req.id, allow: true, rule: d.rule.name, message: `rule \`${d.rule.name}' would grant it`, locked: false }
+    : { op: 'can', id: req.id, allow: false, rule: d.rule, code: d.code, message: d.message, hint: d.hint, locked: false };
+  return { reply, fds: [] };
+}
+
+/** status: the broker, its policy, and the caller's standing: leases, and each rule that applies with its quota. */
+function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
+  ctx.lifetimes.catchUp();
+  const used = ctx.lifetimes.counts(caller.uid);
+  const rules = ctx.policy.allow
+    .filter((r) => matches(r.who, caller))
+    .map((r) => ({ rule: r.name, used: used(r.name), max_devices: r.maxDevices }));
+  const reply: Reply = {
+    op: 'status',
+    id: req.id,
+    broker: ctx.version,
+    version: PROTOCOL_VERSION,
+    policy_sha256: ctx.policy.sha256,
+    started: ctx.started,
+    uid: caller.uid,
+    user: caller.user,
+    leases: ctx.lifetimes.visible(caller.uid).length,
+    rules,
+    connections: caller.uid === 0 ? ctx.connections : null,
+  };
   return { reply, fds: [] };
 }
 

@@ -53,7 +53,9 @@ export interface OvsPort {
 export function ovsdbTarget(policyValue?: string): string {
   if (policyValue !== undefined) {
     // One unix socket only: a comma would make ovs-vsctl try a list of remotes.
-    if (!OVSDB_TARGET.test(policyValue)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${policyValue}' is not unix:/path`);
+    if (!OVSDB_TARGET.test(policyValue)) {
+      throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${policyValue}' is not unix:/path`);
+    }
     return policyValue;
   }
   const rundir = process.env.OVS_RUNDIR;
@@ -80,7 +82,12 @@ export async function addPort(db: string, bridge: string, port: string, opts: Ad
   const what = `failed to add \`${port}' to ovs bridge \`${bridge}'`;
   let r: VsctlResult;
   try {
-    r = await vsctl(db, ['--', 'add-port', bridge, port, ...cols, '--', 'set', 'Interface', port, ...ids, '--', 'set', 'Port', port, ...ids], what);
+    r = await vsctl(
+      db,
+      ['--', 'add-port', bridge, port, ...cols, '--', 'set', 'Interface', port, ...ids,
+        '--', 'set', 'Port', port, ...ids],
+      what,
+    );
   } catch (err) {
     // A timeout may come after the commit (ovs-vswitchd not applying it): take back what is ours.
     if (err instanceof TapbrokerError && (err as VsctlError).timedOut) await removeIfOurs(db, bridge, port, lease);
@@ -90,7 +97,10 @@ export async function addPort(db: string, bridge: string, port: string, opts: Ad
   const failed = /Error detected while setting up '[^']*': ([^\n]*)/.exec(r.stderr);
   if (failed) {
     await removeIfOurs(db, bridge, port, lease);
-    throw new TapbrokerError('TB_E_KERNEL', `${what}: ${failed[1]!.replace(/\.?\s+See ovs-vswitchd log for details\.?\s*$/, '')}`);
+    throw new TapbrokerError(
+      'TB_E_KERNEL',
+      `${what}: ${failed[1]!.replace(/\.?\s+See ovs-vswitchd log for details\.?\s*$/, '')}`,
+    );
   }
 }
 
@@ -103,8 +113,11 @@ export async function delPort(db: string, bridge: string, port: string): Promise
   checkName(bridge, 'bridge');
   checkName(port, 'port');
   // The get runs in the same transaction, before the delete: it prints the name only if it existed.
-  const r = await vsctl(db, ['--no-wait', '--', '--if-exists', 'get', 'Port', port, 'name', '--', '--if-exists', 'del-port', bridge, port],
-    `failed to remove \`${port}' from ovs bridge \`${bridge}'`);
+  const r = await vsctl(
+    db,
+    ['--no-wait', '--', '--if-exists', 'get', 'Port', port, 'name', '--', '--if-exists', 'del-port', bridge, port],
+    `failed to remove \`${port}' from ovs bridge \`${bridge}'`,
+  );
   return r.stdout.trim() !== '';
 }
 
@@ -112,10 +125,16 @@ export async function delPort(db: string, bridge: string, port: string): Promise
 export async function listOurPorts(db: string): Promise<OvsPort[]> {
   checkDb(db);
   // find's `key!=""` matches only records that have the key (ovs-vsctl(8)); Bridge.ports gives the bridge.
-  const r = await vsctl(db, ['--no-wait', '--format=json', '--', '--columns=name,ports', 'list', 'Bridge',
-    '--', '--columns=_uuid,name,external_ids', 'find', 'Port', `external_ids:${LEASE_KEY}!=""`], 'failed to list open vswitch ports');
+  const r = await vsctl(
+    db,
+    ['--no-wait', '--format=json', '--', '--columns=name,ports', 'list', 'Bridge',
+      '--', '--columns=_uuid,name,external_ids', 'find', 'Port', `external_ids:${LEASE_KEY}!=""`],
+    'failed to list open vswitch ports',
+  );
   const docs = r.stdout.split('\n').filter((l) => l.trim() !== '');
-  if (docs.length !== 2) throw new TapbrokerError('TB_E_KERNEL', `unexpected ovs-vsctl output listing ports: ${r.stdout.slice(0, 200)}`);
+  if (docs.length !== 2) {
+    throw new TapbrokerError('TB_E_KERNEL', `unexpected ovs-vsctl output listing ports: ${r.stdout.slice(0, 200)}`);
+  }
   let bridges: Table;
   let ports: Table;
   try {
@@ -149,7 +168,11 @@ export async function isOvsBridge(db: string, name: string): Promise<boolean> {
 /** Removes a port only while it carries this lease: never a same-named port of someone else. */
 async function removeIfOurs(db: string, bridge: string, port: string, lease: string): Promise<void> {
   try {
-    const r = await vsctl(db, ['--no-wait', '--', '--if-exists', 'get', 'Port', port, `external_ids:${LEASE_KEY}`], 'rollback');
+    const r = await vsctl(
+      db,
+      ['--no-wait', '--', '--if-exists', 'get', 'Port', port, `external_ids:${LEASE_KEY}`],
+      'rollback',
+    );
     if (r.stdout.trim().replace(/^"|"$/g, '') !== lease) return;
     await vsctl(db, ['--no-wait', '--', '--if-exists', 'del-port', bridge, port], 'rollback');
   } catch {
@@ -174,7 +197,9 @@ function uuidOf(v: unknown): string {
 
 function mapOf(v: unknown): Map<string, string> {
   const m = new Map<string, string>();
-  if (Array.isArray(v) && v[0] === 'map' && Array.isArray(v[1])) for (const pair of v[1] as unknown[][]) m.set(String(pair[0]), String(pair[1]));
+  if (Array.isArray(v) && v[0] === 'map' && Array.isArray(v[1])) {
+    for (const pair of v[1] as unknown[][]) m.set(String(pair[0]), String(pair[1]));
+  }
   return m;
 }
 
@@ -186,20 +211,36 @@ function checkName(name: string, what: 'bridge' | 'port'): void {
 }
 
 function checkVlan(v: number): number {
-  if (!Number.isInteger(v) || v < 1 || v > 4094) throw new TapbrokerError('TB_E_INVALID_REQUEST', `vlan ${v} is not an integer from 1 to 4094`);
+  if (!Number.isInteger(v) || v < 1 || v > 4094) {
+    throw new TapbrokerError('TB_E_INVALID_REQUEST', `vlan ${v} is not an integer from 1 to 4094`);
+  }
   return v;
 }
 
 function checkDb(db: string): void {
-  if (!OVSDB_TARGET.test(db)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${db}' is not unix:/path`);
+  if (!OVSDB_TARGET.test(db)) {
+    throw new TapbrokerError('TB_E_INVALID_REQUEST', `ovsdb target \`${db}' is not unix:/path`);
+  }
 }
 
 /** `external-ids:k=v` arguments; values only from a set that needs no quoting in ovs-vsctl's syntax. */
 function externalIdArgs(port: string, ids: Record<string, string>): string[] {
-  if (typeof ids[LEASE_KEY] !== 'string') throw new TapbrokerError('TB_E_INVALID_REQUEST', `external-ids for \`${port}' lack ${LEASE_KEY}`);
+  if (typeof ids[LEASE_KEY] !== 'string') {
+    throw new TapbrokerError('TB_E_INVALID_REQUEST', `external-ids for \`${port}' lack ${LEASE_KEY}`);
+  }
   return Object.entries(ids).map(([k, v]) => {
-    if (!EXTERNAL_ID_KEY.test(k)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `external-id key \`${k}' for \`${port}' is not tapbroker-[a-z]+`);
-    if (typeof v !== 'string' || !EXTERNAL_ID_VALUE.test(v)) throw new TapbrokerError('TB_E_INVALID_REQUEST', `external-id ${k} for \`${port}' may only contain A-Z a-z 0-9 _ . : -`);
+    if (!EXTERNAL_ID_KEY.test(k)) {
+      throw new TapbrokerError(
+        'TB_E_INVALID_REQUEST',
+        `external-id key \`${k}' for \`${port}' is not tapbroker-[a-z]+`,
+      );
+    }
+    if (typeof v !== 'string' || !EXTERNAL_ID_VALUE.test(v)) {
+      throw new TapbrokerError(
+        'TB_E_INVALID_REQUEST',
+        `external-id ${k} for \`${port}' may only contain A-Z a-z 0-9 _ . : -`,
+      );
+    }
     return `external-ids:${k}=${v}`;
   });
 }
@@ -235,24 +276,46 @@ function vsctl(db: string, args: string[], what: string, ok: readonly number[] =
   const file = findVsctl();
   const argv = [`--db=${db}`, `--timeout=${VSCTL_TIMEOUT_S}`, ...args];
   return new Promise((resolve, reject) => {
-    execFile(file, argv, { env: {}, timeout: EXEC_TIMEOUT_MS, killSignal: 'SIGKILL', maxBuffer: 16 << 20, encoding: 'utf8' }, (err, stdout, stderr) => {
-      if (!err) return resolve({ code: 0, stdout, stderr });
-      const e = err as NodeJS.ErrnoException & { code?: number | string; signal?: NodeJS.Signals | null; killed?: boolean };
-      if (typeof e.code === 'number' && ok.includes(e.code)) return resolve({ code: e.code, stdout, stderr });
-      const msg = stderr.trim().split('\n').map((l) => l.replace(/^ovs-vsctl: /, '')).filter((l) => !/terminating with signal|default log directory/.test(l)).join('; ');
-      let out: VsctlError;
-      if (e.code === 'ENOENT' || e.code === 'EACCES') {
-        out = new TapbrokerError('TB_E_KERNEL', `open vswitch unavailable: cannot run ${file}: ${e.code}`, { cause: err });
-      } else if (/database connection failed/.test(msg)) {
-        out = new TapbrokerError('TB_E_KERNEL', `open vswitch unavailable: ${msg}`, { cause: err });
-      } else if (e.signal === 'SIGALRM' || e.killed) {
-        // ovs-vsctl's --timeout is SIGALRM; the usual cause is an ovs-vswitchd that is not running.
-        out = new TapbrokerError('TB_E_KERNEL', `open vswitch unavailable: ${what}: no answer within ${VSCTL_TIMEOUT_S} s (is ovs-vswitchd running?)`, { cause: err });
-        out.timedOut = true;
-      } else {
-        out = new TapbrokerError('TB_E_KERNEL', `${what}: ${msg || `ovs-vsctl exited with ${e.code ?? e.signal}`}`, { cause: err });
-      }
-      reject(out);
-    });
+    execFile(
+      file,
+      argv,
+      { env: {}, timeout: EXEC_TIMEOUT_MS, killSignal: 'SIGKILL', maxBuffer: 16 << 20, encoding: 'utf8' },
+      (err, stdout, stderr) => {
+        if (!err) return resolve({ code: 0, stdout, stderr });
+        const e = err as NodeJS.ErrnoException & {
+          code?: number | string;
+          signal?: NodeJS.Signals | null;
+          killed?: boolean;
+        };
+        if (typeof e.code === 'number' && ok.includes(e.code)) return resolve({ code: e.code, stdout, stderr });
+        const msg = stderr
+          .trim()
+          .split('\n')
+          .map((l) => l.replace(/^ovs-vsctl: /, ''))
+          .filter((l) => !/terminating with signal|default log directory/.test(l))
+          .join('; ');
+        let out: VsctlError;
+        if (e.code === 'ENOENT' || e.code === 'EACCES') {
+          out = new TapbrokerError('TB_E_KERNEL', `open vswitch unavailable: cannot run ${file}: ${e.code}`, {
+            cause: err,
+          });
+        } else if (/database connection failed/.test(msg)) {
+          out = new TapbrokerError('TB_E_KERNEL', `open vswitch unavailable: ${msg}`, { cause: err });
+        } else if (e.signal === 'SIGALRM' || e.killed) {
+          // ovs-vsctl's --timeout is SIGALRM; the usual cause is an ovs-vswitchd that is not running.
+          out = new TapbrokerError(
+            'TB_E_KERNEL',
+            `open vswitch unavailable: ${what}: no answer within ${VSCTL_TIMEOUT_S} s (is ovs-vswitchd running?)`,
+            { cause: err },
+          );
+          out.timedOut = true;
+        } else {
+          out = new TapbrokerError('TB_E_KERNEL', `${what}: ${msg || `ovs-vsctl exited with ${e.code ?? e.signal}`}`, {
+            cause: err,
+          });
+        }
+        reject(out);
+      },
+    );
   });
 }

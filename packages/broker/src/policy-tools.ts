@@ -6,8 +6,8 @@ import { MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/prot
 import { getpwnam, getpwuid } from './libc.js';
 import { notRootsAlone } from './paths.js';
 import {
-  denyCovers, denyScope, loadPolicy, matches, matchesDeny, resolveTarget, type AllowRule, type DenyRule, type Policy, type Selector,
-  type Target,
+  denyCovers, denyScope, loadPolicy, matches, matchesDeny, resolveTarget, type AllowRule, type DenyRule, type Policy,
+  type Selector, type Target,
 } from './policy.js';
 
 const EX_OK = 0;
@@ -23,16 +23,29 @@ export interface Finding {
 
 /** Risky but valid: what a reviewer should look at twice. */
 export function policyWarnings(p: Policy): Finding[] {
-  const out: Finding[] = p.warnings.map((w) => ({ level: 'warning', line: Number(/:(\d+):/.exec(w)?.[1]) || null, message: w.replace(/^[^:]*:(\d+:)? ?/, '') }));
+  const out: Finding[] = p.warnings.map((w) => ({
+    level: 'warning', line: Number(/:(\d+):/.exec(w)?.[1]) || null, message: w.replace(/^[^:]*:(\d+:)? ?/, ''),
+  }));
   const warn = (r: AllowRule | DenyRule, message: string) => out.push({ level: 'warning', line: r.line, message });
   for (const r of p.allow) {
     if (r.who.everyone) warn(r, `rule \`${r.name}' matches every user`);
-    if (r.macvtap.some((m) => m.modes.includes('passthru'))) warn(r, `rule \`${r.name}' allows macvtap passthru, which hands a whole NIC to a guest`);
-    if (r.persistent && r.maxDevicesDefault) warn(r, `rule \`${r.name}' allows persistent devices without max_devices: they outlive VMs, and only the default of ${r.maxDevices} per user limits them`);
-    if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: guests may collide with real NICs`);
+    if (r.macvtap.some((m) => m.modes.includes('passthru'))) {
+      warn(r, `rule \`${r.name}' allows macvtap passthru, which hands a whole NIC to a guest`);
+    }
+    if (r.persistent && r.maxDevicesDefault) {
+      warn(r, `rule \`${r.name}' allows persistent devices without max_devices: they outlive VMs, `
+        + `and only the default of ${r.maxDevices} per user limits them`);
+    }
+    if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) {
+      warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: `
+        + 'guests may collide with real NICs');
+    }
   }
   // Bridges a grant can reach, as this host has them now: one whose MAC nobody pinned is refused.
-  const bridges = new Set([...p.allow.flatMap((r) => r.bridges), ...[...p.networks.values()].filter((n) => n.kind === 'bridge').map((n) => n.target)]);
+  const bridges = new Set([
+    ...p.allow.flatMap((r) => r.bridges),
+    ...[...p.networks.values()].filter((n) => n.kind === 'bridge').map((n) => n.target),
+  ]);
   for (const b of bridges) {
     let type: string | null = null;
     try {
@@ -41,14 +54,26 @@ export function policyWarnings(p: Policy): Finding[] {
       // Not on this host (yet): nothing to say.
     }
     if (type !== null && type !== '3') {
-      out.push({ level: 'warning', line: null, message: `bridge ${b} has no fixed MAC address: grants on it are refused until an administrator pins it (ip link set ${b} address …)` });
+      out.push({
+        level: 'warning', line: null,
+        message: `bridge ${b} has no fixed MAC address: grants on it are refused until an administrator pins it `
+          + `(ip link set ${b} address …)`,
+      });
     }
   }
   p.deny.forEach((d, i) => {
-    if (d.who.gids.size > 0) warn(d, `deny rule \`${d.name}' names groups: it holds for members by the account database (read at load) and by the caller's own groups; a member added later is covered after a reload`);
-    if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0) warn(d, `deny rule \`${d.name}' matches nobody on this host: it is unreachable`);
+    if (d.who.gids.size > 0) {
+      warn(d, `deny rule \`${d.name}' names groups: it holds for members by the account database `
+        + `(read at load) and by the caller's own groups; a member added later is covered after a reload`);
+    }
+    if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0) {
+      warn(d, `deny rule \`${d.name}' matches nobody on this host: it is unreachable`);
+    }
     const earlier = p.deny.slice(0, i).find((e) => covers(e, d));
-    if (earlier) warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (line ${earlier.line}), which already denies all it denies`);
+    if (earlier) {
+      warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (line ${earlier.line}), `
+        + 'which already denies all it denies');
+    }
   });
   return out;
 }
@@ -56,10 +81,17 @@ export function policyWarnings(p: Policy): Finding[] {
 function selectorCovers(a: Selector, b: Selector): boolean {
   // A selector that matches nobody is reported as unreachable, not as shadowed.
   if (!b.everyone && b.uids.size === 0 && b.gids.size === 0) return false;
-  return a.everyone || (!b.everyone && [...b.uids].every((u) => a.uids.has(u)) && [...b.gids].every((g) => a.gids.has(g)));
+  return (
+    a.everyone ||
+    (!b.everyone && [...b.uids].every((u) => a.uids.has(u)) && [...b.gids].every((g) => a.gids.has(g)))
+  );
 }
 
-function scopeCovers(a: readonly string[] | null, b: readonly string[] | null, aOther: readonly string[] | null): boolean {
+function scopeCovers(
+  a: readonly string[] | null,
+  b: readonly string[] | null,
+  aOther: readonly string[] | null,
+): boolean {
   if (a === null) return aOther === null; // a deny with no scope at all covers everything
   return b !== null && b.every((x) => a.includes(x));
 }
@@ -68,7 +100,15 @@ function covers(a: DenyRule, b: DenyRule): boolean {
   if (!selectorCovers(a.who, b.who)) return false;
   if (a.bridges === null && a.parents === null && a.networks === null) return true;
   // Scoped to networks: covered only by a deny naming at least those networks (and nothing else to compare).
-  if (a.networks !== null || b.networks !== null) return a.networks !== null && b.networks !== null && b.networks.every((n) => a.networks!.includes(n)) && a.bridges === null && a.parents === null;
+  if (a.networks !== null || b.networks !== null) {
+    return (
+      a.networks !== null &&
+      b.networks !== null &&
+      b.networks.every((n) => a.networks!.includes(n)) &&
+      a.bridges === null &&
+      a.parents === null
+    );
+  }
   return scopeCovers(a.bridges, b.bridges, a.parents) && scopeCovers(a.parents, b.parents, a.bridges);
 }
 
@@ -79,7 +119,10 @@ function principals(s: Selector): string {
 }
 
 function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
-  const o = { file: defaultPolicy, json: false, user: null as string | null, bridge: null as string | null, macvtap: null as string | null, network: null as string | null, mode: null as MacvtapMode | null };
+  const o = {
+    file: defaultPolicy, json: false, user: null as string | null, bridge: null as string | null,
+    macvtap: null as string | null, network: null as string | null, mode: null as MacvtapMode | null,
+  };
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -94,7 +137,9 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
     else if (a === '--network') o.network = value();
     else if (a === '--mode') {
       const m = value();
-      if (!(MACVTAP_MODES as readonly string[]).includes(m)) throw new TapbrokerError('TB_E_USAGE', `--mode must be one of ${MACVTAP_MODES.join(', ')}`);
+      if (!(MACVTAP_MODES as readonly string[]).includes(m)) {
+        throw new TapbrokerError('TB_E_USAGE', `--mode must be one of ${MACVTAP_MODES.join(', ')}`);
+      }
       o.mode = m as MacvtapMode;
     } else if (!a.startsWith('-') && i === 1) o.file = a;
     else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
@@ -121,20 +166,35 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
   try {
     policy = loadPolicy(o.file);
   } catch (err) {
-    const errors: Finding[] = (err as Error).message.split('\n').map((m) => ({ level: 'error', line: Number(/^[^:]*:(\d+):/.exec(m)?.[1]) || null, message: m.replace(/^[^:]*:(\d+:)? ?/, '') }));
-    if (argv[0] === 'check-policy' && o.json) write(JSON.stringify({ file: o.file, ok: false, findings: errors }, null, 2));
-    else for (const e of errors) process.stderr.write(`${o.file}:${e.line ?? '-'}: error: ${e.message}\n`);
+    const errors: Finding[] = (err as Error).message.split('\n').map((m) => ({
+      level: 'error', line: Number(/^[^:]*:(\d+):/.exec(m)?.[1]) || null, message: m.replace(/^[^:]*:(\d+:)? ?/, ''),
+    }));
+    if (argv[0] === 'check-policy' && o.json) {
+      write(JSON.stringify({ file: o.file, ok: false, findings: errors }, null, 2));
+    } else {
+      for (const e of errors) process.stderr.write(`${o.file}:${e.line ?? '-'}: error: ${e.message}\n`);
+    }
     return EX_CONFIG;
   }
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
     const unsafe = notRootsAlone(o.file);
-    if (unsafe) findings.unshift({ level: 'warning', line: null, message: `${o.file} ${unsafe}: a user other than root could change it, and tapbrokerd refuses to run on it` });
-    if (o.json) write(JSON.stringify({ file: o.file, ok: true, sha256: policy.sha256, rules: policy.allow.length, deny_rules: policy.deny.length, findings }, null, 2));
-    else {
+    if (unsafe) {
+      findings.unshift({
+        level: 'warning', line: null,
+        message: `${o.file} ${unsafe}: a user other than root could change it, and tapbrokerd refuses to run on it`,
+      });
+    }
+    if (o.json) {
+      write(JSON.stringify({
+        file: o.file, ok: true, sha256: policy.sha256, rules: policy.allow.length, deny_rules: policy.deny.length,
+        findings,
+      }, null, 2));
+    } else {
       for (const f of findings) write(`${o.file}:${f.line ?? '-'}: ${f.level}: ${f.message}`);
-      write(`${o.file}: ok: ${policy.allow.length} rules, ${policy.deny.length} deny rules, ${findings.length} warning${findings.length === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
+      write(`${o.file}: ok: ${policy.allow.length} rules, ${policy.deny.length} deny rules, `
+        + `${findings.length} warning${findings.length === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
     }
     return EX_OK;
   }
@@ -144,7 +204,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
       process.stderr.write('tapbrokerd: explain-policy needs --user NAME\n');
       return EX_USAGE;
     }
-    const pw = /^\d+$/.test(o.user) ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? Number(o.user) } : getpwnam(o.user);
+    const pw = /^\d+$/.test(o.user)
+      ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? Number(o.user) }
+      : getpwnam(o.user);
     if (!pw) {
       process.stderr.write(`tapbrokerd: no user \`${o.user}'\n`);
       return EX_DATAERR;
@@ -162,11 +224,13 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     const result = {
       user: o.user, uid: pw.uid, gid: pw.gid, groups,
       denied_by: denies.map((d) => ({
-        rule: d.name, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [], parents: everything(d) ? 'all' : d.parents ?? [],
+        rule: d.name, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
+        parents: everything(d) ? 'all' : d.parents ?? [],
         networks: everything(d) ? 'all' : d.networks ?? [], covers: denyScope(d),
       })),
       allowed_by: allows.map((r) => ({
-        rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks, max_queues: r.maxQueues, vhost: r.vhost,
+        rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks,
+        max_queues: r.maxQueues, vhost: r.vhost,
         mac_prefix: r.macPrefix, persistent: r.persistent, name_pattern: r.namePattern, max_devices: r.maxDevices,
       })),
     };
@@ -174,9 +238,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     else {
       write(`user ${o.user}: uid ${pw.uid}, gid ${pw.gid}, groups ${groups.join(',') || '-'}`);
       if (allows.length === 0) write('no rule allows this user anything (default deny)');
-      else write(table([['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT', 'MAX DEVICES'],
-        ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-', r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
-          String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no', String(r.maxDevices)])]));
+      else write(table([
+        ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
+          'MAX DEVICES'],
+        ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-',
+          r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
+          String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no',
+          String(r.maxDevices)]),
+      ]));
       for (const d of denies) {
         write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(d)} — deny wins over every rule above`);
       }
@@ -201,8 +270,12 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
     : { kind: kind === 'tap' ? 'bridge' : 'macvtap', name: target, vlan: null, network: null };
   const routes = kind === 'network' ? [{ via: null as string | null, t: asked }] : [
     { via: null as string | null, t: asked },
-    ...[...policy.networks.values()].filter((n) => kind === 'tap' && (n.kind === 'bridge' || n.kind === 'ovs') && n.target === target)
-      .map((n) => ({ via: n.name as string | null, t: resolveTarget(policy, { kind: 'tap', parent: n.name, network: true }) })),
+    ...[...policy.networks.values()]
+      .filter((n) => kind === 'tap' && (n.kind === 'bridge' || n.kind === 'ovs') && n.target === target)
+      .map((n) => ({
+        via: n.name as string | null,
+        t: resolveTarget(policy, { kind: 'tap', parent: n.name, network: true }),
+      })),
   ];
   const grantsRoute = (r: AllowRule, via: string | null) => via !== null ? r.networks.includes(via)
     : kind === 'tap' ? r.bridges.includes(target) : kind === 'network' ? r.networks.includes(target)
@@ -212,18 +285,21 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
   const result = {
     target: { kind, name: target, mode: o.mode },
     allowed_by: grants.map(({ r, via }) => ({
-      rule: r.name, line: r.line, who: principals(r.who), via_network: via, max_queues: r.maxQueues, vhost: r.vhost, persistent: r.persistent,
-      max_devices: r.maxDevices,
+      rule: r.name, line: r.line, who: principals(r.who), via_network: via, max_queues: r.maxQueues, vhost: r.vhost,
+      persistent: r.persistent, max_devices: r.maxDevices,
     })),
     except: denies.map((d) => ({ rule: d.name, line: d.line, who: principals(d.who) })),
   };
   if (o.json) write(JSON.stringify(result, null, 2));
   else {
     const net = kind === 'network' ? policy.networks.get(target)! : null;
-    write(`${kind === 'tap' ? 'bridge' : kind === 'network' ? 'network' : 'macvtap parent'} ${target}${o.mode ? ` (mode ${o.mode})` : ''}${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
+    write(`${kind === 'tap' ? 'bridge' : kind === 'network' ? 'network' : 'macvtap parent'} ${target}`
+      + `${o.mode ? ` (mode ${o.mode})` : ''}`
+      + `${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
     else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
-      ...grants.map(({ r, via }) => [r.name, String(r.line), principals(r.who), via === null ? '-' : `network ${via}`, String(r.maxQueues),
+      ...grants.map(({ r, via }) => [r.name, String(r.line), principals(r.who), via === null ? '-' : `network ${via}`,
+        String(r.maxQueues),
         r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', String(r.maxDevices)])]));
     for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);
   }

@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import {
-  MACVTAP_MODES, MAX_QUEUES, TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName, type ErrorCode, type MacvtapMode,
+  MACVTAP_MODES, MAX_QUEUES, TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName, type ErrorCode,
+  type MacvtapMode,
 } from '@tapbroker/protocol';
 import { accountMembers, getgrnam, getpwnam } from './libc.js';
 import { OVSDB_TARGET } from './ovs.js';
@@ -31,9 +32,15 @@ const RuleName = PolicyName;
 
 const NamePattern = z.string().superRefine((s, ctx) => {
   if (!/^[A-Za-z0-9_.*{}-]+$/.test(s) || /\{(?!uid\}|user\})/.test(s)) {
-    ctx.addIssue({ code: 'custom', message: `name_pattern \`${s}' may use A-Z a-z 0-9 _ . - *, {uid} and {user} only` });
+    ctx.addIssue({
+      code: 'custom',
+      message: `name_pattern \`${s}' may use A-Z a-z 0-9 _ . - *, {uid} and {user} only`,
+    });
   } else if (!s.includes('{uid}') && !s.includes('{user}')) {
-    ctx.addIssue({ code: 'custom', message: `name_pattern \`${s}' must contain {uid} or {user}, so users cannot take each other's names` });
+    ctx.addIssue({
+      code: 'custom',
+      message: `name_pattern \`${s}' must contain {uid} or {user}, so users cannot take each other's names`,
+    });
   }
 });
 
@@ -62,9 +69,13 @@ const NetworkSchema = z.strictObject({
 }).superRefine((n, ctx) => {
   const kinds = [n.bridge, n.ovs, n.hook].filter((x) => x !== undefined).length;
   if (kinds !== 1) ctx.addIssue({ code: 'custom', message: 'a network needs exactly one of bridge, ovs or hook' });
-  if (n.vlan !== undefined && n.trunk !== undefined) ctx.addIssue({ code: 'custom', message: 'vlan and trunk exclude each other' });
+  if (n.vlan !== undefined && n.trunk !== undefined) {
+    ctx.addIssue({ code: 'custom', message: 'vlan and trunk exclude each other' });
+  }
   if (n.trunk !== undefined && n.ovs === undefined) ctx.addIssue({ code: 'custom', message: 'trunk needs ovs' });
-  if ((n.vlan !== undefined || n.trunk !== undefined) && n.hook !== undefined) ctx.addIssue({ code: 'custom', message: 'a hook network sets its own VLANs' });
+  if ((n.vlan !== undefined || n.trunk !== undefined) && n.hook !== undefined) {
+    ctx.addIssue({ code: 'custom', message: 'a hook network sets its own VLANs' });
+  }
   if (n.ovsdb !== undefined && n.ovs === undefined) ctx.addIssue({ code: 'custom', message: 'ovsdb needs ovs' });
 });
 
@@ -82,7 +93,9 @@ const RuleSchema = z.strictObject({
   mac_prefix: z.string().superRefine((s, ctx) => {
     const why = checkMacPrefix(s);
     if (why) ctx.addIssue({ code: 'custom', message: `mac_prefix \`${s}' ${why}` });
-    else if (parseInt(s.slice(0, 2), 16) & 1) ctx.addIssue({ code: 'custom', message: `mac_prefix \`${s}' is multicast` });
+    else if (parseInt(s.slice(0, 2), 16) & 1) {
+      ctx.addIssue({ code: 'custom', message: `mac_prefix \`${s}' is multicast` });
+    }
   }).default(DEFAULT_MAC_PREFIX),
   max_devices: z.number().int().min(0).optional(),
 });
@@ -203,7 +216,9 @@ export type Decision =
  */
 export function loadTrustedPolicy(path: string): Policy {
   const why = notRootsAlone(path);
-  if (why) throw new TapbrokerError('TB_E_POLICY_INVALID', `${path}: ${why}: a user other than root could change the policy`);
+  if (why) {
+    throw new TapbrokerError('TB_E_POLICY_INVALID', `${path}: ${why}: a user other than root could change the policy`);
+  }
   return loadPolicy(path);
 }
 
@@ -229,7 +244,9 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
   }
   const parsed = PolicySchema.safeParse(doc);
   if (!parsed.success) {
-    const errors = parsed.error.issues.map((i) => `${path}:${lineOf(text, i.path)}: ${i.path.join('.') || 'top level'}: ${i.message}`);
+    const errors = parsed.error.issues.map(
+      (i) => `${path}:${lineOf(text, i.path)}: ${i.path.join('.') || 'top level'}: ${i.message}`,
+    );
     throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
   }
   const warnings: string[] = [];
@@ -238,11 +255,30 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
   const allow = parsed.data.rule.map((r, i): AllowRule => {
     if (names.has(r.name)) errors.push(`${path}: rule.${i}.name: duplicate rule name \`${r.name}'`);
     names.add(r.name);
-    const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, `${path}:${lineOf(text, ['rule', i])}`);
-    if (r.bridges.length === 0 && r.macvtap.length === 0 && r.networks.length === 0) errors.push(`${path}:${lineOf(text, ['rule', i])}: rule \`${r.name}' allows no bridges, no macvtap parents and no networks`);
-    for (const n of r.networks) if (!Object.hasOwn(parsed.data.network, n)) errors.push(`${path}:${lineOf(text, ['rule', i, 'networks'])}: rule \`${r.name}' names network \`${n}', which is not defined`);
+    const who = resolveSelector(
+      r.users,
+      r.groups,
+      `rule \`${r.name}'`,
+      warnings,
+      errors,
+      `${path}:${lineOf(text, ['rule', i])}`,
+    );
+    if (r.bridges.length === 0 && r.macvtap.length === 0 && r.networks.length === 0) {
+      errors.push(
+        `${path}:${lineOf(text, ['rule', i])}: rule \`${r.name}' allows no bridges, no macvtap parents and no networks`,
+      );
+    }
+    for (const n of r.networks) {
+      if (!Object.hasOwn(parsed.data.network, n)) {
+        errors.push(
+          `${path}:${lineOf(text, ['rule', i, 'networks'])}: rule \`${r.name}' names network \`${n}', `
+            + 'which is not defined',
+        );
+      }
+    }
     return {
-      kind: 'allow', name: r.name, line: lineOf(text, ['rule', i]), who, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks, persistent: r.persistent,
+      kind: 'allow', name: r.name, line: lineOf(text, ['rule', i]), who, bridges: r.bridges, macvtap: r.macvtap,
+      networks: r.networks, persistent: r.persistent,
       namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix,
       maxDevices: r.max_devices ?? DEFAULT_MAX_DEVICES, maxDevicesDefault: r.max_devices === undefined,
     };
@@ -251,8 +287,24 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
     const name = d.name ?? `deny.${i}`;
     if (names.has(name)) errors.push(`${path}: deny.${i}.name: duplicate rule name \`${name}'`);
     names.add(name);
-    const who = resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, `${path}:${lineOf(text, ['deny', i])}`, true);
-    return { kind: 'deny', name, line: lineOf(text, ['deny', i]), who, bridges: d.bridges ?? null, parents: d.parents ?? null, networks: d.networks ?? null };
+    const who = resolveSelector(
+      d.users,
+      d.groups,
+      `deny rule \`${name}'`,
+      warnings,
+      errors,
+      `${path}:${lineOf(text, ['deny', i])}`,
+      true,
+    );
+    return {
+      kind: 'deny',
+      name,
+      line: lineOf(text, ['deny', i]),
+      who,
+      bridges: d.bridges ?? null,
+      parents: d.parents ?? null,
+      networks: d.networks ?? null,
+    };
   });
   const networks = new Map<string, Network>();
   for (const [name, n] of Object.entries(parsed.data.network)) {
@@ -262,7 +314,15 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
       const why = hookUnsafe(target);
       if (why) errors.push(`${path}:${lineOf(text, ['network'])}: network \`${name}': hook ${target} ${why}`);
     }
-    networks.set(name, { name, kind, target, vlan: n.vlan ?? null, trunk: n.trunk ?? null, ovsdb: n.ovsdb ?? null, hookTimeoutMs: (n.hook_timeout ?? 10) * 1000 });
+    networks.set(name, {
+      name,
+      kind,
+      target,
+      vlan: n.vlan ?? null,
+      trunk: n.trunk ?? null,
+      ovsdb: n.ovsdb ?? null,
+      hookTimeoutMs: (n.hook_timeout ?? 10) * 1000,
+    });
   }
   errors.push(...patternOverlaps(allow, path));
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
@@ -296,13 +356,20 @@ function patternOverlaps(rules: readonly AllowRule[], path: string): string[] {
     const rest = p.slice(i + holes[0]!.length);
     if (prefix.includes('*')) errors.push(`${at}: * may only follow the placeholder`);
     else if (holes[0] === '{uid}' && /^[0-9*]/.test(rest)) {
-      errors.push(`${at}: {uid} must be followed by a character that is not a digit (e.g. tb{uid}-*), or two uids could share a name`);
+      errors.push(
+        `${at}: {uid} must be followed by a character that is not a digit (e.g. tb{uid}-*), `
+          + 'or two uids could share a name',
+      );
     } else if (holes[0] === '{user}' && rest !== '') {
       errors.push(`${at}: {user} must end the pattern, without * (user names may contain - . _ and digits)`);
     } else {
       const seen = shapes.get(prefix);
-      if (seen && seen.pattern !== p) errors.push(`${at}: overlaps ${seen.rule === 'the names the broker picks' ? seen.rule : `rule \`${seen.rule}' (${seen.pattern})`}`);
-      else shapes.set(prefix, { pattern: p, rule: r.name, line: r.line });
+      if (seen && seen.pattern !== p) {
+        errors.push(
+          `${at}: overlaps `
+            + `${seen.rule === 'the names the broker picks' ? seen.rule : `rule \`${seen.rule}' (${seen.pattern})`}`,
+        );
+      } else shapes.set(prefix, { pattern: p, rule: r.name, line: r.line });
     }
   }
   // Prefix-free: in sorted order a prefix sits right before the strings it begins.
@@ -416,8 +483,15 @@ export interface Target {
 }
 
 export function resolveTarget(policy: Policy, ask: Pick<Ask, 'kind' | 'parent' | 'network'>): Target {
-  if (!ask.network) return { kind: ask.kind === 'tap' ? 'bridge' : 'macvtap', name: ask.parent, vlan: null, network: null };
-  return networkTarget(policy.networks.get(ask.parent)) ?? { kind: 'unknown', name: ask.parent, vlan: null, network: ask.parent };
+  if (!ask.network) {
+    return { kind: ask.kind === 'tap' ? 'bridge' : 'macvtap', name: ask.parent, vlan: null, network: null };
+  }
+  return networkTarget(policy.networks.get(ask.parent)) ?? {
+    kind: 'unknown',
+    name: ask.parent,
+    vlan: null,
+    network: ask.parent,
+  };
 }
 
 function networkTarget(n: Network | undefined): Target | null {
@@ -461,7 +535,15 @@ export function nameMatches(name: string, pattern: string, uid: number, user: st
   if (pattern.includes('{user}') && user === null) return false;
   const re = pattern
     .split(/(\*|\{uid\}|\{user\})/)
-    .map((part) => (part === '*' ? '[A-Za-z0-9_.-]+' : part === '{uid}' ? String(uid) : part === '{user}' ? escapeRe(user!) : escapeRe(part)))
+    .map((part) =>
+      part === '*'
+        ? '[A-Za-z0-9_.-]+'
+        : part === '{uid}'
+          ? String(uid)
+          : part === '{user}'
+            ? escapeRe(user!)
+            : escapeRe(part),
+    )
     .join('');
   return new RegExp(`^${re}$`).test(name);
 }
@@ -484,16 +566,29 @@ export function denyScope(d: DenyRule): string {
  * `live(rule)` is the caller's count of devices charged to that rule, looked up, not computed: a pure
  * function of its inputs.
  */
-export function decide(policy: Policy, caller: Caller & { user?: string | null }, ask: Ask, live: (rule: string) => number): Decision {
-  const what = ask.network ? `network \`${ask.parent}'` : ask.kind === 'tap' ? `bridge \`${ask.parent}'` : `macvtap parent \`${ask.parent}'`;
+export function decide(
+  policy: Policy,
+  caller: Caller & { user?: string | null },
+  ask: Ask,
+  live: (rule: string) => number,
+): Decision {
+  const what = ask.network
+    ? `network \`${ask.parent}'`
+    : ask.kind === 'tap'
+      ? `bridge \`${ask.parent}'`
+      : `macvtap parent \`${ask.parent}'`;
   const target = resolveTarget(policy, ask);
   const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
   if (deny) {
     const scope = denyScope(deny);
-    const onto = target.network !== null && target.kind !== 'unknown' ? ` (network \`${target.network}' is ${target.kind} ${target.name})` : '';
+    const onto = target.network !== null && target.kind !== 'unknown'
+      ? ` (network \`${target.network}' is ${target.kind} ${target.name})`
+      : '';
     return {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'${onto}`,
-      hint: `the deny rule covers ${scope}${scope === 'everything' ? '; only an administrator can change it' : `; another ${targetNoun(ask).replace(/s$/, '')} may be allowed`}`,
+      hint: `the deny rule covers ${scope}${scope === 'everything'
+        ? '; only an administrator can change it'
+        : `; another ${targetNoun(ask).replace(/s$/, '')} may be allowed`}`,
     };
   }
   const mine = policy.allow.filter((r) => matches(r.who, caller));
@@ -508,7 +603,9 @@ export function decide(policy: Policy, caller: Caller & { user?: string | null }
     const allowed = [...new Set(mine.flatMap((r) => targets(r, ask)))];
     return {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: `no rule matched ${what}`,
-      hint: allowed.length ? `your rules allow ${targetNoun(ask)}: ${allowed.join(', ')}` : `your rules allow no ${targetNoun(ask)}`,
+      hint: allowed.length
+        ? `your rules allow ${targetNoun(ask)}: ${allowed.join(', ')}`
+        : `your rules allow no ${targetNoun(ask)}`,
     };
   }
   let first: Decision | null = null;
@@ -521,31 +618,66 @@ export function decide(policy: Policy, caller: Caller & { user?: string | null }
 }
 
 function refuse(rule: AllowRule, caller: Caller & { user?: string | null }, ask: Ask, live: number): Decision | null {
-  const no = (code: ErrorCode, message: string, hint: string): Decision => ({ allow: false, code, rule: rule.name, message, hint });
+  const no = (code: ErrorCode, message: string, hint: string): Decision => ({
+    allow: false,
+    code,
+    rule: rule.name,
+    message,
+    hint,
+  });
   if (ask.kind === 'macvtap' && !ask.network) {
     const modes = rule.macvtap.find((m) => m.parent === ask.parent)!.modes;
     if (!modes.includes(ask.mode!)) {
-      return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' allows mode${modes.length > 1 ? 's' : ''} ${modes.join(', ')} on \`${ask.parent}', not ${ask.mode}`, `ask for mode ${modes[0]}`);
+      return no(
+        'TB_E_POLICY_DENIED',
+        `rule \`${rule.name}' allows mode${modes.length > 1 ? 's' : ''} ${modes.join(', ')} on \`${ask.parent}', `
+          + `not ${ask.mode}`,
+        `ask for mode ${modes[0]}`,
+      );
     }
   }
   if (ask.persistent && !rule.persistent) {
-    return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' does not allow persistent devices`, 'use tapbroker run, which needs no persistent device');
+    return no(
+      'TB_E_POLICY_DENIED',
+      `rule \`${rule.name}' does not allow persistent devices`,
+      'use tapbroker run, which needs no persistent device',
+    );
   }
   if (ask.name !== null && !nameMatches(ask.name, rule.namePattern, caller.uid, caller.user ?? null)) {
-    const example = rule.namePattern.replace('{uid}', String(caller.uid)).replace('{user}', caller.user ?? 'USER').replace('*', 'vm0');
-    return no('TB_E_INVALID_NAME', `name \`${ask.name}' does not match rule \`${rule.name}' name_pattern ${rule.namePattern}`, `pick a name like \`${example}', or leave it out and the broker picks one`);
+    const example = rule.namePattern
+      .replace('{uid}', String(caller.uid))
+      .replace('{user}', caller.user ?? 'USER')
+      .replace('*', 'vm0');
+    return no(
+      'TB_E_INVALID_NAME',
+      `name \`${ask.name}' does not match rule \`${rule.name}' name_pattern ${rule.namePattern}`,
+      `pick a name like \`${example}', or leave it out and the broker picks one`,
+    );
   }
   if (ask.queues > rule.maxQueues) {
-    return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' allows at most ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''}, not ${ask.queues}`, `ask for ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''} or fewer`);
+    return no(
+      'TB_E_POLICY_DENIED',
+      `rule \`${rule.name}' allows at most ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''}, not ${ask.queues}`,
+      `ask for ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''} or fewer`,
+    );
   }
   if (ask.vhost && !rule.vhost) {
     return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' does not allow vhost-net`, 'ask with vhost=off');
   }
   if (ask.mac !== null && !macInPrefix(ask.mac, rule.macPrefix)) {
-    return no('TB_E_INVALID_MAC', `mac ${ask.mac} is outside rule \`${rule.name}' prefix ${rule.macPrefix}`, `use a MAC starting with ${rule.macPrefix}, or leave it out and the broker picks one`);
+    return no(
+      'TB_E_INVALID_MAC',
+      `mac ${ask.mac} is outside rule \`${rule.name}' prefix ${rule.macPrefix}`,
+      `use a MAC starting with ${rule.macPrefix}, or leave it out and the broker picks one`,
+    );
   }
   if (live >= rule.maxDevices) {
-    return no('TB_E_QUOTA_EXCEEDED', `rule \`${rule.name}' allows ${rule.maxDevices} live device${rule.maxDevices === 1 ? '' : 's'} per user and you hold ${live}`, 'stop a VM that holds one, then ask again');
+    return no(
+      'TB_E_QUOTA_EXCEEDED',
+      `rule \`${rule.name}' allows ${rule.maxDevices} live device${rule.maxDevices === 1 ? '' : 's'} per user `
+        + `and you hold ${live}`,
+      'stop a VM that holds one, then ask again',
+    );
   }
   return null;
 }

@@ -100,7 +100,8 @@ export function parseAttrs(buf: Buffer, start = 0, end = buf.length): Map<number
   return out;
 }
 
-const cstr = (b: Buffer | undefined) => (b ? b.toString('utf8', 0, b.indexOf(0) >= 0 ? b.indexOf(0) : b.length) : undefined);
+const cstr = (b: Buffer | undefined) =>
+  b ? b.toString('utf8', 0, b.indexOf(0) >= 0 ? b.indexOf(0) : b.length) : undefined;
 
 export interface Link {
   /** ifi_family: AF_UNSPEC for the device itself, AF_BRIDGE for its bridge-port view. */
@@ -132,7 +133,10 @@ export function parseLink(msg: Buffer): Link {
   const info = linkinfo ? parseAttrs(linkinfo) : null;
   const kind = info ? cstr(info.get(IFLA_INFO_KIND)) ?? null : null;
   const tunData = kind === 'tun' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!) : null;
-  const brFiltering = kind === 'bridge' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!).get(IFLA_BR_VLAN_FILTERING) : undefined;
+  const brFiltering =
+    kind === 'bridge' && info?.get(IFLA_INFO_DATA)
+      ? parseAttrs(info.get(IFLA_INFO_DATA)!).get(IFLA_BR_VLAN_FILTERING)
+      : undefined;
   const master = attrs.get(IFLA_MASTER);
   const lower = attrs.get(IFLA_LINK);
   const u32 = (t: number) => tunData?.get(t)?.readUInt32LE(0);
@@ -159,14 +163,26 @@ export function parseLink(msg: Buffer): Link {
 }
 
 /** RTM_NEWLINK creating a macvtap on `parent` with the guest's MAC, up, never replacing a device. */
-export function macvtapMessage(seq: number, opts: { name: string; index?: number; parent: number; mac: Buffer; mode: keyof typeof MACVLAN_MODES; alias?: string }): Buffer {
-  return linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, { index: opts.index ?? 0, flags: IFF_UP, change: IFF_UP }, [
-    attrString(IFLA_IFNAME, opts.name),
-    ...(opts.alias ? [attrString(IFLA_IFALIAS, opts.alias)] : []),
-    attrU32(IFLA_LINK, opts.parent),
-    rtattr(IFLA_ADDRESS, opts.mac),
-    attrNested(IFLA_LINKINFO, [attrString(IFLA_INFO_KIND, 'macvtap'), attrNested(IFLA_INFO_DATA, [attrU32(IFLA_MACVLAN_MODE, MACVLAN_MODES[opts.mode])])]),
-  ]);
+export function macvtapMessage(
+  seq: number,
+  opts: { name: string; index?: number; parent: number; mac: Buffer; mode: keyof typeof MACVLAN_MODES; alias?: string },
+): Buffer {
+  return linkMessage(
+    RTM_NEWLINK,
+    NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    seq,
+    { index: opts.index ?? 0, flags: IFF_UP, change: IFF_UP },
+    [
+      attrString(IFLA_IFNAME, opts.name),
+      ...(opts.alias ? [attrString(IFLA_IFALIAS, opts.alias)] : []),
+      attrU32(IFLA_LINK, opts.parent),
+      rtattr(IFLA_ADDRESS, opts.mac),
+      attrNested(IFLA_LINKINFO, [
+        attrString(IFLA_INFO_KIND, 'macvtap'),
+        attrNested(IFLA_INFO_DATA, [attrU32(IFLA_MACVLAN_MODE, MACVLAN_MODES[opts.mode])]),
+      ]),
+    ],
+  );
 }
 
 /**
@@ -177,7 +193,9 @@ export function bridgeVlanMessage(seq: number, port: number, vid: number, add: b
   const info = Buffer.alloc(4);
   info.writeUInt16LE(add ? BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED : 0, 0);
   info.writeUInt16LE(vid, 2);
-  const msg = linkMessage(add ? RTM_SETLINK : RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index: port }, [attrNested(IFLA_AF_SPEC, [rtattr(IFLA_BRIDGE_VLAN_INFO, info)])]);
+  const msg = linkMessage(add ? RTM_SETLINK : RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index: port }, [
+    attrNested(IFLA_AF_SPEC, [rtattr(IFLA_BRIDGE_VLAN_INFO, info)]),
+  ]);
   msg.writeUInt8(AF_BRIDGE, 16);
   return msg;
 }
@@ -250,7 +268,9 @@ export class Rtnetlink {
   /** Sends one request and returns the reply messages (for a plain request with ACK: none). */
   request(build: (seq: number) => Buffer, what: string): Buffer[] {
     const seq = (this.seq = (this.seq + 1) & 0x7fffffff);
-    if (sys.sendMsg(this.fd, { data: build(seq) }, 0) < 0) throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, `${what}: request not sent`);
+    if (sys.sendMsg(this.fd, { data: build(seq) }, 0) < 0) {
+      throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, `${what}: request not sent`);
+    }
     const deadline = Date.now() + Rtnetlink.TIMEOUT_MS;
     const replies: Buffer[] = [];
     for (;;) {
@@ -275,7 +295,11 @@ export class Rtnetlink {
   /** The link called `name`, or null if there is none. */
   getLinkByName(name: string): Link | null {
     try {
-      const [m] = this.request((seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, {}, [attrString(IFLA_IFNAME, name), attrU32(IFLA_EXT_MASK, 1)]), `get link \`${name}'`);
+      const [m] = this.request(
+        (seq) =>
+          linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, {}, [attrString(IFLA_IFNAME, name), attrU32(IFLA_EXT_MASK, 1)]),
+        `get link \`${name}'`,
+      );
       return m ? parseLink(m) : null;
     } catch (err) {
       if (err instanceof sys.SyscallError && err.errno === sys.errno.ENODEV) return null;
@@ -286,7 +310,10 @@ export class Rtnetlink {
   /** The link with index `index`, or null if there is none. */
   getLinkByIndex(index: number): Link | null {
     try {
-      const [m] = this.request((seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, { index }, [attrU32(IFLA_EXT_MASK, 1)]), `get link ${index}`);
+      const [m] = this.request(
+        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, { index }, [attrU32(IFLA_EXT_MASK, 1)]),
+        `get link ${index}`,
+      );
       return m ? parseLink(m) : null;
     } catch (err) {
       if (err instanceof sys.SyscallError && err.errno === sys.errno.ENODEV) return null;
@@ -296,7 +323,10 @@ export class Rtnetlink {
 
   /** Every link in the namespace. */
   dumpLinks(): Link[] {
-    return this.request((seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, [attrU32(IFLA_EXT_MASK, 1)]), 'dump links').map(parseLink);
+    return this.request(
+      (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, [attrU32(IFLA_EXT_MASK, 1)]),
+      'dump links',
+    ).map(parseLink);
   }
 
   /** Creates a macvtap; throws SyscallError (EEXIST if the name is taken). */
@@ -316,7 +346,10 @@ export class Rtnetlink {
   }
 
   /** Sets address, MTU, master and up in one RTM_NEWLINK. */
-  configureLink(index: number, opts: { address?: Buffer; mtu?: number; master?: number; up?: boolean; alias?: string }): void {
+  configureLink(
+    index: number,
+    opts: { address?: Buffer; mtu?: number; master?: number; up?: boolean; alias?: string },
+  ): void {
     const attrs: Buffer[] = [];
     if (opts.alias !== undefined) attrs.push(attrString(IFLA_IFALIAS, opts.alias));
     if (opts.address) attrs.push(rtattr(IFLA_ADDRESS, opts.address));
@@ -324,7 +357,10 @@ export class Rtnetlink {
     if (opts.master !== undefined) attrs.push(attrU32(IFLA_MASTER, opts.master));
     const info: IfInfo = { index };
     if (opts.up !== undefined) Object.assign(info, { flags: opts.up ? IFF_UP : 0, change: IFF_UP });
-    this.request((seq) => linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, info, attrs), `configure link ${index}`);
+    this.request(
+      (seq) => linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, info, attrs),
+      `configure link ${index}`,
+    );
   }
 }
 

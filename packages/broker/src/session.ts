@@ -19,8 +19,8 @@ import type { Identity } from './identity.js';
 export interface Outcome {
   reply: Reply;
   fds: number[];
-  /** A lease that ends when this connection or its process ends. */
-  hold?: string;
+  /** Leases that end when this connection or its process ends. */
+  hold?: string[];
 }
 
 /** What a session needs of the broker (the broker implements it; no import cycle). */
@@ -223,7 +223,7 @@ export class Session {
       this.helloed = true;
       if (this.timer) clearTimeout(this.timer);
     }
-    if (outcome.hold) this.hold(outcome.hold);
+    for (const id of outcome.hold ?? []) this.hold(id);
     try {
       await this.reply(outcome.reply, outcome.fds);
       this.fdsInFlight = outcome.fds.length > 0;
@@ -251,6 +251,7 @@ export class Session {
     const reply: Reply = { op: 'error', id, code: e.code, message: bounded(e.message) };
     if (e.rule !== undefined) reply.rule = bounded(e.rule, 128);
     if (e.hint !== undefined) reply.hint = bounded(e.hint);
+    if (e.nic !== undefined) reply.nic = e.nic;
     try {
       await this.reply(reply, []);
     } catch {

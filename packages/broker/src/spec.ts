@@ -11,6 +11,7 @@ import {
   type CreateMacvtapRequest,
   type CreateTapRequest,
   type MacvtapMode,
+  type Nic,
 } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 import { printable } from './naming.js';
@@ -25,7 +26,10 @@ export interface CreateSpec {
   queues: number;
   vhost: boolean;
   vnetHdr: boolean;
+  /** The guest's MAC, or null: the broker picks one, or (`macUnknown`) the hypervisor sets it. */
   mac: string | null;
+  /** The caller said the hypervisor sets the guest's MAC (qemu-bridge-helper's way): the broker does not know it. */
+  macUnknown: boolean;
   /** A name the caller picked, or null for a broker-chosen one. */
   name: string | null;
   persistent: boolean;
@@ -33,17 +37,20 @@ export interface CreateSpec {
   group: number | null;
 }
 
-/** The spec of a create request or of a `can` dry run, defaults applied. */
-export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanRequest): CreateSpec {
+/** The spec of a create request, one NIC of a `create` request, or a `can` dry run, defaults applied. */
+export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanRequest | Nic): CreateSpec {
   const common = {
     queues: req.queues ?? 1,
     vhost: req.vhost ?? false,
     mac: req.mac ?? null,
+    macUnknown: req.mac === null,
     name: req.name ?? null,
     persistent: req.persistent ?? false,
   };
-  switch (req.op) {
-    case 'create-tap':
+  const op = 'op' in req ? req.op : req.kind === 'tap' ? 'create-tap' : 'create-macvtap';
+  switch (op) {
+    case 'create-tap': {
+      req = req as CreateTapRequest;
       if ((req.bridge === undefined) === (req.network === undefined)) {
         throw new TapbrokerError('TB_E_INVALID_REQUEST', 'create-tap needs exactly one of bridge or network');
       }
@@ -56,7 +63,9 @@ export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanReq
         vnetHdr: req.vnet_hdr ?? true,
         group: req.group ?? null,
       };
+    }
     case 'create-macvtap':
+      req = req as CreateMacvtapRequest;
       return {
         ...common,
         kind: 'macvtap',
@@ -67,6 +76,7 @@ export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanReq
         group: null,
       };
     case 'can':
+      req = req as CanRequest;
       return {
         ...common,
         kind: req.kind === 'macvtap' ? 'macvtap' : 'tap',
@@ -76,6 +86,8 @@ export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanReq
         vnetHdr: true,
         group: null,
       };
+    default:
+      throw new TapbrokerError('TB_E_UNKNOWN_OP', `not a create request: ${op as string}`);
   }
 }
 
@@ -99,6 +111,10 @@ export function checkSpec(s: CreateSpec, caller: Identity): void {
   if (s.persistent && s.vhost) {
     invalid('TB_E_INVALID_REQUEST', 'vhost-net fds travel with a fd-passed device; a persistent one gets none');
   }
+  if (s.macUnknown && s.kind === 'macvtap') {
+    invalid('TB_E_INVALID_REQUEST', "mac null is for taps: a macvtap's MAC is the guest's, set when it is created; "
+      + 'name it or let the broker pick it');
+  }
   if (s.group !== null && !s.persistent) invalid('TB_E_INVALID_REQUEST', 'group is for persistent devices');
   if (s.group !== null && s.group !== caller.gid && !caller.groups.includes(s.group)) {
     throw new TapbrokerError('TB_E_POLICY_DENIED', `you are not in group ${s.group}`, {
@@ -117,7 +133,7 @@ export function specView(s: CreateSpec): Record<string, unknown> {
     queues: s.queues,
     vhost: s.vhost,
     vnet_hdr: s.vnetHdr,
-    mac: s.mac,
+    mac: s.macUnknown ? 'unknown' : s.mac,
     name: s.name,
     persistent: s.persistent,
     group: s.group,

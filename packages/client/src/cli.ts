@@ -17,6 +17,7 @@ const USAGE = `usage: tapbroker run [--socket PATH] --net SPEC... -- COMMAND [AR
        tapbroker list [--json] [--socket PATH]
        tapbroker release NAME [--socket PATH]
        tapbroker can [--socket PATH] --net SPEC...      (dry run: would the broker grant it, by which rule?)
+       tapbroker status [--json] [--socket PATH]        (the broker, its policy, your leases and quotas)
        tapbroker reload [--socket PATH]                 (root: the broker re-reads its policy)
 SPEC:  bridge=NAME|network=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N][,vhost=on|off]
        [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`;
@@ -90,7 +91,7 @@ export function buildNicArgs(nets: readonly NetSpec[], taps: readonly Tap[] | nu
   });
   const numbers = childFdNumbers(counts.flatMap(([q, v]) => [q, v]));
   return nets.flatMap((n, k) => nicArgs({
-    id: n.id ?? `net${k}`, model: n.model, mac: taps ? taps[k]!.device.mac : n.mac,
+    id: n.id ?? `net${k}`, model: n.model, mac: taps ? taps[k]!.device.mac ?? n.mac : n.mac,
     tapFds: numbers[2 * k]!, vhostFds: numbers[2 * k + 1]!,
   }));
 }
@@ -98,20 +99,21 @@ export function buildNicArgs(nets: readonly NetSpec[], taps: readonly Tap[] | nu
 export function describeDevice(d: Device): string {
   const net = d.network ? `network ${d.network}${d.parent !== '-' ? ` (${d.parent}${d.vlan !== null ? `, vlan ${d.vlan}` : ''})` : ''}` : '';
   const where = d.network ? `on ${net}` : d.kind === 'tap' ? `on ${d.parent}` : `macvtap on ${d.parent} (${d.mode})`;
-  return `${d.name} ${where} (ifindex ${d.ifindex}, mtu ${d.mtu}, mac ${d.mac}, ${d.queues} queue${d.queues > 1 ? 's' : ''}${d.vhost ? ', vhost' : ''}${d.persistent ? ', persistent' : ''}, rule ${d.rule})`;
+  return `${d.name} ${where} (ifindex ${d.ifindex}, mtu ${d.mtu}, mac ${d.mac ?? 'set by the hypervisor'}, ${d.queues} queue${d.queues > 1 ? 's' : ''}${d.vhost ? ', vhost' : ''}${d.persistent ? ', persistent' : ''}, rule ${d.rule})`;
 }
 
 async function run(args: Args): Promise<number> {
   const client = await TapbrokerClient.connect(args.socket);
-  const taps: Tap[] = [];
+  let taps: Tap[];
   try {
-    for (const n of args.nets) {
+    // Every NIC in one request: one round trip, and the broker grants all of them or none.
+    taps = await client.createNics(args.nets.map((n) => {
       const common = { queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name };
-      taps.push(n.kind === 'macvtap' ? await client.createMacvtap({ parent: n.parent, mode: n.mode!, ...common })
-        : await client.createTap({ ...(n.network ? { network: n.parent } : { bridge: n.parent }), ...common }));
-    }
+      return n.kind === 'macvtap'
+        ? { kind: 'macvtap' as const, parent: n.parent, mode: n.mode!, ...common }
+        : { kind: 'tap' as const, ...(n.network ? { network: n.parent } : { bridge: n.parent }), ...common };
+    }));
   } catch (err) {
-    taps.forEach(closeTap);
     client.close();
     throw err;
   }
@@ -229,7 +231,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
 
 function leaseTable(leases: readonly Lease[]): string {
   const rows = [['NAME', 'KIND', 'PARENT', 'MODE', 'MAC', 'QUEUES', 'OWNER', 'RULE', 'ENDS', 'CREATED'],
-    ...leases.map((l) => [l.name, l.kind, l.parent, l.mode ?? '-', l.mac, String(l.queues), l.user ?? String(l.uid), l.rule,
+    ...leases.map((l) => [l.name, l.kind, l.parent, l.mode ?? '-', l.mac ?? 'unknown', String(l.queues), l.user ?? String(l.uid), l.rule,
       l.ends === 'holder' ? `with pid ${l.holder}` : l.ends === 'fds' ? 'with its fds' : 'on release', l.created])];
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
@@ -263,6 +265,41 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
   }
 }
 
+/** tapbroker status: what the broker says of itself and of the caller; the socket it reached. */
+async function statusCommand(argv: readonly string[]): Promise<number> {
+  let socket: string | null = null;
+  let json = false;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === '--json') json = true;
+    else if (a === '--socket') socket = argv[++i] ?? null;
+    else if (a.startsWith('--socket=')) socket = a.slice(9);
+    else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
+    if (socket === '') throw new TapbrokerError('TB_E_USAGE', '--socket needs a value');
+  }
+  const client = await TapbrokerClient.connect(socket);
+  try {
+    const s = await client.status();
+    if (json) {
+      const { op: _op, id: _id, ...rest } = s;
+      process.stdout.write(`${JSON.stringify({ socket: client.socket, ...rest }, null, 2)}\n`);
+      return 0;
+    }
+    const lines = [
+      `broker:   ${s.broker} (protocol ${s.version}) at ${client.socket}, up since ${s.started}`,
+      `policy:   sha256 ${s.policy_sha256}`,
+      `you:      ${s.user ?? 'uid'} (uid ${s.uid}), ${s.leases} live lease${s.leases === 1 ? '' : 's'}${s.uid === 0 ? ' (everyone\'s)' : ''}`,
+      ...(s.connections !== null ? [`clients:  ${s.connections} connection${s.connections === 1 ? '' : 's'}`] : []),
+      s.rules.length === 0 ? 'rules:    none applies to you: the broker will refuse your requests'
+        : `rules:    ${s.rules.map((r) => `${r.rule} (${r.used} of ${r.max_devices} devices)`).join(', ')}`,
+    ];
+    process.stdout.write(`${lines.join('\n')}\n`);
+    return 0;
+  } finally {
+    client.close();
+  }
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
   if (argv[0] === '-V' || argv[0] === '--version') {
     const { version } = createRequire(import.meta.url)('../package.json') as { version: string };
@@ -275,6 +312,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
   try {
     if (argv[0] === 'create' || argv[0] === 'list' || argv[0] === 'release') return await leaseCommand(parseLeaseArgs(argv));
+    if (argv[0] === 'status') return await statusCommand(argv.slice(1));
     if (argv[0] === 'reload') {
       const socket = argv[1]?.startsWith('--socket=') ? argv[1].slice(9) : argv[1] === '--socket' ? argv[2] ?? null : null;
       if (argv.length !== (socket === null ? 1 : argv[1] === '--socket' ? 3 : 2)) throw new TapbrokerError('TB_E_USAGE', 'reload takes only --socket PATH');

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import {
   MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
   decodeReply, encodeFrame, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
-  type MacvtapMode, type Reply, type Request,
+  type MacvtapMode, type Nic, type Reply, type Request, type StatusReply,
 } from '@tapbroker/protocol';
 
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
@@ -40,12 +40,20 @@ export interface TapOptions extends CommonOptions {
   network?: string;
   /** With `persistent`: a group (one of the caller's) that may also use the tap. */
   group?: number | null;
+  /**
+   * The hypervisor sets the guest's MAC and the broker is not told it (qemu-bridge-helper's way): the lease
+   * and the audit record say so, and a rule with a MAC lock refuses the tap.
+   */
+  macUnknown?: boolean;
 }
 
 export interface MacvtapOptions extends CommonOptions {
   parent: string;
   mode?: MacvtapMode;
 }
+
+/** One NIC of a `createNics` request. */
+export type NicOptions = ({ kind: 'tap' } & TapOptions) | ({ kind: 'macvtap' } & MacvtapOptions);
 
 /** A granted device: as the broker made it, and the fds this process now owns (none for persistent ones). */
 export interface Tap {
@@ -93,11 +101,7 @@ export class TapbrokerClient {
   }
 
   async createTap(opts: TapOptions): Promise<Tap> {
-    const req: CreateTapRequest = { op: 'create-tap', id: this.nextId++, ...common(opts) };
-    if (opts.bridge !== undefined) req.bridge = opts.bridge;
-    if (opts.network !== undefined) req.network = opts.network;
-    if (opts.group !== undefined && opts.group !== null) req.group = opts.group;
-    return this.create(req);
+    return this.create({ op: 'create-tap', id: this.nextId++, ...tapFields(opts) });
   }
 
   /**
@@ -105,9 +109,47 @@ export class TapbrokerClient {
    * exits: keep the client open for as long as the VM runs.
    */
   async createMacvtap(opts: MacvtapOptions): Promise<Tap> {
-    const req: CreateMacvtapRequest = { op: 'create-macvtap', id: this.nextId++, parent: opts.parent, ...common(opts) };
-    if (opts.mode) req.mode = opts.mode;
-    return this.create(req);
+    return this.create({ op: 'create-macvtap', id: this.nextId++, ...macvtapFields(opts) });
+  }
+
+  /**
+   * One VM's NICs in one round trip: each decided on its own, granted all or none (a refusal names the
+   * NIC in its message and as `nic`). Macvtaps among them end with this connection, as for createMacvtap.
+   */
+  async createNics(nics: readonly NicOptions[]): Promise<Tap[]> {
+    const req: Request = {
+      op: 'create',
+      id: this.nextId++,
+      nics: nics.map((n): Nic => (n.kind === 'tap' ? { kind: 'tap', ...tapFields(n) } : { kind: 'macvtap', ...macvtapFields(n) })),
+    };
+    const { reply, fds } = await this.call(req);
+    if (reply.op !== 'create' || reply.devices.length !== nics.length || reply.fds.length !== nics.length) {
+      fds.forEach((fd) => fs.closeSync(fd));
+      throw new TapbrokerError('TB_E_BAD_REPLY', `expected a create reply for ${nics.length} NICs, got ${reply.op}`);
+    }
+    const taps: Tap[] = [];
+    let at = 0;
+    try {
+      for (const [i, device] of reply.devices.entries()) {
+        const counts = reply.fds[i]!;
+        const n = counts.tap + counts.vhost;
+        if (at + n > fds.length) throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for more`);
+        taps.push(granted(device, counts, fds.slice(at, at + n)));
+        at += n;
+      }
+      if (at !== fds.length) throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length - at} fds too many`);
+    } catch (err) {
+      fds.forEach((fd) => fs.closeSync(fd));
+      throw err;
+    }
+    return taps;
+  }
+
+  /** The broker, its policy, and the caller's standing: leases, and each rule that applies with its quota. */
+  async status(): Promise<StatusReply> {
+    const { reply } = await this.call({ op: 'status', id: this.nextId++ });
+    if (reply.op !== 'status') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a status reply, got ${reply.op}`);
+    return reply;
   }
 
   /** The caller's leases (root: everyone's). */
@@ -147,25 +189,17 @@ export class TapbrokerClient {
 
   private async create(req: CreateTapRequest | CreateMacvtapRequest): Promise<Tap> {
     const { reply, fds } = await this.call(req);
-    const closeAll = () => fds.forEach((fd) => fs.closeSync(fd));
     if (reply.op !== req.op) {
-      closeAll();
+      fds.forEach((fd) => fs.closeSync(fd));
       throw new TapbrokerError('TB_E_BAD_REPLY', `expected a ${req.op} reply, got ${reply.op}`);
     }
     const { device, fds: counts } = reply as Extract<Reply, { op: 'create-tap' | 'create-macvtap' }>;
-    const queueFds = device.persistent ? 0 : device.queues;
-    const vhostOk = counts.vhost === 0 || counts.vhost === counts.tap;
-    if (fds.length !== counts.tap + counts.vhost || counts.tap !== queueFds || !vhostOk) {
-      closeAll();
-      throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for ${counts.tap} queue and ${counts.vhost} vhost fds`);
+    try {
+      return granted(device, counts, fds);
+    } catch (err) {
+      fds.forEach((fd) => fs.closeSync(fd));
+      throw err;
     }
-    const why = fds.slice(0, counts.tap).map((fd) => notTheTap(fd, device.name)).find((w) => w !== null)
-      ?? fds.slice(counts.tap).map(notVhost).find((w) => w !== null) ?? null;
-    if (why !== null) {
-      closeAll();
-      throw new TapbrokerError('TB_E_BAD_REPLY', `the broker's fds are not what it says: ${why}`);
-    }
-    return { device, tapFds: fds.slice(0, counts.tap), vhostFds: fds.slice(counts.tap) };
   }
 
   close(): void {
@@ -221,6 +255,19 @@ function checkPeer(conn: SeqpacketConnection, path: string): void {
   }
 }
 
+/** A device and its fds, checked: the counts the reply states, and each fd what it says it is. */
+function granted(device: Device, counts: { tap: number; vhost: number }, fds: number[]): Tap {
+  const queueFds = device.persistent ? 0 : device.queues;
+  const vhostOk = counts.vhost === 0 || counts.vhost === counts.tap;
+  if (fds.length !== counts.tap + counts.vhost || counts.tap !== queueFds || !vhostOk) {
+    throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for ${counts.tap} queue and ${counts.vhost} vhost fds`);
+  }
+  const why = fds.slice(0, counts.tap).map((fd) => notTheTap(fd, device.name)).find((w) => w !== null)
+    ?? fds.slice(counts.tap).map(notVhost).find((w) => w !== null) ?? null;
+  if (why !== null) throw new TapbrokerError('TB_E_BAD_REPLY', `the broker's fds are not what it says: ${why}`);
+  return { device, tapFds: fds.slice(0, counts.tap), vhostFds: fds.slice(counts.tap) };
+}
+
 const TUNGETIFF = 0x800454d2;
 const IFF_TAP = 0x0002;
 
@@ -256,6 +303,19 @@ function hasControlCharacters(v: unknown): boolean {
 }
 
 type CommonFields = Pick<CreateTapRequest, 'queues' | 'vhost' | 'vnet_hdr' | 'mac' | 'name' | 'persistent'>;
+
+function tapFields(o: TapOptions): Omit<CreateTapRequest, 'op' | 'id'> {
+  const r: Omit<CreateTapRequest, 'op' | 'id'> = common(o);
+  if (o.bridge !== undefined) r.bridge = o.bridge;
+  if (o.network !== undefined) r.network = o.network;
+  if (o.group !== undefined && o.group !== null) r.group = o.group;
+  if (o.macUnknown) r.mac = null;
+  return r;
+}
+
+function macvtapFields(o: MacvtapOptions): Omit<CreateMacvtapRequest, 'op' | 'id'> {
+  return { parent: o.parent, ...(o.mode ? { mode: o.mode } : {}), ...common(o) };
+}
 
 function common(o: CommonOptions): CommonFields {
   const r: CommonFields = {};

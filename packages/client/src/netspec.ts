@@ -1,5 +1,14 @@
-// `--net` SPECs: `bridge=NAME|macvtap=PARENT|network=NAME[,mode=M][,queues=N][,vhost=on|off][,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
-import { MACVTAP_MODES, TapbrokerError, checkIfName, checkMac, checkNetworkName, checkQueues, type MacvtapMode } from '@tapbroker/protocol';
+// `--net` SPECs: `bridge=NAME|macvtap=PARENT|network=NAME[,mode=M][,queues=N][,vhost=on|off]
+//   [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
+import {
+  MACVTAP_MODES,
+  TapbrokerError,
+  checkIfName,
+  checkMac,
+  checkNetworkName,
+  checkQueues,
+  type MacvtapMode,
+} from '@tapbroker/protocol';
 
 export interface NetSpec {
   kind: 'tap' | 'macvtap';
@@ -42,7 +51,9 @@ export function parseNetSpec(spec: string): NetSpec {
   const bridge = fields.get('bridge');
   const macvtap = fields.get('macvtap');
   const network = fields.get('network');
-  if ([bridge, macvtap, network].filter((x) => x !== undefined).length !== 1) bad(`--net ${spec}: exactly one of bridge=NAME, macvtap=PARENT or network=NAME is required`);
+  if ([bridge, macvtap, network].filter((x) => x !== undefined).length !== 1) {
+    bad(`--net ${spec}: exactly one of bridge=NAME, macvtap=PARENT or network=NAME is required`);
+  }
   const kind = macvtap !== undefined ? 'macvtap' : 'tap';
   const parent = (bridge ?? macvtap ?? network)!;
   if (network !== undefined) {
@@ -54,10 +65,14 @@ export function parseNetSpec(spec: string): NetSpec {
   }
   const modeText = fields.get('mode');
   if (modeText !== undefined && kind === 'tap') bad(`--net ${spec}: mode= is for macvtap`);
-  if (modeText !== undefined && !(MACVTAP_MODES as readonly string[]).includes(modeText)) bad(`--net ${spec}: mode must be one of ${MACVTAP_MODES.join(', ')}`);
+  if (modeText !== undefined && !(MACVTAP_MODES as readonly string[]).includes(modeText)) {
+    bad(`--net ${spec}: mode must be one of ${MACVTAP_MODES.join(', ')}`);
+  }
   const mode = kind === 'macvtap' ? ((modeText as MacvtapMode | undefined) ?? 'bridge') : null;
   const q = fields.get('queues') ?? '1';
-  if (!/^[0-9]{1,4}$/.test(q) || checkQueues(Number(q))) bad(`--net ${spec}: queues ${checkQueues(Number(q)) ?? 'must be an integer'}`);
+  if (!/^[0-9]{1,4}$/.test(q) || checkQueues(Number(q))) {
+    bad(`--net ${spec}: queues ${checkQueues(Number(q)) ?? 'must be an integer'}`);
+  }
   const vhost = fields.get('vhost') ?? 'off';
   if (vhost !== 'on' && vhost !== 'off') bad(`--net ${spec}: vhost must be on or off, not \`${vhost}'`);
   const mac = fields.get('mac')?.toLowerCase() ?? null;
@@ -66,7 +81,9 @@ export function parseNetSpec(spec: string): NetSpec {
     if (why) bad(`--net ${spec}: mac \`${mac}' ${why}`);
   }
   const id = fields.get('id') ?? null;
-  if (id !== null && !QEMU_ID.test(id)) bad(`--net ${spec}: id \`${id}' must start with a letter and use A-Z a-z 0-9 _ . - (at most 32)`);
+  if (id !== null && !QEMU_ID.test(id)) {
+    bad(`--net ${spec}: id \`${id}' must start with a letter and use A-Z a-z 0-9 _ . - (at most 32)`);
+  }
   const model = fields.get('model') ?? DEFAULT_MODEL;
   if (!QEMU_MODEL.test(model)) bad(`--net ${spec}: model \`${model}' is not a device model name`);
   const name = fields.get('name') ?? null;
@@ -74,5 +91,16 @@ export function parseNetSpec(spec: string): NetSpec {
     const why = checkIfName(name);
     if (why) bad(`--net ${spec}: name \`${name}' ${why}`);
   }
-  return { kind, parent, mode, network: network !== undefined, queues: Number(q), vhost: vhost === 'on', mac, id, model, name };
+  return {
+    kind,
+    parent,
+    mode,
+    network: network !== undefined,
+    queues: Number(q),
+    vhost: vhost === 'on',
+    mac,
+    id,
+    model,
+    name,
+  };
 }

@@ -26,7 +26,9 @@ export function isVirtioNet(model: string): boolean {
 export function nicArgs(nic: NicArgs): string[] {
   const n = nic.tapFds.length;
   if (n === 0) throw new Error('a NIC needs at least one tap fd');
-  if (nic.vhostFds.length !== 0 && nic.vhostFds.length !== n) throw new Error('vhost fds must match tap fds one to one');
+  if (nic.vhostFds.length !== 0 && nic.vhostFds.length !== n) {
+    throw new Error('vhost fds must match tap fds one to one');
+  }
   const multi = n > 1;
   let netdev = `tap,id=${nic.id},${multi ? 'fds' : 'fd'}=${nic.tapFds.join(':')}`;
   if (nic.vhostFds.length > 0) netdev += `,vhost=on,${multi ? 'vhostfds' : 'vhostfd'}=${nic.vhostFds.join(':')}`;

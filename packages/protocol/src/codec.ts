@@ -12,7 +12,13 @@ export const MAX_DEPTH = 4;
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 
 const packr = new Packr({ useRecords: false, structuredClone: false, moreTypes: false, variableMapSize: true });
-const unpackr = new Unpackr({ useRecords: false, structuredClone: false, moreTypes: false, mapsAsObjects: true, int64AsType: 'number' });
+const unpackr = new Unpackr({
+  useRecords: false,
+  structuredClone: false,
+  moreTypes: false,
+  mapsAsObjects: true,
+  int64AsType: 'number',
+});
 
 /** Walks msgpack bytes without building values; throws on anything the protocol does not carry. */
 export function scanFrame(buf: Buffer): void {
@@ -50,7 +56,9 @@ export function scanFrame(buf: Buffer): void {
       throw new TapbrokerError('TB_E_UNSUPPORTED_TYPE', `map key at byte ${pos} is not a string`);
     }
     if (b <= 0x7f || b >= 0xe0 || b === 0xc0 || b === 0xc2 || b === 0xc3) return;
-    const fixed: Record<number, number> = { 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8 };
+    const fixed: Record<number, number> = {
+      0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8,
+    };
     if (fixed[b] !== undefined) {
       need(fixed[b]!);
       pos += fixed[b]!;
@@ -67,7 +75,10 @@ export function scanFrame(buf: Buffer): void {
     if (count < 0) {
       pos--;
       if (b === 0xc1) malformed('reserved byte 0xc1');
-      throw new TapbrokerError('TB_E_UNSUPPORTED_TYPE', `byte ${pos}: msgpack type 0x${b.toString(16)} (extension or binary) is not carried by the protocol`);
+      throw new TapbrokerError(
+        'TB_E_UNSUPPORTED_TYPE',
+        `byte ${pos}: msgpack type 0x${b.toString(16)} (extension or binary) is not carried by the protocol`,
+      );
     }
     // Every element takes at least one byte: a count beyond the rest of the frame is a lie.
     if (count * (isMap ? 2 : 1) > buf.length - pos) malformed('truncated');
@@ -136,11 +147,19 @@ export function decodeRequest(buf: Buffer): Decoded<Request> {
   const op = obj['op'];
   if (typeof op !== 'string' || !(OPS as readonly string[]).includes(op)) {
     const shown = typeof op === 'string' ? `\`${op.slice(0, 32)}'` : 'missing';
-    return { ok: false, id, error: new TapbrokerError('TB_E_UNKNOWN_OP', `unknown op ${shown}; known ops: ${OPS.join(', ')}`) };
+    return {
+      ok: false,
+      id,
+      error: new TapbrokerError('TB_E_UNKNOWN_OP', `unknown op ${shown}; known ops: ${OPS.join(', ')}`),
+    };
   }
   const parsed = Request.safeParse(obj);
   if (!parsed.success) {
-    return { ok: false, id, error: new TapbrokerError('TB_E_INVALID_REQUEST', `invalid ${op} request: ${describeIssues(parsed.error)}`) };
+    return {
+      ok: false,
+      id,
+      error: new TapbrokerError('TB_E_INVALID_REQUEST', `invalid ${op} request: ${describeIssues(parsed.error)}`),
+    };
   }
   return { ok: true, message: parsed.data };
 }
@@ -154,6 +173,8 @@ export function decodeReply(buf: Buffer): Reply {
     throw new TapbrokerError('TB_E_BAD_REPLY', `bad reply from broker: ${(err as Error).message}`);
   }
   const parsed = Reply.safeParse(obj);
-  if (!parsed.success) throw new TapbrokerError('TB_E_BAD_REPLY', `bad reply from broker: ${describeIssues(parsed.error)}`);
+  if (!parsed.success) {
+    throw new TapbrokerError('TB_E_BAD_REPLY', `bad reply from broker: ${describeIssues(parsed.error)}`);
+  }
   return parsed.data;
 }

@@ -49,12 +49,19 @@ export class TapbrokerError extends Error {
   readonly code: ErrorCode;
   readonly rule: string | undefined;
   readonly hint: string | undefined;
-  constructor(code: ErrorCode, message: string, extra: { rule?: string; hint?: string; cause?: unknown } = {}) {
+  /** In a `create` request: the index of the NIC refused. */
+  readonly nic: number | undefined;
+  constructor(
+    code: ErrorCode,
+    message: string,
+    extra: { rule?: string; hint?: string; nic?: number; cause?: unknown } = {},
+  ) {
     // Bounded so that every error fits an error reply (messages at most 1024 characters).
     super(message.length > 1000 ? `${message.slice(0, 999)}…` : message, extra.cause === undefined ? undefined : { cause: extra.cause });
     this.name = 'TapbrokerError';
     this.code = code;
     this.rule = extra.rule;
     this.hint = extra.hint;
+    this.nic = extra.nic;
   }
 }

@@ -3,7 +3,14 @@
 import { z } from 'zod';
 import { ERROR_CODES, type ErrorCode } from './errors.js';
 
-export const PROTOCOL_VERSION = 1;
+/**
+ * Version 2 added, together: `create` (several NICs in one all-or-nothing request), `status`, `mac: null`
+ * (a guest MAC the broker does not know: the qemu-bridge-helper path), and `locked` (the port lock) in
+ * devices, leases and `can`. The broker speaks exactly one version; docs/PROTOCOL.md says why.
+ */
+export const PROTOCOL_VERSION = 2;
+/** The most NICs one `create` request asks for. */
+export const MAX_NICS = 32;
 
 /** The largest request frame the broker reads; larger ones are refused unread. */
 export const MAX_REQUEST_BYTES = 4096;
@@ -31,34 +38,44 @@ const DeviceOptions = {
   queues: z.number().int().optional(),
   vhost: z.boolean().optional(),
   vnet_hdr: z.boolean().optional(),
-  mac: Text(64).optional(),
+  /** The guest's MAC; absent: the broker picks one; null: the hypervisor sets it and the broker does not know it. */
+  mac: Text(64).nullable().optional(),
   name: Text(64).optional(),
   /** A persistent device owned by the caller (for libvirt managed='no'); no fds are sent. */
   persistent: z.boolean().optional(),
 };
 
 /** Exactly one of `bridge` (a Linux bridge by its name) or `network` (a network the admin named). */
-export const CreateTapRequest = z.strictObject({
-  op: z.literal('create-tap'),
-  id: Id,
+const TapFields = {
   bridge: Text(64).optional(),
   network: Text(64).optional(),
   ...DeviceOptions,
   /** With `persistent`: also let this group (one of the caller's) use the tap. */
   group: z.number().int().min(0).max(0xfffffffe).optional(),
-});
+};
+
+export const CreateTapRequest = z.strictObject({ op: z.literal('create-tap'), id: Id, ...TapFields });
 
 export const MACVTAP_MODES = ['bridge', 'vepa', 'private', 'passthru'] as const;
 export type MacvtapMode = (typeof MACVTAP_MODES)[number];
 
 /** A persistent macvtap's char device is opened only by the caller; no fds are sent. */
-export const CreateMacvtapRequest = z.strictObject({
-  op: z.literal('create-macvtap'),
-  id: Id,
-  parent: Text(64),
-  mode: z.enum(MACVTAP_MODES).optional(),
-  ...DeviceOptions,
-});
+const MacvtapFields = { parent: Text(64), mode: z.enum(MACVTAP_MODES).optional(), ...DeviceOptions };
+
+export const CreateMacvtapRequest = z.strictObject({ op: z.literal('create-macvtap'), id: Id, ...MacvtapFields });
+
+/** One NIC of a `create` request: the fields of create-tap or create-macvtap, told apart by `kind`. */
+export const Nic = z.discriminatedUnion('kind', [
+  z.strictObject({ kind: z.literal('tap'), ...TapFields }),
+  z.strictObject({ kind: z.literal('macvtap'), ...MacvtapFields }),
+]);
+export type Nic = z.infer<typeof Nic>;
+
+/** Several NICs (one VM's) in one request: each decided and audited on its own, granted all or none. */
+export const CreateRequest = z.strictObject({ op: z.literal('create'), id: Id, nics: z.array(Nic).min(1).max(MAX_NICS) });
+
+/** The broker, the policy and the caller's own standing: leases, and each rule that applies with its quota. */
+export const StatusRequest = z.strictObject({ op: z.literal('status'), id: Id });
 
 export const ListRequest = z.strictObject({ op: z.literal('list'), id: Id });
 
@@ -77,12 +94,15 @@ export const CanRequest = z.strictObject({
   mode: z.enum(MACVTAP_MODES).optional(),
   queues: z.number().int().optional(),
   vhost: z.boolean().optional(),
-  mac: Text(64).optional(),
+  mac: Text(64).nullable().optional(),
   name: Text(64).optional(),
   persistent: z.boolean().optional(),
 });
 
-export const Request = z.discriminatedUnion('op', [HelloRequest, CreateTapRequest, CreateMacvtapRequest, ListRequest, ReleaseRequest, ReloadRequest, CanRequest]);
+export const Request = z.discriminatedUnion('op', [
+  HelloRequest, CreateTapRequest, CreateMacvtapRequest, CreateRequest, ListRequest, ReleaseRequest, ReloadRequest,
+  CanRequest, StatusRequest,
+]);
 export type Request = z.infer<typeof Request>;
 export type HelloRequest = z.infer<typeof HelloRequest>;
 export type CreateTapRequest = z.infer<typeof CreateTapRequest>;
@@ -91,8 +111,12 @@ export type ListRequest = z.infer<typeof ListRequest>;
 export type ReleaseRequest = z.infer<typeof ReleaseRequest>;
 export type ReloadRequest = z.infer<typeof ReloadRequest>;
 export type CanRequest = z.infer<typeof CanRequest>;
+export type CreateRequest = z.infer<typeof CreateRequest>;
+export type StatusRequest = z.infer<typeof StatusRequest>;
 export type Op = Request['op'];
-export const OPS: readonly Op[] = ['hello', 'create-tap', 'create-macvtap', 'list', 'release', 'reload', 'can'];
+export const OPS: readonly Op[] = [
+  'hello', 'create-tap', 'create-macvtap', 'create', 'list', 'release', 'reload', 'can', 'status',
+];
 
 // ---- replies ----
 
@@ -120,10 +144,12 @@ export const Device = z.strictObject({
   vlan: z.number().int().nullable(),
   mode: z.enum(MACVTAP_MODES).nullable(),
   mtu: z.number().int().positive(),
-  /** The host-side MAC: for a tap, first octet 0xfe (the bridge keeps its own address); for a macvtap, the guest's. */
+  /** The host-side MAC: for a tap, first octet 0xfe (the bridge never adopts it); for a macvtap, the guest's. */
   host_mac: Text(17),
-  /** The MAC the guest must use. */
-  mac: Text(17),
+  /** The MAC the guest must use; null when the hypervisor sets it (the broker was not told). */
+  mac: Text(17).nullable(),
+  /** The bridge port forwards only frames from `mac` (the policy's mac_lock). */
+  locked: z.boolean(),
   queues: z.number().int().positive(),
   vnet_hdr: z.boolean(),
   vhost: z.boolean(),
@@ -140,6 +166,16 @@ const Fds = z.strictObject({ tap: z.number().int().min(0), vhost: z.number().int
 
 export const CreateTapReply = z.strictObject({ op: z.literal('create-tap'), id: Id, device: Device, fds: Fds });
 export const CreateMacvtapReply = z.strictObject({ op: z.literal('create-macvtap'), id: Id, device: Device, fds: Fds });
+/**
+ * `devices[i]` and `fds[i]` for the i-th NIC asked for (two arrays: frames nest at most 4 deep); SCM_RIGHTS
+ * carries each NIC's fds in that order, its tap fds first.
+ */
+export const CreateReply = z.strictObject({
+  op: z.literal('create'),
+  id: Id,
+  devices: z.array(Device).min(1).max(MAX_NICS),
+  fds: z.array(Fds).min(1).max(MAX_NICS),
+});
 
 export const Lease = z.strictObject({
   id: Text(32),
@@ -151,7 +187,8 @@ export const Lease = z.strictObject({
   parent: Text(15),
   network: Text(64).nullable().default(null),
   mode: z.enum(MACVTAP_MODES).nullable(),
-  mac: Text(17),
+  mac: Text(17).nullable(),
+  locked: z.boolean().default(false),
   queues: z.number().int().positive(),
   rule: Text(128),
   created: Text(64),
@@ -166,6 +203,26 @@ export const ListReply = z.strictObject({ op: z.literal('list'), id: Id, leases:
 export const ReleaseReply = z.strictObject({ op: z.literal('release'), id: Id, lease: Lease });
 export const ReloadReply = z.strictObject({ op: z.literal('reload'), id: Id, policy_sha256: Text(64) });
 
+/** A rule that applies to the caller, with how many of its devices the caller holds. */
+export const RuleStanding = z.strictObject({ rule: Text(128), used: z.number().int().min(0), max_devices: z.number().int().min(0) });
+
+export const StatusReply = z.strictObject({
+  op: z.literal('status'),
+  id: Id,
+  broker: Text(128),
+  version: z.number().int(),
+  policy_sha256: Text(64),
+  /** When this broker started (ISO 8601). */
+  started: Text(64),
+  uid: z.number().int().min(0),
+  user: Text(256).nullable(),
+  /** The caller's live leases (root: everyone's). */
+  leases: z.number().int().min(0),
+  rules: z.array(RuleStanding).max(4096),
+  /** Open connections: for root only, null for others. */
+  connections: z.number().int().min(0).nullable(),
+});
+
 
 export const ErrorReply = z.strictObject({
   op: z.literal('error'),
@@ -174,6 +231,8 @@ export const ErrorReply = z.strictObject({
   message: Text(1024),
   rule: Text(128).optional(),
   hint: Text(1024).optional(),
+  /** In a `create` request: the index of the NIC refused (nothing of the others was kept). */
+  nic: z.number().int().min(0).optional(),
 });
 
 /** `allow` false carries the code, rule and hint a real request would get. */
@@ -185,9 +244,14 @@ export const CanReply = z.strictObject({
   code: z.enum(codes).optional(),
   message: Text(1024),
   hint: Text(1024).optional(),
+  /** A grant would be a locked port (mac_lock). */
+  locked: z.boolean(),
 });
 
-export const Reply = z.discriminatedUnion('op', [HelloReply, CreateTapReply, CreateMacvtapReply, ListReply, ReleaseReply, ReloadReply, CanReply, ErrorReply]);
+export const Reply = z.discriminatedUnion('op', [
+  HelloReply, CreateTapReply, CreateMacvtapReply, CreateReply, ListReply, ReleaseReply, ReloadReply, CanReply,
+  StatusReply, ErrorReply,
+]);
 export type Reply = z.infer<typeof Reply>;
 export type HelloReply = z.infer<typeof HelloReply>;
 export type CreateTapReply = z.infer<typeof CreateTapReply>;
@@ -196,6 +260,8 @@ export type ListReply = z.infer<typeof ListReply>;
 export type ReleaseReply = z.infer<typeof ReleaseReply>;
 export type ReloadReply = z.infer<typeof ReloadReply>;
 export type CanReply = z.infer<typeof CanReply>;
+export type CreateReply = z.infer<typeof CreateReply>;
+export type StatusReply = z.infer<typeof StatusReply>;
 export type ErrorReply = z.infer<typeof ErrorReply>;
 
 /** Zod's issues in one line: `queues: expected number, received string`. */

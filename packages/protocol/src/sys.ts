@@ -78,7 +78,9 @@ const _shutdown = libc.func('int shutdown(int fd, int how)');
 const _ioctl = libc.func('int ioctl(int fd, unsigned long req, ...)');
 const _fcntl = libc.func('int fcntl(int fd, int cmd, ...)');
 const _strerror = libc.func('const char *strerror(int errnum)');
-const _getgrnam_r = libc.func('int getgrnam_r(const char *name, void *grp, void *buf, size_t len, _Out_ void **result)');
+const _getgrnam_r = libc.func(
+  'int getgrnam_r(const char *name, void *grp, void *buf, size_t len, _Out_ void **result)',
+);
 
 function strerror(e: number): string {
   return (_strerror(e) as string | null) ?? `errno ${e}`;
@@ -281,7 +283,9 @@ export function sendDatagram(name: string, data: Buffer): void {
   const addr = sockaddrUnAny(name);
   const fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK);
   try {
-    if (sendMsg(fd, { data, addr }, MSG_NOSIGNAL) < 0) throw new SyscallError('sendmsg', errno.EAGAIN, `to \`${name}' (its queue is full)`);
+    if (sendMsg(fd, { data, addr }, MSG_NOSIGNAL) < 0) {
+      throw new SyscallError('sendmsg', errno.EAGAIN, `to \`${name}' (its queue is full)`);
+    }
   } finally {
     close(fd);
   }
@@ -310,7 +314,11 @@ export interface PollHandle {
  * the events). libuv aborts the process on a second handle for one fd or a bad fd: the caller
  * keeps one handle per open fd and closes the handle before the fd.
  */
-export function pollHandle(fd: number, interest: PollInterest, cb: (status: number, events: PollInterest) => void): PollHandle {
+export function pollHandle(
+  fd: number,
+  interest: PollInterest,
+  cb: (status: number, events: PollInterest) => void,
+): PollHandle {
   return koffi.node.poll(fd, interest, cb as unknown as (ev: unknown) => void) as unknown as PollHandle;
 }
 

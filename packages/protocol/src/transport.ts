@@ -107,7 +107,10 @@ export class SeqpacketConnection {
   }
 
   /** Connects to a listening SEQPACKET socket at `path`, waiting while its backlog is full. */
-  static async connect(path: string, opts: { maxPacket: number; maxFds?: number; connectTimeoutMs?: number }): Promise<SeqpacketConnection> {
+  static async connect(
+    path: string,
+    opts: { maxPacket: number; maxFds?: number; connectTimeoutMs?: number },
+  ): Promise<SeqpacketConnection> {
     const addr = sys.sockaddrUn(path);
     const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_NONBLOCK | sys.SOCK_CLOEXEC);
     try {
@@ -145,7 +148,9 @@ export class SeqpacketConnection {
         groupsBuf = groupsBuf.subarray(0, len);
         break;
       } catch (err) {
-        if (!(err instanceof sys.SyscallError) || err.errno !== sys.errno.ERANGE || groupsBuf.length >= 4 * 65536) throw err;
+        if (!(err instanceof sys.SyscallError) || err.errno !== sys.errno.ERANGE || groupsBuf.length >= 4 * 65536) {
+          throw err;
+        }
         groupsBuf = Buffer.alloc(groupsBuf.length * 16);
       }
     }
@@ -155,7 +160,12 @@ export class SeqpacketConnection {
     try {
       pidfd = sys.getsockoptInt(this.fd, sys.SOL_SOCKET, sys.SO_PEERPIDFD);
     } catch (err) {
-      if (!(err instanceof sys.SyscallError) || (err.errno !== sys.errno.ENOPROTOOPT && err.errno !== sys.errno.ESRCH)) throw err;
+      if (
+        !(err instanceof sys.SyscallError) ||
+        (err.errno !== sys.errno.ENOPROTOOPT && err.errno !== sys.errno.ESRCH)
+      ) {
+        throw err;
+      }
     }
     return { pid: cred.readInt32LE(0), uid: cred.readUInt32LE(4), gid: cred.readUInt32LE(8), groups, pidfd };
   }
@@ -173,7 +183,9 @@ export class SeqpacketConnection {
   /** Sends one packet with `fds` attached. The caller still owns the fds and closes them after. */
   send(data: Buffer, fds: readonly number[] = []): Promise<void> {
     if (this._closed) return Promise.reject(new sys.SyscallError('sendmsg', sys.errno.EBADF, 'on a closed connection'));
-    if (fds.length > SCM_MAX_FD) return Promise.reject(new sys.SyscallError('sendmsg', sys.errno.EINVAL, `${fds.length} fds`));
+    if (fds.length > SCM_MAX_FD) {
+      return Promise.reject(new sys.SyscallError('sendmsg', sys.errno.EINVAL, `${fds.length} fds`));
+    }
     return new Promise((resolve, reject) => {
       this.sendQueue.push({ data, fds, resolve, reject });
       if (this.sendQueue.length === 1) this.flush();
@@ -225,7 +237,9 @@ export class SeqpacketConnection {
     const pr = this.pendingReceive;
     this.pendingReceive = null;
     pr?.resolve(null);
-    for (const s of this.sendQueue.splice(0)) s.reject(new sys.SyscallError('sendmsg', sys.errno.EPIPE, 'connection closed'));
+    for (const s of this.sendQueue.splice(0)) {
+      s.reject(new sys.SyscallError('sendmsg', sys.errno.EPIPE, 'connection closed'));
+    }
   }
 
   private onPoll(status: number, ev: Interest): void {
@@ -258,7 +272,8 @@ export class SeqpacketConnection {
     try {
       m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | sys.MSG_CMSG_CLOEXEC);
     } catch (err) {
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) m = { data: Buffer.alloc(0), fds: [], flags: 0 };
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET)
+        m = { data: Buffer.alloc(0), fds: [], flags: 0 };
       else return this.fail(err as Error);
     }
     if (m === null) {
@@ -309,7 +324,9 @@ export function refuseFds(fd: number): boolean {
     sys.setsockoptInt(fd, sys.SOL_SOCKET, sys.SO_PASSRIGHTS, 0);
     return true;
   } catch (err) {
-    if (err instanceof sys.SyscallError && (err.errno === sys.errno.ENOPROTOOPT || err.errno === sys.errno.EINVAL)) return false;
+    if (err instanceof sys.SyscallError && (err.errno === sys.errno.ENOPROTOOPT || err.errno === sys.errno.EINVAL)) {
+      return false;
+    }
     throw err;
   }
 }
@@ -366,7 +383,11 @@ export class SeqpacketListener {
     const type = sys.getsockoptInt(fd, sys.SOL_SOCKET, sys.SO_TYPE);
     const listening = sys.getsockoptInt(fd, sys.SOL_SOCKET, sys.SO_ACCEPTCONN);
     if (domain !== sys.AF_UNIX || type !== sys.SOCK_SEQPACKET || listening !== 1) {
-      throw new sys.SyscallError('adopt', sys.errno.ENOTSOCK, `fd ${fd} is not a listening AF_UNIX SOCK_SEQPACKET socket`);
+      throw new sys.SyscallError(
+        'adopt',
+        sys.errno.ENOTSOCK,
+        `fd ${fd} is not a listening AF_UNIX SOCK_SEQPACKET socket`,
+      );
     }
     sys.fcntlSet(fd, sys.F_SETFL, sys.fcntlGet(fd, sys.F_GETFL) | sys.O_NONBLOCK);
     return new SeqpacketListener(fd, null);

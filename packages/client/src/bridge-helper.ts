@@ -1,0 +1,128 @@
+#!/usr/bin/env node
+// tapbroker-bridge-helper: qemu-bridge-helper's protocol, without a setuid binary. qemu (`-netdev
+// bridge,br=BR,helper=…`) and libvirt's session mode (`bridge_helper = "…"`) run it as the VM's user with
+// `[--use-vnet] --br=BR --fd=N`; it asks the broker for a tap on BR, sends the tap's fd over the unix
+// socket N with SCM_RIGHTS and a one-byte payload, and exits 0. Errors go to stderr, where qemu and
+// libvirt show them. The tap lives as long as its fd: qemu holds it.
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import { PROTOCOL_VERSION, TapbrokerError, checkIfName, checkNetworkName, exitFlushed, sys } from '@tapbroker/protocol';
+import { TapbrokerClient, closeTap } from './client.js';
+
+/** qemu-bridge-helper's own usage line: scripts and people that know it see the same. */
+export const HELPER_USAGE = 'Usage: qemu-bridge-helper [--use-vnet] --br=bridge --fd=unixfd';
+
+const HELP = `${HELPER_USAGE}
+
+tapbroker-bridge-helper speaks qemu-bridge-helper's protocol and gets the tap from tapbrokerd, so no
+setuid binary is needed. --br=NAME asks for a tap on the Linux bridge NAME; --br=network:NAME asks for
+the network NAME of the broker's policy (Open vSwitch, a VLAN or a hook). The broker's socket is
+$TAPBROKER_SOCKET, else /run/tapbroker/tapbroker.sock. See tapbroker(1), "BRIDGE HELPER".`;
+
+/** The prefix that names a policy network: `:` never appears in a Linux interface name. */
+const NETWORK_PREFIX = 'network:';
+
+export interface HelperArgs {
+  vnetHdr: boolean;
+  bridge: string | null;
+  network: string | null;
+  fd: number;
+}
+
+/** qemu-bridge-helper's arguments, checked: anything else is a usage error. */
+export function parseHelperArgs(argv: readonly string[]): HelperArgs {
+  const usage = (why: string): never => {
+    throw new TapbrokerError('TB_E_USAGE', why);
+  };
+  let vnetHdr = false;
+  let br: string | null = null;
+  let fd: number | null = null;
+  for (const a of argv) {
+    if (a === '--use-vnet') vnetHdr = true;
+    else if (a.startsWith('--br=')) br = a.slice(5);
+    else if (a.startsWith('--fd=')) {
+      const v = a.slice(5);
+      if (!/^[0-9]{1,9}$/.test(v)) usage(`--fd must be a file descriptor number, not \`${v}'`);
+      fd = Number(v);
+    } else usage(`unknown argument \`${a}'`);
+  }
+  if (br === null || br === '') return usage('--br=bridge is needed');
+  if (fd === null) return usage('--fd=unixfd is needed');
+  if (br.startsWith(NETWORK_PREFIX)) {
+    const network = br.slice(NETWORK_PREFIX.length);
+    const why = checkNetworkName(network);
+    if (why) usage(`network name \`${network}' ${why}`);
+    return { vnetHdr, bridge: null, network, fd };
+  }
+  const why = checkIfName(br);
+  if (why) usage(`bridge name \`${br}' ${why}`);
+  return { vnetHdr, bridge: br, network: null, fd };
+}
+
+/** The tap's fd, sent over the unix socket qemu or libvirt gave: SCM_RIGHTS with a one-byte payload. */
+function sendFd(unixFd: number, tapFd: number): void {
+  let st: fs.Stats;
+  try {
+    st = fs.fstatSync(unixFd);
+  } catch {
+    throw new TapbrokerError('TB_E_USAGE', `--fd=${unixFd} is not an open file descriptor`);
+  }
+  if (!st.isSocket()) throw new TapbrokerError('TB_E_USAGE', `--fd=${unixFd} is not a unix socket`);
+  for (;;) {
+    try {
+      sys.sendMsg(unixFd, { data: Buffer.from([0]), fds: [tapFd] }, sys.MSG_NOSIGNAL);
+      return;
+    } catch (err) {
+      if (err instanceof sys.SyscallError && err.code === 'EINTR') continue;
+      throw new TapbrokerError('TB_E_BROKER_CLOSED', `cannot send the tap to the hypervisor on fd ${unixFd}: ${(err as Error).message}`);
+    }
+  }
+}
+
+export async function helperMain(argv: readonly string[]): Promise<number> {
+  if (argv[0] === '-h' || argv[0] === '--help') {
+    process.stdout.write(`${HELP}\n`);
+    return 0;
+  }
+  if (argv[0] === '-V' || argv[0] === '--version') {
+    const { version } = createRequire(import.meta.url)('../package.json') as { version: string };
+    process.stdout.write(`tapbroker-bridge-helper ${version} (protocol ${PROTOCOL_VERSION})\n`);
+    return 0;
+  }
+  let client: TapbrokerClient | null = null;
+  try {
+    const args = parseHelperArgs(argv);
+    client = await TapbrokerClient.connect();
+    // qemu and libvirt set the guest's MAC on their own -device and never tell the helper: the broker is
+    // told it does not know it.
+    const tap = await client.createTap({
+      ...(args.network !== null ? { network: args.network } : { bridge: args.bridge! }),
+      vnetHdr: args.vnetHdr,
+      macUnknown: true,
+    });
+    try {
+      sendFd(args.fd, tap.tapFds[0]!);
+    } finally {
+      // qemu holds the tap now; ours goes, so the tap ends with qemu.
+      closeTap(tap);
+    }
+    return 0;
+  } catch (err) {
+    if (!(err instanceof TapbrokerError)) throw err;
+    const lines = [`tapbroker-bridge-helper: ${err.code}: ${err.message}`];
+    if (err.rule) lines.push(`tapbroker-bridge-helper: rule: ${err.rule}`);
+    if (err.hint) lines.push(`tapbroker-bridge-helper: hint: ${err.hint}`);
+    if (err.code === 'TB_E_USAGE') lines.push(HELPER_USAGE);
+    process.stderr.write(`${lines.join('\n')}\n`);
+    return 1;
+  } finally {
+    client?.close();
+  }
+}
+
+if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
+  helperMain(process.argv.slice(2)).then((code) => exitFlushed(code), (err: Error) => {
+    process.stderr.write(`tapbroker-bridge-helper: internal error: ${err.stack}\n`);
+    process.exit(1);
+  });
+}
