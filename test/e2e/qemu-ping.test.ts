@@ -2,7 +2,8 @@
 // hands it a tap; qemu, with no privilege at all, boots a real guest that pings the bridge.
 import test from 'ava';
 import fs from 'node:fs';
-import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
+import path from 'node:path';
+import { BrokerProcess, CLIENT_CLI, ROOT } from '../helpers/broker.js';
 import { QEMU, guestImage, guestQemuArgs, guestUnavailable } from '../helpers/guest.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, spawnAs } from '../helpers/unpriv.js';
@@ -40,6 +41,7 @@ test.before(async () => {
   if (unavailable) return;
   ns = Netns.create('e2e');
   ns.bridge('br0', { address: '192.0.2.1/24' });
+  ns.bridge('br1');
   // A veth whose peer end answers for 198.51.100.1: the macvtap's parent and the guest's neighbour.
   ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
   ns.ip('addr', 'add', '198.51.100.1/24', 'dev', 'vpeer');
@@ -98,4 +100,55 @@ async function boot(spec: string, ip: string, ping: string): Promise<{ code: num
   const mac = /mac (52:54:00:[0-9a-f:]+)/.exec(err)![1]!;
   t.true(out.includes(`TB-GUEST-MAC ${mac}`), 'the guest uses the macvtap\'s MAC');
   await broker!.waitFor(() => ns!.link(name) === undefined, 1000, 'the macvtap outlived its VM');
+});
+
+const HELPER = path.join(ROOT, 'packages/client/dist/bridge-helper.js');
+
+/** qemu itself, as uid 65534, with `-netdev bridge,helper=` naming tapbroker's helper (run by qemu, from C). */
+async function bootWithHelper(br: string, mac: string, ip: string, ping: string) {
+  const img = guestImage();
+  const args = [
+    ...guestQemuArgs(img, { ip, ping }),
+    '-netdev', `bridge,id=n0,br=${br},helper=${HELPER}`, '-device', `virtio-net-pci,netdev=n0,mac=${mac}`,
+  ];
+  const qemu = spawnAs({}, QEMU, args, {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { PATH: process.env['PATH'], TAPBROKER_SOCKET: broker!.socket },
+  });
+  let out = '';
+  let err = '';
+  qemu.stdout!.on('data', (d) => (out += d));
+  qemu.stderr!.on('data', (d) => (err += d));
+  const timer = setTimeout(() => qemu.kill('SIGKILL'), 150_000);
+  const code = await new Promise<number | null>((resolve) => qemu.on('exit', (c) => resolve(c)));
+  clearTimeout(timer);
+  return { code, out, err, pid: qemu.pid! };
+}
+
+(unavailable ? test.skip : test.serial)('qemu -netdev bridge with tapbroker-bridge-helper boots a guest that pings, with no setuid binary', async (t) => {
+  t.timeout(180_000);
+  const mac = '52:54:00:7b:00:01';
+  const { code, out, err, pid } = await bootWithHelper('br0', mac, '192.0.2.3/24', '192.0.2.1');
+  t.log(out.split('\n').filter((l) => l.startsWith('TB-')).join('\n'));
+  t.is(code, 0, `qemu exit ${code}\nstdout:\n${out}\nstderr:\n${err}`);
+  t.regex(out, /TB-GUEST-PING-OK 192\.0\.2\.1/);
+  t.true(out.includes(`TB-GUEST-MAC ${mac}`), 'the guest has the MAC qemu gave it');
+  const grant = await broker!.record((r) => r.decision === 'grant' && r.ppid === pid);
+  const device = grant!.device as { name: string; mac: string | null; vnet_hdr: boolean };
+  t.is(device.mac, null, 'the broker does not claim a guest MAC it was never told');
+  t.is((grant!.request as { mac: string }).mac, 'unknown');
+  t.true(device.vnet_hdr, 'qemu asked for --use-vnet');
+  // setpriv execs qemu in place: the pid spawned is qemu's, the helper's parent.
+  t.regex(grant!.parent_exe ?? '', /\/qemu-system-x86_64$/, 'the helper\'s parent was qemu');
+  t.is(ns!.link(device.name), undefined, 'the tap vanished with qemu');
+});
+
+(unavailable ? test.skip : test.serial)('a bridge the policy refuses makes qemu fail with the broker\'s code, and nothing is left', async (t) => {
+  t.timeout(60_000);
+  const { code, err } = await bootWithHelper('br1', '52:54:00:7b:00:02', '192.0.2.4/24', '192.0.2.1');
+  t.not(code, 0);
+  t.regex(err, /TB_E_POLICY_DENIED/, 'qemu\'s error carries the broker\'s code');
+  t.regex(err, /hint:/);
+  t.log(err.trim());
+  t.deepEqual(ns!.extraLinks(['br0', 'br1', 'vparent', 'vpeer']), [], 'no device was left behind');
 });
