@@ -3,13 +3,20 @@
 // holds the fds until its stdin closes.
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
-import { TapbrokerClient, TapbrokerError, type Lease, type MacvtapOptions, type Tap, type TapOptions } from '@tapbroker/client';
+import {
+  TapbrokerClient, TapbrokerError, type Lease, type MacvtapOptions, type NicOptions, type Tap, type TapOptions,
+} from '@tapbroker/client';
+import type { StatusReply } from '@tapbroker/protocol';
 
 export type ProbeRequest = TapOptions | MacvtapOptions;
 
 export interface ProbeArgs {
   socket: string;
   requests?: ProbeRequest[];
+  /** Ask for every request in one `create` (all or none) instead of one request each. */
+  batch?: boolean;
+  /** Then ask for the broker's status. */
+  status?: boolean;
   /** Write one Ethernet frame into every queue fd. */
   write?: boolean;
   /** Then list the caller's leases. */
@@ -30,7 +37,8 @@ export interface ProbeResult {
   taps: Array<{ device: Tap['device']; tapFds: number; vhostFds: number; written: number[] }>;
   leases: Lease[] | null;
   released: Lease[];
-  error: { code: string; message: string; rule?: string; hint?: string } | null;
+  status: StatusReply | null;
+  error: { code: string; message: string; rule?: string; hint?: string; nic?: number } | null;
 }
 
 /** virtio_net_hdr (10 bytes, all zero) + a broadcast frame with a local experimental ethertype. */
@@ -45,16 +53,20 @@ export function testFrame(srcMac: string): Buffer {
 
 async function main(): Promise<void> {
   const args = JSON.parse(process.argv[2]!) as ProbeArgs;
-  const result: ProbeResult = { uid: process.getuid!(), pid: process.pid, taps: [], leases: null, released: [], error: null };
+  const result: ProbeResult = { uid: process.getuid!(), pid: process.pid, taps: [], leases: null, released: [], status: null,
+    error: null };
   const held: Tap[] = [];
   // The connection stays open until stdin closes: macvtap leases live as long as it does.
   let client: TapbrokerClient | null = null;
   try {
     client = await TapbrokerClient.connect(args.socket);
-    for (const r of args.requests ?? []) {
-      const tap = 'parent' in r ? await client.createMacvtap(r as MacvtapOptions) : await client.createTap(r as TapOptions);
+    const kinded = (r: ProbeRequest): NicOptions => ('parent' in r ? { kind: 'macvtap', ...r } : { kind: 'tap', ...r });
+    const batch = args.batch ? await client.createNics((args.requests ?? []).map(kinded)) : null;
+    for (const [i, r] of (args.requests ?? []).entries()) {
+      const tap = batch ? batch[i]! : 'parent' in r ? await client.createMacvtap(r as MacvtapOptions)
+        : await client.createTap(r as TapOptions);
       held.push(tap);
-      const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac!))) : [];
+      const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac ?? '52:54:00:00:00:01'))) : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
       if (args.ownOwnFds) sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());
       if (args.setOwnMac) {
@@ -67,10 +79,14 @@ async function main(): Promise<void> {
       result.taps.push({ device: tap.device, tapFds: tap.tapFds.length, vhostFds: tap.vhostFds.length, written });
     }
     if (args.list) result.leases = (await client.list()).leases;
+    if (args.status) result.status = await client.status();
     for (const name of args.release ?? []) result.released.push(await client.release(name));
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
-    result.error = { code: err.code, message: err.message, ...(err.rule ? { rule: err.rule } : {}), ...(err.hint ? { hint: err.hint } : {}) };
+    result.error = {
+      code: err.code, message: err.message, ...(err.rule ? { rule: err.rule } : {}), ...(err.hint ? { hint: err.hint } : {}),
+      ...(err.nic !== undefined ? { nic: err.nic } : {}),
+    };
   }
   process.stdout.write(`${JSON.stringify(result)}\n`);
   process.stdin.resume();

@@ -234,7 +234,10 @@ export class TapbrokerClient {
     }
     if (hasControlCharacters(reply)) fail(new TapbrokerError('TB_E_BAD_REPLY', 'the reply carries control characters'));
     if (reply.op === 'error') {
-      fail(new TapbrokerError(reply.code, reply.message, { ...(reply.rule ? { rule: reply.rule } : {}), ...(reply.hint ? { hint: reply.hint } : {}) }));
+      fail(new TapbrokerError(reply.code, reply.message, {
+        ...(reply.rule ? { rule: reply.rule } : {}), ...(reply.hint ? { hint: reply.hint } : {}),
+        ...(reply.nic !== undefined ? { nic: reply.nic } : {}),
+      }));
     }
     if (reply.id !== req.id) fail(new TapbrokerError('TB_E_BAD_REPLY', `reply id ${String(reply.id)} does not match request id ${req.id}`));
     return { reply, fds: packet.fds };

@@ -1,0 +1,166 @@
+// Protocol version 2 against the real kernel: `create` (one VM's NICs in one request, all or none, each
+// decided and audited on its own), `status`, a guest MAC the broker is not told (`mac: null`), and the
+// version handshake. A fresh namespace for this file; every client an unprivileged uid.
+import anyTest, { type TestFn } from 'ava';
+import { MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame } from '@tapbroker/protocol';
+import { BrokerProcess } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, OTHER_UID, probe, probeOnce } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+const STRANGER = 64003;
+
+const POLICY = `
+[[rule]]
+name = "vm"
+users = [${NOBODY}]
+bridges = ["br0", "br2"]
+macvtap = [{ parent = "vparent" }]
+max_queues = 126
+max_devices = 4
+
+[[rule]]
+name = "other"
+users = [${OTHER_UID}]
+bridges = ["br1"]
+`;
+
+let ns: Netns;
+let broker: BrokerProcess;
+const HOST_LINKS = ['br0', 'br1', 'br2', 'vparent', 'vpeer'];
+
+test.before(async () => {
+  ns = Netns.create('v2');
+  ns.bridge('br0');
+  ns.bridge('br1');
+  ns.bridge('br2');
+  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
+  ns.ip('link', 'set', 'vparent', 'up');
+  broker = await BrokerProcess.start(ns, POLICY, { tag: 'v2' });
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  ns?.destroy();
+});
+
+const nothingLeft = (t: { deepEqual: (a: unknown, b: unknown, m: string) => void }) =>
+  broker.waitFor(() => ns.extraLinks(HOST_LINKS).length === 0, 3000, `devices left: ${ns.extraLinks(HOST_LINKS)}`)
+    .then(() => t.deepEqual(ns.extraLinks(HOST_LINKS), [], 'nothing is left behind'));
+
+test.serial('one create request grants every NIC of a VM, in order, each with working fds and its own audit record', async (t) => {
+  const before = broker.records.length;
+  const p = await probe({
+    socket: broker.socket, batch: true, write: true,
+    requests: [{ bridge: 'br0', queues: 2 }, { bridge: 'br2' }, { parent: 'vparent', mode: 'bridge' }],
+  });
+  try {
+    t.is(p.result.error, null);
+    const [a, b, c] = p.result.taps;
+    t.like(a!.device, { kind: 'tap', parent: 'br0', queues: 2, locked: false });
+    t.like(b!.device, { kind: 'tap', parent: 'br2' });
+    t.like(c!.device, { kind: 'macvtap', parent: 'vparent' });
+    t.deepEqual(p.result.taps.map((x) => x.tapFds), [2, 1, 1], 'each NIC got its own queue fds');
+    t.true(p.result.taps.every((x) => x.written.every((n) => n > 0)), 'every fd carries frames');
+    for (const x of p.result.taps) t.truthy(ns.link(x.device.name), `${x.device.name} exists`);
+    const grants = broker.records.slice(before).filter((r) => r.decision === 'grant');
+    t.is(grants.length, 3, 'one grant record per NIC');
+    t.true(grants.every((r) => r.op === 'create' && r.rule === 'vm'));
+  } finally {
+    await p.release();
+  }
+  await nothingLeft(t);
+});
+
+test.serial('a NIC the policy refuses refuses the whole request: its index is named, the others are rolled back', async (t) => {
+  const before = broker.records.length;
+  const r = await probeOnce({ socket: broker.socket, batch: true, requests: [{ bridge: 'br0' }, { bridge: 'br1' }] });
+  t.is(r.error?.code, 'TB_E_POLICY_DENIED');
+  t.is(r.error?.nic, 1);
+  t.regex(r.error?.message ?? '', /^NIC 1: /);
+  t.deepEqual(r.taps, []);
+  await nothingLeft(t);
+  await broker.waitFor(() => broker.records.slice(before).some((x) => x.decision === 'cleanup'), 3000, 'no cleanup');
+  const mine = broker.records.slice(before);
+  t.is(mine.filter((x) => x.decision === 'deny').length, 1, 'the refused NIC has its deny record');
+  t.is(mine.filter((x) => x.decision === 'grant').length, 0, 'nothing is recorded as granted');
+  t.regex(mine.find((x) => x.decision === 'cleanup')!.message ?? '', /NIC 1 of the same request was refused/);
+});
+
+test.serial('the quota counts the NICs of the same request', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, batch: true, requests: Array(5).fill({ bridge: 'br0' }) });
+  t.is(r.error?.code, 'TB_E_QUOTA_EXCEEDED');
+  t.is(r.error?.nic, 4, 'the fifth NIC is over max_devices = 4');
+  await nothingLeft(t);
+});
+
+test.serial('a request whose fds would not fit one reply is refused before anything is made', async (t) => {
+  const before = broker.records.length;
+  const r = await probeOnce({ socket: broker.socket, batch: true, requests: Array(3).fill({ bridge: 'br0', queues: 126 }) });
+  t.is(r.error?.code, 'TB_E_INVALID_REQUEST');
+  t.regex(r.error?.message ?? '', /378 fds; one reply carries at most 253/);
+  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+  t.false(broker.records.slice(before).some((x) => x.decision === 'grant'));
+});
+
+test.serial('status tells the caller its leases and, for each rule that applies, its quota', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], status: true });
+  try {
+    const s = p.result.status!;
+    t.like(s, { version: PROTOCOL_VERSION, uid: NOBODY, leases: 1, connections: null });
+    t.regex(s.broker, /^tapbrokerd \d+\.\d+\.\d+/);
+    t.regex(s.policy_sha256, /^[0-9a-f]{64}$/);
+    t.deepEqual(s.rules, [{ rule: 'vm', used: 1, max_devices: 4 }], 'only the rules that apply to the caller');
+    const stranger = await probeOnce({ socket: broker.socket, status: true }, { uid: STRANGER });
+    t.deepEqual(stranger.status!.rules, [], 'a user no rule names sees none');
+    t.is(stranger.status!.leases, 0, 'and none of anyone else\'s leases');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('a tap whose guest MAC the hypervisor sets: the lease claims no MAC, the host side gets its own', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', macUnknown: true }], list: true });
+  try {
+    t.is(p.result.error, null);
+    const d = p.result.taps[0]!.device;
+    t.is(d.mac, null);
+    t.regex(d.host_mac, /^fe:/);
+    t.is(ns.link(d.name)?.address, d.host_mac);
+    t.is(p.result.leases!.find((l) => l.name === d.name)?.mac, null);
+    const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name?: string }).name === d.name);
+    t.is((grant.request as { mac: string }).mac, 'unknown');
+  } finally {
+    await p.release();
+  }
+  await nothingLeft(t);
+});
+
+test.serial('a macvtap cannot be asked for with an unknown MAC: its MAC is the guest\'s', async (t) => {
+  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  try {
+    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+    await conn.receive();
+    await conn.send(encodeFrame({ op: 'create-macvtap', id: 2, parent: 'vparent', mac: null }));
+    const r = decodeReply((await conn.receive())!.data);
+    t.like(r, { op: 'error', id: 2, code: 'TB_E_INVALID_REQUEST' });
+    t.regex(r.op === 'error' ? r.message : '', /a macvtap's MAC is the guest's/);
+  } finally {
+    conn.close();
+  }
+  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+});
+
+test('a version 1 client is told to upgrade, and the connection closes', async (t) => {
+  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  try {
+    await conn.send(encodeFrame({ op: 'hello', id: 1, version: 1 }));
+    const r = decodeReply((await conn.receive())!.data);
+    t.like(r, { op: 'error', code: 'TB_E_VERSION' });
+    t.regex(r.op === 'error' ? r.message : '', new RegExp(`version 1; this broker speaks ${PROTOCOL_VERSION}`));
+    t.regex(r.op === 'error' ? r.hint ?? '' : '', /upgrade the client/);
+    t.is(await conn.receive(), null);
+  } finally {
+    conn.close();
+  }
+});
