@@ -59,8 +59,8 @@ export function parseHelperArgs(argv: readonly string[]): HelperArgs {
   return { vnetHdr, bridge: br, network: null, fd };
 }
 
-/** The tap's fd, sent over the unix socket qemu or libvirt gave: SCM_RIGHTS with a one-byte payload. */
-function sendFd(unixFd: number, tapFd: number): void {
+/** `--fd` must be the unix socket qemu or libvirt gave, checked before the broker is asked for anything. */
+function checkSocket(unixFd: number): void {
   let st: fs.Stats;
   try {
     st = fs.fstatSync(unixFd);
@@ -68,6 +68,10 @@ function sendFd(unixFd: number, tapFd: number): void {
     throw new TapbrokerError('TB_E_USAGE', `--fd=${unixFd} is not an open file descriptor`);
   }
   if (!st.isSocket()) throw new TapbrokerError('TB_E_USAGE', `--fd=${unixFd} is not a unix socket`);
+}
+
+/** The tap's fd, sent over the unix socket qemu or libvirt gave: SCM_RIGHTS with a one-byte payload. */
+function sendFd(unixFd: number, tapFd: number): void {
   for (;;) {
     try {
       sys.sendMsg(unixFd, { data: Buffer.from([0]), fds: [tapFd] }, sys.MSG_NOSIGNAL);
@@ -92,6 +96,7 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
   let client: TapbrokerClient | null = null;
   try {
     const args = parseHelperArgs(argv);
+    checkSocket(args.fd);
     client = await TapbrokerClient.connect();
     // qemu and libvirt set the guest's MAC on their own -device and never tell the helper: the broker is
     // told it does not know it.

@@ -1,0 +1,171 @@
+// tapbroker-bridge-helper as qemu and libvirt run it: qemu-bridge-helper's arguments and exit statuses,
+// the tap's fd on the inherited unix socket, errors on stderr, nothing left behind. (qemu itself runs it
+// in test/e2e/qemu-ping.test.ts.) A fresh namespace; the helper runs as uid 65534.
+import test from 'ava';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { sys } from '@tapbroker/protocol';
+import { BrokerProcess, ROOT } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, setprivArgs } from '../helpers/unpriv.js';
+
+const HELPER = path.join(ROOT, 'packages/client/dist/bridge-helper.js');
+const USAGE = 'Usage: qemu-bridge-helper [--use-vnet] --br=bridge --fd=unixfd';
+const HOST_LINKS = ['br0', 'br1'];
+
+let ns: Netns;
+let broker: BrokerProcess;
+
+test.before(async () => {
+  ns = Netns.create('bh');
+  ns.bridge('br0');
+  ns.bridge('br1');
+  broker = await BrokerProcess.start(ns, `
+[network.lan]
+bridge = "br1"
+
+[[rule]]
+name = "vm"
+users = [${NOBODY}]
+bridges = ["br0"]
+networks = ["lan"]
+`, { tag: 'bh' });
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  ns?.destroy();
+});
+
+/** Runs the helper as uid 65534 with `fd` (if any) as its fd 3; the environment qemu would give it. */
+function helper(args: string[], opts: { fd?: number; socket?: string } = {}) {
+  const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe'];
+  if (opts.fd !== undefined) stdio.push(opts.fd);
+  const child = spawn('setpriv', [...setprivArgs(), process.execPath, HELPER, ...args], {
+    stdio, env: { PATH: process.env['PATH'], TAPBROKER_SOCKET: opts.socket ?? broker.socket },
+  });
+  let out = '';
+  let err = '';
+  child.stdout!.on('data', (d) => (out += d));
+  child.stderr!.on('data', (d) => (err += d));
+  // 'close': the process exited and its stdout and stderr are drained.
+  return new Promise<{ code: number | null; out: string; err: string }>((resolve) =>
+    child.on('close', (code) => resolve({ code, out, err })));
+}
+
+/** The fd the helper sent on our end of the pair, with its one-byte payload. */
+function receivedFd(end: number): { fds: number[]; bytes: number } {
+  const msg = new sys.Receiver(16, 4).recv(end, 0x40 /* MSG_DONTWAIT */);
+  return { fds: msg?.fds ?? [], bytes: msg?.data.length ?? 0 };
+}
+
+/** The tap a tun fd is attached to, from /proc. */
+function tapOf(fd: number): string | null {
+  return /^iff:\s*(\S+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))?.[1] ?? null;
+}
+
+const usage = test.macro(async (t, args: string[], why: RegExp) => {
+  const r = await helper(args);
+  t.is(r.code, 1);
+  t.regex(r.err, why);
+  t.true(r.err.includes(USAGE), 'qemu-bridge-helper\'s usage line');
+  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+});
+
+test('no arguments', usage, [], /--br=bridge is needed/);
+test('an unknown argument', usage, ['--br=br0', '--fd=3', '--verbose'], /unknown argument `--verbose'/);
+test('no --fd', usage, ['--br=br0'], /--fd=unixfd is needed/);
+test('a non-numeric --fd', usage, ['--br=br0', '--fd=x'], /--fd must be a file descriptor number/);
+test('a bridge name the kernel would refuse', usage, ['--br=br0/../x', '--fd=3'], /bridge name `br0\/\.\.\/x'/);
+test('a bridge name longer than 15 bytes', usage, ['--br=abcdefghijklmnop', '--fd=3'], /bridge name/);
+test('an --fd that is not open', usage, ['--br=br0', '--fd=77'], /--fd=77 is not an open file descriptor/);
+
+test('--help and --version', async (t) => {
+  const h = await helper(['--help']);
+  t.is(h.code, 0);
+  t.true(h.out.startsWith(USAGE));
+  const v = await helper(['--version']);
+  t.is(v.code, 0);
+  t.regex(v.out, /^tapbroker-bridge-helper \d+\.\d+\.\d+ \(protocol 2\)\n$/);
+});
+
+test.serial('an --fd that is not a socket is refused before the broker is asked', async (t) => {
+  const before = broker.records.length;
+  const devnull = fs.openSync('/dev/null', 'r');
+  try {
+    const r = await helper(['--br=br0', '--fd=3'], { fd: devnull });
+    t.is(r.code, 1);
+    t.regex(r.err, /--fd=3 is not a unix socket/);
+  } finally {
+    fs.closeSync(devnull);
+  }
+  t.is(broker.records.length, before, 'the broker saw nothing');
+});
+
+test.serial('--use-vnet --br=BR: the tap goes over the socket with one byte, and ends with its fd', async (t) => {
+  const [mine, theirs] = sys.socketpair(1 /* SOCK_STREAM, as qemu makes it */);
+  try {
+    const r = await helper(['--use-vnet', '--br=br0', '--fd=3'], { fd: theirs });
+    t.is(r.code, 0, r.err);
+    t.is(r.err, '', 'silent on success');
+    const got = receivedFd(mine);
+    t.is(got.bytes, 1);
+    t.is(got.fds.length, 1);
+    const name = tapOf(got.fds[0]!);
+    t.regex(name ?? '', new RegExp(`^tb${NOBODY}-`));
+    t.truthy(ns.link(name!), 'the tap lives while we hold its fd');
+    const grant = await broker.record((x) => x.decision === 'grant' && (x.device as { name?: string }).name === name);
+    t.like(grant.request, { parent: 'br0', mac: 'unknown', vnet_hdr: true });
+    fs.closeSync(got.fds[0]!);
+    await broker.waitFor(() => ns.link(name!) === undefined, 3000, 'the tap outlived its last fd');
+  } finally {
+    sys.close(mine);
+    sys.close(theirs);
+  }
+});
+
+test.serial('--br=network:NAME asks for a network of the policy; without --use-vnet there is no vnet header', async (t) => {
+  const [mine, theirs] = sys.socketpair(1);
+  try {
+    const r = await helper(['--br=network:lan', '--fd=3'], { fd: theirs });
+    t.is(r.code, 0, r.err);
+    const { fds } = receivedFd(mine);
+    const name = tapOf(fds[0]!);
+    const grant = await broker.record((x) => x.decision === 'grant' && (x.device as { name?: string }).name === name);
+    t.like(grant.request, { network: 'lan', vnet_hdr: false });
+    t.like(grant.device, { parent: 'br1', network: 'lan' });
+    fs.closeSync(fds[0]!);
+  } finally {
+    sys.close(mine);
+    sys.close(theirs);
+  }
+});
+
+test.serial('a refusal prints the broker\'s code, rule and hint, exits 1 and leaves nothing', async (t) => {
+  const [mine, theirs] = sys.socketpair(1);
+  try {
+    const r = await helper(['--br=br1', '--fd=3'], { fd: theirs });
+    t.is(r.code, 1);
+    t.regex(r.err, /^tapbroker-bridge-helper: TB_E_POLICY_DENIED: /m);
+    t.regex(r.err, /^tapbroker-bridge-helper: hint: /m);
+    t.deepEqual(receivedFd(mine).fds, [], 'no fd was sent');
+  } finally {
+    sys.close(mine);
+    sys.close(theirs);
+  }
+  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+});
+
+test.serial('no broker: the connect error says what to do', async (t) => {
+  const [mine, theirs] = sys.socketpair(1);
+  try {
+    const r = await helper(['--br=br0', '--fd=3'], { fd: theirs, socket: '/run/tapbroker-none/none.sock' });
+    t.is(r.code, 1);
+    t.regex(r.err, /TB_E_CONNECT: cannot connect to the broker at \/run\/tapbroker-none\/none\.sock/);
+    t.regex(r.err, /hint: /);
+  } finally {
+    sys.close(mine);
+    sys.close(theirs);
+  }
+});
