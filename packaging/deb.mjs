@@ -75,13 +75,15 @@ const native = at(`${modules}/@koromix/koffi-linux-${nodeArch}`);
 for (const d of fs.readdirSync(native)) if (d.startsWith('musl')) fs.rmSync(path.join(native, d), { recursive: true });
 // Every file readable by all, executables (and directories) searchable; nothing writable but by root.
 execFileSync('chmod', ['-R', 'u=rwX,go=rX', at(app)]);
-for (const bin of ['broker/dist/main.js', 'client/dist/cli.js']) fs.chmodSync(at(`${modules}/@tapbroker/${bin}`), 0o755);
+for (const bin of ['broker/dist/main.js', 'client/dist/cli.js', 'client/dist/bridge-helper.js']) fs.chmodSync(at(`${modules}/@tapbroker/${bin}`), 0o755);
 
 // ---- commands: what the units and the README name
 mkdir('/usr/sbin');
 mkdir('/usr/bin');
 fs.symlinkSync('../lib/tapbroker/node_modules/@tapbroker/broker/dist/main.js', at('/usr/sbin/tapbrokerd'));
 fs.symlinkSync('../lib/tapbroker/node_modules/@tapbroker/client/dist/cli.js', at('/usr/bin/tapbroker'));
+// qemu-bridge-helper's protocol, for `bridge_helper =` (libvirt session) and `helper=` (qemu): not on PATH.
+fs.symlinkSync('node_modules/@tapbroker/client/dist/bridge-helper.js', at('/usr/lib/tapbroker/bridge-helper'));
 
 // ---- systemd, sysusers, tmpfiles, modules-load
 const unit = (f) => fs.readFileSync(path.join(ROOT, 'systemd', f), 'utf8');

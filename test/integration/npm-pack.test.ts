@@ -4,6 +4,7 @@ import test from 'ava';
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { PROTOCOL_VERSION } from '@tapbroker/protocol';
 import { ROOT, tempDir } from '../helpers/broker.js';
 
 const version = (JSON.parse(fs.readFileSync(path.join(ROOT, 'packages/broker/package.json'), 'utf8')) as { version: string }).version;
@@ -35,8 +36,9 @@ test('npm install -g of the broker and client tarballs into a fresh prefix: tapb
     const r = spawnSync('npm', ['install', '-g', '--prefer-offline', '--no-audit', '--no-fund', '--prefix', prefix, tarballs[1]!, tarballs[2]!], { encoding: 'utf8' });
     t.is(r.status, 0, r.stderr);
     const run = (bin: string, ...args: string[]) => execFileSync(path.join(prefix, 'bin', bin), args, { encoding: 'utf8' }).trim();
-    t.is(run('tapbrokerd', '--version'), `tapbrokerd ${version} (protocol 1)`);
-    t.is(run('tapbroker', '--version'), `tapbroker ${version} (protocol 1)`);
+    t.is(run('tapbrokerd', '--version'), `tapbrokerd ${version} (protocol ${PROTOCOL_VERSION})`);
+    t.is(run('tapbroker', '--version'), `tapbroker ${version} (protocol ${PROTOCOL_VERSION})`);
+    t.is(run('tapbroker-bridge-helper', '--version'), `tapbroker-bridge-helper ${version} (protocol ${PROTOCOL_VERSION})`);
     t.regex(run('tapbrokerd', 'check-policy', path.join(ROOT, 'packaging/policy.toml')), /ok: 0 rules/);
     t.true(fs.existsSync(path.join(prefix, 'share/man/man8/tapbrokerd.8')), 'man pages in the prefix');
   } finally {

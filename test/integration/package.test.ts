@@ -5,6 +5,7 @@ import anyTest, { type TestFn } from 'ava';
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { PROTOCOL_VERSION } from '@tapbroker/protocol';
 import { BrokerProcess, ROOT, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, probeOnce } from '../helpers/unpriv.js';
@@ -45,7 +46,8 @@ maybe('the package carries the application and its production dependencies only'
     '/usr/share/man/man1/tapbroker.1.gz', '/usr/share/man/man5/tapbroker-policy.5.gz', '/usr/share/man/man8/tapbrokerd.8.gz',
     '/etc/tapbroker/policy.toml', '/usr/share/doc/tapbroker/copyright', '/usr/share/doc/tapbroker/changelog.gz',
     '/usr/share/doc/tapbroker/examples/policy.example.toml',
-    '/usr/lib/tapbroker/node_modules/@tapbroker/broker/dist/main.js', '/usr/lib/tapbroker/node_modules/@tapbroker/client/dist/cli.js']) {
+    '/usr/lib/tapbroker/node_modules/@tapbroker/broker/dist/main.js', '/usr/lib/tapbroker/node_modules/@tapbroker/client/dist/cli.js',
+    '/usr/lib/tapbroker/bridge-helper']) {
     t.true(files.includes(f), `${f} is in the package`);
   }
   const unwanted = files.filter((f) => /\.ts$|\.map$|\/test\/|node_modules\/(typescript|ava|fast-check|@types)\/|musl|\.(cc|hh|S|asm)$|msgpackr-extract/.test(f));
@@ -80,6 +82,7 @@ echo "shadow: $(dpkg -i "$deb" 2>&1 >/dev/null | grep -c 'overrides the packaged
 rm /etc/systemd/system/tapbrokerd.service
 echo "version: $(tapbrokerd --version)"
 echo "client: $(tapbroker --version)"
+echo "helper: $(/usr/lib/tapbroker/bridge-helper --version)"
 echo "check: $(tapbrokerd check-policy)"
 echo "group: $(getent group tapbroker | cut -d: -f1)"
 echo "man: $(man -w tapbrokerd tapbroker tapbroker-policy | tr '\n' ' ')"
@@ -95,8 +98,9 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', SCRIPT, 'sh', deb, work], { encoding: 'utf8' });
     t.is(r.status, 0, r.stderr);
     const got = Object.fromEntries(r.stdout.split('\n').filter((l) => l.includes(': ')).map((l) => [l.slice(0, l.indexOf(': ')), l.slice(l.indexOf(': ') + 2)]));
-    t.is(got['version'], `tapbrokerd ${version} (protocol 1)`);
-    t.is(got['client'], `tapbroker ${version} (protocol 1)`);
+    t.is(got['version'], `tapbrokerd ${version} (protocol ${PROTOCOL_VERSION})`);
+    t.is(got['client'], `tapbroker ${version} (protocol ${PROTOCOL_VERSION})`);
+    t.is(got['helper'], `tapbroker-bridge-helper ${version} (protocol ${PROTOCOL_VERSION})`);
     t.regex(got['check'] ?? '', /^\/etc\/tapbroker\/policy\.toml: ok: 0 rules, 0 deny rules/, 'the default policy loads and allows nothing');
     t.is(got['group'], 'tapbroker', 'the group exists after install');
     for (const page of ['man8/tapbrokerd.8.gz', 'man1/tapbroker.1.gz', 'man5/tapbroker-policy.5.gz']) t.true((got['man'] ?? '').includes(page), `man -w finds ${page}`);
