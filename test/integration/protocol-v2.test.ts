@@ -3,9 +3,9 @@
 // version handshake. A fresh namespace for this file; every client an unprivileged uid.
 import anyTest, { type TestFn } from 'ava';
 import { MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame } from '@tapbroker/protocol';
-import { BrokerProcess } from '../helpers/broker.js';
+import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
-import { NOBODY, OTHER_UID, probe, probeOnce } from '../helpers/unpriv.js';
+import { NOBODY, OTHER_UID, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
 const STRANGER = 64003;
@@ -163,4 +163,22 @@ test('a version 1 client is told to upgrade, and the connection closes', async (
   } finally {
     conn.close();
   }
+});
+
+test.serial('tapbroker status prints the same for people and, with --json, for scripts', async (t) => {
+  const run = (...args: string[]) => new Promise<{ code: number | null; out: string }>((resolve) => {
+    const c = spawnAs({}, process.execPath, [CLIENT_CLI, 'status', '--socket', broker.socket, ...args]);
+    let out = '';
+    c.stdout!.on('data', (d) => (out += d));
+    c.on('close', (code) => resolve({ code, out }));
+  });
+  const text = await run();
+  t.is(text.code, 0);
+  t.regex(text.out, new RegExp(`^broker: +tapbrokerd \\S+ \\(protocol ${PROTOCOL_VERSION}\\) at ${broker.socket}`, 'm'));
+  t.regex(text.out, /^rules: +vm \(0 of 4 devices\)$/m);
+  const json = await run('--json');
+  t.is(json.code, 0);
+  t.like(JSON.parse(json.out), { socket: broker.socket, uid: NOBODY, rules: [{ rule: 'vm', used: 0, max_devices: 4 }] });
+  const bad = await run('--bogus');
+  t.is(bad.code, 64);
 });
