@@ -7,7 +7,8 @@
 //   2. tapbroker          request → fd in this process, broker child in the namespace, policy + audit + lease;
 //                         one connection, and a fresh connection per grant (as `tapbroker run` does)
 //   3. 32 clients         concurrent throughput vs the floor's sequential throughput
-//   4. qemu-bridge-helper spawned per grant inside the namespace, fd received over a socketpair
+//   4. qemu-bridge-helper and tapbroker-bridge-helper, spawned per grant as qemu spawns a helper (fork/exec
+//      from C: spawn-helper.py) inside the namespace, the fd received over a socketpair
 //   5. teardown           grant latency while 50 taps are destroyed at once (their fds closed together)
 //   6. cold start         systemd-socket-activate → broker → first fd
 //   7. RSS and leases     broker VmRSS idle and with 2,000 live leases; grant latency with 2,000 leases under
@@ -32,6 +33,8 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const FLOOR_JS = path.join(HERE, 'floor.js');
 const HOLDER_JS = path.join(HERE, 'holder.js');
 const HELPER = '/usr/lib/qemu/qemu-bridge-helper';
+const TB_HELPER = path.resolve(HERE, '../../../packages/client/dist/bridge-helper.js');
+const SPAWN_HELPER_PY = path.resolve(HERE, '../../../test/bench/spawn-helper.py');
 const BRIDGE_CONF = '/etc/qemu/bridge.conf';
 const REAP_GROUP = '77';
 /** A grant that takes longer than this means the broker is stuck, not slow (2,000 leases cost ~40 ms). */
@@ -535,7 +538,25 @@ async function phaseFloor(id: string, label: string, note: string, hold = false)
   return fig({ id, label, stats: s, value: { v: 1000 / s.mean, unit: 'grants/s' }, note });
 }
 
+/** Spawns `helper` per grant the way qemu does (spawn-helper.py: fork/exec from C), inside the namespace. */
+function spawnHelper(helper: string, env: NodeJS.ProcessEnv = {}): { samples: number[]; exits: number[] } {
+  const out = execFileSync('ip', ['netns', 'exec', ns().name, '/usr/bin/python3', SPAWN_HELPER_PY, helper, 'br0',
+    String(opts.n), String(Math.min(opts.warmup, 10))], { encoding: 'utf8', env: { ...process.env, ...env } });
+  return JSON.parse(out) as { samples: number[]; exits: number[] };
+}
+
 async function phaseHelper(): Promise<void> {
+  // tapbroker-bridge-helper, spawned the same way, against a broker of its own.
+  await withFreshBroker('bridge-helper', async (br) => {
+    const r = spawnHelper(TB_HELPER, { TAPBROKER_SOCKET: br.b.socket });
+    const node = execFileSync('ip', ['netns', 'exec', ns().name, '/usr/bin/python3', '-c',
+      'import subprocess,time\nt=[]\nfor i in range(20):\n t0=time.perf_counter();subprocess.run(["node","-e","0"]);'
+      + 't.append((time.perf_counter()-t0)*1000)\nt.sort();print(t[10])'], { encoding: 'utf8' }).trim();
+    fig({ id: 'tb-helper', label: 'tapbroker-bridge-helper, spawn → fd', stats: stats(r.samples),
+      note: `spawned per grant as qemu spawns a helper (fork/exec from C: spawn-helper.py), --use-vnet --br=br0, the fd `
+        + `received on the SOCK_STREAM socketpair qemu uses; spawn → exit p50 ${stats(r.exits).p50.toFixed(2)} ms; `
+        + `a bare \`node -e 0\` spawned the same way: p50 ${Number(node).toFixed(1)} ms` });
+  });
   if (!fs.existsSync(HELPER)) {
     skipped.push(`qemu-bridge-helper: ${HELPER} does not exist`);
     return;
@@ -554,12 +575,19 @@ async function phaseHelper(): Promise<void> {
     state.bridgeConf.file = true;
   }
   try {
-    const { result, release } = await inNamespace('helper', { n: opts.n, warmup: Math.min(opts.warmup, 10), bridge: 'br0', helper: HELPER });
-    await release();
-    fig({ id: 'helper', label: 'qemu-bridge-helper, spawn → fd', stats: stats(result.samples),
-      note: `spawned per grant (--use-vnet --br=br0 --fd=3) by a Node process in the namespace, the fd received on a SEQPACKET socketpair; spawn → exit p50 ${stats(result.exits ?? []).p50.toFixed(2)} ms` });
+    const r = spawnHelper(HELPER);
+    reap();
+    fig({ id: 'helper', label: 'qemu-bridge-helper, spawn → fd', stats: stats(r.samples),
+      note: `spawned per grant as qemu spawns it (fork/exec from C: spawn-helper.py), --use-vnet --br=br0, the fd `
+        + `received on a SOCK_STREAM socketpair; spawn → exit p50 ${stats(r.exits).p50.toFixed(2)} ms` });
   } finally {
     removeBridgeConf();
+  }
+  const tb = find('tb-helper');
+  const qbh = find('helper');
+  if (tb?.stats && qbh?.stats) {
+    const ratio = tb.stats.p50 / qbh.stats.p50;
+    tb.target = { text: `p50 vs qemu-bridge-helper's: ${ratio.toFixed(1)}×`, ratio, pass: ratio <= 1 };
   }
 }
 

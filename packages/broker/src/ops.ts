@@ -96,7 +96,11 @@ function createMacvtap(ctx: OpContext, caller: Identity, req: CreateMacvtapReque
   return createOne(ctx, caller, req);
 }
 
-async function createOne(ctx: OpContext, caller: Identity, req: CreateTapRequest | CreateMacvtapRequest): Promise<Outcome> {
+async function createOne(
+  ctx: OpContext,
+  caller: Identity,
+  req: CreateTapRequest | CreateMacvtapRequest,
+): Promise<Outcome> {
   const [nic] = await grantAll(ctx, caller, req.op, [req]);
   const body = { id: req.id, device: nic!.device, fds: nic!.counts };
   return {
@@ -110,7 +114,10 @@ async function createOne(ctx: OpContext, caller: Identity, req: CreateTapRequest
 async function create(ctx: OpContext, caller: Identity, req: CreateRequest): Promise<Outcome> {
   const fds = req.nics.reduce((n, nic) => n + (nic.persistent ? 0 : (nic.queues ?? 1) * (nic.vhost ? 2 : 1)), 0);
   if (fds > MAX_REPLY_FDS) {
-    throw new TapbrokerError('TB_E_INVALID_REQUEST', `these NICs need ${fds} fds; one reply carries at most ${MAX_REPLY_FDS}`);
+    throw new TapbrokerError(
+      'TB_E_INVALID_REQUEST',
+      `these NICs need ${fds} fds; one reply carries at most ${MAX_REPLY_FDS}`,
+    );
   }
   const nics = await grantAll(ctx, caller, 'create', req.nics);
   return {
@@ -306,7 +313,13 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
   const actualMac = spec.kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;
   const hostMac = macFromBuffer(created.hostMac);
-  const lease: LeaseRecord = { ...draft, name: created.name, ifindex: created.ifindex, mac: actualMac, host_mac: hostMac };
+  const lease: LeaseRecord = {
+    ...draft,
+    name: created.name,
+    ifindex: created.ifindex,
+    mac: actualMac,
+    host_mac: hostMac,
+  };
   const all = [...created.tapFds, ...created.vhostFds];
   try {
     ctx.lifetimes.begin(lease);
@@ -503,8 +516,24 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
     ...(d.allow ? {} : { code: d.code }),
   });
   const reply: Reply = d.allow
-    ? { op: 'can', id: req.id, allow: true, rule: d.rule.name, message: `rule \`${d.rule.name}' would grant it`, locked: false }
-    : { op: 'can', id: req.id, allow: false, rule: d.rule, code: d.code, message: d.message, hint: d.hint, locked: false };
+    ? {
+        op: 'can',
+        id: req.id,
+        allow: true,
+        rule: d.rule.name,
+        message: `rule \`${d.rule.name}' would grant it`,
+        locked: false,
+      }
+    : {
+        op: 'can',
+        id: req.id,
+        allow: false,
+        rule: d.rule,
+        code: d.code,
+        message: d.message,
+        hint: d.hint,
+        locked: false,
+      };
   return { reply, fds: [] };
 }
 

@@ -44,7 +44,14 @@ export async function plugDown(l: LeaseRecord): Promise<Record<string, unknown> 
 }
 
 async function runPlugHook(l: LeaseRecord, p: { hook: string; timeout_ms: number }, action: 'up' | 'down') {
-  const ctx = { device: l.name, ifindex: l.ifindex, mac: l.mac ?? '-', uid: l.uid, network: l.network ?? '-', lease: l.id };
+  const ctx = {
+    device: l.name,
+    ifindex: l.ifindex,
+    mac: l.mac ?? '-',
+    uid: l.uid,
+    network: l.network ?? '-',
+    lease: l.id,
+  };
   const r = await runHook(p.hook, action, ctx, p.timeout_ms);
   return { hook: p.hook, action, code: r.code, stdout: r.stdout, stderr: r.stderr, ms: r.ms };
 }

@@ -78,7 +78,10 @@ function sendFd(unixFd: number, tapFd: number): void {
       return;
     } catch (err) {
       if (err instanceof sys.SyscallError && err.code === 'EINTR') continue;
-      throw new TapbrokerError('TB_E_BROKER_CLOSED', `cannot send the tap to the hypervisor on fd ${unixFd}: ${(err as Error).message}`);
+      throw new TapbrokerError(
+        'TB_E_BROKER_CLOSED',
+        `cannot send the tap to the hypervisor on fd ${unixFd}: ${(err as Error).message}`,
+      );
     }
   }
 }

@@ -4,7 +4,21 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
-import { MACVTAP_MODES, PROTOCOL_VERSION, TapbrokerError, exitFlushed, checkIfName, checkMac, checkNetworkName, checkQueues, sys, type Device, type ErrorCode, type Lease, type MacvtapMode } from '@tapbroker/protocol';
+import {
+  MACVTAP_MODES,
+  PROTOCOL_VERSION,
+  TapbrokerError,
+  exitFlushed,
+  checkIfName,
+  checkMac,
+  checkNetworkName,
+  checkQueues,
+  sys,
+  type Device,
+  type ErrorCode,
+  type Lease,
+  type MacvtapMode,
+} from '@tapbroker/protocol';
 import { TapbrokerClient, closeTap, type Tap } from './client.js';
 import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
@@ -37,8 +51,8 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'TB_E_NOT_A_BRIDGE': case 'TB_E_DEVICE_EXISTS': case 'TB_E_INVALID_REQUEST': case 'TB_E_NO_SUCH_PARENT':
     case 'TB_E_BAD_PARENT': case 'TB_E_MAC_IN_USE': case 'TB_E_NO_SUCH_LEASE':
       return EXIT.DATAERR;
-    case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_BUSY': case 'TB_E_TIMEOUT':
-    case 'TB_E_VERSION': case 'TB_E_STATE_UNWRITABLE':
+    case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_BUSY':
+    case 'TB_E_TIMEOUT': case 'TB_E_VERSION': case 'TB_E_STATE_UNWRITABLE':
       return EXIT.UNAVAILABLE;
     default:
       return EXIT.SOFTWARE;
@@ -54,7 +68,9 @@ interface Args {
 
 export function parseArgs(argv: readonly string[]): Args {
   const command = argv[0];
-  if (command !== 'run' && command !== 'qemu-args' && command !== 'can') throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
+  if (command !== 'run' && command !== 'qemu-args' && command !== 'can') {
+    throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
+  }
   const out: Args = { command, socket: null, nets: [], argv: [] };
   let i = 1;
   for (; i < argv.length; i++) {
@@ -63,7 +79,9 @@ export function parseArgs(argv: readonly string[]): Args {
       out.argv = argv.slice(i + 1);
       break;
     }
-    const [flag, inline] = a.startsWith('--') && a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
+    const [flag, inline] = a.startsWith('--') && a.includes('=')
+      ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)]
+      : [a, undefined];
     const value = () => {
       const v = inline ?? argv[++i];
       if (v === undefined) throw new TapbrokerError('TB_E_USAGE', `${flag} needs a value`);
@@ -97,9 +115,13 @@ export function buildNicArgs(nets: readonly NetSpec[], taps: readonly Tap[] | nu
 }
 
 export function describeDevice(d: Device): string {
-  const net = d.network ? `network ${d.network}${d.parent !== '-' ? ` (${d.parent}${d.vlan !== null ? `, vlan ${d.vlan}` : ''})` : ''}` : '';
+  const net = d.network
+    ? `network ${d.network}${d.parent !== '-' ? ` (${d.parent}${d.vlan !== null ? `, vlan ${d.vlan}` : ''})` : ''}`
+    : '';
   const where = d.network ? `on ${net}` : d.kind === 'tap' ? `on ${d.parent}` : `macvtap on ${d.parent} (${d.mode})`;
-  return `${d.name} ${where} (ifindex ${d.ifindex}, mtu ${d.mtu}, mac ${d.mac ?? 'set by the hypervisor'}, ${d.queues} queue${d.queues > 1 ? 's' : ''}${d.vhost ? ', vhost' : ''}${d.persistent ? ', persistent' : ''}, rule ${d.rule})`;
+  return `${d.name} ${where} (ifindex ${d.ifindex}, mtu ${d.mtu}, mac ${d.mac ?? 'set by the hypervisor'}, ` +
+    `${d.queues} queue${d.queues > 1 ? 's' : ''}${d.vhost ? ', vhost' : ''}` +
+    `${d.persistent ? ', persistent' : ''}, rule ${d.rule})`;
 }
 
 async function run(args: Args): Promise<number> {
@@ -121,7 +143,9 @@ async function run(args: Args): Promise<number> {
   for (const t of taps) process.stderr.write(`tapbroker: ${describeDevice(t.device)}\n`);
   const fds = taps.flatMap((t) => [...t.tapFds, ...t.vhostFds]);
   const [cmd, ...rest] = args.argv as [string, ...string[]];
-  const child = spawn(cmd, [...rest, ...buildNicArgs(args.nets, taps)], { stdio: ['inherit', 'inherit', 'inherit', ...fds] });
+  const child = spawn(cmd, [...rest, ...buildNicArgs(args.nets, taps)], {
+    stdio: ['inherit', 'inherit', 'inherit', ...fds],
+  });
   // The child holds the devices now; our copies must go so they vanish with it.
   taps.forEach(closeTap);
   const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
@@ -158,13 +182,15 @@ interface LeaseArgs {
 
 export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
   const o: LeaseArgs = {
-    command: argv[0] as LeaseArgs['command'], socket: null, persistent: false, bridge: null, network: null, macvtap: null, mode: null,
-    name: null, queues: 1, mac: null, group: null, output: 'text',
+    command: argv[0] as LeaseArgs['command'], socket: null, persistent: false, bridge: null, network: null,
+    macvtap: null, mode: null, name: null, queues: 1, mac: null, group: null, output: 'text',
   };
   const usage = (m: string): never => { throw new TapbrokerError('TB_E_USAGE', m); };
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i]!;
-    const [flag, inline] = a.startsWith('--') && a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
+    const [flag, inline] = a.startsWith('--') && a.includes('=')
+      ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)]
+      : [a, undefined];
     const value = () => inline ?? argv[++i] ?? usage(`${flag} needs a value`);
     const ifname = (what: string) => {
       const v = value();
@@ -185,14 +211,18 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
       }
       case '--mode': {
         const m = value();
-        if (!(MACVTAP_MODES as readonly string[]).includes(m)) usage(`--mode must be one of ${MACVTAP_MODES.join(', ')}`);
+        if (!(MACVTAP_MODES as readonly string[]).includes(m)) {
+          usage(`--mode must be one of ${MACVTAP_MODES.join(', ')}`);
+        }
         o.mode = m as MacvtapMode;
         break;
       }
       case '--name': o.name = ifname('name'); break;
       case '--queues': {
         const q = value();
-        if (!/^[0-9]{1,4}$/.test(q) || checkQueues(Number(q))) usage(`--queues ${checkQueues(Number(q)) ?? 'must be an integer'}`);
+        if (!/^[0-9]{1,4}$/.test(q) || checkQueues(Number(q))) {
+          usage(`--queues ${checkQueues(Number(q)) ?? 'must be an integer'}`);
+        }
         o.queues = Number(q);
         break;
       }
@@ -220,10 +250,16 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
     }
   }
   if (o.command === 'create') {
-    if (!o.persistent) usage('create makes persistent devices: say --persistent (for a VM you start yourself, use tapbroker run)');
-    if ([o.bridge, o.network, o.macvtap].filter((x) => x !== null).length !== 1) usage('create needs exactly one of --bridge, --network or --macvtap');
+    if (!o.persistent) {
+      usage('create makes persistent devices: say --persistent (for a VM you start yourself, use tapbroker run)');
+    }
+    if ([o.bridge, o.network, o.macvtap].filter((x) => x !== null).length !== 1) {
+      usage('create needs exactly one of --bridge, --network or --macvtap');
+    }
     if (o.mode !== null && o.macvtap === null) usage('--mode is for --macvtap');
-    if (o.group !== null && o.macvtap !== null) usage('--group is for --bridge: a persistent macvtap is its owner\'s alone');
+    if (o.group !== null && o.macvtap !== null) {
+      usage('--group is for --bridge: a persistent macvtap is its owner\'s alone');
+    }
   }
   if (o.command === 'release' && o.name === null) usage('release needs the NAME of a device');
   return o;
@@ -231,7 +267,8 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
 
 function leaseTable(leases: readonly Lease[]): string {
   const rows = [['NAME', 'KIND', 'PARENT', 'MODE', 'MAC', 'QUEUES', 'OWNER', 'RULE', 'ENDS', 'CREATED'],
-    ...leases.map((l) => [l.name, l.kind, l.parent, l.mode ?? '-', l.mac ?? 'unknown', String(l.queues), l.user ?? String(l.uid), l.rule,
+    ...leases.map((l) => [l.name, l.kind, l.parent, l.mode ?? '-', l.mac ?? 'unknown', String(l.queues),
+      l.user ?? String(l.uid), l.rule,
       l.ends === 'holder' ? `with pid ${l.holder}` : l.ends === 'fds' ? 'with its fds' : 'on release', l.created])];
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
@@ -242,18 +279,26 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
   try {
     if (o.command === 'list') {
       const { leases, truncated } = await client.list();
-      process.stdout.write(o.output === 'json' ? `${JSON.stringify({ leases, truncated }, null, 2)}\n` : `${leaseTable(leases)}\n`);
+      process.stdout.write(
+        o.output === 'json' ? `${JSON.stringify({ leases, truncated }, null, 2)}\n` : `${leaseTable(leases)}\n`,
+      );
       if (truncated) process.stderr.write('tapbroker: more leases exist than one reply holds; the oldest are listed\n');
       return 0;
     }
     if (o.command === 'release') {
       const lease = await client.release(o.name!);
-      process.stdout.write(o.output === 'json' ? `${JSON.stringify(lease, null, 2)}\n` : `released ${lease.name} (${lease.kind} on ${lease.parent})\n`);
+      process.stdout.write(
+        o.output === 'json'
+          ? `${JSON.stringify(lease, null, 2)}\n`
+          : `released ${lease.name} (${lease.kind} on ${lease.parent})\n`,
+      );
       return 0;
     }
     const common = { queues: o.queues, mac: o.mac, name: o.name, persistent: true };
     const tap = o.macvtap === null
-      ? await client.createTap({ ...(o.bridge !== null ? { bridge: o.bridge } : { network: o.network! }), group: o.group, ...common })
+      ? await client.createTap({
+        ...(o.bridge !== null ? { bridge: o.bridge } : { network: o.network! }), group: o.group, ...common,
+      })
       : await client.createMacvtap({ parent: o.macvtap, mode: o.mode ?? 'bridge', ...common });
     const d = tap.device;
     if (o.output === 'xml') process.stdout.write(libvirtInterfaceXml(d));
@@ -288,7 +333,8 @@ async function statusCommand(argv: readonly string[]): Promise<number> {
     const lines = [
       `broker:   ${s.broker} (protocol ${s.version}) at ${client.socket}, up since ${s.started}`,
       `policy:   sha256 ${s.policy_sha256}`,
-      `you:      ${s.user ?? 'uid'} (uid ${s.uid}), ${s.leases} live lease${s.leases === 1 ? '' : 's'}${s.uid === 0 ? ' (everyone\'s)' : ''}`,
+      `you:      ${s.user ?? 'uid'} (uid ${s.uid}), ${s.leases} live lease${s.leases === 1 ? '' : 's'}` +
+        `${s.uid === 0 ? ' (everyone\'s)' : ''}`,
       ...(s.connections !== null ? [`clients:  ${s.connections} connection${s.connections === 1 ? '' : 's'}`] : []),
       s.rules.length === 0 ? 'rules:    none applies to you: the broker will refuse your requests'
         : `rules:    ${s.rules.map((r) => `${r.rule} (${r.used} of ${r.max_devices} devices)`).join(', ')}`,
@@ -311,11 +357,17 @@ export async function main(argv: readonly string[]): Promise<number> {
     return 0;
   }
   try {
-    if (argv[0] === 'create' || argv[0] === 'list' || argv[0] === 'release') return await leaseCommand(parseLeaseArgs(argv));
+    if (argv[0] === 'create' || argv[0] === 'list' || argv[0] === 'release') {
+      return await leaseCommand(parseLeaseArgs(argv));
+    }
     if (argv[0] === 'status') return await statusCommand(argv.slice(1));
     if (argv[0] === 'reload') {
-      const socket = argv[1]?.startsWith('--socket=') ? argv[1].slice(9) : argv[1] === '--socket' ? argv[2] ?? null : null;
-      if (argv.length !== (socket === null ? 1 : argv[1] === '--socket' ? 3 : 2)) throw new TapbrokerError('TB_E_USAGE', 'reload takes only --socket PATH');
+      const socket = argv[1]?.startsWith('--socket=')
+        ? argv[1].slice(9)
+        : argv[1] === '--socket' ? argv[2] ?? null : null;
+      if (argv.length !== (socket === null ? 1 : argv[1] === '--socket' ? 3 : 2)) {
+        throw new TapbrokerError('TB_E_USAGE', 'reload takes only --socket PATH');
+      }
       const client = await TapbrokerClient.connect(socket);
       try {
         process.stdout.write(`policy reloaded: sha256 ${await client.reload()}\n`);
@@ -330,10 +382,20 @@ export async function main(argv: readonly string[]): Promise<number> {
       let all = true;
       try {
         for (const n of args.nets) {
-          const r = await client.can({ kind: n.network ? 'network' : n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name });
+          const r = await client.can({
+            kind: n.network ? 'network' : n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost,
+            mac: n.mac, name: n.name,
+          });
           all &&= r.allow;
-          const target = n.network ? `network=${n.parent}` : n.kind === 'tap' ? `bridge=${n.parent}` : `macvtap=${n.parent} (${n.mode})`;
-          process.stdout.write(r.allow ? `${target}: yes, by rule ${r.rule}\n` : `${target}: no, ${r.code}: ${r.message}${r.rule ? ` (rule: ${r.rule})` : ''}${r.hint ? `; hint: ${r.hint}` : ''}\n`);
+          const target = n.network
+            ? `network=${n.parent}`
+            : n.kind === 'tap' ? `bridge=${n.parent}` : `macvtap=${n.parent} (${n.mode})`;
+          process.stdout.write(
+            r.allow
+              ? `${target}: yes, by rule ${r.rule}\n`
+              : `${target}: no, ${r.code}: ${r.message}${r.rule ? ` (rule: ${r.rule})` : ''}` +
+                `${r.hint ? `; hint: ${r.hint}` : ''}\n`,
+          );
         }
       } finally {
         client.close();
@@ -342,7 +404,9 @@ export async function main(argv: readonly string[]): Promise<number> {
     }
     if (args.command === 'qemu-args') {
       process.stdout.write(`${buildNicArgs(args.nets, null).map(shellQuote).join(' ')}\n`);
-      if (args.nets.some((n) => !n.mac)) process.stderr.write('tapbroker: without mac=, `run` adds the MAC the broker assigns\n');
+      if (args.nets.some((n) => !n.mac)) {
+        process.stderr.write('tapbroker: without mac=, `run` adds the MAC the broker assigns\n');
+      }
       return 0;
     }
     return await run(args);

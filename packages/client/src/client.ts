@@ -90,7 +90,12 @@ export class TapbrokerClient {
     const client = new TapbrokerClient(conn, path);
     try {
       checkPeer(conn, path);
-      const { reply } = await client.call({ op: 'hello', id: client.nextId++, version: PROTOCOL_VERSION, client: 'tapbroker' });
+      const { reply } = await client.call({
+        op: 'hello',
+        id: client.nextId++,
+        version: PROTOCOL_VERSION,
+        client: 'tapbroker',
+      });
       if (reply.op !== 'hello') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a hello reply, got ${reply.op}`);
       client.broker = reply.broker;
     } catch (err) {
@@ -120,7 +125,9 @@ export class TapbrokerClient {
     const req: Request = {
       op: 'create',
       id: this.nextId++,
-      nics: nics.map((n): Nic => (n.kind === 'tap' ? { kind: 'tap', ...tapFields(n) } : { kind: 'macvtap', ...macvtapFields(n) })),
+      nics: nics.map(
+        (n): Nic => (n.kind === 'tap' ? { kind: 'tap', ...tapFields(n) } : { kind: 'macvtap', ...macvtapFields(n) }),
+      ),
     };
     const { reply, fds } = await this.call(req);
     if (reply.op !== 'create' || reply.devices.length !== nics.length || reply.fds.length !== nics.length) {
@@ -133,11 +140,15 @@ export class TapbrokerClient {
       for (const [i, device] of reply.devices.entries()) {
         const counts = reply.fds[i]!;
         const n = counts.tap + counts.vhost;
-        if (at + n > fds.length) throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for more`);
+        if (at + n > fds.length) {
+          throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for more`);
+        }
         taps.push(granted(device, counts, fds.slice(at, at + n)));
         at += n;
       }
-      if (at !== fds.length) throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length - at} fds too many`);
+      if (at !== fds.length) {
+        throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length - at} fds too many`);
+      }
     } catch (err) {
       fds.forEach((fd) => fs.closeSync(fd));
       throw err;
@@ -167,7 +178,16 @@ export class TapbrokerClient {
   }
 
   /** Dry run: would the broker grant this, and by which rule? Nothing is created. */
-  async can(opts: { kind: 'tap' | 'macvtap' | 'network'; parent: string; mode?: MacvtapMode | null; queues?: number; vhost?: boolean; mac?: string | null; name?: string | null; persistent?: boolean }) {
+  async can(opts: {
+    kind: 'tap' | 'macvtap' | 'network';
+    parent: string;
+    mode?: MacvtapMode | null;
+    queues?: number;
+    vhost?: boolean;
+    mac?: string | null;
+    name?: string | null;
+    persistent?: boolean;
+  }) {
     const req: Request = { op: 'can', id: this.nextId++, kind: opts.kind, parent: opts.parent };
     if (opts.mode) req.mode = opts.mode;
     if (opts.queues !== undefined) req.queues = opts.queues;
@@ -225,7 +245,9 @@ export class TapbrokerClient {
       packet.fds.forEach((fd) => fs.closeSync(fd));
       throw err;
     };
-    if (packet.truncated || packet.fdsTruncated) fail(new TapbrokerError('TB_E_BAD_REPLY', 'the broker\'s reply was truncated'));
+    if (packet.truncated || packet.fdsTruncated) {
+      fail(new TapbrokerError('TB_E_BAD_REPLY', 'the broker\'s reply was truncated'));
+    }
     let reply: Reply;
     try {
       reply = decodeReply(packet.data);
@@ -239,7 +261,9 @@ export class TapbrokerClient {
         ...(reply.nic !== undefined ? { nic: reply.nic } : {}),
       }));
     }
-    if (reply.id !== req.id) fail(new TapbrokerError('TB_E_BAD_REPLY', `reply id ${String(reply.id)} does not match request id ${req.id}`));
+    if (reply.id !== req.id) {
+      fail(new TapbrokerError('TB_E_BAD_REPLY', `reply id ${String(reply.id)} does not match request id ${req.id}`));
+    }
     return { reply, fds: packet.fds };
   }
 }
@@ -252,9 +276,11 @@ function checkPeer(conn: SeqpacketConnection, path: string): void {
   const peer = conn.peer();
   if (peer.pidfd !== null) sys.close(peer.pidfd);
   if (peer.uid !== 0) {
-    throw new TapbrokerError('TB_E_CONNECT', `the socket at ${path} is served by uid ${peer.uid}, not root: not a tapbroker broker`, {
-      hint: 'check --socket and $TAPBROKER_SOCKET',
-    });
+    throw new TapbrokerError(
+      'TB_E_CONNECT',
+      `the socket at ${path} is served by uid ${peer.uid}, not root: not a tapbroker broker`,
+      { hint: 'check --socket and $TAPBROKER_SOCKET' },
+    );
   }
 }
 
@@ -263,7 +289,10 @@ function granted(device: Device, counts: { tap: number; vhost: number }, fds: nu
   const queueFds = device.persistent ? 0 : device.queues;
   const vhostOk = counts.vhost === 0 || counts.vhost === counts.tap;
   if (fds.length !== counts.tap + counts.vhost || counts.tap !== queueFds || !vhostOk) {
-    throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length} fds for ${counts.tap} queue and ${counts.vhost} vhost fds`);
+    throw new TapbrokerError(
+      'TB_E_BAD_REPLY',
+      `the broker sent ${fds.length} fds for ${counts.tap} queue and ${counts.vhost} vhost fds`,
+    );
   }
   const why = fds.slice(0, counts.tap).map((fd) => notTheTap(fd, device.name)).find((w) => w !== null)
     ?? fds.slice(counts.tap).map(notVhost).find((w) => w !== null) ?? null;

@@ -5,4 +5,11 @@ export { parseNetSpec, DEFAULT_MODEL, type NetSpec } from './netspec.js';
 export { nicArgs, childFdNumbers, isVirtioNet, shellQuote, type NicArgs } from './qemu-args.js';
 export { main, parseArgs, parseLeaseArgs, buildNicArgs, exitCodeFor, describeDevice, EXIT } from './cli.js';
 export { libvirtInterfaceXml } from './libvirt.js';
-export { TapbrokerError, ERROR_CODES, type ErrorCode, type Device, type Lease, type TapDevice } from '@tapbroker/protocol';
+export {
+  TapbrokerError,
+  ERROR_CODES,
+  type ErrorCode,
+  type Device,
+  type Lease,
+  type TapDevice,
+} from '@tapbroker/protocol';

@@ -2,7 +2,8 @@
 // docs/PROTOCOL.md documents every code, and a test fails if the two disagree.
 
 export const ERROR_CODES = {
-  TB_E_MALFORMED: 'the frame is not a well-formed message: bad msgpack, trailing bytes, duplicate keys or nesting too deep',
+  TB_E_MALFORMED:
+    'the frame is not a well-formed message: bad msgpack, trailing bytes, duplicate keys or nesting too deep',
   TB_E_FRAME_TOO_LARGE: 'the frame is larger than the size cap and was discarded unread',
   TB_E_UNSUPPORTED_TYPE: 'the frame holds a value type the protocol does not carry (extension, binary, non-string key)',
   TB_E_INVALID_REQUEST: 'a field is missing, unknown or of the wrong type',
@@ -10,12 +11,15 @@ export const ERROR_CODES = {
   TB_E_VERSION: 'the client speaks a protocol version the broker does not',
   TB_E_HELLO_REQUIRED: 'the first message on a connection must be hello',
   TB_E_UNEXPECTED_FDS: 'the request carried file descriptors; the broker accepts none and closed them',
-  TB_E_INVALID_NAME: 'an interface name is empty, longer than 15 bytes, has characters outside [A-Za-z0-9_.-] or does not match the rule\'s name_pattern',
+  TB_E_INVALID_NAME:
+    'an interface name is empty, longer than 15 bytes, has characters outside [A-Za-z0-9_.-] ' +
+    'or does not match the rule\'s name_pattern',
   TB_E_INVALID_MAC: 'a MAC address is malformed, multicast, all-zero or outside the rule\'s prefix',
   TB_E_INVALID_QUEUES: 'the queue count is not an integer from 1 to 126',
   TB_E_NO_SUCH_BRIDGE: 'the named bridge does not exist',
   TB_E_NOT_A_BRIDGE: 'the named device exists but is not a Linux bridge',
-  TB_E_BRIDGE_ADDRESS: 'the bridge\'s MAC address was never set by an administrator, so a guest could take it over; pin it first',
+  TB_E_BRIDGE_ADDRESS:
+    'the bridge\'s MAC address was never set by an administrator, so a guest could take it over; pin it first',
   TB_E_NO_SUCH_PARENT: 'the named macvtap parent does not exist',
   TB_E_BAD_PARENT: 'the named parent cannot carry a macvtap (a bridge, a macvlan/macvtap, a tun/tap, or loopback)',
   TB_E_MAC_IN_USE: 'the MAC is already used by the parent or another device on it',
@@ -27,7 +31,8 @@ export const ERROR_CODES = {
   TB_E_VHOST_UNAVAILABLE: 'vhost-net was asked for but /dev/vhost-net does not exist on this host',
   TB_E_DEVICE_EXISTS: 'a device with the requested name already exists',
   TB_E_KERNEL: 'the kernel refused an operation; the message names it and the errno; nothing was left behind',
-  TB_E_STATE_UNWRITABLE: 'the broker\'s lease table cannot be written (its state directory is full or read-only); nothing was created',
+  TB_E_STATE_UNWRITABLE:
+    'the broker\'s lease table cannot be written (its state directory is full or read-only); nothing was created',
   TB_E_TIMEOUT: 'the client did not say hello in time',
   TB_E_BUSY: 'the broker is at its connection limit',
   TB_E_INTERNAL: 'the broker hit a bug; nothing was left behind and it keeps serving',
@@ -57,7 +62,10 @@ export class TapbrokerError extends Error {
     extra: { rule?: string; hint?: string; nic?: number; cause?: unknown } = {},
   ) {
     // Bounded so that every error fits an error reply (messages at most 1024 characters).
-    super(message.length > 1000 ? `${message.slice(0, 999)}…` : message, extra.cause === undefined ? undefined : { cause: extra.cause });
+    super(
+      message.length > 1000 ? `${message.slice(0, 999)}…` : message,
+      extra.cause === undefined ? undefined : { cause: extra.cause },
+    );
     this.name = 'TapbrokerError';
     this.code = code;
     this.rule = extra.rule;

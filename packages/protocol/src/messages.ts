@@ -72,7 +72,11 @@ export const Nic = z.discriminatedUnion('kind', [
 export type Nic = z.infer<typeof Nic>;
 
 /** Several NICs (one VM's) in one request: each decided and audited on its own, granted all or none. */
-export const CreateRequest = z.strictObject({ op: z.literal('create'), id: Id, nics: z.array(Nic).min(1).max(MAX_NICS) });
+export const CreateRequest = z.strictObject({
+  op: z.literal('create'),
+  id: Id,
+  nics: z.array(Nic).min(1).max(MAX_NICS),
+});
 
 /** The broker, the policy and the caller's own standing: leases, and each rule that applies with its quota. */
 export const StatusRequest = z.strictObject({ op: z.literal('status'), id: Id });
@@ -161,7 +165,10 @@ export type Device = z.infer<typeof Device>;
 /** Kept for readers of version 0.1 code: a tap is a Device of kind `tap`. */
 export type TapDevice = Device;
 
-/** SCM_RIGHTS carries `fds.tap` queue fds (one per queue) followed by `fds.vhost` vhost-net fds; none for persistent devices. */
+/**
+ * SCM_RIGHTS carries `fds.tap` queue fds (one per queue) followed by `fds.vhost` vhost-net fds; none for persistent
+ * devices.
+ */
 const Fds = z.strictObject({ tap: z.number().int().min(0), vhost: z.number().int().min(0) });
 
 export const CreateTapReply = z.strictObject({ op: z.literal('create-tap'), id: Id, device: Device, fds: Fds });
@@ -199,12 +206,21 @@ export const Lease = z.strictObject({
 export type Lease = z.infer<typeof Lease>;
 
 /** `truncated` says more leases exist than one reply holds (the first ones, oldest first, are listed). */
-export const ListReply = z.strictObject({ op: z.literal('list'), id: Id, leases: z.array(Lease).max(4096), truncated: z.boolean() });
+export const ListReply = z.strictObject({
+  op: z.literal('list'),
+  id: Id,
+  leases: z.array(Lease).max(4096),
+  truncated: z.boolean(),
+});
 export const ReleaseReply = z.strictObject({ op: z.literal('release'), id: Id, lease: Lease });
 export const ReloadReply = z.strictObject({ op: z.literal('reload'), id: Id, policy_sha256: Text(64) });
 
 /** A rule that applies to the caller, with how many of its devices the caller holds. */
-export const RuleStanding = z.strictObject({ rule: Text(128), used: z.number().int().min(0), max_devices: z.number().int().min(0) });
+export const RuleStanding = z.strictObject({
+  rule: Text(128),
+  used: z.number().int().min(0),
+  max_devices: z.number().int().min(0),
+});
 
 export const StatusReply = z.strictObject({
   op: z.literal('status'),
@@ -270,7 +286,8 @@ export function describeIssues(error: z.ZodError): string {
     .slice(0, 4)
     .map((i) => {
       const path = i.path.join('.');
-      if (i.code === 'unrecognized_keys') return `unknown field${i.keys.length > 1 ? 's' : ''} ${i.keys.map((k) => `\`${k}'`).join(', ')}`;
+      if (i.code === 'unrecognized_keys')
+        return `unknown field${i.keys.length > 1 ? 's' : ''} ${i.keys.map((k) => `\`${k}'`).join(', ')}`;
       return `${path ? `${path}: ` : ''}${i.message.toLowerCase()}`;
     })
     .join('; ');
