@@ -1,7 +1,10 @@
 // The policy decision table: users, groups, deny wins, no match, limits, quota; and load errors.
 import test from 'ava';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { decide, macInPrefix, nameMatches, parsePolicy, type Ask, type Caller } from '@tapbroker/broker/internal';
+import {
+  bridgeList, decide, denyCovers, denyScope, grantsBridge, macInPrefix, nameMatches, parsePolicy, policyWarnings,
+  resolveTarget, type Ask, type Caller,
+} from '@tapbroker/broker/internal';
 
 const policy = parsePolicy(`
 [[rule]]
@@ -290,4 +293,131 @@ for (const [patterns, why] of [
 }
 test('name patterns that no two users can share load', (t) => {
   t.notThrows(() => parsePolicy(withPattern('tb{uid}-*', 'tb{uid}-*', 'vm{uid}-*', 'user-{user}', 'x{uid}')));
+});
+
+// ---- "*" in bridges: any Linux bridge (issue #13)
+const anyBridge = parsePolicy(`
+[network.lab]
+bridge = "br0"
+
+[network.fabric]
+ovs = "ovsbr0"
+
+[[rule]]
+name = "any"
+users = [1001, 1002, 1003]
+bridges = ["*"]
+networks = ["lab", "fabric"]
+macvtap = [{ parent = "eth0" }]
+
+[[rule]]
+name = "br0-only"
+users = [1004]
+bridges = ["br0"]
+
+[[deny]]
+name = "no-bridges-for-1002"
+users = [1002, 1004]
+bridges = ["*"]
+`);
+const mvtap = (parent: string): Ask => ask({ kind: 'macvtap', parent, mode: 'bridge' });
+for (const [who, a, want] of [
+  [1001, ask({ parent: 'br0' }), 'grant by any'],
+  [1001, ask({ parent: 'some-future-br' }), 'grant by any'],
+  [1001, viaNet('fabric'), 'grant by any'],
+  [1002, ask({ parent: 'br7' }), 'deny by no-bridges-for-1002'],
+  [1002, viaNet('lab'), 'deny by no-bridges-for-1002'],
+  [1002, viaNet('fabric'), 'grant by any'],
+  [1002, mvtap('eth0'), 'grant by any'],
+  [1004, ask({ parent: 'br0' }), 'deny by no-bridges-for-1002'],
+  [1003, mvtap('eth1'), 'deny by null'],
+] as const) {
+  const what = a.network ? `network ${a.parent}` : `${a.kind} on ${a.parent}`;
+  test(`bridges = ["*"]: uid ${who}, ${what} → ${want}`, (t) => {
+    t.is(ruleOf(decide(anyBridge, caller(who), a, none)), want);
+  });
+}
+
+test('"*" grants no network and no macvtap parent by itself', (t) => {
+  const p = parsePolicy('[[rule]]\nname = "x"\nusers = [1]\nbridges = ["*"]\n');
+  t.false(decide(p, caller(1), mvAsk(), none).allow);
+  t.false(decide(p, caller(1), viaNet('lab'), none).allow);
+  t.false(decide(p, caller(2), ask(), none).allow, 'nor anything to a user it does not name');
+});
+
+test('a deny of "*" says it covers every Linux bridge, and that no other bridge is left', (t) => {
+  const d = decide(anyBridge, caller(1002), ask({ parent: 'br7' }), none);
+  t.false(d.allow);
+  if (!d.allow) t.regex(d.hint, /covers every Linux bridge; only an administrator can change it/);
+  t.is(denyScope(anyBridge.deny[0]!), 'every Linux bridge');
+});
+
+test('the hint for a caller with "*" says any Linux bridge', (t) => {
+  const p = parsePolicy('[[rule]]\nname = "x"\nusers = [1]\nbridges = ["*"]\n'
+    + '[[deny]]\nusers = [1]\nbridges = ["br0"]\n');
+  const d = decide(p, caller(1), mvAsk(), none);
+  t.false(d.allow);
+  if (!d.allow) t.is(d.hint, 'your rules allow no macvtap parents');
+  t.is(decide(p, caller(1), ask({ parent: 'br0', network: true }), none).allow, false);
+  t.is(bridgeList(p.allow[0]!.bridges), 'any Linux bridge');
+  t.true(grantsBridge(p.allow[0]!, 'br9'));
+  t.is(ruleOf(decide(p, caller(1), ask({ parent: 'br0' }), none)), 'deny by deny.0', 'a named deny still wins');
+});
+
+test('"*" is a whole entry, not a glob', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br*"]\n',
+  /interface name `br\*' may only contain .*"\*" stands alone for every Linux bridge, it is not a pattern/);
+test('"*" is a whole entry in a deny too', invalid, '[[deny]]\nusers = [1]\nbridges = ["*0"]\n', /not a pattern/);
+test('"*" is no macvtap parent', invalid, '[[rule]]\nname = "x"\nusers = [1]\nmacvtap = [{ parent = "*" }]\n',
+  /may only contain/);
+
+test('"*" next to named bridges loads with a warning', (t) => {
+  const p = parsePolicy('[[rule]]\nname = "x"\nusers = [1]\nbridges = ["*", "br0"]\n', 'p.toml');
+  t.deepEqual(p.warnings, ['p.toml:4: rule `x\' lists "*" and other bridges: "*" already grants every Linux bridge']);
+});
+
+test('check-policy warns about an allow of "*", and a deny of "*" shadows named Linux bridges only', (t) => {
+  const p = parsePolicy(`[network.fabric]\novs = "ovsbr0"\n
+[[rule]]\nname = "x"\nusers = [1]\nbridges = ["*"]\n
+[[deny]]\nname = "all"\nusers = [2]\nbridges = ["*"]\n
+[[deny]]\nname = "br0"\nusers = [2]\nbridges = ["br0"]\n
+[[deny]]\nname = "ovs"\nusers = [2]\nbridges = ["ovsbr0"]\n`);
+  const messages = policyWarnings(p).map((f) => f.message);
+  t.true(messages.includes('rule `x\' allows taps on every Linux bridge on this host, present and future '
+    + '(bridges = ["*"])'));
+  t.true(messages.some((m) => /deny rule `br0' is shadowed by `all'/.test(m)));
+  t.false(messages.some((m) => /deny rule `ovs' is shadowed/.test(m)), 'ovsbr0 is an Open vSwitch bridge');
+  t.true(denyCovers(p, p.deny[0]!, resolveTarget(p, { kind: 'tap', parent: 'brX' })));
+  t.false(denyCovers(p, p.deny[0]!, resolveTarget(p, { kind: 'tap', parent: 'fabric', network: true })));
+  t.false(denyCovers(p, p.deny[0]!, resolveTarget(p, { kind: 'macvtap', parent: 'eth0' })));
+});
+
+test('who-can and explain-policy read "*" as any Linux bridge', async (t) => {
+  const { execFileSync } = await import('node:child_process');
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'policy.toml');
+  fs.writeFileSync(file, '[network.lab]\nbridge = "br5"\n\n[[rule]]\nname = "any"\nusers = [1001]\nbridges = ["*"]\n\n'
+    + '[[rule]]\nname = "lab"\nusers = [1003]\nnetworks = ["lab"]\n\n'
+    + '[[deny]]\nname = "none"\nusers = [1002]\nbridges = ["*"]\n');
+  const main = path.resolve('packages/broker/dist/main.js');
+  const run = (cmd: string, ...args: string[]) => execFileSync(process.execPath, [main, cmd, file, ...args], {
+    encoding: 'utf8',
+  });
+  const whoCan = JSON.parse(run('who-can', '--json', '--bridge', 'br5')) as {
+    allowed_by: Array<{ rule: string; via_network: string | null; any_bridge: boolean }>;
+    except: Array<{ rule: string }>;
+  };
+  t.deepEqual(whoCan.allowed_by.map((g) => [g.rule, g.via_network, g.any_bridge]),
+    [['any', null, true], ['lab', 'lab', false]]);
+  t.deepEqual(whoCan.except.map((d) => d.rule), ['none'], 'the deny of "*" covers br5 and network lab onto it');
+  t.regex(run('who-can', '--bridge', 'br5'), /any\s+\d+\s+user 1001\s+any Linux bridge/);
+  t.regex(run('explain-policy', '--user', '1001'), /any\s+\d+\s+any Linux bridge/);
+  const explained = JSON.parse(run('explain-policy', '--json', '--user', '1002')) as {
+    denied_by: Array<{ rule: string; covers: string; bridges: string[] }>;
+  };
+  t.deepEqual(explained.denied_by, [{ ...explained.denied_by[0]!, rule: 'none', covers: 'every Linux bridge' }]);
+  t.regex(run('check-policy'), /allows taps on every Linux bridge on this host, present and future/);
 });

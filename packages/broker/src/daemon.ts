@@ -13,7 +13,8 @@ const USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g grou
                   [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]
        tapbrokerd check-policy [file] [--json]
        tapbrokerd explain-policy [file] --user name [--json]
-       tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]`;
+       tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]
+       tapbrokerd import-bridge-conf [file]`;
 export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const EX_USAGE = 64;
@@ -154,12 +155,21 @@ function notify(state: string): void {
 }
 
 /** Extra broker options a caller of daemon() may set (a test entry point: faults, the fd fallback). */
-export type DaemonExtras = Pick<BrokerOptions, 'faults' | 'refuseFdsAtSocket' | 'maxConnections' | 'maxConnectionsPerUser'>;
+export type DaemonExtras = Pick<
+  BrokerOptions, 'faults' | 'refuseFdsAtSocket' | 'maxConnections' | 'maxConnectionsPerUser'
+>;
 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
     // Loaded only for the tools: the daemon's start-up does not pay for them.
     void import('./policy-tools.js').then(({ policyTool }) => exitFlushed(policyTool(argv, DEFAULT_POLICY)));
+    return;
+  }
+  if (argv[0] === 'import-bridge-conf') {
+    // A tool like the above: qemu-bridge-helper's ACL files in, a policy out; never on the broker's path.
+    void import('./bridge-conf.js').then(({ importBridgeConfTool }) => {
+      exitFlushed(importBridgeConfTool(argv.slice(1)));
+    });
     return;
   }
   const opts = parseArgs(argv);
@@ -177,7 +187,8 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   }
   if (opts.check) {
     process.stdout.write(
-      `${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, ${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`,
+      `${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, `
+        + `${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`,
     );
     process.exit(0);
   }
@@ -222,7 +233,10 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   try {
     fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
     // Where the broker writes as root: nobody else may be able to swap what is there.
-    for (const [what, p] of [['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)]] as const) {
+    const rootsDirs = [
+      ['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)],
+    ] as const;
+    for (const [what, p] of rootsDirs) {
       const why = p ? notRootsAlone(p) : null;
       if (why) {
         log(`the ${what} ${p} ${why}; refusing to start`);
@@ -247,13 +261,17 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     process.exit(EX_UNAVAILABLE);
   }
   const status = () =>
-    `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); policy ${broker.policy.sha256.slice(0, 12)}`;
+    `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); `
+    + `policy ${broker.policy.sha256.slice(0, 12)}`;
   if (!broker.fdsRefusedAtSocket)
     log(
-      'warning: this kernel cannot refuse fds at the socket (SO_PASSRIGHTS, Linux 6.16); fds sent to the broker go to a closer process',
+      'warning: this kernel cannot refuse fds at the socket (SO_PASSRIGHTS, Linux 6.16); '
+        + 'fds sent to the broker go to a closer process',
     );
   log(
-    `listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; ${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`,
+    `listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; `
+      + `${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; `
+      + `audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`,
   );
   notify(`READY=1\n${status()}`);
 

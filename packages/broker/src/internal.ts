@@ -4,7 +4,13 @@ export * from './index.js';
 export { daemon, type DaemonExtras } from './daemon.js';
 export { namePrefix, tapName, randomMac } from './naming.js';
 export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
-export { matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope } from './policy.js';
+export {
+  matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope, ANY_BRIDGE, grantsBridge,
+  bridgeList,
+} from './policy.js';
+// The policy tools, off the privileged path (daemon.ts loads them only for their commands).
+export { policyWarnings } from './policy-tools.js';
+export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';
 export {
   Netdev,
   tunIfreq,
@@ -45,4 +51,4 @@ export { LeaseTable, LeaseRecord, leaseView, processStartTime, STATE_FILE } from
 export { addPort, delPort, listOurPorts, isOvsBridge, ovsdbTarget } from './ovs.js';
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
-export { accountMembers, aclUserOnly, getpwnam, getpwuid } from './libc.js';
+export { accountMembers, aclUserOnly, grantUserOnly, getpwnam, getpwuid } from './libc.js';

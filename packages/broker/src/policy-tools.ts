@@ -6,8 +6,8 @@ import { MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/prot
 import { getpwnam, getpwuid } from './libc.js';
 import { notRootsAlone } from './paths.js';
 import {
-  denyCovers, denyScope, loadPolicy, matches, matchesDeny, resolveTarget, type AllowRule, type DenyRule, type Policy,
-  type Selector, type Target,
+  ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, loadPolicy, matches, matchesDeny, resolveTarget,
+  type AllowRule, type DenyRule, type Policy, type Selector, type Target,
 } from './policy.js';
 
 const EX_OK = 0;
@@ -29,6 +29,10 @@ export function policyWarnings(p: Policy): Finding[] {
   const warn = (r: AllowRule | DenyRule, message: string) => out.push({ level: 'warning', line: r.line, message });
   for (const r of p.allow) {
     if (r.who.everyone) warn(r, `rule \`${r.name}' matches every user`);
+    if (r.bridges.includes(ANY_BRIDGE)) {
+      warn(r, `rule \`${r.name}' allows taps on every Linux bridge on this host, present and future `
+        + '(bridges = ["*"])');
+    }
     if (r.macvtap.some((m) => m.modes.includes('passthru'))) {
       warn(r, `rule \`${r.name}' allows macvtap passthru, which hands a whole NIC to a guest`);
     }
@@ -43,7 +47,8 @@ export function policyWarnings(p: Policy): Finding[] {
   }
   // Bridges a grant can reach, as this host has them now: one whose MAC nobody pinned is refused.
   const bridges = new Set([
-    ...p.allow.flatMap((r) => r.bridges),
+    ...p.allow.flatMap((r) => r.bridges.filter((b) => b !== ANY_BRIDGE)),
+    ...(p.allow.some((r) => r.bridges.includes(ANY_BRIDGE)) ? hostBridges() : []),
     ...[...p.networks.values()].filter((n) => n.kind === 'bridge').map((n) => n.target),
   ]);
   for (const b of bridges) {
@@ -69,13 +74,22 @@ export function policyWarnings(p: Policy): Finding[] {
     if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0) {
       warn(d, `deny rule \`${d.name}' matches nobody on this host: it is unreachable`);
     }
-    const earlier = p.deny.slice(0, i).find((e) => covers(e, d));
+    const earlier = p.deny.slice(0, i).find((e) => covers(p, e, d));
     if (earlier) {
       warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (line ${earlier.line}), `
         + 'which already denies all it denies');
     }
   });
   return out;
+}
+
+/** The Linux bridges on this host now, for what `bridges = ["*"]` reaches today. */
+function hostBridges(): string[] {
+  try {
+    return fs.readdirSync('/sys/class/net').filter((n) => fs.existsSync(`/sys/class/net/${n}/bridge`)).sort();
+  } catch {
+    return [];
+  }
 }
 
 function selectorCovers(a: Selector, b: Selector): boolean {
@@ -87,29 +101,25 @@ function selectorCovers(a: Selector, b: Selector): boolean {
   );
 }
 
+/** In a deny with some scope, a list left out is empty: `bridges` alone covers no macvtap parent. */
 function scopeCovers(
   a: readonly string[] | null,
   b: readonly string[] | null,
-  aOther: readonly string[] | null,
+  alsoCovered: (x: string) => boolean = () => false,
 ): boolean {
-  if (a === null) return aOther === null; // a deny with no scope at all covers everything
-  return b !== null && b.every((x) => a.includes(x));
+  return (b ?? []).every((x) => (a ?? []).includes(x) || alsoCovered(x));
 }
 
-function covers(a: DenyRule, b: DenyRule): boolean {
+function covers(p: Policy, a: DenyRule, b: DenyRule): boolean {
   if (!selectorCovers(a.who, b.who)) return false;
   if (a.bridges === null && a.parents === null && a.networks === null) return true;
-  // Scoped to networks: covered only by a deny naming at least those networks (and nothing else to compare).
-  if (a.networks !== null || b.networks !== null) {
-    return (
-      a.networks !== null &&
-      b.networks !== null &&
-      b.networks.every((n) => a.networks!.includes(n)) &&
-      a.bridges === null &&
-      a.parents === null
-    );
-  }
-  return scopeCovers(a.bridges, b.bridges, a.parents) && scopeCovers(a.parents, b.parents, a.bridges);
+  if (b.bridges === null && b.parents === null && b.networks === null) return false;
+  // "*" covers a named bridge unless that name also reaches an Open vSwitch bridge through a network.
+  const ovs = new Set([...p.networks.values()].filter((n) => n.kind === 'ovs').map((n) => n.target));
+  const anyBridge = (x: string) => a.bridges?.includes(ANY_BRIDGE) === true && x !== ANY_BRIDGE && !ovs.has(x);
+  // Each list of b inside a's (a network is compared by name only: a deny of it also covers its segment).
+  return scopeCovers(a.bridges, b.bridges, anyBridge) && scopeCovers(a.parents, b.parents)
+    && scopeCovers(a.networks, b.networks);
 }
 
 function principals(s: Selector): string {
@@ -241,7 +251,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
       else write(table([
         ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
           'MAX DEVICES'],
-        ...allows.map((r) => [r.name, String(r.line), r.bridges.join(',') || '-',
+        ...allows.map((r) => [r.name, String(r.line), bridgeList(r.bridges, ',') || '-',
           r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
           String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no',
           String(r.maxDevices)]),
@@ -278,14 +288,16 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
       })),
   ];
   const grantsRoute = (r: AllowRule, via: string | null) => via !== null ? r.networks.includes(via)
-    : kind === 'tap' ? r.bridges.includes(target) : kind === 'network' ? r.networks.includes(target)
+    : kind === 'tap' ? grantsBridge(r, target) : kind === 'network' ? r.networks.includes(target)
       : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode)));
   const grants = routes.flatMap(({ via }) => policy.allow.filter((r) => grantsRoute(r, via)).map((r) => ({ r, via })));
   const denies = policy.deny.filter((d) => routes.some(({ t }) => denyCovers(policy, d, t)));
   const result = {
     target: { kind, name: target, mode: o.mode },
     allowed_by: grants.map(({ r, via }) => ({
-      rule: r.name, line: r.line, who: principals(r.who), via_network: via, max_queues: r.maxQueues, vhost: r.vhost,
+      rule: r.name, line: r.line, who: principals(r.who), via_network: via,
+      any_bridge: via === null && kind === 'tap' && !r.bridges.includes(target),
+      max_queues: r.maxQueues, vhost: r.vhost,
       persistent: r.persistent, max_devices: r.maxDevices,
     })),
     except: denies.map((d) => ({ rule: d.name, line: d.line, who: principals(d.who) })),
@@ -298,7 +310,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
       + `${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
     else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
-      ...grants.map(({ r, via }) => [r.name, String(r.line), principals(r.who), via === null ? '-' : `network ${via}`,
+      ...grants.map(({ r, via }) => [r.name, String(r.line), principals(r.who),
+        via !== null ? `network ${via}` : kind === 'tap' && !r.bridges.includes(target) ? 'any Linux bridge' : '-',
         String(r.maxQueues),
         r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', String(r.maxDevices)])]));
     for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);

@@ -29,6 +29,15 @@ const PolicyName = z.string().superRefine((s, ctx) => {
   if (why) ctx.addIssue({ code: 'custom', message: why });
 });
 const RuleName = PolicyName;
+/** In `bridges`, the whole entry `"*"` stands for every Linux bridge; it is not a glob inside a name. */
+export const ANY_BRIDGE = '*';
+const BridgeName = z.string().superRefine((s, ctx) => {
+  if (s === ANY_BRIDGE) return;
+  const why = checkIfName(s);
+  if (!why) return;
+  const glob = s.includes('*') ? ': "*" stands alone for every Linux bridge, it is not a pattern' : '';
+  ctx.addIssue({ code: 'custom', message: `interface name \`${s}' ${why}${glob}` });
+});
 
 const NamePattern = z.string().superRefine((s, ctx) => {
   if (!/^[A-Za-z0-9_.*{}-]+$/.test(s) || /\{(?!uid\}|user\})/.test(s)) {
@@ -83,7 +92,7 @@ const RuleSchema = z.strictObject({
   name: RuleName,
   users: z.array(Principal).optional(),
   groups: z.array(Principal).optional(),
-  bridges: z.array(IfName).default([]),
+  bridges: z.array(BridgeName).default([]),
   macvtap: z.array(MacvtapGrant).default([]),
   networks: z.array(NetworkName).default([]),
   persistent: z.boolean().default(false),
@@ -104,7 +113,7 @@ const DenySchema = z.strictObject({
   name: RuleName.optional(),
   users: z.array(Principal).optional(),
   groups: z.array(Principal).optional(),
-  bridges: z.array(IfName).min(1).optional(),
+  bridges: z.array(BridgeName).min(1).optional(),
   parents: z.array(IfName).min(1).optional(),
   networks: z.array(NetworkName).min(1).optional(),
 });
@@ -165,7 +174,10 @@ export interface DenyRule {
   name: string;
   line: number;
   who: Selector;
-  /** Bridges this deny applies to; null means every bridge (unless `parents` narrows it to macvtaps). */
+  /**
+   * Bridges this deny applies to (`"*"`: every Linux bridge); null means every bridge (unless `parents`
+   * narrows it to macvtaps).
+   */
   bridges: readonly string[] | null;
   /** Macvtap parents this deny applies to; null means every parent (unless `bridges` narrows it to taps). */
   parents: readonly string[] | null;
@@ -267,6 +279,10 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
       errors.push(
         `${path}:${lineOf(text, ['rule', i])}: rule \`${r.name}' allows no bridges, no macvtap parents and no networks`,
       );
+    }
+    if (r.bridges.includes(ANY_BRIDGE) && r.bridges.length > 1) {
+      warnings.push(`${path}:${lineOf(text, ['rule', i, 'bridges'])}: rule \`${r.name}' lists "*" and other bridges: `
+        + '"*" already grants every Linux bridge');
     }
     for (const n of r.networks) {
       if (!Object.hasOwn(parsed.data.network, n)) {
@@ -502,11 +518,13 @@ const sameSegment = (a: Target, b: Target) => a.kind === b.kind && a.name === b.
 
 /**
  * Does a deny rule cover this target? With no scope it covers everything; `bridges` covers every way
- * onto those bridges (Linux or Open vSwitch, directly or through a network); `parents` macvtaps on
- * those parents; `networks` those networks and anything else reaching the same bridge and VLAN.
+ * onto those bridges (Linux or Open vSwitch, directly or through a network), and `"*"` every way onto
+ * any Linux bridge; `parents` macvtaps on those parents; `networks` those networks and anything else
+ * reaching the same bridge and VLAN.
  */
 export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
   if (d.bridges === null && d.parents === null && d.networks === null) return true;
+  if (t.kind === 'bridge' && d.bridges?.includes(ANY_BRIDGE)) return true;
   if ((t.kind === 'bridge' || t.kind === 'ovs') && d.bridges?.includes(t.name)) return true;
   if (t.kind === 'macvtap' && d.parents?.includes(t.name)) return true;
   if (t.network !== null && d.networks?.includes(t.network)) return true;
@@ -516,14 +534,26 @@ export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
   });
 }
 
+/** Does an allow rule's `bridges` grant a tap on this Linux bridge, by name or by `"*"`? */
+export function grantsBridge(rule: AllowRule, bridge: string): boolean {
+  return rule.bridges.includes(bridge) || rule.bridges.includes(ANY_BRIDGE);
+}
+
+/** A `bridges` list in words: `"*"` is `any Linux bridge`. */
+export function bridgeList(bridges: readonly string[], separator = ', '): string {
+  return bridges.map((b) => (b === ANY_BRIDGE ? 'any Linux bridge' : b)).join(separator);
+}
+
 function grantsTarget(rule: AllowRule, ask: Ask): boolean {
   if (ask.network) return rule.networks.includes(ask.parent);
-  return ask.kind === 'tap' ? rule.bridges.includes(ask.parent) : rule.macvtap.some((m) => m.parent === ask.parent);
+  return ask.kind === 'tap' ? grantsBridge(rule, ask.parent) : rule.macvtap.some((m) => m.parent === ask.parent);
 }
 
 function targets(rule: AllowRule, ask: Ask): string[] {
   if (ask.network) return [...rule.networks];
-  return ask.kind === 'tap' ? [...rule.bridges] : rule.macvtap.map((m) => `${m.parent} (${m.modes.join(', ')})`);
+  return ask.kind === 'tap'
+    ? rule.bridges.map((b) => bridgeList([b]))
+    : rule.macvtap.map((m) => `${m.parent} (${m.modes.join(', ')})`);
 }
 
 function targetNoun(ask: Ask): string {
@@ -552,10 +582,12 @@ function escapeRe(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
-/** What a deny rule covers, in words: `bridges br0; networks lab` or `everything`. */
+/** What a deny rule covers, in words: `bridges br0; networks lab`, `every Linux bridge` or `everything`. */
 export function denyScope(d: DenyRule): string {
+  const bridges = d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge'
+    : d.bridges ? `bridges ${d.bridges.join(', ')}` : '';
   const parts = [
-    d.bridges ? `bridges ${d.bridges.join(', ')}` : '', d.parents ? `macvtap parents ${d.parents.join(', ')}` : '',
+    bridges, d.parents ? `macvtap parents ${d.parents.join(', ')}` : '',
     d.networks ? `networks ${d.networks.join(', ')}` : '',
   ].filter(Boolean);
   return parts.length ? parts.join('; ') : 'everything';
@@ -581,12 +613,15 @@ export function decide(
   const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
   if (deny) {
     const scope = denyScope(deny);
+    // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
+    const whole = scope === 'everything' || (target.kind === 'bridge' && !ask.network
+      && scope.startsWith('every Linux bridge'));
     const onto = target.network !== null && target.kind !== 'unknown'
       ? ` (network \`${target.network}' is ${target.kind} ${target.name})`
       : '';
     return {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'${onto}`,
-      hint: `the deny rule covers ${scope}${scope === 'everything'
+      hint: `the deny rule covers ${scope}${whole
         ? '; only an administrator can change it'
         : `; another ${targetNoun(ask).replace(/s$/, '')} may be allowed`}`,
     };
