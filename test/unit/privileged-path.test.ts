@@ -47,3 +47,16 @@ test('SECURITY.md lists every module of the privileged path, and the total is pr
   t.log(rows.map(([f, c]) => `${String(c).padStart(5)}  ${f}`).join('\n'));
   t.log(`${total} lines on the privileged path (non-blank, non-comment), in ${rows.length} modules`);
 });
+
+test('no source line is wider than 120 columns', (t) => {
+  const wide: string[] = [];
+  for (const pkg of ['protocol', 'broker', 'client']) {
+    const dir = path.join(ROOT, 'packages', pkg, 'src');
+    for (const f of fs.readdirSync(dir).filter((n) => n.endsWith('.ts'))) {
+      fs.readFileSync(path.join(dir, f), 'utf8').split('\n').forEach((line, i) => {
+        if ([...line].length > 120) wide.push(`packages/${pkg}/src/${f}:${i + 1} (${[...line].length})`);
+      });
+    }
+  }
+  t.deepEqual(wide, []);
+});
