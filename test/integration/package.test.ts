@@ -83,10 +83,11 @@ rm /etc/systemd/system/tapbrokerd.service
 echo "version: $(tapbrokerd --version)"
 echo "client: $(tapbroker --version)"
 echo "helper: $(/usr/lib/tapbroker/bridge-helper --version)"
-echo "check: $(tapbrokerd check-policy)"
+echo "check: $(tapbrokerd check-policy | tail -n 1)"
+echo "warn: $(tapbrokerd check-policy | head -n 1)"
 echo "group: $(getent group tapbroker | cut -d: -f1)"
 echo "man: $(man -w tapbrokerd tapbroker tapbroker-policy | tr '\n' ' ')"
-echo "n: $(tapbrokerd -n)"
+echo "n: $(tapbrokerd -n | tail -n 1)"
 dpkg --purge tapbroker >/dev/null
 left=$(find /usr/lib/tapbroker /etc/tapbroker /usr/sbin/tapbrokerd /usr/bin/tapbroker /usr/lib/systemd/system/tapbrokerd.socket 2>/dev/null || true)
 echo "left: $left"
@@ -102,6 +103,7 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     t.is(got['client'], `tapbroker ${version} (protocol ${PROTOCOL_VERSION})`);
     t.is(got['helper'], `tapbroker-bridge-helper ${version} (protocol ${PROTOCOL_VERSION})`);
     t.regex(got['check'] ?? '', /^\/etc\/tapbroker\/policy\.toml: ok: 0 rules, 0 deny rules/, 'the default policy loads and allows nothing');
+    t.regex(got['warn'] ?? '', /policy\.toml:1: warning: the policy allows nothing: every request will be denied/);
     t.is(got['group'], 'tapbroker', 'the group exists after install');
     for (const page of ['man8/tapbrokerd.8.gz', 'man1/tapbroker.1.gz', 'man5/tapbroker-policy.5.gz']) t.true((got['man'] ?? '').includes(page), `man -w finds ${page}`);
     t.is(got['left'], '', 'purge leaves no file of the package');

@@ -11,7 +11,7 @@ export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
 const USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]
                   [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]
-       tapbrokerd check-policy [file] [--json]
+       tapbrokerd check-policy [file] [--json] [--strict]
        tapbrokerd explain-policy [file] --user name [--json]
        tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]
        tapbrokerd import-bridge-conf [file]`;
@@ -173,6 +173,14 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     return;
   }
   const opts = parseArgs(argv);
+  if (opts.check) {
+    // -n checks the policy exactly as check-policy does (same findings, same streams), but as the broker
+    // would load it: a file a user other than root could change is an error, not a warning.
+    void import('./policy-tools.js').then(({ policyTool }) => {
+      exitFlushed(policyTool(['check-policy', opts.policy], DEFAULT_POLICY, { asBroker: true }));
+    });
+    return;
+  }
   let policy: Policy;
   try {
     policy = load(opts.policy);
@@ -185,14 +193,6 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     );
     process.exit(EX_CONFIG);
   }
-  if (opts.check) {
-    process.stdout.write(
-      `${opts.policy}: ok: ${policy.allow.length} rule${policy.allow.length === 1 ? '' : 's'}, `
-        + `${policy.deny.length} deny rule${policy.deny.length === 1 ? '' : 's'}, sha256 ${policy.sha256}\n`,
-    );
-    process.exit(0);
-  }
-
   // Without CAP_NET_ADMIN every request would fail with EPERM: refuse to start instead, with a status
   // the unit's RestartPreventExitStatus= lists, so no restart loop follows.
   if (!hasNetAdmin()) {

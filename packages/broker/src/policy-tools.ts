@@ -11,6 +11,8 @@ import {
 } from './policy.js';
 
 const EX_OK = 0;
+/** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
+const EX_WARNINGS = 1;
 const EX_USAGE = 64;
 const EX_DATAERR = 65;
 const EX_CONFIG = 78;
@@ -18,14 +20,26 @@ const EX_CONFIG = 78;
 export interface Finding {
   level: 'error' | 'warning';
   line: number | null;
+  /** Where the TOML parser says a syntax error is. */
+  column?: number;
   message: string;
+}
+
+/** `FILE:LINE[:COLUMN]: message` (as the policy loader words errors and warnings) as a finding. */
+function finding(level: Finding['level'], text: string): Finding {
+  const m = /^[^:]*:(\d+)(?::(\d+))?: ?/.exec(text);
+  if (!m) return { level, line: null, message: text.replace(/^[^:]*: /, '') };
+  return { level, line: Number(m[1]), ...(m[2] ? { column: Number(m[2]) } : {}), message: text.slice(m[0].length) };
+}
+
+/** One finding as people read it: `FILE:LINE[:COLUMN]: LEVEL: MESSAGE`, the form editors jump to. */
+function formatFinding(file: string, f: Finding): string {
+  return `${file}:${f.line ?? '-'}${f.column ? `:${f.column}` : ''}: ${f.level}: ${f.message}`;
 }
 
 /** Risky but valid: what a reviewer should look at twice. */
 export function policyWarnings(p: Policy): Finding[] {
-  const out: Finding[] = p.warnings.map((w) => ({
-    level: 'warning', line: Number(/:(\d+):/.exec(w)?.[1]) || null, message: w.replace(/^[^:]*:(\d+:)? ?/, ''),
-  }));
+  const out: Finding[] = p.warnings.map((w) => finding('warning', w));
   const warn = (r: AllowRule | DenyRule, message: string) => out.push({ level: 'warning', line: r.line, message });
   for (const r of p.allow) {
     if (r.who.everyone) warn(r, `rule \`${r.name}' matches every user`);
@@ -130,9 +144,10 @@ function principals(s: Selector): string {
 
 function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
   const o = {
-    file: defaultPolicy, json: false, user: null as string | null, bridge: null as string | null,
+    file: defaultPolicy, json: false, strict: false, user: null as string | null, bridge: null as string | null,
     macvtap: null as string | null, network: null as string | null, mode: null as MacvtapMode | null,
   };
+  let fileGiven = false;
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -141,6 +156,7 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
       return v;
     };
     if (a === '--json') o.json = true;
+    else if (a === '--strict' && argv[0] === 'check-policy') o.strict = true;
     else if (a === '--user') o.user = value();
     else if (a === '--bridge') o.bridge = value();
     else if (a === '--macvtap') o.macvtap = value();
@@ -151,7 +167,10 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
         throw new TapbrokerError('TB_E_USAGE', `--mode must be one of ${MACVTAP_MODES.join(', ')}`);
       }
       o.mode = m as MacvtapMode;
-    } else if (!a.startsWith('-') && i === 1) o.file = a;
+    } else if (!a.startsWith('-') && !fileGiven) {
+      o.file = a;
+      fileGiven = true;
+    }
     else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
   }
   return o;
@@ -162,8 +181,11 @@ function table(rows: string[][]): string {
   return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
 }
 
-/** Runs one tool; returns the exit status (sysexits). */
-export function policyTool(argv: readonly string[], defaultPolicy: string): number {
+/**
+ * Runs one tool; returns the exit status (sysexits; `check-policy --strict` with warnings: 1). `asBroker`:
+ * `tapbrokerd -n`, for which a policy a user other than root could change is an error, as for the broker.
+ */
+export function policyTool(argv: readonly string[], defaultPolicy: string, opts: { asBroker?: boolean } = {}): number {
   const write = (s: string) => process.stdout.write(s.endsWith('\n') ? s : `${s}\n`);
   let o: ReturnType<typeof parseToolArgs>;
   try {
@@ -176,13 +198,11 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
   try {
     policy = loadPolicy(o.file);
   } catch (err) {
-    const errors: Finding[] = (err as Error).message.split('\n').map((m) => ({
-      level: 'error', line: Number(/^[^:]*:(\d+):/.exec(m)?.[1]) || null, message: m.replace(/^[^:]*:(\d+:)? ?/, ''),
-    }));
+    const errors = (err as Error).message.split('\n').map((m) => finding('error', m));
     if (argv[0] === 'check-policy' && o.json) {
       write(JSON.stringify({ file: o.file, ok: false, findings: errors }, null, 2));
     } else {
-      for (const e of errors) process.stderr.write(`${o.file}:${e.line ?? '-'}: error: ${e.message}\n`);
+      for (const e of errors) process.stderr.write(`${formatFinding(o.file, e)}\n`);
     }
     return EX_CONFIG;
   }
@@ -190,6 +210,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
     const unsafe = notRootsAlone(o.file);
+    if (unsafe && opts.asBroker) {
+      process.stderr.write(`${o.file}:-: error: ${unsafe}: a user other than root could change the policy\n`);
+      return EX_CONFIG;
+    }
     if (unsafe) {
       findings.unshift({
         level: 'warning', line: null,
@@ -202,11 +226,13 @@ export function policyTool(argv: readonly string[], defaultPolicy: string): numb
         findings,
       }, null, 2));
     } else {
-      for (const f of findings) write(`${o.file}:${f.line ?? '-'}: ${f.level}: ${f.message}`);
-      write(`${o.file}: ok: ${policy.allow.length} rules, ${policy.deny.length} deny rules, `
+      for (const f of findings) write(formatFinding(o.file, f));
+      const n = (k: number, what: string) => `${k} ${what}${k === 1 ? '' : 's'}`;
+      write(`${o.file}: ok: ${n(policy.allow.length, 'rule')}, ${n(policy.deny.length, 'deny rule')}, `
         + `${findings.length} warning${findings.length === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
     }
-    return EX_OK;
+    // For pipelines that must not ship a policy a reviewer would question.
+    return o.strict && findings.length > 0 ? EX_WARNINGS : EX_OK;
   }
 
   if (argv[0] === 'explain-policy') {
