@@ -2,7 +2,8 @@
 import test from 'ava';
 import { TapbrokerError } from '@tapbroker/protocol';
 import {
-  bridgeList, decide, denyCovers, denyScope, grantsBridge, macInPrefix, nameMatches, parsePolicy, policyWarnings,
+  bridgeList, decide, denyCovers, denyScope, didYouMean, grantsBridge, lineIndex, macInPrefix, nameMatches, parsePolicy,
+  policyWarnings,
   resolveTarget, type Ask, type Caller,
 } from '@tapbroker/broker/internal';
 
@@ -121,7 +122,7 @@ const invalid = test.macro({
 });
 
 test('TOML syntax, with line and column', invalid, '[[rule]\nname = "x"', /^p\.toml:1:\d+: /);
-test('unknown key', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nbridge = "br1"\n', /unrecognized key.*bridge/i);
+test('unknown key', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nbridge = "br1"\n', /unknown key `bridge'/);
 test('unknown table', invalid, '[[allow]]\nname = "x"\n', /allow/);
 test('a bridge name of 16 bytes is refused, not truncated', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0123456789abcd"]\n', /16 bytes long/);
 test('no bridges and no macvtap parents', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = []\n', /allows no bridges, no macvtap parents and no networks/);
@@ -420,4 +421,56 @@ test('who-can and explain-policy read "*" as any Linux bridge', async (t) => {
   };
   t.deepEqual(explained.denied_by, [{ ...explained.denied_by[0]!, rule: 'none', covers: 'every Linux bridge' }]);
   t.regex(run('check-policy'), /allows taps on every Linux bridge on this host, present and future/);
+});
+
+// ---- diagnostics: where, and what was meant
+
+const loadError = (text: string): string => {
+  try {
+    parsePolicy(text, 'p.toml');
+  } catch (err) {
+    return (err as TapbrokerError).message;
+  }
+  throw new Error('the policy loaded');
+};
+
+test('an unknown key is reported at its own line, with the key it is likely a typo of', (t) => {
+  const m = loadError('[[rule]]\nname = "a"\nbridges = ["br0"]\nuser = [1]\n');
+  t.is(m, "p.toml:4: rule.0: unknown key `user' (did you mean `users'?)");
+  t.regex(loadError('[[deny]]\nusers = [1]\n\n[[deny]]\nusers = [2]\nbridgez = ["br0"]\n'), /^p\.toml:6: deny\.1: unknown key `bridgez' \(did you mean `bridges'\?\)$/);
+  t.is(loadError('versoin = 1\n'), "p.toml:1: top level: unknown key `versoin' (did you mean `version'?)");
+  t.regex(loadError('[[rule]]\nname = "a"\nusers = [1]\nbridges = ["br0"]\nfrobnicate = 1\n'), /unknown key `frobnicate'$/,
+    'no guess when nothing is close');
+});
+
+test('errors inside a [network.NAME] table point into that table, not at line 1', (t) => {
+  const text = '[[rule]]\nname = "a"\nusers = [1]\nnetworks = ["lan"]\n\n[network.lan]\nbridge = "br0"\nvlann = 3\n';
+  t.is(loadError(text), "p.toml:8: network.lan: unknown key `vlann' (did you mean `vlan'?)");
+  t.regex(loadError('[network."lan-2"]\nbridge = "br0"\nvlan = "x"\n'), /^p\.toml:3: network\.lan-2\.vlan: /);
+});
+
+test('lineIndex finds array-table entries, tables and keys in one pass', (t) => {
+  const at = lineIndex('version = 1\n[[rule]]\nname = "a"\n[[rule]]\n  name = "b"\n  bridges = []\n[network.x]\nvlan = 2\n');
+  t.is(at(['version']), 1);
+  t.is(at(['rule', 0]), 2);
+  t.is(at(['rule', 1]), 4);
+  t.is(at(['rule', 1, 'bridges']), 6);
+  t.is(at(['rule', 1, 'absent']), 4, 'a key not written: its table');
+  t.is(at(['network', 'x', 'vlan']), 8);
+  t.is(at(['deny', 0]), 1, 'nothing of the kind: line 1');
+});
+
+test('did-you-mean only guesses close keys', (t) => {
+  t.is(didYouMean('max_device', ['max_devices', 'max_queues']), 'max_devices');
+  t.is(didYouMean('Bridges', ['bridges', 'networks']), 'bridges');
+  t.is(didYouMean('zzz', ['bridges', 'networks']), null);
+});
+
+test('a TOML syntax error gives line and column', (t) => {
+  t.regex(loadError('[[rule]]\nname = "a\n'), /^p\.toml:2:\d+: /);
+});
+
+test('a policy that allows nothing loads, with a warning that everyone is denied', (t) => {
+  t.deepEqual(parsePolicy('', 'p.toml').warnings, ['p.toml:1: the policy allows nothing: every request will be denied']);
+  t.deepEqual(parsePolicy('[[deny]]\nusers = ["*"]\n', 'p.toml').warnings.filter((w) => /allows nothing/.test(w)).length, 1);
 });
