@@ -3,7 +3,7 @@ import test from 'ava';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { MESSAGE_IDS } from '@tapbroker/broker/internal';
+import { MESSAGE_IDS, POLICY_KEYS } from '@tapbroker/broker/internal';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 const read = (f: string) => fs.readFileSync(path.join(root, f), 'utf8');
@@ -22,8 +22,29 @@ test('tapbrokerd(8) documents every option and subcommand', mentions, 'packages/
   ['-n', '-f', '-s', '-m', '-g', '-T', '--state-dir', '--audit-file', '--journal-socket', '--idle-exit', 'check-policy', 'explain-policy', 'who-can', 'SIGHUP', 'SIGTERM', 'LISTEN_FDS', 'NOTIFY_SOCKET', 'EXIT STATUS', 'FILES', 'SEE ALSO']);
 test('tapbroker(1) documents every command', mentions, 'packages/client/man/tapbroker.1',
   ['run', 'qemu-args', 'create', '--persistent', 'list', 'release', 'can', 'reload', 'TAPBROKER_SOCKET', 'bridge=', 'macvtap=', 'queues=', 'vhost=', 'EXIT STATUS', 'SEE ALSO']);
-test('tapbroker-policy(5) documents every key', mentions, 'packages/broker/man/tapbroker-policy.5',
-  ['name', 'users', 'groups', 'bridges', 'macvtap', 'modes', 'persistent', 'name_pattern', 'max_queues', 'vhost', 'mac_prefix', 'max_devices', 'parents', 'version', 'EXAMPLES', 'FILES', 'SEE ALSO']);
+test('tapbroker-policy(5) has a section for every table', mentions, 'packages/broker/man/tapbroker-policy.5',
+  ['.SH ALLOW RULES', '.SH DENY RULES', '.SH NETWORKS', 'EXAMPLES', 'FILES', 'SEE ALSO']);
+
+// The key list comes from the policy's schemas: a key added to the code and not to the page fails here.
+test('tapbroker-policy(5) documents every key of every table, as a term in that table\'s section', (t) => {
+  const page = man('packages/broker/man/tapbroker-policy.5');
+  const section = (title: string) => {
+    const start = page.indexOf(`.SH ${title}`);
+    t.true(start >= 0, `section ${title}`);
+    const end = page.indexOf('\n.SH ', start + 1);
+    return page.slice(start, end < 0 ? undefined : end);
+  };
+  // A term: `.TP` then a line that names the key in bold (`.B key`, `.BR a ", " key`, `.BI [network. NAME ]`).
+  const terms = (text: string) => new Set([...text.matchAll(/^\.TP\n\.B[IR]? (.*)$/gm)]
+    .flatMap((m) => m[1]!.replace(/"[^"]*"/g, ' ').split(/\s+/)).filter(Boolean));
+  const missing = (keys: readonly string[], text: string) => keys.filter((k) => !terms(text).has(k));
+  t.deepEqual(missing(POLICY_KEYS.top.filter((k) => k === 'version'), section('FORMAT')), []);
+  t.true(section('FORMAT').includes('[network.'), 'FORMAT names the network tables');
+  t.deepEqual(missing(POLICY_KEYS.rule, section('ALLOW RULES')), [], 'allow rule keys');
+  t.deepEqual(missing(POLICY_KEYS.deny, section('DENY RULES')), [], 'deny rule keys');
+  t.deepEqual(missing(POLICY_KEYS.network, section('NETWORKS')), [], 'network keys');
+  for (const k of POLICY_KEYS.macvtap) t.true(section('ALLOW RULES').includes(k), `macvtap key ${k}`);
+});
 
 test('every journald MESSAGE_ID in the code is in tapbrokerd(8) and PROTOCOL.md', (t) => {
   for (const [kind, id] of Object.entries(MESSAGE_IDS)) {

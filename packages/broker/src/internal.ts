@@ -10,7 +10,7 @@ export {
 } from './policy.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
 export { policyWarnings } from './policy-tools.js';
-export { didYouMean, lineIndex } from './policy.js';
+export { POLICY_KEYS, didYouMean, lineIndex } from './policy.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';
 export {
   Netdev,

@@ -490,13 +490,19 @@ function editDistance(a: string, b: string): number {
   return prev[b.length]!;
 }
 
-/** The keys a table at `path` may hold, from the schema itself. */
+/** Every key of the policy, by table, from the schemas (tapbroker-policy(5) is checked against it). */
+export const POLICY_KEYS = {
+  top: Object.keys(PolicySchema.shape), rule: Object.keys(RuleSchema.shape), deny: Object.keys(DenySchema.shape),
+  network: Object.keys(NetworkSchema.shape), macvtap: Object.keys(MacvtapGrant.shape),
+} as const;
+
+/** The keys a table at `path` may hold. */
 function knownKeys(path: ReadonlyArray<PropertyKey>): readonly string[] {
   const [table] = path;
-  if (path.length === 0) return Object.keys(PolicySchema.shape);
-  if (table === 'rule') return Object.keys(RuleSchema.shape);
-  if (table === 'deny') return Object.keys(DenySchema.shape);
-  if (table === 'network') return Object.keys(NetworkSchema.shape);
+  if (path.length === 0) return POLICY_KEYS.top;
+  if (table === 'rule') return path[2] === 'macvtap' ? POLICY_KEYS.macvtap : POLICY_KEYS.rule;
+  if (table === 'deny') return POLICY_KEYS.deny;
+  if (table === 'network') return POLICY_KEYS.network;
   return [];
 }
 
