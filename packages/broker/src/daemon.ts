@@ -9,8 +9,9 @@ import { notRootsAlone } from './paths.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
-const USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]
-                  [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]
+const DAEMON_USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]
+                  [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]`;
+const USAGE = `${DAEMON_USAGE}
        tapbrokerd check-policy [file] [--json] [--strict]
        tapbrokerd explain-policy [file] --user name [--json]
        tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]
@@ -56,9 +57,12 @@ function parseArgs(argv: string[]): Options {
     idleExit: null,
   };
   for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
+    // --opt=value and --opt value alike, as tapbroker takes them.
+    const eq = argv[i]!.startsWith('--') ? argv[i]!.indexOf('=') : -1;
+    const a = eq > 0 ? argv[i]!.slice(0, eq) : argv[i]!;
+    const inline = eq > 0 ? argv[i]!.slice(eq + 1) : undefined;
     const value = () => {
-      const v = argv[++i];
+      const v = inline ?? argv[++i];
       if (v === undefined) usage(`option ${a} needs a value`);
       return v;
     };
@@ -117,8 +121,9 @@ function parseArgs(argv: string[]): Options {
   return o;
 }
 
+/** A usage error: the message and the daemon's own usage, not every tool's. */
 function usage(why: string): never {
-  process.stderr.write(`tapbrokerd: ${why}\n${USAGE}\n`);
+  process.stderr.write(`tapbrokerd: ${why}\n${DAEMON_USAGE}\nsee tapbrokerd --help\n`);
   process.exit(EX_USAGE);
 }
 

@@ -142,6 +142,26 @@ function principals(s: Selector): string {
   return [...[...s.uids].map((u) => `user ${name(u)}`), ...[...s.gids].map((g) => `group ${g}`)].join(', ') || 'nobody';
 }
 
+/** Each tool's usage, and what it does: `tapbrokerd TOOL --help`, and the line a usage error repeats. */
+export const TOOL_USAGE: Record<string, [string, string]> = {
+  'check-policy': ['tapbrokerd check-policy [file] [--json] [--strict]',
+    'Validates a policy: errors (status 78), then warnings about risky rules and a summary. --strict: any warning '
+      + 'makes the status 1.'],
+  'explain-policy': ['tapbrokerd explain-policy [file] --user name [--json]',
+    'What one user may do under a policy, rule by rule, with the deny rules that apply to them.'],
+  'who-can': ['tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]',
+    'Every rule that grants this bridge, network or macvtap parent, and every deny rule that covers it.'],
+};
+
+/** A usage error: the message, the tool's usage line, and where to read more. */
+function toolUsage(tool: string, why: string): number {
+  process.stderr.write(`tapbrokerd: ${why}
+usage: ${TOOL_USAGE[tool]?.[0] ?? tool}
+see tapbrokerd ${tool} --help
+`);
+  return EX_USAGE;
+}
+
 function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
   const o = {
     file: defaultPolicy, json: false, strict: false, user: null as string | null, bridge: null as string | null,
@@ -149,12 +169,18 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
   };
   let fileGiven = false;
   for (let i = 1; i < argv.length; i++) {
-    const a = argv[i]!;
+    // --opt=value and --opt value alike.
+    const eq = argv[i]!.startsWith('--') ? argv[i]!.indexOf('=') : -1;
+    const a = eq > 0 ? argv[i]!.slice(0, eq) : argv[i]!;
+    const inline = eq > 0 ? argv[i]!.slice(eq + 1) : undefined;
     const value = () => {
-      const v = argv[++i];
+      const v = inline ?? argv[++i];
       if (v === undefined) throw new TapbrokerError('TB_E_USAGE', `${a} needs a value`);
       return v;
     };
+    if ((a === '--json' || a === '--strict') && inline !== undefined) {
+      throw new TapbrokerError('TB_E_USAGE', `${a} takes no value`);
+    }
     if (a === '--json') o.json = true;
     else if (a === '--strict' && argv[0] === 'check-policy') o.strict = true;
     else if (a === '--user') o.user = value();
@@ -187,12 +213,16 @@ function table(rows: string[][]): string {
  */
 export function policyTool(argv: readonly string[], defaultPolicy: string, opts: { asBroker?: boolean } = {}): number {
   const write = (s: string) => process.stdout.write(s.endsWith('\n') ? s : `${s}\n`);
+  const tool = argv[0]!;
+  if (argv.includes('--help') || argv.includes('-h')) {
+    write(`usage: ${TOOL_USAGE[tool]![0]}\n\n${TOOL_USAGE[tool]![1]}\nSee tapbrokerd(8).`);
+    return EX_OK;
+  }
   let o: ReturnType<typeof parseToolArgs>;
   try {
     o = parseToolArgs(argv, defaultPolicy);
   } catch (err) {
-    process.stderr.write(`tapbrokerd: ${(err as Error).message}\n`);
-    return EX_USAGE;
+    return toolUsage(tool, (err as Error).message);
   }
   let policy: Policy;
   try {
@@ -236,10 +266,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   }
 
   if (argv[0] === 'explain-policy') {
-    if (!o.user) {
-      process.stderr.write('tapbrokerd: explain-policy needs --user NAME\n');
-      return EX_USAGE;
-    }
+    if (!o.user) return toolUsage(tool, 'explain-policy needs --user NAME');
     const pw = /^\d+$/.test(o.user)
       ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? Number(o.user) }
       : getpwnam(o.user);
@@ -291,8 +318,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
 
   // who-can
   if ([o.bridge, o.macvtap, o.network].filter((x) => x !== null).length !== 1) {
-    process.stderr.write('tapbrokerd: who-can needs exactly one of --bridge, --macvtap or --network\n');
-    return EX_USAGE;
+    return toolUsage(tool, 'who-can needs exactly one of --bridge, --macvtap or --network');
   }
   const kind = o.bridge !== null ? 'tap' : o.macvtap !== null ? 'macvtap' : 'network';
   const target = (o.bridge ?? o.macvtap ?? o.network)!;

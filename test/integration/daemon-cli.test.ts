@@ -1,0 +1,71 @@
+// tapbrokerd's command line as an administrator meets it: per-command help, short usage errors,
+// --opt=value, and -n printing what check-policy prints. No broker is started.
+import test from 'ava';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { ROOT, tempDir } from '../helpers/broker.js';
+
+const MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
+const run = (...args: string[]) => spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 30_000 });
+
+let dir: string;
+let policy: string;
+test.before(() => {
+  dir = tempDir('dcli');
+  policy = path.join(dir, 'policy.toml');
+  fs.writeFileSync(policy, '[[rule]]\nname = "r"\nusers = ["*"]\nbridges = ["br0"]\n', { mode: 0o644 });
+});
+test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+for (const tool of ['check-policy', 'explain-policy', 'who-can', 'import-bridge-conf']) {
+  test(`tapbrokerd ${tool} --help prints its usage on stdout and exits 0`, (t) => {
+    const r = run(tool, '--help');
+    t.is(r.status, 0, r.stderr);
+    t.true(r.stdout.startsWith(`usage: tapbrokerd ${tool}`));
+    t.is(r.stderr, '');
+  });
+}
+
+test('a tool\'s usage error names the problem and that tool\'s usage only', (t) => {
+  const r = run('who-can', policy);
+  t.is(r.status, 64);
+  t.is(r.stderr, 'tapbrokerd: who-can needs exactly one of --bridge, --macvtap or --network\n'
+    + 'usage: tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]\n'
+    + 'see tapbrokerd who-can --help\n');
+  t.is(run('check-policy', '--json=yes', policy).status, 64, 'a flag given a value');
+});
+
+test('the daemon\'s usage error shows the daemon\'s usage, not every tool\'s', (t) => {
+  const r = run('--idle-exit');
+  t.is(r.status, 64);
+  t.regex(r.stderr, /^tapbrokerd: option --idle-exit needs a value\nusage: tapbrokerd \[-n\]/);
+  t.notRegex(r.stderr, /check-policy/);
+  t.regex(r.stderr, /see tapbrokerd --help\n$/);
+});
+
+test('long options take --opt=value as well as --opt value', (t) => {
+  t.is(run('-n', '-f', policy, '--idle-exit=30', '--journal-socket=', '--state-dir=/nonexistent').status, 0);
+  t.regex(run('-n', '-f', policy, '--idle-exit=soon').stderr, /bad idle time `soon'/);
+  const who = run('who-can', policy, '--bridge=br0', '--json');
+  t.is(who.status, 0, who.stderr);
+  t.truthy(JSON.parse(who.stdout));
+});
+
+test('-n prints exactly what check-policy prints, on the same streams', (t) => {
+  const n = run('-n', '-f', policy);
+  const check = run('check-policy', policy);
+  t.is(n.status, 0);
+  t.is(n.stdout, check.stdout);
+  t.is(n.stderr, check.stderr);
+  t.regex(n.stdout, /warning: rule `r' matches every user\n/);
+  t.regex(n.stdout, /ok: 1 rule, 0 deny rules, 1 warning, sha256 [0-9a-f]{64}\n$/);
+});
+
+test('check-policy --strict fails on warnings, for pipelines', (t) => {
+  t.is(run('check-policy', '--strict', policy).status, 1);
+  const clean = path.join(dir, 'clean.toml');
+  fs.writeFileSync(clean, '[[rule]]\nname = "r"\nusers = [0]\nbridges = ["br-none-here"]\n', { mode: 0o644 });
+  const r = run('check-policy', clean, '--strict');
+  t.is(r.status, 0, r.stdout);
+});
