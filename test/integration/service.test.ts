@@ -7,7 +7,7 @@ import path from 'node:path';
 import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { DatagramSink, journalFields } from '../helpers/datagram.js';
 import { Netns } from '../helpers/netns.js';
-import { NOBODY, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+import { NOBODY, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
 let ns: Netns;
@@ -62,7 +62,12 @@ test.serial('sd_notify: READY=1 with STATUS, reload, STOPPING=1; SIGTERM exits 0
   const notify = new DatagramSink(path.join(dir, 'notify.sock'));
   const broker = await BrokerProcess.start(ns, POLICY, { tag: 'notify', env: { NOTIFY_SOCKET: notify.path } });
   try {
-    await notify.waitFor((m) => m.some((x) => x.startsWith('READY=1\nSTATUS=serving')));
+    await notify.waitFor((m) => m.some((x) => x.startsWith('READY=1\nSTATUS=serving 0 connection(s), 0 lease(s)')));
+    // STATUS= follows what the broker holds: a VM's tap shows within seconds, and its end too.
+    const vm = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+    await notify.waitFor((m) => m.some((x) => /^STATUS=serving \d+ connection\(s\), 1 lease\(s\)/.test(x)));
+    await vm.release();
+    await notify.waitFor((m) => m.at(-1)!.startsWith('STATUS=serving 0 connection(s), 0 lease(s)'));
     broker.proc.kill('SIGHUP');
     await notify.waitFor((m) => m.some((x) => x.startsWith('RELOADING=1')));
     await notify.waitFor((m) => m.filter((x) => x.startsWith('READY=1')).length >= 2);

@@ -279,6 +279,13 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       + `audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`,
   );
   notify(`READY=1\n${status()}`);
+  // STATUS= follows connections and leases (`systemctl status` shows it): re-sent within a second of a
+  // change, and only then.
+  let shown = status();
+  setInterval(() => {
+    const now = status();
+    if (now !== shown) notify((shown = now));
+  }, 1000).unref();
 
   process.on('SIGHUP', () => {
     notify(`RELOADING=1\nMONOTONIC_USEC=${process.hrtime.bigint() / 1000n}`);
