@@ -1,9 +1,10 @@
-// `tapbroker run` and `tapbroker qemu-args` as a user runs them: exit status, signals, errors, env.
+// `tapbroker run`, `qemu-args`, `list` and `can` as a user runs them: exit status, signals, errors, help, env.
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
 import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, setprivArgs, spawnAs } from '../helpers/unpriv.js';
+import type { Lease } from '@tapbroker/client';
 
 let ns: Netns;
 let broker: BrokerProcess;
@@ -11,7 +12,8 @@ let broker: BrokerProcess;
 test.before(async () => {
   ns = Netns.create('cli');
   ns.bridge('br0', { mtu: 1450 });
-  broker = await BrokerProcess.start(ns, `[[rule]]\nname = "cli"\nusers = [${NOBODY}]\nbridges = ["br0"]\nmax_queues = 2\n`, { tag: 'cli' });
+  const policy = `[[rule]]\nname = "cli"\nusers = [${NOBODY}]\nbridges = ["br0"]\nmax_queues = 2\n`;
+  broker = await BrokerProcess.start(ns, policy, { tag: 'cli' });
 });
 
 test.after.always(async () => {
@@ -20,15 +22,18 @@ test.after.always(async () => {
 });
 
 function tapbroker(args: string[], env: NodeJS.ProcessEnv = {}) {
-  const r = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, ...args], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 20_000 });
+  const r = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, ...args],
+    { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 20_000 });
   return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
 }
 
 test('run appends the netdev and device arguments and passes the fds at 3 and up', (t) => {
-  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0,queues=2,id=lan', '--', 'sh', '-c', 'echo "$@"; readlink /proc/$$/fd/3 /proc/$$/fd/4; test ! -e /proc/$$/fd/5 && echo no-fd-5', 'sh']);
+  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0,queues=2,id=lan', '--', 'sh', '-c',
+    'echo "$@"; readlink /proc/$$/fd/3 /proc/$$/fd/4; test ! -e /proc/$$/fd/5 && echo no-fd-5', 'sh']);
   t.is(r.code, 0, r.stderr);
   const [args, fd3, fd4, none] = r.stdout.trim().split('\n');
-  t.regex(args!, /^-netdev tap,id=lan,fds=3:4 -device virtio-net-pci,netdev=lan,mac=52:54:00:[0-9a-f:]{8},mq=on,vectors=6$/);
+  t.regex(args!,
+    /^-netdev tap,id=lan,fds=3:4 -device virtio-net-pci,netdev=lan,mac=52:54:00:[0-9a-f:]{8},mq=on,vectors=6$/);
   t.is(fd3, '/dev/net/tun');
   t.is(fd4, '/dev/net/tun');
   t.is(none, 'no-fd-5', 'nothing else leaks into the child');
@@ -44,9 +49,14 @@ test('TAPBROKER_SOCKET names the socket when --socket is absent', (t) => {
 });
 
 test('SIGTERM to the client reaches the command, and the client dies the same way', async (t) => {
-  const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'trap "echo got-term; exit 9" TERM; echo ready; while :; do sleep 0.05; done'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker.socket, '--net', 'bridge=br0',
+    '--', 'sh', '-c', 'trap "echo got-term; exit 9" TERM; echo ready; while :; do sleep 0.05; done'],
+  { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
-  await new Promise<void>((resolve) => child.stdout!.on('data', (d) => { out += d; if (out.includes('ready')) resolve(); }));
+  await new Promise<void>((resolve) => child.stdout!.on('data', (d) => {
+    out += d;
+    if (out.includes('ready')) resolve();
+  }));
   child.kill('SIGTERM');
   const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
   t.regex(out, /got-term/);
@@ -97,19 +107,177 @@ test('a socket the user may not open: the hint names group tapbroker and logging
   }
 });
 
-test('usage errors exit 64', (t) => {
-  t.is(tapbroker(['run', '--net', 'bridge=br0']).code, 64);
-  t.is(tapbroker(['frobnicate']).code, 64);
+const COMMANDS = ['run', 'qemu-args', 'create', 'list', 'release', 'can', 'status', 'reload'];
+
+test('COMMAND --help prints that command\'s usage on stdout and exits 0; --help prints them all', (t) => {
+  for (const command of COMMANDS) {
+    const r = tapbroker([command, '--help']);
+    t.is(r.code, 0, `${command}: ${r.stderr}`);
+    t.regex(r.stdout, new RegExp(`^usage: tapbroker ${command}\\b`));
+    t.true(r.stdout.trim().split('\n').length >= 2, 'and what it does');
+    t.is(r.stderr, '');
+  }
+  const all = tapbroker(['--help']);
+  t.is(all.code, 0);
+  for (const command of COMMANDS) t.regex(all.stdout, new RegExp(`^(usage:| {6}) tapbroker ${command}\\b`, 'm'));
+});
+
+test('usage errors exit 64 with why, that command\'s usage alone and where to read more', (t) => {
+  const r = tapbroker(['run', '--net', 'bridge=br0']);
+  t.is(r.code, 64);
+  t.is(r.stderr, 'tapbroker: TB_E_USAGE: no command after --\n'
+    + 'usage: tapbroker run [--socket PATH] --net SPEC... -- COMMAND [ARG...]\n'
+    + 'see tapbroker run --help\n');
+  const list = tapbroker(['list', '--bridge', 'br0', '--socket', broker.socket]);
+  t.is(list.code, 64);
+  t.is(list.stderr, 'tapbroker: TB_E_USAGE: list does not take --bridge\n'
+    + 'usage: tapbroker list [--json] [--socket PATH]\nsee tapbroker list --help\n');
+  const both = tapbroker(['create', '--persistent', '--bridge', 'br0', '--xml', '--json', '--socket', broker.socket]);
+  t.is(both.code, 64);
+  t.regex(both.stderr, /^tapbroker: TB_E_USAGE: --xml and --json conflict/);
+  t.is(tapbroker(['release', 'tb65534-x', '--queues', '2']).stderr.split('\n')[0],
+    'tapbroker: TB_E_USAGE: release does not take --queues');
+  const unknown = tapbroker(['frobnicate']);
+  t.is(unknown.code, 64);
+  t.is(unknown.stderr, 'tapbroker: TB_E_USAGE: unknown command `frobnicate\'\nsee tapbroker --help\n');
+});
+
+test('two NICs with one MAC on one bridge: a usage error, before any broker is asked', (t) => {
+  const mac = 'mac=52:54:00:00:00:42';
+  // A socket that does not exist: asking the broker would be TB_E_CONNECT (69).
+  const r = tapbroker(['run', '--socket', '/nonexistent/tb.sock', '--net', `bridge=br0,${mac}`,
+    '--net', `bridge=br0,${mac}`, '--', 'true']);
+  t.is(r.code, 64);
+  t.regex(r.stderr, /^tapbroker: TB_E_USAGE: --net SPECs 1 and 2 both have mac 52:54:00:00:00:42 on bridge=br0/);
+  t.notRegex(r.stderr, /TB_E_CONNECT/);
+});
+
+test('a COMMAND that is not there: 127 before any broker is asked; one that cannot run: 126', async (t) => {
+  const fs = await import('node:fs');
+  const r = tapbroker(['run', '--socket', '/nonexistent/tb.sock', '--net', 'bridge=br0', '--',
+    'qemu-system-tb-missing', '-m', '1G']);
+  t.is(r.code, 127);
+  t.is(r.stderr, 'tapbroker: cannot run qemu-system-tb-missing: not found\n');
+  const dir = tempDir('cli-noexec');
+  try {
+    fs.writeFileSync(`${dir}/qemu`, '#!/bin/sh\n', { mode: 0o644 });
+    fs.chmodSync(`${dir}/qemu`, 0o644);
+    const run = (cmd: string) =>
+      tapbroker(['run', '--socket', '/nonexistent/tb.sock', '--net', 'bridge=br0', '--', cmd]);
+    const plain = run(`${dir}/qemu`);
+    t.is(plain.code, 126);
+    t.is(plain.stderr, `tapbroker: cannot run ${dir}/qemu: permission denied\n`);
+    // Looked up in PATH (setpriv itself is found in the test's PATH; env sets the client's). A PATH directory the
+    // user may not search is skipped, as shells skip it.
+    fs.mkdirSync(`${dir}/private`, { mode: 0o700 });
+    const viaPath = (cmd: string) => spawnSync('setpriv', [...setprivArgs(), 'env',
+      `PATH=/nonexistent:${dir}/private:${dir}`, process.execPath, CLIENT_CLI, 'run',
+      '--socket', '/nonexistent/tb.sock', '--net', 'bridge=br0', '--', cmd], { encoding: 'utf8' });
+    t.like(viaPath('qemu'), { status: 126, stderr: 'tapbroker: cannot run qemu: permission denied\n' });
+    t.like(viaPath('qemu-system-tb-missing'),
+      { status: 127, stderr: 'tapbroker: cannot run qemu-system-tb-missing: not found\n' });
+    t.like(run(dir), { code: 126, stderr: `tapbroker: cannot run ${dir}: is a directory\n` });
+    t.like(run(`${dir}/nothing/qemu`), { code: 127 });
+    // Found and executable, but its interpreter is missing: only spawn finds out, after the broker granted the tap.
+    // The shell's status, not a usage error.
+    fs.writeFileSync(`${dir}/vm.sh`, '#!/nonexistent/interpreter\n', { mode: 0o755 });
+    fs.chmodSync(`${dir}/vm.sh`, 0o755);
+    const late = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0', '--', `${dir}/vm.sh`]);
+    t.is(late.code, 126, late.stderr);
+    t.regex(late.stderr, /tapbroker: tb65534-\S+ on br0/);
+    t.regex(late.stderr, new RegExp(`^tapbroker: cannot run ${dir}/vm\\.sh: bad interpreter: not found$`, 'm'));
+    t.notRegex(late.stderr, /usage/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('model=none writes only the -netdev and prints the leased MAC; dev.* properties go onto the -device', (t) => {
+  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0,model=none,id=lan',
+    '--net', 'bridge=br0,dev.addr=0x5,dev.romfile=', '--', 'sh', '-c', 'echo "$@"', 'sh']);
+  t.is(r.code, 0, r.stderr);
+  t.regex(r.stdout.trim(), new RegExp('^-netdev tap,id=lan,fd=3 -netdev tap,id=net1,fd=4 '
+    + '-device virtio-net-pci,netdev=net1,mac=52:54:00:[0-9a-f:]{8},addr=0x5,romfile=$'));
+  const mac = /tb65534-\S+ on br0 \(.*mac (52:54:00:[0-9a-f:]{8})/.exec(r.stderr)?.[1];
+  t.truthy(mac, r.stderr);
+  t.regex(r.stderr,
+    new RegExp(`^tapbroker: lan: model=none, so no -device: .*-device virtio-net-pci,netdev=lan,mac=${mac}$`, 'm'));
+});
+
+test('list shows NETWORK and CREATED in local time; --json keeps the raw values', (t) => {
+  const list = (json: string) => `"${process.execPath}" "${CLIENT_CLI}" list ${json} --socket "${broker.socket}"`;
+  // Listed from inside `run', while its tap is live.
+  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c',
+    `${list('')} && echo === && ${list('--json')}`], { TZ: 'UTC' });
+  t.is(r.code, 0, r.stderr);
+  const name = /tapbroker: (tb65534-\S+) on br0/.exec(r.stderr)![1]!;
+  const [table, json] = r.stdout.split('===\n') as [string, string];
+  const lease = (JSON.parse(json) as { leases: Lease[] }).leases.find((l) => l.name === name)!;
+  t.regex(lease.created, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/, 'raw in --json');
+  const lines = table.trim().split('\n');
+  t.regex(lines[0]!, /^NAME +KIND +PARENT +NETWORK +MODE +MAC +QUEUES +OWNER +RULE +ENDS +CREATED$/);
+  const row = lines.find((l) => l.startsWith(`${name} `))!.split(/ {2,}/);
+  t.deepEqual(row, [name, 'tap', 'br0', '-', '-', lease.mac, '1', lease.user ?? String(NOBODY), 'cli', 'with its fds',
+    new Date(lease.created).toISOString().slice(0, 19).replace('T', ' ')]);
+});
+
+test('can --persistent asks about a persistent device', (t) => {
+  t.is(tapbroker(['can', '--socket', broker.socket, '--net', 'bridge=br0']).code, 0);
+  // Rule `cli' does not say persistent = true.
+  const r = tapbroker(['can', '--persistent', '--socket', broker.socket, '--net', 'bridge=br0']);
+  t.is(r.code, 77);
+  t.regex(r.stdout, /^bridge=br0 \(persistent\): no, /);
+});
+
+test('over quota while holding persistent devices: a hint names them and tapbroker release', async (t) => {
+  const qns = Netns.create('cliq');
+  qns.bridge('br0');
+  const policy = `[[rule]]\nname = "keep"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`
+    + 'persistent = true\nmax_devices = 1\n';
+  const qb = await BrokerProcess.start(qns, policy, { tag: 'cli-quota' });
+  try {
+    const can = tapbroker(['can', '--persistent', '--socket', qb.socket, '--net', 'bridge=br0']);
+    t.is(can.stdout, 'bridge=br0 (persistent): yes, by rule keep\n', can.stderr);
+    const made = tapbroker(['create', '--persistent', '--bridge', 'br0', '--json', '--socket', qb.socket]);
+    t.is(made.code, 0, made.stderr);
+    const { name } = JSON.parse(made.stdout) as { name: string };
+    const hint = `persistent devices count too, and no VM holds them: you have ${name} under rule keep; `
+      + 'free one with `tapbroker release NAME\'';
+    const run = tapbroker(['run', '--socket', qb.socket, '--net', 'bridge=br0', '--', 'true']);
+    t.is(run.code, 77);
+    t.regex(run.stderr, /^tapbroker: TB_E_QUOTA_EXCEEDED: /);
+    const hints = run.stderr.split('\n').filter((l) => l.startsWith('tapbroker: hint: '));
+    t.is(hints.length, 2, 'the broker\'s hint, then the client\'s');
+    t.is(hints[1], `tapbroker: hint: ${hint}`);
+    t.log(`the broker's own hint: ${hints[0]}`);
+    const dry = tapbroker(['can', '--socket', qb.socket, '--net', 'bridge=br0']);
+    t.is(dry.code, 77);
+    t.true(dry.stdout.trimEnd().endsWith(`; hint: ${hint}`), dry.stdout);
+    const listed = tapbroker(['list', '--socket', qb.socket]);
+    t.regex(listed.stdout,
+      new RegExp(`^${name} +tap +br0 +- +- +52:54:00:\\S+ +1 +\\S+ +keep +on release +\\d{4}-\\d\\d-\\d\\d \\d`, 'm'));
+    t.is(tapbroker(['release', name, '--socket', qb.socket]).code, 0);
+    const after = tapbroker(['run', '--socket', qb.socket, '--net', 'bridge=br0', '--', 'true']);
+    t.is(after.code, 0, after.stderr);
+  } finally {
+    await qb.stop();
+    qns.destroy();
+  }
 });
 
 test('qemu-args prints the arguments without asking the broker', (t) => {
-  const r = tapbroker(['qemu-args', '--net', 'bridge=br0,queues=2,mac=52:54:00:00:00:01', '--net', 'bridge=br1,model=e1000']);
+  const r = tapbroker(['qemu-args', '--net', 'bridge=br0,queues=2,mac=52:54:00:00:00:01',
+    '--net', 'bridge=br1,model=e1000']);
   t.is(r.code, 0, r.stderr);
-  t.is(r.stdout.trim(), '-netdev tap,id=net0,fds=3:4 -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,mq=on,vectors=6 -netdev tap,id=net1,fd=5 -device e1000,netdev=net1');
+  t.is(r.stdout.trim(), '-netdev tap,id=net0,fds=3:4'
+    + ' -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,mq=on,vectors=6'
+    + ' -netdev tap,id=net1,fd=5 -device e1000,netdev=net1');
 });
 
 test('the broker refuses a second instance on a live socket', (t) => {
-  const r = spawnSync('ip', ['netns', 'exec', ns.name, process.execPath, CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js'), '-f', broker.policyPath, '-s', broker.socket], { encoding: 'utf8', timeout: 10_000 });
+  const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
+  const r = spawnSync('ip', ['netns', 'exec', ns.name, process.execPath, main, '-f', broker.policyPath,
+    '-s', broker.socket], { encoding: 'utf8', timeout: 10_000 });
   t.is(r.status, 69);
   t.regex(r.stderr, /another broker is listening/);
   t.true(broker.alive);
@@ -119,7 +287,7 @@ test('tapbrokerd -n checks the policy and exits', (t) => {
   const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
   const ok = spawnSync(process.execPath, [main, '-n', '-f', broker.policyPath], { encoding: 'utf8' });
   t.is(ok.status, 0);
-  t.regex(ok.stdout, /ok: 1 rule, 0 deny rules, sha256 [0-9a-f]{64}/);
+  t.regex(ok.stdout, /ok: 1 rule, 0 deny rules, (0 warnings, )?sha256 [0-9a-f]{64}/);
   const bad = spawnSync(process.execPath, [main, '-n', '-f', '/nonexistent.toml'], { encoding: 'utf8' });
   t.is(bad.status, 78);
   const usage = spawnSync(process.execPath, [main, '-x'], { encoding: 'utf8' });
@@ -127,7 +295,8 @@ test('tapbrokerd -n checks the policy and exits', (t) => {
   t.regex(usage.stderr, /usage: tapbrokerd \[-n\] \[-f policy\] \[-s socket\]/);
 });
 
-test('output piped to a slow reader is never cut: check-policy --json of 2,000 rules arrives whole (review 15.1)', async (t) => {
+test('output piped to a slow reader is never cut: '
+  + 'check-policy --json of 2,000 rules arrives whole (review 15.1)', async (t) => {
   const fs = await import('node:fs');
   const os = await import('node:os');
   const path = await import('node:path');
@@ -136,10 +305,12 @@ test('output piped to a slow reader is never cut: check-policy --json of 2,000 r
   try {
     const file = path.join(dir, 'policy.toml');
     // Every rule matches everyone: one warning each, so the JSON runs to hundreds of KiB.
-    const rules = Array.from({ length: 2000 }, (_, i) => `[[rule]]\nname = "r${i}"\nusers = ["*"]\nbridges = ["br${i % 100}"]\n`).join('\n');
+    const rules = Array.from({ length: 2000 },
+      (_, i) => `[[rule]]\nname = "r${i}"\nusers = ["*"]\nbridges = ["br${i % 100}"]\n`).join('\n');
     fs.writeFileSync(file, rules);
     // The reader sleeps first, so the pipe fills while the tool is already done writing.
-    const r = spawnSync('sh', ['-c', `"${process.execPath}" "${BROKER_MAIN}" check-policy "${file}" --json | (sleep 1; cat)`], { encoding: 'utf8', maxBuffer: 64 << 20 });
+    const pipeline = `"${process.execPath}" "${BROKER_MAIN}" check-policy "${file}" --json | (sleep 1; cat)`;
+    const r = spawnSync('sh', ['-c', pipeline], { encoding: 'utf8', maxBuffer: 64 << 20 });
     t.is(r.status, 0, r.stderr);
     t.true(r.stdout.length > 65536, `${r.stdout.length} bytes: more than one pipe's worth`);
     const parsed = JSON.parse(r.stdout) as { rules: number };
@@ -156,8 +327,9 @@ test('a broker without CAP_NET_ADMIN refuses to start, with exit 77, which the u
   try {
     fs.writeFileSync(`${dir}/policy.toml`, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
     // Root, but with CAP_NET_ADMIN out of its bounding and inheritable sets.
-    const r = spawnSync('setpriv', ['--bounding-set', '-net_admin', '--inh-caps', '-net_admin', '--', process.execPath, BROKER_MAIN,
-      '-f', `${dir}/policy.toml`, '-s', `${dir}/tb.sock`, '--state-dir', `${dir}/state`, '--journal-socket', ''], { encoding: 'utf8', timeout: 10_000 });
+    const r = spawnSync('setpriv', ['--bounding-set', '-net_admin', '--inh-caps', '-net_admin', '--', process.execPath,
+      BROKER_MAIN, '-f', `${dir}/policy.toml`, '-s', `${dir}/tb.sock`, '--state-dir', `${dir}/state`,
+      '--journal-socket', ''], { encoding: 'utf8', timeout: 10_000 });
     t.is(r.status, 77);
     t.regex(r.stderr, /needs CAP_NET_ADMIN/);
     t.false(fs.existsSync(`${dir}/tb.sock`), 'it never listened');

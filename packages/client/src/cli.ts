@@ -1,9 +1,10 @@
 #!/usr/bin/env node
 // tapbroker: the unprivileged client. Usage in USAGE below.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
+import path from 'node:path';
 import {
   MACVTAP_MODES,
   PROTOCOL_VERSION,
@@ -24,17 +25,96 @@ import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
 import { childFdNumbers, nicArgs, shellQuote } from './qemu-args.js';
 
-const USAGE = `usage: tapbroker run [--socket PATH] --net SPEC... -- COMMAND [ARG...]
-       tapbroker qemu-args --net SPEC...
-       tapbroker create --persistent (--bridge BRIDGE | --network NAME | --macvtap PARENT [--mode MODE]) [--name NAME]
-                        [--queues N] [--mac MAC] [--group GROUP] [--xml | --json] [--socket PATH]
-       tapbroker list [--json] [--socket PATH]
-       tapbroker release NAME [--socket PATH]
-       tapbroker can [--socket PATH] --net SPEC...      (dry run: would the broker grant it, by which rule?)
-       tapbroker status [--json] [--socket PATH]        (the broker, its policy, your leases and quotas)
-       tapbroker reload [--socket PATH]                 (root: the broker re-reads its policy)
-SPEC:  bridge=NAME|network=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N][,vhost=on|off]
-       [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`;
+type Command = 'run' | 'qemu-args' | 'create' | 'list' | 'release' | 'can' | 'status' | 'reload';
+
+const SPEC = [
+  'SPEC:  bridge=NAME|network=NAME|macvtap=PARENT[,mode=bridge|vepa|private|passthru][,queues=N][,vhost=on|off]',
+  '       [,mac=MAC][,id=ID][,model=MODEL|none][,name=IFNAME][,dev.KEY=VALUE...]',
+];
+
+/** Each command's usage lines (`COMMAND --help` and its usage errors), what it does, and the flags it takes. */
+const COMMANDS: Record<Command, { usage: string[]; about: string[]; flags: string[] }> = {
+  run: {
+    usage: ['tapbroker run [--socket PATH] --net SPEC... -- COMMAND [ARG...]'],
+    about: [
+      'Ask the broker for one device per --net SPEC, then run COMMAND (qemu) with their fds as 3, 4, ...',
+      'and their -netdev and -device arguments appended; exit with COMMAND\'s status.',
+    ],
+    flags: ['--socket', '--net'],
+  },
+  'qemu-args': {
+    usage: ['tapbroker qemu-args --net SPEC...'],
+    about: ['Print the qemu arguments `run\' would add for these SPECs, without asking the broker.'],
+    flags: ['--net'],
+  },
+  create: {
+    usage: [
+      'tapbroker create --persistent (--bridge BRIDGE | --network NAME | --macvtap PARENT [--mode MODE]) [--name NAME]',
+      '                 [--queues N] [--mac MAC] [--group GROUP] [--xml | --json] [--socket PATH]',
+    ],
+    about: [
+      'Make a persistent device owned by you, for rootless libvirtd; it lives until `tapbroker release NAME\'.',
+      '--xml prints the libvirt <interface> element.',
+    ],
+    flags: ['--socket', '--persistent', '--bridge', '--network', '--macvtap', '--mode', '--name', '--queues', '--mac',
+      '--group', '--xml', '--json'],
+  },
+  list: {
+    usage: ['tapbroker list [--json] [--socket PATH]'],
+    about: ['Your leases (root: everyone\'s), oldest first; --json prints the raw values.'],
+    flags: ['--socket', '--json'],
+  },
+  release: {
+    usage: ['tapbroker release NAME [--json] [--socket PATH]'],
+    about: ['Delete your persistent device NAME (made by `tapbroker create --persistent\').'],
+    flags: ['--socket', '--json'],
+  },
+  can: {
+    usage: ['tapbroker can [--socket PATH] [--persistent] --net SPEC...'],
+    about: [
+      'Dry run: would the broker grant each SPEC now, and by which rule? Nothing is created.',
+      '--persistent asks about a persistent device (`tapbroker create --persistent\').',
+    ],
+    flags: ['--socket', '--net', '--persistent'],
+  },
+  status: {
+    usage: ['tapbroker status [--json] [--socket PATH]'],
+    about: ['The broker, its policy, your leases and your quotas.'],
+    flags: ['--socket', '--json'],
+  },
+  reload: {
+    usage: ['tapbroker reload [--socket PATH]'],
+    about: ['Root only: the broker re-reads its policy file.'],
+    flags: ['--socket'],
+  },
+};
+
+function isCommand(word: string | undefined): word is Command {
+  return word !== undefined && Object.hasOwn(COMMANDS, word);
+}
+
+/** Usage lines as a block: `usage: ` before the first, aligned below it. */
+function usageBlock(lines: readonly string[]): string {
+  return lines.map((l, i) => `${i === 0 ? 'usage: ' : '       '}${l}`).join('\n');
+}
+
+const USAGE = [
+  usageBlock(Object.values(COMMANDS).flatMap((c) => c.usage)),
+  ...SPEC,
+  '`tapbroker COMMAND --help\' explains one command.',
+].join('\n');
+
+/** `tapbroker COMMAND --help`: its usage, what it does, and the SPEC syntax where it takes one. */
+function commandHelp(command: Command): string {
+  const c = COMMANDS[command];
+  return [usageBlock(c.usage), ...c.about, ...(c.flags.includes('--net') ? SPEC : [])].join('\n');
+}
+
+/** Why `flag` is refused: another command's flag is named as such, anything else as unknown. */
+function refuse(command: Command, arg: string, flag: string): never {
+  const known = Object.values(COMMANDS).some((c) => c.flags.includes(flag));
+  throw new TapbrokerError('TB_E_USAGE', known ? `${command} does not take ${flag}` : `unknown argument \`${arg}'`);
+}
 
 /** sysexits(3), documented in the README. */
 export const EXIT = { USAGE: 64, DATAERR: 65, SOFTWARE: 70, UNAVAILABLE: 69, NOPERM: 77, CONFIG: 78 } as const;
@@ -64,6 +144,19 @@ interface Args {
   socket: string | null;
   nets: NetSpec[];
   argv: string[];
+  /** can: ask about a persistent device. */
+  persistent: boolean;
+}
+
+/** `--flag=value` as [flag, value]; anything else as [arg, undefined]. */
+function splitFlag(a: string): [string, string | undefined] {
+  const eq = a.startsWith('--') ? a.indexOf('=') : -1;
+  return eq > 0 ? [a.slice(0, eq), a.slice(eq + 1)] : [a, undefined];
+}
+
+/** The place a NIC's MAC must be unique: a bridge or parent link, or a network. */
+function target(n: NetSpec): string {
+  return n.network ? `network=${n.parent}` : n.kind === 'tap' ? `bridge=${n.parent}` : `macvtap=${n.parent}`;
 }
 
 export function parseArgs(argv: readonly string[]): Args {
@@ -71,7 +164,7 @@ export function parseArgs(argv: readonly string[]): Args {
   if (command !== 'run' && command !== 'qemu-args' && command !== 'can') {
     throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
   }
-  const out: Args = { command, socket: null, nets: [], argv: [] };
+  const out: Args = { command, socket: null, nets: [], argv: [], persistent: false };
   let i = 1;
   for (; i < argv.length; i++) {
     const a = argv[i]!;
@@ -79,17 +172,17 @@ export function parseArgs(argv: readonly string[]): Args {
       out.argv = argv.slice(i + 1);
       break;
     }
-    const [flag, inline] = a.startsWith('--') && a.includes('=')
-      ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)]
-      : [a, undefined];
+    const [flag, inline] = splitFlag(a);
     const value = () => {
       const v = inline ?? argv[++i];
       if (v === undefined) throw new TapbrokerError('TB_E_USAGE', `${flag} needs a value`);
       return v;
     };
+    if (!COMMANDS[command].flags.includes(flag)) refuse(command, a, flag);
     if (flag === '--net') out.nets.push(parseNetSpec(value()));
-    else if (flag === '--socket' && command !== 'qemu-args') out.socket = value();
-    else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
+    else if (flag === '--socket') out.socket = value();
+    else if (inline !== undefined) throw new TapbrokerError('TB_E_USAGE', `${flag} takes no value`);
+    else out.persistent = true;
   }
   if (out.nets.length === 0) throw new TapbrokerError('TB_E_USAGE', 'at least one --net SPEC is needed');
   if (command === 'run' && out.argv.length === 0) throw new TapbrokerError('TB_E_USAGE', 'no command after --');
@@ -97,6 +190,16 @@ export function parseArgs(argv: readonly string[]): Args {
   const ids = out.nets.map((n, k) => n.id ?? `net${k}`);
   const dup = ids.find((id, k) => ids.indexOf(id) !== k);
   if (dup) throw new TapbrokerError('TB_E_USAGE', `netdev id \`${dup}' used twice`);
+  if (command !== 'can') {
+    // Two guest NICs with one MAC on one segment confuse every switch and guest; `can' weighs SPECs one by one.
+    const where = out.nets.map((n) => (n.mac ? `${n.network ? 'network' : 'link'}:${n.parent}/${n.mac}` : null));
+    const k = where.findIndex((w, j) => w !== null && where.indexOf(w) !== j);
+    if (k >= 0) {
+      const first = where.indexOf(where[k]!);
+      throw new TapbrokerError('TB_E_USAGE', `--net SPECs ${first + 1} and ${k + 1} both have mac ${out.nets[k]!.mac} `
+        + `on ${target(out.nets[k]!)}: give each NIC its own MAC`);
+    }
+  }
   return out;
 }
 
@@ -110,7 +213,7 @@ export function buildNicArgs(nets: readonly NetSpec[], taps: readonly Tap[] | nu
   const numbers = childFdNumbers(counts.flatMap(([q, v]) => [q, v]));
   return nets.flatMap((n, k) => nicArgs({
     id: n.id ?? `net${k}`, model: n.model, mac: taps ? taps[k]!.device.mac ?? n.mac : n.mac,
-    tapFds: numbers[2 * k]!, vhostFds: numbers[2 * k + 1]!,
+    tapFds: numbers[2 * k]!, vhostFds: numbers[2 * k + 1]!, props: n.props,
   }));
 }
 
@@ -124,7 +227,99 @@ export function describeDevice(d: Device): string {
     `${d.persistent ? ', persistent' : ''}, rule ${d.rule})`;
 }
 
+/** execvp's search path when PATH is unset (glibc's _CS_PATH). */
+const DEFAULT_PATH = '/bin:/usr/bin';
+
+/**
+ * Where `cmd` would run from, found as a shell finds it (a name with a `/` is that file; else the first
+ * executable file in the PATH entries, an empty one meaning `.`), or the shell's status for why not:
+ * 127 not found, 126 found but not runnable.
+ */
+export function resolveCommand(cmd: string, pathVar = process.env['PATH']):
+  { file: string } | { status: 126 | 127; reason: string } {
+  if (cmd === '') return { status: 127, reason: 'not found' };
+  const searched = !cmd.includes('/');
+  const files = searched ? (pathVar ?? DEFAULT_PATH).split(':').map((d) => path.join(d || '.', cmd)) : [cmd];
+  let denied: string | null = null;
+  for (const file of files) {
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(file);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code ?? '';
+      // In a PATH search, a directory we may not search is skipped as shells do (execvp would say EACCES
+      // for a qemu that is simply not installed).
+      if (!searched && code !== 'ENOENT' && code !== 'ENOTDIR') denied = ERRNO_REASONS[code] ?? code;
+      continue;
+    }
+    if (st.isDirectory()) {
+      if (!searched) denied = 'is a directory';
+      continue;
+    }
+    try {
+      fs.accessSync(file, fs.constants.X_OK);
+      return { file };
+    } catch {
+      // A file we may not run is remembered, and the search goes on.
+      denied ??= 'permission denied';
+    }
+  }
+  return denied ? { status: 126, reason: denied } : { status: 127, reason: 'not found' };
+}
+
+const ERRNO_REASONS: Record<string, string> = {
+  EACCES: 'permission denied', ELOOP: 'too many levels of symbolic links', ENAMETOOLONG: 'file name too long',
+  ENOEXEC: 'exec format error', ENOENT: 'not found',
+};
+
+/** What a refusal adds to the broker's hint; printed after it. */
+const moreHints = new WeakMap<TapbrokerError, string>();
+
+/**
+ * The broker's quota refusal speaks of stopping a VM, but persistent devices count too and no VM holds
+ * them: name the caller's under the refusing rule, asked on the same connection.
+ */
+async function persistentHint(client: TapbrokerClient, rule: string | undefined): Promise<string | null> {
+  let leases: Lease[];
+  try {
+    ({ leases } = await client.list());
+  } catch {
+    return 'persistent devices count too (`tapbroker list\' shows them); free one with `tapbroker release NAME\'';
+  }
+  const uid = process.getuid?.();
+  const names = leases.filter((l) => l.ends === 'release' && (uid === undefined || l.uid === uid)
+    && (!rule || l.rule === rule)).map((l) => l.name);
+  if (names.length === 0) return null;
+  const shown = names.length > 4 ? `${names.slice(0, 4).join(', ')} and ${names.length - 4} more` : names.join(', ');
+  return `persistent devices count too, and no VM holds them: you have ${shown}${rule ? ` under rule ${rule}` : ''}; `
+    + 'free one with `tapbroker release NAME\'';
+}
+
+/** On a quota refusal, the persistent-device hint for `err`; then rethrows it. */
+async function rethrowWithHint(client: TapbrokerClient, err: unknown): Promise<never> {
+  if (err instanceof TapbrokerError && err.code === 'TB_E_QUOTA_EXCEEDED') {
+    const hint = await persistentHint(client, err.rule);
+    if (hint) moreHints.set(err, hint);
+  }
+  throw err;
+}
+
+/** model=none: the -device the user writes, with what the client knows of it. */
+function ownDeviceNote(id: string, mac: string | null, queues: number): string {
+  return `tapbroker: ${id}: model=none, so no -device: write your own, e.g. -device virtio-net-pci,netdev=${id}`
+    + `${mac ? `,mac=${mac}` : ',mac=MAC'}${queues > 1 ? `,mq=on,vectors=${2 * queues + 2}` : ''}\n`
+    // Without one the guest has qemu's MAC, not the one the broker leased (and may lock the port to).
+    + (mac ? '' : `tapbroker: ${id}: give mac= in the SPEC, so that your -device can carry the MAC of the lease\n`);
+}
+
 async function run(args: Args): Promise<number> {
+  const [cmd, ...rest] = args.argv as [string, ...string[]];
+  // Before the broker makes anything: a typo in the qemu binary's name costs no devices, as in a shell.
+  const found = resolveCommand(cmd);
+  if ('status' in found) {
+    process.stderr.write(`tapbroker: cannot run ${cmd}: ${found.reason}\n`);
+    return found.status;
+  }
   const client = await TapbrokerClient.connect(args.socket);
   let taps: Tap[];
   try {
@@ -134,28 +329,48 @@ async function run(args: Args): Promise<number> {
       return n.kind === 'macvtap'
         ? { kind: 'macvtap' as const, parent: n.parent, mode: n.mode!, ...common }
         : { kind: 'tap' as const, ...(n.network ? { network: n.parent } : { bridge: n.parent }), ...common };
-    }));
+    })).catch((err: unknown) => rethrowWithHint(client, err));
   } catch (err) {
     client.close();
     throw err;
   }
   // The connection stays open while the command runs: a macvtap lease ends when it closes.
   for (const t of taps) process.stderr.write(`tapbroker: ${describeDevice(t.device)}\n`);
-  const fds = taps.flatMap((t) => [...t.tapFds, ...t.vhostFds]);
-  const [cmd, ...rest] = args.argv as [string, ...string[]];
-  const child = spawn(cmd, [...rest, ...buildNicArgs(args.nets, taps)], {
-    stdio: ['inherit', 'inherit', 'inherit', ...fds],
+  args.nets.forEach((n, k) => {
+    if (n.model === null) process.stderr.write(ownDeviceNote(n.id ?? `net${k}`, taps[k]!.device.mac, n.queues));
   });
+  const fds = taps.flatMap((t) => [...t.tapFds, ...t.vhostFds]);
+  let child: ChildProcess;
+  try {
+    child = spawn(cmd, [...rest, ...buildNicArgs(args.nets, taps)], {
+      stdio: ['inherit', 'inherit', 'inherit', ...fds],
+    });
+  } catch (err) {
+    // Node throws the errors it does not emit (ENOEXEC, ELOOP, ...).
+    taps.forEach(closeTap);
+    client.close();
+    return cannotRun(cmd, found.file, err as NodeJS.ErrnoException);
+  }
   // The child holds the devices now; our copies must go so they vanish with it.
   taps.forEach(closeTap);
   const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
   const handlers = (['SIGINT', 'SIGTERM', 'SIGHUP'] as const).map((sig) => [sig, forward(sig)] as const);
   for (const [sig, h] of handlers) process.on(sig, h);
-  return new Promise((resolve, reject) => {
-    child.on('error', (err) => reject(new TapbrokerError('TB_E_USAGE', `cannot run ${cmd}: ${err.message}`)));
-    child.on('exit', (code, signal) => {
-      for (const [sig, h] of handlers) process.off(sig, h);
-      client.close();
+  let finished = false;
+  const done = () => {
+    if (finished) return;
+    finished = true;
+    for (const [sig, h] of handlers) process.off(sig, h);
+    client.close();
+  };
+  return new Promise((resolve) => {
+    // Checked above, but the file may have changed since: the shell's status, not a usage error.
+    child.once('error', (err: NodeJS.ErrnoException) => {
+      done();
+      resolve(cannotRun(cmd, found.file, err));
+    });
+    child.once('exit', (code, signal) => {
+      done();
       if (signal) {
         // Die the way the child died, so our parent sees the same status.
         process.kill(process.pid, signal);
@@ -165,8 +380,18 @@ async function run(args: Args): Promise<number> {
   });
 }
 
+/** A command that did not start, as a shell reports it: 127 not found, else 126. */
+function cannotRun(cmd: string, file: string, err: NodeJS.ErrnoException): number {
+  // ENOENT for a file that is there: its `#!' interpreter (or ELF loader) is not, as bash reports it.
+  const missing = err.code === 'ENOENT' && !fs.existsSync(file);
+  const reason = err.code === 'ENOENT' && !missing
+    ? 'bad interpreter: not found' : ERRNO_REASONS[err.code ?? ''] ?? err.message;
+  process.stderr.write(`tapbroker: cannot run ${cmd}: ${reason}\n`);
+  return missing ? 127 : 126;
+}
+
 interface LeaseArgs {
-  command: 'create' | 'list' | 'release';
+  command: 'create' | 'list' | 'release' | 'status' | 'reload';
   socket: string | null;
   persistent: boolean;
   bridge: string | null;
@@ -180,18 +405,36 @@ interface LeaseArgs {
   output: 'text' | 'xml' | 'json';
 }
 
+/** The arguments of the commands that only talk to the broker: create, list, release, status and reload. */
 export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
+  const command = argv[0];
+  if (command !== 'create' && command !== 'list' && command !== 'release' && command !== 'status'
+    && command !== 'reload') {
+    throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
+  }
   const o: LeaseArgs = {
-    command: argv[0] as LeaseArgs['command'], socket: null, persistent: false, bridge: null, network: null,
+    command, socket: null, persistent: false, bridge: null, network: null,
     macvtap: null, mode: null, name: null, queues: 1, mac: null, group: null, output: 'text',
   };
   const usage = (m: string): never => { throw new TapbrokerError('TB_E_USAGE', m); };
+  const seen = new Set<string>();
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i]!;
-    const [flag, inline] = a.startsWith('--') && a.includes('=')
-      ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)]
-      : [a, undefined];
-    const value = () => inline ?? argv[++i] ?? usage(`${flag} needs a value`);
+    const [flag, inline] = splitFlag(a);
+    const value = () => {
+      const v = inline ?? argv[++i] ?? usage(`${flag} needs a value`);
+      return v === '' ? usage(`${flag} needs a value`) : v;
+    };
+    if (command === 'release' && !a.startsWith('-')) {
+      if (o.name !== null) usage(`release takes one NAME, not also \`${a}'`);
+      o.name = a;
+      continue;
+    }
+    if (!COMMANDS[command].flags.includes(flag)) refuse(command, a, flag);
+    // A flag given twice is a mistake, not a vote: the last one would win silently.
+    if (seen.has(flag)) usage(`${flag} given twice`);
+    seen.add(flag);
+    const noValue = () => inline === undefined || usage(`${flag} takes no value`);
     const ifname = (what: string) => {
       const v = value();
       const why = checkIfName(v);
@@ -199,7 +442,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
     };
     switch (flag) {
       case '--socket': o.socket = value(); break;
-      case '--persistent': o.persistent = true; break;
+      case '--persistent': noValue(); o.persistent = true; break;
       case '--bridge': o.bridge = ifname('bridge'); break;
       case '--macvtap': o.macvtap = ifname('parent'); break;
       case '--network': {
@@ -239,13 +482,12 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
         o.group = gid ?? usage(`no group \`${g}'`);
         break;
       }
-      case '--xml': o.output = 'xml'; break;
-      case '--json': o.output = 'json'; break;
+      case '--xml': case '--json':
+        noValue();
+        if (o.output !== 'text') usage('--xml and --json conflict: give one');
+        o.output = flag === '--xml' ? 'xml' : 'json';
+        break;
       default:
-        if (o.command === 'release' && !a.startsWith('-') && o.name === null) {
-          o.name = a;
-          break;
-        }
         usage(`unknown argument \`${a}'`);
     }
   }
@@ -265,11 +507,22 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
   return o;
 }
 
+/** An ISO time as the local `YYYY-MM-DD HH:MM:SS`; anything unparsable as it came. */
+function localTime(iso: string): string {
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return iso;
+  const p = (n: number) => String(n).padStart(2, '0');
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} `
+    + `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
+// No VLAN column: a lease names its network, not the network's VLAN (that is policy, and may have changed).
 function leaseTable(leases: readonly Lease[]): string {
-  const rows = [['NAME', 'KIND', 'PARENT', 'MODE', 'MAC', 'QUEUES', 'OWNER', 'RULE', 'ENDS', 'CREATED'],
-    ...leases.map((l) => [l.name, l.kind, l.parent, l.mode ?? '-', l.mac ?? 'unknown', String(l.queues),
-      l.user ?? String(l.uid), l.rule,
-      l.ends === 'holder' ? `with pid ${l.holder}` : l.ends === 'fds' ? 'with its fds' : 'on release', l.created])];
+  const rows = [['NAME', 'KIND', 'PARENT', 'NETWORK', 'MODE', 'MAC', 'QUEUES', 'OWNER', 'RULE', 'ENDS', 'CREATED'],
+    ...leases.map((l) => [l.name, l.kind, l.parent, l.network ?? '-', l.mode ?? '-', l.mac ?? 'unknown',
+      String(l.queues), l.user ?? String(l.uid), l.rule,
+      l.ends === 'holder' ? `with pid ${l.holder}` : l.ends === 'fds' ? 'with its fds' : 'on release',
+      localTime(l.created)])];
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
 }
@@ -277,6 +530,11 @@ function leaseTable(leases: readonly Lease[]): string {
 async function leaseCommand(o: LeaseArgs): Promise<number> {
   const client = await TapbrokerClient.connect(o.socket);
   try {
+    if (o.command === 'status') return await statusCommand(client, o.output === 'json');
+    if (o.command === 'reload') {
+      process.stdout.write(`policy reloaded: sha256 ${await client.reload()}\n`);
+      return 0;
+    }
     if (o.command === 'list') {
       const { leases, truncated } = await client.list();
       process.stdout.write(
@@ -295,11 +553,12 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
       return 0;
     }
     const common = { queues: o.queues, mac: o.mac, name: o.name, persistent: true };
-    const tap = o.macvtap === null
-      ? await client.createTap({
+    const tap = await (o.macvtap === null
+      ? client.createTap({
         ...(o.bridge !== null ? { bridge: o.bridge } : { network: o.network! }), group: o.group, ...common,
       })
-      : await client.createMacvtap({ parent: o.macvtap, mode: o.mode ?? 'bridge', ...common });
+      : client.createMacvtap({ parent: o.macvtap, mode: o.mode ?? 'bridge', ...common })
+    ).catch((err: unknown) => rethrowWithHint(client, err));
     const d = tap.device;
     if (o.output === 'xml') process.stdout.write(libvirtInterfaceXml(d));
     else if (o.output === 'json') process.stdout.write(`${JSON.stringify(d, null, 2)}\n`);
@@ -311,39 +570,37 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
 }
 
 /** tapbroker status: what the broker says of itself and of the caller; the socket it reached. */
-async function statusCommand(argv: readonly string[]): Promise<number> {
-  let socket: string | null = null;
-  let json = false;
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (a === '--json') json = true;
-    else if (a === '--socket') socket = argv[++i] ?? null;
-    else if (a.startsWith('--socket=')) socket = a.slice(9);
-    else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
-    if (socket === '') throw new TapbrokerError('TB_E_USAGE', '--socket needs a value');
-  }
-  const client = await TapbrokerClient.connect(socket);
-  try {
-    const s = await client.status();
-    if (json) {
-      const { op: _op, id: _id, ...rest } = s;
-      process.stdout.write(`${JSON.stringify({ socket: client.socket, ...rest }, null, 2)}\n`);
-      return 0;
-    }
-    const lines = [
-      `broker:   ${s.broker} (protocol ${s.version}) at ${client.socket}, up since ${s.started}`,
-      `policy:   sha256 ${s.policy_sha256}`,
-      `you:      ${s.user ?? 'uid'} (uid ${s.uid}), ${s.leases} live lease${s.leases === 1 ? '' : 's'}` +
-        `${s.uid === 0 ? ' (everyone\'s)' : ''}`,
-      ...(s.connections !== null ? [`clients:  ${s.connections} connection${s.connections === 1 ? '' : 's'}`] : []),
-      s.rules.length === 0 ? 'rules:    none applies to you: the broker will refuse your requests'
-        : `rules:    ${s.rules.map((r) => `${r.rule} (${r.used} of ${r.max_devices} devices)`).join(', ')}`,
-    ];
-    process.stdout.write(`${lines.join('\n')}\n`);
+async function statusCommand(client: TapbrokerClient, json: boolean): Promise<number> {
+  const s = await client.status();
+  if (json) {
+    const { op: _op, id: _id, ...rest } = s;
+    process.stdout.write(`${JSON.stringify({ socket: client.socket, ...rest }, null, 2)}\n`);
     return 0;
-  } finally {
-    client.close();
   }
+  const lines = [
+    `broker:   ${s.broker} (protocol ${s.version}) at ${client.socket}, up since ${s.started}`,
+    `policy:   sha256 ${s.policy_sha256}`,
+    `you:      ${s.user ?? 'uid'} (uid ${s.uid}), ${s.leases} live lease${s.leases === 1 ? '' : 's'}` +
+      `${s.uid === 0 ? ' (everyone\'s)' : ''}`,
+    ...(s.connections !== null ? [`clients:  ${s.connections} connection${s.connections === 1 ? '' : 's'}`] : []),
+    s.rules.length === 0 ? 'rules:    none applies to you: the broker will refuse your requests'
+      : `rules:    ${s.rules.map((r) => `${r.rule} (${r.used} of ${r.max_devices} devices)`).join(', ')}`,
+  ];
+  process.stdout.write(`${lines.join('\n')}\n`);
+  return 0;
+}
+
+/** `run --help`, `-h`: anywhere before a `--` (after it, the words are the command's). */
+function wantsHelp(args: readonly string[]): boolean {
+  const end = args.indexOf('--');
+  return (end < 0 ? args : args.slice(0, end)).some((a) => a === '--help' || a === '-h');
+}
+
+/** What follows a usage error: only the usage of the command at fault, and where to read more. */
+function usageReminder(command: string | undefined): string {
+  return isCommand(command)
+    ? `${usageBlock(COMMANDS[command].usage)}\nsee tapbroker ${command} --help`
+    : 'see tapbroker --help';
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -352,73 +609,68 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stdout.write(`tapbroker ${version} (protocol ${PROTOCOL_VERSION})\n`);
     return 0;
   }
-  if (argv[0] === '-h' || argv[0] === '--help' || argv[0] === 'help') {
+  if (argv[0] === '-h' || argv[0] === '--help' || (argv[0] === 'help' && argv.length === 1)) {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
+  // `tapbroker help run` too, as git and ip have it.
+  const command = argv[0] === 'help' && argv.length === 2 ? argv[1] : argv[0];
+  if (isCommand(command) && (argv[0] === 'help' || wantsHelp(argv.slice(1)))) {
+    process.stdout.write(`${commandHelp(command)}\n`);
+    return 0;
+  }
   try {
-    if (argv[0] === 'create' || argv[0] === 'list' || argv[0] === 'release') {
-      return await leaseCommand(parseLeaseArgs(argv));
-    }
-    if (argv[0] === 'status') return await statusCommand(argv.slice(1));
-    if (argv[0] === 'reload') {
-      const socket = argv[1]?.startsWith('--socket=')
-        ? argv[1].slice(9)
-        : argv[1] === '--socket' ? argv[2] ?? null : null;
-      if (argv.length !== (socket === null ? 1 : argv[1] === '--socket' ? 3 : 2)) {
-        throw new TapbrokerError('TB_E_USAGE', 'reload takes only --socket PATH');
-      }
-      const client = await TapbrokerClient.connect(socket);
-      try {
-        process.stdout.write(`policy reloaded: sha256 ${await client.reload()}\n`);
-      } finally {
-        client.close();
-      }
-      return 0;
-    }
-    const args = parseArgs(argv);
-    if (args.command === 'can') {
-      const client = await TapbrokerClient.connect(args.socket);
-      let all = true;
-      try {
-        for (const n of args.nets) {
-          const r = await client.can({
-            kind: n.network ? 'network' : n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost,
-            mac: n.mac, name: n.name,
-          });
-          all &&= r.allow;
-          const target = n.network
-            ? `network=${n.parent}`
-            : n.kind === 'tap' ? `bridge=${n.parent}` : `macvtap=${n.parent} (${n.mode})`;
-          process.stdout.write(
-            r.allow
-              ? `${target}: yes, by rule ${r.rule}\n`
-              : `${target}: no, ${r.code}: ${r.message}${r.rule ? ` (rule: ${r.rule})` : ''}` +
-                `${r.hint ? `; hint: ${r.hint}` : ''}\n`,
-          );
-        }
-      } finally {
-        client.close();
-      }
-      return all ? 0 : EXIT.NOPERM;
-    }
-    if (args.command === 'qemu-args') {
+    if (argv[0] === 'help') throw new TapbrokerError('TB_E_USAGE', `unknown command \`${argv.slice(1).join(' ')}'`);
+    if (command === 'run' || command === 'qemu-args' || command === 'can' || !isCommand(command)) {
+      const args = parseArgs(argv);
+      if (args.command === 'can') return await canCommand(args);
+      if (args.command === 'run') return await run(args);
       process.stdout.write(`${buildNicArgs(args.nets, null).map(shellQuote).join(' ')}\n`);
-      if (args.nets.some((n) => !n.mac)) {
+      args.nets.forEach((n, k) => {
+        if (n.model === null) process.stderr.write(ownDeviceNote(n.id ?? `net${k}`, n.mac, n.queues));
+      });
+      if (args.nets.some((n) => !n.mac && n.model !== null)) {
         process.stderr.write('tapbroker: without mac=, `run` adds the MAC the broker assigns\n');
       }
       return 0;
     }
-    return await run(args);
+    return await leaseCommand(parseLeaseArgs(argv));
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
     let text = `tapbroker: ${err.code}: ${err.message}`;
     if (err.rule) text += `\ntapbroker: rule: ${err.rule}`;
     if (err.hint) text += `\ntapbroker: hint: ${err.hint}`;
+    if (moreHints.has(err)) text += `\ntapbroker: hint: ${moreHints.get(err)}`;
+    if (err.code === 'TB_E_USAGE') text += `\n${usageReminder(command)}`;
     process.stderr.write(`${text}\n`);
-    if (err.code === 'TB_E_USAGE') process.stderr.write(`${USAGE}\n`);
     return exitCodeFor(err.code);
   }
+}
+
+/** tapbroker can: each SPEC asked on its own; 0 if the broker would grant every one. */
+async function canCommand(args: Args): Promise<number> {
+  const client = await TapbrokerClient.connect(args.socket);
+  let all = true;
+  try {
+    for (const n of args.nets) {
+      const r = await client.can({
+        kind: n.network ? 'network' : n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost,
+        mac: n.mac, name: n.name, persistent: args.persistent,
+      });
+      all &&= r.allow;
+      const what = `${target(n)}${n.kind === 'macvtap' ? ` (${n.mode})` : ''}${args.persistent ? ' (persistent)' : ''}`;
+      const more = r.code === 'TB_E_QUOTA_EXCEEDED' ? await persistentHint(client, r.rule ?? undefined) : null;
+      process.stdout.write(
+        r.allow
+          ? `${what}: yes, by rule ${r.rule}\n`
+          : `${what}: no, ${r.code}: ${r.message}${r.rule ? ` (rule: ${r.rule})` : ''}` +
+            `${r.hint ? `; hint: ${r.hint}` : ''}${more ? `; hint: ${more}` : ''}\n`,
+      );
+    }
+  } finally {
+    client.close();
+  }
+  return all ? 0 : EXIT.NOPERM;
 }
 
 // Run when executed directly (not when imported by tests).

@@ -1,5 +1,5 @@
 // `--net` SPECs: `bridge=NAME|macvtap=PARENT|network=NAME[,mode=M][,queues=N][,vhost=on|off]
-//   [,mac=MAC][,id=ID][,model=MODEL][,name=IFNAME]`.
+//   [,mac=MAC][,id=ID][,model=MODEL|none][,name=IFNAME][,dev.KEY=VALUE...]`.
 import {
   MACVTAP_MODES,
   TapbrokerError,
@@ -9,6 +9,7 @@ import {
   checkQueues,
   type MacvtapMode,
 } from '@tapbroker/protocol';
+import { checkDeviceProperty } from './qemu-args.js';
 
 export interface NetSpec {
   kind: 'tap' | 'macvtap';
@@ -23,7 +24,10 @@ export interface NetSpec {
   mac: string | null;
   /** qemu netdev id; `net<index>` when not given. */
   id: string | null;
-  model: string;
+  /** The -device model; null for `model=none`: only the -netdev, the user writes the -device. */
+  model: string | null;
+  /** `dev.KEY=VALUE` properties appended to the -device, in SPEC order. */
+  props: Array<[string, string]>;
   /** Tap name the caller asks for (must begin with `tb<uid>-`); broker-chosen when null. */
   name: string | null;
 }
@@ -33,18 +37,33 @@ const KEYS = new Set(['bridge', 'macvtap', 'network', 'mode', 'queues', 'vhost',
 // qemu option values: nothing that could end the value (`,`) or start another option.
 const QEMU_ID = /^[A-Za-z][A-Za-z0-9_.-]{0,31}$/;
 const QEMU_MODEL = /^[A-Za-z0-9_-]{1,64}$/;
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
 
 function bad(message: string): never {
   throw new TapbrokerError('TB_E_USAGE', message);
 }
 
 export function parseNetSpec(spec: string): NetSpec {
+  // Before any message quotes the SPEC: terminal escapes stay off the user's screen.
+  if (CONTROL.test(spec)) {
+    const hex = (c: string) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`;
+    bad(`--net ${spec.replace(new RegExp(CONTROL, 'g'), hex)}: has a control character`);
+  }
   const fields = new Map<string, string>();
+  const props: Array<[string, string]> = [];
   for (const part of spec.split(',')) {
     const eq = part.indexOf('=');
     if (eq <= 0) bad(`--net ${spec}: \`${part}' is not key=value`);
     const key = part.slice(0, eq);
-    if (!KEYS.has(key)) bad(`--net ${spec}: unknown key \`${key}'; known: ${[...KEYS].join(', ')}`);
+    if (key.startsWith('dev.')) {
+      const prop = key.slice(4);
+      const why = checkDeviceProperty(prop, part.slice(eq + 1));
+      if (why) bad(`--net ${spec}: -device property \`${prop}' ${why}`);
+      if (props.some(([k]) => k === prop)) bad(`--net ${spec}: \`${key}' given twice`);
+      props.push([prop, part.slice(eq + 1)]);
+      continue;
+    }
+    if (!KEYS.has(key)) bad(`--net ${spec}: unknown key \`${key}'; known: ${[...KEYS].join(', ')}, dev.KEY`);
     if (fields.has(key)) bad(`--net ${spec}: \`${key}' given twice`);
     fields.set(key, part.slice(eq + 1));
   }
@@ -84,8 +103,13 @@ export function parseNetSpec(spec: string): NetSpec {
   if (id !== null && !QEMU_ID.test(id)) {
     bad(`--net ${spec}: id \`${id}' must start with a letter and use A-Z a-z 0-9 _ . - (at most 32)`);
   }
-  const model = fields.get('model') ?? DEFAULT_MODEL;
-  if (!QEMU_MODEL.test(model)) bad(`--net ${spec}: model \`${model}' is not a device model name`);
+  const modelText = fields.get('model') ?? DEFAULT_MODEL;
+  if (!QEMU_MODEL.test(modelText)) bad(`--net ${spec}: model \`${modelText}' is not a device model name`);
+  // `none`: the user writes their own -device (qemu has no device model of that name).
+  const model = modelText === 'none' ? null : modelText;
+  if (model === null && props.length > 0) {
+    bad(`--net ${spec}: dev.* adds to the -device tapbroker writes; with model=none, put them in your own -device`);
+  }
   const name = fields.get('name') ?? null;
   if (name !== null) {
     const why = checkIfName(name);
@@ -101,6 +125,7 @@ export function parseNetSpec(spec: string): NetSpec {
     mac,
     id,
     model,
+    props,
     name,
   };
 }

@@ -3,19 +3,39 @@
 export interface NicArgs {
   /** qemu netdev id. */
   id: string;
-  model: string;
+  /** The -device model; null (`model=none`): no -device, the user writes it with `netdev=ID`. */
+  model: string | null;
   /** Guest MAC; omitted from -device when null. */
   mac: string | null;
   /** Fd numbers as the child will see them, one per queue. */
   tapFds: readonly number[];
   /** vhost-net fd numbers in the child, one per queue, or none. */
   vhostFds: readonly number[];
+  /** Extra -device properties (`dev.KEY=VALUE`), appended in order. */
+  props?: readonly (readonly [string, string])[];
 }
 
 const VIRTIO_NET = /^virtio-net(-pci|-device|-ccw)?(-non-transitional|-transitional)?$/;
 
 export function isVirtioNet(model: string): boolean {
   return VIRTIO_NET.test(model);
+}
+
+/** -device properties the client sets itself (`driver` is the model's own key in qemu's syntax). */
+export const RESERVED_PROPERTIES: readonly string[] = ['netdev', 'mac', 'mq', 'vectors', 'id', 'driver'];
+const PROPERTY_KEY = /^[A-Za-z][A-Za-z0-9_.-]{0,63}$/;
+
+/**
+ * Why `key=value` cannot be a -device property, or null. qemu splits -device on `,` (`,,` escapes one);
+ * we refuse commas rather than escape them, so a value never reads as a second property.
+ */
+export function checkDeviceProperty(key: string, value: string): string | null {
+  if (!PROPERTY_KEY.test(key)) return 'must start with a letter and use A-Z a-z 0-9 _ . - (at most 64)';
+  if (RESERVED_PROPERTIES.includes(key.toLowerCase())) return 'is set by tapbroker';
+  if (value.includes(',')) return 'has a comma, which qemu would read as the start of another property';
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) return 'has a control character';
+  if (value.length > 256) return 'is longer than 256 characters';
+  return null;
 }
 
 /**
@@ -32,9 +52,19 @@ export function nicArgs(nic: NicArgs): string[] {
   const multi = n > 1;
   let netdev = `tap,id=${nic.id},${multi ? 'fds' : 'fd'}=${nic.tapFds.join(':')}`;
   if (nic.vhostFds.length > 0) netdev += `,vhost=on,${multi ? 'vhostfds' : 'vhostfd'}=${nic.vhostFds.join(':')}`;
+  if (nic.model === null) {
+    if (nic.props?.length) throw new Error('-device properties need a -device');
+    return ['-netdev', netdev];
+  }
   let device = `${nic.model},netdev=${nic.id}`;
   if (nic.mac) device += `,mac=${nic.mac}`;
   if (multi && isVirtioNet(nic.model)) device += `,mq=on,vectors=${2 * n + 2}`;
+  for (const [key, value] of nic.props ?? []) {
+    // Checked again here: the library's callers need not have come through parseNetSpec.
+    const why = checkDeviceProperty(key, value);
+    if (why) throw new Error(`-device property \`${key}' ${why}`);
+    device += `,${key}=${value}`;
+  }
   return ['-netdev', netdev, '-device', device];
 }
 
