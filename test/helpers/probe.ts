@@ -18,6 +18,10 @@ export interface ProbeArgs {
   /** Then ask for the broker's status. */
   status?: boolean;
   /** Write one Ethernet frame into every queue fd. */
+  /** Write frames with this source MAC instead of the device's guest MAC (a spoofing guest). */
+  writeFrom?: string;
+  /** How many frames `write` writes into each queue fd (default 1). */
+  frames?: number;
   write?: boolean;
   /** Then list the caller's leases. */
   list?: boolean;
@@ -66,7 +70,10 @@ async function main(): Promise<void> {
       const tap = batch ? batch[i]! : 'parent' in r ? await client.createMacvtap(r as MacvtapOptions)
         : await client.createTap(r as TapOptions);
       held.push(tap);
-      const written = args.write ? tap.tapFds.map((fd) => fs.writeSync(fd, testFrame(tap.device.mac ?? '52:54:00:00:00:01'))) : [];
+      const src = args.writeFrom ?? tap.device.mac ?? '52:54:00:00:00:01';
+      const written = args.write
+        ? tap.tapFds.flatMap((fd) => Array.from({ length: args.frames ?? 1 }, () => fs.writeSync(fd, testFrame(src))))
+        : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
       if (args.ownOwnFds) sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());
       if (args.setOwnMac) {

@@ -26,6 +26,8 @@ export const LeaseRecord = Lease.extend({
   plug: Plug.nullable().default(null),
   /** The device's own address at the grant, judged at every link event (null in records before 0.4.0). */
   host_mac: z.string().nullable().default(null),
+  /** Its access VLAN on a Linux bridge (the port lock's static entry is in it). */
+  vlan: z.number().int().nullable().default(null),
 });
 export type LeaseRecord = z.infer<typeof LeaseRecord>;
 /**
@@ -50,7 +52,7 @@ export function newLeaseId(): string {
 
 /** The wire form of a lease (no bookkeeping fields). */
 export function leaseView(l: LeaseRecord): Lease {
-  const { holder_start: _start, group: _group, plug: _plug, host_mac: _host, ...view } = l;
+  const { holder_start: _start, group: _group, plug: _plug, host_mac: _host, vlan: _vlan, ...view } = l;
   return view;
 }
 

@@ -291,7 +291,8 @@ export class Lifetimes implements Cleanup {
       .find((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent && v.mac === macFromBuffer(mac));
     if (!victim) return;
     try {
-      this.netdev.rtnl.restoreFdbEntry(victim.ifindex, mac);
+      // A locked victim's entry is static again: its port forwards from that MAC only through it.
+      this.netdev.rtnl.restoreFdbEntry(victim.ifindex, mac, { static: victim.locked, vlan: victim.vlan });
       this.note(
         'cleanup',
         'cleanup',
@@ -403,6 +404,7 @@ export class Lifetimes implements Cleanup {
         this.note('reconcile', 'reconcile', l, 'the device is gone; lease dropped');
         continue;
       }
+      if (l.locked) this.relock(l);
       if (l.ends !== 'holder') continue;
       const pidfd = l.holder === null ? null : pidfdOpen(l.holder);
       // The pid is only the holder if the process started when the holder did.
@@ -423,6 +425,23 @@ export class Lifetimes implements Cleanup {
         `warning: the lease table cannot be written (${(err as Error).message}); ` +
           'requests that need a lease will be refused until it can',
       );
+    }
+  }
+
+  /**
+   * A locked lease's port, as the broker left it: locked, learning off, the guest's static entry. Only
+   * root can change those, but an administrator's script may have while the broker was down.
+   */
+  private relock(l: LeaseRecord): void {
+    try {
+      const bridge = this.netdev.rtnl.getLinkByName(l.parent);
+      if (!bridge || l.mac === null) throw new Error(`bridge \`${l.parent}' is gone`);
+      this.netdev.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name);
+    } catch (err) {
+      // The lock cannot be had again: the device goes rather than forward another MAC.
+      void this.retire(l, {
+        op: 'reconcile', decision: 'cleanup', message: `its port lock cannot be restored (${(err as Error).message})`,
+      }).catch(() => {});
     }
   }
 

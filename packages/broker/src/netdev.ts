@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, macFromBuffer, sys, type MacvtapMode } from '@tapbroker/protocol';
 import { grantUserOnly, mknodChar } from './libc.js';
-import { Rtnetlink, type Link } from './rtnetlink.js';
+import { NUD_NOARP, NUD_PERMANENT, Rtnetlink, type Link } from './rtnetlink.js';
 
 export const TUNSETIFF = 0x400454ca;
 export const TUNSETPERSIST = 0x400454cb;
@@ -101,6 +101,8 @@ export interface TapRequest {
   persistent: Owner | null;
   /** IFLA_IFALIAS: who the device belongs to, readable with `ip link`. */
   alias: string;
+  /** A locked bridge port whose one static forwarding entry is `guestMac` (mac_lock). */
+  lock?: boolean;
 }
 
 export interface MacvtapRequest {
@@ -224,6 +226,7 @@ export class Netdev {
         );
         if (bridge && req.vlan) this.rtnl.setAccessVlan(link.index, req.vlan);
       } catch (err) {
+        if (err instanceof TapbrokerError) throw err;
         throw kernelError(
           bridge
             ? `failed to attach \`${req.name}' to bridge \`${bridge.name}'${req.vlan ? ` on vlan ${req.vlan}` : ''}`
@@ -231,6 +234,8 @@ export class Netdev {
           err,
         );
       }
+      // Before any fd leaves the broker: nobody can have sent a frame through the port yet.
+      if (req.lock) this.lockPort(link.index, bridge!, req.guestMac, req.vlan ?? null, req.name);
       this.faultPoint('tap:configured');
       if (req.persistent) {
         // Persistence comes last, so every earlier failure is undone by closing the fd.
@@ -246,6 +251,34 @@ export class Netdev {
       this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
       if (err instanceof ContestedDeviceError) this.cleanup.deleteLink(err.ifindex, req.uid, req.name, err.message);
       throw err;
+    }
+  }
+
+  /**
+   * mac_lock: `port` forwards only frames from `mac` (a locked port, learning off, one static forwarding
+   * entry). An entry the bridge learned on another port is replaced; a static one (another locked lease's,
+   * or an administrator's) is not taken. Also used at start to restore a lock changed behind our back.
+   */
+  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void {
+    const held = this.rtnl.fdbEntry(bridge.index, mac, vlan);
+    if (held && held.port !== port && (held.state & (NUD_NOARP | NUD_PERMANENT)) !== 0) {
+      throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${macFromBuffer(mac)} is fixed to another port of bridge `
+        + `\`${bridge.name}' (a static forwarding entry): \`${name}' cannot be locked to it`);
+    }
+    try {
+      this.rtnl.lockPort(port);
+    } catch (err) {
+      const no = err instanceof sys.SyscallError && [sys.errno.EINVAL, sys.errno.EOPNOTSUPP].includes(err.errno);
+      if (no) {
+        throw new TapbrokerError('TB_E_MAC_LOCK', `this kernel cannot lock bridge ports (Linux 5.18 or later can): `
+          + `${(err as Error).message}`);
+      }
+      throw kernelError(`failed to lock \`${name}' to its MAC`, err);
+    }
+    try {
+      this.rtnl.restoreFdbEntry(port, mac, { static: true, vlan });
+    } catch (err) {
+      throw kernelError(`failed to add the static forwarding entry of \`${name}'`, err);
     }
   }
 

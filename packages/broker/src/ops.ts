@@ -256,6 +256,7 @@ async function grantOne(
 /** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
 function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule) {
   const place = placement(ctx.netdev, policy, spec);
+  const lock = portLock(policy, spec, rule, place);
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
@@ -272,7 +273,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     network: spec.network ? spec.parent : null,
     mode: spec.mode,
     mac,
-    locked: false,
+    locked: lock,
     queues: spec.queues,
     rule: rule.name,
     created: new Date().toISOString(),
@@ -282,6 +283,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     group: spec.kind === 'tap' ? spec.group : null,
     plug: plugOf(spec.network ? policy.networks.get(spec.parent) : undefined),
     host_mac: null,
+    vlan: place.vlan,
   };
   // The lease is written into the device itself (ifalias), so a crash between here and the lease
   // table leaves a device the next start recognises as ours.
@@ -296,7 +298,9 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     alias,
   };
   const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
-    if (spec.kind === 'tap') return ctx.netdev.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan });
+    if (spec.kind === 'tap') {
+      return ctx.netdev.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan, lock });
+    }
     try {
       ctx.lifetimes.table.intend({ id: draft.id, name, parent: place.parentName, mac: mac! });
     } catch (err) {
@@ -343,7 +347,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     mtu: created.mtu,
     host_mac: hostMac,
     mac: actualMac,
-    locked: false,
+    locked: lock,
     queues: spec.queues,
     vnet_hdr: spec.vnetHdr,
     vhost: spec.vhost,
@@ -368,6 +372,27 @@ function unwritable(err: unknown): TapbrokerError {
       hint: "the broker's state directory is full or read-only; an administrator must free it",
     },
   );
+}
+
+/**
+ * Whether the device is a locked port (a rule's or a network's mac_lock: either is enough), refused
+ * where it cannot be one: only a tap on a Linux bridge, with a guest MAC the broker knows, can be locked.
+ */
+function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule, place: Placement): boolean {
+  const lock = rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
+  if (!lock) return false;
+  const why = spec.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
+    : place.bridge === null ? 'only a port of a Linux bridge can be locked: this network is Open vSwitch or a hook'
+      : spec.macUnknown ? 'the broker is not told the guest\'s MAC (the bridge helper\'s way), so it cannot lock '
+        + 'the port to it'
+        : null;
+  if (why) {
+    const who = rule.macLock ? `rule \`${rule.name}'` : `network \`${spec.parent}'`;
+    throw new TapbrokerError('TB_E_MAC_LOCK', `${who} locks ports to their guest's MAC, and ${why}`, {
+      hint: spec.macUnknown ? 'use tapbroker run, which tells the broker the MAC' : 'ask for a tap on a Linux bridge',
+    });
+  }
+  return true;
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */
@@ -522,7 +547,7 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
         allow: true,
         rule: d.rule.name,
         message: `rule \`${d.rule.name}' would grant it`,
-        locked: false,
+        locked: d.rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false,
       }
     : {
         op: 'can',

@@ -37,6 +37,13 @@ function formatFinding(file: string, f: Finding): string {
   return `${file}:${f.line ?? '-'}${f.column ? `:${f.column}` : ''}: ${f.level}: ${f.message}`;
 }
 
+/** A rule's mac_lock as the tools show it: its own, or only through some of its networks. */
+function macLockOf(p: Policy, r: AllowRule): string {
+  if (r.macLock) return 'yes';
+  const locked = r.networks.filter((n) => p.networks.get(n)?.macLock);
+  return locked.length ? `on ${locked.join(',')}` : 'no';
+}
+
 /** Risky but valid: what a reviewer should look at twice. */
 export function policyWarnings(p: Policy): Finding[] {
   const out: Finding[] = p.warnings.map((w) => finding('warning', w));
@@ -53,6 +60,16 @@ export function policyWarnings(p: Policy): Finding[] {
     if (r.persistent && r.maxDevicesDefault) {
       warn(r, `rule \`${r.name}' allows persistent devices without max_devices: they outlive VMs, `
         + `and only the default of ${r.maxDevices} per user limits them`);
+    }
+    if (r.macLock) {
+      const unlockable = [
+        ...r.macvtap.map((m) => `macvtap parent ${m.parent}`),
+        ...r.networks.filter((n) => p.networks.get(n)?.kind !== 'bridge').map((n) => `network ${n}`),
+      ];
+      if (unlockable.length) {
+        warn(r, `rule \`${r.name}' has mac_lock, which ${unlockable.join(', ')} cannot have: `
+          + 'requests for them will be refused (TB_E_MAC_LOCK)');
+      }
     }
     if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) {
       warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: `
@@ -295,6 +312,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks,
         max_queues: r.maxQueues, vhost: r.vhost,
         mac_prefix: r.macPrefix, persistent: r.persistent, name_pattern: r.namePattern, max_devices: r.maxDevices,
+        mac_lock: r.macLock,
       })),
     };
     if (o.json) write(JSON.stringify(result, null, 2));
@@ -303,11 +321,11 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       if (allows.length === 0) write('no rule allows this user anything (default deny)');
       else write(table([
         ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
-          'MAX DEVICES'],
+          'MAX DEVICES', 'MAC LOCK'],
         ...allows.map((r) => [r.name, String(r.line), bridgeList(r.bridges, ',') || '-',
           r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
           String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no',
-          String(r.maxDevices)]),
+          String(r.maxDevices), macLockOf(policy, r)]),
       ]));
       for (const d of denies) {
         write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(d)} — deny wins over every rule above`);
@@ -351,9 +369,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       any_bridge: via === null && kind === 'tap' && !r.bridges.includes(target),
       max_queues: r.maxQueues, vhost: r.vhost,
       persistent: r.persistent, max_devices: r.maxDevices,
+      mac_lock: r.macLock || (via !== null && policy.networks.get(via)!.macLock)
+        || (kind === 'network' && policy.networks.get(target)!.macLock),
     })),
     except: denies.map((d) => ({ rule: d.name, line: d.line, who: principals(d.who) })),
   };
+  // A locked grant where no port can be locked (a macvtap, an OVS or hook network) is refused at request time.
+  const lockCell = (locked: boolean, via: string | null) => !locked ? 'no'
+    : kind === 'macvtap' || (via !== null && policy.networks.get(via)!.kind !== 'bridge') ? 'refused' : 'yes';
   if (o.json) write(JSON.stringify(result, null, 2));
   else {
     const net = kind === 'network' ? policy.networks.get(target)! : null;
@@ -361,11 +384,11 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       + `${o.mode ? ` (mode ${o.mode})` : ''}`
       + `${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
-    else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES'],
-      ...grants.map(({ r, via }) => [r.name, String(r.line), principals(r.who),
-        via !== null ? `network ${via}` : kind === 'tap' && !r.bridges.includes(target) ? 'any Linux bridge' : '-',
-        String(r.maxQueues),
-        r.vhost ? 'yes' : 'no', r.persistent ? 'yes' : 'no', String(r.maxDevices)])]));
+    else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES', 'MAC LOCK'],
+      ...result.allowed_by.map((a) => [a.rule, String(a.line), a.who,
+        a.via_network !== null ? `network ${a.via_network}` : a.any_bridge ? 'any Linux bridge' : '-',
+        String(a.max_queues), a.vhost ? 'yes' : 'no', a.persistent ? 'yes' : 'no', String(a.max_devices),
+        lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);
   }
   return EX_OK;

@@ -75,6 +75,8 @@ const NetworkSchema = z.strictObject({
   hook_timeout: z.number().int().min(1).max(300).optional(),
   /** OVSDB to use instead of the one ovs-vsctl would find. */
   ovsdb: z.string().regex(OVSDB_TARGET, 'must be unix:/path (no spaces or commas)').optional(),
+  /** Every tap on this network is a locked port that forwards only its lease's guest MAC. */
+  mac_lock: z.boolean().optional(),
 }).superRefine((n, ctx) => {
   const kinds = [n.bridge, n.ovs, n.hook].filter((x) => x !== undefined).length;
   if (kinds !== 1) ctx.addIssue({ code: 'custom', message: 'a network needs exactly one of bridge, ovs or hook' });
@@ -86,6 +88,9 @@ const NetworkSchema = z.strictObject({
     ctx.addIssue({ code: 'custom', message: 'a hook network sets its own VLANs' });
   }
   if (n.ovsdb !== undefined && n.ovs === undefined) ctx.addIssue({ code: 'custom', message: 'ovsdb needs ovs' });
+  if (n.mac_lock && n.bridge === undefined) {
+    ctx.addIssue({ code: 'custom', message: 'mac_lock needs a Linux bridge network (locked bridge ports)' });
+  }
 });
 
 const RuleSchema = z.strictObject({
@@ -107,6 +112,8 @@ const RuleSchema = z.strictObject({
     }
   }).default(DEFAULT_MAC_PREFIX),
   max_devices: z.number().int().min(0).optional(),
+  /** Every tap it grants on a Linux bridge is a locked port that forwards only its lease's guest MAC. */
+  mac_lock: z.boolean().default(false),
 });
 
 const DenySchema = z.strictObject({
@@ -135,6 +142,7 @@ export interface Network {
   trunk: readonly number[] | null;
   ovsdb: string | null;
   hookTimeoutMs: number;
+  macLock: boolean;
 }
 
 /** Who a rule applies to, resolved to numbers. `everyone` is the `"*"` user. */
@@ -167,6 +175,8 @@ export interface AllowRule {
   maxDevices: number;
   /** The rule named no max_devices. */
   maxDevicesDefault: boolean;
+  /** Its taps are locked ports (a network's mac_lock locks too: either is enough). */
+  macLock: boolean;
 }
 
 export interface DenyRule {
@@ -304,6 +314,7 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
       networks: r.networks, persistent: r.persistent,
       namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix,
       maxDevices: r.max_devices ?? DEFAULT_MAX_DEVICES, maxDevicesDefault: r.max_devices === undefined,
+      macLock: r.mac_lock,
     };
   });
   const deny = parsed.data.deny.map((d, i): DenyRule => {
@@ -345,6 +356,7 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
       trunk: n.trunk ?? null,
       ovsdb: n.ovsdb ?? null,
       hookTimeoutMs: (n.hook_timeout ?? 10) * 1000,
+      macLock: n.mac_lock ?? false,
     });
   }
   errors.push(...patternOverlaps(allow, path));
@@ -779,7 +791,8 @@ function refuse(rule: AllowRule, caller: Caller & { user?: string | null }, ask:
       'TB_E_QUOTA_EXCEEDED',
       `rule \`${rule.name}' allows ${rule.maxDevices} live device${rule.maxDevices === 1 ? '' : 's'} per user `
         + `and you hold ${live}`,
-      'stop a VM that holds one, then ask again',
+      'stop a VM that holds one, or free a persistent device with tapbroker release NAME (tapbroker list shows '
+        + 'them), then ask again',
     );
   }
   return null;

@@ -201,28 +201,75 @@ export function bridgeVlanMessage(seq: number, port: number, vid: number, add: b
 }
 
 export const RTM_NEWNEIGH = 28;
+export const RTM_GETNEIGH = 30;
 const NDA_LLADDR = 2;
+const NDA_VLAN = 5;
+const NDA_MASTER = 9;
 const NTF_MASTER = 0x04;
 const NUD_REACHABLE = 0x02;
+export const NUD_NOARP = 0x40;
+export const NUD_PERMANENT = 0x80;
 const NDMSG = 12;
+const IFLA_PROTINFO = 12;
+const IFLA_BRPORT_LEARNING = 8;
+export const IFLA_BRPORT_LOCKED = 39;
+const NLA_F_NESTED = 0x8000;
 
-/**
- * RTM_NEWNEIGH (AF_BRIDGE, NTF_MASTER, NLM_F_REPLACE): the bridge's forwarding entry for `mac` points at
- * port `port` again, as if the bridge had learned it there (NUD_REACHABLE: it ages like a learned one).
- */
-export function fdbEntryMessage(seq: number, port: number, mac: Buffer): Buffer {
-  const attrs = rtattr(NDA_LLADDR, mac);
-  const buf = Buffer.alloc(NLMSGHDR + NDMSG + attrs.length);
+/** An ndmsg (AF_BRIDGE) request: `port` is ndm_ifindex, `state` ndm_state, NTF_MASTER set. */
+function neighMessage(type: number, flags: number, seq: number, port: number, state: number, attrs: Buffer[]): Buffer {
+  const body = Buffer.concat(attrs);
+  const buf = Buffer.alloc(NLMSGHDR + NDMSG + body.length);
   buf.writeUInt32LE(buf.length, 0);
-  buf.writeUInt16LE(RTM_NEWNEIGH, 4);
-  buf.writeUInt16LE(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | 0x100 /* NLM_F_REPLACE */, 6);
+  buf.writeUInt16LE(type, 4);
+  buf.writeUInt16LE(flags, 6);
   buf.writeUInt32LE(seq, 8);
   buf.writeUInt8(AF_BRIDGE, 16);
   buf.writeInt32LE(port, 20);
-  buf.writeUInt16LE(NUD_REACHABLE, 24);
+  buf.writeUInt16LE(state, 24);
   buf.writeUInt8(NTF_MASTER, 26);
-  attrs.copy(buf, NLMSGHDR + NDMSG);
+  body.copy(buf, NLMSGHDR + NDMSG);
   return buf;
+}
+
+/**
+ * RTM_NEWNEIGH (AF_BRIDGE, NTF_MASTER, NLM_F_REPLACE): the bridge's forwarding entry for `mac` (in
+ * `vlan`) points at port `port`: learned-like (NUD_REACHABLE, it ages) or static (NUD_NOARP: what a
+ * locked port forwards from). REPLACE moves an entry the bridge learned on another port.
+ */
+export function fdbEntryMessage(
+  seq: number, port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null } = {},
+): Buffer {
+  const vlan = Buffer.alloc(2);
+  vlan.writeUInt16LE(opts.vlan ?? 0);
+  return neighMessage(
+    RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | 0x100 /* NLM_F_REPLACE */, seq, port,
+    opts.static ? NUD_NOARP : NUD_REACHABLE, [rtattr(NDA_LLADDR, mac), ...(opts.vlan ? [rtattr(NDA_VLAN, vlan)] : [])],
+  );
+}
+
+/** RTM_GETNEIGH for one forwarding entry of bridge `bridge` (the kernel's `bridge fdb get`). */
+export function fdbGetMessage(seq: number, bridge: number, mac: Buffer, vlan: number | null): Buffer {
+  const master = Buffer.alloc(4);
+  master.writeUInt32LE(bridge);
+  const vid = Buffer.alloc(2);
+  vid.writeUInt16LE(vlan ?? 0);
+  return neighMessage(RTM_GETNEIGH, NLM_F_REQUEST, seq, 0, 0, [
+    rtattr(NDA_LLADDR, mac), rtattr(NDA_MASTER, master), ...(vlan ? [rtattr(NDA_VLAN, vid)] : []),
+  ]);
+}
+
+/**
+ * RTM_SETLINK (AF_BRIDGE) with IFLA_PROTINFO: port `port` locked (it forwards only frames whose source
+ * MAC has a static entry on it) and learning off, or the reverse.
+ */
+export function portLockMessage(seq: number, port: number, locked: boolean): Buffer {
+  const flag = (v: boolean) => Buffer.from([v ? 1 : 0]);
+  const protinfo = rtattr(IFLA_PROTINFO | NLA_F_NESTED, Buffer.concat([
+    rtattr(IFLA_BRPORT_LOCKED, flag(locked)), rtattr(IFLA_BRPORT_LEARNING, flag(!locked)),
+  ]));
+  const msg = linkMessage(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index: port }, [protinfo]);
+  msg.writeUInt8(AF_BRIDGE, 16);
+  return msg;
 }
 
 /** The error carried by an NLMSG_ERROR message (0 for an ACK). */
@@ -340,9 +387,25 @@ export class Rtnetlink {
     if (vid !== 1) this.request((seq) => bridgeVlanMessage(seq, port, 1, false), `remove vlan 1 from port ${port}`);
   }
 
+  /** Locks `port` to its static forwarding entries (see portLockMessage). */
+  lockPort(port: number): void {
+    this.request((seq) => portLockMessage(seq, port, true), `lock port ${port}`);
+  }
+
+  /** Port and state of bridge `bridge`'s forwarding entry for `mac` in `vlan`, or null when it has none. */
+  fdbEntry(bridge: number, mac: Buffer, vlan: number | null): { port: number; state: number } | null {
+    try {
+      const [m] = this.request((seq) => fdbGetMessage(seq, bridge, mac, vlan), 'get fdb entry');
+      return m ? { port: m.readInt32LE(NLMSGHDR + 4), state: m.readUInt16LE(NLMSGHDR + 8) } : null;
+    } catch (err) {
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.ENOENT) return null;
+      throw err;
+    }
+  }
+
   /** Points the bridge's forwarding entry for `mac` at port `port` (see fdbEntryMessage). */
-  restoreFdbEntry(port: number, mac: Buffer): void {
-    this.request((seq) => fdbEntryMessage(seq, port, mac), `restore fdb entry on port ${port}`);
+  restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null } = {}): void {
+    this.request((seq) => fdbEntryMessage(seq, port, mac, opts), `restore fdb entry on port ${port}`);
   }
 
   /** Sets address, MTU, master and up in one RTM_NEWLINK. */

@@ -23,6 +23,9 @@ export const ERROR_CODES = {
   TB_E_NO_SUCH_PARENT: 'the named macvtap parent does not exist',
   TB_E_BAD_PARENT: 'the named parent cannot carry a macvtap (a bridge, a macvlan/macvtap, a tun/tap, or loopback)',
   TB_E_MAC_IN_USE: 'the MAC is already used by the parent or another device on it',
+  TB_E_MAC_LOCK:
+    'the port must be locked to the guest\'s MAC (mac_lock), which this request or kernel cannot have: a macvtap, '
+    + 'an Open vSwitch or hook network, a MAC the broker is not told, or no locked bridge ports',
   TB_E_VLAN_UNAVAILABLE: 'the network needs bridge VLAN filtering, which the bridge or this kernel does not have',
   TB_E_HOOK_FAILED: 'the network\'s plug hook failed, timed out or is unsafe to run; the device was rolled back',
   TB_E_NO_SUCH_LEASE: 'no lease of the caller matches that name and the device now carrying it',

@@ -1,0 +1,212 @@
+// mac_lock against the real kernel: a locked bridge port forwards frames from its lease's guest MAC and
+// drops every other source, with one static forwarding entry that goes with the device. A fresh namespace
+// (IPv6 off, so the only frames are the test's); clients as uid 65534.
+import anyTest, { type TestFn } from 'ava';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { BrokerProcess } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, OTHER_UID, probe, probeOnce } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+
+const POLICY = `
+[network.locked]
+bridge = "br1"
+mac_lock = true
+
+[network.plugged]
+hook = "/bin/true"
+
+[[rule]]
+name = "locked"
+users = [${NOBODY}]
+bridges = ["br0"]
+networks = ["plugged"]
+macvtap = [{ parent = "vparent" }]
+mac_lock = true
+persistent = true
+
+[[rule]]
+name = "open"
+users = [${OTHER_UID}]
+bridges = ["br0"]
+networks = ["locked"]
+`;
+
+let ns: Netns;
+let broker: BrokerProcess;
+const HOST = ['br0', 'br1', 'vb0', 'vb1', 'vparent', 'vpeer'];
+
+test.before(async () => {
+  ns = Netns.create('lock');
+  execFileSync('ip', ['netns', 'exec', ns.name, 'sysctl', '-q', '-w', 'net.ipv6.conf.all.disable_ipv6=1',
+    'net.ipv6.conf.default.disable_ipv6=1']);
+  ns.bridge('br0');
+  ns.bridge('br1');
+  // vb0 is a port of br0; vb1, its peer outside the bridge, counts what the bridge forwards.
+  ns.ip('link', 'add', 'vb0', 'type', 'veth', 'peer', 'name', 'vb1');
+  ns.ip('link', 'set', 'vb0', 'master', 'br0', 'up');
+  ns.ip('link', 'set', 'vb1', 'up');
+  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
+  broker = await BrokerProcess.start(ns, POLICY, { tag: 'lock' });
+  // The first port to join br0 makes the namespace's links settle (one frame reached vb1 then, once):
+  // let that happen before anything is counted.
+  await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+  await new Promise((r) => setTimeout(r, 500));
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  ns?.destroy();
+});
+
+const rx = () => ns.link('vb1')?.stats64?.rx.packets ?? -1;
+const bridgeCmd = (...args: string[]) =>
+  spawnSync('bridge', ['-n', ns.name, ...args], { encoding: 'utf8' }).stdout;
+const fdb = (dev: string) => bridgeCmd('fdb', 'show', 'dev', dev);
+
+/** What vb1 received while `frames` frames per queue were written into a new tap, and that tap. */
+async function forwarded(opts: { as?: number; writeFrom?: string; mac?: string; bridge?: string }) {
+  const before = rx();
+  const p = await probe({
+    socket: broker.socket, write: true, frames: 5, ...(opts.writeFrom ? { writeFrom: opts.writeFrom } : {}),
+    requests: [{ bridge: opts.bridge ?? 'br0', ...(opts.mac ? { mac: opts.mac } : {}) }],
+  }, { uid: opts.as ?? NOBODY });
+  // Frames cross the bridge synchronously with the write; give the counters a moment.
+  await new Promise((r) => setTimeout(r, 200));
+  return { p, got: rx() - before };
+}
+
+test.serial('a locked port forwards its guest MAC\'s frames, with one static entry and learning off', async (t) => {
+  const { p, got } = await forwarded({});
+  try {
+    t.is(p.result.error, null);
+    const d = p.result.taps[0]!.device;
+    t.true(d.locked, 'the reply says the port is locked');
+    t.is(got, 5, 'all five frames from the guest MAC crossed the bridge');
+    const link = bridgeCmd('-d', 'link', 'show', 'dev', d.name);
+    t.regex(link, /locked on/);
+    t.regex(link, /learning off/);
+    t.regex(fdb(d.name), new RegExp(`^${d.mac} master br0 static`, 'm'));
+    const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name?: string }).name === d.name);
+    t.is((grant.device as { locked: boolean }).locked, true, 'the audit record says so too');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('a locked port drops frames from any other source MAC, and the bridge learns none of them', async (t) => {
+  const spoof = '52:54:00:66:66:66';
+  const { p, got } = await forwarded({ writeFrom: spoof });
+  try {
+    t.is(p.result.error, null);
+    t.is(got, 0, 'no spoofed frame crossed the bridge');
+    t.notRegex(bridgeCmd('fdb', 'show', 'br', 'br0'), new RegExp(spoof), 'the spoofed MAC was not learned');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('without mac_lock the same spoofed frames cross the bridge (the control)', async (t) => {
+  const { p, got } = await forwarded({ as: OTHER_UID, writeFrom: '52:54:00:66:66:67' });
+  try {
+    t.is(p.result.error, null);
+    t.false(p.result.taps[0]!.device.locked);
+    t.is(got, 5);
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('the static entry goes with the device', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  t.is(r.error, null);
+  const d = r.taps[0]!.device;
+  t.true(d.locked);
+  t.regex(fdb(d.name), /static/);
+  const rel = await probeOnce({ socket: broker.socket, release: [d.name] });
+  t.is(rel.error, null);
+  await broker.waitFor(() => ns.link(d.name) === undefined, 3000, 'not released');
+  t.notRegex(bridgeCmd('fdb', 'show', 'br', 'br0'), new RegExp(d.mac!), 'no entry for its MAC is left');
+});
+
+test.serial('an entry the bridge learned on another port is taken over; another locked lease\'s is not', async (t) => {
+  const mac = '52:54:00:77:00:01';
+  // An unlocked tap sends from `mac`: the bridge learns it on that port.
+  const learner = await probe({ socket: broker.socket, write: true, requests: [{ bridge: 'br0', mac }] },
+    { uid: OTHER_UID });
+  try {
+    const learnerName = learner.result.taps[0]!.device.name;
+    await broker.waitFor(() => fdb(learnerName).includes(mac), 2000, 'the bridge did not learn the MAC');
+    const locked = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
+    try {
+      t.is(locked.result.error, null);
+      const name = locked.result.taps[0]!.device.name;
+      t.regex(fdb(name), new RegExp(`^${mac} master br0 static`, 'm'), 'the entry moved, static');
+      const second = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
+      t.is(second.error?.code, 'TB_E_MAC_IN_USE', 'a MAC locked to one port is not taken by another lock');
+      t.regex(fdb(name), new RegExp(`^${mac} master br0 static`, 'm'), 'and stays where it was');
+    } finally {
+      await locked.release();
+    }
+  } finally {
+    await learner.release();
+  }
+  await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+});
+
+test.serial('the lock holds against its own holder: a tap given a locked MAC is deleted and the entry restored',
+  async (t) => {
+    const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+    try {
+      const v = victim.result.taps[0]!.device;
+      const attacker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], setOwnMac: v.mac! });
+      try {
+        const a = attacker.result.taps[0]!.device;
+        await broker.waitFor(() => ns.link(a.name) === undefined, 3000, 'the attacker\'s tap was not deleted');
+        await broker.waitFor(() => /static/.test(fdb(v.name)), 3000, 'the victim\'s static entry was not restored');
+        t.regex(fdb(v.name), new RegExp(`^${v.mac} master br0 static`, 'm'));
+      } finally {
+        await attacker.release();
+      }
+    } finally {
+      await victim.release();
+    }
+  });
+
+test.serial('mac_lock where no port can be locked is refused with TB_E_MAC_LOCK, and nothing is made', async (t) => {
+  const macvtap = await probeOnce({ socket: broker.socket, requests: [{ parent: 'vparent' }] });
+  t.is(macvtap.error?.code, 'TB_E_MAC_LOCK');
+  t.regex(macvtap.error?.message ?? '', /a macvtap cannot be locked/);
+  const unknown = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', macUnknown: true }] });
+  t.is(unknown.error?.code, 'TB_E_MAC_LOCK');
+  t.regex(unknown.error?.hint ?? '', /tapbroker run/);
+  const hook = await probeOnce({ socket: broker.socket, requests: [{ network: 'plugged' }] });
+  t.is(hook.error?.code, 'TB_E_MAC_LOCK');
+  t.deepEqual(ns.extraLinks(HOST), []);
+});
+
+test.serial('a network\'s mac_lock locks too, for a rule without one', async (t) => {
+  const r = await probe({ socket: broker.socket, requests: [{ network: 'locked' }] }, { uid: OTHER_UID });
+  try {
+    t.is(r.result.error, null);
+    const d = r.result.taps[0]!.device;
+    t.true(d.locked);
+    t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked on/);
+  } finally {
+    await r.release();
+  }
+});
+
+test.serial('a broker restart puts back a lock an administrator took off meanwhile', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  const d = r.taps[0]!.device;
+  await broker.stop('SIGTERM', true);
+  spawnSync('bridge', ['-n', ns.name, 'link', 'set', 'dev', d.name, 'locked', 'off', 'learning', 'on']);
+  spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', d.mac!, 'dev', d.name, 'master']);
+  t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked off/);
+  broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+  t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked on/);
+  t.regex(fdb(d.name), new RegExp(`^${d.mac} master br0 static`, 'm'));
+  t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
+});
