@@ -15,7 +15,8 @@ const USAGE = `${DAEMON_USAGE}
        tapbrokerd check-policy [file] [--json] [--strict]
        tapbrokerd explain-policy [file] --user name [--json]
        tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]
-       tapbrokerd import-bridge-conf [file]`;
+       tapbrokerd import-bridge-conf [file]
+       tapbrokerd test-policy [file] cases [--json]`;
 export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const EX_USAGE = 64;
@@ -174,6 +175,13 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     // A tool like the above: qemu-bridge-helper's ACL files in, a policy out; never on the broker's path.
     void import('./bridge-conf.js').then(({ importBridgeConfTool }) => {
       exitFlushed(importBridgeConfTool(argv.slice(1)));
+    });
+    return;
+  }
+  if (argv[0] === 'test-policy') {
+    // A policy tool too: a table of expected decisions run through decide(), with no broker and no kernel.
+    void import('./policy-test.js').then(({ testPolicyTool }) => {
+      exitFlushed(testPolicyTool(argv.slice(1), DEFAULT_POLICY));
     });
     return;
   }

@@ -13,6 +13,10 @@ export { policyWarnings } from './policy-tools.js';
 export { POLICY_KEYS, didYouMean, lineIndex } from './policy.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';
 export {
+  runPolicyTests, parseCases, parseRequest, runCase, DECIDED_CODES, type Case, type CaseError, type CaseResult,
+  type TestRun,
+} from './policy-test.js';
+export {
   Netdev,
   tunIfreq,
   tapFlags,

@@ -1,0 +1,379 @@
+// `tapbrokerd test-policy [POLICY] CASES`: a table of expectations (who asks for what, allow or deny, by
+// which rule, with which code) run through the broker's own grammar checks and decide(), with no broker
+// and no kernel. A policy tool, loaded only by its command: never on the broker's path.
+import fs from 'node:fs';
+import { parse as parseToml, TomlError } from 'smol-toml';
+import { z } from 'zod';
+import { MACVTAP_MODES, TapbrokerError, type ErrorCode, type MacvtapMode, type Nic } from '@tapbroker/protocol';
+import type { Identity } from './identity.js';
+import { getgrnam, getpwnam, getpwuid } from './libc.js';
+import { decide, didYouMean, lineIndex, loadPolicy, parsePolicy, type Caller, type Policy } from './policy.js';
+import { checkSpec, createSpec, type CreateSpec } from './spec.js';
+
+const EX_OK = 0;
+const EX_FAILED = 1;
+const EX_USAGE = 64;
+const EX_DATAERR = 65;
+const EX_NOINPUT = 66;
+const EX_CONFIG = 78;
+
+const USAGE = `usage: tapbrokerd test-policy [policy] cases [--json]
+
+Runs each [[case]] of the TOML file cases (who asks, what they ask for as a tapbroker --net SPEC,
+what the policy must decide) through the broker's own checks and decision, without a broker or a
+kernel. The policy defaults to the broker's. Status 0: every case holds; 1: some case fails;
+65: the cases file is malformed; 78: the policy is invalid. See tapbrokerd(8).`;
+
+/** The codes a decision can carry: the grammar checks' and the policy's. The kernel's are never reached here. */
+export const DECIDED_CODES: readonly ErrorCode[] = [
+  'TB_E_POLICY_DENIED', 'TB_E_QUOTA_EXCEEDED', 'TB_E_INVALID_NAME', 'TB_E_INVALID_MAC', 'TB_E_INVALID_QUEUES',
+  'TB_E_INVALID_REQUEST',
+];
+
+const Id = z.union([z.string().min(1).max(256), z.number().int().min(0).max(0xfffffffe)]);
+/** A user or group given as a number, or as a string of digits, is an id; anything else a name. */
+const asId = (x: string | number): number | null =>
+  typeof x === 'number' ? x : /^[0-9]{1,10}$/.test(x) && Number(x) <= 0xfffffffe ? Number(x) : null;
+const guessed = (guess: string | null) => (guess ? ` (did you mean \`${guess}'?)` : '');
+
+/**
+ * A case's schema; each field checked on its own (a user through NSS, a request by its grammar), so one
+ * pass reports every error in the file. `devices` may only name `allowRules`.
+ */
+function caseSchema(allowRules: readonly string[]) {
+  return z.strictObject({
+    name: z.string().min(1).max(256).optional(),
+    user: Id.transform((u, ctx) => {
+      const uid = asId(u);
+      if (uid !== null) {
+        const pw = getpwuid(uid);
+        return { uid, gid: pw?.gid ?? null, user: pw?.name ?? null };
+      }
+      const pw = getpwnam(u as string);
+      if (pw) return { uid: pw.uid, gid: pw.gid as number | null, user: u as string };
+      ctx.addIssue({ code: 'custom', message: `no user \`${u}' on this host (give a uid instead)` });
+      return z.NEVER;
+    }),
+    groups: z.array(Id.transform((g, ctx) => {
+      const gid = asId(g) ?? getgrnam(g as string);
+      if (gid !== null) return gid;
+      ctx.addIssue({ code: 'custom', message: `no group \`${g}' on this host (give a gid instead)` });
+      return z.NEVER;
+    })).default([]),
+    gid: z.number().int().min(0).max(0xfffffffe).optional(),
+    request: z.string().transform((spec, ctx) => {
+      const nic = parseRequest(spec);
+      if (typeof nic !== 'string') return { text: spec, nic };
+      ctx.addIssue({ code: 'custom', message: `\`${printable(spec)}': ${nic}` });
+      return z.NEVER;
+    }),
+    expect: z.enum(['allow', 'deny']),
+    rule: z.string().min(1).optional(),
+    code: z.string().refine((c) => (DECIDED_CODES as readonly string[]).includes(c), {
+      error: (iss) => `\`${String(iss.input)}' is not one a decision gives`
+        + (guessed(didYouMean(String(iss.input), DECIDED_CODES)) || `; those are ${DECIDED_CODES.join(', ')}`),
+    }).transform((c) => c as ErrorCode).optional(),
+    devices: z.record(z.string(), z.number().int().min(0)).default({}).superRefine((d, ctx) => {
+      for (const r of Object.keys(d).filter((k) => !allowRules.includes(k))) {
+        const message = `the policy has no allow rule \`${r}'${guessed(didYouMean(r, allowRules))}`;
+        ctx.addIssue({ code: 'custom', path: [r], message });
+      }
+    }),
+  }).superRefine((c, ctx) => {
+    if (c.code !== undefined && c.expect === 'allow') {
+      ctx.addIssue({ code: 'custom', path: ['code'], message: 'is for expect = "deny"' });
+    }
+  });
+}
+export const CASE_KEYS = Object.keys(caseSchema([]).shape);
+
+/** One problem with the cases file, at a line of it. */
+export interface CaseError {
+  line: number;
+  column?: number;
+  message: string;
+}
+
+/** One case, resolved: a caller, a request, and what must be decided. */
+export interface Case {
+  index: number;
+  name: string;
+  line: number;
+  request: string;
+  caller: Caller & { user: string | null };
+  nic: Nic;
+  expected: { decision: 'allow' | 'deny'; rule: string | null; code: ErrorCode | null };
+  devices: Readonly<Record<string, number>>;
+}
+
+export interface CaseResult {
+  index: number;
+  name: string;
+  line: number;
+  request: string;
+  caller: Caller & { user: string | null };
+  expected: Case['expected'];
+  decided: {
+    decision: 'allow' | 'deny';
+    rule: string | null;
+    /** The deciding rule's line in the policy, when a rule decided. */
+    line: number | null;
+    code: ErrorCode | null;
+    message: string;
+    hint: string | null;
+  };
+  passed: boolean;
+  /** What went wrong, in words: `expected allow by rule `a', got deny …`; null when it passed. */
+  failure: string | null;
+}
+
+export interface TestRun {
+  /** The cases file is malformed: no case was run. */
+  errors: CaseError[];
+  results: CaseResult[];
+  passed: number;
+  failed: number;
+}
+
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+const SPEC_KEYS = ['bridge', 'network', 'macvtap', 'mode', 'queues', 'vhost', 'mac', 'name', 'persistent'];
+
+/**
+ * A `--net` SPEC as the request the client would send: the client's grammar for the keys that reach the
+ * broker (its own parser lives in the client package, which the broker never imports). What the broker
+ * checks itself (names, queue counts, MACs) is left to checkSpec, so a case can expect its refusal.
+ */
+export function parseRequest(spec: string): Nic | string {
+  if (CONTROL.test(spec)) return 'has a control character';
+  const fields = new Map<string, string>();
+  for (const part of spec.split(',')) {
+    const eq = part.indexOf('=');
+    if (eq <= 0) return `\`${part}' is not key=value`;
+    const key = part.slice(0, eq);
+    if (key === 'id' || key === 'model' || key.startsWith('dev.')) {
+      return `\`${key}' only shapes qemu's command line and never reaches the broker; leave it out`;
+    }
+    if (!SPEC_KEYS.includes(key)) {
+      const guess = didYouMean(key, SPEC_KEYS);
+      return `unknown key \`${key}'${guess ? ` (did you mean \`${guess}'?)` : ''}; known: ${SPEC_KEYS.join(', ')}`;
+    }
+    if (fields.has(key)) return `\`${key}' given twice`;
+    fields.set(key, part.slice(eq + 1));
+  }
+  const bridge = fields.get('bridge');
+  const macvtap = fields.get('macvtap');
+  const network = fields.get('network');
+  if ([bridge, macvtap, network].filter((x) => x !== undefined).length !== 1) {
+    return 'exactly one of bridge=NAME, macvtap=PARENT or network=NAME is required';
+  }
+  const mode = fields.get('mode');
+  if (mode !== undefined && macvtap === undefined) return 'mode= is for macvtap';
+  if (mode !== undefined && !(MACVTAP_MODES as readonly string[]).includes(mode)) {
+    return `mode must be one of ${MACVTAP_MODES.join(', ')}, not \`${mode}'`;
+  }
+  const onOff = (key: string): boolean | string => {
+    const v = fields.get(key) ?? 'off';
+    return v === 'on' || (v === 'off' ? false : `${key} must be on or off, not \`${v}'`);
+  };
+  const vhost = onOff('vhost');
+  const persistent = onOff('persistent');
+  if (typeof vhost === 'string') return vhost;
+  if (typeof persistent === 'string') return persistent;
+  const queues = fields.get('queues') ?? '1';
+  if (!/^[0-9]{1,9}$/.test(queues)) return `queues must be an integer, not \`${queues}'`;
+  const common = {
+    queues: Number(queues), vhost, persistent,
+    // The client sends a MAC in lower case; the broker then checks it as it is.
+    ...(fields.has('mac') ? { mac: fields.get('mac')!.toLowerCase() } : {}),
+    ...(fields.has('name') ? { name: fields.get('name')! } : {}),
+  };
+  if (macvtap !== undefined) {
+    return { kind: 'macvtap', parent: macvtap, mode: (mode ?? 'bridge') as MacvtapMode, ...common };
+  }
+  return { kind: 'tap', ...(bridge !== undefined ? { bridge } : { network: network! }), ...common };
+}
+
+/** `case 3: request`, from a zod path such as ['case', 2, 'request']. */
+function where(path: ReadonlyArray<PropertyKey>): string {
+  if (path.length === 0) return 'top level';
+  if (path[0] !== 'case' || typeof path[1] !== 'number') return path.map(String).join('.');
+  const rest = path.slice(2).map(String).join('.');
+  return `case ${path[1] + 1}${rest ? `: ${rest}` : ''}`;
+}
+
+function valueAt(doc: unknown, path: ReadonlyArray<PropertyKey>): unknown {
+  let v = doc;
+  for (const k of path) v = v !== null && typeof v === 'object' ? (v as Record<PropertyKey, unknown>)[k] : undefined;
+  return v;
+}
+
+/**
+ * Reads a cases file: TOML, strict keys, each user and group resolved through NSS, each request parsed.
+ * Rule names in `devices` must be allow rules of `policy`. Errors carry the line of the key at fault.
+ */
+export function parseCases(text: string, policy: Policy): { cases: Case[]; errors: CaseError[] } {
+  let doc: unknown;
+  try {
+    doc = parseToml(text);
+  } catch (err) {
+    const first = (err as Error).message.split('\n')[0]!;
+    const at = err instanceof TomlError ? { line: err.line, column: err.column } : { line: 1 };
+    return { cases: [], errors: [{ ...at, message: first }] };
+  }
+  const lineOf = lineIndex(text);
+  const errors: CaseError[] = [];
+  const error = (at: ReadonlyArray<PropertyKey>, message: string) => errors.push({ line: lineOf(at), message });
+  const parsed = z.strictObject({ case: z.array(caseSchema(policy.allow.map((r) => r.name))).min(1) }).safeParse(doc);
+  if (!parsed.success) {
+    for (const i of parsed.error.issues) {
+      if (i.code === 'unrecognized_keys') {
+        for (const k of i.keys) {
+          const guess = didYouMean(k, i.path.length === 0 ? ['case'] : CASE_KEYS);
+          // A key, or an array of tables ([[cases]]: lineIndex knows its entries, not the key).
+          const line = Math.max(lineOf([...i.path, k]), lineOf([...i.path, k, 0]));
+          errors.push({ line, message: `${where(i.path)}: unknown key \`${k}'${guessed(guess)}` });
+        }
+      } else if (i.path.length === 1 && i.path[0] === 'case' && (i.code === 'too_small' || !valueAt(doc, i.path))) {
+        error(i.path, 'no [[case]]: a cases file holds at least one');
+      } else if (valueAt(doc, i.path) === undefined) {
+        error(i.path, `${where(i.path)}: missing${i.path.at(-1) === 'expect' ? ' (expect = "allow" or "deny")' : ''}`);
+      } else {
+        error(i.path, `${where(i.path)}: ${i.message}`);
+      }
+    }
+    return { cases: [], errors: errors.sort((a, b) => a.line - b.line) };
+  }
+  const cases = parsed.data.case.map((c, i): Case => ({
+    index: i + 1, name: c.name ?? `case ${i + 1}`, line: lineOf(['case', i]), request: c.request.text,
+    // The primary group: as given, else the account database's, else the uid's number (no account).
+    caller: { uid: c.user.uid, gid: c.gid ?? c.user.gid ?? c.user.uid, groups: c.groups, user: c.user.user },
+    nic: c.request.nic, devices: c.devices,
+    expected: { decision: c.expect, rule: c.rule ?? null, code: c.code ?? null },
+  }));
+  return { cases, errors };
+}
+
+/** Terminal escapes stay off the screen: control characters as \xNN. */
+function printable(s: string): string {
+  return s.replace(new RegExp(CONTROL, 'g'), (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
+/** One case, as the broker decides a create request: createSpec, checkSpec, then decide. */
+export function runCase(policy: Policy, c: Case): CaseResult {
+  const lineOfRule = (name: string | null) =>
+    [...policy.deny, ...policy.allow].find((r) => r.name === name)?.line ?? null;
+  let decided: CaseResult['decided'];
+  try {
+    const spec: CreateSpec = createSpec(c.nic);
+    // checkSpec wants the kernel's identity; of it, only the credentials count.
+    const identity: Identity = { ...c.caller, pid: 0, pidfd: null, exe: null, parent: null };
+    checkSpec(spec, identity);
+    const d = decide(policy, c.caller, spec, (rule) => c.devices[rule] ?? 0);
+    decided = d.allow
+      ? {
+          decision: 'allow', rule: d.rule.name, line: d.rule.line, code: null,
+          message: `rule \`${d.rule.name}' would grant it`, hint: null,
+        }
+      : { decision: 'deny', rule: d.rule, line: lineOfRule(d.rule), code: d.code, message: d.message, hint: d.hint };
+  } catch (err) {
+    if (!(err instanceof TapbrokerError)) throw err;
+    // A grammar error: the broker refuses it before deciding, with that code and no rule.
+    decided = {
+      decision: 'deny', rule: null, line: null, code: err.code, message: err.message, hint: err.hint ?? null,
+    };
+  }
+  const e = c.expected;
+  const passed = decided.decision === e.decision && (e.rule === null || decided.rule === e.rule)
+    && (e.code === null || decided.code === e.code);
+  const expected = `${e.decision}${e.rule !== null ? ` by rule \`${e.rule}'` : ''}${e.code ? ` with ${e.code}` : ''}`;
+  const by = decided.rule !== null ? ` by rule \`${decided.rule}'${decided.line ? ` (line ${decided.line})` : ''}` : '';
+  const got = decided.decision === 'allow'
+    ? `allow${by}`
+    : `deny${by || ' by no rule'} with ${decided.code}: ${decided.message}`;
+  return {
+    index: c.index, name: c.name, line: c.line, request: c.request, caller: c.caller, expected: e, decided, passed,
+    failure: passed ? null : `expected ${expected}, got ${got}`,
+  };
+}
+
+/**
+ * Runs a cases file against a policy (a Policy, or its text: then an invalid one throws TB_E_POLICY_INVALID
+ * as parsePolicy does). The pure core of test-policy: NSS lookups aside, no file, no broker, no kernel.
+ */
+export function runPolicyTests(policy: Policy | string, casesText: string): TestRun {
+  const p = typeof policy === 'string' ? parsePolicy(policy) : policy;
+  const { cases, errors } = parseCases(casesText, p);
+  const results = cases.map((c) => runCase(p, c));
+  const passed = results.filter((r) => r.passed).length;
+  return { errors, results, passed, failed: results.length - passed };
+}
+
+/** The policy loader's errors (`FILE:LINE[:COLUMN]: message`, or `FILE: message`) as check-policy reads them. */
+function policyErrors(file: string, message: string): Array<Omit<CaseError, 'line'> & { line: number | null }> {
+  return message.split('\n').map((m) => {
+    const hit = /^[^:]*:(\d+)(?::(\d+))?: ?/.exec(m);
+    if (!hit) return { line: null, message: m.startsWith(`${file}: `) ? m.slice(file.length + 2) : m };
+    return { line: Number(hit[1]), ...(hit[2] ? { column: Number(hit[2]) } : {}), message: m.slice(hit[0].length) };
+  });
+}
+
+/** `FILE:LINE[:COLUMN]: error: MESSAGE`, as check-policy prints its findings. */
+const located = (file: string, e: { line: number | null; column?: number; message: string }) =>
+  `${file}:${e.line ?? '-'}${e.column ? `:${e.column}` : ''}: error: ${e.message}`;
+
+/** The command: `args` after `test-policy`; returns the exit status. */
+export function testPolicyTool(args: readonly string[], defaultPolicy: string): number {
+  const out = (s: string) => process.stdout.write(`${s}\n`);
+  const usage = (why: string) => {
+    process.stderr.write(`tapbrokerd: ${why}\n${USAGE.split('\n')[0]}\nsee tapbrokerd test-policy --help\n`);
+    return EX_USAGE;
+  };
+  if (args.includes('--help') || args.includes('-h')) {
+    out(USAGE);
+    return EX_OK;
+  }
+  let json = false;
+  const files: string[] = [];
+  for (const a of args) {
+    if (a === '--json') json = true;
+    else if (a.startsWith('-')) return usage(`unknown argument \`${a}'`);
+    else files.push(a);
+  }
+  // One file is the cases (the policy is the broker's); two are the policy, then the cases.
+  if (files.length < 1 || files.length > 2) return usage('test-policy needs a cases file, and may name a policy first');
+  const [policyFile, casesFile] = files.length === 2 ? [files[0]!, files[1]!] : [defaultPolicy, files[0]!];
+
+  let policy: Policy;
+  try {
+    policy = loadPolicy(policyFile);
+  } catch (err) {
+    const errors = policyErrors(policyFile, (err as Error).message);
+    if (json) out(JSON.stringify({ policy: policyFile, ok: false, errors }, null, 2));
+    else for (const e of errors) process.stderr.write(`${located(policyFile, e)}\n`);
+    return EX_CONFIG;
+  }
+  let text: string;
+  try {
+    text = fs.readFileSync(casesFile, 'utf8');
+  } catch (err) {
+    process.stderr.write(`tapbrokerd: cannot read cases file \`${casesFile}': ${(err as Error).message}\n`);
+    return EX_NOINPUT;
+  }
+  const run = runPolicyTests(policy, text);
+  if (run.errors.length > 0) {
+    if (json) out(JSON.stringify({ cases_file: casesFile, ok: false, errors: run.errors }, null, 2));
+    else for (const e of run.errors) process.stderr.write(`${located(casesFile, e)}\n`);
+    return EX_DATAERR;
+  }
+  const total = run.results.length;
+  if (json) {
+    out(JSON.stringify({
+      policy: policyFile, sha256: policy.sha256, cases_file: casesFile, ok: run.failed === 0,
+      cases: total, passed: run.passed, failed: run.failed, results: run.results,
+    }, null, 2));
+  } else {
+    for (const r of run.results) if (!r.passed) out(printable(`${casesFile}:${r.line}: fail: ${r.name}: ${r.failure}`));
+    out(`${total} case${total === 1 ? '' : 's'}, ${run.passed} passed, ${run.failed} failed`);
+  }
+  return run.failed === 0 ? EX_OK : EX_FAILED;
+}
