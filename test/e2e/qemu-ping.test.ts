@@ -42,18 +42,19 @@ test.before(async () => {
   ns = Netns.create('e2e');
   ns.bridge('br0', { address: '192.0.2.1/24' });
   ns.bridge('br1');
+  ns.bridge('br2', { address: '203.0.113.1/24' });
   // A veth whose peer end answers for 198.51.100.1: the macvtap's parent and the guest's neighbour.
   ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
   ns.ip('addr', 'add', '198.51.100.1/24', 'dev', 'vpeer');
   ns.ip('link', 'set', 'vparent', 'up');
   ns.ip('link', 'set', 'vpeer', 'up');
-  broker = await BrokerProcess.start(ns, `[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nbridges = ["br0"]\nmacvtap = [{ parent = "vparent" }]\n`, { tag: 'e2e' });
+  broker = await BrokerProcess.start(ns, `[network.locked]\nbridge = "br2"\nmac_lock = true\n\n[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nbridges = ["br0"]\nnetworks = ["locked"]\nmacvtap = [{ parent = "vparent" }]\n`, { tag: 'e2e' });
 });
 
 /** Boots the guest through `tapbroker run --net SPEC` as uid 65534; returns what happened. */
-async function boot(spec: string, ip: string, ping: string): Promise<{ code: number | null; out: string; err: string; qemuPrivileges: { uid: string; capEff: string } | null }> {
+async function boot(spec: string, ip: string, ping: string, mac2?: string): Promise<{ code: number | null; out: string; err: string; qemuPrivileges: { uid: string; capEff: string } | null }> {
   const img = guestImage();
-  const client = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker!.socket, '--net', spec, '--', QEMU, ...guestQemuArgs(img, { ip, ping })], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const client = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker!.socket, '--net', spec, '--', QEMU, ...guestQemuArgs(img, { ip, ping, ...(mac2 ? { mac2 } : {}) })], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   client.stdout!.on('data', (d) => (out += d));
@@ -72,13 +73,16 @@ async function boot(spec: string, ip: string, ping: string): Promise<{ code: num
 
 (unavailable ? test.skip : test.serial)('an unprivileged qemu guest on a brokered tap pings the bridge', async (t) => {
   t.timeout(180_000);
-  const { code, out, err, qemuPrivileges } = await boot('bridge=br0', '192.0.2.2/24', '192.0.2.1');
+  // mac2: afterwards the guest takes another MAC and pings again, which an unlocked port lets through
+  // (the control of the mac_lock test below).
+  const { code, out, err, qemuPrivileges } = await boot('bridge=br0', '192.0.2.2/24', '192.0.2.1', '52:54:00:0e:2e:02');
   ns = ns!;
   broker = broker!;
   t.log(out.split('\n').filter((l) => l.startsWith('TB-')).join('\n'));
 
   t.is(code, 0, `client exit ${code}\nstdout:\n${out}\nstderr:\n${err}`);
   t.regex(out, /TB-GUEST-PING-OK 192\.0\.2\.1/);
+  t.regex(out, /TB-GUEST-PING2-OK 192\.0\.2\.1/, 'without mac_lock, a guest that changes its MAC still gets through');
   const grant = await broker!.record((r) => r.decision === 'grant');
   t.truthy(grant);
   const device = grant!.device as { name: string; mac: string };
@@ -150,5 +154,16 @@ async function bootWithHelper(br: string, mac: string, ip: string, ping: string)
   t.regex(err, /TB_E_POLICY_DENIED/, 'qemu\'s error carries the broker\'s code');
   t.regex(err, /hint:/);
   t.log(err.trim());
-  t.deepEqual(ns!.extraLinks(['br0', 'br1', 'vparent', 'vpeer']), [], 'no device was left behind');
+  t.deepEqual(ns!.extraLinks(['br0', 'br1', 'br2', 'vparent', 'vpeer']), [], 'no device was left behind');
+});
+
+(unavailable ? test.skip : test.serial)('on a locked port the guest pings with its own MAC, and nothing gets through once it changes it', async (t) => {
+  t.timeout(180_000);
+  const { code, out, err } = await boot('network=locked', '203.0.113.2/24', '203.0.113.1', '52:54:00:0e:2e:03');
+  t.log(out.split('\n').filter((l) => l.startsWith('TB-')).join('\n'));
+  t.is(code, 0, `client exit ${code}\nstdout:\n${out}\nstderr:\n${err}`);
+  t.regex(err, /tapbroker: \S+ on network locked/);
+  t.regex(out, /TB-GUEST-PING-OK 203\.0\.113\.1/, 'the guest pings with the MAC it was given');
+  t.regex(out, /TB-GUEST-MAC2 52:54:00:0e:2e:03/);
+  t.regex(out, /TB-GUEST-PING2-FAIL 203\.0\.113\.1/, 'with another MAC its frames no longer reach the bridge');
 });

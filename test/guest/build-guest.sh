@@ -157,13 +157,14 @@ fail() { echo "TB-GUEST-FAIL $*"; off; }
 uptime_s() { read -r u _ < /proc/uptime; echo "${u%.*}"; }
 
 [ -r /proc/cmdline ] || fail "cannot mount /proc"
-TB_IP= TB_PING= TB_COUNT=3 TB_TIMEOUT=20
+TB_IP= TB_PING= TB_COUNT=3 TB_TIMEOUT=20 TB_MAC2=
 for arg in $(cat /proc/cmdline); do
   case $arg in
     tb.ip=*)      TB_IP=${arg#tb.ip=} ;;
     tb.ping=*)    TB_PING=${arg#tb.ping=} ;;
     tb.count=*)   TB_COUNT=${arg#tb.count=} ;;
     tb.timeout=*) TB_TIMEOUT=${arg#tb.timeout=} ;;
+    tb.mac2=*)    TB_MAC2=${arg#tb.mac2=} ;;
   esac
 done
 [ -n "$TB_IP" ] || fail "missing tb.ip"
@@ -202,6 +203,20 @@ if [ $ok -ge "$TB_COUNT" ]; then
   echo "TB-GUEST-PING-OK $TB_PING"
 else
   echo "TB-GUEST-PING-FAIL $TB_PING"
+fi
+
+# tb.mac2=MAC: the guest then takes another MAC (a spoofing guest) and pings again, briefly: on a port
+# locked to its first MAC nothing it sends gets through.
+if [ -n "$TB_MAC2" ]; then
+  ip link set eth0 down && ip link set eth0 address "$TB_MAC2" && ip link set eth0 up || fail "set mac $TB_MAC2"
+  ip neigh flush dev eth0 2>/dev/null
+  echo "TB-GUEST-MAC2 $(cat /sys/class/net/eth0/address)"
+  deadline=$(( $(uptime_s) + 6 ))
+  ok=0
+  while [ $ok -lt 1 ] && [ "$(uptime_s)" -lt $deadline ]; do
+    if ping -c 1 -W 1 "$TB_PING" >/dev/null 2>&1; then ok=1; else sleep 0.2; fi
+  done
+  if [ $ok -ge 1 ]; then echo "TB-GUEST-PING2-OK $TB_PING"; else echo "TB-GUEST-PING2-FAIL $TB_PING"; fi
 fi
 off
 EOF

@@ -31,7 +31,11 @@ export function guestImage(): GuestImage {
 }
 
 /** qemu arguments to boot the guest under TCG, console on stdio, with instructions on the cmdline. */
-export function guestQemuArgs(img: GuestImage, opts: { ip: string; ping: string; count?: number; timeout?: number }): string[] {
-  const cmdline = `console=ttyS0 quiet panic=-1 tb.ip=${opts.ip} tb.ping=${opts.ping}${opts.count ? ` tb.count=${opts.count}` : ''}${opts.timeout ? ` tb.timeout=${opts.timeout}` : ''}`;
+export function guestQemuArgs(
+  img: GuestImage, opts: { ip: string; ping: string; count?: number; timeout?: number; mac2?: string },
+): string[] {
+  const cmdline = `console=ttyS0 quiet panic=-1 tb.ip=${opts.ip} tb.ping=${opts.ping}`
+    + `${opts.count ? ` tb.count=${opts.count}` : ''}${opts.timeout ? ` tb.timeout=${opts.timeout}` : ''}`
+    + `${opts.mac2 ? ` tb.mac2=${opts.mac2}` : ''}`;
   return ['-accel', 'tcg', '-m', '256', '-nodefaults', '-display', 'none', '-serial', 'stdio', '-no-reboot', '-kernel', img.kernel, '-initrd', img.initrd, '-append', cmdline];
 }
