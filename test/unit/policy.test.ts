@@ -2,7 +2,8 @@
 import test from 'ava';
 import { TapbrokerError } from '@tapbroker/protocol';
 import {
-  bridgeList, decide, denyCovers, denyScope, didYouMean, grantsBridge, lineIndex, macInPrefix, nameMatches, parsePolicy,
+  bridgeList, decide, denyCovers, denyScope, didYouMean, grantsBridge, kernelLocksPorts, lineIndex, macInPrefix,
+  nameMatches, parsePolicy,
   policyWarnings,
   resolveTarget, type Ask, type Caller,
 } from '@tapbroker/broker/internal';
@@ -474,3 +475,16 @@ test('a policy that allows nothing loads, with a warning that everyone is denied
   t.deepEqual(parsePolicy('', 'p.toml').warnings, ['p.toml:1: the policy allows nothing: every request will be denied']);
   t.deepEqual(parsePolicy('[[deny]]\nusers = ["*"]\n', 'p.toml').warnings.filter((w) => /allows nothing/.test(w)).length, 1);
 });
+
+test('mac_lock: check-policy knows which kernels lock bridge ports, and warns about grants that cannot be locked',
+  (t) => {
+    t.false(kernelLocksPorts('5.17.15-300.fc36.x86_64'));
+    t.true(kernelLocksPorts('5.18.0'));
+    t.true(kernelLocksPorts('6.1.0-28-amd64'));
+    t.false(kernelLocksPorts('4.19.0-27-amd64'));
+    const p = parsePolicy('[network.o]\novs = "br-int"\n\n[[rule]]\nname = "r"\nusers = [1]\nbridges = ["br0"]\n'
+      + 'networks = ["o"]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n', 'p.toml');
+    t.true(p.allow[0]!.macLock);
+    t.true(policyWarnings(p).some((f) => /mac_lock, which macvtap parent eth0, network o cannot have/.test(f.message)));
+    t.regex(loadError('[network.o]\novs = "br-int"\nmac_lock = true\n'), /mac_lock needs a Linux bridge network/);
+  });

@@ -9,7 +9,7 @@ export {
   bridgeList,
 } from './policy.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
-export { policyWarnings } from './policy-tools.js';
+export { kernelLocksPorts, policyWarnings } from './policy-tools.js';
 export { POLICY_KEYS, didYouMean, lineIndex } from './policy.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';
 export {

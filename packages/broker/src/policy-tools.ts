@@ -2,6 +2,7 @@
 // policy the broker reads, through the same code.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import { MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { getpwnam, getpwuid } from './libc.js';
 import { notRootsAlone } from './paths.js';
@@ -35,6 +36,12 @@ function finding(level: Finding['level'], text: string): Finding {
 /** One finding as people read it: `FILE:LINE[:COLUMN]: LEVEL: MESSAGE`, the form editors jump to. */
 function formatFinding(file: string, f: Finding): string {
   return `${file}:${f.line ?? '-'}${f.column ? `:${f.column}` : ''}: ${f.level}: ${f.message}`;
+}
+
+/** Whether a kernel of this release has locked bridge ports (IFLA_BRPORT_LOCKED, Linux 5.18). */
+export function kernelLocksPorts(release = os.release()): boolean {
+  const [major = 0, minor = 0] = release.split(/[.-]/).map((n) => parseInt(n, 10) || 0);
+  return major > 5 || (major === 5 && minor >= 18);
 }
 
 /** A rule's mac_lock as the tools show it: its own, or only through some of its networks. */
@@ -74,6 +81,13 @@ export function policyWarnings(p: Policy): Finding[] {
     if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) {
       warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: `
         + 'guests may collide with real NICs');
+    }
+  }
+  // mac_lock needs locked bridge ports (Linux 5.18): on an older kernel every such grant is refused.
+  if (!kernelLocksPorts()) {
+    for (const r of p.allow.filter((x) => x.macLock || x.networks.some((n) => p.networks.get(n)?.macLock))) {
+      warn(r, `rule \`${r.name}' locks ports (mac_lock), which this kernel (${os.release()}) cannot: `
+        + 'its grants will be refused with TB_E_MAC_LOCK (Linux 5.18 or later has locked bridge ports)');
     }
   }
   // Bridges a grant can reach, as this host has them now: one whose MAC nobody pinned is refused.

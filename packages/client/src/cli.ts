@@ -519,7 +519,8 @@ function localTime(iso: string): string {
 // No VLAN column: a lease names its network, not the network's VLAN (that is policy, and may have changed).
 function leaseTable(leases: readonly Lease[]): string {
   const rows = [['NAME', 'KIND', 'PARENT', 'NETWORK', 'MODE', 'MAC', 'QUEUES', 'OWNER', 'RULE', 'ENDS', 'CREATED'],
-    ...leases.map((l) => [l.name, l.kind, l.parent, l.network ?? '-', l.mode ?? '-', l.mac ?? 'unknown',
+    ...leases.map((l) => [l.name, l.kind, l.parent, l.network ?? '-', l.mode ?? '-',
+      `${l.mac ?? 'unknown'}${l.locked ? ' (locked)' : ''}`,
       String(l.queues), l.user ?? String(l.uid), l.rule,
       l.ends === 'holder' ? `with pid ${l.holder}` : l.ends === 'fds' ? 'with its fds' : 'on release',
       localTime(l.created)])];
