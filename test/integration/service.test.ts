@@ -78,6 +78,31 @@ test.serial('sd_notify: READY=1 with STATUS, reload, STOPPING=1; SIGTERM exits 0
   }
 });
 
+test.serial('policy fragments: a rule from policy.d grants; a broken fragment on reload keeps the last good whole policy', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'frag' });
+  try {
+    const dir = path.join(path.dirname(broker.policyPath), 'policy.d');
+    fs.mkdirSync(dir, { mode: 0o755 });
+    fs.writeFileSync(path.join(dir, '50-br1.toml'), `[[rule]]\nname = "frag"\nusers = [${NOBODY}]\nbridges = ["br1"]\n`);
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error?.code, 'TB_E_POLICY_DENIED');
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => /policy reloaded from .*policy\.d\/50-br1\.toml/.test(broker.stderr), 3000, 'no reload');
+    const granted = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] });
+    t.is(granted.error, null, 'the fragment\'s rule applies');
+    t.is(granted.taps[0]!.device.rule, 'frag');
+    const reloaded = await broker.record((r) => r.op === 'reload' && r.decision === 'reload');
+    t.regex(reloaded.message ?? '', /read from .*policy\.toml, .*50-br1\.toml/);
+    // A second fragment that breaks the whole: refused, and the last good policy (with the first) stays.
+    fs.writeFileSync(path.join(dir, '60-bad.toml'), '[[rule]]\nname = "frag"\nusers = [1]\nbridges = ["br0"]\n');
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => broker.stderr.includes('policy reload failed'), 3000, 'no refusal');
+    t.regex(broker.stderr, /60-bad\.toml:1: rule\.0\.name: duplicate rule name `frag'/);
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error, null, 'the last good whole stays');
+  } finally {
+    await broker.stop();
+  }
+});
+
 test.serial('reload: a valid policy applies to new requests, an invalid one is refused and the last good stays', async (t) => {
   const broker = await BrokerProcess.start(ns, POLICY, { tag: 'reload' });
   try {

@@ -149,7 +149,7 @@ export class Broker implements SessionHost, OpContext {
         decision: 'reload',
         rule: null,
         caller,
-        message: `policy ${before} replaced by ${next.sha256}`,
+        message: `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}`,
       });
       return next;
     } catch (err) {

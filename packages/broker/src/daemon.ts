@@ -282,7 +282,8 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
         + 'fds sent to the broker go to a closer process',
     );
   log(
-    `listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${opts.policy} sha256 ${policy.sha256}; `
+    `listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${policy.files.join(', ')} `
+      + `sha256 ${policy.sha256}; `
       + `${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; `
       + `audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`,
   );
@@ -299,7 +300,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     notify(`RELOADING=1\nMONOTONIC_USEC=${process.hrtime.bigint() / 1000n}`);
     try {
       broker.reload(null);
-      log(`policy reloaded; sha256 ${broker.policy.sha256}`);
+      log(`policy reloaded from ${broker.policy.files.join(', ')}; sha256 ${broker.policy.sha256}`);
     } catch (err) {
       log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`);
     }

@@ -10,7 +10,9 @@ export {
 } from './policy.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
 export { kernelLocksPorts, policyWarnings } from './policy-tools.js';
-export { POLICY_KEYS, didYouMean, lineIndex } from './policy.js';
+export {
+  POLICY_KEYS, didYouMean, fragmentDir, lineIndex, loadTrustedPolicy, parseSources, policyFiles, untrustedPolicyFile,
+} from './policy.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';
 export {
   runPolicyTests, parseCases, parseRequest, runCase, DECIDED_CODES, type Case, type CaseError, type CaseResult,

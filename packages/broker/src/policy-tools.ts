@@ -5,9 +5,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { getpwnam, getpwuid } from './libc.js';
-import { notRootsAlone } from './paths.js';
 import {
   ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, loadPolicy, matches, matchesDeny, resolveTarget,
+  untrustedPolicyFile,
   type AllowRule, type DenyRule, type Policy, type Selector, type Target,
 } from './policy.js';
 
@@ -20,6 +20,8 @@ const EX_CONFIG = 78;
 
 export interface Finding {
   level: 'error' | 'warning';
+  /** The file (the policy or one of its fragments); absent: the policy file given. */
+  file?: string;
   line: number | null;
   /** Where the TOML parser says a syntax error is. */
   column?: number;
@@ -28,14 +30,16 @@ export interface Finding {
 
 /** `FILE:LINE[:COLUMN]: message` (as the policy loader words errors and warnings) as a finding. */
 function finding(level: Finding['level'], text: string): Finding {
-  const m = /^[^:]*:(\d+)(?::(\d+))?: ?/.exec(text);
+  const m = /^(.+?):(\d+)(?::(\d+))?: ?/.exec(text);
   if (!m) return { level, line: null, message: text.replace(/^[^:]*: /, '') };
-  return { level, line: Number(m[1]), ...(m[2] ? { column: Number(m[2]) } : {}), message: text.slice(m[0].length) };
+  return {
+    level, file: m[1]!, line: Number(m[2]), ...(m[3] ? { column: Number(m[3]) } : {}), message: text.slice(m[0].length),
+  };
 }
 
 /** One finding as people read it: `FILE:LINE[:COLUMN]: LEVEL: MESSAGE`, the form editors jump to. */
 function formatFinding(file: string, f: Finding): string {
-  return `${file}:${f.line ?? '-'}${f.column ? `:${f.column}` : ''}: ${f.level}: ${f.message}`;
+  return `${f.file ?? file}:${f.line ?? '-'}${f.column ? `:${f.column}` : ''}: ${f.level}: ${f.message}`;
 }
 
 /** Whether a kernel of this release has locked bridge ports (IFLA_BRPORT_LOCKED, Linux 5.18). */
@@ -54,7 +58,8 @@ function macLockOf(p: Policy, r: AllowRule): string {
 /** Risky but valid: what a reviewer should look at twice. */
 export function policyWarnings(p: Policy): Finding[] {
   const out: Finding[] = p.warnings.map((w) => finding('warning', w));
-  const warn = (r: AllowRule | DenyRule, message: string) => out.push({ level: 'warning', line: r.line, message });
+  const warn = (r: AllowRule | DenyRule, message: string) =>
+    out.push({ level: 'warning', file: r.file, line: r.line, message });
   for (const r of p.allow) {
     if (r.who.everyone) warn(r, `rule \`${r.name}' matches every user`);
     if (r.bridges.includes(ANY_BRIDGE)) {
@@ -270,26 +275,28 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
-    const unsafe = notRootsAlone(o.file);
+    const unsafe = untrustedPolicyFile(o.file);
     if (unsafe && opts.asBroker) {
-      process.stderr.write(`${o.file}:-: error: ${unsafe}: a user other than root could change the policy\n`);
+      process.stderr.write(`${unsafe.file}:-: error: ${unsafe.why}: a user other than root could change the policy\n`);
       return EX_CONFIG;
     }
     if (unsafe) {
       findings.unshift({
-        level: 'warning', line: null,
-        message: `${o.file} ${unsafe}: a user other than root could change it, and tapbrokerd refuses to run on it`,
+        level: 'warning', file: unsafe.file, line: null,
+        message: `${unsafe.file} ${unsafe.why}: a user other than root could change it, and tapbrokerd refuses to `
+          + 'run on it',
       });
     }
     if (o.json) {
       write(JSON.stringify({
-        file: o.file, ok: true, sha256: policy.sha256, rules: policy.allow.length, deny_rules: policy.deny.length,
-        findings,
+        file: o.file, files: policy.files, ok: true, sha256: policy.sha256, rules: policy.allow.length,
+        deny_rules: policy.deny.length, findings,
       }, null, 2));
     } else {
       for (const f of findings) write(formatFinding(o.file, f));
       const n = (k: number, what: string) => `${k} ${what}${k === 1 ? '' : 's'}`;
-      write(`${o.file}: ok: ${n(policy.allow.length, 'rule')}, ${n(policy.deny.length, 'deny rule')}, `
+      const fragments = policy.files.length > 1 ? `, ${n(policy.files.length - 1, 'fragment')}` : '';
+      write(`${o.file}: ok: ${n(policy.allow.length, 'rule')}, ${n(policy.deny.length, 'deny rule')}${fragments}, `
         + `${findings.length} warning${findings.length === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
     }
     // For pipelines that must not ship a policy a reviewer would question.

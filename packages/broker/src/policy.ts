@@ -161,6 +161,8 @@ export interface AllowRule {
   kind: 'allow';
   name: string;
   /** Line of its [[rule]] header in the file. */
+  /** The file (main or fragment) and line it is written at. */
+  file: string;
   line: number;
   who: Selector;
   bridges: readonly string[];
@@ -182,6 +184,7 @@ export interface AllowRule {
 export interface DenyRule {
   kind: 'deny';
   name: string;
+  file: string;
   line: number;
   who: Selector;
   /**
@@ -197,6 +200,8 @@ export interface DenyRule {
 
 export interface Policy {
   path: string;
+  /** The files it was read from: the main file, then its fragments in order. */
+  files: readonly string[];
   sha256: string;
   allow: readonly AllowRule[];
   deny: readonly DenyRule[];
@@ -237,37 +242,87 @@ export type Decision =
  * directory above it), then as loadPolicy.
  */
 export function loadTrustedPolicy(path: string): Policy {
-  const why = notRootsAlone(path);
-  if (why) {
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `${path}: ${why}: a user other than root could change the policy`);
+  const bad = untrustedPolicyFile(path);
+  if (bad) {
+    throw new TapbrokerError(
+      'TB_E_POLICY_INVALID', `${bad.file}: ${bad.why}: a user other than root could change the policy`,
+    );
   }
   return loadPolicy(path);
 }
 
-/** Reads, parses, validates and resolves a policy file; throws TB_E_POLICY_INVALID with every error found. */
-export function loadPolicy(path: string): Policy {
-  let text: string;
-  try {
-    text = fs.readFileSync(path, 'utf8');
-  } catch (err) {
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read policy \`${path}': ${(err as Error).message}`);
+/** The first of the policy's files (its fragment directory included) a user other than root could change. */
+export function untrustedPolicyFile(path: string): { file: string; why: string } | null {
+  const dir = fragmentDir(path);
+  for (const file of [path, ...(fs.existsSync(dir) ? [dir] : []), ...policyFiles(path).slice(1)]) {
+    const why = notRootsAlone(file);
+    if (why) return { file, why };
   }
-  return parsePolicy(text, path);
+  return null;
+}
+
+/**
+ * The files a policy is made of: `path`, then every `*.toml` in the directory beside it named after it
+ * (`policy.d` for `policy.toml`), in lexical (byte) order. Other names there (an editor's backup, a
+ * package manager's `.dpkg-old`) are not read.
+ */
+export function policyFiles(path: string): string[] {
+  const dir = fragmentDir(path);
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [path];
+    throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
+  }
+  const toml = names.filter((n) => n.endsWith('.toml') && !n.startsWith('.'))
+    .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  return [path, ...toml.map((n) => `${dir}/${n}`)];
+}
+
+/** `policy.toml` → `policy.d`, beside it. */
+export function fragmentDir(path: string): string {
+  return `${path.endsWith('.toml') ? path.slice(0, -5) : path}.d`;
+}
+
+/** Reads, parses, validates and resolves a policy and its fragments; throws TB_E_POLICY_INVALID with every error. */
+export function loadPolicy(path: string): Policy {
+  const sources = policyFiles(path).map((file) => {
+    try {
+      return { path: file, text: fs.readFileSync(file, 'utf8') };
+    } catch (err) {
+      throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read policy \`${file}': ${(err as Error).message}`);
+    }
+  });
+  return parseSources(sources);
 }
 
 export function parsePolicy(text: string, path = '<policy>'): Policy {
+  return parseSources([{ path, text }]);
+}
+
+interface Doc {
+  path: string;
+  line: (where: ReadonlyArray<PropertyKey>) => number;
+  /** `FILE:LINE` of a key, for messages. */
+  at: (where: ReadonlyArray<PropertyKey>) => string;
+  data: z.infer<typeof PolicySchema>;
+}
+
+/** One file's TOML, checked against the schema; errors as `FILE:LINE: …`. */
+function parseDoc(path: string, text: string, errors: string[]): Doc | null {
   let doc: unknown;
   try {
     doc = parseToml(text);
   } catch (err) {
     const where = err instanceof TomlError ? `${path}:${err.line}:${err.column}` : path;
-    const first = (err as Error).message.split('\n')[0];
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `${where}: ${first}`);
+    errors.push(`${where}: ${(err as Error).message.split('\n')[0]}`);
+    return null;
   }
   const lineOf = lineIndex(text);
   const parsed = PolicySchema.safeParse(doc);
   if (!parsed.success) {
-    const errors = parsed.error.issues.flatMap((i) => {
+    errors.push(...parsed.error.issues.flatMap((i) => {
       const where = i.path.join('.') || 'top level';
       if (i.code !== 'unrecognized_keys') return [`${path}:${lineOf(i.path)}: ${where}: ${i.message}`];
       return i.keys.map((k) => {
@@ -275,95 +330,101 @@ export function parsePolicy(text: string, path = '<policy>'): Policy {
         return `${path}:${lineOf([...i.path, k])}: ${where}: unknown key \`${k}'`
           + (guess ? ` (did you mean \`${guess}'?)` : '');
       });
-    });
-    throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
+    }));
+    return null;
   }
-  const warnings: string[] = [];
+  return { path, line: lineOf, at: (where) => `${path}:${lineOf(where)}`, data: parsed.data };
+}
+
+/**
+ * The policy of several files read as one (the main file first, then its fragments): rules, deny rules
+ * and networks from all of them, names unique across them, every message naming its file and line.
+ */
+export function parseSources(sources: ReadonlyArray<{ path: string; text: string }>): Policy {
   const errors: string[] = [];
-  const names = new Set<string>();
-  const allow = parsed.data.rule.map((r, i): AllowRule => {
-    if (names.has(r.name)) errors.push(`${path}: rule.${i}.name: duplicate rule name \`${r.name}'`);
-    names.add(r.name);
-    const who = resolveSelector(
-      r.users,
-      r.groups,
-      `rule \`${r.name}'`,
-      warnings,
-      errors,
-      `${path}:${lineOf(['rule', i])}`,
-    );
+  const docs = sources.map((src) => parseDoc(src.path, src.text, errors));
+  if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
+  const warnings: string[] = [];
+  // Networks first: a rule in one file may name a network defined in another.
+  const networks = new Map<string, Network>();
+  const definedAt = new Map<string, string>();
+  for (const doc of docs as Doc[]) {
+    for (const [name, n] of Object.entries(doc.data.network)) {
+      const at = doc.at(['network', name]);
+      if (definedAt.has(name)) {
+        errors.push(`${at}: network \`${name}' is already defined at ${definedAt.get(name)}`);
+        continue;
+      }
+      definedAt.set(name, at);
+      const kind = n.bridge !== undefined ? 'bridge' : n.ovs !== undefined ? 'ovs' : 'hook';
+      const target = (n.bridge ?? n.ovs ?? n.hook)!;
+      if (kind === 'hook') {
+        const why = hookUnsafe(target);
+        if (why) errors.push(`${doc.at(['network', name, 'hook'])}: network \`${name}': hook ${target} ${why}`);
+      }
+      networks.set(name, {
+        name, kind, target, vlan: n.vlan ?? null, trunk: n.trunk ?? null, ovsdb: n.ovsdb ?? null,
+        hookTimeoutMs: (n.hook_timeout ?? 10) * 1000, macLock: n.mac_lock ?? false,
+      });
+    }
+  }
+  const named = new Map<string, string>();
+  const unique = (name: string, at: string, what: string) => {
+    if (named.has(name)) errors.push(`${at}: ${what}: duplicate rule name \`${name}' (also at ${named.get(name)})`);
+    else named.set(name, at);
+  };
+  const allow = (docs as Doc[]).flatMap((doc) => doc.data.rule.map((r, i): AllowRule => {
+    const at = (...key: string[]) => doc.at(['rule', i, ...key]);
+    unique(r.name, at(), `rule.${i}.name`);
+    const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, at());
     if (r.bridges.length === 0 && r.macvtap.length === 0 && r.networks.length === 0) {
-      errors.push(
-        `${path}:${lineOf(['rule', i])}: rule \`${r.name}' allows no bridges, no macvtap parents and no networks`,
-      );
+      errors.push(`${at()}: rule \`${r.name}' allows no bridges, no macvtap parents and no networks`);
     }
     if (r.bridges.includes(ANY_BRIDGE) && r.bridges.length > 1) {
-      warnings.push(`${path}:${lineOf(['rule', i, 'bridges'])}: rule \`${r.name}' lists "*" and other bridges: `
+      warnings.push(`${at('bridges')}: rule \`${r.name}' lists "*" and other bridges: `
         + '"*" already grants every Linux bridge');
     }
     for (const n of r.networks) {
-      if (!Object.hasOwn(parsed.data.network, n)) {
-        errors.push(
-          `${path}:${lineOf(['rule', i, 'networks'])}: rule \`${r.name}' names network \`${n}', `
-            + 'which is not defined',
-        );
+      if (!networks.has(n)) {
+        errors.push(`${at('networks')}: rule \`${r.name}' names network \`${n}', which is not defined`);
       }
     }
     return {
-      kind: 'allow', name: r.name, line: lineOf(['rule', i]), who, bridges: r.bridges, macvtap: r.macvtap,
-      networks: r.networks, persistent: r.persistent,
+      kind: 'allow', name: r.name, file: doc.path, line: doc.line(['rule', i]), who,
+      bridges: r.bridges, macvtap: r.macvtap, networks: r.networks, persistent: r.persistent,
       namePattern: r.name_pattern, maxQueues: r.max_queues, vhost: r.vhost, macPrefix: r.mac_prefix,
       maxDevices: r.max_devices ?? DEFAULT_MAX_DEVICES, maxDevicesDefault: r.max_devices === undefined,
       macLock: r.mac_lock,
     };
-  });
-  const deny = parsed.data.deny.map((d, i): DenyRule => {
-    const name = d.name ?? `deny.${i}`;
-    if (names.has(name)) errors.push(`${path}: deny.${i}.name: duplicate rule name \`${name}'`);
-    names.add(name);
-    const who = resolveSelector(
-      d.users,
-      d.groups,
-      `deny rule \`${name}'`,
-      warnings,
-      errors,
-      `${path}:${lineOf(['deny', i])}`,
-      true,
-    );
+  }));
+  let denies = 0;
+  const deny = (docs as Doc[]).flatMap((doc) => doc.data.deny.map((d, i): DenyRule => {
+    const at = doc.at(['deny', i]);
+    // Unnamed deny rules are numbered across all files, in order.
+    const name = d.name ?? `deny.${denies}`;
+    denies++;
+    unique(name, at, `deny.${i}.name`);
     return {
-      kind: 'deny',
-      name,
-      line: lineOf(['deny', i]),
-      who,
-      bridges: d.bridges ?? null,
-      parents: d.parents ?? null,
-      networks: d.networks ?? null,
+      kind: 'deny', name, file: doc.path, line: doc.line(['deny', i]),
+      who: resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, at, true),
+      bridges: d.bridges ?? null, parents: d.parents ?? null, networks: d.networks ?? null,
     };
-  });
-  const networks = new Map<string, Network>();
-  for (const [name, n] of Object.entries(parsed.data.network)) {
-    const kind = n.bridge !== undefined ? 'bridge' : n.ovs !== undefined ? 'ovs' : 'hook';
-    const target = (n.bridge ?? n.ovs ?? n.hook)!;
-    if (kind === 'hook') {
-      const why = hookUnsafe(target);
-      if (why) errors.push(`${path}:${lineOf(['network', name, 'hook'])}: network \`${name}': hook ${target} ${why}`);
-    }
-    networks.set(name, {
-      name,
-      kind,
-      target,
-      vlan: n.vlan ?? null,
-      trunk: n.trunk ?? null,
-      ovsdb: n.ovsdb ?? null,
-      hookTimeoutMs: (n.hook_timeout ?? 10) * 1000,
-      macLock: n.mac_lock ?? false,
-    });
-  }
+  }));
+  const path = sources[0]?.path ?? '<policy>';
   errors.push(...patternOverlaps(allow, path));
   if (allow.length === 0) warnings.push(`${path}:1: the policy allows nothing: every request will be denied`);
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
-  const sha256 = createHash('sha256').update(text).digest('hex');
-  return { path, sha256, allow, deny, warnings, networks };
+  return { path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks };
+}
+
+/**
+ * The policy's digest, in every audit record: of the file's text when it is alone (as before fragments);
+ * else of each file's path and the digest of its text, in order, so a renamed fragment changes it too.
+ */
+function digest(sources: ReadonlyArray<{ path: string; text: string }>): string {
+  const sha = (t: string) => createHash('sha256').update(t).digest('hex');
+  if (sources.length === 1) return sha(sources[0]!.text);
+  return sha(sources.map((s) => `${s.path}\0${sha(s.text)}\n`).join(''));
 }
 
 /**

@@ -1,0 +1,127 @@
+// Policy fragments: the main file plus every *.toml in the directory named after it, read as one policy.
+import test from 'ava';
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { TapbrokerError } from '@tapbroker/protocol';
+import { decide, loadPolicy, loadTrustedPolicy, policyFiles } from '@tapbroker/broker/internal';
+import { ROOT, tempDir } from '../helpers/broker.js';
+
+const MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
+
+/** A policy directory: `policy.toml` and `policy.d/NAME` for each fragment given. */
+function setUp(main: string, fragments: Record<string, string>): { dir: string; file: string } {
+  const dir = tempDir('frag');
+  fs.chmodSync(dir, 0o755);
+  const file = path.join(dir, 'policy.toml');
+  fs.writeFileSync(file, main, { mode: 0o644 });
+  if (Object.keys(fragments).length) fs.mkdirSync(path.join(dir, 'policy.d'), { mode: 0o755 });
+  for (const [name, text] of Object.entries(fragments)) {
+    fs.writeFileSync(path.join(dir, 'policy.d', name), text, { mode: 0o644 });
+  }
+  return { dir, file };
+}
+
+const rule = (name: string, bridges: string, extra = '') =>
+  `[[rule]]\nname = "${name}"\nusers = [1000]\nbridges = [${bridges}]\n${extra}`;
+const ask = (parent: string) => ({
+  kind: 'tap' as const, parent, mode: null, queues: 1, vhost: false, mac: null, name: null, persistent: false,
+});
+const caller = { uid: 1000, gid: 1000, groups: [] };
+const loadError = (file: string) => t_error(() => loadPolicy(file));
+function t_error(f: () => unknown): string {
+  try {
+    f();
+  } catch (err) {
+    return (err as TapbrokerError).message;
+  }
+  throw new Error('it loaded');
+}
+
+test('fragments are read after the main file, in lexical order; other names are not read', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), {
+    '20-b.toml': rule('b', '"br2"'), '10-a.toml': rule('a', '"br1", "br2"'),
+    '30-c.toml.dpkg-old': 'not toml at all [', '.hidden.toml': 'nor this [', 'README': 'x',
+  });
+  try {
+    t.deepEqual(policyFiles(file).map((f) => path.relative(dir, f)), ['policy.toml', 'policy.d/10-a.toml', 'policy.d/20-b.toml']);
+    const p = loadPolicy(file);
+    t.deepEqual(p.allow.map((r) => [r.name, path.relative(dir, r.file), r.line]),
+      [['main', 'policy.toml', 1], ['a', 'policy.d/10-a.toml', 1], ['b', 'policy.d/20-b.toml', 1]]);
+    const d = decide(p, caller, ask('br2'), () => 0);
+    t.true(d.allow && d.rule.name === 'a', 'the first rule in file order decides, across files');
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('names are unique across files, and a rule may use a network another file defines', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), {
+    'a.toml': '[network.lab]\nbridge = "br9"\n', 'b.toml': rule('lab', '', 'networks = ["lab"]\n'),
+  });
+  try {
+    t.true(loadPolicy(file).allow.some((r) => r.networks.includes('lab')));
+    fs.writeFileSync(path.join(dir, 'policy.d', 'c.toml'), `\n${rule('main', '"br1"')}\n[network.lab]\nbridge = "br8"\n`);
+    const m = loadError(file);
+    t.regex(m, new RegExp(`policy\\.d/c\\.toml:2: rule\\.0\\.name: duplicate rule name \`main' \\(also at ${dir}/policy\\.toml:1\\)`));
+    t.regex(m, new RegExp(`policy\\.d/c\\.toml:7: network \`lab' is already defined at ${dir}/policy\\.d/a\\.toml:1`));
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('an error in a fragment names the fragment and its line', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), { 'x.toml': `${rule('x', '"br1"')}max_queue = 2\n` });
+  try {
+    t.regex(loadError(file), /policy\.d\/x\.toml:5: rule\.0: unknown key `max_queue' \(did you mean `max_queues'\?\)$/);
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('one digest over every file and its name; a lone file keeps the digest of its text', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), {});
+  try {
+    const alone = loadPolicy(file).sha256;
+    t.is(alone, createHash('sha256').update(rule('main', '"br0"')).digest('hex'));
+    fs.mkdirSync(path.join(dir, 'policy.d'));
+    fs.writeFileSync(path.join(dir, 'policy.d', 'a.toml'), rule('a', '"br1"'));
+    const one = loadPolicy(file).sha256;
+    t.not(one, alone);
+    fs.renameSync(path.join(dir, 'policy.d', 'a.toml'), path.join(dir, 'policy.d', 'b.toml'));
+    t.not(loadPolicy(file).sha256, one, 'a renamed fragment changes the digest');
+    fs.writeFileSync(path.join(dir, 'policy.d', 'b.toml'), rule('a', '"br2"'));
+    t.not(loadPolicy(file).sha256, one);
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('the broker refuses a fragment, or a fragment directory, a user other than root could change', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), { 'a.toml': rule('a', '"br1"') });
+  try {
+    t.notThrows(() => loadTrustedPolicy(file));
+    fs.chmodSync(path.join(dir, 'policy.d', 'a.toml'), 0o666);
+    t.regex(t_error(() => loadTrustedPolicy(file)), /policy\.d\/a\.toml: .*writable by others: a user other than root/);
+    fs.chmodSync(path.join(dir, 'policy.d', 'a.toml'), 0o644);
+    fs.chmodSync(path.join(dir, 'policy.d'), 0o777);
+    t.regex(t_error(() => loadTrustedPolicy(file)), /policy\.d: .*writable by others/);
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('the tools read the same set: check-policy names the fragment a warning is about', (t) => {
+  const { dir, file } = setUp(rule('main', '"br-none0"'), { 'a.toml': '[[rule]]\nname = "everyone"\nusers = ["*"]\nbridges = ["br-none1"]\n' });
+  try {
+    const r = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
+    t.is(r.status, 0, r.stderr);
+    t.regex(r.stdout, new RegExp(`^${dir}/policy\\.d/a\\.toml:1: warning: rule \`everyone' matches every user$`, 'm'));
+    t.regex(r.stdout, /ok: 2 rules, 0 deny rules, 1 fragment, 1 warning, sha256 [0-9a-f]{64}\n$/);
+    const who = spawnSync(process.execPath, [MAIN, 'who-can', file, '--bridge', 'br-none1', '--json'], { encoding: 'utf8' });
+    t.deepEqual((JSON.parse(who.stdout) as { allowed_by: Array<{ rule: string }> }).allowed_by.map((a) => a.rule), ['everyone']);
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
