@@ -89,6 +89,8 @@ fs.symlinkSync('node_modules/@tapbroker/client/dist/bridge-helper.js', at('/usr/
 const unit = (f) => fs.readFileSync(path.join(ROOT, 'systemd', f), 'utf8');
 put('/usr/lib/systemd/system/tapbrokerd.socket', unit('tapbrokerd.socket'));
 put('/usr/lib/systemd/system/tapbrokerd.service', unit('tapbrokerd.service'));
+// A user unit template: a user's persistent device made again at every start of their user manager.
+put('/usr/lib/systemd/user/tapbroker-persistent@.service', unit('tapbroker-persistent@.service'));
 put('/usr/lib/sysusers.d/tapbroker.conf', unit('tapbroker.sysusers'));
 put('/usr/lib/tmpfiles.d/tapbroker.conf', unit('tapbroker.tmpfiles'));
 put('/usr/lib/modules-load.d/tapbroker.conf', unit('tapbroker.modules-load'));

@@ -265,6 +265,38 @@ test('over quota while holding persistent devices: a hint names them and tapbrok
   }
 });
 
+test('create --exist-ok: one\'s own device made the same way is success, anything else still an error', async (t) => {
+  const ens = Netns.create('cliex');
+  ens.bridge('br0');
+  ens.bridge('br1');
+  const policy = `[[rule]]\nname = "keep"\nusers = [${NOBODY}]\nbridges = ["br0", "br1"]\npersistent = true\n`;
+  const eb = await BrokerProcess.start(ens, policy, { tag: 'cli-exist' });
+  const name = `tb${NOBODY}-boot0`;
+  const create = (...more: string[]) =>
+    tapbroker(['create', '--persistent', '--name', name, '--socket', eb.socket, ...more]);
+  try {
+    const first = create('--bridge', 'br0', '--mac', '52:54:00:00:b0:01', '--exist-ok');
+    t.is(first.code, 0, first.stderr);
+    t.regex(first.stdout, /^created /);
+    const again = create('--bridge', 'br0', '--mac', '52:54:00:00:b0:01', '--exist-ok', '--xml');
+    t.is(again.code, 0, again.stderr);
+    t.regex(again.stdout, new RegExp(`<target dev='${name}' managed='no'/>`));
+    t.regex(again.stdout, /<mac address='52:54:00:00:b0:01'\/>/);
+    t.is(create('--bridge', 'br0', '--mac', '52:54:00:00:b0:01').code, 65, 'without --exist-ok it is an error');
+    const other = create('--bridge', 'br1', '--exist-ok');
+    t.is(other.code, 65, 'the same name on another bridge is not the same device');
+    t.regex(other.stderr, /TB_E_DEVICE_EXISTS/);
+    t.is(create('--bridge', 'br0', '--mac', '52:54:00:00:b0:02', '--exist-ok').code, 65, 'nor with another MAC');
+    const noName = tapbroker(['create', '--persistent', '--bridge', 'br0', '--exist-ok', '--socket', eb.socket]);
+    t.is(noName.code, 64);
+    t.regex(noName.stderr, /--exist-ok needs --name/);
+    t.is(tapbroker(['release', name, '--socket', eb.socket]).code, 0);
+  } finally {
+    await eb.stop();
+    ens.destroy();
+  }
+});
+
 test('qemu-args prints the arguments without asking the broker', (t) => {
   const r = tapbroker(['qemu-args', '--net', 'bridge=br0,queues=2,mac=52:54:00:00:00:01',
     '--net', 'bridge=br1,model=e1000']);

@@ -47,7 +47,7 @@ maybe('the package carries the application and its production dependencies only'
     '/etc/tapbroker/policy.toml', '/usr/share/doc/tapbroker/copyright', '/usr/share/doc/tapbroker/changelog.gz',
     '/usr/share/doc/tapbroker/examples/policy.example.toml',
     '/usr/lib/tapbroker/node_modules/@tapbroker/broker/dist/main.js', '/usr/lib/tapbroker/node_modules/@tapbroker/client/dist/cli.js',
-    '/usr/lib/tapbroker/bridge-helper']) {
+    '/usr/lib/tapbroker/bridge-helper', '/usr/lib/systemd/user/tapbroker-persistent@.service']) {
     t.true(files.includes(f), `${f} is in the package`);
   }
   const unwanted = files.filter((f) => /\.ts$|\.map$|\/test\/|node_modules\/(typescript|ava|fast-check|@types)\/|musl|\.(cc|hh|S|asm)$|msgpackr-extract/.test(f));

@@ -50,14 +50,15 @@ const COMMANDS: Record<Command, { usage: string[]; about: string[]; flags: strin
   create: {
     usage: [
       'tapbroker create --persistent (--bridge BRIDGE | --network NAME | --macvtap PARENT [--mode MODE]) [--name NAME]',
-      '                 [--queues N] [--mac MAC] [--group GROUP] [--xml | --json] [--socket PATH]',
+      '                 [--queues N] [--mac MAC] [--group GROUP] [--exist-ok] [--xml | --json] [--socket PATH]',
     ],
     about: [
       'Make a persistent device owned by you, for rootless libvirtd; it lives until `tapbroker release NAME\'.',
-      '--xml prints the libvirt <interface> element.',
+      '--xml prints the libvirt <interface> element. --exist-ok (with --name): your device of that name, made',
+      'the same way, is success, not an error (for a unit that makes it at every boot).',
     ],
     flags: ['--socket', '--persistent', '--bridge', '--network', '--macvtap', '--mode', '--name', '--queues', '--mac',
-      '--group', '--xml', '--json'],
+      '--group', '--exist-ok', '--xml', '--json'],
   },
   list: {
     usage: ['tapbroker list [--json] [--socket PATH]'],
@@ -402,6 +403,8 @@ interface LeaseArgs {
   queues: number;
   mac: string | null;
   group: number | null;
+  /** create: the caller's own persistent device of that name, made the same way, is not an error. */
+  existOk: boolean;
   output: 'text' | 'xml' | 'json';
 }
 
@@ -414,7 +417,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
   }
   const o: LeaseArgs = {
     command, socket: null, persistent: false, bridge: null, network: null,
-    macvtap: null, mode: null, name: null, queues: 1, mac: null, group: null, output: 'text',
+    macvtap: null, mode: null, name: null, queues: 1, mac: null, group: null, existOk: false, output: 'text',
   };
   const usage = (m: string): never => { throw new TapbrokerError('TB_E_USAGE', m); };
   const seen = new Set<string>();
@@ -443,6 +446,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
     switch (flag) {
       case '--socket': o.socket = value(); break;
       case '--persistent': noValue(); o.persistent = true; break;
+      case '--exist-ok': noValue(); o.existOk = true; break;
       case '--bridge': o.bridge = ifname('bridge'); break;
       case '--macvtap': o.macvtap = ifname('parent'); break;
       case '--network': {
@@ -499,6 +503,7 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
       usage('create needs exactly one of --bridge, --network or --macvtap');
     }
     if (o.mode !== null && o.macvtap === null) usage('--mode is for --macvtap');
+    if (o.existOk && o.name === null) usage('--exist-ok needs --name: it is about a device of that name');
     if (o.group !== null && o.macvtap !== null) {
       usage('--group is for --bridge: a persistent macvtap is its owner\'s alone');
     }
@@ -554,20 +559,51 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
       return 0;
     }
     const common = { queues: o.queues, mac: o.mac, name: o.name, persistent: true };
+    let existed = false;
     const tap = await (o.macvtap === null
       ? client.createTap({
         ...(o.bridge !== null ? { bridge: o.bridge } : { network: o.network! }), group: o.group, ...common,
       })
       : client.createMacvtap({ parent: o.macvtap, mode: o.mode ?? 'bridge', ...common })
-    ).catch((err: unknown) => rethrowWithHint(client, err));
+    ).catch(async (err: unknown) => {
+      if (o.existOk && err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS') {
+        const mine = await sameDevice(client, o);
+        if (mine) {
+          existed = true;
+          return { device: mine, tapFds: [], vhostFds: [] };
+        }
+      }
+      return rethrowWithHint(client, err);
+    });
     const d = tap.device;
     if (o.output === 'xml') process.stdout.write(libvirtInterfaceXml(d));
     else if (o.output === 'json') process.stdout.write(`${JSON.stringify(d, null, 2)}\n`);
+    else if (existed) {
+      process.stdout.write(`exists: ${d.name} (${d.kind} on ${d.network ?? d.parent}, rule ${d.rule})\n`);
+    }
     else process.stdout.write(`created ${describeDevice(d)}\nrelease it with: tapbroker release ${d.name}\n`);
     return 0;
   } finally {
     client.close();
   }
+}
+
+/**
+ * `create --exist-ok`: the caller's own persistent device named `o.name`, made as `o` asks (kind, parent or
+ * network, queues, and the MAC when one is given), as a device to print; null when it is not that.
+ */
+async function sameDevice(client: TapbrokerClient, o: LeaseArgs): Promise<Device | null> {
+  const { leases } = await client.list();
+  const l = leases.find((x) => x.name === o.name && x.ends === 'release');
+  const same = l && l.kind === (o.macvtap !== null ? 'macvtap' : 'tap') && l.queues === o.queues
+    && (o.network !== null ? l.network === o.network : l.network === null && l.parent === (o.bridge ?? o.macvtap))
+    && (o.mac === null || l.mac === o.mac);
+  if (!l || !same) return null;
+  return {
+    kind: l.kind, name: l.name, ifindex: l.ifindex, parent: l.parent, network: l.network, vlan: null, mode: l.mode,
+    mtu: 0, host_mac: '', mac: l.mac, locked: l.locked, queues: l.queues, vnet_hdr: true, vhost: false,
+    persistent: true, rule: l.rule,
+  };
 }
 
 /** tapbroker status: what the broker says of itself and of the caller; the socket it reached. */
