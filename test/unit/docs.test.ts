@@ -19,7 +19,7 @@ const mentions = test.macro({
 });
 
 test('tapbrokerd(8) documents every option and subcommand', mentions, 'packages/broker/man/tapbrokerd.8',
-  ['-n', '-f', '-s', '-m', '-g', '-T', '--state-dir', '--audit-file', '--journal-socket', '--idle-exit', 'check-policy', 'explain-policy', 'who-can', 'import-bridge-conf', 'test-policy', '--strict', 'SIGHUP', 'SIGTERM', 'LISTEN_FDS', 'NOTIFY_SOCKET', 'EXIT STATUS', 'FILES', 'SEE ALSO']);
+  ['-n', '-f', '-s', '-m', '-g', '-T', '--state-dir', '--audit-file', '--journal-socket', '--linux-audit', '--idle-exit', 'check-policy', 'explain-policy', 'who-can', 'import-bridge-conf', 'test-policy', '--strict', 'SIGHUP', 'SIGTERM', 'LISTEN_FDS', 'NOTIFY_SOCKET', 'EXIT STATUS', 'FILES', 'SEE ALSO']);
 test('tapbroker(1) documents every command', mentions, 'packages/client/man/tapbroker.1',
   ['run', 'qemu-args', 'create', '--persistent', 'list', 'release', 'can', 'reload', 'TAPBROKER_SOCKET', 'bridge=', 'macvtap=', 'queues=', 'vhost=', 'EXIT STATUS', 'SEE ALSO']);
 test('tapbroker-policy(5) has a section for every table', mentions, 'packages/broker/man/tapbroker-policy.5',

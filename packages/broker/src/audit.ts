@@ -1,6 +1,7 @@
 // One structured record per decision, written by the broker itself before the reply leaves: to journald
 // (native protocol, TAPBROKER_* fields, a fixed MESSAGE_ID per kind) when its socket exists, otherwise
-// as a JSON line on stderr; and, when asked, appended to a JSON-lines file.
+// as a JSON line on stderr; and, when asked, appended to a JSON-lines file and sent to a further sink
+// (the kernel's audit log, linux-audit.ts).
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
@@ -77,12 +78,21 @@ export interface AuditOptions {
   file?: string | null;
   /** Where JSON lines go without journald (default stderr). */
   fd?: number;
+  /** Also given every record once it is written (--linux-audit); it must never throw or block. */
+  linux?: AuditSink | null;
+}
+
+/** A further destination of records: it picks the ones it wants, and counts and logs its own failures. */
+export interface AuditSink {
+  send(rec: AuditRecord, caller: Partial<Identity> | null): void;
+  close(): void;
 }
 
 export class Audit {
   private readonly journal: string | null;
   private readonly fileFd: number | null;
   private readonly fd: number;
+  private readonly linux: AuditSink | null;
 
   constructor(private readonly policySha: () => string, opts: AuditOptions = {}) {
     const journal = opts.journalSocket === undefined ? DEFAULT_JOURNAL_SOCKET : opts.journalSocket;
@@ -95,6 +105,7 @@ export class Audit {
         )
       : null;
     this.fd = opts.fd ?? 2;
+    this.linux = opts.linux ?? null;
   }
 
   get sink(): string {
@@ -129,6 +140,7 @@ export class Audit {
     if (!journaled) this.dropped += this.fd === 2 ? toStderr(line) : writeFully(this.fd, line);
     // write(2) with O_APPEND: in the kernel before the reply is sent; no user-space buffering.
     if (this.fileFd !== null) this.dropped += writeFully(this.fileFd, line);
+    this.linux?.send(rec, c);
     return rec;
   }
 
@@ -175,6 +187,7 @@ export class Audit {
   close(): void {
     this.flushRefusals();
     if (this.fileFd !== null) fs.closeSync(this.fileFd);
+    this.linux?.close();
   }
 }
 

@@ -6,11 +6,13 @@ import { SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import { loadTrustedPolicy, type Policy } from './policy.js';
 import { notRootsAlone } from './paths.js';
+import { LinuxAudit } from './linux-audit.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
 const DAEMON_USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]
-                  [--state-dir dir] [--audit-file file] [--journal-socket path] [--idle-exit seconds]`;
+                  [--state-dir dir] [--audit-file file] [--journal-socket path] [--linux-audit]
+                  [--idle-exit seconds]`;
 const USAGE = `${DAEMON_USAGE}
        tapbrokerd check-policy [file] [--json] [--strict]
        tapbrokerd explain-policy [file] --user name [--json]
@@ -41,6 +43,7 @@ interface Options {
   stateDir: string;
   auditFile: string | null;
   journalSocket: string | null | undefined;
+  linuxAudit: boolean;
   idleExit: number | null;
 }
 
@@ -55,6 +58,7 @@ function parseArgs(argv: string[]): Options {
     stateDir: DEFAULT_STATE_DIR,
     auditFile: null,
     journalSocket: undefined,
+    linuxAudit: false,
     idleExit: null,
   };
   for (let i = 0; i < argv.length; i++) {
@@ -94,6 +98,10 @@ function parseArgs(argv: string[]): Options {
         break;
       case '--journal-socket':
         o.journalSocket = value();
+        break;
+      case '--linux-audit':
+        if (inline !== undefined) usage('option --linux-audit takes no value');
+        o.linuxAudit = true;
         break;
       case '--idle-exit': {
         const sec = value();
@@ -243,6 +251,8 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   }
 
   let broker: Broker;
+  // Says once whether the kernel has audit and whether it is on; never fails a request.
+  const linux = opts.linuxAudit ? new LinuxAudit(log) : null;
   try {
     fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
     // Where the broker writes as root: nobody else may be able to swap what is there.
@@ -265,6 +275,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       log,
       audit: {
         file: opts.auditFile,
+        linux,
         ...(opts.journalSocket !== undefined ? { journalSocket: opts.journalSocket } : {}),
       },
     });
@@ -285,7 +296,8 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     `listening on ${listener.path ?? `inherited fd ${listener.fd}`}; policy ${policy.files.join(', ')} `
       + `sha256 ${policy.sha256}; `
       + `${broker.leases.size} lease${broker.leases.size === 1 ? '' : 's'} in ${opts.stateDir}; `
-      + `audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`,
+      + `audit to ${broker.audit.sink}${opts.auditFile ? ` and ${opts.auditFile}` : ''}`
+      + `${linux ? ' and the kernel audit log (--linux-audit)' : ''}`,
   );
   notify(`READY=1\n${status()}`);
   // STATUS= follows connections and leases (`systemctl status` shows it): re-sent within a second of a
@@ -300,7 +312,8 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     notify(`RELOADING=1\nMONOTONIC_USEC=${process.hrtime.bigint() / 1000n}`);
     try {
       broker.reload(null);
-      log(`policy reloaded from ${broker.policy.files.join(', ')}; sha256 ${broker.policy.sha256}`);
+      log(`policy reloaded from ${broker.policy.files.join(', ')}; sha256 ${broker.policy.sha256}`
+        + `${linux ? `; linux audit records: ${linux.stats}` : ''}`);
     } catch (err) {
       log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`);
     }
@@ -312,7 +325,13 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     stopping = true;
     log(`${why}: finishing requests in flight`);
     notify(`STOPPING=1\nSTATUS=${why}: stopping`);
-    void broker.shutdown().then(() => process.exit(0));
+    void broker.shutdown().then(async () => {
+      if (linux) {
+        await linux.flush();
+        log(`linux audit records: ${linux.stats}`);
+      }
+      process.exit(0);
+    });
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
