@@ -38,9 +38,13 @@ for (const name of ['protocol', 'broker', 'client']) {
     for (const f of fs.readdirSync(path.join(dir, 'dist'), { recursive: true })) {
       const file = path.join(dir, 'dist', f);
       if (file.startsWith(into) || !/\.(js|d\.ts)$/.test(f)) continue;
-      let rel = path.relative(path.dirname(file), path.join(into, 'index.js'));
-      if (!rel.startsWith('.')) rel = `./${rel}`;
-      fs.writeFileSync(file, fs.readFileSync(file, 'utf8').replaceAll("'@tapbroker/protocol'", `'${rel}'`));
+      const rel = (entry) => {
+        const r = path.relative(path.dirname(file), path.join(into, entry));
+        return r.startsWith('.') ? r : `./${r}`;
+      };
+      fs.writeFileSync(file, fs.readFileSync(file, 'utf8')
+        .replaceAll("'@tapbroker/protocol/lite'", `'${rel('lite.js')}'`)
+        .replaceAll("'@tapbroker/protocol'", `'${rel('index.js')}'`));
     }
     const { '@tapbroker/protocol': _bundled, ...own } = pkg.dependencies;
     pkg.dependencies = { ...protocol.dependencies, ...own };

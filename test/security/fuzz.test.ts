@@ -13,6 +13,7 @@ import {
   MAX_REPLY_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Reply, Request, SeqpacketConnection,
   TapbrokerError, decodeFrame, decodeReply, decodeRequest, encodeFrame, isErrorCode, type Lease,
 } from '@tapbroker/protocol';
+import { decodeReply as decodeLiteReply, encodeRequest as encodeLiteRequest } from '../helpers/lite.js';
 import { BrokerProcess } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { Peer, type RunResult } from '../helpers/seqpeer.js';
@@ -77,14 +78,26 @@ function checkRequest(buf: Buffer): ReturnType<typeof decodeRequest> {
 /** decodeReply returns a valid Reply or throws TB_E_BAD_REPLY (its contract), nothing else. */
 function checkReply(buf: Buffer): void {
   stats.replyFrames++;
+  // The client's own decoder (no msgpackr, no zod: protocol/lite) must accept exactly what the
+  // broker-side one accepts, and read it the same.
+  let lite: Reply | TapbrokerError;
+  try {
+    lite = decodeLiteReply(buf);
+  } catch (err) {
+    if (!(err instanceof TapbrokerError) || err.code !== 'TB_E_BAD_REPLY') throw new Error(`the client's decodeReply threw something else: ${(err as Error).stack}`);
+    lite = err;
+  }
   let r: Reply;
   try {
     r = timed(buf, () => decodeReply(buf));
   } catch (err) {
     if (!(err instanceof TapbrokerError) || err.code !== 'TB_E_BAD_REPLY') throw new Error(`decodeReply threw something else: ${(err as Error).stack}`);
+    if (!(lite instanceof TapbrokerError)) throw new Error(`the client accepts a reply the schema refuses: ${JSON.stringify(lite)}`);
     noPollution();
     return;
   }
+  if (lite instanceof TapbrokerError) throw new Error(`the client refuses a valid reply (${lite.message}): ${JSON.stringify(r)}`);
+  if (!isDeepStrictEqual(lite, r)) throw new Error(`the client reads ${JSON.stringify(lite)} where the schema reads ${JSON.stringify(r)}`);
   const again = Reply.safeParse(r);
   if (!again.success || !isDeepStrictEqual(again.data, r)) throw new Error(`accepted a reply that does not re-validate: ${JSON.stringify(r)}`);
   noPollution();
@@ -383,6 +396,9 @@ test.serial('decodeRequest: valid requests round-trip, and mutated ones are refu
     const frame = encodeFrame(req);
     const d = checkRequest(frame);
     if (!d.ok || !same(d.message, Request.parse(req))) throw new Error(`a valid request did not round-trip: ${JSON.stringify(req)} → ${d.ok ? JSON.stringify(d.message) : d.error.code}`);
+    // The client's own encoder (protocol/lite, no msgpackr) must say the same to the broker.
+    const lite = checkRequest(encodeLiteRequest(req));
+    if (!lite.ok || !same(lite.message, d.message)) throw new Error(`the client's encoding of ${JSON.stringify(req)} reads differently`);
     checkRequest(mutate(frame, ms));
   });
   t.pass();

@@ -6,7 +6,9 @@
 // libvirt show them. The tap lives as long as its fd: qemu holds it.
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
-import { PROTOCOL_VERSION, TapbrokerError, checkIfName, checkNetworkName, exitFlushed, sys } from '@tapbroker/protocol';
+import {
+  PROTOCOL_VERSION, TapbrokerError, checkIfName, checkNetworkName, exitFlushed, sys,
+} from '@tapbroker/protocol/lite';
 import { TapbrokerClient, closeTap } from './client.js';
 
 /** qemu-bridge-helper's own usage line: scripts and people that know it see the same. */

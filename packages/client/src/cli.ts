@@ -19,7 +19,7 @@ import {
   type ErrorCode,
   type Lease,
   type MacvtapMode,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/lite';
 import { TapbrokerClient, closeTap, type Tap } from './client.js';
 import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';

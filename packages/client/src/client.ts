@@ -2,9 +2,9 @@
 import fs from 'node:fs';
 import {
   MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
-  decodeReply, encodeFrame, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
+  decodeReply, encodeRequest, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
   type MacvtapMode, type Nic, type Reply, type Request, type StatusReply,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/lite';
 
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
 
@@ -228,7 +228,7 @@ export class TapbrokerClient {
 
   /** One request, one reply. Error replies become TapbrokerErrors; stray fds are closed. */
   private async call(req: Request): Promise<{ reply: Reply; fds: number[] }> {
-    await this.conn.send(encodeFrame(req)).catch(async (err: Error) => {
+    await this.conn.send(encodeRequest(req)).catch(async (err: Error) => {
       // The broker may have refused the connection (TB_E_BUSY) and closed it before our first request
       // went out: its refusal is still queued here, and says more than the broken pipe.
       const queued = await this.conn.receive().catch(() => null);

@@ -12,4 +12,4 @@ export {
   type Device,
   type Lease,
   type TapDevice,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/lite';

@@ -8,7 +8,7 @@ import {
   checkNetworkName,
   checkQueues,
   type MacvtapMode,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/lite';
 import { checkDeviceProperty } from './qemu-args.js';
 
 export interface NetSpec {

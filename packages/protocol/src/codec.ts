@@ -3,13 +3,12 @@
 // bytes), then decoded by msgpackr with every structured-clone feature off, then checked by zod.
 import { Packr, Unpackr } from 'msgpackr';
 import { TapbrokerError } from './errors.js';
+import { scanFrame } from './scan.js';
 import {
   MAX_REPLY_BYTES, MAX_REQUEST_BYTES, OPS, Reply, Request, describeIssues,
 } from './messages.js';
 
-/** Deepest nesting a frame may have (the deepest message is a map in a map). */
-export const MAX_DEPTH = 4;
-const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
+export { MAX_DEPTH, scanFrame } from './scan.js';
 
 const packr = new Packr({ useRecords: false, structuredClone: false, moreTypes: false, variableMapSize: true });
 const unpackr = new Unpackr({
@@ -19,89 +18,6 @@ const unpackr = new Unpackr({
   mapsAsObjects: true,
   int64AsType: 'number',
 });
-
-/** Walks msgpack bytes without building values; throws on anything the protocol does not carry. */
-export function scanFrame(buf: Buffer): void {
-  let pos = 0;
-  const malformed = (why: string): never => {
-    throw new TapbrokerError('TB_E_MALFORMED', `malformed frame at byte ${pos}: ${why}`);
-  };
-  const need = (n: number) => {
-    if (pos + n > buf.length) malformed('truncated');
-  };
-  const uint = (n: 1 | 2 | 4): number => {
-    need(n);
-    const v = n === 1 ? buf[pos]! : n === 2 ? buf.readUInt16BE(pos) : buf.readUInt32BE(pos);
-    pos += n;
-    return v;
-  };
-  // Returns the string when `wantKey`, so map keys can be checked for duplicates.
-  const value = (depth: number, wantKey: boolean): string | undefined => {
-    if (depth > MAX_DEPTH) malformed(`nesting deeper than ${MAX_DEPTH}`);
-    need(1);
-    const b = buf[pos++]!;
-    let strLen = -1;
-    if (b >= 0xa0 && b <= 0xbf) strLen = b & 0x1f;
-    else if (b === 0xd9) strLen = uint(1);
-    else if (b === 0xda) strLen = uint(2);
-    else if (b === 0xdb) strLen = uint(4);
-    if (strLen >= 0) {
-      need(strLen);
-      const s = wantKey ? buf.toString('utf8', pos, pos + strLen) : undefined;
-      pos += strLen;
-      return s;
-    }
-    if (wantKey) {
-      pos--;
-      throw new TapbrokerError('TB_E_UNSUPPORTED_TYPE', `map key at byte ${pos} is not a string`);
-    }
-    if (b <= 0x7f || b >= 0xe0 || b === 0xc0 || b === 0xc2 || b === 0xc3) return;
-    const fixed: Record<number, number> = {
-      0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8,
-    };
-    if (fixed[b] !== undefined) {
-      need(fixed[b]!);
-      pos += fixed[b]!;
-      return;
-    }
-    let count = -1;
-    let isMap = false;
-    if (b >= 0x80 && b <= 0x8f) { count = b & 0x0f; isMap = true; }
-    else if (b >= 0x90 && b <= 0x9f) count = b & 0x0f;
-    else if (b === 0xdc) count = uint(2);
-    else if (b === 0xdd) count = uint(4);
-    else if (b === 0xde) { count = uint(2); isMap = true; }
-    else if (b === 0xdf) { count = uint(4); isMap = true; }
-    if (count < 0) {
-      pos--;
-      if (b === 0xc1) malformed('reserved byte 0xc1');
-      throw new TapbrokerError(
-        'TB_E_UNSUPPORTED_TYPE',
-        `byte ${pos}: msgpack type 0x${b.toString(16)} (extension or binary) is not carried by the protocol`,
-      );
-    }
-    // Every element takes at least one byte: a count beyond the rest of the frame is a lie.
-    if (count * (isMap ? 2 : 1) > buf.length - pos) malformed('truncated');
-    if (!isMap) {
-      for (let i = 0; i < count; i++) value(depth + 1, false);
-      return;
-    }
-    const keys = new Set<string>();
-    for (let i = 0; i < count; i++) {
-      const at = pos;
-      const key = value(depth + 1, true)!;
-      if (keys.has(key)) { pos = at; malformed(`duplicate key \`${key}'`); }
-      if (FORBIDDEN_KEYS.has(key)) { pos = at; malformed(`reserved key \`${key}'`); }
-      keys.add(key);
-      value(depth + 1, false);
-    }
-  };
-  if (buf.length === 0) malformed('empty');
-  const first = buf[0]!;
-  if (!((first >= 0x80 && first <= 0x8f) || first === 0xde || first === 0xdf)) malformed('a frame must be a map');
-  value(1, false);
-  if (pos !== buf.length) malformed(`${buf.length - pos} trailing bytes`);
-}
 
 /** Decodes untrusted bytes into a plain object, or throws a TapbrokerError with a stable code. */
 export function decodeFrame(buf: Buffer, maxBytes: number): Record<string, unknown> {

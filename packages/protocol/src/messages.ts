@@ -3,22 +3,15 @@
 import { z } from 'zod';
 import { ERROR_CODES, type ErrorCode } from './errors.js';
 
-/**
- * Version 2 added, together: `create` (several NICs in one all-or-nothing request), `status`, `mac: null`
- * (a guest MAC the broker does not know: the qemu-bridge-helper path), and `locked` (the port lock) in
- * devices, leases and `can`. The broker speaks exactly one version; docs/PROTOCOL.md says why.
- */
-export const PROTOCOL_VERSION = 2;
-/** The most NICs one `create` request asks for. */
-export const MAX_NICS = 32;
+import {
+  LEASE_ENDS, MACVTAP_MODES, MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+  type MacvtapMode,
+} from './constants.js';
 
-/** The largest request frame the broker reads; larger ones are refused unread. */
-export const MAX_REQUEST_BYTES = 4096;
-/** The largest reply frame a client reads. */
-/** The largest reply frame; below the default socket send buffer (net.core.wmem_default, 208 KiB). */
-export const MAX_REPLY_BYTES = 192 * 1024;
-/** The most fds one reply carries: the kernel's SCM_MAX_FD. */
-export const MAX_REPLY_FDS = 253;
+export {
+  LEASE_ENDS, MACVTAP_MODES, MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+  type MacvtapMode,
+};
 
 const Id = z.number().int().min(0).max(0xffffffff);
 // Lengths here only bound the work; the exact kernel grammar is checked by the broker with its own codes.
@@ -56,8 +49,6 @@ const TapFields = {
 
 export const CreateTapRequest = z.strictObject({ op: z.literal('create-tap'), id: Id, ...TapFields });
 
-export const MACVTAP_MODES = ['bridge', 'vepa', 'private', 'passthru'] as const;
-export type MacvtapMode = (typeof MACVTAP_MODES)[number];
 
 /** A persistent macvtap's char device is opened only by the caller; no fds are sent. */
 const MacvtapFields = { parent: Text(64), mode: z.enum(MACVTAP_MODES).optional(), ...DeviceOptions };
@@ -133,8 +124,6 @@ export const HelloReply = z.strictObject({
   broker: Text(128),
 });
 
-/** How a lease ends: its fds closing (tap), its holder exiting (macvtap), or `release` (persistent). */
-export const LEASE_ENDS = ['fds', 'holder', 'release'] as const;
 
 export const Device = z.strictObject({
   kind: z.enum(['tap', 'macvtap']),
