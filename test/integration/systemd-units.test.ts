@@ -107,13 +107,15 @@ test('the socket: SOCK_SEQPACKET at the default path, 0660 root:tapbroker, remov
   t.regex(fs.readFileSync(path.join(UNITS, 'tapbroker.sysusers'), 'utf8'), /^g\s+tapbroker\s+-\s*$/m);
 });
 
-test('the service: root with CAP_NET_ADMIN only, host network, its runtime directory kept across restarts', (t) => {
+test('the service: root with CAP_NET_ADMIN (and CAP_AUDIT_WRITE for --linux-audit), host network, its runtime directory kept across restarts', (t) => {
   const s = parseUnit(SERVICE);
   t.is(one(s, 'Service', 'Type'), 'notify');
   t.deepEqual(values(s, 'Unit', 'Requires'), ['tapbrokerd.socket']);
   t.deepEqual(values(s, 'Unit', 'After'), ['tapbrokerd.socket']);
   t.is(one(s, 'Service', 'User'), undefined, 'runs as root: uid 0 owns /dev/vhost-net and /dev/tapN');
-  t.deepEqual(values(s, 'Service', 'CapabilityBoundingSet'), ['CAP_NET_ADMIN']);
+  t.deepEqual(values(s, 'Service', 'CapabilityBoundingSet'), ['CAP_NET_ADMIN CAP_AUDIT_WRITE'],
+    'CAP_AUDIT_WRITE only for --linux-audit');
+  t.true(one(s, 'Service', 'ExecStart')!.split(/\s+/).includes('--linux-audit'));
   for (const off of ['PrivateNetwork', 'PrivateUsers', 'PrivateDevices', 'ProtectProc']) {
     t.is(one(s, 'Service', off), undefined, `${off}= would break the broker (see the unit's comments)`);
   }
@@ -247,7 +249,7 @@ exec env -i container=tapbroker-test SYSTEMD_UNIT_PATH=$U SYSTEMD_GENERATOR_PATH
 const boot = bootUnavailable();
 if (boot) console.log(`# skip units under a real systemd: ${boot}`);
 
-(boot ? test.skip : test.serial)('the installed package under a real systemd: socket activation, CAP_NET_ADMIN only, seccomp, READY=1, reload, restart', async (t) => {
+(boot ? test.skip : test.serial)('the installed package under a real systemd: socket activation, CAP_NET_ADMIN and CAP_AUDIT_WRITE only, seccomp, READY=1, reload, restart', async (t) => {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-sdboot-'));
   const inner = path.join(tmp, 'inner.sh');
   fs.writeFileSync(inner, INNER, { mode: 0o755 });
@@ -317,8 +319,8 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
   const mainPid = systemctl('show', '-p', 'MainPID', '--value', 'tapbrokerd.service').stdout.trim();
   const status = ns(['cat', `/proc/${mainPid}/status`]).stdout;
   t.regex(status, /^Uid:\s+0\s+0\s+0\s+0$/m);
-  t.regex(status, /^CapEff:\s+0000000000001000$/m, 'CAP_NET_ADMIN alone');
-  t.regex(status, /^CapBnd:\s+0000000000001000$/m);
+  t.regex(status, /^CapEff:\s+0000000020001000$/m, 'CAP_NET_ADMIN and CAP_AUDIT_WRITE alone');
+  t.regex(status, /^CapBnd:\s+0000000020001000$/m);
   t.regex(status, /^NoNewPrivs:\s+1$/m);
   t.regex(status, /^Seccomp:\s+2$/m);
 
