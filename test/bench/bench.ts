@@ -35,6 +35,8 @@ const HOLDER_JS = path.join(HERE, 'holder.js');
 const HELPER = '/usr/lib/qemu/qemu-bridge-helper';
 const TB_HELPER = path.resolve(HERE, '../../../packages/client/dist/bridge-helper.js');
 const SPAWN_HELPER_PY = path.resolve(HERE, '../../../test/bench/spawn-helper.py');
+const SPAWN_TIME_PY = path.resolve(HERE, '../../../test/bench/spawn-time.py');
+const CLIENT_CLI = path.resolve(HERE, '../../../packages/client/dist/cli.js');
 const BRIDGE_CONF = '/etc/qemu/bridge.conf';
 const REAP_GROUP = '77';
 /** A grant that takes longer than this means the broker is stuck, not slow (2,000 leases cost ~40 ms). */
@@ -42,7 +44,7 @@ const GRANT_TIMEOUT_MS = 15_000;
 
 // ---- options ----
 
-const PHASES = ['floor', 'helper', 'cold', 'seq', 'variants', 'fresh', 'concurrent', 'flood', 'teardown', 'leases'] as const;
+const PHASES = ['floor', 'helper', 'client', 'cold', 'seq', 'variants', 'fresh', 'concurrent', 'flood', 'teardown', 'leases'] as const;
 type Phase = (typeof PHASES)[number];
 
 interface Options {
@@ -591,6 +593,31 @@ async function phaseHelper(): Promise<void> {
   }
 }
 
+/**
+ * How long the client takes to reach the command it runs: `tapbroker run --net bridge=br0 -- true` from
+ * fork/exec to exit (a grant, the fds passed, `true` run), beside a bare `node -e 0` and `tapbroker
+ * --version` (the client's start alone), all spawned the same way.
+ */
+async function phaseClient(): Promise<void> {
+  const time = (env: NodeJS.ProcessEnv, ...cmd: string[]) => (JSON.parse(execFileSync('ip', ['netns', 'exec', ns().name,
+    '/usr/bin/python3', SPAWN_TIME_PY, String(Math.min(opts.n, 60)), '5', ...cmd],
+  { encoding: 'utf8', env: { ...process.env, ...env } })) as { samples: number[] }).samples;
+  const bare = stats(time({}, process.execPath, '-e', '0'));
+  fig({ id: 'node-bare', label: 'bare node -e 0, spawn → exit', stats: bare, note: 'the floor of any Node client' });
+  const version = stats(time({}, process.execPath, CLIENT_CLI, '--version'));
+  const over = version.p50 - bare.p50;
+  fig({ id: 'client-start', label: 'tapbroker --version, spawn → exit', stats: version,
+    target: { text: `p50 within 50 ms of bare node: +${over.toFixed(1)} ms`, pass: over <= 50 },
+    note: 'the client\'s own start: its modules loaded (no zod, no msgpackr: @tapbroker/protocol/lite)' });
+  await withFreshBroker('client', async (br) => {
+    const run = stats(time({}, process.execPath, CLIENT_CLI, 'run', '--socket', br.b.socket, '--net', 'bridge=br0',
+      '--', '/bin/true'));
+    fig({ id: 'client-run', label: 'tapbroker run --net bridge=br0 -- true, spawn → exit', stats: run,
+      note: `start, connect, hello, one grant, spawn of true, its exit; +${(run.p50 - bare.p50).toFixed(1)} ms `
+        + 'over bare node' });
+  });
+}
+
 async function phaseCold(jitless: boolean): Promise<void> {
   const spawnToFd: number[] = [];
   const connectToFd: number[] = [];
@@ -974,6 +1001,7 @@ async function main(): Promise<void> {
     await phaseFloor('floor-held', 'kernel floor, taps kept (no teardown between)', 'the same, every tap kept until the end: no destruction\'s after-effects in the kernel between two creates', true);
   }
   if (wanted('helper')) await phaseHelper();
+  if (wanted('client')) await phaseClient();
   if (wanted('cold')) {
     await phaseCold(false);
     await phaseCold(true);
