@@ -1,10 +1,12 @@
 // Test-only entry point: tapbrokerd with broker options a test injects, which the shipped main.js
 // never reads. TB_TEST_FAULT=POINT SIGKILLs the broker at that fault point; TB_TEST_FAULT=POINT=wait:FILE
-// creates FILE.reached there and blocks until FILE exists. TB_TEST_FD_FALLBACK=1 skips SO_PASSRIGHTS,
+// creates FILE.reached there and blocks until FILE exists; TB_TEST_FAULT=POINT=throw makes the kernel step
+// there fail as a kernel refusal would (for refusals this kernel cannot be made to give). TB_TEST_FD_FALLBACK=1 skips SO_PASSRIGHTS,
 // so fds pushed at the broker take the path every kernel before 6.16 relies on. TB_TEST_MAX_CONNECTIONS=N
 // makes the broker's connection limit N (the default is 1024).
 import fs from 'node:fs';
 import { daemon, type FaultPoint } from '@tapbroker/broker/internal';
+import { TapbrokerError } from '@tapbroker/protocol';
 
 const spec = process.env['TB_TEST_FAULT'] ?? '';
 const fallback = process.env['TB_TEST_FD_FALLBACK'] === '1';
@@ -16,6 +18,7 @@ const [armed, action] = spec.split(/=(.*)/s) as [string, string | undefined];
 
 function fault(point: FaultPoint): void {
   if (point !== armed) return;
+  if (action === 'throw') throw new TapbrokerError('TB_E_KERNEL', `injected kernel refusal at ${point}`);
   if (action?.startsWith('wait:')) {
     const file = action.slice(5);
     fs.writeFileSync(`${file}.reached`, point);

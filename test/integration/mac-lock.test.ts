@@ -210,3 +210,20 @@ test.serial('a broker restart puts back a lock an administrator took off meanwhi
   t.regex(fdb(d.name), new RegExp(`^${d.mac} master br0 static`, 'm'));
   t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
 });
+
+// A kernel that refuses a step after the lock (this one never does: the refusal is injected, in the
+// test-only entry point) must leave nothing: no device, no forwarding entry, no lease.
+test.serial('a kernel refusal after the lock rolls the grant back, forwarding entry and all', async (t) => {
+  const faulty = await BrokerProcess.start(ns, POLICY, { tag: 'lockfault', fault: 'tap:locked=throw' });
+  try {
+    const mac = '52:54:00:77:00:09';
+    const r = await probeOnce({ socket: faulty.socket, requests: [{ bridge: 'br0', mac }] });
+    t.is(r.error?.code, 'TB_E_KERNEL');
+    t.regex(r.error?.message ?? '', /injected kernel refusal at tap:locked/);
+    await faulty.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, `devices left: ${ns.extraLinks(HOST)}`);
+    t.notRegex(bridgeCmd('fdb', 'show', 'br', 'br0'), new RegExp(mac), 'no forwarding entry is left');
+    t.truthy(await faulty.record((x) => x.decision === 'error' && x.code === 'TB_E_KERNEL'));
+  } finally {
+    await faulty.stop();
+  }
+});

@@ -56,7 +56,7 @@ export function hostMac(guestMac: Buffer): Buffer {
 
 /** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
 export type FaultPoint =
-  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:persisted' | 'macvtap:created' | 'macvtap:opened'
+  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:locked' | 'tap:persisted' | 'macvtap:created' | 'macvtap:opened'
   | 'create:leased' | 'release:unleased' | 'release:deleted';
 export type Faults = (point: FaultPoint) => void;
 export const NO_FAULTS: Faults = () => {};
@@ -235,7 +235,10 @@ export class Netdev {
         );
       }
       // Before any fd leaves the broker: nobody can have sent a frame through the port yet.
-      if (req.lock) this.lockPort(link.index, bridge!, req.guestMac, req.vlan ?? null, req.name);
+      if (req.lock) {
+        this.lockPort(link.index, bridge!, req.guestMac, req.vlan ?? null, req.name);
+        this.faultPoint('tap:locked');
+      }
       this.faultPoint('tap:configured');
       if (req.persistent) {
         // Persistence comes last, so every earlier failure is undone by closing the fd.
