@@ -229,7 +229,9 @@ test('can --persistent asks about a persistent device', (t) => {
   t.regex(r.stdout, /^bridge=br0 \(persistent\): no, /);
 });
 
-test('over quota while holding persistent devices: a hint names them and tapbroker release', async (t) => {
+// Serial: the other tests here block this worker's event loop in spawnSync for seconds at a time, and a
+// broker started meanwhile could not be heard saying it listens.
+test.serial('over quota while holding persistent devices: a hint names them and tapbroker release', async (t) => {
   const qns = Netns.create('cliq');
   qns.bridge('br0');
   const policy = `[[rule]]\nname = "keep"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`
@@ -265,7 +267,7 @@ test('over quota while holding persistent devices: a hint names them and tapbrok
   }
 });
 
-test('create --exist-ok: one\'s own device made the same way is success, anything else still an error', async (t) => {
+test.serial('create --exist-ok: one\'s own device made the same way is success, anything else still an error', async (t) => {
   const ens = Netns.create('cliex');
   ens.bridge('br0');
   ens.bridge('br1');
