@@ -79,7 +79,13 @@ export class BrokerProcess {
       stdio: ['ignore', 'ignore', 'pipe'], env,
     });
     const b = new BrokerProcess(proc, socket, dir);
-    await b.waitFor(() => b.stderr.includes('listening on'), 10_000, 'broker did not start');
+    try {
+      await b.waitFor(() => b.stderr.includes('listening on'), 10_000, 'broker did not start');
+    } catch (err) {
+      // A broker that never said it listens is still a process: it must not outlive the test.
+      proc.kill('SIGKILL');
+      throw err;
+    }
     return b;
   }
 
