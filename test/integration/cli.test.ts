@@ -236,8 +236,9 @@ test.serial('over quota while holding persistent devices: a hint names them and 
   qns.bridge('br0');
   const policy = `[[rule]]\nname = "keep"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`
     + 'persistent = true\nmax_devices = 1\n';
-  const qb = await BrokerProcess.start(qns, policy, { tag: 'cli-quota' });
+  let qb: BrokerProcess | undefined;
   try {
+    qb = await BrokerProcess.start(qns, policy, { tag: 'cli-quota' });
     const can = tapbroker(['can', '--persistent', '--socket', qb.socket, '--net', 'bridge=br0']);
     t.is(can.stdout, 'bridge=br0 (persistent): yes, by rule keep\n', can.stderr);
     const made = tapbroker(['create', '--persistent', '--bridge', 'br0', '--json', '--socket', qb.socket]);
@@ -262,7 +263,7 @@ test.serial('over quota while holding persistent devices: a hint names them and 
     const after = tapbroker(['run', '--socket', qb.socket, '--net', 'bridge=br0', '--', 'true']);
     t.is(after.code, 0, after.stderr);
   } finally {
-    await qb.stop();
+    await qb?.stop();
     qns.destroy();
   }
 });
@@ -272,11 +273,12 @@ test.serial('create --exist-ok: one\'s own device made the same way is success, 
   ens.bridge('br0');
   ens.bridge('br1');
   const policy = `[[rule]]\nname = "keep"\nusers = [${NOBODY}]\nbridges = ["br0", "br1"]\npersistent = true\n`;
-  const eb = await BrokerProcess.start(ens, policy, { tag: 'cli-exist' });
+  let eb: BrokerProcess | undefined;
   const name = `tb${NOBODY}-boot0`;
   const create = (...more: string[]) =>
-    tapbroker(['create', '--persistent', '--name', name, '--socket', eb.socket, ...more]);
+    tapbroker(['create', '--persistent', '--name', name, '--socket', eb!.socket, ...more]);
   try {
+    eb = await BrokerProcess.start(ens, policy, { tag: 'cli-exist' });
     const first = create('--bridge', 'br0', '--mac', '52:54:00:00:b0:01', '--exist-ok');
     t.is(first.code, 0, first.stderr);
     t.regex(first.stdout, /^created /);
@@ -294,7 +296,7 @@ test.serial('create --exist-ok: one\'s own device made the same way is success, 
     t.regex(noName.stderr, /--exist-ok needs --name/);
     t.is(tapbroker(['release', name, '--socket', eb.socket]).code, 0);
   } finally {
-    await eb.stop();
+    await eb?.stop();
     ens.destroy();
   }
 });
