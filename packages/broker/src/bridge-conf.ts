@@ -9,18 +9,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import koffi from 'koffi';
-import { IFNAME_MAX_BYTES, checkIfName, sys } from '@tapbroker/protocol';
+import { EX, IFNAME_MAX_BYTES, checkIfName, sys } from '@tapbroker/protocol';
 import { accountMembers, getgrnam, getpwuid } from './libc.js';
 import { notRootsAlone } from './paths.js';
 import { ANY_BRIDGE, parsePolicy } from './policy.js';
 
 export const DEFAULT_BRIDGE_CONF = '/etc/qemu/bridge.conf';
 
-const EX_OK = 0;
-const EX_USAGE = 64;
-const EX_DATAERR = 65;
-const EX_NOINPUT = 66;
-const EX_SOFTWARE = 70;
 
 const USAGE = `usage: tapbrokerd import-bridge-conf [file]
 
@@ -538,12 +533,12 @@ function render(
 export function importBridgeConfTool(argv: readonly string[]): number {
   if (argv[0] === '-h' || argv[0] === '--help') {
     process.stdout.write(`${USAGE}\n`);
-    return EX_OK;
+    return EX.OK;
   }
   const bad = argv.length > 1 ? argv[1] : argv[0]?.startsWith('-') ? argv[0] : undefined;
   if (bad !== undefined) {
     process.stderr.write(`tapbrokerd: import-bridge-conf: unknown argument \`${bad}'\n${USAGE}\n`);
-    return EX_USAGE;
+    return EX.USAGE;
   }
   const file = argv[0] ?? DEFAULT_BRIDGE_CONF;
   let result: ImportResult;
@@ -551,11 +546,11 @@ export function importBridgeConfTool(argv: readonly string[]): number {
     result = importBridgeConf(file);
   } catch (err) {
     process.stderr.write(`tapbrokerd: import-bridge-conf: internal error: ${(err as Error).message}\n`);
-    return EX_SOFTWARE;
+    return EX.SOFTWARE;
   }
   for (const w of result.warnings) process.stderr.write(`${w.where}: warning: ${printable(w.message)}\n`);
   for (const e of result.errors) process.stderr.write(`${e.where}: error: ${printable(e.message)}\n`);
-  if (result.toml === null) return result.noInput ? EX_NOINPUT : EX_DATAERR;
+  if (result.toml === null) return result.noInput ? EX.NOINPUT : EX.DATAERR;
   process.stdout.write(result.toml);
-  return EX_OK;
+  return EX.OK;
 }

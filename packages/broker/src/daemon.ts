@@ -2,7 +2,7 @@
 // USAGE below. main.ts runs it; a test entry point may run it with broker options of its own.
 import fs from 'node:fs';
 import path from 'node:path';
-import { SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/protocol';
+import { EX, SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/protocol';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import { loadTrustedPolicy, type Policy } from './policy.js';
 import { notRootsAlone } from './paths.js';
@@ -21,10 +21,6 @@ const USAGE = `${DAEMON_USAGE}
        tapbrokerd test-policy [file] cases [--json]`;
 export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
-const EX_USAGE = 64;
-const EX_UNAVAILABLE = 69;
-const EX_NOPERM = 77;
-const EX_CONFIG = 78;
 const CAP_NET_ADMIN = 12;
 
 /** Whether this process holds CAP_NET_ADMIN now (CapEff in /proc/self/status). */
@@ -133,7 +129,7 @@ function parseArgs(argv: string[]): Options {
 /** A usage error: the message and the daemon's own usage, not every tool's. */
 function usage(why: string): never {
   process.stderr.write(`tapbrokerd: ${why}\n${DAEMON_USAGE}\nsee tapbrokerd --help\n`);
-  process.exit(EX_USAGE);
+  process.exit(EX.USAGE);
 }
 
 function log(line: string): void {
@@ -212,14 +208,14 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
         .map((l) => `tapbrokerd: ${l}`)
         .join('\n')}\n`,
     );
-    process.exit(EX_CONFIG);
+    process.exit(EX.CONFIG);
   }
   // Without CAP_NET_ADMIN every request would fail with EPERM: refuse to start instead, with a status
   // the unit's RestartPreventExitStatus= lists, so no restart loop follows.
   if (!hasNetAdmin()) {
     log('needs CAP_NET_ADMIN to create and configure network devices, and does not have it; run it as root, '
       + 'or under tapbrokerd.service (CapabilityBoundingSet=CAP_NET_ADMIN)');
-    process.exit(EX_NOPERM);
+    process.exit(EX.NOPERM);
   }
 
   let listener: SeqpacketListener;
@@ -238,7 +234,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       const why = notRootsAlone(path.dirname(opts.socket));
       if (why) {
         log(`the socket's directory ${path.dirname(opts.socket)} ${why}; refusing to start`);
-        process.exit(EX_CONFIG);
+        process.exit(EX.CONFIG);
       }
       listener = SeqpacketListener.listen(
         opts.socket,
@@ -247,7 +243,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     }
   } catch (err) {
     log(`cannot listen: ${(err as Error).message}`);
-    process.exit(EX_UNAVAILABLE);
+    process.exit(EX.UNAVAILABLE);
   }
 
   let broker: Broker;
@@ -263,7 +259,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       const why = p ? notRootsAlone(p) : null;
       if (why) {
         log(`the ${what} ${p} ${why}; refusing to start`);
-        process.exit(EX_CONFIG);
+        process.exit(EX.CONFIG);
       }
     }
     broker = new Broker({
@@ -282,7 +278,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     broker.start(listener);
   } catch (err) {
     log(`cannot start: ${(err as Error).message}`);
-    process.exit(EX_UNAVAILABLE);
+    process.exit(EX.UNAVAILABLE);
   }
   const status = () =>
     `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); `

@@ -8,11 +8,9 @@ import { sys } from '@tapbroker/protocol';
 import type { AuditRecord, AuditSink } from './audit.js';
 import type { Identity } from './identity.js';
 import { netlinkInBackground } from './libc.js';
+import { NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST } from './rtnetlink.js';
 
 const NETLINK_AUDIT = 9;
-const NLMSG_ERROR = 2;
-const NLM_F_REQUEST = 0x1;
-const NLM_F_ACK = 0x4;
 const AUDIT_GET = 1000;
 /** libaudit's AUDIT_VIRT_RESOURCE ("resource assignment"): libvirt's type for net, disk, dev… records. */
 export const AUDIT_VIRT_RESOURCE = 2501;

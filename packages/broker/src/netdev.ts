@@ -56,7 +56,8 @@ export function hostMac(guestMac: Buffer): Buffer {
 
 /** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
 export type FaultPoint =
-  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:locked' | 'tap:persisted' | 'macvtap:created' | 'macvtap:opened'
+  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:locked' | 'tap:persisted'
+  | 'macvtap:created' | 'macvtap:opened'
   | 'create:leased' | 'release:unleased' | 'release:deleted';
 export type Faults = (point: FaultPoint) => void;
 export const NO_FAULTS: Faults = () => {};

@@ -4,18 +4,13 @@
 import fs from 'node:fs';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
-import { MACVTAP_MODES, TapbrokerError, type ErrorCode, type MacvtapMode, type Nic } from '@tapbroker/protocol';
+import { EX, MACVTAP_MODES, TapbrokerError, type ErrorCode, type MacvtapMode, type Nic } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 import { getgrnam, getpwnam, getpwuid } from './libc.js';
 import { decide, didYouMean, lineIndex, loadPolicy, parsePolicy, type Caller, type Policy } from './policy.js';
 import { checkSpec, createSpec, type CreateSpec } from './spec.js';
 
-const EX_OK = 0;
 const EX_FAILED = 1;
-const EX_USAGE = 64;
-const EX_DATAERR = 65;
-const EX_NOINPUT = 66;
-const EX_CONFIG = 78;
 
 const USAGE = `usage: tapbrokerd test-policy [policy] cases [--json]
 
@@ -326,11 +321,11 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
   const out = (s: string) => process.stdout.write(`${s}\n`);
   const usage = (why: string) => {
     process.stderr.write(`tapbrokerd: ${why}\n${USAGE.split('\n')[0]}\nsee tapbrokerd test-policy --help\n`);
-    return EX_USAGE;
+    return EX.USAGE;
   };
   if (args.includes('--help') || args.includes('-h')) {
     out(USAGE);
-    return EX_OK;
+    return EX.OK;
   }
   let json = false;
   const files: string[] = [];
@@ -350,20 +345,20 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
     const errors = policyErrors(policyFile, (err as Error).message);
     if (json) out(JSON.stringify({ policy: policyFile, ok: false, errors }, null, 2));
     else for (const e of errors) process.stderr.write(`${located(policyFile, e)}\n`);
-    return EX_CONFIG;
+    return EX.CONFIG;
   }
   let text: string;
   try {
     text = fs.readFileSync(casesFile, 'utf8');
   } catch (err) {
     process.stderr.write(`tapbrokerd: cannot read cases file \`${casesFile}': ${(err as Error).message}\n`);
-    return EX_NOINPUT;
+    return EX.NOINPUT;
   }
   const run = runPolicyTests(policy, text);
   if (run.errors.length > 0) {
     if (json) out(JSON.stringify({ cases_file: casesFile, ok: false, errors: run.errors }, null, 2));
     else for (const e of run.errors) process.stderr.write(`${located(casesFile, e)}\n`);
-    return EX_DATAERR;
+    return EX.DATAERR;
   }
   const total = run.results.length;
   if (json) {
@@ -375,5 +370,5 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
     for (const r of run.results) if (!r.passed) out(printable(`${casesFile}:${r.line}: fail: ${r.name}: ${r.failure}`));
     out(`${total} case${total === 1 ? '' : 's'}, ${run.passed} passed, ${run.failed} failed`);
   }
-  return run.failed === 0 ? EX_OK : EX_FAILED;
+  return run.failed === 0 ? EX.OK : EX_FAILED;
 }

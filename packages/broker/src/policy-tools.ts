@@ -3,7 +3,7 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
-import { MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
+import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { getpwnam, getpwuid } from './libc.js';
 import {
   ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, loadPolicy, matches, matchesDeny, resolveTarget,
@@ -11,12 +11,8 @@ import {
   type AllowRule, type DenyRule, type Policy, type Selector, type Target,
 } from './policy.js';
 
-const EX_OK = 0;
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
 const EX_WARNINGS = 1;
-const EX_USAGE = 64;
-const EX_DATAERR = 65;
-const EX_CONFIG = 78;
 
 export interface Finding {
   level: 'error' | 'warning';
@@ -195,7 +191,7 @@ function toolUsage(tool: string, why: string): number {
 usage: ${TOOL_USAGE[tool]?.[0] ?? tool}
 see tapbrokerd ${tool} --help
 `);
-  return EX_USAGE;
+  return EX.USAGE;
 }
 
 function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
@@ -252,7 +248,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   const tool = argv[0]!;
   if (argv.includes('--help') || argv.includes('-h')) {
     write(`usage: ${TOOL_USAGE[tool]![0]}\n\n${TOOL_USAGE[tool]![1]}\nSee tapbrokerd(8).`);
-    return EX_OK;
+    return EX.OK;
   }
   let o: ReturnType<typeof parseToolArgs>;
   try {
@@ -270,7 +266,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     } else {
       for (const e of errors) process.stderr.write(`${formatFinding(o.file, e)}\n`);
     }
-    return EX_CONFIG;
+    return EX.CONFIG;
   }
 
   if (argv[0] === 'check-policy') {
@@ -278,7 +274,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     const unsafe = untrustedPolicyFile(o.file);
     if (unsafe && opts.asBroker) {
       process.stderr.write(`${unsafe.file}:-: error: ${unsafe.why}: a user other than root could change the policy\n`);
-      return EX_CONFIG;
+      return EX.CONFIG;
     }
     if (unsafe) {
       findings.unshift({
@@ -300,7 +296,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         + `${findings.length} warning${findings.length === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
     }
     // For pipelines that must not ship a policy a reviewer would question.
-    return o.strict && findings.length > 0 ? EX_WARNINGS : EX_OK;
+    return o.strict && findings.length > 0 ? EX_WARNINGS : EX.OK;
   }
 
   if (argv[0] === 'explain-policy') {
@@ -310,7 +306,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       : getpwnam(o.user);
     if (!pw) {
       process.stderr.write(`tapbrokerd: no user \`${o.user}'\n`);
-      return EX_DATAERR;
+      return EX.DATAERR;
     }
     let groups: number[] = [];
     try {
@@ -352,7 +348,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(d)} — deny wins over every rule above`);
       }
     }
-    return EX_OK;
+    return EX.OK;
   }
 
   // who-can
@@ -363,7 +359,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   const target = (o.bridge ?? o.macvtap ?? o.network)!;
   if (kind === 'network' && !policy.networks.has(target)) {
     process.stderr.write(`tapbrokerd: no network \`${target}' in ${o.file}\n`);
-    return EX_DATAERR;
+    return EX.DATAERR;
   }
   // Every way a request can reach this target: by its own name and through each network onto it. Each
   // is judged with the broker's own functions (resolveTarget, denyCovers), so the tools cannot disagree.
@@ -412,5 +408,5 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);
   }
-  return EX_OK;
+  return EX.OK;
 }

@@ -19,5 +19,10 @@ export const MAX_REPLY_FDS = 253;
 export const MACVTAP_MODES = ['bridge', 'vepa', 'private', 'passthru'] as const;
 export type MacvtapMode = (typeof MACVTAP_MODES)[number];
 
+/** sysexits(3): the statuses every tapbroker command exits with (documented in the man pages). */
+export const EX = {
+  OK: 0, USAGE: 64, DATAERR: 65, NOINPUT: 66, UNAVAILABLE: 69, SOFTWARE: 70, NOPERM: 77, CONFIG: 78,
+} as const;
+
 /** How a lease ends: its fds closing (tap), its holder exiting (macvtap), or `release` (persistent). */
 export const LEASE_ENDS = ['fds', 'holder', 'release'] as const;

@@ -19,3 +19,4 @@ export {
 } from './validate.js';
 export * as sys from './sys.js';
 export { exitFlushed } from './exit.js';
+export { EX } from './constants.js';
