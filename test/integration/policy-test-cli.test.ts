@@ -149,7 +149,7 @@ test('usage: --help, one file is the cases (the policy is the default), none or 
   t.not(one.code, 64, one.stderr);
   if (!fs.existsSync('/etc/tapbroker/policy.toml')) {
     t.is(one.code, 78);
-    t.regex(one.stderr, /^\/etc\/tapbroker\/policy\.toml:-: error: cannot read policy/);
+    t.regex(one.stderr, /^\/etc\/tapbroker\/policy\.toml:-: error: cannot read the policy: /);
   }
   for (const args of [[], ['a', 'b', 'c'], [policy, '--strict']]) {
     const r = tapbrokerd('test-policy', ...args);

@@ -291,7 +291,7 @@ export function loadPolicy(path: string): Policy {
     try {
       return { path: file, text: fs.readFileSync(file, 'utf8') };
     } catch (err) {
-      throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read policy \`${file}': ${(err as Error).message}`);
+      throw new TapbrokerError('TB_E_POLICY_INVALID', `${file}: cannot read the policy: ${(err as Error).message}`);
     }
   });
   return parseSources(sources);
