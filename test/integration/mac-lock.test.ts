@@ -87,7 +87,7 @@ test.serial('a locked port forwards its guest MAC\'s frames, with one static ent
     const link = bridgeCmd('-d', 'link', 'show', 'dev', d.name);
     t.regex(link, /locked on/);
     t.regex(link, /learning off/);
-    t.regex(fdb(d.name), new RegExp(`^${d.mac} master br0 static`, 'm'));
+    t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'));
     const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name?: string }).name === d.name);
     t.is((grant.device as { locked: boolean }).locked, true, 'the audit record says so too');
   } finally {
@@ -142,10 +142,10 @@ test.serial('an entry the bridge learned on another port is taken over; another 
     try {
       t.is(locked.result.error, null);
       const name = locked.result.taps[0]!.device.name;
-      t.regex(fdb(name), new RegExp(`^${mac} master br0 static`, 'm'), 'the entry moved, static');
+      t.regex(fdb(name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'), 'the entry moved, static');
       const second = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
       t.is(second.error?.code, 'TB_E_MAC_IN_USE', 'a MAC locked to one port is not taken by another lock');
-      t.regex(fdb(name), new RegExp(`^${mac} master br0 static`, 'm'), 'and stays where it was');
+      t.regex(fdb(name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'), 'and stays where it was');
     } finally {
       await locked.release();
     }
@@ -165,7 +165,7 @@ test.serial('the lock holds against its own holder: a tap given a locked MAC is 
         const a = attacker.result.taps[0]!.device;
         await broker.waitFor(() => ns.link(a.name) === undefined, 3000, 'the attacker\'s tap was not deleted');
         await broker.waitFor(() => /static/.test(fdb(v.name)), 3000, 'the victim\'s static entry was not restored');
-        t.regex(fdb(v.name), new RegExp(`^${v.mac} master br0 static`, 'm'));
+        t.regex(fdb(v.name), new RegExp(`^${v.mac} (sticky )?master br0 static`, 'm'));
       } finally {
         await attacker.release();
       }
@@ -207,7 +207,7 @@ test.serial('a broker restart puts back a lock an administrator took off meanwhi
   t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked off/);
   broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
   t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked on/);
-  t.regex(fdb(d.name), new RegExp(`^${d.mac} master br0 static`, 'm'));
+  t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'));
   t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
 });
 
@@ -225,5 +225,24 @@ test.serial('a kernel refusal after the lock rolls the grant back, forwarding en
     t.truthy(await faulty.record((x) => x.decision === 'error' && x.code === 'TB_E_KERNEL'));
   } finally {
     await faulty.stop();
+  }
+});
+
+test.serial('another port sending from a locked MAC does not take its entry (a sticky static entry)', async (t) => {
+  const locked = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+  try {
+    const d = locked.result.taps[0]!.device;
+    // An unlocked port (another rule) sends frames from the locked lease's MAC.
+    const spoofer = await probe({ socket: broker.socket, write: true, frames: 5, writeFrom: d.mac!,
+      requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+    try {
+      await new Promise((r) => setTimeout(r, 300));
+      t.regex(fdb(d.name), new RegExp(`^${d.mac} sticky master br0 static`, 'm'), 'the entry stays on its port');
+      t.notRegex(fdb(spoofer.result.taps[0]!.device.name), new RegExp(d.mac!), 'and never moves to the sender');
+    } finally {
+      await spoofer.release();
+    }
+  } finally {
+    await locked.release();
   }
 });

@@ -2,6 +2,7 @@
 // steps in order: spec → grammar → decision → kernel step → lease → plugging → audit → reply.
 import {
   MAX_REPLY_BYTES,
+  MAX_QUEUES,
   MAX_REPLY_FDS,
   PROTOCOL_VERSION,
   TapbrokerError,
@@ -112,12 +113,16 @@ async function createOne(
 
 /** create: one VM's NICs in one request, each decided and audited on its own, granted all or none. */
 async function create(ctx: OpContext, caller: Identity, req: CreateRequest): Promise<Outcome> {
-  const fds = req.nics.reduce((n, nic) => n + (nic.persistent ? 0 : (nic.queues ?? 1) * (nic.vhost ? 2 : 1)), 0);
+  // Queue counts are checked NIC by NIC later; here a bad one counts as its nearest valid value.
+  const queues = (q: number | undefined) => Math.min(MAX_QUEUES, Math.max(1, q ?? 1));
+  const fds = req.nics.reduce((n, nic) => n + (nic.persistent ? 0 : queues(nic.queues) * (nic.vhost ? 2 : 1)), 0);
   if (fds > MAX_REPLY_FDS) {
-    throw new TapbrokerError(
-      'TB_E_INVALID_REQUEST',
-      `these NICs need ${fds} fds; one reply carries at most ${MAX_REPLY_FDS}`,
-    );
+    const message = `these NICs need ${fds} fds; one reply carries at most ${MAX_REPLY_FDS}`;
+    ctx.audit.record({
+      op: 'create', decision: 'error', rule: null, caller, code: 'TB_E_INVALID_REQUEST', message,
+      request: { nics: req.nics.length, fds },
+    });
+    throw new TapbrokerError('TB_E_INVALID_REQUEST', message);
   }
   const nics = await grantAll(ctx, caller, 'create', req.nics);
   return {
@@ -176,8 +181,14 @@ async function grantAll(
     }
   }
   // The devices' own creation events (before their owner and MAC were set) are read while they are still
-  // being created, so they are not taken for their holder's doing.
-  ctx.lifetimes.catchUp();
+  // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
+  // resync), nothing of the request may stay half made.
+  try {
+    ctx.lifetimes.catchUp();
+  } catch (err) {
+    for (const g of granted) ctx.lifetimes.abort(g.lease, g.fds, `link events unreadable: ${(err as Error).message}`);
+    throw err;
+  }
   for (const g of granted) {
     ctx.lifetimes.commit(g.lease.id);
     audit({

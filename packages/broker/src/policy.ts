@@ -522,13 +522,13 @@ export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => 
       section = [array[1]!, String(i)];
       put(section.join('\0'), n + 1);
     } else if (table) {
-      const name = table[2]!.startsWith('"') ? (JSON.parse(table[2]!) as string) : table[2]!;
+      const name = table[2]!.startsWith('"') ? unquote(table[2]!) : table[2]!;
       section = [table[1]!, name];
       put(section.join('\0'), n + 1);
       put(table[1]!, n + 1);
     } else {
       const key = /^("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*=/.exec(line);
-      if (key) put([...section, key[1]!.startsWith('"') ? JSON.parse(key[1]!) as string : key[1]!].join('\0'), n + 1);
+      if (key) put([...section, key[1]!.startsWith('"') ? unquote(key[1]!) : key[1]!].join('\0'), n + 1);
     }
   });
   return (where) => {
@@ -538,6 +538,15 @@ export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => 
     }
     return 1;
   };
+}
+
+/** A TOML basic string as JSON reads it; TOML escapes JSON has not (\\U, literal tabs) keep the raw text. */
+function unquote(s: string): string {
+  try {
+    return JSON.parse(s) as string;
+  } catch {
+    return s.slice(1, -1);
+  }
 }
 
 /** The known key closest to `key` (a typo's likely intent), or null when none is close. */

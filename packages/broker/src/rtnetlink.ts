@@ -206,6 +206,9 @@ const NDA_LLADDR = 2;
 const NDA_VLAN = 5;
 const NDA_MASTER = 9;
 const NTF_MASTER = 0x04;
+/** A static entry that stays on its port: without it the bridge moves a static entry to any port that sends
+ *  from its MAC (br_fdb_update), so another port could take a locked lease's address. */
+const NTF_STICKY = 0x40;
 const NUD_REACHABLE = 0x02;
 export const NUD_NOARP = 0x40;
 export const NUD_PERMANENT = 0x80;
@@ -215,8 +218,10 @@ const IFLA_BRPORT_LEARNING = 8;
 export const IFLA_BRPORT_LOCKED = 39;
 const NLA_F_NESTED = 0x8000;
 
-/** An ndmsg (AF_BRIDGE) request: `port` is ndm_ifindex, `state` ndm_state, NTF_MASTER set. */
-function neighMessage(type: number, flags: number, seq: number, port: number, state: number, attrs: Buffer[]): Buffer {
+/** An ndmsg (AF_BRIDGE) request: `port` is ndm_ifindex, `state` ndm_state, NTF_MASTER (and `ntf`) set. */
+function neighMessage(
+  type: number, flags: number, seq: number, port: number, state: number, attrs: Buffer[], ntf = 0,
+): Buffer {
   const body = Buffer.concat(attrs);
   const buf = Buffer.alloc(NLMSGHDR + NDMSG + body.length);
   buf.writeUInt32LE(buf.length, 0);
@@ -226,7 +231,7 @@ function neighMessage(type: number, flags: number, seq: number, port: number, st
   buf.writeUInt8(AF_BRIDGE, 16);
   buf.writeInt32LE(port, 20);
   buf.writeUInt16LE(state, 24);
-  buf.writeUInt8(NTF_MASTER, 26);
+  buf.writeUInt8(NTF_MASTER | ntf, 26);
   body.copy(buf, NLMSGHDR + NDMSG);
   return buf;
 }
@@ -244,6 +249,7 @@ export function fdbEntryMessage(
   return neighMessage(
     RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | 0x100 /* NLM_F_REPLACE */, seq, port,
     opts.static ? NUD_NOARP : NUD_REACHABLE, [rtattr(NDA_LLADDR, mac), ...(opts.vlan ? [rtattr(NDA_VLAN, vlan)] : [])],
+    opts.static ? NTF_STICKY : 0,
   );
 }
 
