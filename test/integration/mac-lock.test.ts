@@ -3,9 +3,9 @@
 // (IPv6 off, so the only frames are the test's); clients as uid 65534.
 import anyTest, { type TestFn } from 'ava';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { BrokerProcess } from '../helpers/broker.js';
+import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
-import { NOBODY, OTHER_UID, probe, probeOnce } from '../helpers/unpriv.js';
+import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
 
@@ -245,4 +245,17 @@ test.serial('another port sending from a locked MAC does not take its entry (a s
   } finally {
     await locked.release();
   }
+});
+
+test.serial('can says no where a grant could not be locked, and the refusal is audited as the rule\'s denial', async (t) => {
+  const can = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'can', '--socket', broker.socket,
+    '--net', 'macvtap=vparent', '--net', 'bridge=br0'], { encoding: 'utf8' });
+  t.is(can.status, 77, can.stderr);
+  t.regex(can.stdout, /^macvtap=vparent \(bridge\): no, TB_E_MAC_LOCK: rule `locked' locks ports/m);
+  t.regex(can.stdout, /^bridge=br0: yes, by rule locked$/m);
+  const r = await probeOnce({ socket: broker.socket, requests: [{ parent: 'vparent' }] });
+  t.is(r.error?.code, 'TB_E_MAC_LOCK');
+  const rec = await broker.record((x) => x.code === 'TB_E_MAC_LOCK' && x.op === 'create-macvtap');
+  t.is(rec.decision, 'deny');
+  t.is(rec.rule, 'locked');
 });

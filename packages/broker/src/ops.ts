@@ -251,9 +251,11 @@ async function grantOne(
     if (!audited) {
       const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', String(err));
       const plug = (err as { hook?: unknown }).hook;
+      // The port lock the policy asks for, refused: a policy decision, named by its rule.
+      const byPolicy = e.code === 'TB_E_MAC_LOCK';
       audit({
-        decision: 'error',
-        rule: null,
+        decision: byPolicy ? 'deny' : 'error',
+        rule: byPolicy ? (e.rule ?? null) : null,
         ...(spec ? { request: specView(spec) } : {}),
         code: e.code,
         message: e.message,
@@ -267,7 +269,7 @@ async function grantOne(
 /** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
 function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule) {
   const place = placement(ctx.netdev, policy, spec);
-  const lock = portLock(policy, spec, rule, place);
+  const lock = portLock(policy, spec, rule);
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
@@ -389,21 +391,28 @@ function unwritable(err: unknown): TapbrokerError {
  * Whether the device is a locked port (a rule's or a network's mac_lock: either is enough), refused
  * where it cannot be one: only a tap on a Linux bridge, with a guest MAC the broker knows, can be locked.
  */
-function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule, place: Placement): boolean {
+function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
+  const refusal = lockRefusal(policy, spec, rule);
+  if (refusal) throw refusal;
+  return rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
+}
+
+/** Why this request cannot have the port lock its rule or network asks for (as `can` says too), or null. */
+function lockRefusal(policy: Policy, spec: CreateSpec, rule: AllowRule): TapbrokerError | null {
   const lock = rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
-  if (!lock) return false;
+  if (!lock) return null;
   const why = spec.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
-    : place.bridge === null ? 'only a port of a Linux bridge can be locked: this network is Open vSwitch or a hook'
+    : resolveTarget(policy, spec).kind !== 'bridge'
+      ? 'only a port of a Linux bridge can be locked: this network is Open vSwitch or a hook'
       : spec.macUnknown ? 'the broker is not told the guest\'s MAC (the bridge helper\'s way), so it cannot lock '
         + 'the port to it'
         : null;
-  if (why) {
-    const who = rule.macLock ? `rule \`${rule.name}'` : `network \`${spec.parent}'`;
-    throw new TapbrokerError('TB_E_MAC_LOCK', `${who} locks ports to their guest's MAC, and ${why}`, {
-      hint: spec.macUnknown ? 'use tapbroker run, which tells the broker the MAC' : 'ask for a tap on a Linux bridge',
-    });
-  }
-  return true;
+  if (!why) return null;
+  const who = rule.macLock ? `rule \`${rule.name}'` : `network \`${spec.parent}'`;
+  return new TapbrokerError('TB_E_MAC_LOCK', `${who} locks ports to their guest's MAC, and ${why}`, {
+    rule: rule.name,
+    hint: spec.macUnknown ? 'use tapbroker run, which tells the broker the MAC' : 'ask for a tap on a Linux bridge',
+  });
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */
@@ -540,7 +549,12 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
     throw err;
   }
   ctx.lifetimes.catchUp();
-  const d = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
+  const decided = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
+  // A grant whose port cannot be locked as its rule or network says would be refused: so is the dry run.
+  const refusal = decided.allow ? lockRefusal(policy, spec, decided.rule) : null;
+  const d: typeof decided = refusal ? {
+    allow: false, code: refusal.code, rule: refusal.rule ?? null, message: refusal.message, hint: refusal.hint ?? '',
+  } : decided;
   ctx.audit.record({
     op: 'can',
     decision: 'dry-run',
