@@ -488,3 +488,12 @@ test('mac_lock: check-policy knows which kernels lock bridge ports, and warns ab
     t.true(policyWarnings(p).some((f) => /mac_lock, which macvtap parent eth0, network o cannot have/.test(f.message)));
     t.regex(loadError('[network.o]\novs = "br-int"\nmac_lock = true\n'), /mac_lock needs a Linux bridge network/);
   });
+
+test('mac_lock: check-policy warns about a rule that reaches a locked network\'s bridge by name, unlocked', (t) => {
+  const p = parsePolicy('[network.safe]\nbridge = "br0"\nmac_lock = true\n\n[[rule]]\nname = "via-net"\nusers = [1]\n'
+    + 'networks = ["safe"]\n\n[[rule]]\nname = "direct"\nusers = [2]\nbridges = ["br0"]\n\n[[rule]]\nname = "locked"\n'
+    + 'users = [3]\nbridges = ["*"]\nmac_lock = true\n', 'p.toml');
+  const lines = policyWarnings(p).filter((f) => /without mac_lock/.test(f.message)).map((f) => f.message);
+  t.deepEqual(lines, ["rule `direct' grants bridge br0 by name without mac_lock, so its taps there are not locked, "
+    + "though network `safe' onto that bridge locks its own"]);
+});

@@ -84,6 +84,15 @@ export function policyWarnings(p: Policy): Finding[] {
         + 'guests may collide with real NICs');
     }
   }
+  // A network's mac_lock holds for requests by its name: a rule that grants its bridge by name (or "*")
+  // without a lock of its own hands out unlocked ports on the same segment.
+  for (const n of p.networks.values()) {
+    if (!n.macLock || n.kind !== 'bridge') continue;
+    for (const r of p.allow.filter((x) => !x.macLock && grantsBridge(x, n.target))) {
+      warn(r, `rule \`${r.name}' grants bridge ${n.target} by name without mac_lock, so its taps there are not `
+        + `locked, though network \`${n.name}' onto that bridge locks its own`);
+    }
+  }
   // mac_lock needs locked bridge ports (Linux 5.18): on an older kernel every such grant is refused.
   if (!kernelLocksPorts()) {
     for (const r of p.allow.filter((x) => x.macLock || x.networks.some((n) => p.networks.get(n)?.macLock))) {
