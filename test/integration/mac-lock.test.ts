@@ -259,3 +259,15 @@ test.serial('can says no where a grant could not be locked, and the refusal is a
   t.is(rec.decision, 'deny');
   t.is(rec.rule, 'locked');
 });
+
+test.serial('a locked port moved to another bridge while the broker was down is not locked there: it goes', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  const d = r.taps[0]!.device;
+  await broker.stop('SIGTERM', true);
+  ns.ip('link', 'set', 'dev', d.name, 'nomaster');
+  ns.ip('link', 'set', 'dev', d.name, 'master', 'br1');
+  broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+  await broker.waitFor(() => ns.link(d.name) === undefined, 3000, 'the moved port is still there');
+  const rec = await broker.record((x) => x.decision === 'cleanup' && (x.device as { name?: string }).name === d.name);
+  t.regex(rec.message ?? '', /no longer a port of bridge `br0'/);
+});

@@ -435,7 +435,12 @@ export class Lifetimes implements Cleanup {
   private relock(l: LeaseRecord): void {
     try {
       const bridge = this.netdev.rtnl.getLinkByName(l.parent);
-      if (!bridge || l.mac === null) throw new Error(`bridge \`${l.parent}' is gone`);
+      if (!bridge) throw new Error(`bridge \`${l.parent}' is gone`);
+      if (l.mac === null) throw new Error('its guest MAC is not known');
+      // Only as a port of its own bridge: one an administrator moved elsewhere is not locked there.
+      if (this.netdev.rtnl.getLinkByIndex(l.ifindex)?.master !== bridge.index) {
+        throw new Error(`it is no longer a port of bridge \`${l.parent}'`);
+      }
       this.netdev.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name);
     } catch (err) {
       // The lock cannot be had again: the device goes rather than forward another MAC.
