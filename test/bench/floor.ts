@@ -117,7 +117,7 @@ async function teardown(): Promise<FloorResult> {
   return { mode: 'teardown', samples, windows, held: 0 };
 }
 
-/** Taps tagged as the broker tags its own (leases.ts leaseAlias), for it to adopt at start. */
+/** Taps tagged as the broker tagged its own before 0.5.0 (no broker=, no mac=), for it to take back at start. */
 function tagged(): FloorResult {
   const netdev = new Netdev(SYNC_CLEANUP, os.tmpdir());
   const bridges = (args.bridges ?? [args.bridge]).map((b) => netdev.bridge(b));

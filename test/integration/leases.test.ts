@@ -124,6 +124,80 @@ test.serial('a tap its holder made persistent, where the rule allows it, becomes
   t.is(ns.link(name), undefined);
 });
 
+const tableNames = () =>
+  (JSON.parse(fs.readFileSync(broker.stateFile, 'utf8')) as { leases: Array<{ name: string }> }).leases.map((l) => l.name);
+
+test.serial('a tap its fds keep alive is not written to the lease table; after a restart it is taken back from its tag', async (t) => {
+  const mac = '52:54:00:12:34:56';
+  const held = await probe({ socket: sock(), requests: [{ bridge: 'br0', mac }] }, { uid: B });
+  t.is(held.result.error, null, held.result.error?.message);
+  const { name, ifindex } = held.result.taps[0]!.device;
+  try {
+    t.false(tableNames().includes(name), 'the kernel bounds its life: no table write for it');
+    const before = (await probeOnce({ socket: sock(), list: true }, { uid: B })).leases!.find((l) => l.name === name)!;
+    t.like(before, { ends: 'fds', mac, rule: 'libvirt' });
+    await restart('SIGKILL');
+    const back = await broker.record((r) => r.op === 'reconcile' && (r.device as { name?: string })?.name === name);
+    t.regex(back.message!, /taken back from the device's tag/);
+    const after = (await probeOnce({ socket: sock(), list: true }, { uid: B })).leases!.find((l) => l.name === name);
+    t.like(after, { id: before.id, ifindex, ends: 'fds', mac, rule: 'libvirt', parent: 'br0', queues: 1 });
+    t.is(ns.link(name)?.ifindex, ifindex, 'the tap was not deleted as an orphan');
+    t.false(tableNames().includes(name));
+    // Its quota still counts it (max_devices 3): three more would be four.
+    const more = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }, { bridge: 'br0' }, { bridge: 'br0' }], batch: true }, { uid: B });
+    t.is(more.error?.code, 'TB_E_QUOTA_EXCEEDED', 'the taken-back tap counts toward the quota');
+  } finally {
+    await held.release();
+  }
+  await broker.waitFor(() => ns.link(name) === undefined, 2000, 'the tap outlived its fds');
+  const listed = (await probeOnce({ socket: sock(), list: true }, { uid: B })).leases!;
+  t.deepEqual(listed, [], 'its lease ended with its last fd');
+});
+
+test.serial('a tap whose holder changed its MAC while the broker was down is deleted when the broker takes it back', async (t) => {
+  const held = await probe({ socket: sock(), requests: [{ bridge: 'br0', mac: '52:54:00:12:34:57' }] }, { uid: B });
+  try {
+    t.is(held.result.error, null, held.result.error?.message);
+    const { name } = held.result.taps[0]!.device;
+    await broker.stop('SIGKILL', true);
+    // What its holder can do through its fd (SIOCSIFHWADDR, no capability); root stands in for it here.
+    ns.ip('link', 'set', name, 'address', '02:00:00:00:00:01');
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    const gone = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string })?.name === name);
+    t.regex(gone.message!, /its MAC was changed to 02:00:00:00:00:01/);
+    await broker.waitFor(() => ns.link(name) === undefined, 2000, 'the changed tap stayed');
+  } finally {
+    await held.release();
+  }
+});
+
+test.serial('a lease too long for its tag (64-character rule and network names) is granted, tagged, and kept in the table', async (t) => {
+  const long = (c: string) => c.repeat(64);
+  const policy = `${POLICY}\n[network.${long('n')}]\nbridge = "br0"\n\n[[rule]]\nname = "${long('r')}"\nusers = [${B}]\nnetworks = ["${long('n')}"]\npersistent = true\n`;
+  await broker.stop('SIGTERM', true);
+  broker = await BrokerProcess.start(ns, policy, { dir });
+  try {
+    const held = await probe({ socket: sock(), requests: [{ network: long('n'), mac: '52:54:00:12:34:58' }] }, { uid: B });
+    try {
+      t.is(held.result.error, null, held.result.error?.message);
+      const { name } = held.result.taps[0]!.device;
+      const alias = ns.ip('-d', 'link', 'show', name).match(/alias (.*)/)?.[1] ?? '';
+      t.true(alias.startsWith('tapbroker lease='), alias);
+      t.true(alias.length <= 255, `${alias.length} characters`);
+      t.true(tableNames().includes(name), 'its tag cannot hold the lease: the table does');
+      await broker.stop('SIGKILL', true);
+      broker = await BrokerProcess.start(ns, policy, { dir });
+      const listed = (await probeOnce({ socket: sock(), list: true }, { uid: B })).leases!;
+      t.like(listed.find((l) => l.name === name), { rule: long('r'), network: long('n'), mac: '52:54:00:12:34:58' });
+    } finally {
+      await held.release();
+    }
+    await broker.waitFor(() => !tableNames().length || tableNames().every((n) => n.startsWith(`tb${A}`)), 2000, 'its lease outlived it');
+  } finally {
+    await restart();
+  }
+});
+
 test.serial('release deletes the device and its lease', async (t) => {
   const r = await probeOnce({ socket: sock(), release: [`tb${A}-lv0`] }, { uid: A });
   t.is(r.error, null, r.error?.message);

@@ -55,10 +55,10 @@ let stderrChecked = 0;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const sock = () => broker.socket;
 
-async function until(cond: () => boolean, ms = 2000): Promise<boolean> {
+async function until(cond: () => boolean | Promise<boolean>, ms = 2000): Promise<boolean> {
   const deadline = Date.now() + ms;
   for (;;) {
-    if (cond()) return true;
+    if (await cond()) return true;
     if (Date.now() > deadline) return false;
     await sleep(20);
   }
@@ -191,12 +191,19 @@ async function once(peer: Peer, frame: Buffer, opts: { hold?: boolean } = {}): P
 
 // ---------------------------------------------------------------- nothing left behind
 
-function leaseNames(b: BrokerProcess = broker): string[] {
+/**
+ * The broker's lease table as root's `list` shows it (every lease: a tap its fds keep alive is in memory
+ * only, not in the file).
+ */
+async function leaseNames(b: BrokerProcess = broker): Promise<string[]> {
+  const c = await localConnect(b.socket);
   try {
-    return (JSON.parse(fs.readFileSync(b.stateFile, 'utf8')) as { leases: Lease[] }).leases.map((l) => l.name).sort();
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw err;
+    await localExchange(c, HELLO);
+    const r = await localExchange(c, encodeFrame({ op: 'list', id: 2 }));
+    if (r.reply?.op !== 'list') throw new Error(`list: ${r.code} ${r.message}`);
+    return r.reply.leases.map((l) => l.name).sort();
+  } finally {
+    c.close();
   }
 }
 const extraLinks = () => ns.extraLinks(BASE).sort();
@@ -222,14 +229,15 @@ async function clean(t: ExecutionContext, held: { links?: string[]; leases?: str
   await until(() => broker.fdCount() === fds);
   t.is(broker.fdCount(), fds, 'the broker\'s fd count is back to its baseline');
   const leases = [...(held.leases ?? [])].sort();
-  await until(() => same(leaseNames(), leases));
-  if (!same(leaseNames(), leases)) {
-    for (const name of leaseNames().filter((n) => !leases.includes(n))) {
+  await until(async () => same(await leaseNames(), leases));
+  const names = await leaseNames();
+  if (!same(names, leases)) {
+    for (const name of names.filter((n) => !leases.includes(n))) {
       t.log(`unexpected lease ${name}; device ${ns.link(name) ? 'present' : 'gone'}; its audit records:`);
       for (const r of broker.records.filter((x) => JSON.stringify(x).includes(name))) t.log(`  ${JSON.stringify(r)}`);
     }
   }
-  t.deepEqual(leaseNames(), leases, 'no lease but the ones held on purpose');
+  t.deepEqual(names, leases, 'no lease but the ones held on purpose');
   const fresh = broker.stderr.slice(stderrChecked);
   stderrChecked = broker.stderr.length;
   t.notRegex(fresh, /internal error/, 'no internal error');
@@ -991,7 +999,7 @@ test.serial('audit backpressure: refusals and a grant while the broker\'s stderr
     await until(() => ns2.extraLinks(['br0']).length === 0 && b.fdCount() === base);
     t.deepEqual(ns2.extraLinks(['br0']), [], 'no link left behind');
     t.is(b.fdCount(), base, 'no fd leaked');
-    t.deepEqual(leaseNames(b), [], 'no lease left behind');
+    t.deepEqual(await leaseNames(b), [], 'no lease left behind');
     t.true(b.alive);
   } finally {
     b.proc.stderr!.resume();
@@ -1052,9 +1060,9 @@ test.serial('rtnetlink overrun: a burst of host link events does not blind the b
     t.is(got.code, 'create-tap', got.message);
     const name = got.reply?.op === 'create-tap' ? got.reply.device.name : '';
     await nobody.close(conn); // its fds close: the tap vanishes
-    await until(() => !ns2.link(name) && leaseNames(b).length === 0, 3000);
+    await until(async () => !ns2.link(name) && (await leaseNames(b)).length === 0, 3000);
     t.is(ns2.link(name), undefined, 'the tap is gone');
-    t.deepEqual(leaseNames(b), [], 'and so is its lease');
+    t.deepEqual(await leaseNames(b), [], 'and so is its lease');
     // stderr is written asynchronously, after the lease table: wait for the record itself.
     const audited = () => b.records.some((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name);
     await until(audited, 3000);

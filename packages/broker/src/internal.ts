@@ -55,7 +55,10 @@ export {
 } from './rtnetlink.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';
-export { LeaseTable, LeaseRecord, leaseView, processStartTime, STATE_FILE } from './leases.js';
+export {
+  LeaseTable, LeaseRecord, leaseView, processStartTime, STATE_FILE, ALIAS_MAX, leaseTag, kernelBound, leaseFromAlias,
+  aliasIdentity, aliasBroker,
+} from './leases.js';
 export { addPort, delPort, listOurPorts, isOvsBridge, ovsdbTarget } from './ovs.js';
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';

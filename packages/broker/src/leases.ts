@@ -1,10 +1,11 @@
 // The lease table: one lease per device the broker made, persisted under the state directory with
 // atomic writes (a crash at any moment leaves the old file or the new one, never a mix).
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { Lease } from '@tapbroker/protocol';
+import { Lease, macFromBuffer } from '@tapbroker/protocol';
+import { randomOctets } from './naming.js';
 
 /**
  * How a device was joined to its network, recorded with its lease so that undoing it never depends on
@@ -47,7 +48,7 @@ const StateFile = z.strictObject({
 export const STATE_FILE = 'leases.json';
 
 export function newLeaseId(): string {
-  return randomBytes(8).toString('hex');
+  return randomOctets(8).toString('hex');
 }
 
 /** The wire form of a lease (no bookkeeping fields). */
@@ -69,6 +70,12 @@ export function processStartTime(pid: number): number | null {
 
 export class LeaseTable {
   private readonly byId = new Map<string, LeaseRecord>();
+  /** The lease of each ifindex, for link events (a lookup per event, not a scan of every lease). */
+  private readonly byIndex = new Map<number, LeaseRecord>();
+  /** Leases kept in memory only (kernelBound): never written, so adding or removing one writes nothing. */
+  private readonly volatile = new Set<string>();
+  /** Table writes since the broker started (a grant of a kernel-bound lease makes none: a unit test counts). */
+  writes = 0;
   private readonly intents = new Map<string, Intent>();
   private readonly dbs = new Set<string>();
 
@@ -107,7 +114,7 @@ export class LeaseTable {
         problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); rebuilding from the kernel`,
         trusted: false,
       };
-    for (const l of parsed.data.leases) table.byId.set(l.id, l);
+    for (const l of parsed.data.leases) table.put(l);
     for (const i of parsed.data.intents) table.intents.set(i.id, i);
     for (const d of parsed.data.ovsdbs) table.dbs.add(d);
     return { table, problem: null, trusted: true };
@@ -126,8 +133,29 @@ export class LeaseTable {
   }
 
   byIfindex(ifindex: number): LeaseRecord | undefined {
-    for (const l of this.byId.values()) if (l.ifindex === ifindex) return l;
-    return undefined;
+    return this.byIndex.get(ifindex);
+  }
+
+  private put(l: LeaseRecord): void {
+    const before = this.byId.get(l.id);
+    if (before) this.drop(before.id);
+    this.byId.set(l.id, l);
+    if (this.byIndex.has(l.ifindex)) this.shared++;
+    this.byIndex.set(l.ifindex, l);
+  }
+
+  /** How many times a lease took an ifindex another lease had: only then does a removal look for the other. */
+  private shared = 0;
+
+  private drop(id: string): void {
+    const l = this.byId.get(id);
+    if (!l) return;
+    this.byId.delete(id);
+    if (this.byIndex.get(l.ifindex)?.id !== id) return;
+    this.byIndex.delete(l.ifindex);
+    // Two leases of one ifindex (a stale one and its successor) are rare: the other keeps the index.
+    if (this.shared === 0) return;
+    for (const o of this.byId.values()) if (o.ifindex === l.ifindex) this.byIndex.set(o.ifindex, o);
   }
 
   /** Open vSwitch databases leases were plugged into, now or before (kept after their leases end). */
@@ -135,23 +163,39 @@ export class LeaseTable {
     return [...this.dbs];
   }
 
-  /** Adds a lease durably; throws (and keeps nothing) when the table cannot be written. */
-  add(lease: LeaseRecord): void {
+  /**
+   * Adds a lease, durably unless `durable` is false (a kernel-bound lease: memory only); throws (and keeps
+   * nothing) when the table cannot be written.
+   */
+  add(lease: LeaseRecord, durable = true): void {
     const before = this.byId.get(lease.id);
-    this.byId.set(lease.id, lease);
+    const wasVolatile = this.volatile.has(lease.id);
+    this.put(lease);
+    if (!durable) {
+      this.volatile.add(lease.id);
+      return;
+    }
+    this.volatile.delete(lease.id);
     if (lease.plug && 'ovs' in lease.plug) this.dbs.add(lease.plug.db);
     try {
       this.save();
     } catch (err) {
-      if (before) this.byId.set(lease.id, before);
-      else this.byId.delete(lease.id);
+      if (before) this.put(before);
+      else this.drop(lease.id);
+      if (wasVolatile) this.volatile.add(lease.id);
       throw err;
     }
   }
 
+  /** Is this lease written to disk? */
+  durable(id: string): boolean {
+    return this.byId.has(id) && !this.volatile.has(id);
+  }
+
   /** Drops a lease from memory only (a failed add already did). */
   forget(id: string): void {
-    this.byId.delete(id);
+    this.drop(id);
+    this.volatile.delete(id);
   }
 
   /**
@@ -161,8 +205,8 @@ export class LeaseTable {
   remove(id: string): LeaseRecord | undefined {
     const l = this.byId.get(id);
     if (l) {
-      this.byId.delete(id);
-      this.trySave();
+      this.drop(id);
+      if (!this.volatile.delete(id)) this.trySave();
     }
     return l;
   }
@@ -200,6 +244,7 @@ export class LeaseTable {
 
   /** Writes the table to a temporary file, syncs it, renames it over the old one, syncs the directory. */
   save(): void {
+    this.writes++;
     if (!this.dir) return;
     const file = path.join(this.dir, STATE_FILE);
     const tmp = `${file}.${process.pid}.tmp`;
@@ -211,10 +256,9 @@ export class LeaseTable {
         0o600,
       );
       try {
-        fs.writeSync(
-          fd,
-          `${JSON.stringify({ version: 1, leases: this.all(), intents: this.unsettled(), ovsdbs: this.ovsdbs() })}\n`,
-        );
+        const leases = this.all().filter((l) => !this.volatile.has(l.id));
+        const table = { version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs() };
+        fs.writeSync(fd, `${JSON.stringify(table)}\n`);
         fs.fsyncSync(fd);
       } finally {
         fs.closeSync(fd);
@@ -239,19 +283,46 @@ export class LeaseTable {
   }
 }
 
-/** The ifalias every device carries: its whole lease, so the kernel alone can tell whose it is. */
-export function leaseAlias(l: LeaseRecord, broker: string): string {
+/** The kernel's limit on an ifalias (IFALIASZ 256, with its NUL): a longer one is refused (EINVAL). */
+export const ALIAS_MAX = 255;
+
+/**
+ * The ifalias every device carries: who made it and for whom first (`lease broker uid kind ends`), then
+ * the rest of its lease, so the kernel alone can tell whose it is and, when `complete`, rebuild the
+ * lease whole. Where the whole lease does not fit (long rule and network names), the tag names only
+ * who made it, and the lease must live in the table (`complete` false).
+ */
+export function leaseTag(l: LeaseRecord, broker: string): { alias: string; complete: boolean } {
+  const who = `tapbroker lease=${l.id} broker=${broker} uid=${l.uid} kind=${l.kind} ends=${l.ends}`;
+  // A tap's guest MAC, or the host side's own address when the hypervisor sets the guest's.
+  const mac = l.kind !== 'tap' ? ''
+    : l.mac !== null ? ` mac=${l.mac}` : l.host_mac !== null ? ` host=${l.host_mac}` : '';
   const holder = l.holder !== null ? ` holder=${l.holder}:${l.holder_start ?? 0}` : '';
   const group = l.group !== null ? ` group=${l.group}` : '';
-  return `tapbroker lease=${l.id} uid=${l.uid} kind=${l.kind} rule=${l.rule} ends=${l.ends} parent=${l.parent} `
-    + `queues=${l.queues}${l.mode ? ` mode=${l.mode}` : ''}${l.network ? ` network=${l.network}` : ''}${holder}${group}`
-    + ` broker=${broker}`;
+  const alias = `${who} rule=${l.rule} parent=${l.parent} queues=${l.queues}${mac}${l.mode ? ` mode=${l.mode}` : ''}`
+    + `${l.network ? ` network=${l.network}` : ''}${holder}${group}`;
+  return alias.length <= ALIAS_MAX ? { alias, complete: true } : { alias: who, complete: false };
+}
+
+/**
+ * A lease the kernel bounds by itself and its tag describes whole: a tap that goes with its last fd, on a
+ * Linux bridge, with no port lock to restore. The broker keeps it in memory only (no write, no fsync per
+ * grant) and, after a restart, takes it back from the device's tag. Every other lease is written to disk.
+ */
+export function kernelBound(l: LeaseRecord, complete: boolean): boolean {
+  return complete && l.kind === 'tap' && l.ends === 'fds' && l.plug === null && !l.locked;
 }
 
 /**
  * Which broker tagged a device: its state directory's identity (brokerId). Null for tags written before
  * brokers tagged themselves, which every broker takes for its own.
  */
+/** Who a tag says made a device, even one that names no more (a lease too long for its tag); null if not ours. */
+export function aliasIdentity(alias: string | null): { id: string; uid: number; kind: 'tap' | 'macvtap' } | null {
+  const m = /^tapbroker lease=([0-9a-f]{16}) (?:.* )?uid=(\d+) kind=(tap|macvtap)(?: |$)/.exec(alias ?? '');
+  return m ? { id: m[1]!, uid: Number(m[2]), kind: m[3] as 'tap' | 'macvtap' } : null;
+}
+
 export function aliasBroker(alias: string | null): string | null {
   return / broker=([0-9a-f]+)(?: |$)/.exec(alias ?? '')?.[1] ?? null;
 }
@@ -278,13 +349,15 @@ export function leaseFromAlias(
   if (!alias?.startsWith('tapbroker ')) return null;
   const f = new Map(alias.slice(10).split(' ').map((kv) => kv.split('=', 2) as [string, string]));
   const [holder, start] = (f.get('holder') ?? '').split(':');
+  const own = dev.address ? macFromBuffer(dev.address) : '00:00:00:00:00:00';
   const candidate = {
     id: f.get('lease'), uid: Number(f.get('uid')), user: null, kind: f.get('kind'), name: dev.name, ifindex: dev.index,
     parent: f.get('parent'), network: f.get('network') ?? null, mode: f.get('mode') ?? null,
-    mac: dev.address ? [...dev.address].map((b) => b.toString(16).padStart(2, '0')).join(':') : '00:00:00:00:00:00',
+    // A tap's guest MAC is in its tag (before 0.5.0 it was not: then, like a macvtap's, the device's own).
+    mac: f.get('kind') === 'tap' && (f.has('mac') || f.has('host')) ? (f.get('mac') ?? null) : own,
     queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: new Date().toISOString(), ends: f.get('ends'),
     holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
-    group: f.has('group') ? Number(f.get('group')) : null, plug: null,
+    group: f.has('group') ? Number(f.get('group')) : null, plug: null, host_mac: f.get('host') ?? null,
   };
   const parsed = LeaseRecord.safeParse(candidate);
   return parsed.success ? parsed.data : null;

@@ -5,7 +5,8 @@ import { macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/proto
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import {
-  LeaseTable, aliasBroker, brokerId, leaseFromAlias, leaseView, processStartTime, type LeaseRecord,
+  LeaseTable, aliasBroker, aliasIdentity, brokerId, kernelBound, leaseFromAlias, leaseView, processStartTime,
+  type LeaseRecord,
 } from './leases.js';
 import { pidfdOpen } from './libc.js';
 import { hostMac, type Cleanup, type Netdev } from './netdev.js';
@@ -54,9 +55,11 @@ export class Lifetimes implements Cleanup {
 
   /** Follows link events, then reconciles the table with the kernel. */
   start(): void {
+    this.netdev.followBridges();
     this.monitor = new LinkMonitor(
       (type, link) => this.onLink(type, link),
       () => this.resync(),
+      (type, index) => this.wants(type, index),
     );
     this.reconcile();
     void this.reconcileOvs();
@@ -99,10 +102,10 @@ export class Lifetimes implements Cleanup {
     return this.table.all().filter((l) => (uid === 0 || l.uid === uid) && !this.creating.has(l.id));
   }
 
-  /** A lease whose device exists and is tagged, still mid-create. */
-  begin(l: LeaseRecord): void {
+  /** A lease whose device exists and is tagged, still mid-create; written to disk when `durable`. */
+  begin(l: LeaseRecord, durable: boolean): void {
     this.creating.add(l.id);
-    this.table.add(l);
+    this.table.add(l, durable);
   }
 
   commit(id: string): void {
@@ -228,7 +231,18 @@ export class Lifetimes implements Cleanup {
     return !!link && link.name === l.name && link.kind === KERNEL_KIND[l.kind];
   }
 
+  /**
+   * Link events worth decoding: a followed bridge's, a lease's deletion, a live lease's change. A device's
+   * own events while its create is in flight predate its owner and address, so they show nothing to judge.
+   */
+  private wants(type: number, index: number): boolean {
+    if (this.netdev.follows(index)) return true;
+    const l = this.table.byIfindex(index);
+    return !!l && (type === RTM_DELLINK || !this.creating.has(l.id));
+  }
+
   private onLink(type: number, link: Link): void {
+    this.netdev.observe(type, link);
     const l = this.table.byIfindex(link.index);
     if (!l || l.name !== link.name) return;
     if (type === RTM_DELLINK) {
@@ -338,6 +352,7 @@ export class Lifetimes implements Cleanup {
 
   /** After lost link events: one dump, and every lease judged against it. */
   resync(): void {
+    this.netdev.observe(RTM_DELLINK, null);
     const links = new Map(this.netdev.rtnl.dumpLinks().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
   }
@@ -376,27 +391,34 @@ export class Lifetimes implements Cleanup {
       }
       this.table.settle(i.id, false);
     }
-    // Devices that carry our tag but have no lease: orphans of a crash mid-create or mid-release when
-    // the table is intact (deleted), or leases to rebuild when it was lost or corrupt.
+    // Devices that carry our tag but have no lease: taps their fds keep alive (kept in memory only, so
+    // taken back from their tag), orphans of a crash mid-create or mid-release when the table is intact
+    // (deleted), or leases to rebuild when it was lost or corrupt.
+    const adopted: Array<[LeaseRecord, Link]> = [];
     for (const link of links) {
-      const tagged = leaseFromAlias(link.alias, link);
-      if (!tagged || this.table.get(tagged.id) || link.kind !== KERNEL_KIND[tagged.kind]) continue;
+      const who = aliasIdentity(link.alias);
+      if (!who || this.table.get(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
       // Another broker's device (another state directory in this namespace): never ours to touch.
       const by = aliasBroker(link.alias);
       if (by !== null && by !== this.brokerId) continue;
-      if (this.trusted) {
-        this.deleteLink(link.index, tagged.uid, link.name, 'an orphan of a crash');
-        this.note(
-          'reconcile',
-          'reconcile',
-          tagged,
-          'a device of ours without a lease (the broker died mid-create or mid-release): deleted',
-        );
+      const tagged = leaseFromAlias(link.alias, link);
+      if (tagged && (!this.trusted || kernelBound(tagged, true))) {
+        this.table.add(tagged, !kernelBound(tagged, true));
+        this.note('reconcile', 'reconcile', tagged, "lease taken back from the device's tag");
+        adopted.push([tagged, link]);
+      } else if (this.trusted) {
+        this.deleteLink(link.index, who.uid, link.name, 'an orphan of a crash');
+        this.audit.record({
+          op: 'reconcile', decision: 'reconcile', rule: tagged?.rule ?? null, caller: { uid: who.uid },
+          device: tagged ? leaseView(tagged) : { name: link.name, ifindex: link.index, lease: who.id },
+          message: 'a device of ours without a lease (the broker died mid-create or mid-release): deleted',
+        });
       } else {
-        this.table.add(tagged);
-        this.note('reconcile', 'reconcile', tagged, "lease rebuilt from the device's tag");
+        this.log(`warning: \`${link.name}' is tagged as ours but its tag is not a whole lease; left alone`);
       }
     }
+    // A tap taken back is held to its terms like any other (its holder may have changed it meanwhile).
+    for (const [l, link] of adopted) this.judge(l, link);
     const byIndex = new Map(links.map((k) => [k.index, k]));
     for (const l of this.table.all()) {
       if (!this.isDevice(l, byIndex.get(l.ifindex))) {

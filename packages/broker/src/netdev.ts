@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, macFromBuffer, sys, type MacvtapMode } from '@tapbroker/protocol';
 import { grantUserOnly, mknodChar } from './libc.js';
-import { NUD_NOARP, NUD_PERMANENT, Rtnetlink, type Link } from './rtnetlink.js';
+import { NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, type Link } from './rtnetlink.js';
 
 export const TUNSETIFF = 0x400454ca;
 export const TUNSETPERSIST = 0x400454cb;
@@ -52,6 +52,11 @@ export function hostMac(guestMac: Buffer): Buffer {
   const mac = Buffer.from(guestMac);
   mac[0] = 0xfe;
   return mac;
+}
+
+/** A link whose address is its own bytes, not a view of a receive buffer the next message overwrites. */
+function ownCopy(link: Link): Link {
+  return { ...link, address: link.address ? Buffer.from(link.address) : null, alias: link.alias };
 }
 
 /** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
@@ -158,6 +163,8 @@ export class Netdev {
    * anything (SIOCSIFHWADDR needs no capability on its fd): only a pinned bridge keeps its address.
    */
   bridge(name: string): Link {
+    const known = this.bridges?.get(name);
+    if (known) return known;
     const link = this.rtnl.getLinkByName(name);
     if (!link) throw new TapbrokerError('TB_E_NO_SUCH_BRIDGE', `no bridge \`${name}'`);
     if (link.kind !== 'bridge') {
@@ -174,7 +181,40 @@ export class Netdev {
           + `pin it with \`ip link set ${name} address ${mac}' (or MACAddress= in its .netdev)`,
       );
     }
-    return link;
+    const own = ownCopy(link);
+    this.bridges?.set(name, own);
+    return own;
+  }
+
+  /**
+   * Bridges that passed bridge(), kept while link events say they are unchanged (only with a link monitor
+   * that applies every event before a decision: see observe). A pinned address stays pinned; any event
+   * that changes a bridge's name, kind or address, or deletes it, drops it, and a lost event drops all.
+   */
+  private bridges: Map<string, Link> | null = null;
+
+  /** From now on, bridges are looked up once and then followed through link events (observe). */
+  followBridges(): void {
+    this.bridges ??= new Map();
+  }
+
+  /** Is `index` a bridge whose events observe() must see? */
+  follows(index: number): boolean {
+    for (const b of this.bridges?.values() ?? []) if (b.index === index) return true;
+    return false;
+  }
+
+  /** A link event, or null after lost events (everything is looked up afresh). */
+  observe(type: number, link: Link | null): void {
+    if (!this.bridges) return;
+    if (!link) return this.bridges.clear();
+    for (const [name, b] of this.bridges) {
+      if (b.index !== link.index) continue;
+      const same = type !== RTM_DELLINK && link.name === name && link.kind === 'bridge'
+        && !!link.address && !!b.address && link.address.equals(b.address);
+      if (same) this.bridges.set(name, ownCopy(link));
+      else this.bridges.delete(name);
+    }
   }
 
   /**

@@ -26,10 +26,10 @@ import {
 } from '@tapbroker/protocol';
 import type { Audit } from './audit.js';
 import type { Identity } from './identity.js';
-import { leaseAlias, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
+import { kernelBound, leaseTag, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import type { Lifetimes } from './lifetimes.js';
 import { printable, randomMac, tapName } from './naming.js';
-import { ContestedDeviceError, type CreatedTap, type Netdev } from './netdev.js';
+import { ContestedDeviceError, hostMac, type CreatedTap, type Netdev } from './netdev.js';
 import { plugOf, plugUp } from './plug.js';
 import { decide, hookUnsafe, matches, resolveTarget, type AllowRule, type Policy } from './policy.js';
 import type { Link } from './rtnetlink.js';
@@ -272,6 +272,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   const lock = portLock(policy, spec, rule);
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
+  const guestMac = macToBuffer(mac ?? randomMac(rule.macPrefix));
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
   const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
   const holding = ends === 'holder';
@@ -295,20 +296,20 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     holder_start: holding ? processStartTime(caller.pid) : null,
     group: spec.kind === 'tap' ? spec.group : null,
     plug: plugOf(spec.network ? policy.networks.get(spec.parent) : undefined),
-    host_mac: null,
+    host_mac: spec.kind === 'tap' && mac === null ? macFromBuffer(hostMac(guestMac)) : null,
     vlan: place.vlan,
   };
   // The lease is written into the device itself (ifalias), so a crash between here and the lease
-  // table leaves a device the next start recognises as ours.
-  const alias = leaseAlias(draft, ctx.lifetimes.brokerId);
+  // table leaves a device the next start recognises as ours, and a tap its fds keep alive needs no table.
+  const tag = leaseTag(draft, ctx.lifetimes.brokerId);
   const common = {
     uid: caller.uid,
     queues: spec.queues,
     vnetHdr: spec.vnetHdr,
     vhost: spec.vhost,
-    guestMac: macToBuffer(mac ?? randomMac(rule.macPrefix)),
+    guestMac,
     persistent: owner,
-    alias,
+    alias: tag.alias,
   };
   const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
     if (spec.kind === 'tap') {
@@ -329,17 +330,17 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   ctx.lifetimes.table.settle(draft.id, false);
   // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
   const actualMac = spec.kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;
-  const hostMac = macFromBuffer(created.hostMac);
+  const ownMac = macFromBuffer(created.hostMac);
   const lease: LeaseRecord = {
     ...draft,
     name: created.name,
     ifindex: created.ifindex,
     mac: actualMac,
-    host_mac: hostMac,
+    host_mac: ownMac,
   };
   const all = [...created.tapFds, ...created.vhostFds];
   try {
-    ctx.lifetimes.begin(lease);
+    ctx.lifetimes.begin(lease, !kernelBound(lease, tag.complete));
   } catch (err) {
     // The table could not be written (a full state disk): nothing may stay behind.
     ctx.lifetimes.table.forget(lease.id);
@@ -358,7 +359,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     vlan: place.vlan,
     mode: spec.mode,
     mtu: created.mtu,
-    host_mac: hostMac,
+    host_mac: ownMac,
     mac: actualMac,
     locked: lock,
     queues: spec.queues,

@@ -464,7 +464,12 @@ export class LinkMonitor {
   private readonly watch: { close(): void };
   private readonly rx = new sys.Receiver(256 * 1024);
 
-  constructor(private readonly onLink: (type: number, link: Link) => void, private readonly onOverrun: () => void) {
+  /** `wants`: whether an event about this ifindex is worth decoding (most of a busy host's are not). */
+  constructor(
+    private readonly onLink: (type: number, link: Link) => void,
+    private readonly onOverrun: () => void,
+    private readonly wants: (type: number, index: number) => boolean = () => true,
+  ) {
     this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
     // A larger queue overruns less often under a teardown burst (each overrun costs one dump).
     try {
@@ -496,9 +501,10 @@ export class LinkMonitor {
       for (const m of splitMessages(got.data)) {
         const type = m.readUInt16LE(4);
         if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
-        const link = parseLink(m);
-        if (link.family === AF_BRIDGE) continue;
-        this.onLink(type, link);
+        // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
+        if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE || !this.wants(type, m.readInt32LE(20)))
+          continue;
+        this.onLink(type, parseLink(m));
       }
     }
     // One resync after the queue is empty: a dump then reflects everything lost.

@@ -1,0 +1,120 @@
+// The lease table and the device tags: which leases are written to disk (and how often), and what a tag
+// carries so that a restart can take a lease back from the kernel alone.
+import test from 'ava';
+import fs from 'node:fs';
+import path from 'node:path';
+import {
+  ALIAS_MAX, LeaseTable, STATE_FILE, aliasBroker, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
+} from '@tapbroker/broker/internal';
+import { tempDir } from '../helpers/broker.js';
+
+const lease = (over: Partial<LeaseRecord> = {}): LeaseRecord => ({
+  id: '0123456789abcdef', uid: 1000, user: 'alice', kind: 'tap', name: 'tb1000-k3x9f2', ifindex: 7, parent: 'br0',
+  network: null, mode: null, mac: '52:54:00:12:34:56', locked: false, queues: 1, rule: 'lab',
+  created: '2026-12-02T00:00:00.000Z', ends: 'fds', holder: null, holder_start: null, group: null, plug: null,
+  host_mac: 'fe:54:00:12:34:56', vlan: null, ...over,
+});
+const device = (l: LeaseRecord, address = Buffer.from([0xfe, 0x54, 0, 0x12, 0x34, 0x56])) =>
+  ({ name: l.name, index: l.ifindex, address });
+const onDisk = (dir: string) =>
+  (JSON.parse(fs.readFileSync(path.join(dir, STATE_FILE), 'utf8')) as { leases: LeaseRecord[] }).leases.map((l) => l.id);
+
+test('a tap that goes with its last fd is kept in memory: adding and removing it writes nothing', (t) => {
+  const dir = tempDir('ltab');
+  try {
+    const { table } = LeaseTable.load(dir);
+    table.save();
+    const written = table.writes;
+    const l = lease();
+    table.add(l, !kernelBound(l, true));
+    t.is(table.writes, written, 'no write for the grant');
+    t.false(table.durable(l.id));
+    t.is(table.get(l.id), l, 'the quota and list still see it');
+    const persistent = lease({ id: '1111111111111111', ends: 'release', name: 'tb1000-p' });
+    table.add(persistent, !kernelBound(persistent, true));
+    t.is(table.writes, written + 1, 'one write for a lease the kernel does not bound');
+    t.deepEqual(onDisk(dir), [persistent.id], 'only that one is on disk');
+    table.remove(l.id);
+    t.is(table.writes, written + 1, 'no write when the memory-only lease ends');
+    table.remove(persistent.id);
+    t.is(table.writes, written + 2);
+    t.deepEqual(onDisk(dir), []);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a memory-only lease that becomes persistent is written from then on', (t) => {
+  const dir = tempDir('ltab');
+  try {
+    const { table } = LeaseTable.load(dir);
+    const l = lease();
+    table.add(l, false);
+    table.add({ ...l, ends: 'release' });
+    t.true(table.durable(l.id));
+    t.deepEqual(onDisk(dir), [l.id]);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('kernelBound: only an unlocked, unplugged fd tap whose tag holds its whole lease', (t) => {
+  t.true(kernelBound(lease(), true));
+  t.false(kernelBound(lease(), false), 'its tag is partial');
+  t.false(kernelBound(lease({ ends: 'release' }), true), 'persistent');
+  t.false(kernelBound(lease({ kind: 'macvtap', ends: 'holder' }), true), 'a macvtap outlives its fds');
+  t.false(kernelBound(lease({ locked: true }), true), 'a port lock to restore at start');
+  t.false(kernelBound(lease({ plug: { ovs: 'br-int', db: 'unix:/run/openvswitch/db.sock' } }), true), 'a port to remove');
+});
+
+test('a tag round-trips the lease a restart needs: guest MAC, rule, network, group, owner', (t) => {
+  const l = lease({ network: 'lab', group: 4242 });
+  const { alias, complete } = leaseTag(l, 'abcdef01');
+  t.true(complete);
+  t.true(alias.startsWith('tapbroker lease=0123456789abcdef broker=abcdef01 uid=1000 kind=tap ends=fds '), alias);
+  const back = leaseFromAlias(alias, device(l))!;
+  t.like(back, {
+    id: l.id, uid: 1000, kind: 'tap', ends: 'fds', rule: 'lab', parent: 'br0', network: 'lab', queues: 1,
+    mac: '52:54:00:12:34:56', group: 4242, name: l.name, ifindex: 7, locked: false, plug: null,
+  });
+  t.is(aliasBroker(alias), 'abcdef01');
+});
+
+test('a tap whose guest MAC the hypervisor sets: the tag keeps the host side\'s address instead', (t) => {
+  const l = lease({ mac: null, host_mac: 'fe:11:22:33:44:55' });
+  const { alias } = leaseTag(l, 'abcdef01');
+  t.regex(alias, / host=fe:11:22:33:44:55/);
+  t.notRegex(alias, / mac=/);
+  t.like(leaseFromAlias(alias, device(l)), { mac: null, host_mac: 'fe:11:22:33:44:55' });
+});
+
+test('a macvtap\'s MAC is the device\'s own (passthru takes its parent\'s), not the one asked for', (t) => {
+  const l = lease({ kind: 'macvtap', ends: 'holder', holder: 42, holder_start: 99, mode: 'passthru', parent: 'eth0' });
+  const { alias } = leaseTag(l, 'abcdef01');
+  t.notRegex(alias, / mac=/);
+  t.like(leaseFromAlias(alias, device(l, Buffer.from([2, 0, 0, 0, 0, 9]))), { mac: '02:00:00:00:00:09', holder: 42, holder_start: 99 });
+});
+
+test('a lease too long for IFALIASZ: the tag names who made the device and for whom, and no more', (t) => {
+  const long = lease({ rule: 'r'.repeat(64), network: 'n'.repeat(64), group: 4294967294, uid: 4294967294 });
+  const { alias, complete } = leaseTag(long, 'abcdef01');
+  t.false(complete);
+  t.true(alias.length <= ALIAS_MAX);
+  t.is(leaseFromAlias(alias, device(long)), null, 'not a lease to rebuild');
+  t.deepEqual(aliasIdentity(alias), { id: long.id, uid: 4294967294, kind: 'tap' });
+  t.false(kernelBound(long, complete), 'so it is written to the table');
+  // The longest lease that does fit is still whole.
+  const fits = lease({ rule: 'r'.repeat(64), network: 'n'.repeat(40) });
+  const tag = leaseTag(fits, 'abcdef01');
+  t.true(tag.complete, `${tag.alias.length} characters`);
+  t.true(tag.alias.length <= ALIAS_MAX);
+});
+
+test('tags of earlier versions are still read: identity, and a tap\'s MAC from the device', (t) => {
+  const old = 'tapbroker lease=0123456789abcdef uid=1000 kind=tap rule=lab ends=fds parent=br0 queues=1 broker=abcdef01';
+  t.deepEqual(aliasIdentity(old), { id: '0123456789abcdef', uid: 1000, kind: 'tap' });
+  t.like(leaseFromAlias(old, device(lease())), { rule: 'lab', mac: 'fe:54:00:12:34:56' });
+  t.is(aliasIdentity('tapbroker lease=xyz uid=1 kind=tap'), null, 'not a lease id');
+  t.is(aliasIdentity('someone else lease=0123456789abcdef uid=1 kind=tap'), null);
+  t.is(aliasIdentity(null), null);
+});
