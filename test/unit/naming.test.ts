@@ -49,6 +49,11 @@ test('a six-octet prefix is the MAC itself', (t) => {
   t.is(randomMac('52:54:00:12:34:56'), '52:54:00:12:34:56');
 });
 
+test('an all-zero prefix never yields the all-zero MAC (which a caller could not ask for)', (t) => {
+  // 1 in 256 draws would be all zeros without the redraw: 5,000 draws see it about 20 times.
+  for (const mac of draws(5000, () => randomMac('00:00:00:00:00'))) t.is(checkMac(mac), null, mac);
+});
+
 test('the octets after the prefix are random: each takes many values, small ones padded', (t) => {
   const macs = draws(2000, () => randomMac('52:54:00'));
   t.true(new Set(macs).size >= 1990, '2^24 MACs: a repeat in 2000 draws is rare');

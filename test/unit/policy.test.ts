@@ -131,6 +131,7 @@ test('no users and no groups', invalid, '[[rule]]\nname = "x"\nbridges = ["br0"]
 test('duplicate rule names', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n[[rule]]\nname = "x"\nusers = [2]\nbridges = ["br0"]\n', /duplicate rule name `x'/);
 test('max_queues out of range', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmax_queues = 0\n', /max_queues/);
 test('a multicast mac_prefix', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmac_prefix = "01:00"\n', /multicast/);
+test('a mac_prefix that allows only the all-zero MAC', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmac_prefix = "00:00:00:00:00:00"\n', /all-zero/);
 test('a malformed mac_prefix', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nmac_prefix = "52-54"\n', /mac_prefix/);
 test('a negative uid', invalid, '[[rule]]\nname = "x"\nusers = [-1]\nbridges = ["br0"]\n', /users/);
 test('a wrong type', invalid, '[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\nvhost = "yes"\n', /vhost/);

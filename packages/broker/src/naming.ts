@@ -33,11 +33,14 @@ export function tapName(uid: number): string {
   return prefix + [...randomOctets(n)].map((b) => BASE36[b % 36]).join('');
 }
 
-/** A random unicast MAC inside `prefix`. */
+/** A random unicast MAC inside `prefix`, never all zeros (the policy refuses a prefix that allows only that). */
 export function randomMac(prefix: string): string {
   const fixed = prefix.split(':');
-  const rest = [...randomOctets(6 - fixed.length)].map((b) => b.toString(16).padStart(2, '0'));
-  return [...fixed, ...rest].join(':');
+  for (;;) {
+    const rest = [...randomOctets(6 - fixed.length)].map((b) => b.toString(16).padStart(2, '0'));
+    const mac = [...fixed, ...rest].join(':');
+    if (mac !== '00:00:00:00:00:00') return mac;
+  }
 }
 
 /** Caller-supplied text as it may appear in a message: control characters escaped, length bounded. */

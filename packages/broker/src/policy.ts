@@ -109,6 +109,9 @@ const RuleSchema = z.strictObject({
     if (why) ctx.addIssue({ code: 'custom', message: `mac_prefix \`${s}' ${why}` });
     else if (parseInt(s.slice(0, 2), 16) & 1) {
       ctx.addIssue({ code: 'custom', message: `mac_prefix \`${s}' is multicast` });
+    } else if (s === '00:00:00:00:00:00') {
+      const message = `mac_prefix \`${s}' allows only the all-zero MAC, which no device may have`;
+      ctx.addIssue({ code: 'custom', message });
     }
   }).default(DEFAULT_MAC_PREFIX),
   max_devices: z.number().int().min(0).optional(),
