@@ -38,7 +38,8 @@ test('500 concurrent clients, 20% misbehaving', async (t) => {
     t.true(broker.alive);
     await broker.waitFor(() => broker.fdCount() === baseline, 5000, `broker fds ${broker.fdCount()} != baseline ${baseline}`);
     await broker.waitFor(() => ns.extraLinks(['br0']).length === 0, 5000, `devices left: ${ns.extraLinks(['br0']).length}`);
-    t.pass();
+    t.is(broker.fdCount(), baseline, 'the broker\'s fds are back to their baseline');
+    t.deepEqual(ns.extraLinks(['br0']), [], 'no device left');
   } finally {
     await broker.stop();
     ns.destroy();

@@ -75,7 +75,7 @@ for (const mode of ['bridge', 'vepa', 'private', 'passthru'] as const) {
       await p.release();
     }
     await gone(p.result.taps[0]!.device.name);
-    t.pass();
+    t.is(ns.link(p.result.taps[0]!.device.name), undefined, 'the macvtap went with its holder');
   });
 }
 

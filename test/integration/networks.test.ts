@@ -133,7 +133,7 @@ test.serial('a plug hook: run up with fixed argv and documented variables only, 
   t.like((grant.device as { plug: Record<string, unknown> }).plug, { action: 'up', code: 0, stdout: `plugged ${d.name}\n` });
   await p.release();
   await broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 3000, 'no down call');
-  t.pass();
+  t.true(fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 'the hook\'s down ran');
 });
 
 const hookFails = test.macro({
