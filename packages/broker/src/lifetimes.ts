@@ -352,7 +352,7 @@ export class Lifetimes implements Cleanup {
 
   /** After lost link events: one dump, and every lease judged against it. */
   resync(): void {
-    this.netdev.observe(RTM_DELLINK, null);
+    this.netdev.observe(0, null);
     const links = new Map(this.netdev.rtnl.dumpLinks().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
   }

@@ -56,7 +56,7 @@ export function hostMac(guestMac: Buffer): Buffer {
 
 /** A link whose address is its own bytes, not a view of a receive buffer the next message overwrites. */
 function ownCopy(link: Link): Link {
-  return { ...link, address: link.address ? Buffer.from(link.address) : null, alias: link.alias };
+  return { ...link, address: link.address ? Buffer.from(link.address) : null };
 }
 
 /** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
