@@ -19,7 +19,7 @@ import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { Lifetimes } from './lifetimes.js';
-import { NO_FAULTS, Netdev, type Faults } from './netdev.js';
+import { NO_FAULTS, Netdev, type Cleanup, type Faults, type Kernel } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
 import { loadTrustedPolicy, type Policy } from './policy.js';
 import { Reaper } from './reaper.js';
@@ -56,16 +56,21 @@ export interface BrokerOptions {
   refuseFdsAtSocket?: boolean;
   /** Fault points in the kernel steps; a no-op unless a test injects faults. */
   faults?: Faults;
+  /**
+   * The kernel the broker acts on (default: this one, through Netdev). `cleanup` is how its own rollbacks
+   * hand slow work back to the broker.
+   */
+  kernel?: (cleanup: Cleanup) => Kernel;
 }
 
 export class Broker implements SessionHost, OpContext {
   policy: Policy;
   readonly version = BROKER_VERSION;
   readonly started = new Date().toISOString();
-  readonly netdev: Netdev;
+  readonly kernel: Kernel;
   readonly audit: Audit;
   readonly lifetimes: Lifetimes;
-  readonly reaper = new Reaper();
+  readonly reaper: Reaper;
   readonly foreignFds: ForeignFds;
   readonly policyPath: string | null;
   readonly helloTimeoutMs: number;
@@ -92,15 +97,14 @@ export class Broker implements SessionHost, OpContext {
     this.log = opts.log ?? (() => {});
     this.foreignFds = new ForeignFds(this.log);
     let lifetimes!: Lifetimes;
-    this.netdev = new Netdev(
-      {
-        closeFds: (fds, uid) => lifetimes.closeFds(fds, uid),
-        deleteLink: (ifindex, uid, name, why) => lifetimes.deleteLink(ifindex, uid, name, why),
-      },
-      opts.stateDir ?? '/run/tapbroker',
-      opts.faults ?? NO_FAULTS,
-    );
-    lifetimes = new Lifetimes(opts.stateDir, this.netdev, this.reaper, this.audit, () => this.policy, this.log);
+    const cleanup: Cleanup = {
+      closeFds: (fds, uid) => lifetimes.closeFds(fds, uid),
+      deleteLink: (ifindex, uid, name, why) => lifetimes.deleteLink(ifindex, uid, name, why),
+    };
+    const stateDir = opts.stateDir ?? '/run/tapbroker';
+    this.kernel = opts.kernel?.(cleanup) ?? new Netdev(cleanup, stateDir, opts.faults ?? NO_FAULTS);
+    this.reaper = new Reaper((ifindex) => this.kernel.deleteLink(ifindex));
+    lifetimes = new Lifetimes(opts.stateDir, this.kernel, this.reaper, this.audit, () => this.policy, this.log);
     this.lifetimes = lifetimes;
   }
 
@@ -128,7 +132,7 @@ export class Broker implements SessionHost, OpContext {
     await this.reaper.idle();
     await this.lifetimes.close();
     this.foreignFds.close();
-    this.netdev.close();
+    this.kernel.close();
     this.audit.close();
   }
 

@@ -35,7 +35,13 @@ export {
   IFF_TUN_EXCL,
   type FaultPoint,
   type Faults,
+  type Kernel,
+  type Cleanup,
+  type CreatedTap,
+  type TapRequest,
+  type MacvtapRequest,
 } from './netdev.js';
+export type { Identity, Outcome } from './broker.js';
 export {
   Rtnetlink,
   LinkMonitor,

@@ -9,12 +9,12 @@ import {
   type LeaseRecord,
 } from './leases.js';
 import { pidfdOpen } from './libc.js';
-import { hostMac, type Cleanup, type Netdev } from './netdev.js';
+import { hostMac, type Cleanup, type Kernel } from './netdev.js';
 import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
 import { plugDown } from './plug.js';
 import type { Policy } from './policy.js';
 import type { Reaper } from './reaper.js';
-import { LinkMonitor, RTM_DELLINK, type Link } from './rtnetlink.js';
+import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
 const KERNEL_KIND = { tap: 'tun', macvtap: 'macvtap' } as const;
 
@@ -34,13 +34,13 @@ export class Lifetimes implements Cleanup {
   private readonly creating = new Set<string>();
   private readonly holderWatches = new Map<string, { close(): void }>();
   private readonly unplugs = new Set<Promise<unknown>>();
-  private monitor: LinkMonitor | null = null;
+  private monitor: { drain(): void; close(): void } | null = null;
   /** This broker's identity in its devices' tags. */
   readonly brokerId: string;
 
   constructor(
     stateDir: string | null,
-    private readonly netdev: Netdev,
+    private readonly kernel: Kernel,
     private readonly reaper: Reaper,
     private readonly audit: Audit,
     private readonly policy: () => Policy,
@@ -55,8 +55,8 @@ export class Lifetimes implements Cleanup {
 
   /** Follows link events, then reconciles the table with the kernel. */
   start(): void {
-    this.netdev.followBridges();
-    this.monitor = new LinkMonitor(
+    this.kernel.followBridges();
+    this.monitor = this.kernel.monitor(
       (type, link) => this.onLink(type, link),
       () => this.resync(),
       (type, index) => this.wants(type, index),
@@ -236,13 +236,13 @@ export class Lifetimes implements Cleanup {
    * own events while its create is in flight predate its owner and address, so they show nothing to judge.
    */
   private wants(type: number, index: number): boolean {
-    if (this.netdev.follows(index)) return true;
+    if (this.kernel.follows(index)) return true;
     const l = this.table.byIfindex(index);
     return !!l && (type === RTM_DELLINK || !this.creating.has(l.id));
   }
 
   private onLink(type: number, link: Link): void {
-    this.netdev.observe(type, link);
+    this.kernel.observe(type, link);
     const l = this.table.byIfindex(link.index);
     if (!l || l.name !== link.name) return;
     if (type === RTM_DELLINK) {
@@ -252,7 +252,7 @@ export class Lifetimes implements Cleanup {
     // An event is a snapshot of its moment (a creation's first events predate its owner and address):
     // one that shows nothing wrong needs no more; one that does is judged on the device as it is now.
     if (this.creating.has(l.id) || this.violation(l, link) === null) return;
-    this.judge(l, this.netdev.rtnl.getLinkByIndex(link.index));
+    this.judge(l, this.kernel.link(link.index));
   }
 
   /**
@@ -306,7 +306,7 @@ export class Lifetimes implements Cleanup {
     if (!victim) return;
     try {
       // A locked victim's entry is static again: its port forwards from that MAC only through it.
-      this.netdev.rtnl.restoreFdbEntry(victim.ifindex, mac, { static: victim.locked, vlan: victim.vlan });
+      this.kernel.restoreFdbEntry(victim.ifindex, mac, { static: victim.locked, vlan: victim.vlan });
       this.note(
         'cleanup',
         'cleanup',
@@ -352,8 +352,8 @@ export class Lifetimes implements Cleanup {
 
   /** After lost link events: one dump, and every lease judged against it. */
   resync(): void {
-    this.netdev.observe(0, null);
-    const links = new Map(this.netdev.rtnl.dumpLinks().map((k) => [k.index, k]));
+    this.kernel.observe(0, null);
+    const links = new Map(this.kernel.links().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
   }
 
@@ -363,7 +363,7 @@ export class Lifetimes implements Cleanup {
    * persistent devices kept. Devices without our tag are never touched.
    */
   reconcile(): void {
-    const links = this.netdev.rtnl.dumpLinks();
+    const links = this.kernel.links();
     const byName = new Map(links.map((k) => [k.name, k]));
     // A macvtap intended but perhaps never tagged: the device of that name, on that parent, with that
     // MAC, untagged or tagged with that lease, is the one we were making.
@@ -456,14 +456,14 @@ export class Lifetimes implements Cleanup {
    */
   private relock(l: LeaseRecord): void {
     try {
-      const bridge = this.netdev.rtnl.getLinkByName(l.parent);
+      const bridge = this.kernel.linkNamed(l.parent);
       if (!bridge) throw new Error(`bridge \`${l.parent}' is gone`);
       if (l.mac === null) throw new Error('its guest MAC is not known');
       // Only as a port of its own bridge: one an administrator moved elsewhere is not locked there.
-      if (this.netdev.rtnl.getLinkByIndex(l.ifindex)?.master !== bridge.index) {
+      if (this.kernel.link(l.ifindex)?.master !== bridge.index) {
         throw new Error(`it is no longer a port of bridge \`${l.parent}'`);
       }
-      this.netdev.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name);
+      this.kernel.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name);
     } catch (err) {
       // The lock cannot be had again: the device goes rather than forward another MAC.
       void this.retire(l, {
@@ -491,7 +491,7 @@ export class Lifetimes implements Cleanup {
       }
       for (const p of ports) {
         const l = this.table.get(p.lease);
-        if (l && l.name === p.port && this.isDevice(l, this.netdev.rtnl.getLinkByIndex(l.ifindex))) continue;
+        if (l && l.name === p.port && this.isDevice(l, this.kernel.link(l.ifindex))) continue;
         const about = {
           op: 'reconcile',
           rule: l?.rule ?? null,

@@ -6,7 +6,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, macFromBuffer, sys, type MacvtapMode } from '@tapbroker/protocol';
 import { grantUserOnly, mknodChar } from './libc.js';
-import { NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, type Link } from './rtnetlink.js';
+import {
+  LinkMonitor, NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, deleteLinkInBackground, type Link,
+} from './rtnetlink.js';
 
 export const TUNSETIFF = 0x400454ca;
 export const TUNSETPERSIST = 0x400454cb;
@@ -143,7 +145,38 @@ export interface CreatedTap {
   vhostFds: number[];
 }
 
-export class Netdev {
+/**
+ * Everything the handlers and lease lifetimes ask of the kernel. Netdev is the kernel itself; the handlers'
+ * unit tests run on an in-memory model of it (test/helpers/fake-kernel.ts), unprivileged.
+ */
+export interface Kernel {
+  readonly faultPoint: Faults;
+  /** A Linux bridge a tap may join (see Netdev.bridge), or a TapbrokerError saying why not. */
+  bridge(name: string): Link;
+  macvtapParent(name: string): Link;
+  checkVlanFiltering(bridge: Link): void;
+  createTap(req: TapRequest): CreatedTap;
+  createMacvtap(req: MacvtapRequest): CreatedTap;
+  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void;
+  restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
+  link(index: number): Link | null;
+  linkNamed(name: string): Link | null;
+  links(): Link[];
+  /** RTM_DELLINK off the event loop: true when deleted, false when the link was already gone. */
+  deleteLink(index: number): Promise<boolean>;
+  /** Link events, as LinkMonitor delivers them. */
+  monitor(
+    onLink: (type: number, link: Link) => void,
+    onOverrun: () => void,
+    wants: (type: number, index: number) => boolean,
+  ): { drain(): void; close(): void };
+  followBridges(): void;
+  follows(index: number): boolean;
+  observe(type: number, link: Link | null): void;
+  close(): void;
+}
+
+export class Netdev implements Kernel {
   readonly rtnl = new Rtnetlink();
 
   /**
@@ -155,6 +188,30 @@ export class Netdev {
 
   close(): void {
     this.rtnl.close();
+  }
+
+  link(index: number): Link | null {
+    return this.rtnl.getLinkByIndex(index);
+  }
+
+  linkNamed(name: string): Link | null {
+    return this.rtnl.getLinkByName(name);
+  }
+
+  links(): Link[] {
+    return this.rtnl.dumpLinks();
+  }
+
+  restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void {
+    this.rtnl.restoreFdbEntry(port, mac, opts);
+  }
+
+  deleteLink(index: number): Promise<boolean> {
+    return deleteLinkInBackground(index);
+  }
+
+  monitor(...args: ConstructorParameters<typeof LinkMonitor>): LinkMonitor {
+    return new LinkMonitor(...args);
   }
 
   /**

@@ -29,7 +29,7 @@ import type { Identity } from './identity.js';
 import { kernelBound, leaseTag, leaseView, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import type { Lifetimes } from './lifetimes.js';
 import { printable, randomMac, tapName } from './naming.js';
-import { ContestedDeviceError, hostMac, type CreatedTap, type Netdev } from './netdev.js';
+import { ContestedDeviceError, hostMac, type CreatedTap, type Kernel } from './netdev.js';
 import { plugOf, plugUp } from './plug.js';
 import { decide, hookUnsafe, matches, resolveTarget, type AllowRule, type Policy } from './policy.js';
 import type { Link } from './rtnetlink.js';
@@ -42,7 +42,7 @@ export const MAX_TEARDOWN_PER_UID = 32;
 /** What the handlers act on: the broker's state, read through this narrow view. */
 export interface OpContext {
   readonly policy: Policy;
-  readonly netdev: Netdev;
+  readonly kernel: Kernel;
   readonly lifetimes: Lifetimes;
   readonly audit: Audit;
   readonly version: string;
@@ -268,7 +268,7 @@ async function grantOne(
 
 /** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
 function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule) {
-  const place = placement(ctx.netdev, policy, spec);
+  const place = placement(ctx.kernel, policy, spec);
   const lock = portLock(policy, spec, rule);
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
@@ -313,7 +313,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   };
   const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
     if (spec.kind === 'tap') {
-      return ctx.netdev.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan, lock });
+      return ctx.kernel.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan, lock });
     }
     try {
       ctx.lifetimes.table.intend({ id: draft.id, name, parent: place.parentName, mac: mac! });
@@ -321,7 +321,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
       throw unwritable(err);
     }
     try {
-      return ctx.netdev.createMacvtap({ ...common, name, parent: place.link!, mode: spec.mode! });
+      return ctx.kernel.createMacvtap({ ...common, name, parent: place.link!, mode: spec.mode! });
     } catch (err) {
       ctx.lifetimes.table.settle(draft.id);
       throw err;
@@ -349,7 +349,12 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
       ctx.lifetimes.deleteLink(created.ifindex, caller.uid, created.name, 'the lease could not be written');
     throw unwritable(err);
   }
-  ctx.netdev.faultPoint('create:leased');
+  try {
+    ctx.kernel.faultPoint('create:leased');
+  } catch (err) {
+    ctx.lifetimes.abort(lease, all, (err as Error).message);
+    throw err;
+  }
   const device: Device = {
     kind: spec.kind,
     name: created.name,
@@ -417,16 +422,16 @@ function lockRefusal(policy: Policy, spec: CreateSpec, rule: AllowRule): Tapbrok
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */
-function placement(netdev: Netdev, policy: Policy, spec: CreateSpec): Placement {
+function placement(kernel: Kernel, policy: Policy, spec: CreateSpec): Placement {
   const target = resolveTarget(policy, spec);
   switch (target.kind) {
     case 'macvtap': {
-      const link = netdev.macvtapParent(target.name);
+      const link = kernel.macvtapParent(target.name);
       return { link, bridge: null, vlan: null, parentName: link.name };
     }
     case 'bridge': {
-      const bridge = netdev.bridge(target.name);
-      if (target.vlan !== null) netdev.checkVlanFiltering(bridge);
+      const bridge = kernel.bridge(target.name);
+      if (target.vlan !== null) kernel.checkVlanFiltering(bridge);
       return { link: bridge, bridge, vlan: target.vlan, parentName: bridge.name };
     }
     // An OVS bridge that does not exist makes add-port fail, and the grant is rolled back then.
@@ -501,14 +506,14 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
   // Out of the table first (durably), so a crash from here on leaves a tagged device without a lease:
   // the next start deletes it as an orphan.
   ctx.lifetimes.table.remove(lease.id);
-  ctx.netdev.faultPoint('release:unleased');
+  ctx.kernel.faultPoint('release:unleased');
   try {
     await ctx.lifetimes.retire(lease, { op: 'release', decision: 'release', caller, request, message: 'released' });
   } catch (err) {
     ctx.lifetimes.table.add(lease);
     throw new TapbrokerError('TB_E_KERNEL', `failed to delete \`${lease.name}': ${(err as Error).message}`);
   }
-  ctx.netdev.faultPoint('release:deleted');
+  ctx.kernel.faultPoint('release:deleted');
   return { reply: { op: 'release', id: req.id, lease: leaseView(lease) }, fds: [] };
 }
 

@@ -4,7 +4,6 @@
 // the uid they belong to, and never throw out of a callback. Closes go to the pool at once.
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
-import { deleteLinkInBackground } from './rtnetlink.js';
 
 /** Pool threads the reaper may occupy at once (libuv has 4; the rest stay free for everything else). */
 const MAX_RUNNING = 2;
@@ -23,6 +22,9 @@ export class Reaper {
   private readonly idleWaiters: Array<() => void> = [];
   private readonly closing = new Set<Promise<void>>();
 
+  /** `deleteLink`: the kernel's RTM_DELLINK, run off the event loop (Kernel.deleteLink). */
+  constructor(private readonly deleteLinkNow: (ifindex: number) => Promise<boolean>) {}
+
   /**
    * Deletions queued or running for `uid`: devices on their way out, already out of the lease table,
    * that still count against it. (Closing the broker's copies of fds is not counted: the device lives
@@ -38,7 +40,7 @@ export class Reaper {
 
   /** Deletes link `ifindex` (made for `uid`): true when deleted, false when it was already gone. */
   deleteLink(ifindex: number, uid: number): Promise<boolean> {
-    return this.submit(uid, () => deleteLinkInBackground(ifindex)) as Promise<boolean>;
+    return this.submit(uid, () => this.deleteLinkNow(ifindex)) as Promise<boolean>;
   }
 
   /**

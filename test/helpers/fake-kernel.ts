@@ -1,0 +1,286 @@
+// An in-memory model of the kernel the broker acts on (the Kernel seam of netdev.ts): links with their
+// names, kinds, masters, MACs, tags and owners, a bridge's forwarding entries, and link events delivered
+// when the broker catches up. It lets the handlers (ops.ts) and lease lifetimes run as an unprivileged
+// unit test. It is a model, not the kernel: integration tests check the real Netdev against the kernel's
+// own answers; this one checks what the broker decides, creates, records and replies around it.
+import fs from 'node:fs';
+import { TapbrokerError, macFromBuffer } from '@tapbroker/protocol';
+import {
+  hostMac, type Cleanup, type CreatedTap, type FaultPoint, type Kernel, type Link, type MacvtapRequest,
+  type TapRequest,
+} from '@tapbroker/broker/internal';
+
+const RTM_NEWLINK = 16;
+const RTM_DELLINK = 17;
+const IFF_UP = 0x1;
+const IFF_LOOPBACK = 0x8;
+
+export interface FakeBridge {
+  mtu?: number;
+  /** An administrator set its MAC (addr_assign_type 3); otherwise the broker must refuse it. */
+  pinned?: boolean;
+  /** IFLA_BR_VLAN_FILTERING; null: the kernel has none. */
+  vlanFiltering?: boolean | null;
+}
+
+export class FakeKernel implements Kernel {
+  /** Every link in the namespace, by ifindex. */
+  readonly devices = new Map<number, Link>();
+  /** Kernel steps in order, as `step name` lines: what the broker did, for the tests to compare. */
+  readonly steps: string[] = [];
+  /** Forwarding entries: `bridge/mac/vlan` → the port and whether it is static. */
+  readonly fdb = new Map<string, { port: number; static: boolean }>();
+  readonly locked = new Set<number>();
+  /** /dev/vhost-net exists. */
+  vhost = false;
+  /** This kernel can lock bridge ports (Linux ≥ 5.18). */
+  canLock = true;
+  /** A kernel refusal (TB_E_KERNEL) at this fault point of the next create. */
+  refuseAt: FaultPoint | null = null;
+  private readonly pinned = new Set<number>();
+  private readonly events: Array<[number, Link]> = [];
+  private listeners: Array<{
+    onLink: (type: number, link: Link) => void;
+    wants: (type: number, index: number) => boolean;
+  }> = [];
+  private nextIndex = 2;
+  private readonly fds = new Map<number, number>();
+
+  constructor(private readonly cleanup: Cleanup) {
+    this.add({ name: 'lo', kind: null, flags: IFF_LOOPBACK | IFF_UP, mtu: 65536 });
+  }
+
+  // ---- the state a test sets up
+
+  addBridge(name: string, opts: FakeBridge = {}): Link {
+    const link = this.add({ name, kind: 'bridge', mtu: opts.mtu ?? 1500, vlanFiltering: opts.vlanFiltering ?? false });
+    if (opts.pinned ?? true) this.pinned.add(link.index);
+    return link;
+  }
+
+  /** A device of another kind (`null`: a physical NIC), e.g. a macvtap parent or a name already taken. */
+  addDevice(name: string, kind: string | null, extra: Partial<Link> = {}): Link {
+    return this.add({ name, kind, ...extra });
+  }
+
+  /** The last fd of a tap closed (its holder exited): the kernel deletes it and says so. */
+  lastFdClosed(name: string): void {
+    const link = this.named(name);
+    if (!link || link.persist) throw new Error(`${name} is not an fd-passed tap`);
+    this.remove(link);
+  }
+
+  /** An fd the broker got from this kernel; closing it is the test's or the broker's business. */
+  isOurs(fd: number): boolean {
+    return this.fds.has(fd);
+  }
+
+  // ---- Kernel
+
+  faultPoint = (point: FaultPoint): void => {
+    if (point !== this.refuseAt) return;
+    this.refuseAt = null;
+    throw new TapbrokerError('TB_E_KERNEL', `injected kernel refusal at ${point}`);
+  };
+
+  bridge(name: string): Link {
+    const link = this.named(name);
+    if (!link) throw new TapbrokerError('TB_E_NO_SUCH_BRIDGE', `no bridge \`${name}'`);
+    if (link.kind !== 'bridge') throw new TapbrokerError('TB_E_NOT_A_BRIDGE', `\`${name}' is not a bridge`);
+    if (!this.pinned.has(link.index)) {
+      throw new TapbrokerError('TB_E_BRIDGE_ADDRESS', `bridge \`${name}' has no fixed MAC address`);
+    }
+    return copy(link);
+  }
+
+  macvtapParent(name: string): Link {
+    const link = this.named(name);
+    if (!link) throw new TapbrokerError('TB_E_NO_SUCH_PARENT', `no device \`${name}'`);
+    if ((link.flags & IFF_LOOPBACK) !== 0 || ['bridge', 'macvlan', 'macvtap', 'tun'].includes(link.kind ?? '')) {
+      throw new TapbrokerError('TB_E_BAD_PARENT', `\`${name}' cannot carry a macvtap`);
+    }
+    return copy(link);
+  }
+
+  checkVlanFiltering(bridge: Link): void {
+    if (bridge.vlanFiltering !== true) {
+      throw new TapbrokerError('TB_E_VLAN_UNAVAILABLE', `vlan filtering unavailable on ${bridge.name}`);
+    }
+  }
+
+  createTap(req: TapRequest): CreatedTap {
+    if (this.named(req.name)) throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' exists`);
+    const owner = req.persistent ?? { uid: 0, gid: null };
+    const link = this.add({
+      name: req.name, kind: 'tun', persist: false, alias: null,
+      tun: { owner: req.persistent && req.persistent.gid !== null ? null : owner.uid, group: owner.gid, queues: 0 },
+    });
+    const tapFds: number[] = [];
+    const vhostFds: number[] = [];
+    try {
+      for (let q = 0; q < (req.persistent ? 1 : req.queues); q++) tapFds.push(this.open());
+      link.tun!.queues = tapFds.length;
+      this.faultPoint('tap:opened');
+      this.faultPoint('tap:created');
+      Object.assign(link, {
+        address: hostMac(req.guestMac), mtu: req.bridge?.mtu ?? 1500, master: req.bridge?.index ?? null,
+        flags: IFF_UP, alias: req.alias,
+      });
+      this.changed(link);
+      if (req.lock) {
+        this.lockPort(link.index, req.bridge!, req.guestMac, req.vlan ?? null, req.name);
+        this.faultPoint('tap:locked');
+      }
+      this.faultPoint('tap:configured');
+      if (req.persistent) {
+        link.persist = true;
+        this.faultPoint('tap:persisted');
+      } else if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(this.openVhost());
+      this.steps.push(`createTap ${req.name}`);
+      return { ifindex: link.index, hostMac: link.address!, mtu: link.mtu, tapFds, vhostFds };
+    } catch (err) {
+      this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
+      // The last fd of a tap that is not yet persistent takes the device with it.
+      this.remove(link);
+      throw err;
+    }
+  }
+
+  createMacvtap(req: MacvtapRequest): CreatedTap {
+    const clash = [...this.devices.values()].find((l) => (l.index === req.parent.index || l.link === req.parent.index)
+      && l.address?.equals(req.guestMac));
+    if (clash) throw new TapbrokerError('TB_E_MAC_IN_USE', `mac ${macFromBuffer(req.guestMac)} is used by ${clash.name}`);
+    if (this.named(req.name)) throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' exists`);
+    const link = this.add({
+      name: req.name, kind: 'macvtap', link: req.parent.index, address: Buffer.from(req.guestMac), alias: req.alias,
+      mtu: req.parent.mtu, flags: IFF_UP,
+    });
+    const tapFds: number[] = [];
+    const vhostFds: number[] = [];
+    try {
+      this.faultPoint('macvtap:created');
+      if (!req.persistent) {
+        for (let q = 0; q < req.queues; q++) tapFds.push(this.open());
+        if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(this.openVhost());
+      }
+      this.faultPoint('macvtap:opened');
+      this.steps.push(`createMacvtap ${req.name}`);
+      return { ifindex: link.index, hostMac: Buffer.from(link.address!), mtu: link.mtu, tapFds, vhostFds };
+    } catch (err) {
+      this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
+      this.cleanup.deleteLink(link.index, req.uid, req.name, 'rollback of a failed create');
+      throw err;
+    }
+  }
+
+  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void {
+    const key = `${bridge.index}/${macFromBuffer(mac)}/${vlan ?? 0}`;
+    const held = this.fdb.get(key);
+    if (held && held.port !== port && held.static) {
+      throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${macFromBuffer(mac)} is fixed to another port: \`${name}'`);
+    }
+    if (!this.canLock) throw new TapbrokerError('TB_E_MAC_LOCK', 'this kernel cannot lock bridge ports');
+    this.locked.add(port);
+    this.fdb.set(key, { port, static: true });
+    this.steps.push(`lockPort ${name}`);
+  }
+
+  restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void {
+    const master = this.devices.get(port)?.master;
+    if (master) this.fdb.set(`${master}/${macFromBuffer(mac)}/${opts.vlan ?? 0}`, { port, static: !!opts.static });
+  }
+
+  link(index: number): Link | null {
+    const l = this.devices.get(index);
+    return l ? copy(l) : null;
+  }
+
+  linkNamed(name: string): Link | null {
+    const l = this.named(name);
+    return l ? copy(l) : null;
+  }
+
+  links(): Link[] {
+    return [...this.devices.values()].map(copy);
+  }
+
+  deleteLink(index: number): Promise<boolean> {
+    const link = this.devices.get(index);
+    if (link) {
+      this.steps.push(`deleteLink ${link.name}`);
+      this.remove(link);
+    }
+    return Promise.resolve(!!link);
+  }
+
+  monitor(
+    onLink: (type: number, link: Link) => void,
+    _onOverrun: () => void,
+    wants: (type: number, index: number) => boolean,
+  ): { drain(): void; close(): void } {
+    const listener = { onLink, wants };
+    this.listeners.push(listener);
+    return {
+      drain: () => {
+        for (const [type, link] of this.events.splice(0)) if (wants(type, link.index)) onLink(type, copy(link));
+      },
+      close: () => {
+        this.listeners = this.listeners.filter((l) => l !== listener);
+      },
+    };
+  }
+
+  followBridges(): void {}
+
+  follows(): boolean {
+    return false;
+  }
+
+  observe(): void {}
+
+  close(): void {}
+
+  // ---- the model
+
+  private add(l: Partial<Link> & { name: string; kind: string | null }): Link {
+    const link: Link = {
+      family: 0, index: this.nextIndex++, flags: 0, mtu: 1500, master: null, address: null, link: null, alias: null,
+      persist: null, tun: null, vlanFiltering: null, ...l,
+    };
+    this.devices.set(link.index, link);
+    this.changed(link);
+    return link;
+  }
+
+  private named(name: string): Link | undefined {
+    for (const l of this.devices.values()) if (l.name === name) return l;
+    return undefined;
+  }
+
+  private changed(link: Link): void {
+    if (this.listeners.length > 0) this.events.push([RTM_NEWLINK, copy(link)]);
+  }
+
+  private remove(link: Link): void {
+    this.devices.delete(link.index);
+    this.locked.delete(link.index);
+    for (const [k, e] of this.fdb) if (e.port === link.index) this.fdb.delete(k);
+    if (this.listeners.length > 0) this.events.push([RTM_DELLINK, copy(link)]);
+  }
+
+  /** A real fd (of /dev/null) stands for a queue: the broker closes what it is given, as it would a tap's. */
+  private open(): number {
+    const fd = fs.openSync('/dev/null', 'r');
+    this.fds.set(fd, fd);
+    return fd;
+  }
+
+  private openVhost(): number {
+    if (!this.vhost) throw new TapbrokerError('TB_E_VHOST_UNAVAILABLE', 'vhost unavailable: no /dev/vhost-net');
+    return this.open();
+  }
+}
+
+function copy(l: Link): Link {
+  return { ...l, address: l.address ? Buffer.from(l.address) : null, tun: l.tun ? { ...l.tun } : null };
+}

@@ -1,0 +1,445 @@
+// The handlers as a table: (policy, kernel state, caller, request) → (reply code, audit records, kernel steps),
+// run unprivileged on a model of the kernel (test/helpers/fake-kernel.ts) through the Kernel seam. The request
+// goes through the real codec, the real Broker, ops.ts, spec, policy, lease table and audit; only the kernel is
+// modelled. The same behaviour against the real kernel is covered by the integration and security tests.
+import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { decodeRequest, encodeFrame, TapbrokerError, type Reply } from '@tapbroker/protocol';
+import { Broker, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
+import { FakeKernel } from '../helpers/fake-kernel.js';
+
+const POLICY = `
+[network.lab-net]
+bridge = "br0"
+
+[network.locked-net]
+bridge = "br0"
+mac_lock = true
+
+[[rule]]
+name = "lab"
+users = [1000]
+bridges = ["br0", "nopin0", "eth0", "ghost0"]
+networks = ["lab-net", "locked-net"]
+max_queues = 4
+max_devices = 2
+mac_prefix = "52:54:00"
+
+[[rule]]
+name = "pets"
+users = [1000]
+bridges = ["br1"]
+persistent = true
+vhost = true
+
+[[rule]]
+name = "nics"
+users = [1000]
+macvtap = [{ parent = "eth0", modes = ["bridge"] }, { parent = "lo" }, { parent = "eth9" }]
+
+[[rule]]
+name = "others"
+users = [2000]
+bridges = ["br1"]
+
+[[deny]]
+name = "no-br1-for-3000"
+users = [3000]
+bridges = ["br1"]
+
+[[rule]]
+name = "everyone-br1"
+users = ["*"]
+bridges = ["br1"]
+`;
+
+/** The host every row starts from. */
+function host(k: FakeKernel): void {
+  k.addBridge('br0', { mtu: 9000 });
+  k.addBridge('br1');
+  k.addBridge('nopin0', { pinned: false });
+  k.addDevice('eth0', null, { mtu: 1500, address: Buffer.from('525400000001', 'hex') });
+}
+
+const caller = (uid: number): Identity => ({
+  uid, gid: uid, groups: [uid], pid: process.pid, pidfd: null, exe: '/usr/bin/qemu-system-x86_64',
+  user: `user${uid}`, parent: null,
+});
+
+interface Row {
+  /** What the row shows. */
+  title: string;
+  request: Record<string, unknown>;
+  uid?: number;
+  kernel?: (k: FakeKernel) => void;
+  /** Requests made first, by the same caller (their fds kept open). */
+  before?: Array<Record<string, unknown>>;
+  /** null: granted. */
+  code: string | null;
+  /** The audit records the request leaves, in order: each field given must match. */
+  audit: Array<Partial<AuditRecord>>;
+  /** The kernel steps the request takes (`createTap NAME`, `deleteLink NAME`, `lockPort NAME`…). */
+  steps: RegExp[];
+  /** Further checks on the reply. */
+  reply?: (r: Reply, k: FakeKernel) => void;
+}
+
+const tap = (fields: Record<string, unknown> = {}) => ({ op: 'create-tap', bridge: 'br0', ...fields });
+
+const ROWS: Row[] = [
+  {
+    title: 'a tap on a pinned bridge: granted with the bridge\'s MTU, one fd, audited as a grant',
+    request: tap(),
+    code: null,
+    audit: [{ op: 'create-tap', decision: 'grant', rule: 'lab', uid: 1000 }],
+    steps: [/^createTap tb1000-[0-9a-z]+$/],
+    reply: (r, k) => {
+      if (r.op !== 'create-tap') throw new Error(r.op);
+      if (r.device.mtu !== 9000) throw new Error(`mtu ${r.device.mtu}`);
+      const dev = k.linkNamed(r.device.name)!;
+      if (dev.master !== k.linkNamed('br0')!.index) throw new Error('not attached to br0');
+      if (!dev.alias?.startsWith('tapbroker lease=')) throw new Error(`tag ${dev.alias}`);
+    },
+  },
+  {
+    title: 'no rule for the uid: denied, nothing made',
+    uid: 4242,
+    request: tap(),
+    code: 'TB_E_POLICY_DENIED',
+    audit: [{ op: 'create-tap', decision: 'deny', rule: null, uid: 4242, code: 'TB_E_POLICY_DENIED' }],
+    steps: [],
+  },
+  {
+    title: 'a deny rule wins over an allow rule for everyone',
+    uid: 3000,
+    request: tap({ bridge: 'br1' }),
+    code: 'TB_E_POLICY_DENIED',
+    audit: [{ decision: 'deny', rule: 'no-br1-for-3000', code: 'TB_E_POLICY_DENIED' }],
+    steps: [],
+  },
+  {
+    title: 'more queues than the rule allows',
+    request: tap({ queues: 5 }),
+    code: 'TB_E_POLICY_DENIED',
+    audit: [{ decision: 'deny', code: 'TB_E_POLICY_DENIED' }],
+    steps: [],
+  },
+  {
+    title: 'the quota counts live leases: the third tap under max_devices = 2 is refused',
+    before: [tap(), tap()],
+    request: tap(),
+    code: 'TB_E_QUOTA_EXCEEDED',
+    audit: [{ decision: 'deny', rule: 'lab', code: 'TB_E_QUOTA_EXCEEDED' }],
+    steps: [],
+  },
+  {
+    title: 'a tap that ended with its fds no longer counts: the kernel\'s event reaches the quota first',
+    before: [tap({ name: 'tb1000-a' }), tap({ name: 'tb1000-b' })],
+    kernel: (k) => k.lastFdClosed('tb1000-a'),
+    request: tap(),
+    code: null,
+    audit: [{ op: 'cleanup', decision: 'cleanup', rule: 'lab', uid: 1000 }, { decision: 'grant', rule: 'lab' }],
+    steps: [/^createTap /],
+  },
+  {
+    title: 'a name outside the rule\'s pattern',
+    request: tap({ name: 'eth7' }),
+    code: 'TB_E_INVALID_NAME',
+    audit: [{ code: 'TB_E_INVALID_NAME' }],
+    steps: [],
+  },
+  {
+    title: 'a name that exists: never attached to, refused',
+    kernel: (k) => k.addDevice('tb1000-x', 'veth'),
+    request: tap({ name: 'tb1000-x' }),
+    code: 'TB_E_DEVICE_EXISTS',
+    audit: [{ decision: 'error', code: 'TB_E_DEVICE_EXISTS' }],
+    steps: [],
+  },
+  {
+    title: 'a bridge whose MAC is not pinned',
+    request: tap({ bridge: 'nopin0' }),
+    code: 'TB_E_BRIDGE_ADDRESS',
+    audit: [{ decision: 'error', code: 'TB_E_BRIDGE_ADDRESS' }],
+    steps: [],
+  },
+  {
+    title: 'a bridge the policy allows that does not exist',
+    request: tap({ bridge: 'ghost0' }),
+    code: 'TB_E_NO_SUCH_BRIDGE',
+    audit: [{ decision: 'error', code: 'TB_E_NO_SUCH_BRIDGE' }],
+    steps: [],
+  },
+  {
+    title: 'a "bridge" that is a NIC',
+    request: tap({ bridge: 'eth0' }),
+    code: 'TB_E_NOT_A_BRIDGE',
+    audit: [{ decision: 'error', code: 'TB_E_NOT_A_BRIDGE' }],
+    steps: [],
+  },
+  {
+    title: 'vhost where /dev/vhost-net is missing: the tap made for it is undone',
+    request: tap({ bridge: 'br1', vhost: true }),
+    code: 'TB_E_VHOST_UNAVAILABLE',
+    audit: [{ decision: 'error', code: 'TB_E_VHOST_UNAVAILABLE', rule: null }],
+    steps: [],
+    reply: (_r, k) => {
+      if (k.links().some((l) => l.kind === 'tun')) throw new Error('a tap stayed behind');
+    },
+  },
+  {
+    title: 'vhost where it exists: one vhost fd per queue',
+    kernel: (k) => {
+      k.vhost = true;
+    },
+    request: tap({ bridge: 'br1', vhost: true }),
+    code: null,
+    audit: [{ decision: 'grant', rule: 'pets' }],
+    steps: [/^createTap /],
+    reply: (r) => {
+      if (r.op !== 'create-tap' || r.fds.tap !== 1 || r.fds.vhost !== 1) throw new Error(JSON.stringify(r));
+    },
+  },
+  {
+    title: 'a kernel refusal after the tap was configured: TB_E_KERNEL, nothing left',
+    kernel: (k) => {
+      k.refuseAt = 'tap:configured';
+    },
+    request: tap(),
+    code: 'TB_E_KERNEL',
+    audit: [{ decision: 'error', code: 'TB_E_KERNEL' }],
+    steps: [],
+    reply: (_r, k) => {
+      if (k.links().some((l) => l.kind === 'tun')) throw new Error('a tap stayed behind');
+    },
+  },
+  {
+    title: 'a refusal after the lease was recorded: the device is deleted, and its cleanup audited',
+    kernel: (k) => {
+      k.refuseAt = 'create:leased';
+    },
+    request: tap({ bridge: 'br1', persistent: true }),
+    code: 'TB_E_KERNEL',
+    audit: [
+      { decision: 'error', code: 'TB_E_KERNEL' },
+      { op: 'cleanup', decision: 'cleanup' },
+    ],
+    steps: [/^createTap /, /^deleteLink /],
+  },
+  {
+    title: 'a persistent tap: owned by the caller, no fds, kept in the lease table',
+    request: tap({ bridge: 'br1', persistent: true }),
+    code: null,
+    audit: [{ decision: 'grant', rule: 'pets' }],
+    steps: [/^createTap /],
+    reply: (r, k) => {
+      if (r.op !== 'create-tap' || r.fds.tap !== 0) throw new Error(JSON.stringify(r));
+      const dev = k.linkNamed(r.device.name)!;
+      if (!dev.persist || dev.tun?.owner !== 1000) throw new Error(JSON.stringify(dev.tun));
+    },
+  },
+  {
+    title: 'a network with mac_lock: the port is locked to the guest MAC before the fd leaves',
+    request: { op: 'create-tap', network: 'locked-net', mac: '52:54:00:00:00:07' },
+    code: null,
+    audit: [{ decision: 'grant', rule: 'lab' }],
+    steps: [/^lockPort /, /^createTap /],
+    reply: (r, k) => {
+      if (r.op !== 'create-tap' || !r.device.locked) throw new Error('not locked');
+      if (!k.locked.has(r.device.ifindex)) throw new Error('the kernel has no lock');
+    },
+  },
+  {
+    title: 'mac_lock where the kernel cannot lock ports: a policy refusal, named by its rule',
+    kernel: (k) => {
+      k.canLock = false;
+    },
+    request: { op: 'create-tap', network: 'locked-net', mac: '52:54:00:00:00:07' },
+    code: 'TB_E_MAC_LOCK',
+    audit: [{ decision: 'deny', code: 'TB_E_MAC_LOCK' }],
+    steps: [],
+  },
+  {
+    title: 'mac_lock with a MAC the broker is not told',
+    request: { op: 'create-tap', network: 'locked-net', mac: null },
+    code: 'TB_E_MAC_LOCK',
+    audit: [{ decision: 'deny', rule: 'lab', code: 'TB_E_MAC_LOCK' }],
+    steps: [],
+  },
+  {
+    title: 'a macvtap on a NIC the rule names: the guest MAC, one fd',
+    request: { op: 'create-macvtap', parent: 'eth0', mac: '52:54:00:00:00:09' },
+    code: null,
+    audit: [{ op: 'create-macvtap', decision: 'grant', rule: 'nics' }],
+    steps: [/^createMacvtap tb1000-/],
+    reply: (r) => {
+      if (r.op !== 'create-macvtap' || r.device.mac !== '52:54:00:00:00:09') throw new Error(JSON.stringify(r));
+    },
+  },
+  {
+    title: 'a macvtap with a MAC its parent already carries',
+    request: { op: 'create-macvtap', parent: 'eth0', mac: '52:54:00:00:00:01' },
+    code: 'TB_E_MAC_IN_USE',
+    audit: [{ decision: 'error', code: 'TB_E_MAC_IN_USE' }],
+    steps: [],
+  },
+  {
+    title: 'a macvtap on loopback, even where the rule names it',
+    request: { op: 'create-macvtap', parent: 'lo' },
+    code: 'TB_E_BAD_PARENT',
+    audit: [{ decision: 'error', code: 'TB_E_BAD_PARENT' }],
+    steps: [],
+  },
+  {
+    title: 'a macvtap on a parent that does not exist',
+    request: { op: 'create-macvtap', parent: 'eth9' },
+    code: 'TB_E_NO_SUCH_PARENT',
+    audit: [{ decision: 'error', code: 'TB_E_NO_SUCH_PARENT' }],
+    steps: [],
+  },
+  {
+    title: 'a macvtap mode the rule does not list',
+    request: { op: 'create-macvtap', parent: 'eth0', mode: 'passthru' },
+    code: 'TB_E_POLICY_DENIED',
+    audit: [{ decision: 'deny', code: 'TB_E_POLICY_DENIED' }],
+    steps: [],
+  },
+  {
+    title: 'create, all or none: the second NIC refused undoes the first, each NIC audited',
+    request: { op: 'create', nics: [{ kind: 'tap', bridge: 'br0' }, { kind: 'tap', bridge: 'nopin0' }] },
+    code: 'TB_E_BRIDGE_ADDRESS',
+    audit: [
+      { op: 'create', decision: 'error', code: 'TB_E_BRIDGE_ADDRESS' },
+      { op: 'cleanup', decision: 'cleanup' },
+    ],
+    steps: [/^createTap /, /^deleteLink /],
+    reply: (_r, k) => {
+      if (k.links().some((l) => l.kind === 'tun')) throw new Error('a tap stayed behind');
+    },
+  },
+  {
+    title: 'create: two NICs granted in one reply, one grant record each',
+    request: { op: 'create', nics: [{ kind: 'tap', bridge: 'br0' }, { kind: 'tap', network: 'lab-net' }] },
+    code: null,
+    audit: [{ op: 'create', decision: 'grant' }, { op: 'create', decision: 'grant' }],
+    steps: [/^createTap /, /^createTap /],
+    reply: (r) => {
+      if (r.op !== 'create' || r.devices.length !== 2) throw new Error(JSON.stringify(r));
+    },
+  },
+  {
+    title: 'can: a dry run makes nothing and is audited as one',
+    request: { op: 'can', kind: 'tap', parent: 'br0' },
+    code: null,
+    audit: [{ op: 'can', decision: 'dry-run', rule: 'lab' }],
+    steps: [],
+  },
+  {
+    title: 'release of another user\'s device: not found, nothing deleted',
+    before: [tap({ bridge: 'br1', persistent: true, name: 'tb1000-p' })],
+    uid: 2000,
+    request: { op: 'release', name: 'tb1000-p' },
+    code: 'TB_E_NO_SUCH_LEASE',
+    audit: [{ op: 'release', decision: 'deny', code: 'TB_E_NO_SUCH_LEASE' }],
+    steps: [],
+  },
+  {
+    title: 'release of one\'s own persistent tap: deleted and audited',
+    before: [tap({ bridge: 'br1', persistent: true, name: 'tb1000-p' })],
+    request: { op: 'release', name: 'tb1000-p' },
+    code: null,
+    audit: [{ op: 'release', decision: 'release' }],
+    steps: [/^deleteLink tb1000-p$/],
+  },
+  {
+    title: 'reload by a user: refused',
+    request: { op: 'reload' },
+    code: 'TB_E_POLICY_DENIED',
+    audit: [{ op: 'reload', decision: 'deny', code: 'TB_E_POLICY_DENIED' }],
+    steps: [],
+  },
+  {
+    title: 'a field the schema does not know: refused by the codec before any handler',
+    request: tap({ bridges: 'br0' }),
+    code: 'TB_E_INVALID_REQUEST',
+    audit: [],
+    steps: [],
+  },
+];
+
+let nextId = 1;
+
+/** Slow work done and its records written: the reaper idle, then the turn its callbacks run in. */
+async function settled(broker: Broker): Promise<void> {
+  await broker.reaper.idle();
+  await new Promise((r) => setImmediate(r));
+}
+
+/** Through the codec, as a session would, to the broker's dispatch. */
+async function ask(broker: Broker, who: Identity, request: Record<string, unknown>) {
+  const decoded = decodeRequest(encodeFrame({ id: nextId++, ...request } as never));
+  if (!decoded.ok) throw decoded.error;
+  return broker.dispatch(who, decoded.message);
+}
+
+for (const row of ROWS) {
+  test(row.title, async (t) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
+    const records: AuditRecord[] = [];
+    const devNull = fs.openSync('/dev/null', 'w');
+    let kernel!: FakeKernel;
+    const broker = new Broker({
+      policy: parsePolicy(POLICY),
+      stateDir: dir,
+      audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
+      kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+    });
+    const held: number[] = [];
+    try {
+      host(kernel);
+      broker.lifetimes.start();
+      const who = caller(row.uid ?? 1000);
+      for (const r of row.before ?? []) held.push(...(await ask(broker, caller(1000), r)).fds);
+      await settled(broker);
+      row.kernel?.(kernel);
+      const steps = kernel.steps.length;
+      const seen = records.length;
+      let code: string | null = null;
+      let reply: Reply | null = null;
+      try {
+        const out = await ask(broker, who, row.request);
+        reply = out.reply;
+        held.push(...out.fds);
+        t.true(out.fds.every((fd) => kernel.isOurs(fd)), 'every fd sent is one the kernel gave');
+      } catch (err) {
+        if (!(err instanceof TapbrokerError)) throw err;
+        code = err.code;
+      }
+      await settled(broker);
+      t.is(code, row.code, 'the reply code');
+      const got = records.slice(seen);
+      t.is(got.length, row.audit.length, `audit records: ${got.map((r) => `${r.op}/${r.decision}`).join(', ')}`);
+      row.audit.forEach((want, i) => t.like(got[i], want as Record<string, unknown>, `audit record ${i}`));
+      const taken = kernel.steps.slice(steps);
+      t.is(taken.length, row.steps.length, `kernel steps: ${taken.join(', ')}`);
+      row.steps.forEach((re, i) => t.regex(taken[i] ?? '', re, `kernel step ${i}`));
+      if (reply) row.reply?.(reply, kernel);
+      else if (row.code === null) t.fail('granted');
+      else row.reply?.(null as never, kernel);
+    } finally {
+      for (const fd of held) fs.closeSync(fd);
+      await broker.shutdown();
+      fs.closeSync(devNull);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
+test('the table covers every op and every outcome a create can have', (t) => {
+  const ops = new Set(ROWS.map((r) => r.request['op']));
+  for (const op of ['create-tap', 'create-macvtap', 'create', 'can', 'release', 'reload']) t.true(ops.has(op), op);
+  const decisions = new Set(ROWS.flatMap((r) => r.audit.map((a) => a.decision)));
+  for (const d of ['grant', 'deny', 'error', 'cleanup', 'dry-run', 'release']) t.true(decisions.has(d as never), d);
+});
