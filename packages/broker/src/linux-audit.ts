@@ -8,7 +8,7 @@ import { sys } from '@tapbroker/protocol';
 import type { AuditRecord, AuditSink } from './audit.js';
 import type { Identity } from './identity.js';
 import { netlinkInBackground } from './libc.js';
-import { NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST } from './rtnetlink.js';
+import { NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST, nlmsg } from './rtnetlink.js';
 
 const NETLINK_AUDIT = 9;
 const AUDIT_GET = 1000;
@@ -108,16 +108,6 @@ function loginUid(caller: Partial<Identity> | null): number | null {
   } catch {
     return null;
   }
-}
-
-function nlmsg(type: number, flags: number, seq: number, payload: Buffer): Buffer {
-  const buf = Buffer.alloc(16 + payload.length);
-  buf.writeUInt32LE(buf.length, 0);
-  buf.writeUInt16LE(type, 4);
-  buf.writeUInt16LE(flags, 6);
-  buf.writeUInt32LE(seq, 8);
-  payload.copy(buf, 16);
-  return buf;
 }
 
 const errnoName = (e: number) => new sys.SyscallError('audit', e).code;

@@ -70,21 +70,23 @@ export interface IfInfo {
   change?: number;
 }
 
-/** nlmsghdr + ifinfomsg + attributes. */
-export function linkMessage(type: number, flags: number, seq: number, info: IfInfo, attrs: Buffer[]): Buffer {
-  const body = Buffer.concat(attrs);
-  const buf = Buffer.alloc(NLMSGHDR + IFINFOMSG + body.length);
+/** One netlink message: nlmsghdr (its length, type, flags, seq; pid 0) and `payload`s. */
+export function nlmsg(type: number, flags: number, seq: number, ...payload: Buffer[]): Buffer {
+  const buf = Buffer.concat([Buffer.alloc(NLMSGHDR), ...payload]);
   buf.writeUInt32LE(buf.length, 0);
   buf.writeUInt16LE(type, 4);
   buf.writeUInt16LE(flags, 6);
   buf.writeUInt32LE(seq, 8);
-  buf.writeUInt32LE(0, 12);
-  buf.writeUInt8(0, 16); // AF_UNSPEC
-  buf.writeInt32LE(info.index ?? 0, 20);
-  buf.writeUInt32LE(info.flags ?? 0, 24);
-  buf.writeUInt32LE(info.change ?? 0, 28);
-  body.copy(buf, NLMSGHDR + IFINFOMSG);
   return buf;
+}
+
+/** nlmsghdr + ifinfomsg (AF_UNSPEC) + attributes. */
+export function linkMessage(type: number, flags: number, seq: number, info: IfInfo, attrs: Buffer[]): Buffer {
+  const ifinfo = Buffer.alloc(IFINFOMSG);
+  ifinfo.writeInt32LE(info.index ?? 0, 4);
+  ifinfo.writeUInt32LE(info.flags ?? 0, 8);
+  ifinfo.writeUInt32LE(info.change ?? 0, 12);
+  return nlmsg(type, flags, seq, ifinfo, ...attrs);
 }
 
 /** Attributes of a netlink payload region as a map of type to payload (last one wins). */
@@ -222,18 +224,12 @@ const NLA_F_NESTED = 0x8000;
 function neighMessage(
   type: number, flags: number, seq: number, port: number, state: number, attrs: Buffer[], ntf = 0,
 ): Buffer {
-  const body = Buffer.concat(attrs);
-  const buf = Buffer.alloc(NLMSGHDR + NDMSG + body.length);
-  buf.writeUInt32LE(buf.length, 0);
-  buf.writeUInt16LE(type, 4);
-  buf.writeUInt16LE(flags, 6);
-  buf.writeUInt32LE(seq, 8);
-  buf.writeUInt8(AF_BRIDGE, 16);
-  buf.writeInt32LE(port, 20);
-  buf.writeUInt16LE(state, 24);
-  buf.writeUInt8(NTF_MASTER | ntf, 26);
-  body.copy(buf, NLMSGHDR + NDMSG);
-  return buf;
+  const ndmsg = Buffer.alloc(NDMSG);
+  ndmsg.writeUInt8(AF_BRIDGE, 0);
+  ndmsg.writeInt32LE(port, 4);
+  ndmsg.writeUInt16LE(state, 8);
+  ndmsg.writeUInt8(NTF_MASTER | ntf, 10);
+  return nlmsg(type, flags, seq, ndmsg, ...attrs);
 }
 
 /**
