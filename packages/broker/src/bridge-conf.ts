@@ -12,7 +12,8 @@ import koffi from 'koffi';
 import { EX, IFNAME_MAX_BYTES, checkIfName, sys } from '@tapbroker/protocol';
 import { accountMembers, getgrnam, getpwuid } from './libc.js';
 import { notRootsAlone } from './paths.js';
-import { ANY_BRIDGE, parsePolicy } from './policy.js';
+import { ANY_BRIDGE } from './decide.js';
+import { parsePolicy } from './policy.js';
 
 export const DEFAULT_BRIDGE_CONF = '/etc/qemu/bridge.conf';
 

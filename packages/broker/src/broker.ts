@@ -19,9 +19,11 @@ import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { Lifetimes } from './lifetimes.js';
-import { NO_FAULTS, Netdev, type Cleanup, type Faults, type Kernel } from './netdev.js';
+import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
+import { Netdev } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
-import { loadTrustedPolicy, type Policy } from './policy.js';
+import type { Policy } from './decide.js';
+import { loadTrustedPolicy } from './policy.js';
 import { Reaper } from './reaper.js';
 import { Session, type Outcome, type SessionHost } from './session.js';
 

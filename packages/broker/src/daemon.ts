@@ -4,7 +4,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { EX, SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/protocol';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
-import { loadTrustedPolicy, type Policy } from './policy.js';
+import type { Policy } from './decide.js';
+import { loadTrustedPolicy } from './policy.js';
 import { notRootsAlone } from './paths.js';
 import { LinuxAudit } from './linux-audit.js';
 

@@ -4,7 +4,7 @@
 // a timeout, and its output captured for the audit record.
 import { spawn } from 'node:child_process';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { hookUnsafe } from './policy.js';
+import { hookUnsafe } from './paths.js';
 
 export const HOOK_TIMEOUT_MS = 10_000;
 const OUTPUT_CAP = 4096;

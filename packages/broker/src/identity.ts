@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import type { PeerCredentials } from '@tapbroker/protocol';
 import { getpwuid } from './libc.js';
-import type { Caller } from './policy.js';
+import type { Caller } from './decide.js';
 
 export interface Identity extends Caller {
   pid: number;

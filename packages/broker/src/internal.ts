@@ -7,44 +7,28 @@ export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
 export {
   matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope, ANY_BRIDGE, grantsBridge,
   bridgeList,
-} from './policy.js';
+} from './decide.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
 export { kernelLocksPorts, policyWarnings } from './policy-tools.js';
 export {
-  POLICY_KEYS, didYouMean, fragmentDir, lineIndex, loadTrustedPolicy, parseSources, policyFiles, untrustedPolicyFile,
+  POLICY_KEYS, fragmentDir, loadTrustedPolicy, parseSources, policyFiles, untrustedPolicyFile,
 } from './policy.js';
+export { didYouMean, lineIndex } from './policy-text.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';
 export {
   runPolicyTests, parseCases, parseRequest, runCase, DECIDED_CODES, type Case, type CaseError, type CaseResult,
   type TestRun,
 } from './policy-test.js';
+export { Netdev } from './netdev.js';
+export { devNumbers } from './macvtap.js';
 export {
-  Netdev,
-  tunIfreq,
-  tapFlags,
-  hostMac,
-  devNumbers,
-  TUNSETIFF,
-  TUNSETOWNER,
-  TUNSETGROUP,
-  TUNSETPERSIST,
-  IFF_TAP,
-  IFF_NO_PI,
-  IFF_VNET_HDR,
-  IFF_MULTI_QUEUE,
-  IFF_TUN_EXCL,
-  type FaultPoint,
-  type Faults,
-  type Kernel,
-  type Cleanup,
-  type CreatedTap,
-  type TapRequest,
-  type MacvtapRequest,
-} from './netdev.js';
+  tunIfreq, tapFlags, hostMac, TUNSETIFF, TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR,
+  IFF_MULTI_QUEUE, IFF_TUN_EXCL, type FaultPoint, type Faults, type Kernel, type Cleanup, type CreatedTap,
+  type TapRequest, type MacvtapRequest,
+} from './kernel.js';
 export type { Identity, Outcome } from './broker.js';
 export {
   Rtnetlink,
-  LinkMonitor,
   linkMessage,
   macvtapMessage,
   bridgeVlanMessage,
@@ -59,6 +43,7 @@ export {
   MACVLAN_MODES,
   type Link,
 } from './rtnetlink.js';
+export { LinkMonitor } from './link-monitor.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';
 export {

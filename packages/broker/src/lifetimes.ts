@@ -9,10 +9,10 @@ import {
   type LeaseRecord,
 } from './leases.js';
 import { pidfdOpen } from './libc.js';
-import { hostMac, type Cleanup, type Kernel } from './netdev.js';
+import { hostMac, type Cleanup, type Kernel } from './kernel.js';
 import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
 import { plugDown } from './plug.js';
-import type { Policy } from './policy.js';
+import type { Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 

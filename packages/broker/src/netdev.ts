@@ -1,179 +1,23 @@
-// Kernel steps on network devices: tun ioctls, rtnetlink, /dev/vhost-net. Every function here acts
-// with privilege and is transactional: on failure it undoes what it made and throws a
-// TapbrokerError that names the object and the errno.
-import { randomBytes, randomInt } from 'node:crypto';
+// The Kernel itself: taps (tun ioctls), bridges, port locks, link lookups and events, with macvtaps in
+// macvtap.ts. Every step acts with privilege and is transactional: on failure it undoes what it made and
+// throws a TapbrokerError that names the object and the errno.
 import fs from 'node:fs';
-import path from 'node:path';
-import { TapbrokerError, macFromBuffer, sys, type MacvtapMode } from '@tapbroker/protocol';
-import { grantUserOnly, mknodChar } from './libc.js';
+import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol';
 import {
-  LinkMonitor, NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, deleteLinkInBackground, type Link,
+  ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
+  openVhost, tapFlags, tunIfreq, type Cleanup, type CreatedTap, type Faults, type Kernel, type MacvtapRequest,
+  type TapRequest,
+} from './kernel.js';
+import { createMacvtap, macvtapParent } from './macvtap.js';
+import { LinkMonitor } from './link-monitor.js';
+import {
+  NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, deleteLinkInBackground, type Link,
 } from './rtnetlink.js';
 
-export const TUNSETIFF = 0x400454ca;
-export const TUNSETPERSIST = 0x400454cb;
-export const TUNSETOWNER = 0x400454cc;
-export const TUNSETGROUP = 0x400454ce;
-const IFF_LOOPBACK = 0x8;
-export const IFF_TAP = 0x0002;
-export const IFF_MULTI_QUEUE = 0x0100;
-export const IFF_NO_PI = 0x1000;
-export const IFF_VNET_HDR = 0x4000;
-export const IFF_TUN_EXCL = 0x8000;
-const IFREQ_SIZE = 40;
-
 const TUN_PATH = '/dev/net/tun';
-const VHOST_PATH = '/dev/vhost-net';
-
-/** The ifreq for TUNSETIFF. The name was validated to fit; it is never truncated here. */
-export function tunIfreq(name: string, flags: number): Buffer {
-  // An empty name is used only on macvtap fds, where TUNSETIFF sets flags and ignores the name.
-  const ifr = Buffer.alloc(IFREQ_SIZE);
-  const bytes = Buffer.from(name, 'utf8');
-  if (bytes.length > 15) {
-    throw new TapbrokerError('TB_E_INVALID_NAME', `interface name \`${name}' is longer than 15 bytes`);
-  }
-  bytes.copy(ifr, 0);
-  ifr.writeUInt16LE(flags, 16);
-  return ifr;
-}
-
-/** TUNSETIFF flags for a tap: never attaching to an existing device (IFF_TUN_EXCL). */
-export function tapFlags(opts: { vnetHdr: boolean; multiQueue: boolean; exclusive: boolean }): number {
-  return (
-    IFF_TAP |
-    IFF_NO_PI |
-    (opts.exclusive ? IFF_TUN_EXCL : 0) |
-    (opts.vnetHdr ? IFF_VNET_HDR : 0) |
-    (opts.multiQueue ? IFF_MULTI_QUEUE : 0)
-  );
-}
-
-/** The host side of a guest MAC: first octet 0xfe so the bridge never adopts it as its own address. */
-export function hostMac(guestMac: Buffer): Buffer {
-  const mac = Buffer.from(guestMac);
-  mac[0] = 0xfe;
-  return mac;
-}
-
 /** A link whose address is its own bytes, not a view of a receive buffer the next message overwrites. */
 function ownCopy(link: Link): Link {
   return { ...link, address: link.address ? Buffer.from(link.address) : null };
-}
-
-/** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
-export type FaultPoint =
-  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:locked' | 'tap:persisted'
-  | 'macvtap:created' | 'macvtap:opened'
-  | 'create:leased' | 'release:unleased' | 'release:deleted';
-export type Faults = (point: FaultPoint) => void;
-export const NO_FAULTS: Faults = () => {};
-
-/** Undo work that is slow or may fail: done off the event loop by whoever owns lifetimes. */
-export interface Cleanup {
-  closeFds(fds: readonly number[], uid: number): void;
-  deleteLink(ifindex: number, uid: number, name: string, why: string): void;
-}
-
-/** For persistent devices: who owns them. */
-export interface Owner {
-  uid: number;
-  gid: number | null;
-}
-
-/**
- * Someone else reached a new device before it was secured (a queue on a tap before its owner was set,
- * a macvtap's /dev/tapN node): it was destroyed; another name (and index) may be tried.
- */
-export class ContestedDeviceError extends TapbrokerError {
-  readonly ifindex: number;
-  constructor(code: 'TB_E_KERNEL', message: string, extra: { ifindex: number }) {
-    super(code, message);
-    this.ifindex = extra.ifindex;
-  }
-}
-
-export interface TapRequest {
-  /** Whose device it is (for accounting of its teardown). */
-  uid: number;
-  name: string;
-  queues: number;
-  vnetHdr: boolean;
-  vhost: boolean;
-  guestMac: Buffer;
-  /** The Linux bridge to attach to; null for a tap that something else plugs (Open vSwitch, a hook). */
-  bridge: Link | null;
-  /** Access VLAN on the bridge (needs bridge VLAN filtering); none when absent or null. */
-  vlan?: number | null;
-  /** Persistent and owned by this user (TUNSETOWNER/TUNSETGROUP/TUNSETPERSIST); null for fd-passed. */
-  persistent: Owner | null;
-  /** IFLA_IFALIAS: who the device belongs to, readable with `ip link`. */
-  alias: string;
-  /** A locked bridge port whose one static forwarding entry is `guestMac` (mac_lock). */
-  lock?: boolean;
-}
-
-export interface MacvtapRequest {
-  uid: number;
-  alias: string;
-  name: string;
-  parent: Link;
-  mode: MacvtapMode;
-  queues: number;
-  vnetHdr: boolean;
-  vhost: boolean;
-  guestMac: Buffer;
-  /** Persistent: its char device is made the owner's alone, and no fds are opened. */
-  persistent: Owner | null;
-}
-
-/** major:minor of a dev_t as Node reports it (glibc encoding). */
-export function devNumbers(rdev: number | bigint): [number, number] {
-  const d = BigInt(rdev);
-  const major = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn));
-  const minor = Number((d & 0xffn) | ((d >> 12n) & ~0xffn));
-  return [major, minor];
-}
-
-export interface CreatedTap {
-  ifindex: number;
-  hostMac: Buffer;
-  mtu: number;
-  /** One fd per queue. */
-  tapFds: number[];
-  /** One /dev/vhost-net fd per queue when asked, else empty. */
-  vhostFds: number[];
-}
-
-/**
- * Everything the handlers and lease lifetimes ask of the kernel. Netdev is the kernel itself; the handlers'
- * unit tests run on an in-memory model of it (test/helpers/fake-kernel.ts), unprivileged.
- */
-export interface Kernel {
-  readonly faultPoint: Faults;
-  /** A Linux bridge a tap may join (see Netdev.bridge), or a TapbrokerError saying why not. */
-  bridge(name: string): Link;
-  macvtapParent(name: string): Link;
-  checkVlanFiltering(bridge: Link): void;
-  createTap(req: TapRequest): CreatedTap;
-  createMacvtap(req: MacvtapRequest): CreatedTap;
-  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void;
-  restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
-  link(index: number): Link | null;
-  linkNamed(name: string): Link | null;
-  links(): Link[];
-  /** RTM_DELLINK off the event loop: true when deleted, false when the link was already gone. */
-  deleteLink(index: number): Promise<boolean>;
-  /** Link events, as LinkMonitor delivers them. */
-  monitor(
-    onLink: (type: number, link: Link) => void,
-    onOverrun: () => void,
-    wants: (type: number, index: number) => boolean,
-  ): { drain(): void; close(): void };
-  followBridges(): void;
-  follows(index: number): boolean;
-  observe(type: number, link: Link | null): void;
-  close(): void;
 }
 
 export class Netdev implements Kernel {
@@ -183,7 +27,7 @@ export class Netdev implements Kernel {
    * `stateDir` holds private device nodes when /dev/tapN is another namespace's.
    */
   constructor(
-    private readonly cleanup: Cleanup, private readonly stateDir: string, readonly faultPoint: Faults = NO_FAULTS,
+    readonly cleanup: Cleanup, readonly stateDir: string, readonly faultPoint: Faults = NO_FAULTS,
   ) {}
 
   close(): void {
@@ -417,13 +261,13 @@ export class Netdev implements Kernel {
     );
   }
 
-  /** A random ifindex above 2^20, unused in this namespace, whose /dev/tap node does not exist. */
-  private freeTapIndex(): number {
-    for (let i = 0; i < 64; i++) {
-      const index = 0x100000 + randomInt(0x7fffffff - 0x100000);
-      if (!fs.existsSync(`/dev/tap${index}`) && !this.rtnl.getLinkByIndex(index)) return index;
-    }
-    throw new TapbrokerError('TB_E_KERNEL', 'no free ifindex for a macvtap after 64 tries');
+
+  macvtapParent(name: string): Link {
+    return macvtapParent(this.rtnl, name);
+  }
+
+  createMacvtap(req: MacvtapRequest): CreatedTap {
+    return createMacvtap(this, req);
   }
 
   /** Refuses a VLAN on a bridge without VLAN filtering, before anything is made. */
@@ -437,132 +281,8 @@ export class Netdev implements Kernel {
     throw new TapbrokerError('TB_E_VLAN_UNAVAILABLE', `vlan filtering unavailable on ${bridge.name}: ${why}`);
   }
 
-  /** The parent a macvtap may sit on, or a TapbrokerError saying why not. */
-  macvtapParent(name: string): Link {
-    const link = this.rtnl.getLinkByName(name);
-    if (!link) throw new TapbrokerError('TB_E_NO_SUCH_PARENT', `no device \`${name}'`);
-    if ((link.flags & IFF_LOOPBACK) !== 0 || ['bridge', 'macvlan', 'macvtap', 'tun'].includes(link.kind ?? '')) {
-      throw new TapbrokerError(
-        'TB_E_BAD_PARENT',
-        `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'loopback'} and cannot carry a macvtap`,
-      );
-    }
-    return link;
-  }
 
-  /** Refuses a MAC already carried by the parent or any device stacked on it. */
-  checkMacFree(parent: Link, mac: Buffer): void {
-    const clash = this.rtnl
-      .dumpLinks()
-      .find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
-    if (clash) {
-      throw new TapbrokerError(
-        'TB_E_MAC_IN_USE',
-        `mac ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} `
-          + `is already used by \`${clash.name}' on \`${parent.name}'`,
-      );
-    }
-  }
 
-  /**
-   * netdev.createMacvtap: a macvtap with the guest's MAC, up; then one fd per queue from its char
-   * device (checked by device number, since /dev/tap<ifindex> is shared by every namespace), or for
-   * a persistent one, that char device handed to its owner. All or nothing.
-   */
-  createMacvtap(req: MacvtapRequest): CreatedTap {
-    this.checkMacFree(req.parent, req.guestMac);
-    // /dev/tap<ifindex> lives in the devtmpfs every namespace shares, and a user who owns a network
-    // namespace may create a macvtap at any ifindex there and own its node first. The broker's macvtap
-    // gets an ifindex nobody can predict, whose node does not exist yet.
-    const index = this.freeTapIndex();
-    try {
-      this.rtnl.createMacvtap({
-        name: req.name,
-        index,
-        parent: req.parent.index,
-        mac: req.guestMac,
-        mode: req.mode,
-        alias: req.alias,
-      });
-    } catch (err) {
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.EEXIST) {
-        throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' already exists`);
-      }
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.EADDRINUSE) {
-        throw new TapbrokerError('TB_E_MAC_IN_USE', `the MAC is already in use on \`${req.parent.name}'`);
-      }
-      throw kernelError(`failed to create macvtap \`${req.name}' on \`${req.parent.name}'`, err);
-    }
-    const tapFds: number[] = [];
-    const vhostFds: number[] = [];
-    let link: Link | null = null;
-    try {
-      this.faultPoint('macvtap:created');
-      link = this.rtnl.getLinkByName(req.name);
-      if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) {
-        throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
-      }
-      // Tag it at once: the kernel ignored the alias in the create message.
-      this.rtnl.configureLink(link.index, { alias: req.alias });
-      const [major, minor] = macvtapDevNumber(req.name, link.index);
-      const shared = `/dev/tap${link.index}`;
-      if (fs.existsSync(shared) && !nodeIs(shared, major, minor)) {
-        // Someone made that node between the choice of the index and the device: try another.
-        throw new ContestedDeviceError('TB_E_KERNEL', `${shared} was taken by another namespace's device; destroyed`, {
-          ifindex: link.index,
-        });
-      }
-      if (req.persistent) {
-        const node = `/dev/tap${link.index}`;
-        if (!nodeIs(node, major, minor)) {
-          throw new TapbrokerError(
-            'TB_E_KERNEL',
-            `${node} is not the char device of \`${req.name}' `
-              + `(another namespace has a device with ifindex ${link.index})`,
-          );
-        }
-        // root keeps owning the node; a POSIX ACL lets the caller (and nobody else) open it. This needs
-        // no capability beyond ownership, unlike chown (CAP_CHOWN), so it works in the hardened unit.
-        fs.chmodSync(node, 0o600);
-        try {
-          grantUserOnly(node, req.persistent.uid);
-        } catch (err) {
-          throw kernelError(`failed to give ${node} to uid ${req.persistent.uid}`, err);
-        }
-      } else {
-        const node = charNode(link.index, major, minor, this.stateDir);
-        try {
-          for (let q = 0; q < req.queues; q++) {
-            const fd = fs.openSync(node.path, fs.constants.O_RDWR);
-            tapFds.push(fd);
-            const [maj, min] = devNumbers(fs.fstatSync(fd).rdev);
-            if (maj !== major || min !== minor) {
-              throw new TapbrokerError('TB_E_KERNEL', `${node.path} changed under us`);
-            }
-            if (!req.vnetHdr) sys.ioctlPtr(fd, TUNSETIFF, tunIfreq('', IFF_TAP | IFF_NO_PI));
-          }
-        } finally {
-          node.remove();
-        }
-        if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
-      }
-      this.faultPoint('macvtap:opened');
-      return {
-        ifindex: link.index,
-        hostMac: link.address ? Buffer.from(link.address) : Buffer.from(req.guestMac),
-        mtu: link.mtu,
-        tapFds,
-        vhostFds,
-      };
-    } catch (err) {
-      this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
-      const made = link ?? this.rtnl.getLinkByName(req.name);
-      if (made?.kind === 'macvtap') {
-        this.cleanup.deleteLink(made.index, req.uid, req.name, 'rollback of a failed create');
-      }
-      throw err instanceof TapbrokerError ? err : kernelError(`failed to open macvtap \`${req.name}'`, err);
-    }
-  }
 }
 
 /** addr_assign_type 3: an administrator set the address (`ip link set … address`). */
@@ -584,81 +304,7 @@ function addrAssignType(name: string, ifindex: number): number {
   }
 }
 
-/** The char device number of a macvtap, from sysfs, after checking sysfs shows this namespace's device. */
-function macvtapDevNumber(name: string, ifindex: number): [number, number] {
-  const dir = `/sys/class/net/${name}`;
-  let seen: string;
-  let dev: string;
-  try {
-    seen = fs.readFileSync(`${dir}/ifindex`, 'utf8').trim();
-    dev = fs.readFileSync(`${dir}/macvtap/tap${ifindex}/dev`, 'utf8').trim();
-  } catch (err) {
-    throw kernelError(`cannot read the char device of \`${name}' from sysfs`, err);
-  }
-  if (seen !== String(ifindex)) {
-    throw new TapbrokerError(
-      'TB_E_KERNEL',
-      `sysfs shows another namespace's \`${name}' `
-        + `(ifindex ${seen}, not ${ifindex}); mount sysfs for the broker's namespace`,
-    );
-  }
-  const m = /^(\d+):(\d+)$/.exec(dev);
-  if (!m) throw new TapbrokerError('TB_E_KERNEL', `unexpected device number \`${dev}' for \`${name}'`);
-  return [Number(m[1]), Number(m[2])];
-}
 
-function nodeIs(node: string, major: number, minor: number): boolean {
-  try {
-    const st = fs.statSync(node);
-    if (!st.isCharacterDevice()) return false;
-    const [a, b] = devNumbers(st.rdev);
-    return a === major && b === minor;
-  } catch {
-    return false;
-  }
-}
 
-/** /dev/tap<ifindex> when it is this device; otherwise a private node of our own in the state directory. */
-function charNode(ifindex: number, major: number, minor: number, stateDir: string): { path: string; remove(): void } {
-  const shared = `/dev/tap${ifindex}`;
-  if (nodeIs(shared, major, minor)) return { path: shared, remove: () => {} };
-  const dir = path.join(stateDir, 'dev');
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const own = path.join(dir, `tap${ifindex}.${randomBytes(4).toString('hex')}`);
-  try {
-    mknodChar(own, 0o600, major, minor);
-  } catch (err) {
-    throw new TapbrokerError(
-      'TB_E_KERNEL',
-      `${shared} is another namespace's device and a private node cannot be made in ${dir} `
-        + `(${err instanceof sys.SyscallError ? err.code : String(err)}: `
-        + 'needs CAP_MKNOD and a state directory without nodev)',
-    );
-  }
-  return { path: own, remove: () => fs.rmSync(own, { force: true }) };
-}
 
-function openVhost(): number {
-  try {
-    return fs.openSync(VHOST_PATH, fs.constants.O_RDWR);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') {
-      throw new TapbrokerError(
-        'TB_E_VHOST_UNAVAILABLE',
-        `vhost unavailable: ${VHOST_PATH} does not exist on this host`,
-      );
-    }
-    throw kernelError(`failed to open ${VHOST_PATH}`, err);
-  }
-}
 
-/** `failed to attach `tb1-x' to bridge `br0': no such device (ENODEV)`. */
-function kernelError(what: string, err: unknown): TapbrokerError {
-  if (err instanceof TapbrokerError) return err;
-  if (err instanceof sys.SyscallError) {
-    return new TapbrokerError('TB_E_KERNEL', `${what}: ${err.reason} (${err.code})`, { cause: err });
-  }
-  const e = err as NodeJS.ErrnoException;
-  return new TapbrokerError('TB_E_KERNEL', `${what}: ${e.code ?? ''} ${e.message}`.trim(), { cause: err });
-}

@@ -24,3 +24,20 @@ export function notRootsAlone(file: string): string | null {
     entry = st;
   }
 }
+
+/**
+ * Why a hook program may not be run as root, or null: it must be a regular file owned by root,
+ * executable, and writable by nobody but root — checked at load and again before each run.
+ */
+export function hookUnsafe(file: string): string | null {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(file);
+  } catch {
+    return 'does not exist';
+  }
+  if (!st.isFile()) return 'is not a regular file';
+  if (!(st.mode & 0o100)) return 'is not executable';
+  return notRootsAlone(file);
+}
+

@@ -3,7 +3,7 @@
 import { addPort, delPort, ovsdbTarget } from './ovs.js';
 import { runHook } from './hook.js';
 import type { LeaseRecord, Plug } from './leases.js';
-import type { Network } from './policy.js';
+import type { Network } from './decide.js';
 
 /** How a device joins `net`, or null for a Linux bridge (attached by the kernel step itself). */
 export function plugOf(net: Network | undefined): Plug | null {

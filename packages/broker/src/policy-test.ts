@@ -7,7 +7,9 @@ import { z } from 'zod';
 import { EX, MACVTAP_MODES, TapbrokerError, type ErrorCode, type MacvtapMode, type Nic } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 import { getgrnam, getpwnam, getpwuid } from './libc.js';
-import { decide, didYouMean, lineIndex, loadPolicy, parsePolicy, type Caller, type Policy } from './policy.js';
+import { decide, type Caller, type Policy } from './decide.js';
+import { loadPolicy, parsePolicy } from './policy.js';
+import { didYouMean, lineIndex } from './policy-text.js';
 import { checkSpec, createSpec, type CreateSpec } from './spec.js';
 
 const EX_FAILED = 1;

@@ -6,10 +6,10 @@ import os from 'node:os';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { getpwnam, getpwuid } from './libc.js';
 import {
-  ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, loadPolicy, matches, matchesDeny, resolveTarget,
-  untrustedPolicyFile,
-  type AllowRule, type DenyRule, type Policy, type Selector, type Target,
-} from './policy.js';
+  ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, type AllowRule,
+  type DenyRule, type Policy, type Selector, type Target,
+} from './decide.js';
+import { loadPolicy, untrustedPolicyFile } from './policy.js';
 
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
 const EX_WARNINGS = 1;

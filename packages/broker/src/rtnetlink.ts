@@ -1,6 +1,6 @@
 // rtnetlink: message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
 // Requests are tiny and answered in well under a millisecond; slow teardown never goes through here.
-import { sys, watchReadable } from '@tapbroker/protocol';
+import { sys } from '@tapbroker/protocol';
 import { netlinkInBackground } from './libc.js';
 
 export const RTM_NEWLINK = 16;
@@ -41,8 +41,8 @@ export const MACVLAN_MODES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as 
 export const IFLA_EXT_MASK = 29;
 export const NLMSGERR_ATTR_MSG = 1;
 export const IFF_UP = 0x1;
-const NLMSGHDR = 16;
-const IFINFOMSG = 16;
+export const NLMSGHDR = 16;
+export const IFINFOMSG = 16;
 
 const align4 = (n: number) => (n + 3) & ~3;
 
@@ -446,70 +446,6 @@ export async function deleteLinkInBackground(index: number): Promise<boolean> {
     throw new sys.SyscallError('rtnetlink', err, `delete link ${index}`);
   } finally {
     sys.close(fd);
-  }
-}
-
-/**
- * RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK of a device (the
- * AF_BRIDGE port messages, e.g. a port leaving its bridge, are not the device and are not passed on);
- * `onOverrun` once per overrun, when some were lost. `drain()` applies what is queued now, so a decision
- * never runs on a table older than the events the kernel already sent.
- */
-export class LinkMonitor {
-  private readonly fd: number;
-  private readonly watch: { close(): void };
-  private readonly rx = new sys.Receiver(256 * 1024);
-
-  /** `wants`: whether an event about this ifindex is worth decoding (most of a busy host's are not). */
-  constructor(
-    private readonly onLink: (type: number, link: Link) => void,
-    private readonly onOverrun: () => void,
-    private readonly wants: (type: number, index: number) => boolean = () => true,
-  ) {
-    this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
-    // A larger queue overruns less often under a teardown burst (each overrun costs one dump).
-    try {
-      sys.setsockoptInt(this.fd, sys.SOL_SOCKET, 33 /* SO_RCVBUFFORCE */, 4 * 1024 * 1024);
-    } catch {
-      // Without CAP_NET_ADMIN the default stays; overruns are still handled.
-    }
-    const sa = Buffer.alloc(12);
-    sa.writeUInt16LE(sys.AF_NETLINK, 0);
-    sa.writeUInt32LE(RTMGRP_LINK, 8);
-    sys.bind(this.fd, sa, 'RTMGRP_LINK');
-    this.watch = watchReadable(this.fd, () => this.drain());
-  }
-
-  drain(): void {
-    let overrun = false;
-    for (;;) {
-      let got: sys.MsgIn | null;
-      try {
-        got = this.rx.recv(this.fd, sys.MSG_DONTWAIT);
-      } catch (err) {
-        if (err instanceof sys.SyscallError && err.errno === sys.errno.ENOBUFS) {
-          overrun = true;
-          continue;
-        }
-        throw err;
-      }
-      if (got === null) break;
-      for (const m of splitMessages(got.data)) {
-        const type = m.readUInt16LE(4);
-        if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
-        // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
-        if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE || !this.wants(type, m.readInt32LE(20)))
-          continue;
-        this.onLink(type, parseLink(m));
-      }
-    }
-    // One resync after the queue is empty: a dump then reflects everything lost.
-    if (overrun) this.onOverrun();
-  }
-
-  close(): void {
-    this.watch.close();
-    sys.close(this.fd);
   }
 }
 

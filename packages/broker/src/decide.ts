@@ -1,0 +1,361 @@
+// The decision for one request: the policy as the broker holds it (rules resolved at load, in policy.ts),
+// and `decide`. Default deny; any matching deny rule wins; among allow rules the first in file order that
+// permits the whole request decides. Pure functions of their inputs: the broker and the policy tools share them.
+import type { ErrorCode, MacvtapMode } from '@tapbroker/protocol';
+
+/** In `bridges`, the whole entry `"*"` stands for every Linux bridge; it is not a glob inside a name. */
+export const ANY_BRIDGE = '*';
+
+/** A named network: what an admin calls it, and how a tap joins it. */
+export interface Network {
+  name: string;
+  kind: 'bridge' | 'ovs' | 'hook';
+  /** The Linux bridge or OVS bridge, or the hook's path. */
+  target: string;
+  vlan: number | null;
+  trunk: readonly number[] | null;
+  ovsdb: string | null;
+  hookTimeoutMs: number;
+  macLock: boolean;
+}
+
+/** Who a rule applies to, resolved to numbers. `everyone` is the `"*"` user. */
+export interface Selector {
+  everyone: boolean;
+  uids: ReadonlySet<number>;
+  gids: ReadonlySet<number>;
+  /**
+   * Deny rules only: users who are members of `gids` by the account database (read at load). A
+   * process can drop a group it holds (setgroups in a user namespace); it cannot leave the database.
+   */
+  members: ReadonlySet<number>;
+}
+
+export interface AllowRule {
+  kind: 'allow';
+  name: string;
+  /** Line of its [[rule]] header in the file. */
+  /** The file (main or fragment) and line it is written at. */
+  file: string;
+  line: number;
+  who: Selector;
+  bridges: readonly string[];
+  macvtap: ReadonlyArray<{ parent: string; modes: readonly MacvtapMode[] }>;
+  networks: readonly string[];
+  persistent: boolean;
+  namePattern: string;
+  maxQueues: number;
+  vhost: boolean;
+  macPrefix: string;
+  /** Live devices per user under this rule (DEFAULT_MAX_DEVICES when the rule names none). */
+  maxDevices: number;
+  /** The rule named no max_devices. */
+  maxDevicesDefault: boolean;
+  /** Its taps are locked ports (a network's mac_lock locks too: either is enough). */
+  macLock: boolean;
+}
+
+export interface DenyRule {
+  kind: 'deny';
+  name: string;
+  file: string;
+  line: number;
+  who: Selector;
+  /**
+   * Bridges this deny applies to (`"*"`: every Linux bridge); null means every bridge (unless `parents`
+   * narrows it to macvtaps).
+   */
+  bridges: readonly string[] | null;
+  /** Macvtap parents this deny applies to; null means every parent (unless `bridges` narrows it to taps). */
+  parents: readonly string[] | null;
+  /** Named networks this deny applies to. */
+  networks: readonly string[] | null;
+}
+
+export interface Policy {
+  path: string;
+  /** The files it was read from: the main file, then its fragments in order. */
+  files: readonly string[];
+  sha256: string;
+  allow: readonly AllowRule[];
+  deny: readonly DenyRule[];
+  networks: ReadonlyMap<string, Network>;
+  /** Problems that do not stop the policy from loading (e.g. a user that does not exist here). */
+  warnings: readonly string[];
+}
+
+export interface Caller {
+  uid: number;
+  gid: number;
+  /** Supplementary groups from the kernel (SO_PEERGROUPS). */
+  groups: readonly number[];
+}
+
+/** What a create request asks for, as the policy sees it. */
+export interface Ask {
+  kind: 'tap' | 'macvtap';
+  /** The bridge of a tap, the parent of a macvtap, the name of a network. */
+  parent: string;
+  /** True when `parent` names a network. */
+  network?: boolean;
+  mode: MacvtapMode | null;
+  queues: number;
+  vhost: boolean;
+  mac: string | null;
+  /** A name the caller picked, or null for a broker-chosen one. */
+  name: string | null;
+  persistent: boolean;
+}
+
+export type Decision =
+  | { allow: true; rule: AllowRule }
+  | { allow: false; code: ErrorCode; rule: string | null; message: string; hint: string };
+
+/** An allow rule's selector: the caller's uid, or a group the calling process holds (kernel's list). */
+export function matches(who: Selector, caller: Caller): boolean {
+  if (who.everyone || who.uids.has(caller.uid) || who.gids.has(caller.gid)) return true;
+  return caller.groups.some((g) => who.gids.has(g));
+}
+
+/** A deny rule's selector: as for allow rules, or membership of a group by the account database. */
+export function matchesDeny(who: Selector, caller: Caller): boolean {
+  return matches(who, caller) || who.members.has(caller.uid);
+}
+
+export function macInPrefix(mac: string, prefix: string): boolean {
+  return mac.startsWith(prefix) && (mac.length === prefix.length || mac[prefix.length] === ':');
+}
+
+/**
+ * What a request reaches once names are resolved: a network is its Linux bridge, Open vSwitch bridge
+ * or hook (with its VLAN). Deny rules are decided on this, so no second name escapes a deny.
+ */
+export interface Target {
+  kind: 'bridge' | 'ovs' | 'hook' | 'macvtap' | 'unknown';
+  /** The bridge, the macvtap parent, the hook's path; for an unknown network its name. */
+  name: string;
+  vlan: number | null;
+  /** The network the request named, or null. */
+  network: string | null;
+}
+
+export function resolveTarget(policy: Policy, ask: Pick<Ask, 'kind' | 'parent' | 'network'>): Target {
+  if (!ask.network) {
+    return { kind: ask.kind === 'tap' ? 'bridge' : 'macvtap', name: ask.parent, vlan: null, network: null };
+  }
+  return networkTarget(policy.networks.get(ask.parent)) ?? {
+    kind: 'unknown',
+    name: ask.parent,
+    vlan: null,
+    network: ask.parent,
+  };
+}
+
+function networkTarget(n: Network | undefined): Target | null {
+  return n ? { kind: n.kind, name: n.target, vlan: n.vlan, network: n.name } : null;
+}
+
+const sameSegment = (a: Target, b: Target) => a.kind === b.kind && a.name === b.name && a.vlan === b.vlan;
+
+/**
+ * Does a deny rule cover this target? With no scope it covers everything; `bridges` covers every way
+ * onto those bridges (Linux or Open vSwitch, directly or through a network), and `"*"` every way onto
+ * any Linux bridge; `parents` macvtaps on those parents; `networks` those networks and anything else
+ * reaching the same bridge and VLAN.
+ */
+export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
+  if (d.bridges === null && d.parents === null && d.networks === null) return true;
+  if (t.kind === 'bridge' && d.bridges?.includes(ANY_BRIDGE)) return true;
+  if ((t.kind === 'bridge' || t.kind === 'ovs') && d.bridges?.includes(t.name)) return true;
+  if (t.kind === 'macvtap' && d.parents?.includes(t.name)) return true;
+  if (t.network !== null && d.networks?.includes(t.network)) return true;
+  return (d.networks ?? []).some((n) => {
+    const denied = networkTarget(policy.networks.get(n));
+    return denied !== null && denied.kind !== 'hook' && sameSegment(denied, t);
+  });
+}
+
+/** Does an allow rule's `bridges` grant a tap on this Linux bridge, by name or by `"*"`? */
+export function grantsBridge(rule: AllowRule, bridge: string): boolean {
+  return rule.bridges.includes(bridge) || rule.bridges.includes(ANY_BRIDGE);
+}
+
+/** A `bridges` list in words: `"*"` is `any Linux bridge`. */
+export function bridgeList(bridges: readonly string[], separator = ', '): string {
+  return bridges.map((b) => (b === ANY_BRIDGE ? 'any Linux bridge' : b)).join(separator);
+}
+
+function grantsTarget(rule: AllowRule, ask: Ask): boolean {
+  if (ask.network) return rule.networks.includes(ask.parent);
+  return ask.kind === 'tap' ? grantsBridge(rule, ask.parent) : rule.macvtap.some((m) => m.parent === ask.parent);
+}
+
+function targets(rule: AllowRule, ask: Ask): string[] {
+  if (ask.network) return [...rule.networks];
+  return ask.kind === 'tap'
+    ? rule.bridges.map((b) => bridgeList([b]))
+    : rule.macvtap.map((m) => `${m.parent} (${m.modes.join(', ')})`);
+}
+
+function targetNoun(ask: Ask): string {
+  return ask.network ? 'networks' : ask.kind === 'tap' ? 'bridges' : 'macvtap parents';
+}
+
+/** Does `name` match `pattern` for this caller? */
+export function nameMatches(name: string, pattern: string, uid: number, user: string | null): boolean {
+  if (pattern.includes('{user}') && user === null) return false;
+  const re = pattern
+    .split(/(\*|\{uid\}|\{user\})/)
+    .map((part) =>
+      part === '*'
+        ? '[A-Za-z0-9_.-]+'
+        : part === '{uid}'
+          ? String(uid)
+          : part === '{user}'
+            ? escapeRe(user!)
+            : escapeRe(part),
+    )
+    .join('');
+  return new RegExp(`^${re}$`).test(name);
+}
+
+function escapeRe(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/** What a deny rule covers, in words: `bridges br0; networks lab`, `every Linux bridge` or `everything`. */
+export function denyScope(d: DenyRule): string {
+  const bridges = d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge'
+    : d.bridges ? `bridges ${d.bridges.join(', ')}` : '';
+  const parts = [
+    bridges, d.parents ? `macvtap parents ${d.parents.join(', ')}` : '',
+    d.networks ? `networks ${d.networks.join(', ')}` : '',
+  ].filter(Boolean);
+  return parts.length ? parts.join('; ') : 'everything';
+}
+
+/**
+ * The decision for one create request: the one function the broker and the policy tools use.
+ * `live(rule)` is the caller's count of devices charged to that rule, looked up, not computed: a pure
+ * function of its inputs.
+ */
+export function decide(
+  policy: Policy,
+  caller: Caller & { user?: string | null },
+  ask: Ask,
+  live: (rule: string) => number,
+): Decision {
+  const what = ask.network
+    ? `network \`${ask.parent}'`
+    : ask.kind === 'tap'
+      ? `bridge \`${ask.parent}'`
+      : `macvtap parent \`${ask.parent}'`;
+  const target = resolveTarget(policy, ask);
+  const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
+  if (deny) {
+    const scope = denyScope(deny);
+    // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
+    const whole = scope === 'everything' || (target.kind === 'bridge' && !ask.network
+      && scope.startsWith('every Linux bridge'));
+    const onto = target.network !== null && target.kind !== 'unknown'
+      ? ` (network \`${target.network}' is ${target.kind} ${target.name})`
+      : '';
+    return {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'${onto}`,
+      hint: `the deny rule covers ${scope}${whole
+        ? '; only an administrator can change it'
+        : `; another ${targetNoun(ask).replace(/s$/, '')} may be allowed`}`,
+    };
+  }
+  const mine = policy.allow.filter((r) => matches(r.who, caller));
+  if (mine.length === 0) {
+    return {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: 'no rule matched',
+      hint: `no rule names uid ${caller.uid} or any of its groups; ask an administrator to add one`,
+    };
+  }
+  const forTarget = mine.filter((r) => grantsTarget(r, ask));
+  if (forTarget.length === 0) {
+    const allowed = [...new Set(mine.flatMap((r) => targets(r, ask)))];
+    return {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: `no rule matched ${what}`,
+      hint: allowed.length
+        ? `your rules allow ${targetNoun(ask)}: ${allowed.join(', ')}`
+        : `your rules allow no ${targetNoun(ask)}`,
+    };
+  }
+  let first: Decision | null = null;
+  for (const rule of forTarget) {
+    const refusal = refuse(rule, caller, ask, live(rule.name));
+    if (!refusal) return { allow: true, rule };
+    first ??= refusal;
+  }
+  return first!;
+}
+
+function refuse(rule: AllowRule, caller: Caller & { user?: string | null }, ask: Ask, live: number): Decision | null {
+  const no = (code: ErrorCode, message: string, hint: string): Decision => ({
+    allow: false,
+    code,
+    rule: rule.name,
+    message,
+    hint,
+  });
+  if (ask.kind === 'macvtap' && !ask.network) {
+    const modes = rule.macvtap.find((m) => m.parent === ask.parent)!.modes;
+    if (!modes.includes(ask.mode!)) {
+      return no(
+        'TB_E_POLICY_DENIED',
+        `rule \`${rule.name}' allows mode${modes.length > 1 ? 's' : ''} ${modes.join(', ')} on \`${ask.parent}', `
+          + `not ${ask.mode}`,
+        `ask for mode ${modes[0]}`,
+      );
+    }
+  }
+  if (ask.persistent && !rule.persistent) {
+    return no(
+      'TB_E_POLICY_DENIED',
+      `rule \`${rule.name}' does not allow persistent devices`,
+      'use tapbroker run, which needs no persistent device',
+    );
+  }
+  if (ask.name !== null && !nameMatches(ask.name, rule.namePattern, caller.uid, caller.user ?? null)) {
+    const example = rule.namePattern
+      .replace('{uid}', String(caller.uid))
+      .replace('{user}', caller.user ?? 'USER')
+      .replace('*', 'vm0');
+    return no(
+      'TB_E_INVALID_NAME',
+      `name \`${ask.name}' does not match rule \`${rule.name}' name_pattern ${rule.namePattern}`,
+      `pick a name like \`${example}', or leave it out and the broker picks one`,
+    );
+  }
+  if (ask.queues > rule.maxQueues) {
+    return no(
+      'TB_E_POLICY_DENIED',
+      `rule \`${rule.name}' allows at most ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''}, not ${ask.queues}`,
+      `ask for ${rule.maxQueues} queue${rule.maxQueues > 1 ? 's' : ''} or fewer`,
+    );
+  }
+  if (ask.vhost && !rule.vhost) {
+    return no('TB_E_POLICY_DENIED', `rule \`${rule.name}' does not allow vhost-net`, 'ask with vhost=off');
+  }
+  if (ask.mac !== null && !macInPrefix(ask.mac, rule.macPrefix)) {
+    return no(
+      'TB_E_INVALID_MAC',
+      `mac ${ask.mac} is outside rule \`${rule.name}' prefix ${rule.macPrefix}`,
+      `use a MAC starting with ${rule.macPrefix}, or leave it out and the broker picks one`,
+    );
+  }
+  if (live >= rule.maxDevices) {
+    return no(
+      'TB_E_QUOTA_EXCEEDED',
+      `rule \`${rule.name}' allows ${rule.maxDevices} live device${rule.maxDevices === 1 ? '' : 's'} per user `
+        + `and you hold ${live}`,
+      'stop a VM that holds one, or free a persistent device with tapbroker release NAME (tapbroker list shows '
+        + 'them), then ask again',
+    );
+  }
+  return null;
+}
+

@@ -1,0 +1,182 @@
+// What the broker asks of the kernel (the Kernel seam), in the kernel's own terms: the tun driver's ABI,
+// requests for a tap or a macvtap and what comes back, fault points, and how a kernel refusal is worded.
+// netdev.ts (taps, bridges) and macvtap.ts act on the kernel itself; the handlers' unit tests on a model.
+import fs from 'node:fs';
+import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol';
+import type { Link } from './rtnetlink.js';
+
+export const TUNSETIFF = 0x400454ca;
+export const TUNSETPERSIST = 0x400454cb;
+export const TUNSETOWNER = 0x400454cc;
+export const TUNSETGROUP = 0x400454ce;
+export const IFF_TAP = 0x0002;
+export const IFF_MULTI_QUEUE = 0x0100;
+export const IFF_NO_PI = 0x1000;
+export const IFF_VNET_HDR = 0x4000;
+export const IFF_TUN_EXCL = 0x8000;
+const IFREQ_SIZE = 40;
+
+const VHOST_PATH = '/dev/vhost-net';
+
+/** The ifreq for TUNSETIFF. The name was validated to fit; it is never truncated here. */
+export function tunIfreq(name: string, flags: number): Buffer {
+  // An empty name is used only on macvtap fds, where TUNSETIFF sets flags and ignores the name.
+  const ifr = Buffer.alloc(IFREQ_SIZE);
+  const bytes = Buffer.from(name, 'utf8');
+  if (bytes.length > 15) {
+    throw new TapbrokerError('TB_E_INVALID_NAME', `interface name \`${name}' is longer than 15 bytes`);
+  }
+  bytes.copy(ifr, 0);
+  ifr.writeUInt16LE(flags, 16);
+  return ifr;
+}
+
+/** TUNSETIFF flags for a tap: never attaching to an existing device (IFF_TUN_EXCL). */
+export function tapFlags(opts: { vnetHdr: boolean; multiQueue: boolean; exclusive: boolean }): number {
+  return (
+    IFF_TAP |
+    IFF_NO_PI |
+    (opts.exclusive ? IFF_TUN_EXCL : 0) |
+    (opts.vnetHdr ? IFF_VNET_HDR : 0) |
+    (opts.multiQueue ? IFF_MULTI_QUEUE : 0)
+  );
+}
+
+/** The host side of a guest MAC: first octet 0xfe so the bridge never adopts it as its own address. */
+export function hostMac(guestMac: Buffer): Buffer {
+  const mac = Buffer.from(guestMac);
+  mac[0] = 0xfe;
+  return mac;
+}
+
+/** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
+export type FaultPoint =
+  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:locked' | 'tap:persisted'
+  | 'macvtap:created' | 'macvtap:opened'
+  | 'create:leased' | 'release:unleased' | 'release:deleted';
+export type Faults = (point: FaultPoint) => void;
+export const NO_FAULTS: Faults = () => {};
+
+/** Undo work that is slow or may fail: done off the event loop by whoever owns lifetimes. */
+export interface Cleanup {
+  closeFds(fds: readonly number[], uid: number): void;
+  deleteLink(ifindex: number, uid: number, name: string, why: string): void;
+}
+
+/** For persistent devices: who owns them. */
+export interface Owner {
+  uid: number;
+  gid: number | null;
+}
+
+/**
+ * Someone else reached a new device before it was secured (a queue on a tap before its owner was set,
+ * a macvtap's /dev/tapN node): it was destroyed; another name (and index) may be tried.
+ */
+export class ContestedDeviceError extends TapbrokerError {
+  readonly ifindex: number;
+  constructor(code: 'TB_E_KERNEL', message: string, extra: { ifindex: number }) {
+    super(code, message);
+    this.ifindex = extra.ifindex;
+  }
+}
+
+export interface TapRequest {
+  /** Whose device it is (for accounting of its teardown). */
+  uid: number;
+  name: string;
+  queues: number;
+  vnetHdr: boolean;
+  vhost: boolean;
+  guestMac: Buffer;
+  /** The Linux bridge to attach to; null for a tap that something else plugs (Open vSwitch, a hook). */
+  bridge: Link | null;
+  /** Access VLAN on the bridge (needs bridge VLAN filtering); none when absent or null. */
+  vlan?: number | null;
+  /** Persistent and owned by this user (TUNSETOWNER/TUNSETGROUP/TUNSETPERSIST); null for fd-passed. */
+  persistent: Owner | null;
+  /** IFLA_IFALIAS: who the device belongs to, readable with `ip link`. */
+  alias: string;
+  /** A locked bridge port whose one static forwarding entry is `guestMac` (mac_lock). */
+  lock?: boolean;
+}
+
+export interface MacvtapRequest {
+  uid: number;
+  alias: string;
+  name: string;
+  parent: Link;
+  mode: MacvtapMode;
+  queues: number;
+  vnetHdr: boolean;
+  vhost: boolean;
+  guestMac: Buffer;
+  /** Persistent: its char device is made the owner's alone, and no fds are opened. */
+  persistent: Owner | null;
+}
+
+export interface CreatedTap {
+  ifindex: number;
+  hostMac: Buffer;
+  mtu: number;
+  /** One fd per queue. */
+  tapFds: number[];
+  /** One /dev/vhost-net fd per queue when asked, else empty. */
+  vhostFds: number[];
+}
+
+/**
+ * Everything the handlers and lease lifetimes ask of the kernel. Netdev is the kernel itself; the handlers'
+ * unit tests run on an in-memory model of it (test/helpers/fake-kernel.ts), unprivileged.
+ */
+export interface Kernel {
+  readonly faultPoint: Faults;
+  /** A Linux bridge a tap may join (see Netdev.bridge), or a TapbrokerError saying why not. */
+  bridge(name: string): Link;
+  macvtapParent(name: string): Link;
+  checkVlanFiltering(bridge: Link): void;
+  createTap(req: TapRequest): CreatedTap;
+  createMacvtap(req: MacvtapRequest): CreatedTap;
+  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void;
+  restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
+  link(index: number): Link | null;
+  linkNamed(name: string): Link | null;
+  links(): Link[];
+  /** RTM_DELLINK off the event loop: true when deleted, false when the link was already gone. */
+  deleteLink(index: number): Promise<boolean>;
+  /** Link events, as LinkMonitor delivers them. */
+  monitor(
+    onLink: (type: number, link: Link) => void,
+    onOverrun: () => void,
+    wants: (type: number, index: number) => boolean,
+  ): { drain(): void; close(): void };
+  followBridges(): void;
+  follows(index: number): boolean;
+  observe(type: number, link: Link | null): void;
+  close(): void;
+}
+
+export function openVhost(): number {
+  try {
+    return fs.openSync(VHOST_PATH, fs.constants.O_RDWR);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') {
+      throw new TapbrokerError(
+        'TB_E_VHOST_UNAVAILABLE',
+        `vhost unavailable: ${VHOST_PATH} does not exist on this host`,
+      );
+    }
+    throw kernelError(`failed to open ${VHOST_PATH}`, err);
+  }
+}
+
+/** `failed to attach `tb1-x' to bridge `br0': no such device (ENODEV)`. */
+export function kernelError(what: string, err: unknown): TapbrokerError {
+  if (err instanceof TapbrokerError) return err;
+  if (err instanceof sys.SyscallError) {
+    return new TapbrokerError('TB_E_KERNEL', `${what}: ${err.reason} (${err.code})`, { cause: err });
+  }
+  const e = err as NodeJS.ErrnoException;
+  return new TapbrokerError('TB_E_KERNEL', `${what}: ${e.code ?? ''} ${e.message}`.trim(), { cause: err });
+}

@@ -1,0 +1,222 @@
+// Macvtaps: a device on a physical NIC with the guest's MAC, whose queues are opened through its char
+// device /dev/tap<ifindex>. That node lives in the devtmpfs every network namespace shares, so the broker
+// picks an ifindex nobody can predict and checks every node it opens by its device number.
+import { randomBytes, randomInt } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { TapbrokerError, sys } from '@tapbroker/protocol';
+import {
+  ContestedDeviceError, IFF_NO_PI, IFF_TAP, TUNSETIFF, kernelError, openVhost, tunIfreq, type Cleanup,
+  type CreatedTap, type Faults, type MacvtapRequest,
+} from './kernel.js';
+import { grantUserOnly, mknodChar } from './libc.js';
+import type { Link, Rtnetlink } from './rtnetlink.js';
+
+const IFF_LOOPBACK = 0x8;
+
+/** What the macvtap steps use of the Netdev they run in. */
+export interface MacvtapHost {
+  readonly rtnl: Rtnetlink;
+  readonly cleanup: Cleanup;
+  /** Where a private device node is made when /dev/tapN is another namespace's. */
+  readonly stateDir: string;
+  readonly faultPoint: Faults;
+}
+
+/** A random ifindex above 2^20, unused in this namespace, whose /dev/tap node does not exist. */
+function freeTapIndex(rtnl: Rtnetlink): number {
+  for (let i = 0; i < 64; i++) {
+    const index = 0x100000 + randomInt(0x7fffffff - 0x100000);
+    if (!fs.existsSync(`/dev/tap${index}`) && !rtnl.getLinkByIndex(index)) return index;
+  }
+  throw new TapbrokerError('TB_E_KERNEL', 'no free ifindex for a macvtap after 64 tries');
+}
+
+/** The parent a macvtap may sit on, or a TapbrokerError saying why not. */
+export function macvtapParent(rtnl: Rtnetlink, name: string): Link {
+  const link = rtnl.getLinkByName(name);
+  if (!link) throw new TapbrokerError('TB_E_NO_SUCH_PARENT', `no device \`${name}'`);
+  if ((link.flags & IFF_LOOPBACK) !== 0 || ['bridge', 'macvlan', 'macvtap', 'tun'].includes(link.kind ?? '')) {
+    throw new TapbrokerError(
+      'TB_E_BAD_PARENT',
+      `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'loopback'} and cannot carry a macvtap`,
+    );
+  }
+  return link;
+}
+
+/** Refuses a MAC already carried by the parent or any device stacked on it. */
+function checkMacFree(rtnl: Rtnetlink, parent: Link, mac: Buffer): void {
+  const clash = rtnl
+    .dumpLinks()
+    .find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
+  if (clash) {
+    throw new TapbrokerError(
+      'TB_E_MAC_IN_USE',
+      `mac ${[...mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} `
+        + `is already used by \`${clash.name}' on \`${parent.name}'`,
+    );
+  }
+}
+
+/**
+ * netdev.createMacvtap: a macvtap with the guest's MAC, up; then one fd per queue from its char
+ * device (checked by device number, since /dev/tap<ifindex> is shared by every namespace), or for
+ * a persistent one, that char device handed to its owner. All or nothing.
+ */
+export function createMacvtap(host: MacvtapHost, req: MacvtapRequest): CreatedTap {
+  checkMacFree(host.rtnl, req.parent, req.guestMac);
+  // /dev/tap<ifindex> lives in the devtmpfs every namespace shares, and a user who owns a network
+  // namespace may create a macvtap at any ifindex there and own its node first. The broker's macvtap
+  // gets an ifindex nobody can predict, whose node does not exist yet.
+  const index = freeTapIndex(host.rtnl);
+  try {
+    host.rtnl.createMacvtap({
+      name: req.name,
+      index,
+      parent: req.parent.index,
+      mac: req.guestMac,
+      mode: req.mode,
+      alias: req.alias,
+    });
+  } catch (err) {
+    if (err instanceof sys.SyscallError && err.errno === sys.errno.EEXIST) {
+      throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' already exists`);
+    }
+    if (err instanceof sys.SyscallError && err.errno === sys.errno.EADDRINUSE) {
+      throw new TapbrokerError('TB_E_MAC_IN_USE', `the MAC is already in use on \`${req.parent.name}'`);
+    }
+    throw kernelError(`failed to create macvtap \`${req.name}' on \`${req.parent.name}'`, err);
+  }
+  const tapFds: number[] = [];
+  const vhostFds: number[] = [];
+  let link: Link | null = null;
+  try {
+    host.faultPoint('macvtap:created');
+    link = host.rtnl.getLinkByName(req.name);
+    if (!link || link.kind !== 'macvtap' || link.link !== req.parent.index) {
+      throw new TapbrokerError('TB_E_KERNEL', `macvtap \`${req.name}' vanished after creation`);
+    }
+    // Tag it at once: the kernel ignored the alias in the create message.
+    host.rtnl.configureLink(link.index, { alias: req.alias });
+    const [major, minor] = macvtapDevNumber(req.name, link.index);
+    const shared = `/dev/tap${link.index}`;
+    if (fs.existsSync(shared) && !nodeIs(shared, major, minor)) {
+      // Someone made that node between the choice of the index and the device: try another.
+      throw new ContestedDeviceError('TB_E_KERNEL', `${shared} was taken by another namespace's device; destroyed`, {
+        ifindex: link.index,
+      });
+    }
+    if (req.persistent) {
+      const node = `/dev/tap${link.index}`;
+      if (!nodeIs(node, major, minor)) {
+        throw new TapbrokerError(
+          'TB_E_KERNEL',
+          `${node} is not the char device of \`${req.name}' `
+            + `(another namespace has a device with ifindex ${link.index})`,
+        );
+      }
+      // root keeps owning the node; a POSIX ACL lets the caller (and nobody else) open it. This needs
+      // no capability beyond ownership, unlike chown (CAP_CHOWN), so it works in the hardened unit.
+      fs.chmodSync(node, 0o600);
+      try {
+        grantUserOnly(node, req.persistent.uid);
+      } catch (err) {
+        throw kernelError(`failed to give ${node} to uid ${req.persistent.uid}`, err);
+      }
+    } else {
+      const node = charNode(link.index, major, minor, host.stateDir);
+      try {
+        for (let q = 0; q < req.queues; q++) {
+          const fd = fs.openSync(node.path, fs.constants.O_RDWR);
+          tapFds.push(fd);
+          const [maj, min] = devNumbers(fs.fstatSync(fd).rdev);
+          if (maj !== major || min !== minor) {
+            throw new TapbrokerError('TB_E_KERNEL', `${node.path} changed under us`);
+          }
+          if (!req.vnetHdr) sys.ioctlPtr(fd, TUNSETIFF, tunIfreq('', IFF_TAP | IFF_NO_PI));
+        }
+      } finally {
+        node.remove();
+      }
+      if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
+    }
+    host.faultPoint('macvtap:opened');
+    return {
+      ifindex: link.index,
+      hostMac: link.address ? Buffer.from(link.address) : Buffer.from(req.guestMac),
+      mtu: link.mtu,
+      tapFds,
+      vhostFds,
+    };
+  } catch (err) {
+    host.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
+    const made = link ?? host.rtnl.getLinkByName(req.name);
+    if (made?.kind === 'macvtap') {
+      host.cleanup.deleteLink(made.index, req.uid, req.name, 'rollback of a failed create');
+    }
+    throw err instanceof TapbrokerError ? err : kernelError(`failed to open macvtap \`${req.name}'`, err);
+  }
+}
+
+/** major:minor of a dev_t as Node reports it (glibc encoding). */
+export function devNumbers(rdev: number | bigint): [number, number] {
+  const d = BigInt(rdev);
+  const major = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn));
+  const minor = Number((d & 0xffn) | ((d >> 12n) & ~0xffn));
+  return [major, minor];
+}
+
+/** The char device number of a macvtap, from sysfs, after checking sysfs shows this namespace's device. */
+function macvtapDevNumber(name: string, ifindex: number): [number, number] {
+  const dir = `/sys/class/net/${name}`;
+  let seen: string;
+  let dev: string;
+  try {
+    seen = fs.readFileSync(`${dir}/ifindex`, 'utf8').trim();
+    dev = fs.readFileSync(`${dir}/macvtap/tap${ifindex}/dev`, 'utf8').trim();
+  } catch (err) {
+    throw kernelError(`cannot read the char device of \`${name}' from sysfs`, err);
+  }
+  if (seen !== String(ifindex)) {
+    throw new TapbrokerError(
+      'TB_E_KERNEL',
+      `sysfs shows another namespace's \`${name}' `
+        + `(ifindex ${seen}, not ${ifindex}); mount sysfs for the broker's namespace`,
+    );
+  }
+  const m = /^(\d+):(\d+)$/.exec(dev);
+  if (!m) throw new TapbrokerError('TB_E_KERNEL', `unexpected device number \`${dev}' for \`${name}'`);
+  return [Number(m[1]), Number(m[2])];
+}
+
+function nodeIs(node: string, major: number, minor: number): boolean {
+  try {
+    const st = fs.statSync(node);
+    if (!st.isCharacterDevice()) return false;
+    const [a, b] = devNumbers(st.rdev);
+    return a === major && b === minor;
+  } catch {
+    return false;
+  }
+}
+
+/** /dev/tap<ifindex> when it is this device; otherwise a private node of our own in the state directory. */
+function charNode(ifindex: number, major: number, minor: number, stateDir: string): { path: string; remove(): void } {
+  const shared = `/dev/tap${ifindex}`;
+  if (nodeIs(shared, major, minor)) return { path: shared, remove: () => {} };
+  const dir = path.join(stateDir, 'dev');
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const own = path.join(dir, `tap${ifindex}.${randomBytes(4).toString('hex')}`);
+  try {
+    mknodChar(own, 0o600, major, minor);
+  } catch (err) {
+    throw new TapbrokerError(
+      'TB_E_KERNEL',
+      `${shared} is another namespace's device and a private node cannot be made in ${dir} `
+        + `(${err instanceof sys.SyscallError ? err.code : String(err)}: `
+        + 'needs CAP_MKNOD and a state directory without nodev)',
+    );
+  }
+  return { path: own, remove: () => fs.rmSync(own, { force: true }) };
+}
