@@ -23,7 +23,7 @@ export function shapeOf(schema: ZodLike): Shape {
     }
     case 'union': {
       const key = def['discriminator'] as string | undefined;
-      if (!key) throw new Error('only discriminated unions are in the protocol');
+      if (!key) return { t: 'anyOf', options: (def['options'] as ZodLike[]).map(shapeOf) };
       const options: Record<string, Shape> = {};
       for (const o of def['options'] as ZodLike[]) {
         const lit = (o._zod.def['shape'] as Record<string, ZodLike>)[key]!._zod.def['values'] as unknown[];
@@ -66,12 +66,20 @@ export function shapeOf(schema: ZodLike): Shape {
   }
 }
 
+/** A generated shape module (reply-shape.ts, request-shape.ts) as it must read. */
+export function shapeModule(schema: 'Reply' | 'Request' | 'StateFile', shape: Shape): string {
+  const file = { Reply: 'REPLY_SHAPE', Request: 'REQUEST_SHAPE', StateFile: 'STATE_SHAPE' }[schema];
+  const source = schema === 'StateFile' ? 'lease-schema.ts' : 'messages.ts';
+  const from = schema === 'StateFile' ? '@tapbroker/protocol/core' : './shape.js';
+  return `// Generated from the zod schema \`${schema}\` in ${source} by \`npm run gen:shapes\`: do not edit.\n`
+    + '// test/unit/shape.test.ts fails when this and the schema disagree.\n'
+    + `import type { Shape } from '${from}';\n\n`
+    + `export const ${file}: Shape = ${pretty(shape, 0)};\n`;
+}
+
 /** reply-shape.ts as it must read. */
 export function replyShapeModule(shape: Shape): string {
-  return '// Generated from the zod schema `Reply` in messages.ts by `npm run gen:shapes`: do not edit.\n'
-    + '// test/unit/shape.test.ts fails when this and the schema disagree.\n'
-    + "import type { Shape } from './shape.js';\n\n"
-    + `export const REPLY_SHAPE: Shape = ${pretty(shape, 0)};\n`;
+  return shapeModule('Reply', shape);
 }
 
 /** JSON on one line where it fits in 110 columns (with `lead` characters before it), else one member per line. */

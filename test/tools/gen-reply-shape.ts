@@ -1,10 +1,19 @@
-// npm run gen:shapes: writes packages/protocol/src/reply-shape.ts from the zod schema `Reply`.
+// npm run gen:shapes: writes the shapes that the client and the broker check what they read with, from the
+// zod schemas `Reply` and `Request` (messages.ts) and `StateFile` (the broker's lease-schema.ts).
 import fs from 'node:fs';
 import path from 'node:path';
-import { Reply } from '@tapbroker/protocol';
+import { Reply, Request } from '@tapbroker/protocol';
+import { StateFile } from '@tapbroker/broker/internal';
 import { ROOT } from '../helpers/broker.js';
-import { replyShapeModule, shapeOf } from '../helpers/zod-shape.js';
+import { shapeModule, shapeOf } from '../helpers/zod-shape.js';
 
-const file = path.join(ROOT, 'packages/protocol/src/reply-shape.ts');
-fs.writeFileSync(file, replyShapeModule(shapeOf(Reply as never)));
-process.stdout.write(`wrote ${file}\n`);
+const targets = [
+  ['Reply', Reply, 'packages/protocol/src/reply-shape.ts'],
+  ['Request', Request, 'packages/protocol/src/request-shape.ts'],
+  ['StateFile', StateFile, 'packages/broker/src/state-shape.ts'],
+] as const;
+for (const [name, schema, file] of targets) {
+  const out = path.join(ROOT, file);
+  fs.writeFileSync(out, shapeModule(name, shapeOf(schema as never)));
+  process.stdout.write(`wrote ${out}\n`);
+}

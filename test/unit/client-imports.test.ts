@@ -9,6 +9,8 @@ import { ROOT } from '../helpers/broker.js';
 const ENTRIES: Record<string, string> = {
   '@tapbroker/protocol': 'packages/protocol/src/index.ts',
   '@tapbroker/protocol/lite': 'packages/protocol/src/lite.ts',
+  '@tapbroker/protocol/core': 'packages/protocol/src/core.ts',
+  '@tapbroker/protocol/requests': 'packages/protocol/src/requests.ts',
 };
 
 /** Every module and external package reached by static, non-type imports from `entry`. */
@@ -40,8 +42,12 @@ for (const bin of ['packages/client/src/cli.ts', 'packages/client/src/bridge-hel
   });
 }
 
-test('the broker still decodes with msgpackr and checks with zod', (t) => {
-  const { packages } = closure('packages/broker/src/main.ts');
-  t.true(packages.has('zod'));
-  t.true(packages.has('msgpackr'));
+test('the broker decodes requests without msgpackr or zod; zod is loaded only to check the policy', (t) => {
+  const { modules, packages } = closure('packages/broker/src/main.ts');
+  t.false(packages.has('msgpackr'), 'msgpackr stays out');
+  t.false(modules.has('packages/protocol/src/codec.ts'), 'the msgpackr codec stays out');
+  t.false(modules.has('packages/protocol/src/messages.ts'), 'the zod schemas of messages stay out');
+  t.true(modules.has('packages/protocol/src/request-shape.ts'), 'requests are checked with the generated shapes');
+  const zodUsers = [...modules].filter((f) => /^import .* from 'zod';$/m.test(fs.readFileSync(path.join(ROOT, f), 'utf8')));
+  t.deepEqual(zodUsers, ['packages/broker/src/policy.ts']);
 });

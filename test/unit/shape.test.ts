@@ -1,8 +1,11 @@
 // The client's reply checker (shape.ts + reply-shape.ts) against the zod schemas it is generated from.
 import test from 'ava';
-import { Reply, encodeFrame } from '@tapbroker/protocol';
+import { Reply, Request, encodeFrame } from '@tapbroker/protocol';
+import { checkShape as checkLite } from '@tapbroker/protocol/core';
+import { REQUEST_SHAPE } from '@tapbroker/protocol/requests';
+import { StateFile } from '@tapbroker/broker/internal';
 import { REPLY_SHAPE_FOR_TESTS, checkShape, decodeReply as decodeLite } from '../helpers/lite.js';
-import { replyShapeModule, shapeOf } from '../helpers/zod-shape.js';
+import { replyShapeModule, shapeModule, shapeOf } from '../helpers/zod-shape.js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ROOT } from '../helpers/broker.js';
@@ -11,6 +14,37 @@ test('reply-shape.ts is what the zod schema Reply generates (npm run gen:shapes 
   const expected = replyShapeModule(shapeOf(Reply as never));
   t.is(fs.readFileSync(path.join(ROOT, 'packages/protocol/src/reply-shape.ts'), 'utf8'), expected);
   t.deepEqual(REPLY_SHAPE_FOR_TESTS, shapeOf(Reply as never));
+});
+
+test('request-shape.ts is what the zod schema Request generates', (t) => {
+  const expected = shapeModule('Request', shapeOf(Request as never));
+  t.is(fs.readFileSync(path.join(ROOT, 'packages/protocol/src/request-shape.ts'), 'utf8'), expected);
+  t.deepEqual(REQUEST_SHAPE, shapeOf(Request as never));
+});
+
+test('the broker\'s state-shape.ts is what its zod schema StateFile generates', (t) => {
+  const expected = shapeModule('StateFile', shapeOf(StateFile as never));
+  t.is(fs.readFileSync(path.join(ROOT, 'packages/broker/src/state-shape.ts'), 'utf8'), expected);
+});
+
+test('a lease table: defaults filled in as zod does; a plug of either form; a wrong one refused', (t) => {
+  const shape = shapeOf(StateFile as never);
+  const lease = {
+    id: 'l1', uid: 1, user: null, kind: 'tap', name: 'tb1-x', ifindex: 7, parent: 'br0', mode: null, mac: null,
+    queues: 1, rule: 'r', created: '2026-12-02T00:00:00Z', ends: 'release', holder: null, holder_start: null,
+  };
+  for (const plug of [null, { ovs: 'br-int', db: 'unix:/run/ovs.sock' }, { hook: '/usr/lib/x', timeout_ms: 5000 }]) {
+    const file = { version: 1, leases: [{ ...lease, plug }] };
+    const z = StateFile.safeParse(file);
+    const lite = checkLite(shape, file);
+    t.true(z.success && lite.ok);
+    if (z.success && lite.ok) t.deepEqual(lite.value, z.data);
+  }
+  for (const plug of [{ ovs: 'br-int' }, { hook: '/x', timeout_ms: 0 }, { ovs: 'a', db: 'b', hook: 'c' }]) {
+    const file = { version: 1, leases: [{ ...lease, plug }] };
+    t.false(StateFile.safeParse(file).success);
+    t.false(checkLite(shape, file).ok, JSON.stringify(plug));
+  }
 });
 
 const device = {

@@ -3,7 +3,7 @@
 // as a JSON line on stderr; and, when asked, appended to a JSON-lines file and sent to a further sink
 // (the kernel's audit log, linux-audit.ts).
 import fs from 'node:fs';
-import { sys } from '@tapbroker/protocol';
+import { sys } from '@tapbroker/protocol/core';
 import type { Identity } from './identity.js';
 
 export type AuditDecision =

@@ -7,14 +7,14 @@ import {
   PROTOCOL_VERSION,
   SeqpacketConnection,
   TapbrokerError,
-  encodeFrame,
   refuseFds,
   sys,
   type ErrorCode,
   type PeerCredentials,
   type Request,
   type SeqpacketListener,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/core';
+import { encodeReply } from '@tapbroker/protocol/requests';
 import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
@@ -254,7 +254,7 @@ export class Broker implements SessionHost, OpContext {
 }
 
 function encodeBusy(message: string): Buffer {
-  return encodeFrame({ op: 'error', id: null, code: 'TB_E_BUSY', message });
+  return encodeReply({ op: 'error', id: null, code: 'TB_E_BUSY', message });
 }
 
 export type { Identity, Outcome };

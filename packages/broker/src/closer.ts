@@ -2,7 +2,7 @@
 // them. Their last close may block for as long as their sender likes (a TCP socket with SO_LINGER and
 // unsent data): it must never happen in the broker's event loop or its thread pool. The broker kills
 // and replaces this process when it stops answering. Run as `node closer.js` with its socket on fd 3.
-import { sys } from '@tapbroker/protocol';
+import { sys } from '@tapbroker/protocol/core';
 
 const SOCK = 3;
 const receiver = new sys.Receiver(16, sys.SCM_MAX_FD);

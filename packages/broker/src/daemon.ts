@@ -2,7 +2,7 @@
 // USAGE below. main.ts runs it; a test entry point may run it with broker options of its own.
 import fs from 'node:fs';
 import path from 'node:path';
-import { EX, SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/protocol';
+import { EX, SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/protocol/core';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import type { Policy } from './decide.js';
 import { loadTrustedPolicy } from './policy.js';

@@ -1,7 +1,7 @@
 // The decision for one request: the policy as the broker holds it (rules resolved at load, in policy.ts),
 // and `decide`. Default deny; any matching deny rule wins; among allow rules the first in file order that
 // permits the whole request decides. Pure functions of their inputs: the broker and the policy tools share them.
-import type { ErrorCode, MacvtapMode } from '@tapbroker/protocol';
+import type { ErrorCode, MacvtapMode } from '@tapbroker/protocol/core';
 
 /** In `bridges`, the whole entry `"*"` stands for every Linux bridge; it is not a glob inside a name. */
 export const ANY_BRIDGE = '*';

@@ -5,7 +5,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { sys, watchReadable } from '@tapbroker/protocol';
+import { sys, watchReadable } from '@tapbroker/protocol/core';
 
 const CLOSER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'closer.js');
 /** A closer with batches unacknowledged for this long is declared stuck. */

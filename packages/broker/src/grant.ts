@@ -3,7 +3,7 @@
 import {
   MAX_QUEUES, MAX_REPLY_FDS, TapbrokerError, macFromBuffer, macToBuffer, type CreateMacvtapRequest,
   type CreateRequest, type CreateTapRequest, type Device, type Nic,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/core';
 import type { Audit } from './audit.js';
 import { decide, resolveTarget, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';

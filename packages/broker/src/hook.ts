@@ -3,7 +3,7 @@
 // only, re-checked before each run, with a fixed argv, an empty environment plus documented variables,
 // a timeout, and its output captured for the audit record.
 import { spawn } from 'node:child_process';
-import { TapbrokerError } from '@tapbroker/protocol';
+import { TapbrokerError } from '@tapbroker/protocol/core';
 import { hookUnsafe } from './paths.js';
 
 export const HOOK_TIMEOUT_MS = 10_000;

@@ -1,6 +1,6 @@
 // The caller's identity, from the kernel only: SO_PEERCRED, SO_PEERGROUPS and SO_PEERPIDFD.
 import fs from 'node:fs';
-import type { PeerCredentials } from '@tapbroker/protocol';
+import type { PeerCredentials } from '@tapbroker/protocol/core';
 import { getpwuid } from './libc.js';
 import type { Caller } from './decide.js';
 

@@ -46,8 +46,9 @@ export {
 export { LinkMonitor } from './link-monitor.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';
+export { StateFile, LeaseRecord } from './lease-schema.js';
 export {
-  LeaseTable, LeaseRecord, leaseView, processStartTime, STATE_FILE, ALIAS_MAX, leaseTag, kernelBound, leaseFromAlias,
+  LeaseTable, leaseView, processStartTime, STATE_FILE, ALIAS_MAX, leaseTag, kernelBound, leaseFromAlias,
   aliasIdentity, aliasBroker,
 } from './leases.js';
 export { addPort, delPort, listOurPorts, isOvsBridge, ovsdbTarget } from './ovs.js';

@@ -2,7 +2,7 @@
 // requests for a tap or a macvtap and what comes back, fault points, and how a kernel refusal is worded.
 // netdev.ts (taps, bridges) and macvtap.ts act on the kernel itself; the handlers' unit tests on a model.
 import fs from 'node:fs';
-import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol';
+import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol/core';
 import type { Link } from './rtnetlink.js';
 
 export const TUNSETIFF = 0x400454ca;

@@ -3,49 +3,21 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { z } from 'zod';
-import { Lease, macFromBuffer } from '@tapbroker/protocol';
+import { checkShape, macFromBuffer, type Lease, type Shape } from '@tapbroker/protocol/core';
+import type { Intent, LeaseRecord, StateFile } from './lease-schema.js';
 import { randomOctets } from './naming.js';
+import { STATE_SHAPE } from './state-shape.js';
 
-/**
- * How a device was joined to its network, recorded with its lease so that undoing it never depends on
- * a later policy (a reload may retire or re-point the network).
- */
-export const Plug = z.union([
-  z.strictObject({ ovs: z.string(), db: z.string() }),
-  z.strictObject({ hook: z.string(), timeout_ms: z.number().int().positive() }),
-]);
-export type Plug = z.infer<typeof Plug>;
-
-/**
- * A lease as stored: the wire Lease plus the holder's start time (so a reused pid is never taken for
- * it), the group a persistent tap was given, and its plugging.
- */
-export const LeaseRecord = Lease.extend({
-  holder_start: z.number().int().min(0).nullable(),
-  group: z.number().int().min(0).nullable().default(null),
-  plug: Plug.nullable().default(null),
-  /** The device's own address at the grant, judged at every link event (null in records before 0.4.0). */
-  host_mac: z.string().nullable().default(null),
-  /** Its access VLAN on a Linux bridge (the port lock's static entry is in it). */
-  vlan: z.number().int().nullable().default(null),
-});
-export type LeaseRecord = z.infer<typeof LeaseRecord>;
-/**
- * A macvtap about to be created. The kernel ignores IFLA_IFALIAS when it creates a link, so between
- * RTM_NEWLINK and tagging the device there is a moment when only this record says it is ours.
- */
-export const Intent = z.strictObject({ id: z.string(), name: z.string(), parent: z.string(), mac: z.string() });
-export type Intent = z.infer<typeof Intent>;
-const StateFile = z.strictObject({
-  version: z.literal(1),
-  leases: z.array(LeaseRecord),
-  intents: z.array(Intent).default([]),
-  /** Every Open vSwitch database a lease was ever plugged into: reconcile looks there for stale ports. */
-  ovsdbs: z.array(z.string()).default([]),
-});
+export type { Intent, LeaseRecord, Plug } from './lease-schema.js';
 
 export const STATE_FILE = 'leases.json';
+
+/** One lease as the table holds it: an element of the state file's `leases`. */
+function leaseShape(): Shape {
+  const leases = STATE_SHAPE.t === 'object' ? STATE_SHAPE.fields['leases'] : undefined;
+  if (leases?.t !== 'array') throw new Error('state-shape.ts has no array of leases');
+  return leases.of;
+}
 
 export function newLeaseId(): string {
   return randomOctets(8).toString('hex');
@@ -98,9 +70,9 @@ export class LeaseTable {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { table, problem: null, trusted: false };
       return { table, problem: `cannot read ${file}: ${(err as Error).message}`, trusted: false };
     }
-    let parsed: z.ZodSafeParseResult<z.infer<typeof StateFile>>;
+    let parsed: ReturnType<typeof checkShape>;
     try {
-      parsed = StateFile.safeParse(JSON.parse(text));
+      parsed = checkShape(STATE_SHAPE, JSON.parse(text));
     } catch (err) {
       return {
         table,
@@ -108,15 +80,16 @@ export class LeaseTable {
         trusted: false,
       };
     }
-    if (!parsed.success)
+    if (!parsed.ok)
       return {
         table,
-        problem: `${file} is not a lease table (${parsed.error.issues[0]?.message}); rebuilding from the kernel`,
+        problem: `${file} is not a lease table (${parsed.issue}); rebuilding from the kernel`,
         trusted: false,
       };
-    for (const l of parsed.data.leases) table.put(l);
-    for (const i of parsed.data.intents) table.intents.set(i.id, i);
-    for (const d of parsed.data.ovsdbs) table.dbs.add(d);
+    const state = parsed.value as StateFile;
+    for (const l of state.leases) table.put(l);
+    for (const i of state.intents) table.intents.set(i.id, i);
+    for (const d of state.ovsdbs) table.dbs.add(d);
     return { table, problem: null, trusted: true };
   }
 
@@ -359,6 +332,6 @@ export function leaseFromAlias(
     holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
     group: f.has('group') ? Number(f.get('group')) : null, plug: null, host_mac: f.get('host') ?? null,
   };
-  const parsed = LeaseRecord.safeParse(candidate);
-  return parsed.success ? parsed.data : null;
+  const parsed = checkShape(leaseShape(), candidate);
+  return parsed.ok ? (parsed.value as LeaseRecord) : null;
 }

@@ -2,7 +2,7 @@
 // device nodes, ACLs, the account database, and netlink on the thread pool. Each failure throws a
 // SyscallError carrying errno.
 import koffi from 'koffi';
-import { sys } from '@tapbroker/protocol';
+import { sys } from '@tapbroker/protocol/core';
 
 const libc = koffi.load('libc.so.6');
 const _syscall = libc.func('long syscall(long nr, ...)');

@@ -1,7 +1,7 @@
 // Lease lifetimes: how each lease ends (its fds, its holder, a release), and keeping the lease table
 // true to the kernel (link events, one dump after lost events, reconcile at start). Every device the
 // broker deletes goes through retire(), which audits both success and failure.
-import { macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/protocol';
+import { macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/protocol/core';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import {

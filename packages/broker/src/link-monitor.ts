@@ -1,5 +1,5 @@
 // RTNLGRP_LINK: the kernel's link events, read without blocking and decoded only where wanted.
-import { sys, watchReadable } from '@tapbroker/protocol';
+import { sys, watchReadable } from '@tapbroker/protocol/core';
 import {
   AF_BRIDGE, IFINFOMSG, NLMSGHDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, parseLink, splitMessages, type Link,
 } from './rtnetlink.js';

@@ -4,7 +4,7 @@
 // `ausearch -m VIRT_RESOURCE` shows tapbroker's devices next to libvirt's. A copy of the record audit.ts
 // has already written: a failure here is counted and logged, never fails a request.
 import fs from 'node:fs';
-import { sys } from '@tapbroker/protocol';
+import { sys } from '@tapbroker/protocol/core';
 import type { AuditRecord, AuditSink } from './audit.js';
 import type { Identity } from './identity.js';
 import { netlinkInBackground } from './libc.js';

@@ -4,7 +4,7 @@
 import { randomBytes, randomInt } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TapbrokerError, sys } from '@tapbroker/protocol';
+import { TapbrokerError, sys } from '@tapbroker/protocol/core';
 import {
   ContestedDeviceError, IFF_NO_PI, IFF_TAP, TUNSETIFF, kernelError, openVhost, tunIfreq, type Cleanup,
   type CreatedTap, type Faults, type MacvtapRequest,

@@ -2,7 +2,7 @@
 // macvtap.ts. Every step acts with privilege and is transactional: on failure it undoes what it made and
 // throws a TapbrokerError that names the object and the errno.
 import fs from 'node:fs';
-import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol';
+import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol/core';
 import {
   ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
   openVhost, tapFlags, tunIfreq, type Cleanup, type CreatedTap, type Faults, type Kernel, type MacvtapRequest,

@@ -1,9 +1,10 @@
 // The closed set of operations: one handler per op, named after it. The create handlers are in grant.ts;
 // here are the others (hello, list, release, reload, can, status) and the state they all read.
 import {
-  MAX_REPLY_BYTES, PROTOCOL_VERSION, TapbrokerError, checkIfName, encodeFrame, type CanRequest, type HelloRequest,
+  MAX_REPLY_BYTES, PROTOCOL_VERSION, TapbrokerError, checkIfName, type CanRequest, type HelloRequest,
   type ListRequest, type ReleaseRequest, type ReloadRequest, type Reply, type Request, type StatusRequest,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/core';
+import { encodeReply } from '@tapbroker/protocol/requests';
 import type { Audit } from './audit.js';
 import { decide, matches, type Policy } from './decide.js';
 import { create, createMacvtap, createTap, lockRefusal } from './grant.js';
@@ -74,7 +75,7 @@ function list(ctx: OpContext, caller: Identity, req: ListRequest): Outcome {
     .map(leaseView);
   let n = mine.length;
   const reply = (): Reply => ({ op: 'list', id: req.id, leases: mine.slice(0, n), truncated: n < mine.length });
-  while (n > 0 && encodeFrame(reply()).length > MAX_REPLY_BYTES) n = Math.floor(n * 0.9);
+  while (n > 0 && encodeReply(reply()).length > MAX_REPLY_BYTES) n = Math.floor(n * 0.9);
   return { reply: reply(), fds: [] };
 }
 

@@ -14,7 +14,7 @@
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TapbrokerError, checkIfName } from '@tapbroker/protocol';
+import { TapbrokerError, checkIfName } from '@tapbroker/protocol/core';
 
 /** ovs-vsctl's --timeout, seconds: how long it may wait for ovsdb-server and ovs-vswitchd. */
 const VSCTL_TIMEOUT_S = 5;

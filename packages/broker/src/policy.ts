@@ -7,7 +7,7 @@ import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import {
   MACVTAP_MODES, MAX_QUEUES, TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/core';
 import { accountMembers, getgrnam, getpwnam } from './libc.js';
 import { OVSDB_TARGET } from './ovs.js';
 import {

@@ -3,7 +3,7 @@
 // 256 pending async calls and kills the process beyond), queue in order otherwise, are counted against
 // the uid they belong to, and never throw out of a callback. Closes go to the pool at once.
 import fs from 'node:fs';
-import { sys } from '@tapbroker/protocol';
+import { sys } from '@tapbroker/protocol/core';
 
 /** Pool threads the reaper may occupy at once (libuv has 4; the rest stay free for everything else). */
 const MAX_RUNNING = 2;

@@ -1,6 +1,6 @@
 // rtnetlink: message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
 // Requests are tiny and answered in well under a millisecond; slow teardown never goes through here.
-import { sys } from '@tapbroker/protocol';
+import { sys } from '@tapbroker/protocol/core';
 import { netlinkInBackground } from './libc.js';
 
 export const RTM_NEWLINK = 16;

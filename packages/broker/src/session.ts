@@ -5,14 +5,13 @@ import {
   MAX_REQUEST_BYTES,
   SeqpacketConnection,
   TapbrokerError,
-  decodeRequest,
-  encodeFrame,
   sys,
   watchReadable,
   type ErrorCode,
   type Reply,
   type Request,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/core';
+import { decodeRequest, encodeReply } from '@tapbroker/protocol/requests';
 import type { Identity } from './identity.js';
 
 /** What a handler returns: the reply, the fds that travel with it, and a lease this connection holds. */
@@ -261,6 +260,6 @@ export class Session {
   }
 
   private reply(reply: Reply, fds: number[]): Promise<void> {
-    return this.conn.send(encodeFrame(reply), fds);
+    return this.conn.send(encodeReply(reply), fds);
   }
 }

@@ -12,7 +12,7 @@ import {
   type CreateTapRequest,
   type MacvtapMode,
   type Nic,
-} from '@tapbroker/protocol';
+} from '@tapbroker/protocol/core';
 import type { Identity } from './identity.js';
 import { printable } from './naming.js';
 

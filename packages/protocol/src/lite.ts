@@ -1,7 +1,6 @@
-// What a client needs of the protocol, without zod or msgpackr (@tapbroker/protocol/lite): constants,
-// error codes, grammar checks, the transport, and a reply decoder that is exactly as strict as the
-// broker-side one (the same scanner, then the shapes generated from the zod schemas). Types come from
-// messages.ts as types only, which loads nothing at run time.
+// What a client needs of the protocol, without zod or msgpackr (@tapbroker/protocol/lite): the shared core,
+// and a reply decoder exactly as strict as the zod schema it is generated from (the strict scanner, a small
+// msgpack reader, then the generated shape; the fuzz test holds it to the msgpackr + zod decoder).
 import { MAX_REPLY_BYTES } from './constants.js';
 import { TapbrokerError } from './errors.js';
 import type { Reply, Request } from './messages.js';
@@ -10,24 +9,8 @@ import { REPLY_SHAPE } from './reply-shape.js';
 import { scanFrame } from './scan.js';
 import { checkShape } from './shape.js';
 
-export * from './constants.js';
-export { ERROR_CODES, TapbrokerError, isErrorCode, type ErrorCode } from './errors.js';
-export {
-  checkIfName, checkMac, checkMacPrefix, checkNetworkName, checkQueues, macToBuffer, macFromBuffer, IFNAME_MAX_BYTES,
-  MAX_QUEUES,
-} from './validate.js';
-export {
-  SeqpacketConnection, SeqpacketListener, SCM_MAX_FD, refuseFds, watchReadable, type Packet, type PeerCredentials,
-  type ListenOptions,
-} from './transport.js';
-export * as sys from './sys.js';
-export { exitFlushed } from './exit.js';
-export { checkShape, type Shape } from './shape.js';
+export * from './core.js';
 export { REPLY_SHAPE } from './reply-shape.js';
-export type {
-  Request, Reply, Device, TapDevice, Lease, Nic, CreateTapRequest, CreateMacvtapRequest, StatusReply, CanReply,
-  ErrorReply,
-} from './messages.js';
 
 /** A request as bytes (fields that are undefined are left out). */
 export function encodeRequest(req: Request): Buffer {

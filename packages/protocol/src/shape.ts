@@ -1,10 +1,11 @@
-// The shape of every reply, checked without zod. The shapes are generated from the zod schemas
-// (reply-shape.ts; a unit test fails when they drift apart), so messages.ts stays the one source of
-// truth; this checker is what the client runs, so it need not load zod (about half its start time).
+// Messages and records checked without zod. The shapes are generated from the zod schemas (reply-shape.ts,
+// request-shape.ts, the broker's state-shape.ts; a unit test fails when they drift apart), so the schemas
+// stay the one source of truth; neither the client nor the broker loads zod to check what it reads.
 
 export type Shape =
   | { t: 'object'; fields: Record<string, Shape>; optional: string[]; defaults: Record<string, unknown> }
   | { t: 'union'; key: string; options: Record<string, Shape> }
+  | { t: 'anyOf'; options: Shape[] }
   | { t: 'literal'; values: ReadonlyArray<string | number | boolean | null> }
   | { t: 'enum'; values: readonly string[] }
   | { t: 'boolean' }
@@ -54,6 +55,13 @@ export function checkShape(
       const tag = String(v[shape.key]);
       const option = Object.hasOwn(shape.options, tag) ? shape.options[tag] : undefined;
       return option ? checkShape(option, v, path) : bad(`unknown ${shape.key} ${JSON.stringify(v[shape.key])}`);
+    }
+    case 'anyOf': {
+      for (const option of shape.options) {
+        const r = checkShape(option, v, path);
+        if (r.ok) return r;
+      }
+      return bad('matches none of its forms');
     }
     case 'object': {
       if (!isObject(v)) return bad(`expected object, received ${kind(v)}`);
