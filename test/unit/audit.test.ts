@@ -1,0 +1,454 @@
+// Audit records (audit.ts): how a record is built from an event (stable field names, the caller's
+// identity, the policy digest), where it goes (a JSON line on the fd, a JSON-lines file, journald's
+// native socket when it exists, and the further sink every record is given), journalEntry's encoding for
+// journald's native protocol, and the refusal limit per uid and window (driven by flushRefusals, the
+// window's end, rather than by waiting it out).
+import test, { type ExecutionContext } from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { sys } from '@tapbroker/protocol';
+import { MESSAGE_IDS, type AuditRecord } from '@tapbroker/broker';
+import { Audit, REFUSALS_PER_WINDOW, journalEntry, type Identity } from '@tapbroker/broker/internal';
+
+type Options = NonNullable<ConstructorParameters<typeof Audit>[1]>;
+
+const SHA = 'a'.repeat(64);
+const ALICE: Identity = {
+  uid: 1000, gid: 1000, groups: [1000, 27], pid: 4242, pidfd: 99, exe: '/usr/bin/qemu-system-x86_64', user: 'alice',
+  parent: { pid: 4000, exe: '/usr/sbin/libvirtd' },
+};
+const RECORD: AuditRecord = {
+  time: '2026-12-02T00:00:00.000Z', op: 'create-tap', decision: 'grant', rule: 'lab', policy_sha256: SHA,
+  uid: 1000, gid: 1000, pid: 4242, exe: '/usr/bin/qemu', user: 'alice',
+};
+
+/**
+ * An Audit writing its JSON lines to a temp file through `fd` (never to the test's stderr), without
+ * journald unless `opts` names a socket; closed and removed when the test ends.
+ */
+function setup(t: ExecutionContext, opts: Options = {}, policySha: () => string = () => SHA) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-'));
+  const out = path.join(dir, 'out.jsonl');
+  const fd = fs.openSync(out, 'w+');
+  const audit = new Audit(policySha, { journalSocket: null, fd, ...opts });
+  t.teardown(() => {
+    audit.close();
+    fs.closeSync(fd);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return { audit, dir, fd, out, lines: () => jsonLines(out) };
+}
+
+function jsonLines(file: string): AuditRecord[] {
+  const text = fs.readFileSync(file, 'utf8');
+  return text.split('\n').filter((l) => l !== '').map((l) => (JSON.parse(l) as { audit: AuditRecord }).audit);
+}
+
+/** journald's native format read back: [KEY, value] in order, both forms (KEY=value, and KEY, length, bytes). */
+function nativeFields(msg: Buffer): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
+  let o = 0;
+  while (o < msg.length) {
+    const nl = msg.indexOf(0x0a, o);
+    const line = msg.toString('utf8', o, nl);
+    const eq = line.indexOf('=');
+    if (eq >= 0) {
+      out.push([line.slice(0, eq), line.slice(eq + 1)]);
+      o = nl + 1;
+    } else {
+      const len = Number(msg.readBigUInt64LE(nl + 1));
+      out.push([line, msg.toString('utf8', nl + 9, nl + 9 + len)]);
+      if (msg[nl + 9 + len] !== 0x0a) throw new Error(`${line}: no newline after its ${len} bytes`);
+      o = nl + 9 + len + 1;
+    }
+  }
+  return out;
+}
+
+const fieldMap = (msg: Buffer) => new Map(nativeFields(msg));
+
+/** A stand-in for journald's socket: a bound AF_UNIX datagram socket, read without waiting. */
+function fakeJournal(t: ExecutionContext, dir: string) {
+  const socketPath = path.join(dir, 'journal.sock');
+  const fd = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM | sys.SOCK_NONBLOCK | sys.SOCK_CLOEXEC);
+  sys.bind(fd, sys.sockaddrUn(socketPath));
+  const rx = new sys.Receiver(256 * 1024);
+  let open = true;
+  const close = () => {
+    if (open) sys.close(fd);
+    open = false;
+  };
+  t.teardown(close);
+  return {
+    path: socketPath,
+    /** Every datagram queued so far. */
+    take(): Buffer[] {
+      const got: Buffer[] = [];
+      for (let m = rx.recv(fd, sys.MSG_DONTWAIT); m !== null; m = rx.recv(fd, sys.MSG_DONTWAIT)) got.push(Buffer.from(m.data));
+      return got;
+    },
+    close,
+  };
+}
+
+test('a record names the event, the caller and its parent under stable field names, in a stable order', (t) => {
+  const { audit } = setup(t);
+  const before = Date.now();
+  const rec = audit.record({
+    op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, request: { kind: 'tap', parent: 'br0' },
+    device: { name: 'tb1000-k3x9', ifindex: 7 }, code: 'TB_E_X', message: 'note',
+  });
+  t.deepEqual(Object.keys(rec), [
+    'time', 'op', 'decision', 'rule', 'policy_sha256', 'uid', 'gid', 'pid', 'exe', 'user', 'ppid', 'parent_exe',
+    'request', 'device', 'code', 'message',
+  ]);
+  t.like(rec, {
+    op: 'create-tap', decision: 'grant', rule: 'lab', policy_sha256: SHA, uid: 1000, gid: 1000, pid: 4242,
+    exe: '/usr/bin/qemu-system-x86_64', user: 'alice', ppid: 4000, parent_exe: '/usr/sbin/libvirtd',
+    request: { kind: 'tap', parent: 'br0' }, device: { name: 'tb1000-k3x9', ifindex: 7 }, code: 'TB_E_X',
+    message: 'note',
+  });
+  const time = Date.parse(rec.time);
+  t.is(new Date(time).toISOString(), rec.time, 'an ISO 8601 UTC time');
+  t.true(time >= before && time <= Date.now());
+});
+
+test("the caller's groups and pidfd stay out of the record", (t) => {
+  const { audit } = setup(t);
+  const rec = audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ALICE });
+  t.false('groups' in rec);
+  t.false('pidfd' in rec);
+});
+
+test('without a caller the identity fields are null, and parent, request, device, code and message absent', (t) => {
+  const { audit } = setup(t);
+  const rec = audit.record({ op: 'reload', decision: 'reload', rule: null, caller: null, code: '', message: '' });
+  t.deepEqual(Object.keys(rec), ['time', 'op', 'decision', 'rule', 'policy_sha256', 'uid', 'gid', 'pid', 'exe', 'user']);
+  t.like(rec, { rule: null, uid: null, gid: null, pid: null, exe: null, user: null });
+});
+
+test('an owner known by uid alone: the rest of its identity is null', (t) => {
+  const { audit } = setup(t);
+  const rec = audit.record({ op: 'cleanup', decision: 'cleanup', rule: 'lab', caller: { uid: 0 } });
+  t.like(rec, { uid: 0, gid: null, pid: null, exe: null, user: null });
+  t.false('ppid' in rec, 'a caller without a parent');
+});
+
+test("policy_sha256: the digest the policy has at the time of the record, or the one the event names", (t) => {
+  let sha = 'b'.repeat(64);
+  const { audit } = setup(t, {}, () => sha);
+  t.is(audit.record({ op: 'list', decision: 'grant', rule: null, caller: ALICE }).policy_sha256, 'b'.repeat(64));
+  sha = 'c'.repeat(64);
+  t.is(audit.record({ op: 'list', decision: 'grant', rule: null, caller: ALICE }).policy_sha256, 'c'.repeat(64),
+    'a reload changes it');
+  const old = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE, policy: 'd'.repeat(64) });
+  t.is(old.policy_sha256, 'd'.repeat(64));
+});
+
+test('each record is one line {"audit": record} on the fd, in order', (t) => {
+  const { audit, out, lines } = setup(t);
+  const recs = [
+    audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, device: { name: 'tb1000-a' } }),
+    audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED' }),
+    audit.record({ op: 'reload', decision: 'reload', rule: null, caller: null, message: 'two\nlines' }),
+  ];
+  t.deepEqual(lines(), recs);
+  const text = fs.readFileSync(out, 'utf8');
+  t.is(text.split('\n').length, 4, 'three lines: a newline in a value is escaped');
+  t.true(text.startsWith('{"audit":{"time":'));
+  t.is(audit.dropped, 0);
+  t.is(audit.sink, 'stderr');
+});
+
+test('with a file, every record is also appended there, after what it held, with mode 0600', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-file-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'audit.jsonl');
+  const earlier = `${JSON.stringify({ audit: RECORD })}\n`;
+  fs.writeFileSync(file, earlier, { mode: 0o600 });
+  const { audit, lines } = setup(t, { file });
+  const a = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE });
+  const b = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE });
+  t.deepEqual(jsonLines(file), [RECORD, a, b]);
+  t.deepEqual(lines(), [a, b], 'and on the fd as well');
+  fs.rmSync(file);
+  new Audit(() => SHA, { journalSocket: null, file }).close();
+  t.is(fs.statSync(file).mode & 0o777, 0o600 & ~process.umask(), 'created owner-only');
+});
+
+test('the file is not opened through a symlink', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-link-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.writeFileSync(path.join(dir, 'target'), '');
+  fs.symlinkSync(path.join(dir, 'target'), path.join(dir, 'audit.jsonl'));
+  t.throws(() => new Audit(() => SHA, { journalSocket: null, file: path.join(dir, 'audit.jsonl') }), { code: 'ELOOP' });
+  t.is(fs.readFileSync(path.join(dir, 'target'), 'utf8'), '');
+});
+
+test('close() closes the file', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-close-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'audit.jsonl');
+  /** This process's descriptors open on `file`. */
+  const openOnFile = () => fs.readdirSync('/proc/self/fd').filter((fd) => {
+    try {
+      return fs.readlinkSync(`/proc/self/fd/${fd}`) === file;
+    } catch {
+      return false;
+    }
+  });
+  const audit = new Audit(() => SHA, { journalSocket: null, file });
+  t.is(openOnFile().length, 1);
+  audit.close();
+  t.deepEqual(openOnFile(), []);
+});
+
+test('the further sink is given every record, the very object returned, with the caller; close() closes it', (t) => {
+  const sent: Array<[AuditRecord, Partial<Identity> | null]> = [];
+  let closed = 0;
+  const { audit } = setup(t, { linux: { send: (rec, caller) => sent.push([rec, caller]), close: () => closed++ } });
+  const a = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE });
+  const b = audit.record({ op: 'cleanup', decision: 'cleanup', rule: 'lab', caller: { uid: 1000 } });
+  const c = audit.record({ op: 'reload', decision: 'reload', rule: null, caller: null });
+  t.is(sent.length, 3);
+  t.is(sent[0]![0], a);
+  t.is(sent[0]![1], ALICE, 'the whole identity: the sink picks what it needs');
+  t.is(sent[1]![0], b);
+  t.deepEqual(sent[1]![1], { uid: 1000 });
+  t.is(sent[2]![0], c);
+  t.is(sent[2]![1], null);
+  audit.close();
+  t.is(closed, 1);
+});
+
+test('a record that cannot be written is counted in dropped, not thrown', (t) => {
+  const ro = fs.openSync('/dev/null', 'r');
+  t.teardown(() => fs.closeSync(ro));
+  const audit = new Audit(() => SHA, { journalSocket: null, fd: ro });
+  t.notThrows(() => audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE }));
+  t.notThrows(() => audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE }));
+  t.is(audit.dropped, 2);
+  audit.close();
+});
+
+test('a journald socket that is not there at start: records go to the fd', (t) => {
+  const { audit, lines } = setup(t, { journalSocket: '/nonexistent/journal/socket' });
+  t.is(audit.sink, 'stderr');
+  const rec = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE });
+  t.deepEqual(lines(), [rec]);
+});
+
+test('journald: one native datagram per record, and nothing on the fd', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-jd-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const journal = fakeJournal(t, dir);
+  const { audit, lines } = setup(t, { journalSocket: journal.path });
+  t.is(audit.sink, `journald (${journal.path})`);
+  const a = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, device: { name: 'tb1000-a' } });
+  const b = audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED' });
+  const got = journal.take();
+  t.deepEqual(got, [journalEntry(a), journalEntry(b)]);
+  t.is(fieldMap(got[0]!).get('TAPBROKER_OP'), 'create-tap');
+  t.deepEqual(lines(), []);
+});
+
+test('journald gone after start: the record still goes to the fd', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-jd-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const journal = fakeJournal(t, dir);
+  const { audit, lines } = setup(t, { journalSocket: journal.path });
+  journal.close();
+  const rec = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE });
+  t.deepEqual(lines(), [rec]);
+  t.is(audit.dropped, 0);
+});
+
+test('journalEntry: the fields in a fixed order, objects as JSON, absent and null ones left out', (t) => {
+  const full: AuditRecord = {
+    ...RECORD, ppid: 4000, parent_exe: '/usr/sbin/libvirtd', request: { kind: 'tap', queues: 2 },
+    device: { name: 'tb1000-a', ifindex: 7 }, code: 'TB_E_X', message: 'hi',
+  };
+  t.deepEqual(nativeFields(journalEntry(full)), [
+    ['MESSAGE', 'grant create-tap tb1000-a uid 1000 (alice) rule lab TB_E_X: hi'],
+    ['MESSAGE_ID', MESSAGE_IDS.grant],
+    ['PRIORITY', '6'],
+    ['SYSLOG_IDENTIFIER', 'tapbrokerd'],
+    ['TAPBROKER_TIME', '2026-12-02T00:00:00.000Z'],
+    ['TAPBROKER_OP', 'create-tap'],
+    ['TAPBROKER_DECISION', 'grant'],
+    ['TAPBROKER_POLICY_SHA256', SHA],
+    ['TAPBROKER_RULE', 'lab'],
+    ['TAPBROKER_UID', '1000'],
+    ['TAPBROKER_GID', '1000'],
+    ['TAPBROKER_PID', '4242'],
+    ['TAPBROKER_EXE', '/usr/bin/qemu'],
+    ['TAPBROKER_USER', 'alice'],
+    ['TAPBROKER_PPID', '4000'],
+    ['TAPBROKER_PARENT_EXE', '/usr/sbin/libvirtd'],
+    ['TAPBROKER_REQUEST', '{"kind":"tap","queues":2}'],
+    ['TAPBROKER_DEVICE', '{"name":"tb1000-a","ifindex":7}'],
+    ['TAPBROKER_CODE', 'TB_E_X'],
+    ['TAPBROKER_MESSAGE', 'hi'],
+  ]);
+  const bare = fieldMap(journalEntry({
+    ...RECORD, decision: 'reload', op: 'reload', rule: null, uid: null, gid: null, pid: null, exe: null, user: null,
+    parent_exe: null,
+  }));
+  t.deepEqual([...bare.keys()], [
+    'MESSAGE', 'MESSAGE_ID', 'PRIORITY', 'SYSLOG_IDENTIFIER', 'TAPBROKER_TIME', 'TAPBROKER_OP', 'TAPBROKER_DECISION',
+    'TAPBROKER_POLICY_SHA256',
+  ]);
+  t.is(bare.get('MESSAGE'), 'reload reload');
+});
+
+test('journalEntry: uid 0 and other zeros are written', (t) => {
+  const f = fieldMap(journalEntry({ ...RECORD, uid: 0, gid: 0, ppid: 0 }));
+  t.is(f.get('TAPBROKER_UID'), '0');
+  t.is(f.get('TAPBROKER_GID'), '0');
+  t.is(f.get('TAPBROKER_PPID'), '0');
+  t.is(f.get('MESSAGE'), 'grant create-tap uid 0 (alice) rule lab');
+});
+
+test('journalEntry: the simple form is KEY=value and a newline, nothing else', (t) => {
+  const entry = journalEntry(RECORD);
+  t.true(entry.toString('utf8').startsWith('MESSAGE=grant create-tap uid 1000 (alice) rule lab\nMESSAGE_ID='));
+  t.is(entry.at(-1), 0x0a);
+  t.is(entry.toString('utf8').split('\n').length, 15, '14 fields, each on its own line');
+});
+
+test('journalEntry: a value with a newline is KEY, a 64-bit little-endian byte length, the bytes, a newline', (t) => {
+  const entry = journalEntry({ ...RECORD, message: 'é\nx' });
+  const value = Buffer.from('é\nx');
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(value.length));
+  t.is(value.length, 4, 'bytes, not characters');
+  const field = Buffer.concat([Buffer.from('TAPBROKER_MESSAGE\n'), len, value, Buffer.from('\n')]);
+  t.true(entry.subarray(entry.length - field.length).equals(field));
+  const f = fieldMap(entry);
+  t.is(f.get('MESSAGE'), 'grant create-tap uid 1000 (alice) rule lab: é\nx', 'the summary carries it too, as binary');
+  t.is(f.get('TAPBROKER_MESSAGE'), 'é\nx');
+  t.is(f.get('TAPBROKER_OP'), 'create-tap', 'the other fields are still KEY=value');
+});
+
+test('journalEntry: a newline inside a JSON value is escaped, so the field stays simple', (t) => {
+  const entry = journalEntry({ ...RECORD, request: { name: 'a\nb' } });
+  t.true(entry.includes(Buffer.from('TAPBROKER_REQUEST={"name":"a\\nb"}\n')));
+});
+
+test('MESSAGE_IDs are fixed forever, one per decision, 128-bit hex', (t) => {
+  t.deepEqual(MESSAGE_IDS, {
+    grant: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f41',
+    deny: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f42',
+    error: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f43',
+    cleanup: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f44',
+    release: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f45',
+    reconcile: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f46',
+    reload: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f47',
+    'dry-run': '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f48',
+    suppressed: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f49',
+  });
+});
+
+test('journalEntry: MESSAGE_ID and PRIORITY follow the decision', (t) => {
+  const priority = {
+    grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5, 'dry-run': 6, suppressed: 4,
+  } as const;
+  for (const decision of Object.keys(MESSAGE_IDS) as Array<AuditRecord['decision']>) {
+    const f = fieldMap(journalEntry({ ...RECORD, decision }));
+    t.is(f.get('MESSAGE_ID'), MESSAGE_IDS[decision], decision);
+    t.is(f.get('PRIORITY'), String(priority[decision]), decision);
+    t.is(f.get('TAPBROKER_DECISION'), decision);
+  }
+});
+
+test('journalEntry: MESSAGE sums the record up for a person', (t) => {
+  const message = (r: Partial<AuditRecord>) => fieldMap(journalEntry({ ...RECORD, ...r })).get('MESSAGE');
+  t.is(message({ device: { name: 'tb1000-a' } }), 'grant create-tap tb1000-a uid 1000 (alice) rule lab');
+  t.is(message({ user: null }), 'grant create-tap uid 1000 rule lab', 'a uid without a name');
+  t.is(message({ uid: null, rule: null }), 'grant create-tap');
+  t.is(message({ decision: 'deny', rule: null, code: 'TB_E_POLICY_DENIED', message: 'no rule allows br1' }),
+    'deny create-tap uid 1000 (alice) TB_E_POLICY_DENIED: no rule allows br1');
+  t.is(message({ device: { ifindex: 7 } }), 'grant create-tap uid 1000 (alice) rule lab', 'a device without a name');
+});
+
+// Refusals no handler saw: at most REFUSALS_PER_WINDOW written per uid and window.
+
+test('the refusal limit is 20 per uid and window', (t) => {
+  t.is(REFUSALS_PER_WINDOW, 20);
+});
+
+test('refusals up to the limit are written one by one as errors', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'frame', 'TB_E_INVALID_REQUEST', `bad frame ${i}`);
+  const recs = lines();
+  t.is(recs.length, REFUSALS_PER_WINDOW);
+  t.like(recs[0], {
+    op: 'frame', decision: 'error', rule: null, uid: 1000, pid: 4242, code: 'TB_E_INVALID_REQUEST', message: 'bad frame 0',
+  });
+  t.is(recs.at(-1)!.message, `bad frame ${REFUSALS_PER_WINDOW - 1}`);
+  audit.flushRefusals();
+  t.is(lines().length, REFUSALS_PER_WINDOW, 'no summary for a uid that stayed within the limit');
+});
+
+test('past the limit, refusals are counted by code and summed up in one suppressed record at the window\'s end', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 5; i++) {
+    audit.refusal(ALICE, 'frame', i % 2 ? 'TB_E_BUSY' : 'TB_E_INVALID_REQUEST', 'refused');
+  }
+  t.is(lines().length, REFUSALS_PER_WINDOW, 'the five past the limit are not written');
+  audit.flushRefusals();
+  const recs = lines();
+  t.is(recs.length, REFUSALS_PER_WINDOW + 1);
+  const summary = recs.at(-1)!;
+  t.like(summary, {
+    op: 'refusals', decision: 'suppressed', rule: null, uid: 1000, gid: null, pid: null,
+    message: '5 more refusal(s) of uid 1000 in this window, counted but not written one by one',
+  });
+  // Refusals 21..25 (i = 20..24): even i is TB_E_INVALID_REQUEST.
+  const request = summary.request as { window_ms: number; counts: Record<string, number> };
+  t.deepEqual(request.counts, { TB_E_INVALID_REQUEST: 3, TB_E_BUSY: 2 });
+  t.true(Number.isInteger(request.window_ms) && request.window_ms >= 0);
+});
+
+test('the limit is per uid: one flooding uid does not silence another', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 3; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'alice');
+  audit.refusal({ ...ALICE, uid: 1001, user: 'bob' }, 'frame', 'TB_E_BUSY', 'bob');
+  const recs = lines();
+  t.is(recs.length, REFUSALS_PER_WINDOW + 1);
+  t.like(recs.at(-1), { uid: 1001, message: 'bob' });
+  audit.flushRefusals();
+  const summaries = lines().filter((r) => r.decision === 'suppressed');
+  t.is(summaries.length, 1, 'a summary for the uid over the limit only');
+  t.like(summaries[0], { uid: 1000 });
+});
+
+test('a new window starts after the summary: refusals are written one by one again', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 1; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'first window');
+  audit.flushRefusals();
+  audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'second window');
+  const recs = lines();
+  t.is(recs.length, REFUSALS_PER_WINDOW + 2);
+  t.like(recs.at(-1), { decision: 'error', message: 'second window' });
+  audit.flushRefusals();
+  t.is(lines().length, REFUSALS_PER_WINDOW + 2, 'the second window stayed within the limit');
+});
+
+test('refusals of a caller without a uid share one count; their summary has no caller', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 2; i++) audit.refusal({}, 'connection', 'TB_E_BUSY', 'full');
+  audit.flushRefusals();
+  const recs = lines();
+  t.is(recs.length, REFUSALS_PER_WINDOW + 1);
+  t.like(recs[0], { uid: null, decision: 'error' });
+  t.like(recs.at(-1), { decision: 'suppressed', uid: null, gid: null, request: { counts: { TB_E_BUSY: 2 } } });
+});
+
+test('close() ends the window: the summary is written', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 1; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'x');
+  audit.close();
+  t.like(lines().at(-1), { decision: 'suppressed', request: { counts: { TB_E_BUSY: 1 } } });
+});
