@@ -204,6 +204,23 @@ test('close() closes the file', (t) => {
   t.deepEqual(openOnFile(), []);
 });
 
+test('after close(), the file\'s old fd number is never written or closed again, though another file now has it', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-reuse-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const devNull = fs.openSync('/dev/null', 'w');
+  t.teardown(() => fs.closeSync(devNull));
+  const audit = new Audit(() => SHA, { journalSocket: null, file: path.join(dir, 'audit.jsonl'), fd: devNull });
+  audit.close();
+  // The lowest free fd is the one the audit file had: another file takes it.
+  const other = path.join(dir, 'other');
+  const fd = fs.openSync(other, 'w');
+  t.teardown(() => fs.closeSync(fd));
+  audit.record({ op: 'create-tap', decision: 'grant', rule: 'r', caller: { uid: 1 } });
+  audit.close();
+  t.is(fs.readFileSync(other, 'utf8'), '', 'nothing written to the file that took the number');
+  t.notThrows(() => fs.fstatSync(fd), 'and it is still open');
+});
+
 test('the further sink is given every record, the very object returned, with the caller; close() closes it', (t) => {
   const sent: Array<[AuditRecord, Partial<Identity> | null]> = [];
   let closed = 0;

@@ -90,7 +90,7 @@ export interface AuditSink {
 
 export class Audit {
   private readonly journal: string | null;
-  private readonly fileFd: number | null;
+  private fileFd: number | null;
   private readonly fd: number;
   private readonly linux: AuditSink | null;
 
@@ -184,9 +184,11 @@ export class Audit {
     this.refusals.clear();
   }
 
+  /** Closes the file once: its fd number, reused by then, is never written or closed again. */
   close(): void {
     this.flushRefusals();
     if (this.fileFd !== null) fs.closeSync(this.fileFd);
+    this.fileFd = null;
     this.linux?.close();
   }
 }
