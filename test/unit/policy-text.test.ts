@@ -77,6 +77,19 @@ test('a header ends the table before it: keys after [[rule]] are the rule\'s, no
   t.is(at(['rule', 0, 'bridge']), 4);
 });
 
+test('[[rule.macvtap]] entries belong to the latest rule, numbered from 0 within it, and own the keys below them', (t) => {
+  const at = lineIndex(text(
+    '[[rule]]', 'name = "a"', '[[rule.macvtap]]', 'parent = "eth9"',
+    '[[rule]]', 'name = "b"', '[[rule.macvtap]]', 'parent = "eth0"', '[[rule.macvtap]]', 'parent = "eth1"',
+    'modez = ["bridge"]',
+  ));
+  t.is(at(['rule', 0, 'macvtap', 0, 'parent']), 4);
+  t.is(at(['rule', 1, 'macvtap', 0]), 7);
+  t.is(at(['rule', 1, 'macvtap', 1, 'parent']), 10);
+  t.is(at(['rule', 1, 'macvtap', 1, 'modez']), 11, 'an unknown key in the second entry is pointed at where it is');
+  t.is(at(['rule', 1, 'name']), 6, 'the rule\'s own keys stay the rule\'s');
+});
+
 test('a quoted network name is found by its value', (t) => {
   const at = lineIndex(text(
     '[network.lan]', 'vlan = 1',

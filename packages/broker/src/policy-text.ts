@@ -16,8 +16,18 @@ export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => 
   text.split('\n').forEach((raw, n) => {
     const line = raw.trim();
     const array = /^\[\[\s*([A-Za-z0-9_-]+)\s*\]\]/.exec(line);
-    const table = array ? null : /^\[\s*([A-Za-z0-9_-]+)\s*\.\s*("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*\]/.exec(line);
-    if (array) {
+    // [[rule.macvtap]]: an entry of an array inside the latest entry of its parent array.
+    const nested = array ? null : /^\[\[\s*([A-Za-z0-9_-]+)\s*\.\s*([A-Za-z0-9_-]+)\s*\]\]/.exec(line);
+    const table = array || nested ? null
+      : /^\[\s*([A-Za-z0-9_-]+)\s*\.\s*("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*\]/.exec(line);
+    if (nested) {
+      const parent = [nested[1]!, String((count.get(nested[1]!) ?? 1) - 1), nested[2]!];
+      const i = count.get(parent.join('\0')) ?? 0;
+      count.set(parent.join('\0'), i + 1);
+      section = [...parent, String(i)];
+      put(parent.join('\0'), n + 1);
+      put(section.join('\0'), n + 1);
+    } else if (array) {
       const i = count.get(array[1]!) ?? 0;
       count.set(array[1]!, i + 1);
       section = [array[1]!, String(i)];
