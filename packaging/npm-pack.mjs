@@ -42,9 +42,13 @@ for (const name of ['protocol', 'broker', 'client']) {
         const r = path.relative(path.dirname(file), path.join(into, entry));
         return r.startsWith('.') ? r : `./${r}`;
       };
-      fs.writeFileSync(file, fs.readFileSync(file, 'utf8')
-        .replaceAll("'@tapbroker/protocol/lite'", `'${rel('lite.js')}'`)
-        .replaceAll("'@tapbroker/protocol'", `'${rel('index.js')}'`));
+      // Every entry point the protocol package exports ('.', './lite', './core', …), to its file.
+      let text = fs.readFileSync(file, 'utf8');
+      for (const [sub, target] of Object.entries(protocol.exports)) {
+        const spec = `'@tapbroker/protocol${sub.slice(1)}'`;
+        text = text.replaceAll(spec, `'${rel(path.relative('dist', target.default))}'`);
+      }
+      fs.writeFileSync(file, text);
     }
     const { '@tapbroker/protocol': _bundled, ...own } = pkg.dependencies;
     pkg.dependencies = { ...protocol.dependencies, ...own };
