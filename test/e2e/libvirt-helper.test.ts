@@ -12,6 +12,7 @@ import { guestImage, guestUnavailable } from '../helpers/guest.js';
 import { LibvirtSession, PRIVATE_RUN_SOURCE, guestDomainXml, libvirtUnavailable } from '../helpers/libvirt.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY } from '../helpers/unpriv.js';
+import { poll } from '../helpers/wait.js';
 
 const HELPER = path.join(ROOT, 'packages/client/dist/bridge-helper.js');
 const POLICY = `[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`;
@@ -57,12 +58,8 @@ test.after.always(async () => {
 
 /** Polls the serial console log until the guest reports its ping, fails, or `ms` pass. */
 async function waitForConsole(file: string, ms: number): Promise<string> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const text = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
-    if (/TB-GUEST-PING-(OK|FAIL)|TB-GUEST-FAIL/.test(text) || Date.now() > deadline) return text;
-    await new Promise((r) => setTimeout(r, 200));
-  }
+  const read = () => (fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '');
+  return (await poll(() => { const text = read(); return /TB-GUEST-PING-(OK|FAIL)|TB-GUEST-FAIL/.test(text) ? text : null; }, { ms, every: 200 })) ?? read();
 }
 
 serial('an unchanged libvirt bridge interface, via a session libvirtd and the helper, boots and pings', async (t) => {

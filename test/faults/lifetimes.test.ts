@@ -8,6 +8,7 @@ import path from 'node:path';
 import { BrokerProcess, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, probe, probeOnce } from '../helpers/unpriv.js';
+import { poll } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 let ns: Netns;
@@ -28,14 +29,22 @@ test.after.always(() => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
+/** Whether `pid` is a process that has not exited (a zombie has). */
+function running(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
+  } catch {
+    return false;
+  }
+}
+
 function script(name: string, body: string): string {
   const file = path.join(dir, name);
   fs.writeFileSync(file, `#!/bin/sh\n${body}\n`);
   fs.chmodSync(file, 0o755);
   return file;
 }
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 test.serial('B2: 300 macvtaps whose holder dies at once, and again across a restart: the broker lives and deletes them all', async (t) => {
   t.timeout(120_000);
@@ -135,7 +144,8 @@ test.serial('B4, B8, B10: a hook network: release waits for `up`; the grant name
 
 test.serial('B9: a hook that leaves a child holding its output: the grant does not wait for it, and the child is killed', async (t) => {
   const mark = path.join(dir, 'orphan-finished');
-  const leaky = script('leaky-hook', `if [ "$1" = up ]; then (sleep 8; touch ${mark}) & fi\nexit 0`);
+  const orphan = path.join(dir, 'orphan-pid');
+  const leaky = script('leaky-hook', `if [ "$1" = up ]; then (sleep 8; touch ${mark}) & echo $! > ${orphan}; fi\nexit 0`);
   const policy = `[network.l]\nhook = "${leaky}"\n\n[[rule]]\nname = "l"\nusers = [${NOBODY}]\nnetworks = ["l"]\n`;
   const broker = await BrokerProcess.start(ns, policy, { tag: 'leaky' });
   try {
@@ -143,7 +153,10 @@ test.serial('B9: a hook that leaves a child holding its output: the grant does n
     const r = await probeOnce({ socket: broker.socket, requests: [{ network: 'l' }] });
     t.is(r.error, null, r.error?.message);
     t.true(Date.now() - started < 6000, `the grant waited ${Date.now() - started} ms for the hook's child (which takes 8 s)`);
-    await sleep(Math.max(0, 8500 - (Date.now() - started)));
+    // The child ends either killed (no mark) or after its 8 s, having touched the mark: wait for its end.
+    const pid = Number(fs.readFileSync(orphan, 'utf8'));
+    await poll(() => !running(pid), { ms: 10_000 });
+    t.false(running(pid), 'the child the hook left behind ended');
     t.false(fs.existsSync(mark), 'the child the hook left behind was killed with its process group');
   } finally {
     await broker.stop();

@@ -3,6 +3,7 @@
 // multicast group, which exists only in the initial network namespace).
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol';
+import { poll, until } from './wait.js';
 
 const NETLINK_AUDIT = 9;
 const NLMSG_ERROR = 2;
@@ -25,7 +26,6 @@ export interface AuditStatus {
 }
 
 let seq = 1;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function nlmsg(type: number, flags: number, payload: Buffer): Buffer {
   const buf = Buffer.alloc(16 + payload.length);
@@ -44,22 +44,22 @@ async function request(type: number, payload: Buffer, want: number | null): Prom
     const msg = nlmsg(type, NLM_F_REQUEST | NLM_F_ACK, payload);
     sys.sendMsg(fd, { data: msg }, 0);
     const rx = new sys.Receiver(8192);
-    for (const deadline = Date.now() + 2000; Date.now() < deadline;) {
-      const m = rx.recv(fd, sys.MSG_DONTWAIT);
-      if (!m) {
-        await sleep(5);
-        continue;
+    // Everything queued each time: the first reply of `want` (or the ACK), or null to look again.
+    const answer = await poll(() => {
+      for (let m = rx.recv(fd, sys.MSG_DONTWAIT); m; m = rx.recv(fd, sys.MSG_DONTWAIT)) {
+        const t = m.data.readUInt16LE(4);
+        if (t === NLMSG_ERROR) {
+          const err = -m.data.readInt32LE(16);
+          if (err !== 0) throw new sys.SyscallError(type === AUDIT_GET ? 'AUDIT_GET' : 'AUDIT_SET', err);
+          if (want === null) return Buffer.from(m.data);
+        } else if (t === want) {
+          return Buffer.from(m.data);
+        }
       }
-      const t = m.data.readUInt16LE(4);
-      if (t === NLMSG_ERROR) {
-        const err = -m.data.readInt32LE(16);
-        if (err !== 0) throw new sys.SyscallError(type === AUDIT_GET ? 'AUDIT_GET' : 'AUDIT_SET', err);
-        if (want === null) return Buffer.from(m.data);
-      } else if (t === want) {
-        return Buffer.from(m.data);
-      }
-    }
-    throw new Error(`no answer to audit request ${type}`);
+      return null;
+    }, { ms: 2000, every: 5 });
+    if (!answer) throw new Error(`no answer to audit request ${type}`);
+    return answer;
   } finally {
     sys.close(fd);
   }
@@ -146,15 +146,10 @@ export class AuditLog {
 
   /** The first record matching `pred`, waiting up to `ms` for it. */
   async find(pred: (r: KernelRecord) => boolean, ms = 5000): Promise<KernelRecord> {
-    for (const deadline = Date.now() + ms; ;) {
+    return until(() => {
       this.drain();
-      const hit = this.records.find(pred);
-      if (hit) return hit;
-      if (Date.now() > deadline) {
-        throw new Error(`no such audit record in ${ms} ms; seen:\n${this.records.map((r) => `${r.type} ${r.text}`).join('\n')}`);
-      }
-      await sleep(20);
-    }
+      return this.records.find(pred);
+    }, { ms, what: 'no such audit record', detail: () => `seen:\n${this.records.map((r) => `${r.type} ${r.text}`).join('\n')}` });
   }
 
   close(): void {

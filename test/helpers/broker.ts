@@ -6,6 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { AuditRecord } from '@tapbroker/broker/internal';
 import type { Netns } from './netns.js';
+import { steady, until } from './wait.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const BROKER_MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
@@ -93,13 +94,13 @@ export class BrokerProcess {
     return path.join(this.dir, 'policy.toml');
   }
 
+  /** Waits up to `ms` for `cond`; fails with `what` and the broker's output, at once if the broker exits. */
   async waitFor(cond: () => boolean, ms: number, what: string): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!cond()) {
+    await until(() => {
+      if (cond()) return true;
       if (this.proc.exitCode !== null) throw new Error(`${what}: broker exited ${this.proc.exitCode}:\n${this.stderr}`);
-      if (Date.now() > deadline) throw new Error(`${what} (after ${ms} ms):\n${this.stderr}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
+      return false;
+    }, { ms, what, detail: () => this.stderr });
   }
 
   /** The first audit record matching `pred`, waiting for it: records arrive through the stderr pipe,
@@ -116,6 +117,27 @@ export class BrokerProcess {
   /** Open fds of the broker process (the `ip netns exec` wrapper execs node in place). */
   fdCount(): number {
     return fs.readdirSync(`/proc/${this.proc.pid}/fd`).length;
+  }
+
+  /**
+   * Bytes of link events the kernel has queued on the broker's RTNLGRP_LINK socket that it has not read
+   * yet (its /proc net/netlink line). 0 after an event was sent: the broker has read, and so applied, it.
+   */
+  linkEventsUnread(): number {
+    const pid = this.proc.pid!;
+    const sockets = new Set(fs.readdirSync(`/proc/${pid}/fd`).map((fd) => {
+      try { return fs.readlinkSync(`/proc/${pid}/fd/${fd}`); } catch { return ''; }
+    }));
+    // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode: NETLINK_ROUTE (0), RTMGRP_LINK (1), one of its fds.
+    const monitor = fs.readFileSync(`/proc/${pid}/net/netlink`, 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/))
+      .find((f) => f[1] === '0' && f[3] === '00000001' && sockets.has(`socket:[${f[9]}]`));
+    if (!monitor) throw new Error(`the broker (pid ${pid}) has no RTNLGRP_LINK socket`);
+    return Number(monitor[4]);
+  }
+
+  /** The broker's fd count once it has held still for 200 ms (after a burst, no one event says it settled). */
+  settledFdCount(): Promise<number> {
+    return steady(() => this.fdCount(), { ms: 10_000, what: 'the broker\'s fd count' });
   }
 
   get stateFile(): string {

@@ -1,6 +1,7 @@
 // A real AF_UNIX datagram socket for tests: stands in for journald and for systemd's NOTIFY_SOCKET.
 import fs from 'node:fs';
 import { sys, watchReadable } from '@tapbroker/protocol';
+import { until } from './wait.js';
 
 export class DatagramSink {
   readonly messages: Buffer[] = [];
@@ -26,11 +27,7 @@ export class DatagramSink {
   }
 
   async waitFor(pred: (texts: string[]) => boolean, ms = 3000): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (!pred(this.texts())) {
-      if (Date.now() > deadline) throw new Error(`no matching datagram in ${ms} ms; got:\n${this.texts().join('\n---\n')}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await until(() => pred(this.texts()), { ms, what: 'no matching datagram', detail: () => `got:\n${this.texts().join('\n---\n')}` });
   }
 
   close(): void {

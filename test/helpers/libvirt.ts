@@ -13,6 +13,7 @@ import type { GuestImage } from './guest.js';
 import { guestQemuArgs } from './guest.js';
 import type { Netns } from './netns.js';
 import { NOBODY, setprivArgs } from './unpriv.js';
+import { poll } from './wait.js';
 
 /** The source name of the private /run tmpfs: the host's mount table must never show it. */
 export const PRIVATE_RUN_SOURCE = 'tapbroker-test-run';
@@ -118,15 +119,6 @@ function exeOf(pid: number): string | null {
   }
 }
 
-async function until(cond: () => boolean, ms: number): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return true;
-}
-
 export class LibvirtSession {
   /** libvirtd's output (its log goes to stderr), for failure messages. */
   output = '';
@@ -175,22 +167,19 @@ export class LibvirtSession {
     const proc = spawn('setpriv', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const session = new LibvirtSession(proc, dir, home);
     const sock = path.join(home, 'run/libvirt/libvirt-sock');
-    const deadline = Date.now() + 30_000;
-    for (;;) {
-      if (!session.alive) {
-        await session.stop();
-        throw new Error(`libvirtd exited (${proc.exitCode ?? proc.signalCode}):\n${session.output}`);
-      }
+    const outcome = await poll(async () => {
+      if (!session.alive) return 'exited';
       if (fs.existsSync(sock) && (await session.virsh('uri')).code === 0) {
         session.pid = session.processes().find((pid) => exeOf(pid) === LIBVIRTD) ?? 0;
-        if (session.pid) return session;
+        if (session.pid) return 'up';
       }
-      if (Date.now() > deadline) {
-        await session.stop();
-        throw new Error(`libvirtd did not come up in 30 s:\n${session.output}`);
-      }
-      await new Promise((r) => setTimeout(r, 100));
-    }
+      return null;
+    }, { ms: 30_000, every: 100 });
+    if (outcome === 'up') return session;
+    await session.stop();
+    throw new Error(outcome === 'exited'
+      ? `libvirtd exited (${proc.exitCode ?? proc.signalCode}):\n${session.output}`
+      : `libvirtd did not come up in 30 s:\n${session.output}`);
   }
 
   /** The session's environment. PATH finds this node for the helper's `#!/usr/bin/env node`. */
@@ -261,12 +250,12 @@ export class LibvirtSession {
         await this.virsh('undefine', name);
       }
       process.kill(this.pid, 'SIGTERM');
-      await until(() => exeOf(this.pid) === null, 5000);
+      await poll(() => exeOf(this.pid) === null, { ms: 5000, every: 50 });
     }
     const gone = () => !this.alive && this.processes().length === 0;
     for (let i = 0; i < 3 && !gone(); i++) {
       this.killAll();
-      await until(gone, 2000);
+      await poll(gone, { ms: 2000, every: 50 });
     }
     live.delete(this);
     fs.rmSync(this.dir, { recursive: true, force: true });

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Netns } from './netns.js';
+import { poll } from './wait.js';
 
 export const OVS_SCHEMA = '/usr/share/openvswitch/vswitch.ovsschema';
 const BINARIES = ['ovsdb-tool', 'ovsdb-server', 'ovs-vswitchd', 'ovs-vsctl', 'ovs-appctl'];
@@ -124,8 +125,7 @@ export class OvsInstance {
     if (this.stopped) return;
     const pids = this.pids();
     for (const pid of pids) signal(pid, 'SIGTERM');
-    const deadline = Date.now() + 3000;
-    while (pids.some((p) => !gone(p)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    await poll(() => pids.every(gone), { ms: 3000 });
     for (const pid of pids) if (!gone(pid)) signal(pid, 'SIGKILL');
     this.stopped = true;
     live.delete(this);

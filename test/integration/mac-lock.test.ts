@@ -6,6 +6,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+import { poll, quiet } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 
@@ -49,10 +50,11 @@ test.before(async () => {
   ns.ip('link', 'set', 'vb1', 'up');
   ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
   broker = await BrokerProcess.start(ns, POLICY, { tag: 'lock' });
-  // The first port to join br0 makes the namespace's links settle (one frame reached vb1 then, once):
-  // let that happen before anything is counted.
+  // Once br0 has a port up it may send one frame of its own to vb1 (an IGMP report of its join of
+  // 224.0.0.106, on a timer, or none at all): nothing says when that is over, so give it time before
+  // anything is counted.
   await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
-  await new Promise((r) => setTimeout(r, 500));
+  await quiet(500, 'br0\'s own IGMP report, if it sends one, goes out before frames are counted');
 });
 
 test.after.always(async () => {
@@ -65,20 +67,24 @@ const bridgeCmd = (...args: string[]) =>
   spawnSync('bridge', ['-n', ns.name, ...args], { encoding: 'utf8' }).stdout;
 const fdb = (dev: string) => bridgeCmd('fdb', 'show', 'dev', dev);
 
-/** What vb1 received while `frames` frames per queue were written into a new tap, and that tap. */
-async function forwarded(opts: { as?: number; writeFrom?: string; mac?: string; bridge?: string }) {
+/**
+ * What vb1 received while 5 frames were written into a new tap, and that tap: once `expect` of them have
+ * crossed (up to 2 s), or, when none should, after a window in which any that would cross would have.
+ */
+async function forwarded(opts: { as?: number; writeFrom?: string; mac?: string; bridge?: string; expect: number }) {
   const before = rx();
   const p = await probe({
     socket: broker.socket, write: true, frames: 5, ...(opts.writeFrom ? { writeFrom: opts.writeFrom } : {}),
     requests: [{ bridge: opts.bridge ?? 'br0', ...(opts.mac ? { mac: opts.mac } : {}) }],
   }, { uid: opts.as ?? NOBODY });
-  // Frames cross the bridge synchronously with the write; give the counters a moment.
-  await new Promise((r) => setTimeout(r, 200));
+  // Frames cross the bridge synchronously with the write; the counters may lag.
+  if (opts.expect > 0) await poll(() => rx() - before >= opts.expect, { ms: 2000 });
+  else await quiet(200, 'no frame may cross: time for any that would');
   return { p, got: rx() - before };
 }
 
 test.serial('a locked port forwards its guest MAC\'s frames, with one static entry and learning off', async (t) => {
-  const { p, got } = await forwarded({});
+  const { p, got } = await forwarded({ expect: 5 });
   try {
     t.is(p.result.error, null);
     const d = p.result.taps[0]!.device;
@@ -97,7 +103,7 @@ test.serial('a locked port forwards its guest MAC\'s frames, with one static ent
 
 test.serial('a locked port drops frames from any other source MAC, and the bridge learns none of them', async (t) => {
   const spoof = '52:54:00:66:66:66';
-  const { p, got } = await forwarded({ writeFrom: spoof });
+  const { p, got } = await forwarded({ writeFrom: spoof, expect: 0 });
   try {
     t.is(p.result.error, null);
     t.is(got, 0, 'no spoofed frame crossed the bridge');
@@ -108,7 +114,7 @@ test.serial('a locked port drops frames from any other source MAC, and the bridg
 });
 
 test.serial('without mac_lock the same spoofed frames cross the bridge (the control)', async (t) => {
-  const { p, got } = await forwarded({ as: OTHER_UID, writeFrom: '52:54:00:66:66:67' });
+  const { p, got } = await forwarded({ as: OTHER_UID, writeFrom: '52:54:00:66:66:67', expect: 5 });
   try {
     t.is(p.result.error, null);
     t.false(p.result.taps[0]!.device.locked);
@@ -233,10 +239,12 @@ test.serial('another port sending from a locked MAC does not take its entry (a s
   try {
     const d = locked.result.taps[0]!.device;
     // An unlocked port (another rule) sends frames from the locked lease's MAC.
+    const before = rx();
     const spoofer = await probe({ socket: broker.socket, write: true, frames: 5, writeFrom: d.mac!,
       requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
     try {
-      await new Promise((r) => setTimeout(r, 300));
+      // The bridge learns (or not) from a frame before it floods it: once the five reached vb1, it has decided.
+      await poll(() => rx() - before >= 5, { ms: 2000 });
       t.regex(fdb(d.name), new RegExp(`^${d.mac} sticky master br0 static`, 'm'), 'the entry stays on its port');
       t.notRegex(fdb(spoofer.result.taps[0]!.device.name), new RegExp(d.mac!), 'and never moves to the sender');
     } finally {

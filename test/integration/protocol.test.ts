@@ -12,6 +12,7 @@ import {
 import { BrokerProcess, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, spawnAs } from '../helpers/unpriv.js';
+import { until } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 let ns: Netns;
@@ -214,21 +215,20 @@ test('an inherited socket is adopted only if it is a listening SEQPACKET AF_UNIX
     t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
     let err = '';
     child.stderr!.on('data', (d) => (err += d));
-    const deadline = Date.now() + 5000;
-    while (!fs.existsSync(sockPath) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     // The node exists from bind(); connections are refused until listen() a moment later.
-    let conn: SeqpacketConnection | null = null;
-    while (!conn) {
+    const conn = await until(async () => {
+      if (!fs.existsSync(sockPath)) return null;
       try {
-        conn = await SeqpacketConnection.connect(sockPath, { maxPacket: MAX_REPLY_BYTES });
-      } catch (err) {
-        if (!/ECONNREFUSED/.test(String(err)) || Date.now() > deadline) throw err;
-        await new Promise((r) => setTimeout(r, 20));
+        return await SeqpacketConnection.connect(sockPath, { maxPacket: MAX_REPLY_BYTES });
+      } catch (e) {
+        if (!/ECONNREFUSED/.test(String(e))) throw e;
+        return null;
       }
-    }
+    }, { ms: 5000, what: 'the activated socket did not accept a connection', detail: () => err });
     t.is((await exchange(conn, encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION })))?.op, 'hello');
     conn.close();
-    await new Promise((r) => setTimeout(r, 100));
+    // The broker said so before it served the hello; its stderr pipe is read apart from the socket.
+    await until(() => /listening on inherited fd 3/.test(err), { ms: 3000, what: 'the broker did not say it listens on fd 3', detail: () => err });
     t.regex(err, /listening on inherited fd 3/);
     child.kill('SIGTERM');
     await new Promise((r) => child.on('exit', r));

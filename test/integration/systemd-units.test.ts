@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BROKER_MAIN, ROOT } from '../helpers/broker.js';
+import { poll } from '../helpers/wait.js';
 
 const UNITS = path.join(ROOT, 'systemd');
 const SERVICE = path.join(UNITS, 'tapbrokerd.service');
@@ -283,11 +284,9 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
     fs.rmSync(path.join(ROOT, 'build/test-systemd'), { recursive: true, force: true });
   });
 
-  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-  for (let i = 0; i < 100 && !pid1; i++) {
-    try { pid1 = Number(fs.readFileSync(`/proc/${launcher.pid}/task/${launcher.pid}/children`, 'utf8').trim().split(' ')[0]) || 0; } catch { /* not yet */ }
-    if (!pid1) await sleep(100);
-  }
+  pid1 = await poll(() => {
+    try { return Number(fs.readFileSync(`/proc/${launcher.pid}/task/${launcher.pid}/children`, 'utf8').trim().split(' ')[0]) || 0; } catch { return 0; /* not yet */ }
+  }, { ms: 10_000, every: 100 }) ?? 0;
   if (!pid1) return t.fail(`systemd did not start:\n${console_}`);
   const ns = (args: string[]) => spawnSync('nsenter', ['-t', String(pid1), '-a', ...args], { encoding: 'utf8', timeout: 60_000 });
   const systemctl = (...args: string[]) => ns(['systemctl', '--no-pager', ...args]);
@@ -296,10 +295,7 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
       '/usr/bin/tapbroker', ...args]);
 
   let socketState = '';
-  for (let i = 0; i < 100 && socketState !== 'active'; i++) {
-    socketState = systemctl('is-active', 'tapbrokerd.socket').stdout.trim();
-    if (socketState !== 'active') await sleep(100);
-  }
+  await poll(() => (socketState = systemctl('is-active', 'tapbrokerd.socket').stdout.trim()) === 'active', { ms: 10_000, every: 100 });
   t.is(socketState, 'active', `tapbrokerd.socket did not start:\n${console_}${systemctl('status', 'tapbrokerd.socket').stdout}`);
   t.regex(ns(['stat', '-c', '%A %U %G', '/run/tapbroker/tapbroker.sock']).stdout, /^srw-rw---- root tapbroker$/m);
 
@@ -311,10 +307,7 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
 
   // READY=1 makes it active; then its credentials are what the unit says.
   let state = '';
-  for (let i = 0; i < 50 && state !== 'active'; i++) {
-    state = systemctl('show', '-p', 'ActiveState', '--value', 'tapbrokerd.service').stdout.trim();
-    if (state !== 'active') await sleep(100);
-  }
+  await poll(() => (state = systemctl('show', '-p', 'ActiveState', '--value', 'tapbrokerd.service').stdout.trim()) === 'active', { ms: 5000, every: 100 });
   t.is(state, 'active', `the service is ${state}: Type=notify needs READY=1 on $NOTIFY_SOCKET\n${log()}`);
   const mainPid = systemctl('show', '-p', 'MainPID', '--value', 'tapbrokerd.service').stdout.trim();
   const status = ns(['cat', `/proc/${mainPid}/status`]).stdout;
@@ -331,7 +324,8 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
 
   // systemctl reload re-reads the policy.
   t.is(systemctl('reload', 'tapbrokerd.service').status, 0);
-  await sleep(500);
+  // ExecReload sends SIGHUP and returns: the broker logs the reload when it has done it.
+  await poll(() => /policy reloaded/.test(log()), { ms: 5000, every: 100 });
   t.regex(log(), /policy reloaded/);
 
   // Stopping the service keeps the socket (and its directory); the next client starts it again.

@@ -17,6 +17,7 @@ import { BrokerProcess } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { Peer } from '../helpers/seqpeer.js';
 import { NOBODY, OTHER_UID, probeOnce } from '../helpers/unpriv.js';
+import { poll, quiet, steady, within } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 
@@ -52,30 +53,7 @@ let baseline = 0;
 /** How much of the broker's stderr earlier tests have already checked. */
 let stderrChecked = 0;
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const sock = () => broker.socket;
-
-async function until(cond: () => boolean | Promise<boolean>, ms = 2000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    if (await cond()) return true;
-    if (Date.now() > deadline) return false;
-    await sleep(20);
-  }
-}
-
-/** The fd count once it has held still for 200 ms. */
-async function settledFdCount(b: BrokerProcess): Promise<number> {
-  let last = b.fdCount();
-  let still = 0;
-  while (still < 10) {
-    await sleep(20);
-    const n = b.fdCount();
-    still = n === last ? still + 1 : 0;
-    last = n;
-  }
-  return last;
-}
 
 test.before(async () => {
   ns = Netns.create('sec');
@@ -92,8 +70,8 @@ test.before(async () => {
   // part of the baseline, then take the baseline with nothing held.
   const w = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }, { parent: 'vparent' }, { bridge: 'br0', persistent: true, name: `tb${NOBODY}-warm` }], release: [`tb${NOBODY}-warm`] });
   if (w.error) throw new Error(`warm-up failed: ${w.error.code} ${w.error.message}`);
-  await until(() => ns.extraLinks(BASE).length === 0, 3000);
-  baseline = await settledFdCount(broker);
+  await poll(() => ns.extraLinks(BASE).length === 0, { ms: 3000 });
+  baseline = await broker.settledFdCount();
   stderrChecked = broker.stderr.length;
 });
 
@@ -222,14 +200,14 @@ async function clean(t: ExecutionContext, held: { links?: string[]; leases?: str
     c.close();
   }
   const links = [...(held.links ?? [])].sort();
-  await until(() => same(extraLinks(), links));
+  await poll(() => same(extraLinks(), links), { ms: 2000 });
   t.deepEqual(extraLinks(), links, 'no link left behind');
   // Each open connection costs the broker two fds: the socket and the caller's pidfd.
   const fds = baseline + 2 * (held.connections ?? 0);
-  await until(() => broker.fdCount() === fds);
+  await poll(() => broker.fdCount() === fds, { ms: 2000 });
   t.is(broker.fdCount(), fds, 'the broker\'s fd count is back to its baseline');
   const leases = [...(held.leases ?? [])].sort();
-  await until(async () => same(await leaseNames(), leases));
+  await poll(async () => same(await leaseNames(), leases), { ms: 2000 });
   const names = await leaseNames();
   if (!same(names, leases)) {
     for (const name of names.filter((n) => !leases.includes(n))) {
@@ -810,7 +788,7 @@ test.serial('disconnect mid-request: a create-tap whose client is gone before th
   for (let i = 0; i < 10; i++) {
     const conn = await helloed(nobody);
     await nobody.send(conn, ct());
-    if (i % 2) await sleep(i);
+    if (i % 2) await quiet(i, 'jitter: the close lands at another moment of the create');
     await nobody.close(conn);
   }
   await clean(t);
@@ -820,7 +798,7 @@ test.serial('disconnect mid-request: a create-macvtap whose client is gone befor
   for (let i = 0; i < 10; i++) {
     const conn = await helloed(nobody);
     await nobody.send(conn, cm());
-    if (i % 2) await sleep(i);
+    if (i % 2) await quiet(i, 'jitter: the close lands at another moment of the create');
     await nobody.close(conn);
   }
   await clean(t);
@@ -869,8 +847,12 @@ test.serial('10,000 requests on one connection, pipelined: every one answered, i
 test.serial('a client that never reads its replies holds up nobody else', async (t) => {
   const greedy = await localConnect();
   const sends: Array<Promise<void>> = [];
-  for (let i = 0; i < 20_000; i++) sends.push(greedy.send(encodeFrame({ op: 'hello', id: i, version: PROTOCOL_VERSION })).catch(() => {}));
-  await sleep(200);
+  let sent = 0;
+  for (let i = 0; i < 20_000; i++) sends.push(greedy.send(encodeFrame({ op: 'hello', id: i, version: PROTOCOL_VERSION })).then(() => { sent++; }, () => {}));
+  // The broker answers until its replies fill the greedy client's socket, then stops reading from it; the
+  // client's sends stall. Only then does the polite client come.
+  await steady(() => sent, { ms: 10_000, what: 'the greedy client\'s sends' });
+  t.log(`the greedy client's sends stalled after ${sent} of 20000`);
   const polite = await localConnect();
   const started = Date.now();
   t.is((await localExchange(polite, HELLO)).code, 'hello');
@@ -887,7 +869,7 @@ test.serial('200 connections opened at once and abandoned (silent, mid-hello, mi
   const conns = await Promise.all(Array.from({ length: 200 }, () => localConnect()));
   const half = ct().subarray(0, 5);
   await Promise.all(conns.map((c, i) => (i % 3 === 0 ? c.send(HELLO) : i % 3 === 1 ? c.send(half) : Promise.resolve())));
-  await until(() => broker.fdCount() >= baseline + 200, 2000);
+  await poll(() => broker.fdCount() >= baseline + 200, { ms: 2000 });
   t.true(broker.fdCount() >= baseline + 200, 'the broker accepted them all');
   for (const c of conns) c.close();
   await clean(t);
@@ -909,7 +891,7 @@ test.serial('one uid cannot take every connection: the 65th of uid 65534 is TB_E
 test.serial('a client that connects and never speaks gets TB_E_TIMEOUT and is closed (broker with -T 300)', async (t) => {
   const quick = await BrokerProcess.start(ns, `[[rule]]\nname = "x"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`, { tag: 'quiet', args: ['-T', '300', '--journal-socket', ''] });
   try {
-    const base = await settledFdCount(quick);
+    const base = await quick.settledFdCount();
     const silent = await localConnect(quick.socket);
     const chatty = await localConnect(quick.socket);
     const started = Date.now();
@@ -926,7 +908,7 @@ test.serial('a client that connects and never speaks gets TB_E_TIMEOUT and is cl
     const q = await localConnect(quick.socket);
     t.is((await localExchange(q, HELLO)).code, 'hello', 'the quick broker still serves');
     q.close();
-    await until(() => quick.fdCount() === base);
+    await poll(() => quick.fdCount() === base, { ms: 2000 });
     t.is(quick.fdCount(), base, 'the quick broker\'s fds are back to its baseline');
     t.true(quick.alive);
   } finally {
@@ -978,7 +960,7 @@ test.serial('audit backpressure: refusals and a grant while the broker\'s stderr
   const ns2 = Netns.create('secbp');
   ns2.bridge('br0');
   const b = await BrokerProcess.start(ns2, `[[rule]]\nname = "bp"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`, { tag: 'secbp' });
-  const base = await settledFdCount(b);
+  const base = await b.settledFdCount();
   const c = await localConnect(b.socket);
   try {
     t.is((await localExchange(c, HELLO)).code, 'hello');
@@ -996,7 +978,7 @@ test.serial('audit backpressure: refusals and a grant while the broker\'s stderr
     b.proc.stderr!.resume();
     t.is(grant.code, 'create-tap', grant.message);
     c.close();
-    await until(() => ns2.extraLinks(['br0']).length === 0 && b.fdCount() === base);
+    await poll(() => ns2.extraLinks(['br0']).length === 0 && b.fdCount() === base, { ms: 2000 });
     t.deepEqual(ns2.extraLinks(['br0']), [], 'no link left behind');
     t.is(b.fdCount(), base, 'no fd leaked');
     t.deepEqual(await leaseNames(b), [], 'no lease left behind');
@@ -1029,7 +1011,7 @@ async function helloWithin(socket: string, ms: number): Promise<string> {
   const c = await localConnect(socket);
   try {
     await c.send(HELLO);
-    const p = await Promise.race([c.receive(), sleep(ms).then(() => 'timeout' as const)]);
+    const p = await within(c.receive(), ms);
     return p === 'timeout' ? 'timeout' : judgeLocal(p).code;
   } finally {
     c.close();
@@ -1051,7 +1033,9 @@ test.serial('rtnetlink overrun: a burst of host link events does not blind the b
     const dels = Array.from({ length: 300 }, (_, i) => `link del ovr${i}`);
     execFileSync('ip', ['-n', ns2.name, '-batch', '-'], { input: `${[...adds, ...dels].join('\n')}\n` });
     process.kill(b.proc.pid!, 'SIGCONT');
-    await sleep(300);
+    // Every event of the burst (and the overrun, if the kernel had to drop some) is queued by now: wait
+    // until the broker has read them all, as its own loop does, before anything asks it for a device.
+    await b.waitFor(() => b.linkEventsUnread() === 0, 5000, 'the broker did not read the burst of link events');
     const netlink = execFileSync('ip', ['netns', 'exec', ns2.name, 'cat', '/proc/net/netlink'], { encoding: 'utf8' });
     t.log(`the broker's RTNLGRP_LINK socket after the burst (sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode):\n${netlink.split('\n').filter((l) => / 00000001 /.test(l)).join('\n')}`);
     const conn = await nobody.connect(b.socket);
@@ -1060,12 +1044,12 @@ test.serial('rtnetlink overrun: a burst of host link events does not blind the b
     t.is(got.code, 'create-tap', got.message);
     const name = got.reply?.op === 'create-tap' ? got.reply.device.name : '';
     await nobody.close(conn); // its fds close: the tap vanishes
-    await until(async () => !ns2.link(name) && (await leaseNames(b)).length === 0, 3000);
+    await poll(async () => !ns2.link(name) && (await leaseNames(b)).length === 0, { ms: 3000 });
     t.is(ns2.link(name), undefined, 'the tap is gone');
     t.deepEqual(await leaseNames(b), [], 'and so is its lease');
     // stderr is written asynchronously, after the lease table: wait for the record itself.
     const audited = () => b.records.some((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name);
-    await until(audited, 3000);
+    await poll(audited, { ms: 3000 });
     t.true(audited(), 'the cleanup is audited');
   } finally {
     await done();
@@ -1079,18 +1063,22 @@ test.serial('rtnetlink overrun: a burst of host link events does not blind the b
 // AllowJavascriptExecution::IsAllowed") — seen here after ~100 s. Any exception escaping watchReadable's
 // callers (LinkMonitor, holder pidfd watches) would do the same, e.g. a lease-table write failing (ENOSPC).
 test.serial('audit backpressure: a leased tap vanishing while the broker\'s stderr is not being read does not wedge the broker', async (t) => {
-  const { b, done } = await isolated('secwedge', `[[rule]]\nname = "w"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
+  const { ns2, b, done } = await isolated('secwedge', `[[rule]]\nname = "w"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
   try {
     const conn = await nobody.connect(b.socket);
     t.is(judge(await nobody.exchange(conn, HELLO)).code, 'hello');
-    t.is(judge(await nobody.exchange(conn, ct(), { hold: true })).code, 'create-tap');
+    const grant = judge(await nobody.exchange(conn, ct(), { hold: true }));
+    t.is(grant.code, 'create-tap');
+    const name = grant.reply?.op === 'create-tap' ? grant.reply.device.name : '';
     b.proc.stderr!.pause();
     const flood = await localConnect(b.socket);
     await localExchange(flood, HELLO);
     for (let id = 0; id < 300; id++) await localExchange(flood, encodeFrame({ op: 'create-tap', id, bridge: 'br0' }));
     flood.close();
     await nobody.close(conn); // the tap vanishes; the monitor records its cleanup
-    await sleep(300);
+    // The peer's close of the tap's last fd deleted it, its RTM_DELLINK queued: once the broker has read
+    // that, it has tried to write the cleanup record into the full pipe.
+    await b.waitFor(() => ns2.link(name) === undefined && b.linkEventsUnread() === 0, 3000, 'the broker did not see the tap vanish');
     b.proc.stderr!.resume();
     t.is(await helloWithin(b.socket, 2000), 'hello', 'the broker still answers');
     t.true(b.alive);

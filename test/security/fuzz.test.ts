@@ -18,6 +18,7 @@ import { BrokerProcess } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { Peer, type RunResult } from '../helpers/seqpeer.js';
 import { NOBODY } from '../helpers/unpriv.js';
+import { poll, within } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 const SEED = Number(process.env['TB_FUZZ_SEED'] ?? (Date.now() % 2 ** 31));
@@ -481,22 +482,6 @@ test.after.always(async () => {
   ns?.destroy();
 });
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-async function until(cond: () => boolean | Promise<boolean>, ms: number): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond()) && Date.now() < deadline) await sleep(20);
-}
-async function settledFdCount(b: BrokerProcess): Promise<number> {
-  let last = b.fdCount();
-  for (let still = 0; still < 10;) {
-    await sleep(20);
-    const n = b.fdCount();
-    still = n === last ? still + 1 : 0;
-    last = n;
-  }
-  return last;
-}
-
 /** Frames for the broker: garbage, schema-shaped but invalid requests, and valid requests (some grantable). */
 function brokerFrames(n: number, seed: number, grantable: number): Buffer[] {
   const grant = fc.record({
@@ -591,8 +576,8 @@ test.serial('the whole request path: generated frames against a real broker, as 
   // Warm up (a grant of each kind), then the baseline with nothing held.
   const warm = await peer.run(b.socket, [encodeFrame({ op: 'create-tap', id: 1, bridge: 'br0' }), encodeFrame({ op: 'create-macvtap', id: 2, parent: 'vparent' })]);
   t.deepEqual(warm.map((w) => (w.reply ? decodeReply(w.reply).op : 'none')), ['create-tap', 'create-macvtap']);
-  await until(() => ns!.extraLinks(BASE).length === 0, 3000);
-  const baseline = await settledFdCount(b);
+  await poll(() => ns!.extraLinks(BASE).length === 0, { ms: 3000 });
+  const baseline = await b.settledFdCount();
 
   let failures = 0;
   const fail = (who: string, i: number, frame: Buffer, why: string) => {
@@ -625,7 +610,7 @@ test.serial('the whole request path: generated frames against a real broker, as 
       r.sendError = (err as Error).message;
     }
     if (r.sendError === null) {
-      const p = await Promise.race([conn.receive(), sleep(5000).then(() => 'timeout' as const)]);
+      const p = await within(conn.receive(), 5000);
       if (p === 'timeout') r.timedOut = true;
       else if (p) {
         r.reply = p.data;
@@ -663,8 +648,8 @@ test.serial('the whole request path: generated frames against a real broker, as 
   t.true((counts.get('create-tap') ?? 0) > 50, 'grants happened');
 
   // Afterwards: nothing left behind.
-  await until(async () => ns!.extraLinks(BASE).length === 0 && (await leases(b)).length === 0, 5000);
-  await until(() => b.fdCount() === baseline, 5000);
+  await poll(async () => ns!.extraLinks(BASE).length === 0 && (await leases(b)).length === 0, { ms: 5000 });
+  await poll(() => b.fdCount() === baseline, { ms: 5000 });
   t.deepEqual(ns.extraLinks(BASE), [], 'no link left behind');
   t.is(b.fdCount(), baseline, 'the broker\'s fd count is back to its baseline');
   const names = new Set(ns.links().map((l) => l.ifname));

@@ -13,6 +13,7 @@ import type { AuditRecord } from '@tapbroker/broker/internal';
 import { BrokerProcess, tempDir } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+import { quiet, until, within } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -69,8 +70,6 @@ test.after.always(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
 /** A program run as `uid` inside the test's namespace, held until released. */
 function inNs(uid: number, script: string, args: string[]): { child: ChildProcess; line: Promise<Record<string, unknown>> } {
   const child = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid }), process.execPath, script, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
@@ -92,7 +91,8 @@ function inNs(uid: number, script: string, args: string[]): { child: ChildProces
 /** A victim's grant and a fresh hello, each within `ms`: the broker still serves everyone else. */
 async function serves(t: ExecutionContext, b: BrokerProcess, ms = 8000): Promise<void> {
   const started = Date.now();
-  const r = await Promise.race([probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID }), sleep(ms).then(() => null)]);
+  const got = await within(probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID }), ms);
+  const r = got === 'timeout' ? null : got;
   t.truthy(r, `a victim's grant did not complete within ${ms} ms`);
   t.is(r?.error ?? null, null, r?.error?.message);
   t.log(`a victim's grant meanwhile: ${Date.now() - started} ms`);
@@ -260,7 +260,8 @@ test.serial('A8: a port leaving its bridge is not the device vanishing', async (
   try {
     const name = p.result.taps[0]!.device.name;
     ns.ip('link', 'set', name, 'nomaster');
-    await sleep(300);
+    // The change's link events are queued before `ip` returns: once the broker has read them, it has judged them.
+    await broker.waitFor(() => broker.linkEventsUnread() === 0, 3000, 'the broker did not read the link events');
     const listed = await probeOnce({ socket: broker.socket, list: true });
     t.truthy(listed.leases!.find((l) => l.name === name), 'the lease is still there');
     t.deepEqual(records(broker, (r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name), [], 'no false cleanup record');
@@ -338,10 +339,13 @@ test.serial('A6: a client that does not read its replies holds one reply\'s fds 
   const before = ns.extraLinks(BASE).length;
   // Ten requests, no reads: the replies (and their fds) would pile up in this socket.
   for (let i = 0; i < 10; i++) await conn.send(encodeFrame({ op: 'create-tap', id: 10 + i, bridge: 'br0' }));
-  await sleep(1000);
-  const held = ns.extraLinks(BASE).length - before;
+  // Until the broker gives up on the connection, the taps held through unread replies, at most.
+  let held = 0;
+  await broker.waitFor(() => {
+    held = Math.max(held, ns.extraLinks(BASE).length - before);
+    return records(broker, (r) => /stayed unread/.test(r.message ?? '')).length > 0;
+  }, 8000, 'the connection was not closed');
   t.true(held <= 1, `${held} taps held through unread replies`);
-  await broker.waitFor(() => records(broker, (r) => /stayed unread/.test(r.message ?? '')).length > 0, 8000, 'the connection was not closed');
   conn.close();
   await broker.waitFor(() => ns.extraLinks(BASE).length === before, 3000, 'taps left');
   t.is(ns.extraLinks(BASE).length, before, 'no tap left');
@@ -422,8 +426,10 @@ test.serial('A (also): a second broker with its own state directory never delete
     fs.mkdirSync(path.join(otherDir, 'state'), { recursive: true });
     fs.writeFileSync(path.join(otherDir, 'state', 'leases.json'), '{"version":1,"leases":[],"intents":[]}\n');
     const other = await BrokerProcess.start(ns, POLICY, { dir: otherDir });
-    await sleep(300);
+    // It reconciles before it says it listens, and records what it does before that line: all here now.
     t.deepEqual(other.records.filter((r) => (r.device as { name?: string } | undefined)?.name === name), [], 'it never acted on it');
+    const listed = await probeOnce({ socket: other.socket, list: true });
+    t.deepEqual(listed.leases!.filter((l) => l.name === name), [], 'nor took it for its own');
     await other.stop('SIGTERM', true);
     t.truthy(ns.link(name), 'the first broker\'s persistent tap is still there');
   } finally {
@@ -496,11 +502,13 @@ test.serial('A1: a connection queued before the broker started (socket activatio
   let err = '';
   child.stderr!.on('data', (d) => (err += d));
   try {
-    const reply = await Promise.race([early.receive(), sleep(5000).then(() => null)]);
+    const got = await within(early.receive(), 5000);
+    const reply = got === 'timeout' ? null : got;
     t.truthy(reply, `no reply: ${err}`);
     const { decodeReply } = await import('@tapbroker/protocol');
     t.is(reply ? (decodeReply(reply.data) as { code?: string }).code : null, 'TB_E_UNEXPECTED_FDS', 'the queued fds were refused');
-    await sleep(200);
+    // Refused fds go to the closer, which closes them off the broker's loop: wait for them to be gone.
+    await until(() => foreignHeld(child.pid!, pushed).length === 0, { ms: 3000, what: 'the broker still holds pushed fds', detail: () => foreignHeld(child.pid!, pushed).join(', ') });
     t.deepEqual(foreignHeld(child.pid!, pushed), [], 'the broker kept none of them');
     // A connection made now meets SO_PASSRIGHTS: refused by the kernel.
     const late = await SeqpacketConnection.connect(sockPath, { maxPacket: MAX_REPLY_BYTES });
@@ -525,7 +533,7 @@ test.serial('B7: a macvtap holder that passes its connection on and exits: its m
   // The connection lives on in `sleep`; the holder's pidfd stays readable. CPU over one second:
   const ticks = () => fs.readFileSync(`/proc/${broker.proc.pid}/stat`, 'utf8').split(') ')[1]!.split(' ').slice(11, 13).map(Number).reduce((a, b) => a + b, 0);
   const before = ticks();
-  await sleep(1000);
+  await quiet(1000, 'the measurement: CPU the broker uses in one idle second');
   const used = ticks() - before;
   t.true(used < 30, `the broker used ${used} clock ticks of CPU in one idle second`);
 });
