@@ -13,6 +13,7 @@ import {
   MAX_REPLY_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Reply, Request, SeqpacketConnection,
   TapbrokerError, decodeFrame, decodeReply, decodeRequest, encodeFrame, isErrorCode, type Lease,
 } from '@tapbroker/protocol';
+import { decodeRequest as decodeBrokerRequest } from '@tapbroker/protocol/requests';
 import { decodeReply as decodeLiteReply, encodeRequest as encodeLiteRequest } from '../helpers/lite.js';
 import { BrokerProcess } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
@@ -26,7 +27,7 @@ const fileStarted = performance.now();
 
 // ---------------------------------------------------------------- checks shared by every decoder property
 
-const stats = { frames: 0, replyFrames: 0, slowestMs: 0, slowestLen: 0, ok: 0, codes: new Map<string, number>() };
+const stats = { frames: 0, replyFrames: 0, brokerCompared: 0, slowestMs: 0, slowestLen: 0, ok: 0, codes: new Map<string, number>() };
 const PROTO_NAMES = Object.getOwnPropertyNames(Object.prototype).sort();
 const SLOW_MS = 100;
 
@@ -72,6 +73,20 @@ function checkRequest(buf: Buffer): ReturnType<typeof decodeRequest> {
     stats.codes.set(d.error.code, (stats.codes.get(d.error.code) ?? 0) + 1);
   }
   differential(buf);
+  // The decoder the broker runs (protocol/requests: no msgpackr, no zod) must accept exactly what the
+  // msgpackr + zod one accepts, read it the same, and refuse the rest with the same code and id.
+  const b = timed(buf, () => decodeBrokerRequest(buf));
+  if (b.ok !== d.ok) {
+    throw new Error(`the broker's decoder ${b.ok ? 'accepts' : `refuses (${b.error.code} ${b.error.message})`} a frame `
+      + `the schema ${d.ok ? 'accepts' : `refuses (${d.error.code})`}: ${buf.toString('hex').slice(0, 400)}`);
+  }
+  if (b.ok && d.ok && !isDeepStrictEqual(b.message, d.message)) {
+    throw new Error(`the broker's decoder reads ${JSON.stringify(b.message)} where the schema reads ${JSON.stringify(d.message)}`);
+  }
+  if (!b.ok && !d.ok && (b.error.code !== d.error.code || b.id !== d.id)) {
+    throw new Error(`the broker's decoder refuses with ${b.error.code} (id ${b.id}), the schema with ${d.error.code} (id ${d.id}): ${buf.toString('hex').slice(0, 400)}`);
+  }
+  stats.brokerCompared++;
   noPollution();
   return d;
 }
@@ -456,6 +471,8 @@ test.serial('decoders: at least 100,000 frames, none slower than 100 ms', (t) =>
   const codes = [...stats.codes].sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c} ${n}`).join(', ');
   t.log(`${stats.frames} request frames (${stats.ok} accepted; ${codes}) and ${stats.replyFrames} reply frames in ${((performance.now() - fileStarted) / 1000).toFixed(1)} s`);
   t.log(`${differentialCompared} scanner-passed frames compared with the reference decoder; slowest decode ${stats.slowestMs.toFixed(2)} ms (${stats.slowestLen} bytes)`);
+  t.log(`${stats.brokerCompared} frames decoded alike by the broker's own decoder and by msgpackr + zod`);
+  t.true(stats.brokerCompared >= stats.frames, 'every request frame went through both');
   t.true(stats.frames + stats.replyFrames >= 100_000, `${stats.frames + stats.replyFrames} frames`);
   t.true(stats.slowestMs <= SLOW_MS);
 });
