@@ -126,7 +126,7 @@ function walk(shape: Shape, v: unknown, path: Issue['path'], out: Issue[], check
         if (v[k] === undefined) {
           const d = shape.defaults[k];
           // A default that is an array or a table is each value's own copy.
-          if (Object.hasOwn(shape.defaults, k)) fields[k] = d !== null && typeof d === 'object' ? structuredClone(d) : d;
+          if (Object.hasOwn(shape.defaults, k)) fields[k] = typeof d === 'object' ? structuredClone(d) : d;
           else if (!shape.optional.includes(k)) bad(`missing field \`${k}'`);
         } else {
           fields[k] = walk(s, v[k], [...path, k], out, checks, first);
