@@ -2,7 +2,11 @@
 // the unit test proves it still matches the schemas.
 import type { Shape } from '@tapbroker/protocol/lite';
 
+import { z } from 'zod';
+
 interface ZodLike { _zod: { def: Record<string, any> } }
+/** The name a refinement in code was given with `.meta({ check })` (policy-schema.ts), if any. */
+const named = (s: ZodLike) => (z.globalRegistry.get(s as never) as { check?: string } | undefined)?.check;
 const checks = (s: ZodLike) => ((s._zod.def['checks'] ?? []) as ZodLike[]).map((c) => c._zod.def);
 
 export function shapeOf(schema: ZodLike): Shape {
@@ -19,8 +23,11 @@ export function shapeOf(schema: ZodLike): Shape {
         if (t === 'default') defaults[k] = v._zod.def['defaultValue'];
         fields[k] = shapeOf(t === 'optional' || t === 'default' ? v._zod.def['innerType'] : v);
       }
-      return { t: 'object', fields, optional, defaults };
+      const check = named(schema);
+      if (!check && checks(schema).length > 0) throw new Error('a refinement of an object needs .meta({ check })');
+      return check ? { t: 'object', fields, optional, defaults, check } : { t: 'object', fields, optional, defaults };
     }
+    case 'record': return { t: 'record', key: shapeOf(def['keyType']), value: shapeOf(def['valueType']) };
     case 'union': {
       const key = def['discriminator'] as string | undefined;
       if (!key) return { t: 'anyOf', options: (def['options'] as ZodLike[]).map(shapeOf) };
@@ -45,8 +52,16 @@ export function shapeOf(schema: ZodLike): Shape {
     }
     case 'string': {
       const cs = checks(schema);
-      if (cs.some((c) => c['check'] !== 'max_length')) throw new Error('only max_length on protocol strings');
-      return { t: 'string', max: cs.find((c) => c['check'] === 'max_length')?.['maximum'] ?? Number.MAX_SAFE_INTEGER };
+      const check = named(schema);
+      const inCode = (c: Record<string, any>) => c['check'] === 'custom' || c['check'] === 'string_format';
+      if (cs.some((c) => !['max_length', 'min_length'].includes(c['check']) && !(check && inCode(c)))) {
+        throw new Error('a string refinement in code needs .meta({ check })');
+      }
+      const min = cs.find((c) => c['check'] === 'min_length')?.['minimum'];
+      return {
+        t: 'string', max: cs.find((c) => c['check'] === 'max_length')?.['maximum'] ?? Number.MAX_SAFE_INTEGER,
+        ...(min !== undefined ? { min } : {}), ...(check ? { check } : {}),
+      };
     }
     case 'number': {
       const cs = checks(schema);
@@ -67,10 +82,10 @@ export function shapeOf(schema: ZodLike): Shape {
 }
 
 /** A generated shape module (reply-shape.ts, request-shape.ts) as it must read. */
-export function shapeModule(schema: 'Reply' | 'Request' | 'StateFile', shape: Shape): string {
-  const file = { Reply: 'REPLY_SHAPE', Request: 'REQUEST_SHAPE', StateFile: 'STATE_SHAPE' }[schema];
-  const source = schema === 'StateFile' ? 'lease-schema.ts' : 'messages.ts';
-  const from = schema === 'StateFile' ? '@tapbroker/protocol/core' : './shape.js';
+export function shapeModule(schema: 'Reply' | 'Request' | 'StateFile' | 'PolicySchema', shape: Shape): string {
+  const file = { Reply: 'REPLY_SHAPE', Request: 'REQUEST_SHAPE', StateFile: 'STATE_SHAPE', PolicySchema: 'POLICY_SHAPE' }[schema];
+  const source = { Reply: 'messages.ts', Request: 'messages.ts', StateFile: 'lease-schema.ts', PolicySchema: 'policy-schema.ts' }[schema];
+  const from = schema === 'Reply' || schema === 'Request' ? './shape.js' : '@tapbroker/protocol/core';
   return `// Generated from the zod schema \`${schema}\` in ${source} by \`npm run gen:shapes\`: do not edit.\n`
     + '// test/unit/shape.test.ts fails when this and the schema disagree.\n'
     + `import type { Shape } from '${from}';\n\n`

@@ -42,12 +42,13 @@ for (const bin of ['packages/client/src/cli.ts', 'packages/client/src/bridge-hel
   });
 }
 
-test('the broker decodes requests without msgpackr or zod; zod is loaded only to check the policy', (t) => {
+test('the broker loads neither msgpackr nor zod: requests, its lease table and the policy are checked with shapes', (t) => {
   const { modules, packages } = closure('packages/broker/src/main.ts');
   t.false(packages.has('msgpackr'), 'msgpackr stays out');
-  t.false(modules.has('packages/protocol/src/codec.ts'), 'the msgpackr codec stays out');
-  t.false(modules.has('packages/protocol/src/messages.ts'), 'the zod schemas of messages stay out');
-  t.true(modules.has('packages/protocol/src/request-shape.ts'), 'requests are checked with the generated shapes');
-  const zodUsers = [...modules].filter((f) => /^import .* from 'zod';$/m.test(fs.readFileSync(path.join(ROOT, f), 'utf8')));
-  t.deepEqual(zodUsers, ['packages/broker/src/policy.ts']);
+  t.false(packages.has('zod'), 'zod stays out');
+  for (const schemas of ['protocol/src/messages.ts', 'protocol/src/codec.ts', 'broker/src/policy-schema.ts',
+    'broker/src/lease-schema.ts']) t.false(modules.has(`packages/${schemas}`), `${schemas} stays out`);
+  for (const shape of ['protocol/src/request-shape.ts', 'broker/src/state-shape.ts', 'broker/src/policy-shape.ts']) {
+    t.true(modules.has(`packages/${shape}`), `${shape} is what it checks with`);
+  }
 });

@@ -1,9 +1,9 @@
 // The client's reply checker (shape.ts + reply-shape.ts) against the zod schemas it is generated from.
 import test from 'ava';
 import { Reply, Request, encodeFrame } from '@tapbroker/protocol';
-import { checkShape as checkLite } from '@tapbroker/protocol/core';
+import { checkShape as checkLite, validate } from '@tapbroker/protocol/core';
 import { REQUEST_SHAPE } from '@tapbroker/protocol/requests';
-import { StateFile } from '@tapbroker/broker/internal';
+import { POLICY_CHECKS, POLICY_SHAPE as POLICY_SHAPE_FOR_TESTS, PolicySchema, StateFile } from '@tapbroker/broker/internal';
 import { REPLY_SHAPE_FOR_TESTS, checkShape, decodeReply as decodeLite } from '../helpers/lite.js';
 import { replyShapeModule, shapeModule, shapeOf } from '../helpers/zod-shape.js';
 import fs from 'node:fs';
@@ -25,6 +25,11 @@ test('request-shape.ts is what the zod schema Request generates', (t) => {
 test('the broker\'s state-shape.ts is what its zod schema StateFile generates', (t) => {
   const expected = shapeModule('StateFile', shapeOf(StateFile as never));
   t.is(fs.readFileSync(path.join(ROOT, 'packages/broker/src/state-shape.ts'), 'utf8'), expected);
+});
+
+test('the broker\'s policy-shape.ts is what its zod schema PolicySchema generates', (t) => {
+  const expected = shapeModule('PolicySchema', shapeOf(PolicySchema as never));
+  t.is(fs.readFileSync(path.join(ROOT, 'packages/broker/src/policy-shape.ts'), 'utf8'), expected);
 });
 
 test('a lease table: defaults filled in as zod does; a plug of either form; a wrong one refused', (t) => {
@@ -90,3 +95,40 @@ test('string lengths in code points, as zod counts them', same,
   { op: 'create-tap', id: 1, device: { ...device, name: '\u{10000}'.repeat(15) }, fds: { tap: 1, vhost: 0 } });
 test('string lengths in code points: one too many', same,
   { op: 'create-tap', id: 1, device: { ...device, name: '\u{10000}'.repeat(16) }, fds: { tap: 1, vhost: 0 } });
+
+// The policy's generated shape and its named checks against the zod schema they come from: the same verdict
+// and the same value for policy files right and wrong in every way the format can be.
+const rule = { name: 'r', users: [1], bridges: ['br0'] };
+const POLICY_DOCS: unknown[] = [
+  {}, { version: 1 }, { version: 2 }, { rule: [rule] }, { rule: [{ ...rule, users: ['alice', 0] }] },
+  { rule: [{ ...rule, users: [''] }] }, { rule: [{ ...rule, users: [-1] }] }, { rule: [{ ...rule, users: [2 ** 32] }] },
+  { rule: [{ ...rule, bridges: ['*'] }] }, { rule: [{ ...rule, bridges: ['br*'] }] },
+  { rule: [{ ...rule, bridges: ['br0123456789abcd'] }] }, { rule: [{ ...rule, name: 'a b' }] },
+  { rule: [{ ...rule, macvtap: [{ parent: 'eth0' }] }] }, { rule: [{ ...rule, macvtap: [{ parent: 'eth0', modes: [] }] }] },
+  { rule: [{ ...rule, macvtap: [{ parent: 'eth0', modes: ['source'] }] }] },
+  { rule: [{ ...rule, name_pattern: 'vm-*' }] }, { rule: [{ ...rule, name_pattern: '{home}-*' }] },
+  { rule: [{ ...rule, name_pattern: '{user}-*' }] }, { rule: [{ ...rule, mac_prefix: '01:00' }] },
+  { rule: [{ ...rule, mac_prefix: '00:00:00:00:00:00' }] }, { rule: [{ ...rule, mac_prefix: '52-54' }] },
+  { rule: [{ ...rule, mac_prefix: '02:aa' }] }, { rule: [{ ...rule, max_queues: 0 }] },
+  { rule: [{ ...rule, max_queues: 127 }] }, { rule: [{ ...rule, max_queues: 1.5 }] }, { rule: [{ ...rule, vhost: 'yes' }] },
+  { rule: [{ ...rule, max_devices: -1 }] }, { rule: [{ ...rule, mac_lock: true, persistent: true }] },
+  { rule: [{ ...rule, bridge: 'br1' }] }, { allow: [rule] },
+  { network: { lan: { bridge: 'br0', vlan: 10 } } }, { network: { lan: { bridge: 'br0', trunk: [10] } } },
+  { network: { lan: { ovs: 'ovsbr', trunk: [10, 20], ovsdb: 'unix:/run/ovs.sock' } } },
+  { network: { lan: { ovs: 'ovsbr', ovsdb: 'tcp:1.2.3.4' } } }, { network: { lan: { hook: 'plug' } } },
+  { network: { lan: { hook: '/usr/lib/plug', vlan: 3 } } }, { network: { lan: {} } },
+  { network: { lan: { bridge: 'br0', ovs: 'x' } } }, { network: { 'l a n': { bridge: 'br0' } } },
+  { network: { lan: { bridge: 'br0', mac_lock: true } } }, { network: { lan: { hook: '/x', mac_lock: true } } },
+  { network: { lan: { bridge: 'br0', vlann: 3 } } }, { network: [] },
+  { deny: [{ users: [1] }] }, { deny: [{ users: [1], bridges: [] }] }, { deny: [{ users: [1], parents: ['eth0'] }] },
+  { deny: [{ users: [1], networks: ['bad name'] }] }, { rule: 'x' }, { rule: [null] }, [],
+];
+
+test('the policy\'s shape and checks judge every kind of policy file as its zod schema does', (t) => {
+  for (const doc of POLICY_DOCS) {
+    const z = PolicySchema.safeParse(doc);
+    const { value, issues } = validate(POLICY_SHAPE_FOR_TESTS, doc, POLICY_CHECKS);
+    t.is(issues.length === 0, z.success, `${JSON.stringify(doc)}: zod ${z.success ? 'accepts' : 'refuses'}`);
+    if (z.success && issues.length === 0) t.deepEqual(value, z.data, JSON.stringify(doc));
+  }
+});

@@ -11,7 +11,7 @@ export {
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
 export { kernelLocksPorts, policyWarnings } from './policy-tools.js';
 export {
-  POLICY_KEYS, fragmentDir, loadTrustedPolicy, parseSources, policyFiles, untrustedPolicyFile,
+  POLICY_CHECKS, POLICY_KEYS, fragmentDir, loadTrustedPolicy, parseSources, policyFiles, untrustedPolicyFile,
 } from './policy.js';
 export { didYouMean, lineIndex } from './policy-text.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';
@@ -47,6 +47,8 @@ export { LinkMonitor } from './link-monitor.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';
 export { StateFile, LeaseRecord } from './lease-schema.js';
+export { PolicySchema } from './policy-schema.js';
+export { POLICY_SHAPE } from './policy-shape.js';
 export {
   LeaseTable, leaseView, processStartTime, STATE_FILE, ALIAS_MAX, leaseTag, kernelBound, leaseFromAlias,
   aliasIdentity, aliasBroker,

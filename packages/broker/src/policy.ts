@@ -1,12 +1,12 @@
 // Loading the policy: root's TOML files (the main file and its fragments), trusted only when root alone
-// could have written them, validated by zod, and resolved once into the typed, immutable rules that
+// could have written them, checked against the shape generated from the zod schema in policy-schema.ts
+// (with every error, each at its file and line), and resolved once into the typed, immutable rules that
 // decide.ts decides on. Runs at start and on reload, never on a request's input.
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import { parse as parseToml, TomlError } from 'smol-toml';
-import { z } from 'zod';
 import {
-  MACVTAP_MODES, MAX_QUEUES, TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName,
+  TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName, validate, type Checks, type Shape,
 } from '@tapbroker/protocol/core';
 import { accountMembers, getgrnam, getpwnam } from './libc.js';
 import { OVSDB_TARGET } from './ovs.js';
@@ -14,8 +14,9 @@ import {
   ANY_BRIDGE, type AllowRule, type DenyRule, type Network, type Policy, type Selector,
 } from './decide.js';
 import { hookUnsafe, notRootsAlone } from './paths.js';
+import type { PolicyDoc } from './policy-schema.js';
+import { POLICY_SHAPE } from './policy-shape.js';
 import { didYouMean, lineIndex } from './policy-text.js';
-
 
 export const DEFAULT_MAC_PREFIX = '52:54:00';
 /** Names callers may pick: `{uid}` and `{user}` are substituted, `*` stands for one or more of [A-Za-z0-9_.-]. */
@@ -23,119 +24,55 @@ export const DEFAULT_NAME_PATTERN = 'tb{uid}-*';
 /** Devices per user under a rule that names no max_devices: finite, so no rule leaves it unbounded. */
 export const DEFAULT_MAX_DEVICES = 64;
 
-const Principal = z.union([z.string().min(1).max(256), z.number().int().min(0).max(0xfffffffe)]);
-const IfName = z.string().superRefine((s, ctx) => {
-  const why = checkIfName(s);
-  if (why) ctx.addIssue({ code: 'custom', message: `interface name \`${s}' ${why}` });
-});
-const PolicyName = z.string().superRefine((s, ctx) => {
-  const why = checkNetworkName(s);
-  if (why) ctx.addIssue({ code: 'custom', message: why });
-});
-const RuleName = PolicyName;
-const BridgeName = z.string().superRefine((s, ctx) => {
-  if (s === ANY_BRIDGE) return;
-  const why = checkIfName(s);
-  if (!why) return;
-  const glob = s.includes('*') ? ': "*" stands alone for every Linux bridge, it is not a pattern' : '';
-  ctx.addIssue({ code: 'custom', message: `interface name \`${s}' ${why}${glob}` });
-});
-
-const NamePattern = z.string().superRefine((s, ctx) => {
-  if (!/^[A-Za-z0-9_.*{}-]+$/.test(s) || /\{(?!uid\}|user\})/.test(s)) {
-    ctx.addIssue({
-      code: 'custom',
-      message: `name_pattern \`${s}' may use A-Z a-z 0-9 _ . - *, {uid} and {user} only`,
-    });
-  } else if (!s.includes('{uid}') && !s.includes('{user}')) {
-    ctx.addIssue({
-      code: 'custom',
-      message: `name_pattern \`${s}' must contain {uid} or {user}, so users cannot take each other's names`,
-    });
-  }
-});
-
-const MacvtapGrant = z.strictObject({
-  parent: IfName,
-  /** passthru takes the whole NIC: it is only allowed where named. */
-  modes: z.array(z.enum(MACVTAP_MODES)).min(1).default(['bridge']),
-});
-
-const NetworkName = PolicyName;
-const Vlan = z.number().int().min(1).max(4094);
-
-const NetworkSchema = z.strictObject({
-  bridge: IfName.optional(),
-  ovs: IfName.optional(),
-  /** Absolute path of a plug program, run by the broker as `PATH up|down DEVICE key=value…`. */
-  hook: z.string().regex(/^\/[^\0]*$/, 'must be an absolute path').optional(),
-  /** Access VLAN: the port's PVID, untagged. */
-  vlan: Vlan.optional(),
-  /** Trunk VLANs (Open vSwitch only). */
-  trunk: z.array(Vlan).min(1).optional(),
-  /** Seconds a hook may run (default 10). */
-  hook_timeout: z.number().int().min(1).max(300).optional(),
-  /** OVSDB to use instead of the one ovs-vsctl would find. */
-  ovsdb: z.string().regex(OVSDB_TARGET, 'must be unix:/path (no spaces or commas)').optional(),
-  /** Every tap on this network is a locked port that forwards only its lease's guest MAC. */
-  mac_lock: z.boolean().optional(),
-}).superRefine((n, ctx) => {
-  const kinds = [n.bridge, n.ovs, n.hook].filter((x) => x !== undefined).length;
-  if (kinds !== 1) ctx.addIssue({ code: 'custom', message: 'a network needs exactly one of bridge, ovs or hook' });
-  if (n.vlan !== undefined && n.trunk !== undefined) {
-    ctx.addIssue({ code: 'custom', message: 'vlan and trunk exclude each other' });
-  }
-  if (n.trunk !== undefined && n.ovs === undefined) ctx.addIssue({ code: 'custom', message: 'trunk needs ovs' });
-  if ((n.vlan !== undefined || n.trunk !== undefined) && n.hook !== undefined) {
-    ctx.addIssue({ code: 'custom', message: 'a hook network sets its own VLANs' });
-  }
-  if (n.ovsdb !== undefined && n.ovs === undefined) ctx.addIssue({ code: 'custom', message: 'ovsdb needs ovs' });
-  if (n.mac_lock && n.bridge === undefined) {
-    ctx.addIssue({ code: 'custom', message: 'mac_lock needs a Linux bridge network (locked bridge ports)' });
-  }
-});
-
-const RuleSchema = z.strictObject({
-  name: RuleName,
-  users: z.array(Principal).optional(),
-  groups: z.array(Principal).optional(),
-  bridges: z.array(BridgeName).default([]),
-  macvtap: z.array(MacvtapGrant).default([]),
-  networks: z.array(NetworkName).default([]),
-  persistent: z.boolean().default(false),
-  name_pattern: NamePattern.default(DEFAULT_NAME_PATTERN),
-  max_queues: z.number().int().min(1).max(MAX_QUEUES).default(1),
-  vhost: z.boolean().default(false),
-  mac_prefix: z.string().superRefine((s, ctx) => {
-    const why = checkMacPrefix(s);
-    if (why) ctx.addIssue({ code: 'custom', message: `mac_prefix \`${s}' ${why}` });
-    else if (parseInt(s.slice(0, 2), 16) & 1) {
-      ctx.addIssue({ code: 'custom', message: `mac_prefix \`${s}' is multicast` });
-    } else if (s === '00:00:00:00:00:00') {
-      const message = `mac_prefix \`${s}' allows only the all-zero MAC, which no device may have`;
-      ctx.addIssue({ code: 'custom', message });
+/**
+ * The refinements the policy's format makes in code, by name: the generated shape names them, and
+ * policy-schema.ts (the zod source) runs the same functions. Each gives why a value is refused, or null.
+ */
+export const POLICY_CHECKS = {
+  'ifname': (s: string) => {
+    const why = checkIfName(s);
+    return why ? `interface name \`${s}' ${why}` : null;
+  },
+  'policy-name': (s: string) => checkNetworkName(s),
+  'bridge-name': (s: string) => {
+    const why = s === ANY_BRIDGE ? null : checkIfName(s);
+    if (!why) return null;
+    const glob = s.includes('*') ? ': "*" stands alone for every Linux bridge, it is not a pattern' : '';
+    return `interface name \`${s}' ${why}${glob}`;
+  },
+  'name-pattern': (s: string) => {
+    if (!/^[A-Za-z0-9_.*{}-]+$/.test(s) || /\{(?!uid\}|user\})/.test(s)) {
+      return `name_pattern \`${s}' may use A-Z a-z 0-9 _ . - *, {uid} and {user} only`;
     }
-  }).default(DEFAULT_MAC_PREFIX),
-  max_devices: z.number().int().min(0).optional(),
-  /** Every tap it grants on a Linux bridge is a locked port that forwards only its lease's guest MAC. */
-  mac_lock: z.boolean().default(false),
-});
+    if (!s.includes('{uid}') && !s.includes('{user}')) {
+      return `name_pattern \`${s}' must contain {uid} or {user}, so users cannot take each other's names`;
+    }
+    return null;
+  },
+  'mac-prefix': (s: string) => {
+    const why = checkMacPrefix(s);
+    if (why) return `mac_prefix \`${s}' ${why}`;
+    if (parseInt(s.slice(0, 2), 16) & 1) return `mac_prefix \`${s}' is multicast`;
+    if (s === '00:00:00:00:00:00') return `mac_prefix \`${s}' allows only the all-zero MAC, which no device may have`;
+    return null;
+  },
+  'hook-path': (s: string) => (/^\/[^\0]*$/.test(s) ? null : 'must be an absolute path'),
+  'ovsdb': (s: string) => (OVSDB_TARGET.test(s) ? null : 'must be unix:/path (no spaces or commas)'),
+  'network': (n: PolicyDoc['network'][string]) => {
+    const why: string[] = [];
+    const kinds = [n.bridge, n.ovs, n.hook].filter((x) => x !== undefined).length;
+    if (kinds !== 1) why.push('a network needs exactly one of bridge, ovs or hook');
+    if (n.vlan !== undefined && n.trunk !== undefined) why.push('vlan and trunk exclude each other');
+    if (n.trunk !== undefined && n.ovs === undefined) why.push('trunk needs ovs');
+    if ((n.vlan !== undefined || n.trunk !== undefined) && n.hook !== undefined) {
+      why.push('a hook network sets its own VLANs');
+    }
+    if (n.ovsdb !== undefined && n.ovs === undefined) why.push('ovsdb needs ovs');
+    if (n.mac_lock && n.bridge === undefined) why.push('mac_lock needs a Linux bridge network (locked bridge ports)');
+    return why.length ? why.join('; ') : null;
+  },
+} as const satisfies Checks;
 
-const DenySchema = z.strictObject({
-  name: RuleName.optional(),
-  users: z.array(Principal).optional(),
-  groups: z.array(Principal).optional(),
-  bridges: z.array(BridgeName).min(1).optional(),
-  parents: z.array(IfName).min(1).optional(),
-  networks: z.array(NetworkName).min(1).optional(),
-});
-
-const PolicySchema = z.strictObject({
-  version: z.literal(1).optional(),
-  network: z.record(NetworkName, NetworkSchema).default({}),
-  rule: z.array(RuleSchema).default([]),
-  deny: z.array(DenySchema).default([]),
-});
 
 /**
  * The policy the broker runs on: only from a file no user but root could have changed (nor any
@@ -206,7 +143,7 @@ interface Doc {
   line: (where: ReadonlyArray<PropertyKey>) => number;
   /** `FILE:LINE` of a key, for messages. */
   at: (where: ReadonlyArray<PropertyKey>) => string;
-  data: z.infer<typeof PolicySchema>;
+  data: PolicyDoc;
 }
 
 /** One file's TOML, checked against the schema; errors as `FILE:LINE: …`. */
@@ -220,20 +157,18 @@ function parseDoc(path: string, text: string, errors: string[]): Doc | null {
     return null;
   }
   const lineOf = lineIndex(text);
-  const parsed = PolicySchema.safeParse(doc);
-  if (!parsed.success) {
-    errors.push(...parsed.error.issues.flatMap((i) => {
+  const { value, issues } = validate(POLICY_SHAPE, doc, POLICY_CHECKS);
+  if (issues.length > 0) {
+    errors.push(...issues.map((i) => {
       const where = i.path.join('.') || 'top level';
-      if (i.code !== 'unrecognized_keys') return [`${path}:${lineOf(i.path)}: ${where}: ${i.message}`];
-      return i.keys.map((k) => {
-        const guess = didYouMean(k, knownKeys(i.path));
-        return `${path}:${lineOf([...i.path, k])}: ${where}: unknown key \`${k}'`
-          + (guess ? ` (did you mean \`${guess}'?)` : '');
-      });
+      if (i.unknown === undefined) return `${path}:${lineOf(i.path)}: ${where}: ${i.message}`;
+      const guess = didYouMean(i.unknown, knownKeys(i.path));
+      return `${path}:${lineOf([...i.path, i.unknown])}: ${where}: unknown key \`${i.unknown}'`
+        + (guess ? ` (did you mean \`${guess}'?)` : '');
     }));
     return null;
   }
-  return { path, line: lineOf, at: (where) => `${path}:${lineOf(where)}`, data: parsed.data };
+  return { path, line: lineOf, at: (where) => `${path}:${lineOf(where)}`, data: value as PolicyDoc };
 }
 
 /**
@@ -384,10 +319,18 @@ function patternOverlaps(rules: readonly AllowRule[], path: string): string[] {
 }
 
 /** Every key of the policy, by table, from the schemas (tapbroker-policy(5) is checked against it). */
-export const POLICY_KEYS = {
-  top: Object.keys(PolicySchema.shape), rule: Object.keys(RuleSchema.shape), deny: Object.keys(DenySchema.shape),
-  network: Object.keys(NetworkSchema.shape), macvtap: Object.keys(MacvtapGrant.shape),
-} as const;
+export const POLICY_KEYS = (() => {
+  const keys = (shape: Shape | undefined): string[] => {
+    const s = shape?.t === 'array' ? shape.of : shape?.t === 'record' ? shape.value : shape;
+    return s?.t === 'object' ? Object.keys(s.fields) : [];
+  };
+  const top = POLICY_SHAPE.t === 'object' ? POLICY_SHAPE.fields : {};
+  const rule = top['rule']?.t === 'array' && top['rule'].of.t === 'object' ? top['rule'].of.fields : {};
+  return {
+    top: keys(POLICY_SHAPE), rule: keys(top['rule']), deny: keys(top['deny']), network: keys(top['network']),
+    macvtap: keys(rule['macvtap']),
+  } as const;
+})();
 
 /** The keys a table at `path` may hold. */
 function knownKeys(path: ReadonlyArray<PropertyKey>): readonly string[] {

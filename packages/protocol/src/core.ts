@@ -14,7 +14,7 @@ export {
 } from './transport.js';
 export * as sys from './sys.js';
 export { exitFlushed } from './exit.js';
-export { checkShape, type Shape } from './shape.js';
+export { checkShape, validate, type Checks, type Issue, type Shape } from './shape.js';
 export type {
   Request, Reply, HelloRequest, CreateRequest, ListRequest, ReleaseRequest, ReloadRequest, CanRequest, StatusRequest,
   Device, TapDevice, Lease, Nic, CreateTapRequest, CreateMacvtapRequest, StatusReply, CanReply, ErrorReply,
