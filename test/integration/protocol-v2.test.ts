@@ -95,12 +95,54 @@ test.serial('the quota counts the NICs of the same request', async (t) => {
 });
 
 test.serial('a request whose fds would not fit one reply is refused before anything is made', async (t) => {
+  // Sent as one request (the client library would split it): the broker counts its fds first.
   const before = broker.records.length;
-  const r = await probeOnce({ socket: broker.socket, batch: true, requests: Array(3).fill({ bridge: 'br0', queues: 126 }) });
-  t.is(r.error?.code, 'TB_E_INVALID_REQUEST');
-  t.regex(r.error?.message ?? '', /378 fds; one reply carries at most 253/);
+  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  try {
+    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+    t.is(decodeReply((await conn.receive())!.data).op, 'hello');
+    const nics = Array.from({ length: 3 }, () => ({ kind: 'tap' as const, bridge: 'br0', queues: 126 }));
+    await conn.send(encodeFrame({ op: 'create', id: 2, nics }));
+    const r = decodeReply((await conn.receive())!.data);
+    t.like(r, { op: 'error', code: 'TB_E_INVALID_REQUEST' });
+    t.regex(r.op === 'error' ? r.message : '', /378 fds; one reply carries at most 253/);
+  } finally {
+    conn.close();
+  }
   t.deepEqual(ns.extraLinks(HOST_LINKS), []);
   t.false(broker.records.slice(before).some((x) => x.decision === 'grant'));
+});
+
+test.serial('the client puts NICs whose fds would not fit one reply into several requests', async (t) => {
+  const p = await probe({ socket: broker.socket, batch: true, requests: Array(3).fill({ bridge: 'br0', queues: 126 }) });
+  try {
+    t.is(p.result.error, null);
+    t.deepEqual(p.result.taps.map((x) => x.tapFds), [126, 126, 126]);
+  } finally {
+    await p.release();
+  }
+  await nothingLeft(t);
+});
+
+test.serial('more NICs than one request carries go in several, in order; a later refusal names its NIC and ends the rest', async (t) => {
+  const before = broker.records.length;
+  const p = await probe({ socket: broker.socket, batch: true, requests: Array(40).fill({ bridge: 'br1' }) },
+    { uid: OTHER_UID });
+  try {
+    t.is(p.result.error, null);
+    t.is(p.result.taps.length, 40, 'every NIC granted');
+    t.is(broker.records.slice(before).filter((r) => r.op === 'create' && r.decision === 'grant').length, 40);
+  } finally {
+    await p.release();
+  }
+  await nothingLeft(t);
+  const r = await probeOnce({ socket: broker.socket, batch: true, requests: [...Array(33).fill({ bridge: 'br1' }), { bridge: 'br0' }] },
+    { uid: OTHER_UID });
+  t.is(r.error?.code, 'TB_E_POLICY_DENIED');
+  t.is(r.error?.nic, 33, 'named by its place among all the NICs, not in its request');
+  t.regex(r.error?.message ?? '', /^NIC 33: /);
+  t.deepEqual(r.taps, []);
+  await nothingLeft(t);
 });
 
 test.serial('status tells the caller its leases and, for each rule that applies, its quota', async (t) => {

@@ -1,7 +1,7 @@
 // The client library: connect, say hello, ask for devices, receive their fds.
 import fs from 'node:fs';
 import {
-  MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
+  MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
   decodeReply, encodeRequest, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
   type MacvtapMode, type Nic, type Reply, type Request, type StatusReply,
 } from '@tapbroker/protocol/lite';
@@ -120,8 +120,35 @@ export class TapbrokerClient {
   /**
    * One VM's NICs in one round trip: each decided on its own, granted all or none (a refusal names the
    * NIC in its message and as `nic`). Macvtaps among them end with this connection, as for createMacvtap.
+   * More NICs than one request carries (MAX_NICS, or fds beyond MAX_REPLY_FDS) go in as few requests as
+   * hold them, in order; if one is refused, the taps already granted are closed (a macvtap among them
+   * still ends only with this connection), and the refusal names the NIC by its place in `nics`.
    */
   async createNics(nics: readonly NicOptions[]): Promise<Tap[]> {
+    const taps: Tap[] = [];
+    try {
+      for (const batch of batches(nics)) {
+        try {
+          taps.push(...(await this.createBatch(nics.slice(batch.from, batch.to))));
+        } catch (err) {
+          if (!(err instanceof TapbrokerError) || err.nic === undefined || batch.from === 0) throw err;
+          const nic = batch.from + err.nic;
+          const message = err.message.replace(/^NIC \d+:/, `NIC ${nic}:`);
+          throw new TapbrokerError(err.code, message, {
+            ...(err.rule !== undefined ? { rule: err.rule } : {}),
+            ...(err.hint !== undefined ? { hint: err.hint } : {}),
+            nic,
+          });
+        }
+      }
+    } catch (err) {
+      taps.forEach(closeTap);
+      throw err;
+    }
+    return taps;
+  }
+
+  private async createBatch(nics: readonly NicOptions[]): Promise<Tap[]> {
     const req: Request = {
       op: 'create',
       id: this.nextId++,
@@ -358,4 +385,23 @@ function common(o: CommonOptions): CommonFields {
   if (o.name) r.name = o.name;
   if (o.persistent) r.persistent = true;
   return r;
+}
+
+/** Runs of NICs that each fit one create request and its reply: at most MAX_NICS, and MAX_REPLY_FDS fds. */
+function batches(nics: readonly NicOptions[]): Array<{ from: number; to: number }> {
+  const out: Array<{ from: number; to: number }> = [];
+  let from = 0;
+  let fds = 0;
+  for (const [i, n] of nics.entries()) {
+    // A bad queue count is the broker's to refuse; here it counts as its nearest valid value.
+    const need = n.persistent ? 0 : Math.max(1, n.queues ?? 1) * (n.vhost ? 2 : 1);
+    if (i > from && (i - from >= MAX_NICS || fds + need > MAX_REPLY_FDS)) {
+      out.push({ from, to: i });
+      [from, fds] = [i, 0];
+    }
+    fds += need;
+  }
+  // No NIC at all is one (empty) request, for the broker to refuse as it does.
+  out.push({ from, to: nics.length });
+  return out;
 }
