@@ -36,6 +36,7 @@ const HELPER = '/usr/lib/qemu/qemu-bridge-helper';
 const TB_HELPER = path.resolve(HERE, '../../../packages/client/dist/bridge-helper.js');
 const SPAWN_HELPER_PY = path.resolve(HERE, '../../../test/bench/spawn-helper.py');
 const SPAWN_TIME_PY = path.resolve(HERE, '../../../test/bench/spawn-time.py');
+const FLOOR_C = path.resolve(HERE, '../../../test/bench/floor.c');
 const CLIENT_CLI = path.resolve(HERE, '../../../packages/client/dist/cli.js');
 const BRIDGE_CONF = '/etc/qemu/bridge.conf';
 const REAP_GROUP = '77';
@@ -604,6 +605,34 @@ async function phaseHelper(): Promise<void> {
 }
 
 /**
+ * The kernel floor without a runtime: floor.c, compiled here with the system's C compiler, makes taps with
+ * the same kernel steps as Netdev.createTap, every tap kept. Without a compiler the row says so.
+ */
+function phaseFloorC(): void {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-floor-c-'));
+  try {
+    const bin = path.join(dir, 'floor-c');
+    try {
+      execFileSync('cc', ['-O2', '-o', bin, FLOOR_C], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (err) {
+      const why = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no C compiler (cc) on this machine'
+        : `cc failed: ${String((err as { stderr?: Buffer }).stderr ?? err).trim()}`;
+      fig({ id: 'floor-c', label: 'kernel floor from C, taps kept (no runtime)', note: `not measured: ${why}` });
+      return;
+    }
+    const out = execFileSync('ip', ['netns', 'exec', ns().name, bin, 'br0', String(opts.n), String(opts.warmup), 'fc'],
+      { encoding: 'utf8' });
+    const s = stats((JSON.parse(out) as { samples: number[] }).samples);
+    fig({ id: 'floor-c', label: 'kernel floor from C, taps kept (no runtime)', stats: s,
+      value: { v: 1000 / s.p50, unit: 'grants/s' },
+      note: 'floor.c: the same steps as the first row (open, TUNSETIFF, TUNSETOWNER, RTM_GETLINK, one RTM_NEWLINK '
+        + 'and its ACK), from C, every tap kept until the end' });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
  * How long the client takes to reach the command it runs: `tapbroker run --net bridge=br0 -- true` from
  * fork/exec to exit (a grant, the fds passed, `true` run), beside a bare `node -e 0` and `tapbroker
  * --version` (the client's start alone), all spawned the same way.
@@ -625,6 +654,13 @@ async function phaseClient(): Promise<void> {
     fig({ id: 'client-run', label: 'tapbroker run --net bridge=br0 -- true, spawn → exit', stats: run,
       note: `start, connect, hello, one grant, spawn of true, its exit; +${(run.p50 - bare.p50).toFixed(1)} ms `
         + 'over bare node' });
+    // The cost per NIC, black-box: 51 NICs minus 1 NIC, over 50 (one create request carries them all).
+    const nets = Array.from({ length: 51 }, () => ['--net', 'bridge=br0']).flat();
+    const many = stats(time({}, process.execPath, CLIENT_CLI, 'run', '--socket', br.b.socket, ...nets, '--', '/bin/true'));
+    const perNic = (many.p50 - run.p50) / 50;
+    fig({ id: 'client-per-nic', label: 'tapbroker run, cost per NIC ((51 NICs − 1 NIC) / 50)', value: { v: perNic, unit: 'ms' },
+      note: `51 NICs: spawn → exit p50 ${many.p50.toFixed(1)} ms, p99 ${many.p99.toFixed(1)} ms (the 51 taps end with `
+        + 'the process, whose exit waits for the kernel to delete them)' });
   });
 }
 
@@ -964,6 +1000,13 @@ function targetsAgainstFloorAndHelper(): void {
     }
     if (parts.length) helper.target = { text: `tapbroker/helper p50 ≤ 0.2 (5× faster): ${parts.join(', ')}`, ratio, pass };
   }
+  // The black-box cost per NIC against the kernel's own steps from C (issue 14: within 1.5×).
+  const perNic = find('client-per-nic');
+  const floorC = find('floor-c');
+  if (perNic?.value && floorC?.stats) {
+    const r = perNic.value.v / floorC.stats.p50;
+    perNic.target = { text: `≤ 1.5× the C floor (${floorC.stats.p50.toFixed(3)} ms): ${r.toFixed(2)}×`, ratio: r, pass: r <= 1.5 };
+  }
   // What of the 2,000-lease cost is the kernel's: the floor with the same taps present, minus the floor.
   const floorLeases = find('floor-leases');
   for (const id of ['leases-other-rule', 'leases-same-rule']) {
@@ -1012,6 +1055,7 @@ async function main(): Promise<void> {
   if (wanted('floor')) {
     await phaseFloor('floor', 'kernel floor (Netdev.createTap, in-process)', 'open /dev/net/tun, TUNSETIFF tap|no_pi|tun_excl|vnet_hdr, RTM_GETLINK, RTM_NEWLINK (MAC, MTU, master, up, ifalias) with the project\'s Netdev, in a process inside the namespace; no IPC, policy, lease or audit; each tap destroyed off the clock before the next');
     await phaseFloor('floor-held', 'kernel floor, taps kept (no teardown between)', 'the same, every tap kept until the end: no destruction\'s after-effects in the kernel between two creates', true);
+    phaseFloorC();
   }
   if (wanted('helper')) await phaseHelper();
   if (wanted('client')) await phaseClient();
