@@ -6,22 +6,18 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { sys } from '@tapbroker/protocol';
-import { BrokerProcess, ROOT } from '../helpers/broker.js';
-import { Netns } from '../helpers/netns.js';
+import { ROOT } from '../helpers/broker.js';
+import { brokerFixture } from '../helpers/fixture.js';
 import { NOBODY, setprivArgs } from '../helpers/unpriv.js';
 
 const HELPER = path.join(ROOT, 'packages/client/dist/bridge-helper.js');
 const USAGE = 'Usage: qemu-bridge-helper [--use-vnet] --br=bridge --fd=unixfd';
 const HOST_LINKS = ['br0', 'br1'];
 
-let ns: Netns;
-let broker: BrokerProcess;
-
-test.before(async () => {
-  ns = Netns.create('bh');
-  ns.bridge('br0');
-  ns.bridge('br1');
-  broker = await BrokerProcess.start(ns, `
+const fx = brokerFixture(test, {
+  tag: 'bh',
+  bridges: ['br0', 'br1'],
+  policy: `
 [network.lan]
 bridge = "br1"
 
@@ -30,12 +26,7 @@ name = "vm"
 users = [${NOBODY}]
 bridges = ["br0"]
 networks = ["lan"]
-`, { tag: 'bh' });
-});
-
-test.after.always(async () => {
-  await broker?.stop();
-  ns?.destroy();
+`,
 });
 
 /** Runs the helper as uid 65534 with `fd` (if any) as its fd 3; the environment qemu would give it. */
@@ -43,7 +34,7 @@ function helper(args: string[], opts: { fd?: number; socket?: string } = {}) {
   const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe'];
   if (opts.fd !== undefined) stdio.push(opts.fd);
   const child = spawn('setpriv', [...setprivArgs(), process.execPath, HELPER, ...args], {
-    stdio, env: { PATH: process.env['PATH'], TAPBROKER_SOCKET: opts.socket ?? broker.socket },
+    stdio, env: { PATH: process.env['PATH'], TAPBROKER_SOCKET: opts.socket ?? fx.broker.socket },
   });
   let out = '';
   let err = '';
@@ -70,7 +61,7 @@ const usage = test.macro(async (t, args: string[], why: RegExp) => {
   t.is(r.code, 1);
   t.regex(r.err, why);
   t.true(r.err.includes(USAGE), 'qemu-bridge-helper\'s usage line');
-  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+  t.deepEqual(fx.ns.extraLinks(HOST_LINKS), []);
 });
 
 test('no arguments', usage, [], /--br=bridge is needed/);
@@ -91,7 +82,7 @@ test('--help and --version', async (t) => {
 });
 
 test.serial('an --fd that is not a socket is refused before the broker is asked', async (t) => {
-  const before = broker.records.length;
+  const before = fx.broker.records.length;
   const devnull = fs.openSync('/dev/null', 'r');
   try {
     const r = await helper(['--br=br0', '--fd=3'], { fd: devnull });
@@ -100,7 +91,7 @@ test.serial('an --fd that is not a socket is refused before the broker is asked'
   } finally {
     fs.closeSync(devnull);
   }
-  t.is(broker.records.length, before, 'the broker saw nothing');
+  t.is(fx.broker.records.length, before, 'the broker saw nothing');
 });
 
 test.serial('--use-vnet --br=BR: the tap goes over the socket with one byte, and ends with its fd', async (t) => {
@@ -114,11 +105,11 @@ test.serial('--use-vnet --br=BR: the tap goes over the socket with one byte, and
     t.is(got.fds.length, 1);
     const name = tapOf(got.fds[0]!);
     t.regex(name ?? '', new RegExp(`^tb${NOBODY}-`));
-    t.truthy(ns.link(name!), 'the tap lives while we hold its fd');
-    const grant = await broker.record((x) => x.decision === 'grant' && (x.device as { name?: string }).name === name);
+    t.truthy(fx.ns.link(name!), 'the tap lives while we hold its fd');
+    const grant = await fx.broker.record((x) => x.decision === 'grant' && (x.device as { name?: string }).name === name);
     t.like(grant.request, { parent: 'br0', mac: 'unknown', vnet_hdr: true });
     fs.closeSync(got.fds[0]!);
-    await broker.waitFor(() => ns.link(name!) === undefined, 3000, 'the tap outlived its last fd');
+    await fx.broker.waitFor(() => fx.ns.link(name!) === undefined, 3000, 'the tap outlived its last fd');
   } finally {
     sys.close(mine);
     sys.close(theirs);
@@ -132,7 +123,7 @@ test.serial('--br=network:NAME asks for a network of the policy; without --use-v
     t.is(r.code, 0, r.err);
     const { fds } = receivedFd(mine);
     const name = tapOf(fds[0]!);
-    const grant = await broker.record((x) => x.decision === 'grant' && (x.device as { name?: string }).name === name);
+    const grant = await fx.broker.record((x) => x.decision === 'grant' && (x.device as { name?: string }).name === name);
     t.like(grant.request, { network: 'lan', vnet_hdr: false });
     t.like(grant.device, { parent: 'br1', network: 'lan' });
     fs.closeSync(fds[0]!);
@@ -154,7 +145,7 @@ test.serial('a refusal prints the broker\'s code, rule and hint, exits 1 and lea
     sys.close(mine);
     sys.close(theirs);
   }
-  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+  t.deepEqual(fx.ns.extraLinks(HOST_LINKS), []);
 });
 
 test.serial('no broker: the connect error says what to do', async (t) => {

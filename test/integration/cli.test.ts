@@ -2,23 +2,15 @@
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
 import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, setprivArgs, spawnAs } from '../helpers/unpriv.js';
 import type { Lease } from '@tapbroker/client';
 
-let ns: Netns;
-let broker: BrokerProcess;
-
-test.before(async () => {
-  ns = Netns.create('cli');
-  ns.bridge('br0', { mtu: 1450 });
-  const policy = `[[rule]]\nname = "cli"\nusers = [${NOBODY}]\nbridges = ["br0"]\nmax_queues = 2\n`;
-  broker = await BrokerProcess.start(ns, policy, { tag: 'cli' });
-});
-
-test.after.always(async () => {
-  await broker?.stop();
-  ns?.destroy();
+const fx = brokerFixture(test, {
+  tag: 'cli',
+  policy: `[[rule]]\nname = "cli"\nusers = [${NOBODY}]\nbridges = ["br0"]\nmax_queues = 2\n`,
+  bridges: [['br0', { mtu: 1450 }]],
 });
 
 function tapbroker(args: string[], env: NodeJS.ProcessEnv = {}) {
@@ -28,7 +20,7 @@ function tapbroker(args: string[], env: NodeJS.ProcessEnv = {}) {
 }
 
 test('run appends the netdev and device arguments and passes the fds at 3 and up', (t) => {
-  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0,queues=2,id=lan', '--', 'sh', '-c',
+  const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0,queues=2,id=lan', '--', 'sh', '-c',
     'echo "$@"; readlink /proc/$$/fd/3 /proc/$$/fd/4; test ! -e /proc/$$/fd/5 && echo no-fd-5', 'sh']);
   t.is(r.code, 0, r.stderr);
   const [args, fd3, fd4, none] = r.stdout.trim().split('\n');
@@ -41,15 +33,15 @@ test('run appends the netdev and device arguments and passes the fds at 3 and up
 });
 
 test('run exits with the command\'s exit status', (t) => {
-  t.is(tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'exit 3']).code, 3);
+  t.is(tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'exit 3']).code, 3);
 });
 
 test('TAPBROKER_SOCKET names the socket when --socket is absent', (t) => {
-  t.is(tapbroker(['run', '--net', 'bridge=br0', '--', 'true'], { TAPBROKER_SOCKET: broker.socket }).code, 0);
+  t.is(tapbroker(['run', '--net', 'bridge=br0', '--', 'true'], { TAPBROKER_SOCKET: fx.broker.socket }).code, 0);
 });
 
 test('SIGTERM to the client reaches the command, and the client dies the same way', async (t) => {
-  const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', broker.socket, '--net', 'bridge=br0',
+  const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', fx.broker.socket, '--net', 'bridge=br0',
     '--', 'sh', '-c', 'trap "echo got-term; exit 9" TERM; echo ready; while :; do sleep 0.05; done'],
   { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
@@ -64,12 +56,12 @@ test('SIGTERM to the client reaches the command, and the client dies the same wa
 });
 
 test('a command killed by a signal makes the client die by that signal', (t) => {
-  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'kill -HUP $$']);
+  const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'kill -HUP $$']);
   t.is(r.signal, 'SIGHUP');
 });
 
 test('a refusal prints code, rule and hint, and exits 77', (t) => {
-  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0,queues=3', '--', 'true']);
+  const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0,queues=3', '--', 'true']);
   t.is(r.code, 77);
   t.regex(r.stderr, /TB_E_POLICY_DENIED: rule `cli' allows at most 2 queues, not 3/);
   t.regex(r.stderr, /hint: ask for 2 queues or fewer/);
@@ -128,11 +120,11 @@ test('usage errors exit 64 with why, that command\'s usage alone and where to re
   t.is(r.stderr, 'tapbroker: TB_E_USAGE: no command after --\n'
     + 'usage: tapbroker run [--socket PATH] --net SPEC... -- COMMAND [ARG...]\n'
     + 'see tapbroker run --help\n');
-  const list = tapbroker(['list', '--bridge', 'br0', '--socket', broker.socket]);
+  const list = tapbroker(['list', '--bridge', 'br0', '--socket', fx.broker.socket]);
   t.is(list.code, 64);
   t.is(list.stderr, 'tapbroker: TB_E_USAGE: list does not take --bridge\n'
     + 'usage: tapbroker list [--json] [--socket PATH]\nsee tapbroker list --help\n');
-  const both = tapbroker(['create', '--persistent', '--bridge', 'br0', '--xml', '--json', '--socket', broker.socket]);
+  const both = tapbroker(['create', '--persistent', '--bridge', 'br0', '--xml', '--json', '--socket', fx.broker.socket]);
   t.is(both.code, 64);
   t.regex(both.stderr, /^tapbroker: TB_E_USAGE: --xml and --json conflict/);
   t.is(tapbroker(['release', 'tb65534-x', '--queues', '2']).stderr.split('\n')[0],
@@ -182,7 +174,7 @@ test('a COMMAND that is not there: 127 before any broker is asked; one that cann
     // The shell's status, not a usage error.
     fs.writeFileSync(`${dir}/vm.sh`, '#!/nonexistent/interpreter\n', { mode: 0o755 });
     fs.chmodSync(`${dir}/vm.sh`, 0o755);
-    const late = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0', '--', `${dir}/vm.sh`]);
+    const late = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', `${dir}/vm.sh`]);
     t.is(late.code, 126, late.stderr);
     t.regex(late.stderr, /tapbroker: tb65534-\S+ on br0/);
     t.regex(late.stderr, new RegExp(`^tapbroker: cannot run ${dir}/vm\\.sh: bad interpreter: not found$`, 'm'));
@@ -193,7 +185,7 @@ test('a COMMAND that is not there: 127 before any broker is asked; one that cann
 });
 
 test('model=none writes only the -netdev and prints the leased MAC; dev.* properties go onto the -device', (t) => {
-  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0,model=none,id=lan',
+  const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0,model=none,id=lan',
     '--net', 'bridge=br0,dev.addr=0x5,dev.romfile=', '--', 'sh', '-c', 'echo "$@"', 'sh']);
   t.is(r.code, 0, r.stderr);
   t.regex(r.stdout.trim(), new RegExp('^-netdev tap,id=lan,fd=3 -netdev tap,id=net1,fd=4 '
@@ -205,9 +197,9 @@ test('model=none writes only the -netdev and prints the leased MAC; dev.* proper
 });
 
 test('list shows NETWORK and CREATED in local time; --json keeps the raw values', (t) => {
-  const list = (json: string) => `"${process.execPath}" "${CLIENT_CLI}" list ${json} --socket "${broker.socket}"`;
+  const list = (json: string) => `"${process.execPath}" "${CLIENT_CLI}" list ${json} --socket "${fx.broker.socket}"`;
   // Listed from inside `run', while its tap is live.
-  const r = tapbroker(['run', '--socket', broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c',
+  const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c',
     `${list('')} && echo === && ${list('--json')}`], { TZ: 'UTC' });
   t.is(r.code, 0, r.stderr);
   const name = /tapbroker: (tb65534-\S+) on br0/.exec(r.stderr)![1]!;
@@ -222,9 +214,9 @@ test('list shows NETWORK and CREATED in local time; --json keeps the raw values'
 });
 
 test('can --persistent asks about a persistent device', (t) => {
-  t.is(tapbroker(['can', '--socket', broker.socket, '--net', 'bridge=br0']).code, 0);
+  t.is(tapbroker(['can', '--socket', fx.broker.socket, '--net', 'bridge=br0']).code, 0);
   // Rule `cli' does not say persistent = true.
-  const r = tapbroker(['can', '--persistent', '--socket', broker.socket, '--net', 'bridge=br0']);
+  const r = tapbroker(['can', '--persistent', '--socket', fx.broker.socket, '--net', 'bridge=br0']);
   t.is(r.code, 77);
   t.regex(r.stdout, /^bridge=br0 \(persistent\): no, /);
 });
@@ -312,16 +304,16 @@ test('qemu-args prints the arguments without asking the broker', (t) => {
 
 test('the broker refuses a second instance on a live socket', (t) => {
   const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
-  const r = spawnSync('ip', ['netns', 'exec', ns.name, process.execPath, main, '-f', broker.policyPath,
-    '-s', broker.socket], { encoding: 'utf8', timeout: 10_000 });
+  const r = spawnSync('ip', ['netns', 'exec', fx.ns.name, process.execPath, main, '-f', fx.broker.policyPath,
+    '-s', fx.broker.socket], { encoding: 'utf8', timeout: 10_000 });
   t.is(r.status, 69);
   t.regex(r.stderr, /another broker is listening/);
-  t.true(broker.alive);
+  t.true(fx.broker.alive);
 });
 
 test('tapbrokerd -n checks the policy and exits', (t) => {
   const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
-  const ok = spawnSync(process.execPath, [main, '-n', '-f', broker.policyPath], { encoding: 'utf8' });
+  const ok = spawnSync(process.execPath, [main, '-n', '-f', fx.broker.policyPath], { encoding: 'utf8' });
   t.is(ok.status, 0);
   t.regex(ok.stdout, /ok: 1 rule, 0 deny rules, (0 warnings, )?sha256 [0-9a-f]{64}/);
   const bad = spawnSync(process.execPath, [main, '-n', '-f', '/nonexistent.toml'], { encoding: 'utf8' });

@@ -5,8 +5,7 @@ import fs from 'node:fs';
 import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame,
 } from '@tapbroker/protocol';
-import { BrokerProcess } from '../helpers/broker.js';
-import { Netns } from '../helpers/netns.js';
+import { brokerFixture } from '../helpers/fixture.js';
 import { NOBODY, OTHER_UID, probe, probeOnce } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
@@ -34,25 +33,16 @@ name = "no-64001"
 users = [${DENIED_UID}]
 `;
 
-let ns: Netns;
-let broker: BrokerProcess;
 const HOST_LINKS = ['br0', 'br1', 'veth-nb', 'veth-nb2'];
 
-test.before(async () => {
-  ns = Netns.create('tap');
-  ns.bridge('br0', { mtu: 1400, address: '192.0.2.1/24' });
-  ns.bridge('br1');
-  ns.ip('link', 'add', 'veth-nb', 'type', 'veth', 'peer', 'name', 'veth-nb2');
-  broker = await BrokerProcess.start(ns, POLICY, { tag: 'tap' });
+const fx = brokerFixture(test, {
+  tag: 'tap', policy: POLICY,
+  bridges: [['br0', { mtu: 1400, address: '192.0.2.1/24' }], 'br1'],
+  veths: [['veth-nb', 'veth-nb2']],
 });
 
-test.after.always(async () => {
-  await broker?.stop();
-  ns?.destroy();
-});
-
-const sock = () => broker.socket;
-const rx = (name: string) => ns.link(name)?.stats64?.rx.packets ?? -1;
+const sock = () => fx.broker.socket;
+const rx = (name: string) => fx.ns.link(name)?.stats64?.rx.packets ?? -1;
 
 test.serial('a granted tap is a port of the bridge, up, with its MTU and a 0xfe MAC, and its fd works for uid 65534', async (t) => {
   const p = await probe({ socket: sock(), requests: [{ bridge: 'br0' }], write: true });
@@ -62,7 +52,7 @@ test.serial('a granted tap is a port of the bridge, up, with its MTU and a 0xfe 
     const { device } = p.result.taps[0]!;
     t.regex(device.name, new RegExp(`^tb${NOBODY}-[0-9a-z]+$`));
     t.true(Buffer.byteLength(device.name) <= 15);
-    const link = ns.link(device.name)!;
+    const link = fx.ns.link(device.name)!;
     t.truthy(link, 'the tap exists in the namespace');
     t.is(link.ifindex, device.ifindex);
     t.is(link.master, 'br0');
@@ -78,7 +68,7 @@ test.serial('a granted tap is a port of the bridge, up, with its MTU and a 0xfe 
     t.is(link.linkinfo?.info_data?.['vnet_hdr'], true);
     t.deepEqual(p.result.taps[0]!.written, [70]);
     t.is(rx(device.name), 1, 'the frame written by uid 65534 arrived on the tap');
-    const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === device.name);
+    const grant = await fx.broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === device.name);
     t.truthy(grant);
     t.is(grant!.uid, NOBODY);
     t.is(grant!.rule, 'lab');
@@ -93,9 +83,9 @@ test.serial('a granted tap is a port of the bridge, up, with its MTU and a 0xfe 
 test.serial('a fd-passed tap vanishes with the last process holding it', async (t) => {
   const p = await probe({ socket: sock(), requests: [{ bridge: 'br0' }] });
   const name = p.result.taps[0]!.device.name;
-  t.truthy(ns.link(name));
+  t.truthy(fx.ns.link(name));
   await p.release();
-  t.is(ns.link(name), undefined);
+  t.is(fx.ns.link(name), undefined);
 });
 
 test.serial('multiqueue gives one working fd per queue and mq flags', async (t) => {
@@ -105,7 +95,7 @@ test.serial('multiqueue gives one working fd per queue and mq flags', async (t) 
     const tap = p.result.taps[0]!;
     t.is(tap.tapFds, 4);
     t.deepEqual(tap.written, [70, 70, 70, 70]);
-    const link = ns.link(tap.device.name)!;
+    const link = fx.ns.link(tap.device.name)!;
     t.is(link.linkinfo?.info_data?.['multi_queue'], true);
     t.is(link.linkinfo?.info_data?.['numqueues'], 4);
     t.is(rx(tap.device.name), 4);
@@ -116,15 +106,15 @@ test.serial('multiqueue gives one working fd per queue and mq flags', async (t) 
 
 const refused = test.macro({
   async exec(t, request: Record<string, unknown>, code: string, as: { uid?: number; groups?: number[] } = {}) {
-    const before = broker.records.length;
+    const before = fx.broker.records.length;
     const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', ...request }] }, as);
     t.is(r.error?.code, code, r.error?.message);
-    t.deepEqual(ns.extraLinks(HOST_LINKS), [], 'no device left behind');
-    await broker.waitFor(() => broker.records.slice(before).some((x) => x.op === 'create-tap'), 3000, 'refusal not audited');
-    const rec = broker.records.slice(before).find((x) => x.op === 'create-tap');
+    t.deepEqual(fx.ns.extraLinks(HOST_LINKS), [], 'no device left behind');
+    await fx.broker.waitFor(() => fx.broker.records.slice(before).some((x) => x.op === 'create-tap'), 3000, 'refusal not audited');
+    const rec = fx.broker.records.slice(before).find((x) => x.op === 'create-tap');
     t.truthy(rec, 'the refusal was audited');
     t.is(rec!.code, code);
-    t.true(broker.alive);
+    t.true(fx.broker.alive);
   },
   title: (what) => `refused: ${what}`,
 });
@@ -171,7 +161,7 @@ test.serial('the quota counts live devices only', async (t) => {
     const over = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] });
     t.is(over.error?.code, 'TB_E_QUOTA_EXCEEDED');
     t.is(over.error?.rule, 'lab');
-    t.is(ns.extraLinks(HOST_LINKS).length, 3);
+    t.is(fx.ns.extraLinks(HOST_LINKS).length, 3);
   } finally {
     await held.release();
   }
@@ -181,17 +171,17 @@ test.serial('the quota counts live devices only', async (t) => {
 
 test.serial('an existing persistent tap can never be attached to (IFF_TUN_EXCL)', async (t) => {
   const name = `tb${NOBODY}-pers`;
-  ns.ip('tuntap', 'add', 'dev', name, 'mode', 'tap');
+  fx.ns.ip('tuntap', 'add', 'dev', name, 'mode', 'tap');
   try {
-    const before = ns.link(name)!;
+    const before = fx.ns.link(name)!;
     const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', name }] });
     t.is(r.error?.code, 'TB_E_DEVICE_EXISTS');
-    const after = ns.link(name)!;
+    const after = fx.ns.link(name)!;
     t.is(after.ifindex, before.ifindex);
     t.is(after.master, undefined, 'not attached to the bridge');
     t.false(after.flags.includes('UP'));
   } finally {
-    ns.ip('tuntap', 'del', 'dev', name, 'mode', 'tap');
+    fx.ns.ip('tuntap', 'del', 'dev', name, 'mode', 'tap');
   }
 });
 
@@ -200,7 +190,7 @@ test.serial('a name the caller picks inside its prefix is used exactly', async (
   const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', name }] });
   t.is(r.error, null);
   t.is(r.taps[0]!.device.name, name);
-  t.is(ns.link(name), undefined, 'gone once released');
+  t.is(fx.ns.link(name), undefined, 'gone once released');
 });
 
 const hasVhost = fs.existsSync('/dev/vhost-net');
@@ -209,7 +199,7 @@ const hasVhost = fs.existsSync('/dev/vhost-net');
   const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', vhost: true, queues: 2 }] });
   t.is(r.error?.code, 'TB_E_VHOST_UNAVAILABLE');
   t.regex(r.error!.message, /vhost unavailable/);
-  t.deepEqual(ns.extraLinks(HOST_LINKS), [], 'the tap made before the vhost step was rolled back');
+  t.deepEqual(fx.ns.extraLinks(HOST_LINKS), [], 'the tap made before the vhost step was rolled back');
 });
 
 (hasVhost ? test.serial : test.skip)(`vhost-net fds, one per queue${hasVhost ? '' : ' (skipped: /dev/vhost-net absent, CONFIG_VHOST_NET off on this kernel)'}`, async (t) => {
@@ -220,7 +210,7 @@ const hasVhost = fs.existsSync('/dev/vhost-net');
 if (!hasVhost) console.log('# skip vhost-net grant: /dev/vhost-net does not exist (CONFIG_VHOST_NET is off on this kernel)');
 
 test.serial('a client that disconnects mid-request leaves nothing behind and the broker keeps serving', async (t) => {
-  const fdsBefore = broker.fdCount();
+  const fdsBefore = fx.broker.fdCount();
   for (let i = 0; i < 5; i++) {
     const conn = await SeqpacketConnection.connect(sock(), { maxPacket: MAX_REPLY_BYTES });
     await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
@@ -231,12 +221,12 @@ test.serial('a client that disconnects mid-request leaves nothing behind and the
   const raced = await probe({ socket: sock(), requests: [{ bridge: 'br0' }] });
   raced.child.kill('SIGKILL');
   await raced.release();
-  await broker.waitFor(() => ns.extraLinks(HOST_LINKS).length === 0, 2000, 'devices left behind');
+  await fx.broker.waitFor(() => fx.ns.extraLinks(HOST_LINKS).length === 0, 2000, 'devices left behind');
   const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] });
   t.is(r.error, null);
-  await broker.waitFor(() => broker.fdCount() === fdsBefore, 2000, `broker fds ${broker.fdCount()} != ${fdsBefore}`);
-  t.is(broker.fdCount(), fdsBefore);
-  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+  await fx.broker.waitFor(() => fx.broker.fdCount() === fdsBefore, 2000, `broker fds ${fx.broker.fdCount()} != ${fdsBefore}`);
+  t.is(fx.broker.fdCount(), fdsBefore);
+  t.deepEqual(fx.ns.extraLinks(HOST_LINKS), []);
 });
 
 test.serial('a tap its holder made persistent against the rule is deleted at once, while its holder still runs', async (t) => {
@@ -244,13 +234,13 @@ test.serial('a tap its holder made persistent against the rule is deleted at onc
   const p = await probe({ socket: sock(), requests: [{ bridge: 'br0' }], persistOwnFds: true });
   const name = p.result.taps[0]!.device.name;
   try {
-    await broker.waitFor(() => ns.link(name) === undefined, 2000, `${name} was not deleted`);
+    await fx.broker.waitFor(() => fx.ns.link(name) === undefined, 2000, `${name} was not deleted`);
   } finally {
     await p.release();
   }
-  t.is(ns.link(name), undefined, 'not back after its holder exited either');
-  await broker.waitFor(() => broker.records.some((r) => r.decision === 'cleanup' && /made it persistent/.test(r.message ?? '')), 3000, 'no cleanup record');
-  t.true(broker.records.some((r) => r.decision === 'cleanup' && /made it persistent/.test(r.message ?? '')), 'the cleanup is audited');
+  t.is(fx.ns.link(name), undefined, 'not back after its holder exited either');
+  await fx.broker.waitFor(() => fx.broker.records.some((r) => r.decision === 'cleanup' && /made it persistent/.test(r.message ?? '')), 3000, 'no cleanup record');
+  t.true(fx.broker.records.some((r) => r.decision === 'cleanup' && /made it persistent/.test(r.message ?? '')), 'the cleanup is audited');
 });
 
 test.serial('a root client not named in the policy is refused by policy, not by uid', async (t) => {

@@ -2,13 +2,12 @@
 // unprivileged; and their lifetime: gone within a second of their holder, however it ends.
 import anyTest, { type TestFn } from 'ava';
 import fs from 'node:fs';
-import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
+import { CLIENT_CLI } from '../helpers/broker.js';
+import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
-let ns: Netns;
-let broker: BrokerProcess;
 const BASE = ['vparent', 'vpeer', 'vp2', 'vq2', 'br0'];
 
 const POLICY = `
@@ -24,24 +23,13 @@ users = [${OTHER_UID}]
 macvtap = [{ parent = "vparent" }]
 `;
 
-test.before(async () => {
-  ns = Netns.create('mvtap');
-  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
-  ns.ip('link', 'set', 'vparent', 'up');
-  ns.ip('link', 'set', 'vpeer', 'up');
-  ns.ip('link', 'add', 'vp2', 'type', 'veth', 'peer', 'name', 'vq2');
-  ns.bridge('br0');
-  broker = await BrokerProcess.start(ns, POLICY, { tag: 'mvtap' });
+const fx = brokerFixture(test, {
+  tag: 'mvtap', policy: POLICY, bridges: ['br0'], veths: [['vparent', 'vpeer'], ['vp2', 'vq2']],
 });
 
-test.after.always(async () => {
-  await broker?.stop();
-  ns?.destroy();
-});
-
-const sock = () => broker.socket;
-const rx = (name: string) => ns.link(name)?.stats64?.rx.packets ?? -1;
-const gone = (name: string, ms = 1000) => broker.waitFor(() => ns.link(name) === undefined, ms, `${name} still exists after ${ms} ms`);
+const sock = () => fx.broker.socket;
+const rx = (name: string) => fx.ns.link(name)?.stats64?.rx.packets ?? -1;
+const gone = (name: string, ms = 1000) => fx.broker.waitFor(() => fx.ns.link(name) === undefined, ms, `${name} still exists after ${ms} ms`);
 
 test.serial('a macvtap on a veth parent: guest MAC, mode, up, and its fd works for uid 65534', async (t) => {
   const before = rx('vpeer');
@@ -50,13 +38,13 @@ test.serial('a macvtap on a veth parent: guest MAC, mode, up, and its fd works f
     t.is(p.result.error, null, p.result.error?.message);
     const { device, written } = p.result.taps[0]!;
     t.like(device, { kind: 'macvtap', parent: 'vparent', mode: 'bridge', mac: '52:54:00:aa:bb:01', host_mac: '52:54:00:aa:bb:01', persistent: false });
-    const link = ns.link(device.name)!;
+    const link = fx.ns.link(device.name)!;
     t.is(link.linkinfo?.info_kind, 'macvtap');
     t.is(link.linkinfo?.info_data?.['mode'], 'bridge');
     t.is(link.address, '52:54:00:aa:bb:01', 'a macvtap carries the guest MAC');
     t.true(link.flags.includes('UP'));
     t.deepEqual(written, [70]);
-    await broker.waitFor(() => rx('vpeer') > before, 1000, 'the frame did not leave through the parent');
+    await fx.broker.waitFor(() => rx('vpeer') > before, 1000, 'the frame did not leave through the parent');
     t.true(rx('vpeer') > before, 'the frame written by uid 65534 left through the parent and reached its veth peer');
   } finally {
     await p.release();
@@ -69,13 +57,13 @@ for (const mode of ['bridge', 'vepa', 'private', 'passthru'] as const) {
     try {
       t.is(p.result.error, null, p.result.error?.message);
       const name = p.result.taps[0]!.device.name;
-      t.is(ns.link(name)?.linkinfo?.info_data?.['mode'], mode);
+      t.is(fx.ns.link(name)?.linkinfo?.info_data?.['mode'], mode);
       t.deepEqual(p.result.taps[0]!.written, [70]);
     } finally {
       await p.release();
     }
     await gone(p.result.taps[0]!.device.name);
-    t.is(ns.link(p.result.taps[0]!.device.name), undefined, 'the macvtap went with its holder');
+    t.is(fx.ns.link(p.result.taps[0]!.device.name), undefined, 'the macvtap went with its holder');
   });
 }
 
@@ -94,7 +82,7 @@ const refused = test.macro({
   async exec(t, request: { parent?: string; mode?: 'bridge' | 'vepa' | 'private' | 'passthru'; mac?: string }, code: string, uid: number = NOBODY) {
     const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', ...request }] }, { uid });
     t.is(r.error?.code, code, r.error?.message);
-    t.deepEqual(ns.extraLinks(BASE), [], 'no device left behind');
+    t.deepEqual(fx.ns.extraLinks(BASE), [], 'no device left behind');
   },
   title: (what) => `macvtap refused: ${what}`,
 });
@@ -107,7 +95,7 @@ test.serial('the parent\'s own MAC', refused, { mac: '52:54:00:00:00:fe' }, 'TB_
 
 test.before(() => {
   // The parent's own MAC as a guest MAC: put vparent inside the 52:54:00 prefix so the policy passes.
-  ns.ip('link', 'set', 'vparent', 'address', '52:54:00:00:00:fe');
+  fx.ns.ip('link', 'set', 'vparent', 'address', '52:54:00:00:00:fe');
 });
 test.serial('a MAC already used by another macvtap on the parent', async (t) => {
   const held = await probe({ socket: sock(), requests: [{ parent: 'vparent', mac: '52:54:00:aa:bb:77' }] });
@@ -115,7 +103,7 @@ test.serial('a MAC already used by another macvtap on the parent', async (t) => 
     t.is(held.result.error, null);
     const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', mac: '52:54:00:aa:bb:77' }] });
     t.is(r.error?.code, 'TB_E_MAC_IN_USE');
-    t.is(ns.extraLinks(BASE).length, 1);
+    t.is(fx.ns.extraLinks(BASE).length, 1);
   } finally {
     await held.release();
   }
@@ -124,12 +112,12 @@ test.serial('a MAC already used by another macvtap on the parent', async (t) => 
 test.serial('SIGKILL of the client: the macvtap is gone within 1 s', async (t) => {
   const p = await probe({ socket: sock(), requests: [{ parent: 'vparent' }] });
   const name = p.result.taps[0]!.device.name;
-  t.truthy(ns.link(name));
+  t.truthy(fx.ns.link(name));
   p.child.kill('SIGKILL');
   await gone(name);
   // The audit line travels through the broker's stderr pipe: wait for it rather than race it.
-  const cleanup = () => broker.records.find((r) => r.decision === 'cleanup' && (r.device as { name?: string })?.name === name);
-  await broker.waitFor(() => cleanup() !== undefined, 3000, 'no cleanup record');
+  const cleanup = () => fx.broker.records.find((r) => r.decision === 'cleanup' && (r.device as { name?: string })?.name === name);
+  await fx.broker.waitFor(() => cleanup() !== undefined, 3000, 'no cleanup record');
   t.truthy(cleanup(), 'the automatic cleanup was audited');
 });
 
@@ -140,7 +128,7 @@ test.serial('SIGKILL of the VM process under tapbroker run: the macvtap is gone 
   child.stderr!.on('data', (d) => (err += d));
   const vmPid = await new Promise<number>((resolve) => child.stdout!.on('data', (d) => { out += d; const m = /vm (\d+)/.exec(out); if (m) resolve(Number(m[1])); }));
   const name = /tapbroker: (\S+) macvtap on vparent/.exec(err)![1]!;
-  t.truthy(ns.link(name));
+  t.truthy(fx.ns.link(name));
   process.kill(vmPid, 'SIGKILL');
   const code = await new Promise<number | null>((resolve) => child.on('exit', (c, s) => resolve(c ?? (s ? -1 : null))));
   t.is(code, -1, 'the client died by the signal that killed the VM');
@@ -166,7 +154,7 @@ test.serial('a /dev/tap<ifindex> that belongs to another namespace is never used
     try {
       t.is(p.result.error, null, p.result.error?.message);
       t.not(p.result.taps[0]!.device.ifindex, next, 'not the index whose node is another namespace\'s');
-      await broker.waitFor(() => rx('vpeer') > before, 1000, 'frame did not reach our parent');
+      await fx.broker.waitFor(() => rx('vpeer') > before, 1000, 'frame did not reach our parent');
       t.is(other.link('oq')?.stats64?.rx.packets ?? 0, 0, 'nothing went to the other namespace\'s device');
     } finally {
       await p.release();

@@ -4,13 +4,12 @@ import anyTest, { type TestFn } from 'ava';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { BROKER_MAIN, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
-let ns: Netns;
-let broker: BrokerProcess;
 let dir: string;
 let log: string;
 const BASE = ['br0', 'br-hook'];
@@ -22,10 +21,8 @@ function script(name: string, body: string, mode = 0o755): string {
   return file;
 }
 
-test.before(async () => {
-  ns = Netns.create('nets');
-  ns.bridge('br0');
-  ns.bridge('br-hook');
+/** Makes the broker's directory with the hook scripts in it; returns the policy that names them. */
+function hookPolicy(): string {
   dir = tempDir('nets');
   log = path.join(dir, 'hook.log');
   // A hook that records its argv and environment, then plugs the tap into br-hook itself.
@@ -33,7 +30,7 @@ test.before(async () => {
   const fail = script('fail', 'echo "no such segment" >&2; exit 3');
   const hang = script('hang', 'sleep 60');
   const garbage = script('garbage', "printf '\\001\\377binary\\033[31m\\n'; exit 0");
-  const policy = `
+  return `
 [network.lab]
 bridge = "br0"
 
@@ -60,23 +57,24 @@ users = [${NOBODY}]
 networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy"]
 persistent = true
 `;
-  broker = await BrokerProcess.start(ns, policy, { dir });
+}
+
+const fx = brokerFixture(test, {
+  tag: 'nets', policy: hookPolicy, bridges: ['br0', 'br-hook'], start: () => ({ dir }),
 });
 
-test.after.always(async () => {
-  await broker?.stop();
-  ns?.destroy();
+test.after.always(() => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-const sock = () => broker.socket;
+const sock = () => fx.broker.socket;
 
 test.serial('network=lab: a tap on the bridge the admin named, recorded as that network', async (t) => {
   const p = await probe({ socket: sock(), requests: [{ network: 'lab' }] });
   try {
     t.is(p.result.error, null, p.result.error?.message);
     t.like(p.result.taps[0]!.device, { network: 'lab', parent: 'br0', vlan: null });
-    t.is(ns.link(p.result.taps[0]!.device.name)?.master, 'br0');
+    t.is(fx.ns.link(p.result.taps[0]!.device.name)?.master, 'br0');
   } finally {
     await p.release();
   }
@@ -86,14 +84,14 @@ test.serial('a network the rule does not list, and a bridge= the rule does not l
   t.is((await probeOnce({ socket: sock(), requests: [{ network: 'nope' }] })).error?.code, 'TB_E_POLICY_DENIED');
   const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] });
   t.is(r.error?.code, 'TB_E_POLICY_DENIED', 'a network grant does not grant its bridge by name');
-  t.deepEqual(ns.extraLinks(BASE), []);
+  t.deepEqual(fx.ns.extraLinks(BASE), []);
 });
 
 test.serial('a bridge VLAN where the kernel has no VLAN filtering: a clear refusal, nothing made', async (t) => {
   const r = await probeOnce({ socket: sock(), requests: [{ network: 'lab100' }] });
   t.is(r.error?.code, 'TB_E_VLAN_UNAVAILABLE');
   t.regex(r.error!.message, /^vlan filtering unavailable on br0/);
-  t.deepEqual(ns.extraLinks(BASE), []);
+  t.deepEqual(fx.ns.extraLinks(BASE), []);
 });
 
 // Whether this kernel can filter VLANs on a bridge at all: decides the next test.
@@ -104,17 +102,17 @@ probeNs.destroy();
 if (!canFilter) console.log('# skip bridge VLAN traffic: this kernel cannot turn on bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING off); the netlink encoding is unit-tested');
 
 (canFilter ? test.serial : test.skip)(`an access port on VLAN 100 of a filtering bridge${canFilter ? '' : ' (skipped: no bridge VLAN filtering in this kernel)'}`, async (t) => {
-  ns.ip('link', 'set', 'br0', 'type', 'bridge', 'vlan_filtering', '1');
+  fx.ns.ip('link', 'set', 'br0', 'type', 'bridge', 'vlan_filtering', '1');
   try {
     const p = await probe({ socket: sock(), requests: [{ network: 'lab100' }] });
     t.is(p.result.error, null, p.result.error?.message);
-    const vlans = spawnSync('bridge', ['-n', ns.name, '-j', 'vlan', 'show', 'dev', p.result.taps[0]!.device.name], { encoding: 'utf8' }).stdout;
+    const vlans = spawnSync('bridge', ['-n', fx.ns.name, '-j', 'vlan', 'show', 'dev', p.result.taps[0]!.device.name], { encoding: 'utf8' }).stdout;
     t.regex(vlans, /"vlan":100,"flags":\["PVID","Egress Untagged"\]/);
     await p.release();
   } finally {
-    ns.ip('link', 'set', 'br0', 'type', 'bridge', 'vlan_filtering', '0');
+    fx.ns.ip('link', 'set', 'br0', 'type', 'bridge', 'vlan_filtering', '0');
   }
-  t.deepEqual(ns.extraLinks(BASE), []);
+  t.deepEqual(fx.ns.extraLinks(BASE), []);
 });
 
 test.serial('a plug hook: run up with fixed argv and documented variables only, plugs the device; down when it is gone', async (t) => {
@@ -123,16 +121,16 @@ test.serial('a plug hook: run up with fixed argv and documented variables only, 
   const d = p.result.taps[0]!.device;
   t.is(p.result.error, null, p.result.error?.message);
   t.like(d, { network: 'custom', parent: '-' });
-  t.is(ns.link(d.name)?.master, 'br-hook', 'the hook plugged it');
+  t.is(fx.ns.link(d.name)?.master, 'br-hook', 'the hook plugged it');
   const up = fs.readFileSync(log, 'utf8').trim();
   t.true(up.startsWith(`up ${d.name} ifindex=${d.ifindex} mac=${d.mac} uid=${NOBODY} network=custom lease=`), up);
   // sh itself adds PWD, SHLVL and _; everything else came from the broker.
   const env = up.split(' | env: ')[1]!.trim().split(' ').map((kv) => kv.split('=')[0]!).filter((k) => !['PWD', 'SHLVL', '_', 'OLDPWD'].includes(k)).sort();
   t.deepEqual(env, ['PATH', 'TAPBROKER_ACTION', 'TAPBROKER_DEVICE', 'TAPBROKER_IFINDEX', 'TAPBROKER_LEASE', 'TAPBROKER_MAC', 'TAPBROKER_NETWORK', 'TAPBROKER_UID']);
-  const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === d.name);
+  const grant = await fx.broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === d.name);
   t.like((grant.device as { plug: Record<string, unknown> }).plug, { action: 'up', code: 0, stdout: `plugged ${d.name}\n` });
   await p.release();
-  await broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 3000, 'no down call');
+  await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 3000, 'no down call');
   t.true(fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 'the hook\'s down ran');
 });
 
@@ -141,10 +139,10 @@ const hookFails = test.macro({
     const r = await probeOnce({ socket: sock(), requests: [{ network }] });
     t.is(r.error?.code, 'TB_E_HOOK_FAILED');
     t.regex(r.error!.message, pattern);
-    await broker.waitFor(() => ns.extraLinks(BASE).length === 0, 2000, 'the device was not rolled back');
-    const state = JSON.parse(fs.readFileSync(broker.stateFile, 'utf8')) as { leases: unknown[] };
+    await fx.broker.waitFor(() => fx.ns.extraLinks(BASE).length === 0, 2000, 'the device was not rolled back');
+    const state = JSON.parse(fs.readFileSync(fx.broker.stateFile, 'utf8')) as { leases: unknown[] };
     t.deepEqual(state.leases, []);
-    t.true(broker.alive);
+    t.true(fx.broker.alive);
   },
   title: (what) => `a hook that ${what}: refused, rolled back`,
 });
@@ -156,7 +154,7 @@ test.serial('a hook printing garbage: its output is captured, made printable, an
   try {
     t.is(p.result.error, null);
     const name = p.result.taps[0]!.device.name;
-    const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === name);
+    const grant = await fx.broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === name);
     t.is((grant.device as { plug: { stdout: string } }).plug.stdout, '??binary?[31m\n');
   } finally {
     await p.release();
@@ -172,7 +170,7 @@ test.serial('a hook made unsafe after the policy loaded is not run', async (t) =
     t.is(r.error?.code, 'TB_E_HOOK_FAILED');
     t.regex(r.error!.message, /writable by others; not run/);
     t.false(fs.existsSync(log), 'never executed');
-    t.deepEqual(ns.extraLinks(BASE), []);
+    t.deepEqual(fx.ns.extraLinks(BASE), []);
   } finally {
     fs.chmodSync(file, 0o755);
   }
@@ -195,18 +193,18 @@ test.serial('tapbroker run --net network=NAME and create --persistent --network 
   t.is(made.status, 0, made.stderr);
   const d = JSON.parse(made.stdout) as { name: string; network: string };
   t.is(d.network, 'lab');
-  t.is(ns.link(d.name)?.master, 'br0');
+  t.is(fx.ns.link(d.name)?.master, 'br0');
   t.is((await probeOnce({ socket: sock(), release: [d.name] })).error, null);
 });
 
 test.serial('the policy tools understand networks', (t) => {
-  const who = spawnSync(process.execPath, [BROKER_MAIN, 'who-can', broker.policyPath, '--network', 'lab100', '--json'], { encoding: 'utf8' });
+  const who = spawnSync(process.execPath, [BROKER_MAIN, 'who-can', fx.broker.policyPath, '--network', 'lab100', '--json'], { encoding: 'utf8' });
   t.is(who.status, 0, who.stderr);
   t.deepEqual((JSON.parse(who.stdout) as { allowed_by: Array<{ rule: string }> }).allowed_by.map((r) => r.rule), ['nets']);
-  const text = spawnSync(process.execPath, [BROKER_MAIN, 'who-can', broker.policyPath, '--network', 'lab100'], { encoding: 'utf8' }).stdout;
+  const text = spawnSync(process.execPath, [BROKER_MAIN, 'who-can', fx.broker.policyPath, '--network', 'lab100'], { encoding: 'utf8' }).stdout;
   t.regex(text, /network lab100 \(bridge br0, vlan 100\)/);
-  const ex = JSON.parse(spawnSync(process.execPath, [BROKER_MAIN, 'explain-policy', broker.policyPath, '--user', 'nobody', '--json'], { encoding: 'utf8' }).stdout) as { allowed_by: Array<{ networks: string[] }> };
+  const ex = JSON.parse(spawnSync(process.execPath, [BROKER_MAIN, 'explain-policy', fx.broker.policyPath, '--user', 'nobody', '--json'], { encoding: 'utf8' }).stdout) as { allowed_by: Array<{ networks: string[] }> };
   t.true(ex.allowed_by[0]!.networks.includes('custom'));
-  t.is(spawnSync(process.execPath, [BROKER_MAIN, 'who-can', broker.policyPath, '--network', 'nope'], { encoding: 'utf8' }).status, 65);
-  t.is(spawnSync(process.execPath, [BROKER_MAIN, 'check-policy', broker.policyPath], { encoding: 'utf8' }).status, 0);
+  t.is(spawnSync(process.execPath, [BROKER_MAIN, 'who-can', fx.broker.policyPath, '--network', 'nope'], { encoding: 'utf8' }).status, 65);
+  t.is(spawnSync(process.execPath, [BROKER_MAIN, 'check-policy', fx.broker.policyPath], { encoding: 'utf8' }).status, 0);
 });

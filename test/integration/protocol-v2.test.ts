@@ -3,8 +3,8 @@
 // version handshake. A fresh namespace for this file; every client an unprivileged uid.
 import anyTest, { type TestFn } from 'ava';
 import { MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame } from '@tapbroker/protocol';
-import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
-import { Netns } from '../helpers/netns.js';
+import { CLIENT_CLI } from '../helpers/broker.js';
+import { brokerFixture } from '../helpers/fixture.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
@@ -25,33 +25,20 @@ users = [${OTHER_UID}]
 bridges = ["br1"]
 `;
 
-let ns: Netns;
-let broker: BrokerProcess;
 const HOST_LINKS = ['br0', 'br1', 'br2', 'vparent', 'vpeer'];
 
-test.before(async () => {
-  ns = Netns.create('v2');
-  ns.bridge('br0');
-  ns.bridge('br1');
-  ns.bridge('br2');
-  ns.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
-  ns.ip('link', 'set', 'vparent', 'up');
-  broker = await BrokerProcess.start(ns, POLICY, { tag: 'v2' });
-});
-
-test.after.always(async () => {
-  await broker?.stop();
-  ns?.destroy();
+const fx = brokerFixture(test, {
+  tag: 'v2', policy: POLICY, bridges: ['br0', 'br1', 'br2'], veths: [['vparent', 'vpeer']],
 });
 
 const nothingLeft = (t: { deepEqual: (a: unknown, b: unknown, m: string) => void }) =>
-  broker.waitFor(() => ns.extraLinks(HOST_LINKS).length === 0, 3000, `devices left: ${ns.extraLinks(HOST_LINKS)}`)
-    .then(() => t.deepEqual(ns.extraLinks(HOST_LINKS), [], 'nothing is left behind'));
+  fx.broker.waitFor(() => fx.ns.extraLinks(HOST_LINKS).length === 0, 3000, `devices left: ${fx.ns.extraLinks(HOST_LINKS)}`)
+    .then(() => t.deepEqual(fx.ns.extraLinks(HOST_LINKS), [], 'nothing is left behind'));
 
 test.serial('one create request grants every NIC of a VM, in order, each with working fds and its own audit record', async (t) => {
-  const before = broker.records.length;
+  const before = fx.broker.records.length;
   const p = await probe({
-    socket: broker.socket, batch: true, write: true,
+    socket: fx.broker.socket, batch: true, write: true,
     requests: [{ bridge: 'br0', queues: 2 }, { bridge: 'br2' }, { parent: 'vparent', mode: 'bridge' }],
   });
   try {
@@ -62,8 +49,8 @@ test.serial('one create request grants every NIC of a VM, in order, each with wo
     t.like(c!.device, { kind: 'macvtap', parent: 'vparent' });
     t.deepEqual(p.result.taps.map((x) => x.tapFds), [2, 1, 1], 'each NIC got its own queue fds');
     t.true(p.result.taps.every((x) => x.written.every((n) => n > 0)), 'every fd carries frames');
-    for (const x of p.result.taps) t.truthy(ns.link(x.device.name), `${x.device.name} exists`);
-    const grants = broker.records.slice(before).filter((r) => r.decision === 'grant');
+    for (const x of p.result.taps) t.truthy(fx.ns.link(x.device.name), `${x.device.name} exists`);
+    const grants = fx.broker.records.slice(before).filter((r) => r.decision === 'grant');
     t.is(grants.length, 3, 'one grant record per NIC');
     t.true(grants.every((r) => r.op === 'create' && r.rule === 'vm'));
   } finally {
@@ -73,22 +60,22 @@ test.serial('one create request grants every NIC of a VM, in order, each with wo
 });
 
 test.serial('a NIC the policy refuses refuses the whole request: its index is named, the others are rolled back', async (t) => {
-  const before = broker.records.length;
-  const r = await probeOnce({ socket: broker.socket, batch: true, requests: [{ bridge: 'br0' }, { bridge: 'br1' }] });
+  const before = fx.broker.records.length;
+  const r = await probeOnce({ socket: fx.broker.socket, batch: true, requests: [{ bridge: 'br0' }, { bridge: 'br1' }] });
   t.is(r.error?.code, 'TB_E_POLICY_DENIED');
   t.is(r.error?.nic, 1);
   t.regex(r.error?.message ?? '', /^NIC 1: /);
   t.deepEqual(r.taps, []);
   await nothingLeft(t);
-  await broker.waitFor(() => broker.records.slice(before).some((x) => x.decision === 'cleanup'), 3000, 'no cleanup');
-  const mine = broker.records.slice(before);
+  await fx.broker.waitFor(() => fx.broker.records.slice(before).some((x) => x.decision === 'cleanup'), 3000, 'no cleanup');
+  const mine = fx.broker.records.slice(before);
   t.is(mine.filter((x) => x.decision === 'deny').length, 1, 'the refused NIC has its deny record');
   t.is(mine.filter((x) => x.decision === 'grant').length, 0, 'nothing is recorded as granted');
   t.regex(mine.find((x) => x.decision === 'cleanup')!.message ?? '', /NIC 1 of the same request was refused/);
 });
 
 test.serial('the quota counts the NICs of the same request', async (t) => {
-  const r = await probeOnce({ socket: broker.socket, batch: true, requests: Array(5).fill({ bridge: 'br0' }) });
+  const r = await probeOnce({ socket: fx.broker.socket, batch: true, requests: Array(5).fill({ bridge: 'br0' }) });
   t.is(r.error?.code, 'TB_E_QUOTA_EXCEEDED');
   t.is(r.error?.nic, 4, 'the fifth NIC is over max_devices = 4');
   await nothingLeft(t);
@@ -96,8 +83,8 @@ test.serial('the quota counts the NICs of the same request', async (t) => {
 
 test.serial('a request whose fds would not fit one reply is refused before anything is made', async (t) => {
   // Sent as one request (the client library would split it): the broker counts its fds first.
-  const before = broker.records.length;
-  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  const before = fx.broker.records.length;
+  const conn = await SeqpacketConnection.connect(fx.broker.socket, { maxPacket: MAX_REPLY_BYTES });
   try {
     await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
     t.is(decodeReply((await conn.receive())!.data).op, 'hello');
@@ -109,12 +96,12 @@ test.serial('a request whose fds would not fit one reply is refused before anyth
   } finally {
     conn.close();
   }
-  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
-  t.false(broker.records.slice(before).some((x) => x.decision === 'grant'));
+  t.deepEqual(fx.ns.extraLinks(HOST_LINKS), []);
+  t.false(fx.broker.records.slice(before).some((x) => x.decision === 'grant'));
 });
 
 test.serial('the client puts NICs whose fds would not fit one reply into several requests', async (t) => {
-  const p = await probe({ socket: broker.socket, batch: true, requests: Array(3).fill({ bridge: 'br0', queues: 126 }) });
+  const p = await probe({ socket: fx.broker.socket, batch: true, requests: Array(3).fill({ bridge: 'br0', queues: 126 }) });
   try {
     t.is(p.result.error, null);
     t.deepEqual(p.result.taps.map((x) => x.tapFds), [126, 126, 126]);
@@ -125,18 +112,18 @@ test.serial('the client puts NICs whose fds would not fit one reply into several
 });
 
 test.serial('more NICs than one request carries go in several, in order; a later refusal names its NIC and ends the rest', async (t) => {
-  const before = broker.records.length;
-  const p = await probe({ socket: broker.socket, batch: true, requests: Array(40).fill({ bridge: 'br1' }) },
+  const before = fx.broker.records.length;
+  const p = await probe({ socket: fx.broker.socket, batch: true, requests: Array(40).fill({ bridge: 'br1' }) },
     { uid: OTHER_UID });
   try {
     t.is(p.result.error, null);
     t.is(p.result.taps.length, 40, 'every NIC granted');
-    t.is(broker.records.slice(before).filter((r) => r.op === 'create' && r.decision === 'grant').length, 40);
+    t.is(fx.broker.records.slice(before).filter((r) => r.op === 'create' && r.decision === 'grant').length, 40);
   } finally {
     await p.release();
   }
   await nothingLeft(t);
-  const r = await probeOnce({ socket: broker.socket, batch: true, requests: [...Array(33).fill({ bridge: 'br1' }), { bridge: 'br0' }] },
+  const r = await probeOnce({ socket: fx.broker.socket, batch: true, requests: [...Array(33).fill({ bridge: 'br1' }), { bridge: 'br0' }] },
     { uid: OTHER_UID });
   t.is(r.error?.code, 'TB_E_POLICY_DENIED');
   t.is(r.error?.nic, 33, 'named by its place among all the NICs, not in its request');
@@ -146,14 +133,14 @@ test.serial('more NICs than one request carries go in several, in order; a later
 });
 
 test.serial('status tells the caller its leases and, for each rule that applies, its quota', async (t) => {
-  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], status: true });
+  const p = await probe({ socket: fx.broker.socket, requests: [{ bridge: 'br0' }], status: true });
   try {
     const s = p.result.status!;
     t.like(s, { version: PROTOCOL_VERSION, uid: NOBODY, leases: 1, connections: null });
     t.regex(s.broker, /^tapbrokerd \d+\.\d+\.\d+/);
     t.regex(s.policy_sha256, /^[0-9a-f]{64}$/);
     t.deepEqual(s.rules, [{ rule: 'vm', used: 1, max_devices: 4 }], 'only the rules that apply to the caller');
-    const stranger = await probeOnce({ socket: broker.socket, status: true }, { uid: STRANGER });
+    const stranger = await probeOnce({ socket: fx.broker.socket, status: true }, { uid: STRANGER });
     t.deepEqual(stranger.status!.rules, [], 'a user no rule names sees none');
     t.is(stranger.status!.leases, 0, 'and none of anyone else\'s leases');
   } finally {
@@ -162,15 +149,15 @@ test.serial('status tells the caller its leases and, for each rule that applies,
 });
 
 test.serial('a tap whose guest MAC the hypervisor sets: the lease claims no MAC, the host side gets its own', async (t) => {
-  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', macUnknown: true }], list: true });
+  const p = await probe({ socket: fx.broker.socket, requests: [{ bridge: 'br0', macUnknown: true }], list: true });
   try {
     t.is(p.result.error, null);
     const d = p.result.taps[0]!.device;
     t.is(d.mac, null);
     t.regex(d.host_mac, /^fe:/);
-    t.is(ns.link(d.name)?.address, d.host_mac);
+    t.is(fx.ns.link(d.name)?.address, d.host_mac);
     t.is(p.result.leases!.find((l) => l.name === d.name)?.mac, null);
-    const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name?: string }).name === d.name);
+    const grant = await fx.broker.record((r) => r.decision === 'grant' && (r.device as { name?: string }).name === d.name);
     t.is((grant.request as { mac: string }).mac, 'unknown');
   } finally {
     await p.release();
@@ -179,7 +166,7 @@ test.serial('a tap whose guest MAC the hypervisor sets: the lease claims no MAC,
 });
 
 test.serial('a macvtap cannot be asked for with an unknown MAC: its MAC is the guest\'s', async (t) => {
-  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  const conn = await SeqpacketConnection.connect(fx.broker.socket, { maxPacket: MAX_REPLY_BYTES });
   try {
     await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
     await conn.receive();
@@ -190,11 +177,11 @@ test.serial('a macvtap cannot be asked for with an unknown MAC: its MAC is the g
   } finally {
     conn.close();
   }
-  t.deepEqual(ns.extraLinks(HOST_LINKS), []);
+  t.deepEqual(fx.ns.extraLinks(HOST_LINKS), []);
 });
 
 test('a version 1 client is told to upgrade, and the connection closes', async (t) => {
-  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  const conn = await SeqpacketConnection.connect(fx.broker.socket, { maxPacket: MAX_REPLY_BYTES });
   try {
     await conn.send(encodeFrame({ op: 'hello', id: 1, version: 1 }));
     const r = decodeReply((await conn.receive())!.data);
@@ -209,18 +196,18 @@ test('a version 1 client is told to upgrade, and the connection closes', async (
 
 test.serial('tapbroker status prints the same for people and, with --json, for scripts', async (t) => {
   const run = (...args: string[]) => new Promise<{ code: number | null; out: string }>((resolve) => {
-    const c = spawnAs({}, process.execPath, [CLIENT_CLI, 'status', '--socket', broker.socket, ...args]);
+    const c = spawnAs({}, process.execPath, [CLIENT_CLI, 'status', '--socket', fx.broker.socket, ...args]);
     let out = '';
     c.stdout!.on('data', (d) => (out += d));
     c.on('close', (code) => resolve({ code, out }));
   });
   const text = await run();
   t.is(text.code, 0);
-  t.regex(text.out, new RegExp(`^broker: +tapbrokerd \\S+ \\(protocol ${PROTOCOL_VERSION}\\) at ${broker.socket}`, 'm'));
+  t.regex(text.out, new RegExp(`^broker: +tapbrokerd \\S+ \\(protocol ${PROTOCOL_VERSION}\\) at ${fx.broker.socket}`, 'm'));
   t.regex(text.out, /^rules: +vm \(0 of 4 devices\)$/m);
   const json = await run('--json');
   t.is(json.code, 0);
-  t.like(JSON.parse(json.out), { socket: broker.socket, uid: NOBODY, rules: [{ rule: 'vm', used: 0, max_devices: 4 }] });
+  t.like(JSON.parse(json.out), { socket: fx.broker.socket, uid: NOBODY, rules: [{ rule: 'vm', used: 0, max_devices: 4 }] });
   const bad = await run('--bogus');
   t.is(bad.code, 64);
 });

@@ -10,27 +10,17 @@ import {
   type Reply,
 } from '@tapbroker/protocol';
 import { BrokerProcess, tempDir } from '../helpers/broker.js';
-import { Netns } from '../helpers/netns.js';
+import { brokerFixture } from '../helpers/fixture.js';
 import { NOBODY, spawnAs } from '../helpers/unpriv.js';
 import { until } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
-let ns: Netns;
-let broker: BrokerProcess;
-
-test.before(async () => {
-  ns = Netns.create('proto');
-  ns.bridge('br0');
-  broker = await BrokerProcess.start(ns, `[[rule]]\nname = "any"\nusers = ["*"]\nbridges = ["br0"]\n`, { tag: 'proto' });
-});
-
-test.after.always(async () => {
-  await broker?.stop();
-  ns?.destroy();
+const fx = brokerFixture(test, {
+  tag: 'proto', policy: `[[rule]]\nname = "any"\nusers = ["*"]\nbridges = ["br0"]\n`, bridges: ['br0'],
 });
 
 async function connect(): Promise<SeqpacketConnection> {
-  return SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  return SeqpacketConnection.connect(fx.broker.socket, { maxPacket: MAX_REPLY_BYTES });
 }
 
 async function exchange(conn: SeqpacketConnection, frame: Buffer, fds: number[] = []): Promise<Reply | null> {
@@ -69,7 +59,7 @@ test('an operation before hello is refused and the connection closes', async (t)
   t.is(code(await exchange(conn, encodeFrame({ op: 'create-tap', id: 1, bridge: 'br0' }))), 'TB_E_HELLO_REQUIRED');
   t.is(await conn.receive(), null);
   conn.close();
-  t.deepEqual(ns.extraLinks(['br0']), []);
+  t.deepEqual(fx.ns.extraLinks(['br0']), []);
 });
 
 const hostile = test.macro({
@@ -81,7 +71,7 @@ const hostile = test.macro({
     const again = await exchange(conn, encodeFrame({ op: 'hello', id: 2, version: PROTOCOL_VERSION }));
     t.is(again?.op, 'hello');
     conn.close();
-    t.deepEqual(ns.extraLinks(['br0']), []);
+    t.deepEqual(fx.ns.extraLinks(['br0']), []);
   },
   title: (what) => `over the socket: ${what}`,
 });
@@ -94,20 +84,20 @@ test('an unknown field', hostile, pack({ op: 'create-tap', id: 3, bridge: 'br0',
 test('an extension type', hostile, Buffer.from([0x81, 0xa2, 0x6f, 0x70, 0xd4, 0x72, 0x00]), 'TB_E_UNSUPPORTED_TYPE');
 
 test.serial('fds sent to the broker are refused by its socket (SO_PASSRIGHTS) and the request never arrives', async (t) => {
-  const before = broker.fdCount();
+  const before = fx.broker.fdCount();
   const conn = await helloed();
   const mine = fs.openSync('/dev/null', 'r');
   await t.throwsAsync(conn.send(encodeFrame({ op: 'create-tap', id: 5, bridge: 'br0' }), [mine, mine, mine]), { message: /EPERM/ });
   fs.closeSync(mine);
   t.is(code(await exchange(conn, encodeFrame({ op: 'hello', id: 6, version: PROTOCOL_VERSION }))), 'hello', 'the connection still serves');
-  t.deepEqual(ns.extraLinks(['br0']), [], 'the request was not carried out');
-  t.is(broker.fdCount(), before + 2, 'only the connection and the caller\'s pidfd are open in the broker');
+  t.deepEqual(fx.ns.extraLinks(['br0']), [], 'the request was not carried out');
+  t.is(fx.broker.fdCount(), before + 2, 'only the connection and the caller\'s pidfd are open in the broker');
   conn.close();
-  await broker.waitFor(() => broker.fdCount() === before, 2000, 'broker fds did not return to baseline');
+  await fx.broker.waitFor(() => fx.broker.fdCount() === before, 2000, 'broker fds did not return to baseline');
 });
 
 test.serial('fds sent to a broker that cannot refuse them at the socket go to its closer, never leaked', async (t) => {
-  const fallback = await BrokerProcess.start(ns, `[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n`, { tag: 'fdfb', fdFallback: true });
+  const fallback = await BrokerProcess.start(fx.ns, `[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n`, { tag: 'fdfb', fdFallback: true });
   try {
     // The broker's copies of /dev/null: its own, before and after (a closer process, once started,
     // adds fds of its own: a socket, and libuv's child-signal pipe).
@@ -130,7 +120,7 @@ test.serial('fds sent to a broker that cannot refuse them at the socket go to it
 });
 
 test('a client that connects and never speaks is dropped after the hello timeout', async (t) => {
-  const quick = await BrokerProcess.start(ns, `[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n`, { tag: 'quiet', args: ['-T', '300'] });
+  const quick = await BrokerProcess.start(fx.ns, `[[rule]]\nname = "x"\nusers = [1]\nbridges = ["br0"]\n`, { tag: 'quiet', args: ['-T', '300'] });
   try {
     const conn = await SeqpacketConnection.connect(quick.socket, { maxPacket: MAX_REPLY_BYTES });
     const p = await conn.receive();
@@ -149,7 +139,7 @@ test('many requests on one connection are answered in order', async (t) => {
     if (r?.id !== id) return t.fail(`reply ${r?.id} for request ${id}`);
   }
   conn.close();
-  t.true(broker.alive);
+  t.true(fx.broker.alive);
 });
 
 test('peer credentials come from the kernel: uid, gid, groups and a pidfd of an unprivileged peer', async (t) => {
@@ -209,8 +199,8 @@ test('an inherited socket is adopted only if it is a listening SEQPACKET AF_UNIX
   const sockPath = path.join(dir, 's.sock');
   try {
     // systemd-socket-activate binds the socket and execs the broker with LISTEN_FDS=1 at fd 3.
-    const child = spawn('ip', ['netns', 'exec', ns.name, 'systemd-socket-activate', '--seqpacket', '-l', sockPath, process.execPath,
-      broker.proc.spawnargs.find((a) => a.endsWith('main.js'))!, '-f', broker.policyPath, '-s', '/nonexistent/ignored.sock'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn('ip', ['netns', 'exec', fx.ns.name, 'systemd-socket-activate', '--seqpacket', '-l', sockPath, process.execPath,
+      fx.broker.proc.spawnargs.find((a) => a.endsWith('main.js'))!, '-f', fx.broker.policyPath, '-s', '/nonexistent/ignored.sock'], { stdio: ['ignore', 'ignore', 'pipe'] });
     // Killed even when an assertion below fails: the broker it starts must not outlive the test.
     t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
     let err = '';
