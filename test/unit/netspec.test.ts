@@ -155,22 +155,14 @@ test('a mode for a network', refused, 'network=lab,mode=bridge', 'mode= is for m
 test('a mode in upper case', refused, 'macvtap=eth0,mode=VEPA', 'mode must be one of bridge, vepa, private, passthru');
 test('an empty mode', refused, 'macvtap=eth0,mode=', 'mode must be one of bridge, vepa, private, passthru');
 
-// queues=.
-test('queues above MAX_QUEUES', refused, 'bridge=br0,queues=127', 'queues must be from 1 to 126, not 127');
-test('queues of five digits', refused, 'bridge=br0,queues=10000', 'queues must be from 1 to 126, not 10000');
-test('negative queues', refused, 'bridge=br0,queues=-1', 'queues must be from 1 to 126, not -1');
-test('fractional queues', refused, 'bridge=br0,queues=1.5', 'queues must be from 1 to 126, not 1.5');
-test('queues written as a decimal fraction', refused, 'bridge=br0,queues=2.0', 'queues must be an integer');
-test('queues with a sign', refused, 'bridge=br0,queues=+2', 'queues must be an integer');
-test('queues in hex', refused, 'bridge=br0,queues=0x2', 'queues must be an integer');
-test('queues in exponent form', refused, 'bridge=br0,queues=1e1', 'queues must be an integer');
-test('queues with a space', refused, 'bridge=br0,queues= 2', 'queues must be an integer');
-test('queues longer than four digits, even with a value in range', (t) => {
-  t.regex(refusal(t, 'bridge=br0,queues=00002'), /^--net bridge=br0,queues=00002: queues /);
-});
-test('empty queues', (t) => {
-  t.regex(refusal(t, 'bridge=br0,queues='), /^--net bridge=br0,queues=: queues must be from 1 to 126/);
-});
+// queues=: digits alone, no sign, no leading zero, from 1 to MAX_QUEUES; one message for every refusal.
+const badQueues = (q: string) => `queues must be a whole number from 1 to 126, not \`${q}'`;
+for (const [what, q] of [
+  ['above MAX_QUEUES', '127'], ['of five digits', '10000'], ['negative', '-1'], ['fractional', '1.5'],
+  ['written as a decimal fraction', '2.0'], ['with a sign', '+2'], ['in hex', '0x2'], ['in exponent form', '1e1'],
+  ['with a space', ' 2'], ['with a leading zero', '02'], ['of zeros before a value in range', '00002'], ['zero', '0'],
+  ['in words', 'two'], ['empty', ''],
+] as const) test(`queues ${what}`, refused, `bridge=br0,queues=${q}`, badQueues(q));
 
 // vhost=.
 for (const v of ['ON', 'yes', '1', 'true', '']) {

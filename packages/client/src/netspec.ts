@@ -2,6 +2,7 @@
 //   [,mac=MAC][,id=ID][,model=MODEL|none][,name=IFNAME][,dev.KEY=VALUE...]`.
 import {
   MACVTAP_MODES,
+  MAX_QUEUES,
   TapbrokerError,
   checkIfName,
   checkMac,
@@ -89,8 +90,9 @@ export function parseNetSpec(spec: string): NetSpec {
   }
   const mode = kind === 'macvtap' ? ((modeText as MacvtapMode | undefined) ?? 'bridge') : null;
   const q = fields.get('queues') ?? '1';
-  if (!/^[0-9]{1,4}$/.test(q) || checkQueues(Number(q))) {
-    bad(`--net ${spec}: queues ${checkQueues(Number(q)) ?? 'must be an integer'}`);
+  // Digits alone, no sign, no leading zero: what a person means by a queue count, and nothing else.
+  if (!/^[1-9][0-9]{0,2}$/.test(q) || checkQueues(Number(q))) {
+    bad(`--net ${spec}: queues must be a whole number from 1 to ${MAX_QUEUES}, not \`${q}'`);
   }
   const vhost = fields.get('vhost') ?? 'off';
   if (vhost !== 'on' && vhost !== 'off') bad(`--net ${spec}: vhost must be on or off, not \`${vhost}'`);
