@@ -23,6 +23,7 @@ max_devices = 4
 name = "other"
 users = [${OTHER_UID}]
 bridges = ["br1"]
+persistent = true
 `;
 
 const HOST_LINKS = ['br0', 'br1', 'br2', 'vparent', 'vpeer'];
@@ -130,6 +131,19 @@ test.serial('more NICs than one request carries go in several, in order; a later
   t.regex(r.error?.message ?? '', /^NIC 33: /);
   t.deepEqual(r.taps, []);
   await nothingLeft(t);
+});
+
+test.serial('persistent devices an earlier request granted are released when a later one is refused', async (t) => {
+  const before = fx.broker.records.length;
+  const r = await probeOnce({ socket: fx.broker.socket, batch: true,
+    requests: [...Array(33).fill({ bridge: 'br1', persistent: true }), { bridge: 'br0', persistent: true }] },
+  { uid: OTHER_UID });
+  t.is(r.error?.nic, 33);
+  await nothingLeft(t);
+  // The first request's 32 are released by the client; the 33rd, in the refused request, rolled back by the broker.
+  const mine = fx.broker.records.slice(before);
+  t.is(mine.filter((x) => x.op === 'release' && x.decision === 'release').length, 32, 'each released, and audited');
+  t.is(mine.filter((x) => x.decision === 'cleanup').length, 1, 'the refused request\'s own NIC rolled back');
 });
 
 test.serial('status tells the caller its leases and, for each rule that applies, its quota', async (t) => {

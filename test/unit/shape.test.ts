@@ -132,3 +132,25 @@ test('the policy\'s shape and checks judge every kind of policy file as its zod 
     if (z.success && issues.length === 0) t.deepEqual(value, z.data, JSON.stringify(doc));
   }
 });
+
+test('a union\'s tag that is not a string is refused, never converted (an object whose toString is not callable)', (t) => {
+  const lite = checkLite(REQUEST_SHAPE, { op: 'create', id: 1, nics: [{ kind: { toString: 1 } }] });
+  t.false(lite.ok);
+  t.regex(lite.ok ? '' : lite.issue, /unknown kind object/);
+  // The same as a reply, through the client's decoder: TB_E_BAD_REPLY, not a TypeError.
+  const frame = Buffer.from('82a26f7081a8746f537472696e6701a2696401', 'hex');
+  t.is((t.throws(() => decodeLite(frame)) as { code?: string }).code, 'TB_E_BAD_REPLY');
+});
+
+test('a table that is not a plain one (a TOML date) is refused where a table is expected', (t) => {
+  const { issues } = validate(POLICY_SHAPE_FOR_TESTS, { network: new Date(0) }, POLICY_CHECKS);
+  t.deepEqual(issues.map((i) => i.message), ['expected table, received Date']);
+  t.false(PolicySchema.safeParse({ network: new Date(0) }).success, 'as zod does');
+  t.true(validate(POLICY_SHAPE_FOR_TESTS, { deny: [new Date(0)] }, POLICY_CHECKS).issues.length > 0);
+});
+
+test('`__proto__` as a table key is refused, where zod drops it without a word', (t) => {
+  const doc = JSON.parse('{"network": {"__proto__": {"bridge": "br0"}, "lan": {"bridge": "br1"}}}') as unknown;
+  const { issues } = validate(POLICY_SHAPE_FOR_TESTS, doc, POLICY_CHECKS);
+  t.deepEqual(issues.map((i) => [i.path.join('.'), i.message]), [['network', '`__proto__\' is reserved']]);
+});

@@ -121,8 +121,9 @@ export class TapbrokerClient {
    * One VM's NICs in one round trip: each decided on its own, granted all or none (a refusal names the
    * NIC in its message and as `nic`). Macvtaps among them end with this connection, as for createMacvtap.
    * More NICs than one request carries (MAX_NICS, or fds beyond MAX_REPLY_FDS) go in as few requests as
-   * hold them, in order; if one is refused, the taps already granted are closed (a macvtap among them
-   * still ends only with this connection), and the refusal names the NIC by its place in `nics`.
+   * hold them, in order; if one is refused, what the earlier ones granted goes (fds closed, persistent
+   * devices released; a macvtap among them still ends only with this connection), and the refusal names
+   * the NIC by its place in `nics`.
    */
   async createNics(nics: readonly NicOptions[]): Promise<Tap[]> {
     const taps: Tap[] = [];
@@ -142,7 +143,9 @@ export class TapbrokerClient {
         }
       }
     } catch (err) {
+      // What earlier requests granted goes: fds closed, persistent devices released.
       taps.forEach(closeTap);
+      for (const tap of taps.filter((x) => x.device.persistent)) await this.release(tap.device.name).catch(() => {});
       throw err;
     }
     return taps;

@@ -99,17 +99,22 @@ function walk(shape: Shape, v: unknown, path: Issue['path'], out: Issue[], check
     }
     case 'union': {
       if (!isObject(v)) return bad(`expected object, received ${kind(v)}`);
-      const tag = String(v[shape.key]);
-      const option = Object.hasOwn(shape.options, tag) ? shape.options[tag] : undefined;
-      if (!option) return bad(`unknown ${shape.key} ${JSON.stringify(v[shape.key])}`);
+      // The tag is looked up only as a string: any other value (an object whose toString throws) is refused.
+      const tag = v[shape.key];
+      const option = typeof tag === 'string' && Object.hasOwn(shape.options, tag) ? shape.options[tag] : undefined;
+      if (!option) return bad(`unknown ${shape.key} ${typeof tag === 'string' ? JSON.stringify(tag) : kind(tag)}`);
       return walk(option, v, path, out, checks, first);
     }
     case 'record': {
       if (!isObject(v)) return bad(`expected table, received ${kind(v)}`);
       const entries: Record<string, unknown> = {};
       for (const [k, x] of Object.entries(v)) {
-        walk(shape.key, k, [...path, k], out, checks, first);
-        entries[k] = walk(shape.value, x, [...path, k], out, checks, first);
+        // As a key of the result it would set its prototype, not add an entry (zod drops it without a word).
+        if (k === '__proto__') bad('`__proto__\' is reserved');
+        else {
+          walk(shape.key, k, [...path, k], out, checks, first);
+          entries[k] = walk(shape.value, x, [...path, k], out, checks, first);
+        }
         if (done()) return undefined;
       }
       return entries;
@@ -140,10 +145,15 @@ function walk(shape: Shape, v: unknown, path: Issue['path'], out: Issue[], check
   }
 }
 
+/** A plain table (a decoded map, parsed JSON or TOML), not an array, a Date or any other kind of object. */
 function isObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v);
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return false;
+  const proto = Object.getPrototypeOf(v) as unknown;
+  return proto === Object.prototype || proto === null;
 }
 
 function kind(v: unknown): string {
-  return v === null ? 'null' : Array.isArray(v) ? 'array' : typeof v;
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'array';
+  return typeof v === 'object' && !isObject(v) ? (v.constructor?.name ?? 'object') : typeof v;
 }
