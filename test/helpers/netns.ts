@@ -52,8 +52,9 @@ export class Netns {
    * A bridge with an address, up, its MAC pinned as the broker requires (addr_assign_type 3): a bridge
    * whose MAC nobody set takes its lowest port's, which a guest could choose.
    */
-  bridge(name: string, opts: { mtu?: number; address?: string } = {}): void {
-    this.ip('link', 'add', name, 'type', 'bridge');
+  /** `mcastSnooping: false` keeps the bridge from sending IGMP reports of its own (it sends them once up). */
+  bridge(name: string, opts: { mtu?: number; address?: string; mcastSnooping?: boolean } = {}): void {
+    this.ip('link', 'add', name, 'type', 'bridge', ...(opts.mcastSnooping === false ? ['mcast_snooping', '0'] : []));
     this.ip('link', 'set', name, 'address', `02:00:5e:${randomBytes(3).toString('hex').match(/../g)!.join(':')}`);
     if (opts.mtu) this.ip('link', 'set', name, 'mtu', String(opts.mtu));
     if (opts.address) this.ip('addr', 'add', opts.address, 'dev', name);
