@@ -37,22 +37,28 @@ export class DatagramSink {
   }
 }
 
-/** journald's native format, the simple KEY=value form, as a map. */
-export function journalFields(msg: Buffer): Map<string, string> {
-  const out = new Map<string, string>();
+/** journald's native format read back: [KEY, value] in order, in both forms (KEY=value; KEY, length, bytes). */
+export function journalEntries(msg: Buffer): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
   let o = 0;
   while (o < msg.length) {
     const nl = msg.indexOf(0x0a, o);
     const line = msg.toString('utf8', o, nl);
     const eq = line.indexOf('=');
     if (eq >= 0) {
-      out.set(line.slice(0, eq), line.slice(eq + 1));
+      out.push([line.slice(0, eq), line.slice(eq + 1)]);
       o = nl + 1;
     } else {
       const len = Number(msg.readBigUInt64LE(nl + 1));
-      out.set(line, msg.toString('utf8', nl + 9, nl + 9 + len));
+      out.push([line, msg.toString('utf8', nl + 9, nl + 9 + len)]);
+      if (msg[nl + 9 + len] !== 0x0a) throw new Error(`${line}: no newline after its ${len} bytes`);
       o = nl + 9 + len + 1;
     }
   }
   return out;
+}
+
+/** The same as a map (the last value of a key). */
+export function journalFields(msg: Buffer): Map<string, string> {
+  return new Map(journalEntries(msg));
 }

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { sys } from '@tapbroker/protocol';
 import { MESSAGE_IDS, type AuditRecord } from '@tapbroker/broker';
 import { Audit, REFUSALS_PER_WINDOW, journalEntry, type Identity } from '@tapbroker/broker/internal';
+import { journalEntries, journalFields } from '../helpers/datagram.js';
 
 type Options = NonNullable<ConstructorParameters<typeof Audit>[1]>;
 
@@ -45,28 +46,7 @@ function jsonLines(file: string): AuditRecord[] {
   return text.split('\n').filter((l) => l !== '').map((l) => (JSON.parse(l) as { audit: AuditRecord }).audit);
 }
 
-/** journald's native format read back: [KEY, value] in order, both forms (KEY=value, and KEY, length, bytes). */
-function nativeFields(msg: Buffer): Array<[string, string]> {
-  const out: Array<[string, string]> = [];
-  let o = 0;
-  while (o < msg.length) {
-    const nl = msg.indexOf(0x0a, o);
-    const line = msg.toString('utf8', o, nl);
-    const eq = line.indexOf('=');
-    if (eq >= 0) {
-      out.push([line.slice(0, eq), line.slice(eq + 1)]);
-      o = nl + 1;
-    } else {
-      const len = Number(msg.readBigUInt64LE(nl + 1));
-      out.push([line, msg.toString('utf8', nl + 9, nl + 9 + len)]);
-      if (msg[nl + 9 + len] !== 0x0a) throw new Error(`${line}: no newline after its ${len} bytes`);
-      o = nl + 9 + len + 1;
-    }
-  }
-  return out;
-}
-
-const fieldMap = (msg: Buffer) => new Map(nativeFields(msg));
+const fieldMap = journalFields;
 
 /** A stand-in for journald's socket: a bound AF_UNIX datagram socket, read without waiting. */
 function fakeJournal(t: ExecutionContext, dir: string) {
@@ -286,7 +266,7 @@ test('journalEntry: the fields in a fixed order, objects as JSON, absent and nul
     ...RECORD, ppid: 4000, parent_exe: '/usr/sbin/libvirtd', request: { kind: 'tap', queues: 2 },
     device: { name: 'tb1000-a', ifindex: 7 }, code: 'TB_E_X', message: 'hi',
   };
-  t.deepEqual(nativeFields(journalEntry(full)), [
+  t.deepEqual(journalEntries(journalEntry(full)), [
     ['MESSAGE', 'grant create-tap tb1000-a uid 1000 (alice) rule lab TB_E_X: hi'],
     ['MESSAGE_ID', MESSAGE_IDS.grant],
     ['PRIORITY', '6'],
