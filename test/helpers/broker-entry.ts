@@ -3,7 +3,8 @@
 // creates FILE.reached there and blocks until FILE exists; TB_TEST_FAULT=POINT=throw makes the kernel step
 // there fail as a kernel refusal would (for refusals this kernel cannot be made to give). TB_TEST_FD_FALLBACK=1 skips SO_PASSRIGHTS,
 // so fds pushed at the broker take the path every kernel before 6.16 relies on. TB_TEST_MAX_CONNECTIONS=N
-// makes the broker's connection limit N (the default is 1024).
+// makes the broker's connection limit N (the default is 1024). TB_TEST_LINK_EVENT_QUEUE=BYTES makes the
+// kernel's queue of link events for the broker that small, so a burst of events overruns it for real.
 import fs from 'node:fs';
 import { daemon, type FaultPoint } from '@tapbroker/broker/internal';
 import { TapbrokerError } from '@tapbroker/protocol';
@@ -11,7 +12,9 @@ import { TapbrokerError } from '@tapbroker/protocol';
 const spec = process.env['TB_TEST_FAULT'] ?? '';
 const fallback = process.env['TB_TEST_FD_FALLBACK'] === '1';
 const maxConnections = Number(process.env['TB_TEST_MAX_CONNECTIONS'] ?? 0) || undefined;
+const linkEventQueue = Number(process.env['TB_TEST_LINK_EVENT_QUEUE'] ?? 0) || undefined;
 delete process.env['TB_TEST_MAX_CONNECTIONS'];
+delete process.env['TB_TEST_LINK_EVENT_QUEUE'];
 delete process.env['TB_TEST_FAULT'];
 delete process.env['TB_TEST_FD_FALLBACK'];
 const [armed, action] = spec.split(/=(.*)/s) as [string, string | undefined];
@@ -30,5 +33,6 @@ function fault(point: FaultPoint): void {
 }
 
 daemon(process.argv.slice(2), {
-  ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}), refuseFdsAtSocket: !fallback,
+  ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}),
+  ...(linkEventQueue ? { linkEventQueue } : {}), refuseFdsAtSocket: !fallback,
 });

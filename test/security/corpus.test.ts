@@ -992,10 +992,10 @@ test.serial('audit backpressure: refusals and a grant while the broker\'s stderr
 });
 
 /** A second broker in a namespace of its own, for a test that may leave it broken. */
-async function isolated(tag: string, policy: string): Promise<{ ns2: Netns; b: BrokerProcess; done: () => Promise<void> }> {
+async function isolated(tag: string, policy: string, start: { linkEventQueue?: number } = {}): Promise<{ ns2: Netns; b: BrokerProcess; done: () => Promise<void> }> {
   const ns2 = Netns.create(tag);
   ns2.bridge('br0');
-  const b = await BrokerProcess.start(ns2, policy, { tag });
+  const b = await BrokerProcess.start(ns2, policy, { tag, ...start });
   return {
     ns2, b,
     done: async () => {
@@ -1026,8 +1026,17 @@ async function helloWithin(socket: string, ms: number): Promise<string> {
 // and leases.json keeps growing. (The code meant for this, onOverrun → resync, is never reached.)
 // Reproduced deterministically by stopping the broker (SIGSTOP) during a burst of 300 veth pairs.
 test.serial('rtnetlink overrun: a burst of host link events does not blind the broker to devices vanishing', async (t) => {
-  const { ns2, b, done } = await isolated('secovr', `[[rule]]\nname = "o"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
+  // The kernel's queue of link events for this broker is made small (64 KiB, not 4 MiB), so the burst below
+  // overruns it for real: events are lost, and the broker must notice and check its leases against a dump.
+  const { ns2, b, done } = await isolated('secovr', `[[rule]]\nname = "o"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`,
+    { linkEventQueue: 64 * 1024 });
   try {
+    // A lease live through the burst: its tap must still be there, and still leased, afterwards.
+    const holder = await nobody.connect(b.socket);
+    t.is(judge(await nobody.exchange(holder, HELLO)).code, 'hello');
+    const kept = judge(await nobody.exchange(holder, ct(), { hold: true }));
+    t.is(kept.code, 'create-tap', kept.message);
+    const keptName = kept.reply?.op === 'create-tap' ? kept.reply.device.name : '';
     process.kill(b.proc.pid!, 'SIGSTOP');
     const adds = Array.from({ length: 300 }, (_, i) => `link add ovr${i} type veth peer name ovp${i}`);
     const dels = Array.from({ length: 300 }, (_, i) => `link del ovr${i}`);
@@ -1037,7 +1046,14 @@ test.serial('rtnetlink overrun: a burst of host link events does not blind the b
     // until the broker has read them all, as its own loop does, before anything asks it for a device.
     await b.waitFor(() => b.linkEventsUnread() === 0, 5000, 'the broker did not read the burst of link events');
     const netlink = execFileSync('ip', ['netns', 'exec', ns2.name, 'cat', '/proc/net/netlink'], { encoding: 'utf8' });
-    t.log(`the broker's RTNLGRP_LINK socket after the burst (sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode):\n${netlink.split('\n').filter((l) => / 00000001 /.test(l)).join('\n')}`);
+    const mine = netlink.split('\n').filter((l) => / 00000001 /.test(l));
+    t.log(`the broker's RTNLGRP_LINK socket after the burst (sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode):\n${mine.join('\n')}`);
+    t.true(mine.some((l) => Number(l.trim().split(/\s+/)[8]) > 0), 'the kernel dropped events: the burst overran the queue');
+    await b.waitFor(() => /link events were lost .* leases checked against a fresh list/.test(b.stderr), 3000,
+      'the broker did not resynchronise after the overrun');
+    t.truthy(ns2.link(keptName), 'the lease live through the burst still has its tap');
+    t.true((await leaseNames(b)).includes(keptName), 'and is still leased');
+    await nobody.close(holder);
     const conn = await nobody.connect(b.socket);
     t.is(judge(await nobody.exchange(conn, HELLO)).code, 'hello');
     const got = judge(await nobody.exchange(conn, ct()));

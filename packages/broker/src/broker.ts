@@ -63,6 +63,8 @@ export interface BrokerOptions {
    * hand slow work back to the broker.
    */
   kernel?: (cleanup: Cleanup) => Kernel;
+  /** The kernel's queue of link events for the broker, in bytes (default 4 MiB); lost events cost a dump. */
+  linkEventQueue?: number;
 }
 
 export class Broker implements SessionHost, OpContext {
@@ -104,7 +106,8 @@ export class Broker implements SessionHost, OpContext {
       deleteLink: (ifindex, uid, name, why) => lifetimes.deleteLink(ifindex, uid, name, why),
     };
     const stateDir = opts.stateDir ?? '/run/tapbroker';
-    this.kernel = opts.kernel?.(cleanup) ?? new Netdev(cleanup, stateDir, opts.faults ?? NO_FAULTS);
+    this.kernel = opts.kernel?.(cleanup)
+      ?? new Netdev(cleanup, stateDir, opts.faults ?? NO_FAULTS, opts.linkEventQueue);
     this.reaper = new Reaper((ifindex) => this.kernel.deleteLink(ifindex));
     lifetimes = new Lifetimes(opts.stateDir, this.kernel, this.reaper, this.audit, () => this.policy, this.log);
     this.lifetimes = lifetimes;

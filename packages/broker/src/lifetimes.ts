@@ -355,7 +355,13 @@ export class Lifetimes implements Cleanup {
     this.kernel.observe(0, null);
     const links = new Map(this.kernel.links().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
+    this.resyncs++;
+    this.log(`link events were lost (the kernel's queue for them overran): ${this.table.size} leases checked `
+      + `against a fresh list of ${links.size} links (${this.resyncs} time${this.resyncs > 1 ? 's' : ''} so far)`);
   }
+
+  /** How many times lost link events made the broker check every lease against a dump. */
+  private resyncs = 0;
 
   /**
    * At start: devices the broker died while making are deleted; leases whose device is gone dropped;

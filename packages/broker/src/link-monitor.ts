@@ -4,6 +4,9 @@ import {
   AF_BRIDGE, IFINFOMSG, NLMSGHDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, parseLink, splitMessages, type Link,
 } from './rtnetlink.js';
 
+/** The kernel's queue of link events for the broker, in bytes (a teardown burst then seldom overruns it). */
+export const LINK_EVENT_QUEUE = 4 * 1024 * 1024;
+
 /**
  * RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK of a device (the
  * AF_BRIDGE port messages, e.g. a port leaving its bridge, are not the device and are not passed on);
@@ -20,11 +23,12 @@ export class LinkMonitor {
     private readonly onLink: (type: number, link: Link) => void,
     private readonly onOverrun: () => void,
     private readonly wants: (type: number, index: number) => boolean = () => true,
+    queueBytes = LINK_EVENT_QUEUE,
   ) {
     this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
     // A larger queue overruns less often under a teardown burst (each overrun costs one dump).
     try {
-      sys.setsockoptInt(this.fd, sys.SOL_SOCKET, 33 /* SO_RCVBUFFORCE */, 4 * 1024 * 1024);
+      sys.setsockoptInt(this.fd, sys.SOL_SOCKET, 33 /* SO_RCVBUFFORCE */, queueBytes);
     } catch {
       // Without CAP_NET_ADMIN the default stays; overruns are still handled.
     }

@@ -9,7 +9,7 @@ import {
   type TapRequest,
 } from './kernel.js';
 import { createMacvtap, macvtapParent } from './macvtap.js';
-import { LinkMonitor } from './link-monitor.js';
+import { LINK_EVENT_QUEUE, LinkMonitor } from './link-monitor.js';
 import {
   NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, deleteLinkInBackground, type Link,
 } from './rtnetlink.js';
@@ -28,6 +28,7 @@ export class Netdev implements Kernel {
    */
   constructor(
     readonly cleanup: Cleanup, readonly stateDir: string, readonly faultPoint: Faults = NO_FAULTS,
+    private readonly linkEventQueue = LINK_EVENT_QUEUE,
   ) {}
 
   close(): void {
@@ -54,8 +55,8 @@ export class Netdev implements Kernel {
     return deleteLinkInBackground(index);
   }
 
-  monitor(...args: ConstructorParameters<typeof LinkMonitor>): LinkMonitor {
-    return new LinkMonitor(...args);
+  monitor(...[onLink, onOverrun, wants]: Parameters<Kernel['monitor']>): LinkMonitor {
+    return new LinkMonitor(onLink, onOverrun, wants, this.linkEventQueue);
   }
 
   /**
