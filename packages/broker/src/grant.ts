@@ -18,7 +18,7 @@ import type { Outcome } from './session.js';
 import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
 
 /** Devices of one uid still being torn down, at most: beyond, its grants wait (TB_E_BUSY). */
-export const MAX_TEARDOWN_PER_UID = 32;
+const MAX_TEARDOWN_PER_UID = 32;
 
 export function createTap(ctx: OpContext, caller: Identity, req: CreateTapRequest): Promise<Outcome> {
   return createOne(ctx, caller, req);
