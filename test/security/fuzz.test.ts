@@ -40,10 +40,19 @@ function noPollution(): void {
   if (!isDeepStrictEqual(names, PROTO_NAMES)) throw new Error(`Object.prototype changed: ${names.join(',')}`);
 }
 
+/**
+ * Runs a decode and keeps its time. A frame over SLOW_MS is decoded twice more and judged by its fastest
+ * run: a pathological frame is slow every time, a garbage collection or a busy machine is not.
+ */
 function timed<T>(buf: Buffer, f: () => T): T {
-  const t0 = performance.now();
+  let t0 = performance.now();
   const r = f();
-  const ms = performance.now() - t0;
+  let ms = performance.now() - t0;
+  for (let again = 0; again < 2 && ms > SLOW_MS; again++) {
+    t0 = performance.now();
+    f();
+    ms = Math.min(ms, performance.now() - t0);
+  }
   if (ms > stats.slowestMs) {
     stats.slowestMs = ms;
     stats.slowestLen = buf.length;
