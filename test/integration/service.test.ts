@@ -183,7 +183,8 @@ test('check-policy: warnings for risky rules, with their lines, and --json', (t)
   has(/lacks the locally-administered bit/, 6);
   has(/no user `no-such-user-xyz'/, 13);
   has(/deny rule `d2' is shadowed by `d1'/, 22);
-  has(/deny rule `d3' matches nobody/, 27);
+  has(/deny rule `d3': no group `no-such-group-xyz' on this host; this deny rule matches every caller/, 27);
+  t.falsy(out.findings.find((f) => /deny rule `d3' matches nobody/.test(f.message)), 'it fails closed: it matches everyone');
   const text = tool('check-policy', file);
   t.regex(text.stdout, /risky\.toml:1: warning: rule `all' matches every user/);
 });

@@ -122,6 +122,55 @@ asRoot('symlinks are judged by what they lead to', (t) => {
   t.is(why(t, link2), `is writable by others (through ${open})`, 'the target directory is the one named');
 });
 
+asRoot('a symlink is judged by the directory it sits in, too: whoever writes there could repoint it', (t) => {
+  const { dir, file } = setUp();
+  // A directory root's group (or another user's) may write, holding only a symlink to root's good file.
+  const shared = path.join(dir, 'shared');
+  fs.mkdirSync(shared);
+  fs.chownSync(shared, 0, 65534);
+  fs.chmodSync(shared, 0o775);
+  const link = path.join(shared, 'policy.toml');
+  fs.symlinkSync(file, link);
+  t.is(why(t, link), `is writable by its group (through ${shared})`);
+  // A relative link, and a chain of two links: every directory holding one counts.
+  fs.chmodSync(shared, 0o755);
+  const hop = path.join(dir, 'hop');
+  fs.symlinkSync('shared/policy.toml', hop);
+  t.is(why(t, hop), null, 'root\'s directories all the way: trusted');
+  fs.chmodSync(shared, 0o757);
+  t.is(why(t, hop), `is writable by others (through ${shared})`);
+  fs.chmodSync(shared, 0o755);
+  fs.chownSync(shared, 65534, 0);
+  t.is(why(t, hop), `is owned by uid 65534 (through ${shared}), not root`);
+});
+
+asRoot('a symlink in a sticky directory counts only when root owns the link itself', (t) => {
+  const { dir, file } = setUp();
+  const sticky = path.join(dir, 'sticky');
+  fs.mkdirSync(sticky);
+  fs.chmodSync(sticky, 0o1777);
+  const link = path.join(sticky, 'l');
+  fs.symlinkSync(file, link);
+  t.is(why(t, link), null, 'root\'s link in a sticky directory: nobody else may rename or replace it');
+  fs.lchownSync(link, 65534, 65534);
+  t.is(why(t, link), `is writable by others (through ${sticky})`, 'another user\'s link there is theirs to repoint');
+});
+
+asRoot('`..` after a symlink is taken from where the link led, as the kernel does', (t) => {
+  const { dir, file } = setUp();
+  const deep = path.join(dir, 'a', 'b');
+  fs.mkdirSync(deep, { recursive: true });
+  const open = path.join(dir, 'open');
+  fs.mkdirSync(open);
+  fs.chmodSync(open, 0o777);
+  const viaOpen = path.join(open, 'to-b');
+  fs.symlinkSync(deep, viaOpen);
+  fs.copyFileSync(file, path.join(dir, 'a', 'g'));
+  // open/to-b/../g is a/g, reached through the world-writable directory holding the link.
+  t.is(why(t, `${viaOpen}/../g`), `is writable by others (through ${open})`);
+  t.is(why(t, `${deep}/../g`), null);
+});
+
 asRoot('a file that cannot be resolved', (t) => {
   const { dir } = setUp();
   t.is(why(t, path.join(dir, 'absent')), 'cannot be resolved (ENOENT)');

@@ -112,6 +112,40 @@ test('a user that does not exist loads with a warning and matches nobody', (t) =
   t.is(p.allow[0]!.who.uids.size, 0);
 });
 
+test('a deny rule naming a user that cannot be looked up fails closed: that name, or a caller whose own is unknown', (t) => {
+  const p = parsePolicy([
+    '[[rule]]', 'name = "all"', 'users = ["*"]', 'bridges = ["br0", "br1"]', '',
+    '[[deny]]', 'users = ["no-such-user-here"]', 'bridges = ["br0"]',
+  ].join('\n'), 'p.toml');
+  t.regex(p.warnings.join('\n'), /deny rule `deny\.0': no user `no-such-user-here' on this host; this deny rule matches callers of that name and callers whose name cannot be looked up until a reload finds it/);
+  t.deepEqual(p.deny[0]!.who.unresolved, { users: ['no-such-user-here'], groups: [] });
+  const as = (user: string | null | undefined) => ({ ...caller(4242), ...(user === undefined ? {} : { user }) });
+  t.false(decide(p, as('no-such-user-here'), ask(), none).allow, 'a caller of that name (the account came back)');
+  t.false(decide(p, as(null), ask(), none).allow, 'a caller whose name the broker could not look up');
+  t.false(decide(p, as(undefined), ask(), none).allow, 'a caller whose name nobody asked');
+  t.true(decide(p, as('alice'), ask(), none).allow, 'a caller known by another name');
+  t.true(decide(p, as(null), ask({ parent: 'br1' }), none).allow, 'outside the deny rule\'s bridges');
+  // In an allow rule an unknown name matches nobody, as before.
+  t.regex(p.warnings.join('\n'), /^(?!.*rule `all').*$/s);
+});
+
+test('a deny rule naming a group that cannot be looked up denies every caller in its scope until a reload', (t) => {
+  const p = parsePolicy([
+    '[[rule]]', 'name = "all"', 'users = ["*"]', 'bridges = ["br0", "br1"]', '',
+    '[[deny]]', 'name = "contractors"', 'groups = ["no-such-group-here"]', 'bridges = ["br0"]',
+  ].join('\n'), 'p.toml');
+  t.regex(p.warnings.join('\n'), /deny rule `contractors': no group `no-such-group-here' on this host; this deny rule matches every caller until a reload finds it/);
+  const d = decide(p, { ...caller(4242), user: 'alice' }, ask(), none);
+  t.false(d.allow);
+  t.like(d, { code: 'TB_E_POLICY_DENIED', rule: 'contractors' });
+  t.true(decide(p, { ...caller(4242), user: 'alice' }, ask({ parent: 'br1' }), none).allow);
+  // An allow rule's unknown group still matches nobody.
+  const q = parsePolicy('[[rule]]\nname = "x"\ngroups = ["no-such-group-here"]\nbridges = ["br0"]\n', 'q.toml');
+  t.regex(q.warnings[0]!, /no group `no-such-group-here' on this host; it matches nobody/);
+  t.deepEqual(q.allow[0]!.who.unresolved, { users: [], groups: [] });
+  t.false(decide(q, caller(4242), ask(), none).allow);
+});
+
 const invalid = test.macro({
   exec(t, text: string, pattern: RegExp) {
     const err = t.throws(() => parsePolicy(text, 'p.toml'));

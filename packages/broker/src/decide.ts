@@ -29,6 +29,11 @@ export interface Selector {
    * process can drop a group it holds (setgroups in a user namespace); it cannot leave the database.
    */
   members: ReadonlySet<number>;
+  /**
+   * Deny rules only: names the account database could not look up at load (a directory service not up
+   * yet, a deleted account). A deny fails closed on them: see matchesDeny.
+   */
+  unresolved: { users: readonly string[]; groups: readonly string[] };
 }
 
 export interface AllowRule {
@@ -117,9 +122,15 @@ export function matches(who: Selector, caller: Caller): boolean {
   return caller.groups.some((g) => who.gids.has(g));
 }
 
-/** A deny rule's selector: as for allow rules, or membership of a group by the account database. */
-export function matchesDeny(who: Selector, caller: Caller): boolean {
-  return matches(who, caller) || who.members.has(caller.uid);
+/**
+ * A deny rule's selector: as for allow rules, or membership of a group by the account database. A deny
+ * never lets someone through because a name in it could not be looked up: a user name it could not
+ * resolve still matches a caller of that name, or whose own name is unknown; a group it could not resolve
+ * matches every caller (nobody can tell its members), until a reload resolves it.
+ */
+export function matchesDeny(who: Selector, caller: Caller & { user?: string | null }): boolean {
+  if (matches(who, caller) || who.members.has(caller.uid) || who.unresolved.groups.length > 0) return true;
+  return who.unresolved.users.length > 0 && (!caller.user || who.unresolved.users.includes(caller.user));
 }
 
 export function macInPrefix(mac: string, prefix: string): boolean {

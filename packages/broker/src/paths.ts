@@ -1,28 +1,73 @@
 // Files root trusts must be files only root could have changed: the policy, hooks, the state directory,
-// the audit file, the socket's directory. As OpenSSH's StrictModes has it: the file (after symlinks)
-// and every directory above it are root's and writable by nobody else, except a sticky directory
-// (such as /tmp) whose entry is root's.
+// the audit file, the socket's directory. As OpenSSH's StrictModes has it: the file and every directory
+// it is reached through are root's and writable by nobody else, except a sticky directory (such as /tmp)
+// whose entry is root's. The path is walked as given, a symlink at a time: a directory that only holds a
+// symlink on the way counts as much as the directories above the file it leads to, or whoever can write
+// there could point the link elsewhere between the check and the read.
 import fs from 'node:fs';
 import path from 'node:path';
 
-/** Why a user other than root could have changed `file` or any directory above it; null if none could. */
+/** Symlinks followed on one path, at most (the kernel's own limit). */
+const MAX_LINKS = 40;
+
+/** Why a user other than root could have changed `file` or any directory on the way to it; null if none could. */
 export function notRootsAlone(file: string): string | null {
-  let real: string;
+  // Each directory the walk goes through, with the entry it takes from there (for the sticky exemption).
+  const steps: Step[] = [];
+  let target: { file: string; st: fs.Stats };
   try {
-    real = fs.realpathSync(file);
+    // Not path.resolve: it would take `link/..` away as text, where the kernel follows the link first.
+    target = walk(path.isAbsolute(file) ? file : `${process.cwd()}/${file}`, steps);
   } catch (err) {
     return `cannot be resolved (${(err as NodeJS.ErrnoException).code ?? String(err)})`;
   }
-  let entry: fs.Stats | null = null;
-  for (let p = real; ; p = path.dirname(p)) {
-    const st = fs.statSync(p);
-    const where = p === real ? '' : ` (through ${p})`;
-    if (st.uid !== 0) return `is owned by uid ${st.uid}${where}, not root`;
-    const sticky = st.isDirectory() && (st.mode & 0o1000) !== 0 && entry !== null && entry.uid === 0;
-    if ((st.mode & 0o022) !== 0 && !sticky) return `is writable by ${st.mode & 0o002 ? 'others' : 'its group'}${where}`;
-    if (p === path.dirname(p)) return null;
-    entry = st;
+  if (target.st.uid !== 0) return `is owned by uid ${target.st.uid}, not root`;
+  if ((target.st.mode & 0o022) !== 0) return `is writable by ${target.st.mode & 0o002 ? 'others' : 'its group'}`;
+  // The nearest directory first: the one an administrator is most likely to have to fix.
+  for (const { dir, st, entry } of steps.reverse()) {
+    if (st.uid !== 0) return `is owned by uid ${st.uid} (through ${dir}), not root`;
+    const sticky = (st.mode & 0o1000) !== 0 && entry.uid === 0;
+    if ((st.mode & 0o022) !== 0 && !sticky) {
+      return `is writable by ${st.mode & 0o002 ? 'others' : 'its group'} (through ${dir})`;
+    }
   }
+  return null;
+}
+
+type Step = { dir: string; st: fs.Stats; entry: fs.Stats };
+
+/** Resolves `abs` component by component, as the kernel does, noting every directory passed through. */
+function walk(abs: string, steps: Step[]): { file: string; st: fs.Stats } {
+  const todo = abs.split('/').filter((c) => c !== '' && c !== '.');
+  let cur = '/';
+  let st = fs.statSync('/');
+  let links = 0;
+  while (todo.length > 0) {
+    const name = todo.shift()!;
+    if (!st.isDirectory()) throw Object.assign(new Error(`${cur} is not a directory`), { code: 'ENOTDIR' });
+    if (name === '..') {
+      // From the directory reached, not from the path's text: the kernel's `..' after a symlink.
+      cur = path.dirname(cur);
+      st = fs.statSync(cur);
+      continue;
+    }
+    const next = path.join(cur, name);
+    const entry = fs.lstatSync(next);
+    steps.push({ dir: cur, st, entry });
+    if (entry.isSymbolicLink()) {
+      if (++links > MAX_LINKS) throw Object.assign(new Error(`too many symlinks in ${abs}`), { code: 'ELOOP' });
+      const to = fs.readlinkSync(next);
+      todo.unshift(...to.split('/').filter((c) => c !== '' && c !== '.'));
+      if (to.startsWith('/')) {
+        cur = '/';
+        st = fs.statSync('/');
+      }
+      continue;
+    }
+    cur = next;
+    st = entry;
+  }
+  return { file: cur, st };
 }
 
 /**

@@ -126,7 +126,7 @@ export function policyWarnings(p: Policy): Finding[] {
       warn(d, `deny rule \`${d.name}' names groups: it holds for members by the account database `
         + `(read at load) and by the caller's own groups; a member added later is covered after a reload`);
     }
-    if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0) {
+    if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0 && !unresolved(d.who)) {
       warn(d, `deny rule \`${d.name}' matches nobody on this host: it is unreachable`);
     }
     const earlier = p.deny.slice(0, i).find((e) => covers(p, e, d));
@@ -147,7 +147,13 @@ function hostBridges(): string[] {
   }
 }
 
+/** A deny rule naming a user or group this host could not look up (it fails closed: matchesDeny). */
+const unresolved = (who: Selector) => who.unresolved.users.length + who.unresolved.groups.length > 0;
+
 function selectorCovers(a: Selector, b: Selector): boolean {
+  // A deny with a group nobody could look up matches every caller.
+  if (a.unresolved.groups.length > 0) return true;
+  if (unresolved(b)) return a.everyone;
   // A selector that matches nobody is reported as unreachable, not as shadowed.
   if (!b.everyone && b.uids.size === 0 && b.gids.size === 0) return false;
   return (
@@ -323,7 +329,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     } catch {
       // A uid without a passwd entry has only its primary group.
     }
-    const caller = { uid: pw.uid, gid: pw.gid, groups };
+    const user = /^\d+$/.test(o.user) ? getpwuid(pw.uid)?.name ?? null : o.user;
+    const caller = { uid: pw.uid, gid: pw.gid, groups, user };
     const allows = policy.allow.filter((r) => matches(r.who, caller));
     const denies = policy.deny.filter((d) => matchesDeny(d.who, caller));
     const everything = (d: DenyRule) => d.bridges === null && d.parents === null && d.networks === null;

@@ -344,7 +344,7 @@ function knownKeys(path: ReadonlyArray<PropertyKey>): readonly string[] {
 
 function resolveSelector(
   users: ReadonlyArray<string | number> | undefined, groups: ReadonlyArray<string | number> | undefined,
-  what: string, warnings: string[], errors: string[], path: string, withMembers = false,
+  what: string, warnings: string[], errors: string[], path: string, deny = false,
 ): Selector {
   if ((users?.length ?? 0) + (groups?.length ?? 0) === 0) {
     errors.push(`${path}: ${what} names no users and no groups (use users = ["*"] to mean everyone)`);
@@ -352,13 +352,23 @@ function resolveSelector(
   let everyone = false;
   const uids = new Set<number>();
   const gids = new Set<number>();
+  const unresolved = { users: [] as string[], groups: [] as string[] };
+  // An allow rule's unknown name matches nobody; a deny rule's fails closed (matchesDeny).
+  const effect = (kind: 'user' | 'group') => (deny
+    ? kind === 'user'
+      ? 'this deny rule matches callers of that name and callers whose name cannot be looked up'
+      : 'this deny rule matches every caller'
+    : 'it matches nobody');
   for (const u of users ?? []) {
     if (u === '*') everyone = true;
     else if (typeof u === 'number') uids.add(u);
     else {
       const pw = getpwnam(u);
       if (pw) uids.add(pw.uid);
-      else warnings.push(`${path}: ${what}: no user \`${u}' on this host; it matches nobody`);
+      else {
+        if (deny) unresolved.users.push(u);
+        warnings.push(`${path}: ${what}: no user \`${u}' on this host; ${effect('user')} until a reload finds it`);
+      }
     }
   }
   for (const g of groups ?? []) {
@@ -366,10 +376,13 @@ function resolveSelector(
     else {
       const gid = getgrnam(g);
       if (gid !== null) gids.add(gid);
-      else warnings.push(`${path}: ${what}: no group \`${g}' on this host; it matches nobody`);
+      else {
+        if (deny) unresolved.groups.push(g);
+        warnings.push(`${path}: ${what}: no group \`${g}' on this host; ${effect('group')} until a reload finds it`);
+      }
     }
   }
   const members = new Set<number>();
-  if (withMembers) for (const set of accountMembers(gids).values()) for (const u of set) members.add(u);
-  return { everyone, uids, gids, members };
+  if (deny) for (const set of accountMembers(gids).values()) for (const u of set) members.add(u);
+  return { everyone, uids, gids, members, unresolved };
 }
