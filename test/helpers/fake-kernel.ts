@@ -39,6 +39,7 @@ export class FakeKernel implements Kernel {
   refuseAt: FaultPoint | null = null;
   private readonly pinned = new Set<number>();
   private readonly events: Array<[number, Link]> = [];
+  private lost = false;
   private listeners: Array<{
     onLink: (type: number, link: Link) => void;
     wants: (type: number, index: number) => boolean;
@@ -64,6 +65,22 @@ export class FakeKernel implements Kernel {
   }
 
   /** The last fd of a tap closed (its holder exited): the kernel deletes it and says so. */
+  /**
+   * What a holder can do to its device with its fd and no capability (TUNSETPERSIST, TUNSETOWNER,
+   * SIOCSIFHWADDR): the device changes and an event says so.
+   */
+  holderChanges(name: string, change: Partial<Pick<Link, 'persist' | 'address' | 'tun'>>): void {
+    const link = this.named(name);
+    if (!link) throw new Error(`no device ${name}`);
+    Object.assign(link, change);
+    this.changed(link);
+  }
+
+  /** The broker's queue of events overruns: what is queued now is lost, and its next read says so. */
+  loseEvents(): void {
+    this.lost = true;
+  }
+
   lastFdClosed(name: string): void {
     const link = this.named(name);
     if (!link || link.persist) throw new Error(`${name} is not an fd-passed tap`);
@@ -215,13 +232,18 @@ export class FakeKernel implements Kernel {
 
   monitor(
     onLink: (type: number, link: Link) => void,
-    _onOverrun: () => void,
+    onOverrun: () => void,
     wants: (type: number, index: number) => boolean,
   ): { drain(): void; close(): void } {
     const listener = { onLink, wants };
     this.listeners.push(listener);
     return {
       drain: () => {
+        if (this.lost) {
+          this.lost = false;
+          this.events.splice(0);
+          return onOverrun();
+        }
         for (const [type, link] of this.events.splice(0)) if (wants(type, link.index)) onLink(type, copy(link));
       },
       close: () => {

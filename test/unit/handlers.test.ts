@@ -437,6 +437,47 @@ for (const row of ROWS) {
   });
 }
 
+test('lost link events: a tap its holder made persistent (allowed) and gave another MAC is still deleted', async (t) => {
+  // Found by an outside review: after a resync, the lease was converted to a persistent one and its new
+  // MAC never judged (no later event came to show it), so the tap lived on with another guest's address.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
+  const records: AuditRecord[] = [];
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    policy: parsePolicy(POLICY),
+    stateDir: dir,
+    audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  const held: number[] = [];
+  try {
+    host(kernel);
+    broker.lifetimes.start();
+    const who = caller(1000);
+    const got = await ask(broker, who, tap({ bridge: 'br1' }));
+    held.push(...got.fds);
+    const name = (got.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    // The rule (pets) allows persistent taps; the holder makes its tap persistent and takes another MAC,
+    // and the broker's queue of events overruns meanwhile.
+    kernel.holderChanges(name, { persist: true, address: Buffer.from('525400aaaaaa', 'hex') });
+    kernel.loseEvents();
+    const seen = records.length;
+    await ask(broker, who, { op: 'list' });
+    await settled(broker);
+    t.is(kernel.linkNamed(name), null, 'the device is deleted');
+    const after = records.slice(seen).map((r) => `${r.decision}: ${r.message ?? ''}`);
+    t.true(after.some((m) => /^cleanup: its MAC was changed to 52:54:00:aa:aa:aa/.test(m)), after.join('\n'));
+    t.like((await ask(broker, who, { op: 'list' })).reply, { op: 'list', leases: [] }, 'no lease left');
+  } finally {
+    for (const fd of held) fs.closeSync(fd);
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('the table covers every op and every outcome a create can have', (t) => {
   const ops = new Set(ROWS.map((r) => r.request['op']));
   for (const op of ['create-tap', 'create-macvtap', 'create', 'can', 'release', 'reload']) t.true(ops.has(op), op);

@@ -281,7 +281,9 @@ export class Lifetimes implements Cleanup {
           converted,
           'its holder made it persistent; the rule allows that: it is now a persistent lease',
         );
-        return;
+        // Judged again as what it now is: a MAC changed at the same time shows in no later event (after
+        // lost events, none comes at all).
+        return this.judge(converted, link);
       }
     }
     const why = {
