@@ -234,7 +234,7 @@ export class FakeKernel implements Kernel {
     onLink: (type: number, link: Link) => void,
     onOverrun: () => void,
     wants: (type: number, index: number) => boolean,
-  ): { drain(): void; close(): void } {
+  ): { drain(): boolean; close(): void } {
     const listener = { onLink, wants };
     this.listeners.push(listener);
     return {
@@ -242,9 +242,11 @@ export class FakeKernel implements Kernel {
         if (this.lost) {
           this.lost = false;
           this.events.splice(0);
-          return onOverrun();
+          onOverrun();
+          return true;
         }
         for (const [type, link] of this.events.splice(0)) if (wants(type, link.index)) onLink(type, copy(link));
+        return true;
       },
       close: () => {
         this.listeners = this.listeners.filter((l) => l !== listener);

@@ -627,6 +627,27 @@ test.serial('B13: a renamed user: after a reload, {user} patterns and audit reco
   }
 });
 
+test.serial('A11: a holder flooding link events (offload toggles on its tap fd) loses its tap; everyone else is served', async (t) => {
+  // Found by an outside review: each TUNSETOFFLOAD on a leased tap's fd is one link event the broker decoded and
+  // judged, in a loop that ran until the queue was empty, so a holder toggling in a loop froze the broker for
+  // every user (seconds per request). Now a drain reads a budget of events per turn, and a device sending more
+  // than MAX_LINK_EVENTS_PER_SECOND is deleted like any other breach of its terms.
+  const attacker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], floodOffloads: 1_000_000 });
+  try {
+    const a = attacker.result.taps[0]!.device;
+    t.truthy(attacker.result.offloads, 'the flood ran');
+    t.not(attacker.result.offloads!.stoppedBy, null, `all ${attacker.result.offloads!.toggles} toggles went through: the tap outlived its flood`);
+    t.true(attacker.result.offloads!.toggles > 500, `it stopped after ${attacker.result.offloads!.toggles} toggles: before it flooded`);
+    await broker.waitFor(() => ns.link(a.name) === undefined, 5000, `${a.name} survived its flood`);
+    const rec = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === a.name
+      && /link events in a second/.test(r.message ?? ''));
+    t.is(rec.uid, NOBODY, 'the cleanup is on the holder\'s account');
+    await serves(t, broker);
+  } finally {
+    await attacker.release();
+  }
+});
+
 test.serial('A10: a holder that takes another guest\'s MAC loses its tap, and the guest\'s forwarding entry goes back to its port', async (t) => {
   // The victim's guest sends a frame: the bridge learns its MAC on the victim's port.
   const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], write: true }, { uid: OTHER_UID });

@@ -149,7 +149,7 @@ export interface Kernel {
     onLink: (type: number, link: Link) => void,
     onOverrun: () => void,
     wants: (type: number, index: number) => boolean,
-  ): { drain(): void; close(): void };
+  ): { drain(): boolean; close(): void };
   followBridges(): void;
   follows(index: number): boolean;
   observe(type: number, link: Link | null): void;

@@ -18,6 +18,9 @@ import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
 const KERNEL_KIND = { tap: 'tun', macvtap: 'macvtap' } as const;
 
+/** Link events one device may send per second; real devices send a handful when they change. */
+export const MAX_LINK_EVENTS_PER_SECOND = 500;
+
 export interface RetireOptions {
   op: string;
   decision: 'cleanup' | 'release' | 'reconcile';
@@ -34,7 +37,9 @@ export class Lifetimes implements Cleanup {
   private readonly creating = new Set<string>();
   private readonly holderWatches = new Map<string, { close(): void }>();
   private readonly unplugs = new Set<Promise<unknown>>();
-  private monitor: { drain(): void; close(): void } | null = null;
+  private monitor: { drain(): boolean; close(): void } | null = null;
+  /** Link events per lease in the current second, to find a holder flooding them (see wants). */
+  private readonly events = new Map<number, { n: number; since: number }>();
   /** This broker's identity in its devices' tags. */
   readonly brokerId: string;
 
@@ -85,9 +90,13 @@ export class Lifetimes implements Cleanup {
 
   // ---- the table as a decision sees it
 
-  /** Applies every link event the kernel has already sent, so a decision never counts a gone device. */
+  /**
+   * Applies every link event the kernel has already sent, so a decision never counts a gone device. During
+   * a flood of events only a budget of them: bridges are then looked up afresh, not taken from events that
+   * may still be queued, and a gone device may still count against its owner until its event is read.
+   */
   catchUp(): void {
-    this.monitor?.drain();
+    if (this.monitor?.drain() === false) this.kernel.observe(0, null);
   }
 
   /** The caller's devices per rule: a lookup, computed after catchUp(). */
@@ -178,6 +187,7 @@ export class Lifetimes implements Cleanup {
    */
   async retire(l: LeaseRecord, o: RetireOptions): Promise<void> {
     this.table.remove(l.id);
+    this.events.delete(l.ifindex);
     this.creating.delete(l.id);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
@@ -204,6 +214,7 @@ export class Lifetimes implements Cleanup {
   /** A lease whose device is already gone: dropped and unplugged. */
   private dropVanished(l: LeaseRecord, message: string): void {
     if (!this.table.remove(l.id)) return;
+    this.events.delete(l.ifindex);
     this.creating.delete(l.id);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
@@ -238,7 +249,26 @@ export class Lifetimes implements Cleanup {
   private wants(type: number, index: number): boolean {
     if (this.kernel.follows(index)) return true;
     const l = this.table.byIfindex(index);
-    return !!l && (type === RTM_DELLINK || !this.creating.has(l.id));
+    if (!l) return false;
+    if (type === RTM_DELLINK) return true;
+    return !this.creating.has(l.id) && !this.flooding(l);
+  }
+
+  /**
+   * A device sending more than MAX_LINK_EVENTS_PER_SECOND is being used against the broker (a holder
+   * toggling its offloads, its MTU or its carrier in a loop): it is deleted, as any other breach of its
+   * terms is, before its events can crowd out everyone else's requests.
+   */
+  private flooding(l: LeaseRecord): boolean {
+    const now = performance.now();
+    let w = this.events.get(l.ifindex);
+    if (!w || now - w.since > 1000) this.events.set(l.ifindex, (w = { n: 0, since: now }));
+    if (++w.n <= MAX_LINK_EVENTS_PER_SECOND) return false;
+    this.events.delete(l.ifindex);
+    const message = `its holder made it send more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second `
+      + '(a flood of changes to the device): deleted';
+    void this.retire(l, { op: 'cleanup', decision: 'cleanup', message }).catch(() => {});
+    return true;
   }
 
   private onLink(type: number, link: Link): void {

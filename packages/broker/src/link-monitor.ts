@@ -8,10 +8,17 @@ import {
 export const LINK_EVENT_QUEUE = 4 * 1024 * 1024;
 
 /**
+ * Reads per drain at most. Events can come faster than they are decoded (a holder toggling its tap's
+ * offloads, which needs no capability, sends one per ioctl): past this the rest waits for the next turn of
+ * the event loop, and everyone else is served meanwhile.
+ */
+export const DRAIN_BUDGET = 256;
+
+/**
  * RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK of a device (the
  * AF_BRIDGE port messages, e.g. a port leaving its bridge, are not the device and are not passed on);
  * `onOverrun` once per overrun, when some were lost. `drain()` applies what is queued now, so a decision
- * never runs on a table older than the events the kernel already sent.
+ * never runs on a table older than the events the kernel already sent (during a flood, up to a budget).
  */
 export class LinkMonitor {
   private readonly fd: number;
@@ -39,9 +46,11 @@ export class LinkMonitor {
     this.watch = watchReadable(this.fd, () => this.drain());
   }
 
-  drain(): void {
+  /** Applies what is queued, up to DRAIN_BUDGET reads; false when some was left for later. */
+  drain(): boolean {
     let overrun = false;
-    for (;;) {
+    let emptied = false;
+    for (let reads = 0; reads < DRAIN_BUDGET; reads++) {
       let got: sys.MsgIn | null;
       try {
         got = this.rx.recv(this.fd, sys.MSG_DONTWAIT);
@@ -52,7 +61,10 @@ export class LinkMonitor {
         }
         throw err;
       }
-      if (got === null) break;
+      if (got === null) {
+        emptied = true;
+        break;
+      }
       for (const m of splitMessages(got.data)) {
         const type = m.readUInt16LE(4);
         if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
@@ -62,8 +74,9 @@ export class LinkMonitor {
         this.onLink(type, parseLink(m));
       }
     }
-    // One resync after the queue is empty: a dump then reflects everything lost.
+    // One resync after the reads: a dump then reflects everything lost.
     if (overrun) this.onOverrun();
+    return emptied;
   }
 
   close(): void {
