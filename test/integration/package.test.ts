@@ -113,6 +113,57 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
   }
 });
 
+// The maintainer scripts' calls to systemd, through stand-ins for deb-systemd-helper, deb-systemd-invoke and
+// systemctl that log their arguments, with /run/systemd/system present (a tmpfs over /run in a private mount
+// namespace): install, remove (config files kept), install again, upgrade.
+const LIFECYCLE = String.raw`
+set -eu
+pkg=$1; bin=$2
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/system
+for tool in deb-systemd-helper deb-systemd-invoke systemctl; do
+  printf '#!/bin/sh
+echo "%s $*" >> %s/calls
+[ "$1 $2" != "--quiet was-enabled" ] || [ -e %s/enabled ]
+' "$tool" "$bin" "$bin" > "$bin/$tool"
+  chmod 755 "$bin/$tool"
+done
+for tool in systemd-sysusers systemd-tmpfiles; do printf '#!/bin/sh
+' > "$bin/$tool"; chmod 755 "$bin/$tool"; done
+export PATH="$bin:$PATH"
+step() { echo "== $*" >> "$bin/calls"; }
+step install;   sh "$pkg/postinst" configure; touch "$bin/enabled"
+step remove;    sh "$pkg/prerm" remove; sh "$pkg/postrm" remove
+step reinstall; sh "$pkg/postinst" configure 0.4.0
+step upgrade;   sh "$pkg/prerm" upgrade 0.5.0; sh "$pkg/postinst" configure 0.4.0
+cat "$bin/calls"
+`;
+
+test.serial('maintainer scripts: the socket runs after an install, after a removal and an install again, and after an upgrade', (t) => {
+  const bin = tempDir('pkgcalls');
+  try {
+    const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', LIFECYCLE, 'sh', path.join(ROOT, 'packaging'), bin], { encoding: 'utf8' });
+    t.is(r.status, 0, r.stderr);
+    const phases = new Map<string, string[]>();
+    let cur = '';
+    for (const line of r.stdout.split('\n').filter(Boolean)) {
+      if (line.startsWith('== ')) phases.set((cur = line.slice(3)), []);
+      else phases.get(cur)!.push(line);
+    }
+    const starts = (p: string) => phases.get(p)!.some((l) => l === 'deb-systemd-invoke start tapbrokerd.socket');
+    t.true(starts('install'), phases.get('install')!.join('\n'));
+    t.deepEqual(phases.get('remove'), ['deb-systemd-invoke stop tapbrokerd.socket tapbrokerd.service', 'deb-systemd-helper mask tapbrokerd.socket', 'systemctl --system daemon-reload']);
+    // Installed again over the config files a removal kept: $2 names the old version, as in an upgrade.
+    t.true(phases.get('reinstall')!.includes('deb-systemd-helper unmask tapbrokerd.socket'), phases.get('reinstall')!.join('\n'));
+    t.true(starts('reinstall'), `the socket stays stopped after a reinstall: ${phases.get('reinstall')!.join('; ')}`);
+    t.true(starts('upgrade'));
+    t.true(phases.get('upgrade')!.includes('deb-systemd-invoke try-restart tapbrokerd.service'), 'an upgrade restarts a running broker');
+    t.false(phases.get('upgrade')!.some((l) => / stop /.test(` ${l} `)), 'an upgrade stops nothing (running VMs keep their NICs)');
+  } finally {
+    fs.rmSync(bin, { recursive: true, force: true });
+  }
+});
+
 maybe('the installed broker grants a tap to a client, from the package\'s own files', async (t) => {
   const root = tempDir('pkgx');
   const ns = Netns.create('pkg');
