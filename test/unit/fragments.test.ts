@@ -112,6 +112,37 @@ test('the broker refuses a fragment, or a fragment directory, a user other than 
   }
 });
 
+test('check-policy, as root, refuses what the broker would refuse (exit 78); as another user it warns', (t) => {
+  // Found by an outside review: `tapbrokerd check-policy && systemctl reload tapbrokerd` passed on a fragment
+  // another user could write, and the reload then failed (logged only).
+  const { dir, file } = setUp(rule('main', '"br0"'), { 'a.toml': rule('a', '"br1"') });
+  try {
+    fs.chmodSync(path.join(dir, 'policy.d', 'a.toml'), 0o666);
+    const root = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
+    t.is(root.status, 78, root.stdout);
+    t.regex(root.stderr, /policy\.d\/a\.toml:-: error: is writable by others: a user other than root could change the policy/);
+    fs.chmodSync(dir, 0o755);
+    const user = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8', uid: 65534, gid: 65534 });
+    t.is(user.status, 0, user.stderr);
+    t.regex(user.stdout, /a\.toml is writable by others: a user other than root could change it, and tapbrokerd refuses to run on it/);
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('a fragment that cannot be read is named by check-policy, though its error has no line', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), {});
+  try {
+    fs.mkdirSync(path.join(dir, 'policy.d', '30-dir.toml'), { recursive: true, mode: 0o755 });
+    fs.chmodSync(path.join(dir, 'policy.d'), 0o755);
+    const r = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
+    t.is(r.status, 78);
+    t.regex(r.stderr, new RegExp(`^${dir}/policy\\.d/30-dir\\.toml:-: error: cannot read the policy: EISDIR`, 'm'));
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
 test('the tools read the same set: check-policy names the fragment a warning is about', (t) => {
   const { dir, file } = setUp(rule('main', '"br-none0"'), { 'a.toml': '[[rule]]\nname = "everyone"\nusers = ["*"]\nbridges = ["br-none1"]\n' });
   try {

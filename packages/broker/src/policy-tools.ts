@@ -27,7 +27,11 @@ export interface Finding {
 /** `FILE:LINE[:COLUMN]: message` (as the policy loader words errors and warnings) as a finding. */
 function finding(level: Finding['level'], text: string): Finding {
   const m = /^(.+?):(\d+)(?::(\d+))?: ?/.exec(text);
-  if (!m) return { level, line: null, message: text.replace(/^[^:]*: /, '') };
+  if (!m) {
+    // `FILE: message` without a line (a fragment that cannot be read): the file is still named.
+    const f = /^([^\s:]*(?:\/|\.toml)[^\s:]*): /.exec(text);
+    return { level, ...(f ? { file: f[1]! } : {}), line: null, message: text.replace(/^[^:]*: /, '') };
+  }
   return {
     level, file: m[1]!, line: Number(m[2]), ...(m[3] ? { column: Number(m[3]) } : {}), message: text.slice(m[0].length),
   };
@@ -287,7 +291,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
     const unsafe = untrustedPolicyFile(o.file);
-    if (unsafe && opts.asBroker) {
+    // As root (the administrator about to reload) it is the broker's own refusal; a user checking a draft
+    // of their own is told, and carries on.
+    if (unsafe && (opts.asBroker || process.geteuid?.() === 0)) {
       process.stderr.write(`${unsafe.file}:-: error: ${unsafe.why}: a user other than root could change the policy\n`);
       return EX.CONFIG;
     }
