@@ -117,7 +117,7 @@ test('a deny rule naming a user that cannot be looked up fails closed: that name
     '[[rule]]', 'name = "all"', 'users = ["*"]', 'bridges = ["br0", "br1"]', '',
     '[[deny]]', 'users = ["no-such-user-here"]', 'bridges = ["br0"]',
   ].join('\n'), 'p.toml');
-  t.regex(p.warnings.join('\n'), /deny rule `deny\.0': no user `no-such-user-here' on this host; this deny rule matches callers of that name and callers whose name cannot be looked up until a reload finds it/);
+  t.regex(p.warnings.join('\n'), /deny rule `deny\.0': no user `no-such-user-here' on this host; this deny rule matches callers of that name and callers whose name cannot be looked up, until a reload finds it/);
   t.deepEqual(p.deny[0]!.who.unresolved, { users: ['no-such-user-here'], groups: [] });
   const as = (user: string | null | undefined) => ({ ...caller(4242), ...(user === undefined ? {} : { user }) });
   t.false(decide(p, as('no-such-user-here'), ask(), none).allow, 'a caller of that name (the account came back)');

@@ -356,8 +356,9 @@ function resolveSelector(
   // An allow rule's unknown name matches nobody; a deny rule's fails closed (matchesDeny).
   const effect = (kind: 'user' | 'group') => (deny
     ? kind === 'user'
-      ? 'this deny rule matches callers of that name and callers whose name cannot be looked up'
-      : 'this deny rule matches every caller'
+      ? 'this deny rule matches callers of that name and callers whose name cannot be looked up, until a reload '
+        + 'finds it'
+      : 'this deny rule matches every caller until a reload finds it'
     : 'it matches nobody');
   for (const u of users ?? []) {
     if (u === '*') everyone = true;
@@ -367,7 +368,7 @@ function resolveSelector(
       if (pw) uids.add(pw.uid);
       else {
         if (deny) unresolved.users.push(u);
-        warnings.push(`${path}: ${what}: no user \`${u}' on this host; ${effect('user')} until a reload finds it`);
+        warnings.push(`${path}: ${what}: no user \`${u}' on this host; ${effect('user')}`);
       }
     }
   }
@@ -378,7 +379,7 @@ function resolveSelector(
       if (gid !== null) gids.add(gid);
       else {
         if (deny) unresolved.groups.push(g);
-        warnings.push(`${path}: ${what}: no group \`${g}' on this host; ${effect('group')} until a reload finds it`);
+        warnings.push(`${path}: ${what}: no group \`${g}' on this host; ${effect('group')}`);
       }
     }
   }
