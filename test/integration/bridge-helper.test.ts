@@ -94,6 +94,51 @@ test.serial('an --fd that is not a socket is refused before the broker is asked'
   t.is(fx.broker.records.length, before, 'the broker saw nothing');
 });
 
+test.serial('an --fd that is a socket but not a unix one is refused before the broker is asked', async (t) => {
+  const before = fx.broker.records.length;
+  const udp = sys.socket(2 /* AF_INET */, 2 /* SOCK_DGRAM */);
+  try {
+    const r = await helper(['--br=br0', '--fd=3'], { fd: udp });
+    t.is(r.code, 1);
+    t.regex(r.err, /--fd=3 is not a unix socket/);
+  } finally {
+    sys.close(udp);
+  }
+  t.is(fx.broker.records.length, before, 'the broker saw nothing');
+});
+
+test.serial('the hypervisor\'s end closed: the helper says --fd failed, not the broker, and the tap goes', async (t) => {
+  const [mine, theirs] = sys.socketpair(1);
+  sys.close(mine);
+  const before = fx.broker.records.length;
+  try {
+    const r = await helper(['--br=br0', '--fd=3'], { fd: theirs });
+    t.is(r.code, 1);
+    t.regex(r.err, /^tapbroker-bridge-helper: TB_E_USAGE: --fd=3: cannot send the tap to the hypervisor over it: .*EPIPE/m);
+    t.notRegex(r.err, /TB_E_BROKER_CLOSED/);
+    const granted = () => fx.broker.records.slice(before).find((x) => x.decision === 'grant' && x.uid === NOBODY);
+    await fx.broker.waitFor(() => granted() !== undefined, 3000, 'no grant recorded');
+    const name = (granted()!.device as { name: string }).name;
+    await fx.broker.waitFor(() => fx.ns.link(name) === undefined, 3000, 'the tap outlived the helper');
+  } finally {
+    sys.close(theirs);
+  }
+});
+
+test('no broker at $TAPBROKER_SOCKET: the hint names the variable, not a --socket the helper does not take', async (t) => {
+  const [mine, theirs] = sys.socketpair(1);
+  try {
+    const r = await helper(['--br=br0', '--fd=3'], { fd: theirs, socket: '/nonexistent/tapbroker.sock' });
+    t.is(r.code, 1);
+    t.regex(r.err, /TB_E_CONNECT/);
+    t.regex(r.err, /hint: .*with \$TAPBROKER_SOCKET/);
+    t.notRegex(r.err, /--socket/);
+  } finally {
+    sys.close(mine);
+    sys.close(theirs);
+  }
+});
+
 test.serial('--use-vnet --br=BR: the tap goes over the socket with one byte, and ends with its fd', async (t) => {
   const [mine, theirs] = sys.socketpair(1 /* SOCK_STREAM, as qemu makes it */);
   try {

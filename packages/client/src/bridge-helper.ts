@@ -69,7 +69,13 @@ function checkSocket(unixFd: number): void {
   } catch {
     throw new TapbrokerError('TB_E_USAGE', `--fd=${unixFd} is not an open file descriptor`);
   }
-  if (!st.isSocket()) throw new TapbrokerError('TB_E_USAGE', `--fd=${unixFd} is not a unix socket`);
+  let unix = false;
+  try {
+    unix = st.isSocket() && sys.getsockoptInt(unixFd, sys.SOL_SOCKET, sys.SO_DOMAIN) === sys.AF_UNIX;
+  } catch {
+    // Not a socket after all: refused below.
+  }
+  if (!unix) throw new TapbrokerError('TB_E_USAGE', `--fd=${unixFd} is not a unix socket`);
 }
 
 /** The tap's fd, sent over the unix socket qemu or libvirt gave: SCM_RIGHTS with a one-byte payload. */
@@ -80,9 +86,10 @@ function sendFd(unixFd: number, tapFd: number): void {
       return;
     } catch (err) {
       if (err instanceof sys.SyscallError && err.code === 'EINTR') continue;
+      // The hypervisor's end, not the broker's: --fd is what failed (qemu or libvirt closed it, say).
       throw new TapbrokerError(
-        'TB_E_BROKER_CLOSED',
-        `cannot send the tap to the hypervisor on fd ${unixFd}: ${(err as Error).message}`,
+        'TB_E_USAGE',
+        `--fd=${unixFd}: cannot send the tap to the hypervisor over it: ${(err as Error).message}`,
       );
     }
   }
@@ -121,7 +128,9 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
     if (!(err instanceof TapbrokerError)) throw err;
     const lines = [`tapbroker-bridge-helper: ${err.code}: ${err.message}`];
     if (err.rule) lines.push(`tapbroker-bridge-helper: rule: ${err.rule}`);
-    if (err.hint) lines.push(`tapbroker-bridge-helper: hint: ${err.hint}`);
+    // The helper takes no --socket (qemu and libvirt pass only its own arguments): only the variable applies.
+    const hint = err.hint?.replace('with --socket or $TAPBROKER_SOCKET', 'with $TAPBROKER_SOCKET');
+    if (hint) lines.push(`tapbroker-bridge-helper: hint: ${hint}`);
     if (err.code === 'TB_E_USAGE') lines.push(HELPER_USAGE);
     process.stderr.write(`${lines.join('\n')}\n`);
     return 1;
