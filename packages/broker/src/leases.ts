@@ -12,6 +12,9 @@ export type { Intent, LeaseRecord, Plug } from './lease-schema.js';
 
 export const STATE_FILE = 'leases.json';
 
+/** The kernel's link kind (IFLA_INFO_KIND) of each kind of lease. */
+export const KERNEL_KIND = { tap: 'tun', macvtap: 'macvtap' } as const;
+
 /** One lease as the table holds it: an element of the state file's `leases`. */
 function leaseShape(): Shape {
   const leases = STATE_SHAPE.t === 'object' ? STATE_SHAPE.fields['leases'] : undefined;

@@ -1,22 +1,17 @@
 // Lease lifetimes: how each lease ends (its fds, its holder, a release), and keeping the lease table
-// true to the kernel (link events, one dump after lost events, reconcile at start). Every device the
-// broker deletes goes through retire(), which audits both success and failure.
+// true to the kernel (link events, one dump after lost events; reconcile at start is reconcile.ts). Every
+// device the broker deletes goes through retire(), which audits both success and failure.
 import { macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/protocol/core';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
-import {
-  LeaseTable, aliasBroker, aliasIdentity, brokerId, kernelBound, leaseFromAlias, leaseView, processStartTime,
-  type LeaseRecord,
-} from './leases.js';
-import { pidfdOpen } from './libc.js';
+import { KERNEL_KIND, LeaseTable, brokerId, leaseView, type LeaseRecord } from './leases.js';
 import { hostMac, type Cleanup, type Kernel } from './kernel.js';
-import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
+import { reconcile, reconcileOvs, type Keeper } from './reconcile.js';
 import { plugDown } from './plug.js';
 import type { Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
-const KERNEL_KIND = { tap: 'tun', macvtap: 'macvtap' } as const;
 
 /** Link events one device may send per second; real devices send a handful when they change. */
 export const MAX_LINK_EVENTS_PER_SECOND = 500;
@@ -66,8 +61,19 @@ export class Lifetimes implements Cleanup {
       () => this.resync(),
       (type, index) => this.wants(type, index),
     );
-    this.reconcile();
-    void this.reconcileOvs();
+    const keeper: Keeper = {
+      table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, brokerId: this.brokerId,
+      policy: this.policy, log: this.log,
+      judge: (l, link) => this.judge(l, link),
+      isDevice: (l, link): link is Link => this.isDevice(l, link),
+      note: (op, decision, l, message) => this.note(op, decision, l, message),
+      deleteLink: (...a) => this.deleteLink(...a),
+      watchHolder: (...a) => this.watchHolder(...a),
+      endLease: (...a) => this.endLease(...a),
+      retire: (...a) => this.retire(...a),
+    };
+    reconcile(keeper);
+    void reconcileOvs(keeper);
   }
 
   async close(): Promise<void> {
@@ -394,156 +400,4 @@ export class Lifetimes implements Cleanup {
 
   /** How many times lost link events made the broker check every lease against a dump. */
   private resyncs = 0;
-
-  /**
-   * At start: devices the broker died while making are deleted; leases whose device is gone dropped;
-   * devices whose holder exited while the broker was down deleted; holders still running watched;
-   * persistent devices kept. Devices without our tag are never touched.
-   */
-  reconcile(): void {
-    const links = this.kernel.links();
-    const byName = new Map(links.map((k) => [k.name, k]));
-    // A macvtap intended but perhaps never tagged: the device of that name, on that parent, with that
-    // MAC, untagged or tagged with that lease, is the one we were making.
-    for (const i of this.table.unsettled()) {
-      const link = byName.get(i.name);
-      const parent = byName.get(i.parent);
-      const ours =
-        link &&
-        parent &&
-        link.kind === 'macvtap' &&
-        link.link === parent.index &&
-        link.address &&
-        macFromBuffer(link.address) === i.mac &&
-        (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
-      if (ours && !this.table.get(i.id)) {
-        this.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating');
-        this.audit.record({
-          op: 'reconcile',
-          decision: 'reconcile',
-          rule: null,
-          caller: null,
-          device: { name: i.name, parent: i.parent, mac: i.mac, lease: i.id },
-          message: 'a macvtap the broker died while creating: deleted',
-        });
-      }
-      this.table.settle(i.id, false);
-    }
-    // Devices that carry our tag but have no lease: taps their fds keep alive (kept in memory only, so
-    // taken back from their tag), orphans of a crash mid-create or mid-release when the table is intact
-    // (deleted), or leases to rebuild when it was lost or corrupt.
-    const adopted: Array<[LeaseRecord, Link]> = [];
-    for (const link of links) {
-      const who = aliasIdentity(link.alias);
-      if (!who || this.table.get(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
-      // Another broker's device (another state directory in this namespace): never ours to touch.
-      const by = aliasBroker(link.alias);
-      if (by !== null && by !== this.brokerId) continue;
-      const tagged = leaseFromAlias(link.alias, link);
-      if (tagged && (!this.trusted || kernelBound(tagged, true))) {
-        this.table.add(tagged, !kernelBound(tagged, true));
-        this.note('reconcile', 'reconcile', tagged, "lease taken back from the device's tag");
-        adopted.push([tagged, link]);
-      } else if (this.trusted) {
-        this.deleteLink(link.index, who.uid, link.name, 'an orphan of a crash');
-        this.audit.record({
-          op: 'reconcile', decision: 'reconcile', rule: tagged?.rule ?? null, caller: { uid: who.uid },
-          device: tagged ? leaseView(tagged) : { name: link.name, ifindex: link.index, lease: who.id },
-          message: 'a device of ours without a lease (the broker died mid-create or mid-release): deleted',
-        });
-      } else {
-        this.log(`warning: \`${link.name}' is tagged as ours but its tag is not a whole lease; left alone`);
-      }
-    }
-    // A tap taken back is held to its terms like any other (its holder may have changed it meanwhile).
-    for (const [l, link] of adopted) this.judge(l, link);
-    const byIndex = new Map(links.map((k) => [k.index, k]));
-    for (const l of this.table.all()) {
-      if (!this.isDevice(l, byIndex.get(l.ifindex))) {
-        this.table.remove(l.id);
-        this.note('reconcile', 'reconcile', l, 'the device is gone; lease dropped');
-        continue;
-      }
-      if (l.locked) this.relock(l);
-      if (l.ends !== 'holder') continue;
-      const pidfd = l.holder === null ? null : pidfdOpen(l.holder);
-      // The pid is only the holder if the process started when the holder did.
-      if (pidfd !== null && processStartTime(l.holder!) === l.holder_start) {
-        this.watchHolder(l.id, pidfd);
-        this.note('reconcile', 'reconcile', l, `holder pid ${l.holder} still runs; watching it`);
-      } else {
-        if (pidfd !== null) sys.close(pidfd);
-        this.endLease(l.id, 'its holder exited while the broker was down');
-      }
-    }
-    // Written at every start, so that from now on a missing file means it was lost, not never made. A
-    // state directory that cannot be written (full, read-only) does not stop the broker: it says so.
-    try {
-      this.table.save();
-    } catch (err) {
-      this.log(
-        `warning: the lease table cannot be written (${(err as Error).message}); ` +
-          'requests that need a lease will be refused until it can',
-      );
-    }
-  }
-
-  /**
-   * A locked lease's port, as the broker left it: locked, learning off, the guest's static entry. Only
-   * root can change those, but an administrator's script may have while the broker was down.
-   */
-  private relock(l: LeaseRecord): void {
-    try {
-      const bridge = this.kernel.linkNamed(l.parent);
-      if (!bridge) throw new Error(`bridge \`${l.parent}' is gone`);
-      if (l.mac === null) throw new Error('its guest MAC is not known');
-      // Only as a port of its own bridge: one an administrator moved elsewhere is not locked there.
-      if (this.kernel.link(l.ifindex)?.master !== bridge.index) {
-        throw new Error(`it is no longer a port of bridge \`${l.parent}'`);
-      }
-      this.kernel.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name);
-    } catch (err) {
-      // The lock cannot be had again: the device goes rather than forward another MAC.
-      void this.retire(l, {
-        op: 'reconcile', decision: 'cleanup', message: `its port lock cannot be restored (${(err as Error).message})`,
-      }).catch(() => {});
-    }
-  }
-
-  /**
-   * OVS keeps a port record after its tap is gone. At start, remove every port that carries our
-   * external-ids but whose lease is gone or whose device is not the lease's; never a port without them.
-   * Every database a lease or the policy names is visited, so a network a reload retired is cleaned too.
-   */
-  async reconcileOvs(): Promise<void> {
-    const dbs = new Set<string>();
-    for (const db of this.table.ovsdbs()) dbs.add(db);
-    for (const n of this.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
-    for (const db of dbs) {
-      let ports: Awaited<ReturnType<typeof listOurPorts>>;
-      try {
-        ports = await listOurPorts(db);
-      } catch (err) {
-        this.log(`warning: cannot reconcile open vswitch at ${db}: ${(err as Error).message}`);
-        continue;
-      }
-      for (const p of ports) {
-        const l = this.table.get(p.lease);
-        if (l && l.name === p.port && this.isDevice(l, this.kernel.link(l.ifindex))) continue;
-        const about = {
-          op: 'reconcile',
-          rule: l?.rule ?? null,
-          caller: { uid: p.uid },
-          device: { name: p.port, ovs: p.bridge, lease: p.lease },
-        };
-        try {
-          await delPort(db, p.bridge, p.port);
-          this.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
-        } catch (err) {
-          const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
-          this.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
-        }
-      }
-    }
-  }
 }

@@ -1,0 +1,186 @@
+// Reconcile at start: the lease table made true to the kernel and to Open vSwitch after the broker was
+// down (crashed mid-create, its holders gone, its table lost). Runs once, before the first request; a
+// request never runs through it (lost link events at run time are Lifetimes.resync's).
+import { macFromBuffer, macToBuffer, sys } from '@tapbroker/protocol/core';
+import type { Audit, AuditEvent } from './audit.js';
+import type { Policy } from './decide.js';
+import type { Kernel } from './kernel.js';
+import {
+  KERNEL_KIND, aliasBroker, aliasIdentity, kernelBound, leaseFromAlias, leaseView, processStartTime,
+  type LeaseRecord, type LeaseTable,
+} from './leases.js';
+import { pidfdOpen } from './libc.js';
+import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
+import type { Link } from './rtnetlink.js';
+
+/** What reconcile needs of the lease lifetimes (Lifetimes.start hands it over). */
+export interface Keeper {
+  readonly table: LeaseTable;
+  readonly kernel: Kernel;
+  readonly audit: Audit;
+  /** False when the table file was missing or unreadable: tagged devices then rebuild their leases. */
+  readonly trusted: boolean;
+  readonly brokerId: string;
+  policy(): Policy;
+  log(line: string): void;
+  /** Holds a live lease's device to its terms (Lifetimes.judge). */
+  judge(l: LeaseRecord, link: Link | null): void;
+  isDevice(l: LeaseRecord, link: Link | null | undefined): link is Link;
+  note(op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string): void;
+  deleteLink(ifindex: number, uid: number, name: string, why: string): void;
+  watchHolder(id: string, pidfd: number): void;
+  endLease(id: string, reason: string): void;
+  retire(l: LeaseRecord, o: { op: string; decision: 'cleanup'; message: string }): Promise<void>;
+}
+
+/**
+ * At start: devices the broker died while making are deleted; leases whose device is gone dropped;
+ * devices whose holder exited while the broker was down deleted; holders still running watched;
+ * persistent devices kept. Devices without our tag are never touched.
+ */
+export function reconcile(lt: Keeper): void {
+  const links = lt.kernel.links();
+  const byName = new Map(links.map((k) => [k.name, k]));
+  // A macvtap intended but perhaps never tagged: the device of that name, on that parent, with that
+  // MAC, untagged or tagged with that lease, is the one we were making.
+  for (const i of lt.table.unsettled()) {
+    const link = byName.get(i.name);
+    const parent = byName.get(i.parent);
+    const ours =
+      link &&
+      parent &&
+      link.kind === 'macvtap' &&
+      link.link === parent.index &&
+      link.address &&
+      macFromBuffer(link.address) === i.mac &&
+      (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
+    if (ours && !lt.table.get(i.id)) {
+      lt.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating');
+      lt.audit.record({
+        op: 'reconcile',
+        decision: 'reconcile',
+        rule: null,
+        caller: null,
+        device: { name: i.name, parent: i.parent, mac: i.mac, lease: i.id },
+        message: 'a macvtap the broker died while creating: deleted',
+      });
+    }
+    lt.table.settle(i.id, false);
+  }
+  // Devices that carry our tag but have no lease: taps their fds keep alive (kept in memory only, so
+  // taken back from their tag), orphans of a crash mid-create or mid-release when the table is intact
+  // (deleted), or leases to rebuild when it was lost or corrupt.
+  const adopted: Array<[LeaseRecord, Link]> = [];
+  for (const link of links) {
+    const who = aliasIdentity(link.alias);
+    if (!who || lt.table.get(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
+    // Another broker's device (another state directory in this namespace): never ours to touch.
+    const by = aliasBroker(link.alias);
+    if (by !== null && by !== lt.brokerId) continue;
+    const tagged = leaseFromAlias(link.alias, link);
+    if (tagged && (!lt.trusted || kernelBound(tagged, true))) {
+      lt.table.add(tagged, !kernelBound(tagged, true));
+      lt.note('reconcile', 'reconcile', tagged, "lease taken back from the device's tag");
+      adopted.push([tagged, link]);
+    } else if (lt.trusted) {
+      lt.deleteLink(link.index, who.uid, link.name, 'an orphan of a crash');
+      lt.audit.record({
+        op: 'reconcile', decision: 'reconcile', rule: tagged?.rule ?? null, caller: { uid: who.uid },
+        device: tagged ? leaseView(tagged) : { name: link.name, ifindex: link.index, lease: who.id },
+        message: 'a device of ours without a lease (the broker died mid-create or mid-release): deleted',
+      });
+    } else {
+      lt.log(`warning: \`${link.name}' is tagged as ours but its tag is not a whole lease; left alone`);
+    }
+  }
+  // A tap taken back is held to its terms like any other (its holder may have changed it meanwhile).
+  for (const [l, link] of adopted) lt.judge(l, link);
+  const byIndex = new Map(links.map((k) => [k.index, k]));
+  for (const l of lt.table.all()) {
+    if (!lt.isDevice(l, byIndex.get(l.ifindex))) {
+      lt.table.remove(l.id);
+      lt.note('reconcile', 'reconcile', l, 'the device is gone; lease dropped');
+      continue;
+    }
+    if (l.locked) relock(lt, l);
+    if (l.ends !== 'holder') continue;
+    const pidfd = l.holder === null ? null : pidfdOpen(l.holder);
+    // The pid is only the holder if the process started when the holder did.
+    if (pidfd !== null && processStartTime(l.holder!) === l.holder_start) {
+      lt.watchHolder(l.id, pidfd);
+      lt.note('reconcile', 'reconcile', l, `holder pid ${l.holder} still runs; watching it`);
+    } else {
+      if (pidfd !== null) sys.close(pidfd);
+      lt.endLease(l.id, 'its holder exited while the broker was down');
+    }
+  }
+  // Written at every start, so that from now on a missing file means it was lost, not never made. A
+  // state directory that cannot be written (full, read-only) does not stop the broker: it says so.
+  try {
+    lt.table.save();
+  } catch (err) {
+    lt.log(
+      `warning: the lease table cannot be written (${(err as Error).message}); ` +
+        'requests that need a lease will be refused until it can',
+    );
+  }
+}
+
+/**
+ * A locked lease's port, as the broker left it: locked, learning off, the guest's static entry. Only
+ * root can change those, but an administrator's script may have while the broker was down.
+ */
+function relock(lt: Keeper, l: LeaseRecord): void {
+  try {
+    const bridge = lt.kernel.linkNamed(l.parent);
+    if (!bridge) throw new Error(`bridge \`${l.parent}' is gone`);
+    if (l.mac === null) throw new Error('its guest MAC is not known');
+    // Only as a port of its own bridge: one an administrator moved elsewhere is not locked there.
+    if (lt.kernel.link(l.ifindex)?.master !== bridge.index) {
+      throw new Error(`it is no longer a port of bridge \`${l.parent}'`);
+    }
+    lt.kernel.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name);
+  } catch (err) {
+    // The lock cannot be had again: the device goes rather than forward another MAC.
+    void lt.retire(l, {
+      op: 'reconcile', decision: 'cleanup', message: `its port lock cannot be restored (${(err as Error).message})`,
+    }).catch(() => {});
+  }
+}
+
+/**
+ * OVS keeps a port record after its tap is gone. At start, remove every port that carries our
+ * external-ids but whose lease is gone or whose device is not the lease's; never a port without them.
+ * Every database a lease or the policy names is visited, so a network a reload retired is cleaned too.
+ */
+export async function reconcileOvs(lt: Keeper): Promise<void> {
+  const dbs = new Set<string>();
+  for (const db of lt.table.ovsdbs()) dbs.add(db);
+  for (const n of lt.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
+  for (const db of dbs) {
+    let ports: Awaited<ReturnType<typeof listOurPorts>>;
+    try {
+      ports = await listOurPorts(db);
+    } catch (err) {
+      lt.log(`warning: cannot reconcile open vswitch at ${db}: ${(err as Error).message}`);
+      continue;
+    }
+    for (const p of ports) {
+      const l = lt.table.get(p.lease);
+      if (l && l.name === p.port && lt.isDevice(l, lt.kernel.link(l.ifindex))) continue;
+      const about = {
+        op: 'reconcile',
+        rule: l?.rule ?? null,
+        caller: { uid: p.uid },
+        device: { name: p.port, ovs: p.bridge, lease: p.lease },
+      };
+      try {
+        await delPort(db, p.bridge, p.port);
+        lt.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
+      } catch (err) {
+        const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
+        lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
+      }
+    }
+  }
+}
