@@ -43,7 +43,7 @@ export {
   MACVLAN_MODES,
   type Link,
 } from './rtnetlink.js';
-export { LinkMonitor } from './link-monitor.js';
+export { LinkMonitor, DRAIN_BUDGET } from './link-monitor.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';
 export { StateFile, LeaseRecord } from './lease-schema.js';
