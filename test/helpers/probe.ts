@@ -34,7 +34,7 @@ export interface ProbeArgs {
   /** Misbehave: make itself every granted tap's owner through its own fd (TUNSETOWNER). */
   ownOwnFds?: boolean;
   /**
-   * Misbehave: toggle the first tap's offloads this many times through its fd (TUNSETOFFLOAD, no capability
+   * Misbehave: toggle each tap's offloads this many times through its fd (TUNSETOFFLOAD, no capability
    * needed; each toggle is one link event), stopping at the first error (the device gone).
    */
   floodOffloads?: number;
@@ -48,8 +48,8 @@ export interface ProbeResult {
   released: Lease[];
   status: StatusReply | null;
   error: { code: string; message: string; rule?: string; hint?: string; nic?: number } | null;
-  /** floodOffloads: toggles done, and the errno that stopped them (null: all done). */
-  offloads?: { toggles: number; stoppedBy: string | null };
+  /** floodOffloads: per tap, toggles done and the errno that stopped them (null: all done). */
+  offloads?: Array<{ toggles: number; stoppedBy: string | null }>;
 }
 
 /** virtio_net_hdr (10 bytes, all zero) + a broadcast frame with a local experimental ethertype. */
@@ -90,15 +90,16 @@ async function main(): Promise<void> {
         Buffer.from(args.setOwnMac.split(':').map((h) => parseInt(h, 16))).copy(ifr, 18);
         sys.ioctlPtr(tap.tapFds[0]!, 0x8924 /* SIOCSIFHWADDR */, ifr);
       }
-      if (args.floodOffloads && !result.offloads) {
-        result.offloads = { toggles: 0, stoppedBy: null };
+      if (args.floodOffloads) {
+        const done = { toggles: 0, stoppedBy: null as string | null };
+        (result.offloads ??= []).push(done);
         try {
           for (let i = 0; i < args.floodOffloads; i++) {
-            sys.ioctlInt(tap.tapFds[0]!, 0x400454d0 /* TUNSETOFFLOAD */, i % 2 /* TUN_F_CSUM, or none */);
-            result.offloads.toggles++;
+            sys.ioctlInt(tap.tapFds[0]!, 0x400454d0 /* TUNSETOFFLOAD */, (i + 1) % 2 /* TUN_F_CSUM, or none */);
+            done.toggles++;
           }
         } catch (err) {
-          result.offloads.stoppedBy = (err as { code?: string }).code ?? String(err);
+          done.stoppedBy = (err as { code?: string }).code ?? String(err);
         }
       }
       result.taps.push({ device: tap.device, tapFds: tap.tapFds.length, vhostFds: tap.vhostFds.length, written });

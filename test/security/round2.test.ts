@@ -628,24 +628,67 @@ test.serial('B13: a renamed user: after a reload, {user} patterns and audit reco
   }
 });
 
-test.serial('A11: a holder flooding link events (offload toggles on its tap fd) loses its tap; everyone else is served', async (t) => {
-  // Found by an outside review: each TUNSETOFFLOAD on a leased tap's fd is one link event the broker decoded and
-  // judged, in a loop that ran until the queue was empty, so a holder toggling in a loop froze the broker for
-  // every user (seconds per request). Now a drain reads a budget of events per turn, and a device sending more
-  // than MAX_LINK_EVENTS_PER_SECOND is deleted like any other breach of its terms.
-  const attacker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], floodOffloads: 1_000_000 });
+// A11: floods of link events. Each TUNSETOFFLOAD on a leased tap's fd (no capability needed) is one link
+// event. Found by outside reviews: the broker decoded and judged them in a loop that ran until the queue was
+// empty, so a holder toggling in a loop froze it for every user (seconds per request); then, once a flooding
+// device was deleted, a uid churning through new taps (or flooding from many, each under the device limit)
+// still slowed everyone down 15-fold. Now a drain reads a budget of events per turn; a device sending more
+// than 500 a second, or one of a uid whose devices together send more than 2,000, is deleted; and that uid's
+// creates wait, 1 s after its first flood and twice as long after each next one. A broker of their own, so
+// the cool-downs stay out of the other tests.
+const FLOOD_POLICY = `[[rule]]\nname = "fl"\nusers = [${NOBODY}, ${OTHER_UID}]\nbridges = ["br0"]\nmax_devices = 8\n`;
+
+const floodCleanups = (b: BrokerProcess, names: readonly string[]) => b.records.filter((r) => r.decision === 'cleanup'
+  && names.includes((r.device as { name?: string } | undefined)?.name ?? '') && /link events in a second/.test(r.message ?? ''));
+
+test.serial('A11: a holder flooding link events loses its tap, its next create waits, and everyone else is served', async (t) => {
+  const fb = await BrokerProcess.start(ns, FLOOD_POLICY, { tag: 'r2flood' });
   try {
-    const a = attacker.result.taps[0]!.device;
-    t.truthy(attacker.result.offloads, 'the flood ran');
-    t.not(attacker.result.offloads!.stoppedBy, null, `all ${attacker.result.offloads!.toggles} toggles went through: the tap outlived its flood`);
-    t.true(attacker.result.offloads!.toggles > 500, `it stopped after ${attacker.result.offloads!.toggles} toggles: before it flooded`);
-    await broker.waitFor(() => ns.link(a.name) === undefined, 5000, `${a.name} survived its flood`);
-    const rec = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === a.name
-      && /link events in a second/.test(r.message ?? ''));
-    t.is(rec.uid, NOBODY, 'the cleanup is on the holder\'s account');
-    await serves(t, broker);
+    const attacker = await probe({ socket: fb.socket, requests: [{ bridge: 'br0' }], floodOffloads: 1_000_000 });
+    try {
+      const a = attacker.result.taps[0]!.device;
+      const done = attacker.result.offloads?.[0];
+      t.truthy(done, 'the flood ran');
+      t.not(done!.stoppedBy, null, `all ${done!.toggles} toggles went through: the tap outlived its flood`);
+      t.true(done!.toggles > 500, `it stopped after ${done!.toggles} toggles: before it flooded`);
+      await fb.waitFor(() => ns.link(a.name) === undefined, 5000, `${a.name} survived its flood`);
+      await fb.waitFor(() => floodCleanups(fb, [a.name]).length === 1, 3000, 'no cleanup record');
+      t.is(floodCleanups(fb, [a.name])[0]!.uid, NOBODY, 'the cleanup is on the holder\'s account');
+      t.regex(floodCleanups(fb, [a.name])[0]!.message!, /its holder made it send more than 500 link events in a second .*wait 1 s/);
+      // Its next create waits out the cool-down; another user's does not.
+      const again = await probeOnce({ socket: fb.socket, requests: [{ bridge: 'br0' }] });
+      t.is(again.error?.code, 'TB_E_BUSY', JSON.stringify(again.error));
+      t.regex(again.error?.message ?? '', /flooded the broker with link events; new devices wait another \d+ s/);
+      await serves(t, fb);
+      await quiet(1100, 'the 1 s cool-down');
+      const after = await probeOnce({ socket: fb.socket, requests: [{ bridge: 'br0' }] });
+      t.is(after.error, null, `after its cool-down: ${after.error?.message}`);
+    } finally {
+      await attacker.release();
+    }
   } finally {
-    await attacker.release();
+    await fb.stop();
+  }
+});
+
+test.serial('A11: many taps of one uid, each under the device limit, flooding together: deleted, and the uid waits', async (t) => {
+  const fb = await BrokerProcess.start(ns, FLOOD_POLICY, { tag: 'r2flood2' });
+  try {
+    // Six taps, 450 toggles each (under 500 a device), one after another: 2,700 events from one uid.
+    const attacker = await probe({ socket: fb.socket, requests: Array.from({ length: 6 }, () => ({ bridge: 'br0' })), floodOffloads: 450 });
+    try {
+      const names = attacker.result.taps.map((x) => x.device.name);
+      await fb.waitFor(() => floodCleanups(fb, names).length > 0, 5000, 'no tap of the flooding uid was deleted');
+      const rec = floodCleanups(fb, names)[0]!;
+      t.regex(rec.message!, new RegExp(`the devices of uid ${NOBODY} sent more than 2000 link events in a second`));
+      const again = await probeOnce({ socket: fb.socket, requests: [{ bridge: 'br0' }] });
+      t.is(again.error?.code, 'TB_E_BUSY', JSON.stringify(again.error));
+      await serves(t, fb);
+    } finally {
+      await attacker.release();
+    }
+  } finally {
+    await fb.stop();
   }
 });
 

@@ -163,6 +163,11 @@ async function grantOne(
         hint: decision.hint,
       });
     }
+    const cooling = ctx.lifetimes.coolingDown(caller.uid);
+    if (cooling > 0) {
+      throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `
+        + `another ${Math.ceil(cooling / 1000)} s`);
+    }
     const busy = ctx.teardowns(caller.uid);
     if (busy >= MAX_TEARDOWN_PER_UID) {
       throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down; try again shortly`);

@@ -15,6 +15,24 @@ import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
 /** Link events one device may send per second; real devices send a handful when they change. */
 export const MAX_LINK_EVENTS_PER_SECOND = 500;
+/** Link events the devices of one uid may send per second together (many taps, each under the limit). */
+export const MAX_LINK_EVENTS_PER_UID = 2000;
+/** After a flood, the uid's creates wait this long, doubling with each flood up to FLOOD_COOLDOWN_MAX_MS. */
+const FLOOD_COOLDOWN_MS = 1000;
+const FLOOD_COOLDOWN_MAX_MS = 300_000;
+
+/** A count of events in the current second. */
+interface EventWindow {
+  n: number;
+  since: number;
+}
+
+/** Counts one event in `key`'s window at `now` (ms); returns the window's count. */
+function tick(windows: Map<number, EventWindow>, key: number, now: number): number {
+  let w = windows.get(key);
+  if (!w || now - w.since > 1000) windows.set(key, (w = { n: 0, since: now }));
+  return ++w.n;
+}
 
 export interface RetireOptions {
   op: string;
@@ -33,8 +51,11 @@ export class Lifetimes implements Cleanup {
   private readonly holderWatches = new Map<string, { close(): void }>();
   private readonly unplugs = new Set<Promise<unknown>>();
   private monitor: { drain(): boolean; close(): void } | null = null;
-  /** Link events per lease in the current second, to find a holder flooding them (see wants). */
-  private readonly events = new Map<number, { n: number; since: number }>();
+  /** Link events per device (by ifindex) and per uid in the current second, to find floods (see wants). */
+  private readonly events = new Map<number, EventWindow>();
+  private readonly uidEvents = new Map<number, EventWindow>();
+  /** Uids whose devices flooded: their creates wait until `until`; the next flood waits `next`. */
+  private readonly cooldowns = new Map<number, { until: number; next: number }>();
   /** This broker's identity in its devices' tags. */
   readonly brokerId: string;
 
@@ -267,14 +288,32 @@ export class Lifetimes implements Cleanup {
    */
   private flooding(l: LeaseRecord): boolean {
     const now = performance.now();
-    let w = this.events.get(l.ifindex);
-    if (!w || now - w.since > 1000) this.events.set(l.ifindex, (w = { n: 0, since: now }));
-    if (++w.n <= MAX_LINK_EVENTS_PER_SECOND) return false;
+    const device = tick(this.events, l.ifindex, now) > MAX_LINK_EVENTS_PER_SECOND;
+    // Per uid too, and kept after its devices go: a uid that floods from a new tap each time is still seen.
+    if (!device && tick(this.uidEvents, l.uid, now) <= MAX_LINK_EVENTS_PER_UID) return false;
     this.events.delete(l.ifindex);
-    const message = `its holder made it send more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second `
-      + '(a flood of changes to the device): deleted';
+    const wait = this.coolDown(l.uid, now);
+    const message = (device
+      ? `its holder made it send more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second`
+      : `the devices of uid ${l.uid} sent more than ${MAX_LINK_EVENTS_PER_UID} link events in a second`)
+      + ` (a flood of changes): deleted; the uid's new devices wait ${wait / 1000} s`;
     void this.retire(l, { op: 'cleanup', decision: 'cleanup', message }).catch(() => {});
     return true;
+  }
+
+  /** After a flood: the uid's creates are refused for a while, twice as long as after its last flood. */
+  private coolDown(uid: number, now: number): number {
+    const c = this.cooldowns.get(uid);
+    // A flood long after the last cool-down ended starts over.
+    const wait = c && now < c.until + FLOOD_COOLDOWN_MAX_MS ? c.next : FLOOD_COOLDOWN_MS;
+    this.cooldowns.set(uid, { until: now + wait, next: Math.min(2 * wait, FLOOD_COOLDOWN_MAX_MS) });
+    return wait;
+  }
+
+  /** How long `uid`'s creates must still wait after a flood of link events from its devices (ms; 0: none). */
+  coolingDown(uid: number): number {
+    const c = this.cooldowns.get(uid);
+    return c ? Math.max(0, Math.ceil(c.until - performance.now())) : 0;
   }
 
   private onLink(type: number, link: Link): void {
