@@ -1,10 +1,14 @@
 // `tapbroker run`, `qemu-args`, `list` and `can` as a user runs them: exit status, signals, errors, help, env.
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { sys } from '@tapbroker/protocol';
 import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, setprivArgs, spawnAs } from '../helpers/unpriv.js';
+import { quiet, until } from '../helpers/wait.js';
 import type { Lease } from '@tapbroker/client';
 
 const fx = brokerFixture(test, {
@@ -58,6 +62,69 @@ test('SIGTERM to the client reaches the command, and the client dies the same wa
 test('a command killed by a signal makes the client die by that signal', (t) => {
   const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'kill -HUP $$']);
   t.is(r.signal, 'SIGHUP');
+});
+
+// Found by an outside review: Node opens its inspector (a debugger on 127.0.0.1:9229 that any local user may
+// connect to and run code in) on SIGUSR1, and qemu, the child of `tapbroker run`, can signal its parent.
+test('SIGUSR1 never opens Node\'s inspector in the client: it goes on to the command', (t) => {
+  const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c',
+    'trap "echo got-usr1" USR1; kill -USR1 $PPID; sleep 0.3; echo "listening: $(ss -ltnpH | grep -c "pid=$PPID,")"']);
+  t.is(r.code, 0, r.stderr);
+  t.regex(r.stdout, /got-usr1/, 'the command got the signal');
+  t.regex(r.stdout, /listening: 0$/m, 'the client listens on nothing');
+  t.notRegex(r.stderr, /Debugger listening/);
+});
+
+test('SIGUSR1 to a client waiting on the broker never opens Node\'s inspector', async (t) => {
+  // A broker that never answers: a listening socket nobody accepts on, so the client waits for its hello.
+  const dir = tempDir('usr1');
+  const sock = path.join(dir, 'silent.sock');
+  const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC);
+  try {
+    fs.chmodSync(dir, 0o755);
+    sys.bind(fd, sys.sockaddrUn(sock));
+    fs.chmodSync(sock, 0o666);
+    sys.listen(fd, 4);
+    const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'list', '--socket', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (d) => (err += d));
+    const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+    try {
+      // Connected (our backlog holds it: the listener's Recv-Q), so past its start, and waiting: then the signal.
+      const backlog = () => Number(spawnSync('ss', ['-xlH', 'src', sock], { encoding: 'utf8' }).stdout.trim().split(/\s+/)[2] ?? 0);
+      await until(() => backlog() > 0, { ms: 10_000, what: 'the client never connected' });
+      process.kill(child.pid!, 'SIGUSR1');
+      await quiet(300, 'time for an inspector to open, were it to');
+      const listening = spawnSync('ss', ['-ltnpH'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.includes(`pid=${child.pid},`));
+      t.deepEqual(listening, [], 'the client listens on no TCP port');
+      t.notRegex(err, /Debugger listening/);
+    } finally {
+      child.kill('SIGKILL');
+      await exited;
+    }
+  } finally {
+    sys.close(fd);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a command killed by SIGUSR1 or SIGPIPE: the client exits 128+n (it cannot die by them)', (t) => {
+  for (const [sig, n] of [['USR1', 10], ['PIPE', 13]] as const) {
+    const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', `kill -${sig} $$`]);
+    t.is(r.code, 128 + n, `${sig}: ${r.stderr}`);
+    t.notRegex(r.stderr, /Debugger listening/);
+  }
+});
+
+test('SIGUSR1 never opens Node\'s inspector in the broker either, and it serves on', (t) => {
+  const pid = fx.broker.proc.pid!;
+  process.kill(pid, 'SIGUSR1');
+  const listening = () => spawnSync('ip', ['netns', 'exec', fx.ns.name, 'ss', '-ltnpH'], { encoding: 'utf8' }).stdout
+    .split('\n').filter((l) => l.includes(`pid=${pid},`));
+  const r = tapbroker(['list', '--socket', fx.broker.socket]);
+  t.is(r.code, 0, r.stderr);
+  t.deepEqual(listening(), [], 'the broker (root) listens on no TCP port');
+  t.notRegex(fx.broker.stderr, /Debugger listening/);
 });
 
 test('a refusal prints code, rule and hint, and exits 77', (t) => {

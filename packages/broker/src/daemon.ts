@@ -2,7 +2,7 @@
 // USAGE below. main.ts runs it; a test entry point may run it with broker options of its own.
 import fs from 'node:fs';
 import path from 'node:path';
-import { EX, SeqpacketListener, TapbrokerError, exitFlushed, sys } from '@tapbroker/protocol/core';
+import { EX, SeqpacketListener, TapbrokerError, exitFlushed, keepInspectorShut, sys } from '@tapbroker/protocol/core';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import type { Policy } from './decide.js';
 import { loadTrustedPolicy } from './policy.js';
@@ -171,6 +171,8 @@ export type DaemonExtras = Pick<
 >;
 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {
+  // Root's Node must never open its debugger, whoever signals it.
+  keepInspectorShut();
   if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
     // Loaded only for the tools: the daemon's start-up does not pay for them.
     void import('./policy-tools.js').then(({ policyTool }) => exitFlushed(policyTool(argv, DEFAULT_POLICY)));

@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import {
-  PROTOCOL_VERSION, TapbrokerError, checkIfName, checkNetworkName, exitFlushed, sys,
+  PROTOCOL_VERSION, TapbrokerError, checkIfName, checkNetworkName, exitFlushed, keepInspectorShut, sys,
 } from '@tapbroker/protocol/lite';
 import { TapbrokerClient, closeTap } from './client.js';
 
@@ -140,6 +140,7 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
 }
 
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
+  keepInspectorShut();
   helperMain(process.argv.slice(2)).then((code) => exitFlushed(code), (err: Error) => {
     process.stderr.write(`tapbroker-bridge-helper: internal error: ${err.stack}\n`);
     process.exit(1);

@@ -10,6 +10,7 @@ import {
   PROTOCOL_VERSION,
   TapbrokerError,
   exitFlushed,
+  keepInspectorShut,
   checkIfName,
   checkMac,
   checkNetworkName,
@@ -355,7 +356,8 @@ async function run(args: Args): Promise<number> {
   // The child holds the devices now; our copies must go so they vanish with it.
   taps.forEach(closeTap);
   const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
-  const handlers = (['SIGINT', 'SIGTERM', 'SIGHUP'] as const).map((sig) => [sig, forward(sig)] as const);
+  // SIGUSR1 too: it goes to the command, as the others do (Node's inspector never sees it: keepInspectorShut).
+  const handlers = (['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1'] as const).map((sig) => [sig, forward(sig)] as const);
   for (const [sig, h] of handlers) process.on(sig, h);
   let finished = false;
   const done = () => {
@@ -373,8 +375,9 @@ async function run(args: Args): Promise<number> {
     child.once('exit', (code, signal) => {
       done();
       if (signal) {
-        // Die the way the child died, so our parent sees the same status.
-        process.kill(process.pid, signal);
+        // Die the way the child died, so our parent sees the same status; where this process cannot (SIGUSR1
+        // stays taken from Node's inspector, Node ignores SIGPIPE), exit with the status a shell would show.
+        if (signal !== 'SIGUSR1' && signal !== 'SIGPIPE') process.kill(process.pid, signal);
         resolve(128 + (osConstants.signals[signal] ?? 0));
       } else resolve(code ?? 0);
     });
@@ -712,6 +715,7 @@ async function canCommand(args: Args): Promise<number> {
 
 // Run when executed directly (not when imported by tests).
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
+  keepInspectorShut();
   main(process.argv.slice(2)).then((code) => exitFlushed(code), (err: Error) => {
     process.stderr.write(`tapbroker: internal error: ${err.stack}\n`);
     process.exit(EXIT.SOFTWARE);
