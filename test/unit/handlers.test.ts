@@ -478,6 +478,45 @@ test('lost link events: a tap its holder made persistent (allowed) and gave anot
   }
 });
 
+test('a tap its holder makes persistent is decided on the policy in force: a deny added by a reload deletes it', async (t) => {
+  // Found by an outside review: only the lease's rule was looked at (by name, for persistent = true), so a
+  // holder that a reload had denied could still make its tap outlive it.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
+  const records: AuditRecord[] = [];
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    policy: parsePolicy(POLICY),
+    stateDir: dir,
+    audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  const held: number[] = [];
+  try {
+    host(kernel);
+    broker.lifetimes.start();
+    const who = caller(1000);
+    const got = await ask(broker, who, tap({ bridge: 'br1' }));
+    held.push(...got.fds);
+    const name = (got.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    broker.policy = parsePolicy(`${POLICY}\n[[deny]]\nname = "no-more-1000"\nusers = [1000]\nbridges = ["br1"]\n`);
+    kernel.holderChanges(name, { persist: true });
+    const seen = records.length;
+    await ask(broker, who, { op: 'list' });
+    await settled(broker);
+    t.is(kernel.linkNamed(name), null, 'the device is deleted');
+    const after = records.slice(seen).map((r) => `${r.decision}: ${r.message ?? ''}`);
+    t.true(after.some((m) => /^cleanup: its holder made it persistent, which the policy does not allow \(.*no-more-1000/.test(m)), after.join('\n'));
+    t.false(after.some((m) => /now a persistent lease/.test(m)), 'it never became one');
+  } finally {
+    for (const fd of held) fs.closeSync(fd);
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('the table covers every op and every outcome a create can have', (t) => {
   const ops = new Set(ROWS.map((r) => r.request['op']));
   for (const op of ['create-tap', 'create-macvtap', 'create', 'can', 'release', 'reload']) t.true(ops.has(op), op);

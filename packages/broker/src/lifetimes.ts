@@ -5,10 +5,11 @@ import { macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/proto
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import { KERNEL_KIND, LeaseTable, brokerId, leaseView, type LeaseRecord } from './leases.js';
+import { getpwuid } from './libc.js';
 import { hostMac, type Cleanup, type Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type Keeper } from './reconcile.js';
 import { plugDown } from './plug.js';
-import type { Policy } from './decide.js';
+import { decide, type Ask, type Decision, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
@@ -345,24 +346,26 @@ export class Lifetimes implements Cleanup {
     if (this.creating.has(l.id)) return;
     const violation = this.violation(l, link);
     if (violation === null) return;
+    let refused = '';
     if (violation === 'persist') {
-      const rule = this.policy().allow.find((r) => r.name === l.rule);
-      if (rule?.persistent) {
-        const converted: LeaseRecord = { ...l, ends: 'release' };
+      const d = this.decidePersistent(l);
+      if (d.allow) {
+        const converted: LeaseRecord = { ...l, ends: 'release', rule: d.rule.name };
         this.table.add(converted);
         this.note(
           'reconcile',
           'reconcile',
           converted,
-          'its holder made it persistent; the rule allows that: it is now a persistent lease',
+          `its holder made it persistent; rule \`${d.rule.name}' allows that: it is now a persistent lease`,
         );
         // Judged again as what it now is: a MAC changed at the same time shows in no later event (after
         // lost events, none comes at all).
         return this.judge(converted, link);
       }
+      refused = d.message;
     }
     const why = {
-      persist: `its holder made it persistent, which rule \`${l.rule}' does not allow`,
+      persist: `its holder made it persistent, which the policy does not allow (${refused})`,
       owner: 'its holder changed its owner or group (TUNSETOWNER/TUNSETGROUP)',
       address:
         `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'}` +
@@ -399,6 +402,23 @@ export class Lifetimes implements Cleanup {
         { code: 'TB_E_KERNEL' },
       );
     }
+  }
+
+  /**
+   * A tap its holder made persistent is a persistent device it never asked for: decided now, on the policy
+   * in force, as a persistent create of the same device would be (deny rules included). The holder's
+   * supplementary groups are not known here: only its uid and its account's primary group count.
+   */
+  private decidePersistent(l: LeaseRecord): Decision {
+    const account = getpwuid(l.uid);
+    const caller = { uid: l.uid, gid: account?.gid ?? l.uid, groups: [], user: account?.name ?? null };
+    const ask: Ask = {
+      kind: 'tap', parent: l.network ?? l.parent, network: l.network !== null, mode: null, queues: l.queues,
+      vhost: false, mac: l.mac, name: null, persistent: true,
+    };
+    // Its own lease is in the table already: it is not counted against itself.
+    const live = this.counts(l.uid);
+    return decide(this.policy(), caller, ask, (rule) => live(rule) - (rule === l.rule ? 1 : 0));
   }
 
   private violation(l: LeaseRecord, link: Link): 'persist' | 'owner' | 'address' | null {
