@@ -120,6 +120,13 @@ export class OvsInstance {
     return pids;
   }
 
+  /** Stops (SIGSTOP) or resumes (SIGCONT) ovsdb-server: an Open vSwitch that does not answer, as in an upgrade. */
+  pauseDb(paused: boolean): void {
+    const [db] = this.pids().filter((pid) => fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'ovsdb-server');
+    if (db === undefined) throw new Error('no ovsdb-server of this instance runs');
+    signal(db, paused ? 'SIGSTOP' : 'SIGCONT');
+  }
+
   /** SIGTERM both daemons (they remove their pid files and sockets), SIGKILL after 3 s, then remove the run directory. */
   async stop(): Promise<void> {
     if (this.stopped) return;

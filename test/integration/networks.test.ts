@@ -4,7 +4,7 @@ import anyTest, { type TestFn } from 'ava';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { BROKER_MAIN, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
@@ -12,6 +12,8 @@ import { NOBODY, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 const test = anyTest as TestFn;
 let dir: string;
 let log: string;
+/** The policy hookPolicy() wrote, for brokers of the tests' own. */
+let policyText = '';
 const BASE = ['br0', 'br-hook'];
 
 function script(name: string, body: string, mode = 0o755): string {
@@ -23,6 +25,11 @@ function script(name: string, body: string, mode = 0o755): string {
 
 /** Makes the broker's directory with the hook scripts in it; returns the policy that names them. */
 function hookPolicy(): string {
+  policyText = makeHookPolicy();
+  return policyText;
+}
+
+function makeHookPolicy(): string {
   dir = tempDir('nets');
   log = path.join(dir, 'hook.log');
   // A hook that records its argv and environment, then plugs the tap into br-hook itself.
@@ -30,6 +37,8 @@ function hookPolicy(): string {
   const fail = script('fail', 'echo "no such segment" >&2; exit 3');
   const hang = script('hang', 'sleep 60');
   const garbage = script('garbage', "printf '\\001\\377binary\\033[31m\\n'; exit 0");
+  // A hook whose down takes a while, and says when it is done.
+  const slow = script('slow', `if [ "$1" = down ]; then sleep 1.5; fi\necho "$1-done $2" >> ${log}`);
   return `
 [network.lab]
 bridge = "br0"
@@ -51,10 +60,13 @@ hook_timeout = 1
 [network.noisy]
 hook = "${garbage}"
 
+[network.slowdown]
+hook = "${slow}"
+
 [[rule]]
 name = "nets"
 users = [${NOBODY}]
-networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy"]
+networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy", "slowdown"]
 persistent = true
 `;
 }
@@ -132,6 +144,44 @@ test.serial('a plug hook: run up with fixed argv and documented variables only, 
   await p.release();
   await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 3000, 'no down call');
   t.true(fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 'the hook\'s down ran');
+});
+
+test.serial('a name is not given out again while its last device\'s down still runs', async (t) => {
+  // Found by an outside review: the old lease's `down NAME` ran across the new lease's `up NAME`, and a hook that
+  // acts on the name (nft … iifname NAME) undid the new device's `up`.
+  const name = `tb${NOBODY}-slow`;
+  const first = await probe({ socket: sock(), requests: [{ network: 'slowdown', name }] });
+  t.is(first.result.error, null, first.result.error?.message);
+  await first.release();
+  await fx.broker.waitFor(() => fx.ns.link(name) === undefined, 3000, 'the first device stayed');
+  const again = await probeOnce({ socket: sock(), requests: [{ network: 'slowdown', name }] });
+  t.is(again.error?.code, 'TB_E_BUSY', JSON.stringify(again.error));
+  t.regex(again.error?.message ?? '', /still being unplugged from its network/);
+  await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, 'down never finished');
+  const third = await probeOnce({ socket: sock(), requests: [{ network: 'slowdown', name }] });
+  t.is(third.error, null, `after its down: ${third.error?.message}`);
+});
+
+test.serial('a lease on a hook network that ended while the broker was down gets its down at the next start', async (t) => {
+  // Found by an outside review: the restarted broker dropped the lease and never ran the hook's down.
+  const bdir = tempDir('nets-restart');
+  let b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsr', dir: bdir });
+  try {
+    const p = await probe({ socket: b.socket, requests: [{ network: 'slowdown' }] });
+    t.is(p.result.error, null, p.result.error?.message);
+    const name = p.result.taps[0]!.device.name;
+    await b.stop('SIGTERM', true);
+    await p.release();
+    await fx.broker.waitFor(() => fx.ns.link(name) === undefined, 3000, 'the device outlived its holder');
+    t.false(fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 'nobody ran down while the broker was down');
+    b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsr', dir: bdir });
+    await b.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, 'the restarted broker never ran down');
+    await b.record((r) => r.decision === 'cleanup' && r.message === 'unplugged from its network'
+      && (r.device as { name?: string }).name === name);
+  } finally {
+    await b.stop();
+    fs.rmSync(bdir, { recursive: true, force: true });
+  }
 });
 
 const hookFails = test.macro({

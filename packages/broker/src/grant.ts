@@ -163,6 +163,10 @@ async function grantOne(
         hint: decision.hint,
       });
     }
+    if (spec.name !== null && ctx.lifetimes.unplugPending(spec.name)) {
+      throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being unplugged from its `
+        + 'network; try again shortly');
+    }
     const cooling = ctx.lifetimes.coolingDown(caller.uid);
     if (cooling > 0) {
       throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `

@@ -14,6 +14,9 @@ import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
 
+/** Tries at removing a lease's Open vSwitch port, 1 s, 2 s, 4 s … apart (about 8.5 minutes in all). */
+const UNPLUG_ATTEMPTS = 10;
+
 /** Link events one device may send per second; real devices send a handful when they change. */
 export const MAX_LINK_EVENTS_PER_SECOND = 500;
 /** Link events the devices of one uid may send per second together (many taps, each under the limit). */
@@ -51,6 +54,9 @@ export class Lifetimes implements Cleanup {
   private readonly creating = new Set<string>();
   private readonly holderWatches = new Map<string, { close(): void }>();
   private readonly unplugs = new Set<Promise<unknown>>();
+  /** Names whose device is being unplugged, with how many: no new device takes the name meanwhile. */
+  private readonly unplugging = new Map<string, number>();
+  private closing = false;
   private monitor: { drain(): boolean; close(): void } | null = null;
   /** Link events per device (by ifindex) and per uid in the current second, to find floods (see wants). */
   private readonly events = new Map<number, EventWindow>();
@@ -93,12 +99,14 @@ export class Lifetimes implements Cleanup {
       watchHolder: (...a) => this.watchHolder(...a),
       endLease: (...a) => this.endLease(...a),
       retire: (...a) => this.retire(...a),
+      unplug: (l) => this.unplug(l),
     };
     reconcile(keeper);
     void reconcileOvs(keeper);
   }
 
   async close(): Promise<void> {
+    this.closing = true;
     await Promise.all([...this.unplugs]);
     for (const w of this.holderWatches.values()) w.close();
     this.holderWatches.clear();
@@ -251,16 +259,41 @@ export class Lifetimes implements Cleanup {
   }
 
   /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
-  private unplug(l: LeaseRecord): void {
+  unplug(l: LeaseRecord, attempt = 1): void {
     if (!l.plug) return;
+    const ovs = 'ovs' in l.plug;
+    // Counted once per lease, across its tries.
+    if (attempt === 1) this.unplugging.set(l.name, (this.unplugging.get(l.name) ?? 0) + 1);
+    let again = false;
+    let failed = false;
     const p = plugDown(l).then(
       (r) =>
         r && this.note('cleanup', 'cleanup', l, 'unplugged from its network', { device: { ...leaseView(l), plug: r } }),
-      (err: Error) =>
-        this.note('cleanup', 'error', l, `unplugging failed: ${err.message}`, { code: 'TB_E_HOOK_FAILED' }),
+      (err: Error) => {
+        // An Open vSwitch port left behind would take any later device of that name (vswitchd opens it by
+        // name): tried again, later and later, and the name is not given out meanwhile. A hook said what it
+        // said: its failure is recorded, not repeated.
+        failed = true;
+        again = ovs && attempt < UNPLUG_ATTEMPTS && !this.closing;
+        const next = again ? `; trying again in ${2 ** (attempt - 1)} s` : '';
+        this.note('cleanup', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
+      },
     );
     this.unplugs.add(p);
-    void p.finally(() => this.unplugs.delete(p));
+    void p.finally(() => {
+      this.unplugs.delete(p);
+      if (again) setTimeout(() => this.unplug(l, attempt + 1), 1000 * 2 ** (attempt - 1)).unref();
+      // A port never removed keeps its name from new devices until the broker restarts (and reconciles).
+      if (again || (ovs && failed && !this.closing)) return;
+      const n = (this.unplugging.get(l.name) ?? 1) - 1;
+      if (n > 0) this.unplugging.set(l.name, n);
+      else this.unplugging.delete(l.name);
+    });
+  }
+
+  /** Is a device named `name` still being unplugged from its network (its hook's `down`, its OVS port)? */
+  unplugPending(name: string): boolean {
+    return this.unplugging.has(name);
   }
 
   // ---- the kernel's view

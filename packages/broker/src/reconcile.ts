@@ -31,6 +31,8 @@ export interface Keeper {
   watchHolder(id: string, pidfd: number): void;
   endLease(id: string, reason: string): void;
   retire(l: LeaseRecord, o: { op: string; decision: 'cleanup'; message: string }): Promise<void>;
+  /** Undoes a device's OVS port or runs its hook's `down` (Lifetimes.unplug). */
+  unplug(l: LeaseRecord): void;
 }
 
 /**
@@ -100,6 +102,8 @@ export function reconcile(lt: Keeper): void {
     if (!lt.isDevice(l, byIndex.get(l.ifindex))) {
       lt.table.remove(l.id);
       lt.note('reconcile', 'reconcile', l, 'the device is gone; lease dropped');
+      // Its network's `down` (its hook, its OVS port) is still owed: the lease ended while the broker was down.
+      lt.unplug(l);
       continue;
     }
     if (l.locked) relock(lt, l);
