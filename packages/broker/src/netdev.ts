@@ -161,13 +161,19 @@ export class Netdev implements Kernel {
       const mac = hostMac(req.guestMac);
       const bridge = req.bridge;
       try {
+        // A port joins its bridge in the bridge's default VLAN: one with an access VLAN comes up only once
+        // it is in that VLAN alone, or the broker's queue would hold default-VLAN frames for the guest.
+        const vlan = bridge && req.vlan ? req.vlan : null;
         this.rtnl.configureLink(
           link.index,
           bridge
-            ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: true, alias: req.alias }
+            ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: vlan === null, alias: req.alias }
             : { address: mac, up: true, alias: req.alias },
         );
-        if (bridge && req.vlan) this.rtnl.setAccessVlan(link.index, req.vlan);
+        if (vlan !== null) {
+          this.rtnl.setAccessVlan(link.index, vlan);
+          this.rtnl.configureLink(link.index, { up: true });
+        }
       } catch (err) {
         if (err instanceof TapbrokerError) throw err;
         throw kernelError(
