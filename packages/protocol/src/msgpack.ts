@@ -2,6 +2,7 @@
 // strings, integers, floats, booleans, nil) and nothing else. The client decodes only what scanFrame
 // has accepted, so the broker's frames meet the same strictness as the broker's own decoder; loading
 // msgpackr (and zod) would cost the client more than its whole start otherwise (see PERFORMANCE.md).
+import { utf8 } from './scan.js';
 
 /** Encodes a message; properties that are `undefined` are left out, as the protocol has no undefined. */
 export function encode(value: unknown): Buffer {
@@ -78,7 +79,7 @@ export function decode(buf: Buffer): unknown {
     return v;
   };
   const str = (n: number) => {
-    const s = buf.toString('utf8', pos, pos + n);
+    const s = utf8(buf, pos, pos + n);
     pos += n;
     return s;
   };
@@ -113,7 +114,11 @@ export function decode(buf: Buffer): unknown {
       default: throw new Error(`msgpack: byte 0x${b.toString(16)} the scanner should have refused`);
     }
   };
-  const array = (n: number) => Array.from({ length: n }, () => value());
+  const array = (n: number) => {
+    const a: unknown[] = [];
+    for (let i = 0; i < n; i++) a.push(value());
+    return a;
+  };
   const map = (n: number) => {
     const o: Record<string, unknown> = {};
     for (let i = 0; i < n; i++) {

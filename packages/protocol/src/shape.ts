@@ -32,115 +32,159 @@ export interface Issue {
 
 /** The value as the schema would give it (defaults filled in), or the first thing wrong with it. */
 export function checkShape(shape: Shape, v: unknown): { ok: true; value: unknown } | { ok: false; issue: string } {
-  const issues: Issue[] = [];
-  const value = walk(shape, v, [], issues, {}, true);
-  const [first] = issues;
+  const w = new Walk({}, true);
+  const value = w.walk(shape, v, null);
+  const [first] = w.out;
   if (!first) return { ok: true, value };
   return { ok: false, issue: `${first.path.length ? `${first.path.join('.')}: ` : ''}${first.message}` };
 }
 
 /** Every issue of `v` against `shape` (named refinements from `checks`), and the value with defaults. */
 export function validate(shape: Shape, v: unknown, checks: Checks): { value: unknown; issues: Issue[] } {
-  const issues: Issue[] = [];
-  const value = walk(shape, v, [], issues, checks, false);
-  return { value, issues };
+  const w = new Walk(checks, false);
+  const value = w.walk(shape, v, null);
+  return { value, issues: w.out };
 }
 
-/** Checks `v`; issues go to `out` (only the first when `first`); returns the value with defaults. */
-function walk(shape: Shape, v: unknown, path: Issue['path'], out: Issue[], checks: Checks, first: boolean): unknown {
-  const bad = (message: string, unknown?: string) => {
-    out.push(unknown === undefined ? { path, message } : { path, message, unknown });
+/**
+ * Where a value is, as a chain to the top: built into a path only for an issue. (Replies are checked in
+ * clients that live milliseconds, before any code is compiled: a path array per value cost more than
+ * the rest of the walk.)
+ */
+interface At {
+  up: At | null;
+  key: string | number;
+}
+
+function pathOf(at: At | null): Issue['path'] {
+  const path: Issue['path'] = [];
+  for (let a = at; a; a = a.up) path.unshift(a.key);
+  return path;
+}
+
+/** Field names of an object shape, listed once per shape. */
+const fieldNames = new WeakMap<object, string[]>();
+
+/** One check of a value: issues go to `out` (only the first when `first`). */
+class Walk {
+  readonly out: Issue[] = [];
+  constructor(private readonly checks: Checks, private readonly first: boolean) {}
+
+  private bad(at: At | null, message: string, unknown?: string): undefined {
+    const path = pathOf(at);
+    this.out.push(unknown === undefined ? { path, message } : { path, message, unknown });
     return undefined;
-  };
-  const named = (name: string | undefined, value: unknown): void => {
+  }
+
+  private named(at: At | null, name: string | undefined, value: unknown): void {
     if (name === undefined) return;
-    const check = checks[name];
+    const check = this.checks[name];
     const why = check ? check(value as never) : `no check \`${name}'`;
-    if (why) bad(why);
-  };
-  const done = () => first && out.length > 0;
-  switch (shape.t) {
-    case 'nullable':
-      return v === null ? null : walk(shape.of, v, path, out, checks, first);
-    case 'boolean':
-      return typeof v === 'boolean' ? v : bad(`expected boolean, received ${kind(v)}`);
-    case 'string':
-      if (typeof v !== 'string') return bad(`expected string, received ${kind(v)}`);
-      // In code points, as zod counts (a surrogate pair is one).
-      if (v.length > shape.max && [...v].length > shape.max) return bad(`string longer than ${shape.max}`);
-      if (shape.min !== undefined && [...v].length < shape.min) return bad(`string shorter than ${shape.min}`);
-      named(shape.check, v);
-      return v;
-    case 'number':
-      if (typeof v !== 'number' || Number.isNaN(v)) return bad(`expected number, received ${kind(v)}`);
-      if (shape.int && !Number.isSafeInteger(v)) return bad('expected an integer');
-      return v >= shape.min && v <= shape.max ? v : bad(`number out of range (${shape.min} to ${shape.max})`);
-    case 'literal':
-      return shape.values.includes(v as never) ? v : bad(`expected ${shape.values.join(' or ')}`);
-    case 'enum':
-      return typeof v === 'string' && shape.values.includes(v) ? v : bad(`expected one of ${shape.values.join(', ')}`);
-    case 'array': {
-      if (!Array.isArray(v)) return bad(`expected array, received ${kind(v)}`);
-      if (v.length < shape.min || v.length > shape.max) return bad(`array of ${v.length} items`);
-      const items: unknown[] = [];
-      for (const [i, x] of v.entries()) {
-        items.push(walk(shape.of, x, [...path, i], out, checks, first));
-        if (done()) return undefined;
-      }
-      return items;
-    }
-    case 'anyOf': {
-      for (const option of shape.options) {
-        const mine: Issue[] = [];
-        const value = walk(option, v, path, mine, checks, first);
-        if (mine.length === 0) return value;
-      }
-      return bad('matches none of its forms');
-    }
-    case 'union': {
-      if (!isObject(v)) return bad(`expected object, received ${kind(v)}`);
-      // The tag is looked up only as a string: any other value (an object whose toString throws) is refused.
-      const tag = v[shape.key];
-      const option = typeof tag === 'string' && Object.hasOwn(shape.options, tag) ? shape.options[tag] : undefined;
-      if (!option) return bad(`unknown ${shape.key} ${typeof tag === 'string' ? JSON.stringify(tag) : kind(tag)}`);
-      return walk(option, v, path, out, checks, first);
-    }
-    case 'record': {
-      if (!isObject(v)) return bad(`expected table, received ${kind(v)}`);
-      const entries: Record<string, unknown> = {};
-      for (const [k, x] of Object.entries(v)) {
-        // As a key of the result it would set its prototype, not add an entry (zod drops it without a word).
-        if (k === '__proto__') bad('`__proto__\' is reserved');
-        else {
-          walk(shape.key, k, [...path, k], out, checks, first);
-          entries[k] = walk(shape.value, x, [...path, k], out, checks, first);
+    if (why) this.bad(at, why);
+  }
+
+  private done(): boolean {
+    return this.first && this.out.length > 0;
+  }
+
+  /** Checks `v`; returns the value with defaults. */
+  walk(shape: Shape, v: unknown, at: At | null): unknown {
+    switch (shape.t) {
+      case 'nullable':
+        return v === null ? null : this.walk(shape.of, v, at);
+      case 'boolean':
+        return typeof v === 'boolean' ? v : this.bad(at, `expected boolean, received ${kind(v)}`);
+      case 'string':
+        if (typeof v !== 'string') return this.bad(at, `expected string, received ${kind(v)}`);
+        // In code points, as zod counts (a surrogate pair is one).
+        if (v.length > shape.max && [...v].length > shape.max) {
+          return this.bad(at, `string longer than ${shape.max}`);
         }
-        if (done()) return undefined;
-      }
-      return entries;
-    }
-    case 'object': {
-      if (!isObject(v)) return bad(`expected object, received ${kind(v)}`);
-      const before = out.length;
-      for (const k of Object.keys(v)) {
-        if (!Object.hasOwn(shape.fields, k)) bad(`unknown field \`${k}'`, k);
-        if (done()) return undefined;
-      }
-      const fields: Record<string, unknown> = {};
-      for (const [k, s] of Object.entries(shape.fields)) {
-        if (v[k] === undefined) {
-          const d = shape.defaults[k];
-          // A default that is an array or a table is each value's own copy.
-          if (Object.hasOwn(shape.defaults, k)) fields[k] = typeof d === 'object' ? structuredClone(d) : d;
-          else if (!shape.optional.includes(k)) bad(`missing field \`${k}'`);
-        } else {
-          fields[k] = walk(s, v[k], [...path, k], out, checks, first);
+        if (shape.min !== undefined && [...v].length < shape.min) {
+          return this.bad(at, `string shorter than ${shape.min}`);
         }
-        if (done()) return undefined;
+        this.named(at, shape.check, v);
+        return v;
+      case 'number':
+        if (typeof v !== 'number' || Number.isNaN(v)) return this.bad(at, `expected number, received ${kind(v)}`);
+        if (shape.int && !Number.isSafeInteger(v)) return this.bad(at, 'expected an integer');
+        if (v >= shape.min && v <= shape.max) return v;
+        return this.bad(at, `number out of range (${shape.min} to ${shape.max})`);
+      case 'literal':
+        return shape.values.includes(v as never) ? v : this.bad(at, `expected ${shape.values.join(' or ')}`);
+      case 'enum':
+        return typeof v === 'string' && shape.values.includes(v)
+          ? v
+          : this.bad(at, `expected one of ${shape.values.join(', ')}`);
+      case 'array': {
+        if (!Array.isArray(v)) return this.bad(at, `expected array, received ${kind(v)}`);
+        if (v.length < shape.min || v.length > shape.max) return this.bad(at, `array of ${v.length} items`);
+        const items: unknown[] = [];
+        for (let i = 0; i < v.length; i++) {
+          items.push(this.walk(shape.of, v[i], { up: at, key: i }));
+          if (this.done()) return undefined;
+        }
+        return items;
       }
-      // A rule across fields is judged only on fields that are each right.
-      if (out.length === before) named(shape.check, fields);
-      return fields;
+      case 'anyOf': {
+        for (const option of shape.options) {
+          const mine = new Walk(this.checks, this.first);
+          const value = mine.walk(option, v, at);
+          if (mine.out.length === 0) return value;
+        }
+        return this.bad(at, 'matches none of its forms');
+      }
+      case 'union': {
+        if (!isObject(v)) return this.bad(at, `expected object, received ${kind(v)}`);
+        // The tag is looked up only as a string: any other value (an object whose toString throws) is refused.
+        const tag = v[shape.key];
+        const option = typeof tag === 'string' && Object.hasOwn(shape.options, tag) ? shape.options[tag] : undefined;
+        if (!option) {
+          return this.bad(at, `unknown ${shape.key} ${typeof tag === 'string' ? JSON.stringify(tag) : kind(tag)}`);
+        }
+        return this.walk(option, v, at);
+      }
+      case 'record': {
+        if (!isObject(v)) return this.bad(at, `expected table, received ${kind(v)}`);
+        const entries: Record<string, unknown> = {};
+        for (const [k, x] of Object.entries(v)) {
+          // As a key of the result it would set its prototype, not add an entry (zod drops it without a word).
+          if (k === '__proto__') this.bad(at, '`__proto__\' is reserved');
+          else {
+            const here = { up: at, key: k };
+            this.walk(shape.key, k, here);
+            entries[k] = this.walk(shape.value, x, here);
+          }
+          if (this.done()) return undefined;
+        }
+        return entries;
+      }
+      case 'object': {
+        if (!isObject(v)) return this.bad(at, `expected object, received ${kind(v)}`);
+        const before = this.out.length;
+        for (const k in v) {
+          if (!Object.hasOwn(v, k)) continue;
+          if (!Object.hasOwn(shape.fields, k)) this.bad(at, `unknown field \`${k}'`, k);
+          if (this.done()) return undefined;
+        }
+        let names = fieldNames.get(shape);
+        if (!names) fieldNames.set(shape, (names = Object.keys(shape.fields)));
+        const fields: Record<string, unknown> = {};
+        for (const k of names) {
+          if (v[k] === undefined) {
+            const d = shape.defaults[k];
+            // A default that is an array or a table is each value's own copy.
+            if (Object.hasOwn(shape.defaults, k)) fields[k] = typeof d === 'object' ? structuredClone(d) : d;
+            else if (!shape.optional.includes(k)) this.bad(at, `missing field \`${k}'`);
+          } else {
+            fields[k] = this.walk(shape.fields[k]!, v[k], { up: at, key: k });
+          }
+          if (this.done()) return undefined;
+        }
+        // A rule across fields is judged only on fields that are each right.
+        if (this.out.length === before) this.named(at, shape.check, fields);
+        return fields;
+      }
     }
   }
 }
