@@ -61,6 +61,9 @@ export class BrokerProcess {
     linkEventQueue?: number;
     /** A file bind-mounted over /etc/passwd in the broker's own mount namespace (its account database). */
     passwd?: string;
+    /** A program and its arguments that exec node (e.g. one that sets a prctl first), and node's own flags. */
+    wrap?: string[];
+    nodeArgs?: string[];
   } = {}): Promise<BrokerProcess> {
     const dir = opts.dir ?? tempDir(opts.tag ?? 'broker');
     const policyPath = path.join(dir, 'policy.toml');
@@ -74,7 +77,7 @@ export class BrokerProcess {
     if (opts.fdFallback) env['TB_TEST_FD_FALLBACK'] = '1';
     if (opts.maxConnections) env['TB_TEST_MAX_CONNECTIONS'] = String(opts.maxConnections);
     if (opts.linkEventQueue) env['TB_TEST_LINK_EVENT_QUEUE'] = String(opts.linkEventQueue);
-    const argv = ['ip', 'netns', 'exec', ns.name, process.execPath, entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])];
+    const argv = ['ip', 'netns', 'exec', ns.name, ...(opts.wrap ?? []), process.execPath, ...(opts.nodeArgs ?? []), entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])];
     // `ip netns exec` keeps the pid it is started with, so the broker's pid is this child's either way.
     const [cmd, ...args] = opts.passwd
       ? ['unshare', '-m', '--propagation', 'private', 'sh', '-c', 'mount --bind "$0" /etc/passwd && exec "$@"', opts.passwd, ...argv]

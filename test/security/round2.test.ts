@@ -4,6 +4,7 @@
 import anyTest, { type ExecutionContext, type TestFn } from 'ava';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -170,6 +171,58 @@ test.serial('A1 (kernels without SO_PASSRIGHTS): fds queued behind a frame refus
       t.is(out['reply'], 'TB_E_HELLO_REQUIRED');
       await serves(t, fb);
       await fb.record((r) => r.code === 'TB_E_HELLO_REQUIRED' && r.uid === STRANGER);
+    } finally {
+      a.child.kill('SIGKILL');
+    }
+  } finally {
+    await fb.stop();
+  }
+});
+
+// Found by an outside review: the closer was spawned without the broker's node flags, and under the unit's
+// MemoryDenyWriteExecute= (which children inherit) node aborts at start without --jitless: the pushed fds went
+// with a dying process, and the stuck-closer logic never ran. Here the broker runs as the unit runs it:
+// node --jitless --no-expose-wasm under PR_SET_MDWE (the prctl behind MemoryDenyWriteExecute=, Linux 6.3).
+const MDWE_C = `#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+  if (argc < 2 || prctl(65 /* PR_SET_MDWE */, 1 /* PR_MDWE_REFUSE_EXEC_GAIN */, 0, 0, 0) != 0) { perror("prctl"); return 111; }
+  execv(argv[1], argv + 1);
+  perror("execv");
+  return 111;
+}
+`;
+
+/** The wrapper, built once here, or why it cannot be. */
+const mdwe = ((): { bin: string } | { why: string } => {
+  const where = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-mdwe-'));
+  process.on('exit', () => fs.rmSync(where, { recursive: true, force: true }));
+  const bin = path.join(where, 'mdwe');
+  fs.writeFileSync(`${bin}.c`, MDWE_C);
+  if (spawnSync('cc', ['-O', '-o', bin, `${bin}.c`]).status !== 0) return { why: 'no C compiler (cc)' };
+  fs.chmodSync(where, 0o755);
+  if (spawnSync(bin, ['/bin/true']).status !== 0) return { why: 'this kernel has no PR_SET_MDWE (Linux 6.3)' };
+  return { bin };
+})();
+if ('why' in mdwe) console.log(`# skip the closer under MemoryDenyWriteExecute: ${mdwe.why}`);
+
+('bin' in mdwe ? test.serial : test.serial.skip)('A1 (kernels without SO_PASSRIGHTS), as the unit runs the broker: its fd closer runs with its node flags', async (t) => {
+  const wrap = (mdwe as { bin: string }).bin;
+  const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2mdwe', fdFallback: true, wrap: [wrap], nodeArgs: ['--jitless', '--no-expose-wasm'] });
+  try {
+    const pushed = pushedFile();
+    const a = inNs(STRANGER, LINGER, [fb.socket, '0', '16', 'hello', pushed]);
+    try {
+      const out = await a.line;
+      t.is(out['reply'], 'TB_E_UNEXPECTED_FDS');
+      await fb.waitFor(() => foreignHeld(fb.proc.pid!, pushed).length === 0, 3000, 'the broker still holds pushed fds');
+      const closers = () => fs.readFileSync(`/proc/${fb.proc.pid}/task/${fb.proc.pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean)
+        .map((pid) => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0'));
+      await fb.waitFor(() => closers().length === 1, 3000, 'no closer process runs');
+      t.true(closers()[0]!.includes('--jitless'), `the closer runs as ${closers()[0]!.join(' ')}`);
+      await serves(t, fb);
+      t.notRegex(fb.stderr, /Check failed|fd closer (stuck|exited)/);
     } finally {
       a.child.kill('SIGKILL');
     }

@@ -105,7 +105,9 @@ export class ForeignFds {
   private spawnCloser(): void {
     const [mine, theirs] = sys.socketpair(sys.SOCK_SEQPACKET);
     try {
-      this.child = spawn(process.execPath, [CLOSER], {
+      // With the broker's own node flags: under the unit's MemoryDenyWriteExecute= (inherited by children) a
+      // node without --jitless aborts at start, and the fds sent to it would go with the dying process.
+      this.child = spawn(process.execPath, [...process.execArgv, CLOSER], {
         stdio: ['ignore', 'ignore', 'inherit', theirs],
         detached: false,
       });
