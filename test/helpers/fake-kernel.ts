@@ -94,7 +94,11 @@ export class FakeKernel implements Kernel {
 
   // ---- Kernel
 
+  /** What a device's owner does at a step of its create (a persistent tap is its owner's from `tap:opened`). */
+  onStep: ((point: FaultPoint) => void) | null = null;
+
   faultPoint = (point: FaultPoint): void => {
+    this.onStep?.(point);
     if (point !== this.refuseAt) return;
     this.refuseAt = null;
     throw new TapbrokerError('TB_E_KERNEL', `injected kernel refusal at ${point}`);
@@ -154,7 +158,7 @@ export class FakeKernel implements Kernel {
         this.faultPoint('tap:persisted');
       } else if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(this.openVhost());
       this.steps.push(`createTap ${req.name}`);
-      return { ifindex: link.index, hostMac: link.address!, mtu: link.mtu, tapFds, vhostFds };
+      return { ifindex: link.index, hostMac: hostMac(req.guestMac), mtu: link.mtu, tapFds, vhostFds };
     } catch (err) {
       this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
       // The last fd of a tap that is not yet persistent takes the device with it.

@@ -517,6 +517,38 @@ test('a tap its holder makes persistent is decided on the policy in force: a den
   }
 });
 
+test('a persistent tap its owner changes while it is being made is judged when its create ends', async (t) => {
+  // Found by an outside review: the events of a lease mid-create are not judged (they predate its terms), and
+  // nothing judged the device afterwards, so an owner could change its persistent tap's MAC or group meanwhile.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
+  const records: AuditRecord[] = [];
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    policy: parsePolicy(POLICY),
+    stateDir: dir,
+    audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  try {
+    host(kernel);
+    broker.lifetimes.start();
+    const name = 'tb1000-own';
+    kernel.onStep = (point) => {
+      if (point === 'tap:persisted') kernel.holderChanges(name, { address: Buffer.from('525400bbbbbb', 'hex') });
+    };
+    await ask(broker, caller(1000), tap({ bridge: 'br1', persistent: true, name }));
+    await settled(broker);
+    t.is(kernel.linkNamed(name), null, 'the device is deleted');
+    const cleanup = records.find((r) => r.decision === 'cleanup' && /its MAC was changed to 52:54:00:bb:bb:bb/.test(r.message ?? ''));
+    t.truthy(cleanup, records.map((r) => `${r.decision}: ${r.message ?? ''}`).join('\n'));
+  } finally {
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('the table covers every op and every outcome a create can have', (t) => {
   const ops = new Set(ROWS.map((r) => r.request['op']));
   for (const op of ['create-tap', 'create-macvtap', 'create', 'can', 'release', 'reload']) t.true(ops.has(op), op);

@@ -133,6 +133,7 @@ export class Lifetimes implements Cleanup {
    */
   catchUp(): void {
     if (this.monitor?.drain() === false) this.kernel.observe(0, null);
+    if (this.resyncOwed) this.resync();
   }
 
   /** The caller's devices per rule: a lookup, computed after catchUp(). */
@@ -155,6 +156,10 @@ export class Lifetimes implements Cleanup {
 
   commit(id: string): void {
     this.creating.delete(id);
+    // A persistent device was its owner's from the moment its owner was set, and the events of its create
+    // were not judged (they predate its terms): whatever its owner did meanwhile is judged now.
+    const l = this.table.get(id);
+    if (l && l.ends === 'release') this.judge(l, this.kernel.link(l.ifindex));
   }
 
   /** The create failed after its lease was written: the device goes (audited), the lease with it. */
@@ -325,19 +330,42 @@ export class Lifetimes implements Cleanup {
     const device = tick(this.events, l.ifindex, now) > MAX_LINK_EVENTS_PER_SECOND;
     // Per uid too, and kept after its devices go: a uid that floods from a new tap each time is still seen.
     if (!device && tick(this.uidEvents, l.uid, now) <= MAX_LINK_EVENTS_PER_UID) return false;
-    this.events.delete(l.ifindex);
+    // Of the uid's devices, the one that sent the most this second goes (not whichever sent the last event),
+    // and the uid's count starts over: one flood takes one device, and the cool-down grows once.
+    const victim = device ? l : this.loudest(l);
+    this.events.delete(victim.ifindex);
+    if (!device) this.uidEvents.delete(l.uid);
     const wait = this.coolDown(l.uid, now);
     const message = (device
       ? `its holder made it send more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second`
-      : `the devices of uid ${l.uid} sent more than ${MAX_LINK_EVENTS_PER_UID} link events in a second`)
-      + ` (a flood of changes): deleted; the uid's new devices wait ${wait / 1000} s`;
-    void this.retire(l, { op: 'cleanup', decision: 'cleanup', message }).catch(() => {});
-    return true;
+      : `the devices of uid ${l.uid} sent more than ${MAX_LINK_EVENTS_PER_UID} link events in a second, this one `
+        + 'the most')
+      + ` (a flood of changes): deleted; the uid's new devices wait ${Math.ceil(wait / 1000)} s`;
+    void this.retire(victim, { op: 'cleanup', decision: 'cleanup', message }).catch(() => {});
+    return victim === l;
   }
 
-  /** After a flood: the uid's creates are refused for a while, twice as long as after its last flood. */
+  /** The lease of `l`'s uid whose device sent the most link events this second. */
+  private loudest(l: LeaseRecord): LeaseRecord {
+    let top = l;
+    let most = this.events.get(l.ifindex)?.n ?? 0;
+    for (const [ifindex, w] of this.events) {
+      const o = w.n > most ? this.table.byIfindex(ifindex) : undefined;
+      if (o && o.uid === l.uid && !this.creating.has(o.id)) {
+        top = o;
+        most = w.n;
+      }
+    }
+    return top;
+  }
+
+  /**
+   * After a flood: the uid's creates are refused for a while, twice as long as after its last flood. Floods
+   * within a cool-down (more of its devices flooding at once) do not lengthen it; what remains is returned.
+   */
   private coolDown(uid: number, now: number): number {
     const c = this.cooldowns.get(uid);
+    if (c && now < c.until) return c.until - now;
     // A flood long after the last cool-down ended starts over.
     const wait = c && now < c.until + FLOOD_COOLDOWN_MAX_MS ? c.next : FLOOD_COOLDOWN_MS;
     this.cooldowns.set(uid, { until: now + wait, next: Math.min(2 * wait, FLOOD_COOLDOWN_MAX_MS) });
@@ -384,7 +412,16 @@ export class Lifetimes implements Cleanup {
       const d = this.decidePersistent(l);
       if (d.allow) {
         const converted: LeaseRecord = { ...l, ends: 'release', rule: d.rule.name };
-        this.table.add(converted);
+        try {
+          this.table.add(converted);
+        } catch (err) {
+          // A persistent lease the table cannot hold would not survive a restart: the device goes instead
+          // (the failed add left the lease as it was).
+          const message = `its holder made it persistent, but the lease table cannot be written `
+            + `(${(err as Error).message}): deleted`;
+          void this.retire(l, { op: 'cleanup', decision: 'cleanup', message }).catch(() => {});
+          return;
+        }
         this.note(
           'reconcile',
           'reconcile',
@@ -482,9 +519,13 @@ export class Lifetimes implements Cleanup {
 
   /** After lost link events: one dump, and every lease judged against it. */
   resync(): void {
+    // Until one pass has checked every lease, the next catch-up tries again (a dump that failed, a judgement
+    // that threw): lost events are never forgotten half-handled.
+    this.resyncOwed = true;
     this.kernel.observe(0, null);
     const links = new Map(this.kernel.links().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
+    this.resyncOwed = false;
     this.resyncs++;
     this.log(`link events were lost (the kernel's queue for them overran): ${this.table.size} leases checked `
       + `against a fresh list of ${links.size} links (${this.resyncs} time${this.resyncs > 1 ? 's' : ''} so far)`);
@@ -492,4 +533,5 @@ export class Lifetimes implements Cleanup {
 
   /** How many times lost link events made the broker check every lease against a dump. */
   private resyncs = 0;
+  private resyncOwed = false;
 }

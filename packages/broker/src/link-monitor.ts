@@ -71,7 +71,13 @@ export class LinkMonitor {
         // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
         if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE || !this.wants(type, m.readInt32LE(20)))
           continue;
-        this.onLink(type, parseLink(m));
+        try {
+          this.onLink(type, parseLink(m));
+        } catch (err) {
+          // One event that cannot be applied does not lose the rest: they go on, and a resync follows.
+          process.stderr.write(`tapbrokerd: a link event could not be applied: ${(err as Error).stack}\n`);
+          overrun = true;
+        }
       }
     }
     // One resync after the reads: a dump then reflects everything lost.

@@ -81,7 +81,13 @@ export function reconcile(lt: Keeper): void {
     if (by !== null && by !== lt.brokerId) continue;
     const tagged = leaseFromAlias(link.alias, link);
     if (tagged && (!lt.trusted || kernelBound(tagged, true))) {
-      lt.table.add(tagged, !kernelBound(tagged, true));
+      try {
+        lt.table.add(tagged, !kernelBound(tagged, true));
+      } catch (err) {
+        // A state directory that cannot be written does not stop the start (it says so below): in memory.
+        lt.table.add(tagged, false);
+        lt.log(`warning: the lease of \`${link.name}' is kept in memory only: ${(err as Error).message}`);
+      }
       lt.note('reconcile', 'reconcile', tagged, "lease taken back from the device's tag");
       adopted.push([tagged, link]);
     } else if (lt.trusted) {
