@@ -509,6 +509,18 @@ test('a tap its holder makes persistent is decided on the policy in force: a den
     const after = records.slice(seen).map((r) => `${r.decision}: ${r.message ?? ''}`);
     t.true(after.some((m) => /^cleanup: its holder made it persistent, which the policy does not allow \(.*no-more-1000/.test(m)), after.join('\n'));
     t.false(after.some((m) => /now a persistent lease/.test(m)), 'it never became one');
+    // Nor where the rule now grants persistent taps only as locked ports, and this one is not locked.
+    broker.policy = parsePolicy(POLICY);
+    const next = await ask(broker, who, tap({ bridge: 'br1' }));
+    held.push(...next.fds);
+    const other = (next.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    broker.policy = parsePolicy(POLICY.replace('name = "pets"', 'name = "pets"\nmac_lock = true'));
+    kernel.holderChanges(other, { persist: true });
+    await ask(broker, who, { op: 'list' });
+    await settled(broker);
+    t.is(kernel.linkNamed(other), null, 'the unlocked tap is deleted');
+    t.true(records.some((r) => r.decision === 'cleanup' && /grants persistent taps only as locked ports/.test(r.message ?? '')));
   } finally {
     for (const fd of held) fs.closeSync(fd);
     await broker.shutdown();

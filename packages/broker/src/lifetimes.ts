@@ -488,7 +488,15 @@ export class Lifetimes implements Cleanup {
     };
     // Its own lease is in the table already: it is not counted against itself.
     const live = this.counts(l.uid);
-    return decide(this.policy(), caller, ask, (rule) => live(rule) - (rule === l.rule ? 1 : 0));
+    const policy = this.policy();
+    const d = decide(policy, caller, ask, (rule) => live(rule) - (rule === l.rule ? 1 : 0));
+    // A rule (or network) that locks its ports would have locked this one: an unlocked port is not what it grants.
+    const lock = d.allow && (d.rule.macLock || (l.network !== null && policy.networks.get(l.network)?.macLock));
+    if (d.allow && lock && !l.locked) {
+      const message = `rule \`${d.rule.name}' grants persistent taps only as locked ports, and this one is not`;
+      return { allow: false, code: 'TB_E_MAC_LOCK', rule: d.rule.name, message, hint: 'ask for a persistent tap' };
+    }
+    return d;
   }
 
   private violation(l: LeaseRecord, link: Link): 'persist' | 'owner' | 'address' | null {

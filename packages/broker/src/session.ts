@@ -73,6 +73,12 @@ export class Session {
       for (;;) {
         const packet = await this.conn.receive();
         if (!packet) break;
+        // A request in hand is not idleness: the idle timer starts again once it is answered (a slow hook or
+        // Open vSwitch must not have the connection closed under its reply).
+        if (this.helloed && this.timer) {
+          clearTimeout(this.timer);
+          this.timer = null;
+        }
         // A client that does not read its replies holds their fds in flight: handle nothing more from
         // it until it has (a client that reads each reply before its next request never waits), so
         // one connection has at most one reply's fds outstanding.
