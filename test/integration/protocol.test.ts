@@ -52,6 +52,8 @@ test('a client from the future gets TB_E_VERSION naming both versions, then the 
   t.regex(r?.op === 'error' ? r.message : '', new RegExp(`version 99.*speaks ${PROTOCOL_VERSION}`));
   t.is(await conn.receive(), null);
   conn.close();
+  // Audited, as every refusal is (it was not, before an outside review).
+  await fx.broker.record((a) => a.op === 'hello' && a.decision === 'error' && a.code === 'TB_E_VERSION');
 });
 
 test('an operation before hello is refused and the connection closes', async (t) => {

@@ -225,7 +225,7 @@ export class LeaseTable {
     const file = path.join(this.dir, STATE_FILE);
     const tmp = `${file}.${process.pid}.tmp`;
     try {
-      // O_NOFOLLOW|O_EXCL: never written through a link someone planted in the state directory.
+      // O_NOFOLLOW: never written through a link planted in the state directory (only root writes there).
       const fd = fs.openSync(
         tmp,
         fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW,

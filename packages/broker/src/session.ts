@@ -222,6 +222,11 @@ export class Session {
     try {
       outcome = await this.host.dispatch(this.caller, req);
     } catch (err) {
+      // A refused hello (a protocol version the broker does not speak) is audited as any refusal no handler
+      // records; the other ops' handlers record their own.
+      if (req.op === 'hello' && err instanceof TapbrokerError) {
+        this.host.refused(this.caller, 'hello', err.code, err.message);
+      }
       return this.replyError(req.id, err, req.op !== 'hello');
     }
     if (req.op === 'hello') {
