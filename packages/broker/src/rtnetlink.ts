@@ -39,6 +39,13 @@ export const RTMGRP_LINK = 1;
 /** MACVLAN_MODE_* from if_link.h. */
 export const MACVLAN_MODES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as const;
 export const IFLA_EXT_MASK = 29;
+/**
+ * What link messages leave out: their statistics (RTEXT_FILTER_SKIP_STATS; older kernels ignore the bit). Not
+ * RTEXT_FILTER_VF: a NIC's many virtual functions could make one link's message larger than a reply buffer.
+ */
+const EXT_MASK = 1 << 3;
+/** A dump whose set of links changed while it ran: it may have missed some (NLM_F_DUMP_INTR). */
+const NLM_F_DUMP_INTR = 0x10;
 export const NLMSGERR_ATTR_MSG = 1;
 export const IFF_UP = 0x1;
 export const NLMSGHDR = 16;
@@ -315,8 +322,12 @@ export class Rtnetlink {
   }
 
   /** Sends one request and returns the reply messages (for a plain request with ACK: none). */
+  /** The last dump's links changed while it ran (NLM_F_DUMP_INTR). */
+  private interrupted = false;
+
   request(build: (seq: number) => Buffer, what: string): Buffer[] {
     const seq = (this.seq = (this.seq + 1) & 0x7fffffff);
+    this.interrupted = false;
     if (sys.sendMsg(this.fd, { data: build(seq) }, 0) < 0) {
       throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, `${what}: request not sent`);
     }
@@ -325,8 +336,13 @@ export class Rtnetlink {
     for (;;) {
       if (Date.now() > deadline) throw new sys.SyscallError('rtnetlink', sys.errno.ETIMEDOUT, `${what}: no reply`);
       const got = this.rx.recv(this.fd, 0);
+      // A reply cut to the buffer would lose messages without a word: an error instead.
+      if (got && (got.flags & sys.MSG_TRUNC) !== 0) {
+        throw new sys.SyscallError('rtnetlink', sys.errno.EMSGSIZE, `${what}: a reply larger than its buffer`);
+      }
       for (const m of splitMessages(got?.data ?? Buffer.alloc(0))) {
         if (m.readUInt32LE(8) !== seq) continue;
+        if ((m.readUInt16LE(6) & NLM_F_DUMP_INTR) !== 0) this.interrupted = true;
         const type = m.readUInt16LE(4);
         if (type === NLMSG_ERROR) {
           const err = -m.readInt32LE(NLMSGHDR);
@@ -345,8 +361,9 @@ export class Rtnetlink {
   getLinkByName(name: string): Link | null {
     try {
       const [m] = this.request(
-        (seq) =>
-          linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, {}, [attrString(IFLA_IFNAME, name), attrU32(IFLA_EXT_MASK, 1)]),
+        (seq) => linkMessage(
+          RTM_GETLINK, NLM_F_REQUEST, seq, {}, [attrString(IFLA_IFNAME, name), attrU32(IFLA_EXT_MASK, EXT_MASK)],
+        ),
         `get link \`${name}'`,
       );
       return m ? parseLink(m) : null;
@@ -360,7 +377,7 @@ export class Rtnetlink {
   getLinkByIndex(index: number): Link | null {
     try {
       const [m] = this.request(
-        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, { index }, [attrU32(IFLA_EXT_MASK, 1)]),
+        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, { index }, [attrU32(IFLA_EXT_MASK, EXT_MASK)]),
         `get link ${index}`,
       );
       return m ? parseLink(m) : null;
@@ -372,10 +389,15 @@ export class Rtnetlink {
 
   /** Every link in the namespace. */
   dumpLinks(): Link[] {
-    return this.request(
-      (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, [attrU32(IFLA_EXT_MASK, 1)]),
-      'dump links',
-    ).map(parseLink);
+    // A dump the kernel says was interrupted by changes may have missed links: taken again, a few times.
+    for (let attempt = 1; ; attempt++) {
+      const links = this.request(
+        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, [attrU32(IFLA_EXT_MASK, EXT_MASK)]),
+        'dump links',
+      ).map(parseLink);
+      if (!this.interrupted) return links;
+      if (attempt === 5) throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, 'dump links: interrupted 5 times');
+    }
   }
 
   /** Creates a macvtap; throws SyscallError (EEXIST if the name is taken). */
