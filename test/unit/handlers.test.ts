@@ -437,9 +437,10 @@ for (const row of ROWS) {
   });
 }
 
-test('lost link events: a tap its holder made persistent (allowed) and gave another MAC is still deleted', async (t) => {
-  // Found by an outside review: after a resync, the lease was converted to a persistent one and its new
-  // MAC never judged (no later event came to show it), so the tap lived on with another guest's address.
+/** A broker on the fake kernel with the table's host, started; `fds` the test keeps are closed after it. */
+async function onFakeKernel(
+  run: (b: { broker: Broker; kernel: FakeKernel; records: AuditRecord[]; held: number[] }) => Promise<void>,
+): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
   const records: AuditRecord[] = [];
   const devNull = fs.openSync('/dev/null', 'w');
@@ -454,6 +455,19 @@ test('lost link events: a tap its holder made persistent (allowed) and gave anot
   try {
     host(kernel);
     broker.lifetimes.start();
+    await run({ broker, kernel, records, held });
+  } finally {
+    for (const fd of held) fs.closeSync(fd);
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test('lost link events: a tap its holder made persistent (allowed) and gave another MAC is still deleted', async (t) => {
+  // Found by an outside review: after a resync, the lease was converted to a persistent one and its new
+  // MAC never judged (no later event came to show it), so the tap lived on with another guest's address.
+  await onFakeKernel(async ({ broker, kernel, records, held }) => {
     const who = caller(1000);
     const got = await ask(broker, who, tap({ bridge: 'br1' }));
     held.push(...got.fds);
@@ -470,31 +484,13 @@ test('lost link events: a tap its holder made persistent (allowed) and gave anot
     const after = records.slice(seen).map((r) => `${r.decision}: ${r.message ?? ''}`);
     t.true(after.some((m) => /^cleanup: its MAC was changed to 52:54:00:aa:aa:aa/.test(m)), after.join('\n'));
     t.like((await ask(broker, who, { op: 'list' })).reply, { op: 'list', leases: [] }, 'no lease left');
-  } finally {
-    for (const fd of held) fs.closeSync(fd);
-    await broker.shutdown();
-    fs.closeSync(devNull);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a tap its holder makes persistent is decided on the policy in force: a deny added by a reload deletes it', async (t) => {
   // Found by an outside review: only the lease's rule was looked at (by name, for persistent = true), so a
   // holder that a reload had denied could still make its tap outlive it.
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
-  const records: AuditRecord[] = [];
-  const devNull = fs.openSync('/dev/null', 'w');
-  let kernel!: FakeKernel;
-  const broker = new Broker({
-    policy: parsePolicy(POLICY),
-    stateDir: dir,
-    audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
-    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
-  });
-  const held: number[] = [];
-  try {
-    host(kernel);
-    broker.lifetimes.start();
+  await onFakeKernel(async ({ broker, kernel, records, held }) => {
     const who = caller(1000);
     const got = await ask(broker, who, tap({ bridge: 'br1' }));
     held.push(...got.fds);
@@ -521,30 +517,13 @@ test('a tap its holder makes persistent is decided on the policy in force: a den
     await settled(broker);
     t.is(kernel.linkNamed(other), null, 'the unlocked tap is deleted');
     t.true(records.some((r) => r.decision === 'cleanup' && /grants persistent taps only as locked ports/.test(r.message ?? '')));
-  } finally {
-    for (const fd of held) fs.closeSync(fd);
-    await broker.shutdown();
-    fs.closeSync(devNull);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a persistent tap its owner changes while it is being made is judged when its create ends', async (t) => {
   // Found by an outside review: the events of a lease mid-create are not judged (they predate its terms), and
   // nothing judged the device afterwards, so an owner could change its persistent tap's MAC or group meanwhile.
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
-  const records: AuditRecord[] = [];
-  const devNull = fs.openSync('/dev/null', 'w');
-  let kernel!: FakeKernel;
-  const broker = new Broker({
-    policy: parsePolicy(POLICY),
-    stateDir: dir,
-    audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
-    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
-  });
-  try {
-    host(kernel);
-    broker.lifetimes.start();
+  await onFakeKernel(async ({ broker, kernel, records }) => {
     const name = 'tb1000-own';
     kernel.onStep = (point) => {
       if (point === 'tap:persisted') kernel.holderChanges(name, { address: Buffer.from('525400bbbbbb', 'hex') });
@@ -554,11 +533,7 @@ test('a persistent tap its owner changes while it is being made is judged when i
     t.is(kernel.linkNamed(name), null, 'the device is deleted');
     const cleanup = records.find((r) => r.decision === 'cleanup' && /its MAC was changed to 52:54:00:bb:bb:bb/.test(r.message ?? ''));
     t.truthy(cleanup, records.map((r) => `${r.decision}: ${r.message ?? ''}`).join('\n'));
-  } finally {
-    await broker.shutdown();
-    fs.closeSync(devNull);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('the table covers every op and every outcome a create can have', (t) => {
