@@ -384,59 +384,6 @@ async function ask(broker: Broker, who: Identity, request: Record<string, unknow
   return broker.dispatch(who, decoded.message);
 }
 
-for (const row of ROWS) {
-  test(row.title, async (t) => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
-    const records: AuditRecord[] = [];
-    const devNull = fs.openSync('/dev/null', 'w');
-    let kernel!: FakeKernel;
-    const broker = new Broker({
-      policy: parsePolicy(POLICY),
-      stateDir: dir,
-      audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
-      kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
-    });
-    const held: number[] = [];
-    try {
-      host(kernel);
-      broker.lifetimes.start();
-      const who = caller(row.uid ?? 1000);
-      for (const r of row.before ?? []) held.push(...(await ask(broker, caller(1000), r)).fds);
-      await settled(broker);
-      row.kernel?.(kernel);
-      const steps = kernel.steps.length;
-      const seen = records.length;
-      let code: string | null = null;
-      let reply: Reply | null = null;
-      try {
-        const out = await ask(broker, who, row.request);
-        reply = out.reply;
-        held.push(...out.fds);
-        t.true(out.fds.every((fd) => kernel.isOurs(fd)), 'every fd sent is one the kernel gave');
-      } catch (err) {
-        if (!(err instanceof TapbrokerError)) throw err;
-        code = err.code;
-      }
-      await settled(broker);
-      t.is(code, row.code, 'the reply code');
-      const got = records.slice(seen);
-      t.is(got.length, row.audit.length, `audit records: ${got.map((r) => `${r.op}/${r.decision}`).join(', ')}`);
-      row.audit.forEach((want, i) => t.like(got[i], want as Record<string, unknown>, `audit record ${i}`));
-      const taken = kernel.steps.slice(steps);
-      t.is(taken.length, row.steps.length, `kernel steps: ${taken.join(', ')}`);
-      row.steps.forEach((re, i) => t.regex(taken[i] ?? '', re, `kernel step ${i}`));
-      if (reply) row.reply?.(reply, kernel);
-      else if (row.code === null) t.fail('granted');
-      else row.reply?.(null as never, kernel);
-    } finally {
-      for (const fd of held) fs.closeSync(fd);
-      await broker.shutdown();
-      fs.closeSync(devNull);
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
-  });
-}
-
 /** A broker on the fake kernel with the table's host, started; `fds` the test keeps are closed after it. */
 async function onFakeKernel(
   run: (b: { broker: Broker; kernel: FakeKernel; records: AuditRecord[]; held: number[] }) => Promise<void>,
@@ -463,6 +410,40 @@ async function onFakeKernel(
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
+
+for (const row of ROWS) {
+  test(row.title, (t) => onFakeKernel(async ({ broker, kernel, records, held }) => {
+    const who = caller(row.uid ?? 1000);
+    for (const r of row.before ?? []) held.push(...(await ask(broker, caller(1000), r)).fds);
+    await settled(broker);
+    row.kernel?.(kernel);
+    const steps = kernel.steps.length;
+    const seen = records.length;
+    let code: string | null = null;
+    let reply: Reply | null = null;
+    try {
+      const out = await ask(broker, who, row.request);
+      reply = out.reply;
+      held.push(...out.fds);
+      t.true(out.fds.every((fd) => kernel.isOurs(fd)), 'every fd sent is one the kernel gave');
+    } catch (err) {
+      if (!(err instanceof TapbrokerError)) throw err;
+      code = err.code;
+    }
+    await settled(broker);
+    t.is(code, row.code, 'the reply code');
+    const got = records.slice(seen);
+    t.is(got.length, row.audit.length, `audit records: ${got.map((r) => `${r.op}/${r.decision}`).join(', ')}`);
+    row.audit.forEach((want, i) => t.like(got[i], want as Record<string, unknown>, `audit record ${i}`));
+    const taken = kernel.steps.slice(steps);
+    t.is(taken.length, row.steps.length, `kernel steps: ${taken.join(', ')}`);
+    row.steps.forEach((re, i) => t.regex(taken[i] ?? '', re, `kernel step ${i}`));
+    if (reply) row.reply?.(reply, kernel);
+    else if (row.code === null) t.fail('granted');
+    else row.reply?.(null as never, kernel);
+  }));
+}
+
 
 test('lost link events: a tap its holder made persistent (allowed) and gave another MAC is still deleted', async (t) => {
   // Found by an outside review: after a resync, the lease was converted to a persistent one and its new

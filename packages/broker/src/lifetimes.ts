@@ -13,7 +13,6 @@ import { decide, type Ask, type Decision, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
-
 /** Tries at removing a lease's Open vSwitch port, 1 s, 2 s, 4 s … apart (about 8.5 minutes in all). */
 const UNPLUG_ATTEMPTS = 10;
 

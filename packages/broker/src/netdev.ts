@@ -268,7 +268,6 @@ export class Netdev implements Kernel {
     );
   }
 
-
   macvtapParent(name: string): Link {
     return macvtapParent(this.rtnl, name);
   }
@@ -287,8 +286,6 @@ export class Netdev implements Kernel {
         + '(this fails where the kernel lacks CONFIG_BRIDGE_VLAN_FILTERING)';
     throw new TapbrokerError('TB_E_VLAN_UNAVAILABLE', `vlan filtering unavailable on ${bridge.name}: ${why}`);
   }
-
-
 
 }
 
@@ -310,8 +307,3 @@ function addrAssignType(name: string, ifindex: number): number {
     throw kernelError(`cannot read the address type of \`${name}' from sysfs`, err);
   }
 }
-
-
-
-
-
