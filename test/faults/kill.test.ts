@@ -96,7 +96,7 @@ for (const [point, request] of createCases) {
   });
 }
 
-for (const point of ['release:unleased', 'release:deleted']) {
+for (const point of ['retire:unleased', 'release:deleted']) {
   test.serial(`SIGKILL at ${point}: the device is gone after the restart and nothing leaks`, async (t) => {
     const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
     const name = made.taps[0]!.device.name;

@@ -184,6 +184,31 @@ test.serial('a lease on a hook network that ended while the broker was down gets
   }
 });
 
+test.serial('a persistent device on a hook network whose release the broker died in gets its down at the next start', async (t) => {
+  // Found by an outside code review: the lease left the table before its device was deleted, and a device's tag
+  // does not say how it was plugged: the restarted broker deleted it as an orphan and never ran the hook's down.
+  const bdir = tempDir('nets-kill');
+  let b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsk', dir: bdir, fault: 'retire:unleased' });
+  try {
+    const made = await probeOnce({ socket: b.socket, requests: [{ network: 'slowdown', persistent: true }] });
+    t.is(made.error, null, made.error?.message);
+    const name = made.taps[0]!.device.name;
+    const r = await probeOnce({ socket: b.socket, release: [name] });
+    t.is(r.error?.code, 'TB_E_BROKER_CLOSED');
+    await b.waitFor(() => !b.alive, 5000, 'the broker was not killed mid-release');
+    t.not(fx.ns.link(name), undefined, 'killed before the device was deleted');
+    b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsk', dir: bdir });
+    await b.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, 'the restarted broker never ran down');
+    t.is(fx.ns.link(name), undefined, 'the device is gone');
+    await b.record((rec) => rec.decision === 'cleanup' && rec.message === 'unplugged from its network'
+      && (rec.device as { name?: string }).name === name);
+    t.deepEqual((JSON.parse(fs.readFileSync(b.stateFile, 'utf8')) as { downs: unknown[] }).downs, [], 'nothing owed');
+  } finally {
+    await b.stop();
+    fs.rmSync(bdir, { recursive: true, force: true });
+  }
+});
+
 const hookFails = test.macro({
   async exec(t, network: string, pattern: RegExp) {
     const r = await probeOnce({ socket: sock(), requests: [{ network }] });

@@ -137,6 +137,9 @@ test('the service: root with CAP_NET_ADMIN (and CAP_AUDIT_WRITE for --linux-audi
   t.regex(reload[3]!, /\/@tapbroker\/client\/dist\/cli\.js$/);
   t.deepEqual(reload.slice(4), ['reload', '--socket', '/run/tapbroker/tapbroker.sock']);
   t.is(/^ListenSequentialPacket=(.*)$/m.exec(fs.readFileSync(path.join(ROOT, 'systemd/tapbrokerd.socket'), 'utf8'))?.[1], reload[6], 'the socket the unit listens on');
+  // The audit records are the unit's journal lines: journald's rate limit must never drop them (the broker
+  // bounds what one user can make it write).
+  t.is(one(s, 'Service', 'LogRateLimitIntervalSec'), '0');
 });
 
 test('MemoryDenyWriteExecute= comes with node --jitless, and the broker runs with ExecStart\'s node flags', (t) => {
@@ -226,6 +229,8 @@ mount -t sysfs sysfs /sys
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount --bind /proc/sys /proc/sys
 mount -o remount,bind,ro /proc/sys
+# The host may have the package (and its group) installed already: the overlay's group is the test's.
+sed -i '/^tapbroker:/d' /etc/group /etc/gshadow
 echo "tapbroker:x:$2:" >> /etc/group
 echo tbtest > /etc/hostname
 dpkg -i "$3" > /run/tb/dpkg.log 2>&1

@@ -400,7 +400,7 @@ test('past the limit, refusals are counted by code and summed up in one suppress
   const summary = recs.at(-1)!;
   t.like(summary, {
     op: 'refusals', decision: 'suppressed', rule: null, uid: 1000, gid: null, pid: null,
-    message: '5 more refusal(s) of uid 1000 in this window, counted but not written one by one',
+    message: '5 more refused, denied or dry-run request(s) of uid 1000 in this window, counted but not written one by one',
   });
   // Refusals 21..25 (i = 20..24): even i is TB_E_INVALID_REQUEST.
   const request = summary.request as { window_ms: number; counts: Record<string, number> };
@@ -448,4 +448,44 @@ test('close() ends the window: the summary is written', (t) => {
   for (let i = 0; i < REFUSALS_PER_WINDOW + 1; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'x');
   audit.close();
   t.like(lines().at(-1), { decision: 'suppressed', request: { counts: { TB_E_BUSY: 1 } } });
+});
+
+// Found by an outside code review: denials and dry runs were written one by one without a limit, so one uid
+// could make the broker write thousands of records a second (journald's own rate limit then drops the
+// unit's records, everyone's grants among them) and push other records out of the journal.
+test('denials, request errors and dry runs share the per-uid limit; past it they are counted by code', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 4; i++) {
+    const decision = (['deny', 'dry-run', 'error'] as const)[i % 3]!;
+    audit.record({
+      op: decision === 'dry-run' ? 'can' : 'create-tap', decision, rule: null, caller: ALICE,
+      ...(decision === 'dry-run' ? {} : { code: decision === 'deny' ? 'TB_E_POLICY_DENIED' : 'TB_E_KERNEL' }),
+      message: `request ${i}`,
+    });
+  }
+  t.is(lines().length, REFUSALS_PER_WINDOW);
+  audit.flushRefusals();
+  // Requests 21..24 (i = 20..23): i % 3 = 2, 0, 1, 2.
+  t.like(lines().at(-1), {
+    decision: 'suppressed', uid: 1000,
+    request: { counts: { TB_E_KERNEL: 2, TB_E_POLICY_DENIED: 1, 'dry-run': 1 } },
+  });
+});
+
+test('grants, cleanups and their failures, and root\'s requests, are never held back by the limit', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'filling the window');
+  const ROOT: Identity = { ...ALICE, uid: 0, gid: 0, user: 'root' };
+  audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'granted' });
+  audit.record({ op: 'cleanup', decision: 'cleanup', rule: 'lab', caller: { uid: 1000 }, message: 'deleted' });
+  audit.record({ op: 'cleanup', decision: 'error', rule: 'lab', caller: { uid: 1000 }, code: 'TB_E_KERNEL',
+    message: 'failed to delete' });
+  audit.record({ op: 'reconcile', decision: 'error', rule: null, caller: { uid: 1000 }, code: 'TB_E_KERNEL',
+    message: 'a stale port' });
+  audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ROOT, code: 'TB_E_POLICY_DENIED',
+    message: 'root denied' });
+  audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED',
+    message: 'alice denied' });
+  t.deepEqual(lines().slice(REFUSALS_PER_WINDOW).map((r) => r.message),
+    ['granted', 'deleted', 'failed to delete', 'a stale port', 'root denied']);
 });

@@ -517,6 +517,50 @@ test('a persistent tap its owner changes while it is being made is judged when i
   });
 });
 
+test('a name its holder picked is held to name_pattern when its tap is made persistent; a broker-picked one is not', async (t) => {
+  // Found by an outside code review: the conversion was decided as if the broker had picked every name, so
+  // a tap named outside a persistent rule's name_pattern could become that rule's persistent device.
+  const policy = parsePolicy(POLICY.replace('name = "pets"', 'name = "pets"\nname_pattern = "pet{uid}-*"'));
+  await onFakeKernel(async ({ broker, kernel, records, held }) => {
+    broker.policy = policy;
+    const who = caller(1000);
+    // Granted by everyone-br1 (its default name_pattern tb{uid}-*), not by pets (pet{uid}-*).
+    const named = await ask(broker, who, tap({ bridge: 'br1', name: 'tb1000-Own' }));
+    held.push(...named.fds);
+    const picked = await ask(broker, who, tap({ bridge: 'br1' }));
+    held.push(...picked.fds);
+    const other = (picked.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    kernel.holderChanges('tb1000-Own', { persist: true });
+    kernel.holderChanges(other, { persist: true });
+    await ask(broker, who, { op: 'list' });
+    await settled(broker);
+    t.is(kernel.linkNamed('tb1000-Own'), null, 'the tap named outside pets\' pattern is deleted');
+    const gone = records.find((r) => r.decision === 'cleanup' && (r.device as { name: string }).name === 'tb1000-Own');
+    t.regex(gone?.message ?? '', /made it persistent, which the policy does not allow \(name `tb1000-Own' does not match/);
+    t.not(kernel.linkNamed(other), null, 'the broker-named one is a persistent lease of pets');
+    t.like((await ask(broker, who, { op: 'list' })).reply, { leases: [{ name: other, ends: 'release', rule: 'pets' }] });
+  });
+});
+
+test('a lease retired twice at once (a flood and a breach judged together) is deleted and recorded once', async (t) => {
+  // Found by an outside code review: retire() ran again on a lease already out of the table: a second
+  // deletion of its ifindex and a second `down` of its network.
+  await onFakeKernel(async ({ broker, kernel, records, held }) => {
+    const got = await ask(broker, caller(1000), tap());
+    held.push(...got.fds);
+    await settled(broker);
+    const [lease] = broker.lifetimes.table.all();
+    const steps = kernel.steps.length;
+    const seen = records.length;
+    const message = 'retired for the test';
+    await Promise.all([1, 2].map(() => broker.lifetimes.retire(lease!, { op: 'cleanup', decision: 'cleanup', message })));
+    await settled(broker);
+    t.deepEqual(kernel.steps.slice(steps), [`deleteLink ${lease!.name}`]);
+    t.is(records.slice(seen).filter((r) => r.message === message).length, 1);
+  });
+});
+
 test('the table covers every op and every outcome a create can have', (t) => {
   const ops = new Set(ROWS.map((r) => r.request['op']));
   for (const op of ['create-tap', 'create-macvtap', 'create', 'can', 'release', 'reload']) t.true(ops.has(op), op);

@@ -127,6 +127,11 @@ export class Audit {
     if (ev.device) rec.device = ev.device;
     if (ev.code) rec.code = ev.code;
     if (ev.message) rec.message = ev.message;
+    if (!this.overLimit(ev)) this.write(rec, c);
+    return rec;
+  }
+
+  private write(rec: AuditRecord, c: Partial<Identity> | null): void {
     const line = `${JSON.stringify({ audit: rec })}\n`;
     let journaled = false;
     if (this.journal) {
@@ -141,7 +146,6 @@ export class Audit {
     // write(2) with O_APPEND: in the kernel before the reply is sent; no user-space buffering.
     if (this.fileFd !== null) this.dropped += writeFully(this.fileFd, line);
     this.linux?.send(rec, c);
-    return rec;
   }
 
   /** Records that could not be written at all (the sink failed with something other than EAGAIN). */
@@ -150,21 +154,31 @@ export class Audit {
   private readonly refusals = new Map<number, { n: number; suppressed: Map<string, number>; since: number }>();
   private refusalTimer: NodeJS.Timeout | null = null;
 
-  /**
-   * A refusal no handler saw (a malformed frame, pushed fds, a timeout, a full broker). Each is
-   * recorded, up to REFUSALS_PER_WINDOW per uid per window; past that a flood is counted, and one
-   * `suppressed` record per uid and window says how many of each code were not written one by one.
-   */
+  /** A refusal no handler saw (a malformed frame, pushed fds, a timeout, a full broker). */
   refusal(caller: Partial<Identity>, op: string, code: string, message: string): void {
-    const uid = caller.uid ?? -1;
+    this.record({ op, decision: 'error', rule: null, caller, code, message });
+  }
+
+  /**
+   * What a user can make the broker write as often as it likes (refusals, denials, errors of its requests,
+   * dry runs) is written one by one up to REFUSALS_PER_WINDOW per uid and window; past that it is counted,
+   * and one `suppressed` record per uid and window says how many of each code (or decision) were not
+   * written. A flood of them can then neither fill the journal nor push other records out of it. What
+   * changes a device (grants, releases, cleanups, reconciles, their failures) and root's own requests are
+   * always written.
+   */
+  private overLimit(ev: AuditEvent): boolean {
+    if (!LIMITED.has(ev.decision) || ev.op === 'cleanup' || ev.op === 'reconcile' || ev.caller?.uid === 0) {
+      return false;
+    }
+    const uid = ev.caller?.uid ?? -1;
     let w = this.refusals.get(uid);
     if (!w) this.refusals.set(uid, (w = { n: 0, suppressed: new Map(), since: Date.now() }));
-    if (++w.n <= REFUSALS_PER_WINDOW) {
-      this.record({ op, decision: 'error', rule: null, caller, code, message });
-    } else {
-      w.suppressed.set(code, (w.suppressed.get(code) ?? 0) + 1);
-    }
     this.refusalTimer ??= setTimeout(() => this.flushRefusals(), REFUSAL_WINDOW_MS).unref();
+    if (++w.n <= REFUSALS_PER_WINDOW) return false;
+    const key = ev.code ?? ev.decision;
+    w.suppressed.set(key, (w.suppressed.get(key) ?? 0) + 1);
+    return true;
   }
 
   /** Ends the window: one aggregated record per uid that was over the limit. */
@@ -178,7 +192,8 @@ export class Audit {
       this.record({
         op: 'refusals', decision: 'suppressed', rule: null, caller: uid < 0 ? null : { uid },
         request: { window_ms: Date.now() - w.since, counts },
-        message: `${total} more refusal(s) of uid ${uid} in this window, counted but not written one by one`,
+        message: `${total} more refused, denied or dry-run request(s) of uid ${uid} in this window, counted but not `
+          + 'written one by one',
       });
     }
     this.refusals.clear();
@@ -193,8 +208,9 @@ export class Audit {
   }
 }
 
-/** Refusals written one by one per uid and window; the rest are aggregated. */
+/** Refusals, denials and dry runs written one by one per uid and window; the rest are aggregated. */
 export const REFUSALS_PER_WINDOW = 20;
+const LIMITED = new Set<AuditDecision>(['deny', 'error', 'dry-run']);
 const REFUSAL_WINDOW_MS = 10_000;
 
 const pause = new Int32Array(new SharedArrayBuffer(4));

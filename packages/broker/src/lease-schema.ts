@@ -40,5 +40,10 @@ export const StateFile = z.strictObject({
   intents: z.array(Intent).default([]),
   /** Every Open vSwitch database a lease was ever plugged into: reconcile looks there for stale ports. */
   ovsdbs: z.array(z.string()).default([]),
+  /**
+   * Leases that ended but whose network still owes its `down` (a hook's, an OVS port's removal): kept
+   * until it has run, so a broker stopped meanwhile runs it at its next start.
+   */
+  downs: z.array(LeaseRecord).default([]),
 });
 export type StateFile = z.infer<typeof StateFile>;

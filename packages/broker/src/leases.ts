@@ -53,6 +53,8 @@ export class LeaseTable {
   writes = 0;
   private readonly intents = new Map<string, Intent>();
   private readonly dbs = new Set<string>();
+  /** Ended leases whose network's `down` has not run yet (see StateFile.downs). */
+  private readonly downs = new Map<string, LeaseRecord>();
 
   /** `dir` null keeps the table in memory only. */
   private constructor(readonly dir: string | null) {}
@@ -93,6 +95,7 @@ export class LeaseTable {
     for (const l of state.leases) table.put(l);
     for (const i of state.intents) table.intents.set(i.id, i);
     for (const d of state.ovsdbs) table.dbs.add(d);
+    for (const l of state.downs) table.downs.set(l.id, l);
     return { table, problem: null, trusted: true };
   }
 
@@ -146,6 +149,9 @@ export class LeaseTable {
   add(lease: LeaseRecord, durable = true): void {
     const before = this.byId.get(lease.id);
     const wasVolatile = this.volatile.has(lease.id);
+    // A lease put back (a release whose deletion failed) owes no `down`.
+    const owed = this.downs.get(lease.id);
+    this.downs.delete(lease.id);
     this.put(lease);
     if (!durable) {
       this.volatile.add(lease.id);
@@ -159,6 +165,7 @@ export class LeaseTable {
       if (before) this.put(before);
       else this.drop(lease.id);
       if (wasVolatile) this.volatile.add(lease.id);
+      if (owed) this.downs.set(lease.id, owed);
       throw err;
     }
   }
@@ -175,16 +182,28 @@ export class LeaseTable {
   }
 
   /**
-   * Removes a lease. Never throws: a table that cannot be written then lists a lease too many, which
-   * the next start drops (its device is gone); a removal must never fail the teardown it records.
+   * Removes a lease; one plugged into a network stays owed its `down` (in the same write) until
+   * `unplugged`. Never throws: a table that cannot be written then lists a lease too many, which the next
+   * start drops (its device is gone); a removal must never fail the teardown it records.
    */
   remove(id: string): LeaseRecord | undefined {
     const l = this.byId.get(id);
     if (l) {
       this.drop(id);
+      if (l.plug) this.downs.set(id, l);
       if (!this.volatile.delete(id)) this.trySave();
     }
     return l;
+  }
+
+  /** An ended lease's network `down` has run (or failed for good): it is owed no more. */
+  unplugged(id: string): void {
+    if (this.downs.delete(id)) this.trySave();
+  }
+
+  /** Ended leases whose network's `down` has not run. */
+  owedDowns(): LeaseRecord[] {
+    return [...this.downs.values()];
   }
 
   /** Records, durably, that a device is about to be made; throws when it cannot. */
@@ -233,7 +252,9 @@ export class LeaseTable {
       );
       try {
         const leases = this.all().filter((l) => !this.volatile.has(l.id));
-        const table = { version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs() };
+        const table = {
+          version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(), downs: this.owedDowns(),
+        };
         fs.writeSync(fd, `${JSON.stringify(table)}\n`);
         fs.fsyncSync(fd);
       } finally {

@@ -6,6 +6,7 @@ import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import { KERNEL_KIND, LeaseTable, brokerId, leaseView, type LeaseRecord } from './leases.js';
 import { getpwuid } from './libc.js';
+import { namePrefix } from './naming.js';
 import { hostMac, type Cleanup, type Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type Keeper } from './reconcile.js';
 import { plugDown } from './plug.js';
@@ -23,6 +24,8 @@ export const MAX_LINK_EVENTS_PER_UID = 2000;
 /** After a flood, the uid's creates wait this long, doubling with each flood up to FLOOD_COOLDOWN_MAX_MS. */
 const FLOOD_COOLDOWN_MS = 1000;
 const FLOOD_COOLDOWN_MAX_MS = 300_000;
+/** Per-uid entries (windows, cool-downs) past which the stale ones are dropped. */
+const PRUNE_AT = 256;
 
 /** A count of events in the current second. */
 interface EventWindow {
@@ -174,12 +177,12 @@ export class Lifetimes implements Cleanup {
     this.reaper.closeFds(fds, uid).catch(() => {});
   }
 
-  /** Deletes a device that never got (or no longer has) a lease; audited either way. */
-  deleteLink(ifindex: number, uid: number, name: string, why: string): void {
+  /** Deletes a device that never got (or no longer has) a lease; audited either way. Never rejects. */
+  deleteLink(ifindex: number, uid: number, name: string, why: string): Promise<void> {
     const device = { name, ifindex };
-    this.reaper.deleteLink(ifindex, uid).then(
+    return this.reaper.deleteLink(ifindex, uid).then(
       (deleted) =>
-        this.audit.record({
+        void this.audit.record({
           op: 'cleanup',
           decision: 'cleanup',
           rule: null,
@@ -188,7 +191,7 @@ export class Lifetimes implements Cleanup {
           message: `${why}: ${deleted ? 'deleted' : 'already gone'}`,
         }),
       (err: Error) =>
-        this.audit.record({
+        void this.audit.record({
           op: 'cleanup',
           decision: 'error',
           rule: null,
@@ -221,12 +224,16 @@ export class Lifetimes implements Cleanup {
   }
 
   /**
-   * The one way a device of the broker's goes: out of the table first (so nothing acts on it twice),
-   * deleted off the event loop, unplugged from its network, and audited whether it worked or not. On
-   * failure the error is rethrown after its record (release puts the lease back).
+   * The one way a device of the broker's goes: out of the table first, durably (so nothing acts on it
+   * twice, and a crash from here on leaves a tagged device without a lease, which the next start deletes,
+   * running its network's `down` if it still owes one), deleted off the event loop, unplugged from its
+   * network, and audited whether it worked or not. On failure the error is rethrown after its record
+   * (release puts the lease back). A lease no longer in the table is left alone.
    */
   async retire(l: LeaseRecord, o: RetireOptions): Promise<void> {
-    this.table.remove(l.id);
+    // Already retired or gone (two events judged the same lease, a flood and a violation): nothing twice.
+    if (!this.table.remove(l.id)) return;
+    this.kernel.faultPoint('retire:unleased');
     this.events.delete(l.ifindex);
     this.creating.delete(l.id);
     this.holderWatches.get(l.id)?.close();
@@ -271,14 +278,19 @@ export class Lifetimes implements Cleanup {
     let again = false;
     let failed = false;
     const p = plugDown(l).then(
-      (r) =>
-        r && this.note('cleanup', 'cleanup', l, 'unplugged from its network', { device: { ...leaseView(l), plug: r } }),
+      (r) => {
+        this.table.unplugged(l.id);
+        const device = { ...leaseView(l), plug: r };
+        if (r) this.note('cleanup', 'cleanup', l, 'unplugged from its network', { device });
+      },
       (err: Error) => {
         // An Open vSwitch port left behind would take any later device of that name (vswitchd opens it by
         // name): tried again, later and later, and the name is not given out meanwhile. A hook said what it
         // said: its failure is recorded, not repeated.
         failed = true;
         again = ovs && attempt < UNPLUG_ATTEMPTS && !this.closing;
+        // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
+        if (!ovs) this.table.unplugged(l.id);
         const next = again ? `; trying again in ${2 ** (attempt - 1)} s` : '';
         this.note('cleanup', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
       },
@@ -326,6 +338,7 @@ export class Lifetimes implements Cleanup {
    */
   private flooding(l: LeaseRecord): boolean {
     const now = performance.now();
+    if (this.uidEvents.size + this.cooldowns.size > PRUNE_AT) this.prune(now);
     const device = tick(this.events, l.ifindex, now) > MAX_LINK_EVENTS_PER_SECOND;
     // Per uid too, and kept after its devices go: a uid that floods from a new tap each time is still seen.
     if (!device && tick(this.uidEvents, l.uid, now) <= MAX_LINK_EVENTS_PER_UID) return false;
@@ -369,6 +382,12 @@ export class Lifetimes implements Cleanup {
     const wait = c && now < c.until + FLOOD_COOLDOWN_MAX_MS ? c.next : FLOOD_COOLDOWN_MS;
     this.cooldowns.set(uid, { until: now + wait, next: Math.min(2 * wait, FLOOD_COOLDOWN_MAX_MS) });
     return wait;
+  }
+
+  /** Drops per-uid windows and cool-downs that no longer count for anything. */
+  private prune(now: number): void {
+    for (const [uid, w] of this.uidEvents) if (now - w.since > 1000) this.uidEvents.delete(uid);
+    for (const [uid, c] of this.cooldowns) if (now > c.until + FLOOD_COOLDOWN_MAX_MS) this.cooldowns.delete(uid);
   }
 
   /** How long `uid`'s creates must still wait after a flood of link events from its devices (ms; 0: none). */
@@ -481,9 +500,12 @@ export class Lifetimes implements Cleanup {
   private decidePersistent(l: LeaseRecord): Decision {
     const account = getpwuid(l.uid);
     const caller = { uid: l.uid, gid: account?.gid ?? l.uid, groups: [], user: account?.name ?? null };
+    // A name of the broker's own form is one it picked (a request naming one gains nothing by it): like
+    // any broker-chosen name, no rule's name_pattern applies to it. Any other name was the caller's.
+    const picked = new RegExp(`^${namePrefix(l.uid)}[0-9a-z]{2,6}$`).test(l.name);
     const ask: Ask = {
       kind: 'tap', parent: l.network ?? l.parent, network: l.network !== null, mode: null, queues: l.queues,
-      vhost: false, mac: l.mac, name: null, persistent: true,
+      vhost: false, mac: l.mac, name: picked ? null : l.name, persistent: true,
     };
     // Its own lease is in the table already: it is not counted against itself.
     const live = this.counts(l.uid);

@@ -103,10 +103,6 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
   // One answer whether the name is unknown or someone else's: the reply reveals nothing of other users.
   const lease = ctx.lifetimes.visible(caller.uid).find((l) => l.name === req.name && l.ends === 'release');
   if (!lease) return refuse(`you hold no persistent device named \`${req.name}'`);
-  // Out of the table first (durably), so a crash from here on leaves a tagged device without a lease:
-  // the next start deletes it as an orphan.
-  ctx.lifetimes.table.remove(lease.id);
-  ctx.kernel.faultPoint('release:unleased');
   try {
     await ctx.lifetimes.retire(lease, { op: 'release', decision: 'release', caller, request, message: 'released' });
   } catch (err) {

@@ -27,7 +27,7 @@ export interface Keeper {
   judge(l: LeaseRecord, link: Link | null): void;
   isDevice(l: LeaseRecord, link: Link | null | undefined): link is Link;
   note(op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string): void;
-  deleteLink(ifindex: number, uid: number, name: string, why: string): void;
+  deleteLink(ifindex: number, uid: number, name: string, why: string): Promise<void>;
   watchHolder(id: string, pidfd: number): void;
   endLease(id: string, reason: string): void;
   retire(l: LeaseRecord, o: { op: string; decision: 'cleanup'; message: string }): Promise<void>;
@@ -73,12 +73,23 @@ export function reconcile(lt: Keeper): void {
   // taken back from their tag), orphans of a crash mid-create or mid-release when the table is intact
   // (deleted), or leases to rebuild when it was lost or corrupt.
   const adopted: Array<[LeaseRecord, Link]> = [];
+  // Leases that ended (a release, a deletion) before their network's `down` had run.
+  const owed = new Map(lt.table.owedDowns().map((l) => [l.id, l]));
   for (const link of links) {
     const who = aliasIdentity(link.alias);
     if (!who || lt.table.get(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
     // Another broker's device (another state directory in this namespace): never ours to touch.
     const by = aliasBroker(link.alias);
     if (by !== null && by !== lt.brokerId) continue;
+    const ended = owed.get(who.id);
+    if (ended && ended.ifindex === link.index) {
+      // The broker stopped while deleting it: the device goes, then its network's `down` runs.
+      owed.delete(who.id);
+      const why = 'a device the broker stopped while deleting';
+      lt.note('reconcile', 'reconcile', ended, `${why}: deleted, then unplugged from its network`);
+      void lt.deleteLink(link.index, who.uid, link.name, why).then(() => lt.unplug(ended));
+      continue;
+    }
     const tagged = leaseFromAlias(link.alias, link);
     if (tagged && (!lt.trusted || kernelBound(tagged, true))) {
       try {
@@ -100,6 +111,10 @@ export function reconcile(lt: Keeper): void {
     } else {
       lt.log(`warning: \`${link.name}' is tagged as ours but its tag is not a whole lease; left alone`);
     }
+  }
+  for (const l of owed.values()) {
+    lt.note('reconcile', 'reconcile', l, "the broker stopped before its network's down had run: running it now");
+    lt.unplug(l);
   }
   // A tap taken back is held to its terms like any other (its holder may have changed it meanwhile).
   for (const [l, link] of adopted) lt.judge(l, link);
