@@ -472,7 +472,7 @@ test('denials, request errors and dry runs share the per-uid limit; past it they
   });
 });
 
-test('grants, cleanups and their failures, and root\'s requests, are never held back by the limit', (t) => {
+test('grants, cleanups and their failures are never held back by the limit, nor one uid by another\'s flood', (t) => {
   const { audit, lines } = setup(t);
   for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'filling the window');
   const ROOT: Identity = { ...ALICE, uid: 0, gid: 0, user: 'root' };

@@ -164,13 +164,10 @@ export class Audit {
    * dry runs) is written one by one up to REFUSALS_PER_WINDOW per uid and window; past that it is counted,
    * and one `suppressed` record per uid and window says how many of each code (or decision) were not
    * written. A flood of them can then neither fill the journal nor push other records out of it. What
-   * changes a device (grants, releases, cleanups, reconciles, their failures) and root's own requests are
-   * always written.
+   * changes a device (grants, releases, cleanups, reconciles, and their failures) is always written.
    */
   private overLimit(ev: AuditEvent): boolean {
-    if (!LIMITED.has(ev.decision) || ev.op === 'cleanup' || ev.op === 'reconcile' || ev.caller?.uid === 0) {
-      return false;
-    }
+    if (!LIMITED.has(ev.decision) || ev.op === 'cleanup' || ev.op === 'reconcile') return false;
     const uid = ev.caller?.uid ?? -1;
     let w = this.refusals.get(uid);
     if (!w) this.refusals.set(uid, (w = { n: 0, suppressed: new Map(), since: Date.now() }));
