@@ -119,6 +119,32 @@ t0('at start, stale OVS ports of ours are removed; a port without our external-i
   ns.ip('tuntap', 'del', 'foreign0', 'mode', 'tap');
 });
 
+t0('at start with Open vSwitch not answering, stale ports of ours are removed once it answers', async (t) => {
+  // Found by an outside code review: reconcile at start tried each database once, so a broker started before
+  // Open vSwitch (or while it hung) left its stale ports until its next start.
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+  const name = p.result.taps[0]!.device.name;
+  await broker.stop('SIGKILL', true);
+  await p.release();
+  t.truthy(portOf(name), 'the tap is gone but its port record stays');
+  // The lease table lost too: only the port's own external-ids say it is ours (no `down` is owed to it).
+  fs.rmSync(broker.stateFile);
+  ovs.pauseDb(true);
+  let paused = true;
+  try {
+    broker = await BrokerProcess.start(ns, policy, { dir });
+    await broker.waitFor(() => /cannot reconcile open vswitch at .*; trying again in 1 s/.test(broker.stderr), 20_000,
+      'no failed reconcile logged');
+    ovs.pauseDb(false);
+    paused = false;
+    await broker.waitFor(() => portOf(name) === null, 20_000, 'the stale port was never removed');
+    await broker.record((r) => r.op === 'reconcile' && r.message === 'a stale open vswitch port of ours: removed'
+      && (r.device as { name?: string }).name === name);
+  } finally {
+    if (paused) ovs.pauseDb(false);
+  }
+});
+
 t0('a network a reload retired: its lease\'s port is removed when the lease ends, and at start when the lease is gone (review B4)', async (t) => {
   // A persistent tap on prod; then the policy retires prod.
   const made = await probe({ socket: broker.socket, requests: [{ network: 'prod', persistent: true }] });

@@ -168,16 +168,25 @@ export async function isOvsBridge(db: string, name: string): Promise<boolean> {
 /** Removes a port only while it carries this lease: never a same-named port of someone else. */
 async function removeIfOurs(db: string, bridge: string, port: string, lease: string): Promise<void> {
   try {
-    const r = await vsctl(
-      db,
-      ['--no-wait', '--', '--if-exists', 'get', 'Port', port, `external_ids:${LEASE_KEY}`],
-      'rollback',
-    );
-    if (r.stdout.trim().replace(/^"|"$/g, '') !== lease) return;
-    await vsctl(db, ['--no-wait', '--', '--if-exists', 'del-port', bridge, port], 'rollback');
+    await delPortOf(db, bridge, port, lease);
   } catch {
     // Best effort: a leftover record carries our lease, so the broker's reconcile finds it later.
   }
+}
+
+/**
+ * del-port, only while the port still carries `lease` in its external-ids (a port of that name made since
+ * for another lease is left alone); true if it was removed.
+ */
+export async function delPortOf(db: string, bridge: string, port: string, lease: string): Promise<boolean> {
+  checkDb(db);
+  checkName(bridge, 'bridge');
+  checkName(port, 'port');
+  const what = `failed to remove \`${port}' from ovs bridge \`${bridge}'`;
+  const r = await vsctl(db, ['--no-wait', '--', '--if-exists', 'get', 'Port', port, `external_ids:${LEASE_KEY}`], what);
+  if (r.stdout.trim().replace(/^"|"$/g, '') !== lease) return false;
+  await vsctl(db, ['--no-wait', '--', '--if-exists', 'del-port', bridge, port], what);
+  return true;
 }
 
 interface Table {

@@ -10,7 +10,7 @@ import {
   type LeaseRecord, type LeaseTable,
 } from './leases.js';
 import { pidfdOpen } from './libc.js';
-import { delPort, listOurPorts, ovsdbTarget } from './ovs.js';
+import { delPortOf, listOurPorts, ovsdbTarget } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
 /** What reconcile needs of the lease lifetimes (Lifetimes.start hands it over). */
@@ -182,30 +182,40 @@ export async function reconcileOvs(lt: Keeper): Promise<void> {
   const dbs = new Set<string>();
   for (const db of lt.table.ovsdbs()) dbs.add(db);
   for (const n of lt.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
-  for (const db of dbs) {
-    let ports: Awaited<ReturnType<typeof listOurPorts>>;
+  await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db)));
+}
+
+/** Tries at reaching an Open vSwitch database at start, 1 s, 2 s, 4 s … apart (OVS may start after the broker). */
+const OVS_RECONCILE_ATTEMPTS = 10;
+
+async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void> {
+  let ports: Awaited<ReturnType<typeof listOurPorts>>;
+  try {
+    ports = await listOurPorts(db);
+  } catch (err) {
+    const again = attempt < OVS_RECONCILE_ATTEMPTS;
+    lt.log(`warning: cannot reconcile open vswitch at ${db}: ${(err as Error).message}`
+      + (again ? `; trying again in ${2 ** (attempt - 1)} s` : '; giving up until the next start'));
+    if (!again) return;
+    await new Promise((resolve) => setTimeout(resolve, 1000 * 2 ** (attempt - 1)).unref());
+    return reconcileOvsdb(lt, db, attempt + 1);
+  }
+  for (const p of ports) {
+    const l = lt.table.get(p.lease);
+    if (l && l.name === p.port && lt.isDevice(l, lt.kernel.link(l.ifindex))) continue;
+    const about = {
+      op: 'reconcile',
+      rule: l?.rule ?? null,
+      caller: { uid: p.uid },
+      device: { name: p.port, ovs: p.bridge, lease: p.lease },
+    };
     try {
-      ports = await listOurPorts(db);
+      // Only while it is still that lease's port: a device granted since the start may have its name now.
+      if (!(await delPortOf(db, p.bridge, p.port, p.lease))) continue;
+      lt.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
     } catch (err) {
-      lt.log(`warning: cannot reconcile open vswitch at ${db}: ${(err as Error).message}`);
-      continue;
-    }
-    for (const p of ports) {
-      const l = lt.table.get(p.lease);
-      if (l && l.name === p.port && lt.isDevice(l, lt.kernel.link(l.ifindex))) continue;
-      const about = {
-        op: 'reconcile',
-        rule: l?.rule ?? null,
-        caller: { uid: p.uid },
-        device: { name: p.port, ovs: p.bridge, lease: p.lease },
-      };
-      try {
-        await delPort(db, p.bridge, p.port);
-        lt.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
-      } catch (err) {
-        const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
-        lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
-      }
+      const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
+      lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
     }
   }
 }
