@@ -1,6 +1,6 @@
 // Test-only entry point: tapbrokerd with broker options a test injects, which the shipped main.js
 // never reads. TB_TEST_FAULT=POINT SIGKILLs the broker at that fault point; TB_TEST_FAULT=POINT=wait:FILE
-// creates FILE.reached there and blocks until FILE exists; TB_TEST_FAULT=POINT=throw makes the kernel step
+// creates FILE.reached there and blocks until FILE exists (then fails as a kernel refusal if FILE says `throw`); TB_TEST_FAULT=POINT=throw makes the kernel step
 // there fail as a kernel refusal would (for refusals this kernel cannot be made to give). TB_TEST_FD_FALLBACK=1 skips SO_PASSRIGHTS,
 // so fds pushed at the broker take the path every kernel before 6.16 relies on. TB_TEST_MAX_CONNECTIONS=N
 // makes the broker's connection limit N (the default is 1024). TB_TEST_LINK_EVENT_QUEUE=BYTES makes the
@@ -27,6 +27,8 @@ function fault(point: FaultPoint): void {
     fs.writeFileSync(`${file}.reached`, point);
     const pause = new Int32Array(new SharedArrayBuffer(4));
     while (!fs.existsSync(file)) Atomics.wait(pause, 0, 0, 10);
+    // A gate opened with `throw` in it: the step then fails as a kernel refusal would.
+    if (fs.readFileSync(file, 'utf8') === 'throw') throw new TapbrokerError('TB_E_KERNEL', `injected kernel refusal at ${point}`);
     return;
   }
   process.kill(process.pid, 'SIGKILL');

@@ -3,13 +3,15 @@
 // argv[4] when given: hosts give /dev/net/tun mode 0666 (udev), some test machines 0600, so tests
 // make a 0666 node of their own (see tunNode in netns.ts) instead of changing the host's.
 import fs from 'node:fs';
-import { IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, tunIfreq } from '@tapbroker/broker/internal';
+import { IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, TUNSETPERSIST, tunIfreq } from '@tapbroker/broker/internal';
 import { sys } from '@tapbroker/protocol';
 
 const [name, mq, tun, hold] = process.argv.slice(2) as [string, string | undefined, string | undefined, string | undefined];
 const fd = fs.openSync(tun ?? '/dev/net/tun', 'r+');
 try {
   sys.ioctlPtr(fd, TUNSETIFF, tunIfreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (mq === 'mq' ? IFF_MULTI_QUEUE : 0)));
+  // `persist`: make the device outlive every fd (TUNSETPERSIST, which its owner may do).
+  if (hold === 'persist') sys.ioctlInt(fd, TUNSETPERSIST, 1);
   process.stdout.write(`${JSON.stringify({ ok: true })}\n`);
   // `hold`: keep the queue attached until killed (a racing attacker keeps what it won).
   if (hold === 'hold') await new Promise(() => setInterval(() => {}, 1000));

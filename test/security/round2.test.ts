@@ -233,8 +233,8 @@ if ('why' in mdwe) console.log(`# skip the closer under MemoryDenyWriteExecute: 
 
 // ---------------------------------------------------------------- B1, B3, B12: who can reach a device
 
-const openAs = (uid: number, name: string, opts: { mq?: boolean; hold?: boolean } = {}) =>
-  inNs(uid, OPEN_TAP, [name, opts.mq ? 'mq' : '-', tunNode(dir), ...(opts.hold ? ['hold'] : [])]);
+const openAs = (uid: number, name: string, opts: { mq?: boolean; hold?: boolean; persist?: boolean } = {}) =>
+  inNs(uid, OPEN_TAP, [name, opts.mq ? 'mq' : '-', tunNode(dir), ...(opts.hold ? ['hold'] : opts.persist ? ['persist'] : [])]);
 
 test.serial('B1: a uid in no rule cannot attach a queue to another user\'s multiqueue tap', async (t) => {
   const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 2 }] });
@@ -283,6 +283,31 @@ test.serial('B3: a queue attached in the window before the owner is set: the dev
     t.is(again.error, null);
   } finally {
     attacker?.child.kill('SIGKILL');
+    await b.stop();
+    fs.rmSync(gate, { force: true });
+    fs.rmSync(`${gate}.reached`, { force: true });
+  }
+});
+
+test.serial('B3: a persistent tap its caller made persist itself while the broker was making it: a failed create still deletes it', async (t) => {
+  // Found by an outside code review: a persistent tap is its caller's from TUNSETIFF on, and its caller can attach a
+  // queue and set TUNSETPERSIST itself; a step failing after that (a MAC another locked port holds) only closed the
+  // broker's fd, and the tap lived on without a lease: outside the quota, its port lock and its MAC unjudged.
+  const gate = path.join(dir, 'gate-persist');
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2persist', fault: `tap:configured=wait:${gate}` });
+  try {
+    const name = `tb${NOBODY}-pst`;
+    const asked = probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, queues: 2, name }] });
+    await b.waitFor(() => fs.existsSync(`${gate}.reached`), 5000, 'the broker never reached tap:configured');
+    const owner = openAs(NOBODY, name, { mq: true, persist: true });
+    t.deepEqual(await owner.line, { ok: true }, 'its owner attached a queue and made it persist');
+    fs.writeFileSync(gate, 'throw');
+    const r = await asked;
+    t.is(r.error?.code, 'TB_E_KERNEL');
+    await b.waitFor(() => ns.link(name) === undefined, 3000, `${name} outlived its failed create`);
+    await b.record((rec) => rec.decision === 'cleanup' && (rec.device as { name?: string }).name === name
+      && /a persistent tap whose create failed: deleted/.test(rec.message ?? ''));
+  } finally {
     await b.stop();
     fs.rmSync(gate, { force: true });
     fs.rmSync(`${gate}.reached`, { force: true });

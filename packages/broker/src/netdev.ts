@@ -126,6 +126,8 @@ export class Netdev implements Kernel {
   createTap(req: TapRequest): CreatedTap {
     const tapFds: number[] = [];
     const vhostFds: number[] = [];
+    /** The new device, once TUNSETIFF made it (null: nothing made, or not ours to delete). */
+    let made: Link | { index: null } | null = null;
     try {
       const multiQueue = req.queues > 1;
       // A persistent tap needs one open: libvirt attaches its own queues, with the same IFF_MULTI_QUEUE.
@@ -149,6 +151,7 @@ export class Netdev implements Kernel {
           throw kernelError(`failed to create tap \`${req.name}'${q > 0 ? ` queue ${q}` : ''}`, err);
         }
         if (q > 0) continue;
+        made = { index: null };
         this.faultPoint('tap:opened');
         this.own(fd, req);
       }
@@ -157,6 +160,7 @@ export class Netdev implements Kernel {
       if (!link || link.kind !== 'tun') {
         throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
       }
+      made = link;
       this.checkQueues(link, opens, req);
       const mac = hostMac(req.guestMac);
       const bridge = req.bridge;
@@ -200,8 +204,9 @@ export class Netdev implements Kernel {
       } else if (req.vhost) for (let q = 0; q < req.queues; q++) vhostFds.push(openVhost());
       return { ifindex: link.index, hostMac: mac, mtu: bridge?.mtu ?? link.mtu, tapFds, vhostFds };
     } catch (err) {
-      this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
       if (err instanceof ContestedDeviceError) this.cleanup.deleteLink(err.ifindex, req.uid, req.name, err.message);
+      else if (req.persistent && made) this.deleteOwned(made.index, req);
+      this.cleanup.closeFds([...tapFds, ...vhostFds], req.uid);
       throw err;
     }
   }
@@ -250,6 +255,21 @@ export class Netdev implements Kernel {
     } catch (err) {
       throw kernelError(`failed to set the owner of \`${req.name}'`, err);
     }
+  }
+
+  /**
+   * A persistent tap belongs to its caller from its first moment, and its owner can attach a queue and make
+   * it persist (TUNSETPERSIST) on its own: closing the broker's fd would not end it, so a failed create
+   * deletes it. Looked up by name only while the broker's fd still holds the device, so the name is its.
+   */
+  private deleteOwned(index: number | null, req: TapRequest): void {
+    let ifindex = index;
+    try {
+      ifindex ??= this.rtnl.getLinkByName(req.name)?.index ?? null;
+    } catch {
+      // Not found: then nothing holds it but the fds closed below.
+    }
+    if (ifindex !== null) this.cleanup.deleteLink(ifindex, req.uid, req.name, 'a persistent tap whose create failed');
   }
 
   /**
