@@ -39,6 +39,8 @@ function makeHookPolicy(): string {
   const garbage = script('garbage', "printf '\\001\\377binary\\033[31m\\n'; exit 0");
   // A hook whose down takes a while, and says when it is done.
   const slow = script('slow', `if [ "$1" = down ]; then sleep 1.5; fi\necho "$1-done $2" >> ${log}`);
+  // A hook whose up takes a while, and says when each action starts and ends.
+  const slowUp = script('slowup', `echo "$1-start $2" >> ${log}\nif [ "$1" = up ]; then touch ${log}.up; sleep 1.5; fi\necho "$1-end $2" >> ${log}`);
   return `
 [network.lab]
 bridge = "br0"
@@ -63,10 +65,13 @@ hook = "${garbage}"
 [network.slowdown]
 hook = "${slow}"
 
+[network.slowup]
+hook = "${slowUp}"
+
 [[rule]]
 name = "nets"
 users = [${NOBODY}]
-networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy", "slowdown"]
+networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy", "slowdown", "slowup"]
 persistent = true
 `;
 }
@@ -207,6 +212,24 @@ test.serial('a persistent device on a hook network whose release the broker died
     await b.stop();
     fs.rmSync(bdir, { recursive: true, force: true });
   }
+});
+
+test.serial('a device deleted while its hook\'s up runs: the create fails, and down runs after up, not across it', async (t) => {
+  // Found by an outside code review: the deletion's event unplugged the lease mid-create (down overlapping up),
+  // and the grant was still recorded and replied, for a device that was gone.
+  fs.rmSync(`${log}.up`, { force: true });
+  const name = `tb${NOBODY}-gone`;
+  const asked = probeOnce({ socket: sock(), requests: [{ network: 'slowup', name, persistent: true }] });
+  await fx.broker.waitFor(() => fs.existsSync(`${log}.up`), 5000, 'up never started');
+  fx.ns.ip('link', 'del', name);
+  const r = await asked;
+  t.is(r.error?.code, 'TB_E_KERNEL', JSON.stringify(r.error));
+  t.regex(r.error?.message ?? '', /was deleted while it was being made/);
+  await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-end ${name}`), 5000, 'down never ran');
+  const lines = fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.endsWith(` ${name}`));
+  t.deepEqual(lines, [`up-start ${name}`, `up-end ${name}`, `down-start ${name}`, `down-end ${name}`]);
+  t.false(fx.broker.records.some((rec) => rec.decision === 'grant' && (rec.device as { name?: string }).name === name));
+  t.deepEqual((await probeOnce({ socket: sock(), list: true })).leases, []);
 });
 
 const hookFails = test.macro({

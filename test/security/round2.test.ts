@@ -429,6 +429,28 @@ test.serial('A6: a client that does not read its replies holds one reply\'s fds 
   t.is(ns.extraLinks(BASE).length, before, 'no tap left');
 });
 
+test.serial('A6: a client that sends requests and never reads a reply (no fds in them) loses the connection; the broker still stops', async (t) => {
+  // Found by an outside code review: only replies with fds were waited for; after ~340 unread status replies the
+  // broker's send waited for room forever, the connection never idled out, and SIGTERM never completed.
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2unread' });
+  const conn = await SeqpacketConnection.connect(b.socket, { maxPacket: MAX_REPLY_BYTES });
+  try {
+    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+    await conn.receive();
+    // Sent, never read: the sends are queued by the connection, and fail once the broker has closed it.
+    const sends = Array.from({ length: 600 }, (_, i) => conn.send(encodeFrame({ op: 'status', id: 10 + i })).catch(() => {}));
+    await b.record((r) => /stayed unread/.test(r.message ?? ''), 10_000);
+    const stopped = Date.now();
+    await b.stop('SIGTERM', true);
+    t.true(Date.now() - stopped < 5000, `SIGTERM took ${Date.now() - stopped} ms`);
+    conn.close();
+    await Promise.all(sends);
+  } finally {
+    conn.close();
+    await b.stop();
+  }
+});
+
 // ---------------------------------------------------------------- A4: a group deny and setgroups
 
 test.serial('A4: a group deny holds for a member who dropped the group (as setgroups in a user namespace allows)', async (t) => {

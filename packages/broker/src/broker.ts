@@ -34,6 +34,8 @@ export { PROTOCOL_VERSION };
 
 /** Connections kept for users who hold none, so many users together cannot lock a new one out. */
 const RESERVED_FOR_NEWCOMERS = 64;
+/** How long a shutdown waits for requests in flight before it closes their connections anyway. */
+const SHUTDOWN_GRACE_MS = 15_000;
 
 export interface BrokerOptions {
   policy: Policy;
@@ -133,7 +135,12 @@ export class Broker implements SessionHost, OpContext {
   async shutdown(): Promise<void> {
     this.listener?.close();
     this.listener = null;
-    await Promise.all([...this.sessions].map((s) => s.finish()));
+    // Requests in flight are answered, for SHUTDOWN_GRACE_MS at most (a hook or Open vSwitch that hangs).
+    let grace: NodeJS.Timeout | undefined;
+    const late = new Promise<void>((resolve) => (grace = setTimeout(resolve, SHUTDOWN_GRACE_MS)));
+    await Promise.race([Promise.all([...this.sessions].map((s) => s.finish())), late]);
+    clearTimeout(grace);
+    for (const s of this.sessions) s.abandon();
     await this.reaper.idle();
     await this.lifetimes.close();
     this.foreignFds.close();

@@ -113,12 +113,19 @@ async function grantAll(
   }
   // The devices' own creation events (before their owner and MAC were set) are read while they are still
   // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
-  // resync), nothing of the request may stay half made.
+  // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
+  // the request may stay half made, and the network's `down` comes after its `up`.
   try {
     ctx.lifetimes.catchUp();
+    const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
+    if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
   } catch (err) {
-    for (const g of granted) ctx.lifetimes.abort(g.lease, g.fds, `link events unreadable: ${(err as Error).message}`);
-    throw err;
+    const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
+    for (const g of granted) {
+      ctx.lifetimes.abort(g.lease, g.fds, e.message);
+      audit({ decision: 'error', rule: g.lease.rule, request: specView(g.spec), code: e.code, message: e.message });
+    }
+    throw e;
   }
   for (const g of granted) {
     ctx.lifetimes.commit(g.lease.id);

@@ -54,6 +54,8 @@ export class Lifetimes implements Cleanup {
   private readonly trusted: boolean;
   /** Leases whose create has not finished: counted by quotas, invisible to list and release. */
   private readonly creating = new Set<string>();
+  /** Of those, the ones whose device went meanwhile: their create fails (and rolls back, `down` after `up`). */
+  private readonly vanished = new Set<string>();
   private readonly holderWatches = new Map<string, { close(): void }>();
   private readonly unplugs = new Set<Promise<unknown>>();
   /** Names whose device is being unplugged, with how many: no new device takes the name meanwhile. */
@@ -156,17 +158,31 @@ export class Lifetimes implements Cleanup {
     this.table.add(l, durable);
   }
 
+  /** Did this lease's device go while its create was in flight (deleted by root, or by its owner)? */
+  vanishedMidCreate(id: string): boolean {
+    return this.vanished.has(id);
+  }
+
+  /** The create is done. Never throws: a device that cannot be looked up now is judged at the next catch-up. */
   commit(id: string): void {
     this.creating.delete(id);
     // A persistent device was its owner's from the moment its owner was set, and the events of its create
     // were not judged (they predate its terms): whatever its owner did meanwhile is judged now.
     const l = this.table.get(id);
-    if (l && l.ends === 'release') this.judge(l, this.kernel.link(l.ifindex));
+    if (!l || l.ends !== 'release') return;
+    try {
+      this.judge(l, this.kernel.link(l.ifindex));
+    } catch (err) {
+      this.resyncOwed = true;
+      this.log(`warning: \`${l.name}' could not be judged at the end of its create (${(err as Error).message}); `
+        + 'every lease is checked again before the next decision');
+    }
   }
 
   /** The create failed after its lease was written: the device goes (audited), the lease with it. */
   abort(l: LeaseRecord, fds: number[], why: string): void {
     this.creating.delete(l.id);
+    this.vanished.delete(l.id);
     this.reaper.closeFds(fds, l.uid).catch(() => {});
     void this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `create rolled back: ${why}` }).catch(() => {});
   }
@@ -236,6 +252,7 @@ export class Lifetimes implements Cleanup {
     this.kernel.faultPoint('retire:unleased');
     this.events.delete(l.ifindex);
     this.creating.delete(l.id);
+    this.vanished.delete(l.id);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
     const base: AuditEvent = {
@@ -258,8 +275,12 @@ export class Lifetimes implements Cleanup {
     this.audit.record({ ...base, message: o.message });
   }
 
-  /** A lease whose device is already gone: dropped and unplugged. */
+  /** A lease whose device is already gone: dropped and unplugged; mid-create, its create fails instead. */
   private dropVanished(l: LeaseRecord, message: string): void {
+    if (this.creating.has(l.id)) {
+      this.vanished.add(l.id);
+      return;
+    }
     if (!this.table.remove(l.id)) return;
     this.events.delete(l.ifindex);
     this.creating.delete(l.id);

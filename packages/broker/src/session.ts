@@ -54,8 +54,6 @@ export class Session {
   private readonly held = new Set<string>();
   private holderWatch: { close(): void } | null = null;
   private shuttingDown = false;
-  /** The last reply carried fds: they are in flight until the client reads it. */
-  private fdsInFlight = false;
 
   constructor(
     private readonly host: SessionHost,
@@ -79,10 +77,10 @@ export class Session {
           clearTimeout(this.timer);
           this.timer = null;
         }
-        // A client that does not read its replies holds their fds in flight: handle nothing more from
-        // it until it has (a client that reads each reply before its next request never waits), so
-        // one connection has at most one reply's fds outstanding.
-        if (this.fdsInFlight && !(await this.repliesRead())) {
+        // A client that does not read its replies holds them (and their fds) in flight, and would in the
+        // end block the broker's send: handle nothing more from it until it has (a client that reads each
+        // reply before its next request never waits), so one connection has at most one reply outstanding.
+        if (!(await this.repliesRead())) {
           this.host.refused(
             this.caller,
             'connection',
@@ -141,10 +139,7 @@ export class Session {
       } catch {
         return true;
       }
-      if (unread === 0) {
-        this.fdsInFlight = false;
-        return true;
-      }
+      if (unread === 0) return true;
       if (Date.now() > deadline) return false;
       await new Promise((r) => setTimeout(r, 10));
     }
@@ -233,11 +228,14 @@ export class Session {
       this.helloed = true;
       if (this.timer) clearTimeout(this.timer);
     }
-    for (const id of outcome.hold ?? []) this.hold(id);
     try {
+      for (const id of outcome.hold ?? []) this.hold(id);
       await this.reply(outcome.reply, outcome.fds);
-      this.fdsInFlight = outcome.fds.length > 0;
     } catch {
+      // Nobody holds what could not be handed over (or watched): it ends now.
+      for (const id of outcome.hold ?? []) {
+        if (!this.held.has(id)) this.host.endLease(id, 'it could not be handed over');
+      }
       return false;
     } finally {
       // Every fd has one owner: once sent (or not), the broker's copies go, off the event loop.
@@ -270,7 +268,19 @@ export class Session {
     return keepOpen;
   }
 
-  private reply(reply: Reply, fds: number[]): Promise<void> {
-    return this.conn.send(encodeReply(reply), fds);
+  /** Sends a reply; one the client leaves unsendable (its queue full) for UNREAD_REPLY_MS ends the connection. */
+  private async reply(reply: Reply, fds: number[]): Promise<void> {
+    const stuck = setTimeout(() => this.close(), UNREAD_REPLY_MS);
+    try {
+      await this.conn.send(encodeReply(reply), fds);
+    } finally {
+      clearTimeout(stuck);
+    }
+  }
+
+  /** Broker shutdown past its grace: closes now, keeping held leases for the next start. */
+  abandon(): void {
+    this.shuttingDown = true;
+    this.close();
   }
 }
