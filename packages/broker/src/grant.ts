@@ -120,7 +120,8 @@ async function grantAll(
     const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
     if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
   } catch (err) {
-    const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
+    const e = err instanceof TapbrokerError ? err
+      : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
     for (const g of granted) {
       ctx.lifetimes.abort(g.lease, g.fds, e.message);
       audit({ decision: 'error', rule: g.lease.rule, request: specView(g.spec), code: e.code, message: e.message });

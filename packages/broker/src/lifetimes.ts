@@ -10,35 +10,13 @@ import { namePrefix } from './naming.js';
 import { hostMac, type Cleanup, type Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type Keeper } from './reconcile.js';
 import { plugDown } from './plug.js';
+import { Floods } from './floods.js';
 import { decide, type Ask, type Decision, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
 /** Tries at removing a lease's Open vSwitch port, 1 s, 2 s, 4 s … apart (about 8.5 minutes in all). */
 const UNPLUG_ATTEMPTS = 10;
-
-/** Link events one device may send per second; real devices send a handful when they change. */
-export const MAX_LINK_EVENTS_PER_SECOND = 500;
-/** Link events the devices of one uid may send per second together (many taps, each under the limit). */
-export const MAX_LINK_EVENTS_PER_UID = 2000;
-/** After a flood, the uid's creates wait this long, doubling with each flood up to FLOOD_COOLDOWN_MAX_MS. */
-const FLOOD_COOLDOWN_MS = 1000;
-const FLOOD_COOLDOWN_MAX_MS = 300_000;
-/** Per-uid entries (windows, cool-downs) past which the stale ones are dropped. */
-const PRUNE_AT = 256;
-
-/** A count of events in the current second. */
-interface EventWindow {
-  n: number;
-  since: number;
-}
-
-/** Counts one event in `key`'s window at `now` (ms); returns the window's count. */
-function tick(windows: Map<number, EventWindow>, key: number, now: number): number {
-  let w = windows.get(key);
-  if (!w || now - w.since > 1000) windows.set(key, (w = { n: 0, since: now }));
-  return ++w.n;
-}
 
 export interface RetireOptions {
   op: string;
@@ -62,11 +40,11 @@ export class Lifetimes implements Cleanup {
   private readonly unplugging = new Map<string, number>();
   private closing = false;
   private monitor: { drain(): boolean; close(): void } | null = null;
-  /** Link events per device (by ifindex) and per uid in the current second, to find floods (see wants). */
-  private readonly events = new Map<number, EventWindow>();
-  private readonly uidEvents = new Map<number, EventWindow>();
-  /** Uids whose devices flooded: their creates wait until `until`; the next flood waits `next`. */
-  private readonly cooldowns = new Map<number, { until: number; next: number }>();
+  /** Link events per device and per uid, to find floods (see wants). */
+  private readonly floods = new Floods((ifindex) => {
+    const o = this.table.byIfindex(ifindex);
+    return o && !this.creating.has(o.id) ? o : undefined;
+  });
   /** This broker's identity in its devices' tags. */
   readonly brokerId: string;
 
@@ -250,7 +228,7 @@ export class Lifetimes implements Cleanup {
     // Already retired or gone (two events judged the same lease, a flood and a violation): nothing twice.
     if (!this.table.remove(l.id)) return;
     this.kernel.faultPoint('retire:unleased');
-    this.events.delete(l.ifindex);
+    this.floods.forget(l.ifindex);
     this.creating.delete(l.id);
     this.vanished.delete(l.id);
     this.holderWatches.get(l.id)?.close();
@@ -282,7 +260,7 @@ export class Lifetimes implements Cleanup {
       return;
     }
     if (!this.table.remove(l.id)) return;
-    this.events.delete(l.ifindex);
+    this.floods.forget(l.ifindex);
     this.creating.delete(l.id);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
@@ -352,69 +330,17 @@ export class Lifetimes implements Cleanup {
     return !this.creating.has(l.id) && !this.flooding(l);
   }
 
-  /**
-   * A device sending more than MAX_LINK_EVENTS_PER_SECOND is being used against the broker (a holder
-   * toggling its offloads, its MTU or its carrier in a loop): it is deleted, as any other breach of its
-   * terms is, before its events can crowd out everyone else's requests.
-   */
+  /** Is this event part of a flood (floods.ts)? The flood's device is deleted, as any other breach is. */
   private flooding(l: LeaseRecord): boolean {
-    const now = performance.now();
-    if (this.uidEvents.size + this.cooldowns.size > PRUNE_AT) this.prune(now);
-    const device = tick(this.events, l.ifindex, now) > MAX_LINK_EVENTS_PER_SECOND;
-    // Per uid too, and kept after its devices go: a uid that floods from a new tap each time is still seen.
-    if (!device && tick(this.uidEvents, l.uid, now) <= MAX_LINK_EVENTS_PER_UID) return false;
-    // Of the uid's devices, the one that sent the most this second goes (not whichever sent the last event),
-    // and the uid's count starts over: one flood takes one device, and the cool-down grows once.
-    const victim = device ? l : this.loudest(l);
-    this.events.delete(victim.ifindex);
-    if (!device) this.uidEvents.delete(l.uid);
-    const wait = this.coolDown(l.uid, now);
-    const message = (device
-      ? `its holder made it send more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second`
-      : `the devices of uid ${l.uid} sent more than ${MAX_LINK_EVENTS_PER_UID} link events in a second, this one `
-        + 'the most')
-      + ` (a flood of changes): deleted; the uid's new devices wait ${Math.ceil(wait / 1000)} s`;
-    void this.retire(victim, { op: 'cleanup', decision: 'cleanup', message }).catch(() => {});
-    return victim === l;
-  }
-
-  /** The lease of `l`'s uid whose device sent the most link events this second. */
-  private loudest(l: LeaseRecord): LeaseRecord {
-    let top = l;
-    let most = this.events.get(l.ifindex)?.n ?? 0;
-    for (const [ifindex, w] of this.events) {
-      const o = w.n > most ? this.table.byIfindex(ifindex) : undefined;
-      if (o && o.uid === l.uid && !this.creating.has(o.id)) {
-        top = o;
-        most = w.n;
-      }
-    }
-    return top;
-  }
-
-  /**
-   * After a flood: the uid's creates are refused for a while, twice as long as after its last flood. Floods
-   * within a cool-down (more of its devices flooding at once) do not lengthen it; what remains is returned.
-   */
-  private coolDown(uid: number, now: number): number {
-    const c = this.cooldowns.get(uid);
-    if (c && now < c.until) return c.until - now;
-    // A flood long after the last cool-down ended starts over.
-    const wait = c && now < c.until + FLOOD_COOLDOWN_MAX_MS ? c.next : FLOOD_COOLDOWN_MS;
-    this.cooldowns.set(uid, { until: now + wait, next: Math.min(2 * wait, FLOOD_COOLDOWN_MAX_MS) });
-    return wait;
-  }
-
-  /** Drops per-uid windows and cool-downs that no longer count for anything. */
-  private prune(now: number): void {
-    for (const [uid, w] of this.uidEvents) if (now - w.since > 1000) this.uidEvents.delete(uid);
-    for (const [uid, c] of this.cooldowns) if (now > c.until + FLOOD_COOLDOWN_MAX_MS) this.cooldowns.delete(uid);
+    const flood = this.floods.count(l);
+    if (!flood) return false;
+    void this.retire(flood.victim, { op: 'cleanup', decision: 'cleanup', message: flood.message }).catch(() => {});
+    return flood.victim === l;
   }
 
   /** How long `uid`'s creates must still wait after a flood of link events from its devices (ms; 0: none). */
   coolingDown(uid: number): number {
-    const c = this.cooldowns.get(uid);
-    return c ? Math.max(0, Math.ceil(c.until - performance.now())) : 0;
+    return this.floods.coolingDown(uid);
   }
 
   private onLink(type: number, link: Link): void {
