@@ -31,6 +31,12 @@ export interface ProbeArgs {
   persistOwnFds?: boolean;
   /** Misbehave: set every granted tap's MAC through its own fd (SIOCSIFHWADDR, no capability needed). */
   setOwnMac?: string;
+  /** Misbehave: set every granted tap's MAC to this one and straight back (two SIOCSIFHWADDR on its fd). */
+  flipOwnMac?: string;
+  /** Misbehave: make itself each tap's owner, attach one more queue by name, and give the owner back (root). */
+  flipOwner?: boolean;
+  /** The tun clone device flipOwner opens (tests make a 0666 node of their own: see tunNode). */
+  tun?: string;
   /** Misbehave: make itself every granted tap's owner through its own fd (TUNSETOWNER). */
   ownOwnFds?: boolean;
   /**
@@ -39,6 +45,9 @@ export interface ProbeArgs {
    */
   floodOffloads?: number;
 }
+
+/** Queues flipOwner attached: kept open until the probe exits. */
+const extraQueues: number[] = [];
 
 export interface ProbeResult {
   uid: number;
@@ -83,12 +92,32 @@ async function main(): Promise<void> {
         : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
       if (args.ownOwnFds) sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());
-      if (args.setOwnMac) {
+      if (args.flipOwner) {
+        sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());
+        const extra = fs.openSync(args.tun ?? '/dev/net/tun', 'r+');
+        extraQueues.push(extra);
+        // struct ifreq: the name, then IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE at 16.
+        const ifr = Buffer.alloc(40);
+        ifr.write(tap.device.name, 0, 'latin1');
+        ifr.writeUInt16LE(0x0002 | 0x1000 | 0x4000 | 0x0100, 16);
+        try {
+          sys.ioctlPtr(extra, 0x400454ca /* TUNSETIFF */, ifr);
+          sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, 0);
+        } catch {
+          // The broker was quicker: the device is gone (TUNSETIFF would then make a new one, refused: EPERM).
+        }
+      }
+      const setMac = (mac: string) => {
         // struct ifreq: the name is ignored on a tap fd; ifr_hwaddr (a sockaddr) at 16: ARPHRD_ETHER, MAC.
         const ifr = Buffer.alloc(40);
         ifr.writeUInt16LE(1, 16);
-        Buffer.from(args.setOwnMac.split(':').map((h) => parseInt(h, 16))).copy(ifr, 18);
+        Buffer.from(mac.split(':').map((h) => parseInt(h, 16))).copy(ifr, 18);
         sys.ioctlPtr(tap.tapFds[0]!, 0x8924 /* SIOCSIFHWADDR */, ifr);
+      };
+      if (args.setOwnMac) setMac(args.setOwnMac);
+      if (args.flipOwnMac) {
+        setMac(args.flipOwnMac);
+        setMac(tap.device.host_mac);
       }
       if (args.floodOffloads) {
         const done = { toggles: 0, stoppedBy: null as string | null };

@@ -262,6 +262,21 @@ test.serial('B1: a holder that makes itself its tap\'s owner (TUNSETOWNER) loses
   }
 });
 
+test.serial('B1: a holder that makes itself owner, attaches a queue and gives the owner back loses the tap', async (t) => {
+  // Found by an outside review: the broker judged the device as it was when it read the event (root's again),
+  // so the holder kept a tap with more queues than its rule's max_queues (and could hand queues to anyone).
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 2 }], flipOwner: true, tun: tunNode(dir) });
+  try {
+    t.is(p.result.error, null, p.result.error?.message);
+    const name = p.result.taps[0]!.device.name;
+    await broker.waitFor(() => ns.link(name) === undefined, 2000, `${name} survived its owner flip`);
+    const rec = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === name);
+    t.regex(rec.message ?? '', /changed its owner or group/);
+  } finally {
+    await p.release();
+  }
+});
+
 test.serial('B3: a queue attached in the window before the owner is set: the device is destroyed, never handed out', async (t) => {
   const gate = path.join(dir, 'gate');
   const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2race', fault: `tap:opened=wait:${gate}` });
@@ -792,6 +807,37 @@ test.serial('A11: many taps of one uid, each under the device limit, flooding to
     }
   } finally {
     await fb.stop();
+  }
+});
+
+test.serial('A10: a holder that sets another guest\'s MAC and straight back loses its tap; the locked guest\'s static entry comes back', async (t) => {
+  // Found by an outside review: the bridge deletes any forwarding entry of a MAC a port takes as its own, static
+  // ones too, and the broker judged the device as it was when it read the event (its MAC already back): a locked
+  // guest's only entry was gone for good (learning is off on its port), and nothing was recorded.
+  const lb = await BrokerProcess.start(ns, `[[rule]]\nname = "locked"\nusers = [${NOBODY}, ${OTHER_UID}]\nbridges = ["br0"]\nmac_lock = true\n`, { tag: 'r2flip' });
+  try {
+    const victim = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+    try {
+      t.is(victim.result.error, null, victim.result.error?.message);
+      const v = victim.result.taps[0]!.device;
+      const entry = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'show', 'br', 'br0'], { encoding: 'utf8' }).stdout
+        .split('\n').find((l) => l.startsWith(`${v.mac} dev ${v.name} `) && / static/.test(l));
+      t.truthy(entry(), 'the locked guest\'s static entry');
+      const attacker = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }], flipOwnMac: v.mac! });
+      try {
+        const a = attacker.result.taps[0]!.device;
+        await lb.waitFor(() => ns.link(a.name) === undefined, 2000, `${a.name} survived taking another guest's MAC`);
+        await lb.waitFor(() => entry() !== undefined, 2000, 'the locked guest\'s static entry did not come back');
+        const rec = await lb.record((r) => /forwarding entry for .* restored/.test(r.message ?? ''));
+        t.is((rec.device as { name?: string }).name, v.name);
+      } finally {
+        await attacker.release();
+      }
+    } finally {
+      await victim.release();
+    }
+  } finally {
+    await lb.stop();
   }
 });
 

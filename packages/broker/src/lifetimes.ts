@@ -114,7 +114,8 @@ export class Lifetimes implements Cleanup {
    * may still be queued, and a gone device may still count against its owner until its event is read.
    */
   catchUp(): void {
-    if (this.monitor?.drain() === false) this.kernel.observe(0, null);
+    this.drained = this.monitor?.drain() !== false;
+    if (!this.drained) this.kernel.observe(0, null);
     if (this.resyncOwed) this.resync();
   }
 
@@ -144,6 +145,7 @@ export class Lifetimes implements Cleanup {
   /** The create is done. Never throws: a device that cannot be looked up now is judged at the next catch-up. */
   commit(id: string): void {
     this.creating.delete(id);
+    if (!this.drained) this.fresh.add(id);
     // A persistent device was its owner's from the moment its owner was set, and the events of its create
     // were not judged (they predate its terms): whatever its owner did meanwhile is judged now.
     const l = this.table.get(id);
@@ -231,6 +233,7 @@ export class Lifetimes implements Cleanup {
     this.floods.forget(l.ifindex);
     this.creating.delete(l.id);
     this.vanished.delete(l.id);
+    this.fresh.delete(l.id);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
     const base: AuditEvent = {
@@ -262,6 +265,7 @@ export class Lifetimes implements Cleanup {
     if (!this.table.remove(l.id)) return;
     this.floods.forget(l.ifindex);
     this.creating.delete(l.id);
+    this.fresh.delete(l.id);
     this.holderWatches.get(l.id)?.close();
     this.holderWatches.delete(l.id);
     this.unplug(l);
@@ -351,11 +355,25 @@ export class Lifetimes implements Cleanup {
       this.dropVanished(l, l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished');
       return;
     }
-    // An event is a snapshot of its moment (a creation's first events predate its owner and address):
-    // one that shows nothing wrong needs no more; one that does is judged on the device as it is now.
-    if (this.creating.has(l.id) || this.violation(l, link) === null) return;
-    this.judge(l, this.kernel.link(link.index));
+    if (this.creating.has(l.id)) return;
+    const violation = this.violation(l, link);
+    if (violation === null) {
+      this.fresh.delete(l.id);
+      return;
+    }
+    // A MAC or an owner an event shows is a breach even if undone since: a MAC set and set back has already
+    // wiped the bridge's forwarding entry for it, an owner flipped and back has let queues be attached. What
+    // an event shows of persistence is judged on the device as it is now (converted or not, by what it is),
+    // and so is every event of a lease whose create ended before all of its own events were read (those
+    // predate its MAC and owner), until one shows it as granted.
+    const now = violation === 'persist' || this.fresh.has(l.id);
+    this.judge(l, now ? this.kernel.link(link.index) : link);
   }
+
+  /** Leases committed while link events were still unread (a drain over its budget): see onLink. */
+  private readonly fresh = new Set<string>();
+  /** Did the last catch-up read every queued link event? */
+  private drained = true;
 
   /**
    * Holds a live lease's device to the terms it was granted on. Whoever holds a tap fd can, with no
@@ -401,7 +419,8 @@ export class Lifetimes implements Cleanup {
     }
     const why = {
       persist: `its holder made it persistent, which the policy does not allow (${refused})`,
-      owner: 'its holder changed its owner or group (TUNSETOWNER/TUNSETGROUP)',
+      owner: 'its holder changed its owner or group (TUNSETOWNER/TUNSETGROUP), or queues beyond its lease\'s were '
+        + 'attached',
       address:
         `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'}` +
         ` (its lease's: ${this.expectedMac(l)})`,
@@ -409,7 +428,9 @@ export class Lifetimes implements Cleanup {
     const retired = this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` });
     // A tap given another guest's MAC made the bridge move that guest's forwarding entry to this port;
     // once this device is gone, the entry goes back to the port of the lease the MAC belongs to.
-    if (violation === 'address' && link.address) void retired.then(() => this.restoreFdb(l, link.address!), () => {});
+    // (A copy: an event's link is read from a buffer the next event reuses.)
+    const taken = violation === 'address' && link.address ? Buffer.from(link.address) : null;
+    if (taken) void retired.then(() => this.restoreFdb(l, taken), () => {});
     else void retired.catch(() => {});
   }
 
@@ -473,7 +494,8 @@ export class Lifetimes implements Cleanup {
     const broker = (t: NonNullable<Link['tun']>) => t.owner === euid && t.group === null;
     if (l.kind === 'tap' && l.ends === 'fds') {
       if (link.persist) return 'persist';
-      if (link.tun && !broker(link.tun)) return 'owner';
+      // More queues than the broker opened were attached by someone its owner let in (an owner flipped).
+      if (link.tun && (!broker(link.tun) || (link.tun.queues ?? 0) > l.queues)) return 'owner';
     }
     if (l.kind === 'tap' && l.ends === 'release' && link.tun && !broker(link.tun)) {
       const owner = l.group !== null ? null : l.uid;
