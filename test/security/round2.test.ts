@@ -466,6 +466,34 @@ test.serial('A6: a client that sends requests and never reads a reply (no fds in
   }
 });
 
+test.serial('F2: subordinate uids (/etc/subuid) are refused at accept: one user is not thousands of callers', async (t) => {
+  // Found by an outside review: a user with a subordinate range (newuidmap, as rootless containers use) connected
+  // as each of its uids: the deny rule naming the user missed them, the quota and connection cap counted each
+  // apart, and together they filled every connection of the broker.
+  const subuid = path.join(dir, 'subuid');
+  fs.writeFileSync(subuid, `# user:start:count\nnobody:300000:65536\n${OTHER_UID}:400000:10\n`);
+  const sb = await BrokerProcess.start(ns, POLICY.replace(`users = [0, ${NOBODY}, ${OTHER_UID}]`, 'users = ["*"]'),
+    { tag: 'r2subuid', subuidFile: subuid });
+  try {
+    for (const uid of [300001, 365535, 400009]) {
+      const r = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid });
+      t.is(r.error?.code, 'TB_E_POLICY_DENIED', `uid ${uid}: ${JSON.stringify(r.error)}`);
+      t.regex(r.error?.message ?? '', new RegExp(`^uid ${uid} is a subordinate uid of (nobody|${OTHER_UID}) `));
+    }
+    // Past the range, and the owner itself: served.
+    for (const uid of [NOBODY, 365536]) {
+      const r = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid });
+      t.is(r.error, null, `uid ${uid}: ${JSON.stringify(r.error)}`);
+    }
+    // Audited under the owner, so that its uids share one allowance of records.
+    const rec = await sb.record((r) => r.op === 'connection' && r.code === 'TB_E_POLICY_DENIED' && /300001/.test(r.message ?? ''));
+    t.is(rec.uid, NOBODY);
+    t.deepEqual(ns.extraLinks(BASE), []);
+  } finally {
+    await sb.stop();
+  }
+});
+
 // ---------------------------------------------------------------- A4: a group deny and setgroups
 
 test.serial('A4: a group deny holds for a member who dropped the group (as setgroups in a user namespace allows)', async (t) => {

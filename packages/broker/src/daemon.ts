@@ -167,7 +167,8 @@ function notify(state: string): void {
 
 /** Extra broker options a caller of daemon() may set (a test entry point: faults, the fd fallback). */
 export type DaemonExtras = Pick<
-  BrokerOptions, 'faults' | 'refuseFdsAtSocket' | 'maxConnections' | 'maxConnectionsPerUser' | 'linkEventQueue'
+  BrokerOptions,
+  'faults' | 'refuseFdsAtSocket' | 'maxConnections' | 'maxConnectionsPerUser' | 'linkEventQueue' | 'subuidFile'
 >;
 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {

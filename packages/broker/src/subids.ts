@@ -1,0 +1,50 @@
+// Subordinate uids (/etc/subuid): the uids a user may map in a user namespace of its own (newuidmap, the
+// rootless containers' way). A process of that namespace connects as any of them, each a uid of its own
+// to the kernel and without an account: one user would be thousands, each with its own connection cap,
+// quota and cool-down, and outside every deny rule naming that user. They are refused at accept.
+import fs from 'node:fs';
+import { getpwnam } from './libc.js';
+
+export const SUBUID_FILE = '/etc/subuid';
+
+/** One line of /etc/subuid: `owner:start:count` (the owner a name or a uid). */
+export interface SubRange {
+  start: number;
+  count: number;
+  owner: string;
+  /** The owner's uid, where the account database knows it. */
+  ownerUid: number | null;
+}
+
+/** The ranges of `file`; a missing file has none. Lines that are not ranges are skipped. */
+export function loadSubuids(file: string = SUBUID_FILE): SubRange[] {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    return [];
+  }
+  const ranges: SubRange[] = [];
+  for (const line of text.split('\n')) {
+    const m = /^([^:#\s][^:]*):(\d+):(\d+)\s*$/.exec(line);
+    if (!m) continue;
+    const owner = m[1]!;
+    const ownerUid = /^\d+$/.test(owner) ? Number(owner) : lookup(owner);
+    ranges.push({ start: Number(m[2]), count: Number(m[3]), owner, ownerUid });
+  }
+  return ranges;
+}
+
+function lookup(name: string): number | null {
+  try {
+    return getpwnam(name)?.uid ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/** The range `uid` is a subordinate uid of, or null. */
+export function subordinateOf(ranges: readonly SubRange[], uid: number): SubRange | null {
+  for (const r of ranges) if (uid >= r.start && uid - r.start < r.count) return r;
+  return null;
+}
