@@ -484,8 +484,11 @@ test('grants, cleanups and their failures are never held back by the limit, nor 
     message: 'a stale port' });
   audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ROOT, code: 'TB_E_POLICY_DENIED',
     message: 'root denied' });
+  // A failure about a device the broker made or was deleting (a release that failed, a hook's rollback).
+  audit.record({ op: 'release', decision: 'error', rule: 'lab', caller: ALICE, code: 'TB_E_KERNEL',
+    device: { name: 'tb1000-a' }, message: 'release failed' });
   audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED',
     message: 'alice denied' });
   t.deepEqual(lines().slice(REFUSALS_PER_WINDOW).map((r) => r.message),
-    ['granted', 'deleted', 'failed to delete', 'a stale port', 'root denied']);
+    ['granted', 'deleted', 'failed to delete', 'a stale port', 'root denied', 'release failed']);
 });

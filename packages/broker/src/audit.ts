@@ -167,7 +167,8 @@ export class Audit {
    * changes a device (grants, releases, cleanups, reconciles, and their failures) is always written.
    */
   private overLimit(ev: AuditEvent): boolean {
-    if (!LIMITED.has(ev.decision) || ev.op === 'cleanup' || ev.op === 'reconcile') return false;
+    // A record with a device is about one the broker made or deleted: never held back.
+    if (!LIMITED.has(ev.decision) || ev.op === 'cleanup' || ev.op === 'reconcile' || ev.device) return false;
     const uid = ev.caller?.uid ?? -1;
     let w = this.refusals.get(uid);
     if (!w) this.refusals.set(uid, (w = { n: 0, suppressed: new Map(), since: Date.now() }));

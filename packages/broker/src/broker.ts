@@ -214,6 +214,10 @@ export class Broker implements SessionHost, OpContext {
     this.lifetimes.endLease(id, reason);
   }
 
+  holds(id: string): boolean {
+    return this.lifetimes.holds(id);
+  }
+
   refused(caller: Partial<Identity>, op: string, code: ErrorCode, message: string): void {
     this.audit.refusal(caller, op, code, message);
   }

@@ -45,7 +45,16 @@ const NAME_TTL_MS = 60_000;
 function userName(uid: number): string | null {
   const hit = names.get(uid);
   if (hit && Date.now() - hit.at < NAME_TTL_MS) return hit.name;
-  const name = getpwuid(uid)?.name ?? null;
+  let name: string | null;
+  try {
+    name = getpwuid(uid)?.name ?? null;
+  } catch {
+    // The account database failed (a directory service down): no name, not cached. Decisions use the uid,
+    // and deny rules treat a caller without a name as matching any name they could not resolve.
+    return null;
+  }
+  // Bounded: a uid not seen for a while is looked up again anyway.
+  if (names.size >= 4096) names.clear();
   names.set(uid, { name, at: Date.now() });
   return name;
 }

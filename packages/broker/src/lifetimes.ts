@@ -133,8 +133,20 @@ export class Lifetimes implements Cleanup {
 
   /** A lease whose device exists and is tagged, still mid-create; written to disk when `durable`. */
   begin(l: LeaseRecord, durable: boolean): void {
-    this.creating.add(l.id);
     this.table.add(l, durable);
+    this.creating.add(l.id);
+  }
+
+  /** A lease taken out for a release whose deletion failed: back in the table, if its device still is. */
+  restore(l: LeaseRecord): void {
+    if (this.isDevice(l, this.kernel.link(l.ifindex))) this.table.add(l);
+    // Gone after all: what its end still owes (its network's `down`) is done now.
+    else this.unplug(l);
+  }
+
+  /** Is this lease still in force (its device not gone, its lease not ended)? */
+  holds(id: string): boolean {
+    return this.table.get(id) !== undefined;
   }
 
   /** Did this lease's device go while its create was in flight (deleted by root, or by its owner)? */

@@ -106,7 +106,7 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
   try {
     await ctx.lifetimes.retire(lease, { op: 'release', decision: 'release', caller, request, message: 'released' });
   } catch (err) {
-    ctx.lifetimes.table.add(lease);
+    ctx.lifetimes.restore(lease);
     throw new TapbrokerError('TB_E_KERNEL', `failed to delete \`${lease.name}': ${(err as Error).message}`);
   }
   ctx.kernel.faultPoint('release:deleted');

@@ -26,9 +26,10 @@ export class Reaper {
   constructor(private readonly deleteLinkNow: (ifindex: number) => Promise<boolean>) {}
 
   /**
-   * Deletions queued or running for `uid`: devices on their way out, already out of the lease table,
-   * that still count against it. (Closing the broker's copies of fds is not counted: the device lives
-   * on with its holder's fds, in the lease table, until the kernel says it is gone.)
+   * Deletions queued or running for `uid`: devices on their way out, already out of the lease table
+   * (and so out of its quota), of which a uid may have MAX_TEARDOWN_PER_UID before its creates wait.
+   * (Closing the broker's copies of fds is not counted: the device lives on with its holder's fds, in
+   * the lease table, until the kernel says it is gone.)
    */
   pending(uid: number): number {
     return this.perUid.get(uid) ?? 0;

@@ -25,7 +25,7 @@ export interface Outcome {
 /** What a session needs of the broker (the broker implements it; no import cycle). */
 export interface SessionHost {
   readonly helloTimeoutMs: number;
-  /** A connection without a held lease that sends nothing for this long is closed. */
+  /** A connection without a lease in force that sends nothing for this long is closed. */
   readonly idleTimeoutMs: number;
   dispatch(caller: Identity, req: Request): Outcome | Promise<Outcome>;
   /** The broker's copies of a reply's fds, closed off the event loop once sent (or not). */
@@ -33,6 +33,8 @@ export interface SessionHost {
   /** Fds a client pushed: never closed in this process. */
   foreign(fds: number[]): void;
   endLease(id: string, reason: string): void;
+  /** Is this lease still in force? */
+  holds(id: string): boolean;
   /** An audit record for a refusal the handlers never saw (bad frames, fds, timeouts). */
   refused(caller: Identity, op: string, code: ErrorCode, message: string): void;
 }
@@ -97,7 +99,7 @@ export class Session {
         } finally {
           done();
         }
-        if (this.helloed && this.held.size === 0) this.arm(this.host.idleTimeoutMs, null, 'idle');
+        if (this.helloed) this.arm(this.host.idleTimeoutMs, null, 'idle');
       }
     } catch {
       // A socket error ends this session only; the broker keeps serving everyone else.
@@ -123,8 +125,11 @@ export class Session {
   private arm(ms: number, code: ErrorCode | null, message: string): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = setTimeout(() => {
-      if (code) void this.refuse(code, message);
-      else if (this.held.size === 0) this.close();
+      if (code) return void this.refuse(code, message);
+      // Leases that ended otherwise (a breach, a flood, root) are held no more.
+      for (const id of this.held) if (!this.host.holds(id)) this.held.delete(id);
+      if (this.held.size === 0) this.close();
+      else this.arm(ms, null, message);
     }, ms);
     this.timer.unref?.();
   }
@@ -153,7 +158,6 @@ export class Session {
       return;
     }
     this.held.add(leaseId);
-    if (this.timer) clearTimeout(this.timer);
     if (!this.holderWatch && this.caller.pidfd !== null) {
       const pidfd = this.caller.pidfd;
       // Level-triggered: stop watching once it fired, or an exited holder's pidfd fires forever.
