@@ -117,7 +117,7 @@ test.serial('a lost lease table is rebuilt from the devices\' tags: persistent d
   broker = await BrokerProcess.start(ns, POLICY, { dir });
   const listed = (await probeOnce({ socket: broker.socket, list: true })).leases!;
   t.deepEqual(listed.map((l) => l.name).sort(), made.taps.map((x) => x.device.name).sort());
-  t.like(listed.find((l) => l.kind === 'tap'), { uid: NOBODY, rule: 'f', ends: 'release', parent: 'br0' });
+  t.like(listed.find((l) => l.kind === 'tap'), { uid: NOBODY, user: 'nobody', rule: 'f', ends: 'release', parent: 'br0' });
   await releaseAll();
   t.deepEqual(ns.extraLinks(BASE), []);
 });

@@ -257,12 +257,12 @@ function writeFully(fd: number, text: string): number {
   return 0;
 }
 
-/** A human summary for MESSAGE=. */
+/** A human summary for MESSAGE= (`cleanup tb1000-a …`, not `cleanup cleanup …`). */
 export function summary(r: AuditRecord): string {
   const dev = r.device as { name?: string } | undefined;
   const who = r.uid === null ? '' : ` uid ${r.uid}${r.user ? ` (${r.user})` : ''}`;
   return (
-    `${r.decision} ${r.op}${dev?.name ? ` ${dev.name}` : ''}${who}` +
+    `${r.decision === r.op ? r.op : `${r.decision} ${r.op}`}${dev?.name ? ` ${dev.name}` : ''}${who}` +
     `${r.rule ? ` rule ${r.rule}` : ''}${r.code ? ` ${r.code}` : ''}${r.message ? `: ${r.message}` : ''}`
   );
 }

@@ -283,7 +283,8 @@ type VsctlError = TapbrokerError & { timedOut?: boolean };
 /** One ovs-vsctl run against `db`; exit codes outside `ok` become a TB_E_KERNEL naming `what`. */
 function vsctl(db: string, args: string[], what: string, ok: readonly number[] = [0]): Promise<VsctlResult> {
   const file = findVsctl();
-  const argv = [`--db=${db}`, `--timeout=${VSCTL_TIMEOUT_S}`, ...args];
+  // -vsyslog:off: ovs-vsctl would log every call to syslog, two lines per device in the broker's journal.
+  const argv = [`--db=${db}`, `--timeout=${VSCTL_TIMEOUT_S}`, '-vsyslog:off', ...args];
   return new Promise((resolve, reject) => {
     execFile(
       file,

@@ -15,7 +15,8 @@ import { loadPolicy, untrustedPolicyFile } from './policy.js';
 const EX_WARNINGS = 1;
 
 export interface Finding {
-  level: 'error' | 'warning';
+  /** A note says how the file would be taken where it is, and counts for neither status nor --strict. */
+  level: 'error' | 'warning' | 'note';
   /** The file (the policy or one of its fragments); absent: the policy file given. */
   file?: string;
   line: number | null;
@@ -291,19 +292,21 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
     const unsafe = untrustedPolicyFile(o.file);
-    // As root (the administrator about to reload) it is the broker's own refusal; a user checking a draft
-    // of their own is told, and carries on.
+    // As root (the administrator about to reload) it is the broker's own refusal. A user checking a draft
+    // (its own, or one under review in a checkout, as a CI job does) is told how the broker would take the
+    // file where it is: a note, which --strict does not count.
     if (unsafe && (opts.asBroker || process.geteuid?.() === 0)) {
       process.stderr.write(`${unsafe.file}:-: error: ${unsafe.why}: a user other than root could change the policy\n`);
       return EX.CONFIG;
     }
     if (unsafe) {
       findings.unshift({
-        level: 'warning', file: unsafe.file, line: null,
-        message: `${unsafe.file} ${unsafe.why}: a user other than root could change it, and tapbrokerd refuses to `
-          + 'run on it',
+        level: 'note', file: unsafe.file, line: null,
+        message: `${unsafe.file} ${unsafe.why}: tapbrokerd would refuse to run on it where it is (install it owned `
+          + 'by root, writable by root alone)',
       });
     }
+    const warnings = findings.filter((f) => f.level === 'warning').length;
     if (o.json) {
       write(JSON.stringify({
         file: o.file, files: policy.files, ok: true, sha256: policy.sha256, rules: policy.allow.length,
@@ -314,10 +317,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       const n = (k: number, what: string) => `${k} ${what}${k === 1 ? '' : 's'}`;
       const fragments = policy.files.length > 1 ? `, ${n(policy.files.length - 1, 'fragment')}` : '';
       write(`${o.file}: ok: ${n(policy.allow.length, 'rule')}, ${n(policy.deny.length, 'deny rule')}${fragments}, `
-        + `${findings.length} warning${findings.length === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
+        + `${warnings} warning${warnings === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
     }
     // For pipelines that must not ship a policy a reviewer would question.
-    return o.strict && findings.length > 0 ? EX_WARNINGS : EX.OK;
+    return o.strict && warnings > 0 ? EX_WARNINGS : EX.OK;
   }
 
   if (argv[0] === 'explain-policy') {

@@ -9,7 +9,7 @@ import {
   KERNEL_KIND, aliasBroker, aliasIdentity, kernelBound, leaseFromAlias, leaseView, processStartTime,
   type LeaseRecord, type LeaseTable,
 } from './leases.js';
-import { pidfdOpen } from './libc.js';
+import { getpwuid, pidfdOpen } from './libc.js';
 import { delPortOf, listOurPorts, ovsdbTarget } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
@@ -90,7 +90,7 @@ export function reconcile(lt: Keeper): void {
       void lt.deleteLink(link.index, who.uid, link.name, why).then(() => lt.unplug(ended));
       continue;
     }
-    const tagged = leaseFromAlias(link.alias, link);
+    const tagged = withUser(leaseFromAlias(link.alias, link));
     if (tagged && (!lt.trusted || kernelBound(tagged, true))) {
       try {
         lt.table.add(tagged, !kernelBound(tagged, true));
@@ -217,5 +217,15 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
       const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
       lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
     }
+  }
+}
+
+/** A lease taken back from a tag (which holds the uid only) gets its owner's name again, where known. */
+function withUser(l: LeaseRecord | null): LeaseRecord | null {
+  if (!l) return null;
+  try {
+    return { ...l, user: getpwuid(l.uid)?.name ?? null };
+  } catch {
+    return l;
   }
 }

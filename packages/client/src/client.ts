@@ -9,6 +9,11 @@ import {
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
 
 /** What to do about a connect error: the way forward, not only the errno. */
+/** A broker that closes without a word has usually died or failed to start (an invalid policy at a restart). */
+const CLOSED_HINT = 'the broker may have stopped or failed to start: `systemctl status tapbrokerd` and '
+  + '`journalctl -u tapbrokerd` say why (once fixed: `systemctl reset-failed tapbrokerd.socket tapbrokerd`, '
+  + 'then start the socket)';
+
 const CONNECT_HINTS: Record<string, string> = {
   EACCES: 'only root and members of group tapbroker may connect: ask an administrator to add you '
     + '(usermod -aG tapbroker USER), then log in again so the new group applies (`id -nG` shows it)',
@@ -267,10 +272,14 @@ export class TapbrokerClient {
       if (refusal?.op === 'error' && !hasControlCharacters(refusal)) {
         throw new TapbrokerError(refusal.code, refusal.message, refusal.hint ? { hint: refusal.hint } : {});
       }
-      throw new TapbrokerError('TB_E_BROKER_CLOSED', `the broker closed the connection: ${err.message}`);
+      throw new TapbrokerError('TB_E_BROKER_CLOSED', `the broker closed the connection: ${err.message}`,
+        { hint: CLOSED_HINT });
     });
     const packet = await this.conn.receive();
-    if (!packet) throw new TapbrokerError('TB_E_BROKER_CLOSED', 'the broker closed the connection before replying');
+    if (!packet) {
+      throw new TapbrokerError('TB_E_BROKER_CLOSED', 'the broker closed the connection before replying',
+        { hint: CLOSED_HINT });
+    }
     const fail = (err: TapbrokerError): never => {
       packet.fds.forEach((fd) => fs.closeSync(fd));
       throw err;
