@@ -155,7 +155,15 @@ export function createMacvtap(host: MacvtapHost, req: MacvtapRequest): CreatedTa
     if (made?.kind === 'macvtap') {
       host.cleanup.deleteLink(made.index, req.uid, req.name, 'rollback of a failed create');
     }
-    throw err instanceof TapbrokerError ? err : kernelError(`failed to open macvtap \`${req.name}'`, err);
+    if (err instanceof TapbrokerError) throw err;
+    const e = kernelError(`failed to open macvtap \`${req.name}'`, err);
+    // Under the unit, DeviceAllow=char-macvtap is resolved when the service starts: macvtap loaded later is
+    // refused by the device cgroup until a restart.
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') throw e;
+    throw new TapbrokerError(e.code, e.message, {
+      cause: err,
+      hint: 'if the macvtap module was loaded after tapbrokerd started, restart it (systemctl restart tapbrokerd)',
+    });
   }
 }
 
