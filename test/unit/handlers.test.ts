@@ -6,9 +6,13 @@ import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { decodeRequest, encodeFrame, TapbrokerError, type Reply } from '@tapbroker/protocol';
+import {
+  MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, SeqpacketListener, TapbrokerError, decodeReply, decodeRequest,
+  encodeFrame, type Reply,
+} from '@tapbroker/protocol';
 import { Broker, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
 import { FakeKernel } from '../helpers/fake-kernel.js';
+import { quiet } from '../helpers/wait.js';
 
 const POLICY = `
 [network.lab-net]
@@ -559,6 +563,49 @@ test('a lease retired twice at once (a flood and a breach judged together) is de
     t.deepEqual(kernel.steps.slice(steps), [`deleteLink ${lease!.name}`]);
     t.is(records.slice(seen).filter((r) => r.message === message).length, 1);
   });
+});
+
+test('a connection whose held lease ended otherwise (a breach) is closed once idle, not kept for ever', async (t) => {
+  // Found by an outside code review: a connection's held leases were never pruned when they ended by a breach,
+  // a flood or root, so it was never idle: up to 64 connections per uid kept open for nothing.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-idle-'));
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    // A macvtap: its lease is held by the connection (a tap's ends with its fds, not with the connection).
+    policy: parsePolicy(`${POLICY}\n[[rule]]\nname = "root-nics"\nusers = [0]\nmacvtap = [{ parent = "eth0" }]\n`),
+    stateDir: dir, idleTimeoutMs: 300,
+    audit: { journalSocket: null, fd: devNull },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  const socket = path.join(dir, 'broker.sock');
+  const fds: number[] = [];
+  let conn: SeqpacketConnection | null = null;
+  try {
+    host(kernel);
+    broker.start(SeqpacketListener.listen(socket, { mode: 0o600 }));
+    conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
+    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+    await conn.receive();
+    await conn.send(encodeFrame({ op: 'create-macvtap', id: 2, parent: 'eth0' }));
+    const got = (await conn.receive())!;
+    fds.push(...got.fds);
+    const reply = decodeReply(got.data);
+    if (reply.op !== 'create-macvtap') throw new Error(JSON.stringify(reply));
+    // Its holder breaks its terms (another MAC): the broker deletes the device and ends the lease.
+    kernel.holderChanges(reply.device.name, { address: Buffer.from('525400cccccc', 'hex') });
+    broker.lifetimes.catchUp();
+    await settled(broker);
+    t.is(kernel.linkNamed(reply.device.name), null, 'the device is deleted');
+    const closed = await Promise.race([conn.receive().then((p) => p === null), quiet(3000, 'the idle timeout (300 ms) passing').then(() => false)]);
+    t.true(closed, 'the broker closed the idle connection');
+  } finally {
+    conn?.close();
+    for (const fd of fds) fs.closeSync(fd);
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('the table covers every op and every outcome a create can have', (t) => {
