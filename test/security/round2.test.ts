@@ -485,6 +485,10 @@ test.serial('F2: subordinate uids (/etc/subuid) are refused at accept: one user 
       const r = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid });
       t.is(r.error, null, `uid ${uid}: ${JSON.stringify(r.error)}`);
     }
+    // A range added while the broker runs (useradd adds one for every new user) is refused at once.
+    fs.appendFileSync(subuid, `${NOBODY}:500000:100\n`);
+    const added = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: 500050 });
+    t.is(added.error?.code, 'TB_E_POLICY_DENIED', JSON.stringify(added.error));
     // Audited under the owner, so that its uids share one allowance of records.
     const rec = await sb.record((r) => r.op === 'connection' && r.code === 'TB_E_POLICY_DENIED' && /300001/.test(r.message ?? ''));
     t.is(rec.uid, NOBODY);
@@ -861,6 +865,44 @@ test.serial('A10: a holder that sets another guest\'s MAC and straight back lose
       } finally {
         await attacker.release();
       }
+    } finally {
+      await victim.release();
+    }
+  } finally {
+    await lb.stop();
+  }
+});
+
+test.serial('A10: after lost link events, every locked guest\'s static entry is put back (a MAC flip the broker never saw)', async (t) => {
+  // Found by an outside re-test: a holder that floods the broker's queue of link events, then sets another guest's
+  // MAC and back, has its events lost; the resync judged every device as it now is (MAC back: nothing wrong),
+  // and the locked guest's static entry, which the bridge deleted when the MAC was taken, stayed gone. Here the
+  // entry is taken away by root (what the flip does to it) while the broker is stopped, and a burst of host
+  // link events overruns its small queue (64 KiB), as the holder's flood does.
+  const lb = await BrokerProcess.start(ns, `[[rule]]\nname = "locked"\nusers = [${OTHER_UID}]\nbridges = ["br0"]\nmac_lock = true\n`,
+    { tag: 'r2relock', linkEventQueue: 64 * 1024 });
+  try {
+    const victim = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+    try {
+      t.is(victim.result.error, null, victim.result.error?.message);
+      const v = victim.result.taps[0]!.device;
+      const entry = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'show', 'br', 'br0'], { encoding: 'utf8' }).stdout
+        .split('\n').find((l) => l.startsWith(`${v.mac} dev ${v.name} `) && / static/.test(l));
+      t.truthy(entry(), 'the locked guest\'s static entry');
+      process.kill(lb.proc.pid!, 'SIGSTOP');
+      try {
+        // The flip's effect: the bridge drops the entry of a MAC another port takes.
+        spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', v.mac!, 'dev', v.name, 'master', 'static']);
+        t.falsy(entry(), 'the entry is gone');
+        const adds = Array.from({ length: 300 }, (_, i) => `link add rlk${i} type veth peer name rlp${i}`);
+        const dels = Array.from({ length: 300 }, (_, i) => `link del rlk${i}`);
+        spawnSync('ip', ['-n', ns.name, '-batch', '-'], { input: `${[...adds, ...dels].join('\n')}\n` });
+      } finally {
+        process.kill(lb.proc.pid!, 'SIGCONT');
+      }
+      await lb.waitFor(() => /link events were lost/.test(lb.stderr), 5000, 'the broker did not resynchronise');
+      await lb.waitFor(() => entry() !== undefined, 3000, 'the locked guest\'s static entry was not put back');
+      t.truthy(entry());
     } finally {
       await victim.release();
     }

@@ -19,7 +19,7 @@ import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { Lifetimes } from './lifetimes.js';
-import { SUBUID_FILE, loadSubuids, subordinateOf, type SubRange } from './subids.js';
+import { Subuids } from './subids.js';
 import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
 import { Netdev } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
@@ -68,7 +68,7 @@ export interface BrokerOptions {
   kernel?: (cleanup: Cleanup) => Kernel;
   /** The kernel's queue of link events for the broker, in bytes (default 4 MiB); lost events cost a dump. */
   linkEventQueue?: number;
-  /** Where subordinate uids are listed (default /etc/subuid), read at start and at each reload. */
+  /** Where subordinate uids are listed (default /etc/subuid), read again whenever it changes. */
   subuidFile?: string;
 }
 
@@ -89,9 +89,8 @@ export class Broker implements SessionHost, OpContext {
   private listener: SeqpacketListener | null = null;
   private readonly maxConnections: number;
   private readonly maxConnectionsPerUser: number;
-  private readonly subuidFile: string;
   /** Subordinate uids: refused at accept (subids.ts). */
-  private subuids: SubRange[];
+  private readonly subuids: Subuids;
   private readonly refuseAtSocket: boolean;
   /** True once SO_PASSRIGHTS is in force on the listener. */
   fdsRefusedAtSocket = false;
@@ -106,8 +105,7 @@ export class Broker implements SessionHost, OpContext {
     this.maxConnections = opts.maxConnections ?? 1024;
     this.maxConnectionsPerUser = opts.maxConnectionsPerUser ?? 64;
     this.refuseAtSocket = opts.refuseFdsAtSocket ?? true;
-    this.subuidFile = opts.subuidFile ?? SUBUID_FILE;
-    this.subuids = loadSubuids(this.subuidFile);
+    this.subuids = new Subuids(opts.subuidFile);
     this.log = opts.log ?? (() => {});
     this.foreignFds = new ForeignFds(this.log);
     let lifetimes!: Lifetimes;
@@ -168,7 +166,6 @@ export class Broker implements SessionHost, OpContext {
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${w}`);
       this.policy = next;
-      this.subuids = loadSubuids(this.subuidFile);
       this.audit.record({
         op: 'reload',
         decision: 'reload',
@@ -243,10 +240,10 @@ export class Broker implements SessionHost, OpContext {
       conn.drainAndClose((fds) => this.foreign(fds)); // The peer vanished before we could ask who it was.
       return;
     }
-    const sub = peer.uid === 0 ? null : subordinateOf(this.subuids, peer.uid);
+    const sub = peer.uid === 0 ? null : this.subuids.of(peer.uid);
     if (sub) {
       if (peer.pidfd !== null) sys.close(peer.pidfd);
-      const message = `uid ${peer.uid} is a subordinate uid of ${sub.owner} (${this.subuidFile}): it gets no devices`;
+      const message = `uid ${peer.uid} is a subordinate uid of ${sub.owner} (${this.subuids.file}): it gets no devices`;
       // Counted against the owner: its thousands of uids share one allowance of audit records.
       const owner = { uid: sub.ownerUid ?? sub.start, pid: peer.pid };
       this.audit.refusal(owner, 'connection', 'TB_E_POLICY_DENIED', message);

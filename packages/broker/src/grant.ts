@@ -124,7 +124,10 @@ async function grantAll(
       : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
     for (const g of granted) {
       ctx.lifetimes.abort(g.lease, g.fds, e.message);
-      audit({ decision: 'error', rule: g.lease.rule, request: specView(g.spec), code: e.code, message: e.message });
+      audit({
+        decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
+        code: e.code, message: e.message,
+      });
     }
     throw e;
   }

@@ -151,7 +151,10 @@ export class Lifetimes implements Cleanup {
 
   /** Did this lease's device go while its create was in flight (deleted by root, or by its owner)? */
   vanishedMidCreate(id: string): boolean {
-    return this.vanished.has(id);
+    if (this.vanished.has(id)) return true;
+    // Events still unread (a drain over its budget) may say so: the device is looked up instead.
+    const l = this.table.get(id);
+    return !this.drained && (!l || !this.isDevice(l, this.kernel.link(l.ifindex)));
   }
 
   /** The create is done. Never throws: a device that cannot be looked up now is judged at the next catch-up. */
@@ -535,10 +538,23 @@ export class Lifetimes implements Cleanup {
     this.kernel.observe(0, null);
     const links = new Map(this.kernel.links().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
+    // What the lost events showed is lost with them: a MAC set and set back meanwhile has deleted the bridge's
+    // entries of that MAC, a locked guest's static one included. Every locked lease's entry is put back.
+    for (const l of this.table.all()) if (l.locked && l.mac !== null && !this.creating.has(l.id)) this.relock(l);
     this.resyncOwed = false;
     this.resyncs++;
     this.log(`link events were lost (the kernel's queue for them overran): ${this.table.size} leases checked `
       + `against a fresh list of ${links.size} links (${this.resyncs} time${this.resyncs > 1 ? 's' : ''} so far)`);
+  }
+
+  /** A locked lease's static forwarding entry, put back as it was granted (idempotent). */
+  private relock(l: LeaseRecord): void {
+    try {
+      this.kernel.restoreFdbEntry(l.ifindex, macToBuffer(l.mac!), { static: true, vlan: l.vlan });
+    } catch (err) {
+      this.note('cleanup', 'error', l, `its forwarding entry for ${l.mac} could not be put back after lost link `
+        + `events: ${(err as Error).message}`, { code: 'TB_E_KERNEL' });
+    }
   }
 
   /** How many times lost link events made the broker check every lease against a dump. */

@@ -43,6 +43,38 @@ function lookup(name: string): number | null {
   }
 }
 
+/**
+ * /etc/subuid as last read, read again whenever the file changes (useradd adds a range for every new user):
+ * a stat per connection, a read only after a change.
+ */
+export class Subuids {
+  private ranges: SubRange[] = [];
+  private stamp = '';
+
+  constructor(readonly file: string = SUBUID_FILE) {
+    this.refresh();
+  }
+
+  /** The range `uid` is a subordinate uid of, or null. */
+  of(uid: number): SubRange | null {
+    this.refresh();
+    return subordinateOf(this.ranges, uid);
+  }
+
+  private refresh(): void {
+    let stamp = 'missing';
+    try {
+      const st = fs.statSync(this.file);
+      stamp = `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+    } catch {
+      // A missing file has no ranges.
+    }
+    if (stamp === this.stamp) return;
+    this.stamp = stamp;
+    this.ranges = loadSubuids(this.file);
+  }
+}
+
 /** The range `uid` is a subordinate uid of, or null. */
 export function subordinateOf(ranges: readonly SubRange[], uid: number): SubRange | null {
   for (const r of ranges) if (uid >= r.start && uid - r.start < r.count) return r;
