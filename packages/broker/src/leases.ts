@@ -296,8 +296,11 @@ export function leaseTag(l: LeaseRecord, broker: string): { alias: string; compl
     : l.mac !== null ? ` mac=${l.mac}` : l.host_mac !== null ? ` host=${l.host_mac}` : '';
   const holder = l.holder !== null ? ` holder=${l.holder}:${l.holder_start ?? 0}` : '';
   const group = l.group !== null ? ` group=${l.group}` : '';
+  // When it was made, in seconds (base 36): a lease taken back after a restart keeps its age.
+  const made = Date.parse(l.created);
+  const at = Number.isFinite(made) ? ` at=${Math.floor(made / 1000).toString(36)}` : '';
   const alias = `${who} rule=${l.rule} parent=${l.parent} queues=${l.queues}${mac}${l.mode ? ` mode=${l.mode}` : ''}`
-    + `${l.network ? ` network=${l.network}` : ''}${holder}${group}`;
+    + `${l.network ? ` network=${l.network}` : ''}${holder}${group}${at}`;
   return alias.length <= ALIAS_MAX ? { alias, complete: true } : { alias: who, complete: false };
 }
 
@@ -352,10 +355,17 @@ export function leaseFromAlias(
     parent: f.get('parent'), network: f.get('network') ?? null, mode: f.get('mode') ?? null,
     // A tap's guest MAC is in its tag (before 0.5.0 it was not: then, like a macvtap's, the device's own).
     mac: f.get('kind') === 'tap' && (f.has('mac') || f.has('host')) ? (f.get('mac') ?? null) : own,
-    queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: new Date().toISOString(), ends: f.get('ends'),
+    queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: createdAt(f.get('at')), ends: f.get('ends'),
     holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
     group: f.has('group') ? Number(f.get('group')) : null, plug: null, host_mac: f.get('host') ?? null,
   };
   const parsed = checkShape(leaseShape(), candidate);
   return parsed.ok ? (parsed.value as LeaseRecord) : null;
+}
+
+/** A tag's `at=` (seconds, base 36) as a lease's `created`; tags before 0.5.0 have none: now. */
+function createdAt(at: string | undefined): string {
+  const seconds = at && /^[0-9a-z]{1,10}$/.test(at) ? parseInt(at, 36) : NaN;
+  const when = new Date(seconds * 1000);
+  return Number.isFinite(seconds) && !Number.isNaN(when.getTime()) ? when.toISOString() : new Date().toISOString();
 }
