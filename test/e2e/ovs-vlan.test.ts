@@ -145,6 +145,48 @@ t0('at start with Open vSwitch not answering, stale ports of ours are removed on
   }
 });
 
+t0('a second broker in the namespace leaves the first one\'s live OVS ports alone at its start', async (t) => {
+  // Found by an outside review: the OVS port carried no broker id, and a second broker (another state directory)
+  // took the first one's live port for a stale one of its own and removed it, cutting the guest off.
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+  const name = p.result.taps[0]!.device.name;
+  const dir2 = tempDir('ovs-e2e-second');
+  let second: BrokerProcess | null = null;
+  try {
+    t.regex(portOf(name)!.ids, /"?tapbroker-broker"?="?[0-9a-f]{8}"?/, 'the port names its broker');
+    second = await BrokerProcess.start(ns, policy, { dir: dir2, tag: 'ovs-second' });
+    await second.waitFor(() => /open vswitch at .* reconciled: [1-9]\d* port\(s\) of tapbroker, 0 stale/.test(second!.stderr), 10_000,
+      'the second broker never reconciled the database');
+    t.truthy(portOf(name), 'the first broker\'s live port is still there');
+  } finally {
+    await second?.stop();
+    fs.rmSync(dir2, { recursive: true, force: true });
+    await p.release();
+  }
+});
+
+t0('a device named as a port someone else made: add-port fails, and the rollback leaves that port alone', async (t) => {
+  // Found by an outside review: the rollback removed whatever port had the name (del-port by name), here an
+  // administrator's internal port, which add-port had refused to take over.
+  const name = `tb${NOBODY}-adm`;
+  // A patch port: a port record with no kernel device of that name.
+  ovs.vsctl('add-port', 'br-int', name, '--', 'set', 'Interface', name, 'type=patch', 'options:peer=nowhere');
+  try {
+    const r = await probe({ socket: broker.socket, requests: [{ network: 'prod', name }] });
+    await r.release();
+    t.is(r.result.error?.code, 'TB_E_KERNEL', JSON.stringify(r.result.error));
+    await broker.record((rec) => rec.decision === 'cleanup' && /create rolled back/.test(rec.message ?? '')
+      && (rec.device as { name?: string }).name === name);
+    t.truthy(portOf(name), 'the administrator\'s port is still there');
+    // And no unplug of it is owed (retried for minutes, the name blocked).
+    const again = await probe({ socket: broker.socket, requests: [{ network: 'prod', name }] });
+    await again.release();
+    t.not(again.result.error?.code, 'TB_E_BUSY', JSON.stringify(again.result.error));
+  } finally {
+    ovs.vsctl('--if-exists', 'del-port', 'br-int', name);
+  }
+});
+
 t0('a network a reload retired: its lease\'s port is removed when the lease ends, and at start when the lease is gone (review B4)', async (t) => {
   // A persistent tap on prod; then the policy retires prod.
   const made = await probe({ socket: broker.socket, requests: [{ network: 'prod', persistent: true }] });

@@ -96,7 +96,7 @@ ovsTest('addPort: access tag and external-ids on Port and Interface, attached by
   t.regex(ovs.appctl('dpif/show'), /tb1000-a \d+\/\d+/);
 
   const ours = await listOurPorts(ovs.db);
-  t.deepEqual(ours.filter((p) => p.port === 'tb1000-a'), [{ bridge: 'br-int', port: 'tb1000-a', lease: '0123456789abcdef', uid: 1000 }]);
+  t.deepEqual(ours.filter((p) => p.port === 'tb1000-a'), [{ bridge: 'br-int', port: 'tb1000-a', lease: '0123456789abcdef', uid: 1000, broker: null }]);
 });
 
 ovsTest('listOurPorts: not a port added by hand, and the right bridge for each port', async (t) => {
@@ -104,10 +104,10 @@ ovsTest('listOurPorts: not a port added by hand, and the right bridge for each p
   ovs.vsctl('add-port', 'br-int', 'tbhand', '--', 'set', 'Port', 'tbhand', 'external-ids:owner=admin');
   ovs.addBridge('br-two');
   tap('tb1000-b');
-  await addPort(ovs.db, 'br-two', 'tb1000-b', { externalIds: ids('1111222233334444', { 'tapbroker-uid': '65534' }) });
+  await addPort(ovs.db, 'br-two', 'tb1000-b', { externalIds: ids('1111222233334444', { 'tapbroker-uid': '65534', 'tapbroker-broker': 'abcdef01' }) });
   const ours = await listOurPorts(ovs.db);
   t.false(ours.some((p) => p.port === 'tbhand' || p.port === 'br-int' || p.port === 'br-two'));
-  t.deepEqual(ours.find((p) => p.port === 'tb1000-b'), { bridge: 'br-two', port: 'tb1000-b', lease: '1111222233334444', uid: 65534 });
+  t.deepEqual(ours.find((p) => p.port === 'tb1000-b'), { bridge: 'br-two', port: 'tb1000-b', lease: '1111222233334444', uid: 65534, broker: 'abcdef01' });
   t.is(ours.find((p) => p.port === 'tb1000-a')?.bridge, 'br-int');
   t.true(await delPort(ovs.db, 'br-two', 'tb1000-b'));
 });

@@ -295,6 +295,66 @@ for (const [who, a, want] of [
   });
 }
 
+// Found by an outside review: on Open vSwitch, a trunk port, or a port with neither tag nor trunks (which carries
+// every VLAN), reaches an access VLAN's frames; a deny of the access network did not cover them.
+const ovsVlans = parsePolicy(`
+[network.prod]
+ovs = "br-int"
+vlan = 100
+
+[network.test]
+ovs = "br-int"
+vlan = 200
+
+[network.trunk]
+ovs = "br-int"
+trunk = [100, 300]
+
+[network.raw]
+ovs = "br-int"
+
+[network.other]
+ovs = "br-ext"
+vlan = 100
+
+[[rule]]
+name = "ovs"
+users = [2001, 2002, 2003]
+networks = ["prod", "test", "trunk", "raw", "other"]
+
+[[deny]]
+name = "no-prod-for-2001"
+users = [2001]
+networks = ["prod"]
+
+[[deny]]
+name = "no-trunk-for-2002"
+users = [2002]
+networks = ["trunk"]
+
+[[deny]]
+name = "no-raw-for-2003"
+users = [2003]
+networks = ["raw"]
+`);
+
+for (const [who, net, want] of [
+  [2001, 'prod', 'deny by no-prod-for-2001'],
+  [2001, 'trunk', 'deny by no-prod-for-2001'],
+  [2001, 'raw', 'deny by no-prod-for-2001'],
+  [2001, 'test', 'grant by ovs'],
+  [2001, 'other', 'grant by ovs'],
+  [2002, 'prod', 'deny by no-trunk-for-2002'],
+  [2002, 'test', 'grant by ovs'],
+  [2002, 'raw', 'deny by no-trunk-for-2002'],
+  [2003, 'test', 'deny by no-raw-for-2003'],
+  [2003, 'other', 'grant by ovs'],
+] as const) {
+  test(`a deny on Open vSwitch covers every network sharing a VLAN with it: uid ${who}, network ${net} → ${want}`, (t) => {
+    t.is(ruleOf(decide(ovsVlans, caller(who), viaNet(net), none)), want);
+  });
+}
+
 test('who-can and explain-policy agree with the broker about a deny reached through a network', async (t) => {
   const { execFileSync } = await import('node:child_process');
   const fs = await import('node:fs');

@@ -146,33 +146,51 @@ export interface Target {
   /** The bridge, the macvtap parent, the hook's path; for an unknown network its name. */
   name: string;
   vlan: number | null;
+  /**
+   * On Open vSwitch, the VLANs its port carries: its access VLAN, its trunk, or (neither) every VLAN, which
+   * is what an OVS port with no tag and no trunks carries.
+   */
+  vlans: readonly number[] | 'all';
   /** The network the request named, or null. */
   network: string | null;
 }
 
 export function resolveTarget(policy: Policy, ask: Pick<Ask, 'kind' | 'parent' | 'network'>): Target {
   if (!ask.network) {
-    return { kind: ask.kind === 'tap' ? 'bridge' : 'macvtap', name: ask.parent, vlan: null, network: null };
+    const kind = ask.kind === 'tap' ? 'bridge' : 'macvtap';
+    return { kind, name: ask.parent, vlan: null, vlans: 'all', network: null };
   }
   return networkTarget(policy.networks.get(ask.parent)) ?? {
     kind: 'unknown',
     name: ask.parent,
     vlan: null,
+    vlans: 'all',
     network: ask.parent,
   };
 }
 
 function networkTarget(n: Network | undefined): Target | null {
-  return n ? { kind: n.kind, name: n.target, vlan: n.vlan, network: n.name } : null;
+  if (!n) return null;
+  const vlans = n.vlan !== null ? [n.vlan] : n.trunk ?? 'all';
+  return { kind: n.kind, name: n.target, vlan: n.vlan, vlans, network: n.name };
 }
 
-const sameSegment = (a: Target, b: Target) => a.kind === b.kind && a.name === b.name && a.vlan === b.vlan;
+/**
+ * Do two targets reach the same traffic? The same Linux bridge in the same VLAN (no VLAN: its default
+ * one); on the same Open vSwitch bridge, any VLAN in common: a trunk, or a port that carries every VLAN,
+ * reaches an access VLAN's frames.
+ */
+function sameSegment(a: Target, b: Target): boolean {
+  if (a.kind !== b.kind || a.name !== b.name) return false;
+  if (a.kind !== 'ovs') return a.vlan === b.vlan;
+  return a.vlans === 'all' || b.vlans === 'all' || a.vlans.some((v) => (b.vlans as readonly number[]).includes(v));
+}
 
 /**
  * Does a deny rule cover this target? With no scope it covers everything; `bridges` covers every way
  * onto those bridges (Linux or Open vSwitch, directly or through a network), and `"*"` every way onto
  * any Linux bridge; `parents` macvtaps on those parents; `networks` those networks and anything else
- * reaching the same bridge and VLAN.
+ * reaching the same bridge and VLAN (on Open vSwitch: any VLAN the denied network carries).
  */
 export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
   if (d.bridges === null && d.parents === null && d.networks === null) return true;

@@ -192,7 +192,8 @@ async function grantOne(
     const granted = makeDevice(ctx, policy, caller, spec, decision.rule);
     // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone.
     try {
-      const plugged = await plugUp(granted.lease, spec.network ? policy.networks.get(spec.parent) : undefined);
+      const net = spec.network ? policy.networks.get(spec.parent) : undefined;
+      const plugged = await plugUp(granted.lease, net, ctx.lifetimes.brokerId);
       return { ...granted, plugged, spec };
     } catch (err) {
       ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message);

@@ -26,6 +26,7 @@ const FALLBACK_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 const EXTERNAL_ID_KEY = /^tapbroker-[a-z]+$/;
 const EXTERNAL_ID_VALUE = /^[A-Za-z0-9_.:-]{1,128}$/;
 export const LEASE_KEY = 'tapbroker-lease';
+export const BROKER_KEY = 'tapbroker-broker';
 /** An OVSDB target this broker passes to ovs-vsctl: a unix socket path, no spaces or commas. */
 export const OVSDB_TARGET = /^unix:\/[^\0\s,]+$/;
 
@@ -44,6 +45,8 @@ export interface OvsPort {
   lease: string;
   /** The owner's uid from tapbroker-uid; -1 if the record's value is missing or malformed. */
   uid: number;
+  /** The broker that made it (tapbroker-broker); null for ports made before 0.5.0. */
+  broker: string | null;
 }
 
 /**
@@ -152,7 +155,10 @@ export async function listOurPorts(db: string): Promise<OvsPort[]> {
     const bridge = bridgeOf.get(uuidOf(uuid));
     if (!lease || bridge === undefined) continue;
     const uidText = ids.get('tapbroker-uid') ?? '';
-    out.push({ bridge, port: String(name), lease, uid: /^\d{1,10}$/.test(uidText) ? Number(uidText) : -1 });
+    out.push({
+      bridge, port: String(name), lease, uid: /^\d{1,10}$/.test(uidText) ? Number(uidText) : -1,
+      broker: ids.get(BROKER_KEY) ?? null,
+    });
   }
   return out;
 }
@@ -183,8 +189,10 @@ export async function delPortOf(db: string, bridge: string, port: string, lease:
   checkName(bridge, 'bridge');
   checkName(port, 'port');
   const what = `failed to remove \`${port}' from ovs bridge \`${bridge}'`;
-  const r = await vsctl(db, ['--no-wait', '--', '--if-exists', 'get', 'Port', port, `external_ids:${LEASE_KEY}`], what);
-  if (r.stdout.trim().replace(/^"|"$/g, '') !== lease) return false;
+  // The whole map: a port without our key (an administrator's of that name) is not an error, only not ours.
+  const r = await vsctl(db, ['--no-wait', '--', '--if-exists', 'get', 'Port', port, 'external_ids'], what);
+  const held = new RegExp(`(?:^|[{ ,])"?${LEASE_KEY}"?="?([0-9a-f]+)"?(?:[,}]|$)`).exec(r.stdout.trim())?.[1];
+  if (held !== lease) return false;
   await vsctl(db, ['--no-wait', '--', '--if-exists', 'del-port', bridge, port], what);
   return true;
 }

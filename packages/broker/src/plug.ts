@@ -1,6 +1,6 @@
 // Joining a device to a named network that is not a plain Linux bridge: an Open vSwitch port, or an
 // administrator's hook. The lease records how it was plugged, so unplugging never consults a later policy.
-import { addPort, delPort, ovsdbTarget } from './ovs.js';
+import { addPort, delPortOf, ovsdbTarget } from './ovs.js';
 import { runHook } from './hook.js';
 import type { LeaseRecord, Plug } from './leases.js';
 import type { Network } from './decide.js';
@@ -13,7 +13,11 @@ export function plugOf(net: Network | undefined): Plug | null {
 }
 
 /** Plugs (`up`) a lease's device as its lease says; the OVS port carries the lease in its external-ids. */
-export async function plugUp(l: LeaseRecord, net: Network | undefined): Promise<Record<string, unknown> | null> {
+export async function plugUp(
+  l: LeaseRecord,
+  net: Network | undefined,
+  broker: string,
+): Promise<Record<string, unknown> | null> {
   const p = l.plug;
   if (!p) return null;
   if ('ovs' in p) {
@@ -25,6 +29,8 @@ export async function plugUp(l: LeaseRecord, net: Network | undefined): Promise<
         'tapbroker-uid': String(l.uid),
         ...(l.mac !== null ? { 'tapbroker-mac': l.mac } : {}),
         'tapbroker-rule': l.rule,
+        // Which broker's: another broker in this namespace (another state directory) leaves it alone.
+        'tapbroker-broker': broker,
       },
     });
     return { ovs: p.ovs, action: 'up', ...(net?.vlan != null ? { tag: net.vlan } : {}) };
@@ -37,8 +43,10 @@ export async function plugDown(l: LeaseRecord): Promise<Record<string, unknown> 
   const p = l.plug;
   if (!p) return null;
   if ('ovs' in p) {
-    await delPort(p.db, p.ovs, l.name);
-    return { ovs: p.ovs, action: 'down' };
+    // Only the port that carries this lease: one of that name made by someone else (an administrator's, on
+    // which this lease's add-port failed) is not ours to remove.
+    const removed = await delPortOf(p.db, p.ovs, l.name, l.id);
+    return removed ? { ovs: p.ovs, action: 'down' } : null;
   }
   return runPlugHook(l, p, 'down');
 }

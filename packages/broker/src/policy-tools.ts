@@ -98,6 +98,15 @@ export function policyWarnings(p: Policy): Finding[] {
         + `locked, though network \`${n.name}' onto that bridge locks its own`);
     }
   }
+  // An OVS port with no tag and no trunks carries every VLAN of its bridge, tagged.
+  for (const n of p.networks.values()) {
+    if (n.kind !== 'ovs' || n.vlan !== null || n.trunk !== null) continue;
+    out.push({
+      level: 'warning', line: null,
+      message: `network \`${n.name}' on Open vSwitch bridge ${n.target} has neither vlan nor trunk: its guests send `
+        + `and receive every VLAN of ${n.target}, tagged (a deny of any network on ${n.target} covers it)`,
+    });
+  }
   // mac_lock needs locked bridge ports (Linux 5.18): on an older kernel every such grant is refused.
   if (!kernelLocksPorts()) {
     for (const r of p.allow.filter((x) => x.macLock || x.networks.some((n) => p.networks.get(n)?.macLock))) {
@@ -389,7 +398,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   // Every way a request can reach this target: by its own name and through each network onto it. Each
   // is judged with the broker's own functions (resolveTarget, denyCovers), so the tools cannot disagree.
   const asked: Target = kind === 'network' ? resolveTarget(policy, { kind: 'tap', parent: target, network: true })
-    : { kind: kind === 'tap' ? 'bridge' : 'macvtap', name: target, vlan: null, network: null };
+    : resolveTarget(policy, { kind, parent: target, network: false });
   const routes = kind === 'network' ? [{ via: null as string | null, t: asked }] : [
     { via: null as string | null, t: asked },
     ...[...policy.networks.values()]

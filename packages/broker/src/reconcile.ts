@@ -200,7 +200,10 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
     await new Promise((resolve) => setTimeout(resolve, 1000 * 2 ** (attempt - 1)).unref());
     return reconcileOvsdb(lt, db, attempt + 1);
   }
+  let removed = 0;
   for (const p of ports) {
+    // Another broker's (another state directory in this namespace): never ours to touch.
+    if (p.broker !== null && p.broker !== lt.brokerId) continue;
     const l = lt.table.get(p.lease);
     if (l && l.name === p.port && lt.isDevice(l, lt.kernel.link(l.ifindex))) continue;
     const about = {
@@ -212,12 +215,15 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
     try {
       // Only while it is still that lease's port: a device granted since the start may have its name now.
       if (!(await delPortOf(db, p.bridge, p.port, p.lease))) continue;
+      removed++;
       lt.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
     } catch (err) {
       const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
       lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
     }
   }
+  lt.log(`open vswitch at ${db} reconciled: ${ports.length} port(s) of tapbroker, ${removed} stale one(s) of `
+    + 'this broker removed');
 }
 
 /** A lease taken back from a tag (which holds the uid only) gets its owner's name again, where known. */
