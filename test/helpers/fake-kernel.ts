@@ -76,6 +76,9 @@ export class FakeKernel implements Kernel {
     this.changed(link);
   }
 
+  /** How many events one drain reads (null: all); the broker's drain has a budget for floods. */
+  drainBudget: number | null = null;
+
   /** The broker's queue of events overruns: what is queued now is lost, and its next read says so. */
   loseEvents(): void {
     this.lost = true;
@@ -132,8 +135,10 @@ export class FakeKernel implements Kernel {
   createTap(req: TapRequest): CreatedTap {
     if (this.named(req.name)) throw new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${req.name}' exists`);
     const owner = req.persistent ?? { uid: 0, gid: null };
+    // As the tun driver does: a random, locally administered address until the broker sets its own.
+    const random = Buffer.from([0x02, 0x11, ...[0, 0, 0, 0].map(() => Math.floor(Math.random() * 256))]);
     const link = this.add({
-      name: req.name, kind: 'tun', persist: false, alias: null,
+      name: req.name, kind: 'tun', persist: false, alias: null, address: random,
       tun: { owner: req.persistent && req.persistent.gid !== null ? null : owner.uid, group: owner.gid, queues: 0 },
     });
     const tapFds: number[] = [];
@@ -249,8 +254,10 @@ export class FakeKernel implements Kernel {
           onOverrun();
           return true;
         }
-        for (const [type, link] of this.events.splice(0)) if (wants(type, link.index)) onLink(type, copy(link));
-        return true;
+        // A drain over its budget (a flood of events) reads that many and leaves the rest queued.
+        const batch = this.events.splice(0, this.drainBudget ?? this.events.length);
+        for (const [type, link] of batch) if (wants(type, link.index)) onLink(type, copy(link));
+        return this.events.length === 0;
       },
       close: () => {
         this.listeners = this.listeners.filter((l) => l !== listener);

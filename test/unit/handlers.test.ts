@@ -547,6 +547,28 @@ test('a name its holder picked is held to name_pattern when its tap is made pers
   });
 });
 
+test('a tap committed before its own link events were read is not deleted by them; a later breach still is', async (t) => {
+  // The events of a create predate its MAC (the kernel's random one first): read after the commit (a drain over
+  // its budget), they are judged on the device as it is, not taken for a breach, until one shows it as granted.
+  await onFakeKernel(async ({ broker, kernel, held }) => {
+    kernel.drainBudget = 0;
+    const got = await ask(broker, caller(1000), tap());
+    held.push(...got.fds);
+    const name = (got.reply as { device: { name: string; host_mac: string } }).device.name;
+    kernel.drainBudget = null;
+    await ask(broker, caller(1000), { op: 'list' });
+    await settled(broker);
+    t.not(kernel.linkNamed(name), null, 'its own early events did not delete it');
+    // Once an event showed it as granted, a MAC set and set back before the broker reads it is a breach.
+    const own = (got.reply as { device: { host_mac: string } }).device.host_mac;
+    kernel.holderChanges(name, { address: Buffer.from('525400dddddd', 'hex') });
+    kernel.holderChanges(name, { address: Buffer.from(own.split(':').map((h) => parseInt(h, 16))) });
+    await ask(broker, caller(1000), { op: 'list' });
+    await settled(broker);
+    t.is(kernel.linkNamed(name), null, 'the flip is a breach');
+  });
+});
+
 test('a lease retired twice at once (a flood and a breach judged together) is deleted and recorded once', async (t) => {
   // Found by an outside code review: retire() ran again on a lease already out of the table: a second
   // deletion of its ifindex and a second `down` of its network.
