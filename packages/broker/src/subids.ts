@@ -25,14 +25,14 @@ export function loadSubuids(file: string = SUBUID_FILE): SubRange[] {
     return [];
   }
   const ranges: SubRange[] = [];
-  for (const line of text.split('\n')) {
+  for (const line of text.split('\n', 1_000_000)) {
     const m = /^([^:#\s][^:]*):(\d+):(\d+)\s*$/.exec(line);
     if (!m) continue;
     const owner = m[1]!;
     const ownerUid = /^\d+$/.test(owner) ? Number(owner) : lookup(owner);
     ranges.push({ start: Number(m[2]), count: Number(m[3]), owner, ownerUid });
   }
-  return ranges;
+  return ranges.sort((a, b) => a.start - b.start);
 }
 
 function lookup(name: string): number | null {
@@ -75,8 +75,34 @@ export class Subuids {
   }
 }
 
-/** The range `uid` is a subordinate uid of, or null. */
+/** The range `uid` is a subordinate uid of, or null; `ranges` sorted by start (as loadSubuids returns them). */
 export function subordinateOf(ranges: readonly SubRange[], uid: number): SubRange | null {
-  for (const r of ranges) if (uid >= r.start && uid - r.start < r.count) return r;
+  // Bisection to the last range starting at or below uid, then back over the ones before it while any range
+  // so far could still reach uid (ranges may overlap, and a site may list one per user).
+  let lo = 0;
+  let hi = ranges.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (ranges[mid]!.start <= uid) lo = mid + 1;
+    else hi = mid;
+  }
+  for (let i = lo - 1; i >= 0; i--) {
+    const r = ranges[i]!;
+    if (uid - r.start < r.count) return r;
+    if (reach(ranges, i) <= uid) break;
+  }
   return null;
+}
+
+/** The furthest uid (exclusive) any of ranges[0..i] reaches: computed once per array. */
+const reaches = new WeakMap<readonly SubRange[], number[]>();
+function reach(ranges: readonly SubRange[], i: number): number {
+  let r = reaches.get(ranges);
+  if (!r) {
+    r = [];
+    let far = 0;
+    for (const x of ranges) r.push((far = Math.max(far, x.start + x.count)));
+    reaches.set(ranges, r);
+  }
+  return r[i]!;
 }

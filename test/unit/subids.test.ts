@@ -1,0 +1,50 @@
+// Subordinate uids (subids.ts): /etc/subuid's ranges, looked up per connection; the file read again when it
+// changes. The broker refuses these uids at accept (security › round2 › F2 runs that against a real broker).
+import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Subuids, loadSubuids, subordinateOf } from '@tapbroker/broker/internal';
+
+function file(t: import('ava').ExecutionContext, text: string): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-subuid-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const f = path.join(dir, 'subuid');
+  fs.writeFileSync(f, text);
+  return f;
+}
+
+test('ranges by name or uid; comments, blanks and malformed lines skipped; a missing file has none', (t) => {
+  const ranges = loadSubuids(file(t, '# comment\nroot:100000:65536\n\n1000:200000:10\nbad line\nx:1:\n'));
+  t.deepEqual(ranges.map((r) => [r.owner, r.start, r.count, r.ownerUid]), [['root', 100000, 65536, 0], ['1000', 200000, 10, 1000]]);
+  t.deepEqual(loadSubuids('/nonexistent/subuid'), []);
+});
+
+test('a uid is looked up in the range that holds it, bounds included, overlapping and unsorted ranges too', (t) => {
+  const ranges = loadSubuids(file(t, [
+    'b:500000:100', 'a:100000:1000000', ...Array.from({ length: 200 }, (_, i) => `u${i}:${200000 + i * 10}:5`),
+  ].join('\n')));
+  t.is(subordinateOf(ranges, 99999), null);
+  t.is(subordinateOf(ranges, 100000)?.owner, 'a');
+  t.is(subordinateOf(ranges, 200003)?.owner, 'u0');
+  // Past 200 small ranges, still inside the long one that starts before them all.
+  t.is(subordinateOf(ranges, 205000)?.owner, 'a');
+  t.is(subordinateOf(ranges, 1099999)?.owner, 'a');
+  t.is(subordinateOf(ranges, 1100000), null);
+});
+
+test('Subuids reads the file again when it changes, also when it is replaced or removed', (t) => {
+  const f = file(t, 'a:100000:10\n');
+  const subs = new Subuids(f);
+  t.is(subs.of(100005)?.owner, 'a');
+  t.is(subs.of(300000), null);
+  fs.appendFileSync(f, 'b:300000:10\n');
+  t.is(subs.of(300000)?.owner, 'b', 'a range appended');
+  const tmp = `${f}.new`;
+  fs.writeFileSync(tmp, 'c:400000:10\n');
+  fs.renameSync(tmp, f);
+  t.is(subs.of(300000), null, 'the file replaced by rename');
+  t.is(subs.of(400001)?.owner, 'c');
+  fs.rmSync(f);
+  t.is(subs.of(400001), null, 'the file removed');
+});
