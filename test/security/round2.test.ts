@@ -911,6 +911,41 @@ test.serial('A10: after lost link events, every locked guest\'s static entry is 
   }
 });
 
+test.serial('A10: a persistent tap made or released on a bridge puts back its locked guests\' static entries', async (t) => {
+  // Found by an outside re-test: while a persistent tap is being made (its owner holds it from the start, and its
+  // events are not judged until its create ends) and while a released device is being deleted (its lease already
+  // gone), its owner could set another guest's MAC and back unjudged, and the bridge dropped that guest's static
+  // entry. The broker now puts every locked lease's entry on that bridge back when either ends. Here root takes
+  // the entry away (what the flip does to it), so that the test does not depend on winning the race.
+  const lb = await BrokerProcess.start(ns, `[[rule]]\nname = "locked"\nusers = [${OTHER_UID}]\nbridges = ["br0"]\nmac_lock = true\n\n`
+    + `[[rule]]\nname = "pets"\nusers = [${NOBODY}]\nbridges = ["br0"]\npersistent = true\n`, { tag: 'r2relock2' });
+  try {
+    const victim = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+    try {
+      t.is(victim.result.error, null, victim.result.error?.message);
+      const v = victim.result.taps[0]!.device;
+      const entry = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'show', 'br', 'br0'], { encoding: 'utf8' }).stdout
+        .split('\n').find((l) => l.startsWith(`${v.mac} dev ${v.name} `) && / static/.test(l));
+      const drop = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', v.mac!, 'dev', v.name, 'master', 'static']);
+      drop();
+      t.falsy(entry());
+      const made = await probeOnce({ socket: lb.socket, requests: [{ bridge: 'br0', persistent: true }] });
+      t.is(made.error, null, made.error?.message);
+      t.truthy(entry(), 'put back when the persistent tap was made');
+      drop();
+      t.falsy(entry());
+      const released = await probeOnce({ socket: lb.socket, release: [made.taps[0]!.device.name] });
+      t.is(released.error, null, released.error?.message);
+      await lb.waitFor(() => entry() !== undefined, 3000, 'not put back when the persistent tap was released');
+      t.truthy(entry());
+    } finally {
+      await victim.release();
+    }
+  } finally {
+    await lb.stop();
+  }
+});
+
 test.serial('A10: a holder that takes another guest\'s MAC loses its tap, and the guest\'s forwarding entry goes back to its port', async (t) => {
   // The victim's guest sends a frame: the bridge learns its MAC on the victim's port.
   const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], write: true }, { uid: OTHER_UID });

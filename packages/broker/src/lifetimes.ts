@@ -11,6 +11,7 @@ import { hostMac, type Cleanup, type Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type Keeper } from './reconcile.js';
 import { plugDown } from './plug.js';
 import { Floods } from './floods.js';
+import { Forwarding } from './forwarding.js';
 import { decide, type Ask, type Decision, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
@@ -40,6 +41,8 @@ export class Lifetimes implements Cleanup {
   private readonly unplugging = new Map<string, number>();
   private closing = false;
   private monitor: { drain(): boolean; close(): void } | null = null;
+  /** Forwarding entries put back after a holder took them (forwarding.ts). */
+  private readonly forwarding: Forwarding;
   /** Link events per device and per uid, to find floods (see wants). */
   private readonly floods = new Floods((ifindex) => {
     const o = this.table.byIfindex(ifindex);
@@ -59,6 +62,7 @@ export class Lifetimes implements Cleanup {
     this.brokerId = brokerId(stateDir);
     const { table, problem, trusted } = LeaseTable.load(stateDir);
     this.table = table;
+    this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, (id) => this.creating.has(id));
     this.trusted = trusted;
     if (problem) log(`warning: ${problem}`);
   }
@@ -166,6 +170,9 @@ export class Lifetimes implements Cleanup {
     const l = this.table.get(id);
     if (!l || l.ends !== 'release') return;
     try {
+      // Its owner could act on it while it was made (events then go unjudged): a MAC it took and gave back
+      // has dropped that MAC's entries on the bridge, a locked guest's among them.
+      if (l.kind === 'tap') this.forwarding.relockBridge(l.parent, 'a persistent tap was made on its bridge');
       this.judge(l, this.kernel.link(l.ifindex));
     } catch (err) {
       this.resyncOwed = true;
@@ -269,6 +276,9 @@ export class Lifetimes implements Cleanup {
     }
     this.unplug(l);
     this.audit.record({ ...base, message: o.message });
+    // Until it was gone its holder could give it another guest's MAC and back (the bridge then drops that
+    // MAC's entries, static ones included), with no lease left to judge the events by.
+    if (l.kind === 'tap') this.forwarding.relockBridge(l.parent, 'a device on its bridge was deleted');
   }
 
   /** A lease whose device is already gone: dropped and unplugged; mid-create, its create fails instead. */
@@ -445,34 +455,8 @@ export class Lifetimes implements Cleanup {
     // once this device is gone, the entry goes back to the port of the lease the MAC belongs to.
     // (A copy: an event's link is read from a buffer the next event reuses.)
     const taken = violation === 'address' && link.address ? Buffer.from(link.address) : null;
-    if (taken) void retired.then(() => this.restoreFdb(l, taken), () => {});
+    if (taken) void retired.then(() => this.forwarding.restoreTaken(l, taken), () => {});
     else void retired.catch(() => {});
-  }
-
-  /** The port of the lease whose guest MAC is `mac`, on `l`'s bridge, gets `mac`'s forwarding entry back. */
-  private restoreFdb(l: LeaseRecord, mac: Buffer): void {
-    const victim = this.table
-      .all()
-      .find((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent && v.mac === macFromBuffer(mac));
-    if (!victim) return;
-    try {
-      // A locked victim's entry is static again: its port forwards from that MAC only through it.
-      this.kernel.restoreFdbEntry(victim.ifindex, mac, { static: victim.locked, vlan: victim.vlan });
-      this.note(
-        'cleanup',
-        'cleanup',
-        victim,
-        `its forwarding entry for ${victim.mac}, taken by \`${l.name}', restored`,
-      );
-    } catch (err) {
-      this.note(
-        'cleanup',
-        'error',
-        victim,
-        `its forwarding entry for ${victim.mac} could not be restored: ${(err as Error).message}`,
-        { code: 'TB_E_KERNEL' },
-      );
-    }
   }
 
   /**
@@ -540,21 +524,13 @@ export class Lifetimes implements Cleanup {
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
     // What the lost events showed is lost with them: a MAC set and set back meanwhile has deleted the bridge's
     // entries of that MAC, a locked guest's static one included. Every locked lease's entry is put back.
-    for (const l of this.table.all()) if (l.locked && l.mac !== null && !this.creating.has(l.id)) this.relock(l);
+    for (const l of this.table.all()) {
+      if (l.locked && l.mac !== null && !this.creating.has(l.id)) this.forwarding.relock(l, 'link events were lost');
+    }
     this.resyncOwed = false;
     this.resyncs++;
     this.log(`link events were lost (the kernel's queue for them overran): ${this.table.size} leases checked `
       + `against a fresh list of ${links.size} links (${this.resyncs} time${this.resyncs > 1 ? 's' : ''} so far)`);
-  }
-
-  /** A locked lease's static forwarding entry, put back as it was granted (idempotent). */
-  private relock(l: LeaseRecord): void {
-    try {
-      this.kernel.restoreFdbEntry(l.ifindex, macToBuffer(l.mac!), { static: true, vlan: l.vlan });
-    } catch (err) {
-      this.note('cleanup', 'error', l, `its forwarding entry for ${l.mac} could not be put back after lost link `
-        + `events: ${(err as Error).message}`, { code: 'TB_E_KERNEL' });
-    }
   }
 
   /** How many times lost link events made the broker check every lease against a dump. */

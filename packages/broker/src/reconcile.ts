@@ -205,6 +205,12 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
     // Another broker's (another state directory in this namespace): never ours to touch.
     if (p.broker !== null && p.broker !== lt.brokerId) continue;
     const l = lt.table.get(p.lease);
+    // Made before ports named their broker (0.4): ours only if its lease is (or was just) in our table.
+    if (p.broker === null && !l && !lt.table.owedDowns().some((d) => d.id === p.lease)) {
+      lt.log(`warning: open vswitch port ${p.port} on ${p.bridge} (lease ${p.lease}) names no broker and no lease `
+        + 'of this one: left alone; remove it by hand (ovs-vsctl del-port) if no broker holds it');
+      continue;
+    }
     if (l && l.name === p.port && lt.isDevice(l, lt.kernel.link(l.ifindex))) continue;
     const about = {
       op: 'reconcile',

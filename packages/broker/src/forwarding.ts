@@ -1,0 +1,68 @@
+// Forwarding entries a holder took: whoever holds a tap fd can set the tap's MAC (SIOCSIFHWADDR needs no
+// capability on it), and a bridge port taking a MAC makes the bridge move or drop that MAC's entries, a locked
+// guest's static one included. What the broker can put back, it does: the entry of the lease whose MAC was
+// taken, and every locked lease's static entry after a window in which it could not judge a holder's changes.
+import { macFromBuffer, macToBuffer } from '@tapbroker/protocol/core';
+import type { AuditEvent } from './audit.js';
+import type { Kernel } from './kernel.js';
+import type { LeaseRecord, LeaseTable } from './leases.js';
+
+type Note = (
+  op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
+) => void;
+
+export class Forwarding {
+  constructor(
+    private readonly kernel: Kernel,
+    private readonly table: LeaseTable,
+    private readonly note: Note,
+    private readonly log: (line: string) => void,
+    private readonly creating: (id: string) => boolean,
+  ) {}
+
+  /** `l`'s holder took `mac`: the port of the lease whose guest MAC it is (on `l`'s bridge) gets its entry back. */
+  restoreTaken(l: LeaseRecord, mac: Buffer): void {
+    const taken = macFromBuffer(mac);
+    const victim = this.table.all().find((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent
+      && v.mac === taken);
+    if (!victim) return;
+    try {
+      // A locked victim's entry is static again: its port forwards from that MAC only through it.
+      this.kernel.restoreFdbEntry(victim.ifindex, mac, { static: victim.locked, vlan: victim.vlan });
+      const message = `its forwarding entry for ${victim.mac}, taken by \`${l.name}', restored`;
+      this.note('cleanup', 'cleanup', victim, message);
+    } catch (err) {
+      this.note('cleanup', 'error', victim, `its forwarding entry for ${victim.mac} could not be restored: `
+        + `${(err as Error).message}`, { code: 'TB_E_KERNEL' });
+    }
+  }
+
+  /** A locked lease's static forwarding entry, put back as it was granted (idempotent). */
+  relock(l: LeaseRecord, why: string): void {
+    try {
+      this.kernel.restoreFdbEntry(l.ifindex, macToBuffer(l.mac!), { static: true, vlan: l.vlan });
+    } catch (err) {
+      this.note('cleanup', 'error', l, `its forwarding entry for ${l.mac} could not be put back (${why}): `
+        + `${(err as Error).message}`, { code: 'TB_E_KERNEL' });
+    }
+  }
+
+  /**
+   * Every locked lease's static entry on `bridge`, put back: after a window in which a holder could change a
+   * device's MAC with no lease to judge its events by (a persistent tap being made, a device being deleted).
+   * Only ports still on that bridge; nothing is looked up where no lease there is locked.
+   */
+  relockBridge(bridge: string, why: string): void {
+    const locked = this.table.all().filter((o) => o.locked && o.mac !== null && o.parent === bridge
+      && !this.creating(o.id));
+    if (locked.length === 0) return;
+    try {
+      const master = this.kernel.linkNamed(bridge)?.index;
+      for (const o of locked) {
+        if (master !== undefined && this.kernel.link(o.ifindex)?.master === master) this.relock(o, why);
+      }
+    } catch (err) {
+      this.log(`warning: locked ports of ${bridge} not checked (${why}): ${(err as Error).message}`);
+    }
+  }
+}
