@@ -842,35 +842,52 @@ test.serial('A11: many taps of one uid, each under the device limit, flooding to
   }
 });
 
-test.serial('A10: a holder that sets another guest\'s MAC and straight back loses its tap; the locked guest\'s static entry comes back', async (t) => {
-  // Found by an outside review: the bridge deletes any forwarding entry of a MAC a port takes as its own, static
-  // ones too, and the broker judged the device as it was when it read the event (its MAC already back): a locked
-  // guest's only entry was gone for good (learning is off on its port), and nothing was recorded.
-  const lb = await BrokerProcess.start(ns, `[[rule]]\nname = "locked"\nusers = [${NOBODY}, ${OTHER_UID}]\nbridges = ["br0"]\nmac_lock = true\n`, { tag: 'r2flip' });
+/**
+ * A broker of its own with `policy`, and a locked tap of OTHER_UID on br0 (the victim): `entry()` finds its static
+ * forwarding entry, `drop()` takes it away as root (what a holder's MAC flip does to it). Torn down after `run`.
+ */
+async function withLockedVictim(
+  tag: string, policy: string, opts: { linkEventQueue?: number },
+  run: (b: BrokerProcess, v: { mac: string; name: string }, entry: () => string | undefined, drop: () => void) => Promise<void>,
+): Promise<void> {
+  const lb = await BrokerProcess.start(ns, policy, { tag, ...opts });
   try {
     const victim = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
     try {
-      t.is(victim.result.error, null, victim.result.error?.message);
-      const v = victim.result.taps[0]!.device;
+      if (victim.result.error) throw new Error(victim.result.error.message);
+      const v = victim.result.taps[0]!.device as { mac: string; name: string };
       const entry = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'show', 'br', 'br0'], { encoding: 'utf8' }).stdout
         .split('\n').find((l) => l.startsWith(`${v.mac} dev ${v.name} `) && / static/.test(l));
-      t.truthy(entry(), 'the locked guest\'s static entry');
-      const attacker = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }], flipOwnMac: v.mac! });
-      try {
-        const a = attacker.result.taps[0]!.device;
-        await lb.waitFor(() => ns.link(a.name) === undefined, 2000, `${a.name} survived taking another guest's MAC`);
-        await lb.waitFor(() => entry() !== undefined, 2000, 'the locked guest\'s static entry did not come back');
-        const rec = await lb.record((r) => /forwarding entry for .* restored/.test(r.message ?? ''));
-        t.is((rec.device as { name?: string }).name, v.name);
-      } finally {
-        await attacker.release();
-      }
+      const drop = () => void spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', v.mac, 'dev', v.name, 'master', 'static']);
+      if (!entry()) throw new Error('the locked guest has no static entry');
+      await run(lb, v, entry, drop);
     } finally {
       await victim.release();
     }
   } finally {
     await lb.stop();
   }
+}
+
+const LOCKED_RULE = `[[rule]]\nname = "locked"\nusers = [${OTHER_UID}]\nbridges = ["br0"]\nmac_lock = true\n`;
+
+test.serial('A10: a holder that sets another guest\'s MAC and straight back loses its tap; the locked guest\'s static entry comes back', async (t) => {
+  // Found by an outside review: the bridge deletes any forwarding entry of a MAC a port takes as its own, static
+  // ones too, and the broker judged the device as it was when it read the event (its MAC already back): a locked
+  // guest's only entry was gone for good (learning is off on its port), and nothing was recorded.
+  const policy = LOCKED_RULE.replace(`users = [${OTHER_UID}]`, `users = [${NOBODY}, ${OTHER_UID}]`);
+  await withLockedVictim('r2flip', policy, {}, async (lb, v, entry) => {
+    const attacker = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }], flipOwnMac: v.mac });
+    try {
+      const a = attacker.result.taps[0]!.device;
+      await lb.waitFor(() => ns.link(a.name) === undefined, 2000, `${a.name} survived taking another guest's MAC`);
+      await lb.waitFor(() => entry() !== undefined, 2000, 'the locked guest\'s static entry did not come back');
+      const rec = await lb.record((r) => /forwarding entry for .* restored/.test(r.message ?? ''));
+      t.is((rec.device as { name?: string }).name, v.name);
+    } finally {
+      await attacker.release();
+    }
+  });
 });
 
 test.serial('A10: after lost link events, every locked guest\'s static entry is put back (a MAC flip the broker never saw)', async (t) => {
@@ -879,36 +896,21 @@ test.serial('A10: after lost link events, every locked guest\'s static entry is 
   // and the locked guest's static entry, which the bridge deleted when the MAC was taken, stayed gone. Here the
   // entry is taken away by root (what the flip does to it) while the broker is stopped, and a burst of host
   // link events overruns its small queue (64 KiB), as the holder's flood does.
-  const lb = await BrokerProcess.start(ns, `[[rule]]\nname = "locked"\nusers = [${OTHER_UID}]\nbridges = ["br0"]\nmac_lock = true\n`,
-    { tag: 'r2relock', linkEventQueue: 64 * 1024 });
-  try {
-    const victim = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+  await withLockedVictim('r2relock', LOCKED_RULE, { linkEventQueue: 64 * 1024 }, async (lb, _v, entry, drop) => {
+    process.kill(lb.proc.pid!, 'SIGSTOP');
     try {
-      t.is(victim.result.error, null, victim.result.error?.message);
-      const v = victim.result.taps[0]!.device;
-      const entry = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'show', 'br', 'br0'], { encoding: 'utf8' }).stdout
-        .split('\n').find((l) => l.startsWith(`${v.mac} dev ${v.name} `) && / static/.test(l));
-      t.truthy(entry(), 'the locked guest\'s static entry');
-      process.kill(lb.proc.pid!, 'SIGSTOP');
-      try {
-        // The flip's effect: the bridge drops the entry of a MAC another port takes.
-        spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', v.mac!, 'dev', v.name, 'master', 'static']);
-        t.falsy(entry(), 'the entry is gone');
-        const adds = Array.from({ length: 300 }, (_, i) => `link add rlk${i} type veth peer name rlp${i}`);
-        const dels = Array.from({ length: 300 }, (_, i) => `link del rlk${i}`);
-        spawnSync('ip', ['-n', ns.name, '-batch', '-'], { input: `${[...adds, ...dels].join('\n')}\n` });
-      } finally {
-        process.kill(lb.proc.pid!, 'SIGCONT');
-      }
-      await lb.waitFor(() => /link events were lost/.test(lb.stderr), 5000, 'the broker did not resynchronise');
-      await lb.waitFor(() => entry() !== undefined, 3000, 'the locked guest\'s static entry was not put back');
-      t.truthy(entry());
+      drop();
+      t.falsy(entry(), 'the entry is gone');
+      const adds = Array.from({ length: 300 }, (_, i) => `link add rlk${i} type veth peer name rlp${i}`);
+      const dels = Array.from({ length: 300 }, (_, i) => `link del rlk${i}`);
+      spawnSync('ip', ['-n', ns.name, '-batch', '-'], { input: `${[...adds, ...dels].join('\n')}\n` });
     } finally {
-      await victim.release();
+      process.kill(lb.proc.pid!, 'SIGCONT');
     }
-  } finally {
-    await lb.stop();
-  }
+    await lb.waitFor(() => /link events were lost/.test(lb.stderr), 5000, 'the broker did not resynchronise');
+    await lb.waitFor(() => entry() !== undefined, 3000, 'the locked guest\'s static entry was not put back');
+    t.truthy(entry());
+  });
 });
 
 test.serial('A10: a persistent tap made or released on a bridge puts back its locked guests\' static entries', async (t) => {
@@ -917,33 +919,20 @@ test.serial('A10: a persistent tap made or released on a bridge puts back its lo
   // gone), its owner could set another guest's MAC and back unjudged, and the bridge dropped that guest's static
   // entry. The broker now puts every locked lease's entry on that bridge back when either ends. Here root takes
   // the entry away (what the flip does to it), so that the test does not depend on winning the race.
-  const lb = await BrokerProcess.start(ns, `[[rule]]\nname = "locked"\nusers = [${OTHER_UID}]\nbridges = ["br0"]\nmac_lock = true\n\n`
-    + `[[rule]]\nname = "pets"\nusers = [${NOBODY}]\nbridges = ["br0"]\npersistent = true\n`, { tag: 'r2relock2' });
-  try {
-    const victim = await probe({ socket: lb.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
-    try {
-      t.is(victim.result.error, null, victim.result.error?.message);
-      const v = victim.result.taps[0]!.device;
-      const entry = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'show', 'br', 'br0'], { encoding: 'utf8' }).stdout
-        .split('\n').find((l) => l.startsWith(`${v.mac} dev ${v.name} `) && / static/.test(l));
-      const drop = () => spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', v.mac!, 'dev', v.name, 'master', 'static']);
-      drop();
-      t.falsy(entry());
-      const made = await probeOnce({ socket: lb.socket, requests: [{ bridge: 'br0', persistent: true }] });
-      t.is(made.error, null, made.error?.message);
-      t.truthy(entry(), 'put back when the persistent tap was made');
-      drop();
-      t.falsy(entry());
-      const released = await probeOnce({ socket: lb.socket, release: [made.taps[0]!.device.name] });
-      t.is(released.error, null, released.error?.message);
-      await lb.waitFor(() => entry() !== undefined, 3000, 'not put back when the persistent tap was released');
-      t.truthy(entry());
-    } finally {
-      await victim.release();
-    }
-  } finally {
-    await lb.stop();
-  }
+  const policy = `${LOCKED_RULE}\n[[rule]]\nname = "pets"\nusers = [${NOBODY}]\nbridges = ["br0"]\npersistent = true\n`;
+  await withLockedVictim('r2relock2', policy, {}, async (lb, _v, entry, drop) => {
+    drop();
+    t.falsy(entry());
+    const made = await probeOnce({ socket: lb.socket, requests: [{ bridge: 'br0', persistent: true }] });
+    t.is(made.error, null, made.error?.message);
+    t.truthy(entry(), 'put back when the persistent tap was made');
+    drop();
+    t.falsy(entry());
+    const released = await probeOnce({ socket: lb.socket, release: [made.taps[0]!.device.name] });
+    t.is(released.error, null, released.error?.message);
+    await lb.waitFor(() => entry() !== undefined, 3000, 'not put back when the persistent tap was released');
+    t.truthy(entry());
+  });
 });
 
 test.serial('A10: a holder that takes another guest\'s MAC loses its tap, and the guest\'s forwarding entry goes back to its port', async (t) => {
