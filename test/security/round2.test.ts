@@ -231,6 +231,29 @@ if ('why' in mdwe) console.log(`# skip the closer under MemoryDenyWriteExecute: 
   }
 });
 
+test.serial('A1: the broker\'s own copies of the fds it sends go to its closer process, which goes when idle', async (t) => {
+  // Found by an outside review: the broker closed its copies of a reply's fds on its thread pool, and a client
+  // shares them: closing its own first leaves the broker's the last close (~20 ms for a tap), and a vhost-net fd
+  // whose worker (a thread of the client) is stopped blocks that close for as long as the client likes, four
+  // such and the pool (every deletion) is wedged. Now they go to the closer, like fds pushed at the broker.
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2closer' });
+  try {
+    const closers = () => fs.readFileSync(`/proc/${b.proc.pid}/task/${b.proc.pid}/children`, 'utf8').trim().split(/\s+/)
+      .filter(Boolean).map((pid) => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8'));
+    t.deepEqual(closers(), [], 'no closer before there is anything to close');
+    const base = b.fdCount();
+    const p = await probe({ socket: b.socket, requests: [{ bridge: 'br0', queues: 2 }] });
+    t.is(p.result.error, null, p.result.error?.message);
+    await b.waitFor(() => closers().some((c) => c.includes('closer.js')), 3000, 'the reply\'s fds did not go to a closer');
+    await p.release();
+    // Idle, it goes, and nothing of it stays in the broker.
+    await b.waitFor(() => closers().length === 0 && b.fdCount() === base, 5000, `closers ${closers().length}, fds ${b.fdCount()} (${base} before)`);
+    await serves(t, b);
+  } finally {
+    await b.stop();
+  }
+});
+
 // ---------------------------------------------------------------- B1, B3, B12: who can reach a device
 
 const openAs = (uid: number, name: string, opts: { mq?: boolean; hold?: boolean; persist?: boolean } = {}) =>

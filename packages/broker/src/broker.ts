@@ -116,7 +116,7 @@ export class Broker implements SessionHost, OpContext {
     const stateDir = opts.stateDir ?? '/run/tapbroker';
     this.kernel = opts.kernel?.(cleanup)
       ?? new Netdev(cleanup, stateDir, opts.faults ?? NO_FAULTS, opts.linkEventQueue);
-    this.reaper = new Reaper((ifindex) => this.kernel.deleteLink(ifindex));
+    this.reaper = new Reaper((ifindex) => this.kernel.deleteLink(ifindex), (fds) => this.foreignFds.give(fds));
     lifetimes = new Lifetimes(opts.stateDir, this.kernel, this.reaper, this.audit, () => this.policy, this.log);
     this.lifetimes = lifetimes;
   }
@@ -221,6 +221,10 @@ export class Broker implements SessionHost, OpContext {
 
   teardowns(uid: number): number {
     return this.reaper.pending(uid);
+  }
+
+  get fdsJammed(): boolean {
+    return this.foreignFds.jammed;
   }
 
   // ---- connections

@@ -1,8 +1,12 @@
-// Fds a client pushed at the broker. The broker never closes them itself: their last close can block
-// (a lingering TCP socket) or take long, and would stall everyone. They go, over a socketpair, to a
-// sacrificial closer process (closer.ts), started on first need. A closer that stops acknowledging is
-// killed and replaced; the fds queued in its socket are then released by the kernel in its exit.
+// Fds whose last close the broker must not make itself: those a client pushed at it, and its own copies of
+// the fds it sent (the client shares them and can leave the broker's copy the last). A last close can block
+// (a lingering TCP socket, a vhost-net fd whose worker, a thread of the client, is stopped) or take long
+// (a tap, ~20 ms), and would stall everyone. They go, over a socketpair, to a sacrificial closer process
+// (closer.ts), started on first need. A closer that stops acknowledging is killed and replaced; the fds
+// queued in its socket are then released by the kernel in its exit. A closer stuck in the kernel outlives
+// its SIGKILL: at most MAX_WEDGED of them are left behind before the broker stops making new ones.
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { sys, watchReadable } from '@tapbroker/protocol/core';
@@ -10,8 +14,12 @@ import { sys, watchReadable } from '@tapbroker/protocol/core';
 const CLOSER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'closer.js');
 /** A closer with batches unacknowledged for this long is declared stuck. */
 const STUCK_MS = 2000;
+/** A closer with nothing to do for this long goes (it is started again on the next need). */
+const IDLE_MS = 1000;
 /** Fds held while no closer can take them; beyond this, the oldest are handed to a fresh closer at once. */
 const MAX_HELD = 4096;
+/** Closers killed while stuck that have not exited yet (blocked in the kernel): no more are spawned past this. */
+const MAX_WEDGED = 4;
 
 export class ForeignFds {
   private child: ChildProcess | null = null;
@@ -25,14 +33,41 @@ export class ForeignFds {
   /** Fds handed off so far, and closers replaced because they were stuck (for status and tests). */
   handed = 0;
   replaced = 0;
+  /** Killed closers still alive: stuck in the kernel (a last close that does not return). */
+  private readonly wedged = new Set<ChildProcess>();
 
   constructor(private readonly log: (line: string) => void) {}
 
-  /** Takes ownership of `fds`. Never closes them in this process. */
+  /** Takes ownership of fds a client pushed. Never closes them in this process. */
   take(fds: readonly number[]): void {
     if (fds.length === 0) return;
     this.held.push(...fds);
     this.flush();
+  }
+
+  /**
+   * Takes the broker's own copies of fds it sent or made. The same closer closes them; where none can be had
+   * (no fd or process to spare, or every closer stuck), they are closed on the thread pool instead, as they
+   * were before the closer took them: a descriptor the broker made is never kept open for lack of a closer.
+   */
+  give(fds: readonly number[]): void {
+    if (fds.length === 0) return;
+    for (const fd of fds) this.mine.add(fd);
+    this.held.push(...fds);
+    this.flush();
+  }
+
+  /** Held fds that are the broker's own (give): closed here when no closer can be started at all. */
+  private readonly mine = new Set<number>();
+
+  /** No closer can start (EMFILE, EAGAIN): the broker's own fds waiting are closed on the thread pool. */
+  private closeMineHere(): void {
+    const waiting = this.held;
+    this.held = waiting.filter((fd) => !this.mine.has(fd));
+    for (const fd of waiting) {
+      if (!this.mine.delete(fd)) continue;
+      fs.close(fd, () => {});
+    }
   }
 
   close(): void {
@@ -45,9 +80,17 @@ export class ForeignFds {
     let spawned = 0;
     while (this.held.length > 0) {
       if (this.sock < 0) {
-        // A closer that dies at once is not respawned in a loop: the timer tries again.
-        if (spawned++ === 2) break;
-        this.spawnCloser();
+        // A closer that dies at once is not respawned in a loop: the timer tries again. Nor are closers
+        // spawned without end while earlier ones stay stuck in the kernel: the fds wait (see jammed).
+        if (spawned++ === 2 || this.wedged.size >= MAX_WEDGED) break;
+        try {
+          this.spawnCloser();
+        } catch (err) {
+          // No fd or process to spare (EMFILE, EAGAIN): the fds wait, and the timer tries again.
+          this.log(`fd closer cannot start (${(err as Error).message}); ${this.held.length} fd(s) wait`);
+          this.closeMineHere();
+          break;
+        }
       }
       const batch = this.held.slice(0, sys.SCM_MAX_FD);
       let n: number;
@@ -60,23 +103,30 @@ export class ForeignFds {
       }
       if (n < 0) break; // Its queue is full: the stuck check decides.
       // In flight now: the kernel holds them for the closer; our copies can go without being the last.
-      for (const fd of batch) sys.close(fd);
+      for (const fd of batch) {
+        sys.close(fd);
+        this.mine.delete(fd);
+      }
       this.held = this.held.slice(batch.length);
       this.handed += batch.length;
       if (this.unacked++ === 0) this.since = Date.now();
     }
-    if (this.held.length > MAX_HELD) this.retire();
-    this.timer ??= setInterval(() => this.check(), STUCK_MS / 2).unref();
+    if (this.held.length > MAX_HELD && this.wedged.size < MAX_WEDGED) this.retire();
+    this.timer ??= setInterval(() => this.check(), IDLE_MS / 2).unref();
   }
 
   private check(): void {
+    // An idle closer goes (its socket closed, it exits by itself): no process or fd is kept for nothing.
+    if (this.unacked === 0 && this.held.length === 0 && this.sock >= 0 && Date.now() - this.since > IDLE_MS) {
+      this.idle();
+    }
     if (this.unacked > 0 && Date.now() - this.since > STUCK_MS) {
       this.log(`fd closer stuck for ${Date.now() - this.since} ms with ${this.unacked} batch(es); replacing it`);
       this.replaced++;
       this.retire();
     }
     if (this.held.length > 0) this.flush();
-    if (this.held.length === 0 && this.unacked === 0 && this.timer) {
+    if (this.held.length === 0 && this.unacked === 0 && this.sock < 0 && this.timer) {
       clearInterval(this.timer);
       this.timer = null;
     }
@@ -107,11 +157,18 @@ export class ForeignFds {
     try {
       // With the broker's own node flags: under the unit's MemoryDenyWriteExecute= (inherited by children) a
       // node without --jitless aborts at start, and the fds sent to it would go with the dying process.
-      this.child = spawn(process.execPath, [...process.execArgv, CLOSER], {
+      const child = spawn(process.execPath, [...process.execArgv, CLOSER], {
         stdio: ['ignore', 'ignore', 'inherit', theirs],
         detached: false,
       });
-      this.child.on('error', (err) => this.log(`fd closer: ${err.message}`));
+      child.on('error', (err) => this.log(`fd closer: ${err.message}`));
+      // No process (EMFILE, EAGAIN): its pid is unknown, and a kill of it would signal pid 0, the broker's own
+      // process group.
+      if (!child.pid) {
+        sys.close(mine);
+        throw new Error('the closer process could not be started');
+      }
+      this.child = child;
     } finally {
       sys.close(theirs);
     }
@@ -121,9 +178,36 @@ export class ForeignFds {
     this.unacked = 0;
   }
 
+  /**
+   * True while no closer can be had (MAX_WEDGED stuck in the kernel): fds wait in the broker, so the broker
+   * refuses new devices (TB_E_BUSY) until one exits.
+   */
+  get jammed(): boolean {
+    return this.sock < 0 && this.wedged.size >= MAX_WEDGED;
+  }
+
+  /** An idle closer: its socket closed, it reads the end and exits by itself. */
+  private idle(): void {
+    this.watch?.close();
+    this.watch = null;
+    sys.close(this.sock);
+    this.sock = -1;
+    this.child = null;
+  }
+
   /** Kills the closer; the kernel releases what it held in the closer's own exit, not here. */
   private retire(): void {
-    this.child?.kill('SIGKILL');
+    const child = this.child;
+    if (child?.pid) {
+      child.kill('SIGKILL');
+      if (child.exitCode === null && child.signalCode === null) {
+        this.wedged.add(child);
+        child.once('exit', () => {
+          this.wedged.delete(child);
+          if (this.held.length > 0) this.flush();
+        });
+      }
+    }
     this.child = null;
     this.watch?.close();
     this.watch = null;

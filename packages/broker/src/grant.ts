@@ -187,6 +187,10 @@ async function grantOne(
     if (busy >= MAX_TEARDOWN_PER_UID) {
       throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down; try again shortly`);
     }
+    if (ctx.fdsJammed) {
+      throw new TapbrokerError('TB_E_BUSY', 'the broker cannot close descriptors (its closer processes are stuck '
+        + 'in the kernel): no new devices until one exits');
+    }
     // 3. The kernel step. Nothing is awaited between the decision and the lease: concurrent requests
     // see each other's quota.
     const granted = makeDevice(ctx, policy, caller, spec, decision.rule);

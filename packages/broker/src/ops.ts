@@ -29,6 +29,8 @@ export interface OpContext {
   readonly connections: number;
   /** Devices of `uid` queued for teardown. */
   teardowns(uid: number): number;
+  /** No closer process can take the fds the broker gives up (all stuck in the kernel): no new devices. */
+  readonly fdsJammed: boolean;
   reload(caller: Identity): Policy;
 }
 

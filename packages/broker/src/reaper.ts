@@ -22,8 +22,14 @@ export class Reaper {
   private readonly idleWaiters: Array<() => void> = [];
   private readonly closing = new Set<Promise<void>>();
 
-  /** `deleteLink`: the kernel's RTM_DELLINK, run off the event loop (Kernel.deleteLink). */
-  constructor(private readonly deleteLinkNow: (ifindex: number) => Promise<boolean>) {}
+  /**
+   * `deleteLink`: the kernel's RTM_DELLINK, run off the event loop (Kernel.deleteLink). `handOff`: where the
+   * broker's copies of fds go instead of the thread pool (the closer process: see closeFds).
+   */
+  constructor(
+    private readonly deleteLinkNow: (ifindex: number) => Promise<boolean>,
+    private readonly handOff: ((fds: readonly number[]) => void) | null = null,
+  ) {}
 
   /**
    * Deletions queued or running for `uid`: devices on their way out, already out of the lease table
@@ -45,13 +51,18 @@ export class Reaper {
   }
 
   /**
-   * Closes the broker's copies of fds on the thread pool, at once: right after a reply they are rarely
-   * the last (the client holds its own), and queueing them behind deletions would make them so. When
-   * one is the last, its ~20 ms stay on the pool, and the device, still in the lease table until the
-   * kernel says it is gone, still counts against its owner.
+   * Gives up the broker's copies of fds. With a `handOff` (the broker's closer process) they go there:
+   * a client shares every fd it was sent and can make the broker's copy the last one (close its own first),
+   * and a last close can take ~20 ms (a tap) or block for as long as the client likes (a vhost-net fd whose
+   * worker, a thread of the client, it has stopped): in the closer it stalls no one. Without one (unit
+   * tests), on the thread pool at once.
    */
   closeFds(fds: readonly number[], _uid: number): Promise<void> {
     if (fds.length === 0) return Promise.resolve();
+    if (this.handOff) {
+      this.handOff(fds);
+      return Promise.resolve();
+    }
     const p = Promise.all(fds.map((fd) => new Promise<void>((r) => fs.close(fd, () => r())))).then(() => undefined);
     this.closing.add(p);
     void p.finally(() => {
