@@ -339,7 +339,9 @@ test.serial('B3: a persistent tap its caller made persist itself while the broke
     await b.waitFor(() => fs.existsSync(`${gate}.reached`), 5000, 'the broker never reached tap:configured');
     const owner = openAs(NOBODY, name, { mq: true, persist: true });
     t.deepEqual(await owner.line, { ok: true }, 'its owner attached a queue and made it persist');
-    fs.writeFileSync(gate, 'throw');
+    // Written whole before the gate exists (the broker opens it as soon as the file is there).
+    fs.writeFileSync(`${gate}.tmp`, 'throw');
+    fs.renameSync(`${gate}.tmp`, gate);
     const r = await asked;
     t.is(r.error?.code, 'TB_E_KERNEL');
     await b.waitFor(() => ns.link(name) === undefined, 3000, `${name} outlived its failed create`);
@@ -347,6 +349,7 @@ test.serial('B3: a persistent tap its caller made persist itself while the broke
       && /a persistent tap whose create failed: deleted/.test(rec.message ?? ''));
   } finally {
     await b.stop();
+    if (ns.link(`tb${NOBODY}-pst`)) ns.ip('link', 'del', `tb${NOBODY}-pst`);
     fs.rmSync(gate, { force: true });
     fs.rmSync(`${gate}.reached`, { force: true });
   }
