@@ -6,17 +6,23 @@ import { sys } from '@tapbroker/protocol/core';
 
 const SOCK = 3;
 const receiver = new sys.Receiver(16, sys.SCM_MAX_FD);
+// Fds received but not closed yet: the broker's own copies may still be open, and the last close must be
+// ours, not the broker's. Its `go` (a 1, sent once it has closed them) says they are closed.
+let pending: number[] = [];
 for (;;) {
   const m = receiver.recv(SOCK, sys.MSG_CMSG_CLOEXEC);
   if (m === null) continue;
   if (m.data.length === 0 && m.fds.length === 0) process.exit(0);
-  for (const fd of m.fds) {
+  pending.push(...m.fds);
+  if (m.data[0] !== 1) continue;
+  for (const fd of pending) {
     try {
       sys.close(fd);
     } catch {
       // Closed is closed.
     }
   }
-  // One byte back per batch: the broker's sign that this process still makes progress.
+  pending = [];
+  // One byte back per go: the broker's sign that this process still makes progress.
   sys.sendMsg(SOCK, { data: Buffer.from([1]) }, sys.MSG_NOSIGNAL);
 }

@@ -20,6 +20,8 @@ const IDLE_MS = 1000;
 const MAX_HELD = 4096;
 /** Closers killed while stuck that have not exited yet (blocked in the kernel): no more are spawned past this. */
 const MAX_WEDGED = 4;
+/** Fds per batch (one `go`, one acknowledgement): well under STUCK_MS of taps' last closes. */
+const BATCH = 16;
 
 export class ForeignFds {
   private child: ChildProcess | null = null;
@@ -35,6 +37,17 @@ export class ForeignFds {
   replaced = 0;
   /** Killed closers still alive: stuck in the kernel (a last close that does not return). */
   private readonly wedged = new Set<ChildProcess>();
+  /** A batch was sent and our copies closed, but the closer's `go` could not be sent yet (its queue full). */
+  private goOwed = false;
+
+  /** Tells the closer our copies of what it received are closed: it may close them now. */
+  private go(): void {
+    if (this.sock < 0) return;
+    const n = sys.sendMsg(this.sock, { data: Buffer.from([1]) }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
+    if (n < 0) return;
+    this.goOwed = false;
+    if (this.unacked++ === 0) this.since = Date.now();
+  }
 
   constructor(private readonly log: (line: string) => void) {}
 
@@ -92,9 +105,13 @@ export class ForeignFds {
           break;
         }
       }
-      const batch = this.held.slice(0, sys.SCM_MAX_FD);
+      // Small batches: the closer acknowledges each, and a batch of taps' last closes (~20 ms each) must not
+      // look like a stuck closer.
+      const batch = this.held.slice(0, BATCH);
       let n: number;
       try {
+        if (this.goOwed) this.go();
+        if (this.goOwed) break;
         n = sys.sendMsg(this.sock, { data: Buffer.from([0]), fds: batch }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
       } catch (err) {
         this.log(`fd closer unreachable (${(err as Error).message}); replacing it`);
@@ -102,22 +119,28 @@ export class ForeignFds {
         continue;
       }
       if (n < 0) break; // Its queue is full: the stuck check decides.
-      // In flight now: the kernel holds them for the closer; our copies can go without being the last.
+      // In flight now: the kernel holds them for the closer, which closes them only at our `go`, sent once our
+      // copies are closed: the last close is always the closer's, never ours.
       for (const fd of batch) {
         sys.close(fd);
         this.mine.delete(fd);
       }
       this.held = this.held.slice(batch.length);
       this.handed += batch.length;
-      if (this.unacked++ === 0) this.since = Date.now();
+      this.goOwed = true;
+      this.go();
     }
+    // Every closer stuck in the kernel: the broker's own copies go on the pool rather than wait (new vhost-net
+    // grants, the one kind whose last close can block without end, are refused meanwhile: see jammed).
+    if (this.jammed) this.closeMineHere();
     if (this.held.length > MAX_HELD && this.wedged.size < MAX_WEDGED) this.retire();
     this.timer ??= setInterval(() => this.check(), IDLE_MS / 2).unref();
   }
 
   private check(): void {
     // An idle closer goes (its socket closed, it exits by itself): no process or fd is kept for nothing.
-    if (this.unacked === 0 && this.held.length === 0 && this.sock >= 0 && Date.now() - this.since > IDLE_MS) {
+    if (this.unacked === 0 && !this.goOwed && this.held.length === 0 && this.sock >= 0
+      && Date.now() - this.since > IDLE_MS) {
       this.idle();
     }
     if (this.unacked > 0 && Date.now() - this.since > STUCK_MS) {
@@ -125,8 +148,15 @@ export class ForeignFds {
       this.replaced++;
       this.retire();
     }
+    if (this.goOwed) {
+      try {
+        this.go();
+      } catch {
+        this.retire();
+      }
+    }
     if (this.held.length > 0) this.flush();
-    if (this.held.length === 0 && this.unacked === 0 && this.sock < 0 && this.timer) {
+    if (this.held.length === 0 && this.unacked === 0 && !this.goOwed && this.sock < 0 && this.timer) {
       clearInterval(this.timer);
       this.timer = null;
     }
@@ -176,6 +206,7 @@ export class ForeignFds {
     this.sock = mine;
     this.watch = watchReadable(mine, () => this.onAck());
     this.unacked = 0;
+    this.goOwed = false;
   }
 
   /**
@@ -214,5 +245,7 @@ export class ForeignFds {
     if (this.sock >= 0) sys.close(this.sock);
     this.sock = -1;
     this.unacked = 0;
+    // What it held goes with it, in its exit (our copies are closed already: its close is the last).
+    this.goOwed = false;
   }
 }

@@ -187,9 +187,11 @@ async function grantOne(
     if (busy >= MAX_TEARDOWN_PER_UID) {
       throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down; try again shortly`);
     }
-    if (ctx.fdsJammed) {
-      throw new TapbrokerError('TB_E_BUSY', 'the broker cannot close descriptors (its closer processes are stuck '
-        + 'in the kernel): no new devices until one exits');
+    // A vhost-net fd's last close can block for as long as its holder likes: none is handed out while every
+    // closer is stuck in such a close (other devices' fds are then closed on the pool).
+    if (spec.vhost && ctx.fdsJammed) {
+      throw new TapbrokerError('TB_E_BUSY', 'the broker cannot close vhost-net descriptors now (its closer '
+        + 'processes are stuck in the kernel): no vhost-net until one exits');
     }
     // 3. The kernel step. Nothing is awaited between the decision and the lease: concurrent requests
     // see each other's quota.
