@@ -523,9 +523,14 @@ export class Lifetimes implements Cleanup {
     const links = new Map(this.kernel.links().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
     // What the lost events showed is lost with them: a MAC set and set back meanwhile has deleted the bridge's
-    // entries of that MAC, a locked guest's static one included. Every locked lease's entry is put back.
+    // entries of that MAC, a locked guest's static one included. Every locked lease's entry is put back, on
+    // a port still of its own bridge.
+    const bridgeIndex = new Map([...links.values()].map((k) => [k.name, k.index]));
     for (const l of this.table.all()) {
-      if (l.locked && l.mac !== null && !this.creating.has(l.id)) this.forwarding.relock(l, 'link events were lost');
+      if (!l.locked || l.mac === null || this.creating.has(l.id)) continue;
+      const master = links.get(l.ifindex)?.master ?? null;
+      if (master === null || master !== bridgeIndex.get(l.parent)) continue;
+      this.forwarding.relock(l, 'link events were lost');
     }
     this.resyncOwed = false;
     this.resyncs++;
