@@ -40,15 +40,6 @@ export class ForeignFds {
   /** A batch was sent and our copies closed, but the closer's `go` could not be sent yet (its queue full). */
   private goOwed = false;
 
-  /** Tells the closer our copies of what it received are closed: it may close them now. */
-  private go(): void {
-    if (this.sock < 0) return;
-    const n = sys.sendMsg(this.sock, { data: Buffer.from([1]) }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
-    if (n < 0) return;
-    this.goOwed = false;
-    if (this.unacked++ === 0) this.since = Date.now();
-  }
-
   constructor(private readonly log: (line: string) => void) {}
 
   /** Takes ownership of fds a client pushed. Never closes them in this process. */
@@ -128,13 +119,28 @@ export class ForeignFds {
       this.held = this.held.slice(batch.length);
       this.handed += batch.length;
       this.goOwed = true;
-      this.go();
+      try {
+        this.go();
+      } catch (err) {
+        // The closer is gone: what it received goes in its exit, after our copies (closed above).
+        this.log(`fd closer unreachable (${(err as Error).message}); replacing it`);
+        this.retire();
+      }
     }
     // Every closer stuck in the kernel: the broker's own copies go on the pool rather than wait (new vhost-net
     // grants, the one kind whose last close can block without end, are refused meanwhile: see jammed).
     if (this.jammed) this.closeMineHere();
     if (this.held.length > MAX_HELD && this.wedged.size < MAX_WEDGED) this.retire();
     this.timer ??= setInterval(() => this.check(), IDLE_MS / 2).unref();
+  }
+
+  /** Tells the closer our copies of what it received are closed: it may close them now. */
+  private go(): void {
+    if (this.sock < 0) return;
+    const n = sys.sendMsg(this.sock, { data: Buffer.from([1]) }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
+    if (n < 0) return;
+    this.goOwed = false;
+    if (this.unacked++ === 0) this.since = Date.now();
   }
 
   private check(): void {
@@ -210,8 +216,8 @@ export class ForeignFds {
   }
 
   /**
-   * True while no closer can be had (MAX_WEDGED stuck in the kernel): fds wait in the broker, so the broker
-   * refuses new devices (TB_E_BUSY) until one exits.
+   * True while no closer can be had (MAX_WEDGED stuck in the kernel): pushed fds wait, the broker's own are
+   * closed on the thread pool, and vhost-net grants are refused (TB_E_BUSY) until one exits.
    */
   get jammed(): boolean {
     return this.sock < 0 && this.wedged.size >= MAX_WEDGED;
