@@ -35,7 +35,9 @@ export interface ProbeArgs {
   flipOwnMac?: string;
   /** Misbehave: make itself each tap's owner, attach one more queue by name, and give the owner back (root). */
   flipOwner?: boolean;
-  /** The tun clone device flipOwner opens (tests make a 0666 node of their own: see tunNode). */
+  /** Open each device by name the moment it is granted, as libvirt does a persistent tap (TUNSETIFF). */
+  openByName?: boolean;
+  /** The tun clone device flipOwner and openByName open (tests make a 0666 node of their own: see tunNode). */
   tun?: string;
   /** Misbehave: make itself every granted tap's owner through its own fd (TUNSETOWNER). */
   ownOwnFds?: boolean;
@@ -57,6 +59,8 @@ export interface ProbeResult {
   released: Lease[];
   status: StatusReply | null;
   error: { code: string; message: string; rule?: string; hint?: string; nic?: number } | null;
+  /** openByName: per device, 'ok' or the errno of its open. */
+  opened?: string[];
   /** floodOffloads: per tap, toggles done and the errno that stopped them (null: all done). */
   offloads?: Array<{ toggles: number; stoppedBy: string | null }>;
 }
@@ -86,6 +90,21 @@ async function main(): Promise<void> {
       const tap = batch ? batch[i]! : 'parent' in r ? await client.createMacvtap(r as MacvtapOptions)
         : await client.createTap(r as TapOptions);
       held.push(tap);
+      if (args.openByName) {
+        const fd = fs.openSync(args.tun ?? '/dev/net/tun', 'r+');
+        // struct ifreq: the name, then IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (| IFF_MULTI_QUEUE) at 16.
+        const ifr = Buffer.alloc(40);
+        ifr.write(tap.device.name, 0, 'latin1');
+        ifr.writeUInt16LE(0x0002 | 0x1000 | 0x4000 | (tap.device.queues > 1 ? 0x0100 : 0), 16);
+        try {
+          sys.ioctlPtr(fd, 0x400454ca /* TUNSETIFF */, ifr);
+          (result.opened ??= []).push('ok');
+        } catch (err) {
+          (result.opened ??= []).push((err as { code?: string }).code ?? String(err));
+        } finally {
+          fs.closeSync(fd);
+        }
+      }
       const src = args.writeFrom ?? tap.device.mac ?? '52:54:00:00:00:01';
       const written = args.write
         ? tap.tapFds.flatMap((fd) => Array.from({ length: args.frames ?? 1 }, () => fs.writeSync(fd, testFrame(src))))

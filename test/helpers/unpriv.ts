@@ -13,6 +13,8 @@ export interface As {
   uid?: number;
   gid?: number;
   groups?: number[];
+  /** A network namespace to run in (`ip netns exec`), for what opens devices by name. */
+  netns?: string;
 }
 
 export function setprivArgs(as: As = {}): string[] {
@@ -28,7 +30,9 @@ process.on('exit', () => {
 });
 
 export function spawnAs(as: As, cmd: string, args: string[], opts: { stdio?: Array<'pipe' | 'inherit' | 'ignore'>; env?: NodeJS.ProcessEnv } = {}): ChildProcess {
-  const child = spawn('setpriv', [...setprivArgs(as), cmd, ...args], { stdio: opts.stdio ?? ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
+  const argv = ['setpriv', ...setprivArgs(as), cmd, ...args];
+  if (as.netns) argv.unshift('ip', 'netns', 'exec', as.netns);
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: opts.stdio ?? ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
   children.add(child);
   child.on('exit', () => children.delete(child));
   return child;

@@ -72,6 +72,23 @@ test.serial('a persistent tap for uid A: owned by A, multiqueue as asked, attach
   t.deepEqual(openAs(B, `tb${A}-lv0`, true), { ok: false, code: 'EPERM' }, 'B may not');
 });
 
+// Found by an outside review: the broker's copy of a persistent tap's fd went to its closer process, which
+// (when idle, as at boot) takes a while to start: a single-queue tap stayed attached to it, and libvirt's open
+// right after `tapbroker create` (the user unit, then the session daemon) failed with EBUSY.
+test.serial('a single-queue persistent tap opens for its owner the moment create returns, closer idle or not', async (t) => {
+  const closers = () => fs.readFileSync(`/proc/${broker.proc.pid}/task/${broker.proc.pid}/children`, 'utf8').trim();
+  for (const i of [1, 2]) {
+    // An idle closer exits after a second: the create below finds none running, as at boot.
+    await broker.waitFor(() => closers() === '', 5000, 'the closer did not go idle');
+    const name = `tb${A}-sq${i}`;
+    const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, name }], openByName: true,
+      tun: tunNode(dir) }, { uid: A, netns: ns.name });
+    t.is(r.error, null, r.error?.message);
+    t.deepEqual(r.opened, ['ok'], 'its owner opens it by name at once, as libvirt does');
+    t.deepEqual((await probeOnce({ socket: sock(), release: [name] }, { uid: A })).error, null);
+  }
+});
+
 test.serial('a persistent tap may also be given to one of the caller\'s own groups, not to any other', async (t) => {
   const mine = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, group: 4242 }] }, { uid: A, groups: [4242] });
   t.is(mine.error, null, mine.error?.message);

@@ -161,6 +161,31 @@ test.serial('A1 (kernels without SO_PASSRIGHTS): 16 fds then 4 lingering TCP soc
   }
 });
 
+// Found by an outside review: the closer closed one fd after another, so one user's taps (each last close
+// ~20 ms of teardown) or a lingering socket kept every other user's closed tap alive, and counted against
+// its quota, behind them. Its closes now run side by side: a close that blocks holds up no other.
+test.serial('A1 (kernels without SO_PASSRIGHTS): a close blocked in the closer holds up no other user\'s tap', async (t) => {
+  const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb3', fdFallback: true });
+  try {
+    const a = inNs(STRANGER, LINGER, [fb.socket, '4', '0', 'hello']);
+    try {
+      t.is((await a.line)['reply'], 'TB_E_UNEXPECTED_FDS');
+      // The lingering sockets are in the closer now, blocking its close for 30 s (until it is replaced).
+      const r = await probeOnce({ socket: fb.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+      t.is(r.error, null, r.error?.message);
+      const name = r.taps[0]!.device.name;
+      // Its client has exited: the broker's copy, in the closer, is the tap's last fd.
+      await fb.waitFor(() => !ns.link(name) || /fd closer stuck/.test(fb.stderr), 8000, 'neither happened');
+      t.is(ns.link(name), undefined, 'the tap went before the stuck closer was replaced');
+      t.notRegex(fb.stderr, /fd closer stuck/, 'and not because the stuck closer was replaced');
+    } finally {
+      a.child.kill('SIGKILL');
+    }
+  } finally {
+    await fb.stop();
+  }
+});
+
 test.serial('A1 (kernels without SO_PASSRIGHTS): fds queued behind a frame refused before hello; the close never releases them in the broker', async (t) => {
   const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb2', fdFallback: true });
   try {

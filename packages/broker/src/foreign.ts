@@ -22,6 +22,8 @@ const MAX_HELD = 4096;
 const MAX_WEDGED = 4;
 /** Fds per batch (one `go`, one acknowledgement): well under STUCK_MS of taps' last closes. */
 const BATCH = 16;
+/** The closer's pool: its closes run side by side (the kernel tears down taps closed together in one go). */
+const CLOSER_THREADS = 32;
 
 export class ForeignFds {
   private child: ChildProcess | null = null;
@@ -196,6 +198,7 @@ export class ForeignFds {
       const child = spawn(process.execPath, [...process.execArgv, CLOSER], {
         stdio: ['ignore', 'ignore', 'inherit', theirs],
         detached: false,
+        env: { ...process.env, UV_THREADPOOL_SIZE: String(CLOSER_THREADS) },
       });
       child.on('error', (err) => this.log(`fd closer: ${err.message}`));
       // No process (EMFILE, EAGAIN): its pid is unknown, and a kill of it would signal pid 0, the broker's own

@@ -111,6 +111,7 @@ async function grantAll(
       throw err;
     }
   }
+  await Promise.all(granted.map((g) => g.closing));
   // The devices' own creation events (before their owner and MAC were set) are read while they are still
   // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
   // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
@@ -331,14 +332,15 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     persistent: spec.persistent,
     rule: rule.name,
   };
-  // A persistent device keeps no fd: the broker's go now, and none is sent.
-  if (spec.persistent) ctx.lifetimes.closeFds(all, caller.uid);
+  // A persistent device keeps no fd and none is sent. The broker's go before the reply: a single-queue tap
+  // still attached to one is EBUSY to its owner's open (libvirt's, qemu's ifname=) until the last closes.
+  const closing = spec.persistent ? ctx.lifetimes.closeUnshared(all) : null;
   const fds = spec.persistent ? [] : all;
   const counts = {
     tap: spec.persistent ? 0 : created.tapFds.length,
     vhost: spec.persistent ? 0 : created.vhostFds.length,
   };
-  return { lease, device, fds, counts };
+  return { lease, device, fds, counts, closing };
 }
 
 function unwritable(err: unknown): TapbrokerError {

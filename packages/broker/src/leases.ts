@@ -313,16 +313,16 @@ export function kernelBound(l: LeaseRecord, complete: boolean): boolean {
   return complete && l.kind === 'tap' && l.ends === 'fds' && l.plug === null && !l.locked;
 }
 
-/**
- * Which broker tagged a device: its state directory's identity (brokerId). Null for tags written before
- * brokers tagged themselves, which every broker takes for its own.
- */
 /** Who a tag says made a device, even one that names no more (a lease too long for its tag); null if not ours. */
 export function aliasIdentity(alias: string | null): { id: string; uid: number; kind: 'tap' | 'macvtap' } | null {
   const m = /^tapbroker lease=([0-9a-f]{16}) (?:.* )?uid=(\d+) kind=(tap|macvtap)(?: |$)/.exec(alias ?? '');
   return m ? { id: m[1]!, uid: Number(m[2]), kind: m[3] as 'tap' | 'macvtap' } : null;
 }
 
+/**
+ * Which broker tagged a device: its state directory's identity (brokerId). Null for tags written before
+ * brokers tagged themselves, which every broker takes for its own.
+ */
 export function aliasBroker(alias: string | null): string | null {
   return / broker=([0-9a-f]+)(?: |$)/.exec(alias ?? '')?.[1] ?? null;
 }

@@ -195,6 +195,11 @@ export class Lifetimes implements Cleanup {
     this.reaper.closeFds(fds, uid).catch(() => {});
   }
 
+  /** Closes fds nobody was sent (a persistent device's) on the pool; resolves once they are closed. */
+  closeUnshared(fds: readonly number[]): Promise<void> {
+    return this.reaper.closeHere(fds);
+  }
+
   /** Deletes a device that never got (or no longer has) a lease; audited either way. Never rejects. */
   deleteLink(ifindex: number, uid: number, name: string, why: string): Promise<void> {
     const device = { name, ifindex };

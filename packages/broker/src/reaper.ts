@@ -63,6 +63,14 @@ export class Reaper {
       this.handOff(fds);
       return Promise.resolve();
     }
+    return this.closeHere(fds);
+  }
+
+  /**
+   * Closes fds on the thread pool, resolved when all are closed: for fds no client ever shared (a persistent
+   * device's, which nobody is sent), whose last close is the broker's and takes at most the kernel's lock.
+   */
+  closeHere(fds: readonly number[]): Promise<void> {
     const p = Promise.all(fds.map((fd) => new Promise<void>((r) => fs.close(fd, () => r())))).then(() => undefined);
     this.closing.add(p);
     void p.finally(() => {
