@@ -145,7 +145,8 @@ export class FakeKernel implements Kernel {
     const vhostFds: number[] = [];
     try {
       for (let q = 0; q < (req.persistent ? 1 : req.queues); q++) tapFds.push(this.open());
-      link.tun!.queues = tapFds.length;
+      // A persistent tap's one fd is the broker's, closed before its reply: then no queue is attached.
+      link.tun!.queues = req.persistent ? 0 : tapFds.length;
       this.faultPoint('tap:opened');
       this.faultPoint('tap:created');
       Object.assign(link, {

@@ -1,6 +1,6 @@
 // Persistent devices for rootless libvirtd, the lease table, and broker restarts.
 import anyTest, { type TestFn } from 'ava';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -212,6 +212,28 @@ test.serial('a lease too long for its tag (64-character rule and network names) 
     await broker.waitFor(() => !tableNames().length || tableNames().every((n) => n.startsWith(`tb${A}`)), 2000, 'its lease outlived it');
   } finally {
     await restart();
+  }
+});
+
+// Found by an outside review: release deleted a tap a running VM held, and the guest ran on with a NIC that
+// led nowhere. It is refused while a queue is attached (libvirt's or qemu's open), and done once none is.
+test.serial('release of a persistent tap a VM holds open is refused (TB_E_DEVICE_IN_USE); once closed it goes', async (t) => {
+  const name = `tb${A}-lv0`;
+  const holder = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: A }), process.execPath,
+    OPEN_TAP, name, 'mq', tunNode(dir), 'hold'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  try {
+    const opened = await new Promise<string>((r) => holder.stdout!.once('data', (d) => r(String(d))));
+    t.deepEqual(JSON.parse(opened), { ok: true });
+    const r = await probeOnce({ socket: sock(), release: [name] }, { uid: A });
+    t.is(r.error?.code, 'TB_E_DEVICE_IN_USE', r.error?.message);
+    t.regex(r.error!.message, new RegExp(`^\`${name}' is in use: 1 queue is attached`));
+    t.regex(r.error!.hint!, /stop the VM that holds it/);
+    t.truthy(ns.link(name), 'the device stays');
+    await broker.record((x) => x.op === 'release' && x.decision === 'deny' && x.code === 'TB_E_DEVICE_IN_USE'
+      && x.device?.name === name);
+  } finally {
+    holder.kill('SIGKILL');
+    await new Promise((r) => holder.once('exit', r));
   }
 });
 

@@ -81,11 +81,19 @@ test('name=IFNAME is passed on for the broker to check against its prefix', (t) 
 });
 
 test('keys may come in any order, the kind key included', (t) => {
-  const spec = parseNetSpec('mac=52:54:00:00:00:01,queues=2,name=tb0-a,model=e1000,id=x,vhost=on,mode=vepa,macvtap=eth1');
+  const spec = parseNetSpec('mac=52:54:00:00:00:01,queues=2,name=tb0-a,model=virtio-net-device,id=x,vhost=on,mode=vepa,'
+    + 'macvtap=eth1');
   t.deepEqual(spec, {
     kind: 'macvtap', parent: 'eth1', mode: 'vepa', network: false, queues: 2, vhost: true, mac: '52:54:00:00:00:01',
-    id: 'x', model: 'e1000', props: [], name: 'tb0-a',
+    id: 'x', model: 'virtio-net-device', props: [], name: 'tb0-a',
   });
+});
+
+test('several queues need a virtio-net model (or model=none)', (t) => {
+  const err = t.throws(() => parseNetSpec('bridge=br0,queues=2,model=e1000'));
+  t.regex(err!.message, /queues=2 needs a virtio-net model: e1000 has one queue \(or model=none/);
+  t.is(parseNetSpec('bridge=br0,queues=2,model=none').queues, 2);
+  t.is(parseNetSpec('bridge=br0,queues=1,model=e1000').model, 'e1000');
 });
 
 test('a network takes the keys a tap takes', (t) => {

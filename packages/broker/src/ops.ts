@@ -105,6 +105,18 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
   // One answer whether the name is unknown or someone else's: the reply reveals nothing of other users.
   const lease = ctx.lifetimes.visible(caller.uid).find((l) => l.name === req.name && l.ends === 'release');
   if (!lease) return refuse(`you hold no persistent device named \`${req.name}'`);
+  // A tap some process holds (a running VM): deleting it would leave the guest on a NIC that leads nowhere.
+  const held = lease.kind === 'tap' ? ctx.kernel.link(lease.ifindex)?.tun?.queues ?? 0 : 0;
+  if (held > 0) {
+    const message = `\`${lease.name}' is in use: ${held} queue${held === 1 ? ' is' : 's are'} attached (a running VM?)`;
+    ctx.audit.record({
+      op: 'release', decision: 'deny', rule: lease.rule, caller, request, device: leaseView(lease),
+      code: 'TB_E_DEVICE_IN_USE', message,
+    });
+    throw new TapbrokerError('TB_E_DEVICE_IN_USE', message, {
+      hint: `stop the VM that holds it, then release it${caller.uid === 0 ? ` (or: ip link del ${lease.name})` : ''}`,
+    });
+  }
   try {
     await ctx.lifetimes.retire(lease, { op: 'release', decision: 'release', caller, request, message: 'released' });
   } catch (err) {

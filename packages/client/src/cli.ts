@@ -134,7 +134,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'TB_E_BAD_PARENT': case 'TB_E_MAC_IN_USE': case 'TB_E_NO_SUCH_LEASE':
       return EXIT.DATAERR;
     case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_BUSY':
-    case 'TB_E_TIMEOUT': case 'TB_E_VERSION': case 'TB_E_STATE_UNWRITABLE':
+    case 'TB_E_TIMEOUT': case 'TB_E_VERSION': case 'TB_E_STATE_UNWRITABLE': case 'TB_E_DEVICE_IN_USE':
       return EXIT.UNAVAILABLE;
     default:
       return EXIT.SOFTWARE;
@@ -562,8 +562,11 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
       return 0;
     }
     const common = { queues: o.queues, mac: o.mac, name: o.name, persistent: true };
-    let existed = false;
-    const tap = await (o.macvtap === null
+    // --exist-ok looks first: a device of yours that is already there must not meet your quota (it is counted in
+    // it) or any other refusal a new one would.
+    const had = o.existOk ? await sameDevice(client, o) : null;
+    let existed = had !== null;
+    const tap = had ? { device: had, tapFds: [], vhostFds: [] } : await (o.macvtap === null
       ? client.createTap({
         ...(o.bridge !== null ? { bridge: o.bridge } : { network: o.network! }), group: o.group, ...common,
       })
@@ -598,10 +601,22 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
 async function sameDevice(client: TapbrokerClient, o: LeaseArgs): Promise<Device | null> {
   const { leases } = await client.list();
   const l = leases.find((x) => x.name === o.name && x.ends === 'release');
-  const same = l && l.kind === (o.macvtap !== null ? 'macvtap' : 'tap') && l.queues === o.queues
-    && (o.network !== null ? l.network === o.network : l.network === null && l.parent === (o.bridge ?? o.macvtap))
-    && (o.mac === null || l.mac === o.mac);
-  if (!l || !same) return null;
+  if (!l) return null;
+  const kind = o.macvtap !== null ? 'macvtap' : 'tap';
+  const where = o.network !== null ? `network ${o.network}` : `${o.bridge ?? o.macvtap}`;
+  const differs = [
+    l.kind !== kind && `a ${l.kind}, not a ${kind}`,
+    (o.network !== null ? l.network !== o.network : l.network !== null || l.parent !== (o.bridge ?? o.macvtap))
+      && `on ${l.network !== null ? `network ${l.network}` : l.parent}, not ${where}`,
+    l.queues !== o.queues && `${l.queues} queue${l.queues === 1 ? '' : 's'}, not ${o.queues}`,
+    o.mac !== null && l.mac !== o.mac && `MAC ${l.mac ?? '(the guest\'s own)'}, not ${o.mac}`,
+  ].filter((x): x is string => typeof x === 'string');
+  if (differs.length > 0) {
+    throw new TapbrokerError('TB_E_DEVICE_EXISTS', `your device ${o.name} exists but is not what you ask: `
+      + `${differs.join('; ')}`, {
+      hint: `ask for it as it is, or release it first (tapbroker release ${o.name}) and create it anew`,
+    });
+  }
   return {
     kind: l.kind, name: l.name, ifindex: l.ifindex, parent: l.parent, network: l.network, vlan: null, mode: l.mode,
     mtu: 0, host_mac: '', mac: l.mac, locked: l.locked, queues: l.queues, vnet_hdr: true, vhost: false,

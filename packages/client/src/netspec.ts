@@ -10,7 +10,7 @@ import {
   checkQueues,
   type MacvtapMode,
 } from '@tapbroker/protocol/lite';
-import { checkDeviceProperty } from './qemu-args.js';
+import { checkDeviceProperty, isVirtioNet } from './qemu-args.js';
 
 export interface NetSpec {
   kind: 'tap' | 'macvtap';
@@ -111,6 +111,11 @@ export function parseNetSpec(spec: string): NetSpec {
   const model = modelText === 'none' ? null : modelText;
   if (model === null && props.length > 0) {
     bad(`--net ${spec}: dev.* adds to the -device tapbroker writes; with model=none, put them in your own -device`);
+  }
+  // Only virtio-net devices take more than one queue; another model would use one of them and leave the rest.
+  if (model !== null && Number(q) > 1 && !isVirtioNet(model)) {
+    bad(`--net ${spec}: queues=${q} needs a virtio-net model: ${model} has one queue (or model=none, and write your `
+      + 'own -device)');
   }
   const name = fields.get('name') ?? null;
   if (name !== null) {

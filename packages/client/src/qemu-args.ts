@@ -16,6 +16,10 @@ export interface NicArgs {
 }
 
 const VIRTIO_NET = /^virtio-net(-pci|-device|-ccw)?(-non-transitional|-transitional)?$/;
+// MSI-X vectors are a PCI proxy's property: virtio-net-device (virtio-mmio, microvm) and virtio-net-ccw have
+// none, and qemu refuses to start with one. Plain `virtio-net` is qemu's alias for virtio-net-pci on every
+// target with PCI (x86, arm, riscv, ppc); s390x users name virtio-net-ccw.
+const VIRTIO_NET_PCI = /^virtio-net(-pci)?(-non-transitional|-transitional)?$/;
 
 export function isVirtioNet(model: string): boolean {
   return VIRTIO_NET.test(model);
@@ -40,7 +44,7 @@ export function checkDeviceProperty(key: string, value: string): string | null {
 
 /**
  * The arguments for one NIC. One queue uses `fd=`/`vhostfd=`; several use `fds=`/`vhostfds=`
- * and a multiqueue virtio device with 2N+2 MSI-X vectors. No `vnet_hdr=`: qemu detects it from the
+ * and a multiqueue virtio device (`mq=on`), with 2N+2 MSI-X vectors on PCI. No `vnet_hdr=`: qemu detects it from the
  * fd and refuses the option together with `fd=`.
  */
 export function nicArgs(nic: NicArgs): string[] {
@@ -58,7 +62,8 @@ export function nicArgs(nic: NicArgs): string[] {
   }
   let device = `${nic.model},netdev=${nic.id}`;
   if (nic.mac) device += `,mac=${nic.mac}`;
-  if (multi && isVirtioNet(nic.model)) device += `,mq=on,vectors=${2 * n + 2}`;
+  if (multi && isVirtioNet(nic.model)) device += ',mq=on';
+  if (multi && VIRTIO_NET_PCI.test(nic.model)) device += `,vectors=${2 * n + 2}`;
   for (const [key, value] of nic.props ?? []) {
     // Checked again here: the library's callers need not have come through parseNetSpec.
     const why = checkDeviceProperty(key, value);

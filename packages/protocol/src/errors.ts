@@ -33,6 +33,7 @@ export const ERROR_CODES = {
   TB_E_QUOTA_EXCEEDED: 'the caller already holds as many live devices as the rule allows',
   TB_E_VHOST_UNAVAILABLE: 'vhost-net was asked for but /dev/vhost-net does not exist on this host',
   TB_E_DEVICE_EXISTS: 'a device with the requested name already exists',
+  TB_E_DEVICE_IN_USE: 'the persistent tap is held open (a running VM): release it once nothing holds it',
   TB_E_KERNEL: 'the kernel refused an operation; the message names it and the errno; nothing was left behind',
   TB_E_STATE_UNWRITABLE:
     'the broker\'s lease table cannot be written (its state directory is full or read-only); nothing was created',
