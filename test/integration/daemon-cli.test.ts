@@ -69,3 +69,27 @@ test('check-policy --strict fails on warnings, for pipelines', (t) => {
   const r = run('check-policy', clean, '--strict');
   t.is(r.status, 0, r.stdout);
 });
+
+// Found by an outside review: a NIC named as a bridge got only "pin its MAC", which does not help (every grant
+// is TB_E_NOT_A_BRIDGE), and names that exist nowhere (typos) got nothing.
+test('check-policy says which bridges and macvtap parents are missing or not bridges, at their rule\'s line', (t) => {
+  const ns = `tbt-dcli-${process.pid}`;
+  const ip = (...a: string[]) => spawnSync('ip', ['-n', ns, ...a], { encoding: 'utf8' });
+  spawnSync('ip', ['netns', 'add', ns]);
+  try {
+    ip('link', 'add', 'br-real', 'type', 'bridge');
+    ip('link', 'set', 'br-real', 'address', '02:00:5e:00:00:09');
+    ip('link', 'add', 'nic0', 'type', 'veth', 'peer', 'name', 'nic1');
+    const file = path.join(dir, 'kinds.toml');
+    fs.writeFileSync(file, '[[rule]]\nname = "a"\nusers = [0]\nbridges = ["br-real"]\n\n[[rule]]\nname = "b"\n'
+      + 'users = [0]\nbridges = ["br-typo", "nic0"]\nmacvtap = [{ parent = "eht0" }, { parent = "nic0" }]\n', { mode: 0o644 });
+    const r = spawnSync('ip', ['netns', 'exec', ns, process.execPath, MAIN, 'check-policy', file], { encoding: 'utf8' });
+    t.is(r.status, 0, r.stderr);
+    t.regex(r.stdout, /:6: note: bridge br-typo does not exist on this host now\n/);
+    t.regex(r.stdout, /:6: warning: nic0 is not a Linux bridge: grants on it are refused with TB_E_NOT_A_BRIDGE/);
+    t.regex(r.stdout, /:6: note: macvtap parent eht0 does not exist on this host now\n/);
+    t.notRegex(r.stdout, /br-real|parent nic0|nic0 has no fixed MAC/);
+  } finally {
+    spawnSync('ip', ['netns', 'del', ns]);
+  }
+});

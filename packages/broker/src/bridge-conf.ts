@@ -486,6 +486,8 @@ function render(
     '#   guest MAC the broker knows: qemu sets it on its own -device, so mac_prefix does not constrain it.',
     '# - The broker refuses a bridge whose MAC address an administrator has not set',
     '#   (ip link set BRIDGE address MAC, or MACAddress= in systemd-networkd).',
+    '# - Only members of the broker socket\'s group (tapbroker, as packaged) reach the broker at all: a user',
+    '#   who used the setuid helper must join it (usermod -aG tapbroker USER) before these rules apply.',
     '# - Nothing else is pinned: limits are tapbroker\'s defaults (one queue, no vhost-net, 64 devices per',
     '#   user); raise them where VMs need more.',
     '#',

@@ -15,14 +15,28 @@ const CLOSED_HINT = 'the broker may have stopped or failed to start: `systemctl 
   + 'then start the socket)';
 
 const CONNECT_HINTS: Record<string, string> = {
-  EACCES: 'only root and members of group tapbroker may connect: ask an administrator to add you '
-    + '(usermod -aG tapbroker USER), then log in again so the new group applies (`id -nG` shows it)',
   ENOENT: 'no broker listens there: is tapbrokerd.socket enabled and started (systemctl status tapbrokerd.socket)? '
     + 'Or give the right path with --socket or $TAPBROKER_SOCKET',
   ECONNREFUSED: 'the socket exists but nothing accepts on it: the broker is not running (systemctl status '
     + 'tapbrokerd.socket tapbrokerd.service), or it left a stale socket behind',
   ENOTDIR: 'the socket path is wrong: give the right one with --socket or $TAPBROKER_SOCKET',
 };
+
+/** Who may connect, from the socket's own group and mode (the package's is group tapbroker, 0660). */
+function accessHint(path: string): string {
+  let group = 'tapbroker';
+  try {
+    const st = fs.statSync(path);
+    const mode = (st.mode & 0o777).toString(8);
+    if ((st.mode & 0o060) !== 0o060) return `only root may connect (the socket's mode is 0${mode})`;
+    group = fs.readFileSync('/etc/group', 'utf8').split('\n').map((l) => l.split(':'))
+      .find((f) => f.length >= 3 && Number(f[2]) === st.gid)?.[0] ?? String(st.gid);
+  } catch {
+    // Its directory is closed to us too: the package's group is the best guess.
+  }
+  return `only root and members of group ${group} may connect: ask an administrator to add you `
+    + `(usermod -aG ${group} USER), then log in again so the new group applies (\`id -nG\` shows it)`;
+}
 
 /** `--socket`, else $TAPBROKER_SOCKET, else the default. */
 export function socketPath(explicit?: string | null): string {
@@ -89,7 +103,8 @@ export class TapbrokerClient {
       const why = err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : (err as Error).message;
       const code = err instanceof sys.SyscallError ? err.code : '';
       throw new TapbrokerError('TB_E_CONNECT', `cannot connect to the broker at ${path}: ${why}`, {
-        cause: err, ...(CONNECT_HINTS[code] ? { hint: CONNECT_HINTS[code] } : {}),
+        cause: err,
+        ...(code === 'EACCES' ? { hint: accessHint(path) } : CONNECT_HINTS[code] ? { hint: CONNECT_HINTS[code] } : {}),
       });
     }
     const client = new TapbrokerClient(conn, path);
