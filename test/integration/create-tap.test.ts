@@ -199,6 +199,7 @@ const hasVhost = fs.existsSync('/dev/vhost-net');
   const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', vhost: true, queues: 2 }] });
   t.is(r.error?.code, 'TB_E_VHOST_UNAVAILABLE');
   t.regex(r.error!.message, /vhost unavailable/);
+  t.regex(r.error!.hint ?? '', /ask without vhost .*modprobe vhost_net/);
   t.deepEqual(fx.ns.extraLinks(HOST_LINKS), [], 'the tap made before the vhost step was rolled back');
 });
 

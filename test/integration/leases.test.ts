@@ -237,6 +237,24 @@ test.serial('release of a persistent tap a VM holds open is refused (TB_E_DEVICE
   }
 });
 
+// Found by an outside review: its own fd-passed tap named to release got "you hold no persistent device" with a
+// hint back to `list`, which shows it. The caller's own are told what ends them (no one else's are).
+test.serial('release of one\'s own fd-passed tap says it ends with its VM; another user hears only "no such"', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: A });
+  try {
+    const name = p.result.taps[0]!.device.name;
+    const mine = await probeOnce({ socket: sock(), release: [name] }, { uid: A });
+    t.is(mine.error?.code, 'TB_E_NO_SUCH_LEASE');
+    t.is(mine.error?.message, `\`${name}' is not persistent: it ends when its last fd closes`);
+    t.is(mine.error?.hint, 'stop the VM that holds it');
+    const theirs = await probeOnce({ socket: sock(), release: [name] }, { uid: B });
+    t.is(theirs.error?.message, `you hold no persistent device named \`${name}'`);
+    t.truthy(ns.link(name));
+  } finally {
+    await p.release();
+  }
+});
+
 test.serial('release deletes the device and its lease', async (t) => {
   const r = await probeOnce({ socket: sock(), release: [`tb${A}-lv0`] }, { uid: A });
   t.is(r.error, null, r.error?.message);

@@ -165,6 +165,7 @@ export function openVhost(): number {
       throw new TapbrokerError(
         'TB_E_VHOST_UNAVAILABLE',
         `vhost unavailable: ${VHOST_PATH} does not exist on this host`,
+        { hint: 'ask without vhost (qemu then moves the packets itself), or have root load it: modprobe vhost_net' },
       );
     }
     throw kernelError(`failed to open ${VHOST_PATH}`, err);

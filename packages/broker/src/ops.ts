@@ -87,7 +87,7 @@ function list(ctx: OpContext, caller: Identity, req: ListRequest): Outcome {
  */
 async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): Promise<Outcome> {
   const request = { name: req.name };
-  const refuse = (message: string): never => {
+  const refuse = (message: string, hint = 'tapbroker list shows your leases'): never => {
     ctx.audit.record({
       op: 'release',
       decision: 'deny',
@@ -97,13 +97,19 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
       code: 'TB_E_NO_SUCH_LEASE',
       message,
     });
-    throw new TapbrokerError('TB_E_NO_SUCH_LEASE', message, { hint: 'tapbroker list shows your leases' });
+    throw new TapbrokerError('TB_E_NO_SUCH_LEASE', message, { hint });
   };
   const why = checkIfName(req.name);
   if (why) refuse(`name \`${printable(req.name)}' ${why}`);
   ctx.lifetimes.catchUp();
   // One answer whether the name is unknown or someone else's: the reply reveals nothing of other users.
-  const lease = ctx.lifetimes.visible(caller.uid).find((l) => l.name === req.name && l.ends === 'release');
+  const named = ctx.lifetimes.visible(caller.uid).find((l) => l.name === req.name);
+  const lease = named?.ends === 'release' ? named : undefined;
+  if (named && !lease) {
+    // The caller's own (so nothing of anyone else's is told): a device that ends with its VM.
+    refuse(`\`${req.name}' is not persistent: it ends when ${named.ends === 'fds' ? 'its last fd closes'
+      : 'the process holding it exits'}`, 'stop the VM that holds it');
+  }
   if (!lease) return refuse(`you hold no persistent device named \`${req.name}'`);
   // A tap some process holds (a running VM): deleting it would leave the guest on a NIC that leads nowhere.
   const held = lease.kind === 'tap' ? ctx.kernel.link(lease.ifindex)?.tun?.queues ?? 0 : 0;
