@@ -264,7 +264,7 @@ test('journald gone after start: the record still goes to the fd', (t) => {
 test('journalEntry: the fields in a fixed order, objects as JSON, absent and null ones left out', (t) => {
   const full: AuditRecord = {
     ...RECORD, ppid: 4000, parent_exe: '/usr/sbin/libvirtd', request: { kind: 'tap', queues: 2 },
-    device: { name: 'tb1000-a', ifindex: 7 }, code: 'TB_E_X', message: 'hi',
+    device: { name: 'tb1000-a', ifindex: 7, lease: '0123456789abcdef' }, code: 'TB_E_X', message: 'hi',
   };
   t.deepEqual(journalEntries(journalEntry(full)), [
     ['MESSAGE', 'grant create-tap tb1000-a uid 1000 (alice) rule lab TB_E_X: hi'],
@@ -284,7 +284,9 @@ test('journalEntry: the fields in a fixed order, objects as JSON, absent and nul
     ['TAPBROKER_PPID', '4000'],
     ['TAPBROKER_PARENT_EXE', '/usr/sbin/libvirtd'],
     ['TAPBROKER_REQUEST', '{"kind":"tap","queues":2}'],
-    ['TAPBROKER_DEVICE', '{"name":"tb1000-a","ifindex":7}'],
+    ['TAPBROKER_DEVICE', '{"name":"tb1000-a","ifindex":7,"lease":"0123456789abcdef"}'],
+    ['TAPBROKER_IFNAME', 'tb1000-a'],
+    ['TAPBROKER_LEASE', '0123456789abcdef'],
     ['TAPBROKER_CODE', 'TB_E_X'],
     ['TAPBROKER_MESSAGE', 'hi'],
   ]);

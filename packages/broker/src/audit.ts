@@ -292,6 +292,9 @@ export function journalEntry(r: AuditRecord): Buffer {
   opt('TAPBROKER_PARENT_EXE', r.parent_exe);
   opt('TAPBROKER_REQUEST', r.request);
   opt('TAPBROKER_DEVICE', r.device);
+  // The device's name and lease on their own, to match on: `journalctl TAPBROKER_IFNAME=tb1000-x`.
+  opt('TAPBROKER_IFNAME', typeof r.device?.['name'] === 'string' ? r.device['name'] : null);
+  opt('TAPBROKER_LEASE', typeof r.device?.['lease'] === 'string' ? r.device['lease'] : null);
   opt('TAPBROKER_CODE', r.code);
   opt('TAPBROKER_MESSAGE', r.message);
   const parts: Buffer[] = [];
