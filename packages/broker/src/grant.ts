@@ -120,6 +120,11 @@ async function grantAll(
     ctx.lifetimes.catchUp();
     const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
     if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
+    try {
+      ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
+    } catch (err) {
+      throw unwritable(err);
+    }
   } catch (err) {
     const e = err instanceof TapbrokerError ? err
       : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);

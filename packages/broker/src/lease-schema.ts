@@ -45,5 +45,10 @@ export const StateFile = z.strictObject({
    * until it has run, so a broker stopped meanwhile runs it at its next start.
    */
   downs: z.array(LeaseRecord).default([]),
+  /**
+   * Leases written while their create was still running (ids): a broker stopped before the grant deletes
+   * their devices at its next start, as the failed create the client saw.
+   */
+  pending: z.array(z.string()).default([]),
 });
 export type StateFile = z.infer<typeof StateFile>;

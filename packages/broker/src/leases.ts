@@ -34,13 +34,16 @@ export function leaseView(l: LeaseRecord): Lease {
 
 /** Process start time in clock ticks since boot (/proc/<pid>/stat field 22), or null if there is no such process. */
 export function processStartTime(pid: number): number | null {
+  let stat: string;
   try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return Number(fields[19]);
-  } catch {
-    return null;
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch (err) {
+    // Gone is gone; anything else (out of fds: EMFILE) says nothing about the process, and is thrown.
+    if (['ENOENT', 'ESRCH'].includes((err as NodeJS.ErrnoException).code ?? '')) return null;
+    throw err;
   }
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return Number(fields[19]);
 }
 
 export class LeaseTable {
@@ -55,6 +58,8 @@ export class LeaseTable {
   private readonly dbs = new Set<string>();
   /** Ended leases whose network's `down` has not run yet (see StateFile.downs). */
   private readonly downs = new Map<string, LeaseRecord>();
+  /** Leases written mid-create, not granted yet (see StateFile.pending). */
+  private readonly pending = new Set<string>();
 
   /** `dir` null keeps the table in memory only. */
   private constructor(readonly dir: string | null) {}
@@ -96,6 +101,7 @@ export class LeaseTable {
     for (const i of state.intents) table.intents.set(i.id, i);
     for (const d of state.ovsdbs) table.dbs.add(d);
     for (const l of state.downs) table.downs.set(l.id, l);
+    for (const id of state.pending) table.pending.add(id);
     return { table, problem: null, trusted: true };
   }
 
@@ -146,7 +152,7 @@ export class LeaseTable {
    * Adds a lease, durably unless `durable` is false (a kernel-bound lease: memory only); throws (and keeps
    * nothing) when the table cannot be written.
    */
-  add(lease: LeaseRecord, durable = true): void {
+  add(lease: LeaseRecord, durable = true, unfinished = false): void {
     const before = this.byId.get(lease.id);
     const wasVolatile = this.volatile.has(lease.id);
     // A lease put back (a release whose deletion failed) owes no `down`.
@@ -159,6 +165,7 @@ export class LeaseTable {
     }
     this.volatile.delete(lease.id);
     if (lease.plug && 'ovs' in lease.plug) this.dbs.add(lease.plug.db);
+    if (unfinished) this.pending.add(lease.id);
     try {
       this.save();
     } catch (err) {
@@ -166,8 +173,26 @@ export class LeaseTable {
       else this.drop(lease.id);
       if (wasVolatile) this.volatile.add(lease.id);
       if (owed) this.downs.set(lease.id, owed);
+      this.pending.delete(lease.id);
       throw err;
     }
+  }
+
+  /** These creates are done: their leases are granted, durably (one write); throws, changing nothing, when not. */
+  confirm(ids: readonly string[]): void {
+    const done = ids.filter((id) => this.pending.delete(id));
+    if (done.length === 0) return;
+    try {
+      this.save();
+    } catch (err) {
+      for (const id of done) this.pending.add(id);
+      throw err;
+    }
+  }
+
+  /** Leases whose create was still running when the table was last written. */
+  unfinished(): string[] {
+    return [...this.pending];
   }
 
   /** Is this lease written to disk? */
@@ -190,6 +215,7 @@ export class LeaseTable {
     const l = this.byId.get(id);
     if (l) {
       this.drop(id);
+      this.pending.delete(id);
       if (l.plug) this.downs.set(id, l);
       if (!this.volatile.delete(id)) this.trySave();
     }
@@ -254,6 +280,7 @@ export class LeaseTable {
         const leases = this.all().filter((l) => !this.volatile.has(l.id));
         const table = {
           version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(), downs: this.owedDowns(),
+          pending: this.unfinished(),
         };
         fs.writeSync(fd, `${JSON.stringify(table)}\n`);
         fs.fsyncSync(fd);

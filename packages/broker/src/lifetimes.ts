@@ -8,7 +8,7 @@ import { KERNEL_KIND, LeaseTable, brokerId, leaseView, type LeaseRecord } from '
 import { getpwuid } from './libc.js';
 import { namePrefix } from './naming.js';
 import { hostMac, type Cleanup, type Kernel } from './kernel.js';
-import { reconcile, reconcileOvs, type Keeper } from './reconcile.js';
+import { reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { plugDown } from './plug.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
@@ -137,8 +137,17 @@ export class Lifetimes implements Cleanup {
 
   /** A lease whose device exists and is tagged, still mid-create; written to disk when `durable`. */
   begin(l: LeaseRecord, durable: boolean): void {
-    this.table.add(l, durable);
+    this.table.add(l, durable, true);
     this.creating.add(l.id);
+  }
+
+  /**
+   * The creates of these leases are done, durably: a broker stopped before this deletes their devices at its
+   * next start (the client was told nothing was made); one stopped after keeps them. Throws when the table
+   * cannot be written.
+   */
+  confirm(ids: readonly string[]): void {
+    this.table.confirm(ids);
   }
 
   /** A lease taken out for a release whose deletion failed: back in the table, if its device still is. */
@@ -200,26 +209,19 @@ export class Lifetimes implements Cleanup {
     return this.reaper.closeHere(fds);
   }
 
-  /** Deletes a device that never got (or no longer has) a lease; audited either way. Never rejects. */
-  deleteLink(ifindex: number, uid: number, name: string, why: string): Promise<void> {
-    const device = { name, ifindex };
+  /**
+   * Deletes a device that never got (or no longer has) a lease; one record either way (a cleanup, or `as`
+   * says what: reconcile's). Never rejects.
+   */
+  deleteLink(ifindex: number, uid: number, name: string, why: string, as?: DeletedAs): Promise<void> {
+    const base = { op: 'cleanup', decision: 'cleanup' as const, rule: null, caller: { uid }, device: { name, ifindex },
+      ...as };
     return this.reaper.deleteLink(ifindex, uid).then(
-      (deleted) =>
-        void this.audit.record({
-          op: 'cleanup',
-          decision: 'cleanup',
-          rule: null,
-          caller: { uid },
-          device,
-          message: `${why}: ${deleted ? 'deleted' : 'already gone'}`,
-        }),
+      (deleted) => void this.audit.record({ ...base, message: `${why}: ${deleted ? 'deleted' : 'already gone'}` }),
       (err: Error) =>
         void this.audit.record({
-          op: 'cleanup',
+          ...base,
           decision: 'error',
-          rule: null,
-          caller: { uid },
-          device,
           code: 'TB_E_KERNEL',
           message: `failed to delete \`${name}' (${why}): ${err.message}`,
         }),
@@ -228,15 +230,21 @@ export class Lifetimes implements Cleanup {
 
   // ---- how leases end
 
-  /** A lease that ends with its holder process: watched through a pidfd the caller owns. */
-  watchHolder(id: string, pidfd: number): void {
-    const watch = watchReadable(pidfd, () => this.endLease(id, 'its holder exited'));
-    this.holderWatches.set(id, {
-      close: () => {
-        watch.close();
-        sys.close(pidfd);
-      },
+  /** Leases that end with one holder process: watched through one pidfd, closed when the last of them ends. */
+  watchHolder(ids: readonly string[], pidfd: number): void {
+    const left = new Set(ids);
+    const watch = watchReadable(pidfd, () => {
+      for (const id of [...left]) this.endLease(id, 'its holder exited');
     });
+    for (const id of ids) {
+      this.holderWatches.set(id, {
+        close: () => {
+          if (!left.delete(id) || left.size > 0) return;
+          watch.close();
+          sys.close(pidfd);
+        },
+      });
+    }
   }
 
   /** Ends a lease that lives as long as its holder or connection: its device is deleted. */

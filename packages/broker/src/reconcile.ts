@@ -13,6 +13,9 @@ import { getpwuid, pidfdOpen } from './libc.js';
 import { delPortOf, listOurPorts, ovsdbTarget } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
+/** How a deletion without a lease is recorded, where not as a cleanup. */
+export type DeletedAs = Partial<Pick<AuditEvent, 'op' | 'decision' | 'rule' | 'device'>>;
+
 /** What reconcile needs of the lease lifetimes (Lifetimes.start hands it over). */
 export interface Keeper {
   readonly table: LeaseTable;
@@ -27,13 +30,15 @@ export interface Keeper {
   judge(l: LeaseRecord, link: Link | null): void;
   isDevice(l: LeaseRecord, link: Link | null | undefined): link is Link;
   note(op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string): void;
-  deleteLink(ifindex: number, uid: number, name: string, why: string): Promise<void>;
-  watchHolder(id: string, pidfd: number): void;
+  deleteLink(ifindex: number, uid: number, name: string, why: string, as?: DeletedAs): Promise<void>;
+  watchHolder(ids: readonly string[], pidfd: number): void;
   endLease(id: string, reason: string): void;
   retire(l: LeaseRecord, o: { op: string; decision: 'cleanup'; message: string }): Promise<void>;
   /** Undoes a device's OVS port or runs its hook's `down` (Lifetimes.unplug). */
   unplug(l: LeaseRecord): void;
 }
+
+const RECONCILE = { op: 'reconcile', decision: 'reconcile' } as const;
 
 /**
  * At start: devices the broker died while making are deleted; leases whose device is gone dropped;
@@ -43,6 +48,16 @@ export interface Keeper {
 export function reconcile(lt: Keeper): void {
   const links = lt.kernel.links();
   const byName = new Map(links.map((k) => [k.name, k]));
+  // Leases written mid-create: the broker stopped before the grant, so the client was told nothing was made
+  // (its connection closed). Their devices go, as a failed create's do, and their networks' `down`s run.
+  const interrupted = new Set(lt.table.unfinished());
+  for (const id of interrupted) {
+    const l = lt.table.get(id);
+    if (!l) continue;
+    void lt.retire(l, {
+      op: 'reconcile', decision: 'cleanup', message: 'its create was cut short by the broker\'s stop: rolled back',
+    }).catch(() => {});
+  }
   // A macvtap intended but perhaps never tagged: the device of that name, on that parent, with that
   // MAC, untagged or tagged with that lease, is the one we were making.
   for (const i of lt.table.unsettled()) {
@@ -57,14 +72,8 @@ export function reconcile(lt: Keeper): void {
       macFromBuffer(link.address) === i.mac &&
       (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
     if (ours && !lt.table.get(i.id)) {
-      lt.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating');
-      lt.audit.record({
-        op: 'reconcile',
-        decision: 'reconcile',
-        rule: null,
-        caller: null,
-        device: { name: i.name, parent: i.parent, mac: i.mac, lease: i.id },
-        message: 'a macvtap the broker died while creating: deleted',
+      void lt.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating', {
+        ...RECONCILE, device: { name: i.name, ifindex: link.index, parent: i.parent, mac: i.mac, lease: i.id },
       });
     }
     lt.table.settle(i.id, false);
@@ -77,7 +86,7 @@ export function reconcile(lt: Keeper): void {
   const owed = new Map(lt.table.owedDowns().map((l) => [l.id, l]));
   for (const link of links) {
     const who = aliasIdentity(link.alias);
-    if (!who || lt.table.get(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
+    if (!who || lt.table.get(who.id) || interrupted.has(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
     // Another broker's device (another state directory in this namespace): never ours to touch.
     const by = aliasBroker(link.alias);
     if (by !== null && by !== lt.brokerId) continue;
@@ -85,9 +94,9 @@ export function reconcile(lt: Keeper): void {
     if (ended && ended.ifindex === link.index) {
       // The broker stopped while deleting it: the device goes, then its network's `down` runs.
       owed.delete(who.id);
-      const why = 'a device the broker stopped while deleting';
-      lt.note('reconcile', 'reconcile', ended, `${why}: deleted, then unplugged from its network`);
-      void lt.deleteLink(link.index, who.uid, link.name, why).then(() => lt.unplug(ended));
+      const why = 'a device the broker stopped while deleting (then unplugged from its network)';
+      const as = { ...RECONCILE, rule: ended.rule, device: leaseView(ended) };
+      void lt.deleteLink(link.index, who.uid, link.name, why, as).then(() => lt.unplug(ended));
       continue;
     }
     const tagged = withUser(leaseFromAlias(link.alias, link));
@@ -102,11 +111,10 @@ export function reconcile(lt: Keeper): void {
       lt.note('reconcile', 'reconcile', tagged, "lease taken back from the device's tag");
       adopted.push([tagged, link]);
     } else if (lt.trusted) {
-      lt.deleteLink(link.index, who.uid, link.name, 'an orphan of a crash');
-      lt.audit.record({
-        op: 'reconcile', decision: 'reconcile', rule: tagged?.rule ?? null, caller: { uid: who.uid },
+      const why = 'a device of ours without a lease (the broker died mid-create or mid-release)';
+      void lt.deleteLink(link.index, who.uid, link.name, why, {
+        ...RECONCILE, rule: tagged?.rule ?? null,
         device: tagged ? leaseView(tagged) : { name: link.name, ifindex: link.index, lease: who.id },
-        message: 'a device of ours without a lease (the broker died mid-create or mid-release): deleted',
       });
     } else {
       lt.log(`warning: \`${link.name}' is tagged as ours but its tag is not a whole lease; left alone`);
@@ -119,6 +127,7 @@ export function reconcile(lt: Keeper): void {
   // A tap taken back is held to its terms like any other (its holder may have changed it meanwhile).
   for (const [l, link] of adopted) lt.judge(l, link);
   const byIndex = new Map(links.map((k) => [k.index, k]));
+  const holders = new Map<string, LeaseRecord[]>();
   for (const l of lt.table.all()) {
     if (!lt.isDevice(l, byIndex.get(l.ifindex))) {
       lt.table.remove(l.id);
@@ -129,14 +138,31 @@ export function reconcile(lt: Keeper): void {
     }
     if (l.locked) relock(lt, l);
     if (l.ends !== 'holder') continue;
-    const pidfd = l.holder === null ? null : pidfdOpen(l.holder);
-    // The pid is only the holder if the process started when the holder did.
-    if (pidfd !== null && processStartTime(l.holder!) === l.holder_start) {
-      lt.watchHolder(l.id, pidfd);
-      lt.note('reconcile', 'reconcile', l, `holder pid ${l.holder} still runs; watching it`);
+    const key = `${l.holder}:${l.holder_start}`;
+    holders.set(key, [...(holders.get(key) ?? []), l]);
+  }
+  // One pidfd per holder process, as at run time (a VM's macvtaps share it): one per lease ran out of fds.
+  for (const ls of holders.values()) {
+    const { holder, holder_start: start } = ls[0]!;
+    let pidfd: number | null = null;
+    let runs: boolean;
+    try {
+      pidfd = holder === null ? null : pidfdOpen(holder);
+      // The pid is only the holder if the process started when the holder did.
+      runs = pidfd !== null && processStartTime(holder!) === start;
+    } catch (err) {
+      // Not knowing (out of fds) is not "gone": a running VM's NIC is never deleted on a guess.
+      if (pidfd !== null) sys.close(pidfd);
+      lt.log(`warning: cannot tell whether holder pid ${holder} still runs (${(err as Error).message}); `
+        + `its ${ls.map((l) => l.name).join(', ')} stay until the next start looks again`);
+      continue;
+    }
+    if (runs) {
+      lt.watchHolder(ls.map((l) => l.id), pidfd!);
+      for (const l of ls) lt.note('reconcile', 'reconcile', l, `holder pid ${holder} still runs; watching it`);
     } else {
       if (pidfd !== null) sys.close(pidfd);
-      lt.endLease(l.id, 'its holder exited while the broker was down');
+      for (const l of ls) lt.endLease(l.id, 'its holder exited while the broker was down');
     }
   }
   // Written at every start, so that from now on a missing file means it was lost, not never made. A

@@ -145,7 +145,8 @@ export const STATE_SHAPE: Shape = {
       "min": 0,
       "max": 9007199254740991,
     },
+    "pending": {"t":"array","of":{"t":"string","max":9007199254740991},"min":0,"max":9007199254740991},
   },
   "optional": [],
-  "defaults": {"intents":[],"ovsdbs":[],"downs":[]},
+  "defaults": {"intents":[],"ovsdbs":[],"downs":[],"pending":[]},
 };
