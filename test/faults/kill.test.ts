@@ -119,6 +119,38 @@ test.serial('SIGKILL while the second NIC of a create is made: the first one, pe
   }
 });
 
+// Found by an outside review: the restart opened one pidfd per macvtap lease (at run time a VM's share one); under
+// a low fd limit it ran out, took a live VM's macvtap for one whose holder had exited, and deleted it.
+test.serial('after a restart one VM\'s macvtaps are watched through one pidfd, and all go when the VM does', async (t) => {
+  const d2 = tempDir('kill-fds');
+  const policy = `[[rule]]\nname = "m"\nusers = [${NOBODY}]\nmacvtap = [{ parent = "vparent" }]\nmax_devices = 8\n`;
+  let b = await BrokerProcess.start(ns, policy, { dir: d2, tag: 'kfd' });
+  const held = await probe({ socket: b.socket, batch: true, requests: Array(8).fill({ parent: 'vparent' }) });
+  try {
+    t.is(held.result.error, null, held.result.error?.message);
+    await b.stop('SIGKILL', true);
+    b = await BrokerProcess.start(ns, policy, { dir: d2, tag: 'kfd' });
+    const fds = fs.readdirSync(`/proc/${b.proc.pid}/fd`).map((fd) => {
+      try {
+        return fs.readlinkSync(`/proc/${b.proc.pid}/fd/${fd}`);
+      } catch {
+        return '';
+      }
+    });
+    t.is(fds.filter((f) => f === 'anon_inode:[pidfd]').length, 1, 'one pidfd for the holder of eight');
+    t.is((await probeOnce({ socket: b.socket, list: true })).leases!.length, 8, 'every macvtap kept and watched');
+    await held.release();
+    await b.waitFor(() => ns.extraLinks(BASE).length === 0, 3000, `left after the VM exited: ${ns.extraLinks(BASE)}`);
+    const ended = () => b.records.filter((r) => r.decision === 'cleanup' && /its holder exited/.test(r.message ?? ''));
+    await b.waitFor(() => ended().length >= 8, 3000, `${ended().length} cleanup records`);
+    t.is(ended().length, 8);
+  } finally {
+    await held.release();
+    await b.stop();
+    fs.rmSync(d2, { recursive: true, force: true });
+  }
+});
+
 for (const point of ['retire:unleased', 'release:deleted']) {
   test.serial(`SIGKILL at ${point}: the device is gone after the restart and nothing leaks`, async (t) => {
     const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
