@@ -2,8 +2,10 @@
 // (fault points injected through the test-only entry point test/helpers/broker-entry.ts); after a restart: no leaked device, a
 // lease table that matches the kernel, quotas true.
 import anyTest, { type TestFn } from 'ava';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import { BrokerProcess, tempDir } from '../helpers/broker.js';
+import path from 'node:path';
+import { BROKER_MAIN, BrokerProcess, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, probe, probeOnce } from '../helpers/unpriv.js';
 import type { ProbeRequest } from '../helpers/probe.js';
@@ -149,6 +151,20 @@ test.serial('after a restart one VM\'s macvtaps are watched through one pidfd, a
     await b.stop();
     fs.rmSync(d2, { recursive: true, force: true });
   }
+});
+
+// Found by an outside review: a second broker on the same state directory started, the two wrote the lease table
+// over each other, and one's persistent tap was later deleted as an orphan. The second now refuses to start.
+test.serial('a second broker on the same state directory refuses to start, and the first serves on', async (t) => {
+  const other = path.join(dir, 'second.sock');
+  const r = spawnSync('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', broker.policyPath, '-s', other,
+    '--state-dir', path.dirname(broker.stateFile), '--journal-socket', ''], { encoding: 'utf8', timeout: 20_000 });
+  t.is(r.status, 69, r.stderr);
+  t.regex(r.stderr, /another tapbrokerd uses the state directory .*; refusing to start/);
+  t.false(fs.existsSync(other), 'it did not bind its socket');
+  const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  t.is(made.error, null);
+  await releaseAll();
 });
 
 for (const point of ['retire:unleased', 'release:deleted']) {

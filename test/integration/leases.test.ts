@@ -330,3 +330,20 @@ test.serial('a corrupt state file: the broker starts, says what it found, and se
   const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: A });
   t.is(r.error, null);
 });
+
+// Found by an outside review: a FIFO (or /dev/zero, by a link) in its place blocked the start for good.
+test.serial('a state file that is a FIFO or a link: the broker starts without reading it, says so, and serves', async (t) => {
+  const file = path.join(dir, 'state', 'leases.json');
+  for (const [what, plant] of [
+    ['FIFO', () => spawnSync('mkfifo', [file])],
+    ['link', () => fs.symlinkSync('/dev/zero', file)],
+  ] as const) {
+    await broker.stop('SIGTERM', true);
+    fs.rmSync(file, { force: true });
+    plant();
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    t.regex(broker.stderr, /cannot read .*leases\.json: .*; rebuilding from the kernel/, what);
+    const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: A });
+    t.is(r.error, null, what);
+  }
+});

@@ -6,6 +6,7 @@ import { EX, SeqpacketListener, TapbrokerError, exitFlushed, keepInspectorShut, 
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import type { Policy } from './decide.js';
 import { loadTrustedPolicy } from './policy.js';
+import { lockExclusive } from './libc.js';
 import { notRootsAlone } from './paths.js';
 import { LinuxAudit } from './linux-audit.js';
 
@@ -222,6 +223,39 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     process.exit(EX.NOPERM);
   }
 
+  // Where the broker writes as root: nobody else may be able to swap what is there.
+  let locked: boolean;
+  try {
+    fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
+  } catch (err) {
+    log(`cannot start: ${(err as Error).message}`);
+    process.exit(EX.UNAVAILABLE);
+  }
+  const rootsDirs = [
+    ['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)],
+  ] as const;
+  for (const [what, p] of rootsDirs) {
+    const why = p ? notRootsAlone(p) : null;
+    if (why) {
+      log(`the ${what} ${p} ${why}; refusing to start`);
+      process.exit(EX.CONFIG);
+    }
+  }
+  // One broker per state directory: two would write its lease table over each other and take each other's
+  // devices for orphans. The lock goes with the process (its fd is never closed).
+  try {
+    locked = lockExclusive(fs.openSync(path.join(opts.stateDir, 'lock'),
+      fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, 0o600));
+  } catch (err) {
+    log(`cannot start: cannot lock the state directory: ${(err as Error).message}`);
+    process.exit(EX.UNAVAILABLE);
+  }
+  if (!locked) {
+    log(`another tapbrokerd uses the state directory ${opts.stateDir} (it holds ${path.join(opts.stateDir, 'lock')}); `
+      + 'refusing to start');
+    process.exit(EX.UNAVAILABLE);
+  }
+
   let listener: SeqpacketListener;
   try {
     const inherited = activationFd();
@@ -254,18 +288,6 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   // Says once whether the kernel has audit and whether it is on; never fails a request.
   const linux = opts.linuxAudit ? new LinuxAudit(log) : null;
   try {
-    fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
-    // Where the broker writes as root: nobody else may be able to swap what is there.
-    const rootsDirs = [
-      ['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)],
-    ] as const;
-    for (const [what, p] of rootsDirs) {
-      const why = p ? notRootsAlone(p) : null;
-      if (why) {
-        log(`the ${what} ${p} ${why}; refusing to start`);
-        process.exit(EX.CONFIG);
-      }
-    }
     broker = new Broker({
       ...extras,
       policy,

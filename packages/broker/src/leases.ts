@@ -46,6 +46,26 @@ export function processStartTime(pid: number): number | null {
   return Number(fields[19]);
 }
 
+/** Far more than any table (a lease is ~400 bytes): a file beyond it is not one. */
+const MAX_STATE_BYTES = 64 * 1024 * 1024;
+
+/**
+ * The table's file, only if it is one: never through a link, never a FIFO or a device (which would block the
+ * start, or feed it without end), never beyond MAX_STATE_BYTES.
+ */
+function readStateFile(file: string): string {
+  const { O_RDONLY, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
+  const fd = fs.openSync(file, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new Error('not a regular file');
+    if (st.size > MAX_STATE_BYTES) throw new Error(`${st.size} bytes, over ${MAX_STATE_BYTES}`);
+    return fs.readFileSync(fd, 'utf8');
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 export class LeaseTable {
   private readonly byId = new Map<string, LeaseRecord>();
   /** The lease of each ifindex, for link events (a lookup per event, not a scan of every lease). */
@@ -75,10 +95,11 @@ export class LeaseTable {
     const file = path.join(dir, STATE_FILE);
     let text: string;
     try {
-      text = fs.readFileSync(file, 'utf8');
+      text = readStateFile(file);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { table, problem: null, trusted: false };
-      return { table, problem: `cannot read ${file}: ${(err as Error).message}`, trusted: false };
+      return { table, problem: `cannot read ${file}: ${(err as Error).message}; rebuilding from the kernel`,
+        trusted: false };
     }
     let parsed: ReturnType<typeof checkShape>;
     try {

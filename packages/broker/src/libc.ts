@@ -20,7 +20,10 @@ const _endpwent = libc.func('void endpwent()');
 const _setgrent = libc.func('void setgrent()');
 const _getgrent = libc.func('void *getgrent()');
 const _endgrent = libc.func('void endgrent()');
+const _flock = libc.func('int flock(int fd, int op)');
 const SYS_pidfd_open = 434;
+const LOCK_EX = 2;
+const LOCK_NB = 4;
 
 function fail(syscall: string, detail?: string): never {
   throw new sys.SyscallError(syscall, koffi.errno(), detail);
@@ -33,6 +36,13 @@ export function pidfdOpen(pid: number): number | null {
   const e = koffi.errno();
   if (e === sys.errno.ESRCH) return null;
   throw new sys.SyscallError('pidfd_open', e);
+}
+
+/** flock(2) LOCK_EX, without waiting: false when another open file holds it. */
+export function lockExclusive(fd: number): boolean {
+  if (_flock(fd, LOCK_EX | LOCK_NB) === 0) return true;
+  if (koffi.errno() === sys.errno.EAGAIN) return false;
+  return fail('flock');
 }
 
 /** mknod(2) of a character device node. */
