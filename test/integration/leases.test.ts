@@ -215,6 +215,36 @@ test.serial('a lease too long for its tag (64-character rule and network names) 
   }
 });
 
+// Found by an outside review: with the table lost, such a device was left alone once, and the next start (the
+// table intact again) deleted it as an orphan of a crash. It stays left alone until it is gone.
+test.serial('a persistent device whose tag cannot rebuild its lost lease is left alone at every start, and said so', async (t) => {
+  const long = (c: string) => c.repeat(64);
+  const policy = `${POLICY}\n[network.${long('n')}]\nbridge = "br0"\n\n[[rule]]\nname = "${long('r')}"\nusers = [${B}]\n`
+    + `networks = ["${long('n')}"]\npersistent = true\n`;
+  await broker.stop('SIGTERM', true);
+  broker = await BrokerProcess.start(ns, policy, { dir });
+  let name = '';
+  try {
+    const made = await probeOnce({ socket: sock(), requests: [{ network: long('n'), persistent: true }] }, { uid: B });
+    t.is(made.error, null, made.error?.message);
+    name = made.taps[0]!.device.name;
+    await broker.stop('SIGKILL', true);
+    fs.writeFileSync(path.join(dir, 'state', 'leases.json'), '{"version":1,"leases":[');
+    broker = await BrokerProcess.start(ns, policy, { dir });
+    await broker.record((r) => r.op === 'reconcile' && r.device?.['name'] === name && /left alone/.test(r.message ?? ''));
+    for (let i = 0; i < 2; i++) {
+      await broker.stop('SIGTERM', true);
+      broker = await BrokerProcess.start(ns, policy, { dir });
+      t.truthy(ns.link(name), `still there after ordinary restart ${i + 1}`);
+      t.false(broker.records.some((r) => r.device?.['name'] === name && r.decision !== 'reconcile'), 'never deleted');
+    }
+  } finally {
+    if (name) ns.ip('link', 'del', name);
+    await restart();
+  }
+  t.deepEqual(JSON.parse(fs.readFileSync(path.join(dir, 'state', 'leases.json'), 'utf8')).kept, [], 'gone: forgotten');
+});
+
 // Found by an outside review: release deleted a tap a running VM held, and the guest ran on with a NIC that
 // led nowhere. It is refused while a queue is attached (libvirt's or qemu's open), and done once none is.
 test.serial('release of a persistent tap a VM holds open is refused (TB_E_DEVICE_IN_USE); once closed it goes', async (t) => {

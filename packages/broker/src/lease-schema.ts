@@ -50,5 +50,10 @@ export const StateFile = z.strictObject({
    * their devices at its next start, as the failed create the client saw.
    */
   pending: z.array(z.string()).default([]),
+  /**
+   * Devices tagged as ours whose lease was lost with an unreadable table and whose tag is too short to
+   * rebuild it (ids): left alone at every start, never taken for orphans of a crash.
+   */
+  kept: z.array(z.string()).default([]),
 });
 export type StateFile = z.infer<typeof StateFile>;

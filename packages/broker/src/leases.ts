@@ -80,6 +80,8 @@ export class LeaseTable {
   private readonly downs = new Map<string, LeaseRecord>();
   /** Leases written mid-create, not granted yet (see StateFile.pending). */
   private readonly pending = new Set<string>();
+  /** Tagged devices left alone, their leases lost (see StateFile.kept). */
+  readonly kept = new Set<string>();
 
   /** `dir` null keeps the table in memory only. */
   private constructor(readonly dir: string | null) {}
@@ -123,6 +125,7 @@ export class LeaseTable {
     for (const d of state.ovsdbs) table.dbs.add(d);
     for (const l of state.downs) table.downs.set(l.id, l);
     for (const id of state.pending) table.pending.add(id);
+    for (const id of state.kept) table.kept.add(id);
     return { table, problem: null, trusted: true };
   }
 
@@ -301,7 +304,7 @@ export class LeaseTable {
         const leases = this.all().filter((l) => !this.volatile.has(l.id));
         const table = {
           version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(), downs: this.owedDowns(),
-          pending: this.unfinished(),
+          pending: this.unfinished(), kept: [...this.kept],
         };
         fs.writeSync(fd, `${JSON.stringify(table)}\n`);
         fs.fsyncSync(fd);

@@ -82,6 +82,7 @@ export function reconcile(lt: Keeper): void {
   // taken back from their tag), orphans of a crash mid-create or mid-release when the table is intact
   // (deleted), or leases to rebuild when it was lost or corrupt.
   const adopted: Array<[LeaseRecord, Link]> = [];
+  const seen = new Set<string>();
   // Leases that ended (a release, a deletion) before their network's `down` had run.
   const owed = new Map(lt.table.owedDowns().map((l) => [l.id, l]));
   for (const link of links) {
@@ -90,6 +91,9 @@ export function reconcile(lt: Keeper): void {
     // Another broker's device (another state directory in this namespace): never ours to touch.
     const by = aliasBroker(link.alias);
     if (by !== null && by !== lt.brokerId) continue;
+    seen.add(who.id);
+    // Its lease was lost with an unreadable table, and its tag cannot rebuild it: left alone, every start.
+    if (lt.table.kept.has(who.id)) continue;
     const ended = owed.get(who.id);
     if (ended && ended.ifindex === link.index) {
       // The broker stopped while deleting it: the device goes, then its network's `down` runs.
@@ -117,9 +121,17 @@ export function reconcile(lt: Keeper): void {
         device: tagged ? leaseView(tagged) : { name: link.name, ifindex: link.index, lease: who.id },
       });
     } else {
-      lt.log(`warning: \`${link.name}' is tagged as ours but its tag is not a whole lease; left alone`);
+      lt.table.kept.add(who.id);
+      lt.audit.record({
+        ...RECONCILE, rule: null, caller: { uid: who.uid },
+        device: { name: link.name, ifindex: link.index, lease: who.id },
+        message: 'tagged as ours, but its lease was lost with the lease table and its tag is too short to rebuild it: '
+          + `left alone, now and at every start (its owner cannot release it; root: ip link del ${link.name})`,
+      });
     }
   }
+  // A device left alone that is gone now needs no keeping.
+  for (const id of lt.table.kept) if (!seen.has(id)) lt.table.kept.delete(id);
   for (const l of owed.values()) {
     lt.note('reconcile', 'reconcile', l, "the broker stopped before its network's down had run: running it now");
     lt.unplug(l);

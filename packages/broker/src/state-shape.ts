@@ -146,7 +146,8 @@ export const STATE_SHAPE: Shape = {
       "max": 9007199254740991,
     },
     "pending": {"t":"array","of":{"t":"string","max":9007199254740991},"min":0,"max":9007199254740991},
+    "kept": {"t":"array","of":{"t":"string","max":9007199254740991},"min":0,"max":9007199254740991},
   },
   "optional": [],
-  "defaults": {"intents":[],"ovsdbs":[],"downs":[],"pending":[]},
+  "defaults": {"intents":[],"ovsdbs":[],"downs":[],"pending":[],"kept":[]},
 };
