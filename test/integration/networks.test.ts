@@ -143,7 +143,7 @@ test.serial('a plug hook: run up with fixed argv and documented variables only, 
   t.true(up.startsWith(`up ${d.name} ifindex=${d.ifindex} mac=${d.mac} uid=${NOBODY} network=custom lease=`), up);
   // sh itself adds PWD, SHLVL and _; everything else came from the broker.
   const env = up.split(' | env: ')[1]!.trim().split(' ').map((kv) => kv.split('=')[0]!).filter((k) => !['PWD', 'SHLVL', '_', 'OLDPWD'].includes(k)).sort();
-  t.deepEqual(env, ['PATH', 'TAPBROKER_ACTION', 'TAPBROKER_DEVICE', 'TAPBROKER_IFINDEX', 'TAPBROKER_LEASE', 'TAPBROKER_MAC', 'TAPBROKER_NETWORK', 'TAPBROKER_UID']);
+  t.deepEqual(env, ['PATH', 'TAPBROKER_ACTION', 'TAPBROKER_BROKER', 'TAPBROKER_DEVICE', 'TAPBROKER_IFINDEX', 'TAPBROKER_LEASE', 'TAPBROKER_MAC', 'TAPBROKER_NETWORK', 'TAPBROKER_UID']);
   const grant = await fx.broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === d.name);
   t.like((grant.device as { plug: Record<string, unknown> }).plug, { action: 'up', code: 0, stdout: `plugged ${d.name}\n` });
   await p.release();
@@ -208,6 +208,42 @@ test.serial('a persistent device on a hook network whose release the broker died
     await b.record((rec) => rec.decision === 'cleanup' && rec.message === 'unplugged from its network'
       && (rec.device as { name?: string }).name === name);
     t.deepEqual((JSON.parse(fs.readFileSync(b.stateFile, 'utf8')) as { downs: unknown[] }).downs, [], 'nothing owed');
+  } finally {
+    await b.stop();
+    fs.rmSync(bdir, { recursive: true, force: true });
+  }
+});
+
+// Found by an outside fault review: a broker killed while a hook's `up` ran left the `up` running; the restart ran
+// `down` at once, and the `up` finished after it (whatever it set up stayed for good). And the device, persistent,
+// was kept as a lease though its client was told the create failed.
+test.serial('a broker killed during a hook\'s up: the restart kills the up, then rolls the device back and runs down', async (t) => {
+  fs.rmSync(`${log}.up`, { force: true });
+  const bdir = tempDir('nets-upkill');
+  const name = `tb${NOBODY}-upk`;
+  let b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsu', dir: bdir });
+  const hookProcs = () => fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((pid) => {
+    try {
+      return fs.readFileSync(`/proc/${pid}/environ`, 'latin1').includes(`TAPBROKER_DEVICE=${name}\0`)
+        && !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${pid}/stat`, 'latin1'));
+    } catch {
+      return false;
+    }
+  });
+  try {
+    const asked = probeOnce({ socket: b.socket, requests: [{ network: 'slowup', name, persistent: true }] });
+    await b.waitFor(() => fs.existsSync(`${log}.up`), 5000, 'up never started');
+    await b.stop('SIGKILL', true);
+    t.is((await asked).error?.code, 'TB_E_BROKER_CLOSED');
+    t.true(hookProcs().length > 0, 'its up still runs');
+    b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsu', dir: bdir });
+    await b.waitFor(() => hookProcs().length === 0, 2000, `the up still runs: ${hookProcs()}`);
+    await b.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-end ${name}`), 5000, 'down never ran');
+    t.is(fx.ns.link(name), undefined, 'the device its client was told failed is gone');
+    const lines = fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.endsWith(` ${name}`));
+    t.deepEqual(lines, [`up-start ${name}`, `down-start ${name}`, `down-end ${name}`], 'the up never finished');
+    t.regex(b.stderr, /killed \d+ process\(es\) of plug hooks left running/);
+    t.deepEqual((await probeOnce({ socket: b.socket, list: true })).leases, []);
   } finally {
     await b.stop();
     fs.rmSync(bdir, { recursive: true, force: true });

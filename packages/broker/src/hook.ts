@@ -3,6 +3,7 @@
 // only, re-checked before each run, with a fixed argv, an empty environment plus documented variables,
 // a timeout, and its output captured for the audit record.
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import { TapbrokerError } from '@tapbroker/protocol/core';
 import { hookUnsafe } from './paths.js';
 
@@ -16,6 +17,8 @@ export interface HookContext {
   uid: number;
   network: string;
   lease: string;
+  /** The broker's identity (its state directory's): what its hooks' processes are found by (killOrphanHooks). */
+  broker: string;
 }
 
 export interface HookResult {
@@ -48,6 +51,7 @@ export function runHook(
     TAPBROKER_ACTION: action, TAPBROKER_DEVICE: ctx.device, TAPBROKER_IFINDEX: String(ctx.ifindex),
     TAPBROKER_MAC: ctx.mac,
     TAPBROKER_UID: String(ctx.uid), TAPBROKER_NETWORK: ctx.network, TAPBROKER_LEASE: ctx.lease,
+    TAPBROKER_BROKER: ctx.broker,
   };
   const argv = [
     action, ctx.device, `ifindex=${ctx.ifindex}`, `mac=${ctx.mac}`, `uid=${ctx.uid}`, `network=${ctx.network}`,
@@ -105,4 +109,25 @@ export function runHook(
       );
     });
   });
+}
+
+/**
+ * Hooks a broker of this state directory left running when it stopped (killed mid-`up`): killed, with every
+ * process they started that kept their environment, before the start runs any `down`, so that no `up`
+ * finishes after its `down`. Returns how many processes were killed.
+ */
+export function killOrphanHooks(broker: string): number {
+  const mark = `\0TAPBROKER_BROKER=${broker}\0`;
+  let killed = 0;
+  for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    if (Number(pid) === process.pid) continue;
+    try {
+      if (!`\0${fs.readFileSync(`/proc/${pid}/environ`, 'latin1')}`.includes(mark)) continue;
+      process.kill(Number(pid), 'SIGKILL');
+      killed++;
+    } catch {
+      // Gone meanwhile, or not ours to read (another user's, a process with more capabilities).
+    }
+  }
+  return killed;
 }

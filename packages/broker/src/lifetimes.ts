@@ -9,6 +9,7 @@ import { getpwuid } from './libc.js';
 import { namePrefix } from './naming.js';
 import { hostMac, type Cleanup, type Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
+import { killOrphanHooks } from './hook.js';
 import { plugDown } from './plug.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
@@ -87,6 +88,9 @@ export class Lifetimes implements Cleanup {
       retire: (...a) => this.retire(...a),
       unplug: (l) => this.unplug(l),
     };
+    // Hooks a stopped broker left running go before any `down` runs.
+    const killed = killOrphanHooks(this.brokerId);
+    if (killed > 0) this.log(`killed ${killed} process(es) of plug hooks left running by the broker's last stop`);
     reconcile(keeper);
     void reconcileOvs(keeper);
   }
@@ -318,7 +322,7 @@ export class Lifetimes implements Cleanup {
     if (attempt === 1) this.unplugging.set(l.name, (this.unplugging.get(l.name) ?? 0) + 1);
     let again = false;
     let failed = false;
-    const p = plugDown(l).then(
+    const p = plugDown(l, this.brokerId).then(
       (r) => {
         this.table.unplugged(l.id);
         const device = { ...leaseView(l), plug: r };

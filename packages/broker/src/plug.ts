@@ -35,11 +35,11 @@ export async function plugUp(
     });
     return { ovs: p.ovs, action: 'up', ...(net?.vlan != null ? { tag: net.vlan } : {}) };
   }
-  return runPlugHook(l, p, 'up');
+  return runPlugHook(l, p, 'up', broker);
 }
 
 /** Unplugs a lease's device (`down`) as its lease says. */
-export async function plugDown(l: LeaseRecord): Promise<Record<string, unknown> | null> {
+export async function plugDown(l: LeaseRecord, broker: string): Promise<Record<string, unknown> | null> {
   const p = l.plug;
   if (!p) return null;
   if ('ovs' in p) {
@@ -48,10 +48,12 @@ export async function plugDown(l: LeaseRecord): Promise<Record<string, unknown> 
     const removed = await delPortOf(p.db, p.ovs, l.name, l.id);
     return removed ? { ovs: p.ovs, action: 'down' } : null;
   }
-  return runPlugHook(l, p, 'down');
+  return runPlugHook(l, p, 'down', broker);
 }
 
-async function runPlugHook(l: LeaseRecord, p: { hook: string; timeout_ms: number }, action: 'up' | 'down') {
+async function runPlugHook(
+  l: LeaseRecord, p: { hook: string; timeout_ms: number }, action: 'up' | 'down', broker: string,
+) {
   const ctx = {
     device: l.name,
     ifindex: l.ifindex,
@@ -59,6 +61,7 @@ async function runPlugHook(l: LeaseRecord, p: { hook: string; timeout_ms: number
     uid: l.uid,
     network: l.network ?? '-',
     lease: l.id,
+    broker,
   };
   const r = await runHook(p.hook, action, ctx, p.timeout_ms);
   return { hook: p.hook, action, code: r.code, stdout: r.stdout, stderr: r.stderr, ms: r.ms };

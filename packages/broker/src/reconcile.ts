@@ -50,6 +50,9 @@ export function reconcile(lt: Keeper): void {
   const byName = new Map(links.map((k) => [k.name, k]));
   // Leases written mid-create: the broker stopped before the grant, so the client was told nothing was made
   // (its connection closed). Their devices go, as a failed create's do, and their networks' `down`s run.
+  // Leases that ended (a release, a deletion) before their network's `down` had run; read before the rollbacks
+  // below add theirs, which those rollbacks run themselves.
+  const owed = new Map(lt.table.owedDowns().map((l) => [l.id, l]));
   const interrupted = new Set(lt.table.unfinished());
   for (const id of interrupted) {
     const l = lt.table.get(id);
@@ -83,8 +86,6 @@ export function reconcile(lt: Keeper): void {
   // (deleted), or leases to rebuild when it was lost or corrupt.
   const adopted: Array<[LeaseRecord, Link]> = [];
   const seen = new Set<string>();
-  // Leases that ended (a release, a deletion) before their network's `down` had run.
-  const owed = new Map(lt.table.owedDowns().map((l) => [l.id, l]));
   for (const link of links) {
     const who = aliasIdentity(link.alias);
     if (!who || lt.table.get(who.id) || interrupted.has(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
