@@ -143,7 +143,7 @@ test.serial('a plug hook: run up with fixed argv and documented variables only, 
   t.true(up.startsWith(`up ${d.name} ifindex=${d.ifindex} mac=${d.mac} uid=${NOBODY} network=custom lease=`), up);
   // sh itself adds PWD, SHLVL and _; everything else came from the broker.
   const env = up.split(' | env: ')[1]!.trim().split(' ').map((kv) => kv.split('=')[0]!).filter((k) => !['PWD', 'SHLVL', '_', 'OLDPWD'].includes(k)).sort();
-  t.deepEqual(env, ['PATH', 'TAPBROKER_ACTION', 'TAPBROKER_BROKER', 'TAPBROKER_DEVICE', 'TAPBROKER_IFINDEX', 'TAPBROKER_LEASE', 'TAPBROKER_MAC', 'TAPBROKER_NETWORK', 'TAPBROKER_UID']);
+  t.deepEqual(env, ['PATH', 'TAPBROKER_ACTION', 'TAPBROKER_DEVICE', 'TAPBROKER_IFINDEX', 'TAPBROKER_LEASE', 'TAPBROKER_MAC', 'TAPBROKER_NETWORK', 'TAPBROKER_RUN', 'TAPBROKER_UID']);
   const grant = await fx.broker.record((r) => r.decision === 'grant' && (r.device as { name: string }).name === d.name);
   t.like((grant.device as { plug: Record<string, unknown> }).plug, { action: 'up', code: 0, stdout: `plugged ${d.name}\n` });
   await p.release();

@@ -205,7 +205,7 @@ async function grantOne(
     // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone.
     try {
       const net = spec.network ? policy.networks.get(spec.parent) : undefined;
-      const plugged = await plugUp(granted.lease, net, ctx.lifetimes.brokerId);
+      const plugged = await plugUp(granted.lease, net, ctx.lifetimes.brokerId, ctx.lifetimes.hookRun);
       return { ...granted, plugged, spec };
     } catch (err) {
       ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message);

@@ -3,7 +3,9 @@
 // only, re-checked before each run, with a fixed argv, an empty environment plus documented variables,
 // a timeout, and its output captured for the audit record.
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol/core';
 import { hookUnsafe } from './paths.js';
 
@@ -17,8 +19,8 @@ export interface HookContext {
   uid: number;
   network: string;
   lease: string;
-  /** The broker's identity (its state directory's): what its hooks' processes are found by (killOrphanHooks). */
-  broker: string;
+  /** This broker run's secret (hookRun): what its hooks' processes are found by after it stopped. */
+  run: string;
 }
 
 export interface HookResult {
@@ -51,7 +53,7 @@ export function runHook(
     TAPBROKER_ACTION: action, TAPBROKER_DEVICE: ctx.device, TAPBROKER_IFINDEX: String(ctx.ifindex),
     TAPBROKER_MAC: ctx.mac,
     TAPBROKER_UID: String(ctx.uid), TAPBROKER_NETWORK: ctx.network, TAPBROKER_LEASE: ctx.lease,
-    TAPBROKER_BROKER: ctx.broker,
+    TAPBROKER_RUN: ctx.run,
   };
   const argv = [
     action, ctx.device, `ifindex=${ctx.ifindex}`, `mac=${ctx.mac}`, `uid=${ctx.uid}`, `network=${ctx.network}`,
@@ -112,12 +114,49 @@ export function runHook(
 }
 
 /**
- * Hooks a broker of this state directory left running when it stopped (killed mid-`up`): killed, with every
- * process they started that kept their environment, before the start runs any `down`, so that no `up`
- * finishes after its `down`. Returns how many processes were killed.
+ * This run's secret, which its hooks inherit (TAPBROKER_RUN), and the last run's: kept in the state directory
+ * (root's alone) and in root's processes' environments, which no other user can read, so nobody can make the
+ * broker take a process for a hook of its own. Null for a broker without a state directory.
  */
-export function killOrphanHooks(broker: string): number {
-  const mark = `\0TAPBROKER_BROKER=${broker}\0`;
+export function hookRun(stateDir: string | null): { current: string; previous: string | null } {
+  const current = randomBytes(16).toString('hex');
+  if (!stateDir) return { current, previous: null };
+  const file = path.join(stateDir, 'hook-run');
+  let previous: string | null = null;
+  try {
+    const fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+    try {
+      previous = /^[0-9a-f]{32}$/.exec(fs.readFileSync(fd, 'latin1').trim())?.[0] ?? null;
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    // None yet (a first start), or not a file: no hooks of a last run to find.
+  }
+  const tmp = `${file}.${process.pid}.tmp`;
+  const { O_WRONLY, O_CREAT, O_TRUNC, O_NOFOLLOW } = fs.constants;
+  try {
+    const fd = fs.openSync(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600);
+    try {
+      fs.writeSync(fd, `${current}\n`);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, file);
+  } catch {
+    // A full or read-only state directory (the broker starts anyway, and says so): this run's hooks cannot be
+    // found after a crash, which is what a broker without this file had.
+  }
+  return { current, previous };
+}
+
+/**
+ * Hooks the broker's last run left running when it stopped (killed mid-`up`): killed, with every process they
+ * started that kept their environment, before the start runs any `down`, so that no `up` finishes after its
+ * `down`. Returns how many processes were killed.
+ */
+export function killOrphanHooks(run: string): number {
+  const mark = `\0TAPBROKER_RUN=${run}\0`;
   let killed = 0;
   for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
     if (Number(pid) === process.pid) continue;

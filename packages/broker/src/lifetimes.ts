@@ -9,7 +9,7 @@ import { getpwuid } from './libc.js';
 import { namePrefix } from './naming.js';
 import { hostMac, type Cleanup, type Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
-import { killOrphanHooks } from './hook.js';
+import { hookRun, killOrphanHooks } from './hook.js';
 import { plugDown } from './plug.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
@@ -51,6 +51,9 @@ export class Lifetimes implements Cleanup {
   });
   /** This broker's identity in its devices' tags. */
   readonly brokerId: string;
+  /** This run's secret, which its plug hooks inherit; and the last run's, to find the hooks it left running. */
+  readonly hookRun: string;
+  private readonly lastHookRun: string | null;
 
   constructor(
     stateDir: string | null,
@@ -61,6 +64,7 @@ export class Lifetimes implements Cleanup {
     private readonly log: (line: string) => void,
   ) {
     this.brokerId = brokerId(stateDir);
+    ({ current: this.hookRun, previous: this.lastHookRun } = hookRun(stateDir));
     const { table, problem, trusted } = LeaseTable.load(stateDir);
     this.table = table;
     this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, (id) => this.creating.has(id));
@@ -89,7 +93,7 @@ export class Lifetimes implements Cleanup {
       unplug: (l) => this.unplug(l),
     };
     // Hooks a stopped broker left running go before any `down` runs.
-    const killed = killOrphanHooks(this.brokerId);
+    const killed = this.lastHookRun ? killOrphanHooks(this.lastHookRun) : 0;
     if (killed > 0) this.log(`killed ${killed} process(es) of plug hooks left running by the broker's last stop`);
     reconcile(keeper);
     void reconcileOvs(keeper);
@@ -322,7 +326,7 @@ export class Lifetimes implements Cleanup {
     if (attempt === 1) this.unplugging.set(l.name, (this.unplugging.get(l.name) ?? 0) + 1);
     let again = false;
     let failed = false;
-    const p = plugDown(l, this.brokerId).then(
+    const p = plugDown(l, this.hookRun).then(
       (r) => {
         this.table.unplugged(l.id);
         const device = { ...leaseView(l), plug: r };

@@ -17,6 +17,7 @@ export async function plugUp(
   l: LeaseRecord,
   net: Network | undefined,
   broker: string,
+  run: string,
 ): Promise<Record<string, unknown> | null> {
   const p = l.plug;
   if (!p) return null;
@@ -35,11 +36,11 @@ export async function plugUp(
     });
     return { ovs: p.ovs, action: 'up', ...(net?.vlan != null ? { tag: net.vlan } : {}) };
   }
-  return runPlugHook(l, p, 'up', broker);
+  return runPlugHook(l, p, 'up', run);
 }
 
 /** Unplugs a lease's device (`down`) as its lease says. */
-export async function plugDown(l: LeaseRecord, broker: string): Promise<Record<string, unknown> | null> {
+export async function plugDown(l: LeaseRecord, run: string): Promise<Record<string, unknown> | null> {
   const p = l.plug;
   if (!p) return null;
   if ('ovs' in p) {
@@ -48,11 +49,11 @@ export async function plugDown(l: LeaseRecord, broker: string): Promise<Record<s
     const removed = await delPortOf(p.db, p.ovs, l.name, l.id);
     return removed ? { ovs: p.ovs, action: 'down' } : null;
   }
-  return runPlugHook(l, p, 'down', broker);
+  return runPlugHook(l, p, 'down', run);
 }
 
 async function runPlugHook(
-  l: LeaseRecord, p: { hook: string; timeout_ms: number }, action: 'up' | 'down', broker: string,
+  l: LeaseRecord, p: { hook: string; timeout_ms: number }, action: 'up' | 'down', run: string,
 ) {
   const ctx = {
     device: l.name,
@@ -61,7 +62,7 @@ async function runPlugHook(
     uid: l.uid,
     network: l.network ?? '-',
     lease: l.id,
-    broker,
+    run,
   };
   const r = await runHook(p.hook, action, ctx, p.timeout_ms);
   return { hook: p.hook, action, code: r.code, stdout: r.stdout, stderr: r.stderr, ms: r.ms };
