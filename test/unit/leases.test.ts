@@ -58,6 +58,60 @@ test('a memory-only lease that becomes persistent is written from then on', (t) 
   }
 });
 
+test('a lease written mid-create is pending on disk until confirmed (one write for a request); a removal clears it', (t) => {
+  const dir = tempDir('ltab');
+  try {
+    const { table } = LeaseTable.load(dir);
+    const a = lease({ ends: 'release', name: 'tb1000-a' });
+    const b = lease({ id: '2222222222222222', ends: 'release', name: 'tb1000-b', ifindex: 8 });
+    const memory = lease({ id: '3333333333333333', name: 'tb1000-m', ifindex: 9 });
+    table.add(a, true, true);
+    table.add(b, true, true);
+    table.add(memory, false, true);
+    t.deepEqual(table.unfinished().sort(), [a.id, b.id], 'a memory-only lease is never pending: nothing is on disk');
+    const reread = () => LeaseTable.load(dir).table;
+    t.deepEqual(reread().unfinished().sort(), [a.id, b.id], 'and so it is on disk');
+    const written = table.writes;
+    table.confirm([a.id, b.id, memory.id]);
+    t.is(table.writes, written + 1, 'one write for the whole request');
+    t.deepEqual(reread().unfinished(), []);
+    table.confirm([a.id]);
+    t.is(table.writes, written + 1, 'nothing to confirm, nothing written');
+    table.add(lease({ id: '4444444444444444', ends: 'release', name: 'tb1000-c', ifindex: 10 }), true, true);
+    table.remove('4444444444444444');
+    t.deepEqual(reread().unfinished(), [], 'a lease removed mid-create is pending no more');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a confirmation the table cannot write changes nothing and throws', (t) => {
+  const dir = tempDir('ltab');
+  try {
+    const { table } = LeaseTable.load(dir);
+    const a = lease({ ends: 'release' });
+    table.add(a, true, true);
+    // Root ignores directory modes; a directory gone stands in for a full or read-only one.
+    fs.rmSync(dir, { recursive: true, force: true });
+    t.throws(() => table.confirm([a.id]));
+    t.deepEqual(table.unfinished(), [a.id]);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('the devices kept with their leases lost are kept on disk', (t) => {
+  const dir = tempDir('ltab');
+  try {
+    const { table } = LeaseTable.load(dir);
+    table.kept.add('5555555555555555');
+    table.save();
+    t.deepEqual([...LeaseTable.load(dir).table.kept], ['5555555555555555']);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('kernelBound: only an unlocked, unplugged fd tap whose tag holds its whole lease', (t) => {
   t.true(kernelBound(lease(), true));
   t.false(kernelBound(lease(), false), 'its tag is partial');
