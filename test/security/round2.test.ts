@@ -186,6 +186,52 @@ test.serial('A1 (kernels without SO_PASSRIGHTS): a close blocked in the closer h
   }
 });
 
+// Found by an outside re-test: the kernel runs a file's flush at every close(), not only the last, and a user's
+// own FUSE server (in a user and mount namespace of its own) can hold a flush for ever: the broker's close of
+// its copy of one pushed fd froze it for everyone. No pushed fd enters the broker any more.
+const FUSE_HOLD = path.join(HERE, '../../helpers/fuse-hold.py');
+const fuseWhy = !fs.existsSync('/dev/fuse') ? '/dev/fuse does not exist here'
+  : spawnSync('python3', ['-c', '0']).status !== 0 ? 'python3 is not installed'
+    : spawnSync('setpriv', [...setprivArgs({ uid: STRANGER }), 'unshare', '-Urm', 'true']).status !== 0
+      ? 'unprivileged users cannot make a user namespace here' : null;
+if (fuseWhy) console.log(`# skip the FUSE flush attack: ${fuseWhy}`);
+(fuseWhy ? test.serial.skip : test.serial)('A1 (kernels without SO_PASSRIGHTS): a pushed fd whose flush never returns (a FUSE file of the user\'s) stalls no one', async (t) => {
+  const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fuse', fdFallback: true });
+  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-fuse-'));
+  fs.chmodSync(mnt, 0o777);
+  const a = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: STRANGER }), 'unshare', '-Urm',
+    'python3', FUSE_HOLD, `${mnt}/m`, process.execPath, LINGER, fb.socket, '0', '1', 'hello', `${mnt}/m/f`],
+  { stdio: ['pipe', 'pipe', 'pipe'], detached: true });
+  try {
+    const line = await new Promise<string>((resolve, reject) => {
+      let out = '';
+      let err = '';
+      a.stderr!.on('data', (d) => (err += d));
+      a.stdout!.on('data', (d) => {
+        out += d;
+        if (out.includes('\n')) resolve(out.slice(0, out.indexOf('\n')));
+      });
+      a.on('exit', (code) => reject(new Error(`the attacker exited ${code}: ${err}`)));
+    });
+    const got = JSON.parse(line) as Record<string, unknown>;
+    t.is(got['sent'], 'ok');
+    t.is(got['reply'], 'TB_E_UNEXPECTED_FDS');
+    await serves(t, fb);
+    await serves(t, fb);
+    await fb.record((r) => r.code === 'TB_E_UNEXPECTED_FDS' && r.uid === STRANGER);
+  } finally {
+    // The FUSE server goes first: whoever waits on its flush (the attacker itself, or a broker that took the
+    // fd in) is released.
+    try {
+      process.kill(-a.pid!, 'SIGKILL');
+    } catch {
+      // Gone.
+    }
+    await fb.stop();
+    fs.rmSync(mnt, { recursive: true, force: true });
+  }
+});
+
 test.serial('A1 (kernels without SO_PASSRIGHTS): fds queued behind a frame refused before hello; the close never releases them in the broker', async (t) => {
   const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb2', fdFallback: true });
   try {

@@ -80,7 +80,13 @@ export class Broker implements SessionHost, OpContext {
   readonly audit: Audit;
   readonly lifetimes: Lifetimes;
   readonly reaper: Reaper;
+  /** Connections (with the fds queued in them) a client pushed fds through: a closer of their own. */
   readonly foreignFds: ForeignFds;
+  /**
+   * The broker's own copies of fds it sent: another closer, so that nothing a client pushes (a lingering
+   * socket, a file whose flush never returns) can hold up the end of other users' devices.
+   */
+  readonly ownFds: ForeignFds;
   readonly policyPath: string | null;
   readonly helloTimeoutMs: number;
   readonly idleTimeoutMs: number;
@@ -108,6 +114,7 @@ export class Broker implements SessionHost, OpContext {
     this.subuids = new Subuids(opts.subuidFile);
     this.log = opts.log ?? (() => {});
     this.foreignFds = new ForeignFds(this.log);
+    this.ownFds = new ForeignFds(this.log);
     let lifetimes!: Lifetimes;
     const cleanup: Cleanup = {
       closeFds: (fds, uid) => lifetimes.closeFds(fds, uid),
@@ -116,7 +123,7 @@ export class Broker implements SessionHost, OpContext {
     const stateDir = opts.stateDir ?? '/run/tapbroker';
     this.kernel = opts.kernel?.(cleanup)
       ?? new Netdev(cleanup, stateDir, opts.faults ?? NO_FAULTS, opts.linkEventQueue);
-    this.reaper = new Reaper((ifindex) => this.kernel.deleteLink(ifindex), (fds) => this.foreignFds.give(fds));
+    this.reaper = new Reaper((ifindex) => this.kernel.deleteLink(ifindex), (fds) => this.ownFds.give(fds));
     lifetimes = new Lifetimes(opts.stateDir, this.kernel, this.reaper, this.audit, () => this.policy, this.log);
     this.lifetimes = lifetimes;
   }
@@ -150,6 +157,7 @@ export class Broker implements SessionHost, OpContext {
     await this.reaper.idle();
     await this.lifetimes.close();
     this.foreignFds.close();
+    this.ownFds.close();
     this.kernel.close();
     this.audit.close();
   }
@@ -224,7 +232,7 @@ export class Broker implements SessionHost, OpContext {
   }
 
   get fdsJammed(): boolean {
-    return this.foreignFds.jammed;
+    return this.ownFds.jammed;
   }
 
   // ---- connections
@@ -234,7 +242,10 @@ export class Broker implements SessionHost, OpContext {
    * so a connect flood costs the broker one getsockopt per connection.
    */
   private accept(fd: number): void {
-    const conn = new SeqpacketConnection(fd, { maxPacket: MAX_REQUEST_BYTES });
+    // No client's fd ever enters the broker, not even one queued before the socket refused them: each close()
+    // runs its file's flush, which a FUSE server can make wait for ever. Frames are peeked, and a frame with
+    // fds ends its connection, which goes whole to the closer (SeqpacketConnection, takesFds).
+    const conn = new SeqpacketConnection(fd, { maxPacket: MAX_REQUEST_BYTES, takesFds: false });
     // A connection queued before the listener refused fds can still carry them: refuse them here too.
     if (this.fdsRefusedAtSocket) refuseFds(fd);
     let peer: PeerCredentials;

@@ -1,6 +1,8 @@
-// Fds whose last close the broker must not make itself: those a client pushed at it, and its own copies of
-// the fds it sent (the client shares them and can leave the broker's copy the last). A last close can block
-// (a lingering TCP socket, a vhost-net fd whose worker, a thread of the client, is stopped) or take long
+// Fds whose last close the broker must not make itself: connections a client pushed fds through (the
+// fds still queued in them), and its own copies of the fds it sent (the client shares them and can leave
+// the broker's copy the last); the broker keeps one of these for each, so that neither holds up the other.
+// A last close can block (a lingering TCP socket, a vhost-net fd whose worker, a thread of the client, is
+// stopped) or take long
 // (a tap, ~20 ms), and would stall everyone. They go, over a socketpair, to a sacrificial closer process
 // (closer.ts), started on first need. A closer that stops acknowledging is killed and replaced; the fds
 // queued in its socket are then released by the kernel in its exit. A closer stuck in the kernel outlives

@@ -95,6 +95,13 @@ export class Session {
         let done!: () => void;
         this.inFlight = new Promise((r) => (done = r));
         try {
+          if (packet.carriesFds) {
+            // Where the kernel cannot refuse fds at the socket, they never enter the broker: the frame stays
+            // queued with them, and the connection goes whole to the closer (close() below).
+            await this.refusal(null, 'request', new TapbrokerError('TB_E_UNEXPECTED_FDS',
+              'the request carried file descriptors; they were never taken in, and the connection is closed'));
+            break;
+          }
           if (!(await this.handle(packet.data, packet.fds, packet.truncated))) break;
         } finally {
           done();

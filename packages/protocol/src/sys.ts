@@ -25,6 +25,7 @@ export const SO_PASSRIGHTS = 83;
 export const SHUT_RD = 0;
 export const SCM_RIGHTS = 1;
 export const MSG_CTRUNC = 0x8;
+export const MSG_PEEK = 0x2;
 export const MSG_TRUNC = 0x20;
 export const MSG_DONTWAIT = 0x40;
 export const MSG_NOSIGNAL = 0x4000;
@@ -367,6 +368,13 @@ export function fcntlGet(fd: number, cmd: number): number {
 
 export function fcntlSet(fd: number, cmd: number, value: number): void {
   if ((_fcntl(fd, cmd, 'int', value) as number) < 0) fail('fcntl');
+}
+
+/** A second descriptor of the same open file (F_DUPFD_CLOEXEC). */
+export function dup(fd: number): number {
+  const r = _fcntl(fd, 1030 /* F_DUPFD_CLOEXEC */, 'int', 0) as number;
+  if (r < 0) fail('fcntl');
+  return r;
 }
 
 /** True when `fd` is an open descriptor of this process. */

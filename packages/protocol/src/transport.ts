@@ -15,6 +15,11 @@ export interface Packet {
   truncated: boolean;
   /** More fds were sent than fit; the kernel closed the excess. */
   fdsTruncated: boolean;
+  /**
+   * On a connection that takes no fds: the packet carries some. It was read by peeking and is still queued,
+   * its fds never in this process; only drainAndClose may follow.
+   */
+  carriesFds?: boolean;
 }
 
 export interface PeerCredentials {
@@ -100,11 +105,20 @@ export class SeqpacketConnection {
    * Takes ownership of a connected, non-blocking SEQPACKET socket. Room is made for `maxFds` received
    * fds (default: the kernel's most, so the kernel never discards any inside this process's recvmsg).
    */
-  constructor(fd: number, opts: { maxPacket: number; maxFds?: number }) {
+  constructor(fd: number, opts: { maxPacket: number; maxFds?: number; takesFds?: boolean }) {
     this.fd = fd;
-    this.receiver = new sys.Receiver(opts.maxPacket, opts.maxFds ?? SCM_MAX_FD);
+    this.takesFds = opts.takesFds ?? true;
+    this.receiver = new sys.Receiver(opts.maxPacket, this.takesFds ? opts.maxFds ?? SCM_MAX_FD : 0);
     this.poller = new Poller(fd, (status, ev) => this.onPoll(status, ev));
   }
+
+  /**
+   * False where a peer's fds must never enter this process (a broker whose kernel cannot refuse them at the
+   * socket): every close() of a descriptor runs its file's flush, which a FUSE server can make wait for ever,
+   * whoever else holds the file. Packets are then peeked without a control buffer (the kernel installs no
+   * fd), and one that carries fds is left queued for drainAndClose, which hands the whole socket over.
+   */
+  private readonly takesFds: boolean;
 
   /** Connects to a listening SEQPACKET socket at `path`, waiting while its backlog is full. */
   static async connect(
@@ -215,6 +229,27 @@ export class SeqpacketConnection {
    */
   drainAndClose(foreign: (fds: number[]) => void): void {
     if (this._closed) return;
+    if (!this.takesFds) {
+      // Packets without fds are read off (a socket closed with its queue unread resets the peer, which would
+      // lose the reply it was sent); at the first with fds, the socket itself goes, with the rest of its
+      // queue, whose fds are released where it is closed last.
+      try {
+        sys.shutdown(this.fd, sys.SHUT_RD);
+        for (let i = 0; i < 100_000; i++) {
+          const m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | sys.MSG_PEEK);
+          if (m === null || (m.data.length === 0 && (m.flags & sys.MSG_CTRUNC) === 0)) break;
+          if ((m.flags & sys.MSG_CTRUNC) !== 0) {
+            foreign([sys.dup(this.fd)]);
+            break;
+          }
+          this.receiver.recv(this.fd, sys.MSG_DONTWAIT);
+        }
+      } catch {
+        // ENOTCONN, ECONNRESET: nothing more to read. Out of fds for the copy: closed here, its queue with it.
+      }
+      this.close();
+      return;
+    }
     try {
       sys.shutdown(this.fd, sys.SHUT_RD);
       for (let i = 0; i < 100_000; i++) {
@@ -270,7 +305,7 @@ export class SeqpacketConnection {
     if (!pr || this._closed) return;
     let m: sys.MsgIn | null;
     try {
-      m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | sys.MSG_CMSG_CLOEXEC);
+      m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | (this.takesFds ? sys.MSG_CMSG_CLOEXEC : sys.MSG_PEEK));
     } catch (err) {
       if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET)
         m = { data: Buffer.alloc(0), fds: [], flags: 0 };
@@ -284,8 +319,26 @@ export class SeqpacketConnection {
     this.poller.want({ readable: false });
     // A zero-length read is the end of the connection; SEQPACKET cannot tell it from an empty
     // packet, so the protocol has no empty packets.
-    if (m.data.length === 0 && m.fds.length === 0) {
+    const carriesFds = !this.takesFds && (m.flags & sys.MSG_CTRUNC) !== 0;
+    if (m.data.length === 0 && m.fds.length === 0 && !carriesFds) {
       pr.resolve(null);
+      return;
+    }
+    if (!this.takesFds && !carriesFds) {
+      // Peeked and fd-free: now taken off the queue (the same packet: nobody else reads this socket).
+      const data = Buffer.from(m.data);
+      const flags = m.flags;
+      try {
+        this.receiver.recv(this.fd, sys.MSG_DONTWAIT);
+      } catch (err) {
+        return this.fail(err as Error);
+      }
+      pr.resolve({ data, fds: [], truncated: (flags & sys.MSG_TRUNC) !== 0, fdsTruncated: false });
+      return;
+    }
+    if (carriesFds) {
+      pr.resolve({ data: Buffer.from(m.data), fds: [], truncated: (m.flags & sys.MSG_TRUNC) !== 0, fdsTruncated: false,
+        carriesFds: true });
       return;
     }
     pr.resolve({
