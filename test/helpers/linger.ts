@@ -4,12 +4,14 @@
 // of /dev/null (lingering ones last, where a short control buffer makes the kernel release them inside
 // the broker's recvmsg), closes its own copies so the broker's would be the last, prints one JSON line,
 // and holds the listener until its stdin closes.
-//   node linger.js SOCKET LINGERING COPIES MODE [FILE]   MODE: hello | behind (after a frame refused pre-hello);
+//   node linger.js SOCKET LINGERING COPIES MODE [FILE]   MODE: hello | behind (after a frame refused pre-hello)
+//   | empty (after an empty packet, which the broker takes for the end of the connection: the lingering
+//   sockets are closed here at once, before the broker reads it);
 //   COPIES of FILE (default /dev/null) go before the lingering sockets.
 import fs from 'node:fs';
 import { MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame, sys } from '@tapbroker/protocol';
 
-const [socket, lingering, nulls, mode, copied] = process.argv.slice(2) as [string, string, string, 'hello' | 'behind', string | undefined];
+const [socket, lingering, nulls, mode, copied] = process.argv.slice(2) as [string, string, string, 'hello' | 'behind' | 'empty', string | undefined];
 const AF_INET = 2;
 const SOCK_STREAM = 1;
 const SO_LINGER = 13;
@@ -48,8 +50,8 @@ const reply = async (conn: SeqpacketConnection) => {
   const p = await Promise.race([conn.receive(), new Promise<null>((r) => setTimeout(() => r(null), 3000))]);
   return p ? (decodeReply(p.data) as { op: string; code?: string }) : null;
 };
-// In `behind` mode the broker may refuse the first frame and close before the second is queued (EPIPE
-// here): then the case did not happen, and is tried again on a new connection, a few times at most.
+// In `behind` and `empty` modes the broker may end the connection at the first packet, before the second is
+// queued (EPIPE here): then the case did not happen, and is tried again on a new connection, a few times at most.
 for (let attempt = 1; ; attempt++) {
   const conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
   try {
@@ -57,6 +59,18 @@ for (let attempt = 1; ; attempt++) {
       await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
       out['hello'] = (await reply(conn))?.op ?? null;
       await conn.send(encodeFrame({ op: 'list', id: 2 }), fds);
+    } else if (mode === 'empty') {
+      // No frame is empty: the broker reads one as the end, with the fds queued right behind it. It reads
+      // nothing after `list` until the hello's reply is read, so both are queued, and our copies of the
+      // lingering sockets gone, before it does.
+      await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+      await conn.send(encodeFrame({ op: 'list', id: 2 }));
+      await new Promise((r) => setTimeout(r, 200));
+      await conn.send(Buffer.alloc(0));
+      await conn.send(encodeFrame({ op: 'list', id: 3 }), fds);
+      for (const s of stuck.splice(0)) sys.close(s);
+      out['hello'] = (await reply(conn))?.op ?? null;
+      out['list'] = (await reply(conn))?.op ?? null;
     } else {
       // Refused before hello, which ends the connection, with the fds queued right behind it.
       await conn.send(encodeFrame({ op: 'list', id: 2 }));
@@ -69,7 +83,7 @@ for (let attempt = 1; ; attempt++) {
     break;
   } catch (err) {
     out['sent'] = (err as { code?: string }).code ?? String(err);
-    if (!(mode === 'behind' && out['sent'] === 'EPIPE' && attempt < 5)) break;
+    if (!(mode !== 'hello' && out['sent'] === 'EPIPE' && attempt < 5)) break;
     conn.close();
   }
 }

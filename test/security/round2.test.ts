@@ -250,6 +250,32 @@ test.serial('A1 (kernels without SO_PASSRIGHTS): fds queued behind a frame refus
   }
 });
 
+// Found by an outside re-test: an empty packet (which the broker takes for the end of the connection) ended
+// the read-off of fd-free packets as if the queue were empty, and the broker closed the socket itself, with
+// the lingering sockets queued behind it: their last close ran in the broker for the linger time (30 s here).
+test.serial('A1 (kernels without SO_PASSRIGHTS): fds queued behind an empty packet are never released in the broker', async (t) => {
+  const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb4', fdFallback: true });
+  try {
+    const pushed = pushedFile();
+    const a = inNs(STRANGER, LINGER, [fb.socket, '2', '4', 'empty', pushed]);
+    try {
+      const out = await a.line;
+      t.is(out['sent'], 'ok');
+      t.is(out['hello'], 'hello');
+      t.log(`the client read: ${JSON.stringify(out)}`);
+      await serves(t, fb);
+      await serves(t, fb);
+      const held = () => foreignHeld(fb.proc.pid!, pushed);
+      await fb.waitFor(() => held().length === 0, 3000, `the broker still holds ${held().join(', ')}`);
+    } finally {
+      a.child.kill('SIGKILL');
+    }
+    t.true(fb.alive);
+  } finally {
+    await fb.stop();
+  }
+});
+
 // Found by an outside review: the closer was spawned without the broker's node flags, and under the unit's
 // MemoryDenyWriteExecute= (which children inherit) node aborts at start without --jitless: the pushed fds went
 // with a dying process, and the stuck-closer logic never ran. Here the broker runs as the unit runs it:

@@ -1,6 +1,7 @@
 // Every foreign call of the project lives here: typed wrappers over libc via koffi,
 // each throwing a SyscallError that carries errno. Layouts are x86_64/aarch64 LP64 Linux.
 import koffi from 'koffi';
+import fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
 
 const libc = koffi.load('libc.so.6');
@@ -375,6 +376,18 @@ export function dup(fd: number): number {
   const r = _fcntl(fd, 1030 /* F_DUPFD_CLOEXEC */, 'int', 0) as number;
   if (r < 0) fail('fcntl');
   return r;
+}
+
+/** Fds queued in a unix socket's receive queue (`scm_fds` in its fdinfo, Linux 5.7), or null where it does not say. */
+export function queuedFds(fd: number): number | null {
+  let info: string;
+  try {
+    info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+  } catch {
+    return null;
+  }
+  const m = /^scm_fds:\s*(\d+)$/m.exec(info);
+  return m ? Number(m[1]) : null;
 }
 
 /** True when `fd` is an open descriptor of this process. */

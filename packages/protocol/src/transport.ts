@@ -225,29 +225,33 @@ export class SeqpacketConnection {
    * Closes without ever releasing a peer's fds in this thread: reading is shut down (the peer can queue
    * nothing more), every packet still queued is read, and the fds they carried go to `foreign` before
    * the socket closes. A queued fd's last close can block (a lingering TCP socket) — whoever receives
-   * them must close them elsewhere.
+   * them must close them elsewhere. A connection that takes no fds closes here only if no fds are queued
+   * in it; otherwise its socket goes to `foreign`, with them (fd-free packets ahead of them are read first).
    */
   drainAndClose(foreign: (fds: number[]) => void): void {
     if (this._closed) return;
     if (!this.takesFds) {
       // Packets without fds are read off (a socket closed with its queue unread resets the peer, which would
-      // lose the reply it was sent); at the first with fds, the socket itself goes, with the rest of its
-      // queue, whose fds are released where it is closed last.
+      // lose the reply it was sent), up to the first that carries fds, is empty, or errs: an empty packet
+      // reads as the end of the connection, and a reset (ECONNRESET) is reported once ahead of packets still
+      // queued, so neither says the queue is empty. What is left cannot grow once reading is shut down; the
+      // kernel counts the fds in it (`scm_fds`, Linux 5.7), and a socket's last close releases them in the
+      // closing thread: with none the socket closes here, otherwise (or where the count cannot be read) it
+      // goes to `foreign`.
+      let shut = false;
       try {
         sys.shutdown(this.fd, sys.SHUT_RD);
+        shut = true;
         for (let i = 0; i < 100_000; i++) {
           const m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | sys.MSG_PEEK);
-          if (m === null || (m.data.length === 0 && (m.flags & sys.MSG_CTRUNC) === 0)) break;
-          if ((m.flags & sys.MSG_CTRUNC) !== 0) {
-            foreign([sys.dup(this.fd)]);
-            break;
-          }
+          if (m === null || m.data.length === 0 || (m.flags & sys.MSG_CTRUNC) !== 0) break;
           this.receiver.recv(this.fd, sys.MSG_DONTWAIT);
         }
       } catch {
-        // ENOTCONN, ECONNRESET: nothing more to read. Out of fds for the copy: closed here, its queue with it.
+        // ECONNRESET, ENOTCONN: nothing more is read.
       }
-      this.close();
+      if (shut && sys.queuedFds(this.fd) === 0) this.close();
+      else this.end((fd) => foreign([fd]));
       return;
     }
     try {
@@ -265,10 +269,15 @@ export class SeqpacketConnection {
 
   /** Closes the socket; a pending receive resolves to null and queued sends fail. */
   close(): void {
+    this.end((fd) => sys.close(fd));
+  }
+
+  /** Ends the connection; `release` takes the socket (closes it, or hands it to whoever will). */
+  private end(release: (fd: number) => void): void {
     if (this._closed) return;
     this._closed = true;
     this.poller.close();
-    sys.close(this.fd);
+    release(this.fd);
     const pr = this.pendingReceive;
     this.pendingReceive = null;
     pr?.resolve(null);

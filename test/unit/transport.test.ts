@@ -1,0 +1,108 @@
+// SeqpacketConnection.drainAndClose on a connection that takes no fds (the broker's): the socket's last close
+// releases the fds still queued in it, in the closing thread, so the socket closes in place only when the
+// kernel says no fds are queued; otherwise it goes whole to `foreign`. Found by an outside re-test: an empty
+// packet (read as the end) or a pending reset (reported ahead of queued packets) ended the read-off as if the
+// queue were empty, and the broker closed the socket with fds behind them. Plain sockets, no privilege.
+import test from 'ava';
+import { SeqpacketConnection, sys } from '@tapbroker/protocol';
+
+const rx = new sys.Receiver(64);
+
+/** A socket whose peer, `watched`, reads EOF once every copy of it is closed (null while one is open). */
+function watchedPair(): { file: number; gone: () => boolean; close: () => void } {
+  const [file, watched] = sys.socketpair(sys.SOCK_SEQPACKET);
+  return {
+    file,
+    gone: () => rx.recv(watched, sys.MSG_DONTWAIT)?.data.length === 0,
+    close: () => sys.close(watched),
+  };
+}
+
+/** The broker's end as a connection that takes no fds, and the client's end. */
+function connection(): { conn: SeqpacketConnection; client: number } {
+  const [broker, client] = sys.socketpair(sys.SOCK_SEQPACKET);
+  sys.fcntlSet(broker, sys.F_SETFL, sys.fcntlGet(broker, sys.F_GETFL) | sys.O_NONBLOCK);
+  return { conn: new SeqpacketConnection(broker, { maxPacket: 4096, takesFds: false }), client };
+}
+
+test('queuedFds counts the fds queued in a socket, and reading them off counts them out', (t) => {
+  const [a, b] = sys.socketpair(sys.SOCK_SEQPACKET);
+  try {
+    t.is(sys.queuedFds(b), 0);
+    sys.sendMsg(a, { data: Buffer.from('x'), fds: [0, 1, 2] }, sys.MSG_NOSIGNAL);
+    sys.sendMsg(a, { data: Buffer.alloc(0) }, sys.MSG_NOSIGNAL);
+    t.is(sys.queuedFds(b), 3);
+    const m = new sys.Receiver(64, 8).recv(b, sys.MSG_DONTWAIT | sys.MSG_CMSG_CLOEXEC);
+    t.is(m?.fds.length, 3);
+    for (const fd of m?.fds ?? []) sys.close(fd);
+    t.is(sys.queuedFds(b), 0, 'the empty packet behind carries none');
+  } finally {
+    sys.close(a);
+    sys.close(b);
+  }
+});
+
+test('a connection with fd-free packets queued is read off and closed in place', (t) => {
+  const { conn, client } = connection();
+  try {
+    sys.sendMsg(client, { data: Buffer.from('one') }, sys.MSG_NOSIGNAL);
+    sys.sendMsg(client, { data: Buffer.from('two') }, sys.MSG_NOSIGNAL);
+    const handed: number[] = [];
+    conn.drainAndClose((fds) => handed.push(...fds));
+    t.deepEqual(handed, [], 'nothing for the closer');
+    t.true(conn.closed);
+    t.is(rx.recv(client, sys.MSG_DONTWAIT)?.data.length, 0, 'the client sees the end at once');
+  } finally {
+    sys.close(client);
+  }
+});
+
+for (const [name, ahead] of [
+  ['an empty packet', (client: number) => sys.sendMsg(client, { data: Buffer.alloc(0) }, sys.MSG_NOSIGNAL)],
+  ['fd-free packets and an empty one', (client: number) => {
+    sys.sendMsg(client, { data: Buffer.from('one') }, sys.MSG_NOSIGNAL);
+    sys.sendMsg(client, { data: Buffer.alloc(0) }, sys.MSG_NOSIGNAL);
+  }],
+] as const) {
+  test(`fds queued behind ${name} are never released in place: the socket goes to foreign`, (t) => {
+    const { conn, client } = connection();
+    const pushed = watchedPair();
+    try {
+      ahead(client);
+      sys.sendMsg(client, { data: Buffer.from('list'), fds: [pushed.file] }, sys.MSG_NOSIGNAL);
+      sys.close(pushed.file);
+      const handed: number[] = [];
+      conn.drainAndClose((fds) => handed.push(...fds));
+      t.is(handed.length, 1, 'the socket itself, once');
+      t.false(pushed.gone(), 'the pushed socket is still queued, not released');
+      t.is(sys.queuedFds(handed[0]!), 1);
+      sys.close(handed[0]!);
+      t.true(pushed.gone(), 'released where the handed socket is closed last');
+    } finally {
+      sys.close(client);
+      pushed.close();
+    }
+  });
+}
+
+test('a reset reported ahead of queued fds does not end the drain as if the queue were empty', (t) => {
+  const { conn, client } = connection();
+  const pushed = watchedPair();
+  try {
+    sys.sendMsg(client, { data: Buffer.from('one') }, sys.MSG_NOSIGNAL);
+    sys.sendMsg(client, { data: Buffer.from('list'), fds: [pushed.file] }, sys.MSG_NOSIGNAL);
+    sys.close(pushed.file);
+    // A reply the client never reads: its close then leaves ECONNRESET pending on the broker's end, which the
+    // next read reports ahead of the packets still queued.
+    sys.sendMsg(conn.fd, { data: Buffer.from('reply') }, sys.MSG_NOSIGNAL);
+    sys.close(client);
+    const handed: number[] = [];
+    conn.drainAndClose((fds) => handed.push(...fds));
+    t.is(handed.length, 1, 'the socket itself, once');
+    t.false(pushed.gone(), 'the pushed socket is still queued, not released');
+    sys.close(handed[0]!);
+    t.true(pushed.gone());
+  } finally {
+    pushed.close();
+  }
+});
