@@ -115,7 +115,7 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
 
 // The maintainer scripts' calls to systemd, through stand-ins for deb-systemd-helper, deb-systemd-invoke and
 // systemctl that log their arguments, with /run/systemd/system present (a tmpfs over /run in a private mount
-// namespace): install, remove (config files kept), install again, upgrade.
+// namespace): install, remove (config files kept), install again, upgrade, upgrade with a policy that does not load.
 const LIFECYCLE = String.raw`
 set -eu
 pkg=$1; bin=$2
@@ -130,16 +130,24 @@ echo "%s $*" >> %s/calls
 done
 for tool in systemd-sysusers systemd-tmpfiles; do printf '#!/bin/sh
 ' > "$bin/$tool"; chmod 755 "$bin/$tool"; done
+# The policy check: passes unless $bin/broken exists.
+printf '#!/bin/sh
+echo "tapbrokerd $*" >> %s/calls
+[ ! -e %s/broken ]
+' "$bin" "$bin" > "$bin/tapbrokerd"; chmod 755 "$bin/tapbrokerd"
 export PATH="$bin:$PATH"
 step() { echo "== $*" >> "$bin/calls"; }
 step install;   sh "$pkg/postinst" configure; touch "$bin/enabled"
 step remove;    sh "$pkg/prerm" remove; sh "$pkg/postrm" remove
 step reinstall; sh "$pkg/postinst" configure 0.4.0
 step upgrade;   sh "$pkg/prerm" upgrade 0.5.0; sh "$pkg/postinst" configure 0.4.0
+touch "$bin/broken"
+step broken;    sh "$pkg/prerm" upgrade 0.5.0; sh "$pkg/postinst" configure 0.4.0 2> "$bin/said"
+sed 's/^/said: /' "$bin/said" >> "$bin/calls"
 cat "$bin/calls"
 `;
 
-test.serial('maintainer scripts: the socket runs after an install, after a removal and an install again, and after an upgrade', (t) => {
+test.serial('maintainer scripts: the socket runs after an install, after a removal and an install again, and after an upgrade; a policy that does not load is not restarted into', (t) => {
   const bin = tempDir('pkgcalls');
   try {
     const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', LIFECYCLE, 'sh', path.join(ROOT, 'packaging'), bin], { encoding: 'utf8' });
@@ -159,6 +167,12 @@ test.serial('maintainer scripts: the socket runs after an install, after a remov
     t.true(starts('upgrade'));
     t.true(phases.get('upgrade')!.includes('deb-systemd-invoke try-restart tapbrokerd.service'), 'an upgrade restarts a running broker');
     t.false(phases.get('upgrade')!.some((l) => / stop /.test(` ${l} `)), 'an upgrade stops nothing (running VMs keep their NICs)');
+    t.true(phases.get('upgrade')!.includes('tapbrokerd check-policy /etc/tapbroker/policy.toml'), 'the policy is checked first');
+    // A policy edited but never applied that no longer loads: the running broker is left as it is, and told.
+    const broken = phases.get('broken')!;
+    t.false(broken.some((l) => /try-restart/.test(l)), `a broker that would not start again is not restarted: ${broken.join('; ')}`);
+    t.true(broken.some((l) => /^said: tapbroker: \/etc\/tapbroker\/policy\.toml does not load/.test(l)), broken.join('\n'));
+    t.true(broken.some((l) => /^said: .*systemctl restart tapbrokerd/.test(l)));
   } finally {
     fs.rmSync(bin, { recursive: true, force: true });
   }

@@ -125,6 +125,12 @@ test.serial('reload: a valid policy applies to new requests, an invalid one is r
     t.is(asRoot.status, 0, asRoot.stderr);
     t.regex(asRoot.stdout, /policy reloaded: sha256 [0-9a-f]{64}/);
     t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error?.code, 'TB_E_POLICY_DENIED');
+    t.truthy(await broker.record((r) => r.op === 'reload' && / replaced by /.test(r.message ?? '')));
+    // Read again with nothing changed: said so, not "X replaced by X".
+    const again = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(again.status, 0, again.stderr);
+    const same = await broker.record((r) => r.op === 'reload' && /read again, unchanged/.test(r.message ?? ''));
+    t.notRegex(same.message ?? '', /replaced/);
   } finally {
     await broker.stop();
   }

@@ -179,7 +179,9 @@ export class Broker implements SessionHost, OpContext {
         decision: 'reload',
         rule: null,
         caller,
-        message: `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}`,
+        message: next.sha256 === before
+          ? `policy ${before} read again, unchanged, from ${next.files.join(', ')}`
+          : `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}`,
       });
       return next;
     } catch (err) {
