@@ -232,6 +232,56 @@ if (fuseWhy) console.log(`# skip the FUSE flush attack: ${fuseWhy}`);
   }
 });
 
+// Found by an outside re-test: a user's FUSE file whose last release waits on a write its server never answers
+// (writeback cache) wedges a closer in D state, beyond SIGKILL; after four, no closer was started, and every
+// connection that pushed an fd stayed open in the broker, one fd each, without bound (EMFILE in the end: no
+// one served). Now they wait in bins, a few fds whatever their number.
+const WEDGE = path.join(HERE, '../../helpers/wedge.py');
+(fuseWhy ? test.serial.skip : test.serial)('A1 (kernels without SO_PASSRIGHTS): closers wedged for good by a user\'s FUSE writes; its flood costs the broker no fd per connection', async (t) => {
+  const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2wedge', fdFallback: true });
+  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-fusewb-'));
+  fs.chmodSync(mnt, 0o777);
+  const a = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: STRANGER }), 'unshare', '-Urm',
+    'python3', FUSE_HOLD, '--write', `${mnt}/m`, 'python3', WEDGE, fb.socket, `${mnt}/m`, '5', '400', `${mnt}/go`],
+  { stdio: ['pipe', 'pipe', 'pipe'], detached: true });
+  const lines: Record<string, unknown>[] = [];
+  let err = '';
+  let out = '';
+  a.stderr!.on('data', (d) => (err += d));
+  a.stdout!.on('data', (d) => {
+    out += d;
+    for (let i = out.indexOf('\n'); i >= 0; i = out.indexOf('\n')) {
+      lines.push(JSON.parse(out.slice(0, i)) as Record<string, unknown>);
+      out = out.slice(i + 1);
+    }
+  });
+  const phase = (name: string) => until(() => lines.find((l) => l['phase'] === name),
+    { ms: 40_000, what: `the attacker's phase ${name} (stderr: ${err})` });
+  const fds = () => fs.readdirSync(`/proc/${fb.proc.pid}/fd`).length;
+  try {
+    t.like(await phase('wedged'), { refused: 5 });
+    const stuck = () => (fb.stderr.match(/fd closer stuck/g) ?? []).length;
+    await fb.waitFor(() => stuck() >= 4, 5000, 'fewer than four closers found stuck');
+    await serves(t, fb);
+    const before = fds();
+    fs.writeFileSync(`${mnt}/go`, '');
+    t.like(await phase('flooded'), { pushed: 400 });
+    await serves(t, fb);
+    await fb.waitFor(() => fds() < before + 16, 3000, `the broker holds ${fds() - before} more fds than before the flood`);
+    t.log(`broker fds before the flood of 400 connections ${before}, after ${fds()}; closers found stuck: ${stuck()}`);
+    t.true(fb.alive);
+  } finally {
+    // The FUSE server first: its /dev/fuse closing aborts the connection, which frees the wedged closers.
+    try {
+      process.kill(-a.pid!, 'SIGKILL');
+    } catch {
+      // Gone.
+    }
+    await fb.stop();
+    fs.rmSync(mnt, { recursive: true, force: true });
+  }
+});
+
 test.serial('A1 (kernels without SO_PASSRIGHTS): fds queued behind a frame refused before hello; the close never releases them in the broker', async (t) => {
   const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fb2', fdFallback: true });
   try {

@@ -6,12 +6,17 @@
 // (a tap, ~20 ms), and would stall everyone. They go, over a socketpair, to a sacrificial closer process
 // (closer.ts), started on first need. A closer that stops acknowledging is killed and replaced; the fds
 // queued in its socket are then released by the kernel in its exit. A closer stuck in the kernel outlives
-// its SIGKILL: at most MAX_WEDGED of them are left behind before the broker stops making new ones.
+// its SIGKILL (a user's FUSE file whose last release waits on a write its server never answers): at most
+// MAX_WEDGED of them are left behind before the broker stops making new ones. Pushed connections then wait
+// in bins: socketpairs of the broker's whose queues hold them in flight (its own copies closed, which for a
+// socket is never a last close), so that however many come, they cost the broker two fds per bin; a bin goes
+// to the next closer there is.
+
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { sys, watchReadable } from '@tapbroker/protocol/core';
+import { SCM_MAX_FD, sys, watchReadable } from '@tapbroker/protocol/core';
 
 const CLOSER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'closer.js');
 /** A closer with batches unacknowledged for this long is declared stuck. */
@@ -26,6 +31,8 @@ const MAX_WEDGED = 4;
 const BATCH = 16;
 /** The closer's pool: its closes run side by side (the kernel tears down taps closed together in one go). */
 const CLOSER_THREADS = 32;
+/** Bins at most (each two fds; one holds thousands of connections before its queue is full). */
+const MAX_BINS = 64;
 
 export class ForeignFds {
   private child: ChildProcess | null = null;
@@ -43,10 +50,17 @@ export class ForeignFds {
   private readonly wedged = new Set<ChildProcess>();
   /** A batch was sent and our copies closed, but the closer's `go` could not be sent yet (its queue full). */
   private goOwed = false;
+  /** Socketpairs whose queues hold pushed connections while no closer can be had (see the top of this file). */
+  private bins: Array<[number, number]> = [];
+  /** The broker stops: a closer is started even past MAX_WEDGED, so that its own exit releases nothing. */
+  private stopping = false;
 
   constructor(private readonly log: (line: string) => void) {}
 
-  /** Takes ownership of fds a client pushed. Never closes them in this process. */
+  /**
+   * Takes ownership of connections a client pushed fds through (sockets only: closing a copy of one runs no
+   * file system's flush, so the bins may). Never closes them last in this process.
+   */
   take(fds: readonly number[]): void {
     if (fds.length === 0) return;
     this.held.push(...fds);
@@ -81,16 +95,24 @@ export class ForeignFds {
   close(): void {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
+    // What still waits goes to a closer, so that the broker's own exit is no last close of it.
+    this.stopping = true;
+    if (this.held.length > 0 || this.bins.length > 0) this.flush();
     this.retire();
   }
 
   private flush(): void {
+    // A closer may be had again: the bins go to it, whole (the broker's copies of their ends are closed once
+    // sent; the closer's close of them is the last, and with it go the connections in their queues).
+    if (this.bins.length > 0 && !this.jammed) {
+      for (const bin of this.bins.splice(0)) this.held.push(...bin);
+    }
     let spawned = 0;
     while (this.held.length > 0) {
       if (this.sock < 0) {
         // A closer that dies at once is not respawned in a loop: the timer tries again. Nor are closers
-        // spawned without end while earlier ones stay stuck in the kernel: the fds wait (see jammed).
-        if (spawned++ === 2 || this.wedged.size >= MAX_WEDGED) break;
+        // spawned without end while earlier ones stay stuck in the kernel: the fds go to bins (see jammed).
+        if (spawned++ === 2 || (this.wedged.size >= MAX_WEDGED && !this.stopping)) break;
         try {
           this.spawnCloser();
         } catch (err) {
@@ -133,9 +155,39 @@ export class ForeignFds {
     }
     // Every closer stuck in the kernel: the broker's own copies go on the pool rather than wait (new vhost-net
     // grants, the one kind whose last close can block without end, are refused meanwhile: see jammed).
-    if (this.jammed) this.closeMineHere();
+    if (this.jammed) {
+      this.closeMineHere();
+      this.toBins();
+    }
     if (this.held.length > MAX_HELD && this.wedged.size < MAX_WEDGED) this.retire();
     this.timer ??= setInterval(() => this.check(), IDLE_MS / 2).unref();
+  }
+
+  /** Every closer stuck: the pushed connections held go into bins, and the broker closes its copies. */
+  private toBins(): void {
+    let i = 0;
+    while (i < this.held.length) {
+      const batch = this.held.slice(i, i + SCM_MAX_FD);
+      let n = -1;
+      try {
+        if (this.bins.length === 0) this.bins.push(sys.socketpair(sys.SOCK_SEQPACKET));
+        const into = this.bins.at(-1)![0];
+        n = sys.sendMsg(into, { data: Buffer.from([0]), fds: batch }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
+        // Its queue is full: the next bin.
+        if (n < 0 && this.bins.length < MAX_BINS) {
+          this.bins.push(sys.socketpair(sys.SOCK_SEQPACKET));
+          continue;
+        }
+      } catch (err) {
+        // No fd for a bin (EMFILE): what is left waits here.
+        this.log(`no bin for pushed connections (${(err as Error).message}); ${this.held.length - i} wait`);
+      }
+      if (n < 0) break;
+      // In flight in the bin now: closing our copy of a socket is never its last close.
+      for (const fd of batch) sys.close(fd);
+      i += batch.length;
+    }
+    if (i > 0) this.held = this.held.slice(i);
   }
 
   /** Tells the closer our copies of what it received are closed: it may close them now. */
@@ -246,7 +298,7 @@ export class ForeignFds {
         this.wedged.add(child);
         child.once('exit', () => {
           this.wedged.delete(child);
-          if (this.held.length > 0) this.flush();
+          if (this.held.length > 0 || this.bins.length > 0) this.flush();
         });
       }
     }
