@@ -146,7 +146,9 @@ export class Broker implements SessionHost, OpContext {
 
   /** Stops accepting, lets requests in flight finish, closes every connection; leases stay on disk. */
   async shutdown(): Promise<void> {
-    this.listener?.close();
+    // Connections not accepted yet go with the listener, and fds a client queued in them with its last close:
+    // the closer's (started at the stop if need be), never the broker's.
+    this.listener?.close((fd) => this.foreignFds.take([fd]));
     this.listener = null;
     // Requests in flight are answered, for SHUTDOWN_GRACE_MS at most (a hook or Open vSwitch that hangs).
     let grace: NodeJS.Timeout | undefined;
@@ -240,8 +242,8 @@ export class Broker implements SessionHost, OpContext {
   // ---- connections
 
   /**
-   * A new connection. The caps are checked from SO_PEERCRED alone, before any /proc or account work,
-   * so a connect flood costs the broker one getsockopt per connection.
+   * A new connection. The caps are checked from what the socket says of the peer (SO_PEERCRED, its groups
+   * and a pidfd: three getsockopt calls), before any /proc or account work.
    */
   private accept(fd: number): void {
     // No client's fd ever enters the broker, not even one queued before the socket refused them: each close()

@@ -474,11 +474,15 @@ export class SeqpacketListener {
     this.poller.want({ readable: false });
   }
 
-  close(): void {
+  /**
+   * Stops listening. `release` takes the socket (default: closed here): its last close releases connections
+   * not accepted yet, with whatever fds are queued in them.
+   */
+  close(release: (fd: number) => void = (fd) => sys.close(fd)): void {
     if (this._closed) return;
     this._closed = true;
     this.poller.close();
-    sys.close(this.fd);
+    release(this.fd);
     if (this.path) fs.rmSync(this.path, { force: true });
   }
 
