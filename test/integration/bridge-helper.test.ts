@@ -81,6 +81,9 @@ test('--help and --version', async (t) => {
   t.regex(v.out, /^tapbroker-bridge-helper \d+\.\d+\.\d+ \(protocol 2\)\n$/);
 });
 
+// Records of requests and connections since `before` (the end of an earlier test's taps may still be coming in).
+const asked = (before: number) => fx.broker.records.slice(before).filter((r) => r.decision !== 'cleanup');
+
 test.serial('an --fd that is not a socket is refused before the broker is asked', async (t) => {
   const before = fx.broker.records.length;
   const devnull = fs.openSync('/dev/null', 'r');
@@ -91,7 +94,7 @@ test.serial('an --fd that is not a socket is refused before the broker is asked'
   } finally {
     fs.closeSync(devnull);
   }
-  t.is(fx.broker.records.length, before, 'the broker saw nothing');
+  t.deepEqual(asked(before), [], 'the broker saw nothing');
 });
 
 test.serial('an --fd that is a socket but not a unix one is refused before the broker is asked', async (t) => {
@@ -104,7 +107,7 @@ test.serial('an --fd that is a socket but not a unix one is refused before the b
   } finally {
     sys.close(udp);
   }
-  t.is(fx.broker.records.length, before, 'the broker saw nothing');
+  t.deepEqual(asked(before), [], 'the broker saw nothing');
 });
 
 test.serial('the hypervisor\'s end closed: the helper says --fd failed, not the broker, and the tap goes', async (t) => {
