@@ -5,7 +5,8 @@
 # through a second fd (kept), then read the replies. The broker refuses the frame with fds and hands the whole
 # connection to a closer, whose close of it is F1's last release, which waits in D state for a WRITE the server
 # never answers: the closer is stuck, and outlives the broker's SIGKILL. Then, once GATE exists, FLOOD
-# connections that each push one fd (a pipe's end) and go. One JSON line per phase on stdout; then it waits.
+# connections that each push one fd (a pipe's end) and go; once GATE2 exists, one more round like the first.
+# One JSON line per phase on stdout; then it waits.
 #   wedge.py SOCKET MNT ROUNDS FLOOD GATE
 import array, json, os, socket, sys, time
 
@@ -16,8 +17,10 @@ LIST = bytes([0x82, 0xa2]) + b'op' + bytes([0xa4]) + b'list' + bytes([0xa2]) + b
 def rights(fds):
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))]
 
-keep, refused = [], 0
-for i in range(rounds):
+keep = []
+
+def wedge(i):
+    """One round: pushes a descriptor of MNT/fI, dirties the file, reads the replies; True if refused."""
     c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     c.connect(sockpath)
     c.send(HELLO)
@@ -25,10 +28,14 @@ for i in range(rounds):
     c.sendmsg([LIST], rights([f1]))
     os.close(f1)
     os.pwrite(f2, b'z' * 4096, 0)
-    keep += [f2, c]
+    keep.extend([f2, c])
     c.settimeout(5)
     c.recv(4096)
-    refused += b'TB_E_UNEXPECTED_FDS' in c.recv(4096)
+    return b'TB_E_UNEXPECTED_FDS' in c.recv(4096)
+
+refused = 0
+for i in range(rounds):
+    refused += wedge(i)
     time.sleep(2.6)  # the broker finds that closer stuck after 2 s and kills it, in vain
 print(json.dumps({'phase': 'wedged', 'refused': refused}), flush=True)
 while not os.path.exists(gate):
@@ -50,4 +57,9 @@ for _ in range(flood):
         pass
     c.close()
 print(json.dumps({'phase': 'flooded', 'pushed': pushed}), flush=True)
+# Then, once GATE2 exists, one more like the first ones: its connection, with a dirty file of ours queued in it,
+# waits in a bin (every closer is stuck), where the broker's stop must not release it in the broker.
+while not os.path.exists(gate + '2'):
+    time.sleep(0.1)
+print(json.dumps({'phase': 'binned', 'refused': wedge(rounds)}), flush=True)
 time.sleep(10 ** 6)

@@ -237,7 +237,7 @@ if (fuseWhy) console.log(`# skip the FUSE flush attack: ${fuseWhy}`);
 // connection that pushed an fd stayed open in the broker, one fd each, without bound (EMFILE in the end: no
 // one served). Now they wait in bins, a few fds whatever their number.
 const WEDGE = path.join(HERE, '../../helpers/wedge.py');
-(fuseWhy ? test.serial.skip : test.serial)('A1 (kernels without SO_PASSRIGHTS): closers wedged for good by a user\'s FUSE writes; its flood costs the broker no fd per connection', async (t) => {
+(fuseWhy ? test.serial.skip : test.serial)('A1 (kernels without SO_PASSRIGHTS): closers wedged for good by a user\'s FUSE writes; its flood costs the broker no fd per connection, nor its stop', async (t) => {
   const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2wedge', fdFallback: true });
   const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-fusewb-'));
   fs.chmodSync(mnt, 0o777);
@@ -270,6 +270,24 @@ const WEDGE = path.join(HERE, '../../helpers/wedge.py');
     await fb.waitFor(() => fds() < before + 16, 3000, `the broker holds ${fds() - before} more fds than before the flood`);
     t.log(`broker fds before the flood of 400 connections ${before}, after ${fds()}; closers found stuck: ${stuck()}`);
     t.true(fb.alive);
+    // A connection with a dirty file of the user's queued in it, in a bin: the broker's stop hands the bins to
+    // a closer (one is started past the cap), never releasing it in its own exit.
+    fs.writeFileSync(`${mnt}/go2`, '');
+    t.like(await phase('binned'), { refused: true });
+    // In a bin once the kernel counts it there: the fds queued in the broker's sockets (its bins) number the
+    // flood's 400 and this one.
+    const queued = () => fs.readdirSync(`/proc/${fb.proc.pid}/fdinfo`).reduce((n, fd) => {
+      try {
+        return n + Number(/^scm_fds:\s*(\d+)/m.exec(fs.readFileSync(`/proc/${fb.proc.pid}/fdinfo/${fd}`, 'utf8'))?.[1] ?? 0);
+      } catch {
+        return n;
+      }
+    }, 0);
+    await fb.waitFor(() => queued() >= 401, 3000, `not in a bin: ${queued()} fds queued in the broker's sockets`);
+    const stopping = Date.now();
+    fb.proc.kill('SIGTERM');
+    await fb.waitFor(() => !fb.alive, 10_000, 'the broker did not exit within 10 s of SIGTERM, the FUSE server alive');
+    t.log(`the broker exited ${Date.now() - stopping} ms after SIGTERM`);
   } finally {
     // The FUSE server first: its /dev/fuse closing aborts the connection, which frees the wedged closers.
     try {

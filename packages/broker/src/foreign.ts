@@ -31,6 +31,10 @@ const MAX_WEDGED = 4;
 const BATCH = 16;
 /** The closer's pool: its closes run side by side (the kernel tears down taps closed together in one go). */
 const CLOSER_THREADS = 32;
+/** How long pushed connections wait for more to fill a bin's packet (SCM_MAX_FD of them) while jammed. */
+const BIN_DELAY_MS = 100;
+/** A bin's send buffer (SO_SNDBUFFORCE): its queue holds packets up to this much memory, ~750 bytes each. */
+const BIN_SNDBUF = 4 << 20;
 /** Bins at most (each two fds; one holds thousands of connections before its queue is full). */
 const MAX_BINS = 64;
 
@@ -48,6 +52,8 @@ export class ForeignFds {
   replaced = 0;
   /** Killed closers still alive: stuck in the kernel (a last close that does not return). */
   private readonly wedged = new Set<ChildProcess>();
+  /** The next move of pushed connections into a bin, while a packet's worth gathers. */
+  private binSoon: NodeJS.Timeout | null = null;
   /** A batch was sent and our copies closed, but the closer's `go` could not be sent yet (its queue full). */
   private goOwed = false;
   /** Socketpairs whose queues hold pushed connections while no closer can be had (see the top of this file). */
@@ -93,18 +99,21 @@ export class ForeignFds {
   }
 
   close(): void {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    // What still waits goes to a closer, so that the broker's own exit is no last close of it.
+    // What still waits, in bins too, goes to a closer (one is started whatever is stuck), so that the broker's
+    // own exit is no last close of it.
     this.stopping = true;
+    if (this.binSoon) clearTimeout(this.binSoon);
+    this.binSoon = null;
     if (this.held.length > 0 || this.bins.length > 0) this.flush();
     this.retire();
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
   }
 
   private flush(): void {
     // A closer may be had again: the bins go to it, whole (the broker's copies of their ends are closed once
     // sent; the closer's close of them is the last, and with it go the connections in their queues).
-    if (this.bins.length > 0 && !this.jammed) {
+    if (this.bins.length > 0 && (!this.jammed || this.stopping)) {
       for (const bin of this.bins.splice(0)) this.held.push(...bin);
     }
     let spawned = 0;
@@ -157,25 +166,34 @@ export class ForeignFds {
     // grants, the one kind whose last close can block without end, are refused meanwhile: see jammed).
     if (this.jammed) {
       this.closeMineHere();
-      this.toBins();
+      // Full packets at once; the rest once no more came for a moment (a bin holds a few hundred packets
+      // whatever each carries, so one connection a packet would fill the bins after ~18,000).
+      this.toBins(false);
+      if (this.held.length > 0) {
+        this.binSoon ??= setTimeout(() => {
+          this.binSoon = null;
+          if (this.jammed) this.toBins(true);
+          else this.flush();
+        }, BIN_DELAY_MS).unref();
+      }
     }
     if (this.held.length > MAX_HELD && this.wedged.size < MAX_WEDGED) this.retire();
     this.timer ??= setInterval(() => this.check(), IDLE_MS / 2).unref();
   }
 
-  /** Every closer stuck: the pushed connections held go into bins, and the broker closes its copies. */
-  private toBins(): void {
+  /** Every closer stuck: the pushed connections held go into bins (`all`: a last packet not full too). */
+  private toBins(all: boolean): void {
     let i = 0;
-    while (i < this.held.length) {
+    while (i < this.held.length && (all || this.held.length - i >= SCM_MAX_FD)) {
       const batch = this.held.slice(i, i + SCM_MAX_FD);
       let n = -1;
       try {
-        if (this.bins.length === 0) this.bins.push(sys.socketpair(sys.SOCK_SEQPACKET));
+        if (this.bins.length === 0) this.bins.push(newBin());
         const into = this.bins.at(-1)![0];
         n = sys.sendMsg(into, { data: Buffer.from([0]), fds: batch }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
         // Its queue is full: the next bin.
         if (n < 0 && this.bins.length < MAX_BINS) {
-          this.bins.push(sys.socketpair(sys.SOCK_SEQPACKET));
+          this.bins.push(newBin());
           continue;
         }
       } catch (err) {
@@ -311,4 +329,15 @@ export class ForeignFds {
     // What it held goes with it, in its exit (our copies are closed already: its close is the last).
     this.goOwed = false;
   }
+}
+
+/** A bin: a socketpair whose queue holds sockets in flight, with room for thousands of packets. */
+function newBin(): [number, number] {
+  const bin = sys.socketpair(sys.SOCK_SEQPACKET);
+  try {
+    sys.setsockoptInt(bin[0], sys.SOL_SOCKET, 32 /* SO_SNDBUFFORCE */, BIN_SNDBUF);
+  } catch {
+    // Without CAP_NET_ADMIN: the default buffer, a few hundred packets.
+  }
+  return bin;
 }
