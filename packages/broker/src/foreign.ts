@@ -37,6 +37,12 @@ const BIN_DELAY_MS = 100;
 const BIN_SNDBUF = 4 << 20;
 /** Bins at most (each two fds; one holds thousands of connections before its queue is full). */
 const MAX_BINS = 64;
+/**
+ * Connections in bins at most. Each is a descriptor in flight, counted against the sender's allowance (its
+ * RLIMIT_NOFILE, past which its sendmsg with fds fails ETOOMANYREFS): root's, shared by every root process.
+ * Beyond this they wait in the broker, an fd each, as they did before there were bins.
+ */
+const MAX_BINNED = 65_536;
 
 export class ForeignFds {
   private child: ChildProcess | null = null;
@@ -58,6 +64,8 @@ export class ForeignFds {
   private goOwed = false;
   /** Socketpairs whose queues hold pushed connections while no closer can be had (see the top of this file). */
   private bins: Array<[number, number]> = [];
+  /** Connections in the bins. */
+  private binned = 0;
   /** The broker stops: a closer is started even past MAX_WEDGED, so that its own exit releases nothing. */
   private stopping = false;
 
@@ -115,6 +123,7 @@ export class ForeignFds {
     // sent; the closer's close of them is the last, and with it go the connections in their queues).
     if (this.bins.length > 0 && (!this.jammed || this.stopping)) {
       for (const bin of this.bins.splice(0)) this.held.push(...bin);
+      this.binned = 0;
     }
     let spawned = 0;
     while (this.held.length > 0) {
@@ -184,8 +193,8 @@ export class ForeignFds {
   /** Every closer stuck: the pushed connections held go into bins (`all`: a last packet not full too). */
   private toBins(all: boolean): void {
     let i = 0;
-    while (i < this.held.length && (all || this.held.length - i >= SCM_MAX_FD)) {
-      const batch = this.held.slice(i, i + SCM_MAX_FD);
+    while (i < this.held.length && (all || this.held.length - i >= SCM_MAX_FD) && this.binned < MAX_BINNED) {
+      const batch = this.held.slice(i, i + Math.min(SCM_MAX_FD, MAX_BINNED - this.binned));
       let n = -1;
       try {
         if (this.bins.length === 0) this.bins.push(newBin());
@@ -204,6 +213,7 @@ export class ForeignFds {
       // In flight in the bin now: closing our copy of a socket is never its last close.
       for (const fd of batch) sys.close(fd);
       i += batch.length;
+      this.binned += batch.length;
     }
     if (i > 0) this.held = this.held.slice(i);
   }
