@@ -15,6 +15,8 @@ try {
   process.stdout.write(`${JSON.stringify({ ok: true })}\n`);
   // `hold`: keep the queue attached until killed (a racing attacker keeps what it won).
   if (hold === 'hold') await new Promise(() => setInterval(() => {}, 1000));
+  // `flood`: toggle its offloads 700 times at once (TUNSETOFFLOAD: one link event each), as a flooding holder.
+  if (hold === 'flood') for (let i = 0; i < 700; i++) sys.ioctlInt(fd, 0x400454d0, (i + 1) % 2);
 } catch (err) {
   process.stdout.write(`${JSON.stringify({ ok: false, code: (err as sys.SyscallError).code })}\n`);
 } finally {

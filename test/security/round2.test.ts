@@ -568,6 +568,27 @@ test.serial('B12: a persistent tap given to a group: any member may open it, not
   }
 });
 
+// Found by an outside review: a member of the group a persistent tap was given to flooded link events
+// through it, and the broker deleted it (right) but also made its owner's new devices wait, and recorded the
+// flood as the owner's doing.
+test.serial('B12: a flood through a tap given to a group takes the tap, and nothing is charged to its owner', async (t) => {
+  const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true, group: GROUP }] }, { uid: NOBODY, groups: [GROUP] });
+  t.is(made.error, null, made.error?.message);
+  const name = made.taps[0]!.device.name;
+  try {
+    const member = spawnSync('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: OTHER_UID, groups: [GROUP] }), process.execPath, OPEN_TAP, name, '-', tunNode(dir), 'flood'], { encoding: 'utf8' });
+    t.deepEqual(JSON.parse(member.stdout) as unknown, { ok: true }, member.stderr);
+    await broker.waitFor(() => ns.link(name) === undefined, 5000, `${name} survived its flood`);
+    const rec = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name);
+    t.regex(rec.message ?? '', new RegExp(`^a holder \\(any member of group ${GROUP}, which the tap was given to\\) made it send more than 500 link events`));
+    t.notRegex(rec.message ?? '', /wait/);
+    const again = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+    t.is(again.error, null, `the owner's next device: ${again.error?.message}`);
+  } finally {
+    await probeOnce({ socket: broker.socket, release: [name] });
+  }
+});
+
 // ---------------------------------------------------------------- A8, A10: what the link monitor believes
 
 test.serial('A8: a port leaving its bridge is not the device vanishing', async (t) => {

@@ -505,6 +505,35 @@ test('a tap its holder makes persistent is decided on the policy in force: a den
   });
 });
 
+test('a tap its holder makes persistent: a uid without an account is never taken for a gid', async (t) => {
+  // Found by an outside review: the conversion was decided with the uid's number standing in for the gid where
+  // the uid has no account, so a uid equal to a group's gid took that group's rule (its persistence and quota)
+  // by an ioctl on its fd. (The host the tests run on has no account for these uids.)
+  await onFakeKernel(async ({ broker, kernel, records, held }) => {
+    const judged = async (uid: number, before: string, after: string) => {
+      broker.policy = parsePolicy(before);
+      const who: Identity = { ...caller(uid), gid: 65534, groups: [] };
+      const got = await ask(broker, who, tap({ bridge: 'br1' }));
+      held.push(...got.fds);
+      const name = (got.reply as { device: { name: string } }).device.name;
+      await settled(broker);
+      broker.policy = parsePolicy(after);
+      kernel.holderChanges(name, { persist: true });
+      await ask(broker, who, { op: 'list' });
+      await settled(broker);
+      t.is(kernel.linkNamed(name), null, `uid ${uid}: the device is deleted`);
+      t.false(records.some((r) => /now a persistent lease/.test(r.message ?? '')), `uid ${uid}: no rule converted it`);
+    };
+    // Another rule, for group 4000, allows persistent taps: uid 4000 is not in it.
+    const plain = '[[rule]]\nname = "plain"\nusers = [4000]\nbridges = ["br1"]\nmax_devices = 1\n';
+    const both = `${plain}\n[[rule]]\nname = "group-4000"\ngroups = [4000]\nbridges = ["br1"]\npersistent = true\n`;
+    await judged(4000, both, both);
+    // Its own rule, reloaded to admit group 4002 only: uid 4002 is not gid 4002.
+    const own = (who: string) => `[[rule]]\nname = "own"\n${who}\nbridges = ["br1"]\npersistent = true\n`;
+    await judged(4002, own('users = [4002]'), own('groups = [4002]'));
+  });
+});
+
 test('a persistent tap its owner changes while it is being made is judged when its create ends', async (t) => {
   // Found by an outside review: the events of a lease mid-create are not judged (they predate its terms), and
   // nothing judged the device afterwards, so an owner could change its persistent tap's MAC or group meanwhile.

@@ -487,7 +487,8 @@ export class Lifetimes implements Cleanup {
    */
   private decidePersistent(l: LeaseRecord): Decision {
     const account = getpwuid(l.uid);
-    const caller = { uid: l.uid, gid: account?.gid ?? l.uid, groups: [], user: account?.name ?? null };
+    // Without an account there is no group to go by (-1 is none): a uid's number is never a gid.
+    const caller = { uid: l.uid, gid: account?.gid ?? -1, groups: [], user: account?.name ?? null };
     // A name of the broker's own form is one it picked (a request naming one gains nothing by it): like
     // any broker-chosen name, no rule's name_pattern applies to it. Any other name was the caller's.
     const picked = new RegExp(`^${namePrefix(l.uid)}[0-9a-z]{2,6}$`).test(l.name);
