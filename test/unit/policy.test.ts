@@ -63,6 +63,42 @@ const decides = test.macro({
   title: (what) => `decide: ${what}`,
 });
 
+// Found by an outside review: a deny kept a user off br0, every tool said so, and a member of one of his groups
+// made a persistent tap on br0 for that group, which he then opened by name. The account database is modelled
+// here (membersOf, which the broker fills from it).
+test('decide: a tap given to a group is refused where a deny keeps a member, or the group, off its target', (t) => {
+  const p = { ...parsePolicy(`
+[[rule]]
+name = "team"
+groups = [3001]
+bridges = ["br0", "br1"]
+persistent = true
+
+[[deny]]
+name = "no-2004"
+users = [2004]
+bridges = ["br0"]
+
+[[deny]]
+name = "no-3002"
+groups = [3002]
+bridges = ["br1"]
+`), membersOf: (gid: number) => new Set(gid === 3001 ? [2001, 2004] : []) };
+  const alice = caller(2001, 2001, [3001]);
+  const shared = (parent: string, group: number | null) => decide(p, alice, ask({ parent, persistent: true, group }), none);
+  const refused = shared('br0', 3001);
+  t.false(refused.allow);
+  if (!refused.allow) {
+    t.is(refused.rule, 'no-2004');
+    t.regex(refused.message, /^denied by rule `no-2004': the tap would be given to group 3001, and the rule keeps uid 2004, a member off bridge `br0'/);
+  }
+  t.true(shared('br0', null).allow, 'not given to the group: alice\'s own tap');
+  t.true(shared('br1', 3001).allow, 'no deny covers br1 for a member of 3001');
+  const byGroup = shared('br1', 3002);
+  t.false(byGroup.allow, 'a deny naming the group itself');
+  if (!byGroup.allow) t.is(byGroup.rule, 'no-3002');
+});
+
 test('a listed uid', decides, caller(1001), ask(), { allow: true, rule: 'lab' });
 test('a user name resolved at load (root)', decides, caller(0), ask(), { allow: true, rule: 'lab' });
 test('a primary group', decides, caller(2000, 500), ask(), { allow: true, rule: 'lab' });

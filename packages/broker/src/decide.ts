@@ -87,6 +87,8 @@ export interface Policy {
   networks: ReadonlyMap<string, Network>;
   /** Problems that do not stop the policy from loading (e.g. a user that does not exist here). */
   warnings: readonly string[];
+  /** The uids the account database says are in a group (for a tap given to it); none where not known. */
+  membersOf?: (gid: number) => ReadonlySet<number>;
 }
 
 export interface Caller {
@@ -110,6 +112,8 @@ export interface Ask {
   /** A name the caller picked, or null for a broker-chosen one. */
   name: string | null;
   persistent: boolean;
+  /** A persistent tap given to a group: every member may open it, so every member must be allowed there. */
+  group?: number | null;
 }
 
 export type Decision =
@@ -131,6 +135,19 @@ export function matches(who: Selector, caller: Caller): boolean {
 export function matchesDeny(who: Selector, caller: Caller & { user?: string | null }): boolean {
   if (matches(who, caller) || who.members.has(caller.uid) || who.unresolved.groups.length > 0) return true;
   return who.unresolved.users.length > 0 && (!caller.user || who.unresolved.users.includes(caller.user));
+}
+
+/** A deny rule covering `target` that keeps a member of `group` (by the account database) or the group off it. */
+function sharedDeny(policy: Policy, group: number, target: Target): { deny: DenyRule; who: string } | null {
+  const members = policy.membersOf?.(group) ?? new Set<number>();
+  for (const d of policy.deny) {
+    if (!denyCovers(policy, d, target)) continue;
+    // Anyone holding the group, whoever it is (an unknown uid: only the group and the deny's own wildcards count).
+    const holder = (uid: number) => ({ uid, gid: group, groups: [group], user: null });
+    if (matchesDeny(d.who, holder(-1))) return { deny: d, who: `group ${group}` };
+    for (const uid of members) if (matchesDeny(d.who, holder(uid))) return { deny: d, who: `uid ${uid}, a member` };
+  }
+  return null;
 }
 
 export function macInPrefix(mac: string, prefix: string): boolean {
@@ -281,6 +298,17 @@ export function decide(
       : `macvtap parent \`${ask.parent}'`;
   const target = resolveTarget(policy, ask);
   const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
+  // A tap given to a group reaches every member (whoever holds the group opens it): a deny that keeps one
+  // of them off the target refuses it.
+  const shared = !deny && ask.group != null ? sharedDeny(policy, ask.group, target) : null;
+  if (shared) {
+    return {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: shared.deny.name,
+      message: `denied by rule \`${shared.deny.name}': the tap would be given to group ${ask.group}, and the rule `
+        + `keeps ${shared.who} off ${what}`,
+      hint: 'give it to no group, or to a group whose members may all use it',
+    };
+  }
   if (deny) {
     const scope = denyScope(deny);
     // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.

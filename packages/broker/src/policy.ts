@@ -249,7 +249,10 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
   errors.push(...patternOverlaps(allow, path));
   if (allow.length === 0) warnings.push(`${path}:1: the policy allows nothing: every request will be denied`);
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
-  return { path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks };
+  return {
+    path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks,
+    membersOf: (gid) => accountMembers(new Set([gid])).get(gid) ?? new Set<number>(),
+  };
 }
 
 /**
