@@ -168,8 +168,9 @@ groups = [0]
   for (const r of results) t.true(r.passed, `${r.name}: ${r.failure}`);
   t.deepEqual(results.map((r) => r.caller), [
     { uid: 0, gid: 4242, groups: [], user: 'root' },
-    { uid: 4242, gid: 4242, groups: [], user: null },
-    { uid: 4242, gid: 4242, groups: [0], user: null },
+    // No account: no primary group (a uid's number is never taken for a gid, as the broker does not).
+    { uid: 4242, gid: -1, groups: [], user: null },
+    { uid: 4242, gid: -1, groups: [0], user: null },
   ]);
 });
 

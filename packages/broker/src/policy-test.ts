@@ -242,8 +242,9 @@ export function parseCases(text: string, policy: Policy): { cases: Case[]; error
   }
   const cases = parsed.data.case.map((c, i): Case => ({
     index: i + 1, name: c.name ?? `case ${i + 1}`, line: lineOf(['case', i]), request: c.request.text,
-    // The primary group: as given, else the account database's, else the uid's number (no account).
-    caller: { uid: c.user.uid, gid: c.gid ?? c.user.gid ?? c.user.uid, groups: c.groups, user: c.user.user },
+    // The primary group: as given, else the account database's, else none (no account: a uid's number is
+    // never taken for a gid, as the broker does not).
+    caller: { uid: c.user.uid, gid: c.gid ?? c.user.gid ?? -1, groups: c.groups, user: c.user.user },
     nic: c.request.nic, devices: c.devices,
     expected: { decision: c.expect, rule: c.rule ?? null, code: c.code ?? null },
   }));

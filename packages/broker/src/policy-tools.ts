@@ -354,7 +354,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   if (argv[0] === 'explain-policy') {
     if (!o.user) return toolUsage(tool, 'explain-policy needs --user NAME');
     const pw = /^\d+$/.test(o.user)
-      ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? Number(o.user) }
+      ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? -1 }
       : getpwnam(o.user);
     if (!pw) {
       process.stderr.write(`tapbrokerd: no user \`${o.user}'\n`);
@@ -362,7 +362,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     }
     let groups: number[] = [];
     try {
-      groups = execFileSync('id', ['-G', o.user], { encoding: 'utf8' }).trim().split(/\s+/).map(Number);
+      groups = execFileSync('id', ['-G', o.user], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })
+        .trim().split(/\s+/).map(Number);
     } catch {
       // A uid without a passwd entry has only its primary group.
     }
@@ -372,7 +373,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     const denies = policy.deny.filter((d) => matchesDeny(d.who, caller));
     const everything = (d: DenyRule) => d.bridges === null && d.parents === null && d.networks === null;
     const result = {
-      user: o.user, uid: pw.uid, gid: pw.gid, groups,
+      user: o.user, uid: pw.uid, gid: pw.gid < 0 ? null : pw.gid, groups,
       denied_by: denies.map((d) => ({
         rule: d.name, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
         parents: everything(d) ? 'all' : d.parents ?? [],
@@ -387,7 +388,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     };
     if (o.json) write(JSON.stringify(result, null, 2));
     else {
-      write(`user ${o.user}: uid ${pw.uid}, gid ${pw.gid}, groups ${groups.join(',') || '-'}`);
+      write(`user ${o.user}: uid ${pw.uid}, gid ${pw.gid < 0 ? 'none (no account)' : pw.gid}, `
+        + `groups ${groups.join(',') || '-'}`);
       if (allows.length === 0) write('no rule allows this user anything (default deny)');
       else write(table([
         ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
