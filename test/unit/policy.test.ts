@@ -404,6 +404,15 @@ test('who-can and explain-policy agree with the broker about a deny reached thro
     const whoCan = JSON.parse(execFileSync(process.execPath, [main, 'who-can', file, '--bridge', 'br0', '--json'], { encoding: 'utf8' })) as { allowed_by: Array<{ rule: string; via_network: string | null }>; except: Array<{ rule: string }> };
     t.deepEqual(whoCan.allowed_by.map((g) => [g.rule, g.via_network]), [['r', 'lab']], 'the grant through network lab is shown');
     t.deepEqual(whoCan.except.map((d) => d.rule).sort(), ['d', 'n'], 'and both denies that cover it');
+    // Each with the routes it covers (found by an outside review: a deny of one network onto the bridge read
+    // as keeping the user off the bridge, which the broker granted him).
+    // (lab, untagged, is br0 itself to a deny.)
+    t.deepEqual(Object.fromEntries(whoCan.except.map((d) => [d.rule, (d as { routes?: string[] }).routes])),
+      { d: ['the bridge directly', 'network lab'], n: ['the bridge directly', 'network lab'] });
+    const tagged = path.join(dir, 'tagged.toml');
+    fs.writeFileSync(tagged, `[network.lab10]\nbridge = "br0"\nvlan = 10\n\n[[rule]]\nname = "r"\nusers = [1001]\nbridges = ["br0"]\n\n[[deny]]\nname = "n10"\nusers = [1001]\nnetworks = ["lab10"]\n`);
+    const text = execFileSync(process.execPath, [main, 'who-can', tagged, '--bridge', 'br0'], { encoding: 'utf8' });
+    t.regex(text, /^except user 1001 \(on network lab10 only\): denied by `n10'/m);
     const explained = JSON.parse(execFileSync(process.execPath, [main, 'explain-policy', file, '--user', '1001', '--json'], { encoding: 'utf8' })) as { denied_by: Array<{ rule: string; covers: string }> };
     t.deepEqual(explained.denied_by.map((d) => [d.rule, d.covers]), [['d', 'bridges br0'], ['n', 'networks lab']], 'a networks-only deny is not "everything"');
   } finally {

@@ -433,7 +433,11 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     : kind === 'tap' ? grantsBridge(r, target) : kind === 'network' ? r.networks.includes(target)
       : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode)));
   const grants = routes.flatMap(({ via }) => policy.allow.filter((r) => grantsRoute(r, via)).map((r) => ({ r, via })));
-  const denies = policy.deny.filter((d) => routes.some(({ t }) => denyCovers(policy, d, t)));
+  // Each deny with the routes it covers: a deny of one network onto a bridge does not keep anyone off the bridge.
+  const denies = policy.deny.map((d) => ({ d, on: routes.filter(({ t }) => denyCovers(policy, d, t)) }))
+    .filter(({ on }) => on.length > 0);
+  const routeName = (via: string | null) =>
+    via !== null ? `network ${via}` : `${kind === 'tap' ? 'the bridge' : 'it'} directly`;
   const result = {
     target: { kind, name: target, mode: o.mode },
     allowed_by: grants.map(({ r, via }) => ({
@@ -444,7 +448,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       mac_lock: r.macLock || (via !== null && policy.networks.get(via)!.macLock)
         || (kind === 'network' && policy.networks.get(target)!.macLock),
     })),
-    except: denies.map((d) => ({ rule: d.name, line: d.line, who: principals(d.who) })),
+    except: denies.map(({ d, on }) => ({
+      rule: d.name, line: d.line, who: principals(d.who), routes: on.map(({ via }) => routeName(via)),
+    })),
   };
   // A locked grant where no port can be locked (a macvtap, an OVS or hook network) is refused at request time.
   const lockCell = (locked: boolean, via: string | null) => !locked ? 'no'
@@ -461,7 +467,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         a.via_network !== null ? `network ${a.via_network}` : a.any_bridge ? 'any Linux bridge' : '-',
         String(a.max_queues), a.vhost ? 'yes' : 'no', a.persistent ? 'yes' : 'no', String(a.max_devices),
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
-    for (const d of denies) write(`except ${principals(d.who)}: denied by \`${d.name}' (line ${d.line})`);
+    for (const { d, on } of denies) {
+      const only = on.length < routes.length ? ` (on ${on.map(({ via }) => routeName(via)).join(', ')} only)` : '';
+      write(`except ${principals(d.who)}${only}: denied by \`${d.name}' (line ${d.line})`);
+    }
   }
   return EX.OK;
 }
