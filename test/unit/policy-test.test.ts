@@ -236,7 +236,7 @@ code = "TB_E_POLICY_DENIED"
       + "passthru, not `sideways'" },
     { line: 22, message: "case 4: code: `TB_E_NO_SUCH_BRIDGE' is not one a decision gives; those are "
       + 'TB_E_POLICY_DENIED, TB_E_QUOTA_EXCEEDED, TB_E_INVALID_NAME, TB_E_INVALID_MAC, TB_E_INVALID_QUEUES, '
-      + 'TB_E_INVALID_REQUEST' },
+      + 'TB_E_INVALID_REQUEST, TB_E_MAC_LOCK' },
     { line: 23, message: "case 4: devices.tem: the policy has no allow rule `tem' (did you mean `team'?)" },
     { line: 29, message: 'case 5: code: is for expect = "deny"' },
   ]);
@@ -288,4 +288,17 @@ test('SPECs: the client grammar for the keys that reach the broker', (t) => {
     ['bridge=br\u001b[0m', /control character/],
   ];
   for (const [spec, why] of bad) t.regex(parseRequest(spec) as string, why, spec);
+});
+
+test('a port its rule locks but that cannot be locked is refused TB_E_MAC_LOCK, as the broker and `can` refuse it', (t) => {
+  // Found by an outside review: test-policy passed `allow` where the broker refused, and a case could not even
+  // expect the code.
+  const policy = '[[rule]]\nname = "locked"\nusers = [1500]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n';
+  const [denied, allowed] = run(policy, cases(
+    { user: 1500, request: 'macvtap=eth0', expect: 'deny', code: 'TB_E_MAC_LOCK', rule: 'locked' },
+    { user: 1500, request: 'macvtap=eth0', expect: 'allow' },
+  ));
+  t.true(denied!.passed, denied!.failure ?? '');
+  t.false(allowed!.passed);
+  t.regex(allowed!.failure ?? '', /got deny by rule `locked' \(line 1\) with TB_E_MAC_LOCK: rule `locked' locks ports/);
 });

@@ -15,7 +15,7 @@ import { hookUnsafe } from './paths.js';
 import { plugOf, plugUp } from './plug.js';
 import type { Link } from './rtnetlink.js';
 import type { Outcome } from './session.js';
-import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, lockRefusal, specView, type CreateSpec } from './spec.js';
 
 /** Devices of one uid still being torn down, at most: beyond, its grants wait (TB_E_BUSY). */
 const MAX_TEARDOWN_PER_UID = 32;
@@ -366,24 +366,6 @@ function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
   const refusal = lockRefusal(policy, spec, rule);
   if (refusal) throw refusal;
   return rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
-}
-
-/** Why this request cannot have the port lock its rule or network asks for (as `can` says too), or null. */
-export function lockRefusal(policy: Policy, spec: CreateSpec, rule: AllowRule): TapbrokerError | null {
-  const lock = rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
-  if (!lock) return null;
-  const why = spec.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
-    : resolveTarget(policy, spec).kind !== 'bridge'
-      ? 'only a port of a Linux bridge can be locked: this network is Open vSwitch or a hook'
-      : spec.macUnknown ? 'the broker is not told the guest\'s MAC (the bridge helper\'s way), so it cannot lock '
-        + 'the port to it'
-        : null;
-  if (!why) return null;
-  const who = rule.macLock ? `rule \`${rule.name}'` : `network \`${spec.parent}'`;
-  return new TapbrokerError('TB_E_MAC_LOCK', `${who} locks ports to their guest's MAC, and ${why}`, {
-    rule: rule.name,
-    hint: spec.macUnknown ? 'use tapbroker run, which tells the broker the MAC' : 'ask for a tap on a Linux bridge',
-  });
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */

@@ -7,14 +7,14 @@ import {
 import { encodeReply } from '@tapbroker/protocol/requests';
 import type { Audit } from './audit.js';
 import { decide, matches, type Policy } from './decide.js';
-import { create, createMacvtap, createTap, lockRefusal } from './grant.js';
+import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
 import { leaseView } from './leases.js';
 import type { Lifetimes } from './lifetimes.js';
 import { printable } from './naming.js';
 import type { Kernel } from './kernel.js';
 import type { Outcome } from './session.js';
-import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, lockRefusal, specView, type CreateSpec } from './spec.js';
 
 /** What the handlers act on: the broker's state, read through this narrow view. */
 export interface OpContext {

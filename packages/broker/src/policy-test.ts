@@ -10,7 +10,7 @@ import { getgrnam, getpwnam, getpwuid } from './libc.js';
 import { decide, type Caller, type Policy } from './decide.js';
 import { loadPolicy, parsePolicy } from './policy.js';
 import { didYouMean, lineIndex } from './policy-text.js';
-import { checkSpec, createSpec, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
 
 const EX_FAILED = 1;
 
@@ -24,7 +24,7 @@ kernel. The policy defaults to the broker's. Status 0: every case holds; 1: some
 /** The codes a decision can carry: the grammar checks' and the policy's. The kernel's are never reached here. */
 export const DECIDED_CODES: readonly ErrorCode[] = [
   'TB_E_POLICY_DENIED', 'TB_E_QUOTA_EXCEEDED', 'TB_E_INVALID_NAME', 'TB_E_INVALID_MAC', 'TB_E_INVALID_QUEUES',
-  'TB_E_INVALID_REQUEST',
+  'TB_E_INVALID_REQUEST', 'TB_E_MAC_LOCK',
 ];
 
 const Id = z.union([z.string().min(1).max(256), z.number().int().min(0).max(0xfffffffe)]);
@@ -267,6 +267,9 @@ export function runCase(policy: Policy, c: Case): CaseResult {
     const identity: Identity = { ...c.caller, pid: 0, pidfd: null, exe: null, parent: null };
     checkSpec(spec, identity);
     const d = decide(policy, c.caller, spec, (rule) => c.devices[rule] ?? 0);
+    // A grant whose port cannot be locked as its rule or network says is refused, as by the broker and `can`.
+    const lock = d.allow ? lockRefusal(policy, spec, d.rule) : null;
+    if (lock) throw lock;
     decided = d.allow
       ? {
           decision: 'allow', rule: d.rule.name, line: d.rule.line, code: null,
@@ -275,9 +278,10 @@ export function runCase(policy: Policy, c: Case): CaseResult {
       : { decision: 'deny', rule: d.rule, line: lineOfRule(d.rule), code: d.code, message: d.message, hint: d.hint };
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
-    // A grammar error: the broker refuses it before deciding, with that code and no rule.
+    // A grammar error (refused before deciding, no rule) or a port that cannot be locked (its rule's).
+    const rule = err.rule ?? null;
     decided = {
-      decision: 'deny', rule: null, line: null, code: err.code, message: err.message, hint: err.hint ?? null,
+      decision: 'deny', rule, line: lineOfRule(rule), code: err.code, message: err.message, hint: err.hint ?? null,
     };
   }
   const e = c.expected;
