@@ -62,6 +62,8 @@ export interface AuditRecord {
   pid: number | null;
   exe: string | null;
   user: string | null;
+  /** The caller's supplementary groups (SO_PEERGROUPS), which group rules match; absent without a caller. */
+  groups?: number[];
   /** The caller's parent when it connected (see Identity.parent); absent for records without a caller. */
   ppid?: number;
   parent_exe?: string | null;
@@ -119,6 +121,7 @@ export class Audit {
       policy_sha256: ev.policy ?? this.policySha(),
       uid: c?.uid ?? null, gid: c?.gid ?? null, pid: c?.pid ?? null, exe: c?.exe ?? null, user: c?.user ?? null,
     };
+    if (c?.groups) rec.groups = [...c.groups];
     if (c?.parent) {
       rec.ppid = c.parent.pid;
       rec.parent_exe = c.parent.exe;
@@ -288,6 +291,8 @@ export function journalEntry(r: AuditRecord): Buffer {
   opt('TAPBROKER_PID', r.pid);
   opt('TAPBROKER_EXE', r.exe);
   opt('TAPBROKER_USER', r.user);
+  // Space-separated, as `id -G` prints them.
+  opt('TAPBROKER_GROUPS', r.groups?.join(' '));
   opt('TAPBROKER_PPID', r.ppid);
   opt('TAPBROKER_PARENT_EXE', r.parent_exe);
   opt('TAPBROKER_REQUEST', r.request);
