@@ -78,6 +78,20 @@ test('an error in a fragment names the fragment and its line', (t) => {
   } finally {
     fs.rmSync(dir, { recursive: true });
   }
+  // A name_pattern checked across all the files: at the fragment's own rule (found by an outside review: it
+  // was named at the main file, with the fragment's line).
+  const two = setUp(rule('main', '"br0"'), { 'y.toml': `\n\n${rule('y', '"br1"', 'name_pattern = "tb{uid}x-*"\n')}` });
+  try {
+    t.regex(loadError(two.file), /policy\.d\/y\.toml:3: rule `y' name_pattern tb\{uid\}x-\*: overlaps/);
+    const bad = setUp(rule('main', '"br0"'), { 'z.toml': rule('z', '"br1"', 'name_pattern = "z-*"\n') });
+    try {
+      t.regex(loadError(bad.file), /policy\.d\/z\.toml:5: rule\.0\.name_pattern: name_pattern `z-\*' must contain/);
+    } finally {
+      fs.rmSync(bad.dir, { recursive: true });
+    }
+  } finally {
+    fs.rmSync(two.dir, { recursive: true });
+  }
 });
 
 test('one digest over every file and its name; a lone file keeps the digest of its text', (t) => {
@@ -92,7 +106,19 @@ test('one digest over every file and its name; a lone file keeps the digest of i
     fs.renameSync(path.join(dir, 'policy.d', 'a.toml'), path.join(dir, 'policy.d', 'b.toml'));
     t.not(loadPolicy(file).sha256, one, 'a renamed fragment changes the digest');
     fs.writeFileSync(path.join(dir, 'policy.d', 'b.toml'), rule('a', '"br2"'));
-    t.not(loadPolicy(file).sha256, one);
+    const two = loadPolicy(file).sha256;
+    t.not(two, one);
+    // The same files however the path to them is spelled, or wherever they are (a checkout, the host): one
+    // digest (found by an outside review: a CI job checking the policy could never match the broker's records).
+    t.is(loadPolicy(path.relative(process.cwd(), file)).sha256, two);
+    t.is(loadPolicy(path.join(dir, '.', 'policy.toml')).sha256, two);
+    const copy = tempDir('frag-copy');
+    try {
+      fs.cpSync(dir, copy, { recursive: true });
+      t.is(loadPolicy(path.join(copy, 'policy.toml')).sha256, two);
+    } finally {
+      fs.rmSync(copy, { recursive: true, force: true });
+    }
   } finally {
     fs.rmSync(dir, { recursive: true });
   }

@@ -4,6 +4,7 @@
 // decide.ts decides on. Runs at start and on reload, never on a request's input.
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import { basename } from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import {
   TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName, validate, type Checks, type Shape,
@@ -246,7 +247,7 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
     };
   }));
   const path = sources[0]?.path ?? '<policy>';
-  errors.push(...patternOverlaps(allow, path));
+  errors.push(...patternOverlaps(allow));
   if (allow.length === 0) warnings.push(`${path}:1: the policy allows nothing: every request will be denied`);
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
   return {
@@ -257,12 +258,14 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
 
 /**
  * The policy's digest, in every audit record: of the file's text when it is alone (as before fragments);
- * else of each file's path and the digest of its text, in order, so a renamed fragment changes it too.
+ * else of each file's name (not its path: the same files give the same digest however the path to them is
+ * spelled, in a checkout as on the host) and the digest of its text, in order, so a renamed fragment
+ * changes it too.
  */
 function digest(sources: ReadonlyArray<{ path: string; text: string }>): string {
   const sha = (t: string) => createHash('sha256').update(t).digest('hex');
   if (sources.length === 1) return sha(sources[0]!.text);
-  return sha(sources.map((s) => `${s.path}\0${sha(s.text)}\n`).join(''));
+  return sha(sources.map((s) => `${basename(s.path)}\0${sha(s.text)}\n`).join(''));
 }
 
 /**
@@ -274,13 +277,14 @@ function digest(sources: ReadonlyArray<{ path: string; text: string }>): string 
  * - the literal parts before the placeholder, the broker's own `tb` among them (its names are
  *   `tb<uid>-…`), must be prefix-free unless the whole patterns are equal: checked after one sort.
  */
-function patternOverlaps(rules: readonly AllowRule[], path: string): string[] {
+function patternOverlaps(rules: readonly AllowRule[]): string[] {
   const errors: string[] = [];
-  const shapes = new Map<string, { pattern: string; rule: string; line: number }>();
-  shapes.set('tb', { pattern: DEFAULT_NAME_PATTERN, rule: 'the names the broker picks', line: 0 });
+  const shapes = new Map<string, { pattern: string; rule: string; file: string; line: number }>();
+  shapes.set('tb', { pattern: DEFAULT_NAME_PATTERN, rule: 'the names the broker picks', file: '', line: 0 });
   for (const r of rules) {
     const p = r.namePattern;
-    const at = `${path}:${r.line}: rule \`${r.name}' name_pattern ${p}`;
+    // Each at its own file (a fragment's rule in its fragment) and line.
+    const at = `${r.file}:${r.line}: rule \`${r.name}' name_pattern ${p}`;
     const holes = p.match(/\{uid\}|\{user\}/g) ?? [];
     if (holes.length !== 1) {
       errors.push(`${at}: must contain exactly one of {uid} or {user}`);
@@ -304,7 +308,7 @@ function patternOverlaps(rules: readonly AllowRule[], path: string): string[] {
           `${at}: overlaps `
             + `${seen.rule === 'the names the broker picks' ? seen.rule : `rule \`${seen.rule}' (${seen.pattern})`}`,
         );
-      } else shapes.set(prefix, { pattern: p, rule: r.name, line: r.line });
+      } else shapes.set(prefix, { pattern: p, rule: r.name, file: r.file, line: r.line });
     }
   }
   // Prefix-free: in sorted order a prefix sits right before the strings it begins.
@@ -314,7 +318,8 @@ function patternOverlaps(rules: readonly AllowRule[], path: string): string[] {
     const b = shapes.get(sorted[k]!)!;
     if (sorted[k]!.startsWith(sorted[k - 1]!)) {
       const who = (x: typeof a) => (x.line === 0 ? x.rule : `rule \`${x.rule}' (${x.pattern})`);
-      errors.push(`${path}:${b.line || a.line}: name_pattern ${b.pattern} of ${who(b)} overlaps ${who(a)}: `
+      const where = b.line ? `${b.file}:${b.line}` : `${a.file}:${a.line}`;
+      errors.push(`${where}: name_pattern ${b.pattern} of ${who(b)} overlaps ${who(a)}: `
         + 'the text before {uid} or {user} must not begin another pattern\'s');
     }
   }
