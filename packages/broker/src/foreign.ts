@@ -69,7 +69,8 @@ export class ForeignFds {
   /** The broker stops: a closer is started even past MAX_WEDGED, so that its own exit releases nothing. */
   private stopping = false;
 
-  constructor(private readonly log: (line: string) => void) {}
+  /** `send`: sendmsg(2) (a test puts a fault this kernel cannot produce in its place). */
+  constructor(private readonly log: (line: string) => void, private readonly send: typeof sys.sendMsg = sys.sendMsg) {}
 
   /**
    * Takes ownership of connections a client pushed fds through (sockets only: closing a copy of one runs no
@@ -147,8 +148,14 @@ export class ForeignFds {
       try {
         if (this.goOwed) this.go();
         if (this.goOwed) break;
-        n = sys.sendMsg(this.sock, { data: Buffer.from([0]), fds: batch }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
+        n = this.send(this.sock, { data: Buffer.from([0]), fds: batch }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
       } catch (err) {
+        if (!closerGone(err)) {
+          // Not the closer: an fd of the batch cannot travel (ETOOMANYREFS: a socket with others nested too deep
+          // in its queue, where the kernel limits that). Each goes alone; one that cannot, to a throwaway process.
+          if (!this.alone(batch)) break;
+          continue;
+        }
         this.log(`fd closer unreachable (${(err as Error).message}); replacing it`);
         this.retire();
         continue;
@@ -216,6 +223,41 @@ export class ForeignFds {
       this.binned += batch.length;
     }
     if (i > 0) this.held = this.held.slice(i);
+  }
+
+  /**
+   * Sends a batch's fds to the closer one at a time; one the kernel will not carry is inherited by a
+   * throwaway process instead, whose exit is its last close. False if the rest must wait (a full queue, no
+   * process to spare, the closer gone).
+   */
+  private alone(batch: readonly number[]): boolean {
+    for (const fd of batch) {
+      let n: number;
+      try {
+        n = this.send(this.sock, { data: Buffer.from([0]), fds: [fd] }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
+        if (n >= 0) this.goOwed = true;
+      } catch (err) {
+        if (closerGone(err)) {
+          this.retire();
+          return false;
+        }
+        n = orphan(fd) ? 0 : -1;
+        const fate = n === 0 ? 'a throwaway process closes it' : 'it waits';
+        this.log(`an fd no socket will carry (${(err as Error).message}): ${fate}`);
+      }
+      if (n < 0) return false;
+      sys.close(fd);
+      this.mine.delete(fd);
+      this.held.splice(this.held.indexOf(fd), 1);
+      this.handed++;
+    }
+    try {
+      if (this.goOwed) this.go();
+    } catch {
+      this.retire();
+      return false;
+    }
+    return true;
   }
 
   /** Tells the closer our copies of what it received are closed: it may close them now. */
@@ -350,4 +392,28 @@ function newBin(): [number, number] {
     // Without CAP_NET_ADMIN: the default buffer, a few hundred packets.
   }
   return bin;
+}
+
+/** Errors that say the closer is gone, not that what was sent cannot travel. */
+function closerGone(err: unknown): boolean {
+  const code = (err as sys.SyscallError).errno;
+  return [sys.errno.EPIPE, sys.errno.ECONNRESET, sys.errno.ENOTCONN, sys.errno.ECONNREFUSED, sys.errno.EBADF]
+    .includes(code);
+}
+
+/** The binary a throwaway process runs: it only has to exit. */
+const THROWAWAY = fs.existsSync('/bin/true') ? ['/bin/true'] : [process.execPath, '-e', '0'];
+
+/**
+ * An fd no socket will carry: a throwaway process inherits it (fork and exec, no SCM_RIGHTS) and exits, its
+ * exit the last close. True once it holds it (the caller then closes its own copy); false if none could start.
+ */
+export function orphan(fd: number): boolean {
+  try {
+    const child = spawn(THROWAWAY[0]!, THROWAWAY.slice(1), { stdio: ['ignore', 'ignore', 'ignore', fd] });
+    child.on('error', () => {});
+    return child.pid !== undefined;
+  } catch {
+    return false;
+  }
 }

@@ -3,6 +3,7 @@
 export * from './index.js';
 export { daemon, type DaemonExtras } from './daemon.js';
 export { namePrefix, tapName, randomMac } from './naming.js';
+export { ForeignFds, orphan } from './foreign.js';
 export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
 export {
   matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope, ANY_BRIDGE, grantsBridge,

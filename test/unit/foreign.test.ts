@@ -1,0 +1,49 @@
+// ForeignFds (foreign.ts): what the broker must not close last goes to a closer process. An fd the kernel
+// will not carry over a socket (ETOOMANYREFS: a unix socket with others nested too deep in its queue, on
+// kernels that limit nesting; 6.18, which the tests run on, does not, so that fault is put in place of
+// sendmsg here: the only fake in this file) must neither stop what waits behind it nor get the closer
+// replaced: it goes to a throwaway process by inheritance.
+import test from 'ava';
+import { ForeignFds, orphan } from '@tapbroker/broker/internal';
+import { sys } from '@tapbroker/protocol';
+import { until } from '../helpers/wait.js';
+
+const rx = new sys.Receiver(64);
+
+/** A socket whose peer reads EOF once every copy of it is closed. */
+function watched(): { fd: number; gone: () => boolean; close: () => void } {
+  const [fd, peer] = sys.socketpair(sys.SOCK_SEQPACKET);
+  sys.fcntlSet(peer, sys.F_SETFL, sys.fcntlGet(peer, sys.F_GETFL) | sys.O_NONBLOCK);
+  return { fd, gone: () => rx.recv(peer, sys.MSG_DONTWAIT)?.data.length === 0, close: () => sys.close(peer) };
+}
+
+test('orphan: a throwaway process inherits the fd, and its exit is the last close', async (t) => {
+  const w = watched();
+  try {
+    t.true(orphan(w.fd));
+    sys.close(w.fd);
+    await until(() => w.gone(), { ms: 5000, what: 'the throwaway process never closed it' });
+    t.pass();
+  } finally {
+    w.close();
+  }
+});
+
+test('an fd no socket will carry goes to a throwaway process; the rest reach the closer, which stays', async (t) => {
+  const [good1, bad, good2] = [watched(), watched(), watched()];
+  const logged: string[] = [];
+  const send: typeof sys.sendMsg = (fd, msg, flags) => {
+    if (msg.fds?.includes(bad.fd)) throw new sys.SyscallError('sendmsg', 109 /* ETOOMANYREFS */, 'too many references');
+    return sys.sendMsg(fd, msg, flags);
+  };
+  const fds = new ForeignFds((line) => logged.push(line), send);
+  try {
+    fds.take([good1.fd, bad.fd, good2.fd]);
+    await until(() => good1.gone() && bad.gone() && good2.gone(), { ms: 10_000, what: `not all closed (${logged.join('; ')})` });
+    t.is(fds.replaced, 0, 'the closer was not taken for stuck or gone');
+    t.true(logged.some((l) => /an fd no socket will carry \(.*too many references.*\): a throwaway process closes it/.test(l)), logged.join('\n'));
+  } finally {
+    fds.close();
+    for (const w of [good1, bad, good2]) w.close();
+  }
+});
