@@ -250,9 +250,16 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
   errors.push(...patternOverlaps(allow));
   if (allow.length === 0) warnings.push(`${path}:1: the policy allows nothing: every request will be denied`);
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
+  // Read once per group while this policy is in force (as a deny's own groups are, at load): a reload reads
+  // them again. A scan of the account database is not for every request.
+  const members = new Map<number, ReadonlySet<number>>();
+  const membersOf = (gid: number) => {
+    let m = members.get(gid);
+    if (!m) members.set(gid, (m = accountMembers(new Set([gid])).get(gid) ?? new Set<number>()));
+    return m;
+  };
   return {
-    path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks,
-    membersOf: (gid) => accountMembers(new Set([gid])).get(gid) ?? new Set<number>(),
+    path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks, membersOf,
   };
 }
 
