@@ -47,3 +47,23 @@ test('an fd no socket will carry goes to a throwaway process; the rest reach the
     for (const w of [good1, bad, good2]) w.close();
   }
 });
+
+test('fds no socket will carry, more than throwaway processes may run at once: all closed, a few at a time', async (t) => {
+  const ws = Array.from({ length: 20 }, () => watched());
+  const bad = new Set(ws.map((w) => w.fd));
+  const logged: string[] = [];
+  const send: typeof sys.sendMsg = (fd, msg, flags) => {
+    if (msg.fds?.some((f) => bad.has(f))) throw new sys.SyscallError('sendmsg', 109 /* ETOOMANYREFS */, 'too many references');
+    return sys.sendMsg(fd, msg, flags);
+  };
+  const fds = new ForeignFds((line) => logged.push(line), send);
+  try {
+    fds.take(ws.map((w) => w.fd));
+    t.true(logged.some((l) => /it waits for a throwaway process/.test(l)), 'past the bound, fds wait');
+    await until(() => ws.every((w) => w.gone()), { ms: 15_000, what: 'not all closed' });
+    t.is(fds.replaced, 0);
+  } finally {
+    fds.close();
+    for (const w of ws) w.close();
+  }
+});

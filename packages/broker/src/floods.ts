@@ -51,24 +51,21 @@ export class Floods {
     const now = performance.now();
     if (this.uidEvents.size + this.cooldowns.size > PRUNE_AT) this.prune(now);
     const device = tick(this.events, l.ifindex, now) > MAX_LINK_EVENTS_PER_SECOND;
-    // A persistent tap given to a group is held by whichever member opens it: its events are not its owner's
-    // doing. It goes when it floods, and nothing is charged to its owner (no count, no cool-down).
-    const shared = l.group !== null;
     // Per uid too, and kept after its devices go: a uid that floods from a new tap each time is still seen.
-    if (!device && (shared || tick(this.uidEvents, l.uid, now) <= MAX_LINK_EVENTS_PER_UID)) return null;
+    if (!device && tick(this.uidEvents, l.uid, now) <= MAX_LINK_EVENTS_PER_UID) return null;
     // Of the uid's devices, the one that sent the most this second goes (not whichever sent the last event),
     // and the uid's count starts over: one flood takes one device, and the cool-down grows once.
     const victim = device ? l : this.loudest(l);
     this.events.delete(victim.ifindex);
     if (!device) this.uidEvents.delete(l.uid);
-    if (shared) {
-      return { victim, message: `a holder (any member of group ${l.group}, which the tap was given to) made it send `
-        + `more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second (a flood of changes): deleted; `
-        + 'its owner is not held to it' };
-    }
+    // Charged to the owner even for a tap it gave to a group, whose flood any member may have made: the owner
+    // chose the group, and a charge a group could lift would let an owner flood through its own group freely.
     const wait = this.coolDown(l.uid, now);
+    // The record does not claim to know who it was: the kernel does not say which holder made the changes.
+    const holder = l.group !== null ? `a holder (its owner or a member of group ${l.group}, which it was given to)`
+      : 'its holder';
     const message = (device
-      ? `its holder made it send more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second`
+      ? `${holder} made it send more than ${MAX_LINK_EVENTS_PER_SECOND} link events in a second`
       : `the devices of uid ${l.uid} sent more than ${MAX_LINK_EVENTS_PER_UID} link events in a second, this one `
         + 'the most')
       + ` (a flood of changes): deleted; the uid's new devices wait ${Math.ceil(wait / 1000)} s`;
@@ -92,7 +89,7 @@ export class Floods {
     let most = this.events.get(l.ifindex)?.n ?? 0;
     for (const [ifindex, w] of this.events) {
       const o = w.n > most ? this.leaseOf(ifindex) : undefined;
-      if (o && o.uid === l.uid && o.group === null) {
+      if (o && o.uid === l.uid) {
         top = o;
         most = w.n;
       }

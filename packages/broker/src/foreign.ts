@@ -58,6 +58,8 @@ export class ForeignFds {
   replaced = 0;
   /** Killed closers still alive: stuck in the kernel (a last close that does not return). */
   private readonly wedged = new Set<ChildProcess>();
+  /** Fds no socket will carry, waiting for a throwaway process (see orphan). */
+  private readonly unsendable: number[] = [];
   /** The next move of pushed connections into a bin, while a packet's worth gathers. */
   private binSoon: NodeJS.Timeout | null = null;
   /** A batch was sent and our copies closed, but the closer's `go` could not be sent yet (its queue full). */
@@ -111,6 +113,7 @@ export class ForeignFds {
     // What still waits, in bins too, goes to a closer (one is started whatever is stuck), so that the broker's
     // own exit is no last close of it.
     this.stopping = true;
+    for (const fd of this.unsendable.splice(0)) if (orphan(fd, true)) sys.close(fd);
     if (this.binSoon) clearTimeout(this.binSoon);
     this.binSoon = null;
     if (this.held.length > 0 || this.bins.length > 0) this.flush();
@@ -241,14 +244,20 @@ export class ForeignFds {
           this.retire();
           return false;
         }
-        n = orphan(fd) ? 0 : -1;
-        const fate = n === 0 ? 'a throwaway process closes it' : 'it waits';
+        const took = orphan(fd);
+        // Without a throwaway process to spare it waits aside, and the rest goes on.
+        if (!took) this.unsendable.push(fd);
+        n = 0;
+        const fate = took ? 'a throwaway process closes it' : 'it waits for a throwaway process';
         this.log(`an fd no socket will carry (${(err as Error).message}): ${fate}`);
+        this.held.splice(this.held.indexOf(fd), 1);
+        if (!took) continue;
       }
       if (n < 0) return false;
       sys.close(fd);
       this.mine.delete(fd);
-      this.held.splice(this.held.indexOf(fd), 1);
+      const at = this.held.indexOf(fd);
+      if (at >= 0) this.held.splice(at, 1);
       this.handed++;
     }
     try {
@@ -270,6 +279,11 @@ export class ForeignFds {
   }
 
   private check(): void {
+    while (this.unsendable.length > 0 && orphan(this.unsendable[0]!)) {
+      const fd = this.unsendable.shift()!;
+      sys.close(fd);
+      this.mine.delete(fd);
+    }
     // An idle closer goes (its socket closed, it exits by itself): no process or fd is kept for nothing.
     if (this.unacked === 0 && !this.goOwed && this.held.length === 0 && this.sock >= 0
       && Date.now() - this.since > IDLE_MS) {
@@ -288,7 +302,8 @@ export class ForeignFds {
       }
     }
     if (this.held.length > 0) this.flush();
-    if (this.held.length === 0 && this.unacked === 0 && !this.goOwed && this.sock < 0 && this.timer) {
+    if (this.held.length === 0 && this.unsendable.length === 0 && this.unacked === 0 && !this.goOwed && this.sock < 0
+      && this.timer) {
       clearInterval(this.timer);
       this.timer = null;
     }
@@ -408,12 +423,21 @@ const THROWAWAY = fs.existsSync('/bin/true') ? ['/bin/true'] : [process.execPath
  * An fd no socket will carry: a throwaway process inherits it (fork and exec, no SCM_RIGHTS) and exits, its
  * exit the last close. True once it holds it (the caller then closes its own copy); false if none could start.
  */
-export function orphan(fd: number): boolean {
+export function orphan(fd: number, force = false): boolean {
+  // Bounded: past MAX_ORPHANS alive (each a fork and exec on the broker's thread), the fd waits for one to go.
+  if (orphans >= MAX_ORPHANS && !force) return false;
   try {
     const child = spawn(THROWAWAY[0]!, THROWAWAY.slice(1), { stdio: ['ignore', 'ignore', 'ignore', fd] });
     child.on('error', () => {});
-    return child.pid !== undefined;
+    if (child.pid === undefined) return false;
+    orphans++;
+    child.once('exit', () => orphans--);
+    return true;
   } catch {
     return false;
   }
 }
+
+/** Throwaway processes alive at most (one stuck in a last close stays counted until it exits). */
+const MAX_ORPHANS = 8;
+let orphans = 0;
