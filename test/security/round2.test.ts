@@ -195,6 +195,17 @@ const fuseWhy = !fs.existsSync('/dev/fuse') ? '/dev/fuse does not exist here'
     : spawnSync('setpriv', [...setprivArgs({ uid: STRANGER }), 'unshare', '-Urm', 'true']).status !== 0
       ? 'unprivileged users cannot make a user namespace here' : null;
 if (fuseWhy) console.log(`# skip the FUSE flush attack: ${fuseWhy}`);
+
+/** Kills a FUSE attacker's process group (its server first of all), then stops the broker and removes `mnt`. */
+async function endFuse(a: ChildProcess, fb: BrokerProcess, mnt: string): Promise<void> {
+  try {
+    process.kill(-a.pid!, 'SIGKILL');
+  } catch {
+    // Gone.
+  }
+  await fb.stop();
+  fs.rmSync(mnt, { recursive: true, force: true });
+}
 (fuseWhy ? test.serial.skip : test.serial)('A1 (kernels without SO_PASSRIGHTS): a pushed fd whose flush never returns (a FUSE file of the user\'s) stalls no one', async (t) => {
   const fb = await BrokerProcess.start(ns, POLICY, { tag: 'r2fuse', fdFallback: true });
   const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-fuse-'));
@@ -222,13 +233,7 @@ if (fuseWhy) console.log(`# skip the FUSE flush attack: ${fuseWhy}`);
   } finally {
     // The FUSE server goes first: whoever waits on its flush (the attacker itself, or a broker that took the
     // fd in) is released.
-    try {
-      process.kill(-a.pid!, 'SIGKILL');
-    } catch {
-      // Gone.
-    }
-    await fb.stop();
-    fs.rmSync(mnt, { recursive: true, force: true });
+    await endFuse(a, fb, mnt);
   }
 });
 
@@ -290,13 +295,7 @@ const WEDGE = path.join(HERE, '../../helpers/wedge.py');
     t.log(`the broker exited ${Date.now() - stopping} ms after SIGTERM`);
   } finally {
     // The FUSE server first: its /dev/fuse closing aborts the connection, which frees the wedged closers.
-    try {
-      process.kill(-a.pid!, 'SIGKILL');
-    } catch {
-      // Gone.
-    }
-    await fb.stop();
-    fs.rmSync(mnt, { recursive: true, force: true });
+    await endFuse(a, fb, mnt);
   }
 });
 
