@@ -139,13 +139,13 @@ export function matchesDeny(who: Selector, caller: Caller & { user?: string | nu
 
 /** A deny rule covering `target` that keeps a member of `group` (by the account database) or the group off it. */
 function sharedDeny(policy: Policy, group: number, target: Target): { deny: DenyRule; who: string } | null {
+  // Anyone holding the group, whoever it is (an unknown uid: only the group and the deny's own wildcards count).
+  const holder = (uid: number) => ({ uid, gid: group, groups: [group], user: null });
   let members: ReadonlySet<number> | null = null;
   for (const d of policy.deny) {
     if (!denyCovers(policy, d, target)) continue;
     // Read only where a deny covers the target (a scan of the account database, once per group and policy).
     members ??= policy.membersOf?.(group) ?? new Set<number>();
-    // Anyone holding the group, whoever it is (an unknown uid: only the group and the deny's own wildcards count).
-    const holder = (uid: number) => ({ uid, gid: group, groups: [group], user: null });
     if (matchesDeny(d.who, holder(-1))) return { deny: d, who: `group ${group}` };
     for (const uid of members) if (matchesDeny(d.who, holder(uid))) return { deny: d, who: `uid ${uid}, a member` };
   }

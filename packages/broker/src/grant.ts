@@ -15,7 +15,7 @@ import { hookUnsafe } from './paths.js';
 import { plugOf, plugUp } from './plug.js';
 import type { Link } from './rtnetlink.js';
 import type { Outcome } from './session.js';
-import { checkSpec, createSpec, lockRefusal, specView, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, locksPort, lockRefusal, specView, type CreateSpec } from './spec.js';
 
 /** Devices of one uid still being torn down, at most: beyond, its grants wait (TB_E_BUSY). */
 const MAX_TEARDOWN_PER_UID = 32;
@@ -365,7 +365,7 @@ function unwritable(err: unknown): TapbrokerError {
 function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
   const refusal = lockRefusal(policy, spec, rule);
   if (refusal) throw refusal;
-  return rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
+  return locksPort(policy, spec, rule);
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */

@@ -14,7 +14,7 @@ import type { Lifetimes } from './lifetimes.js';
 import { printable } from './naming.js';
 import type { Kernel } from './kernel.js';
 import type { Outcome } from './session.js';
-import { checkSpec, createSpec, lockRefusal, specView, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, locksPort, lockRefusal, specView, type CreateSpec } from './spec.js';
 
 /** What the handlers act on: the broker's state, read through this narrow view. */
 export interface OpContext {
@@ -194,7 +194,7 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
         allow: true,
         rule: d.rule.name,
         message: `rule \`${d.rule.name}' would grant it`,
-        locked: d.rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false,
+        locked: locksPort(policy, spec, d.rule),
       }
     : {
         op: 'can',

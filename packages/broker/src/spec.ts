@@ -141,10 +141,14 @@ export function specView(s: CreateSpec): Record<string, unknown> {
   };
 }
 
+/** Whether the device is to be a locked port: its rule's or its network's mac_lock (either is enough). */
+export function locksPort(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
+  return rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
+}
+
 /** Why this request cannot have the port lock its rule or network asks for (as `can` says too), or null. */
 export function lockRefusal(policy: Policy, spec: CreateSpec, rule: AllowRule): TapbrokerError | null {
-  const lock = rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
-  if (!lock) return null;
+  if (!locksPort(policy, spec, rule)) return null;
   const why = spec.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
     : resolveTarget(policy, spec).kind !== 'bridge'
       ? 'only a port of a Linux bridge can be locked: this network is Open vSwitch or a hook'
