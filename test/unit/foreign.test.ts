@@ -67,3 +67,34 @@ test('fds no socket will carry, more than throwaway processes may run at once: a
     for (const w of ws) w.close();
   }
 });
+
+// Every closer wedged in the kernel (a user's FUSE file; round2's wedge test does it for real) is the second
+// fake here: `jammed` is forced, so pushed connections go to bins at once.
+class Jammed extends ForeignFds {
+  override get jammed(): boolean {
+    return true;
+  }
+}
+
+test('every closer wedged: an fd no bin will carry goes to a throwaway process, the rest into a bin', async (t) => {
+  const [good1, bad, good2] = [watched(), watched(), watched()];
+  const logged: string[] = [];
+  const send: typeof sys.sendMsg = (fd, msg, flags) => {
+    if (msg.fds?.includes(bad.fd)) throw new sys.SyscallError('sendmsg', 109 /* ETOOMANYREFS */, 'too many references');
+    return sys.sendMsg(fd, msg, flags);
+  };
+  const fds = new Jammed((line) => logged.push(line), send);
+  try {
+    fds.take([good1.fd, bad.fd, good2.fd]);
+    await until(() => bad.gone(), { ms: 5000, what: `the unsendable fd still waits (${logged.join('; ')})` });
+    t.true(logged.some((l) => /an fd no socket will carry \(.*too many references.*\): a throwaway process closes it/.test(l)), logged.join('\n'));
+    t.false(logged.some((l) => /no bin/.test(l)), logged.join('\n'));
+    // The others are in a bin (not closed: a bin's queue holds them in flight) until the stop hands it over.
+    t.false(good1.gone() || good2.gone());
+    fds.close();
+    await until(() => good1.gone() && good2.gone(), { ms: 10_000, what: 'the bin was not closed at stop' });
+  } finally {
+    fds.close();
+    for (const w of [good1, bad, good2]) w.close();
+  }
+});

@@ -134,7 +134,7 @@ export class ForeignFds {
       if (this.sock < 0) {
         // A closer that dies at once is not respawned in a loop: the timer tries again. Nor are closers
         // spawned without end while earlier ones stay stuck in the kernel: the fds go to bins (see jammed).
-        if (spawned++ === 2 || (this.wedged.size >= MAX_WEDGED && !this.stopping)) break;
+        if (spawned++ === 2 || (this.jammed && !this.stopping)) break;
         try {
           this.spawnCloser();
         } catch (err) {
@@ -206,18 +206,25 @@ export class ForeignFds {
     while (i < this.held.length && (all || this.held.length - i >= SCM_MAX_FD) && this.binned < MAX_BINNED) {
       const batch = this.held.slice(i, i + Math.min(SCM_MAX_FD, MAX_BINNED - this.binned));
       let n = -1;
+      let into: number;
       try {
         if (this.bins.length === 0) this.bins.push(newBin());
-        const into = this.bins.at(-1)![0];
-        n = sys.sendMsg(into, { data: Buffer.from([0]), fds: batch }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
-        // Its queue is full: the next bin.
-        if (n < 0 && this.bins.length < MAX_BINS) {
-          this.bins.push(newBin());
-          continue;
-        }
+        into = this.bins.at(-1)![0];
       } catch (err) {
         // No fd for a bin (EMFILE): what is left waits here.
         this.log(`no bin for pushed connections (${(err as Error).message}); ${this.held.length - i} wait`);
+        break;
+      }
+      try {
+        n = this.send(into, { data: Buffer.from([0]), fds: batch }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL);
+      } catch (err) {
+        // An fd of the batch cannot travel (ETOOMANYREFS): each goes alone, one that cannot to a throwaway process.
+        n = this.binAlone(into, batch, err as Error);
+      }
+      // Its queue is full: the next bin.
+      if (n < 0 && this.bins.length < MAX_BINS) {
+        this.bins.push(newBin());
+        continue;
       }
       if (n < 0) break;
       // In flight in the bin now: closing our copy of a socket is never its last close.
@@ -226,6 +233,35 @@ export class ForeignFds {
       this.binned += batch.length;
     }
     if (i > 0) this.held = this.held.slice(i);
+  }
+
+  /**
+   * A batch the kernel refused for a bin: its fds go in one at a time; one that cannot, to a throwaway process
+   * (or aside, with none to spare). All of the batch is off our hands then (our copies are closed by toBins),
+   * unless the bin filled first (-1: the rest waits for the next bin).
+   */
+  private binAlone(into: number, batch: number[], first: Error): number {
+    this.log(`pushed connections a bin will not carry (${first.message}): one at a time`);
+    for (let k = 0; k < batch.length; k++) {
+      const fd = batch[k]!;
+      try {
+        if (this.send(into, { data: Buffer.from([0]), fds: [fd] }, sys.MSG_DONTWAIT | sys.MSG_NOSIGNAL) < 0) {
+          // The bin is full: what went in is done with (toBins closes our copies); the rest waits for the next.
+          batch.splice(k);
+          return batch.length === 0 ? -1 : 0;
+        }
+      } catch (err) {
+        const took = orphan(fd);
+        this.log(`an fd no socket will carry (${(err as Error).message}): ${took ? 'a throwaway process closes it'
+          : 'it waits for a throwaway process'}`);
+        if (!took) this.unsendable.push(fd);
+        else continue;
+        // Set aside, not closed: toBins must not close it.
+        batch.splice(k--, 1);
+        this.held.splice(this.held.indexOf(fd), 1);
+      }
+    }
+    return 0;
   }
 
   /**
