@@ -103,6 +103,25 @@ for (const [point, request] of createCases) {
   });
 }
 
+test.serial('SIGKILL at create:leased, then root renames the device: the restart rolls back the lease, not it',
+  async (t) => {
+    const name = `tb${NOBODY}-cut`;
+    let held: Awaited<ReturnType<typeof probe>> | null = null;
+    await broker.stop('SIGTERM', true);
+    broker = await BrokerProcess.start(ns, POLICY, { dir, fault: 'create:leased' });
+    held = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true, name }] });
+    t.is(held.result.error?.code, 'TB_E_BROKER_CLOSED');
+    await broker.waitFor(() => !broker.alive, 5000, 'the broker was not killed at create:leased');
+    ns.ip('link', 'set', 'dev', name, 'name', 'uplink-cut');
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    const rec = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === name);
+    t.regex(rec.message ?? '', /is `uplink-cut' \(tun\) now, no longer this lease's: left alone; lease dropped/);
+    t.truthy(ns.link('uplink-cut'), 'the renamed device is untouched');
+    t.deepEqual(state().leases, []);
+    await held.release();
+    ns.ip('link', 'del', 'uplink-cut');
+  });
+
 test.serial('SIGKILL while the second NIC of a create is made: the first one, persistent, is gone after the restart', async (t) => {
   let held: Awaited<ReturnType<typeof probe>> | null = null;
   await killAt('macvtap:created', async () => {

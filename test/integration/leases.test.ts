@@ -314,6 +314,21 @@ test.serial('release of a same-named device that is not the lease is refused and
   ns.ip('tuntap', 'del', 'dev', name, 'mode', 'tap');
 });
 
+test.serial('a persistent tap root renamed is no longer the lease\'s: release refuses, the device is left alone',
+  async (t) => {
+    const name = `tb${A}-ren`;
+    const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, name }] }, { uid: A });
+    t.is(r.error, null);
+    ns.ip('link', 'set', 'dev', name, 'name', 'uplink-ren');
+    const rel = await probeOnce({ socket: sock(), release: [name] }, { uid: A });
+    t.is(rel.error?.code, 'TB_E_NO_SUCH_LEASE');
+    t.truthy(ns.link('uplink-ren'), 'the renamed device is untouched');
+    const rec = await broker.record((x) => x.decision === 'cleanup' && (x.device as { name?: string }).name === name);
+    t.regex(rec.message ?? '', /renamed to `uplink-ren': lease dropped, device left alone/);
+    t.false((await probeOnce({ socket: sock(), list: true }, { uid: A })).leases!.some((l) => l.name === name));
+    ns.ip('link', 'del', 'uplink-ren');
+  });
+
 test.serial('a persistent macvtap: its char device belongs to its owner alone', async (t) => {
   const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', persistent: true, mac: '52:54:00:aa:bb:02' }] }, { uid: A });
   t.is(r.error, null, r.error?.message);

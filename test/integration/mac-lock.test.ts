@@ -158,6 +158,66 @@ test.serial('an entry the bridge learned on another port is taken over; another 
   await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
 });
 
+test.serial('a MAC a live locked lease holds is no other tap\'s on its bridge, even while its entry is missing',
+  async (t) => {
+    const mac = '52:54:00:77:00:02';
+    const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
+    try {
+      const v = victim.result.taps[0]!.device;
+      t.true(v.locked);
+      // The window a holder opens by giving its own tap that MAC and back (the bridge drops the entry until
+      // the broker has deleted that tap and put it back): here made by hand, so the test does not race.
+      bridgeCmd('fdb', 'del', mac, 'dev', v.name, 'master');
+      t.notRegex(fdb(v.name), new RegExp(mac));
+      const locked = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
+      t.is(locked.error?.code, 'TB_E_MAC_IN_USE', 'another locked tap');
+      t.regex(locked.error?.message ?? '', /is locked to another port of bridge `br0' \(a live lease's\)/);
+      const open = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] }, { uid: OTHER_UID });
+      t.is(open.error?.code, 'TB_E_MAC_IN_USE', 'an unlocked tap of another user');
+      t.deepEqual(ns.extraLinks(HOST), [v.name], 'nothing else was made');
+      // A MAC on another bridge is another entry: not refused.
+      const elsewhere = await probeOnce({ socket: broker.socket, requests: [{ network: 'locked', mac }] },
+        { uid: OTHER_UID });
+      t.is(elsewhere.error, null);
+      await broker.waitFor(() => ns.extraLinks(HOST).length === 1, 3000, 'the other bridge\'s tap stayed');
+    } finally {
+      await victim.release();
+    }
+  });
+
+test.serial('a locked guest\'s MAC another port took goes back to the locked port, not to an older tap with it',
+  async (t) => {
+    const mac = '52:54:00:77:00:03';
+    // An unlocked tap with the same guest MAC, made before the lock (the lock then takes the entry over).
+    const older = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] }, { uid: OTHER_UID });
+    try {
+      const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
+      try {
+        const v = victim.result.taps[0]!.device;
+        t.regex(fdb(v.name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'));
+        // Another tap of the older tap's user takes that MAC as its own address: it is deleted, the entry put back.
+        const taker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], setOwnMac: mac },
+          { uid: OTHER_UID });
+        try {
+          const name = taker.result.taps[0]!.device.name;
+          await broker.waitFor(() => ns.link(name) === undefined, 3000, 'the taker was not deleted');
+          const restored = await broker.record((r) => r.decision === 'cleanup'
+            && (r.message ?? '').includes(`taken by \`${name}'`));
+          t.is((restored.device as { name?: string }).name, v.name, 'the locked lease\'s entry is the one restored');
+          t.regex(fdb(v.name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'));
+          t.notRegex(fdb(older.result.taps[0]!.device.name), new RegExp(mac), 'never the older tap\'s');
+        } finally {
+          await taker.release();
+        }
+      } finally {
+        await victim.release();
+      }
+    } finally {
+      await older.release();
+    }
+    await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+  });
+
 test.serial('the lock holds against its own holder: a tap given a locked MAC is deleted and the entry restored',
   async (t) => {
     const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] });

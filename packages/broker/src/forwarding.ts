@@ -23,8 +23,11 @@ export class Forwarding {
   /** `l`'s holder took `mac`: the port of the lease whose guest MAC it is (on `l`'s bridge) gets its entry back. */
   restoreTaken(l: LeaseRecord, mac: Buffer): void {
     const taken = macFromBuffer(mac);
-    const victim = this.table.all().find((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent
+    // A locked lease's if one holds it (no other tap there is granted a MAC a locked lease holds; one granted
+    // before the lock loses it to the lock), else the oldest's.
+    const holders = this.table.all().filter((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent
       && v.mac === taken);
+    const victim = holders.find((v) => v.locked) ?? oldest(holders)[0];
     if (!victim) return;
     try {
       // A locked victim's entry is static again: its port forwards from that MAC only through it.
@@ -53,8 +56,10 @@ export class Forwarding {
    * Only ports still on that bridge; nothing is looked up where no lease there is locked.
    */
   relockBridge(bridge: string, why: string): void {
-    const locked = this.table.all().filter((o) => o.locked && o.mac !== null && o.parent === bridge
-      && !this.creating(o.id));
+    // One lease per MAC and VLAN, the oldest (a state from before MACs locked were kept unique may have two).
+    const seen = new Set<string>();
+    const locked = oldest(this.table.all().filter((o) => o.locked && o.mac !== null && o.parent === bridge
+      && !this.creating(o.id))).filter((o) => !seen.has(`${o.mac}/${o.vlan}`) && !!seen.add(`${o.mac}/${o.vlan}`));
     if (locked.length === 0) return;
     try {
       const master = this.kernel.linkNamed(bridge)?.index;
@@ -65,4 +70,9 @@ export class Forwarding {
       this.log(`warning: locked ports of ${bridge} not checked (${why}): ${(err as Error).message}`);
     }
   }
+}
+
+/** Leases, the oldest first (by their creation time; ties in table order). */
+function oldest(ls: LeaseRecord[]): LeaseRecord[] {
+  return [...ls].sort((a, b) => a.created.localeCompare(b.created));
 }

@@ -237,6 +237,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
   const guestMac = macToBuffer(mac ?? randomMac(rule.macPrefix));
+  if (place.bridge && mac !== null) lockedElsewhere(ctx, mac, place.parentName, place.vlan);
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
   const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
   const holding = ends === 'holder';
@@ -346,6 +347,20 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
     vhost: spec.persistent ? 0 : created.vhostFds.length,
   };
   return { lease, device, fds, counts, closing };
+}
+
+/**
+ * A guest MAC a live locked lease holds on this bridge (and VLAN) is that lease's alone, whatever the
+ * bridge's forwarding table shows this instant (a holder who gives its own tap that MAC and back empties the
+ * entry for a moment): no other tap there is made with it, locked or not.
+ */
+function lockedElsewhere(ctx: OpContext, mac: string, bridge: string, vlan: number | null): void {
+  const owner = ctx.lifetimes.table.all().find((o) => o.locked && o.kind === 'tap' && o.mac === mac
+    && o.parent === bridge && o.vlan === vlan);
+  if (owner) {
+    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} is locked to another port of bridge \`${bridge}' `
+      + `(a live lease's): no other tap there may use it`, { hint: 'choose another MAC' });
+  }
 }
 
 function unwritable(err: unknown): TapbrokerError {

@@ -1,7 +1,7 @@
 // Lease lifetimes: how each lease ends (its fds, its holder, a release), and keeping the lease table
 // true to the kernel (link events, one dump after lost events; reconcile at start is reconcile.ts). Every
 // device the broker deletes goes through retire(), which audits both success and failure.
-import { macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/protocol/core';
+import { TapbrokerError, macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/protocol/core';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import { KERNEL_KIND, LeaseTable, brokerId, leaseView, type LeaseRecord } from './leases.js';
@@ -287,6 +287,16 @@ export class Lifetimes implements Cleanup {
       device: leaseView(l),
     };
     if (o.request) base.request = o.request;
+    // Deleted by its index: only while the device there is still this lease's (an administrator may have renamed
+    // it, or the index be another device's now); otherwise it is left alone, and only the lease goes.
+    const now = this.kernel.link(l.ifindex);
+    const was = `\`${now?.name}' (${now?.kind})`;
+    if (now && !this.isDevice(l, now)) {
+      const message = `the device is ${was} now, no longer this lease's: left alone`;
+      this.unplug(l);
+      this.note('cleanup', 'cleanup', l, `${message}; lease dropped`);
+      throw new TapbrokerError('TB_E_NO_SUCH_LEASE', `\`${l.name}' is gone: ${message}`);
+    }
     try {
       await this.reaper.deleteLink(l.ifindex, l.uid);
     } catch (err) {
@@ -396,7 +406,11 @@ export class Lifetimes implements Cleanup {
   private onLink(type: number, link: Link): void {
     this.kernel.observe(type, link);
     const l = this.table.byIfindex(link.index);
-    if (!l || l.name !== link.name) return;
+    if (!l) return;
+    // Renamed (only root can): no longer the broker's device; nothing acts on it by this lease again.
+    if (l.name !== link.name) {
+      return this.dropVanished(l, `renamed to \`${link.name}': lease dropped, device left alone`);
+    }
     if (type === RTM_DELLINK) {
       this.dropVanished(l, l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished');
       return;

@@ -126,6 +126,8 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
   try {
     await ctx.lifetimes.retire(lease, { op: 'release', decision: 'release', caller, request, message: 'released' });
   } catch (err) {
+    // No longer the lease's device (renamed by root): left alone, the lease already dropped.
+    if (err instanceof TapbrokerError) refuse(err.message);
     ctx.lifetimes.restore(lease);
     throw new TapbrokerError('TB_E_KERNEL', `failed to delete \`${lease.name}': ${(err as Error).message}`);
   }
