@@ -21,7 +21,7 @@ export {
   type TestRun,
 } from './policy-test.js';
 export { Netdev } from './netdev.js';
-export { devNumbers } from './macvtap.js';
+export { devNumbers, macvtapParent } from './macvtap.js';
 export {
   tunIfreq, tapFlags, hostMac, TUNSETIFF, TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR,
   IFF_MULTI_QUEUE, IFF_TUN_EXCL, type FaultPoint, type Faults, type Kernel, type Cleanup, type CreatedTap,

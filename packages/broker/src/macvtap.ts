@@ -32,16 +32,22 @@ function freeTapIndex(rtnl: Rtnetlink): number {
   throw new TapbrokerError('TB_E_KERNEL', 'no free ifindex for a macvtap after 64 tries');
 }
 
+/**
+ * Parents no macvtap may sit on: a switch's own ports (a Linux bridge, an Open vSwitch bridge's internal port,
+ * whose policy a macvtap would bypass: a deny on the bridge would not see it), other virtual NICs, loopback.
+ */
+const NOT_PARENTS: Readonly<Record<string, string>> = {
+  bridge: 'a bridge', openvswitch: 'an Open vSwitch port', macvlan: 'a macvlan device', macvtap: 'a macvtap device',
+  tun: 'a tun device',
+};
+
 /** The parent a macvtap may sit on, or a TapbrokerError saying why not. */
-export function macvtapParent(rtnl: Rtnetlink, name: string): Link {
+export function macvtapParent(rtnl: Pick<Rtnetlink, 'getLinkByName'>, name: string): Link {
   const link = rtnl.getLinkByName(name);
   if (!link) throw new TapbrokerError('TB_E_NO_SUCH_PARENT', `no device \`${name}'`);
-  if ((link.flags & IFF_LOOPBACK) !== 0 || ['bridge', 'macvlan', 'macvtap', 'tun'].includes(link.kind ?? '')) {
-    throw new TapbrokerError(
-      'TB_E_BAD_PARENT',
-      `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'loopback'} and cannot carry a macvtap`,
-    );
-  }
+  const kind = link.kind ?? '';
+  const what = (link.flags & IFF_LOOPBACK) !== 0 ? 'loopback' : Object.hasOwn(NOT_PARENTS, kind) && NOT_PARENTS[kind];
+  if (what) throw new TapbrokerError('TB_E_BAD_PARENT', `\`${name}' is ${what} and cannot carry a macvtap`);
   return link;
 }
 

@@ -21,8 +21,11 @@ export const ERROR_CODES = {
   TB_E_BRIDGE_ADDRESS:
     'the bridge\'s MAC address was never set by an administrator, so a guest could take it over; pin it first',
   TB_E_NO_SUCH_PARENT: 'the named macvtap parent does not exist',
-  TB_E_BAD_PARENT: 'the named parent cannot carry a macvtap (a bridge, a macvlan/macvtap, a tun/tap, or loopback)',
-  TB_E_MAC_IN_USE: 'the MAC is already used by the parent or another device on it',
+  TB_E_BAD_PARENT:
+    'the named parent cannot carry a macvtap (a bridge, an Open vSwitch port, a macvlan/macvtap, a tun/tap, '
+    + 'or loopback)',
+  TB_E_MAC_IN_USE:
+    'the MAC is already used by the parent or another device on it, or locked to another port of the bridge',
   TB_E_MAC_LOCK:
     'the port must be locked to the guest\'s MAC (mac_lock), which this request or kernel cannot have: a macvtap, '
     + 'an Open vSwitch or hook network, a MAC the broker is not told, or no locked bridge ports',
