@@ -155,7 +155,7 @@ export class FakeKernel implements Kernel {
       });
       this.changed(link);
       if (req.lock) {
-        this.lockPort(link.index, req.bridge!, req.guestMac, req.vlan ?? null, req.name);
+        this.lockPort(link.index, req.bridge!, req.guestMac, req.vlan ?? null, req.name, 'grant');
         this.faultPoint('tap:locked');
       }
       this.faultPoint('tap:configured');
@@ -200,10 +200,10 @@ export class FakeKernel implements Kernel {
     }
   }
 
-  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void {
+  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string, as: 'grant' | 'relock'): void {
     const key = `${bridge.index}/${macFromBuffer(mac)}/${vlan ?? 0}`;
     const held = this.fdb.get(key);
-    if (held && held.port !== port && held.static) {
+    if (held && held.port !== port && (held.static || as === 'grant')) {
       throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${macFromBuffer(mac)} is fixed to another port: \`${name}'`);
     }
     if (!this.canLock) throw new TapbrokerError('TB_E_MAC_LOCK', 'this kernel cannot lock bridge ports');

@@ -20,6 +20,8 @@ export interface ProbeArgs {
   /** Write one Ethernet frame into every queue fd. */
   /** Write frames with this source MAC instead of the device's guest MAC (a spoofing guest). */
   writeFrom?: string;
+  /** Write this frame (hex, from the destination MAC on) instead of the probe's own: a hostile guest. */
+  writeRaw?: string;
   /** How many frames `write` writes into each queue fd (default 1). */
   frames?: number;
   write?: boolean;
@@ -107,7 +109,8 @@ async function main(): Promise<void> {
       }
       const src = args.writeFrom ?? tap.device.mac ?? '52:54:00:00:00:01';
       const written = args.write
-        ? tap.tapFds.flatMap((fd) => Array.from({ length: args.frames ?? 1 }, () => fs.writeSync(fd, testFrame(src))))
+        ? tap.tapFds.flatMap((fd) => Array.from({ length: args.frames ?? 1 }, () => fs.writeSync(fd, args.writeRaw
+          ? Buffer.concat([Buffer.alloc(10), Buffer.from(args.writeRaw, 'hex')]) : testFrame(src))))
         : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
       if (args.ownOwnFds) sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());

@@ -18,11 +18,15 @@ mac_lock = true
 [network.plugged]
 hook = "/bin/true"
 
+[network.stp]
+bridge = "br2"
+mac_lock = true
+
 [[rule]]
 name = "locked"
 users = [${NOBODY}]
 bridges = ["br0"]
-networks = ["plugged"]
+networks = ["plugged", "stp"]
 macvtap = [{ parent = "vparent" }]
 mac_lock = true
 persistent = true
@@ -36,7 +40,7 @@ networks = ["locked"]
 
 let ns: Netns;
 let broker: BrokerProcess;
-const HOST = ['br0', 'br1', 'vb0', 'vb1', 'vparent', 'vpeer'];
+const HOST = ['br0', 'br1', 'br2', 'vb0', 'vb1', 'vparent', 'vpeer'];
 
 test.before(async () => {
   ns = Netns.create('lock');
@@ -46,6 +50,9 @@ test.before(async () => {
   // timer), which vb1 would count among the test's frames; made without it, the bridge sends nothing.
   ns.bridge('br0', { mcastSnooping: false });
   ns.bridge('br1', { mcastSnooping: false });
+  // The kernel's own spanning tree (in a namespace other than the first, STP runs in the kernel).
+  ns.bridge('br2', { mcastSnooping: false });
+  ns.ip('link', 'set', 'br2', 'type', 'bridge', 'stp_state', '1');
   // vb0 is a port of br0; vb1, its peer outside the bridge, counts what the bridge forwards.
   ns.ip('link', 'add', 'vb0', 'type', 'veth', 'peer', 'name', 'vb1');
   ns.ip('link', 'set', 'vb0', 'master', 'br0', 'up');
@@ -63,6 +70,9 @@ const rx = () => ns.link('vb1')?.stats64?.rx.packets ?? -1;
 const bridgeCmd = (...args: string[]) =>
   spawnSync('bridge', ['-n', ns.name, ...args], { encoding: 'utf8' }).stdout;
 const fdb = (dev: string) => bridgeCmd('fdb', 'show', 'dev', dev);
+/** python3 -c: one broadcast frame out of interface argv[1] from source MAC argv[2] (a machine on the LAN). */
+const SEND_FROM = 'import socket,sys; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); s.bind((sys.argv[1],0)); '
+  + "s.send(b'\\xff'*6+bytes.fromhex(sys.argv[2].replace(':',''))+b'\\x88\\xb5'+bytes(46))";
 
 /**
  * What vb1 received while 5 frames were written into a new tap, and that tap: once `expect` of them have
@@ -133,30 +143,31 @@ test.serial('the static entry goes with the device', async (t) => {
   t.notRegex(bridgeCmd('fdb', 'show', 'br', 'br0'), new RegExp(d.mac!), 'no entry for its MAC is left');
 });
 
-test.serial('an entry the bridge learned on another port is taken over; another locked lease\'s is not', async (t) => {
-  const mac = '52:54:00:77:00:01';
-  // An unlocked tap sends from `mac`: the bridge learns it on that port.
-  const learner = await probe({ socket: broker.socket, write: true, requests: [{ bridge: 'br0', mac }] },
-    { uid: OTHER_UID });
-  try {
-    const learnerName = learner.result.taps[0]!.device.name;
-    await broker.waitFor(() => fdb(learnerName).includes(mac), 2000, 'the bridge did not learn the MAC');
-    const locked = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
+test.serial('a MAC in use on another port is never locked to a new one: a live lease\'s, or one the bridge learned',
+  async (t) => {
+    // Another user's unlocked VM with `mac`, quiet (the bridge has no entry for it: a quiet guest's ages out).
+    const mac = '52:54:00:77:00:01';
+    const other = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] }, { uid: OTHER_UID });
     try {
-      t.is(locked.result.error, null);
-      const name = locked.result.taps[0]!.device.name;
-      t.regex(fdb(name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'), 'the entry moved, static');
-      const second = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
-      t.is(second.error?.code, 'TB_E_MAC_IN_USE', 'a MAC locked to one port is not taken by another lock');
-      t.regex(fdb(name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'), 'and stays where it was');
+      t.notRegex(bridgeCmd('fdb', 'show', 'br', 'br0'), new RegExp(mac));
+      const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
+      t.is(r.error?.code, 'TB_E_MAC_IN_USE', 'a live lease\'s MAC');
+      t.regex(r.error?.message ?? '', /is in use on another port of bridge `br0' \(a live lease's\): no other tap there may be locked to it/);
     } finally {
-      await locked.release();
+      await other.release();
     }
-  } finally {
-    await learner.release();
-  }
-  await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
-});
+    // A machine behind the uplink (vb0) sends from `lan`: the bridge learns it there.
+    const lan = '52:54:00:77:00:0a';
+    const sent = spawnSync('ip', ['netns', 'exec', ns.name, 'python3', '-c', SEND_FROM, 'vb1', lan], { encoding: 'utf8' });
+    t.is(sent.status, 0, sent.stderr);
+    await broker.waitFor(() => fdb('vb0').includes(lan), 2000, 'the bridge did not learn the LAN host');
+    const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac: lan }] });
+    t.is(r.error?.code, 'TB_E_MAC_IN_USE', 'a MAC the bridge learned on another port');
+    t.regex(r.error?.message ?? '', /is in use on another port of bridge `br0' \(a learned forwarding entry\)/);
+    t.regex(fdb('vb0'), new RegExp(`^${lan} master br0`, 'm'), 'the entry stays where it was learned');
+    t.notRegex(fdb('vb0'), new RegExp(`^${lan} .*static`, 'm'));
+    await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+  });
 
 test.serial('a MAC a live locked lease holds is no other tap\'s on its bridge, even while its entry is missing',
   async (t) => {
@@ -185,39 +196,6 @@ test.serial('a MAC a live locked lease holds is no other tap\'s on its bridge, e
     }
   });
 
-test.serial('a locked guest\'s MAC another port took goes back to the locked port, not to an older tap with it',
-  async (t) => {
-    const mac = '52:54:00:77:00:03';
-    // An unlocked tap with the same guest MAC, made before the lock (the lock then takes the entry over).
-    const older = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] }, { uid: OTHER_UID });
-    try {
-      const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', mac }] });
-      try {
-        const v = victim.result.taps[0]!.device;
-        t.regex(fdb(v.name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'));
-        // Another tap of the older tap's user takes that MAC as its own address: it is deleted, the entry put back.
-        const taker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], setOwnMac: mac },
-          { uid: OTHER_UID });
-        try {
-          const name = taker.result.taps[0]!.device.name;
-          await broker.waitFor(() => ns.link(name) === undefined, 3000, 'the taker was not deleted');
-          const restored = await broker.record((r) => r.decision === 'cleanup'
-            && (r.message ?? '').includes(`taken by \`${name}'`));
-          t.is((restored.device as { name?: string }).name, v.name, 'the locked lease\'s entry is the one restored');
-          t.regex(fdb(v.name), new RegExp(`^${mac} (sticky )?master br0 static`, 'm'));
-          t.notRegex(fdb(older.result.taps[0]!.device.name), new RegExp(mac), 'never the older tap\'s');
-        } finally {
-          await taker.release();
-        }
-      } finally {
-        await victim.release();
-      }
-    } finally {
-      await older.release();
-    }
-    await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
-  });
-
 test.serial('the lock holds against its own holder: a tap given a locked MAC is deleted and the entry restored',
   async (t) => {
     const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
@@ -236,6 +214,47 @@ test.serial('the lock holds against its own holder: a tap given a locked MAC is 
       await victim.release();
     }
   });
+
+test.serial('a restart holds every locked tap to its lease first: one that took another lease\'s MAC meanwhile goes',
+  async (t) => {
+    const victim = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY });
+    const taker = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY });
+    try {
+      const v = victim.result.taps[0]!.device;
+      const a = taker.result.taps[0]!.device;
+      // While the broker is down (an upgrade), the taker's tap gets the victim's guest MAC (its holder's
+      // SIOCSIFHWADDR; here root's, the same change): the bridge fixes that MAC to the taker's port.
+      await broker.stop('SIGTERM', true);
+      ns.ip('link', 'set', 'dev', a.name, 'address', v.mac!);
+      t.notRegex(fdb(v.name), /static/, 'the victim\'s entry is gone');
+      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+      await broker.waitFor(() => ns.link(a.name) === undefined, 3000, 'the taker\'s tap is still there');
+      t.truthy(ns.link(v.name), 'the victim\'s tap is kept');
+      await broker.waitFor(() => /static/.test(fdb(v.name)), 3000, 'the victim\'s entry was not put back');
+      t.regex(fdb(v.name), new RegExp(`^${v.mac} (sticky )?master br0 static`, 'm'));
+    } finally {
+      await taker.release();
+      await victim.release();
+    }
+    await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+  });
+
+test.serial('a locked port refuses BPDUs: on an STP bridge a guest\'s forged root disables its own port', async (t) => {
+  // A configuration BPDU from a forged source claiming root 0000.aabbccddeeff, forward delay 0: without BPDU
+  // guard the bridge reads it before any lock check and makes the guest's port its root port.
+  const bpdu = '0180c2000000525400666666002642420300000000010000aabbccddeeff000000000000aabbccddeeff80010000140002000000';
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'stp' }], write: true, writeRaw: bpdu });
+  try {
+    t.is(p.result.error, null);
+    const d = p.result.taps[0]!.device;
+    t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /guard on .*root_block on/s);
+    await broker.waitFor(() => /state disabled/.test(bridgeCmd('link', 'show', 'dev', d.name)), 3000,
+      'the port was not disabled');
+    t.regex(ns.ip('-d', 'link', 'show', 'br2'), /root_port 0 /, 'the bridge took no root from the guest');
+  } finally {
+    await p.release();
+  }
+});
 
 test.serial('mac_lock where no port can be locked is refused with TB_E_MAC_LOCK, and nothing is made', async (t) => {
   const macvtap = await probeOnce({ socket: broker.socket, requests: [{ parent: 'vparent' }] });

@@ -237,7 +237,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
   const guestMac = macToBuffer(mac ?? randomMac(rule.macPrefix));
-  if (place.bridge && mac !== null) lockedElsewhere(ctx, mac, place.parentName, place.vlan);
+  if (place.bridge && mac !== null) macElsewhere(ctx, mac, place.parentName, place.vlan, lock);
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
   const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
   const holding = ends === 'holder';
@@ -352,14 +352,16 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
 /**
  * A guest MAC a live locked lease holds on this bridge (and VLAN) is that lease's alone, whatever the
  * bridge's forwarding table shows this instant (a holder who gives its own tap that MAC and back empties the
- * entry for a moment): no other tap there is made with it, locked or not.
+ * entry for a moment): no other tap there is made with it, locked or not. Nor is a live lease's MAC locked to
+ * another port (a quiet guest's entry may have aged out of the table; the lock would take its traffic).
  */
-function lockedElsewhere(ctx: OpContext, mac: string, bridge: string, vlan: number | null): void {
-  const owner = ctx.lifetimes.table.all().find((o) => o.locked && o.kind === 'tap' && o.mac === mac
+function macElsewhere(ctx: OpContext, mac: string, bridge: string, vlan: number | null, lock: boolean): void {
+  const owner = ctx.lifetimes.table.all().find((o) => (o.locked || lock) && o.kind === 'tap' && o.mac === mac
     && o.parent === bridge && o.vlan === vlan);
   if (owner) {
-    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} is locked to another port of bridge \`${bridge}' `
-      + `(a live lease's): no other tap there may use it`, { hint: 'choose another MAC' });
+    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} is ${owner.locked ? 'locked to' : 'in use on'} another `
+      + `port of bridge \`${bridge}' (a live lease's): no other tap there may ${lock ? 'be locked to' : 'use'} it`,
+    { hint: 'choose another MAC' });
   }
 }
 

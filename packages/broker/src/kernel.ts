@@ -137,7 +137,7 @@ export interface Kernel {
   checkVlanFiltering(bridge: Link): void;
   createTap(req: TapRequest): CreatedTap;
   createMacvtap(req: MacvtapRequest): CreatedTap;
-  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void;
+  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string, as: 'grant' | 'relock'): void;
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
   link(index: number): Link | null;
   linkNamed(name: string): Link | null;

@@ -85,7 +85,7 @@ export class Lifetimes implements Cleanup {
       policy: this.policy, log: this.log,
       judge: (l, link) => this.judge(l, link),
       isDevice: (l, link): link is Link => this.isDevice(l, link),
-      note: (op, decision, l, message) => this.note(op, decision, l, message),
+      note: (...a) => this.note(...a),
       deleteLink: (...a) => this.deleteLink(...a),
       watchHolder: (...a) => this.watchHolder(...a),
       endLease: (...a) => this.endLease(...a),

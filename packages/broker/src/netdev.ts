@@ -189,7 +189,7 @@ export class Netdev implements Kernel {
       }
       // Before any fd leaves the broker: nobody can have sent a frame through the port yet.
       if (req.lock) {
-        this.lockPort(link.index, bridge!, req.guestMac, req.vlan ?? null, req.name);
+        this.lockPort(link.index, bridge!, req.guestMac, req.vlan ?? null, req.name, 'grant');
         this.faultPoint('tap:locked');
       }
       this.faultPoint('tap:configured');
@@ -212,16 +212,23 @@ export class Netdev implements Kernel {
   }
 
   /**
-   * mac_lock: `port` forwards only frames from `mac` (a locked port, learning off, one static forwarding
-   * entry). An entry the bridge learned on another port is replaced; a static one (another locked lease's,
-   * or an administrator's) is not taken. Also used at start to restore a lock changed behind our back.
+   * mac_lock: `port` forwards only frames from `mac` (a locked port, learning off, BPDUs refused, one static
+   * forwarding entry). A grant takes no MAC the bridge has on another port, learned or static: that is a live
+   * machine's. A relock (at start, of a lease that owns `mac`) locks the port first, then replaces an entry
+   * learned elsewhere, but not a static one (another port's address, an administrator's): then it throws, and
+   * the port stays locked with no entry until that one goes.
    */
-  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string): void {
-    const held = this.rtnl.fdbEntry(bridge.index, mac, vlan);
-    if (held && held.port !== port && (held.state & (NUD_NOARP | NUD_PERMANENT)) !== 0) {
-      throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${macFromBuffer(mac)} is fixed to another port of bridge `
-        + `\`${bridge.name}' (a static forwarding entry): \`${name}' cannot be locked to it`);
-    }
+  lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string, as: 'grant' | 'relock'): void {
+    const held = () => {
+      const e = this.rtnl.fdbEntry(bridge.index, mac, vlan);
+      const fixed = e !== null && (e.state & (NUD_NOARP | NUD_PERMANENT)) !== 0;
+      if (e && e.port !== port && (fixed || as === 'grant')) {
+        throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${macFromBuffer(mac)} is ${fixed ? 'fixed to' : 'in use on'} `
+          + `another port of bridge \`${bridge.name}' (${fixed ? 'a static' : 'a learned'} forwarding entry): `
+          + `\`${name}' cannot be locked to it`);
+      }
+    };
+    if (as === 'grant') held();
     try {
       this.rtnl.lockPort(port);
     } catch (err) {
@@ -232,6 +239,7 @@ export class Netdev implements Kernel {
       }
       throw kernelError(`failed to lock \`${name}' to its MAC`, err);
     }
+    if (as === 'relock') held();
     try {
       this.rtnl.restoreFdbEntry(port, mac, { static: true, vlan });
     } catch (err) {

@@ -1,7 +1,7 @@
 // Reconcile at start: the lease table made true to the kernel and to Open vSwitch after the broker was
 // down (crashed mid-create, its holders gone, its table lost). Runs once, before the first request; a
 // request never runs through it (lost link events at run time are Lifetimes.resync's).
-import { macFromBuffer, macToBuffer, sys } from '@tapbroker/protocol/core';
+import { TapbrokerError, macFromBuffer, macToBuffer, sys } from '@tapbroker/protocol/core';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Policy } from './decide.js';
 import type { Kernel } from './kernel.js';
@@ -29,7 +29,7 @@ export interface Keeper {
   /** Holds a live lease's device to its terms (Lifetimes.judge). */
   judge(l: LeaseRecord, link: Link | null): void;
   isDevice(l: LeaseRecord, link: Link | null | undefined): link is Link;
-  note(op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string): void;
+  note(op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, x?: Partial<AuditEvent>): void;
   deleteLink(ifindex: number, uid: number, name: string, why: string, as?: DeletedAs): Promise<void>;
   watchHolder(ids: readonly string[], pidfd: number): void;
   endLease(id: string, reason: string): void;
@@ -137,9 +137,14 @@ export function reconcile(lt: Keeper): void {
     lt.note('reconcile', 'reconcile', l, "the broker stopped before its network's down had run: running it now");
     lt.unplug(l);
   }
-  // A tap taken back is held to its terms like any other (its holder may have changed it meanwhile).
-  for (const [l, link] of adopted) lt.judge(l, link);
   const byIndex = new Map(links.map((k) => [k.index, k]));
+  // Every lease's device is held to its terms, those taken back from tags and those in the table alike (a holder
+  // may have changed its MAC, owner or queues while the broker was down), before any lock is put back: a device
+  // that took another lease's MAC goes, and that lease's entry comes back with its deletion (retire).
+  for (const l of lt.table.all()) {
+    const link = byIndex.get(l.ifindex);
+    if (lt.isDevice(l, link)) lt.judge(l, link);
+  }
   const holders = new Map<string, LeaseRecord[]>();
   for (const l of lt.table.all()) {
     if (!lt.isDevice(l, byIndex.get(l.ifindex))) {
@@ -203,8 +208,15 @@ function relock(lt: Keeper, l: LeaseRecord): void {
     if (lt.kernel.link(l.ifindex)?.master !== bridge.index) {
       throw new Error(`it is no longer a port of bridge \`${l.parent}'`);
     }
-    lt.kernel.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name);
+    lt.kernel.lockPort(l.ifindex, bridge, macToBuffer(l.mac), l.vlan, l.name, 'relock');
   } catch (err) {
+    // Its port is locked, but its MAC is fixed to another port (a device that took it, going now; or an
+    // administrator's entry): cut off, not a breach, until that goes (relockBridge puts the entry back then).
+    if (err instanceof TapbrokerError && err.code === 'TB_E_MAC_IN_USE') {
+      const message = `its forwarding entry cannot be put back yet: ${err.message}`;
+      lt.note('reconcile', 'error', l, message, { code: err.code });
+      return;
+    }
     // The lock cannot be had again: the device goes rather than forward another MAC.
     void lt.retire(l, {
       op: 'reconcile', decision: 'cleanup', message: `its port lock cannot be restored (${(err as Error).message})`,

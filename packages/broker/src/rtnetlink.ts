@@ -223,6 +223,8 @@ export const NUD_NOARP = 0x40;
 export const NUD_PERMANENT = 0x80;
 const NDMSG = 12;
 const IFLA_PROTINFO = 12;
+const IFLA_BRPORT_GUARD = 5;
+const IFLA_BRPORT_PROTECT = 6;
 const IFLA_BRPORT_LEARNING = 8;
 export const IFLA_BRPORT_LOCKED = 39;
 const NLA_F_NESTED = 0x8000;
@@ -275,6 +277,9 @@ export function portLockMessage(seq: number, port: number, locked: boolean): Buf
   const flag = (v: boolean) => Buffer.from([v ? 1 : 0]);
   const protinfo = rtattr(IFLA_PROTINFO | NLA_F_NESTED, Buffer.concat([
     rtattr(IFLA_BRPORT_LOCKED, flag(locked)), rtattr(IFLA_BRPORT_LEARNING, flag(!locked)),
+    // BPDU guard and root block: with STP on, the bridge reads BPDUs before it looks at the lock (their
+    // source unchecked); a guest sending one gets its port disabled, and never becomes the root port.
+    rtattr(IFLA_BRPORT_GUARD, flag(locked)), rtattr(IFLA_BRPORT_PROTECT, flag(locked)),
   ]));
   const msg = linkMessage(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index: port }, [protinfo]);
   msg.writeUInt8(AF_BRIDGE, 16);

@@ -1,0 +1,59 @@
+// Forwarding entries put back (forwarding.ts): which lease's entry, in what order. Two leases with one guest
+// MAC on one bridge can no longer be granted (TB_E_MAC_IN_USE); a lease table from before that rule can still
+// hold them after an upgrade. The kernel is a recorder of the entries asked for (what each call would do to a
+// real bridge is tested in integration › mac-lock); the lease table is the real one, in memory.
+import test from 'ava';
+import { Forwarding, LeaseTable, type LeaseRecord } from '@tapbroker/broker/internal';
+import { macToBuffer } from '@tapbroker/protocol';
+import { tempDir } from '../helpers/broker.js';
+
+const MAC = '52:54:00:12:34:56';
+let n = 0;
+const lease = (over: Partial<LeaseRecord>): LeaseRecord => ({
+  id: `${String(++n).padStart(16, '0')}`, uid: 1000, user: 'alice', kind: 'tap', name: `tb1000-f${n}`, ifindex: 10 + n,
+  parent: 'br0', network: null, mode: null, mac: MAC, locked: false, queues: 1, rule: 'lab',
+  created: '2026-12-02T00:00:00.000Z', ends: 'fds', holder: null, holder_start: null, group: null, plug: null,
+  host_mac: null, vlan: null, ...over,
+});
+
+function setup(leases: LeaseRecord[]) {
+  const { table } = LeaseTable.load(tempDir('fwd'));
+  // Table order is not age order: the newest first.
+  for (const l of leases) table.add(l, false);
+  const put: Array<{ port: number; static: boolean }> = [];
+  const kernel = {
+    restoreFdbEntry: (port: number, _mac: Buffer, o: { static?: boolean }) => put.push({ port, static: !!o.static }),
+    linkNamed: () => ({ index: 1 }),
+    link: () => ({ master: 1 }),
+  };
+  const notes: string[] = [];
+  const fwd = new Forwarding(kernel as never, table, (_op, _d, l, m) => notes.push(`${l.name}: ${m}`), () => {}, () => false);
+  return { fwd, put, notes };
+}
+
+test('an entry a holder took goes back to the locked lease with that MAC, not to an older unlocked one', (t) => {
+  const older = lease({ created: '2026-12-01T00:00:00.000Z' });
+  const locked = lease({ locked: true, created: '2026-12-02T00:00:00.000Z' });
+  const taker = lease({ mac: '52:54:00:99:99:99' });
+  const { fwd, put } = setup([locked, older, taker]);
+  fwd.restoreTaken(taker, macToBuffer(MAC));
+  t.deepEqual(put, [{ port: locked.ifindex, static: true }]);
+});
+
+test('with no locked lease holding it, the oldest lease with that MAC gets it back, as a learned entry', (t) => {
+  const newer = lease({ created: '2026-12-02T00:00:00.000Z' });
+  const older = lease({ created: '2026-12-01T00:00:00.000Z' });
+  const taker = lease({ mac: '52:54:00:99:99:99' });
+  const { fwd, put } = setup([newer, older, taker]);
+  fwd.restoreTaken(taker, macToBuffer(MAC));
+  t.deepEqual(put, [{ port: older.ifindex, static: false }]);
+});
+
+test('a bridge relocked: one static entry per MAC and VLAN, the oldest locked lease\'s', (t) => {
+  const newer = lease({ locked: true, created: '2026-12-02T00:00:00.000Z' });
+  const older = lease({ locked: true, created: '2026-12-01T00:00:00.000Z' });
+  const otherVlan = lease({ locked: true, vlan: 20, created: '2026-12-03T00:00:00.000Z' });
+  const { fwd, put } = setup([newer, older, otherVlan]);
+  fwd.relockBridge('br0', 'a test');
+  t.deepEqual(put, [{ port: older.ifindex, static: true }, { port: otherVlan.ifindex, static: true }]);
+});
