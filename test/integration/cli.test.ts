@@ -141,6 +141,24 @@ test('no broker: exit 69 with the path, and what to check', (t) => {
   t.regex(r.stderr, /hint: no broker listens there: is tapbrokerd\.socket enabled and started/);
 });
 
+// Found by an outside review: a path that is no socket got hints about the socket's mode or a stale socket.
+test('a --socket that is a file or a directory: the hint says it is not a socket', async (t) => {
+  const fs = await import('node:fs');
+  const dir = tempDir('cli-notsock');
+  try {
+    fs.writeFileSync(`${dir}/file`, '', { mode: 0o644 });
+    fs.chmodSync(dir, 0o755);
+    for (const [p, what] of [[`${dir}/file`, 'not a socket'], [dir, 'a directory']] as const) {
+      const r = tapbroker(['run', '--socket', p, '--net', 'bridge=br0', '--', 'true']);
+      t.is(r.code, 69);
+      t.regex(r.stderr, new RegExp(`hint: ${p.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')} is ${what}: give the broker's socket`));
+      t.notRegex(r.stderr, /stale socket|socket's mode/);
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 // The hint names the socket's own group (found by an outside review: it always said tapbroker, also to users of
 // a broker started with -g kvm).
 test('a socket the user may not open: the hint names the socket\'s group and logging in again', async (t) => {

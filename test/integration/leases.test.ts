@@ -245,15 +245,21 @@ test.serial('a persistent device whose tag cannot rebuild its lost lease is left
   t.deepEqual(JSON.parse(fs.readFileSync(path.join(dir, 'state', 'leases.json'), 'utf8')).kept, [], 'gone: forgotten');
 });
 
+/** A VM's hold on a tap: A opens it by name as libvirt does (one queue), until killed. */
+async function holdOpen(t: import('ava').ExecutionContext, name: string, mq: boolean) {
+  const holder = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: A }), process.execPath,
+    OPEN_TAP, name, mq ? 'mq' : '-', tunNode(dir), 'hold'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const opened = await new Promise<string>((r) => holder.stdout!.once('data', (d) => r(String(d))));
+  t.deepEqual(JSON.parse(opened), { ok: true });
+  return holder;
+}
+
 // Found by an outside review: release deleted a tap a running VM held, and the guest ran on with a NIC that
 // led nowhere. It is refused while a queue is attached (libvirt's or qemu's open), and done once none is.
 test.serial('release of a persistent tap a VM holds open is refused (TB_E_DEVICE_IN_USE); once closed it goes', async (t) => {
   const name = `tb${A}-lv0`;
-  const holder = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: A }), process.execPath,
-    OPEN_TAP, name, 'mq', tunNode(dir), 'hold'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const holder = await holdOpen(t, name, true);
   try {
-    const opened = await new Promise<string>((r) => holder.stdout!.once('data', (d) => r(String(d))));
-    t.deepEqual(JSON.parse(opened), { ok: true });
     const r = await probeOnce({ socket: sock(), release: [name] }, { uid: A });
     t.is(r.error?.code, 'TB_E_DEVICE_IN_USE', r.error?.message);
     t.regex(r.error!.message, new RegExp(`^\`${name}' is in use: 1 queue is attached`));
@@ -265,6 +271,28 @@ test.serial('release of a persistent tap a VM holds open is refused (TB_E_DEVICE
     holder.kill('SIGKILL');
     await new Promise((r) => holder.once('exit', r));
   }
+});
+
+// Found by an outside review: the kernel counts queues only for multiqueue taps, and a single-queue one (what
+// `create --persistent` makes by default, what libvirt opens) was deleted under its running VM.
+test.serial('release of a single-queue persistent tap a VM holds is refused too; once closed it goes', async (t) => {
+  const name = `tb${A}-sq`;
+  const made = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, name }] }, { uid: A });
+  t.is(made.error, null);
+  t.is(made.taps[0]!.device.queues, 1);
+  const holder = await holdOpen(t, name, false);
+  try {
+    const r = await probeOnce({ socket: sock(), release: [name] }, { uid: A });
+    t.is(r.error?.code, 'TB_E_DEVICE_IN_USE', r.error?.message);
+    t.regex(r.error!.message, new RegExp(`^\`${name}' is in use: 1 queue is attached`));
+    t.truthy(ns.link(name), 'the device stays');
+  } finally {
+    holder.kill('SIGKILL');
+    await new Promise((r) => holder.once('exit', r));
+  }
+  const r = await probeOnce({ socket: sock(), release: [name] }, { uid: A });
+  t.is(r.error, null, r.error?.message);
+  t.is(ns.link(name), undefined);
 });
 
 // Found by an outside review: its own fd-passed tap named to release got "you hold no persistent device" with a

@@ -414,7 +414,17 @@ test('who-can and explain-policy agree with the broker about a deny reached thro
     const text = execFileSync(process.execPath, [main, 'who-can', tagged, '--bridge', 'br0'], { encoding: 'utf8' });
     t.regex(text, /^except user 1001 \(on network lab10 only\): denied by `n10'/m);
     const explained = JSON.parse(execFileSync(process.execPath, [main, 'explain-policy', file, '--user', '1001', '--json'], { encoding: 'utf8' })) as { denied_by: Array<{ rule: string; covers: string }> };
-    t.deepEqual(explained.denied_by.map((d) => [d.rule, d.covers]), [['d', 'bridges br0'], ['n', 'networks lab']], 'a networks-only deny is not "everything"');
+    t.deepEqual(explained.denied_by.map((d) => [d.rule, d.covers]), [['d', 'bridges br0'], ['n', 'networks lab (and bridge br0 itself)']],
+      'a networks-only deny is not "everything", and it says what else it closes (found by an outside review)');
+    // A deny whose group this host cannot look up fails closed in the broker: who-can says so, not "nobody"
+    // (found by an outside review).
+    const typo = path.join(dir, 'typo.toml');
+    fs.writeFileSync(typo, `[[rule]]\nname = "r"\nusers = ["*"]\nbridges = ["br0"]\n\n[[deny]]\nname = "s"\ngroups = ["no-such-group-tb"]\nbridges = ["br0"]\n`);
+    const closed = JSON.parse(execFileSync(process.execPath, [main, 'who-can', typo, '--bridge', 'br0', '--json'], { encoding: 'utf8' })) as { except: Array<{ rule: string; who: string }> };
+    t.deepEqual(closed.except.map((d) => d.rule), ['s']);
+    t.regex(closed.except[0]!.who, /^everyone \(group no-such-group-tb is not on this host: the deny fails closed\)$/);
+    t.is(decide(parsePolicy(fs.readFileSync(typo, 'utf8')), caller(1001), ask({ parent: 'br0' }), none).allow, false,
+      'as the broker decides');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -491,7 +501,7 @@ test('a deny of "*" says it covers every Linux bridge, and that no other bridge 
   const d = decide(anyBridge, caller(1002), ask({ parent: 'br7' }), none);
   t.false(d.allow);
   if (!d.allow) t.regex(d.hint, /covers every Linux bridge; only an administrator can change it/);
-  t.is(denyScope(anyBridge.deny[0]!), 'every Linux bridge');
+  t.is(denyScope(anyBridge, anyBridge.deny[0]!), 'every Linux bridge');
 });
 
 test('the hint for a caller with "*" says any Linux bridge', (t) => {

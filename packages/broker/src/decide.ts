@@ -272,12 +272,20 @@ function escapeRe(s: string): string {
 }
 
 /** What a deny rule covers, in words: `bridges br0; networks lab`, `every Linux bridge` or `everything`. */
-export function denyScope(d: DenyRule): string {
+export function denyScope(policy: Policy, d: DenyRule): string {
   const bridges = d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge'
     : d.bridges ? `bridges ${d.bridges.join(', ')}` : '';
+  // A network's deny closes its segment whatever way leads onto it (denyCovers): said where it is a device.
+  const segment = (n: string) => {
+    const t = networkTarget(policy.networks.get(n));
+    if (t === null || t.kind === 'hook') return n;
+    const vlan = t.kind === 'ovs' ? (t.vlans === 'all' ? '' : ` VLAN ${t.vlans.join(', ')}`)
+      : t.vlan !== null ? ` VLAN ${t.vlan}` : '';
+    return `${n} (and ${t.kind === 'ovs' ? 'Open vSwitch bridge' : 'bridge'} ${t.name}${vlan} itself)`;
+  };
   const parts = [
     bridges, d.parents ? `macvtap parents ${d.parents.join(', ')}` : '',
-    d.networks ? `networks ${d.networks.join(', ')}` : '',
+    d.networks ? `networks ${d.networks.map(segment).join(', ')}` : '',
   ].filter(Boolean);
   return parts.length ? parts.join('; ') : 'everything';
 }
@@ -312,7 +320,7 @@ export function decide(
     };
   }
   if (deny) {
-    const scope = denyScope(deny);
+    const scope = denyScope(policy, deny);
     // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
     const whole = scope === 'everything' || (target.kind === 'bridge' && !ask.network
       && scope.startsWith('every Linux bridge'));

@@ -216,6 +216,16 @@ function covers(p: Policy, a: DenyRule, b: DenyRule): boolean {
     && scopeCovers(a.networks, b.networks);
 }
 
+/** Who a deny rule keeps out, as the broker applies it: names it could not look up fail closed (matchesDeny). */
+function deniedPrincipals(s: Selector): string {
+  if (s.unresolved.groups.length > 0) {
+    return `everyone (group ${s.unresolved.groups.join(', ')} is not on this host: the deny fails closed)`;
+  }
+  const missing = s.unresolved.users.map((u) => `user ${u} and every caller without an account (${u} is not on `
+    + 'this host: the deny fails closed)');
+  return [principals(s), ...missing].filter((p) => p !== 'nobody').join(', ') || 'nobody';
+}
+
 function principals(s: Selector): string {
   if (s.everyone) return 'everyone';
   const name = (u: number) => getpwuid(u)?.name ?? String(u);
@@ -377,7 +387,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       denied_by: denies.map((d) => ({
         rule: d.name, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
         parents: everything(d) ? 'all' : d.parents ?? [],
-        networks: everything(d) ? 'all' : d.networks ?? [], covers: denyScope(d),
+        networks: everything(d) ? 'all' : d.networks ?? [], covers: denyScope(policy, d),
       })),
       allowed_by: allows.map((r) => ({
         rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks,
@@ -400,7 +410,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
           String(r.maxDevices), macLockOf(policy, r)]),
       ]));
       for (const d of denies) {
-        write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(d)} — deny wins over every rule above`);
+        write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(policy, d)} — deny wins over every rule above`);
       }
     }
     return EX.OK;
@@ -449,7 +459,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         || (kind === 'network' && policy.networks.get(target)!.macLock),
     })),
     except: denies.map(({ d, on }) => ({
-      rule: d.name, line: d.line, who: principals(d.who), routes: on.map(({ via }) => routeName(via)),
+      rule: d.name, line: d.line, who: deniedPrincipals(d.who), routes: on.map(({ via }) => routeName(via)),
     })),
   };
   // A locked grant where no port can be locked (a macvtap, an OVS or hook network) is refused at request time.
@@ -469,7 +479,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const { d, on } of denies) {
       const only = on.length < routes.length ? ` (on ${on.map(({ via }) => routeName(via)).join(', ')} only)` : '';
-      write(`except ${principals(d.who)}${only}: denied by \`${d.name}' (line ${d.line})`);
+      write(`except ${deniedPrincipals(d.who)}${only}: denied by \`${d.name}' (line ${d.line})`);
     }
   }
   return EX.OK;

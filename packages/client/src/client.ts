@@ -38,6 +38,19 @@ function accessHint(path: string): string {
     + `(usermod -aG ${group} USER), then log in again so the new group applies (\`id -nG\` shows it)`;
 }
 
+/** A hint when `path` exists but is not a socket; null when it is one, or cannot be looked at. */
+function notASocket(path: string): string | null {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(path);
+  } catch {
+    return null;
+  }
+  if (st.isSocket()) return null;
+  return `${path} is ${st.isDirectory() ? 'a directory' : 'not a socket'}: give the broker's socket with --socket or `
+    + `$TAPBROKER_SOCKET (by default ${DEFAULT_SOCKET})`;
+}
+
 /** `--socket`, else $TAPBROKER_SOCKET, else the default. */
 export function socketPath(explicit?: string | null): string {
   return explicit || process.env['TAPBROKER_SOCKET'] || DEFAULT_SOCKET;
@@ -102,9 +115,11 @@ export class TapbrokerClient {
     } catch (err) {
       const why = err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : (err as Error).message;
       const code = err instanceof sys.SyscallError ? err.code : '';
+      // Something that is there but is no socket (a file, a directory): said as such, whatever connect(2) said.
+      const hint = notASocket(path) ?? (code === 'EACCES' ? accessHint(path) : CONNECT_HINTS[code]);
       throw new TapbrokerError('TB_E_CONNECT', `cannot connect to the broker at ${path}: ${why}`, {
         cause: err,
-        ...(code === 'EACCES' ? { hint: accessHint(path) } : CONNECT_HINTS[code] ? { hint: CONNECT_HINTS[code] } : {}),
+        ...(hint ? { hint } : {}),
       });
     }
     const client = new TapbrokerClient(conn, path);
