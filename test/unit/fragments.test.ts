@@ -51,6 +51,12 @@ test('fragments are read after the main file, in lexical order; other names are 
       [['main', 'policy.toml', 1], ['a', 'policy.d/10-a.toml', 1], ['b', 'policy.d/20-b.toml', 1]]);
     const d = decide(p, caller, ask('br2'), () => 0);
     t.true(d.allow && d.rule.name === 'a', 'the first rule in file order decides, across files');
+    // check-policy says which names it did not read (found by an outside review: skipped silently).
+    const r = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
+    t.is(r.status, 0, r.stderr);
+    const notes = r.stdout.split('\n').filter((l) => /: note: not read/.test(l)).map((l) => path.relative(dir, l.split(':')[0]!));
+    t.deepEqual(notes, ['policy.d/30-c.toml.dpkg-old', 'policy.d/README']);
+    t.regex(r.stdout, /policy\.d\/README:-: note: not read: only names ending in \.toml are/);
   } finally {
     fs.rmSync(dir, { recursive: true });
   }

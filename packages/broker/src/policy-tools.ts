@@ -9,7 +9,7 @@ import {
   ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
-import { loadPolicy, untrustedPolicyFile } from './policy.js';
+import { fragmentDir, loadPolicy, untrustedPolicyFile } from './policy.js';
 
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
 const EX_WARNINGS = 1;
@@ -329,6 +329,13 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
+    // Names beside the fragments that are not read (policyFiles): said, so a `30-lab.TOML` is not a surprise.
+    const dir = fragmentDir(o.file);
+    for (const n of fs.existsSync(dir) ? fs.readdirSync(dir).sort() : []) {
+      if (n.startsWith('.') || n.endsWith('.toml')) continue;
+      findings.push({ level: 'note', file: `${dir}/${n}`, line: null,
+        message: 'not read: only names ending in .toml are' });
+    }
     const unsafe = untrustedPolicyFile(o.file);
     // As root (the administrator about to reload) it is the broker's own refusal. A user checking a draft
     // (its own, or one under review in a checkout, as a CI job does) is told how the broker would take the
