@@ -66,6 +66,7 @@ const createCases: Array<[string, ProbeRequest]> = [
   ['tap:configured', { bridge: 'br0' }],
   ['create:leased', { bridge: 'br0' }],
   ['tap:created', { bridge: 'br0', persistent: true }],
+  ['tap:attached', { bridge: 'br0', persistent: true }],
   ['tap:configured', { bridge: 'br0', persistent: true }],
   ['tap:persisted', { bridge: 'br0', persistent: true }],
   ['create:leased', { bridge: 'br0', persistent: true }],
@@ -117,6 +118,7 @@ test.serial('SIGKILL at create:leased, then root renames the device: the restart
     const rec = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === name);
     t.regex(rec.message ?? '', /is `uplink-cut' \(tun\) now, no longer this lease's: left alone; lease dropped/);
     t.truthy(ns.link('uplink-cut'), 'the renamed device is untouched');
+    t.falsy(ns.link('uplink-cut')?.ifalias, 'and no longer carries the broker\'s tag');
     t.deepEqual(state().leases, []);
     await held.release();
     ns.ip('link', 'del', 'uplink-cut');

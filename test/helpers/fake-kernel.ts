@@ -217,6 +217,11 @@ export class FakeKernel implements Kernel {
     if (master) this.fdb.set(`${master}/${macFromBuffer(mac)}/${opts.vlan ?? 0}`, { port, static: !!opts.static });
   }
 
+  untag(index: number): void {
+    const l = this.devices.get(index);
+    if (l) l.alias = null;
+  }
+
   link(index: number): Link | null {
     const l = this.devices.get(index);
     return l ? copy(l) : null;

@@ -16,6 +16,7 @@ export interface LinkInfo {
   master?: string;
   address: string;
   operstate: string;
+  ifalias?: string;
   linkinfo?: { info_kind?: string; info_slave_kind?: string; info_data?: Record<string, unknown> };
   stats64?: { rx: { packets: number; bytes: number }; tx: { packets: number; bytes: number } };
 }

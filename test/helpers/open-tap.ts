@@ -15,6 +15,21 @@ try {
   process.stdout.write(`${JSON.stringify({ ok: true })}\n`);
   // `hold`: keep the queue attached until killed (a racing attacker keeps what it won).
   if (hold === 'hold') await new Promise(() => setInterval(() => {}, 1000));
+  // `send:MAC`: write one frame from that source MAC (a guest spoofing), say what the write did, and keep the
+  // queue attached until killed (a tap with none attached has its carrier off, which flushes what was learned).
+  if (hold?.startsWith('send:')) {
+    const frame = Buffer.alloc(10 + 60).fill(0xff, 10, 16);
+    Buffer.from(hold.slice(5).split(':').map((h) => parseInt(h, 16))).copy(frame, 16);
+    frame.writeUInt16BE(0x88b5, 22);
+    let wrote: number | string;
+    try {
+      wrote = fs.writeSync(fd, frame);
+    } catch (err) {
+      wrote = (err as NodeJS.ErrnoException).code ?? String(err);
+    }
+    process.stdout.write(`${JSON.stringify({ wrote })}\n`);
+    await new Promise(() => setInterval(() => {}, 1000));
+  }
   // `flood`: toggle its offloads 700 times at once (TUNSETOFFLOAD: one link event each), as a flooding holder.
   if (hold === 'flood') for (let i = 0; i < 700; i++) sys.ioctlInt(fd, 0x400454d0, (i + 1) % 2);
 } catch (err) {

@@ -2,9 +2,12 @@
 // drops every other source, with one static forwarding entry that goes with the device. A fresh namespace
 // (IPv6 off, so the only frames are the test's); clients as uid 65534.
 import anyTest, { type TestFn } from 'ava';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
-import { Netns } from '../helpers/netns.js';
+import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 import { poll, quiet } from '../helpers/wait.js';
 
@@ -30,6 +33,7 @@ networks = ["plugged", "stp"]
 macvtap = [{ parent = "vparent" }]
 mac_lock = true
 persistent = true
+max_queues = 2
 
 [[rule]]
 name = "open"
@@ -41,6 +45,7 @@ networks = ["locked"]
 let ns: Netns;
 let broker: BrokerProcess;
 const HOST = ['br0', 'br1', 'br2', 'vb0', 'vb1', 'vparent', 'vpeer'];
+const OPEN_TAP = path.join(path.dirname(fileURLToPath(import.meta.url)), '../helpers/open-tap.js');
 
 test.before(async () => {
   ns = Netns.create('lock');
@@ -167,6 +172,69 @@ test.serial('a MAC in use on another port is never locked to a new one: a live l
     t.regex(fdb('vb0'), new RegExp(`^${lan} master br0`, 'm'), 'the entry stays where it was learned');
     t.notRegex(fdb('vb0'), new RegExp(`^${lan} .*static`, 'm'));
     await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+  });
+
+// Found by an outside review: a holder gave its tap a machine's MAC (not a lease's) and back, which erased the
+// bridge's entry for it, then asked at once for a locked tap with that MAC, and got it pinned to its port.
+test.serial('a MAC a holder\'s tap took lately is locked to no new port, though the bridge has no entry for it now',
+  async (t) => {
+    const lan = '52:54:00:77:00:0b';
+    const sent = spawnSync('ip', ['netns', 'exec', ns.name, 'python3', '-c', SEND_FROM, 'vb1', lan], { encoding: 'utf8' });
+    t.is(sent.status, 0, sent.stderr);
+    await broker.waitFor(() => fdb('vb0').includes(lan), 2000, 'the bridge did not learn the LAN host');
+    const flip = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], flipOwnMac: lan });
+    try {
+      const name = flip.result.taps[0]!.device.name;
+      await broker.waitFor(() => ns.link(name) === undefined, 3000, 'the flipping tap was not deleted');
+      t.notRegex(fdb('vb0'), new RegExp(lan), 'the flip erased the LAN host\'s entry');
+      const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac: lan }] });
+      t.is(r.error?.code, 'TB_E_MAC_IN_USE');
+      t.regex(r.error?.message ?? '', /was taken by a device's holder on bridge `br0' moments ago/);
+      t.notRegex(bridgeCmd('fdb', 'show', 'br', 'br0'), new RegExp(`${lan} .*static`), 'pinned nowhere');
+      // Another MAC is still granted, locked.
+      const other = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', mac: '52:54:00:77:00:0c' }] });
+      t.is(other.error, null);
+    } finally {
+      await flip.release();
+    }
+    await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+  });
+
+// Found by an outside review: a persistent multiqueue tap's owner attached a queue while the port was up on the
+// bridge and not locked yet, sent from a foreign source, and the bridge kept forwarding from it after the lock.
+test.serial('a locked port is up only once locked: what its owner sends before the lock is learned nowhere',
+  async (t) => {
+    const gate = path.join(broker.dir, 'prelock-gate');
+    const faulty = await BrokerProcess.start(ns, POLICY, { tag: 'prelock', fault: `tap:attached=wait:${gate}` });
+    const name = `tb${NOBODY}-pre`;
+    const spoof = '02:77:77:77:77:77';
+    try {
+      const granted = probeOnce({ socket: faulty.socket, requests: [{ bridge: 'br0', persistent: true, queues: 2, name }] });
+      await faulty.waitFor(() => fs.existsSync(`${gate}.reached`), 5000, 'the create never reached tap:attached');
+      // The owner attaches a queue by name (it may: the tap is its own), sends from a foreign source, and keeps
+      // the queue attached (a port whose carrier goes off forgets what it learned).
+      const sender = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs(), process.execPath, OPEN_TAP,
+        name, 'mq', tunNode(faulty.dir), `send:${spoof}`], { stdio: ['ignore', 'pipe', 'inherit'] });
+      try {
+        let out = '';
+        sender.stdout!.on('data', (d) => (out += String(d)));
+        await poll(() => out.includes('"wrote"'), { ms: 5000 });
+        t.regex(out, /"ok":true/);
+        fs.writeFileSync(gate, '');
+        const r = await granted;
+        t.is(r.error, null, r.error?.message);
+        t.regex(bridgeCmd('-d', 'link', 'show', 'dev', name), /locked on/);
+        t.notRegex(bridgeCmd('fdb', 'show', 'br', 'br0'), new RegExp(spoof), 'the foreign source was not learned');
+      } finally {
+        sender.kill('SIGKILL');
+        await new Promise((r) => sender.once('exit', r));
+      }
+      t.is((await probeOnce({ socket: faulty.socket, release: [name] })).error, null);
+    } finally {
+      await faulty.stop();
+      fs.rmSync(gate, { force: true });
+      fs.rmSync(`${gate}.reached`, { force: true });
+    }
   });
 
 test.serial('a MAC a live locked lease holds is no other tap\'s on its bridge, even while its entry is missing',

@@ -11,7 +11,19 @@ type Note = (
   op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
 ) => void;
 
+/**
+ * How long a MAC a holder's tap took stays unlockable on that bridge: the bridge deleted that MAC's entries
+ * elsewhere (whoever it belongs to: another guest, a router behind the uplink), and a lock asked for it now
+ * would find no entry to refuse it by. The bridge's default ageing time: by then its owner has sent again.
+ */
+const TAKEN_MS = 300_000;
+/** MACs remembered as taken at most (the oldest go first): each took the deletion of a holder's tap. */
+const MAX_TAKEN = 4096;
+
 export class Forwarding {
+  /** `bridge/mac` → until when no lock takes it (see TAKEN_MS). */
+  private readonly taken = new Map<string, number>();
+
   constructor(
     private readonly kernel: Kernel,
     private readonly table: LeaseTable,
@@ -19,6 +31,23 @@ export class Forwarding {
     private readonly log: (line: string) => void,
     private readonly creating: (id: string) => boolean,
   ) {}
+
+  /** A holder's tap on `bridge` showed `mac` as its own address: no lock takes that MAC there for a while. */
+  noteTaken(bridge: string, mac: string): void {
+    const key = `${bridge}/${mac}`;
+    this.taken.delete(key);
+    this.taken.set(key, Date.now() + TAKEN_MS);
+    if (this.taken.size > MAX_TAKEN) this.taken.delete(this.taken.keys().next().value!);
+  }
+
+  /** Did a holder's tap on `bridge` take `mac` lately (noteTaken)? */
+  takenLately(bridge: string, mac: string): boolean {
+    const until = this.taken.get(`${bridge}/${mac}`);
+    if (until === undefined) return false;
+    if (until > Date.now()) return true;
+    this.taken.delete(`${bridge}/${mac}`);
+    return false;
+  }
 
   /** `l`'s holder took `mac`: the port of the lease whose guest MAC it is (on `l`'s bridge) gets its entry back. */
   restoreTaken(l: LeaseRecord, mac: Buffer): void {

@@ -363,6 +363,13 @@ function macElsewhere(ctx: OpContext, mac: string, bridge: string, vlan: number 
       + `port of bridge \`${bridge}' (a live lease's): no other tap there may ${lock ? 'be locked to' : 'use'} it`,
     { hint: 'choose another MAC' });
   }
+  // A holder's tap took it lately, which deleted the bridge's entries for it (whoever's MAC it is: a router
+  // behind the uplink, say): the forwarding table cannot tell now whether another port uses it.
+  if (lock && ctx.lifetimes.takenLately(bridge, mac)) {
+    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} was taken by a device's holder on bridge \`${bridge}' `
+      + 'moments ago, which erased where the bridge had it: it is locked to no new port there for 5 minutes',
+    { hint: 'choose another MAC' });
+  }
 }
 
 function unwritable(err: unknown): TapbrokerError {

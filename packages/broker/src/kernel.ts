@@ -51,7 +51,7 @@ export function hostMac(guestMac: Buffer): Buffer {
 
 /** Points in the kernel steps where a test may inject a fault (a crash, a pause). */
 export type FaultPoint =
-  | 'tap:opened' | 'tap:created' | 'tap:configured' | 'tap:locked' | 'tap:persisted'
+  | 'tap:opened' | 'tap:created' | 'tap:attached' | 'tap:configured' | 'tap:locked' | 'tap:persisted'
   | 'macvtap:created' | 'macvtap:opened'
   | 'create:leased' | 'retire:unleased' | 'release:deleted';
 export type Faults = (point: FaultPoint) => void;
@@ -139,6 +139,8 @@ export interface Kernel {
   createMacvtap(req: MacvtapRequest): CreatedTap;
   lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string, as: 'grant' | 'relock'): void;
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
+  /** Clears a device's alias: the broker's tag, on a device no longer the broker's. */
+  untag(index: number): void;
   link(index: number): Link | null;
   linkNamed(name: string): Link | null;
   links(): Link[];

@@ -1,16 +1,17 @@
 // Lease lifetimes: how each lease ends (its fds, its holder, a release), and keeping the lease table
 // true to the kernel (link events, one dump after lost events; reconcile at start is reconcile.ts). Every
 // device the broker deletes goes through retire(), which audits both success and failure.
-import { TapbrokerError, macFromBuffer, macToBuffer, sys, watchReadable } from '@tapbroker/protocol/core';
+import { TapbrokerError, macFromBuffer, sys, watchReadable } from '@tapbroker/protocol/core';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
-import { KERNEL_KIND, LeaseTable, brokerId, leaseView, type LeaseRecord } from './leases.js';
+import { KERNEL_KIND, LeaseTable, aliasIdentity, brokerId, leaseView, type LeaseRecord } from './leases.js';
 import { getpwuid } from './libc.js';
 import { namePrefix } from './naming.js';
-import { hostMac, type Cleanup, type Kernel } from './kernel.js';
+import type { Cleanup, Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
 import { plugDown } from './plug.js';
+import { expectedMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
 import { decide, type Ask, type Decision, type Policy } from './decide.js';
@@ -295,6 +296,7 @@ export class Lifetimes implements Cleanup {
       const message = `the device is ${was} now, no longer this lease's: left alone`;
       this.unplug(l);
       this.note('cleanup', 'cleanup', l, `${message}; lease dropped`);
+      this.renounce(l, now);
       throw new TapbrokerError('TB_E_NO_SUCH_LEASE', `\`${l.name}' is gone: ${message}`);
     }
     try {
@@ -310,6 +312,30 @@ export class Lifetimes implements Cleanup {
     // Until it was gone its holder could give it another guest's MAC and back (the bridge then drops that
     // MAC's entries, static ones included), with no lease left to judge the events by.
     if (l.kind === 'tap') this.forwarding.relockBridge(l.parent, 'a device on its bridge was deleted');
+  }
+
+  /** A tap whose holder gave it a MAC not its lease's: that MAC is locked to no new port there for a while. */
+  private noteTaken(l: LeaseRecord, link: Link): void {
+    if (l.kind === 'tap' && link.address) this.forwarding.noteTaken(l.parent, macFromBuffer(link.address));
+  }
+
+  /** Did a holder's tap on `bridge` take `mac` lately? Then a lock must not take it (Forwarding.noteTaken). */
+  takenLately(bridge: string, mac: string): boolean {
+    return this.forwarding.takenLately(bridge, mac);
+  }
+
+  /**
+   * A device that is no longer this lease's (root renamed it): its tag is cleared, so that no later start takes
+   * it back or deletes it as an orphan of ours. Only while it carries this very lease's tag.
+   */
+  private renounce(l: LeaseRecord, link: Link): void {
+    if (aliasIdentity(link.alias)?.id !== l.id) return;
+    try {
+      this.kernel.untag(link.index);
+    } catch (err) {
+      const why = (err as Error).message;
+      this.log(`warning: the tag of \`${link.name}' (once \`${l.name}') could not be cleared: ${why}`);
+    }
   }
 
   /** A lease whose device is already gone: dropped and unplugged; mid-create, its create fails instead. */
@@ -409,18 +435,21 @@ export class Lifetimes implements Cleanup {
     if (!l) return;
     // Renamed (only root can): no longer the broker's device; nothing acts on it by this lease again.
     if (l.name !== link.name) {
-      return this.dropVanished(l, `renamed to \`${link.name}': lease dropped, device left alone`);
+      this.dropVanished(l, `renamed to \`${link.name}': lease dropped, device left alone`);
+      return this.renounce(l, link);
     }
     if (type === RTM_DELLINK) {
       this.dropVanished(l, l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished');
       return;
     }
     if (this.creating.has(l.id)) return;
-    const violation = this.violation(l, link);
+    const violation = violationOf(l, link);
     if (violation === null) {
       this.fresh.delete(l.id);
       return;
     }
+    // What the event shows it took (it may be set back by now, as the judgement below reads it).
+    if (violation === 'address') this.noteTaken(l, link);
     // A MAC or an owner an event shows is a breach even if undone since: a MAC set and set back has already
     // wiped the bridge's forwarding entry for it, an owner flipped and back has let queues be attached. What
     // an event shows of persistence is judged on the device as it is now (converted or not, by what it is),
@@ -448,7 +477,7 @@ export class Lifetimes implements Cleanup {
       return;
     }
     if (this.creating.has(l.id)) return;
-    const violation = this.violation(l, link);
+    const violation = violationOf(l, link);
     if (violation === null) return;
     let refused = '';
     if (violation === 'persist') {
@@ -483,8 +512,9 @@ export class Lifetimes implements Cleanup {
         + 'attached',
       address:
         `its MAC was changed to ${link.address ? macFromBuffer(link.address) : 'none'}` +
-        ` (its lease's: ${this.expectedMac(l)})`,
+        ` (its lease's: ${expectedMac(l)})`,
     }[violation];
+    if (violation === 'address') this.noteTaken(l, link);
     const retired = this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` });
     // A tap given another guest's MAC made the bridge move that guest's forwarding entry to this port;
     // once this device is gone, the entry goes back to the port of the lease the MAC belongs to.
@@ -521,33 +551,6 @@ export class Lifetimes implements Cleanup {
       return { allow: false, code: 'TB_E_MAC_LOCK', rule: d.rule.name, message, hint: 'ask for a persistent tap' };
     }
     return d;
-  }
-
-  private violation(l: LeaseRecord, link: Link): 'persist' | 'owner' | 'address' | null {
-    // The broker's own ownership (root) is never a violation: a tap its holder made persistent keeps it.
-    const euid = process.geteuid?.() ?? 0;
-    const broker = (t: NonNullable<Link['tun']>) => t.owner === euid && t.group === null;
-    if (l.kind === 'tap' && l.ends === 'fds') {
-      if (link.persist) return 'persist';
-      // More queues than the broker opened were attached by someone its owner let in (an owner flipped).
-      if (link.tun && (!broker(link.tun) || (link.tun.queues ?? 0) > l.queues)) return 'owner';
-    }
-    if (l.kind === 'tap' && l.ends === 'release' && link.tun && !broker(link.tun)) {
-      const owner = l.group !== null ? null : l.uid;
-      if (link.tun.owner !== owner || link.tun.group !== l.group) return 'owner';
-    }
-    const expected = this.expectedMac(l);
-    if (link.address && expected !== null && macFromBuffer(link.address) !== expected) return 'address';
-    return null;
-  }
-
-  /**
-   * The device's own address, as recorded at the grant; for leases recorded before 0.4.0, a tap's host side is
-   * the guest's MAC with 0xfe first, and a macvtap's is the guest's.
-   */
-  private expectedMac(l: LeaseRecord): string | null {
-    if (l.host_mac !== null || l.mac === null) return l.host_mac;
-    return l.kind === 'tap' ? macFromBuffer(hostMac(macToBuffer(l.mac))) : l.mac;
   }
 
   /** After lost link events: one dump, and every lease judged against it. */

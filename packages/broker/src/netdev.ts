@@ -55,6 +55,10 @@ export class Netdev implements Kernel {
     return deleteLinkInBackground(index);
   }
 
+  untag(index: number): void {
+    this.rtnl.configureLink(index, { alias: '' });
+  }
+
   monitor(...[onLink, onOverrun, wants]: Parameters<Kernel['monitor']>): LinkMonitor {
     return new LinkMonitor(onLink, onOverrun, wants, this.linkEventQueue);
   }
@@ -166,18 +170,25 @@ export class Netdev implements Kernel {
       const bridge = req.bridge;
       try {
         // A port joins its bridge in the bridge's default VLAN: one with an access VLAN comes up only once
-        // it is in that VLAN alone, or the broker's queue would hold default-VLAN frames for the guest.
+        // it is in that VLAN alone, or the broker's queue would hold default-VLAN frames for the guest; a
+        // locked one only once locked (a persistent tap's owner may attach a queue by name meanwhile, and the
+        // bridge would learn whatever source it sent from; a port that is down forwards and learns nothing).
         const vlan = bridge && req.vlan ? req.vlan : null;
+        const upLater = vlan !== null || req.lock;
         this.rtnl.configureLink(
           link.index,
           bridge
-            ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: vlan === null, alias: req.alias }
+            ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: !upLater, alias: req.alias }
             : { address: mac, up: true, alias: req.alias },
         );
-        if (vlan !== null) {
-          this.rtnl.setAccessVlan(link.index, vlan);
-          this.rtnl.configureLink(link.index, { up: true });
+        if (vlan !== null) this.rtnl.setAccessVlan(link.index, vlan);
+        this.faultPoint('tap:attached');
+        // Before any fd leaves the broker, and before the port is up: nobody can have sent a frame through it.
+        if (req.lock) {
+          this.lockPort(link.index, bridge!, req.guestMac, req.vlan ?? null, req.name, 'grant');
+          this.faultPoint('tap:locked');
         }
+        if (upLater) this.rtnl.configureLink(link.index, { up: true });
       } catch (err) {
         if (err instanceof TapbrokerError) throw err;
         throw kernelError(
@@ -186,11 +197,6 @@ export class Netdev implements Kernel {
             : `failed to set up \`${req.name}'`,
           err,
         );
-      }
-      // Before any fd leaves the broker: nobody can have sent a frame through the port yet.
-      if (req.lock) {
-        this.lockPort(link.index, bridge!, req.guestMac, req.vlan ?? null, req.name, 'grant');
-        this.faultPoint('tap:locked');
       }
       this.faultPoint('tap:configured');
       if (req.persistent) {
