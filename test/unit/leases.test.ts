@@ -174,3 +174,19 @@ test('tags of earlier versions are still read: identity, and a tap\'s MAC from t
   t.is(aliasIdentity('someone else lease=0123456789abcdef uid=1 kind=tap'), null);
   t.is(aliasIdentity(null), null);
 });
+
+test('leases by guest MAC: kept with every add, replacement and removal', (t) => {
+  const { table } = LeaseTable.load(null);
+  const a = lease({ id: 'aaaaaaaaaaaaaaaa', ifindex: 7 });
+  const b = lease({ id: 'bbbbbbbbbbbbbbbb', ifindex: 8 });
+  const c = lease({ id: 'cccccccccccccccc', ifindex: 9, mac: null });
+  for (const l of [a, b, c]) table.add(l, false);
+  t.deepEqual(table.withMac(a.mac!).map((l) => l.id).sort(), [a.id, b.id]);
+  table.add({ ...a, ends: 'release' }, false);
+  t.is(table.withMac(a.mac!).find((l) => l.id === a.id)?.ends, 'release', 'a replaced lease is found as it is now');
+  table.remove(a.id);
+  t.deepEqual(table.withMac(a.mac!).map((l) => l.id), [b.id]);
+  table.remove(b.id);
+  t.deepEqual(table.withMac(a.mac!), []);
+  t.is(table.size, 1);
+});

@@ -356,7 +356,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
  * another port (a quiet guest's entry may have aged out of the table; the lock would take its traffic).
  */
 function macElsewhere(ctx: OpContext, mac: string, bridge: string, vlan: number | null, lock: boolean): void {
-  const owner = ctx.lifetimes.table.all().find((o) => (o.locked || lock) && o.kind === 'tap' && o.mac === mac
+  const owner = ctx.lifetimes.table.withMac(mac).find((o) => (o.locked || lock) && o.kind === 'tap'
     && o.parent === bridge && o.vlan === vlan);
   if (owner) {
     throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} is ${owner.locked ? 'locked to' : 'in use on'} another `

@@ -145,10 +145,21 @@ export class LeaseTable {
     return this.byIndex.get(ifindex);
   }
 
+  /** Leases whose guest MAC is `mac` (a grant looks them up on every tap: not a scan of the whole table). */
+  withMac(mac: string): LeaseRecord[] {
+    return [...(this.byMac.get(mac)?.values() ?? [])];
+  }
+
+  private readonly byMac = new Map<string, Map<string, LeaseRecord>>();
+
   private put(l: LeaseRecord): void {
     const before = this.byId.get(l.id);
     if (before) this.drop(before.id);
     this.byId.set(l.id, l);
+    if (l.mac !== null) {
+      const same = this.byMac.get(l.mac) ?? new Map<string, LeaseRecord>();
+      this.byMac.set(l.mac, same.set(l.id, l));
+    }
     if (this.byIndex.has(l.ifindex)) this.shared++;
     this.byIndex.set(l.ifindex, l);
   }
@@ -160,6 +171,8 @@ export class LeaseTable {
     const l = this.byId.get(id);
     if (!l) return;
     this.byId.delete(id);
+    const same = l.mac !== null ? this.byMac.get(l.mac) : undefined;
+    if (same?.delete(id) && same.size === 0) this.byMac.delete(l.mac!);
     if (this.byIndex.get(l.ifindex)?.id !== id) return;
     this.byIndex.delete(l.ifindex);
     // Two leases of one ifindex (a stale one and its successor) are rare: the other keeps the index.
