@@ -217,6 +217,12 @@ export class FakeKernel implements Kernel {
     if (master) this.fdb.set(`${master}/${macFromBuffer(mac)}/${opts.vlan ?? 0}`, { port, static: !!opts.static });
   }
 
+  holdTap(name: string): number | null {
+    const l = [...this.devices.values()].find((d) => d.name === name);
+    if (l?.tun?.queues) return null;
+    return this.open();
+  }
+
   untag(index: number): void {
     const l = this.devices.get(index);
     if (l) l.alias = null;

@@ -30,6 +30,19 @@ try {
     process.stdout.write(`${JSON.stringify({ wrote })}\n`);
     await new Promise(() => setInterval(() => {}, 1000));
   }
+  // `flip:MAC`: give the tap that MAC and its own back (SIOCGIFHWADDR, then SIOCSIFHWADDR twice on its fd).
+  if (hold?.startsWith('flip:')) {
+    const ifr = Buffer.alloc(40);
+    sys.ioctlPtr(fd, 0x8927 /* SIOCGIFHWADDR */, ifr);
+    const own = Buffer.from(ifr.subarray(16, 24));
+    ifr.writeUInt16LE(1, 16);
+    Buffer.from(hold.slice(5).split(':').map((h) => parseInt(h, 16))).copy(ifr, 18);
+    sys.ioctlPtr(fd, 0x8924 /* SIOCSIFHWADDR */, ifr);
+    own.copy(ifr, 16);
+    sys.ioctlPtr(fd, 0x8924 /* SIOCSIFHWADDR */, ifr);
+    process.stdout.write(`${JSON.stringify({ flipped: true })}\n`);
+    await new Promise(() => setInterval(() => {}, 1000));
+  }
   // `flood`: toggle its offloads 700 times at once (TUNSETOFFLOAD: one link event each), as a flooding holder.
   if (hold === 'flood') for (let i = 0; i < 700; i++) sys.ioctlInt(fd, 0x400454d0, (i + 1) % 2);
 } catch (err) {

@@ -57,3 +57,27 @@ test('a bridge relocked: one static entry per MAC and VLAN, the oldest locked le
   fwd.relockBridge('br0', 'a test');
   t.deepEqual(put, [{ port: older.ifindex, static: true }, { port: otherVlan.ifindex, static: true }]);
 });
+
+// Found by an outside re-test: a MAC taken by anyone kept everyone's locks off it, a way to keep another user's
+// VM from starting. Only the taker (the lease's uid, the group it was given to) is held up now.
+test('a MAC a tap took is kept from its taker\'s locks only: the lease\'s uid and the group it was given to', (t) => {
+  const { fwd } = setup([]);
+  const mine = lease({ uid: 1000, group: 500, parent: 'br0' });
+  fwd.noteTaken(mine, '52:54:00:aa:bb:cc');
+  const who = (uid: number, gid: number, groups: number[] = []) => ({ uid, gid, groups });
+  t.true(fwd.takenLately('br0', '52:54:00:aa:bb:cc', who(1000, 1000)), 'the taker');
+  t.true(fwd.takenLately('br0', '52:54:00:aa:bb:cc', who(1001, 1001, [500])), 'a member of the group it was given to');
+  t.false(fwd.takenLately('br0', '52:54:00:aa:bb:cc', who(1002, 1002)), 'anyone else');
+  t.false(fwd.takenLately('br1', '52:54:00:aa:bb:cc', who(1000, 1000)), 'another bridge');
+  t.false(fwd.takenLately('br0', '52:54:00:aa:bb:cd', who(1000, 1000)), 'another MAC');
+});
+
+test('a taker of more MACs than are kept has every lock refused until they expire, not the oldest forgotten', (t) => {
+  const { fwd } = setup([]);
+  const mine = lease({ uid: 1000, parent: 'br0' });
+  const mac = (i: number) => `52:54:00:00:${((i >> 8) & 0xff).toString(16).padStart(2, '0')}:${(i & 0xff).toString(16).padStart(2, '0')}`;
+  for (let i = 0; i < 1100; i++) fwd.noteTaken(mine, mac(i));
+  t.true(fwd.takenLately('br0', mac(0), { uid: 1000, gid: 1000, groups: [] }), 'the first is still known');
+  t.true(fwd.takenLately('br0', '52:54:00:ff:ff:ff', { uid: 1000, gid: 1000, groups: [] }), 'and any other MAC waits');
+  t.false(fwd.takenLately('br0', mac(0), { uid: 1001, gid: 1001, groups: [] }));
+});

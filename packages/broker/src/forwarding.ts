@@ -12,17 +12,22 @@ type Note = (
 ) => void;
 
 /**
- * How long a MAC a holder's tap took stays unlockable on that bridge: the bridge deleted that MAC's entries
- * elsewhere (whoever it belongs to: another guest, a router behind the uplink), and a lock asked for it now
- * would find no entry to refuse it by. The bridge's default ageing time: by then its owner has sent again.
+ * How long a MAC a holder's tap took stays unlockable on that bridge for the taker: the bridge deleted that
+ * MAC's entries elsewhere (whoever it belongs to: another guest, a router behind the uplink), and a lock the
+ * taker asked for now would find no entry to refuse it by. The bridge's default ageing time: by then the MAC's
+ * owner has sent again. Only the taker (the lease's uid, and the members of the group it was given to) is
+ * refused: anyone else's lock of a MAC it owns is not held up by another user's doing.
  */
 const TAKEN_MS = 300_000;
-/** MACs remembered as taken at most (the oldest go first): each took the deletion of a holder's tap. */
-const MAX_TAKEN = 4096;
+/** MACs one taker may have taken lately; past it, that taker's every lock waits (nothing is forgotten early). */
+const MAX_TAKEN = 1024;
+
+/** Who took: `u:UID` or `g:GID`. */
+type Taker = string;
 
 export class Forwarding {
-  /** `bridge/mac` → until when no lock takes it (see TAKEN_MS). */
-  private readonly taken = new Map<string, number>();
+  /** taker → `bridge/mac` → until when that taker's locks do not take it (see TAKEN_MS). */
+  private readonly taken = new Map<Taker, Map<string, number>>();
 
   constructor(
     private readonly kernel: Kernel,
@@ -32,21 +37,33 @@ export class Forwarding {
     private readonly creating: (id: string) => boolean,
   ) {}
 
-  /** A holder's tap on `bridge` showed `mac` as its own address: no lock takes that MAC there for a while. */
-  noteTaken(bridge: string, mac: string): void {
-    const key = `${bridge}/${mac}`;
-    this.taken.delete(key);
-    this.taken.set(key, Date.now() + TAKEN_MS);
-    if (this.taken.size > MAX_TAKEN) this.taken.delete(this.taken.keys().next().value!);
+  /** `l`'s tap on its bridge showed `mac` as its own address: its takers' locks do not take it for a while. */
+  noteTaken(l: LeaseRecord, mac: string): void {
+    for (const who of [`u:${l.uid}`, ...(l.group !== null ? [`g:${l.group}`] : [])]) {
+      const mine = this.live(who) ?? new Map<string, number>();
+      if (mine.size < MAX_TAKEN) mine.set(`${l.parent}/${mac}`, Date.now() + TAKEN_MS);
+      this.taken.set(who, mine);
+    }
   }
 
-  /** Did a holder's tap on `bridge` take `mac` lately (noteTaken)? */
-  takenLately(bridge: string, mac: string): boolean {
-    const until = this.taken.get(`${bridge}/${mac}`);
-    if (until === undefined) return false;
-    if (until > Date.now()) return true;
-    this.taken.delete(`${bridge}/${mac}`);
-    return false;
+  /** Did the caller (its uid, or a group of its) take `mac` on `bridge` lately, or more MACs than are kept? */
+  takenLately(bridge: string, mac: string, caller: { uid: number; gid: number; groups: readonly number[] }): boolean {
+    const groups = new Set([caller.gid, ...caller.groups]);
+    return [`u:${caller.uid}`, ...[...groups].map((g) => `g:${g}`)].some((who) => {
+      const mine = this.live(who);
+      return mine !== null && (mine.has(`${bridge}/${mac}`) || mine.size >= MAX_TAKEN);
+    });
+  }
+
+  /** A taker's entries still in force (the expired ones dropped), or null. */
+  private live(who: Taker): Map<string, number> | null {
+    const mine = this.taken.get(who);
+    if (!mine) return null;
+    const now = Date.now();
+    for (const [k, until] of mine) if (until <= now) mine.delete(k);
+    if (mine.size > 0) return mine;
+    this.taken.delete(who);
+    return null;
   }
 
   /** `l`'s holder took `mac`: the port of the lease whose guest MAC it is (on `l`'s bridge) gets its entry back. */

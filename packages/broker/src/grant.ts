@@ -237,7 +237,7 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
   const guestMac = macToBuffer(mac ?? randomMac(rule.macPrefix));
-  if (place.bridge && mac !== null) macElsewhere(ctx, mac, place.parentName, place.vlan, lock);
+  if (place.bridge && mac !== null) macElsewhere(ctx, caller, mac, place.parentName, place.vlan, lock);
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
   const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
   const holding = ends === 'holder';
@@ -355,7 +355,9 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
  * entry for a moment): no other tap there is made with it, locked or not. Nor is a live lease's MAC locked to
  * another port (a quiet guest's entry may have aged out of the table; the lock would take its traffic).
  */
-function macElsewhere(ctx: OpContext, mac: string, bridge: string, vlan: number | null, lock: boolean): void {
+function macElsewhere(
+  ctx: OpContext, caller: Identity, mac: string, bridge: string, vlan: number | null, lock: boolean,
+): void {
   const owner = ctx.lifetimes.table.withMac(mac).find((o) => (o.locked || lock) && o.kind === 'tap'
     && o.parent === bridge && o.vlan === vlan);
   if (owner) {
@@ -363,11 +365,14 @@ function macElsewhere(ctx: OpContext, mac: string, bridge: string, vlan: number 
       + `port of bridge \`${bridge}' (a live lease's): no other tap there may ${lock ? 'be locked to' : 'use'} it`,
     { hint: 'choose another MAC' });
   }
-  // A holder's tap took it lately, which deleted the bridge's entries for it (whoever's MAC it is: a router
-  // behind the uplink, say): the forwarding table cannot tell now whether another port uses it.
-  if (lock && ctx.lifetimes.takenLately(bridge, mac)) {
-    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} was taken by a device's holder on bridge \`${bridge}' `
-      + 'moments ago, which erased where the bridge had it: it is locked to no new port there for 5 minutes',
+  // The caller's own tap took it lately, which deleted the bridge's entries for it (whoever's MAC it is: a
+  // router behind the uplink, say): the forwarding table cannot tell now whether another port uses it. Every
+  // link event already sent is read first, however many a backlog holds.
+  if (!lock) return;
+  ctx.lifetimes.catchUp(true);
+  if (ctx.lifetimes.forwarding.takenLately(bridge, mac, caller)) {
+    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} was taken by a tap of yours on bridge \`${bridge}' `
+      + 'lately, which erased where the bridge had it: it is locked to none of your ports there for 5 minutes',
     { hint: 'choose another MAC' });
   }
 }

@@ -139,6 +139,12 @@ export interface Kernel {
   createMacvtap(req: MacvtapRequest): CreatedTap;
   lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string, as: 'grant' | 'relock'): void;
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
+  /**
+   * A single-queue tap nobody holds, attached by the broker (its fd) so that nobody can until it is deleted;
+   * null when a process holds it (the kernel counts no queues for such a tap, and its carrier is its holder's
+   * to set: attaching is the one sure test).
+   */
+  holdTap(name: string): number | null;
   /** Clears a device's alias: the broker's tag, on a device no longer the broker's. */
   untag(index: number): void;
   link(index: number): Link | null;

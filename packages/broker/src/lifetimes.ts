@@ -44,7 +44,8 @@ export class Lifetimes implements Cleanup {
   private closing = false;
   private monitor: { drain(): boolean; close(): void } | null = null;
   /** Forwarding entries put back after a holder took them (forwarding.ts). */
-  private readonly forwarding: Forwarding;
+  /** Forwarding entries a holder took, and the MACs its taps took lately (grant asks it: takenLately). */
+  readonly forwarding: Forwarding;
   /** Link events per device and per uid, to find floods (see wants). */
   private readonly floods = new Floods((ifindex) => {
     const o = this.table.byIfindex(ifindex);
@@ -126,8 +127,12 @@ export class Lifetimes implements Cleanup {
    * a flood of events only a budget of them: bridges are then looked up afresh, not taken from events that
    * may still be queued, and a gone device may still count against its owner until its event is read.
    */
-  catchUp(): void {
-    this.drained = this.monitor?.drain() !== false;
+  catchUp(all = false): void {
+    let drained = this.monitor?.drain() !== false;
+    // `all` (before a port is locked to a MAC): every event already sent, past the budget, so that a MAC a
+    // holder took behind a backlog of harmless events is known (bounded by the socket's queue).
+    for (let n = 0; all && !drained && n < 256; n++) drained = this.monitor!.drain() !== false;
+    this.drained = drained;
     if (!this.drained) this.kernel.observe(0, null);
     if (this.resyncOwed) this.resync();
   }
@@ -316,12 +321,7 @@ export class Lifetimes implements Cleanup {
 
   /** A tap whose holder gave it a MAC not its lease's: that MAC is locked to no new port there for a while. */
   private noteTaken(l: LeaseRecord, link: Link): void {
-    if (l.kind === 'tap' && link.address) this.forwarding.noteTaken(l.parent, macFromBuffer(link.address));
-  }
-
-  /** Did a holder's tap on `bridge` take `mac` lately? Then a lock must not take it (Forwarding.noteTaken). */
-  takenLately(bridge: string, mac: string): boolean {
-    return this.forwarding.takenLately(bridge, mac);
+    if (l.kind === 'tap' && link.address) this.forwarding.noteTaken(l, macFromBuffer(link.address));
   }
 
   /**
@@ -413,7 +413,9 @@ export class Lifetimes implements Cleanup {
     const l = this.table.byIfindex(index);
     if (!l) return false;
     if (type === RTM_DELLINK) return true;
-    return !this.creating.has(l.id) && !this.flooding(l);
+    // A persistent tap's owner may attach a queue while it is being made: its events are read for what its
+    // address shows (onLink), not judged.
+    return (!this.creating.has(l.id) || (l.kind === 'tap' && l.ends === 'release')) && !this.flooding(l);
   }
 
   /** Is this event part of a flood (floods.ts)? The flood's device is deleted, as any other breach is. */
@@ -442,7 +444,11 @@ export class Lifetimes implements Cleanup {
       this.dropVanished(l, l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished');
       return;
     }
-    if (this.creating.has(l.id)) return;
+    if (this.creating.has(l.id)) {
+      // Its owner took a MAC mid-create (the bridge erased that MAC's entries): noted, as a holder's would be.
+      if (violationOf(l, link) === 'address') this.noteTaken(l, link);
+      return;
+    }
     const violation = violationOf(l, link);
     if (violation === null) {
       this.fresh.delete(l.id);

@@ -55,6 +55,18 @@ export class Netdev implements Kernel {
     return deleteLinkInBackground(index);
   }
 
+  holdTap(name: string): number | null {
+    const fd = fs.openSync(TUN_PATH, fs.constants.O_RDWR);
+    try {
+      sys.ioctlPtr(fd, TUNSETIFF, tunIfreq(name, tapFlags({ vnetHdr: false, multiQueue: false, exclusive: false })));
+      return fd;
+    } catch (err) {
+      fs.closeSync(fd);
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.EBUSY) return null;
+      throw kernelError(`failed to look whether \`${name}' is held`, err);
+    }
+  }
+
   untag(index: number): void {
     this.rtnl.configureLink(index, { alias: '' });
   }

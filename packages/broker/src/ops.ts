@@ -111,8 +111,11 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
       : 'the process holding it exits'}`, 'stop the VM that holds it');
   }
   if (!lease) return refuse(`you hold no persistent device named \`${req.name}'`);
-  // A tap some process holds (a running VM): deleting it would leave the guest on a NIC that leads nowhere.
-  const held = lease.kind === 'tap' ? ctx.kernel.link(lease.ifindex)?.tun?.queues ?? 0 : 0;
+  // A tap some process holds (a running VM): deleting it would leave the guest on a NIC that leads nowhere. The
+  // kernel counts a multiqueue tap's queues; a single-queue one the broker attaches itself (held till deleted).
+  const ours = lease.kind === 'tap' && lease.queues === 1 ? ctx.kernel.holdTap(lease.name) : null;
+  const held = lease.kind !== 'tap' ? 0 : lease.queues === 1 ? (ours === null ? 1 : 0)
+    : ctx.kernel.link(lease.ifindex)?.tun?.queues ?? 0;
   if (held > 0) {
     const message = `\`${lease.name}' is in use: ${held} queue${held === 1 ? ' is' : 's are'} attached (a running VM?)`;
     ctx.audit.record({
@@ -126,11 +129,13 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
   try {
     await ctx.lifetimes.retire(lease, { op: 'release', decision: 'release', caller, request, message: 'released' });
   } catch (err) {
+    if (ours !== null) ctx.lifetimes.closeFds([ours], caller.uid);
     // No longer the lease's device (renamed by root): left alone, the lease already dropped.
     if (err instanceof TapbrokerError) refuse(err.message);
     ctx.lifetimes.restore(lease);
     throw new TapbrokerError('TB_E_KERNEL', `failed to delete \`${lease.name}': ${(err as Error).message}`);
   }
+  if (ours !== null) ctx.lifetimes.closeFds([ours], caller.uid);
   ctx.kernel.faultPoint('release:deleted');
   return { reply: { op: 'release', id: req.id, lease: leaseView(lease) }, fds: [] };
 }

@@ -19,7 +19,6 @@ export const IFLA_LINK = 5;
 export const IFLA_MASTER = 10;
 export const IFLA_LINKINFO = 18;
 export const IFLA_IFALIAS = 20;
-export const IFLA_CARRIER = 33;
 export const IFLA_INFO_KIND = 1;
 export const IFLA_INFO_DATA = 2;
 export const IFLA_MACVLAN_MODE = 1;
@@ -131,9 +130,8 @@ export interface Link {
   /** For a tun/tap: IFLA_TUN_PERSIST; null for other kinds. */
   persist: boolean | null;
   /**
-   * For a tun/tap: its owner and group (null when unset), and its attached queues (enabled + disabled). The
-   * kernel counts queues only for multiqueue taps; a single-queue tap's carrier is on while one is attached
-   * (only CAP_NET_ADMIN can set it otherwise), so its count is 1 or 0 by its carrier.
+   * For a tun/tap: its owner and group (null when unset), and its attached queues (enabled + disabled); the
+   * kernel counts queues only for multiqueue taps (null for a single-queue one: see Netdev.holdTap).
    */
   tun: { owner: number | null; group: number | null; queues: number | null } | null;
   /** For a bridge: IFLA_BR_VLAN_FILTERING; null for other kinds or where the kernel has no VLAN filtering. */
@@ -170,8 +168,7 @@ export function parseLink(msg: Buffer): Link {
     persist: tunData ? (tunData.get(IFLA_TUN_PERSIST)?.[0] ?? 0) === 1 : null,
     tun: tunData ? {
       owner: id(u32(IFLA_TUN_OWNER)), group: id(u32(IFLA_TUN_GROUP)),
-      queues: queues === undefined ? attrs.get(IFLA_CARRIER)?.[0] ?? null
-        : queues + (u32(IFLA_TUN_NUM_DISABLED_QUEUES) ?? 0),
+      queues: queues === undefined ? null : queues + (u32(IFLA_TUN_NUM_DISABLED_QUEUES) ?? 0),
     } : null,
     vlanFiltering: brFiltering ? brFiltering[0] === 1 : null,
   };
