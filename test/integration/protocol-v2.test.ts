@@ -61,7 +61,7 @@ test.serial('one create request grants every NIC of a VM, in order, each with wo
   await nothingLeft(t);
 });
 
-test.serial('a NIC the policy refuses refuses the whole request: its index is named, the others are rolled back', async (t) => {
+test.serial('a NIC the policy refuses refuses the whole request, its index named, before anything is made', async (t) => {
   const before = fx.broker.records.length;
   const r = await probeOnce({ socket: fx.broker.socket, batch: true, requests: [{ bridge: 'br0' }, { bridge: 'br1' }] });
   t.is(r.error?.code, 'TB_E_POLICY_DENIED');
@@ -69,14 +69,13 @@ test.serial('a NIC the policy refuses refuses the whole request: its index is na
   t.regex(r.error?.message ?? '', /^NIC 1: /);
   t.deepEqual(r.taps, []);
   await nothingLeft(t);
-  // NIC 0's rollback (records of the test before, read only now, may come first: the broker reads link events
-  // before its next decision).
-  const rolledBack = (x: AuditRecord) => x.decision === 'cleanup' && /NIC 1 of the same request was refused/.test(x.message ?? '');
-  await fx.broker.waitFor(() => fx.broker.records.slice(before).some(rolledBack), 3000, 'no cleanup of NIC 0');
+  // NIC 0 was never made (found by an outside review: NICs before a refused one were made, rolled back and audited,
+  // one record each, as often as a user asked). Records of the test before may still come in: only this
+  // request's are counted.
   const mine = fx.broker.records.slice(before);
   t.is(mine.filter((x) => x.decision === 'deny').length, 1, 'the refused NIC has its deny record');
   t.is(mine.filter((x) => x.decision === 'grant').length, 0, 'nothing is recorded as granted');
-  t.is(mine.filter(rolledBack).length, 1);
+  t.is(mine.filter((x) => /NIC 1 of the same request was refused/.test(x.message ?? '')).length, 0, 'nothing rolled back');
 });
 
 test.serial('the quota counts the NICs of the same request', async (t) => {
@@ -138,6 +137,7 @@ test.serial('more NICs than one request carries go in several, in order; a later
 });
 
 test.serial('persistent devices an earlier request granted are released when a later one is refused', async (t) => {
+  // 34 NICs: the client sends 32, then 2; the second request is refused before its first NIC is made.
   const before = fx.broker.records.length;
   const r = await probeOnce({ socket: fx.broker.socket, batch: true,
     requests: [...Array(33).fill({ bridge: 'br1', persistent: true }), { bridge: 'br0', persistent: true }] },
@@ -149,10 +149,11 @@ test.serial('persistent devices an earlier request granted are released when a l
   // and those records may still be coming in.
   const rolledBack = (x: AuditRecord) =>
     x.decision === 'cleanup' && /create rolled back: NIC \d+ of the same request was refused/.test(x.message ?? '');
-  await fx.broker.waitFor(() => fx.broker.records.slice(before).some(rolledBack), 3000, 'no rollback of NIC 32');
+  await fx.broker.waitFor(() => fx.broker.records.slice(before)
+    .filter((x) => x.op === 'release' && x.decision === 'release').length === 32, 3000, 'not all 32 released');
   const mine = fx.broker.records.slice(before);
   t.is(mine.filter((x) => x.op === 'release' && x.decision === 'release').length, 32, 'each released, and audited');
-  t.is(mine.filter(rolledBack).length, 1, 'the refused request\'s own NIC rolled back');
+  t.is(mine.filter(rolledBack).length, 0, 'the refused request made nothing to roll back');
   t.is(mine.filter((x) => x.decision === 'cleanup' && x.device?.ends === 'release' && !rolledBack(x)).length, 0,
     'no other persistent device of it cleaned up');
 });

@@ -5,7 +5,7 @@ import {
   type CreateRequest, type CreateTapRequest, type Device, type Nic,
 } from '@tapbroker/protocol/core';
 import type { Audit } from './audit.js';
-import { decide, resolveTarget, type AllowRule, type Policy } from './decide.js';
+import { decide, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import { kernelBound, leaseTag, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import { randomMac, tapName } from './naming.js';
@@ -94,13 +94,29 @@ async function grantAll(
   const policy = ctx.policy;
   const audit = (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) =>
     ctx.audit.record({ op, caller, policy: policy.sha256, ...ev });
-  const granted: Granted[] = [];
-  for (const [i, nic] of nics.entries()) {
+  const made: Granted[] = [];
+  const byIndex: Granted[] = [];
+  // A request the policy refuses is refused before anything is made (an outside review: 31 taps made, rolled back
+  // and audited for a 32nd on a bridge the rule does not name, in a loop): a NIC denied with those before it
+  // counted is denied here; one refused on its own (its grammar, its port lock) goes first.
+  const refused = nics.length > 1 ? firstRefused(ctx, policy, caller, nics) : null;
+  if (refused?.deny) {
+    const { spec, deny: d } = refused;
+    audit({ decision: 'deny', rule: d.rule, request: specView(spec), code: d.code, message: d.message });
+    throw new TapbrokerError(d.code, `NIC ${refused.i}: ${d.message}`, {
+      ...(d.rule ? { rule: d.rule } : {}), hint: d.hint, nic: refused.i,
+    });
+  }
+  const first = refused?.i ?? 0;
+  for (const i of [first, ...[...nics.keys()].filter((k) => k !== first)]) {
+    const nic = nics[i]!;
     try {
-      granted.push(await grantOne(ctx, policy, caller, nic, audit));
+      const g = await grantOne(ctx, policy, caller, nic, audit);
+      made.push(g);
+      byIndex[i] = g;
     } catch (err) {
       const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
-      for (const g of granted) ctx.lifetimes.abort(g.lease, g.fds, why);
+      for (const g of made) ctx.lifetimes.abort(g.lease, g.fds, why);
       if (nics.length > 1 && err instanceof TapbrokerError) {
         throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
           ...(err.rule !== undefined ? { rule: err.rule } : {}),
@@ -111,6 +127,7 @@ async function grantAll(
       throw err;
     }
   }
+  const granted = byIndex;
   await Promise.all(granted.map((g) => g.closing));
   // The devices' own creation events (before their owner and MAC were set) are read while they are still
   // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
@@ -375,6 +392,32 @@ function macElsewhere(
       + 'lately, which erased where the bridge had it: it is locked to none of your ports there for 5 minutes',
     { hint: 'choose another MAC' });
   }
+}
+
+/**
+ * The first NIC of a request the policy would refuse now, with nothing made: its grammar or port lock (`i`
+ * alone: grantOne refuses it again, with its record), or its rule or quota with the NICs before it counted
+ * (`deny`). Null when none is.
+ */
+function firstRefused(
+  ctx: OpContext, policy: Policy, caller: Identity, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
+): { i: number; spec: CreateSpec; deny: Extract<Decision, { allow: false }> | null } | { i: number; deny: null } | null {
+  ctx.lifetimes.catchUp();
+  const counts = ctx.lifetimes.counts(caller.uid);
+  const charged = new Map<string, number>();
+  for (const [i, nic] of nics.entries()) {
+    try {
+      const spec = createSpec(nic);
+      checkSpec(spec, caller);
+      const d = decide(policy, caller, spec, (rule) => counts(rule) + (charged.get(rule) ?? 0));
+      if (!d.allow) return { i, spec, deny: d };
+      if (lockRefusal(policy, spec, d.rule)) return { i, deny: null };
+      charged.set(d.rule.name, (charged.get(d.rule.name) ?? 0) + 1);
+    } catch {
+      return { i, deny: null };
+    }
+  }
+  return null;
 }
 
 function unwritable(err: unknown): TapbrokerError {
