@@ -401,7 +401,7 @@ function macElsewhere(
  */
 function firstRefused(
   ctx: OpContext, policy: Policy, caller: Identity, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
-): { i: number; spec: CreateSpec; deny: Extract<Decision, { allow: false }> | null } | { i: number; deny: null } | null {
+): { i: number; spec: CreateSpec; deny: Extract<Decision, { allow: false }> } | { i: number; deny: null } | null {
   ctx.lifetimes.catchUp();
   const counts = ctx.lifetimes.counts(caller.uid);
   const charged = new Map<string, number>();
