@@ -15,6 +15,7 @@ import {
   type SeqpacketListener,
 } from '@tapbroker/protocol/core';
 import { encodeReply } from '@tapbroker/protocol/requests';
+import { Fairness } from './fairness.js';
 import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
@@ -90,6 +91,7 @@ export class Broker implements SessionHost, OpContext {
   readonly policyPath: string | null;
   readonly helloTimeoutMs: number;
   readonly idleTimeoutMs: number;
+  readonly fairness = new Fairness();
   private readonly sessions = new Set<Session>();
   private readonly perUid = new Map<number, number>();
   private listener: SeqpacketListener | null = null;

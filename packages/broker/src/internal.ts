@@ -46,6 +46,7 @@ export {
 } from './rtnetlink.js';
 export { LinkMonitor, DRAIN_BUDGET } from './link-monitor.js';
 export { Forwarding } from './forwarding.js';
+export { Fairness, SHARE_MS, WINDOW_MS } from './fairness.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';
 export { StateFile, LeaseRecord } from './lease-schema.js';

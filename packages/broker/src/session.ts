@@ -12,6 +12,7 @@ import {
   type Request,
 } from '@tapbroker/protocol/core';
 import { decodeRequest, encodeReply } from '@tapbroker/protocol/requests';
+import type { Fairness } from './fairness.js';
 import type { Identity } from './identity.js';
 
 /** What a handler returns: the reply, the fds that travel with it, and a lease this connection holds. */
@@ -37,6 +38,8 @@ export interface SessionHost {
   holds(id: string): boolean;
   /** An audit record for a refusal the handlers never saw (bad frames, fds, timeouts). */
   refused(caller: Identity, op: string, code: ErrorCode, message: string): void;
+  /** Each uid's share of the broker's thread (fairness.ts). */
+  readonly fairness: Fairness;
 }
 
 /** Reply text within the protocol's limits (1024 characters for messages). */
@@ -92,6 +95,9 @@ export class Session {
           this.host.foreign(packet.fds);
           break;
         }
+        // A uid that took its share of the broker's time waits (with all its sessions) for the next window.
+        const wait = this.host.fairness.turn(this.caller.uid);
+        if (wait) await wait;
         let done!: () => void;
         this.inFlight = new Promise((r) => (done = r));
         try {
@@ -102,7 +108,12 @@ export class Session {
               'the request carried file descriptors; they were never taken in, and the connection is closed'));
             break;
           }
-          if (!(await this.handle(packet.data, packet.fds, packet.truncated))) break;
+          // Its share is charged what the handler runs before it first waits (decoding, the decision, the kernel
+          // steps), not the time other sessions run meanwhile.
+          const t0 = performance.now();
+          const handled = this.handle(packet.data, packet.fds, packet.truncated);
+          this.host.fairness.spent(this.caller.uid, performance.now() - t0);
+          if (!(await handled)) break;
         } finally {
           done();
         }

@@ -1,0 +1,44 @@
+// The broker's one thread, shared fairly between users: each uid (root aside) may take SHARE_MS of it in every
+// window of WINDOW_MS; past that its sessions read nothing more until the window turns (their sockets fill, and
+// their clients wait in the kernel). One user's 63 connections of cheap requests took nearly all of it before,
+// and everyone else's grants slowed twenty-fold.
+
+/** The window a uid's share is counted in. */
+export const WINDOW_MS = 1000;
+/** The broker time one uid may take per window (a VM's start takes a few ms; a flood, all of it). */
+export const SHARE_MS = 250;
+
+export class Fairness {
+  /** uid → the window it is in, what it took of it, and the wait its sessions share once it took its share. */
+  private readonly uids = new Map<number, { start: number; used: number; wait: Promise<void> | null }>();
+
+  constructor(private readonly now: () => number = () => performance.now()) {}
+
+  /** Null when `uid` may go on now; else when it may (its share of this window is taken). */
+  turn(uid: number): Promise<void> | null {
+    if (uid === 0) return null;
+    const u = this.window(uid);
+    if (u.used < SHARE_MS) return null;
+    u.wait ??= new Promise((resolve) => setTimeout(resolve, Math.max(0, u.start + WINDOW_MS - this.now())));
+    return u.wait;
+  }
+
+  /** `uid`'s request took `ms` of the broker's time. */
+  spent(uid: number, ms: number): void {
+    if (uid !== 0) this.window(uid).used += ms;
+  }
+
+  /** Uids counted now (for tests: no uid is kept once its window is over and it asks nothing). */
+  get size(): number {
+    const t = this.now();
+    for (const [uid, u] of this.uids) if (t - u.start >= WINDOW_MS) this.uids.delete(uid);
+    return this.uids.size;
+  }
+
+  private window(uid: number): { start: number; used: number; wait: Promise<void> | null } {
+    const t = this.now();
+    let u = this.uids.get(uid);
+    if (!u || t - u.start >= WINDOW_MS) this.uids.set(uid, (u = { start: t, used: 0, wait: null }));
+    return u;
+  }
+}

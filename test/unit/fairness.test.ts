@@ -1,0 +1,41 @@
+// Each uid's share of the broker's thread (fairness.ts), on a clock the test moves: the only fake here.
+import test from 'ava';
+import { Fairness, SHARE_MS, WINDOW_MS } from '@tapbroker/broker/internal';
+
+function clocked() {
+  let t = 1_000_000;
+  return { f: new Fairness(() => t), at: (ms: number) => (t = 1_000_000 + ms) };
+}
+
+test('a uid goes on until it took its share of the window, then waits for the next one', async (t) => {
+  const { f, at } = clocked();
+  t.is(f.turn(1000), null);
+  f.spent(1000, SHARE_MS - 1);
+  t.is(f.turn(1000), null, 'under its share');
+  f.spent(1000, 2);
+  const wait = f.turn(1000);
+  t.true(wait instanceof Promise, 'its share taken');
+  t.is(f.turn(1000), wait, 'all its sessions wait on the same turn');
+  t.is(f.turn(1001), null, 'another uid is not held up by it');
+  at(WINDOW_MS);
+  t.is(f.turn(1000), null, 'the next window: it goes on');
+});
+
+test('root is never held up; a uid that asks nothing is forgotten once its window is over', (t) => {
+  const { f, at } = clocked();
+  f.spent(0, 10 * SHARE_MS);
+  t.is(f.turn(0), null);
+  f.spent(1000, 1);
+  t.is(f.size, 1);
+  at(WINDOW_MS + 1);
+  t.is(f.size, 0);
+});
+
+test('the wait ends, on the real clock, once the window has turned', async (t) => {
+  const f = new Fairness();
+  f.spent(1000, SHARE_MS);
+  const wait = f.turn(1000);
+  t.truthy(wait);
+  await wait;
+  t.is(f.turn(1000), null, 'it goes on then');
+});
