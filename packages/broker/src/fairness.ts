@@ -19,7 +19,7 @@ export class Fairness {
     if (uid === 0) return null;
     const u = this.window(uid);
     if (u.used < SHARE_MS) return null;
-    u.wait ??= new Promise((resolve) => setTimeout(resolve, Math.max(0, u.start + WINDOW_MS - this.now())));
+    u.wait ??= this.turned(u.start);
     return u.wait;
   }
 
@@ -33,6 +33,18 @@ export class Fairness {
     const t = this.now();
     for (const [uid, u] of this.uids) if (t - u.start >= WINDOW_MS) this.uids.delete(uid);
     return this.uids.size;
+  }
+
+  /** Resolves once the window that began at `start` is over on this clock (a timer may fire early on it). */
+  private turned(start: number): Promise<void> {
+    return new Promise((resolve) => {
+      const check = () => {
+        const left = start + WINDOW_MS - this.now();
+        if (left <= 0) resolve();
+        else setTimeout(check, Math.ceil(left));
+      };
+      check();
+    });
   }
 
   private window(uid: number): { start: number; used: number; wait: Promise<void> | null } {
