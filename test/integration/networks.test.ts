@@ -39,6 +39,8 @@ function makeHookPolicy(): string {
   const garbage = script('garbage', "printf '\\001\\377binary\\033[31m\\n'; exit 0");
   // A hook whose down takes a while, and says when it is done.
   const slow = script('slow', `if [ "$1" = down ]; then sleep 1.5; fi\necho "$1-done $2" >> ${log}`);
+  // A hook whose down takes longer, and says when each starts.
+  const slower = script('slower', `if [ "$1" = down ]; then echo "slower-down-start $2" >> ${log}; sleep 4; fi`);
   // A hook whose up takes a while, and says when each action starts and ends.
   const slowUp = script('slowup', `echo "$1-start $2" >> ${log}\nif [ "$1" = up ]; then touch ${log}.up; sleep 1.5; fi\necho "$1-end $2" >> ${log}`);
   return `
@@ -68,10 +70,13 @@ hook = "${slow}"
 [network.slowup]
 hook = "${slowUp}"
 
+[network.slowerdown]
+hook = "${slower}"
+
 [[rule]]
 name = "nets"
 users = [${NOBODY}]
-networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy", "slowdown", "slowup"]
+networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy", "slowdown", "slowup", "slowerdown"]
 persistent = true
 `;
 }
@@ -165,6 +170,26 @@ test.serial('a name is not given out again while its last device\'s down still r
   await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, 'down never finished');
   const third = await probeOnce({ socket: sock(), requests: [{ network: 'slowdown', name }] });
   t.is(third.error, null, `after its down: ${third.error?.message}`);
+});
+
+// Found by an outside review: a lease's `down` runs once the lease has left the table (and its quota), and nothing
+// counted it: one user with max_devices = 2, creating and ending leases in a loop, kept 104 root hook processes
+// running at once. A uid's running downs count as its teardowns: past 32, its new devices wait (TB_E_BUSY).
+test.serial('a uid\'s downs still running count as its teardowns: past 32, its grants wait', async (t) => {
+  const many = await probe({ socket: sock(), batch: true, requests: Array(33).fill({ network: 'slowerdown' }) });
+  t.is(many.result.error, null, many.result.error?.message);
+  await many.release();
+  const started = () => fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.startsWith('slower-down-start')).length;
+  await fx.broker.waitFor(() => started() >= 33, 10_000, `${started()} downs started`);
+  const busy = await probeOnce({ socket: sock(), requests: [{ network: 'lab' }] });
+  t.is(busy.error?.code, 'TB_E_BUSY', JSON.stringify(busy.error));
+  t.regex(busy.error?.message ?? '', /still being torn down or unplugged/);
+  const unplugged = () => fx.broker.records.filter((r) => r.op === 'cleanup'
+    && /unplugged from its network/.test(r.message ?? '') && JSON.stringify(r.device).includes('/slower"')).length;
+  await fx.broker.waitFor(() => unplugged() >= 33, 10_000, `${unplugged()} downs finished`);
+  const after = await probe({ socket: sock(), requests: [{ network: 'lab' }] });
+  t.is(after.result.error, null, `once they are done: ${after.result.error?.message}`);
+  await after.release();
 });
 
 test.serial('a lease on a hook network that ended while the broker was down gets its down at the next start', async (t) => {

@@ -39,3 +39,22 @@ test('the wait ends, on the real clock, once the window has turned', async (t) =
   await wait;
   t.is(f.turn(1000), null, 'it goes on then');
 });
+
+test('a meter charges each section of a request after its first await, and only those', async (t) => {
+  const { f, at } = clocked();
+  const m = f.meter(1000);
+  at(100); // the session's section (it charges that one itself)
+  await m.wait(Promise.resolve());
+  at(180); // 80 ms
+  await m.wait(Promise.resolve());
+  at(250); // 70 ms
+  m.end();
+  m.end();
+  f.spent(1000, SHARE_MS - 151);
+  t.is(f.turn(1000), null, '150 ms charged by the meter, under the share with the rest');
+  f.spent(1000, 1);
+  const wait = f.turn(1000);
+  t.truthy(wait, 'and not a millisecond less');
+  at(180 + WINDOW_MS);
+  await wait;
+});

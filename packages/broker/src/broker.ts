@@ -234,7 +234,7 @@ export class Broker implements SessionHost, OpContext {
   }
 
   teardowns(uid: number): number {
-    return this.reaper.pending(uid);
+    return this.reaper.pending(uid) + this.lifetimes.unplugs.of(uid);
   }
 
   get fdsJammed(): boolean {

@@ -28,6 +28,14 @@ export class Fairness {
     if (uid !== 0) this.window(uid).used += ms;
   }
 
+  /**
+   * For a handler that awaits between pieces of its work (a create's NICs): the session charges what runs before
+   * the handler's first await; the meter charges each later section, up to the next `wait` and up to `end`.
+   */
+  meter(uid: number): Meter {
+    return new Meter((ms) => this.spent(uid, ms), this.now);
+  }
+
   /** Uids counted now (for tests: no uid is kept once its window is over and it asks nothing). */
   get size(): number {
     const t = this.now();
@@ -52,5 +60,29 @@ export class Fairness {
     let u = this.uids.get(uid);
     if (!u || t - u.start >= WINDOW_MS) this.uids.set(uid, (u = { start: t, used: 0, wait: null }));
     return u;
+  }
+}
+
+/** Charges the sections of one request that run after its first await (see Fairness.meter). */
+export class Meter {
+  /** When the section now running began; null while the session's own (it charges that one) or after `end`. */
+  private since: number | null = null;
+
+  constructor(private readonly charge: (ms: number) => void, private readonly now: () => number) {}
+
+  /** Charges the section that ends here, then awaits `p` (made in that section: its synchronous part counts). */
+  async wait<T>(p: Promise<T>): Promise<T> {
+    this.end();
+    try {
+      return await p;
+    } finally {
+      this.since = this.now();
+    }
+  }
+
+  /** Charges the section that ends here (the request's last). */
+  end(): void {
+    if (this.since !== null) this.charge(this.now() - this.since);
+    this.since = null;
   }
 }

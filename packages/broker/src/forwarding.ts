@@ -15,19 +15,17 @@ type Note = (
  * How long a MAC a holder's tap took stays unlockable on that bridge for the taker: the bridge deleted that
  * MAC's entries elsewhere (whoever it belongs to: another guest, a router behind the uplink), and a lock the
  * taker asked for now would find no entry to refuse it by. The bridge's default ageing time: by then the MAC's
- * owner has sent again. Only the taker (the lease's uid, and the members of the group it was given to) is
- * refused: anyone else's lock of a MAC it owns is not held up by another user's doing.
+ * owner has sent again. Only the taker, the lease's uid, is refused: not the group a persistent tap was given
+ * to (its owner picks it, and every user of the broker shares the socket's group: an outside review held up
+ * every member's locks through it), and no one else (their locks are not held up by another user's doing).
  */
 const TAKEN_MS = 300_000;
-/** MACs one taker may have taken lately; past it, that taker's every lock waits (nothing is forgotten early). */
+/** MACs one uid may have taken lately; past it, that uid's every lock waits (nothing is forgotten early). */
 const MAX_TAKEN = 1024;
 
-/** Who took: `u:UID` or `g:GID`. */
-type Taker = string;
-
 export class Forwarding {
-  /** taker → `bridge/mac` → until when that taker's locks do not take it (see TAKEN_MS). */
-  private readonly taken = new Map<Taker, Map<string, number>>();
+  /** uid → `bridge/mac` → until when that uid's locks do not take it (see TAKEN_MS). */
+  private readonly taken = new Map<number, Map<string, number>>();
 
   constructor(
     private readonly kernel: Kernel,
@@ -37,32 +35,27 @@ export class Forwarding {
     private readonly creating: (id: string) => boolean,
   ) {}
 
-  /** `l`'s tap on its bridge showed `mac` as its own address: its takers' locks do not take it for a while. */
+  /** `l`'s tap on its bridge showed `mac` as its own address: its uid's locks do not take it for a while. */
   noteTaken(l: LeaseRecord, mac: string): void {
-    for (const who of [`u:${l.uid}`, ...(l.group !== null ? [`g:${l.group}`] : [])]) {
-      const mine = this.live(who) ?? new Map<string, number>();
-      if (mine.size < MAX_TAKEN) mine.set(`${l.parent}/${mac}`, Date.now() + TAKEN_MS);
-      this.taken.set(who, mine);
-    }
+    const mine = this.live(l.uid) ?? new Map<string, number>();
+    if (mine.size < MAX_TAKEN) mine.set(`${l.parent}/${mac}`, Date.now() + TAKEN_MS);
+    this.taken.set(l.uid, mine);
   }
 
-  /** Did the caller (its uid, or a group of its) take `mac` on `bridge` lately, or more MACs than are kept? */
-  takenLately(bridge: string, mac: string, caller: { uid: number; gid: number; groups: readonly number[] }): boolean {
-    const groups = new Set([caller.gid, ...caller.groups]);
-    return [`u:${caller.uid}`, ...[...groups].map((g) => `g:${g}`)].some((who) => {
-      const mine = this.live(who);
-      return mine !== null && (mine.has(`${bridge}/${mac}`) || mine.size >= MAX_TAKEN);
-    });
+  /** Did `uid`'s taps take `mac` on `bridge` lately, or more MACs than are kept? */
+  takenLately(bridge: string, mac: string, uid: number): boolean {
+    const mine = this.live(uid);
+    return mine !== null && (mine.has(`${bridge}/${mac}`) || mine.size >= MAX_TAKEN);
   }
 
-  /** A taker's entries still in force (the expired ones dropped), or null. */
-  private live(who: Taker): Map<string, number> | null {
-    const mine = this.taken.get(who);
+  /** A uid's entries still in force (the expired ones dropped), or null. */
+  private live(uid: number): Map<string, number> | null {
+    const mine = this.taken.get(uid);
     if (!mine) return null;
     const now = Date.now();
     for (const [k, until] of mine) if (until <= now) mine.delete(k);
     if (mine.size > 0) return mine;
-    this.taken.delete(who);
+    this.taken.delete(uid);
     return null;
   }
 

@@ -4,21 +4,17 @@ import {
   MAX_QUEUES, MAX_REPLY_FDS, TapbrokerError, macFromBuffer, macToBuffer, type CreateMacvtapRequest,
   type CreateRequest, type CreateTapRequest, type Device, type Nic,
 } from '@tapbroker/protocol/core';
+import { admit, firstRefused, macElsewhere, type Admitted } from './admission.js';
 import type { Audit } from './audit.js';
-import { decide, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
+import { decide, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import { kernelBound, leaseTag, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import { randomMac, tapName } from './naming.js';
-import { ContestedDeviceError, hostMac, type CreatedTap, type Kernel } from './kernel.js';
+import { ContestedDeviceError, hostMac, type CreatedTap } from './kernel.js';
 import type { OpContext } from './ops.js';
-import { hookUnsafe } from './paths.js';
 import { plugOf, plugUp } from './plug.js';
-import type { Link } from './rtnetlink.js';
 import type { Outcome } from './session.js';
-import { checkSpec, createSpec, locksPort, lockRefusal, specView, type CreateSpec } from './spec.js';
-
-/** Devices of one uid still being torn down, at most: beyond, its grants wait (TB_E_BUSY). */
-const MAX_TEARDOWN_PER_UID = 32;
+import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
 
 export function createTap(ctx: OpContext, caller: Identity, req: CreateTapRequest): Promise<Outcome> {
   return createOne(ctx, caller, req);
@@ -68,16 +64,6 @@ function holds(nics: Granted[]): string[] {
   return nics.filter((n) => n.lease.ends === 'holder').map((n) => n.lease.id);
 }
 
-/** Where a new device goes, resolved against the policy the decision used. */
-interface Placement {
-  /** A macvtap's parent. */
-  link: Link | null;
-  /** The Linux bridge a tap attaches to (null: OVS or a hook plugs it). */
-  bridge: Link | null;
-  vlan: number | null;
-  parentName: string;
-}
-
 type Granted = ReturnType<typeof makeDevice> & { plugged: Record<string, unknown> | null; spec: CreateSpec };
 
 /**
@@ -100,70 +86,77 @@ async function grantAll(
   // and audited for a 32nd on a bridge the rule does not name, in a loop): a NIC denied with those before it
   // counted is denied here; one refused on its own (its grammar, its port lock) goes first.
   const refused = nics.length > 1 ? firstRefused(ctx, policy, caller, nics) : null;
-  if (refused?.deny) {
-    const { spec, deny: d } = refused;
-    audit({ decision: 'deny', rule: d.rule, request: specView(spec), code: d.code, message: d.message });
-    throw new TapbrokerError(d.code, `NIC ${refused.i}: ${d.message}`, {
-      ...(d.rule ? { rule: d.rule } : {}), hint: d.hint, nic: refused.i,
+  if (refused?.refusal) {
+    const { spec, refusal: r } = refused;
+    audit({ decision: r.decision, rule: r.rule, request: specView(spec), code: r.code, message: r.message });
+    throw new TapbrokerError(r.code, `NIC ${refused.i}: ${r.message}`, {
+      ...(r.rule ? { rule: r.rule } : {}), ...(r.hint ? { hint: r.hint } : {}), nic: refused.i,
     });
   }
-  const first = refused?.i ?? 0;
-  for (const i of [first, ...[...nics.keys()].filter((k) => k !== first)]) {
-    const nic = nics[i]!;
+  // Every section after the first await is charged to the caller's share too (the session charges only up to
+  // it: an outside review ran 32-NIC creates, NICs 1-31 uncharged, and stalled everyone's grants for seconds).
+  const meter = ctx.fairness.meter(caller.uid);
+  try {
+    const first = refused?.i ?? 0;
+    for (const i of [first, ...[...nics.keys()].filter((k) => k !== first)]) {
+      const nic = nics[i]!;
+      try {
+        const g = await meter.wait(grantOne(ctx, policy, caller, nic, audit));
+        made.push(g);
+        byIndex[i] = g;
+      } catch (err) {
+        const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
+        for (const g of made) ctx.lifetimes.abort(g.lease, g.fds, why);
+        if (nics.length > 1 && err instanceof TapbrokerError) {
+          throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
+            ...(err.rule !== undefined ? { rule: err.rule } : {}),
+            ...(err.hint !== undefined ? { hint: err.hint } : {}),
+            nic: i,
+          });
+        }
+        throw err;
+      }
+    }
+    const granted = byIndex;
+    await meter.wait(Promise.all(granted.map((g) => g.closing)));
+    // The devices' own creation events (before their owner and MAC were set) are read while they are still
+    // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
+    // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
+    // the request may stay half made, and the network's `down` comes after its `up`.
     try {
-      const g = await grantOne(ctx, policy, caller, nic, audit);
-      made.push(g);
-      byIndex[i] = g;
+      ctx.lifetimes.catchUp();
+      const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
+      if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
+      try {
+        ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
+      } catch (err) {
+        throw unwritable(err);
+      }
     } catch (err) {
-      const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
-      for (const g of made) ctx.lifetimes.abort(g.lease, g.fds, why);
-      if (nics.length > 1 && err instanceof TapbrokerError) {
-        throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
-          ...(err.rule !== undefined ? { rule: err.rule } : {}),
-          ...(err.hint !== undefined ? { hint: err.hint } : {}),
-          nic: i,
+      const e = err instanceof TapbrokerError ? err
+        : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
+      for (const g of granted) {
+        ctx.lifetimes.abort(g.lease, g.fds, e.message);
+        audit({
+          decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
+          code: e.code, message: e.message,
         });
       }
-      throw err;
+      throw e;
     }
-  }
-  const granted = byIndex;
-  await Promise.all(granted.map((g) => g.closing));
-  // The devices' own creation events (before their owner and MAC were set) are read while they are still
-  // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
-  // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
-  // the request may stay half made, and the network's `down` comes after its `up`.
-  try {
-    ctx.lifetimes.catchUp();
-    const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
-    if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
-    try {
-      ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
-    } catch (err) {
-      throw unwritable(err);
-    }
-  } catch (err) {
-    const e = err instanceof TapbrokerError ? err
-      : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
     for (const g of granted) {
-      ctx.lifetimes.abort(g.lease, g.fds, e.message);
+      ctx.lifetimes.commit(g.lease.id);
       audit({
-        decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
-        code: e.code, message: e.message,
+        decision: 'grant',
+        rule: g.lease.rule,
+        request: specView(g.spec),
+        device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
       });
     }
-    throw e;
+    return granted;
+  } finally {
+    meter.end();
   }
-  for (const g of granted) {
-    ctx.lifetimes.commit(g.lease.id);
-    audit({
-      decision: 'grant',
-      rule: g.lease.rule,
-      request: specView(g.spec),
-      device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
-    });
-  }
-  return granted;
 }
 
 /** One device: spec → grammar → decision → kernel step → lease → plugging. Refusals are audited here. */
@@ -197,28 +190,10 @@ async function grantOne(
         hint: decision.hint,
       });
     }
-    if (spec.name !== null && ctx.lifetimes.unplugPending(spec.name)) {
-      throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being unplugged from its `
-        + 'network; try again shortly');
-    }
-    const cooling = ctx.lifetimes.coolingDown(caller.uid);
-    if (cooling > 0) {
-      throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `
-        + `another ${Math.ceil(cooling / 1000)} s`);
-    }
-    const busy = ctx.teardowns(caller.uid);
-    if (busy >= MAX_TEARDOWN_PER_UID) {
-      throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down; try again shortly`);
-    }
-    // A vhost-net fd's last close can block for as long as its holder likes: none is handed out while every
-    // closer is stuck in such a close (other devices' fds are then closed on the pool).
-    if (spec.vhost && ctx.fdsJammed) {
-      throw new TapbrokerError('TB_E_BUSY', 'the broker cannot close vhost-net descriptors now (its closer '
-        + 'processes are stuck in the kernel): no vhost-net until one exits');
-    }
+    const admitted = admit(ctx, policy, caller, spec, decision.rule);
     // 3. The kernel step. Nothing is awaited between the decision and the lease: concurrent requests
     // see each other's quota.
-    const granted = makeDevice(ctx, policy, caller, spec, decision.rule);
+    const granted = makeDevice(ctx, policy, caller, spec, decision.rule, admitted);
     // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone.
     try {
       const net = spec.network ? policy.networks.get(spec.parent) : undefined;
@@ -248,13 +223,15 @@ async function grantOne(
 }
 
 /** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
-function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule) {
-  const place = placement(ctx.kernel, policy, spec);
-  const lock = portLock(policy, spec, rule);
+function makeDevice(
+  ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule, { place, lock }: Admitted,
+) {
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? randomMac(rule.macPrefix));
   const guestMac = macToBuffer(mac ?? randomMac(rule.macPrefix));
-  if (place.bridge && mac !== null) macElsewhere(ctx, caller, mac, place.parentName, place.vlan, lock);
+  if (place.bridge && mac !== null && spec.mac === null) {
+    macElsewhere(ctx, caller, mac, place.parentName, place.vlan, lock);
+  }
   const owner = spec.persistent ? { uid: caller.uid, gid: spec.group } : null;
   const ends = spec.persistent ? 'release' : spec.kind === 'tap' ? 'fds' : 'holder';
   const holding = ends === 'holder';
@@ -366,60 +343,6 @@ function makeDevice(ctx: OpContext, policy: Policy, caller: Identity, spec: Crea
   return { lease, device, fds, counts, closing };
 }
 
-/**
- * A guest MAC a live locked lease holds on this bridge (and VLAN) is that lease's alone, whatever the
- * bridge's forwarding table shows this instant (a holder who gives its own tap that MAC and back empties the
- * entry for a moment): no other tap there is made with it, locked or not. Nor is a live lease's MAC locked to
- * another port (a quiet guest's entry may have aged out of the table; the lock would take its traffic).
- */
-function macElsewhere(
-  ctx: OpContext, caller: Identity, mac: string, bridge: string, vlan: number | null, lock: boolean,
-): void {
-  const owner = ctx.lifetimes.table.withMac(mac).find((o) => (o.locked || lock) && o.kind === 'tap'
-    && o.parent === bridge && o.vlan === vlan);
-  if (owner) {
-    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} is ${owner.locked ? 'locked to' : 'in use on'} another `
-      + `port of bridge \`${bridge}' (a live lease's): no other tap there may ${lock ? 'be locked to' : 'use'} it`,
-    { hint: 'choose another MAC' });
-  }
-  // The caller's own tap took it lately, which deleted the bridge's entries for it (whoever's MAC it is: a
-  // router behind the uplink, say): the forwarding table cannot tell now whether another port uses it. Every
-  // link event already sent is read first, however many a backlog holds.
-  if (!lock) return;
-  ctx.lifetimes.catchUp(true);
-  if (ctx.lifetimes.forwarding.takenLately(bridge, mac, caller)) {
-    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} was taken by a tap of yours on bridge \`${bridge}' `
-      + 'lately, which erased where the bridge had it: it is locked to none of your ports there for 5 minutes',
-    { hint: 'choose another MAC' });
-  }
-}
-
-/**
- * The first NIC of a request the policy would refuse now, with nothing made: its grammar or port lock (`i`
- * alone: grantOne refuses it again, with its record), or its rule or quota with the NICs before it counted
- * (`deny`). Null when none is.
- */
-function firstRefused(
-  ctx: OpContext, policy: Policy, caller: Identity, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
-): { i: number; spec: CreateSpec; deny: Extract<Decision, { allow: false }> } | { i: number; deny: null } | null {
-  ctx.lifetimes.catchUp();
-  const counts = ctx.lifetimes.counts(caller.uid);
-  const charged = new Map<string, number>();
-  for (const [i, nic] of nics.entries()) {
-    try {
-      const spec = createSpec(nic);
-      checkSpec(spec, caller);
-      const d = decide(policy, caller, spec, (rule) => counts(rule) + (charged.get(rule) ?? 0));
-      if (!d.allow) return { i, spec, deny: d };
-      if (lockRefusal(policy, spec, d.rule)) return { i, deny: null };
-      charged.set(d.rule.name, (charged.get(d.rule.name) ?? 0) + 1);
-    } catch {
-      return { i, deny: null };
-    }
-  }
-  return null;
-}
-
 function unwritable(err: unknown): TapbrokerError {
   return new TapbrokerError(
     'TB_E_STATE_UNWRITABLE',
@@ -428,42 +351,6 @@ function unwritable(err: unknown): TapbrokerError {
       hint: "the broker's state directory is full or read-only; an administrator must free it",
     },
   );
-}
-
-/**
- * Whether the device is a locked port (a rule's or a network's mac_lock: either is enough), refused
- * where it cannot be one: only a tap on a Linux bridge, with a guest MAC the broker knows, can be locked.
- */
-function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
-  const refusal = lockRefusal(policy, spec, rule);
-  if (refusal) throw refusal;
-  return locksPort(policy, spec, rule);
-}
-
-/** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */
-function placement(kernel: Kernel, policy: Policy, spec: CreateSpec): Placement {
-  const target = resolveTarget(policy, spec);
-  switch (target.kind) {
-    case 'macvtap': {
-      const link = kernel.macvtapParent(target.name);
-      return { link, bridge: null, vlan: null, parentName: link.name };
-    }
-    case 'bridge': {
-      const bridge = kernel.bridge(target.name);
-      if (target.vlan !== null) kernel.checkVlanFiltering(bridge);
-      return { link: bridge, bridge, vlan: target.vlan, parentName: bridge.name };
-    }
-    // An OVS bridge that does not exist makes add-port fail, and the grant is rolled back then.
-    case 'ovs':
-      return { link: null, bridge: null, vlan: target.vlan, parentName: target.name };
-    case 'hook': {
-      const unsafe = hookUnsafe(target.name);
-      if (unsafe) throw new TapbrokerError('TB_E_HOOK_FAILED', `hook ${target.name} ${unsafe}; not run`);
-      return { link: null, bridge: null, vlan: null, parentName: '-' };
-    }
-    case 'unknown':
-      throw new TapbrokerError('TB_E_POLICY_DENIED', `no network \`${target.name}'`);
-  }
 }
 
 /** The caller's name, or broker-chosen names `tb<uid>-<random>` until one is free and clean. */

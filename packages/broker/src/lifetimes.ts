@@ -10,16 +10,13 @@ import { namePrefix } from './naming.js';
 import type { Cleanup, Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
-import { plugDown } from './plug.js';
 import { expectedMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
+import { Unplugs } from './plug.js';
 import { decide, type Ask, type Decision, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
-
-/** Tries at removing a lease's Open vSwitch port, 1 s, 2 s, 4 s … apart (about 8.5 minutes in all). */
-const UNPLUG_ATTEMPTS = 10;
 
 export interface RetireOptions {
   op: string;
@@ -38,12 +35,9 @@ export class Lifetimes implements Cleanup {
   /** Of those, the ones whose device went meanwhile: their create fails (and rolls back, `down` after `up`). */
   private readonly vanished = new Set<string>();
   private readonly holderWatches = new Map<string, { close(): void }>();
-  private readonly unplugs = new Set<Promise<unknown>>();
-  /** Names whose device is being unplugged, with how many: no new device takes the name meanwhile. */
-  private readonly unplugging = new Map<string, number>();
-  private closing = false;
+  /** Devices being unplugged from their networks (their OVS ports, their hooks' `down`s). */
+  readonly unplugs: Unplugs;
   private monitor: { drain(): boolean; close(): void } | null = null;
-  /** Forwarding entries put back after a holder took them (forwarding.ts). */
   /** Forwarding entries a holder took, and the MACs its taps took lately (grant asks it: takenLately). */
   readonly forwarding: Forwarding;
   /** Link events per device and per uid, to find floods (see wants). */
@@ -70,6 +64,7 @@ export class Lifetimes implements Cleanup {
     const { table, problem, trusted } = LeaseTable.load(stateDir);
     this.table = table;
     this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, (id) => this.creating.has(id));
+    this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
     this.trusted = trusted;
     if (problem) log(`warning: ${problem}`);
   }
@@ -102,8 +97,7 @@ export class Lifetimes implements Cleanup {
   }
 
   async close(): Promise<void> {
-    this.closing = true;
-    await Promise.all([...this.unplugs]);
+    await this.unplugs.close();
     for (const w of this.holderWatches.values()) w.close();
     this.holderWatches.clear();
     this.monitor?.close();
@@ -355,46 +349,8 @@ export class Lifetimes implements Cleanup {
   }
 
   /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
-  unplug(l: LeaseRecord, attempt = 1): void {
-    if (!l.plug) return;
-    const ovs = 'ovs' in l.plug;
-    // Counted once per lease, across its tries.
-    if (attempt === 1) this.unplugging.set(l.name, (this.unplugging.get(l.name) ?? 0) + 1);
-    let again = false;
-    let failed = false;
-    const p = plugDown(l, this.hookRun).then(
-      (r) => {
-        this.table.unplugged(l.id);
-        const device = { ...leaseView(l), plug: r };
-        if (r) this.note('cleanup', 'cleanup', l, 'unplugged from its network', { device });
-      },
-      (err: Error) => {
-        // An Open vSwitch port left behind would take any later device of that name (vswitchd opens it by
-        // name): tried again, later and later, and the name is not given out meanwhile. A hook said what it
-        // said: its failure is recorded, not repeated.
-        failed = true;
-        again = ovs && attempt < UNPLUG_ATTEMPTS && !this.closing;
-        // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
-        if (!ovs) this.table.unplugged(l.id);
-        const next = again ? `; trying again in ${2 ** (attempt - 1)} s` : '';
-        this.note('cleanup', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
-      },
-    );
-    this.unplugs.add(p);
-    void p.finally(() => {
-      this.unplugs.delete(p);
-      if (again) setTimeout(() => this.unplug(l, attempt + 1), 1000 * 2 ** (attempt - 1)).unref();
-      // A port never removed keeps its name from new devices until the broker restarts (and reconciles).
-      if (again || (ovs && failed && !this.closing)) return;
-      const n = (this.unplugging.get(l.name) ?? 1) - 1;
-      if (n > 0) this.unplugging.set(l.name, n);
-      else this.unplugging.delete(l.name);
-    });
-  }
-
-  /** Is a device named `name` still being unplugged from its network (its hook's `down`, its OVS port)? */
-  unplugPending(name: string): boolean {
-    return this.unplugging.has(name);
+  unplug(l: LeaseRecord): void {
+    this.unplugs.unplug(l);
   }
 
   // ---- the kernel's view

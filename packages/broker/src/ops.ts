@@ -6,6 +6,7 @@ import {
 } from '@tapbroker/protocol/core';
 import { encodeReply } from '@tapbroker/protocol/requests';
 import type { Audit } from './audit.js';
+import type { Fairness } from './fairness.js';
 import { decide, matches, type Policy } from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
@@ -27,8 +28,10 @@ export interface OpContext {
   readonly started: string;
   /** Open connections. */
   readonly connections: number;
-  /** Devices of `uid` queued for teardown. */
+  /** Devices of `uid` queued for teardown, and its devices' `down`s running. */
   teardowns(uid: number): number;
+  /** Each uid's share of the broker's thread: a handler that awaits charges its later sections (meter). */
+  readonly fairness: Fairness;
   /** No closer process can take the fds the broker gives up (all stuck in the kernel): no new devices. */
   readonly fdsJammed: boolean;
   reload(caller: Identity): Policy;

@@ -2,8 +2,12 @@
 // administrator's hook. The lease records how it was plugged, so unplugging never consults a later policy.
 import { addPort, delPortOf, ovsdbTarget } from './ovs.js';
 import { runHook } from './hook.js';
-import type { LeaseRecord, Plug } from './leases.js';
+import type { AuditEvent } from './audit.js';
 import type { Network } from './decide.js';
+import { leaseView, type LeaseRecord, type LeaseTable, type Plug } from './leases.js';
+
+/** Tries at removing a lease's Open vSwitch port, 1 s, 2 s, 4 s … apart (about 8.5 minutes in all). */
+const UNPLUG_ATTEMPTS = 10;
 
 /** How a device joins `net`, or null for a Linux bridge (attached by the kernel step itself). */
 export function plugOf(net: Network | undefined): Plug | null {
@@ -66,4 +70,88 @@ async function runPlugHook(
   };
   const r = await runHook(p.hook, action, ctx, p.timeout_ms);
   return { hook: p.hook, action, code: r.code, stdout: r.stdout, stderr: r.stderr, ms: r.ms };
+}
+
+type Note = (
+  op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
+) => void;
+
+/** Devices being unplugged from their networks, by name and by uid; a port not removed is tried again. */
+export class Unplugs {
+  private readonly running = new Set<Promise<unknown>>();
+  /** Names whose device is being unplugged, with how many: no new device takes the name meanwhile. */
+  private readonly names = new Map<string, number>();
+  /** Unpluggings running (a hook's `down`, an OVS del-port) per uid: counted with its teardowns (see of). */
+  private readonly uids = new Map<number, number>();
+  private closing = false;
+
+  constructor(
+    private readonly table: Pick<LeaseTable, 'unplugged'>,
+    private readonly note: Note,
+    private readonly run: string,
+  ) {}
+
+  /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
+  unplug(l: LeaseRecord, attempt = 1): void {
+    if (!l.plug) return;
+    const ovs = 'ovs' in l.plug;
+    // Counted once per lease, across its tries.
+    if (attempt === 1) count(this.names, l.name, +1);
+    count(this.uids, l.uid, +1);
+    let again = false;
+    let failed = false;
+    const p = plugDown(l, this.run).then(
+      (r) => {
+        this.table.unplugged(l.id);
+        const device = { ...leaseView(l), plug: r };
+        if (r) this.note('cleanup', 'cleanup', l, 'unplugged from its network', { device });
+      },
+      (err: Error) => {
+        // An Open vSwitch port left behind would take any later device of that name (vswitchd opens it by
+        // name): tried again, later and later, and the name is not given out meanwhile. A hook said what it
+        // said: its failure is recorded, not repeated.
+        failed = true;
+        again = ovs && attempt < UNPLUG_ATTEMPTS && !this.closing;
+        // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
+        if (!ovs) this.table.unplugged(l.id);
+        const next = again ? `; trying again in ${2 ** (attempt - 1)} s` : '';
+        this.note('cleanup', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
+      },
+    );
+    this.running.add(p);
+    void p.finally(() => {
+      this.running.delete(p);
+      count(this.uids, l.uid, -1);
+      if (again) setTimeout(() => this.unplug(l, attempt + 1), 1000 * 2 ** (attempt - 1)).unref();
+      // A port never removed keeps its name from new devices until the broker restarts (and reconciles).
+      if (again || (ovs && failed && !this.closing)) return;
+      count(this.names, l.name, -1);
+    });
+  }
+
+  /**
+   * `uid`'s devices whose `down` (or OVS port removal) runs now: their leases have left the table and its quota,
+   * but each may hold a root process for up to the hook's timeout (an outside review kept 104 running from
+   * max_devices = 2), so they count as its teardowns do.
+   */
+  of(uid: number): number {
+    return this.uids.get(uid) ?? 0;
+  }
+
+  /** Is a device named `name` still being unplugged from its network (its hook's `down`, its OVS port)? */
+  pending(name: string): boolean {
+    return this.names.has(name);
+  }
+
+  /** Waits for the unpluggings running; none is tried again after. */
+  async close(): Promise<void> {
+    this.closing = true;
+    await Promise.all([...this.running]);
+  }
+}
+
+function count<K>(m: Map<K, number>, k: K, by: number): void {
+  const n = (m.get(k) ?? 0) + by;
+  if (n > 0) m.set(k, n);
+  else m.delete(k);
 }

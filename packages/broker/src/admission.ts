@@ -1,0 +1,187 @@
+// Admission: what a NIC must pass before anything is made for it (after its grammar and its decision): its
+// name not being unplugged, the caller's teardowns and cool-down, a closer for vhost-net fds, where it goes
+// (the bridge, VLAN, parent, network or hook), its port lock, and its MAC. A multi-NIC request has every NIC
+// checked so, with the NICs before it counted, before its first is made (firstRefused).
+import {
+  TapbrokerError, type CreateMacvtapRequest, type CreateTapRequest, type ErrorCode, type Nic,
+} from '@tapbroker/protocol/core';
+import { decide, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
+import type { Identity } from './identity.js';
+import type { Kernel } from './kernel.js';
+import type { OpContext } from './ops.js';
+import { hookUnsafe } from './paths.js';
+import type { Link } from './rtnetlink.js';
+import { checkSpec, createSpec, locksPort, lockRefusal, type CreateSpec } from './spec.js';
+
+/** Devices of one uid still being torn down (deleted, or unplugged by a hook), at most: beyond, its grants wait. */
+const MAX_TEARDOWN_PER_UID = 32;
+
+/** Where a new device goes, resolved against the policy the decision used. */
+export interface Placement {
+  /** A macvtap's parent. */
+  link: Link | null;
+  /** The Linux bridge a tap attaches to (null: OVS or a hook plugs it). */
+  bridge: Link | null;
+  vlan: number | null;
+  parentName: string;
+}
+
+export interface Admitted {
+  place: Placement;
+  /** Whether the device is a locked port. */
+  lock: boolean;
+}
+
+/**
+ * What a granted NIC must still pass before the kernel step, checked with nothing made (so a multi-NIC request
+ * is refused before its first device, see firstRefused): its name not being unplugged, the caller not cooling
+ * down or over its teardowns, a closer for vhost-net fds, where it goes, its port lock and MAC. Throws.
+ */
+export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule): Admitted {
+  if (spec.name !== null && ctx.lifetimes.unplugs.pending(spec.name)) {
+    throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being unplugged from its `
+      + 'network; try again shortly');
+  }
+  const cooling = ctx.lifetimes.coolingDown(caller.uid);
+  if (cooling > 0) {
+    throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `
+      + `another ${Math.ceil(cooling / 1000)} s`);
+  }
+  const busy = ctx.teardowns(caller.uid);
+  if (busy >= MAX_TEARDOWN_PER_UID) {
+    throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down or unplugged; try again `
+      + 'shortly');
+  }
+  // A vhost-net fd's last close can block for as long as its holder likes: none is handed out while every
+  // closer is stuck in such a close (other devices' fds are then closed on the pool).
+  if (spec.vhost && ctx.fdsJammed) {
+    throw new TapbrokerError('TB_E_BUSY', 'the broker cannot close vhost-net descriptors now (its closer '
+      + 'processes are stuck in the kernel): no vhost-net until one exits');
+  }
+  const place = placement(ctx.kernel, policy, spec);
+  const lock = portLock(policy, spec, rule);
+  // A MAC the caller asked for is checked here; one the broker picks, once picked (makeDevice).
+  if (place.bridge && spec.mac !== null) macElsewhere(ctx, caller, spec.mac, place.parentName, place.vlan, lock);
+  return { place, lock };
+}
+
+/**
+ * A guest MAC a live locked lease holds on this bridge (and VLAN) is that lease's alone, whatever the
+ * bridge's forwarding table shows this instant (a holder who gives its own tap that MAC and back empties the
+ * entry for a moment): no other tap there is made with it, locked or not. Nor is a live lease's MAC locked to
+ * another port (a quiet guest's entry may have aged out of the table; the lock would take its traffic).
+ */
+export function macElsewhere(
+  ctx: OpContext, caller: Identity, mac: string, bridge: string, vlan: number | null, lock: boolean,
+): void {
+  const owner = ctx.lifetimes.table.withMac(mac).find((o) => (o.locked || lock) && o.kind === 'tap'
+    && o.parent === bridge && o.vlan === vlan);
+  if (owner) {
+    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} is ${owner.locked ? 'locked to' : 'in use on'} another `
+      + `port of bridge \`${bridge}' (a live lease's): no other tap there may ${lock ? 'be locked to' : 'use'} it`,
+    { hint: 'choose another MAC' });
+  }
+  // The caller's own tap took it lately, which deleted the bridge's entries for it (whoever's MAC it is: a
+  // router behind the uplink, say): the forwarding table cannot tell now whether another port uses it. Every
+  // link event already sent is read first, however many a backlog holds.
+  if (!lock) return;
+  ctx.lifetimes.catchUp(true);
+  if (ctx.lifetimes.forwarding.takenLately(bridge, mac, caller.uid)) {
+    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} was taken by a tap of yours on bridge \`${bridge}' `
+      + 'lately, which erased where the bridge had it: it is locked to none of your ports there for 5 minutes',
+    { hint: 'choose another MAC' });
+  }
+}
+
+/** A NIC refused before anything is made: audited as `decision` (a deny, under `rule`) or a request error. */
+export interface Refusal {
+  decision: 'deny' | 'error';
+  rule: string | null;
+  code: ErrorCode;
+  message: string;
+  hint?: string;
+}
+
+/**
+ * The first NIC of a request that would be refused now, with nothing made: on its own (its grammar, what admit
+ * checks, a name already taken: `i` alone, grantOne refuses it again with its record), or with the NICs before
+ * it counted (`refusal`: its rule or quota, a name or a locked MAC an earlier NIC asks for). Null when none is.
+ */
+export function firstRefused(
+  ctx: OpContext, policy: Policy, caller: Identity, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
+): { i: number; spec: CreateSpec; refusal: Refusal } | { i: number; refusal: null } | null {
+  ctx.lifetimes.catchUp();
+  const counts = ctx.lifetimes.counts(caller.uid);
+  const charged = new Map<string, number>();
+  const names = new Set<string>();
+  const macs: Array<{ mac: string; where: string; lock: boolean }> = [];
+  for (const [i, nic] of nics.entries()) {
+    let spec: CreateSpec;
+    let d: Decision;
+    let a: Admitted;
+    try {
+      spec = createSpec(nic);
+      checkSpec(spec, caller);
+      d = decide(policy, caller, spec, (rule) => counts(rule) + (charged.get(rule) ?? 0));
+      if (!d.allow) {
+        return { i, spec, refusal: { decision: 'deny', rule: d.rule, code: d.code, message: d.message, hint: d.hint } };
+      }
+      a = admit(ctx, policy, caller, spec, d.rule);
+      if (spec.name !== null && ctx.kernel.linkNamed(spec.name)) return { i, refusal: null };
+    } catch {
+      return { i, refusal: null };
+    }
+    const error = (message: string): Refusal =>
+      ({ decision: 'error', rule: null, code: 'TB_E_INVALID_REQUEST', message });
+    if (spec.name !== null && names.has(spec.name)) {
+      return { i, spec, refusal: error(`an earlier NIC of this request asks for the name \`${spec.name}' too`) };
+    }
+    const where = `${a.place.parentName}/${a.place.vlan}`;
+    const twin = a.place.bridge && spec.mac !== null
+      && macs.find((m) => m.mac === spec.mac && m.where === where && (m.lock || a.lock));
+    if (twin) {
+      return { i, spec, refusal: error(`an earlier NIC of this request asks for MAC ${spec.mac} on the same bridge, `
+        + 'and a locked port\'s MAC is no other port\'s there') };
+    }
+    if (spec.name !== null) names.add(spec.name);
+    if (spec.mac !== null) macs.push({ mac: spec.mac, where, lock: a.lock });
+    charged.set(d.rule.name, (charged.get(d.rule.name) ?? 0) + 1);
+  }
+  return null;
+}
+
+/**
+ * Whether the device is a locked port (a rule's or a network's mac_lock: either is enough), refused
+ * where it cannot be one: only a tap on a Linux bridge, with a guest MAC the broker knows, can be locked.
+ */
+function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
+  const refusal = lockRefusal(policy, spec, rule);
+  if (refusal) throw refusal;
+  return locksPort(policy, spec, rule);
+}
+
+/** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */
+function placement(kernel: Kernel, policy: Policy, spec: CreateSpec): Placement {
+  const target = resolveTarget(policy, spec);
+  switch (target.kind) {
+    case 'macvtap': {
+      const link = kernel.macvtapParent(target.name);
+      return { link, bridge: null, vlan: null, parentName: link.name };
+    }
+    case 'bridge': {
+      const bridge = kernel.bridge(target.name);
+      if (target.vlan !== null) kernel.checkVlanFiltering(bridge);
+      return { link: bridge, bridge, vlan: target.vlan, parentName: bridge.name };
+    }
+    // An OVS bridge that does not exist makes add-port fail, and the grant is rolled back then.
+    case 'ovs':
+      return { link: null, bridge: null, vlan: target.vlan, parentName: target.name };
+    case 'hook': {
+      const unsafe = hookUnsafe(target.name);
+      if (unsafe) throw new TapbrokerError('TB_E_HOOK_FAILED', `hook ${target.name} ${unsafe}; not run`);
+      return { link: null, bridge: null, vlan: null, parentName: '-' };
+    }
+    case 'unknown':
+      throw new TapbrokerError('TB_E_POLICY_DENIED', `no network \`${target.name}'`);
+  }
+}
