@@ -3,6 +3,9 @@
 // switch through its unix socket; the taps live in the namespace where ovs-vswitchd runs.
 import anyTest, { type ExecutionContext, type TestFn } from 'ava';
 import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { TapbrokerError, type ErrorCode } from '@tapbroker/protocol';
 import { addPort, delPort, isOvsBridge, listOurPorts, ovsdbTarget } from '@tapbroker/broker/internal';
 import { Netns } from '../helpers/netns.js';
@@ -179,9 +182,30 @@ ovsTest('refusals before any exec: bad names, VLANs, external-ids', async (t) =>
 
 ovsTest('OVS unreachable: TB_E_KERNEL "open vswitch unavailable"', async (t) => {
   const nowhere = 'unix:/nonexistent/db.sock';
-  await refused(t, isOvsBridge(nowhere, 'br-int'), 'TB_E_KERNEL', /^open vswitch unavailable: .*database connection failed/);
+  await refused(t, isOvsBridge(nowhere, 'br-int'), 'TB_E_KERNEL', /^open vswitch unavailable: .*\/nonexistent\/db\.sock cannot be resolved/);
   await refused(t, listOurPorts(nowhere), 'TB_E_KERNEL', /^open vswitch unavailable/);
   await refused(t, delPort(nowhere, 'br-int', 'tb1000-c'), 'TB_E_KERNEL', /^open vswitch unavailable/);
+});
+
+// From an outside review: a socket the policy names was used wherever it was, and a socket in a directory users
+// can write would let any of them answer as the switch. The real switch's socket, reached through a directory
+// others can write, is refused before ovs-vsctl runs; through one only root can write, it works.
+ovsTest('a database socket reached through a directory others can write is not used', async (t) => {
+  const real = ovs.db.slice('unix:'.length);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-ovsdb-'));
+  try {
+    fs.symlinkSync(real, path.join(dir, 'db.sock'));
+    const via = `unix:${dir}/db.sock`;
+    t.true(await isOvsBridge(via, 'br-int'), 'through a directory only root can write: used');
+    fs.chmodSync(dir, 0o777);
+    await refused(t, isOvsBridge(via, 'br-int'), 'TB_E_KERNEL', /^open vswitch unavailable: .*db\.sock is writable by others \(through /);
+    tap('tb1000-u');
+    await refused(t, addPort(via, 'br-int', 'tb1000-u', { externalIds: ids('uuuu') }), 'TB_E_KERNEL', /not used$/);
+    t.false(ports().includes('tb1000-u'), 'no port added');
+    ns.ip('link', 'del', 'tb1000-u');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 ovsTest('ovs-vswitchd not answering: addPort times out and takes its committed port back', async (t) => {

@@ -15,6 +15,8 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, checkIfName } from '@tapbroker/protocol/core';
+import { getpwuid } from './libc.js';
+import { notRootsAlone } from './paths.js';
 
 /** ovs-vsctl's --timeout, seconds: how long it may wait for ovsdb-server and ovs-vswitchd. */
 const VSCTL_TIMEOUT_S = 5;
@@ -288,8 +290,18 @@ interface VsctlResult {
 
 type VsctlError = TapbrokerError & { timedOut?: boolean };
 
-/** One ovs-vsctl run against `db`; exit codes outside `ok` become a TB_E_KERNEL naming `what`. */
+/**
+ * One ovs-vsctl run against `db`; exit codes outside `ok` become a TB_E_KERNEL naming `what`. Only through a
+ * socket no user could have put there: one in a directory a user can write would let that user answer as
+ * the switch (root's, or Open vSwitch's own account's, where the distribution runs it as `openvswitch`).
+ */
 function vsctl(db: string, args: string[], what: string, ok: readonly number[] = [0]): Promise<VsctlResult> {
+  const socket = db.slice('unix:'.length);
+  const unsafe = notRootsAlone(socket, (uid) => uid === 0 || getpwuid(uid)?.name === 'openvswitch');
+  if (unsafe) {
+    return Promise.reject(new TapbrokerError('TB_E_KERNEL', `open vswitch unavailable: ${what}: its database socket `
+      + `${socket} ${unsafe}; not used`));
+  }
   const file = findVsctl();
   // -vsyslog:off: ovs-vsctl would log every call to syslog, two lines per device in the broker's journal.
   const argv = [`--db=${db}`, `--timeout=${VSCTL_TIMEOUT_S}`, '-vsyslog:off', ...args];

@@ -10,8 +10,11 @@ import path from 'node:path';
 /** Symlinks followed on one path, at most (the kernel's own limit). */
 const MAX_LINKS = 40;
 
-/** Why a user other than root could have changed `file` or any directory on the way to it; null if none could. */
-export function notRootsAlone(file: string): string | null {
+/**
+ * Why a user other than root could have changed `file` or any directory on the way to it; null if none could.
+ * `trusted`: owners taken as root is (a daemon's own account, for the socket it serves).
+ */
+export function notRootsAlone(file: string, trusted: (uid: number) => boolean = (uid) => uid === 0): string | null {
   // Each directory the walk goes through, with the entry it takes from there (for the sticky exemption).
   const steps: Step[] = [];
   let target: { file: string; st: fs.Stats };
@@ -21,12 +24,12 @@ export function notRootsAlone(file: string): string | null {
   } catch (err) {
     return `cannot be resolved (${(err as NodeJS.ErrnoException).code ?? String(err)})`;
   }
-  if (target.st.uid !== 0) return `is owned by uid ${target.st.uid}, not root`;
+  if (!trusted(target.st.uid)) return `is owned by uid ${target.st.uid}, not root`;
   if ((target.st.mode & 0o022) !== 0) return `is writable by ${target.st.mode & 0o002 ? 'others' : 'its group'}`;
   // The nearest directory first: the one an administrator is most likely to have to fix.
   for (const { dir, st, entry } of steps.reverse()) {
-    if (st.uid !== 0) return `is owned by uid ${st.uid} (through ${dir}), not root`;
-    const sticky = (st.mode & 0o1000) !== 0 && entry.uid === 0;
+    if (!trusted(st.uid)) return `is owned by uid ${st.uid} (through ${dir}), not root`;
+    const sticky = (st.mode & 0o1000) !== 0 && trusted(entry.uid);
     if ((st.mode & 0o022) !== 0 && !sticky) {
       return `is writable by ${st.mode & 0o002 ? 'others' : 'its group'} (through ${dir})`;
     }
