@@ -23,6 +23,12 @@ export class Fairness {
     return u.wait;
   }
 
+  /** A pause inside one of `uid`'s requests: the other sessions' turn, then `uid`'s own (see turn). */
+  async between(uid: number): Promise<void> {
+    await new Promise((r) => setImmediate(r));
+    await this.turn(uid);
+  }
+
   /** `uid`'s request took `ms` of the broker's time. */
   spent(uid: number, ms: number): void {
     if (uid !== 0) this.window(uid).used += ms;
