@@ -404,8 +404,11 @@ test('qemu-args prints the arguments without asking the broker', (t) => {
 
 test('the broker refuses a second instance on a live socket', (t) => {
   const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
+  // A state directory of its own (the default, /run/tapbroker, is the host's: a run left one behind there).
+  const state = tempDir('second');
   const r = spawnSync('ip', ['netns', 'exec', fx.ns.name, process.execPath, main, '-f', fx.broker.policyPath,
-    '-s', fx.broker.socket], { encoding: 'utf8', timeout: 10_000 });
+    '-s', fx.broker.socket, '--state-dir', state, '--journal-socket', ''], { encoding: 'utf8', timeout: 10_000 });
+  fs.rmSync(state, { recursive: true, force: true });
   t.is(r.status, 69);
   t.regex(r.stderr, /another broker is listening/);
   t.true(fx.broker.alive);

@@ -757,6 +757,36 @@ test.serial('A4: a group deny holds for a member who dropped the group (as setgr
   }
 });
 
+// Found by an outside review of the audit tools: a user added to a deny's group after the policy loaded was
+// denied by test-policy, who-can and explain-policy (they read the account database as it is) and granted by
+// the broker (as it was at load) until a reload. The broker now reads the members again when the files change.
+test.serial('A4: a user added to a deny rule\'s group while the broker runs is denied from then on, with no reload', async (t) => {
+  const group = `tbq${process.pid % 100000}`;
+  spawnSync('groupdel', [group]);
+  const made = spawnSync('groupadd', [group], { encoding: 'utf8' });
+  if (made.status !== 0) throw new Error(`groupadd: ${made.stderr}`);
+  const b = await BrokerProcess.start(ns, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n\n`
+    + `[[deny]]\nname = "quarantine"\ngroups = ["${group}"]\nbridges = ["br0"]\n`, { tag: 'r2late' });
+  try {
+    const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] });
+    t.is(before.error, null, 'not a member yet: granted');
+    // nobody's process asks with no supplementary groups: only the account database says it is a member.
+    const added = spawnSync('gpasswd', ['-a', 'nobody', group], { encoding: 'utf8' });
+    if (added.status !== 0) throw new Error(`gpasswd: ${added.stderr}`);
+    const denied = await until(async () => {
+      const r = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] });
+      return r.error?.code === 'TB_E_POLICY_DENIED' ? r.error : null;
+    }, { what: 'the new member was never denied', ms: 5000, every: 200 });
+    t.is(denied.rule, 'quarantine');
+    await until(() => /the account database changed: the deny rules' group members were read again/.test(b.stderr) || null,
+      { what: 'the broker did not say it read the members again', ms: 3000 });
+    await until(() => ns.extraLinks(BASE).length === 0 || null, { what: 'taps left', ms: 3000 });
+  } finally {
+    await b.stop();
+    spawnSync('groupdel', [group]);
+  }
+});
+
 // ---------------------------------------------------------------- B11: the client and a fake broker
 
 async function fakeBroker(as: number | null, mode: 'socket' | 'escape'): Promise<{ socket: string; stop(): void }> {

@@ -167,6 +167,32 @@ test('check-policy, as root, refuses what the broker would refuse (exit 78); as 
   }
 });
 
+// Found by an outside review: after a reload the broker refused (a deny added in a group-writable fragment), who-can,
+// test-policy and explain-policy still read that fragment and reported the deny, while the broker, on the old
+// policy, granted. Every tool, as root, refuses what the broker would; as another user it says so.
+test('every policy tool, as root, refuses a fragment the broker would refuse; as another user it notes it', (t) => {
+  const deny = '[[deny]]\nname = "block"\nusers = [1000]\nbridges = ["br0"]\n';
+  const { dir, file } = setUp(rule('main', '"br0"'), { '50-block.toml': deny });
+  const cases = path.join(dir, 'cases.toml');
+  fs.writeFileSync(cases, '[[case]]\nuser = 1000\nrequest = "bridge=br0"\nexpect = "deny"\nrule = "block"\n', { mode: 0o644 });
+  try {
+    fs.chmodSync(path.join(dir, 'policy.d', '50-block.toml'), 0o664);
+    const tools = [['who-can', file, '--bridge', 'br0'], ['explain-policy', file, '--user', '1000'],
+      ['test-policy', file, cases]];
+    for (const argv of tools) {
+      const root = spawnSync(process.execPath, [MAIN, ...argv], { encoding: 'utf8' });
+      t.is(root.status, 78, `${argv[0]} as root: ${root.stdout}`);
+      t.regex(root.stderr, /50-block\.toml:-: error: is writable by its group: a user other than root could change/);
+      t.notRegex(root.stdout, /block/, `${argv[0]} reports nothing of the refused fragment`);
+      const user = spawnSync(process.execPath, [MAIN, ...argv], { encoding: 'utf8', uid: 65534, gid: 65534 });
+      t.is(user.status, 0, `${argv[0]} as a user: ${user.stderr}`);
+      t.regex(user.stderr, /note: .*50-block\.toml is writable by its group: tapbrokerd would refuse to run on it/);
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
 test('a fragment that cannot be read is named by check-policy, though its error has no line', (t) => {
   const { dir, file } = setUp(rule('main', '"br0"'), {});
   try {

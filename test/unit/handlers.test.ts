@@ -10,7 +10,7 @@ import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, SeqpacketListener, TapbrokerError, decodeReply, decodeRequest,
   encodeFrame, type Reply,
 } from '@tapbroker/protocol';
-import { Broker, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
+import { Broker, loadTrustedPolicy, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
 import { FakeKernel } from '../helpers/fake-kernel.js';
 import { quiet } from '../helpers/wait.js';
 
@@ -723,3 +723,42 @@ test('a multi-NIC create lets the broker serve others between its NICs', (t) => 
   await created;
   t.deepEqual(order, ['another session', 'create']);
 }));
+
+// Found by an outside review of the audit tools: the summary of a window of denials (past 20 per uid in 10 s) was
+// written when the window ended, under the policy in force then: a reload in between made it claim denials under
+// a policy that allows that uid. A reload now ends the window first.
+test('a reload ends the window of refusals: their summary names the policy they were decided under', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-flush-'));
+  fs.chmodSync(dir, 0o755);
+  const file = path.join(dir, 'policy.toml');
+  fs.writeFileSync(file, '[[rule]]\nname = "others"\nusers = [2000]\nbridges = ["br1"]\n', { mode: 0o644 });
+  const records: AuditRecord[] = [];
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    policy: loadTrustedPolicy(file), policyPath: file, stateDir: dir,
+    audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  try {
+    host(kernel);
+    broker.lifetimes.start();
+    const before = broker.policy.sha256;
+    for (let i = 0; i < 25; i++) {
+      await t.throwsAsync(ask(broker, caller(3000), { op: 'create-tap', bridge: 'br1' }));
+    }
+    fs.writeFileSync(file, '[[rule]]\nname = "everyone"\nusers = ["*"]\nbridges = ["br1"]\n');
+    const after = broker.reload(null).sha256;
+    t.not(after, before);
+    const summary = records.find((r) => r.decision === 'suppressed');
+    t.truthy(summary, 'the window was ended by the reload');
+    t.is(summary!.policy_sha256, before, 'under the policy the denials were decided by');
+    t.deepEqual((summary!.request as { counts: unknown }).counts, { TB_E_POLICY_DENIED: 5 });
+    const reload = records.findIndex((r) => r.op === 'reload');
+    t.true(records.indexOf(summary!) < reload, 'before the reload\'s own record');
+  } finally {
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -647,3 +647,38 @@ test('mac_lock: check-policy warns about a rule that reaches a locked network\'s
   t.deepEqual(lines, ["rule `direct' grants bridge br0 by name without mac_lock, so its taps there are not locked, "
     + "though network `safe' onto that bridge locks its own"]);
 });
+
+// Found by an outside review: `who-can --network prod` listed only rules naming prod, while a `bridges = ["*"]`
+// rule's taps (and another network onto the same bridge, and an OVS trunk carrying prod's VLAN) shared prod's
+// segment; the deny side already took a network as its segment. Now both sides do.
+test('who-can --network lists every way onto that network\'s segment, as its deny covers them', async (t) => {
+  const { execFileSync } = await import('node:child_process');
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'policy.toml');
+  fs.writeFileSync(file, [
+    '[network.prod]\nbridge = "br0"', '[network.also-br0]\nbridge = "br0"', '[network.br0-vlan]\nbridge = "br0"\nvlan = 7',
+    '[network.prod-ovs]\novs = "br-int"\nvlan = 100', '[network.trunk]\novs = "br-int"\ntrunk = [100, 200]',
+    '[network.other-vlan]\novs = "br-int"\nvlan = 300',
+    '[[rule]]\nname = "admins"\nusers = [1001]\nnetworks = ["prod", "prod-ovs"]',
+    '[[rule]]\nname = "any"\nusers = [1002]\nbridges = ["*"]',
+    '[[rule]]\nname = "named"\nusers = [1003]\nbridges = ["br0"]',
+    '[[rule]]\nname = "side"\nusers = [1004]\nnetworks = ["also-br0", "br0-vlan", "trunk", "other-vlan"]',
+    '[[deny]]\nname = "no-prod"\nusers = [1005]\nnetworks = ["prod"]',
+  ].join('\n\n'));
+  const main = path.resolve('packages/broker/dist/main.js');
+  const who = (net: string) => JSON.parse(execFileSync(process.execPath, [main, 'who-can', file, '--network', net, '--json'],
+    { encoding: 'utf8' })) as { allowed_by: Array<{ rule: string; via_network: string | null; via_bridge: string | null }> };
+  t.deepEqual(who('prod').allowed_by.map((a) => [a.rule, a.via_network, a.via_bridge]), [
+    ['admins', null, null], ['any', null, 'br0'], ['named', null, 'br0'], ['side', 'also-br0', null],
+  ], 'the network, its bridge directly ("*" and by name), another network onto br0 untagged; not VLAN 7');
+  t.deepEqual(who('prod-ovs').allowed_by.map((a) => [a.rule, a.via_network]), [['admins', null], ['side', 'trunk']],
+    'an OVS trunk carrying VLAN 100; not VLAN 300');
+  const text = execFileSync(process.execPath, [main, 'who-can', file, '--network', 'prod'], { encoding: 'utf8' });
+  t.regex(text, /any\s+\d+\s+user 1002\s+any Linux bridge/);
+  t.regex(text, /named\s+\d+\s+user 1003\s+bridge br0/);
+  t.regex(text, /except user 1005: denied by `no-prod'/);
+});

@@ -25,7 +25,7 @@ import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
 import { Netdev } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
 import type { Policy } from './decide.js';
-import { loadTrustedPolicy } from './policy.js';
+import { accountsStamp, loadTrustedPolicy, withAccountsNow } from './policy.js';
 import { Reaper } from './reaper.js';
 import { Session, type Outcome, type SessionHost } from './session.js';
 
@@ -74,7 +74,12 @@ export interface BrokerOptions {
 }
 
 export class Broker implements SessionHost, OpContext {
-  policy: Policy;
+  private current!: Policy;
+  /**
+   * The account files when the deny rules' group members were last read, and when they were last looked at.
+   * None at first: the first look reads them again (they may have changed since the policy was loaded).
+   */
+  private accounts = { stamp: '', checked: -Infinity };
   readonly version = BROKER_VERSION;
   readonly started = new Date().toISOString();
   readonly kernel: Kernel;
@@ -130,6 +135,29 @@ export class Broker implements SessionHost, OpContext {
     this.lifetimes = lifetimes;
   }
 
+  /**
+   * The policy in force. Its deny rules' group members follow the account database: looked at at most once a
+   * second, read again when its files changed (a user added to a deny's group is denied within a second).
+   */
+  get policy(): Policy {
+    const now = performance.now();
+    if (now - this.accounts.checked >= 1000) {
+      this.accounts.checked = now;
+      const stamp = accountsStamp();
+      if (stamp !== this.accounts.stamp) {
+        const first = this.accounts.stamp === '';
+        this.accounts.stamp = stamp;
+        this.current = withAccountsNow(this.current);
+        if (!first) this.log('the account database changed: the deny rules\' group members were read again');
+      }
+    }
+    return this.current;
+  }
+
+  set policy(p: Policy) {
+    this.current = p;
+  }
+
   get leases() {
     return this.lifetimes.table;
   }
@@ -174,10 +202,14 @@ export class Broker implements SessionHost, OpContext {
     const before = this.policy.sha256;
     try {
       if (!this.policyPath) throw new TapbrokerError('TB_E_POLICY_INVALID', 'the policy did not come from a file');
+      const stamp = accountsStamp();
       const next = loadTrustedPolicy(this.policyPath);
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${w}`);
+      // Denials counted so far were decided under the policy before: their summary names that one.
+      this.audit.flushRefusals();
       this.policy = next;
+      this.accounts = { stamp, checked: performance.now() };
       this.audit.record({
         op: 'reload',
         decision: 'reload',

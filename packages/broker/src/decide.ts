@@ -199,7 +199,7 @@ function networkTarget(n: Network | undefined): Target | null {
  * one); on the same Open vSwitch bridge, any VLAN in common: a trunk, or a port that carries every VLAN,
  * reaches an access VLAN's frames.
  */
-function sameSegment(a: Target, b: Target): boolean {
+export function sameSegment(a: Target, b: Target): boolean {
   if (a.kind !== b.kind || a.name !== b.name) return false;
   if (a.kind !== 'ovs') return a.vlan === b.vlan;
   return a.vlans === 'all' || b.vlans === 'all' || a.vlans.some((v) => (b.vlans as readonly number[]).includes(v));

@@ -8,7 +8,7 @@ import { EX, MACVTAP_MODES, TapbrokerError, type ErrorCode, type MacvtapMode, ty
 import type { Identity } from './identity.js';
 import { getgrnam, getpwnam, getpwuid } from './libc.js';
 import { decide, type Caller, type Policy } from './decide.js';
-import { loadPolicy, parsePolicy } from './policy.js';
+import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
 import { didYouMean, lineIndex } from './policy-text.js';
 import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
 
@@ -354,6 +354,13 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
     else for (const e of errors) process.stderr.write(`${located(policyFile, e)}\n`);
     return EX.CONFIG;
   }
+  // As for the other policy tools: as root, a file the broker would refuse is refused (see untrustedForTools).
+  const untrusted = untrustedForTools(policyFile);
+  if (untrusted?.refuse) {
+    process.stderr.write(`${untrusted.message}\n`);
+    return EX.CONFIG;
+  }
+  if (untrusted) process.stderr.write(`tapbrokerd: note: ${untrusted.message}\n`);
   let text: string;
   try {
     text = fs.readFileSync(casesFile, 'utf8');

@@ -6,10 +6,11 @@ import os from 'node:os';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { getpwnam, getpwuid } from './libc.js';
 import {
-  ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, type AllowRule,
+  ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, sameSegment,
+  type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
-import { fragmentDir, loadPolicy, untrustedPolicyFile } from './policy.js';
+import { fragmentDir, loadPolicy, untrustedForTools } from './policy.js';
 
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
 const EX_WARNINGS = 1;
@@ -292,6 +293,13 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
   return o;
 }
 
+/** One way onto who-can's target: through a network (`via`), or by its own name (`direct`: a bridge by name). */
+interface Route {
+  via: string | null;
+  direct: boolean;
+  t: Target;
+}
+
 function table(rows: string[][]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
   return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
@@ -327,6 +335,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     return EX.CONFIG;
   }
 
+  // As root (the administrator about to reload) a file a user could change is the broker's own refusal.
+  const untrusted = untrustedForTools(o.file, opts.asBroker);
+  if (untrusted?.refuse) {
+    process.stderr.write(`${untrusted.message}\n`);
+    return EX.CONFIG;
+  }
+  if (untrusted && argv[0] !== 'check-policy') process.stderr.write(`tapbrokerd: note: ${untrusted.message}\n`);
+
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
     // Names beside the fragments that are not read (policyFiles): said, so a `30-lab.TOML` is not a surprise.
@@ -336,21 +352,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       findings.push({ level: 'note', file: `${dir}/${n}`, line: null,
         message: 'not read: only names ending in .toml are' });
     }
-    const unsafe = untrustedPolicyFile(o.file);
-    // As root (the administrator about to reload) it is the broker's own refusal. A user checking a draft
-    // (its own, or one under review in a checkout, as a CI job does) is told how the broker would take the
-    // file where it is: a note, which --strict does not count.
-    if (unsafe && (opts.asBroker || process.geteuid?.() === 0)) {
-      process.stderr.write(`${unsafe.file}:-: error: ${unsafe.why}: a user other than root could change the policy\n`);
-      return EX.CONFIG;
-    }
-    if (unsafe) {
-      findings.unshift({
-        level: 'note', file: unsafe.file, line: null,
-        message: `${unsafe.file} ${unsafe.why}: tapbrokerd would refuse to run on it where it is (install it owned `
-          + 'by root, writable by root alone)',
-      });
-    }
+    // A user checking a draft (its own, or one under review in a checkout, as a CI job does) is told how the
+    // broker would take the file where it is: a note, which --strict does not count.
+    if (untrusted) findings.unshift({ level: 'note', file: untrusted.file, line: null, message: untrusted.message });
     const warnings = findings.filter((f) => f.level === 'warning').length;
     if (o.json) {
       write(JSON.stringify({
@@ -433,40 +437,53 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     process.stderr.write(`tapbrokerd: no network \`${target}' in ${o.file}\n`);
     return EX.DATAERR;
   }
-  // Every way a request can reach this target: by its own name and through each network onto it. Each
-  // is judged with the broker's own functions (resolveTarget, denyCovers), so the tools cannot disagree.
+  // Every way a request can reach this target: by its own name and through each network onto it; for a network,
+  // every way onto its segment (its bridge directly, other networks onto the same bridge and VLAN, an OVS trunk
+  // carrying its VLAN), as its deny is (an outside review: `--network prod` left out a `bridges = ["*"]` rule
+  // whose taps shared prod's bridge). Each is judged with the broker's own functions (resolveTarget,
+  // denyCovers, sameSegment), so the tools cannot disagree.
   const asked: Target = kind === 'network' ? resolveTarget(policy, { kind: 'tap', parent: target, network: true })
     : resolveTarget(policy, { kind, parent: target, network: false });
-  const routes = kind === 'network' ? [{ via: null as string | null, t: asked }] : [
-    { via: null as string | null, t: asked },
+  const viaNetwork = (n: { name: string }): Route =>
+    ({ via: n.name, direct: false, t: resolveTarget(policy, { kind: 'tap', parent: n.name, network: true }) });
+  const routes: Route[] = kind === 'network' ? [
+    { via: null, direct: false, t: asked },
+    ...(asked.kind === 'bridge' && asked.vlan === null ? [{ via: null, direct: true,
+      t: resolveTarget(policy, { kind: 'tap', parent: asked.name, network: false }) }] : []),
+    ...[...policy.networks.values()].filter((n) => n.name !== target).map(viaNetwork)
+      .filter(({ t }) => asked.kind !== 'hook' && t.kind !== 'hook' && sameSegment(asked, t)),
+  ] : [
+    { via: null, direct: true, t: asked },
     ...[...policy.networks.values()]
       .filter((n) => kind === 'tap' && (n.kind === 'bridge' || n.kind === 'ovs') && n.target === target)
-      .map((n) => ({
-        via: n.name as string | null,
-        t: resolveTarget(policy, { kind: 'tap', parent: n.name, network: true }),
-      })),
+      .map(viaNetwork),
   ];
-  const grantsRoute = (r: AllowRule, via: string | null) => via !== null ? r.networks.includes(via)
-    : kind === 'tap' ? grantsBridge(r, target) : kind === 'network' ? r.networks.includes(target)
+  // The Linux bridge a route reaches directly (a `bridges` grant), if it does.
+  const bridgeOf = (route: Route) => route.via === null && route.direct && kind !== 'macvtap' ? route.t.name : null;
+  const grantsRoute = (r: AllowRule, route: Route) => route.via !== null ? r.networks.includes(route.via)
+    : bridgeOf(route) !== null ? grantsBridge(r, bridgeOf(route)!) : kind === 'network' ? r.networks.includes(target)
       : r.macvtap.some((m) => m.parent === target && (o.mode === null || m.modes.includes(o.mode)));
-  const grants = routes.flatMap(({ via }) => policy.allow.filter((r) => grantsRoute(r, via)).map((r) => ({ r, via })));
+  const grants = routes.flatMap((route) => policy.allow.filter((r) => grantsRoute(r, route))
+    .map((r) => ({ r, route })));
   // Each deny with the routes it covers: a deny of one network onto a bridge does not keep anyone off the bridge.
   const denies = policy.deny.map((d) => ({ d, on: routes.filter(({ t }) => denyCovers(policy, d, t)) }))
     .filter(({ on }) => on.length > 0);
-  const routeName = (via: string | null) =>
-    via !== null ? `network ${via}` : `${kind === 'tap' ? 'the bridge' : 'it'} directly`;
+  const routeName = ({ via, direct }: Route) => via !== null ? `network ${via}`
+    : kind === 'network' ? (direct ? `the bridge ${asked.name} directly` : 'it directly')
+      : `${kind === 'tap' ? 'the bridge' : 'it'} directly`;
   const result = {
     target: { kind, name: target, mode: o.mode },
-    allowed_by: grants.map(({ r, via }) => ({
-      rule: r.name, line: r.line, who: principals(r.who), via_network: via,
-      any_bridge: via === null && kind === 'tap' && !r.bridges.includes(target),
+    allowed_by: grants.map(({ r, route }) => ({
+      rule: r.name, line: r.line, who: principals(r.who), via_network: route.via,
+      via_bridge: kind === 'network' ? bridgeOf(route) : null,
+      any_bridge: bridgeOf(route) !== null && !r.bridges.includes(bridgeOf(route)!),
       max_queues: r.maxQueues, vhost: r.vhost,
       persistent: r.persistent, max_devices: r.maxDevices,
-      mac_lock: r.macLock || (via !== null && policy.networks.get(via)!.macLock)
-        || (kind === 'network' && policy.networks.get(target)!.macLock),
+      mac_lock: r.macLock || (route.via !== null && policy.networks.get(route.via)!.macLock)
+        || (kind === 'network' && bridgeOf(route) === null && policy.networks.get(target)!.macLock),
     })),
     except: denies.map(({ d, on }) => ({
-      rule: d.name, line: d.line, who: deniedPrincipals(d.who), routes: on.map(({ via }) => routeName(via)),
+      rule: d.name, line: d.line, who: deniedPrincipals(d.who), routes: on.map(routeName),
     })),
   };
   // A locked grant where no port can be locked (a macvtap, an OVS or hook network) is refused at request time.
@@ -481,11 +498,12 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     if (grants.length === 0) write('nobody: no rule grants it');
     else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES', 'MAC LOCK'],
       ...result.allowed_by.map((a) => [a.rule, String(a.line), a.who,
-        a.via_network !== null ? `network ${a.via_network}` : a.any_bridge ? 'any Linux bridge' : '-',
+        a.via_network !== null ? `network ${a.via_network}` : a.any_bridge ? 'any Linux bridge'
+          : a.via_bridge !== null ? `bridge ${a.via_bridge}` : '-',
         String(a.max_queues), a.vhost ? 'yes' : 'no', a.persistent ? 'yes' : 'no', String(a.max_devices),
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const { d, on } of denies) {
-      const only = on.length < routes.length ? ` (on ${on.map(({ via }) => routeName(via)).join(', ')} only)` : '';
+      const only = on.length < routes.length ? ` (on ${on.map(routeName).join(', ')} only)` : '';
       write(`except ${deniedPrincipals(d.who)}${only}: denied by \`${d.name}' (line ${d.line})`);
     }
   }

@@ -100,6 +100,25 @@ export function untrustedPolicyFile(path: string): { file: string; why: string }
 }
 
 /**
+ * How a policy tool takes a file the broker would refuse (a user other than root could change it): as root
+ * (the administrator, whose broker reads it; or `tapbrokerd -n`) it is the broker's own refusal, an error,
+ * for every tool (an outside review: who-can, test-policy and explain-policy described a fragment the broker
+ * had refused on reload, a deny it did not apply); for another user (a draft, a checkout in CI), a note.
+ */
+export function untrustedForTools(
+  path: string, asBroker = false,
+): { refuse: boolean; file: string; message: string } | null {
+  const unsafe = untrustedPolicyFile(path);
+  if (!unsafe) return null;
+  if (asBroker || process.geteuid?.() === 0) {
+    return { refuse: true, file: unsafe.file,
+      message: `${unsafe.file}:-: error: ${unsafe.why}: a user other than root could change the policy` };
+  }
+  return { refuse: false, file: unsafe.file, message: `${unsafe.file} ${unsafe.why}: tapbrokerd would refuse to run `
+    + 'on it where it is (install it owned by root, writable by root alone)' };
+}
+
+/**
  * The files a policy is made of: `path`, then every `*.toml` in the directory beside it named after it
  * (`policy.d` for `policy.toml`), in lexical (byte) order. Other names there (an editor's backup, a
  * package manager's `.dpkg-old`) are not read.
@@ -250,17 +269,53 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
   errors.push(...patternOverlaps(allow));
   if (allow.length === 0) warnings.push(`${path}:1: the policy allows nothing: every request will be denied`);
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
-  // Read once per group while this policy is in force (as a deny's own groups are, at load): a reload reads
-  // them again. A scan of the account database is not for every request.
+  return {
+    path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks,
+    membersOf: memberCache(),
+  };
+}
+
+/**
+ * Members of a group by the account database, read once per group while the policy and the database stay as
+ * they are (as a deny's own groups are, at load): a scan of the account database is not for every request.
+ */
+function memberCache(): (gid: number) => ReadonlySet<number> {
   const members = new Map<number, ReadonlySet<number>>();
-  const membersOf = (gid: number) => {
+  return (gid: number) => {
     let m = members.get(gid);
     if (!m) members.set(gid, (m = accountMembers(new Set([gid])).get(gid) ?? new Set<number>()));
     return m;
   };
-  return {
-    path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks, membersOf,
-  };
+}
+
+/** Where the account database's changes show: its files (a directory service's changes are not seen). */
+const ACCOUNT_FILES = ['/etc/group', '/etc/passwd'];
+
+/** The account files as they are now (inode, time, size), to tell later whether they changed. */
+export function accountsStamp(): string {
+  return ACCOUNT_FILES.map((f) => {
+    try {
+      const st = fs.statSync(f);
+      return `${st.ino}:${st.mtimeMs}:${st.size}`;
+    } catch {
+      return '-';
+    }
+  }).join('|');
+}
+
+/**
+ * `p` with the group members its deny rules hold to (and those of groups taps are given to) read again from the
+ * account database: a user added to a deny's group is denied from then on, not from the next reload (an outside
+ * review: the policy tools read the database as it is, the broker as it was at load).
+ */
+export function withAccountsNow(p: Policy): Policy {
+  const deny = p.deny.map((d) => {
+    if (d.who.gids.size === 0) return d;
+    const members = new Set<number>();
+    for (const set of accountMembers(d.who.gids).values()) for (const u of set) members.add(u);
+    return { ...d, who: { ...d.who, members } };
+  });
+  return { ...p, deny, membersOf: memberCache() };
 }
 
 /**
