@@ -58,25 +58,34 @@ test('a bridge relocked: one static entry per MAC and VLAN, the oldest locked le
   t.deepEqual(put, [{ port: older.ifindex, static: true }, { port: otherVlan.ifindex, static: true }]);
 });
 
-// Found by an outside re-test: a MAC taken by anyone kept everyone's locks off it, a way to keep another user's
-// VM from starting; a second re-test did the same through the group of a persistent tap (its owner picks it,
-// and every user of the broker shares the socket's group). Only the lease's uid is held up now.
-test('a MAC a tap took is kept from its taker\'s locks only: the lease\'s uid, not the group it was given to', (t) => {
+// Found by outside re-tests: a MAC taken by anyone kept everyone's locks off it (a way to keep another user's VM
+// from starting); then a group's count held up every member's locks (its owner picks the group, and every user
+// shares the socket's); then, keyed on the lease's uid alone, a member took a router's MAC through another user's
+// group tap and locked it to its own port. A group tap's takings hold up its members, for those MACs only.
+test('a MAC a tap took is kept from the locks of whoever may have taken it: the lease\'s uid, its group\'s members', (t) => {
   const { fwd } = setup([]);
   const mine = lease({ uid: 1000, group: 500, parent: 'br0' });
   fwd.noteTaken(mine, '52:54:00:aa:bb:cc');
-  t.true(fwd.takenLately('br0', '52:54:00:aa:bb:cc', 1000), 'the taker');
-  t.false(fwd.takenLately('br0', '52:54:00:aa:bb:cc', 1001), 'anyone else, a member of the group it was given to too');
-  t.false(fwd.takenLately('br1', '52:54:00:aa:bb:cc', 1000), 'another bridge');
-  t.false(fwd.takenLately('br0', '52:54:00:aa:bb:cd', 1000), 'another MAC');
+  const inGroup = (g: number) => g === 500;
+  const none = () => false;
+  t.true(fwd.takenLately('br0', '52:54:00:aa:bb:cc', 1000, none), 'the taker');
+  t.true(fwd.takenLately('br0', '52:54:00:aa:bb:cc', 1001, inGroup), 'a member of the group it was given to');
+  t.false(fwd.takenLately('br0', '52:54:00:aa:bb:cc', 1002, none), 'anyone else');
+  t.false(fwd.takenLately('br1', '52:54:00:aa:bb:cc', 1001, inGroup), 'another bridge');
+  t.false(fwd.takenLately('br0', '52:54:00:aa:bb:cd', 1001, inGroup), 'another MAC');
 });
 
-test('a taker of more MACs than are kept has every lock refused until they expire, not the oldest forgotten', (t) => {
+test('a taker of more MACs than are kept has every lock refused until they expire, and its taps given to a group wait', (t) => {
   const { fwd } = setup([]);
   const mine = lease({ uid: 1000, group: 500, parent: 'br0' });
   const mac = (i: number) => `52:54:00:00:${((i >> 8) & 0xff).toString(16).padStart(2, '0')}:${(i & 0xff).toString(16).padStart(2, '0')}`;
+  t.false(fwd.groupTapsWait(1000));
   for (let i = 0; i < 1100; i++) fwd.noteTaken(mine, mac(i));
-  t.true(fwd.takenLately('br0', mac(0), 1000), 'the first is still known');
-  t.true(fwd.takenLately('br0', '52:54:00:ff:ff:ff', 1000), 'and any other MAC waits');
-  t.false(fwd.takenLately('br0', mac(0), 1001), 'no other uid, whatever group it shares with the taker');
+  const inGroup = (g: number) => g === 500;
+  t.true(fwd.takenLately('br0', mac(0), 1000, () => false), 'the first is still known');
+  t.true(fwd.takenLately('br0', '52:54:00:ff:ff:ff', 1000, () => false), 'and any other MAC waits');
+  t.true(fwd.groupTapsWait(1000), 'no more taps given to a group: the group\'s takings stay bounded');
+  t.true(fwd.takenLately('br0', mac(1099), 1001, inGroup), 'a member: every MAC taken through the group is kept');
+  t.false(fwd.takenLately('br0', '52:54:00:ff:ff:ff', 1001, inGroup), 'but a member\'s other MACs are not held up');
+  t.false(fwd.takenLately('br0', mac(0), 1002, () => false), 'nor anyone else\'s');
 });

@@ -58,6 +58,11 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
     throw new TapbrokerError('TB_E_BUSY', 'the broker cannot close vhost-net descriptors now (its closer '
       + 'processes are stuck in the kernel): no vhost-net until one exits');
   }
+  // Each tap given to a group may take a MAC for all its members (see Forwarding): bounded by its owner's count.
+  if (spec.persistent && spec.group !== null && ctx.lifetimes.forwarding.groupTapsWait(caller.uid)) {
+    throw new TapbrokerError('TB_E_BUSY', 'your taps took other MACs more than 1,024 times in 5 minutes: no new '
+      + 'tap given to a group until those expire');
+  }
   const place = placement(ctx.kernel, policy, spec);
   const lock = portLock(policy, spec, rule);
   // A MAC the caller asked for is checked here; one the broker picks, once picked (makeDevice).
@@ -86,10 +91,13 @@ export function macElsewhere(
   // link event already sent is read first, however many a backlog holds.
   if (!lock) return;
   ctx.lifetimes.catchUp(true);
-  if (ctx.lifetimes.forwarding.takenLately(bridge, mac, caller.uid)) {
-    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} was taken by a tap of yours on bridge \`${bridge}' `
-      + 'lately, which erased where the bridge had it: it is locked to none of your ports there for 5 minutes',
-    { hint: 'choose another MAC' });
+  // A group's members by their process's groups or the account database (a process may drop a group it holds).
+  const member = (g: number) => caller.gid === g || caller.groups.includes(g)
+    || !!ctx.policy.membersOf?.(g).has(caller.uid);
+  if (ctx.lifetimes.forwarding.takenLately(bridge, mac, caller.uid, member)) {
+    throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} was taken on bridge \`${bridge}' lately by a tap of `
+      + 'yours or one given to a group of yours, which erased where the bridge had it: it is locked to none of '
+      + 'your ports there for 5 minutes', { hint: 'choose another MAC' });
   }
 }
 

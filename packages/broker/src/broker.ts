@@ -71,6 +71,8 @@ export interface BrokerOptions {
   linkEventQueue?: number;
   /** Where subordinate uids are listed (default /etc/subuid), read again whenever it changes. */
   subuidFile?: string;
+  /** The clock each uid's share of the broker's thread is counted on, in ms (default performance.now). */
+  clock?: () => number;
 }
 
 export class Broker implements SessionHost, OpContext {
@@ -96,7 +98,7 @@ export class Broker implements SessionHost, OpContext {
   readonly policyPath: string | null;
   readonly helloTimeoutMs: number;
   readonly idleTimeoutMs: number;
-  readonly fairness = new Fairness();
+  readonly fairness: Fairness;
   private readonly sessions = new Set<Session>();
   private readonly perUid = new Map<number, number>();
   private listener: SeqpacketListener | null = null;
@@ -112,6 +114,7 @@ export class Broker implements SessionHost, OpContext {
   constructor(opts: BrokerOptions) {
     this.policy = opts.policy;
     this.policyPath = opts.policyPath ?? null;
+    this.fairness = new Fairness(opts.clock);
     this.audit = new Audit(() => this.policy.sha256, opts.audit);
     this.helloTimeoutMs = opts.helloTimeoutMs ?? 5000;
     this.idleTimeoutMs = opts.idleTimeoutMs ?? 60_000;

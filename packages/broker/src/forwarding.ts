@@ -12,20 +12,24 @@ type Note = (
 ) => void;
 
 /**
- * How long a MAC a holder's tap took stays unlockable on that bridge for the taker: the bridge deleted that
- * MAC's entries elsewhere (whoever it belongs to: another guest, a router behind the uplink), and a lock the
- * taker asked for now would find no entry to refuse it by. The bridge's default ageing time: by then the MAC's
- * owner has sent again. Only the taker, the lease's uid, is refused: not the group a persistent tap was given
- * to (its owner picks it, and every user of the broker shares the socket's group: an outside review held up
- * every member's locks through it), and no one else (their locks are not held up by another user's doing).
+ * How long a MAC a holder's tap took stays unlockable on that bridge for whoever may have taken it: the bridge
+ * deleted that MAC's entries elsewhere (whoever it belongs to: another guest, a router behind the uplink), and a
+ * lock asked for now would find no entry to refuse it by. The bridge's default ageing time: by then the MAC's
+ * owner has sent again. Who may have taken it: the lease's uid, and for a persistent tap given to a group, every
+ * member of that group (any of them could attach to it: an outside re-test took a router's MAC through another
+ * user's group tap and locked it to its own port). Nobody else's locks are held up by it.
  */
 const TAKEN_MS = 300_000;
-/** MACs one uid may have taken lately; past it, that uid's every lock waits (nothing is forgotten early). */
+/**
+ * MACs one uid's taps may have taken lately; past it, that uid's every lock waits, and so do its new taps given
+ * to a group (nothing is forgotten early). A group is held up for the MACs taken through it only, never by a
+ * count (an owner picks the group; a count would let it hold up every member's locks: an earlier re-test).
+ */
 const MAX_TAKEN = 1024;
 
 export class Forwarding {
-  /** uid → `bridge/mac` → until when that uid's locks do not take it (see TAKEN_MS). */
-  private readonly taken = new Map<number, Map<string, number>>();
+  /** `u:UID` or `g:GID` → `bridge/mac` → until when the locks it holds up do not take it (see TAKEN_MS). */
+  private readonly taken = new Map<string, Map<string, number>>();
 
   constructor(
     private readonly kernel: Kernel,
@@ -35,27 +39,43 @@ export class Forwarding {
     private readonly creating: (id: string) => boolean,
   ) {}
 
-  /** `l`'s tap on its bridge showed `mac` as its own address: its uid's locks do not take it for a while. */
+  /** `l`'s tap on its bridge showed `mac` as its own address: the locks of whoever may have taken it wait. */
   noteTaken(l: LeaseRecord, mac: string): void {
-    const mine = this.live(l.uid) ?? new Map<string, number>();
-    if (mine.size < MAX_TAKEN) mine.set(`${l.parent}/${mac}`, Date.now() + TAKEN_MS);
-    this.taken.set(l.uid, mine);
+    for (const who of [`u:${l.uid}`, ...(l.group !== null ? [`g:${l.group}`] : [])]) {
+      const mine = this.live(who) ?? new Map<string, number>();
+      // A uid's past the cap stay held up as a whole; a group's are bounded by its owners' caps (groupTapsWait).
+      if (mine.size < MAX_TAKEN || who.startsWith('g:')) mine.set(`${l.parent}/${mac}`, Date.now() + TAKEN_MS);
+      this.taken.set(who, mine);
+    }
   }
 
-  /** Did `uid`'s taps take `mac` on `bridge` lately, or more MACs than are kept? */
-  takenLately(bridge: string, mac: string, uid: number): boolean {
-    const mine = this.live(uid);
-    return mine !== null && (mine.has(`${bridge}/${mac}`) || mine.size >= MAX_TAKEN);
+  /**
+   * May the caller have taken `mac` on `bridge` lately: a tap of its uid's, or a tap given to a group it is in
+   * (`member`: by its process's groups or the account database), or did its uid take more MACs than are kept?
+   */
+  takenLately(bridge: string, mac: string, uid: number, member: (gid: number) => boolean): boolean {
+    const key = `${bridge}/${mac}`;
+    const mine = this.live(`u:${uid}`);
+    if (mine !== null && (mine.has(key) || mine.size >= MAX_TAKEN)) return true;
+    for (const who of [...this.taken.keys()].filter((k) => k.startsWith('g:'))) {
+      if (member(Number(who.slice(2))) && this.live(who)?.has(key)) return true;
+    }
+    return false;
   }
 
-  /** A uid's entries still in force (the expired ones dropped), or null. */
-  private live(uid: number): Map<string, number> | null {
-    const mine = this.taken.get(uid);
+  /** Whether `uid`'s new taps given to a group wait: its taps took more MACs lately than are kept. */
+  groupTapsWait(uid: number): boolean {
+    return (this.live(`u:${uid}`)?.size ?? 0) >= MAX_TAKEN;
+  }
+
+  /** Entries still in force (the expired ones dropped), or null. */
+  private live(who: string): Map<string, number> | null {
+    const mine = this.taken.get(who);
     if (!mine) return null;
     const now = Date.now();
     for (const [k, until] of mine) if (until <= now) mine.delete(k);
     if (mine.size > 0) return mine;
-    this.taken.delete(uid);
+    this.taken.delete(who);
     return null;
   }
 
