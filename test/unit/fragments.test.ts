@@ -193,6 +193,44 @@ test('every policy tool, as root, refuses a fragment the broker would refuse; as
   }
 });
 
+// Found by an outside review of the package: check-policy ran outside the unit's sandbox and passed a hook under
+// /root (and a fragment linked there); the upgrade guard then restarted the broker into a policy it could not
+// load under the unit (ProtectHome=yes, PrivateTmp=yes), and it stayed down.
+test('check-policy notes what the shipped unit hides from the broker; with --unit (the upgrade guard) it refuses it', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), {});
+  const hook = path.join(dir, 'plug');
+  fs.writeFileSync(hook, '#!/bin/sh\n', { mode: 0o755 });
+  fs.appendFileSync(file, `\n[network.lab]\nhook = "${hook}"\n`);
+  try {
+    const plain = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
+    t.is(plain.status, 0, plain.stderr);
+    t.regex(plain.stdout, new RegExp(`note: hook ${hook} is under /tmp, which the shipped unit hides from the broker `
+      + '\\(PrivateTmp=yes\\)'));
+    const unit = spawnSync(process.execPath, [MAIN, 'check-policy', '--unit', file], { encoding: 'utf8' });
+    t.is(unit.status, 78, unit.stdout);
+    t.regex(unit.stderr, /error: hook .* is under \/tmp, which the shipped unit hides from the broker/);
+    t.regex(unit.stderr, /error: policy file .* is under \/tmp/);
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+  // The list follows the unit.
+  const service = fs.readFileSync(path.join(ROOT, 'systemd/tapbrokerd.service'), 'utf8');
+  t.regex(service, /^ProtectHome=yes$/m);
+  t.regex(service, /^PrivateTmp=yes$/m);
+});
+
+test('a fragment the broker cannot reach is refused as such, not as one a user could change', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), { 'a.toml': rule('a', '"br1"') });
+  try {
+    fs.symlinkSync(path.join(dir, 'nowhere.toml'), path.join(dir, 'policy.d', 'b.toml'));
+    // (Under the unit, a link into /root gives EACCES the same way: root there cannot walk what is hidden.)
+    t.regex(t_error(() => loadTrustedPolicy(file)),
+      /b\.toml: cannot be resolved \(ENOENT\): the broker cannot read the policy there$/);
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
 test('a fragment that cannot be read is named by check-policy, though its error has no line', (t) => {
   const { dir, file } = setUp(rule('main', '"br0"'), {});
   try {

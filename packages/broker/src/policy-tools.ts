@@ -233,11 +233,47 @@ function principals(s: Selector): string {
   return [...[...s.uids].map((u) => `user ${name(u)}`), ...[...s.gids].map((g) => `group ${g}`)].join(', ') || 'nobody';
 }
 
+/**
+ * What the shipped unit (systemd/tapbrokerd.service) hides from the broker: ProtectHome=yes (/root, /home,
+ * /run/user) and PrivateTmp=yes (/tmp, /var/tmp: the broker sees empty ones of its own).
+ */
+export const UNIT_HIDES: ReadonlyArray<[string, string]> = [
+  ['/root', 'ProtectHome=yes'], ['/home', 'ProtectHome=yes'], ['/run/user', 'ProtectHome=yes'],
+  ['/tmp', 'PrivateTmp=yes'], ['/var/tmp', 'PrivateTmp=yes'],
+];
+
+/**
+ * The policy's files and hook programs the shipped unit would hide from the broker, as given or where their
+ * symlinks lead: check-policy and `-n` run outside that sandbox, and found such a policy good (an outside review:
+ * an upgrade then restarted the broker into a policy it could not load, and it stayed down).
+ */
+export function hiddenFromUnit(p: Policy): Finding[] {
+  const paths = [...p.files.map((f) => ({ f, what: 'policy file' })),
+    ...[...p.networks.values()].filter((n) => n.kind === 'hook').map((n) => ({ f: n.target, what: 'hook' }))];
+  const out: Finding[] = [];
+  for (const { f, what } of paths) {
+    let real = f;
+    try {
+      real = fs.realpathSync(f);
+    } catch {
+      // Not there (a hook): as given.
+    }
+    const hit = UNIT_HIDES.find(([dir]) => [f, real].some((x) => x === dir || x.startsWith(`${dir}/`)));
+    if (hit) {
+      out.push({ level: 'note', file: f, line: null, message: `${what} ${f}${real !== f ? ` (${real})` : ''} is `
+        + `under ${hit[0]}, which the shipped unit hides from the broker (${hit[1]}): under it the policy does `
+        + 'not load' });
+    }
+  }
+  return out;
+}
+
 /** Each tool's usage, and what it does: `tapbrokerd TOOL --help`, and the line a usage error repeats. */
 export const TOOL_USAGE: Record<string, [string, string]> = {
-  'check-policy': ['tapbrokerd check-policy [file] [--json] [--strict]',
+  'check-policy': ['tapbrokerd check-policy [file] [--json] [--strict] [--unit]',
     'Validates a policy: errors (status 78), then warnings about risky rules and a summary. --strict: any warning '
-      + 'makes the status 1.'],
+      + 'makes the status 1. --unit: as the shipped unit runs the broker, where files under /root, /home, '
+      + '/run/user, /tmp and /var/tmp are hidden from it (an error, not a note).'],
   'explain-policy': ['tapbrokerd explain-policy [file] --user name [--json]',
     'What one user may do under a policy, rule by rule, with the deny rules that apply to them.'],
   'who-can': ['tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]',
@@ -255,7 +291,8 @@ see tapbrokerd ${tool} --help
 
 function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
   const o = {
-    file: defaultPolicy, json: false, strict: false, user: null as string | null, bridge: null as string | null,
+    file: defaultPolicy, json: false, strict: false, unit: false, user: null as string | null,
+    bridge: null as string | null,
     macvtap: null as string | null, network: null as string | null, mode: null as MacvtapMode | null,
   };
   let fileGiven = false;
@@ -269,11 +306,12 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
       if (v === undefined) throw new TapbrokerError('TB_E_USAGE', `${a} needs a value`);
       return v;
     };
-    if ((a === '--json' || a === '--strict') && inline !== undefined) {
+    if ((a === '--json' || a === '--strict' || a === '--unit') && inline !== undefined) {
       throw new TapbrokerError('TB_E_USAGE', `${a} takes no value`);
     }
     if (a === '--json') o.json = true;
     else if (a === '--strict' && argv[0] === 'check-policy') o.strict = true;
+    else if (a === '--unit' && argv[0] === 'check-policy') o.unit = true;
     else if (a === '--user') o.user = value();
     else if (a === '--bridge') o.bridge = value();
     else if (a === '--macvtap') o.macvtap = value();
@@ -345,6 +383,13 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
+    const hidden = hiddenFromUnit(policy);
+    // --unit (the package's upgrade guard): what the unit hides keeps the broker from starting there.
+    if (o.unit && hidden.length > 0) {
+      for (const h of hidden) process.stderr.write(`${formatFinding(o.file, { ...h, level: 'error' })}\n`);
+      return EX.CONFIG;
+    }
+    findings.push(...hidden);
     // Names beside the fragments that are not read (policyFiles): said, so a `30-lab.TOML` is not a surprise.
     const dir = fragmentDir(o.file);
     for (const n of fs.existsSync(dir) ? fs.readdirSync(dir).sort() : []) {

@@ -82,9 +82,10 @@ export const POLICY_CHECKS = {
 export function loadTrustedPolicy(path: string): Policy {
   const bad = untrustedPolicyFile(path);
   if (bad) {
-    throw new TapbrokerError(
-      'TB_E_POLICY_INVALID', `${bad.file}: ${bad.why}: a user other than root could change the policy`,
-    );
+    // A path that cannot be walked (EACCES where a sandbox hides it, ENOENT) is not read: said as what it is.
+    const cause = bad.why.startsWith('cannot be resolved') ? 'the broker cannot read the policy there'
+      : 'a user other than root could change the policy';
+    throw new TapbrokerError('TB_E_POLICY_INVALID', `${bad.file}: ${bad.why}: ${cause}`);
   }
   return loadPolicy(path);
 }
@@ -111,8 +112,9 @@ export function untrustedForTools(
   const unsafe = untrustedPolicyFile(path);
   if (!unsafe) return null;
   if (asBroker || process.geteuid?.() === 0) {
-    return { refuse: true, file: unsafe.file,
-      message: `${unsafe.file}:-: error: ${unsafe.why}: a user other than root could change the policy` };
+    const cause = unsafe.why.startsWith('cannot be resolved') ? 'the broker cannot read the policy there'
+      : 'a user other than root could change the policy';
+    return { refuse: true, file: unsafe.file, message: `${unsafe.file}:-: error: ${unsafe.why}: ${cause}` };
   }
   return { refuse: false, file: unsafe.file, message: `${unsafe.file} ${unsafe.why}: tapbrokerd would refuse to run `
     + 'on it where it is (install it owned by root, writable by root alone)' };
