@@ -58,3 +58,23 @@ test('a meter charges each section of a request after its first await, and only 
   at(180 + WINDOW_MS);
   await wait;
 });
+
+test('a multi-NIC request holds its uid\'s turn to create: the uid\'s other creates wait, other uids do not', async (t) => {
+  const { f } = clocked();
+  const end = f.alone(1000, true);
+  t.is(typeof end, 'function', 'nothing in flight: its turn now');
+  const single = f.alone(1000, false);
+  const batch = f.alone(1000, true);
+  t.true(single instanceof Promise && batch instanceof Promise, 'the uid\'s others wait');
+  t.is(typeof f.alone(1001, true), 'function', 'another uid does not');
+  const order: string[] = [];
+  void (single as Promise<() => void>).then(() => order.push('single'));
+  void (batch as Promise<() => void>).then((next) => {
+    order.push('batch');
+    next();
+  });
+  (end as () => void)();
+  await new Promise((r) => setImmediate(r));
+  t.deepEqual(order.sort(), ['batch', 'single'], 'both go on once it ends');
+  t.is(typeof f.alone(1000, true), 'function', 'and the turn is free again');
+});

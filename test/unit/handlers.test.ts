@@ -781,3 +781,24 @@ test('a reload ends the window of refusals: their summary names the policy they 
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// Found by an outside re-test: between the NICs of a multi-NIC create the broker serves others, the caller's other
+// connections too, which then took a name (or the quota) that request's pre-check had seen free: 31 NICs made and
+// rolled back per loser, in a loop. A uid's multi-NIC request now runs alone among that uid's creates.
+test('a uid\'s other creates wait for its multi-NIC request: they cannot take what its pre-check saw free', (t) =>
+  onFakeKernel(async ({ broker, records, held }) => {
+    const name = 'tb2000-race';
+    const nics = [{ kind: 'tap', bridge: 'br1' }, { kind: 'tap', bridge: 'br1' }, { kind: 'tap', bridge: 'br1', name }];
+    const batch = ask(broker, caller(2000), { op: 'create', nics });
+    const single = ask(broker, caller(2000), { op: 'create-tap', bridge: 'br1', name });
+    const [b, s] = await Promise.allSettled([batch, single]);
+    if (b.status === 'fulfilled') held.push(...b.value.fds);
+    if (s.status === 'fulfilled') held.push(...s.value.fds);
+    t.is(b.status, 'fulfilled', 'the multi-NIC request got every NIC');
+    t.is(s.status === 'rejected' ? (s.reason as TapbrokerError).code : null, 'TB_E_DEVICE_EXISTS', 'the other came after');
+    await settled(broker);
+    t.false(records.some((r) => /rolled back/.test(r.message ?? '')), 'nothing made and rolled back');
+    // Another uid is not held up by it.
+    const other = ask(broker, caller(1000), { op: 'create-tap', bridge: 'br0' });
+    held.push(...(await other).fds);
+  }));

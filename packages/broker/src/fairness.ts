@@ -11,6 +11,8 @@ export const SHARE_MS = 250;
 export class Fairness {
   /** uid → the window it is in, what it took of it, and the wait its sessions share once it took its share. */
   private readonly uids = new Map<number, { start: number; used: number; wait: Promise<void> | null }>();
+  /** uid → its multi-NIC request in flight (see alone). */
+  private readonly batches = new Map<number, Promise<void>>();
 
   constructor(private readonly now: () => number = () => performance.now()) {}
 
@@ -21,6 +23,22 @@ export class Fairness {
     if (u.used < SHARE_MS) return null;
     u.wait ??= this.turned(u.start);
     return u.wait;
+  }
+
+  /**
+   * `uid`'s turn to create: now (a function that ends it), or once no multi-NIC request of `uid` is in flight.
+   * A multi-NIC request (`batch`) holds the turn until it ends it: the uid's other creates wait meanwhile.
+   */
+  alone(uid: number, batch: boolean): (() => void) | Promise<() => void> {
+    const running = this.batches.get(uid);
+    if (running) return running.then(() => this.alone(uid, batch));
+    if (!batch) return () => {};
+    let end!: () => void;
+    this.batches.set(uid, new Promise<void>((r) => (end = r)));
+    return () => {
+      this.batches.delete(uid);
+      end();
+    };
   }
 
   /** A pause inside one of `uid`'s requests: the other sessions' turn, then `uid`'s own (see turn). */

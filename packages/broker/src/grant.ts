@@ -6,6 +6,7 @@ import {
 } from '@tapbroker/protocol/core';
 import { admit, firstRefused, macElsewhere, type Admitted } from './admission.js';
 import type { Audit } from './audit.js';
+import type { Meter } from './fairness.js';
 import { decide, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import { kernelBound, leaseTag, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
@@ -76,6 +77,30 @@ async function grantAll(
   op: string,
   nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
 ): Promise<Granted[]> {
+  // Every section after the first await is charged to the caller's share too (the session charges only up to
+  // it: an outside review ran 32-NIC creates, NICs 1-31 uncharged, and stalled everyone's grants for seconds).
+  const meter = ctx.fairness.meter(caller.uid);
+  // A uid's multi-NIC request runs alone among that uid's creates: what its pre-check saw (names, quota,
+  // teardowns) is not the caller's to change from another connection between its NICs (an outside re-test raced
+  // 8 such requests for one name: 31 NICs made and rolled back by each loser).
+  const turn = ctx.fairness.alone(caller.uid, nics.length > 1);
+  const done = typeof turn === 'function' ? turn : await meter.wait(turn);
+  try {
+    return await grantEach(ctx, caller, op, nics, meter);
+  } finally {
+    done();
+    meter.end();
+  }
+}
+
+/** grantAll's steps, in the caller's turn. */
+async function grantEach(
+  ctx: OpContext,
+  caller: Identity,
+  op: string,
+  nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
+  meter: Meter,
+): Promise<Granted[]> {
   // The policy the decisions are made under is the one their records name, even if a reload lands meanwhile.
   const policy = ctx.policy;
   const audit = (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) =>
@@ -93,74 +118,67 @@ async function grantAll(
       ...(r.rule ? { rule: r.rule } : {}), ...(r.hint ? { hint: r.hint } : {}), nic: refused.i,
     });
   }
-  // Every section after the first await is charged to the caller's share too (the session charges only up to
-  // it: an outside review ran 32-NIC creates, NICs 1-31 uncharged, and stalled everyone's grants for seconds).
-  const meter = ctx.fairness.meter(caller.uid);
-  try {
-    const first = refused?.i ?? 0;
-    for (const i of [first, ...[...nics.keys()].filter((k) => k !== first)]) {
-      const nic = nics[i]!;
-      try {
-        // Between NICs the broker serves others (and a caller past its share waits for its turn): under the
-        // kernel's contention (another user's multiqueue taps dying) one NIC can take 150 ms, and a re-test
-        // held everyone's grants, root's too, behind 32 NICs made in one go for up to 3 s.
-        if (made.length > 0) await meter.wait(ctx.fairness.between(caller.uid));
-        const g = await meter.wait(grantOne(ctx, policy, caller, nic, audit));
-        made.push(g);
-        byIndex[i] = g;
-      } catch (err) {
-        const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
-        for (const g of made) ctx.lifetimes.abort(g.lease, g.fds, why);
-        if (nics.length > 1 && err instanceof TapbrokerError) {
-          throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
-            ...(err.rule !== undefined ? { rule: err.rule } : {}),
-            ...(err.hint !== undefined ? { hint: err.hint } : {}),
-            nic: i,
-          });
-        }
-        throw err;
-      }
-    }
-    const granted = byIndex;
-    await meter.wait(Promise.all(granted.map((g) => g.closing)));
-    // The devices' own creation events (before their owner and MAC were set) are read while they are still
-    // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
-    // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
-    // the request may stay half made, and the network's `down` comes after its `up`.
+  const first = refused?.i ?? 0;
+  for (const i of [first, ...[...nics.keys()].filter((k) => k !== first)]) {
+    const nic = nics[i]!;
     try {
-      ctx.lifetimes.catchUp();
-      const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
-      if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
-      try {
-        ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
-      } catch (err) {
-        throw unwritable(err);
-      }
+      // Between NICs the broker serves others (and a caller past its share waits for its turn): under the
+      // kernel's contention (another user's multiqueue taps dying) one NIC can take 150 ms, and a re-test
+      // held everyone's grants, root's too, behind 32 NICs made in one go for up to 3 s.
+      if (made.length > 0) await meter.wait(ctx.fairness.between(caller.uid));
+      const g = await meter.wait(grantOne(ctx, policy, caller, nic, audit));
+      made.push(g);
+      byIndex[i] = g;
     } catch (err) {
-      const e = err instanceof TapbrokerError ? err
-        : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
-      for (const g of granted) {
-        ctx.lifetimes.abort(g.lease, g.fds, e.message);
-        audit({
-          decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
-          code: e.code, message: e.message,
+      const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
+      for (const g of made) ctx.lifetimes.abort(g.lease, g.fds, why);
+      if (nics.length > 1 && err instanceof TapbrokerError) {
+        throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
+          ...(err.rule !== undefined ? { rule: err.rule } : {}),
+          ...(err.hint !== undefined ? { hint: err.hint } : {}),
+          nic: i,
         });
       }
-      throw e;
+      throw err;
     }
+  }
+  const granted = byIndex;
+  await meter.wait(Promise.all(granted.map((g) => g.closing)));
+  // The devices' own creation events (before their owner and MAC were set) are read while they are still
+  // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
+  // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
+  // the request may stay half made, and the network's `down` comes after its `up`.
+  try {
+    ctx.lifetimes.catchUp();
+    const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
+    if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
+    try {
+      ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
+    } catch (err) {
+      throw unwritable(err);
+    }
+  } catch (err) {
+    const e = err instanceof TapbrokerError ? err
+      : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
     for (const g of granted) {
-      ctx.lifetimes.commit(g.lease.id);
+      ctx.lifetimes.abort(g.lease, g.fds, e.message);
       audit({
-        decision: 'grant',
-        rule: g.lease.rule,
-        request: specView(g.spec),
-        device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
+        decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
+        code: e.code, message: e.message,
       });
     }
-    return granted;
-  } finally {
-    meter.end();
+    throw e;
   }
+  for (const g of granted) {
+    ctx.lifetimes.commit(g.lease.id);
+    audit({
+      decision: 'grant',
+      rule: g.lease.rule,
+      request: specView(g.spec),
+      device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
+    });
+  }
+  return granted;
 }
 
 /** One device: spec → grammar → decision → kernel step → lease → plugging. Refusals are audited here. */
