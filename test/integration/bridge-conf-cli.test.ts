@@ -59,3 +59,19 @@ test('a file that is not there is status 66; --help is status 0; two files are a
   t.is(tapbrokerd('import-bridge-conf', 'a', 'b').code, 64);
   t.regex(tapbrokerd('--help').stdout, /tapbrokerd import-bridge-conf \[file\]/);
 });
+
+// Found by an outside review: run by a user who could not read an include, the import skipped it with a warning
+// and exited 0, so that file's deny lines were lost and the policy granted what they refuse.
+test('an include it cannot read is an error, not a skipped file: its deny lines would be lost', (t) => {
+  const conf = path.join(dir, 'guests.conf');
+  const denies = path.join(dir, 'deny-guests.conf');
+  fs.writeFileSync(conf, `allow all\ninclude ${denies}\n`, { mode: 0o644 });
+  fs.writeFileSync(denies, 'deny br0\n');
+  fs.chownSync(denies, 0, 64101);
+  fs.chmodSync(denies, 0o640);
+  const r = spawnSync(process.execPath, [BROKER_MAIN, 'import-bridge-conf', conf],
+    { encoding: 'utf8', timeout: 20_000, uid: 64001, gid: 64001 });
+  t.is(r.status, 65, r.stdout);
+  t.is(r.stdout, '', 'no policy');
+  t.regex(r.stderr, new RegExp(`^${conf}:2: error: include .*deny-guests\\.conf: .*its deny lines may not be left out`, 'm'));
+});

@@ -30,11 +30,11 @@ networks = ["lan"]
 });
 
 /** Runs the helper as uid 65534 with `fd` (if any) as its fd 3; the environment qemu would give it. */
-function helper(args: string[], opts: { fd?: number; socket?: string } = {}) {
+function helper(args: string[], opts: { fd?: number; socket?: string; env?: NodeJS.ProcessEnv } = {}) {
   const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe'];
   if (opts.fd !== undefined) stdio.push(opts.fd);
   const child = spawn('setpriv', [...setprivArgs(), process.execPath, HELPER, ...args], {
-    stdio, env: { PATH: process.env['PATH'], TAPBROKER_SOCKET: opts.socket ?? fx.broker.socket },
+    stdio, env: { PATH: process.env['PATH'], TAPBROKER_SOCKET: opts.socket ?? fx.broker.socket, ...opts.env },
   });
   let out = '';
   let err = '';
@@ -207,4 +207,27 @@ test.serial('no broker: the connect error says what to do', async (t) => {
     sys.close(mine);
     sys.close(theirs);
   }
+});
+
+// Found by an outside review: the helper waited for the broker's reply for ever, and qemu waits for the helper with
+// its main lock held: a stopped broker hung qemu's start, and a hotplug froze its monitor.
+test.serial('a broker that does not answer: the helper gives up after its timeout, exits 1, and qemu goes on', async (t) => {
+  const [mine, theirs] = sys.socketpair(1);
+  const pid = fx.broker.proc.pid!;
+  process.kill(pid, 'SIGSTOP');
+  try {
+    const started = Date.now();
+    const r = await helper(['--br=br0', '--fd=3'], { fd: theirs, env: { TAPBROKER_HELPER_TIMEOUT: '1' } });
+    t.is(r.code, 1);
+    t.regex(r.err, /^tapbroker-bridge-helper: TB_E_TIMEOUT: the broker did not answer within 1 s$/m);
+    t.regex(r.err, /TAPBROKER_HELPER_TIMEOUT/);
+    t.true(Date.now() - started < 10_000, 'it did not wait for the broker');
+    t.deepEqual(receivedFd(mine).fds, [], 'no fd was sent');
+  } finally {
+    process.kill(pid, 'SIGCONT');
+    sys.close(mine);
+    sys.close(theirs);
+  }
+  // The request it left in the socket is served once the broker goes on; its tap ends with its fds.
+  await fx.broker.waitFor(() => fx.ns.extraLinks(HOST_LINKS).length === 0, 5000, 'a tap was left');
 });

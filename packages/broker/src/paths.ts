@@ -39,6 +39,17 @@ export function notRootsAlone(file: string, trusted: (uid: number) => boolean = 
 
 type Step = { dir: string; st: fs.Stats; entry: fs.Stats };
 
+/** Every directory the kernel passes through to reach `file`, symlinks followed one at a time; none if it cannot. */
+export function dirsOnTheWay(file: string): string[] {
+  const steps: Step[] = [];
+  try {
+    walk(path.isAbsolute(file) ? file : `${process.cwd()}/${file}`, steps);
+  } catch {
+    return [];
+  }
+  return steps.map((s) => s.dir);
+}
+
 /** Resolves `abs` component by component, as the kernel does, noting every directory passed through. */
 function walk(abs: string, steps: Step[]): { file: string; st: fs.Stats } {
   const todo = abs.split('/').filter((c) => c !== '' && c !== '.');

@@ -106,17 +106,27 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
     return 0;
   }
   let client: TapbrokerClient | null = null;
+  // qemu waits for the helper with its main lock held (its start, a hotplug: the monitor freezes): a broker that
+  // does not answer must not hang it (an outside review stopped the broker; qemu hung until killed).
+  let timer: NodeJS.Timeout | undefined;
+  const seconds = helperTimeout();
+  const expired = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new TapbrokerError('TB_E_TIMEOUT', `the broker did not answer within ${seconds} s`,
+      { hint: 'is tapbrokerd stuck? see systemctl status tapbrokerd (TAPBROKER_HELPER_TIMEOUT sets the seconds)' })),
+    seconds * 1000);
+  });
+  expired.catch(() => {});
   try {
     const args = parseHelperArgs(argv);
     checkSocket(args.fd);
-    client = await TapbrokerClient.connect();
+    client = await Promise.race([TapbrokerClient.connect(), expired]);
     // qemu and libvirt set the guest's MAC on their own -device and never tell the helper: the broker is
     // told it does not know it.
-    const tap = await client.createTap({
+    const tap = await Promise.race([client.createTap({
       ...(args.network !== null ? { network: args.network } : { bridge: args.bridge! }),
       vnetHdr: args.vnetHdr,
       macUnknown: true,
-    });
+    }), expired]);
     try {
       sendFd(args.fd, tap.tapFds[0]!);
     } finally {
@@ -135,8 +145,15 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
     process.stderr.write(`${lines.join('\n')}\n`);
     return 1;
   } finally {
+    clearTimeout(timer);
     client?.close();
   }
+}
+
+/** Seconds the helper waits for the broker in all: $TAPBROKER_HELPER_TIMEOUT (1 to 3600), else 30. */
+function helperTimeout(): number {
+  const v = Number(process.env['TAPBROKER_HELPER_TIMEOUT']);
+  return Number.isInteger(v) && v >= 1 && v <= 3600 ? v : 30;
 }
 
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
