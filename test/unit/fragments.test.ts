@@ -197,21 +197,37 @@ test('every policy tool, as root, refuses a fragment the broker would refuse; as
 // /root (and a fragment linked there); the upgrade guard then restarted the broker into a policy it could not
 // load under the unit (ProtectHome=yes, PrivateTmp=yes), and it stayed down.
 test('check-policy notes what the shipped unit hides from the broker; with --unit (the upgrade guard) it refuses it', (t) => {
-  const { dir, file } = setUp(rule('main', '"br0"'), {});
-  const hook = path.join(dir, 'plug');
+  // A policy where the unit could read it (/run), with a hook under /tmp, which the unit hides.
+  const dir = fs.mkdtempSync('/run/tb-unit-');
+  fs.chmodSync(dir, 0o755);
+  const file = path.join(dir, 'policy.toml');
+  const hooks = tempDir('unit-hook');
+  const hook = path.join(hooks, 'plug');
   fs.writeFileSync(hook, '#!/bin/sh\n', { mode: 0o755 });
-  fs.appendFileSync(file, `\n[network.lab]\nhook = "${hook}"\n`);
+  fs.writeFileSync(file, `${rule('main', '"br0"')}\n[network.lab]\nhook = "${hook}"\n`, { mode: 0o644 });
   try {
     const plain = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
     t.is(plain.status, 0, plain.stderr);
     t.regex(plain.stdout, new RegExp(`note: hook ${hook} is under /tmp, which the shipped unit hides from the broker `
       + '\\(PrivateTmp=yes\\)'));
+    t.notRegex(plain.stdout, /policy file .* is under/, 'the policy file itself is where the unit can read it');
     const unit = spawnSync(process.execPath, [MAIN, 'check-policy', '--unit', file], { encoding: 'utf8' });
     t.is(unit.status, 78, unit.stdout);
     t.regex(unit.stderr, /error: hook .* is under \/tmp, which the shipped unit hides from the broker/);
-    t.regex(unit.stderr, /error: policy file .* is under \/tmp/);
   } finally {
     fs.rmSync(dir, { recursive: true });
+    fs.rmSync(hooks, { recursive: true });
+  }
+  // A draft under /tmp (a checkout, a test): nothing is said without --unit; with it, its own path too.
+  const draft = setUp(rule('main', '"br0"'), {});
+  try {
+    const plain = spawnSync(process.execPath, [MAIN, 'check-policy', draft.file], { encoding: 'utf8' });
+    t.notRegex(plain.stdout, /shipped unit/);
+    const unit = spawnSync(process.execPath, [MAIN, 'check-policy', '--unit', draft.file], { encoding: 'utf8' });
+    t.is(unit.status, 78);
+    t.regex(unit.stderr, /error: policy file .* is under \/tmp/);
+  } finally {
+    fs.rmSync(draft.dir, { recursive: true });
   }
   // The list follows the unit.
   const service = fs.readFileSync(path.join(ROOT, 'systemd/tapbrokerd.service'), 'utf8');

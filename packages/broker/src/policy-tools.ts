@@ -243,22 +243,29 @@ export const UNIT_HIDES: ReadonlyArray<[string, string]> = [
 ];
 
 /**
- * The policy's files and hook programs the shipped unit would hide from the broker, as given or where their
- * symlinks lead: check-policy and `-n` run outside that sandbox, and found such a policy good (an outside review:
- * an upgrade then restarted the broker into a policy it could not load, and it stayed down).
+ * The policy's files and hook programs the shipped unit would hide from the broker: check-policy and `-n` run
+ * outside that sandbox, and found such a policy good (an outside review: an upgrade then restarted the broker into
+ * a policy it could not load, and it stayed down). `all` (--unit): every path, as given or where its symlinks
+ * lead. Otherwise a draft (a policy file under such a directory: a checkout, a test) is not judged, and of the
+ * policy's files only where symlinks lead counts (the unit reads /etc/tapbroker's).
  */
-export function hiddenFromUnit(p: Policy): Finding[] {
-  const paths = [...p.files.map((f) => ({ f, what: 'policy file' })),
-    ...[...p.networks.values()].filter((n) => n.kind === 'hook').map((n) => ({ f: n.target, what: 'hook' }))];
-  const out: Finding[] = [];
-  for (const { f, what } of paths) {
-    let real = f;
+export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
+  const under = (x: string) => UNIT_HIDES.find(([dir]) => x === dir || x.startsWith(`${dir}/`));
+  const realOf = (f: string) => {
     try {
-      real = fs.realpathSync(f);
+      return fs.realpathSync(f);
     } catch {
-      // Not there (a hook): as given.
+      return f; // Not there (a hook): as given.
     }
-    const hit = UNIT_HIDES.find(([dir]) => [f, real].some((x) => x === dir || x.startsWith(`${dir}/`)));
+  };
+  if (!all && under(p.files[0] ?? '') !== undefined) return [];
+  const paths = [...p.files.map((f) => ({ f, what: 'policy file', given: all })),
+    ...[...p.networks.values()].filter((n) => n.kind === 'hook')
+      .map((n) => ({ f: n.target, what: 'hook', given: true }))];
+  const out: Finding[] = [];
+  for (const { f, what, given } of paths) {
+    const real = realOf(f);
+    const hit = (given ? under(f) : undefined) ?? under(real);
     if (hit) {
       out.push({ level: 'note', file: f, line: null, message: `${what} ${f}${real !== f ? ` (${real})` : ''} is `
         + `under ${hit[0]}, which the shipped unit hides from the broker (${hit[1]}): under it the policy does `
@@ -383,7 +390,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
-    const hidden = hiddenFromUnit(policy);
+    const hidden = hiddenFromUnit(policy, o.unit);
     // --unit (the package's upgrade guard): what the unit hides keeps the broker from starting there.
     if (o.unit && hidden.length > 0) {
       for (const h of hidden) process.stderr.write(`${formatFinding(o.file, { ...h, level: 'error' })}\n`);
