@@ -450,6 +450,26 @@ test.serial('a network\'s mac_lock locks too, for a rule without one', async (t)
   }
 });
 
+// Found by an outside review: a lease rebuilt from its tag (the table lost) came back unlocked: listed so, and never
+// locked again by the broker (after lost link events, a deletion on its bridge, a restart).
+test.serial('a locked lease rebuilt from its tag after the table was lost is still locked', async (t) => {
+  const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  t.is(made.error, null, made.error?.message);
+  const name = made.taps[0]!.device.name;
+  t.true(made.taps[0]!.device.locked);
+  await broker.stop('SIGKILL', true);
+  fs.writeFileSync(broker.stateFile, '{"version":1,"leas');
+  // Meanwhile an administrator took the lock off: the start that rebuilds the lease puts it back.
+  ns.ip('link', 'set', name, 'type', 'bridge_slave', 'locked', 'off');
+  broker = await BrokerProcess.start(ns, POLICY, { tag: 'lock', dir: broker.dir });
+  t.regex(broker.stderr, /leases\.json is not JSON/);
+  const listed = (await probeOnce({ socket: broker.socket, list: true })).leases!;
+  t.like(listed.find((l) => l.name === name), { locked: true });
+  await broker.waitFor(() => /locked on/.test(bridgeCmd('-d', 'link', 'show', 'dev', name)), 3000, 'not locked again');
+  t.is((await probeOnce({ socket: broker.socket, release: [name] })).error, null);
+  await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+});
+
 test.serial('a broker restart puts back a lock an administrator took off meanwhile', async (t) => {
   const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
   const d = r.taps[0]!.device;

@@ -214,6 +214,34 @@ test.serial('a lease on a hook network that ended while the broker was down gets
   }
 });
 
+// Found by an outside review: a lost lease table is rebuilt from the devices' tags, and a tag named the network but
+// not how the device was plugged: every rebuilt hook lease lost its `down` (a VM's tap, a persistent one).
+test.serial('a lease rebuilt from its tag after the table was lost still gets its network\'s down', async (t) => {
+  const bdir = tempDir('nets-lost');
+  let b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsl', dir: bdir });
+  try {
+    const vm = await probe({ socket: b.socket, requests: [{ network: 'slowdown' }] });
+    t.is(vm.result.error, null, vm.result.error?.message);
+    const made = await probeOnce({ socket: b.socket, requests: [{ network: 'slowdown', persistent: true }] });
+    t.is(made.error, null, made.error?.message);
+    const [tap, pet] = [vm.result.taps[0]!.device.name, made.taps[0]!.device.name];
+    await b.stop('SIGKILL', true);
+    fs.writeFileSync(b.stateFile, '{"version":1,"leas');
+    b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsl', dir: bdir });
+    t.regex(b.stderr, /leases\.json is not JSON/);
+    await b.record((r) => r.op === 'reconcile' && (r.device as { name?: string }).name === pet
+      && /network `slowdown' unplugs it as the policy plugs it now/.test(r.message ?? ''));
+    await vm.release();
+    t.is((await probeOnce({ socket: b.socket, release: [pet] })).error, null);
+    for (const name of [tap, pet]) {
+      await b.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, `no down for ${name}`);
+    }
+  } finally {
+    await b.stop();
+    fs.rmSync(bdir, { recursive: true, force: true });
+  }
+});
+
 test.serial('a persistent device on a hook network whose release the broker died in gets its down at the next start', async (t) => {
   // Found by an outside code review: the lease left the table before its device was deleted, and a device's tag
   // does not say how it was plugged: the restarted broker deleted it as an orphan and never ran the hook's down.

@@ -363,8 +363,11 @@ export function leaseTag(l: LeaseRecord, broker: string): { alias: string; compl
   // When it was made, in seconds (base 36): a lease taken back after a restart keeps its age.
   const made = Date.parse(l.created);
   const at = Number.isFinite(made) ? ` at=${Math.floor(made / 1000).toString(36)}` : '';
+  // A port lock and a VLAN, so that a lease taken back from its tag (the table lost) is locked and placed as it
+  // was granted (an outside review: rebuilt leases came back unlocked).
+  const lock = `${l.locked ? ' locked=1' : ''}${l.vlan !== null ? ` vlan=${l.vlan}` : ''}`;
   const alias = `${who} rule=${l.rule} parent=${l.parent} queues=${l.queues}${mac}${l.mode ? ` mode=${l.mode}` : ''}`
-    + `${l.network ? ` network=${l.network}` : ''}${holder}${group}${at}`;
+    + `${l.network ? ` network=${l.network}` : ''}${lock}${holder}${group}${at}`;
   return alias.length <= ALIAS_MAX ? { alias, complete: true } : { alias: who, complete: false };
 }
 
@@ -422,6 +425,7 @@ export function leaseFromAlias(
     queues: Number(f.get('queues') ?? 1), rule: f.get('rule'), created: createdAt(f.get('at')), ends: f.get('ends'),
     holder: holder ? Number(holder) : null, holder_start: start ? Number(start) : null,
     group: f.has('group') ? Number(f.get('group')) : null, plug: null, host_mac: f.get('host') ?? null,
+    locked: f.get('locked') === '1', vlan: f.has('vlan') ? Number(f.get('vlan')) : null,
   };
   const parsed = checkShape(leaseShape(), candidate);
   return parsed.ok ? (parsed.value as LeaseRecord) : null;

@@ -10,6 +10,7 @@ import {
   type LeaseRecord, type LeaseTable,
 } from './leases.js';
 import { getpwuid, pidfdOpen } from './libc.js';
+import { plugOf } from './plug.js';
 import { delPortOf, listOurPorts, ovsdbTarget } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
@@ -104,7 +105,7 @@ export function reconcile(lt: Keeper): void {
       void lt.deleteLink(link.index, who.uid, link.name, why, as).then(() => lt.unplug(ended));
       continue;
     }
-    const tagged = withUser(leaseFromAlias(link.alias, link));
+    const tagged = replug(withUser(leaseFromAlias(link.alias, link)), lt.policy());
     if (tagged && (!lt.trusted || kernelBound(tagged, true))) {
       try {
         lt.table.add(tagged, !kernelBound(tagged, true));
@@ -113,7 +114,12 @@ export function reconcile(lt: Keeper): void {
         lt.table.add(tagged, false);
         lt.log(`warning: the lease of \`${link.name}' is kept in memory only: ${(err as Error).message}`);
       }
-      lt.note('reconcile', 'reconcile', tagged, "lease taken back from the device's tag");
+      // The tag names the network, not how the device was plugged: as the network is plugged now.
+      const net = tagged.network === null ? '' : tagged.plug !== null
+        ? `; network \`${tagged.network}' unplugs it as the policy plugs it now`
+        : lt.policy().networks.has(tagged.network) ? ''
+          : `; its network \`${tagged.network}' is no longer in the policy: no \`down' can be run for it`;
+      lt.note('reconcile', 'reconcile', tagged, `lease taken back from the device's tag${net}`);
       adopted.push([tagged, link]);
     } else if (lt.trusted) {
       const why = 'a device of ours without a lease (the broker died mid-create or mid-release)';
@@ -284,6 +290,16 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
 }
 
 /** A lease taken back from a tag (which holds the uid only) gets its owner's name again, where known. */
+/**
+ * A lease taken back from its tag, plugged as its network is plugged now (the tag names the network, not how: an
+ * outside review lost every hook's `down` with the table). Before it is judged kernel-bound: a tap on a hook or
+ * Open vSwitch network never is.
+ */
+function replug(l: LeaseRecord | null, policy: Policy): LeaseRecord | null {
+  if (!l || l.network === null) return l;
+  return { ...l, plug: plugOf(policy.networks.get(l.network)) };
+}
+
 function withUser(l: LeaseRecord | null): LeaseRecord | null {
   if (!l) return null;
   try {
