@@ -395,3 +395,29 @@ test.serial('the policy tools understand networks', (t) => {
   t.is(spawnSync(process.execPath, [BROKER_MAIN, 'who-can', fx.broker.policyPath, '--network', 'nope'], { encoding: 'utf8' }).status, 65);
   t.is(spawnSync(process.execPath, [BROKER_MAIN, 'check-policy', fx.broker.policyPath], { encoding: 'utf8' }).status, 0);
 });
+
+// Found by an outside re-test: the bridge helper gave up after 30 s in all, though a network's `up` may run for up
+// to 300 s: a 35 s `up` made the tap after qemu had been told no. The helper's deadline for the broker's hello is
+// $TAPBROKER_HELPER_TIMEOUT; for the tap, 300 s more. Here the hello's is 1 s and the `up` takes 1.5 s.
+test.serial('the bridge helper waits for a slow hook\'s up past its deadline for the broker\'s hello', async (t) => {
+  const { spawn } = await import('node:child_process');
+  const { sys } = await import('@tapbroker/protocol');
+  const helper = path.join(path.dirname(CLIENT_CLI), 'bridge-helper.js');
+  const [mine, theirs] = sys.socketpair(1);
+  try {
+    const child = spawn('setpriv', [...setprivArgs(), process.execPath, helper, '--br=network:slowup', '--fd=3'], {
+      stdio: ['ignore', 'pipe', 'pipe', theirs],
+      env: { PATH: process.env['PATH'], TAPBROKER_SOCKET: sock(), TAPBROKER_HELPER_TIMEOUT: '1' },
+    });
+    let err = '';
+    child.stderr!.on('data', (d) => (err += d));
+    const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+    t.is(code, 0, err);
+    const got = new sys.Receiver(16, 4).recv(mine, 0x40 /* MSG_DONTWAIT */);
+    t.is(got?.fds.length, 1, 'the tap was sent');
+    for (const fd of got?.fds ?? []) sys.close(fd);
+  } finally {
+    sys.close(mine);
+    sys.close(theirs);
+  }
+});

@@ -110,6 +110,11 @@ for (const line of ['allow br0\v', '\v', '\vallow br0', 'allow \vbr0', 'deny br0
   });
 }
 
+test('a comment may hold a vertical tab: qemu-bridge-helper skips comments whatever they hold', (t) => {
+  t.deepEqual(parseAclLine('# the lab\vbridges'), { kind: 'skip' });
+  t.deepEqual(parseAclLine('  # indented\v'), { kind: 'skip' });
+});
+
 test('a bridge name Linux allows and tapbroker does not serve is left out, and said; the rest is imported', (t) => {
   t.like(parseAclLine('allow br+lab'), { kind: 'unserved', bridge: 'br+lab' });
   const dir = tree({ 'bridge.conf': { text: 'allow br+lab\nallow br0\n' } });

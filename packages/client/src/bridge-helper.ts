@@ -107,26 +107,34 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
   }
   let client: TapbrokerClient | null = null;
   // qemu waits for the helper with its main lock held (its start, a hotplug: the monitor freezes): a broker that
-  // does not answer must not hang it (an outside review stopped the broker; qemu hung until killed).
-  let timer: NodeJS.Timeout | undefined;
+  // does not answer must not hang it (an outside review stopped the broker; qemu hung until killed). Its hello
+  // within $TAPBROKER_HELPER_TIMEOUT; the tap within as long again past the longest a plug hook may run (a
+  // network's `up` may take up to 300 s: a re-test's took 35 s, past a single 30 s deadline).
   const seconds = helperTimeout();
-  const expired = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new TapbrokerError('TB_E_TIMEOUT', `the broker did not answer within ${seconds} s`,
-      { hint: 'is tapbrokerd stuck? see systemctl status tapbrokerd (TAPBROKER_HELPER_TIMEOUT sets the seconds)' })),
-    seconds * 1000);
-  });
-  expired.catch(() => {});
+  const deadline = (s: number, what: string) => {
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new TapbrokerError('TB_E_TIMEOUT', `the broker did not ${what} within ${s} s`,
+        { hint: 'is tapbrokerd stuck? see systemctl status tapbrokerd (TAPBROKER_HELPER_TIMEOUT sets the seconds)' })),
+      s * 1000);
+    });
+    expired.catch(() => {});
+    return { expired, clear: () => clearTimeout(timer) };
+  };
+  const hello = deadline(seconds, 'answer');
+  const grant = deadline(seconds + MAX_HOOK_SECONDS, 'grant the tap');
   try {
     const args = parseHelperArgs(argv);
     checkSocket(args.fd);
-    client = await Promise.race([TapbrokerClient.connect(), expired]);
+    client = await Promise.race([TapbrokerClient.connect(), hello.expired]);
+    hello.clear();
     // qemu and libvirt set the guest's MAC on their own -device and never tell the helper: the broker is
     // told it does not know it.
     const tap = await Promise.race([client.createTap({
       ...(args.network !== null ? { network: args.network } : { bridge: args.bridge! }),
       vnetHdr: args.vnetHdr,
       macUnknown: true,
-    }), expired]);
+    }), grant.expired]);
     try {
       sendFd(args.fd, tap.tapFds[0]!);
     } finally {
@@ -145,12 +153,16 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
     process.stderr.write(`${lines.join('\n')}\n`);
     return 1;
   } finally {
-    clearTimeout(timer);
+    hello.clear();
+    grant.clear();
     client?.close();
   }
 }
 
-/** Seconds the helper waits for the broker in all: $TAPBROKER_HELPER_TIMEOUT (1 to 3600), else 30. */
+/** The longest a network's plug hook may run (the policy's hook_timeout, at most). */
+const MAX_HOOK_SECONDS = 300;
+
+/** Seconds the helper waits for the broker's hello: $TAPBROKER_HELPER_TIMEOUT (1 to 3600), else 30. */
 function helperTimeout(): number {
   const v = Number(process.env['TAPBROKER_HELPER_TIMEOUT']);
   return Number.isInteger(v) && v >= 1 && v <= 3600 ? v : 30;
