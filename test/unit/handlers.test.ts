@@ -802,3 +802,38 @@ test('a uid\'s other creates wait for its multi-NIC request: they cannot take wh
     const other = ask(broker, caller(1000), { op: 'create-tap', bridge: 'br0' });
     held.push(...(await other).fds);
   }));
+
+// The idle timer could run before a request that came in while the broker was busy was read, and closed that
+// connection unanswered (a loaded CI machine showed it in the idle test above). A connection with a request
+// waiting is not idle. Serial: it blocks this process's event loop, which the concurrent tests' brokers share.
+test.serial('a connection is not closed as idle while a request it sent waits to be read', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-busy-'));
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    policy: parsePolicy(POLICY), stateDir: dir, idleTimeoutMs: 100,
+    audit: { journalSocket: null, fd: devNull },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  const socket = path.join(dir, 'broker.sock');
+  let conn: SeqpacketConnection | null = null;
+  try {
+    host(kernel);
+    broker.start(SeqpacketListener.listen(socket, { mode: 0o600 }));
+    conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
+    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+    await conn.receive();
+    await conn.send(encodeFrame({ op: 'status', id: 2 }));
+    // The broker is busy for longer than its idle timeout: its timer and the request are both due now.
+    const until = performance.now() + 300;
+    while (performance.now() < until);
+    const got = await conn.receive();
+    t.not(got, null, 'the connection was closed with its request unanswered');
+    t.is(decodeReply(got!.data).op, 'status');
+  } finally {
+    conn?.close();
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

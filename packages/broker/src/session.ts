@@ -146,10 +146,19 @@ export class Session {
       if (code) return void this.refuse(code, message);
       // Leases that ended otherwise (a breach, a flood, root) are held no more.
       for (const id of this.held) if (!this.host.holds(id)) this.held.delete(id);
-      if (this.held.size === 0) this.close();
+      // Not idle if a request came in while the broker was busy (this timer can run before it is read).
+      if (this.held.size === 0 && !this.requestWaiting()) this.close();
       else this.arm(ms, null, message);
     }, ms);
     this.timer.unref?.();
+  }
+
+  private requestWaiting(): boolean {
+    try {
+      return !this.conn.closed && this.conn.queuedBytes() > 0;
+    } catch {
+      return false;
+    }
   }
 
   private async repliesRead(): Promise<boolean> {

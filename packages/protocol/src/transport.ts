@@ -206,6 +206,13 @@ export class SeqpacketConnection {
     });
   }
 
+  /** Bytes the peer sent that this side has not read yet (SIOCINQ): a request waiting to be read. */
+  queuedBytes(): number {
+    const buf = Buffer.alloc(4);
+    sys.ioctlPtr(this.fd, 0x541b /* SIOCINQ */, buf);
+    return buf.readInt32LE(0);
+  }
+
   /** Bytes this side sent that the peer has not read yet (SIOCOUTQ): replies left unread. */
   unreadBytes(): number {
     const buf = Buffer.alloc(4);
