@@ -398,6 +398,16 @@ async function settled(broker: Broker): Promise<void> {
   await new Promise((r) => setImmediate(r));
 }
 
+/** The broker listening on a socket in `dir`, and a connection to it that has said hello. */
+async function helloed(broker: Broker, dir: string): Promise<SeqpacketConnection> {
+  const socket = path.join(dir, 'broker.sock');
+  broker.start(SeqpacketListener.listen(socket, { mode: 0o600 }));
+  const conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
+  await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+  await conn.receive();
+  return conn;
+}
+
 /** Through the codec, as a session would, to the broker's dispatch. */
 async function ask(broker: Broker, who: Identity, request: Record<string, unknown>) {
   const decoded = decodeRequest(encodeFrame({ id: nextId++, ...request } as never));
@@ -646,15 +656,11 @@ test('a connection whose held lease ended otherwise (a breach) is closed once id
     audit: { journalSocket: null, fd: devNull },
     kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
   });
-  const socket = path.join(dir, 'broker.sock');
   const fds: number[] = [];
   let conn: SeqpacketConnection | null = null;
   try {
     host(kernel);
-    broker.start(SeqpacketListener.listen(socket, { mode: 0o600 }));
-    conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
-    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
-    await conn.receive();
+    conn = await helloed(broker, dir);
     await conn.send(encodeFrame({ op: 'create-macvtap', id: 2, parent: 'eth0' }));
     const got = (await conn.receive())!;
     fds.push(...got.fds);
@@ -815,14 +821,10 @@ test.serial('a connection is not closed as idle while a request it sent waits to
     audit: { journalSocket: null, fd: devNull },
     kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
   });
-  const socket = path.join(dir, 'broker.sock');
   let conn: SeqpacketConnection | null = null;
   try {
     host(kernel);
-    broker.start(SeqpacketListener.listen(socket, { mode: 0o600 }));
-    conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
-    await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
-    await conn.receive();
+    conn = await helloed(broker, dir);
     await conn.send(encodeFrame({ op: 'status', id: 2 }));
     // The broker is busy for longer than its idle timeout: its timer and the request are both due now.
     const until = performance.now() + 300;

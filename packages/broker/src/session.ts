@@ -155,7 +155,7 @@ export class Session {
 
   private requestWaiting(): boolean {
     try {
-      return !this.conn.closed && this.conn.queuedBytes() > 0;
+      return !this.conn.closed && this.conn.queued('in') > 0;
     } catch {
       return false;
     }
@@ -167,7 +167,7 @@ export class Session {
       if (this.conn.closed) return true;
       let unread: number;
       try {
-        unread = this.conn.unreadBytes();
+        unread = this.conn.queued('out');
       } catch {
         return true;
       }

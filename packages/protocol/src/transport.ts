@@ -206,17 +206,10 @@ export class SeqpacketConnection {
     });
   }
 
-  /** Bytes the peer sent that this side has not read yet (SIOCINQ): a request waiting to be read. */
-  queuedBytes(): number {
+  /** Bytes queued on this socket: `in`, sent by the peer, not read yet (SIOCINQ); `out`, the reverse (SIOCOUTQ). */
+  queued(which: 'in' | 'out'): number {
     const buf = Buffer.alloc(4);
-    sys.ioctlPtr(this.fd, 0x541b /* SIOCINQ */, buf);
-    return buf.readInt32LE(0);
-  }
-
-  /** Bytes this side sent that the peer has not read yet (SIOCOUTQ): replies left unread. */
-  unreadBytes(): number {
-    const buf = Buffer.alloc(4);
-    sys.ioctlPtr(this.fd, 0x5411 /* SIOCOUTQ */, buf);
+    sys.ioctlPtr(this.fd, which === 'in' ? 0x541b : 0x5411, buf);
     return buf.readInt32LE(0);
   }
 
