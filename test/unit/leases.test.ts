@@ -4,7 +4,7 @@ import test from 'ava';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  ALIAS_MAX, LeaseTable, STATE_FILE, aliasBroker, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
+  ALIAS_MAX, LeaseTable, STATE_FILE, Unplugs, aliasBroker, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
 } from '@tapbroker/broker/internal';
 import { tempDir } from '../helpers/broker.js';
 
@@ -136,6 +136,31 @@ test('a tag round-trips the lease a restart needs: guest MAC, rule, network, gro
   t.is(back.created, new Date(Math.floor(Date.parse(l.created) / 1000) * 1000).toISOString(), 'made when it was made');
 });
 
+// Found by an outside review: a lease rebuilt from its tag came back unlocked, and on a bridge VLAN with none.
+test('a tag keeps a port lock and a VLAN', (t) => {
+  const l = lease({ locked: true, vlan: 100, ends: 'release' });
+  const { alias, complete } = leaseTag(l, 'abcdef01');
+  t.true(complete);
+  t.regex(alias, / locked=1 vlan=100/);
+  t.like(leaseFromAlias(alias, device(l)), { locked: true, vlan: 100 });
+  t.like(leaseFromAlias(leaseTag(lease(), 'abcdef01').alias, device(lease())), { locked: false, vlan: null });
+});
+
+// Found by an outside review: a broker killed mid-write left its temporary file, and nothing removed them (24
+// after 107 kills, on /run's tmpfs).
+test('a load removes the temporary files of brokers killed mid-write', (t) => {
+  const dir = tempDir('stale');
+  try {
+    fs.writeFileSync(path.join(dir, 'leases.json.4242.tmp'), '{"version":1');
+    fs.writeFileSync(path.join(dir, 'other.tmp'), 'not ours');
+    LeaseTable.load(dir);
+    t.false(fs.existsSync(path.join(dir, 'leases.json.4242.tmp')));
+    t.true(fs.existsSync(path.join(dir, 'other.tmp')), 'only the table\'s own');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('a tap whose guest MAC the hypervisor sets: the tag keeps the host side\'s address instead', (t) => {
   const l = lease({ mac: null, host_mac: 'fe:11:22:33:44:55' });
   const { alias } = leaseTag(l, 'abcdef01');
@@ -189,4 +214,26 @@ test('leases by guest MAC: kept with every add, replacement and removal', (t) =>
   table.remove(b.id);
   t.deepEqual(table.withMac(a.mac!), []);
   t.is(table.size, 1);
+});
+
+// Found by an outside review: a stop waited for every hook `down` running, for as long as its hook_timeout (up to
+// 300 s): 109 s, past a service manager's stop timeout. A stop waits the grace it is given; the rest stays owed.
+test('a stop waits for the downs running only as long as it is given, and they stay owed', async (t) => {
+  const dir = tempDir('downs');
+  try {
+    const hook = path.join(dir, 'slow');
+    fs.writeFileSync(hook, '#!/bin/sh\nsleep 5\n', { mode: 0o755 });
+    const unplugged: string[] = [];
+    const run = `test-${process.pid}-${Date.now()}`;
+    t.teardown(() => void killOrphanHooks(run));
+    const unplugs = new Unplugs({ unplugged: (id) => void unplugged.push(id) }, () => {}, run);
+    unplugs.unplug(lease({ plug: { hook, timeout_ms: 60_000 }, network: 'slow' }));
+    t.is(unplugs.of(1000), 1, 'its down runs');
+    const started = Date.now();
+    await unplugs.close(200);
+    t.true(Date.now() - started < 2000, 'the stop did not wait for the down');
+    t.deepEqual(unplugged, [], 'not marked done: still owed to the next start');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

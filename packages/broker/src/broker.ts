@@ -190,7 +190,8 @@ export class Broker implements SessionHost, OpContext {
     clearTimeout(grace);
     for (const s of this.sessions) s.abandon();
     await this.reaper.idle();
-    await this.lifetimes.close();
+    // Hooks' `down`s running: within the same grace (what is left runs again at the next start).
+    await this.lifetimes.close(SHUTDOWN_GRACE_MS);
     this.foreignFds.close();
     this.ownFds.close();
     this.kernel.close();

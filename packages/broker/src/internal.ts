@@ -61,3 +61,5 @@ export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
 export { accountMembers, aclUserOnly, grantUserOnly, getpwnam, getpwuid } from './libc.js';
 export { Subuids, loadSubuids, subordinateOf, type SubRange } from './subids.js';
+export { Unplugs } from './plug.js';
+export { killOrphanHooks } from './hook.js';

@@ -95,6 +95,14 @@ export class LeaseTable {
     const table = new LeaseTable(dir);
     if (!dir) return { table, problem: null, trusted: true };
     const file = path.join(dir, STATE_FILE);
+    // A broker killed mid-write leaves its temporary file (named after its pid): the state directory is this
+    // broker's alone (it holds the lock), and an outside review found 24 of them after 107 kills.
+    try {
+      const stale = fs.readdirSync(dir).filter((n) => /^leases\.json\.\d+\.tmp$/.test(n));
+      for (const n of stale) fs.rmSync(path.join(dir, n), { force: true });
+    } catch {
+      // No directory yet, or not readable: the load below says what it finds.
+    }
     let text: string;
     try {
       text = readStateFile(file);

@@ -96,8 +96,9 @@ export class Lifetimes implements Cleanup {
     void reconcileOvs(keeper);
   }
 
-  async close(): Promise<void> {
-    await this.unplugs.close();
+  /** Stops: the unpluggings running are waited for `ms` at most (the rest stay owed to the next start). */
+  async close(ms: number): Promise<void> {
+    await this.unplugs.close(ms);
     for (const w of this.holderWatches.values()) w.close();
     this.holderWatches.clear();
     this.monitor?.close();
