@@ -212,6 +212,11 @@ export class FakeKernel implements Kernel {
     this.steps.push(`lockPort ${name}`);
   }
 
+  fdbEntry(bridge: Link, mac: Buffer, vlan: number | null): { port: number; fixed: boolean } | null {
+    const e = this.fdb.get(`${bridge.index}/${macFromBuffer(mac)}/${vlan ?? 0}`);
+    return e ? { port: e.port, fixed: e.static } : null;
+  }
+
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void {
     const master = this.devices.get(port)?.master;
     if (master) this.fdb.set(`${master}/${macFromBuffer(mac)}/${opts.vlan ?? 0}`, { port, static: !!opts.static });

@@ -246,6 +246,24 @@ test.serial('a MAC taken through another user\'s tap given to a group is locked 
   await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
 });
 
+// Found by an outside re-test: the pre-check of a multi-NIC request read the lease table, not the bridge's
+// forwarding table, so a last NIC asking to lock a MAC a machine behind the uplink has made 31 NICs roll back.
+test.serial('a multi-NIC request whose last NIC would lock a MAC the bridge has elsewhere is refused with nothing made',
+  async (t) => {
+    const lan = '52:54:00:77:00:2b';
+    const sent = spawnSync('ip', ['netns', 'exec', ns.name, 'python3', '-c', SEND_FROM, 'vb1', lan], { encoding: 'utf8' });
+    t.is(sent.status, 0, sent.stderr);
+    await broker.waitFor(() => fdb('vb0').includes(lan), 2000, 'the bridge did not learn the LAN host');
+    const before = broker.records.length;
+    const r = await probeOnce({ socket: broker.socket, batch: true,
+      requests: [{ bridge: 'br0' }, { bridge: 'br0' }, { bridge: 'br0', mac: lan }] });
+    t.is(r.error?.code, 'TB_E_MAC_IN_USE', JSON.stringify(r.error));
+    t.is(r.error?.nic, 2);
+    t.deepEqual(ns.extraLinks(HOST), [], 'nothing was made');
+    await quiet(300, 'late records, were there any');
+    t.false(broker.records.slice(before).some((x) => /rolled back/.test(x.message ?? '')), 'nothing rolled back');
+  });
+
 // Found by an outside re-test: ~1,300 harmless link events queued ahead of the one that shows the MAC taken (a
 // decision reads a budget of them) hid the taking, and the lock asked for at once took the MAC.
 test.serial('a MAC taken behind a backlog of link events is known before a lock is granted', async (t) => {

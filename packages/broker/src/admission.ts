@@ -3,11 +3,12 @@
 // (the bridge, VLAN, parent, network or hook), its port lock, and its MAC. A multi-NIC request has every NIC
 // checked so, with the NICs before it counted, before its first is made (firstRefused).
 import {
-  TapbrokerError, type CreateMacvtapRequest, type CreateTapRequest, type ErrorCode, type Nic,
+  TapbrokerError, macToBuffer, type CreateMacvtapRequest, type CreateTapRequest, type ErrorCode, type Nic,
 } from '@tapbroker/protocol/core';
 import { decide, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import type { Kernel } from './kernel.js';
+import { macInUse } from './netdev.js';
 import type { OpContext } from './ops.js';
 import { hookUnsafe } from './paths.js';
 import type { Link } from './rtnetlink.js';
@@ -66,7 +67,13 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
   const place = placement(ctx.kernel, policy, spec);
   const lock = portLock(policy, spec, rule);
   // A MAC the caller asked for is checked here; one the broker picks, once picked (makeDevice).
-  if (place.bridge && spec.mac !== null) macElsewhere(ctx, caller, spec.mac, place.parentName, place.vlan, lock);
+  if (place.bridge && spec.mac !== null) {
+    macElsewhere(ctx, caller, spec.mac, place.parentName, place.vlan, lock);
+    // The bridge's own forwarding table too, as the lock will read it, but before anything is made (a re-test
+    // made 31 NICs and rolled them back for a 32nd whose MAC a machine behind the uplink had).
+    const e = lock ? ctx.kernel.fdbEntry(place.bridge, macToBuffer(spec.mac), place.vlan) : null;
+    if (e) throw macInUse(macToBuffer(spec.mac), place.parentName, e.fixed, 'a new tap');
+  }
   return { place, lock };
 }
 

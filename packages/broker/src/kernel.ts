@@ -138,6 +138,8 @@ export interface Kernel {
   createTap(req: TapRequest): CreatedTap;
   createMacvtap(req: MacvtapRequest): CreatedTap;
   lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string, as: 'grant' | 'relock'): void;
+  /** The bridge's forwarding entry for `mac` (on `vlan`): its port, and whether it is static; null if none. */
+  fdbEntry(bridge: Link, mac: Buffer, vlan: number | null): { port: number; fixed: boolean } | null;
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
   /**
    * A single-queue tap nobody holds, attached by the broker (its fd) so that nobody can until it is deleted;

@@ -229,6 +229,11 @@ export class Netdev implements Kernel {
     }
   }
 
+  fdbEntry(bridge: Link, mac: Buffer, vlan: number | null): { port: number; fixed: boolean } | null {
+    const e = this.rtnl.fdbEntry(bridge.index, mac, vlan);
+    return e && { port: e.port, fixed: (e.state & (NUD_NOARP | NUD_PERMANENT)) !== 0 };
+  }
+
   /**
    * mac_lock: `port` forwards only frames from `mac` (a locked port, learning off, BPDUs refused, one static
    * forwarding entry). A grant takes no MAC the bridge has on another port, learned or static: that is a live
@@ -238,13 +243,8 @@ export class Netdev implements Kernel {
    */
   lockPort(port: number, bridge: Link, mac: Buffer, vlan: number | null, name: string, as: 'grant' | 'relock'): void {
     const held = () => {
-      const e = this.rtnl.fdbEntry(bridge.index, mac, vlan);
-      const fixed = e !== null && (e.state & (NUD_NOARP | NUD_PERMANENT)) !== 0;
-      if (e && e.port !== port && (fixed || as === 'grant')) {
-        throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${macFromBuffer(mac)} is ${fixed ? 'fixed to' : 'in use on'} `
-          + `another port of bridge \`${bridge.name}' (${fixed ? 'a static' : 'a learned'} forwarding entry): `
-          + `\`${name}' cannot be locked to it`);
-      }
+      const e = this.fdbEntry(bridge, mac, vlan);
+      if (e && e.port !== port && (e.fixed || as === 'grant')) throw macInUse(mac, bridge.name, e.fixed, `\`${name}'`);
     };
     if (as === 'grant') held();
     try {
@@ -352,4 +352,11 @@ function addrAssignType(name: string, ifindex: number): number {
   } catch (err) {
     throw kernelError(`cannot read the address type of \`${name}' from sysfs`, err);
   }
+}
+
+/** A MAC the bridge's forwarding table has on another port: `who` (a port, or none yet) cannot be locked to it. */
+export function macInUse(mac: Buffer, bridge: string, fixed: boolean, who: string): TapbrokerError {
+  return new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${macFromBuffer(mac)} is ${fixed ? 'fixed to' : 'in use on'} `
+    + `another port of bridge \`${bridge}' (${fixed ? 'a static' : 'a learned'} forwarding entry): ${who} cannot be `
+    + 'locked to it', { hint: 'choose another MAC' });
 }
