@@ -3,6 +3,7 @@
 // hold them after an upgrade. The kernel is a recorder of the entries asked for (what each call would do to a
 // real bridge is tested in integration › mac-lock); the lease table is the real one, in memory.
 import test from 'ava';
+import fs from 'node:fs';
 import { Forwarding, LeaseTable, type LeaseRecord } from '@tapbroker/broker/internal';
 import { macToBuffer } from '@tapbroker/protocol';
 import { tempDir } from '../helpers/broker.js';
@@ -16,8 +17,14 @@ const lease = (over: Partial<LeaseRecord>): LeaseRecord => ({
   host_mac: null, vlan: null, ...over,
 });
 
-function setup(leases: LeaseRecord[]) {
-  const { table } = LeaseTable.load(tempDir('fwd'));
+const dirs: string[] = [];
+test.after.always(() => {
+  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+});
+
+function setup(leases: LeaseRecord[], dir = tempDir('fwd')) {
+  dirs.push(dir);
+  const { table } = LeaseTable.load(dir);
   // Table order is not age order: the newest first.
   for (const l of leases) table.add(l, false);
   const put: Array<{ port: number; static: boolean }> = [];
@@ -28,7 +35,7 @@ function setup(leases: LeaseRecord[]) {
   };
   const notes: string[] = [];
   const fwd = new Forwarding(kernel as never, table, (_op, _d, l, m) => notes.push(`${l.name}: ${m}`), () => {}, () => false);
-  return { fwd, put, notes };
+  return { fwd, put, notes, dir };
 }
 
 test('an entry a holder took goes back to the locked lease with that MAC, not to an older unlocked one', (t) => {
@@ -88,4 +95,15 @@ test('a taker of more MACs than are kept has every lock refused until they expir
   t.true(fwd.takenLately('br0', mac(1099), 1001, inGroup), 'a member: every MAC taken through the group is kept');
   t.false(fwd.takenLately('br0', '52:54:00:ff:ff:ff', 1001, inGroup), 'but a member\'s other MACs are not held up');
   t.false(fwd.takenLately('br0', mac(0), 1002, () => false), 'nor anyone else\'s');
+});
+
+// Found by an outside re-test: the takings were kept in memory only, and a restart (an upgrade, an idle exit) let
+// the taker lock the MAC at once. They are written with the lease table and read back at start.
+test('MACs taken lately are kept across a restart', (t) => {
+  const { fwd, dir } = setup([]);
+  fwd.noteTaken(lease({ uid: 1000, group: 500, parent: 'br0' }), '52:54:00:aa:bb:cc');
+  const { fwd: after } = setup([], dir);
+  t.true(after.takenLately('br0', '52:54:00:aa:bb:cc', 1000, () => false), 'the taker, after a restart');
+  t.true(after.takenLately('br0', '52:54:00:aa:bb:cc', 1001, (g) => g === 500), 'a member of its group');
+  t.false(after.takenLately('br0', '52:54:00:aa:bb:cd', 1000, () => false), 'nothing else');
 });

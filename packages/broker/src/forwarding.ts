@@ -37,7 +37,15 @@ export class Forwarding {
     private readonly note: Note,
     private readonly log: (line: string) => void,
     private readonly creating: (id: string) => boolean,
-  ) {}
+  ) {
+    // What the last run recorded: a restart is no way out of the quarantine (an outside re-test restarted the
+    // broker and locked the MAC at once).
+    for (const { who, key, until } of table.taken) {
+      const mine = this.taken.get(who) ?? new Map<string, number>();
+      mine.set(key, until);
+      this.taken.set(who, mine);
+    }
+  }
 
   /** `l`'s tap on its bridge showed `mac` as its own address: the locks of whoever may have taken it wait. */
   noteTaken(l: LeaseRecord, mac: string): void {
@@ -46,6 +54,15 @@ export class Forwarding {
       // A uid's past the cap stay held up as a whole; a group's are bounded by its owners' caps (groupTapsWait).
       if (mine.size < MAX_TAKEN || who.startsWith('g:')) mine.set(`${l.parent}/${mac}`, Date.now() + TAKEN_MS);
       this.taken.set(who, mine);
+    }
+    // Written with the table (a taking is rare: each costs its taker the tap); a full disk is said by the table.
+    const now = Date.now();
+    this.table.taken = [...this.taken].flatMap(([who, m]) =>
+      [...m].filter(([, until]) => until > now).map(([key, until]) => ({ who, key, until })));
+    try {
+      this.table.save();
+    } catch {
+      // Kept in memory: the quarantine holds for this run.
     }
   }
 

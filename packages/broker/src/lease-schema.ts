@@ -55,5 +55,11 @@ export const StateFile = z.strictObject({
    * rebuild it (ids): left alone at every start, never taken for orphans of a crash.
    */
   kept: z.array(z.string()).default([]),
+  /**
+   * MACs a holder's tap took lately (`u:UID` or `g:GID` → `bridge/mac` → until when, ms since the epoch): kept
+   * from those takers' port locks across a restart too (forwarding.ts).
+   */
+  taken: z.array(z.strictObject({ who: z.string().max(32), key: z.string().max(64), until: z.number().int() }))
+    .default([]),
 });
 export type StateFile = z.infer<typeof StateFile>;

@@ -82,6 +82,8 @@ export class LeaseTable {
   private readonly pending = new Set<string>();
   /** Tagged devices left alone, their leases lost (see StateFile.kept). */
   readonly kept = new Set<string>();
+  /** MACs taken lately, to be kept across a restart (see StateFile.taken; Forwarding owns them). */
+  taken: StateFile['taken'] = [];
 
   /** `dir` null keeps the table in memory only. */
   private constructor(readonly dir: string | null) {}
@@ -134,6 +136,7 @@ export class LeaseTable {
     for (const l of state.downs) table.downs.set(l.id, l);
     for (const id of state.pending) table.pending.add(id);
     for (const id of state.kept) table.kept.add(id);
+    table.taken = state.taken;
     return { table, problem: null, trusted: true };
   }
 
@@ -325,7 +328,7 @@ export class LeaseTable {
         const leases = this.all().filter((l) => !this.volatile.has(l.id));
         const table = {
           version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(), downs: this.owedDowns(),
-          pending: this.unfinished(), kept: [...this.kept],
+          pending: this.unfinished(), kept: [...this.kept], taken: this.taken,
         };
         fs.writeSync(fd, `${JSON.stringify(table)}\n`);
         fs.fsyncSync(fd);

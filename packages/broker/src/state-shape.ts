@@ -147,7 +147,22 @@ export const STATE_SHAPE: Shape = {
     },
     "pending": {"t":"array","of":{"t":"string","max":9007199254740991},"min":0,"max":9007199254740991},
     "kept": {"t":"array","of":{"t":"string","max":9007199254740991},"min":0,"max":9007199254740991},
+    "taken": {
+      "t": "array",
+      "of": {
+        "t": "object",
+        "fields": {
+          "who": {"t":"string","max":32},
+          "key": {"t":"string","max":64},
+          "until": {"t":"number","int":true,"min":-9007199254740991,"max":9007199254740991},
+        },
+        "optional": [],
+        "defaults": {},
+      },
+      "min": 0,
+      "max": 9007199254740991,
+    },
   },
   "optional": [],
-  "defaults": {"intents":[],"ovsdbs":[],"downs":[],"pending":[],"kept":[]},
+  "defaults": {"intents":[],"ovsdbs":[],"downs":[],"pending":[],"kept":[],"taken":[]},
 };
