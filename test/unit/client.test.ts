@@ -197,6 +197,10 @@ test('exit codes follow sysexits', (t) => {
   t.is(exitCodeFor('TB_E_POLICY_DENIED'), 77);
   t.is(exitCodeFor('TB_E_QUOTA_EXCEEDED'), 77);
   t.is(exitCodeFor('TB_E_KERNEL'), 70);
+  // Found by an outside review: a port lock the policy cannot have exited 70 from run, 77 from can; a bridge
+  // without VLAN filtering 70, where vhost-net absent is 69.
+  t.is(exitCodeFor('TB_E_MAC_LOCK'), 77);
+  t.is(exitCodeFor('TB_E_VLAN_UNAVAILABLE'), 69);
 });
 
 test('shell quoting only where needed', (t) => {

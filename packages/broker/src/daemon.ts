@@ -17,7 +17,7 @@ const DAEMON_USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [
                   [--state-dir dir] [--audit-file file] [--journal-socket path] [--linux-audit]
                   [--idle-exit seconds]`;
 const USAGE = `${DAEMON_USAGE}
-       tapbrokerd check-policy [file] [--json] [--strict]
+       tapbrokerd check-policy [file] [--json] [--strict] [--unit]
        tapbrokerd explain-policy [file] --user name [--json]
        tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]
        tapbrokerd import-bridge-conf [file]

@@ -127,13 +127,15 @@ export function exitCodeFor(code: ErrorCode): number {
       return EXIT.USAGE;
     case 'TB_E_POLICY_INVALID': case 'TB_E_BRIDGE_ADDRESS':
       return EXIT.CONFIG;
-    case 'TB_E_POLICY_DENIED': case 'TB_E_QUOTA_EXCEEDED':
+    // A port lock the policy asks for and cannot have is the policy's refusal, as `can` says (77).
+    case 'TB_E_POLICY_DENIED': case 'TB_E_QUOTA_EXCEEDED': case 'TB_E_MAC_LOCK':
       return EXIT.NOPERM;
     case 'TB_E_INVALID_NAME': case 'TB_E_INVALID_MAC': case 'TB_E_INVALID_QUEUES': case 'TB_E_NO_SUCH_BRIDGE':
     case 'TB_E_NOT_A_BRIDGE': case 'TB_E_DEVICE_EXISTS': case 'TB_E_INVALID_REQUEST': case 'TB_E_NO_SUCH_PARENT':
     case 'TB_E_BAD_PARENT': case 'TB_E_MAC_IN_USE': case 'TB_E_NO_SUCH_LEASE':
       return EXIT.DATAERR;
-    case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_BUSY':
+    case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_VLAN_UNAVAILABLE':
+    case 'TB_E_BUSY':
     case 'TB_E_TIMEOUT': case 'TB_E_VERSION': case 'TB_E_STATE_UNWRITABLE': case 'TB_E_DEVICE_IN_USE':
       return EXIT.UNAVAILABLE;
     default:
