@@ -190,6 +190,15 @@ test('can --persistent asks about a persistent device; other commands refuse the
   t.throws(() => parseArgs(['run', '--frob', '--net', 'bridge=br0']), { message: 'unknown argument `--frob\'' });
 });
 
+// Found by an outside review: run and can took --socket twice, the last silently winning; list and create refuse it.
+test('run and can refuse a flag given twice, --net aside', (t) => {
+  t.throws(() => parseArgs(['run', '--socket', '/a', '--socket', '/b', '--net', 'bridge=br0', '--', 'true']),
+    { message: '--socket given twice' });
+  t.throws(() => parseArgs(['can', '--persistent', '--persistent', '--net', 'bridge=br0']),
+    { message: '--persistent given twice' });
+  t.is(parseArgs(['can', '--net', 'bridge=br0', '--net', 'bridge=br1']).nets.length, 2);
+});
+
 test('exit codes follow sysexits', (t) => {
   t.is(exitCodeFor('TB_E_USAGE'), 64);
   t.is(exitCodeFor('TB_E_INVALID_NAME'), 65);

@@ -169,6 +169,7 @@ export function parseArgs(argv: readonly string[]): Args {
     throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
   }
   const out: Args = { command, socket: null, nets: [], argv: [], persistent: false };
+  const seen = new Set<string>();
   let i = 1;
   for (; i < argv.length; i++) {
     const a = argv[i]!;
@@ -183,6 +184,9 @@ export function parseArgs(argv: readonly string[]): Args {
       return v;
     };
     if (!COMMANDS[command].flags.includes(flag)) refuse(command, a, flag);
+    // A flag given twice is a mistake, not a vote (--net is given once per NIC), as for the other commands.
+    if (flag !== '--net' && seen.has(flag)) throw new TapbrokerError('TB_E_USAGE', `${flag} given twice`);
+    seen.add(flag);
     if (flag === '--net') out.nets.push(parseNetSpec(value()));
     else if (flag === '--socket') out.socket = value();
     else if (inline !== undefined) throw new TapbrokerError('TB_E_USAGE', `${flag} takes no value`);
