@@ -682,3 +682,20 @@ test('who-can --network lists every way onto that network\'s segment, as its den
   t.regex(text, /named\s+\d+\s+user 1003\s+bridge br0/);
   t.regex(text, /except user 1005: denied by `no-prod'/);
 });
+
+// Found by an outside operator review: a rule whose users are not on this host showed "nobody" in who-can's WHO
+// column, which reads like the account `nobody`.
+test('who-can says a rule whose users are not on this host reaches no one, not "nobody"', async (t) => {
+  const { execFileSync } = await import('node:child_process');
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'policy.toml');
+  fs.writeFileSync(file, '[[rule]]\nname = "typo"\nusers = ["no-such-user-here"]\nbridges = ["br7"]\n');
+  const text = execFileSync(process.execPath, [path.resolve('packages/broker/dist/main.js'), 'who-can', file,
+    '--bridge', 'br7'], { encoding: 'utf8' });
+  t.regex(text, /typo\s+\d+\s+no one on this host/);
+  t.notRegex(text, /\bnobody\b/);
+});

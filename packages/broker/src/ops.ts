@@ -154,7 +154,7 @@ function reload(ctx: OpContext, caller: Identity, req: ReloadRequest): Outcome {
       message: 'only root may reload the policy',
     });
     throw new TapbrokerError('TB_E_POLICY_DENIED', 'only root may reload the policy', {
-      hint: 'run it as root, or send tapbrokerd SIGHUP',
+      hint: 'an administrator reloads it (as root: tapbroker reload, or systemctl reload tapbrokerd)',
     });
   }
   return { reply: { op: 'reload', id: req.id, policy_sha256: ctx.reload(caller).sha256 }, fds: [] };

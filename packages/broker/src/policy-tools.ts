@@ -224,14 +224,17 @@ function deniedPrincipals(s: Selector): string {
   }
   const missing = s.unresolved.users.map((u) => `user ${u} and every caller without an account (${u} is not on `
     + 'this host: the deny fails closed)');
-  return [principals(s), ...missing].filter((p) => p !== 'nobody').join(', ') || 'nobody';
+  return [principals(s), ...missing].filter((p) => p !== NO_ONE).join(', ') || NO_ONE;
 }
 
 function principals(s: Selector): string {
   if (s.everyone) return 'everyone';
   const name = (u: number) => getpwuid(u)?.name ?? String(u);
-  return [...[...s.uids].map((u) => `user ${name(u)}`), ...[...s.gids].map((g) => `group ${g}`)].join(', ') || 'nobody';
+  return [...[...s.uids].map((u) => `user ${name(u)}`), ...[...s.gids].map((g) => `group ${g}`)].join(', ') || NO_ONE;
 }
+
+/** A selector that matches no one here (its users and groups are not on this host): not the account `nobody`. */
+const NO_ONE = 'no one on this host';
 
 /**
  * What the shipped unit (systemd/tapbrokerd.service) hides from the broker: ProtectHome=yes (/root, /home,

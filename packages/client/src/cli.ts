@@ -641,7 +641,8 @@ async function statusCommand(client: TapbrokerClient, json: boolean): Promise<nu
   const lines = [
     `broker:   ${s.broker} (protocol ${s.version}) at ${client.socket}, up since ${s.started}`,
     `policy:   sha256 ${s.policy_sha256}`,
-    `you:      ${s.user ?? 'uid'} (uid ${s.uid}), ${s.leases} live lease${s.leases === 1 ? '' : 's'}` +
+    `you:      ${s.user !== null ? `${s.user} (uid ${s.uid})` : `uid ${s.uid}`}, `
+    + `${s.leases} live lease${s.leases === 1 ? '' : 's'}` +
       `${s.uid === 0 ? ' (everyone\'s)' : ''}`,
     ...(s.connections !== null ? [`clients:  ${s.connections} connection${s.connections === 1 ? '' : 's'}`] : []),
     s.rules.length === 0 ? 'rules:    none applies to you: the broker will refuse your requests'
