@@ -544,20 +544,9 @@ test('check-policy warns about an allow of "*", and a deny of "*" shadows named 
 });
 
 test('who-can and explain-policy read "*" as any Linux bridge', async (t) => {
-  const { execFileSync } = await import('node:child_process');
-  const fs = await import('node:fs');
-  const os = await import('node:os');
-  const path = await import('node:path');
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'policy.toml');
-  fs.writeFileSync(file, '[network.lab]\nbridge = "br5"\n\n[[rule]]\nname = "any"\nusers = [1001]\nbridges = ["*"]\n\n'
+  const run = await tool(t, '[network.lab]\nbridge = "br5"\n\n[[rule]]\nname = "any"\nusers = [1001]\nbridges = ["*"]\n\n'
     + '[[rule]]\nname = "lab"\nusers = [1003]\nnetworks = ["lab"]\n\n'
     + '[[deny]]\nname = "none"\nusers = [1002]\nbridges = ["*"]\n');
-  const main = path.resolve('packages/broker/dist/main.js');
-  const run = (cmd: string, ...args: string[]) => execFileSync(process.execPath, [main, cmd, file, ...args], {
-    encoding: 'utf8',
-  });
   const whoCan = JSON.parse(run('who-can', '--json', '--bridge', 'br5')) as {
     allowed_by: Array<{ rule: string; via_network: string | null; any_bridge: boolean }>;
     except: Array<{ rule: string }>;
@@ -652,14 +641,7 @@ test('mac_lock: check-policy warns about a rule that reaches a locked network\'s
 // rule's taps (and another network onto the same bridge, and an OVS trunk carrying prod's VLAN) shared prod's
 // segment; the deny side already took a network as its segment. Now both sides do.
 test('who-can --network lists every way onto that network\'s segment, as its deny covers them', async (t) => {
-  const { execFileSync } = await import('node:child_process');
-  const fs = await import('node:fs');
-  const os = await import('node:os');
-  const path = await import('node:path');
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'policy.toml');
-  fs.writeFileSync(file, [
+  const run = await tool(t, [
     '[network.prod]\nbridge = "br0"', '[network.also-br0]\nbridge = "br0"', '[network.br0-vlan]\nbridge = "br0"\nvlan = 7',
     '[network.prod-ovs]\novs = "br-int"\nvlan = 100', '[network.trunk]\novs = "br-int"\ntrunk = [100, 200]',
     '[network.other-vlan]\novs = "br-int"\nvlan = 300',
@@ -669,15 +651,15 @@ test('who-can --network lists every way onto that network\'s segment, as its den
     '[[rule]]\nname = "side"\nusers = [1004]\nnetworks = ["also-br0", "br0-vlan", "trunk", "other-vlan"]',
     '[[deny]]\nname = "no-prod"\nusers = [1005]\nnetworks = ["prod"]',
   ].join('\n\n'));
-  const main = path.resolve('packages/broker/dist/main.js');
-  const who = (net: string) => JSON.parse(execFileSync(process.execPath, [main, 'who-can', file, '--network', net, '--json'],
-    { encoding: 'utf8' })) as { allowed_by: Array<{ rule: string; via_network: string | null; via_bridge: string | null }> };
+  const who = (net: string) => JSON.parse(run('who-can', '--network', net, '--json')) as {
+    allowed_by: Array<{ rule: string; via_network: string | null; via_bridge: string | null }>;
+  };
   t.deepEqual(who('prod').allowed_by.map((a) => [a.rule, a.via_network, a.via_bridge]), [
     ['admins', null, null], ['any', null, 'br0'], ['named', null, 'br0'], ['side', 'also-br0', null],
   ], 'the network, its bridge directly ("*" and by name), another network onto br0 untagged; not VLAN 7');
   t.deepEqual(who('prod-ovs').allowed_by.map((a) => [a.rule, a.via_network]), [['admins', null], ['side', 'trunk']],
     'an OVS trunk carrying VLAN 100; not VLAN 300');
-  const text = execFileSync(process.execPath, [main, 'who-can', file, '--network', 'prod'], { encoding: 'utf8' });
+  const text = run('who-can', '--network', 'prod');
   t.regex(text, /any\s+\d+\s+user 1002\s+any Linux bridge/);
   t.regex(text, /named\s+\d+\s+user 1003\s+bridge br0/);
   t.regex(text, /except user 1005: denied by `no-prod'/);
@@ -686,6 +668,14 @@ test('who-can --network lists every way onto that network\'s segment, as its den
 // Found by an outside operator review: a rule whose users are not on this host showed "nobody" in who-can's WHO
 // column, which reads like the account `nobody`.
 test('who-can says a rule whose users are not on this host reaches no one, not "nobody"', async (t) => {
+  const run = await tool(t, '[[rule]]\nname = "typo"\nusers = ["no-such-user-here"]\nbridges = ["br7"]\n');
+  const text = run('who-can', '--bridge', 'br7');
+  t.regex(text, /typo\s+\d+\s+no one on this host/);
+  t.notRegex(text, /\bnobody\b/);
+});
+
+/** A policy file of `text` for the test, and a runner of the policy tools on it (`run('who-can', ...args)`). */
+async function tool(t: import('ava').ExecutionContext, text: string): Promise<(cmd: string, ...args: string[]) => string> {
   const { execFileSync } = await import('node:child_process');
   const fs = await import('node:fs');
   const os = await import('node:os');
@@ -693,9 +683,7 @@ test('who-can says a rule whose users are not on this host reaches no one, not "
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const file = path.join(dir, 'policy.toml');
-  fs.writeFileSync(file, '[[rule]]\nname = "typo"\nusers = ["no-such-user-here"]\nbridges = ["br7"]\n');
-  const text = execFileSync(process.execPath, [path.resolve('packages/broker/dist/main.js'), 'who-can', file,
-    '--bridge', 'br7'], { encoding: 'utf8' });
-  t.regex(text, /typo\s+\d+\s+no one on this host/);
-  t.notRegex(text, /\bnobody\b/);
-});
+  fs.writeFileSync(file, text);
+  const main = path.resolve('packages/broker/dist/main.js');
+  return (cmd, ...args) => execFileSync(process.execPath, [main, cmd, file, ...args], { encoding: 'utf8' });
+}
