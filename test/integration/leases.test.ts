@@ -429,3 +429,27 @@ test.serial('a state file that is a FIFO or a link: the broker starts without re
     t.is(r.error, null, what);
   }
 });
+
+// Found by an outside review: at start, a lease of the table whose device (by name, index and kind) did not carry
+// its tag was acted on as its own: the administrator's own tap and macvtap were deleted for a table naming them.
+test.serial('a table lease naming a device that carries no tag of it: the device is left alone, the lease dropped', async (t) => {
+  ns.ip('tuntap', 'add', 'mode', 'tap', 'name', 'admintap');
+  try {
+    await broker.stop('SIGTERM', true);
+    const table = JSON.parse(fs.readFileSync(broker.stateFile, 'utf8')) as { leases: unknown[] };
+    const index = ns.link('admintap')!.ifindex;
+    table.leases.push({
+      id: 'aaaaaaaaaaaaaaaa', uid: A, user: 'nobody', kind: 'tap', name: 'admintap', ifindex: index, parent: 'br0',
+      network: null, mode: null, mac: '52:54:00:aa:aa:aa', locked: false, queues: 1, rule: 'libvirt',
+      created: '2026-12-03T00:00:00.000Z', ends: 'holder', holder: 1, holder_start: 1, group: null, plug: null,
+      host_mac: null, vlan: null,
+    });
+    fs.writeFileSync(broker.stateFile, JSON.stringify(table));
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    await broker.record((r) => r.op === 'reconcile' && /carries no tag of this lease: left alone; lease dropped/.test(r.message ?? ''));
+    t.not(ns.link('admintap'), undefined, 'the administrator\'s tap is still there');
+    t.false(tableNames().includes('admintap'), 'its lease is gone');
+  } finally {
+    ns.ip('link', 'del', 'admintap');
+  }
+});

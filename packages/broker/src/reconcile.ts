@@ -147,13 +147,25 @@ export function reconcile(lt: Keeper): void {
   // Every lease's device is held to its terms, those taken back from tags and those in the table alike (a holder
   // may have changed its MAC, owner or queues while the broker was down), before any lock is put back: a device
   // that took another lease's MAC goes, and that lease's entry comes back with its deletion (retire).
+  // Only a device that carries the lease's own tag is the lease's: a table naming another device of that name,
+  // index and kind (the administrator's own tap) never has it judged or deleted (an outside review).
+  const ours = (l: LeaseRecord, link: Link | undefined): link is Link =>
+    lt.isDevice(l, link) && aliasIdentity(link.alias)?.id === l.id;
   for (const l of lt.table.all()) {
     const link = byIndex.get(l.ifindex);
-    if (lt.isDevice(l, link)) lt.judge(l, link);
+    if (ours(l, link)) lt.judge(l, link);
   }
   const holders = new Map<string, LeaseRecord[]>();
   for (const l of lt.table.all()) {
-    if (!lt.isDevice(l, byIndex.get(l.ifindex))) {
+    const link = byIndex.get(l.ifindex);
+    if (lt.isDevice(l, link) && aliasIdentity(link.alias)?.id !== l.id) {
+      lt.table.remove(l.id);
+      lt.note('reconcile', 'reconcile', l, `the device \`${link.name}' carries no tag of this lease: left alone; `
+        + 'lease dropped');
+      lt.unplug(l);
+      continue;
+    }
+    if (!lt.isDevice(l, link)) {
       lt.table.remove(l.id);
       lt.note('reconcile', 'reconcile', l, 'the device is gone; lease dropped');
       // Its network's `down` (its hook, its OVS port) is still owed: the lease ended while the broker was down.
