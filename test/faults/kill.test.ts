@@ -201,6 +201,24 @@ for (const point of ['retire:unleased', 'release:deleted']) {
   });
 }
 
+// Found by an outside review: a broker killed while the kernel deleted a released device (on a pool thread) left
+// no record of it, at that start or any later: the lease had left the table. Its record is owed in the table now.
+test.serial('SIGKILL after a release\'s deletion, before its record: the next start writes the record', async (t) => {
+  const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  const name = made.taps[0]!.device.name;
+  await killAt('retire:deleted', async () => {
+    const r = await probeOnce({ socket: broker.socket, release: [name] });
+    t.is(r.error?.code, 'TB_E_BROKER_CLOSED');
+  });
+  t.is(ns.link(name), undefined, 'the kernel deleted it');
+  const rec = await broker.record((r) => r.op === 'release' && (r.device as { name?: string }).name === name);
+  t.is(rec.decision, 'release');
+  t.regex(rec.message ?? '', /^released \(recorded at this start: the broker stopped while deleting it\)$/);
+  t.deepEqual((JSON.parse(fs.readFileSync(broker.stateFile, 'utf8')) as { retiring: unknown[] }).retiring, [],
+    'owed no more');
+  await consistent(t);
+});
+
 test.serial('a lost lease table is rebuilt from the devices\' tags: persistent devices stay and stay releasable', async (t) => {
   const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }, { parent: 'vparent', persistent: true }] });
   t.is(made.error, null);

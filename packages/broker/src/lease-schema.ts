@@ -61,5 +61,13 @@ export const StateFile = z.strictObject({
    */
   taken: z.array(z.strictObject({ who: z.string().max(32), key: z.string().max(64), until: z.number().int() }))
     .default([]),
+  /**
+   * Leases out of the table whose device is being deleted, with the record that deletion is to write: a broker
+   * killed meanwhile (the kernel finishes the deletion) writes it at its next start.
+   */
+  retiring: z.array(z.strictObject({
+    lease: LeaseRecord, op: z.string().max(32), decision: z.enum(['cleanup', 'release', 'reconcile']),
+    message: z.string().max(4096),
+  })).default([]),
 });
 export type StateFile = z.infer<typeof StateFile>;

@@ -82,6 +82,8 @@ export class LeaseTable {
   private readonly pending = new Set<string>();
   /** Tagged devices left alone, their leases lost (see StateFile.kept). */
   readonly kept = new Set<string>();
+  /** Leases whose device is being deleted, with the record owed for it (see StateFile.retiring). */
+  readonly retiring = new Map<string, StateFile['retiring'][number]>();
   /** MACs taken lately, to be kept across a restart (see StateFile.taken; Forwarding owns them). */
   taken: StateFile['taken'] = [];
 
@@ -137,6 +139,7 @@ export class LeaseTable {
     for (const id of state.pending) table.pending.add(id);
     for (const id of state.kept) table.kept.add(id);
     table.taken = state.taken;
+    for (const r of state.retiring) table.retiring.set(r.lease.id, r);
     return { table, problem: null, trusted: true };
   }
 
@@ -259,15 +262,22 @@ export class LeaseTable {
    * `unplugged`. Never throws: a table that cannot be written then lists a lease too many, which the next
    * start drops (its device is gone); a removal must never fail the teardown it records.
    */
-  remove(id: string): LeaseRecord | undefined {
+  remove(id: string, retiring?: Omit<StateFile['retiring'][number], 'lease'>): LeaseRecord | undefined {
     const l = this.byId.get(id);
     if (l) {
       this.drop(id);
       this.pending.delete(id);
       if (l.plug) this.downs.set(id, l);
-      if (!this.volatile.delete(id)) this.trySave();
+      // A deletion to come: its record is written with the removal (a memory-only lease's too).
+      if (retiring) this.retiring.set(id, { lease: l, ...retiring });
+      if (!this.volatile.delete(id) || retiring) this.trySave();
     }
     return l;
+  }
+
+  /** A retiring lease's record is written: it is owed no more. */
+  retired(id: string): void {
+    if (this.retiring.delete(id)) this.trySave();
   }
 
   /** An ended lease's network `down` has run (or failed for good): it is owed no more. */
@@ -328,7 +338,7 @@ export class LeaseTable {
         const leases = this.all().filter((l) => !this.volatile.has(l.id));
         const table = {
           version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(), downs: this.owedDowns(),
-          pending: this.unfinished(), kept: [...this.kept], taken: this.taken,
+          pending: this.unfinished(), kept: [...this.kept], taken: this.taken, retiring: [...this.retiring.values()],
         };
         fs.writeSync(fd, `${JSON.stringify(table)}\n`);
         fs.fsyncSync(fd);

@@ -272,7 +272,7 @@ export class Lifetimes implements Cleanup {
    */
   async retire(l: LeaseRecord, o: RetireOptions): Promise<void> {
     // Already retired or gone (two events judged the same lease, a flood and a violation): nothing twice.
-    if (!this.table.remove(l.id)) return;
+    if (!this.table.remove(l.id, { op: o.op, decision: o.decision, message: o.message })) return;
     this.kernel.faultPoint('retire:unleased');
     this.floods.forget(l.ifindex);
     this.creating.delete(l.id);
@@ -296,6 +296,7 @@ export class Lifetimes implements Cleanup {
       const message = `the device is ${was} now, no longer this lease's: left alone`;
       this.unplug(l);
       this.note('cleanup', 'cleanup', l, `${message}; lease dropped`);
+      this.table.retired(l.id);
       this.renounce(l, now);
       throw new TapbrokerError('TB_E_NO_SUCH_LEASE', `\`${l.name}' is gone: ${message}`);
     }
@@ -305,10 +306,13 @@ export class Lifetimes implements Cleanup {
       const why = err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : String(err);
       const message = `failed to delete \`${l.name}': ${why}`;
       this.audit.record({ ...base, decision: 'error', code: 'TB_E_KERNEL', message });
+      this.table.retired(l.id);
       throw err;
     }
+    this.kernel.faultPoint('retire:deleted');
     this.unplug(l);
     this.audit.record({ ...base, message: o.message });
+    this.table.retired(l.id);
     // Until it was gone its holder could give it another guest's MAC and back (the bridge then drops that
     // MAC's entries, static ones included), with no lease left to judge the events by.
     if (l.kind === 'tap') this.forwarding.relockBridge(l.parent, 'a device on its bridge was deleted');
