@@ -107,3 +107,16 @@ test('MACs taken lately are kept across a restart', (t) => {
   t.true(after.takenLately('br0', '52:54:00:aa:bb:cc', 1001, (g) => g === 500), 'a member of its group');
   t.false(after.takenLately('br0', '52:54:00:aa:bb:cd', 1000, () => false), 'nothing else');
 });
+
+// Found by an outside re-test: a link event and its judgement both noted one taking, and each wrote the table.
+test('a taking noted twice is written once', (t) => {
+  const { fwd } = setup([]);
+  const l = lease({ uid: 1000, parent: 'br0' });
+  const tbl = (fwd as unknown as { table: LeaseTable }).table;
+  const before = tbl.writes;
+  fwd.noteTaken(l, '52:54:00:aa:bb:01');
+  fwd.noteTaken(l, '52:54:00:aa:bb:01');
+  t.is(tbl.writes - before, 1);
+  fwd.noteTaken(l, '52:54:00:aa:bb:02');
+  t.is(tbl.writes - before, 2, 'another MAC is another write');
+});

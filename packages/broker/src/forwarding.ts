@@ -49,12 +49,17 @@ export class Forwarding {
 
   /** `l`'s tap on its bridge showed `mac` as its own address: the locks of whoever may have taken it wait. */
   noteTaken(l: LeaseRecord, mac: string): void {
+    let fresh = false;
     for (const who of [`u:${l.uid}`, ...(l.group !== null ? [`g:${l.group}`] : [])]) {
       const mine = this.live(who) ?? new Map<string, number>();
+      const key = `${l.parent}/${mac}`;
+      fresh ||= !mine.has(key);
       // A uid's past the cap stay held up as a whole; a group's are bounded by its owners' caps (groupTapsWait).
-      if (mine.size < MAX_TAKEN || who.startsWith('g:')) mine.set(`${l.parent}/${mac}`, Date.now() + TAKEN_MS);
+      if (mine.size < MAX_TAKEN || who.startsWith('g:')) mine.set(key, Date.now() + TAKEN_MS);
       this.taken.set(who, mine);
     }
+    // One event and its judgement note the same taking: written once (a re-test counted two writes each).
+    if (!fresh) return;
     // Written with the table (a taking is rare: each costs its taker the tap); a full disk is said by the table.
     const now = Date.now();
     this.table.taken = [...this.taken].flatMap(([who, m]) =>
