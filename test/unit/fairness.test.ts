@@ -78,3 +78,14 @@ test('a multi-NIC request holds its uid\'s turn to create: the uid\'s other crea
   t.deepEqual(order.sort(), ['batch', 'single'], 'both go on once it ends');
   t.is(typeof f.alone(1000, true), 'function', 'and the turn is free again');
 });
+
+test('past 4 multi-NIC requests rolled back in 10 s, a uid\'s next ones wait 10 s; other uids do not', (t) => {
+  const { f, at } = clocked();
+  for (let i = 0; i < 4; i++) f.rolledBack(1000);
+  t.is(f.rollbackWait(1000), 0, 'four are within bounds');
+  f.rolledBack(1000);
+  t.is(f.rollbackWait(1000), 10_000, 'the fifth: a window to wait');
+  t.is(f.rollbackWait(1001), 0);
+  at(10_000);
+  t.is(f.rollbackWait(1000), 0, 'waited out');
+});

@@ -839,3 +839,27 @@ test.serial('a connection is not closed as idle while a request it sent waits to
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// Found by an outside re-test: a user made the bridge learn its last NIC's MAC mid-request (frames from its own
+// tap), past the pre-check; each such request rolled back 31 NICs with a record each, ~4 times a second. Past 4
+// rolled-back multi-NIC requests in 10 s, the uid's next ones wait.
+test('a uid whose multi-NIC requests keep being rolled back waits before its next ones', (t) => onFakeKernel(
+  async ({ broker, kernel, records }) => {
+    let taps = 0;
+    kernel.onStep = (point) => {
+      if (point === 'tap:configured' && ++taps % 3 === 0) kernel.refuseAt = point;
+    };
+    const nics = Array(3).fill({ kind: 'tap', bridge: 'br1' });
+    const codes: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      codes.push(await ask(broker, caller(2000), { op: 'create', nics }).then(() => 'granted',
+        (err: TapbrokerError) => err.code));
+      await settled(broker);
+    }
+    t.deepEqual(codes, ['TB_E_KERNEL', 'TB_E_KERNEL', 'TB_E_KERNEL', 'TB_E_KERNEL', 'TB_E_KERNEL', 'TB_E_BUSY']);
+    t.true(records.some((r) => r.code === 'TB_E_BUSY' && /refused after NICs were made too often/.test(r.message ?? '')));
+    kernel.onStep = null;
+    const one = await ask(broker, caller(2000), { op: 'create-tap', bridge: 'br1' });
+    t.is(one.fds.length, 1, 'one NIC at a time is still served');
+    for (const fd of one.fds) fs.closeSync(fd);
+  }));

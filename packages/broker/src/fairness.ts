@@ -8,9 +8,19 @@ export const WINDOW_MS = 1000;
 /** The broker time one uid may take per window (a VM's start takes a few ms; a flood, all of it). */
 export const SHARE_MS = 250;
 
+/**
+ * Multi-NIC requests of one uid rolled back after NICs were made, per window, before its next ones wait a window:
+ * what a pre-check cannot see (the bridge learning a MAC the user sends from its own tap, mid-request) made an
+ * outside re-test's 31 NICs roll back, each with its record, about 4 times a second.
+ */
+const ROLLBACKS_PER_WINDOW = 4;
+const ROLLBACK_WINDOW_MS = 10_000;
+
 export class Fairness {
   /** uid → the window it is in, what it took of it, and the wait its sessions share once it took its share. */
   private readonly uids = new Map<number, { start: number; used: number; wait: Promise<void> | null }>();
+  /** uid → its multi-NIC requests rolled back in the window, and until when its next ones wait. */
+  private readonly rollbacks = new Map<number, { start: number; n: number; until: number }>();
   /** uid → its multi-NIC request in flight (see alone). */
   private readonly batches = new Map<number, Promise<void>>();
 
@@ -39,6 +49,25 @@ export class Fairness {
       this.batches.delete(uid);
       end();
     };
+  }
+
+  /**
+   * A multi-NIC request of `uid` was refused after NICs were made (they were rolled back, each with its record):
+   * past ROLLBACKS_PER_WINDOW in a window, `uid`'s multi-NIC requests wait out the next (see rollbackWait).
+   */
+  rolledBack(uid: number): void {
+    const t = this.now();
+    let r = this.rollbacks.get(uid);
+    if (!r || t - r.start >= ROLLBACK_WINDOW_MS) this.rollbacks.set(uid, (r = { start: t, n: 0, until: 0 }));
+    if (++r.n > ROLLBACKS_PER_WINDOW) r.until = t + ROLLBACK_WINDOW_MS;
+  }
+
+  /** How long `uid`'s multi-NIC requests still wait after too many were rolled back (0: none). */
+  rollbackWait(uid: number): number {
+    const r = this.rollbacks.get(uid);
+    const left = r ? r.until - this.now() : 0;
+    if (r && left <= 0 && this.now() - r.start >= ROLLBACK_WINDOW_MS) this.rollbacks.delete(uid);
+    return Math.max(0, left);
   }
 
   /** A pause inside one of `uid`'s requests: the other sessions' turn, then `uid`'s own (see turn). */

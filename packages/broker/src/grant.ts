@@ -107,6 +107,13 @@ async function grantEach(
     ctx.audit.record({ op, caller, policy: policy.sha256, ...ev });
   const made: Granted[] = [];
   const byIndex: Granted[] = [];
+  const waits = nics.length > 1 ? ctx.fairness.rollbackWait(caller.uid) : 0;
+  if (waits > 0) {
+    const message = `your requests of several NICs were refused after NICs were made too often: they wait another `
+      + `${Math.ceil(waits / 1000)} s`;
+    audit({ decision: 'error', rule: null, code: 'TB_E_BUSY', message });
+    throw new TapbrokerError('TB_E_BUSY', message, { hint: 'ask for NICs one by one meanwhile, or try again later' });
+  }
   // A request the policy refuses is refused before anything is made (an outside review: 31 taps made, rolled back
   // and audited for a 32nd on a bridge the rule does not name, in a loop): a NIC denied with those before it
   // counted is denied here; one refused on its own (its grammar, its port lock) goes first.
@@ -132,6 +139,7 @@ async function grantEach(
     } catch (err) {
       const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
       for (const g of made) ctx.lifetimes.abort(g.lease, g.fds, why);
+      if (made.length > 1) ctx.fairness.rolledBack(caller.uid);
       if (nics.length > 1 && err instanceof TapbrokerError) {
         throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
           ...(err.rule !== undefined ? { rule: err.rule } : {}),
