@@ -202,7 +202,9 @@ test('an inherited socket is adopted only if it is a listening SEQPACKET AF_UNIX
   try {
     // systemd-socket-activate binds the socket and execs the broker with LISTEN_FDS=1 at fd 3.
     const child = spawn('ip', ['netns', 'exec', fx.ns.name, 'systemd-socket-activate', '--seqpacket', '-l', sockPath, process.execPath,
-      fx.broker.proc.spawnargs.find((a) => a.endsWith('main.js'))!, '-f', fx.broker.policyPath, '-s', '/nonexistent/ignored.sock'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      fx.broker.proc.spawnargs.find((a) => a.endsWith('main.js'))!, '-f', fx.broker.policyPath, '-s', '/nonexistent/ignored.sock',
+      // A state directory of its own: the default, /run/tapbroker, is the host's (a run left one behind there).
+      '--state-dir', path.join(dir, 'state'), '--journal-socket', ''], { stdio: ['ignore', 'ignore', 'pipe'] });
     // Killed even when an assertion below fails: the broker it starts must not outlive the test.
     t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
     let err = '';
