@@ -52,6 +52,15 @@ test('long options take --opt=value as well as --opt value', (t) => {
   t.truthy(JSON.parse(who.stdout));
 });
 
+test('who-can names groups as the account database does, and a gid it cannot look up as a number', (t) => {
+  const file = path.join(dir, 'groups.toml');
+  const name = fs.readFileSync('/etc/group', 'utf8').split('\n').map((l) => l.split(':')).find((f) => f[2] === '0')![0];
+  fs.writeFileSync(file, '[[rule]]\nname = "r"\ngroups = [0, 4000999]\nbridges = ["br0"]\n', { mode: 0o644 });
+  const who = run('who-can', file, '--bridge=br0');
+  t.is(who.status, 0, who.stderr);
+  t.regex(who.stdout, new RegExp(`group ${name}, group 4000999`));
+});
+
 test('-n prints exactly what check-policy prints, on the same streams', (t) => {
   const n = run('-n', '-f', policy);
   const check = run('check-policy', policy);

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import koffi from 'koffi';
 import { EX, IFNAME_MAX_BYTES, checkIfName, sys } from '@tapbroker/protocol';
-import { accountMembers, getgrnam, getpwuid } from './libc.js';
+import { accountMembers, getgrgid, getpwuid } from './libc.js';
 import { dirsOnTheWay, notRootsAlone } from './paths.js';
 import { ANY_BRIDGE } from './decide.js';
 import { parsePolicy } from './policy.js';
@@ -249,27 +249,7 @@ export function intersect(a: Reach, b: Reach): Reach {
 
 // ---- names
 
-let groupNames: Map<number, string> | null = null;
-
-/** A gid's name from /etc/group when NSS agrees with it, else null (the gid is written as a number). */
-function groupNameOf(gid: number): string | null {
-  if (groupNames === null) {
-    groupNames = new Map();
-    try {
-      for (const line of fs.readFileSync('/etc/group', 'utf8').split('\n')) {
-        const [name, , id] = line.split(':');
-        if (name && id !== undefined && /^\d+$/.test(id) && !groupNames.has(Number(id))) {
-          groupNames.set(Number(id), name);
-        }
-      }
-    } catch {
-      // No /etc/group: gids stay numbers.
-    }
-  }
-  const name = groupNames.get(gid);
-  return name !== undefined && getgrnam(name) === gid ? name : null;
-}
-
+const groupNameOf = (gid: number) => getgrgid(gid);
 const userNameOf = (uid: number) => getpwuid(uid)?.name ?? null;
 const userName = (uid: number) => userNameOf(uid) ?? String(uid);
 const groupName = (gid: number) => groupNameOf(gid) ?? String(gid);

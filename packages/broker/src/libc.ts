@@ -14,6 +14,7 @@ const _getpwnam_r = libc.func(
   'int getpwnam_r(const char *name, void *pwd, void *buf, size_t len, _Out_ void **result)',
 );
 const _getpwuid_r = libc.func('int getpwuid_r(uint32_t uid, void *pwd, void *buf, size_t len, _Out_ void **result)');
+const _getgrgid_r = libc.func('int getgrgid_r(uint32_t gid, void *grp, void *buf, size_t len, _Out_ void **result)');
 const _setpwent = libc.func('void setpwent()');
 const _getpwent = libc.func('void *getpwent()');
 const _endpwent = libc.func('void endpwent()');
@@ -110,6 +111,12 @@ export function getpwuid(uid: number): { name: string; gid: number } | null {
 
 /** The gid for a group name (through NSS), or null. */
 export const getgrnam = sys.getgrnam;
+
+/** The group name for a gid (through NSS), or null. */
+export function getgrgid(gid: number): string | null {
+  if (!nssLookup((o) => _getgrgid_r(gid, nssRec, nssBuf, nssBuf.length, o) as number, 'getgrgid_r')) return null;
+  return koffi.decode(nssRec.readBigUInt64LE(0), 'char', -1) as string;
+}
 
 const cString = (p: unknown) => koffi.decode(p, 'char', -1) as string;
 

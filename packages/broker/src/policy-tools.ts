@@ -4,7 +4,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
-import { getpwnam, getpwuid } from './libc.js';
+import { getgrgid, getpwnam, getpwuid } from './libc.js';
 import {
   ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, sameSegment,
   type AllowRule,
@@ -229,8 +229,10 @@ function deniedPrincipals(s: Selector): string {
 
 function principals(s: Selector): string {
   if (s.everyone) return 'everyone';
-  const name = (u: number) => getpwuid(u)?.name ?? String(u);
-  return [...[...s.uids].map((u) => `user ${name(u)}`), ...[...s.gids].map((g) => `group ${g}`)].join(', ') || NO_ONE;
+  const user = (u: number) => getpwuid(u)?.name ?? String(u);
+  const group = (g: number) => getgrgid(g) ?? String(g);
+  return [...[...s.uids].map((u) => `user ${user(u)}`), ...[...s.gids].map((g) => `group ${group(g)}`)].join(', ')
+    || NO_ONE;
 }
 
 /** A selector that matches no one here (its users and groups are not on this host): not the account `nobody`. */
