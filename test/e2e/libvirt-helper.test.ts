@@ -86,6 +86,7 @@ serial('an unchanged libvirt bridge interface, via a session libvirtd and the he
   const device = grant.device as { name: string };
   t.log(`helper's parent: ${grant.parent_exe} (pid ${grant.ppid}; libvirtd is pid ${s.pid})`);
   t.regex(grant.parent_exe ?? '', /libvirtd|qemu-system/, 'libvirt (or its qemu) ran the helper');
+  t.is(grant.client, 'tapbroker-bridge-helper', 'the helper names itself in its hello');
   t.is(request.parent, 'br0');
   t.is(request.mac, 'unknown', 'qemu-bridge-helper\'s protocol carries no MAC');
   t.true(request.vnet_hdr, 'libvirt passes --use-vnet');

@@ -144,6 +144,7 @@ async function bootWithHelper(br: string, mac: string, ip: string, ping: string)
   t.true(device.vnet_hdr, 'qemu asked for --use-vnet');
   // setpriv execs qemu in place: the pid spawned is qemu's, the helper's parent.
   t.regex(grant!.parent_exe ?? '', /\/qemu-system-x86_64$/, 'the helper\'s parent was qemu');
+  t.is(grant!.client, 'tapbroker-bridge-helper', 'the helper names itself in its hello');
   t.is(ns!.link(device.name), undefined, 'the tap vanished with qemu');
 });
 

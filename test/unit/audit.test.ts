@@ -17,7 +17,7 @@ type Options = NonNullable<ConstructorParameters<typeof Audit>[1]>;
 const SHA = 'a'.repeat(64);
 const ALICE: Identity = {
   uid: 1000, gid: 1000, groups: [1000, 27], pid: 4242, pidfd: 99, exe: '/usr/bin/qemu-system-x86_64', user: 'alice',
-  parent: { pid: 4000, exe: '/usr/sbin/libvirtd' },
+  parent: { pid: 4000, exe: '/usr/sbin/libvirtd' }, client: 'tapbroker',
 };
 const RECORD: AuditRecord = {
   time: '2026-12-02T00:00:00.000Z', op: 'create-tap', decision: 'grant', rule: 'lab', policy_sha256: SHA,
@@ -81,11 +81,11 @@ test('a record names the event, the caller and its parent under stable field nam
   });
   t.deepEqual(Object.keys(rec), [
     'time', 'op', 'decision', 'rule', 'policy_sha256', 'uid', 'gid', 'pid', 'exe', 'user', 'groups', 'ppid',
-    'parent_exe', 'request', 'device', 'code', 'message',
+    'parent_exe', 'client', 'request', 'device', 'code', 'message',
   ]);
   t.like(rec, {
     op: 'create-tap', decision: 'grant', rule: 'lab', policy_sha256: SHA, uid: 1000, gid: 1000, pid: 4242,
-    exe: '/usr/bin/qemu-system-x86_64', user: 'alice', ppid: 4000, parent_exe: '/usr/sbin/libvirtd',
+    exe: '/usr/bin/qemu-system-x86_64', user: 'alice', ppid: 4000, parent_exe: '/usr/sbin/libvirtd', client: 'tapbroker',
     request: { kind: 'tap', parent: 'br0' }, device: { name: 'tb1000-k3x9', ifindex: 7 }, code: 'TB_E_X',
     message: 'note',
   });
@@ -266,7 +266,8 @@ test('journald gone after start: the record still goes to the fd', (t) => {
 
 test('journalEntry: the fields in a fixed order, objects as JSON, absent and null ones left out', (t) => {
   const full: AuditRecord = {
-    ...RECORD, groups: [1000, 27], ppid: 4000, parent_exe: '/usr/sbin/libvirtd', request: { kind: 'tap', queues: 2 },
+    ...RECORD, groups: [1000, 27], ppid: 4000, parent_exe: '/usr/sbin/libvirtd', client: 'tapbroker-bridge-helper',
+    request: { kind: 'tap', queues: 2 },
     device: { name: 'tb1000-a', ifindex: 7, lease: '0123456789abcdef' }, code: 'TB_E_X', message: 'hi',
   };
   t.deepEqual(journalEntries(journalEntry(full)), [
@@ -287,6 +288,7 @@ test('journalEntry: the fields in a fixed order, objects as JSON, absent and nul
     ['TAPBROKER_GROUPS', '1000 27'],
     ['TAPBROKER_PPID', '4000'],
     ['TAPBROKER_PARENT_EXE', '/usr/sbin/libvirtd'],
+    ['TAPBROKER_CLIENT', 'tapbroker-bridge-helper'],
     ['TAPBROKER_REQUEST', '{"kind":"tap","queues":2}'],
     ['TAPBROKER_DEVICE', '{"name":"tb1000-a","ifindex":7,"lease":"0123456789abcdef"}'],
     ['TAPBROKER_IFNAME', 'tb1000-a'],

@@ -682,6 +682,47 @@ test('a connection whose held lease ended otherwise (a breach) is closed once id
   }
 });
 
+// Found by an outside review: the bridge helper said hello as `tapbroker', and nothing in a record told its grants
+// from `tapbroker run''s. The name is the client's own word: kept for the trail, printable ASCII only.
+test('records after a hello carry the name the client gave itself, control and non-ASCII characters replaced', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-client-'));
+  const records: AuditRecord[] = [];
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    policy: parsePolicy(POLICY), stateDir: dir,
+    audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  const fds: number[] = [];
+  const conns: SeqpacketConnection[] = [];
+  try {
+    host(kernel);
+    const socket = path.join(dir, 'broker.sock');
+    broker.start(SeqpacketListener.listen(socket, { mode: 0o600 }));
+    for (const client of ['vm\x1b[2J\u202emanager', undefined]) {
+      const conn = await SeqpacketConnection.connect(socket, { maxPacket: MAX_REPLY_BYTES });
+      conns.push(conn);
+      await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION, ...(client ? { client } : {}) }));
+      await conn.receive();
+      await conn.send(encodeFrame({ op: 'create-tap', id: 2, bridge: 'br1' }));
+      const got = (await conn.receive())!;
+      fds.push(...got.fds);
+      t.is(decodeReply(got.data).op, 'create-tap');
+    }
+    const grants = records.filter((r) => r.decision === 'grant');
+    t.is(grants.length, 2);
+    t.is(grants[0]!.client, 'vm?[2J?manager');
+    t.false('client' in grants[1]!, 'a hello without a name leaves the field out');
+  } finally {
+    for (const c of conns) c.close();
+    for (const fd of fds) fs.closeSync(fd);
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('the table covers every op and every outcome a create can have', (t) => {
   const ops = new Set(ROWS.map((r) => r.request['op']));
   for (const op of ['create-tap', 'create-macvtap', 'create', 'can', 'release', 'reload']) t.true(ops.has(op), op);

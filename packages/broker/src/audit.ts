@@ -67,6 +67,8 @@ export interface AuditRecord {
   /** The caller's parent when it connected (see Identity.parent); absent for records without a caller. */
   ppid?: number;
   parent_exe?: string | null;
+  /** What the client called itself in its hello (Identity.client): never used in a decision. */
+  client?: string;
   request?: Record<string, unknown>;
   device?: Record<string, unknown>;
   code?: string;
@@ -126,6 +128,7 @@ export class Audit {
       rec.ppid = c.parent.pid;
       rec.parent_exe = c.parent.exe;
     }
+    if (c?.client !== undefined) rec.client = c.client;
     if (ev.request) rec.request = ev.request;
     if (ev.device) rec.device = ev.device;
     if (ev.code) rec.code = ev.code;
@@ -295,6 +298,7 @@ export function journalEntry(r: AuditRecord): Buffer {
   opt('TAPBROKER_GROUPS', r.groups?.join(' '));
   opt('TAPBROKER_PPID', r.ppid);
   opt('TAPBROKER_PARENT_EXE', r.parent_exe);
+  opt('TAPBROKER_CLIENT', r.client);
   opt('TAPBROKER_REQUEST', r.request);
   opt('TAPBROKER_DEVICE', r.device);
   // The device's name and lease on their own, to match on: `journalctl TAPBROKER_IFNAME=tb1000-x`.

@@ -20,6 +20,8 @@ export interface Identity extends Caller {
    * recorded for the audit trail, never used in a decision (the parent may exit or be replaced meanwhile).
    */
   parent: { pid: number; exe: string | null } | null;
+  /** The program the client named itself in its hello (printable ASCII kept): its own word, for the trail only. */
+  client?: string;
 }
 
 export function identify(peer: PeerCredentials): Identity {

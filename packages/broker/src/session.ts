@@ -257,6 +257,7 @@ export class Session {
     }
     if (req.op === 'hello') {
       this.helloed = true;
+      if (req.client !== undefined) this.caller.client = req.client.replace(/[^\x20-\x7e]/g, '?');
       if (this.timer) clearTimeout(this.timer);
     }
     try {

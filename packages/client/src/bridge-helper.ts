@@ -126,7 +126,7 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
   try {
     const args = parseHelperArgs(argv);
     checkSocket(args.fd);
-    client = await Promise.race([TapbrokerClient.connect(), hello.expired]);
+    client = await Promise.race([TapbrokerClient.connect(null, { client: 'tapbroker-bridge-helper' }), hello.expired]);
     hello.clear();
     // qemu and libvirt set the guest's MAC on their own -device and never tell the helper: the broker is
     // told it does not know it.

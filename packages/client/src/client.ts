@@ -106,8 +106,8 @@ export class TapbrokerClient {
 
   private constructor(private readonly conn: SeqpacketConnection, readonly socket: string) {}
 
-  /** Connects and performs the version handshake. */
-  static async connect(socket?: string | null): Promise<TapbrokerClient> {
+  /** Connects and performs the version handshake; `opts.client` names the program in the audit records. */
+  static async connect(socket?: string | null, opts: { client?: string } = {}): Promise<TapbrokerClient> {
     const path = socketPath(socket);
     let conn: SeqpacketConnection;
     try {
@@ -129,7 +129,7 @@ export class TapbrokerClient {
         op: 'hello',
         id: client.nextId++,
         version: PROTOCOL_VERSION,
-        client: 'tapbroker',
+        client: opts.client ?? 'tapbroker',
       });
       if (reply.op !== 'hello') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a hello reply, got ${reply.op}`);
       client.broker = reply.broker;
