@@ -2,12 +2,15 @@
 // unprivileged; and their lifetime: gone within a second of their holder, however it ends.
 import anyTest, { type TestFn } from 'ava';
 import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { CLIENT_CLI } from '../helpers/broker.js';
 import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
+const HANDOFF = path.join(path.dirname(fileURLToPath(import.meta.url)), '../helpers/handoff.js');
 const BASE = ['vparent', 'vpeer', 'vp2', 'vq2', 'br0'];
 
 const POLICY = `
@@ -134,6 +137,32 @@ test.serial('SIGKILL of the VM process under tapbroker run: the macvtap is gone 
   t.is(code, -1, 'the client died by the signal that killed the VM');
   await gone(name);
 });
+
+// Found by an outside review: once the process that connected had exited (and its first macvtap gone with it),
+// the connection it handed on was granted macvtaps tied to nobody, kept until that connection closed.
+for (const first of [false, true]) {
+  test.serial(`a macvtap asked for on a connection whose process exited is deleted at once${first ? ', after an earlier one went with it' : ''}`, async (t) => {
+    const child = spawnAs({}, process.execPath, [HANDOFF, sock(), 'vparent', first ? 'yes' : 'no']);
+    let out = '';
+    const line = await new Promise<string>((resolve, reject) => {
+      child.stdout!.on('data', (d) => { out += d; if (out.includes('\n')) resolve(out); });
+      child.stdout!.on('end', () => reject(new Error(`no report: ${out}`)));
+    });
+    const got = JSON.parse(line) as { first: string | null; second: string; pid: number };
+    t.teardown(() => { try { process.kill(got.pid, 'SIGKILL'); } catch { /* gone */ } });
+    if (first) {
+      t.regex(got.first ?? '', /^tb/, 'the first macvtap was granted');
+      await gone(got.first!);
+    }
+    t.regex(got.second, /^tb/, 'the second macvtap was granted');
+    await gone(got.second);
+    t.is(fx.ns.link(got.second), undefined, 'gone although the connection is still open');
+    const ended = () => fx.broker.records.find((r) => r.decision === 'cleanup' && (r.device as { name?: string })?.name === got.second);
+    await fx.broker.waitFor(() => ended() !== undefined, 3000, 'no cleanup record');
+    t.regex(ended()!.message ?? '', /its holder exited/);
+    child.stdin!.end();
+  });
+}
 
 test.serial('a /dev/tap<ifindex> that belongs to another namespace is never used', async (t) => {
   // Predict the next ifindex the kernel would give here, and make the shared node of that number another

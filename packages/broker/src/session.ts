@@ -58,6 +58,8 @@ export class Session {
   /** Leases that end when this connection or its process ends. */
   private readonly held = new Set<string>();
   private holderWatch: { close(): void } | null = null;
+  /** The process that connected has exited: what this connection is granted later has no holder. */
+  private holderExited = false;
   private shuttingDown = false;
 
   constructor(
@@ -184,12 +186,18 @@ export class Session {
       this.host.endLease(leaseId, 'its holder closed the connection');
       return;
     }
+    // So does a holder that exited: a process it handed the connection to holds nothing (rv36).
+    if (this.holderExited) {
+      this.host.endLease(leaseId, 'its holder exited');
+      return;
+    }
     this.held.add(leaseId);
     if (!this.holderWatch && this.caller.pidfd !== null) {
       const pidfd = this.caller.pidfd;
       // Level-triggered: stop watching once it fired, or an exited holder's pidfd fires forever.
       this.holderWatch = watchReadable(pidfd, () => {
         this.holderWatch?.close();
+        this.holderExited = true;
         this.endHeld('its holder exited');
       });
     }
