@@ -163,8 +163,9 @@ function reload(ctx: OpContext, caller: Identity, req: ReloadRequest): Outcome {
 /** can: the decision a create request would get now, as this caller, with nothing created. */
 function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
   const policy = ctx.policy;
-  const spec = createSpec(req);
+  let spec: CreateSpec | null = null;
   try {
+    spec = createSpec(req);
     checkSpec(spec, caller);
   } catch (err) {
     const e = err as TapbrokerError;
@@ -174,7 +175,7 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
       rule: null,
       caller,
       policy: policy.sha256,
-      request: specView(spec),
+      ...(spec ? { request: specView(spec) } : {}),
       code: e.code,
       message: e.message,
     });
