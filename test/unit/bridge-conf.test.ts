@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  decide, grantUserOnly, importBridgeConf, parseAclLine, parsePolicy, type Ask, type Caller, type ImportResult,
+  decide, recorded, grantUserOnly, importBridgeConf, parseAclLine, parsePolicy, type Ask, type Caller, type ImportResult,
   type Policy,
 } from '@tapbroker/broker/internal';
 
@@ -55,7 +55,7 @@ const tap = (parent: string): Ask => ({
 /** `grant RULE`, `deny RULE` or `none`: what the broker would answer. */
 function verdict(p: Policy, who: Caller, bridge: string): string {
   const d = decide(p, who, tap(bridge), () => 0);
-  return d.allow ? `grant ${d.rule.name}` : d.rule ? `deny ${d.rule}` : 'none';
+  return d.allow ? `grant ${d.rule.name}` : recorded(d).rule ? `deny ${recorded(d).rule}` : 'none';
 }
 
 // ---- the line grammar, as qemu-bridge-helper reads it

@@ -723,6 +723,19 @@ test('records after a hello carry the name the client gave itself, control and n
   }
 });
 
+// Found by an outside review: status listed a user's allow rules with room in them, and said nothing of the deny
+// that refused every request of that user: a script trusting status was misled.
+test('status lists the deny rules that name the caller, with what each covers', (t) => onFakeKernel(async ({ broker }) => {
+  const status = async (uid: number) => {
+    const { reply } = await ask(broker, caller(uid), { op: 'status' });
+    return reply as Extract<Reply, { op: 'status' }>;
+  };
+  const denied = await status(3000);
+  t.deepEqual(denied.rules.map((r) => r.rule), ['everyone-br1']);
+  t.deepEqual(denied.denies, [{ rule: 'no-br1-for-3000', covers: 'bridges br1' }]);
+  t.deepEqual((await status(1000)).denies, [], 'no deny names uid 1000');
+}));
+
 test('the table covers every op and every outcome a create can have', (t) => {
   const ops = new Set(ROWS.map((r) => r.request['op']));
   for (const op of ['create-tap', 'create-macvtap', 'create', 'can', 'release', 'reload']) t.true(ops.has(op), op);

@@ -2,7 +2,7 @@
 import test from 'ava';
 import { TapbrokerError } from '@tapbroker/protocol';
 import {
-  bridgeList, decide, denyCovers, denyScope, didYouMean, grantsBridge, kernelLocksPorts, lineIndex, macInPrefix,
+  bridgeList, decide, recorded, denyCovers, denyScope, didYouMean, grantsBridge, kernelLocksPorts, lineIndex, macInPrefix,
   nameMatches, parsePolicy,
   policyWarnings,
   resolveTarget, type Ask, type Caller,
@@ -89,14 +89,71 @@ bridges = ["br1"]
   const refused = shared('br0', 3001);
   t.false(refused.allow);
   if (!refused.allow) {
-    t.is(refused.rule, 'no-2004');
-    t.regex(refused.message, /^denied by rule `no-2004': the tap would be given to group 3001, and the rule keeps uid 2004, a member off bridge `br0'/);
+    // Found by an outside review: the caller was told the deny rule about another user, and that user's uid.
+    t.is(refused.rule, null, 'the caller is not told the rule: it is about another user');
+    t.is(refused.message, 'a deny rule keeps a member of group 3001 off bridge `br0\', and the tap would reach every member');
+    t.notRegex(`${refused.message} ${refused.hint}`, /2004/);
+    t.is(recorded(refused).rule, 'no-2004', 'the record names it');
+    t.regex(recorded(refused).message, /^denied by rule `no-2004': the tap would be given to group 3001, and the rule keeps uid 2004, a member off bridge `br0'/);
   }
   t.true(shared('br0', null).allow, 'not given to the group: alice\'s own tap');
   t.true(shared('br1', 3001).allow, 'no deny covers br1 for a member of 3001');
   const byGroup = shared('br1', 3002);
   t.false(byGroup.allow, 'a deny naming the group itself');
-  if (!byGroup.allow) t.is(byGroup.rule, 'no-3002');
+  if (!byGroup.allow) t.is(recorded(byGroup).rule, 'no-3002');
+});
+
+// Found by an outside review: a deny told a caller which networks the policy defines and where they lead (a
+// bridge, a hook's path), where no rule gives the caller that network: it is now told what it would be without
+// the deny, and the record names the deny.
+test('decide: a deny tells a caller nothing of a target no rule gives it; the record names the deny', (t) => {
+  const p = parsePolicy(`
+[network.finance]
+bridge = "br-billing"
+vlan = 42
+
+[network.lab]
+bridge = "br0"
+
+[[rule]]
+name = "finance-team"
+users = [5001]
+networks = ["finance"]
+
+[[rule]]
+name = "suspended-user"
+users = [5002]
+networks = ["lab"]
+
+[[deny]]
+name = "suspended"
+users = [5002, 5003]
+
+[[deny]]
+name = "off-billing"
+users = [5001]
+networks = ["finance", "lab"]
+`);
+  const net = (uid: number, parent: string) => decide(p, caller(uid), ask({ parent, network: true }), none);
+  const told = (d: ReturnType<typeof net>) => (d.allow ? 'grant' : `${d.rule} | ${d.message} | ${d.hint}`);
+  // 5002: a rule for lab only. finance (defined) and guest (not) get one answer, naming neither deny nor bridge.
+  t.is(told(net(5002, 'finance')), told(net(5002, 'guest')).replace('guest', 'finance'));
+  t.regex(told(net(5002, 'finance')), /^null \| no rule matched network `finance' \| your rules allow networks: lab$/);
+  for (const d of [net(5002, 'finance'), net(5003, 'finance'), net(5003, 'guest')]) {
+    t.false(d.allow);
+    if (!d.allow) t.is(recorded(d).rule, 'suspended', 'the record names the deny that decided');
+  }
+  t.notRegex(told(net(5003, 'finance')), /billing|suspended/, 'no rule at all: told only that');
+  // Its own network: the deny is named, and where the network leads (its rule names the network).
+  t.regex(told(net(5002, 'lab')), /^suspended \| denied by rule `suspended' \(network `lab' is bridge br0\)/);
+  // A deny's scope is told by network name, never where another network leads.
+  const scoped = net(5001, 'finance');
+  t.false(scoped.allow);
+  if (!scoped.allow) {
+    t.is(scoped.rule, 'off-billing');
+    t.regex(scoped.hint, /the deny rule covers networks finance, lab;/);
+    t.notRegex(scoped.hint, /br0/);
+  }
 });
 
 test('a listed uid', decides, caller(1001), ask(), { allow: true, rule: 'lab' });

@@ -115,6 +115,8 @@ export interface Refusal {
   code: ErrorCode;
   message: string;
   hint?: string;
+  /** What the audit record says instead (decide's Refusal). */
+  record?: { rule: string; message: string };
 }
 
 /**
@@ -139,7 +141,8 @@ export function firstRefused(
       checkSpec(spec, caller);
       d = decide(policy, caller, spec, (rule) => counts(rule) + (charged.get(rule) ?? 0));
       if (!d.allow) {
-        return { i, spec, refusal: { decision: 'deny', rule: d.rule, code: d.code, message: d.message, hint: d.hint } };
+        const { rule, code, message, hint, record } = d;
+        return { i, spec, refusal: { decision: 'deny', rule, code, message, hint, ...(record ? { record } : {}) } };
       }
       a = admit(ctx, policy, caller, spec, d.rule);
       if (spec.name !== null && ctx.kernel.linkNamed(spec.name)) return { i, refusal: null };

@@ -116,9 +116,18 @@ export interface Ask {
   group?: number | null;
 }
 
-export type Decision =
-  | { allow: true; rule: AllowRule }
-  | { allow: false; code: ErrorCode; rule: string | null; message: string; hint: string };
+/**
+ * A refusal as the caller is told it. `record`, where present, is what the audit record says instead: a deny
+ * the caller is not told of (see decide), with the rule that decided.
+ */
+export type Refusal = {
+  allow: false; code: ErrorCode; rule: string | null; message: string; hint: string;
+  record?: { rule: string; message: string };
+};
+export type Decision = { allow: true; rule: AllowRule } | Refusal;
+
+/** The rule and message of a refusal's audit record. */
+export const recorded = (d: Refusal) => d.record ?? { rule: d.rule, message: d.message };
 
 /** An allow rule's selector: the caller's uid, or a group the calling process holds (kernel's list). */
 export function matches(who: Selector, caller: Caller): boolean {
@@ -271,14 +280,18 @@ function escapeRe(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
-/** What a deny rule covers, in words: `bridges br0; networks lab`, `every Linux bridge` or `everything`. */
-export function denyScope(policy: Policy, d: DenyRule): string {
+/**
+ * What a deny rule covers, in words: `bridges br0; networks lab`, `every Linux bridge` or `everything`;
+ * `caller`: as the caller it names is told it (networks by name only).
+ */
+export function denyScope(policy: Policy, d: DenyRule, caller = false): string {
   const bridges = d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge'
     : d.bridges ? `bridges ${d.bridges.join(', ')}` : '';
   // A network's deny closes its segment whatever way leads onto it (denyCovers): said where it is a device.
   const segment = (n: string) => {
     const t = networkTarget(policy.networks.get(n));
-    if (t === null || t.kind === 'hook') return n;
+    // A caller is told its deny's networks by name: where they lead is the policy's to tell (rv39).
+    if (t === null || t.kind === 'hook' || caller) return n;
     const vlan = t.kind === 'ovs' ? (t.vlans === 'all' ? '' : ` VLAN ${t.vlans.join(', ')}`)
       : t.vlan !== null ? ` VLAN ${t.vlan}` : '';
     return `${n} (and ${t.kind === 'ovs' ? 'Open vSwitch bridge' : 'bridge'} ${t.name}${vlan} itself)`;
@@ -311,46 +324,42 @@ export function decide(
   // A tap given to a group reaches every member (whoever holds the group opens it): a deny that keeps one
   // of them off the target refuses it.
   const shared = !deny && ask.group != null ? sharedDeny(policy, ask.group, target) : null;
+  const mine = policy.allow.filter((r) => matches(r.who, caller));
+  const forTarget = mine.filter((r) => grantsTarget(r, ask));
   if (shared) {
-    return {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: shared.deny.name,
+    const record = {
+      rule: shared.deny.name,
       message: `denied by rule \`${shared.deny.name}': the tap would be given to group ${ask.group}, and the rule `
         + `keeps ${shared.who} off ${what}`,
-      hint: 'give it to no group, or to a group whose members may all use it',
+    };
+    if (forTarget.length === 0) return { ...unmatched(caller, ask, what, mine), record };
+    // Told without the rule or the member (rv39): a deny about another user is not the caller's to read.
+    return {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: null,
+      message: `a deny rule keeps a member of group ${ask.group} off ${what}, and the tap would reach every member`,
+      hint: 'give it to no group, or to a group whose members may all use it', record,
     };
   }
   if (deny) {
-    const scope = denyScope(policy, deny);
-    // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
-    const whole = scope === 'everything' || (target.kind === 'bridge' && !ask.network
-      && scope.startsWith('every Linux bridge'));
     const onto = target.network !== null && target.kind !== 'unknown'
       ? ` (network \`${target.network}' is ${target.kind} ${target.name})`
       : '';
+    const message = `denied by rule \`${deny.name}'${onto}`;
+    // A caller no rule gives this target is told what it would be told without the deny (rv39): a deny must not
+    // tell it which networks exist, or where they lead.
+    if (forTarget.length === 0) return { ...unmatched(caller, ask, what, mine), record: { rule: deny.name, message } };
+    const scope = denyScope(policy, deny, true);
+    // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
+    const whole = scope === 'everything' || (target.kind === 'bridge' && !ask.network
+      && scope.startsWith('every Linux bridge'));
     return {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message: `denied by rule \`${deny.name}'${onto}`,
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message,
       hint: `the deny rule covers ${scope}${whole
         ? '; only an administrator can change it'
         : `; another ${targetNoun(ask).replace(/s$/, '')} may be allowed`}`,
     };
   }
-  const mine = policy.allow.filter((r) => matches(r.who, caller));
-  if (mine.length === 0) {
-    return {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: 'no rule matched',
-      hint: `no rule names uid ${caller.uid} or any of its groups; ask an administrator to add one`,
-    };
-  }
-  const forTarget = mine.filter((r) => grantsTarget(r, ask));
-  if (forTarget.length === 0) {
-    const allowed = [...new Set(mine.flatMap((r) => targets(r, ask)))];
-    return {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: `no rule matched ${what}`,
-      hint: allowed.length
-        ? `your rules allow ${targetNoun(ask)}: ${allowed.join(', ')}`
-        : `your rules allow no ${targetNoun(ask)}`,
-    };
-  }
+  if (forTarget.length === 0) return unmatched(caller, ask, what, mine);
   let first: Decision | null = null;
   for (const rule of forTarget) {
     const refusal = refuse(rule, caller, ask, live(rule.name));
@@ -358,6 +367,23 @@ export function decide(
     first ??= refusal;
   }
   return first!;
+}
+
+/** No allow rule of the caller's gives it the target. */
+function unmatched(caller: Caller, ask: Ask, what: string, mine: readonly AllowRule[]): Refusal {
+  if (mine.length === 0) {
+    return {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: 'no rule matched',
+      hint: `no rule names uid ${caller.uid} or any of its groups; ask an administrator to add one`,
+    };
+  }
+  const allowed = [...new Set(mine.flatMap((r) => targets(r, ask)))];
+  return {
+    allow: false, code: 'TB_E_POLICY_DENIED', rule: null, message: `no rule matched ${what}`,
+    hint: allowed.length
+      ? `your rules allow ${targetNoun(ask)}: ${allowed.join(', ')}`
+      : `your rules allow no ${targetNoun(ask)}`,
+  };
 }
 
 function refuse(rule: AllowRule, caller: Caller & { user?: string | null }, ask: Ask, live: number): Decision | null {

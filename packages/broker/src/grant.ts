@@ -7,7 +7,7 @@ import {
 import { admit, firstRefused, macElsewhere, type Admitted } from './admission.js';
 import type { Audit } from './audit.js';
 import type { Meter } from './fairness.js';
-import { decide, type AllowRule, type Policy } from './decide.js';
+import { decide, recorded, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import { kernelBound, leaseTag, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
 import { randomMac, tapName } from './naming.js';
@@ -120,7 +120,8 @@ async function grantEach(
   const refused = nics.length > 1 ? firstRefused(ctx, policy, caller, nics) : null;
   if (refused?.refusal) {
     const { spec, refusal: r } = refused;
-    audit({ decision: r.decision, rule: r.rule, request: specView(spec), code: r.code, message: r.message });
+    const record = r.record ?? { rule: r.rule, message: r.message };
+    audit({ decision: r.decision, request: specView(spec), code: r.code, ...record });
     throw new TapbrokerError(r.code, `NIC ${refused.i}: ${r.message}`, {
       ...(r.rule ? { rule: r.rule } : {}), ...(r.hint ? { hint: r.hint } : {}), nic: refused.i,
     });
@@ -209,10 +210,9 @@ async function grantOne(
     if (!decision.allow) {
       audit({
         decision: 'deny',
-        rule: decision.rule,
         request: specView(spec),
         code: decision.code,
-        message: decision.message,
+        ...recorded(decision),
       });
       audited = true;
       throw new TapbrokerError(decision.code, decision.message, {

@@ -14,7 +14,7 @@ import { expectedMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
 import { Unplugs } from './plug.js';
-import { decide, type Ask, type Decision, type Policy } from './decide.js';
+import { decide, recorded, type Ask, type Decision, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
@@ -471,7 +471,7 @@ export class Lifetimes implements Cleanup {
         // lost events, none comes at all).
         return this.judge(converted, link);
       }
-      refused = d.message;
+      refused = recorded(d).message;
     }
     const why = {
       persist: `its holder made it persistent, which the policy does not allow (${refused})`,

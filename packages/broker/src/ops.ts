@@ -7,7 +7,7 @@ import {
 import { encodeReply } from '@tapbroker/protocol/requests';
 import type { Audit } from './audit.js';
 import type { Fairness } from './fairness.js';
-import { decide, matches, type Policy } from './decide.js';
+import { decide, denyScope, matches, matchesDeny, recorded, type Policy } from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
 import { leaseView } from './leases.js';
@@ -191,11 +191,11 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
   ctx.audit.record({
     op: 'can',
     decision: 'dry-run',
-    rule: d.allow ? d.rule.name : d.rule,
+    rule: d.allow ? d.rule.name : recorded(d).rule,
     caller,
     policy: policy.sha256,
     request: specView(spec),
-    message: d.allow ? 'would grant' : `would deny: ${d.message}`,
+    message: d.allow ? 'would grant' : `would deny: ${recorded(d).message}`,
     ...(d.allow ? {} : { code: d.code }),
   });
   const reply: Reply = d.allow
@@ -238,6 +238,8 @@ function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
     user: caller.user,
     leases: ctx.lifetimes.visible(caller.uid).length,
     rules,
+    denies: ctx.policy.deny.filter((d) => matchesDeny(d.who, caller))
+      .map((d) => ({ rule: d.name, covers: denyScope(ctx.policy, d, true) })),
     connections: caller.uid === 0 ? ctx.connections : null,
   };
   return { reply, fds: [] };

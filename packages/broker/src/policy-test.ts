@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { EX, MACVTAP_MODES, TapbrokerError, type ErrorCode, type MacvtapMode, type Nic } from '@tapbroker/protocol';
 import type { Identity } from './identity.js';
 import { getgrnam, getpwnam, getpwuid } from './libc.js';
-import { decide, type Caller, type Policy } from './decide.js';
+import { decide, recorded, type Caller, type Policy } from './decide.js';
 import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
 import { didYouMean, lineIndex } from './policy-text.js';
 import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
@@ -275,7 +275,7 @@ export function runCase(policy: Policy, c: Case): CaseResult {
           decision: 'allow', rule: d.rule.name, line: d.rule.line, code: null,
           message: `rule \`${d.rule.name}' would grant it`, hint: null,
         }
-      : { decision: 'deny', rule: d.rule, line: lineOfRule(d.rule), code: d.code, message: d.message, hint: d.hint };
+      : { decision: 'deny', ...recorded(d), line: lineOfRule(recorded(d).rule), code: d.code, hint: d.hint };
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
     // A grammar error (refused before deciding, no rule) or a port that cannot be locked (its rule's).

@@ -647,6 +647,9 @@ async function statusCommand(client: TapbrokerClient, json: boolean): Promise<nu
     ...(s.connections !== null ? [`clients:  ${s.connections} connection${s.connections === 1 ? '' : 's'}`] : []),
     s.rules.length === 0 ? 'rules:    none applies to you: the broker will refuse your requests'
       : `rules:    ${s.rules.map((r) => `${r.rule} (${r.used} of ${r.max_devices} devices)`).join(', ')}`,
+    // Deny wins: a rule above grants nothing a deny here covers.
+    ...s.denies.map((d) => `denied:   by rule ${d.rule}: ${d.covers}${d.covers === 'everything'
+      ? ' (the broker will refuse your requests)' : ''}`),
   ];
   process.stdout.write(`${lines.join('\n')}\n`);
   return 0;

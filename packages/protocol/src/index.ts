@@ -5,7 +5,7 @@ export {
   Request, HelloRequest, CreateTapRequest, CreateMacvtapRequest, CreateRequest, Nic, ListRequest, ReleaseRequest,
   ReloadRequest, CanRequest, StatusRequest,
   Reply, HelloReply, CreateTapReply, CreateMacvtapReply, CreateReply, ListReply, ReleaseReply, ReloadReply, CanReply,
-  StatusReply, RuleStanding, ErrorReply,
+  StatusReply, RuleStanding, DenyStanding, ErrorReply,
   Device, Lease, MACVTAP_MODES, LEASE_ENDS, describeIssues, type Op, type MacvtapMode, type TapDevice,
 } from './messages.js';
 export { encodeFrame, decodeFrame, decodeRequest, decodeReply, scanFrame, MAX_DEPTH, type Decoded } from './codec.js';

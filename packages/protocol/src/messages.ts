@@ -211,6 +211,12 @@ export const RuleStanding = z.strictObject({
   max_devices: z.number().int().min(0),
 });
 
+/** A deny rule that names the caller, and what it covers (networks by name): the caller's own to know. */
+export const DenyStanding = z.strictObject({
+  rule: Text(128),
+  covers: Text(4096),
+});
+
 export const StatusReply = z.strictObject({
   op: z.literal('status'),
   id: Id,
@@ -224,6 +230,8 @@ export const StatusReply = z.strictObject({
   /** The caller's live leases (root: everyone's). */
   leases: z.number().int().min(0),
   rules: z.array(RuleStanding).max(4096),
+  /** Deny rules that name the caller: deny wins over every rule above. */
+  denies: z.array(DenyStanding).max(4096),
   /** Open connections: for root only, null for others. */
   connections: z.number().int().min(0).nullable(),
 });

@@ -321,6 +321,17 @@ export const REPLY_SHAPE: Shape = {
           "min": 0,
           "max": 4096,
         },
+        "denies": {
+          "t": "array",
+          "of": {
+            "t": "object",
+            "fields": {"rule":{"t":"string","max":128},"covers":{"t":"string","max":4096}},
+            "optional": [],
+            "defaults": {},
+          },
+          "min": 0,
+          "max": 4096,
+        },
         "connections": {"t":"nullable","of":{"t":"number","int":true,"min":0,"max":9007199254740991}},
       },
       "optional": [],
