@@ -40,6 +40,25 @@ test('run exits with the command\'s exit status', (t) => {
   t.is(tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'exit 3']).code, 3);
 });
 
+// Found by an outside review: a device line that could not be written to stderr (a full disk, a log pipe whose
+// reader died) crashed the client right after it started qemu: qemu ran on orphaned, its status lost, or (a
+// macvtap) lost its device under it.
+test('run outlives a stderr it cannot write to: it waits for the command and exits with its status', async (t) => {
+  const full = fs.openSync('/dev/full', 'w');
+  try {
+    const r = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'run', '--socket', fx.broker.socket,
+      '--net', 'bridge=br0', '--', 'sh', '-c', 'sleep 0.3; exit 7'], { stdio: ['ignore', 'ignore', full], timeout: 20_000 });
+    t.is(r.status, 7, 'stderr on /dev/full (ENOSPC)');
+  } finally {
+    fs.closeSync(full);
+  }
+  const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', fx.broker.socket, '--net', 'bridge=br0',
+    '--', 'sh', '-c', 'sleep 0.3; exit 5'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  child.stderr!.destroy();
+  const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+  t.is(code, 5, 'stderr a pipe whose reader is gone (EPIPE)');
+});
+
 test('TAPBROKER_SOCKET names the socket when --socket is absent', (t) => {
   t.is(tapbroker(['run', '--net', 'bridge=br0', '--', 'true'], { TAPBROKER_SOCKET: fx.broker.socket }).code, 0);
 });
@@ -228,6 +247,20 @@ test('usage errors exit 64 with why, that command\'s usage alone and where to re
   t.is(unknown.stderr, 'tapbroker: TB_E_USAGE: unknown command `frobnicate\'\nsee tapbroker --help\n');
 });
 
+// Found by an outside review: qemu refused the default id net0 as a duplicate of the user's own -netdev only
+// once it ran, after the tap was made, and nothing said how to avoid it.
+test('a netdev id COMMAND makes itself: a usage error naming the fix, before any broker is asked', (t) => {
+  const r = tapbroker(['run', '--socket', '/nonexistent/tb.sock', '--net', 'bridge=br0', '--', 'qemu-system-x86_64',
+    '-netdev', 'user,id=net0', '-device', 'e1000,netdev=net0']);
+  t.is(r.code, 64);
+  t.regex(r.stderr, /^tapbroker: TB_E_USAGE: netdev id `net0' of --net SPEC 1 is also the id of a -netdev or -nic in COMMAND: give the SPEC another \(bridge=br0,id=tbnet0\)/);
+  t.notRegex(r.stderr, /TB_E_CONNECT/);
+  // A -device naming net0 (model=none: the user's own device on the broker's netdev) is no clash.
+  const own = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0,model=none', '--', 'sh', '-c', 'exit 0',
+    'sh', '-device', 'e1000,netdev=net0']);
+  t.is(own.code, 0, own.stderr);
+});
+
 test('two NICs with one MAC on one bridge: a usage error, before any broker is asked', (t) => {
   const mac = 'mac=52:54:00:00:00:42';
   // A socket that does not exist: asking the broker would be TB_E_CONNECT (69).
@@ -387,6 +420,43 @@ test.serial('create --exist-ok: one\'s own device made the same way is success, 
     t.is(noName.code, 64);
     t.regex(noName.stderr, /--exist-ok needs --name/);
     t.is(tapbroker(['release', name, '--socket', eb.socket]).code, 0);
+  } finally {
+    await eb?.stop();
+    ens.destroy();
+  }
+});
+
+// Found by an outside review: --exist-ok took a macvtap of another mode, or a tap given to another group, for the
+// device asked for (a unit's changed NAME.conf then kept the old one).
+test.serial('create --exist-ok compares a macvtap\'s mode and the group a tap was given to', async (t) => {
+  const ens = Netns.create('cliex2');
+  ens.bridge('br0');
+  ens.ip('link', 'add', 'vparent', 'type', 'veth', 'peer', 'name', 'vpeer');
+  ens.ip('link', 'set', 'vparent', 'up');
+  const policy = `[[rule]]\nname = "keep"\nusers = [${NOBODY}]\nbridges = ["br0"]\npersistent = true\n`
+    + 'macvtap = [{ parent = "vparent", modes = ["bridge", "vepa"] }]\n';
+  let eb: BrokerProcess | undefined;
+  // In the broker's namespace, where the client sees the device's group; in group 64100.
+  const create = (name: string, ...more: string[]) => {
+    const r = spawnSync('ip', ['netns', 'exec', ens.name, 'setpriv', ...setprivArgs({ groups: [64100] }), process.execPath,
+      CLIENT_CLI, 'create', '--persistent', '--name', name, '--socket', eb!.socket, '--exist-ok', ...more],
+    { encoding: 'utf8', timeout: 20_000 });
+    return { code: r.status, stderr: r.stderr };
+  };
+  try {
+    eb = await BrokerProcess.start(ens, policy, { tag: 'cli-exist2' });
+    const mv = `tb${NOBODY}-mv0`;
+    t.is(create(mv, '--macvtap', 'vparent', '--mode', 'vepa').code, 0);
+    t.is(create(mv, '--macvtap', 'vparent', '--mode', 'vepa').code, 0, 'the same mode: success');
+    const mode = create(mv, '--macvtap', 'vparent', '--mode', 'bridge');
+    t.is(mode.code, 65, 'another mode is not the same device');
+    t.regex(mode.stderr, /exists but is not what you ask: mode vepa, not bridge\n/);
+    const tap = `tb${NOBODY}-g0`;
+    t.is(create(tap, '--bridge', 'br0', '--group', '64100').code, 0);
+    t.is(create(tap, '--bridge', 'br0', '--group', '64100').code, 0, 'the same group: success');
+    const none = create(tap, '--bridge', 'br0');
+    t.is(none.code, 65);
+    t.regex(none.stderr, /exists but is not what you ask: given to group 64100, not to none\n/);
   } finally {
     await eb?.stop();
     ens.destroy();

@@ -7,7 +7,8 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import {
-  PROTOCOL_VERSION, TapbrokerError, checkIfName, checkNetworkName, exitFlushed, keepInspectorShut, sys,
+  PROTOCOL_VERSION, TapbrokerError, checkIfName, checkNetworkName, dropUnwritableOutput, exitFlushed, keepInspectorShut,
+  sys,
 } from '@tapbroker/protocol/lite';
 import { TapbrokerClient, closeTap } from './client.js';
 
@@ -170,6 +171,7 @@ function helperTimeout(): number {
 
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
   keepInspectorShut();
+  dropUnwritableOutput();
   helperMain(process.argv.slice(2)).then((code) => exitFlushed(code), (err: Error) => {
     process.stderr.write(`tapbroker-bridge-helper: internal error: ${err.stack}\n`);
     process.exit(1);

@@ -9,6 +9,7 @@ import {
   MACVTAP_MODES,
   PROTOCOL_VERSION,
   TapbrokerError,
+  dropUnwritableOutput,
   exitFlushed,
   keepInspectorShut,
   checkIfName,
@@ -198,6 +199,13 @@ export function parseArgs(argv: readonly string[]): Args {
   const ids = out.nets.map((n, k) => n.id ?? `net${k}`);
   const dup = ids.find((id, k) => ids.indexOf(id) !== k);
   if (dup) throw new TapbrokerError('TB_E_USAGE', `netdev id \`${dup}' used twice`);
+  // qemu refuses a second netdev of one id only once it runs, after the devices were made (an outside review).
+  const theirs = commandNetdevIds(out.argv);
+  const clash = out.nets.findIndex((_, k) => theirs.has(ids[k]!));
+  if (clash >= 0) {
+    throw new TapbrokerError('TB_E_USAGE', `netdev id \`${ids[clash]}' of --net SPEC ${clash + 1} is also the id of `
+      + `a -netdev or -nic in COMMAND: give the SPEC another (${target(out.nets[clash]!)},id=tb${ids[clash]})`);
+  }
   if (command !== 'can') {
     // Two guest NICs with one MAC on one segment confuse every switch and guest; `can' weighs SPECs one by one.
     const where = out.nets.map((n) => (n.mac ? `${n.network ? 'network' : 'link'}:${n.parent}/${n.mac}` : null));
@@ -209,6 +217,16 @@ export function parseArgs(argv: readonly string[]): Args {
     }
   }
   return out;
+}
+
+/** The ids of the netdevs a qemu command line makes itself (`-netdev …,id=X`, `-nic …,id=X`). */
+function commandNetdevIds(argv: readonly string[]): Set<string> {
+  const ids = new Set<string>();
+  argv.forEach((a, k) => {
+    if (!/^--?(netdev|nic)$/.test(a) || k + 1 >= argv.length) return;
+    for (const opt of argv[k + 1]!.split(',')) if (opt.startsWith('id=')) ids.add(opt.slice(3));
+  });
+  return ids;
 }
 
 /** The qemu arguments for granted taps (or, with `taps` null, for the specs alone). */
@@ -604,18 +622,38 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
  * `create --exist-ok`: the caller's own persistent device named `o.name`, made as `o` asks (kind, parent or
  * network, queues, and the MAC when one is given), as a device to print; null when it is not that.
  */
+/**
+ * The group a tap was given to, as the kernel shows it (`/sys/class/net/NAME/group`; the lease does not carry
+ * it), or null: none, or where this process cannot see the device (another namespace: then not compared).
+ */
+function givenTo(l: Lease): number | null | undefined {
+  try {
+    const dir = `/sys/class/net/${l.name}`;
+    if (Number(fs.readFileSync(`${dir}/ifindex`, 'utf8')) !== l.ifindex) return undefined;
+    const g = Number(fs.readFileSync(`${dir}/group`, 'utf8'));
+    return g < 0 || g === 0xffffffff ? null : g;
+  } catch {
+    return undefined;
+  }
+}
+
 async function sameDevice(client: TapbrokerClient, o: LeaseArgs): Promise<Device | null> {
   const { leases } = await client.list();
   const l = leases.find((x) => x.name === o.name && x.ends === 'release');
   if (!l) return null;
   const kind = o.macvtap !== null ? 'macvtap' : 'tap';
   const where = o.network !== null ? `network ${o.network}` : `${o.bridge ?? o.macvtap}`;
+  const group = l.kind === 'tap' ? givenTo(l) : undefined;
   const differs = [
     l.kind !== kind && `a ${l.kind}, not a ${kind}`,
     (o.network !== null ? l.network !== o.network : l.network !== null || l.parent !== (o.bridge ?? o.macvtap))
       && `on ${l.network !== null ? `network ${l.network}` : l.parent}, not ${where}`,
     l.queues !== o.queues && `${l.queues} queue${l.queues === 1 ? '' : 's'}, not ${o.queues}`,
     o.mac !== null && l.mac !== o.mac && `MAC ${l.mac ?? '(the guest\'s own)'}, not ${o.mac}`,
+    l.kind === 'macvtap' && kind === 'macvtap' && l.mode !== (o.mode ?? 'bridge')
+      && `mode ${l.mode}, not ${o.mode ?? 'bridge'}`,
+    group !== undefined && kind === 'tap' && group !== o.group
+      && `given to ${group === null ? 'no group' : `group ${group}`}, not to ${o.group === null ? 'none' : `group ${o.group}`}`,
   ].filter((x): x is string => typeof x === 'string');
   if (differs.length > 0) {
     throw new TapbrokerError('TB_E_DEVICE_EXISTS', `your device ${o.name} exists but is not what you ask: `
@@ -741,6 +779,7 @@ async function canCommand(args: Args): Promise<number> {
 // Run when executed directly (not when imported by tests).
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
   keepInspectorShut();
+  dropUnwritableOutput();
   main(process.argv.slice(2)).then((code) => exitFlushed(code), (err: Error) => {
     process.stderr.write(`tapbroker: internal error: ${err.stack}\n`);
     process.exit(EXIT.SOFTWARE);

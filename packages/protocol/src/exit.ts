@@ -12,6 +12,15 @@ export function keepInspectorShut(onSignal: () => void = () => {}): void {
   process.on('SIGUSR1', onSignal);
 }
 
+/**
+ * Output that cannot be written (a full disk, a log pipe whose reader died) is dropped: it must never end the
+ * process, which may hold a VM's devices and be the only one to pass signals on to it. Node reports a failed
+ * write as an `'error'` event, which unhandled ends the process. Call it first thing.
+ */
+export function dropUnwritableOutput(): void {
+  for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {});
+}
+
 /** Exits with `code` once everything written to stdout and stderr has left. */
 export function exitFlushed(code: number): void {
   let pending = 2;
