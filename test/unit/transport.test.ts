@@ -106,3 +106,31 @@ test('a reset reported ahead of queued fds does not end the drain as if the queu
     pushed.close();
   }
 });
+
+// Found by an outside review: a client that closed with a reply unread between the broker's peek at its next
+// request and the read that takes it off made that read fail with ECONNRESET, after the pending receive was
+// cleared: nothing answered it, and the session (its socket, pidfd and connection slot) waited for ever. The
+// reset is the kernel's own; only its timing is forced here, by closing the client inside the peek.
+test('a reset between the peek and the read ends the receive, as the end of the connection', async (t) => {
+  const { conn, client } = connection();
+  try {
+    sys.sendMsg(client, { data: Buffer.from('request') }, sys.MSG_NOSIGNAL);
+    sys.sendMsg(conn.fd, { data: Buffer.from('reply') }, sys.MSG_NOSIGNAL);
+    const receiver = (conn as unknown as { receiver: sys.Receiver }).receiver;
+    const recv = receiver.recv.bind(receiver);
+    let peeked = false;
+    receiver.recv = (fd, flags) => {
+      const m = recv(fd, flags);
+      if (!peeked && (flags & sys.MSG_PEEK) !== 0 && m !== null) {
+        peeked = true;
+        sys.close(client);
+      }
+      return m;
+    };
+    const got = await Promise.race([conn.receive(), new Promise<'pending'>((r) => setTimeout(() => r('pending'), 2000))]);
+    t.true(peeked);
+    t.is(got, null, 'the receive is answered: the end of the connection');
+  } finally {
+    conn.close();
+  }
+});

@@ -340,6 +340,10 @@ export class SeqpacketConnection {
       try {
         this.receiver.recv(this.fd, sys.MSG_DONTWAIT);
       } catch (err) {
+        // The peer left between the peek and this read, its reply unread (ECONNRESET): the end, as above. The
+        // receive is answered either way: left pending, its session waited for ever, holding a connection slot.
+        if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) return pr.resolve(null);
+        pr.reject(err as Error);
         return this.fail(err as Error);
       }
       pr.resolve({ data, fds: [], truncated: (flags & sys.MSG_TRUNC) !== 0, fdsTruncated: false });
