@@ -255,6 +255,15 @@ test('a netdev id COMMAND makes itself: a usage error naming the fix, before any
   t.is(r.code, 64);
   t.regex(r.stderr, /^tapbroker: TB_E_USAGE: netdev id `net0' of --net SPEC 1 is also the id of a -netdev or -nic in COMMAND: give the SPEC another \(bridge=br0,id=tbnet0\)/);
   t.notRegex(r.stderr, /TB_E_CONNECT/);
+  // The JSON form and the legacy -net make netdevs too; `,,' is a comma inside a value, not a new option.
+  for (const theirs of [['-netdev', '{"id":"net0","type":"user"}'], ['-net', 'user,id=net0']]) {
+    const r2 = tapbroker(['run', '--socket', '/nonexistent/tb.sock', '--net', 'bridge=br0', '--', 'qemu-system-x86_64',
+      ...theirs]);
+    t.is(r2.code, 64, theirs.join(' '));
+  }
+  const escaped = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'exit 0',
+    'sh', '-netdev', 'user,hostname=a,,id=net0']);
+  t.is(escaped.code, 0, escaped.stderr);
   // A -device naming net0 (model=none: the user's own device on the broker's netdev) is no clash.
   const own = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0,model=none', '--', 'sh', '-c', 'exit 0',
     'sh', '-device', 'e1000,netdev=net0']);

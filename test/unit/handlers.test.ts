@@ -709,11 +709,18 @@ test('records after a hello carry the name the client gave itself, control and n
       const got = (await conn.receive())!;
       fds.push(...got.fds);
       t.is(decodeReply(got.data).op, 'create-tap');
+      // A second hello does not rename the connection's client (an outside re-test).
+      await conn.send(encodeFrame({ op: 'hello', id: 3, version: PROTOCOL_VERSION, client: 'renamed' }));
+      await conn.receive();
+      await conn.send(encodeFrame({ op: 'create-tap', id: 4, bridge: 'br1' }));
+      fds.push(...(await conn.receive())!.fds);
     }
     const grants = records.filter((r) => r.decision === 'grant');
-    t.is(grants.length, 2);
+    t.is(grants.length, 4);
     t.is(grants[0]!.client, 'vm?[2J?manager');
-    t.false('client' in grants[1]!, 'a hello without a name leaves the field out');
+    t.is(grants[1]!.client, 'vm?[2J?manager', 'not renamed by a second hello');
+    t.false('client' in grants[2]!, 'a hello without a name leaves the field out');
+    t.false('client' in grants[3]!, 'and a later hello does not add one');
   } finally {
     for (const c of conns) c.close();
     for (const fd of fds) fs.closeSync(fd);

@@ -103,6 +103,32 @@ bridges = ["br1"]
   if (!byGroup.allow) t.is(recorded(byGroup).rule, 'no-3002');
 });
 
+// Found by an outside re-test: the search for a member a deny keeps off the target walks the group's members,
+// and ran for callers with no rule for the target too: its time (60 µs with 3,000 members) told them which
+// targets another user's deny covers. It runs only where the caller may use the target.
+test('decide: a group\'s members are looked at only where the caller has a rule for the target', (t) => {
+  let looked = 0;
+  const p = { ...parsePolicy(`
+[[rule]]
+name = "team"
+groups = [3001]
+bridges = ["br1"]
+persistent = true
+
+[[deny]]
+name = "no-2004"
+users = [2004]
+bridges = ["br0", "br1"]
+`), membersOf: (gid: number) => (looked++, new Set(gid === 3001 ? [2001, 2004] : [])) };
+  const alice = caller(2001, 2001, [3001]);
+  const d = decide(p, alice, ask({ parent: 'br0', persistent: true, group: 3001 }), none);
+  t.false(d.allow);
+  if (!d.allow) t.is(d.message, 'no rule matched bridge `br0\'');
+  t.is(looked, 0, 'no rule of alice\'s gives br0: the members are not looked at');
+  t.false(decide(p, alice, ask({ parent: 'br1', persistent: true, group: 3001 }), none).allow);
+  t.is(looked, 1, 'br1 is alice\'s: they are');
+});
+
 // Found by an outside review: a deny told a caller which networks the policy defines and where they lead (a
 // bridge, a hook's path), where no rule gives the caller that network: it is now told what it would be without
 // the deny, and the record names the deny.

@@ -321,18 +321,18 @@ export function decide(
       : `macvtap parent \`${ask.parent}'`;
   const target = resolveTarget(policy, ask);
   const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
-  // A tap given to a group reaches every member (whoever holds the group opens it): a deny that keeps one
-  // of them off the target refuses it.
-  const shared = !deny && ask.group != null ? sharedDeny(policy, ask.group, target) : null;
   const mine = policy.allow.filter((r) => matches(r.who, caller));
   const forTarget = mine.filter((r) => grantsTarget(r, ask));
+  // A tap given to a group reaches every member (whoever holds the group opens it): a deny that keeps one
+  // of them off the target refuses it. Looked for only where the caller may use the target: the search walks
+  // the group's members, and its time told a caller with no rule there which targets a deny covers (rv40).
+  const shared = !deny && ask.group != null && forTarget.length > 0 ? sharedDeny(policy, ask.group, target) : null;
   if (shared) {
     const record = {
       rule: shared.deny.name,
       message: `denied by rule \`${shared.deny.name}': the tap would be given to group ${ask.group}, and the rule `
         + `keeps ${shared.who} off ${what}`,
     };
-    if (forTarget.length === 0) return { ...unmatched(caller, ask, what, mine), record };
     // Told without the rule or the member (rv39): a deny about another user is not the caller's to read.
     return {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: null,

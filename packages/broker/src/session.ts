@@ -264,8 +264,9 @@ export class Session {
       return this.replyError(req.id, err, req.op !== 'hello');
     }
     if (req.op === 'hello') {
+      // The first hello names the client for the connection's records; a later one cannot rename it.
+      if (!this.helloed && req.client !== undefined) this.caller.client = req.client.replace(/[^\x20-\x7e]/g, '?');
       this.helloed = true;
-      if (req.client !== undefined) this.caller.client = req.client.replace(/[^\x20-\x7e]/g, '?');
       if (this.timer) clearTimeout(this.timer);
     }
     try {

@@ -219,12 +219,27 @@ export function parseArgs(argv: readonly string[]): Args {
   return out;
 }
 
-/** The ids of the netdevs a qemu command line makes itself (`-netdev …,id=X`, `-nic …,id=X`). */
+/**
+ * The ids of the netdevs a qemu command line makes itself: `-netdev`, `-nic` and `-net` with `id=X` (`,,` is
+ * a comma within a value, as qemu reads it), and `-netdev` in JSON (`{"id": "X", …}`).
+ */
 function commandNetdevIds(argv: readonly string[]): Set<string> {
   const ids = new Set<string>();
   argv.forEach((a, k) => {
-    if (!/^--?(netdev|nic)$/.test(a) || k + 1 >= argv.length) return;
-    for (const opt of argv[k + 1]!.split(',')) if (opt.startsWith('id=')) ids.add(opt.slice(3));
+    const value = argv[k + 1];
+    if (!/^--?(netdev|nic|net)$/.test(a) || value === undefined) return;
+    if (value.startsWith('{')) {
+      try {
+        const id = (JSON.parse(value) as { id?: unknown }).id;
+        if (typeof id === 'string') ids.add(id);
+      } catch {
+        // Not JSON qemu would take either: qemu says why.
+      }
+      return;
+    }
+    for (const opt of value.replaceAll(',,', '\0').split(',')) {
+      if (opt.startsWith('id=')) ids.add(opt.slice(3).replaceAll('\0', ','));
+    }
   });
   return ids;
 }
