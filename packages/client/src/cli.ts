@@ -668,7 +668,8 @@ async function sameDevice(client: TapbrokerClient, o: LeaseArgs): Promise<Device
     l.kind === 'macvtap' && kind === 'macvtap' && l.mode !== (o.mode ?? 'bridge')
       && `mode ${l.mode}, not ${o.mode ?? 'bridge'}`,
     group !== undefined && kind === 'tap' && group !== o.group
-      && `given to ${group === null ? 'no group' : `group ${group}`}, not to ${o.group === null ? 'none' : `group ${o.group}`}`,
+      && `given to ${group === null ? 'no group' : `group ${group}`}, `
+        + `not to ${o.group === null ? 'none' : `group ${o.group}`}`,
   ].filter((x): x is string => typeof x === 'string');
   if (differs.length > 0) {
     throw new TapbrokerError('TB_E_DEVICE_EXISTS', `your device ${o.name} exists but is not what you ask: `
