@@ -93,7 +93,7 @@ t0('an OVS port that cannot be removed is tried again, and its name is given to 
     await meanwhile.release();
     ovs.pauseDb(false);
     paused = false;
-    await broker.waitFor(() => broker.records.some((r) => r.decision === 'cleanup' && r.message === 'unplugged from its network'
+    await broker.waitFor(() => broker.records.some((r) => r.decision === 'unplug' && r.message === 'unplugged from its network'
       && (r.device as { name?: string } | undefined)?.name === name), 30_000, 'the port was never removed');
     t.is(portOf(name), null, 'the stale port is gone');
     const again = await probe({ socket: broker.socket, requests: [{ network: 'prod', name }] });

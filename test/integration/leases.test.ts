@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { BrokerProcess, tempDir } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+import { until } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 const OPEN_TAP = path.join(path.dirname(fileURLToPath(import.meta.url)), '../helpers/open-tap.js');
@@ -169,6 +170,37 @@ test.serial('a tap its fds keep alive is not written to the lease table; after a
   await broker.waitFor(() => ns.link(name) === undefined, 2000, 'the tap outlived its fds');
   const listed = (await probeOnce({ socket: sock(), list: true }, { uid: B })).leases!;
   t.deepEqual(listed, [], 'its lease ended with its last fd');
+});
+
+// Found by an outside review of the audit trail: a tap kept in memory only whose VM exited while the broker was
+// stopped went with nothing on disk to say it had been, and its end was never recorded. A stop now writes every
+// live lease; the start records the end of those whose device is gone, and its first write leaves the rest out.
+test.serial('a tap its fds keep alive that goes while the broker is stopped: the next start records its end', async (t) => {
+  const gone = await probe({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: B });
+  const kept = await probe({ socket: sock(), requests: [{ bridge: 'br0' }] }, { uid: B });
+  const goneName = gone.result.taps[0]!.device.name;
+  const keptName = kept.result.taps[0]!.device.name;
+  try {
+    t.false(tableNames().includes(goneName), 'memory only while the broker runs');
+    await broker.stop('SIGTERM', true);
+    t.deepEqual(tableNames().filter((n) => n === goneName || n === keptName).sort(), [goneName, keptName].sort(),
+      'the stop wrote every live lease');
+    await gone.release();
+    await until(() => ns.link(goneName) === undefined || null, { ms: 2000, what: 'the tap to go with its fds' });
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    const end = await broker.record((r) => r.op === 'reconcile' && (r.device as { name?: string })?.name === goneName);
+    t.regex(end.message!, /the device is gone; lease dropped/);
+    t.false(tableNames().includes(goneName), 'the file no longer holds the stop\'s leases');
+    t.false(tableNames().includes(keptName));
+    t.true((await probeOnce({ socket: sock(), list: true }, { uid: B })).leases!.some((l) => l.name === keptName),
+      'the live one is kept, in memory');
+  } finally {
+    await gone.release();
+    await kept.release();
+  }
+  await broker.waitFor(() => ns.link(keptName) === undefined, 2000, 'the kept tap outlived its fds');
+  const ends = broker.records.filter((r) => (r.device as { name?: string })?.name === keptName && r.decision !== 'grant');
+  t.is(ends.length, 1, 'one record of its end, no more');
 });
 
 test.serial('a tap whose holder changed its MAC while the broker was down is deleted when the broker takes it back', async (t) => {

@@ -154,6 +154,13 @@ test.serial('a plug hook: run up with fixed argv and documented variables only, 
   await p.release();
   await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 3000, 'no down call');
   t.true(fs.readFileSync(log, 'utf8').includes(`down ${d.name}`), 'the hook\'s down ran');
+  // One record of the device's end, and one of its network's down under an op of its own (an outside review
+  // counted two cleanups per device).
+  const about = (op: string) => (r: { op: string; device?: unknown }) => r.op === op
+    && (r.device as { name?: string } | undefined)?.name === d.name;
+  await fx.broker.record(about('unplug'));
+  t.is(fx.broker.records.filter(about('cleanup')).length, 1, 'one cleanup: the device\'s end');
+  t.is(fx.broker.records.find(about('unplug'))!.decision, 'unplug', 'with a decision (and MESSAGE_ID) of its own');
 });
 
 test.serial('a name is not given out again while its last device\'s down still runs', async (t) => {
@@ -184,7 +191,7 @@ test.serial('a uid\'s downs still running count as its teardowns: past 32, its g
   const busy = await probeOnce({ socket: sock(), requests: [{ network: 'lab' }] });
   t.is(busy.error?.code, 'TB_E_BUSY', JSON.stringify(busy.error));
   t.regex(busy.error?.message ?? '', /still being torn down or unplugged/);
-  const unplugged = () => fx.broker.records.filter((r) => r.op === 'cleanup'
+  const unplugged = () => fx.broker.records.filter((r) => r.op === 'unplug'
     && /unplugged from its network/.test(r.message ?? '') && JSON.stringify(r.device).includes('/slower"')).length;
   await fx.broker.waitFor(() => unplugged() >= 33, 10_000, `${unplugged()} downs finished`);
   const after = await probe({ socket: sock(), requests: [{ network: 'lab' }] });
@@ -206,7 +213,7 @@ test.serial('a lease on a hook network that ended while the broker was down gets
     t.false(fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 'nobody ran down while the broker was down');
     b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsr', dir: bdir });
     await b.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, 'the restarted broker never ran down');
-    await b.record((r) => r.decision === 'cleanup' && r.message === 'unplugged from its network'
+    await b.record((r) => r.decision === 'unplug' && r.message === 'unplugged from its network'
       && (r.device as { name?: string }).name === name);
   } finally {
     await b.stop();
@@ -258,7 +265,7 @@ test.serial('a persistent device on a hook network whose release the broker died
     b = await BrokerProcess.start(fx.ns, policyText, { tag: 'netsk', dir: bdir });
     await b.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, 'the restarted broker never ran down');
     t.is(fx.ns.link(name), undefined, 'the device is gone');
-    await b.record((rec) => rec.decision === 'cleanup' && rec.message === 'unplugged from its network'
+    await b.record((rec) => rec.decision === 'unplug' && rec.message === 'unplugged from its network'
       && (rec.device as { name?: string }).name === name);
     t.deepEqual((JSON.parse(fs.readFileSync(b.stateFile, 'utf8')) as { downs: unknown[] }).downs, [], 'nothing owed');
   } finally {
@@ -335,6 +342,21 @@ const hookFails = test.macro({
 });
 test.serial('fails', hookFails, 'broken', /exited 3: no such segment/);
 test.serial('hangs past its timeout', hookFails, 'stuck', /timed out after 1000 ms/);
+
+// Found by an outside review of the audit trail: a multi-NIC create refused by its last NIC's hook answered
+// before its rollback: the NICs made were still there, and their records came after the reply, naming no caller.
+test.serial('a multi-NIC create its last hook refuses: rolled back and recorded before the reply', async (t) => {
+  const r = await probeOnce({ socket: sock(), requests: [{ network: 'lab' }, { network: 'lab' }, { network: 'broken' }],
+    batch: true });
+  t.is(r.error?.code, 'TB_E_HOOK_FAILED');
+  t.deepEqual(fx.ns.extraLinks(BASE), [], 'nothing of it is left when the client reads the refusal');
+  const mine = () => fx.broker.records.filter((x) => x.op === 'cleanup' && /create rolled back/.test(x.message ?? '')
+    && x.pid === r.pid);
+  await fx.broker.waitFor(() => mine().length === 3, 3000, 'three rollback records naming the caller');
+  t.true(mine().every((x) => x.uid === NOBODY && x.exe !== null), 'each names the caller, not its uid alone');
+  const refused = fx.broker.records.find((x) => x.op === 'create' && x.decision === 'error' && x.pid === r.pid)!;
+  t.regex((refused.device as { name?: string }).name ?? '', /^tb/, 'the refused NIC\'s record names the device made for it');
+});
 
 test.serial('a hook printing garbage: its output is captured, made printable, and the grant stands', async (t) => {
   const p = await probe({ socket: sock(), requests: [{ network: 'noisy' }] });

@@ -352,12 +352,14 @@ test('MESSAGE_IDs are fixed forever, one per decision, 128-bit hex', (t) => {
     reload: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f47',
     'dry-run': '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f48',
     suppressed: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f49',
+    unplug: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f4a',
   });
 });
 
 test('journalEntry: MESSAGE_ID and PRIORITY follow the decision', (t) => {
   const priority = {
     grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5, 'dry-run': 6, suppressed: 4,
+    unplug: 6,
   } as const;
   for (const decision of Object.keys(MESSAGE_IDS) as Array<AuditRecord['decision']>) {
     const f = fieldMap(journalEntry({ ...RECORD, decision }));
@@ -416,6 +418,20 @@ test('past the limit, refusals are counted by code and summed up in one suppress
   const request = summary.request as { window_ms: number; counts: Record<string, number> };
   t.deepEqual(request.counts, { TB_E_INVALID_REQUEST: 3, TB_E_BUSY: 2 });
   t.true(Number.isInteger(request.window_ms) && request.window_ms >= 0);
+});
+
+// Found by an outside review: past the limit a dry run that would be denied was counted as a denial.
+test('past the limit, dry runs are counted as dry runs, by the code they would get', (t) => {
+  const { audit, lines } = setup(t);
+  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'refused');
+  audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED' });
+  for (let i = 0; i < 3; i++) {
+    audit.record({ op: 'can', decision: 'dry-run', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED' });
+  }
+  audit.record({ op: 'can', decision: 'dry-run', rule: 'lab', caller: ALICE, message: 'would grant' });
+  audit.flushRefusals();
+  t.deepEqual((lines().at(-1)!.request as { counts: Record<string, number> }).counts,
+    { TB_E_POLICY_DENIED: 1, 'dry-run:TB_E_POLICY_DENIED': 3, 'dry-run': 1 });
 });
 
 test('the limit is per uid: one flooding uid does not silence another', (t) => {

@@ -123,6 +123,10 @@ test('records about no device are not sent: reloads, dry runs, reconcile notes, 
   t.is(linuxAuditMessage({ ...base, op: 'refusals', decision: 'suppressed', request: { counts: {} } }, null), null);
   t.is(linuxAuditMessage({ ...base, op: 'create-tap', decision: 'error', code: 'TB_E_TIMEOUT' }, null), null);
   t.is(linuxAuditMessage({ ...base, op: 'reload', decision: 'deny', rule: null, code: 'TB_E_POLICY_DENIED' }, null), null);
+  // A network's down, after the device's own end (an outside review counted two closes per device).
+  t.is(linuxAuditMessage({ ...base, op: 'unplug', decision: 'unplug', device: tapDevice }, null), null);
+  t.is(linuxAuditMessage({ ...base, op: 'unplug', decision: 'error', device: tapDevice, code: 'TB_E_HOOK_FAILED' }, null),
+    null);
 });
 
 test('an exe longer than the kernel keeps is cut (and so hex), leaving res= at the end', (t) => {

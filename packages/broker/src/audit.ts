@@ -15,7 +15,8 @@ export type AuditDecision =
   | 'reconcile'
   | 'reload'
   | 'dry-run'
-  | 'suppressed';
+  | 'suppressed'
+  | 'unplug';
 
 /** `journalctl MESSAGE_ID=<id>` finds every record of one kind. Fixed forever. */
 export const MESSAGE_IDS: Record<AuditDecision, string> = {
@@ -28,10 +29,11 @@ export const MESSAGE_IDS: Record<AuditDecision, string> = {
   reload: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f47',
   'dry-run': '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f48',
   suppressed: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f49',
+  unplug: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f4a',
 };
 
 const PRIORITY: Record<AuditDecision, number> = {
-  grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5, 'dry-run': 6, suppressed: 4,
+  grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5, 'dry-run': 6, suppressed: 4, unplug: 6,
 };
 
 export const DEFAULT_JOURNAL_SOCKET = '/run/systemd/journal/socket';
@@ -180,7 +182,8 @@ export class Audit {
     if (!w) this.refusals.set(uid, (w = { n: 0, suppressed: new Map(), since: Date.now() }));
     this.refusalTimer ??= setTimeout(() => this.flushRefusals(), REFUSAL_WINDOW_MS).unref();
     if (++w.n <= REFUSALS_PER_WINDOW) return false;
-    const key = ev.code ?? ev.decision;
+    // A dry run is a question, whatever it would be answered: counted as one, never as a denial (an outside review).
+    const key = ev.decision === 'dry-run' ? (ev.code ? `dry-run:${ev.code}` : 'dry-run') : ev.code ?? ev.decision;
     w.suppressed.set(key, (w.suppressed.get(key) ?? 0) + 1);
     return true;
   }

@@ -139,7 +139,7 @@ async function grantEach(
       byIndex[i] = g;
     } catch (err) {
       const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
-      for (const g of made) ctx.lifetimes.abort(g.lease, g.fds, why);
+      await meter.wait(undone(made.map((g) => ctx.lifetimes.abort(g.lease, g.fds, why, caller))));
       if (made.length > 1) ctx.fairness.rolledBack(caller.uid);
       if (nics.length > 1 && err instanceof TapbrokerError) {
         throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
@@ -170,12 +170,12 @@ async function grantEach(
     const e = err instanceof TapbrokerError ? err
       : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
     for (const g of granted) {
-      ctx.lifetimes.abort(g.lease, g.fds, e.message);
       audit({
         decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
         code: e.code, message: e.message,
       });
     }
+    await meter.wait(undone(granted.map((g) => ctx.lifetimes.abort(g.lease, g.fds, e.message, caller))));
     throw e;
   }
   for (const g of granted) {
@@ -190,6 +190,17 @@ async function grantEach(
   return granted;
 }
 
+/** How long a refusal waits for the rollback of what its request made, so that its records go before the reply. */
+const ROLLBACK_WAIT_MS = 5000;
+
+/** The rollbacks done and recorded, or ROLLBACK_WAIT_MS passed (a kernel that hangs: they end, and record, later). */
+async function undone(rollbacks: ReadonlyArray<Promise<void>>): Promise<void> {
+  if (rollbacks.length === 0) return;
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([Promise.all(rollbacks), new Promise<void>((r) => (timer = setTimeout(r, ROLLBACK_WAIT_MS)))]);
+  clearTimeout(timer);
+}
+
 /** One device: spec → grammar → decision → kernel step → lease → plugging. Refusals are audited here. */
 async function grantOne(
   ctx: OpContext,
@@ -199,6 +210,7 @@ async function grantOne(
   audit: (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) => void,
 ): Promise<Granted> {
   let spec: CreateSpec | null = null;
+  let made: ReturnType<typeof makeDevice> | null = null;
   let audited = false;
   try {
     // 1. One normalised request, checked as it will reach the kernel.
@@ -223,14 +235,14 @@ async function grantOne(
     const admitted = admit(ctx, policy, caller, spec, decision.rule);
     // 3. The kernel step. Nothing is awaited between the decision and the lease: concurrent requests
     // see each other's quota.
-    const granted = makeDevice(ctx, policy, caller, spec, decision.rule, admitted);
-    // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone.
+    const granted = made = makeDevice(ctx, policy, caller, spec, decision.rule, admitted);
+    // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone, and recorded first.
     try {
       const net = spec.network ? policy.networks.get(spec.parent) : undefined;
       const plugged = await plugUp(granted.lease, net, ctx.lifetimes.brokerId, ctx.lifetimes.hookRun);
       return { ...granted, plugged, spec };
     } catch (err) {
-      ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message);
+      await undone([ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message, caller)]);
       throw err;
     }
   } catch (err) {
@@ -245,7 +257,9 @@ async function grantOne(
         ...(spec ? { request: specView(spec) } : {}),
         code: e.code,
         message: e.message,
-        ...(plug ? { device: { plug } } : {}),
+        // The device made for it (then rolled back), where there was one: a hook's `up` that failed.
+        ...(made ? { device: { ...made.device, lease: made.lease.id, ...(plug ? { plug } : {}) } }
+          : plug ? { device: { plug } } : {}),
       });
     }
     throw err;
@@ -341,7 +355,7 @@ function makeDevice(
   try {
     ctx.kernel.faultPoint('create:leased');
   } catch (err) {
-    ctx.lifetimes.abort(lease, all, (err as Error).message);
+    void ctx.lifetimes.abort(lease, all, (err as Error).message, caller);
     throw err;
   }
   const device: Device = {

@@ -133,6 +133,8 @@ export class LeaseTable {
       };
     const state = parsed.value as StateFile;
     for (const l of state.leases) table.put(l);
+    // A stop's snapshot (see snapshot): memory-only leases again, dropped from the file at its next write.
+    for (const l of state.leases) if (kernelBound(l, true)) table.volatile.add(l.id);
     for (const i of state.intents) table.intents.set(i.id, i);
     for (const d of state.ovsdbs) table.dbs.add(d);
     for (const l of state.downs) table.downs.set(l.id, l);
@@ -321,8 +323,22 @@ export class LeaseTable {
     return [...this.intents.values()];
   }
 
+  /**
+   * At a stop: the table with its memory-only leases too, so that the next start finds a lease whose tap
+   * went while the broker was down, and records its end (an outside review found grants whose end was never
+   * recorded). That start keeps them in memory again, and its first write leaves them out.
+   */
+  snapshot(): void {
+    this.save(true);
+  }
+
+  /** Leases loaded from a stop's snapshot still in the file (see snapshot). */
+  get snapshotted(): boolean {
+    return this.volatile.size > 0;
+  }
+
   /** Writes the table to a temporary file, syncs it, renames it over the old one, syncs the directory. */
-  save(): void {
+  save(all = false): void {
     this.writes++;
     if (!this.dir) return;
     const file = path.join(this.dir, STATE_FILE);
@@ -335,7 +351,7 @@ export class LeaseTable {
         0o600,
       );
       try {
-        const leases = this.all().filter((l) => !this.volatile.has(l.id));
+        const leases = this.all().filter((l) => all || !this.volatile.has(l.id));
         const table = {
           version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(), downs: this.owedDowns(),
           pending: this.unfinished(), kept: [...this.kept], taken: this.taken, retiring: [...this.retiring.values()],

@@ -92,8 +92,20 @@ export class Lifetimes implements Cleanup {
     // Hooks a stopped broker left running go before any `down` runs.
     const killed = this.lastHookRun ? killOrphanHooks(this.lastHookRun) : 0;
     if (killed > 0) this.log(`killed ${killed} process(es) of plug hooks left running by the broker's last stop`);
+    const snapshotted = this.table.snapshotted;
     reconcile(keeper);
     void reconcileOvs(keeper);
+    // The leases of a stop's snapshot are judged and in memory: the file no longer holds them, or a crash
+    // before the next write would have the start after it record the end of one twice.
+    if (snapshotted) this.saveQuietly('the leases of the last stop stay in the lease table');
+  }
+
+  private saveQuietly(what: string): void {
+    try {
+      this.table.save();
+    } catch (err) {
+      this.log(`warning: ${what}: ${(err as Error).message}`);
+    }
   }
 
   /** Stops: the unpluggings running are waited for `ms` at most (the rest stay owed to the next start). */
@@ -101,7 +113,16 @@ export class Lifetimes implements Cleanup {
     await this.unplugs.close(ms);
     for (const w of this.holderWatches.values()) w.close();
     this.holderWatches.clear();
+    // What ended already is recorded now; every live lease goes to disk, so the next start records the end of
+    // those whose taps go while the broker is down.
+    this.catchUp(true);
     this.monitor?.close();
+    try {
+      this.table.snapshot();
+    } catch (err) {
+      this.log(`warning: the live leases could not be written at the stop: ${(err as Error).message}; a tap that `
+        + 'goes before the next start ends without a record');
+    }
   }
 
   /** An audit record about a lease, on its owner's behalf. */
@@ -200,11 +221,14 @@ export class Lifetimes implements Cleanup {
   }
 
   /** The create failed after its lease was written: the device goes (audited), the lease with it. */
-  abort(l: LeaseRecord, fds: number[], why: string): void {
+  /** Undoes a create: its fds closed, its device deleted and recorded as `caller`'s. Resolves when recorded. */
+  abort(l: LeaseRecord, fds: number[], why: string, caller?: Identity): Promise<void> {
     this.creating.delete(l.id);
     this.vanished.delete(l.id);
     this.reaper.closeFds(fds, l.uid).catch(() => {});
-    void this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `create rolled back: ${why}` }).catch(() => {});
+    const message = `create rolled back: ${why}`;
+    const o: RetireOptions = { op: 'cleanup', decision: 'cleanup', message, ...(caller ? { caller } : {}) };
+    return this.retire(l, o).catch(() => {});
   }
 
   // ---- Cleanup, for the kernel steps' own rollbacks

@@ -43,6 +43,8 @@ export function auditField(name: string, value: string | number | null | undefin
 function kindOf(r: AuditRecord): { reason: 'open' | 'close'; ok: boolean } | null {
   // A refusal no handler saw (a bad frame, a timeout) names no device: the broker's own log has it.
   if (r.decision !== 'grant' && !r.request && !r.device) return null;
+  // A network's `down` after the device's end: the device was closed once, in the record before.
+  if (r.op === 'unplug') return null;
   switch (r.decision) {
     case 'grant':
       return { reason: 'open', ok: true };

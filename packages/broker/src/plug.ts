@@ -104,7 +104,8 @@ export class Unplugs {
       (r) => {
         this.table.unplugged(l.id);
         const device = { ...leaseView(l), plug: r };
-        if (r) this.note('cleanup', 'cleanup', l, 'unplugged from its network', { device });
+        // Its own op: the device's end has its record already (an outside review counted two ends per device).
+        if (r) this.note('unplug', 'unplug', l, 'unplugged from its network', { device });
       },
       (err: Error) => {
         // An Open vSwitch port left behind would take any later device of that name (vswitchd opens it by
@@ -115,7 +116,7 @@ export class Unplugs {
         // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
         if (!ovs) this.table.unplugged(l.id);
         const next = again ? `; trying again in ${2 ** (attempt - 1)} s` : '';
-        this.note('cleanup', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
+        this.note('unplug', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
       },
     );
     this.running.add(p);
