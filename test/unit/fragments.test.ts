@@ -254,7 +254,25 @@ test('a fragment that cannot be read is named by check-policy, though its error 
     fs.chmodSync(path.join(dir, 'policy.d'), 0o755);
     const r = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
     t.is(r.status, 78);
-    t.regex(r.stderr, new RegExp(`^${dir}/policy\\.d/30-dir\\.toml:-: error: cannot read the policy: EISDIR`, 'm'));
+    t.regex(r.stderr, new RegExp(`^${dir}/policy\\.d/30-dir\\.toml:-: error: cannot read the policy: not a regular file \\(a directory\\)`, 'm'));
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+// Found by an outside review: a FIFO among the fragments (root's, so trusted) blocked a reload in its open, and
+// the broker answered nobody; check-policy hung as well. It is refused without being waited on.
+test('a fragment that is a FIFO is refused at once, not waited on', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), {});
+  try {
+    const fifo = path.join(dir, 'policy.d', '40-fifo.toml');
+    fs.mkdirSync(path.dirname(fifo), { recursive: true, mode: 0o755 });
+    fs.chmodSync(path.dirname(fifo), 0o755);
+    t.is(spawnSync('mkfifo', ['-m', '0644', fifo]).status, 0);
+    const r = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8', timeout: 10_000 });
+    t.is(r.signal, null, 'check-policy did not hang');
+    t.is(r.status, 78);
+    t.regex(r.stderr, /40-fifo\.toml:-: error: cannot read the policy: not a regular file \(a FIFO\)/);
   } finally {
     fs.rmSync(dir, { recursive: true });
   }

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { checkShape, macFromBuffer, type Lease, type Shape } from '@tapbroker/protocol/core';
 import type { Intent, LeaseRecord, StateFile } from './lease-schema.js';
 import { randomOctets } from './naming.js';
+import { readRegular } from './paths.js';
 import { STATE_SHAPE } from './state-shape.js';
 
 export type { Intent, LeaseRecord, Plug } from './lease-schema.js';
@@ -49,22 +50,8 @@ export function processStartTime(pid: number): number | null {
 /** Far more than any table (a lease is ~400 bytes): a file beyond it is not one. */
 const MAX_STATE_BYTES = 64 * 1024 * 1024;
 
-/**
- * The table's file, only if it is one: never through a link, never a FIFO or a device (which would block the
- * start, or feed it without end), never beyond MAX_STATE_BYTES.
- */
-function readStateFile(file: string): string {
-  const { O_RDONLY, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
-  const fd = fs.openSync(file, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
-  try {
-    const st = fs.fstatSync(fd);
-    if (!st.isFile()) throw new Error('not a regular file');
-    if (st.size > MAX_STATE_BYTES) throw new Error(`${st.size} bytes, over ${MAX_STATE_BYTES}`);
-    return fs.readFileSync(fd, 'utf8');
-  } finally {
-    fs.closeSync(fd);
-  }
-}
+/** The table's file, only if it is one (never through a link: readRegular). */
+const readStateFile = (file: string) => readRegular(file, MAX_STATE_BYTES, false);
 
 export class LeaseTable {
   private readonly byId = new Map<string, LeaseRecord>();

@@ -100,3 +100,24 @@ export function hookUnsafe(file: string): string | null {
   return notRootsAlone(file);
 }
 
+
+/**
+ * A file's text, only if it is a regular file: never a FIFO or a device, which would block the broker (opened
+ * without blocking, then looked at) or feed it without end; never beyond `max` bytes; through a link only if
+ * `follow`.
+ */
+export function readRegular(file: string, max: number, follow = true): string {
+  const { O_RDONLY, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
+  const fd = fs.openSync(file, O_RDONLY | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW));
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) {
+      const kind = st.isDirectory() ? 'a directory' : st.isFIFO() ? 'a FIFO' : st.isSocket() ? 'a socket' : 'a device';
+      throw new Error(`not a regular file (${kind})`);
+    }
+    if (st.size > max) throw new Error(`${st.size} bytes, over ${max}`);
+    return fs.readFileSync(fd, 'utf8');
+  } finally {
+    fs.closeSync(fd);
+  }
+}

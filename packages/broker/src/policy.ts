@@ -14,7 +14,10 @@ import { OVSDB_TARGET } from './ovs.js';
 import {
   ANY_BRIDGE, type AllowRule, type DenyRule, type Network, type Policy, type Selector,
 } from './decide.js';
-import { hookUnsafe, notRootsAlone } from './paths.js';
+import { hookUnsafe, notRootsAlone, readRegular } from './paths.js';
+
+/** A policy file's size at most (a 16,000-rule policy is about 1 MiB). */
+const MAX_POLICY_BYTES = 16 * 1024 * 1024;
 import type { PolicyDoc } from './policy-schema.js';
 import { POLICY_SHAPE } from './policy-shape.js';
 import { didYouMean, lineIndex } from './policy-text.js';
@@ -148,7 +151,8 @@ export function fragmentDir(path: string): string {
 export function loadPolicy(path: string): Policy {
   const sources = policyFiles(path).map((file) => {
     try {
-      return { path: file, text: fs.readFileSync(file, 'utf8') };
+      // A FIFO a reload opened would hold every client up (an outside review); nor is a policy 16 MiB.
+      return { path: file, text: readRegular(file, MAX_POLICY_BYTES) };
     } catch (err) {
       throw new TapbrokerError('TB_E_POLICY_INVALID', `${file}: cannot read the policy: ${(err as Error).message}`);
     }
