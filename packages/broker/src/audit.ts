@@ -86,6 +86,8 @@ export interface AuditOptions {
   fd?: number;
   /** Also given every record once it is written (--linux-audit); it must never throw or block. */
   linux?: AuditSink | null;
+  /** The broker's log: where a file that stops taking records is reported, and its recovery. */
+  log?: (line: string) => void;
 }
 
 /** A further destination of records: it picks the ones it wants, and counts and logs its own failures. */
@@ -112,7 +114,15 @@ export class Audit {
       : null;
     this.fd = opts.fd ?? 2;
     this.linux = opts.linux ?? null;
+    this.file = opts.file ?? null;
+    this.log = opts.log ?? (() => {});
   }
+
+  private readonly file: string | null;
+  private readonly log: (line: string) => void;
+  /** Records the file did not take since it last took one; whether its last line was cut short. */
+  private fileLost = 0;
+  private fileCut = false;
 
   get sink(): string {
     return this.journal ? `journald (${this.journal})` : 'stderr';
@@ -150,10 +160,32 @@ export class Audit {
         // journald went away: the record still goes somewhere.
       }
     }
-    if (!journaled) this.dropped += this.fd === 2 ? toStderr(line) : writeFully(this.fd, line);
+    if (!journaled) this.dropped += this.fd === 2 ? toStderr(line) : Number(writeFully(this.fd, line).left > 0);
     // write(2) with O_APPEND: in the kernel before the reply is sent; no user-space buffering.
-    if (this.fileFd !== null) this.dropped += writeFully(this.fileFd, line);
+    if (this.fileFd !== null) this.toFile(line);
     this.linux?.send(rec, c);
+  }
+
+  /**
+   * A record to the file. One it cannot take (a full disk) is lost, counted and said in the broker's log, once
+   * until it takes records again; a line cut short is ended before the next, so that every other line stays
+   * JSON (an outside review found lost grants said nowhere, and the next record glued to a cut one).
+   */
+  private toFile(line: string): void {
+    const text = this.fileCut ? `\n${line}` : line;
+    const { left, why } = writeFully(this.fileFd!, text);
+    if (left === 0) {
+      if (this.fileLost > 0) this.log(`audit file ${this.file}: taking records again; ${this.fileLost} lost`);
+      this.fileLost = 0;
+      this.fileCut = false;
+      return;
+    }
+    this.dropped++;
+    this.fileCut ||= left < Buffer.byteLength(text);
+    if (this.fileLost++ === 0) {
+      this.log(`audit file ${this.file}: a record could not be written (${why}); records are being lost until `
+        + 'it takes them again (the journal, or stderr, still has them)');
+    }
   }
 
   /** Records that could not be written at all (the sink failed with something other than EAGAIN). */
@@ -250,20 +282,21 @@ function toStderr(line: string): number {
 /**
  * Writes all of `text`, waiting out EAGAIN: stderr may be a non-blocking pipe whose reader is slow, and
  * a record must be written before the reply leaves. Never throws (a failing audit sink must not turn a
- * granted device into a leaked one); returns 1 when the record could not be written.
+ * granted device into a leaked one); returns the bytes left unwritten (0: all of it) and why.
  */
-function writeFully(fd: number, text: string): number {
+function writeFully(fd: number, text: string): { left: number; why: string } {
   let buf = Buffer.from(text);
   for (let waited = 0; buf.length > 0;) {
     try {
       buf = buf.subarray(fs.writeSync(fd, buf));
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN' || waited > 10_000) return 1;
+      const code = (err as NodeJS.ErrnoException).code ?? String(err);
+      if (code !== 'EAGAIN' || waited > 10_000) return { left: buf.length, why: code };
       Atomics.wait(pause, 0, 0, 1);
       waited++;
     }
   }
-  return 0;
+  return { left: 0, why: '' };
 }
 
 /** A human summary for MESSAGE= (`cleanup tb1000-a …`, not `cleanup cleanup …`). */

@@ -115,7 +115,7 @@ export class Broker implements SessionHost, OpContext {
     this.policy = opts.policy;
     this.policyPath = opts.policyPath ?? null;
     this.fairness = new Fairness(opts.clock);
-    this.audit = new Audit(() => this.policy.sha256, opts.audit);
+    this.audit = new Audit(() => this.policy.sha256, { log: opts.log, ...opts.audit });
     this.helloTimeoutMs = opts.helloTimeoutMs ?? 5000;
     this.idleTimeoutMs = opts.idleTimeoutMs ?? 60_000;
     this.maxConnections = opts.maxConnections ?? 1024;
