@@ -96,6 +96,8 @@ test.serial('B6: a full state disk: a clean refusal, nothing left, the broker se
     t.is(persistent.error?.code, 'TB_E_STATE_UNWRITABLE');
     await broker.waitFor(() => ns.extraLinks(BASE).length === before.length, 3000, 'a device of a refused grant was left');
     t.true(broker.alive, 'the broker lives');
+    // Said in its log, once for the whole time it cannot write (an outside review found it said nowhere).
+    t.is(broker.stderr.split('lease table cannot be written').length - 1, 1, broker.stderr);
     // It restarts with the disk still full, saying so.
     await broker.stop('SIGTERM', true);
     broker = await BrokerProcess.start(ns, policy, { dir: broker.dir, args: ['--journal-socket', '', '--state-dir', tiny] });
@@ -104,8 +106,19 @@ test.serial('B6: a full state disk: a clean refusal, nothing left, the broker se
     fs.rmSync(`${tiny}/fill`);
     t.is((await probeOnce({ socket: broker.socket, release: [ok.taps[0]!.device.name] })).error, null);
     t.deepEqual(ns.extraLinks(BASE), []);
+    await broker.waitFor(() => /the lease table is written again/.test(broker!.stderr), 3000, 'no word of the recovery');
+    // A read-only state directory (an error remount): the broker starts, serves taps, refuses what needs a write
+    // (an outside review: it did not start at all).
+    await broker.stop('SIGTERM', true);
+    execFileSync('mount', ['-o', 'remount,ro', tiny]);
+    broker = await BrokerProcess.start(ns, policy, { dir: broker.dir, args: ['--journal-socket', '', '--state-dir', tiny] });
+    t.regex(broker.stderr, /lease table cannot be written .*EROFS/);
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] })).error, null, 'a tap is served');
+    const ro = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+    t.is(ro.error?.code, 'TB_E_STATE_UNWRITABLE');
   } finally {
     await broker?.stop();
+    spawnSync('mount', ['-o', 'remount,rw', tiny]);
     spawnSync('umount', [tiny]);
   }
 });

@@ -248,9 +248,18 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   }
   // One broker per state directory: two would write its lease table over each other and take each other's
   // devices for orphans. The lock goes with the process (its fd is never closed).
+  const lockFile = path.join(opts.stateDir, 'lock');
   try {
-    locked = lockExclusive(fs.openSync(path.join(opts.stateDir, 'lock'),
-      fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, 0o600));
+    let fd: number;
+    try {
+      fd = fs.openSync(lockFile, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, 0o600);
+    } catch (err) {
+      // A read-only state directory (an error remount): its lock is taken read-only, and the broker serves what
+      // needs no table write (an outside review: it did not start at all, and macvtaps outlived their VMs).
+      if ((err as NodeJS.ErrnoException).code !== 'EROFS') throw err;
+      fd = fs.openSync(lockFile, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    }
+    locked = lockExclusive(fd);
   } catch (err) {
     log(`cannot start: cannot lock the state directory: ${(err as Error).message}`);
     process.exit(EX.UNAVAILABLE);

@@ -297,6 +297,8 @@ export class LeaseTable {
 
   /** The last write's failure, or null: reported once by whoever watches (status, logs). */
   writeError: string | null = null;
+  /** The broker's log (Lifetimes sets it): where a table that stops being written, and starts again, is said. */
+  log: (line: string) => void = () => {};
 
   private trySave(): void {
     try {
@@ -355,6 +357,7 @@ export class LeaseTable {
       } finally {
         fs.closeSync(dfd);
       }
+      if (this.writeError !== null) this.log(`the lease table is written again (${file})`);
       this.writeError = null;
     } catch (err) {
       try {
@@ -362,7 +365,14 @@ export class LeaseTable {
       } catch {
         // A read-only or full state directory: nothing was written to remove.
       }
+      const was = this.writeError;
       this.writeError = `cannot write ${file}: ${(err as Error).message}`;
+      // Said once until it is written again: a release meanwhile leaves the file listing a device that is gone.
+      if (was === null) {
+        this.log(`warning: the lease table cannot be written (${this.writeError}); until it can, devices whose lease `
+          + 'must be (persistent devices, macvtaps, locked ports, Open vSwitch and hook networks) are refused, and '
+          + 'the file may list devices that are gone (the next start finds them gone)');
+      }
       throw err;
     }
   }

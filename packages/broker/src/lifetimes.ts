@@ -63,6 +63,7 @@ export class Lifetimes implements Cleanup {
     ({ current: this.hookRun, previous: this.lastHookRun } = hookRun(stateDir));
     const { table, problem, trusted } = LeaseTable.load(stateDir);
     this.table = table;
+    table.log = log;
     this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, (id) => this.creating.has(id));
     this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
     this.trusted = trusted;

@@ -216,11 +216,8 @@ export function reconcile(lt: Keeper): void {
   // state directory that cannot be written (full, read-only) does not stop the broker: it says so.
   try {
     lt.table.save();
-  } catch (err) {
-    lt.log(
-      `warning: the lease table cannot be written (${(err as Error).message}); ` +
-        'requests that need a lease will be refused until it can',
-    );
+  } catch {
+    // The table says so in the log itself (and again once it is written).
   }
 }
 
