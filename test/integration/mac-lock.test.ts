@@ -501,6 +501,29 @@ test.serial('a broker restart puts back a lock an administrator took off meanwhi
   t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
 });
 
+// Found by an outside review: a bridge deleted and made again (a network manager's restart) left its locked taps
+// off it, and an administrator putting them back by hand got unlocked ports, learning on: any MAC forwarded. The
+// broker now follows its locked ports: one back on its bridge is locked again, as at a start.
+test.serial('a locked port put back on its bridge made anew is locked again, and both moves are recorded', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  const d = r.taps[0]!.device;
+  const said = (what: RegExp) => () => broker.records.some((x) => x.decision === 'reconcile'
+    && (x.device as { name?: string }).name === d.name && what.test(x.message ?? ''));
+  try {
+    ns.ip('link', 'del', 'br0');
+    ns.bridge('br0', { mcastSnooping: false });
+    ns.ip('link', 'set', 'vb0', 'master', 'br0', 'up');
+    await broker.waitFor(said(/no longer a port of bridge `br0'/), 3000, 'its leaving the bridge was not recorded');
+    ns.ip('link', 'set', d.name, 'master', 'br0');
+    await broker.waitFor(() => /locked on/.test(bridgeCmd('-d', 'link', 'show', 'dev', d.name)), 3000, 'not locked again');
+    t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /learning off/);
+    t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'));
+    await broker.waitFor(said(/back on bridge `br0': its port lock is put back/), 3000, 'its return was not recorded');
+  } finally {
+    t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
+  }
+});
+
 // A kernel that refuses a step after the lock (this one never does: the refusal is injected, in the
 // test-only entry point) must leave nothing: no device, no forwarding entry, no lease.
 test.serial('a kernel refusal after the lock rolls the grant back, forwarding entry and all', async (t) => {

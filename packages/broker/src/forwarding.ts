@@ -6,6 +6,7 @@ import { macFromBuffer, macToBuffer } from '@tapbroker/protocol/core';
 import type { AuditEvent } from './audit.js';
 import type { Kernel } from './kernel.js';
 import type { LeaseRecord, LeaseTable } from './leases.js';
+import type { Link } from './rtnetlink.js';
 
 type Note = (
   op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
@@ -149,6 +150,27 @@ export class Forwarding {
       }
     } catch (err) {
       this.log(`warning: locked ports of ${bridge} not checked (${why}): ${(err as Error).message}`);
+    }
+  }
+
+  /** Where each locked lease's device was last seen: its master's ifindex, or null (no bridge). */
+  private readonly ports = new WeakMap<LeaseRecord, number | null>();
+
+  /**
+   * A locked port follows its device's bridge: one that left it (the bridge deleted, or an administrator's
+   * `nomaster`) lost its lock with it, and is locked again once it is back on that bridge, as at a start (an
+   * outside review: re-attached by hand, it forwarded any MAC, and nothing said so).
+   */
+  followPort(l: LeaseRecord, link: Link, relock: () => void): void {
+    const was = this.ports.get(l);
+    this.ports.set(l, link.master);
+    if (was === undefined || was === link.master) return;
+    if (link.master !== null && link.master === this.kernel.linkNamed(l.parent)?.index) {
+      this.note('reconcile', 'reconcile', l, `back on bridge \`${l.parent}': its port lock is put back`);
+      relock();
+    } else if (was !== null) {
+      this.note('reconcile', 'reconcile', l, `no longer a port of bridge \`${l.parent}': its port lock went with `
+        + 'it, and is put back if it returns there');
     }
   }
 }

@@ -8,7 +8,7 @@ import { KERNEL_KIND, LeaseTable, aliasIdentity, brokerId, leaseView, type Lease
 import { getpwuid } from './libc.js';
 import { namePrefix } from './naming.js';
 import type { Cleanup, Kernel } from './kernel.js';
-import { reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
+import { reconcile, reconcileOvs, relock, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
 import { expectedMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
@@ -78,7 +78,7 @@ export class Lifetimes implements Cleanup {
       () => this.resync(),
       (type, index) => this.wants(type, index),
     );
-    const keeper: Keeper = {
+    const keeper: Keeper = this.keeper = {
       table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, brokerId: this.brokerId,
       policy: this.policy, log: this.log,
       judge: (l, link) => this.judge(l, link),
@@ -435,6 +435,7 @@ export class Lifetimes implements Cleanup {
       if (violationOf(l, link) === 'address') this.noteTaken(l, link);
       return;
     }
+    if (l.locked) this.forwarding.followPort(l, link, () => relock(this.keeper!, l));
     const violation = violationOf(l, link);
     if (violation === null) {
       this.fresh.delete(l.id);
@@ -453,6 +454,8 @@ export class Lifetimes implements Cleanup {
 
   /** Leases committed while link events were still unread (a drain over its budget): see onLink. */
   private readonly fresh = new Set<string>();
+  /** What reconcile was handed at start: a port lock is put back through it at run time too. */
+  private keeper: Keeper | null = null;
   /** Did the last catch-up read every queued link event? */
   private drained = true;
 

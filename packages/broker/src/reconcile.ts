@@ -225,7 +225,7 @@ export function reconcile(lt: Keeper): void {
  * A locked lease's port, as the broker left it: locked, learning off, the guest's static entry. Only
  * root can change those, but an administrator's script may have while the broker was down.
  */
-function relock(lt: Keeper, l: LeaseRecord): void {
+export function relock(lt: Keeper, l: LeaseRecord): void {
   try {
     const bridge = lt.kernel.linkNamed(l.parent);
     if (!bridge) throw new Error(`bridge \`${l.parent}' is gone`);
