@@ -59,6 +59,21 @@ test('run outlives a stderr it cannot write to: it waits for the command and exi
   t.is(code, 5, 'stderr a pipe whose reader is gone (EPIPE)');
 });
 
+// Found by an outside re-test: with lost output dropped, `list` and `status` (whose output is their result)
+// exited 0 on a full disk; they exit 74 (EX_IOERR), while `run` still passes on its command's status.
+test('a command whose output is lost exits 74; run still exits with its command\'s status', (t) => {
+  const full = fs.openSync('/dev/full', 'w');
+  try {
+    const as = (args: string[]) => spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, ...args],
+      { stdio: ['ignore', full, full], timeout: 20_000 }).status;
+    t.is(as(['status', '--socket', fx.broker.socket]), 74);
+    t.is(as(['qemu-args', '--net', 'bridge=br0']), 74);
+    t.is(as(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'echo hi; exit 0']), 0);
+  } finally {
+    fs.closeSync(full);
+  }
+});
+
 test('TAPBROKER_SOCKET names the socket when --socket is absent', (t) => {
   t.is(tapbroker(['run', '--net', 'bridge=br0', '--', 'true'], { TAPBROKER_SOCKET: fx.broker.socket }).code, 0);
 });

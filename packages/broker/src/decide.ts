@@ -148,17 +148,39 @@ export function matchesDeny(who: Selector, caller: Caller & { user?: string | nu
 
 /** A deny rule covering `target` that keeps a member of `group` (by the account database) or the group off it. */
 function sharedDeny(policy: Policy, group: number, target: Target): { deny: DenyRule; who: string } | null {
+  return groupDenies(policy, group).find((k) => denyCovers(policy, k.deny, target)) ?? null;
+}
+
+/** Per policy and group: the deny rules that keep the group, or one of its members, off anything. */
+const keptOff = new WeakMap<Policy, Map<number, Array<{ deny: DenyRule; who: string }>>>();
+
+/**
+ * Worked out once per policy and group, whatever the target: a decision's time then tells nothing of which targets
+ * another user's deny covers (outside re-tests timed the members' walk at ~60 µs for 3,000 members).
+ */
+function groupDenies(policy: Policy, group: number): Array<{ deny: DenyRule; who: string }> {
+  const byGroup = keptOff.get(policy) ?? new Map<number, Array<{ deny: DenyRule; who: string }>>();
+  keptOff.set(policy, byGroup);
+  let keeps = byGroup.get(group);
+  if (keeps) return keeps;
   // Anyone holding the group, whoever it is (an unknown uid: only the group and the deny's own wildcards count).
   const holder = (uid: number) => ({ uid, gid: group, groups: [group], user: null });
-  let members: ReadonlySet<number> | null = null;
-  for (const d of policy.deny) {
-    if (!denyCovers(policy, d, target)) continue;
-    // Read only where a deny covers the target (a scan of the account database, once per group and policy).
-    members ??= policy.membersOf?.(group) ?? new Set<number>();
-    if (matchesDeny(d.who, holder(-1))) return { deny: d, who: `group ${group}` };
-    for (const uid of members) if (matchesDeny(d.who, holder(uid))) return { deny: d, who: `uid ${uid}, a member` };
+  const members = policy.membersOf?.(group) ?? new Set<number>();
+  keeps = [];
+  for (const deny of policy.deny) {
+    if (matchesDeny(deny.who, holder(-1))) {
+      keeps.push({ deny, who: `group ${group}` });
+      continue;
+    }
+    for (const uid of members) {
+      if (matchesDeny(deny.who, holder(uid))) {
+        keeps.push({ deny, who: `uid ${uid}, a member` });
+        break;
+      }
+    }
   }
-  return null;
+  byGroup.set(group, keeps);
+  return keeps;
 }
 
 export function macInPrefix(mac: string, prefix: string): boolean {

@@ -795,8 +795,10 @@ async function canCommand(args: Args): Promise<number> {
 // Run when executed directly (not when imported by tests).
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {
   keepInspectorShut();
-  dropUnwritableOutput();
-  main(process.argv.slice(2)).then((code) => exitFlushed(code), (err: Error) => {
+  const output = dropUnwritableOutput();
+  // `run` passes on its command's status whatever became of its own lines; the other commands' output is their result.
+  const lost = process.argv[2] === 'run' ? undefined : output.lost;
+  main(process.argv.slice(2)).then((code) => exitFlushed(code, lost), (err: Error) => {
     process.stderr.write(`tapbroker: internal error: ${err.stack}\n`);
     process.exit(EXIT.SOFTWARE);
   });

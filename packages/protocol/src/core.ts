@@ -13,7 +13,7 @@ export {
   type ListenOptions,
 } from './transport.js';
 export * as sys from './sys.js';
-export { dropUnwritableOutput, exitFlushed, keepInspectorShut } from './exit.js';
+export { EX_IOERR, dropUnwritableOutput, exitFlushed, keepInspectorShut } from './exit.js';
 export { checkShape, validate, type Checks, type Issue, type Shape } from './shape.js';
 export type {
   Request, Reply, HelloRequest, CreateRequest, ListRequest, ReleaseRequest, ReloadRequest, CanRequest, StatusRequest,

@@ -17,15 +17,26 @@ export function keepInspectorShut(onSignal: () => void = () => {}): void {
  * process, which may hold a VM's devices and be the only one to pass signals on to it. Node reports a failed
  * write as an `'error'` event, which unhandled ends the process. Call it first thing.
  */
-export function dropUnwritableOutput(): void {
-  for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {});
+export function dropUnwritableOutput(): { lost: () => boolean } {
+  let lost = false;
+  for (const stream of [process.stdout, process.stderr]) stream.on('error', () => (lost = true));
+  return { lost: () => lost };
 }
 
-/** Exits with `code` once everything written to stdout and stderr has left. */
-export function exitFlushed(code: number): void {
+/** Exit status 74 (EX_IOERR, sysexits.h): output was lost. */
+export const EX_IOERR = 74;
+
+/**
+ * Exits with `code` once everything written to stdout and stderr has left; a success whose output could not be
+ * written all is EX_IOERR instead, where `lost` is given (a tool's result is its output: `list > /dev/full`).
+ */
+export function exitFlushed(code: number, lost?: () => boolean): void {
   let pending = 2;
-  const done = () => {
-    if (--pending === 0) process.exit(code);
+  let failed = false;
+  const done = (err?: Error | null) => {
+    failed ||= !!err;
+    // After this turn: a failed write's 'error' event comes on the next tick.
+    if (--pending === 0) setImmediate(() => process.exit(code === 0 && lost && (failed || lost()) ? EX_IOERR : code));
   };
   process.stdout.write('', done);
   process.stderr.write('', done);

@@ -18,5 +18,5 @@ export {
   MAX_QUEUES,
 } from './validate.js';
 export * as sys from './sys.js';
-export { dropUnwritableOutput, exitFlushed, keepInspectorShut } from './exit.js';
+export { EX_IOERR, dropUnwritableOutput, exitFlushed, keepInspectorShut } from './exit.js';
 export { EX } from './constants.js';
