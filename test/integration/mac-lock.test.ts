@@ -524,6 +524,29 @@ test.serial('a locked port put back on its bridge made anew is locked again, and
   }
 });
 
+// Found by an outside re-test: a port moved to another bridge that was then renamed into its bridge's place (a
+// network manager swapping in a replacement) never changed master, so nothing locked it again.
+test.serial('a locked port on a bridge renamed into its bridge\'s place is locked again', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  const d = r.taps[0]!.device;
+  const said = (what: RegExp) => () => broker.records.some((x) => x.decision === 'reconcile'
+    && (x.device as { name?: string }).name === d.name && what.test(x.message ?? ''));
+  try {
+    ns.bridge('br9', { mcastSnooping: false });
+    ns.ip('link', 'set', d.name, 'master', 'br9');
+    await broker.waitFor(said(/no longer a port of bridge `br0'/), 3000, 'its leaving the bridge was not recorded');
+    t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked off/, 'the lock went with the move');
+    ns.ip('link', 'del', 'br0');
+    ns.ip('link', 'set', 'br9', 'name', 'br0');
+    await broker.waitFor(() => /locked on/.test(bridgeCmd('-d', 'link', 'show', 'dev', d.name)), 3000, 'not locked again');
+    t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'));
+    await broker.waitFor(said(/on bridge `br0' again \(made or renamed so\)/), 3000, 'its return was not recorded');
+  } finally {
+    ns.ip('link', 'set', 'vb0', 'master', 'br0', 'up');
+    t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
+  }
+});
+
 // A kernel that refuses a step after the lock (this one never does: the refusal is injected, in the
 // test-only entry point) must leave nothing: no device, no forwarding entry, no lease.
 test.serial('a kernel refusal after the lock rolls the grant back, forwarding entry and all', async (t) => {

@@ -153,24 +153,46 @@ export class Forwarding {
     }
   }
 
-  /** Where each locked lease's device was last seen: its master's ifindex, or null (no bridge). */
-  private readonly ports = new WeakMap<LeaseRecord, number | null>();
+  /** Locked leases whose device is off its bridge (its lock lost with it), with the bridge it is on now, if any. */
+  private readonly off = new Map<string, number | null>();
 
   /**
    * A locked port follows its device's bridge: one that left it (the bridge deleted, or an administrator's
-   * `nomaster`) lost its lock with it, and is locked again once it is back on that bridge, as at a start (an
-   * outside review: re-attached by hand, it forwarded any MAC, and nothing said so).
+   * `nomaster`) lost its lock with it, and is locked again once it is a port of a bridge of that name again, as
+   * at a start (an outside review: re-attached by hand, it forwarded any MAC, and nothing said so).
    */
   followPort(l: LeaseRecord, link: Link, relock: () => void): void {
-    const was = this.ports.get(l);
-    this.ports.set(l, link.master);
-    if (was === undefined || was === link.master) return;
-    if (link.master !== null && link.master === this.kernel.linkNamed(l.parent)?.index) {
+    const on = link.master !== null && link.master === this.kernel.linkNamed(l.parent)?.index;
+    if (on && this.off.delete(l.id)) {
       this.note('reconcile', 'reconcile', l, `back on bridge \`${l.parent}': its port lock is put back`);
       relock();
-    } else if (was !== null) {
+    } else if (!on && !this.off.has(l.id)) {
       this.note('reconcile', 'reconcile', l, `no longer a port of bridge \`${l.parent}': its port lock went with `
-        + 'it, and is put back if it returns there');
+        + 'it, and is put back once it is a port of a bridge of that name again');
+    }
+    if (!on) this.off.set(l.id, link.master);
+  }
+
+  /** Is `index` a bridge a locked port off its own is on now (renamed into its place, it takes the lock back)? */
+  holdsPortOff(index: number): boolean {
+    for (const [id, master] of this.off) {
+      if (!this.table.get(id)) this.off.delete(id);
+      else if (master === index) return true;
+    }
+    return false;
+  }
+
+  /** A bridge made or renamed: ports of locked leases off their bridge that now bear its name are locked again. */
+  followBridge(bridge: Link, relock: (l: LeaseRecord) => void): void {
+    for (const [id, master] of this.off) {
+      const l = this.table.get(id);
+      if (!l) this.off.delete(id);
+      else if (master === bridge.index && l.parent === bridge.name) {
+        this.off.delete(id);
+        this.note('reconcile', 'reconcile', l, `on bridge \`${l.parent}' again (made or renamed so): its port lock `
+          + 'is put back');
+        relock(l);
+      }
     }
   }
 }

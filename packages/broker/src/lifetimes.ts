@@ -395,7 +395,7 @@ export class Lifetimes implements Cleanup {
    * own events while its create is in flight predate its owner and address, so they show nothing to judge.
    */
   private wants(type: number, index: number): boolean {
-    if (this.kernel.follows(index)) return true;
+    if (this.kernel.follows(index) || this.forwarding.holdsPortOff(index)) return true;
     const l = this.table.byIfindex(index);
     if (!l) return false;
     if (type === RTM_DELLINK) return true;
@@ -420,7 +420,12 @@ export class Lifetimes implements Cleanup {
   private onLink(type: number, link: Link): void {
     this.kernel.observe(type, link);
     const l = this.table.byIfindex(link.index);
-    if (!l) return;
+    if (!l) {
+      if (link.kind === 'bridge' && type !== RTM_DELLINK) {
+        this.forwarding.followBridge(link, (o) => relock(this.keeper!, o));
+      }
+      return;
+    }
     // Renamed (only root can): no longer the broker's device; nothing acts on it by this lease again.
     if (l.name !== link.name) {
       this.dropVanished(l, `renamed to \`${link.name}': lease dropped, device left alone`);
@@ -435,7 +440,9 @@ export class Lifetimes implements Cleanup {
       if (violationOf(l, link) === 'address') this.noteTaken(l, link);
       return;
     }
-    if (l.locked) this.forwarding.followPort(l, link, () => relock(this.keeper!, l));
+    // A lease committed before its own events were read is followed by its device as it is (see onLink's end).
+    if (l.locked) this.forwarding.followPort(l, this.fresh.has(l.id) ? this.kernel.link(l.ifindex) ?? link : link,
+      () => relock(this.keeper!, l));
     const violation = violationOf(l, link);
     if (violation === null) {
       this.fresh.delete(l.id);
