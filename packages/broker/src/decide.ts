@@ -126,8 +126,9 @@ export type Refusal = {
 };
 export type Decision = { allow: true; rule: AllowRule } | Refusal;
 
-/** The rule and message of a refusal's audit record. */
-export const recorded = (d: Refusal) => d.record ?? { rule: d.rule, message: d.message };
+/** The rule and message of a refusal's audit record (decide's, or admission's, which carries it on). */
+export const recorded = (d: Pick<Refusal, 'rule' | 'message' | 'record'>) =>
+  d.record ?? { rule: d.rule, message: d.message };
 
 /** An allow rule's selector: the caller's uid, or a group the calling process holds (kernel's list). */
 export function matches(who: Selector, caller: Caller): boolean {
@@ -346,8 +347,8 @@ export function decide(
   const mine = policy.allow.filter((r) => matches(r.who, caller));
   const forTarget = mine.filter((r) => grantsTarget(r, ask));
   // A tap given to a group reaches every member (whoever holds the group opens it): a deny that keeps one
-  // of them off the target refuses it. Looked for only where the caller may use the target: the search walks
-  // the group's members, and its time told a caller with no rule there which targets a deny covers (rv40).
+  // of them off the target refuses it. Looked for only where the caller may use the target: a caller with no rule
+  // there is told nothing of any deny (and what the search costs does not depend on the target: groupDenies).
   const shared = !deny && ask.group != null && forTarget.length > 0 ? sharedDeny(policy, ask.group, target) : null;
   if (shared) {
     const record = {

@@ -120,8 +120,7 @@ async function grantEach(
   const refused = nics.length > 1 ? firstRefused(ctx, policy, caller, nics) : null;
   if (refused?.refusal) {
     const { spec, refusal: r } = refused;
-    const record = r.record ?? { rule: r.rule, message: r.message };
-    audit({ decision: r.decision, request: specView(spec), code: r.code, ...record });
+    audit({ decision: r.decision, request: specView(spec), code: r.code, ...recorded(r) });
     throw new TapbrokerError(r.code, `NIC ${refused.i}: ${r.message}`, {
       ...(r.rule ? { rule: r.rule } : {}), ...(r.hint ? { hint: r.hint } : {}), nic: refused.i,
     });

@@ -639,7 +639,7 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
  */
 /**
  * The group a tap was given to, as the kernel shows it (`/sys/class/net/NAME/group`; the lease does not carry
- * it), or null: none, or where this process cannot see the device (another namespace: then not compared).
+ * it): null for none; undefined where this process cannot see that device (another namespace: not compared).
  */
 function givenTo(l: Lease): number | null | undefined {
   try {
