@@ -18,7 +18,7 @@
 // teardown of a tap nor a growing lease count is on a measured path, except where it is the point (5, 7).
 // Each broker phase has a broker of its own. A broker that stops answering for 15 s is reported as hung
 // (with where its main thread is blocked), killed, and the phase runs once more.
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -551,20 +551,34 @@ async function phaseFloor(id: string, label: string, note: string, hold = false)
   return fig({ id, label, stats: s, value: { v: 1000 / s.mean, unit: 'grants/s' }, note });
 }
 
+/**
+ * Runs a measuring child to its end without blocking this process's event loop: a broker started here
+ * writes its audit records to a pipe this process drains, and Node writes to a pipe synchronously, so a
+ * synchronous wait here would fill that pipe and stall the broker being measured (it did: ~45 spawns).
+ */
+function run(file: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(file, args, { encoding: 'utf8', env: { ...process.env, ...env }, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${file} ${args.join(' ')}: ${err.message}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
 /** Spawns `helper` per grant the way qemu does (spawn-helper.py: fork/exec from C), inside the namespace. */
-function spawnHelper(helper: string, env: NodeJS.ProcessEnv = {}): { samples: number[]; exits: number[] } {
-  const out = execFileSync('ip', ['netns', 'exec', ns().name, '/usr/bin/python3', SPAWN_HELPER_PY, helper, 'br0',
-    String(opts.n), String(Math.min(opts.warmup, 10))], { encoding: 'utf8', env: { ...process.env, ...env } });
+async function spawnHelper(helper: string, env: NodeJS.ProcessEnv = {}): Promise<{ samples: number[]; exits: number[] }> {
+  const out = await run('ip', ['netns', 'exec', ns().name, '/usr/bin/python3', SPAWN_HELPER_PY, helper, 'br0',
+    String(opts.n), String(Math.min(opts.warmup, 10))], env);
   return JSON.parse(out) as { samples: number[]; exits: number[] };
 }
 
 async function phaseHelper(): Promise<void> {
   // tapbroker-bridge-helper, spawned the same way, against a broker of its own.
   await withFreshBroker('bridge-helper', async (br) => {
-    const r = spawnHelper(TB_HELPER, { TAPBROKER_SOCKET: br.b.socket });
-    const node = execFileSync('ip', ['netns', 'exec', ns().name, '/usr/bin/python3', '-c',
+    const r = await spawnHelper(TB_HELPER, { TAPBROKER_SOCKET: br.b.socket });
+    const node = (await run('ip', ['netns', 'exec', ns().name, '/usr/bin/python3', '-c',
       'import subprocess,time\nt=[]\nfor i in range(20):\n t0=time.perf_counter();subprocess.run(["node","-e","0"]);'
-      + 't.append((time.perf_counter()-t0)*1000)\nt.sort();print(t[10])'], { encoding: 'utf8' }).trim();
+      + 't.append((time.perf_counter()-t0)*1000)\nt.sort();print(t[10])'])).trim();
     fig({ id: 'tb-helper', label: 'tapbroker-bridge-helper, spawn → fd', stats: stats(r.samples),
       note: `spawned per grant as qemu spawns a helper (fork/exec from C: spawn-helper.py), --use-vnet --br=br0, the fd `
         + `received on the SOCK_STREAM socketpair qemu uses; spawn → exit p50 ${stats(r.exits).p50.toFixed(2)} ms; `
@@ -588,7 +602,7 @@ async function phaseHelper(): Promise<void> {
     state.bridgeConf.file = true;
   }
   try {
-    const r = spawnHelper(HELPER);
+    const r = await spawnHelper(HELPER);
     reap();
     fig({ id: 'helper', label: 'qemu-bridge-helper, spawn → fd', stats: stats(r.samples),
       note: `spawned per grant as qemu spawns it (fork/exec from C: spawn-helper.py), --use-vnet --br=br0, the fd `
@@ -638,29 +652,28 @@ function phaseFloorC(): void {
  * --version` (the client's start alone), all spawned the same way.
  */
 async function phaseClient(): Promise<void> {
-  const time = (env: NodeJS.ProcessEnv, ...cmd: string[]) => (JSON.parse(execFileSync('ip', ['netns', 'exec', ns().name,
+  const time = async (env: NodeJS.ProcessEnv, ...cmd: string[]) => (JSON.parse(await run('ip', ['netns', 'exec', ns().name,
     '/usr/bin/python3', SPAWN_TIME_PY, ...(env['TB_UNTIL_OUTPUT'] ? ['--until-output'] : []), String(Math.min(opts.n, 60)),
-    '5', ...cmd],
-  { encoding: 'utf8', env: { ...process.env, ...env } })) as { samples: number[] }).samples;
-  const bare = stats(time({}, process.execPath, '-e', '0'));
+    '5', ...cmd], env)) as { samples: number[] }).samples;
+  const bare = stats(await time({}, process.execPath, '-e', '0'));
   fig({ id: 'node-bare', label: 'bare node -e 0, spawn → exit', stats: bare, note: 'the floor of any Node client' });
-  const version = stats(time({}, process.execPath, CLIENT_CLI, '--version'));
+  const version = stats(await time({}, process.execPath, CLIENT_CLI, '--version'));
   const over = version.p50 - bare.p50;
   fig({ id: 'client-start', label: 'tapbroker --version, spawn → exit', stats: version,
     target: { text: `p50 within 50 ms of bare node: +${over.toFixed(1)} ms`, pass: over <= 50 },
     note: 'the client\'s own start: its modules loaded (no zod, no msgpackr: @tapbroker/protocol/lite)' });
   await withFreshBroker('client', async (br) => {
-    const run = stats(time({}, process.execPath, CLIENT_CLI, 'run', '--socket', br.b.socket, '--net', 'bridge=br0',
+    const ran = stats(await time({}, process.execPath, CLIENT_CLI, 'run', '--socket', br.b.socket, '--net', 'bridge=br0',
       '--', '/bin/true'));
-    fig({ id: 'client-run', label: 'tapbroker run --net bridge=br0 -- true, spawn → exit', stats: run,
-      note: `start, connect, hello, one grant, spawn of true, its exit; +${(run.p50 - bare.p50).toFixed(1)} ms `
+    fig({ id: 'client-run', label: 'tapbroker run --net bridge=br0 -- true, spawn → exit', stats: ran,
+      note: `start, connect, hello, one grant, spawn of true, its exit; +${(ran.p50 - bare.p50).toFixed(1)} ms `
         + 'over bare node' });
     // The cost per NIC, black-box: 51 NICs minus 1 NIC, over 50, each timed until the command it runs has
     // started (its first output): the taps' deletion when the VM's process exits is the kernel's, after.
-    const reach = (nics: number) => stats(time({ TB_UNTIL_OUTPUT: '1' }, process.execPath, CLIENT_CLI, 'run', '--socket',
+    const reach = async (nics: number) => stats(await time({ TB_UNTIL_OUTPUT: '1' }, process.execPath, CLIENT_CLI, 'run', '--socket',
       br.b.socket, ...Array.from({ length: nics }, () => ['--net', 'bridge=br0']).flat(), '--', '/bin/echo', 'started'));
-    const one = reach(1);
-    const many = reach(51);
+    const one = await reach(1);
+    const many = await reach(51);
     const perNic = (many.p50 - one.p50) / 50;
     fig({ id: 'client-per-nic', label: 'tapbroker run, cost per NIC ((51 NICs − 1 NIC) / 50)', value: { v: perNic, unit: 'ms' },
       note: `spawn → the command started: 1 NIC p50 ${one.p50.toFixed(1)} ms, 51 NICs p50 ${many.p50.toFixed(1)} ms `
