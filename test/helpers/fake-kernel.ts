@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import { TapbrokerError, macFromBuffer } from '@tapbroker/protocol';
 import {
   hostMac, type Cleanup, type CreatedTap, type FaultPoint, type Kernel, type Link, type MacvtapRequest,
-  type TapRequest,
+  type TapRequest, type Wants,
 } from '@tapbroker/broker/internal';
 
 const RTM_NEWLINK = 16;
@@ -42,7 +42,7 @@ export class FakeKernel implements Kernel {
   private lost = false;
   private listeners: Array<{
     onLink: (type: number, link: Link) => void;
-    wants: (type: number, index: number) => boolean;
+    wants: Wants;
   }> = [];
   private nextIndex = 2;
   private readonly fds = new Map<number, number>();
@@ -259,7 +259,7 @@ export class FakeKernel implements Kernel {
   monitor(
     onLink: (type: number, link: Link) => void,
     onOverrun: () => void,
-    wants: (type: number, index: number) => boolean,
+    wants: Wants,
   ): { drain(): boolean; close(): void } {
     const listener = { onLink, wants };
     this.listeners.push(listener);
@@ -273,7 +273,7 @@ export class FakeKernel implements Kernel {
         }
         // A drain over its budget (a flood of events) reads that many and leaves the rest queued.
         const batch = this.events.splice(0, this.drainBudget ?? this.events.length);
-        for (const [type, link] of batch) if (wants(type, link.index)) onLink(type, copy(link));
+        for (const [type, link] of batch) if (wants(type, link.index, () => link.master)) onLink(type, copy(link));
         return this.events.length === 0;
       },
       close: () => {

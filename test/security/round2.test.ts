@@ -1103,6 +1103,36 @@ test.serial('A11: a holder flooding link events loses its tap, its next create w
   }
 });
 
+// Found by an outside re-test: root moving a port off its bridge and back (nomaster/master) makes about eight
+// link events of the tap each time, none its holder's doing; 150 such moves in a second deleted the user's tap
+// as its holder's flood and made the user wait.
+test.serial('A11: root moving a holder\'s tap off its bridge and back, fast, is not the holder\'s flood', async (t) => {
+  const fb = await BrokerProcess.start(ns, FLOOD_POLICY, { tag: 'r2flood3' });
+  try {
+    const holder = await probe({ socket: fb.socket, requests: [{ bridge: 'br0' }] });
+    try {
+      const name = holder.result.taps[0]!.device.name;
+      const moves = 200;
+      const started = performance.now();
+      const batch = spawnSync('ip', ['-n', ns.name, '-batch', '-'],
+        { input: `link set ${name} nomaster\nlink set ${name} master br0\n`.repeat(moves), encoding: 'utf8' });
+      t.is(batch.status, 0, batch.stderr);
+      const ms = performance.now() - started;
+      await fb.waitFor(() => fb.linkEventsUnread() === 0, 5000, 'the broker did not read the link events');
+      await quiet(300, 'a late flood verdict, were there one');
+      t.deepEqual(floodCleanups(fb, [name]).map((r) => r.message), [], `${moves} moves by root in ${ms.toFixed(0)} ms`);
+      t.truthy(ns.link(name), `${name} was deleted`);
+      t.is(ns.link(name)!.master, 'br0', 'back on its bridge');
+      const next = await probeOnce({ socket: fb.socket, requests: [{ bridge: 'br0' }] });
+      t.is(next.error, null, `the holder's uid was made to wait: ${next.error?.message}`);
+    } finally {
+      await holder.release();
+    }
+  } finally {
+    await fb.stop();
+  }
+});
+
 test.serial('A11: many taps of one uid, each under the device limit, flooding together: deleted, and the uid waits', async (t) => {
   const fb = await BrokerProcess.start(ns, FLOOD_POLICY, { tag: 'r2flood2' });
   try {

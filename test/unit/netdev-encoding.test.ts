@@ -2,7 +2,7 @@
 import test from 'ava';
 import {
   IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, attrString, attrU32, hostMac, linkMessage,
-  bridgeVlanMessage, parseAttrs, parseLink, randomMac, rtattr, tapFlags, tapName, tunIfreq,
+  bridgeVlanMessage, masterOf, parseAttrs, parseLink, randomMac, rtattr, tapFlags, tapName, tunIfreq,
 } from '@tapbroker/broker/internal';
 
 test('TUNSETIFF flags: always tap, no PI and exclusive for the creating open', (t) => {
@@ -52,6 +52,16 @@ test('parseLink reads what the kernel sends back', (t) => {
   const linkinfo = rtattr(18, attrString(1, 'bridge'));
   const m = linkMessage(16, 0, 1, { index: 5, flags: 0x1043 }, [attrString(3, 'br0'), attrU32(4, 9000), rtattr(1, Buffer.from([2, 0, 0, 0, 0, 1])), linkinfo]);
   t.deepEqual(parseLink(m), { family: 0, index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, tun: null, vlanFiltering: null });
+});
+
+test('masterOf reads an event\'s IFLA_MASTER alone, whatever comes before it, and null without one', (t) => {
+  const info = rtattr(18, attrString(1, 'tun'));
+  t.is(masterOf(linkMessage(16, 0, 1, { index: 7 }, [attrString(3, 'tb1-x'), info, attrU32(10, 4)])), 4);
+  t.is(masterOf(linkMessage(16, 0, 1, { index: 7 }, [attrString(3, 'tb1-x'), info])), null);
+  t.is(masterOf(linkMessage(16, 0, 1, { index: 7 }, [attrU32(10, 0)])), null, 'index 0 is no bridge');
+  // A truncated attribute (the message cut short) ends the walk: nothing past the message is read.
+  const m = linkMessage(16, 0, 1, { index: 7 }, [attrString(3, 'tb1-x'), attrU32(10, 4)]);
+  t.is(masterOf(m.subarray(0, m.length - 2)), null);
 });
 
 test('host MAC: guest MAC with first octet 0xfe', (t) => {

@@ -10,6 +10,12 @@ export const MAX_LINK_EVENTS_PER_UID = 2000;
 /** After a flood, the uid's creates wait this long, doubling with each flood up to FLOOD_COOLDOWN_MAX_MS. */
 const FLOOD_COOLDOWN_MS = 1000;
 const FLOOD_COOLDOWN_MAX_MS = 300_000;
+/**
+ * After a device's bridge changes (root moving it on or off a bridge: nothing its holder can do), its events
+ * are not counted for this long: the kernel's follow-ups (carrier, promiscuity, the broker's relock) are
+ * root's doing too, and a root toggling a port fast is not its holder's flood.
+ */
+const MOVED_GRACE_MS = 100;
 /** Per-uid entries (windows, cool-downs) past which the stale ones are dropped. */
 const PRUNE_AT = 256;
 
@@ -38,6 +44,8 @@ export class Floods {
   private readonly uidEvents = new Map<number, EventWindow>();
   /** Uids whose devices flooded: their creates wait until `until`; the next flood waits `next`. */
   private readonly cooldowns = new Map<number, { until: number; next: number }>();
+  /** Each device's bridge (IFLA_MASTER, 0 for none) as its last counted event had it, and its grace's end. */
+  private readonly masters = new Map<number, { master: number; graceUntil: number }>();
 
   /** `leaseOf`: the live lease (create finished) of a device, for finding a uid's loudest one. */
   constructor(private readonly leaseOf: (ifindex: number) => LeaseRecord | undefined) {}
@@ -45,10 +53,12 @@ export class Floods {
   /**
    * Counts one link event of `l`'s device. A device sending more than MAX_LINK_EVENTS_PER_SECOND, or one
    * of a uid whose devices send more than MAX_LINK_EVENTS_PER_UID together, is being used against the
-   * broker: returns the flood (the device to delete), and the uid's creates wait from now on.
+   * broker: returns the flood (the device to delete), and the uid's creates wait from now on. `master`:
+   * the event's bridge; events right after it changes are not the holder's (MOVED_GRACE_MS).
    */
-  count(l: LeaseRecord): Flood | null {
+  count(l: LeaseRecord, master: number | null): Flood | null {
     const now = performance.now();
+    if (this.moved(l.ifindex, master ?? 0, now)) return null;
     if (this.uidEvents.size + this.cooldowns.size > PRUNE_AT) this.prune(now);
     const device = tick(this.events, l.ifindex, now) > MAX_LINK_EVENTS_PER_SECOND;
     // Per uid too, and kept after its devices go: a uid that floods from a new tap each time is still seen.
@@ -75,6 +85,15 @@ export class Floods {
   /** A device gone: its count with it. */
   forget(ifindex: number): void {
     this.events.delete(ifindex);
+    this.masters.delete(ifindex);
+  }
+
+  /** Did root just move this device to or off a bridge (its first event's bridge is taken as it is)? */
+  private moved(ifindex: number, master: number, now: number): boolean {
+    const m = this.masters.get(ifindex);
+    if (!m) this.masters.set(ifindex, { master, graceUntil: 0 });
+    else if (m.master !== master) Object.assign(m, { master, graceUntil: now + MOVED_GRACE_MS });
+    return !!m && now < m.graceUntil;
   }
 
   /** How long `uid`'s creates must still wait after a flood of link events from its devices (ms; 0: none). */

@@ -34,6 +34,7 @@ export {
   macvtapMessage,
   bridgeVlanMessage,
   parseLink,
+  masterOf,
   parseAttrs,
   rtattr,
   attrU32,
@@ -44,8 +45,9 @@ export {
   MACVLAN_MODES,
   type Link,
 } from './rtnetlink.js';
-export { LinkMonitor, DRAIN_BUDGET } from './link-monitor.js';
+export { LinkMonitor, DRAIN_BUDGET, type Wants } from './link-monitor.js';
 export { Forwarding } from './forwarding.js';
+export { Floods, MAX_LINK_EVENTS_PER_SECOND } from './floods.js';
 export { Fairness, SHARE_MS, WINDOW_MS } from './fairness.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';

@@ -3,6 +3,7 @@
 // netdev.ts (taps, bridges) and macvtap.ts act on the kernel itself; the handlers' unit tests on a model.
 import fs from 'node:fs';
 import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol/core';
+import type { Wants } from './link-monitor.js';
 import type { Link } from './rtnetlink.js';
 
 export const TUNSETIFF = 0x400454ca;
@@ -158,7 +159,7 @@ export interface Kernel {
   monitor(
     onLink: (type: number, link: Link) => void,
     onOverrun: () => void,
-    wants: (type: number, index: number) => boolean,
+    wants: Wants,
   ): { drain(): boolean; close(): void };
   followBridges(): void;
   follows(index: number): boolean;

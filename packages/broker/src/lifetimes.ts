@@ -76,7 +76,7 @@ export class Lifetimes implements Cleanup {
     this.monitor = this.kernel.monitor(
       (type, link) => this.onLink(type, link),
       () => this.resync(),
-      (type, index) => this.wants(type, index),
+      (type, index, master) => this.wants(type, index, master),
     );
     const keeper: Keeper = this.keeper = {
       table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, brokerId: this.brokerId,
@@ -394,19 +394,19 @@ export class Lifetimes implements Cleanup {
    * Link events worth decoding: a followed bridge's, a lease's deletion, a live lease's change. A device's
    * own events while its create is in flight predate its owner and address, so they show nothing to judge.
    */
-  private wants(type: number, index: number): boolean {
+  private wants(type: number, index: number, master: () => number | null): boolean {
     if (this.kernel.follows(index) || this.forwarding.holdsPortOff(index)) return true;
     const l = this.table.byIfindex(index);
     if (!l) return false;
     if (type === RTM_DELLINK) return true;
     // A persistent tap's owner may attach a queue while it is being made: its events are read for what its
     // address shows (onLink), not judged.
-    return (!this.creating.has(l.id) || (l.kind === 'tap' && l.ends === 'release')) && !this.flooding(l);
+    return (!this.creating.has(l.id) || (l.kind === 'tap' && l.ends === 'release')) && !this.flooding(l, master());
   }
 
   /** Is this event part of a flood (floods.ts)? The flood's device is deleted, as any other breach is. */
-  private flooding(l: LeaseRecord): boolean {
-    const flood = this.floods.count(l);
+  private flooding(l: LeaseRecord, master: number | null): boolean {
+    const flood = this.floods.count(l, master);
     if (!flood) return false;
     void this.retire(flood.victim, { op: 'cleanup', decision: 'cleanup', message: flood.message }).catch(() => {});
     return flood.victim === l;

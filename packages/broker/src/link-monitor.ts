@@ -1,7 +1,7 @@
 // RTNLGRP_LINK: the kernel's link events, read without blocking and decoded only where wanted.
 import { sys, watchReadable } from '@tapbroker/protocol/core';
 import {
-  AF_BRIDGE, IFINFOMSG, NLMSGHDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, parseLink, splitMessages, type Link,
+  AF_BRIDGE, IFINFOMSG, NLMSGHDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, parseLink, splitMessages, type Link,
 } from './rtnetlink.js';
 
 /** The kernel's queue of link events for the broker, in bytes (a teardown burst then seldom overruns it). */
@@ -14,6 +14,9 @@ export const LINK_EVENT_QUEUE = 4 * 1024 * 1024;
  */
 export const DRAIN_BUDGET = 256;
 
+/** Is an event of this type about this device worth decoding? `master()`: the event's IFLA_MASTER. */
+export type Wants = (type: number, index: number, master: () => number | null) => boolean;
+
 /**
  * RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK of a device (the
  * AF_BRIDGE port messages, e.g. a port leaving its bridge, are not the device and are not passed on);
@@ -25,11 +28,14 @@ export class LinkMonitor {
   private readonly watch: { close(): void };
   private readonly rx = new sys.Receiver(256 * 1024);
 
-  /** `wants`: whether an event about this ifindex is worth decoding (most of a busy host's are not). */
+  /**
+   * `wants`: whether an event about this ifindex is worth decoding (most of a busy host's are not);
+   * `master()` reads the event's bridge index alone, for the few it is asked of.
+   */
   constructor(
     private readonly onLink: (type: number, link: Link) => void,
     private readonly onOverrun: () => void,
-    private readonly wants: (type: number, index: number) => boolean = () => true,
+    private readonly wants: Wants = () => true,
     queueBytes = LINK_EVENT_QUEUE,
   ) {
     this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
@@ -69,8 +75,8 @@ export class LinkMonitor {
         const type = m.readUInt16LE(4);
         if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
         // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
-        if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE || !this.wants(type, m.readInt32LE(20)))
-          continue;
+        if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE
+          || !this.wants(type, m.readInt32LE(20), () => masterOf(m))) continue;
         try {
           this.onLink(type, parseLink(m));
         } catch (err) {

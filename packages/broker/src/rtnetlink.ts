@@ -109,6 +109,17 @@ export function parseAttrs(buf: Buffer, start = 0, end = buf.length): Map<number
   return out;
 }
 
+/** An RTM_NEWLINK's IFLA_MASTER (its bridge's index), read without decoding the rest; null without one. */
+export function masterOf(msg: Buffer): number | null {
+  const end = Math.min(msg.readUInt32LE(0), msg.length);
+  for (let o = NLMSGHDR + IFINFOMSG, len = 0; o + 4 <= end; o += align4(len)) {
+    len = msg.readUInt16LE(o);
+    if (len < 4 || o + len > end) break;
+    if ((msg.readUInt16LE(o + 2) & 0x3fff) === IFLA_MASTER && len >= 8) return msg.readUInt32LE(o + 4) || null;
+  }
+  return null;
+}
+
 const cstr = (b: Buffer | undefined) =>
   b ? b.toString('utf8', 0, b.indexOf(0) >= 0 ? b.indexOf(0) : b.length) : undefined;
 
