@@ -43,6 +43,8 @@ export interface ProbeArgs {
   tun?: string;
   /** Misbehave: make itself every granted tap's owner through its own fd (TUNSETOWNER). */
   ownOwnFds?: boolean;
+  /** Misbehave later: on SIGUSR1, make every granted tap persistent through its own fd (TUNSETPERSIST). */
+  persistOnSignal?: boolean;
   /**
    * Misbehave: toggle each tap's offloads this many times through its fd (TUNSETOFFLOAD, no capability
    * needed; each toggle is one link event), stopping at the first error (the device gone).
@@ -113,6 +115,12 @@ async function main(): Promise<void> {
           ? Buffer.concat([Buffer.alloc(10), Buffer.from(args.writeRaw, 'hex')]) : testFrame(src))))
         : [];
       if (args.persistOwnFds) for (const fd of tap.tapFds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
+      if (args.persistOnSignal) {
+        const fds = tap.tapFds;
+        process.on('SIGUSR1', () => {
+          for (const fd of fds) sys.ioctlInt(fd, 0x400454cb /* TUNSETPERSIST */, 1);
+        });
+      }
       if (args.ownOwnFds) sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());
       if (args.flipOwner) {
         sys.ioctlInt(tap.tapFds[0]!, 0x400454cc /* TUNSETOWNER */, process.getuid!());

@@ -547,6 +547,29 @@ test.serial('a locked port on a bridge renamed into its bridge\'s place is locke
   }
 });
 
+// Found by an outside re-test: what the broker remembered of a locked port's bridge was tied to its lease's
+// object, which a holder's TUNSETPERSIST replaces (the lease becomes a persistent one): made persistent while
+// off its bridge, the port was not locked again when root put it back, and a spoofed source MAC crossed.
+test.serial('a locked port its holder made persistent while off its bridge is locked again when put back', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], persistOnSignal: true });
+  const d = p.result.taps[0]!.device;
+  const said = (what: RegExp) => () => broker.records.some((x) => x.decision === 'reconcile'
+    && (x.device as { name?: string }).name === d.name && what.test(x.message ?? ''));
+  try {
+    ns.ip('link', 'set', d.name, 'nomaster');
+    await broker.waitFor(said(/no longer a port of bridge `br0'/), 3000, 'its leaving the bridge was not recorded');
+    p.child.kill('SIGUSR1');
+    await broker.waitFor(said(/it is now a persistent lease/), 3000, 'its becoming persistent was not recorded');
+    ns.ip('link', 'set', d.name, 'master', 'br0');
+    await broker.waitFor(() => /locked on/.test(bridgeCmd('-d', 'link', 'show', 'dev', d.name)), 3000, 'not locked again');
+    t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /learning off/);
+    t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'));
+  } finally {
+    await p.release();
+    if (ns.link(d.name)) t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
+  }
+});
+
 // A kernel that refuses a step after the lock (this one never does: the refusal is injected, in the
 // test-only entry point) must leave nothing: no device, no forwarding entry, no lease.
 test.serial('a kernel refusal after the lock rolls the grant back, forwarding entry and all', async (t) => {
