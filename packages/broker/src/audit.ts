@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol/core';
 import type { Identity } from './identity.js';
+import { toStderr } from './stderr.js';
 
 export type AuditDecision =
   | 'grant'
@@ -160,7 +161,7 @@ export class Audit {
         // journald went away: the record still goes somewhere.
       }
     }
-    if (!journaled) this.dropped += this.fd === 2 ? toStderr(line) : Number(writeFully(this.fd, line).left > 0);
+    if (!journaled) this.dropped += Number(this.fd === 2 ? !toStderr(line) : writeFully(this.fd, line).left > 0);
     // write(2) with O_APPEND: in the kernel before the reply is sent; no user-space buffering.
     if (this.fileFd !== null) this.toFile(line);
     this.linux?.send(rec, c);
@@ -253,32 +254,6 @@ const LIMITED = new Set<AuditDecision>(['deny', 'error', 'dry-run']);
 const REFUSAL_WINDOW_MS = 10_000;
 
 const pause = new Int32Array(new SharedArrayBuffer(4));
-const STDERR_BACKLOG = 16 * 1024 * 1024;
-
-/**
- * stderr is often a pipe whose reader may stall; blocking on it would stall every client. Records go
- * through Node's ordered, buffered stream instead (the file and journald sinks are the ones written
- * before the reply), and past 16 MiB of backlog they are dropped and counted.
- */
-function toStderr(line: string): number {
-  // While a backlog is queued, queue behind it, so records stay in order.
-  if (process.stderr.writableLength > 0) {
-    if (process.stderr.writableLength > STDERR_BACKLOG) return 1;
-    process.stderr.write(line);
-    return 0;
-  }
-  // Normally the pipe has room: written now, before the reply.
-  const buf = Buffer.from(line);
-  let sent = 0;
-  try {
-    sent = fs.writeSync(2, buf);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') return 1;
-  }
-  if (sent < buf.length) process.stderr.write(buf.subarray(sent));
-  return 0;
-}
-
 /**
  * Writes all of `text`, waiting out EAGAIN: stderr may be a non-blocking pipe whose reader is slow, and
  * a record must be written before the reply leaves. Never throws (a failing audit sink must not turn a

@@ -10,6 +10,7 @@ import { loadTrustedPolicy } from './policy.js';
 import { lockExclusive } from './libc.js';
 import { notRootsAlone } from './paths.js';
 import { LinuxAudit } from './linux-audit.js';
+import { toStderr } from './stderr.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
@@ -136,7 +137,7 @@ function usage(why: string): never {
 }
 
 function log(line: string): void {
-  process.stderr.write(`tapbrokerd: ${line}\n`);
+  toStderr(`tapbrokerd: ${line}\n`);
 }
 
 function load(file: string): Policy {

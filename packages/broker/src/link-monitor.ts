@@ -3,6 +3,7 @@ import { sys, watchReadable } from '@tapbroker/protocol/core';
 import {
   AF_BRIDGE, IFINFOMSG, NLMSGHDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, parseLink, splitMessages, type Link,
 } from './rtnetlink.js';
+import { toStderr } from './stderr.js';
 
 /** The kernel's queue of link events for the broker, in bytes (a teardown burst then seldom overruns it). */
 export const LINK_EVENT_QUEUE = 4 * 1024 * 1024;
@@ -81,7 +82,7 @@ export class LinkMonitor {
           this.onLink(type, parseLink(m));
         } catch (err) {
           // One event that cannot be applied does not lose the rest: they go on, and a resync follows.
-          process.stderr.write(`tapbrokerd: a link event could not be applied: ${(err as Error).stack}\n`);
+          toStderr(`tapbrokerd: a link event could not be applied: ${(err as Error).stack}\n`);
           overrun = true;
         }
       }

@@ -14,6 +14,7 @@ import {
 import { decodeRequest, encodeReply } from '@tapbroker/protocol/requests';
 import type { Fairness } from './fairness.js';
 import type { Identity } from './identity.js';
+import { toStderr } from './stderr.js';
 
 /** What a handler returns: the reply, the fds that travel with it, and a lease this connection holds. */
 export interface Outcome {
@@ -296,7 +297,7 @@ export class Session {
       err instanceof TapbrokerError
         ? err
         : new TapbrokerError('TB_E_INTERNAL', `internal error: ${(err as Error).message}`);
-    if (e.code === 'TB_E_INTERNAL') process.stderr.write(`tapbrokerd: internal error: ${(err as Error).stack}\n`);
+    if (e.code === 'TB_E_INTERNAL') toStderr(`tapbrokerd: internal error: ${(err as Error).stack}\n`);
     const reply: Reply = { op: 'error', id, code: e.code, message: bounded(e.message) };
     if (e.rule !== undefined) reply.rule = bounded(e.rule, 128);
     if (e.hint !== undefined) reply.hint = bounded(e.hint);

@@ -1,0 +1,106 @@
+// The daemon's stderr, written without ever waiting on its reader. stderr is often a pipe or journald's stream
+// socket, shared with whatever started the daemon, and its reader can stall (a hung logger, journald
+// restarting); Node writes to a pipe synchronously, so one full pipe froze the broker for every client (found
+// by the benchmark, whose drain of the broker's stderr stopped). Lines go out through a file description of
+// the daemon's own, never waiting; what the reader has no room for waits in memory, in order, up to 16 MiB,
+// past which lines are dropped (and counted by their writer).
+import fs from 'node:fs';
+import { sys } from '@tapbroker/protocol/core';
+
+const BACKLOG = 16 * 1024 * 1024;
+const RETRY_MS = 20;
+
+interface Out {
+  fd: number;
+  socket: boolean;
+}
+
+let out: Out | null = null;
+const queue: Buffer[] = [];
+let queued = 0;
+let timer: NodeJS.Timeout | null = null;
+const pause = new Int32Array(new SharedArrayBuffer(4));
+
+/**
+ * fd 2's file status flags are shared with everyone holding its description (a terminal, a pipeline), so
+ * O_NONBLOCK is not set on it: a socket is sent to with MSG_DONTWAIT, and a pipe or terminal opened anew
+ * (/proc/self/fd/2: a description of the daemon's own). A regular file has no reader to wait for.
+ */
+function open(): Out {
+  try {
+    const st = fs.fstatSync(2);
+    if (st.isSocket()) return { fd: 2, socket: true };
+    if (st.isFIFO() || st.isCharacterDevice()) {
+      const { O_WRONLY, O_NONBLOCK, O_NOCTTY } = fs.constants;
+      return { fd: fs.openSync('/proc/self/fd/2', O_WRONLY | O_NONBLOCK | O_NOCTTY), socket: false };
+    }
+  } catch {
+    // No /proc, or no fd 2: written as it is.
+  }
+  return { fd: 2, socket: false };
+}
+
+/** Writes what the reader has room for now: the bytes written (0: none). Throws on errors other than EAGAIN. */
+function tryWrite(o: Out, buf: Buffer): number {
+  if (o.socket) return Math.max(0, sys.sendMsg(o.fd, { data: buf }, sys.MSG_DONTWAIT));
+  try {
+    return fs.writeSync(o.fd, buf);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EAGAIN') return 0;
+    throw err;
+  }
+}
+
+/** Writes the backlog's head while the reader takes it; false when stderr failed (the backlog is then lost). */
+function drain(): boolean {
+  while (queue.length > 0) {
+    let n: number;
+    try {
+      n = tryWrite(out!, queue[0]!);
+    } catch {
+      queue.length = 0;
+      queued = 0;
+      return false;
+    }
+    if (n === 0) break;
+    queued -= n;
+    if (n === queue[0]!.length) queue.shift();
+    else queue[0] = queue[0]!.subarray(n);
+  }
+  return true;
+}
+
+function retry(): void {
+  timer = null;
+  drain();
+  if (queue.length > 0) (timer = setTimeout(retry, RETRY_MS)).unref();
+}
+
+/** Writes `text` to stderr, never waiting; false when it was dropped (the backlog full, or stderr failing). */
+export function toStderr(text: string): boolean {
+  if (!out) {
+    out = open();
+    // Whatever is still waiting at exit gets a second to go (a stop's last lines).
+    process.on('exit', () => flushStderr(1000));
+  }
+  let buf = Buffer.from(text);
+  if (queued === 0) {
+    try {
+      buf = buf.subarray(tryWrite(out, buf));
+    } catch {
+      return false;
+    }
+    if (buf.length === 0) return true;
+  }
+  if (queued + buf.length > BACKLOG) return false;
+  queue.push(buf);
+  queued += buf.length;
+  if (!timer) (timer = setTimeout(retry, RETRY_MS)).unref();
+  return true;
+}
+
+/** Waits up to `ms` for the backlog to be written (at exit). */
+export function flushStderr(ms: number): void {
+  const deadline = Date.now() + ms;
+  while (queue.length > 0 && drain() && queue.length > 0 && Date.now() < deadline) Atomics.wait(pause, 0, 0, 5);
+}

@@ -1,0 +1,125 @@
+// A broker whose stderr nobody reads for a while (a hung logger at the end of a pipe, journald restarting) goes on
+// serving: its audit records and log lines wait in memory, in order, and reach the reader once it reads again.
+// Found by the benchmark: Node writes to a pipe synchronously, so a full stderr pipe froze the broker for every
+// client (stuck in the kernel's pipe_write). Both kinds of stderr are tried: a FIFO (a shell's `2> fifo` or
+// `| logger`: a pipe) and a socket (what systemd's StandardError=journal and Node's own child pipes are).
+import anyTest, { type TestFn } from 'ava';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { TapbrokerClient } from '@tapbroker/client';
+import { BROKER_MAIN, tempDir } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { until } from '../helpers/wait.js';
+
+const test = anyTest as TestFn;
+let ns: Netns;
+
+test.before(() => {
+  ns = Netns.create('stderr');
+  ns.bridge('br0');
+});
+test.after.always(() => ns?.destroy());
+
+const POLICY = '[[rule]]\nname = "root"\nusers = [0]\nbridges = ["br0"]\nmax_devices = 10000\n';
+const GRANTS = 600;
+
+/** Starts a broker in the namespace with `stderr` as its fd 2; resolves once it answers. */
+async function start(dir: string, stderr: number | 'pipe'): Promise<{ proc: ChildProcess; socket: string }> {
+  fs.writeFileSync(path.join(dir, 'policy.toml'), POLICY);
+  const socket = path.join(dir, 'tapbroker.sock');
+  const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', path.join(dir, 'policy.toml'),
+    '-s', socket, '--state-dir', path.join(dir, 'state'), '--journal-socket', ''], { stdio: ['ignore', 'ignore', stderr] });
+  // Answering: a connection made and a hello answered.
+  await until(() => TapbrokerClient.connect(socket).then((c) => (c.close(), true), () => false),
+    { ms: 10_000, what: 'the broker did not start' });
+  return { proc, socket };
+}
+
+/** GRANTS grants, each answered within 5 s, on one connection; every tap closed at once. */
+async function grants(socket: string): Promise<void> {
+  const client = await TapbrokerClient.connect(socket);
+  try {
+    for (let i = 0; i < GRANTS; i++) {
+      let timer: NodeJS.Timeout | undefined;
+      const tap = await Promise.race([client.createTap({ bridge: 'br0' }), new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`grant ${i} not answered in 5 s: the broker waits on its stderr`)), 5000);
+      })]).finally(() => clearTimeout(timer));
+      for (const fd of [...tap.tapFds, ...tap.vhostFds]) fs.closeSync(fd);
+    }
+  } finally {
+    client.close();
+  }
+}
+
+/** The audit records in `text`, each line whole JSON, in the order written. */
+function grantsIn(t: { true(v: boolean, m?: string): void }, text: string): number {
+  let last = '';
+  let n = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith('{')) continue;
+    const rec = (JSON.parse(line) as { audit: { time: string; decision: string } }).audit;
+    t.true(rec.time >= last, `out of order: ${rec.time} after ${last}`);
+    last = rec.time;
+    if (rec.decision === 'grant') n++;
+  }
+  return n;
+}
+
+test.serial('a FIFO stderr nobody reads: every client is served, and the reader gets every record in order later', async (t) => {
+  const dir = tempDir('stderr-fifo');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const fifo = path.join(dir, 'log.fifo');
+  execFileSync('mkfifo', [fifo]);
+  // The reader's end opened first (without waiting for a writer), the broker's as a shell would: blocking.
+  const reader = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+  const writer = fs.openSync(fifo, fs.constants.O_WRONLY);
+  const { proc, socket } = await start(dir, writer);
+  fs.closeSync(writer);
+  try {
+    await grants(socket);
+    // fd 2's own description is as it was (a shell sharing it must not find it non-blocking).
+    t.false((parseInt(/flags:\s+(\d+)/.exec(fs.readFileSync(`/proc/${proc.pid}/fdinfo/2`, 'utf8'))![1]!, 8)
+      & fs.constants.O_NONBLOCK) !== 0, 'the shared fd 2 was made non-blocking');
+    let text = '';
+    const buf = Buffer.alloc(1 << 16);
+    await until(() => {
+      for (;;) {
+        let n = 0;
+        try {
+          n = fs.readSync(reader, buf);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === 'EAGAIN') break;
+          throw err;
+        }
+        if (n === 0) break;
+        text += buf.toString('utf8', 0, n);
+      }
+      return (text.match(/"decision":"grant"/g) ?? []).length >= GRANTS;
+    }, { ms: 10_000, what: 'not every grant reached the reader' });
+    t.is(grantsIn(t, text), GRANTS);
+    t.regex(text, /^tapbrokerd: listening on/m);
+  } finally {
+    proc.kill('SIGKILL');
+    fs.closeSync(reader);
+  }
+});
+
+test.serial('a socket stderr nobody reads: every client is served, and the reader gets every record in order later', async (t) => {
+  const dir = tempDir('stderr-socket');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const { proc, socket } = await start(dir, 'pipe');
+  // Node's child pipe is a socketpair: not read until the grants are done.
+  proc.stderr!.pause();
+  try {
+    await grants(socket);
+    let text = '';
+    proc.stderr!.on('data', (d: Buffer) => (text += d.toString()));
+    proc.stderr!.resume();
+    await until(() => (text.match(/"decision":"grant"/g) ?? []).length >= GRANTS,
+      { ms: 10_000, what: 'not every grant reached the reader' });
+    t.is(grantsIn(t, text), GRANTS);
+  } finally {
+    proc.kill('SIGKILL');
+  }
+});
