@@ -16,18 +16,23 @@ try {
   // `hold`: keep the queue attached until killed (a racing attacker keeps what it won).
   if (hold === 'hold') await new Promise(() => setInterval(() => {}, 1000));
   // `send:MAC`: write one frame from that source MAC (a guest spoofing), say what the write did, and keep the
-  // queue attached until killed (a tap with none attached has its carrier off, which flushes what was learned).
+  // queue attached until killed (a tap with none attached has its carrier off, which flushes what was learned);
+  // on each SIGUSR1, five more.
   if (hold?.startsWith('send:')) {
     const frame = Buffer.alloc(10 + 60).fill(0xff, 10, 16);
     Buffer.from(hold.slice(5).split(':').map((h) => parseInt(h, 16))).copy(frame, 16);
     frame.writeUInt16BE(0x88b5, 22);
-    let wrote: number | string;
-    try {
-      wrote = fs.writeSync(fd, frame);
-    } catch (err) {
-      wrote = (err as NodeJS.ErrnoException).code ?? String(err);
-    }
-    process.stdout.write(`${JSON.stringify({ wrote })}\n`);
+    const send = (n: number) => {
+      let wrote: number | string = 0;
+      try {
+        for (let i = 0; i < n; i++) wrote = fs.writeSync(fd, frame);
+      } catch (err) {
+        wrote = (err as NodeJS.ErrnoException).code ?? String(err);
+      }
+      process.stdout.write(`${JSON.stringify({ wrote })}\n`);
+    };
+    send(1);
+    process.on('SIGUSR1', () => send(5));
     await new Promise(() => setInterval(() => {}, 1000));
   }
   // `flip:MAC`: give the tap that MAC and its own back (SIOCGIFHWADDR, then SIOCSIFHWADDR twice on its fd).

@@ -501,6 +501,45 @@ test.serial('a broker restart puts back a lock an administrator took off meanwhi
   t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
 });
 
+// Found by an outside re-test: a lock put back left what the bridge had learned on the port while it was
+// unlocked, and a locked port still takes frames from any MAC the bridge has on it: the guest's spoofed source
+// kept crossing (50 of 50 frames) after "its port lock is put back". The lock now flushes the port's learned
+// entries in the same step.
+test.serial('a lock put back forgets what the port learned while unlocked: a spoofed source then learned crosses no more',
+  async (t) => {
+    const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+    const d = r.taps[0]!.device;
+    const spoof = '02:55:44:33:22:11';
+    await broker.stop('SIGTERM', true);
+    // While the broker is down, an administrator's script unlocks the port; its owner attaches and sends from a
+    // foreign source, which the bridge learns, and keeps the queue attached (its carrier on).
+    spawnSync('bridge', ['-n', ns.name, 'link', 'set', 'dev', d.name, 'locked', 'off', 'learning', 'on']);
+    const sender = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs(), process.execPath, OPEN_TAP,
+      d.name, 'sq', tunNode(broker.dir), `send:${spoof}`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    sender.stdout!.on('data', (x) => (out += String(x)));
+    try {
+      await poll(() => out.includes('"wrote"'), { ms: 5000 });
+      t.regex(out, /"ok":true/);
+      t.regex(fdb(d.name), new RegExp(`^${spoof} master br0`, 'm'), 'the bridge learned the spoofed source (the premise)');
+      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+      t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked on/);
+      t.notRegex(fdb(d.name), new RegExp(`^${spoof}`, 'm'), 'what the port learned while unlocked is gone');
+      t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'), 'the guest\'s own entry stays');
+      // And in the data plane: five more frames from the spoofed source, none across the bridge.
+      const before = rx();
+      sender.kill('SIGUSR1');
+      await poll(() => (out.match(/"wrote"/g) ?? []).length >= 2, { ms: 5000 });
+      t.regex(out, /"wrote":70\}\n$/, 'the frames were written');
+      await quiet(200, 'no spoofed frame may cross: time for any that would');
+      t.is(rx() - before, 0, 'a spoofed frame crossed the locked port');
+    } finally {
+      sender.kill('SIGKILL');
+      await new Promise((x) => sender.once('exit', x));
+      t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
+    }
+  });
+
 // Found by an outside review: a bridge deleted and made again (a network manager's restart) left its locked taps
 // off it, and an administrator putting them back by hand got unlocked ports, learning on: any MAC forwarded. The
 // broker now follows its locked ports: one back on its bridge is locked again, as at a start.

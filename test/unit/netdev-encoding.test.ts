@@ -2,7 +2,7 @@
 import test from 'ava';
 import {
   IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, attrString, attrU32, hostMac, linkMessage,
-  bridgeVlanMessage, masterOf, parseAttrs, parseLink, randomMac, rtattr, tapFlags, tapName, tunIfreq,
+  bridgeVlanMessage, masterOf, parseAttrs, parseLink, portLockMessage, randomMac, rtattr, tapFlags, tapName, tunIfreq,
 } from '@tapbroker/broker/internal';
 
 test('TUNSETIFF flags: always tap, no PI and exclusive for the creating open', (t) => {
@@ -62,6 +62,17 @@ test('masterOf reads an event\'s IFLA_MASTER alone, whatever comes before it, an
   // A truncated attribute (the message cut short) ends the walk: nothing past the message is read.
   const m = linkMessage(16, 0, 1, { index: 7 }, [attrString(3, 'tb1-x'), attrU32(10, 4)]);
   t.is(masterOf(m.subarray(0, m.length - 2)), null);
+});
+
+test('a port lock: locked, learning off, BPDU guard and root block, and the port\'s learned entries flushed', (t) => {
+  const m = portLockMessage(7, 12, true);
+  t.is(m.readUInt8(16), 7 /* AF_BRIDGE */);
+  t.is(m.readInt32LE(20), 12);
+  const protinfo = parseAttrs(parseAttrs(m, 32).get(12 /* IFLA_PROTINFO */)!);
+  t.deepEqual([...protinfo.keys()].sort((a, b) => a - b), [5, 6, 8, 24, 39]);
+  t.is(protinfo.get(39 /* LOCKED */)![0], 1);
+  t.is(protinfo.get(8 /* LEARNING */)![0], 0);
+  t.is(protinfo.get(24 /* FLUSH: a flag, no payload */)!.length, 0);
 });
 
 test('host MAC: guest MAC with first octet 0xfe', (t) => {

@@ -35,6 +35,7 @@ export {
   bridgeVlanMessage,
   parseLink,
   masterOf,
+  portLockMessage,
   parseAttrs,
   rtattr,
   attrU32,

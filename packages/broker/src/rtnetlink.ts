@@ -240,6 +240,7 @@ const IFLA_PROTINFO = 12;
 const IFLA_BRPORT_GUARD = 5;
 const IFLA_BRPORT_PROTECT = 6;
 const IFLA_BRPORT_LEARNING = 8;
+const IFLA_BRPORT_FLUSH = 24;
 export const IFLA_BRPORT_LOCKED = 39;
 const NLA_F_NESTED = 0x8000;
 
@@ -294,6 +295,10 @@ export function portLockMessage(seq: number, port: number, locked: boolean): Buf
     // BPDU guard and root block: with STP on, the bridge reads BPDUs before it looks at the lock (their
     // source unchecked); a guest sending one gets its port disabled, and never becomes the root port.
     rtattr(IFLA_BRPORT_GUARD, flag(locked)), rtattr(IFLA_BRPORT_PROTECT, flag(locked)),
+    // The port's learned entries go, in the same step: a locked port still takes frames from any MAC the
+    // bridge has on it, so one learned while it was unlocked (put back by hand, an administrator's script)
+    // would still pass. Static entries (the guest's own) stay.
+    ...(locked ? [rtattr(IFLA_BRPORT_FLUSH, Buffer.alloc(0))] : []),
   ]));
   const msg = linkMessage(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index: port }, [protinfo]);
   msg.writeUInt8(AF_BRIDGE, 16);
