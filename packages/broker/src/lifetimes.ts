@@ -10,7 +10,7 @@ import { namePrefix } from './naming.js';
 import type { Cleanup, Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, relock, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
-import { expectedMac, violationOf } from './terms.js';
+import { expectedMac, idsUnmapped, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
 import { Unplugs } from './plug.js';
@@ -440,6 +440,11 @@ export class Lifetimes implements Cleanup {
       if (violationOf(l, link) === 'address') this.noteTaken(l, link);
       return;
     }
+    // A holder in a user namespace (offloads set, its fd closed) showed the broker's root as the overflow uid,
+    // and its tap was deleted as if its owner had changed (an outside review): its ids as the broker sees them.
+    const seen = idsUnmapped(link) ? this.kernel.link(link.index) : link;
+    if (!this.isDevice(l, seen)) return this.judge(l, seen);
+    link = { ...link, tun: seen.tun };
     // A lease committed before its own events were read is followed by its device as it is (see onLink's end).
     if (l.locked) this.forwarding.followPort(l, this.fresh.has(l.id) ? this.kernel.link(l.ifindex) ?? link : link,
       () => relock(this.keeper!, l));
