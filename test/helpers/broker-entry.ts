@@ -5,7 +5,7 @@
 // so fds pushed at the broker take the path every kernel before 6.16 relies on. TB_TEST_MAX_CONNECTIONS=N
 // makes the broker's connection limit N (the default is 1024). TB_TEST_LINK_EVENT_QUEUE=BYTES makes the
 // kernel's queue of link events for the broker that small, so a burst of events overruns it for real.
-// TB_TEST_SUBUID_FILE=FILE lists subordinate uids there instead of /etc/subuid.
+// TB_TEST_SUBUID_FILE=FILE lists subordinate uids there instead of /etc/subuid; TB_TEST_SUBGID_FILE, gids.
 import fs from 'node:fs';
 import { daemon, type FaultPoint } from '@tapbroker/broker/internal';
 import { TapbrokerError } from '@tapbroker/protocol';
@@ -15,7 +15,9 @@ const fallback = process.env['TB_TEST_FD_FALLBACK'] === '1';
 const maxConnections = Number(process.env['TB_TEST_MAX_CONNECTIONS'] ?? 0) || undefined;
 const linkEventQueue = Number(process.env['TB_TEST_LINK_EVENT_QUEUE'] ?? 0) || undefined;
 const subuidFile = process.env['TB_TEST_SUBUID_FILE'];
+const subgidFile = process.env['TB_TEST_SUBGID_FILE'];
 delete process.env['TB_TEST_SUBUID_FILE'];
+delete process.env['TB_TEST_SUBGID_FILE'];
 delete process.env['TB_TEST_MAX_CONNECTIONS'];
 delete process.env['TB_TEST_LINK_EVENT_QUEUE'];
 delete process.env['TB_TEST_FAULT'];
@@ -39,5 +41,6 @@ function fault(point: FaultPoint): void {
 
 daemon(process.argv.slice(2), {
   ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}),
-  ...(linkEventQueue ? { linkEventQueue } : {}), ...(subuidFile ? { subuidFile } : {}), refuseFdsAtSocket: !fallback,
+  ...(linkEventQueue ? { linkEventQueue } : {}), ...(subuidFile ? { subuidFile } : {}), ...(subgidFile ? { subgidFile } : {}),
+  refuseFdsAtSocket: !fallback,
 });

@@ -753,6 +753,38 @@ test.serial('F2: subordinate uids (/etc/subuid) are refused at accept: one user 
   }
 });
 
+// Found by an outside review: /etc/subgid was never read. newgidmap lets a user map its subordinate gids in a user
+// namespace of its own and setgroups() to them, and the kernel then shows the broker those host gids: a user got a
+// rule's group that way. Here setpriv gives the process those gids directly (the kernel's view is the same).
+test.serial('F2: subordinate gids (/etc/subgid) give no rule\'s group, unless the account database does', async (t) => {
+  const subgid = path.join(dir, 'subgid');
+  fs.writeFileSync(subgid, `nobody:4200000:65536\n`);
+  // A real group inside the range (a site whose directory's gids overlap the subordinate ranges), nobody a member.
+  const group = `tbsg${process.pid % 100000}`;
+  spawnSync('groupdel', [group]);
+  const made = spawnSync('groupadd', ['-g', '4200501', group], { encoding: 'utf8' });
+  if (made.status !== 0) throw new Error(`groupadd: ${made.stderr}`);
+  const sb = await BrokerProcess.start(ns, `[[rule]]\nname = "grp"\ngroups = [4200500, 4200501]\nbridges = ["br0"]\n`,
+    { tag: 'r2subgid', subgidFile: subgid });
+  try {
+    spawnSync('gpasswd', ['-a', 'nobody', group]);
+    const taken = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, groups: [4200500] });
+    t.is(taken.error?.code, 'TB_E_POLICY_DENIED', `a subordinate gid gave rule grp: ${JSON.stringify(taken.error)}`);
+    const rec = await sb.record((r) => r.decision === 'deny' && r.uid === NOBODY);
+    t.deepEqual(rec.groups, [], 'the subordinate gid is no group of the caller\'s, in the record too');
+    const member = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, groups: [4200501] });
+    t.is(member.error, null, `a member of a real group in the range: ${JSON.stringify(member.error)}`);
+    // A primary gid that is a subordinate one (a process running as a container's group): refused at accept.
+    const primary = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, gid: 4200600 });
+    t.is(primary.error?.code, 'TB_E_POLICY_DENIED');
+    t.regex(primary.error?.message ?? '', /^gid 4200600 is a subordinate gid of nobody /);
+    t.deepEqual(ns.extraLinks(BASE), []);
+  } finally {
+    await sb.stop();
+    spawnSync('groupdel', [group]);
+  }
+});
+
 // ---------------------------------------------------------------- A4: a group deny and setgroups
 
 test.serial('A4: a group deny holds for a member who dropped the group (as setgroups in a user namespace allows)', async (t) => {

@@ -4,7 +4,7 @@ import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Subuids, loadSubuids, subordinateOf } from '@tapbroker/broker/internal';
+import { Subuids, loadSubuids, ownGroups, subordinateOf } from '@tapbroker/broker/internal';
 
 function file(t: import('ava').ExecutionContext, text: string): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-subuid-'));
@@ -47,4 +47,15 @@ test('Subuids reads the file again when it changes, also when it is replaced or 
   t.is(subs.of(400001)?.owner, 'c');
   fs.rmSync(f);
   t.is(subs.of(400001), null, 'the file removed');
+});
+
+test('subordinate gids leave a caller\'s groups unless the account database gives them; a primary one is refused', (t) => {
+  const subgids = new Subuids(file(t, 'nobody:4200000:65536\n'));
+  // nobody (65534) is a member of none of 4200000..4265535 by the account database.
+  t.deepEqual(ownGroups({ uid: 65534, gid: 65534, groups: [27, 4200500, 65534, 4265535, 4265536] }, subgids),
+    { groups: [27, 65534, 4265536], refused: null });
+  const refused = ownGroups({ uid: 65534, gid: 4200001, groups: [] }, subgids).refused;
+  t.is(refused?.owner, 'nobody');
+  // Root's own groups (gid 0) are no subordinate ones; nothing in range: the groups as given.
+  t.deepEqual(ownGroups({ uid: 0, gid: 0, groups: [0, 4] }, subgids), { groups: [0, 4], refused: null });
 });

@@ -20,7 +20,7 @@ import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { Lifetimes } from './lifetimes.js';
-import { Subuids } from './subids.js';
+import { SUBGID_FILE, Subuids, ownGroups } from './subids.js';
 import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
 import { Netdev } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
@@ -71,6 +71,8 @@ export interface BrokerOptions {
   linkEventQueue?: number;
   /** Where subordinate uids are listed (default /etc/subuid), read again whenever it changes. */
   subuidFile?: string;
+  /** Where subordinate gids are listed (default /etc/subgid), read again whenever it changes. */
+  subgidFile?: string;
   /** The clock each uid's share of the broker's thread is counted on, in ms (default performance.now). */
   clock?: () => number;
 }
@@ -104,8 +106,9 @@ export class Broker implements SessionHost, OpContext {
   private listener: SeqpacketListener | null = null;
   private readonly maxConnections: number;
   private readonly maxConnectionsPerUser: number;
-  /** Subordinate uids: refused at accept (subids.ts). */
+  /** Subordinate uids: refused at accept; subordinate gids: left out of the caller's groups (subids.ts). */
   private readonly subuids: Subuids;
+  private readonly subgids: Subuids;
   private readonly refuseAtSocket: boolean;
   /** True once SO_PASSRIGHTS is in force on the listener. */
   fdsRefusedAtSocket = false;
@@ -122,6 +125,7 @@ export class Broker implements SessionHost, OpContext {
     this.maxConnectionsPerUser = opts.maxConnectionsPerUser ?? 64;
     this.refuseAtSocket = opts.refuseFdsAtSocket ?? true;
     this.subuids = new Subuids(opts.subuidFile);
+    this.subgids = new Subuids(opts.subgidFile ?? SUBGID_FILE);
     this.log = opts.log ?? (() => {});
     this.foreignFds = new ForeignFds(this.log);
     this.ownFds = new ForeignFds(this.log);
@@ -298,11 +302,18 @@ export class Broker implements SessionHost, OpContext {
       return;
     }
     const sub = peer.uid === 0 ? null : this.subuids.of(peer.uid);
-    if (sub) {
+    const own = peer.uid === 0 || sub ? null : ownGroups(peer, this.subgids);
+    if (own) peer = { ...peer, groups: own.groups };
+    const refused = sub ?? own?.refused;
+    if (refused) {
       if (peer.pidfd !== null) sys.close(peer.pidfd);
-      const message = `uid ${peer.uid} is a subordinate uid of ${sub.owner} (${this.subuids.file}): it gets no devices`;
+      const message = sub
+        ? `uid ${peer.uid} is a subordinate uid of ${sub.owner} (${this.subuids.file}): it gets no devices`
+        : `gid ${peer.gid} is a subordinate gid of ${refused.owner} (${this.subgids.file}): it gets no devices; `
+          + 'connect with a group of your own';
       // Counted against the owner: its thousands of uids share one allowance of audit records.
-      const owner = { uid: sub.ownerUid ?? sub.start, pid: peer.pid };
+      const owner = sub ? { uid: sub.ownerUid ?? sub.start, pid: peer.pid }
+        : { uid: peer.uid, gid: peer.gid, pid: peer.pid };
       this.audit.refusal(owner, 'connection', 'TB_E_POLICY_DENIED', message);
       conn
         .send(encodeReply({ op: 'error', id: null, code: 'TB_E_POLICY_DENIED', message }))

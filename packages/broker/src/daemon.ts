@@ -172,6 +172,7 @@ function notify(state: string): void {
 export type DaemonExtras = Pick<
   BrokerOptions,
   'faults' | 'refuseFdsAtSocket' | 'maxConnections' | 'maxConnectionsPerUser' | 'linkEventQueue' | 'subuidFile'
+  | 'subgidFile'
 >;
 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {

@@ -15,6 +15,7 @@ const _getpwnam_r = libc.func(
 );
 const _getpwuid_r = libc.func('int getpwuid_r(uint32_t uid, void *pwd, void *buf, size_t len, _Out_ void **result)');
 const _getgrgid_r = libc.func('int getgrgid_r(uint32_t gid, void *grp, void *buf, size_t len, _Out_ void **result)');
+const _getgrouplist = libc.func('int getgrouplist(const char *user, uint32_t group, void *groups, _Inout_ int *n)');
 const _setpwent = libc.func('void setpwent()');
 const _getpwent = libc.func('void *getpwent()');
 const _endpwent = libc.func('void endpwent()');
@@ -111,6 +112,19 @@ export function getpwuid(uid: number): { name: string; gid: number } | null {
 
 /** The gid for a group name (through NSS), or null. */
 export const getgrnam = sys.getgrnam;
+
+/** The groups the account database gives user `name` (whose primary group is `gid`), through NSS (getgrouplist). */
+export function groupsOf(name: string, gid: number): number[] {
+  for (let room = 64; ; ) {
+    const out = Buffer.alloc(4 * room);
+    const n = [room];
+    if ((_getgrouplist(name, gid, out, n) as number) >= 0) {
+      return Array.from({ length: n[0]! }, (_, i) => out.readUInt32LE(4 * i));
+    }
+    if (n[0]! <= room) fail('getgrouplist');
+    room = n[0]!;
+  }
+}
 
 /** The group name for a gid (through NSS), or null. */
 export function getgrgid(gid: number): string | null {

@@ -2,10 +2,13 @@
 // rootless containers' way). A process of that namespace connects as any of them, each a uid of its own
 // to the kernel and without an account: one user would be thousands, each with its own connection cap,
 // quota and cool-down, and outside every deny rule naming that user. They are refused at accept.
+// Subordinate gids (/etc/subgid) the same way: newgidmap lets a user map them and setgroups() to any of
+// them, and the kernel then shows the broker those host gids; a rule's group is not had that way.
 import fs from 'node:fs';
-import { getpwnam } from './libc.js';
+import { getpwnam, getpwuid, groupsOf } from './libc.js';
 
 export const SUBUID_FILE = '/etc/subuid';
+export const SUBGID_FILE = '/etc/subgid';
 
 /** One line of /etc/subuid: `owner:start:count` (the owner a name or a uid). */
 export interface SubRange {
@@ -57,8 +60,13 @@ export class Subuids {
 
   /** The range `uid` is a subordinate uid of, or null. */
   of(uid: number): SubRange | null {
+    return subordinateOf(this.current(), uid);
+  }
+
+  /** The ranges as the file lists them now. */
+  current(): readonly SubRange[] {
     this.refresh();
-    return subordinateOf(this.ranges, uid);
+    return this.ranges;
   }
 
   private refresh(): void {
@@ -73,6 +81,44 @@ export class Subuids {
     this.stamp = stamp;
     this.ranges = loadSubuids(this.file);
   }
+}
+
+/**
+ * A caller's groups without the subordinate gids the account database does not give it (where subordinate
+ * ranges overlap real groups, a real member keeps its group); `refused` when its primary gid is such a gid (a
+ * process running as a container's group), which is refused as a subordinate uid is.
+ */
+export function ownGroups(
+  peer: { uid: number; gid: number; groups: readonly number[] }, subgids: Subuids,
+): { groups: number[]; refused: SubRange | null } {
+  const ranges = subgids.current();
+  const subordinate = (g: number) => subordinateOf(ranges, g) !== null;
+  if (!subordinate(peer.gid) && !peer.groups.some(subordinate)) return { groups: [...peer.groups], refused: null };
+  const mine = databaseGroups(peer.uid);
+  const foreign = (g: number) => subordinate(g) && !mine.has(g);
+  return {
+    groups: peer.groups.filter((g) => !foreign(g)),
+    refused: foreign(peer.gid) ? subordinateOf(ranges, peer.gid) : null,
+  };
+}
+
+/** uid → its groups by the account database, looked up again after a minute (one NSS query, not an enumeration). */
+const known = new Map<number, { groups: ReadonlySet<number>; at: number }>();
+
+function databaseGroups(uid: number): ReadonlySet<number> {
+  const hit = known.get(uid);
+  if (hit && Date.now() - hit.at < 60_000) return hit.groups;
+  let groups = new Set<number>();
+  try {
+    const pw = getpwuid(uid);
+    if (pw) groups = new Set(groupsOf(pw.name, pw.gid));
+  } catch {
+    // The account database failed: no group it alone could vouch for is kept, and nothing is cached.
+    return groups;
+  }
+  if (known.size >= 4096) known.clear();
+  known.set(uid, { groups, at: Date.now() });
+  return groups;
 }
 
 /** The range `uid` is a subordinate uid of, or null; `ranges` sorted by start (as loadSubuids returns them). */
