@@ -86,3 +86,16 @@ test.serial('a persistent tap given to a group, opened by name from a member\'s 
     asUser([process.execPath, CLIENT_CLI, 'release', '--socket', fx.broker.socket, name]);
   }
 });
+
+// Found by the same review: from a user namespace that does not map the host's root, the client saw the real
+// broker as uid 65534 and called it "not a tapbroker broker", pointing at --socket. It still refuses (any other
+// unmapped user's server looks the same from there), and now says why and what works.
+test.serial('from a user namespace that does not map root, the client says why it cannot trust the broker, and what works', (t) => {
+  const r = asUser(inUserns([process.execPath, CLIENT_CLI, 'status', '--socket', fx.broker.socket]));
+  t.is(r.code, 69, r.stderr);
+  t.regex(r.stderr, /served by a uid this user namespace does not map \(shown as 65534\)/);
+  t.regex(r.stderr, /hint: run tapbroker outside the user namespace, with the container as its command/);
+  // Outside it, the same user is served.
+  const outside = asUser([process.execPath, CLIENT_CLI, 'status', '--socket', fx.broker.socket]);
+  t.is(outside.code, 0, outside.stderr);
+});

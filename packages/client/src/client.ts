@@ -344,12 +344,39 @@ export class TapbrokerClient {
 function checkPeer(conn: SeqpacketConnection, path: string): void {
   const peer = conn.peer();
   if (peer.pidfd !== null) sys.close(peer.pidfd);
-  if (peer.uid !== 0) {
-    throw new TapbrokerError(
-      'TB_E_CONNECT',
-      `the socket at ${path} is served by uid ${peer.uid}, not root: not a tapbroker broker`,
-      { hint: 'check --socket and $TAPBROKER_SOCKET' },
-    );
+  if (peer.uid === 0) return;
+  if (peer.uid === readId('/proc/sys/kernel/overflowuid') && !mapsRoot()) {
+    // A rootless container: the host's root, like every uid its user namespace does not map, shows as the
+    // overflow uid. The broker cannot be told from any other user's server from here, so it is not trusted.
+    throw new TapbrokerError('TB_E_CONNECT', `the socket at ${path} is served by a uid this user namespace does not `
+      + `map (shown as ${peer.uid}): a broker (root) cannot be told from any other user's server from here`,
+    { hint: 'run tapbroker outside the user namespace, with the container as its command (tapbroker run --net … '
+      + '-- podman run --preserve-fds=N …)' });
+  }
+  throw new TapbrokerError(
+    'TB_E_CONNECT',
+    `the socket at ${path} is served by uid ${peer.uid}, not root: not a tapbroker broker`,
+    { hint: 'check --socket and $TAPBROKER_SOCKET' },
+  );
+}
+
+function readId(file: string): number {
+  try {
+    return Number(fs.readFileSync(file, 'utf8'));
+  } catch {
+    return 65534;
+  }
+}
+
+/** Does this process's user namespace map the host's root (uid_map: inside, outside, count)? */
+function mapsRoot(): boolean {
+  try {
+    return fs.readFileSync('/proc/self/uid_map', 'utf8').split('\n').some((line) => {
+      const [, outside, count] = line.trim().split(/\s+/).map(Number);
+      return outside === 0 && count! > 0;
+    });
+  } catch {
+    return true;
   }
 }
 
