@@ -498,6 +498,10 @@ test.serial('a broker restart puts back a lock an administrator took off meanwhi
   broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
   t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked on/);
   t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'));
+  // And said (an outside re-test: the start undid the change and recorded nothing of it).
+  const said = await broker.record((r) => r.decision === 'reconcile' && (r.device as { name?: string }).name === d.name
+    && /found unlocked/.test(r.message ?? ''));
+  t.is(said.message, 'its port was found unlocked (changed while the broker was down): locked again');
   t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
 });
 

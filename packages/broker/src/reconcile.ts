@@ -183,7 +183,14 @@ export function reconcile(lt: Keeper): void {
       lt.unplug(l);
       continue;
     }
-    if (l.locked) relock(lt, l);
+    if (l.locked) {
+      // Only root can unlock a port: an administrator's script may have, while the broker was down. Said, then undone.
+      if (lt.kernel.link(l.ifindex)?.portLocked === false) {
+        lt.note('reconcile', 'reconcile', l, 'its port was found unlocked (changed while the broker was down): locked '
+          + 'again');
+      }
+      relock(lt, l);
+    }
     if (l.ends !== 'holder') continue;
     const key = `${l.holder}:${l.holder_start}`;
     holders.set(key, [...(holders.get(key) ?? []), l]);

@@ -21,6 +21,7 @@ export const IFLA_LINKINFO = 18;
 export const IFLA_IFALIAS = 20;
 export const IFLA_INFO_KIND = 1;
 export const IFLA_INFO_DATA = 2;
+const IFLA_INFO_SLAVE_DATA = 5;
 export const IFLA_MACVLAN_MODE = 1;
 export const IFLA_TUN_OWNER = 1;
 export const IFLA_TUN_GROUP = 2;
@@ -147,6 +148,8 @@ export interface Link {
   tun: { owner: number | null; group: number | null; queues: number | null } | null;
   /** For a bridge: IFLA_BR_VLAN_FILTERING; null for other kinds or where the kernel has no VLAN filtering. */
   vlanFiltering: boolean | null;
+  /** For a bridge port: IFLA_BRPORT_LOCKED (its slave data); null for a device on no bridge, or an old kernel. */
+  portLocked: boolean | null;
 }
 
 /** Decodes the ifinfomsg of an RTM_NEWLINK message (header included). */
@@ -162,6 +165,8 @@ export function parseLink(msg: Buffer): Link {
       : undefined;
   const master = attrs.get(IFLA_MASTER);
   const lower = attrs.get(IFLA_LINK);
+  const slave = info?.get(IFLA_INFO_SLAVE_DATA);
+  const port = slave ? parseAttrs(slave).get(IFLA_BRPORT_LOCKED) : undefined;
   const u32 = (t: number) => tunData?.get(t)?.readUInt32LE(0);
   const id = (v: number | undefined) => (v === undefined || v === 0xffffffff ? null : v);
   const queues = u32(IFLA_TUN_NUM_QUEUES);
@@ -182,6 +187,7 @@ export function parseLink(msg: Buffer): Link {
       queues: queues === undefined ? null : queues + (u32(IFLA_TUN_NUM_DISABLED_QUEUES) ?? 0),
     } : null,
     vlanFiltering: brFiltering ? brFiltering[0] === 1 : null,
+    portLocked: port ? port[0] === 1 : null,
   };
 }
 
