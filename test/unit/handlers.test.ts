@@ -652,7 +652,8 @@ test('a connection whose held lease ended otherwise (a breach) is closed once id
   const broker = new Broker({
     // A macvtap: its lease is held by the connection (a tap's ends with its fds, not with the connection).
     policy: parsePolicy(`${POLICY}\n[[rule]]\nname = "root-nics"\nusers = [0]\nmacvtap = [{ parent = "eth0" }]\n`),
-    stateDir: dir, idleTimeoutMs: 300,
+    // Long enough that a loaded machine's pause between the hello and the request does not idle it out first.
+    stateDir: dir, idleTimeoutMs: 1500,
     audit: { journalSocket: null, fd: devNull },
     kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
   });
@@ -671,7 +672,7 @@ test('a connection whose held lease ended otherwise (a breach) is closed once id
     broker.lifetimes.catchUp();
     await settled(broker);
     t.is(kernel.linkNamed(reply.device.name), null, 'the device is deleted');
-    const closed = await Promise.race([conn.receive().then((p) => p === null), quiet(3000, 'the idle timeout (300 ms) passing').then(() => false)]);
+    const closed = await Promise.race([conn.receive().then((p) => p === null), quiet(6000, 'the idle timeout (1.5 s) passing').then(() => false)]);
     t.true(closed, 'the broker closed the idle connection');
   } finally {
     conn?.close();
