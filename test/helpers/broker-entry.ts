@@ -6,8 +6,9 @@
 // makes the broker's connection limit N (the default is 1024). TB_TEST_LINK_EVENT_QUEUE=BYTES makes the
 // kernel's queue of link events for the broker that small, so a burst of events overruns it for real.
 // TB_TEST_SUBUID_FILE=FILE lists subordinate uids there instead of /etc/subuid; TB_TEST_SUBGID_FILE, gids.
+// TB_TEST_STDERR_BACKLOG=BYTES: stderr's backlog holds that much, not 16 MiB.
 import fs from 'node:fs';
-import { daemon, type FaultPoint } from '@tapbroker/broker/internal';
+import { daemon, limitStderrBacklog, type FaultPoint } from '@tapbroker/broker/internal';
 import { TapbrokerError } from '@tapbroker/protocol';
 
 const spec = process.env['TB_TEST_FAULT'] ?? '';
@@ -18,6 +19,8 @@ const subuidFile = process.env['TB_TEST_SUBUID_FILE'];
 const subgidFile = process.env['TB_TEST_SUBGID_FILE'];
 delete process.env['TB_TEST_SUBUID_FILE'];
 delete process.env['TB_TEST_SUBGID_FILE'];
+if (process.env['TB_TEST_STDERR_BACKLOG']) limitStderrBacklog(Number(process.env['TB_TEST_STDERR_BACKLOG']));
+delete process.env['TB_TEST_STDERR_BACKLOG'];
 delete process.env['TB_TEST_MAX_CONNECTIONS'];
 delete process.env['TB_TEST_LINK_EVENT_QUEUE'];
 delete process.env['TB_TEST_FAULT'];

@@ -8,7 +8,7 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerClient } from '@tapbroker/client';
-import { BROKER_MAIN, tempDir } from '../helpers/broker.js';
+import { BROKER_MAIN, BROKER_TEST_ENTRY, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { until } from '../helpers/wait.js';
 
@@ -25,11 +25,13 @@ const POLICY = '[[rule]]\nname = "root"\nusers = [0]\nbridges = ["br0"]\nmax_dev
 const GRANTS = 600;
 
 /** Starts a broker in the namespace with `stderr` as its fd 2; resolves once it answers. */
-async function start(dir: string, stderr: number | 'pipe'): Promise<{ proc: ChildProcess; socket: string }> {
+async function start(dir: string, stderr: number | 'pipe', backlog?: number): Promise<{ proc: ChildProcess; socket: string }> {
   fs.writeFileSync(path.join(dir, 'policy.toml'), POLICY);
   const socket = path.join(dir, 'tapbroker.sock');
-  const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, BROKER_MAIN, '-f', path.join(dir, 'policy.toml'),
-    '-s', socket, '--state-dir', path.join(dir, 'state'), '--journal-socket', ''], { stdio: ['ignore', 'ignore', stderr] });
+  // A backlog of its own needs the test entry point (TB_TEST_STDERR_BACKLOG); the shipped main.js otherwise.
+  const proc = spawn('ip', ['netns', 'exec', ns.name, process.execPath, backlog ? BROKER_TEST_ENTRY : BROKER_MAIN, '-f',
+    path.join(dir, 'policy.toml'), '-s', socket, '--state-dir', path.join(dir, 'state'), '--journal-socket', ''],
+  { stdio: ['ignore', 'ignore', stderr], env: { ...process.env, ...(backlog ? { TB_TEST_STDERR_BACKLOG: String(backlog) } : {}) } });
   // Answering: a connection made and a hello answered.
   await until(() => TapbrokerClient.connect(socket).then((c) => (c.close(), true), () => false),
     { ms: 10_000, what: 'the broker did not start' });
@@ -119,6 +121,35 @@ test.serial('a socket stderr nobody reads: every client is served, and the reade
     await until(() => (text.match(/"decision":"grant"/g) ?? []).length >= GRANTS,
       { ms: 10_000, what: 'not every grant reached the reader' });
     t.is(grantsIn(t, text), GRANTS);
+  } finally {
+    proc.kill('SIGKILL');
+  }
+});
+
+// Found by an outside re-test: past the backlog, lines were dropped and said nowhere (stderr is the audit trail
+// without journald). Now one line says how many, once the backlog has gone out. A 64 KiB backlog here, so that
+// the test reaches it without 16 MiB of records.
+test.serial('lines dropped past the backlog are said, once it has gone out: how many, and since when', async (t) => {
+  const dir = tempDir('stderr-lost');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const { proc, socket } = await start(dir, 'pipe', 64 * 1024);
+  proc.stderr!.pause();
+  try {
+    await grants(socket);
+    let text = '';
+    proc.stderr!.on('data', (d: Buffer) => (text += d.toString()));
+    proc.stderr!.resume();
+    const said = await until(() => /^tapbrokerd: stderr: (\d+) line\(s\), (\d+) bytes, were dropped since (\S+):/m.exec(text),
+      { ms: 10_000, what: 'no line said what was dropped', detail: () => text.slice(-2000) });
+    const records = () => text.split('\n').filter((l) => l.startsWith('{"audit"')).length;
+    // Every record is either here or counted: a grant and its cleanup for each of the GRANTS taps (the last
+    // cleanups may come after the line).
+    await until(() => records() + Number(said[1]) >= 2 * GRANTS,
+      { ms: 10_000, what: `${records()} records and ${said[1]} dropped: some are neither` });
+    t.true(records() < 2 * GRANTS, `nothing was dropped (${records()} records): the test did not reach the backlog`);
+    t.is(records() + Number(said[1]), 2 * GRANTS);
+    t.true(Date.parse(said[3]!) > 0, said[3]);
+    t.is(grantsIn(t, text), (text.match(/"decision":"grant"/g) ?? []).length, 'each line whole JSON, in order');
   } finally {
     proc.kill('SIGKILL');
   }

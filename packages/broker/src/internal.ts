@@ -48,6 +48,7 @@ export {
 } from './rtnetlink.js';
 export { LinkMonitor, DRAIN_BUDGET, type Wants } from './link-monitor.js';
 export { Forwarding } from './forwarding.js';
+export { limitStderrBacklog } from './stderr.js';
 export { Floods, MAX_LINK_EVENTS_PER_SECOND } from './floods.js';
 export { Fairness, SHARE_MS, WINDOW_MS } from './fairness.js';
 export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
