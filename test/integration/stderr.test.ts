@@ -54,6 +54,23 @@ async function grants(socket: string): Promise<void> {
   }
 }
 
+/**
+ * A broker whose stderr is Node's child pipe (a socketpair), not read while GRANTS grants are served; then read.
+ * Returns what it has read so far, as it grows.
+ */
+async function unreadSocket(tag: string, t: { teardown(f: () => void): void }, backlog?: number): Promise<() => string> {
+  const dir = tempDir(tag);
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const { proc, socket } = await start(dir, 'pipe', backlog);
+  t.teardown(() => proc.kill('SIGKILL'));
+  proc.stderr!.pause();
+  await grants(socket);
+  let text = '';
+  proc.stderr!.on('data', (d: Buffer) => (text += d.toString()));
+  proc.stderr!.resume();
+  return () => text;
+}
+
 /** The audit records in `text`, each line whole JSON, in the order written. */
 function grantsIn(t: { true(v: boolean, m?: string): void }, text: string): number {
   let last = '';
@@ -108,49 +125,26 @@ test.serial('a FIFO stderr nobody reads: every client is served, and the reader 
 });
 
 test.serial('a socket stderr nobody reads: every client is served, and the reader gets every record in order later', async (t) => {
-  const dir = tempDir('stderr-socket');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const { proc, socket } = await start(dir, 'pipe');
-  // Node's child pipe is a socketpair: not read until the grants are done.
-  proc.stderr!.pause();
-  try {
-    await grants(socket);
-    let text = '';
-    proc.stderr!.on('data', (d: Buffer) => (text += d.toString()));
-    proc.stderr!.resume();
-    await until(() => (text.match(/"decision":"grant"/g) ?? []).length >= GRANTS,
-      { ms: 10_000, what: 'not every grant reached the reader' });
-    t.is(grantsIn(t, text), GRANTS);
-  } finally {
-    proc.kill('SIGKILL');
-  }
+  const text = await unreadSocket('stderr-socket', t);
+  await until(() => (text().match(/"decision":"grant"/g) ?? []).length >= GRANTS,
+    { ms: 10_000, what: 'not every grant reached the reader' });
+  t.is(grantsIn(t, text()), GRANTS);
 });
 
 // Found by an outside re-test: past the backlog, lines were dropped and said nowhere (stderr is the audit trail
 // without journald). Now one line says how many, once the backlog has gone out. A 64 KiB backlog here, so that
 // the test reaches it without 16 MiB of records.
 test.serial('lines dropped past the backlog are said, once it has gone out: how many, and since when', async (t) => {
-  const dir = tempDir('stderr-lost');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const { proc, socket } = await start(dir, 'pipe', 64 * 1024);
-  proc.stderr!.pause();
-  try {
-    await grants(socket);
-    let text = '';
-    proc.stderr!.on('data', (d: Buffer) => (text += d.toString()));
-    proc.stderr!.resume();
-    const said = await until(() => /^tapbrokerd: stderr: (\d+) line\(s\), (\d+) bytes, were dropped since (\S+):/m.exec(text),
-      { ms: 10_000, what: 'no line said what was dropped', detail: () => text.slice(-2000) });
-    const records = () => text.split('\n').filter((l) => l.startsWith('{"audit"')).length;
-    // Every record is either here or counted: a grant and its cleanup for each of the GRANTS taps (the last
-    // cleanups may come after the line).
-    await until(() => records() + Number(said[1]) >= 2 * GRANTS,
-      { ms: 10_000, what: `${records()} records and ${said[1]} dropped: some are neither` });
-    t.true(records() < 2 * GRANTS, `nothing was dropped (${records()} records): the test did not reach the backlog`);
-    t.is(records() + Number(said[1]), 2 * GRANTS);
-    t.true(Date.parse(said[3]!) > 0, said[3]);
-    t.is(grantsIn(t, text), (text.match(/"decision":"grant"/g) ?? []).length, 'each line whole JSON, in order');
-  } finally {
-    proc.kill('SIGKILL');
-  }
+  const text = await unreadSocket('stderr-lost', t, 64 * 1024);
+  const said = await until(() => /^tapbrokerd: stderr: (\d+) line\(s\), (\d+) bytes, were dropped since (\S+):/m.exec(text()),
+    { ms: 10_000, what: 'no line said what was dropped', detail: () => text().slice(-2000) });
+  const records = () => text().split('\n').filter((l) => l.startsWith('{"audit"')).length;
+  // Every record is either here or counted: a grant and its cleanup for each of the GRANTS taps (the last
+  // cleanups may come after the line).
+  await until(() => records() + Number(said[1]) >= 2 * GRANTS,
+    { ms: 10_000, what: `${records()} records and ${said[1]} dropped: some are neither` });
+  t.true(records() < 2 * GRANTS, `nothing was dropped (${records()} records): the test did not reach the backlog`);
+  t.is(records() + Number(said[1]), 2 * GRANTS);
+  t.true(Date.parse(said[3]!) > 0, said[3]);
+  t.is(grantsIn(t, text()), (text().match(/"decision":"grant"/g) ?? []).length, 'each line whole JSON, in order');
 });
