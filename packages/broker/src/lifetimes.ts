@@ -440,9 +440,11 @@ export class Lifetimes implements Cleanup {
       if (violationOf(l, link) === 'address') this.noteTaken(l, link);
       return;
     }
-    // A holder in a user namespace (offloads set, its fd closed) showed the broker's root as the overflow uid,
-    // and its tap was deleted as if its owner had changed (an outside review): its ids as the broker sees them.
-    const seen = idsUnmapped(link) ? this.kernel.link(link.index) : link;
+    // A tap event's ids are as the user namespace of the task that made it sees them: from a holder in a rootless
+    // container the broker's root shows as the overflow uid, and the holder's own uid as root (outside reviews:
+    // taps deleted for nothing; one given to its holder unseen). Only a breach in mapped ids is taken as shown.
+    const asShown = !link.tun || (!idsUnmapped(link) && violationOf(l, link) === 'owner');
+    const seen = asShown ? link : this.kernel.link(link.index);
     if (!this.isDevice(l, seen)) return this.judge(l, seen);
     link = { ...link, tun: seen.tun };
     // A lease committed before its own events were read is followed by its device as it is (see onLink's end).
