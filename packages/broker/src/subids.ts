@@ -109,15 +109,17 @@ function databaseGroups(uid: number): ReadonlySet<number> {
   const hit = known.get(uid);
   if (hit && Date.now() - hit.at < 60_000) return hit.groups;
   let groups = new Set<number>();
+  // A failed lookup (a directory service down) keeps no group it alone could vouch for, and is tried again after
+  // 10 s, not at every connection: each is a wait on the broker's one thread.
+  let at = Date.now();
   try {
     const pw = getpwuid(uid);
     if (pw) groups = new Set(groupsOf(pw.name, pw.gid));
   } catch {
-    // The account database failed: no group it alone could vouch for is kept, and nothing is cached.
-    return groups;
+    at -= 50_000;
   }
   if (known.size >= 4096) known.clear();
-  known.set(uid, { groups, at: Date.now() });
+  known.set(uid, { groups, at });
   return groups;
 }
 
