@@ -118,3 +118,30 @@ test.serial('a holder in a user namespace that gives its tap to itself (TUNSETOW
   const end = await fx.broker.record((x) => x.decision === 'cleanup' && (x.device as { name?: string }).name === name);
   t.regex(end.message ?? '', /changed its owner or group/);
 });
+
+// Found by a re-test: ids an event's maker maps are still its namespace's numbers, not the host's. A persistent tap
+// given to the user's own primary group shows group 0 from `--map-root-user`, and the user's own tap shows owner
+// 1000 under a keep-id style map (podman's keep-id:uid=1000): both were deleted when the guest set offloads.
+for (const [what, group, map] of [
+  ['given to its primary group, opened with --map-root-user', OTHER_UID, ['--map-root-user']],
+  ['its own, opened under a keep-id style map (--map-user=1000)', null, ['--map-user=1000', '--map-group=1000']],
+] as const) {
+  test.serial(`a persistent tap ${what}, survives its holder's offloads`, async (t) => {
+    const name = `tb${OTHER_UID}-${group === null ? 'kid' : 'pg'}`;
+    const made = asUser([process.execPath, CLIENT_CLI, 'create', '--socket', fx.broker.socket, '--persistent',
+      ...(group === null ? [] : ['--group', String(group)]), '--name', name, '--bridge', 'br0']);
+    t.is(made.code, 0, made.stderr);
+    try {
+      const r = asUser(['unshare', '--user', ...map, '/usr/bin/python3', '-c', HOLDER,
+        `name:${name}:${tunNode(fx.broker.dir)}`]);
+      t.is(r.code, 0, r.stderr);
+      const out = JSON.parse(r.stdout.trim()) as { uid_map: string[]; wrote: string };
+      t.is(out.uid_map[1], String(OTHER_UID), 'the holder ran in a user namespace of its own');
+      t.is(out.wrote, 'ok', 'the tap was deleted under its holder');
+      t.truthy(fx.ns.link(name), `${name} is gone`);
+      t.deepEqual(ownerRecords(name), []);
+    } finally {
+      asUser([process.execPath, CLIENT_CLI, 'release', '--socket', fx.broker.socket, name]);
+    }
+  });
+}

@@ -285,9 +285,13 @@ export class Broker implements SessionHost, OpContext {
 
   /**
    * A new connection. The caps are checked from what the socket says of the peer (SO_PEERCRED, its groups
-   * and a pidfd: three getsockopt calls), before any /proc or account work.
+   * and a pidfd: three getsockopt calls), before any /proc or account work. Its uid's share of the broker's
+   * thread is charged for it (an outside review: a uid with no rule connecting and closing in a loop, never
+   * charged, stalled root's requests for up to 1.7 s); a uid past its share waits, connections and all, for the
+   * next window (up to its cap of connections).
    */
   private accept(fd: number): void {
+    const t0 = performance.now();
     // No client's fd ever enters the broker, not even one queued before the socket refused them: each close()
     // runs its file's flush, which a FUSE server can make wait for ever. Frames are peeked, and a frame with
     // fds ends its connection, which goes whole to the closer (SeqpacketConnection, takesFds).
@@ -301,6 +305,30 @@ export class Broker implements SessionHost, OpContext {
       conn.drainAndClose((fds) => this.foreign(fds)); // The peer vanished before we could ask who it was.
       return;
     }
+    const mine = this.perUid.get(peer.uid) ?? 0;
+    const wait = this.fairness.turn(peer.uid);
+    if (wait && mine < this.maxConnectionsPerUser) {
+      this.perUid.set(peer.uid, mine + 1);
+      void wait.then(() => {
+        this.unhold(peer.uid);
+        if (this.listener) this.admit(conn, peer, performance.now());
+        else conn.drainAndClose((fds) => this.foreign(fds));
+      });
+    } else {
+      this.admit(conn, peer, t0);
+    }
+  }
+
+  /** A connection's uid may have it now: checked, and served or refused; charged to that uid from `t0`. */
+  private admit(conn: SeqpacketConnection, peer: PeerCredentials, t0: number): void {
+    try {
+      this.check(conn, peer);
+    } finally {
+      this.fairness.spent(peer.uid, performance.now() - t0);
+    }
+  }
+
+  private check(conn: SeqpacketConnection, peer: PeerCredentials): void {
     const sub = peer.uid === 0 ? null : this.subuids.of(peer.uid);
     const own = peer.uid === 0 || sub ? null : ownGroups(peer, this.subgids);
     if (own) peer = { ...peer, groups: own.groups };
@@ -347,10 +375,14 @@ export class Broker implements SessionHost, OpContext {
     this.perUid.set(peer.uid, mine + 1);
     void session.run().finally(() => {
       this.sessions.delete(session);
-      const n = (this.perUid.get(peer.uid) ?? 1) - 1;
-      if (n > 0) this.perUid.set(peer.uid, n);
-      else this.perUid.delete(peer.uid);
+      this.unhold(peer.uid);
     });
+  }
+
+  private unhold(uid: number): void {
+    const n = (this.perUid.get(uid) ?? 1) - 1;
+    if (n > 0) this.perUid.set(uid, n);
+    else this.perUid.delete(uid);
   }
 }
 

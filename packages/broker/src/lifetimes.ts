@@ -10,7 +10,7 @@ import { namePrefix } from './naming.js';
 import type { Cleanup, Kernel } from './kernel.js';
 import { reconcile, reconcileOvs, relock, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
-import { expectedMac, idsUnmapped, violationOf } from './terms.js';
+import { expectedMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
 import { Unplugs } from './plug.js';
@@ -440,11 +440,11 @@ export class Lifetimes implements Cleanup {
       if (violationOf(l, link) === 'address') this.noteTaken(l, link);
       return;
     }
-    // A tap event's ids are as the user namespace of the task that made it sees them: from a holder in a rootless
-    // container the broker's root shows as the overflow uid, and the holder's own uid as root (outside reviews:
-    // taps deleted for nothing; one given to its holder unseen). Only a breach in mapped ids is taken as shown.
-    const asShown = !link.tun || (!idsUnmapped(link) && violationOf(l, link) === 'owner');
-    const seen = asShown ? link : this.kernel.link(link.index);
+    // A tap event's owner and group are numbered as the user namespace of the task that made it numbers them: from
+    // a holder in a rootless container root shows as the overflow uid, the holder's own uid as root, its gid as 0
+    // (outside reviews: taps deleted for nothing, one given away unseen). They are read again as the broker sees
+    // them; a queue attached while an owner was changed and set back still shows in the count.
+    const seen = link.tun ? this.kernel.link(link.index) : link;
     if (!this.isDevice(l, seen)) return this.judge(l, seen);
     link = { ...link, tun: seen.tun };
     // A lease committed before its own events were read is followed by its device as it is (see onLink's end).
@@ -457,8 +457,8 @@ export class Lifetimes implements Cleanup {
     }
     // What the event shows it took (it may be set back by now, as the judgement below reads it).
     if (violation === 'address') this.noteTaken(l, link);
-    // A MAC or an owner an event shows is a breach even if undone since: a MAC set and set back has already
-    // wiped the bridge's forwarding entry for it, an owner flipped and back has let queues be attached. What
+    // A MAC an event shows is a breach even if undone since: a MAC set and set back has already wiped the
+    // bridge's forwarding entry for it (an owner is judged as read again above). What
     // an event shows of persistence is judged on the device as it is now (converted or not, by what it is),
     // and so is every event of a lease whose create ended before all of its own events were read (those
     // predate its MAC and owner), until one shows it as granted.

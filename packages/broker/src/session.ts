@@ -212,12 +212,15 @@ export class Session {
   private close(): void {
     if (this.timer) clearTimeout(this.timer);
     if (this.conn.closed) return;
+    // Charged to the caller's share, as its accept was (connections opened and closed in a loop cost the broker).
+    const t0 = performance.now();
     this.holderWatch?.close();
     this.holderWatch = null;
     // Packets still queued may carry fds: their last close must not happen in this thread.
     this.conn.drainAndClose((fds) => this.host.foreign(fds));
     if (!this.shuttingDown) this.endHeld('its holder closed the connection');
     if (this.caller.pidfd !== null) sys.close(this.caller.pidfd);
+    this.host.fairness.spent(this.caller.uid, performance.now() - t0);
   }
 
   /** Returns false when the connection must end after this request. */

@@ -1,7 +1,6 @@
 // The terms a lease's device was granted on, and which of them a device breaks: whoever holds a tap fd can,
 // with no capability, make it persistent (TUNSETPERSIST), give it an owner (TUNSETOWNER) or attach queues its
 // owner lets in, and change its MAC (SIOCSIFHWADDR). Lifetimes.judge acts on what this finds.
-import fs from 'node:fs';
 import { macFromBuffer, macToBuffer } from '@tapbroker/protocol/core';
 import { hostMac } from './kernel.js';
 import type { LeaseRecord } from './leases.js';
@@ -24,26 +23,6 @@ export function violationOf(l: LeaseRecord, link: Link): 'persist' | 'owner' | '
   const expected = expectedMac(l);
   if (link.address && expected !== null && macFromBuffer(link.address) !== expected) return 'address';
   return null;
-}
-
-/** The ids the kernel shows for one not mapped in the viewer's user namespace (65534 unless set otherwise). */
-const overflow = (what: 'uid' | 'gid'): number => {
-  try {
-    return Number(fs.readFileSync(`/proc/sys/kernel/overflow${what}`, 'utf8'));
-  } catch {
-    return 65534;
-  }
-};
-const OVERFLOW = { uid: overflow('uid'), gid: overflow('gid') };
-
-/**
- * Does an event show a tap's owner or group as an id not mapped where it was made? The ids in a link event are
- * as the user namespace of the task whose change made it sees them (tun fills them with from_kuid_munged of
- * that task's namespace): from a holder in a rootless container, the broker's root shows as the overflow uid.
- * Such a device must be judged as the broker sees it, not by the event.
- */
-export function idsUnmapped(link: Link): boolean {
-  return !!link.tun && (link.tun.owner === OVERFLOW.uid || link.tun.group === OVERFLOW.gid);
 }
 
 /**
