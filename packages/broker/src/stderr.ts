@@ -9,6 +9,8 @@ import { sys } from '@tapbroker/protocol/core';
 
 let backlog = 16 * 1024 * 1024;
 const RETRY_MS = 20;
+/** What a line held costs beyond its bytes (a Buffer's own): many short lines count so against the backlog. */
+const ENTRY = 128;
 
 interface Out {
   fd: number;
@@ -66,8 +68,12 @@ function drain(): boolean {
     }
     if (n === 0) break;
     queued -= n;
-    if (n === queue[0]!.length) queue.shift();
-    else queue[0] = queue[0]!.subarray(n);
+    if (n < queue[0]!.length) {
+      queue[0] = queue[0]!.subarray(n);
+    } else {
+      queue.shift();
+      queued -= ENTRY;
+    }
     if (queue.length === 0 && lost.lines > 0) sayLost();
   }
   return true;
@@ -80,7 +86,7 @@ function sayLost(): void {
     + '--audit-file, if one is set)\n');
   Object.assign(lost, { lines: 0, bytes: 0, since: '' });
   queue.push(line);
-  queued += line.length;
+  queued += line.length + ENTRY;
 }
 
 function retry(): void {
@@ -97,7 +103,7 @@ export function toStderr(text: string): boolean {
     process.on('exit', () => flushStderr(1000));
   }
   let buf = Buffer.from(text);
-  if (queued === 0) {
+  if (queue.length === 0) {
     try {
       buf = buf.subarray(tryWrite(out, buf));
     } catch {
@@ -105,14 +111,14 @@ export function toStderr(text: string): boolean {
     }
     if (buf.length === 0) return true;
   }
-  if (queued + buf.length > backlog) {
+  if (queued + buf.length + ENTRY > backlog) {
     lost.lines++;
     lost.bytes += buf.length;
     lost.since ||= new Date().toISOString();
     return false;
   }
   queue.push(buf);
-  queued += buf.length;
+  queued += buf.length + ENTRY;
   if (!timer) (timer = setTimeout(retry, RETRY_MS)).unref();
   return true;
 }
