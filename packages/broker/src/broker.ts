@@ -292,6 +292,7 @@ export class Broker implements SessionHost, OpContext {
    */
   private accept(fd: number): void {
     const t0 = performance.now();
+    if (this.shed(fd)) return;
     // No client's fd ever enters the broker, not even one queued before the socket refused them: each close()
     // runs its file's flush, which a FUSE server can make wait for ever. Frames are peeked, and a frame with
     // fds ends its connection, which goes whole to the closer (SeqpacketConnection, takesFds).
@@ -317,6 +318,26 @@ export class Broker implements SessionHost, OpContext {
     } else {
       this.admit(conn, peer, t0);
     }
+  }
+
+  /**
+   * A connection of a uid past its share that holds its cap of connections already goes at once, as cheaply as
+   * can be: its uid read (SO_PEERCRED), no reply, closed here where no fds are queued in it (else by the closer).
+   */
+  private shed(fd: number): boolean {
+    const cred = Buffer.alloc(12);
+    try {
+      sys.getsockopt(fd, sys.SOL_SOCKET, sys.SO_PEERCRED, cred);
+    } catch {
+      return false;
+    }
+    const uid = cred.readUInt32LE(4);
+    if (uid === 0 || (this.perUid.get(uid) ?? 0) < this.maxConnectionsPerUser || !this.fairness.turn(uid)) return false;
+    this.audit.refusal({ uid, pid: cred.readInt32LE(0) }, 'connection', 'TB_E_BUSY', `uid ${uid} took its share of `
+      + `the broker's time and holds ${this.maxConnectionsPerUser} connections: connection closed unanswered`);
+    if (sys.queuedFds(fd) === 0) sys.close(fd);
+    else this.foreign([fd]);
+    return true;
   }
 
   /** A connection's uid may have it now: checked, and served or refused; charged to that uid from `t0`. */
