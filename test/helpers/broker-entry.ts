@@ -6,7 +6,9 @@
 // makes the broker's connection limit N (the default is 1024). TB_TEST_LINK_EVENT_QUEUE=BYTES makes the
 // kernel's queue of link events for the broker that small, so a burst of events overruns it for real.
 // TB_TEST_SUBUID_FILE=FILE lists subordinate uids there instead of /etc/subuid; TB_TEST_SUBGID_FILE, gids.
-// TB_TEST_STDERR_BACKLOG=BYTES: stderr's backlog holds that much, not 16 MiB.
+// TB_TEST_STDERR_BACKLOG=BYTES: stderr's backlog holds that much, not 16 MiB. TB_TEST_MAX_CONNECTIONS_PER_USER=N:
+// each uid's cap of connections. TB_TEST_FROZEN_CLOCK=1: the clock each uid's share is counted on stands still,
+// so a uid past its share stays past it (its window never turns).
 import fs from 'node:fs';
 import { daemon, limitStderrBacklog, type FaultPoint } from '@tapbroker/broker/internal';
 import { TapbrokerError } from '@tapbroker/protocol';
@@ -14,6 +16,10 @@ import { TapbrokerError } from '@tapbroker/protocol';
 const spec = process.env['TB_TEST_FAULT'] ?? '';
 const fallback = process.env['TB_TEST_FD_FALLBACK'] === '1';
 const maxConnections = Number(process.env['TB_TEST_MAX_CONNECTIONS'] ?? 0) || undefined;
+const maxConnectionsPerUser = Number(process.env['TB_TEST_MAX_CONNECTIONS_PER_USER'] ?? 0) || undefined;
+const frozenClock = process.env['TB_TEST_FROZEN_CLOCK'] === '1';
+delete process.env['TB_TEST_MAX_CONNECTIONS_PER_USER'];
+delete process.env['TB_TEST_FROZEN_CLOCK'];
 const linkEventQueue = Number(process.env['TB_TEST_LINK_EVENT_QUEUE'] ?? 0) || undefined;
 const subuidFile = process.env['TB_TEST_SUBUID_FILE'];
 const subgidFile = process.env['TB_TEST_SUBGID_FILE'];
@@ -44,6 +50,7 @@ function fault(point: FaultPoint): void {
 
 daemon(process.argv.slice(2), {
   ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}),
+  ...(maxConnectionsPerUser ? { maxConnectionsPerUser } : {}), ...(frozenClock ? { clock: () => 0 } : {}),
   ...(linkEventQueue ? { linkEventQueue } : {}), ...(subuidFile ? { subuidFile } : {}), ...(subgidFile ? { subgidFile } : {}),
   refuseFdsAtSocket: !fallback,
 });

@@ -63,6 +63,10 @@ export class BrokerProcess {
     subuidFile?: string;
     /** Subordinate gids listed in this file instead of /etc/subgid (the test entry point). */
     subgidFile?: string;
+    /** Each uid's cap of connections (the test entry point). */
+    maxConnectionsPerUser?: number;
+    /** The clock each uid's share is counted on stands still: past its share, a uid stays so (the test entry point). */
+    frozenClock?: boolean;
     /** A file bind-mounted over /etc/passwd in the broker's own mount namespace (its account database). */
     passwd?: string;
     /** A program and its arguments that exec node (e.g. one that sets a prctl first), and node's own flags. */
@@ -75,7 +79,8 @@ export class BrokerProcess {
     const socket = path.join(dir, 'tapbroker.sock');
     const state = path.join(dir, 'state');
     // TB_TEST_BROKER_MAIN runs another build's main.js instead (to show a test fails on the code before a fix).
-    const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback || opts.maxConnections || opts.linkEventQueue || opts.subuidFile || opts.subgidFile ? BROKER_TEST_ENTRY : BROKER_MAIN);
+    const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback || opts.maxConnections || opts.linkEventQueue || opts.subuidFile || opts.subgidFile || opts.maxConnectionsPerUser || opts.frozenClock
+      ? BROKER_TEST_ENTRY : BROKER_MAIN);
     const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
     if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
     if (opts.fdFallback) env['TB_TEST_FD_FALLBACK'] = '1';
@@ -83,6 +88,8 @@ export class BrokerProcess {
     if (opts.linkEventQueue) env['TB_TEST_LINK_EVENT_QUEUE'] = String(opts.linkEventQueue);
     if (opts.subuidFile) env['TB_TEST_SUBUID_FILE'] = opts.subuidFile;
     if (opts.subgidFile) env['TB_TEST_SUBGID_FILE'] = opts.subgidFile;
+    if (opts.maxConnectionsPerUser) env['TB_TEST_MAX_CONNECTIONS_PER_USER'] = String(opts.maxConnectionsPerUser);
+    if (opts.frozenClock) env['TB_TEST_FROZEN_CLOCK'] = '1';
     const argv = ['ip', 'netns', 'exec', ns.name, ...(opts.wrap ?? []), process.execPath, ...(opts.nodeArgs ?? []), entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])];
     // `ip netns exec` keeps the pid it is started with, so the broker's pid is this child's either way.
     const [cmd, ...args] = opts.passwd

@@ -1063,6 +1063,74 @@ test.serial('A5: users together cannot take every connection: the last ones are 
   }
 });
 
+// Found by an outside review: accepting a connection was never charged to its uid's share, and a uid with no rule
+// connecting and closing in a loop stalled everyone (root's status p90 672 ms). Now accepts and closes are charged,
+// a uid past its share has its new connections wait, and one holding its cap already is closed unanswered. Here the
+// share's clock stands still (the test entry point), so a uid past its share stays past it: no timing in the test.
+const PAST_SHARE = `
+import socket, sys, time
+sock = sys.argv[1]
+HELLO = bytes.fromhex('83a26f70a568656c6c6fa2696401a776657273696f6e02')
+def conn():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect(sock); return s
+first = conn(); first.send(HELLO); first.recv(4096)
+first.settimeout(2)
+frames = 0
+try:
+    while True:  # malformed frames (each answered, each charged) until one is not: the share is spent
+        first.send(b'\\xc1'); first.recv(4096); frames += 1
+except socket.timeout:
+    pass
+held = []
+for i in range(3):  # waiting for a window that never comes: held, unanswered
+    s = conn(); s.send(HELLO); s.settimeout(0.5)
+    try:
+        s.recv(4096); answered = True
+    except socket.timeout:
+        answered = False
+    held.append((s, answered))
+last = conn(); last.settimeout(5)
+t0 = time.time()
+try:
+    got = last.recv(4096)
+except socket.timeout:
+    got = None
+print({'frames': frames, 'held_answered': [a for _, a in held], 'last': 'closed' if got == b'' else repr(got),
+       'last_s': round(time.time() - t0, 2)}, flush=True)
+sys.stdin.read()
+`;
+
+test.serial('F3: a uid past its share waits for its next connections, and one at its cap is closed unanswered', async (t) => {
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2shed', maxConnectionsPerUser: 4, frozenClock: true });
+  const user = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: 64077 }), '/usr/bin/python3', '-c',
+    PAST_SHARE, b.socket], { stdio: ['pipe', 'pipe', 'inherit'] });
+  try {
+    let out = '';
+    user.stdout!.on('data', (d) => (out += String(d)));
+    await until(() => out.includes('\n'), { ms: 60_000, what: 'the user never spent its share' });
+    const r = JSON.parse(out.replace(/'/g, '"').replace(/True/g, 'true').replace(/False/g, 'false')) as
+      { frames: number; held_answered: boolean[]; last: string; last_s: number };
+    t.true(r.frames > 0, 'its frames were answered until its share was spent');
+    t.deepEqual(r.held_answered, [false, false, false], 'connections past its share wait for its next window');
+    t.is(r.last, 'closed', 'a connection past its cap (4) is closed');
+    t.true(r.last_s < 2, `closed at once, not after a timeout (${r.last_s} s)`);
+    // Recorded: past the uid's 20 refusals of the window (its malformed frames took them), counted in the window's
+    // `suppressed` record, by code.
+    const counted = (x: { request?: unknown }) => ((x.request as { counts?: Record<string, number> } | undefined)
+      ?.counts?.['TB_E_BUSY'] ?? 0) > 0;
+    const rec = await b.record((x) => x.uid === 64077 && (/connection closed unanswered/.test(x.message ?? '')
+      || counted(x)), 15_000);
+    t.truthy(rec.code === 'TB_E_BUSY' || counted(rec), JSON.stringify(rec));
+    // Root is served meanwhile.
+    const root = await probeOnce({ socket: b.socket, status: true }, { uid: 0 });
+    t.is(root.error, null);
+  } finally {
+    user.stdin!.end();
+    user.kill('SIGKILL');
+    await b.stop();
+  }
+});
+
 // ---------------------------------------------------------------- B13: renamed users
 
 test.serial('B13: a renamed user: after a reload, {user} patterns and audit records use the new name', async (t) => {

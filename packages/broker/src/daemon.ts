@@ -172,7 +172,7 @@ function notify(state: string): void {
 export type DaemonExtras = Pick<
   BrokerOptions,
   'faults' | 'refuseFdsAtSocket' | 'maxConnections' | 'maxConnectionsPerUser' | 'linkEventQueue' | 'subuidFile'
-  | 'subgidFile'
+  | 'subgidFile' | 'clock'
 >;
 
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {
