@@ -2,7 +2,7 @@
 // drops every other source, with one static forwarding entry that goes with the device. A fresh namespace
 // (IPv6 off, so the only frames are the test's); clients as uid 65534.
 import anyTest, { type TestFn } from 'ava';
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -76,6 +76,19 @@ const rx = () => ns.link('vb1')?.stats64?.rx.packets ?? -1;
 const bridgeCmd = (...args: string[]) =>
   spawnSync('bridge', ['-n', ns.name, ...args], { encoding: 'utf8' }).stdout;
 const fdb = (dev: string) => bridgeCmd('fdb', 'show', 'dev', dev);
+
+/**
+ * Stops the broker, runs `down` while it is down (an upgrade, an administrator's script), and starts it again
+ * whatever `down` did: a failed assertion throws, and every later test needs the broker.
+ */
+async function whileDown(down: () => Promise<void> | void): Promise<void> {
+  await broker.stop('SIGTERM', true);
+  try {
+    await down();
+  } finally {
+    broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+  }
+}
 /** python3 -c: one broadcast frame out of interface argv[1] from source MAC argv[2] (a machine on the LAN). */
 const SEND_FROM = 'import socket,sys; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); s.bind((sys.argv[1],0)); '
   + "s.send(b'\\xff'*6+bytes.fromhex(sys.argv[2].replace(':',''))+b'\\x88\\xb5'+bytes(46))";
@@ -412,10 +425,10 @@ test.serial('a restart holds every locked tap to its lease first: one that took 
       const a = taker.result.taps[0]!.device;
       // While the broker is down (an upgrade), the taker's tap gets the victim's guest MAC (its holder's
       // SIOCSIFHWADDR; here root's, the same change): the bridge fixes that MAC to the taker's port.
-      await broker.stop('SIGTERM', true);
-      ns.ip('link', 'set', 'dev', a.name, 'address', v.mac!);
-      t.notRegex(fdb(v.name), /static/, 'the victim\'s entry is gone');
-      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+      await whileDown(() => {
+        ns.ip('link', 'set', 'dev', a.name, 'address', v.mac!);
+        t.notRegex(fdb(v.name), /static/, 'the victim\'s entry is gone');
+      });
       await broker.waitFor(() => ns.link(a.name) === undefined, 3000, 'the taker\'s tap is still there');
       t.truthy(ns.link(v.name), 'the victim\'s tap is kept');
       await broker.waitFor(() => /static/.test(fdb(v.name)), 3000, 'the victim\'s entry was not put back');
@@ -491,11 +504,11 @@ test.serial('a locked lease rebuilt from its tag after the table was lost is sti
 test.serial('a broker restart puts back a lock an administrator took off meanwhile', async (t) => {
   const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
   const d = r.taps[0]!.device;
-  await broker.stop('SIGTERM', true);
-  spawnSync('bridge', ['-n', ns.name, 'link', 'set', 'dev', d.name, 'locked', 'off', 'learning', 'on']);
-  spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', d.mac!, 'dev', d.name, 'master']);
-  t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked off/);
-  broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+  await whileDown(() => {
+    spawnSync('bridge', ['-n', ns.name, 'link', 'set', 'dev', d.name, 'locked', 'off', 'learning', 'on']);
+    spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', d.mac!, 'dev', d.name, 'master']);
+    t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked off/);
+  });
   t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked on/);
   t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'));
   // And said (an outside re-test: the start undid the change and recorded nothing of it).
@@ -514,32 +527,44 @@ test.serial('a lock put back forgets what the port learned while unlocked: a spo
     const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
     const d = r.taps[0]!.device;
     const spoof = '02:55:44:33:22:11';
-    await broker.stop('SIGTERM', true);
-    // While the broker is down, an administrator's script unlocks the port; its owner attaches and sends from a
-    // foreign source, which the bridge learns, and keeps the queue attached (its carrier on).
-    spawnSync('bridge', ['-n', ns.name, 'link', 'set', 'dev', d.name, 'locked', 'off', 'learning', 'on']);
-    const sender = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs(), process.execPath, OPEN_TAP,
-      d.name, 'sq', tunNode(broker.dir), `send:${spoof}`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const held: { sender: ChildProcess | null } = { sender: null };
     let out = '';
-    sender.stdout!.on('data', (x) => (out += String(x)));
     try {
-      await poll(() => out.includes('"wrote"'), { ms: 5000 });
-      t.regex(out, /"ok":true/);
-      t.regex(fdb(d.name), new RegExp(`^${spoof} master br0`, 'm'), 'the bridge learned the spoofed source (the premise)');
-      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+      // While the broker is down, an administrator's script unlocks the port; its owner attaches and sends from a
+      // foreign source, which the bridge learns, and keeps the queue attached (its carrier on).
+      await whileDown(async () => {
+        spawnSync('bridge', ['-n', ns.name, 'link', 'set', 'dev', d.name, 'locked', 'off', 'learning', 'on']);
+        const s = held.sender = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs(), process.execPath,
+          OPEN_TAP, d.name, 'sq', tunNode(broker.dir), `send:${spoof}`], { stdio: ['ignore', 'pipe', 'inherit'] });
+        s.stdout!.on('data', (x) => (out += String(x)));
+        await poll(() => out.includes('"wrote"'), { ms: 5000 });
+        t.regex(out, /"ok":true/);
+        // The port forwards (and learns) once the kernel has seen the tap's carrier come up with the queue
+        // attached, which it does asynchronously (linkwatch): more frames until the bridge has learned the source.
+        const learned = await poll(() => {
+          if (new RegExp(`^${spoof} master br0`, 'm').test(fdb(d.name))) return true;
+          s.kill('SIGUSR1');
+          return null;
+        }, { ms: 5000, every: 100 });
+        t.truthy(learned, `the bridge learned the spoofed source (the premise): ${fdb(d.name)}`);
+      });
       t.regex(bridgeCmd('-d', 'link', 'show', 'dev', d.name), /locked on/);
       t.notRegex(fdb(d.name), new RegExp(`^${spoof}`, 'm'), 'what the port learned while unlocked is gone');
       t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'), 'the guest\'s own entry stays');
       // And in the data plane: five more frames from the spoofed source, none across the bridge.
       const before = rx();
-      sender.kill('SIGUSR1');
-      await poll(() => (out.match(/"wrote"/g) ?? []).length >= 2, { ms: 5000 });
+      const sent = (out.match(/"wrote"/g) ?? []).length;
+      held.sender!.kill('SIGUSR1');
+      await poll(() => (out.match(/"wrote"/g) ?? []).length > sent, { ms: 5000 });
       t.regex(out, /"wrote":70\}\n$/, 'the frames were written');
       await quiet(200, 'no spoofed frame may cross: time for any that would');
       t.is(rx() - before, 0, 'a spoofed frame crossed the locked port');
     } finally {
-      sender.kill('SIGKILL');
-      await new Promise((x) => sender.once('exit', x));
+      const s = held.sender;
+      if (s) {
+        s.kill('SIGKILL');
+        if (s.exitCode === null && s.signalCode === null) await new Promise((x) => s.once('exit', x));
+      }
       t.is((await probeOnce({ socket: broker.socket, release: [d.name] })).error, null);
     }
   });
@@ -667,10 +692,10 @@ test.serial('can says no where a grant could not be locked, and the refusal is a
 test.serial('a locked port moved to another bridge while the broker was down is not locked there: it goes', async (t) => {
   const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
   const d = r.taps[0]!.device;
-  await broker.stop('SIGTERM', true);
-  ns.ip('link', 'set', 'dev', d.name, 'nomaster');
-  ns.ip('link', 'set', 'dev', d.name, 'master', 'br1');
-  broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+  await whileDown(() => {
+    ns.ip('link', 'set', 'dev', d.name, 'nomaster');
+    ns.ip('link', 'set', 'dev', d.name, 'master', 'br1');
+  });
   await broker.waitFor(() => ns.link(d.name) === undefined, 3000, 'the moved port is still there');
   const rec = await broker.record((x) => x.decision === 'cleanup' && (x.device as { name?: string }).name === d.name);
   t.regex(rec.message ?? '', /no longer a port of bridge `br0'/);
