@@ -11,7 +11,7 @@ import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, encodeFrame,
 } from '@tapbroker/protocol';
 import type { AuditRecord } from '@tapbroker/broker/internal';
-import { BrokerProcess, tempDir } from '../helpers/broker.js';
+import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 import { quiet, until, within } from '../helpers/wait.js';
@@ -1121,6 +1121,11 @@ test.serial('F3: a uid past its share waits for its next connections, and one at
     const rec = await b.record((x) => x.uid === 64077 && (/connection closed unanswered/.test(x.message ?? '')
       || counted(x)), 15_000);
     t.truthy(rec.code === 'TB_E_BUSY' || counted(rec), JSON.stringify(rec));
+    // The same user's own client, shed too, is told what happened, not that the broker may be down.
+    const cli = spawnSync('setpriv', [...setprivArgs({ uid: 64077 }), process.execPath, CLIENT_CLI, 'status', '--socket',
+      b.socket], { encoding: 'utf8', timeout: 20_000 });
+    t.is(cli.status, 69, cli.stderr);
+    t.regex(cli.stderr, /hint: the broker closes a new connection unanswered when it is stopping, or when you hold too many/);
     // Root is served meanwhile.
     const root = await probeOnce({ socket: b.socket, status: true }, { uid: 0 });
     t.is(root.error, null);

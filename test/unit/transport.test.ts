@@ -4,6 +4,9 @@
 // packet (read as the end) or a pending reset (reported ahead of queued packets) ended the read-off as if the
 // queue were empty, and the broker closed the socket with fds behind them. Plain sockets, no privilege.
 import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { SeqpacketConnection, sys } from '@tapbroker/protocol';
 
 const rx = new sys.Receiver(64);
@@ -133,4 +136,64 @@ test('a reset between the peek and the read ends the receive, as the end of the 
   } finally {
     conn.close();
   }
+});
+
+// Found by an outside re-test: a client whose connect found the listener's backlog full slept and tried again, and
+// lost its turn to every connector that blocked (the kernel wakes blocked connectors in arrival order): behind one
+// uid's flood of connections, root's connect took up to 1.8 s. It now waits in that line itself.
+test('a connect that finds the backlog full waits in the kernel\'s line, and gets in as soon as there is room', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-line-'));
+  const sock = path.join(dir, 'l.sock');
+  const listener = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
+  const fillers: number[] = [];
+  t.teardown(() => {
+    for (const fd of fillers) sys.close(fd);
+    sys.close(listener);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  sys.bind(listener, sys.sockaddrUn(sock));
+  sys.listen(listener, 1);
+  // Fill the backlog: connects that do not wait, until one is told there is no room.
+  for (;;) {
+    const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
+    try {
+      sys.connect(fd, sys.sockaddrUn(sock));
+      fillers.push(fd);
+    } catch (err) {
+      sys.close(fd);
+      t.is((err as sys.SyscallError).errno, sys.errno.EAGAIN);
+      break;
+    }
+  }
+  // Full: a connect with a short bound fails with EAGAIN once the bound has passed.
+  const started = Date.now();
+  const err = await t.throwsAsync(SeqpacketConnection.connect(sock, { maxPacket: 64, connectTimeoutMs: 300 }));
+  t.is((err as unknown as sys.SyscallError).errno, sys.errno.EAGAIN);
+  t.true(Date.now() - started >= 250, `gave up after ${Date.now() - started} ms`);
+  // One with room to wait: pending until the listener takes one connection, then in.
+  let done = false;
+  const pending = SeqpacketConnection.connect(sock, { maxPacket: 64, connectTimeoutMs: 10_000 }).then((c) => {
+    done = true;
+    return c;
+  });
+  await new Promise((r) => setTimeout(r, 200));
+  t.false(done, 'connected while the backlog was full');
+  // A connector arriving after it, blocking (as a flooder's connect does), with a bound of its own.
+  const other = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC);
+  fillers.push(other);
+  const bound = Buffer.alloc(16);
+  bound.writeBigInt64LE(5n, 0);
+  sys.setsockopt(other, sys.SOL_SOCKET, sys.SO_SNDTIMEO, bound);
+  let otherIn: boolean | null = null;
+  const otherDone = sys.connectInPool(other, sys.sockaddrUn(sock)).then((ok) => (otherIn = ok));
+  await new Promise((r) => setTimeout(r, 100));
+  // Room for one: the first in line gets it (before, the client slept between tries and the blocked one won).
+  fillers.push(sys.accept(listener));
+  const conn = await Promise.race([pending, new Promise<null>((r) => setTimeout(() => r(null), 2000))]);
+  t.truthy(conn, 'the connector that came later took the room: this one did not wait in line');
+  t.is(otherIn, null, 'the later connector got in first');
+  conn?.close();
+  fillers.push(sys.accept(listener));
+  await otherDone;
+  t.true(otherIn, 'the later connector, next in line');
 });

@@ -13,6 +13,10 @@ export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
 const CLOSED_HINT = 'the broker may have stopped or failed to start: `systemctl status tapbrokerd` and '
   + '`journalctl -u tapbrokerd` say why (once fixed: `systemctl reset-failed tapbrokerd.socket tapbrokerd`, '
   + 'then start the socket)';
+/** A connection closed before its first answer: a broker shedding the user's connections, or one stopping. */
+const UNANSWERED_HINT = 'the broker closes a new connection unanswered when it is stopping, or when you hold too '
+  + 'many connections (64) while past your share of its time: try again shortly, with fewer at once '
+  + '(`systemctl status tapbrokerd` says whether it runs)';
 
 const CONNECT_HINTS: Record<string, string> = {
   ENOENT: 'no broker listens there: is tapbrokerd.socket enabled and started (systemctl status tapbrokerd.socket)? '
@@ -103,6 +107,8 @@ export function closeTap(tap: Tap): void {
 export class TapbrokerClient {
   private nextId = 1;
   broker = '';
+  /** Has the broker answered anything on this connection (its hello)? */
+  private answered = false;
 
   private constructor(private readonly conn: SeqpacketConnection, readonly socket: string) {}
 
@@ -303,13 +309,14 @@ export class TapbrokerClient {
         throw new TapbrokerError(refusal.code, refusal.message, refusal.hint ? { hint: refusal.hint } : {});
       }
       throw new TapbrokerError('TB_E_BROKER_CLOSED', `the broker closed the connection: ${err.message}`,
-        { hint: CLOSED_HINT });
+        { hint: this.answered ? CLOSED_HINT : UNANSWERED_HINT });
     });
     const packet = await this.conn.receive();
     if (!packet) {
       throw new TapbrokerError('TB_E_BROKER_CLOSED', 'the broker closed the connection before replying',
-        { hint: CLOSED_HINT });
+        { hint: this.answered ? CLOSED_HINT : UNANSWERED_HINT });
     }
+    this.answered = true;
     const fail = (err: TapbrokerError): never => {
       packet.fds.forEach((fd) => fs.closeSync(fd));
       throw err;

@@ -150,6 +150,37 @@ export function connect(fd: number, addr: Buffer, what?: string): void {
   if ((_connect(fd, addr, addr.length) as number) < 0) fail('connect', what);
 }
 
+/**
+ * connect(2) on a blocking socket, run on the thread pool: it waits in the kernel's own line of connectors while
+ * the listener's backlog is full (SO_SNDTIMEO bounds the wait), without blocking this thread. Resolves true once
+ * connected, false otherwise (its errno is the pool thread's: a connect after it tells why).
+ */
+export function connectInPool(fd: number, addr: Buffer): Promise<boolean> {
+  return new Promise((resolve) => {
+    _connect.async(fd, addr, addr.length, (err: Error | null, r: number) => resolve(!err && r === 0));
+  });
+}
+
+/** SO_SNDTIMEO (struct timeval: seconds, microseconds), as x86_64 and aarch64 lay it out. */
+export const SO_SNDTIMEO = 21;
+
+/**
+ * Connects non-blocking `fd` where the listener's backlog is full: waits, in arrival order, for room, at most `ms`
+ * (blocking, on the thread pool); throws EAGAIN if there was none by then. `fd` is non-blocking again after.
+ */
+export async function connectInLine(fd: number, addr: Buffer, ms: number, what?: string): Promise<void> {
+  const flags = fcntlGet(fd, F_GETFL);
+  fcntlSet(fd, F_SETFL, flags & ~O_NONBLOCK);
+  const bound = Buffer.alloc(16);
+  bound.writeBigInt64LE(BigInt(Math.floor(ms / 1000)), 0);
+  bound.writeBigInt64LE(BigInt((ms % 1000) * 1000), 8);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, bound);
+  const connected = await connectInPool(fd, addr);
+  fcntlSet(fd, F_SETFL, flags);
+  // Not in: once more without waiting, which says why (EAGAIN: still no room when the bound passed).
+  if (!connected) connect(fd, addr, what);
+}
+
 // ---- struct msghdr, in one place: x86_64/aarch64 layouts (msghdr 56, iovec 16, cmsghdr 16) ----
 const MSGHDR_SIZE = 56;
 const IOVEC_SIZE = 16;
