@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { SeqpacketConnection, sys } from '@tapbroker/protocol';
+import { poll } from '../helpers/wait.js';
 
 const rx = new sys.Receiver(64);
 
@@ -176,7 +177,11 @@ test('a connect that finds the backlog full waits in the kernel\'s line, and get
     done = true;
     return c;
   });
-  await new Promise((r) => setTimeout(r, 200));
+  // Threads of this process blocked in the kernel's line of connectors (a pool thread each).
+  const inLine = () => fs.readdirSync('/proc/self/task')
+    .filter((tid) => { try { return fs.readFileSync(`/proc/self/task/${tid}/wchan`, 'utf8') === 'unix_wait_for_peer'; } catch { return false; } })
+    .length;
+  t.truthy(await poll(() => inLine() === 1, { ms: 5000, every: 2 }), 'it never waited in the kernel\'s line');
   t.false(done, 'connected while the backlog was full');
   // A connector arriving after it, blocking (as a flooder's connect does), with a bound of its own.
   const other = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC);
@@ -186,7 +191,7 @@ test('a connect that finds the backlog full waits in the kernel\'s line, and get
   sys.setsockopt(other, sys.SOL_SOCKET, sys.SO_SNDTIMEO, bound);
   let otherIn: boolean | null = null;
   const otherDone = sys.connectInPool(other, sys.sockaddrUn(sock)).then((ok) => (otherIn = ok));
-  await new Promise((r) => setTimeout(r, 100));
+  t.truthy(await poll(() => inLine() === 2, { ms: 5000, every: 2 }), 'the later connector never waited');
   // Room for one: the first in line gets it (before, the client slept between tries and the blocked one won).
   fillers.push(sys.accept(listener));
   const conn = await Promise.race([pending, new Promise<null>((r) => setTimeout(() => r(null), 2000))]);
@@ -196,4 +201,40 @@ test('a connect that finds the backlog full waits in the kernel\'s line, and get
   fillers.push(sys.accept(listener));
   await otherDone;
   t.true(otherIn, 'the later connector, next in line');
+});
+
+// Found by an outside re-test of the line: a connect held its pool thread for its whole bound, so eight connects
+// from one process (the pool has four threads) took twice the bound to fail, and a file read waited behind them.
+test('connects waiting in line hold no pool thread for long: a file read goes on, and each fails at its own bound', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-pool-'));
+  const sock = path.join(dir, 'l.sock');
+  const listener = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
+  const fillers: number[] = [];
+  t.teardown(() => {
+    for (const fd of fillers) sys.close(fd);
+    sys.close(listener);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  sys.bind(listener, sys.sockaddrUn(sock));
+  sys.listen(listener, 1);
+  for (;;) {
+    const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
+    try {
+      sys.connect(fd, sys.sockaddrUn(sock));
+      fillers.push(fd);
+    } catch {
+      sys.close(fd);
+      break;
+    }
+  }
+  const started = Date.now();
+  const failed = Promise.all(Array.from({ length: 8 }, () =>
+    SeqpacketConnection.connect(sock, { maxPacket: 64, connectTimeoutMs: 1000 }).then(() => 'in', () => Date.now() - started)));
+  const read = Date.now();
+  await fs.promises.readFile('/proc/self/status');
+  const readMs = Date.now() - read;
+  const times = await failed;
+  // A file read waits at most for a slice of the line (250 ms), not for a connect's whole bound (1 s, twice over).
+  t.true(readMs < 900, `a file read waited ${readMs} ms behind the connects`);
+  for (const ms of times) t.true(typeof ms === 'number' && ms < 1900, `a connect failed after ${String(ms)} ms (bound 1 s)`);
 });

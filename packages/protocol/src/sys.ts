@@ -164,21 +164,50 @@ export function connectInPool(fd: number, addr: Buffer): Promise<boolean> {
 /** SO_SNDTIMEO (struct timeval: seconds, microseconds), as x86_64 and aarch64 lay it out. */
 export const SO_SNDTIMEO = 21;
 
+/** How long one blocking connect waits on a pool thread before it lets the thread go and queues again. */
+const LINE_SLICE_MS = 250;
+/** The slice running now: one at a time in a process, so waiting in line holds one pool thread at most. */
+let lineTurn: Promise<unknown> = Promise.resolve();
+
 /**
- * Connects non-blocking `fd` where the listener's backlog is full: waits, in arrival order, for room, at most `ms`
- * (blocking, on the thread pool); throws EAGAIN if there was none by then. `fd` is non-blocking again after.
+ * Connects non-blocking `fd` where the listener's backlog is full: waits, in arrival order, for room, until `ms`
+ * from now; throws EAGAIN if there was none by then (at once for `ms` ≤ 0). It waits in slices of at most 250 ms,
+ * each a blocking connect on the thread pool, one slice at a time per process, so that waiting holds one pool
+ * thread at most and for a slice at most (an outside re-test: each connect held a thread for its whole bound,
+ * other async work and an exit waited behind them). `fd` ends non-blocking.
  */
 export async function connectInLine(fd: number, addr: Buffer, ms: number, what?: string): Promise<void> {
+  const deadline = Date.now() + ms;
   const flags = fcntlGet(fd, F_GETFL);
-  fcntlSet(fd, F_SETFL, flags & ~O_NONBLOCK);
-  const bound = Buffer.alloc(16);
-  bound.writeBigInt64LE(BigInt(Math.floor(ms / 1000)), 0);
-  bound.writeBigInt64LE(BigInt((ms % 1000) * 1000), 8);
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, bound);
-  const connected = await connectInPool(fd, addr);
-  fcntlSet(fd, F_SETFL, flags);
-  // Not in: once more without waiting, which says why (EAGAIN: still no room when the bound passed).
-  if (!connected) connect(fd, addr, what);
+  const slice = async (): Promise<boolean> => {
+    const left = deadline - Date.now();
+    if (left <= 0) return false;
+    const wait = Math.max(1, Math.min(LINE_SLICE_MS, Math.ceil(left)));
+    const bound = Buffer.alloc(16);
+    bound.writeBigInt64LE(BigInt(Math.floor(wait / 1000)), 0);
+    bound.writeBigInt64LE(BigInt((wait % 1000) * 1000), 8);
+    fcntlSet(fd, F_SETFL, flags & ~O_NONBLOCK);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, bound);
+    try {
+      return await connectInPool(fd, addr);
+    } finally {
+      fcntlSet(fd, F_SETFL, flags);
+    }
+  };
+  while (Date.now() < deadline) {
+    const turn = lineTurn.then(slice);
+    lineTurn = turn.catch(() => false);
+    if (await turn) return;
+    // Not in: once without waiting, which connects if there is room now and says why not otherwise; only a
+    // full backlog (EAGAIN) is waited out.
+    try {
+      connect(fd, addr, what);
+      return;
+    } catch (err) {
+      if (!(err instanceof SyscallError && err.errno === errno.EAGAIN)) throw err;
+    }
+  }
+  connect(fd, addr, what);
 }
 
 // ---- struct msghdr, in one place: x86_64/aarch64 layouts (msghdr 56, iovec 16, cmsghdr 16) ----
