@@ -3,7 +3,7 @@
 // kernel says no fds are queued; otherwise it goes whole to `foreign`. Found by an outside re-test: an empty
 // packet (read as the end) or a pending reset (reported ahead of queued packets) ended the read-off as if the
 // queue were empty, and the broker closed the socket with fds behind them. Plain sockets, no privilege.
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -139,33 +139,42 @@ test('a reset between the peek and the read ends the receive, as the end of the 
   }
 });
 
-// Found by an outside re-test: a client whose connect found the listener's backlog full slept and tried again, and
-// lost its turn to every connector that blocked (the kernel wakes blocked connectors in arrival order): behind one
-// uid's flood of connections, root's connect took up to 1.8 s. It now waits in that line itself.
-test('a connect that finds the backlog full waits in the kernel\'s line, and gets in as soon as there is room', async (t) => {
+/**
+ * A listener that accepts nothing on its own, with a backlog of one, filled: connects there find no room until
+ * the test takes one with `accept()`. Everything goes at the test's end.
+ */
+function fullListener(t: ExecutionContext): { sock: string; accept: () => void; keep: (fd: number) => void } {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-line-'));
   const sock = path.join(dir, 'l.sock');
   const listener = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
-  const fillers: number[] = [];
+  const fds: number[] = [];
   t.teardown(() => {
-    for (const fd of fillers) sys.close(fd);
+    for (const fd of fds) sys.close(fd);
     sys.close(listener);
     fs.rmSync(dir, { recursive: true, force: true });
   });
   sys.bind(listener, sys.sockaddrUn(sock));
   sys.listen(listener, 1);
-  // Fill the backlog: connects that do not wait, until one is told there is no room.
+  // Connects that do not wait, until one is told there is no room.
   for (;;) {
     const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
     try {
       sys.connect(fd, sys.sockaddrUn(sock));
-      fillers.push(fd);
+      fds.push(fd);
     } catch (err) {
       sys.close(fd);
-      t.is((err as sys.SyscallError).errno, sys.errno.EAGAIN);
+      if ((err as sys.SyscallError).errno !== sys.errno.EAGAIN) throw err;
       break;
     }
   }
+  return { sock, accept: () => fds.push(sys.accept(listener)), keep: (fd) => fds.push(fd) };
+}
+
+// Found by an outside re-test: a client whose connect found the listener's backlog full slept and tried again, and
+// lost its turn to every connector that blocked (the kernel wakes blocked connectors in arrival order): behind one
+// uid's flood of connections, root's connect took up to 1.8 s. It now waits in that line itself.
+test('a connect that finds the backlog full waits in the kernel\'s line, and gets in as soon as there is room', async (t) => {
+  const { sock, accept, keep } = fullListener(t);
   // Full: a connect with a short bound fails with EAGAIN once the bound has passed.
   const started = Date.now();
   const err = await t.throwsAsync(SeqpacketConnection.connect(sock, { maxPacket: 64, connectTimeoutMs: 300 }));
@@ -185,7 +194,7 @@ test('a connect that finds the backlog full waits in the kernel\'s line, and get
   t.false(done, 'connected while the backlog was full');
   // A connector arriving after it, blocking (as a flooder's connect does), with a bound of its own.
   const other = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC);
-  fillers.push(other);
+  keep(other);
   const bound = Buffer.alloc(16);
   bound.writeBigInt64LE(5n, 0);
   sys.setsockopt(other, sys.SOL_SOCKET, sys.SO_SNDTIMEO, bound);
@@ -193,12 +202,12 @@ test('a connect that finds the backlog full waits in the kernel\'s line, and get
   const otherDone = sys.connectInPool(other, sys.sockaddrUn(sock)).then((ok) => (otherIn = ok));
   t.truthy(await poll(() => inLine() === 2, { ms: 5000, every: 2 }), 'the later connector never waited');
   // Room for one: the first in line gets it (before, the client slept between tries and the blocked one won).
-  fillers.push(sys.accept(listener));
+  accept();
   const conn = await Promise.race([pending, new Promise<null>((r) => setTimeout(() => r(null), 2000))]);
   t.truthy(conn, 'the connector that came later took the room: this one did not wait in line');
   t.is(otherIn, null, 'the later connector got in first');
   conn?.close();
-  fillers.push(sys.accept(listener));
+  accept();
   await otherDone;
   t.true(otherIn, 'the later connector, next in line');
 });
@@ -206,27 +215,7 @@ test('a connect that finds the backlog full waits in the kernel\'s line, and get
 // Found by an outside re-test of the line: a connect held its pool thread for its whole bound, so eight connects
 // from one process (the pool has four threads) took twice the bound to fail, and a file read waited behind them.
 test('connects waiting in line hold no pool thread for long: a file read goes on, and each fails at its own bound', async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-pool-'));
-  const sock = path.join(dir, 'l.sock');
-  const listener = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
-  const fillers: number[] = [];
-  t.teardown(() => {
-    for (const fd of fillers) sys.close(fd);
-    sys.close(listener);
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  sys.bind(listener, sys.sockaddrUn(sock));
-  sys.listen(listener, 1);
-  for (;;) {
-    const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK);
-    try {
-      sys.connect(fd, sys.sockaddrUn(sock));
-      fillers.push(fd);
-    } catch {
-      sys.close(fd);
-      break;
-    }
-  }
+  const { sock } = fullListener(t);
   const started = Date.now();
   const failed = Promise.all(Array.from({ length: 8 }, () =>
     SeqpacketConnection.connect(sock, { maxPacket: 64, connectTimeoutMs: 1000 }).then(() => 'in', () => Date.now() - started)));
