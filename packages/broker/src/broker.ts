@@ -312,8 +312,13 @@ export class Broker implements SessionHost, OpContext {
       this.perUid.set(peer.uid, mine + 1);
       void wait.then(() => {
         this.unhold(peer.uid);
-        if (this.listener) this.admit(conn, peer, performance.now());
-        else conn.drainAndClose((fds) => this.foreign(fds));
+        if (this.listener) {
+          this.admit(conn, peer, performance.now());
+        } else {
+          // Stopped meanwhile: the connection goes as the ones not accepted yet do.
+          if (peer.pidfd !== null) sys.close(peer.pidfd);
+          conn.drainAndClose((fds) => this.foreign(fds));
+        }
       });
     } else {
       this.admit(conn, peer, t0);
