@@ -396,7 +396,9 @@ export class Broker implements SessionHost, OpContext {
         .finally(() => conn.drainAndClose((fds) => this.foreign(fds)));
       return;
     }
-    const session = new Session(this, conn, identify(peer));
+    const caller = identify(peer);
+    caller.subordinateGid = (gid) => this.subgids.of(gid)?.owner ?? null;
+    const session = new Session(this, conn, caller);
     this.sessions.add(session);
     this.perUid.set(peer.uid, mine + 1);
     void session.run().finally(() => {

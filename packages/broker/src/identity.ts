@@ -22,6 +22,8 @@ export interface Identity extends Caller {
   parent: { pid: number; exe: string | null } | null;
   /** The program the client named itself in its hello (printable ASCII kept): its own word, for the trail only. */
   client?: string;
+  /** Whose subordinate gid range (/etc/subgid) `gid` lies in, or null (the broker's view of that file). */
+  subordinateGid?: (gid: number) => string | null;
 }
 
 export function identify(peer: PeerCredentials): Identity {

@@ -122,6 +122,13 @@ export function checkSpec(s: CreateSpec, caller: Identity): void {
       hint: 'name one of your own groups',
     });
   }
+  // The kernel lets every process holding the group open the tap, a subordinate gid included (an outside re-test).
+  const owner = s.group !== null ? caller.subordinateGid?.(s.group) : null;
+  if (owner) {
+    throw new TapbrokerError('TB_E_POLICY_DENIED', `group ${s.group} lies in the subordinate gid range of ${owner} `
+      + '(/etc/subgid): that user can take it in a user namespace of its own and open the tap',
+    { hint: 'give it to a group outside every subordinate gid range, or to none' });
+  }
 }
 
 /** The request as audit records show it. */
