@@ -77,6 +77,10 @@ const bridgeCmd = (...args: string[]) =>
   spawnSync('bridge', ['-n', ns.name, ...args], { encoding: 'utf8' }).stdout;
 const fdb = (dev: string) => bridgeCmd('fdb', 'show', 'dev', dev);
 
+/** A waitFor condition: a reconcile record about device `name` whose message matches `what`. */
+const recorded = (name: string) => (what: RegExp) => () => broker.records.some((x) => x.decision === 'reconcile'
+  && (x.device as { name?: string }).name === name && what.test(x.message ?? ''));
+
 /**
  * Stops the broker, runs `down` while it is down (an upgrade, an administrator's script), and starts it again
  * whatever `down` did: a failed assertion throws, and every later test needs the broker.
@@ -575,8 +579,7 @@ test.serial('a lock put back forgets what the port learned while unlocked: a spo
 test.serial('a locked port put back on its bridge made anew is locked again, and both moves are recorded', async (t) => {
   const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
   const d = r.taps[0]!.device;
-  const said = (what: RegExp) => () => broker.records.some((x) => x.decision === 'reconcile'
-    && (x.device as { name?: string }).name === d.name && what.test(x.message ?? ''));
+  const said = recorded(d.name);
   try {
     ns.ip('link', 'del', 'br0');
     ns.bridge('br0', { mcastSnooping: false });
@@ -597,8 +600,7 @@ test.serial('a locked port put back on its bridge made anew is locked again, and
 test.serial('a locked port on a bridge renamed into its bridge\'s place is locked again', async (t) => {
   const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
   const d = r.taps[0]!.device;
-  const said = (what: RegExp) => () => broker.records.some((x) => x.decision === 'reconcile'
-    && (x.device as { name?: string }).name === d.name && what.test(x.message ?? ''));
+  const said = recorded(d.name);
   try {
     ns.bridge('br9', { mcastSnooping: false });
     ns.ip('link', 'set', d.name, 'master', 'br9');
@@ -621,8 +623,7 @@ test.serial('a locked port on a bridge renamed into its bridge\'s place is locke
 test.serial('a locked port its holder made persistent while off its bridge is locked again when put back', async (t) => {
   const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }], persistOnSignal: true });
   const d = p.result.taps[0]!.device;
-  const said = (what: RegExp) => () => broker.records.some((x) => x.decision === 'reconcile'
-    && (x.device as { name?: string }).name === d.name && what.test(x.message ?? ''));
+  const said = recorded(d.name);
   try {
     ns.ip('link', 'set', d.name, 'nomaster');
     await broker.waitFor(said(/no longer a port of bridge `br0'/), 3000, 'its leaving the bridge was not recorded');
