@@ -121,7 +121,7 @@ expcet = "deny"
   t.is(r.stdout, '');
   t.deepEqual(r.stderr.split('\n'), [
     `${cases}:3: error: case 1: request: \`bridge=br1,colour=red': unknown key \`colour'; known: bridge, network, `
-      + 'macvtap, mode, queues, vhost, mac, name, persistent',
+      + 'macvtap, mode, queues, vhost, mac, name, persistent, group',
     `${cases}:6: error: case 2: expect: missing (expect = "allow" or "deny")`,
     `${cases}:9: error: case 2: unknown key \`expcet' (did you mean \`expect'?)`,
     '',

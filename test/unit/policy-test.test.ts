@@ -1,7 +1,10 @@
 // `tapbrokerd test-policy`'s core: policies × tables of cases through runPolicyTests, which decides each
 // case with the broker's own createSpec, checkSpec and decide; and the cases file's errors, with lines.
 import test from 'ava';
-import { parsePolicy, parseRequest, runPolicyTests, type CaseResult } from '@tapbroker/broker/internal';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Subuids, parsePolicy, parseRequest, runPolicyTests, type CaseResult } from '@tapbroker/broker/internal';
 
 const TEAM = `
 [network.lab]
@@ -228,7 +231,7 @@ code = "TB_E_POLICY_DENIED"
   t.deepEqual(r.errors, [
     { line: 6, message: "case 1: unknown key `rules' (did you mean `rule'?)" },
     { line: 10, message: "case 2: request: `bridge=br1,colour=red': unknown key `colour'; known: bridge, network, "
-      + 'macvtap, mode, queues, vhost, mac, name, persistent' },
+      + 'macvtap, mode, queues, vhost, mac, name, persistent, group' },
     { line: 13, message: 'case 3: expect: missing (expect = "allow" or "deny")' },
     { line: 18, message: "case 4: user: no user `no-such-user-tapbroker' on this host (give a uid instead)" },
     { line: 19, message: "case 4: groups.0: no group `no-such-group-tapbroker' on this host (give a gid instead)" },
@@ -301,4 +304,52 @@ test('a port its rule locks but that cannot be locked is refused TB_E_MAC_LOCK, 
   t.true(denied!.passed, denied!.failure ?? '');
   t.false(allowed!.passed);
   t.regex(allowed!.failure ?? '', /got deny by rule `locked' \(line 1\) with TB_E_MAC_LOCK: rule `locked' locks ports/);
+});
+
+test('callers are screened by the host\'s subordinate ids, as the broker screens them at accept', (t) => {
+  // Found in a final read: test-policy allowed what the broker refuses for a subordinate uid, a rule group had
+  // only as a subordinate gid, and a persistent tap given to a group in a subordinate gid range.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-subids-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.writeFileSync(path.join(dir, 'subuid'), 'nobody:4100000:65536\n');
+  fs.writeFileSync(path.join(dir, 'subgid'), 'nobody:4200000:65536\n');
+  const host = { subuids: new Subuids(path.join(dir, 'subuid')), subgids: new Subuids(path.join(dir, 'subgid')) };
+  const policy = [
+    '[[rule]]', 'name = "anyone"', 'users = ["*"]', 'bridges = ["br0"]', 'persistent = true',
+    '[[rule]]', 'name = "team"', 'users = []', 'groups = [4200500]', 'bridges = ["br1"]',
+  ].join('\n');
+  const text = cases(
+    { name: 'subuid', user: 4100005, request: 'bridge=br0', expect: 'allow' },
+    { name: 'subgid member', user: 65534, groups: [4200500], request: 'bridge=br1', expect: 'allow' },
+    { name: 'subgid primary', user: 65534, gid: 4200001, request: 'bridge=br0', expect: 'allow' },
+    { name: 'subgid group=', user: 65534, groups: [4200500], request: 'bridge=br0,persistent=on,group=4200500',
+      expect: 'allow' },
+    { name: 'own group=', user: 65534, groups: [65534], request: 'bridge=br0,persistent=on,group=65534', expect: 'allow' },
+  );
+  // Without the host's files every case holds; with them, all but the last are refused as the broker refuses them.
+  t.deepEqual(runPolicyTests(policy, text).results.map((r) => r.passed), [true, true, true, true, true]);
+  const screened = runPolicyTests(policy, text, host).results;
+  t.deepEqual(screened.map((r) => [r.name, r.decided.decision, r.decided.code]), [
+    ['subuid', 'deny', 'TB_E_POLICY_DENIED'], ['subgid member', 'deny', 'TB_E_POLICY_DENIED'],
+    ['subgid primary', 'deny', 'TB_E_POLICY_DENIED'], ['subgid group=', 'deny', 'TB_E_POLICY_DENIED'],
+    ['own group=', 'allow', null],
+  ]);
+  t.regex(screened[0]!.decided.message, /uid 4100005 is a subordinate uid of nobody/);
+  t.regex(screened[2]!.decided.message, /gid 4200001 is a subordinate gid of nobody/);
+  // The broker drops the subgid from the caller's groups first, so it is not one of the caller's.
+  t.regex(screened[3]!.decided.message, /you are not in group 4200500/);
+  // A group the account database gives (nobody's nogroup, 65534) that lies in a subordinate range stays the
+  // caller's, and a tap is still not given to it.
+  fs.writeFileSync(path.join(dir, 'subgid'), 'root:65534:1\n');
+  const [given] = runPolicyTests(policy, cases(
+    { user: 65534, groups: [65534], request: 'bridge=br0,persistent=on,group=65534', expect: 'allow' },
+  ), host).results;
+  t.is(given!.decided.code, 'TB_E_POLICY_DENIED');
+  t.regex(given!.decided.message, /group 65534 lies in the subordinate gid range of root/);
+});
+
+test('group= names a gid or a group, and no such group is an error of the cases file', (t) => {
+  t.like(parseRequest('bridge=br0,persistent=on,group=0'), { group: 0 });
+  t.like(parseRequest('bridge=br0,persistent=on,group=root'), { group: 0 });
+  t.regex(String(parseRequest('bridge=br0,persistent=on,group=no-such-group-x')), /no group `no-such-group-x'/);
 });

@@ -20,7 +20,7 @@ import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { Lifetimes } from './lifetimes.js';
-import { SUBGID_FILE, Subuids, ownGroups } from './subids.js';
+import { SUBGID_FILE, Subuids, screenIds } from './subids.js';
 import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
 import { Netdev } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
@@ -355,18 +355,13 @@ export class Broker implements SessionHost, OpContext {
   }
 
   private check(conn: SeqpacketConnection, peer: PeerCredentials): void {
-    const sub = peer.uid === 0 ? null : this.subuids.of(peer.uid);
-    const own = peer.uid === 0 || sub ? null : ownGroups(peer, this.subgids);
-    if (own) peer = { ...peer, groups: own.groups };
-    const refused = sub ?? own?.refused;
+    const { groups, refused } = screenIds(peer, this.subuids, this.subgids);
+    peer = { ...peer, groups };
     if (refused) {
       if (peer.pidfd !== null) sys.close(peer.pidfd);
-      const message = sub
-        ? `uid ${peer.uid} is a subordinate uid of ${sub.owner} (${this.subuids.file}): it gets no devices`
-        : `gid ${peer.gid} is a subordinate gid of ${refused.owner} (${this.subgids.file}): it gets no devices; `
-          + 'connect with a group of your own';
+      const message = refused.message;
       // Counted against the owner: its thousands of uids share one allowance of audit records.
-      const owner = sub ? { uid: sub.ownerUid ?? sub.start, pid: peer.pid }
+      const owner = refused.byUid ? { uid: refused.range.ownerUid ?? refused.range.start, pid: peer.pid }
         : { uid: peer.uid, gid: peer.gid, pid: peer.pid };
       this.audit.refusal(owner, 'connection', 'TB_E_POLICY_DENIED', message);
       conn

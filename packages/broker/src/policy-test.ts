@@ -11,6 +11,7 @@ import { decide, recorded, type Caller, type Policy } from './decide.js';
 import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
 import { didYouMean, lineIndex } from './policy-text.js';
 import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
+import { SUBGID_FILE, SUBUID_FILE, Subuids, screenIds } from './subids.js';
 
 const EX_FAILED = 1;
 
@@ -133,11 +134,12 @@ export interface TestRun {
 }
 
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
-const SPEC_KEYS = ['bridge', 'network', 'macvtap', 'mode', 'queues', 'vhost', 'mac', 'name', 'persistent'];
+const SPEC_KEYS = ['bridge', 'network', 'macvtap', 'mode', 'queues', 'vhost', 'mac', 'name', 'persistent', 'group'];
 
 /**
  * A `--net` SPEC as the request the client would send: the client's grammar for the keys that reach the
- * broker (its own parser lives in the client package, which the broker never imports). What the broker
+ * broker (its own parser lives in the client package, which the broker never imports), and `group=` as
+ * `tapbroker create --group` sends it. What the broker
  * checks itself (names, queue counts, MACs) is left to checkSpec, so a case can expect its refusal.
  */
 export function parseRequest(spec: string): Nic | string {
@@ -178,8 +180,12 @@ export function parseRequest(spec: string): Nic | string {
   if (typeof persistent === 'string') return persistent;
   const queues = fields.get('queues') ?? '1';
   if (!/^[0-9]{1,9}$/.test(queues)) return `queues must be an integer, not \`${queues}'`;
+  // `tapbroker create --group G`'s field (a persistent tap also given to a group): a gid or a group name.
+  const group = fields.get('group');
+  const gid = group === undefined ? undefined : asId(group) ?? getgrnam(group);
+  if (gid === null) return `no group \`${group}' on this host (give a gid instead)`;
   const common = {
-    queues: Number(queues), vhost, persistent,
+    queues: Number(queues), vhost, persistent, ...(gid !== undefined ? { group: gid } : {}),
     // The client sends a MAC in lower case; the broker then checks it as it is.
     ...(fields.has('mac') ? { mac: fields.get('mac')!.toLowerCase() } : {}),
     ...(fields.has('name') ? { name: fields.get('name')! } : {}),
@@ -256,17 +262,33 @@ function printable(s: string): string {
   return s.replace(new RegExp(CONTROL, 'g'), (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
-/** One case, as the broker decides a create request: createSpec, checkSpec, then decide. */
-export function runCase(policy: Policy, c: Case): CaseResult {
+/** The host's subordinate ids (/etc/subuid, /etc/subgid), which the broker screens every caller by. */
+export interface HostIds {
+  subuids: Subuids;
+  subgids: Subuids;
+}
+
+/** This host's, as the broker reads them. */
+export const hostIds = (): HostIds => ({ subuids: new Subuids(SUBUID_FILE), subgids: new Subuids(SUBGID_FILE) });
+
+/**
+ * One case, as the broker decides a create request: its caller screened as at accept (when `host` is given),
+ * then createSpec, checkSpec, decide.
+ */
+export function runCase(policy: Policy, c: Case, host?: HostIds): CaseResult {
   const lineOfRule = (name: string | null) =>
     [...policy.deny, ...policy.allow].find((r) => r.name === name)?.line ?? null;
   let decided: CaseResult['decided'];
   try {
+    const screened = host ? screenIds(c.caller, host.subuids, host.subgids) : null;
+    if (screened?.refused) throw new TapbrokerError('TB_E_POLICY_DENIED', screened.refused.message);
+    const caller = screened ? { ...c.caller, groups: screened.groups } : c.caller;
     const spec: CreateSpec = createSpec(c.nic);
     // checkSpec wants the kernel's identity; of it, only the credentials count.
-    const identity: Identity = { ...c.caller, pid: 0, pidfd: null, exe: null, parent: null };
+    const identity: Identity = { ...caller, pid: 0, pidfd: null, exe: null, parent: null };
+    if (host) identity.subordinateGid = (gid) => host.subgids.of(gid)?.owner ?? null;
     checkSpec(spec, identity);
-    const d = decide(policy, c.caller, spec, (rule) => c.devices[rule] ?? 0);
+    const d = decide(policy, caller, spec, (rule) => c.devices[rule] ?? 0);
     // A grant whose port cannot be locked as its rule or network says is refused, as by the broker and `can`.
     const lock = d.allow ? lockRefusal(policy, spec, d.rule) : null;
     if (lock) throw lock;
@@ -300,12 +322,12 @@ export function runCase(policy: Policy, c: Case): CaseResult {
 
 /**
  * Runs a cases file against a policy (a Policy, or its text: then an invalid one throws TB_E_POLICY_INVALID
- * as parsePolicy does). The pure core of test-policy: NSS lookups aside, no file, no broker, no kernel.
+ * as parsePolicy does). The pure core of test-policy: NSS lookups and `host`'s files aside, no broker, no kernel.
  */
-export function runPolicyTests(policy: Policy | string, casesText: string): TestRun {
+export function runPolicyTests(policy: Policy | string, casesText: string, host?: HostIds): TestRun {
   const p = typeof policy === 'string' ? parsePolicy(policy) : policy;
   const { cases, errors } = parseCases(casesText, p);
-  const results = cases.map((c) => runCase(p, c));
+  const results = cases.map((c) => runCase(p, c, host));
   const passed = results.filter((r) => r.passed).length;
   return { errors, results, passed, failed: results.length - passed };
 }
@@ -368,7 +390,8 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
     process.stderr.write(`tapbrokerd: cannot read cases file \`${casesFile}': ${(err as Error).message}\n`);
     return EX.NOINPUT;
   }
-  const run = runPolicyTests(policy, text);
+  // The broker screens callers by this host's subordinate ids; so do the cases.
+  const run = runPolicyTests(policy, text, hostIds());
   if (run.errors.length > 0) {
     if (json) out(JSON.stringify({ cases_file: casesFile, ok: false, errors: run.errors }, null, 2));
     else for (const e of run.errors) process.stderr.write(`${located(casesFile, e)}\n`);

@@ -102,6 +102,30 @@ export function ownGroups(
   };
 }
 
+/** What the broker makes of a caller's ids: its groups as it counts them, or why it gets nothing at all. */
+export interface Screened {
+  groups: number[];
+  /** Refused: a subordinate uid, or a subordinate gid as the primary group. */
+  refused: { range: SubRange; byUid: boolean; message: string } | null;
+}
+
+/** The one screening of a caller's ids, for the broker at accept and for test-policy's cases alike. */
+export function screenIds(
+  peer: { uid: number; gid: number; groups: readonly number[] }, subuids: Subuids, subgids: Subuids,
+): Screened {
+  if (peer.uid === 0) return { groups: [...peer.groups], refused: null };
+  const sub = subuids.of(peer.uid);
+  if (sub) {
+    const message = `uid ${peer.uid} is a subordinate uid of ${sub.owner} (${subuids.file}): it gets no devices`;
+    return { groups: [], refused: { range: sub, byUid: true, message } };
+  }
+  const own = ownGroups(peer, subgids);
+  if (!own.refused) return { groups: own.groups, refused: null };
+  const message = `gid ${peer.gid} is a subordinate gid of ${own.refused.owner} (${subgids.file}): it gets no `
+    + 'devices; connect with a group of your own';
+  return { groups: own.groups, refused: { range: own.refused, byUid: false, message } };
+}
+
 /** uid → its groups by the account database, looked up again after a minute (one NSS query, not an enumeration). */
 const known = new Map<number, { groups: ReadonlySet<number>; at: number }>();
 
