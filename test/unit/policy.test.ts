@@ -1,10 +1,13 @@
 // The policy decision table: users, groups, deny wins, no match, limits, quota; and load errors.
 import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol';
 import {
   bridgeList, decide, recorded, denyCovers, denyScope, didYouMean, grantsBridge, kernelLocksPorts, lineIndex, macInPrefix,
   nameMatches, parsePolicy,
-  policyWarnings,
+  policyWarnings, Subuids,
   resolveTarget, type Ask, type Caller,
 } from '@tapbroker/broker/internal';
 
@@ -774,3 +777,23 @@ async function tool(t: import('ava').ExecutionContext, text: string): Promise<(c
   const main = path.resolve('packages/broker/dist/main.js');
   return (cmd, ...args) => execFileSync(process.execPath, [main, cmd, file, ...args], { encoding: 'utf8' });
 }
+
+test('check-policy warns about allow rules naming subordinate uids or gids, which the broker screens at accept', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-subids-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.writeFileSync(path.join(dir, 'subuid'), 'alice:100000:65536\n');
+  fs.writeFileSync(path.join(dir, 'subgid'), 'alice:200000:65536\n');
+  const host = { subuids: new Subuids(path.join(dir, 'subuid')), subgids: new Subuids(path.join(dir, 'subgid')) };
+  const p = parsePolicy('[[rule]]\nname = "c"\nusers = [1001, 100005]\ngroups = [500, 200010]\nbridges = ["br0"]\n');
+  const messages = policyWarnings(p, host).filter((f) => /subordinate/.test(f.message)).map((f) => f.message);
+  t.deepEqual(messages, [
+    "rule `c' names uid 100005, a subordinate uid of alice (" + path.join(dir, 'subuid')
+      + '): the broker refuses it at accept, so the rule never grants it anything',
+    "rule `c' names group 200010, in the subordinate gid range of alice (" + path.join(dir, 'subgid')
+      + '): it holds only for members by the account database, and no persistent tap is given to it',
+  ]);
+  // No ranges, no warning.
+  fs.writeFileSync(path.join(dir, 'subuid'), '');
+  fs.writeFileSync(path.join(dir, 'subgid'), '');
+  t.false(policyWarnings(p, host).some((f) => /subordinate/.test(f.message)));
+});

@@ -64,6 +64,6 @@ export { addPort, delPort, listOurPorts, isOvsBridge, ovsdbTarget } from './ovs.
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
 export { accountMembers, aclUserOnly, grantUserOnly, getpwnam, getpwuid } from './libc.js';
-export { Subuids, loadSubuids, ownGroups, subordinateOf, type SubRange } from './subids.js';
+export { Subuids, loadSubuids, ownGroups, subordinateOf, type HostIds, type SubRange } from './subids.js';
 export { Unplugs } from './plug.js';
 export { killOrphanHooks } from './hook.js';

@@ -11,7 +11,7 @@ import { decide, recorded, type Caller, type Policy } from './decide.js';
 import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
 import { didYouMean, lineIndex } from './policy-text.js';
 import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
-import { SUBGID_FILE, SUBUID_FILE, Subuids, screenIds } from './subids.js';
+import { hostIds, screenIds, type HostIds } from './subids.js';
 
 const EX_FAILED = 1;
 
@@ -261,15 +261,6 @@ export function parseCases(text: string, policy: Policy): { cases: Case[]; error
 function printable(s: string): string {
   return s.replace(new RegExp(CONTROL, 'g'), (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
-
-/** The host's subordinate ids (/etc/subuid, /etc/subgid), which the broker screens every caller by. */
-export interface HostIds {
-  subuids: Subuids;
-  subgids: Subuids;
-}
-
-/** This host's, as the broker reads them. */
-export const hostIds = (): HostIds => ({ subuids: new Subuids(SUBUID_FILE), subgids: new Subuids(SUBGID_FILE) });
 
 /**
  * One case, as the broker decides a create request: its caller screened as at accept (when `host` is given),

@@ -11,6 +11,7 @@ import {
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
 import { fragmentDir, loadPolicy, untrustedForTools } from './policy.js';
+import { hostIds, type HostIds } from './subids.js';
 
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
 const EX_WARNINGS = 1;
@@ -58,7 +59,7 @@ function macLockOf(p: Policy, r: AllowRule): string {
 }
 
 /** Risky but valid: what a reviewer should look at twice. */
-export function policyWarnings(p: Policy): Finding[] {
+export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] {
   const out: Finding[] = p.warnings.map((w) => finding('warning', w));
   const warn = (r: AllowRule | DenyRule, message: string) =>
     out.push({ level: 'warning', file: r.file, line: r.line, message });
@@ -155,6 +156,7 @@ export function policyWarnings(p: Policy): Finding[] {
         message: `macvtap parent ${m} does not exist on this host now` });
     }
   }
+  out.push(...subordinateWarnings(p, host));
   p.deny.forEach((d, i) => {
     if (d.who.gids.size > 0) {
       warn(d, `deny rule \`${d.name}' names groups: it holds for members by the account database `
@@ -169,6 +171,29 @@ export function policyWarnings(p: Policy): Finding[] {
         + 'which already denies all it denies');
     }
   });
+  return out;
+}
+
+/** Allow rules naming this host's subordinate ids (subids.ts), which the broker screens callers by at accept. */
+function subordinateWarnings(p: Policy, host: HostIds): Finding[] {
+  const out: Finding[] = [];
+  for (const r of p.allow) {
+    for (const uid of r.who.uids) {
+      const range = host.subuids.of(uid);
+      if (!range) continue;
+      out.push({ level: 'warning', file: r.file, line: r.line,
+        message: `rule \`${r.name}' names uid ${uid}, a subordinate uid of ${range.owner} (${host.subuids.file}): `
+          + 'the broker refuses it at accept, so the rule never grants it anything' });
+    }
+    for (const gid of r.who.gids) {
+      const range = host.subgids.of(gid);
+      if (!range) continue;
+      out.push({ level: 'warning', file: r.file, line: r.line,
+        message: `rule \`${r.name}' names group ${gid}, in the subordinate gid range of ${range.owner} `
+          + `(${host.subgids.file}): it holds only for members by the account database, and no persistent tap `
+          + 'is given to it' });
+    }
+  }
   return out;
 }
 

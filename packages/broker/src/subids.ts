@@ -102,6 +102,15 @@ export function ownGroups(
   };
 }
 
+/** The host's subordinate ids (/etc/subuid, /etc/subgid), which the broker screens every caller by. */
+export interface HostIds {
+  subuids: Subuids;
+  subgids: Subuids;
+}
+
+/** This host's, as the broker reads them (for the policy tools). */
+export const hostIds = (): HostIds => ({ subuids: new Subuids(SUBUID_FILE), subgids: new Subuids(SUBGID_FILE) });
+
 /** What the broker makes of a caller's ids: its groups as it counts them, or why it gets nothing at all. */
 export interface Screened {
   groups: number[];
