@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, encodeFrame,
 } from '@tapbroker/protocol';
-import type { AuditRecord } from '@tapbroker/broker/internal';
+import { Subuids, runPolicyTests, type AuditRecord } from '@tapbroker/broker/internal';
 import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
@@ -788,6 +788,32 @@ test.serial('F2: subordinate gids (/etc/subgid) give no rule\'s group, unless th
   } finally {
     await sb.stop();
     spawnSync('groupdel', [group]);
+  }
+});
+
+// Found by an outside review of the policy tools: a deny naming a subordinate gid let a caller holding it through (the
+// gid was left out of its groups before deciding), while test-policy, taking the groups as given, called it denied.
+test.serial('F2: a deny rule naming a subordinate gid holds for a caller that holds it; test-policy agrees', async (t) => {
+  const subgid = path.join(dir, 'subgid-deny');
+  fs.writeFileSync(subgid, `nobody:4300000:65536\n`);
+  const policy = `[[rule]]\nname = "all"\nusers = ["*"]\nbridges = ["br0"]\n\n`
+    + `[[deny]]\nname = "no-ct"\ngroups = [4300005]\nbridges = ["br0"]\n`;
+  const sb = await BrokerProcess.start(ns, policy, { tag: 'r2subdeny', subgidFile: subgid });
+  try {
+    const r = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, groups: [4300005] });
+    t.is(r.error?.code, 'TB_E_POLICY_DENIED', JSON.stringify(r.error));
+    t.is(r.error?.rule, 'no-ct');
+    const without = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, groups: [] });
+    t.is(without.error, null, JSON.stringify(without.error));
+    // test-policy, given this host's files, decides the same.
+    const host = { subuids: new Subuids('/nonexistent/subuid'), subgids: new Subuids(subgid) };
+    const [c] = runPolicyTests(policy, `[[case]]\nuser = ${NOBODY}\ngroups = [4300005]\nrequest = "bridge=br0"\n`
+      + 'expect = "deny"\nrule = "no-ct"\n', host).results;
+    t.true(c!.passed, c!.failure ?? '');
+    // The granted tap went with its client's fd.
+    await until(() => ns.extraLinks(BASE).length === 0 || null, { what: 'taps left', ms: 3000 });
+  } finally {
+    await sb.stop();
   }
 });
 

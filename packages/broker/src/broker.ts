@@ -355,7 +355,7 @@ export class Broker implements SessionHost, OpContext {
   }
 
   private check(conn: SeqpacketConnection, peer: PeerCredentials): void {
-    const { groups, refused } = screenIds(peer, this.subuids, this.subgids);
+    const { groups, claimed, refused } = screenIds(peer, this.subuids, this.subgids);
     peer = { ...peer, groups };
     if (refused) {
       if (peer.pidfd !== null) sys.close(peer.pidfd);
@@ -392,6 +392,7 @@ export class Broker implements SessionHost, OpContext {
       return;
     }
     const caller = identify(peer);
+    if (claimed.length > 0) caller.claimed = claimed;
     caller.subordinateGid = (gid) => this.subgids.of(gid)?.owner ?? null;
     const session = new Session(this, conn, caller);
     this.sessions.add(session);

@@ -96,6 +96,11 @@ export interface Caller {
   gid: number;
   /** Supplementary groups from the kernel (SO_PEERGROUPS). */
   groups: readonly number[];
+  /**
+   * Groups the kernel showed that are not counted as the caller's (subordinate gids the account database does
+   * not give it: subids.ts): no allow rule's group is had through them, but a deny rule's holds for them.
+   */
+  claimed?: readonly number[];
 }
 
 /** What a create request asks for, as the policy sees it. */
@@ -137,13 +142,15 @@ export function matches(who: Selector, caller: Caller): boolean {
 }
 
 /**
- * A deny rule's selector: as for allow rules, or membership of a group by the account database. A deny
+ * A deny rule's selector: as for allow rules, or membership of a group by the account database, or a group the
+ * caller only claims (a subordinate gid it took in a user namespace of its own). A deny
  * never lets someone through because a name in it could not be looked up: a user name it could not
  * resolve still matches a caller of that name, or whose own name is unknown; a group it could not resolve
  * matches every caller (nobody can tell its members), until a reload resolves it.
  */
 export function matchesDeny(who: Selector, caller: Caller & { user?: string | null }): boolean {
   if (matches(who, caller) || who.members.has(caller.uid) || who.unresolved.groups.length > 0) return true;
+  if (caller.claimed?.some((g) => who.gids.has(g))) return true;
   return who.unresolved.users.length > 0 && (!caller.user || who.unresolved.users.includes(caller.user));
 }
 

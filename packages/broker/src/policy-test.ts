@@ -273,7 +273,7 @@ export function runCase(policy: Policy, c: Case, host?: HostIds): CaseResult {
   try {
     const screened = host ? screenIds(c.caller, host.subuids, host.subgids) : null;
     if (screened?.refused) throw new TapbrokerError('TB_E_POLICY_DENIED', screened.refused.message);
-    const caller = screened ? { ...c.caller, groups: screened.groups } : c.caller;
+    const caller = screened ? { ...c.caller, groups: screened.groups, claimed: screened.claimed } : c.caller;
     const spec: CreateSpec = createSpec(c.nic);
     // checkSpec wants the kernel's identity; of it, only the credentials count.
     const identity: Identity = { ...caller, pid: 0, pidfd: null, exe: null, parent: null };

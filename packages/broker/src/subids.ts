@@ -114,6 +114,8 @@ export const hostIds = (): HostIds => ({ subuids: new Subuids(SUBUID_FILE), subg
 /** What the broker makes of a caller's ids: its groups as it counts them, or why it gets nothing at all. */
 export interface Screened {
   groups: number[];
+  /** The subordinate gids left out of `groups`: a deny rule still holds for them (decide.ts Caller). */
+  claimed: number[];
   /** Refused: a subordinate uid, or a subordinate gid as the primary group. */
   refused: { range: SubRange; byUid: boolean; message: string } | null;
 }
@@ -122,17 +124,18 @@ export interface Screened {
 export function screenIds(
   peer: { uid: number; gid: number; groups: readonly number[] }, subuids: Subuids, subgids: Subuids,
 ): Screened {
-  if (peer.uid === 0) return { groups: [...peer.groups], refused: null };
+  if (peer.uid === 0) return { groups: [...peer.groups], claimed: [], refused: null };
   const sub = subuids.of(peer.uid);
   if (sub) {
     const message = `uid ${peer.uid} is a subordinate uid of ${sub.owner} (${subuids.file}): it gets no devices`;
-    return { groups: [], refused: { range: sub, byUid: true, message } };
+    return { groups: [], claimed: [], refused: { range: sub, byUid: true, message } };
   }
   const own = ownGroups(peer, subgids);
-  if (!own.refused) return { groups: own.groups, refused: null };
+  const claimed = peer.groups.filter((g) => !own.groups.includes(g));
+  if (!own.refused) return { groups: own.groups, claimed, refused: null };
   const message = `gid ${peer.gid} is a subordinate gid of ${own.refused.owner} (${subgids.file}): it gets no `
     + 'devices; connect with a group of your own';
-  return { groups: own.groups, refused: { range: own.refused, byUid: false, message } };
+  return { groups: own.groups, claimed, refused: { range: own.refused, byUid: false, message } };
 }
 
 /** uid → its groups by the account database, looked up again after a minute (one NSS query, not an enumeration). */
