@@ -285,6 +285,15 @@ test('the tools read the same set: check-policy names the fragment a warning is 
     t.is(r.status, 0, r.stderr);
     t.regex(r.stdout, new RegExp(`^${dir}/policy\\.d/a\\.toml:1: warning: rule \`everyone' matches every user$`, 'm'));
     t.regex(r.stdout, /ok: 2 rules, 0 deny rules, 1 fragment, 1 warning, sha256 [0-9a-f]{64}\n$/);
+    // Notes about interfaces name the file of the rule that names them (an outside review: the main file, with the
+    // fragment's line number, and no file at all in --json).
+    t.regex(r.stdout, new RegExp(`^${dir}/policy\\.d/a\\.toml:1: note: bridge br-none1 does not exist on this host now$`, 'm'));
+    t.regex(r.stdout, new RegExp(`^${dir}/policy\\.toml:1: note: bridge br-none0 does not exist on this host now$`, 'm'));
+    const json = spawnSync(process.execPath, [MAIN, 'check-policy', '--json', file], { encoding: 'utf8' });
+    const notes = (JSON.parse(json.stdout) as { findings: Array<{ file?: string; message: string }> }).findings
+      .filter((f) => /does not exist/.test(f.message)).map((f) => [f.file && path.relative(dir, f.file), f.message]);
+    t.deepEqual(notes.sort(), [['policy.d/a.toml', 'bridge br-none1 does not exist on this host now'],
+      ['policy.toml', 'bridge br-none0 does not exist on this host now']]);
     const who = spawnSync(process.execPath, [MAIN, 'who-can', file, '--bridge', 'br-none1', '--json'], { encoding: 'utf8' });
     t.deepEqual((JSON.parse(who.stdout) as { allowed_by: Array<{ rule: string }> }).allowed_by.map((a) => a.rule), ['everyone']);
   } finally {

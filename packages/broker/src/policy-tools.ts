@@ -122,19 +122,21 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
     ...(p.allow.some((r) => r.bridges.includes(ANY_BRIDGE)) ? hostBridges() : []),
     ...[...p.networks.values()].filter((n) => n.kind === 'bridge').map((n) => n.target),
   ]);
-  // The line of the first rule that names an interface, for the messages about it.
-  const lineOf = (name: string, of: (r: AllowRule) => readonly string[]) =>
-    p.allow.find((r) => of(r).includes(name))?.line ?? null;
+  // The file and line of the first rule that names an interface, for the messages about it (a fragment's own).
+  const at = (name: string, of: (r: AllowRule) => readonly string[]) => {
+    const r = p.allow.find((x) => of(x).includes(name));
+    return r ? { file: r.file, line: r.line } : { line: null };
+  };
   for (const b of bridges) {
-    const line = lineOf(b, (r) => r.bridges);
+    const where = at(b, (r) => r.bridges);
     if (!fs.existsSync(`/sys/class/net/${b}`)) {
       // Made later (by systemd-networkd, or a VM host's own scripts) is fine; a typo is not.
-      out.push({ level: 'note', line, message: `bridge ${b} does not exist on this host now` });
+      out.push({ level: 'note', ...where, message: `bridge ${b} does not exist on this host now` });
       continue;
     }
     if (!fs.existsSync(`/sys/class/net/${b}/bridge`)) {
       out.push({
-        level: 'warning', line,
+        level: 'warning', ...where,
         message: `${b} is not a Linux bridge: grants on it are refused with TB_E_NOT_A_BRIDGE (a macvtap takes a `
           + 'NIC as its parent: macvtap = [{ parent = … }])',
       });
@@ -143,7 +145,7 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
     const type = fs.readFileSync(`/sys/class/net/${b}/addr_assign_type`, 'utf8').trim();
     if (type !== '3') {
       out.push({
-        level: 'warning', line,
+        level: 'warning', ...where,
         message: `bridge ${b} has no fixed MAC address: grants on it are refused until an administrator pins it `
           + `(ip link set ${b} address …)`,
       });
@@ -152,7 +154,7 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
   const parents = new Set(p.allow.flatMap((r) => r.macvtap.map((m) => m.parent)));
   for (const m of parents) {
     if (m !== ANY_BRIDGE && !fs.existsSync(`/sys/class/net/${m}`)) {
-      out.push({ level: 'note', line: lineOf(m, (r) => r.macvtap.map((x) => x.parent)),
+      out.push({ level: 'note', ...at(m, (r) => r.macvtap.map((x) => x.parent)),
         message: `macvtap parent ${m} does not exist on this host now` });
     }
   }
