@@ -411,6 +411,42 @@ test.serial('over quota while holding persistent devices: a hint names them and 
   }
 });
 
+// Found by an outside review of the policy tools: `can` weighed each SPEC alone, so two NICs of a rule allowing one
+// device, or two with the same name, were "yes" twice (exit 0) while `run` of the same SPECs was refused.
+test.serial('can weighs several SPECs together, as run asks for them: quota and names; exit 0 only where run succeeds', async (t) => {
+  const mns = Netns.create('clican');
+  mns.bridge('br0');
+  mns.bridge('br1');
+  const policy = `[[rule]]\nname = "one"\nusers = [${NOBODY}]\nbridges = ["br0"]\nmax_devices = 1\n\n`
+    + `[[rule]]\nname = "many"\nusers = [${NOBODY}]\nbridges = ["br1"]\nmax_devices = 4\n`;
+  let mb: BrokerProcess | undefined;
+  try {
+    mb = await BrokerProcess.start(mns, policy, { tag: 'cli-can' });
+    const two = tapbroker(['can', '--socket', mb.socket, '--net', 'bridge=br0', '--net', 'bridge=br0']);
+    t.is(two.code, 77, two.stdout);
+    const lines = two.stdout.trimEnd().split('\n');
+    t.is(lines[0], 'bridge=br0: yes, by rule one');
+    t.regex(lines[1]!, /^bridge=br0: no, TB_E_QUOTA_EXCEEDED: .*\(rule: one\)/);
+    const run = tapbroker(['run', '--socket', mb.socket, '--net', 'bridge=br0', '--net', 'bridge=br0', '--', 'true']);
+    t.is(run.code, 77, run.stderr);
+    t.is(tapbroker(['can', '--socket', mb.socket, '--net', 'bridge=br0']).code, 0, 'one alone is a yes');
+    // The same name twice: refused as run refuses it, though the rule allows both devices.
+    const same = ['--net', 'bridge=br1,name=tb65534-can0', '--net', 'bridge=br1,name=tb65534-can0'];
+    const names = tapbroker(['can', '--socket', mb.socket, ...same]);
+    t.is(names.code, 77, names.stdout);
+    t.regex(names.stdout, /\nbridge=br1: no, TB_E_INVALID_REQUEST: an earlier NIC of this request asks for the name `tb65534-can0' too/);
+    t.not(tapbroker(['run', '--socket', mb.socket, ...same, '--', 'true']).code, 0);
+    // A SPEC refused leaves the ones after it weighed with the granted ones only.
+    const mixed = tapbroker(['can', '--socket', mb.socket, '--net', 'bridge=br0', '--net', 'bridge=br2', '--net', 'bridge=br1',
+      '--net', 'bridge=br1']);
+    t.deepEqual(mixed.stdout.trimEnd().split('\n').map((l) => l.replace(/, .*$/, '').replace(/: (yes|no)$/, ' $1')),
+      ['bridge=br0 yes', 'bridge=br2 no', 'bridge=br1 yes', 'bridge=br1 yes']);
+  } finally {
+    await mb?.stop();
+    mns.destroy();
+  }
+});
+
 test.serial('create --exist-ok: one\'s own device made the same way is success, anything else still an error', async (t) => {
   const ens = Netns.create('cliex');
   ens.bridge('br0');

@@ -3,7 +3,8 @@
 // (the bridge, VLAN, parent, network or hook), its port lock, and its MAC. A multi-NIC request has every NIC
 // checked so, with the NICs before it counted, before its first is made (firstRefused).
 import {
-  TapbrokerError, macToBuffer, type CreateMacvtapRequest, type CreateTapRequest, type ErrorCode, type Nic,
+  TapbrokerError, macToBuffer, type CanRequest, type CreateMacvtapRequest, type CreateTapRequest, type ErrorCode,
+  type Nic,
 } from '@tapbroker/protocol/core';
 import { decide, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
@@ -122,10 +123,12 @@ export interface Refusal {
 /**
  * The first NIC of a request that would be refused now, with nothing made: on its own (its grammar, what admit
  * checks, a name already taken: `i` alone, grantOne refuses it again with its record), or with the NICs before
- * it counted (`refusal`: its rule or quota, a name or a locked MAC an earlier NIC asks for). Null when none is.
+ * it counted (`refusal`: its rule or quota, a name or a locked MAC an earlier NIC asks for). Null when none is;
+ * `granted` then holds each NIC's rule.
  */
 export function firstRefused(
-  ctx: OpContext, policy: Policy, caller: Identity, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
+  ctx: OpContext, policy: Policy, caller: Identity,
+  nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | CanRequest | Nic>, granted: AllowRule[] = [],
 ): { i: number; spec: CreateSpec; refusal: Refusal } | { i: number; refusal: null } | null {
   ctx.lifetimes.catchUp();
   const counts = ctx.lifetimes.counts(caller.uid);
@@ -164,6 +167,7 @@ export function firstRefused(
     if (spec.name !== null) names.add(spec.name);
     if (spec.mac !== null) macs.push({ mac: spec.mac, where, lock: a.lock });
     charged.set(d.rule.name, (charged.get(d.rule.name) ?? 0) + 1);
+    granted.push(d.rule);
   }
   return null;
 }

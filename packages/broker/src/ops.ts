@@ -7,7 +7,10 @@ import {
 import { encodeReply } from '@tapbroker/protocol/requests';
 import type { Audit } from './audit.js';
 import type { Fairness } from './fairness.js';
-import { decide, denyScope, matches, matchesDeny, recorded, type Policy } from './decide.js';
+import { firstRefused } from './admission.js';
+import {
+  decide, denyScope, matches, matchesDeny, recorded, type AllowRule, type Decision, type Policy,
+} from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
 import { leaseView } from './leases.js';
@@ -182,7 +185,7 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
     throw err;
   }
   ctx.lifetimes.catchUp();
-  const decided = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
+  const decided = together(ctx, caller, req) ?? decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
   // A grant whose port cannot be locked as its rule or network says would be refused: so is the dry run.
   const refusal = decided.allow ? lockRefusal(policy, spec, decided.rule) : null;
   const d: typeof decided = refusal ? {
@@ -218,6 +221,24 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
         locked: false,
       };
   return { reply, fds: [] };
+}
+
+/**
+ * A dry run's NIC with the NICs before it in the same request (`before`), decided as a `create` of them all
+ * would decide it (admission.ts firstRefused); null when there are none, or it is refused on its own (then the
+ * dry run of it alone says why).
+ */
+function together(ctx: OpContext, caller: Identity, req: CanRequest): Decision | null {
+  if (!req.before?.length) return null;
+  const granted: AllowRule[] = [];
+  const nics = [...req.before.map((b) => ({ ...b, op: 'can' as const, id: req.id })), req];
+  const r = firstRefused(ctx, ctx.policy, caller, nics, granted);
+  if (!r) return { allow: true, rule: granted.at(-1)! };
+  if (r.i === nics.length - 1 && !r.refusal) return null;
+  const { code, rule, message, hint, record } = r.refusal
+    ?? { code: 'TB_E_INVALID_REQUEST' as const, rule: null, message: 'it would be refused', hint: '', record: null };
+  const which = r.i === nics.length - 1 ? '' : `NIC ${r.i} of the request, before this one: `;
+  return { allow: false, code, rule, message: `${which}${message}`, hint: hint ?? '', ...(record ? { record } : {}) };
 }
 
 /** status: the broker, its policy, and the caller's standing: leases, and each rule that applies with its quota. */

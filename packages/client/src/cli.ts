@@ -22,7 +22,7 @@ import {
   type Lease,
   type MacvtapMode,
 } from '@tapbroker/protocol/lite';
-import { TapbrokerClient, closeTap, type Tap } from './client.js';
+import { TapbrokerClient, closeTap, type CanNic, type Tap } from './client.js';
 import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
 import { childFdNumbers, nicArgs, shellQuote } from './qemu-args.js';
@@ -770,12 +770,16 @@ export async function main(argv: readonly string[]): Promise<number> {
 async function canCommand(args: Args): Promise<number> {
   const client = await TapbrokerClient.connect(args.socket);
   let all = true;
+  // Each SPEC is weighed with the ones before it that would be granted, as `run` asks for them together.
+  const before: CanNic[] = [];
   try {
     for (const n of args.nets) {
-      const r = await client.can({
+      const nic: CanNic = {
         kind: n.network ? 'network' : n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost,
         mac: n.mac, name: n.name, persistent: args.persistent,
-      });
+      };
+      const r = await client.can({ ...nic, before });
+      if (r.allow) before.push(nic);
       all &&= r.allow;
       const what = `${target(n)}${n.kind === 'macvtap' ? ` (${n.mode})` : ''}${args.persistent ? ' (persistent)' : ''}`;
       const more = r.code === 'TB_E_QUOTA_EXCEEDED' ? await persistentHint(client, r.rule ?? undefined) : null;

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import {
   MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
   decodeReply, encodeRequest, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
-  type MacvtapMode, type Nic, type Reply, type Request, type StatusReply,
+  type CanRequest, type MacvtapMode, type Nic, type Reply, type Request, type StatusReply,
 } from '@tapbroker/protocol/lite';
 
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
@@ -248,24 +248,13 @@ export class TapbrokerClient {
     return reply.lease;
   }
 
-  /** Dry run: would the broker grant this, and by which rule? Nothing is created. */
-  async can(opts: {
-    kind: 'tap' | 'macvtap' | 'network';
-    parent: string;
-    mode?: MacvtapMode | null;
-    queues?: number;
-    vhost?: boolean;
-    mac?: string | null;
-    name?: string | null;
-    persistent?: boolean;
-  }) {
-    const req: Request = { op: 'can', id: this.nextId++, kind: opts.kind, parent: opts.parent };
-    if (opts.mode) req.mode = opts.mode;
-    if (opts.queues !== undefined) req.queues = opts.queues;
-    if (opts.vhost !== undefined) req.vhost = opts.vhost;
-    if (opts.mac) req.mac = opts.mac;
-    if (opts.name) req.name = opts.name;
-    if (opts.persistent) req.persistent = true;
+  /**
+   * Dry run: would the broker grant this, and by which rule? Nothing is created. `before`: the NICs asked for
+   * before it in the same request, counted as a `create` of them all counts them (quota, names, MACs).
+   */
+  async can(opts: CanNic & { before?: readonly CanNic[] }) {
+    const req: Request = { op: 'can', id: this.nextId++, ...canFields(opts) };
+    if (opts.before?.length) req.before = opts.before.map(canFields);
     const { reply } = await this.call(req);
     if (reply.op !== 'can') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a can reply, got ${reply.op}`);
     return reply;
@@ -464,6 +453,28 @@ function common(o: CommonOptions): CommonFields {
 }
 
 /** Runs of NICs that each fit one create request and its reply: at most MAX_NICS, and MAX_REPLY_FDS fds. */
+/** One NIC of a dry run. */
+export interface CanNic {
+  kind: 'tap' | 'macvtap' | 'network';
+  parent: string;
+  mode?: MacvtapMode | null;
+  queues?: number;
+  vhost?: boolean;
+  mac?: string | null;
+  name?: string | null;
+  persistent?: boolean;
+}
+
+/** A dry run's NIC as the wire has it: only the fields given. */
+function canFields(n: CanNic): NonNullable<CanRequest['before']>[number] {
+  return {
+    kind: n.kind, parent: n.parent, ...(n.mode ? { mode: n.mode } : {}),
+    ...(n.queues !== undefined ? { queues: n.queues } : {}), ...(n.vhost !== undefined ? { vhost: n.vhost } : {}),
+    ...(n.mac ? { mac: n.mac } : {}), ...(n.name ? { name: n.name } : {}),
+    ...(n.persistent ? { persistent: true } : {}),
+  };
+}
+
 function batches(nics: readonly NicOptions[]): Array<{ from: number; to: number }> {
   const out: Array<{ from: number; to: number }> = [];
   let from = 0;

@@ -79,10 +79,8 @@ export const ReleaseRequest = z.strictObject({ op: z.literal('release'), id: Id,
 /** Root only: re-read the policy file (as SIGHUP does). */
 export const ReloadRequest = z.strictObject({ op: z.literal('reload'), id: Id });
 
-/** A dry run of a create request, as the caller: the decision, with nothing created. */
-export const CanRequest = z.strictObject({
-  op: z.literal('can'),
-  id: Id,
+/** One NIC as a dry run names it. */
+const CanFields = {
   /** `network`: `parent` names a network. */
   kind: z.enum(['tap', 'macvtap', 'network']),
   parent: Text(64),
@@ -92,6 +90,18 @@ export const CanRequest = z.strictObject({
   mac: Text(64).nullable().optional(),
   name: Text(64).optional(),
   persistent: z.boolean().optional(),
+};
+
+/** A dry run of a create request, as the caller: the decision, with nothing created. */
+export const CanRequest = z.strictObject({
+  op: z.literal('can'),
+  id: Id,
+  ...CanFields,
+  /**
+   * The NICs of the same request before this one (as `tapbroker run` asks for them together): charged to their
+   * rules' quotas, and their names and MACs checked against this one's, as a `create` of them all would be.
+   */
+  before: z.array(z.strictObject(CanFields)).max(MAX_NICS - 1).optional(),
 });
 
 export const Request = z.discriminatedUnion('op', [
