@@ -121,11 +121,16 @@ set -eu
 pkg=$1; bin=$2
 mount -t tmpfs tmpfs /run
 mkdir -p /run/systemd/system
+# A fresh sysfs of a network namespace of its own (unshare -n): the devices postinst looks for are this test's.
+mount -t sysfs sysfs /sys
 for tool in deb-systemd-helper deb-systemd-invoke systemctl; do
   printf '#!/bin/sh
 echo "%s $*" >> %s/calls
-[ "$1 $2" != "--quiet was-enabled" ] || [ -e %s/enabled ]
-' "$tool" "$bin" "$bin" > "$bin/$tool"
+case "$1 $2" in
+  "--quiet was-enabled") [ -e %s/enabled ];;
+  "--quiet is-active") [ ! -e %s/idle ];;
+esac
+' "$tool" "$bin" "$bin" "$bin" > "$bin/$tool"
   chmod 755 "$bin/$tool"
 done
 for tool in systemd-sysusers systemd-tmpfiles; do printf '#!/bin/sh
@@ -144,13 +149,21 @@ step upgrade;   sh "$pkg/prerm" upgrade 0.5.0; sh "$pkg/postinst" configure 0.4.
 touch "$bin/broken"
 step broken;    sh "$pkg/prerm" upgrade 0.5.0; sh "$pkg/postinst" configure 0.4.0 2> "$bin/said"
 sed 's/^/said: /' "$bin/said" >> "$bin/calls"
+touch "$bin/idle"
+step idle-broken; sh "$pkg/postinst" configure 0.4.0 2> "$bin/said"
+sed 's/^/said: /' "$bin/said" >> "$bin/calls"
+rm "$bin/broken"
+step idle;      sh "$pkg/postinst" configure 0.4.0
+ip link add tbleft0 type bridge
+ip link set tbleft0 alias 'tapbroker lease=0123456789abcdef broker=x uid=65534 kind=macvtap ends=fd'
+step leftover;  sh "$pkg/postinst" configure 0.4.0
 cat "$bin/calls"
 `;
 
 test.serial('maintainer scripts: the socket runs after an install, after a removal and an install again, and after an upgrade; a policy that does not load is not restarted into', (t) => {
   const bin = tempDir('pkgcalls');
   try {
-    const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', LIFECYCLE, 'sh', path.join(ROOT, 'packaging'), bin], { encoding: 'utf8' });
+    const r = spawnSync('unshare', ['-m', '-n', '--propagation', 'private', 'sh', '-c', LIFECYCLE, 'sh', path.join(ROOT, 'packaging'), bin], { encoding: 'utf8' });
     t.is(r.status, 0, r.stderr);
     const phases = new Map<string, string[]>();
     let cur = '';
@@ -174,6 +187,17 @@ test.serial('maintainer scripts: the socket runs after an install, after a remov
     t.false(broken.some((l) => /try-restart/.test(l)), `a broker that would not start again is not restarted: ${broken.join('; ')}`);
     t.true(broken.some((l) => /^said: tapbroker: \/etc\/tapbroker\/policy\.toml does not load/.test(l)), broken.join('\n'));
     t.true(broken.some((l) => /^said: .*systemctl restart tapbrokerd/.test(l)));
+    // The same with no broker running (socket activation's usual state): said too, with what will happen (an outside
+    // review of the package: the upgrade said nothing, and the next clients found the socket gone).
+    const idleBroken = phases.get('idle-broken')!;
+    t.true(idleBroken.some((l) => /^said: tapbroker: \/etc\/tapbroker\/policy\.toml does not load/.test(l)), idleBroken.join('\n'));
+    t.true(idleBroken.some((l) => /^said: .*will not start when a client connects/.test(l)), idleBroken.join('\n'));
+    // A device a broker made and none watches is dealt with at once: the broker is started (an outside review: a
+    // reinstall left a removed package's macvtap until some client connected); with none, nothing is started.
+    const startsBroker = (p: string) => phases.get(p)!.includes('systemctl start --no-block tapbrokerd.service');
+    t.false(startsBroker('idle'), phases.get('idle')!.join('\n'));
+    t.false(startsBroker('install'));
+    t.true(startsBroker('leftover'), phases.get('leftover')!.join('\n'));
   } finally {
     fs.rmSync(bin, { recursive: true, force: true });
   }
