@@ -203,6 +203,21 @@ test('a missing include is a warning and is skipped, as qemu-bridge-helper does'
   t.is(verdict(p, caller(STRANGER), 'br0'), 'grant bridge-conf-everyone');
 });
 
+test('a line that is not UTF-8 is an error, and no policy; a comment may hold such bytes', (t) => {
+  // Found by an outside review: a Latin-1 include path was decoded to another name, judged missing ("qemu-bridge-
+  // helper skips it"), and its deny lines lost; qemu-bridge-helper opens the bytes as they are and denies.
+  const dir = tree({});
+  const latin1 = Buffer.from([0x6d, 0xfc, 0x6c, 0x6c, 0x65, 0x72]); // m\xfcller
+  fs.writeFileSync(Buffer.concat([Buffer.from(`${dir}/`), latin1, Buffer.from('.conf')]), 'deny br1\n', { mode: 0o644 });
+  fs.writeFileSync(path.join(dir, 'bridge.conf'), Buffer.concat([
+    Buffer.from(`allow all\ninclude ${dir}/`), latin1, Buffer.from('.conf\n  # caf'), Buffer.from([0xe9, 0x0a]),
+  ]), { mode: 0o644 });
+  const r = importBridgeConf(path.join(dir, 'bridge.conf'));
+  t.is(r.toml, null);
+  t.deepEqual(r.errors.map((e) => `${e.where}: ${e.message}`), [`${dir}/bridge.conf:2: line is not valid UTF-8: `
+    + 'qemu-bridge-helper reads its bytes as they are, which a policy cannot carry exactly']);
+});
+
 test('an include loop is an error, and no policy', (t) => {
   const dir = tree({
     'bridge.conf': { text: 'include @/a.conf\n' },
