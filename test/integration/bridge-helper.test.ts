@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { sys } from '@tapbroker/protocol';
-import { ROOT } from '../helpers/broker.js';
+import { ROOT, tempDir } from '../helpers/broker.js';
 import { brokerFixture } from '../helpers/fixture.js';
 import { NOBODY, setprivArgs } from '../helpers/unpriv.js';
 
@@ -139,6 +139,36 @@ test('no broker at $TAPBROKER_SOCKET: the hint names the variable, not a --socke
   } finally {
     sys.close(mine);
     sys.close(theirs);
+  }
+});
+
+// Found by an outside review: a socket another user serves was refused (as it must be), with a hint naming --socket.
+test.serial('a socket another user serves, or a path that is no socket: no word of a --socket the helper lacks', async (t) => {
+  const dir = tempDir('helper-foreign');
+  fs.chmodSync(dir, 0o755);
+  fs.chownSync(dir, NOBODY, NOBODY);
+  const fake = path.join(dir, 'fake.sock');
+  const listen = 'import socket,sys,time\ns=socket.socket(socket.AF_UNIX,socket.SOCK_SEQPACKET)\ns.bind(sys.argv[1])\n'
+    + 'import os\nos.chmod(sys.argv[1],0o666)\ns.listen(4)\nprint("up",flush=True)\ntime.sleep(30)\n';
+  const server = spawn('setpriv', [...setprivArgs(), '/usr/bin/python3', '-c', listen, fake], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const [mine, theirs] = sys.socketpair(1);
+  try {
+    await new Promise((resolve, reject) => {
+      server.stdout!.once('data', resolve);
+      server.once('exit', () => reject(new Error('the other user\'s server did not start')));
+    });
+    fs.writeFileSync(path.join(dir, 'file'), '');
+    for (const socket of [fake, path.join(dir, 'file')]) {
+      const r = await helper(['--br=br0', '--fd=3'], { fd: theirs, socket });
+      t.is(r.code, 1, r.err);
+      t.regex(r.err, /\$TAPBROKER_SOCKET/, r.err);
+      t.notRegex(r.err, /--socket/, r.err);
+    }
+  } finally {
+    server.kill('SIGKILL');
+    sys.close(mine);
+    sys.close(theirs);
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 

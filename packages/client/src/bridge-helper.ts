@@ -145,11 +145,9 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
     return 0;
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
-    const lines = [`tapbroker-bridge-helper: ${err.code}: ${err.message}`];
+    const lines = [`tapbroker-bridge-helper: ${err.code}: ${helperWords(err.message)}`];
     if (err.rule) lines.push(`tapbroker-bridge-helper: rule: ${err.rule}`);
-    // The helper takes no --socket (qemu and libvirt pass only its own arguments): only the variable applies.
-    const hint = err.hint?.replace('with --socket or $TAPBROKER_SOCKET', 'with $TAPBROKER_SOCKET');
-    if (hint) lines.push(`tapbroker-bridge-helper: hint: ${hint}`);
+    if (err.hint) lines.push(`tapbroker-bridge-helper: hint: ${helperWords(err.hint)}`);
     if (err.code === 'TB_E_USAGE') lines.push(HELPER_USAGE);
     process.stderr.write(`${lines.join('\n')}\n`);
     return 1;
@@ -158,6 +156,14 @@ export async function helperMain(argv: readonly string[]): Promise<number> {
     grant.clear();
     client?.close();
   }
+}
+
+/**
+ * The client's words for the helper, which takes no --socket (qemu and libvirt pass only its own arguments):
+ * only the variable applies (an outside review: a hint said `check --socket and $TAPBROKER_SOCKET').
+ */
+export function helperWords(text: string): string {
+  return text.replace(/--socket (?:or|and) \$TAPBROKER_SOCKET/g, '$TAPBROKER_SOCKET');
 }
 
 /** The longest a network's plug hook may run (the policy's hook_timeout, at most). */
