@@ -1168,6 +1168,63 @@ test.serial('F3: a uid past its share waits for its next connections, and one at
   }
 });
 
+// Found by an outside review: refusing a subordinate uid was charged to that uid, so a flood spread over a user's
+// 65,536 subordinate uids was never held back (each had a full share and its own cap). They pay as their owner now.
+const SPEND_AS_SUBORDINATE = `
+import socket, sys
+n = 0
+while n < 50000:  # connections refused at accept (a subordinate uid), each charged, until one waits: share spent
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect(sys.argv[1]); s.settimeout(1)
+    try:
+        s.recv(4096)
+    except socket.timeout:
+        break
+    s.close(); n += 1
+print(n, flush=True)
+sys.stdin.read()
+`;
+const ANSWERED_WITHIN_1S = `
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect(sys.argv[1]); s.settimeout(1)
+s.send(bytes.fromhex('83a26f70a568656c6c6fa2696401a776657273696f6e02'))  # hello
+try:
+    s.recv(4096); print('answered')
+except socket.timeout:
+    print('waiting')
+`;
+
+test.serial('F3: a user\'s subordinate uids share its one share of the broker\'s time', async (t) => {
+  const subuid = path.join(dir, 'subuid-share');
+  fs.writeFileSync(subuid, '64077:300000:65536\n');
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2subshare', subuidFile: subuid, frozenClock: true });
+  const py = (uid: number, script: string, stdio: 'pipe' | 'ignore' = 'ignore') => spawn('ip', ['netns', 'exec', ns.name,
+    'setpriv', ...setprivArgs({ uid }), '/usr/bin/python3', '-c', script, b.socket], { stdio: [stdio, 'pipe', 'inherit'] });
+  const spender = py(300001, SPEND_AS_SUBORDINATE, 'pipe');
+  try {
+    let out = '';
+    spender.stdout!.on('data', (d) => (out += String(d)));
+    await until(() => out.includes('\n'), { ms: 90_000, what: 'the subordinate uid never spent a share' });
+    t.true(Number(out) > 0, `refused ${out.trim()} connections first`);
+    const answered = async (uid: number) => {
+      const p = py(uid, ANSWERED_WITHIN_1S);
+      let said = '';
+      p.stdout!.on('data', (d) => (said += String(d)));
+      await new Promise((r) => p.once('close', r));
+      return said.trim();
+    };
+    // Another of the same user's subordinate uids, and the user itself: past the same share, they wait.
+    t.is(await answered(300002), 'waiting');
+    t.is(await answered(64077), 'waiting');
+    // Another user, and root, are served.
+    t.is(await answered(64078), 'answered');
+    t.is((await probeOnce({ socket: b.socket, status: true }, { uid: 0 })).error, null);
+  } finally {
+    spender.stdin!.end();
+    spender.kill('SIGKILL');
+    await b.stop();
+  }
+});
+
 // ---------------------------------------------------------------- B13: renamed users
 
 test.serial('B13: a renamed user: after a reload, {user} patterns and audit records use the new name', async (t) => {

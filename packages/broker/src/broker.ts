@@ -306,14 +306,15 @@ export class Broker implements SessionHost, OpContext {
       conn.drainAndClose((fds) => this.foreign(fds)); // The peer vanished before we could ask who it was.
       return;
     }
-    const mine = this.perUid.get(peer.uid) ?? 0;
-    const wait = this.fairness.turn(peer.uid);
+    const payer = this.payer(peer.uid);
+    const mine = this.perUid.get(payer) ?? 0;
+    const wait = this.fairness.turn(payer);
     if (wait && mine < this.maxConnectionsPerUser) {
-      this.perUid.set(peer.uid, mine + 1);
+      this.perUid.set(payer, mine + 1);
       void wait.then(() => {
-        this.unhold(peer.uid);
+        this.unhold(payer);
         if (this.listener) {
-          this.admit(conn, peer, performance.now());
+          this.admit(conn, peer, payer, performance.now());
         } else {
           // Stopped meanwhile: the connection goes as the ones not accepted yet do.
           if (peer.pidfd !== null) sys.close(peer.pidfd);
@@ -321,8 +322,20 @@ export class Broker implements SessionHost, OpContext {
         }
       });
     } else {
-      this.admit(conn, peer, t0);
+      this.admit(conn, peer, payer, t0);
     }
+  }
+
+  /**
+   * Whose share a connection of `uid` is charged to: a subordinate uid's (/etc/subuid) owner's, so that one user's
+   * thousands of uids are one share and one cap of connections (an outside review: each had its own, and a flood
+   * spread over them was never held back). Ranges of root's, or of an owner without an account, are one share
+   * each, under a key no uid has (root's own uid pays nothing).
+   */
+  private payer(uid: number): number {
+    const sub = uid === 0 ? null : this.subuids.of(uid);
+    if (!sub) return uid;
+    return sub.ownerUid !== null && sub.ownerUid !== 0 ? sub.ownerUid : -1 - sub.start;
   }
 
   /**
@@ -337,20 +350,25 @@ export class Broker implements SessionHost, OpContext {
       return false;
     }
     const uid = cred.readUInt32LE(4);
-    if (uid === 0 || (this.perUid.get(uid) ?? 0) < this.maxConnectionsPerUser || !this.fairness.turn(uid)) return false;
-    this.audit.refusal({ uid, pid: cred.readInt32LE(0) }, 'connection', 'TB_E_BUSY', `uid ${uid} took its share of `
-      + `the broker's time and holds ${this.maxConnectionsPerUser} connections: connection closed unanswered`);
+    const payer = this.payer(uid);
+    if (uid === 0 || (this.perUid.get(payer) ?? 0) < this.maxConnectionsPerUser || !this.fairness.turn(payer)) {
+      return false;
+    }
+    // Recorded under the payer, as refusals at check are under a subordinate uid's owner.
+    this.audit.refusal({ uid: payer < 0 ? -1 - payer : payer, pid: cred.readInt32LE(0) }, 'connection', 'TB_E_BUSY',
+      `uid ${uid} took its share of the broker's time and holds ${this.maxConnectionsPerUser} connections: `
+      + 'connection closed unanswered');
     if (sys.queuedFds(fd) === 0) sys.close(fd);
     else this.foreign([fd]);
     return true;
   }
 
-  /** A connection's uid may have it now: checked, and served or refused; charged to that uid from `t0`. */
-  private admit(conn: SeqpacketConnection, peer: PeerCredentials, t0: number): void {
+  /** A connection's uid may have it now: checked, and served or refused; charged to its payer from `t0`. */
+  private admit(conn: SeqpacketConnection, peer: PeerCredentials, payer: number, t0: number): void {
     try {
       this.check(conn, peer);
     } finally {
-      this.fairness.spent(peer.uid, performance.now() - t0);
+      this.fairness.spent(payer, performance.now() - t0);
     }
   }
 

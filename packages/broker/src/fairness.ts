@@ -23,6 +23,8 @@ export class Fairness {
   private readonly rollbacks = new Map<number, { start: number; n: number; until: number }>();
   /** uid → its multi-NIC request in flight (see alone). */
   private readonly batches = new Map<number, Promise<void>>();
+  /** `uids` is swept of windows that are over when it grows to this size (each uid that ever connected stayed). */
+  private sweepAt = 256;
 
   constructor(private readonly now: () => number = () => performance.now()) {}
 
@@ -89,10 +91,8 @@ export class Fairness {
     return new Meter((ms) => this.spent(uid, ms), this.now);
   }
 
-  /** Uids counted now (for tests: no uid is kept once its window is over and it asks nothing). */
+  /** Uids kept now, their window over or not (swept as new ones come: see window). */
   get size(): number {
-    const t = this.now();
-    for (const [uid, u] of this.uids) if (t - u.start >= WINDOW_MS) this.uids.delete(uid);
     return this.uids.size;
   }
 
@@ -111,6 +111,10 @@ export class Fairness {
   private window(uid: number): { start: number; used: number; wait: Promise<void> | null } {
     const t = this.now();
     let u = this.uids.get(uid);
+    if (!u && this.uids.size >= this.sweepAt) {
+      for (const [k, v] of this.uids) if (t - v.start >= WINDOW_MS) this.uids.delete(k);
+      this.sweepAt = Math.max(256, 2 * this.uids.size);
+    }
     if (!u || t - u.start >= WINDOW_MS) this.uids.set(uid, (u = { start: t, used: 0, wait: null }));
     return u;
   }
