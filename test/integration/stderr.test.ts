@@ -85,14 +85,46 @@ function grantsIn(t: { true(v: boolean, m?: string): void }, text: string): numb
   return n;
 }
 
-test.serial('a FIFO stderr nobody reads: every client is served, and the reader gets every record in order later', async (t) => {
-  const dir = tempDir('stderr-fifo');
+/** What a non-blocking reader of a FIFO can read now ('' when nothing waits). */
+function readNow(fd: number): string {
+  const buf = Buffer.alloc(1 << 16);
+  let text = '';
+  for (;;) {
+    let n = 0;
+    try {
+      n = fs.readSync(fd, buf);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EAGAIN') break;
+      throw err;
+    }
+    if (n === 0) break;
+    text += buf.toString('utf8', 0, n);
+  }
+  return text;
+}
+
+/** What a FIFO's reader gets, read until every grant's record is in it. */
+async function readGrants(reader: number): Promise<string> {
+  let text = '';
+  await until(() => {
+    text += readNow(reader);
+    return (text.match(/"decision":"grant"/g) ?? []).length >= GRANTS;
+  }, { ms: 10_000, what: 'not every grant reached the reader' });
+  return text;
+}
+
+/** A FIFO in a test directory: a reader's end opened first (without waiting), then a writer's as a shell would. */
+function fifoIn(tag: string, t: { teardown(f: () => void): void }) {
+  const dir = tempDir(tag);
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const fifo = path.join(dir, 'log.fifo');
   execFileSync('mkfifo', [fifo]);
-  // The reader's end opened first (without waiting for a writer), the broker's as a shell would: blocking.
   const reader = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
-  const writer = fs.openSync(fifo, fs.constants.O_WRONLY);
+  return { dir, fifo, reader, writer: fs.openSync(fifo, fs.constants.O_WRONLY) };
+}
+
+test.serial('a FIFO stderr nobody reads: every client is served, and the reader gets every record in order later', async (t) => {
+  const { dir, reader, writer } = fifoIn('stderr-fifo', t);
   const { proc, socket } = await start(dir, writer);
   fs.closeSync(writer);
   try {
@@ -100,27 +132,61 @@ test.serial('a FIFO stderr nobody reads: every client is served, and the reader 
     // fd 2's own description is as it was (a shell sharing it must not find it non-blocking).
     t.false((parseInt(/flags:\s+(\d+)/.exec(fs.readFileSync(`/proc/${proc.pid}/fdinfo/2`, 'utf8'))![1]!, 8)
       & fs.constants.O_NONBLOCK) !== 0, 'the shared fd 2 was made non-blocking');
-    let text = '';
-    const buf = Buffer.alloc(1 << 16);
-    await until(() => {
-      for (;;) {
-        let n = 0;
-        try {
-          n = fs.readSync(reader, buf);
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException).code === 'EAGAIN') break;
-          throw err;
-        }
-        if (n === 0) break;
-        text += buf.toString('utf8', 0, n);
-      }
-      return (text.match(/"decision":"grant"/g) ?? []).length >= GRANTS;
-    }, { ms: 10_000, what: 'not every grant reached the reader' });
+    const text = await readGrants(reader);
     t.is(grantsIn(t, text), GRANTS);
     t.regex(text, /^tapbrokerd: listening on/m);
   } finally {
     proc.kill('SIGKILL');
     fs.closeSync(reader);
+  }
+});
+
+// Found by an outside review: with no reader on the FIFO when the broker first wrote, its own non-blocking open
+// failed (ENXIO) and it fell back to fd 2, blocking: a reader that came later and stalled froze the broker.
+test.serial('a FIFO with no reader at start, then a reader that never reads: every client is served', async (t) => {
+  const { dir, fifo, reader: first, writer } = fifoIn('stderr-noreader', t);
+  const started = start(dir, writer);
+  // Gone before the broker's first line (it is spawned by now, and takes a while to start).
+  fs.closeSync(writer);
+  fs.closeSync(first);
+  const { proc, socket } = await started;
+  const reader = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+  try {
+    await grants(socket);
+    const text = await readGrants(reader);
+    t.is(grantsIn(t, text), GRANTS);
+  } finally {
+    proc.kill('SIGKILL');
+    fs.closeSync(reader);
+  }
+});
+
+// Found by an outside review: lines that failed to go out (no reader: EPIPE) were dropped and said nowhere.
+test.serial('lines a FIFO took no reader for are counted, and said once a reader is back', async (t) => {
+  const { dir, fifo, reader: first, writer } = fifoIn('stderr-epipe', t);
+  const { proc, socket } = await start(dir, writer);
+  fs.closeSync(writer);
+  fs.closeSync(first);
+  let reader: number | undefined;
+  try {
+    const client = await TapbrokerClient.connect(socket);
+    const grant = async () => {
+      const tap = await client.createTap({ bridge: 'br0' });
+      for (const fd of [...tap.tapFds, ...tap.vhostFds]) fs.closeSync(fd);
+    };
+    for (let i = 0; i < 3; i++) await grant();
+    reader = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    await grant();
+    client.close();
+    let text = '';
+    const said = await until(() => {
+      text += readNow(reader!);
+      return /^tapbrokerd: stderr: (\d+) line\(s\), \d+ bytes, were dropped since /m.exec(text);
+    }, { ms: 10_000, what: 'no line said what was dropped', detail: () => text });
+    t.true(Number(said[1]) >= 3, `${said[1]} lines counted: the three grants' records at least`);
+  } finally {
+    proc.kill('SIGKILL');
+    if (reader !== undefined) fs.closeSync(reader);
   }
 });
 

@@ -35,8 +35,16 @@ function open(): Out {
     const st = fs.fstatSync(2);
     if (st.isSocket()) return { fd: 2, socket: true };
     if (st.isFIFO() || st.isCharacterDevice()) {
-      const { O_WRONLY, O_NONBLOCK, O_NOCTTY } = fs.constants;
-      return { fd: fs.openSync('/proc/self/fd/2', O_WRONLY | O_NONBLOCK | O_NOCTTY), socket: false };
+      const { O_WRONLY, O_RDWR, O_NONBLOCK, O_NOCTTY } = fs.constants;
+      try {
+        return { fd: fs.openSync('/proc/self/fd/2', O_WRONLY | O_NONBLOCK | O_NOCTTY), socket: false };
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENXIO') throw err;
+      }
+      // A pipe with no reader now (an outside review: fd 2, blocking, was then written to, and a reader that came
+      // later and stalled froze the broker). Opened for reading too, the open succeeds; writes never wait, and a
+      // reader that comes later gets what waited in the pipe.
+      return { fd: fs.openSync('/proc/self/fd/2', O_RDWR | O_NONBLOCK | O_NOCTTY), socket: false };
     }
   } catch {
     // No /proc, or no fd 2: written as it is.
@@ -62,6 +70,8 @@ function drain(): boolean {
     try {
       n = tryWrite(out!, queue[0]!);
     } catch {
+      // Counted, and said if stderr takes lines again (a reader back on a FIFO).
+      dropped(queue.length, queued - ENTRY * queue.length);
       queue.length = 0;
       queued = 0;
       return false;
@@ -77,6 +87,13 @@ function drain(): boolean {
     if (queue.length === 0 && lost.lines > 0) sayLost();
   }
   return true;
+}
+
+/** Counts lines dropped (the backlog full, or stderr failing). */
+function dropped(lines: number, bytes: number): void {
+  lost.lines += lines;
+  lost.bytes += bytes;
+  lost.since ||= new Date().toISOString();
 }
 
 /** Queues the line that says what was dropped, once the backlog before it has gone out. */
@@ -107,14 +124,18 @@ export function toStderr(text: string): boolean {
     try {
       buf = buf.subarray(tryWrite(out, buf));
     } catch {
+      dropped(1, buf.length);
       return false;
+    }
+    // Lines dropped while stderr failed are said once it takes lines again.
+    if (lost.lines > 0 && buf.length === 0) {
+      sayLost();
+      if (!timer) (timer = setTimeout(retry, RETRY_MS)).unref();
     }
     if (buf.length === 0) return true;
   }
   if (queued + buf.length + ENTRY > backlog) {
-    lost.lines++;
-    lost.bytes += buf.length;
-    lost.since ||= new Date().toISOString();
+    dropped(1, buf.length);
     return false;
   }
   queue.push(buf);
