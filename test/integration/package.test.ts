@@ -123,7 +123,7 @@ mount -t tmpfs tmpfs /run
 mkdir -p /run/systemd/system
 # A fresh sysfs of a network namespace of its own (unshare -n): the devices postinst looks for are this test's.
 mount -t sysfs sysfs /sys
-for tool in deb-systemd-helper deb-systemd-invoke systemctl; do
+for tool in deb-systemd-helper deb-systemd-invoke systemctl modprobe; do
   printf '#!/bin/sh
 echo "%s $*" >> %s/calls
 case "$1 $2" in
@@ -198,6 +198,9 @@ test.serial('maintainer scripts: the socket runs after an install, after a remov
     t.false(startsBroker('idle'), phases.get('idle')!.join('\n'));
     t.false(startsBroker('install'));
     t.true(startsBroker('leftover'), phases.get('leftover')!.join('\n'));
+    // macvtap is loaded at once where it is a module not loaded yet (modules-load.d waits for the next boot, and
+    // the unit's DeviceAllow=char-macvtap finds no major without it: an outside review).
+    t.is(phases.get('install')!.includes('modprobe -q macvtap'), !fs.existsSync('/sys/module/macvtap'));
   } finally {
     fs.rmSync(bin, { recursive: true, force: true });
   }
