@@ -1,5 +1,6 @@
 // The policy decision table: users, groups, deny wins, no match, limits, quota; and load errors.
 import test from 'ava';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -796,4 +797,27 @@ test('check-policy warns about allow rules naming subordinate uids or gids, whic
   fs.writeFileSync(path.join(dir, 'subuid'), '');
   fs.writeFileSync(path.join(dir, 'subgid'), '');
   t.false(policyWarnings(p, host).some((f) => /subordinate/.test(f.message)));
+});
+
+test('explain-policy says a subordinate uid is refused at accept, as the broker refuses it', (t) => {
+  // The tool reads this host's /etc/subuid: here an overlay of /etc in a private mount namespace holds one.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-explain-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'policy.toml');
+  fs.writeFileSync(file, '[[rule]]\nname = "x"\nusers = ["*"]\nbridges = ["br0"]\n');
+  const script = 'set -e; mount -t tmpfs tmpfs "$1"; mkdir "$1/up" "$1/work"; printf "nobody:4100000:65536\\n" > "$1/up/subuid"; '
+    + 'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc; '
+    + 'for u in 4100005 4200000; do "$2" "$3" explain-policy "$4" --user $u --json; done';
+  const work = path.join(dir, 'root');
+  fs.mkdirSync(work);
+  const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', work, process.execPath,
+    path.resolve('packages/broker/dist/main.js'), file], { encoding: 'utf8' });
+  t.is(r.status, 0, r.stderr);
+  const [sub, plain] = r.stdout.split(/\n(?=\{)/).map((j) => JSON.parse(j) as {
+    refused_at_accept: string | null; allowed_by: Array<{ rule: string }>;
+  });
+  t.regex(sub!.refused_at_accept ?? '', /^uid 4100005 is a subordinate uid of nobody \(\/etc\/subuid\)/);
+  t.deepEqual(sub!.allowed_by, []);
+  t.is(plain!.refused_at_accept, null);
+  t.deepEqual(plain!.allowed_by.map((a) => a.rule), ['x']);
 });

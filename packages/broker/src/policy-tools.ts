@@ -11,7 +11,7 @@ import {
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
 import { fragmentDir, loadPolicy, untrustedForTools } from './policy.js';
-import { hostIds, type HostIds } from './subids.js';
+import { hostIds, screenIds, type HostIds } from './subids.js';
 
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
 const EX_WARNINGS = 1;
@@ -474,11 +474,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     }
     const user = /^\d+$/.test(o.user) ? getpwuid(pw.uid)?.name ?? null : o.user;
     const caller = { uid: pw.uid, gid: pw.gid, groups, user };
-    const allows = policy.allow.filter((r) => matches(r.who, caller));
+    // Screened as the broker screens callers at accept: a subordinate uid (or primary gid) gets nothing.
+    const host = hostIds();
+    const refused = screenIds(caller, host.subuids, host.subgids).refused?.message ?? null;
+    const allows = refused ? [] : policy.allow.filter((r) => matches(r.who, caller));
     const denies = policy.deny.filter((d) => matchesDeny(d.who, caller));
     const everything = (d: DenyRule) => d.bridges === null && d.parents === null && d.networks === null;
     const result = {
-      user: o.user, uid: pw.uid, gid: pw.gid < 0 ? null : pw.gid, groups,
+      user: o.user, uid: pw.uid, gid: pw.gid < 0 ? null : pw.gid, groups, refused_at_accept: refused,
       denied_by: denies.map((d) => ({
         rule: d.name, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
         parents: everything(d) ? 'all' : d.parents ?? [],
@@ -495,7 +498,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     else {
       write(`user ${o.user}: uid ${pw.uid}, gid ${pw.gid < 0 ? 'none (no account)' : pw.gid}, `
         + `groups ${groups.join(',') || '-'}`);
-      if (allows.length === 0) write('no rule allows this user anything (default deny)');
+      if (refused) write(`refused at accept: ${refused}`);
+      else if (allows.length === 0) write('no rule allows this user anything (default deny)');
       else write(table([
         ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
           'MAX DEVICES', 'MAC LOCK'],
