@@ -31,6 +31,8 @@ export class FakeKernel implements Kernel {
   /** Forwarding entries: `bridge/mac/vlan` → the port and whether it is static. */
   readonly fdb = new Map<string, { port: number; static: boolean }>();
   readonly locked = new Set<number>();
+  /** Ports of a VLAN-filtering bridge → their access VLAN (a port that leaves its bridge loses it). */
+  readonly vlans = new Map<number, number>();
   /** /dev/vhost-net exists. */
   vhost = false;
   /** This kernel can lock bridge ports (Linux ≥ 5.18). */
@@ -73,6 +75,19 @@ export class FakeKernel implements Kernel {
     const link = this.named(name);
     if (!link) throw new Error(`no device ${name}`);
     Object.assign(link, change);
+    this.changed(link);
+  }
+
+  /**
+   * What root does to a port (`ip link set NAME nomaster`, `… master BRIDGE`): it leaves its bridge, with its lock
+   * and VLAN, or joins one, in its default VLAN and unlocked; an event says so.
+   */
+  rootMoves(name: string, bridge: string | null): void {
+    const link = this.named(name);
+    if (!link) throw new Error(`no device ${name}`);
+    link.master = bridge === null ? null : this.named(bridge)!.index;
+    this.vlans.delete(link.index);
+    this.locked.delete(link.index);
     this.changed(link);
   }
 
@@ -154,6 +169,7 @@ export class FakeKernel implements Kernel {
         flags: IFF_UP, alias: req.alias,
       });
       this.changed(link);
+      if (req.bridge && req.vlan) this.setAccessVlan(link.index, req.vlan);
       if (req.lock) {
         this.lockPort(link.index, req.bridge!, req.guestMac, req.vlan ?? null, req.name, 'grant');
         this.faultPoint('tap:locked');
@@ -220,6 +236,13 @@ export class FakeKernel implements Kernel {
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void {
     const master = this.devices.get(port)?.master;
     if (master) this.fdb.set(`${master}/${macFromBuffer(mac)}/${opts.vlan ?? 0}`, { port, static: !!opts.static });
+  }
+
+  setAccessVlan(port: number, vid: number): void {
+    const link = this.devices.get(port);
+    if (!link?.master) throw new TapbrokerError('TB_E_KERNEL', `port ${port} is on no bridge`);
+    this.vlans.set(port, vid);
+    this.steps.push(`setAccessVlan ${link.name} ${vid}`);
   }
 
   holdTap(name: string): number | null {

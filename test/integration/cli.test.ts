@@ -441,6 +441,20 @@ test.serial('can weighs several SPECs together, as run asks for them: quota and 
       '--net', 'bridge=br1']);
     t.deepEqual(mixed.stdout.trimEnd().split('\n').map((l) => l.replace(/, .*$/, '').replace(/: (yes|no)$/, ' $1')),
       ['bridge=br0 yes', 'bridge=br2 no', 'bridge=br1 yes', 'bridge=br1 yes']);
+    // A re-test: the same MAC twice (run refuses it before asking: so does can), a name a device has (what a create
+    // checks before its kernel step, can checks too), more SPECs than one request weighs (usage, as run is not).
+    const macs = ['--net', 'bridge=br1,mac=52:54:00:12:34:56', '--net', 'bridge=br1,mac=52:54:00:12:34:56'];
+    t.is(tapbroker(['can', '--socket', mb.socket, ...macs]).code, 64);
+    t.is(tapbroker(['run', '--socket', mb.socket, ...macs, '--', 'true']).code, 64);
+    mns.bridge('tb65534-taken');
+    const taken = tapbroker(['can', '--socket', mb.socket, '--net', 'bridge=br1,name=tb65534-taken', '--net', 'bridge=br1']);
+    t.is(taken.code, 77, taken.stdout);
+    t.regex(taken.stdout, /^bridge=br1: no, TB_E_DEVICE_EXISTS: a device named `tb65534-taken' already exists/);
+    t.regex(taken.stdout, /\nbridge=br1: yes, by rule many\n$/, 'the one after it is weighed without it');
+    const many = Array.from({ length: 33 }, () => ['--net', 'bridge=br1']).flat();
+    const over = tapbroker(['can', '--socket', mb.socket, ...many]);
+    t.is(over.code, 64, over.stderr);
+    t.regex(over.stderr, /can weighs at most 32 SPECs together/);
   } finally {
     await mb?.stop();
     mns.destroy();

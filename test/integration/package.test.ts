@@ -123,6 +123,10 @@ mount -t tmpfs tmpfs /run
 mkdir -p /run/systemd/system
 # A fresh sysfs of a network namespace of its own (unshare -n): the devices postinst looks for are this test's.
 mount -t sysfs sysfs /sys
+# /usr/sbin as a host without a policy-rc.d has it (a container image's forbids every start), in an overlay.
+mkdir -p "$bin/sbin-up" "$bin/sbin-work"
+mount -t overlay overlay -o "lowerdir=/usr/sbin,upperdir=$bin/sbin-up,workdir=$bin/sbin-work" /usr/sbin
+rm -f /usr/sbin/policy-rc.d
 for tool in deb-systemd-helper deb-systemd-invoke systemctl modprobe; do
   printf '#!/bin/sh
 echo "%s $*" >> %s/calls
@@ -157,6 +161,9 @@ step idle;      sh "$pkg/postinst" configure 0.4.0
 ip link add tbleft0 type bridge
 ip link set tbleft0 alias 'tapbroker lease=0123456789abcdef broker=x uid=65534 kind=macvtap ends=fd'
 step leftover;  sh "$pkg/postinst" configure 0.4.0
+# A policy-rc.d that forbids starting services (an image build): nothing is started.
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+step forbidden; sh "$pkg/postinst" configure 0.4.0
 cat "$bin/calls"
 `;
 
@@ -198,6 +205,7 @@ test.serial('maintainer scripts: the socket runs after an install, after a remov
     t.false(startsBroker('idle'), phases.get('idle')!.join('\n'));
     t.false(startsBroker('install'));
     t.true(startsBroker('leftover'), phases.get('leftover')!.join('\n'));
+    t.false(startsBroker('forbidden'), `policy-rc.d forbids it: ${phases.get('forbidden')!.join('; ')}`);
     // macvtap is loaded at once where it is a module not loaded yet (modules-load.d waits for the next boot, and
     // the unit's DeviceAllow=char-macvtap finds no major without it: an outside review).
     t.is(phases.get('install')!.includes('modprobe -q macvtap'), !fs.existsSync('/sys/module/macvtap'));

@@ -181,7 +181,7 @@ test.serial('lines a FIFO took no reader for are counted, and said once a reader
     let text = '';
     const said = await until(() => {
       text += readNow(reader!);
-      return /^tapbrokerd: stderr: (\d+) line\(s\), \d+ bytes, were dropped since /m.exec(text);
+      return /^tapbrokerd: stderr: (\d+) line\(s\), \d+ bytes, were dropped since \S+: it had no reader \(/m.exec(text);
     }, { ms: 10_000, what: 'no line said what was dropped', detail: () => text });
     t.true(Number(said[1]) >= 3, `${said[1]} lines counted: the three grants' records at least`);
   } finally {
@@ -202,7 +202,7 @@ test.serial('a socket stderr nobody reads: every client is served, and the reade
 // the test reaches it without 16 MiB of records.
 test.serial('lines dropped past the backlog are said, once it has gone out: how many, and since when', async (t) => {
   const text = await unreadSocket('stderr-lost', t, 64 * 1024);
-  const said = await until(() => /^tapbrokerd: stderr: (\d+) line\(s\), (\d+) bytes, were dropped since (\S+):/m.exec(text()),
+  const said = await until(() => /^tapbrokerd: stderr: (\d+) line\(s\), (\d+) bytes, were dropped since (\S+): its reader took nothing while 65536 bytes waited \(/m.exec(text()),
     { ms: 10_000, what: 'no line said what was dropped', detail: () => text().slice(-2000) });
   const records = () => text().split('\n').filter((l) => l.startsWith('{"audit"')).length;
   // Every record is either here or counted: a grant and its cleanup for each of the GRANTS taps (the last

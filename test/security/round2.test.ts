@@ -803,6 +803,9 @@ test.serial('F2: a deny rule naming a subordinate gid holds for a caller that ho
     const r = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, groups: [4300005] });
     t.is(r.error?.code, 'TB_E_POLICY_DENIED', JSON.stringify(r.error));
     t.is(r.error?.rule, 'no-ct');
+    // The record says which group it was: not one of the caller's groups, one it claims (a re-test).
+    const rec = await sb.record((x) => x.decision === 'deny' && x.rule === 'no-ct');
+    t.deepEqual([rec.groups, rec.claimed_groups], [[], [4300005]]);
     const without = await probeOnce({ socket: sb.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, groups: [] });
     t.is(without.error, null, JSON.stringify(without.error));
     // test-policy, given this host's files, decides the same.

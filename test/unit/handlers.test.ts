@@ -22,11 +22,15 @@ bridge = "br0"
 bridge = "br0"
 mac_lock = true
 
+[network.vlan-net]
+bridge = "brv"
+vlan = 10
+
 [[rule]]
 name = "lab"
 users = [1000]
 bridges = ["br0", "nopin0", "eth0", "ghost0"]
-networks = ["lab-net", "locked-net"]
+networks = ["lab-net", "locked-net", "vlan-net"]
 max_queues = 4
 max_devices = 2
 mac_prefix = "52:54:00"
@@ -64,6 +68,7 @@ function host(k: FakeKernel): void {
   k.addBridge('br0', { mtu: 9000 });
   k.addBridge('br1');
   k.addBridge('nopin0', { pinned: false });
+  k.addBridge('brv', { vlanFiltering: true });
   k.addDevice('eth0', null, { mtu: 1500, address: Buffer.from('525400000001', 'hex') });
 }
 
@@ -623,6 +628,75 @@ test('a tap committed before its own link events were read is not deleted by the
     await settled(broker);
     t.is(kernel.linkNamed(name), null, 'the flip is a breach');
   });
+});
+
+// Found by an outside review (read only; this kernel has no VLAN filtering, so the fake kernel's model stands in): a
+// port moved off its bridge and back by hand joined the bridge's default VLAN, and its guest reached it.
+test('a VLAN port moved off its bridge and back gets its access VLAN again; a locked one its lock too', async (t) => {
+  await onFakeKernel(async ({ broker, kernel, records, held }) => {
+    for (const network of ['vlan-net', 'locked-net']) {
+      const got = await ask(broker, caller(1000), { op: 'create-tap', network });
+      held.push(...got.fds);
+      const name = (got.reply as { device: { name: string } }).device.name;
+      const index = kernel.linkNamed(name)!.index;
+      const bridge = network === 'vlan-net' ? 'brv' : 'br0';
+      if (network === 'vlan-net') t.is(kernel.vlans.get(index), 10, 'granted as an access port of VLAN 10');
+      kernel.rootMoves(name, null);
+      await ask(broker, caller(1000), { op: 'list' });
+      await settled(broker);
+      kernel.rootMoves(name, bridge);
+      await ask(broker, caller(1000), { op: 'list' });
+      await settled(broker);
+      const said = records.filter((r) => (r.device as { name?: string } | undefined)?.name === name
+        && r.op === 'reconcile').map((r) => r.message);
+      if (network === 'vlan-net') {
+        t.is(kernel.vlans.get(index), 10, 'back in VLAN 10, not the bridge\'s default');
+        t.false(kernel.locked.has(index), 'not locked: its network locks nothing');
+        t.deepEqual(said, [
+          "no longer a port of bridge `brv': its access VLAN 10 went with it, and is put back once it is a port of a "
+            + 'bridge of that name again',
+          "back on bridge `brv': its access VLAN 10 is put back",
+        ]);
+      } else {
+        t.true(kernel.locked.has(index), 'locked again');
+        t.is(kernel.vlans.get(index), undefined);
+      }
+      t.not(kernel.linkNamed(name), null);
+    }
+  });
+});
+
+test('at a start, a VLAN port moved off its bridge and back while the broker was down gets its access VLAN again', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel: FakeKernel | undefined;
+  // Two brokers, one after the other, on the same state directory and the same kernel.
+  const make = () => new Broker({
+    policy: parsePolicy(POLICY), stateDir: dir, audit: { journalSocket: null, fd: devNull, linux: null },
+    kernel: (cleanup) => (kernel ??= new FakeKernel(cleanup)),
+  });
+  const first = make();
+  const held: number[] = [];
+  let second: Broker | undefined;
+  try {
+    host(kernel!);
+    first.lifetimes.start();
+    const got = await ask(first, caller(1000), { op: 'create-tap', network: 'vlan-net' });
+    held.push(...got.fds);
+    const name = (got.reply as { device: { name: string } }).device.name;
+    await first.shutdown();
+    kernel!.rootMoves(name, null);
+    kernel!.rootMoves(name, 'brv');
+    t.is(kernel!.vlans.get(kernel!.linkNamed(name)!.index), undefined, 'in the bridge\'s default VLAN meanwhile');
+    second = make();
+    second.lifetimes.start();
+    t.is(kernel!.vlans.get(kernel!.linkNamed(name)!.index), 10);
+  } finally {
+    for (const fd of held) fs.closeSync(fd);
+    await second?.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('a lease retired twice at once (a flood and a breach judged together) is deleted and recorded once', async (t) => {

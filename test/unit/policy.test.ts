@@ -799,25 +799,30 @@ test('check-policy warns about allow rules naming subordinate uids or gids, whic
   t.false(policyWarnings(p, host).some((f) => /subordinate/.test(f.message)));
 });
 
-test('explain-policy says a subordinate uid is refused at accept, as the broker refuses it', (t) => {
+test('explain-policy and who-can say a subordinate uid is refused at accept, as the broker refuses it', (t) => {
   // The tool reads this host's /etc/subuid: here an overlay of /etc in a private mount namespace holds one.
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-explain-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const file = path.join(dir, 'policy.toml');
-  fs.writeFileSync(file, '[[rule]]\nname = "x"\nusers = ["*"]\nbridges = ["br0"]\n');
+  fs.writeFileSync(file, '[[rule]]\nname = "x"\nusers = ["*"]\nbridges = ["br0"]\n\n'
+    + '[[rule]]\nname = "y"\nusers = [4100007, 4300001]\nbridges = ["br0"]\n');
   const script = 'set -e; mount -t tmpfs tmpfs "$1"; mkdir "$1/up" "$1/work"; printf "nobody:4100000:65536\\n" > "$1/up/subuid"; '
     + 'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc; '
-    + 'for u in 4100005 4200000; do "$2" "$3" explain-policy "$4" --user $u --json; done';
+    + 'for u in 4100005 4200000; do "$2" "$3" explain-policy "$4" --user $u --json; done; '
+    + '"$2" "$3" who-can "$4" --bridge br0 --json';
   const work = path.join(dir, 'root');
   fs.mkdirSync(work);
   const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', work, process.execPath,
     path.resolve('packages/broker/dist/main.js'), file], { encoding: 'utf8' });
   t.is(r.status, 0, r.stderr);
-  const [sub, plain] = r.stdout.split(/\n(?=\{)/).map((j) => JSON.parse(j) as {
-    refused_at_accept: string | null; allowed_by: Array<{ rule: string }>;
+  const [sub, plain, whoCan] = r.stdout.split(/\n(?=\{)/).map((j) => JSON.parse(j) as {
+    refused_at_accept: string | null; allowed_by: Array<{ rule: string; who?: string }>;
   });
   t.regex(sub!.refused_at_accept ?? '', /^uid 4100005 is a subordinate uid of nobody \(\/etc\/subuid\)/);
   t.deepEqual(sub!.allowed_by, []);
   t.is(plain!.refused_at_accept, null);
   t.deepEqual(plain!.allowed_by.map((a) => a.rule), ['x']);
+  // who-can says which of a rule's users the broker refuses at accept.
+  t.is(whoCan!.allowed_by.find((a) => a.rule === 'y')?.who,
+    'user 4100007 (a subordinate uid of nobody: refused at accept), user 4300001');
 });

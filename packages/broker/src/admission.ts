@@ -124,12 +124,12 @@ export interface Refusal {
  * The first NIC of a request that would be refused now, with nothing made: on its own (its grammar, what admit
  * checks, a name already taken: `i` alone, grantOne refuses it again with its record), or with the NICs before
  * it counted (`refusal`: its rule or quota, a name or a locked MAC an earlier NIC asks for). Null when none is;
- * `granted` then holds each NIC's rule.
+ * `granted` then holds each NIC's rule. A NIC refused on its own carries why (`error`: what grantOne would throw).
  */
 export function firstRefused(
   ctx: OpContext, policy: Policy, caller: Identity,
   nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | CanRequest | Nic>, granted: AllowRule[] = [],
-): { i: number; spec: CreateSpec; refusal: Refusal } | { i: number; refusal: null } | null {
+): { i: number; spec: CreateSpec; refusal: Refusal } | { i: number; refusal: null; error: TapbrokerError } | null {
   ctx.lifetimes.catchUp();
   const counts = ctx.lifetimes.counts(caller.uid);
   const charged = new Map<string, number>();
@@ -148,9 +148,13 @@ export function firstRefused(
         return { i, spec, refusal: { decision: 'deny', rule, code, message, hint, ...(record ? { record } : {}) } };
       }
       a = admit(ctx, policy, caller, spec, d.rule);
-      if (spec.name !== null && ctx.kernel.linkNamed(spec.name)) return { i, refusal: null };
-    } catch {
-      return { i, refusal: null };
+      if (spec.name !== null && ctx.kernel.linkNamed(spec.name)) {
+        const error = new TapbrokerError('TB_E_DEVICE_EXISTS', `a device named \`${spec.name}' already exists`);
+        return { i, refusal: null, error };
+      }
+    } catch (err) {
+      const error = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_KERNEL', (err as Error).message);
+      return { i, refusal: null, error };
     }
     const error = (message: string): Refusal =>
       ({ decision: 'error', rule: null, code: 'TB_E_INVALID_REQUEST', message });

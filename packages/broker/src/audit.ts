@@ -67,6 +67,8 @@ export interface AuditRecord {
   user: string | null;
   /** The caller's supplementary groups (SO_PEERGROUPS), which group rules match; absent without a caller. */
   groups?: number[];
+  /** The subordinate gids it showed that are not counted as its groups (Caller.claimed): deny rules match them. */
+  claimed_groups?: number[];
   /** The caller's parent when it connected (see Identity.parent); absent for records without a caller. */
   ppid?: number;
   parent_exe?: string | null;
@@ -137,6 +139,7 @@ export class Audit {
       uid: c?.uid ?? null, gid: c?.gid ?? null, pid: c?.pid ?? null, exe: c?.exe ?? null, user: c?.user ?? null,
     };
     if (c?.groups) rec.groups = [...c.groups];
+    if (c?.claimed?.length) rec.claimed_groups = [...c.claimed];
     if (c?.parent) {
       rec.ppid = c.parent.pid;
       rec.parent_exe = c.parent.exe;
@@ -307,6 +310,7 @@ export function journalEntry(r: AuditRecord): Buffer {
   opt('TAPBROKER_USER', r.user);
   // Space-separated, as `id -G` prints them.
   opt('TAPBROKER_GROUPS', r.groups?.join(' '));
+  opt('TAPBROKER_CLAIMED_GROUPS', r.claimed_groups?.join(' '));
   opt('TAPBROKER_PPID', r.ppid);
   opt('TAPBROKER_PARENT_EXE', r.parent_exe);
   opt('TAPBROKER_CLIENT', r.client);

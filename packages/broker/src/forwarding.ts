@@ -153,22 +153,31 @@ export class Forwarding {
     }
   }
 
-  /** Locked leases whose device is off its bridge (its lock lost with it), with the bridge it is on now, if any. */
+  /**
+   * Leases whose port settings go with their Linux bridge and are put back when the port is on it again: a lock,
+   * an access VLAN (OVS and hook networks keep theirs in their own tables).
+   */
+  static followed(l: LeaseRecord): boolean {
+    return l.kind === 'tap' && l.plug === null && (l.locked || l.vlan !== null);
+  }
+
+  /** Followed leases whose device is off its bridge (their settings lost with it), with the bridge it is on now. */
   private readonly off = new Map<string, number | null>();
 
   /**
-   * A locked port follows its device's bridge: one that left it (the bridge deleted, or an administrator's
-   * `nomaster`) lost its lock with it, and is locked again once it is a port of a bridge of that name again, as
-   * at a start (an outside review: re-attached by hand, it forwarded any MAC, and nothing said so).
+   * A followed port follows its device's bridge: one that left it (the bridge deleted, or an administrator's
+   * `nomaster`) lost its lock and VLAN with it, and gets them back once it is a port of a bridge of that name
+   * again, as at a start (an outside review: re-attached by hand, it forwarded any MAC, and nothing said so).
    */
-  followPort(l: LeaseRecord, link: Link, relock: () => void): void {
+  followPort(l: LeaseRecord, link: Link, putBack: () => void): void {
     const on = link.master !== null && link.master === this.kernel.linkNamed(l.parent)?.index;
+    const [what, is] = settings(l);
     if (on && this.off.delete(l.id)) {
-      this.note('reconcile', 'reconcile', l, `back on bridge \`${l.parent}': its port lock is put back`);
-      relock();
+      this.note('reconcile', 'reconcile', l, `back on bridge \`${l.parent}': ${what} ${is} put back`);
+      putBack();
     } else if (!on && !this.off.has(l.id)) {
-      this.note('reconcile', 'reconcile', l, `no longer a port of bridge \`${l.parent}': its port lock went with `
-        + 'it, and is put back once it is a port of a bridge of that name again');
+      this.note('reconcile', 'reconcile', l, `no longer a port of bridge \`${l.parent}': ${what} went with it, and `
+        + `${is} put back once it is a port of a bridge of that name again`);
     }
     if (!on) this.off.set(l.id, link.master);
   }
@@ -189,12 +198,20 @@ export class Forwarding {
       if (!l) this.off.delete(id);
       else if (master === bridge.index && l.parent === bridge.name) {
         this.off.delete(id);
-        this.note('reconcile', 'reconcile', l, `on bridge \`${l.parent}' again (made or renamed so): its port lock `
-          + 'is put back');
+        const [what, is] = settings(l);
+        this.note('reconcile', 'reconcile', l, `on bridge \`${l.parent}' again (made or renamed so): ${what} ${is} `
+          + 'put back');
         relock(l);
       }
     }
   }
+}
+
+/** What a followed port has of its own (`its port lock`, `its access VLAN 10`, or both), and its verb's form. */
+function settings(l: LeaseRecord): [string, 'is' | 'are'] {
+  const vlan = l.vlan !== null ? `access VLAN ${l.vlan}` : null;
+  if (!l.locked) return [`its ${vlan}`, 'is'];
+  return vlan ? [`its port lock and ${vlan}`, 'are'] : ['its port lock', 'is'];
 }
 
 /** Leases, the oldest first (by their creation time; ties in table order). */

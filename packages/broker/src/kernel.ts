@@ -142,6 +142,8 @@ export interface Kernel {
   /** The bridge's forwarding entry for `mac` (on `vlan`): its port, and whether it is static; null if none. */
   fdbEntry(bridge: Link, mac: Buffer, vlan: number | null): { port: number; fixed: boolean } | null;
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
+  /** Makes `port` an access port of VLAN `vid` on its bridge (a port put back on a bridge is in its default VLAN). */
+  setAccessVlan(port: number, vid: number): void;
   /**
    * A single-queue tap nobody holds, attached by the broker (its fd) so that nobody can until it is deleted;
    * null when a process holds it (the kernel counts no queues for such a tap, and its carrier is its holder's

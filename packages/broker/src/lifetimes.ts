@@ -8,7 +8,7 @@ import { KERNEL_KIND, LeaseTable, aliasIdentity, brokerId, leaseView, type Lease
 import { getpwuid } from './libc.js';
 import { namePrefix } from './naming.js';
 import type { Cleanup, Kernel } from './kernel.js';
-import { reconcile, reconcileOvs, relock, type DeletedAs, type Keeper } from './reconcile.js';
+import { putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
 import { expectedMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
@@ -422,7 +422,7 @@ export class Lifetimes implements Cleanup {
     const l = this.table.byIfindex(link.index);
     if (!l) {
       if (link.kind === 'bridge' && type !== RTM_DELLINK) {
-        this.forwarding.followBridge(link, (o) => relock(this.keeper!, o));
+        this.forwarding.followBridge(link, (o) => putBack(this.keeper!, o));
       }
       return;
     }
@@ -448,8 +448,8 @@ export class Lifetimes implements Cleanup {
     if (!this.isDevice(l, seen)) return this.judge(l, seen);
     link = { ...link, tun: seen.tun };
     // A lease committed before its own events were read is followed by its device as it is (see onLink's end).
-    if (l.locked) this.forwarding.followPort(l, this.fresh.has(l.id) ? this.kernel.link(l.ifindex) ?? link : link,
-      () => relock(this.keeper!, l));
+    if (Forwarding.followed(l)) this.forwarding.followPort(l, this.fresh.has(l.id) ? this.kernel.link(l.ifindex) ?? link
+      : link, () => putBack(this.keeper!, l));
     const violation = violationOf(l, link);
     if (violation === null) {
       this.fresh.delete(l.id);

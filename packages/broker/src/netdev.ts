@@ -51,6 +51,10 @@ export class Netdev implements Kernel {
     this.rtnl.restoreFdbEntry(port, mac, opts);
   }
 
+  setAccessVlan(port: number, vid: number): void {
+    this.rtnl.setAccessVlan(port, vid);
+  }
+
   deleteLink(index: number): Promise<boolean> {
     return deleteLinkInBackground(index);
   }

@@ -9,7 +9,7 @@ import type { Audit } from './audit.js';
 import type { Fairness } from './fairness.js';
 import { firstRefused } from './admission.js';
 import {
-  decide, denyScope, matches, matchesDeny, recorded, type AllowRule, type Decision, type Policy,
+  denyScope, matches, matchesDeny, recorded, type AllowRule, type Decision, type Policy,
 } from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
@@ -185,7 +185,7 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
     throw err;
   }
   ctx.lifetimes.catchUp();
-  const decided = together(ctx, caller, req) ?? decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
+  const decided = together(ctx, caller, req);
   // A grant whose port cannot be locked as its rule or network says would be refused: so is the dry run.
   const refusal = decided.allow ? lockRefusal(policy, spec, decided.rule) : null;
   const d: typeof decided = refusal ? {
@@ -224,20 +224,19 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
 }
 
 /**
- * A dry run's NIC with the NICs before it in the same request (`before`), decided as a `create` of them all
- * would decide it (admission.ts firstRefused); null when there are none, or it is refused on its own (then the
- * dry run of it alone says why).
+ * A dry run's NIC, with the NICs before it in the same request (`before`), decided as a `create` of them all would
+ * decide it (admission.ts firstRefused): its rule and quota, and what a create checks before its kernel step.
  */
-function together(ctx: OpContext, caller: Identity, req: CanRequest): Decision | null {
-  if (!req.before?.length) return null;
+function together(ctx: OpContext, caller: Identity, req: CanRequest): Decision {
   const granted: AllowRule[] = [];
-  const nics = [...req.before.map((b) => ({ ...b, op: 'can' as const, id: req.id })), req];
+  const nics = [...(req.before ?? []).map((b) => ({ ...b, op: 'can' as const, id: req.id })), req];
   const r = firstRefused(ctx, ctx.policy, caller, nics, granted);
   if (!r) return { allow: true, rule: granted.at(-1)! };
-  if (r.i === nics.length - 1 && !r.refusal) return null;
-  const { code, rule, message, hint, record } = r.refusal
-    ?? { code: 'TB_E_INVALID_REQUEST' as const, rule: null, message: 'it would be refused', hint: '', record: null };
   const which = r.i === nics.length - 1 ? '' : `NIC ${r.i} of the request, before this one: `;
+  const e = r.refusal ?? r.error;
+  const { code, message, hint } = e;
+  const rule = e.rule ?? null;
+  const record = r.refusal?.record;
   return { allow: false, code, rule, message: `${which}${message}`, hint: hint ?? '', ...(record ? { record } : {}) };
 }
 

@@ -254,10 +254,18 @@ function deniedPrincipals(s: Selector): string {
   return [principals(s), ...missing].filter((p) => p !== NO_ONE).join(', ') || NO_ONE;
 }
 
-function principals(s: Selector): string {
+/** An allow rule's principals, with `host`: those this host's subordinate ids make the broker screen, said so. */
+function principals(s: Selector, host?: HostIds): string {
   if (s.everyone) return 'everyone';
-  const user = (u: number) => getpwuid(u)?.name ?? String(u);
-  const group = (g: number) => getgrgid(g) ?? String(g);
+  const user = (u: number) => {
+    const sub = host?.subuids.of(u);
+    return `${getpwuid(u)?.name ?? String(u)}${sub ? ` (a subordinate uid of ${sub.owner}: refused at accept)` : ''}`;
+  };
+  const group = (g: number) => {
+    const sub = host?.subgids.of(g);
+    return `${getgrgid(g) ?? String(g)}${sub ? ` (a subordinate gid of ${sub.owner}: members by the account database `
+      + 'only)' : ''}`;
+  };
   return [...[...s.uids].map((u) => `user ${user(u)}`), ...[...s.gids].map((g) => `group ${group(g)}`)].join(', ')
     || NO_ONE;
 }
@@ -521,6 +529,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   }
   const kind = o.bridge !== null ? 'tap' : o.macvtap !== null ? 'macvtap' : 'network';
   const target = (o.bridge ?? o.macvtap ?? o.network)!;
+  const host = hostIds();
   if (kind === 'network' && !policy.networks.has(target)) {
     process.stderr.write(`tapbrokerd: no network \`${target}' in ${o.file}\n`);
     return EX.DATAERR;
@@ -562,7 +571,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   const result = {
     target: { kind, name: target, mode: o.mode },
     allowed_by: grants.map(({ r, route }) => ({
-      rule: r.name, line: r.line, who: principals(r.who), via_network: route.via,
+      rule: r.name, line: r.line, who: principals(r.who, host), via_network: route.via,
       via_bridge: kind === 'network' ? bridgeOf(route) : null,
       any_bridge: bridgeOf(route) !== null && !r.bridges.includes(bridgeOf(route)!),
       max_queues: r.maxQueues, vhost: r.vhost,

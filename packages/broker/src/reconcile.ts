@@ -10,6 +10,7 @@ import {
   type LeaseRecord, type LeaseTable,
 } from './leases.js';
 import { getpwuid, pidfdOpen } from './libc.js';
+import { Forwarding } from './forwarding.js';
 import { plugOf } from './plug.js';
 import { delPortOf, listOurPorts, ovsdbTarget } from './ovs.js';
 import type { Link } from './rtnetlink.js';
@@ -183,13 +184,14 @@ export function reconcile(lt: Keeper): void {
       lt.unplug(l);
       continue;
     }
-    if (l.locked) {
+    if (Forwarding.followed(l)) {
       // Only root can unlock a port: an administrator's script may have, while the broker was down. Said, then undone.
-      if (lt.kernel.link(l.ifindex)?.portLocked === false) {
+      if (l.locked && lt.kernel.link(l.ifindex)?.portLocked === false) {
         lt.note('reconcile', 'reconcile', l, 'its port was found unlocked (changed while the broker was down): locked '
           + 'again');
       }
-      relock(lt, l);
+      // A port moved off its bridge and back meanwhile is in the bridge's default VLAN: set again.
+      putBack(lt, l);
     }
     if (l.ends !== 'holder') continue;
     const key = `${l.holder}:${l.holder_start}`;
@@ -232,6 +234,31 @@ export function reconcile(lt: Keeper): void {
  * A locked lease's port, as the broker left it: locked, learning off, the guest's static entry. Only
  * root can change those, but an administrator's script may have while the broker was down.
  */
+/**
+ * A port back on its bridge (moved back by hand, or the bridge made or renamed into place): its access VLAN set
+ * again, as a port joins a bridge in its default VLAN (an outside review, read only: the guest was on the
+ * default VLAN then), then its lock.
+ */
+export function putBack(lt: Keeper, l: LeaseRecord): void {
+  if (l.vlan !== null) {
+    try {
+      // At a start, a port off its bridge (and so out of its VLAN) goes, as a locked one does (relock).
+      if (lt.kernel.link(l.ifindex)?.master !== lt.kernel.linkNamed(l.parent)?.index) {
+        throw new Error(`it is no longer a port of bridge \`${l.parent}'`);
+      }
+      lt.kernel.setAccessVlan(l.ifindex, l.vlan);
+    } catch (err) {
+      // Left in the bridge's default VLAN, the guest would reach what its VLAN keeps it from: the device goes.
+      void lt.retire(l, {
+        op: 'reconcile', decision: 'cleanup', message: `its access VLAN ${l.vlan} cannot be set again `
+          + `(${(err as Error).message})`,
+      }).catch(() => {});
+      return;
+    }
+  }
+  if (l.locked) relock(lt, l);
+}
+
 export function relock(lt: Keeper, l: LeaseRecord): void {
   try {
     const bridge = lt.kernel.linkNamed(l.parent);

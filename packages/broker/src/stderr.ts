@@ -22,7 +22,7 @@ const queue: Buffer[] = [];
 let queued = 0;
 let timer: NodeJS.Timeout | null = null;
 /** Lines dropped since the backlog last emptied (an outside re-test: drops were said nowhere). */
-const lost = { lines: 0, bytes: 0, since: '' };
+const lost = { lines: 0, bytes: 0, since: '', full: false, failed: false };
 const pause = new Int32Array(new SharedArrayBuffer(4));
 
 /**
@@ -71,7 +71,7 @@ function drain(): boolean {
       n = tryWrite(out!, queue[0]!);
     } catch {
       // Counted, and said if stderr takes lines again (a reader back on a FIFO).
-      dropped(queue.length, queued - ENTRY * queue.length);
+      dropped(queue.length, queued - ENTRY * queue.length, 'failed');
       queue.length = 0;
       queued = 0;
       return false;
@@ -89,19 +89,21 @@ function drain(): boolean {
   return true;
 }
 
-/** Counts lines dropped (the backlog full, or stderr failing). */
-function dropped(lines: number, bytes: number): void {
+/** Counts lines dropped: the backlog full, or stderr failing (no reader). */
+function dropped(lines: number, bytes: number, why: 'full' | 'failed'): void {
   lost.lines += lines;
   lost.bytes += bytes;
   lost.since ||= new Date().toISOString();
+  lost[why] = true;
 }
 
 /** Queues the line that says what was dropped, once the backlog before it has gone out. */
 function sayLost(): void {
+  const why = [lost.full ? `its reader took nothing while ${backlog} bytes waited` : '',
+    lost.failed ? 'it had no reader' : ''].filter(Boolean).join(', and ');
   const line = Buffer.from(`tapbrokerd: stderr: ${lost.lines} line(s), ${lost.bytes} bytes, were dropped since `
-    + `${lost.since}: its reader took nothing while ${backlog} bytes waited (audit records among them are in `
-    + '--audit-file, if one is set)\n');
-  Object.assign(lost, { lines: 0, bytes: 0, since: '' });
+    + `${lost.since}: ${why} (audit records among them are in --audit-file, if one is set)\n`);
+  Object.assign(lost, { lines: 0, bytes: 0, since: '', full: false, failed: false });
   queue.push(line);
   queued += line.length + ENTRY;
 }
@@ -124,7 +126,7 @@ export function toStderr(text: string): boolean {
     try {
       buf = buf.subarray(tryWrite(out, buf));
     } catch {
-      dropped(1, buf.length);
+      dropped(1, buf.length, 'failed');
       return false;
     }
     // Lines dropped while stderr failed are said once it takes lines again.
@@ -135,7 +137,7 @@ export function toStderr(text: string): boolean {
     if (buf.length === 0) return true;
   }
   if (queued + buf.length + ENTRY > backlog) {
-    dropped(1, buf.length);
+    dropped(1, buf.length, 'full');
     return false;
   }
   queue.push(buf);

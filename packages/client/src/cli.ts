@@ -7,6 +7,7 @@ import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import {
   MACVTAP_MODES,
+  MAX_NICS,
   PROTOCOL_VERSION,
   TapbrokerError,
   dropUnwritableOutput,
@@ -206,15 +207,17 @@ export function parseArgs(argv: readonly string[]): Args {
     throw new TapbrokerError('TB_E_USAGE', `netdev id \`${ids[clash]}' of --net SPEC ${clash + 1} is also the id of `
       + `a -netdev or -nic in COMMAND: give the SPEC another (${target(out.nets[clash]!)},id=tb${ids[clash]})`);
   }
-  if (command !== 'can') {
-    // Two guest NICs with one MAC on one segment confuse every switch and guest; `can' weighs SPECs one by one.
-    const where = out.nets.map((n) => (n.mac ? `${n.network ? 'network' : 'link'}:${n.parent}/${n.mac}` : null));
-    const k = where.findIndex((w, j) => w !== null && where.indexOf(w) !== j);
-    if (k >= 0) {
-      const first = where.indexOf(where[k]!);
-      throw new TapbrokerError('TB_E_USAGE', `--net SPECs ${first + 1} and ${k + 1} both have mac ${out.nets[k]!.mac} `
-        + `on ${target(out.nets[k]!)}: give each NIC its own MAC`);
-    }
+  // Two guest NICs with one MAC on one segment confuse every switch and guest (`can' refuses them as `run' does).
+  const where = out.nets.map((n) => (n.mac ? `${n.network ? 'network' : 'link'}:${n.parent}/${n.mac}` : null));
+  const k = where.findIndex((w, j) => w !== null && where.indexOf(w) !== j);
+  if (k >= 0) {
+    const first = where.indexOf(where[k]!);
+    throw new TapbrokerError('TB_E_USAGE', `--net SPECs ${first + 1} and ${k + 1} both have mac ${out.nets[k]!.mac} `
+      + `on ${target(out.nets[k]!)}: give each NIC its own MAC`);
+  }
+  // One request's worth (its `before` fits a request frame): `run` asks for more in several requests.
+  if (command === 'can' && out.nets.length > MAX_NICS) {
+    throw new TapbrokerError('TB_E_USAGE', `can weighs at most ${MAX_NICS} SPECs together (one request's worth)`);
   }
   return out;
 }
