@@ -93,6 +93,24 @@ test('SIGTERM to the client reaches the command, and the client dies the same wa
   t.is(code, 9, 'the command trapped TERM and exited 9; the client passes that on');
 });
 
+// Found by an outside review: SIGQUIT, SIGUSR2 or SIGALRM ended the client alone; its command ran on without it.
+test('every signal that would end the client reaches the command instead (QUIT, USR2, ALRM, …)', async (t) => {
+  for (const sig of ['SIGQUIT', 'SIGUSR2', 'SIGALRM', 'SIGXCPU'] as const) {
+    const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', fx.broker.socket, '--net', 'bridge=br0',
+      '--', 'sh', '-c', `trap "echo got-${sig}; exit 9" ${sig.slice(3)}; echo ready; while :; do sleep 0.05; done`],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    await new Promise<void>((resolve) => child.stdout!.on('data', (d) => {
+      out += d;
+      if (out.includes('ready')) resolve();
+    }));
+    child.kill(sig);
+    const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+    t.regex(out, new RegExp(`got-${sig}`), sig);
+    t.is(code, 9, `${sig}: the command trapped it and exited 9; the client passes that on`);
+  }
+});
+
 test('a command killed by a signal makes the client die by that signal', (t) => {
   const r = tapbroker(['run', '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'kill -HUP $$']);
   t.is(r.signal, 'SIGHUP');

@@ -384,22 +384,10 @@ async function run(args: Args): Promise<number> {
     if (n.model === null) process.stderr.write(ownDeviceNote(n.id ?? `net${k}`, taps[k]!.device.mac, n.queues));
   });
   const fds = taps.flatMap((t) => [...t.tapFds, ...t.vhostFds]);
-  let child: ChildProcess;
-  try {
-    child = spawn(cmd, [...rest, ...buildNicArgs(args.nets, taps)], {
-      stdio: ['inherit', 'inherit', 'inherit', ...fds],
-    });
-  } catch (err) {
-    // Node throws the errors it does not emit (ENOEXEC, ELOOP, ...).
-    taps.forEach(closeTap);
-    client.close();
-    return cannotRun(cmd, found.file, err as NodeJS.ErrnoException);
-  }
-  // The child holds the devices now; our copies must go so they vanish with it.
-  taps.forEach(closeTap);
-  const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
-  // SIGUSR1 too: it goes to the command, as the others do (Node's inspector never sees it: keepInspectorShut).
-  const handlers = (['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1'] as const).map((sig) => [sig, forward(sig)] as const);
+  // Caught before the command starts: it can say it is ready (and be signalled) before spawn() has returned here,
+  // and a signal between the two ended the client alone. Handlers run once this turn is over: `child` is set by then.
+  let child: ChildProcess | undefined;
+  const handlers = FORWARDED.map((sig) => [sig, () => child?.kill(sig)] as const);
   for (const [sig, h] of handlers) process.on(sig, h);
   let finished = false;
   const done = () => {
@@ -408,6 +396,18 @@ async function run(args: Args): Promise<number> {
     for (const [sig, h] of handlers) process.off(sig, h);
     client.close();
   };
+  try {
+    child = spawn(cmd, [...rest, ...buildNicArgs(args.nets, taps)], {
+      stdio: ['inherit', 'inherit', 'inherit', ...fds],
+    });
+  } catch (err) {
+    // Node throws the errors it does not emit (ENOEXEC, ELOOP, ...).
+    taps.forEach(closeTap);
+    done();
+    return cannotRun(cmd, found.file, err as NodeJS.ErrnoException);
+  }
+  // The child holds the devices now; our copies must go so they vanish with it.
+  taps.forEach(closeTap);
   return new Promise((resolve) => {
     // Checked above, but the file may have changed since: the shell's status, not a usage error.
     child.once('error', (err: NodeJS.ErrnoException) => {
@@ -425,6 +425,14 @@ async function run(args: Args): Promise<number> {
     });
   });
 }
+
+/**
+ * The signals `run` passes on to its command: every one that would end it otherwise and that Node lets it catch
+ * (an outside review: SIGQUIT, SIGUSR2 or SIGALRM ended the client alone, its qemu left running with no parent
+ * and a macvtap the broker then deleted). SIGUSR1 too: Node's inspector never sees it (keepInspectorShut).
+ */
+const FORWARDED: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1', 'SIGQUIT', 'SIGUSR2', 'SIGALRM',
+  'SIGVTALRM', 'SIGXCPU', 'SIGXFSZ', 'SIGPWR', 'SIGIO'];
 
 /** A command that did not start, as a shell reports it: 127 not found, else 126. */
 function cannotRun(cmd: string, file: string, err: NodeJS.ErrnoException): number {

@@ -10,7 +10,7 @@ import {
   checkQueues,
   type MacvtapMode,
 } from '@tapbroker/protocol/lite';
-import { checkDeviceProperty, isVirtioNet } from './qemu-args.js';
+import { QEMU_ID, QEMU_MODEL, checkDeviceProperty, isVirtioNet } from './qemu-args.js';
 
 export interface NetSpec {
   kind: 'tap' | 'macvtap';
@@ -36,8 +36,6 @@ export interface NetSpec {
 export const DEFAULT_MODEL = 'virtio-net-pci';
 const KEYS = new Set(['bridge', 'macvtap', 'network', 'mode', 'queues', 'vhost', 'mac', 'id', 'model', 'name']);
 // qemu option values: nothing that could end the value (`,`) or start another option.
-const QEMU_ID = /^[A-Za-z][A-Za-z0-9_.-]{0,31}$/;
-const QEMU_MODEL = /^[A-Za-z0-9_-]{1,64}$/;
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
 
 function bad(message: string): never {

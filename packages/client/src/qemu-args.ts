@@ -25,6 +25,11 @@ export function isVirtioNet(model: string): boolean {
   return VIRTIO_NET.test(model);
 }
 
+/** A qemu netdev id, and a -device model name: nothing qemu would read as a second property. */
+export const QEMU_ID = /^[A-Za-z][A-Za-z0-9_.-]{0,31}$/;
+export const QEMU_MODEL = /^[A-Za-z0-9_-]{1,64}$/;
+const MAC = /^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$/;
+
 /** -device properties the client sets itself (`driver` is the model's own key in qemu's syntax). */
 export const RESERVED_PROPERTIES: readonly string[] = ['netdev', 'mac', 'mq', 'vectors', 'id', 'driver'];
 const PROPERTY_KEY = /^[A-Za-z][A-Za-z0-9_.-]{0,63}$/;
@@ -50,6 +55,16 @@ export function checkDeviceProperty(key: string, value: string): string | null {
 export function nicArgs(nic: NicArgs): string[] {
   const n = nic.tapFds.length;
   if (n === 0) throw new Error('a NIC needs at least one tap fd');
+  // Checked again here, as the -device properties below: the library's callers need not have come through
+  // parseNetSpec, and a comma in any of these would add options of the caller's to qemu's (an outside review).
+  if (!QEMU_ID.test(nic.id)) {
+    throw new Error(`netdev id \`${nic.id}' must start with a letter and use A-Z a-z 0-9 _ . -`);
+  }
+  if (nic.model !== null && !QEMU_MODEL.test(nic.model)) throw new Error(`\`${nic.model}' is not a device model name`);
+  if (nic.mac && !MAC.test(nic.mac)) throw new Error(`\`${nic.mac}' is not a MAC address`);
+  if (![...nic.tapFds, ...nic.vhostFds].every((fd) => Number.isInteger(fd) && fd >= 0)) {
+    throw new Error('fd numbers must be whole numbers');
+  }
   if (nic.vhostFds.length !== 0 && nic.vhostFds.length !== n) {
     throw new Error('vhost fds must match tap fds one to one');
   }
@@ -65,7 +80,6 @@ export function nicArgs(nic: NicArgs): string[] {
   if (multi && isVirtioNet(nic.model)) device += ',mq=on';
   if (multi && VIRTIO_NET_PCI.test(nic.model)) device += `,vectors=${2 * n + 2}`;
   for (const [key, value] of nic.props ?? []) {
-    // Checked again here: the library's callers need not have come through parseNetSpec.
     const why = checkDeviceProperty(key, value);
     if (why) throw new Error(`-device property \`${key}' ${why}`);
     device += `,${key}=${value}`;
