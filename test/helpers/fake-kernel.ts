@@ -238,6 +238,10 @@ export class FakeKernel implements Kernel {
     if (master) this.fdb.set(`${master}/${macFromBuffer(mac)}/${opts.vlan ?? 0}`, { port, static: !!opts.static });
   }
 
+  vhostAvailable(): boolean {
+    return this.vhost;
+  }
+
   setAccessVlan(port: number, vid: number): void {
     const link = this.devices.get(port);
     if (!link?.master) throw new TapbrokerError('TB_E_KERNEL', `port ${port} is on no bridge`);

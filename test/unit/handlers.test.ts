@@ -10,7 +10,7 @@ import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, SeqpacketListener, TapbrokerError, decodeReply, decodeRequest,
   encodeFrame, type Reply,
 } from '@tapbroker/protocol';
-import { Broker, loadTrustedPolicy, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
+import { Broker, Forwarding, loadTrustedPolicy, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
 import { FakeKernel } from '../helpers/fake-kernel.js';
 import { quiet } from '../helpers/wait.js';
 
@@ -664,6 +664,21 @@ test('a VLAN port moved off its bridge and back gets its access VLAN again; a lo
       t.not(kernel.linkNamed(name), null);
     }
   });
+});
+
+// Found by an outside re-test: a lease taken back from its device's tag has no plug, and an Open vSwitch VLAN port's
+// was followed as a Linux bridge's, so its device was deleted at a start (not a port of "its bridge").
+test('only a Linux bridge\'s VLAN ports are followed; an Open vSwitch one (no plug once taken back from its tag) is not', (t) => {
+  const kernel = new FakeKernel({} as never);
+  kernel.addBridge('brv', { vlanFiltering: true });
+  kernel.addDevice('ovsbr0', 'openvswitch');
+  const lease = (parent: string, extra: Record<string, unknown> = {}) =>
+    ({ kind: 'tap', plug: null, locked: false, vlan: 10, parent, ...extra }) as never;
+  t.true(Forwarding.followed(lease('brv'), kernel));
+  t.false(Forwarding.followed(lease('ovsbr0'), kernel));
+  t.false(Forwarding.followed(lease('gone0'), kernel), 'a bridge that is not there: nothing to put back yet');
+  t.true(Forwarding.followed(lease('br0', { vlan: null, locked: true }), kernel), 'a locked port, as before');
+  t.false(Forwarding.followed(lease('brv', { kind: 'macvtap' }), kernel));
 });
 
 test('at a start, a VLAN port moved off its bridge and back while the broker was down gets its access VLAN again', async (t) => {

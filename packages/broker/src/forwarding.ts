@@ -155,10 +155,13 @@ export class Forwarding {
 
   /**
    * Leases whose port settings go with their Linux bridge and are put back when the port is on it again: a lock,
-   * an access VLAN (OVS and hook networks keep theirs in their own tables).
+   * an access VLAN on a Linux bridge (OVS and hook networks keep theirs in their own tables; a lease taken back
+   * from its device's tag has no plug, so an OVS VLAN port is told by its bridge: an outside re-test found one
+   * deleted at a start).
    */
-  static followed(l: LeaseRecord): boolean {
-    return l.kind === 'tap' && l.plug === null && (l.locked || l.vlan !== null);
+  static followed(l: LeaseRecord, kernel: Kernel): boolean {
+    if (l.kind !== 'tap' || l.plug !== null) return false;
+    return l.locked || (l.vlan !== null && kernel.linkNamed(l.parent)?.kind === 'bridge');
   }
 
   /** Followed leases whose device is off its bridge (their settings lost with it), with the bridge it is on now. */
@@ -169,7 +172,10 @@ export class Forwarding {
    * `nomaster`) lost its lock and VLAN with it, and gets them back once it is a port of a bridge of that name
    * again, as at a start (an outside review: re-attached by hand, it forwarded any MAC, and nothing said so).
    */
-  followPort(l: LeaseRecord, link: Link, putBack: () => void): void {
+  followPort(l: LeaseRecord, event: Link, fresh: boolean, putBack: () => void): void {
+    if (!Forwarding.followed(l, this.kernel)) return;
+    // A lease committed before its own events were read is followed by its device as it is (see Lifetimes.onLink).
+    const link = fresh ? this.kernel.link(l.ifindex) ?? event : event;
     const on = link.master !== null && link.master === this.kernel.linkNamed(l.parent)?.index;
     const [what, is] = settings(l);
     if (on && this.off.delete(l.id)) {

@@ -150,6 +150,8 @@ export interface Kernel {
    * to set: attaching is the one sure test).
    */
   holdTap(name: string): number | null;
+  /** Whether vhost-net can be had on this host (see hasVhost). */
+  vhostAvailable(): boolean;
   /** Clears a device's alias: the broker's tag, on a device no longer the broker's. */
   untag(index: number): void;
   link(index: number): Link | null;
@@ -174,15 +176,17 @@ export function openVhost(): number {
     return fs.openSync(VHOST_PATH, fs.constants.O_RDWR);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') {
-      throw new TapbrokerError(
-        'TB_E_VHOST_UNAVAILABLE',
-        `vhost unavailable: ${VHOST_PATH} does not exist on this host`,
-        { hint: 'ask without vhost (qemu then moves the packets itself), or have root load it: modprobe vhost_net' },
-      );
-    }
+    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') throw vhostUnavailable();
     throw kernelError(`failed to open ${VHOST_PATH}`, err);
   }
+}
+
+/** Whether this host has vhost-net at all: asked before anything is made (admission), and by a dry run. */
+export const hasVhost = (): boolean => fs.existsSync(VHOST_PATH);
+
+export function vhostUnavailable(): TapbrokerError {
+  return new TapbrokerError('TB_E_VHOST_UNAVAILABLE', `vhost unavailable: ${VHOST_PATH} does not exist on this host`,
+    { hint: 'ask without vhost (qemu then moves the packets itself), or have root load it: modprobe vhost_net' });
 }
 
 /** `failed to attach `tb1-x' to bridge `br0': no such device (ENODEV)`. */

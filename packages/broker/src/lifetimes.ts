@@ -447,9 +447,7 @@ export class Lifetimes implements Cleanup {
     const seen = link.tun ? this.kernel.link(link.index) : link;
     if (!this.isDevice(l, seen)) return this.judge(l, seen);
     link = { ...link, tun: seen.tun };
-    // A lease committed before its own events were read is followed by its device as it is (see onLink's end).
-    if (Forwarding.followed(l)) this.forwarding.followPort(l, this.fresh.has(l.id) ? this.kernel.link(l.ifindex) ?? link
-      : link, () => putBack(this.keeper!, l));
+    this.forwarding.followPort(l, link, this.fresh.has(l.id), () => putBack(this.keeper!, l));
     const violation = violationOf(l, link);
     if (violation === null) {
       this.fresh.delete(l.id);

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol/core';
 import {
-  ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
+  ContestedDeviceError, NO_FAULTS, hasVhost, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
   openVhost, tapFlags, tunIfreq, type Cleanup, type CreatedTap, type Faults, type Kernel, type MacvtapRequest,
   type TapRequest,
 } from './kernel.js';
@@ -49,6 +49,10 @@ export class Netdev implements Kernel {
 
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void {
     this.rtnl.restoreFdbEntry(port, mac, opts);
+  }
+
+  vhostAvailable(): boolean {
+    return hasVhost();
   }
 
   setAccessVlan(port: number, vid: number): void {

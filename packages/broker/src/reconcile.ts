@@ -184,7 +184,7 @@ export function reconcile(lt: Keeper): void {
       lt.unplug(l);
       continue;
     }
-    if (Forwarding.followed(l)) {
+    if (Forwarding.followed(l, lt.kernel)) {
       // Only root can unlock a port: an administrator's script may have, while the broker was down. Said, then undone.
       if (l.locked && lt.kernel.link(l.ifindex)?.portLocked === false) {
         lt.note('reconcile', 'reconcile', l, 'its port was found unlocked (changed while the broker was down): locked '
@@ -231,10 +231,6 @@ export function reconcile(lt: Keeper): void {
 }
 
 /**
- * A locked lease's port, as the broker left it: locked, learning off, the guest's static entry. Only
- * root can change those, but an administrator's script may have while the broker was down.
- */
-/**
  * A port back on its bridge (moved back by hand, or the bridge made or renamed into place): its access VLAN set
  * again, as a port joins a bridge in its default VLAN (an outside review, read only: the guest was on the
  * default VLAN then), then its lock.
@@ -259,6 +255,10 @@ export function putBack(lt: Keeper, l: LeaseRecord): void {
   if (l.locked) relock(lt, l);
 }
 
+/**
+ * A locked lease's port, as the broker left it: locked, learning off, the guest's static entry. Only
+ * root can change those, but an administrator's script may have while the broker was down.
+ */
 export function relock(lt: Keeper, l: LeaseRecord): void {
   try {
     const bridge = lt.kernel.linkNamed(l.parent);

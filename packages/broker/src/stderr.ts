@@ -22,7 +22,10 @@ const queue: Buffer[] = [];
 let queued = 0;
 let timer: NodeJS.Timeout | null = null;
 /** Lines dropped since the backlog last emptied (an outside re-test: drops were said nowhere). */
-const lost = { lines: 0, bytes: 0, since: '', full: false, failed: false };
+const lost = { lines: 0, bytes: 0, since: '', full: false, failed: '' };
+/** The backlog's head is partly written; `cut`: a line's first part went out before stderr failed. */
+let headStarted = false;
+let cut = false;
 const pause = new Int32Array(new SharedArrayBuffer(4));
 
 /**
@@ -69,9 +72,11 @@ function drain(): boolean {
     let n: number;
     try {
       n = tryWrite(out!, queue[0]!);
-    } catch {
-      // Counted, and said if stderr takes lines again (a reader back on a FIFO).
-      dropped(queue.length, queued - ENTRY * queue.length, 'failed');
+    } catch (err) {
+      // Counted, and said if stderr takes lines again (a reader back on a FIFO, a disk with room again).
+      cut ||= headStarted;
+      headStarted = false;
+      dropped(queue.length, queued - ENTRY * queue.length, err);
       queue.length = 0;
       queued = 0;
       return false;
@@ -80,30 +85,34 @@ function drain(): boolean {
     queued -= n;
     if (n < queue[0]!.length) {
       queue[0] = queue[0]!.subarray(n);
+      headStarted = true;
     } else {
       queue.shift();
       queued -= ENTRY;
+      headStarted = false;
     }
     if (queue.length === 0 && lost.lines > 0) sayLost();
   }
   return true;
 }
 
-/** Counts lines dropped: the backlog full, or stderr failing (no reader). */
-function dropped(lines: number, bytes: number, why: 'full' | 'failed'): void {
+/** Counts lines dropped: the backlog full, or stderr failing (its error: EPIPE, no reader; ENOSPC, a full disk). */
+function dropped(lines: number, bytes: number, why: 'full' | unknown): void {
   lost.lines += lines;
   lost.bytes += bytes;
   lost.since ||= new Date().toISOString();
-  lost[why] = true;
+  if (why === 'full') lost.full = true;
+  else lost.failed ||= (why as NodeJS.ErrnoException).code ?? String(why);
 }
 
 /** Queues the line that says what was dropped, once the backlog before it has gone out. */
 function sayLost(): void {
+  const failed = lost.failed === 'EPIPE' ? 'it had no reader' : `writing to it failed (${lost.failed})`;
   const why = [lost.full ? `its reader took nothing while ${backlog} bytes waited` : '',
-    lost.failed ? 'it had no reader' : ''].filter(Boolean).join(', and ');
+    lost.failed ? failed : ''].filter(Boolean).join(', and ');
   const line = Buffer.from(`tapbrokerd: stderr: ${lost.lines} line(s), ${lost.bytes} bytes, were dropped since `
     + `${lost.since}: ${why} (audit records among them are in --audit-file, if one is set)\n`);
-  Object.assign(lost, { lines: 0, bytes: 0, since: '', full: false, failed: false });
+  Object.assign(lost, { lines: 0, bytes: 0, since: '', full: false, failed: '' });
   queue.push(line);
   queued += line.length + ENTRY;
 }
@@ -123,12 +132,18 @@ export function toStderr(text: string): boolean {
   }
   let buf = Buffer.from(text);
   if (queue.length === 0) {
+    // The line cut off when stderr failed is ended first, or this one would run on after it (an outside re-test).
+    if (cut) buf = Buffer.concat([Buffer.from('\n'), buf]);
+    let n: number;
     try {
-      buf = buf.subarray(tryWrite(out, buf));
-    } catch {
-      dropped(1, buf.length, 'failed');
+      n = tryWrite(out, buf);
+    } catch (err) {
+      dropped(1, buf.length, err);
       return false;
     }
+    cut = false;
+    headStarted = n > 0 && n < buf.length;
+    buf = buf.subarray(n);
     // Lines dropped while stderr failed are said once it takes lines again.
     if (lost.lines > 0 && buf.length === 0) {
       sayLost();

@@ -428,11 +428,12 @@ async function run(args: Args): Promise<number> {
 
 /**
  * The signals `run` passes on to its command: every one that would end it otherwise and that Node lets it catch
- * (an outside review: SIGQUIT, SIGUSR2 or SIGALRM ended the client alone, its qemu left running with no parent
- * and a macvtap the broker then deleted). SIGUSR1 too: Node's inspector never sees it (keepInspectorShut).
+ * (outside reviews: SIGQUIT, SIGUSR2, SIGALRM, then SIGPROF, SIGABRT … ended the client alone, its qemu left running
+ * with no parent and a macvtap the broker then deleted). SIGUSR1 too: Node's inspector never sees it
+ * (keepInspectorShut). Real-time signals have no name Node takes: they still end the client alone.
  */
 const FORWARDED: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1', 'SIGQUIT', 'SIGUSR2', 'SIGALRM',
-  'SIGVTALRM', 'SIGXCPU', 'SIGXFSZ', 'SIGPWR', 'SIGIO'];
+  'SIGVTALRM', 'SIGPROF', 'SIGXCPU', 'SIGXFSZ', 'SIGPWR', 'SIGIO', 'SIGSTKFLT', 'SIGSYS', 'SIGTRAP', 'SIGABRT'];
 
 /** A command that did not start, as a shell reports it: 127 not found, else 126. */
 function cannotRun(cmd: string, file: string, err: NodeJS.ErrnoException): number {
