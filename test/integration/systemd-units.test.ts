@@ -96,6 +96,10 @@ const noManager = /Failed to (initialize|set up|setup|create) (manager|working d
 
 // Found by an outside review: at boot the broker's socket or the bridge may not be there yet, and the unit
 // failed once and stayed failed. What heals by waiting (69: no broker yet; 65: no such bridge yet) is tried again.
+test('the service sets its open-file limit, above what its 1,024 connections need', (t) => {
+  t.true(Number(one(parseUnit(SERVICE), 'Service', 'LimitNOFILE')) >= 4096);
+});
+
 test('the persistent-device user unit is tried again on failure, except for a usage error or a refusal', (t) => {
   const u = parseUnit(path.join(UNITS, 'tapbroker-persistent@.service'));
   t.is(one(u, 'Service', 'Type'), 'oneshot');

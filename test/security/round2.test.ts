@@ -1228,6 +1228,24 @@ test.serial('F3: a user\'s subordinate uids share its one share of the broker\'s
   }
 });
 
+// Found by an outside review at a limit of 60 open files: a step that failed for want of an fd could not be undone
+// either (a tap left without its lease). The unit sets LimitNOFILE= (systemd-units tests it); a broker started with
+// fewer files than it needs says so at start.
+test.serial('a broker started with too few open files says so at start', async (t) => {
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2nofile', wrap: ['prlimit', '--nofile=200'] });
+  try {
+    t.regex(b.stderr, /warning: the broker may open only 200 files \(RLIMIT_NOFILE\); it needs 4096/);
+  } finally {
+    await b.stop();
+  }
+  const plenty = await BrokerProcess.start(ns, POLICY, { tag: 'r2nofile2', wrap: ['prlimit', '--nofile=8192'] });
+  try {
+    t.notRegex(plenty.stderr, /RLIMIT_NOFILE/);
+  } finally {
+    await plenty.stop();
+  }
+});
+
 // ---------------------------------------------------------------- B13: renamed users
 
 test.serial('B13: a renamed user: after a reload, {user} patterns and audit records use the new name', async (t) => {

@@ -26,6 +26,8 @@ const USAGE = `${DAEMON_USAGE}
 export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const CAP_NET_ADMIN = 12;
+/** The open files the broker wants: two per connection at its cap of 1,024, and room for leases and undo steps. */
+const FDS_WANTED = 4096;
 
 /** Whether this process holds CAP_NET_ADMIN now (CapEff in /proc/self/status). */
 function hasNetAdmin(): boolean {
@@ -325,6 +327,17 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   const status = () =>
     `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); `
     + `policy ${broker.policy.sha256.slice(0, 12)}`;
+  // Each connection takes two fds (socket, pidfd) and a failed step's undo may need one more: too few, and users
+  // together can leave a device without its lease (an outside review, at a limit of 60).
+  let limits = '';
+  try {
+    limits = fs.readFileSync('/proc/self/limits', 'utf8');
+  } catch {
+    // No /proc: nothing to say.
+  }
+  const fdLimit = Number(/^Max open files\s+(\d+)/m.exec(limits)?.[1] ?? Infinity);
+  if (fdLimit < FDS_WANTED) log(`warning: the broker may open only ${fdLimit} files (RLIMIT_NOFILE); it needs `
+    + `${FDS_WANTED} to serve its 1,024 connections with room to undo a failed step (LimitNOFILE= in its unit)`);
   if (!broker.fdsRefusedAtSocket)
     log(
       'warning: this kernel cannot refuse fds at the socket (SO_PASSRIGHTS, Linux 6.16); '
