@@ -18,7 +18,7 @@ import type { Lifetimes } from './lifetimes.js';
 import { printable } from './naming.js';
 import type { Kernel } from './kernel.js';
 import type { Outcome } from './session.js';
-import { checkSpec, createSpec, locksPort, lockRefusal, specView, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, locksPort, specView, type CreateSpec } from './spec.js';
 
 /** What the handlers act on: the broker's state, read through this narrow view. */
 export interface OpContext {
@@ -184,13 +184,8 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
     });
     throw err;
   }
-  ctx.lifetimes.catchUp();
-  const decided = together(ctx, caller, req);
-  // A grant whose port cannot be locked as its rule or network says would be refused: so is the dry run.
-  const refusal = decided.allow ? lockRefusal(policy, spec, decided.rule) : null;
-  const d: typeof decided = refusal ? {
-    allow: false, code: refusal.code, rule: refusal.rule ?? null, message: refusal.message, hint: refusal.hint ?? '',
-  } : decided;
+  // As a create decides it, its port lock included (admission refuses one that cannot be had).
+  const d = together(ctx, caller, req);
   ctx.audit.record({
     op: 'can',
     decision: 'dry-run',
