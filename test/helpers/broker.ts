@@ -102,8 +102,10 @@ export class BrokerProcess {
     try {
       await b.waitFor(() => b.stderr.includes('listening on'), 10_000, 'broker did not start');
     } catch (err) {
-      // A broker that never said it listens is still a process: it must not outlive the test.
+      // A broker that never said it listens is still a process: it must not outlive the test, nor its directory
+      // (a CI run whose brokers could not start left a dozen behind).
       proc.kill('SIGKILL');
+      if (!opts.dir) fs.rmSync(dir, { recursive: true, force: true });
       throw err;
     }
     return b;
