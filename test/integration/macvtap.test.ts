@@ -1,6 +1,7 @@
 // Macvtaps against the real kernel, on a veth parent (the dummy driver is absent here), clients
 // unprivileged; and their lifetime: gone within a second of their holder, however it ends.
 import anyTest, { type TestFn } from 'ava';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -110,6 +111,41 @@ test.serial('a MAC already used by another macvtap on the parent', async (t) => 
   } finally {
     await held.release();
   }
+});
+
+test.serial('a MAC carried by a macvlan or macvtap on the parent that is down (which the kernel lets by)', async (t) => {
+  // The kernel refuses only the MAC of an up macvlan or macvtap on the parent; the broker checks down ones too.
+  for (const [kind, mac] of [['macvlan', '52:54:00:aa:bb:78'], ['macvtap', '52:54:00:aa:bb:79']] as const) {
+    fx.ns.ip('link', 'add', 'link', 'vparent', 'name', 'stacked0', 'address', mac, 'type', kind);
+    try {
+      const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', mac }] });
+      t.is(r.error?.code, 'TB_E_MAC_IN_USE', `${kind}: ${r.error?.message}`);
+      t.regex(r.error?.message ?? '', /stacked0/);
+      t.deepEqual(fx.ns.extraLinks([...BASE, 'stacked0']), [], 'no device left behind');
+    } finally {
+      fx.ns.ip('link', 'del', 'stacked0');
+    }
+  }
+});
+
+test.serial('link dumps of one kind are filtered by the kernel; a kind the kernel does not know has no devices', (t) => {
+  // checkMacFree dumps only the kinds that stack on a parent, not every link of the namespace (70 ms per
+  // grant at 5,000 devices, 350 ms as the unit runs node, when it dumped them all).
+  const script = `
+    import { Rtnetlink } from '@tapbroker/broker/internal';
+    const r = new Rtnetlink();
+    const kinds = (k) => r.dumpLinks(k).map((l) => l.kind + ':' + l.name).sort();
+    console.log(JSON.stringify({ bridge: kinds('bridge'), veth: kinds('veth'), none: kinds('tb-no-such-kind'),
+      again: kinds('tb-no-such-kind'), all: r.dumpLinks().length }));`;
+  const out = execFileSync('ip', ['netns', 'exec', fx.ns.name, process.execPath, '--input-type=module', '-e', script], {
+    encoding: 'utf8', cwd: path.dirname(fileURLToPath(import.meta.url)),
+  });
+  const got = JSON.parse(out) as Record<string, string[] | number>;
+  t.deepEqual(got['bridge'], ['bridge:br0']);
+  t.deepEqual(got['veth'], ['veth:vp2', 'veth:vparent', 'veth:vpeer', 'veth:vq2']);
+  t.deepEqual(got['none'], []);
+  t.deepEqual(got['again'], []);
+  t.true((got['all'] as number) >= 6, 'an unfiltered dump has every link');
 });
 
 test.serial('SIGKILL of the client: the macvtap is gone within 1 s', async (t) => {

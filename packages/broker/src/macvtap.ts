@@ -51,10 +51,17 @@ export function macvtapParent(rtnl: Pick<Rtnetlink, 'getLinkByName'>, name: stri
   return link;
 }
 
+/**
+ * Kinds of device that sit on a lower device with a MAC of their own and take the frames sent to it from that
+ * device's wire. (The kernel refuses a macvtap whose MAC an up macvlan or macvtap on its parent has, but not a
+ * down one's, nor a VLAN device's or a MACsec device's.) Each is dumped on its own: the kernel filters by kind,
+ * so a host with thousands of other devices costs a grant nothing for them.
+ */
+const STACKED_KINDS = ['macvtap', 'macvlan', 'vlan', 'macsec'];
+
 /** Refuses a MAC already carried by the parent or any device stacked on it. */
 function checkMacFree(rtnl: Rtnetlink, parent: Link, mac: Buffer): void {
-  const clash = rtnl
-    .dumpLinks()
+  const clash = [parent, ...STACKED_KINDS.flatMap((kind) => rtnl.dumpLinks(kind))]
     .find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
   if (clash) {
     throw new TapbrokerError(

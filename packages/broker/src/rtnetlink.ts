@@ -1,5 +1,6 @@
 // rtnetlink: message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
 // Requests are tiny and answered in well under a millisecond; slow teardown never goes through here.
+import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol/core';
 import { netlinkInBackground } from './libc.js';
 
@@ -119,6 +120,15 @@ export function masterOf(msg: Buffer): number | null {
     if ((msg.readUInt16LE(o + 2) & 0x3fff) === IFLA_MASTER && len >= 8) return msg.readUInt32LE(o + 4) || null;
   }
   return null;
+}
+
+/** The kernel's loaded modules ('' for a kernel without module support: its set of link kinds never changes). */
+function loadedModules(): string {
+  try {
+    return fs.readFileSync('/proc/modules', 'latin1');
+  } catch {
+    return '';
+  }
 }
 
 const cstr = (b: Buffer | undefined) =>
@@ -354,6 +364,8 @@ export class Rtnetlink {
   /** Sends one request and returns the reply messages (for a plain request with ACK: none). */
   /** The last dump's links changed while it ran (NLM_F_DUMP_INTR). */
   private interrupted = false;
+  /** Link kinds the kernel did not know at their last dump, with /proc/modules as it read before that dump. */
+  private readonly unknownKinds = new Map<string, string>();
 
   request(build: (seq: number) => Buffer, what: string): Buffer[] {
     const seq = (this.seq = (this.seq + 1) & 0x7fffffff);
@@ -389,26 +401,19 @@ export class Rtnetlink {
 
   /** The link called `name`, or null if there is none. */
   getLinkByName(name: string): Link | null {
-    try {
-      const [m] = this.request(
-        (seq) => linkMessage(
-          RTM_GETLINK, NLM_F_REQUEST, seq, {}, [attrString(IFLA_IFNAME, name), attrU32(IFLA_EXT_MASK, EXT_MASK)],
-        ),
-        `get link \`${name}'`,
-      );
-      return m ? parseLink(m) : null;
-    } catch (err) {
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.ENODEV) return null;
-      throw err;
-    }
+    return this.getLink(0, [attrString(IFLA_IFNAME, name)], `get link \`${name}'`);
   }
 
   /** The link with index `index`, or null if there is none. */
   getLinkByIndex(index: number): Link | null {
+    return this.getLink(index, [], `get link ${index}`);
+  }
+
+  private getLink(index: number, attrs: Buffer[], what: string): Link | null {
     try {
       const [m] = this.request(
-        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, { index }, [attrU32(IFLA_EXT_MASK, EXT_MASK)]),
-        `get link ${index}`,
+        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST, seq, { index }, [...attrs, attrU32(IFLA_EXT_MASK, EXT_MASK)]),
+        what,
       );
       return m ? parseLink(m) : null;
     } catch (err) {
@@ -417,14 +422,27 @@ export class Rtnetlink {
     }
   }
 
-  /** Every link in the namespace. */
-  dumpLinks(): Link[] {
+  /**
+   * Every link in the namespace, or only those of one kind (IFLA_INFO_KIND): the kernel filters that dump
+   * itself, so a host with thousands of devices does not send, nor the broker decode, every one of them.
+   */
+  dumpLinks(kind?: string): Link[] {
+    const filter = [attrU32(IFLA_EXT_MASK, EXT_MASK)];
+    if (kind) filter.push(attrNested(IFLA_LINKINFO, [attrString(IFLA_INFO_KIND, kind)]));
+    // A kind the kernel does not know (its module is not loaded) filters nothing: the kernel sends every link.
+    // No device of that kind exists then, nor can one until a module is loaded, which /proc/modules shows.
+    const modules = kind ? loadedModules() : '';
+    if (kind && this.unknownKinds.get(kind) === modules) return [];
     // A dump the kernel says was interrupted by changes may have missed links: taken again, a few times.
     for (let attempt = 1; ; attempt++) {
       const links = this.request(
-        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, [attrU32(IFLA_EXT_MASK, EXT_MASK)]),
-        'dump links',
+        (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, filter),
+        kind ? `dump ${kind} links` : 'dump links',
       ).map(parseLink);
+      if (kind && links.some((l) => l.kind !== kind)) {
+        this.unknownKinds.set(kind, modules);
+        return [];
+      }
       if (!this.interrupted) return links;
       if (attempt === 5) throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, 'dump links: interrupted 5 times');
     }
