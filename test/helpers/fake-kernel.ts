@@ -324,7 +324,7 @@ export class FakeKernel implements Kernel {
   private add(l: Partial<Link> & { name: string; kind: string | null }): Link {
     const link: Link = {
       family: 0, index: this.nextIndex++, flags: 0, mtu: 1500, master: null, address: null, link: null, alias: null,
-      persist: null, tun: null, vlanFiltering: null, portLocked: null, ...l,
+      persist: null, tun: null, vlanFiltering: null, defaultPvid: null, portLocked: null, ...l,
     };
     this.devices.set(link.index, link);
     this.changed(link);

@@ -2,7 +2,7 @@
 import test from 'ava';
 import {
   IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, attrString, attrU32, hostMac, linkMessage,
-  bridgeVlanMessage, masterOf, parseAttrs, parseLink, portLockMessage, randomMac, rtattr, tapFlags, tapName, tunIfreq,
+  bridgeVlanMessage, joinedVlan, masterOf, parseAttrs, parseLink, portLockMessage, randomMac, rtattr, tapFlags, tapName, tunIfreq,
 } from '@tapbroker/broker/internal';
 
 test('TUNSETIFF flags: always tap, no PI and exclusive for the creating open', (t) => {
@@ -51,7 +51,25 @@ test('RTM_NEWLINK: header, ifinfomsg, attributes', (t) => {
 test('parseLink reads what the kernel sends back', (t) => {
   const linkinfo = rtattr(18, attrString(1, 'bridge'));
   const m = linkMessage(16, 0, 1, { index: 5, flags: 0x1043 }, [attrString(3, 'br0'), attrU32(4, 9000), rtattr(1, Buffer.from([2, 0, 0, 0, 0, 1])), linkinfo]);
-  t.deepEqual(parseLink(m), { family: 0, index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, tun: null, vlanFiltering: null, portLocked: null });
+  t.deepEqual(parseLink(m), { family: 0, index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, tun: null, vlanFiltering: null, defaultPvid: null, portLocked: null });
+});
+
+test('a bridge\'s VLAN filtering and default PVID are read from its IFLA_INFO_DATA', (t) => {
+  const pvid = Buffer.alloc(2);
+  pvid.writeUInt16LE(10);
+  const data = rtattr(2, Buffer.concat([rtattr(7, Buffer.from([1])), rtattr(39, pvid)]));
+  const m = linkMessage(16, 0, 1, { index: 5 }, [attrString(3, 'br0'), rtattr(18, Buffer.concat([attrString(1, 'bridge'), data]))]);
+  t.like(parseLink(m), { kind: 'bridge', vlanFiltering: true, defaultPvid: 10 });
+});
+
+test('an access port leaves the VLAN it joined its bridge in: the bridge\'s default_pvid, not always VLAN 1', (t) => {
+  // A bridge whose default_pvid is 10: removing VLAN 1 failed (ENOENT) and the port stayed in VLAN 10.
+  t.is(joinedVlan({ defaultPvid: 10 }, 100), 10);
+  t.is(joinedVlan({ defaultPvid: 1 }, 100), 1);
+  t.is(joinedVlan({ defaultPvid: 100 }, 100), null, 'it joined its own VLAN: nothing to leave');
+  t.is(joinedVlan({ defaultPvid: 0 }, 100), null, 'default_pvid 0: a new port joins no VLAN');
+  t.is(joinedVlan({ defaultPvid: null }, 100), 1, 'no attribute: the kernel\'s default, VLAN 1');
+  t.is(joinedVlan(null, 1), null);
 });
 
 test('masterOf reads an event\'s IFLA_MASTER alone, whatever comes before it, and null without one', (t) => {

@@ -33,19 +33,15 @@ export {
   linkMessage,
   macvtapMessage,
   bridgeVlanMessage,
+  joinedVlan,
   parseLink,
   masterOf,
   portLockMessage,
-  parseAttrs,
-  rtattr,
-  attrU32,
-  attrString,
-  attrNested,
-  splitMessages,
   deleteLinkInBackground,
   MACVLAN_MODES,
   type Link,
 } from './rtnetlink.js';
+export { parseAttrs, rtattr, attrU32, attrString, attrNested, splitMessages } from './netlink.js';
 export { LinkMonitor, DRAIN_BUDGET, type Wants } from './link-monitor.js';
 export { Forwarding } from './forwarding.js';
 export { limitStderrBacklog } from './stderr.js';

@@ -1,7 +1,8 @@
 // RTNLGRP_LINK: the kernel's link events, read without blocking and decoded only where wanted.
 import { sys, watchReadable } from '@tapbroker/protocol/core';
+import { NLMSGHDR, splitMessages } from './netlink.js';
 import {
-  AF_BRIDGE, IFINFOMSG, NLMSGHDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, parseLink, splitMessages, type Link,
+  AF_BRIDGE, IFINFOMSG, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, parseLink, type Link,
 } from './rtnetlink.js';
 import { toStderr } from './stderr.js';
 

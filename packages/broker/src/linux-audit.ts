@@ -8,7 +8,7 @@ import { sys } from '@tapbroker/protocol/core';
 import type { AuditRecord, AuditSink } from './audit.js';
 import type { Identity } from './identity.js';
 import { netlinkInBackground } from './libc.js';
-import { NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST, nlmsg } from './rtnetlink.js';
+import { NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST, nlmsg } from './netlink.js';
 
 const NETLINK_AUDIT = 9;
 const AUDIT_GET = 1000;

@@ -1,18 +1,16 @@
-// rtnetlink: message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
+// rtnetlink: link message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
 // Requests are tiny and answered in well under a millisecond; slow teardown never goes through here.
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol/core';
 import { netlinkInBackground } from './libc.js';
+import {
+  NLMSGHDR, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, ackError, align4,
+  attrNested, attrString, attrU32, cstr, netlinkError, nlmsg, parseAttrs, rtattr, splitMessages,
+} from './netlink.js';
 
 export const RTM_NEWLINK = 16;
 export const RTM_DELLINK = 17;
 export const RTM_GETLINK = 18;
-export const NLMSG_ERROR = 2;
-export const NLMSG_DONE = 3;
-export const NLM_F_REQUEST = 0x1;
-export const NLM_F_ACK = 0x4;
-export const NLM_F_EXCL = 0x200;
-export const NLM_F_CREATE = 0x400;
 export const IFLA_ADDRESS = 1;
 export const IFLA_IFNAME = 3;
 export const IFLA_MTU = 4;
@@ -36,7 +34,7 @@ export const IFLA_BRIDGE_VLAN_INFO = 2;
 export const BRIDGE_VLAN_INFO_PVID = 0x2;
 export const BRIDGE_VLAN_INFO_UNTAGGED = 0x4;
 export const IFLA_BR_VLAN_FILTERING = 7;
-export const NLM_F_DUMP = 0x300;
+const IFLA_BR_VLAN_DEFAULT_PVID = 39;
 export const RTMGRP_LINK = 1;
 /** MACVLAN_MODE_* from if_link.h. */
 export const MACVLAN_MODES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as const;
@@ -48,45 +46,13 @@ export const IFLA_EXT_MASK = 29;
 const EXT_MASK = 1 << 3;
 /** A dump whose set of links changed while it ran: it may have missed some (NLM_F_DUMP_INTR). */
 const NLM_F_DUMP_INTR = 0x10;
-export const NLMSGERR_ATTR_MSG = 1;
 export const IFF_UP = 0x1;
-export const NLMSGHDR = 16;
 export const IFINFOMSG = 16;
-
-const align4 = (n: number) => (n + 3) & ~3;
-
-/** One rtattr: header, payload, padding to 4 bytes. */
-export function rtattr(type: number, payload: Buffer): Buffer {
-  const len = 4 + payload.length;
-  const buf = Buffer.alloc(align4(len));
-  buf.writeUInt16LE(len, 0);
-  buf.writeUInt16LE(type, 2);
-  payload.copy(buf, 4);
-  return buf;
-}
-
-export const attrU32 = (type: number, v: number) => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32LE(v, 0);
-  return rtattr(type, b);
-};
-export const attrString = (type: number, s: string) => rtattr(type, Buffer.from(`${s}\0`, 'utf8'));
-export const attrNested = (type: number, children: Buffer[]) => rtattr(type, Buffer.concat(children));
 
 export interface IfInfo {
   index?: number;
   flags?: number;
   change?: number;
-}
-
-/** One netlink message: nlmsghdr (its length, type, flags, seq; pid 0) and `payload`s. */
-export function nlmsg(type: number, flags: number, seq: number, ...payload: Buffer[]): Buffer {
-  const buf = Buffer.concat([Buffer.alloc(NLMSGHDR), ...payload]);
-  buf.writeUInt32LE(buf.length, 0);
-  buf.writeUInt16LE(type, 4);
-  buf.writeUInt16LE(flags, 6);
-  buf.writeUInt32LE(seq, 8);
-  return buf;
 }
 
 /** nlmsghdr + ifinfomsg (AF_UNSPEC) + attributes. */
@@ -96,19 +62,6 @@ export function linkMessage(type: number, flags: number, seq: number, info: IfIn
   ifinfo.writeUInt32LE(info.flags ?? 0, 8);
   ifinfo.writeUInt32LE(info.change ?? 0, 12);
   return nlmsg(type, flags, seq, ifinfo, ...attrs);
-}
-
-/** Attributes of a netlink payload region as a map of type to payload (last one wins). */
-export function parseAttrs(buf: Buffer, start = 0, end = buf.length): Map<number, Buffer> {
-  const out = new Map<number, Buffer>();
-  let o = start;
-  while (o + 4 <= end) {
-    const len = buf.readUInt16LE(o);
-    if (len < 4 || o + len > end) break;
-    out.set(buf.readUInt16LE(o + 2) & 0x3fff, buf.subarray(o + 4, o + len));
-    o += align4(len);
-  }
-  return out;
 }
 
 /** An RTM_NEWLINK's IFLA_MASTER (its bridge's index), read without decoding the rest; null without one. */
@@ -130,9 +83,6 @@ function loadedModules(): string {
     return '';
   }
 }
-
-const cstr = (b: Buffer | undefined) =>
-  b ? b.toString('utf8', 0, b.indexOf(0) >= 0 ? b.indexOf(0) : b.length) : undefined;
 
 export interface Link {
   /** ifi_family: AF_UNSPEC for the device itself, AF_BRIDGE for its bridge-port view. */
@@ -158,6 +108,8 @@ export interface Link {
   tun: { owner: number | null; group: number | null; queues: number | null } | null;
   /** For a bridge: IFLA_BR_VLAN_FILTERING; null for other kinds or where the kernel has no VLAN filtering. */
   vlanFiltering: boolean | null;
+  /** For a bridge: the VLAN a new port joins (IFLA_BR_VLAN_DEFAULT_PVID, 0 for none); null as vlanFiltering. */
+  defaultPvid: number | null;
   /** For a bridge port: IFLA_BRPORT_LOCKED (its slave data); null for a device on no bridge, or an old kernel. */
   portLocked: boolean | null;
 }
@@ -169,10 +121,9 @@ export function parseLink(msg: Buffer): Link {
   const info = linkinfo ? parseAttrs(linkinfo) : null;
   const kind = info ? cstr(info.get(IFLA_INFO_KIND)) ?? null : null;
   const tunData = kind === 'tun' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!) : null;
-  const brFiltering =
-    kind === 'bridge' && info?.get(IFLA_INFO_DATA)
-      ? parseAttrs(info.get(IFLA_INFO_DATA)!).get(IFLA_BR_VLAN_FILTERING)
-      : undefined;
+  const brData = kind === 'bridge' && info?.get(IFLA_INFO_DATA) ? parseAttrs(info.get(IFLA_INFO_DATA)!) : null;
+  const brFiltering = brData?.get(IFLA_BR_VLAN_FILTERING);
+  const pvid = brData?.get(IFLA_BR_VLAN_DEFAULT_PVID);
   const master = attrs.get(IFLA_MASTER);
   const lower = attrs.get(IFLA_LINK);
   const slave = info?.get(IFLA_INFO_SLAVE_DATA);
@@ -197,6 +148,7 @@ export function parseLink(msg: Buffer): Link {
       queues: queues === undefined ? null : queues + (u32(IFLA_TUN_NUM_DISABLED_QUEUES) ?? 0),
     } : null,
     vlanFiltering: brFiltering ? brFiltering[0] === 1 : null,
+    defaultPvid: pvid ? pvid.readUInt16LE(0) : null,
     portLocked: port ? port[0] === 1 : null,
   };
 }
@@ -237,6 +189,15 @@ export function bridgeVlanMessage(seq: number, port: number, vid: number, add: b
   ]);
   msg.writeUInt8(AF_BRIDGE, 16);
   return msg;
+}
+
+/**
+ * The VLAN a new port of `bridge` joined and must leave to be an access port of `vid` alone: the bridge's
+ * default_pvid (1 unless its administrator changed it; 0: a new port joins none), null when that is `vid`.
+ */
+export function joinedVlan(bridge: Pick<Link, 'defaultPvid'> | null, vid: number): number | null {
+  const joined = bridge?.defaultPvid ?? 1;
+  return joined === 0 || joined === vid ? null : joined;
 }
 
 export const RTM_NEWNEIGH = 28;
@@ -319,24 +280,6 @@ export function portLockMessage(seq: number, port: number, locked: boolean): Buf
   const msg = linkMessage(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index: port }, [protinfo]);
   msg.writeUInt8(AF_BRIDGE, 16);
   return msg;
-}
-
-/** The error carried by an NLMSG_ERROR message (0 for an ACK). */
-export function ackError(m: Buffer): number {
-  return -m.readInt32LE(NLMSGHDR);
-}
-
-/** Splits a datagram into netlink messages. */
-export function splitMessages(buf: Buffer): Buffer[] {
-  const out: Buffer[] = [];
-  let o = 0;
-  while (o + NLMSGHDR <= buf.length) {
-    const len = buf.readUInt32LE(o);
-    if (len < NLMSGHDR || o + len > buf.length) break;
-    out.push(buf.subarray(o, o + len));
-    o += align4(len);
-  }
-  return out;
 }
 
 /** A NETLINK_ROUTE socket doing one request at a time, with extended acks for readable errors. */
@@ -453,10 +396,14 @@ export class Rtnetlink {
     this.request((seq) => macvtapMessage(seq, opts), `create macvtap \`${opts.name}'`);
   }
 
-  /** Makes `port` an access port of VLAN `vid` on its bridge (and drops the default VLAN 1). */
+  /** Makes `port` an access port of VLAN `vid` on its bridge, out of the VLAN it joined the bridge in. */
   setAccessVlan(port: number, vid: number): void {
     this.request((seq) => bridgeVlanMessage(seq, port, vid, true), `set vlan ${vid} on port ${port}`);
-    if (vid !== 1) this.request((seq) => bridgeVlanMessage(seq, port, 1, false), `remove vlan 1 from port ${port}`);
+    const master = this.getLinkByIndex(port)?.master;
+    const joined = joinedVlan(master ? this.getLinkByIndex(master) : null, vid);
+    if (joined !== null) {
+      this.request((seq) => bridgeVlanMessage(seq, port, joined, false), `remove vlan ${joined} from port ${port}`);
+    }
   }
 
   /** Locks `port` to its static forwarding entries (see portLockMessage). */
@@ -517,17 +464,4 @@ export async function deleteLinkInBackground(index: number): Promise<boolean> {
   } finally {
     sys.close(fd);
   }
-}
-
-function netlinkError(m: Buffer, errno: number, what: string): sys.SyscallError {
-  // With NETLINK_EXT_ACK the kernel appends TLVs after the echoed request header.
-  let detail = what;
-  const flags = m.readUInt16LE(6);
-  if (flags & 0x200 /* NLM_F_ACK_TLVS */) {
-    const echoed = (flags & 0x100 /* NLM_F_CAPPED */) ? NLMSGHDR : m.readUInt32LE(NLMSGHDR + 4);
-    const tlvs = parseAttrs(m, NLMSGHDR + 4 + align4(echoed), m.length);
-    const text = cstr(tlvs.get(NLMSGERR_ATTR_MSG));
-    if (text) detail = `${what} (${text})`;
-  }
-  return new sys.SyscallError('rtnetlink', errno, detail);
 }
