@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import { TapbrokerError, macFromBuffer } from '@tapbroker/protocol';
 import {
-  hostMac, type Cleanup, type CreatedTap, type FaultPoint, type Kernel, type Link, type MacvtapRequest,
+  hostMac, vhostUnavailable, type Cleanup, type CreatedTap, type FaultPoint, type Kernel, type Link, type MacvtapRequest,
   type TapRequest, type Wants,
 } from '@tapbroker/broker/internal';
 
@@ -238,8 +238,8 @@ export class FakeKernel implements Kernel {
     if (master) this.fdb.set(`${master}/${macFromBuffer(mac)}/${opts.vlan ?? 0}`, { port, static: !!opts.static });
   }
 
-  vhostAvailable(): boolean {
-    return this.vhost;
+  vhostRefusal(): TapbrokerError | null {
+    return this.vhost ? null : vhostUnavailable();
   }
 
   setAccessVlan(port: number, vid: number): void {

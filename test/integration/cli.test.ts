@@ -392,6 +392,40 @@ test('can --persistent asks about a persistent device', (t) => {
 
 // Serial: the other tests here block this worker's event loop in spawnSync for seconds at a time, and a
 // broker started meanwhile could not be heard saying it listens.
+// A static /dev/vhost-net made at boot stays where its driver cannot be loaded (blacklisted, absent, a container):
+// the node exists and its open fails ENODEV. An outside review found `can' saying yes there while every create
+// failed after making its tap. The broker runs in a private mount namespace whose /dev holds such a node.
+const PRIVATE_DEV = `set -e
+mkdir -p "$OLD"; mount --bind /dev "$OLD"; mount -t tmpfs -o mode=755 none /dev; mkdir /dev/net
+for d in null zero urandom random net/tun; do touch /dev/$d; mount --bind "$OLD/$d" /dev/$d; done
+umount "$OLD"; mknod -m 666 /dev/vhost-net c 10 238; exec "$@"`;
+const vhostDriver = fs.existsSync('/dev/vhost-net');
+(vhostDriver ? test.serial.skip : test.serial)(`a vhost-net node without its driver: can says no and a create is refused with nothing made${vhostDriver ? ' (skipped: this host has /dev/vhost-net, whose driver would answer)' : ''}`, async (t) => {
+  const vns = Netns.create('clivh');
+  vns.bridge('br0');
+  const policy = `[[rule]]\nname = "vh"\nusers = [${NOBODY}]\nbridges = ["br0"]\nvhost = true\n`;
+  const old = tempDir('vhdev');
+  let vb: BrokerProcess | undefined;
+  try {
+    vb = await BrokerProcess.start(vns, policy, {
+      tag: 'cli-vhost', wrap: ['env', `OLD=${old}`, 'unshare', '-m', '--propagation', 'private', 'sh', '-c', PRIVATE_DEV, 'sh'],
+    });
+    const can = tapbroker(['can', '--socket', vb.socket, '--net', 'bridge=br0,vhost=on']);
+    t.is(can.code, 77, can.stdout + can.stderr);
+    t.regex(can.stdout, /TB_E_VHOST_UNAVAILABLE: vhost unavailable: \/dev\/vhost-net has no driver behind it \(ENODEV\)/);
+    const run = tapbroker(['run', '--socket', vb.socket, '--net', 'bridge=br0,vhost=on', '--', 'true']);
+    t.is(run.code, 69, run.stderr);
+    t.regex(run.stderr, /TB_E_VHOST_UNAVAILABLE/);
+    t.false(vb.records.some((r) => r.decision === 'cleanup'), 'refused before any tap was made');
+    t.deepEqual(vns.extraLinks(['br0']), []);
+    t.is(tapbroker(['can', '--socket', vb.socket, '--net', 'bridge=br0']).code, 0, 'without vhost: yes');
+  } finally {
+    await vb?.stop();
+    vns.destroy();
+    fs.rmSync(old, { recursive: true, force: true });
+  }
+});
+
 test.serial('over quota while holding persistent devices: a hint names them and tapbroker release', async (t) => {
   const qns = Netns.create('cliq');
   qns.bridge('br0');

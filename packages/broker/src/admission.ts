@@ -8,7 +8,7 @@ import {
 } from '@tapbroker/protocol/core';
 import { decide, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
-import { vhostUnavailable, type Kernel } from './kernel.js';
+import type { Kernel } from './kernel.js';
 import { macInUse } from './netdev.js';
 import type { OpContext } from './ops.js';
 import { hookUnsafe } from './paths.js';
@@ -56,7 +56,8 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
   }
   // A host without vhost-net refuses every such request at its kernel step: refused here, with nothing made (and a
   // dry run says so: an outside review found `can' saying yes where every `run' failed).
-  if (spec.vhost && !ctx.kernel.vhostAvailable()) throw vhostUnavailable();
+  const noVhost = spec.vhost ? ctx.kernel.vhostRefusal() : null;
+  if (noVhost) throw noVhost;
   // A vhost-net fd's last close can block for as long as its holder likes: none is handed out while every
   // closer is stuck in such a close (other devices' fds are then closed on the pool).
   if (spec.vhost && ctx.fdsJammed) {

@@ -23,9 +23,9 @@ export {
 export { Netdev } from './netdev.js';
 export { devNumbers, macvtapParent } from './macvtap.js';
 export {
-  tunIfreq, tapFlags, hostMac, TUNSETIFF, TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR,
-  IFF_MULTI_QUEUE, IFF_TUN_EXCL, type FaultPoint, type Faults, type Kernel, type Cleanup, type CreatedTap,
-  type TapRequest, type MacvtapRequest,
+  tunIfreq, tapFlags, hostMac, vhostUnavailable, TUNSETIFF, TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST, IFF_TAP,
+  IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE, IFF_TUN_EXCL, type FaultPoint, type Faults, type Kernel, type Cleanup,
+  type CreatedTap, type TapRequest, type MacvtapRequest,
 } from './kernel.js';
 export type { Identity, Outcome } from './broker.js';
 export {

@@ -150,8 +150,8 @@ export interface Kernel {
    * to set: attaching is the one sure test).
    */
   holdTap(name: string): number | null;
-  /** Whether vhost-net can be had on this host (see hasVhost). */
-  vhostAvailable(): boolean;
+  /** Why vhost-net cannot be had on this host (see vhostRefusal), or null when it can. */
+  vhostRefusal(): TapbrokerError | null;
   /** Clears a device's alias: the broker's tag, on a device no longer the broker's. */
   untag(index: number): void;
   link(index: number): Link | null;
@@ -176,16 +176,44 @@ export function openVhost(): number {
     return fs.openSync(VHOST_PATH, fs.constants.O_RDWR);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') throw vhostUnavailable();
+    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') throw vhostUnavailable(code);
     throw kernelError(`failed to open ${VHOST_PATH}`, err);
   }
 }
 
-/** Whether this host has vhost-net at all: asked before anything is made (admission), and by a dry run. */
-export const hasVhost = (): boolean => fs.existsSync(VHOST_PATH);
+/** The last answer of vhostRefusal, and /proc/modules as it read then: only a module's load or unload changes it. */
+let vhostAnswer: { modules: string; refusal: TapbrokerError | null } | null = null;
 
-export function vhostUnavailable(): TapbrokerError {
-  return new TapbrokerError('TB_E_VHOST_UNAVAILABLE', `vhost unavailable: ${VHOST_PATH} does not exist on this host`,
+/**
+ * Why this host has no vhost-net, or null: asked before anything is made (admission), and by a dry run. The node
+ * must open: its existence is not enough (a static node made at boot stays where the driver cannot be loaded).
+ */
+export function vhostRefusal(): TapbrokerError | null {
+  const modules = loadedModules();
+  if (vhostAnswer?.modules === modules) return vhostAnswer.refusal;
+  let refusal = null;
+  try {
+    fs.closeSync(openVhost());
+  } catch (err) {
+    if (!(err instanceof TapbrokerError && err.code === 'TB_E_VHOST_UNAVAILABLE')) throw err;
+    refusal = err;
+  }
+  vhostAnswer = { modules, refusal };
+  return refusal;
+}
+
+/** The kernel's loaded modules ('' for a kernel without module support: what it has never changes). */
+export function loadedModules(): string {
+  try {
+    return fs.readFileSync('/proc/modules', 'latin1');
+  } catch {
+    return '';
+  }
+}
+
+export function vhostUnavailable(code = 'ENOENT'): TapbrokerError {
+  const why = code === 'ENOENT' ? 'does not exist on this host' : `has no driver behind it (${code})`;
+  return new TapbrokerError('TB_E_VHOST_UNAVAILABLE', `vhost unavailable: ${VHOST_PATH} ${why}`,
     { hint: 'ask without vhost (qemu then moves the packets itself), or have root load it: modprobe vhost_net' });
 }
 

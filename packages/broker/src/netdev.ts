@@ -4,9 +4,9 @@
 import fs from 'node:fs';
 import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol/core';
 import {
-  ContestedDeviceError, NO_FAULTS, hasVhost, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
-  openVhost, tapFlags, tunIfreq, type Cleanup, type CreatedTap, type Faults, type Kernel, type MacvtapRequest,
-  type TapRequest,
+  ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
+  openVhost, tapFlags, tunIfreq, vhostRefusal, type Cleanup, type CreatedTap, type Faults, type Kernel,
+  type MacvtapRequest, type TapRequest,
 } from './kernel.js';
 import { createMacvtap, macvtapParent } from './macvtap.js';
 import { LINK_EVENT_QUEUE, LinkMonitor } from './link-monitor.js';
@@ -51,8 +51,8 @@ export class Netdev implements Kernel {
     this.rtnl.restoreFdbEntry(port, mac, opts);
   }
 
-  vhostAvailable(): boolean {
-    return hasVhost();
+  vhostRefusal(): TapbrokerError | null {
+    return vhostRefusal();
   }
 
   setAccessVlan(port: number, vid: number): void {

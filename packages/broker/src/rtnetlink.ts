@@ -1,7 +1,7 @@
 // rtnetlink: link message encoding (pure, unit-tested) and a small synchronous NETLINK_ROUTE socket.
 // Requests are tiny and answered in well under a millisecond; slow teardown never goes through here.
-import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol/core';
+import { loadedModules } from './kernel.js';
 import { netlinkInBackground } from './libc.js';
 import {
   NLMSGHDR, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, ackError, align4,
@@ -73,15 +73,6 @@ export function masterOf(msg: Buffer): number | null {
     if ((msg.readUInt16LE(o + 2) & 0x3fff) === IFLA_MASTER && len >= 8) return msg.readUInt32LE(o + 4) || null;
   }
   return null;
-}
-
-/** The kernel's loaded modules ('' for a kernel without module support: its set of link kinds never changes). */
-function loadedModules(): string {
-  try {
-    return fs.readFileSync('/proc/modules', 'latin1');
-  } catch {
-    return '';
-  }
 }
 
 export interface Link {

@@ -430,7 +430,9 @@ async function run(args: Args): Promise<number> {
  * The signals `run` passes on to its command: every one that would end it otherwise and that Node lets it catch
  * (outside reviews: SIGQUIT, SIGUSR2, SIGALRM, then SIGPROF, SIGABRT … ended the client alone, its qemu left running
  * with no parent and a macvtap the broker then deleted). SIGUSR1 too: Node's inspector never sees it
- * (keepInspectorShut). Real-time signals have no name Node takes: they still end the client alone.
+ * (keepInspectorShut). Real-time signals have no name Node takes: they still end the client alone. Nor SIGSEGV,
+ * SIGBUS, SIGFPE, SIGILL: a listener for those turns a real fault into a loop of the faulting instruction (Node's
+ * own warning); a client killed with one is a crash, and its command is left as in any crash (rv63 F2).
  */
 const FORWARDED: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1', 'SIGQUIT', 'SIGUSR2', 'SIGALRM',
   'SIGVTALRM', 'SIGPROF', 'SIGXCPU', 'SIGXFSZ', 'SIGPWR', 'SIGIO', 'SIGSTKFLT', 'SIGSYS', 'SIGTRAP', 'SIGABRT'];

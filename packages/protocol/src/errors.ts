@@ -34,7 +34,7 @@ export const ERROR_CODES = {
   TB_E_NO_SUCH_LEASE: 'no lease of the caller matches that name and the device now carrying it',
   TB_E_POLICY_DENIED: 'the policy does not allow this request; the reply names the rule and what could change',
   TB_E_QUOTA_EXCEEDED: 'the caller already holds as many live devices as the rule allows',
-  TB_E_VHOST_UNAVAILABLE: 'vhost-net was asked for but /dev/vhost-net does not exist on this host',
+  TB_E_VHOST_UNAVAILABLE: 'vhost-net was asked for but this host cannot give it (/dev/vhost-net absent or driverless)',
   TB_E_DEVICE_EXISTS: 'a device with the requested name already exists',
   TB_E_DEVICE_IN_USE: 'the persistent tap is held open (a running VM): release it once nothing holds it',
   TB_E_KERNEL: 'the kernel refused an operation; the message names it and the errno; nothing was left behind',
