@@ -6,7 +6,7 @@ import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_pr
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { BrokerProcess, CLIENT_CLI } from '../helpers/broker.js';
+import { BrokerProcess, CLIENT_CLI, ROOT } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 import { poll, quiet } from '../helpers/wait.js';
@@ -688,6 +688,20 @@ test.serial('can says no where a grant could not be locked, and the refusal is a
   const rec = await broker.record((x) => x.code === 'TB_E_MAC_LOCK' && x.op === 'create-macvtap');
   t.is(rec.decision, 'deny');
   t.is(rec.rule, 'locked');
+});
+
+test.serial('the library\'s can passes mac: null on: a port the broker is not told the MAC of cannot be locked', (t) => {
+  // It dropped the null (a random MAC then), and said yes where the bridge helper's create is refused (rv63).
+  const script = `
+    import { TapbrokerClient } from '@tapbroker/client';
+    const c = await TapbrokerClient.connect(process.argv[1]);
+    const ask = (mac) => c.can({ kind: 'tap', parent: 'br0', ...mac }).then((r) => r.allow ? 'yes' : r.code);
+    console.log(JSON.stringify([await ask({ mac: null }), await ask({})]));
+    c.close();`;
+  const r = spawnSync('setpriv', [...setprivArgs(), process.execPath, '--input-type=module', '-e', script, broker.socket],
+    { encoding: 'utf8', cwd: ROOT });
+  t.is(r.status, 0, r.stderr);
+  t.deepEqual(JSON.parse(r.stdout), ['TB_E_MAC_LOCK', 'yes']);
 });
 
 test.serial('a locked port moved to another bridge while the broker was down is not locked there: it goes', async (t) => {

@@ -470,7 +470,7 @@ function canFields(n: CanNic): NonNullable<CanRequest['before']>[number] {
   return {
     kind: n.kind, parent: n.parent, ...(n.mode ? { mode: n.mode } : {}),
     ...(n.queues !== undefined ? { queues: n.queues } : {}), ...(n.vhost !== undefined ? { vhost: n.vhost } : {}),
-    ...(n.mac ? { mac: n.mac } : {}), ...(n.name ? { name: n.name } : {}),
+    ...(n.mac !== undefined ? { mac: n.mac } : {}), ...(n.name ? { name: n.name } : {}),
     ...(n.persistent ? { persistent: true } : {}),
   };
 }
