@@ -91,6 +91,17 @@ export class FakeKernel implements Kernel {
     this.changed(link);
   }
 
+  /** What root does to a device's name (`ip link set NAME name TO`): an event says so. */
+  rootRenames(name: string, to: string): void {
+    const link = this.named(name);
+    if (!link) throw new Error(`no device ${name}`);
+    link.name = to;
+    this.changed(link);
+  }
+
+  /** While set, every deletion waits for it (RTM_DELLINK stuck behind the kernel's lock), as the pool's threads do. */
+  deletions: Promise<void> | null = null;
+
   /** How many events one drain reads (null: all); the broker's drain has a budget for floods. */
   drainBudget: number | null = null;
 
@@ -274,13 +285,14 @@ export class FakeKernel implements Kernel {
     return [...this.devices.values()].map(copy);
   }
 
-  deleteLink(index: number): Promise<boolean> {
+  async deleteLink(index: number): Promise<boolean> {
+    await this.deletions;
     const link = this.devices.get(index);
     if (link) {
       this.steps.push(`deleteLink ${link.name}`);
       this.remove(link);
     }
-    return Promise.resolve(!!link);
+    return !!link;
   }
 
   monitor(
@@ -324,7 +336,7 @@ export class FakeKernel implements Kernel {
   private add(l: Partial<Link> & { name: string; kind: string | null }): Link {
     const link: Link = {
       family: 0, index: this.nextIndex++, flags: 0, mtu: 1500, master: null, address: null, link: null, alias: null,
-      persist: null, tun: null, vlanFiltering: null, defaultPvid: null, portLocked: null, ...l,
+      persist: null, tun: null, vlanFiltering: null, defaultPvid: null, portLocked: null, movedTo: null, ...l,
     };
     this.devices.set(link.index, link);
     this.changed(link);

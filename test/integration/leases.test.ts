@@ -398,6 +398,31 @@ test.serial('a persistent tap root renamed is no longer the lease\'s: release re
     ns.ip('link', 'del', 'uplink-ren');
   });
 
+test.serial('a persistent tap root moves to another namespace and back is no longer the lease\'s: left alone, restarts too',
+  async (t) => {
+    // Found by an outside review: its lease was dropped as if it were deleted, its tag kept, and the next start
+    // deleted it as an orphan of a crash ("a device without a lease is never touched").
+    const name = `tb${A}-mov`;
+    const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, name }] }, { uid: A });
+    t.is(r.error, null);
+    const away = Netns.create('away');
+    try {
+      ns.ip('link', 'set', 'dev', name, 'netns', away.name);
+      const rec = await broker.record((x) => x.decision === 'cleanup' && (x.device as { name?: string }).name === name);
+      t.regex(rec.message ?? '', /^moved to another network namespace \(nsid \d+\): lease dropped, device left alone$/);
+      away.ip('link', 'set', 'dev', name, 'netns', ns.name);
+      t.truthy(ns.link(name), 'back');
+      t.is((await probeOnce({ socket: sock(), release: [name] }, { uid: A })).error?.code, 'TB_E_NO_SUCH_LEASE');
+      await restart();
+      t.truthy(ns.link(name), 'a restart leaves it alone');
+      t.false(broker.records.some((x) => (x.device as { name?: string } | undefined)?.name === name
+        && /without a lease/.test(x.message ?? '')), 'not taken for an orphan of a crash');
+    } finally {
+      away.destroy();
+      ns.ip('link', 'del', name);
+    }
+  });
+
 test.serial('a persistent macvtap: its char device belongs to its owner alone', async (t) => {
   const r = await probeOnce({ socket: sock(), requests: [{ parent: 'vparent', persistent: true, mac: '52:54:00:aa:bb:02' }] }, { uid: A });
   t.is(r.error, null, r.error?.message);

@@ -690,13 +690,14 @@ test.serial('can says no where a grant could not be locked, and the refusal is a
   t.is(rec.rule, 'locked');
 });
 
-test.serial('the library\'s can passes mac: null on: a port the broker is not told the MAC of cannot be locked', (t) => {
-  // It dropped the null (a random MAC then), and said yes where the bridge helper's create is refused (rv63).
+test.serial('the library\'s can asks about a tap whose MAC the broker is not told: such a port cannot be locked', (t) => {
+  // It had no way to (mac: null was dropped: a random MAC was judged), and said yes where the bridge helper's
+  // create, which is not told the MAC, is refused (rv63).
   const script = `
     import { TapbrokerClient } from '@tapbroker/client';
     const c = await TapbrokerClient.connect(process.argv[1]);
     const ask = (mac) => c.can({ kind: 'tap', parent: 'br0', ...mac }).then((r) => r.allow ? 'yes' : r.code);
-    console.log(JSON.stringify([await ask({ mac: null }), await ask({})]));
+    console.log(JSON.stringify([await ask({ macUnknown: true }), await ask({ mac: null })]));
     c.close();`;
   const r = spawnSync('setpriv', [...setprivArgs(), process.execPath, '--input-type=module', '-e', script, broker.socket],
     { encoding: 'utf8', cwd: ROOT });

@@ -732,6 +732,37 @@ test('a lease retired twice at once (a flood and a breach judged together) is de
   });
 });
 
+test('a release waiting behind other deletions leaves its device alone if root renamed it meanwhile', async (t) => {
+  // Found by an outside review: the device was looked at when its deletion was queued, not when it ran; root
+  // renamed it while other users' deletions ran ahead, and it was deleted by its index all the same.
+  await onFakeKernel(async ({ broker, kernel, records }) => {
+    const made: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const got = await ask(broker, caller(1000), tap({ bridge: 'br1', persistent: true }));
+      if (got.reply.op === 'create-tap') made.push(got.reply.device.name);
+    }
+    await settled(broker);
+    let open!: () => void;
+    kernel.deletions = new Promise((r) => (open = r));
+    // Two deletions take the reaper's two threads; the third waits for its turn.
+    const first = made.slice(0, 2).map((name) => ask(broker, caller(1000), { op: 'release', name }));
+    const third = ask(broker, caller(1000), { op: 'release', name: made[2] });
+    await new Promise((r) => setImmediate(r));
+    kernel.rootRenames(made[2]!, 'admin-kept');
+    open();
+    await Promise.all(first);
+    const err = await third.then(() => null, (e: unknown) => e);
+    t.is((err as TapbrokerError | null)?.code, 'TB_E_NO_SUCH_LEASE');
+    await settled(broker);
+    const kept = kernel.linkNamed('admin-kept');
+    t.truthy(kept, 'the renamed device is still there');
+    t.is(kept?.alias, null, 'its tag cleared: no later start takes it for an orphan of ours');
+    t.false(kernel.steps.includes('deleteLink admin-kept'));
+    t.true(records.some((r) => /the device is `admin-kept' \(tun\) now, no longer this lease's: left alone/.test(r.message ?? '')));
+    t.false(records.some((r) => r.op === 'release' && r.decision === 'release' && (r.device as { name?: string }).name === made[2]));
+  });
+});
+
 test('a connection whose held lease ended otherwise (a breach) is closed once idle, not kept for ever', async (t) => {
   // Found by an outside code review: a connection's held leases were never pruned when they ended by a breach,
   // a flood or root, so it was never idle: up to 64 connections per uid kept open for nothing.

@@ -51,7 +51,7 @@ test('RTM_NEWLINK: header, ifinfomsg, attributes', (t) => {
 test('parseLink reads what the kernel sends back', (t) => {
   const linkinfo = rtattr(18, attrString(1, 'bridge'));
   const m = linkMessage(16, 0, 1, { index: 5, flags: 0x1043 }, [attrString(3, 'br0'), attrU32(4, 9000), rtattr(1, Buffer.from([2, 0, 0, 0, 0, 1])), linkinfo]);
-  t.deepEqual(parseLink(m), { family: 0, index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, tun: null, vlanFiltering: null, defaultPvid: null, portLocked: null });
+  t.deepEqual(parseLink(m), { family: 0, index: 5, flags: 0x1043, name: 'br0', mtu: 9000, master: null, address: Buffer.from([2, 0, 0, 0, 0, 1]), kind: 'bridge', link: null, alias: null, persist: null, tun: null, vlanFiltering: null, defaultPvid: null, portLocked: null, movedTo: null });
 });
 
 test('a bridge\'s VLAN filtering and default PVID are read from its IFLA_INFO_DATA', (t) => {

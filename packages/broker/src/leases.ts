@@ -264,6 +264,12 @@ export class LeaseTable {
     return l;
   }
 
+  /** A device of ours gone out of reach with its tag (moved to another network namespace): left alone for good. */
+  keep(id: string): void {
+    this.kept.add(id);
+    this.trySave();
+  }
+
   /** A retiring lease's record is written: it is owed no more. */
   retired(id: string): void {
     if (this.retiring.delete(id)) this.trySave();

@@ -5,16 +5,14 @@ import { TapbrokerError, macFromBuffer, sys, watchReadable } from '@tapbroker/pr
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import { KERNEL_KIND, LeaseTable, aliasIdentity, brokerId, leaseView, type LeaseRecord } from './leases.js';
-import { getpwuid } from './libc.js';
-import { namePrefix } from './naming.js';
 import type { Cleanup, Kernel } from './kernel.js';
 import { putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
-import { expectedMac, violationOf } from './terms.js';
+import { decidePersistent, expectedMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
 import { Unplugs } from './plug.js';
-import { decide, recorded, type Ask, type Decision, type Policy } from './decide.js';
+import { recorded, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, type Link } from './rtnetlink.js';
 
@@ -314,25 +312,25 @@ export class Lifetimes implements Cleanup {
     };
     if (o.request) base.request = o.request;
     // Deleted by its index: only while the device there is still this lease's (an administrator may have renamed
-    // it, or the index be another device's now); otherwise it is left alone, and only the lease goes.
-    const now = this.kernel.link(l.ifindex);
-    const was = `\`${now?.name}' (${now?.kind})`;
-    if (now && !this.isDevice(l, now)) {
-      const message = `the device is ${was} now, no longer this lease's: left alone`;
-      this.unplug(l);
-      this.note('cleanup', 'cleanup', l, `${message}; lease dropped`);
-      this.table.retired(l.id);
-      this.renounce(l, now);
-      throw new TapbrokerError('TB_E_NO_SUCH_LEASE', `\`${l.name}' is gone: ${message}`);
-    }
+    // it, or the index be another device's now), looked at now and again when its turn comes (other deletions may
+    // run first, for seconds: an outside review renamed it meanwhile); otherwise it is left alone.
+    const other = { now: this.otherDevice(l) };
     try {
-      await this.reaper.deleteLink(l.ifindex, l.uid);
+      if (!other.now) await this.reaper.deleteLink(l.ifindex, l.uid, () => !(other.now = this.otherDevice(l)));
     } catch (err) {
       const why = err instanceof sys.SyscallError ? `${err.reason} (${err.code})` : String(err);
       const message = `failed to delete \`${l.name}': ${why}`;
       this.audit.record({ ...base, decision: 'error', code: 'TB_E_KERNEL', message });
       this.table.retired(l.id);
       throw err;
+    }
+    if (other.now) {
+      const message = `the device is \`${other.now.name}' (${other.now.kind}) now, no longer this lease's: left alone`;
+      this.unplug(l);
+      this.note('cleanup', 'cleanup', l, `${message}; lease dropped`);
+      this.table.retired(l.id);
+      this.renounce(l, other.now);
+      throw new TapbrokerError('TB_E_NO_SUCH_LEASE', `\`${l.name}' is gone: ${message}`);
     }
     this.kernel.faultPoint('retire:deleted');
     this.unplug(l);
@@ -385,6 +383,12 @@ export class Lifetimes implements Cleanup {
 
   // ---- the kernel's view
 
+  /** The device at a lease's index when it is another one (renamed by root, or the index reused), else null. */
+  private otherDevice(l: LeaseRecord): Link | null {
+    const now = this.kernel.link(l.ifindex);
+    return now && !this.isDevice(l, now) ? now : null;
+  }
+
   /** Is `link` this lease's device (same index, name and kind)? */
   private isDevice(l: LeaseRecord, link: Link | null | undefined): link is Link {
     return !!link && link.name === l.name && link.kind === KERNEL_KIND[l.kind];
@@ -431,6 +435,12 @@ export class Lifetimes implements Cleanup {
       this.dropVanished(l, `renamed to \`${link.name}': lease dropped, device left alone`);
       return this.renounce(l, link);
     }
+    if (type === RTM_DELLINK && link.movedTo !== null) {
+      // Moved to another network namespace (only root can), tag and all: not deleted there, nor if it comes back.
+      this.table.keep(l.id);
+      return this.dropVanished(l, `moved to another network namespace (nsid ${link.movedTo}): lease dropped, `
+        + 'device left alone');
+    }
     if (type === RTM_DELLINK) {
       this.dropVanished(l, l.ends === 'fds' ? 'the device vanished with its last fd' : 'the device vanished');
       return;
@@ -445,6 +455,8 @@ export class Lifetimes implements Cleanup {
     // (outside reviews: taps deleted for nothing, one given away unseen). They are read again as the broker sees
     // them; a queue attached while an owner was changed and set back still shows in the count.
     const seen = link.tun ? this.kernel.link(link.index) : link;
+    // Gone since: its RTM_DELLINK, queued or soon to be, says how (deleted, or moved to another namespace).
+    if (seen === null) return;
     if (!this.isDevice(l, seen)) return this.judge(l, seen);
     link = { ...link, tun: seen.tun };
     this.forwarding.followPort(l, link, this.fresh.has(l.id), () => putBack(this.keeper!, l));
@@ -460,8 +472,8 @@ export class Lifetimes implements Cleanup {
     // an event shows of persistence is judged on the device as it is now (converted or not, by what it is),
     // and so is every event of a lease whose create ended before all of its own events were read (those
     // predate its MAC and owner), until one shows it as granted.
-    const now = violation === 'persist' || this.fresh.has(l.id);
-    this.judge(l, now ? this.kernel.link(link.index) : link);
+    const current = violation === 'persist' || this.fresh.has(l.id) ? this.kernel.link(link.index) : link;
+    if (current !== null) this.judge(l, current);
   }
 
   /** Leases committed while link events were still unread (a drain over its budget): see onLink. */
@@ -488,7 +500,7 @@ export class Lifetimes implements Cleanup {
     if (violation === null) return;
     let refused = '';
     if (violation === 'persist') {
-      const d = this.decidePersistent(l);
+      const d = decidePersistent(this.policy(), l, this.counts(l.uid));
       if (d.allow) {
         const converted: LeaseRecord = { ...l, ends: 'release', rule: d.rule.name };
         try {
@@ -529,35 +541,6 @@ export class Lifetimes implements Cleanup {
     const taken = violation === 'address' && link.address ? Buffer.from(link.address) : null;
     if (taken) void retired.then(() => this.forwarding.restoreTaken(l, taken), () => {});
     else void retired.catch(() => {});
-  }
-
-  /**
-   * A tap its holder made persistent is a persistent device it never asked for: decided now, on the policy
-   * in force, as a persistent create of the same device would be (deny rules included). The holder's
-   * supplementary groups are not known here: only its uid and its account's primary group count.
-   */
-  private decidePersistent(l: LeaseRecord): Decision {
-    const account = getpwuid(l.uid);
-    // Without an account there is no group to go by (-1 is none): a uid's number is never a gid.
-    const caller = { uid: l.uid, gid: account?.gid ?? -1, groups: [], user: account?.name ?? null };
-    // A name of the broker's own form is one it picked (a request naming one gains nothing by it): like
-    // any broker-chosen name, no rule's name_pattern applies to it. Any other name was the caller's.
-    const picked = new RegExp(`^${namePrefix(l.uid)}[0-9a-z]{2,6}$`).test(l.name);
-    const ask: Ask = {
-      kind: 'tap', parent: l.network ?? l.parent, network: l.network !== null, mode: null, queues: l.queues,
-      vhost: false, mac: l.mac, name: picked ? null : l.name, persistent: true,
-    };
-    // Its own lease is in the table already: it is not counted against itself.
-    const live = this.counts(l.uid);
-    const policy = this.policy();
-    const d = decide(policy, caller, ask, (rule) => live(rule) - (rule === l.rule ? 1 : 0));
-    // A rule (or network) that locks its ports would have locked this one: an unlocked port is not what it grants.
-    const lock = d.allow && (d.rule.macLock || (l.network !== null && policy.networks.get(l.network)?.macLock));
-    if (d.allow && lock && !l.locked) {
-      const message = `rule \`${d.rule.name}' grants persistent taps only as locked ports, and this one is not`;
-      return { allow: false, code: 'TB_E_MAC_LOCK', rule: d.rule.name, message, hint: 'ask for a persistent tap' };
-    }
-    return d;
   }
 
   /** After lost link events: one dump, and every lease judged against it. */

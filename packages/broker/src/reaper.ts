@@ -45,9 +45,12 @@ export class Reaper {
     return this.queue.length + this.running + this.closing.size;
   }
 
-  /** Deletes link `ifindex` (made for `uid`): true when deleted, false when it was already gone. */
-  deleteLink(ifindex: number, uid: number): Promise<boolean> {
-    return this.submit(uid, () => this.deleteLinkNow(ifindex)) as Promise<boolean>;
+  /**
+   * Deletes link `ifindex` (made for `uid`): true when deleted, false when it was already gone, or when `still`,
+   * asked when its turn comes, says it is no longer the device to delete.
+   */
+  deleteLink(ifindex: number, uid: number, still: () => boolean = () => true): Promise<boolean> {
+    return this.submit(uid, () => (still() ? this.deleteLinkNow(ifindex) : Promise.resolve(false))) as Promise<boolean>;
   }
 
   /**

@@ -35,6 +35,7 @@ export const BRIDGE_VLAN_INFO_PVID = 0x2;
 export const BRIDGE_VLAN_INFO_UNTAGGED = 0x4;
 export const IFLA_BR_VLAN_FILTERING = 7;
 const IFLA_BR_VLAN_DEFAULT_PVID = 39;
+const IFLA_NEW_NETNSID = 45;
 export const RTMGRP_LINK = 1;
 /** MACVLAN_MODE_* from if_link.h. */
 export const MACVLAN_MODES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as const;
@@ -101,6 +102,8 @@ export interface Link {
   vlanFiltering: boolean | null;
   /** For a bridge: the VLAN a new port joins (IFLA_BR_VLAN_DEFAULT_PVID, 0 for none); null as vlanFiltering. */
   defaultPvid: number | null;
+  /** On the RTM_DELLINK of a device moved to another network namespace: that namespace's id here (else null). */
+  movedTo: number | null;
   /** For a bridge port: IFLA_BRPORT_LOCKED (its slave data); null for a device on no bridge, or an old kernel. */
   portLocked: boolean | null;
 }
@@ -141,6 +144,7 @@ export function parseLink(msg: Buffer): Link {
     vlanFiltering: brFiltering ? brFiltering[0] === 1 : null,
     defaultPvid: pvid ? pvid.readUInt16LE(0) : null,
     portLocked: port ? port[0] === 1 : null,
+    movedTo: attrs.get(IFLA_NEW_NETNSID)?.readInt32LE(0) ?? null,
   };
 }
 

@@ -452,7 +452,6 @@ function common(o: CommonOptions): CommonFields {
   return r;
 }
 
-/** Runs of NICs that each fit one create request and its reply: at most MAX_NICS, and MAX_REPLY_FDS fds. */
 /** One NIC of a dry run. */
 export interface CanNic {
   kind: 'tap' | 'macvtap' | 'network';
@@ -461,6 +460,8 @@ export interface CanNic {
   queues?: number;
   vhost?: boolean;
   mac?: string | null;
+  /** A tap whose guest MAC the broker is not told (see TapOptions.macUnknown). */
+  macUnknown?: boolean;
   name?: string | null;
   persistent?: boolean;
 }
@@ -470,11 +471,12 @@ function canFields(n: CanNic): NonNullable<CanRequest['before']>[number] {
   return {
     kind: n.kind, parent: n.parent, ...(n.mode ? { mode: n.mode } : {}),
     ...(n.queues !== undefined ? { queues: n.queues } : {}), ...(n.vhost !== undefined ? { vhost: n.vhost } : {}),
-    ...(n.mac !== undefined ? { mac: n.mac } : {}), ...(n.name ? { name: n.name } : {}),
+    ...(n.macUnknown ? { mac: null } : n.mac ? { mac: n.mac } : {}), ...(n.name ? { name: n.name } : {}),
     ...(n.persistent ? { persistent: true } : {}),
   };
 }
 
+/** Runs of NICs that each fit one create request and its reply: at most MAX_NICS, and MAX_REPLY_FDS fds. */
 function batches(nics: readonly NicOptions[]): Array<{ from: number; to: number }> {
   const out: Array<{ from: number; to: number }> = [];
   let from = 0;
