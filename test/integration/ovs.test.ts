@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { TapbrokerError, type ErrorCode } from '@tapbroker/protocol';
-import { addPort, delPort, isOvsBridge, listOurPorts, ovsdbTarget } from '@tapbroker/broker/internal';
+import { addPort, delPort, delPortOf, isOvsBridge, listOurPorts, ovsdbTarget } from '@tapbroker/broker/internal';
 import { Netns } from '../helpers/netns.js';
 import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
 
@@ -135,6 +135,20 @@ ovsTest('delPort: true when it removed the port, false the second time', async (
   t.false(await delPort(ovs.db, 'br-int', 'tb1000-a'));
   // The tap itself is the broker's business, not OVS's: still there.
   t.truthy(ns.link('tb1000-a'));
+});
+
+ovsTest('delPortOf: a lease\'s port moved to another bridge, its record kept, is removed from there', async (t) => {
+  // Found by an outside review: `del-port br-int PORT' was refused once the port was on another bridge, taken for
+  // an unreachable Open vSwitch, and tried again for minutes, the port's name blocked until a restart.
+  ovs.addBridge('br-moved');
+  tap('tb1000-m');
+  await addPort(ovs.db, 'br-int', 'tb1000-m', { externalIds: ids('5555666677778888') });
+  const uuid = ovs.vsctl('get', 'Port', 'tb1000-m', '_uuid').trim();
+  ovs.vsctl('--no-wait', 'remove', 'Bridge', 'br-int', 'ports', uuid, '--', 'add', 'Bridge', 'br-moved', 'ports', uuid);
+  t.is((await listOurPorts(ovs.db)).find((p) => p.port === 'tb1000-m')?.bridge, 'br-moved');
+  t.false(await delPortOf(ovs.db, 'br-int', 'tb1000-m', 'aaaabbbbccccdddd'), 'another lease\'s: left alone');
+  t.true(await delPortOf(ovs.db, 'br-int', 'tb1000-m', '5555666677778888'));
+  t.false((await listOurPorts(ovs.db)).some((p) => p.port === 'tb1000-m'));
 });
 
 ovsTest('addPort never adopts an existing port', async (t) => {

@@ -184,7 +184,8 @@ async function removeIfOurs(db: string, bridge: string, port: string, lease: str
 
 /**
  * del-port, only while the port still carries `lease` in its external-ids (a port of that name made since
- * for another lease is left alone); true if it was removed.
+ * for another lease is left alone); true if it was removed. From whichever bridge has it now: one moved to
+ * another bridge, its record kept, is still this lease's (naming `bridge` made ovs-vsctl refuse, for good).
  */
 export async function delPortOf(db: string, bridge: string, port: string, lease: string): Promise<boolean> {
   checkDb(db);
@@ -195,7 +196,7 @@ export async function delPortOf(db: string, bridge: string, port: string, lease:
   const r = await vsctl(db, ['--no-wait', '--', '--if-exists', 'get', 'Port', port, 'external_ids'], what);
   const held = new RegExp(`(?:^|[{ ,])"?${LEASE_KEY}"?="?([0-9a-f]+)"?(?:[,}]|$)`).exec(r.stdout.trim())?.[1];
   if (held !== lease) return false;
-  await vsctl(db, ['--no-wait', '--', '--if-exists', 'del-port', bridge, port], what);
+  await vsctl(db, ['--no-wait', '--', '--if-exists', 'del-port', port], what);
   return true;
 }
 
