@@ -232,6 +232,13 @@ test('the digest is the sha256 of the file text', (t) => {
   t.is(parsePolicy('').sha256, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855');
 });
 
+test('hook_timeout on a network that is not a hook: a warning, not silence (trunk or ovsdb there are errors)', (t) => {
+  const p = parsePolicy('[network.lan]\nbridge = "br0"\nhook_timeout = 300\n\n[[rule]]\nname = "x"\nusers = [1000]\n'
+    + 'networks = ["lan"]\n', 'p.toml');
+  t.deepEqual(p.warnings, ["p.toml:3: network `lan': hook_timeout is for hook networks only: ignored here"]);
+  t.is(p.allow[0]!.networks[0], 'lan', 'a rule that grants networks alone loads');
+});
+
 test('a user that does not exist loads with a warning and matches nobody', (t) => {
   const p = parsePolicy('[[rule]]\nname = "x"\nusers = ["no-such-user-here"]\nbridges = ["br0"]\n', 'p.toml');
   t.is(p.warnings.length, 1);

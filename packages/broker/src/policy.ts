@@ -222,6 +222,9 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
       if (kind === 'hook') {
         const why = hookUnsafe(target);
         if (why) errors.push(`${doc.at(['network', name, 'hook'])}: network \`${name}': hook ${target} ${why}`);
+      } else if (n.hook_timeout !== undefined) {
+        warnings.push(`${doc.at(['network', name, 'hook_timeout'])}: network \`${name}': hook_timeout is for hook `
+          + 'networks only: ignored here');
       }
       networks.set(name, {
         name, kind, target, vlan: n.vlan ?? null, trunk: n.trunk ?? null, ovsdb: n.ovsdb ?? null,

@@ -780,10 +780,13 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
-/** tapbroker can: each SPEC asked on its own; 0 if the broker would grant every one. */
+/**
+ * tapbroker can: each SPEC asked on its own; 0 if the broker would grant every one, else the status `run` would
+ * exit with for the first refused one (77 for the policy's refusals; 65, 69, 78 … for the host's).
+ */
 async function canCommand(args: Args): Promise<number> {
   const client = await TapbrokerClient.connect(args.socket);
-  let all = true;
+  let status = 0;
   // Each SPEC is weighed with the ones before it that would be granted, as `run` asks for them together.
   const before: CanNic[] = [];
   try {
@@ -794,7 +797,7 @@ async function canCommand(args: Args): Promise<number> {
       };
       const r = await client.can({ ...nic, before });
       if (r.allow) before.push(nic);
-      all &&= r.allow;
+      if (!r.allow && status === 0) status = r.code ? exitCodeFor(r.code) : EXIT.NOPERM;
       const what = `${target(n)}${n.kind === 'macvtap' ? ` (${n.mode})` : ''}${args.persistent ? ' (persistent)' : ''}`;
       const more = r.code === 'TB_E_QUOTA_EXCEEDED' ? await persistentHint(client, r.rule ?? undefined) : null;
       process.stdout.write(
@@ -807,7 +810,7 @@ async function canCommand(args: Args): Promise<number> {
   } finally {
     client.close();
   }
-  return all ? 0 : EXIT.NOPERM;
+  return status;
 }
 
 // Run when executed directly (not when imported by tests).

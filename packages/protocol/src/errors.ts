@@ -41,7 +41,7 @@ export const ERROR_CODES = {
   TB_E_STATE_UNWRITABLE:
     'the broker\'s lease table cannot be written (its state directory is full or read-only); nothing was created',
   TB_E_TIMEOUT: 'the client did not say hello in time',
-  TB_E_BUSY: 'the broker is at its connection limit',
+  TB_E_BUSY: 'the broker is at its connection limit, or the caller must wait (its teardowns, a port removal owed)',
   TB_E_INTERNAL: 'the broker hit a bug; nothing was left behind and it keeps serving',
   TB_E_CONNECT: 'the client could not connect to the broker socket',
   TB_E_BROKER_CLOSED: 'the broker closed the connection before replying',
