@@ -11,7 +11,7 @@ import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, encodeFrame,
 } from '@tapbroker/protocol';
 import { Subuids, runPolicyTests, type AuditRecord } from '@tapbroker/broker/internal';
-import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
+import { BrokerProcess, CLIENT_CLI, ROOT, tempDir } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 import { quiet, until, within } from '../helpers/wait.js';
@@ -1244,6 +1244,32 @@ test.serial('a broker started with too few open files says so at start', async (
   } finally {
     await plenty.stop();
   }
+});
+
+test.serial('at the open-file limit a deletion still happens (on the broker\'s own netlink socket): no device is left', (t) => {
+  // The undo of a failed step deletes its device with a netlink socket of its own, off the event loop; with no fd
+  // left for that socket it failed, and the device stayed without its lease. Now it falls back to the socket the
+  // broker already holds. The script fills its fd table, then deletes a persistent tap the real kernel made (it loads
+  // netdev.js alone: a larger module graph was still loading once the table was full).
+  ns.ip('tuntap', 'add', 'r2full0', 'mode', 'tap');
+  const script = `
+    import fs from 'node:fs';
+    import { Netdev } from './packages/broker/dist/netdev.js';
+    const netdev = new Netdev({ deleteLink() {} }, '/tmp');
+    const index = netdev.linkNamed('r2full0').index;
+    const filler = [];
+    try { for (;;) filler.push(fs.openSync('/dev/null', 'r')); } catch (e) { if (e.code !== 'EMFILE') throw e; }
+    console.log(JSON.stringify({ filled: filler.length, deleted: await netdev.deleteLink(index), again: await netdev.deleteLink(index) }));
+    process.exit(0);`;
+  const r = spawnSync('ip', ['netns', 'exec', ns.name, 'prlimit', '--nofile=64', process.execPath, '--input-type=module', '-e', script],
+    { encoding: 'utf8', cwd: ROOT });
+  const gone = ns.link('r2full0') === undefined;
+  if (!gone) ns.ip('link', 'del', 'r2full0');
+  t.is(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { filled: number; deleted: boolean; again: boolean };
+  t.true(out.filled > 0, 'the fd table was full');
+  t.deepEqual([out.deleted, out.again], [true, false]);
+  t.true(gone, 'the tap is gone');
 });
 
 // ---------------------------------------------------------------- B13: renamed users
