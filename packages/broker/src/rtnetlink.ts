@@ -389,7 +389,9 @@ export class Rtnetlink {
   /** Deletes link `index` here, on the calling thread: true, or false when it was already gone. */
   deleteLink(index: number): boolean {
     try {
-      this.request((seq) => linkMessage(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index }, []), `delete link ${index}`);
+      this.request(
+        (seq) => linkMessage(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, { index }, []), `delete link ${index}`,
+      );
       return true;
     } catch (err) {
       if (err instanceof sys.SyscallError && err.errno === sys.errno.ENODEV) return false;
