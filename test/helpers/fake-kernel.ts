@@ -75,6 +75,11 @@ export class FakeKernel implements Kernel {
     const link = this.named(name);
     if (!link) throw new Error(`no device ${name}`);
     Object.assign(link, change);
+    // A port's new address: its bridge drops that MAC's entries, static ones on other ports too (br_fdb_changeaddr).
+    if (change.address && link.master !== null) {
+      const prefix = `${link.master}/${macFromBuffer(change.address)}/`;
+      for (const k of [...this.fdb.keys()]) if (k.startsWith(prefix)) this.fdb.delete(k);
+    }
     this.changed(link);
   }
 

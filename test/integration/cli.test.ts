@@ -140,11 +140,15 @@ test('SIGUSR1 to a client waiting on the broker never opens Node\'s inspector', 
     const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'list', '--socket', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
     let err = '';
     child.stderr!.on('data', (d) => (err += d));
-    const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+    let gone: number | string | null = null;
+    const exited = new Promise<void>((resolve) => child.on('exit', (code, sig) => ((gone = code ?? sig), resolve())));
     try {
       // Connected (our backlog holds it: the listener's Recv-Q), so past its start, and waiting: then the signal.
+      // A loaded machine (CI next to qemu guests) has taken over 10 s to start the client: up to 30 s, and a client
+      // that exits instead says why.
       const backlog = () => Number(spawnSync('ss', ['-xlH', 'src', sock], { encoding: 'utf8' }).stdout.trim().split(/\s+/)[2] ?? 0);
-      await until(() => backlog() > 0, { ms: 10_000, what: 'the client never connected' });
+      await until(() => backlog() > 0 || gone !== null, { ms: 30_000, what: 'the client never connected' });
+      t.is(gone, null, `the client exited (${gone}) before connecting: ${err}`);
       process.kill(child.pid!, 'SIGUSR1');
       await quiet(300, 'time for an inspector to open, were it to');
       const listening = spawnSync('ss', ['-ltnpH'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.includes(`pid=${child.pid},`));

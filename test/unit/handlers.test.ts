@@ -666,6 +666,30 @@ test('a VLAN port moved off its bridge and back gets its access VLAN again; a lo
   });
 });
 
+test('a tap that takes a locked guest\'s MAC and is gone before its event is read: the guest\'s entry is put back', async (t) => {
+  // Found by an outside review: the event was skipped (its device gone) and the DELLINK judged nothing; the locked
+  // guest stayed without its static entry, cut off until a restart, and the taker's next tap had its traffic.
+  await onFakeKernel(async ({ broker, kernel, records, held }) => {
+    const guest = await ask(broker, caller(1000), { op: 'create-tap', network: 'locked-net' });
+    held.push(...guest.fds);
+    const g = (guest.reply as { device: { name: string; mac: string; ifindex: number } }).device;
+    const key = `${kernel.linkNamed('br0')!.index}/${g.mac}/0`;
+    t.deepEqual(kernel.fdb.get(key), { port: g.ifindex, static: true });
+    const taker = await ask(broker, caller(1000), tap());
+    const name = (taker.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    kernel.holderChanges(name, { address: Buffer.from(g.mac.split(':').map((h) => parseInt(h, 16))) });
+    t.is(kernel.fdb.get(key), undefined, 'the bridge dropped the guest\'s static entry');
+    for (const fd of taker.fds) fs.closeSync(fd);
+    kernel.lastFdClosed(name);
+    await ask(broker, caller(1000), { op: 'list' });
+    await settled(broker);
+    t.deepEqual(kernel.fdb.get(key), { port: g.ifindex, static: true }, 'put back');
+    t.true(broker.lifetimes.forwarding.takenLately('br0', g.mac, 1000, () => false), 'the MAC is noted as taken');
+    t.true(records.some((r) => r.decision === 'cleanup' && /the device vanished with its last fd/.test(r.message ?? '')));
+  });
+});
+
 // Found by an outside re-test: a lease taken back from its device's tag has no plug, and an Open vSwitch VLAN port's
 // was followed as a Linux bridge's, so its device was deleted at a start (not a port of "its bridge").
 test('only a Linux bridge\'s VLAN ports are followed; an Open vSwitch one (no plug once taken back from its tag) is not', (t) => {

@@ -346,6 +346,14 @@ export class Lifetimes implements Cleanup {
     if (l.kind === 'tap' && link.address) this.forwarding.noteTaken(l, macFromBuffer(link.address));
   }
 
+  /** A tap gone with a MAC not its lease's: see onLink. */
+  private tookAndWent(l: LeaseRecord, link: Link): void {
+    const mac = expectedMac(l);
+    if (l.kind !== 'tap' || !link.address || mac === null || macFromBuffer(link.address) === mac) return;
+    this.noteTaken(l, link);
+    this.forwarding.relockBridge(l.parent, `\`${l.name}' took ${macFromBuffer(link.address)} and is gone`);
+  }
+
   /**
    * A device that is no longer this lease's (root renamed it): its tag is cleared, so that no later start takes
    * it back or deletes it as an orphan of ours. Only while it carries this very lease's tag.
@@ -435,6 +443,10 @@ export class Lifetimes implements Cleanup {
       this.dropVanished(l, `renamed to \`${link.name}': lease dropped, device left alone`);
       return this.renounce(l, link);
     }
+    // A tap that took another MAC and went at once (its fd closed before this was read) has wiped that MAC's entries
+    // on its bridge, a locked guest's static one too: the MAC is noted and the bridge's locked entries put back (an
+    // outside review cut a locked guest off this way for good). The event says what MAC the device had.
+    if (type === RTM_DELLINK) this.tookAndWent(l, link);
     if (type === RTM_DELLINK && link.movedTo !== null) {
       // Moved to another network namespace (only root can), tag and all: not deleted there, nor if it comes back.
       this.table.keep(l.id);
@@ -455,8 +467,8 @@ export class Lifetimes implements Cleanup {
     // (outside reviews: taps deleted for nothing, one given away unseen). They are read again as the broker sees
     // them; a queue attached while an owner was changed and set back still shows in the count.
     const seen = link.tun ? this.kernel.link(link.index) : link;
-    // Gone since: its RTM_DELLINK, queued or soon to be, says how (deleted, or moved to another namespace).
-    if (seen === null) return;
+    // Gone since: what it showed is judged as above; its RTM_DELLINK, queued or soon to be, says how it went.
+    if (seen === null) return this.tookAndWent(l, link);
     if (!this.isDevice(l, seen)) return this.judge(l, seen);
     link = { ...link, tun: seen.tun };
     this.forwarding.followPort(l, link, this.fresh.has(l.id), () => putBack(this.keeper!, l));
