@@ -1,10 +1,12 @@
 // create-tap against the real kernel: a fresh namespace for this file, the broker as a root child
 // process inside it, every client as an unprivileged uid.
 import anyTest, { type TestFn } from 'ava';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame,
 } from '@tapbroker/protocol';
+import { ROOT } from '../helpers/broker.js';
 import { brokerFixture } from '../helpers/fixture.js';
 import { NOBODY, OTHER_UID, probe, probeOnce } from '../helpers/unpriv.js';
 
@@ -209,6 +211,32 @@ const hasVhost = fs.existsSync('/dev/vhost-net');
   t.is(r.taps[0]!.vhostFds, 2);
 });
 if (!hasVhost) console.log('# skip vhost-net grant: /dev/vhost-net does not exist (CONFIG_VHOST_NET is off on this kernel)');
+
+// The answer about vhost-net is kept until a module is loaded or unloaded, as /sys/module shows it: the unit's
+// ProcSubset=pid hides /proc/modules, and an outside review found the answer kept for good there (a `modprobe
+// vhost_net', as the refusal's hint says, changed nothing). Private mounts stand in for /dev and /sys/module.
+const MODULES_SCRIPT = `set -e
+mount -t tmpfs -o mode=755 none /dev; mknod -m 666 /dev/vhost-net c 10 238
+mount -t tmpfs -o mode=755 none /sys/module; mkdir /sys/module/tun; exec "$@"`;
+(hasVhost ? test.skip : test)(`a vhost-net answer is asked again once /sys/module changes, not before${hasVhost ? ' (skipped: this host\'s driver would answer)' : ''}`, (t) => {
+  const script = `
+    import fs from 'node:fs';
+    import { vhostRefusal } from './packages/broker/dist/kernel.js';
+    const said = () => vhostRefusal()?.message ?? 'available';
+    const first = said();
+    fs.rmSync('/dev/vhost-net');
+    const cached = said();
+    fs.mkdirSync('/sys/module/vhost_net');
+    console.log(JSON.stringify([first, cached, said()]));`;
+  const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', MODULES_SCRIPT, 'sh', process.execPath,
+    '--input-type=module', '-e', script], { encoding: 'utf8', cwd: ROOT });
+  t.is(r.status, 0, r.stderr);
+  t.deepEqual(JSON.parse(r.stdout), [
+    'vhost unavailable: /dev/vhost-net has no driver behind it (ENODEV)',
+    'vhost unavailable: /dev/vhost-net has no driver behind it (ENODEV)',
+    'vhost unavailable: /dev/vhost-net does not exist on this host',
+  ]);
+});
 
 test.serial('a client that disconnects mid-request leaves nothing behind and the broker keeps serving', async (t) => {
   const fdsBefore = fx.broker.fdCount();

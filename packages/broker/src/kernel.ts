@@ -181,7 +181,7 @@ export function openVhost(): number {
   }
 }
 
-/** The last answer of vhostRefusal, and /proc/modules as it read then: only a module's load or unload changes it. */
+/** The last answer of vhostRefusal, and the modules loaded then (loadedModules): only a load or unload changes it. */
 let vhostAnswer: { modules: string; refusal: TapbrokerError | null } | null = null;
 
 /**
@@ -202,10 +202,13 @@ export function vhostRefusal(): TapbrokerError | null {
   return refusal;
 }
 
-/** The kernel's loaded modules ('' for a kernel without module support: what it has never changes). */
+/**
+ * The kernel's modules as /sys/module lists them: a module's load or unload changes it (a kernel without module
+ * support lists its built-ins for good). Not /proc/modules: the unit's ProcSubset=pid hides it (an outside review).
+ */
 export function loadedModules(): string {
   try {
-    return fs.readFileSync('/proc/modules', 'latin1');
+    return fs.readdirSync('/sys/module').join(' ');
   } catch {
     return '';
   }

@@ -302,7 +302,7 @@ export class Rtnetlink {
   /** Sends one request and returns the reply messages (for a plain request with ACK: none). */
   /** The last dump's links changed while it ran (NLM_F_DUMP_INTR). */
   private interrupted = false;
-  /** Link kinds the kernel did not know at their last dump, with /proc/modules as it read before that dump. */
+  /** Link kinds the kernel did not know at their last dump, with the modules loaded before it (loadedModules). */
   private readonly unknownKinds = new Map<string, string>();
 
   request(build: (seq: number) => Buffer, what: string): Buffer[] {
@@ -368,7 +368,7 @@ export class Rtnetlink {
     const filter = [attrU32(IFLA_EXT_MASK, EXT_MASK)];
     if (kind) filter.push(attrNested(IFLA_LINKINFO, [attrString(IFLA_INFO_KIND, kind)]));
     // A kind the kernel does not know (its module is not loaded) filters nothing: the kernel sends every link.
-    // No device of that kind exists then, nor can one until a module is loaded, which /proc/modules shows.
+    // No device of that kind exists then, nor can one until a module is loaded, which /sys/module shows.
     const modules = kind ? loadedModules() : '';
     if (kind && this.unknownKinds.get(kind) === modules) return [];
     // A dump the kernel says was interrupted by changes may have missed links: taken again, a few times.
