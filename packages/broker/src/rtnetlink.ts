@@ -377,11 +377,13 @@ export class Rtnetlink {
         (seq) => linkMessage(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, {}, filter),
         kind ? `dump ${kind} links` : 'dump links',
       ).map(parseLink);
-      if (kind && links.some((l) => l.kind !== kind)) {
-        this.unknownKinds.set(kind, modules);
-        return [];
+      // Filtered here too, whatever the reason the kernel did not: what is kept is only that none existed.
+      const unfiltered = kind !== undefined && links.some((l) => l.kind !== kind);
+      const ofKind = unfiltered ? links.filter((l) => l.kind === kind) : links;
+      if (!this.interrupted) {
+        if (unfiltered && ofKind.length === 0) this.unknownKinds.set(kind, modules);
+        return ofKind;
       }
-      if (!this.interrupted) return links;
       if (attempt === 5) throw new sys.SyscallError('rtnetlink', sys.errno.EAGAIN, 'dump links: interrupted 5 times');
     }
   }
