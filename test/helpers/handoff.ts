@@ -3,8 +3,9 @@
 //   node handoff.js SOCKET PARENT FIRST     FIRST: yes (a macvtap asked for before the hand-off) | no
 // The process that connected asks for a macvtap on PARENT (if FIRST), then hands the connection to a detached
 // child and exits. The child waits until that process is gone, asks for a second macvtap on the same
-// connection, prints one JSON line {first, second} (device names or error codes), and holds the connection
-// until its stdin closes.
+// connection, prints one JSON line {first, second, pid} (device names or error codes), and holds the connection
+// until it is killed. (Not until its stdin closes: the test's end of that pipe is closed when the first process
+// exits, and the child then ended, closing the connection, in a race with the broker's reading of the exit.)
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame } from '@tapbroker/protocol';
@@ -34,6 +35,5 @@ if (role !== 'child') {
   const conn = new SeqpacketConnection(3, { maxPacket: MAX_REPLY_BYTES });
   const second = await ask(conn, { op: 'create-macvtap', id: 3, parent });
   process.stdout.write(`${JSON.stringify({ first: firstName, second, pid: process.pid })}\n`);
-  process.stdin.resume();
-  process.stdin.on('end', () => process.exit(0));
+  setInterval(() => conn, 60_000);
 }
