@@ -34,7 +34,7 @@ function setup(leases: LeaseRecord[], dir = tempDir('fwd')) {
     link: () => ({ master: 1 }),
   };
   const notes: string[] = [];
-  const fwd = new Forwarding(kernel as never, table, (_op, _d, l, m) => notes.push(`${l.name}: ${m}`), () => {}, () => false);
+  const fwd = new Forwarding(kernel as never, table, (_op, _d, l, m) => notes.push(`${l.name}: ${m}`), () => {});
   return { fwd, put, notes, dir };
 }
 

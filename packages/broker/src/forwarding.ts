@@ -31,13 +31,14 @@ const MAX_TAKEN = 1024;
 export class Forwarding {
   /** `u:UID` or `g:GID` → `bridge/mac` → until when the locks it holds up do not take it (see TAKEN_MS). */
   private readonly taken = new Map<string, Map<string, number>>();
+  /** The MAC each tap was last recorded taking (lease id → MAC; the last 1,024 taps): see took. */
+  private readonly lastTook = new Map<string, string>();
 
   constructor(
     private readonly kernel: Kernel,
     private readonly table: LeaseTable,
     private readonly note: Note,
     private readonly log: (line: string) => void,
-    private readonly creating: (id: string) => boolean,
   ) {
     // What the last run recorded: a restart is no way out of the quarantine (an outside re-test restarted the
     // broker and locked the MAC at once).
@@ -48,8 +49,28 @@ export class Forwarding {
     }
   }
 
-  /** `l`'s tap on its bridge showed `mac` as its own address: the locks of whoever may have taken it wait. */
-  noteTaken(l: LeaseRecord, mac: string): void {
+  /**
+   * An event showed `l`'s tap on its bridge with `mac`, not its lease's, and its device is kept or gone (set back,
+   * or closed, before the event was read): the bridge dropped that MAC's entries, a locked guest's static one too
+   * (outside reviews cut locked guests off for good this way). The MAC is noted, the bridge's locked entries are
+   * put back, and the taking is recorded (once per tap and MAC: its event and its deletion's may both show it).
+   */
+  took(l: LeaseRecord, mac: string): void {
+    this.noteTaken(l, mac);
+    this.relockBridge(l.parent, `\`${l.name}' took ${mac}`);
+    if (this.lastTook.get(l.id) !== mac) {
+      this.lastTook.set(l.id, mac);
+      if (this.lastTook.size > 1024) this.lastTook.delete(this.lastTook.keys().next().value!);
+      this.note('cleanup', 'cleanup', l, `its holder gave it MAC ${mac}, not its lease's, before the broker read `
+        + `it: the locked entries of bridge \`${l.parent}' are put back`);
+    }
+  }
+
+  /**
+   * `l`'s tap on its bridge showed `mac` as its own address: the locks of whoever may have taken it wait. True the
+   * first time this taker is noted for it.
+   */
+  noteTaken(l: LeaseRecord, mac: string): boolean {
     let fresh = false;
     for (const who of [`u:${l.uid}`, ...(l.group !== null ? [`g:${l.group}`] : [])]) {
       const mine = this.live(who) ?? new Map<string, number>();
@@ -60,7 +81,7 @@ export class Forwarding {
       this.taken.set(who, mine);
     }
     // One event and its judgement note the same taking: written once (a re-test counted two writes each).
-    if (!fresh) return;
+    if (!fresh) return false;
     // Written with the table (a taking is rare: each costs its taker the tap); a full disk is said by the table.
     const now = Date.now();
     this.table.taken = [...this.taken].flatMap(([who, m]) =>
@@ -70,6 +91,7 @@ export class Forwarding {
     } catch {
       // Kept in memory: the quarantine holds for this run.
     }
+    return true;
   }
 
   /**
@@ -135,13 +157,15 @@ export class Forwarding {
   /**
    * Every locked lease's static entry on `bridge`, put back: after a window in which a holder could change a
    * device's MAC with no lease to judge its events by (a persistent tap being made, a device being deleted).
-   * Only ports still on that bridge; nothing is looked up where no lease there is locked.
+   * Only ports still on that bridge; nothing is looked up where no lease there is locked. Leases still being
+   * made too: their ports are locked before their leases are written (an outside review took a guest's MAC
+   * while its create was in flight, and the guest was granted a locked port with no entry).
    */
   relockBridge(bridge: string, why: string): void {
     // One lease per MAC and VLAN, the oldest (a state from before MACs locked were kept unique may have two).
     const seen = new Set<string>();
-    const locked = oldest(this.table.all().filter((o) => o.locked && o.mac !== null && o.parent === bridge
-      && !this.creating(o.id))).filter((o) => !seen.has(`${o.mac}/${o.vlan}`) && !!seen.add(`${o.mac}/${o.vlan}`));
+    const locked = oldest(this.table.all().filter((o) => o.locked && o.mac !== null && o.parent === bridge))
+      .filter((o) => !seen.has(`${o.mac}/${o.vlan}`) && !!seen.add(`${o.mac}/${o.vlan}`));
     if (locked.length === 0) return;
     try {
       const master = this.kernel.linkNamed(bridge)?.index;

@@ -8,7 +8,7 @@ import { KERNEL_KIND, LeaseTable, aliasIdentity, brokerId, leaseView, type Lease
 import type { Cleanup, Kernel } from './kernel.js';
 import { putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks } from './hook.js';
-import { decidePersistent, expectedMac, violationOf } from './terms.js';
+import { decidePersistent, expectedMac, takenMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Forwarding } from './forwarding.js';
 import { Unplugs } from './plug.js';
@@ -62,7 +62,7 @@ export class Lifetimes implements Cleanup {
     const { table, problem, trusted } = LeaseTable.load(stateDir);
     this.table = table;
     table.log = log;
-    this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, (id) => this.creating.has(id));
+    this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log);
     this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
     this.trusted = trusted;
     if (problem) log(`warning: ${problem}`);
@@ -346,13 +346,6 @@ export class Lifetimes implements Cleanup {
     if (l.kind === 'tap' && link.address) this.forwarding.noteTaken(l, macFromBuffer(link.address));
   }
 
-  /** A tap gone with a MAC not its lease's: see onLink. */
-  private tookAndWent(l: LeaseRecord, link: Link): void {
-    const mac = expectedMac(l);
-    if (l.kind !== 'tap' || !link.address || mac === null || macFromBuffer(link.address) === mac) return;
-    this.noteTaken(l, link);
-    this.forwarding.relockBridge(l.parent, `\`${l.name}' took ${macFromBuffer(link.address)} and is gone`);
-  }
 
   /**
    * A device that is no longer this lease's (root renamed it): its tag is cleared, so that no later start takes
@@ -443,10 +436,10 @@ export class Lifetimes implements Cleanup {
       this.dropVanished(l, `renamed to \`${link.name}': lease dropped, device left alone`);
       return this.renounce(l, link);
     }
-    // A tap that took another MAC and went at once (its fd closed before this was read) has wiped that MAC's entries
-    // on its bridge, a locked guest's static one too: the MAC is noted and the bridge's locked entries put back (an
-    // outside review cut a locked guest off this way for good). The event says what MAC the device had.
-    if (type === RTM_DELLINK) this.tookAndWent(l, link);
+    // A tap that took another MAC and went at once (closed before this was read): see Forwarding.took. A deletion's
+    // event says what MAC the device had (its bridge has let it go by then: none is named).
+    const took = takenMac(l, link);
+    if (type === RTM_DELLINK && took !== null) this.forwarding.took(l, took);
     if (type === RTM_DELLINK && link.movedTo !== null) {
       // Moved to another network namespace (only root can), tag and all: not deleted there, nor if it comes back.
       this.table.keep(l.id);
@@ -467,8 +460,9 @@ export class Lifetimes implements Cleanup {
     // (outside reviews: taps deleted for nothing, one given away unseen). They are read again as the broker sees
     // them; a queue attached while an owner was changed and set back still shows in the count.
     const seen = link.tun ? this.kernel.link(link.index) : link;
-    // Gone since: what it showed is judged as above; its RTM_DELLINK, queued or soon to be, says how it went.
-    if (seen === null) return this.tookAndWent(l, link);
+    // Gone since: its RTM_DELLINK, queued or soon to be, says how it went; a MAC it took on its bridge is taken care
+    // of now (the MAC the broker sets at a create is set before the tap joins its bridge).
+    if (seen === null) return void (took !== null && link.master !== null && this.forwarding.took(l, took));
     if (!this.isDevice(l, seen)) return this.judge(l, seen);
     link = { ...link, tun: seen.tun };
     this.forwarding.followPort(l, link, this.fresh.has(l.id), () => putBack(this.keeper!, l));
@@ -477,8 +471,6 @@ export class Lifetimes implements Cleanup {
       this.fresh.delete(l.id);
       return;
     }
-    // What the event shows it took (it may be set back by now, as the judgement below reads it).
-    if (violation === 'address') this.noteTaken(l, link);
     // A MAC an event shows is a breach even if undone since: a MAC set and set back has already wiped the
     // bridge's forwarding entry for it (an owner is judged as read again above). What
     // an event shows of persistence is judged on the device as it is now (converted or not, by what it is),
@@ -486,6 +478,11 @@ export class Lifetimes implements Cleanup {
     // predate its MAC and owner), until one shows it as granted.
     const current = violation === 'persist' || this.fresh.has(l.id) ? this.kernel.link(link.index) : link;
     if (current !== null) this.judge(l, current);
+    if (took === null) return;
+    // What it took, set back before it was judged and kept (a lease committed with events unread is judged as it is
+    // now): the taking still wiped entries (an outside review cut a locked guest off for good this way).
+    if (link.master !== null && this.table.get(l.id)) this.forwarding.took(l, took);
+    else this.forwarding.noteTaken(l, took);
   }
 
   /** Leases committed while link events were still unread (a drain over its budget): see onLink. */
@@ -568,7 +565,7 @@ export class Lifetimes implements Cleanup {
     // a port still of its own bridge.
     const bridgeIndex = new Map([...links.values()].map((k) => [k.name, k.index]));
     for (const l of this.table.all()) {
-      if (!l.locked || l.mac === null || this.creating.has(l.id)) continue;
+      if (!l.locked || l.mac === null) continue;
       const master = links.get(l.ifindex)?.master ?? null;
       if (master === null || master !== bridgeIndex.get(l.parent)) continue;
       this.forwarding.relock(l, 'link events were lost');

@@ -29,6 +29,14 @@ export function violationOf(l: LeaseRecord, link: Link): 'persist' | 'owner' | '
   return null;
 }
 
+/** The MAC `link` shows `l`'s tap with when it is not the lease's (its holder set it), else null. */
+export function takenMac(l: LeaseRecord, link: Link): string | null {
+  const expected = expectedMac(l);
+  if (l.kind !== 'tap' || !link.address || expected === null) return null;
+  const mac = macFromBuffer(link.address);
+  return mac === expected ? null : mac;
+}
+
 /**
  * The device's own address, as recorded at the grant; for leases recorded before 0.4.0, a tap's host side is
  * the guest's MAC with 0xfe first, and a macvtap's is the guest's.
