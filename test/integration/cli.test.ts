@@ -127,16 +127,20 @@ test('SIGUSR1 never opens Node\'s inspector in the client: it goes on to the com
   t.notRegex(r.stderr, /Debugger listening/);
 });
 
-test('SIGUSR1 to a client waiting on the broker never opens Node\'s inspector', async (t) => {
-  // A broker that never answers: a listening socket nobody accepts on, so the client waits for its hello.
-  const dir = tempDir('usr1');
+/** A broker that never answers: a listening socket nobody accepts on, so a client waits for its hello. */
+function silentBroker(tag: string): { sock: string; close(): void } {
+  const dir = tempDir(tag);
   const sock = path.join(dir, 'silent.sock');
   const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_CLOEXEC);
+  sys.bind(fd, sys.sockaddrUn(sock));
+  fs.chmodSync(sock, 0o666);
+  sys.listen(fd, 4);
+  return { sock, close: () => (sys.close(fd), fs.rmSync(dir, { recursive: true, force: true })) };
+}
+
+test('SIGUSR1 to a client waiting on the broker never opens Node\'s inspector', async (t) => {
+  const { sock, close } = silentBroker('usr1');
   try {
-    fs.chmodSync(dir, 0o755);
-    sys.bind(fd, sys.sockaddrUn(sock));
-    fs.chmodSync(sock, 0o666);
-    sys.listen(fd, 4);
     const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'list', '--socket', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
     let err = '';
     child.stderr!.on('data', (d) => (err += d));
@@ -159,8 +163,32 @@ test('SIGUSR1 to a client waiting on the broker never opens Node\'s inspector', 
       await exited;
     }
   } finally {
-    sys.close(fd);
-    fs.rmSync(dir, { recursive: true, force: true });
+    close();
+  }
+});
+
+test('a broker that does not answer: the client says after 5 s what it waits for, and waits on', async (t) => {
+  // A stopped (SIGSTOP) or stuck broker left `run` silent for ever: an outside review of the real clients.
+  const { sock, close } = silentBroker('patience');
+  try {
+    const child = spawnAs({}, process.execPath, [CLIENT_CLI, 'run', '--socket', sock, '--net', 'bridge=br0', '--', 'true'],
+      { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (d) => (err += d));
+    let code: number | null | undefined;
+    const exited = new Promise<void>((resolve) => child.on('exit', (c) => ((code = c), resolve())));
+    try {
+      const t0 = Date.now();
+      await until(() => err.includes('still waiting') || code !== undefined, { ms: 30_000, what: 'no word from the client' });
+      t.is(code, undefined, `the client waits on: ${err}`);
+      t.true(Date.now() - t0 >= 4500, 'not before 5 s');
+      t.is(err, `tapbroker: still waiting for the broker at ${sock} (it may be stopped or overloaded; Ctrl-C gives up)\n`);
+    } finally {
+      child.kill('SIGKILL');
+      await exited;
+    }
+  } finally {
+    close();
   }
 });
 

@@ -23,7 +23,7 @@ import {
   type Lease,
   type MacvtapMode,
 } from '@tapbroker/protocol/lite';
-import { TapbrokerClient, closeTap, type CanNic, type Tap } from './client.js';
+import { TapbrokerClient, closeTap, socketPath, type CanNic, type Tap } from './client.js';
 import { libvirtInterfaceXml } from './libvirt.js';
 import { parseNetSpec, type NetSpec } from './netspec.js';
 import { childFdNumbers, nicArgs, shellQuote } from './qemu-args.js';
@@ -364,7 +364,8 @@ async function run(args: Args): Promise<number> {
     process.stderr.write(`tapbroker: cannot run ${cmd}: ${found.reason}\n`);
     return found.status;
   }
-  const client = await TapbrokerClient.connect(args.socket);
+  const stop = patience(args.socket);
+  const client = await TapbrokerClient.connect(args.socket).catch((err: unknown) => (stop(), Promise.reject(err)));
   let taps: Tap[];
   try {
     // Every NIC in one request: one round trip, and the broker grants all of them or none.
@@ -377,6 +378,8 @@ async function run(args: Args): Promise<number> {
   } catch (err) {
     client.close();
     throw err;
+  } finally {
+    stop();
   }
   // The connection stays open while the command runs: a macvtap lease ends when it closes.
   for (const t of taps) process.stderr.write(`tapbroker: ${describeDevice(t.device)}\n`);
@@ -590,7 +593,8 @@ function leaseTable(leases: readonly Lease[]): string {
 }
 
 async function leaseCommand(o: LeaseArgs): Promise<number> {
-  const client = await TapbrokerClient.connect(o.socket);
+  const stop = patience(o.socket);
+  const client = await TapbrokerClient.connect(o.socket).catch((err: unknown) => (stop(), Promise.reject(err)));
   try {
     if (o.command === 'status') return await statusCommand(client, o.output === 'json');
     if (o.command === 'reload') {
@@ -644,6 +648,7 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
     return 0;
   } finally {
     client.close();
+    stop();
   }
 }
 
@@ -780,12 +785,24 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
+/** After this long without the broker's answer, the user is told what it waits for (it may be stopped or stuck). */
+const PATIENCE_MS = 5000;
+
+/** Says once, after PATIENCE_MS, that the command still waits for the broker; the returned function stops it. */
+function patience(socket: string | null): () => void {
+  const timer = setTimeout(() => process.stderr.write(`tapbroker: still waiting for the broker at ${socketPath(socket)} `
+    + `(it may be stopped or overloaded; Ctrl-C gives up)\n`), PATIENCE_MS);
+  timer.unref();
+  return () => clearTimeout(timer);
+}
+
 /**
  * tapbroker can: each SPEC asked on its own; 0 if the broker would grant every one, else the status `run` would
  * exit with for the first refused one (77 for the policy's refusals; 65, 69, 78 … for the host's).
  */
 async function canCommand(args: Args): Promise<number> {
-  const client = await TapbrokerClient.connect(args.socket);
+  const stop = patience(args.socket);
+  const client = await TapbrokerClient.connect(args.socket).catch((err: unknown) => (stop(), Promise.reject(err)));
   let status = 0;
   // Each SPEC is weighed with the ones before it that would be granted, as `run` asks for them together.
   const before: CanNic[] = [];
@@ -809,6 +826,7 @@ async function canCommand(args: Args): Promise<number> {
     }
   } finally {
     client.close();
+    stop();
   }
   return status;
 }
