@@ -790,8 +790,9 @@ const PATIENCE_MS = 5000;
 
 /** Says once, after PATIENCE_MS, that the command still waits for the broker; the returned function stops it. */
 function patience(socket: string | null): () => void {
-  const timer = setTimeout(() => process.stderr.write(`tapbroker: still waiting for the broker at ${socketPath(socket)} `
-    + `(it may be stopped or overloaded; Ctrl-C gives up)\n`), PATIENCE_MS);
+  const said = `tapbroker: still waiting for the broker at ${socketPath(socket)} `
+    + '(it may be stopped or overloaded; Ctrl-C gives up)\n';
+  const timer = setTimeout(() => process.stderr.write(said), PATIENCE_MS);
   timer.unref();
   return () => clearTimeout(timer);
 }
