@@ -27,12 +27,18 @@ const TAKEN_MS = 300_000;
  * count (an owner picks the group; a count would let it hold up every member's locks: an earlier re-test).
  */
 const MAX_TAKEN = 1024;
+const MAX_TAKEN_GROUP = 16 * MAX_TAKEN;
+/** MACs recorded one by one for a tap that took them (see Forwarding.took). */
+const TOOK_RECORDED = 16;
 
 export class Forwarding {
   /** `u:UID` or `g:GID` → `bridge/mac` → until when the locks it holds up do not take it (see TAKEN_MS). */
   private readonly taken = new Map<string, Map<string, number>>();
-  /** The MAC each tap was last recorded taking (lease id → MAC; the last 1,024 taps): see took. */
-  private readonly lastTook = new Map<string, string>();
+  /** The MACs each tap was recorded taking (lease id → MACs, at most TOOK_RECORDED; the last 1,024 taps): see took. */
+  private readonly recorded = new Map<string, Set<string>>();
+  /** A write of the quarantine is due, and when the last one was (see noteTaken). */
+  private saveDue: NodeJS.Timeout | null = null;
+  private savedAt = 0;
 
   constructor(
     private readonly kernel: Kernel,
@@ -53,17 +59,20 @@ export class Forwarding {
    * An event showed `l`'s tap on its bridge with `mac`, not its lease's, and its device is kept or gone (set back,
    * or closed, before the event was read): the bridge dropped that MAC's entries, a locked guest's static one too
    * (outside reviews cut locked guests off for good this way). The MAC is noted, the bridge's locked entries are
-   * put back, and the taking is recorded (once per tap and MAC: its event and its deletion's may both show it).
+   * put back, and the taking is recorded: once per tap and MAC (its event and its deletion's may both show it, and
+   * a holder may flip between MACs: an outside review had the same one recorded 150 times), TOOK_RECORDED at most.
    */
   took(l: LeaseRecord, mac: string): void {
     this.noteTaken(l, mac);
     this.relockBridge(l.parent, `\`${l.name}' took ${mac}`);
-    if (this.lastTook.get(l.id) !== mac) {
-      this.lastTook.set(l.id, mac);
-      if (this.lastTook.size > 1024) this.lastTook.delete(this.lastTook.keys().next().value!);
-      this.note('cleanup', 'cleanup', l, `its holder gave it MAC ${mac}, not its lease's, before the broker read `
-        + `it: the locked entries of bridge \`${l.parent}' are put back`);
-    }
+    const macs = this.recorded.get(l.id) ?? new Set<string>();
+    if (macs.has(mac) || macs.size > TOOK_RECORDED) return;
+    macs.add(mac);
+    this.recorded.set(l.id, macs);
+    if (this.recorded.size > 1024) this.recorded.delete(this.recorded.keys().next().value!);
+    const more = macs.size > TOOK_RECORDED ? `; it took more than ${TOOK_RECORDED} MACs, the rest not recorded` : '';
+    this.note('cleanup', 'cleanup', l, `its holder gave it MAC ${mac}, not its lease's, before the broker read `
+      + `it: the locked entries of bridge \`${l.parent}' are put back${more}`);
   }
 
   /**
@@ -75,22 +84,35 @@ export class Forwarding {
     for (const who of [`u:${l.uid}`, ...(l.group !== null ? [`g:${l.group}`] : [])]) {
       const mine = this.live(who) ?? new Map<string, number>();
       const key = `${l.parent}/${mac}`;
+      // Past the cap a uid's locks are held up as a whole (takenLately), and nothing more is kept or written: a
+      // holder can show a new MAC with each ioctl (an outside review made the broker write 30 MB/s that way). A
+      // group's are kept up to a larger cap, for memory's sake (never held up by a count: see MAX_TAKEN).
+      if (!mine.has(key) && mine.size >= (who.startsWith('g:') ? MAX_TAKEN_GROUP : MAX_TAKEN)) continue;
       fresh ||= !mine.has(key);
-      // A uid's past the cap stay held up as a whole; a group's are bounded by its owners' caps (groupTapsWait).
-      if (mine.size < MAX_TAKEN || who.startsWith('g:')) mine.set(key, Date.now() + TAKEN_MS);
+      mine.set(key, Date.now() + TAKEN_MS);
       this.taken.set(who, mine);
     }
     // One event and its judgement note the same taking: written once (a re-test counted two writes each).
     if (!fresh) return false;
-    // Written with the table (a taking is rare: each costs its taker the tap); a full disk is said by the table.
     const now = Date.now();
     this.table.taken = [...this.taken].flatMap(([who, m]) =>
       [...m].filter(([, until]) => until > now).map(([key, until]) => ({ who, key, until })));
-    try {
-      this.table.save();
-    } catch {
-      // Kept in memory: the quarantine holds for this run.
-    }
+    // Written with the table at once, or a second after the last such write if sooner (any other write of the table
+    // carries it too, as does the snapshot at a stop); a full disk is said by the table, and the quarantine holds
+    // in memory for this run.
+    const save = () => {
+      if (this.saveDue) clearTimeout(this.saveDue);
+      this.saveDue = null;
+      this.savedAt = Date.now();
+      try {
+        this.table.save();
+      } catch {
+        // Said by the table.
+      }
+    };
+    const since = Date.now() - this.savedAt;
+    if (since >= 1000) save();
+    else this.saveDue ??= setTimeout(save, 1000 - since).unref();
     return true;
   }
 
