@@ -34,7 +34,7 @@ const TOOK_RECORDED = 16;
 export class Forwarding {
   /** `u:UID` or `g:GID` → `bridge/mac` → until when the locks it holds up do not take it (see TAKEN_MS). */
   private readonly taken = new Map<string, Map<string, number>>();
-  /** The MACs each tap was recorded taking (lease id → MACs, at most TOOK_RECORDED; the last 1,024 taps): see took. */
+  /** The MACs each tap was recorded taking (by lease id, at most TOOK_RECORDED; the last 1,024 taps): see took. */
   private readonly recorded = new Map<string, Set<string>>();
   /** A write of the quarantine is due, and when the last one was (see noteTaken). */
   private saveDue: NodeJS.Timeout | null = null;
