@@ -122,6 +122,19 @@ test('a taking noted twice is written once', async (t) => {
   t.is(tbl.writes - before, 2, 'another MAC is another write, within a second');
 });
 
+test('a write of the quarantine still due at a stop does not come after the stop\'s snapshot', async (t) => {
+  const { fwd } = setup([]);
+  const l = lease({ uid: 1000, parent: 'br0' });
+  const tbl = (fwd as unknown as { table: LeaseTable }).table;
+  fwd.noteTaken(l, '52:54:00:aa:bb:01');
+  fwd.noteTaken(l, '52:54:00:aa:bb:02');
+  const before = tbl.writes;
+  fwd.close();
+  await new Promise((r) => setTimeout(r, 1100));
+  t.is(tbl.writes, before);
+  t.is(tbl.taken.length, 2, 'what the snapshot writes has both');
+});
+
 // Found by an outside review: a holder showing a new MAC with each ioctl made the broker write its whole table, with
 // an fsync, for each (30 – 40 MB/s), and past the cap every one counted as new.
 test('takings are written at most once a second, and past the cap nothing more is kept', async (t) => {

@@ -75,6 +75,12 @@ export class Forwarding {
       + `it: the locked entries of bridge \`${l.parent}' are put back${more}`);
   }
 
+  /** At a stop: the snapshot of the table carries the quarantine; no write of it may come after. */
+  close(): void {
+    if (this.saveDue) clearTimeout(this.saveDue);
+    this.saveDue = null;
+  }
+
   /**
    * `l`'s tap on its bridge showed `mac` as its own address: the locks of whoever may have taken it wait. True the
    * first time this taker is noted for it.

@@ -116,6 +116,7 @@ export class Lifetimes implements Cleanup {
     // those whose taps go while the broker is down.
     this.catchUp(true);
     this.monitor?.close();
+    this.forwarding.close();
     try {
       this.table.snapshot();
     } catch (err) {
