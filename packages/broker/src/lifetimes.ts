@@ -347,7 +347,6 @@ export class Lifetimes implements Cleanup {
     if (l.kind === 'tap' && link.address) this.forwarding.noteTaken(l, macFromBuffer(link.address));
   }
 
-
   /**
    * A device that is no longer this lease's (root renamed it): its tag is cleared, so that no later start takes
    * it back or deletes it as an orphan of ours. Only while it carries this very lease's tag.

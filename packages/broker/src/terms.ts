@@ -24,17 +24,19 @@ export function violationOf(l: LeaseRecord, link: Link): 'persist' | 'owner' | '
     const owner = l.group !== null ? null : l.uid;
     if (link.tun.owner !== owner || link.tun.group !== l.group) return 'owner';
   }
-  const expected = expectedMac(l);
-  if (link.address && expected !== null && macFromBuffer(link.address) !== expected) return 'address';
-  return null;
+  return foreignMac(l, link) !== null ? 'address' : null;
 }
 
 /** The MAC `link` shows `l`'s tap with when it is not the lease's (its holder set it), else null. */
 export function takenMac(l: LeaseRecord, link: Link): string | null {
+  return l.kind === 'tap' ? foreignMac(l, link) : null;
+}
+
+/** The MAC `link` shows when it is not `l`'s own (expectedMac), else null. */
+function foreignMac(l: LeaseRecord, link: Link): string | null {
   const expected = expectedMac(l);
-  if (l.kind !== 'tap' || !link.address || expected === null) return null;
-  const mac = macFromBuffer(link.address);
-  return mac === expected ? null : mac;
+  const mac = link.address ? macFromBuffer(link.address) : null;
+  return mac !== null && expected !== null && mac !== expected ? mac : null;
 }
 
 /**
