@@ -5,9 +5,9 @@ import anyTest, { type TestFn } from 'ava';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { BROKER_MAIN, BrokerProcess, tempDir } from '../helpers/broker.js';
+import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
-import { NOBODY, probe, probeOnce } from '../helpers/unpriv.js';
+import { NOBODY, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 import type { ProbeRequest } from '../helpers/probe.js';
 
 const test = anyTest as TestFn;
@@ -102,6 +102,38 @@ for (const [point, request] of createCases) {
     t.is(fill.result.error, null, 'a quota of 3 is all there');
     await fill.release();
   });
+}
+
+for (const request of [{ bridge: 'br0', persistent: true }, { parent: 'vparent', persistent: true }] as ProbeRequest[]) {
+  const what = 'parent' in request ? 'macvtap' : 'tap';
+  test.serial(`SIGKILL once a persistent ${what}'s create is durable, before its reply: it stays, and its grant is on record`,
+    async (t) => {
+      // An outside review killed the broker between the write that keeps a create and its grant record: the device
+      // stayed, listed and counted, with no record at all. Its record now comes first.
+      let killed: BrokerProcess | null = null;
+      const tapbroker = (...args: string[]) => spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI,
+        'create', '--persistent', '--socket', broker.socket, ...args], { encoding: 'utf8', timeout: 20_000 });
+      await killAt('create:confirmed', async () => {
+        killed = broker;
+        if (what === 'tap') {
+          // As the real client meets it: it says the device may be there, and how to take it.
+          const r = tapbroker('--bridge', 'br0', '--name', 'tb65534-kept');
+          t.regex(r.stderr, /TB_E_BROKER_CLOSED[^]*may have been made[^]*--exist-ok/);
+          return;
+        }
+        const got = await probe({ socket: broker.socket, requests: [request] });
+        t.is(got.result.error?.code, 'TB_E_BROKER_CLOSED');
+        await got.release();
+      });
+      const [name] = ns.extraLinks(BASE);
+      t.truthy(name, 'the device stays');
+      t.true(killed!.records.some((r) => r.decision === 'grant' && (r.device as { name?: string } | undefined)?.name === name),
+        `a grant record names ${name}`);
+      await consistent(t);
+      if (what === 'tap') t.regex(tapbroker('--bridge', 'br0', '--name', 'tb65534-kept', '--exist-ok').stdout, /^exists: /);
+      await releaseAll();
+      await consistent(t);
+    });
 }
 
 test.serial('SIGKILL at create:leased, then root renames the device: the restart rolls back the lease, not it',

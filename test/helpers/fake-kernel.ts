@@ -276,9 +276,18 @@ export class FakeKernel implements Kernel {
     if (l) l.alias = null;
   }
 
+  /** Lookups of a device by index (RTM_GETLINK, which waits for the RTNL lock behind every deletion under way). */
+  lookups = 0;
+
   link(index: number): Link | null {
+    this.lookups++;
     const l = this.devices.get(index);
     return l ? copy(l) : null;
+  }
+
+  tapAsSeen(event: Link): Link | null {
+    const l = this.devices.get(event.index);
+    return l && l.name === event.name ? { ...event, tun: l.tun && { ...l.tun, queues: event.tun?.queues ?? null } } : null;
   }
 
   linkNamed(name: string): Link | null {

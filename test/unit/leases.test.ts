@@ -4,7 +4,7 @@ import test from 'ava';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  ALIAS_MAX, LeaseTable, STATE_FILE, Unplugs, aliasBroker, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
+  ALIAS_MAX, LeaseTable, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
 } from '@tapbroker/broker/internal';
 import { tempDir } from '../helpers/broker.js';
 
@@ -152,10 +152,25 @@ test('a load removes the temporary files of brokers killed mid-write', (t) => {
   const dir = tempDir('stale');
   try {
     fs.writeFileSync(path.join(dir, 'leases.json.4242.tmp'), '{"version":1');
+    fs.writeFileSync(path.join(dir, 'hook-run.4243.tmp'), '0123');
     fs.writeFileSync(path.join(dir, 'other.tmp'), 'not ours');
     LeaseTable.load(dir);
     t.false(fs.existsSync(path.join(dir, 'leases.json.4242.tmp')));
-    t.true(fs.existsSync(path.join(dir, 'other.tmp')), 'only the table\'s own');
+    t.false(fs.existsSync(path.join(dir, 'hook-run.4243.tmp')), 'the hook-run file\'s too (an outside review)');
+    t.true(fs.existsSync(path.join(dir, 'other.tmp')), 'only the broker\'s own');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a hook-run file that cannot be written leaves no temporary file behind', (t) => {
+  const dir = tempDir('hookrun');
+  try {
+    // The rename fails (a directory in the file's place), as a write to a full state directory does.
+    fs.mkdirSync(path.join(dir, 'hook-run'));
+    const run = hookRun(dir);
+    t.regex(run.current, /^[0-9a-f]{32}$/);
+    t.deepEqual(fs.readdirSync(dir), ['hook-run']);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

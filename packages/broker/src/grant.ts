@@ -156,10 +156,22 @@ async function grantEach(
   // being created, so they are not taken for their holder's doing. If that fails (a netlink error in a
   // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
   // the request may stay half made, and the network's `down` comes after its `up`.
+  let granting = false;
   try {
     ctx.lifetimes.catchUp();
     const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
     if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
+    // Recorded before the write that makes them stay: a broker killed after it keeps them at its next start, and
+    // their records must be there (an outside review killed it between the two: a persistent tap and no record).
+    granting = true;
+    for (const g of granted) {
+      audit({
+        decision: 'grant',
+        rule: g.lease.rule,
+        request: specView(g.spec),
+        device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
+      });
+    }
     try {
       ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
     } catch (err) {
@@ -171,21 +183,14 @@ async function grantEach(
     for (const g of granted) {
       audit({
         decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
-        code: e.code, message: e.message,
+        code: e.code, message: granting ? `${e.message}: its grant, recorded, is undone` : e.message,
       });
     }
     await meter.wait(undone(granted.map((g) => ctx.lifetimes.abort(g.lease, g.fds, e.message, caller))));
     throw e;
   }
-  for (const g of granted) {
-    ctx.lifetimes.commit(g.lease.id);
-    audit({
-      decision: 'grant',
-      rule: g.lease.rule,
-      request: specView(g.spec),
-      device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
-    });
-  }
+  ctx.kernel.faultPoint('create:confirmed');
+  for (const g of granted) ctx.lifetimes.commit(g.lease.id);
   return granted;
 }
 

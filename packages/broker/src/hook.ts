@@ -145,7 +145,12 @@ export function hookRun(stateDir: string | null): { current: string; previous: s
     fs.renameSync(tmp, file);
   } catch {
     // A full or read-only state directory (the broker starts anyway, and says so): this run's hooks cannot be
-    // found after a crash, which is what a broker without this file had.
+    // found after a crash, which is what a broker without this file had. No temporary file stays behind.
+    try {
+      fs.rmSync(tmp, { force: true });
+    } catch {
+      // A read-only directory holds none.
+    }
   }
   return { current, previous };
 }

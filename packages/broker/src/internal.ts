@@ -62,4 +62,4 @@ export { Reaper } from './reaper.js';
 export { accountMembers, aclUserOnly, grantUserOnly, getpwnam, getpwuid } from './libc.js';
 export { Subuids, loadSubuids, ownGroups, subordinateOf, type HostIds, type SubRange } from './subids.js';
 export { Unplugs } from './plug.js';
-export { killOrphanHooks } from './hook.js';
+export { hookRun, killOrphanHooks } from './hook.js';

@@ -54,7 +54,7 @@ export function hostMac(guestMac: Buffer): Buffer {
 export type FaultPoint =
   | 'tap:opened' | 'tap:created' | 'tap:attached' | 'tap:configured' | 'tap:locked' | 'tap:persisted'
   | 'macvtap:created' | 'macvtap:opened'
-  | 'create:leased' | 'retire:unleased' | 'retire:deleted' | 'release:deleted';
+  | 'create:leased' | 'create:confirmed' | 'retire:unleased' | 'retire:deleted' | 'release:deleted';
 export type Faults = (point: FaultPoint) => void;
 export const NO_FAULTS: Faults = () => {};
 
@@ -155,6 +155,12 @@ export interface Kernel {
   /** Clears a device's alias: the broker's tag, on a device no longer the broker's. */
   untag(index: number): void;
   link(index: number): Link | null;
+  /**
+   * A tap's link event with its owner and group as the broker numbers them (an event numbers them as the task that
+   * made it sees them: a holder in a user namespace), read now without the RTNL lock (an RTM_GETLINK waits behind
+   * every device being deleted meanwhile, on the broker's thread); null when its device is gone.
+   */
+  tapAsSeen(event: Link): Link | null;
   linkNamed(name: string): Link | null;
   links(): Link[];
   /** RTM_DELLINK off the event loop: true when deleted, false when the link was already gone. */

@@ -87,9 +87,10 @@ export class LeaseTable {
     if (!dir) return { table, problem: null, trusted: true };
     const file = path.join(dir, STATE_FILE);
     // A broker killed mid-write leaves its temporary file (named after its pid): the state directory is this
-    // broker's alone (it holds the lock), and an outside review found 24 of them after 107 kills.
+    // broker's alone (it holds the lock), and an outside review found 24 of them after 107 kills; the hook-run
+    // file's too (hook.ts).
     try {
-      const stale = fs.readdirSync(dir).filter((n) => /^leases\.json\.\d+\.tmp$/.test(n));
+      const stale = fs.readdirSync(dir).filter((n) => /^(leases\.json|hook-run)\.\d+\.tmp$/.test(n));
       for (const n of stale) fs.rmSync(path.join(dir, n), { force: true });
     } catch {
       // No directory yet, or not readable: the load below says what it finds.

@@ -458,8 +458,8 @@ export class Lifetimes implements Cleanup {
     // A tap event's owner and group are numbered as the user namespace of the task that made it numbers them: from
     // a holder in a rootless container root shows as the overflow uid, the holder's own uid as root, its gid as 0
     // (outside reviews: taps deleted for nothing, one given away unseen). They are read again as the broker sees
-    // them; a queue attached while an owner was changed and set back still shows in the count.
-    const seen = link.tun ? this.kernel.link(link.index) : link;
+    // them (sysfs); a queue attached while an owner was changed and set back still shows in the event's count.
+    const seen = link.tun ? this.kernel.tapAsSeen(link) : link;
     // Gone since: its RTM_DELLINK, queued or soon to be, says how it went; a MAC it took on its bridge is taken care
     // of now (the MAC the broker sets at a create is set before the tap joins its bridge).
     if (seen === null) return void (took !== null && link.master !== null && this.forwarding.took(l, took));

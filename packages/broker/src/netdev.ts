@@ -43,6 +43,22 @@ export class Netdev implements Kernel {
     return this.rtnl.getLinkByName(name);
   }
 
+  /** Has sysfs shown a tap of this namespace (where a tap's ids are read from)? */
+  private sysfsOurs = false;
+
+  tapAsSeen(event: Link): Link | null {
+    const ids = this.tunIdsSeen(event.name, event.index);
+    if (ids === 'gone' && this.sysfsOurs) return null;
+    if (ids === 'gone' || ids === null) return this.link(event.index);
+    return { ...event, tun: { queues: event.tun?.queues ?? null, ...ids } };
+  }
+
+  private tunIdsSeen(name: string, index: number): ReturnType<typeof tunIds> {
+    const ids = tunIds(name, index);
+    if (ids !== null && ids !== 'gone') this.sysfsOurs = true;
+    return ids;
+  }
+
   links(): Link[] {
     return this.rtnl.dumpLinks();
   }
@@ -192,6 +208,8 @@ export class Netdev implements Kernel {
         throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
       }
       made = link;
+      // Until sysfs has shown a device of this namespace, its answer that a tap is gone is not taken (tapAsSeen).
+      if (!this.sysfsOurs) this.tunIdsSeen(req.name, link.index);
       this.checkQueues(link, opens, req);
       const mac = hostMac(req.guestMac);
       const bridge = req.bridge;
@@ -348,6 +366,27 @@ export class Netdev implements Kernel {
     throw new TapbrokerError('TB_E_VLAN_UNAVAILABLE', `vlan filtering unavailable on ${bridge.name}: ${why}`);
   }
 
+}
+
+/**
+ * A tap's owner and group from sysfs, numbered as this process's user namespace numbers them; 'gone' when `name` is
+ * not device `index` there (deleted, renamed, or sysfs of another namespace); null when sysfs cannot be read.
+ */
+function tunIds(name: string, index: number): { owner: number | null; group: number | null } | 'gone' | null {
+  const dir = `/sys/class/net/${name}`;
+  // tun writes -1 for an owner or group it has none of.
+  const id = (file: string) => {
+    const v = fs.readFileSync(`${dir}/${file}`, 'latin1').trim();
+    return v === '-1' ? null : Number(v);
+  };
+  try {
+    if (fs.readFileSync(`${dir}/ifindex`, 'latin1').trim() !== String(index)) return 'gone';
+    return { owner: id('owner'), group: id('group') };
+  } catch (err) {
+    // A device being deleted: EINVAL from its ifindex (no longer registered), ENODEV while its entry goes.
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === 'ENOENT' || code === 'ENODEV' || code === 'EINVAL' ? 'gone' : null;
+  }
 }
 
 /** addr_assign_type 3: an administrator set the address (`ip link set … address`). */

@@ -636,6 +636,11 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
           return { device: mine, tapFds: [], vhostFds: [] };
         }
       }
+      // The broker stopped after the request went: it may have made the device, and keeps it if it did.
+      if (err instanceof TapbrokerError && err.code === 'TB_E_BROKER_CLOSED') {
+        moreHints.set(err, `the device may have been made before the broker stopped: \`tapbroker list' shows it, `
+          + (o.name !== null ? 'and --exist-ok takes it as made' : 'and `tapbroker release NAME\' removes it'));
+      }
       return rethrowWithHint(client, err);
     });
     const d = tap.device;
