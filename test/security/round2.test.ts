@@ -857,9 +857,73 @@ test.serial('A4: a user added to a deny rule\'s group while the broker runs is d
       return r.error?.code === 'TB_E_POLICY_DENIED' ? r.error : null;
     }, { what: 'the new member was never denied', ms: 5000, every: 200 });
     t.is(denied.rule, 'quarantine');
-    await until(() => /the account database changed: the deny rules' group members were read again/.test(b.stderr) || null,
+    await until(() => /the account database changed: .*deny rules' group members, were read again/.test(b.stderr) || null,
       { what: 'the broker did not say it read the members again', ms: 3000 });
     await until(() => ns.extraLinks(BASE).length === 0 || null, { what: 'taps left', ms: 3000 });
+  } finally {
+    await b.stop();
+    spawnSync('groupdel', [group]);
+  }
+});
+
+// Found by an outside review of the security team's tools (rv71 F3): a rule's group renamed, and a new group made
+// under its name, with no reload: the tools named the new group's members, the broker kept granting the old one's.
+test.serial('A4: a rule\'s group renamed and made anew while the broker runs: the rule follows its name, and says so', async (t) => {
+  const group = `tbn${process.pid % 100000}`;
+  const gid = () => Number(spawnSync('getent', ['group', group], { encoding: 'utf8' }).stdout.split(':')[2]);
+  spawnSync('groupdel', [group]);
+  spawnSync('groupdel', [`${group}-old`]);
+  if (spawnSync('groupadd', [group]).status !== 0) throw new Error('groupadd failed');
+  const old = gid();
+  const b = await BrokerProcess.start(ns, `[[rule]]\nname = "lab"\ngroups = ["${group}"]\nbridges = ["br0"]\n`,
+    { tag: 'r2renamed' });
+  try {
+    const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, gid: old });
+    t.is(before.error, null, 'the group as loaded: granted');
+    if (spawnSync('groupmod', ['-n', `${group}-old`, group]).status !== 0) throw new Error('groupmod failed');
+    if (spawnSync('groupadd', [group]).status !== 0) throw new Error('groupadd failed');
+    const now = gid();
+    t.not(now, old);
+    const denied = await until(async () => {
+      const r = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, gid: old });
+      return r.error?.code === 'TB_E_POLICY_DENIED' ? r.error : null;
+    }, { what: 'the renamed group was still granted', ms: 5000, every: 200 });
+    t.truthy(denied);
+    const granted = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, gid: now });
+    t.is(granted.error, null, 'the group of that name now: granted');
+    await b.record((r) => r.decision === 'reload'
+      && (r.message ?? '').includes(`rule \`lab': gids ${old} are ${now} now`));
+    await until(() => ns.extraLinks(BASE).length === 0 || null, { what: 'taps left', ms: 3000 });
+  } finally {
+    await b.stop();
+    spawnSync('groupdel', [group]);
+    spawnSync('groupdel', [`${group}-old`]);
+  }
+});
+
+// Found by an outside review of the security team's tools (rv71 F1): a rule for a supplementary group allows
+// persistent taps; `can --persistent` said yes, but a tap its holder made persistent (TUNSETPERSIST) was decided
+// without the holder's groups, and deleted as "no rule matched".
+test.serial('A4: a tap made persistent by its holder is decided with its owner\'s groups, as can decides it', async (t) => {
+  const group = `tbp${process.pid % 100000}`;
+  spawnSync('groupdel', [group]);
+  if (spawnSync('groupadd', [group]).status !== 0) throw new Error('groupadd failed');
+  if (spawnSync('gpasswd', ['-a', 'nobody', group]).status !== 0) throw new Error('gpasswd failed');
+  const gid = Number(spawnSync('getent', ['group', group], { encoding: 'utf8' }).stdout.split(':')[2]);
+  const b = await BrokerProcess.start(ns, `[[rule]]\nname = "lab"\ngroups = ["${group}"]\nbridges = ["br0"]\n`
+    + 'persistent = true\n', { tag: 'r2persist' });
+  try {
+    const p = await probe({ socket: b.socket, requests: [{ bridge: 'br0' }], persistOwnFds: true }, { uid: NOBODY, groups: [gid] });
+    t.is(p.result.error, null);
+    const name = p.result.taps[0]!.device.name;
+    await p.release();
+    const kept = await b.record((r) => r.decision === 'reconcile' || (r.decision === 'cleanup' && r.device !== undefined
+      && (r.device as { name?: string }).name === name));
+    t.not(kept.decision, 'cleanup', kept.message);
+    t.truthy(ns.link(name), 'the tap stays, now a persistent lease of rule lab');
+    const listed = (await probeOnce({ socket: b.socket, list: true }, { uid: NOBODY })).leases ?? [];
+    t.like(listed.find((l) => l.name === name), { rule: 'lab', ends: 'release' });
+    await probeOnce({ socket: b.socket, release: [name] }, { uid: NOBODY });
   } finally {
     await b.stop();
     spawnSync('groupdel', [group]);

@@ -833,3 +833,25 @@ test('explain-policy and who-can say a subordinate uid is refused at accept, as 
   t.is(whoCan!.allowed_by.find((a) => a.rule === 'y')?.who,
     'user 4100007 (a subordinate uid of nobody: refused at accept), user 4300001');
 });
+
+test('test-policy and explain-policy name a uid as the broker does, where two accounts share it', (t) => {
+  // Found by an outside review (rv71 F2): with `alias` sharing nobody's uid, test-policy took a case's `user = "alias"`
+  // for {user} while the broker goes by getpwuid's name (nobody): each allowed the name the other refused.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-alias-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const policy = path.join(dir, 'policy.toml');
+  fs.writeFileSync(policy, '[[rule]]\nname = "named"\nusers = [65534]\nbridges = ["br0"]\nname_pattern = "u{user}"\n');
+  const cases = path.join(dir, 'cases.toml');
+  fs.writeFileSync(cases, '[[case]]\nuser = "tbalias"\nrequest = "bridge=br0,name=unobody"\nexpect = "allow"\n\n'
+    + '[[case]]\nuser = "tbalias"\nrequest = "bridge=br0,name=utbalias"\nexpect = "deny"\n');
+  const script = 'set -e; mount -t tmpfs tmpfs "$1"; mkdir "$1/up" "$1/work"; cp /etc/passwd "$1/up/passwd"; '
+    + 'echo "tbalias:x:65534:65534::/nonexistent:/usr/sbin/nologin" >> "$1/up/passwd"; '
+    + 'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc; '
+    + '"$2" "$3" test-policy "$4" "$5"; "$2" "$3" explain-policy "$4" --user tbalias --json';
+  const work = path.join(dir, 'root');
+  fs.mkdirSync(work);
+  const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', work, process.execPath,
+    path.resolve('packages/broker/dist/main.js'), policy, cases], { encoding: 'utf8' });
+  t.is(r.status, 0, r.stdout + r.stderr);
+  t.regex(r.stderr, /uid 65534 is `nobody' to the account database, the name the broker goes by/);
+});

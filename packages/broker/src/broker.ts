@@ -154,8 +154,9 @@ export class Broker implements SessionHost, OpContext {
       if (stamp !== this.accounts.stamp) {
         const first = this.accounts.stamp === '';
         this.accounts.stamp = stamp;
-        this.current = withAccountsNow(this.current);
-        if (!first) this.log('the account database changed: the deny rules\' group members were read again');
+        const { policy, changed } = withAccountsNow(this.current);
+        this.current = policy;
+        if (!first) this.accountsChanged(changed);
       }
     }
     return this.current;
@@ -163,6 +164,18 @@ export class Broker implements SessionHost, OpContext {
 
   set policy(p: Policy) {
     this.current = p;
+  }
+
+  /** The policy's names read again after the account files changed: logged, and recorded where they mean others. */
+  private accountsChanged(changed: string[]): void {
+    forgetUserNames();
+    this.log('the account database changed: the policy\'s user and group names, and its deny rules\' group members, '
+      + 'were read again');
+    if (changed.length === 0) return;
+    this.audit.record({
+      op: 'reload', decision: 'reload', rule: null, caller: null,
+      message: `the account database changed: ${changed.join('; ')} (the policy file was not read again)`,
+    });
   }
 
   get leases() {

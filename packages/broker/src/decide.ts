@@ -34,6 +34,8 @@ export interface Selector {
    * yet, a deleted account). A deny fails closed on them: see matchesDeny.
    */
   unresolved: { users: readonly string[]; groups: readonly string[] };
+  /** The names and numbers as the policy wrote them: resolved again when the account files change. */
+  written: { users: ReadonlyArray<string | number>; groups: ReadonlyArray<string | number> };
 }
 
 export interface AllowRule {

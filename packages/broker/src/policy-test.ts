@@ -47,8 +47,9 @@ function caseSchema(allowRules: readonly string[]) {
         const pw = getpwuid(uid);
         return { uid, gid: pw?.gid ?? null, user: pw?.name ?? null };
       }
+      // The broker knows a caller by its uid, and its name by getpwuid: where accounts share a uid, the first.
       const pw = getpwnam(u as string);
-      if (pw) return { uid: pw.uid, gid: pw.gid as number | null, user: u as string };
+      if (pw) return { uid: pw.uid, gid: pw.gid as number | null, user: getpwuid(pw.uid)?.name ?? (u as string) };
       ctx.addIssue({ code: 'custom', message: `no user \`${u}' on this host (give a uid instead)` });
       return z.NEVER;
     }),

@@ -480,7 +480,12 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     } catch {
       // A uid without a passwd entry has only its primary group.
     }
-    const user = /^\d+$/.test(o.user) ? getpwuid(pw.uid)?.name ?? null : o.user;
+    // The name the broker goes by: getpwuid's (where accounts share a uid, another than the one given).
+    const user = getpwuid(pw.uid)?.name ?? (/^\d+$/.test(o.user) ? null : o.user);
+    if (user !== null && user !== o.user && !/^\d+$/.test(o.user)) {
+      process.stderr.write(`tapbrokerd: uid ${pw.uid} is \`${user}' to the account database, the name the broker `
+        + `goes by ({user} in name patterns), not \`${o.user}'\n`);
+    }
     const caller = { uid: pw.uid, gid: pw.gid, groups, user };
     // Screened as the broker screens callers at accept: a subordinate uid (or primary gid) gets nothing.
     const host = hostIds();

@@ -233,6 +233,7 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
     }
   }
   const named = new Map<string, string>();
+  const look = lookups();
   const unique = (name: string, at: string, what: string) => {
     if (named.has(name)) errors.push(`${at}: ${what}: duplicate rule name \`${name}' (also at ${named.get(name)})`);
     else named.set(name, at);
@@ -240,7 +241,7 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
   const allow = (docs as Doc[]).flatMap((doc) => doc.data.rule.map((r, i): AllowRule => {
     const at = (...key: string[]) => doc.at(['rule', i, ...key]);
     unique(r.name, at(), `rule.${i}.name`);
-    const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, at());
+    const who = resolveSelector(r.users, r.groups, `rule \`${r.name}'`, warnings, errors, at(), false, look);
     if (r.bridges.length === 0 && r.macvtap.length === 0 && r.networks.length === 0) {
       errors.push(`${at()}: rule \`${r.name}' allows no bridges, no macvtap parents and no networks`);
     }
@@ -270,7 +271,7 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
     unique(name, at, `deny.${i}.name`);
     return {
       kind: 'deny', name, file: doc.path, line: doc.line(['deny', i]),
-      who: resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, at, true),
+      who: resolveSelector(d.users, d.groups, `deny rule \`${name}'`, warnings, errors, at, true, look),
       bridges: d.bridges ?? null, parents: d.parents ?? null, networks: d.networks ?? null,
     };
   }));
@@ -313,18 +314,26 @@ export function accountsStamp(): string {
 }
 
 /**
- * `p` with the group members its deny rules hold to (and those of groups taps are given to) read again from the
- * account database: a user added to a deny's group is denied from then on, not from the next reload (an outside
- * review: the policy tools read the database as it is, the broker as it was at load).
+ * `p` with every rule's user and group names looked up again, and the group members its deny rules hold to (and
+ * those of groups taps are given to) read again, from the account database: a user added to a deny's group is
+ * denied from then on, and a group renamed or made anew is the one its name names, not from the next reload
+ * (outside reviews: the policy tools read the database as it is, the broker as it was at load). `changed`: what
+ * the names resolve to now where it is not what they did.
  */
-export function withAccountsNow(p: Policy): Policy {
-  const deny = p.deny.map((d) => {
-    if (d.who.gids.size === 0) return d;
-    const members = new Set<number>();
-    for (const set of accountMembers(d.who.gids).values()) for (const u of set) members.add(u);
-    return { ...d, who: { ...d.who, members } };
-  });
-  return { ...p, deny, membersOf: memberCache() };
+export function withAccountsNow(p: Policy): { policy: Policy; changed: string[] } {
+  const changed: string[] = [];
+  const look = lookups();
+  const again = <R extends AllowRule | DenyRule>(r: R): R => {
+    const w = r.who.written;
+    const who = resolveSelector(w.users, w.groups, '', [], [], '', r.kind === 'deny', look);
+    const was = (s: ReadonlySet<number>) => [...s].sort((a, b) => a - b).join(',');
+    for (const [what, before, now] of [['uids', r.who.uids, who.uids], ['gids', r.who.gids, who.gids]] as const) {
+      if (was(before) !== was(now)) changed.push(`${r.kind === 'deny' ? 'deny rule' : 'rule'} \`${r.name}': ${what} `
+        + `${was(before) || 'none'} are ${was(now) || 'none'} now`);
+    }
+    return { ...r, who };
+  };
+  return { policy: { ...p, allow: p.allow.map(again), deny: p.deny.map(again), membersOf: memberCache() }, changed };
 }
 
 /**
@@ -421,9 +430,20 @@ function knownKeys(path: ReadonlyArray<PropertyKey>): readonly string[] {
   return [];
 }
 
+/** Account lookups for one pass over a policy: each name is asked of NSS once (16,000 rules name a few groups). */
+function lookups(): { uid: (name: string) => number | null; gid: (name: string) => number | null } {
+  const uids = new Map<string, number | null>();
+  const gids = new Map<string, number | null>();
+  const once = <V>(m: Map<string, V>, key: string, get: () => V): V => {
+    if (!m.has(key)) m.set(key, get());
+    return m.get(key)!;
+  };
+  return { uid: (n) => once(uids, n, () => getpwnam(n)?.uid ?? null), gid: (n) => once(gids, n, () => getgrnam(n)) };
+}
+
 function resolveSelector(
   users: ReadonlyArray<string | number> | undefined, groups: ReadonlyArray<string | number> | undefined,
-  what: string, warnings: string[], errors: string[], path: string, deny = false,
+  what: string, warnings: string[], errors: string[], path: string, deny = false, look = lookups(),
 ): Selector {
   if ((users?.length ?? 0) + (groups?.length ?? 0) === 0) {
     errors.push(`${path}: ${what} names no users and no groups (use users = ["*"] to mean everyone)`);
@@ -443,8 +463,8 @@ function resolveSelector(
     if (u === '*') everyone = true;
     else if (typeof u === 'number') uids.add(u);
     else {
-      const pw = getpwnam(u);
-      if (pw) uids.add(pw.uid);
+      const uid = look.uid(u);
+      if (uid !== null) uids.add(uid);
       else {
         if (deny) unresolved.users.push(u);
         warnings.push(`${path}: ${what}: no user \`${u}' on this host; ${effect('user')}`);
@@ -454,7 +474,7 @@ function resolveSelector(
   for (const g of groups ?? []) {
     if (typeof g === 'number') gids.add(g);
     else {
-      const gid = getgrnam(g);
+      const gid = look.gid(g);
       if (gid !== null) gids.add(gid);
       else {
         if (deny) unresolved.groups.push(g);
@@ -464,5 +484,5 @@ function resolveSelector(
   }
   const members = new Set<number>();
   if (deny) for (const set of accountMembers(gids).values()) for (const u of set) members.add(u);
-  return { everyone, uids, gids, members, unresolved };
+  return { everyone, uids, gids, members, unresolved, written: { users: users ?? [], groups: groups ?? [] } };
 }

@@ -6,7 +6,7 @@ import { macFromBuffer, macToBuffer } from '@tapbroker/protocol/core';
 import { decide, type Ask, type Decision, type Policy } from './decide.js';
 import { hostMac } from './kernel.js';
 import type { LeaseRecord } from './leases.js';
-import { getpwuid } from './libc.js';
+import { getpwuid, groupsOf } from './libc.js';
 import { namePrefix } from './naming.js';
 import type { Link } from './rtnetlink.js';
 
@@ -50,14 +50,16 @@ export function expectedMac(l: LeaseRecord): string | null {
 
 /**
  * A tap its holder made persistent is a persistent device it never asked for: decided now, on the policy
- * in force, as a persistent create of the same device would be (deny rules included). The holder's
- * supplementary groups are not known here: only its uid and its account's primary group count. `live`: the
- * lease table's count of the uid's leases under each rule.
+ * in force, as a persistent create of the same device would be (deny rules included). The holder's process is
+ * not asking: its owner's groups are the account database's (an outside review: a rule for a supplementary
+ * group granted such taps at `can` and deleted them here). `live`: the lease table's count of the uid's leases
+ * under each rule.
  */
 export function decidePersistent(policy: Policy, l: LeaseRecord, live: (rule: string) => number): Decision {
   const account = getpwuid(l.uid);
   // Without an account there is no group to go by (-1 is none): a uid's number is never a gid.
-  const caller = { uid: l.uid, gid: account?.gid ?? -1, groups: [], user: account?.name ?? null };
+  const caller = { uid: l.uid, gid: account?.gid ?? -1, groups: account ? groupsOrNone(account) : [],
+    user: account?.name ?? null };
   // A name of the broker's own form is one it picked (a request naming one gains nothing by it): like
   // any broker-chosen name, no rule's name_pattern applies to it. Any other name was the caller's.
   const picked = new RegExp(`^${namePrefix(l.uid)}[0-9a-z]{2,6}$`).test(l.name);
@@ -74,4 +76,13 @@ export function decidePersistent(policy: Policy, l: LeaseRecord, live: (rule: st
     return { allow: false, code: 'TB_E_MAC_LOCK', rule: d.rule.name, message, hint: 'ask for a persistent tap' };
   }
   return d;
+}
+
+/** An account's groups by the account database; none where it cannot say (a directory service down). */
+function groupsOrNone(account: { name: string; gid: number }): number[] {
+  try {
+    return groupsOf(account.name, account.gid);
+  } catch {
+    return [];
+  }
 }
