@@ -813,14 +813,9 @@ test('explain-policy and who-can say a subordinate uid is refused at accept, as 
   const file = path.join(dir, 'policy.toml');
   fs.writeFileSync(file, '[[rule]]\nname = "x"\nusers = ["*"]\nbridges = ["br0"]\n\n'
     + '[[rule]]\nname = "y"\nusers = [4100007, 4300001]\nbridges = ["br0"]\n');
-  const script = 'set -e; mount -t tmpfs tmpfs "$1"; mkdir "$1/up" "$1/work"; printf "nobody:4100000:65536\\n" > "$1/up/subuid"; '
-    + 'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc; '
-    + 'for u in 4100005 4200000; do "$2" "$3" explain-policy "$4" --user $u --json; done; '
-    + '"$2" "$3" who-can "$4" --bridge br0 --json';
-  const work = path.join(dir, 'root');
-  fs.mkdirSync(work);
-  const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', work, process.execPath,
-    path.resolve('packages/broker/dist/main.js'), file], { encoding: 'utf8' });
+  const r = inEtcOverlay(dir, 'printf "nobody:4100000:65536\\n" > "$1/up/subuid"',
+    'for u in 4100005 4200000; do "$2" "$3" explain-policy "$4" --user $u --json; done; '
+    + '"$2" "$3" who-can "$4" --bridge br0 --json', file);
   t.is(r.status, 0, r.stderr);
   const [sub, plain, whoCan] = r.stdout.split(/\n(?=\{)/).map((j) => JSON.parse(j) as {
     refused_at_accept: string | null; allowed_by: Array<{ rule: string; who?: string }>;
@@ -844,14 +839,22 @@ test('test-policy and explain-policy name a uid as the broker does, where two ac
   const cases = path.join(dir, 'cases.toml');
   fs.writeFileSync(cases, '[[case]]\nuser = "tbalias"\nrequest = "bridge=br0,name=unobody"\nexpect = "allow"\n\n'
     + '[[case]]\nuser = "tbalias"\nrequest = "bridge=br0,name=utbalias"\nexpect = "deny"\n');
-  const script = 'set -e; mount -t tmpfs tmpfs "$1"; mkdir "$1/up" "$1/work"; cp /etc/passwd "$1/up/passwd"; '
-    + 'echo "tbalias:x:65534:65534::/nonexistent:/usr/sbin/nologin" >> "$1/up/passwd"; '
-    + 'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc; '
-    + '"$2" "$3" test-policy "$4" "$5"; "$2" "$3" explain-policy "$4" --user tbalias --json';
-  const work = path.join(dir, 'root');
-  fs.mkdirSync(work);
-  const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', work, process.execPath,
-    path.resolve('packages/broker/dist/main.js'), policy, cases], { encoding: 'utf8' });
+  const r = inEtcOverlay(dir, 'cp /etc/passwd "$1/up/passwd"; '
+    + 'echo "tbalias:x:65534:65534::/nonexistent:/usr/sbin/nologin" >> "$1/up/passwd"',
+    '"$2" "$3" test-policy "$4" "$5"; "$2" "$3" explain-policy "$4" --user tbalias --json', policy, cases);
   t.is(r.status, 0, r.stdout + r.stderr);
   t.regex(r.stderr, /uid 65534 is `nobody' to the account database, the name the broker goes by/);
 });
+
+/**
+ * Runs `run` (sh; $2 node, $3 the broker's main.js, $4… `args`) in a private mount namespace whose /etc is an overlay
+ * of this host's, its upper directory ($1/up) filled by `prepare` first: the tools read this host's account files.
+ */
+function inEtcOverlay(dir: string, prepare: string, run: string, ...args: string[]) {
+  const script = `set -e; mount -t tmpfs tmpfs "$1"; mkdir "$1/up" "$1/work"; ${prepare}; `
+    + `mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc; ${run}`;
+  const work = path.join(dir, 'root');
+  fs.mkdirSync(work);
+  return spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', work, process.execPath,
+    path.resolve('packages/broker/dist/main.js'), ...args], { encoding: 'utf8' });
+}
