@@ -38,7 +38,9 @@ function makeHookPolicy(): string {
   const hang = script('hang', 'sleep 60');
   const garbage = script('garbage', "printf '\\001\\377binary\\033[31m\\n'; exit 0");
   // A hook whose down takes a while, and says when it is done.
-  const slow = script('slow', `if [ "$1" = down ]; then sleep 1.5; fi\necho "$1-done $2" >> ${log}`);
+  // Its down waits for the test's word (a file), up to 20 s: a sleep ran out on a loaded machine before the test asked.
+  const slow = script('slow', `if [ "$1" = down ]; then i=0; while [ ! -e ${log}.go ] && [ $i -lt 400 ]; do sleep 0.05; `
+    + `i=$((i+1)); done; fi\necho "$1-done $2" >> ${log}`);
   // A hook whose down takes longer, and says when each starts.
   const slower = script('slower', `if [ "$1" = down ]; then echo "slower-down-start $2" >> ${log}; sleep 4; fi`);
   // A hook whose up takes a while, and says when each action starts and ends.
@@ -172,6 +174,7 @@ test.serial('a name is not given out again while its last device\'s down still r
   await first.release();
   await fx.broker.waitFor(() => fx.ns.link(name) === undefined, 3000, 'the first device stayed');
   const again = await probeOnce({ socket: sock(), requests: [{ network: 'slowdown', name }] });
+  fs.writeFileSync(`${log}.go`, '');
   t.is(again.error?.code, 'TB_E_BUSY', JSON.stringify(again.error));
   t.regex(again.error?.message ?? '', /still being unplugged from its network/);
   await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 5000, 'down never finished');

@@ -588,9 +588,14 @@ test.serial('B12: a flood through a tap given to a group takes the tap; its reco
   t.is(made.error, null, made.error?.message);
   const name = made.taps[0]!.device.name;
   try {
-    const member = spawnSync('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: OTHER_UID, groups: [GROUP] }), process.execPath, OPEN_TAP, name, '-', tunNode(dir), 'flood'], { encoding: 'utf8' });
-    t.deepEqual(JSON.parse(member.stdout) as unknown, { ok: true }, member.stderr);
-    await broker.waitFor(() => ns.link(name) === undefined, 5000, `${name} survived its flood`);
+    // On a loaded machine one burst may be spread over more than a second (or overrun the broker's queue of events,
+    // which is then read afresh, uncounted): the member floods again, up to five times, until its tap goes.
+    for (let i = 0; i < 5 && ns.link(name) !== undefined; i++) {
+      const member = spawnSync('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: OTHER_UID, groups: [GROUP] }), process.execPath, OPEN_TAP, name, '-', tunNode(dir), 'flood'], { encoding: 'utf8' });
+      if (i === 0) t.deepEqual(JSON.parse(member.stdout) as unknown, { ok: true }, member.stderr);
+      await until(() => ns.link(name) === undefined || null, { ms: 2000, what: 'gone' }).catch(() => null);
+    }
+    await broker.waitFor(() => ns.link(name) === undefined, 1000, `${name} survived its flood`);
     const rec = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string } | undefined)?.name === name);
     t.regex(rec.message ?? '', new RegExp(`^a holder \\(its owner or a member of group ${GROUP}, which it was given to\\) made it send more than 500 link events`));
     const again = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
