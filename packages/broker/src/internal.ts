@@ -60,6 +60,8 @@ export { addPort, delPort, delPortOf, listOurPorts, isOvsBridge, ovsdbTarget } f
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
 export { accountMembers, aclUserOnly, grantUserOnly, getpwnam, getpwuid } from './libc.js';
-export { Subuids, loadSubuids, ownGroups, subordinateOf, type HostIds, type SubRange } from './subids.js';
+export {
+  MAX_CLAIMED_GROUPS, Subuids, loadSubuids, ownGroups, screenIds, subordinateOf, type HostIds, type SubRange,
+} from './subids.js';
 export { Unplugs } from './plug.js';
 export { hookRun, killOrphanHooks } from './hook.js';
