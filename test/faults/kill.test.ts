@@ -136,6 +136,27 @@ for (const request of [{ bridge: 'br0', persistent: true }, { parent: 'vparent',
     });
 }
 
+test.serial('SIGKILL between a create\'s grant records and the write that keeps it: every grant on record is ended', async (t) => {
+  // Found by an outside re-test: a tap and a macvtap in one create, the broker killed after their grant records and
+  // before the write that keeps them; the restart rolled the macvtap back and said so, the tap went with the
+  // broker's fds and its grant stayed on record with no end. Only leases on disk are recorded before that write.
+  let killed: BrokerProcess | null = null;
+  await killAt('create:recorded', async () => {
+    killed = broker;
+    const got = await probe({ socket: broker.socket, batch: true, requests: [{ bridge: 'br0' }, { parent: 'vparent' }] });
+    t.is(got.result.error?.code, 'TB_E_BROKER_CLOSED');
+    await got.release();
+  });
+  await consistent(t);
+  await broker.waitFor(() => ns.extraLinks(BASE).length === 0, 3000, `left: ${ns.extraLinks(BASE).join(' ')}`);
+  const named = (r: { device?: unknown }) => (r.device as { name?: string } | undefined)?.name;
+  const granted = killed!.records.filter((r) => r.decision === 'grant').map(named);
+  t.is(granted.length, 1, 'the macvtap\'s grant only');
+  for (const name of granted) {
+    await broker.record((r) => r.decision !== 'grant' && named(r) === name);
+  }
+});
+
 test.serial('SIGKILL at create:leased, then root renames the device: the restart rolls back the lease, not it',
   async (t) => {
     const name = `tb${NOBODY}-cut`;

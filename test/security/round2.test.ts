@@ -935,6 +935,43 @@ test.serial('A4: a tap made persistent by its holder is decided with its owner\'
   }
 });
 
+// Found by an outside re-test (rv74 f1): a broker whose /sys shows another namespace (`nsenter --net` keeps the mount)
+// took that namespace's tap of the same name and index for one of its own; from then on every other tap's event
+// read as "gone", and a holder gave its tap away unjudged. Sysfs now counts as the broker's only where it shows a
+// tap with the broker's own tag.
+test.serial('A4: a broker whose sysfs is another namespace\'s still judges its taps, a tap of the same name and index there', async (t) => {
+  const theirs = Netns.create('sysfs-b');
+  const mine = Netns.create('sysfs-a');
+  const name = `tb${NOBODY}-same`;
+  let b: BrokerProcess | null = null;
+  try {
+    theirs.bridge('br0');
+    mine.bridge('br0');
+    theirs.ip('tuntap', 'add', name, 'mode', 'tap');
+    b = await BrokerProcess.start(theirs, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`,
+      { tag: 'r2sysfs', wrap: ['nsenter', `--net=/run/netns/${mine.name}`] });
+    const first = await probe({ socket: b.socket, requests: [{ bridge: 'br0', name }] });
+    t.is(first.result.error, null, first.result.error?.message);
+    t.is(mine.link(name)?.ifindex, theirs.link(name)?.ifindex, 'the same name and index in both namespaces');
+    const given = await probe({ socket: b.socket, requests: [{ bridge: 'br0' }], ownOwnFds: true });
+    t.is(given.result.error, null, given.result.error?.message);
+    const away = given.result.taps[0]!.device.name;
+    try {
+      await b.waitFor(() => mine.link(away) === undefined, 3000, `${away}, given to its holder, stayed`);
+      await b.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === away
+        && /changed its owner or group/.test(r.message ?? ''));
+      t.truthy(mine.link(name), 'the tap of the same name as theirs is left alone');
+    } finally {
+      await given.release();
+      await first.release();
+    }
+  } finally {
+    await b?.stop();
+    mine.destroy();
+    theirs.destroy();
+  }
+});
+
 // ---------------------------------------------------------------- B11: the client and a fake broker
 
 async function fakeBroker(as: number | null, mode: 'socket' | 'escape'): Promise<{ socket: string; stop(): void }> {

@@ -157,21 +157,22 @@ async function grantEach(
   // resync), or a device went meanwhile (root deleted it, or its owner: during a hook's `up`), nothing of
   // the request may stay half made, and the network's `down` comes after its `up`.
   let granting = false;
+  const recordGrant = (g: Granted) => audit({
+    decision: 'grant',
+    rule: g.lease.rule,
+    request: specView(g.spec),
+    device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
+  });
   try {
     ctx.lifetimes.catchUp();
     const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
     if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
-    // Recorded before the write that makes them stay: a broker killed after it keeps them at its next start, and
-    // their records must be there (an outside review killed it between the two: a persistent tap and no record).
+    // Leases on disk are recorded before the write that makes them stay: a broker killed after it keeps them at its
+    // next start, and their records must be there (an outside review killed it between the two: a persistent tap and
+    // no record); one killed before rolls them back, and records that. The others go with the broker's fds.
     granting = true;
-    for (const g of granted) {
-      audit({
-        decision: 'grant',
-        rule: g.lease.rule,
-        request: specView(g.spec),
-        device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
-      });
-    }
+    for (const g of granted) if (g.durable) recordGrant(g);
+    ctx.kernel.faultPoint('create:recorded');
     try {
       ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
     } catch (err) {
@@ -183,12 +184,13 @@ async function grantEach(
     for (const g of granted) {
       audit({
         decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
-        code: e.code, message: granting ? `${e.message}: its grant, recorded, is undone` : e.message,
+        code: e.code, message: granting && g.durable ? `${e.message}: its grant, recorded, is undone` : e.message,
       });
     }
     await meter.wait(undone(granted.map((g) => ctx.lifetimes.abort(g.lease, g.fds, e.message, caller))));
     throw e;
   }
+  for (const g of granted) if (!g.durable) recordGrant(g);
   ctx.kernel.faultPoint('create:confirmed');
   for (const g of granted) ctx.lifetimes.commit(g.lease.id);
   return granted;
@@ -346,8 +348,10 @@ function makeDevice(
     host_mac: ownMac,
   };
   const all = [...created.tapFds, ...created.vhostFds];
+  // Written to disk (a start after a crash keeps it) unless its device ends with its fds, which end with the broker.
+  const durable = !kernelBound(lease, tag.complete);
   try {
-    ctx.lifetimes.begin(lease, !kernelBound(lease, tag.complete));
+    ctx.lifetimes.begin(lease, durable);
   } catch (err) {
     // The table could not be written (a full state disk): nothing may stay behind.
     ctx.lifetimes.table.forget(lease.id);
@@ -388,7 +392,7 @@ function makeDevice(
     tap: spec.persistent ? 0 : created.tapFds.length,
     vhost: spec.persistent ? 0 : created.vhostFds.length,
   };
-  return { lease, device, fds, counts, closing };
+  return { lease, device, fds, counts, closing, durable };
 }
 
 function unwritable(err: unknown): TapbrokerError {

@@ -54,7 +54,7 @@ export function hostMac(guestMac: Buffer): Buffer {
 export type FaultPoint =
   | 'tap:opened' | 'tap:created' | 'tap:attached' | 'tap:configured' | 'tap:locked' | 'tap:persisted'
   | 'macvtap:created' | 'macvtap:opened'
-  | 'create:leased' | 'create:confirmed' | 'retire:unleased' | 'retire:deleted' | 'release:deleted';
+  | 'create:leased' | 'create:recorded' | 'create:confirmed' | 'retire:unleased' | 'retire:deleted' | 'release:deleted';
 export type Faults = (point: FaultPoint) => void;
 export const NO_FAULTS: Faults = () => {};
 

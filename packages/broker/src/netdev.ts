@@ -43,18 +43,21 @@ export class Netdev implements Kernel {
     return this.rtnl.getLinkByName(name);
   }
 
-  /** Has sysfs shown a tap of this namespace (where a tap's ids are read from)? */
+  /**
+   * Has sysfs shown one of this broker's own taps, by its name, index and tag (a lease's tag is this broker's alone:
+   * a sysfs of another namespace can show a device of the same name and index, an outside review found)?
+   */
   private sysfsOurs = false;
 
   tapAsSeen(event: Link): Link | null {
-    const ids = this.tunIdsSeen(event.name, event.index);
+    const ids = this.tunIdsSeen(event.name, event.index, event.alias);
     if (ids === 'gone' && this.sysfsOurs) return null;
     if (ids === 'gone' || ids === null) return this.link(event.index);
     return { ...event, tun: { queues: event.tun?.queues ?? null, ...ids } };
   }
 
-  private tunIdsSeen(name: string, index: number): ReturnType<typeof tunIds> {
-    const ids = tunIds(name, index);
+  private tunIdsSeen(name: string, index: number, tag: string | null): ReturnType<typeof tunIds> {
+    const ids = tunIds(name, index, tag);
     if (ids !== null && ids !== 'gone') this.sysfsOurs = true;
     return ids;
   }
@@ -208,8 +211,6 @@ export class Netdev implements Kernel {
         throw new TapbrokerError('TB_E_KERNEL', `tap \`${req.name}' vanished after creation`);
       }
       made = link;
-      // Until sysfs has shown a device of this namespace, its answer that a tap is gone is not taken (tapAsSeen).
-      if (!this.sysfsOurs) this.tunIdsSeen(req.name, link.index);
       this.checkQueues(link, opens, req);
       const mac = hostMac(req.guestMac);
       const bridge = req.bridge;
@@ -244,6 +245,8 @@ export class Netdev implements Kernel {
         );
       }
       this.faultPoint('tap:configured');
+      // Until sysfs has shown one of its own taps, its answer that a tap is gone is not taken (tapAsSeen).
+      if (!this.sysfsOurs && req.alias) this.tunIdsSeen(req.name, link.index, req.alias);
       if (req.persistent) {
         // Persistence comes last, so every earlier failure is undone by closing the fd.
         try {
@@ -369,18 +372,23 @@ export class Netdev implements Kernel {
 }
 
 /**
- * A tap's owner and group from sysfs, numbered as this process's user namespace numbers them; 'gone' when `name` is
- * not device `index` there (deleted, renamed, or sysfs of another namespace); null when sysfs cannot be read.
+ * A tap's owner and group from sysfs, numbered as this process's user namespace numbers them, where `name` there is
+ * device `index` and carries `tag` (the broker's); 'gone' when it is not device `index` (deleted, renamed, or sysfs
+ * of another namespace); null when sysfs cannot tell (no tag to compare, another tag, an unreadable file).
  */
-function tunIds(name: string, index: number): { owner: number | null; group: number | null } | 'gone' | null {
+function tunIds(
+  name: string, index: number, tag: string | null,
+): { owner: number | null; group: number | null } | 'gone' | null {
   const dir = `/sys/class/net/${name}`;
+  const read = (file: string) => fs.readFileSync(`${dir}/${file}`, 'latin1').replace(/\n$/, '');
   // tun writes -1 for an owner or group it has none of.
   const id = (file: string) => {
-    const v = fs.readFileSync(`${dir}/${file}`, 'latin1').trim();
+    const v = read(file);
     return v === '-1' ? null : Number(v);
   };
   try {
-    if (fs.readFileSync(`${dir}/ifindex`, 'latin1').trim() !== String(index)) return 'gone';
+    if (read('ifindex') !== String(index)) return 'gone';
+    if (tag === null || read('ifalias') !== tag) return null;
     return { owner: id('owner'), group: id('group') };
   } catch (err) {
     // A device being deleted: EINVAL from its ifindex (no longer registered), ENODEV while its entry goes.
