@@ -943,17 +943,24 @@ test.serial('A4: a broker whose sysfs is another namespace\'s still judges its t
   const theirs = Netns.create('sysfs-b');
   const mine = Netns.create('sysfs-a');
   const name = `tb${NOBODY}-same`;
+  const hooks = tempDir('r2sysfs-hook');
+  const hook = path.join(hooks, 'plain');
+  fs.writeFileSync(hook, '#!/bin/sh\nexit 0\n', { mode: 0o755 });
   let b: BrokerProcess | null = null;
   try {
     theirs.bridge('br0');
     mine.bridge('br0');
     theirs.ip('tuntap', 'add', name, 'mode', 'tap');
-    b = await BrokerProcess.start(theirs, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`,
-      { tag: 'r2sysfs', wrap: ['nsenter', `--net=/run/netns/${mine.name}`] });
-    const first = await probe({ socket: b.socket, requests: [{ bridge: 'br0', name }] });
+    b = await BrokerProcess.start(theirs, `[network.plain]\nhook = "${hook}"\n\n[[rule]]\nname = "r"\nusers = [${NOBODY}]\n`
+      + 'bridges = ["br0"]\nnetworks = ["plain"]\n', { tag: 'r2sysfs', wrap: ['nsenter', `--net=/run/netns/${mine.name}`] });
+    // A bridge of the same name and index there (another MAC) is not taken for the broker's own either.
+    const bridged = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] });
+    t.is(bridged.error?.code, 'TB_E_KERNEL');
+    t.regex(bridged.error?.message ?? '', /sysfs shows another namespace's `br0'/);
+    const first = await probe({ socket: b.socket, requests: [{ network: 'plain', name }] });
     t.is(first.result.error, null, first.result.error?.message);
     t.is(mine.link(name)?.ifindex, theirs.link(name)?.ifindex, 'the same name and index in both namespaces');
-    const given = await probe({ socket: b.socket, requests: [{ bridge: 'br0' }], ownOwnFds: true });
+    const given = await probe({ socket: b.socket, requests: [{ network: 'plain' }], ownOwnFds: true });
     t.is(given.result.error, null, given.result.error?.message);
     const away = given.result.taps[0]!.device.name;
     try {
@@ -969,6 +976,7 @@ test.serial('A4: a broker whose sysfs is another namespace\'s still judges its t
     await b?.stop();
     mine.destroy();
     theirs.destroy();
+    fs.rmSync(hooks, { recursive: true, force: true });
   }
 });
 

@@ -2,7 +2,7 @@
 // requests for a tap or a macvtap and what comes back, fault points, and how a kernel refusal is worded.
 // netdev.ts (taps, bridges) and macvtap.ts act on the kernel itself; the handlers' unit tests on a model.
 import fs from 'node:fs';
-import { TapbrokerError, sys, type MacvtapMode } from '@tapbroker/protocol/core';
+import { TapbrokerError, macFromBuffer, sys, type MacvtapMode } from '@tapbroker/protocol/core';
 import type { Wants } from './link-monitor.js';
 import type { Link } from './rtnetlink.js';
 
@@ -234,4 +234,28 @@ export function kernelError(what: string, err: unknown): TapbrokerError {
   }
   const e = err as NodeJS.ErrnoException;
   return new TapbrokerError('TB_E_KERNEL', `${what}: ${e.code ?? ''} ${e.message}`.trim(), { cause: err });
+}
+
+/**
+ * The sysfs directory of device `name`, after checking that it shows this namespace's device: index `index`, with
+ * `own.tag` as its alias (the broker's tag), or else `own.address` as its MAC. A name and an index repeat across
+ * namespaces, and a broker started with `nsenter --net` keeps another namespace's sysfs (an outside re-test).
+ */
+export function sysfsDevice(
+  name: string, index: number, own: { tag?: string | null | undefined; address?: Buffer | null },
+): string {
+  const dir = `/sys/class/net/${name}`;
+  const read = (file: string) => fs.readFileSync(`${dir}/${file}`, 'latin1').replace(/\n$/, '');
+  let same: boolean;
+  try {
+    same = read('ifindex') === String(index) && (own.tag ? read('ifalias') === own.tag
+      : !own.address || read('address') === macFromBuffer(own.address));
+  } catch (err) {
+    throw kernelError(`cannot read \`${name}' from sysfs`, err);
+  }
+  if (!same) {
+    throw new TapbrokerError('TB_E_KERNEL', `sysfs shows another namespace's \`${name}'; mount sysfs for the broker's `
+      + 'namespace');
+  }
+  return dir;
 }

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, sys } from '@tapbroker/protocol/core';
 import {
-  ContestedDeviceError, IFF_NO_PI, IFF_TAP, TUNSETIFF, kernelError, openVhost, tunIfreq, type Cleanup,
+  ContestedDeviceError, IFF_NO_PI, IFF_TAP, TUNSETIFF, kernelError, openVhost, sysfsDevice, tunIfreq, type Cleanup,
   type CreatedTap, type Faults, type MacvtapRequest,
 } from './kernel.js';
 import { grantUserOnly, mknodChar } from './libc.js';
@@ -112,7 +112,7 @@ export function createMacvtap(host: MacvtapHost, req: MacvtapRequest): CreatedTa
     }
     // Tag it at once: the kernel ignored the alias in the create message.
     host.rtnl.configureLink(link.index, { alias: req.alias });
-    const [major, minor] = macvtapDevNumber(req.name, link.index);
+    const [major, minor] = macvtapDevNumber(link, req.alias);
     const shared = `/dev/tap${link.index}`;
     if (fs.existsSync(shared) && !nodeIs(shared, major, minor)) {
       // Someone made that node between the choice of the index and the device: try another.
@@ -189,22 +189,14 @@ export function devNumbers(rdev: number | bigint): [number, number] {
 }
 
 /** The char device number of a macvtap, from sysfs, after checking sysfs shows this namespace's device. */
-function macvtapDevNumber(name: string, ifindex: number): [number, number] {
-  const dir = `/sys/class/net/${name}`;
-  let seen: string;
+function macvtapDevNumber(link: Link, tag: string | undefined): [number, number] {
+  const { name, index: ifindex } = link;
+  const dir = sysfsDevice(name, ifindex, { tag, address: link.address });
   let dev: string;
   try {
-    seen = fs.readFileSync(`${dir}/ifindex`, 'utf8').trim();
     dev = fs.readFileSync(`${dir}/macvtap/tap${ifindex}/dev`, 'utf8').trim();
   } catch (err) {
     throw kernelError(`cannot read the char device of \`${name}' from sysfs`, err);
-  }
-  if (seen !== String(ifindex)) {
-    throw new TapbrokerError(
-      'TB_E_KERNEL',
-      `sysfs shows another namespace's \`${name}' `
-        + `(ifindex ${seen}, not ${ifindex}); mount sysfs for the broker's namespace`,
-    );
   }
   const m = /^(\d+):(\d+)$/.exec(dev);
   if (!m) throw new TapbrokerError('TB_E_KERNEL', `unexpected device number \`${dev}' for \`${name}'`);

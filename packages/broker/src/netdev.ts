@@ -6,7 +6,7 @@ import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol/core';
 import {
   ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
   openVhost, tapFlags, tunIfreq, vhostRefusal, type Cleanup, type CreatedTap, type Faults, type Kernel,
-  type MacvtapRequest, type TapRequest,
+  sysfsDevice, type MacvtapRequest, type TapRequest,
 } from './kernel.js';
 import { createMacvtap, macvtapParent } from './macvtap.js';
 import { LINK_EVENT_QUEUE, LinkMonitor } from './link-monitor.js';
@@ -125,7 +125,7 @@ export class Netdev implements Kernel {
         `\`${name}' is ${link.kind ? `a ${link.kind} device` : 'a device'}, not a bridge`,
       );
     }
-    if (addrAssignType(name, link.index) !== NET_ADDR_SET) {
+    if (addrAssignType(link) !== NET_ADDR_SET) {
       const mac = link.address ? macFromBuffer(link.address) : '02:00:00:00:00:01';
       throw new TapbrokerError(
         'TB_E_BRIDGE_ADDRESS',
@@ -401,18 +401,12 @@ function tunIds(
 const NET_ADDR_SET = 3;
 
 /** A device's addr_assign_type from sysfs, after checking sysfs shows this namespace's device. */
-function addrAssignType(name: string, ifindex: number): number {
-  const dir = `/sys/class/net/${name}`;
+function addrAssignType(link: Link): number {
+  const dir = sysfsDevice(link.name, link.index, { address: link.address });
   try {
-    if (fs.readFileSync(`${dir}/ifindex`, 'utf8').trim() !== String(ifindex)) {
-      throw new TapbrokerError(
-        'TB_E_KERNEL',
-        `sysfs shows another namespace's \`${name}'; mount sysfs for the broker's namespace`,
-      );
-    }
     return Number(fs.readFileSync(`${dir}/addr_assign_type`, 'utf8').trim());
   } catch (err) {
-    throw kernelError(`cannot read the address type of \`${name}' from sysfs`, err);
+    throw kernelError(`cannot read the address type of \`${link.name}' from sysfs`, err);
   }
 }
 
