@@ -4,6 +4,7 @@ import { pack } from 'msgpackr';
 import {
   MAX_REQUEST_BYTES, TapbrokerError, decodeReply, decodeRequest, encodeFrame, scanFrame,
 } from '@tapbroker/protocol';
+import { decodeRequest as brokerDecodeRequest } from '@tapbroker/protocol/requests';
 
 test('requests round-trip', (t) => {
   const reqs = [
@@ -82,6 +83,18 @@ test('an unknown-field error names the field', (t) => {
   const d = decodeRequest(pack({ op: 'create-tap', id: 1, bridge: 'br0', owner: 0 }));
   t.false(d.ok);
   if (!d.ok) t.regex(d.error.message, /unknown field `owner'/);
+});
+
+test('a grammar error in a NIC of a create names the NIC by its index, as its other refusals do', (t) => {
+  // An outside review: the index was only in the message (`nics.1: …`), where every other NIC refusal has `nic`.
+  for (const decoder of [decodeRequest, brokerDecodeRequest]) {
+    const d = decoder(pack({ op: 'create', id: 1, nics: [{ kind: 'tap', bridge: 'br0' }, { kind: 'tap', bridge: 'br0', owner: 0 }] }));
+    t.false(d.ok);
+    if (!d.ok) t.is(d.error.nic, 1);
+    const other = decoder(pack({ op: 'create-tap', id: 1, bridge: 'br0', owner: 0 }));
+    t.false(other.ok);
+    if (!other.ok) t.is(other.error.nic, undefined);
+  }
 });
 
 test('the scanner accepts what the encoder makes, at the depth the protocol uses', (t) => {

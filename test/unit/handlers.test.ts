@@ -356,6 +356,37 @@ const ROWS: Row[] = [
     },
   },
   {
+    // An outside review: one MAC twice on one bridge was granted, two ports with one guest and one host MAC.
+    title: 'create: one MAC twice on one bridge is refused before anything is made',
+    request: { op: 'create', nics: [{ kind: 'tap', bridge: 'br0', mac: '52:54:00:00:00:0b' },
+      { kind: 'tap', bridge: 'br0', mac: '52:54:00:00:00:0b' }] },
+    code: 'TB_E_INVALID_REQUEST',
+    audit: [{ op: 'create', decision: 'error', code: 'TB_E_INVALID_REQUEST' }],
+    steps: [],
+  },
+  {
+    // The same review: two macvtaps with one MAC on one parent were refused only by the second's kernel step.
+    title: 'create: one MAC twice on one macvtap parent is refused before anything is made, and so is its can',
+    request: { op: 'create', nics: [{ kind: 'macvtap', parent: 'eth0', mac: '52:54:00:00:00:0c' },
+      { kind: 'macvtap', parent: 'eth0', mac: '52:54:00:00:00:0c' }] },
+    code: 'TB_E_INVALID_REQUEST',
+    audit: [{ op: 'create', decision: 'error', code: 'TB_E_INVALID_REQUEST' }],
+    steps: [],
+  },
+  {
+    title: 'can: a MAC an earlier NIC of the same request has on the same parent is refused',
+    request: { op: 'can', kind: 'macvtap', parent: 'eth0', mac: '52:54:00:00:00:0d',
+      before: [{ kind: 'macvtap', parent: 'eth0', mac: '52:54:00:00:00:0d' }] },
+    code: null,
+    audit: [{ op: 'can', decision: 'dry-run' }],
+    steps: [],
+    reply: (r) => {
+      if (r.op !== 'can' || r.allow || !/earlier NIC of this request asks for MAC 52:54:00:00:00:0d/.test(r.message ?? '')) {
+        throw new Error(JSON.stringify(r));
+      }
+    },
+  },
+  {
     title: 'can: a dry run makes nothing and is audited as one',
     request: { op: 'can', kind: 'tap', parent: 'br0' },
     code: null,

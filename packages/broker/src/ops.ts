@@ -212,7 +212,7 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
         rule: d.rule,
         code: d.code,
         message: d.message,
-        hint: d.hint,
+        ...(d.hint ? { hint: d.hint } : {}),
         locked: false,
       };
   return { reply, fds: [] };

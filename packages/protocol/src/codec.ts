@@ -71,10 +71,13 @@ export function decodeRequest(buf: Buffer): Decoded<Request> {
   }
   const parsed = Request.safeParse(obj);
   if (!parsed.success) {
+    // A NIC of a `create` is named by its index, as its other refusals name it.
+    const [key, nic] = parsed.error.issues[0]?.path ?? [];
     return {
       ok: false,
       id,
-      error: new TapbrokerError('TB_E_INVALID_REQUEST', `invalid ${op} request: ${describeIssues(parsed.error)}`),
+      error: new TapbrokerError('TB_E_INVALID_REQUEST', `invalid ${op} request: ${describeIssues(parsed.error)}`,
+        key === 'nics' && typeof nic === 'number' ? { nic } : {}),
     };
   }
   return { ok: true, message: parsed.data };

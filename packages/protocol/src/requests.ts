@@ -45,7 +45,10 @@ export function decodeRequest(buf: Buffer): Decoded<Request> {
   }
   const checked = checkShape(REQUEST_SHAPE, obj);
   if (!checked.ok) {
-    return refuse(id, new TapbrokerError('TB_E_INVALID_REQUEST', `invalid ${op} request: ${checked.issue}`));
+    // A NIC of a `create` is named by its index, as its other refusals name it.
+    const [key, nic] = checked.path;
+    return refuse(id, new TapbrokerError('TB_E_INVALID_REQUEST', `invalid ${op} request: ${checked.issue}`,
+      key === 'nics' && typeof nic === 'number' ? { nic } : {}));
   }
   return { ok: true, message: checked.value as Request };
 }

@@ -31,12 +31,15 @@ export interface Issue {
 }
 
 /** The value as the schema would give it (defaults filled in), or the first thing wrong with it. */
-export function checkShape(shape: Shape, v: unknown): { ok: true; value: unknown } | { ok: false; issue: string } {
+export function checkShape(
+  shape: Shape, v: unknown,
+): { ok: true; value: unknown } | { ok: false; issue: string; path: Issue['path'] } {
   const w = new Walk({}, true);
   const value = w.walk(shape, v, null);
   const [first] = w.out;
   if (!first) return { ok: true, value };
-  return { ok: false, issue: `${first.path.length ? `${first.path.join('.')}: ` : ''}${first.message}` };
+  const issue = `${first.path.length ? `${first.path.join('.')}: ` : ''}${first.message}`;
+  return { ok: false, issue, path: first.path };
 }
 
 /** Every issue of `v` against `shape` (named refinements from `checks`), and the value with defaults. */
