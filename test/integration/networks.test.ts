@@ -165,6 +165,19 @@ test.serial('a plug hook: run up with fixed argv and documented variables only, 
   t.is(fx.broker.records.find(about('unplug'))!.decision, 'unplug', 'with a decision (and MESSAGE_ID) of its own');
 });
 
+test.serial('one MAC on two hook networks is granted; twice on one is refused before anything is made', async (t) => {
+  // Found by a re-test: every hook network counted as one segment (its place is its hook's), so one MAC on two of
+  // them was refused as a duplicate.
+  const mac = '52:54:00:6b:00:01';
+  const two = await probe({ socket: sock(), batch: true, requests: [{ network: 'custom', mac }, { network: 'noisy', mac }] });
+  t.is(two.result.error, null, two.result.error?.message);
+  await two.release();
+  const twice = await probeOnce({ socket: sock(), batch: true, requests: [{ network: 'custom', mac }, { network: 'custom', mac }] });
+  t.is(twice.error?.code, 'TB_E_INVALID_REQUEST');
+  t.regex(twice.error?.message ?? '', /asks for MAC 52:54:00:6b:00:01 on network `custom' too/);
+  t.is(twice.error?.nic, 1);
+});
+
 test.serial('a name is not given out again while its last device\'s down still runs', async (t) => {
   // Found by an outside review: the old lease's `down NAME` ran across the new lease's `up NAME`, and a hook that
   // acts on the name (nft … iifname NAME) undid the new device's `up`.

@@ -714,6 +714,22 @@ test.serial('A6: a client that does not read its replies holds one reply\'s fds 
   await broker.waitFor(() => ns.extraLinks(BASE).length === 0, 3000, 'taps left');
 });
 
+test.serial('A6: a persistent create whose client is gone before its reply is undone, and says so', async (t) => {
+  // Found by a re-test: a persistent create waiting behind an unread reply was carried out after its client had
+  // gone (or the broker had stopped): the device stayed, with a grant and no reply to anyone.
+  const conn = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  await conn.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+  await conn.receive();
+  await conn.send(encodeFrame({ op: 'status', id: 2 }));
+  await conn.send(encodeFrame({ op: 'create-tap', id: 3, bridge: 'br0', persistent: true, name: 'tb0-gone' }));
+  // The status reply is here, unread: the create waits in the broker until it is, and the client goes instead.
+  await until(() => conn.queued('in') > 0 || null, { what: 'no status reply', ms: 5000 });
+  conn.close();
+  const undone = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === 'tb0-gone');
+  t.regex(undone.message ?? '', /its client was gone before the reply/);
+  await broker.waitFor(() => ns.link('tb0-gone') === undefined, 3000, 'the persistent tap stayed');
+});
+
 test.serial('A6: a client that sends requests and never reads a reply (no fds in them): the broker holds one, and still stops', async (t) => {
   // Found by an outside code review: only replies with fds were waited for; after ~340 unread status replies the
   // broker's send waited for room forever, the connection never idled out, and SIGTERM never completed.

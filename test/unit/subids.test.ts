@@ -73,3 +73,19 @@ test('a caller holding more subordinate gids than it may is refused, and none of
   t.regex(more.refused?.message ?? '', /^uid 65534 holds 65536 subordinate gids the account database does not give it .*at most 256 are taken/);
   t.deepEqual(more.claimed, []);
 });
+
+test('a caller\'s groups are counted once each, however often the kernel shows them', (t) => {
+  // Found by a re-test: a caller listing its own gid 65,536 times passed the cap on subordinate gids and made every
+  // record about it ~400 KB (the kernel keeps a group as often as setgroups() named it).
+  const subuids = new Subuids(file(t, ''));
+  const subgids = new Subuids(file(t, 'nobody:300000:65536\n'));
+  const own = screenIds({ uid: 65534, gid: 65534, groups: Array(65536).fill(65534) }, subuids, subgids);
+  t.deepEqual(own.groups, [65534]);
+  const mixed = screenIds({ uid: 65534, gid: 65534, groups: [...Array.from({ length: 256 }, (_, i) => 300000 + i),
+    ...Array(65280).fill(65534)] }, subuids, subgids);
+  t.is(mixed.refused, null);
+  t.deepEqual(mixed.groups, [65534]);
+  t.is(mixed.claimed.length, 256);
+  const root = screenIds({ uid: 0, gid: 0, groups: [0, 0, 0] }, subuids, subgids);
+  t.deepEqual(root.groups, [0]);
+});

@@ -167,9 +167,11 @@ export function firstRefused(
     }
     // One MAC twice on one segment (a bridge and VLAN, a network, a macvtap parent): frames for it reach either NIC
     // (an outside review: granted for taps, a macvtap's refused only by its kernel step, after NIC 0 was made).
-    const where = `${spec.kind}/${a.place.parentName}/${a.place.vlan}`;
+    // A hook network's segment is its own (its taps go where its hook puts them): told apart by its name.
+    const segment = a.place.parentName === '-' ? `network \`${spec.parent}'` : `\`${a.place.parentName}'`;
+    const where = `${spec.kind}/${segment}/${a.place.vlan}`;
     if (spec.mac !== null && macs.some((m) => m.mac === spec.mac && m.where === where)) {
-      const on = spec.kind === 'macvtap' ? `parent \`${a.place.parentName}'` : `\`${a.place.parentName}'`;
+      const on = spec.kind === 'macvtap' ? `parent ${segment}` : segment;
       return { i, spec, refusal: error(`an earlier NIC of this request asks for MAC ${spec.mac} on ${on} too`) };
     }
     if (spec.name !== null) names.add(spec.name);

@@ -36,6 +36,7 @@ async function createOne(
     reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body },
     fds: nic!.fds,
     hold: holds([nic!]),
+    undo: persistent([nic!]),
   };
 }
 
@@ -57,12 +58,18 @@ export async function create(ctx: OpContext, caller: Identity, req: CreateReques
     reply: { op: 'create', id: req.id, devices: nics.map((n) => n.device), fds: nics.map((n) => n.counts) },
     fds: nics.flatMap((n) => n.fds),
     hold: holds(nics),
+    undo: persistent(nics),
   };
 }
 
 /** Leases that end with the connection that asked for them. */
 function holds(nics: Granted[]): string[] {
   return nics.filter((n) => n.lease.ends === 'holder').map((n) => n.lease.id);
+}
+
+/** Persistent devices: they outlive the connection, unless its reply cannot be sent. */
+function persistent(nics: Granted[]): string[] {
+  return nics.filter((n) => n.lease.ends === 'release').map((n) => n.lease.id);
 }
 
 type Granted = ReturnType<typeof makeDevice> & { plugged: Record<string, unknown> | null; spec: CreateSpec };

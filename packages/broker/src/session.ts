@@ -22,6 +22,8 @@ export interface Outcome {
   fds: number[];
   /** Leases that end when this connection or its process ends. */
   hold?: string[];
+  /** Leases that go if the reply cannot be handed over (a persistent device its client never learned of). */
+  undo?: string[];
 }
 
 /** What a session needs of the broker (the broker implements it; no import cycle). */
@@ -93,6 +95,12 @@ export class Session {
         // It waits as long as it likes: closing it would end the leases it holds (an outside review: a client
         // that sent its requests ahead lost a running VM's macvtap).
         await this.repliesRead();
+        // Closed meanwhile (the broker stopping): the request waiting behind an unread reply is not handled (a
+        // re-test: persistent creates carried out after the stop, for nobody).
+        if (this.conn.closed || this.shuttingDown) {
+          this.host.foreign(packet.fds);
+          break;
+        }
         // A uid that took its share of the broker's time waits (with all its sessions) for the next window.
         const wait = this.host.fairness.turn(this.caller.uid);
         if (wait) await wait;
@@ -269,10 +277,12 @@ export class Session {
       for (const id of outcome.hold ?? []) this.hold(id);
       await this.reply(outcome.reply, outcome.fds);
     } catch {
-      // Nobody holds what could not be handed over (or watched): it ends now.
+      // Nobody holds what could not be handed over (or watched): it ends now, and a persistent device its client
+      // never learned of goes too (a client gone before the reply: nothing of its create stays).
       for (const id of outcome.hold ?? []) {
         if (!this.held.has(id)) this.host.endLease(id, 'it could not be handed over');
       }
+      for (const id of outcome.undo ?? []) this.host.endLease(id, 'its client was gone before the reply');
       return false;
     } finally {
       // Every fd has one owner: once sent (or not), the broker's copies go, off the event loop.

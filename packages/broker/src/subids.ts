@@ -131,6 +131,8 @@ export const MAX_CLAIMED_GROUPS = 256;
 export function screenIds(
   peer: { uid: number; gid: number; groups: readonly number[] }, subuids: Subuids, subgids: Subuids,
 ): Screened {
+  // The kernel keeps a group as often as setgroups() named it (a re-test listed its own gid 65,536 times).
+  peer = { ...peer, groups: [...new Set(peer.groups)] };
   if (peer.uid === 0) return { groups: [...peer.groups], claimed: [], refused: null };
   const sub = subuids.of(peer.uid);
   if (sub) {
