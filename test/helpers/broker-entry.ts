@@ -8,7 +8,8 @@
 // TB_TEST_SUBUID_FILE=FILE lists subordinate uids there instead of /etc/subuid; TB_TEST_SUBGID_FILE, gids.
 // TB_TEST_STDERR_BACKLOG=BYTES: stderr's backlog holds that much, not 16 MiB. TB_TEST_MAX_CONNECTIONS_PER_USER=N:
 // each uid's cap of connections. TB_TEST_FROZEN_CLOCK=1: the clock each uid's share is counted on stands still,
-// so a uid past its share stays past it (its window never turns).
+// so a uid past its share stays past it (its window never turns). TB_TEST_MAX_UNREAD_FDS=N: fds of unread replies
+// one uid may hold (all uids: 8 times as many).
 import fs from 'node:fs';
 import { daemon, limitStderrBacklog, type FaultPoint } from '@tapbroker/broker/internal';
 import { TapbrokerError } from '@tapbroker/protocol';
@@ -17,6 +18,8 @@ const spec = process.env['TB_TEST_FAULT'] ?? '';
 const fallback = process.env['TB_TEST_FD_FALLBACK'] === '1';
 const maxConnections = Number(process.env['TB_TEST_MAX_CONNECTIONS'] ?? 0) || undefined;
 const maxConnectionsPerUser = Number(process.env['TB_TEST_MAX_CONNECTIONS_PER_USER'] ?? 0) || undefined;
+const maxUnreadFds = Number(process.env['TB_TEST_MAX_UNREAD_FDS'] ?? 0) || undefined;
+delete process.env['TB_TEST_MAX_UNREAD_FDS'];
 const frozenClock = process.env['TB_TEST_FROZEN_CLOCK'] === '1';
 delete process.env['TB_TEST_MAX_CONNECTIONS_PER_USER'];
 delete process.env['TB_TEST_FROZEN_CLOCK'];
@@ -51,6 +54,7 @@ function fault(point: FaultPoint): void {
 daemon(process.argv.slice(2), {
   ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}),
   ...(maxConnectionsPerUser ? { maxConnectionsPerUser } : {}), ...(frozenClock ? { clock: () => 0 } : {}),
+  ...(maxUnreadFds ? { maxUnreadFds } : {}),
   ...(linkEventQueue ? { linkEventQueue } : {}), ...(subuidFile ? { subuidFile } : {}), ...(subgidFile ? { subgidFile } : {}),
   refuseFdsAtSocket: !fallback,
 });

@@ -57,6 +57,8 @@ export class BrokerProcess {
     main?: string;
     /** The broker's connection limit (runs the test-only entry point). */
     maxConnections?: number;
+    /** Fds of unread replies one uid may hold (runs the test-only entry point). */
+    maxUnreadFds?: number;
     /** The kernel's queue of link events for the broker, in bytes (runs the test-only entry point). */
     linkEventQueue?: number;
     /** Subordinate uids listed in this file instead of /etc/subuid (the test entry point). */
@@ -79,7 +81,7 @@ export class BrokerProcess {
     const socket = path.join(dir, 'tapbroker.sock');
     const state = path.join(dir, 'state');
     // TB_TEST_BROKER_MAIN runs another build's main.js instead (to show a test fails on the code before a fix).
-    const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback || opts.maxConnections || opts.linkEventQueue || opts.subuidFile || opts.subgidFile || opts.maxConnectionsPerUser || opts.frozenClock
+    const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback || opts.maxConnections || opts.linkEventQueue || opts.subuidFile || opts.subgidFile || opts.maxConnectionsPerUser || opts.frozenClock || opts.maxUnreadFds
       ? BROKER_TEST_ENTRY : BROKER_MAIN);
     const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
     if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
@@ -90,6 +92,7 @@ export class BrokerProcess {
     if (opts.subgidFile) env['TB_TEST_SUBGID_FILE'] = opts.subgidFile;
     if (opts.maxConnectionsPerUser) env['TB_TEST_MAX_CONNECTIONS_PER_USER'] = String(opts.maxConnectionsPerUser);
     if (opts.frozenClock) env['TB_TEST_FROZEN_CLOCK'] = '1';
+    if (opts.maxUnreadFds) env['TB_TEST_MAX_UNREAD_FDS'] = String(opts.maxUnreadFds);
     const argv = ['ip', 'netns', 'exec', ns.name, ...(opts.wrap ?? []), process.execPath, ...(opts.nodeArgs ?? []), entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])];
     // `ip netns exec` keeps the pid it is started with, so the broker's pid is this child's either way.
     const [cmd, ...args] = opts.passwd

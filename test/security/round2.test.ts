@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
-  MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, encodeFrame, sys,
+  MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame, sys,
 } from '@tapbroker/protocol';
 import { Subuids, runPolicyTests, type AuditRecord } from '@tapbroker/broker/internal';
 import { BrokerProcess, CLIENT_CLI, ROOT, tempDir } from '../helpers/broker.js';
@@ -728,6 +728,48 @@ test.serial('A6: a persistent create whose client is gone before its reply is un
   const undone = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === 'tb0-gone');
   t.regex(undone.message ?? '', /its client was gone before the reply/);
   await broker.waitFor(() => ns.link('tb0-gone') === undefined, 3000, 'the persistent tap stayed');
+});
+
+test.serial('A6: fds of replies a uid leaves unread are bounded: its next create waits until it reads them, others are served', async (t) => {
+  // Unread, a reply's fds stay in flight, and the kernel charges them to root: past root's RLIMIT_NOFILE every root
+  // process without CAP_SYS_RESOURCE (the broker under its unit among them) could send none (ETOOMANYREFS).
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2inflight', maxUnreadFds: 6 });
+  const hello = async () => {
+    const c = await SeqpacketConnection.connect(b.socket, { maxPacket: MAX_REPLY_BYTES });
+    await c.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+    await c.receive();
+    return c;
+  };
+  const first = await hello();
+  const fds: number[] = [];
+  try {
+    await first.send(encodeFrame({ op: 'create-tap', id: 2, bridge: 'br0', queues: 4 }));
+    await until(() => first.queued('in') > 0 || null, { what: 'no reply', ms: 5000 });
+    // Root asks on another connection: 4 fds unread already, 4 more would pass 6.
+    const second = await hello();
+    try {
+      await second.send(encodeFrame({ op: 'create-tap', id: 3, bridge: 'br0', queues: 4 }));
+      const busy = decodeReply((await second.receive())!.data);
+      t.like(busy, { op: 'error', code: 'TB_E_BUSY' });
+      t.regex(busy.op === 'error' ? busy.message : '', /^4 fds of replies to uid 0 \(4 to all callers\) are still unread/);
+      // Another uid is served meanwhile.
+      const other = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', queues: 4 }] }, { uid: NOBODY });
+      t.is(other.error, null, other.error?.message);
+      // Read: root's next create is granted.
+      const got = await first.receive();
+      fds.push(...got!.fds);
+      await second.send(encodeFrame({ op: 'create-tap', id: 4, bridge: 'br0', queues: 4 }));
+      const again = await second.receive();
+      fds.push(...again!.fds);
+      t.like(decodeReply(again!.data), { op: 'create-tap' });
+    } finally {
+      second.close();
+    }
+  } finally {
+    for (const fd of fds) sys.close(fd);
+    first.close();
+    await b.stop();
+  }
 });
 
 test.serial('A6: a client that sends requests and never reads a reply (no fds in them): the broker holds one, and still stops', async (t) => {

@@ -54,6 +54,8 @@ export interface BrokerOptions {
   maxConnections?: number;
   /** Connections one uid may hold at once, so no user can take every slot (default 64). */
   maxConnectionsPerUser?: number;
+  /** Fds of unread replies one uid's connections may hold before its creates wait (default 1024; all: 8 times). */
+  maxUnreadFds?: number;
   log?: (line: string) => void;
   /**
    * Refuse fds at the socket (SO_PASSRIGHTS=0) where the kernel can (default true). False exercises
@@ -106,6 +108,7 @@ export class Broker implements SessionHost, OpContext {
   private listener: SeqpacketListener | null = null;
   private readonly maxConnections: number;
   private readonly maxConnectionsPerUser: number;
+  readonly maxUnreadFds: { perUid: number; all: number };
   /** Subordinate uids: refused at accept; subordinate gids: left out of the caller's groups (subids.ts). */
   private readonly subuids: Subuids;
   private readonly subgids: Subuids;
@@ -123,6 +126,8 @@ export class Broker implements SessionHost, OpContext {
     this.idleTimeoutMs = opts.idleTimeoutMs ?? 60_000;
     this.maxConnections = opts.maxConnections ?? 1024;
     this.maxConnectionsPerUser = opts.maxConnectionsPerUser ?? 64;
+    const unread = opts.maxUnreadFds ?? 1024;
+    this.maxUnreadFds = { perUid: unread, all: 8 * unread };
     this.refuseAtSocket = opts.refuseFdsAtSocket ?? true;
     this.subuids = new Subuids(opts.subuidFile);
     this.subgids = new Subuids(opts.subgidFile ?? SUBGID_FILE);
@@ -295,6 +300,12 @@ export class Broker implements SessionHost, OpContext {
 
   get fdsJammed(): boolean {
     return this.ownFds.jammed;
+  }
+
+  fdsUnread(uid?: number): number {
+    let n = 0;
+    for (const s of this.sessions) if (uid === undefined || s.caller.uid === uid) n += s.fdsUnread();
+    return n;
   }
 
   // ---- connections

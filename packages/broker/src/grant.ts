@@ -42,9 +42,7 @@ async function createOne(
 
 /** create: one VM's NICs in one request, each decided and audited on its own, granted all or none. */
 export async function create(ctx: OpContext, caller: Identity, req: CreateRequest): Promise<Outcome> {
-  // Queue counts are checked NIC by NIC later; here a bad one counts as its nearest valid value.
-  const queues = (q: number | undefined) => Math.min(MAX_QUEUES, Math.max(1, q ?? 1));
-  const fds = req.nics.reduce((n, nic) => n + (nic.persistent ? 0 : queues(nic.queues) * (nic.vhost ? 2 : 1)), 0);
+  const fds = fdsOf(req.nics);
   if (fds > MAX_REPLY_FDS) {
     const message = `these NICs need ${fds} fds; one reply carries at most ${MAX_REPLY_FDS}`;
     ctx.audit.record({
@@ -60,6 +58,12 @@ export async function create(ctx: OpContext, caller: Identity, req: CreateReques
     hold: holds(nics),
     undo: persistent(nics),
   };
+}
+
+/** The fds a reply to these NICs carries (a bad queue count, refused later, counts as its nearest valid one). */
+function fdsOf(nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>): number {
+  const queues = (q: number | undefined) => Math.min(MAX_QUEUES, Math.max(1, q ?? 1));
+  return nics.reduce((n, nic) => n + (nic.persistent ? 0 : queues(nic.queues) * (nic.vhost ? 2 : 1)), 0);
 }
 
 /** Leases that end with the connection that asked for them. */
@@ -120,6 +124,18 @@ async function grantEach(
       + `${Math.ceil(waits / 1000)} s`;
     audit({ decision: 'error', rule: null, code: 'TB_E_BUSY', message });
     throw new TapbrokerError('TB_E_BUSY', message, { hint: 'ask for NICs one by one meanwhile, or try again later' });
+  }
+  // Fds of replies their clients leave unread stay in flight, charged to root by the kernel: past its RLIMIT_NOFILE,
+  // sends of fds fail (ETOOMANYREFS) for every root process without CAP_SYS_RESOURCE, this broker's included.
+  const want = fdsOf(nics);
+  const unread = want > 0 ? ctx.fdsUnread(caller.uid) : 0;
+  const all = want > 0 ? ctx.fdsUnread() : 0;
+  if (want > 0 && (unread + want > ctx.maxUnreadFds.perUid || all + want > ctx.maxUnreadFds.all)) {
+    const message = `${unread} fds of replies to uid ${caller.uid} (${all} to all callers) are still unread; this one `
+      + `would carry ${want} more than the broker lets stay in flight`;
+    audit({ decision: 'error', rule: null, code: 'TB_E_BUSY', message });
+    throw new TapbrokerError('TB_E_BUSY', message,
+      { hint: 'read the replies on your other connections, or close them' });
   }
   // A request the policy refuses is refused before anything is made (an outside review: 31 taps made, rolled back
   // and audited for a 32nd on a bridge the rule does not name, in a loop): a NIC denied with those before it

@@ -37,6 +37,10 @@ export interface OpContext {
   readonly fairness: Fairness;
   /** No closer process can take the fds the broker gives up (all stuck in the kernel): no new devices. */
   readonly fdsJammed: boolean;
+  /** Fds of replies their clients have not read yet: `uid`'s connections', or every connection's. */
+  fdsUnread(uid?: number): number;
+  /** How many such fds one uid's connections, and all of them, may hold before that uid's creates wait. */
+  readonly maxUnreadFds: { perUid: number; all: number };
   reload(caller: Identity): Policy;
 }
 

@@ -66,6 +66,8 @@ export class Session {
   /** The process that connected has exited: what this connection is granted later has no holder. */
   private holderExited = false;
   private shuttingDown = false;
+  /** The fds of the last reply, until the client has read it: in flight, the kernel charges them to root. */
+  private fdsSent = 0;
 
   constructor(
     private readonly host: SessionHost,
@@ -75,6 +77,17 @@ export class Session {
 
   get closed(): boolean {
     return this.conn.closed;
+  }
+
+  /** The fds of this connection's last reply that its client has not read yet. */
+  fdsUnread(): number {
+    if (this.fdsSent === 0) return 0;
+    try {
+      if (this.conn.closed || this.conn.queued('out') === 0) this.fdsSent = 0;
+    } catch {
+      this.fdsSent = 0;
+    }
+    return this.fdsSent;
   }
 
   async run(): Promise<void> {
@@ -152,8 +165,9 @@ export class Session {
       if (code) return void this.refuse(code, message);
       // Leases that ended otherwise (a breach, a flood, root) are held no more.
       for (const id of this.held) if (!this.host.holds(id)) this.held.delete(id);
-      // Not idle if a request came in while the broker was busy (this timer can run before it is read).
-      if (this.held.size === 0 && !this.requestWaiting()) this.close();
+      // Not idle if a request came in while the broker was busy (this timer can run before it is read), nor while
+      // its last reply's fds are unread: they stay in flight until it reads them or closes, and stay counted.
+      if (this.held.size === 0 && !this.requestWaiting() && this.fdsUnread() === 0) this.close();
       else this.arm(ms, null, message);
     }, ms);
     this.timer.unref?.();
@@ -320,6 +334,7 @@ export class Session {
     const stuck = setTimeout(() => this.close(), UNSENDABLE_REPLY_MS);
     try {
       await this.conn.send(encodeReply(reply), fds);
+      this.fdsSent = fds.length;
     } finally {
       clearTimeout(stuck);
     }
