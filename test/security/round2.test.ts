@@ -722,11 +722,13 @@ test.serial('A6: a persistent create whose client is gone before its reply is un
   await conn.receive();
   await conn.send(encodeFrame({ op: 'status', id: 2 }));
   await conn.send(encodeFrame({ op: 'create-tap', id: 3, bridge: 'br0', persistent: true, name: 'tb0-gone' }));
-  // The status reply is here, unread: the create waits in the broker until it is, and the client goes instead.
-  await until(() => conn.queued('in') > 0 || null, { what: 'no status reply', ms: 5000 });
+  // The status reply is here, unread, and the broker has read the create (nothing of ours is left unread in its
+  // queue): the create waits in the broker until the reply is read, and the client goes instead.
+  await until(() => (conn.queued('in') > 0 && conn.queued('out') === 0) || null, { what: 'no status reply', ms: 5000 });
   conn.close();
   const undone = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === 'tb0-gone');
   t.regex(undone.message ?? '', /its client was gone before the reply/);
+  await broker.record((r) => r.op === 'create-tap' && r.decision === 'error' && /^the reply could not be sent/.test(r.message ?? ''));
   await broker.waitFor(() => ns.link('tb0-gone') === undefined, 3000, 'the persistent tap stayed');
 });
 

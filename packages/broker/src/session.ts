@@ -290,7 +290,12 @@ export class Session {
     try {
       for (const id of outcome.hold ?? []) this.hold(id);
       await this.reply(outcome.reply, outcome.fds);
-    } catch {
+    } catch (err) {
+      // What it granted ends below, each with its record; that the reply did not go, and why, is recorded here.
+      if (outcome.fds.length > 0 || outcome.undo?.length) {
+        const why = `the reply could not be sent (${(err as Error).message}): what it granted ends`;
+        this.host.refused(this.caller, req.op, 'TB_E_KERNEL', why);
+      }
       // Nobody holds what could not be handed over (or watched): it ends now, and a persistent device its client
       // never learned of goes too (a client gone before the reply: nothing of its create stays).
       for (const id of outcome.hold ?? []) {
