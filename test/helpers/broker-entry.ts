@@ -9,7 +9,7 @@
 // TB_TEST_STDERR_BACKLOG=BYTES: stderr's backlog holds that much, not 16 MiB. TB_TEST_MAX_CONNECTIONS_PER_USER=N:
 // each uid's cap of connections. TB_TEST_FROZEN_CLOCK=1: the clock each uid's share is counted on stands still,
 // so a uid past its share stays past it (its window never turns). TB_TEST_MAX_UNREAD_FDS=N: fds of unread replies
-// one uid may hold (all uids: 8 times as many).
+// one uid may hold (all uids: 32 times as many).
 import fs from 'node:fs';
 import { daemon, limitStderrBacklog, type FaultPoint } from '@tapbroker/broker/internal';
 import { TapbrokerError } from '@tapbroker/protocol';

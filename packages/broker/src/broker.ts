@@ -54,7 +54,10 @@ export interface BrokerOptions {
   maxConnections?: number;
   /** Connections one uid may hold at once, so no user can take every slot (default 64). */
   maxConnectionsPerUser?: number;
-  /** Fds of unread replies one uid's connections may hold before its creates wait (default 1024; all: 8 times). */
+  /**
+   * Fds of unread replies one uid's connections may hold before its creates wait (default 1024; all callers' together:
+   * 32 times as many, half the unit's open-file limit).
+   */
   maxUnreadFds?: number;
   log?: (line: string) => void;
   /**
@@ -127,7 +130,7 @@ export class Broker implements SessionHost, OpContext {
     this.maxConnections = opts.maxConnections ?? 1024;
     this.maxConnectionsPerUser = opts.maxConnectionsPerUser ?? 64;
     const unread = opts.maxUnreadFds ?? 1024;
-    this.maxUnreadFds = { perUid: unread, all: 8 * unread };
+    this.maxUnreadFds = { perUid: unread, all: 32 * unread };
     this.refuseAtSocket = opts.refuseFdsAtSocket ?? true;
     this.subuids = new Subuids(opts.subuidFile);
     this.subgids = new Subuids(opts.subgidFile ?? SUBGID_FILE);
