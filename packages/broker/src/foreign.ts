@@ -39,10 +39,11 @@ const BIN_SNDBUF = 4 << 20;
 const MAX_BINS = 64;
 /**
  * Connections in bins at most. Each is a descriptor in flight, counted against the sender's allowance (its
- * RLIMIT_NOFILE, past which its sendmsg with fds fails ETOOMANYREFS): root's, shared by every root process.
- * Beyond this they wait in the broker, an fd each, as they did before there were bins.
+ * RLIMIT_NOFILE, past which its sendmsg with fds fails ETOOMANYREFS): root's, shared by every root process. With the
+ * fds of unread replies (32,768 at most) they stay within the unit's 65,536. Beyond this they wait in the broker,
+ * an fd each, as they did before there were bins.
  */
-const MAX_BINNED = 65_536;
+const MAX_BINNED = 16_384;
 
 export class ForeignFds {
   private child: ChildProcess | null = null;
