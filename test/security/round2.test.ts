@@ -757,13 +757,35 @@ test.serial('A6: fds of replies a uid leaves unread are bounded: its next create
       // Another uid is served meanwhile.
       const other = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', queues: 4 }] }, { uid: NOBODY });
       t.is(other.error, null, other.error?.message);
+      // Ending the connection (SHUT_WR) leaves them unread and counted (a re-test: the broker closed its end, and
+      // counted them no more, while they stayed in flight).
+      sys.shutdown(first.fd, 1);
+      await quiet(300, 'the broker reads the end of the connection');
+      await second.send(encodeFrame({ op: 'create-tap', id: 4, bridge: 'br0', queues: 4 }));
+      t.like(decodeReply((await second.receive())!.data), { op: 'error', code: 'TB_E_BUSY' }, 'still counted');
       // Read: root's next create is granted.
       const got = await first.receive();
       fds.push(...got!.fds);
-      await second.send(encodeFrame({ op: 'create-tap', id: 4, bridge: 'br0', queues: 4 }));
-      const again = await second.receive();
-      fds.push(...again!.fds);
-      t.like(decodeReply(again!.data), { op: 'create-tap' });
+      await until(async () => {
+        await second.send(encodeFrame({ op: 'create-tap', id: 5, bridge: 'br0', queues: 4 }));
+        const again = await second.receive();
+        fds.push(...again!.fds);
+        return decodeReply(again!.data).op === 'create-tap' || null;
+      }, { what: 'root\'s create was never granted once it had read its reply', ms: 5000, every: 100 });
+      // Two creates at once on two connections: the room is reserved by the first, the second waits.
+      const third = await hello();
+      try {
+        await Promise.all([second.send(encodeFrame({ op: 'create-tap', id: 6, bridge: 'br0', queues: 4 })),
+          third.send(encodeFrame({ op: 'create-tap', id: 7, bridge: 'br0', queues: 4 }))]);
+        // Both answered before either is read: whichever came second saw the first's fds on their way or unread.
+        await until(() => (second.queued('in') > 0 && third.queued('in') > 0) || null, { what: 'no replies', ms: 5000 });
+        const [a, b2] = await Promise.all([second.receive(), third.receive()]);
+        fds.push(...a!.fds, ...b2!.fds);
+        t.deepEqual([decodeReply(a!.data).op, decodeReply(b2!.data).op].sort(), ['create-tap', 'error'],
+          'one create\'s 4 on their way (or unread): 4 more pass 6');
+      } finally {
+        third.close();
+      }
     } finally {
       second.close();
     }

@@ -305,10 +305,34 @@ export class Broker implements SessionHost, OpContext {
     return this.ownFds.jammed;
   }
 
-  fdsUnread(uid?: number): number {
+  /** Fds of replies their clients have not read yet: `uid`'s connections', or every connection's. */
+  private fdsUnread(uid?: number): number {
     let n = 0;
     for (const s of this.sessions) if (uid === undefined || s.caller.uid === uid) n += s.fdsUnread();
     return n;
+  }
+
+  /** Fds of replies being made (reserved, not sent yet), per uid and in all. */
+  private readonly fdsReserved = new Map<number, number>();
+  private fdsReservedAll = 0;
+
+  reserveFds(uid: number, n: number): { release(): void } | { unread: number; all: number } {
+    const unread = this.fdsUnread(uid) + (this.fdsReserved.get(uid) ?? 0);
+    const all = this.fdsUnread() + this.fdsReservedAll;
+    if (unread + n > this.maxUnreadFds.perUid || all + n > this.maxUnreadFds.all) return { unread, all };
+    this.fdsReserved.set(uid, (this.fdsReserved.get(uid) ?? 0) + n);
+    this.fdsReservedAll += n;
+    let held = true;
+    return {
+      release: () => {
+        if (!held) return;
+        held = false;
+        const left = (this.fdsReserved.get(uid) ?? 0) - n;
+        if (left > 0) this.fdsReserved.set(uid, left);
+        else this.fdsReserved.delete(uid);
+        this.fdsReservedAll -= n;
+      },
+    };
   }
 
   // ---- connections

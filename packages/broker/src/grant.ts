@@ -30,13 +30,14 @@ async function createOne(
   caller: Identity,
   req: CreateTapRequest | CreateMacvtapRequest,
 ): Promise<Outcome> {
-  const [nic] = await grantAll(ctx, caller, req.op, [req]);
+  const { granted: [nic], sent } = await grantAll(ctx, caller, req.op, [req]);
   const body = { id: req.id, device: nic!.device, fds: nic!.counts };
   return {
     reply: req.op === 'create-tap' ? { op: 'create-tap', ...body } : { op: 'create-macvtap', ...body },
     fds: nic!.fds,
     hold: holds([nic!]),
     undo: persistent([nic!]),
+    sent,
   };
 }
 
@@ -51,12 +52,13 @@ export async function create(ctx: OpContext, caller: Identity, req: CreateReques
     });
     throw new TapbrokerError('TB_E_INVALID_REQUEST', message);
   }
-  const nics = await grantAll(ctx, caller, 'create', req.nics);
+  const { granted: nics, sent } = await grantAll(ctx, caller, 'create', req.nics);
   return {
     reply: { op: 'create', id: req.id, devices: nics.map((n) => n.device), fds: nics.map((n) => n.counts) },
     fds: nics.flatMap((n) => n.fds),
     hold: holds(nics),
     undo: persistent(nics),
+    sent,
   };
 }
 
@@ -87,7 +89,7 @@ async function grantAll(
   caller: Identity,
   op: string,
   nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
-): Promise<Granted[]> {
+): Promise<{ granted: Granted[]; sent: () => void }> {
   // Every section after the first await is charged to the caller's share too (the session charges only up to
   // it: an outside review ran 32-NIC creates, NICs 1-31 uncharged, and stalled everyone's grants for seconds).
   const meter = ctx.fairness.meter(caller.uid);
@@ -97,11 +99,36 @@ async function grantAll(
   const turn = ctx.fairness.alone(caller.uid, nics.length > 1);
   const done = typeof turn === 'function' ? turn : await meter.wait(turn);
   try {
-    return await grantEach(ctx, caller, op, nics, meter);
+    const room = reserveFds(ctx, caller, op, nics);
+    try {
+      return { granted: await grantEach(ctx, caller, op, nics, meter), sent: room.release };
+    } catch (err) {
+      room.release();
+      throw err;
+    }
   } finally {
     done();
     meter.end();
   }
+}
+
+/**
+ * Room for the fds of this request's reply among those its caller, and everyone, leave unread: reserved from now
+ * until the reply is sent (a re-test: one uid's creates at once on many connections all passed a check made
+ * before any was sent). Unread, fds stay in flight, charged to root by the kernel: past its RLIMIT_NOFILE, sends
+ * of fds fail (ETOOMANYREFS) for every root process without CAP_SYS_RESOURCE, this broker's included.
+ */
+function reserveFds(
+  ctx: OpContext, caller: Identity, op: string, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
+): { release(): void } {
+  const want = fdsOf(nics);
+  if (want === 0) return { release: () => {} };
+  const room = ctx.reserveFds(caller.uid, want);
+  if ('release' in room) return room;
+  const message = `${room.unread} fds of replies to uid ${caller.uid} (${room.all} to all callers) are still unread `
+    + `or on their way; this one would carry ${want} more than the broker lets stay in flight`;
+  ctx.audit.record({ op, caller, decision: 'error', rule: null, code: 'TB_E_BUSY', message });
+  throw new TapbrokerError('TB_E_BUSY', message, { hint: 'read the replies on your other connections, or close them' });
 }
 
 /** grantAll's steps, in the caller's turn. */
@@ -124,18 +151,6 @@ async function grantEach(
       + `${Math.ceil(waits / 1000)} s`;
     audit({ decision: 'error', rule: null, code: 'TB_E_BUSY', message });
     throw new TapbrokerError('TB_E_BUSY', message, { hint: 'ask for NICs one by one meanwhile, or try again later' });
-  }
-  // Fds of replies their clients leave unread stay in flight, charged to root by the kernel: past its RLIMIT_NOFILE,
-  // sends of fds fail (ETOOMANYREFS) for every root process without CAP_SYS_RESOURCE, this broker's included.
-  const want = fdsOf(nics);
-  const unread = want > 0 ? ctx.fdsUnread(caller.uid) : 0;
-  const all = want > 0 ? ctx.fdsUnread() : 0;
-  if (want > 0 && (unread + want > ctx.maxUnreadFds.perUid || all + want > ctx.maxUnreadFds.all)) {
-    const message = `${unread} fds of replies to uid ${caller.uid} (${all} to all callers) are still unread; this one `
-      + `would carry ${want} more than the broker lets stay in flight`;
-    audit({ decision: 'error', rule: null, code: 'TB_E_BUSY', message });
-    throw new TapbrokerError('TB_E_BUSY', message,
-      { hint: 'read the replies on your other connections, or close them' });
   }
   // A request the policy refuses is refused before anything is made (an outside review: 31 taps made, rolled back
   // and audited for a 32nd on a bridge the rule does not name, in a loop): a NIC denied with those before it

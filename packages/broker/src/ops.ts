@@ -37,10 +37,11 @@ export interface OpContext {
   readonly fairness: Fairness;
   /** No closer process can take the fds the broker gives up (all stuck in the kernel): no new devices. */
   readonly fdsJammed: boolean;
-  /** Fds of replies their clients have not read yet: `uid`'s connections', or every connection's. */
-  fdsUnread(uid?: number): number;
-  /** How many such fds one uid's connections, and all of them, may hold before that uid's creates wait. */
-  readonly maxUnreadFds: { perUid: number; all: number };
+  /**
+   * Room for `n` more fds in replies `uid` has not read (its connections' unread and reserved ones, and everyone's,
+   * within their budgets), reserved until `release`: or how many there are, when there is none.
+   */
+  reserveFds(uid: number, n: number): { release(): void } | { unread: number; all: number };
   reload(caller: Identity): Policy;
 }
 

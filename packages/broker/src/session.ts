@@ -24,6 +24,8 @@ export interface Outcome {
   hold?: string[];
   /** Leases that go if the reply cannot be handed over (a persistent device its client never learned of). */
   undo?: string[];
+  /** Called once the reply is sent, or could not be: its fds are counted as unread from then on. */
+  sent?: () => void;
 }
 
 /** What a session needs of the broker (the broker implements it; no import cycle). */
@@ -52,6 +54,8 @@ function bounded(s: string, max = 1024): string {
 
 /** How often, at the least, a connection whose last reply is unread is looked at again. */
 const UNREAD_REPLY_POLL_MAX_MS = 500;
+const nextWait = (ms: number) => Math.min(2 * ms, UNREAD_REPLY_POLL_MAX_MS);
+const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** How long a reply may stay unsendable (the client's queue full) before its connection is closed. */
 const UNSENDABLE_REPLY_MS = 5000;
 
@@ -141,7 +145,21 @@ export class Session {
     } catch {
       // A socket error ends this session only; the broker keeps serving everyone else.
     } finally {
+      await this.linger();
       this.close();
+    }
+  }
+
+  /**
+   * A connection its client ends with its last reply's fds unread stays open, and counted, until the client reads
+   * them or closes its end (its held leases end now): in flight, they are charged to root, and a closed connection
+   * would count them no more (a re-test: SHUT_WR after each reply put 20,000 in flight, from one user).
+   */
+  private async linger(): Promise<void> {
+    if (this.fdsUnread() === 0 || this.shuttingDown) return;
+    this.endHeld('its holder closed the connection');
+    for (let wait = 10; this.fdsUnread() > 0 && !this.shuttingDown; wait = nextWait(wait)) {
+      await pause(wait);
     }
   }
 
@@ -183,14 +201,14 @@ export class Session {
 
   /** Until the last reply has been read (or the connection is gone): looked at after 10 ms, then less often. */
   private async repliesRead(): Promise<void> {
-    for (let wait = 10; ; wait = Math.min(2 * wait, UNREAD_REPLY_POLL_MAX_MS)) {
+    for (let wait = 10; ; wait = nextWait(wait)) {
       if (this.conn.closed) return;
       try {
         if (this.conn.queued('out') === 0) return;
       } catch {
         return;
       }
-      await new Promise((r) => setTimeout(r, wait));
+      await pause(wait);
     }
   }
 
@@ -304,6 +322,7 @@ export class Session {
       for (const id of outcome.undo ?? []) this.host.endLease(id, 'its client was gone before the reply');
       return false;
     } finally {
+      outcome.sent?.();
       // Every fd has one owner: once sent (or not), the broker's copies go, off the event loop.
       this.host.release(outcome.fds, this.caller.uid);
     }
