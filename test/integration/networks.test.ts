@@ -7,7 +7,7 @@ import path from 'node:path';
 import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
-import { NOBODY, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
+import { NOBODY, probe, probeOnce, setprivArgs, spawnAs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
 let dir: string;
@@ -324,6 +324,21 @@ test.serial('a broker killed during a hook\'s up: the restart kills the up, then
     await b.stop();
     fs.rmSync(bdir, { recursive: true, force: true });
   }
+});
+
+test.serial('a persistent create whose client is gone before its reply (killed during the hook\'s up) is undone', async (t) => {
+  // Found by a re-test: the device stayed, with a grant on record and no reply to anyone.
+  fs.rmSync(`${log}.up`, { force: true });
+  const name = `tb${NOBODY}-killed`;
+  const client = spawnAs({}, process.execPath, [CLIENT_CLI, 'create', '--persistent', '--network', 'slowup', '--name', name,
+    '--socket', sock()], { stdio: ['ignore', 'ignore', 'ignore'] });
+  await fx.broker.waitFor(() => fs.existsSync(`${log}.up`), 5000, 'up never started');
+  client.kill('SIGKILL');
+  const undone = await fx.broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === name,
+    10_000);
+  t.regex(undone.message ?? '', /its client was gone before the reply/);
+  await fx.broker.record((r) => r.decision === 'error' && /^the reply could not be sent/.test(r.message ?? ''));
+  await fx.broker.waitFor(() => fx.ns.link(name) === undefined, 3000, 'the persistent device stayed');
 });
 
 test.serial('a device deleted while its hook\'s up runs: the create fails, and down runs after up, not across it', async (t) => {

@@ -72,6 +72,8 @@ export class Session {
   private shuttingDown = false;
   /** The fds of the last reply, until the client has read it: in flight, the kernel charges them to root. */
   private fdsSent = 0;
+  /** The persistent devices of the last reply, until the client has read it (Outcome.undo). */
+  private undoUnread: string[] = [];
 
   constructor(
     private readonly host: SessionHost,
@@ -112,9 +114,9 @@ export class Session {
         // It waits as long as it likes: closing it would end the leases it holds (an outside review: a client
         // that sent its requests ahead lost a running VM's macvtap).
         await this.repliesRead();
-        // Closed meanwhile (the broker stopping): the request waiting behind an unread reply is not handled (a
-        // re-test: persistent creates carried out after the stop, for nobody).
-        if (this.conn.closed || this.shuttingDown) {
+        // Closed meanwhile (the broker stopping, or its client, the reply unread): the request waiting behind an
+        // unread reply is not handled (a re-test: persistent creates carried out after the stop, for nobody).
+        if (this.conn.closed || this.shuttingDown || this.conn.resetByPeer()) {
           this.host.foreign(packet.fds);
           break;
         }
@@ -145,6 +147,9 @@ export class Session {
     } catch {
       // A socket error ends this session only; the broker keeps serving everyone else.
     } finally {
+      // A client that closed with its last reply unread never learned of the persistent devices in it (a re-test).
+      const gone = this.conn.resetByPeer() ? this.undoUnread : [];
+      for (const id of gone) this.host.endLease(id, 'its client closed without reading the reply');
       await this.linger();
       this.close();
     }
@@ -308,6 +313,7 @@ export class Session {
     try {
       for (const id of outcome.hold ?? []) this.hold(id);
       await this.reply(outcome.reply, outcome.fds);
+      this.undoUnread = outcome.undo ?? [];
     } catch (err) {
       // What it granted ends below, each with its record; that the reply did not go, and why, is recorded here.
       if (outcome.fds.length > 0 || outcome.undo?.length) {
@@ -359,6 +365,7 @@ export class Session {
     try {
       await this.conn.send(encodeReply(reply), fds);
       this.fdsSent = fds.length;
+      this.undoUnread = [];
     } finally {
       clearTimeout(stuck);
     }

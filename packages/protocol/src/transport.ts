@@ -148,6 +148,20 @@ export class SeqpacketConnection {
     return this._closed;
   }
 
+  /** Did the peer close with data of ours unread (ECONNRESET, seen by a read or pending on the socket)? */
+  resetByPeer(): boolean {
+    if (!this.reset && !this._closed) {
+      try {
+        this.reset = sys.getsockoptInt(this.fd, sys.SOL_SOCKET, 4 /* SO_ERROR */) === sys.errno.ECONNRESET;
+      } catch {
+        // A socket the kernel no longer knows: nothing to say.
+      }
+    }
+    return this.reset;
+  }
+
+  private reset = false;
+
   /** Credentials of the peer as the kernel recorded them at connect time. */
   peer(): PeerCredentials {
     const cred = Buffer.alloc(12);
@@ -313,8 +327,10 @@ export class SeqpacketConnection {
     try {
       m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | (this.takesFds ? sys.MSG_CMSG_CLOEXEC : sys.MSG_PEEK));
     } catch (err) {
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET)
+      if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) {
         m = { data: Buffer.alloc(0), fds: [], flags: 0 };
+        this.reset = true;
+      }
       else return this.fail(err as Error);
     }
     if (m === null) {
@@ -339,7 +355,10 @@ export class SeqpacketConnection {
       } catch (err) {
         // The peer left between the peek and this read, its reply unread (ECONNRESET): the end, as above. The
         // receive is answered either way: left pending, its session waited for ever, holding a connection slot.
-        if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) return pr.resolve(null);
+        if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) {
+          this.reset = true;
+          return pr.resolve(null);
+        }
         pr.reject(err as Error);
         return this.fail(err as Error);
       }
