@@ -6,6 +6,7 @@ import * as sys from './sys.js';
 
 /** The kernel's own limit of fds in one SCM_RIGHTS message (SCM_MAX_FD). */
 export const SCM_MAX_FD = sys.SCM_MAX_FD;
+const ECONNRESET = sys.errno.ECONNRESET;
 
 export interface Packet {
   data: Buffer;
@@ -150,17 +151,13 @@ export class SeqpacketConnection {
 
   /** Did the peer close with data of ours unread (ECONNRESET, seen by a read or pending on the socket)? */
   resetByPeer(): boolean {
-    if (!this.reset && !this._closed) {
-      try {
-        this.reset = sys.getsockoptInt(this.fd, sys.SOL_SOCKET, 4 /* SO_ERROR */) === sys.errno.ECONNRESET;
-      } catch {
-        // A socket the kernel no longer knows: nothing to say.
-      }
-    }
+    this.reset ||= !this._closed && sys.getsockoptInt(this.fd, sys.SOL_SOCKET, 4 /* SO_ERROR */) === ECONNRESET;
     return this.reset;
   }
 
   private reset = false;
+  /** `err` is the peer's reset: noted for resetByPeer. */
+  private isReset = (e: unknown) => e instanceof sys.SyscallError && e.errno === ECONNRESET && (this.reset = true);
 
   /** Credentials of the peer as the kernel recorded them at connect time. */
   peer(): PeerCredentials {
@@ -327,10 +324,7 @@ export class SeqpacketConnection {
     try {
       m = this.receiver.recv(this.fd, sys.MSG_DONTWAIT | (this.takesFds ? sys.MSG_CMSG_CLOEXEC : sys.MSG_PEEK));
     } catch (err) {
-      if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) {
-        m = { data: Buffer.alloc(0), fds: [], flags: 0 };
-        this.reset = true;
-      }
+      if (this.isReset(err)) m = { data: Buffer.alloc(0), fds: [], flags: 0 };
       else return this.fail(err as Error);
     }
     if (m === null) {
@@ -355,10 +349,7 @@ export class SeqpacketConnection {
       } catch (err) {
         // The peer left between the peek and this read, its reply unread (ECONNRESET): the end, as above. The
         // receive is answered either way: left pending, its session waited for ever, holding a connection slot.
-        if (err instanceof sys.SyscallError && err.errno === sys.errno.ECONNRESET) {
-          this.reset = true;
-          return pr.resolve(null);
-        }
+        if (this.isReset(err)) return pr.resolve(null);
         pr.reject(err as Error);
         return this.fail(err as Error);
       }
