@@ -746,6 +746,18 @@ test.serial('A6: a persistent create whose reply its client never read before cl
   const undone = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === 'tb0-unread');
   t.regex(undone.message ?? '', /its client closed without reading the reply/);
   await broker.waitFor(() => ns.link('tb0-unread') === undefined, 3000, 'the persistent tap stayed');
+  // The same after ending its side first (SHUT_WR), then closing (a re-test: the broker closed at the end of the
+  // connection, before the client's close could say the reply went unread).
+  const half = await SeqpacketConnection.connect(broker.socket, { maxPacket: MAX_REPLY_BYTES });
+  await half.send(encodeFrame({ op: 'hello', id: 1, version: PROTOCOL_VERSION }));
+  await half.receive();
+  await half.send(encodeFrame({ op: 'create-tap', id: 2, bridge: 'br0', persistent: true, name: 'tb0-half' }));
+  await until(() => half.queued('in') > 0 || null, { what: 'no reply', ms: 5000 });
+  sys.shutdown(half.fd, 1);
+  await quiet(300, 'the broker reads the end of the connection');
+  half.close();
+  await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === 'tb0-half');
+  await broker.waitFor(() => ns.link('tb0-half') === undefined, 3000, 'the half-closed client\'s persistent tap stayed');
   // One whose client read the reply stays.
   const name = `tb${NOBODY}-read`;
   const kept = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true, name }] });

@@ -87,12 +87,7 @@ export class Session {
 
   /** The fds of this connection's last reply that its client has not read yet. */
   fdsUnread(): number {
-    if (this.fdsSent === 0) return 0;
-    try {
-      if (this.conn.closed || this.conn.queued('out') === 0) this.fdsSent = 0;
-    } catch {
-      this.fdsSent = 0;
-    }
+    if (this.fdsSent > 0 && !this.repliesUnread()) this.fdsSent = 0;
     return this.fdsSent;
   }
 
@@ -147,10 +142,10 @@ export class Session {
     } catch {
       // A socket error ends this session only; the broker keeps serving everyone else.
     } finally {
+      await this.linger();
       // A client that closed with its last reply unread never learned of the persistent devices in it (a re-test).
       const gone = this.conn.resetByPeer() ? this.undoUnread : [];
       for (const id of gone) this.host.endLease(id, 'its client closed without reading the reply');
-      await this.linger();
       this.close();
     }
   }
@@ -161,10 +156,20 @@ export class Session {
    * would count them no more (a re-test: SHUT_WR after each reply put 20,000 in flight, from one user).
    */
   private async linger(): Promise<void> {
-    if (this.fdsUnread() === 0 || this.shuttingDown) return;
+    // So does one whose last reply named persistent devices, until it is read or not (a client that ended its side
+    // first, then closed without reading, kept them: a re-test).
+    const unread = () => this.fdsUnread() > 0 || (this.undoUnread.length > 0 && this.repliesUnread());
+    if (this.shuttingDown || !unread()) return;
     this.endHeld('its holder closed the connection');
-    for (let wait = 10; this.fdsUnread() > 0 && !this.shuttingDown; wait = nextWait(wait)) {
-      await pause(wait);
+    for (let wait = 10; unread() && !this.shuttingDown; wait = nextWait(wait)) await pause(wait);
+  }
+
+  /** Is the last reply still in the client's queue (the connection open)? */
+  private repliesUnread(): boolean {
+    try {
+      return !this.conn.closed && this.conn.queued('out') > 0;
+    } catch {
+      return false;
     }
   }
 
@@ -206,15 +211,7 @@ export class Session {
 
   /** Until the last reply has been read (or the connection is gone): looked at after 10 ms, then less often. */
   private async repliesRead(): Promise<void> {
-    for (let wait = 10; ; wait = nextWait(wait)) {
-      if (this.conn.closed) return;
-      try {
-        if (this.conn.queued('out') === 0) return;
-      } catch {
-        return;
-      }
-      await pause(wait);
-    }
+    for (let wait = 10; this.repliesUnread(); wait = nextWait(wait)) await pause(wait);
   }
 
   /** The lease ends with this connection, or sooner if the process that connected exits. */
