@@ -179,10 +179,17 @@ function ns(): Netns {
 
 /** Deletes every tap in the namespace in one unregister batch; their fds die and close for nothing. */
 function reap(): number {
-  const out = execFileSync('ip', ['-n', ns().name, '-j', 'link', 'show', 'type', 'tun'], { encoding: 'utf8', maxBuffer: 512 << 20 });
-  const names = (JSON.parse(out || '[]') as Array<{ ifname: string }>).map((l) => l.ifname);
-  deleteLinks(names, true);
-  return names.length;
+  // A tap may go on its own between the listing and the batch (its last fd closed): list again and retry.
+  for (let attempt = 1; ; attempt++) {
+    const out = execFileSync('ip', ['-n', ns().name, '-j', 'link', 'show', 'type', 'tun'], { encoding: 'utf8', maxBuffer: 512 << 20 });
+    const names = (JSON.parse(out || '[]') as Array<{ ifname: string }>).map((l) => l.ifname);
+    try {
+      deleteLinks(names, true);
+      return names.length;
+    } catch (err) {
+      if (attempt >= 5) throw err;
+    }
+  }
 }
 
 /**
