@@ -111,7 +111,7 @@ export class Broker implements SessionHost, OpContext {
   private listener: SeqpacketListener | null = null;
   private readonly maxConnections: number;
   private readonly maxConnectionsPerUser: number;
-  readonly maxUnreadFds: { perUid: number; all: number };
+  private readonly maxUnreadFds: { perUid: number; all: number };
   /** Subordinate uids: refused at accept; subordinate gids: left out of the caller's groups (subids.ts). */
   private readonly subuids: Subuids;
   private readonly subgids: Subuids;

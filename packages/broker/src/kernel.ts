@@ -236,6 +236,11 @@ export function kernelError(what: string, err: unknown): TapbrokerError {
   return new TapbrokerError('TB_E_KERNEL', `${what}: ${e.code ?? ''} ${e.message}`.trim(), { cause: err });
 }
 
+/** One attribute of device `name` from sysfs, without its newline. Throws as the read does (ENOENT: no such device). */
+export function sysfsRead(name: string, file: string): string {
+  return fs.readFileSync(`/sys/class/net/${name}/${file}`, 'latin1').replace(/\n$/, '');
+}
+
 /**
  * The sysfs directory of device `name`, after checking that it shows this namespace's device: index `index`, with
  * `own.tag` as its alias (the broker's tag), or else `own.address` as its MAC. A name and an index repeat across
@@ -245,7 +250,7 @@ export function sysfsDevice(
   name: string, index: number, own: { tag?: string | null | undefined; address?: Buffer | null },
 ): string {
   const dir = `/sys/class/net/${name}`;
-  const read = (file: string) => fs.readFileSync(`${dir}/${file}`, 'latin1').replace(/\n$/, '');
+  const read = (file: string) => sysfsRead(name, file);
   let same: boolean;
   try {
     same = read('ifindex') === String(index) && (own.tag ? read('ifalias') === own.tag

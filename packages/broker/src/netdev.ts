@@ -6,7 +6,7 @@ import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol/core';
 import {
   ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
   openVhost, tapFlags, tunIfreq, vhostRefusal, type Cleanup, type CreatedTap, type Faults, type Kernel,
-  sysfsDevice, type MacvtapRequest, type TapRequest,
+  sysfsDevice, sysfsRead, type MacvtapRequest, type TapRequest,
 } from './kernel.js';
 import { createMacvtap, macvtapParent } from './macvtap.js';
 import { LINK_EVENT_QUEUE, LinkMonitor } from './link-monitor.js';
@@ -379,8 +379,7 @@ export class Netdev implements Kernel {
 function tunIds(
   name: string, index: number, tag: string | null,
 ): { owner: number | null; group: number | null } | 'gone' | null {
-  const dir = `/sys/class/net/${name}`;
-  const read = (file: string) => fs.readFileSync(`${dir}/${file}`, 'latin1').replace(/\n$/, '');
+  const read = (file: string) => sysfsRead(name, file);
   // tun writes -1 for an owner or group it has none of.
   const id = (file: string) => {
     const v = read(file);
