@@ -9,6 +9,7 @@ import {
   sysfsDevice, sysfsRead, type MacvtapRequest, type TapRequest,
 } from './kernel.js';
 import { createMacvtap, macvtapParent } from './macvtap.js';
+import { randomMac } from './naming.js';
 import { LINK_EVENT_QUEUE, LinkMonitor } from './link-monitor.js';
 import {
   NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, deleteLinkInBackground, type Link,
@@ -126,7 +127,10 @@ export class Netdev implements Kernel {
       );
     }
     if (addrAssignType(link) !== NET_ADDR_SET) {
-      const mac = link.address ? macFromBuffer(link.address) : '02:00:00:00:00:01';
+      // A bridge without ports has no address yet (all zeros), which the kernel will not take back as a
+      // pinned one: the hint names a random locally administered address instead.
+      const current = link.address ? macFromBuffer(link.address) : null;
+      const mac = current && current !== '00:00:00:00:00:00' ? current : randomMac('02');
       throw new TapbrokerError(
         'TB_E_BRIDGE_ADDRESS',
         `bridge \`${name}' has no fixed MAC address, so a guest could take it over; `
