@@ -307,6 +307,14 @@ test('journalEntry: the fields in a fixed order, objects as JSON, absent and nul
   t.is(bare.get('MESSAGE'), 'reload');
 });
 
+test('journalEntry: TAPBROKER_LEASE from the device\'s id, which a grant and every end record carry', (t) => {
+  const end = fieldMap(journalEntry({ ...RECORD, decision: 'cleanup', op: 'cleanup',
+    device: { id: '0123456789abcdef', name: 'tb1000-a', kind: 'tap' } }));
+  t.is(end.get('TAPBROKER_LEASE'), '0123456789abcdef');
+  const grant = fieldMap(journalEntry({ ...RECORD, device: { id: 'fedcba9876543210', lease: 'fedcba9876543210', name: 'tb1000-b' } }));
+  t.is(grant.get('TAPBROKER_LEASE'), 'fedcba9876543210');
+});
+
 test('journalEntry: uid 0 and other zeros are written', (t) => {
   const f = fieldMap(journalEntry({ ...RECORD, uid: 0, gid: 0, ppid: 0 }));
   t.is(f.get('TAPBROKER_UID'), '0');

@@ -318,7 +318,9 @@ export function journalEntry(r: AuditRecord): Buffer {
   opt('TAPBROKER_DEVICE', r.device);
   // The device's name and lease on their own, to match on: `journalctl TAPBROKER_IFNAME=tb1000-x`.
   opt('TAPBROKER_IFNAME', typeof r.device?.['name'] === 'string' ? r.device['name'] : null);
-  opt('TAPBROKER_LEASE', typeof r.device?.['lease'] === 'string' ? r.device['lease'] : null);
+  // A grant's device and a lease's (every record of an end) both carry `id`: the one key joining them.
+  const lease = r.device?.['id'] ?? r.device?.['lease'];
+  opt('TAPBROKER_LEASE', typeof lease === 'string' ? lease : null);
   opt('TAPBROKER_CODE', r.code);
   opt('TAPBROKER_MESSAGE', r.message);
   const parts: Buffer[] = [];

@@ -199,7 +199,7 @@ async function grantEach(
     decision: 'grant',
     rule: g.lease.rule,
     request: specView(g.spec),
-    device: { ...g.device, lease: g.lease.id, ...(g.plugged ? { plug: g.plugged } : {}) },
+    device: deviceRecord(g.device, g.lease, g.plugged),
   });
   try {
     ctx.lifetimes.catchUp();
@@ -221,7 +221,7 @@ async function grantEach(
       : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
     for (const g of granted) {
       audit({
-        decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: { ...g.device, lease: g.lease.id },
+        decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: deviceRecord(g.device, g.lease),
         code: e.code, message: granting && g.durable ? `${e.message}: its grant, recorded, is undone` : e.message,
       });
     }
@@ -302,7 +302,7 @@ async function grantOne(
         code: e.code,
         message: e.message,
         // The device made for it (then rolled back), where there was one: a hook's `up` that failed.
-        ...(made ? { device: { ...made.device, lease: made.lease.id, ...(plug ? { plug } : {}) } }
+        ...(made ? { device: deviceRecord(made.device, made.lease, plug) }
           : plug ? { device: { plug } } : {}),
       });
     }
@@ -431,6 +431,14 @@ function makeDevice(
     vhost: spec.persistent ? 0 : created.vhostFds.length,
   };
   return { lease, device, fds, counts, closing, durable };
+}
+
+/**
+ * A device as its audit records name it: `id` is its lease, as in every record of its end (the key that joins a
+ * grant to its end); `lease`, the same, is the name grant records had first.
+ */
+function deviceRecord(device: Device, lease: LeaseRecord, plug?: unknown): Record<string, unknown> {
+  return { ...device, id: lease.id, lease: lease.id, ...(plug ? { plug } : {}) };
 }
 
 function unwritable(err: unknown): TapbrokerError {
