@@ -156,6 +156,8 @@ test('the service: root with CAP_NET_ADMIN (and CAP_AUDIT_WRITE for --linux-audi
   // The audit records are the unit's journal lines: journald's rate limit must never drop them (the broker
   // bounds what one user can make it write).
   t.is(one(s, 'Service', 'LogRateLimitIntervalSec'), '0');
+  // A stop signals the broker alone: it lets running hooks' `down`s finish (the boot test below stops it during one).
+  t.is(one(s, 'Service', 'KillMode'), 'mixed');
 });
 
 test('MemoryDenyWriteExecute= comes with node --jitless, and the broker runs with ExecStart\'s node flags', (t) => {
@@ -253,10 +255,21 @@ sed -i '/^tapbroker:/d' /etc/group /etc/gshadow
 echo "tapbroker:x:$2:" >> /etc/group
 echo tbtest > /etc/hostname
 dpkg -i "$3" > /run/tb/dpkg.log 2>&1
-printf '[[rule]]
+# A network whose hook's down waits for the test's word (a file), up to 10 s, and says when it starts and ends.
+printf '#!/bin/sh
+echo "$1-start $2" >> /run/tapbroker/hook.log
+if [ "$1" = down ]; then i=0; while [ ! -e /run/tapbroker/go ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; fi
+echo "$1-done $2" >> /run/tapbroker/hook.log
+' > /etc/tapbroker/slow-hook
+chmod 755 /etc/tapbroker/slow-hook
+printf '[network.slow]
+hook = "/etc/tapbroker/slow-hook"
+
+[[rule]]
 name = "sd"
 groups = ["tapbroker"]
 bridges = ["br0"]
+networks = ["slow"]
 max_queues = 2
 ' > /etc/tapbroker/policy.toml
 ip link set lo up
@@ -366,7 +379,28 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
   const kept = client(65534, [gid], ['run', '--net', 'bridge=br0', '--', 'true']);
   t.is(kept.status, 0, `${kept.stderr}\n${log()}`);
 
+  // A stop while a hook's `down` runs (every package upgrade restarts the unit): systemd signals the broker alone
+  // (KillMode=mixed), which lets the `down` finish; signalled with the whole cgroup, the `down` died with it
+  // (an outside review). Its word comes once the stop has begun.
+  const hookLog = () => ns(['cat', '/run/tapbroker/hook.log']).stdout;
+  const slow = client(65534, [gid], ['run', '--net', 'network=slow', '--', 'true']);
+  t.is(slow.status, 0, `${slow.stderr}\n${log()}`);
+  await poll(() => hookLog().includes('down-start'), { ms: 10_000, every: 100 });
+  t.regex(hookLog(), /down-start/, `its down never started\n${log()}`);
+  t.is(systemctl('stop', '--no-block', 'tapbrokerd.service').status, 0);
+  await poll(() => systemctl('show', '-p', 'ActiveState', '--value', 'tapbrokerd.service').stdout.trim() === 'deactivating',
+    { ms: 5000, every: 50 });
+  t.is(ns(['touch', '/run/tapbroker/go']).status, 0);
+  await poll(() => systemctl('show', '-p', 'ActiveState', '--value', 'tapbrokerd.service').stdout.trim() === 'inactive',
+    { ms: 20_000, every: 100 });
+  t.regex(hookLog(), /down-done/, `the down was cut short by the stop\n${log()}`);
+  t.notRegex(log(), /died of SIG/, 'no hook was signalled by the stop');
+
   // Stopping the service keeps the socket (and its directory); the next client starts it again.
+  t.is(ns(['rm', '-f', '/run/tapbroker/go']).status, 0);
+  await poll(() => systemctl('show', '-p', 'ActiveState', '--value', 'tapbrokerd.service').stdout.trim() !== 'deactivating',
+    { ms: 5000, every: 50 });
+  t.is(systemctl('start', 'tapbrokerd.service').status, 0);
   t.is(systemctl('stop', 'tapbrokerd.service').status, 0);
   t.is(systemctl('show', '-p', 'Result', '--value', 'tapbrokerd.service').stdout.trim(), 'success', 'SIGTERM ends it with status 0');
   t.is(ns(['test', '-S', '/run/tapbroker/tapbroker.sock']).status, 0);

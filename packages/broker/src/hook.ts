@@ -25,7 +25,9 @@ export interface HookContext {
 
 export interface HookResult {
   code: number | null;
+  /** The signal it died of: the broker's SIGKILL when `timed_out`, else someone else's (a service manager's stop). */
   signal: string | null;
+  timed_out: boolean;
   stdout: string;
   stderr: string;
   ms: number;
@@ -97,6 +99,7 @@ export function runHook(
       const result: HookResult = {
         code,
         signal,
+        timed_out: timedOut,
         stdout: captured(stdout),
         stderr: captured(stderr),
         ms: Date.now() - started,

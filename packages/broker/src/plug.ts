@@ -1,7 +1,7 @@
 // Joining a device to a named network that is not a plain Linux bridge: an Open vSwitch port, or an
 // administrator's hook. The lease records how it was plugged, so unplugging never consults a later policy.
 import { addPort, delPortOf, ovsdbTarget } from './ovs.js';
-import { runHook } from './hook.js';
+import { runHook, type HookResult } from './hook.js';
 import type { AuditEvent } from './audit.js';
 import type { Network } from './decide.js';
 import { leaseView, type LeaseRecord, type LeaseTable, type Plug } from './leases.js';
@@ -100,6 +100,7 @@ export class Unplugs {
     count(this.uids, l.uid, +1);
     let again = false;
     let failed = false;
+    let cut = false;
     const p = plugDown(l, this.run).then(
       (r) => {
         this.table.unplugged(l.id);
@@ -112,10 +113,16 @@ export class Unplugs {
         // name): tried again, later and later, and the name is not given out meanwhile. A hook said what it
         // said: its failure is recorded, not repeated.
         failed = true;
-        again = ovs && attempt < UNPLUG_ATTEMPTS && !this.closing;
+        // A hook killed by someone else (a service manager stopping the unit signals its whole cgroup, the broker
+        // and this `down` at once: an outside review lost downs to every upgrade) gave no answer: tried again, as a
+        // port is, and owed to the next start if the broker is stopping.
+        const r = (err as { hook?: HookResult }).hook;
+        cut = !ovs && !!r?.signal && !r.timed_out;
+        again = (ovs || cut) && attempt < UNPLUG_ATTEMPTS && !this.closing;
         // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
-        if (!ovs) this.table.unplugged(l.id);
-        const next = again ? `; trying again in ${2 ** (attempt - 1)} s` : '';
+        if (!ovs && !cut) this.table.unplugged(l.id);
+        const next = again ? `; trying again in ${2 ** (attempt - 1)} s`
+          : cut ? '; it runs again at the broker\'s next start' : '';
         this.note('unplug', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
       },
     );
@@ -124,8 +131,8 @@ export class Unplugs {
       this.running.delete(p);
       count(this.uids, l.uid, -1);
       if (again) setTimeout(() => this.unplug(l, attempt + 1), 1000 * 2 ** (attempt - 1)).unref();
-      // A port never removed keeps its name from new devices until the broker restarts (and reconciles).
-      if (again || (ovs && failed && !this.closing)) return;
+      // A port never removed, or a `down` still owed, keeps its name from new devices until the broker restarts.
+      if (again || ((ovs || cut) && failed && !this.closing)) return;
       count(this.names, l.name, -1);
     });
   }
