@@ -299,6 +299,11 @@ export class FakeKernel implements Kernel {
     return [...this.devices.values()].map(copy);
   }
 
+  ports(master: number): Link[] {
+    this.lookups++;
+    return this.links().filter((l) => l.master === master);
+  }
+
   async deleteLink(index: number): Promise<boolean> {
     await this.deletions;
     const link = this.devices.get(index);

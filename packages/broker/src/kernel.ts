@@ -163,6 +163,8 @@ export interface Kernel {
   tapAsSeen(event: Link): Link | null;
   linkNamed(name: string): Link | null;
   links(): Link[];
+  /** The ports of bridge `master` (one dump, however many there are). */
+  ports(master: number): Link[];
   /** RTM_DELLINK off the event loop: true when deleted, false when the link was already gone. */
   deleteLink(index: number): Promise<boolean>;
   /** Link events, as LinkMonitor delivers them. */

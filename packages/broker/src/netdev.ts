@@ -67,6 +67,10 @@ export class Netdev implements Kernel {
     return this.rtnl.dumpLinks();
   }
 
+  ports(master: number): Link[] {
+    return this.rtnl.dumpLinks(undefined, master);
+  }
+
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void {
     this.rtnl.restoreFdbEntry(port, mac, opts);
   }

@@ -361,12 +361,14 @@ export class Rtnetlink {
   }
 
   /**
-   * Every link in the namespace, or only those of one kind (IFLA_INFO_KIND): the kernel filters that dump
-   * itself, so a host with thousands of devices does not send, nor the broker decode, every one of them.
+   * Every link in the namespace, or only those of one kind (IFLA_INFO_KIND), or the ports of one bridge: the kernel
+   * filters that dump itself, so a host with thousands of devices does not send, nor the broker decode, every one.
    */
-  dumpLinks(kind?: string): Link[] {
+  dumpLinks(kind?: string, master?: number): Link[] {
     const filter = [attrU32(IFLA_EXT_MASK, EXT_MASK)];
     if (kind) filter.push(attrNested(IFLA_LINKINFO, [attrString(IFLA_INFO_KIND, kind)]));
+    // Ports of one bridge (`ip link show master BR`): filtered by the kernel too, and here whatever it did.
+    if (master !== undefined) filter.push(attrU32(IFLA_MASTER, master));
     // A kind the kernel does not know (its module is not loaded) filters nothing: the kernel sends every link.
     // No device of that kind exists then, nor can one until a module is loaded, which /sys/module shows.
     const modules = kind ? loadedModules() : '';
@@ -379,7 +381,8 @@ export class Rtnetlink {
       ).map(parseLink);
       // Filtered here too, whatever the reason the kernel did not: what is kept is only that none existed.
       const unfiltered = kind !== undefined && links.some((l) => l.kind !== kind);
-      const ofKind = unfiltered ? links.filter((l) => l.kind === kind) : links;
+      const ofKind = (unfiltered ? links.filter((l) => l.kind === kind) : links)
+        .filter((l) => master === undefined || l.master === master);
       if (!this.interrupted) {
         if (unfiltered && ofKind.length === 0) this.unknownKinds.set(kind, modules);
         return ofKind;
