@@ -146,6 +146,36 @@ test.serial('reload: a valid policy applies to new requests, an invalid one is r
   }
 });
 
+// Found by an outside review: a misspelt group in a deny rule matches every caller (it fails closed, as documented),
+// and the administrator saw that only in the broker's log; users were told to try another bridge.
+test.serial('a deny naming a group this host lacks: reload says so to root, and the denied are told why', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'denytypo' });
+  try {
+    fs.writeFileSync(broker.policyPath, `${POLICY}\n[[deny]]\nname = "no-interns"\ngroups = ["intrens"]\nbridges = ["br0"]\n`);
+    const reload = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(reload.status, 0, reload.stderr);
+    t.regex(reload.stdout, /policy reloaded: sha256 [0-9a-f]{64}/);
+    t.regex(reload.stderr, /^tapbroker: warning: .*policy\.toml:\d+: deny rule `no-interns': no group `intrens' on this host/m);
+    const denied = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+    t.is(denied.error?.code, 'TB_E_POLICY_DENIED');
+    t.regex(denied.error?.message ?? '', /denied by rule `no-interns', which names group `intrens', not on this host/);
+    t.regex(denied.error?.hint ?? '', /only an administrator can change it/, 'not sent off to another bridge');
+    const status = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'status', '--socket', broker.socket, '--json'],
+      { encoding: 'utf8' });
+    t.is(status.status, 0, status.stderr);
+    const denies = (JSON.parse(status.stdout) as { denies: Array<{ rule: string; covers: string }> }).denies;
+    t.deepEqual(denies.map((d) => d.rule), ['no-interns']);
+    t.regex(denies[0]!.covers, /it names group `intrens', not on this host: it matches everyone/);
+    // A clean policy: no warning at all.
+    fs.writeFileSync(broker.policyPath, POLICY);
+    const clean = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(clean.status, 0, clean.stderr);
+    t.is(clean.stderr, '');
+  } finally {
+    await broker.stop();
+  }
+});
+
 test.serial('--idle-exit: with no connections and no leases the broker exits 0 by itself', async (t) => {
   const broker = await BrokerProcess.start(ns, POLICY, { tag: 'idle', args: ['--journal-socket', '', '--idle-exit', '1'] });
   await broker.waitFor(() => !broker.alive, 5000, 'the broker did not exit when idle');

@@ -156,6 +156,18 @@ export function matchesDeny(who: Selector, caller: Caller & { user?: string | nu
   return who.unresolved.users.length > 0 && (!caller.user || who.unresolved.users.includes(caller.user));
 }
 
+/**
+ * The names by which a deny matched `caller` only because this host could not look them up (it fails closed:
+ * matchesDeny), as a denial tells them; null when it matched the caller by what it could resolve.
+ */
+export function unknownNames(who: Selector, caller: Caller & { user?: string | null }): string | null {
+  if (matchesDeny({ ...who, unresolved: { users: [], groups: [] } }, caller)) return null;
+  const names = [
+    ...who.unresolved.groups.map((g) => `group \`${g}'`), ...who.unresolved.users.map((u) => `user \`${u}'`),
+  ];
+  return names.length > 0 ? names.join(', ') : null;
+}
+
 /** A deny rule covering `target` that keeps a member of `group` (by the account database) or the group off it. */
 function sharedDeny(policy: Policy, group: number, target: Target): { deny: DenyRule; who: string } | null {
   return groupDenies(policy, group).find((k) => denyCovers(policy, k.deny, target)) ?? null;
@@ -376,13 +388,17 @@ export function decide(
     const onto = target.network !== null && target.kind !== 'unknown'
       ? ` (network \`${target.network}' is ${target.kind} ${target.name})`
       : '';
-    const message = `denied by rule \`${deny.name}'${onto}`;
+    // A typo in a deny's group denies everyone: the caller, who cannot read the policy, is told why (an outside
+    // review: users were sent to other bridges, the administrator saw nothing but a warning at the reload).
+    const unknown = unknownNames(deny.who, caller);
+    const message = `denied by rule \`${deny.name}'${onto}${unknown ? `, which names ${unknown}, not on this host: `
+      + 'a deny matches every caller by a name it cannot look up' : ''}`;
     // A caller no rule gives this target is told what it would be told without the deny (rv39): a deny must not
     // tell it which networks exist, or where they lead.
     if (forTarget.length === 0) return { ...unmatched(caller, ask, what, mine), record: { rule: deny.name, message } };
     const scope = denyScope(policy, deny, true);
     // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
-    const whole = scope === 'everything' || (target.kind === 'bridge' && !ask.network
+    const whole = unknown !== null || scope === 'everything' || (target.kind === 'bridge' && !ask.network
       && scope.startsWith('every Linux bridge'));
     return {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: deny.name, message,

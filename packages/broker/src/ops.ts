@@ -9,7 +9,7 @@ import type { Audit } from './audit.js';
 import type { Fairness } from './fairness.js';
 import { firstRefused } from './admission.js';
 import {
-  denyScope, matches, matchesDeny, recorded, type AllowRule, type Decision, type Policy,
+  denyScope, matches, matchesDeny, recorded, unknownNames, type AllowRule, type Decision, type Policy,
 } from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
@@ -165,7 +165,12 @@ function reload(ctx: OpContext, caller: Identity, req: ReloadRequest): Outcome {
       hint: 'an administrator reloads it (as root: tapbroker reload, or systemctl reload tapbrokerd)',
     });
   }
-  return { reply: { op: 'reload', id: req.id, policy_sha256: ctx.reload(caller).sha256 }, fds: [] };
+  const policy = ctx.reload(caller);
+  // The load's warnings reach whoever reloaded (systemctl reload's output), not only the broker's log: a deny whose
+  // group is misspelt matches everyone (an outside review found that said nowhere an administrator would look).
+  const warnings = policy.warnings.slice(0, 64).map((w) => (w.length > 4096 ? `${w.slice(0, 4095)}…` : w));
+  const reply = { op: 'reload' as const, id: req.id, policy_sha256: policy.sha256 };
+  return { reply: warnings.length ? { ...reply, warnings } : reply, fds: [] };
 }
 
 /** can: the decision a create request would get now, as this caller, with nothing created. */
@@ -259,7 +264,12 @@ function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
     leases: ctx.lifetimes.visible(caller.uid).length,
     rules,
     denies: ctx.policy.deny.filter((d) => matchesDeny(d.who, caller))
-      .map((d) => ({ rule: d.name, covers: denyScope(ctx.policy, d, true) })),
+      .map((d) => {
+        const unknown = unknownNames(d.who, caller);
+        const covers = denyScope(ctx.policy, d, true);
+        const why = unknown ? ` (it names ${unknown}, not on this host: it matches everyone)` : '';
+        return { rule: d.name, covers: `${covers}${why}` };
+      }),
     connections: caller.uid === 0 ? ctx.connections : null,
   };
   return { reply, fds: [] };

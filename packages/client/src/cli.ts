@@ -598,7 +598,9 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
   try {
     if (o.command === 'status') return await statusCommand(client, o.output === 'json');
     if (o.command === 'reload') {
-      process.stdout.write(`policy reloaded: sha256 ${await client.reload()}\n`);
+      const { policy_sha256: sha, warnings } = await client.reload();
+      process.stdout.write(`policy reloaded: sha256 ${sha}\n`);
+      for (const w of warnings) process.stderr.write(`tapbroker: warning: ${w}\n`);
       return 0;
     }
     if (o.command === 'list') {

@@ -260,11 +260,11 @@ export class TapbrokerClient {
     return reply;
   }
 
-  /** Root only: the broker re-reads its policy file; returns the new digest. */
-  async reload(): Promise<string> {
+  /** Root only: the broker re-reads its policy file; returns the new digest and what its load warned about. */
+  async reload(): Promise<{ policy_sha256: string; warnings: string[] }> {
     const { reply } = await this.call({ op: 'reload', id: this.nextId++ });
     if (reply.op !== 'reload') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a reload reply, got ${reply.op}`);
-    return reply.policy_sha256;
+    return { policy_sha256: reply.policy_sha256, warnings: reply.warnings ?? [] };
   }
 
   private async create(req: CreateTapRequest | CreateMacvtapRequest): Promise<Tap> {

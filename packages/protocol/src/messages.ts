@@ -212,7 +212,10 @@ export const ListReply = z.strictObject({
   truncated: z.boolean(),
 });
 export const ReleaseReply = z.strictObject({ op: z.literal('release'), id: Id, lease: Lease });
-export const ReloadReply = z.strictObject({ op: z.literal('reload'), id: Id, policy_sha256: Text(64) });
+/** `warnings`: what the new policy's load warned about (each with its file and line), when there was any. */
+export const ReloadReply = z.strictObject({
+  op: z.literal('reload'), id: Id, policy_sha256: Text(64), warnings: z.array(Text(4096)).max(64).optional(),
+});
 
 /** A rule that applies to the caller, with how many of its devices the caller holds. */
 export const RuleStanding = z.strictObject({

@@ -235,8 +235,9 @@ export const REPLY_SHAPE: Shape = {
         "op": {"t":"literal","values":["reload"]},
         "id": {"t":"number","int":true,"min":0,"max":4294967295},
         "policy_sha256": {"t":"string","max":64},
+        "warnings": {"t":"array","of":{"t":"string","max":4096},"min":0,"max":64},
       },
-      "optional": [],
+      "optional": ["warnings"],
       "defaults": {},
     },
     "can": {
