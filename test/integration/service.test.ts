@@ -235,6 +235,36 @@ test('check-policy: warnings for risky rules, with their lines, and --json', (t)
   t.regex(text.stdout, /risky\.toml:1: warning: rule `all' matches every user/);
 });
 
+// Found by an outside review: with policy.d, a fragment's rule was shown at "line 1", which in the main file is
+// a comment. The tools name a fragment's rule by its file (relative to the main file's directory) and line.
+test('explain-policy, who-can and test-policy name a fragment\'s rule by its file and line', (t) => {
+  const d = fs.mkdtempSync(path.join(dir, 'frag-'));
+  const main = path.join(d, 'policy.toml');
+  fs.writeFileSync(main, `# the main file\n\n[[rule]]\nname = "main"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);
+  fs.mkdirSync(path.join(d, 'policy.d'), { mode: 0o755 });
+  fs.writeFileSync(path.join(d, 'policy.d/10-team.toml'), `[[rule]]\nname = "team"\nusers = [${NOBODY}]\nbridges = ["br1"]\n`);
+  fs.writeFileSync(path.join(d, 'policy.d/20-deny.toml'), `\n[[deny]]\nname = "no-br2"\nusers = [${NOBODY}]\nbridges = ["br2"]\n`);
+  const text = tool('explain-policy', main, '--user', 'nobody');
+  t.is(text.status, 0, text.stderr);
+  t.regex(text.stdout, /^main\s+3\s+br0/m);
+  t.regex(text.stdout, /^team\s+policy\.d\/10-team\.toml:1\s+br1/m);
+  t.regex(text.stdout, /denied by `no-br2' \(policy\.d\/20-deny\.toml:2\)/);
+  const json = JSON.parse(tool('explain-policy', main, '--user', 'nobody', '--json').stdout) as
+    { allowed_by: Array<{ rule: string; file: string; line: number }>; denied_by: Array<{ file: string; line: number }> };
+  t.deepEqual(json.allowed_by.map((r) => [r.rule, r.file, r.line]),
+    [['main', main, 3], ['team', path.join(d, 'policy.d/10-team.toml'), 1]]);
+  t.deepEqual(json.denied_by.map((r) => [r.file, r.line]), [[path.join(d, 'policy.d/20-deny.toml'), 2]]);
+  const who = tool('who-can', main, '--bridge', 'br1');
+  t.regex(who.stdout, /^team\s+policy\.d\/10-team\.toml:1\s+user nobody/m);
+  const cases = path.join(d, 'cases.toml');
+  fs.writeFileSync(cases, `[[case]]\nuser = ${NOBODY}\nrequest = "bridge=br1"\nexpect = "deny"\n`);
+  const tested = tool('test-policy', main, cases);
+  t.is(tested.status, 1);
+  t.regex(tested.stdout, /got allow by rule `team' \(policy\.d\/10-team\.toml:1\)/);
+  fs.writeFileSync(cases, `[[case]]\nuser = ${NOBODY}\nrequest = "bridge=br0"\nexpect = "deny"\n`);
+  t.regex(tool('test-policy', main, cases).stdout, /got allow by rule `main' \(line 3\)/);
+});
+
 test('explain-policy and who-can', (t) => {
   const file = path.join(dir, 'explain.toml');
   fs.writeFileSync(file, `[[rule]]\nname = "lab"\nusers = ["nobody"]\nbridges = ["br0"]\nmax_queues = 4\n\n[[rule]]\nname = "mv"\nusers = [${NOBODY}]\nmacvtap = [{ parent = "eth0", modes = ["bridge", "vepa"] }]\n\n[[deny]]\nname = "no-br0"\nusers = [${NOBODY}]\nbridges = ["br0"]\n`);

@@ -9,7 +9,7 @@ import type { Identity } from './identity.js';
 import { getgrnam, getpwnam, getpwuid } from './libc.js';
 import { decide, recorded, type Caller, type Policy } from './decide.js';
 import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
-import { didYouMean, lineIndex } from './policy-text.js';
+import { didYouMean, lineIndex, ruleAt } from './policy-text.js';
 import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
@@ -115,7 +115,8 @@ export interface CaseResult {
   decided: {
     decision: 'allow' | 'deny';
     rule: string | null;
-    /** The deciding rule's line in the policy, when a rule decided. */
+    /** The deciding rule's file (the main one or a fragment) and line, when a rule decided. */
+    file: string | null;
     line: number | null;
     code: ErrorCode | null;
     message: string;
@@ -268,8 +269,11 @@ function printable(s: string): string {
  * then createSpec, checkSpec, decide.
  */
 export function runCase(policy: Policy, c: Case, host?: HostIds): CaseResult {
-  const lineOfRule = (name: string | null) =>
-    [...policy.deny, ...policy.allow].find((r) => r.name === name)?.line ?? null;
+  // Where the deciding rule is written: its file (a fragment's own) and line.
+  const at = (name: string | null) => {
+    const r = [...policy.deny, ...policy.allow].find((x) => x.name === name);
+    return { file: r?.file ?? null, line: r?.line ?? null };
+  };
   let decided: CaseResult['decided'];
   try {
     const screened = host ? screenIds(c.caller, host.subuids, host.subgids) : null;
@@ -286,23 +290,26 @@ export function runCase(policy: Policy, c: Case, host?: HostIds): CaseResult {
     if (lock) throw lock;
     decided = d.allow
       ? {
-          decision: 'allow', rule: d.rule.name, line: d.rule.line, code: null,
+          decision: 'allow', rule: d.rule.name, file: d.rule.file, line: d.rule.line, code: null,
           message: `rule \`${d.rule.name}' would grant it`, hint: null,
         }
-      : { decision: 'deny', ...recorded(d), line: lineOfRule(recorded(d).rule), code: d.code, hint: d.hint };
+      : { decision: 'deny', ...recorded(d), ...at(recorded(d).rule), code: d.code, hint: d.hint };
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
     // A grammar error (refused before deciding, no rule) or a port that cannot be locked (its rule's).
     const rule = err.rule ?? null;
     decided = {
-      decision: 'deny', rule, line: lineOfRule(rule), code: err.code, message: err.message, hint: err.hint ?? null,
+      decision: 'deny', rule, ...at(rule), code: err.code, message: err.message, hint: err.hint ?? null,
     };
   }
   const e = c.expected;
   const passed = decided.decision === e.decision && (e.rule === null || decided.rule === e.rule)
     && (e.code === null || decided.code === e.code);
   const expected = `${e.decision}${e.rule !== null ? ` by rule \`${e.rule}'` : ''}${e.code ? ` with ${e.code}` : ''}`;
-  const by = decided.rule !== null ? ` by rule \`${decided.rule}'${decided.line ? ` (line ${decided.line})` : ''}` : '';
+  const { file, line } = decided;
+  const where = line === null || file === null ? ''
+    : file === policy.path ? ` (line ${line})` : ` (${ruleAt(policy.path, { file, line }).at})`;
+  const by = decided.rule !== null ? ` by rule \`${decided.rule}'${where}` : '';
   const got = decided.decision === 'allow'
     ? `allow${by}`
     : `deny${by || ' by no rule'} with ${decided.code}: ${decided.message}`;

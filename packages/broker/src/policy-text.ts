@@ -1,5 +1,6 @@
 // Pointing at the policy's text: the line a [[table]] or key is written on, and the key a typo meant.
 // Used for the load's error messages and by the policy tools.
+import path from 'node:path';
 
 /**
  * Where each table, array-table entry and key starts in a policy's text, found in one pass (a lookup per
@@ -81,4 +82,16 @@ function editDistance(a: string, b: string): number {
     prev = cur;
   }
   return prev[b.length]!;
+}
+
+/**
+ * Where a rule is written, as the policy tools show it: its line in the main file, or FRAGMENT:LINE for one of
+ * policy.d (relative to the main file's directory); `file` in full for --json.
+ */
+export function ruleAt(
+  mainFile: string, rule: { file: string; line: number },
+): { file: string; line: number; at: string } {
+  const main = rule.file === mainFile;
+  const rel = main ? '' : path.relative(path.dirname(mainFile), rule.file);
+  return { file: rule.file, line: rule.line, at: main ? String(rule.line) : `${rel}:${rule.line}` };
 }

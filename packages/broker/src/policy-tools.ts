@@ -11,6 +11,7 @@ import {
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
 import { fragmentDir, loadPolicy, untrustedForTools } from './policy.js';
+import { ruleAt } from './policy-text.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
@@ -169,7 +170,7 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
     }
     const earlier = p.deny.slice(0, i).find((e) => covers(p, e, d));
     if (earlier) {
-      warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (line ${earlier.line}), `
+      warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (${lineWords(p, earlier)}), `
         + 'which already denies all it denies');
     }
   });
@@ -206,6 +207,12 @@ function hostBridges(): string[] {
   } catch {
     return [];
   }
+}
+
+/** Where a rule is written, in words: `line N` in the main file, `policy.d/F.toml:N` in a fragment. */
+function lineWords(policy: Policy, r: { file: string; line: number }): string {
+  const { at } = ruleAt(policy.path, r);
+  return r.file === policy.path ? `line ${at}` : at;
 }
 
 /** A deny rule naming a user or group this host could not look up (it fails closed: matchesDeny). */
@@ -496,12 +503,12 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     const result = {
       user: o.user, uid: pw.uid, gid: pw.gid < 0 ? null : pw.gid, groups, refused_at_accept: refused,
       denied_by: denies.map((d) => ({
-        rule: d.name, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
+        rule: d.name, file: d.file, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
         parents: everything(d) ? 'all' : d.parents ?? [],
         networks: everything(d) ? 'all' : d.networks ?? [], covers: denyScope(policy, d),
       })),
       allowed_by: allows.map((r) => ({
-        rule: r.name, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks,
+        rule: r.name, file: r.file, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks,
         max_queues: r.maxQueues, vhost: r.vhost,
         mac_prefix: r.macPrefix, persistent: r.persistent, name_pattern: r.namePattern, max_devices: r.maxDevices,
         mac_lock: r.macLock,
@@ -516,13 +523,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       else write(table([
         ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
           'MAX DEVICES', 'MAC LOCK'],
-        ...allows.map((r) => [r.name, String(r.line), bridgeList(r.bridges, ',') || '-',
+        ...allows.map((r) => [r.name, ruleAt(policy.path, r).at, bridgeList(r.bridges, ',') || '-',
           r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
           String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no',
           String(r.maxDevices), macLockOf(policy, r)]),
       ]));
       for (const d of denies) {
-        write(`denied by \`${d.name}' (line ${d.line}): ${denyScope(policy, d)} — deny wins over every rule above`);
+        const scope = denyScope(policy, d);
+        write(`denied by \`${d.name}' (${lineWords(policy, d)}): ${scope} — deny wins over every rule above`);
       }
     }
     return EX.OK;
@@ -576,7 +584,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   const result = {
     target: { kind, name: target, mode: o.mode },
     allowed_by: grants.map(({ r, route }) => ({
-      rule: r.name, line: r.line, who: principals(r.who, host), via_network: route.via,
+      rule: r.name, file: r.file, line: r.line, who: principals(r.who, host), via_network: route.via,
       via_bridge: kind === 'network' ? bridgeOf(route) : null,
       any_bridge: bridgeOf(route) !== null && !r.bridges.includes(bridgeOf(route)!),
       max_queues: r.maxQueues, vhost: r.vhost,
@@ -585,7 +593,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         || (kind === 'network' && bridgeOf(route) === null && policy.networks.get(target)!.macLock),
     })),
     except: denies.map(({ d, on }) => ({
-      rule: d.name, line: d.line, who: deniedPrincipals(d.who), routes: on.map(routeName),
+      rule: d.name, file: d.file, line: d.line, who: deniedPrincipals(d.who), routes: on.map(routeName),
     })),
   };
   // A locked grant where no port can be locked (a macvtap, an OVS or hook network) is refused at request time.
@@ -599,14 +607,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       + `${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
     else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES', 'MAC LOCK'],
-      ...result.allowed_by.map((a) => [a.rule, String(a.line), a.who,
+      ...result.allowed_by.map((a) => [a.rule, ruleAt(policy.path, a).at, a.who,
         a.via_network !== null ? `network ${a.via_network}` : a.any_bridge ? 'any Linux bridge'
           : a.via_bridge !== null ? `bridge ${a.via_bridge}` : '-',
         String(a.max_queues), a.vhost ? 'yes' : 'no', a.persistent ? 'yes' : 'no', String(a.max_devices),
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const { d, on } of denies) {
       const only = on.length < routes.length ? ` (on ${on.map(routeName).join(', ')} only)` : '';
-      write(`except ${deniedPrincipals(d.who)}${only}: denied by \`${d.name}' (line ${d.line})`);
+      write(`except ${deniedPrincipals(d.who)}${only}: denied by \`${d.name}' (${lineWords(policy, d)})`);
     }
   }
   return EX.OK;
