@@ -101,6 +101,8 @@ for (const [p, page] of [['client', 'tapbroker.1'], ['broker', 'tapbrokerd.8'], 
 }
 const doc = '/usr/share/doc/tapbroker';
 put(`${doc}/copyright`, fs.readFileSync(path.join(HERE, 'copyright')));
+// What lintian warns of on purpose, each with its reason.
+put('/usr/share/lintian/overrides/tapbroker', fs.readFileSync(path.join(HERE, 'lintian-overrides')));
 // A native package (no Debian revision): its changelog is changelog.gz.
 put(`${doc}/changelog.gz`, gz(fs.readFileSync(path.join(HERE, 'changelog')).toString().replace(/@VERSION@/g, version)));
 put(`${doc}/examples/policy.example.toml`, fs.readFileSync(path.join(ROOT, 'systemd', 'policy.example.toml')));

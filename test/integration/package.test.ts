@@ -59,11 +59,12 @@ maybe('the package carries the application and its production dependencies only'
 
 const lintian = spawnSync('lintian', ['--version']).status === 0;
 if (hasDpkg && !lintian) console.log('# skip lintian: not installed (apt-get install lintian)');
-(hasDpkg && lintian ? test.serial : test.serial.skip)('lintian finds no error in the package', (t) => {
+(hasDpkg && lintian ? test.serial : test.serial.skip)('lintian finds no error and no warning in the package', (t) => {
   const r = spawnSync('lintian', ['--allow-root', deb], { encoding: 'utf8' });
   const lines = `${r.stdout}${r.stderr}`.split('\n').filter((l) => /^[EW]: /.test(l));
   t.log(lines.join('\n') || 'lintian: clean');
-  t.deepEqual(lines.filter((l) => l.startsWith('E: ')), []);
+  // The README says so; what lintian would warn of on purpose is overridden with its reason (packaging/lintian-overrides).
+  t.deepEqual(lines, []);
 });
 
 // Installed for real: dpkg -i, used, dpkg --purge, all inside a private mount namespace whose /usr, /etc
