@@ -51,11 +51,14 @@ test.serial('audit records reach journald\'s socket as native fields, and the au
     // The grant and the end of one device share one key in both sinks: device.id, TAPBROKER_LEASE.
     const name = r.taps[0]!.device.name;
     await journal.waitFor((m) => m.some((x) => x.includes('TAPBROKER_DECISION=cleanup') && x.includes(`TAPBROKER_IFNAME=${name}\n`)));
-    const ends = fs.readFileSync(file, 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { audit: Record<string, unknown> }).audit)
-      .filter((l) => l['decision'] === 'cleanup');
     const id = (grant['device'] as { id?: string }).id;
     t.regex(id ?? '', /^[0-9a-f]{16}$/, 'the grant names its lease as device.id');
-    t.is(ends.filter((l) => (l['device'] as { id?: string }).id === id).length, 1, 'one end record with the same device.id');
+    // The file is written on its own schedule: its end record is waited for too.
+    const ends = () => fs.readFileSync(file, 'utf8').trim().split('\n')
+      .map((l) => (JSON.parse(l) as { audit: Record<string, unknown> }).audit)
+      .filter((l) => l['decision'] === 'cleanup' && (l['device'] as { id?: string }).id === id);
+    await broker.waitFor(() => ends().length > 0, 3000, 'no end record in the file with the grant\'s device.id');
+    t.is(ends().length, 1, 'one end record with the same device.id');
     const byLease = journal.messages.map(journalFields).filter((f) => f.get('TAPBROKER_LEASE') === id);
     t.deepEqual(byLease.map((f) => f.get('TAPBROKER_DECISION')), ['grant', 'cleanup'], 'TAPBROKER_LEASE finds its start and end');
     const denied = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] });
