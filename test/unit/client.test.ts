@@ -162,6 +162,15 @@ test('several NICs number their fds in order and get ids net0, net1…', (t) => 
 
 test('run needs a command; ids must be unique', (t) => {
   t.is((t.throws(() => parseArgs(['run', '--net', 'bridge=br0'])) as TapbrokerError).code, 'TB_E_USAGE');
+  // can --group: a persistent tap given to a group, by number or name; not without --persistent, nor for a macvtap.
+  t.is(parseArgs(['can', '--persistent', '--group', '0', '--net', 'bridge=br0']).group, 0);
+  t.is(parseArgs(['can', '--persistent', '--group=root', '--net', 'bridge=br0']).group, 0);
+  t.is(parseArgs(['can', '--persistent', '--net', 'bridge=br0']).group, null);
+  t.regex(t.throws(() => parseArgs(['can', '--group', '0', '--net', 'bridge=br0']))!.message, /--group is for --persistent/);
+  t.regex(t.throws(() => parseArgs(['can', '--persistent', '--group', '0', '--net', 'macvtap=eth0']))!.message,
+    /--group is for taps/);
+  t.regex(t.throws(() => parseArgs(['can', '--persistent', '--group', 'no-such-group-xyz', '--net', 'bridge=br0']))!.message,
+    /no group `no-such-group-xyz'/);
   t.throws(() => parseArgs(['run', '--net', 'bridge=br0,id=a', '--net', 'bridge=br1,id=a', '--', 'q']),
     { message: /used twice/ });
   t.deepEqual(parseArgs(['run', '--socket=/s', '--net', 'bridge=br0', '--', 'qemu', '-m', '256']).argv,

@@ -387,6 +387,31 @@ const ROWS: Row[] = [
     },
   },
   {
+    // `can --group`: a persistent tap given to a group is asked about as `create --group' would make it.
+    title: 'can: a persistent tap given to one of the caller\'s groups is weighed with the group',
+    request: { op: 'can', kind: 'tap', parent: 'br1', persistent: true, group: 1000 },
+    code: null,
+    audit: [{ op: 'can', decision: 'dry-run', rule: 'pets' }],
+    steps: [],
+    reply: (r) => {
+      if (r.op !== 'can' || !r.allow) throw new Error(JSON.stringify(r));
+    },
+  },
+  {
+    title: 'can: a group the caller is not in is refused, as by create',
+    request: { op: 'can', kind: 'tap', parent: 'br1', persistent: true, group: 4242 },
+    code: 'TB_E_POLICY_DENIED',
+    audit: [{ op: 'can', decision: 'dry-run', code: 'TB_E_POLICY_DENIED' }],
+    steps: [],
+  },
+  {
+    title: 'can: a group for a macvtap is refused (it is its owner\'s alone)',
+    request: { op: 'can', kind: 'macvtap', parent: 'eth0', persistent: true, group: 1000 },
+    code: 'TB_E_INVALID_REQUEST',
+    audit: [{ op: 'can', decision: 'dry-run', code: 'TB_E_INVALID_REQUEST' }],
+    steps: [],
+  },
+  {
     title: 'can: a dry run makes nothing and is audited as one',
     request: { op: 'can', kind: 'tap', parent: 'br0' },
     code: null,

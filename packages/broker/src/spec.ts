@@ -85,7 +85,7 @@ export function createSpec(req: CreateTapRequest | CreateMacvtapRequest | CanReq
         network: req.kind === 'network',
         mode: req.kind === 'macvtap' ? (req.mode ?? 'bridge') : null,
         vnetHdr: true,
-        group: null,
+        group: req.group ?? null,
       };
     default:
       throw new TapbrokerError('TB_E_UNKNOWN_OP', `not a create request: ${op as string}`);
@@ -117,6 +117,9 @@ export function checkSpec(s: CreateSpec, caller: Identity): void {
       + 'name it or let the broker pick it');
   }
   if (s.group !== null && !s.persistent) invalid('TB_E_INVALID_REQUEST', 'group is for persistent devices');
+  if (s.group !== null && s.kind === 'macvtap') {
+    invalid('TB_E_INVALID_REQUEST', 'group is for taps: a macvtap is its owner\'s');
+  }
   if (s.group !== null && s.group !== caller.gid && !caller.groups.includes(s.group)) {
     throw new TapbrokerError('TB_E_POLICY_DENIED', `you are not in group ${s.group}`, {
       hint: 'name one of your own groups',

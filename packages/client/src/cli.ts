@@ -74,12 +74,13 @@ const COMMANDS: Record<Command, { usage: string[]; about: string[]; flags: strin
     flags: ['--socket', '--json'],
   },
   can: {
-    usage: ['tapbroker can [--socket PATH] [--persistent] --net SPEC...'],
+    usage: ['tapbroker can [--socket PATH] [--persistent [--group GROUP]] --net SPEC...'],
     about: [
       'Dry run: would the broker grant each SPEC now, and by which rule? Nothing is created.',
-      '--persistent asks about a persistent device (`tapbroker create --persistent\').',
+      '--persistent asks about a persistent device (`tapbroker create --persistent\'), --group about one given',
+      'to GROUP too (`create --group\').',
     ],
-    flags: ['--socket', '--net', '--persistent'],
+    flags: ['--socket', '--net', '--persistent', '--group'],
   },
   status: {
     usage: ['tapbroker status [--json] [--socket PATH]'],
@@ -150,8 +151,16 @@ interface Args {
   socket: string | null;
   nets: NetSpec[];
   argv: string[];
-  /** can: ask about a persistent device. */
+  /** can: ask about a persistent device, given to this group too. */
   persistent: boolean;
+  group: number | null;
+}
+
+/** A group given by name or number, as `create --group` and `can --group` take it. */
+function groupId(g: string): number {
+  const gid = /^\d+$/.test(g) ? Number(g) : sys.getgrnam(g);
+  if (gid === null || gid === undefined) throw new TapbrokerError('TB_E_USAGE', `no group \`${g}'`);
+  return gid;
 }
 
 /** `--flag=value` as [flag, value]; anything else as [arg, undefined]. */
@@ -170,7 +179,7 @@ export function parseArgs(argv: readonly string[]): Args {
   if (command !== 'run' && command !== 'qemu-args' && command !== 'can') {
     throw new TapbrokerError('TB_E_USAGE', command ? `unknown command \`${command}'` : 'no command');
   }
-  const out: Args = { command, socket: null, nets: [], argv: [], persistent: false };
+  const out: Args = { command, socket: null, nets: [], argv: [], persistent: false, group: null };
   const seen = new Set<string>();
   let i = 1;
   for (; i < argv.length; i++) {
@@ -191,8 +200,15 @@ export function parseArgs(argv: readonly string[]): Args {
     seen.add(flag);
     if (flag === '--net') out.nets.push(parseNetSpec(value()));
     else if (flag === '--socket') out.socket = value();
+    else if (flag === '--group') out.group = groupId(value());
     else if (inline !== undefined) throw new TapbrokerError('TB_E_USAGE', `${flag} takes no value`);
     else out.persistent = true;
+  }
+  if (out.group !== null && !out.persistent) {
+    throw new TapbrokerError('TB_E_USAGE', '--group is for --persistent devices');
+  }
+  if (out.group !== null && out.nets.some((n) => n.kind === 'macvtap')) {
+    throw new TapbrokerError('TB_E_USAGE', '--group is for taps: a persistent macvtap is its owner\'s alone');
   }
   if (out.nets.length === 0) throw new TapbrokerError('TB_E_USAGE', 'at least one --net SPEC is needed');
   if (command === 'run' && out.argv.length === 0) throw new TapbrokerError('TB_E_USAGE', 'no command after --');
@@ -539,12 +555,9 @@ export function parseLeaseArgs(argv: readonly string[]): LeaseArgs {
         o.mac = m;
         break;
       }
-      case '--group': {
-        const g = value();
-        const gid = /^\d+$/.test(g) ? Number(g) : sys.getgrnam(g);
-        o.group = gid ?? usage(`no group \`${g}'`);
+      case '--group':
+        o.group = groupId(value());
         break;
-      }
       case '--xml': case '--json':
         noValue();
         if (o.output !== 'text') usage('--xml and --json conflict: give one');
@@ -818,12 +831,13 @@ async function canCommand(args: Args): Promise<number> {
     for (const n of args.nets) {
       const nic: CanNic = {
         kind: n.network ? 'network' : n.kind, parent: n.parent, mode: n.mode, queues: n.queues, vhost: n.vhost,
-        mac: n.mac, name: n.name, persistent: args.persistent,
+        mac: n.mac, name: n.name, persistent: args.persistent, group: args.group,
       };
       const r = await client.can({ ...nic, before });
       if (r.allow) before.push(nic);
       if (!r.allow && status === 0) status = r.code ? exitCodeFor(r.code) : EXIT.NOPERM;
-      const what = `${target(n)}${n.kind === 'macvtap' ? ` (${n.mode})` : ''}${args.persistent ? ' (persistent)' : ''}`;
+      const what = `${target(n)}${n.kind === 'macvtap' ? ` (${n.mode})` : ''}${args.persistent ? ' (persistent)' : ''}`
+        + `${args.group !== null ? ` (group ${args.group})` : ''}`;
       const more = r.code === 'TB_E_QUOTA_EXCEEDED' ? await persistentHint(client, r.rule ?? undefined) : null;
       process.stdout.write(
         r.allow

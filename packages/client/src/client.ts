@@ -464,6 +464,8 @@ export interface CanNic {
   macUnknown?: boolean;
   name?: string | null;
   persistent?: boolean;
+  /** A persistent tap given to this group too. */
+  group?: number | null;
 }
 
 /** A dry run's NIC as the wire has it: only the fields given. */
@@ -472,7 +474,7 @@ function canFields(n: CanNic): NonNullable<CanRequest['before']>[number] {
     kind: n.kind, parent: n.parent, ...(n.mode ? { mode: n.mode } : {}),
     ...(n.queues !== undefined ? { queues: n.queues } : {}), ...(n.vhost !== undefined ? { vhost: n.vhost } : {}),
     ...(n.macUnknown ? { mac: null } : n.mac ? { mac: n.mac } : {}), ...(n.name ? { name: n.name } : {}),
-    ...(n.persistent ? { persistent: true } : {}),
+    ...(n.persistent ? { persistent: true } : {}), ...(n.group != null ? { group: n.group } : {}),
   };
 }
 

@@ -90,6 +90,8 @@ const CanFields = {
   mac: Text(64).nullable().optional(),
   name: Text(64).optional(),
   persistent: z.boolean().optional(),
+  /** A persistent tap given to this group too (create-tap's `group`). */
+  group: z.number().int().min(0).max(0xfffffffe).optional(),
 };
 
 /** A dry run of a create request, as the caller: the decision, with nothing created. */

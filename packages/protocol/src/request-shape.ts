@@ -146,6 +146,7 @@ export const REQUEST_SHAPE: Shape = {
         "mac": {"t":"nullable","of":{"t":"string","max":64}},
         "name": {"t":"string","max":64},
         "persistent": {"t":"boolean"},
+        "group": {"t":"number","int":true,"min":0,"max":4294967294},
         "before": {
           "t": "array",
           "of": {
@@ -159,15 +160,16 @@ export const REQUEST_SHAPE: Shape = {
               "mac": {"t":"nullable","of":{"t":"string","max":64}},
               "name": {"t":"string","max":64},
               "persistent": {"t":"boolean"},
+              "group": {"t":"number","int":true,"min":0,"max":4294967294},
             },
-            "optional": ["mode","queues","vhost","mac","name","persistent"],
+            "optional": ["mode","queues","vhost","mac","name","persistent","group"],
             "defaults": {},
           },
           "min": 0,
           "max": 31,
         },
       },
-      "optional": ["mode","queues","vhost","mac","name","persistent","before"],
+      "optional": ["mode","queues","vhost","mac","name","persistent","group","before"],
       "defaults": {},
     },
     "status": {
