@@ -83,6 +83,21 @@ test('passes putting back a bridge\'s locks: one now, the rest asked for within 
   fwd.close();
 });
 
+// Found by the re-test of that change: a holder watching the bridge's forwarding table took a locked guest's MAC the
+// moment its entry was back, inside the gap, and kept the guest cut off half the time. The MAC a tap is seen to have
+// taken is put back at once; only the pass over the whole bridge waits for its gap.
+test('a MAC a tap took goes back to its locked lease at once, even inside the gap between passes', (t) => {
+  const victim = lease({ locked: true, mac: '52:54:00:00:02:01' });
+  const other = lease({ locked: true, mac: '52:54:00:00:02:02' });
+  const taker = lease({ mac: '52:54:00:00:02:99' });
+  const { fwd, put } = setup([victim, other, taker]);
+  fwd.relockBridge('br0', 'a breach');
+  t.is(put.length, 2);
+  fwd.took(taker, '52:54:00:00:02:01');
+  t.deepEqual(put.slice(2), [{ port: victim.ifindex, static: true }], 'the victim\'s entry, now; the rest after the gap');
+  fwd.close();
+});
+
 // Found by outside re-tests: a MAC taken by anyone kept everyone's locks off it (a way to keep another user's VM
 // from starting); then a group's count held up every member's locks (its owner picks the group, and every user
 // shares the socket's); then, keyed on the lease's uid alone, a member took a router's MAC through another user's

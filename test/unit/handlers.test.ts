@@ -10,6 +10,7 @@ import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, SeqpacketListener, TapbrokerError, decodeReply, decodeRequest,
   encodeFrame, type Reply,
 } from '@tapbroker/protocol';
+import { encodeReply } from '@tapbroker/protocol/requests';
 import { Broker, Forwarding, loadTrustedPolicy, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
 import { FakeKernel } from '../helpers/fake-kernel.js';
 import { quiet } from '../helpers/wait.js';
@@ -1128,6 +1129,64 @@ test('a reload ends the window of refusals: their summary names the policy they 
     await broker.shutdown();
     fs.closeSync(devNull);
     fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// Found by an outside re-test: status told a caller of a deny on a bridge none of its rules gives (a denial would
+// not), and a deny's names this host could not look up (other people's account names) were shown to callers.
+test('status tells a deny only where the caller\'s rules give what it covers, and never the names it could not look up', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-status-'));
+  const devNull = fs.openSync('/dev/null', 'w');
+  const policy = parsePolicy(`[[rule]]\nname = "a"\nusers = [5000]\nbridges = ["br0"]\n
+[[deny]]\nname = "elsewhere"\nusers = [5000]\nbridges = ["br9"]\n
+[[deny]]\nname = "here"\nusers = [5000]\nbridges = ["br0"]\n
+[[deny]]\nname = "offboarded"\nusers = ["no-such-user-jsmith"]\nbridges = ["br0"]\n`);
+  const broker = new Broker({
+    policy, stateDir: dir, log: () => {}, audit: { journalSocket: null, fd: devNull },
+    kernel: (cleanup) => new FakeKernel(cleanup),
+  });
+  try {
+    broker.lifetimes.start();
+    const { reply } = await ask(broker, { ...caller(5000), user: null }, { op: 'status' });
+    if (reply.op !== 'status') throw new Error(JSON.stringify(reply));
+    t.deepEqual(reply.denies.map((d) => d.rule), ['here', 'offboarded'], 'not the deny of a bridge no rule gives it');
+    t.regex(reply.denies[1]!.covers, /a user this host cannot look up, so it matches every caller without an account name/);
+    t.notRegex(JSON.stringify(reply), /jsmith/, 'no name from the deny');
+  } finally {
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// Found by an outside re-test: reload's warnings (64 of up to 4,096 characters each) could outgrow a reply; the
+// reload applied, and its client was told the broker had closed the connection. As many as fit are sent.
+test('a reload whose warnings outgrow a reply sends as many as fit, and succeeds', async (t) => {
+  const top = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-warn-'));
+  let dir = top;
+  // A policy path of ~3.6 KB: every warning names it.
+  for (let i = 0; i < 18; i++) dir = path.join(dir, `${'d'.repeat(199)}`);
+  fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
+  for (let d = dir; d.startsWith(top); d = path.dirname(d)) fs.chmodSync(d, 0o755);
+  const file = path.join(dir, 'policy.toml');
+  const rules = Array.from({ length: 70 }, (_, i) => `[[rule]]\nname = "r${i}"\nusers = ["no-such-user-${i}"]\nbridges = ["br1"]\n`);
+  fs.writeFileSync(file, rules.join('\n'), { mode: 0o644 });
+  const devNull = fs.openSync('/dev/null', 'w');
+  const broker = new Broker({
+    policy: loadTrustedPolicy(file), policyPath: file, stateDir: top, log: () => {},
+    audit: { journalSocket: null, fd: devNull }, kernel: (cleanup) => new FakeKernel(cleanup),
+  });
+  try {
+    broker.lifetimes.start();
+    const { reply } = await ask(broker, { ...caller(0), groups: [] }, { op: 'reload' });
+    if (reply.op !== 'reload') throw new Error(JSON.stringify(reply));
+    t.true(encodeReply(reply).length <= MAX_REPLY_BYTES, 'the reply fits');
+    t.true((reply.warnings?.length ?? 0) > 10 && reply.warnings!.length < 64, `${reply.warnings?.length} warnings sent`);
+    t.regex(reply.warnings![0]!, /no user `no-such-user-0' on this host/);
+  } finally {
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(top, { recursive: true, force: true });
   }
 });
 

@@ -157,15 +157,16 @@ export function matchesDeny(who: Selector, caller: Caller & { user?: string | nu
 }
 
 /**
- * The names by which a deny matched `caller` only because this host could not look them up (it fails closed:
- * matchesDeny), as a denial tells them; null when it matched the caller by what it could resolve.
+ * Why a deny matched `caller` only because this host could not look up a name in it (it fails closed: matchesDeny),
+ * in words a denial may tell the caller (no name: they are other people's, an offboarded user's, a re-test found);
+ * null when it matched the caller by what it could resolve.
  */
 export function unknownNames(who: Selector, caller: Caller & { user?: string | null }): string | null {
   if (matchesDeny({ ...who, unresolved: { users: [], groups: [] } }, caller)) return null;
-  const names = [
-    ...who.unresolved.groups.map((g) => `group \`${g}'`), ...who.unresolved.users.map((u) => `user \`${u}'`),
-  ];
-  return names.length > 0 ? names.join(', ') : null;
+  if (who.unresolved.groups.length > 0) return 'a group this host cannot look up, so it matches every caller';
+  return who.unresolved.users.length > 0
+    ? 'a user this host cannot look up, so it matches every caller without an account name (yours has none)'
+    : null;
 }
 
 /** A deny rule covering `target` that keeps a member of `group` (by the account database) or the group off it. */
@@ -274,6 +275,20 @@ export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
     const denied = networkTarget(policy.networks.get(n));
     return denied !== null && denied.kind !== 'hook' && sameSegment(denied, t);
   });
+}
+
+/**
+ * Does deny `d` cover anything allow rule `r` gives: one of its bridges, macvtap parents or networks (`"*"`: any
+ * bridge a deny names)? A deny is told to a caller only there (status, as a denial).
+ */
+export function denyTouches(policy: Policy, d: DenyRule, r: AllowRule): boolean {
+  const anyBridge = r.bridges.includes(ANY_BRIDGE) && (d.bridges?.length ?? 0) > 0;
+  const asks = [
+    ...r.bridges.filter((b) => b !== ANY_BRIDGE).map((parent) => ({ kind: 'tap' as const, parent, network: false })),
+    ...r.macvtap.map((m) => ({ kind: 'macvtap' as const, parent: m.parent, network: false })),
+    ...r.networks.map((parent) => ({ kind: 'tap' as const, parent, network: true })),
+  ];
+  return anyBridge || asks.some((a) => denyCovers(policy, d, resolveTarget(policy, a)));
 }
 
 /** Does an allow rule's `bridges` grant a tap on this Linux bridge, by name or by `"*"`? */
@@ -391,8 +406,7 @@ export function decide(
     // A typo in a deny's group denies everyone: the caller, who cannot read the policy, is told why (an outside
     // review: users were sent to other bridges, the administrator saw nothing but a warning at the reload).
     const unknown = unknownNames(deny.who, caller);
-    const message = `denied by rule \`${deny.name}'${onto}${unknown ? `, which names ${unknown}, not on this host: `
-      + 'a deny matches every caller by a name it cannot look up' : ''}`;
+    const message = `denied by rule \`${deny.name}'${onto}${unknown ? `, which names ${unknown}` : ''}`;
     // A caller no rule gives this target is told what it would be told without the deny (rv39): a deny must not
     // tell it which networks exist, or where they lead.
     if (forTarget.length === 0) return { ...unmatched(caller, ask, what, mine), record: { rule: deny.name, message } };

@@ -71,6 +71,9 @@ export class Forwarding {
    */
   took(l: LeaseRecord, mac: string): void {
     this.noteTaken(l, mac);
+    // The entry it took goes back at once, one write (a re-test timed takings to the pass's gap and kept a locked
+    // guest cut off half the time); the pass over the whole bridge may wait for its gap.
+    this.relockMac(l.parent, mac, `\`${l.name}' took ${mac}`);
     this.relockBridge(l.parent, `\`${l.name}' took ${mac}`);
     const macs = this.recorded.get(l.id) ?? new Set<string>();
     if (macs.has(mac) || macs.size > TOOK_RECORDED) return;
@@ -208,6 +211,16 @@ export class Forwarding {
       this.relockDue.delete(bridge);
       this.relockNow(bridge, why);
     }, wait));
+  }
+
+  /** The locked leases holding `mac` on `bridge` (the oldest per VLAN), their entries put back now. */
+  private relockMac(bridge: string, mac: string, why: string): void {
+    const seen = new Set<number | null>();
+    for (const o of oldest(this.table.all().filter((v) => v.locked && v.parent === bridge && v.mac === mac))) {
+      if (seen.has(o.vlan) || this.off.has(o.id)) continue;
+      seen.add(o.vlan);
+      this.relock(o, why);
+    }
   }
 
   /** When each bridge's last pass ran, and the passes due. */

@@ -9,7 +9,7 @@ import type { Audit } from './audit.js';
 import type { Fairness } from './fairness.js';
 import { firstRefused } from './admission.js';
 import {
-  denyScope, matches, matchesDeny, recorded, unknownNames, type AllowRule, type Decision, type Policy,
+  denyScope, denyTouches, matches, matchesDeny, recorded, unknownNames, type AllowRule, type Decision, type Policy,
 } from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
@@ -168,9 +168,14 @@ function reload(ctx: OpContext, caller: Identity, req: ReloadRequest): Outcome {
   const policy = ctx.reload(caller);
   // The load's warnings reach whoever reloaded (systemctl reload's output), not only the broker's log: a deny whose
   // group is misspelt matches everyone (an outside review found that said nowhere an administrator would look).
-  const warnings = policy.warnings.slice(0, 64).map((w) => (w.length > 4096 ? `${w.slice(0, 4095)}…` : w));
-  const reply = { op: 'reload' as const, id: req.id, policy_sha256: policy.sha256 };
-  return { reply: warnings.length ? { ...reply, warnings } : reply, fds: [] };
+  // As many as fit one reply (a re-test's long policy path made 64 of 4,096 characters too big to send: the reload
+  // applied, and its client was told the broker had closed); the broker's log has them all.
+  const all = policy.warnings.slice(0, 64).map((w) => (w.length > 4096 ? `${w.slice(0, 4095)}…` : w));
+  const reply = (n: number): Reply => ({ op: 'reload', id: req.id, policy_sha256: policy.sha256,
+    ...(n > 0 ? { warnings: all.slice(0, n) } : {}) });
+  let n = all.length;
+  while (n > 0 && encodeReply(reply(n)).length > MAX_REPLY_BYTES) n--;
+  return { reply: reply(n), fds: [] };
 }
 
 /** can: the decision a create request would get now, as this caller, with nothing created. */
@@ -249,9 +254,8 @@ function together(ctx: OpContext, caller: Identity, req: CanRequest): Decision {
 function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
   ctx.lifetimes.catchUp();
   const used = ctx.lifetimes.counts(caller.uid);
-  const rules = ctx.policy.allow
-    .filter((r) => matches(r.who, caller))
-    .map((r) => ({ rule: r.name, used: used(r.name), max_devices: r.maxDevices }));
+  const mine = ctx.policy.allow.filter((r) => matches(r.who, caller));
+  const rules = mine.map((r) => ({ rule: r.name, used: used(r.name), max_devices: r.maxDevices }));
   const reply: Reply = {
     op: 'status',
     id: req.id,
@@ -263,11 +267,12 @@ function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
     user: caller.user,
     leases: ctx.lifetimes.visible(caller.uid).length,
     rules,
-    denies: ctx.policy.deny.filter((d) => matchesDeny(d.who, caller))
+    // Only where one of the caller's rules gives what the deny covers, as a denial tells it (SECURITY.md).
+    denies: ctx.policy.deny.filter((d) => matchesDeny(d.who, caller) && mine.some((r) => denyTouches(ctx.policy, d, r)))
       .map((d) => {
         const unknown = unknownNames(d.who, caller);
         const covers = denyScope(ctx.policy, d, true);
-        const why = unknown ? ` (it names ${unknown}, not on this host: it matches everyone)` : '';
+        const why = unknown ? ` (it names ${unknown})` : '';
         return { rule: d.name, covers: `${covers}${why}` };
       }),
     connections: caller.uid === 0 ? ctx.connections : null,
