@@ -89,7 +89,8 @@ export function reconcile(lt: Keeper): void {
       (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
     if (ours && !lt.table.get(i.id)) {
       void lt.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating', {
-        ...RECONCILE, device: { name: i.name, ifindex: link.index, parent: i.parent, mac: i.mac, lease: i.id },
+        ...RECONCILE,
+        device: { name: i.name, ifindex: link.index, parent: i.parent, mac: i.mac, id: i.id, lease: i.id },
       });
     }
     lt.table.settle(i.id, false);
@@ -137,13 +138,13 @@ export function reconcile(lt: Keeper): void {
       const why = 'a device of ours without a lease (the broker died mid-create or mid-release)';
       void lt.deleteLink(link.index, who.uid, link.name, why, {
         ...RECONCILE, rule: tagged?.rule ?? null,
-        device: tagged ? leaseView(tagged) : { name: link.name, ifindex: link.index, lease: who.id },
+        device: tagged ? leaseView(tagged) : { name: link.name, ifindex: link.index, id: who.id, lease: who.id },
       });
     } else {
       lt.table.kept.add(who.id);
       lt.audit.record({
         ...RECONCILE, rule: null, caller: { uid: who.uid },
-        device: { name: link.name, ifindex: link.index, lease: who.id },
+        device: { name: link.name, ifindex: link.index, id: who.id, lease: who.id },
         message: 'tagged as ours, but its lease was lost with the lease table and its tag is too short to rebuild it: '
           + `left alone, now and at every start (its owner cannot release it; root: ip link del ${link.name})`,
       });
@@ -327,7 +328,7 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
       op: 'reconcile',
       rule: l?.rule ?? null,
       caller: { uid: p.uid },
-      device: { name: p.port, ovs: p.bridge, lease: p.lease },
+      device: { name: p.port, ovs: p.bridge, id: p.lease, lease: p.lease },
     };
     try {
       // Only while it is still that lease's port: a device granted since the start may have its name now.
