@@ -307,8 +307,7 @@ export function runCase(policy: Policy, c: Case, host?: HostIds): CaseResult {
     && (e.code === null || decided.code === e.code);
   const expected = `${e.decision}${e.rule !== null ? ` by rule \`${e.rule}'` : ''}${e.code ? ` with ${e.code}` : ''}`;
   const { file, line } = decided;
-  const where = line === null || file === null ? ''
-    : file === policy.path ? ` (line ${line})` : ` (${ruleAt(policy.path, { file, line }).at})`;
+  const where = line === null || file === null ? '' : ` (${ruleAt(policy.path, { file, line }, true)})`;
   const by = decided.rule !== null ? ` by rule \`${decided.rule}'${where}` : '';
   const got = decided.decision === 'allow'
     ? `allow${by}`

@@ -86,12 +86,9 @@ function editDistance(a: string, b: string): number {
 
 /**
  * Where a rule is written, as the policy tools show it: its line in the main file, or FRAGMENT:LINE for one of
- * policy.d (relative to the main file's directory); `file` in full for --json.
+ * policy.d (relative to the main file's directory). `words`: `line N` for the main file's.
  */
-export function ruleAt(
-  mainFile: string, rule: { file: string; line: number },
-): { file: string; line: number; at: string } {
-  const main = rule.file === mainFile;
-  const rel = main ? '' : path.relative(path.dirname(mainFile), rule.file);
-  return { file: rule.file, line: rule.line, at: main ? String(rule.line) : `${rel}:${rule.line}` };
+export function ruleAt(mainFile: string, rule: { file: string; line: number }, words = false): string {
+  if (rule.file === mainFile) return words ? `line ${rule.line}` : String(rule.line);
+  return `${path.relative(path.dirname(mainFile), rule.file)}:${rule.line}`;
 }

@@ -170,7 +170,7 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
     }
     const earlier = p.deny.slice(0, i).find((e) => covers(p, e, d));
     if (earlier) {
-      warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (${lineWords(p, earlier)}), `
+      warn(d, `deny rule \`${d.name}' is shadowed by \`${earlier.name}' (${ruleAt(p.path, earlier, true)}), `
         + 'which already denies all it denies');
     }
   });
@@ -207,12 +207,6 @@ function hostBridges(): string[] {
   } catch {
     return [];
   }
-}
-
-/** Where a rule is written, in words: `line N` in the main file, `policy.d/F.toml:N` in a fragment. */
-function lineWords(policy: Policy, r: { file: string; line: number }): string {
-  const { at } = ruleAt(policy.path, r);
-  return r.file === policy.path ? `line ${at}` : at;
 }
 
 /** A deny rule naming a user or group this host could not look up (it fails closed: matchesDeny). */
@@ -523,14 +517,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       else write(table([
         ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
           'MAX DEVICES', 'MAC LOCK'],
-        ...allows.map((r) => [r.name, ruleAt(policy.path, r).at, bridgeList(r.bridges, ',') || '-',
+        ...allows.map((r) => [r.name, ruleAt(policy.path, r), bridgeList(r.bridges, ',') || '-',
           r.macvtap.map((m) => `${m.parent}(${m.modes.join('/')})`).join(',') || '-', r.networks.join(',') || '-',
           String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no',
           String(r.maxDevices), macLockOf(policy, r)]),
       ]));
       for (const d of denies) {
         const scope = denyScope(policy, d);
-        write(`denied by \`${d.name}' (${lineWords(policy, d)}): ${scope} — deny wins over every rule above`);
+        write(`denied by \`${d.name}' (${ruleAt(policy.path, d, true)}): ${scope} — deny wins over every rule above`);
       }
     }
     return EX.OK;
@@ -607,14 +601,14 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       + `${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
     else write(table([['RULE', 'LINE', 'WHO', 'VIA', 'QUEUES', 'VHOST', 'PERSISTENT', 'MAX DEVICES', 'MAC LOCK'],
-      ...result.allowed_by.map((a) => [a.rule, ruleAt(policy.path, a).at, a.who,
+      ...result.allowed_by.map((a) => [a.rule, ruleAt(policy.path, a), a.who,
         a.via_network !== null ? `network ${a.via_network}` : a.any_bridge ? 'any Linux bridge'
           : a.via_bridge !== null ? `bridge ${a.via_bridge}` : '-',
         String(a.max_queues), a.vhost ? 'yes' : 'no', a.persistent ? 'yes' : 'no', String(a.max_devices),
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const { d, on } of denies) {
       const only = on.length < routes.length ? ` (on ${on.map(routeName).join(', ')} only)` : '';
-      write(`except ${deniedPrincipals(d.who)}${only}: denied by \`${d.name}' (${lineWords(policy, d)})`);
+      write(`except ${deniedPrincipals(d.who)}${only}: denied by \`${d.name}' (${ruleAt(policy.path, d, true)})`);
     }
   }
   return EX.OK;
