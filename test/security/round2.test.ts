@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, decodeReply, encodeFrame, sys,
 } from '@tapbroker/protocol';
+import { BROKER_VERSION } from '@tapbroker/broker';
 import { Subuids, runPolicyTests, type AuditRecord } from '@tapbroker/broker/internal';
 import { BrokerProcess, CLIENT_CLI, ROOT, tempDir } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
@@ -1113,7 +1114,7 @@ test.serial('A4: a broker whose sysfs is another namespace\'s still judges its t
 
 // ---------------------------------------------------------------- B11: the client and a fake broker
 
-async function fakeBroker(as: number | null, mode: 'socket' | 'escape'): Promise<{ socket: string; stop(): void }> {
+async function fakeBroker(as: number | null, mode: 'socket' | 'escape' | 'old'): Promise<{ socket: string; stop(): void }> {
   const socket = path.join(dir, `fake-${mode}-${as ?? 0}.sock`);
   fs.rmSync(socket, { force: true });
   const script = path.join(HERE, '../helpers/fake-broker.js');
@@ -1127,6 +1128,21 @@ async function fakeBroker(as: number | null, mode: 'socket' | 'escape'): Promise
   });
   return { socket, stop: () => child.kill('SIGKILL') };
 }
+
+// Found by an outside review of upgrades: a client newer than the broker it reaches (the package's files replaced, the
+// broker not restarted yet) failed `status` with "missing field" and `can` with "unknown field", and no word of why.
+test.serial('a client talking to a broker of another version says so when it cannot read a reply, with the fix', async (t) => {
+  const old = await fakeBroker(null, 'old');
+  try {
+    for (const args of [['status'], ['can', '--persistent', '--group', '0', '--net', 'bridge=br0']]) {
+      const r = spawnSync(process.execPath, [CLIENT_CLI, ...args, '--socket', old.socket], { encoding: 'utf8' });
+      t.not(r.status, 0);
+      t.regex(r.stderr, /hint: the broker is tapbrokerd 9\.9\.9 and this client \d+\.\d+\.\d+: restart the broker/, args[0]);
+    }
+  } finally {
+    old.stop();
+  }
+});
 
 test.serial('B11: the client refuses a "broker" that is not root\'s', async (t) => {
   fs.chmodSync(dir, 0o777);
@@ -1168,7 +1184,8 @@ test.serial('A (also): a second broker with its own state directory never delete
     // An intact table of its own (trusted): a tagged device without a lease would be taken for an orphan
     // of its own crash and deleted; without one it would be adopted. Neither may happen.
     fs.mkdirSync(path.join(otherDir, 'state'), { recursive: true });
-    fs.writeFileSync(path.join(otherDir, 'state', 'leases.json'), '{"version":1,"leases":[],"intents":[]}\n');
+    fs.writeFileSync(path.join(otherDir, 'state', 'leases.json'),
+      `${JSON.stringify({ version: 1, broker: BROKER_VERSION, leases: [], intents: [] })}\n`);
     const other = await BrokerProcess.start(ns, POLICY, { dir: otherDir });
     // It reconciles before it says it listens, and records what it does before that line: all here now.
     t.deepEqual(other.records.filter((r) => (r.device as { name?: string } | undefined)?.name === name), [], 'it never acted on it');

@@ -6,6 +6,7 @@ import path from 'node:path';
 import {
   ALIAS_MAX, LeaseTable, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
 } from '@tapbroker/broker/internal';
+import { BROKER_VERSION } from '@tapbroker/broker';
 import { tempDir } from '../helpers/broker.js';
 
 const lease = (over: Partial<LeaseRecord> = {}): LeaseRecord => ({
@@ -248,6 +249,32 @@ test('a stop waits for the downs running only as long as it is given, and they s
     await unplugs.close(200);
     t.true(Date.now() - started < 2000, 'the stop did not wait for the down');
     t.deepEqual(unplugged, [], 'not marked done: still owed to the next start');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// Found by an outside review of upgrades: a table another version wrote was trusted to list every device, so a tagged
+// device without a lease in it was deleted at start as an orphan of a crash: after a downgrade to 0.4.0 (which kept a
+// locked tap and a hook network's tap in memory only) and back, two running VMs lost their taps. Only a table this
+// very version wrote is trusted whole; any other is read, and tagged devices without a lease are taken back.
+test('the lease table names its writer; one another version wrote (or none named) is read but not trusted whole', (t) => {
+  const dir = tempDir('ltab-writer');
+  try {
+    const { table } = LeaseTable.load(dir);
+    table.add(lease({ ends: 'release' }));
+    const onFile = JSON.parse(fs.readFileSync(path.join(dir, STATE_FILE), 'utf8')) as Record<string, unknown>;
+    t.is(onFile['broker'], BROKER_VERSION);
+    const mine = LeaseTable.load(dir);
+    t.true(mine.trusted);
+    t.is(mine.problem, null);
+    for (const writer of [undefined, 'tapbrokerd 0.4.0', 'tapbrokerd 9.9.9']) {
+      fs.writeFileSync(path.join(dir, STATE_FILE), JSON.stringify({ ...onFile, broker: writer }));
+      const other = LeaseTable.load(dir);
+      t.false(other.trusted, `written by ${writer}`);
+      t.deepEqual(other.table.all().map((l) => l.id), ['0123456789abcdef'], 'its leases are still read');
+      t.regex(other.problem ?? '', /devices tagged as this broker's without a lease are taken back from their tags/);
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -1,7 +1,6 @@
 // The broker's lifecycle: accept → peer identity from the kernel → connection caps → session (decode,
 // dispatch by op to ops.ts) → reply with fds. It owns the state the handlers read: the policy, the
 // kernel steps, lease lifetimes, the audit trail, and the queues of slow work.
-import { createRequire } from 'node:module';
 import {
   MAX_REQUEST_BYTES,
   PROTOCOL_VERSION,
@@ -19,6 +18,7 @@ import { Fairness } from './fairness.js';
 import { Audit, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
+import { BROKER_VERSION } from './leases.js';
 import { Lifetimes } from './lifetimes.js';
 import { SUBGID_FILE, Subuids, screenIds } from './subids.js';
 import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
@@ -29,10 +29,7 @@ import { accountsStamp, loadTrustedPolicy, withAccountsNow } from './policy.js';
 import { Reaper } from './reaper.js';
 import { Session, type Outcome, type SessionHost } from './session.js';
 
-const PACKAGE_VERSION = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
-/** `tapbrokerd X.Y.Z`, from the package's own version: one version for the whole product. */
-export const BROKER_VERSION = `tapbrokerd ${PACKAGE_VERSION}`;
-export { PROTOCOL_VERSION };
+export { BROKER_VERSION, PROTOCOL_VERSION };
 
 /** Connections kept for users who hold none, so many users together cannot lock a new one out. */
 const RESERVED_FOR_NEWCOMERS = 64;

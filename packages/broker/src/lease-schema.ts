@@ -36,6 +36,8 @@ export const Intent = z.strictObject({ id: z.string(), name: z.string(), parent:
 export type Intent = z.infer<typeof Intent>;
 export const StateFile = z.strictObject({
   version: z.literal(1),
+  /** Who wrote it (`tapbrokerd X.Y.Z`; absent before 0.5.0): a table of another version is not trusted whole. */
+  broker: z.string().max(128).optional(),
   leases: z.array(LeaseRecord),
   intents: z.array(Intent).default([]),
   /** Every Open vSwitch database a lease was ever plugged into: reconcile looks there for stale ports. */

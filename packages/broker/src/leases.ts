@@ -2,12 +2,20 @@
 // atomic writes (a crash at any moment leaves the old file or the new one, never a mix).
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { checkShape, macFromBuffer, type Lease, type Shape } from '@tapbroker/protocol/core';
 import type { Intent, LeaseRecord, StateFile } from './lease-schema.js';
 import { randomOctets } from './naming.js';
 import { readRegular } from './paths.js';
 import { STATE_SHAPE } from './state-shape.js';
+
+const PACKAGE_VERSION = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
+/**
+ * `tapbrokerd X.Y.Z`, from the package's own version: one version for the whole product. The lease table names it:
+ * a table another version wrote (an upgrade, or a downgrade and back) is not trusted to list every device.
+ */
+export const BROKER_VERSION = `tapbrokerd ${PACKAGE_VERSION}`;
 
 export type { Intent, LeaseRecord, Plug } from './lease-schema.js';
 
@@ -130,6 +138,13 @@ export class LeaseTable {
     for (const id of state.kept) table.kept.add(id);
     table.taken = state.taken;
     for (const r of state.retiring) table.retiring.set(r.lease.id, r);
+    // Written by another version (0.4.0 wrote no `broker`): it may lack leases that version kept in memory only or
+    // could not read back (an outside review: a downgrade and back, and the upgrade deleted two running VMs' taps
+    // as orphans of a crash). Tagged devices without a lease are then taken back from their tags, not deleted.
+    if (state.broker !== BROKER_VERSION) {
+      return { table, trusted: false, problem: `${file} was written by ${state.broker ?? 'tapbrokerd 0.4 or older'}, `
+        + `not ${BROKER_VERSION}: devices tagged as this broker's without a lease are taken back from their tags` };
+    }
     return { table, problem: null, trusted: true };
   }
 
@@ -349,8 +364,9 @@ export class LeaseTable {
       try {
         const leases = this.all().filter((l) => all || !this.volatile.has(l.id));
         const table = {
-          version: 1, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(), downs: this.owedDowns(),
-          pending: this.unfinished(), kept: [...this.kept], taken: this.taken, retiring: [...this.retiring.values()],
+          version: 1, broker: BROKER_VERSION, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(),
+          downs: this.owedDowns(), pending: this.unfinished(), kept: [...this.kept], taken: this.taken,
+          retiring: [...this.retiring.values()],
         };
         fs.writeSync(fd, `${JSON.stringify(table)}\n`);
         fs.fsyncSync(fd);

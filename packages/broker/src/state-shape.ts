@@ -6,6 +6,7 @@ export const STATE_SHAPE: Shape = {
   "t": "object",
   "fields": {
     "version": {"t":"literal","values":[1]},
+    "broker": {"t":"string","max":128},
     "leases": {
       "t": "array",
       "of": {
@@ -234,6 +235,6 @@ export const STATE_SHAPE: Shape = {
       "max": 9007199254740991,
     },
   },
-  "optional": [],
+  "optional": ["broker"],
   "defaults": {"intents":[],"ovsdbs":[],"downs":[],"pending":[],"kept":[],"taken":[],"retiring":[]},
 };

@@ -1,5 +1,6 @@
 // The client library: connect, say hello, ask for devices, receive their fds.
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import {
   MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
   decodeReply, encodeRequest, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
@@ -287,6 +288,21 @@ export class TapbrokerClient {
   }
 
   /** One request, one reply. Error replies become TapbrokerErrors; stray fds are closed. */
+  /**
+   * A reply this client cannot read, or a field the broker does not know: where the broker is another version
+   * (files upgraded, the broker not restarted yet: one protocol version, fields added within it), said so, with
+   * the fix (an outside review of upgrades: `status` failed with "missing field" alone).
+   */
+  private skewed(err: TapbrokerError): TapbrokerError {
+    const mine = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
+    if (!this.broker || this.broker === `tapbrokerd ${mine}`) return err;
+    return new TapbrokerError(err.code, err.message, {
+      ...(err.rule ? { rule: err.rule } : {}), ...(err.nic !== undefined ? { nic: err.nic } : {}),
+      hint: `the broker is ${this.broker} and this client ${mine}: restart the broker to run the version installed `
+        + '(systemctl restart tapbrokerd), or use the client of its version',
+    });
+  }
+
   private async call(req: Request): Promise<{ reply: Reply; fds: number[] }> {
     await this.conn.send(encodeRequest(req)).catch(async (err: Error) => {
       // The broker may have refused the connection (TB_E_BUSY) and closed it before our first request
@@ -317,14 +333,15 @@ export class TapbrokerClient {
     try {
       reply = decodeReply(packet.data);
     } catch (err) {
-      return fail(err as TapbrokerError);
+      return fail(this.skewed(err as TapbrokerError));
     }
     if (hasControlCharacters(reply)) fail(new TapbrokerError('TB_E_BAD_REPLY', 'the reply carries control characters'));
     if (reply.op === 'error') {
-      fail(new TapbrokerError(reply.code, reply.message, {
+      const e = new TapbrokerError(reply.code, reply.message, {
         ...(reply.rule ? { rule: reply.rule } : {}), ...(reply.hint ? { hint: reply.hint } : {}),
         ...(reply.nic !== undefined ? { nic: reply.nic } : {}),
-      }));
+      });
+      fail(reply.code === 'TB_E_INVALID_REQUEST' && /unknown field/.test(reply.message) ? this.skewed(e) : e);
     }
     if (reply.id !== req.id) {
       fail(new TapbrokerError('TB_E_BAD_REPLY', `reply id ${String(reply.id)} does not match request id ${req.id}`));
