@@ -273,7 +273,8 @@ test('the lease table names its writer; one another version wrote (or none named
       const other = LeaseTable.load(dir);
       t.false(other.trusted, `written by ${writer}`);
       t.deepEqual(other.table.all().map((l) => l.id), ['0123456789abcdef'], 'its leases are still read');
-      t.regex(other.problem ?? '', /devices tagged as this broker's without a lease are taken back from their tags/);
+      t.regex(other.problem ?? '', /taps tagged as this broker's that go with their fds and have no lease are taken back/);
+      t.true(other.intact);
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

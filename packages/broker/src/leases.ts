@@ -87,12 +87,13 @@ export class LeaseTable {
 
   /**
    * Reads the table. A missing file is an empty table; an unreadable or invalid one is reported in
-   * `problem` and also yields an empty table. `trusted` is true only when a file was read intact: then
+   * `problem` and also yields an empty table. `intact`: a file was read whole. `trusted`: read whole, and
+   * written by this very version: then
    * a tagged device without a lease is an orphan of a crash; otherwise its lease is rebuilt from its tag.
    */
-  static load(dir: string | null): { table: LeaseTable; problem: string | null; trusted: boolean } {
+  static load(dir: string | null): { table: LeaseTable; problem: string | null; trusted: boolean; intact: boolean } {
     const table = new LeaseTable(dir);
-    if (!dir) return { table, problem: null, trusted: true };
+    if (!dir) return { table, problem: null, trusted: true, intact: true };
     const file = path.join(dir, STATE_FILE);
     // A broker killed mid-write leaves its temporary file (named after its pid): the state directory is this
     // broker's alone (it holds the lock), and an outside review found 24 of them after 107 kills; the hook-run
@@ -107,9 +108,10 @@ export class LeaseTable {
     try {
       text = readStateFile(file);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { table, problem: null, trusted: false };
+      const none = { table, trusted: false, intact: false };
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { ...none, problem: null };
       return { table, problem: `cannot read ${file}: ${(err as Error).message}; rebuilding from the kernel`,
-        trusted: false };
+        trusted: false, intact: false };
     }
     let parsed: ReturnType<typeof checkShape>;
     try {
@@ -119,6 +121,7 @@ export class LeaseTable {
         table,
         problem: `${file} is not JSON (${(err as Error).message}); rebuilding from the kernel`,
         trusted: false,
+        intact: false,
       };
     }
     if (!parsed.ok)
@@ -126,6 +129,7 @@ export class LeaseTable {
         table,
         problem: `${file} is not a lease table (${parsed.issue}); rebuilding from the kernel`,
         trusted: false,
+        intact: false,
       };
     const state = parsed.value as StateFile;
     for (const l of state.leases) table.put(l);
@@ -142,10 +146,11 @@ export class LeaseTable {
     // could not read back (an outside review: a downgrade and back, and the upgrade deleted two running VMs' taps
     // as orphans of a crash). Tagged devices without a lease are then taken back from their tags, not deleted.
     if (state.broker !== BROKER_VERSION) {
-      return { table, trusted: false, problem: `${file} was written by ${state.broker ?? 'tapbrokerd 0.4 or older'}, `
-        + `not ${BROKER_VERSION}: devices tagged as this broker's without a lease are taken back from their tags` };
+      return { table, trusted: false, intact: true, problem: `${file} was written by `
+        + `${state.broker ?? 'tapbrokerd 0.4 or older'}, not ${BROKER_VERSION}: taps tagged as this broker's that go `
+        + 'with their fds and have no lease are taken back from their tags' };
     }
-    return { table, problem: null, trusted: true };
+    return { table, problem: null, trusted: true, intact: true };
   }
 
   all(): LeaseRecord[] {

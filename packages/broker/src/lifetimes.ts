@@ -28,6 +28,7 @@ export class Lifetimes implements Cleanup {
   readonly table: LeaseTable;
   /** False when the table file was missing or unreadable: tagged devices then rebuild their leases. */
   private readonly trusted: boolean;
+  private readonly intact: boolean;
   /** Leases whose create has not finished: counted by quotas, invisible to list and release. */
   private readonly creating = new Set<string>();
   /** Of those, the ones whose device went meanwhile: their create fails (and rolls back, `down` after `up`). */
@@ -59,12 +60,13 @@ export class Lifetimes implements Cleanup {
   ) {
     this.brokerId = brokerId(stateDir);
     ({ current: this.hookRun, previous: this.lastHookRun } = hookRun(stateDir));
-    const { table, problem, trusted } = LeaseTable.load(stateDir);
+    const { table, problem, trusted, intact } = LeaseTable.load(stateDir);
     this.table = table;
     table.log = log;
     this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log);
     this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
     this.trusted = trusted;
+    this.intact = intact;
     if (problem) log(`warning: ${problem}`);
   }
 
@@ -77,8 +79,8 @@ export class Lifetimes implements Cleanup {
       (type, index, master) => this.wants(type, index, master),
     );
     const keeper: Keeper = this.keeper = {
-      table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, brokerId: this.brokerId,
-      policy: this.policy, log: this.log,
+      table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, intact: this.intact,
+      brokerId: this.brokerId, policy: this.policy, log: this.log,
       judge: (l, link) => this.judge(l, link),
       isDevice: (l, link): link is Link => this.isDevice(l, link),
       note: (...a) => this.note(...a),

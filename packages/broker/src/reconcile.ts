@@ -25,6 +25,8 @@ export interface Keeper {
   readonly audit: Audit;
   /** False when the table file was missing or unreadable: tagged devices then rebuild their leases. */
   readonly trusted: boolean;
+  /** The table was read whole, whoever wrote it (see LeaseTable.load). */
+  readonly intact: boolean;
   readonly brokerId: string;
   policy(): Policy;
   log(line: string): void;
@@ -52,6 +54,8 @@ export function reconcile(lt: Keeper): void {
   const byName = new Map(links.map((k) => [k.name, k]));
   // Deletions the last run did not record: it was killed while the kernel deleted the device (an outside review
   // found 4 in 30 kills). Recorded now, if the device is gone; one still there is deleted, and recorded, below.
+  // Ids the last run was deleting: never taken back from a tag, whoever wrote the table (a re-test).
+  const retired = new Set(lt.table.retiring.keys());
   for (const [id, r] of lt.table.retiring) {
     if (!links.some((k) => aliasIdentity(k.alias)?.id === id)) {
       lt.audit.record({
@@ -76,6 +80,7 @@ export function reconcile(lt: Keeper): void {
   }
   // A macvtap intended but perhaps never tagged: the device of that name, on that parent, with that
   // MAC, untagged or tagged with that lease, is the one we were making.
+  const undone = new Set<string>();
   for (const i of lt.table.unsettled()) {
     const link = byName.get(i.name);
     const parent = byName.get(i.parent);
@@ -88,6 +93,8 @@ export function reconcile(lt: Keeper): void {
       macFromBuffer(link.address) === i.mac &&
       (link.alias === null || leaseFromAlias(link.alias, link)?.id === i.id);
     if (ours && !lt.table.get(i.id)) {
+      // Deleted here, not again by its tag below (a re-test counted two records of its end).
+      undone.add(i.id);
       void lt.deleteLink(link.index, 0, i.name, 'a macvtap the broker died while creating', {
         ...RECONCILE,
         device: { name: i.name, ifindex: link.index, parent: i.parent, mac: i.mac, id: i.id, lease: i.id },
@@ -103,6 +110,7 @@ export function reconcile(lt: Keeper): void {
   for (const link of links) {
     const who = aliasIdentity(link.alias);
     if (!who || lt.table.get(who.id) || interrupted.has(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
+    if (undone.has(who.id)) continue;
     // Another broker's device (another state directory in this namespace): never ours to touch.
     const by = aliasBroker(link.alias);
     if (by !== null && by !== lt.brokerId) continue;
@@ -119,7 +127,12 @@ export function reconcile(lt: Keeper): void {
       continue;
     }
     const tagged = replug(withUser(leaseFromAlias(link.alias, link)), lt.policy());
-    if (tagged && (!lt.trusted || kernelBound(tagged, true))) {
+    // Taken back: leases never written (they go with their fds), and where the table may lack a lease: lost with it,
+    // or, in a whole table another version wrote, a tap that goes with its fds (one version kept such taps in memory
+    // only, another wrote them: an outside review's downgrade and back). Never one the last run was deleting.
+    const fdBound = tagged?.kind === 'tap' && tagged.ends === 'fds';
+    const mayBeMissing = !lt.trusted && (!lt.intact || fdBound);
+    if (tagged && !retired.has(who.id) && (kernelBound(tagged, true) || mayBeMissing)) {
       try {
         lt.table.add(tagged, !kernelBound(tagged, true));
       } catch (err) {
@@ -134,7 +147,7 @@ export function reconcile(lt: Keeper): void {
           : `; its network \`${tagged.network}' is no longer in the policy: no \`down' can be run for it`;
       lt.note('reconcile', 'reconcile', tagged, `lease taken back from the device's tag${net}`);
       adopted.push([tagged, link]);
-    } else if (lt.trusted) {
+    } else if (lt.intact) {
       const why = 'a device of ours without a lease (the broker died mid-create or mid-release)';
       void lt.deleteLink(link.index, who.uid, link.name, why, {
         ...RECONCILE, rule: tagged?.rule ?? null,

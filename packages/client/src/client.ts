@@ -295,11 +295,20 @@ export class TapbrokerClient {
    */
   private skewed(err: TapbrokerError): TapbrokerError {
     const mine = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
-    if (!this.broker || this.broker === `tapbrokerd ${mine}`) return err;
+    // Only a field one side has and the other lacks, and only a version string of the expected form (a hostile
+    // "broker" could otherwise print lines of its own choosing after `hint:`, an outside re-test noted).
+    const theirs = /^tapbrokerd (\d+\.\d+\.\d+)$/.exec(this.broker ?? '')?.[1];
+    if (!theirs || theirs === mine || !/(missing|unknown) field/.test(err.message)) return err;
+    const older = (a: string, b: string) => {
+      const [x, y] = [a, b].map((v) => v.split('.').map(Number));
+      const i = x!.findIndex((n, k) => n !== y![k]);
+      return i >= 0 && x![i]! < y![i]!;
+    };
     return new TapbrokerError(err.code, err.message, {
       ...(err.rule ? { rule: err.rule } : {}), ...(err.nic !== undefined ? { nic: err.nic } : {}),
-      hint: `the broker is ${this.broker} and this client ${mine}: restart the broker to run the version installed `
-        + '(systemctl restart tapbrokerd), or use the client of its version',
+      hint: `the broker is tapbrokerd ${theirs} and this client ${mine}: `
+        + (older(theirs, mine) ? 'restart the broker to run the version installed (systemctl restart tapbrokerd)'
+          : 'use the client installed with the broker'),
     });
   }
 
