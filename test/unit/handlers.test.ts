@@ -1132,6 +1132,38 @@ test('a reload ends the window of refusals: their summary names the policy they 
   }
 });
 
+// Found by a CI run: a MAC the broker picked for a NIC could be one a live lease had (300 macvtaps in one request drew
+// two alike now and then), and the whole request was refused as TB_E_MAC_IN_USE. A picked MAC is no lease's.
+test('MACs the broker picks are no live lease\'s: 32 NICs from a prefix with 256 MACs are all granted', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-macs-'));
+  const devNull = fs.openSync('/dev/null', 'w');
+  let kernel!: FakeKernel;
+  const broker = new Broker({
+    policy: parsePolicy(`[[rule]]\nname = "few"\nusers = [5000]\nbridges = ["br0"]\nmac_prefix = "52:54:00:12:34"\n`
+      + 'max_devices = 100\n'),
+    stateDir: dir, log: () => {}, audit: { journalSocket: null, fd: devNull },
+    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
+  });
+  const fds: number[] = [];
+  try {
+    host(kernel);
+    broker.lifetimes.start();
+    for (let round = 0; round < 3; round++) {
+      const got = await ask(broker, caller(5000), { op: 'create', nics: Array(32).fill({ kind: 'tap', bridge: 'br0' }) });
+      fds.push(...got.fds);
+      if (got.reply.op !== 'create') throw new Error(JSON.stringify(got.reply));
+    }
+    const macs = broker.lifetimes.table.all().map((l) => l.mac);
+    t.is(macs.length, 96);
+    t.is(new Set(macs).size, 96, 'every one its own');
+  } finally {
+    for (const fd of fds) fs.closeSync(fd);
+    await broker.shutdown();
+    fs.closeSync(devNull);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 // Found by an outside re-test: status told a caller of a deny on a bridge none of its rules gives (a denial would
 // not), and a deny's names this host could not look up (other people's account names) were shown to callers.
 test('status tells a deny only where the caller\'s rules give what it covers, and never the names it could not look up', async (t) => {
