@@ -331,7 +331,7 @@ export class FakeKernel implements Kernel {
         }
         // A drain over its budget (a flood of events) reads that many and leaves the rest queued.
         const batch = this.events.splice(0, this.drainBudget ?? this.events.length);
-        for (const [type, link] of batch) if (wants(type, link.index, () => link.master)) onLink(type, copy(link));
+        for (const [type, link] of batch) if (wants(type, link.index, () => link.master, () => link.name)) onLink(type, copy(link));
         return this.events.length === 0;
       },
       close: () => {

@@ -385,7 +385,7 @@ test.serial('a device deleted while its hook\'s up runs: the create fails, and d
   fx.ns.ip('link', 'del', name);
   const r = await asked;
   t.is(r.error?.code, 'TB_E_KERNEL', JSON.stringify(r.error));
-  t.regex(r.error?.message ?? '', /was deleted while it was being made/);
+  t.regex(r.error?.message ?? '', /was deleted or renamed while it was being made/);
   await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-end ${name}`), 5000, 'down never ran');
   const lines = fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.endsWith(` ${name}`));
   t.deepEqual(lines, [`up-start ${name}`, `up-end ${name}`, `down-start ${name}`, `down-end ${name}`]);

@@ -648,6 +648,28 @@ test('a tap its holder makes persistent: a uid without an account is never taken
   });
 });
 
+// Found by an outside review: root renaming a request's fd-bound NIC while the request ran went unseen (a device's
+// own events mid-create were not read, but for its deletion): the request was granted under a name no device had,
+// the client refused the reply, and the request's persistent NIC stayed, counted, with no end.
+test('a NIC renamed by root while its request runs fails the request, and every NIC of it is undone', async (t) => {
+  await onFakeKernel(async ({ broker, kernel, records }) => {
+    let taps = 0;
+    kernel.onStep = (point) => {
+      if (point === 'tap:configured' && ++taps === 2) kernel.rootRenames('tb1000-ren', 'admin0');
+    };
+    const got = ask(broker, caller(1000), { op: 'create', nics: [
+      { kind: 'tap', bridge: 'br0', name: 'tb1000-ren' }, { kind: 'tap', bridge: 'br1', persistent: true, name: 'tb1000-pet' },
+    ] });
+    const err = await t.throwsAsync(got);
+    t.is((err as { code?: string }).code, 'TB_E_KERNEL');
+    t.regex(err!.message, /`tb1000-ren' was deleted or renamed while it was being made/);
+    await settled(broker);
+    t.is(kernel.linkNamed('tb1000-pet'), null, 'the persistent NIC is undone');
+    t.deepEqual(broker.lifetimes.table.all(), [], 'no lease stays');
+    t.false(records.some((r) => r.decision === 'grant'), 'nothing granted');
+  });
+});
+
 test('a persistent tap its owner changes while it is being made is judged when its create ends', async (t) => {
   // Found by an outside review: the events of a lease mid-create are not judged (they predate its terms), and
   // nothing judged the device afterwards, so an owner could change its persistent tap's MAC or group meanwhile.

@@ -2,7 +2,7 @@
 import test from 'ava';
 import {
   IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, attrString, attrU32, hostMac, linkMessage,
-  bridgeVlanMessage, joinedVlan, masterOf, parseAttrs, parseLink, portLockMessage, randomMac, rtattr, tapFlags, tapName, tunIfreq,
+  bridgeVlanMessage, joinedVlan, masterOf, nameOf, parseAttrs, parseLink, portLockMessage, randomMac, rtattr, tapFlags, tapName, tunIfreq,
 } from '@tapbroker/broker/internal';
 
 test('TUNSETIFF flags: always tap, no PI and exclusive for the creating open', (t) => {
@@ -80,6 +80,12 @@ test('masterOf reads an event\'s IFLA_MASTER alone, whatever comes before it, an
   // A truncated attribute (the message cut short) ends the walk: nothing past the message is read.
   const m = linkMessage(16, 0, 1, { index: 7 }, [attrString(3, 'tb1-x'), attrU32(10, 4)]);
   t.is(masterOf(m.subarray(0, m.length - 2)), null);
+});
+
+test('nameOf reads an event\'s IFLA_IFNAME alone, wherever it is, and null without one', (t) => {
+  const info = rtattr(18, attrString(1, 'tun'));
+  t.is(nameOf(linkMessage(16, 0, 1, { index: 7 }, [attrU32(10, 4), info, attrString(3, 'tb1-x')])), 'tb1-x');
+  t.is(nameOf(linkMessage(16, 0, 1, { index: 7 }, [attrU32(10, 4), info])), null);
 });
 
 test('a port lock: locked, learning off, BPDU guard and root block, and the port\'s learned entries flushed', (t) => {

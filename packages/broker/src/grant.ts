@@ -204,7 +204,9 @@ async function grantEach(
   try {
     ctx.lifetimes.catchUp();
     const gone = granted.find((g) => ctx.lifetimes.vanishedMidCreate(g.lease.id));
-    if (gone) throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted while it was being made`);
+    if (gone) {
+      throw new TapbrokerError('TB_E_KERNEL', `\`${gone.lease.name}' was deleted or renamed while it was being made`);
+    }
     // Leases on disk are recorded before the write that makes them stay: a broker killed after it keeps them at its
     // next start, and their records must be there (an outside review killed it between the two: a persistent tap and
     // no record); one killed before rolls them back, and records that. The others go with the broker's fds.

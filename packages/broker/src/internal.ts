@@ -36,6 +36,7 @@ export {
   joinedVlan,
   parseLink,
   masterOf,
+  nameOf,
   portLockMessage,
   deleteLinkInBackground,
   MACVLAN_MODES,

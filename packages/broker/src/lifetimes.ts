@@ -76,7 +76,7 @@ export class Lifetimes implements Cleanup {
     this.monitor = this.kernel.monitor(
       (type, link) => this.onLink(type, link),
       () => this.resync(),
-      (type, index, master) => this.wants(type, index, master),
+      (type, index, master, name) => this.wants(type, index, master, name),
     );
     const keeper: Keeper = this.keeper = {
       table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, intact: this.intact,
@@ -401,11 +401,14 @@ export class Lifetimes implements Cleanup {
    * Link events worth decoding: a followed bridge's, a lease's deletion, a live lease's change. A device's
    * own events while its create is in flight predate its owner and address, so they show nothing to judge.
    */
-  private wants(type: number, index: number, master: () => number | null): boolean {
+  private wants(type: number, index: number, master: () => number | null, name: () => string | null): boolean {
     if (this.kernel.follows(index) || this.forwarding.holdsPortOff(index)) return true;
     const l = this.table.byIfindex(index);
     if (!l) return false;
     if (type === RTM_DELLINK) return true;
+    // Renamed (only root can) while its create runs: that create fails, as for a deletion (an outside review: a
+    // request's fd-bound NIC renamed mid-way was granted under a name no device had, and its persistent NICs stayed).
+    if (this.creating.has(l.id) && name() !== l.name) return true;
     // A persistent tap's owner may attach a queue while it is being made: its events are read for what its
     // address shows (onLink), not judged.
     return (!this.creating.has(l.id) || (l.kind === 'tap' && l.ends === 'release')) && !this.flooding(l, master());

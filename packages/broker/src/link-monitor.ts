@@ -2,7 +2,7 @@
 import { sys, watchReadable } from '@tapbroker/protocol/core';
 import { NLMSGHDR, splitMessages } from './netlink.js';
 import {
-  AF_BRIDGE, IFINFOMSG, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, parseLink, type Link,
+  AF_BRIDGE, IFINFOMSG, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, nameOf, parseLink, type Link,
 } from './rtnetlink.js';
 import { toStderr } from './stderr.js';
 
@@ -17,7 +17,9 @@ export const LINK_EVENT_QUEUE = 4 * 1024 * 1024;
 export const DRAIN_BUDGET = 256;
 
 /** Is an event of this type about this device worth decoding? `master()`: the event's IFLA_MASTER. */
-export type Wants = (type: number, index: number, master: () => number | null) => boolean;
+export type Wants = (
+  type: number, index: number, master: () => number | null, name: () => string | null,
+) => boolean;
 
 /**
  * RTNLGRP_LINK notifications: `onLink(type, link)` for every RTM_NEWLINK/RTM_DELLINK of a device (the
@@ -78,7 +80,7 @@ export class LinkMonitor {
         if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
         // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
         if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE
-          || !this.wants(type, m.readInt32LE(20), () => masterOf(m))) continue;
+          || !this.wants(type, m.readInt32LE(20), () => masterOf(m), () => nameOf(m))) continue;
         try {
           this.onLink(type, parseLink(m));
         } catch (err) {

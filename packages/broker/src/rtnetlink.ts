@@ -65,15 +65,26 @@ export function linkMessage(type: number, flags: number, seq: number, info: IfIn
   return nlmsg(type, flags, seq, ifinfo, ...attrs);
 }
 
-/** An RTM_NEWLINK's IFLA_MASTER (its bridge's index), read without decoding the rest; null without one. */
-export function masterOf(msg: Buffer): number | null {
+/** One attribute of a link message, found without decoding the rest; null without it. */
+function linkAttr(msg: Buffer, type: number): Buffer | null {
   const end = Math.min(msg.readUInt32LE(0), msg.length);
   for (let o = NLMSGHDR + IFINFOMSG, len = 0; o + 4 <= end; o += align4(len)) {
     len = msg.readUInt16LE(o);
     if (len < 4 || o + len > end) break;
-    if ((msg.readUInt16LE(o + 2) & 0x3fff) === IFLA_MASTER && len >= 8) return msg.readUInt32LE(o + 4) || null;
+    if ((msg.readUInt16LE(o + 2) & 0x3fff) === type) return msg.subarray(o + 4, o + len);
   }
   return null;
+}
+
+/** An RTM_NEWLINK's IFLA_MASTER (its bridge's index), read without decoding the rest; null without one. */
+export function masterOf(msg: Buffer): number | null {
+  const a = linkAttr(msg, IFLA_MASTER);
+  return a && a.length >= 4 ? a.readUInt32LE(0) || null : null;
+}
+
+/** A link message's IFLA_IFNAME, read without decoding the rest; null without one. */
+export function nameOf(msg: Buffer): string | null {
+  return cstr(linkAttr(msg, IFLA_IFNAME) ?? undefined) ?? null;
 }
 
 export interface Link {
