@@ -87,9 +87,9 @@ export class LeaseTable {
 
   /**
    * Reads the table. A missing file is an empty table; an unreadable or invalid one is reported in
-   * `problem` and also yields an empty table. `intact`: a file was read whole. `trusted`: read whole, and
-   * written by this very version: then
-   * a tagged device without a lease is an orphan of a crash; otherwise its lease is rebuilt from its tag.
+   * `problem` and also yields an empty table. `trusted`: read whole and written by this very version, so a tagged
+   * device without a lease in it is an orphan of a crash; `intact`: read whole, whoever wrote it (see reconcile for
+   * what a table of another version, or none, leaves to the devices' tags).
    */
   static load(dir: string | null): { table: LeaseTable; problem: string | null; trusted: boolean; intact: boolean } {
     const table = new LeaseTable(dir);
