@@ -480,13 +480,14 @@ async function ask(broker: Broker, who: Identity, request: Record<string, unknow
 /** A broker on the fake kernel with the table's host, started; `fds` the test keeps are closed after it. */
 async function onFakeKernel(
   run: (b: { broker: Broker; kernel: FakeKernel; records: AuditRecord[]; held: number[] }) => Promise<void>,
+  policy = POLICY,
 ): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
   const records: AuditRecord[] = [];
   const devNull = fs.openSync('/dev/null', 'w');
   let kernel!: FakeKernel;
   const broker = new Broker({
-    policy: parsePolicy(POLICY),
+    policy: parsePolicy(policy),
     stateDir: dir,
     audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
     kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
@@ -1156,62 +1157,31 @@ test('a reload ends the window of refusals: their summary names the policy they 
 
 // Found by a CI run: a MAC the broker picked for a NIC could be one a live lease had (300 macvtaps in one request drew
 // two alike now and then), and the whole request was refused as TB_E_MAC_IN_USE. A picked MAC is no lease's.
-test('MACs the broker picks are no live lease\'s: 32 NICs from a prefix with 256 MACs are all granted', async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-macs-'));
-  const devNull = fs.openSync('/dev/null', 'w');
-  let kernel!: FakeKernel;
-  const broker = new Broker({
-    policy: parsePolicy(`[[rule]]\nname = "few"\nusers = [5000]\nbridges = ["br0"]\nmac_prefix = "52:54:00:12:34"\n`
-      + 'max_devices = 100\n'),
-    stateDir: dir, log: () => {}, audit: { journalSocket: null, fd: devNull },
-    kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
-  });
-  const fds: number[] = [];
-  try {
-    host(kernel);
-    broker.lifetimes.start();
+test('MACs the broker picks are no live lease\'s: 32 NICs from a prefix with 256 MACs are all granted', (t) =>
+  onFakeKernel(async ({ broker, held }) => {
     for (let round = 0; round < 3; round++) {
       const got = await ask(broker, caller(5000), { op: 'create', nics: Array(32).fill({ kind: 'tap', bridge: 'br0' }) });
-      fds.push(...got.fds);
+      held.push(...got.fds);
       if (got.reply.op !== 'create') throw new Error(JSON.stringify(got.reply));
     }
     const macs = broker.lifetimes.table.all().map((l) => l.mac);
     t.is(macs.length, 96);
     t.is(new Set(macs).size, 96, 'every one its own');
-  } finally {
-    for (const fd of fds) fs.closeSync(fd);
-    await broker.shutdown();
-    fs.closeSync(devNull);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-});
+  }, '[[rule]]\nname = "few"\nusers = [5000]\nbridges = ["br0"]\nmac_prefix = "52:54:00:12:34"\nmax_devices = 100\n'));
 
 // Found by an outside re-test: status told a caller of a deny on a bridge none of its rules gives (a denial would
 // not), and a deny's names this host could not look up (other people's account names) were shown to callers.
-test('status tells a deny only where the caller\'s rules give what it covers, and never the names it could not look up', async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-status-'));
-  const devNull = fs.openSync('/dev/null', 'w');
-  const policy = parsePolicy(`[[rule]]\nname = "a"\nusers = [5000]\nbridges = ["br0"]\n
-[[deny]]\nname = "elsewhere"\nusers = [5000]\nbridges = ["br9"]\n
-[[deny]]\nname = "here"\nusers = [5000]\nbridges = ["br0"]\n
-[[deny]]\nname = "offboarded"\nusers = ["no-such-user-jsmith"]\nbridges = ["br0"]\n`);
-  const broker = new Broker({
-    policy, stateDir: dir, log: () => {}, audit: { journalSocket: null, fd: devNull },
-    kernel: (cleanup) => new FakeKernel(cleanup),
-  });
-  try {
-    broker.lifetimes.start();
+test('status tells a deny only where the caller\'s rules give what it covers, and never the names it could not look up', (t) =>
+  onFakeKernel(async ({ broker }) => {
     const { reply } = await ask(broker, { ...caller(5000), user: null }, { op: 'status' });
     if (reply.op !== 'status') throw new Error(JSON.stringify(reply));
     t.deepEqual(reply.denies.map((d) => d.rule), ['here', 'offboarded'], 'not the deny of a bridge no rule gives it');
     t.regex(reply.denies[1]!.covers, /a user this host cannot look up, so it matches every caller without an account name/);
     t.notRegex(JSON.stringify(reply), /jsmith/, 'no name from the deny');
-  } finally {
-    await broker.shutdown();
-    fs.closeSync(devNull);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-});
+  }, `[[rule]]\nname = "a"\nusers = [5000]\nbridges = ["br0"]\n
+[[deny]]\nname = "elsewhere"\nusers = [5000]\nbridges = ["br9"]\n
+[[deny]]\nname = "here"\nusers = [5000]\nbridges = ["br0"]\n
+[[deny]]\nname = "offboarded"\nusers = ["no-such-user-jsmith"]\nbridges = ["br0"]\n`));
 
 // Found by an outside re-test: reload's warnings (64 of up to 4,096 characters each) could outgrow a reply; the
 // reload applied, and its client was told the broker had closed the connection. As many as fit are sent.
