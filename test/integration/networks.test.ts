@@ -393,6 +393,50 @@ test.serial('a device deleted while its hook\'s up runs: the create fails, and d
   t.deepEqual((await probeOnce({ socket: sock(), list: true })).leases, []);
 });
 
+// Found by an outside review (all or nothing, under races): a create reply the client refused (an fd whose tap root
+// renamed between the broker's last look and the client's) left the request's persistent devices made, leased and
+// counted, while its user was told the create failed. The client stopped (SIGSTOP) while the reply waits for it is
+// the only way to put root's rename in that window for real: the broker catches a rename before its reply.
+test.serial('a create reply the client refuses: its fds closed and its persistent devices released', async (t) => {
+  fs.rmSync(`${log}.up`, { force: true });
+  const kept = `tb${NOBODY}-kept`;
+  const fdTap = `tb${NOBODY}-fdtap`;
+  const asked = probe({ socket: sock(), batch: true, requests: [{ network: 'lab', name: kept, persistent: true },
+    { network: 'lab', name: fdTap }, { network: 'slowup' }] });
+  await fx.broker.waitFor(() => fs.existsSync(`${log}.up`), 5000, 'up never started');
+  const pid = await fx.broker.waitFor(() => probePid() !== null, 3000, 'no probe').then(() => probePid()!);
+  process.kill(pid, 'SIGSTOP');
+  try {
+    // The reply waits in the stopped client's socket (ss: its receive queue), the grant recorded.
+    await fx.broker.waitFor(() => queued(pid), 10_000, 'the reply never reached the client');
+    t.truthy(fx.broker.records.find((r) => r.decision === 'grant' && (r.device as { name?: string }).name === kept));
+    fx.ns.ip('link', 'set', fdTap, 'name', 'adm-renamed');
+  } finally {
+    process.kill(pid, 'SIGCONT');
+  }
+  const r = await asked.then(async (p) => { await p.release(); return p.result; });
+  t.is(r.error?.code, 'TB_E_BAD_REPLY', JSON.stringify(r.error));
+  t.regex(r.error?.message ?? '', /attached to `adm-renamed'/);
+  const released = await fx.broker.record((x) => x.op === 'release' && x.decision === 'release'
+    && (x.device as { name?: string }).name === kept);
+  t.is(released.uid, NOBODY);
+  await fx.broker.waitFor(() => fx.ns.link(kept) === undefined, 3000, 'the persistent device stayed');
+  t.deepEqual((await probeOnce({ socket: sock(), list: true })).leases?.map((l) => l.name), []);
+  await fx.broker.waitFor(() => fx.ns.link('adm-renamed') === undefined, 3000, 'the refused fd tap outlived its fds');
+});
+
+/** The probe's pid (setpriv execs node in place): the one process of NOBODY's running probe.js. */
+function probePid(): number | null {
+  const out = spawnSync('pgrep', ['-u', String(NOBODY), '-f', 'probe.js'], { encoding: 'utf8' }).stdout.trim();
+  return out === '' || out.includes('\n') ? null : Number(out);
+}
+
+/** Does a Unix socket of process `pid` have data waiting (ss's Recv-Q)? */
+function queued(pid: number): boolean {
+  const out = spawnSync('ss', ['-xpH'], { encoding: 'utf8' }).stdout;
+  return out.split('\n').some((l) => l.includes(`pid=${pid},`) && Number(l.trim().split(/\s+/)[2]) > 0);
+}
+
 const hookFails = test.macro({
   async exec(t, network: string, pattern: RegExp) {
     const r = await probeOnce({ socket: sock(), requests: [{ network }] });

@@ -222,7 +222,11 @@ export class TapbrokerClient {
         throw new TapbrokerError('TB_E_BAD_REPLY', `the broker sent ${fds.length - at} fds too many`);
       }
     } catch (err) {
+      // A reply this client cannot take is no grant: its fds closed, the persistent devices it made released
+      // (they outlive the fds; a macvtap ends with this connection). A persistent name in a create reply is
+      // always one this request made: the broker refuses a name that exists.
       fds.forEach((fd) => fs.closeSync(fd));
+      for (const d of reply.devices.filter((x) => x.persistent)) await this.release(d.name).catch(() => {});
       throw err;
     }
     return taps;
