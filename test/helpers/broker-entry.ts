@@ -9,7 +9,8 @@
 // TB_TEST_STDERR_BACKLOG=BYTES: stderr's backlog holds that much, not 16 MiB. TB_TEST_MAX_CONNECTIONS_PER_USER=N:
 // each uid's cap of connections. TB_TEST_FROZEN_CLOCK=1: the clock each uid's share is counted on stands still,
 // so a uid past its share stays past it (its window never turns). TB_TEST_MAX_UNREAD_FDS=N: fds of unread replies
-// one uid may hold (all uids: 32 times as many).
+// one uid may hold (all uids: 32 times as many). TB_TEST_CLOSER_IDLE_MS=N: the closer of the broker's own fd
+// copies goes after N ms without work (default 30 s).
 import fs from 'node:fs';
 import { daemon, limitStderrBacklog, type FaultPoint } from '@tapbroker/broker/internal';
 import { TapbrokerError } from '@tapbroker/protocol';
@@ -21,6 +22,8 @@ const maxConnectionsPerUser = Number(process.env['TB_TEST_MAX_CONNECTIONS_PER_US
 const maxUnreadFds = Number(process.env['TB_TEST_MAX_UNREAD_FDS'] ?? 0) || undefined;
 delete process.env['TB_TEST_MAX_UNREAD_FDS'];
 const frozenClock = process.env['TB_TEST_FROZEN_CLOCK'] === '1';
+const closerIdleMs = Number(process.env['TB_TEST_CLOSER_IDLE_MS'] ?? 0) || undefined;
+delete process.env['TB_TEST_CLOSER_IDLE_MS'];
 delete process.env['TB_TEST_MAX_CONNECTIONS_PER_USER'];
 delete process.env['TB_TEST_FROZEN_CLOCK'];
 const linkEventQueue = Number(process.env['TB_TEST_LINK_EVENT_QUEUE'] ?? 0) || undefined;
@@ -54,7 +57,7 @@ function fault(point: FaultPoint): void {
 daemon(process.argv.slice(2), {
   ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}),
   ...(maxConnectionsPerUser ? { maxConnectionsPerUser } : {}), ...(frozenClock ? { clock: () => 0 } : {}),
-  ...(maxUnreadFds ? { maxUnreadFds } : {}),
+  ...(maxUnreadFds ? { maxUnreadFds } : {}), ...(closerIdleMs ? { closerIdleMs } : {}),
   ...(linkEventQueue ? { linkEventQueue } : {}), ...(subuidFile ? { subuidFile } : {}), ...(subgidFile ? { subgidFile } : {}),
   refuseFdsAtSocket: !fallback,
 });

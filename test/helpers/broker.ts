@@ -1,5 +1,5 @@
 // tapbrokerd as a real child process inside a test's namespace, with its audit records parsed.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -69,6 +69,8 @@ export class BrokerProcess {
     maxConnectionsPerUser?: number;
     /** The clock each uid's share is counted on stands still: past its share, a uid stays so (the test entry point). */
     frozenClock?: boolean;
+    /** The closer of the broker's own fd copies goes after this long without work (the test entry point). */
+    closerIdleMs?: number;
     /** A file bind-mounted over /etc/passwd in the broker's own mount namespace (its account database). */
     passwd?: string;
     /** A program and its arguments that exec node (e.g. one that sets a prctl first), and node's own flags. */
@@ -82,6 +84,7 @@ export class BrokerProcess {
     const state = path.join(dir, 'state');
     // TB_TEST_BROKER_MAIN runs another build's main.js instead (to show a test fails on the code before a fix).
     const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback || opts.maxConnections || opts.linkEventQueue || opts.subuidFile || opts.subgidFile || opts.maxConnectionsPerUser || opts.frozenClock || opts.maxUnreadFds
+      || opts.closerIdleMs
       ? BROKER_TEST_ENTRY : BROKER_MAIN);
     const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
     if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
@@ -93,6 +96,7 @@ export class BrokerProcess {
     if (opts.maxConnectionsPerUser) env['TB_TEST_MAX_CONNECTIONS_PER_USER'] = String(opts.maxConnectionsPerUser);
     if (opts.frozenClock) env['TB_TEST_FROZEN_CLOCK'] = '1';
     if (opts.maxUnreadFds) env['TB_TEST_MAX_UNREAD_FDS'] = String(opts.maxUnreadFds);
+    if (opts.closerIdleMs) env['TB_TEST_CLOSER_IDLE_MS'] = String(opts.closerIdleMs);
     const argv = ['ip', 'netns', 'exec', ns.name, ...(opts.wrap ?? []), process.execPath, ...(opts.nodeArgs ?? []), entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])];
     // `ip netns exec` keeps the pid it is started with, so the broker's pid is this child's either way.
     const [cmd, ...args] = opts.passwd
@@ -139,8 +143,52 @@ export class BrokerProcess {
   }
 
   /** Open fds of the broker process (the `ip netns exec` wrapper execs node in place). */
+  /**
+   * The broker's open fds, less its ends of the sockets to its closer processes while they run: a closer stays
+   * a while after its last work (30 s for the broker's own copies), so a count taken before a grant and one after
+   * would differ by it. A socket whose closer is gone counts.
+   */
   fdCount(): number {
-    return fs.readdirSync(`/proc/${this.proc.pid}/fd`).length;
+    const pid = this.proc.pid!;
+    const fds = fs.readdirSync(`/proc/${pid}/fd`);
+    const closers = this.closerEnds();
+    if (closers.size === 0) return fds.length;
+    return fds.filter((fd) => {
+      try {
+        return !closers.has(fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
+      } catch {
+        return false;
+      }
+    }).length;
+  }
+
+  /** `socket:[INODE]` of the broker's end of each socket whose other end is a running closer's fd 3. */
+  private closerEnds(): Set<string> {
+    const pid = this.proc.pid!;
+    let children: string[];
+    try {
+      children = fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
+    } catch {
+      return new Set();
+    }
+    const theirs = new Set<string>();
+    for (const child of children) {
+      try {
+        if (!fs.readFileSync(`/proc/${child}/cmdline`, 'utf8').includes('closer.js')) continue;
+        theirs.add(fs.readlinkSync(`/proc/${child}/fd/3`).replace(/^socket:\[(\d+)\]$/, '$1'));
+      } catch {
+        // Gone meanwhile.
+      }
+    }
+    if (theirs.size === 0) return new Set();
+    // ss (sock_diag) names each Unix socket's peer: Netid State Recv-Q Send-Q Local Inode Peer PeerInode.
+    const out = execFileSync('nsenter', [`--net=/proc/${pid}/ns/net`, 'ss', '-xH'], { encoding: 'utf8' });
+    const ends = new Set<string>();
+    for (const line of out.split('\n')) {
+      const f = line.trim().split(/\s+/);
+      if (f.length >= 8 && theirs.has(f[5]!)) ends.add(`socket:[${f[7]}]`);
+    }
+    return ends;
   }
 
   /**
@@ -161,7 +209,7 @@ export class BrokerProcess {
 
   /** The broker's fd count once it has held still for 200 ms (after a burst, no one event says it settled). */
   settledFdCount(): Promise<number> {
-    // Still for longer than the broker's closer process stays idle (1 s): its socket is one of the fds.
+    // Still for longer than a closer for pushed fds stays idle (1 s): its socket is one of the fds while it runs.
     return steady(() => this.fdCount(), { ms: 10_000, what: 'the broker\'s fd count', still: 1600 });
   }
 

@@ -444,7 +444,8 @@ test.serial('A1: the broker\'s own copies of the fds it sends go to its closer p
   // shares them: closing its own first leaves the broker's the last close (~20 ms for a tap), and a vhost-net fd
   // whose worker (a thread of the client) is stopped blocks that close for as long as the client likes, four
   // such and the pool (every deletion) is wedged. Now they go to the closer, like fds pushed at the broker.
-  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2closer' });
+  // It stays 30 s without work as shipped (a new one costs a node start); 1 s here, so that the test sees it go.
+  const b = await BrokerProcess.start(ns, POLICY, { tag: 'r2closer', closerIdleMs: 1000 });
   try {
     const closers = () => fs.readFileSync(`/proc/${b.proc.pid}/task/${b.proc.pid}/children`, 'utf8').trim().split(/\s+/)
       .filter(Boolean).map((pid) => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8'));

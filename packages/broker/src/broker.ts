@@ -77,6 +77,8 @@ export interface BrokerOptions {
   subgidFile?: string;
   /** The clock each uid's share of the broker's thread is counted on, in ms (default performance.now). */
   clock?: () => number;
+  /** How long the closer of the broker's own fd copies stays without work before it goes (default 30 s). */
+  closerIdleMs?: number;
 }
 
 export class Broker implements SessionHost, OpContext {
@@ -133,7 +135,8 @@ export class Broker implements SessionHost, OpContext {
     this.subgids = new Subuids(opts.subgidFile ?? SUBGID_FILE);
     this.log = opts.log ?? (() => {});
     this.foreignFds = new ForeignFds(this.log);
-    this.ownFds = new ForeignFds(this.log);
+    // Every grant hands it fds: kept through a burst of VM starts, not started again for each (a node start).
+    this.ownFds = new ForeignFds(this.log, undefined, opts.closerIdleMs ?? 30_000);
     let lifetimes!: Lifetimes;
     const cleanup: Cleanup = {
       closeFds: (fds, uid) => lifetimes.closeFds(fds, uid),

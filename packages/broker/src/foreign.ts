@@ -21,8 +21,14 @@ import { SCM_MAX_FD, sys, watchReadable } from '@tapbroker/protocol/core';
 const CLOSER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'closer.js');
 /** A closer with batches unacknowledged for this long is declared stuck. */
 const STUCK_MS = 2000;
-/** A closer with nothing to do for this long goes (it is started again on the next need). */
+/**
+ * A closer with nothing to do for this long goes (it is started again on the next need): the default of the one
+ * for pushed connections (an attack's path, or a kernel without SO_PASSRIGHTS). The broker's own copies keep theirs
+ * longer (BrokerOptions.closerIdleMs): every grant sends them, and a new closer costs a node start.
+ */
 const IDLE_MS = 1000;
+/** How often a closer is looked at: idle, stuck, owed its `go`. */
+const CHECK_MS = 500;
 /** Fds held while no closer can take them; beyond this, the oldest are handed to a fresh closer at once. */
 const MAX_HELD = 4096;
 /** Closers killed while stuck that have not exited yet (blocked in the kernel): no more are spawned past this. */
@@ -73,7 +79,11 @@ export class ForeignFds {
   private stopping = false;
 
   /** `send`: sendmsg(2) (a test puts a fault this kernel cannot produce in its place). */
-  constructor(private readonly log: (line: string) => void, private readonly send: typeof sys.sendMsg = sys.sendMsg) {}
+  constructor(
+    private readonly log: (line: string) => void,
+    private readonly send: typeof sys.sendMsg = sys.sendMsg,
+    private readonly idleMs = IDLE_MS,
+  ) {}
 
   /**
    * Takes ownership of connections a client pushed fds through (sockets only: closing a copy of one runs no
@@ -198,7 +208,7 @@ export class ForeignFds {
       }
     }
     if (this.held.length > MAX_HELD && this.wedged.size < MAX_WEDGED) this.retire();
-    this.timer ??= setInterval(() => this.check(), IDLE_MS / 2).unref();
+    this.timer ??= setInterval(() => this.check(), CHECK_MS).unref();
   }
 
   /** Every closer stuck: the pushed connections held go into bins (`all`: a last packet not full too). */
@@ -323,7 +333,7 @@ export class ForeignFds {
     }
     // An idle closer goes (its socket closed, it exits by itself): no process or fd is kept for nothing.
     if (this.unacked === 0 && !this.goOwed && this.held.length === 0 && this.sock >= 0
-      && Date.now() - this.since > IDLE_MS) {
+      && Date.now() - this.since > this.idleMs) {
       this.idle();
     }
     if (this.unacked > 0 && Date.now() - this.since > STUCK_MS) {

@@ -165,23 +165,32 @@ export class Forwarding {
     return null;
   }
 
-  /** `l`'s holder took `mac`: the port of the lease whose guest MAC it is (on `l`'s bridge) gets its entry back. */
-  restoreTaken(l: LeaseRecord, mac: Buffer): void {
+  /**
+   * `l`'s holder took `mac`: the port of the lease whose guest MAC it is (on `l`'s bridge) gets its entry back.
+   * Tried at once, while the taker still has the MAC (the kernel lets the entry go to the victim's port: the
+   * taker's local one is replaced), and after its deletion only if that failed: the deletion waits behind every
+   * user's (an outside re-test queued decoys first and kept a locked guest cut off 30 – 40 % of the time).
+   * `quiet`: a failure is not recorded (the try after the deletion will be). False if it failed.
+   */
+  restoreTaken(l: LeaseRecord, mac: Buffer, quiet = false): boolean {
     const taken = macFromBuffer(mac);
     // A locked lease's if one holds it (no other tap there is granted a MAC a locked lease holds; one granted
     // before the lock loses it to the lock), else the oldest's.
     const holders = this.table.all().filter((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent
       && v.mac === taken);
     const victim = holders.find((v) => v.locked) ?? oldest(holders)[0];
-    if (!victim) return;
+    if (!victim) return true;
     try {
       // A locked victim's entry is static again: its port forwards from that MAC only through it.
       this.kernel.restoreFdbEntry(victim.ifindex, mac, { static: victim.locked, vlan: victim.vlan });
       const message = `its forwarding entry for ${victim.mac}, taken by \`${l.name}', restored`;
       this.note('cleanup', 'cleanup', victim, message);
+      return true;
     } catch (err) {
+      if (quiet) return false;
       this.note('cleanup', 'error', victim, `its forwarding entry for ${victim.mac} could not be restored: `
         + `${(err as Error).message}`, { code: 'TB_E_KERNEL' });
+      return false;
     }
   }
 

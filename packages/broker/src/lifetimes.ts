@@ -548,12 +548,13 @@ export class Lifetimes implements Cleanup {
         ` (its lease's: ${expectedMac(l)})`,
     }[violation];
     if (violation === 'address') this.noteTaken(l, link);
-    const retired = this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` });
-    // A tap given another guest's MAC made the bridge move that guest's forwarding entry to this port;
-    // once this device is gone, the entry goes back to the port of the lease the MAC belongs to.
+    // A tap given another guest's MAC made the bridge move that guest's forwarding entry to this port: it goes
+    // back to the port of the lease the MAC belongs to now, or else once this device is gone.
     // (A copy: an event's link is read from a buffer the next event reuses.)
     const taken = violation === 'address' && link.address ? Buffer.from(link.address) : null;
-    if (taken) void retired.then(() => this.forwarding.restoreTaken(l, taken), () => {});
+    const back = taken === null || link.master === null || this.forwarding.restoreTaken(l, taken, true);
+    const retired = this.retire(l, { op: 'cleanup', decision: 'cleanup', message: `${why}: deleted` });
+    if (!back) void retired.then(() => this.forwarding.restoreTaken(l, taken!), () => {});
     else void retired.catch(() => {});
   }
 
