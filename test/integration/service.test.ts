@@ -149,6 +149,37 @@ test.serial('reload: a valid policy applies to new requests, an invalid one is r
   }
 });
 
+// Found by an outside review of the policy tools: a warning with a control character in it (an unknown group name
+// holding U+0085, a mis-decoded "…") made the client refuse the reload's reply and exit 70, while the new policy was
+// in force; `systemctl reload` said the reload failed. The names a policy holds are also printed by the tools.
+test.serial('a policy\'s names with control characters: reload succeeds and says so, the tools print one line each', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'ctlnames' });
+  try {
+    const hostile = `${POLICY}\n[[deny]]\nname = "odd"\ngroups = ["interns\\u0085", "x\\npolicy.toml: ok: 1 rule, 0 warnings"]\n`
+      + `users = ["a\\u001b[2K\\u202ez"]\nbridges = ["br0"]\n`
+      + `[[rule]]\nname = "odd-allow"\nusers = ["b\\u001b]0;t\\u0007"]\nbridges = ["br0"]\n`;
+    fs.writeFileSync(broker.policyPath, hostile);
+    const reload = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(reload.status, 0, reload.stderr);
+    t.regex(reload.stdout, /policy reloaded: sha256 [0-9a-f]{64}/);
+    t.regex(reload.stderr, /no group `interns\\x85' on this host/);
+    t.regex(reload.stderr, /no user `a\\x1b\[2K\\u\{202e\}z' on this host/);
+    t.notRegex(reload.stderr, /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202e]/, 'nothing a terminal acts on');
+    // The broker's log line is one line too.
+    await broker.waitFor(() => /warning: .*no group `x\\x0apolicy\.toml: ok/.test(broker.stderr), 3000, 'no warning logged');
+    for (const tool of [['check-policy', broker.policyPath], ['explain-policy', broker.policyPath, '--user', 'root'],
+      ['who-can', broker.policyPath, '--bridge', 'br0']]) {
+      const out = spawnSync(process.execPath, [BROKER_MAIN, ...tool], { encoding: 'utf8' });
+      t.is(out.status, 0, `${tool[0]}: ${out.stderr}`);
+      const text = out.stdout + out.stderr;
+      t.notRegex(text, /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202e]/, `${tool[0]} prints no control character`);
+      t.notRegex(text, /^policy\.toml: ok/m, `${tool[0]}: no line the policy wrote`);
+    }
+  } finally {
+    await broker.stop();
+  }
+});
+
 // Found by an outside review: a misspelt group in a deny rule matches every caller (it fails closed, as documented),
 // and the administrator saw that only in the broker's log; users were told to try another bridge.
 test.serial('a deny naming a group this host lacks: reload says so to root, and the denied are told why', async (t) => {

@@ -13,6 +13,7 @@ import { EX, IFNAME_MAX_BYTES, checkIfName, sys } from '@tapbroker/protocol';
 import { accountMembers, getgrgid, getpwuid } from './libc.js';
 import { dirsOnTheWay, notRootsAlone } from './paths.js';
 import { ANY_BRIDGE } from './decide.js';
+import { shown } from './naming.js';
 import { parsePolicy } from './policy.js';
 
 export const DEFAULT_BRIDGE_CONF = '/etc/qemu/bridge.conf';
@@ -95,18 +96,18 @@ export function parseAclLine(raw: string): AclLine {
     const tab = cmd.includes('\t')
       ? ' (qemu-bridge-helper ends the command at the line\'s first space, and this line has one after a tab)'
       : '';
-    return error(`unknown command \`${printable(cmd)}'${tab}; the commands are allow, deny and include`);
+    return error(`unknown command \`${shown(cmd)}'${tab}; the commands are allow, deny and include`);
   }
   if (arg === '') return error(`\`${cmd}' needs ${cmd === 'include' ? 'a file name' : 'a bridge name or all'}`);
   if (cmd === 'include') return { kind: 'include', file: arg };
   if (arg === 'all') return { kind: cmd, bridge: ANY_BRIDGE };
   if (/[ \t\v\f\r]/.test(arg)) {
-    return error(`\`${cmd}' takes one bridge name, not \`${printable(arg)}' `
+    return error(`\`${cmd}' takes one bridge name, not \`${shown(arg)}' `
       + '(qemu-bridge-helper would read it all as one name, and no bridge has it)');
   }
   const bytes = Buffer.byteLength(arg);
   if (bytes > IFNAME_MAX_BYTES) {
-    return error(`bridge name \`${printable(arg)}' is ${bytes} bytes long; interface names have at most `
+    return error(`bridge name \`${shown(arg)}' is ${bytes} bytes long; interface names have at most `
       + `${IFNAME_MAX_BYTES} (qemu-bridge-helper refuses it too)`);
   }
   const why = checkIfName(arg);
@@ -114,14 +115,10 @@ export function parseAclLine(raw: string): AclLine {
   // granted on it, whatever the line says, so the line is left out, and said (an outside review).
   // (`*` stays an error: a line that means a pattern says something qemu-bridge-helper does not do.)
   if (why && !/[/:*]/.test(arg)) return { kind: 'unserved', bridge: arg, why };
-  if (why) return error(`bridge name \`${printable(arg)}' ${why}, so it names no bridge`);
+  if (why) return error(`bridge name \`${shown(arg)}' ${why}, so it names no bridge`);
   return { kind: cmd, bridge: arg };
 }
 
-/** Control characters escaped: TOML comments and terminals get none. */
-function printable(s: string): string {
-  return s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
-}
 
 // ---- who can read a file
 
@@ -397,14 +394,14 @@ export function importBridgeConf(top: string): ImportResult {
   };
 
   const visit = (file: string, inherited: Reach, from: Source | null, stack: readonly string[]) => {
-    const at = from ? `${from.file}:${from.line}` : printable(file);
-    const shown = printable(file);
+    const at = from ? `${from.file}:${from.line}` : shown(file);
+    const name = shown(file);
     let st: fs.Stats;
     let text: Buffer;
     try {
       st = fs.statSync(file);
       if (st.isDirectory()) {
-        if (from) warn(at, `${shown} is a directory: qemu-bridge-helper reads nothing from it`);
+        if (from) warn(at, `${name} is a directory: qemu-bridge-helper reads nothing from it`);
         else errors.push({ where: at, message: 'is a directory' });
         noInput = !from;
         return;
@@ -416,40 +413,40 @@ export function importBridgeConf(top: string): ImportResult {
       if (!from) {
         noInput = true;
         errors.push({ where: at, message: `cannot read it: ${why} (qemu-bridge-helper then refuses every bridge)` });
-      } else if (e.code === 'ENOENT') warn(at, `include ${shown}: ${why}: qemu-bridge-helper skips it`);
+      } else if (e.code === 'ENOENT') warn(at, `include ${name}: ${why}: qemu-bridge-helper skips it`);
       // Its deny lines would be lost, and the policy would grant what they refuse (an outside review).
-      else errors.push({ where: at, message: `include ${shown}: ${why}: it cannot be read here, and its deny lines `
+      else errors.push({ where: at, message: `include ${name}: ${why}: it cannot be read here, and its deny lines `
         + 'may not be left out (run as root)' });
       return;
     }
     const real = fs.realpathSync(file);
     if (stack.includes(real)) {
-      errors.push({ where: at, message: `include loop: ${[...stack, real].map(printable).join(' -> ')}` });
+      errors.push({ where: at, message: `include loop: ${[...stack, real].map(shown).join(' -> ')}` });
       return;
     }
     if (stack.length >= MAX_DEPTH) {
       errors.push({ where: at, message: `includes nested more than ${MAX_DEPTH} deep` });
       return;
     }
-    const reach = intersect(inherited, reachFile(file, st, (m) => warn(shown, m)));
+    const reach = intersect(inherited, reachFile(file, st, (m) => warn(name, m)));
     // The including files' notes were given where they arose.
-    for (const n of reach.notes.slice(inherited.notes.length)) warn(shown, n);
+    for (const n of reach.notes.slice(inherited.notes.length)) warn(name, n);
     if (!from && !reach.upper.everyone) {
-      warn(shown, `only ${describe(reach.upper)} can read it: qemu-bridge-helper refuses everyone else every bridge`);
+      warn(name, `only ${describe(reach.upper)} can read it: qemu-bridge-helper refuses everyone else every bridge`);
     }
     const unsafe = notRootsAlone(file);
     if (unsafe) {
-      warn(shown, `${unsafe}: a user other than root can change what qemu-bridge-helper allows; this import `
+      warn(name, `${unsafe}: a user other than root can change what qemu-bridge-helper allows; this import `
         + 'is what it allows now');
     }
     const who = scopeKey(reach.lower) === scopeKey(reach.upper) ? describe(reach.lower)
       : `allow lines for ${describe(reach.lower)}, deny lines for ${describe(reach.upper)}`;
-    files.push(`${shown} (${modeText(st)})${from ? `, included at ${at}` : ''}: ${who}`);
+    files.push(`${name} (${modeText(st)})${from ? `, included at ${at}` : ''}: ${who}`);
     const lines = splitLines(text);
     if (lines.at(-1)?.length === 0) lines.pop();
     lines.forEach((bytes, i) => {
-      const src: Source = { file: shown, line: i + 1, text: '' };
-      const where = `${shown}:${i + 1}`;
+      const src: Source = { file: name, line: i + 1, text: '' };
+      const where = `${name}:${i + 1}`;
       const raw = utf8(bytes);
       const parsed = raw === null
         ? (/^[ \t\n\v\f\r]*(#|$)/.test(bytes.toString('latin1')) ? { kind: 'skip' as const } : {
@@ -462,7 +459,7 @@ export function importBridgeConf(top: string): ImportResult {
         : parseAclLine(raw);
       if (parsed.kind === 'skip') return;
       if (parsed.kind === 'unserved') {
-        warn(where, `bridge \`${printable(parsed.bridge)}' ${parsed.why}: tapbroker serves no tap on it, so this line `
+        warn(where, `bridge \`${shown(parsed.bridge)}' ${parsed.why}: tapbroker serves no tap on it, so this line `
           + 'is left out (qemu-bridge-helper serves it)');
         return;
       }
@@ -471,13 +468,13 @@ export function importBridgeConf(top: string): ImportResult {
         return;
       }
       if (parsed.kind === 'include') {
-        src.text = `include ${printable(parsed.file)}`;
+        src.text = `include ${shown(parsed.file)}`;
         let target = parsed.file;
         if (!path.isAbsolute(target)) {
           // qemu-bridge-helper fopen()s the name as written: from whatever directory qemu runs in.
           target = path.resolve(target);
-          warn(where, `include ${printable(parsed.file)} is relative: qemu-bridge-helper opens it from the `
-            + `directory qemu runs in, which varies; read here from the current directory, as ${printable(target)}`);
+          warn(where, `include ${shown(parsed.file)} is relative: qemu-bridge-helper opens it from the `
+            + `directory qemu runs in, which varies; read here from the current directory, as ${shown(target)}`);
         }
         visit(target, reach, src, [...stack, real]);
         return;
@@ -502,7 +499,7 @@ function render(
   top: string, entries: readonly Entry[], files: readonly string[], warnings: readonly Finding[],
 ): string {
   const out = [
-    `# A tapbroker policy imported from qemu-bridge-helper's ACL file ${printable(top)}`,
+    `# A tapbroker policy imported from qemu-bridge-helper's ACL file ${shown(top)}`,
     '# by `tapbrokerd import-bridge-conf`. REVIEW IT before it becomes /etc/tapbroker/policy.toml, and check',
     '# it with `tapbrokerd check-policy` and `tapbrokerd who-can --bridge BRIDGE`.',
     '#',
@@ -523,7 +520,7 @@ function render(
     '#',
     '# Files read, and who qemu-bridge-helper reads each for:',
     ...files.map((f) => `#   ${f}`),
-    ...(warnings.length ? ['#', '# Warnings:', ...warnings.map((w) => `#   ${w.where}: ${printable(w.message)}`)] : []),
+    ...(warnings.length ? ['#', '# Warnings:', ...warnings.map((w) => `#   ${w.where}: ${shown(w.message)}`)] : []),
     '',
     'version = 1',
   ];
@@ -581,8 +578,8 @@ export function importBridgeConfTool(argv: readonly string[]): number {
     process.stderr.write(`tapbrokerd: import-bridge-conf: internal error: ${(err as Error).message}\n`);
     return EX.SOFTWARE;
   }
-  for (const w of result.warnings) process.stderr.write(`${w.where}: warning: ${printable(w.message)}\n`);
-  for (const e of result.errors) process.stderr.write(`${e.where}: error: ${printable(e.message)}\n`);
+  for (const w of result.warnings) process.stderr.write(`${w.where}: warning: ${shown(w.message)}\n`);
+  for (const e of result.errors) process.stderr.write(`${e.where}: error: ${shown(e.message)}\n`);
   if (result.toml === null) return result.noInput ? EX.NOINPUT : EX.DATAERR;
   process.stdout.write(result.toml);
   return EX.OK;

@@ -20,6 +20,7 @@ import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { BROKER_VERSION } from './leases.js';
 import { Lifetimes } from './lifetimes.js';
+import { shown } from './naming.js';
 import { SUBGID_FILE, Subuids, screenIds } from './subids.js';
 import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
 import { Netdev } from './netdev.js';
@@ -237,7 +238,7 @@ export class Broker implements SessionHost, OpContext {
       const stamp = accountsStamp();
       const next = loadTrustedPolicy(this.policyPath);
       forgetUserNames();
-      for (const w of next.warnings) this.log(`warning: ${w}`);
+      for (const w of next.warnings) this.log(`warning: ${shown(w)}`);
       // Denials counted so far were decided under the policy before: their summary names that one.
       this.audit.flushRefusals();
       this.policy = next;

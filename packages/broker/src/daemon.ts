@@ -10,6 +10,7 @@ import { loadTrustedPolicy } from './policy.js';
 import { lockExclusive } from './libc.js';
 import { notRootsAlone } from './paths.js';
 import { LinuxAudit } from './linux-audit.js';
+import { shown } from './naming.js';
 import { toStderr } from './stderr.js';
 
 export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
@@ -144,7 +145,7 @@ function log(line: string): void {
 
 function load(file: string): Policy {
   const policy = loadTrustedPolicy(file);
-  for (const w of policy.warnings) log(`warning: ${w}`);
+  for (const w of policy.warnings) log(`warning: ${shown(w)}`);
   return policy;
 }
 
@@ -353,10 +354,10 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   notify(`READY=1\n${status()}`);
   // STATUS= follows connections and leases (`systemctl status` shows it): re-sent within a second of a
   // change, and only then.
-  let shown = status();
+  let told = status();
   setInterval(() => {
     const now = status();
-    if (now !== shown) notify((shown = now));
+    if (now !== told) notify((told = now));
   }, 1000).unref();
 
   process.on('SIGHUP', () => {

@@ -43,6 +43,18 @@ export function randomMac(prefix: string): string {
   }
 }
 
+/**
+ * Text from a policy, a file name or a caller as a terminal or a log line shows it: control characters (C0, DEL, C1),
+ * line and paragraph separators and bidirectional overrides escaped (\xNN, \u{N}), so that it can neither end a
+ * line nor rewrite or reorder what an operator reads.
+ */
+export function shown(s: string): string {
+  return s.replace(/[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g, (c) => {
+    const n = c.charCodeAt(0);
+    return n <= 0xff ? `\\x${n.toString(16).padStart(2, '0')}` : `\\u{${n.toString(16)}}`;
+  });
+}
+
 /** Caller-supplied text as it may appear in a message: control characters escaped, length bounded. */
 export function printable(s: string): string {
   return JSON.stringify(s.slice(0, 64)).slice(1, -1);

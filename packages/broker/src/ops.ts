@@ -15,7 +15,7 @@ import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
 import { leaseView } from './leases.js';
 import type { Lifetimes } from './lifetimes.js';
-import { printable } from './naming.js';
+import { printable, shown } from './naming.js';
 import type { Kernel } from './kernel.js';
 import type { Outcome } from './session.js';
 import { checkSpec, createSpec, locksPort, specView, type CreateSpec } from './spec.js';
@@ -170,7 +170,9 @@ function reload(ctx: OpContext, caller: Identity, req: ReloadRequest): Outcome {
   // group is misspelt matches everyone (an outside review found that said nowhere an administrator would look).
   // As many as fit one reply (a re-test's long policy path made 64 of 4,096 characters too big to send: the reload
   // applied, and its client was told the broker had closed); the broker's log has them all.
-  const all = policy.warnings.slice(0, 64).map((w) => (w.length > 4096 ? `${w.slice(0, 4095)}…` : w));
+  // Made printable: a name in the policy may hold any character, and a client refuses a reply with control characters
+  // (an outside review: the reload applied, and `systemctl reload` failed).
+  const all = policy.warnings.slice(0, 64).map((w) => (w.length > 4096 ? `${w.slice(0, 4095)}…` : w)).map(shown);
   const reply = (n: number): Reply => ({ op: 'reload', id: req.id, policy_sha256: policy.sha256,
     ...(n > 0 ? { warnings: all.slice(0, n) } : {}) });
   let n = all.length;

@@ -8,6 +8,7 @@ import { EX, MACVTAP_MODES, TapbrokerError, type ErrorCode, type MacvtapMode, ty
 import type { Identity } from './identity.js';
 import { getgrnam, getpwnam, getpwuid } from './libc.js';
 import { decide, recorded, type Caller, type Policy } from './decide.js';
+import { shown } from './naming.js';
 import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
 import { didYouMean, lineIndex, ruleAt } from './policy-text.js';
 import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
@@ -63,7 +64,7 @@ function caseSchema(allowRules: readonly string[]) {
     request: z.string().transform((spec, ctx) => {
       const nic = parseRequest(spec);
       if (typeof nic !== 'string') return { text: spec, nic };
-      ctx.addIssue({ code: 'custom', message: `\`${printable(spec)}': ${nic}` });
+      ctx.addIssue({ code: 'custom', message: `\`${shown(spec)}': ${nic}` });
       return z.NEVER;
     }),
     expect: z.enum(['allow', 'deny']),
@@ -259,10 +260,6 @@ export function parseCases(text: string, policy: Policy): { cases: Case[]; error
   return { cases, errors };
 }
 
-/** Terminal escapes stay off the screen: control characters as \xNN. */
-function printable(s: string): string {
-  return s.replace(new RegExp(CONTROL, 'g'), (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
-}
 
 /**
  * One case, as the broker decides a create request: its caller screened as at accept (when `host` is given),
@@ -402,7 +399,7 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
       cases: total, passed: run.passed, failed: run.failed, results: run.results,
     }, null, 2));
   } else {
-    for (const r of run.results) if (!r.passed) out(printable(`${casesFile}:${r.line}: fail: ${r.name}: ${r.failure}`));
+    for (const r of run.results) if (!r.passed) out(shown(`${casesFile}:${r.line}: fail: ${r.name}: ${r.failure}`));
     out(`${total} case${total === 1 ? '' : 's'}, ${run.passed} passed, ${run.failed} failed`);
   }
   return run.failed === 0 ? EX.OK : EX_FAILED;

@@ -11,6 +11,7 @@ import {
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
 import { fragmentDir, loadPolicy, untrustedForTools } from './policy.js';
+import { shown } from './naming.js';
 import { ruleAt } from './policy-text.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
@@ -43,7 +44,8 @@ function finding(level: Finding['level'], text: string): Finding {
 
 /** One finding as people read it: `FILE:LINE[:COLUMN]: LEVEL: MESSAGE`, the form editors jump to. */
 function formatFinding(file: string, f: Finding): string {
-  return `${f.file ?? file}:${f.line ?? '-'}${f.column ? `:${f.column}` : ''}: ${f.level}: ${f.message}`;
+  // Names from the policy and file names are the administrator's text: one finding is one line, as printed.
+  return `${shown(f.file ?? file)}:${f.line ?? '-'}${f.column ? `:${f.column}` : ''}: ${f.level}: ${shown(f.message)}`;
 }
 
 /** Whether a kernel of this release has locked bridge ports (IFLA_BRPORT_LOCKED, Linux 5.18). */
@@ -387,8 +389,9 @@ interface Route {
 }
 
 function table(rows: string[][]): string {
-  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
+  const cells = rows.map((r) => r.map(shown));
+  const widths = cells[0]!.map((_, c) => Math.max(...cells.map((r) => (r[c] ?? '').length)));
+  return cells.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
 }
 
 /**
@@ -424,10 +427,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   // As root (the administrator about to reload) a file a user could change is the broker's own refusal.
   const untrusted = untrustedForTools(o.file, opts.asBroker);
   if (untrusted?.refuse) {
-    process.stderr.write(`${untrusted.message}\n`);
+    process.stderr.write(`${shown(untrusted.message)}\n`);
     return EX.CONFIG;
   }
-  if (untrusted && argv[0] !== 'check-policy') process.stderr.write(`tapbrokerd: note: ${untrusted.message}\n`);
+  if (untrusted && argv[0] !== 'check-policy') process.stderr.write(`tapbrokerd: note: ${shown(untrusted.message)}\n`);
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
@@ -458,7 +461,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       for (const f of findings) write(formatFinding(o.file, f));
       const n = (k: number, what: string) => `${k} ${what}${k === 1 ? '' : 's'}`;
       const fragments = policy.files.length > 1 ? `, ${n(policy.files.length - 1, 'fragment')}` : '';
-      write(`${o.file}: ok: ${n(policy.allow.length, 'rule')}, ${n(policy.deny.length, 'deny rule')}${fragments}, `
+      const counts = `${n(policy.allow.length, 'rule')}, ${n(policy.deny.length, 'deny rule')}${fragments}`;
+      write(`${shown(o.file)}: ok: ${counts}, `
         + `${warnings} warning${warnings === 1 ? '' : 's'}, sha256 ${policy.sha256}`);
     }
     // For pipelines that must not ship a policy a reviewer would question.
@@ -471,7 +475,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? -1 }
       : getpwnam(o.user);
     if (!pw) {
-      process.stderr.write(`tapbrokerd: no user \`${o.user}'\n`);
+      process.stderr.write(`tapbrokerd: no user \`${shown(o.user)}'\n`);
       return EX.DATAERR;
     }
     let groups: number[] = [];
@@ -510,9 +514,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     };
     if (o.json) write(JSON.stringify(result, null, 2));
     else {
-      write(`user ${o.user}: uid ${pw.uid}, gid ${pw.gid < 0 ? 'none (no account)' : pw.gid}, `
+      write(`user ${shown(o.user)}: uid ${pw.uid}, gid ${pw.gid < 0 ? 'none (no account)' : pw.gid}, `
         + `groups ${groups.join(',') || '-'}`);
-      if (refused) write(`refused at accept: ${refused}`);
+      if (refused) write(`refused at accept: ${shown(refused)}`);
       else if (allows.length === 0) write('no rule allows this user anything (default deny)');
       else write(table([
         ['RULE', 'LINE', 'BRIDGES', 'MACVTAP', 'NETWORKS', 'QUEUES', 'VHOST', 'MAC PREFIX', 'PERSISTENT',
@@ -524,7 +528,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       ]));
       for (const d of denies) {
         const scope = denyScope(policy, d);
-        write(`denied by \`${d.name}' (${ruleAt(policy.path, d, true)}): ${scope} — deny wins over every rule above`);
+        const why = shown(`denied by \`${d.name}' (${ruleAt(policy.path, d, true)}): ${scope}`);
+        write(`${why} — deny wins over every rule above`);
       }
     }
     return EX.OK;
@@ -538,7 +543,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   const target = (o.bridge ?? o.macvtap ?? o.network)!;
   const host = hostIds();
   if (kind === 'network' && !policy.networks.has(target)) {
-    process.stderr.write(`tapbrokerd: no network \`${target}' in ${o.file}\n`);
+    process.stderr.write(`tapbrokerd: no network \`${shown(target)}' in ${shown(o.file)}\n`);
     return EX.DATAERR;
   }
   // Every way a request can reach this target: by its own name and through each network onto it; for a network,
@@ -596,7 +601,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   if (o.json) write(JSON.stringify(result, null, 2));
   else {
     const net = kind === 'network' ? policy.networks.get(target)! : null;
-    write(`${kind === 'tap' ? 'bridge' : kind === 'network' ? 'network' : 'macvtap parent'} ${target}`
+    write(`${kind === 'tap' ? 'bridge' : kind === 'network' ? 'network' : 'macvtap parent'} ${shown(target)}`
       + `${o.mode ? ` (mode ${o.mode})` : ''}`
       + `${net ? ` (${net.kind} ${net.target}${net.vlan !== null ? `, vlan ${net.vlan}` : ''})` : ''}:`);
     if (grants.length === 0) write('nobody: no rule grants it');
@@ -608,7 +613,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const { d, on } of denies) {
       const only = on.length < routes.length ? ` (on ${on.map(routeName).join(', ')} only)` : '';
-      write(`except ${deniedPrincipals(d.who)}${only}: denied by \`${d.name}' (${ruleAt(policy.path, d, true)})`);
+      const who = `except ${deniedPrincipals(d.who)}${only}`;
+      write(shown(`${who}: denied by \`${d.name}' (${ruleAt(policy.path, d, true)})`));
     }
   }
   return EX.OK;

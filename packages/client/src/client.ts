@@ -267,7 +267,16 @@ export class TapbrokerClient {
 
   /** Root only: the broker re-reads its policy file; returns the new digest and what its load warned about. */
   async reload(): Promise<{ policy_sha256: string; warnings: string[] }> {
-    const { reply } = await this.call({ op: 'reload', id: this.nextId++ });
+    let reply: Reply;
+    try {
+      ({ reply } = await this.call({ op: 'reload', id: this.nextId++ }));
+    } catch (err) {
+      // A reply this client cannot read says nothing of the reload: it may have applied (never "it failed").
+      if (!(err instanceof TapbrokerError) || err.code !== 'TB_E_BAD_REPLY') throw err;
+      throw new TapbrokerError(err.code, `${err.message}; the new policy may be in force`, {
+        hint: 'tapbroker status shows the digest of the policy the broker serves',
+      });
+    }
     if (reply.op !== 'reload') throw new TapbrokerError('TB_E_BAD_REPLY', `expected a reload reply, got ${reply.op}`);
     return { policy_sha256: reply.policy_sha256, warnings: reply.warnings ?? [] };
   }
