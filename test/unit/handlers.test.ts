@@ -1183,6 +1183,19 @@ test('status tells a deny only where the caller\'s rules give what it covers, an
 [[deny]]\nname = "here"\nusers = [5000]\nbridges = ["br0"]\n
 [[deny]]\nname = "offboarded"\nusers = ["no-such-user-jsmith"]\nbridges = ["br0"]\n`));
 
+// Found by an outside re-test: status (and a denial's hint) listed every network a deny covers, names no rule gave
+// the caller (a denial of one of them says only `no rule matched`).
+test('status tells of a deny only what the caller\'s own rules give', (t) =>
+  onFakeKernel(async ({ broker }) => {
+    const { reply } = await ask(broker, caller(5000), { op: 'status' });
+    if (reply.op !== 'status') throw new Error(JSON.stringify(reply));
+    t.deepEqual(reply.denies, [{ rule: 'freeze', covers: 'networks lab' }]);
+    t.notRegex(JSON.stringify(reply), /prod-db-secret|br-hidden/);
+  }, `[network.lab]\nbridge = "br0"\n[network.prod-db-secret]\nbridge = "br-hidden"\n
+[[rule]]\nname = "a"\nusers = [5000]\nnetworks = ["lab"]\n
+[[rule]]\nname = "b"\nusers = [5001]\nnetworks = ["prod-db-secret"]\n
+[[deny]]\nname = "freeze"\nusers = [5000, 5001]\nnetworks = ["lab", "prod-db-secret"]\n`));
+
 // Found by an outside re-test: reload's warnings (64 of up to 4,096 characters each) could outgrow a reply; the
 // reload applied, and its client was told the broker had closed the connection. As many as fit are sent.
 test('a reload whose warnings outgrow a reply sends as many as fit, and succeeds', async (t) => {

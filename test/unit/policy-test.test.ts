@@ -131,7 +131,8 @@ test('a case that does not hold: what was expected, what was decided, by which r
   t.is(denied!.line, lineOf(text, '999 on br1') - 1);
   t.is(denied!.failure, `expected allow, got deny by rule \`no-br1' (line ${lineOf(TEAM, 'name = "no-br1"') - 1}) `
     + "with TB_E_POLICY_DENIED: denied by rule `no-br1'");
-  t.is(denied!.decided.hint, 'the deny rule covers bridges br1; another bridge may be allowed');
+  // Network lab leads onto br1: the caller's rules give it, and the deny of br1 closes it too.
+  t.is(denied!.decided.hint, 'the deny rule covers bridges br1; networks lab; another bridge may be allowed');
   // No name: `case N`, N counted from 1.
   t.is(allowed!.name, 'case 3');
   t.is(allowed!.line, text.split('\n').map((l, i) => [l, i + 1] as const).filter(([l]) => l === '[[case]]')[2]![1]);

@@ -340,17 +340,16 @@ function escapeRe(s: string): string {
 }
 
 /**
- * What a deny rule covers, in words: `bridges br0; networks lab`, `every Linux bridge` or `everything`;
- * `caller`: as the caller it names is told it (networks by name only).
+ * What a deny rule covers, in words, as the policy's reader is told it: `bridges br0; networks lab (and bridge br0
+ * itself)`, `every Linux bridge` or `everything`. A caller is told denyScopeFor instead.
  */
-export function denyScope(policy: Policy, d: DenyRule, caller = false): string {
+export function denyScope(policy: Policy, d: DenyRule): string {
   const bridges = d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge'
     : d.bridges ? `bridges ${d.bridges.join(', ')}` : '';
   // A network's deny closes its segment whatever way leads onto it (denyCovers): said where it is a device.
   const segment = (n: string) => {
     const t = networkTarget(policy.networks.get(n));
-    // A caller is told its deny's networks by name: where they lead is the policy's to tell (rv39).
-    if (t === null || t.kind === 'hook' || caller) return n;
+    if (t === null || t.kind === 'hook') return n;
     const vlan = t.kind === 'ovs' ? (t.vlans === 'all' ? '' : ` VLAN ${t.vlans.join(', ')}`)
       : t.vlan !== null ? ` VLAN ${t.vlan}` : '';
     return `${n} (and ${t.kind === 'ovs' ? 'Open vSwitch bridge' : 'bridge'} ${t.name}${vlan} itself)`;
@@ -360,6 +359,31 @@ export function denyScope(policy: Policy, d: DenyRule, caller = false): string {
     d.networks ? `networks ${d.networks.map(segment).join(', ')}` : '',
   ].filter(Boolean);
   return parts.length ? parts.join('; ') : 'everything';
+}
+
+/**
+ * What deny `d` covers of what the caller's rules `mine` give, in words, as the caller is told it (status, a
+ * denial's hint): only targets its own rules name, by those names (networks by name: where they lead is the
+ * policy's to tell, rv39), a network or bridge it reaches through a deny of its segment included. An outside
+ * re-test was told a deny's other networks, names no rule gives it and the policy keeps from it.
+ */
+export function denyScopeFor(policy: Policy, d: DenyRule, mine: readonly AllowRule[]): string {
+  if (!d.bridges && !d.parents && !d.networks) return 'everything';
+  const covered = (kind: 'tap' | 'macvtap', parent: string, network: boolean) =>
+    denyCovers(policy, d, resolveTarget(policy, { kind, parent, network }));
+  const named = (xs: string[]) => [...new Set(xs)].sort();
+  // A rule giving any bridge reaches every bridge the deny names as one (a network's segment is not told).
+  const bridges = named(mine.flatMap((r) => r.bridges.includes(ANY_BRIDGE)
+    ? (d.bridges ?? []).filter((b) => b !== ANY_BRIDGE) : r.bridges.filter((b) => covered('tap', b, false))));
+  const parents = named(mine.flatMap((r) => r.macvtap.map((m) => m.parent))
+    .filter((p) => covered('macvtap', p, false)));
+  const networks = named(mine.flatMap((r) => r.networks).filter((n) => covered('tap', n, true)));
+  const parts = [
+    d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge' : bridges.length ? `bridges ${bridges.join(', ')}` : '',
+    parents.length ? `macvtap parents ${parents.join(', ')}` : '',
+    networks.length ? `networks ${networks.join(', ')}` : '',
+  ].filter(Boolean);
+  return parts.length ? parts.join('; ') : 'none of what your rules give';
 }
 
 /**
@@ -410,7 +434,7 @@ export function decide(
     // A caller no rule gives this target is told what it would be told without the deny (rv39): a deny must not
     // tell it which networks exist, or where they lead.
     if (forTarget.length === 0) return { ...unmatched(caller, ask, what, mine), record: { rule: deny.name, message } };
-    const scope = denyScope(policy, deny, true);
+    const scope = denyScopeFor(policy, deny, mine);
     // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
     const whole = unknown !== null || scope === 'everything' || (target.kind === 'bridge' && !ask.network
       && scope.startsWith('every Linux bridge'));

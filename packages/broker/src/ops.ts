@@ -9,7 +9,7 @@ import type { Audit } from './audit.js';
 import type { Fairness } from './fairness.js';
 import { firstRefused } from './admission.js';
 import {
-  denyScope, denyTouches, matches, matchesDeny, recorded, unknownNames, type AllowRule, type Decision, type Policy,
+  denyScopeFor, denyTouches, matches, matchesDeny, recorded, unknownNames, type AllowRule, type Decision, type Policy,
 } from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
@@ -273,7 +273,7 @@ function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
     denies: ctx.policy.deny.filter((d) => matchesDeny(d.who, caller) && mine.some((r) => denyTouches(ctx.policy, d, r)))
       .map((d) => {
         const unknown = unknownNames(d.who, caller);
-        const covers = denyScope(ctx.policy, d, true);
+        const covers = denyScopeFor(ctx.policy, d, mine);
         const why = unknown ? ` (it names ${unknown})` : '';
         return { rule: d.name, covers: `${covers}${why}` };
       }),
