@@ -4,6 +4,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { parse as parseToml } from 'smol-toml';
 import { TapbrokerError } from '@tapbroker/protocol';
 import {
   bridgeList, decide, recorded, denyCovers, denyScope, didYouMean, grantsBridge, kernelLocksPorts, lineIndex, macInPrefix,
@@ -698,6 +699,32 @@ test('lineIndex finds array-table entries, tables and keys in one pass', (t) => 
   t.is(at(['rule', 1, 'absent']), 4, 'a key not written: its table');
   t.is(at(['network', 'x', 'vlan']), 8);
   t.is(at(['deny', 0]), 1, 'nothing of the kind: line 1');
+});
+
+// Found by an outside review of the policy tools: a quoted header (`[["rule"]]`, TOML for [[rule]]) was not counted
+// and a `[[rule]]` line inside a multi-line string was: the tools named another rule's line for a rule granting all.
+test('lineIndex reads headers as TOML does: quoted ones count, none inside a multi-line string', (t) => {
+  const text = [
+    '[["rule"]]', //                                 1: rule 0, quoted
+    'name = "wide-open"',
+    'users = ["*"]',
+    'bridges = ["*"]',
+    '[[rule]]', //                                   5: rule 1
+    "name = 'lab'",
+    'users = ["""nobody', '[[rule]]', '"""]', //      7-9: a string, not a header
+    "bridges = [\'\'\'br0", '[[rule]]', "\'\'\']", // 10-12: a literal one
+    'networks = ["x\\""]  # [[rule]] in a comment',
+    '[[ \'rule\' ]] # literal quotes and spaces', //    14: rule 2
+    'name = "c"',
+    '[network."a.b"]', //                           16
+    "'vlan' = 3",
+  ].join('\n');
+  t.is((parseToml(text) as { rule: unknown[] }).rule.length, 3, 'three rules to TOML');
+  const at = lineIndex(text);
+  t.deepEqual([at(['rule', 0]), at(['rule', 1]), at(['rule', 2]), at(['rule', 3])], [1, 5, 14, 1]);
+  t.is(at(['network', 'a.b']), 16);
+  t.is(at(['network', 'a.b', 'vlan']), 17);
+  t.is(at(['rule', 1, 'name']), 6, 'a literal-quoted key is a key');
 });
 
 test('did-you-mean only guesses close keys', (t) => {

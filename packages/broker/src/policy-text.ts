@@ -1,11 +1,14 @@
 // Pointing at the policy's text: the line a [[table]] or key is written on, and the key a typo meant.
 // Used for the load's error messages and by the policy tools.
 import path from 'node:path';
+import { parse as parseToml } from 'smol-toml';
 
 /**
  * Where each table, array-table entry and key starts in a policy's text, found in one pass (a lookup per
  * rule then costs nothing: a policy of 16,000 rules loads in linear time). Paths as zod reports them:
- * ['rule', 3, 'bridges'], ['network', 'lan', 'vlan'], ['version'].
+ * ['rule', 3, 'bridges'], ['network', 'lan', 'vlan'], ['version']. Headers are read as TOML reads them (a quoted
+ * `[["rule"]]` is a rule), and nothing inside a multi-line string is taken for one: an outside review made the
+ * tools name another rule's line for a rule that grants everything.
  */
 export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => number {
   const at = new Map<string, number>();
@@ -14,33 +17,36 @@ export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => 
   const put = (k: string, line: number) => {
     if (!at.has(k)) at.set(k, line);
   };
+  let open: Multi = null;
   text.split('\n').forEach((raw, n) => {
+    const inString = open !== null;
+    open = multiAfter(raw, open);
+    if (inString) return;
     const line = raw.trim();
-    const array = /^\[\[\s*([A-Za-z0-9_-]+)\s*\]\]/.exec(line);
-    // [[rule.macvtap]]: an entry of an array inside the latest entry of its parent array.
-    const nested = array ? null : /^\[\[\s*([A-Za-z0-9_-]+)\s*\.\s*([A-Za-z0-9_-]+)\s*\]\]/.exec(line);
-    const table = array || nested ? null
-      : /^\[\s*([A-Za-z0-9_-]+)\s*\.\s*("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*\]/.exec(line);
-    if (nested) {
-      const parent = [nested[1]!, String((count.get(nested[1]!) ?? 1) - 1), nested[2]!];
+    const header = line.startsWith('[') ? headerPath(line) : null;
+    if (header?.array && header.path.length === 2) {
+      // [[rule.macvtap]]: an entry of an array inside the latest entry of its parent array.
+      const [outer, inner] = header.path as [string, string];
+      const parent = [outer, String((count.get(outer) ?? 1) - 1), inner];
       const i = count.get(parent.join('\0')) ?? 0;
       count.set(parent.join('\0'), i + 1);
       section = [...parent, String(i)];
       put(parent.join('\0'), n + 1);
       put(section.join('\0'), n + 1);
-    } else if (array) {
-      const i = count.get(array[1]!) ?? 0;
-      count.set(array[1]!, i + 1);
-      section = [array[1]!, String(i)];
+    } else if (header?.array && header.path.length === 1) {
+      const name = header.path[0]!;
+      const i = count.get(name) ?? 0;
+      count.set(name, i + 1);
+      section = [name, String(i)];
       put(section.join('\0'), n + 1);
-    } else if (table) {
-      const name = table[2]!.startsWith('"') ? unquote(table[2]!) : table[2]!;
-      section = [table[1]!, name];
+    } else if (header && header.path.length >= 1) {
+      section = header.path;
       put(section.join('\0'), n + 1);
-      put(table[1]!, n + 1);
-    } else {
-      const key = /^("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*=/.exec(line);
-      if (key) put([...section, key[1]!.startsWith('"') ? unquote(key[1]!) : key[1]!].join('\0'), n + 1);
+      put(header.path[0]!, n + 1);
+    } else if (!header) {
+      const key = /^("(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*=/.exec(line);
+      const name = key?.[1]!.startsWith('"') || key?.[1]!.startsWith("'") ? unquote(key[1]!) : key?.[1];
+      if (name !== undefined) put([...section, name].join('\0'), n + 1);
     }
   });
   return (where) => {
@@ -50,6 +56,72 @@ export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => 
     }
     return 1;
   };
+}
+
+/** The multi-line string a line ends inside, if any. */
+type Multi = '"""' | "'''" | null;
+
+/** Inside which multi-line string `line` ends, starting inside `open` (strings, comments and escapes skipped). */
+function multiAfter(line: string, open: Multi): Multi {
+  let i = 0;
+  while (i < line.length) {
+    if (open !== null) {
+      const close = open === '"""' ? basicEnd(line, i, '"""') : line.indexOf(open, i);
+      if (close < 0) return open;
+      // Up to two quotes may end the string's content right before its delimiter.
+      i = close + 3;
+      while (line[i] === open[0]) i++;
+      open = null;
+    } else if (line[i] === '#') {
+      return null;
+    } else if (line.startsWith('"""', i) || line.startsWith("'''", i)) {
+      open = line.slice(i, i + 3) as Multi;
+      i += 3;
+    } else if (line[i] === '"') {
+      const end = basicEnd(line, i + 1, '"');
+      i = end < 0 ? line.length : end + 1;
+    } else if (line[i] === "'") {
+      const end = line.indexOf("'", i + 1);
+      i = end < 0 ? line.length : end + 1;
+    } else {
+      i++;
+    }
+  }
+  return open;
+}
+
+/** Where `quote` next ends a basic string in `line` from `from` (backslash escapes skipped), or -1. */
+function basicEnd(line: string, from: number, quote: string): number {
+  for (let i = from; i < line.length; i++) {
+    if (line[i] === '\\') i++;
+    else if (line.startsWith(quote, i)) return i;
+  }
+  return -1;
+}
+
+/** The path a table header names, as TOML reads it (quoted keys and escapes too), and whether it is an array's. */
+function headerPath(line: string): { path: string[]; array: boolean } | null {
+  // The common forms without a parse: 16,000 rules' headers cost nothing.
+  const bare = /^(\[\[?)\s*([A-Za-z0-9_-]+)(?:\s*\.\s*([A-Za-z0-9_-]+))?\s*(\]\]?)\s*(?:#.*)?$/.exec(line);
+  if (bare && bare[1]!.length === bare[4]!.length) {
+    return { path: bare[3] === undefined ? [bare[2]!] : [bare[2]!, bare[3]], array: bare[1] === '[[' };
+  }
+  const m = /^\[\[?(?:[^\]"']|"(?:[^"\\]|\\.)*"|'[^']*')*\]\]?/.exec(line);
+  if (!m) return null;
+  let v: unknown;
+  try {
+    v = parseToml(`${m[0]}\n`);
+  } catch {
+    return null;
+  }
+  const path: string[] = [];
+  for (;;) {
+    if (Array.isArray(v)) return { path, array: true };
+    const keys = Object.keys(v as object);
+    if (keys.length !== 1) return { path, array: false };
+    path.push(keys[0]!);
+    v = (v as Record<string, unknown>)[keys[0]!];
+  }
 }
 
 /** A TOML basic string as JSON reads it; TOML escapes JSON has not (\\U, literal tabs) keep the raw text. */
