@@ -45,9 +45,13 @@ export interface Probe {
   release(): Promise<void>;
 }
 
-/** Starts the probe as `as` and resolves with its report while it still holds the fds. */
-export function probe(args: ProbeArgs, as: As = {}): Promise<Probe> {
+/**
+ * Starts the probe as `as` and resolves with its report while it still holds the fds. `spawned` is given the probe's
+ * process at once (setpriv execs node in place: its pid is the probe's), to act on it before it reports.
+ */
+export function probe(args: ProbeArgs, as: As = {}, spawned?: (child: ChildProcess) => void): Promise<Probe> {
   const child = spawnAs(as, process.execPath, [PROBE, JSON.stringify(args)]);
+  spawned?.(child);
   return new Promise((resolve, reject) => {
     let out = '';
     let err = '';

@@ -401,10 +401,10 @@ test.serial('a create reply the client refuses: its fds closed and its persisten
   fs.rmSync(`${log}.up`, { force: true });
   const kept = `tb${NOBODY}-kept`;
   const fdTap = `tb${NOBODY}-fdtap`;
+  let pid = 0;
   const asked = probe({ socket: sock(), batch: true, requests: [{ network: 'lab', name: kept, persistent: true },
-    { network: 'lab', name: fdTap }, { network: 'slowup' }] });
+    { network: 'lab', name: fdTap }, { network: 'slowup' }] }, {}, (child) => (pid = child.pid!));
   await fx.broker.waitFor(() => fs.existsSync(`${log}.up`), 5000, 'up never started');
-  const pid = await fx.broker.waitFor(() => probePid() !== null, 3000, 'no probe').then(() => probePid()!);
   process.kill(pid, 'SIGSTOP');
   try {
     // The reply waits in the stopped client's socket (ss: its receive queue), the grant recorded.
@@ -424,12 +424,6 @@ test.serial('a create reply the client refuses: its fds closed and its persisten
   t.deepEqual((await probeOnce({ socket: sock(), list: true })).leases?.map((l) => l.name), []);
   await fx.broker.waitFor(() => fx.ns.link('adm-renamed') === undefined, 3000, 'the refused fd tap outlived its fds');
 });
-
-/** The probe's pid (setpriv execs node in place): the one process of NOBODY's running probe.js. */
-function probePid(): number | null {
-  const out = spawnSync('pgrep', ['-u', String(NOBODY), '-f', 'probe.js'], { encoding: 'utf8' }).stdout.trim();
-  return out === '' || out.includes('\n') ? null : Number(out);
-}
 
 /** Does a Unix socket of process `pid` have data waiting (ss's Recv-Q)? */
 function queued(pid: number): boolean {

@@ -7,7 +7,8 @@ import path from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 import { TapbrokerError } from '@tapbroker/protocol';
 import {
-  bridgeList, decide, recorded, denyCovers, denyScope, didYouMean, grantsBridge, kernelLocksPorts, lineIndex, macInPrefix,
+  bridgeList, decide, recorded, denyCovers, denyScope, didYouMean, grantsBridge, kernelLocksPorts, lineIndex, locksPort,
+  macInPrefix,
   nameMatches, parsePolicy,
   policyWarnings, Subuids,
   resolveTarget, type Ask, type Caller,
@@ -887,3 +888,40 @@ function inEtcOverlay(dir: string, prepare: string, run: string, ...args: string
   return spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', work, process.execPath,
     path.resolve('packages/broker/dist/main.js'), ...args], { encoding: 'utf8' });
 }
+
+// Found by an outside review of the policy tools: a port lock that could not be had was refused after the decision
+// had picked its rule, so a later rule giving the same target was never tried, while explain-policy and who-can
+// showed it as the caller's way there. The lock is now one more objection of its rule.
+test('decide: a rule whose port lock cannot be had objects, and a later rule may grant the request', (t) => {
+  const p = parsePolicy(`
+[network.fabric]
+ovs = "ovsbr0"
+
+[[rule]]
+name = "locked-team"
+users = [1001]
+bridges = ["br0"]
+networks = ["fabric"]
+macvtap = [{ parent = "eth0" }]
+mac_lock = true
+
+[[rule]]
+name = "vm-users"
+users = [1001]
+macvtap = [{ parent = "eth0" }]
+`);
+  const mv = decide(p, caller(1001), mvAsk(), none);
+  t.true(mv.allow && mv.rule.name === 'vm-users', 'the unlocked rule after it grants the macvtap');
+  if (mv.allow) t.false(locksPort(p, mvAsk(), mv.rule));
+  const fabric = decide(p, caller(1001), viaNet('fabric'), none);
+  t.false(fabric.allow, 'no later rule gives the OVS network');
+  if (!fabric.allow) {
+    t.is(fabric.code, 'TB_E_MAC_LOCK');
+    t.regex(fabric.message, /^rule `locked-team' locks ports to their guest's MAC, and only a port of a Linux bridge/);
+  }
+  const helper = decide(p, caller(1001), ask({ parent: 'br0', macUnknown: true }), none);
+  t.false(helper.allow);
+  if (!helper.allow) t.is(helper.hint, 'use tapbroker run, which tells the broker the MAC');
+  const run = decide(p, caller(1001), ask({ parent: 'br0' }), none);
+  t.true(run.allow && locksPort(p, ask({ parent: 'br0' }), run.rule), 'a tap on the bridge is locked');
+});

@@ -6,14 +6,14 @@ import {
   TapbrokerError, macToBuffer, type CanRequest, type CreateMacvtapRequest, type CreateTapRequest, type ErrorCode,
   type Nic,
 } from '@tapbroker/protocol/core';
-import { decide, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
+import { decide, locksPort, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import type { Kernel } from './kernel.js';
 import { macInUse } from './netdev.js';
 import type { OpContext } from './ops.js';
 import { hookUnsafe } from './paths.js';
 import type { Link } from './rtnetlink.js';
-import { checkSpec, createSpec, locksPort, lockRefusal, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, type CreateSpec } from './spec.js';
 
 /** Devices of one uid still being torn down (deleted, or unplugged by a hook), at most: beyond, its grants wait. */
 const MAX_TEARDOWN_PER_UID = 32;
@@ -70,7 +70,8 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
       + 'tap given to a group until those expire');
   }
   const place = placement(ctx.kernel, policy, spec);
-  const lock = portLock(policy, spec, rule);
+  // decide() found this port lock possible (one that cannot be had is its rule's objection).
+  const lock = locksPort(policy, spec, rule);
   // A MAC the caller asked for is checked here; one the broker picks, once picked (makeDevice).
   if (place.bridge && spec.mac !== null) {
     macElsewhere(ctx, caller, spec.mac, place.parentName, place.vlan, lock);
@@ -180,16 +181,6 @@ export function firstRefused(
     granted.push(d.rule);
   }
   return null;
-}
-
-/**
- * Whether the device is a locked port (a rule's or a network's mac_lock: either is enough), refused
- * where it cannot be one: only a tap on a Linux bridge, with a guest MAC the broker knows, can be locked.
- */
-function portLock(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
-  const refusal = lockRefusal(policy, spec, rule);
-  if (refusal) throw refusal;
-  return locksPort(policy, spec, rule);
 }
 
 /** Where a new device goes: a Linux bridge (maybe with a VLAN), a macvtap parent, an OVS bridge or a hook. */

@@ -121,6 +121,8 @@ export interface Ask {
   persistent: boolean;
   /** A persistent tap given to a group: every member may open it, so every member must be allowed there. */
   group?: number | null;
+  /** The hypervisor sets the guest's MAC (the bridge helper's way): the broker cannot lock a port to it. */
+  macUnknown?: boolean;
 }
 
 /**
@@ -448,11 +450,38 @@ export function decide(
   if (forTarget.length === 0) return unmatched(caller, ask, what, mine);
   let first: Decision | null = null;
   for (const rule of forTarget) {
-    const refusal = refuse(rule, caller, ask, live(rule.name));
+    const refusal = refuse(rule, caller, ask, live(rule.name)) ?? lockObjection(policy, ask, rule);
     if (!refusal) return { allow: true, rule };
     first ??= refusal;
   }
   return first!;
+}
+
+/** Whether the device is to be a locked port: its rule's or its network's mac_lock (either is enough). */
+export function locksPort(policy: Policy, ask: Ask, rule: AllowRule): boolean {
+  return rule.macLock || (!!ask.network && policy.networks.get(ask.parent)?.macLock) || false;
+}
+
+/**
+ * Why a grant under `rule` cannot have the port lock its rule or network asks for, or null: an objection like any
+ * other, so a later rule may grant the request (an outside review found the tools showing such a rule as usable
+ * while the broker never tried it). Only a tap on a Linux bridge, with a guest MAC the broker knows, is locked.
+ */
+function lockObjection(policy: Policy, ask: Ask, rule: AllowRule): Refusal | null {
+  if (!locksPort(policy, ask, rule)) return null;
+  const why = ask.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
+    : resolveTarget(policy, ask).kind !== 'bridge'
+      ? 'only a port of a Linux bridge can be locked: this network is Open vSwitch or a hook'
+      : ask.macUnknown ? 'the broker is not told the guest\'s MAC (the bridge helper\'s way), so it cannot lock '
+        + 'the port to it'
+        : null;
+  if (!why) return null;
+  const who = rule.macLock ? `rule \`${rule.name}'` : `network \`${ask.parent}'`;
+  return {
+    allow: false, code: 'TB_E_MAC_LOCK', rule: rule.name,
+    message: `${who} locks ports to their guest's MAC, and ${why}`,
+    hint: ask.macUnknown ? 'use tapbroker run, which tells the broker the MAC' : 'ask for a tap on a Linux bridge',
+  };
 }
 
 /** No allow rule of the caller's gives it the target. */

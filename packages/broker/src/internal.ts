@@ -7,7 +7,7 @@ export { ForeignFds, orphan } from './foreign.js';
 export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
 export {
   matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope, ANY_BRIDGE, grantsBridge,
-  bridgeList,
+  bridgeList, locksPort,
 } from './decide.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
 export { kernelLocksPorts, policyWarnings } from './policy-tools.js';

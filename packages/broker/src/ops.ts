@@ -9,7 +9,8 @@ import type { Audit } from './audit.js';
 import type { Fairness } from './fairness.js';
 import { firstRefused } from './admission.js';
 import {
-  denyScopeFor, denyTouches, matches, matchesDeny, recorded, unknownNames, type AllowRule, type Decision, type Policy,
+  denyScopeFor, denyTouches, locksPort, matches, matchesDeny, recorded, unknownNames, type AllowRule, type Decision,
+  type Policy,
 } from './decide.js';
 import { create, createMacvtap, createTap } from './grant.js';
 import type { Identity } from './identity.js';
@@ -18,7 +19,7 @@ import type { Lifetimes } from './lifetimes.js';
 import { printable, shown } from './naming.js';
 import type { Kernel } from './kernel.js';
 import type { Outcome } from './session.js';
-import { checkSpec, createSpec, locksPort, specView, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
 
 /** What the handlers act on: the broker's state, read through this narrow view. */
 export interface OpContext {

@@ -11,7 +11,7 @@ import { decide, recorded, type Caller, type Policy } from './decide.js';
 import { shown } from './naming.js';
 import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
 import { didYouMean, lineIndex, ruleAt } from './policy-text.js';
-import { checkSpec, createSpec, lockRefusal, type CreateSpec } from './spec.js';
+import { checkSpec, createSpec, type CreateSpec } from './spec.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
 const EX_FAILED = 1;
@@ -281,10 +281,8 @@ export function runCase(policy: Policy, c: Case, host?: HostIds): CaseResult {
     const identity: Identity = { ...caller, pid: 0, pidfd: null, exe: null, parent: null };
     if (host) identity.subordinateGid = (gid) => host.subgids.of(gid)?.owner ?? null;
     checkSpec(spec, identity);
+    // A port lock that cannot be had is an objection of its rule's, as by the broker and `can`.
     const d = decide(policy, caller, spec, (rule) => c.devices[rule] ?? 0);
-    // A grant whose port cannot be locked as its rule or network says is refused, as by the broker and `can`.
-    const lock = d.allow ? lockRefusal(policy, spec, d.rule) : null;
-    if (lock) throw lock;
     decided = d.allow
       ? {
           decision: 'allow', rule: d.rule.name, file: d.rule.file, line: d.rule.line, code: null,

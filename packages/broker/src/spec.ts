@@ -13,7 +13,6 @@ import {
   type MacvtapMode,
   type Nic,
 } from '@tapbroker/protocol/core';
-import { resolveTarget, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import { printable } from './naming.js';
 
@@ -151,24 +150,3 @@ export function specView(s: CreateSpec): Record<string, unknown> {
   };
 }
 
-/** Whether the device is to be a locked port: its rule's or its network's mac_lock (either is enough). */
-export function locksPort(policy: Policy, spec: CreateSpec, rule: AllowRule): boolean {
-  return rule.macLock || (spec.network && policy.networks.get(spec.parent)?.macLock) || false;
-}
-
-/** Why this request cannot have the port lock its rule or network asks for (as `can` says too), or null. */
-export function lockRefusal(policy: Policy, spec: CreateSpec, rule: AllowRule): TapbrokerError | null {
-  if (!locksPort(policy, spec, rule)) return null;
-  const why = spec.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
-    : resolveTarget(policy, spec).kind !== 'bridge'
-      ? 'only a port of a Linux bridge can be locked: this network is Open vSwitch or a hook'
-      : spec.macUnknown ? 'the broker is not told the guest\'s MAC (the bridge helper\'s way), so it cannot lock '
-        + 'the port to it'
-        : null;
-  if (!why) return null;
-  const who = rule.macLock ? `rule \`${rule.name}'` : `network \`${spec.parent}'`;
-  return new TapbrokerError('TB_E_MAC_LOCK', `${who} locks ports to their guest's MAC, and ${why}`, {
-    rule: rule.name,
-    hint: spec.macUnknown ? 'use tapbroker run, which tells the broker the MAC' : 'ask for a tap on a Linux bridge',
-  });
-}
