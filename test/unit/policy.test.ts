@@ -925,3 +925,30 @@ macvtap = [{ parent = "eth0" }]
   const run = decide(p, caller(1001), ask({ parent: 'br0' }), none);
   t.true(run.allow && locksPort(p, ask({ parent: 'br0' }), run.rule), 'a tap on the bridge is locked');
 });
+
+// Found by an outside re-test: a caller whose rule gives any bridge, refused a bridge by a deny of a network on it,
+// was told the deny covered none of what its rules give (the hint contradicted the refusal).
+test('decide: a bridge refused through a network\'s deny is named in the hint to a caller whose rule gives "*"', (t) => {
+  const p = parsePolicy(`
+[network.secret]
+bridge = "br1"
+
+[[rule]]
+name = "any"
+users = [1001]
+bridges = ["*"]
+
+[[deny]]
+name = "no-secret"
+users = [1001]
+networks = ["secret"]
+`);
+  const d = decide(p, caller(1001), ask({ parent: 'br1' }), none);
+  t.false(d.allow);
+  if (!d.allow) {
+    t.is(d.rule, 'no-secret');
+    t.regex(d.hint, /^the deny rule covers bridges br1;/);
+    t.notRegex(d.hint, /secret/, 'the network it came through is not named');
+  }
+  t.true(decide(p, caller(1001), ask({ parent: 'br2' }), none).allow);
+});

@@ -367,19 +367,24 @@ export function denyScope(policy: Policy, d: DenyRule): string {
  * What deny `d` covers of what the caller's rules `mine` give, in words, as the caller is told it (status, a
  * denial's hint): only targets its own rules name, by those names (networks by name: where they lead is the
  * policy's to tell, rv39), a network or bridge it reaches through a deny of its segment included. An outside
- * re-test was told a deny's other networks, names no rule gives it and the policy keeps from it.
+ * re-test was told a deny's other networks, names no rule gives it and the policy keeps from it. `asked`: the target
+ * of the request it refuses, named by the caller itself (a bridge a rule of "*" reaches through a network's deny).
  */
-export function denyScopeFor(policy: Policy, d: DenyRule, mine: readonly AllowRule[]): string {
+export function denyScopeFor(policy: Policy, d: DenyRule, mine: readonly AllowRule[], asked?: Ask): string {
   if (!d.bridges && !d.parents && !d.networks) return 'everything';
   const covered = (kind: 'tap' | 'macvtap', parent: string, network: boolean) =>
     denyCovers(policy, d, resolveTarget(policy, { kind, parent, network }));
   const named = (xs: string[]) => [...new Set(xs)].sort();
   // A rule giving any bridge reaches every bridge the deny names as one (a network's segment is not told).
+  const own = (kind: 'tap' | 'macvtap', network: boolean) =>
+    (asked?.kind === kind && !!asked.network === network && covered(kind, asked.parent, network) ? [asked.parent] : []);
   const bridges = named(mine.flatMap((r) => r.bridges.includes(ANY_BRIDGE)
-    ? (d.bridges ?? []).filter((b) => b !== ANY_BRIDGE) : r.bridges.filter((b) => covered('tap', b, false))));
+    ? (d.bridges ?? []).filter((b) => b !== ANY_BRIDGE) : r.bridges.filter((b) => covered('tap', b, false)))
+    .concat(own('tap', false)));
   const parents = named(mine.flatMap((r) => r.macvtap.map((m) => m.parent))
-    .filter((p) => covered('macvtap', p, false)));
-  const networks = named(mine.flatMap((r) => r.networks).filter((n) => covered('tap', n, true)));
+    .filter((p) => covered('macvtap', p, false)).concat(own('macvtap', false)));
+  const networks = named(mine.flatMap((r) => r.networks).filter((n) => covered('tap', n, true))
+    .concat(own('tap', true)));
   const parts = [
     d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge' : bridges.length ? `bridges ${bridges.join(', ')}` : '',
     parents.length ? `macvtap parents ${parents.join(', ')}` : '',
@@ -436,7 +441,7 @@ export function decide(
     // A caller no rule gives this target is told what it would be told without the deny (rv39): a deny must not
     // tell it which networks exist, or where they lead.
     if (forTarget.length === 0) return { ...unmatched(caller, ask, what, mine), record: { rule: deny.name, message } };
-    const scope = denyScopeFor(policy, deny, mine);
+    const scope = denyScopeFor(policy, deny, mine, ask);
     // Nothing the caller can pick instead: every target, or every Linux bridge for a tap on one.
     const whole = unknown !== null || scope === 'everything' || (target.kind === 'bridge' && !ask.network
       && scope.startsWith('every Linux bridge'));

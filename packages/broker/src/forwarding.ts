@@ -7,6 +7,7 @@ import type { AuditEvent } from './audit.js';
 import type { Kernel } from './kernel.js';
 import type { LeaseRecord, LeaseTable } from './leases.js';
 import type { Link } from './rtnetlink.js';
+import { takenMac } from './terms.js';
 
 type Note = (
   op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
@@ -83,6 +84,19 @@ export class Forwarding {
     const more = macs.size > TOOK_RECORDED ? `; it took more than ${TOOK_RECORDED} MACs, the rest not recorded` : '';
     this.note('cleanup', 'cleanup', l, `its holder gave it MAC ${mac}, not its lease's, before the broker read `
       + `it: the locked entries of bridge \`${l.parent}' are put back${more}`);
+  }
+
+  /**
+   * Taps whose lease ended and whose deletion waits, by index: until it is gone its holder can give it a locked
+   * guest's MAC again, which drops the guest's entry each time (an outside re-test queued decoy deletions first and
+   * kept a locked guest cut off 60 % of the time). Their events are read for that alone (retaken).
+   */
+  readonly retiring = new Map<number, LeaseRecord>();
+
+  /** A retiring tap's event: a MAC it took on its bridge goes back at once, as a live tap's does (took). */
+  retaken(l: LeaseRecord, link: Link): void {
+    const took = link.name === l.name && link.master !== null ? takenMac(l, link) : null;
+    if (took !== null) this.took(l, took);
   }
 
   /** At a stop: the snapshot of the table carries the quarantine; no write of it may come after. */

@@ -300,12 +300,8 @@ export class Lifetimes implements Cleanup {
     // Already retired or gone (two events judged the same lease, a flood and a violation): nothing twice.
     if (!this.table.remove(l.id, { op: o.op, decision: o.decision, message: o.message })) return;
     this.kernel.faultPoint('retire:unleased');
-    this.floods.forget(l.ifindex);
-    this.creating.delete(l.id);
-    this.vanished.delete(l.id);
-    this.fresh.delete(l.id);
-    this.holderWatches.get(l.id)?.close();
-    this.holderWatches.delete(l.id);
+    this.forget(l);
+    if (l.kind === 'tap') this.forwarding.retiring.set(l.ifindex, l);
     const base: AuditEvent = {
       op: o.op,
       decision: o.decision,
@@ -326,6 +322,8 @@ export class Lifetimes implements Cleanup {
       this.audit.record({ ...base, decision: 'error', code: 'TB_E_KERNEL', message });
       this.table.retired(l.id);
       throw err;
+    } finally {
+      this.forwarding.retiring.delete(l.ifindex);
     }
     if (other.now) {
       const message = `the device is \`${other.now.name}' (${other.now.kind}) now, no longer this lease's: left alone`;
@@ -370,13 +368,17 @@ export class Lifetimes implements Cleanup {
       return;
     }
     if (!this.table.remove(l.id)) return;
-    this.floods.forget(l.ifindex);
-    this.creating.delete(l.id);
-    this.fresh.delete(l.id);
-    this.holderWatches.get(l.id)?.close();
-    this.holderWatches.delete(l.id);
+    this.forget(l);
     this.unplug(l);
     this.note('cleanup', 'cleanup', l, message);
+  }
+
+  /** What is kept of a lease while it lives: gone with it. */
+  private forget(l: LeaseRecord): void {
+    this.floods.forget(l.ifindex);
+    for (const set of [this.creating, this.vanished, this.fresh]) set.delete(l.id);
+    this.holderWatches.get(l.id)?.close();
+    this.holderWatches.delete(l.id);
   }
 
   /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
@@ -404,7 +406,7 @@ export class Lifetimes implements Cleanup {
   private wants(type: number, index: number, master: () => number | null, name: () => string | null): boolean {
     if (this.kernel.follows(index) || this.forwarding.holdsPortOff(index)) return true;
     const l = this.table.byIfindex(index);
-    if (!l) return false;
+    if (!l) return type !== RTM_DELLINK && this.forwarding.retiring.has(index);
     if (type === RTM_DELLINK) return true;
     // Renamed (only root can) while its create runs: that create fails, as for a deletion (an outside review: a
     // request's fd-bound NIC renamed mid-way was granted under a name no device had, and its persistent NICs stayed).
@@ -431,6 +433,8 @@ export class Lifetimes implements Cleanup {
     this.kernel.observe(type, link);
     const l = this.table.byIfindex(link.index);
     if (!l) {
+      const retiring = type !== RTM_DELLINK ? this.forwarding.retiring.get(link.index) : undefined;
+      if (retiring) return this.forwarding.retaken(retiring, link);
       if (link.kind === 'bridge' && type !== RTM_DELLINK) {
         this.forwarding.followBridge(link, (o) => putBack(this.keeper!, o));
       }
