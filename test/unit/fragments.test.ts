@@ -39,6 +39,34 @@ function t_error(f: () => unknown): string {
   throw new Error('it loaded');
 }
 
+// Found by an outside review of configuration management: names were sorted by UTF-16 units (not the documented byte
+// order: `LC_ALL=C ls` and the broker disagreed on which rule came first), and a name that is not UTF-8 failed the
+// whole policy with ENOENT for a file `ls` showed.
+test('fragments are read in byte order; a name that is not UTF-8 is an error naming it', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), { '\uff46.toml': rule('fullwidth', '"br1"'),
+    '\u{1f600}.toml': rule('emoji', '"br1"') });
+  try {
+    // U+FF46 is EF BD 86 in UTF-8, U+1F600 is F0 9F 98 80: byte order puts the full-width letter first.
+    t.deepEqual(policyFiles(file).map((f) => path.basename(f)), ['policy.toml', '\uff46.toml', '\u{1f600}.toml']);
+    const d = decide(loadPolicy(file), caller, ask('br1'), () => 0);
+    t.true(d.allow && d.rule.name === 'fullwidth');
+    fs.writeFileSync(Buffer.concat([Buffer.from(`${dir}/policy.d/80-caf`), Buffer.from([0xe9]), Buffer.from('.toml')]),
+      rule('latin1', '"br2"'), { mode: 0o644 });
+    t.regex(loadError(file), /policy\.d\/80-caf\\xe9\.toml: the fragment's name is not UTF-8: rename it/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('an empty fragment loads with a warning saying what an unfinished write looks like', (t) => {
+  const { dir, file } = setUp(rule('main', '"br0"'), { '90-deny.toml': '' });
+  try {
+    t.regex(loadPolicy(file).warnings.join('\n'), /90-deny\.toml: the fragment is empty: it defines nothing/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('fragments are read after the main file, in lexical order; other names are not read', (t) => {
   const { dir, file } = setUp(rule('main', '"br0"'), {
     '20-b.toml': rule('b', '"br2"'), '10-a.toml': rule('a', '"br1", "br2"'),

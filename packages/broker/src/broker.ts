@@ -236,7 +236,19 @@ export class Broker implements SessionHost, OpContext {
     try {
       if (!this.policyPath) throw new TapbrokerError('TB_E_POLICY_INVALID', 'the policy did not come from a file');
       const stamp = accountsStamp();
-      const next = loadTrustedPolicy(this.policyPath);
+      const loaded = loadTrustedPolicy(this.policyPath);
+      // What the last policy had and this one lacks is said where the administrator looks (the reply, the log and
+      // the record): a fragment deleted or being replaced reads as gone (an outside review lost a deny that way).
+      const gone = this.policy.files.filter((f) => !loaded.files.includes(f));
+      const changes = [
+        ...gone.map((f) => `${f}: a fragment of the last policy is gone (if it is being replaced, reload again once `
+          + 'it is there)'),
+        ...(loaded.deny.length < this.policy.deny.length
+          ? [`${loaded.path}: ${this.policy.deny.length - loaded.deny.length} deny rule(s) fewer than the last `
+            + `policy's (${this.policy.deny.length} → ${loaded.deny.length})`]
+          : []),
+      ];
+      const next: Policy = { ...loaded, warnings: [...changes, ...loaded.warnings] };
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${shown(w)}`);
       // Denials counted so far were decided under the policy before: their summary names that one.
@@ -250,7 +262,8 @@ export class Broker implements SessionHost, OpContext {
         caller,
         message: next.sha256 === before
           ? `policy ${before} read again, unchanged, from ${next.files.join(', ')}`
-          : `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}`,
+          : `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}${changes.length
+            ? `; ${changes.join('; ')}` : ''}`,
       });
       return next;
     } catch (err) {

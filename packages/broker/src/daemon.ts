@@ -360,7 +360,18 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     if (now !== told) notify((told = now));
   }, 1000).unref();
 
+  // One reload at a time, and at most one more owed: every SIGHUP received before it starts is answered by it, and
+  // clients are served between two (an outside review's SIGHUP every 20 ms queued 202 reloads; a request waited 13 s).
+  let reloadOwed = false;
   process.on('SIGHUP', () => {
+    if (reloadOwed) return;
+    reloadOwed = true;
+    setImmediate(() => {
+      reloadOwed = false;
+      reload();
+    });
+  });
+  const reload = () => {
     notify(`RELOADING=1\nMONOTONIC_USEC=${process.hrtime.bigint() / 1000n}`);
     try {
       broker.reload(null);
@@ -370,7 +381,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`);
     }
     notify(`READY=1\n${status()}`);
-  });
+  };
   let stopping = false;
   const stop = (why: string) => {
     if (stopping) return;

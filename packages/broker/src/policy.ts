@@ -130,16 +130,22 @@ export function untrustedForTools(
  */
 export function policyFiles(path: string): string[] {
   const dir = fragmentDir(path);
-  let names: string[];
+  let names: Buffer[];
   try {
-    names = fs.readdirSync(dir);
+    names = fs.readdirSync(dir, { encoding: 'buffer' });
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [path];
     throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
   }
-  const toml = names.filter((n) => n.endsWith('.toml') && !n.startsWith('.'))
-    .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
-  return [path, ...toml.map((n) => `${dir}/${n}`)];
+  // In byte order, as documented (a JavaScript sort compares UTF-16 units: `ls` and the broker differed for some
+  // names); a name that is not UTF-8 would be read as another (its bytes replaced): refused by name instead.
+  const toml = names.filter((b) => b.toString('latin1').endsWith('.toml') && b[0] !== 0x2e).sort(Buffer.compare);
+  const bad = toml.find((b) => !Buffer.from(b.toString('utf8')).equals(b));
+  if (bad) {
+    const name = [...bad].map((c) => (c > 0x20 && c < 0x7f ? String.fromCharCode(c) : `\\x${c.toString(16)}`)).join('');
+    throw new TapbrokerError('TB_E_POLICY_INVALID', `${dir}/${name}: the fragment's name is not UTF-8: rename it`);
+  }
+  return [path, ...toml.map((n) => `${dir}/${n.toString('utf8')}`)];
 }
 
 /** `policy.toml` → `policy.d`, beside it. */
@@ -205,7 +211,11 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
   const errors: string[] = [];
   const docs = sources.map((src) => parseDoc(src.path, src.text, errors));
   if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
-  const warnings: string[] = [];
+  // An empty fragment is what a copy over it reads as until its write is done (cp and > truncate first): said, since
+  // a reload then would apply the policy without it (an outside review lost a deny rule that way).
+  const warnings = sources.slice(1).filter((src) => src.text.trim() === '').map((src) => `${src.path}: the fragment `
+    + 'is empty: it defines nothing (if it was being written, reload again once it is; write fragments beside the '
+    + 'directory\'s and rename them into place)');
   // Networks first: a rule in one file may name a network defined in another.
   const networks = new Map<string, Network>();
   const definedAt = new Map<string, string>();
