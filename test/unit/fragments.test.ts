@@ -58,6 +58,29 @@ test('fragments are read in byte order; a name that is not UTF-8 is an error nam
   }
 });
 
+// Found by an outside review: the tools read a finding's file and line back out of its text, so a fragment named with
+// a time (`…T10:30:00.toml`) was told as file `…T10`, line 30, and test-policy put a fragment's errors at the main file.
+test('check-policy and test-policy name the fragment an error is in, whatever its name holds', (t) => {
+  const name = '60-lab-2026-12-04T10:30:00.toml';
+  const { dir, file } = setUp(rule('main', '"br0"'), { [name]: `${rule('lab', '"br1"')}max_device = 3\n` });
+  try {
+    const cases = path.join(dir, 'cases.toml');
+    fs.writeFileSync(cases, '[[case]]\nuser = 1000\nrequest = "bridge=br0"\nexpect = "allow"\n');
+    const check = spawnSync(process.execPath, [MAIN, 'check-policy', file, '--json'], { encoding: 'utf8' });
+    t.is(check.status, 78);
+    const finding = (JSON.parse(check.stdout) as { findings: Array<{ file?: string; line: number | null }> }).findings[0]!;
+    t.deepEqual([finding.file, finding.line], [path.join(dir, 'policy.d', name), 5]);
+    const tested = spawnSync(process.execPath, [MAIN, 'test-policy', file, cases, '--json'], { encoding: 'utf8' });
+    t.is(tested.status, 78);
+    const error = (JSON.parse(tested.stdout) as { errors: Array<{ file: string; line: number | null }> }).errors[0]!;
+    t.deepEqual([error.file, error.line], [path.join(dir, 'policy.d', name), 5]);
+    const text = spawnSync(process.execPath, [MAIN, 'test-policy', file, cases], { encoding: 'utf8' });
+    t.regex(text.stderr, new RegExp(`^${path.join(dir, 'policy.d', name).replace(/\./g, '\\.')}:5: error: `, 'm'));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('an empty fragment loads with a warning saying what an unfinished write looks like', (t) => {
   const { dir, file } = setUp(rule('main', '"br0"'), { '90-deny.toml': '' });
   try {

@@ -9,8 +9,8 @@ import type { Identity } from './identity.js';
 import { getgrnam, getpwnam, getpwuid } from './libc.js';
 import { decide, recorded, type Caller, type Policy } from './decide.js';
 import { shown } from './naming.js';
-import { loadPolicy, parsePolicy, untrustedForTools } from './policy.js';
-import { didYouMean, lineIndex, ruleAt } from './policy-text.js';
+import { loadPolicy, parsePolicy, policyPaths, untrustedForTools } from './policy.js';
+import { didYouMean, lineIndex, locate, ruleAt } from './policy-text.js';
 import { checkSpec, createSpec, type CreateSpec } from './spec.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
@@ -326,17 +326,20 @@ export function runPolicyTests(policy: Policy | string, casesText: string, host?
 }
 
 /** The policy loader's errors (`FILE:LINE[:COLUMN]: message`, or `FILE: message`) as check-policy reads them. */
-function policyErrors(file: string, message: string): Array<Omit<CaseError, 'line'> & { line: number | null }> {
+/** A policy's load errors, each at its own file (a fragment's, not the main file's) and line. */
+function policyErrors(file: string, message: string): PolicyError[] {
+  const paths = policyPaths(file);
   return message.split('\n').map((m) => {
-    const hit = /^[^:]*:(\d+)(?::(\d+))?: ?/.exec(m);
-    if (!hit) return { line: null, message: m.startsWith(`${file}: `) ? m.slice(file.length + 2) : m };
-    return { line: Number(hit[1]), ...(hit[2] ? { column: Number(hit[2]) } : {}), message: m.slice(hit[0].length) };
+    const { file: at, ...rest } = locate(m, paths);
+    return { file: at ?? file, ...rest };
   });
 }
 
-/** `FILE:LINE[:COLUMN]: error: MESSAGE`, as check-policy prints its findings. */
-const located = (file: string, e: { line: number | null; column?: number; message: string }) =>
-  `${file}:${e.line ?? '-'}${e.column ? `:${e.column}` : ''}: error: ${e.message}`;
+type PolicyError = Omit<CaseError, 'line'> & { file?: string; line: number | null };
+
+/** `FILE:LINE[:COLUMN]: error: MESSAGE`, as check-policy prints its findings (escaped: see shown). */
+const located = (file: string, e: PolicyError) =>
+  shown(`${e.file ?? file}:${e.line ?? '-'}${e.column ? `:${e.column}` : ''}: error: ${e.message}`);
 
 /** The command: `args` after `test-policy`; returns the exit status. */
 export function testPolicyTool(args: readonly string[], defaultPolicy: string): number {

@@ -124,6 +124,23 @@ function headerPath(line: string): { path: string[]; array: boolean } | null {
   }
 }
 
+/**
+ * A load's error or warning (`FILE:LINE[:COLUMN]: message`, `FILE: message`) taken apart: its file is the longest of
+ * the policy's `files` it begins with, never read back out of the text (a fragment named `…T10:30:00.toml` was told
+ * as file `…T10`, line 30, and one with a space in its name was not named at all).
+ */
+export function locate(text: string, files: readonly string[]): {
+  file: string | null; line: number | null; column?: number; message: string;
+} {
+  const file = files.filter((f) => text.startsWith(`${f}:`)).sort((a, b) => b.length - a.length)[0] ?? null;
+  const rest = file === null ? text : text.slice(file.length);
+  const m = /^:(\d+)(?::(\d+))?: ?/.exec(rest);
+  if (m) {
+    return { file, line: Number(m[1]), ...(m[2] ? { column: Number(m[2]) } : {}), message: rest.slice(m[0].length) };
+  }
+  return { file, line: null, message: file === null ? text : rest.replace(/^: ?/, '') };
+}
+
 /** A TOML basic string as JSON reads it; TOML escapes JSON has not (\\U, literal tabs) keep the raw text. */
 function unquote(s: string): string {
   try {

@@ -10,9 +10,9 @@ import {
   type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
-import { fragmentDir, loadPolicy, untrustedForTools } from './policy.js';
+import { fragmentDir, loadPolicy, policyPaths, untrustedForTools } from './policy.js';
 import { shown } from './naming.js';
-import { ruleAt } from './policy-text.js';
+import { locate, ruleAt } from './policy-text.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
 /** check-policy --strict found warnings (a lint's conventional status, not a sysexits one). */
@@ -30,16 +30,9 @@ export interface Finding {
 }
 
 /** `FILE:LINE[:COLUMN]: message` (as the policy loader words errors and warnings) as a finding. */
-function finding(level: Finding['level'], text: string): Finding {
-  const m = /^(.+?):(\d+)(?::(\d+))?: ?/.exec(text);
-  if (!m) {
-    // `FILE: message` without a line (a fragment that cannot be read): the file is still named.
-    const f = /^([^\s:]*(?:\/|\.toml)[^\s:]*): /.exec(text);
-    return { level, ...(f ? { file: f[1]! } : {}), line: null, message: text.replace(/^[^:]*: /, '') };
-  }
-  return {
-    level, file: m[1]!, line: Number(m[2]), ...(m[3] ? { column: Number(m[3]) } : {}), message: text.slice(m[0].length),
-  };
+function finding(level: Finding['level'], text: string, files: readonly string[]): Finding {
+  const { file, ...at } = locate(text, files);
+  return { level, ...(file !== null ? { file } : {}), ...at };
 }
 
 /** One finding as people read it: `FILE:LINE[:COLUMN]: LEVEL: MESSAGE`, the form editors jump to. */
@@ -63,7 +56,7 @@ function macLockOf(p: Policy, r: AllowRule): string {
 
 /** Risky but valid: what a reviewer should look at twice. */
 export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] {
-  const out: Finding[] = p.warnings.map((w) => finding('warning', w));
+  const out: Finding[] = p.warnings.map((w) => finding('warning', w, p.files));
   const warn = (r: AllowRule | DenyRule, message: string) =>
     out.push({ level: 'warning', file: r.file, line: r.line, message });
   for (const r of p.allow) {
@@ -415,7 +408,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   try {
     policy = loadPolicy(o.file);
   } catch (err) {
-    const errors = (err as Error).message.split('\n').map((m) => finding('error', m));
+    const errors = (err as Error).message.split('\n').map((m) => finding('error', m, policyPaths(o.file)));
     if (argv[0] === 'check-policy' && o.json) {
       write(JSON.stringify({ file: o.file, ok: false, findings: errors }, null, 2));
     } else {

@@ -148,6 +148,15 @@ export function policyFiles(path: string): string[] {
   return [path, ...toml.map((n) => `${dir}/${n.toString('utf8')}`)];
 }
 
+/** Every path a load's message may begin with: the files it reads (as far as they can be listed), their directory. */
+export function policyPaths(path: string): string[] {
+  try {
+    return [...policyFiles(path), fragmentDir(path)];
+  } catch {
+    return [path, fragmentDir(path)];
+  }
+}
+
 /** `policy.toml` → `policy.d`, beside it. */
 export function fragmentDir(path: string): string {
   return `${path.endsWith('.toml') ? path.slice(0, -5) : path}.d`;
