@@ -3,9 +3,10 @@ import test from 'ava';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { decide, loadPolicy, loadTrustedPolicy, policyFiles } from '@tapbroker/broker/internal';
+import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, policyFiles } from '@tapbroker/broker/internal';
 import { ROOT, tempDir } from '../helpers/broker.js';
 
 const MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
@@ -80,6 +81,35 @@ test('check-policy and test-policy name the fragment an error is in, whatever it
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// Found by an outside review: the upgrade guard (check-policy --unit) ran as a root with every capability and read a
+// fragment of mode 0000 fine; the unit's broker, without CAP_DAC_OVERRIDE, could not, and stayed down after the upgrade.
+(process.getuid?.() === 0 ? test : test.skip)('what root without CAP_DAC_OVERRIDE cannot read or run, by the mode bits on its way',
+  (t) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-dac-'));
+    try {
+      fs.chmodSync(dir, 0o755);
+      const f = path.join(dir, 'f.toml');
+      fs.writeFileSync(f, '', { mode: 0o644 });
+      t.is(deniedToUnit(f, 0o4), null);
+      fs.chmodSync(f, 0o000);
+      t.is(deniedToUnit(f, 0o4), 'its mode 0000, owner 0, group 0 does not let root read it');
+      fs.chmodSync(f, 0o044);
+      t.regex(deniedToUnit(f, 0o4) ?? '', /mode 0044/, 'the owner\'s bits count for root, not the others\'');
+      fs.chownSync(f, 65534, 65534);
+      fs.chmodSync(f, 0o604);
+      t.is(deniedToUnit(f, 0o4), null, 'another owner\'s file: the others\' bits count');
+      fs.chmodSync(f, 0o755);
+      t.is(deniedToUnit(f, 0o1), null, 'a program others may run');
+      fs.chmodSync(f, 0o644);
+      t.regex(deniedToUnit(f, 0o1) ?? '', /does not let root run it/);
+      fs.chownSync(dir, 65534, 65534);
+      fs.chmodSync(dir, 0o700);
+      t.regex(deniedToUnit(f, 0o4) ?? '', /^directory .*tb-dac-\w+ on its way \(mode 0700, owner 65534, group 65534\) does not let root through$/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
 
 test('an empty fragment loads with a warning saying what an unfinished write looks like', (t) => {
   const { dir, file } = setUp(rule('main', '"br0"'), { '90-deny.toml': '' });

@@ -10,7 +10,7 @@ export {
   bridgeList, locksPort,
 } from './decide.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
-export { kernelLocksPorts, policyWarnings } from './policy-tools.js';
+export { deniedToUnit, kernelLocksPorts, policyWarnings } from './policy-tools.js';
 export {
   POLICY_CHECKS, POLICY_KEYS, fragmentDir, loadTrustedPolicy, parseSources, policyFiles, untrustedPolicyFile,
 } from './policy.js';

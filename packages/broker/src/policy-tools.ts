@@ -307,8 +307,40 @@ export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
         + `under ${hit[0]}, which the shipped unit hides from the broker (${hit[1]}): under it the policy does `
         + 'not load' });
     }
+    const denied = all ? deniedToUnit(real, what === 'hook' ? 0o1 : 0o4) : null;
+    if (denied) {
+      out.push({ level: 'note', file: f, line: null, message: `${what} ${f}: ${denied} without CAP_DAC_OVERRIDE, which `
+        + 'the shipped unit\'s broker does not have (CapabilityBoundingSet=): under it the policy does not load' });
+    }
   }
   return out;
+}
+
+/**
+ * Why root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (the shipped unit's broker) cannot read (`perm` 4) or
+ * run (1) `file`, by the mode bits of it and of each directory on its way (ACLs aside), or null. check-policy,
+ * run by a root with every capability, read such a file fine (an outside review: the upgrade then restarted the
+ * broker into a policy it could not load).
+ */
+export function deniedToUnit(file: string, perm: number): string | null {
+  const allows = (st: fs.Stats, p: number) => (st.mode >> (st.uid === 0 ? 6 : st.gid === 0 ? 3 : 0)) & p;
+  const parts = file.split('/').filter(Boolean);
+  for (let i = 0; i < parts.length; i++) {
+    const at = `/${parts.slice(0, i + 1).join('/')}`;
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(at);
+    } catch {
+      return null; // Not there: the load says so itself.
+    }
+    const last = i === parts.length - 1;
+    if (!allows(st, last ? perm : 0o1)) {
+      const mode = `mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}, owner ${st.uid}, group ${st.gid}`;
+      return last ? `its ${mode} does not let root ${perm === 0o1 ? 'run' : 'read'} it`
+        : `directory ${at} on its way (${mode}) does not let root through`;
+    }
+  }
+  return null;
 }
 
 /** Each tool's usage, and what it does: `tapbrokerd TOOL --help`, and the line a usage error repeats. */
