@@ -265,8 +265,11 @@ test.serial('a deny naming a group this host lacks: reload says so to root, and 
     const denies = (JSON.parse(status.stdout) as { denies: Array<{ rule: string; covers: string }> }).denies;
     t.deepEqual(denies.map((d) => d.rule), ['no-interns']);
     t.regex(denies[0]!.covers, /it names a group this host cannot look up, so it matches every caller/);
-    // A clean policy: no warning at all.
+    // The deny taken out: said (one deny rule fewer), and nothing else; read again, a clean policy warns of nothing.
     fs.writeFileSync(broker.policyPath, POLICY);
+    const fixed = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(fixed.status, 0, fixed.stderr);
+    t.regex(fixed.stderr, /^tapbroker: warning: .*policy\.toml: 1 deny rule\(s\) fewer than the last policy's \(1 → 0\)\n$/);
     const clean = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
     t.is(clean.status, 0, clean.stderr);
     t.is(clean.stderr, '');

@@ -76,12 +76,11 @@ export class Forwarding {
     // guest cut off half the time); the pass over the whole bridge may wait for its gap.
     this.relockMac(l.parent, mac, `\`${l.name}' took ${mac}`);
     this.relockBridge(l.parent, `\`${l.name}' took ${mac}`);
-    const macs = this.recorded.get(l.id) ?? new Set<string>();
-    if (macs.has(mac) || macs.size > TOOK_RECORDED) return;
-    macs.add(mac);
-    this.recorded.set(l.id, macs);
-    if (this.recorded.size > 1024) this.recorded.delete(this.recorded.keys().next().value!);
-    const more = macs.size > TOOK_RECORDED ? `; it took more than ${TOOK_RECORDED} MACs, the rest not recorded` : '';
+    const macs = this.recorded.get(l.id);
+    if (macs?.has(mac) || (macs?.size ?? 0) > TOOK_RECORDED) return;
+    this.remember(l, mac);
+    const more = this.recorded.get(l.id)!.size > TOOK_RECORDED
+      ? `; it took more than ${TOOK_RECORDED} MACs, the rest not recorded` : '';
     this.note('cleanup', 'cleanup', l, `its holder gave it MAC ${mac}, not its lease's, before the broker read `
       + `it: the locked entries of bridge \`${l.parent}' are put back${more}`);
   }
@@ -97,6 +96,14 @@ export class Forwarding {
   retaken(l: LeaseRecord, link: Link): void {
     const took = link.name === l.name && link.master !== null ? takenMac(l, link) : null;
     if (took !== null) this.took(l, took);
+  }
+
+  /** `l`'s taking of `mac` is on record (the last 1,024 taps' are kept). */
+  private remember(l: LeaseRecord, mac: string): void {
+    const macs = this.recorded.get(l.id) ?? new Set<string>();
+    macs.add(mac);
+    this.recorded.set(l.id, macs);
+    if (this.recorded.size > 1024) this.recorded.delete(this.recorded.keys().next().value!);
   }
 
   /** At a stop: the snapshot of the table carries the quarantine; no write of it may come after. */
@@ -188,6 +195,8 @@ export class Forwarding {
    */
   restoreTaken(l: LeaseRecord, mac: Buffer, quiet = false): boolean {
     const taken = macFromBuffer(mac);
+    // The taking is on record (the taker's deletion says it): its events read later (a retiring tap's) add none.
+    this.remember(l, taken);
     // A locked lease's if one holds it (no other tap there is granted a MAC a locked lease holds; one granted
     // before the lock loses it to the lock), else the oldest's.
     const holders = this.table.all().filter((v) => v.id !== l.id && v.kind === 'tap' && v.parent === l.parent
