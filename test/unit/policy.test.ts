@@ -889,10 +889,10 @@ function inEtcOverlay(dir: string, prepare: string, run: string, ...args: string
     path.resolve('packages/broker/dist/main.js'), ...args], { encoding: 'utf8' });
 }
 
-// Found by an outside review of the policy tools: a port lock that could not be had was refused after the decision
-// had picked its rule, so a later rule giving the same target was never tried, while explain-policy and who-can
-// showed it as the caller's way there. The lock is now one more objection of its rule.
-test('decide: a rule whose port lock cannot be had objects, and a later rule may grant the request', (t) => {
+// Found by outside reviews of the policy tools: a port lock that cannot be had refuses the request, and no later rule
+// is tried (a re-test stepped around a lock through the bridge helper when one was); explain-policy and who-can showed
+// the later rule as the caller's way there. decide() refuses it itself, so every tool agrees; the tools say it.
+test('decide: a rule whose port lock cannot be had refuses the request; no later rule steps around the lock', (t) => {
   const p = parsePolicy(`
 [network.fabric]
 ovs = "ovsbr0"
@@ -907,23 +907,48 @@ mac_lock = true
 
 [[rule]]
 name = "vm-users"
-users = [1001]
+users = [1001, 1002]
+bridges = ["br0"]
+networks = ["fabric"]
 macvtap = [{ parent = "eth0" }]
 `);
-  const mv = decide(p, caller(1001), mvAsk(), none);
-  t.true(mv.allow && mv.rule.name === 'vm-users', 'the unlocked rule after it grants the macvtap');
-  if (mv.allow) t.false(locksPort(p, mvAsk(), mv.rule));
-  const fabric = decide(p, caller(1001), viaNet('fabric'), none);
-  t.false(fabric.allow, 'no later rule gives the OVS network');
-  if (!fabric.allow) {
-    t.is(fabric.code, 'TB_E_MAC_LOCK');
-    t.regex(fabric.message, /^rule `locked-team' locks ports to their guest's MAC, and only a port of a Linux bridge/);
+  for (const a of [mvAsk(), viaNet('fabric'), ask({ parent: 'br0', macUnknown: true })]) {
+    const d = decide(p, caller(1001), a, none);
+    t.false(d.allow, JSON.stringify(a));
+    if (!d.allow) t.deepEqual([d.code, d.rule], ['TB_E_MAC_LOCK', 'locked-team']);
   }
   const helper = decide(p, caller(1001), ask({ parent: 'br0', macUnknown: true }), none);
-  t.false(helper.allow);
   if (!helper.allow) t.is(helper.hint, 'use tapbroker run, which tells the broker the MAC');
   const run = decide(p, caller(1001), ask({ parent: 'br0' }), none);
-  t.true(run.allow && locksPort(p, ask({ parent: 'br0' }), run.rule), 'a tap on the bridge is locked');
+  t.true(run.allow && run.rule.name === 'locked-team' && locksPort(p, ask({ parent: 'br0' }), run.rule));
+  const other = decide(p, caller(1002), mvAsk(), none);
+  t.true(other.allow && other.rule.name === 'vm-users', 'a caller the locked rule does not name');
+  const warned = policyWarnings(p).map((f) => f.message).find((m) => /has mac_lock/.test(m)) ?? '';
+  t.regex(warned, /no later rule is tried for the callers it names \(`vm-users' would give them unlocked\)/);
+});
+
+test('explain-policy and who-can say whom a locked rule keeps a later rule from reaching', async (t) => {
+  const { execFileSync } = await import('node:child_process');
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
+  try {
+    const file = path.join(dir, 'policy.toml');
+    fs.writeFileSync(file, '[[rule]]\nname = "locked-team"\nusers = [1001]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n\n'
+      + '[[rule]]\nname = "vm-users"\nusers = [1001, 1002]\nmacvtap = [{ parent = "eth0" }]\n');
+    const main = path.resolve('packages/broker/dist/main.js');
+    const tool = (...args: string[]) => execFileSync(process.execPath, [main, ...args], { encoding: 'utf8' });
+    t.regex(tool('explain-policy', file, '--user', '1001'),
+      /^`vm-users' is not reached for macvtap parent eth0: `locked-team' comes first, and its mac_lock refuses them/m);
+    t.notRegex(tool('explain-policy', file, '--user', '1002'), /not reached/);
+    const json = JSON.parse(tool('explain-policy', file, '--user', '1001', '--json')) as { locked_out: unknown };
+    t.deepEqual(json.locked_out, [{ rule: 'vm-users', targets: ['macvtap parent eth0'], by: 'locked-team' }]);
+    t.regex(tool('who-can', file, '--macvtap', 'eth0'),
+      /^`vm-users' is not reached by user 1001: `locked-team' comes first for them, and its mac_lock refuses them/m);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 // Found by an outside re-test: a caller whose rule gives any bridge, refused a bridge by a deny of a network on it,

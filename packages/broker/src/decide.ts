@@ -455,8 +455,11 @@ export function decide(
   if (forTarget.length === 0) return unmatched(caller, ask, what, mine);
   let first: Decision | null = null;
   for (const rule of forTarget) {
-    const refusal = refuse(rule, caller, ask, live(rule.name)) ?? lockObjection(policy, ask, rule);
-    if (!refusal) return { allow: true, rule };
+    const refusal = refuse(rule, caller, ask, live(rule.name));
+    // The first rule that would grant it decides; a port lock it asks for and cannot have refuses the request, and no
+    // later rule is tried: a lock is never stepped around (a re-test took an unlocked port through the bridge helper
+    // when a later rule was tried). The tools say which later rules it shadows.
+    if (!refusal) return lockRefusal(policy, ask, rule) ?? { allow: true, rule };
     first ??= refusal;
   }
   return first!;
@@ -468,11 +471,10 @@ export function locksPort(policy: Policy, ask: Ask, rule: AllowRule): boolean {
 }
 
 /**
- * Why a grant under `rule` cannot have the port lock its rule or network asks for, or null: an objection like any
- * other, so a later rule may grant the request (an outside review found the tools showing such a rule as usable
- * while the broker never tried it). Only a tap on a Linux bridge, with a guest MAC the broker knows, is locked.
+ * Why a grant under `rule` cannot have the port lock its rule or network asks for, or null. Only a tap on a Linux
+ * bridge, with a guest MAC the broker knows, is locked.
  */
-function lockObjection(policy: Policy, ask: Ask, rule: AllowRule): Refusal | null {
+export function lockRefusal(policy: Policy, ask: Ask, rule: AllowRule): Refusal | null {
   if (!locksPort(policy, ask, rule)) return null;
   const why = ask.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
     : resolveTarget(policy, ask).kind !== 'bridge'

@@ -4,7 +4,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
-import { getgrgid, getpwnam, getpwuid } from './libc.js';
+import { getgrgid, getpwnam, getpwuid, groupsOf } from './libc.js';
 import {
   ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, sameSegment,
   type AllowRule,
@@ -54,6 +54,34 @@ function macLockOf(p: Policy, r: AllowRule): string {
   return locked.length ? `on ${locked.join(',')}` : 'no';
 }
 
+/**
+ * Of one caller's rules (`mine`, in policy order), the targets a later rule gives that an earlier locked rule decides
+ * first and refuses (a macvtap parent, an Open vSwitch or hook network: no port there can be locked).
+ */
+function lockedOut(p: Policy, mine: readonly AllowRule[]): Array<{ rule: string; targets: string[]; by: string }> {
+  const out: Array<{ rule: string; targets: string[]; by: string }> = [];
+  const taken = new Map<string, string>();
+  for (const r of mine) {
+    const targets = [...r.macvtap.map((m) => `macvtap parent ${m.parent}`),
+      ...r.networks.filter((n) => p.networks.get(n)?.kind !== 'bridge').map((n) => `network ${n}`)];
+    // The first rule giving a target decides it (for a request it allows): a locked one refuses it.
+    const by = targets.filter((t) => taken.get(t));
+    if (by.length) out.push({ rule: r.name, targets: by, by: taken.get(by[0]!)! });
+    for (const t of targets) if (!taken.has(t)) taken.set(t, r.macLock ? r.name : '');
+  }
+  return out;
+}
+
+/** May a caller be named by both: everyone, a uid or group both name, or a uid one names in a group of the other's? */
+function overlaps(a: Selector, b: Selector): boolean {
+  const inGroups = (uids: ReadonlySet<number>, gids: ReadonlySet<number>) => gids.size > 0 && [...uids].some((u) => {
+    const pw = getpwuid(u);
+    return pw !== null && [pw.gid, ...groupsOf(pw.name, pw.gid)].some((g) => gids.has(g));
+  });
+  return a.everyone || b.everyone || [...a.uids].some((u) => b.uids.has(u)) || [...a.gids].some((g) => b.gids.has(g))
+    || inGroups(a.uids, b.gids) || inGroups(b.uids, a.gids);
+}
+
 /** Risky but valid: what a reviewer should look at twice. */
 export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] {
   const out: Finding[] = p.warnings.map((w) => finding('warning', w, p.files));
@@ -73,13 +101,17 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
         + `and only the default of ${r.maxDevices} per user limits them`);
     }
     if (r.macLock) {
-      const unlockable = [
-        ...r.macvtap.map((m) => `macvtap parent ${m.parent}`),
-        ...r.networks.filter((n) => p.networks.get(n)?.kind !== 'bridge').map((n) => `network ${n}`),
-      ];
+      const parents = r.macvtap.map((m) => m.parent);
+      const nets = r.networks.filter((n) => p.networks.get(n)?.kind !== 'bridge');
+      const unlockable = [...parents.map((m) => `macvtap parent ${m}`), ...nets.map((n) => `network ${n}`)];
+      // The locked rule decides them for its callers: a later rule giving them unlocked is never tried for them.
+      const shadowed = p.allow.slice(p.allow.indexOf(r) + 1).filter((b) => !b.macLock && overlaps(r.who, b.who)
+        && (b.macvtap.some((m) => parents.includes(m.parent)) || b.networks.some((n) => nets.includes(n))))
+        .map((b) => `\`${b.name}'`);
       if (unlockable.length) {
         warn(r, `rule \`${r.name}' has mac_lock, which ${unlockable.join(', ')} cannot have: `
-          + 'requests for them will be refused (TB_E_MAC_LOCK)');
+          + `requests for them will be refused (TB_E_MAC_LOCK)${shadowed.length ? `, and no later rule is tried for `
+            + `the callers it names (${shadowed.join(', ')} would give them unlocked)` : ''}`);
       }
     }
     if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) {
@@ -525,6 +557,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     const everything = (d: DenyRule) => d.bridges === null && d.parents === null && d.networks === null;
     const result = {
       user: o.user, uid: pw.uid, gid: pw.gid < 0 ? null : pw.gid, groups, refused_at_accept: refused,
+      locked_out: lockedOut(policy, allows),
       denied_by: denies.map((d) => ({
         rule: d.name, file: d.file, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
         parents: everything(d) ? 'all' : d.parents ?? [],
@@ -551,6 +584,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
           String(r.maxQueues), r.vhost ? 'yes' : 'no', r.macPrefix, r.persistent ? 'yes' : 'no',
           String(r.maxDevices), macLockOf(policy, r)]),
       ]));
+      for (const s of result.locked_out) {
+        write(`\`${s.rule}' is not reached for ${s.targets.join(', ')}: \`${s.by}' comes first, and its mac_lock `
+          + 'refuses them (TB_E_MAC_LOCK)');
+      }
       for (const d of denies) {
         const scope = denyScope(policy, d);
         const why = shown(`denied by \`${d.name}' (${ruleAt(policy.path, d, true)}): ${scope}`);
@@ -602,6 +639,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
   // Each deny with the routes it covers: a deny of one network onto a bridge does not keep anyone off the bridge.
   const denies = policy.deny.map((d) => ({ d, on: routes.filter(({ t }) => denyCovers(policy, d, t)) }))
     .filter(({ on }) => on.length > 0);
+  // A locked grant where no port can be locked (a macvtap, an OVS or hook network) is refused at request time.
+  const lockCell = (locked: boolean, via: string | null) => !locked ? 'no'
+    : kind === 'macvtap' || (via !== null && policy.networks.get(via)!.kind !== 'bridge') ? 'refused' : 'yes';
   const routeName = ({ via, direct }: Route) => via !== null ? `network ${via}`
     : kind === 'network' ? (direct ? `the bridge ${asked.name} directly` : 'it directly')
       : `${kind === 'tap' ? 'the bridge' : 'it'} directly`;
@@ -619,10 +659,13 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     except: denies.map(({ d, on }) => ({
       rule: d.name, file: d.file, line: d.line, who: deniedPrincipals(d.who), routes: on.map(routeName),
     })),
+    // A rule reached only after a locked one that refuses the same route to callers both may name (see decide).
+    locked_out: grants.flatMap(({ r, route }, i) => {
+      const by = grants.slice(0, i).find((g) => g.route === route && lockCell(g.r.macLock, route.via) === 'refused'
+        && overlaps(g.r.who, r.who));
+      return by ? [{ rule: r.name, by: by.r.name, who: principals(by.r.who, host) }] : [];
+    }),
   };
-  // A locked grant where no port can be locked (a macvtap, an OVS or hook network) is refused at request time.
-  const lockCell = (locked: boolean, via: string | null) => !locked ? 'no'
-    : kind === 'macvtap' || (via !== null && policy.networks.get(via)!.kind !== 'bridge') ? 'refused' : 'yes';
   if (o.json) write(JSON.stringify(result, null, 2));
   else {
     const net = kind === 'network' ? policy.networks.get(target)! : null;
@@ -636,6 +679,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
           : a.via_bridge !== null ? `bridge ${a.via_bridge}` : '-',
         String(a.max_queues), a.vhost ? 'yes' : 'no', a.persistent ? 'yes' : 'no', String(a.max_devices),
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
+    for (const l of result.locked_out) {
+      write(shown(`\`${l.rule}' is not reached by ${l.who}: \`${l.by}' comes first for them, and its mac_lock `
+        + 'refuses them (TB_E_MAC_LOCK)'));
+    }
     for (const { d, on } of denies) {
       const only = on.length < routes.length ? ` (on ${on.map(routeName).join(', ')} only)` : '';
       const who = `except ${deniedPrincipals(d.who)}${only}`;
