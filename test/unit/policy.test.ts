@@ -1,6 +1,6 @@
 // The policy decision table: users, groups, deny wins, no match, limits, quota; and load errors.
 import test from 'ava';
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -927,18 +927,9 @@ macvtap = [{ parent = "eth0" }]
   t.regex(warned, /no later rule is tried for the callers it names \(`vm-users' would give them unlocked\)/);
 });
 
-test('explain-policy and who-can say whom a locked rule keeps a later rule from reaching', async (t) => {
-  const { execFileSync } = await import('node:child_process');
-  const fs = await import('node:fs');
-  const os = await import('node:os');
-  const path = await import('node:path');
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
-  try {
-    const file = path.join(dir, 'policy.toml');
-    fs.writeFileSync(file, '[[rule]]\nname = "locked-team"\nusers = [1001]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n\n'
-      + '[[rule]]\nname = "vm-users"\nusers = [1001, 1002]\nmacvtap = [{ parent = "eth0" }]\n');
-    const main = path.resolve('packages/broker/dist/main.js');
-    const tool = (...args: string[]) => execFileSync(process.execPath, [main, ...args], { encoding: 'utf8' });
+test('explain-policy and who-can say whom a locked rule keeps a later rule from reaching', (t) => {
+  withTools('[[rule]]\nname = "locked-team"\nusers = [1001]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n\n'
+    + '[[rule]]\nname = "vm-users"\nusers = [1001, 1002]\nmacvtap = [{ parent = "eth0" }]\n', (tool, file) => {
     t.regex(tool('explain-policy', file, '--user', '1001'),
       /^`vm-users' is not reached for macvtap parent eth0: `locked-team' comes first, and its mac_lock refuses them/m);
     t.notRegex(tool('explain-policy', file, '--user', '1002'), /not reached/);
@@ -946,10 +937,21 @@ test('explain-policy and who-can say whom a locked rule keeps a later rule from 
     t.deepEqual(json.locked_out, [{ rule: 'vm-users', targets: ['macvtap parent eth0'], by: 'locked-team' }]);
     t.regex(tool('who-can', file, '--macvtap', 'eth0'),
       /^`vm-users' is not reached by user 1001: `locked-team' comes first for them, and its mac_lock refuses them/m);
+  });
+});
+
+/** Runs `f` with the policy tools on `text`, written to a file of its own that goes afterwards. */
+function withTools(text: string, f: (tool: (...args: string[]) => string, file: string) => void): void {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
+  try {
+    const file = path.join(dir, 'policy.toml');
+    fs.writeFileSync(file, text);
+    const main = path.resolve('packages/broker/dist/main.js');
+    f((...args) => execFileSync(process.execPath, [main, ...args], { encoding: 'utf8' }), file);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
-});
+}
 
 // Found by an outside re-test: a caller whose rule gives any bridge, refused a bridge by a deny of a network on it,
 // was told the deny covered none of what its rules give (the hint contradicted the refusal).
