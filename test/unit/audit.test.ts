@@ -10,7 +10,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { sys } from '@tapbroker/protocol';
 import { MESSAGE_IDS, type AuditRecord } from '@tapbroker/broker';
-import { Audit, REFUSALS_PER_WINDOW, journalEntry, type Identity } from '@tapbroker/broker/internal';
+import { Audit, REFUSALS_PER_WINDOW, journalEntry, printable, type Identity } from '@tapbroker/broker/internal';
 import { journalEntries, journalFields } from '../helpers/datagram.js';
 
 type Options = NonNullable<ConstructorParameters<typeof Audit>[1]>;
@@ -143,6 +143,21 @@ test('each record is one line {"audit": record} on the fd, in order', (t) => {
   t.true(text.startsWith('{"audit":{"time":'));
   t.is(audit.dropped, 0);
   t.is(audit.sink, 'stderr');
+});
+
+// Found by an outside review: a caller's bridge name with U+202E (or U+2028, U+2067) reached the audit file and the
+// journal raw (JSON leaves them so), reordering or splitting the line an operator reads.
+test('what JSON leaves raw but a terminal acts on is written as \\uNNNN, and reads back the same', (t) => {
+  const { audit, out, lines } = setup(t);
+  const hostile = 'br\u202e0\u2028x\u2067y\u0085z';
+  const rec = audit.record({ op: 'create-tap', decision: 'error', rule: null, caller: ALICE, request: { bridge: hostile },
+    code: 'TB_E_INVALID_NAME', message: `bridge \`${printable(hostile)}'` });
+  t.deepEqual(lines(), [rec], 'the same record, parsed back');
+  const text = fs.readFileSync(out, 'utf8');
+  t.notRegex(text, /[\u0080-\u009f\u2028\u202e\u2067]/);
+  t.true(text.includes('br\\u202e0\\u2028x\\u2067y\\u0085z'));
+  const journal = journalEntry(rec).toString('utf8');
+  t.notRegex(journal, /[\u0080-\u009f\u2028\u202e\u2067]/, 'nor in the journal\'s fields');
 });
 
 test('with a file, every record is also appended there, after what it held, with mode 0600', (t) => {

@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol/core';
 import type { Identity } from './identity.js';
+import { auditJson } from './naming.js';
 import { toStderr } from './stderr.js';
 
 export type AuditDecision =
@@ -154,7 +155,7 @@ export class Audit {
   }
 
   private write(rec: AuditRecord, c: Partial<Identity> | null): void {
-    const line = `${JSON.stringify({ audit: rec })}\n`;
+    const line = `${auditJson({ audit: rec })}\n`;
     let journaled = false;
     if (this.journal) {
       try {
@@ -300,7 +301,7 @@ export function journalEntry(r: AuditRecord): Buffer {
     ['TAPBROKER_POLICY_SHA256', r.policy_sha256],
   ];
   const opt = (k: string, v: unknown) => {
-    if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? JSON.stringify(v) : String(v)]);
+    if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? auditJson(v) : String(v)]);
   };
   opt('TAPBROKER_RULE', r.rule);
   opt('TAPBROKER_UID', r.uid);

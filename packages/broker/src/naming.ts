@@ -55,7 +55,16 @@ export function shown(s: string): string {
   });
 }
 
+/**
+ * JSON as the audit trail writes it: JSON.stringify's, with what JSON leaves raw but a terminal acts on (C1 controls,
+ * line separators, bidirectional overrides: a caller's bridge name with U+202E reordered an audit line) as \uNNNN.
+ */
+export function auditJson(v: unknown): string {
+  return JSON.stringify(v).replace(/[\u0080-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g,
+    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
 /** Caller-supplied text as it may appear in a message: control characters escaped, length bounded. */
 export function printable(s: string): string {
-  return JSON.stringify(s.slice(0, 64)).slice(1, -1);
+  return auditJson(s.slice(0, 64)).slice(1, -1);
 }
