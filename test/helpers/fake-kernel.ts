@@ -157,6 +157,11 @@ export class FakeKernel implements Kernel {
     return copy(link);
   }
 
+  checkMacFree(parent: Link, mac: Buffer): void {
+    const clash = this.links().find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
+    if (clash) throw new TapbrokerError('TB_E_MAC_IN_USE', `mac is already used by \`${clash.name}' on \`${parent.name}'`);
+  }
+
   checkVlanFiltering(bridge: Link): void {
     if (bridge.vlanFiltering !== true) {
       throw new TapbrokerError('TB_E_VLAN_UNAVAILABLE', `vlan filtering unavailable on ${bridge.name}`);

@@ -1,14 +1,14 @@
 // Macvtaps against the real kernel, on a veth parent (the dummy driver is absent here), clients
 // unprivileged; and their lifetime: gone within a second of their holder, however it ends.
 import anyTest, { type TestFn } from 'ava';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CLIENT_CLI } from '../helpers/broker.js';
 import { brokerFixture } from '../helpers/fixture.js';
 import { Netns } from '../helpers/netns.js';
-import { NOBODY, OTHER_UID, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
+import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs, spawnAs } from '../helpers/unpriv.js';
 
 const test = anyTest as TestFn;
 const HANDOFF = path.join(path.dirname(fileURLToPath(import.meta.url)), '../helpers/handoff.js');
@@ -112,6 +112,28 @@ test.serial('a MAC already used by another macvtap on the parent', async (t) => 
     await held.release();
   }
 });
+
+// Found by an outside review at the wire: a macvtap's MAC in use on its parent was found only at the kernel step, so
+// a request's earlier NICs were made and rolled back (31 of them, with a record each), and `can` said yes.
+test.serial('a macvtap MAC in use on the parent refuses a multi-NIC request before anything is made, and `can` says so',
+  async (t) => {
+    const mac = '52:54:00:aa:bb:7a';
+    fx.ns.ip('link', 'add', 'link', 'vparent', 'name', 'stacked1', 'address', mac, 'type', 'macvlan');
+    try {
+      const nics = [{ parent: 'vparent' }, { parent: 'vparent' }, { parent: 'vparent', mac }];
+      const r = await probeOnce({ socket: sock(), requests: nics, batch: true });
+      t.is(r.error?.code, 'TB_E_MAC_IN_USE', r.error?.message);
+      t.is(r.error?.nic, 2);
+      t.false(fx.broker.records.some((x) => x.op === 'cleanup' && x.pid === r.pid), 'nothing made, nothing rolled back');
+      t.deepEqual(fx.ns.extraLinks([...BASE, 'stacked1']), []);
+      const can = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'can', '--socket', sock(),
+        '--net', 'macvtap=vparent', '--net', `macvtap=vparent,mac=${mac}`], { encoding: 'utf8' });
+      t.not(can.status, 0, 'can says no');
+      t.regex(can.stdout + can.stderr, /TB_E_MAC_IN_USE|already used by `stacked1'/);
+    } finally {
+      fx.ns.ip('link', 'del', 'stacked1');
+    }
+  });
 
 test.serial('a MAC carried by a macvlan or macvtap on the parent that is down (which the kernel lets by)', async (t) => {
   // The kernel refuses only the MAC of an up macvlan or macvtap on the parent; the broker checks down ones too.

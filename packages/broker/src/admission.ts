@@ -80,6 +80,11 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
     const e = lock ? ctx.kernel.fdbEntry(place.bridge, macToBuffer(spec.mac), place.vlan) : null;
     if (e) throw macInUse(macToBuffer(spec.mac), place.parentName, e.fixed, 'a new tap');
   }
+  // A macvtap's MAC on its parent too, before anything is made (a re-test's 32nd NIC was refused only at the
+  // kernel step, 31 made and rolled back, and `can` said yes).
+  if (spec.kind === 'macvtap' && spec.mac !== null && place.link) {
+    ctx.kernel.checkMacFree(place.link, macToBuffer(spec.mac));
+  }
   return { place, lock };
 }
 

@@ -135,6 +135,8 @@ export interface Kernel {
   /** A Linux bridge a tap may join (see Netdev.bridge), or a TapbrokerError saying why not. */
   bridge(name: string): Link;
   macvtapParent(name: string): Link;
+  /** Refuses (TB_E_MAC_IN_USE) a MAC the parent or a device stacked on it carries, before anything is made. */
+  checkMacFree(parent: Link, mac: Buffer): void;
   checkVlanFiltering(bridge: Link): void;
   createTap(req: TapRequest): CreatedTap;
   createMacvtap(req: MacvtapRequest): CreatedTap;

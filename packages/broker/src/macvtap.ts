@@ -60,7 +60,7 @@ export function macvtapParent(rtnl: Pick<Rtnetlink, 'getLinkByName'>, name: stri
 const STACKED_KINDS = ['macvtap', 'macvlan', 'vlan', 'macsec'];
 
 /** Refuses a MAC already carried by the parent or any device stacked on it. */
-function checkMacFree(rtnl: Rtnetlink, parent: Link, mac: Buffer): void {
+export function checkMacFree(rtnl: Rtnetlink, parent: Link, mac: Buffer): void {
   const clash = [parent, ...STACKED_KINDS.flatMap((kind) => rtnl.dumpLinks(kind))]
     .find((l) => (l.index === parent.index || l.link === parent.index) && l.address?.equals(mac));
   if (clash) {

@@ -8,7 +8,7 @@ import {
   openVhost, tapFlags, tunIfreq, vhostRefusal, type Cleanup, type CreatedTap, type Faults, type Kernel,
   sysfsDevice, sysfsRead, type MacvtapRequest, type TapRequest,
 } from './kernel.js';
-import { createMacvtap, macvtapParent } from './macvtap.js';
+import { checkMacFree, createMacvtap, macvtapParent } from './macvtap.js';
 import { randomMac } from './naming.js';
 import { LINK_EVENT_QUEUE, LinkMonitor } from './link-monitor.js';
 import {
@@ -364,6 +364,10 @@ export class Netdev implements Kernel {
 
   createMacvtap(req: MacvtapRequest): CreatedTap {
     return createMacvtap(this, req);
+  }
+
+  checkMacFree(parent: Link, mac: Buffer): void {
+    checkMacFree(this.rtnl, parent, mac);
   }
 
   /** Refuses a VLAN on a bridge without VLAN filtering, before anything is made. */
