@@ -26,7 +26,7 @@ import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
 import { Netdev } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
 import type { Policy } from './decide.js';
-import { accountsStamp, loadTrustedPolicy, withAccountsNow } from './policy.js';
+import { accountsStamp, loadTrustedPolicy, lostSince, warned, withAccountsNow } from './policy.js';
 import { Reaper } from './reaper.js';
 import { Session, type Outcome, type SessionHost } from './session.js';
 
@@ -239,16 +239,7 @@ export class Broker implements SessionHost, OpContext {
       const loaded = loadTrustedPolicy(this.policyPath);
       // What the last policy had and this one lacks is said where the administrator looks (the reply, the log and
       // the record): a fragment deleted or being replaced reads as gone (an outside review lost a deny that way).
-      const gone = this.policy.files.filter((f) => !loaded.files.includes(f));
-      const changes = [
-        ...gone.map((f) => `${f}: a fragment of the last policy is gone (if it is being replaced, reload again once `
-          + 'it is there)'),
-        ...(loaded.deny.length < this.policy.deny.length
-          ? [`${loaded.path}: ${this.policy.deny.length - loaded.deny.length} deny rule(s) fewer than the last `
-            + `policy's (${this.policy.deny.length} → ${loaded.deny.length})`]
-          : []),
-      ];
-      const next: Policy = { ...loaded, warnings: [...changes, ...loaded.warnings] };
+      const next: Policy = { ...loaded, warnings: [...lostSince(this.policy, loaded), ...loaded.warnings] };
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${shown(w)}`);
       // Denials counted so far were decided under the policy before: their summary names that one.
@@ -262,8 +253,7 @@ export class Broker implements SessionHost, OpContext {
         caller,
         message: next.sha256 === before
           ? `policy ${before} read again, unchanged, from ${next.files.join(', ')}`
-          : `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}${changes.length
-            ? `; ${changes.join('; ')}` : ''}`,
+          : `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}${warned(next)}`,
       });
       return next;
     } catch (err) {

@@ -157,6 +157,27 @@ export function policyPaths(path: string): string[] {
   }
 }
 
+/**
+ * What `last` had and `next` lacks, as a reload warns of it: its fragments gone, its deny rules gone (by name, with
+ * where they were: a count missed one lost while another came).
+ */
+export function lostSince(last: Policy, next: Policy): string[] {
+  const denies = new Set(next.deny.map((d) => d.name));
+  return [
+    ...last.files.filter((f) => !next.files.includes(f)).map((f) => `${f}: a fragment of the last policy is gone (if `
+      + 'it is being replaced, reload again once it is there)'),
+    ...last.deny.filter((d) => !denies.has(d.name)).map((d) => `${d.file}:${d.line}: deny rule \`${d.name}' of the `
+      + 'last policy is gone'),
+  ];
+}
+
+/** A reload record's tail: the load's warnings (16 at most; the log has them all). */
+export function warned(p: Policy): string {
+  if (p.warnings.length === 0) return '';
+  const more = p.warnings.length > 16 ? `; ${p.warnings.length - 16} more in the log` : '';
+  return `; warnings: ${p.warnings.slice(0, 16).join('; ')}${more}`;
+}
+
 /** `policy.toml` → `policy.d`, beside it. */
 export function fragmentDir(path: string): string {
   return `${path.endsWith('.toml') ? path.slice(0, -5) : path}.d`;
