@@ -106,6 +106,14 @@ test('check-policy and test-policy name the fragment an error is in, whatever it
       fs.chownSync(dir, 65534, 65534);
       fs.chmodSync(dir, 0o700);
       t.regex(deniedToUnit(f, 0o4) ?? '', /^directory .*tb-dac-\w+ on its way \(mode 0700, owner 65534, group 65534\) does not let root through$/);
+      // Found by a re-test: a directory root may search but not list, and a script root may run but not read.
+      fs.chownSync(dir, 0, 0);
+      fs.chmodSync(dir, 0o311);
+      t.regex(deniedToUnit(dir, 0o5, 'list') ?? '', /its mode 0311, owner 0, group 0 does not let root list it/);
+      fs.chownSync(f, 0, 0);
+      fs.chmodSync(f, 0o100);
+      t.is(deniedToUnit(f, 0o1), null, 'a program root may run');
+      t.regex(deniedToUnit(f, 0o5, 'read and run') ?? '', /does not let root read and run it/, 'a script: read too');
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }

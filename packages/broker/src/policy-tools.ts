@@ -339,13 +339,36 @@ export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
         + `under ${hit[0]}, which the shipped unit hides from the broker (${hit[1]}): under it the policy does `
         + 'not load' });
     }
-    const denied = all ? deniedToUnit(real, what === 'hook' ? 0o1 : 0o4) : null;
+    // As given (the directories holding a symlink) and where it leads; a script is read by its interpreter too.
+    const [perm, verb] = what !== 'hook' ? [0o4, 'read'] : isScript(real) ? [0o5, 'read and run'] : [0o1, 'run'];
+    const denied = all ? deniedToUnit(f, perm, verb) ?? deniedToUnit(real, perm, verb) : null;
     if (denied) {
       out.push({ level: 'note', file: f, line: null, message: `${what} ${f}: ${denied} without CAP_DAC_OVERRIDE, which `
         + 'the shipped unit\'s broker does not have (CapabilityBoundingSet=): under it the policy does not load' });
     }
   }
+  const dir = fragmentDir(p.path);
+  const listed = all && fs.existsSync(dir) ? deniedToUnit(dir, 0o5, 'list') : null;
+  if (listed) {
+    out.push({ level: 'note', file: dir, line: null, message: `fragment directory ${dir}: ${listed} without `
+      + 'CAP_DAC_OVERRIDE, which the shipped unit\'s broker does not have: under it the policy does not load' });
+  }
   return out;
+}
+
+/** Does `file` begin with `#!` (a script its interpreter reads)? */
+function isScript(file: string): boolean {
+  try {
+    const fd = fs.openSync(file, 'r');
+    try {
+      const head = Buffer.alloc(2);
+      return fs.readSync(fd, head, 0, 2, 0) === 2 && head.toString('latin1') === '#!';
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -354,8 +377,8 @@ export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
  * run by a root with every capability, read such a file fine (an outside review: the upgrade then restarted the
  * broker into a policy it could not load).
  */
-export function deniedToUnit(file: string, perm: number): string | null {
-  const allows = (st: fs.Stats, p: number) => (st.mode >> (st.uid === 0 ? 6 : st.gid === 0 ? 3 : 0)) & p;
+export function deniedToUnit(file: string, perm: number, verb = perm === 0o1 ? 'run' : 'read'): string | null {
+  const allows = (st: fs.Stats, p: number) => ((st.mode >> (st.uid === 0 ? 6 : st.gid === 0 ? 3 : 0)) & p) === p;
   const parts = file.split('/').filter(Boolean);
   for (let i = 0; i < parts.length; i++) {
     const at = `/${parts.slice(0, i + 1).join('/')}`;
@@ -368,7 +391,7 @@ export function deniedToUnit(file: string, perm: number): string | null {
     const last = i === parts.length - 1;
     if (!allows(st, last ? perm : 0o1)) {
       const mode = `mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}, owner ${st.uid}, group ${st.gid}`;
-      return last ? `its ${mode} does not let root ${perm === 0o1 ? 'run' : 'read'} it`
+      return last ? `its ${mode} does not let root ${verb} it`
         : `directory ${at} on its way (${mode}) does not let root through`;
     }
   }
