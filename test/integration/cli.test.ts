@@ -262,6 +262,16 @@ test('a socket the user may not open: the hint names the socket\'s group and log
     t.regex(g.stderr, new RegExp(`hint: only root and members of group ${name} may connect: .*usermod -aG ${name} `
       + 'USER.*log in again'));
     grouped.close();
+    // A socket of group root (the broker's -m 0660 without -g): never "add USER to group root" (an outside review).
+    const rootGroup = SeqpacketListener.listen(`${dir}/root-group.sock`, { mode: 0o660 });
+    try {
+      const rg = tapbroker(['run', '--socket', `${dir}/root-group.sock`, '--net', 'bridge=br0', '--', 'true']);
+      t.is(rg.code, 69);
+      t.regex(rg.stderr, /hint: only root may connect \(the socket's group is root\): .*tapbrokerd -g tapbroker/);
+      t.notRegex(rg.stderr, /usermod/);
+    } finally {
+      rootGroup.close();
+    }
     // A socket file nothing accepts on any more (a broker killed without cleaning up).
     listener.close();
     const stale = SeqpacketListener.listen(`${dir}/stale2.sock`, { mode: 0o666 });

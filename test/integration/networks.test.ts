@@ -1,7 +1,7 @@
 // Named networks: a Linux bridge by the admin's name, bridge VLANs (absent on this kernel: a clear
 // refusal), and plug hooks run by the broker — recording their calls, failing, hanging, printing garbage.
 import anyTest, { type TestFn } from 'ava';
-import { spawnSync } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
@@ -45,6 +45,9 @@ function makeHookPolicy(): string {
   const slower = script('slower', `if [ "$1" = down ]; then echo "slower-down-start $2" >> ${log}; sleep 4; fi`);
   // A hook whose up takes a while, and says when each action starts and ends.
   const slowUp = script('slowup', `echo "$1-start $2" >> ${log}\nif [ "$1" = up ]; then touch ${log}.up; sleep 1.5; fi\necho "$1-end $2" >> ${log}`);
+  // A hook whose up waits for the test's word (a file), up to 20 s, and says when it starts.
+  const gated = script('gated', `if [ "$1" = up ]; then touch ${log}.gated; i=0; while [ ! -e ${log}.gate ] && [ $i -lt 400 ]; `
+    + 'do sleep 0.05; i=$((i+1)); done; fi');
   return `
 [network.lab]
 bridge = "br0"
@@ -75,10 +78,13 @@ hook = "${slowUp}"
 [network.slowerdown]
 hook = "${slower}"
 
+[network.gated]
+hook = "${gated}"
+
 [[rule]]
 name = "nets"
 users = [${NOBODY}]
-networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy", "slowdown", "slowup", "slowerdown"]
+networks = ["lab", "lab100", "custom", "broken", "stuck", "noisy", "slowdown", "slowup", "slowerdown", "gated"]
 persistent = true
 `;
 }
@@ -398,16 +404,24 @@ test.serial('a device deleted while its hook\'s up runs: the create fails, and d
 // counted, while its user was told the create failed. The client stopped (SIGSTOP) while the reply waits for it is
 // the only way to put root's rename in that window for real: the broker catches a rename before its reply.
 test.serial('a create reply the client refuses: its fds closed and its persistent devices released', async (t) => {
-  fs.rmSync(`${log}.up`, { force: true });
+  for (const f of [`${log}.gated`, `${log}.gate`]) fs.rmSync(f, { force: true });
   const kept = `tb${NOBODY}-kept`;
   const fdTap = `tb${NOBODY}-fdtap`;
-  let pid = 0;
+  let child: ChildProcess | null = null;
+  // Whatever happens, the probe goes (it would hold the test's worker, and its devices, for ever) and so do they.
+  t.teardown(() => {
+    child?.kill('SIGKILL');
+    fs.writeFileSync(`${log}.gate`, '');
+    for (const name of [kept, 'adm-renamed']) if (fx.ns.link(name)) fx.ns.ip('link', 'del', name);
+  });
   const asked = probe({ socket: sock(), batch: true, requests: [{ network: 'lab', name: kept, persistent: true },
-    { network: 'lab', name: fdTap }, { network: 'slowup' }] }, {}, (child) => (pid = child.pid!));
-  await fx.broker.waitFor(() => fs.existsSync(`${log}.up`), 5000, 'up never started');
+    { network: 'lab', name: fdTap }, { network: 'gated' }] }, {}, (c) => (child = c));
+  await fx.broker.waitFor(() => fs.existsSync(`${log}.gated`), 5000, 'up never started');
+  const pid = child!.pid!;
   process.kill(pid, 'SIGSTOP');
   try {
-    // The reply waits in the stopped client's socket (ss: its receive queue), the grant recorded.
+    // The hook's up may end now: the reply then waits in the stopped client's socket (ss: its receive queue).
+    fs.writeFileSync(`${log}.gate`, '');
     await fx.broker.waitFor(() => queued(pid), 10_000, 'the reply never reached the client');
     t.truthy(fx.broker.records.find((r) => r.decision === 'grant' && (r.device as { name?: string }).name === kept));
     fx.ns.ip('link', 'set', fdTap, 'name', 'adm-renamed');

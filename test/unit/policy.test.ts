@@ -924,19 +924,19 @@ macvtap = [{ parent = "eth0" }]
   const other = decide(p, caller(1002), mvAsk(), none);
   t.true(other.allow && other.rule.name === 'vm-users', 'a caller the locked rule does not name');
   const warned = policyWarnings(p).map((f) => f.message).find((m) => /has mac_lock/.test(m)) ?? '';
-  t.regex(warned, /no later rule is tried for the callers it names \(`vm-users' would give them unlocked\)/);
+  t.regex(warned, /the requests for them it allows are refused \(TB_E_MAC_LOCK\), and no later rule is tried for them \(`vm-users' would give them unlocked\)/);
 });
 
 test('explain-policy and who-can say whom a locked rule keeps a later rule from reaching', (t) => {
   withTools('[[rule]]\nname = "locked-team"\nusers = [1001]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n\n'
     + '[[rule]]\nname = "vm-users"\nusers = [1001, 1002]\nmacvtap = [{ parent = "eth0" }]\n', (tool, file) => {
     t.regex(tool('explain-policy', file, '--user', '1001'),
-      /^`vm-users' is not reached for macvtap parent eth0: `locked-team' comes first, and its mac_lock refuses them/m);
+      /^`vm-users' is not reached for macvtap parent eth0 by requests `locked-team' allows: it comes first, and its /m);
     t.notRegex(tool('explain-policy', file, '--user', '1002'), /not reached/);
     const json = JSON.parse(tool('explain-policy', file, '--user', '1001', '--json')) as { locked_out: unknown };
     t.deepEqual(json.locked_out, [{ rule: 'vm-users', targets: ['macvtap parent eth0'], by: 'locked-team' }]);
     t.regex(tool('who-can', file, '--macvtap', 'eth0'),
-      /^`vm-users' is not reached by user 1001: `locked-team' comes first for them, and its mac_lock refuses them/m);
+      /^`vm-users' is not reached by user 1001 for requests `locked-team' allows: it comes first for them/m);
   });
 });
 

@@ -110,8 +110,8 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
         .map((b) => `\`${b.name}'`);
       if (unlockable.length) {
         warn(r, `rule \`${r.name}' has mac_lock, which ${unlockable.join(', ')} cannot have: `
-          + `requests for them will be refused (TB_E_MAC_LOCK)${shadowed.length ? `, and no later rule is tried for `
-            + `the callers it names (${shadowed.join(', ')} would give them unlocked)` : ''}`);
+          + `the requests for them it allows are refused (TB_E_MAC_LOCK)${shadowed.length ? `, and no later rule is `
+            + `tried for them (${shadowed.join(', ')} would give them unlocked)` : ''}`);
       }
     }
     if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) {
@@ -608,8 +608,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
           String(r.maxDevices), macLockOf(policy, r)]),
       ]));
       for (const s of result.locked_out) {
-        write(`\`${s.rule}' is not reached for ${s.targets.join(', ')}: \`${s.by}' comes first, and its mac_lock `
-          + 'refuses them (TB_E_MAC_LOCK)');
+        write(`\`${s.rule}' is not reached for ${s.targets.join(', ')} by requests \`${s.by}' allows: it comes first, `
+          + 'and its mac_lock refuses them (TB_E_MAC_LOCK)');
       }
       for (const d of denies) {
         const scope = denyScope(policy, d);
@@ -703,8 +703,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         String(a.max_queues), a.vhost ? 'yes' : 'no', a.persistent ? 'yes' : 'no', String(a.max_devices),
         lockCell(a.mac_lock, a.via_network ?? (kind === 'network' ? target : null))])]));
     for (const l of result.locked_out) {
-      write(shown(`\`${l.rule}' is not reached by ${l.who}: \`${l.by}' comes first for them, and its mac_lock `
-        + 'refuses them (TB_E_MAC_LOCK)'));
+      write(shown(`\`${l.rule}' is not reached by ${l.who} for requests \`${l.by}' allows: it comes first for them, `
+        + 'and its mac_lock refuses them (TB_E_MAC_LOCK)'));
     }
     for (const { d, on } of denies) {
       const only = on.length < routes.length ? ` (on ${on.map(routeName).join(', ')} only)` : '';

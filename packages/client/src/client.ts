@@ -34,6 +34,11 @@ function accessHint(path: string): string {
     const st = fs.statSync(path);
     const mode = (st.mode & 0o777).toString(8);
     if ((st.mode & 0o060) !== 0o060) return `only root may connect (the socket's mode is 0${mode})`;
+    // Group root gives far more than the broker: never the advice (an outside review followed the docs' defaults).
+    if (st.gid === 0) {
+      return 'only root may connect (the socket\'s group is root): ask an administrator to give it a group of its '
+        + 'own (tapbrokerd -g tapbroker, or SocketGroup= in tapbrokerd.socket) and to add you to that group';
+    }
     group = fs.readFileSync('/etc/group', 'utf8').split('\n').map((l) => l.split(':'))
       .find((f) => f.length >= 3 && Number(f[2]) === st.gid)?.[0] ?? String(st.gid);
   } catch {
