@@ -158,6 +158,11 @@ test('what JSON leaves raw but a terminal acts on is written as \\uNNNN, and rea
   t.true(text.includes('br\\u202e0\\u2028x\\u2067y\\u0085z'));
   const journal = journalEntry(rec).toString('utf8');
   t.notRegex(journal, /[\u0080-\u009f\u2028\u202e\u2067]/, 'nor in the journal\'s fields');
+  // A process's name is the caller's to set (the unit records `comm:NAME` where it cannot read the exe link).
+  const named = journalEntry({ ...rec, exe: 'comm:\u001b[2Jx\u202e', parent_exe: '/bin/\u009bsh' });
+  const f = fieldMap(named);
+  t.is(f.get('TAPBROKER_EXE'), 'comm:\\x1b[2Jx\\u{202e}');
+  t.is(f.get('TAPBROKER_PARENT_EXE'), '/bin/\\x9bsh');
 });
 
 test('with a file, every record is also appended there, after what it held, with mode 0600', (t) => {

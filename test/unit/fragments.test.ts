@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, policyFiles } from '@tapbroker/broker/internal';
+import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, lostSince, policyFiles } from '@tapbroker/broker/internal';
 import { ROOT, tempDir } from '../helpers/broker.js';
 
 const MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
@@ -114,10 +114,40 @@ test('check-policy and test-policy name the fragment an error is in, whatever it
       fs.chmodSync(f, 0o100);
       t.is(deniedToUnit(f, 0o1), null, 'a program root may run');
       t.regex(deniedToUnit(f, 0o5, 'read and run') ?? '', /does not let root read and run it/, 'a script: read too');
+      // A link chain through a closed directory, and a relative path (found by a re-test: neither was walked).
+      fs.chmodSync(dir, 0o755);
+      fs.chmodSync(f, 0o644);
+      const closed = path.join(dir, 'closed');
+      fs.mkdirSync(closed, { mode: 0o000 });
+      fs.symlinkSync(f, path.join(closed, 'hop'));
+      fs.symlinkSync(path.join(closed, 'hop'), path.join(dir, 'link.toml'));
+      t.regex(deniedToUnit(path.join(dir, 'link.toml'), 0o4) ?? '', /^directory .*\/closed on its way \(mode 0000/);
+      t.is(deniedToUnit(path.relative(process.cwd(), f), 0o4), null, 'a relative path is walked from here');
+      fs.chmodSync(f, 0o000);
+      t.regex(deniedToUnit(path.relative(process.cwd(), f), 0o4) ?? '', /does not let root read it/);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
   });
+
+// Found by an outside re-test: unnamed deny rules are numbered across files, so one file's deny going renamed the
+// next file's, and the reload named the wrong one as gone.
+test('a reload names the deny rules of the last policy that are gone, unnamed ones by their file and line', (t) => {
+  const deny = (who: number) => `[[deny]]\nusers = [${who}]\nbridges = ["br0"]\n`;
+  const { dir, file } = setUp(rule('main', '"br0"'), { '10-a.toml': deny(1), '20-b.toml': deny(2) });
+  try {
+    const last = loadPolicy(file);
+    t.deepEqual(last.deny.map((d) => d.name), ['deny.0', 'deny.1']);
+    fs.writeFileSync(path.join(dir, 'policy.d', '10-a.toml'), '');
+    const next = loadPolicy(file);
+    t.deepEqual(next.deny.map((d) => d.name), ['deny.0'], 'b\'s deny is deny.0 now');
+    t.deepEqual(lostSince(last, next), [`${path.join(dir, 'policy.d', '10-a.toml')}:1: deny rule \`deny.0' of the last `
+      + 'policy is gone']);
+    t.deepEqual(lostSince(next, loadPolicy(file)), [], 'nothing gone between two alike');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
 
 test('an empty fragment loads with a warning saying what an unfinished write looks like', (t) => {
   const { dir, file } = setUp(rule('main', '"br0"'), { '90-deny.toml': '' });

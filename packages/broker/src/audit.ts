@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import { sys } from '@tapbroker/protocol/core';
 import type { Identity } from './identity.js';
-import { auditJson } from './naming.js';
+import { auditJson, shown } from './naming.js';
 import { toStderr } from './stderr.js';
 
 export type AuditDecision =
@@ -288,10 +288,15 @@ export function summary(r: AuditRecord): string {
   );
 }
 
+/** `s` escaped as shown() escapes it, line by line. */
+const lines = (s: string) => s.split('\n').map(shown).join('\n');
+
 /** journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the raw value for values with newlines. */
 export function journalEntry(r: AuditRecord): Buffer {
   const fields: Array<[string, string]> = [
-    ['MESSAGE', summary(r)],
+    // What a caller wrote (its process's name, its request's strings) as a terminal may show it (see shown); a
+    // newline stays (the field is then binary: one field whatever it holds, as journalctl shows it).
+    ['MESSAGE', lines(summary(r))],
     ['MESSAGE_ID', MESSAGE_IDS[r.decision]],
     ['PRIORITY', String(PRIORITY[r.decision])],
     ['SYSLOG_IDENTIFIER', 'tapbrokerd'],
@@ -301,7 +306,7 @@ export function journalEntry(r: AuditRecord): Buffer {
     ['TAPBROKER_POLICY_SHA256', r.policy_sha256],
   ];
   const opt = (k: string, v: unknown) => {
-    if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? auditJson(v) : String(v)]);
+    if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? auditJson(v) : lines(String(v))]);
   };
   opt('TAPBROKER_RULE', r.rule);
   opt('TAPBROKER_UID', r.uid);

@@ -252,7 +252,7 @@ export class Broker implements SessionHost, OpContext {
         rule: null,
         caller,
         message: next.sha256 === before
-          ? `policy ${before} read again, unchanged, from ${next.files.join(', ')}`
+          ? `policy ${before} read again, unchanged, from ${next.files.join(', ')}${warned(next)}`
           : `policy ${before} replaced by ${next.sha256}, read from ${next.files.join(', ')}${warned(next)}`,
       });
       return next;

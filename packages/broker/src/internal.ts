@@ -12,7 +12,7 @@ export {
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
 export { deniedToUnit, kernelLocksPorts, policyWarnings } from './policy-tools.js';
 export {
-  POLICY_CHECKS, POLICY_KEYS, fragmentDir, loadTrustedPolicy, parseSources, policyFiles, untrustedPolicyFile,
+  POLICY_CHECKS, POLICY_KEYS, fragmentDir, loadTrustedPolicy, lostSince, parseSources, policyFiles, untrustedPolicyFile,
 } from './policy.js';
 export { didYouMean, lineIndex } from './policy-text.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';

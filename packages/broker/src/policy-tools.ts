@@ -3,8 +3,9 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
-import { getgrgid, getpwnam, getpwuid, groupsOf } from './libc.js';
+import { accountMembers, getgrgid, getpwnam, getpwuid, groupsOf } from './libc.js';
 import {
   ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, sameSegment,
   type AllowRule,
@@ -78,8 +79,14 @@ function overlaps(a: Selector, b: Selector): boolean {
     const pw = getpwuid(u);
     return pw !== null && [pw.gid, ...groupsOf(pw.name, pw.gid)].some((g) => gids.has(g));
   });
-  return a.everyone || b.everyone || [...a.uids].some((u) => b.uids.has(u)) || [...a.gids].some((g) => b.gids.has(g))
-    || inGroups(a.uids, b.gids) || inGroups(b.uids, a.gids);
+  if (a.everyone || b.everyone || [...a.uids].some((u) => b.uids.has(u)) || [...a.gids].some((g) => b.gids.has(g))
+    || inGroups(a.uids, b.gids) || inGroups(b.uids, a.gids)) return true;
+  // Two groups with a member in common (by the account database: a re-test's shared member was refused unseen).
+  if (a.gids.size === 0 || b.gids.size === 0) return false;
+  const members = accountMembers(new Set([...a.gids, ...b.gids]));
+  const of = (gids: ReadonlySet<number>) => new Set([...gids].flatMap((g) => [...members.get(g) ?? []]));
+  const theirs = of(b.gids);
+  return [...of(a.gids)].some((u) => theirs.has(u));
 }
 
 /** Risky but valid: what a reviewer should look at twice. */
@@ -379,23 +386,34 @@ function isScript(file: string): boolean {
  */
 export function deniedToUnit(file: string, perm: number, verb = perm === 0o1 ? 'run' : 'read'): string | null {
   const allows = (st: fs.Stats, p: number) => ((st.mode >> (st.uid === 0 ? 6 : st.gid === 0 ? 3 : 0)) & p) === p;
-  const parts = file.split('/').filter(Boolean);
-  for (let i = 0; i < parts.length; i++) {
-    const at = `/${parts.slice(0, i + 1).join('/')}`;
+  const mode = (st: fs.Stats) => `mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}, owner ${st.uid}, `
+    + `group ${st.gid}`;
+  // Walked as the kernel walks it, each symbolic link followed where it is met (a re-test's link chain passed
+  // through a closed directory neither the path given nor the one it leads to shows), every directory searched.
+  const todo = path.resolve(file).split('/').filter(Boolean);
+  let at = '/';
+  for (let hops = 0; todo.length > 0;) {
+    const dir = fs.statSync(at);
+    if (!allows(dir, 0o1)) return `directory ${at} on its way (${mode(dir)}) does not let root through`;
+    const part = todo.shift()!;
+    const next = part === '..' ? path.dirname(at) : part === '.' ? at : path.join(at, part);
     let st: fs.Stats;
     try {
-      st = fs.statSync(at);
+      st = fs.lstatSync(next);
     } catch {
       return null; // Not there: the load says so itself.
     }
-    const last = i === parts.length - 1;
-    if (!allows(st, last ? perm : 0o1)) {
-      const mode = `mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}, owner ${st.uid}, group ${st.gid}`;
-      return last ? `its ${mode} does not let root ${verb} it`
-        : `directory ${at} on its way (${mode}) does not let root through`;
+    if (!st.isSymbolicLink()) {
+      at = next;
+      continue;
     }
+    if (++hops > 40) return null; // A loop: the load says so itself.
+    const target = fs.readlinkSync(next);
+    todo.unshift(...target.split('/').filter(Boolean));
+    if (target.startsWith('/')) at = '/';
   }
-  return null;
+  const st = fs.statSync(at);
+  return allows(st, perm) ? null : `its ${mode(st)} does not let root ${verb} it`;
 }
 
 /** Each tool's usage, and what it does: `tapbrokerd TOOL --help`, and the line a usage error repeats. */
@@ -684,7 +702,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     })),
     // A rule reached only after a locked one that refuses the same route to callers both may name (see decide).
     locked_out: grants.flatMap(({ r, route }, i) => {
-      const by = grants.slice(0, i).find((g) => g.route === route && lockCell(g.r.macLock, route.via) === 'refused'
+      const via = route.via ?? (kind === 'network' ? target : null);
+      const by = grants.slice(0, i).find((g) => g.route === route && lockCell(g.r.macLock, via) === 'refused'
         && overlaps(g.r.who, r.who));
       return by ? [{ rule: r.name, by: by.r.name, who: principals(by.r.who, host) }] : [];
     }),

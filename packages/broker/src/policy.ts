@@ -162,11 +162,15 @@ export function policyPaths(path: string): string[] {
  * where they were: a count missed one lost while another came).
  */
 export function lostSince(last: Policy, next: Policy): string[] {
-  const denies = new Set(next.deny.map((d) => d.name));
+  // An unnamed deny's name is its place among all (deny.N), which another file's going changes: it is known by its
+  // file and what it says instead (a re-test was told a deny still in force had gone).
+  const key = (d: DenyRule) => (/^deny\.\d+$/.test(d.name)
+    ? `${d.file}\0${JSON.stringify([d.who.written, d.bridges, d.parents, d.networks])}` : d.name);
+  const denies = new Set(next.deny.map(key));
   return [
     ...last.files.filter((f) => !next.files.includes(f)).map((f) => `${f}: a fragment of the last policy is gone (if `
       + 'it is being replaced, reload again once it is there)'),
-    ...last.deny.filter((d) => !denies.has(d.name)).map((d) => `${d.file}:${d.line}: deny rule \`${d.name}' of the `
+    ...last.deny.filter((d) => !denies.has(key(d))).map((d) => `${d.file}:${d.line}: deny rule \`${d.name}' of the `
       + 'last policy is gone'),
   ];
 }
