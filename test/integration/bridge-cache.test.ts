@@ -40,6 +40,29 @@ test.serial('a bridge deleted and made again without a pinned MAC is refused, th
   t.is(fx.ns.link(again.taps[0]!.device.name), undefined, 'the tap went with its fds');
 });
 
+// Found by an outside review: the message had an administrator pin the bridge's address as it was, which for a
+// bridge whose lowest port is a tap is that tap's: an address whoever holds the tap may set.
+test.serial('an unpinned bridge whose address is a tap\'s: the message names another address to pin', async (t) => {
+  fx.ns.ip('link', 'del', 'brc');
+  fx.ns.ip('link', 'add', 'brc', 'type', 'bridge');
+  fx.ns.ip('tuntap', 'add', 'dev', 'tport0', 'mode', 'tap');
+  try {
+    fx.ns.ip('link', 'set', 'tport0', 'address', '02:00:00:00:00:01', 'master', 'brc');
+    fx.ns.ip('link', 'set', 'brc', 'up');
+    t.is(fx.ns.link('brc')?.address, '02:00:00:00:00:01', 'the bridge took its port\'s address');
+    const r = await grant();
+    t.is(r.error?.code, 'TB_E_BRIDGE_ADDRESS', r.error?.message);
+    const hint = /`ip link set brc address ([0-9a-f:]{17})'/.exec(r.error?.message ?? '');
+    t.truthy(hint, r.error?.message);
+    t.not(hint![1], '02:00:00:00:00:01', 'not the tap\'s');
+    t.regex(r.error?.message ?? '', /an administrator pins it/);
+    fx.ns.ip('link', 'set', 'brc', 'address', hint![1]!);
+    t.is((await grant()).error, null);
+  } finally {
+    fx.ns.ip('link', 'del', 'tport0');
+  }
+});
+
 test.serial('a bridge renamed away: the name no longer reaches it; a new bridge of that name is looked up', async (t) => {
   t.is((await grant()).error, null);
   fx.ns.ip('link', 'set', 'brc', 'down');
