@@ -439,10 +439,21 @@ test.serial('a create reply the client refuses: its fds closed and its persisten
   await fx.broker.waitFor(() => fx.ns.link('adm-renamed') === undefined, 3000, 'the refused fd tap outlived its fds');
 });
 
-/** Does a Unix socket of process `pid` have data waiting (ss's Recv-Q)? */
+/** Does a Unix socket of process `pid` have data waiting (ss's Recv-Q)? Its sockets by their inodes: `ss -p` walked
+ * every process's fds, which stalled another file's broker in the same run. */
 function queued(pid: number): boolean {
-  const out = spawnSync('ss', ['-xpH'], { encoding: 'utf8' }).stdout;
-  return out.split('\n').some((l) => l.includes(`pid=${pid},`) && Number(l.trim().split(/\s+/)[2]) > 0);
+  const mine = new Set(fs.readdirSync(`/proc/${pid}/fd`).map((fd) => {
+    try {
+      return /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1] ?? '';
+    } catch {
+      return '';
+    }
+  }));
+  const out = spawnSync('ss', ['-xH'], { encoding: 'utf8' }).stdout;
+  return out.split('\n').some((l) => {
+    const f = l.trim().split(/\s+/);
+    return f.length >= 8 && mine.has(f[5]!) && Number(f[2]) > 0;
+  });
 }
 
 const hookFails = test.macro({
