@@ -163,6 +163,8 @@ test('what JSON leaves raw but a terminal acts on is written as \\uNNNN, and rea
   const f = fieldMap(named);
   t.is(f.get('TAPBROKER_EXE'), 'comm:\\x1b[2Jx\\u{202e}');
   t.is(f.get('TAPBROKER_PARENT_EXE'), '/bin/\\x9bsh');
+  // Typed text that reads like an escape is told apart from a real control character: its backslash doubled.
+  t.is(fieldMap(journalEntry({ ...rec, exe: 'comm:\\x1b' })).get('TAPBROKER_EXE'), 'comm:\\\\x1b');
 });
 
 test('with a file, every record is also appended there, after what it held, with mode 0600', (t) => {

@@ -306,7 +306,9 @@ export function journalEntry(r: AuditRecord): Buffer {
     ['TAPBROKER_POLICY_SHA256', r.policy_sha256],
   ];
   const opt = (k: string, v: unknown) => {
-    if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? auditJson(v) : lines(String(v))]);
+    // A caller's own backslash doubled: `\x1b` it typed is not the escape of a real ESC (an outside re-test).
+    const text = (x: unknown) => lines(String(x).replace(/\\/g, '\\\\'));
+    if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? auditJson(v) : text(v)]);
   };
   opt('TAPBROKER_RULE', r.rule);
   opt('TAPBROKER_UID', r.uid);

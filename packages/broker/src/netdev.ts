@@ -131,13 +131,9 @@ export class Netdev implements Kernel {
       );
     }
     if (addrAssignType(link) !== NET_ADDR_SET) {
-      // Its address now, pinned as it is, unless that is none (a bridge without ports: all zeros, which the kernel
-      // will not take as a pinned one) or a tap's or macvtap's (a holder can set those): then a random locally
-      // administered one (an outside review: the hint had an administrator pin a guest-controllable address).
-      const current = link.address ? macFromBuffer(link.address) : null;
-      const guests = current === null ? [] : this.rtnl.dumpLinks(undefined, link.index)
-        .filter((p) => (p.kind === 'tun' || p.kind === 'macvtap') && p.address && macFromBuffer(p.address) === current);
-      const mac = current && current !== '00:00:00:00:00:00' && guests.length === 0 ? current : randomMac('02');
+      // A random locally administered address: the bridge's own now is its lowest port's, which may be a tap's (its
+      // holder sets it, even between two looks: outside reviews), or none (no port: all zeros, refused as pinned).
+      const mac = randomMac('02');
       throw new TapbrokerError(
         'TB_E_BRIDGE_ADDRESS',
         `bridge \`${name}' has no fixed MAC address, so a guest could take it over; an administrator pins it `

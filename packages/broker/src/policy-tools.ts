@@ -390,7 +390,8 @@ export function deniedToUnit(file: string, perm: number, verb = perm === 0o1 ? '
     + `group ${st.gid}`;
   // Walked as the kernel walks it, each symbolic link followed where it is met (a re-test's link chain passed
   // through a closed directory neither the path given nor the one it leads to shows), every directory searched.
-  const todo = path.resolve(file).split('/').filter(Boolean);
+  // Not normalised first: `dir/..` passes through dir, which the kernel must search (a re-test's closed `dir` passed).
+  const todo = (file.startsWith('/') ? file : `${process.cwd()}/${file}`).split('/').filter(Boolean);
   let at = '/';
   for (let hops = 0; todo.length > 0;) {
     const dir = fs.statSync(at);

@@ -28,21 +28,26 @@ const CONNECT_HINTS: Record<string, string> = {
 };
 
 /** Who may connect, from the socket's own group and mode (the package's is group tapbroker, 0660). */
+/** Groups whose members hold more than a broker's socket: root's, raw disks, password hashes, sudo, logs, docker. */
+const PRIVILEGED_GROUPS = new Set(['root', '0', 'disk', 'shadow', 'sudo', 'wheel', 'admin', 'adm', 'kmem', 'docker',
+  'lxd', 'systemd-journal', 'staff']);
+
 function accessHint(path: string): string {
   let group = 'tapbroker';
   try {
     const st = fs.statSync(path);
     const mode = (st.mode & 0o777).toString(8);
     if ((st.mode & 0o060) !== 0o060) return `only root may connect (the socket's mode is 0${mode})`;
-    // Group root gives far more than the broker: never the advice (an outside review followed the docs' defaults).
-    if (st.gid === 0) {
-      return 'only root may connect (the socket\'s group is root): ask an administrator to give it a group of its '
-        + 'own (tapbrokerd -g tapbroker, or SocketGroup= in tapbrokerd.socket) and to add you to that group';
-    }
     group = fs.readFileSync('/etc/group', 'utf8').split('\n').map((l) => l.split(':'))
       .find((f) => f.length >= 3 && Number(f[2]) === st.gid)?.[0] ?? String(st.gid);
   } catch {
     // Its directory is closed to us too: the package's group is the best guess.
+  }
+  // A group that gives far more than the broker is never the advice (outside reviews: root, then disk).
+  if (PRIVILEGED_GROUPS.has(group)) {
+    return `only root and members of group ${group} may connect, a group that gives far more than the broker: ask `
+      + 'an administrator to give the socket a group of its own (tapbrokerd -g tapbroker, or SocketGroup= in '
+      + 'tapbrokerd.socket) and to add you to that group';
   }
   return `only root and members of group ${group} may connect: ask an administrator to add you `
     + `(usermod -aG ${group} USER), then log in again so the new group applies (\`id -nG\` shows it)`;
