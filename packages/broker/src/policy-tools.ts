@@ -120,6 +120,16 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
           + `the requests for them it allows are refused (TB_E_MAC_LOCK)${shadowed.length ? `, and no later rule is `
             + `tried for them (${shadowed.join(', ')} would give them unlocked)` : ''}`);
       }
+      // The bridge helper's requests on its bridges too (the broker is not told their guest's MAC).
+      const bridges = r.bridges.filter((b) => b !== ANY_BRIDGE);
+      const helped = p.allow.slice(p.allow.indexOf(r) + 1).filter((b) => !b.macLock && overlaps(r.who, b.who)
+        && bridges.some((x) => grantsBridge(b, x))).map((b) => `\`${b.name}'`);
+      if (helped.length) {
+        const on = `bridge${bridges.length > 1 ? 's' : ''} ${bridges.join(', ')}`;
+        warn(r, `rule \`${r.name}' has mac_lock: the bridge helper's requests on ${on} `
+          + '(whose guest MAC the broker is not told) are refused (TB_E_MAC_LOCK), and no later '
+          + `rule is tried for them (${helped.join(', ')} would give them unlocked)`);
+      }
     }
     if ((parseInt(r.macPrefix.slice(0, 2), 16) & 0x02) === 0) {
       warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: `
