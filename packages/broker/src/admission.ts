@@ -70,7 +70,7 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
       + 'tap given to a group until those expire');
   }
   const place = placement(ctx.kernel, policy, spec);
-  // decide() found this port lock possible (one that cannot be had is its rule's objection).
+  // decide() granted it, so this port lock can be had (one that cannot refuses the request there).
   const lock = locksPort(policy, spec, rule);
   // A MAC the caller asked for is checked here; one the broker picks, once picked (makeDevice).
   if (place.bridge && spec.mac !== null) {

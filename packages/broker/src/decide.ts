@@ -375,9 +375,10 @@ export function denyScopeFor(policy: Policy, d: DenyRule, mine: readonly AllowRu
   const covered = (kind: 'tap' | 'macvtap', parent: string, network: boolean) =>
     denyCovers(policy, d, resolveTarget(policy, { kind, parent, network }));
   const named = (xs: string[]) => [...new Set(xs)].sort();
-  // A rule giving any bridge reaches every bridge the deny names as one (a network's segment is not told).
+  // The target the caller asked for, where the deny covers it.
   const own = (kind: 'tap' | 'macvtap', network: boolean) =>
     (asked?.kind === kind && !!asked.network === network && covered(kind, asked.parent, network) ? [asked.parent] : []);
+  // A rule giving any bridge reaches every bridge the deny names as one (a network's segment is not told).
   const bridges = named(mine.flatMap((r) => r.bridges.includes(ANY_BRIDGE)
     ? (d.bridges ?? []).filter((b) => b !== ANY_BRIDGE) : r.bridges.filter((b) => covered('tap', b, false)))
     .concat(own('tap', false)));
@@ -474,7 +475,7 @@ export function locksPort(policy: Policy, ask: Ask, rule: AllowRule): boolean {
  * Why a grant under `rule` cannot have the port lock its rule or network asks for, or null. Only a tap on a Linux
  * bridge, with a guest MAC the broker knows, is locked.
  */
-export function lockRefusal(policy: Policy, ask: Ask, rule: AllowRule): Refusal | null {
+function lockRefusal(policy: Policy, ask: Ask, rule: AllowRule): Refusal | null {
   if (!locksPort(policy, ask, rule)) return null;
   const why = ask.kind === 'macvtap' ? 'a macvtap cannot be locked to its MAC'
     : resolveTarget(policy, ask).kind !== 'bridge'
