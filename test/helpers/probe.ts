@@ -13,6 +13,8 @@ export type ProbeRequest = TapOptions | MacvtapOptions;
 export interface ProbeArgs {
   socket: string;
   requests?: ProbeRequest[];
+  /** Fill this process's fd table (its RLIMIT_NOFILE: As.nofile) to this many free fds before the creates. */
+  freeFds?: number;
   /** Ask for every request in one `create` (all or none) instead of one request each. */
   batch?: boolean;
   /** Then ask for the broker's status. */
@@ -89,7 +91,17 @@ async function main(): Promise<void> {
   try {
     client = await TapbrokerClient.connect(args.socket);
     const kinded = (r: ProbeRequest): NicOptions => ('parent' in r ? { kind: 'macvtap', ...r } : { kind: 'tap', ...r });
-    const batch = args.batch ? await client.createNics((args.requests ?? []).map(kinded)) : null;
+    const filler: number[] = [];
+    if (args.freeFds !== undefined) {
+      try {
+        for (;;) filler.push(fs.openSync('/dev/null', 'r'));
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'EMFILE') throw err;
+      }
+      for (const fd of filler.splice(filler.length - args.freeFds)) fs.closeSync(fd);
+    }
+    const batch = args.batch ? await client.createNics((args.requests ?? []).map(kinded))
+      .finally(() => filler.forEach((fd) => fs.closeSync(fd))) : null;
     for (const [i, r] of (args.requests ?? []).entries()) {
       const tap = batch ? batch[i]! : 'parent' in r ? await client.createMacvtap(r as MacvtapOptions)
         : await client.createTap(r as TapOptions);

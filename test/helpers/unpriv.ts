@@ -15,6 +15,8 @@ export interface As {
   groups?: number[];
   /** A network namespace to run in (`ip netns exec`), for what opens devices by name. */
   netns?: string;
+  /** Its open-files limit (RLIMIT_NOFILE, soft and hard: `prlimit --nofile`). */
+  nofile?: number;
 }
 
 export function setprivArgs(as: As = {}): string[] {
@@ -30,7 +32,7 @@ process.on('exit', () => {
 });
 
 export function spawnAs(as: As, cmd: string, args: string[], opts: { stdio?: Array<'pipe' | 'inherit' | 'ignore'>; env?: NodeJS.ProcessEnv } = {}): ChildProcess {
-  const argv = ['setpriv', ...setprivArgs(as), cmd, ...args];
+  const argv = ['setpriv', ...setprivArgs(as), ...(as.nofile ? ['prlimit', `--nofile=${as.nofile}`] : []), cmd, ...args];
   if (as.netns) argv.unshift('ip', 'netns', 'exec', as.netns);
   const child = spawn(argv[0]!, argv.slice(1), { stdio: opts.stdio ?? ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
   children.add(child);

@@ -515,3 +515,18 @@ test.serial('a table lease naming a device that carries no tag of it: the device
     ns.ip('link', 'del', 'admintap');
   }
 });
+
+// Found by an outside re-test: a create reply whose fds the kernel cut short (MSG_CTRUNC: the client at its open-files
+// limit) was refused as truncated, and the persistent device the same reply granted stayed, leased and counted.
+test.serial('a create reply cut short at the client\'s open-files limit: its persistent device is released too', async (t) => {
+  const r = await probeOnce({ socket: sock(), batch: true, freeFds: 2, requests: [{ bridge: 'br0', persistent: true },
+    { bridge: 'br0', queues: 4 }] }, { nofile: 1024 });
+  t.is(r.error?.code, 'TB_E_BAD_REPLY', JSON.stringify(r));
+  t.regex(r.error?.message ?? '', /truncated/);
+  const granted = await broker.record((x) => x.op === 'create' && x.decision === 'grant'
+    && (x.device as { persistent?: boolean }).persistent === true);
+  const name = (granted.device as { name: string }).name;
+  await broker.record((x) => x.op === 'release' && (x.device as { name?: string }).name === name);
+  await broker.waitFor(() => ns.link(name) === undefined, 3000, 'the persistent device stayed');
+  t.deepEqual((await probeOnce({ socket: sock(), list: true })).leases?.map((l) => l.name), []);
+});

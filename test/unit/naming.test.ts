@@ -1,9 +1,9 @@
 // Names and MACs the broker picks (naming.ts): a name no other user can mimic that the kernel takes,
-// and random MACs inside a rule's prefix. (printable, its third export, is not in
-// @tapbroker/broker/internal: spec.test.ts tests it through checkSpec's messages.)
+// random MACs inside a rule's prefix, and text as an operator is shown it (shown, auditJson; printable is tested
+// through checkSpec's messages in spec.test.ts).
 import test from 'ava';
 import { checkIfName, checkMac } from '@tapbroker/protocol';
-import { namePrefix, randomMac, tapName } from '@tapbroker/broker/internal';
+import { auditJson, namePrefix, randomMac, shown, tapName } from '@tapbroker/broker/internal';
 
 const draws = <T>(n: number, f: () => T): T[] => Array.from({ length: n }, f);
 
@@ -62,4 +62,35 @@ test('the octets after the prefix are random: each takes many values, small ones
     t.true(octets.size > 200, `octet ${i} took ${octets.size} values`);
     t.true([...octets].some((o) => o!.startsWith('0')), 'values below 0x10 are written with two digits');
   }
+});
+
+// Found by an outside re-test: a hand-made list of characters to escape let a zero-width space through (a deny of
+// `nobody<U+200B>' read as a deny of nobody in who-can, check-policy and the log), and an unescaped backslash made
+// the four characters `\x1b' print as an escaped ESC does.
+const HIDDEN_SAMPLES = [
+  '\u200b', '\u200c', '\u200d', '\u2060', '\u2064', '\ufeff', '\u00ad', '\u180e', '\ufe0f', '\u{e0041}', '\u{e007f}',
+  '\u115f', '\u3164', '\ue000', '\u{f0000}', '\u0378', '\ud800', '\u202e', '\u2066', '\u2028', '\u0085', '\u001b', '\u007f',
+];
+
+test('shown escapes every character that renders as nothing or acts on a terminal, and doubles a backslash', (t) => {
+  for (const c of HIDDEN_SAMPLES) {
+    const out = shown(`a${c}b`);
+    t.regex(out, /^a\\(x[0-9a-f]{2}|u\{[0-9a-f]+\})b$/, JSON.stringify(c));
+  }
+  t.is(shown('nobody\u200b'), 'nobody\\u{200b}');
+  t.is(shown('\u{e0041}'), '\\u{e0041}', 'an astral character is escaped whole');
+  t.is(shown('10-a\\x1b.toml'), '10-a\\\\x1b.toml', 'a backslash is doubled');
+  t.not(shown('10-a\\x1b.toml'), shown('10-a\x1b.toml'), 'the escape of ESC and its four characters differ');
+  for (const plain of ['br0', 'caf\u00e9', '\u65e5\u672c', 'a-b_c.d', 'emoji \u{1f600}', '']) t.is(shown(plain), plain);
+});
+
+test('auditJson escapes the same characters as \\uNNNN and stays JSON that reads back the same', (t) => {
+  for (const c of HIDDEN_SAMPLES) {
+    const v = { name: `a${c}b`, list: [c] };
+    const out = auditJson(v);
+    t.regex(out, /^[\x20-\x7e]*$/, `${JSON.stringify(c)}: only printable ASCII`);
+    t.deepEqual(JSON.parse(out), v);
+  }
+  t.is(auditJson({ n: 'x\u{e0041}' }), '{"n":"x\\udb40\\udc41"}', 'an astral character as its surrogate pair');
+  t.is(auditJson({ n: 'caf\u00e9' }), '{"n":"caf\u00e9"}', 'visible text stays as it is');
 });

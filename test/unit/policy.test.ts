@@ -1009,3 +1009,17 @@ networks = ["secret"]
   }
   t.true(decide(p, caller(1001), ask({ parent: 'br2' }), none).allow);
 });
+
+test('who-can and check-policy show a zero-width character in a deny\'s user name, which the broker matches as written', (t) => {
+  // Found by an outside re-test: `nobody<U+200B>' printed as `nobody', so a deny that does not cover nobody read as
+  // one that does (the broker grants nobody by the later allow).
+  withTools('[[deny]]\nname = "no-nobody"\nusers = ["nobody\u200b"]\nbridges = ["br0"]\n\n'
+    + '[[rule]]\nname = "lab"\nusers = ["nobody"]\nbridges = ["br0"]\n', (tool, file) => {
+    const whoCan = tool('who-can', file, '--bridge', 'br0');
+    t.true(whoCan.includes('nobody\\u{200b}'), whoCan);
+    t.false(/\u200b/.test(whoCan), 'never raw');
+    const checked = spawnSync(process.execPath, [path.resolve('packages/broker/dist/main.js'), 'check-policy', file],
+      { encoding: 'utf8' });
+    t.regex(checked.stdout + checked.stderr, /no user `nobody\\u\{200b\}' on this host/);
+  });
+});

@@ -43,25 +43,35 @@ export function randomMac(prefix: string): string {
   }
 }
 
+// What renders as nothing or acts on a terminal, by Unicode property rather than a list (an outside re-test got a
+// zero-width space past a list: a deny of `nobody<U+200B>' read as a deny of nobody): controls, format characters
+// (bidirectional marks, zero-width spaces, tags), line and paragraph separators, private-use, unassigned and
+// default-ignorable code points (variation selectors, fillers), and lone surrogates.
+const HIDDEN = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Co}\p{Cn}\p{Cs}\p{DI}]/gu;
+const PLAIN = /^[\x20-\x7e]*$/;
+
 /**
- * Text from a policy, a file name or a caller as a terminal or a log line shows it: control characters (C0, DEL, C1),
- * line and paragraph separators and bidirectional overrides escaped (\xNN, \u{N}), so that it can neither end a
- * line nor rewrite or reorder what an operator reads.
+ * Text from a policy, a file name or a caller as a terminal or a log line shows it: what is hidden (above) escaped as
+ * \xNN or \u{N}, and a backslash doubled (so that the four characters `\x1b' never read as an escaped ESC), so that
+ * it can neither end a line nor rewrite, reorder or hide what an operator reads.
  */
 export function shown(s: string): string {
-  return s.replace(/[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g, (c) => {
-    const n = c.charCodeAt(0);
+  if (PLAIN.test(s) && !s.includes('\\')) return s;
+  return s.replace(/\\/g, '\\\\').replace(HIDDEN, (c) => {
+    const n = c.codePointAt(0)!;
     return n <= 0xff ? `\\x${n.toString(16).padStart(2, '0')}` : `\\u{${n.toString(16)}}`;
   });
 }
 
 /**
- * JSON as the audit trail writes it: JSON.stringify's, with what JSON leaves raw but a terminal acts on (C1 controls,
- * line separators, bidirectional overrides: a caller's bridge name with U+202E reordered an audit line) as \uNNNN.
+ * JSON as the audit trail writes it: JSON.stringify's, with what JSON leaves raw but hides or acts on a terminal (C1
+ * controls, line separators, bidirectional overrides, zero-width characters: see HIDDEN) as \uNNNN.
  */
 export function auditJson(v: unknown): string {
-  return JSON.stringify(v).replace(/[\u0080-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g,
-    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  const json = JSON.stringify(v);
+  if (PLAIN.test(json)) return json;
+  return json.replace(HIDDEN, (c) => [...Array(c.length).keys()]
+    .map((i) => `\\u${c.charCodeAt(i).toString(16).padStart(4, '0')}`).join(''));
 }
 
 /** Caller-supplied text as it may appear in a message: control characters escaped, length bounded. */

@@ -27,13 +27,16 @@ const CONNECT_HINTS: Record<string, string> = {
   ENOTDIR: 'the socket path is wrong: give the right one with --socket or $TAPBROKER_SOCKET',
 };
 
-/** Who may connect, from the socket's own group and mode (the package's is group tapbroker, 0660). */
-/** Groups whose members hold more than a broker's socket: root's, raw disks, password hashes, sudo, logs, docker. */
-const PRIVILEGED_GROUPS = new Set(['root', '0', 'disk', 'shadow', 'sudo', 'wheel', 'admin', 'adm', 'kmem', 'docker',
-  'lxd', 'systemd-journal', 'staff']);
+/** The package's own group for the socket (sysusers.d): the one group whose joining the hint advises. */
+const SOCKET_GROUP = 'tapbroker';
 
+/**
+ * Who may connect, from the socket's own group and mode (the package's is group tapbroker, 0660). Joining a group is
+ * advised only for the package's own: any other may give far more than the broker (outside reviews: root, disk,
+ * then input, ssl-cert, libvirt), which a client cannot tell.
+ */
 function accessHint(path: string): string {
-  let group = 'tapbroker';
+  let group = SOCKET_GROUP;
   try {
     const st = fs.statSync(path);
     const mode = (st.mode & 0o777).toString(8);
@@ -43,14 +46,13 @@ function accessHint(path: string): string {
   } catch {
     // Its directory is closed to us too: the package's group is the best guess.
   }
-  // A group that gives far more than the broker is never the advice (outside reviews: root, then disk).
-  if (PRIVILEGED_GROUPS.has(group)) {
-    return `only root and members of group ${group} may connect, a group that gives far more than the broker: ask `
-      + 'an administrator to give the socket a group of its own (tapbrokerd -g tapbroker, or SocketGroup= in '
-      + 'tapbrokerd.socket) and to add you to that group';
+  if (group === SOCKET_GROUP) {
+    return `only root and members of group ${group} may connect: ask an administrator to add you `
+      + `(usermod -aG ${group} USER), then log in again so the new group applies (\`id -nG\` shows it)`;
   }
-  return `only root and members of group ${group} may connect: ask an administrator to add you `
-    + `(usermod -aG ${group} USER), then log in again so the new group applies (\`id -nG\` shows it)`;
+  return `only root and members of group ${group} may connect: ask an administrator for access. If that group gives `
+    + 'more than the broker (root, disk, input, libvirt, …), the socket should have a group of its own: '
+    + `tapbrokerd -g ${SOCKET_GROUP}, or SocketGroup=${SOCKET_GROUP} in tapbrokerd.socket`;
 }
 
 /** A hint when `path` exists but is not a socket; null when it is one, or cannot be looked at. */
@@ -301,7 +303,9 @@ export class TapbrokerClient {
     try {
       return granted(device, counts, fds);
     } catch (err) {
+      // As in createBatch: no grant, and a persistent device it made released.
       fds.forEach((fd) => fs.closeSync(fd));
+      if (device.persistent) await this.release(device.name).catch(() => {});
       throw err;
     }
   }
@@ -310,7 +314,6 @@ export class TapbrokerClient {
     this.conn.close();
   }
 
-  /** One request, one reply. Error replies become TapbrokerErrors; stray fds are closed. */
   /**
    * A reply this client cannot read, or a field the broker does not know: where the broker is another version
    * (files upgraded, the broker not restarted yet: one protocol version, fields added within it), said so, with
@@ -335,6 +338,26 @@ export class TapbrokerClient {
     });
   }
 
+  /**
+   * The persistent devices a create reply this client refuses names (they outlive its fds), released: all or none
+   * (an outside re-test: a reply whose fds the kernel cut short at this process's open-files limit left one). Only a
+   * reply that reads as this request's can name them; a device is never released by a name the request gave, which
+   * may be one the caller already had.
+   */
+  private async releaseMade(req: Request, data: Buffer): Promise<void> {
+    if (req.op !== 'create' && req.op !== 'create-tap' && req.op !== 'create-macvtap') return;
+    let reply: Reply;
+    try {
+      reply = decodeReply(data);
+    } catch {
+      return;
+    }
+    if (reply.id !== req.id) return;
+    const made = reply.op === 'create' ? reply.devices : reply.op === req.op ? [reply.device] : [];
+    for (const d of made.filter((x) => x.persistent)) await this.release(d.name).catch(() => {});
+  }
+
+  /** One request, one reply. Error replies become TapbrokerErrors; stray fds are closed. */
   private async call(req: Request): Promise<{ reply: Reply; fds: number[] }> {
     await this.conn.send(encodeRequest(req)).catch(async (err: Error) => {
       // The broker may have refused the connection (TB_E_BUSY) and closed it before our first request
@@ -354,12 +377,13 @@ export class TapbrokerClient {
         { hint: this.answered ? CLOSED_HINT : UNANSWERED_HINT });
     }
     this.answered = true;
-    const fail = (err: TapbrokerError): never => {
+    const fail = async (err: TapbrokerError): Promise<never> => {
       packet.fds.forEach((fd) => fs.closeSync(fd));
+      await this.releaseMade(req, packet.data);
       throw err;
     };
     if (packet.truncated || packet.fdsTruncated) {
-      fail(new TapbrokerError('TB_E_BAD_REPLY', 'the broker\'s reply was truncated'));
+      return fail(new TapbrokerError('TB_E_BAD_REPLY', 'the broker\'s reply was truncated'));
     }
     let reply: Reply;
     try {
@@ -367,16 +391,19 @@ export class TapbrokerClient {
     } catch (err) {
       return fail(this.skewed(err as TapbrokerError));
     }
-    if (hasControlCharacters(reply)) fail(new TapbrokerError('TB_E_BAD_REPLY', 'the reply carries control characters'));
+    if (hasControlCharacters(reply)) {
+      return fail(new TapbrokerError('TB_E_BAD_REPLY', 'the reply carries control characters'));
+    }
     if (reply.op === 'error') {
       const e = new TapbrokerError(reply.code, reply.message, {
         ...(reply.rule ? { rule: reply.rule } : {}), ...(reply.hint ? { hint: reply.hint } : {}),
         ...(reply.nic !== undefined ? { nic: reply.nic } : {}),
       });
-      fail(reply.code === 'TB_E_INVALID_REQUEST' && /unknown field/.test(reply.message) ? this.skewed(e) : e);
+      return fail(reply.code === 'TB_E_INVALID_REQUEST' && /unknown field/.test(reply.message) ? this.skewed(e) : e);
     }
     if (reply.id !== req.id) {
-      fail(new TapbrokerError('TB_E_BAD_REPLY', `reply id ${String(reply.id)} does not match request id ${req.id}`));
+      const ids = `reply id ${String(reply.id)} does not match request id ${req.id}`;
+      return fail(new TapbrokerError('TB_E_BAD_REPLY', ids));
     }
     return { reply, fds: packet.fds };
   }
