@@ -75,7 +75,13 @@ const native = at(`${modules}/@koromix/koffi-linux-${nodeArch}`);
 for (const d of fs.readdirSync(native)) if (d.startsWith('musl')) fs.rmSync(path.join(native, d), { recursive: true });
 // Every file readable by all, executables (and directories) searchable; nothing writable but by root.
 execFileSync('chmod', ['-R', 'u=rwX,go=rX', at(app)]);
-for (const bin of ['broker/dist/main.js', 'client/dist/cli.js', 'client/dist/bridge-helper.js']) fs.chmodSync(at(`${modules}/@tapbroker/${bin}`), 0o755);
+// The commands run the node the package depends on (/usr/bin/node), as the units and postinst do, never one earlier
+// on root's PATH (`#!/usr/bin/env node`: an nvm node may load what /usr/bin/node does not, or the reverse).
+for (const bin of ['broker/dist/main.js', 'client/dist/cli.js', 'client/dist/bridge-helper.js']) {
+  const file = at(`${modules}/@tapbroker/${bin}`);
+  fs.writeFileSync(file, fs.readFileSync(file, 'utf8').replace(/^#!\/usr\/bin\/env node\n/, '#!/usr/bin/node\n'));
+  fs.chmodSync(file, 0o755);
+}
 
 // ---- commands: what the units and the README name
 mkdir('/usr/sbin');

@@ -89,12 +89,20 @@ echo "warn: $(tapbrokerd check-policy | head -n 1)"
 echo "group: $(getent group tapbroker | cut -d: -f1)"
 echo "man: $(man -w tapbrokerd tapbroker tapbroker-policy | tr '\n' ' ')"
 echo "n: $(tapbrokerd -n | tail -n 1)"
+echo "shebang: $(head -c 64 /usr/sbin/tapbrokerd | head -n 1) $(head -c 64 /usr/bin/tapbroker | head -n 1) $(head -c 64 /usr/lib/tapbroker/bridge-helper | head -n 1)"
 dpkg --purge tapbroker >/dev/null
 left=$(find /usr/lib/tapbroker /etc/tapbroker /usr/sbin/tapbrokerd /usr/bin/tapbroker /usr/lib/systemd/system/tapbrokerd.socket 2>/dev/null || true)
 echo "left: $left"
+# What an administrator put in /etc/tapbroker is theirs: a purge keeps it, and says so.
+dpkg -i "$deb" >/dev/null 2>&1
+mkdir -p /etc/tapbroker/policy.d /etc/tapbroker/hooks
+echo '# fragment' > /etc/tapbroker/policy.d/10-site.toml
+echo '#!/bin/sh' > /etc/tapbroker/hooks/up
+echo "kept-note: $(dpkg --purge tapbroker 2>&1 >/dev/null | grep -c 'is kept: it holds files the package did not install')"
+echo "kept: $(find /etc/tapbroker -type f | sort | tr '\n' ' ')"
 `;
 
-maybe('installed with dpkg: commands on PATH answer --version, the default policy denies everything, man finds the pages; purge leaves nothing', (t) => {
+maybe('installed with dpkg: commands on PATH answer --version, the default policy denies everything, man finds the pages; purge leaves nothing of the package\'s', (t) => {
   const work = tempDir('pkgroot');
   try {
     const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', SCRIPT, 'sh', deb, work], { encoding: 'utf8' });
@@ -108,6 +116,10 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     t.is(got['group'], 'tapbroker', 'the group exists after install');
     for (const page of ['man8/tapbrokerd.8.gz', 'man1/tapbroker.1.gz', 'man5/tapbroker-policy.5.gz']) t.true((got['man'] ?? '').includes(page), `man -w finds ${page}`);
     t.is(got['left'], '', 'purge leaves no file of the package');
+    t.is(got['kept'], '/etc/tapbroker/hooks/up /etc/tapbroker/policy.d/10-site.toml ', 'nor takes the administrator\'s');
+    t.is(got['kept-note'], '1');
+    // The commands run /usr/bin/node, which the package depends on, never a node earlier on root's PATH.
+    t.is(got['shebang'], '#!/usr/bin/node #!/usr/bin/node #!/usr/bin/node');
     t.is(got['shadow'], '1', 'postinst tells about a unit copy under /etc/systemd/system that shadows the packaged one');
   } finally {
     fs.rmSync(work, { recursive: true, force: true });

@@ -1,6 +1,7 @@
 // import-bridge-conf: qemu-bridge-helper's ACL files, built in a temporary directory with owners and
 // modes (the tests run as root), imported, loaded with the broker's own parser and decided on.
 import test, { type ExecutionContext } from 'ava';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -216,6 +217,21 @@ test('a line that is not UTF-8 is an error, and no policy; a comment may hold su
   t.is(r.toml, null);
   t.deepEqual(r.errors.map((e) => `${e.where}: ${e.message}`), [`${dir}/bridge.conf:2: line is not valid UTF-8: `
     + 'qemu-bridge-helper reads its bytes as they are, which a policy cannot carry exactly']);
+});
+
+test('an include that is a FIFO, a device or over 1 MiB is an error, read without waiting or without end', (t) => {
+  // Found by an outside review: a FIFO a user put in an include's place hung root's import, and a link to /dev/zero
+  // filled its memory, before the import could warn about that user.
+  const dir = tree({ 'bridge.conf': { text: 'allow br0\ninclude @/fifo.conf\ninclude @/zero.conf\ninclude @/big.conf\n' } });
+  spawnSync('mkfifo', ['-m', '0644', path.join(dir, 'fifo.conf')]);
+  fs.symlinkSync('/dev/zero', path.join(dir, 'zero.conf'));
+  fs.writeFileSync(path.join(dir, 'big.conf'), `${'#'.repeat((1 << 20) + 1)}\n`, { mode: 0o644 });
+  const r = importBridgeConf(path.join(dir, 'bridge.conf'));
+  t.is(r.toml, null);
+  t.deepEqual(r.errors.map((e) => e.where), [2, 3, 4].map((n) => `${dir}/bridge.conf:${n}`));
+  t.regex(r.errors[0]!.message, /fifo\.conf: not a regular file \(a FIFO\): it cannot be read here, and its deny lines/);
+  t.regex(r.errors[1]!.message, /zero\.conf: not a regular file \(a device\)/);
+  t.regex(r.errors[2]!.message, /big\.conf: 1048578 bytes, over 1048576/);
 });
 
 test('an include loop is an error, and no policy', (t) => {

@@ -74,3 +74,15 @@ test('every policy in tapbroker-policy(5)\'s EXAMPLES loads', (t) => {
     }
   }
 });
+
+test('tapbroker-policy(5) names every sandbox setting of the shipped unit that a hook runs under', (t) => {
+  // Found by an outside review: a hook setting a sysctl failed under ProcSubset=pid and ProtectKernelTunables=yes,
+  // which the page's account of the sandbox left out.
+  const unit = read('systemd/tapbrokerd.service');
+  const page = read('packages/broker/man/tapbroker-policy.5').replace(/\\-/g, '-');
+  // What the unit says, and how the page says it.
+  const limits = [['ProtectSystem=strict'], ['PrivateTmp=yes', 'a private\n.IR /tmp'], ['RestrictAddressFamilies='],
+    ['IPAddressDeny=any'], ['ProcSubset=pid'], ['ProtectKernelTunables=yes'], ['CAP_NET_ADMIN'], ['CAP_AUDIT_WRITE']];
+  for (const [inUnit, onPage = inUnit] of limits) if (unit.includes(inUnit!)) t.true(page.includes(onPage!), inUnit);
+  t.true(unit.includes('ProcSubset=pid') && page.includes('ProcSubset=all'), 'the drop-in that lifts it');
+});

@@ -11,7 +11,7 @@ import path from 'node:path';
 import koffi from 'koffi';
 import { EX, IFNAME_MAX_BYTES, checkIfName, sys } from '@tapbroker/protocol';
 import { accountMembers, getgrgid, getpwuid } from './libc.js';
-import { dirsOnTheWay, notRootsAlone } from './paths.js';
+import { dirsOnTheWay, notRootsAlone, readRegularBytes } from './paths.js';
 import { ANY_BRIDGE } from './decide.js';
 import { shown } from './naming.js';
 import { parsePolicy } from './policy.js';
@@ -344,6 +344,8 @@ export interface ImportResult {
 }
 
 const MAX_DEPTH = 32;
+/** A bridge.conf (or a file it includes) beyond this is not one: qemu-bridge-helper reads lines of a few words. */
+const MAX_CONF_BYTES = 1 << 20;
 
 /** The modes and ACLs on the way to a file: the file readable, each directory above it searchable. */
 function reachFile(file: string, st: fs.Stats, warn: (message: string) => void): Reach {
@@ -406,7 +408,9 @@ export function importBridgeConf(top: string): ImportResult {
         noInput = !from;
         return;
       }
-      text = fs.readFileSync(file);
+      // Opened once and checked: a FIFO or /dev/zero a user put in an include's place hung the import or filled root's
+      // memory, before its warning about that user could be given (an outside review).
+      text = readRegularBytes(file, MAX_CONF_BYTES);
     } catch (err) {
       const e = err as NodeJS.ErrnoException;
       const why = e.code === 'ENOENT' ? 'no such file' : e.message;

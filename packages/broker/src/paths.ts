@@ -100,13 +100,17 @@ export function hookUnsafe(file: string): string | null {
   return notRootsAlone(file);
 }
 
-
 /**
  * A file's text, only if it is a regular file: never a FIFO or a device, which would block the broker (opened
  * without blocking, then looked at) or feed it without end; never beyond `max` bytes; through a link only if
  * `follow`.
  */
 export function readRegular(file: string, max: number, follow = true): string {
+  return readRegularBytes(file, max, follow).toString('utf8');
+}
+
+/** readRegular's bytes, as read. */
+export function readRegularBytes(file: string, max: number, follow = true): Buffer {
   const { O_RDONLY, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
   const fd = fs.openSync(file, O_RDONLY | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW));
   try {
@@ -116,7 +120,7 @@ export function readRegular(file: string, max: number, follow = true): string {
       throw new Error(`not a regular file (${kind})`);
     }
     if (st.size > max) throw new Error(`${st.size} bytes, over ${max}`);
-    return fs.readFileSync(fd, 'utf8');
+    return fs.readFileSync(fd);
   } finally {
     fs.closeSync(fd);
   }
