@@ -1,6 +1,6 @@
 // Run as root inside a test's namespace: a LinkMonitor, N link events made while the event loop is busy
 // (one `ip -batch` changing a bridge's MTU N times), then drain() called by hand until it says the
-// queue is empty. Prints {rounds: [events applied per drain], seen, overruns} as one JSON line.
+// queue is empty. Prints {rounds: [events applied per drain], seen, overruns, filtered} as one JSON line.
 //   node drain-probe.js N
 import { execFileSync } from 'node:child_process';
 import { LinkMonitor } from '@tapbroker/broker/internal';
@@ -20,4 +20,4 @@ for (let i = 0; i < 10_000; i++) {
 }
 monitor.close();
 execFileSync('ip', ['link', 'del', 'ev0']);
-process.stdout.write(`${JSON.stringify({ rounds, seen, overruns })}\n`);
+process.stdout.write(`${JSON.stringify({ rounds, seen, overruns, filtered: monitor.filtered })}\n`);

@@ -306,7 +306,7 @@ export function journalEntry(r: AuditRecord): Buffer {
     ['TAPBROKER_POLICY_SHA256', r.policy_sha256],
   ];
   const opt = (k: string, v: unknown) => {
-    // A caller's own backslash is doubled (shown): `\x1b` it typed is not the escape of a real ESC (an outside re-test).
+    // A caller's backslash is doubled (shown): `\x1b` it typed is not the escape of a real ESC (an outside re-test).
     const text = (x: unknown) => lines(String(x));
     if (v !== null && v !== undefined) fields.push([k, typeof v === 'object' ? auditJson(v) : text(v)]);
   };

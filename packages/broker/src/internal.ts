@@ -43,7 +43,7 @@ export {
   type Link,
 } from './rtnetlink.js';
 export { parseAttrs, rtattr, attrU32, attrString, attrNested, splitMessages } from './netlink.js';
-export { LinkMonitor, DRAIN_BUDGET, type Wants } from './link-monitor.js';
+export { LinkMonitor, DRAIN_BUDGET, SKIP_BRIDGE_VIEWS, type Wants } from './link-monitor.js';
 export { Forwarding } from './forwarding.js';
 export { limitStderrBacklog } from './stderr.js';
 export { Floods, MAX_LINK_EVENTS_PER_SECOND } from './floods.js';
@@ -60,7 +60,7 @@ export {
 export { addPort, delPort, delPortOf, listOurPorts, isOvsBridge, ovsdbTarget } from './ovs.js';
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
-export { accountMembers, aclUserOnly, grantUserOnly, getpwnam, getpwuid } from './libc.js';
+export { accountMembers, aclUserOnly, attachFilter, grantUserOnly, getpwnam, getpwuid } from './libc.js';
 export {
   MAX_CLAIMED_GROUPS, Subuids, loadSubuids, ownGroups, screenIds, subordinateOf, type HostIds, type SubRange,
 } from './subids.js';

@@ -31,6 +31,27 @@ function fail(syscall: string, detail?: string): never {
   throw new sys.SyscallError(syscall, koffi.errno(), detail);
 }
 
+/** One classic BPF instruction: code, jump if true, jump if false, constant. */
+export type BpfInsn = readonly [code: number, jt: number, jf: number, k: number];
+
+/**
+ * SO_ATTACH_FILTER: `program` runs on every message before it is queued to socket `fd` (struct sock_fprog: the
+ * instruction count, then a pointer to them; the kernel copies them during the call).
+ */
+export function attachFilter(fd: number, program: readonly BpfInsn[]): void {
+  const insns = Buffer.alloc(8 * program.length);
+  program.forEach(([code, jt, jf, k], i) => {
+    insns.writeUInt16LE(code, 8 * i);
+    insns.writeUInt8(jt, 8 * i + 2);
+    insns.writeUInt8(jf, 8 * i + 3);
+    insns.writeUInt32LE(k >>> 0, 8 * i + 4);
+  });
+  const fprog = Buffer.alloc(16);
+  fprog.writeUInt16LE(program.length, 0);
+  fprog.writeBigUInt64LE(koffi.address(insns) as bigint, 8);
+  sys.setsockopt(fd, sys.SOL_SOCKET, 26 /* SO_ATTACH_FILTER */, fprog);
+}
+
 /** pidfd_open(2): a pidfd for `pid`, or null if there is no such process. */
 export function pidfdOpen(pid: number): number | null {
   const fd = Number(_syscall(SYS_pidfd_open, 'int', pid, 'unsigned int', 0));

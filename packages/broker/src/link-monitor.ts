@@ -1,5 +1,6 @@
 // RTNLGRP_LINK: the kernel's link events, read without blocking and decoded only where wanted.
 import { sys, watchReadable } from '@tapbroker/protocol/core';
+import { attachFilter, type BpfInsn } from './libc.js';
 import { NLMSGHDR, splitMessages } from './netlink.js';
 import {
   AF_BRIDGE, IFINFOMSG, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, nameOf, parseLink, type Link,
@@ -16,6 +17,18 @@ export const LINK_EVENT_QUEUE = 4 * 1024 * 1024;
  */
 export const DRAIN_BUDGET = 256;
 
+/**
+ * A socket filter that drops a bridge port's own view of its link (ifinfomsg's family, byte 16, AF_BRIDGE) in the
+ * kernel: skipped when read anyway, they were four of a tap's ten events at its create and more at its deletion, each
+ * a read, and room taken in the queue a teardown burst overruns. One event to a message, as the kernel sends them.
+ */
+export const SKIP_BRIDGE_VIEWS: readonly BpfInsn[] = [
+  [0x30, 0, 0, NLMSGHDR], // ldb [16]: the family (a message too short to have one would be dropped: no link message is)
+  [0x15, 0, 1, AF_BRIDGE], // jeq AF_BRIDGE
+  [0x06, 0, 0, 0], // ret 0: dropped
+  [0x06, 0, 0, 0xffffffff], // ret all: kept
+];
+
 /** Is an event of this type about this device worth decoding? `master()`: the event's IFLA_MASTER. */
 export type Wants = (
   type: number, index: number, master: () => number | null, name: () => string | null,
@@ -31,6 +44,8 @@ export class LinkMonitor {
   private readonly fd: number;
   private readonly watch: { close(): void };
   private readonly rx = new sys.Receiver(256 * 1024);
+  /** Whether the kernel drops the bridge's port views for this socket (SKIP_BRIDGE_VIEWS). */
+  readonly filtered: boolean = false;
 
   /**
    * `wants`: whether an event about this ifindex is worth decoding (most of a busy host's are not);
@@ -53,6 +68,12 @@ export class LinkMonitor {
     sa.writeUInt16LE(sys.AF_NETLINK, 0);
     sa.writeUInt32LE(RTMGRP_LINK, 8);
     sys.bind(this.fd, sa, 'RTMGRP_LINK');
+    try {
+      attachFilter(this.fd, SKIP_BRIDGE_VIEWS);
+      this.filtered = true;
+    } catch {
+      // Without the filter the same events come, and are skipped when read.
+    }
     this.watch = watchReadable(this.fd, () => this.drain());
   }
 
