@@ -1207,6 +1207,40 @@ test('MACs the broker picks are no live lease\'s: 32 NICs from a prefix with 256
     t.is(new Set(macs).size, 96, 'every one its own');
   }, '[[rule]]\nname = "few"\nusers = [5000]\nbridges = ["br0"]\nmac_prefix = "52:54:00:12:34"\nmax_devices = 100\n'));
 
+// Found by an outside review: a MAC the broker picked for a NIC could be one a later NIC of the same request asked for
+// (both granted on one bridge, or the request refused after NICs were made). 16 picks against 16 asked MACs of 256
+// collide in about 65 % of requests without the fix; ten requests, each on a broker of its own.
+test('MACs the broker picks are none a NIC of the same request asks for', async (t) => {
+  const policy = '[[rule]]\nname = "few"\nusers = [5000]\nbridges = ["br0"]\nmac_prefix = "52:54:00:12:34"\n'
+    + 'max_devices = 64\n';
+  for (let round = 0; round < 10; round++) {
+    await onFakeKernel(async ({ broker, held }) => {
+      const asked = Array.from({ length: 16 }, (_, i) => `52:54:00:12:34:${(i * 16 + round).toString(16).padStart(2, '0')}`);
+      const nics = [...Array(16).fill({ kind: 'tap', bridge: 'br0' }), ...asked.map((mac) => ({ kind: 'tap', bridge: 'br0', mac }))];
+      const got = await ask(broker, caller(5000), { op: 'create', nics });
+      held.push(...got.fds);
+      if (got.reply.op !== 'create') throw new Error(JSON.stringify(got.reply));
+      const macs = got.reply.devices.map((d) => d.mac);
+      t.deepEqual(macs.slice(16), asked);
+      t.is(new Set(macs).size, 32, `round ${round}: every one its own`);
+    }, policy);
+  }
+});
+
+// Found by an outside review: a create of one NIC refused without naming it (`nic`), as PROTOCOL.md says every
+// refused NIC of a create is; its message stays as it is (a prefix `NIC 0:' says nothing there).
+test('a create of one NIC refused names it as NIC 0', (t) => onFakeKernel(async ({ broker }) => {
+  const err = await t.throwsAsync(ask(broker, caller(1000), { op: 'create', nics: [{ kind: 'tap', bridge: 'brX' }] }));
+  t.like(err, { code: 'TB_E_POLICY_DENIED', nic: 0 });
+  t.notRegex(err!.message, /^NIC/);
+  const two = await t.throwsAsync(ask(broker, caller(1000), { op: 'create', nics: [{ kind: 'tap', bridge: 'br0' },
+    { kind: 'tap', bridge: 'brX' }] }));
+  t.like(two, { code: 'TB_E_POLICY_DENIED', nic: 1 });
+  t.regex(two!.message, /^NIC 1: /);
+  const single = await t.throwsAsync(ask(broker, caller(1000), { op: 'create-tap', bridge: 'brX' }));
+  t.is((single as TapbrokerError).nic, undefined, 'create-tap has no NICs to name');
+}));
+
 // Found by an outside re-test: status told a caller of a deny on a bridge none of its rules gives (a denial would
 // not), and a deny's names this host could not look up (other people's account names) were shown to callers.
 test('status tells a deny only where the caller\'s rules give what it covers, and never the names it could not look up', (t) =>

@@ -164,6 +164,7 @@ async function grantEach(
     });
   }
   const first = refused?.i ?? 0;
+  const asked = askedMacs(nics);
   for (const i of [first, ...[...nics.keys()].filter((k) => k !== first)]) {
     const nic = nics[i]!;
     try {
@@ -171,15 +172,17 @@ async function grantEach(
       // kernel's contention (another user's multiqueue taps dying) one NIC can take 150 ms, and a re-test
       // held everyone's grants, root's too, behind 32 NICs made in one go for up to 3 s.
       if (made.length > 0) await meter.wait(ctx.fairness.between(caller.uid));
-      const g = await meter.wait(grantOne(ctx, policy, caller, nic, audit));
+      const g = await meter.wait(grantOne(ctx, policy, caller, nic, audit, asked));
       made.push(g);
       byIndex[i] = g;
     } catch (err) {
       const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
       await meter.wait(undone(made.map((g) => ctx.lifetimes.abort(g.lease, g.fds, why, caller))));
       if (made.length > 1) ctx.fairness.rolledBack(caller.uid);
-      if (nics.length > 1 && err instanceof TapbrokerError) {
-        throw new TapbrokerError(err.code, `NIC ${i}: ${err.message}`, {
+      // A create's refusal names its NIC, also the only one (`nic`; an outside review); the message says which where
+      // there are several.
+      if (op === 'create' && err instanceof TapbrokerError) {
+        throw new TapbrokerError(err.code, nics.length > 1 ? `NIC ${i}: ${err.message}` : err.message, {
           ...(err.rule !== undefined ? { rule: err.rule } : {}),
           ...(err.hint !== undefined ? { hint: err.hint } : {}),
           nic: i,
@@ -254,6 +257,7 @@ async function grantOne(
   caller: Identity,
   nic: CreateTapRequest | CreateMacvtapRequest | Nic,
   audit: (ev: Omit<Parameters<Audit['record']>[0], 'op' | 'caller' | 'policy'>) => void,
+  asked: ReadonlySet<string> = NONE,
 ): Promise<Granted> {
   let spec: CreateSpec | null = null;
   let made: ReturnType<typeof makeDevice> | null = null;
@@ -281,7 +285,7 @@ async function grantOne(
     const admitted = admit(ctx, policy, caller, spec, decision.rule);
     // 3. The kernel step. Nothing is awaited between the decision and the lease: concurrent requests
     // see each other's quota.
-    const granted = made = makeDevice(ctx, policy, caller, spec, decision.rule, admitted);
+    const granted = made = makeDevice(ctx, policy, caller, spec, decision.rule, admitted, asked);
     // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone, and recorded first.
     try {
       const net = spec.network ? policy.networks.get(spec.parent) : undefined;
@@ -312,24 +316,33 @@ async function grantOne(
   }
 }
 
+const NONE: ReadonlySet<string> = new Set();
+
+/** The MACs a request's NICs ask for (the grammar takes lower case alone: one MAC is one string). */
+function askedMacs(nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>): ReadonlySet<string> {
+  return nics.length < 2 ? NONE : new Set(nics.flatMap((n) => (typeof n.mac === 'string' ? [n.mac] : [])));
+}
+
 /**
- * A MAC the broker picks: of the rule's prefix, and no live lease's (this request's earlier NICs included). One a
+ * A MAC the broker picks: of the rule's prefix, no live lease's (this request's earlier NICs included), and none a
+ * NIC of the same request asks for (an outside review: drawn before a later NIC's, on one bridge, twice). One a
  * lease has would be refused as in use, a whole request with it: 300 macvtaps in one request drew two alike about
  * once in 370 (a CI run), and a short prefix leaves few to draw from.
  */
-function freshMac(ctx: OpContext, prefix: string): string {
+function freshMac(ctx: OpContext, prefix: string, asked: ReadonlySet<string>): string {
   for (let tries = 1; ; tries++) {
     const mac = randomMac(prefix);
-    if (tries === 8 || ctx.lifetimes.table.withMac(mac).length === 0) return mac;
+    if (tries === 8 || (!asked.has(mac) && ctx.lifetimes.table.withMac(mac).length === 0)) return mac;
   }
 }
 
 /** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
 function makeDevice(
   ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule, { place, lock }: Admitted,
+  asked: ReadonlySet<string>,
 ) {
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
-  const mac = spec.macUnknown ? null : (spec.mac ?? freshMac(ctx, rule.macPrefix));
+  const mac = spec.macUnknown ? null : (spec.mac ?? freshMac(ctx, rule.macPrefix, asked));
   const guestMac = macToBuffer(mac ?? randomMac(rule.macPrefix));
   if (place.bridge && mac !== null && spec.mac === null) {
     macElsewhere(ctx, caller, mac, place.parentName, place.vlan, lock);

@@ -188,7 +188,9 @@ export class TapbrokerClient {
         } catch (err) {
           if (!(err instanceof TapbrokerError) || err.nic === undefined || batch.from === 0) throw err;
           const nic = batch.from + err.nic;
-          const message = err.message.replace(/^NIC \d+:/, `NIC ${nic}:`);
+          // A batch of one NIC names it in `nic` alone.
+          const message = /^NIC \d+:/.test(err.message) ? err.message.replace(/^NIC \d+:/, `NIC ${nic}:`)
+            : `NIC ${nic}: ${err.message}`;
           throw new TapbrokerError(err.code, message, {
             ...(err.rule !== undefined ? { rule: err.rule } : {}),
             ...(err.hint !== undefined ? { hint: err.hint } : {}),
