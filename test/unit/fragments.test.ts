@@ -8,6 +8,7 @@ import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol';
 import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, lostSince, policyFiles } from '@tapbroker/broker/internal';
 import { ROOT, tempDir } from '../helpers/broker.js';
+import { until } from '../helpers/wait.js';
 
 const MAIN = path.join(ROOT, 'packages/broker/dist/main.js');
 
@@ -420,4 +421,58 @@ test('the tools read the same set: check-policy names the fragment a warning is 
   } finally {
     fs.rmSync(dir, { recursive: true });
   }
+});
+
+// Found by an outside review: a reload while policy.d was swapped as tapbroker-policy(5) suggests (a link replaced
+// with `ln -sfn` and `mv -T`) listed one directory and read the other's files: a policy of neither, one directory's
+// allow without its deny. The directory is now opened once, and every fragment read through that opening.
+test('a fragment directory swapped under a load gives one directory\'s policy or the other\'s, never a mix', async (t) => {
+  const dir = tempDir('frag-swap');
+  // Last: the swapper's last `ln` may still be writing there when it is stopped.
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }));
+  fs.chmodSync(dir, 0o755);
+  fs.writeFileSync(path.join(dir, 'policy.toml'), '');
+  for (const side of ['A', 'B']) {
+    fs.mkdirSync(path.join(dir, side), { mode: 0o755 });
+    for (let i = 10; i < 70; i++) {
+      fs.writeFileSync(path.join(dir, side, `${i}-r.toml`), rule(`r${i}`, `"br${side}${i}"`));
+    }
+  }
+  const file = path.join(dir, 'policy.toml');
+  const digest = (side: string) => {
+    fs.rmSync(path.join(dir, 'policy.d'), { force: true });
+    fs.symlinkSync(side, path.join(dir, 'policy.d'));
+    return loadTrustedPolicy(file).sha256;
+  };
+  const sides = new Set([digest('A'), digest('B')]);
+  const swapper = spawnSync('sh', ['-c', 'cd "$1"; for i in $(seq 400); do ln -sfn A p.new; mv -T p.new policy.d; '
+    + 'ln -sfn B p.new; mv -T p.new policy.d; done >/dev/null 2>&1 & echo $!', 'sh', dir], { encoding: 'utf8' });
+  const pid = Number(swapper.stdout.trim());
+  t.teardown(async () => {
+    try {
+      process.kill(pid);
+    } catch {
+      return;
+    }
+    await until(() => { try { process.kill(pid, 0); return null; } catch { return true; } },
+      { ms: 5000, what: 'the swapper to stop' });
+  });
+  const seen: string[] = [];
+  while (seen.length < 400) {
+    try {
+      seen.push(loadTrustedPolicy(file).sha256);
+    } catch (err) {
+      // The link itself between `ln` and `mv` is always there; a load may still find no file where a name was.
+      if (!(err instanceof TapbrokerError)) throw err;
+    }
+    try {
+      process.kill(pid, 0);
+    } catch {
+      break;
+    }
+  }
+  const mixed = seen.filter((d) => !sides.has(d));
+  t.true(seen.length > 20, `${seen.length} loads while the swaps ran`);
+  t.is(new Set(seen).size, 2, 'each directory was read, whole, while they were swapped');
+  t.is(mixed.length, 0, `${mixed.length} of ${seen.length} loads were of neither directory`);
 });

@@ -11,7 +11,8 @@ import {
   type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
-import { fragmentDir, loadPolicy, policyPaths, untrustedForTools } from './policy.js';
+import { loadPolicy } from './policy.js';
+import { fragmentDir, policyPaths, untrustedForTools } from './policy-files.js';
 import { shown } from './naming.js';
 import { locate, ruleAt } from './policy-text.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';

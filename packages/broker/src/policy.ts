@@ -14,10 +14,8 @@ import { OVSDB_TARGET } from './ovs.js';
 import {
   ANY_BRIDGE, type AllowRule, type DenyRule, type Network, type Policy, type Selector,
 } from './decide.js';
-import { hookUnsafe, notRootsAlone, readRegular } from './paths.js';
-
-/** A policy file's size at most (a 16,000-rule policy is about 1 MiB). */
-const MAX_POLICY_BYTES = 16 * 1024 * 1024;
+import { hookUnsafe } from './paths.js';
+import { firstUntrusted, openedPolicy, readSources } from './policy-files.js';
 import type { PolicyDoc } from './policy-schema.js';
 import { POLICY_SHAPE } from './policy-shape.js';
 import { didYouMean, lineIndex } from './policy-text.js';
@@ -80,81 +78,19 @@ export const POLICY_CHECKS = {
 
 /**
  * The policy the broker runs on: only from a file no user but root could have changed (nor any
- * directory above it), then as loadPolicy.
+ * directory above it), then as loadPolicy; both from one look at its fragment directory.
  */
 export function loadTrustedPolicy(path: string): Policy {
-  const bad = untrustedPolicyFile(path);
-  if (bad) {
-    // A path that cannot be walked (EACCES where a sandbox hides it, ENOENT) is not read: said as what it is.
-    const cause = bad.why.startsWith('cannot be resolved') ? 'the broker cannot read the policy there'
-      : 'a user other than root could change the policy';
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `${bad.file}: ${bad.why}: ${cause}`);
-  }
-  return loadPolicy(path);
-}
-
-/** The first of the policy's files (its fragment directory included) a user other than root could change. */
-export function untrustedPolicyFile(path: string): { file: string; why: string } | null {
-  const dir = fragmentDir(path);
-  for (const file of [path, ...(fs.existsSync(dir) ? [dir] : []), ...policyFiles(path).slice(1)]) {
-    const why = notRootsAlone(file);
-    if (why) return { file, why };
-  }
-  return null;
-}
-
-/**
- * How a policy tool takes a file the broker would refuse (a user other than root could change it): as root
- * (the administrator, whose broker reads it; or `tapbrokerd -n`) it is the broker's own refusal, an error,
- * for every tool (an outside review: who-can, test-policy and explain-policy described a fragment the broker
- * had refused on reload, a deny it did not apply); for another user (a draft, a checkout in CI), a note.
- */
-export function untrustedForTools(
-  path: string, asBroker = false,
-): { refuse: boolean; file: string; message: string } | null {
-  const unsafe = untrustedPolicyFile(path);
-  if (!unsafe) return null;
-  if (asBroker || process.geteuid?.() === 0) {
-    const cause = unsafe.why.startsWith('cannot be resolved') ? 'the broker cannot read the policy there'
-      : 'a user other than root could change the policy';
-    return { refuse: true, file: unsafe.file, message: `${unsafe.file}:-: error: ${unsafe.why}: ${cause}` };
-  }
-  return { refuse: false, file: unsafe.file, message: `${unsafe.file} ${unsafe.why}: tapbrokerd would refuse to run `
-    + 'on it where it is (install it owned by root, writable by root alone)' };
-}
-
-/**
- * The files a policy is made of: `path`, then every `*.toml` in the directory beside it named after it
- * (`policy.d` for `policy.toml`), in lexical (byte) order. Other names there (an editor's backup, a
- * package manager's `.dpkg-old`) are not read.
- */
-export function policyFiles(path: string): string[] {
-  const dir = fragmentDir(path);
-  let names: Buffer[];
-  try {
-    names = fs.readdirSync(dir, { encoding: 'buffer' });
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [path];
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
-  }
-  // In byte order, as documented (a JavaScript sort compares UTF-16 units: `ls` and the broker differed for some
-  // names); a name that is not UTF-8 would be read as another (its bytes replaced): refused by name instead.
-  const toml = names.filter((b) => b.toString('latin1').endsWith('.toml') && b[0] !== 0x2e).sort(Buffer.compare);
-  const bad = toml.find((b) => !Buffer.from(b.toString('utf8')).equals(b));
-  if (bad) {
-    const name = [...bad].map((c) => (c > 0x20 && c < 0x7f ? String.fromCharCode(c) : `\\x${c.toString(16)}`)).join('');
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `${dir}/${name}: the fragment's name is not UTF-8: rename it`);
-  }
-  return [path, ...toml.map((n) => `${dir}/${n.toString('utf8')}`)];
-}
-
-/** Every path a load's message may begin with: the files it reads (as far as they can be listed), their directory. */
-export function policyPaths(path: string): string[] {
-  try {
-    return [...policyFiles(path), fragmentDir(path)];
-  } catch {
-    return [path, fragmentDir(path)];
-  }
+  return openedPolicy(path, (files) => {
+    const bad = firstUntrusted(path, files);
+    if (bad) {
+      // A path that cannot be walked (EACCES where a sandbox hides it, ENOENT) is not read: said as what it is.
+      const cause = bad.why.startsWith('cannot be resolved') ? 'the broker cannot read the policy there'
+        : 'a user other than root could change the policy';
+      throw new TapbrokerError('TB_E_POLICY_INVALID', `${bad.file}: ${bad.why}: ${cause}`);
+    }
+    return parseSources(readSources(files));
+  });
 }
 
 /**
@@ -182,22 +118,9 @@ export function warned(p: Policy): string {
   return `; warnings: ${p.warnings.slice(0, 16).join('; ')}${more}`;
 }
 
-/** `policy.toml` → `policy.d`, beside it. */
-export function fragmentDir(path: string): string {
-  return `${path.endsWith('.toml') ? path.slice(0, -5) : path}.d`;
-}
-
 /** Reads, parses, validates and resolves a policy and its fragments; throws TB_E_POLICY_INVALID with every error. */
 export function loadPolicy(path: string): Policy {
-  const sources = policyFiles(path).map((file) => {
-    try {
-      // A FIFO a reload opened would hold every client up (an outside review); nor is a policy 16 MiB.
-      return { path: file, text: readRegular(file, MAX_POLICY_BYTES) };
-    } catch (err) {
-      throw new TapbrokerError('TB_E_POLICY_INVALID', `${file}: cannot read the policy: ${(err as Error).message}`);
-    }
-  });
-  return parseSources(sources);
+  return openedPolicy(path, (files) => parseSources(readSources(files)));
 }
 
 export function parsePolicy(text: string, path = '<policy>'): Policy {

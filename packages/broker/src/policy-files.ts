@@ -1,0 +1,135 @@
+// The files a policy is made of, as the broker and its tools find them: the main file and its fragment directory
+// (opened once, its fragments read through that opening), which of them root alone could have written, and
+// their text, read without waiting on a FIFO or reading without end.
+import fs from 'node:fs';
+import { TapbrokerError } from '@tapbroker/protocol/core';
+import { notRootsAlone, readRegular } from './paths.js';
+
+/** A policy file's size at most (a 16,000-rule policy is about 1 MiB). */
+const MAX_POLICY_BYTES = 16 * 1024 * 1024;
+
+/** A policy file as messages name it (`file`), where it is read from (`at`), and a fragment's real path (`real`). */
+export interface PolicyFile {
+  file: string;
+  at: string;
+  real?: string;
+}
+
+/** Whether fds can be read through (/proc/self/fd): where not, a fragment is read by its path. */
+const fdPaths = fs.existsSync('/proc/self/fd');
+
+/**
+ * The files a policy is made of, as one look at them: `path`, then every `*.toml` in the directory beside it named
+ * after it (`policy.d` for `policy.toml`), in lexical (byte) order, each read through that directory as opened once
+ * (`at`): a directory swapped under a reload (a link replaced, as tapbroker-policy(5) suggests) gives the names and
+ * contents of one of them, never a mix (an outside review applied one directory's allows without its denies). Other
+ * names there (an editor's backup, a package manager's `.dpkg-old`) are not read.
+ */
+export function openedPolicy<T>(path: string, f: (files: PolicyFile[]) => T): T {
+  const dir = fragmentDir(path);
+  let fd: number;
+  try {
+    fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return f([{ file: path, at: path }]);
+    throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
+  }
+  try {
+    const opened = fdPaths ? `/proc/self/fd/${fd}` : dir;
+    let real: string;
+    let names: string[];
+    try {
+      real = fdPaths ? fs.readlinkSync(opened) : dir;
+      names = fragmentNames(dir, fs.readdirSync(opened, { encoding: 'buffer' }));
+    } catch (err) {
+      if (err instanceof TapbrokerError) throw err;
+      throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
+    }
+    return f([{ file: path, at: path },
+      ...names.map((n) => ({ file: `${dir}/${n}`, at: `${opened}/${n}`, real: `${real}/${n}` }))]);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The fragments among a directory's names, in byte order; a name that is not UTF-8 is refused. */
+function fragmentNames(dir: string, names: Buffer[]): string[] {
+  // In byte order, as documented (a JavaScript sort compares UTF-16 units: `ls` and the broker differed for some
+  // names); a name that is not UTF-8 would be read as another (its bytes replaced): refused by name instead.
+  const toml = names.filter((b) => b.toString('latin1').endsWith('.toml') && b[0] !== 0x2e).sort(Buffer.compare);
+  const bad = toml.find((b) => !Buffer.from(b.toString('utf8')).equals(b));
+  if (bad) {
+    const name = [...bad].map((c) => (c > 0x20 && c < 0x7f ? String.fromCharCode(c) : `\\x${c.toString(16)}`)).join('');
+    throw new TapbrokerError('TB_E_POLICY_INVALID', `${dir}/${name}: the fragment's name is not UTF-8: rename it`);
+  }
+  return toml.map((n) => n.toString('utf8'));
+}
+
+/** The files a policy is made of, by the names messages give them (see openedPolicy). */
+export function policyFiles(path: string): string[] {
+  return openedPolicy(path, (files) => files.map((f) => f.file));
+}
+
+/** Every path a load's message may begin with: the files it reads (as far as they can be listed), their directory. */
+export function policyPaths(path: string): string[] {
+  try {
+    return [...policyFiles(path), fragmentDir(path)];
+  } catch {
+    return [path, fragmentDir(path)];
+  }
+}
+
+/** `policy.toml` → `policy.d`, beside it. */
+export function fragmentDir(path: string): string {
+  return `${path.endsWith('.toml') ? path.slice(0, -5) : path}.d`;
+}
+
+/** The first of the policy's files (its fragment directory included) a user other than root could change. */
+export function untrustedPolicyFile(path: string): { file: string; why: string } | null {
+  return openedPolicy(path, (files) => firstUntrusted(path, files));
+}
+
+export function firstUntrusted(path: string, files: readonly PolicyFile[]): { file: string; why: string } | null {
+  const dir = fragmentDir(path);
+  // A fragment by the real path of the directory as opened (every directory above it walked); the directory by the
+  // path given too (the links on the way to it).
+  const checks = [{ file: path, at: path }, ...(files.length > 1 || fs.existsSync(dir) ? [{ file: dir, at: dir }] : []),
+    ...files.slice(1).map((f) => ({ file: f.file, at: f.real ?? f.file }))];
+  for (const { file, at } of checks) {
+    const why = notRootsAlone(at);
+    if (why) return { file, why };
+  }
+  return null;
+}
+
+/**
+ * How a policy tool takes a file the broker would refuse (a user other than root could change it): as root
+ * (the administrator, whose broker reads it; or `tapbrokerd -n`) it is the broker's own refusal, an error,
+ * for every tool (an outside review: who-can, test-policy and explain-policy described a fragment the broker
+ * had refused on reload, a deny it did not apply); for another user (a draft, a checkout in CI), a note.
+ */
+export function untrustedForTools(
+  path: string, asBroker = false,
+): { refuse: boolean; file: string; message: string } | null {
+  const unsafe = untrustedPolicyFile(path);
+  if (!unsafe) return null;
+  if (asBroker || process.geteuid?.() === 0) {
+    const cause = unsafe.why.startsWith('cannot be resolved') ? 'the broker cannot read the policy there'
+      : 'a user other than root could change the policy';
+    return { refuse: true, file: unsafe.file, message: `${unsafe.file}:-: error: ${unsafe.why}: ${cause}` };
+  }
+  return { refuse: false, file: unsafe.file, message: `${unsafe.file} ${unsafe.why}: tapbrokerd would refuse to run `
+    + 'on it where it is (install it owned by root, writable by root alone)' };
+}
+
+/** Each file's text, by the name messages give it. */
+export function readSources(files: readonly PolicyFile[]): Array<{ path: string; text: string }> {
+  return files.map(({ file, at }) => {
+    try {
+      // A FIFO a reload opened would hold every client up (an outside review); nor is a policy 16 MiB.
+      return { path: file, text: readRegular(at, MAX_POLICY_BYTES) };
+    } catch (err) {
+      throw new TapbrokerError('TB_E_POLICY_INVALID', `${file}: cannot read the policy: ${(err as Error).message}`);
+    }
+  });
+}
