@@ -23,6 +23,7 @@ const maxUnreadFds = Number(process.env['TB_TEST_MAX_UNREAD_FDS'] ?? 0) || undef
 delete process.env['TB_TEST_MAX_UNREAD_FDS'];
 const frozenClock = process.env['TB_TEST_FROZEN_CLOCK'] === '1';
 const closerIdleMs = Number(process.env['TB_TEST_CLOSER_IDLE_MS'] ?? 0) || undefined;
+const takerWaitMs = Number(process.env['TB_TEST_TAKER_WAIT_MS'] ?? 0) || undefined;
 delete process.env['TB_TEST_CLOSER_IDLE_MS'];
 delete process.env['TB_TEST_MAX_CONNECTIONS_PER_USER'];
 delete process.env['TB_TEST_FROZEN_CLOCK'];
@@ -57,7 +58,7 @@ function fault(point: FaultPoint): void {
 daemon(process.argv.slice(2), {
   ...(spec ? { faults: fault } : {}), ...(maxConnections ? { maxConnections } : {}),
   ...(maxConnectionsPerUser ? { maxConnectionsPerUser } : {}), ...(frozenClock ? { clock: () => 0 } : {}),
-  ...(maxUnreadFds ? { maxUnreadFds } : {}), ...(closerIdleMs ? { closerIdleMs } : {}),
+  ...(maxUnreadFds ? { maxUnreadFds } : {}), ...(closerIdleMs ? { closerIdleMs } : {}), ...(takerWaitMs ? { takerWaitMs } : {}),
   ...(linkEventQueue ? { linkEventQueue } : {}), ...(subuidFile ? { subuidFile } : {}), ...(subgidFile ? { subgidFile } : {}),
   refuseFdsAtSocket: !fallback,
 });

@@ -71,6 +71,8 @@ export class BrokerProcess {
     frozenClock?: boolean;
     /** The closer of the broker's own fd copies goes after this long without work (the test entry point). */
     closerIdleMs?: number;
+    /** BrokerOptions.takerWaitMs (see forwarding.ts). */
+    takerWaitMs?: number;
     /** A file bind-mounted over /etc/passwd in the broker's own mount namespace (its account database). */
     passwd?: string;
     /** A program and its arguments that exec node (e.g. one that sets a prctl first), and node's own flags. */
@@ -84,7 +86,7 @@ export class BrokerProcess {
     const state = path.join(dir, 'state');
     // TB_TEST_BROKER_MAIN runs another build's main.js instead (to show a test fails on the code before a fix).
     const entry = opts.main ?? process.env['TB_TEST_BROKER_MAIN'] ?? (opts.fault || opts.fdFallback || opts.maxConnections || opts.linkEventQueue || opts.subuidFile || opts.subgidFile || opts.maxConnectionsPerUser || opts.frozenClock || opts.maxUnreadFds
-      || opts.closerIdleMs
+      || opts.closerIdleMs || opts.takerWaitMs
       ? BROKER_TEST_ENTRY : BROKER_MAIN);
     const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
     if (opts.fault) env['TB_TEST_FAULT'] = opts.fault;
@@ -97,6 +99,7 @@ export class BrokerProcess {
     if (opts.frozenClock) env['TB_TEST_FROZEN_CLOCK'] = '1';
     if (opts.maxUnreadFds) env['TB_TEST_MAX_UNREAD_FDS'] = String(opts.maxUnreadFds);
     if (opts.closerIdleMs) env['TB_TEST_CLOSER_IDLE_MS'] = String(opts.closerIdleMs);
+    if (opts.takerWaitMs) env['TB_TEST_TAKER_WAIT_MS'] = String(opts.takerWaitMs);
     const argv = ['ip', 'netns', 'exec', ns.name, ...(opts.wrap ?? []), process.execPath, ...(opts.nodeArgs ?? []), entry, '-f', policyPath, '-s', socket, '-m', '0666', '--state-dir', state, ...(opts.args ?? ['--journal-socket', ''])];
     // `ip netns exec` keeps the pid it is started with, so the broker's pid is this child's either way.
     const [cmd, ...args] = opts.passwd

@@ -309,6 +309,14 @@ export class FakeKernel implements Kernel {
     return this.links().filter((l) => l.master === master);
   }
 
+  async detach(index: number): Promise<boolean> {
+    const link = this.devices.get(index);
+    if (!link) return false;
+    this.steps.push(`detach ${link.name}`);
+    link.master = null;
+    return true;
+  }
+
   async deleteLink(index: number): Promise<boolean> {
     await this.deletions;
     const link = this.devices.get(index);

@@ -49,6 +49,11 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
     throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `
       + `another ${Math.ceil(cooling / 1000)} s`);
   }
+  const taker = ctx.lifetimes.forwarding.takerWaits(caller.uid);
+  if (taker > 0) {
+    throw new TapbrokerError('TB_E_BUSY', `a tap of yours took the MAC of a guest whose port is locked; new devices `
+      + `wait another ${Math.ceil(taker / 1000)} s`);
+  }
   const busy = ctx.teardowns(caller.uid);
   if (busy >= MAX_TEARDOWN_PER_UID) {
     throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down or unplugged; try again `

@@ -80,6 +80,8 @@ export interface BrokerOptions {
   clock?: () => number;
   /** How long the closer of the broker's own fd copies stays without work before it goes (default 30 s). */
   closerIdleMs?: number;
+  /** How long a uid whose tap took a locked guest's MAC first waits for new devices (default 1 s; it doubles). */
+  takerWaitMs?: number;
 }
 
 export class Broker implements SessionHost, OpContext {
@@ -147,7 +149,8 @@ export class Broker implements SessionHost, OpContext {
     this.kernel = opts.kernel?.(cleanup)
       ?? new Netdev(cleanup, stateDir, opts.faults ?? NO_FAULTS, opts.linkEventQueue);
     this.reaper = new Reaper((ifindex) => this.kernel.deleteLink(ifindex), (fds) => this.ownFds.give(fds));
-    lifetimes = new Lifetimes(opts.stateDir, this.kernel, this.reaper, this.audit, () => this.policy, this.log);
+    lifetimes = new Lifetimes(opts.stateDir, this.kernel, this.reaper, this.audit, () => this.policy, this.log,
+      opts.takerWaitMs);
     this.lifetimes = lifetimes;
   }
 

@@ -38,6 +38,15 @@ const TOOK_RECORDED = 16;
  * (p99 213 ms) with 8 such loops against another user's 60 locked VMs.
  */
 const RELOCK_GAP_MS = 100;
+/**
+ * A uid whose tap took a locked guest's MAC: its new devices wait, 1 s the first time, twice as long each time after
+ * (at most 5 minutes), until it has taken none for 10 minutes. Its tap leaves the bridge at once (its deletion may
+ * wait behind others'); without both, an outside re-test cut a locked guest off 32-42 % of the time with four loops
+ * of new taps, each flipping its MAC to the guest's until deleted.
+ */
+const TAKER_WAIT_MS = 1000;
+const TAKER_WAIT_MAX_MS = 300_000;
+const TAKER_MEMORY_MS = 600_000;
 
 export class Forwarding {
   /** `u:UID` or `g:GID` → `bridge/mac` → until when the locks it holds up do not take it (see TAKEN_MS). */
@@ -53,6 +62,7 @@ export class Forwarding {
     private readonly table: LeaseTable,
     private readonly note: Note,
     private readonly log: (line: string) => void,
+    private readonly takerWaitMs = TAKER_WAIT_MS,
   ) {
     // What the last run recorded: a restart is no way out of the quarantine (an outside re-test restarted the
     // broker and locked the MAC at once).
@@ -74,7 +84,8 @@ export class Forwarding {
     this.noteTaken(l, mac);
     // The entry it took goes back at once, one write (a re-test timed takings to the pass's gap and kept a locked
     // guest cut off half the time); the pass over the whole bridge may wait for its gap.
-    this.relockMac(l.parent, mac, `\`${l.name}' took ${mac}`);
+    // Another uid's guest (a holder cutting off its own guest harms no one else).
+    if (this.relockMac(l.parent, mac, `\`${l.name}' took ${mac}`).some((o) => o.uid !== l.uid)) this.lockTaken(l);
     this.relockBridge(l.parent, `\`${l.name}' took ${mac}`);
     const macs = this.recorded.get(l.id);
     if (macs?.has(mac) || (macs?.size ?? 0) > TOOK_RECORDED) return;
@@ -203,6 +214,7 @@ export class Forwarding {
       && v.mac === taken);
     const victim = holders.find((v) => v.locked) ?? oldest(holders)[0];
     if (!victim) return true;
+    if (victim.locked && victim.uid !== l.uid) this.lockTaken(l);
     try {
       // A locked victim's entry is static again: its port forwards from that MAC only through it.
       this.kernel.restoreFdbEntry(victim.ifindex, mac, { static: victim.locked, vlan: victim.vlan });
@@ -246,13 +258,38 @@ export class Forwarding {
   }
 
   /** The locked leases holding `mac` on `bridge` (the oldest per VLAN), their entries put back now. */
-  private relockMac(bridge: string, mac: string, why: string): void {
+  /** Puts back the entries of the locked leases holding `mac` on `bridge` (one per VLAN); returns those leases. */
+  private relockMac(bridge: string, mac: string, why: string): LeaseRecord[] {
     const seen = new Set<number | null>();
+    const relocked: LeaseRecord[] = [];
     for (const o of oldest(this.table.all().filter((v) => v.locked && v.parent === bridge && v.mac === mac))) {
       if (seen.has(o.vlan) || this.off.has(o.id)) continue;
       seen.add(o.vlan);
       this.relock(o, why);
+      relocked.push(o);
     }
+    return relocked;
+  }
+
+  /** Uids whose taps took a locked guest's MAC (see TAKER_WAIT_MS), and the tap each last did it with. */
+  private readonly takers = new Map<number, { strikes: number; until: number; last: number; tap: string }>();
+
+  /** `l` took a locked guest's MAC: it leaves its bridge, and its uid's new devices wait (once per tap). */
+  private lockTaken(l: LeaseRecord): void {
+    const now = performance.now();
+    const t = this.takers.get(l.uid);
+    if (t?.tap === l.id) return;
+    void this.kernel.detach(l.ifindex).catch(() => {});
+    const strikes = t && now - t.last < TAKER_MEMORY_MS ? t.strikes + 1 : 1;
+    const wait = Math.min(TAKER_WAIT_MAX_MS, this.takerWaitMs * 2 ** Math.min(strikes - 1, 20));
+    this.takers.set(l.uid, { strikes, until: now + wait, last: now, tap: l.id });
+    if (this.takers.size > 4096) this.takers.delete(this.takers.keys().next().value!);
+  }
+
+  /** How long `uid`'s new devices must still wait after its tap took a locked guest's MAC (ms; 0: none). */
+  takerWaits(uid: number): number {
+    const t = this.takers.get(uid);
+    return t ? Math.max(0, Math.ceil(t.until - performance.now())) : 0;
   }
 
   /** When each bridge's last pass ran, and the passes due. */

@@ -169,6 +169,8 @@ export interface Kernel {
   ports(master: number): Link[];
   /** RTM_DELLINK off the event loop: true when deleted, false when the link was already gone. */
   deleteLink(index: number): Promise<boolean>;
+  /** Off its bridge at once, off the event loop and ahead of deletions: true when done, false when it was gone. */
+  detach(index: number): Promise<boolean>;
   /** Link events, as LinkMonitor delivers them. */
   monitor(
     onLink: (type: number, link: Link) => void,

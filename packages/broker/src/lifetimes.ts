@@ -57,13 +57,14 @@ export class Lifetimes implements Cleanup {
     private readonly audit: Audit,
     private readonly policy: () => Policy,
     private readonly log: (line: string) => void,
+    takerWaitMs?: number,
   ) {
     this.brokerId = brokerId(stateDir);
     ({ current: this.hookRun, previous: this.lastHookRun } = hookRun(stateDir));
     const { table, problem, trusted, intact } = LeaseTable.load(stateDir);
     this.table = table;
     table.log = log;
-    this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log);
+    this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, takerWaitMs);
     this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
     this.trusted = trusted;
     this.intact = intact;

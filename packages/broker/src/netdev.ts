@@ -12,7 +12,7 @@ import { checkMacFree, createMacvtap, macvtapParent } from './macvtap.js';
 import { randomMac } from './naming.js';
 import { LINK_EVENT_QUEUE, LinkMonitor } from './link-monitor.js';
 import {
-  NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, deleteLinkInBackground, type Link,
+  NUD_NOARP, NUD_PERMANENT, RTM_DELLINK, Rtnetlink, deleteLinkInBackground, detachInBackground, type Link,
 } from './rtnetlink.js';
 
 const TUN_PATH = '/dev/net/tun';
@@ -92,6 +92,10 @@ export class Netdev implements Kernel {
       if (!full) throw err;
       return this.rtnl.deleteLink(index);
     });
+  }
+
+  detach(index: number): Promise<boolean> {
+    return detachInBackground(index);
   }
 
   holdTap(name: string): number | null {

@@ -475,16 +475,30 @@ export class Rtnetlink {
  * ~20 ms in the calling thread, which must never be the event loop's. Resolves true when deleted,
  * false when the link was already gone.
  */
-export async function deleteLinkInBackground(index: number): Promise<boolean> {
+export function deleteLinkInBackground(index: number): Promise<boolean> {
+  const msg = linkMessage(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, { index }, []);
+  return linkInBackground(msg, `delete link ${index}`);
+}
+
+/**
+ * The link leaves its bridge (IFLA_MASTER 0), on the thread pool as deleteLinkInBackground, and not queued behind
+ * deletions: true when done, false when it was already gone.
+ */
+export function detachInBackground(index: number): Promise<boolean> {
+  const msg = linkMessage(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1, { index }, [attrU32(IFLA_MASTER, 0)]);
+  return linkInBackground(msg, `detach link ${index}`);
+}
+
+async function linkInBackground(msg: Buffer, what: string): Promise<boolean> {
   const fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC, sys.NETLINK_ROUTE);
   const rx = Buffer.alloc(8192);
   try {
-    const n = await netlinkInBackground(fd, linkMessage(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, { index }, []), rx);
+    const n = await netlinkInBackground(fd, msg, rx);
     const ack = splitMessages(rx.subarray(0, n)).find((m) => m.readUInt16LE(4) === NLMSG_ERROR);
     const err = ack ? ackError(ack) : sys.errno.EIO;
     if (err === 0) return true;
     if (err === sys.errno.ENODEV) return false;
-    throw new sys.SyscallError('rtnetlink', err, `delete link ${index}`);
+    throw new sys.SyscallError('rtnetlink', err, what);
   } finally {
     sys.close(fd);
   }
