@@ -736,3 +736,27 @@ test('a broker without CAP_NET_ADMIN refuses to start, with exit 77, which the u
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// Found by an outside re-test: the program path in the audit trail was decoded as UTF-8 (a byte that is not UTF-8
+// became U+FFFD: three programs recorded alike) and kept look-alike letters (a Cyrillic `ѕ' read as `s'). Its bytes
+// are recorded as they are: printable ASCII, every other byte \xNN.
+test('the audit trail names a caller\'s program by its bytes: neither a byte that is not UTF-8 nor a look-alike hides', async (t) => {
+  const dir = tempDir('cli-exe');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.chmodSync(dir, 0o755);
+  const name = Buffer.concat([Buffer.from(`${dir}/node-`), Buffer.from([0xff]), Buffer.from('-x86_6\u0455')]);
+  const node = fs.realpathSync(process.execPath);
+  try {
+    fs.linkSync(node, name);
+  } catch {
+    fs.copyFileSync(node, name);
+  }
+  fs.chmodSync(name, 0o755);
+  // Its name is no string to pass: the shell's glob finds it by its bytes.
+  const r = spawnSync('setpriv', [...setprivArgs(), 'sh', '-c', `exec "$0"/node-*-x86_6* "$@"`, dir, CLIENT_CLI, 'run',
+    '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'true'], { encoding: 'utf8', timeout: 20_000 });
+  t.is(r.status, 0, r.stderr);
+  const want = `${dir}/node-\\xff-x86_6\\xd1\\x95`;
+  const rec = await fx.broker.record((x) => x.decision === 'grant' && x.exe?.startsWith(`${dir}/`) === true);
+  t.is(rec.exe, want);
+});

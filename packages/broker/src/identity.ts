@@ -68,15 +68,29 @@ export function forgetUserNames(): void {
   names.clear();
 }
 
+/**
+ * A path's (or a comm's) bytes as text that reads back to them: printable ASCII as it is, a backslash doubled, every
+ * other byte as \xNN. A byte that is not UTF-8 read as U+FFFD, or a look-alike letter, made one program's name pass
+ * for another's in the audit trail (an outside re-test).
+ */
+export function bytesShown(b: Buffer): string {
+  let out = '';
+  for (const c of b) {
+    if (c === 0x5c) out += '\\\\';
+    else out += c >= 0x20 && c < 0x7f ? String.fromCharCode(c) : `\\x${c.toString(16).padStart(2, '0')}`;
+  }
+  return out;
+}
+
 // /proc/<pid>/exe is only trusted when the pidfd, read after it, still names the same pid:
 // otherwise the pid may have been reused by another process in between.
 function readExe(pid: number, pidfd: number | null): string | null {
   let exe: string;
   try {
-    exe = fs.readlinkSync(`/proc/${pid}/exe`);
+    exe = bytesShown(fs.readlinkSync(`/proc/${pid}/exe`, { encoding: 'buffer' }));
   } catch {
     try {
-      exe = `comm:${fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim()}`;
+      exe = `comm:${bytesShown(fs.readFileSync(`/proc/${pid}/comm`).subarray(0, -1))}`;
     } catch {
       return null;
     }
