@@ -84,6 +84,25 @@ export class FakeKernel implements Kernel {
   }
 
   /**
+   * A holder's change whose event shows the device as it was: a task in another user namespace numbers the new owner
+   * as the old one (an event numbers ids as the task that caused it sees them).
+   */
+  holderChangesUnseen(name: string, change: Partial<Pick<Link, 'tun'>>): void {
+    const link = this.named(name);
+    if (!link) throw new Error(`no device ${name}`);
+    const shown = copy(link);
+    Object.assign(link, change);
+    if (this.listeners.length > 0) this.events.push([RTM_NEWLINK, shown]);
+  }
+
+  /** One more event showing the device as it is, changing nothing (a holder toggling its offloads). */
+  repeatEvent(name: string): void {
+    const link = this.named(name);
+    if (!link) throw new Error(`no device ${name}`);
+    this.changed(link);
+  }
+
+  /**
    * What root does to a port (`ip link set NAME nomaster`, `… master BRIDGE`): it leaves its bridge, with its lock
    * and VLAN, or joins one, in its default VLAN and unlocked; an event says so.
    */

@@ -11,7 +11,9 @@ import {
   encodeFrame, type Reply,
 } from '@tapbroker/protocol';
 import { encodeReply } from '@tapbroker/protocol/requests';
-import { Broker, Forwarding, loadTrustedPolicy, parsePolicy, type AuditRecord, type Identity } from '@tapbroker/broker/internal';
+import {
+  Broker, Forwarding, REPEAT_CHECK_MS, loadTrustedPolicy, parsePolicy, type AuditRecord, type Identity,
+} from '@tapbroker/broker/internal';
 import { FakeKernel } from '../helpers/fake-kernel.js';
 import { quiet } from '../helpers/wait.js';
 
@@ -921,6 +923,40 @@ test('a tap that takes another uid\'s locked guest\'s MAC leaves its bridge, and
     held.push(...again.fds);
     t.is(again.reply.op, 'create-tap', 'another uid is not held up');
   }, `${POLICY}\n[[rule]]\nname = "takers"\nusers = [2000]\nbridges = ["br0"]\n`));
+
+// Found by an outside review: a holder's tap toggling its offloads (no capability needed) sent events under every
+// flood limit, each decoded and its owner read from sysfs, and kept everyone's requests waiting up to 0.3 s a second.
+// An event repeating a state already judged is judged once more within REPEAT_CHECK_MS, not at once: an owner numbered
+// alike from another user namespace (what such an event can hide) is still found.
+test('events repeating a judged state are judged again shortly after, and a change they hide is still found', (t) =>
+  onFakeKernel(async ({ broker, kernel, records, held }) => {
+    const got = await ask(broker, caller(1000), tap());
+    held.push(...got.fds);
+    const name = (got.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    let looked = 0;
+    const tapAsSeen = kernel.tapAsSeen.bind(kernel);
+    kernel.tapAsSeen = (event) => {
+      looked++;
+      return tapAsSeen(event);
+    };
+    kernel.repeatEvent(name);
+    await ask(broker, caller(1000), { op: 'list' });
+    t.is(looked, 1, 'a state not judged before is judged at once');
+    for (let i = 0; i < 50; i++) kernel.repeatEvent(name);
+    await ask(broker, caller(1000), { op: 'list' });
+    t.is(looked, 1, 'its repeats are not, at once');
+    await new Promise((r) => setTimeout(r, REPEAT_CHECK_MS + 30));
+    t.is(looked, 2, 'once more, shortly after');
+    // The holder, from a user namespace of its own, takes the tap: its event shows the owner it had.
+    kernel.holderChangesUnseen(name, { tun: { owner: 1000, group: null, queues: null } });
+    await ask(broker, caller(1000), { op: 'list' });
+    t.truthy(kernel.linkNamed(name), 'not judged at once');
+    await new Promise((r) => setTimeout(r, REPEAT_CHECK_MS + 30));
+    await settled(broker);
+    t.is(kernel.linkNamed(name), null, 'found within the delay, and deleted');
+    t.true(records.some((r) => r.decision === 'cleanup' && /changed its owner or group/.test(r.message ?? '')));
+  }));
 
 // Found by an outside re-test: a lease taken back from its device's tag has no plug, and an Open vSwitch VLAN port's
 // was followed as a Linux bridge's, so its device was deleted at a start (not a port of "its bridge").

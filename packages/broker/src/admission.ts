@@ -44,7 +44,7 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
     throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being unplugged from its `
       + 'network; try again shortly');
   }
-  const cooling = ctx.lifetimes.coolingDown(caller.uid);
+  const cooling = ctx.lifetimes.floods.coolingDown(caller.uid);
   if (cooling > 0) {
     throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `
       + `another ${Math.ceil(cooling / 1000)} s`);

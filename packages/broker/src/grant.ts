@@ -217,7 +217,9 @@ async function grantEach(
     for (const g of granted) if (g.durable) recordGrant(g);
     ctx.kernel.faultPoint('create:recorded');
     try {
-      ctx.lifetimes.confirm(granted.map((g) => g.lease.id));
+      // Done, durably: a broker stopped before this deletes their devices at its next start (the client was told
+      // nothing was made); one stopped after keeps them. Throws when the table cannot be written.
+      ctx.lifetimes.table.confirm(granted.map((g) => g.lease.id));
     } catch (err) {
       throw unwritable(err);
     }

@@ -43,6 +43,7 @@ export {
 } from './rtnetlink.js';
 export { parseAttrs, rtattr, attrU32, attrString, attrNested, splitMessages } from './netlink.js';
 export { LinkMonitor, DRAIN_BUDGET, SKIP_BRIDGE_VIEWS, type Wants } from './link-monitor.js';
+export { REPEAT_CHECK_MS } from './repeats.js';
 export { Forwarding } from './forwarding.js';
 export { limitStderrBacklog } from './stderr.js';
 export { Floods, MAX_LINK_EVENTS_PER_SECOND } from './floods.js';

@@ -10,11 +10,12 @@ import { putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from '.
 import { hookRun, killOrphanHooks } from './hook.js';
 import { decidePersistent, expectedMac, takenMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
+import { Repeats, stateOf } from './repeats.js';
 import { Forwarding } from './forwarding.js';
 import { Unplugs } from './plug.js';
 import { recorded, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
-import { RTM_DELLINK, type Link } from './rtnetlink.js';
+import { RTM_DELLINK, RTM_NEWLINK, type Link } from './rtnetlink.js';
 
 export interface RetireOptions {
   op: string;
@@ -39,8 +40,8 @@ export class Lifetimes implements Cleanup {
   private monitor: { drain(): boolean; close(): void } | null = null;
   /** Forwarding entries a holder took, and the MACs its taps took lately (grant asks it: takenLately). */
   readonly forwarding: Forwarding;
-  /** Link events per device and per uid, to find floods (see wants). */
-  private readonly floods = new Floods((ifindex) => {
+  /** Link events per device and per uid, to find floods (see wants); how long a uid's creates wait after one. */
+  readonly floods = new Floods((ifindex) => {
     const o = this.table.byIfindex(ifindex);
     return o && !this.creating.has(o.id) ? o : undefined;
   });
@@ -120,6 +121,7 @@ export class Lifetimes implements Cleanup {
     this.catchUp(true);
     this.monitor?.close();
     this.forwarding.close();
+    this.repeats.close();
     try {
       this.table.snapshot();
     } catch (err) {
@@ -172,15 +174,6 @@ export class Lifetimes implements Cleanup {
   begin(l: LeaseRecord, durable: boolean): void {
     this.table.add(l, durable, true);
     this.creating.add(l.id);
-  }
-
-  /**
-   * The creates of these leases are done, durably: a broker stopped before this deletes their devices at its
-   * next start (the client was told nothing was made); one stopped after keeps them. Throws when the table
-   * cannot be written.
-   */
-  confirm(ids: readonly string[]): void {
-    this.table.confirm(ids);
   }
 
   /** A lease taken out for a release whose deletion failed: back in the table, if its device still is. */
@@ -425,12 +418,11 @@ export class Lifetimes implements Cleanup {
     return flood.victim === l;
   }
 
-  /** How long `uid`'s creates must still wait after a flood of link events from its devices (ms; 0: none). */
-  coolingDown(uid: number): number {
-    return this.floods.coolingDown(uid);
-  }
+  /** Events repeating a judged state (repeats.ts): judged again once, shortly after. */
+  private readonly repeats = new Repeats((link) => this.onLink(RTM_NEWLINK, link, true));
 
-  private onLink(type: number, link: Link): void {
+  private onLink(type: number, link: Link, again = false): void {
+    if (this.repeats.sameBridge(link, type === RTM_DELLINK)) return;
     this.kernel.observe(type, link);
     const l = this.table.byIfindex(link.index);
     if (!l) {
@@ -465,6 +457,8 @@ export class Lifetimes implements Cleanup {
       if (violationOf(l, link) === 'address') this.noteTaken(l, link);
       return;
     }
+    const state = stateOf(link);
+    if (this.repeats.repeated(l, link, state, again)) return;
     // A tap event's owner and group are numbered as the user namespace of the task that made it numbers them: from
     // a holder in a rootless container root shows as the overflow uid, the holder's own uid as root, its gid as 0
     // (outside reviews: taps deleted for nothing, one given away unseen). They are read again as the broker sees
@@ -478,7 +472,7 @@ export class Lifetimes implements Cleanup {
     this.forwarding.followPort(l, link, this.fresh.has(l.id), () => putBack(this.keeper!, l));
     const violation = violationOf(l, link);
     if (violation === null) {
-      this.fresh.delete(l.id);
+      if (!this.fresh.delete(l.id)) this.repeats.granted(l, state);
       return;
     }
     // A MAC an event shows is a breach even if undone since: a MAC set and set back has already wiped the
@@ -569,6 +563,7 @@ export class Lifetimes implements Cleanup {
     // that threw): lost events are never forgotten half-handled.
     this.resyncOwed = true;
     this.kernel.observe(0, null);
+    this.repeats.forgetBridges();
     const links = new Map(this.kernel.links().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
     // What the lost events showed is lost with them: a MAC set and set back meanwhile has deleted the bridge's

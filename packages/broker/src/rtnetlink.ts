@@ -68,10 +68,11 @@ export function linkMessage(type: number, flags: number, seq: number, info: IfIn
 /** One attribute of a link message, found without decoding the rest; null without it. */
 function linkAttr(msg: Buffer, type: number): Buffer | null {
   const end = Math.min(msg.readUInt32LE(0), msg.length);
+  // Byte by byte, as parseAttrs reads (no JIT).
   for (let o = NLMSGHDR + IFINFOMSG, len = 0; o + 4 <= end; o += align4(len)) {
-    len = msg.readUInt16LE(o);
+    len = msg[o]! | (msg[o + 1]! << 8);
     if (len < 4 || o + len > end) break;
-    if ((msg.readUInt16LE(o + 2) & 0x3fff) === type) return msg.subarray(o + 4, o + len);
+    if (((msg[o + 2]! | (msg[o + 3]! << 8)) & 0x3fff) === type) return msg.subarray(o + 4, o + len);
   }
   return null;
 }
@@ -119,9 +120,14 @@ export interface Link {
   portLocked: boolean | null;
 }
 
+/** The attributes parseLink reads. */
+const LINK_ATTRS: ReadonlySet<number> = new Set([
+  IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_ADDRESS, IFLA_LINKINFO, IFLA_LINK, IFLA_IFALIAS, IFLA_NEW_NETNSID,
+]);
+
 /** Decodes the ifinfomsg of an RTM_NEWLINK message (header included). */
 export function parseLink(msg: Buffer): Link {
-  const attrs = parseAttrs(msg, NLMSGHDR + IFINFOMSG, msg.readUInt32LE(0));
+  const attrs = parseAttrs(msg, NLMSGHDR + IFINFOMSG, msg.readUInt32LE(0), LINK_ATTRS);
   const linkinfo = attrs.get(IFLA_LINKINFO);
   const info = linkinfo ? parseAttrs(linkinfo) : null;
   const kind = info ? cstr(info.get(IFLA_INFO_KIND)) ?? null : null;
