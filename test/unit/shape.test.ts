@@ -154,3 +154,9 @@ test('`__proto__` as a table key is refused, where zod drops it without a word',
   const { issues } = validate(POLICY_SHAPE_FOR_TESTS, doc, POLICY_CHECKS);
   t.deepEqual(issues.map((i) => [i.path.join('.'), i.message]), [['network', '`__proto__\' is reserved']]);
 });
+
+test('a NaN where a number is expected is refused as NaN (an outside review read "expected number, received number")', (t) => {
+  const lite = checkLite(REQUEST_SHAPE, { op: 'list', id: Number.NaN });
+  t.false(lite.ok);
+  t.regex(lite.ok ? '' : lite.issue, /expected number, received NaN/);
+});

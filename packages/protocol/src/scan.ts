@@ -3,7 +3,10 @@
 // client's lighter decoder (msgpack.ts) shares it with the broker's.
 import { TapbrokerError } from './errors.js';
 
-/** Deepest nesting a frame may have (the deepest message is a map in a map). */
+/**
+ * Deepest nesting a frame may have: the top-level map counts 1, every value (a scalar too) one more than what holds
+ * it. The deepest message reaches 4: a create's NIC fields (scalars, in a map, in the array `nics`, in the request).
+ */
 export const MAX_DEPTH = 4;
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 /** Bytes that follow each fixed-size scalar type byte (floats and integers); 0 for every other byte. */

@@ -202,5 +202,6 @@ function isObject(v: unknown): v is Record<string, unknown> {
 function kind(v: unknown): string {
   if (v === null) return 'null';
   if (Array.isArray(v)) return 'array';
+  if (typeof v === 'number' && Number.isNaN(v)) return 'NaN';
   return typeof v === 'object' && !isObject(v) ? (v.constructor?.name ?? 'object') : typeof v;
 }
