@@ -476,3 +476,70 @@ test('a fragment directory swapped under a load gives one directory\'s policy or
   t.is(new Set(seen).size, 2, 'each directory was read, whole, while they were swapped');
   t.is(mixed.length, 0, `${mixed.length} of ${seen.length} loads were of neither directory`);
 });
+
+// Found by an outside review: a policy.d that is a link to nothing (its target gone, or under /tmp, which the unit's
+// PrivateTmp hides) loaded as a policy without fragments, their deny rules lost, and check-policy said `ok'.
+test('a fragment directory that is a link to nothing is an error, not a policy without fragments', (t) => {
+  const { dir, file } = setUp(rule('lab', '"br0"'), {});
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.rmSync(path.join(dir, 'policy.d'), { recursive: true, force: true });
+  fs.symlinkSync(path.join(dir, 'gone'), path.join(dir, 'policy.d'));
+  const err = t.throws(() => loadTrustedPolicy(file)) as TapbrokerError;
+  t.is(err.code, 'TB_E_POLICY_INVALID');
+  t.regex(err.message, /policy\.d: it is a link to nothing \(gone, or hidden from the broker: the unit's PrivateTmp/);
+  const checked = spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' });
+  t.not(checked.status, 0, checked.stdout);
+  fs.rmSync(path.join(dir, 'policy.d'));
+  t.is(loadTrustedPolicy(file).allow.length, 1, 'no link, no directory: a policy without fragments');
+});
+
+// Found by an outside review: the main file was read by its path after the fragments were read through their
+// directory: the directory above both swapped (as policy.d is, with ln -sfn and mv -T) mixed one's main file with the
+// other's fragments, and a deny moved from the main file to a fragment was in neither.
+test('the directory above the policy swapped under a load gives one side\'s policy or the other\'s, never a mix', async (t) => {
+  const dir = tempDir('frag-parent');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }));
+  fs.chmodSync(dir, 0o755);
+  for (const [side, main, frag] of [['A', rule('m', '"brA"'), rule('f', '"brA2"')], ['B', rule('m', '"brB"'), rule('f', '"brB2"')]]) {
+    fs.mkdirSync(path.join(dir, side!, 'policy.d'), { recursive: true, mode: 0o755 });
+    fs.writeFileSync(path.join(dir, side!, 'policy.toml'), main!);
+    for (let i = 10; i < 40; i++) fs.writeFileSync(path.join(dir, side!, 'policy.d', `${i}-r.toml`), rule(`r${i}`, `"br${side}${i}"`));
+    fs.writeFileSync(path.join(dir, side!, 'policy.d', '99-f.toml'), frag!);
+  }
+  const file = path.join(dir, 'etc', 'policy.toml');
+  const digest = (side: string) => {
+    fs.rmSync(path.join(dir, 'etc'), { force: true });
+    fs.symlinkSync(side, path.join(dir, 'etc'));
+    return loadTrustedPolicy(file).sha256;
+  };
+  const sides = new Set([digest('A'), digest('B')]);
+  const swapper = spawnSync('sh', ['-c', 'cd "$1"; for i in $(seq 400); do ln -sfn A e.new; mv -T e.new etc; '
+    + 'ln -sfn B e.new; mv -T e.new etc; done >/dev/null 2>&1 & echo $!', 'sh', dir], { encoding: 'utf8' });
+  const pid = Number(swapper.stdout.trim());
+  t.teardown(async () => {
+    try {
+      process.kill(pid);
+    } catch {
+      return;
+    }
+    await until(() => { try { process.kill(pid, 0); return null; } catch { return true; } },
+      { ms: 5000, what: 'the swapper to stop' });
+  });
+  const seen: string[] = [];
+  while (seen.length < 400) {
+    try {
+      seen.push(loadTrustedPolicy(file).sha256);
+    } catch (err) {
+      if (!(err instanceof TapbrokerError)) throw err;
+    }
+    try {
+      process.kill(pid, 0);
+    } catch {
+      break;
+    }
+  }
+  const mixed = seen.filter((d) => !sides.has(d));
+  t.true(seen.length > 20, `${seen.length} loads while the swaps ran`);
+  t.is(new Set(seen).size, 2, 'each side was read, whole, while they were swapped');
+  t.is(mixed.length, 0, `${mixed.length} of ${seen.length} loads were of neither side`);
+});

@@ -181,3 +181,17 @@ asRoot('a file that cannot be resolved', (t) => {
   fs.symlinkSync(loop, loop);
   t.is(why(t, loop), 'cannot be resolved (ELOOP)');
 });
+
+// Found by an outside review: a directory a user named, on the way to a fragment root linked into its home, reached the
+// broker's log, test-policy's output and the reload's reply raw (its newline forged a `policy reloaded' line).
+asRoot('a directory a user named is escaped in the reason', (t) => {
+  const { dir } = setUp();
+  const home = path.join(dir, 'x\ntapbrokerd: policy reloaded\u001b[8m');
+  fs.mkdirSync(home);
+  fs.chownSync(home, 65534, 65534);
+  const file = path.join(home, 'f');
+  fs.writeFileSync(file, 'x');
+  const reason = why(t, file) ?? '';
+  t.regex(reason, /^is owned by uid 65534 \(through .*x\\x0atapbrokerd: policy reloaded\\x1b\[8m\), not root$/);
+  t.false(/[\u0000-\u001f]/.test(reason), 'no control character left');
+});

@@ -6,6 +6,7 @@
 // there could point the link elsewhere between the check and the read.
 import fs from 'node:fs';
 import path from 'node:path';
+import { shown } from './naming.js';
 
 /** Symlinks followed on one path, at most (the kernel's own limit). */
 const MAX_LINKS = 40;
@@ -28,10 +29,12 @@ export function notRootsAlone(file: string, trusted: (uid: number) => boolean = 
   if ((target.st.mode & 0o022) !== 0) return `is writable by ${target.st.mode & 0o002 ? 'others' : 'its group'}`;
   // The nearest directory first: the one an administrator is most likely to have to fix.
   for (const { dir, st, entry } of steps.reverse()) {
-    if (!trusted(st.uid)) return `is owned by uid ${st.uid} (through ${dir}), not root`;
+    // A directory a user named (a link into a home directory): escaped, as any text it wrote (an outside review
+    // forged a log line with its newline).
+    if (!trusted(st.uid)) return `is owned by uid ${st.uid} (through ${shown(dir)}), not root`;
     const sticky = (st.mode & 0o1000) !== 0 && trusted(entry.uid);
     if ((st.mode & 0o022) !== 0 && !sticky) {
-      return `is writable by ${st.mode & 0o002 ? 'others' : 'its group'} (through ${dir})`;
+      return `is writable by ${st.mode & 0o002 ? 'others' : 'its group'} (through ${shown(dir)})`;
     }
   }
   return null;

@@ -2,6 +2,7 @@
 // (opened once, its fragments read through that opening), which of them root alone could have written, and
 // their text, read without waiting on a FIFO or reading without end.
 import fs from 'node:fs';
+import { basename, dirname } from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol/core';
 import { notRootsAlone, readRegular } from './paths.js';
 
@@ -20,35 +21,68 @@ const fdPaths = fs.existsSync('/proc/self/fd');
 
 /**
  * The files a policy is made of, as one look at them: `path`, then every `*.toml` in the directory beside it named
- * after it (`policy.d` for `policy.toml`), in lexical (byte) order, each read through that directory as opened once
- * (`at`): a directory swapped under a reload (a link replaced, as tapbroker-policy(5) suggests) gives the names and
- * contents of one of them, never a mix (an outside review applied one directory's allows without its denies). Other
- * names there (an editor's backup, a package manager's `.dpkg-old`) are not read.
+ * after it (`policy.d` for `policy.toml`), in lexical (byte) order. The directory holding both is opened once, and the
+ * fragment directory once through it; every file is read through those openings (`at`): a directory swapped under a
+ * reload (a link replaced, as tapbroker-policy(5) suggests, or the directory above) gives the names and contents of one
+ * of them, never a mix (outside reviews applied one directory's allows without its denies). A fragment directory that
+ * is a link to nothing (gone, or hidden by the unit's PrivateTmp) is an error, not a policy without fragments (its
+ * deny rules were lost so). Other names there (an editor's backup, a `.dpkg-old`) are not read.
  */
 export function openedPolicy<T>(path: string, f: (files: PolicyFile[]) => T): T {
   const dir = fragmentDir(path);
+  const up = opened(dirname(path));
+  try {
+    const main: PolicyFile = { file: path, at: `${up.at}/${basename(path)}`, real: `${up.real}/${basename(path)}` };
+    let fd: number;
+    try {
+      fd = fs.openSync(`${up.at}/${basename(dir)}`, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' && !linked(`${up.at}/${basename(dir)}`)) return f([main]);
+      const why = code === 'ENOENT' ? 'it is a link to nothing (gone, or hidden from the broker: the unit\'s '
+        + 'PrivateTmp hides /tmp and /var/tmp)' : (err as Error).message;
+      throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${why}`);
+    }
+    try {
+      const frag = fdPaths ? `/proc/self/fd/${fd}` : dir;
+      let real: string;
+      let names: string[];
+      try {
+        real = fdPaths ? fs.readlinkSync(frag) : dir;
+        names = fragmentNames(dir, fs.readdirSync(frag, { encoding: 'buffer' }));
+      } catch (err) {
+        if (err instanceof TapbrokerError) throw err;
+        throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
+      }
+      return f([main, ...names.map((n) => ({ file: `${dir}/${n}`, at: `${frag}/${n}`, real: `${real}/${n}` }))]);
+    } finally {
+      fs.closeSync(fd);
+    }
+  } finally {
+    up.close();
+  }
+}
+
+/** A directory opened once, to read through (`at`), with its real path; where it cannot be, its path as given. */
+function opened(dir: string): { at: string; real: string; close(): void } {
   let fd: number;
   try {
+    if (!fdPaths) throw new Error('no /proc/self/fd');
     fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return f([{ file: path, at: path }]);
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
+  } catch {
+    // Its files' reads then fail (or not) as they would have, and say why.
+    return { at: dir, real: dir, close: () => {} };
   }
+  return { at: `/proc/self/fd/${fd}`, real: fs.readlinkSync(`/proc/self/fd/${fd}`), close: () => fs.closeSync(fd) };
+}
+
+/** Is there a name at `file` (a link, even to nothing)? */
+function linked(file: string): boolean {
   try {
-    const opened = fdPaths ? `/proc/self/fd/${fd}` : dir;
-    let real: string;
-    let names: string[];
-    try {
-      real = fdPaths ? fs.readlinkSync(opened) : dir;
-      names = fragmentNames(dir, fs.readdirSync(opened, { encoding: 'buffer' }));
-    } catch (err) {
-      if (err instanceof TapbrokerError) throw err;
-      throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${(err as Error).message}`);
-    }
-    return f([{ file: path, at: path },
-      ...names.map((n) => ({ file: `${dir}/${n}`, at: `${opened}/${n}`, real: `${real}/${n}` }))]);
-  } finally {
-    fs.closeSync(fd);
+    fs.lstatSync(file);
+    return true;
+  } catch {
+    return false;
   }
 }
 
@@ -91,10 +125,10 @@ export function untrustedPolicyFile(path: string): { file: string; why: string }
 
 export function firstUntrusted(path: string, files: readonly PolicyFile[]): { file: string; why: string } | null {
   const dir = fragmentDir(path);
-  // A fragment by the real path of the directory as opened (every directory above it walked); the directory by the
-  // path given too (the links on the way to it).
+  // Each file by the real path of the directory it was read through (every directory above it walked); the policy
+  // and its fragment directory by the paths given too (the links on the way to them).
   const checks = [{ file: path, at: path }, ...(files.length > 1 || fs.existsSync(dir) ? [{ file: dir, at: dir }] : []),
-    ...files.slice(1).map((f) => ({ file: f.file, at: f.real ?? f.file }))];
+    ...files.map((f) => ({ file: f.file, at: f.real ?? f.file }))];
   for (const { file, at } of checks) {
     const why = notRootsAlone(at);
     if (why) return { file, why };
@@ -129,7 +163,9 @@ export function readSources(files: readonly PolicyFile[]): Array<{ path: string;
       // A FIFO a reload opened would hold every client up (an outside review); nor is a policy 16 MiB.
       return { path: file, text: readRegular(at, MAX_POLICY_BYTES) };
     } catch (err) {
-      throw new TapbrokerError('TB_E_POLICY_INVALID', `${file}: cannot read the policy: ${(err as Error).message}`);
+      // Named as given, not as read (/proc/self/fd/N/…).
+      const why = (err as Error).message.replaceAll(at, file);
+      throw new TapbrokerError('TB_E_POLICY_INVALID', `${file}: cannot read the policy: ${why}`);
     }
   });
 }
