@@ -1,5 +1,5 @@
 // Policy fragments: the main file plus every *.toml in the directory named after it, read as one policy.
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
@@ -428,8 +428,6 @@ test('the tools read the same set: check-policy names the fragment a warning is 
 // allow without its deny. The directory is now opened once, and every fragment read through that opening.
 test('a fragment directory swapped under a load gives one directory\'s policy or the other\'s, never a mix', async (t) => {
   const dir = tempDir('frag-swap');
-  // Last: the swapper's last `ln` may still be writing there when it is stopped.
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }));
   fs.chmodSync(dir, 0o755);
   fs.writeFileSync(path.join(dir, 'policy.toml'), '');
   for (const side of ['A', 'B']) {
@@ -438,15 +436,24 @@ test('a fragment directory swapped under a load gives one directory\'s policy or
       fs.writeFileSync(path.join(dir, side, `${i}-r.toml`), rule(`r${i}`, `"br${side}${i}"`));
     }
   }
-  const file = path.join(dir, 'policy.toml');
+  await loadsWhileSwapped(t, dir, 'policy.d', path.join(dir, 'policy.toml'));
+});
+
+/**
+ * Loads `file` while a loop swaps the link `link` in `dir` between A and B (ln -sfn, mv -T), as an administrator
+ * would: every load must be of one side or the other, whole. `dir` goes afterwards.
+ */
+async function loadsWhileSwapped(t: ExecutionContext, dir: string, link: string, file: string): Promise<void> {
+  // Last: the swapper's last `ln` may still be writing there when it is stopped.
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }));
   const digest = (side: string) => {
-    fs.rmSync(path.join(dir, 'policy.d'), { force: true });
-    fs.symlinkSync(side, path.join(dir, 'policy.d'));
+    fs.rmSync(path.join(dir, link), { force: true });
+    fs.symlinkSync(side, path.join(dir, link));
     return loadTrustedPolicy(file).sha256;
   };
   const sides = new Set([digest('A'), digest('B')]);
-  const swapper = spawnSync('sh', ['-c', 'cd "$1"; for i in $(seq 400); do ln -sfn A p.new; mv -T p.new policy.d; '
-    + 'ln -sfn B p.new; mv -T p.new policy.d; done >/dev/null 2>&1 & echo $!', 'sh', dir], { encoding: 'utf8' });
+  const swapper = spawnSync('sh', ['-c', 'cd "$1"; for i in $(seq 400); do ln -sfn A l.new; mv -T l.new "$2"; '
+    + 'ln -sfn B l.new; mv -T l.new "$2"; done >/dev/null 2>&1 & echo $!', 'sh', dir, link], { encoding: 'utf8' });
   const pid = Number(swapper.stdout.trim());
   t.teardown(async () => {
     try {
@@ -473,9 +480,9 @@ test('a fragment directory swapped under a load gives one directory\'s policy or
   }
   const mixed = seen.filter((d) => !sides.has(d));
   t.true(seen.length > 20, `${seen.length} loads while the swaps ran`);
-  t.is(new Set(seen).size, 2, 'each directory was read, whole, while they were swapped');
-  t.is(mixed.length, 0, `${mixed.length} of ${seen.length} loads were of neither directory`);
-});
+  t.is(new Set(seen).size, 2, 'each side was read, whole, while they were swapped');
+  t.is(mixed.length, 0, `${mixed.length} of ${seen.length} loads were of neither side`);
+}
 
 // Found by an outside review: a policy.d that is a link to nothing (its target gone, or under /tmp, which the unit's
 // PrivateTmp hides) loaded as a policy without fragments, their deny rules lost, and check-policy said `ok'.
@@ -498,7 +505,6 @@ test('a fragment directory that is a link to nothing is an error, not a policy w
 // other's fragments, and a deny moved from the main file to a fragment was in neither.
 test('the directory above the policy swapped under a load gives one side\'s policy or the other\'s, never a mix', async (t) => {
   const dir = tempDir('frag-parent');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }));
   fs.chmodSync(dir, 0o755);
   for (const [side, main, frag] of [['A', rule('m', '"brA"'), rule('f', '"brA2"')], ['B', rule('m', '"brB"'), rule('f', '"brB2"')]]) {
     fs.mkdirSync(path.join(dir, side!, 'policy.d'), { recursive: true, mode: 0o755 });
@@ -506,40 +512,5 @@ test('the directory above the policy swapped under a load gives one side\'s poli
     for (let i = 10; i < 40; i++) fs.writeFileSync(path.join(dir, side!, 'policy.d', `${i}-r.toml`), rule(`r${i}`, `"br${side}${i}"`));
     fs.writeFileSync(path.join(dir, side!, 'policy.d', '99-f.toml'), frag!);
   }
-  const file = path.join(dir, 'etc', 'policy.toml');
-  const digest = (side: string) => {
-    fs.rmSync(path.join(dir, 'etc'), { force: true });
-    fs.symlinkSync(side, path.join(dir, 'etc'));
-    return loadTrustedPolicy(file).sha256;
-  };
-  const sides = new Set([digest('A'), digest('B')]);
-  const swapper = spawnSync('sh', ['-c', 'cd "$1"; for i in $(seq 400); do ln -sfn A e.new; mv -T e.new etc; '
-    + 'ln -sfn B e.new; mv -T e.new etc; done >/dev/null 2>&1 & echo $!', 'sh', dir], { encoding: 'utf8' });
-  const pid = Number(swapper.stdout.trim());
-  t.teardown(async () => {
-    try {
-      process.kill(pid);
-    } catch {
-      return;
-    }
-    await until(() => { try { process.kill(pid, 0); return null; } catch { return true; } },
-      { ms: 5000, what: 'the swapper to stop' });
-  });
-  const seen: string[] = [];
-  while (seen.length < 400) {
-    try {
-      seen.push(loadTrustedPolicy(file).sha256);
-    } catch (err) {
-      if (!(err instanceof TapbrokerError)) throw err;
-    }
-    try {
-      process.kill(pid, 0);
-    } catch {
-      break;
-    }
-  }
-  const mixed = seen.filter((d) => !sides.has(d));
-  t.true(seen.length > 20, `${seen.length} loads while the swaps ran`);
-  t.is(new Set(seen).size, 2, 'each side was read, whole, while they were swapped');
-  t.is(mixed.length, 0, `${mixed.length} of ${seen.length} loads were of neither side`);
+  await loadsWhileSwapped(t, dir, 'etc', path.join(dir, 'etc', 'policy.toml'));
 });
