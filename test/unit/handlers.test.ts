@@ -910,11 +910,11 @@ test('a tap that takes another uid\'s locked guest\'s MAC leaves its bridge, and
       return name;
     };
     const own = await take(1000);
-    t.is(broker.lifetimes.forwarding.takerWaits(1000), 0, 'its own guest: no wait');
+    t.is(broker.lifetimes.forwarding.takerWaits(1000, false), 0, 'its own guest: no wait');
     t.false(kernel.steps.includes(`detach ${own}`));
     const other = await take(2000);
     t.true(kernel.steps.includes(`detach ${other}`), 'the taker left its bridge');
-    const waits = broker.lifetimes.forwarding.takerWaits(2000);
+    const waits = broker.lifetimes.forwarding.takerWaits(2000, false);
     t.true(waits > 900 && waits <= 1000, `${waits} ms`);
     const refused = await t.throwsAsync(ask(broker, caller(2000), tap()));
     t.like(refused, { code: 'TB_E_BUSY' });
@@ -956,7 +956,40 @@ test('events repeating a judged state are judged again shortly after, and a chan
     await settled(broker);
     t.is(kernel.linkNamed(name), null, 'found within the delay, and deleted');
     t.true(records.some((r) => r.decision === 'cleanup' && /changed its owner or group/.test(r.message ?? '')));
+    // A persistent tap's events are all judged at once: whoever its owner lets in may attach a queue unseen otherwise.
+    const kept = await ask(broker, caller(1000), { op: 'create-tap', bridge: 'br1', persistent: true });
+    const persistent = (kept.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    const before = looked;
+    for (let i = 0; i < 3; i++) kernel.repeatEvent(persistent);
+    await ask(broker, caller(1000), { op: 'list' });
+    t.is(looked, before + 3);
   }));
+
+// Found by an outside re-test: a member of the group a persistent tap was given to took a locked guest's MAC through
+// it, and its owner's every device waited. Only the owner's taps given to a group wait then.
+test('a tap given to a group that takes a locked guest\'s MAC: only its owner\'s taps given to a group wait', (t) =>
+  onFakeKernel(async ({ broker, kernel, held }) => {
+    const guest = await ask(broker, caller(2000), { op: 'create-tap', bridge: 'br0' });
+    held.push(...guest.fds);
+    const mac = (guest.reply as { device: { mac: string } }).device.mac;
+    const given = await ask(broker, caller(1000), { op: 'create-tap', bridge: 'br0', persistent: true, group: 1000 });
+    const name = (given.reply as { device: { name: string } }).device.name;
+    await settled(broker);
+    kernel.holderChanges(name, { address: Buffer.from(mac.split(':').map((h) => parseInt(h, 16))) });
+    await ask(broker, caller(1000), { op: 'list' });
+    await settled(broker);
+    t.true(kernel.steps.includes(`detach ${name}`), 'the taker left its bridge');
+    t.is(broker.lifetimes.forwarding.takerWaits(1000, false), 0, 'its owner\'s own devices do not wait');
+    t.true(broker.lifetimes.forwarding.takerWaits(1000, true) > 0);
+    const own = await ask(broker, caller(1000), { op: 'create-tap', bridge: 'br0' });
+    held.push(...own.fds);
+    t.is(own.reply.op, 'create-tap');
+    const refused = await t.throwsAsync(ask(broker, caller(1000), { op: 'create-tap', bridge: 'br0', persistent: true,
+      group: 1000 }));
+    t.regex(refused!.message, /a tap you gave a group took the MAC of a guest whose port is locked; taps you give a group wait/);
+  }, '[[rule]]\nname = "locked"\nusers = [2000]\nbridges = ["br0"]\nmac_lock = true\n\n'
+    + '[[rule]]\nname = "grp"\nusers = [1000]\nbridges = ["br0"]\npersistent = true\n'));
 
 // Found by an outside re-test: a lease taken back from its device's tag has no plug, and an Open vSwitch VLAN port's
 // was followed as a Linux bridge's, so its device was deleted at a start (not a port of "its bridge").

@@ -49,10 +49,15 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
     throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `
       + `another ${Math.ceil(cooling / 1000)} s`);
   }
-  const taker = ctx.lifetimes.forwarding.takerWaits(caller.uid);
+  const toGroup = spec.persistent && spec.group !== null;
+  const taker = ctx.lifetimes.forwarding.takerWaits(caller.uid, toGroup);
   if (taker > 0) {
-    throw new TapbrokerError('TB_E_BUSY', `a tap of yours took the MAC of a guest whose port is locked; new devices `
-      + `wait another ${Math.ceil(taker / 1000)} s`);
+    const own = ctx.lifetimes.forwarding.takerWaits(caller.uid, false) > 0;
+    const s = Math.ceil(taker / 1000);
+    throw new TapbrokerError('TB_E_BUSY', own
+      ? `a tap of yours took the MAC of a guest whose port is locked; new devices wait another ${s} s`
+      : `a tap you gave a group took the MAC of a guest whose port is locked; taps you give a group wait `
+        + `another ${s} s`);
   }
   const busy = ctx.teardowns(caller.uid);
   if (busy >= MAX_TEARDOWN_PER_UID) {

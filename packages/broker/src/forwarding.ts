@@ -271,25 +271,34 @@ export class Forwarding {
     return relocked;
   }
 
-  /** Uids whose taps took a locked guest's MAC (see TAKER_WAIT_MS), and the tap each last did it with. */
-  private readonly takers = new Map<number, { strikes: number; until: number; last: number; tap: string }>();
+  /**
+   * Uids whose taps took a locked guest's MAC (see TAKER_WAIT_MS), and the tap each last did it with: `u:UID` for its
+   * own taps, `g:UID` for taps it gave a group (any member may have done it: an outside re-test had a member make
+   * the owner's every device wait; only the owner's taps given to a group wait then).
+   */
+  private readonly takers = new Map<string, { strikes: number; until: number; last: number; tap: string }>();
 
-  /** `l` took a locked guest's MAC: it leaves its bridge, and its uid's new devices wait (once per tap). */
+  /** `l` took a locked guest's MAC: it leaves its bridge, and new devices wait (once per tap). */
   private lockTaken(l: LeaseRecord): void {
     const now = performance.now();
-    const t = this.takers.get(l.uid);
+    const key = `${l.group === null ? 'u' : 'g'}:${l.uid}`;
+    const t = this.takers.get(key);
     if (t?.tap === l.id) return;
     void this.kernel.detach(l.ifindex).catch(() => {});
     const strikes = t && now - t.last < TAKER_MEMORY_MS ? t.strikes + 1 : 1;
     const wait = Math.min(TAKER_WAIT_MAX_MS, this.takerWaitMs * 2 ** Math.min(strikes - 1, 20));
-    this.takers.set(l.uid, { strikes, until: now + wait, last: now, tap: l.id });
+    this.takers.set(key, { strikes, until: now + wait, last: now, tap: l.id });
     if (this.takers.size > 4096) this.takers.delete(this.takers.keys().next().value!);
   }
 
-  /** How long `uid`'s new devices must still wait after its tap took a locked guest's MAC (ms; 0: none). */
-  takerWaits(uid: number): number {
-    const t = this.takers.get(uid);
-    return t ? Math.max(0, Math.ceil(t.until - performance.now())) : 0;
+  /**
+   * How long `uid`'s new devices (`toGroup`: a tap it gives a group) must still wait after a tap of its, or one it
+   * gave a group, took a locked guest's MAC (ms; 0: none).
+   */
+  takerWaits(uid: number, toGroup: boolean): number {
+    const keys = [`u:${uid}`, ...(toGroup ? [`g:${uid}`] : [])];
+    const until = Math.max(...keys.map((k) => this.takers.get(k)?.until ?? 0));
+    return Math.max(0, Math.ceil(until - performance.now()));
   }
 
   /** When each bridge's last pass ran, and the passes due. */
