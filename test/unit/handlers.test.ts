@@ -1130,7 +1130,7 @@ test('a connection whose held lease ended otherwise (a breach) is closed once id
 
 // Found by an outside review: the bridge helper said hello as `tapbroker', and nothing in a record told its grants
 // from `tapbroker run''s. The name is the client's own word: kept for the trail, printable ASCII only.
-test('records after a hello carry the name the client gave itself, control and non-ASCII characters replaced', async (t) => {
+test('records after a hello carry the name the client gave itself, its control and non-ASCII bytes escaped', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-client-'));
   const records: AuditRecord[] = [];
   const devNull = fs.openSync('/dev/null', 'w');
@@ -1163,8 +1163,8 @@ test('records after a hello carry the name the client gave itself, control and n
     }
     const grants = records.filter((r) => r.decision === 'grant');
     t.is(grants.length, 4);
-    t.is(grants[0]!.client, 'vm?[2J?manager');
-    t.is(grants[1]!.client, 'vm?[2J?manager', 'not renamed by a second hello');
+    t.is(grants[0]!.client, 'vm\\x1b[2J\\xe2\\x80\\xaemanager');
+    t.is(grants[1]!.client, 'vm\\x1b[2J\\xe2\\x80\\xaemanager', 'not renamed by a second hello');
     t.false('client' in grants[2]!, 'a hello without a name leaves the field out');
     t.false('client' in grants[3]!, 'and a later hello does not add one');
   } finally {

@@ -13,7 +13,7 @@ import {
 } from '@tapbroker/protocol/core';
 import { decodeRequest, encodeReply } from '@tapbroker/protocol/requests';
 import type { Fairness } from './fairness.js';
-import type { Identity } from './identity.js';
+import { bytesShown, type Identity } from './identity.js';
 import { toStderr } from './stderr.js';
 
 /** What a handler returns: the reply, the fds that travel with it, and a lease this connection holds. */
@@ -303,7 +303,9 @@ export class Session {
     }
     if (req.op === 'hello') {
       // The first hello names the client for the connection's records; a later one cannot rename it.
-      if (!this.helloed && req.client !== undefined) this.caller.client = req.client.replace(/[^\x20-\x7e]/g, '?');
+      // Its bytes as the audit trail writes a program's (an outside review: `?' for every other character made names
+      // alike).
+      if (!this.helloed && req.client !== undefined) this.caller.client = bytesShown(Buffer.from(req.client));
       this.helloed = true;
       if (this.timer) clearTimeout(this.timer);
     }
