@@ -2,9 +2,11 @@
 // events without end (an offload toggled: no capability needed), each of which costs the broker a decode and four
 // sysfs reads (an event numbers a tap's owner as the task that sent it sees it: see Lifetimes.onLink); an outside
 // review kept everyone's requests waiting up to 0.3 s every second that way, under every flood limit. An event that
-// repeats a judged state is not judged again at once: the device is looked at once more within REPEAT_CHECK_MS (what
-// a repeated event may hide is an owner numbered alike from another user namespace; anything that event could be used
-// for, a queue attached, shows in the next event as a state of its own).
+// repeats a judged state of an fd-bound tap is not judged again at once: the device is looked at once more within
+// REPEAT_CHECK_MS. What such an event may hide is an owner numbered alike from another user namespace, and what that
+// owner could do there, attach a queue, is a queue beyond the lease's: a state of its own, judged at once, and a
+// breach whoever did it. A persistent tap's queues are anyone's its owner or group lets in: its events are all
+// judged at once (a re-test hid a group tap's regroup in the window and let a denied uid attach).
 import type { LeaseRecord } from './leases.js';
 import type { Link } from './rtnetlink.js';
 
