@@ -514,3 +514,18 @@ test('the directory above the policy swapped under a load gives one side\'s poli
   }
   await loadsWhileSwapped(t, dir, 'etc', path.join(dir, 'etc', 'policy.toml'));
 });
+
+// Found by an outside re-test: `-f …/policy.toml/' read the main file and looked for `policy.toml/.d', found nothing,
+// and loaded without the fragments' denies; an error about policy.d named /proc/self/fd/N/policy.d.
+test('a policy path ending in / is refused; an error about the fragment directory names it as given', (t) => {
+  const { dir, file } = setUp(rule('lab', '"br0"'), { '10-deny.toml': '[[deny]]\nname = "d"\nusers = ["nobody"]\n' });
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const slash = t.throws(() => loadTrustedPolicy(`${file}/`)) as TapbrokerError;
+  t.is(slash.code, 'TB_E_POLICY_INVALID');
+  t.regex(slash.message, /policy\.toml\/: not a file \(the path ends in \/\)/);
+  fs.rmSync(path.join(dir, 'policy.d'), { recursive: true });
+  fs.writeFileSync(path.join(dir, 'policy.d'), '');
+  const notDir = t.throws(() => loadTrustedPolicy(file)) as TapbrokerError;
+  t.regex(notDir.message, new RegExp(`cannot read ${dir}/policy\\.d: ENOTDIR: not a directory, open '${dir}/policy\\.d'`));
+  t.notRegex(notDir.message, /\/proc\/self\/fd/);
+});

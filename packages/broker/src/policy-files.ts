@@ -29,6 +29,9 @@ const fdPaths = fs.existsSync('/proc/self/fd');
  * deny rules were lost so). Other names there (an editor's backup, a `.dpkg-old`) are not read.
  */
 export function openedPolicy<T>(path: string, f: (files: PolicyFile[]) => T): T {
+  // `policy.toml/` names no file, and its fragment directory would be `policy.toml/.d`: none, its denies lost (an
+  // outside re-test); the kernel refuses it too.
+  if (path.endsWith('/')) throw new TapbrokerError('TB_E_POLICY_INVALID', `${path}: not a file (the path ends in /)`);
   const dir = fragmentDir(path);
   const up = opened(dirname(path));
   try {
@@ -40,7 +43,7 @@ export function openedPolicy<T>(path: string, f: (files: PolicyFile[]) => T): T 
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOENT' && !linked(`${up.at}/${basename(dir)}`)) return f([main]);
       const why = code === 'ENOENT' ? 'it is a link to nothing (gone, or hidden from the broker: the unit\'s '
-        + 'PrivateTmp hides /tmp and /var/tmp)' : (err as Error).message;
+        + 'PrivateTmp hides /tmp and /var/tmp)' : (err as Error).message.replaceAll(`${up.at}/${basename(dir)}`, dir);
       throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${why}`);
     }
     try {
