@@ -257,8 +257,7 @@ export class Forwarding {
     }, wait));
   }
 
-  /** The locked leases holding `mac` on `bridge` (the oldest per VLAN), their entries put back now. */
-  /** Puts back the entries of the locked leases holding `mac` on `bridge` (one per VLAN); returns those leases. */
+  /** The locked leases holding `mac` on `bridge` (the oldest per VLAN), their entries put back now; returned. */
   private relockMac(bridge: string, mac: string, why: string): LeaseRecord[] {
     const seen = new Set<number | null>();
     const relocked: LeaseRecord[] = [];
