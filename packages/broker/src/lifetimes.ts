@@ -422,7 +422,6 @@ export class Lifetimes implements Cleanup {
   private readonly repeats = new Repeats((link) => this.onLink(RTM_NEWLINK, link, true));
 
   private onLink(type: number, link: Link, again = false): void {
-    if (this.repeats.sameBridge(link, type === RTM_DELLINK)) return;
     this.kernel.observe(type, link);
     const l = this.table.byIfindex(link.index);
     if (!l) {
@@ -563,7 +562,6 @@ export class Lifetimes implements Cleanup {
     // that threw): lost events are never forgotten half-handled.
     this.resyncOwed = true;
     this.kernel.observe(0, null);
-    this.repeats.forgetBridges();
     const links = new Map(this.kernel.links().map((k) => [k.index, k]));
     for (const l of this.table.all()) this.judge(l, links.get(l.ifindex) ?? null);
     // What the lost events showed is lost with them: a MAC set and set back meanwhile has deleted the bridge's

@@ -19,8 +19,7 @@ const KEPT = 4;
 export function stateOf(link: Link): string {
   const t = link.tun;
   return [link.flags, link.name, link.master, link.address?.toString('hex'), link.mtu, link.alias, link.persist,
-    t?.owner, t?.group, t?.queues, link.portLocked, link.kind, link.link, link.vlanFiltering, link.defaultPvid,
-  ].join('|');
+    t?.owner, t?.group, t?.queues, link.portLocked, link.kind, link.link].join('|');
 }
 
 export class Repeats {
@@ -53,28 +52,6 @@ export class Repeats {
     const kept = this.states.get(l) ?? [];
     if (kept.includes(state)) return;
     this.states.set(l, [state, ...kept].slice(0, KEPT));
-  }
-
-  /** The last state of each bridge an event was applied for (a port's offloads toggled change its bridge's too). */
-  private readonly bridges = new Map<number, string>();
-
-  /** Does a bridge's event show the state its last one did (nothing to apply)? A deletion forgets the bridge. */
-  sameBridge(link: Link, deleted: boolean): boolean {
-    if (link.kind !== 'bridge') return false;
-    if (deleted) {
-      this.bridges.delete(link.index);
-      return false;
-    }
-    const state = stateOf(link);
-    if (this.bridges.get(link.index) === state) return true;
-    this.bridges.set(link.index, state);
-    if (this.bridges.size > 4096) this.bridges.delete(this.bridges.keys().next().value!);
-    return false;
-  }
-
-  /** After lost events: every bridge's next event is applied. */
-  forgetBridges(): void {
-    this.bridges.clear();
   }
 
   close(): void {
