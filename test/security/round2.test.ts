@@ -14,6 +14,7 @@ import { BROKER_VERSION } from '@tapbroker/broker';
 import { Subuids, runPolicyTests, type AuditRecord } from '@tapbroker/broker/internal';
 import { BrokerProcess, CLIENT_CLI, ROOT, tempDir } from '../helpers/broker.js';
 import { Netns, tunNode } from '../helpers/netns.js';
+import { Peer } from '../helpers/seqpeer.js';
 import { NOBODY, OTHER_UID, probe, probeOnce, setprivArgs } from '../helpers/unpriv.js';
 import { quiet, until, within } from '../helpers/wait.js';
 
@@ -1538,7 +1539,7 @@ test.serial('at the open-file limit a deletion still happens (on the broker\'s o
 
 // ---------------------------------------------------------------- B13: renamed users
 
-test.serial('B13: a renamed user: after a reload, {user} patterns and audit records use the new name', async (t) => {
+test.serial('B13: a renamed user: after a reload, {user} patterns and audit records use the new name, on a connection held since', async (t) => {
   // The broker's own account database: a copy of /etc/passwd with a user for uid 64000, renamed later.
   const passwd = path.join(dir, 'passwd');
   const base = fs.readFileSync('/etc/passwd', 'utf8').split('\n').filter((l) => l && !l.split(':')[2]?.startsWith(`${OTHER_UID}`)).join('\n');
@@ -1546,21 +1547,38 @@ test.serial('B13: a renamed user: after a reload, {user} patterns and audit reco
   write('tbold');
   const policy = `[[rule]]\nname = "u"\nusers = [${OTHER_UID}]\nbridges = ["br0"]\npersistent = true\nname_pattern = "u-{user}"\n`;
   const b = await BrokerProcess.start(ns, policy, { tag: 'r2user', passwd });
+  // A connection opened before the rename and held through it (an outside review: it kept the old name for good,
+  // and with it a device named for whoever was given that name next).
+  const held = Peer.start({ uid: OTHER_UID });
   try {
     const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, name: 'u-tbold' }] }, { uid: OTHER_UID });
     t.is(before.error, null, before.error?.message);
     await probeOnce({ socket: b.socket, release: ['u-tbold'] }, { uid: OTHER_UID });
+    const conn = await held.connect(b.socket);
+    const ask = async (id: number, frame: Record<string, unknown>) => {
+      await held.send(conn, Buffer.from(encodeFrame({ id, ...frame } as Parameters<typeof encodeFrame>[0])));
+      const got = await held.recv(conn);
+      return decodeReply(got.data!) as { op: string; code?: string };
+    };
+    t.is((await ask(0, { op: 'hello', version: PROTOCOL_VERSION })).op, 'hello');
     // The account is renamed (the same file, rewritten in place), and the policy reloaded.
     fs.writeFileSync(passwd, fs.readFileSync(passwd, 'utf8').replace('tbold:', 'tbnew:'));
     b.proc.kill('SIGHUP');
     await b.record((r) => r.op === 'reload' && r.decision === 'reload');
     const old = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, name: 'u-tbold' }] }, { uid: OTHER_UID });
     t.is(old.error?.code, 'TB_E_INVALID_NAME', 'the old name no longer fits');
-    const renamed = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, name: 'u-tbnew' }] }, { uid: OTHER_UID });
-    t.is(renamed.error, null, renamed.error?.message);
+    const tap = { op: 'create-tap', bridge: 'br0', persistent: true };
+    t.is((await ask(1, { ...tap, name: 'u-tbold' })).code, 'TB_E_INVALID_NAME', 'the old name no longer fits the held connection');
+    t.is(ns.link('u-tbold'), undefined);
+    t.is((await ask(2, { ...tap, name: 'u-tbnew' })).op, 'create-tap', 'the new name fits the held connection');
     t.is((await b.record((r) => r.decision === 'grant' && (r.device as { name?: string }).name === 'u-tbnew')).user, 'tbnew');
     await probeOnce({ socket: b.socket, release: ['u-tbnew'] }, { uid: OTHER_UID });
+    const renamed = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true, name: 'u-tbnew' }] }, { uid: OTHER_UID });
+    t.is(renamed.error, null, renamed.error?.message);
+    await probeOnce({ socket: b.socket, release: ['u-tbnew'] }, { uid: OTHER_UID });
   } finally {
+    await held.stop();
+    for (const n of ['u-tbold', 'u-tbnew']) if (ns.link(n)) ns.ip('link', 'del', n);
     await b.stop();
   }
 });

@@ -14,7 +14,8 @@ export interface Identity extends Caller {
    * longer names the caller.
    */
   exe: string | null;
-  user: string | null;
+  /** The uid's account name now (cached a minute, forgotten at a reload), not when the caller connected. */
+  readonly user: string | null;
   /**
    * The caller's parent when it connected (qemu or libvirtd for the bridge helper), as /proc showed it:
    * recorded for the audit trail, never used in a decision (the parent may exit or be replaced meanwhile).
@@ -27,9 +28,15 @@ export interface Identity extends Caller {
 }
 
 export function identify(peer: PeerCredentials): Identity {
+  const uid = peer.uid;
   return {
-    uid: peer.uid, gid: peer.gid, groups: peer.groups, pid: peer.pid, pidfd: peer.pidfd,
-    exe: readExe(peer.pid, peer.pidfd), user: userName(peer.uid), parent: readParent(peer.pid),
+    uid, gid: peer.gid, groups: peer.groups, pid: peer.pid, pidfd: peer.pidfd,
+    exe: readExe(peer.pid, peer.pidfd), parent: readParent(peer.pid),
+    // Looked up at each use, as the cache below keeps it: a connection held across an account's rename and a
+    // reload was still judged and recorded under the old name, then another user's (an outside review).
+    get user() {
+      return userName(uid);
+    },
   };
 }
 
