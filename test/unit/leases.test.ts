@@ -1,13 +1,14 @@
 // The lease table and the device tags: which leases are written to disk (and how often), and what a tag
 // carries so that a restart can take a lease back from the kernel alone.
 import test from 'ava';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
   ALIAS_MAX, LeaseTable, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
 } from '@tapbroker/broker/internal';
 import { BROKER_VERSION } from '@tapbroker/broker';
-import { tempDir } from '../helpers/broker.js';
+import { ROOT, tempDir } from '../helpers/broker.js';
 
 const lease = (over: Partial<LeaseRecord> = {}): LeaseRecord => ({
   id: '0123456789abcdef', uid: 1000, user: 'alice', kind: 'tap', name: 'tb1000-k3x9f2', ifindex: 7, parent: 'br0',
@@ -96,6 +97,35 @@ test('a confirmation the table cannot write changes nothing and throws', (t) => 
     fs.rmSync(dir, { recursive: true, force: true });
     t.throws(() => table.confirm([a.id]));
     t.deepEqual(table.unfinished(), [a.id]);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// Found by an outside review: on a nearly full state directory the kernel wrote the table short, the short count
+// went unchecked, and the truncated file was renamed over the good one; the next start read no table. Here the cut
+// is the kernel's own, made by RLIMIT_FSIZE (node ignores SIGXFSZ: the write past the limit fails with EFBIG).
+test('a table the kernel writes short (a full file system) never replaces the good one', (t) => {
+  const dir = tempDir('ltab');
+  try {
+    const child = `
+      import { LeaseTable } from '@tapbroker/broker/internal';
+      const { table } = LeaseTable.load(process.argv[1]);
+      let saved = 0;
+      try {
+        for (; saved < 200; saved++) table.add({ ...${JSON.stringify(lease({ ends: 'release' }))},
+          id: saved.toString(16).padStart(16, '0'), name: 'tb1000-' + saved, ifindex: 100 + saved });
+      } catch (err) {
+        console.log(JSON.stringify({ saved, code: err.code }));
+      }`;
+    const r = spawnSync('prlimit', ['--fsize=8192', process.execPath, '--input-type=module', '-e', child, dir],
+      { cwd: ROOT, encoding: 'utf8' });
+    t.is(r.status, 0, r.stderr);
+    const out = JSON.parse(r.stdout) as { saved: number; code: string };
+    t.is(out.code, 'EFBIG', 'the save past the limit failed');
+    t.true(out.saved > 5, `only ${out.saved} leases fit`);
+    t.is(onDisk(dir).length, out.saved, 'the table on disk is the last one written whole');
+    t.deepEqual(fs.readdirSync(dir), [STATE_FILE], 'no temporary file left');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

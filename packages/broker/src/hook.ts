@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol/core';
-import { hookUnsafe } from './paths.js';
+import { hookUnsafe, replaceFile } from './paths.js';
 
 export const HOOK_TIMEOUT_MS = 10_000;
 const OUTPUT_CAP = 4096;
@@ -136,24 +136,11 @@ export function hookRun(stateDir: string | null): { current: string; previous: s
   } catch {
     // None yet (a first start), or not a file: no hooks of a last run to find.
   }
-  const tmp = `${file}.${process.pid}.tmp`;
-  const { O_WRONLY, O_CREAT, O_TRUNC, O_NOFOLLOW } = fs.constants;
   try {
-    const fd = fs.openSync(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600);
-    try {
-      fs.writeSync(fd, `${current}\n`);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, file);
+    replaceFile(file, `${current}\n`);
   } catch {
     // A full or read-only state directory (the broker starts anyway, and says so): this run's hooks cannot be
     // found after a crash, which is what a broker without this file had. No temporary file stays behind.
-    try {
-      fs.rmSync(tmp, { force: true });
-    } catch {
-      // A read-only directory holds none.
-    }
   }
   return { current, previous };
 }

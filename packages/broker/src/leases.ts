@@ -7,7 +7,7 @@ import path from 'node:path';
 import { checkShape, macFromBuffer, type Lease, type Shape } from '@tapbroker/protocol/core';
 import type { Intent, LeaseRecord, StateFile } from './lease-schema.js';
 import { randomOctets } from './naming.js';
-import { readRegular } from './paths.js';
+import { readRegular, replaceFile } from './paths.js';
 import { STATE_SHAPE } from './state-shape.js';
 
 const PACKAGE_VERSION = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
@@ -358,41 +358,17 @@ export class LeaseTable {
     this.writes++;
     if (!this.dir) return;
     const file = path.join(this.dir, STATE_FILE);
-    const tmp = `${file}.${process.pid}.tmp`;
     try {
-      // O_NOFOLLOW: never written through a link planted in the state directory (only root writes there).
-      const fd = fs.openSync(
-        tmp,
-        fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW,
-        0o600,
-      );
-      try {
-        const leases = this.all().filter((l) => all || !this.volatile.has(l.id));
-        const table = {
-          version: 1, broker: BROKER_VERSION, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(),
-          downs: this.owedDowns(), pending: this.unfinished(), kept: [...this.kept], taken: this.taken,
-          retiring: [...this.retiring.values()],
-        };
-        fs.writeSync(fd, `${JSON.stringify(table)}\n`);
-        fs.fsyncSync(fd);
-      } finally {
-        fs.closeSync(fd);
-      }
-      fs.renameSync(tmp, file);
-      const dfd = fs.openSync(this.dir, 'r');
-      try {
-        fs.fsyncSync(dfd);
-      } finally {
-        fs.closeSync(dfd);
-      }
+      const leases = this.all().filter((l) => all || !this.volatile.has(l.id));
+      const table = {
+        version: 1, broker: BROKER_VERSION, leases, intents: this.unsettled(), ovsdbs: this.ovsdbs(),
+        downs: this.owedDowns(), pending: this.unfinished(), kept: [...this.kept], taken: this.taken,
+        retiring: [...this.retiring.values()],
+      };
+      replaceFile(file, `${JSON.stringify(table)}\n`);
       if (this.writeError !== null) this.log(`the lease table is written again (${file})`);
       this.writeError = null;
     } catch (err) {
-      try {
-        fs.rmSync(tmp, { force: true });
-      } catch {
-        // A read-only or full state directory: nothing was written to remove.
-      }
       const was = this.writeError;
       this.writeError = `cannot write ${file}: ${(err as Error).message}`;
       // Said once until it is written again: a release meanwhile leaves the file listing a device that is gone.

@@ -128,3 +128,37 @@ export function readRegularBytes(file: string, max: number, follow = true): Buff
     fs.closeSync(fd);
   }
 }
+
+/**
+ * Replaces `file` with `text`, whole or not at all: a temporary file beside it (never through a link, 0600) written
+ * in full, synced, renamed over `file`, and the directory synced. A write cut short (a nearly full file system) is
+ * carried on until it fails: an outside review found a lease table cut short renamed over the good one, as written.
+ * On failure the temporary file is removed and the error thrown.
+ */
+export function replaceFile(file: string, text: string): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const { O_WRONLY, O_CREAT, O_TRUNC, O_NOFOLLOW } = fs.constants;
+  try {
+    const fd = fs.openSync(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600);
+    try {
+      for (let buf = Buffer.from(text); buf.length > 0;) buf = buf.subarray(fs.writeSync(fd, buf));
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    try {
+      fs.rmSync(tmp, { force: true });
+    } catch {
+      // A read-only directory holds none.
+    }
+    throw err;
+  }
+  const dfd = fs.openSync(path.dirname(file), 'r');
+  try {
+    fs.fsyncSync(dfd);
+  } finally {
+    fs.closeSync(dfd);
+  }
+}
