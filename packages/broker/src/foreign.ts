@@ -384,7 +384,7 @@ export class ForeignFds {
       const child = spawn(process.execPath, [...process.execArgv, CLOSER], {
         stdio: ['ignore', 'ignore', 'inherit', theirs],
         detached: false,
-        env: { ...process.env, UV_THREADPOOL_SIZE: String(CLOSER_THREADS) },
+        env: { ...process.env, UV_THREADPOOL_SIZE: String(CLOSER_THREADS), TAPBROKER_CLOSER_OF: String(process.pid) },
       });
       child.on('error', (err) => this.log(`fd closer: ${err.message}`));
       // No process (EMFILE, EAGAIN): its pid is unknown, and a kill of it would signal pid 0, the broker's own
