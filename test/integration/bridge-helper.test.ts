@@ -194,6 +194,25 @@ test.serial('--use-vnet --br=BR: the tap goes over the socket with one byte, and
   }
 });
 
+// Found by an outside review: a value out of range was replaced by 30 without a word.
+test.serial('a $TAPBROKER_HELPER_TIMEOUT out of range is 30, with a warning, and the tap is still had', async (t) => {
+  for (const value of ['0.5', '3601', 'soon']) {
+    const [mine, theirs] = sys.socketpair(1);
+    try {
+      const r = await helper(['--br=br0', '--fd=3'], { fd: theirs, env: { TAPBROKER_HELPER_TIMEOUT: value } });
+      t.is(r.code, 0, r.err);
+      t.is(r.err, 'tapbroker-bridge-helper: warning: TAPBROKER_HELPER_TIMEOUT is not 1 to 3600 seconds: 30 used\n', value);
+      const got = receivedFd(mine);
+      for (const fd of got.fds) fs.closeSync(fd);
+      t.is(got.fds.length, 1);
+    } finally {
+      sys.close(mine);
+      sys.close(theirs);
+    }
+  }
+  await fx.broker.waitFor(() => fx.ns.extraLinks(HOST_LINKS).length === 0, 5000, 'a tap was left');
+});
+
 test.serial('--br=network:NAME asks for a network of the policy; without --use-vnet there is no vnet header', async (t) => {
   const [mine, theirs] = sys.socketpair(1);
   try {

@@ -61,6 +61,20 @@ test('who-can names groups as the account database does, and a gid it cannot loo
   t.regex(who.stdout, new RegExp(`group ${name}, group 4000999`));
 });
 
+// Found by an outside review: -n said ok to an unknown -g group, which a start refuses (64) after making its state
+// directory.
+test('an unknown -g group is a usage error, with -n too, before anything is made', (t) => {
+  const state = path.join(dir, 'state-g');
+  for (const args of [['-n'], ['--state-dir', state, '-s', path.join(dir, 'sock-g', 'tb.sock')]]) {
+    const r = run(...args, '-f', policy, '-g', 'no-such-group-tapbroker');
+    t.is(r.status, 64, `${args[0]}: ${r.stderr}`);
+    t.regex(r.stderr, /^tapbrokerd: no group `no-such-group-tapbroker'\n/);
+  }
+  t.false(fs.existsSync(state), 'the state directory was made');
+  t.false(fs.existsSync(path.join(dir, 'sock-g')), 'the socket\'s directory was made');
+  t.is(run('-n', '-f', policy, '-g', '0').status, 0, 'a gid is taken as it is');
+});
+
 test('-n prints exactly what check-policy prints, on the same streams', (t) => {
   const n = run('-n', '-f', policy);
   const check = run('check-policy', policy);

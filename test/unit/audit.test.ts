@@ -420,11 +420,11 @@ test('the refusal limit is 20 per uid and window', (t) => {
 
 test('refusals up to the limit are written one by one as errors', (t) => {
   const { audit, lines } = setup(t);
-  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'frame', 'TB_E_INVALID_REQUEST', `bad frame ${i}`);
+  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'request', 'TB_E_INVALID_REQUEST', `bad frame ${i}`);
   const recs = lines();
   t.is(recs.length, REFUSALS_PER_WINDOW);
   t.like(recs[0], {
-    op: 'frame', decision: 'error', rule: null, uid: 1000, pid: 4242, code: 'TB_E_INVALID_REQUEST', message: 'bad frame 0',
+    op: 'request', decision: 'error', rule: null, uid: 1000, pid: 4242, code: 'TB_E_INVALID_REQUEST', message: 'bad frame 0',
   });
   t.is(recs.at(-1)!.message, `bad frame ${REFUSALS_PER_WINDOW - 1}`);
   audit.flushRefusals();
@@ -434,7 +434,7 @@ test('refusals up to the limit are written one by one as errors', (t) => {
 test('past the limit, refusals are counted by code and summed up in one suppressed record at the window\'s end', (t) => {
   const { audit, lines } = setup(t);
   for (let i = 0; i < REFUSALS_PER_WINDOW + 5; i++) {
-    audit.refusal(ALICE, 'frame', i % 2 ? 'TB_E_BUSY' : 'TB_E_INVALID_REQUEST', 'refused');
+    audit.refusal(ALICE, 'request', i % 2 ? 'TB_E_BUSY' : 'TB_E_INVALID_REQUEST', 'refused');
   }
   t.is(lines().length, REFUSALS_PER_WINDOW, 'the five past the limit are not written');
   audit.flushRefusals();
@@ -454,7 +454,7 @@ test('past the limit, refusals are counted by code and summed up in one suppress
 // Found by an outside review: past the limit a dry run that would be denied was counted as a denial.
 test('past the limit, dry runs are counted as dry runs, by the code they would get', (t) => {
   const { audit, lines } = setup(t);
-  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'refused');
+  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'request', 'TB_E_BUSY', 'refused');
   audit.record({ op: 'create-tap', decision: 'deny', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED' });
   for (let i = 0; i < 3; i++) {
     audit.record({ op: 'can', decision: 'dry-run', rule: null, caller: ALICE, code: 'TB_E_POLICY_DENIED' });
@@ -467,8 +467,8 @@ test('past the limit, dry runs are counted as dry runs, by the code they would g
 
 test('the limit is per uid: one flooding uid does not silence another', (t) => {
   const { audit, lines } = setup(t);
-  for (let i = 0; i < REFUSALS_PER_WINDOW + 3; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'alice');
-  audit.refusal({ ...ALICE, uid: 1001, user: 'bob' }, 'frame', 'TB_E_BUSY', 'bob');
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 3; i++) audit.refusal(ALICE, 'request', 'TB_E_BUSY', 'alice');
+  audit.refusal({ ...ALICE, uid: 1001, user: 'bob' }, 'request', 'TB_E_BUSY', 'bob');
   const recs = lines();
   t.is(recs.length, REFUSALS_PER_WINDOW + 1);
   t.like(recs.at(-1), { uid: 1001, message: 'bob' });
@@ -480,9 +480,9 @@ test('the limit is per uid: one flooding uid does not silence another', (t) => {
 
 test('a new window starts after the summary: refusals are written one by one again', (t) => {
   const { audit, lines } = setup(t);
-  for (let i = 0; i < REFUSALS_PER_WINDOW + 1; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'first window');
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 1; i++) audit.refusal(ALICE, 'request', 'TB_E_BUSY', 'first window');
   audit.flushRefusals();
-  audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'second window');
+  audit.refusal(ALICE, 'request', 'TB_E_BUSY', 'second window');
   const recs = lines();
   t.is(recs.length, REFUSALS_PER_WINDOW + 2);
   t.like(recs.at(-1), { decision: 'error', message: 'second window' });
@@ -502,7 +502,7 @@ test('refusals of a caller without a uid share one count; their summary has no c
 
 test('close() ends the window: the summary is written', (t) => {
   const { audit, lines } = setup(t);
-  for (let i = 0; i < REFUSALS_PER_WINDOW + 1; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'x');
+  for (let i = 0; i < REFUSALS_PER_WINDOW + 1; i++) audit.refusal(ALICE, 'request', 'TB_E_BUSY', 'x');
   audit.close();
   t.like(lines().at(-1), { decision: 'suppressed', request: { counts: { TB_E_BUSY: 1 } } });
 });
@@ -531,7 +531,7 @@ test('denials, request errors and dry runs share the per-uid limit; past it they
 
 test('grants, cleanups and their failures are never held back by the limit, nor one uid by another\'s flood', (t) => {
   const { audit, lines } = setup(t);
-  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'frame', 'TB_E_BUSY', 'filling the window');
+  for (let i = 0; i < REFUSALS_PER_WINDOW; i++) audit.refusal(ALICE, 'request', 'TB_E_BUSY', 'filling the window');
   const ROOT: Identity = { ...ALICE, uid: 0, gid: 0, user: 'root' };
   audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'granted' });
   audit.record({ op: 'cleanup', decision: 'cleanup', rule: 'lab', caller: { uid: 1000 }, message: 'deleted' });

@@ -1,9 +1,13 @@
 // --net SPEC parsing and qemu argv building.
 import test from 'ava';
+import fs from 'node:fs';
+import path from 'node:path';
+import { ERROR_CODES, type ErrorCode } from '@tapbroker/protocol';
 import {
   TapbrokerError, buildNicArgs, childFdNumbers, exitCodeFor, libvirtInterfaceXml, main, nicArgs, parseArgs,
   parseLeaseArgs, parseNetSpec, shellQuote,
 } from '@tapbroker/client';
+import { ROOT } from '../helpers/broker.js';
 
 const DEFAULTS = {
   mode: null, network: false, queues: 1, vhost: false, mac: null, id: null, model: 'virtio-net-pci', props: [],
@@ -229,6 +233,24 @@ test('exit codes follow sysexits', (t) => {
   // without VLAN filtering 70, where vhost-net absent is 69.
   t.is(exitCodeFor('TB_E_MAC_LOCK'), 77);
   t.is(exitCodeFor('TB_E_VLAN_UNAVAILABLE'), 69);
+  // Found by an outside review: a network's failed hook exited 70, "the broker or kernel failed", and the page
+  // named the code nowhere.
+  t.is(exitCodeFor('TB_E_HOOK_FAILED'), 69);
+});
+
+test('tapbroker(1) gives every error code the exit status it has', (t) => {
+  const page = fs.readFileSync(path.join(ROOT, 'packages/client/man/tapbroker.1'), 'utf8');
+  const from = page.indexOf('.SH EXIT STATUS');
+  // The statuses, up to the paragraph after them (its example names a code too).
+  const section = page.slice(from, page.indexOf('\n.PP\n', from));
+  const named = new Map<string, number>();
+  for (const para of section.split('.TP\n').slice(1)) {
+    const status = Number(/^\.B (\d+)/.exec(para)?.[1]);
+    for (const [code] of para.matchAll(/TB_E_[A-Z_]+/g)) if (!Number.isNaN(status)) named.set(code, status);
+  }
+  for (const code of Object.keys(ERROR_CODES) as ErrorCode[]) {
+    t.is(named.get(code), exitCodeFor(code), `${code}: the page says ${named.get(code)}, the client exits ${exitCodeFor(code)}`);
+  }
 });
 
 test('shell quoting only where needed', (t) => {

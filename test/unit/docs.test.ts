@@ -3,7 +3,7 @@ import test from 'ava';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { MESSAGE_IDS, POLICY_KEYS } from '@tapbroker/broker/internal';
+import { AUDIT_OPS, MESSAGE_IDS, POLICY_KEYS, PRIORITY } from '@tapbroker/broker/internal';
 import { parsePolicy } from '@tapbroker/broker';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -45,6 +45,27 @@ test('tapbroker-policy(5) documents every key of every table, as a term in that 
   t.deepEqual(missing(POLICY_KEYS.deny, section('DENY RULES')), [], 'deny rule keys');
   t.deepEqual(missing(POLICY_KEYS.network, section('NETWORKS')), [], 'network keys');
   for (const k of POLICY_KEYS.macvtap) t.true(section('ALLOW RULES').includes(k), `macvtap key ${k}`);
+});
+
+// Found by an outside review: the page's list of ops lacked six the broker writes (connection floods, hostile frames,
+// the counts of suppressed records), so a filter built from it missed them.
+test('tapbrokerd(8) lists every audit op the broker writes, and nothing more', (t) => {
+  const page = man('packages/broker/man/tapbrokerd.8');
+  const field = page.slice(page.indexOf('.B op\nThe request:'), page.indexOf('.B decision\n'));
+  t.true(field.length > 0, 'the op field');
+  const listed = new Set([...field.matchAll(/^\.BR? ([a-z-]+)/gm)].map((m) => m[1]!).filter((w) => w !== 'op' && w !== 'down'));
+  t.deepEqual([...listed].sort(), [...AUDIT_OPS, 'suppressed'].sort());
+});
+
+test('tapbrokerd(8) gives the journal PRIORITY of every kind of record', (t) => {
+  const page = man('packages/broker/man/tapbrokerd.8').replace(/\n/g, ' ');
+  const said = /PRIORITY \(([^)]*)\)/.exec(page)?.[1] ?? '';
+  const levels = new Map<string, number>();
+  for (const part of said.split(';')) {
+    const level = Number(/(\d) for/.exec(part)?.[1]);
+    for (const kind of part.replace(/^.*\d for/, '').split(/,| and /)) if (kind.trim()) levels.set(kind.trim(), level);
+  }
+  t.deepEqual(Object.fromEntries([...levels].sort()), Object.fromEntries(Object.entries(PRIORITY).sort()));
 });
 
 test('every journald MESSAGE_ID in the code is in tapbrokerd(8) and PROTOCOL.md', (t) => {

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, lostSince, policyFiles } from '@tapbroker/broker/internal';
+import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, lostSince, policyFiles, shown } from '@tapbroker/broker/internal';
 import { ROOT, tempDir } from '../helpers/broker.js';
 import { until } from '../helpers/wait.js';
 
@@ -54,7 +54,10 @@ test('fragments are read in byte order; a name that is not UTF-8 is an error nam
     t.true(d.allow && d.rule.name === 'fullwidth');
     fs.writeFileSync(Buffer.concat([Buffer.from(`${dir}/policy.d/80-caf`), Buffer.from([0xe9]), Buffer.from('.toml')]),
       rule('latin1', '"br2"'), { mode: 0o644 });
-    t.regex(loadError(file), /policy\.d\/80-caf\\xe9\.toml: the fragment's name is not UTF-8: rename it/);
+    const error = loadError(file);
+    t.regex(error, /policy\.d\/80-caf\ufffd\.toml: the fragment's name is not UTF-8 \(its bytes in hex: 38302d636166e92e746f6d6c\): rename it/);
+    // Printed as it is: escaping for the terminal changes nothing in it (an outside review saw `\\xe9').
+    t.is(shown(error), error);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -20,6 +20,22 @@ export type AuditDecision =
   | 'suppressed'
   | 'unplug';
 
+/**
+ * Every `op` a record carries: the requests of the wire (a refused one too), and the broker's own: a device's end
+ * (`cleanup`), a start (`reconcile`), a network's undoing (`unplug`), a refusal before any request (`connection`: a
+ * full broker, a hello timeout, a uid refused at accept), a frame that is no request (`request`), and the count of
+ * one uid's records held back (`refusals`). tapbrokerd(8) lists them all (a docs test holds it to this list).
+ */
+export const AUDIT_OPS = [
+  'hello', 'create', 'create-tap', 'create-macvtap', 'can', 'list', 'status', 'release', 'reload',
+  'cleanup', 'reconcile', 'unplug', 'connection', 'request', 'refusals',
+] as const;
+export type AuditOp = (typeof AUDIT_OPS)[number];
+
+/** An op read back from the lease table (another version's, maybe): as written if it is one, else `cleanup`. */
+export const auditOp = (op: string): AuditOp =>
+  (AUDIT_OPS as readonly string[]).includes(op) ? op as AuditOp : 'cleanup';
+
 /** `journalctl MESSAGE_ID=<id>` finds every record of one kind. Fixed forever. */
 export const MESSAGE_IDS: Record<AuditDecision, string> = {
   grant: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f41',
@@ -34,14 +50,15 @@ export const MESSAGE_IDS: Record<AuditDecision, string> = {
   unplug: '7d3b0f6a1e2c4b8f9a5d6e0c1b2a3f4a',
 };
 
-const PRIORITY: Record<AuditDecision, number> = {
+/** The journal's PRIORITY of each kind of record (tapbrokerd(8) lists them: a docs test). */
+export const PRIORITY: Record<AuditDecision, number> = {
   grant: 6, deny: 5, error: 4, cleanup: 6, release: 6, reconcile: 6, reload: 5, 'dry-run': 6, suppressed: 4, unplug: 6,
 };
 
 export const DEFAULT_JOURNAL_SOCKET = '/run/systemd/journal/socket';
 
 export interface AuditEvent {
-  op: string;
+  op: AuditOp;
   decision: AuditDecision;
   rule: string | null;
   /** The caller, or for automatic actions the owner (uid alone). */
@@ -57,7 +74,7 @@ export interface AuditEvent {
 /** Stable field names: tools and tests match on them. */
 export interface AuditRecord {
   time: string;
-  op: string;
+  op: AuditOp;
   decision: AuditDecision;
   rule: string | null;
   policy_sha256: string;
@@ -200,7 +217,7 @@ export class Audit {
   private refusalTimer: NodeJS.Timeout | null = null;
 
   /** A refusal no handler saw (a malformed frame, pushed fds, a timeout, a full broker). */
-  refusal(caller: Partial<Identity>, op: string, code: string, message: string): void {
+  refusal(caller: Partial<Identity>, op: AuditOp, code: string, message: string): void {
     this.record({ op, decision: 'error', rule: null, caller, code, message });
   }
 

@@ -15,7 +15,7 @@ import {
 } from '@tapbroker/protocol/core';
 import { encodeReply } from '@tapbroker/protocol/requests';
 import { Fairness } from './fairness.js';
-import { Audit, type AuditOptions } from './audit.js';
+import { Audit, type AuditOp, type AuditOptions } from './audit.js';
 import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { BROKER_VERSION } from './leases.js';
@@ -300,7 +300,7 @@ export class Broker implements SessionHost, OpContext {
     return this.lifetimes.holds(id);
   }
 
-  refused(caller: Partial<Identity>, op: string, code: ErrorCode, message: string): void {
+  refused(caller: Partial<Identity>, op: AuditOp, code: ErrorCode, message: string): void {
     this.audit.refusal(caller, op, code, message);
   }
 

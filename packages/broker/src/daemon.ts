@@ -17,7 +17,7 @@ export const DEFAULT_POLICY = '/etc/tapbroker/policy.toml';
 export const DEFAULT_SOCKET = '/run/tapbroker/tapbroker.sock';
 const DAEMON_USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [-g group] [-T hello-timeout-ms]
                   [--state-dir dir] [--audit-file file] [--journal-socket path] [--linux-audit]
-                  [--idle-exit seconds]`;
+                  [--idle-exit seconds] [-V | --version] [-h | --help]`;
 const USAGE = `${DAEMON_USAGE}
        tapbrokerd check-policy [file] [--json] [--strict] [--unit]
        tapbrokerd explain-policy [file] --user name [--json]
@@ -201,6 +201,14 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     return;
   }
   const opts = parseArgs(argv);
+  // Resolved first, so that -n refuses it as a start would, and before anything is made (an outside review: -n said
+  // ok, and a start made the state directory before it refused the group).
+  let gid: number | undefined;
+  if (opts.group !== null) {
+    const g = /^\d+$/.test(opts.group) ? Number(opts.group) : sys.getgrnam(opts.group);
+    if (g === null) usage(`no group \`${opts.group}'`);
+    gid = g;
+  }
   // V8 doubles its young generation under a burst of allocation (up to 16 MB here) and never gives it back:
   // the broker stayed ~12 MB above its start after 330 grants. A request's garbage dies young, so the first
   // size (about 1 MB) serves; the flag is read at each growth, so it takes effect now.
@@ -281,12 +289,6 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     if (inherited !== null) {
       listener = SeqpacketListener.adopt(inherited);
     } else {
-      let gid: number | undefined;
-      if (opts.group !== null) {
-        const g = /^\d+$/.test(opts.group) ? Number(opts.group) : sys.getgrnam(opts.group);
-        if (g === null) usage(`no group \`${opts.group}'`);
-        gid = g;
-      }
       fs.mkdirSync(path.dirname(opts.socket), { recursive: true, mode: 0o755 });
       const why = notRootsAlone(path.dirname(opts.socket));
       if (why) {

@@ -10,7 +10,7 @@ import type { Link } from './rtnetlink.js';
 import { takenMac } from './terms.js';
 
 type Note = (
-  op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
+  op: AuditEvent['op'], decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
 ) => void;
 
 /**

@@ -5,7 +5,7 @@ import {
   type CreateRequest, type CreateTapRequest, type Device, type Nic,
 } from '@tapbroker/protocol/core';
 import { admit, firstRefused, macElsewhere, type Admitted } from './admission.js';
-import type { Audit } from './audit.js';
+import type { Audit, AuditOp } from './audit.js';
 import type { Meter } from './fairness.js';
 import { decide, recorded, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
@@ -87,7 +87,7 @@ type Granted = ReturnType<typeof makeDevice> & { plugged: Record<string, unknown
 async function grantAll(
   ctx: OpContext,
   caller: Identity,
-  op: string,
+  op: AuditOp,
   nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
 ): Promise<{ granted: Granted[]; sent: () => void }> {
   // Every section after the first await is charged to the caller's share too (the session charges only up to
@@ -119,7 +119,7 @@ async function grantAll(
  * of fds fail (ETOOMANYREFS) for every root process without CAP_SYS_RESOURCE, this broker's included.
  */
 function reserveFds(
-  ctx: OpContext, caller: Identity, op: string, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
+  ctx: OpContext, caller: Identity, op: AuditOp, nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
 ): { release(): void } {
   const want = fdsOf(nics);
   if (want === 0) return { release: () => {} };
@@ -135,7 +135,7 @@ function reserveFds(
 async function grantEach(
   ctx: OpContext,
   caller: Identity,
-  op: string,
+  op: AuditOp,
   nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest | Nic>,
   meter: Meter,
 ): Promise<Granted[]> {

@@ -48,7 +48,7 @@ export { Forwarding } from './forwarding.js';
 export { limitStderrBacklog } from './stderr.js';
 export { Floods, MAX_LINK_EVENTS_PER_SECOND } from './floods.js';
 export { Fairness, SHARE_MS, WINDOW_MS } from './fairness.js';
-export { Audit, journalEntry, REFUSALS_PER_WINDOW } from './audit.js';
+export { Audit, AUDIT_OPS, journalEntry, PRIORITY, REFUSALS_PER_WINDOW } from './audit.js';
 export { LinuxAudit, linuxAuditMessage, auditField, AUDIT_VIRT_RESOURCE } from './linux-audit.js';
 export { StateFile, LeaseRecord } from './lease-schema.js';
 export { PolicySchema } from './policy-schema.js';

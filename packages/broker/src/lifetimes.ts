@@ -18,7 +18,7 @@ import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, RTM_NEWLINK, type Link } from './rtnetlink.js';
 
 export interface RetireOptions {
-  op: string;
+  op: AuditEvent['op'];
   decision: 'cleanup' | 'release' | 'reconcile';
   message: string;
   caller?: Partial<Identity> | null;
@@ -132,7 +132,7 @@ export class Lifetimes implements Cleanup {
 
   /** An audit record about a lease, on its owner's behalf. */
   private note(
-    op: string,
+    op: AuditEvent['op'],
     decision: AuditEvent['decision'],
     l: LeaseRecord,
     message: string,
@@ -243,8 +243,10 @@ export class Lifetimes implements Cleanup {
    * says what: reconcile's). Never rejects.
    */
   deleteLink(ifindex: number, uid: number, name: string, why: string, as?: DeletedAs): Promise<void> {
-    const base = { op: 'cleanup', decision: 'cleanup' as const, rule: null, caller: { uid }, device: { name, ifindex },
-      ...as };
+    const base = {
+      op: 'cleanup' as const, decision: 'cleanup' as const, rule: null, caller: { uid }, device: { name, ifindex },
+      ...as,
+    };
     return this.reaper.deleteLink(ifindex, uid).then(
       (deleted) => void this.audit.record({ ...base, message: `${why}: ${deleted ? 'deleted' : 'already gone'}` }),
       (err: Error) =>

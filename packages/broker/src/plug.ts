@@ -73,7 +73,7 @@ async function runPlugHook(
 }
 
 type Note = (
-  op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
+  op: AuditEvent['op'], decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
 ) => void;
 
 /** Devices being unplugged from their networks, by name and by uid; a port not removed is tried again. */

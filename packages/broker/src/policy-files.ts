@@ -96,8 +96,9 @@ function fragmentNames(dir: string, names: Buffer[]): string[] {
   const toml = names.filter((b) => b.toString('latin1').endsWith('.toml') && b[0] !== 0x2e).sort(Buffer.compare);
   const bad = toml.find((b) => !Buffer.from(b.toString('utf8')).equals(b));
   if (bad) {
-    const name = [...bad].map((c) => (c > 0x20 && c < 0x7f ? String.fromCharCode(c) : `\\x${c.toString(16)}`)).join('');
-    throw new TapbrokerError('TB_E_POLICY_INVALID', `${dir}/${name}: the fragment's name is not UTF-8: rename it`);
+    // Its bytes in hex, which no escaping at print time changes (an outside review: `\xe9' printed as `\\xe9').
+    throw new TapbrokerError('TB_E_POLICY_INVALID', `${dir}/${bad.toString('utf8')}: the fragment's name is not UTF-8 `
+      + `(its bytes in hex: ${bad.toString('hex')}): rename it`);
   }
   return toml.map((n) => n.toString('utf8'));
 }

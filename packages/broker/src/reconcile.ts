@@ -2,7 +2,7 @@
 // down (crashed mid-create, its holders gone, its table lost). Runs once, before the first request; a
 // request never runs through it (lost link events at run time are Lifetimes.resync's).
 import { TapbrokerError, macFromBuffer, macToBuffer, sys } from '@tapbroker/protocol/core';
-import type { Audit, AuditEvent } from './audit.js';
+import { auditOp, type Audit, type AuditEvent } from './audit.js';
 import type { Policy } from './decide.js';
 import type { Kernel } from './kernel.js';
 import {
@@ -33,11 +33,13 @@ export interface Keeper {
   /** Holds a live lease's device to its terms (Lifetimes.judge). */
   judge(l: LeaseRecord, link: Link | null): void;
   isDevice(l: LeaseRecord, link: Link | null | undefined): link is Link;
-  note(op: string, decision: AuditEvent['decision'], l: LeaseRecord, message: string, x?: Partial<AuditEvent>): void;
+  note(
+    op: AuditEvent['op'], decision: AuditEvent['decision'], l: LeaseRecord, message: string, x?: Partial<AuditEvent>,
+  ): void;
   deleteLink(ifindex: number, uid: number, name: string, why: string, as?: DeletedAs): Promise<void>;
   watchHolder(ids: readonly string[], pidfd: number): void;
   endLease(id: string, reason: string): void;
-  retire(l: LeaseRecord, o: { op: string; decision: 'cleanup'; message: string }): Promise<void>;
+  retire(l: LeaseRecord, o: { op: AuditEvent['op']; decision: 'cleanup'; message: string }): Promise<void>;
   /** Undoes a device's OVS port or runs its hook's `down` (Lifetimes.unplug). */
   unplug(l: LeaseRecord): void;
 }
@@ -59,7 +61,8 @@ export function reconcile(lt: Keeper): void {
   for (const [id, r] of lt.table.retiring) {
     if (!links.some((k) => aliasIdentity(k.alias)?.id === id)) {
       lt.audit.record({
-        op: r.op, decision: r.decision, rule: r.lease.rule, caller: { uid: r.lease.uid }, device: leaseView(r.lease),
+        op: auditOp(r.op), decision: r.decision, rule: r.lease.rule, caller: { uid: r.lease.uid },
+        device: leaseView(r.lease),
         message: `${r.message} (recorded at this start: the broker stopped while deleting it)`,
       });
     }
@@ -338,7 +341,7 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
     }
     if (l && l.name === p.port && lt.isDevice(l, lt.kernel.link(l.ifindex))) continue;
     const about = {
-      op: 'reconcile',
+      op: 'reconcile' as const,
       rule: l?.rule ?? null,
       caller: { uid: p.uid },
       device: { name: p.port, ovs: p.bridge, id: p.lease, lease: p.lease },

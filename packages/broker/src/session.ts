@@ -13,6 +13,7 @@ import {
 } from '@tapbroker/protocol/core';
 import { decodeRequest, encodeReply } from '@tapbroker/protocol/requests';
 import type { Fairness } from './fairness.js';
+import type { AuditOp } from './audit.js';
 import { bytesShown, type Identity } from './identity.js';
 import { toStderr } from './stderr.js';
 
@@ -42,7 +43,7 @@ export interface SessionHost {
   /** Is this lease still in force? */
   holds(id: string): boolean;
   /** An audit record for a refusal the handlers never saw (bad frames, fds, timeouts). */
-  refused(caller: Identity, op: string, code: ErrorCode, message: string): void;
+  refused(caller: Identity, op: AuditOp, code: ErrorCode, message: string): void;
   /** Each uid's share of the broker's thread (fairness.ts). */
   readonly fairness: Fairness;
 }
@@ -335,7 +336,7 @@ export class Session {
   }
 
   /** A refusal of a frame no handler saw: audited here, then answered. */
-  private refusal(id: number | null, op: string, e: TapbrokerError): Promise<boolean> {
+  private refusal(id: number | null, op: AuditOp, e: TapbrokerError): Promise<boolean> {
     this.host.refused(this.caller, op, e.code, e.message);
     return this.replyError(id, e, this.helloed);
   }

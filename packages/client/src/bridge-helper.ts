@@ -169,10 +169,15 @@ export function helperWords(text: string): string {
 /** The longest a network's plug hook may run (the policy's hook_timeout, at most). */
 const MAX_HOOK_SECONDS = 300;
 
-/** Seconds the helper waits for the broker's hello: $TAPBROKER_HELPER_TIMEOUT (1 to 3600), else 30. */
+/** Seconds the helper waits for the broker's hello: $TAPBROKER_HELPER_TIMEOUT (1 to 3600), else 30, said if set. */
 function helperTimeout(): number {
-  const v = Number(process.env['TAPBROKER_HELPER_TIMEOUT']);
-  return Number.isInteger(v) && v >= 1 && v <= 3600 ? v : 30;
+  const set = process.env['TAPBROKER_HELPER_TIMEOUT'];
+  if (set === undefined || set === '') return 30;
+  const v = Number(set);
+  if (/^\d+$/.test(set) && v >= 1 && v <= 3600) return v;
+  process.stderr.write('tapbroker-bridge-helper: warning: TAPBROKER_HELPER_TIMEOUT is not 1 to 3600 seconds: '
+    + '30 used\n');
+  return 30;
 }
 
 if (process.argv[1] && fs.realpathSync(process.argv[1]) === fs.realpathSync(new URL(import.meta.url).pathname)) {

@@ -140,9 +140,18 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'TB_E_CONNECT': case 'TB_E_BROKER_CLOSED': case 'TB_E_VHOST_UNAVAILABLE': case 'TB_E_VLAN_UNAVAILABLE':
     case 'TB_E_BUSY':
     case 'TB_E_TIMEOUT': case 'TB_E_VERSION': case 'TB_E_STATE_UNWRITABLE': case 'TB_E_DEVICE_IN_USE':
+    // The network's own set-up (the site's hook) failed, not the broker (an outside review: it read as 70).
+    case 'TB_E_HOOK_FAILED':
       return EXIT.UNAVAILABLE;
-    default:
+    // The broker, the kernel or this client failed: a frame one side could not read is a bug, not the user's doing.
+    case 'TB_E_KERNEL': case 'TB_E_INTERNAL': case 'TB_E_BAD_REPLY': case 'TB_E_MALFORMED': case 'TB_E_UNKNOWN_OP':
+    case 'TB_E_HELLO_REQUIRED': case 'TB_E_UNEXPECTED_FDS': case 'TB_E_FRAME_TOO_LARGE': case 'TB_E_UNSUPPORTED_TYPE':
       return EXIT.SOFTWARE;
+    default: {
+      // Every code has its status, which tapbroker(1) gives: a new code does not compile until it has one.
+      const unlisted: never = code;
+      return unlisted;
+    }
   }
 }
 
