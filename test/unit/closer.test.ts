@@ -80,6 +80,25 @@ test('a closer dies with its broker, stopped or not, and what it held closes wit
   }
 });
 
+// A broker of an earlier version, still running after an upgrade (its new policy did not load), starts the closer
+// from disk without naming itself: that closer serves it.
+test('a closer started without its broker named (an earlier version\'s) serves as before', async (t) => {
+  const env = { ...process.env };
+  delete env['TAPBROKER_CLOSER_OF'];
+  const [mine, theirs] = sys.socketpair(sys.SOCK_SEQPACKET);
+  const child = spawn(process.execPath, [CLOSER], { stdio: ['ignore', 'ignore', 'inherit', theirs], env });
+  sys.close(theirs);
+  const rx = new sys.Receiver(16);
+  try {
+    sys.sendMsg(mine, { data: Buffer.from([1]) }, sys.MSG_NOSIGNAL);
+    await until(() => rx.recv(mine, sys.MSG_DONTWAIT)?.data[0] === 1, { ms: 5000, what: 'no acknowledgement' });
+    t.is(child.exitCode, null, 'it exited');
+  } finally {
+    child.kill('SIGKILL');
+    sys.close(mine);
+  }
+});
+
 test('a closer whose broker is gone before it starts exits at once', async (t) => {
   const child = spawn(process.execPath, [CLOSER], {
     stdio: ['ignore', 'ignore', 'inherit', 'ignore'], env: { ...process.env, TAPBROKER_CLOSER_OF: '1' },

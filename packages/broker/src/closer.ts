@@ -11,10 +11,12 @@ const SOCK = 3;
 // Dies with the broker, even stopped (SIGKILL ends a stopped process): the broker's copies it holds close with it.
 // A closer stopped when its broker died kept them, and the next broker took their taps back as live leases nobody
 // held, counted against their user's quota, for good (an outside review). Its broker gone already: nothing to keep.
+// (A broker of an earlier version, still running after an upgrade, names no parent: it starts this file too.)
 const PR_SET_PDEATHSIG = 1;
 const SIGKILL = 9;
 koffi.load('libc.so.6').func('int prctl(int option, ...)')(PR_SET_PDEATHSIG, 'unsigned long', SIGKILL);
-if (String(process.ppid) !== process.env['TAPBROKER_CLOSER_OF']) process.exit(0);
+const parent = process.env['TAPBROKER_CLOSER_OF'];
+if (parent !== undefined && String(process.ppid) !== parent) process.exit(0);
 const receiver = new sys.Receiver(16, sys.SCM_MAX_FD);
 // Fds received but not closed yet: the broker's own copies may still be open, and the last close must be
 // ours, not the broker's. Its `go` (a 1, sent once it has closed them) says they are closed.
