@@ -69,6 +69,11 @@ export interface AuditEvent {
   message?: string;
   /** The digest of the policy the decision was made under, when not the current one. */
   policy?: string;
+  /**
+   * A refusal that names a device it left as it was (a release of a device in use): held to its caller's limit like
+   * any other refusal. Without it, a record naming a device is about one the broker made or deleted, never held back.
+   */
+  unchanged?: true;
 }
 
 /** Stable field names: tools and tests match on them. */
@@ -229,8 +234,10 @@ export class Audit {
    * changes a device (grants, releases, cleanups, reconciles, and their failures) is always written.
    */
   private overLimit(ev: AuditEvent): boolean {
-    // A record with a device is about one the broker made or deleted: never held back.
-    if (!LIMITED.has(ev.decision) || ev.op === 'cleanup' || ev.op === 'reconcile' || ev.device) return false;
+    // A record with a device is about one the broker made or deleted, never held back; one that changed nothing is
+    // held to the limit (an outside review looped a release of its own tap in use: 3,000 records a second).
+    const changed = !!ev.device && !ev.unchanged;
+    if (!LIMITED.has(ev.decision) || ev.op === 'cleanup' || ev.op === 'reconcile' || changed) return false;
     const uid = ev.caller?.uid ?? -1;
     let w = this.refusals.get(uid);
     if (!w) this.refusals.set(uid, (w = { n: 0, suppressed: new Map(), since: Date.now() }));

@@ -132,7 +132,7 @@ async function release(ctx: OpContext, caller: Identity, req: ReleaseRequest): P
     const message = `\`${lease.name}' is in use: ${held} queue${held === 1 ? ' is' : 's are'} attached (a running VM?)`;
     ctx.audit.record({
       op: 'release', decision: 'deny', rule: lease.rule, caller, request, device: leaseView(lease),
-      code: 'TB_E_DEVICE_IN_USE', message,
+      code: 'TB_E_DEVICE_IN_USE', message, unchanged: true,
     });
     throw new TapbrokerError('TB_E_DEVICE_IN_USE', message, {
       hint: `stop the VM that holds it, then release it${caller.uid === 0 ? ` (or: ip link del ${lease.name})` : ''}`,
