@@ -411,6 +411,27 @@ test.serial('a persistent tap root renamed is no longer the lease\'s: release re
     ns.ip('link', 'del', 'uplink-ren');
   });
 
+// Found by an outside review: renamed while the broker was down, its lease was dropped as gone with its tag kept, and
+// the start after deleted root's device as an orphan of a crash.
+test.serial('a persistent tap root renames while the broker is down: its lease and its tag go, and later starts leave it alone',
+  async (t) => {
+    const name = `tb${A}-dwn`;
+    const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, name }] }, { uid: A });
+    t.is(r.error, null);
+    await broker.stop('SIGTERM', true);
+    ns.ip('link', 'set', 'dev', name, 'name', 'uplink-dwn');
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    try {
+      const rec = await broker.record((x) => x.op === 'reconcile' && (x.device as { name?: string }).name === name);
+      t.is(rec.message, 'the device is `uplink-dwn\' now, no longer this lease\'s: left alone; lease dropped');
+      t.falsy(ns.link('uplink-dwn')?.ifalias, 'the broker\'s tag is gone from it');
+      await restart();
+      t.truthy(ns.link('uplink-dwn'), 'the next start leaves it alone');
+    } finally {
+      if (ns.link('uplink-dwn')) ns.ip('link', 'del', 'uplink-dwn');
+    }
+  });
+
 test.serial('a persistent tap root moves to another namespace and back is no longer the lease\'s: left alone, restarts too',
   async (t) => {
     // Found by an outside review: its lease was dropped as if it were deleted, its tag kept, and the next start

@@ -91,6 +91,7 @@ export class Lifetimes implements Cleanup {
       endLease: (...a) => this.endLease(...a),
       retire: (...a) => this.retire(...a),
       unplug: (l) => this.unplug(l),
+      renounce: (l, link) => this.renounce(l, link),
     };
     // Hooks a stopped broker left running go before any `down` runs.
     const killed = this.lastHookRun ? killOrphanHooks(this.lastHookRun) : 0;

@@ -42,6 +42,8 @@ export interface Keeper {
   retire(l: LeaseRecord, o: { op: AuditEvent['op']; decision: 'cleanup'; message: string }): Promise<void>;
   /** Undoes a device's OVS port or runs its hook's `down` (Lifetimes.unplug). */
   unplug(l: LeaseRecord): void;
+  /** Clears a lease's tag from a device no longer its (renamed by root): never taken for an orphan of it. */
+  renounce(l: LeaseRecord, link: Link): void;
 }
 
 const RECONCILE = { op: 'reconcile', decision: 'reconcile' } as const;
@@ -196,7 +198,13 @@ export function reconcile(lt: Keeper): void {
     }
     if (!lt.isDevice(l, link)) {
       lt.table.remove(l.id);
-      lt.note('reconcile', 'reconcile', l, 'the device is gone; lease dropped');
+      // Renamed by root (or moved away and back) while the broker was down: its tag goes, as at run time, or the next
+      // start took it for an orphan of this lease and deleted it (an outside review).
+      const renamed = links.find((k) => aliasIdentity(k.alias)?.id === l.id);
+      if (renamed) lt.renounce(l, renamed);
+      lt.note('reconcile', 'reconcile', l, renamed
+        ? `the device is \`${renamed.name}' now, no longer this lease's: left alone; lease dropped`
+        : 'the device is gone; lease dropped');
       // Its network's `down` (its hook, its OVS port) is still owed: the lease ended while the broker was down.
       lt.unplug(l);
       continue;
