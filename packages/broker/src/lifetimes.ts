@@ -244,10 +244,8 @@ export class Lifetimes implements Cleanup {
    * says what: reconcile's). Never rejects.
    */
   deleteLink(ifindex: number, uid: number, name: string, why: string, as?: DeletedAs): Promise<void> {
-    const base = {
-      op: 'cleanup' as const, decision: 'cleanup' as const, rule: null, caller: { uid }, device: { name, ifindex },
-      ...as,
-    };
+    const base = { op: 'cleanup' as const, decision: 'cleanup' as const, rule: null, caller: { uid },
+      device: { name, ifindex }, ...as };
     return this.reaper.deleteLink(ifindex, uid).then(
       (deleted) => void this.audit.record({ ...base, message: `${why}: ${deleted ? 'deleted' : 'already gone'}` }),
       (err: Error) =>
