@@ -432,6 +432,29 @@ test.serial('a persistent tap root renames while the broker is down: its lease a
     }
   });
 
+test.serial('a persistent tap root moves away while the broker is down, and back before the start after: left alone', async (t) => {
+  const name = `tb${A}-awy`;
+  const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0', persistent: true, name }] }, { uid: A });
+  t.is(r.error, null);
+  const away = Netns.create('away2');
+  try {
+    await broker.stop('SIGTERM', true);
+    ns.ip('link', 'set', 'dev', name, 'netns', away.name);
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    await broker.record((x) => x.op === 'reconcile' && (x.device as { name?: string }).name === name
+      && x.message === 'the device is gone; lease dropped');
+    await broker.stop('SIGTERM', true);
+    away.ip('link', 'set', 'dev', name, 'netns', ns.name);
+    broker = await BrokerProcess.start(ns, POLICY, { dir });
+    t.truthy(ns.link(name), 'back, and left alone');
+    t.false(broker.records.some((x) => (x.device as { name?: string } | undefined)?.name === name
+      && /without a lease/.test(x.message ?? '')), 'not taken for an orphan of a crash');
+  } finally {
+    away.destroy();
+    if (ns.link(name)) ns.ip('link', 'del', name);
+  }
+});
+
 test.serial('a persistent tap root moves to another namespace and back is no longer the lease\'s: left alone, restarts too',
   async (t) => {
     // Found by an outside review: its lease was dropped as if it were deleted, its tag kept, and the next start

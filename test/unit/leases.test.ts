@@ -202,6 +202,13 @@ test('a hook-run file that cannot be written leaves no temporary file behind', (
     const run = hookRun(dir);
     t.regex(run.current, /^[0-9a-f]{32}$/);
     t.deepEqual(fs.readdirSync(dir), ['hook-run']);
+    // Found by an outside review: it was tried at start only, and hooks of a run the file did not name outlived a
+    // crash. Before each hook's `up` it is tried again; until it is written, no hook runs.
+    t.throws(() => run.save(), { code: 'TB_E_STATE_UNWRITABLE', message: /no hook runs until it can/ });
+    fs.rmdirSync(path.join(dir, 'hook-run'));
+    run.save();
+    t.is(fs.readFileSync(path.join(dir, 'hook-run'), 'utf8'), `${run.current}\n`);
+    t.is(hookRun(dir).previous, run.current, 'the next start finds this run\'s hooks');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -121,9 +121,9 @@ export function runHook(
  * (root's alone) and in root's processes' environments, which no other user can read, so nobody can make the
  * broker take a process for a hook of its own. Null for a broker without a state directory.
  */
-export function hookRun(stateDir: string | null): { current: string; previous: string | null } {
+export function hookRun(stateDir: string | null): HookRun & { previous: string | null } {
   const current = randomBytes(16).toString('hex');
-  if (!stateDir) return { current, previous: null };
+  if (!stateDir) return { current, previous: null, save: () => {} };
   const file = path.join(stateDir, 'hook-run');
   let previous: string | null = null;
   try {
@@ -136,13 +136,33 @@ export function hookRun(stateDir: string | null): { current: string; previous: s
   } catch {
     // None yet (a first start), or not a file: no hooks of a last run to find.
   }
+  let saved = false;
+  const save = () => {
+    if (saved) return;
+    try {
+      replaceFile(file, `${current}\n`);
+      saved = true;
+    } catch (err) {
+      throw new TapbrokerError('TB_E_STATE_UNWRITABLE', `the broker cannot write ${file}, by which a next start finds `
+        + `this run's hooks: no hook runs until it can (${(err as Error).message})`, {
+        hint: 'an administrator frees space in the broker\'s state directory (or remounts it read-write)',
+      });
+    }
+  };
   try {
-    replaceFile(file, `${current}\n`);
+    save();
   } catch {
-    // A full or read-only state directory (the broker starts anyway, and says so): this run's hooks cannot be
-    // found after a crash, which is what a broker without this file had. No temporary file stays behind.
+    // A full or read-only state directory (the broker starts anyway, and says so): tried again before each hook's
+    // `up`, and no hook runs until it is written (an outside review: hooks of a run the file did not name outlived
+    // a crash, and their `up` finished after the next start's `down`). No temporary file stays behind.
   }
-  return { current, previous };
+  return { current, previous, save };
+}
+
+/** This run's secret, and its writing where the next start reads it (done before a hook's `up`; throws if it cannot). */
+export interface HookRun {
+  readonly current: string;
+  save(): void;
 }
 
 /**

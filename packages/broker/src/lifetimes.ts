@@ -7,7 +7,7 @@ import type { Identity } from './identity.js';
 import { KERNEL_KIND, LeaseTable, aliasIdentity, brokerId, leaseView, type LeaseRecord } from './leases.js';
 import type { Cleanup, Kernel } from './kernel.js';
 import { putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
-import { hookRun, killOrphanHooks } from './hook.js';
+import { hookRun, killOrphanHooks, type HookRun } from './hook.js';
 import { decidePersistent, expectedMac, takenMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
 import { Repeats, stateOf } from './repeats.js';
@@ -48,7 +48,7 @@ export class Lifetimes implements Cleanup {
   /** This broker's identity in its devices' tags. */
   readonly brokerId: string;
   /** This run's secret, which its plug hooks inherit; and the last run's, to find the hooks it left running. */
-  readonly hookRun: string;
+  readonly hookRun: HookRun;
   private readonly lastHookRun: string | null;
 
   constructor(
@@ -61,12 +61,13 @@ export class Lifetimes implements Cleanup {
     takerWaitMs?: number,
   ) {
     this.brokerId = brokerId(stateDir);
-    ({ current: this.hookRun, previous: this.lastHookRun } = hookRun(stateDir));
+    const run = hookRun(stateDir);
+    [this.hookRun, this.lastHookRun] = [run, run.previous];
     const { table, problem, trusted, intact } = LeaseTable.load(stateDir);
     this.table = table;
     table.log = log;
     this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, takerWaitMs);
-    this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
+    this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun.current);
     this.trusted = trusted;
     this.intact = intact;
     if (problem) log(`warning: ${problem}`);

@@ -1,7 +1,7 @@
 // Joining a device to a named network that is not a plain Linux bridge: an Open vSwitch port, or an
 // administrator's hook. The lease records how it was plugged, so unplugging never consults a later policy.
 import { addPort, delPortOf, ovsdbTarget } from './ovs.js';
-import { runHook, type HookResult } from './hook.js';
+import { runHook, type HookResult, type HookRun } from './hook.js';
 import type { AuditEvent } from './audit.js';
 import type { Network } from './decide.js';
 import { leaseView, type LeaseRecord, type LeaseTable, type Plug } from './leases.js';
@@ -21,7 +21,7 @@ export async function plugUp(
   l: LeaseRecord,
   net: Network | undefined,
   broker: string,
-  run: string,
+  run: HookRun,
 ): Promise<Record<string, unknown> | null> {
   const p = l.plug;
   if (!p) return null;
@@ -40,7 +40,8 @@ export async function plugUp(
     });
     return { ovs: p.ovs, action: 'up', ...(net?.vlan != null ? { tag: net.vlan } : {}) };
   }
-  return runPlugHook(l, p, 'up', run);
+  run.save();
+  return runPlugHook(l, p, 'up', run.current);
 }
 
 /** Unplugs a lease's device (`down`) as its lease says. */

@@ -199,9 +199,12 @@ export function reconcile(lt: Keeper): void {
     if (!lt.isDevice(l, link)) {
       lt.table.remove(l.id);
       // Renamed by root (or moved away and back) while the broker was down: its tag goes, as at run time, or the next
-      // start took it for an orphan of this lease and deleted it (an outside review).
+      // start took it for an orphan of this lease and deleted it (an outside review). One not seen may be in another
+      // network namespace: its id is kept, as a move seen at run time keeps it, so that it is left alone if it comes
+      // back before the start after next.
       const renamed = links.find((k) => aliasIdentity(k.alias)?.id === l.id);
       if (renamed) lt.renounce(l, renamed);
+      else lt.table.keep(l.id);
       lt.note('reconcile', 'reconcile', l, renamed
         ? `the device is \`${renamed.name}' now, no longer this lease's: left alone; lease dropped`
         : 'the device is gone; lease dropped');
