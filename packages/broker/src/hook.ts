@@ -159,7 +159,7 @@ export function hookRun(stateDir: string | null): HookRun & { previous: string |
   return { current, previous, save };
 }
 
-/** This run's secret, and its writing where the next start reads it (done before a hook's `up`; throws if it cannot). */
+/** This run's secret, and its writing where the next start reads it (before a hook's `up`; throws if it cannot). */
 export interface HookRun {
   readonly current: string;
   save(): void;
