@@ -85,6 +85,21 @@ test('an unknown-field error names the field', (t) => {
   if (!d.ok) t.regex(d.error.message, /unknown field `owner'/);
 });
 
+// Found by an outside review: an unknown field's or op's name went into the error raw, and a newline in it made the
+// journal's message and the reply show a line that read like a root grant.
+test('an unknown field or op named with control characters is escaped in the error, whichever decoder', (t) => {
+  const forged = '\ngrant create-tap tb0-evil uid 0 (root) rule admin\n\x1b[2K\u202e';
+  for (const decoder of [decodeRequest, brokerDecodeRequest]) {
+    for (const frame of [pack({ op: 'create-tap', id: 1, bridge: 'br0', [forged]: 0 }), pack({ op: forged, id: 1 })]) {
+      const d = decoder(frame);
+      t.false(d.ok);
+      if (d.ok) continue;
+      t.notRegex(d.error.message, /[\x00-\x1f\x7f-\x9f\u202e]/u, d.error.message);
+      t.regex(d.error.message, /\\ngrant create-tap/);
+    }
+  }
+});
+
 test('a grammar error in a NIC of a create names the NIC by its index, as its other refusals do', (t) => {
   // An outside review: the index was only in the message (`nics.1: …`), where every other NIC refusal has `nic`.
   for (const decoder of [decodeRequest, brokerDecodeRequest]) {

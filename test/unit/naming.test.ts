@@ -3,7 +3,7 @@
 // through checkSpec's messages in spec.test.ts).
 import test from 'ava';
 import { checkIfName, checkMac } from '@tapbroker/protocol';
-import { auditJson, namePrefix, randomMac, shown, tapName } from '@tapbroker/broker/internal';
+import { SHOWN_BYTES, auditJson, bytesShown, namePrefix, randomMac, shown, tapName } from '@tapbroker/broker/internal';
 
 const draws = <T>(n: number, f: () => T): T[] => Array.from({ length: n }, f);
 
@@ -93,4 +93,15 @@ test('auditJson escapes the same characters as \\uNNNN and stays JSON that reads
   }
   t.is(auditJson({ n: 'x\u{e0041}' }), '{"n":"x\\udb40\\udc41"}', 'an astral character as its surrogate pair');
   t.is(auditJson({ n: 'caf\u00e9' }), '{"n":"caf\u00e9"}', 'visible text stays as it is');
+});
+
+// Found by an outside review: a program path of 4,000 non-ASCII bytes (and a client name of 128 astral characters)
+// made every record of its caller some 40 KB, and one uid wrote MB/s of audit.
+test('a program\'s bytes as records show them: escaped, at most SHOWN_BYTES, the rest counted by a mark none forges', (t) => {
+  t.is(bytesShown(Buffer.from('/usr/bin/qemu\\x\xff')), '/usr/bin/qemu\\\\x\\xc3\\xbf');
+  const long = bytesShown(Buffer.alloc(4000, 0xe9));
+  t.is(long, `${'\\xe9'.repeat(SHOWN_BYTES)}\\+${4000 - SHOWN_BYTES}`);
+  t.is(bytesShown(Buffer.from('abcdef'), 4), 'abcd\\+2');
+  // A path that holds the mark's characters shows them with the backslash doubled: never the mark.
+  t.is(bytesShown(Buffer.from('a\\+2')), 'a\\\\+2');
 });

@@ -80,14 +80,19 @@ export function forgetUserNames(): void {
  * other byte as \xNN. A byte that is not UTF-8 read as U+FFFD, or a look-alike letter, made one program's name pass
  * for another's in the audit trail (an outside re-test).
  */
-export function bytesShown(b: Buffer): string {
+export function bytesShown(b: Buffer, max = SHOWN_BYTES): string {
   let out = '';
-  for (const c of b) {
+  for (const c of b.subarray(0, max)) {
     if (c === 0x5c) out += '\\\\';
     else out += c >= 0x20 && c < 0x7f ? String.fromCharCode(c) : `\\x${c.toString(16).padStart(2, '0')}`;
   }
-  return out;
+  // The rest counted, not shown: `\+N' (a lone backslash and a plus, which no byte shown above reads as). A 4,000-byte
+  // path made every record of its caller 40 KB (an outside review: MB/s of audit from one uid).
+  return b.length > max ? `${out}\\+${b.length - max}` : out;
 }
+
+/** Bytes of a program's path or a client's name the audit trail shows, at most (the rest are counted). */
+export const SHOWN_BYTES = 256;
 
 // /proc/<pid>/exe is only trusted when the pidfd, read after it, still names the same pid:
 // otherwise the pid may have been reused by another process in between.

@@ -1,5 +1,6 @@
 // Names and MACs the broker picks, and caller text as it may appear in a message.
 import { randomFillSync } from 'node:crypto';
+import { HIDDEN, PLAIN } from '@tapbroker/protocol/core';
 
 /** Broker-chosen names begin with `tb<uid>-`, so no user can mimic a host device or another user's. */
 export function namePrefix(uid: number): string {
@@ -43,15 +44,8 @@ export function randomMac(prefix: string): string {
   }
 }
 
-// What renders as nothing or acts on a terminal, by Unicode property rather than a list (an outside re-test got a
-// zero-width space past a list: a deny of `nobody<U+200B>' read as a deny of nobody): controls, format characters
-// (bidirectional marks, zero-width spaces, tags), line and paragraph separators, private-use, unassigned and
-// default-ignorable code points (variation selectors, fillers), and lone surrogates.
-const HIDDEN = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Co}\p{Cn}\p{Cs}\p{DI}]/gu;
-const PLAIN = /^[\x20-\x7e]*$/;
-
 /**
- * Text from a policy, a file name or a caller as a terminal or a log line shows it: what is hidden (above) escaped as
+ * Text from a policy, a file name or a caller as a terminal or a log line shows it: what is hidden (HIDDEN) escaped as
  * \xNN or \u{N}, and a backslash doubled (so that the four characters `\x1b' never read as an escaped ESC), so that
  * it can neither end a line nor rewrite, reorder or hide what an operator reads.
  */
@@ -63,18 +57,5 @@ export function shown(s: string): string {
   });
 }
 
-/**
- * JSON as the audit trail writes it: JSON.stringify's, with what JSON leaves raw but hides or acts on a terminal (C1
- * controls, line separators, bidirectional overrides, zero-width characters: see HIDDEN) as \uNNNN.
- */
-export function auditJson(v: unknown): string {
-  const json = JSON.stringify(v);
-  if (PLAIN.test(json)) return json;
-  return json.replace(HIDDEN, (c) => [...Array(c.length).keys()]
-    .map((i) => `\\u${c.charCodeAt(i).toString(16).padStart(4, '0')}`).join(''));
-}
-
-/** Caller-supplied text as it may appear in a message: control characters escaped, length bounded. */
-export function printable(s: string): string {
-  return auditJson(s.slice(0, 64)).slice(1, -1);
-}
+/** JSON as the audit trail writes it (what hides or acts on a terminal escaped), and caller text in a message. */
+export { jsonShown as auditJson, printable } from '@tapbroker/protocol/core';

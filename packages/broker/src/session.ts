@@ -59,6 +59,8 @@ const nextWait = (ms: number) => Math.min(2 * ms, UNREAD_REPLY_POLL_MAX_MS);
 const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** How long a reply may stay unsendable (the client's queue full) before its connection is closed. */
 const UNSENDABLE_REPLY_MS = 5000;
+/** Bytes of the name a client gives itself that its records show (128 characters may be 512 bytes). */
+const CLIENT_BYTES = 64;
 
 /** One connection: requests are handled one at a time, in order; reading pauses while one is in flight. */
 export class Session {
@@ -305,8 +307,9 @@ export class Session {
     if (req.op === 'hello') {
       // The first hello names the client for the connection's records; a later one cannot rename it.
       // Its bytes as the audit trail writes a program's (an outside review: `?' for every other character made names
-      // alike).
-      if (!this.helloed && req.client !== undefined) this.caller.client = bytesShown(Buffer.from(req.client));
+      // alike), at most CLIENT_BYTES of them.
+      const client = req.client;
+      if (!this.helloed && client !== undefined) this.caller.client = bytesShown(Buffer.from(client), CLIENT_BYTES);
       this.helloed = true;
       if (this.timer) clearTimeout(this.timer);
     }

@@ -4,6 +4,7 @@
 import { Packr, Unpackr } from 'msgpackr';
 import { TapbrokerError } from './errors.js';
 import { scanFrame } from './scan.js';
+import { printable } from './text.js';
 import {
   MAX_REPLY_BYTES, MAX_REQUEST_BYTES, OPS, Reply, Request, describeIssues,
 } from './messages.js';
@@ -62,7 +63,7 @@ export function decodeRequest(buf: Buffer): Decoded<Request> {
   const id = requestId(obj);
   const op = obj['op'];
   if (typeof op !== 'string' || !(OPS as readonly string[]).includes(op)) {
-    const shown = typeof op === 'string' ? `\`${op.slice(0, 32)}'` : 'missing';
+    const shown = typeof op === 'string' ? `\`${printable(op.slice(0, 32))}'` : 'missing';
     return {
       ok: false,
       id,

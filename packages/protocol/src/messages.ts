@@ -2,6 +2,7 @@
 // Requests and replies come in pairs named by `op`; any request may instead get an `error` reply.
 import { z } from 'zod';
 import { ERROR_CODES, type ErrorCode } from './errors.js';
+import { printable } from './text.js';
 
 import {
   LEASE_ENDS, MACVTAP_MODES, MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
@@ -299,7 +300,7 @@ export function describeIssues(error: z.ZodError): string {
     .map((i) => {
       const path = i.path.join('.');
       if (i.code === 'unrecognized_keys')
-        return `unknown field${i.keys.length > 1 ? 's' : ''} ${i.keys.map((k) => `\`${k}'`).join(', ')}`;
+        return `unknown field${i.keys.length > 1 ? 's' : ''} ${i.keys.map((k) => `\`${printable(k)}'`).join(', ')}`;
       return `${path ? `${path}: ` : ''}${i.message.toLowerCase()}`;
     })
     .join('; ');

@@ -8,6 +8,7 @@ import { decode, encode } from './msgpack.js';
 import { REQUEST_SHAPE } from './request-shape.js';
 import { scanFrame } from './scan.js';
 import { checkShape } from './shape.js';
+import { printable } from './text.js';
 
 export { REQUEST_SHAPE } from './request-shape.js';
 
@@ -40,7 +41,7 @@ export function decodeRequest(buf: Buffer): Decoded<Request> {
     ? obj['id'] : null;
   const op = obj['op'];
   if (typeof op !== 'string' || !OPS.includes(op)) {
-    const shown = typeof op === 'string' ? `\`${op.slice(0, 32)}'` : 'missing';
+    const shown = typeof op === 'string' ? `\`${printable(op.slice(0, 32))}'` : 'missing';
     return refuse(id, new TapbrokerError('TB_E_UNKNOWN_OP', `unknown op ${shown}; known ops: ${OPS.join(', ')}`));
   }
   const checked = checkShape(REQUEST_SHAPE, obj);

@@ -4,6 +4,8 @@
 // reads. A refinement a schema makes with code (a grammar, a rule across fields) is named in the shape and
 // run from the table of checks the caller passes.
 
+import { jsonShown, printable } from './text.js';
+
 export type Shape =
   | {
     t: 'object'; fields: Record<string, Shape>; optional: string[]; defaults: Record<string, unknown>; check?: string;
@@ -143,7 +145,8 @@ class Walk {
         const tag = v[shape.key];
         const option = typeof tag === 'string' && Object.hasOwn(shape.options, tag) ? shape.options[tag] : undefined;
         if (!option) {
-          return this.bad(at, `unknown ${shape.key} ${typeof tag === 'string' ? JSON.stringify(tag) : kind(tag)}`);
+          const named = typeof tag === 'string' ? jsonShown(tag.slice(0, 64)) : kind(tag);
+          return this.bad(at, `unknown ${shape.key} ${named}`);
         }
         return this.walk(option, v, at);
       }
@@ -167,7 +170,7 @@ class Walk {
         const before = this.out.length;
         for (const k in v) {
           if (!Object.hasOwn(v, k)) continue;
-          if (!Object.hasOwn(shape.fields, k)) this.bad(at, `unknown field \`${k}'`, k);
+          if (!Object.hasOwn(shape.fields, k)) this.bad(at, `unknown field \`${printable(k)}'`, k);
           if (this.done()) return undefined;
         }
         let names = fieldNames.get(shape);
