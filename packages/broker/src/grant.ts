@@ -10,7 +10,7 @@ import type { Meter } from './fairness.js';
 import { decide, recorded, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import { kernelBound, leaseTag, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
-import { randomMac, tapName } from './naming.js';
+import { freeMac, randomMac, tapName } from './naming.js';
 import { ContestedDeviceError, hostMac, type CreatedTap } from './kernel.js';
 import type { OpContext } from './ops.js';
 import { plugOf, plugUp } from './plug.js';
@@ -332,10 +332,11 @@ function askedMacs(nics: ReadonlyArray<CreateTapRequest | CreateMacvtapRequest |
  * once in 370 (a CI run), and a short prefix leaves few to draw from.
  */
 function freshMac(ctx: OpContext, prefix: string, asked: ReadonlySet<string>): string {
-  for (let tries = 1; ; tries++) {
-    const mac = randomMac(prefix);
-    if (tries === 8 || (!asked.has(mac) && ctx.lifetimes.table.withMac(mac).length === 0)) return mac;
-  }
+  const mac = freeMac(prefix, (m) => asked.has(m) || ctx.lifetimes.table.withMac(m).length > 0);
+  if (mac !== null) return mac;
+  throw new TapbrokerError('TB_E_MAC_IN_USE', `every MAC of the rule's prefix ${prefix} is in use`, {
+    hint: 'release a device, or ask an administrator for a longer mac_prefix',
+  });
 }
 
 /** The device, its lease (in the table and in the device's own tag), and what the reply carries. */
