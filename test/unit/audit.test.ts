@@ -362,7 +362,7 @@ test('journalEntry: a value with a newline is KEY, a 64-bit little-endian byte l
   const field = Buffer.concat([Buffer.from('TAPBROKER_MESSAGE\n'), len, value, Buffer.from('\n')]);
   t.true(entry.subarray(entry.length - field.length).equals(field));
   const f = fieldMap(entry);
-  t.is(f.get('MESSAGE'), 'grant create-tap uid 1000 (alice) rule lab: é\nx', 'the summary carries it too, as binary');
+  t.is(f.get('MESSAGE'), 'grant create-tap uid 1000 (alice) rule lab: é\n  x', 'the summary carries it too, as binary, its later lines indented');
   t.is(f.get('TAPBROKER_MESSAGE'), 'é\nx');
   t.is(f.get('TAPBROKER_OP'), 'create-tap', 'the other fields are still KEY=value');
 });
@@ -410,6 +410,10 @@ test('journalEntry: MESSAGE sums the record up for a person', (t) => {
   t.is(message({ device: { ifindex: 7 } }), 'grant create-tap uid 1000 (alice) rule lab', 'a device without a name');
   t.is(message({ op: 'cleanup', decision: 'cleanup', device: { name: 'tb1000-a' } }), 'cleanup tb1000-a uid 1000 (alice) rule lab',
     'a decision named as its op is said once');
+  // Found by outside reviews: a caller's newline that reached a message forged a line of a root grant. A message's
+  // later lines are indented: no line of it reads as a record of its own.
+  t.is(message({ decision: 'error', rule: null, code: 'TB_E_MALFORMED', message: 'a\ngrant create tb0-evil uid 0 (root)' }),
+    'error create-tap uid 1000 (alice) TB_E_MALFORMED: a\n  grant create tb0-evil uid 0 (root)');
 });
 
 // Refusals no handler saw: at most REFUSALS_PER_WINDOW written per uid and window.

@@ -98,6 +98,18 @@ test('an unknown field or op named with control characters is escaped in the err
       t.regex(d.error.message, /\\ngrant create-tap/);
     }
   }
+  // The scanner's own refusals name a key too: one given twice (a re-test found it raw there).
+  const key = Buffer.from(forged);
+  const str = (b: Buffer) => Buffer.concat([Buffer.from([0xd9, b.length]), b]);
+  const twice = Buffer.concat([Buffer.from([0x83]), str(Buffer.from('op')), str(Buffer.from('hello')), str(key),
+    Buffer.from([1]), str(key), Buffer.from([2])]);
+  for (const decoder of [decodeRequest, brokerDecodeRequest]) {
+    const d = decoder(twice);
+    t.false(d.ok);
+    if (d.ok) continue;
+    t.regex(d.error.message, /duplicate key/);
+    t.notRegex(d.error.message, /[\x00-\x1f\x7f-\x9f\u202e]/u, d.error.message);
+  }
 });
 
 test('a grammar error in a NIC of a create names the NIC by its index, as its other refusals do', (t) => {

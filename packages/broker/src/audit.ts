@@ -314,13 +314,18 @@ export function summary(r: AuditRecord): string {
 
 /** `s` escaped as shown() escapes it, line by line. */
 const lines = (s: string) => s.split('\n').map(shown).join('\n');
+/**
+ * The summary as MESSAGE: its later lines indented, so that no line of it reads as a record of its own (a record's
+ * summary never starts with a space): a caller's newline that reached a message forged a line of a root grant.
+ */
+const indented = (s: string) => s.split('\n').map(shown).join('\n  ');
 
 /** journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the raw value for values with newlines. */
 export function journalEntry(r: AuditRecord): Buffer {
   const fields: Array<[string, string]> = [
     // What a caller wrote (its process's name, its request's strings) as a terminal may show it (see shown); a
     // newline stays (the field is then binary: one field whatever it holds, as journalctl shows it).
-    ['MESSAGE', lines(summary(r))],
+    ['MESSAGE', indented(summary(r))],
     ['MESSAGE_ID', MESSAGE_IDS[r.decision]],
     ['PRIORITY', String(PRIORITY[r.decision])],
     ['SYSLOG_IDENTIFIER', 'tapbrokerd'],

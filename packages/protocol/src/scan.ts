@@ -2,6 +2,7 @@
 // keys only, no duplicate or reserved keys, bounded depth, no trailing bytes. No dependency, so the
 // client's lighter decoder (msgpack.ts) shares it with the broker's.
 import { TapbrokerError } from './errors.js';
+import { printable } from './text.js';
 
 /**
  * Deepest nesting a frame may have: the top-level map counts 1, every value (a scalar too) one more than what holds
@@ -91,8 +92,8 @@ export function scanFrame(buf: Buffer): void {
     for (let i = 0; i < count; i++) {
       const at = pos;
       const key = value(depth + 1, true)!;
-      if (keys.has(key)) { pos = at; malformed(`duplicate key \`${key}'`); }
-      if (FORBIDDEN_KEYS.has(key)) { pos = at; malformed(`reserved key \`${key}'`); }
+      if (keys.has(key)) { pos = at; malformed(`duplicate key \`${printable(key)}'`); }
+      if (FORBIDDEN_KEYS.has(key)) { pos = at; malformed(`reserved key \`${printable(key)}'`); }
       keys.add(key);
       value(depth + 1, false);
     }
