@@ -208,7 +208,13 @@ test('a hook-run file that cannot be written leaves no temporary file behind', (
     fs.rmdirSync(path.join(dir, 'hook-run'));
     run.save();
     t.is(fs.readFileSync(path.join(dir, 'hook-run'), 'utf8'), `${run.current}\n`);
-    t.is(hookRun(dir).previous, run.current, 'the next start finds this run\'s hooks');
+    const next = hookRun(dir);
+    t.deepEqual(next.previous, [run.current], 'the next start finds this run\'s hooks');
+    // Found by an outside re-test: a start that died before it killed the last run's hooks lost that run's id.
+    const after = hookRun(dir);
+    t.deepEqual(after.previous, [next.current, run.current], 'a start that died first keeps the runs it did not clean');
+    after.cleaned();
+    t.is(fs.readFileSync(path.join(dir, 'hook-run'), 'utf8'), `${after.current}\n`, 'once cleaned, only its own');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -278,7 +284,7 @@ test('a stop waits for the downs running only as long as it is given, and they s
     fs.writeFileSync(hook, '#!/bin/sh\nsleep 5\n', { mode: 0o755 });
     const unplugged: string[] = [];
     const run = `test-${process.pid}-${Date.now()}`;
-    t.teardown(() => void killOrphanHooks(run));
+    t.teardown(() => void killOrphanHooks([run]));
     const unplugs = new Unplugs({ unplugged: (id) => void unplugged.push(id) }, () => {}, run);
     unplugs.unplug(lease({ plug: { hook, timeout_ms: 60_000 }, network: 'slow' }));
     t.is(unplugs.of(1000), 1, 'its down runs');

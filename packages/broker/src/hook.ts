@@ -117,30 +117,35 @@ export function runHook(
 }
 
 /**
- * This run's secret, which its hooks inherit (TAPBROKER_RUN), and the last run's: kept in the state directory
- * (root's alone) and in root's processes' environments, which no other user can read, so nobody can make the
- * broker take a process for a hook of its own. Null for a broker without a state directory.
+ * This run's secret, which its hooks inherit (TAPBROKER_RUN), and those of earlier runs whose hooks no start has
+ * killed yet: kept in the state directory (root's alone) and in root's processes' environments, which no other user
+ * can read, so nobody can make the broker take a process for a hook of its own. None for a broker without a state
+ * directory. The earlier runs stay in the file until `cleaned` (their hooks killed): a start that died before it
+ * killed them lost the crashed run's, and its hooks outlived the next start's `down` (an outside re-test).
  */
-export function hookRun(stateDir: string | null): HookRun & { previous: string | null } {
+export function hookRun(stateDir: string | null): HookRun & { previous: string[]; cleaned(): void } {
   const current = randomBytes(16).toString('hex');
-  if (!stateDir) return { current, previous: null, save: () => {} };
+  if (!stateDir) return { current, previous: [], save: () => {}, cleaned: () => {} };
   const file = path.join(stateDir, 'hook-run');
-  let previous: string | null = null;
+  let previous: string[] = [];
   try {
     const fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
     try {
-      previous = /^[0-9a-f]{32}$/.exec(fs.readFileSync(fd, 'latin1').trim())?.[0] ?? null;
+      const ids = fs.readFileSync(fd, 'latin1').split('\n').filter((l) => /^[0-9a-f]{32}$/.test(l));
+      previous = [...new Set(ids)].slice(0, MAX_RUNS);
     } finally {
       fs.closeSync(fd);
     }
   } catch {
     // None yet (a first start), or not a file: no hooks of a last run to find.
   }
+  let pending = previous;
   let saved = false;
+  const write = () => replaceFile(file, `${[current, ...pending].join('\n')}\n`);
   const save = () => {
     if (saved) return;
     try {
-      replaceFile(file, `${current}\n`);
+      write();
       saved = true;
     } catch (err) {
       throw new TapbrokerError('TB_E_STATE_UNWRITABLE', `the broker cannot write ${file}, by which a next start finds `
@@ -156,8 +161,20 @@ export function hookRun(stateDir: string | null): HookRun & { previous: string |
     // `up`, and no hook runs until it is written (an outside review: hooks of a run the file did not name outlived
     // a crash, and their `up` finished after the next start's `down`). No temporary file stays behind.
   }
-  return { current, previous, save };
+  const cleaned = () => {
+    if (pending.length === 0) return;
+    pending = [];
+    try {
+      if (saved) write();
+    } catch {
+      // Still listed: a later start looks for their hooks once more, and finds none.
+    }
+  };
+  return { current, previous, save, cleaned };
 }
+
+/** Earlier runs kept in the hook-run file at most (each a start that died before it killed their hooks). */
+const MAX_RUNS = 16;
 
 /** This run's secret, and its writing where the next start reads it (before a hook's `up`; throws if it cannot). */
 export interface HookRun {
@@ -170,13 +187,14 @@ export interface HookRun {
  * started that kept their environment, before the start runs any `down`, so that no `up` finishes after its
  * `down`. Returns how many processes were killed.
  */
-export function killOrphanHooks(run: string): number {
-  const mark = `\0TAPBROKER_RUN=${run}\0`;
+export function killOrphanHooks(runs: readonly string[]): number {
+  const marks = runs.map((run) => `\0TAPBROKER_RUN=${run}\0`);
   let killed = 0;
   for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
     if (Number(pid) === process.pid) continue;
     try {
-      if (!`\0${fs.readFileSync(`/proc/${pid}/environ`, 'latin1')}`.includes(mark)) continue;
+      const environ = `\0${fs.readFileSync(`/proc/${pid}/environ`, 'latin1')}`;
+      if (!marks.some((mark) => environ.includes(mark))) continue;
       process.kill(Number(pid), 'SIGKILL');
       killed++;
     } catch {

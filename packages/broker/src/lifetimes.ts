@@ -47,9 +47,8 @@ export class Lifetimes implements Cleanup {
   });
   /** This broker's identity in its devices' tags. */
   readonly brokerId: string;
-  /** This run's secret, which its plug hooks inherit; and the last run's, to find the hooks it left running. */
-  readonly hookRun: HookRun;
-  private readonly lastHookRun: string | null;
+  /** This run's secret, which its plug hooks inherit; and earlier runs', to find the hooks they left running. */
+  readonly hookRun: HookRun & { readonly previous: readonly string[]; cleaned(): void };
 
   constructor(
     stateDir: string | null,
@@ -61,8 +60,7 @@ export class Lifetimes implements Cleanup {
     takerWaitMs?: number,
   ) {
     this.brokerId = brokerId(stateDir);
-    const run = hookRun(stateDir);
-    [this.hookRun, this.lastHookRun] = [run, run.previous];
+    this.hookRun = hookRun(stateDir);
     const { table, problem, trusted, intact } = LeaseTable.load(stateDir);
     this.table = table;
     table.log = log;
@@ -95,7 +93,8 @@ export class Lifetimes implements Cleanup {
       renounce: (l, link) => this.renounce(l, link),
     };
     // Hooks a stopped broker left running go before any `down` runs.
-    const killed = this.lastHookRun ? killOrphanHooks(this.lastHookRun) : 0;
+    const killed = this.hookRun.previous.length > 0 ? killOrphanHooks(this.hookRun.previous) : 0;
+    this.hookRun.cleaned();
     if (killed > 0) this.log(`killed ${killed} process(es) of plug hooks left running by the broker's last stop`);
     const snapshotted = this.table.snapshotted;
     reconcile(keeper);
