@@ -59,12 +59,41 @@ test('fds no socket will carry, more than throwaway processes may run at once: a
   const fds = new ForeignFds((line) => logged.push(line), send);
   try {
     fds.take(ws.map((w) => w.fd));
-    t.true(logged.some((l) => /it waits for a throwaway process/.test(l)), 'past the bound, fds wait');
+    // Sent once the closer says it is ready (it dies with the broker): then past the bound, fds wait.
+    await until(() => logged.some((l) => /it waits for a throwaway process/.test(l)), { ms: 10_000, what: 'past the bound, fds wait' });
     await until(() => ws.every((w) => w.gone()), { ms: 15_000, what: 'not all closed' });
     t.is(fds.replaced, 0);
   } finally {
     fds.close();
     for (const w of ws) w.close();
+  }
+});
+
+// Found by an outside re-test: the broker sent a new closer its fds at once, before the closer had set itself to die
+// with the broker; one stopped in that window outlived a killed broker, holding the broker's copies of taps.
+test('nothing is sent to a closer before it says it is ready; then what waited goes to it', async (t) => {
+  const w = watched();
+  const carried: number[] = [];
+  const send: typeof sys.sendMsg = (fd, msg, flags) => {
+    carried.push(...(msg.fds ?? []));
+    return sys.sendMsg(fd, msg, flags);
+  };
+  const fds = new ForeignFds(() => {}, send);
+  let pid = 0;
+  try {
+    fds.give([w.fd]);
+    pid = (fds as unknown as { child: { pid: number } }).child.pid;
+    process.kill(pid, 'SIGSTOP');
+    await new Promise((r) => setTimeout(r, 1500));
+    t.deepEqual(carried, [], 'sent to a closer not ready');
+    process.kill(pid, 'SIGCONT');
+    await until(() => carried.length === 1, { ms: 10_000, what: 'never sent once ready' });
+    await until(() => w.gone(), { ms: 10_000, what: 'never closed' });
+    t.pass();
+  } finally {
+    if (pid > 0) process.kill(pid, 'SIGCONT');
+    fds.close();
+    w.close();
   }
 });
 

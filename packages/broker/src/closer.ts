@@ -17,6 +17,8 @@ const SIGKILL = 9;
 koffi.load('libc.so.6').func('int prctl(int option, ...)')(PR_SET_PDEATHSIG, 'unsigned long', SIGKILL);
 const parent = process.env['TAPBROKER_CLOSER_OF'];
 if (parent !== undefined && String(process.ppid) !== parent) process.exit(0);
+// Ready: the broker sends nothing before this byte (a closer stopped before its prctl kept what it had been sent).
+sys.sendMsg(SOCK, { data: Buffer.from([2]) }, sys.MSG_NOSIGNAL);
 const receiver = new sys.Receiver(16, sys.SCM_MAX_FD);
 // Fds received but not closed yet: the broker's own copies may still be open, and the last close must be
 // ours, not the broker's. Its `go` (a 1, sent once it has closed them) says they are closed.

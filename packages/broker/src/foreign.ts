@@ -21,6 +21,8 @@ import { SCM_MAX_FD, sys, watchReadable } from '@tapbroker/protocol/core';
 const CLOSER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'closer.js');
 /** A closer with batches unacknowledged for this long is declared stuck. */
 const STUCK_MS = 2000;
+/** A closer that has not said it is ready (it dies with the broker) this long after its spawn is replaced. */
+const READY_MS = 10_000;
 /**
  * A closer with nothing to do for this long goes (it is started again on the next need): the default of the one
  * for pushed connections (an attack's path, or a kernel without SO_PASSRIGHTS). The broker's own copies keep theirs
@@ -58,6 +60,11 @@ export class ForeignFds {
   private readonly rx = new sys.Receiver(256);
   private unacked = 0;
   private since = 0;
+  /**
+   * The closer said it dies with the broker (its first byte): nothing is sent to it before. A closer stopped before
+   * it could say so outlived a killed broker, holding the broker's copies of taps (an outside re-test).
+   */
+  private ready = false;
   private held: number[] = [];
   private timer: NodeJS.Timeout | null = null;
   /** Fds handed off so far, and closers replaced because they were stuck (for status and tests). */
@@ -155,6 +162,7 @@ export class ForeignFds {
           break;
         }
       }
+      if (!this.ready && !this.stopping) break;
       // Small batches: the closer acknowledges each, and a batch of taps' last closes (~20 ms each) must not
       // look like a stuck closer.
       const batch = this.held.slice(0, BATCH);
@@ -336,7 +344,7 @@ export class ForeignFds {
       && Date.now() - this.since > this.idleMs) {
       this.idle();
     }
-    if (this.unacked > 0 && Date.now() - this.since > STUCK_MS) {
+    if (this.unacked > 0 && Date.now() - this.since > (this.ready ? STUCK_MS : READY_MS)) {
       this.log(`fd closer stuck for ${Date.now() - this.since} ms with ${this.unacked} batch(es); replacing it`);
       this.replaced++;
       this.retire();
@@ -373,6 +381,10 @@ export class ForeignFds {
       }
       this.unacked = Math.max(0, this.unacked - m.data.length);
       this.since = Date.now();
+      if (!this.ready) {
+        this.ready = true;
+        if (this.held.length > 0) queueMicrotask(() => this.flush());
+      }
     }
   }
 
@@ -400,7 +412,10 @@ export class ForeignFds {
     sys.fcntlSet(mine, sys.F_SETFL, sys.fcntlGet(mine, sys.F_GETFL) | sys.O_NONBLOCK);
     this.sock = mine;
     this.watch = watchReadable(mine, () => this.onAck());
-    this.unacked = 0;
+    // Its ready byte is owed like an acknowledgement (see READY_MS).
+    this.unacked = 1;
+    this.since = Date.now();
+    this.ready = false;
     this.goOwed = false;
   }
 
