@@ -11,6 +11,9 @@ import { NOBODY, OTHER_UID, probe, probeOnce, spawnAs } from '../helpers/unpriv.
 const test = anyTest as TestFn;
 const STRANGER = 64003;
 
+/** A network name at its longest (64 characters): NICs on it make a create request long. */
+const LONG_NET = `lan-${'x'.repeat(60)}`;
+
 const POLICY = `
 [[rule]]
 name = "vm"
@@ -24,7 +27,11 @@ max_devices = 4
 name = "other"
 users = [${OTHER_UID}]
 bridges = ["br1"]
+networks = ["${LONG_NET}"]
 persistent = true
+
+[network.${LONG_NET}]
+bridge = "br1"
 `;
 
 const HOST_LINKS = ['br0', 'br1', 'br2', 'vparent', 'vpeer'];
@@ -163,6 +170,25 @@ test.serial('more NICs than one request carries go in several, in order; a later
   t.is(r.error?.nic, 33, 'named by its place among all the NICs, not in its request');
   t.regex(r.error?.message ?? '', /^NIC 33: /);
   t.deepEqual(r.taps, []);
+  await nothingLeft(t);
+});
+
+// Found by an outside review: the client split a VM's NICs into requests by their count and fds, never by size: 31
+// NICs on a network of a 64-character name, each with its MAC and name, were one request over MAX_REQUEST_BYTES,
+// refused TB_E_FRAME_TOO_LARGE (here 32, their names at their longest).
+test.serial('NICs too many bytes for one request go in as many as hold them', async (t) => {
+  const nics = Array.from({ length: 32 }, (_, i) => ({ network: LONG_NET, queues: 1, vnet_hdr: true,
+    mac: `52:54:00:aa:bb:${i.toString(16).padStart(2, '0')}`, name: `tb${OTHER_UID}-n${i}`.padEnd(15, 'x') }));
+  const before = fx.broker.records.length;
+  const p = await probe({ socket: fx.broker.socket, batch: true, requests: nics }, { uid: OTHER_UID });
+  try {
+    t.is(p.result.error, null, p.result.error?.message);
+    t.deepEqual(p.result.taps.map((x) => x.device.name), nics.map((n) => n.name));
+    const creates = new Set(fx.broker.records.slice(before).filter((r) => r.decision === 'grant').map((r) => r.pid));
+    t.is(creates.size, 1, 'one client');
+  } finally {
+    await p.release();
+  }
   await nothingLeft(t);
 });
 

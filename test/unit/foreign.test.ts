@@ -2,7 +2,7 @@
 // will not carry over a socket (ETOOMANYREFS: a unix socket with others nested too deep in its queue, on
 // kernels that limit nesting; 6.18, which the tests run on, does not, so that fault is put in place of
 // sendmsg here: the only fake in this file) must neither stop what waits behind it nor get the closer
-// replaced: it goes to a throwaway process by inheritance.
+// replaced: it goes to a throwaway process by inheritance. Serial: throwaway processes are counted process-wide.
 import test from 'ava';
 import { ForeignFds, orphan } from '@tapbroker/broker/internal';
 import { sys } from '@tapbroker/protocol';
@@ -17,7 +17,7 @@ function watched(): { fd: number; gone: () => boolean; close: () => void } {
   return { fd, gone: () => rx.recv(peer, sys.MSG_DONTWAIT)?.data.length === 0, close: () => sys.close(peer) };
 }
 
-test('orphan: a throwaway process inherits the fd, and its exit is the last close', async (t) => {
+test.serial('orphan: a throwaway process inherits the fd, and its exit is the last close', async (t) => {
   const w = watched();
   try {
     t.true(orphan(w.fd));
@@ -29,7 +29,7 @@ test('orphan: a throwaway process inherits the fd, and its exit is the last clos
   }
 });
 
-test('an fd no socket will carry goes to a throwaway process; the rest reach the closer, which stays', async (t) => {
+test.serial('an fd no socket will carry goes to a throwaway process; the rest reach the closer, which stays', async (t) => {
   const [good1, bad, good2] = [watched(), watched(), watched()];
   const logged: string[] = [];
   const send: typeof sys.sendMsg = (fd, msg, flags) => {
@@ -48,7 +48,7 @@ test('an fd no socket will carry goes to a throwaway process; the rest reach the
   }
 });
 
-test('fds no socket will carry, more than throwaway processes may run at once: all closed, a few at a time', async (t) => {
+test.serial('fds no socket will carry, more than throwaway processes may run at once: all closed, a few at a time', async (t) => {
   const ws = Array.from({ length: 20 }, () => watched());
   const bad = new Set(ws.map((w) => w.fd));
   const logged: string[] = [];
@@ -71,7 +71,7 @@ test('fds no socket will carry, more than throwaway processes may run at once: a
 
 // Found by an outside re-test: the broker sent a new closer its fds at once, before the closer had set itself to die
 // with the broker; one stopped in that window outlived a killed broker, holding the broker's copies of taps.
-test('nothing is sent to a closer before it says it is ready; then what waited goes to it', async (t) => {
+test.serial('nothing is sent to a closer before it says it is ready; then what waited goes to it', async (t) => {
   const w = watched();
   const carried: number[] = [];
   const send: typeof sys.sendMsg = (fd, msg, flags) => {
@@ -105,7 +105,7 @@ class Jammed extends ForeignFds {
   }
 }
 
-test('every closer wedged: an fd no bin will carry goes to a throwaway process, the rest into a bin', async (t) => {
+test.serial('every closer wedged: an fd no bin will carry goes to a throwaway process, the rest into a bin', async (t) => {
   const [good1, bad, good2] = [watched(), watched(), watched()];
   const logged: string[] = [];
   const send: typeof sys.sendMsg = (fd, msg, flags) => {

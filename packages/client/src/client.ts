@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import {
-  MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
+  MAX_NICS, MAX_REPLY_BYTES, MAX_REPLY_FDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, SeqpacketConnection, TapbrokerError,
   decodeReply, encodeRequest, sys, type CreateMacvtapRequest, type CreateTapRequest, type Device, type Lease,
   type CanRequest, type MacvtapMode, type Nic, type Reply, type Request, type StatusReply,
 } from '@tapbroker/protocol/lite';
@@ -211,9 +211,7 @@ export class TapbrokerClient {
     const req: Request = {
       op: 'create',
       id: this.nextId++,
-      nics: nics.map(
-        (n): Nic => (n.kind === 'tap' ? { kind: 'tap', ...tapFields(n) } : { kind: 'macvtap', ...macvtapFields(n) }),
-      ),
+      nics: nics.map(wireNic),
     };
     const { reply, fds } = await this.call(req);
     if (reply.op !== 'create' || reply.devices.length !== nics.length || reply.fds.length !== nics.length) {
@@ -384,9 +382,13 @@ export class TapbrokerClient {
       await this.releaseMade(req, packet.data);
       throw err;
     };
-    if (packet.truncated || packet.fdsTruncated) {
-      return fail(new TapbrokerError('TB_E_BAD_REPLY', 'the broker\'s reply was truncated'));
+    if (packet.fdsTruncated) {
+      // The kernel drops the descriptors a process has no room for (MSG_CTRUNC): this process's limit, not the broker
+      // (an outside review: it read as the broker's fault).
+      return fail(new TapbrokerError('TB_E_BAD_REPLY', 'the reply\'s file descriptors did not all arrive: this process '
+        + 'has no room for them under its open-files limit', { hint: 'raise it (ulimit -n) and ask again' }));
     }
+    if (packet.truncated) return fail(new TapbrokerError('TB_E_BAD_REPLY', 'the broker\'s reply was truncated'));
     let reply: Reply;
     try {
       reply = decodeReply(packet.data);
@@ -556,19 +558,31 @@ function canFields(n: CanNic): NonNullable<CanRequest['before']>[number] {
   };
 }
 
-/** Runs of NICs that each fit one create request and its reply: at most MAX_NICS, and MAX_REPLY_FDS fds. */
+const wireNic = (n: NicOptions): Nic =>
+  (n.kind === 'tap' ? { kind: 'tap', ...tapFields(n) } : { kind: 'macvtap', ...macvtapFields(n) });
+
+/** A create request's bytes without its NICs, its id at its longest and its array's header at its largest. */
+const CREATE_BYTES = encodeRequest({ op: 'create', id: 0xffffffff, nics: [] }).length + 2;
+
+/**
+ * Runs of NICs that each fit one create request and its reply: at most MAX_NICS, MAX_REPLY_FDS fds, and
+ * MAX_REQUEST_BYTES (an outside review: 31 NICs with long network names, MACs and names were one request too large).
+ */
 function batches(nics: readonly NicOptions[]): Array<{ from: number; to: number }> {
   const out: Array<{ from: number; to: number }> = [];
   let from = 0;
   let fds = 0;
+  let bytes = CREATE_BYTES;
   for (const [i, n] of nics.entries()) {
     // A bad queue count is the broker's to refuse; here it counts as its nearest valid value.
     const need = n.persistent ? 0 : Math.max(1, n.queues ?? 1) * (n.vhost ? 2 : 1);
-    if (i > from && (i - from >= MAX_NICS || fds + need > MAX_REPLY_FDS)) {
+    const size = encodeRequest({ op: 'create', id: 0, nics: [wireNic(n)] }).length - CREATE_BYTES + 6;
+    if (i > from && (i - from >= MAX_NICS || fds + need > MAX_REPLY_FDS || bytes + size > MAX_REQUEST_BYTES)) {
       out.push({ from, to: i });
-      [from, fds] = [i, 0];
+      [from, fds, bytes] = [i, 0, CREATE_BYTES];
     }
     fds += need;
+    bytes += size;
   }
   // No NIC at all is one (empty) request, for the broker to refuse as it does.
   out.push({ from, to: nics.length });
