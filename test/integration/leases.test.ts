@@ -286,7 +286,11 @@ test.serial('a persistent device whose tag cannot rebuild its lost lease is left
 async function holdOpen(t: import('ava').ExecutionContext, name: string, mq: boolean) {
   const holder = spawn('ip', ['netns', 'exec', ns.name, 'setpriv', ...setprivArgs({ uid: A }), process.execPath,
     OPEN_TAP, name, mq ? 'mq' : '-', tunNode(dir), 'hold'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const opened = await new Promise<string>((r) => holder.stdout!.once('data', (d) => r(String(d))));
+  // Its line, or its exit: a holder that died first must fail the test, not hang it (a run timed out here once).
+  const opened = await new Promise<string>((resolve) => {
+    holder.stdout!.once('data', (d) => resolve(String(d)));
+    holder.once('exit', (code, signal) => resolve(JSON.stringify({ ok: false, exited: code ?? signal })));
+  });
   t.deepEqual(JSON.parse(opened), { ok: true });
   return holder;
 }
