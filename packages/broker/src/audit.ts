@@ -318,7 +318,7 @@ const lines = (s: string) => s.split('\n').map(shown).join('\n');
  * The summary as MESSAGE: its later lines indented, so that no line of it reads as a record of its own (a record's
  * summary never starts with a space): a caller's newline that reached a message forged a line of a root grant.
  */
-const indented = (s: string) => s.split('\n').map(shown).join('\n  ');
+const indented = (s: string) => lines(s).replace(/\n/g, '\n  ');
 
 /** journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the raw value for values with newlines. */
 export function journalEntry(r: AuditRecord): Buffer {
