@@ -280,10 +280,38 @@ test('journald gone after start: the record still goes to the fd', (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-jd-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const journal = fakeJournal(t, dir);
-  const { audit, lines } = setup(t, { journalSocket: journal.path });
+  const log: string[] = [];
+  const { audit, lines } = setup(t, { journalSocket: journal.path, log: (l) => log.push(l) });
   journal.close();
   const rec = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE });
   t.deepEqual(lines(), [rec]);
+  t.is(audit.dropped, 0);
+  t.is(log.length, 1, 'said in the log');
+  t.regex(log[0]!, /did not take a record \(.*ECONNREFUSED.*\); records go to stderr/);
+});
+
+test('journald kept full: records go to the fd, said once in the log, and counted when journald takes them again', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-jd-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const journal = fakeJournal(t, dir);
+  const log: string[] = [];
+  const { audit, lines } = setup(t, { journalSocket: journal.path, log: (l) => log.push(l) });
+  // Nobody reads the socket: its queue fills for real (net.unix.max_dgram_qlen datagrams), and sends then fail.
+  let sent = 0;
+  while (lines().length === 0 && sent < 100_000) {
+    audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: `n${sent++}` });
+  }
+  t.is(lines().length, 1, 'the record journald did not take went to the fd');
+  const queued = journal.take().length;
+  t.is(queued, sent - 1, 'every other record is in the journal, none twice');
+  t.is(log.length, 1);
+  t.regex(log[0]!, /^journald did not take a record \(sendmsg to `.*journal\.sock' \(its queue is full\).*\); records go to stderr/);
+  // The queue read: the next record goes to journald again, and the log says how many did not.
+  const rec = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE });
+  t.deepEqual(journal.take(), [journalEntry(rec)]);
+  t.is(lines().length, 1);
+  t.is(log.length, 2);
+  t.regex(log[1]!, /: taking records again; 1 went to stderr meanwhile$/);
   t.is(audit.dropped, 0);
 });
 

@@ -124,6 +124,8 @@ export interface AuditSink {
 
 export class Audit {
   private readonly journal: string | null;
+  /** Our socket to journald's, kept open; null without journald or once closed. */
+  private journalTo: ReturnType<typeof sys.datagramTo> | null;
   private fileFd: number | null;
   private readonly fd: number;
   private readonly linux: AuditSink | null;
@@ -131,6 +133,7 @@ export class Audit {
   constructor(private readonly policySha: () => string, opts: AuditOptions = {}) {
     const journal = opts.journalSocket === undefined ? DEFAULT_JOURNAL_SOCKET : opts.journalSocket;
     this.journal = journal && fs.existsSync(journal) ? journal : null;
+    this.journalTo = this.journal ? sys.datagramTo(this.journal) : null;
     this.fileFd = opts.file
       ? fs.openSync(
           opts.file,
@@ -149,6 +152,8 @@ export class Audit {
   /** Records the file did not take since it last took one; whether its last line was cut short. */
   private fileLost = 0;
   private fileCut = false;
+  /** Records journald did not take (its queue full, or it gone) since it last took one: they went to stderr. */
+  private journalMissed = 0;
 
   get sink(): string {
     return this.journal ? `journald (${this.journal})` : 'stderr';
@@ -178,19 +183,35 @@ export class Audit {
 
   private write(rec: AuditRecord, c: Partial<Identity> | null): void {
     const line = `${auditJson({ audit: rec })}\n`;
-    let journaled = false;
-    if (this.journal) {
-      try {
-        sys.sendDatagram(this.journal, journalEntry(rec));
-        journaled = true;
-      } catch {
-        // journald went away: the record still goes somewhere.
-      }
+    if (!this.toJournal(rec)) {
+      this.dropped += Number(this.fd === 2 ? !toStderr(line) : writeFully(this.fd, line).left > 0);
     }
-    if (!journaled) this.dropped += Number(this.fd === 2 ? !toStderr(line) : writeFully(this.fd, line).left > 0);
     // write(2) with O_APPEND: in the kernel before the reply is sent; no user-space buffering.
     if (this.fileFd !== null) this.toFile(line);
     this.linux?.send(rec, c);
+  }
+
+  /**
+   * A record to journald, if it is used. One it does not take (its queue kept full, or journald gone) goes to
+   * stderr instead; that is said in the broker's log once until it takes records again, and then how many went
+   * (an outside review: a journald kept full sent records elsewhere with nothing said).
+   */
+  private toJournal(rec: AuditRecord): boolean {
+    if (!this.journalTo) return false;
+    try {
+      this.journalTo.send(journalEntry(rec));
+    } catch (err) {
+      if (this.journalMissed++ === 0) {
+        this.log(`journald did not take a record (${(err as Error).message}); records go to `
+          + 'stderr until it takes them again');
+      }
+      return false;
+    }
+    if (this.journalMissed > 0) {
+      this.log(`journald (${this.journal}): taking records again; ${this.journalMissed} went to stderr meanwhile`);
+    }
+    this.journalMissed = 0;
+    return true;
   }
 
   /**
@@ -272,6 +293,8 @@ export class Audit {
     this.flushRefusals();
     if (this.fileFd !== null) fs.closeSync(this.fileFd);
     this.fileFd = null;
+    this.journalTo?.close();
+    this.journalTo = null;
     this.linux?.close();
   }
 }

@@ -342,15 +342,34 @@ function parseRights(control: Buffer, len: number): number[] {
 
 /** One datagram to an AF_UNIX datagram socket (sd_notify, journald's native protocol), never blocking. */
 export function sendDatagram(name: string, data: Buffer): void {
-  const addr = sockaddrUnAny(name);
-  const fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK);
+  const to = datagramTo(name);
   try {
-    if (sendMsg(fd, { data, addr }, MSG_NOSIGNAL) < 0) {
-      throw new SyscallError('sendmsg', errno.EAGAIN, `to \`${name}' (its queue is full)`);
-    }
+    to.send(data);
   } finally {
-    close(fd);
+    to.close();
   }
+}
+
+/**
+ * Datagrams to one AF_UNIX datagram socket by its name, from one socket of ours kept open (a send per record
+ * rather than a socket, a send and a close); the name is looked up at each send, so a peer bound again (journald
+ * restarted) is reached. send() never blocks: a full queue throws EAGAIN.
+ */
+export function datagramTo(name: string): { send(data: Buffer): void; close(): void } {
+  const addr = sockaddrUnAny(name);
+  let fd: number | null = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK);
+  return {
+    send(data) {
+      if (fd === null) throw new SyscallError('sendmsg', errno.EBADF, `to \`${name}' (closed)`);
+      if (sendMsg(fd, { data, addr }, MSG_NOSIGNAL) < 0) {
+        throw new SyscallError('sendmsg', errno.EAGAIN, `to \`${name}' (its queue is full)`);
+      }
+    },
+    close() {
+      if (fd !== null) close(fd);
+      fd = null;
+    },
+  };
 }
 
 /** socketpair(2) with CLOEXEC. */
