@@ -120,8 +120,10 @@ export function runHook(
  * This run's secret, which its hooks inherit (TAPBROKER_RUN), and those of earlier runs whose hooks no start has
  * killed yet: kept in the state directory (root's alone) and in root's processes' environments, which no other user
  * can read, so nobody can make the broker take a process for a hook of its own. None for a broker without a state
- * directory. The earlier runs stay in the file until `cleaned` (their hooks killed): a start that died before it
- * killed them lost the crashed run's, and its hooks outlived the next start's `down` (an outside re-test).
+ * directory. The file is written only when it must change: `save` before this run's first hook (its id joins the
+ * earlier ones), `cleaned` once their hooks are killed (they go). A start that dies before either leaves it as it
+ * was, so no number of such starts can push a crashed run's id out of it (an outside re-test did, with 17: the
+ * crashed run's hooks then outlived the next start's `down`).
  */
 export function hookRun(stateDir: string | null): HookRun & { previous: string[]; cleaned(): void } {
   const current = randomBytes(16).toString('hex');
@@ -131,8 +133,7 @@ export function hookRun(stateDir: string | null): HookRun & { previous: string[]
   try {
     const fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
     try {
-      const ids = fs.readFileSync(fd, 'latin1').split('\n').filter((l) => /^[0-9a-f]{32}$/.test(l));
-      previous = [...new Set(ids)].slice(0, MAX_RUNS);
+      previous = [...new Set(fs.readFileSync(fd, 'latin1').split('\n').filter((l) => /^[0-9a-f]{32}$/.test(l)))];
     } finally {
       fs.closeSync(fd);
     }
@@ -141,40 +142,31 @@ export function hookRun(stateDir: string | null): HookRun & { previous: string[]
   }
   let pending = previous;
   let saved = false;
-  const write = () => replaceFile(file, `${[current, ...pending].join('\n')}\n`);
+  const write = () => replaceFile(file, [...(saved ? [current] : []), ...pending].map((id) => `${id}\n`).join(''));
   const save = () => {
     if (saved) return;
+    saved = true;
     try {
       write();
-      saved = true;
     } catch (err) {
+      saved = false;
       throw new TapbrokerError('TB_E_STATE_UNWRITABLE', `the broker cannot write ${file}, by which a next start finds `
         + `this run's hooks: no hook runs until it can (${(err as Error).message})`, {
         hint: 'an administrator frees space in the broker\'s state directory (or remounts it read-write)',
       });
     }
   };
-  try {
-    save();
-  } catch {
-    // A full or read-only state directory (the broker starts anyway, and says so): tried again before each hook's
-    // `up`, and no hook runs until it is written (an outside review: hooks of a run the file did not name outlived
-    // a crash, and their `up` finished after the next start's `down`). No temporary file stays behind.
-  }
   const cleaned = () => {
     if (pending.length === 0) return;
     pending = [];
     try {
-      if (saved) write();
+      write();
     } catch {
       // Still listed: a later start looks for their hooks once more, and finds none.
     }
   };
   return { current, previous, save, cleaned };
 }
-
-/** Earlier runs kept in the hook-run file at most (each a start that died before it killed their hooks). */
-const MAX_RUNS = 16;
 
 /** This run's secret, and its writing where the next start reads it (before a hook's `up`; throws if it cannot). */
 export interface HookRun {

@@ -65,7 +65,7 @@ export class Lifetimes implements Cleanup {
     this.table = table;
     table.log = log;
     this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, takerWaitMs);
-    this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun.current);
+    this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
     this.trusted = trusted;
     this.intact = intact;
     if (problem) log(`warning: ${problem}`);

@@ -45,7 +45,7 @@ export async function plugUp(
 }
 
 /** Unplugs a lease's device (`down`) as its lease says. */
-export async function plugDown(l: LeaseRecord, run: string): Promise<Record<string, unknown> | null> {
+export async function plugDown(l: LeaseRecord, run: HookRun): Promise<Record<string, unknown> | null> {
   const p = l.plug;
   if (!p) return null;
   if ('ovs' in p) {
@@ -54,7 +54,12 @@ export async function plugDown(l: LeaseRecord, run: string): Promise<Record<stri
     const removed = await delPortOf(p.db, p.ovs, l.name, l.id);
     return removed ? { ovs: p.ovs, action: 'down' } : null;
   }
-  return runPlugHook(l, p, 'down', run);
+  try {
+    run.save();
+  } catch {
+    // A `down` runs all the same (its device is going); only a crash during it would leave it running.
+  }
+  return runPlugHook(l, p, 'down', run.current);
 }
 
 async function runPlugHook(
@@ -89,7 +94,7 @@ export class Unplugs {
   constructor(
     private readonly table: Pick<LeaseTable, 'unplugged'>,
     private readonly note: Note,
-    private readonly run: string,
+    private readonly run: HookRun,
   ) {}
 
   /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
