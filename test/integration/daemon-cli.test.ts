@@ -31,7 +31,7 @@ test('a tool\'s usage error names the problem and that tool\'s usage only', (t) 
   const r = run('who-can', policy);
   t.is(r.status, 64);
   t.is(r.stderr, 'tapbrokerd: who-can needs exactly one of --bridge, --macvtap or --network\n'
-    + 'usage: tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]\n'
+    + 'usage: tapbrokerd who-can [file] [--fragments dir] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]\n'
     + 'see tapbrokerd who-can --help\n');
   t.is(run('check-policy', '--json=yes', policy).status, 64, 'a flag given a value');
 });
@@ -114,5 +114,23 @@ test('check-policy says which bridges and macvtap parents are missing or not bri
     t.notRegex(r.stdout, /br-real|parent nic0|nic0 has no fixed MAC/);
   } finally {
     spawnSync('ip', ['netns', 'del', ns]);
+  }
+});
+
+// Found by an outside review: with their output on a full disk, the tools died on Node's unhandled write error
+// (a stack trace, status 1: what a failed case or a --strict warning exits with in the CI pipeline tapbrokerd(8)
+// shows), and an import's truncated policy read as a result.
+test('a tool whose output cannot be written exits 74 (EX_IOERR), without a stack trace', (t) => {
+  const cases = path.join(dir, 'cases.toml');
+  fs.writeFileSync(cases, '[[case]]\nuser = 0\nrequest = "bridge=br0"\nexpect = "allow"\n');
+  const conf = path.join(dir, 'bridge.conf');
+  fs.writeFileSync(conf, 'allow br0\n');
+  const full = fs.openSync('/dev/full', 'w');
+  t.teardown(() => fs.closeSync(full));
+  for (const argv of [['-n', '-f', policy], ['check-policy', policy], ['explain-policy', policy, '--user', 'root'],
+    ['who-can', policy, '--bridge', 'br0'], ['test-policy', policy, cases], ['import-bridge-conf', conf]]) {
+    const r = spawnSync(process.execPath, [MAIN, ...argv], { encoding: 'utf8', timeout: 30_000, stdio: ['ignore', full, 'pipe'] });
+    t.is(r.status, 74, `${argv.join(' ')}: ${r.stderr}`);
+    t.notRegex(r.stderr, /Unhandled|at .*\.js:\d+/, argv[0]);
   }
 });

@@ -142,7 +142,7 @@ test('an invalid policy is status 78 as check-policy reports it; a missing cases
 test('usage: --help, one file is the cases (the policy is the default), none or three is status 64', (t) => {
   const help = tapbrokerd('test-policy', '--help');
   t.is(help.code, 0);
-  t.regex(help.stdout, /^usage: tapbrokerd test-policy \[policy\] cases \[--json\]$/m);
+  t.regex(help.stdout, /^usage: tapbrokerd test-policy \[policy\] cases \[--fragments dir\] \[--json\]$/m);
   t.regex(tapbrokerd('--help').stdout, /tapbrokerd test-policy \[file\] cases \[--json\]/);
   // One argument is the cases file: the policy is /etc/tapbroker/policy.toml (absent here, or not this one).
   const one = tapbrokerd('test-policy', file('ok3.toml', HOLDING));

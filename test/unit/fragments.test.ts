@@ -532,3 +532,49 @@ test('a policy path ending in / is refused; an error about the fragment director
   t.regex(notDir.message, new RegExp(`cannot read ${dir}/policy\\.d: ENOTDIR: not a directory, open '${dir}/policy\\.d'`));
   t.notRegex(notDir.message, /\/proc\/self\/fd/);
 });
+
+// Found by an outside review of the docs' commands: the documented check of a staged `policy.toml.new` read
+// `policy.toml.new.d` (none), not the `policy.d` it is loaded with after the `mv`: check-policy passed a rule name a
+// fragment had (the reload then refused the policy: 78), and who-can listed no deny a fragment held.
+test('a staged policy.toml.new: the tools warn that policy.d is not read, and read it with --fragments', (t) => {
+  const deny = '[[deny]]\nname = "no-br2"\nusers = [1000]\nbridges = ["br2"]\n';
+  const { dir } = setUp(rule('main', '"br0"'), { '10-extra.toml': `${rule('extra', '"br1"')}\n${deny}` });
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const staged = path.join(dir, 'policy.toml.new');
+  fs.writeFileSync(staged, rule('extra', '"br2"'), { mode: 0o644 });
+  const cases = path.join(dir, 'cases.toml');
+  fs.writeFileSync(cases, '[[case]]\nuser = 1000\nrequest = "bridge=br2"\nexpect = "deny"\nrule = "no-br2"\n');
+  const tool = (...argv: string[]) => spawnSync(process.execPath, [MAIN, ...argv], { encoding: 'utf8', cwd: dir });
+  const warning = /read without .*policy\.d, the fragments it will be loaded with once it replaces .*policy\.toml .*: add --fragments .*policy\.d/;
+
+  const check = tool('check-policy', staged, '--strict');
+  t.is(check.status, 1, 'a warning: --strict fails');
+  t.regex(check.stdout, new RegExp(`policy\\.toml\\.new:-: warning: ${warning.source}`));
+  // Relative names as an operator types them in /etc/tapbroker.
+  t.regex(tool('check-policy', 'policy.toml.new').stdout, /warning: read without policy\.d, .*: add --fragments policy\.d$/m);
+  for (const argv of [['who-can', staged, '--bridge', 'br2'], ['explain-policy', staged, '--user', '1000'],
+    ['test-policy', staged, cases]]) {
+    t.regex(tool(...argv).stderr, new RegExp(`^tapbrokerd: warning: ${warning.source}`, 'm'), argv[0]);
+  }
+
+  // With --fragments, what the reload will see: the duplicate name, and the fragment's deny.
+  for (const spelled of [['--fragments', path.join(dir, 'policy.d')], [`--fragments=${dir}/policy.d/`]]) {
+    const withThem = tool('check-policy', staged, ...spelled);
+    t.is(withThem.status, 78, withThem.stdout);
+    t.regex(withThem.stderr, new RegExp(`${dir}/policy\\.d/10-extra\\.toml:1: error: .*duplicate rule name \`extra'`));
+  }
+  fs.writeFileSync(staged, rule('later', '"br2"'), { mode: 0o644 });
+  const who = tool('who-can', staged, '--fragments', 'policy.d', '--bridge', 'br2');
+  t.is(who.status, 0, who.stderr);
+  t.regex(who.stdout, /no-br2/, 'the fragment\'s deny is listed');
+  t.notRegex(who.stderr, /warning/);
+  const tested = tool('test-policy', staged, cases, '--fragments', 'policy.d');
+  t.is(tested.status, 0, tested.stdout);
+  t.regex(tested.stdout, /1 case, 1 passed, 0 failed/);
+  t.is(tool('test-policy', staged, cases).status, 1, 'without them the deny is not there');
+  const none = tool('check-policy', staged, '--fragments', 'nowhere');
+  t.is(none.status, 78);
+  t.regex(none.stderr, /cannot read nowhere: no such directory/);
+  // The installed file itself: no warning.
+  t.notRegex(tool('check-policy', 'policy.toml').stdout, /warning: read without/);
+});

@@ -3,7 +3,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import v8 from 'node:v8';
-import { EX, SeqpacketListener, TapbrokerError, exitFlushed, keepInspectorShut, sys } from '@tapbroker/protocol/core';
+import {
+  EX, SeqpacketListener, TapbrokerError, dropUnwritableOutput, exitFlushed, keepInspectorShut, sys,
+} from '@tapbroker/protocol/core';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import type { Policy } from './decide.js';
 import { loadTrustedPolicy } from './policy.js';
@@ -181,24 +183,23 @@ export type DaemonExtras = Pick<
 export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   // Root's Node must never open its debugger, whoever signals it.
   keepInspectorShut();
+  // The tools' output is their result: one that cannot be written (a full disk) is status 74, not a stack trace and 1,
+  // which reads as a failed case or a warning (an outside review).
+  const tool = (run: () => Promise<number>) => {
+    const output = dropUnwritableOutput();
+    void run().then((code) => exitFlushed(code, output.lost));
+  };
   if (argv[0] === 'check-policy' || argv[0] === 'explain-policy' || argv[0] === 'who-can') {
     // Loaded only for the tools: the daemon's start-up does not pay for them.
-    void import('./policy-tools.js').then(({ policyTool }) => exitFlushed(policyTool(argv, DEFAULT_POLICY)));
-    return;
+    return tool(() => import('./policy-tools.js').then(({ policyTool }) => policyTool(argv, DEFAULT_POLICY)));
   }
   if (argv[0] === 'import-bridge-conf') {
     // A tool like the above: qemu-bridge-helper's ACL files in, a policy out; never on the broker's path.
-    void import('./bridge-conf.js').then(({ importBridgeConfTool }) => {
-      exitFlushed(importBridgeConfTool(argv.slice(1)));
-    });
-    return;
+    return tool(() => import('./bridge-conf.js').then((m) => m.importBridgeConfTool(argv.slice(1))));
   }
   if (argv[0] === 'test-policy') {
     // A policy tool too: a table of expected decisions run through decide(), with no broker and no kernel.
-    void import('./policy-test.js').then(({ testPolicyTool }) => {
-      exitFlushed(testPolicyTool(argv.slice(1), DEFAULT_POLICY));
-    });
-    return;
+    return tool(() => import('./policy-test.js').then((m) => m.testPolicyTool(argv.slice(1), DEFAULT_POLICY)));
   }
   const opts = parseArgs(argv);
   // Resolved first, so that -n refuses it as a start would, and before anything is made (an outside review: -n said
@@ -216,10 +217,8 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   if (opts.check) {
     // -n checks the policy exactly as check-policy does (same findings, same streams), but as the broker
     // would load it: a file a user other than root could change is an error, not a warning.
-    void import('./policy-tools.js').then(({ policyTool }) => {
-      exitFlushed(policyTool(['check-policy', opts.policy], DEFAULT_POLICY, { asBroker: true }));
-    });
-    return;
+    return tool(() => import('./policy-tools.js')
+      .then(({ policyTool }) => policyTool(['check-policy', opts.policy], DEFAULT_POLICY, { asBroker: true })));
   }
   let policy: Policy;
   try {

@@ -34,16 +34,19 @@ export function openedPolicy<T>(path: string, f: (files: PolicyFile[]) => T): T 
   if (path.endsWith('/')) throw new TapbrokerError('TB_E_POLICY_INVALID', `${path}: not a file (the path ends in /)`);
   const dir = fragmentDir(path);
   const up = opened(dirname(path));
+  // A tool's --fragments elsewhere is opened through its own directory.
+  const away = dirname(dir) === dirname(path) ? null : opened(dirname(dir));
   try {
     const main: PolicyFile = { file: path, at: `${up.at}/${basename(path)}`, real: `${up.real}/${basename(path)}` };
+    const at = `${(away ?? up).at}/${basename(dir)}`;
     let fd: number;
     try {
-      fd = fs.openSync(`${up.at}/${basename(dir)}`, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+      fd = fs.openSync(at, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT' && !linked(`${up.at}/${basename(dir)}`)) return f([main]);
-      const why = code === 'ENOENT' ? 'it is a link to nothing (gone, or hidden from the broker: the unit\'s '
-        + 'PrivateTmp hides /tmp and /var/tmp)' : (err as Error).message.replaceAll(`${up.at}/${basename(dir)}`, dir);
+      if (code === 'ENOENT' && !linked(at) && !fragmentDirs.has(path)) return f([main]);
+      const why = code !== 'ENOENT' ? (err as Error).message.replaceAll(at, dir) : !linked(at) ? 'no such directory'
+        : 'it is a link to nothing (gone, or hidden from the broker: the unit\'s PrivateTmp hides /tmp and /var/tmp)';
       throw new TapbrokerError('TB_E_POLICY_INVALID', `cannot read ${dir}: ${why}`);
     }
     try {
@@ -62,6 +65,7 @@ export function openedPolicy<T>(path: string, f: (files: PolicyFile[]) => T): T 
       fs.closeSync(fd);
     }
   } finally {
+    away?.close();
     up.close();
   }
 }
@@ -117,10 +121,40 @@ export function policyPaths(path: string): string[] {
   }
 }
 
-/** `policy.toml` → `policy.d`, beside it. */
-export function fragmentDir(path: string): string {
-  return `${path.endsWith('.toml') ? path.slice(0, -5) : path}.d`;
+/**
+ * A policy tool's --fragments: the directory read as a file's fragments instead of the one named after it, so that a
+ * policy staged as `policy.toml.new` is checked with the `policy.d` it will be loaded with (an outside review: the
+ * documented check of the staged file read none, and passed a rule name a fragment had, which the reload then
+ * refused). Set by the tools alone, never by the broker.
+ */
+export const fragmentDirs = new Map<string, string>();
+
+/** A tool's --fragments DIR for `path` (trailing slashes dropped, so messages name `DIR/x.toml`). */
+export function readFragmentsFrom(path: string, dir: string): void {
+  fragmentDirs.set(path, dir.length > 1 ? dir.replace(/\/+$/, '') || '/' : dir);
 }
+
+/** `policy.toml` → `policy.d`, beside it (or the directory a tool was given for it). */
+export function fragmentDir(path: string): string {
+  return fragmentDirs.get(path) ?? `${path.endsWith('.toml') ? path.slice(0, -5) : path}.d`;
+}
+
+/**
+ * A staged policy (`policy.toml.new`, `policy.toml.dpkg-dist`) read without --fragments, when the file it will become
+ * has fragments and the staged name has none: what a tool says of it; else null.
+ */
+export function stagedWithout(path: string): string | null {
+  const m = /^(.+)\.toml\.[^/]+$/.exec(basename(path));
+  if (!m || fragmentDirs.has(path) || fs.existsSync(fragmentDir(path))) return null;
+  const theirs = path.includes('/') ? `${dirname(path)}/${m[1]}.d` : `${m[1]}.d`;
+  if (!fs.existsSync(theirs)) return null;
+  return `read without ${theirs}, the fragments it will be loaded with once it replaces ${m[1]}.toml (its own would `
+    + `be ${fragmentDir(path)}, which does not exist): add --fragments ${theirs}`;
+}
+
+/** --fragments, as every policy tool's help gives it. */
+export const FRAGMENTS_HELP = '--fragments dir: read the fragments from dir, not from the directory named after the '
+  + 'file (check policy.toml.new with --fragments policy.d: the fragments it will be loaded with).';
 
 /** The first of the policy's files (its fragment directory included) a user other than root could change. */
 export function untrustedPolicyFile(path: string): { file: string; why: string } | null {

@@ -10,19 +10,21 @@ import { getgrnam, getpwnam, getpwuid } from './libc.js';
 import { decide, recorded, type Caller, type Policy } from './decide.js';
 import { shown } from './naming.js';
 import { loadPolicy, parsePolicy } from './policy.js';
-import { policyPaths, untrustedForTools } from './policy-files.js';
+import { FRAGMENTS_HELP, policyPaths, readFragmentsFrom, stagedWithout, untrustedForTools } from './policy-files.js';
 import { didYouMean, lineIndex, locate, ruleAt } from './policy-text.js';
 import { checkSpec, createSpec, type CreateSpec } from './spec.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
 const EX_FAILED = 1;
 
-const USAGE = `usage: tapbrokerd test-policy [policy] cases [--json]
+const USAGE = `usage: tapbrokerd test-policy [policy] cases [--fragments dir] [--json]
 
 Runs each [[case]] of the TOML file cases (who asks, what they ask for as a tapbroker --net SPEC,
 what the policy must decide) through the broker's own checks and decision, without a broker or a
 kernel. The policy defaults to the broker's. Status 0: every case holds; 1: some case fails;
-65: the cases file is malformed; 78: the policy is invalid. See tapbrokerd(8).`;
+65: the cases file is malformed; 78: the policy is invalid.
+${FRAGMENTS_HELP}
+See tapbrokerd(8).`;
 
 /** The codes a decision can carry: the grammar checks' and the policy's. The kernel's are never reached here. */
 export const DECIDED_CODES: readonly ErrorCode[] = [
@@ -354,15 +356,21 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
     return EX.OK;
   }
   let json = false;
+  let fragments: string | null = null;
   const files: string[] = [];
-  for (const a of args) {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
     if (a === '--json') json = true;
-    else if (a.startsWith('-')) return usage(`unknown argument \`${a}'`);
+    else if (a === '--fragments' || a.startsWith('--fragments=')) {
+      fragments = a.includes('=') ? a.slice(a.indexOf('=') + 1) : args[++i] ?? null;
+      if (fragments === null) return usage('--fragments needs a value');
+    } else if (a.startsWith('-')) return usage(`unknown argument \`${a}'`);
     else files.push(a);
   }
   // One file is the cases (the policy is the broker's); two are the policy, then the cases.
   if (files.length < 1 || files.length > 2) return usage('test-policy needs a cases file, and may name a policy first');
   const [policyFile, casesFile] = files.length === 2 ? [files[0]!, files[1]!] : [defaultPolicy, files[0]!];
+  if (fragments !== null) readFragmentsFrom(policyFile, fragments);
 
   let policy: Policy;
   try {
@@ -380,6 +388,8 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
     return EX.CONFIG;
   }
   if (untrusted) process.stderr.write(`tapbrokerd: note: ${untrusted.message}\n`);
+  const staged = stagedWithout(policyFile);
+  if (staged) process.stderr.write(`tapbrokerd: warning: ${shown(staged)}\n`);
   let text: string;
   try {
     text = fs.readFileSync(casesFile, 'utf8');

@@ -12,7 +12,9 @@ import {
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
 import { loadPolicy } from './policy.js';
-import { fragmentDir, policyPaths, untrustedForTools } from './policy-files.js';
+import {
+  FRAGMENTS_HELP, fragmentDir, policyPaths, readFragmentsFrom, stagedWithout, untrustedForTools,
+} from './policy-files.js';
 import { shown } from './naming.js';
 import { locate, ruleAt } from './policy-text.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
@@ -430,14 +432,16 @@ export function deniedToUnit(file: string, perm: number, verb = perm === 0o1 ? '
 
 /** Each tool's usage, and what it does: `tapbrokerd TOOL --help`, and the line a usage error repeats. */
 export const TOOL_USAGE: Record<string, [string, string]> = {
-  'check-policy': ['tapbrokerd check-policy [file] [--json] [--strict] [--unit]',
+  'check-policy': ['tapbrokerd check-policy [file] [--fragments dir] [--json] [--strict] [--unit]',
     'Validates a policy: errors (status 78), then warnings about risky rules and a summary. --strict: any warning '
       + 'makes the status 1. --unit: as the shipped unit runs the broker, where files under /root, /home, '
-      + '/run/user, /tmp and /var/tmp are hidden from it (an error, not a note).'],
-  'explain-policy': ['tapbrokerd explain-policy [file] --user name [--json]',
-    'What one user may do under a policy, rule by rule, with the deny rules that apply to them.'],
-  'who-can': ['tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]',
-    'Every rule that grants this bridge, network or macvtap parent, and every deny rule that covers it.'],
+      + '/run/user, /tmp and /var/tmp are hidden from it (an error, not a note). ' + FRAGMENTS_HELP],
+  'explain-policy': ['tapbrokerd explain-policy [file] [--fragments dir] --user name [--json]',
+    'What one user may do under a policy, rule by rule, with the deny rules that apply to them. ' + FRAGMENTS_HELP],
+  'who-can': ['tapbrokerd who-can [file] [--fragments dir] (--bridge name | --network name | --macvtap parent '
+    + '[--mode mode]) [--json]',
+    'Every rule that grants this bridge, network or macvtap parent, and every deny rule that covers it. '
+      + FRAGMENTS_HELP],
 };
 
 /** A usage error: the message, the tool's usage line, and where to read more. */
@@ -451,7 +455,8 @@ see tapbrokerd ${tool} --help
 
 function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
   const o = {
-    file: defaultPolicy, json: false, strict: false, unit: false, user: null as string | null,
+    file: defaultPolicy, fragments: null as string | null, json: false, strict: false, unit: false,
+    user: null as string | null,
     bridge: null as string | null,
     macvtap: null as string | null, network: null as string | null, mode: null as MacvtapMode | null,
   };
@@ -472,6 +477,7 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
     if (a === '--json') o.json = true;
     else if (a === '--strict' && argv[0] === 'check-policy') o.strict = true;
     else if (a === '--unit' && argv[0] === 'check-policy') o.unit = true;
+    else if (a === '--fragments') o.fragments = value();
     else if (a === '--user') o.user = value();
     else if (a === '--bridge') o.bridge = value();
     else if (a === '--macvtap') o.macvtap = value();
@@ -488,6 +494,7 @@ function parseToolArgs(argv: readonly string[], defaultPolicy: string) {
     }
     else throw new TapbrokerError('TB_E_USAGE', `unknown argument \`${a}'`);
   }
+  if (o.fragments !== null) readFragmentsFrom(o.file, o.fragments);
   return o;
 }
 
@@ -541,6 +548,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     return EX.CONFIG;
   }
   if (untrusted && argv[0] !== 'check-policy') process.stderr.write(`tapbrokerd: note: ${shown(untrusted.message)}\n`);
+  // A staged policy read without the fragments it will be loaded with: a warning (an outside review).
+  const staged = stagedWithout(o.file);
+  if (staged && argv[0] !== 'check-policy') process.stderr.write(`tapbrokerd: warning: ${shown(staged)}\n`);
 
   if (argv[0] === 'check-policy') {
     const findings = policyWarnings(policy);
@@ -551,6 +561,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       return EX.CONFIG;
     }
     findings.push(...hidden);
+    if (staged) findings.unshift({ level: 'warning', file: o.file, line: null, message: staged });
     // Names beside the fragments that are not read (policyFiles): said, so a `30-lab.TOML` is not a surprise.
     const dir = fragmentDir(o.file);
     for (const n of fs.existsSync(dir) ? fs.readdirSync(dir).sort() : []) {

@@ -106,7 +106,7 @@ function usageBlock(lines: readonly string[]): string {
 const USAGE = [
   usageBlock(Object.values(COMMANDS).flatMap((c) => c.usage)),
   ...SPEC,
-  '`tapbroker COMMAND --help\' explains one command.',
+  '`tapbroker COMMAND --help\' explains one command; `tapbroker --version\' (-V) prints the version and the protocol.',
 ].join('\n');
 
 /** `tapbroker COMMAND --help`: its usage, what it does, and the SPEC syntax where it takes one. */
