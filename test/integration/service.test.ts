@@ -116,6 +116,34 @@ test.serial('policy fragments: a rule from policy.d grants; a broken fragment on
   }
 });
 
+// Found by an outside review of a broker after a week: the audit file was never opened again, so after logrotate's
+// `create` mode records went on to the rotated file (and to no file once that was deleted), with nothing said.
+test.serial('logrotate\'s create mode: after the rename and a reload (SIGHUP or tapbroker reload) records go to the new file', async (t) => {
+  const file = path.join(dir, 'rotated.jsonl');
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'rotate', args: ['--audit-file', file] });
+  const records = (f: string) => fs.readFileSync(f, 'utf8').trim().split('\n').filter((l) => l !== '')
+    .map((l) => (JSON.parse(l) as { audit: { op: string; decision: string } }).audit);
+  try {
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] })).error, null);
+    fs.renameSync(file, `${file}.1`);
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => broker.stderr.includes(`audit file ${file}: opened again`), 3000, 'no reopen');
+    t.is((await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br1' }] })).error?.code, 'TB_E_POLICY_DENIED');
+    t.true(records(`${file}.1`).some((r) => r.decision === 'grant'), 'the grant before, in the rotated file');
+    const after = records(file).map((r) => `${r.op} ${r.decision}`);
+    t.is(after[0], 'reload reload', 'the reload and what came after, in the new file');
+    t.true(after.includes('create-tap deny'));
+    t.false(records(`${file}.1`).some((r) => r.decision === 'deny' || r.op === 'reload'), 'none of it in the old one');
+    t.is(fs.statSync(file).mode & 0o777, 0o600);
+    fs.renameSync(file, `${file}.2`);
+    const asRoot = spawnSync(process.execPath, [CLIENT_CLI, 'reload', '--socket', broker.socket], { encoding: 'utf8' });
+    t.is(asRoot.status, 0, asRoot.stderr);
+    t.deepEqual(records(file).map((r) => r.op), ['reload'], 'tapbroker reload (the unit\'s ExecReload) too');
+  } finally {
+    await broker.stop();
+  }
+});
+
 test.serial('reload: a valid policy applies to new requests, an invalid one is refused and the last good stays', async (t) => {
   const broker = await BrokerProcess.start(ns, POLICY, { tag: 'reload' });
   try {

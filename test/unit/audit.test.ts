@@ -227,6 +227,41 @@ test('after close(), the file\'s old fd number is never written or closed again,
   t.notThrows(() => fs.fstatSync(fd), 'and it is still open');
 });
 
+// Found by an outside review of a broker after a week: the file was never opened again, so after logrotate's
+// `create` mode (rename, then a reload) records went on to the rotated file, and nowhere once it was deleted.
+test('reopen(): records go to a new file at the name after a rotation; the same file stays as it was', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-rot-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'audit.jsonl');
+  const log: string[] = [];
+  const { audit } = setup(t, { file, log: (l) => log.push(l) });
+  const a = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'a' });
+  audit.reopen();
+  t.deepEqual(log, [], 'not rotated: nothing to say');
+  const b = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'b' });
+  t.deepEqual(jsonLines(file), [a, b]);
+  fs.renameSync(file, `${file}.1`);
+  const c = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'c' });
+  audit.reopen();
+  const d = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE, message: 'd' });
+  t.deepEqual(jsonLines(`${file}.1`), [a, b, c], 'until the reload, the rotated file');
+  t.deepEqual(jsonLines(file), [d], 'after it, the new one');
+  t.is(fs.statSync(file).mode & 0o777, 0o600);
+  t.deepEqual(log, [`audit file ${file}: opened again (a new file: the one before was rotated)`]);
+  // Rotated and deleted before the reload (`delaycompress` off, `rotate 0`): said too.
+  fs.renameSync(file, `${file}.2`);
+  fs.rmSync(`${file}.2`);
+  audit.reopen();
+  t.regex(log[1]!, /rotated and deleted\)$/);
+  // A name the broker cannot open again (a symlink planted there): the file open until now keeps the records.
+  fs.renameSync(file, `${file}.3`);
+  fs.symlinkSync('/dev/null', file);
+  audit.reopen();
+  t.regex(log[2]!, /cannot open it again \(.*ELOOP.*\); records go on to the file open until now/);
+  const e = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE, message: 'e' });
+  t.deepEqual(jsonLines(`${file}.3`), [e]);
+});
+
 test('the further sink is given every record, the very object returned, with the caller; close() closes it', (t) => {
   const sent: Array<[AuditRecord, Partial<Identity> | null]> = [];
   let closed = 0;

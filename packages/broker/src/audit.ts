@@ -134,13 +134,7 @@ export class Audit {
     const journal = opts.journalSocket === undefined ? DEFAULT_JOURNAL_SOCKET : opts.journalSocket;
     this.journal = journal && fs.existsSync(journal) ? journal : null;
     this.journalTo = this.journal ? sys.datagramTo(this.journal) : null;
-    this.fileFd = opts.file
-      ? fs.openSync(
-          opts.file,
-          fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW,
-          0o600,
-        )
-      : null;
+    this.fileFd = opts.file ? openAppend(opts.file) : null;
     this.fd = opts.fd ?? 2;
     this.linux = opts.linux ?? null;
     this.file = opts.file ?? null;
@@ -236,6 +230,31 @@ export class Audit {
     }
   }
 
+  /**
+   * The file opened again by its name, at each reload (SIGHUP, `tapbroker reload`): logrotate's `create` mode renames
+   * it and asks for a reload, and records then go to the new file (an outside review: they went on to the rotated one,
+   * and to a deleted one once that was removed, with nothing said). One that cannot be opened keeps the old open.
+   */
+  reopen(): void {
+    if (this.fileFd === null || this.file === null) return;
+    let fd: number;
+    try {
+      fd = openAppend(this.file);
+    } catch (err) {
+      this.log(`audit file ${this.file}: cannot open it again (${(err as Error).message}); records go on to the file `
+        + 'open until now');
+      return;
+    }
+    const [was, now] = [fs.fstatSync(this.fileFd), fs.fstatSync(fd)];
+    fs.closeSync(this.fileFd);
+    this.fileFd = fd;
+    if (was.dev === now.dev && was.ino === now.ino) return;
+    // A new file: a line cut short in the old one (a full disk) is not this one's to end.
+    this.fileCut = false;
+    this.log(`audit file ${this.file}: opened again (a new file: the one before was rotated${was.nlink === 0
+      ? ' and deleted' : ''})`);
+  }
+
   /** Records that could not be written at all (the sink failed with something other than EAGAIN). */
   dropped = 0;
 
@@ -297,6 +316,12 @@ export class Audit {
     this.journalTo = null;
     this.linux?.close();
   }
+}
+
+/** The audit file for appending: created 0600, never through a symlink. */
+function openAppend(file: string): number {
+  const { O_WRONLY, O_APPEND, O_CREAT, O_NOFOLLOW } = fs.constants;
+  return fs.openSync(file, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW, 0o600);
 }
 
 /** Refusals, denials and dry runs written one by one per uid and window; the rest are aggregated. */

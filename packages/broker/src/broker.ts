@@ -236,6 +236,8 @@ export class Broker implements SessionHost, OpContext {
    */
   reload(caller: Partial<Identity> | null): Policy {
     const before = this.policy.sha256;
+    // The audit file too, whatever becomes of the policy: logrotate's `postrotate` asks for a reload.
+    this.audit.reopen();
     try {
       if (!this.policyPath) throw new TapbrokerError('TB_E_POLICY_INVALID', 'the policy did not come from a file');
       const stamp = accountsStamp();
