@@ -38,9 +38,17 @@ test('a full disk: records lost are said once, counted, and no line is glued to 
   t.is(log.length, 2);
   t.regex(log[1]!, /audit file .*: taking records again; 3 lost/);
   const lines = fs.readFileSync(file, 'utf8').split('\n').filter((l) => l !== '');
-  const parsed = lines.map((l) => { try { return JSON.parse(l) as { audit: { device: { name: string } } }; } catch { return null; } });
+  const parsed = lines.map((l) => { try { return JSON.parse(l) as { audit: { op: string; device: { name: string } } }; } catch { return null; } });
   t.is(parsed.filter((p) => p === null).length, 1, 'the one line the disk cut short, alone');
-  const names = parsed.flatMap((p) => (p ? [p.audit.device.name] : []));
+  // The file says what it lacks, just before the first record it took again (an outside review: nothing did).
+  const gap = parsed.findIndex((p) => p?.audit.op === 'audit-file');
+  t.true(gap > 0, 'an audit-file record');
+  const said = parsed[gap]!.audit as unknown as { decision: string; message: string };
+  t.is(said.decision, 'error');
+  t.regex(said.message, /^3 record\(s\) before this one could not be written to this file \(ENOSPC\) since \d{4}-.*Z; the journal \(or stderr\) has them$/);
+  t.is(parsed[gap + 1]?.audit.device.name, `tb1000-${String(i - 2).padStart(4, '0')}`, 'then the record that ended the gap');
+  t.is(parsed.filter((p) => p?.audit.op === 'audit-file').length, 1, 'once');
+  const names = parsed.flatMap((p) => (p?.audit.device ? [p.audit.device.name] : []));
   t.deepEqual(names.slice(-2), [`tb1000-${String(i - 2).padStart(4, '0')}`, `tb1000-${String(i - 1).padStart(4, '0')}`],
     'the records after the disk had room are whole lines of their own');
 });

@@ -24,11 +24,12 @@ export type AuditDecision =
  * Every `op` a record carries: the requests of the wire (a refused one too), and the broker's own: a device's end
  * (`cleanup`), a start (`reconcile`), a network's undoing (`unplug`), a refusal before any request (`connection`: a
  * full broker, a hello timeout, a uid refused at accept), a frame that is no request (`request`), and the count of
- * one uid's records held back (`refusals`). tapbrokerd(8) lists them all (a docs test holds it to this list).
+ * one uid's records held back (`refusals`), and the records the audit file lacks (`audit-file`, in the file alone).
+ * tapbrokerd(8) lists them all (a docs test holds it to this list).
  */
 export const AUDIT_OPS = [
   'hello', 'create', 'create-tap', 'create-macvtap', 'can', 'list', 'status', 'release', 'reload',
-  'cleanup', 'reconcile', 'unplug', 'connection', 'request', 'refusals',
+  'cleanup', 'reconcile', 'unplug', 'connection', 'request', 'refusals', 'audit-file',
 ] as const;
 export type AuditOp = (typeof AUDIT_OPS)[number];
 
@@ -214,7 +215,10 @@ export class Audit {
    * JSON (an outside review found lost grants said nowhere, and the next record glued to a cut one).
    */
   private toFile(line: string): void {
-    const text = this.fileCut ? `\n${line}` : line;
+    // Once it takes records again, the file itself says what it lacks, before the record that ends the gap (an
+    // outside review: it held a cut line and nothing else to tell a reader records were missing).
+    const gap = this.fileLost > 0 ? `${auditJson({ audit: this.gapRecord() })}\n` : '';
+    const text = `${this.fileCut ? '\n' : ''}${gap}${line}`;
     const { left, why } = writeFully(this.fileFd!, text);
     if (left === 0) {
       if (this.fileLost > 0) this.log(`audit file ${this.file}: taking records again; ${this.fileLost} lost`);
@@ -225,9 +229,23 @@ export class Audit {
     this.dropped++;
     this.fileCut ||= left < Buffer.byteLength(text);
     if (this.fileLost++ === 0) {
+      this.fileGap = { since: new Date().toISOString(), why };
       this.log(`audit file ${this.file}: a record could not be written (${why}); records are being lost until `
         + 'it takes them again (the journal, or stderr, still has them)');
     }
+  }
+
+  /** Since when, and why, the file has not taken records. */
+  private fileGap = { since: '', why: '' };
+
+  /** The file's own record of the records it lacks: written there alone. */
+  private gapRecord(): AuditRecord {
+    return {
+      time: new Date().toISOString(), op: 'audit-file', decision: 'error', rule: null, policy_sha256: this.policySha(),
+      uid: null, gid: null, pid: null, exe: null, user: null,
+      message: `${this.fileLost} record(s) before this one could not be written to this file (${this.fileGap.why}) `
+        + `since ${this.fileGap.since}; the journal (or stderr) has them`,
+    };
   }
 
   /**
