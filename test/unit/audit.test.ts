@@ -4,6 +4,7 @@
 // journald's native protocol, and the refusal limit per uid and window (driven by flushRefusals, the
 // window's end, rather than by waiting it out).
 import test, { type ExecutionContext } from 'ava';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -260,6 +261,37 @@ test('reopen(): records go to a new file at the name after a rotation; the same 
   t.regex(log[2]!, /cannot open it again \(.*ELOOP.*\); records go on to the file open until now/);
   const e = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE, message: 'e' });
   t.deepEqual(jsonLines(`${file}.3`), [e]);
+});
+
+// Found by an outside re-test of the reopen: a FIFO put at the name blocked the broker in open(2) at the next reload
+// (until someone read it), and a directory a user could write since start got root's records into the user's file.
+test('reopen(): a FIFO at the name, or a directory a user can now write, keeps the file open until then', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-fifo-'));
+  // A reader that unblocks a regressed open after a while, so that the test fails instead of hanging.
+  const unblock = spawn('sh', ['-c', `sleep 3; exec cat ${dir}/audit.jsonl > /dev/null`], { stdio: 'ignore' });
+  t.teardown(() => {
+    unblock.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  const file = path.join(dir, 'audit.jsonl');
+  const log: string[] = [];
+  const { audit } = setup(t, { file, log: (l) => log.push(l) });
+  fs.renameSync(file, `${file}.1`);
+  execFileSync('mkfifo', ['-m', '0600', file]);
+  audit.reopen();
+  t.regex(log[0] ?? '', /cannot open it again \(.*(ENXIO|not a regular file).*\); records go on to the file open until now/);
+  const a = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'a' });
+  t.deepEqual(jsonLines(`${file}.1`), [a]);
+  // A FIFO at start: refused, not waited on.
+  t.throws(() => new Audit(() => SHA, { journalSocket: null, file, fd: fs.openSync('/dev/null', 'w') }),
+    { message: /ENXIO|not a regular file/ });
+  fs.rmSync(file);
+  fs.chmodSync(dir, 0o777);
+  audit.reopen();
+  t.regex(log[1] ?? '', /cannot open it again \(its directory is writable by others\); records go on/);
+  t.false(fs.existsSync(file), 'nothing made in it');
+  const b = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'b' });
+  t.deepEqual(jsonLines(`${file}.1`), [a, b]);
 });
 
 test('the further sink is given every record, the very object returned, with the caller; close() closes it', (t) => {

@@ -1,7 +1,8 @@
 // The lease table and the device tags: which leases are written to disk (and how often), and what a tag
 // carries so that a restart can take a lease back from the kernel alone.
 import test from 'ava';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
@@ -229,6 +230,37 @@ test('a hook-run file that cannot be written leaves no temporary file behind', (
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+// Found by an outside re-test: one pass over /proc missed what a hook forked after the pass had listed the pids, and
+// such a child finished part of an `up` after the start's `down`.
+test.serial('killOrphanHooks kills what a hook forks while it scans, pass after pass, and nothing else', async (t) => {
+  const run = randomBytes(16).toString('hex');
+  const marked = () => fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((pid) => {
+    try {
+      return fs.readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0').includes(`TAPBROKER_RUN=${run}`);
+    } catch {
+      return false;
+    }
+  });
+  // A hook that forks as fast as it can, each child forking too; and a process of the same shape that is no hook.
+  const forker = spawn('sh', ['-c', 'while :; do (sleep 60 &) ; sleep 60 & done'], {
+    env: { ...process.env, TAPBROKER_RUN: run }, stdio: 'ignore', detached: true,
+  });
+  const other = spawn('sleep', ['60'], { env: { ...process.env, TAPBROKER_RUN: 'f'.repeat(32) }, stdio: 'ignore' });
+  t.teardown(() => {
+    for (const pid of marked()) process.kill(Number(pid), 'SIGKILL');
+    other.kill('SIGKILL');
+  });
+  await new Promise((r) => setTimeout(r, 300));
+  t.true(marked().length > 10, 'the hook has forked');
+  const killed = killOrphanHooks([run]);
+  await new Promise((r) => setTimeout(r, 100));
+  t.deepEqual(marked().filter((pid) => fs.readFileSync(`/proc/${pid}/stat`, 'latin1').split(') ')[1]![0] !== 'Z'), [],
+    'none of its processes is left');
+  t.true(killed > 10);
+  t.is(other.exitCode, null, 'another run\'s process lives on');
+  t.is(forker.signalCode ?? 'SIGKILL', 'SIGKILL');
 });
 
 test('a tap whose guest MAC the hypervisor sets: the tag keeps the host side\'s address instead', (t) => {

@@ -3,9 +3,11 @@
 // as a JSON line on stderr; and, when asked, appended to a JSON-lines file and sent to a further sink
 // (the kernel's audit log, linux-audit.ts).
 import fs from 'node:fs';
+import { dirname } from 'node:path';
 import { sys } from '@tapbroker/protocol/core';
 import type { Identity } from './identity.js';
 import { auditJson, shown } from './naming.js';
+import { notRootsAlone } from './paths.js';
 import { toStderr } from './stderr.js';
 
 export type AuditDecision =
@@ -257,6 +259,10 @@ export class Audit {
     if (this.fileFd === null || this.file === null) return;
     let fd: number;
     try {
+      // As trusted as at start: its directory root's alone (a re-test: one a user could write since got root's records
+      // into a file of theirs).
+      const why = notRootsAlone(dirname(this.file));
+      if (why) throw new Error(`its directory ${why}`);
       fd = openAppend(this.file);
     } catch (err) {
       this.log(`audit file ${this.file}: cannot open it again (${(err as Error).message}); records go on to the file `
@@ -336,10 +342,16 @@ export class Audit {
   }
 }
 
-/** The audit file for appending: created 0600, never through a symlink. */
+/**
+ * The audit file for appending: created 0600, never through a symlink, a regular file only: the open does not wait
+ * (a re-test put a FIFO at the name, and the reopen at the next reload blocked the broker until someone read it).
+ */
 function openAppend(file: string): number {
-  const { O_WRONLY, O_APPEND, O_CREAT, O_NOFOLLOW } = fs.constants;
-  return fs.openSync(file, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW, 0o600);
+  const { O_WRONLY, O_APPEND, O_CREAT, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
+  const fd = fs.openSync(file, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK, 0o600);
+  if (fs.fstatSync(fd).isFile()) return fd;
+  fs.closeSync(fd);
+  throw new Error(`${file} is not a regular file`);
 }
 
 /** Refusals, denials and dry runs written one by one per uid and window; the rest are aggregated. */

@@ -181,17 +181,26 @@ export interface HookRun {
  */
 export function killOrphanHooks(runs: readonly string[]): number {
   const marks = runs.map((run) => `\0TAPBROKER_RUN=${run}\0`);
-  let killed = 0;
-  for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-    if (Number(pid) === process.pid) continue;
-    try {
-      const environ = `\0${fs.readFileSync(`/proc/${pid}/environ`, 'latin1')}`;
-      if (!marks.some((mark) => environ.includes(mark))) continue;
-      process.kill(Number(pid), 'SIGKILL');
-      killed++;
-    } catch {
-      // Gone meanwhile, or not ours to read (another user's, a process with more capabilities).
+  const killed = new Set<number>();
+  // Pass after pass until one finds none: a process forked while a pass ran, at a pid it had already gone by, is
+  // found by the next (a re-test's hook forked during the scan, and a child finished part of an `up` after `down`).
+  for (let pass = 0, found = -1; found !== 0 && pass < MAX_KILL_PASSES; pass++) {
+    found = 0;
+    for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+      if (Number(pid) === process.pid) continue;
+      try {
+        const environ = `\0${fs.readFileSync(`/proc/${pid}/environ`, 'latin1')}`;
+        if (!marks.some((mark) => environ.includes(mark))) continue;
+        process.kill(Number(pid), 'SIGKILL');
+        found++;
+        killed.add(Number(pid));
+      } catch {
+        // Gone meanwhile, or not ours to read (another user's, a process with more capabilities).
+      }
     }
   }
-  return killed;
+  return killed.size;
 }
+
+/** Passes over /proc at most (each kills what it finds; a killed process forks no more). */
+const MAX_KILL_PASSES = 16;

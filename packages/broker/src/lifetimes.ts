@@ -95,7 +95,7 @@ export class Lifetimes implements Cleanup {
     // Hooks a stopped broker left running go before any `down` runs.
     const killed = this.hookRun.previous.length > 0 ? killOrphanHooks(this.hookRun.previous) : 0;
     this.hookRun.cleaned();
-    if (killed > 0) this.log(`killed ${killed} process(es) of plug hooks left running by the broker's last stop`);
+    if (killed > 0) this.log(`killed ${killed} process(es) started by the plug hooks of the broker's last run`);
     const snapshotted = this.table.snapshotted;
     reconcile(keeper);
     void reconcileOvs(keeper);
