@@ -180,9 +180,47 @@ export class TapbrokerClient {
    * the NIC by its place in `nics`.
    */
   async createNics(nics: readonly NicOptions[]): Promise<Tap[]> {
+    const parts = batches(nics);
+    if (parts.length === 1) return this.createParts(nics, parts);
+    // Several requests are decided under the policy in force at each: one reload between them would leave one VM's
+    // NICs of a network on two bridges (an outside review: 32 on br0, 8 on br1). The policy's digest is read before
+    // and after; a change undoes what was made, and the VM's NICs are asked for again.
+    const digest = () => this.status().then((s) => s.policy_sha256, () => null);
+    for (let attempt = 1; ; attempt++) {
+      const before = await digest();
+      const taps = await this.createParts(nics, parts);
+      const after = await digest();
+      if (before === after || before === null || after === null) return taps;
+      await this.undo(taps);
+      // A macvtap made goes only with this connection: asked for again, a fixed MAC of it would be in use.
+      const held = taps.some((x) => x.device.kind === 'macvtap' && !x.device.persistent);
+      if (attempt === POLICY_TRIES || held) {
+        throw new TapbrokerError('TB_E_BUSY', `the broker's policy changed while this VM's ${nics.length} NICs were `
+          + `made in ${parts.length} requests${held ? '' : `, ${POLICY_TRIES} times`}: none was kept`, {
+          hint: held ? 'try again (its macvtaps go when this connection closes)'
+            : 'try again once the policy is no longer being reloaded',
+        });
+      }
+      // The kernel deletes them a while after their fds close: until then they count against the caller's quota.
+      await this.untilGone(taps.map((x) => x.device.name));
+    }
+  }
+
+  /** Until the broker lists none of these devices of the caller's (at most UNDONE_WAIT_MS). */
+  private async untilGone(names: readonly string[]): Promise<void> {
+    const undone = new Set(names);
+    for (const end = Date.now() + UNDONE_WAIT_MS; Date.now() < end;) {
+      const listed = await this.list().then(({ leases }) => leases.some((l) => undone.has(l.name)), () => false);
+      if (!listed) return;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  /** `nics` in the requests `parts` says, in order; all or none. */
+  private async createParts(nics: readonly NicOptions[], parts: ReadonlyArray<{ from: number; to: number }>) {
     const taps: Tap[] = [];
     try {
-      for (const batch of batches(nics)) {
+      for (const batch of parts) {
         try {
           taps.push(...(await this.createBatch(nics.slice(batch.from, batch.to))));
         } catch (err) {
@@ -199,12 +237,16 @@ export class TapbrokerClient {
         }
       }
     } catch (err) {
-      // What earlier requests granted goes: fds closed, persistent devices released.
-      taps.forEach(closeTap);
-      for (const tap of taps.filter((x) => x.device.persistent)) await this.release(tap.device.name).catch(() => {});
+      await this.undo(taps);
       throw err;
     }
     return taps;
+  }
+
+  /** What requests granted goes: fds closed, persistent devices released (a macvtap ends with this connection). */
+  private async undo(taps: readonly Tap[]): Promise<void> {
+    taps.forEach(closeTap);
+    for (const tap of taps.filter((x) => x.device.persistent)) await this.release(tap.device.name).catch(() => {});
   }
 
   private async createBatch(nics: readonly NicOptions[]): Promise<Tap[]> {
@@ -562,6 +604,11 @@ const wireNic = (n: NicOptions): Nic =>
   (n.kind === 'tap' ? { kind: 'tap', ...tapFields(n) } : { kind: 'macvtap', ...macvtapFields(n) });
 
 /** A create request's bytes without its NICs, its id at its longest and its array's header at its largest. */
+/** Attempts of a VM's NICs made in several requests while the broker's policy keeps changing. */
+const POLICY_TRIES = 3;
+/** How long an attempt undone waits for its devices to be gone before the next. */
+const UNDONE_WAIT_MS = 5000;
+
 const CREATE_BYTES = encodeRequest({ op: 'create', id: 0xffffffff, nics: [] }).length + 2;
 
 /**

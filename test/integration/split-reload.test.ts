@@ -1,0 +1,72 @@
+// A VM's NICs that take several requests (more than 32) while root reloads the policy between them. Found by an
+// outside review: a reload between two requests put one VM's NICs of a network on two bridges (32 on br0, 8 on
+// br1); the client now reads the policy's digest before and after, and asks again when it changed.
+import anyTest, { type TestFn } from 'ava';
+import fs from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { brokerFixture } from '../helpers/fixture.js';
+import { NOBODY, spawnAs } from '../helpers/unpriv.js';
+
+const test = anyTest as TestFn;
+const HELPER = path.join(path.dirname(fileURLToPath(import.meta.url)), '../helpers/split-reload.js');
+const policy = (bridge: string) =>
+  `[[rule]]\nname = "vm"\nusers = [${NOBODY}]\nnetworks = ["vmnet"]\n\n[network.vmnet]\nbridge = "${bridge}"\n`;
+
+const fx = brokerFixture(test, { tag: 'split', policy: policy('br0'), bridges: ['br0', 'br1'] });
+
+/** Runs the helper; `between(n)` is called at each attempt's pause (n from 1), with the helper waiting. */
+async function split(between: (n: number) => Promise<void>) {
+  const child = spawnAs({}, process.execPath, [HELPER, fx.broker.socket, 'vmnet', '40']);
+  const lines = readline.createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  for (let n = 1; ; n++) {
+    const line = String((await lines.next()).value);
+    if (line !== 'between') return { result: JSON.parse(line) as { parents: string[]; code: string | null }, child };
+    await between(n);
+    child.stdin!.write('go\n');
+  }
+}
+
+async function reloadTo(bridge: string): Promise<void> {
+  const reloads = fx.broker.records.filter((r) => r.op === 'reload').length;
+  fs.writeFileSync(fx.broker.policyPath, policy(bridge));
+  fx.broker.proc.kill('SIGHUP');
+  await fx.broker.waitFor(() => fx.broker.records.filter((r) => r.op === 'reload').length > reloads, 5000, 'no reload');
+}
+
+const ports = (bridge: string) => fx.ns.ip('-o', 'link', 'show', 'master', bridge).split('\n').filter((l) => l).length;
+
+test.serial('a reload between the requests: what the first made is undone, and the VM\'s NICs all land on one bridge', async (t) => {
+  const { result, child } = await split(async (n) => {
+    if (n === 1) await reloadTo('br1');
+  });
+  try {
+    t.is(result.code, null);
+    t.is(result.parents.length, 40);
+    t.deepEqual([...new Set(result.parents)], ['br1'], 'every NIC on the network\'s bridge of the new policy');
+    await fx.broker.waitFor(() => ports('br0') === 0, 5000, 'the first attempt\'s taps are gone');
+    t.is(ports('br1'), 40);
+  } finally {
+    child.stdin!.end();
+    await new Promise((r) => child.once('exit', r));
+    await reloadTo('br0');
+  }
+});
+
+test.serial('a policy that changes at every attempt: refused after three, TB_E_BUSY, and nothing is left', async (t) => {
+  let bridge = 'br0';
+  const { result, child } = await split(async () => {
+    bridge = bridge === 'br0' ? 'br1' : 'br0';
+    await reloadTo(bridge);
+  });
+  try {
+    t.deepEqual(result, { parents: [], code: 'TB_E_BUSY' });
+    await fx.broker.waitFor(() => ports('br0') + ports('br1') === 0, 5000, 'taps left');
+    t.pass();
+  } finally {
+    child.stdin!.end();
+    await new Promise((r) => child.once('exit', r));
+    await reloadTo('br0');
+  }
+});
