@@ -358,7 +358,7 @@ test.serial('a broker killed during a hook\'s up: the restart kills the up, then
     t.is(fx.ns.link(name), undefined, 'the device its client was told failed is gone');
     const lines = fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.endsWith(` ${name}`));
     t.deepEqual(lines, [`up-start ${name}`, `down-start ${name}`, `down-end ${name}`], 'the up never finished');
-    t.regex(b.stderr, /killed \d+ process\(es\) of plug hooks left running/);
+    t.regex(b.stderr, /killed \d+ process\(es\) started by the plug hooks of the broker.s last run/);
     t.deepEqual((await probeOnce({ socket: b.socket, list: true })).leases, []);
   } finally {
     await b.stop();
