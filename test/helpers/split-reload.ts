@@ -4,7 +4,7 @@
 // sends at most 32 NICs a request) it prints `between` and waits for a line on stdin: the test reloads the policy
 // meanwhile. This is the one place where the test steps into the client (its private createBatch): a reload that
 // lands between two of its requests cannot otherwise be timed for certain. Then it prints one JSON line
-// {parents, code} (the bridges of the NICs it holds, or the refusal's code) and holds the fds until stdin closes.
+// {parents, code, retries} (the bridges of the NICs it holds, or the refusal's code) and holds the fds until stdin closes.
 import readline from 'node:readline';
 import { TapbrokerClient } from '@tapbroker/client';
 import { TapbrokerError } from '@tapbroker/protocol';
@@ -23,12 +23,14 @@ inner.createBatch = async (nics) => {
   }
   return got;
 };
-let out: { parents: string[]; code: string | null };
+let out: { parents: string[]; code: string | null; retries: string[] };
+const retries: string[] = [];
 try {
-  const taps = await client.createNics(Array.from({ length: Number(count) }, () => ({ kind: 'tap' as const, network })));
-  out = { parents: taps.map((t) => t.device.parent), code: null };
+  const nics = Array.from({ length: Number(count) }, () => ({ kind: 'tap' as const, network }));
+  const taps = await client.createNics(nics, { onRetry: (why) => void retries.push(why) });
+  out = { parents: taps.map((t) => t.device.parent), code: null, retries };
 } catch (err) {
-  out = { parents: [], code: err instanceof TapbrokerError ? err.code : String(err) };
+  out = { parents: [], code: err instanceof TapbrokerError ? err.code : String(err), retries };
 }
 process.stdout.write(`${JSON.stringify(out)}\n`);
 await lines.next();

@@ -22,7 +22,7 @@ async function split(between: (n: number) => Promise<void>) {
   const lines = readline.createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
   for (let n = 1; ; n++) {
     const line = String((await lines.next()).value);
-    if (line !== 'between') return { result: JSON.parse(line) as { parents: string[]; code: string | null }, child };
+    if (line !== 'between') return { result: JSON.parse(line) as { parents: string[]; code: string | null; retries: string[] }, child };
     await between(n);
     child.stdin!.write('go\n');
   }
@@ -47,6 +47,8 @@ test.serial('a reload between the requests: what the first made is undone, and t
     t.deepEqual([...new Set(result.parents)], ['br1'], 'every NIC on the network\'s bridge of the new policy');
     await fx.broker.waitFor(() => ports('br0') === 0, 5000, 'the first attempt\'s taps are gone');
     t.is(ports('br1'), 40);
+    t.deepEqual(result.retries, ['the broker\'s policy changed while 40 NICs were made in 2 requests: what they got is '
+      + 'undone, and they are asked for again (2 of 3)'], 'said to the caller');
   } finally {
     child.stdin!.end();
     await new Promise((r) => child.once('exit', r));
@@ -61,7 +63,8 @@ test.serial('a policy that changes at every attempt: refused after three, TB_E_B
     await reloadTo(bridge);
   });
   try {
-    t.deepEqual(result, { parents: [], code: 'TB_E_BUSY' });
+    t.like(result, { parents: [], code: 'TB_E_BUSY' });
+    t.is(result.retries.length, 2);
     await fx.broker.waitFor(() => ports('br0') + ports('br1') === 0, 5000, 'taps left');
     t.pass();
   } finally {

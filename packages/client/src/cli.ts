@@ -394,12 +394,14 @@ async function run(args: Args): Promise<number> {
   let taps: Tap[];
   try {
     // Every NIC in one request: one round trip, and the broker grants all of them or none.
-    taps = await client.createNics(args.nets.map((n) => {
+    const nics = args.nets.map((n) => {
       const common = { queues: n.queues, vhost: n.vhost, mac: n.mac, name: n.name };
       return n.kind === 'macvtap'
         ? { kind: 'macvtap' as const, parent: n.parent, mode: n.mode!, ...common }
         : { kind: 'tap' as const, ...(n.network ? { network: n.parent } : { bridge: n.parent }), ...common };
-    })).catch((err: unknown) => rethrowWithHint(client, err));
+    });
+    const onRetry = (why: string) => void process.stderr.write(`tapbroker: ${why}\n`);
+    taps = await client.createNics(nics, { onRetry }).catch((err: unknown) => rethrowWithHint(client, err));
   } catch (err) {
     client.close();
     throw err;

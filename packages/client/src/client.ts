@@ -179,7 +179,7 @@ export class TapbrokerClient {
    * devices released; a macvtap among them still ends only with this connection), and the refusal names
    * the NIC by its place in `nics`.
    */
-  async createNics(nics: readonly NicOptions[]): Promise<Tap[]> {
+  async createNics(nics: readonly NicOptions[], opts: { onRetry?: (why: string) => void } = {}): Promise<Tap[]> {
     const parts = batches(nics);
     if (parts.length === 1) return this.createParts(nics, parts);
     // Several requests are decided under the policy in force at each: one reload between them would leave one VM's
@@ -201,6 +201,8 @@ export class TapbrokerClient {
             : 'try again once the policy is no longer being reloaded',
         });
       }
+      opts.onRetry?.(`the broker's policy changed while ${nics.length} NICs were made in ${parts.length} requests: `
+        + `what they got is undone, and they are asked for again (${attempt + 1} of ${POLICY_TRIES})`);
       // The kernel deletes them a while after their fds close: until then they count against the caller's quota.
       await this.untilGone(taps.map((x) => x.device.name));
     }
