@@ -93,6 +93,8 @@ export class Broker implements SessionHost, OpContext {
   private accounts = { stamp: '', next: -Infinity };
   readonly version = BROKER_VERSION;
   readonly started = new Date().toISOString();
+  /** Policies applied since the start (status: a client's requests decided under one policy compare it). */
+  policyLoads = 1;
   readonly kernel: Kernel;
   readonly audit: Audit;
   readonly lifetimes: Lifetimes;
@@ -250,6 +252,7 @@ export class Broker implements SessionHost, OpContext {
       // Denials counted so far were decided under the policy before: their summary names that one.
       this.audit.flushRefusals();
       this.policy = next;
+      this.policyLoads++;
       this.accounts = { stamp, next: performance.now() + 1000 };
       this.audit.record({
         op: 'reload',

@@ -34,6 +34,8 @@ export interface OpContext {
   readonly connections: number;
   /** Devices of `uid` queued for teardown, and its devices' `down`s running. */
   teardowns(uid: number): number;
+  /** Policies applied since the start (1: the one it started with). */
+  readonly policyLoads: number;
   /** Each uid's share of the broker's thread: a handler that awaits charges its later sections (meter). */
   readonly fairness: Fairness;
   /** No closer process can take the fds the broker gives up (all stuck in the kernel): no new devices. */
@@ -266,6 +268,8 @@ function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
     version: PROTOCOL_VERSION,
     policy_sha256: ctx.policy.sha256,
     started: ctx.started,
+    policy_loads: ctx.policyLoads,
+    tearing_down: ctx.teardowns(caller.uid),
     uid: caller.uid,
     user: caller.user,
     leases: ctx.lifetimes.visible(caller.uid).length,

@@ -183,14 +183,20 @@ export class TapbrokerClient {
     const parts = batches(nics);
     if (parts.length === 1) return this.createParts(nics, parts);
     // Several requests are decided under the policy in force at each: one reload between them would leave one VM's
-    // NICs of a network on two bridges (an outside review: 32 on br0, 8 on br1). The policy's digest is read before
-    // and after; a change undoes what was made, and the VM's NICs are asked for again.
-    const digest = () => this.status().then((s) => s.policy_sha256, () => null);
+    // NICs of a network on two bridges (an outside review: 32 on br0, 8 on br1). The count of policies the broker
+    // has applied is read before and after (a digest would miss a reload and its revert: a re-test flipped one
+    // back); a change undoes what was made, and the VM's NICs are asked for again.
+    const standing = () => this.status().then((s) => ({ loads: `${s.started} ${s.policy_loads}`,
+      tearingDown: s.tearing_down }), () => null);
+    const first = await standing();
     for (let attempt = 1; ; attempt++) {
-      const before = await digest();
-      const taps = await this.createParts(nics, parts);
-      const after = await digest();
-      if (before === after || before === null || after === null) return taps;
+      const before = attempt === 1 ? first : await standing();
+      const taps = await this.createParts(nics, parts).catch((err: unknown) => {
+        throw attempt === 1 || !(err instanceof TapbrokerError) ? err
+          : retold(err, `asked for again after the broker's policy changed: ${err.message}`, err.nic);
+      });
+      const after = await standing();
+      if (!before || !after || before.loads === after.loads) return taps;
       await this.undo(taps);
       // A macvtap made goes only with this connection: asked for again, a fixed MAC of it would be in use.
       const held = taps.some((x) => x.device.kind === 'macvtap' && !x.device.persistent);
@@ -203,17 +209,22 @@ export class TapbrokerClient {
       }
       opts.onRetry?.(`the broker's policy changed while ${nics.length} NICs were made in ${parts.length} requests: `
         + `what they got is undone, and they are asked for again (${attempt + 1} of ${POLICY_TRIES})`);
-      // The kernel deletes them a while after their fds close: until then they count against the caller's quota.
-      await this.untilGone(taps.map((x) => x.device.name));
+      // The kernel deletes them a while after their fds close, a network's `down` runs for each: until then they
+      // count against the caller's quota and its devices being torn down (a re-test's retry was refused so).
+      await this.untilGone(taps.map((x) => x.device.name), first?.tearingDown ?? 0);
     }
   }
 
-  /** Until the broker lists none of these devices of the caller's (at most UNDONE_WAIT_MS). */
-  private async untilGone(names: readonly string[]): Promise<void> {
+  /**
+   * Until the broker lists none of these devices of the caller's and tears down no more of them than `baseline` (at
+   * most UNDONE_WAIT_MS).
+   */
+  private async untilGone(names: readonly string[], baseline: number): Promise<void> {
     const undone = new Set(names);
     for (const end = Date.now() + UNDONE_WAIT_MS; Date.now() < end;) {
       const listed = await this.list().then(({ leases }) => leases.some((l) => undone.has(l.name)), () => false);
-      if (!listed) return;
+      const busy = await this.status().then((s) => s.tearing_down > baseline, () => false);
+      if (!listed && !busy) return;
       await new Promise((r) => setTimeout(r, 20));
     }
   }
@@ -231,11 +242,7 @@ export class TapbrokerClient {
           // A batch of one NIC names it in `nic` alone.
           const message = /^NIC \d+:/.test(err.message) ? err.message.replace(/^NIC \d+:/, `NIC ${nic}:`)
             : `NIC ${nic}: ${err.message}`;
-          throw new TapbrokerError(err.code, message, {
-            ...(err.rule !== undefined ? { rule: err.rule } : {}),
-            ...(err.hint !== undefined ? { hint: err.hint } : {}),
-            nic,
-          });
+          throw retold(err, message, nic);
         }
       }
     } catch (err) {
@@ -606,10 +613,19 @@ const wireNic = (n: NicOptions): Nic =>
   (n.kind === 'tap' ? { kind: 'tap', ...tapFields(n) } : { kind: 'macvtap', ...macvtapFields(n) });
 
 /** A create request's bytes without its NICs, its id at its longest and its array's header at its largest. */
+/** The same refusal told with another message (its rule and hint kept), naming NIC `nic` if any. */
+function retold(err: TapbrokerError, message: string, nic: number | undefined): TapbrokerError {
+  return new TapbrokerError(err.code, message, {
+    ...(err.rule !== undefined ? { rule: err.rule } : {}),
+    ...(err.hint !== undefined ? { hint: err.hint } : {}),
+    ...(nic !== undefined ? { nic } : {}),
+  });
+}
+
 /** Attempts of a VM's NICs made in several requests while the broker's policy keeps changing. */
 const POLICY_TRIES = 3;
-/** How long an attempt undone waits for its devices to be gone before the next. */
-const UNDONE_WAIT_MS = 5000;
+/** How long an attempt undone waits for its devices to be gone before the next (a network's `down` may be slow). */
+const UNDONE_WAIT_MS = 30_000;
 
 const CREATE_BYTES = encodeRequest({ op: 'create', id: 0xffffffff, nics: [] }).length + 2;
 

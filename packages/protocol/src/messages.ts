@@ -241,6 +241,13 @@ export const StatusReply = z.strictObject({
   policy_sha256: Text(64),
   /** When this broker started (ISO 8601). */
   started: Text(64),
+  /**
+   * Policies this broker has applied: 1 at its start, one more at each reload that applied one (an unchanged one
+   * too: names are resolved again). A client whose requests must all be decided under one policy compares it.
+   */
+  policy_loads: z.number().int().min(1),
+  /** The caller's devices still being deleted or unplugged (their fds closed, a hook's `down` running). */
+  tearing_down: z.number().int().min(0),
   uid: z.number().int().min(0),
   user: Text(256).nullable(),
   /** The caller's live leases (root: everyone's). */

@@ -304,6 +304,8 @@ export const REPLY_SHAPE: Shape = {
         "version": {"t":"number","int":true,"min":-9007199254740991,"max":9007199254740991},
         "policy_sha256": {"t":"string","max":64},
         "started": {"t":"string","max":64},
+        "policy_loads": {"t":"number","int":true,"min":1,"max":9007199254740991},
+        "tearing_down": {"t":"number","int":true,"min":0,"max":9007199254740991},
         "uid": {"t":"number","int":true,"min":0,"max":9007199254740991},
         "user": {"t":"nullable","of":{"t":"string","max":256}},
         "leases": {"t":"number","int":true,"min":0,"max":9007199254740991},
