@@ -4,7 +4,7 @@
 // journald's native protocol, and the refusal limit per uid and window (driven by flushRefusals, the
 // window's end, rather than by waiting it out).
 import test, { type ExecutionContext } from 'ava';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,6 +13,7 @@ import { sys } from '@tapbroker/protocol';
 import { MESSAGE_IDS, type AuditRecord } from '@tapbroker/broker';
 import { Audit, REFUSALS_PER_WINDOW, journalEntry, printable, type Identity } from '@tapbroker/broker/internal';
 import { journalEntries, journalFields } from '../helpers/datagram.js';
+import { ROOT as REPO } from '../helpers/broker.js';
 
 type Options = NonNullable<ConstructorParameters<typeof Audit>[1]>;
 
@@ -292,6 +293,41 @@ test('reopen(): a FIFO at the name, or a directory a user can now write, keeps t
   t.false(fs.existsSync(file), 'nothing made in it');
   const b = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'b' });
   t.deepEqual(jsonLines(`${file}.1`), [a, b]);
+});
+
+// Found by an outside re-test: a write cut just after the file's gap record (the disk full again at once) left the
+// count standing, and the next gap record counted the same records again (3 lost, then 4 for 4 in all). Here the
+// cuts are the kernel's own, made by RLIMIT_FSIZE (node ignores SIGXFSZ: a write past the limit fails with EFBIG).
+test('a gap record written whole is said once: a write cut right after it counts only what was lost since', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-gap-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const child = `
+    import fs from 'node:fs';
+    import { execFileSync } from 'node:child_process';
+    import { Audit } from '@tapbroker/broker/internal';
+    const file = process.argv[1];
+    const limit = (n) => execFileSync('prlimit', ['--pid', String(process.pid), '--fsize=' + n + ':unlimited']);
+    const log = [];
+    const audit = new Audit(() => 'a'.repeat(64), { journalSocket: null, fd: fs.openSync('/dev/null', 'w'), file,
+      log: (l) => log.push(l) });
+    const rec = (m) => audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: { uid: 1000 }, message: m });
+    rec('r0');
+    limit(fs.statSync(file).size);
+    rec('r1');
+    // Room for the gap record alone (its length does not change with its time).
+    limit(fs.statSync(file).size + Buffer.byteLength(JSON.stringify({ audit: audit.gapRecord() }) + '\\n'));
+    rec('r2');
+    limit('unlimited');
+    rec('r3');
+    console.log(JSON.stringify({ log, lines: fs.readFileSync(file, 'utf8').split('\\n').filter((l) => l) }));`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', child, path.join(dir, 'audit.jsonl')],
+    { cwd: REPO, encoding: 'utf8' });
+  t.is(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { log: string[]; lines: string[] };
+  const recs = out.lines.map((l) => (JSON.parse(l) as { audit: AuditRecord }).audit);
+  t.deepEqual(recs.map((x) => x.op === 'audit-file' ? `gap ${/^\d+/.exec(x.message!)![0]}` : x.message), ['r0', 'gap 1', 'gap 1', 'r3'],
+    'r1 lost, said; r2 lost, said once');
+  t.deepEqual(out.log.filter((l) => /taking records again/.test(l)).map((l) => /(\d+) lost$/.exec(l)![1]), ['1', '1']);
 });
 
 test('the further sink is given every record, the very object returned, with the caller; close() closes it', (t) => {

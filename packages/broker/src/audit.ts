@@ -220,21 +220,29 @@ export class Audit {
     // Once it takes records again, the file itself says what it lacks, before the record that ends the gap (an
     // outside review: it held a cut line and nothing else to tell a reader records were missing).
     const gap = this.fileLost > 0 ? `${auditJson({ audit: this.gapRecord() })}\n` : '';
+    const head = Buffer.byteLength(`${this.fileCut ? '\n' : ''}${gap}`);
     const text = `${this.fileCut ? '\n' : ''}${gap}${line}`;
     const { left, why } = writeFully(this.fileFd!, text);
-    if (left === 0) {
-      if (this.fileLost > 0) this.log(`audit file ${this.file}: taking records again; ${this.fileLost} lost`);
-      this.fileLost = 0;
-      this.fileCut = false;
-      return;
-    }
+    const wrote = Buffer.byteLength(text) - left;
+    // The gap record whole in the file: its count is said (a re-test: a write cut just after it made the next one
+    // count the same records again).
+    if (gap && wrote >= head) this.gapSaid();
+    if (left === 0) return;
     this.dropped++;
-    this.fileCut ||= left < Buffer.byteLength(text);
+    // Cut inside a line (not where one ends): the next write ends it first.
+    if (wrote > 0) this.fileCut = wrote !== head && wrote !== head - Buffer.byteLength(gap);
     if (this.fileLost++ === 0) {
       this.fileGap = { since: new Date().toISOString(), why };
       this.log(`audit file ${this.file}: a record could not be written (${why}); records are being lost until `
         + 'it takes them again (the journal, or stderr, still has them)');
     }
+  }
+
+  /** The file took records again, and its record of those it lacks: the count starts again. */
+  private gapSaid(): void {
+    this.log(`audit file ${this.file}: taking records again; ${this.fileLost} lost`);
+    this.fileLost = 0;
+    this.fileCut = false;
   }
 
   /** Since when, and why, the file has not taken records. */
@@ -273,7 +281,10 @@ export class Audit {
     fs.closeSync(this.fileFd);
     this.fileFd = fd;
     if (was.dev === now.dev && was.ino === now.ino) return;
-    // A new file: a line cut short in the old one (a full disk) is not this one's to end.
+    // A new file: a line cut short in the old one (a full disk) is not this one's to end, nor are the records the old
+    // one lacks this one's to count.
+    if (this.fileLost > 0) this.log(`audit file ${this.file}: ${this.fileLost} record(s) lost to the file before it`);
+    this.fileLost = 0;
     this.fileCut = false;
     this.log(`audit file ${this.file}: opened again (a new file: the one before was rotated${was.nlink === 0
       ? ' and deleted' : ''})`);
