@@ -41,8 +41,8 @@ export interface Admitted {
  */
 export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule): Admitted {
   if (spec.name !== null && ctx.lifetimes.unplugs.pending(spec.name)) {
-    throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being unplugged from its `
-      + 'network; try again shortly');
+    throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being plugged into or unplugged `
+      + 'from its network; try again shortly');
   }
   const cooling = ctx.lifetimes.floods.coolingDown(caller.uid);
   if (cooling > 0) {

@@ -78,7 +78,12 @@ function persistent(nics: Granted[]): string[] {
   return nics.filter((n) => n.lease.ends === 'release').map((n) => n.lease.id);
 }
 
-type Granted = ReturnType<typeof makeDevice> & { plugged: Record<string, unknown> | null; spec: CreateSpec };
+type Granted = ReturnType<typeof makeDevice> & {
+  plugged: Record<string, unknown> | null;
+  spec: CreateSpec;
+  /** Lets its name go to new devices (see Unplugs.hold); nothing the second time. */
+  held: () => void;
+};
 
 /**
  * Each NIC in order through the same steps; if one is refused, the ones before it are rolled back (audited
@@ -177,7 +182,7 @@ async function grantEach(
       byIndex[i] = g;
     } catch (err) {
       const why = nics.length > 1 ? `NIC ${i} of the same request was refused` : 'refused';
-      await meter.wait(undone(made.map((g) => ctx.lifetimes.abort(g.lease, g.fds, why, caller))));
+      await meter.wait(undone(made.map((g) => abort(ctx, g, why, caller))));
       if (made.length > 1) ctx.fairness.rolledBack(caller.uid);
       // A create's refusal names its NIC, also the only one (`nic`; an outside review); the message says which where
       // there are several.
@@ -232,13 +237,21 @@ async function grantEach(
         code: e.code, message: granting && g.durable ? `${e.message}: its grant, recorded, is undone` : e.message,
       });
     }
-    await meter.wait(undone(granted.map((g) => ctx.lifetimes.abort(g.lease, g.fds, e.message, caller))));
+    await meter.wait(undone(granted.map((g) => abort(ctx, g, e.message, caller))));
     throw e;
   }
   for (const g of granted) if (!g.durable) recordGrant(g);
   ctx.kernel.faultPoint('create:confirmed');
-  for (const g of granted) ctx.lifetimes.commit(g.lease.id);
+  for (const g of granted) {
+    ctx.lifetimes.commit(g.lease.id);
+    g.held();
+  }
   return granted;
+}
+
+/** Undoes one NIC's create; its name is held until its rollback's `down` holds it (see Unplugs.hold). */
+function abort(ctx: OpContext, g: Pick<Granted, 'lease' | 'fds' | 'held'>, why: string, caller: Identity) {
+  return ctx.lifetimes.abort(g.lease, g.fds, why, caller).finally(g.held);
 }
 
 /** How long a refusal waits for the rollback of what its request made, so that its records go before the reply. */
@@ -289,12 +302,14 @@ async function grantOne(
     // see each other's quota.
     const granted = made = makeDevice(ctx, policy, caller, spec, decision.rule, admitted, asked);
     // 4. Open vSwitch or a hook plugs the device; if that fails, everything above is undone, and recorded first.
+    // No new device takes its name until this create ends (see Unplugs.hold).
+    const held = granted.lease.plug ? ctx.lifetimes.unplugs.hold(granted.lease.name) : () => {};
     try {
       const net = spec.network ? policy.networks.get(spec.parent) : undefined;
       const plugged = await plugUp(granted.lease, net, ctx.lifetimes.brokerId, ctx.lifetimes.hookRun);
-      return { ...granted, plugged, spec };
+      return { ...granted, plugged, spec, held };
     } catch (err) {
-      await undone([ctx.lifetimes.abort(granted.lease, granted.fds, (err as Error).message, caller)]);
+      await undone([abort(ctx, { ...granted, held }, (err as Error).message, caller)]);
       throw err;
     }
   } catch (err) {

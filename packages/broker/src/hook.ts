@@ -33,6 +33,17 @@ export interface HookResult {
   ms: number;
 }
 
+/**
+ * A hook the kernel would not start (EAGAIN at the task limit, ENOMEM): no answer of its own, so a `down` is tried
+ * again and owed to the next start, as one killed by someone else is (an outside review filled the unit's task
+ * limit with one user's hook processes, and root's downs were lost for good).
+ */
+export class HookNotRun extends TapbrokerError {
+  constructor(message: string) {
+    super('TB_E_HOOK_FAILED', message);
+  }
+}
+
 /** Printable, bounded: a hook's output goes into audit records. */
 function captured(s: string): string {
   const t = s.length > OUTPUT_CAP ? `${s.slice(0, OUTPUT_CAP)}…` : s;
@@ -85,9 +96,7 @@ export function runHook(
     const timer = setTimeout(() => { timedOut = true; killGroup(); }, timeoutMs);
     child.on('error', (err) => {
       clearTimeout(timer);
-      reject(
-        new TapbrokerError('TB_E_HOOK_FAILED', `hook ${file} ${action} ${ctx.device} could not run: ${err.message}`),
-      );
+      reject(new HookNotRun(`hook ${file} ${action} ${ctx.device} could not run: ${err.message}`));
     });
     // Done when the hook exits, not when its output closes: a child that keeps the pipes open must not
     // hold the grant. Whatever it left running in its group is killed.

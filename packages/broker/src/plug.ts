@@ -1,7 +1,7 @@
 // Joining a device to a named network that is not a plain Linux bridge: an Open vSwitch port, or an
 // administrator's hook. The lease records how it was plugged, so unplugging never consults a later policy.
 import { addPort, delPortOf, ovsdbTarget } from './ovs.js';
-import { runHook, type HookResult, type HookRun } from './hook.js';
+import { HookNotRun, runHook, type HookResult, type HookRun } from './hook.js';
 import type { AuditEvent } from './audit.js';
 import type { Network } from './decide.js';
 import { leaseView, type LeaseRecord, type LeaseTable, type Plug } from './leases.js';
@@ -123,7 +123,7 @@ export class Unplugs {
         // and this `down` at once: an outside review lost downs to every upgrade) gave no answer: tried again, as a
         // port is, and owed to the next start if the broker is stopping.
         const r = (err as { hook?: HookResult }).hook;
-        cut = !ovs && !!r?.signal && !r.timed_out;
+        cut = !ovs && ((!!r?.signal && !r.timed_out) || err instanceof HookNotRun);
         again = (ovs || cut) && attempt < UNPLUG_ATTEMPTS && !this.closing;
         // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
         if (!ovs && !cut) this.table.unplugged(l.id);
@@ -155,6 +155,21 @@ export class Unplugs {
   /** Is a device named `name` still being unplugged from its network (its hook's `down`, its OVS port)? */
   pending(name: string): boolean {
     return this.names.has(name);
+  }
+
+  /**
+   * Keeps `name` from new devices while a create plugs a device of that name, from its `up` to the create's end
+   * (its rollback's `down` holds it from there): an outside review deleted its tap while the `up` ran, got the
+   * name again at once, and the new lease's `up` overlapped the old one's `up` and rollback `down`. Returns the
+   * release, which does nothing the second time.
+   */
+  hold(name: string): () => void {
+    count(this.names, name, +1);
+    let held = true;
+    return () => {
+      if (held) count(this.names, name, -1);
+      held = false;
+    };
   }
 
   /**
