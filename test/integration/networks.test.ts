@@ -234,6 +234,9 @@ test.serial('a name is not given out again while a create of that name plugs it,
   const r = await first;
   t.is(r.error?.code, 'TB_E_KERNEL');
   t.regex(r.error?.message ?? '', /deleted or renamed while it was being made/);
+  // Its record carries what its `up` did (it ran: what it did is undone by the `down`).
+  const failed = await fx.broker.record((x) => x.decision === 'error' && (x.device as { name?: string })?.name === name);
+  t.like((failed.device as { plug?: unknown }).plug, { action: 'up', code: 0 });
   // Its rollback's down ran; the name is free again.
   fs.rmSync(`${log}.gated`, { force: true });
   const after = await probe({ socket: sock(), requests: [{ network: 'gated', name, persistent: true }] });

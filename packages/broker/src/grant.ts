@@ -233,8 +233,9 @@ async function grantEach(
       : new TapbrokerError('TB_E_KERNEL', `link events unreadable: ${(err as Error).message}`);
     for (const g of granted) {
       audit({
-        decision: 'error', rule: g.lease.rule, request: specView(g.spec), device: deviceRecord(g.device, g.lease),
-        code: e.code, message: granting && g.durable ? `${e.message}: its grant, recorded, is undone` : e.message,
+        // Its `up`'s answer too: it ran, and what it did is being undone (an outside review found it in no record).
+        decision: 'error', rule: g.lease.rule, request: specView(g.spec),
+        device: deviceRecord(g.device, g.lease, g.plugged), code: e.code, message: granting && g.durable ? `${e.message}: its grant, recorded, is undone` : e.message,
       });
     }
     await meter.wait(undone(granted.map((g) => abort(ctx, g, e.message, caller))));
