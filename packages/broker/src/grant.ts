@@ -235,7 +235,8 @@ async function grantEach(
       audit({
         // Its `up`'s answer too: it ran, and what it did is being undone (an outside review found it in no record).
         decision: 'error', rule: g.lease.rule, request: specView(g.spec),
-        device: deviceRecord(g.device, g.lease, g.plugged), code: e.code, message: granting && g.durable ? `${e.message}: its grant, recorded, is undone` : e.message,
+        device: deviceRecord(g.device, g.lease, g.plugged), code: e.code,
+        message: granting && g.durable ? `${e.message}: its grant, recorded, is undone` : e.message,
       });
     }
     await meter.wait(undone(granted.map((g) => abort(ctx, g, e.message, caller))));
