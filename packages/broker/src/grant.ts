@@ -78,11 +78,9 @@ function persistent(nics: Granted[]): string[] {
   return nics.filter((n) => n.lease.ends === 'release').map((n) => n.lease.id);
 }
 
+/** `held` lets its name go to new devices (see Unplugs.hold); nothing the second time. */
 type Granted = ReturnType<typeof makeDevice> & {
-  plugged: Record<string, unknown> | null;
-  spec: CreateSpec;
-  /** Lets its name go to new devices (see Unplugs.hold); nothing the second time. */
-  held: () => void;
+  plugged: Record<string, unknown> | null; spec: CreateSpec; held: () => void;
 };
 
 /**
