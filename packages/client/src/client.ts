@@ -186,17 +186,19 @@ export class TapbrokerClient {
     // NICs of a network on two bridges (an outside review: 32 on br0, 8 on br1). The count of policies the broker
     // has applied is read before and after (a digest would miss a reload and its revert: a re-test flipped one
     // back); a change undoes what was made, and the VM's NICs are asked for again.
-    const standing = () => this.status().then((s) => ({ loads: `${s.started} ${s.policy_loads}`,
-      tearingDown: s.tearing_down }), () => null);
-    const first = await standing();
+    const loads = () => this.status().then((s) => `${s.started} ${s.policy_loads}`, () => null);
+    // Past the first attempt, a refusal as busy (its own undone devices still being unplugged) is asked again until
+    // then: a count of the caller's teardowns would also wait for its other VMs' (a re-test: 30 s for nothing, or
+    // asked too early once one of theirs ended).
+    let until = 0;
     for (let attempt = 1; ; attempt++) {
-      const before = attempt === 1 ? first : await standing();
-      const taps = await this.createParts(nics, parts).catch((err: unknown) => {
+      const before = await loads();
+      const taps = await this.createPartsUntil(nics, parts, until).catch((err: unknown) => {
         throw attempt === 1 || !(err instanceof TapbrokerError) ? err
           : retold(err, `asked for again after the broker's policy changed: ${err.message}`, err.nic);
       });
-      const after = await standing();
-      if (!before || !after || before.loads === after.loads) return taps;
+      const after = await loads();
+      if (before === null || after === null || before === after) return taps;
       await this.undo(taps);
       // A macvtap made goes only with this connection: asked for again, a fixed MAC of it would be in use.
       const held = taps.some((x) => x.device.kind === 'macvtap' && !x.device.persistent);
@@ -210,21 +212,31 @@ export class TapbrokerClient {
       opts.onRetry?.(`the broker's policy changed while ${nics.length} NICs were made in ${parts.length} requests: `
         + `what they got is undone, and they are asked for again (${attempt + 1} of ${POLICY_TRIES})`);
       // The kernel deletes them a while after their fds close, a network's `down` runs for each: until then they
-      // count against the caller's quota and its devices being torn down (a re-test's retry was refused so).
-      await this.untilGone(taps.map((x) => x.device.name), first?.tearingDown ?? 0);
+      // count against the caller's quota, and their names are not given out (a re-test's retry was refused so).
+      until = Date.now() + UNDONE_WAIT_MS;
+      await this.untilGone(taps.map((x) => x.device.name), until);
     }
   }
 
-  /**
-   * Until the broker lists none of these devices of the caller's and tears down no more of them than `baseline` (at
-   * most UNDONE_WAIT_MS).
-   */
-  private async untilGone(names: readonly string[], baseline: number): Promise<void> {
+  /** createParts; refused as busy, asked again (100 ms, doubling to 1 s, between) while `until` is ahead. */
+  private async createPartsUntil(nics: readonly NicOptions[], parts: ReadonlyArray<{ from: number; to: number }>,
+    until: number): Promise<Tap[]> {
+    for (let wait = 100; ; wait = Math.min(2 * wait, 1000)) {
+      try {
+        return await this.createParts(nics, parts);
+      } catch (err) {
+        if (!(err instanceof TapbrokerError) || err.code !== 'TB_E_BUSY' || Date.now() + wait > until) throw err;
+        await new Promise((r) => setTimeout(r, wait));
+      }
+    }
+  }
+
+  /** Until the broker lists none of these devices of the caller's, or `until`. */
+  private async untilGone(names: readonly string[], until: number): Promise<void> {
     const undone = new Set(names);
-    for (const end = Date.now() + UNDONE_WAIT_MS; Date.now() < end;) {
+    while (Date.now() < until) {
       const listed = await this.list().then(({ leases }) => leases.some((l) => undone.has(l.name)), () => false);
-      const busy = await this.status().then((s) => s.tearing_down > baseline, () => false);
-      if (!listed && !busy) return;
+      if (!listed) return;
       await new Promise((r) => setTimeout(r, 20));
     }
   }
