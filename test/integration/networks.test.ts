@@ -1,7 +1,7 @@
 // Named networks: a Linux bridge by the admin's name, bridge VLANs (absent on this kernel: a clear
 // refusal), and plug hooks run by the broker — recording their calls, failing, hanging, printing garbage.
 import anyTest, { type TestFn } from 'ava';
-import { spawnSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { BROKER_MAIN, BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
@@ -248,24 +248,37 @@ test.serial('a name is not given out again while a create of that name plugs it,
 });
 
 // Found by an outside review: with the broker at its task limit (one user's hook processes), root's `down` could not
-// be started (spawn EAGAIN), was recorded as the hook's answer, and never ran. A hook the kernel will not start gave no
-// answer: its down is tried again, as one killed by someone else is. (A missing interpreter makes the exec fail here,
-// for real, as the task limit does there.)
-test.serial('a down the kernel will not start is tried again, and runs once it can', async (t) => {
-  const hook = path.join(dir, 'swap');
-  const good = fs.readFileSync(hook);
-  t.teardown(() => fs.writeFileSync(hook, good));
+// be started (spawn EAGAIN), was recorded as the hook's answer, and never ran. A hook the kernel will not start for
+// want of processes, memory or fds gave no answer: its down is tried again, as one killed by someone else is. Here the
+// broker's open-files limit is what stops it, for real (EMFILE: the spawn's pipes), lowered on the running broker.
+// One that cannot start at all (its interpreter gone) gave its answer: recorded once, not tried again.
+test.serial('a down the kernel will not start for want of fds is tried again, and runs once it can', async (t) => {
+  const pid = fx.broker.proc.pid!;
+  const hard = /^Max open files\s+\S+\s+(\S+)/m.exec(fs.readFileSync(`/proc/${pid}/limits`, 'utf8'))![1]!;
+  const soft = /^Max open files\s+(\S+)/m.exec(fs.readFileSync(`/proc/${pid}/limits`, 'utf8'))![1]!;
+  const limit = (n: string) => execFileSync('prlimit', ['--pid', String(pid), `--nofile=${n}:${hard}`]);
+  t.teardown(() => limit(soft));
   const p = await probe({ socket: sock(), requests: [{ network: 'swapped' }] });
   t.is(p.result.error, null, p.result.error?.message);
   const name = p.result.taps[0]!.device.name;
-  fs.writeFileSync(hook, '#!/nonexistent/interpreter\n');
+  limit(String(fs.readdirSync(`/proc/${pid}/fd`).length - 8));
   await p.release();
   const failed = await fx.broker.record((r) => r.op === 'unplug' && r.decision === 'error'
     && (r.device as { name?: string }).name === name);
-  t.regex(failed.message ?? '', /could not run: .*; trying again in 1 s$/);
-  fs.writeFileSync(hook, good);
+  limit(soft);
+  t.regex(failed.message ?? '', /could not run: .*EMFILE.*; trying again in 1 s$/);
   await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 10_000, 'the down never ran');
-  t.pass();
+  // An interpreter gone: the down's answer, once.
+  const hook = path.join(dir, 'swap');
+  const good = fs.readFileSync(hook);
+  t.teardown(() => fs.writeFileSync(hook, good));
+  const q = await probe({ socket: sock(), requests: [{ network: 'swapped' }] });
+  const other = q.result.taps[0]!.device.name;
+  fs.writeFileSync(hook, '#!/nonexistent/interpreter\n');
+  await q.release();
+  const broken = await fx.broker.record((r) => r.op === 'unplug' && r.decision === 'error'
+    && (r.device as { name?: string }).name === other);
+  t.regex(broken.message ?? '', /could not run: .*ENOENT[^;]*$/, 'not tried again');
 });
 
 // Found by an outside review: a lease's `down` runs once the lease has left the table (and its quota), and nothing

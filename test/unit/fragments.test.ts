@@ -575,6 +575,13 @@ test('a staged policy.toml.new: the tools warn that policy.d is not read, and re
   const none = tool('check-policy', staged, '--fragments', 'nowhere');
   t.is(none.status, 78);
   t.regex(none.stderr, /cannot read nowhere: no such directory/);
+  // An empty one (`--fragments "$UNSET"`) would read the current directory's *.toml: a usage error (an outside audit).
+  for (const argv of [['check-policy', staged, '--fragments', ''], ['who-can', staged, '--fragments=', '--bridge', 'br2'],
+    ['test-policy', staged, cases, '--fragments', '']]) {
+    const empty = tool(...argv);
+    t.is(empty.status, 64, `${argv[0]}: ${empty.stderr}`);
+    t.regex(empty.stderr, /--fragments needs a directory, not an empty string/);
+  }
   // The installed file itself: no warning.
   t.notRegex(tool('check-policy', 'policy.toml').stdout, /warning: read without/);
 });

@@ -3,7 +3,9 @@
 // through checkSpec's messages in spec.test.ts).
 import test from 'ava';
 import { checkIfName, checkMac } from '@tapbroker/protocol';
-import { SHOWN_BYTES, auditJson, bytesShown, freeMac, namePrefix, randomMac, shown, tapName } from '@tapbroker/broker/internal';
+import {
+  SHOWN_BYTES, auditJson, bytesShown, createNamed, freeMac, namePrefix, randomMac, shown, tapName,
+} from '@tapbroker/broker/internal';
 
 const draws = <T>(n: number, f: () => T): T[] => Array.from({ length: n }, f);
 
@@ -120,4 +122,27 @@ test('freeMac finds the last free MAC of a short prefix, and says when there is 
   t.is(freeMac('52:54:00', () => true), null, 'a long prefix: eight misses and it is taken for full');
   const two = freeMac('52:54:00:12', (m) => m !== '52:54:00:12:ab:cd');
   t.is(two, '52:54:00:12:ab:cd');
+});
+
+// Found by an outside audit: a broker-chosen name was drawn again only when the kernel had it, not while a `down` of
+// a device of that name still ran (a uid of ten digits leaves two random characters: 4 overlaps in 241 creates).
+test('createNamed draws again a name still held by another device\'s down or up, eight times at most', (t) => {
+  const uid = 4000000001;
+  const held = new Set<string>();
+  const made: string[] = [];
+  // Every name but the ninth drawn is held.
+  let draws = 0;
+  const got = createNamed(uid, null, (name) => {
+    draws++;
+    if (draws < 9) held.add(name);
+    return held.has(name);
+  }, (name) => (made.push(name), { ok: true }));
+  t.is(draws, 9);
+  t.deepEqual(made, [got.name], 'only a name not held reaches the kernel step');
+  t.false(held.has(got.name));
+  t.regex(got.name, new RegExp(`^tb${uid}-[a-z0-9]{2}$`));
+  const refused = t.throws(() => createNamed(uid, null, () => true, () => ({ ok: true })));
+  t.regex(refused!.message, /is still being plugged into or unplugged from its network/);
+  // A name the caller asked for is its own business (refused before, as busy, by the admission).
+  t.like(createNamed(uid, 'tbmine', () => true, () => ({ ok: true })), { name: 'tbmine', ok: true });
 });

@@ -84,6 +84,18 @@ test('an error reply with nic', same, { op: 'error', id: null, code: 'TB_E_POLIC
 test('an error reply with an unknown code', same, { op: 'error', id: null, code: 'TB_E_NOPE', message: 'm' });
 test('an enum value outside it', same, { op: 'create-tap', id: 1, device: { ...device, kind: 'tun' }, fds: { tap: 1, vhost: 0 } });
 
+// Found by an outside audit: `status` gained two fields inside 0.5.0 (protocol 2); a client of now must take the reply
+// of a broker built before them, and check the policy by its digest then.
+const status = {
+  op: 'status', id: 3, broker: 'tapbrokerd 0.5.0', version: 2, policy_sha256: 'a'.repeat(64), started: 'now', uid: 1,
+  user: null, leases: 0, rules: [], denies: [], connections: null,
+};
+test('a status reply with policy_loads and tearing_down', same, { ...status, policy_loads: 2, tearing_down: 1 });
+test('a status reply of a broker without them', (t) => {
+  t.true(checkShape(REPLY_SHAPE_FOR_TESTS, status).ok);
+  t.like(decodeLite(encodeFrame(status as never)), { op: 'status', policy_sha256: 'a'.repeat(64) });
+});
+
 test('the client decoder: the broker\'s encoding in, the same reply out; garbage refused with TB_E_BAD_REPLY', (t) => {
   const reply = { op: 'list', id: 2, leases: [{ ...lease, network: null, locked: false }], truncated: false } as const;
   t.deepEqual(decodeLite(encodeFrame(reply)), reply);

@@ -21,11 +21,12 @@ const DAEMON_USAGE = `usage: tapbrokerd [-n] [-f policy] [-s socket] [-m mode] [
                   [--state-dir dir] [--audit-file file] [--journal-socket path] [--linux-audit]
                   [--idle-exit seconds] [-V | --version] [-h | --help]`;
 const USAGE = `${DAEMON_USAGE}
-       tapbrokerd check-policy [file] [--json] [--strict] [--unit]
-       tapbrokerd explain-policy [file] --user name [--json]
-       tapbrokerd who-can [file] (--bridge name | --network name | --macvtap parent [--mode mode]) [--json]
+       tapbrokerd check-policy [file] [--fragments dir] [--json] [--strict] [--unit]
+       tapbrokerd explain-policy [file] [--fragments dir] --user name [--json]
+       tapbrokerd who-can [file] [--fragments dir] (--bridge name | --network name | --macvtap parent
+                      [--mode mode]) [--json]
        tapbrokerd import-bridge-conf [file]
-       tapbrokerd test-policy [file] cases [--json]`;
+       tapbrokerd test-policy [file] cases [--fragments dir] [--json]`;
 export const DEFAULT_STATE_DIR = '/run/tapbroker';
 // sysexits(3)
 const CAP_NET_ADMIN = 12;

@@ -10,8 +10,8 @@ import type { Meter } from './fairness.js';
 import { decide, recorded, type AllowRule, type Policy } from './decide.js';
 import type { Identity } from './identity.js';
 import { kernelBound, leaseTag, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
-import { freeMac, randomMac, tapName } from './naming.js';
-import { ContestedDeviceError, hostMac, type CreatedTap } from './kernel.js';
+import { createNamed, freeMac, randomMac } from './naming.js';
+import { hostMac, type CreatedTap } from './kernel.js';
 import type { OpContext } from './ops.js';
 import { plugOf, plugUp } from './plug.js';
 import type { Outcome } from './session.js';
@@ -403,7 +403,8 @@ function makeDevice(
     persistent: owner,
     alias: tag.alias,
   };
-  const created = createNamed(caller.uid, spec.name, (name): CreatedTap => {
+  const held = (name: string) => ctx.lifetimes.unplugs.pending(name);
+  const created = createNamed(caller.uid, spec.name, held, (name): CreatedTap => {
     if (spec.kind === 'tap') {
       return ctx.kernel.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan, lock });
     }
@@ -496,22 +497,4 @@ function unwritable(err: unknown): TapbrokerError {
   );
 }
 
-/** The caller's name, or broker-chosen names `tb<uid>-<random>` until one is free and clean. */
-function createNamed(
-  uid: number,
-  asked: string | null,
-  create: (name: string) => CreatedTap,
-): CreatedTap & { name: string } {
-  if (asked !== null) return { ...create(asked), name: asked };
-  for (let attempt = 0; ; attempt++) {
-    const name = tapName(uid);
-    try {
-      return { ...create(name), name };
-    } catch (err) {
-      const retry =
-        err instanceof ContestedDeviceError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
-      if (!retry || attempt >= 8) throw err;
-    }
-  }
-}
 

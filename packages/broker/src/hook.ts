@@ -34,9 +34,10 @@ export interface HookResult {
 }
 
 /**
- * A hook the kernel would not start (EAGAIN at the task limit, ENOMEM): no answer of its own, so a `down` is tried
- * again and owed to the next start, as one killed by someone else is (an outside review filled the unit's task
- * limit with one user's hook processes, and root's downs were lost for good).
+ * A hook the kernel would not start for want of processes, memory or fds (EAGAIN at the task limit, ENOMEM, EMFILE,
+ * ENFILE): no answer of its own, so a `down` is tried again and owed to the next start, as one killed by someone
+ * else is (an outside review filled the unit's task limit with one user's hook processes, and root's downs were lost
+ * for good). Not one that cannot start at all (its interpreter gone): that is its answer (an outside audit).
  */
 export class HookNotRun extends TapbrokerError {
   constructor(message: string) {
@@ -81,10 +82,20 @@ export function runHook(
       detached: true,
       stdio: ['ignore', 'pipe', 'pipe'],
     });
+    // First, and its streams looked for: a spawn that fails (EMFILE at the open-files limit) has none, and its
+    // 'error' comes on the next tick; unheard, it ended the broker (an outside review's test of a down that could
+    // not start found it).
+    child.on('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      const message = `hook ${file} ${action} ${ctx.device} could not run: ${err.message}`;
+      // Out of processes, memory or fds: it may run later. Anything else (an interpreter gone) is its answer.
+      const later = ['EAGAIN', 'ENOMEM', 'EMFILE', 'ENFILE'].includes(err.code ?? '');
+      reject(later ? new HookNotRun(message) : new TapbrokerError('TB_E_HOOK_FAILED', message));
+    });
     let stdout = '';
     let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => { if (stdout.length < OUTPUT_CAP + 1) stdout += d; });
-    child.stderr.setEncoding('utf8').on('data', (d: string) => { if (stderr.length < OUTPUT_CAP + 1) stderr += d; });
+    child.stdout?.setEncoding('utf8').on('data', (d: string) => { if (stdout.length < OUTPUT_CAP + 1) stdout += d; });
+    child.stderr?.setEncoding('utf8').on('data', (d: string) => { if (stderr.length < OUTPUT_CAP + 1) stderr += d; });
     let timedOut = false;
     const killGroup = () => {
       try {
@@ -94,17 +105,13 @@ export function runHook(
       }
     };
     const timer = setTimeout(() => { timedOut = true; killGroup(); }, timeoutMs);
-    child.on('error', (err) => {
-      clearTimeout(timer);
-      reject(new HookNotRun(`hook ${file} ${action} ${ctx.device} could not run: ${err.message}`));
-    });
     // Done when the hook exits, not when its output closes: a child that keeps the pipes open must not
     // hold the grant. Whatever it left running in its group is killed.
     child.on('exit', (code, signal) => {
       clearTimeout(timer);
       killGroup();
-      child.stdout.destroy();
-      child.stderr.destroy();
+      child.stdout?.destroy();
+      child.stderr?.destroy();
       const result: HookResult = {
         code,
         signal,

@@ -2,7 +2,7 @@
 // are, not test-only code. Not a stable interface.
 export * from './index.js';
 export { daemon, type DaemonExtras } from './daemon.js';
-export { namePrefix, printable, tapName, randomMac, freeMac, shown, auditJson } from './naming.js';
+export { createNamed, namePrefix, printable, tapName, randomMac, freeMac, shown, auditJson } from './naming.js';
 export { bytesShown, SHOWN_BYTES } from './identity.js';
 export { ForeignFds, orphan } from './foreign.js';
 export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';

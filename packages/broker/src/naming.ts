@@ -1,6 +1,7 @@
 // Names and MACs the broker picks, and caller text as it may appear in a message.
 import { randomFillSync } from 'node:crypto';
-import { HIDDEN, PLAIN } from '@tapbroker/protocol/core';
+import { HIDDEN, PLAIN, TapbrokerError } from '@tapbroker/protocol/core';
+import { ContestedDeviceError } from './kernel.js';
 
 /** Broker-chosen names begin with `tb<uid>-`, so no user can mimic a host device or another user's. */
 export function namePrefix(uid: number): string {
@@ -82,3 +83,29 @@ export function shown(s: string): string {
 
 /** JSON as the audit trail writes it (what hides or acts on a terminal escaped), and caller text in a message. */
 export { jsonShown as auditJson, printable } from '@tapbroker/protocol/core';
+
+/**
+ * The caller's name, or broker-chosen names `tb<uid>-<random>` until one is free and clean: a drawn name the kernel
+ * has (or contests), or one `held` still another device's (its `down`, another create's `up`: see Unplugs.hold), is
+ * drawn again, eight times at most (an outside review: a uid of ten digits leaves two random characters, and new
+ * `up`s overlapped old `down`s of a drawn name).
+ */
+export function createNamed<T>(
+  uid: number, asked: string | null, held: (name: string) => boolean, create: (name: string) => T,
+): T & { name: string } {
+  if (asked !== null) return { ...create(asked), name: asked };
+  for (let attempt = 0; ; attempt++) {
+    const name = tapName(uid);
+    try {
+      if (held(name)) {
+        throw new TapbrokerError('TB_E_DEVICE_EXISTS', `\`${name}' is still being plugged into or unplugged from its `
+          + 'network');
+      }
+      return { ...create(name), name };
+    } catch (err) {
+      const retry =
+        err instanceof ContestedDeviceError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
+      if (!retry || attempt >= 8) throw err;
+    }
+  }
+}

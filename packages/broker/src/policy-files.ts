@@ -131,6 +131,8 @@ export const fragmentDirs = new Map<string, string>();
 
 /** A tool's --fragments DIR for `path` (trailing slashes dropped, so messages name `DIR/x.toml`). */
 export function readFragmentsFrom(path: string, dir: string): void {
+  // An empty one would read `.d`-less `*.toml` of the current directory (`--fragments "$UNSET"`: an outside audit).
+  if (dir === '') throw new TapbrokerError('TB_E_USAGE', '--fragments needs a directory, not an empty string');
   fragmentDirs.set(path, dir.length > 1 ? dir.replace(/\/+$/, '') || '/' : dir);
 }
 

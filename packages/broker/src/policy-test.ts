@@ -370,6 +370,7 @@ export function testPolicyTool(args: readonly string[], defaultPolicy: string): 
   // One file is the cases (the policy is the broker's); two are the policy, then the cases.
   if (files.length < 1 || files.length > 2) return usage('test-policy needs a cases file, and may name a policy first');
   const [policyFile, casesFile] = files.length === 2 ? [files[0]!, files[1]!] : [defaultPolicy, files[0]!];
+  if (fragments === '') return usage('--fragments needs a directory, not an empty string');
   if (fragments !== null) readFragmentsFrom(policyFile, fragments);
 
   let policy: Policy;

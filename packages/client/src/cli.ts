@@ -744,12 +744,13 @@ async function statusCommand(client: TapbrokerClient, json: boolean): Promise<nu
   }
   const lines = [
     `broker:   ${s.broker} (protocol ${s.version}) at ${client.socket}, up since ${s.started}`,
-    `policy:   sha256 ${s.policy_sha256}${s.policy_loads > 1 ? `, after ${s.policy_loads - 1} reload${
+    `policy:   sha256 ${s.policy_sha256}${(s.policy_loads ?? 1) > 1 ? `, after ${s.policy_loads! - 1} reload${
       s.policy_loads === 2 ? '' : 's'}` : ''}`,
     `you:      ${s.user !== null ? `${s.user} (uid ${s.uid})` : `uid ${s.uid}`}, `
     + `${s.leases} live lease${s.leases === 1 ? '' : 's'}` +
       `${s.uid === 0 ? ' (everyone\'s)' : ''}`,
-    ...(s.tearing_down > 0 ? [`          ${s.tearing_down} of them still being torn down`] : []),
+    ...((s.tearing_down ?? 0) > 0 ? [`          and ${s.tearing_down} device${s.tearing_down === 1 ? '' : 's'} `
+      + 'still being torn down'] : []),
     ...(s.connections !== null ? [`clients:  ${s.connections} connection${s.connections === 1 ? '' : 's'}`] : []),
     s.rules.length === 0 ? 'rules:    none applies to you: the broker will refuse your requests'
       : `rules:    ${s.rules.map((r) => `${r.rule} (${r.used} of ${r.max_devices} devices)`).join(', ')}`,

@@ -244,10 +244,11 @@ export const StatusReply = z.strictObject({
   /**
    * Policies this broker has applied: 1 at its start, one more at each reload that applied one (an unchanged one
    * too: names are resolved again). A client whose requests must all be decided under one policy compares it.
+   * Optional: a broker of 0.5.0 built before it lacks it (a client then compares the digest).
    */
-  policy_loads: z.number().int().min(1),
-  /** The caller's devices still being deleted or unplugged (their fds closed, a hook's `down` running). */
-  tearing_down: z.number().int().min(0),
+  policy_loads: z.number().int().min(1).optional(),
+  /** The caller's devices still being deleted or unplugged (their fds closed, a hook's `down` running). Optional. */
+  tearing_down: z.number().int().min(0).optional(),
   uid: z.number().int().min(0),
   user: Text(256).nullable(),
   /** The caller's live leases (root: everyone's). */

@@ -337,7 +337,7 @@ export const REPLY_SHAPE: Shape = {
         },
         "connections": {"t":"nullable","of":{"t":"number","int":true,"min":0,"max":9007199254740991}},
       },
-      "optional": [],
+      "optional": ["policy_loads","tearing_down"],
       "defaults": {},
     },
     "error": {
