@@ -143,7 +143,7 @@ test('usage: --help, one file is the cases (the policy is the default), none or 
   const help = tapbrokerd('test-policy', '--help');
   t.is(help.code, 0);
   t.regex(help.stdout, /^usage: tapbrokerd test-policy \[policy\] cases \[--fragments dir\] \[--json\]$/m);
-  t.regex(tapbrokerd('--help').stdout, /tapbrokerd test-policy \[file\] cases \[--json\]/);
+  t.regex(tapbrokerd('--help').stdout, /tapbrokerd test-policy \[file\] cases \[--fragments dir\] \[--json\]/);
   // One argument is the cases file: the policy is /etc/tapbroker/policy.toml (absent here, or not this one).
   const one = tapbrokerd('test-policy', file('ok3.toml', HOLDING));
   t.not(one.code, 64, one.stderr);
