@@ -185,8 +185,8 @@ export class TapbrokerClient {
     // Several requests are decided under the policy in force at each: one reload between them would leave one VM's
     // NICs of a network on two bridges (an outside review: 32 on br0, 8 on br1). The count of policies the broker
     // has applied is read before and after (a digest would miss a reload and its revert: a re-test flipped one
-    // back); a change undoes what was made, and the VM's NICs are asked for again.
-    // (A broker without the count: its digest, which misses a reload and its revert.)
+    // back; a broker without the count is checked by its digest all the same); a change undoes what was made, and
+    // the VM's NICs are asked for again.
     const loads = () => this.status().then((s) => `${s.started} ${s.policy_loads ?? s.policy_sha256}`, () => null);
     // Past the first attempt, a refusal as busy (its own undone devices still being unplugged) is asked again until
     // then: a count of the caller's teardowns would also wait for its other VMs' (a re-test: 30 s for nothing, or
