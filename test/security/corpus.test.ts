@@ -200,12 +200,12 @@ async function clean(t: ExecutionContext, held: { links?: string[]; leases?: str
     c.close();
   }
   const links = [...(held.links ?? [])].sort();
-  await poll(() => same(extraLinks(), links), { ms: 2000 });
+  await poll(() => same(extraLinks(), links), { ms: 15_000 });
   t.deepEqual(extraLinks(), links, 'no link left behind');
   // Each open connection costs the broker two fds: the socket and the caller's pidfd.
   const fds = baseline + 2 * (held.connections ?? 0);
   // The broker's closer process goes (and its socket with it) after a second idle.
-  await poll(() => broker.fdCount() === fds, { ms: 3000 });
+  await poll(() => broker.fdCount() === fds, { ms: 15_000 });
   t.is(broker.fdCount(), fds, 'the broker\'s fd count is back to its baseline');
   const leases = [...(held.leases ?? [])].sort();
   await poll(async () => same(await leaseNames(), leases), { ms: 2000 });
@@ -870,7 +870,8 @@ test.serial('200 connections opened at once and abandoned (silent, mid-hello, mi
   const conns = await Promise.all(Array.from({ length: 200 }, () => localConnect()));
   const half = ct().subarray(0, 5);
   await Promise.all(conns.map((c, i) => (i % 3 === 0 ? c.send(HELLO) : i % 3 === 1 ? c.send(half) : Promise.resolve())));
-  await poll(() => broker.fdCount() >= baseline + 200, { ms: 2000 });
+  // A bound for a loaded machine (a CI run saw 2 s pass with the broker still accepting): it returns once they are in.
+  await poll(() => broker.fdCount() >= baseline + 200, { ms: 15_000 });
   t.true(broker.fdCount() >= baseline + 200, 'the broker accepted them all');
   for (const c of conns) c.close();
   await clean(t);
