@@ -6,11 +6,14 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TapbrokerError } from '@tapbroker/protocol/core';
+import os from 'node:os';
+import { TapbrokerError, sys } from '@tapbroker/protocol/core';
+import { pidfdOpen, pidfdSignal } from './libc.js';
 import { hookUnsafe, replaceFile } from './paths.js';
 
 export const HOOK_TIMEOUT_MS = 10_000;
 const OUTPUT_CAP = 4096;
+const { SIGKILL } = os.constants.signals;
 
 export interface HookContext {
   device: string;
@@ -206,23 +209,41 @@ export function killOrphanHooks(runs: readonly string[]): number {
     let found = 0;
     for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
       if (Number(pid) === process.pid) continue;
+      // Held by a pidfd from before the reads to the kill: what was read is this process's only if it is still
+      // alive after the reads, and the kill cannot reach another process that took its pid meanwhile.
+      let pidfd: number | null = null;
       try {
+        pidfd = pidfdOpen(Number(pid));
+        if (pidfd === null) continue;
         const environ = `\0${fs.readFileSync(`/proc/${pid}/environ`, 'latin1')}`;
         if (!marks.some((mark) => environ.includes(mark))) continue;
+        const group = groupOf(pid);
+        if (!pidfdSignal(pidfd, 0)) continue;
         // Its process group at once (the hook's own, unless it left it): one that forks and exits in turn is caught
         // there, where a pass over /proc would chase its pids (a re-test's did, every 0.5 ms).
-        const group = groupOf(pid);
-        if (group !== null && group > 1 && group !== ownGroup) process.kill(-group, 'SIGKILL');
-        process.kill(Number(pid), 'SIGKILL');
+        if (group !== null && group > 1 && group !== ownGroup) killGroup(pidfd, group);
+        pidfdSignal(pidfd, SIGKILL);
         found++;
         killed.add(Number(pid));
       } catch {
         // Gone meanwhile, or not ours to read (another user's, a process with more capabilities).
+      } finally {
+        if (pidfd !== null) sys.close(pidfd);
       }
     }
     quiet = found === 0 ? quiet + 1 : 0;
   }
   return killed.size;
+}
+
+/** SIGKILL to the group of the process behind `pidfd`; by the group's id where the kernel cannot (before 6.9). */
+function killGroup(pidfd: number, group: number): void {
+  try {
+    pidfdSignal(pidfd, SIGKILL, true);
+  } catch (e) {
+    if (!(e instanceof sys.SyscallError && e.errno === sys.errno.EINVAL)) throw e;
+    process.kill(-group, 'SIGKILL');
+  }
 }
 
 /** A process's group (/proc/PID/stat), or null. */

@@ -24,6 +24,8 @@ const _getgrent = libc.func('void *getgrent()');
 const _endgrent = libc.func('void endgrent()');
 const _flock = libc.func('int flock(int fd, int op)');
 const SYS_pidfd_open = 434;
+const SYS_pidfd_send_signal = 424;
+const PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2;
 const LOCK_EX = 2;
 const LOCK_NB = 4;
 
@@ -59,6 +61,18 @@ export function pidfdOpen(pid: number): number | null {
   const e = koffi.errno();
   if (e === sys.errno.ESRCH) return null;
   throw new sys.SyscallError('pidfd_open', e);
+}
+
+/**
+ * pidfd_send_signal(2): `signal` to the process behind `pidfd`, or with `group` to its process group as it is now
+ * (Linux 6.9 and later: EINVAL before). False when the process is gone.
+ */
+export function pidfdSignal(pidfd: number, signal: number, group = false): boolean {
+  const flags = group ? PIDFD_SIGNAL_PROCESS_GROUP : 0;
+  const rc = _syscall(SYS_pidfd_send_signal, 'int', pidfd, 'int', signal, 'void *', null, 'unsigned int', flags);
+  if (Number(rc) === 0) return true;
+  if (koffi.errno() === sys.errno.ESRCH) return false;
+  return fail('pidfd_send_signal');
 }
 
 /** flock(2) LOCK_EX, without waiting: false when another open file holds it. */
