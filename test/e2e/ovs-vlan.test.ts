@@ -187,6 +187,67 @@ t0('a device named as a port someone else made: add-port fails, and the rollback
   }
 });
 
+t0('a port that is not the broker\'s keeps its name from every device, a Linux bridge\'s tap too, until it is gone (rv124)', async (t) => {
+  // Found by an outside review: a user with no rule for an OVS network asked for a tap on a Linux bridge named as a
+  // port left in OVS (another broker's, one made before 0.5.0 or by hand), and ovs-vswitchd took the tap into that
+  // port, on its VLAN. The broker lists such ports at start and at each reload.
+  const name = `tb${NOBODY}-fgn`;
+  ovs.vsctl('add-port', 'br-int', name, 'tag=999', '--', 'set', 'Port', name, 'external-ids:tapbroker-lease=00000000deadbeef',
+    `external-ids:tapbroker-uid=${NOBODY}`, 'external-ids:tapbroker-broker=0123abcd');
+  ns.ip('link', 'add', 'lbr-fgn', 'address', '02:00:00:00:0f:01', 'type', 'bridge');
+  // Each reload lists the ports again, and logs them (the bridge's own interface, br-int, is one).
+  const reloaded = async () => {
+    const logged = broker.stderr.length;
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => /port\(s\) not this broker's/.test(broker.stderr.slice(logged)), 5000, 'no listing');
+    return broker.stderr.slice(logged);
+  };
+  try {
+    fs.writeFileSync(broker.policyPath, `${policy}bridges = ["lbr-fgn"]\n`);
+    t.regex(await reloaded(), new RegExp(`whose names no new device gets: .*\`${name}'`));
+    for (const request of [{ bridge: 'lbr-fgn', name }, { network: 'prod', name }]) {
+      const r = await probe({ socket: broker.socket, requests: [request] });
+      await r.release();
+      t.is(r.result.error?.code, 'TB_E_DEVICE_EXISTS', JSON.stringify(request));
+      t.regex(r.result.error?.message ?? '', /an Open vSwitch port named `tb\d+-fgn' \(in unix:.*\) is not this broker's/);
+    }
+    t.false(ns.ip('-o', 'link', 'show').includes(`${name}:`), 'no device of that name was made');
+    // Gone by hand, and the broker reloaded: the name is given out again.
+    ovs.vsctl('del-port', 'br-int', name);
+    t.notRegex(await reloaded(), new RegExp(`\`${name}'`));
+    const r = await probe({ socket: broker.socket, requests: [{ bridge: 'lbr-fgn', name }] });
+    await r.release();
+    t.is(r.result.error, null, JSON.stringify(r.result.error));
+  } finally {
+    ovs.vsctl('--if-exists', 'del-port', 'br-int', name);
+    ns.ip('link', 'del', 'lbr-fgn');
+    fs.writeFileSync(broker.policyPath, policy);
+    await reloaded();
+  }
+});
+
+t0('a trunk port: its VLANs in the port and in the grant\'s record (rv124)', async (t) => {
+  const trunk = `[network.tr]\novs = "br-int"\ntrunk = [200, 300]\novsdb = "${ovs.db}"\n\n`;
+  fs.writeFileSync(broker.policyPath, trunk + policy.replace('networks = ["prod"]', 'networks = ["prod", "tr"]'));
+  const seen = broker.records.length;
+  broker.proc.kill('SIGHUP');
+  await broker.waitFor(() => broker.records.slice(seen).some((r) => r.op === 'reload'), 5000, 'no reload');
+  try {
+    const p = await probe({ socket: broker.socket, requests: [{ network: 'tr' }] });
+    t.is(p.result.error, null, JSON.stringify(p.result.error));
+    const name = p.result.taps[0]!.device.name;
+    t.is(ovs.vsctl('get', 'Port', name, 'trunks').trim(), '[200, 300]');
+    const grant = await broker.record((r) => r.decision === 'grant' && (r.device as { name?: string })?.name === name);
+    t.deepEqual((grant.device as { plug?: unknown }).plug, { ovs: 'br-int', action: 'up', trunks: [200, 300] });
+    await p.release();
+  } finally {
+    fs.writeFileSync(broker.policyPath, policy);
+    const at = broker.records.length;
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => broker.records.slice(at).some((r) => r.op === 'reload'), 5000, 'no reload');
+  }
+});
+
 t0('a network a reload retired: its lease\'s port is removed when the lease ends, and at start when the lease is gone (review B4)', async (t) => {
   // A persistent tap on prod; then the policy retires prod.
   const made = await probe({ socket: broker.socket, requests: [{ network: 'prod', persistent: true }] });

@@ -4,12 +4,16 @@
 import anyTest, { type ExecutionContext, type TestFn } from 'ava';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { TapbrokerError, type ErrorCode } from '@tapbroker/protocol';
-import { addPort, delPort, delPortOf, isOvsBridge, listOurPorts, ovsdbTarget } from '@tapbroker/broker/internal';
+import {
+  addPort, delPort, delPortOf, isOvsBridge, listOurPorts, ovsdbTarget, setUpFailed,
+} from '@tapbroker/broker/internal';
 import { Netns } from '../helpers/netns.js';
 import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
+import { until } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
 const unavailable = ovsUnavailable();
@@ -163,6 +167,27 @@ ovsTest('addPort of a device ovs-vswitchd cannot open: TB_E_KERNEL, and no port 
   t.false(ports().includes('tb1000-ghost'));
 });
 
+ovsTest('addPort to a bridge whose datapath ovs-vswitchd cannot create: TB_E_KERNEL, and no port left behind', async (t) => {
+  // ovs-vsctl then warns without a reason (the interface's error column is empty): an outside review's port was
+  // granted and recorded as plugged, on no datapath.
+  ovs.vsctl('add-br', 'br-dead', '--', 'set', 'Bridge', 'br-dead', 'datapath_type=bogus');
+  t.teardown(() => ovs.vsctl('--if-exists', 'del-br', 'br-dead'));
+  tap('tb1000-dead');
+  await refused(t, addPort(ovs.db, 'br-dead', 'tb1000-dead', { tag: 100, externalIds: ids('dddd') }), 'TB_E_KERNEL',
+    /^failed to add `tb1000-dead' to ovs bridge `br-dead': ovs-vswitchd could not set it up \(it recorded no reason/);
+  t.deepEqual(ports('br-dead'), []);
+});
+
+test('setUpFailed: the port\'s own warning, with its reason or without one; another port\'s is not its', (t) => {
+  const see = '.  See ovs-vswitchd log for details.';
+  t.is(setUpFailed(`ovs-vsctl: Error detected while setting up 'tb1-a': could not open network device tb1-a (No such device)${see}\n`, 'tb1-a'),
+    'could not open network device tb1-a (No such device)');
+  t.regex(setUpFailed(`ovs-vsctl: Error detected while setting up 'tb1-a'${see}\n`, 'tb1-a') ?? '', /^ovs-vswitchd could not set it up/);
+  t.is(setUpFailed(`ovs-vsctl: Error detected while setting up 'tb1-ab'${see}\n`, 'tb1-a'), null);
+  t.is(setUpFailed(`ovs-vsctl: Error detected while setting up 'other': no${see}\n`, 'tb1-a'), null);
+  t.is(setUpFailed('', 'tb1-a'), null);
+});
+
 ovsTest('addPort to a missing bridge: TB_E_KERNEL naming both', async (t) => {
   tap('tb1000-c');
   await refused(t, addPort(ovs.db, 'br-none', 'tb1000-c', { externalIds: ids('cccc') }), 'TB_E_KERNEL', /^failed to add `tb1000-c' to ovs bridge `br-none': no bridge named br-none/);
@@ -221,6 +246,40 @@ ovsTest('a database socket reached through a directory others can write is not u
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// From an outside review: a database that answered without end grew the broker's ovs-vsctl past 1 GB in 3 s.
+ovsTest('ovs-vsctl runs with its address space bounded', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-ovsdb-'));
+  // A database that takes the connection and never answers: ovs-vsctl waits for it, until its timeout.
+  const server = net.createServer((c) => c.on('error', () => {}));
+  await new Promise<void>((resolve) => server.listen(path.join(dir, 'db.sock'), resolve));
+  try {
+    const call = listOurPorts(`unix:${dir}/db.sock`).catch((err: unknown) => err);
+    const limits = await until(() => {
+      try {
+        const child = fs.readdirSync('/proc').find((pid) => /^\d+$/.test(pid) && parentOf(pid) === process.pid
+          && fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'ovs-vsctl');
+        return child === undefined ? null : fs.readFileSync(`/proc/${child}/limits`, 'utf8');
+      } catch {
+        return null; // a child gone while it was read
+      }
+    }, { ms: 4000, what: 'no ovs-vsctl running' });
+    t.regex(limits, /^Max address space\s+268435456\s+268435456\s+bytes/m);
+    t.true(await call instanceof TapbrokerError);
+  } finally {
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+function parentOf(pid: string): number | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+  } catch {
+    return null;
+  }
+}
 
 ovsTest('ovs-vswitchd not answering: addPort times out and takes its committed port back', async (t) => {
   const pid = Number(execFileSync('cat', [`${ovs.run}/ovs-vswitchd.pid`], { encoding: 'utf8' }).trim());

@@ -44,6 +44,11 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
     throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being plugged into or unplugged `
       + 'from its network; try again shortly');
   }
+  const db = spec.name === null ? null : ctx.lifetimes.unplugs.foreignPort(spec.name);
+  if (db !== null) {
+    throw new TapbrokerError('TB_E_DEVICE_EXISTS', `an Open vSwitch port named \`${spec.name}' (in ${db}) is not `
+      + 'this broker\'s: Open vSwitch would take a new device of that name into it');
+  }
   const cooling = ctx.lifetimes.floods.coolingDown(caller.uid);
   if (cooling > 0) {
     throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `

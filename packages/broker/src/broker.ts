@@ -28,6 +28,7 @@ import { dispatch, type OpContext } from './ops.js';
 import type { Policy } from './decide.js';
 import { accountsStamp, loadTrustedPolicy, lostSince, warned, withAccountsNow } from './policy.js';
 import { Reaper } from './reaper.js';
+import { reconcileOvs } from './reconcile.js';
 import { Session, type Outcome, type SessionHost } from './session.js';
 
 export { BROKER_VERSION, PROTOCOL_VERSION };
@@ -253,6 +254,8 @@ export class Broker implements SessionHost, OpContext {
       this.audit.flushRefusals();
       this.policy = next;
       this.policyLoads++;
+      // The ports that are not this broker's, listed again (the policy may name another database).
+      if (this.lifetimes.keeper) void reconcileOvs(this.lifetimes.keeper, false);
       this.accounts = { stamp, next: performance.now() + 1000 };
       this.audit.record({
         op: 'reload',

@@ -403,7 +403,7 @@ function makeDevice(
     persistent: owner,
     alias: tag.alias,
   };
-  const held = (name: string) => ctx.lifetimes.unplugs.pending(name);
+  const held = (name: string) => ctx.lifetimes.unplugs.taken(name);
   const created = createNamed(caller.uid, spec.name, held, (name): CreatedTap => {
     if (spec.kind === 'tap') {
       return ctx.kernel.createTap({ ...common, name, bridge: place.bridge, vlan: place.vlan, lock });

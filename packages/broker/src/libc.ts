@@ -23,6 +23,7 @@ const _setgrent = libc.func('void setgrent()');
 const _getgrent = libc.func('void *getgrent()');
 const _endgrent = libc.func('void endgrent()');
 const _flock = libc.func('int flock(int fd, int op)');
+const _prlimit = libc.func('int prlimit(int pid, int resource, const void *limit, void *old)');
 const SYS_pidfd_open = 434;
 const SYS_pidfd_send_signal = 424;
 const PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2;
@@ -73,6 +74,16 @@ export function pidfdSignal(pidfd: number, signal: number, group = false): boole
   if (Number(rc) === 0) return true;
   if (koffi.errno() === sys.errno.ESRCH) return false;
   return fail('pidfd_send_signal');
+}
+
+/** prlimit(2) RLIMIT_AS, soft and hard, of a process: false when it is gone. */
+export function limitAddressSpace(pid: number, bytes: number): boolean {
+  const limit = Buffer.alloc(16);
+  limit.writeBigUInt64LE(BigInt(bytes), 0);
+  limit.writeBigUInt64LE(BigInt(bytes), 8);
+  if (_prlimit(pid, 9 /* RLIMIT_AS */, limit, null) === 0) return true;
+  if (koffi.errno() === sys.errno.ESRCH) return false;
+  return fail('prlimit');
 }
 
 /** flock(2) LOCK_EX, without waiting: false when another open file holds it. */

@@ -90,6 +90,7 @@ export class Lifetimes implements Cleanup {
       endLease: (...a) => this.endLease(...a),
       retire: (...a) => this.retire(...a),
       unplug: (l) => this.unplug(l),
+      keepOut: (db, names) => this.unplugs.keepOut(db, names),
       renounce: (l, link) => this.renounce(l, link),
     };
     // Hooks a stopped broker left running go before any `down` runs.
@@ -491,8 +492,8 @@ export class Lifetimes implements Cleanup {
 
   /** Leases committed while link events were still unread (a drain over its budget): see onLink. */
   private readonly fresh = new Set<string>();
-  /** What reconcile was handed at start: a port lock is put back through it at run time too. */
-  private keeper: Keeper | null = null;
+  /** What reconcile was handed at start: a port lock is put back, OVS ports listed again, through it at run time. */
+  keeper: Keeper | null = null;
   /** Did the last catch-up read every queued link event? */
   private drained = true;
 

@@ -15,9 +15,11 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { TapbrokerError, checkIfName } from '@tapbroker/protocol/core';
-import { getpwuid } from './libc.js';
+import { getpwuid, limitAddressSpace } from './libc.js';
 import { notRootsAlone } from './paths.js';
 
+/** ovs-vsctl's address space (RLIMIT_AS): about 20 MB is what it maps for a database of thousands of ports. */
+const VSCTL_ADDRESS_SPACE = 256 << 20;
 /** ovs-vsctl's --timeout, seconds: how long it may wait for ovsdb-server and ovs-vswitchd. */
 const VSCTL_TIMEOUT_S = 5;
 /** Our kill, in case ovs-vsctl itself hangs past its own alarm. */
@@ -98,16 +100,25 @@ export async function addPort(db: string, bridge: string, port: string, opts: Ad
     if (err instanceof TapbrokerError && (err as VsctlError).timedOut) await removeIfOurs(db, bridge, port, lease);
     throw err;
   }
-  // ovs-vsctl commits, waits for ovs-vswitchd, and only warns (exit 0) when the device cannot be opened.
-  const failed = /Error detected while setting up '[^']*': ([^\n]*)/.exec(r.stderr);
-  if (failed) {
+  // ovs-vsctl commits, waits for ovs-vswitchd, and only warns (exit 0) when it could not set the port up: with the
+  // reason, or without one where ovs-vswitchd recorded none (a bridge whose datapath it could not create).
+  const failed = setUpFailed(r.stderr, port);
+  if (failed !== null) {
     await removeIfOurs(db, bridge, port, lease);
-    throw new TapbrokerError(
-      'TB_E_KERNEL',
-      `${what}: ${failed[1]!.replace(/\.?\s+See ovs-vswitchd log for details\.?\s*$/, '')}`,
-    );
+    throw new TapbrokerError('TB_E_KERNEL', `${what}: ${failed}`);
   }
 }
+
+/** ovs-vsctl's warning that ovs-vswitchd could not set `port` up, as a reason; null if it gave none for it. */
+export function setUpFailed(stderr: string, port: string): string | null {
+  const said = `Error detected while setting up '${port}'`;
+  const line = stderr.split('\n').find((l) => l.includes(said));
+  if (line === undefined) return null;
+  const rest = line.slice(line.indexOf(said) + said.length);
+  const reason = rest.startsWith(':') ? rest.slice(1).replace(SEE_LOG, '').trim() : '';
+  return reason || 'ovs-vswitchd could not set it up (it recorded no reason; its log may say why)';
+}
+const SEE_LOG = /\.?\s+See ovs-vswitchd log for details\.?\s*$/;
 
 /**
  * del-port; true if the port existed. It does not wait for ovs-vswitchd: the record is what we own,
@@ -128,41 +139,51 @@ export async function delPort(db: string, bridge: string, port: string): Promise
 
 /** Every port carrying a tapbroker-lease external-id, with its bridge. One ovs-vsctl call. */
 export async function listOurPorts(db: string): Promise<OvsPort[]> {
+  return (await listPorts(db)).ours;
+}
+
+/**
+ * The ports carrying a tapbroker-lease external-id (`ours`, with their bridges) and the name of every interface
+ * in the database (`names`, whoever made it: ovs-vswitchd takes any device of such a name into its port). One
+ * ovs-vsctl call.
+ */
+export async function listPorts(db: string): Promise<{ ours: OvsPort[]; names: string[] }> {
   checkDb(db);
   // find's `key!=""` matches only records that have the key (ovs-vsctl(8)); Bridge.ports gives the bridge.
   const r = await vsctl(
     db,
     ['--no-wait', '--format=json', '--', '--columns=name,ports', 'list', 'Bridge',
-      '--', '--columns=_uuid,name,external_ids', 'find', 'Port', `external_ids:${LEASE_KEY}!=""`],
+      '--', '--columns=_uuid,name,external_ids', 'find', 'Port', `external_ids:${LEASE_KEY}!=""`,
+      '--', '--columns=name', 'list', 'Interface'],
     'failed to list open vswitch ports',
   );
   const docs = r.stdout.split('\n').filter((l) => l.trim() !== '');
-  if (docs.length !== 2) {
+  if (docs.length !== 3) {
     throw new TapbrokerError('TB_E_KERNEL', `unexpected ovs-vsctl output listing ports: ${r.stdout.slice(0, 200)}`);
   }
   let bridges: Table;
   let ports: Table;
+  let interfaces: Table;
   try {
-    bridges = JSON.parse(docs[0]!) as Table;
-    ports = JSON.parse(docs[1]!) as Table;
+    [bridges, ports, interfaces] = docs.map((d) => JSON.parse(d) as Table) as [Table, Table, Table];
   } catch (err) {
     throw new TapbrokerError('TB_E_KERNEL', `unparseable ovs-vsctl output listing ports: ${(err as Error).message}`);
   }
   const bridgeOf = new Map<string, string>();
   for (const [name, set] of bridges.data) for (const uuid of setOf(set)) bridgeOf.set(uuidOf(uuid), String(name));
-  const out: OvsPort[] = [];
+  const ours: OvsPort[] = [];
   for (const [uuid, name, map] of ports.data) {
     const ids = mapOf(map);
     const lease = ids.get(LEASE_KEY);
     const bridge = bridgeOf.get(uuidOf(uuid));
     if (!lease || bridge === undefined) continue;
     const uidText = ids.get('tapbroker-uid') ?? '';
-    out.push({
+    ours.push({
       bridge, port: String(name), lease, uid: /^\d{1,10}$/.test(uidText) ? Number(uidText) : -1,
       broker: ids.get(BROKER_KEY) ?? null,
     });
   }
-  return out;
+  return { ours, names: interfaces.data.map(([name]) => String(name)) };
 }
 
 /** Is `name` an OVS bridge? (br-exists: exit 2 means no.) */
@@ -307,7 +328,7 @@ function vsctl(db: string, args: string[], what: string, ok: readonly number[] =
   // -vsyslog:off: ovs-vsctl would log every call to syslog, two lines per device in the broker's journal.
   const argv = [`--db=${db}`, `--timeout=${VSCTL_TIMEOUT_S}`, '-vsyslog:off', ...args];
   return new Promise((resolve, reject) => {
-    execFile(
+    const child = execFile(
       file,
       argv,
       { env: {}, timeout: EXEC_TIMEOUT_MS, killSignal: 'SIGKILL', maxBuffer: 16 << 20, encoding: 'utf8' },
@@ -348,5 +369,7 @@ function vsctl(db: string, args: string[], what: string, ok: readonly number[] =
         reject(out);
       },
     );
+    // Its memory bounded: a database that answers without end grew one past 1 GB in 3 s (an outside review's).
+    if (child.pid !== undefined) limitAddressSpace(child.pid, VSCTL_ADDRESS_SPACE);
   });
 }

@@ -26,9 +26,9 @@ export async function plugUp(
   const p = l.plug;
   if (!p) return null;
   if ('ovs' in p) {
+    const carries = net?.vlan != null ? { tag: net.vlan } : net?.trunk ? { trunks: [...net.trunk] } : {};
     await addPort(p.db, p.ovs, l.name, {
-      ...(net?.vlan != null ? { tag: net.vlan } : {}),
-      ...(net?.trunk ? { trunks: [...net.trunk] } : {}),
+      ...carries,
       externalIds: {
         'tapbroker-lease': l.id,
         'tapbroker-uid': String(l.uid),
@@ -38,7 +38,8 @@ export async function plugUp(
         'tapbroker-broker': broker,
       },
     });
-    return { ovs: p.ovs, action: 'up', ...(net?.vlan != null ? { tag: net.vlan } : {}) };
+    // The record says what the port carries, as addPort was told (an outside review found a trunk's said nothing).
+    return { ovs: p.ovs, action: 'up', ...carries };
   }
   run.save();
   return runPlugHook(l, p, 'up', run.current);
@@ -90,6 +91,12 @@ export class Unplugs {
   /** Unpluggings running (a hook's `down`, an OVS del-port) per uid: counted with its teardowns (see of). */
   private readonly uids = new Map<number, number>();
   private closing = false;
+  /**
+   * The names of the ports in each Open vSwitch database this broker uses that are not its own (another broker's,
+   * one made before 0.5.0 or by hand), listed at start and at each reload: ovs-vswitchd would take a new device of
+   * such a name into its port, on that port's VLAN, whatever the device was granted for.
+   */
+  private readonly foreign = new Map<string, ReadonlySet<string>>();
 
   constructor(
     private readonly table: Pick<LeaseTable, 'unplugged'>,
@@ -155,6 +162,22 @@ export class Unplugs {
   /** Is a device named `name` still being unplugged from its network (its hook's `down`, its OVS port)? */
   pending(name: string): boolean {
     return this.names.has(name);
+  }
+
+  /** Sets the names of a database's ports that are not this broker's (see foreign). */
+  keepOut(db: string, names: ReadonlySet<string>): void {
+    this.foreign.set(db, names);
+  }
+
+  /** The database where a port named `name` is not this broker's, or null. */
+  foreignPort(name: string): string | null {
+    for (const [db, names] of this.foreign) if (names.has(name)) return db;
+    return null;
+  }
+
+  /** May no new device be named `name` (pending, or a port not this broker's)? For names the broker picks. */
+  taken(name: string): boolean {
+    return this.pending(name) || this.foreignPort(name) !== null;
   }
 
   /**

@@ -11,8 +11,9 @@ import {
 } from './leases.js';
 import { getpwuid, pidfdOpen } from './libc.js';
 import { Forwarding } from './forwarding.js';
+import { shown } from './naming.js';
 import { plugOf } from './plug.js';
-import { delPortOf, listOurPorts, ovsdbTarget } from './ovs.js';
+import { delPortOf, listPorts, ovsdbTarget, type OvsPort } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
 /** How a deletion without a lease is recorded, where not as a cleanup. */
@@ -42,6 +43,8 @@ export interface Keeper {
   retire(l: LeaseRecord, o: { op: AuditEvent['op']; decision: 'cleanup'; message: string }): Promise<void>;
   /** Undoes a device's OVS port or runs its hook's `down` (Lifetimes.unplug). */
   unplug(l: LeaseRecord): void;
+  /** The names of a database's ports that are not this broker's, kept from new devices (Unplugs.keepOut). */
+  keepOut(db: string, names: ReadonlySet<string>): void;
   /** Clears a lease's tag from a device no longer its (renamed by root): never taken for an orphan of it. */
   renounce(l: LeaseRecord, link: Link): void;
 }
@@ -316,30 +319,48 @@ export function relock(lt: Keeper, l: LeaseRecord): void {
  * OVS keeps a port record after its tap is gone. At start, remove every port that carries our
  * external-ids but whose lease is gone or whose device is not the lease's; never a port without them.
  * Every database a lease or the policy names is visited, so a network a reload retired is cleaned too.
+ * Then (and with `stale` false, at each reload: nothing removed) the names of the ports that are not ours are kept
+ * from new devices of any kind: ovs-vswitchd takes a device of such a name into its port (an outside review's user
+ * with no rule for an OVS network got a tap onto another broker's VLAN that way).
  */
-export async function reconcileOvs(lt: Keeper): Promise<void> {
+export async function reconcileOvs(lt: Keeper, stale = true): Promise<void> {
   const dbs = new Set<string>();
   for (const db of lt.table.ovsdbs()) dbs.add(db);
   for (const n of lt.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
-  await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db)));
+  await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db, stale)));
 }
 
 /** Tries at reaching an Open vSwitch database at start, 1 s, 2 s, 4 s … apart (OVS may start after the broker). */
 const OVS_RECONCILE_ATTEMPTS = 10;
 
-async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void> {
-  let ports: Awaited<ReturnType<typeof listOurPorts>>;
+async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, attempt = 1): Promise<void> {
+  let listed: Awaited<ReturnType<typeof listPorts>>;
   try {
-    ports = await listOurPorts(db);
+    listed = await listPorts(db);
   } catch (err) {
-    const again = attempt < OVS_RECONCILE_ATTEMPTS;
-    lt.log(`warning: cannot reconcile open vswitch at ${db}: ${(err as Error).message}`
-      + (again ? `; trying again in ${2 ** (attempt - 1)} s` : '; giving up until the next start'));
+    const again = stale && attempt < OVS_RECONCILE_ATTEMPTS;
+    const what = stale ? 'reconcile' : 'list the ports of';
+    lt.log(`warning: cannot ${what} open vswitch at ${db}: ${(err as Error).message}`
+      + (again ? `; trying again in ${2 ** (attempt - 1)} s` : stale ? '; giving up until the next start' : ''));
     if (!again) return;
     await new Promise((resolve) => setTimeout(resolve, 1000 * 2 ** (attempt - 1)).unref());
-    return reconcileOvsdb(lt, db, attempt + 1);
+    return reconcileOvsdb(lt, db, stale, attempt + 1);
   }
-  let removed = 0;
+  const gone = stale ? await removeStalePorts(lt, db, listed.ours) : new Set<string>();
+  // Ours: a port of a lease of this broker's (live, being made, or owed its removal), which it removes itself.
+  const own = (p: OvsPort) => (p.broker === null || p.broker === lt.brokerId)
+    && (lt.table.get(p.lease) !== undefined || lt.table.owedDowns().some((d) => d.id === p.lease));
+  const ours = new Set(listed.ours.filter(own).map((p) => p.port));
+  const kept = listed.names.filter((name) => !ours.has(name) && !gone.has(name));
+  lt.keepOut(db, new Set(kept));
+  if (kept.length === 0) return;
+  lt.log(`open vswitch at ${db}: ${kept.length} port(s) not this broker's, whose names no new device gets: `
+    + `${kept.slice(0, 8).map((name) => `\`${shown(name)}'`).join(', ')}${kept.length > 8 ? ', …' : ''}`);
+}
+
+/** Removes the stale ports of ours among `ports`; the names of those removed. */
+async function removeStalePorts(lt: Keeper, db: string, ports: readonly OvsPort[]): Promise<Set<string>> {
+  const gone = new Set<string>();
   for (const p of ports) {
     // Another broker's (another state directory in this namespace): never ours to touch.
     if (p.broker !== null && p.broker !== lt.brokerId) continue;
@@ -360,18 +381,18 @@ async function reconcileOvsdb(lt: Keeper, db: string, attempt = 1): Promise<void
     try {
       // Only while it is still that lease's port: a device granted since the start may have its name now.
       if (!(await delPortOf(db, p.bridge, p.port, p.lease))) continue;
-      removed++;
+      gone.add(p.port);
       lt.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
     } catch (err) {
       const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
       lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
     }
   }
-  lt.log(`open vswitch at ${db} reconciled: ${ports.length} port(s) of tapbroker, ${removed} stale one(s) of `
+  lt.log(`open vswitch at ${db} reconciled: ${ports.length} port(s) of tapbroker, ${gone.size} stale one(s) of `
     + 'this broker removed');
+  return gone;
 }
 
-/** A lease taken back from a tag (which holds the uid only) gets its owner's name again, where known. */
 /**
  * A lease taken back from its tag, plugged as its network is plugged now (the tag names the network, not how: an
  * outside review lost every hook's `down` with the table). Before it is judged kernel-bound: a tap on a hook or
