@@ -93,3 +93,48 @@ test.serial('EMFILE in the broker: the queues opened so far are closed, the tap 
     await broker.stop();
   }
 });
+
+// From an outside review: at some limits just above the broker's own fds, a step with no code of its own (reading
+// the caller's /proc/PID/stat) failed with EMFILE and the caller got TB_E_INTERNAL ("a bug") and the log a stack
+// trace; and the log said the closer could not start twice a second, and never that it started again.
+test.serial('at each open-files limit just above its own fds: a resource refusal, never TB_E_INTERNAL; said once', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'emfile-sweep' });
+  const pid = String(broker.proc.pid);
+  const hard = /^Max open files\s+\d+\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/limits`, 'utf8'))![1]!;
+  const limit = (n: number) => spawnSync('prlimit', ['--pid', pid, `--nofile=${n}:${hard}`]);
+  // A macvtap too: its lease names its holder's start time, read from /proc (the step the review's EMFILE hit).
+  ns.ip('link', 'add', 'vx', 'type', 'veth', 'peer', 'name', 'vy');
+  ns.ip('link', 'set', 'vx', 'up');
+  try {
+    const codes = new Set<string>();
+    const baseline = broker.fdCount();
+    for (let n = baseline + 1; n <= baseline + 24; n++) {
+      // Each limit above the fds the broker holds at rest (the last try's copies closed by its closer).
+      await broker.waitFor(() => broker.fdCount() <= baseline, 5000, `fds ${broker.fdCount()} > ${baseline}`);
+      limit(n);
+      const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 4 }, { parent: 'vx', queues: 4 }] });
+      limit(4096);
+      codes.add(r.error?.code ?? 'granted');
+      await poll(() => ns.extraLinks(['br0', 'vx', 'vy']).length === 0, { ms: 3000 });
+    }
+    t.deepEqual(ns.extraLinks(['br0', 'vx', 'vy']), [], 'a device left behind');
+    t.false(codes.has('TB_E_INTERNAL'));
+    t.true(codes.has('TB_E_KERNEL'), 'no limit refused the create');
+    t.notRegex(broker.stderr, /internal error/);
+    // The closer: each reason said once until one starts, and its start said then.
+    // (Per closer: the broker has two, one for its copies of granted fds.)
+    for (const what of ['fd closer', 'fd closer of grants']) {
+      const periods = broker.stderr.split(new RegExp(`${what} started, after \\d+ failed start`));
+      for (const period of periods) {
+        const said = period.match(new RegExp(`${what} cannot start \\([^)]*\\)`, 'g')) ?? [];
+        t.is(new Set(said).size, said.length, `a reason said twice before one started:\n${said.join('\n')}`);
+      }
+    }
+    t.regex(broker.stderr, /fd closer( of grants)? cannot start/, 'no limit kept a closer from starting');
+    t.regex(broker.stderr, /fd closer( of grants)? started, after \d+ failed start/);
+  } finally {
+    limit(4096);
+    await broker.stop();
+    ns.ip('link', 'del', 'vx');
+  }
+});

@@ -142,7 +142,7 @@ export class Broker implements SessionHost, OpContext {
     this.log = opts.log ?? (() => {});
     this.foreignFds = new ForeignFds(this.log);
     // Every grant hands it fds: kept through a burst of VM starts, not started again for each (a node start).
-    this.ownFds = new ForeignFds(this.log, undefined, opts.closerIdleMs ?? 30_000);
+    this.ownFds = new ForeignFds(this.log, undefined, opts.closerIdleMs ?? 30_000, 'fd closer of grants');
     let lifetimes!: Lifetimes;
     const cleanup: Cleanup = {
       closeFds: (fds, uid) => lifetimes.closeFds(fds, uid),
@@ -205,6 +205,10 @@ export class Broker implements SessionHost, OpContext {
     this.lifetimes.start();
     this.listener = listener;
     if (this.refuseAtSocket) this.fdsRefusedAtSocket = listener.refuseFds();
+    // Said once each way (an outside review found only the closer's line, twice a second, at the open-files limit).
+    listener.onStall = (err, ms) => this.log(err
+      ? `not accepting connections: ${err.message}; they wait in the socket's queue until fds are free`
+      : `accepting connections again, after ${Math.round(ms)} ms`);
     listener.start((fd) => this.accept(fd));
   }
 

@@ -65,6 +65,9 @@ export class ForeignFds {
    * it could say so outlived a killed broker, holding the broker's copies of taps (an outside re-test).
    */
   private ready = false;
+  /** Closer starts that failed since one last started, and the reasons said meanwhile (see cannotStart). */
+  private failedStarts = 0;
+  private readonly startsSaid = new Set<string>();
   private held: number[] = [];
   private timer: NodeJS.Timeout | null = null;
   /** Fds handed off so far, and closers replaced because they were stuck (for status and tests). */
@@ -90,6 +93,8 @@ export class ForeignFds {
     private readonly log: (line: string) => void,
     private readonly send: typeof sys.sendMsg = sys.sendMsg,
     private readonly idleMs = IDLE_MS,
+    /** Its closer, as the log names it (the broker has two). */
+    private readonly what = 'fd closer',
   ) {}
 
   /**
@@ -157,7 +162,8 @@ export class ForeignFds {
           this.spawnCloser();
         } catch (err) {
           // No fd or process to spare (EMFILE, EAGAIN): the fds wait, and the timer tries again.
-          this.log(`fd closer cannot start (${(err as Error).message}); ${this.held.length} fd(s) wait`);
+          this.cannotStart((err as Error).message);
+          this.failedStarts++;
           this.closeMineHere();
           break;
         }
@@ -178,7 +184,7 @@ export class ForeignFds {
           if (!this.alone(batch)) break;
           continue;
         }
-        this.log(`fd closer unreachable (${(err as Error).message}); replacing it`);
+        this.log(`${this.what} unreachable (${(err as Error).message}); replacing it`);
         this.retire();
         continue;
       }
@@ -196,7 +202,7 @@ export class ForeignFds {
         this.go();
       } catch (err) {
         // The closer is gone: what it received goes in its exit, after our copies (closed above).
-        this.log(`fd closer unreachable (${(err as Error).message}); replacing it`);
+        this.log(`${this.what} unreachable (${(err as Error).message}); replacing it`);
         this.retire();
       }
     }
@@ -345,7 +351,7 @@ export class ForeignFds {
       this.idle();
     }
     if (this.unacked > 0 && Date.now() - this.since > (this.ready ? STUCK_MS : READY_MS)) {
-      this.log(`fd closer stuck for ${Date.now() - this.since} ms with ${this.unacked} batch(es); replacing it`);
+      this.log(`${this.what} stuck for ${Date.now() - this.since} ms with ${this.unacked} batch(es); replacing it`);
       this.replaced++;
       this.retire();
     }
@@ -383,9 +389,22 @@ export class ForeignFds {
       this.since = Date.now();
       if (!this.ready) {
         this.ready = true;
+        if (this.failedStarts > 0) this.log(`${this.what} started, after ${this.failedStarts} failed start(s)`);
+        this.failedStarts = 0;
+        this.startsSaid.clear();
         if (this.held.length > 0) queueMicrotask(() => this.flush());
       }
     }
+  }
+
+  /**
+   * A closer that could not start, said once for each reason until one starts (an outside review's log got the same
+   * line twice a second at the open-files limit, and nothing when it started again).
+   */
+  private cannotStart(reason: string): void {
+    if (this.startsSaid.has(reason) || this.startsSaid.size >= 4) return;
+    this.startsSaid.add(reason);
+    this.log(`${this.what} cannot start (${reason}); ${this.held.length} fd(s) wait, tried again each second`);
   }
 
   private spawnCloser(): void {
@@ -398,7 +417,7 @@ export class ForeignFds {
         detached: false,
         env: { ...process.env, UV_THREADPOOL_SIZE: String(CLOSER_THREADS), TAPBROKER_CLOSER_OF: String(process.pid) },
       });
-      child.on('error', (err) => this.log(`fd closer: ${err.message}`));
+      child.on('error', (err) => this.cannotStart(err.message));
       // No process (EMFILE, EAGAIN): its pid is unknown, and a kill of it would signal pid 0, the broker's own
       // process group.
       if (!child.pid) {

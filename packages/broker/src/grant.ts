@@ -14,7 +14,7 @@ import { createNamed, freeMac, randomMac } from './naming.js';
 import { hostMac, type CreatedTap } from './kernel.js';
 import type { OpContext } from './ops.js';
 import { plugOf, plugUp } from './plug.js';
-import type { Outcome } from './session.js';
+import { SHORT_OF_HINT, shortOf, toldAs, type Outcome } from './session.js';
 import { checkSpec, createSpec, specView, type CreateSpec } from './spec.js';
 
 export function createTap(ctx: OpContext, caller: Identity, req: CreateTapRequest): Promise<Outcome> {
@@ -314,7 +314,7 @@ async function grantOne(
     }
   } catch (err) {
     if (!audited) {
-      const e = err instanceof TapbrokerError ? err : new TapbrokerError('TB_E_INTERNAL', String(err));
+      const e = toldAs(err);
       const plug = (err as { hook?: unknown }).hook;
       // The port lock the policy asks for, refused: a policy decision, named by its rule.
       const byPolicy = e.code === 'TB_E_MAC_LOCK';
@@ -329,7 +329,8 @@ async function grantOne(
           : plug ? { device: { plug } } : {}),
       });
     }
-    throw err;
+    // Out of fds or memory is no bug: a refusal with its code, for every NIC of the request alike.
+    throw shortOf(err) ? toldAs(err) : err;
   }
 }
 
@@ -487,14 +488,13 @@ function deviceRecord(device: Device, lease: LeaseRecord, plug?: unknown): Recor
   return { ...device, id: lease.id, lease: lease.id, ...(plug ? { plug } : {}) };
 }
 
+const FULL_HINT = 'the broker\'s state directory is full or read-only; an administrator must free it';
 function unwritable(err: unknown): TapbrokerError {
-  return new TapbrokerError(
-    'TB_E_STATE_UNWRITABLE',
-    `the lease table could not be written: ${(err as Error).message}`,
-    {
-      hint: "the broker's state directory is full or read-only; an administrator must free it",
-    },
-  );
+  // Out of fds is not a full disk (an outside review's hint said the directory was full at the open-files limit).
+  const message = `the lease table could not be written: ${(err as Error).message}`;
+  return new TapbrokerError('TB_E_STATE_UNWRITABLE', message, {
+    hint: shortOf(err) ? SHORT_OF_HINT : FULL_HINT,
+  });
 }
 
 

@@ -63,6 +63,23 @@ const UNSENDABLE_REPLY_MS = 5000;
 const CLIENT_BYTES = 64;
 
 /** One connection: requests are handled one at a time, in order; reading pauses while one is in flight. */
+/**
+ * An error as the caller is told it: a TapbrokerError as it is; the broker short of fds or memory (an errno from a
+ * step that has no code of its own: an outside review got TB_E_INTERNAL and a stack trace at the open-files limit)
+ * as TB_E_KERNEL; anything else is a bug, TB_E_INTERNAL.
+ */
+export function toldAs(err: unknown): TapbrokerError {
+  if (err instanceof TapbrokerError) return err;
+  const message = (err as Error).message;
+  if (shortOf(err)) return new TapbrokerError('TB_E_KERNEL', message, { cause: err, hint: SHORT_OF_HINT });
+  return new TapbrokerError('TB_E_INTERNAL', `internal error: ${message}`);
+}
+/** Is `err` an errno of a broker out of open files or memory? */
+export const shortOf = (err: unknown) => SHORT_OF.includes(String((err as { code?: unknown } | null)?.code));
+const SHORT_OF = ['EMFILE', 'ENFILE', 'ENOMEM'];
+export const SHORT_OF_HINT = 'the broker is out of open files or memory; try again shortly (an administrator may raise '
+  + 'its limits: LimitNOFILE=)';
+
 export class Session {
   private helloed = false;
   private inFlight: Promise<void> = Promise.resolve();
@@ -345,10 +362,7 @@ export class Session {
   }
 
   private async replyError(id: number | null, err: unknown, keepOpen: boolean): Promise<boolean> {
-    const e =
-      err instanceof TapbrokerError
-        ? err
-        : new TapbrokerError('TB_E_INTERNAL', `internal error: ${(err as Error).message}`);
+    const e = toldAs(err);
     if (e.code === 'TB_E_INTERNAL') toStderr(`tapbrokerd: internal error: ${(err as Error).stack}\n`);
     const reply: Reply = { op: 'error', id, code: e.code, message: bounded(e.message) };
     if (e.rule !== undefined) reply.rule = bounded(e.rule, 128);

@@ -66,9 +66,10 @@ class Poller {
     this.handle = null;
   }
 
-  /** libuv stopped the handle itself (it does on POLLERR): restart it at the next want(). */
-  stopped(): void {
+  /** libuv stopped the handle itself (it does on POLLERR): started again for `again`, else at the next want(). */
+  stopped(again?: Partial<Interest>): void {
     this.interest = { readable: false, writable: false };
+    if (again) this.want(again);
   }
 }
 
@@ -77,10 +78,7 @@ export function watchReadable(fd: number, onReadable: () => void): { close(): vo
   const poller = new Poller(fd, (status) => {
     // POLLERR (libuv says EBADF and stops the handle): e.g. a netlink socket that overran. Restart and
     // let the reader meet the error (ENOBUFS) itself.
-    if (status < 0) {
-      poller.stopped();
-      poller.want({ readable: true });
-    }
+    if (status < 0) poller.stopped({ readable: true });
     onReadable();
   });
   poller.want({ readable: true });
@@ -122,10 +120,8 @@ export class SeqpacketConnection {
   private readonly takesFds: boolean;
 
   /** Connects to a listening SEQPACKET socket at `path`, waiting while its backlog is full. */
-  static async connect(
-    path: string,
-    opts: { maxPacket: number; maxFds?: number; connectTimeoutMs?: number },
-  ): Promise<SeqpacketConnection> {
+  static async connect(path: string, opts: { maxPacket: number; maxFds?: number; connectTimeoutMs?: number }):
+    Promise<SeqpacketConnection> {
     const addr = sys.sockaddrUn(path);
     const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_NONBLOCK | sys.SOCK_CLOEXEC);
     try {
@@ -418,6 +414,10 @@ export class SeqpacketListener {
   private readonly poller: Poller;
   private onConnection: ((fd: number) => void) | null = null;
   private _closed = false;
+  /** Since when accept() has been out of descriptors (ms, performance.now()), or null. */
+  private stalled: number | null = null;
+  /** Told when accepting stops for want of descriptors (the error), and when it goes on again (null). */
+  onStall: ((err: Error | null, ms: number) => void) | null = null;
 
   private constructor(readonly fd: number, readonly path: string | null) {
     this.poller = new Poller(fd, (status) => this.onPoll(status));
@@ -500,10 +500,7 @@ export class SeqpacketListener {
   private onPoll(status: number): void {
     if (this._closed) return;
     // POLLERR stops libuv's handle (reported as EBADF): restart it and let accept() say what is wrong.
-    if (status < 0) {
-      this.poller.stopped();
-      this.poller.want({ readable: true });
-    }
+    if (status < 0) this.poller.stopped({ readable: true });
     // A bounded number per loop turn: a connect flood must not keep the loop from serving others.
     for (let n = 0; ; n++) {
       if (n === SeqpacketListener.ACCEPTS_PER_TURN) {
@@ -517,12 +514,16 @@ export class SeqpacketListener {
       } catch (err) {
         // Out of descriptors: the connection stays queued; look again shortly instead of spinning.
         if (err instanceof sys.SyscallError && (err.errno === sys.errno.EMFILE || err.errno === sys.errno.ENFILE)) {
+          if (this.stalled === null) this.onStall?.(err, 0);
+          this.stalled ??= performance.now();
           this.poller.want({ readable: false });
           setTimeout(() => { if (!this._closed) this.poller.want({ readable: true }); }, 50).unref();
           return;
         }
         throw err;
       }
+      if (this.stalled !== null) this.onStall?.(null, performance.now() - this.stalled);
+      this.stalled = null;
       if (fd < 0) return;
       this.onConnection?.(fd);
     }
