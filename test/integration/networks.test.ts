@@ -281,6 +281,28 @@ test.serial('a down the kernel will not start for want of fds is tried again, an
   t.regex(broken.message ?? '', /could not run: .*ENOENT[^;]*$/, 'not tried again');
 });
 
+// Found by an outside re-test: Node throws most spawn failures (ETXTBSY, ENOMEM) instead of emitting them, and those
+// skipped the sorting above: an `up` that could not start was TB_E_INTERNAL, and a `down` was lost, not tried again.
+// Here the hook's file is open for writing (an administrator's `cp` over it), for real: the kernel will not run it.
+test.serial('a hook being written (ETXTBSY): the up is refused as the hook\'s, the down tried again until it runs', async (t) => {
+  const hook = path.join(dir, 'swap');
+  const p = await probe({ socket: sock(), requests: [{ network: 'swapped' }] });
+  t.is(p.result.error, null, p.result.error?.message);
+  const name = p.result.taps[0]!.device.name;
+  let writer: number | null = fs.openSync(hook, 'r+');
+  t.teardown(() => { if (writer !== null) fs.closeSync(writer); });
+  const up = await probeOnce({ socket: sock(), requests: [{ network: 'swapped' }] });
+  t.is(up.error?.code, 'TB_E_HOOK_FAILED', JSON.stringify(up.error));
+  t.regex(up.error?.message ?? '', /could not run: .*ETXTBSY/);
+  await p.release();
+  const failed = await fx.broker.record((r) => r.op === 'unplug' && r.decision === 'error'
+    && (r.device as { name?: string }).name === name);
+  t.regex(failed.message ?? '', /could not run: .*ETXTBSY.*; trying again in 1 s$/);
+  fs.closeSync(writer);
+  writer = null;
+  await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 10_000, 'the down never ran');
+});
+
 // Found by an outside review: a lease's `down` runs once the lease has left the table (and its quota), and nothing
 // counted it: one user with max_devices = 2, creating and ending leases in a loop, kept 104 root hook processes
 // running at once. A uid's running downs count as its teardowns: past 32, its new devices wait (TB_E_BUSY).

@@ -1017,8 +1017,9 @@ test.serial('A4: a rule\'s group renamed and made anew while the broker runs: th
   const b = await BrokerProcess.start(ns, `[[rule]]\nname = "lab"\ngroups = ["${group}"]\nbridges = ["br0"]\n`,
     { tag: 'r2renamed' });
   try {
-    const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY, gid: old });
+    const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }], status: true }, { uid: NOBODY, gid: old });
     t.is(before.error, null, 'the group as loaded: granted');
+    t.is(before.status?.policy_loads, 1);
     if (spawnSync('groupmod', ['-n', `${group}-old`, group]).status !== 0) throw new Error('groupmod failed');
     if (spawnSync('groupadd', [group]).status !== 0) throw new Error('groupadd failed');
     const now = gid();
@@ -1032,6 +1033,9 @@ test.serial('A4: a rule\'s group renamed and made anew while the broker runs: th
     t.is(granted.error, null, 'the group of that name now: granted');
     await b.record((r) => r.decision === 'reload'
       && (r.message ?? '').includes(`rule \`lab': gids ${old} are ${now} now`));
+    // Another policy in force, as after a reload: a client deciding a VM's NICs under one policy sees it (rv123).
+    const after = await probeOnce({ socket: b.socket, requests: [], status: true }, { uid: NOBODY, gid: now });
+    t.is(after.status?.policy_loads, 2);
     await until(() => ns.extraLinks(BASE).length === 0 || null, { what: 'taps left', ms: 3000 });
   } finally {
     await b.stop();

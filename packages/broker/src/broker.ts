@@ -190,6 +190,9 @@ export class Broker implements SessionHost, OpContext {
     this.log('the account database changed: the policy\'s user and group names, and its deny rules\' group members, '
       + 'were read again');
     if (changed.length === 0) return;
+    // What the policy's names mean changed: another policy in force, as after a reload (an outside re-test's VM got
+    // NICs under two rules across a uid's change, and its client, comparing this count, saw none).
+    this.policyLoads++;
     this.audit.record({
       op: 'reload', decision: 'reload', rule: null, caller: null,
       message: `the account database changed: ${changed.join('; ')} (the policy file was not read again)`,

@@ -78,23 +78,33 @@ export function runHook(
   ];
   const started = Date.now();
   return new Promise((resolve, reject) => {
-    // Its own process group, killed whole: a hook's children must not finish `up` after a rollback.
-    const child = spawn(file, argv, {
-      env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...vars },
-      cwd: '/',
-      detached: true,
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    let timer: NodeJS.Timeout | undefined;
+    const notRun = (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      const message = `hook ${file} ${action} ${ctx.device} could not run: ${err.message}`;
+      // Out of processes, memory or fds, or its file being written (an administrator's `cp` over it): it may run
+      // later. Anything else (an interpreter gone) is its answer.
+      const later = ['EAGAIN', 'ENOMEM', 'EMFILE', 'ENFILE', 'ETXTBSY'].includes(err.code ?? '');
+      reject(later ? new HookNotRun(message) : new TapbrokerError('TB_E_HOOK_FAILED', message));
+    };
+    let child: ReturnType<typeof spawn>;
+    try {
+      // Its own process group, killed whole: a hook's children must not finish `up` after a rollback.
+      child = spawn(file, argv, {
+        env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...vars },
+        cwd: '/',
+        detached: true,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+    } catch (err) {
+      // Node throws most spawn failures (ENOMEM, ETXTBSY) and emits a few ('error', next): both are sorted alike (an
+      // outside re-test lost downs that Node threw).
+      return notRun(err as NodeJS.ErrnoException);
+    }
     // First, and its streams looked for: a spawn that fails (EMFILE at the open-files limit) has none, and its
     // 'error' comes on the next tick; unheard, it ended the broker (an outside review's test of a down that could
     // not start found it).
-    child.on('error', (err: NodeJS.ErrnoException) => {
-      clearTimeout(timer);
-      const message = `hook ${file} ${action} ${ctx.device} could not run: ${err.message}`;
-      // Out of processes, memory or fds: it may run later. Anything else (an interpreter gone) is its answer.
-      const later = ['EAGAIN', 'ENOMEM', 'EMFILE', 'ENFILE'].includes(err.code ?? '');
-      reject(later ? new HookNotRun(message) : new TapbrokerError('TB_E_HOOK_FAILED', message));
-    });
+    child.on('error', notRun);
     let stdout = '';
     let stderr = '';
     child.stdout?.setEncoding('utf8').on('data', (d: string) => { if (stdout.length < OUTPUT_CAP + 1) stdout += d; });
@@ -107,7 +117,7 @@ export function runHook(
         // The group is already gone.
       }
     };
-    const timer = setTimeout(() => { timedOut = true; killGroup(); }, timeoutMs);
+    timer = setTimeout(() => { timedOut = true; killGroup(); }, timeoutMs);
     // Done when the hook exits, not when its output closes: a child that keeps the pipes open must not
     // hold the grant. Whatever it left running in its group is killed.
     child.on('exit', (code, signal) => {
