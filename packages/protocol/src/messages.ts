@@ -243,7 +243,8 @@ export const StatusReply = z.strictObject({
   started: Text(64),
   /**
    * Policies this broker has applied: 1 at its start, one more at each reload that applied one (an unchanged one
-   * too: names are resolved again), and at each account change that changed what the policy's names mean. A client whose requests must all be decided under one policy compares it.
+   * too: names are resolved again), and at each account change that changed what the policy's names mean. A client
+   * whose requests must all be decided under one policy compares it.
    * Optional: a broker of 0.5.0 built before it lacks it (a client then compares the digest).
    */
   policy_loads: z.number().int().min(1).optional(),
