@@ -7,7 +7,7 @@ import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
 import { QEMU, guestImage, guestQemuArgs, guestUnavailable } from '../helpers/guest.js';
 import { Netns } from '../helpers/netns.js';
 import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
-import { NOBODY, probe, spawnAs } from '../helpers/unpriv.js';
+import { NOBODY, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
 import fs from 'node:fs';
 
 const test = anyTest as TestFn;
@@ -223,6 +223,38 @@ t0('a port that is not the broker\'s keeps its name from every device, a Linux b
     ns.ip('link', 'del', 'lbr-fgn');
     fs.writeFileSync(broker.policyPath, policy);
     await reloaded();
+  }
+});
+
+t0('until Open vSwitch has answered once, no device gets a name its caller chose; then a port not the broker\'s keeps its name (rv126)', async (t) => {
+  // Found by an outside re-test: the broker serves at once and lists the ports when Open vSwitch answers (it may
+  // start after the broker): until then, a Linux bridge tap named as such a port was granted, and taken into it.
+  const name = `tb${NOBODY}-early`;
+  ovs.vsctl('add-port', 'br-int', name, 'tag=999');
+  ns.ip('link', 'add', 'lbr-early', 'address', '02:00:00:00:0f:02', 'type', 'bridge');
+  await broker.stop('SIGTERM', true);
+  ovs.pauseDb(true);
+  let paused = true;
+  try {
+    broker = await BrokerProcess.start(ns, `${policy}bridges = ["lbr-early"]\n`, { dir });
+    const early = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'lbr-early', name }] });
+    t.is(early.error?.code, 'TB_E_BUSY', JSON.stringify(early.error));
+    t.regex(early.error?.message ?? '', /the ports of Open vSwitch at unix:.* are not listed yet/);
+    const picked = await probe({ socket: broker.socket, requests: [{ bridge: 'lbr-early' }] });
+    await picked.release();
+    t.is(picked.result.error, null, 'a name the broker picks is given meanwhile');
+    t.false(ns.ip('-o', 'link', 'show').includes(`${name}:`), 'no device of that name was made');
+    ovs.pauseDb(false);
+    paused = false;
+    await broker.waitFor(() => new RegExp(`no new device gets: .*\`${name}'`).test(broker.stderr), 20_000, 'no listing');
+    const later = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'lbr-early', name }] });
+    t.is(later.error?.code, 'TB_E_DEVICE_EXISTS', JSON.stringify(later.error));
+  } finally {
+    if (paused) ovs.pauseDb(false);
+    ovs.vsctl('--if-exists', 'del-port', 'br-int', name);
+    await broker.stop('SIGTERM', true);
+    ns.ip('link', 'del', 'lbr-early');
+    broker = await BrokerProcess.start(ns, policy, { dir });
   }
 });
 

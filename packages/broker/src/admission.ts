@@ -12,6 +12,7 @@ import type { Kernel } from './kernel.js';
 import { macInUse } from './netdev.js';
 import type { OpContext } from './ops.js';
 import { hookUnsafe } from './paths.js';
+import type { ForeignPorts } from './plug.js';
 import type { Link } from './rtnetlink.js';
 import { checkSpec, createSpec, type CreateSpec } from './spec.js';
 
@@ -34,6 +35,20 @@ export interface Admitted {
   lock: boolean;
 }
 
+/** Throws unless a device may take `name`, which its caller chose, for Open vSwitch's sake (see ForeignPorts). */
+function foreignName(foreign: ForeignPorts, name: string): void {
+  const db = foreign.of(name);
+  if (db !== null) {
+    throw new TapbrokerError('TB_E_DEVICE_EXISTS', `an Open vSwitch port named \`${name}' (in ${db}) is not this `
+      + 'broker\'s: Open vSwitch would take a new device of that name into it');
+  }
+  const waiting = foreign.waiting();
+  if (waiting !== null) {
+    throw new TapbrokerError('TB_E_BUSY', `the ports of Open vSwitch at ${waiting} are not listed yet (it has not `
+      + 'answered): a device gets a name of your choosing once they are; leave the name out to have one picked');
+  }
+}
+
 /**
  * What a granted NIC must still pass before the kernel step, checked with nothing made (so a multi-NIC request
  * is refused before its first device, see firstRefused): its name not being unplugged, the caller not cooling
@@ -44,11 +59,7 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
     throw new TapbrokerError('TB_E_BUSY', `a device named \`${spec.name}' is still being plugged into or unplugged `
       + 'from its network; try again shortly');
   }
-  const db = spec.name === null ? null : ctx.lifetimes.unplugs.foreignPort(spec.name);
-  if (db !== null) {
-    throw new TapbrokerError('TB_E_DEVICE_EXISTS', `an Open vSwitch port named \`${spec.name}' (in ${db}) is not `
-      + 'this broker\'s: Open vSwitch would take a new device of that name into it');
-  }
+  if (spec.name !== null) foreignName(ctx.lifetimes.unplugs.foreign, spec.name);
   const cooling = ctx.lifetimes.floods.coolingDown(caller.uid);
   if (cooling > 0) {
     throw new TapbrokerError('TB_E_BUSY', `your devices flooded the broker with link events; new devices wait `

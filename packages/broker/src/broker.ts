@@ -208,10 +208,24 @@ export class Broker implements SessionHost, OpContext {
     this.lifetimes.start();
     this.listener = listener;
     if (this.refuseAtSocket) this.fdsRefusedAtSocket = listener.refuseFds();
-    // Said once each way (an outside review found only the closer's line, twice a second, at the open-files limit).
-    listener.onStall = (err, ms) => this.log(err
-      ? `not accepting connections: ${err.message}; they wait in the socket's queue until fds are free`
-      : `accepting connections again, after ${Math.round(ms)} ms`);
+    // Said once each way (an outside review found only the closer's line, twice a second, at the open-files limit),
+    // and a stall within a minute of the last one said is counted, not said (a re-test made them alternate).
+    let said = false;
+    let quietUntil = 0;
+    let unsaid = 0;
+    listener.onStall = (err, ms) => {
+      if (err && performance.now() < quietUntil) unsaid++;
+      else if (err) {
+        said = true;
+        this.log(`not accepting connections: ${err.message}; they wait in the socket's queue until fds are free`
+          + (unsaid > 0 ? ` (${unsaid} shorter stall(s) since the last said)` : ''));
+        unsaid = 0;
+      } else if (said) {
+        said = false;
+        quietUntil = performance.now() + 60_000;
+        this.log(`accepting connections again, after ${Math.round(ms)} ms`);
+      }
+    };
     listener.start((fd) => this.accept(fd));
   }
 

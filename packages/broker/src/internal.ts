@@ -21,6 +21,7 @@ export {
   type TestRun,
 } from './policy-test.js';
 export { Netdev } from './netdev.js';
+export { ForeignPorts } from './plug.js';
 export { devNumbers, macvtapParent } from './macvtap.js';
 export {
   tunIfreq, tapFlags, hostMac, vhostUnavailable, TUNSETIFF, TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST, IFF_TAP,

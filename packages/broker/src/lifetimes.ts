@@ -90,7 +90,7 @@ export class Lifetimes implements Cleanup {
       endLease: (...a) => this.endLease(...a),
       retire: (...a) => this.retire(...a),
       unplug: (l) => this.unplug(l),
-      keepOut: (db, names) => this.unplugs.keepOut(db, names),
+      foreign: this.unplugs.foreign,
       renounce: (l, link) => this.renounce(l, link),
     };
     // Hooks a stopped broker left running go before any `down` runs.

@@ -91,12 +91,8 @@ export class Unplugs {
   /** Unpluggings running (a hook's `down`, an OVS del-port) per uid: counted with its teardowns (see of). */
   private readonly uids = new Map<number, number>();
   private closing = false;
-  /**
-   * The names of the ports in each Open vSwitch database this broker uses that are not its own (another broker's,
-   * one made before 0.5.0 or by hand), listed at start and at each reload: ovs-vswitchd would take a new device of
-   * such a name into its port, on that port's VLAN, whatever the device was granted for.
-   */
-  private readonly foreign = new Map<string, ReadonlySet<string>>();
+  /** Open vSwitch ports that are not this broker's: no new device takes their names. */
+  readonly foreign = new ForeignPorts();
 
   constructor(
     private readonly table: Pick<LeaseTable, 'unplugged'>,
@@ -164,20 +160,9 @@ export class Unplugs {
     return this.names.has(name);
   }
 
-  /** Sets the names of a database's ports that are not this broker's (see foreign). */
-  keepOut(db: string, names: ReadonlySet<string>): void {
-    this.foreign.set(db, names);
-  }
-
-  /** The database where a port named `name` is not this broker's, or null. */
-  foreignPort(name: string): string | null {
-    for (const [db, names] of this.foreign) if (names.has(name)) return db;
-    return null;
-  }
-
   /** May no new device be named `name` (pending, or a port not this broker's)? For names the broker picks. */
   taken(name: string): boolean {
-    return this.pending(name) || this.foreignPort(name) !== null;
+    return this.pending(name) || this.foreign.of(name) !== null;
   }
 
   /**
@@ -212,4 +197,44 @@ function count<K>(m: Map<K, number>, k: K, by: number): void {
   const n = (m.get(k) ?? 0) + by;
   if (n > 0) m.set(k, n);
   else m.delete(k);
+}
+
+/**
+ * The names of the ports in each Open vSwitch database this broker uses that are not its own (another broker's, one
+ * made before 0.5.0 or by hand), listed at start and at each reload: ovs-vswitchd takes a new device of such a name
+ * into its port, on that port's VLAN, whatever the device was granted for (an outside review's user with no rule for
+ * an OVS network). Until a database has been listed once, no device gets a name its caller chose (a re-test's did,
+ * while Open vSwitch was not answering yet at the broker's start).
+ */
+export class ForeignPorts {
+  private readonly lists = new Map<string, { generation: number; names: ReadonlySet<string> }>();
+  private readonly unlisted = new Set<string>();
+  private generation = 0;
+
+  /** A listing of `dbs` begins: the databases no longer among them are forgotten. Returns its generation. */
+  listing(dbs: ReadonlySet<string>): number {
+    for (const db of this.lists.keys()) if (!dbs.has(db)) this.lists.delete(db);
+    for (const db of this.unlisted) if (!dbs.has(db)) this.unlisted.delete(db);
+    for (const db of dbs) if (!this.lists.has(db)) this.unlisted.add(db);
+    return ++this.generation;
+  }
+
+  /** A database's ports that are not this broker's, from listing `generation` (an older one's come too late). */
+  listed(db: string, names: ReadonlySet<string>, generation: number): void {
+    const known = this.lists.get(db);
+    if ((!known && !this.unlisted.has(db)) || (known && known.generation > generation)) return;
+    this.lists.set(db, { generation, names });
+    this.unlisted.delete(db);
+  }
+
+  /** The database where a port named `name` is not this broker's, or null. */
+  of(name: string): string | null {
+    for (const [db, { names }] of this.lists) if (names.has(name)) return db;
+    return null;
+  }
+
+  /** A database not listed yet (not answering since the broker started, or named by a reload), or null. */
+  waiting(): string | null {
+    return this.unlisted.values().next().value ?? null;
+  }
 }

@@ -12,7 +12,7 @@ import {
 import { getpwuid, pidfdOpen } from './libc.js';
 import { Forwarding } from './forwarding.js';
 import { shown } from './naming.js';
-import { plugOf } from './plug.js';
+import { plugOf, type ForeignPorts } from './plug.js';
 import { delPortOf, listPorts, ovsdbTarget, type OvsPort } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
@@ -43,8 +43,8 @@ export interface Keeper {
   retire(l: LeaseRecord, o: { op: AuditEvent['op']; decision: 'cleanup'; message: string }): Promise<void>;
   /** Undoes a device's OVS port or runs its hook's `down` (Lifetimes.unplug). */
   unplug(l: LeaseRecord): void;
-  /** The names of a database's ports that are not this broker's, kept from new devices (Unplugs.keepOut). */
-  keepOut(db: string, names: ReadonlySet<string>): void;
+  /** The names of the Open vSwitch ports that are not this broker's, kept from new devices. */
+  readonly foreign: ForeignPorts;
   /** Clears a lease's tag from a device no longer its (renamed by root): never taken for an orphan of it. */
   renounce(l: LeaseRecord, link: Link): void;
 }
@@ -327,13 +327,14 @@ export async function reconcileOvs(lt: Keeper, stale = true): Promise<void> {
   const dbs = new Set<string>();
   for (const db of lt.table.ovsdbs()) dbs.add(db);
   for (const n of lt.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
-  await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db, stale)));
+  const generation = lt.foreign.listing(dbs);
+  await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db, stale, generation)));
 }
 
 /** Tries at reaching an Open vSwitch database at start, 1 s, 2 s, 4 s … apart (OVS may start after the broker). */
 const OVS_RECONCILE_ATTEMPTS = 10;
 
-async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, attempt = 1): Promise<void> {
+async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation: number, attempt = 1): Promise<void> {
   let listed: Awaited<ReturnType<typeof listPorts>>;
   try {
     listed = await listPorts(db);
@@ -344,7 +345,7 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, attempt = 
       + (again ? `; trying again in ${2 ** (attempt - 1)} s` : stale ? '; giving up until the next start' : ''));
     if (!again) return;
     await new Promise((resolve) => setTimeout(resolve, 1000 * 2 ** (attempt - 1)).unref());
-    return reconcileOvsdb(lt, db, stale, attempt + 1);
+    return reconcileOvsdb(lt, db, stale, generation, attempt + 1);
   }
   const gone = stale ? await removeStalePorts(lt, db, listed.ours) : new Set<string>();
   // Ours: a port of a lease of this broker's (live, being made, or owed its removal), which it removes itself.
@@ -352,7 +353,7 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, attempt = 
     && (lt.table.get(p.lease) !== undefined || lt.table.owedDowns().some((d) => d.id === p.lease));
   const ours = new Set(listed.ours.filter(own).map((p) => p.port));
   const kept = listed.names.filter((name) => !ours.has(name) && !gone.has(name));
-  lt.keepOut(db, new Set(kept));
+  lt.foreign.listed(db, new Set(kept), generation);
   if (kept.length === 0) return;
   lt.log(`open vswitch at ${db}: ${kept.length} port(s) not this broker's, whose names no new device gets: `
     + `${kept.slice(0, 8).map((name) => `\`${shown(name)}'`).join(', ')}${kept.length > 8 ? ', …' : ''}`);

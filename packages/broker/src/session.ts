@@ -77,8 +77,8 @@ export function toldAs(err: unknown): TapbrokerError {
 /** Is `err` an errno of a broker out of open files or memory? */
 export const shortOf = (err: unknown) => SHORT_OF.includes(String((err as { code?: unknown } | null)?.code));
 const SHORT_OF = ['EMFILE', 'ENFILE', 'ENOMEM'];
-export const SHORT_OF_HINT = 'the broker is out of open files or memory; try again shortly (an administrator may raise '
-  + 'its limits: LimitNOFILE=)';
+export const SHORT_OF_HINT = 'the broker (or the system) is out of open files or memory; try again shortly (an '
+  + 'administrator may raise the broker\'s LimitNOFILE= or the system\'s fs.file-max)';
 
 export class Session {
   private helloed = false;
