@@ -7,7 +7,7 @@ import test, { type ExecutionContext } from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { SeqpacketConnection, sys } from '@tapbroker/protocol';
+import { SeqpacketConnection, SeqpacketListener, sys } from '@tapbroker/protocol';
 import { poll } from '../helpers/wait.js';
 
 const rx = new sys.Receiver(64);
@@ -247,4 +247,42 @@ test('connects waiting in line hold no pool thread for long: a file read goes on
   // A file read waits at most for a slice of the line (250 ms), not for a connect's whole bound (1 s, twice over).
   t.true(readMs < 900, `a file read waited ${readMs} ms behind the connects`);
   for (const ms of times) t.true(typeof ms === 'number' && ms < 1900, `a connect failed after ${String(ms)} ms (bound 1 s)`);
+});
+
+// SECURITY.md: "Get a socket before its permissions are set": the node is made under umask 0177, so between bind()
+// and the chmod to its final mode only its owner (root) could connect; nobody can before listen() in any case.
+test('a listening socket\'s node is its owner\'s alone until its final mode is set, and listens only after', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-listen-'));
+  const file = path.join(dir, 'sock');
+  const chmod = fs.chmodSync;
+  const seen: Array<{ mode: number; listening: boolean }> = [];
+  const probeListening = () => {
+    const fd = sys.socket(sys.AF_UNIX, sys.SOCK_SEQPACKET | sys.SOCK_NONBLOCK | sys.SOCK_CLOEXEC);
+    try {
+      sys.connect(fd, sys.sockaddrUn(file));
+      return true;
+    } catch {
+      return false;
+    } finally {
+      sys.close(fd);
+    }
+  };
+  fs.chmodSync = ((p: fs.PathLike, mode: fs.Mode) => {
+    if (p === file) seen.push({ mode: fs.lstatSync(file).mode & 0o777, listening: probeListening() });
+    chmod(p, mode);
+  }) as typeof fs.chmodSync;
+  let listener: SeqpacketListener | undefined;
+  try {
+    listener = SeqpacketListener.listen(file, { mode: 0o666 });
+  } finally {
+    fs.chmodSync = chmod;
+  }
+  try {
+    t.deepEqual(seen, [{ mode: 0o600, listening: false }]);
+    t.is(fs.lstatSync(file).mode & 0o777, 0o666);
+    t.true(probeListening(), 'and it listens once its mode is set');
+  } finally {
+    listener?.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
