@@ -296,6 +296,39 @@ test.serial('killOrphanHooks kills the hook\'s whole process group: a child that
   t.deepEqual(members(), [], 'nothing of the hook\'s group is left');
 });
 
+// Found by an outside audit: the group was signalled as the one the found process leads (pidfd_send_signal's group
+// flag), none once the hook's first process had exited, and a child that cleared its environment lived on.
+test.serial('killOrphanHooks kills the hook\'s process group after its first process has exited', async (t) => {
+  const run = randomBytes(16).toString('hex');
+  // The hook's shell starts a marked child and a cleared one in its group, and exits at once.
+  const hook = spawn('sh', ['-c', 'sleep 62 & env -i sleep 61 & exit 0'], {
+    env: { ...process.env, TAPBROKER_RUN: run }, stdio: 'ignore', detached: true,
+  });
+  const group = hook.pid!;
+  const members = () => fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((pid) => {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return Number(pgrp) === group && state !== 'Z';
+    } catch {
+      return false;
+    }
+  });
+  t.teardown(() => {
+    try {
+      process.kill(-group, 'SIGKILL');
+    } catch {
+      // Gone.
+    }
+  });
+  await new Promise<void>((resolve) => hook.on('exit', () => resolve()));
+  await new Promise((r) => setTimeout(r, 100));
+  t.is(members().length, 2, 'the marked child and the cleared one run on, their leader gone');
+  t.true(killOrphanHooks([run]) >= 1);
+  await new Promise((r) => setTimeout(r, 300));
+  t.deepEqual(members(), [], 'nothing of the hook\'s group is left');
+});
+
 test('a tap whose guest MAC the hypervisor sets: the tag keeps the host side\'s address instead', (t) => {
   const l = lease({ mac: null, host_mac: 'fe:11:22:33:44:55' });
   const { alias } = leaseTag(l, 'abcdef01');

@@ -40,3 +40,16 @@ test('a listing older than the one a database already has comes too late', (t) =
   t.is(f.waiting(), null);
   t.is(f.of('tb1-new'), 'unix:/a');
 });
+
+// Found by an outside audit: a reload's listing that found its database not answering was never tried again, and
+// names callers chose stayed refused for good. The latest listing of a database never listed keeps trying it.
+test('a database is awaited by the latest listing alone, until it is listed', (t) => {
+  const f = new ForeignPorts();
+  const start = f.listing(new Set(['unix:/a']));
+  t.true(f.awaits('unix:/a', start));
+  const reload = f.listing(new Set(['unix:/a']));
+  t.false(f.awaits('unix:/a', start), 'the older listing stops trying');
+  t.true(f.awaits('unix:/a', reload));
+  f.listed('unix:/a', new Set(), reload);
+  t.false(f.awaits('unix:/a', reload));
+});

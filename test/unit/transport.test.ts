@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { SeqpacketConnection, SeqpacketListener, sys } from '@tapbroker/protocol';
+import { stallLog } from '@tapbroker/broker/internal';
 import { poll } from '../helpers/wait.js';
 
 const rx = new sys.Receiver(64);
@@ -285,4 +286,33 @@ test('a listening socket\'s node is its owner\'s alone until its final mode is s
     listener?.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+// The broker's log of accepts stalled for want of fds (quiet window and lateness shortened here from 60 s and 5 s).
+// Found by outside reviews: the stalls were said nowhere, then (once said) short ones could be made to alternate,
+// then a long one inside the quiet minute was said nowhere.
+test('a stall is said once each way; within the quiet window only one that lasts is said', async (t) => {
+  const lines: string[] = [];
+  const onStall = stallLog((l) => lines.push(l), 300, 60);
+  const emfile = new Error('accept4: Too many open files (EMFILE)');
+  onStall(emfile, 0);
+  onStall(null, 10);
+  t.deepEqual(lines.map((l) => l.split(':')[0]), ['not accepting connections', 'accepting connections again, after 10 ms']);
+  // Short stalls in the quiet window: counted, not said.
+  for (let i = 0; i < 5; i++) {
+    onStall(emfile, 0);
+    onStall(null, 1);
+  }
+  t.is(lines.length, 2);
+  // A long one in the window: said once it has lasted, then its end.
+  onStall(emfile, 0);
+  await new Promise((r) => setTimeout(r, 120));
+  t.regex(lines[2] ?? '', /^not accepting connections: .* \(5 shorter stall\(s\) since the last said\)$/);
+  onStall(null, 120);
+  t.is(lines[3], 'accepting connections again, after 120 ms');
+  // Past the window: said at once.
+  await new Promise((r) => setTimeout(r, 350));
+  onStall(emfile, 0);
+  t.is(lines.length, 5);
+  onStall(null, 1);
 });

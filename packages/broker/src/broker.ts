@@ -85,6 +85,34 @@ export interface BrokerOptions {
   takerWaitMs?: number;
 }
 
+/**
+ * What the log says of accepts stalled for want of fds: once each way (an outside review found only the closer's
+ * line, twice a second, at the open-files limit). A stall within a minute of the last one said is said only if it
+ * lasts 5 s (a re-test made short ones alternate; an audit's long one inside that minute was said nowhere).
+ */
+export function stallLog(log: (line: string) => void, quietMs = 60_000, lateMs = 5000) {
+  let said = false;
+  let quietUntil = 0;
+  let unsaid = 0;
+  let late: NodeJS.Timeout | undefined;
+  const say = (err: Error) => {
+    said = true;
+    log(`not accepting connections: ${err.message}; they wait in the socket's queue until fds are free`
+      + (unsaid > 0 ? ` (${unsaid} shorter stall(s) since the last said)` : ''));
+    unsaid = 0;
+  };
+  return (err: Error | null, ms: number) => {
+    clearTimeout(late);
+    if (err && performance.now() >= quietUntil) say(err);
+    else if (err) late = setTimeout(() => say(err), lateMs).unref();
+    else if (said) {
+      said = false;
+      quietUntil = performance.now() + quietMs;
+      log(`accepting connections again, after ${Math.round(ms)} ms`);
+    } else unsaid++;
+  };
+}
+
 export class Broker implements SessionHost, OpContext {
   private current!: Policy;
   /**
@@ -208,24 +236,7 @@ export class Broker implements SessionHost, OpContext {
     this.lifetimes.start();
     this.listener = listener;
     if (this.refuseAtSocket) this.fdsRefusedAtSocket = listener.refuseFds();
-    // Said once each way (an outside review found only the closer's line, twice a second, at the open-files limit),
-    // and a stall within a minute of the last one said is counted, not said (a re-test made them alternate).
-    let said = false;
-    let quietUntil = 0;
-    let unsaid = 0;
-    listener.onStall = (err, ms) => {
-      if (err && performance.now() < quietUntil) unsaid++;
-      else if (err) {
-        said = true;
-        this.log(`not accepting connections: ${err.message}; they wait in the socket's queue until fds are free`
-          + (unsaid > 0 ? ` (${unsaid} shorter stall(s) since the last said)` : ''));
-        unsaid = 0;
-      } else if (said) {
-        said = false;
-        quietUntil = performance.now() + 60_000;
-        this.log(`accepting connections again, after ${Math.round(ms)} ms`);
-      }
-    };
+    listener.onStall = stallLog(this.log);
     listener.start((fd) => this.accept(fd));
   }
 

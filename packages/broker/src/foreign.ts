@@ -417,7 +417,11 @@ export class ForeignFds {
         detached: false,
         env: { ...process.env, UV_THREADPOOL_SIZE: String(CLOSER_THREADS), TAPBROKER_CLOSER_OF: String(process.pid) },
       });
-      child.on('error', (err) => this.cannotStart(err.message));
+      // A spawn that failed has no pid; a running closer's errors (a kill that failed) are its own.
+      child.on('error', (err) => {
+        if (child.pid) this.log(`${this.what}: ${err.message}`);
+        else this.cannotStart(err.message);
+      });
       // No process (EMFILE, EAGAIN): its pid is unknown, and a kill of it would signal pid 0, the broker's own
       // process group.
       if (!child.pid) {

@@ -230,8 +230,11 @@ export function killOrphanHooks(runs: readonly string[]): number {
         const group = groupOf(pid);
         if (!pidfdSignal(pidfd, 0)) continue;
         // Its process group at once (the hook's own, unless it left it): one that forks and exits in turn is caught
-        // there, where a pass over /proc would chase its pids (a re-test's did, every 0.5 ms).
-        if (group !== null && group > 1 && group !== ownGroup) killGroup(pidfd, group);
+        // there, where a pass over /proc would chase its pids (a re-test's did, every 0.5 ms). By the group's id:
+        // pidfd_send_signal's group flag means the group this process leads, which is none once the hook's first
+        // process has exited (an outside audit's cleared child lived on). The group exists: its member was alive
+        // after the read above.
+        if (group !== null && group > 1 && group !== ownGroup) process.kill(-group, 'SIGKILL');
         pidfdSignal(pidfd, SIGKILL);
         found++;
         killed.add(Number(pid));
@@ -244,16 +247,6 @@ export function killOrphanHooks(runs: readonly string[]): number {
     quiet = found === 0 ? quiet + 1 : 0;
   }
   return killed.size;
-}
-
-/** SIGKILL to the group of the process behind `pidfd`; by the group's id where the kernel cannot (before 6.9). */
-function killGroup(pidfd: number, group: number): void {
-  try {
-    pidfdSignal(pidfd, SIGKILL, true);
-  } catch (e) {
-    if (!(e instanceof sys.SyscallError && e.errno === sys.errno.EINVAL)) throw e;
-    process.kill(-group, 'SIGKILL');
-  }
 }
 
 /** A process's group (/proc/PID/stat), or null. */

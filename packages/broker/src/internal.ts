@@ -21,6 +21,7 @@ export {
   type TestRun,
 } from './policy-test.js';
 export { Netdev } from './netdev.js';
+export { stallLog } from './broker.js';
 export { ForeignPorts } from './plug.js';
 export { devNumbers, macvtapParent } from './macvtap.js';
 export {

@@ -26,7 +26,6 @@ const _flock = libc.func('int flock(int fd, int op)');
 const _prlimit = libc.func('int prlimit(int pid, int resource, const void *limit, void *old)');
 const SYS_pidfd_open = 434;
 const SYS_pidfd_send_signal = 424;
-const PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2;
 const LOCK_EX = 2;
 const LOCK_NB = 4;
 
@@ -64,13 +63,9 @@ export function pidfdOpen(pid: number): number | null {
   throw new sys.SyscallError('pidfd_open', e);
 }
 
-/**
- * pidfd_send_signal(2): `signal` to the process behind `pidfd`, or with `group` to its process group as it is now
- * (Linux 6.9 and later: EINVAL before). False when the process is gone.
- */
-export function pidfdSignal(pidfd: number, signal: number, group = false): boolean {
-  const flags = group ? PIDFD_SIGNAL_PROCESS_GROUP : 0;
-  const rc = _syscall(SYS_pidfd_send_signal, 'int', pidfd, 'int', signal, 'void *', null, 'unsigned int', flags);
+/** pidfd_send_signal(2): `signal` to the process behind `pidfd`. False when it is gone. */
+export function pidfdSignal(pidfd: number, signal: number): boolean {
+  const rc = _syscall(SYS_pidfd_send_signal, 'int', pidfd, 'int', signal, 'void *', null, 'unsigned int', 0);
   if (Number(rc) === 0) return true;
   if (koffi.errno() === sys.errno.ESRCH) return false;
   return fail('pidfd_send_signal');

@@ -233,6 +233,11 @@ export class ForeignPorts {
     return null;
   }
 
+  /** Is `db` still to be listed, by listing `generation` as the latest? */
+  awaits(db: string, generation: number): boolean {
+    return this.unlisted.has(db) && generation === this.generation;
+  }
+
   /** A database not listed yet (not answering since the broker started, or named by a reload), or null. */
   waiting(): string | null {
     return this.unlisted.values().next().value ?? null;

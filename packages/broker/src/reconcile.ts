@@ -339,12 +339,16 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
   try {
     listed = await listPorts(db);
   } catch (err) {
-    const again = stale && attempt < OVS_RECONCILE_ATTEMPTS;
+    // A database never listed keeps names chosen by callers from every device: tried until it answers (a minute
+    // apart at most), by the latest listing alone (an outside audit's reload listing was never tried again).
+    const unlisted = lt.foreign.awaits(db, generation);
+    const again = (stale && attempt < OVS_RECONCILE_ATTEMPTS) || unlisted;
+    const s = Math.min(60, 2 ** (attempt - 1));
     const what = stale ? 'reconcile' : 'list the ports of';
     lt.log(`warning: cannot ${what} open vswitch at ${db}: ${(err as Error).message}`
-      + (again ? `; trying again in ${2 ** (attempt - 1)} s` : stale ? '; giving up until the next start' : ''));
+      + (again ? `; trying again in ${s} s` : stale ? '; its stale ports stay until the next start' : ''));
     if (!again) return;
-    await new Promise((resolve) => setTimeout(resolve, 1000 * 2 ** (attempt - 1)).unref());
+    await new Promise((resolve) => setTimeout(resolve, 1000 * s).unref());
     return reconcileOvsdb(lt, db, stale, generation, attempt + 1);
   }
   const gone = stale ? await removeStalePorts(lt, db, listed.ours) : new Set<string>();
