@@ -263,6 +263,27 @@ test.serial('killOrphanHooks kills what a hook forks while it scans, pass after 
   t.is(forker.signalCode ?? 'SIGKILL', 'SIGKILL');
 });
 
+/** The live processes of process group `group`. */
+function groupMembers(group: number): string[] {
+  return fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((pid) => {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return Number(pgrp) === group && state !== 'Z';
+    } catch {
+      return false;
+    }
+  });
+}
+
+function killGroup(group: number): void {
+  try {
+    process.kill(-group, 'SIGKILL');
+  } catch {
+    // Gone.
+  }
+}
+
 // Found by an outside re-test: a child that forks and exits in turn (a new pid every 0.5 ms; here as fast as it can)
 // outran the passes over /proc; its process group (the hook's own) is killed whole.
 test.serial('killOrphanHooks kills the hook\'s whole process group: a child that hops pids, one that cleared its environment', async (t) => {
@@ -273,22 +294,8 @@ test.serial('killOrphanHooks kills the hook\'s whole process group: a child that
     env: { ...process.env, TAPBROKER_RUN: run }, stdio: 'ignore', detached: true,
   });
   const group = hook.pid!;
-  const members = () => fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((pid) => {
-    try {
-      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-      const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return Number(pgrp) === group && state !== 'Z';
-    } catch {
-      return false;
-    }
-  });
-  t.teardown(() => {
-    try {
-      process.kill(-group, 'SIGKILL');
-    } catch {
-      // Gone.
-    }
-  });
+  const members = () => groupMembers(group);
+  t.teardown(() => killGroup(group));
   await new Promise((r) => setTimeout(r, 300));
   t.true(members().length >= 3, 'the hook, its hopper and its cleared child run');
   t.true(killOrphanHooks([run]) >= 1);
@@ -305,22 +312,8 @@ test.serial('killOrphanHooks kills the hook\'s process group after its first pro
     env: { ...process.env, TAPBROKER_RUN: run }, stdio: 'ignore', detached: true,
   });
   const group = hook.pid!;
-  const members = () => fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((pid) => {
-    try {
-      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-      const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return Number(pgrp) === group && state !== 'Z';
-    } catch {
-      return false;
-    }
-  });
-  t.teardown(() => {
-    try {
-      process.kill(-group, 'SIGKILL');
-    } catch {
-      // Gone.
-    }
-  });
+  const members = () => groupMembers(group);
+  t.teardown(() => killGroup(group));
   await new Promise<void>((resolve) => hook.on('exit', () => resolve()));
   await new Promise((r) => setTimeout(r, 100));
   t.is(members().length, 2, 'the marked child and the cleared one run on, their leader gone');
