@@ -986,8 +986,9 @@ test.serial('A4: a user added to a deny rule\'s group while the broker runs is d
   const b = await BrokerProcess.start(ns, `[[rule]]\nname = "r"\nusers = [${NOBODY}]\nbridges = ["br0"]\n\n`
     + `[[deny]]\nname = "quarantine"\ngroups = ["${group}"]\nbridges = ["br0"]\n`, { tag: 'r2late' });
   try {
-    const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }] });
+    const before = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0' }], status: true });
     t.is(before.error, null, 'not a member yet: granted');
+    t.is(before.status?.policy_loads, 1);
     // nobody's process asks with no supplementary groups: only the account database says it is a member.
     const added = spawnSync('gpasswd', ['-a', 'nobody', group], { encoding: 'utf8' });
     if (added.status !== 0) throw new Error(`gpasswd: ${added.stderr}`);
@@ -998,6 +999,10 @@ test.serial('A4: a user added to a deny rule\'s group while the broker runs is d
     t.is(denied.rule, 'quarantine');
     await until(() => /the account database changed: .*deny rules' group members, were read again/.test(b.stderr) || null,
       { what: 'the broker did not say it read the members again', ms: 3000 });
+    // Another policy in force: recorded, and counted for clients that decide a VM's NICs under one (rv128).
+    await b.record((r) => r.decision === 'reload' && /deny rule `quarantine': group members none are \d+ now/.test(r.message ?? ''));
+    const after = await probeOnce({ socket: b.socket, requests: [], status: true });
+    t.is(after.status?.policy_loads, 2);
     await until(() => ns.extraLinks(BASE).length === 0 || null, { what: 'taps left', ms: 3000 });
   } finally {
     await b.stop();

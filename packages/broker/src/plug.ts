@@ -208,21 +208,27 @@ function count<K>(m: Map<K, number>, k: K, by: number): void {
  */
 export class ForeignPorts {
   private readonly lists = new Map<string, { generation: number; names: ReadonlySet<string> }>();
-  private readonly unlisted = new Set<string>();
+  private wanted: ReadonlySet<string> = new Set();
+  private unlisted = new Set<string>();
   private generation = 0;
 
-  /** A listing of `dbs` begins: the databases no longer among them are forgotten. Returns its generation. */
-  listing(dbs: ReadonlySet<string>): number {
+  /**
+   * A listing of `dbs` begins: the databases no longer among them are forgotten. Of those not listed yet, the ones
+   * the policy names (`waited`) keep chosen names from devices until they are: a database the lease table alone
+   * remembers (Open vSwitch since retired) is listed where it answers, never waited for (an outside re-test's
+   * retired one refused every chosen name for good). Returns its generation.
+   */
+  listing(dbs: ReadonlySet<string>, waited: ReadonlySet<string>): number {
+    this.wanted = dbs;
     for (const db of this.lists.keys()) if (!dbs.has(db)) this.lists.delete(db);
-    for (const db of this.unlisted) if (!dbs.has(db)) this.unlisted.delete(db);
-    for (const db of dbs) if (!this.lists.has(db)) this.unlisted.add(db);
+    this.unlisted = new Set([...waited].filter((db) => dbs.has(db) && !this.lists.has(db)));
     return ++this.generation;
   }
 
   /** A database's ports that are not this broker's, from listing `generation` (an older one's come too late). */
   listed(db: string, names: ReadonlySet<string>, generation: number): void {
     const known = this.lists.get(db);
-    if ((!known && !this.unlisted.has(db)) || (known && known.generation > generation)) return;
+    if (!this.wanted.has(db) || (known && known.generation > generation)) return;
     this.lists.set(db, { generation, names });
     this.unlisted.delete(db);
   }

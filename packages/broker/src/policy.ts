@@ -294,7 +294,10 @@ export function withAccountsNow(p: Policy): { policy: Policy; changed: string[] 
     const w = r.who.written;
     const who = resolveSelector(w.users, w.groups, '', [], [], '', r.kind === 'deny', look);
     const was = (s: ReadonlySet<number>) => [...s].sort((a, b) => a - b).join(',');
-    for (const [what, before, now] of [['uids', r.who.uids, who.uids], ['gids', r.who.gids, who.gids]] as const) {
+    // A deny's group members too: one added is denied from then on, another policy in force (an outside re-test).
+    const sets = [['uids', r.who.uids, who.uids], ['gids', r.who.gids, who.gids],
+      ['group members', r.who.members, who.members]] as const;
+    for (const [what, before, now] of sets) {
       if (was(before) !== was(now)) changed.push(`${r.kind === 'deny' ? 'deny rule' : 'rule'} \`${r.name}': ${what} `
         + `${was(before) || 'none'} are ${was(now) || 'none'} now`);
     }

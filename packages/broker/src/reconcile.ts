@@ -324,10 +324,10 @@ export function relock(lt: Keeper, l: LeaseRecord): void {
  * with no rule for an OVS network got a tap onto another broker's VLAN that way).
  */
 export async function reconcileOvs(lt: Keeper, stale = true): Promise<void> {
-  const dbs = new Set<string>();
-  for (const db of lt.table.ovsdbs()) dbs.add(db);
-  for (const n of lt.policy().networks.values()) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
-  const generation = lt.foreign.listing(dbs);
+  const named = new Set<string>();
+  for (const n of lt.policy().networks.values()) if (n.kind === 'ovs') named.add(ovsdbTarget(n.ovsdb ?? undefined));
+  const dbs = new Set([...lt.table.ovsdbs(), ...named]);
+  const generation = lt.foreign.listing(dbs, named);
   await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db, stale, generation)));
 }
 
