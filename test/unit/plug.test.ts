@@ -60,7 +60,7 @@ test('a database the policy does not name is listed where it answers, never wait
   const f = new ForeignPorts();
   const g = f.listing(new Set(['unix:/named', 'unix:/remembered']), new Set(['unix:/named']));
   t.is(f.waiting(), 'unix:/named');
-  t.false(f.awaits('unix:/remembered', g));
+  t.true(f.awaits('unix:/remembered', g), 'tried until it answers all the same (an outside re-test\'s gave up)');
   f.listed('unix:/named', new Set(), g);
   t.is(f.waiting(), null, 'the remembered one is not waited for');
   f.listed('unix:/remembered', new Set(['tb1-old']), g);

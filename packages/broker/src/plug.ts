@@ -239,9 +239,9 @@ export class ForeignPorts {
     return null;
   }
 
-  /** Is `db` still to be listed, by listing `generation` as the latest? */
+  /** Is `db` still to be listed, by listing `generation` as the latest? (Waited for or not: see listing.) */
   awaits(db: string, generation: number): boolean {
-    return this.unlisted.has(db) && generation === this.generation;
+    return generation === this.generation && this.wanted.has(db) && !this.lists.has(db);
   }
 
   /** A database not listed yet (not answering since the broker started, or named by a reload), or null. */

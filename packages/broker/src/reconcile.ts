@@ -339,8 +339,9 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
   try {
     listed = await listPorts(db);
   } catch (err) {
-    // A database never listed keeps names chosen by callers from every device: tried until it answers (a minute
-    // apart at most), by the latest listing alone (an outside audit's reload listing was never tried again).
+    // A database never listed is tried until it answers (a minute apart at most), by the latest listing alone: one
+    // the policy names keeps chosen names from devices meanwhile (an outside audit's reload listing was never tried
+    // again), and one the lease table alone remembers protects no name until it answers (a re-test's gave up).
     const unlisted = lt.foreign.awaits(db, generation);
     const again = (stale && attempt < OVS_RECONCILE_ATTEMPTS) || unlisted;
     const s = Math.min(60, 2 ** (attempt - 1));
