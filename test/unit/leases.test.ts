@@ -2,11 +2,11 @@
 // carries so that a restart can take a lease back from the kernel alone.
 import test from 'ava';
 import { spawn, spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  ALIAS_MAX, LeaseTable, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
+  ALIAS_MAX, LeaseTable, brokerId, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
 } from '@tapbroker/broker/internal';
 import { BROKER_VERSION } from '@tapbroker/broker';
 import { ROOT, tempDir } from '../helpers/broker.js';
@@ -423,6 +423,34 @@ test('the lease table names its writer; one another version wrote (or none named
       t.regex(other.problem ?? '', /taps tagged as this broker's that go with their fds and have no lease are taken back/);
       t.true(other.intact);
     }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// Found by an outside review: the identity was the digest of the state directory's path, and two brokers in two
+// mount namespaces (two containers on the host's network, each with its own /run/tapbroker) shared it: a restart of
+// one took the other's running VM for an orphan of its own and deleted its tap and port.
+test('a new state directory draws its broker id and keeps it; one used before the id was kept keeps its path\'s', (t) => {
+  const dir = tempDir('broker-id');
+  try {
+    const state = path.join(dir, 'state');
+    fs.mkdirSync(state);
+    const first = brokerId(state);
+    t.regex(first, /^[0-9a-f]{8}$/);
+    t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8'), `${first}\n`);
+    t.is(brokerId(state), first, 'the same at the next start');
+    // Another directory at the same path (another container's): another id.
+    fs.rmSync(state, { recursive: true });
+    fs.mkdirSync(state);
+    t.not(brokerId(state), first);
+    // A directory a broker used before the file existed: the digest its devices' tags carry.
+    fs.rmSync(state, { recursive: true });
+    fs.mkdirSync(state);
+    fs.writeFileSync(path.join(state, STATE_FILE), '{}');
+    const legacy = createHash('sha256').update(fs.realpathSync(state)).digest('hex').slice(0, 8);
+    t.is(brokerId(state), legacy);
+    t.is(brokerId(state), legacy, 'and kept');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

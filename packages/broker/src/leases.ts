@@ -432,15 +432,37 @@ export function aliasBroker(alias: string | null): string | null {
   return / broker=([0-9a-f]+)(?: |$)/.exec(alias ?? '')?.[1] ?? null;
 }
 
-/** A broker's identity in its devices' tags: from its state directory, so two brokers never take each other's. */
+/**
+ * A broker's identity in its devices' tags and ports, so that two brokers never take each other's: drawn at random
+ * for a new state directory and kept in it (`broker-id`). It was the digest of the directory's path, which two
+ * brokers in two mount namespaces (two containers on the host's network, each with its own /run/tapbroker) shared:
+ * an outside review's restart of one deleted the other's VM's tap and port. A directory a broker used before the
+ * file existed keeps that digest (its devices carry it), and so does one the file cannot be written to.
+ */
 export function brokerId(stateDir: string | null): string {
-  let dir = stateDir ?? '-';
+  const digest = (dir: string) => createHash('sha256').update(dir).digest('hex').slice(0, 8);
+  if (stateDir === null) return digest('-');
+  const file = path.join(stateDir, 'broker-id');
   try {
-    if (stateDir) dir = fs.realpathSync(stateDir);
+    const kept = readRegular(file, 64, false).trim();
+    if (/^[0-9a-f]{8}$/.test(kept)) return kept;
+  } catch {
+    // None yet (or not a file we wrote): chosen below.
+  }
+  let dir = stateDir;
+  try {
+    dir = fs.realpathSync(stateDir);
   } catch {
     // Not created yet: the name as given.
   }
-  return createHash('sha256').update(dir).digest('hex').slice(0, 8);
+  const used = ['leases.json', 'hook-run'].some((f) => fs.existsSync(path.join(stateDir, f)));
+  const id = used ? digest(dir) : randomOctets(4).toString('hex');
+  try {
+    replaceFile(file, `${id}\n`);
+    return id;
+  } catch {
+    return digest(dir);
+  }
 }
 
 /**
