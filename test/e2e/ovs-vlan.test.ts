@@ -104,6 +104,65 @@ t0('an OVS port that cannot be removed is tried again, and its name is given to 
   }
 });
 
+t0('a port removal that failed and then found nothing to remove says so: its trail ends (rv131)', async (t) => {
+  // Found by an outside review: the trail of such a device ended in "unplugging failed … trying again", for good.
+  const name = `tb${NOBODY}-gon`;
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'prod', name }] });
+  t.is(p.result.error, null, p.result.error?.message);
+  ovs.pauseDb(true);
+  let paused = true;
+  const failed = (n: number) => broker.records.some((r) => r.decision === 'error' && (r.device as { name?: string } | undefined)?.name === name
+    && new RegExp(`unplugging failed: .*trying again in ${n} s`).test(r.message ?? ''));
+  try {
+    await p.release();
+    // Its second failure leaves 2 s before the next try: the port goes by hand meanwhile.
+    await broker.waitFor(() => failed(2), 20_000, 'no second failed unplug recorded');
+    ovs.pauseDb(false);
+    paused = false;
+    ovs.vsctl('--if-exists', 'del-port', 'br-int', name);
+    await broker.waitFor(() => broker.records.some((r) => r.decision === 'unplug' && r.message === 'nothing was left to remove from its network'
+      && (r.device as { name?: string } | undefined)?.name === name), 15_000, 'the last try was not recorded');
+  } finally {
+    if (paused) ovs.pauseDb(false);
+  }
+});
+
+t0('a live VM\'s port removed by hand is said at the next listing (rv131)', async (t) => {
+  // Found by an outside review: the VM had no network for good, and list, log and audit said nothing.
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+  t.is(p.result.error, null, p.result.error?.message);
+  const name = p.result.taps[0]!.device.name;
+  try {
+    ovs.vsctl('del-port', 'br-int', name);
+    const seen = broker.records.length;
+    broker.proc.kill('SIGHUP');
+    await broker.waitFor(() => broker.records.slice(seen).some((r) => r.op === 'reconcile'
+      && (r.device as { name?: string } | undefined)?.name === name
+      && /its open vswitch port on br-int is gone: its guest has no network there/.test(r.message ?? '')), 5000,
+    'the lost port was not said');
+  } finally {
+    await p.release();
+  }
+});
+
+t0('a port removal owed at start is done and recorded once, not also as a stale port (rv131)', async (t) => {
+  // Found by an outside review: the owed removal and the start's listing both went after the port, and both
+  // recorded its removal (a race this test does not force: the review's script met it in 5 runs of 6 around an
+  // Open vSwitch outage; this holds the outcome).
+  const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+  t.is(p.result.error, null, p.result.error?.message);
+  const name = p.result.taps[0]!.device.name;
+  await broker.stop('SIGKILL', true);
+  await p.release();
+  await new Promise((r) => setTimeout(r, 200));
+  broker = await BrokerProcess.start(ns, policy, { dir });
+  const about = (r: { device?: unknown }) => (r.device as { name?: string } | undefined)?.name === name;
+  await broker.waitFor(() => portOf(name) === null, 15_000, 'the owed removal was not done');
+  await broker.waitFor(() => /open vswitch at .* reconciled/.test(broker.stderr), 15_000, 'no reconcile of OVS');
+  t.is(broker.records.filter((r) => about(r) && r.op === 'unplug' && r.decision === 'unplug').length, 1);
+  t.false(broker.records.some((r) => about(r) && /a stale open vswitch port of ours: removed/.test(r.message ?? '')));
+});
+
 t0('at start, stale OVS ports of ours are removed; a port without our external-ids is never touched', async (t) => {
   const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
   const name = p.result.taps[0]!.device.name;

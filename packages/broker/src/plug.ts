@@ -6,8 +6,14 @@ import type { AuditEvent } from './audit.js';
 import type { Network } from './decide.js';
 import { leaseView, type LeaseRecord, type LeaseTable, type Plug } from './leases.js';
 
-/** Tries at removing a lease's Open vSwitch port, 1 s, 2 s, 4 s … apart (about 8.5 minutes in all). */
+/**
+ * Tries at a `down` cut short (a hook's), 1 s, 2 s, 4 s … apart (about 8.5 minutes in all), then owed to the next
+ * start. A lease's Open vSwitch port is tried for as long as the broker runs, 5 minutes apart past these, its
+ * failures recorded no more: ovs-vswitchd would take any device of its name into it (an outside review's outage of
+ * 9 minutes left one, its name held with nobody trying).
+ */
 const UNPLUG_ATTEMPTS = 10;
+const UNPLUG_SLOWEST_S = 300;
 
 /** How a device joins `net`, or null for a Linux bridge (attached by the kernel step itself). */
 export function plugOf(net: Network | undefined): Plug | null {
@@ -98,6 +104,8 @@ export class Unplugs {
     private readonly table: Pick<LeaseTable, 'unplugged'>,
     private readonly note: Note,
     private readonly run: HookRun,
+    /** Milliseconds before the try after `attempt` (tests shorten them). */
+    private readonly delayMs = (attempt: number) => 1000 * delay(attempt),
   ) {}
 
   /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
@@ -114,8 +122,13 @@ export class Unplugs {
       (r) => {
         this.table.unplugged(l.id);
         const device = { ...leaseView(l), plug: r };
-        // Its own op: the device's end has its record already (an outside review counted two ends per device).
+        // Its own op: the device's end has its record already (an outside review counted two ends per device). After
+        // failed tries, the one that found nothing to remove says so: the trail of its failures ends (a review's
+        // never did).
         if (r) this.note('unplug', 'unplug', l, 'unplugged from its network', { device });
+        else if (attempt > 1) {
+          this.note('unplug', 'unplug', l, 'nothing was left to remove from its network', { device });
+        }
       },
       (err: Error) => {
         // An Open vSwitch port left behind would take any later device of that name (vswitchd opens it by
@@ -127,11 +140,13 @@ export class Unplugs {
         // port is, and owed to the next start if the broker is stopping.
         const r = (err as { hook?: HookResult }).hook;
         cut = !ovs && ((!!r?.signal && !r.timed_out) || err instanceof HookNotRun);
-        again = (ovs || cut) && attempt < UNPLUG_ATTEMPTS && !this.closing;
+        again = (ovs || (cut && attempt < UNPLUG_ATTEMPTS)) && !this.closing;
         // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
         if (!ovs && !cut) this.table.unplugged(l.id);
-        const next = again ? `; trying again in ${2 ** (attempt - 1)} s`
-          : cut ? '; it runs again at the broker\'s next start' : '';
+        if (attempt > UNPLUG_ATTEMPTS) return;
+        const next = !again ? (cut ? '; it runs again at the broker\'s next start' : '')
+          : attempt < UNPLUG_ATTEMPTS ? `; trying again in ${delay(attempt)} s`
+          : `; tried again every ${UNPLUG_SLOWEST_S / 60} minutes from now on, its failures no more recorded`;
         this.note('unplug', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
       },
     );
@@ -139,7 +154,7 @@ export class Unplugs {
     void p.finally(() => {
       this.running.delete(p);
       count(this.uids, l.uid, -1);
-      if (again) setTimeout(() => this.unplug(l, attempt + 1), 1000 * 2 ** (attempt - 1)).unref();
+      if (again) setTimeout(() => this.unplug(l, attempt + 1), this.delayMs(attempt)).unref();
       // A port never removed, or a `down` still owed, keeps its name from new devices until the broker restarts.
       if (again || ((ovs || cut) && failed && !this.closing)) return;
       count(this.names, l.name, -1);
@@ -192,6 +207,9 @@ export class Unplugs {
     clearTimeout(timer);
   }
 }
+
+/** Seconds before the try after `attempt`: 1, 2, 4 … up to UNPLUG_SLOWEST_S. */
+const delay = (attempt: number) => Math.min(2 ** (attempt - 1), UNPLUG_SLOWEST_S);
 
 function count<K>(m: Map<K, number>, k: K, by: number): void {
   const n = (m.get(k) ?? 0) + by;

@@ -357,6 +357,7 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
   const own = (p: OvsPort) => (p.broker === null || p.broker === lt.brokerId)
     && (lt.table.get(p.lease) !== undefined || lt.table.owedDowns().some((d) => d.id === p.lease));
   const ours = new Set(listed.ours.filter(own).map((p) => p.port));
+  lostPorts(lt, db, new Set(listed.ours.map((p) => p.lease)));
   const kept = listed.names.filter((name) => !ours.has(name) && !gone.has(name));
   lt.foreign.listed(db, new Set(kept), generation);
   if (kept.length === 0) return;
@@ -364,12 +365,28 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
     + `${kept.slice(0, 8).map((name) => `\`${shown(name)}'`).join(', ')}${kept.length > 8 ? ', …' : ''}`);
 }
 
+/**
+ * Says which live leases plugged into `db` have no port there any more (removed by hand, their bridge made anew):
+ * their guests have no network, and nothing else would say so (an outside review). Not plugged again: the lease
+ * says where, a reload may have moved the network, and the administrator who removed it may have meant it.
+ */
+function lostPorts(lt: Keeper, db: string, leases: ReadonlySet<string>): void {
+  const unfinished = new Set(lt.table.unfinished());
+  for (const l of lt.table.all()) {
+    if (!l.plug || !('ovs' in l.plug) || l.plug.db !== db || leases.has(l.id) || unfinished.has(l.id)) continue;
+    lt.note('reconcile', 'reconcile', l, `its open vswitch port on ${l.plug.ovs} is gone: its guest has no network `
+      + 'there (not plugged again: remove and make the device again)');
+  }
+}
+
 /** Removes the stale ports of ours among `ports`; the names of those removed. */
 async function removeStalePorts(lt: Keeper, db: string, ports: readonly OvsPort[]): Promise<Set<string>> {
   const gone = new Set<string>();
   for (const p of ports) {
-    // Another broker's (another state directory in this namespace): never ours to touch.
+    // Another broker's (another state directory in this namespace): never ours to touch. One owed its removal is the
+    // owed removal's (an outside review found both removing one port, and two records of it).
     if (p.broker !== null && p.broker !== lt.brokerId) continue;
+    if (lt.table.owedDowns().some((d) => d.id === p.lease)) continue;
     const l = lt.table.get(p.lease);
     // Made before ports named their broker (0.4): ours only if its lease is (or was just) in our table.
     if (p.broker === null && !l && !lt.table.owedDowns().some((d) => d.id === p.lease)) {
