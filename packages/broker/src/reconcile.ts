@@ -411,8 +411,8 @@ async function removeStalePorts(lt: Keeper, db: string, ports: readonly OvsPort[
       lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
     }
   }
-  lt.log(`open vswitch at ${db} reconciled: ${ports.length} port(s) of tapbroker, ${gone.size} stale one(s) of `
-    + 'this broker removed');
+  lt.log(`open vswitch at ${db} reconciled: ${ports.length} port(s) made by tapbroker (this broker and others), `
+    + `${gone.size} stale one(s) of this broker removed`);
   return gone;
 }
 
