@@ -221,8 +221,8 @@ function count<K>(m: Map<K, number>, k: K, by: number): void {
  * The names of the ports in each Open vSwitch database this broker uses that are not its own (another broker's, one
  * made before 0.5.0 or by hand), listed at start and at each reload: ovs-vswitchd takes a new device of such a name
  * into its port, on that port's VLAN, whatever the device was granted for (an outside review's user with no rule for
- * an OVS network). Until a database has been listed once, no device gets a name its caller chose (a re-test's did,
- * while Open vSwitch was not answering yet at the broker's start).
+ * an OVS network). Until a database the policy names has been listed once, no device gets a name its caller chose
+ * (a re-test's did, while Open vSwitch was not answering yet at the broker's start).
  */
 export class ForeignPorts {
   private readonly lists = new Map<string, { generation: number; names: ReadonlySet<string> }>();
