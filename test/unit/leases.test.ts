@@ -452,6 +452,14 @@ test('a new state directory draws its broker id and keeps it; one used before th
     const legacy = createHash('sha256').update(fs.realpathSync(state)).digest('hex').slice(0, 8);
     t.is(brokerId(state), legacy);
     t.is(brokerId(state), legacy, 'and kept');
+    // One that is there and holds no id is an error, never replaced (a re-test's garbage gave a new identity, and
+    // the broker's own devices went to no one).
+    fs.writeFileSync(path.join(state, 'broker-id'), 'garbage\n');
+    t.throws(() => brokerId(state), { message: /holds no broker identity/ });
+    t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8'), 'garbage\n');
+    fs.rmSync(path.join(state, 'broker-id'));
+    fs.symlinkSync('/etc/hostname', path.join(state, 'broker-id'));
+    t.throws(() => brokerId(state), { message: /cannot read the broker's identity/ });
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -432,22 +432,33 @@ export function aliasBroker(alias: string | null): string | null {
   return / broker=([0-9a-f]+)(?: |$)/.exec(alias ?? '')?.[1] ?? null;
 }
 
+const KEEP_ID = 'another would leave this broker\'s devices to no one: put back the one its devices\' tags carry '
+  + '(broker=… in `ip -d link` ifalias), or remove the file if none carries one';
+
 /**
  * A broker's identity in its devices' tags and ports, so that two brokers never take each other's: drawn at random
  * for a new state directory and kept in it (`broker-id`). It was the digest of the directory's path, which two
  * brokers in two mount namespaces (two containers on the host's network, each with its own /run/tapbroker) shared:
  * an outside review's restart of one deleted the other's VM's tap and port. A directory a broker used before the
- * file existed keeps that digest (its devices carry it), and so does one the file cannot be written to.
+ * file existed keeps that digest (its devices carry it), and so does one the file cannot be written to. A file that
+ * is there and holds no id is an error, never replaced: another identity would leave this broker's devices to no one
+ * (a re-test's garbage in it did, with nothing said).
  */
 export function brokerId(stateDir: string | null): string {
   const digest = (dir: string) => createHash('sha256').update(dir).digest('hex').slice(0, 8);
   if (stateDir === null) return digest('-');
   const file = path.join(stateDir, 'broker-id');
+  let kept: string | null = null;
   try {
-    const kept = readRegular(file, 64, false).trim();
+    kept = readRegular(file, 64, false).trim();
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+      throw new Error(`cannot read the broker's identity from ${file}: ${(err as Error).message}; ${KEEP_ID}`);
+    }
+  }
+  if (kept !== null) {
     if (/^[0-9a-f]{8}$/.test(kept)) return kept;
-  } catch {
-    // None yet (or not a file we wrote): chosen below.
+    throw new Error(`${file} holds no broker identity (8 hex digits); ${KEEP_ID}`);
   }
   let dir = stateDir;
   try {

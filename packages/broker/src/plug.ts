@@ -229,6 +229,8 @@ export class ForeignPorts {
   private wanted: ReadonlySet<string> = new Set();
   private unlisted = new Set<string>();
   private generation = 0;
+  /** Leases whose port was found gone, said once (see reconcile.ts lostPorts). */
+  readonly saidLost = new Set<string>();
 
   /**
    * A listing of `dbs` begins: the databases no longer among them are forgotten. Of those not listed yet, the ones

@@ -336,6 +336,9 @@ const OVS_RECONCILE_ATTEMPTS = 10;
 
 async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation: number, attempt = 1): Promise<void> {
   let listed: Awaited<ReturnType<typeof listPorts>>;
+  // The leases the listing can speak for: those live before it began (a re-test's device made while the start removed
+  // stale ports was said to have lost a port it had).
+  const before = new Set(lt.table.all().map((l) => l.id));
   try {
     listed = await listPorts(db);
   } catch (err) {
@@ -357,7 +360,7 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
   const own = (p: OvsPort) => (p.broker === null || p.broker === lt.brokerId)
     && (lt.table.get(p.lease) !== undefined || lt.table.owedDowns().some((d) => d.id === p.lease));
   const ours = new Set(listed.ours.filter(own).map((p) => p.port));
-  lostPorts(lt, db, new Set(listed.ours.map((p) => p.lease)));
+  lostPorts(lt, db, new Set(listed.ours.map((p) => p.lease)), before);
   const kept = listed.names.filter((name) => !ours.has(name) && !gone.has(name));
   lt.foreign.listed(db, new Set(kept), generation);
   if (kept.length === 0) return;
@@ -370,10 +373,15 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
  * their guests have no network, and nothing else would say so (an outside review). Not plugged again: the lease
  * says where, a reload may have moved the network, and the administrator who removed it may have meant it.
  */
-function lostPorts(lt: Keeper, db: string, leases: ReadonlySet<string>): void {
+function lostPorts(lt: Keeper, db: string, leases: ReadonlySet<string>, before: ReadonlySet<string>): void {
   const unfinished = new Set(lt.table.unfinished());
+  const said = lt.foreign.saidLost;
+  for (const id of said) if (!lt.table.get(id)) said.delete(id);
   for (const l of lt.table.all()) {
     if (!l.plug || !('ovs' in l.plug) || l.plug.db !== db || leases.has(l.id) || unfinished.has(l.id)) continue;
+    // Once (a re-test got one record per reload: logrotate's reload made it one a day).
+    if (!before.has(l.id) || said.has(l.id)) continue;
+    said.add(l.id);
     lt.note('reconcile', 'reconcile', l, `its open vswitch port on ${l.plug.ovs} is gone: its guest has no network `
       + 'there (not plugged again: remove and make the device again)');
   }
