@@ -221,7 +221,7 @@ t0('a second broker in the namespace leaves the first one\'s live OVS ports alon
   try {
     t.regex(portOf(name)!.ids, /"?tapbroker-broker"?="?[0-9a-f]{8}"?/, 'the port names its broker');
     second = await BrokerProcess.start(ns, policy, { dir: dir2, tag: 'ovs-second' });
-    await second.waitFor(() => /open vswitch at .* reconciled: [1-9]\d* port\(s\) of tapbroker, 0 stale/.test(second!.stderr), 10_000,
+    await second.waitFor(() => /open vswitch at .* reconciled: [1-9]\d* port\(s\) made by tapbroker \(this broker and others\), 0 stale/.test(second!.stderr), 10_000,
       'the second broker never reconciled the database');
     t.truthy(portOf(name), 'the first broker\'s live port is still there');
   } finally {

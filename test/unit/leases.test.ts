@@ -432,7 +432,7 @@ test('the lease table names its writer; one another version wrote (or none named
 // Found by an outside review: the identity was the digest of the state directory's path, and two brokers in two
 // mount namespaces (two containers on the host's network, each with its own /run/tapbroker) shared it: a restart of
 // one took the other's running VM for an orphan of its own and deleted its tap and port.
-test('a new state directory draws its broker id and keeps it; one used before the id was kept keeps its path\'s', (t) => {
+test('a state directory without a broker id draws one and keeps it; one that holds no id stops the start', (t) => {
   const dir = tempDir('broker-id');
   try {
     const state = path.join(dir, 'state');
@@ -445,13 +445,15 @@ test('a new state directory draws its broker id and keeps it; one used before th
     fs.rmSync(state, { recursive: true });
     fs.mkdirSync(state);
     t.not(brokerId(state), first);
-    // A directory a broker used before the file existed: the digest its devices' tags carry.
+    // A directory a broker used without the file (an unreleased build's): drawn too, not the path's digest, which two
+    // such brokers shared (a re-test).
     fs.rmSync(state, { recursive: true });
     fs.mkdirSync(state);
     fs.writeFileSync(path.join(state, STATE_FILE), '{}');
-    const legacy = createHash('sha256').update(fs.realpathSync(state)).digest('hex').slice(0, 8);
-    t.is(brokerId(state), legacy);
-    t.is(brokerId(state), legacy, 'and kept');
+    const digest = createHash('sha256').update(fs.realpathSync(state)).digest('hex').slice(0, 8);
+    const drawn = brokerId(state);
+    t.not(drawn, digest);
+    t.is(brokerId(state), drawn, 'and kept');
     // One that is there and holds no id is an error, never replaced (a re-test's garbage gave a new identity, and
     // the broker's own devices went to no one).
     fs.writeFileSync(path.join(state, 'broker-id'), 'garbage\n');

@@ -325,6 +325,8 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     broker.start(listener);
   } catch (err) {
     log(`cannot start: ${(err as Error).message}`);
+    // Its socket goes with it: one left with nobody listening reads as a broker that refuses (a re-test).
+    listener.close();
     process.exit(EX.UNAVAILABLE);
   }
   const status = () =>

@@ -439,10 +439,11 @@ const KEEP_ID = 'another would leave this broker\'s devices to no one: put back 
  * A broker's identity in its devices' tags and ports, so that two brokers never take each other's: drawn at random
  * for a new state directory and kept in it (`broker-id`). It was the digest of the directory's path, which two
  * brokers in two mount namespaces (two containers on the host's network, each with its own /run/tapbroker) shared:
- * an outside review's restart of one deleted the other's VM's tap and port. A directory a broker used before the
- * file existed keeps that digest (its devices carry it), and so does one the file cannot be written to. A file that
- * is there and holds no id is an error, never replaced: another identity would leave this broker's devices to no one
- * (a re-test's garbage in it did, with nothing said).
+ * an outside review's restart of one deleted the other's VM's tap and port (0.5.0 is the first to tag devices with
+ * a broker: 0.4's tags have none, and stay this broker's). One the file cannot be written to (a read-only state
+ * directory) keeps that digest, to stay the same from start to start. A file that is there and holds no id is an
+ * error, never replaced: another identity would leave this broker's devices to no one (a re-test's garbage in it did,
+ * with nothing said).
  */
 export function brokerId(stateDir: string | null): string {
   const digest = (dir: string) => createHash('sha256').update(dir).digest('hex').slice(0, 8);
@@ -460,18 +461,17 @@ export function brokerId(stateDir: string | null): string {
     if (/^[0-9a-f]{8}$/.test(kept)) return kept;
     throw new Error(`${file} holds no broker identity (8 hex digits); ${KEEP_ID}`);
   }
-  let dir = stateDir;
-  try {
-    dir = fs.realpathSync(stateDir);
-  } catch {
-    // Not created yet: the name as given.
-  }
-  const used = ['leases.json', 'hook-run'].some((f) => fs.existsSync(path.join(stateDir, f)));
-  const id = used ? digest(dir) : randomOctets(4).toString('hex');
+  const id = randomOctets(4).toString('hex');
   try {
     replaceFile(file, `${id}\n`);
     return id;
   } catch {
+    let dir = stateDir;
+    try {
+      dir = fs.realpathSync(stateDir);
+    } catch {
+      // Not created: the name as given.
+    }
     return digest(dir);
   }
 }
