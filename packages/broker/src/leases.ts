@@ -440,10 +440,10 @@ const KEEP_ID = 'another would leave this broker\'s devices to no one: put back 
  * where the state directory has none, and kept in it (`broker-id`). It was the digest of the directory's path,
  * which two brokers in two mount namespaces (two containers on the host's network, each with its own /run/tapbroker)
  * shared: an outside review's restart of one deleted the other's VM's tap and port (0.5.0 is the first to tag
- * devices with a broker: 0.4's tags have none, and stay this broker's). One the file cannot be written to (a read-only state
- * directory) keeps that digest, to stay the same from start to start. A file that is there and holds no id is an
- * error, never replaced: another identity would leave this broker's devices to no one (a re-test's garbage in it did,
- * with nothing said).
+ * devices with a broker: 0.4's tags have none, and stay this broker's). One the file cannot be written to (a
+ * read-only state directory) keeps that digest, to stay the same from start to start. A file that is there and holds
+ * no id is an error, never replaced: another identity would leave this broker's devices to no one (a re-test's
+ * garbage in it did, with nothing said).
  */
 export function brokerId(stateDir: string | null): string {
   const digest = (dir: string) => createHash('sha256').update(dir).digest('hex').slice(0, 8);
