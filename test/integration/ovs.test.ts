@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { TapbrokerError, type ErrorCode } from '@tapbroker/protocol';
 import {
-  addPort, delPort, delPortOf, isOvsBridge, listOurPorts, ovsdbTarget, setUpFailed,
+  addPort, delPort, delPortOf, isOvsBridge, listPorts, ovsdbTarget, setUpFailed,
 } from '@tapbroker/broker/internal';
 import { Netns } from '../helpers/netns.js';
 import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
@@ -26,6 +26,9 @@ let ovs: OvsInstance;
 const ids = (lease: string, extra: Record<string, string> = {}): Record<string, string> => ({
   'tapbroker-lease': lease, 'tapbroker-uid': '1000', 'tapbroker-mac': '52:54:00:12:34:56', 'tapbroker-rule': 'lab', ...extra,
 });
+
+/** The ports listPorts finds to be tapbroker's. */
+const ourPorts = async (db: string) => (await listPorts(db)).ours;
 
 function tap(name: string): void {
   ns.ip('tuntap', 'add', name, 'mode', 'tap');
@@ -102,17 +105,18 @@ ovsTest('addPort: access tag and external-ids on Port and Interface, attached by
   t.notRegex(ovs.vsctl('show'), /error:/);
   t.regex(ovs.appctl('dpif/show'), /tb1000-a \d+\/\d+/);
 
-  const ours = await listOurPorts(ovs.db);
+  const ours = await ourPorts(ovs.db);
   t.deepEqual(ours.filter((p) => p.port === 'tb1000-a'), [{ bridge: 'br-int', port: 'tb1000-a', lease: '0123456789abcdef', uid: 1000, broker: null }]);
 });
 
-ovsTest('listOurPorts: not a port added by hand, and the right bridge for each port', async (t) => {
+ovsTest('listPorts: ours is not a port added by hand, with the right bridge for each; names is every interface', async (t) => {
   tap('tbhand');
   ovs.vsctl('add-port', 'br-int', 'tbhand', '--', 'set', 'Port', 'tbhand', 'external-ids:owner=admin');
   ovs.addBridge('br-two');
   tap('tb1000-b');
   await addPort(ovs.db, 'br-two', 'tb1000-b', { externalIds: ids('1111222233334444', { 'tapbroker-uid': '65534', 'tapbroker-broker': 'abcdef01' }) });
-  const ours = await listOurPorts(ovs.db);
+  const { ours, names } = await listPorts(ovs.db);
+  for (const name of ['tbhand', 'br-int', 'br-two', 'tb1000-a', 'tb1000-b']) t.true(names.includes(name), name);
   t.false(ours.some((p) => p.port === 'tbhand' || p.port === 'br-int' || p.port === 'br-two'));
   t.deepEqual(ours.find((p) => p.port === 'tb1000-b'), { bridge: 'br-two', port: 'tb1000-b', lease: '1111222233334444', uid: 65534, broker: 'abcdef01' });
   t.is(ours.find((p) => p.port === 'tb1000-a')?.bridge, 'br-int');
@@ -126,7 +130,7 @@ ovsTest('addPort: trunks recorded', async (t) => {
   t.is(ovs.vsctl('get', 'Port', 'tb1000-t', 'tag').trim(), '[]');
   t.true(Number(ovs.vsctl('get', 'Interface', 'tb1000-t', 'ofport').trim()) > 0);
   // An all-digit lease id comes back from OVSDB as a string all the same.
-  t.is((await listOurPorts(ovs.db)).find((p) => p.port === 'tb1000-t')?.lease, '7777');
+  t.is((await ourPorts(ovs.db)).find((p) => p.port === 'tb1000-t')?.lease, '7777');
   t.true(await delPort(ovs.db, 'br-int', 'tb1000-t'));
 });
 
@@ -135,7 +139,7 @@ ovsTest('delPort: true when it removed the port, false the second time', async (
   t.true(await delPort(ovs.db, 'br-int', 'tb1000-a'));
   t.log(`delPort: ${(Number(process.hrtime.bigint() - t0) / 1e6).toFixed(1)} ms`);
   t.false(ports().includes('tb1000-a'));
-  t.false((await listOurPorts(ovs.db)).some((p) => p.port === 'tb1000-a'));
+  t.false((await ourPorts(ovs.db)).some((p) => p.port === 'tb1000-a'));
   t.false(await delPort(ovs.db, 'br-int', 'tb1000-a'));
   // The tap itself is the broker's business, not OVS's: still there.
   t.truthy(ns.link('tb1000-a'));
@@ -149,10 +153,10 @@ ovsTest('delPortOf: a lease\'s port moved to another bridge, its record kept, is
   await addPort(ovs.db, 'br-int', 'tb1000-m', { externalIds: ids('5555666677778888') });
   const uuid = ovs.vsctl('get', 'Port', 'tb1000-m', '_uuid').trim();
   ovs.vsctl('--no-wait', 'remove', 'Bridge', 'br-int', 'ports', uuid, '--', 'add', 'Bridge', 'br-moved', 'ports', uuid);
-  t.is((await listOurPorts(ovs.db)).find((p) => p.port === 'tb1000-m')?.bridge, 'br-moved');
+  t.is((await ourPorts(ovs.db)).find((p) => p.port === 'tb1000-m')?.bridge, 'br-moved');
   t.false(await delPortOf(ovs.db, 'br-int', 'tb1000-m', 'aaaabbbbccccdddd'), 'another lease\'s: left alone');
   t.true(await delPortOf(ovs.db, 'br-int', 'tb1000-m', '5555666677778888'));
-  t.false((await listOurPorts(ovs.db)).some((p) => p.port === 'tb1000-m'));
+  t.false((await ourPorts(ovs.db)).some((p) => p.port === 'tb1000-m'));
 });
 
 ovsTest('addPort never adopts an existing port', async (t) => {
@@ -215,14 +219,14 @@ ovsTest('refusals before any exec: bad names, VLANs, external-ids', async (t) =>
     await refused(t, addPort(db, 'br-int', 'tb1000-c', { externalIds: { 'tapbroker-uid': '1' } }), 'TB_E_INVALID_REQUEST', /tapbroker-lease/);
     await refused(t, addPort(db, 'br-int', 'tb1000-c', { externalIds: ids('dddd', { 'other:key': 'x' }) }), 'TB_E_INVALID_REQUEST');
   }
-  await refused(t, listOurPorts('unix:/a,unix:/b'), 'TB_E_INVALID_REQUEST');
+  await refused(t, ourPorts('unix:/a,unix:/b'), 'TB_E_INVALID_REQUEST');
   t.deepEqual(ports(), before);
 });
 
 ovsTest('OVS unreachable: TB_E_KERNEL "open vswitch unavailable"', async (t) => {
   const nowhere = 'unix:/nonexistent/db.sock';
   await refused(t, isOvsBridge(nowhere, 'br-int'), 'TB_E_KERNEL', /^open vswitch unavailable: .*\/nonexistent\/db\.sock cannot be resolved/);
-  await refused(t, listOurPorts(nowhere), 'TB_E_KERNEL', /^open vswitch unavailable/);
+  await refused(t, ourPorts(nowhere), 'TB_E_KERNEL', /^open vswitch unavailable/);
   await refused(t, delPort(nowhere, 'br-int', 'tb1000-c'), 'TB_E_KERNEL', /^open vswitch unavailable/);
 });
 
@@ -254,7 +258,7 @@ ovsTest('ovs-vsctl runs with its address space bounded', async (t) => {
   const server = net.createServer((c) => c.on('error', () => {}));
   await new Promise<void>((resolve) => server.listen(path.join(dir, 'db.sock'), resolve));
   try {
-    const call = listOurPorts(`unix:${dir}/db.sock`).catch((err: unknown) => err);
+    const call = ourPorts(`unix:${dir}/db.sock`).catch((err: unknown) => err);
     const limits = await until(() => {
       try {
         const child = fs.readdirSync('/proc').find((pid) => /^\d+$/.test(pid) && parentOf(pid) === process.pid

@@ -137,11 +137,6 @@ export async function delPort(db: string, bridge: string, port: string): Promise
   return r.stdout.trim() !== '';
 }
 
-/** Every port carrying a tapbroker-lease external-id, with its bridge. One ovs-vsctl call. */
-export async function listOurPorts(db: string): Promise<OvsPort[]> {
-  return (await listPorts(db)).ours;
-}
-
 /**
  * The ports carrying a tapbroker-lease external-id (`ours`, with their bridges) and the name of every interface
  * in the database (`names`, whoever made it: ovs-vswitchd takes any device of such a name into its port). One
