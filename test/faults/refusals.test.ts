@@ -112,7 +112,18 @@ test.serial('at each open-files limit just above its own fds: a resource refusal
       // Each limit above the fds the broker holds at rest (the last try's copies closed by its closer).
       await broker.waitFor(() => broker.fdCount() <= baseline, 5000, `fds ${broker.fdCount()} > ${baseline}`);
       limit(n);
-      const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 4 }, { parent: 'vx', queues: 4 }] });
+      // Bounded: a request the broker never answers fails here, with what the broker was doing, not at ava's timeout.
+      let late: NodeJS.Timeout | undefined;
+      let stuck = '';
+      const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', queues: 4 }, { parent: 'vx', queues: 4 }] },
+        {}, (child) => {
+          late = setTimeout(() => {
+            stuck = `no answer at a limit of ${n} (${baseline} fds at rest): ${broker.fds().join(' ')}\n${broker.stderr}`;
+            child.kill('SIGKILL');
+          }, 20_000);
+        }).catch((err: Error) => { throw new Error(stuck || err.message); }).finally(() => clearTimeout(late));
+      await p.release();
+      const r = p.result;
       limit(4096);
       codes.add(r.error?.code ?? 'granted');
       await poll(() => ns.extraLinks(['br0', 'vx', 'vy']).length === 0, { ms: 3000 });

@@ -151,6 +151,18 @@ export class BrokerProcess {
    * a while after its last work (30 s for the broker's own copies), so a count taken before a grant and one after
    * would differ by it. A socket whose closer is gone counts.
    */
+  /** What each of the broker's fds is (`fd -> target`), for a failure's message. */
+  fds(): string[] {
+    const dir = `/proc/${this.proc.pid!}/fd`;
+    return fs.readdirSync(dir).map((fd) => {
+      try {
+        return `${fd}->${fs.readlinkSync(`${dir}/${fd}`)}`;
+      } catch {
+        return `${fd}->?`;
+      }
+    });
+  }
+
   fdCount(): number {
     const pid = this.proc.pid!;
     const fds = fs.readdirSync(`/proc/${pid}/fd`);
@@ -223,7 +235,17 @@ export class BrokerProcess {
   /** Stops the broker; `keep` leaves its directory (policy, state) for a restart. */
   async stop(signal: NodeJS.Signals = 'SIGTERM', keep = false): Promise<number | null> {
     if (this.alive) this.proc.kill(signal);
-    const code = await this.exitPromise;
+    // Bounded: a broker that does not stop fails the test with its log, not at ava's timeout with nothing said.
+    let late: NodeJS.Timeout | undefined;
+    const stuck = new Promise<'stuck'>((resolve) => (late = setTimeout(() => resolve('stuck'), 60_000)));
+    const code = await Promise.race([this.exitPromise, stuck]).finally(() => clearTimeout(late));
+    if (code === 'stuck') {
+      const fds = this.fds().join(' ');
+      this.proc.kill('SIGKILL');
+      await this.exitPromise;
+      if (!keep) fs.rmSync(this.dir, { recursive: true, force: true });
+      throw new Error(`the broker did not stop within 60 s of ${signal}; its fds: ${fds}\n${this.stderr}`);
+    }
     if (!keep) fs.rmSync(this.dir, { recursive: true, force: true });
     return code;
   }
