@@ -6,7 +6,8 @@ import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  ALIAS_MAX, LeaseTable, brokerId, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, type LeaseRecord,
+  ALIAS_MAX, LeaseTable, brokerId, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, ovsdbGone,
+  type LeaseRecord,
 } from '@tapbroker/broker/internal';
 import { BROKER_VERSION } from '@tapbroker/broker';
 import { ROOT, tempDir } from '../helpers/broker.js';
@@ -389,7 +390,7 @@ test('a stop waits for the downs running only as long as it is given, and they s
     const run = `test-${process.pid}-${Date.now()}`;
     t.teardown(() => void killOrphanHooks([run]));
     let saved = 0;
-    const unplugs = new Unplugs({ unplugged: (id) => void unplugged.push(id) }, () => {}, { current: run, save: () => void saved++ });
+    const unplugs = new Unplugs({ unplugged: (id) => void unplugged.push(id), forgetDb: () => {} }, () => {}, { current: run, save: () => void saved++ });
     unplugs.unplug(lease({ plug: { hook, timeout_ms: 60_000 }, network: 'slow' }));
     t.is(saved, 1, 'the run is written where the next start finds it before its down runs');
     t.is(unplugs.of(1000), 1, 'its down runs');
@@ -475,9 +476,9 @@ test('an Open vSwitch port not removed is tried on past ten tries, said once, it
   const notes: string[] = [];
   const unplugged: string[] = [];
   let tries = 0;
-  const unplugs = new Unplugs({ unplugged: (id) => void unplugged.push(id) },
+  const unplugs = new Unplugs({ unplugged: (id) => void unplugged.push(id), forgetDb: () => {} },
     (_op, decision, _l, message) => void notes.push(`${decision}: ${message}`), { current: 'r', save: () => {} },
-    () => (tries++, 1));
+    undefined, () => (tries++, 1));
   const l = lease({ name: 'tb1000-ovs', plug: { ovs: 'br-int', db: 'unix:/nonexistent/db.sock' }, network: 'prod' });
   unplugs.unplug(l);
   await until(() => (tries >= 14 ? true : null), { ms: 10_000, what: `${tries} tries` });
@@ -486,4 +487,68 @@ test('an Open vSwitch port not removed is tried on past ten tries, said once, it
   t.regex(notes[9]!, /tried again every 5 minutes from now on, its failures no more recorded$/);
   t.true(unplugs.pending('tb1000-ovs'), 'its name is not given out meanwhile');
   t.deepEqual(unplugged, [], 'still owed');
+});
+
+// Found by an outside review of an administrator's week: an Open vSwitch retired for good (its network gone from the
+// policy, its database and socket deleted) while a VM ran kept the VM's port removal owed forever, tried and recorded
+// as failing at every start, with no way to clear it. A removal whose database no network names and whose socket has
+// been gone at seven tries in a row (about a minute) is dropped, said once, and the table forgets the database; one
+// that comes back in between starts the count again. (Delays shortened; the real table and the real check of the
+// socket's path.)
+test('an owed Open vSwitch removal whose database is retired is dropped after seven tries in a row; a database back in between is not', async (t) => {
+  const dir = tempDir('retired');
+  try {
+    const { table } = LeaseTable.load(dir);
+    const sock = path.join(dir, 'db.sock');
+    const db = `unix:${sock}`;
+    const named = new Set<string>();
+    const notes: string[] = [];
+    let tries = 0;
+    const unplugs = new Unplugs(table, (_op, decision, _l, message) => void notes.push(`${decision}: ${message}`),
+      { current: 'r', save: () => {} }, (d) => !named.has(d) && ovsdbGone(d), () => (tries++, 1));
+    const l = lease({ name: 'tb1000-ovs', plug: { ovs: 'br-int', db }, network: 'prod' });
+    table.add(l);
+    t.deepEqual(table.ovsdbs(), [db]);
+    table.remove(l.id);
+    table.forgetDb(db);
+    t.deepEqual(table.ovsdbs(), [db], 'kept while a removal is owed');
+    t.deepEqual(table.owedDowns().map((d) => d.id), [l.id]);
+    // Named by the policy: never dropped, however long it is gone.
+    named.add(db);
+    unplugs.unplug(l);
+    await until(() => (tries >= 9 ? true : null), { ms: 10_000, what: `${tries} tries` });
+    t.deepEqual(table.owedDowns().map((d) => d.id), [l.id], 'a database the policy names is never retired');
+    t.false(notes.some((n) => /removal is dropped/.test(n)));
+    await unplugs.close(0);
+    await new Promise((r) => setTimeout(r, 200)); // its last try, scheduled before the close, has run
+    // Named by nothing, gone at three tries, then a file at its socket's path, then gone again: the count starts
+    // again, and seven in a row drop it.
+    named.clear();
+    const said: string[] = [];
+    tries = 0;
+    const again = new Unplugs(table, (_op, decision, _l, message) => void said.push(`${decision}: ${message}`),
+      { current: 'r', save: () => {} }, (d) => !named.has(d) && ovsdbGone(d), (attempt) => {
+        tries++;
+        if (attempt === 3) fs.writeFileSync(sock, '');
+        if (attempt === 4) fs.rmSync(sock);
+        return 1;
+      });
+    again.unplug(l);
+    await until(() => (said.some((n) => /removal is dropped/.test(n)) ? true : null), { ms: 10_000, what: said.join('\n') });
+    t.is(tries, 10, `tried ${tries} times: 3 gone, 1 there, then 7 gone (the last not followed by another)\n${said.join("\n")}`);
+    t.regex(said.at(-1)!, new RegExp(`^unplug: its port's removal is dropped: no network names Open vSwitch database ${
+      db.replace(/[.]/g, '\\.')} any more, and it has been gone \\(no socket\\) at 7 tries in a row$`));
+    t.regex(said[0]!, /dropped if still so at 7 tries in a row\)$/);
+    t.false(/dropped if still so/.test(said[3]!), `the try that found it there says nothing of it: ${said[3]}`);
+    t.deepEqual(table.owedDowns(), [], 'no longer owed');
+    t.deepEqual(table.ovsdbs(), [], 'the database is forgotten');
+    t.false(again.pending('tb1000-ovs'), 'its name is free');
+    const saved = JSON.parse(fs.readFileSync(path.join(dir, STATE_FILE), 'utf8')) as { downs: unknown[]; ovsdbs: string[] };
+    t.deepEqual([saved.downs, saved.ovsdbs], [[], []], 'and so is the table on disk');
+    await new Promise((r) => setTimeout(r, 50));
+    t.is(tries, 10, 'not tried again');
+    await again.close(0);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

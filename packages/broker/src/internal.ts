@@ -60,7 +60,7 @@ export {
   LeaseTable, leaseView, processStartTime, STATE_FILE, ALIAS_MAX, leaseTag, kernelBound, leaseFromAlias, brokerId,
   aliasIdentity, aliasBroker,
 } from './leases.js';
-export { addPort, delPort, delPortOf, listPorts, isOvsBridge, ovsdbTarget, setUpFailed } from './ovs.js';
+export { addPort, delPort, delPortOf, listPorts, isOvsBridge, ovsdbGone, ovsdbTarget, setUpFailed } from './ovs.js';
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
 export { accountMembers, aclUserOnly, attachFilter, grantUserOnly, getpwnam, getpwuid } from './libc.js';

@@ -301,6 +301,13 @@ export class LeaseTable {
     if (this.downs.delete(id)) this.trySave();
   }
 
+  /** Forgets Open vSwitch database `db` (a retired one) once no lease and no owed `down` names it. */
+  forgetDb(db: string): void {
+    const names = (l: LeaseRecord) => !!l.plug && 'ovs' in l.plug && l.plug.db === db;
+    if ([...this.byId.values(), ...this.downs.values()].some(names) || !this.dbs.delete(db)) return;
+    this.trySave();
+  }
+
   /** Ended leases whose network's `down` has not run. */
   owedDowns(): LeaseRecord[] {
     return [...this.downs.values()];

@@ -12,7 +12,7 @@ import { decidePersistent, expectedMac, takenMac, violationOf } from './terms.js
 import { Floods } from './floods.js';
 import { Repeats, stateOf } from './repeats.js';
 import { Forwarding } from './forwarding.js';
-import { Unplugs } from './plug.js';
+import { Unplugs, retired } from './plug.js';
 import { recorded, type Policy } from './decide.js';
 import type { Reaper } from './reaper.js';
 import { RTM_DELLINK, RTM_NEWLINK, type Link } from './rtnetlink.js';
@@ -65,7 +65,7 @@ export class Lifetimes implements Cleanup {
     this.table = table;
     table.log = log;
     this.forwarding = new Forwarding(kernel, table, (...a) => this.note(...a), log, takerWaitMs);
-    this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun);
+    this.unplugs = new Unplugs(table, (...a) => this.note(...a), this.hookRun, retired(() => this.policy().networks));
     this.trusted = trusted;
     this.intact = intact;
     if (problem) log(`warning: ${problem}`);

@@ -70,6 +70,21 @@ export function ovsdbTarget(policyValue?: string): string {
 }
 
 /**
+ * Is `db` a unix socket with nothing at its path? An Open vSwitch retired (or stopped: ovsdb-server removes its socket
+ * when it exits). Never for a socket that is there, answering or not.
+ */
+export function ovsdbGone(db: string): boolean {
+  if (!db.startsWith('unix:')) return false;
+  try {
+    fs.lstatSync(db.slice('unix:'.length));
+    return false;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === 'ENOENT' || code === 'ENOTDIR';
+  }
+}
+
+/**
  * add-port in one transaction: the port (tag, trunks) and our external-ids on Port and Interface,
  * then a wait for ovs-vswitchd. Never --may-exist: an existing port is someone's, not ours to adopt.
  * If ovs-vswitchd cannot open the device, or never answers, the port is removed again.

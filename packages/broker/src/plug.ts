@@ -1,6 +1,6 @@
 // Joining a device to a named network that is not a plain Linux bridge: an Open vSwitch port, or an
 // administrator's hook. The lease records how it was plugged, so unplugging never consults a later policy.
-import { addPort, delPortOf, ovsdbTarget } from './ovs.js';
+import { addPort, delPortOf, ovsdbGone, ovsdbTarget } from './ovs.js';
 import { HookNotRun, runHook, type HookResult, type HookRun } from './hook.js';
 import type { AuditEvent } from './audit.js';
 import type { Network } from './decide.js';
@@ -14,6 +14,24 @@ import { leaseView, type LeaseRecord, type LeaseTable, type Plug } from './lease
  */
 const UNPLUG_ATTEMPTS = 10;
 const UNPLUG_SLOWEST_S = 300;
+/**
+ * Failed tries in a row (about a minute, 1 + 2 + … + 32 s) that found a port's database retired (named by no network,
+ * its socket gone) before its removal is dropped: an outside review's retired Open vSwitch kept one owed for good,
+ * tried and recorded at every start. The wait lets an ovsdb-server restarting (its socket briefly gone) come back.
+ */
+const RETIRED_TRIES = 7;
+
+/** The Open vSwitch databases `networks` (the policy's) name. */
+export function namedDbs(networks: Iterable<Network>): Set<string> {
+  const dbs = new Set<string>();
+  for (const n of networks) if (n.kind === 'ovs') dbs.add(ovsdbTarget(n.ovsdb ?? undefined));
+  return dbs;
+}
+
+/** Is a database retired: named by no network of `networks()` (the policy's now), and gone (see ovsdbGone)? */
+export function retired(networks: () => ReadonlyMap<string, Network>): (db: string) => boolean {
+  return (db) => !namedDbs(networks().values()).has(db) && ovsdbGone(db);
+}
 
 /** How a device joins `net`, or null for a Linux bridge (attached by the kernel step itself). */
 export function plugOf(net: Network | undefined): Plug | null {
@@ -101,17 +119,23 @@ export class Unplugs {
   readonly foreign = new ForeignPorts();
 
   constructor(
-    private readonly table: Pick<LeaseTable, 'unplugged'>,
+    private readonly table: Pick<LeaseTable, 'unplugged' | 'forgetDb'>,
     private readonly note: Note,
     private readonly run: HookRun,
+    /** Is this database retired: named by no network of the policy, and gone? (None is, unless told.) */
+    private readonly retired: (db: string) => boolean = () => false,
     /** Milliseconds before the try after `attempt` (tests shorten them). */
     private readonly delayMs = (attempt: number) => 1000 * delay(attempt),
   ) {}
 
-  /** Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. */
-  unplug(l: LeaseRecord, attempt = 1): void {
+  /**
+   * Undoes a device's OVS port or runs its hook's `down`, as its lease says. Never throws. `gone`: the tries before
+   * this one, in a row, that found its database retired.
+   */
+  unplug(l: LeaseRecord, attempt = 1, gone = 0): void {
     if (!l.plug) return;
-    const ovs = 'ovs' in l.plug;
+    const db = 'ovs' in l.plug ? l.plug.db : null;
+    const ovs = db !== null;
     // Counted once per lease, across its tries.
     if (attempt === 1) count(this.names, l.name, +1);
     count(this.uids, l.uid, +1);
@@ -143,18 +167,32 @@ export class Unplugs {
         again = (ovs || (cut && attempt < UNPLUG_ATTEMPTS)) && !this.closing;
         // A port not removed stays owed (the next start tries again); a hook's failure is its answer.
         if (!ovs && !cut) this.table.unplugged(l.id);
+        gone = db !== null && this.retired(db) ? gone + 1 : 0;
+        if (gone >= RETIRED_TRIES) {
+          // No port to remove can come back but with its database, which no network names now: dropped, said once.
+          again = failed = false;
+          this.table.unplugged(l.id);
+          this.table.forgetDb(db!);
+          this.note('unplug', 'unplug', l, `its port's removal is dropped: no network names Open vSwitch database ${db}`
+            + ` any more, and it has been gone (no socket) at ${gone} tries in a row`);
+          return;
+        }
         if (attempt > UNPLUG_ATTEMPTS) return;
         const next = !again ? (cut ? '; it runs again at the broker\'s next start' : '')
           : attempt < UNPLUG_ATTEMPTS ? `; trying again in ${delay(attempt)} s`
           : `; tried again every ${UNPLUG_SLOWEST_S / 60} minutes from now on, its failures no more recorded`;
-        this.note('unplug', 'error', l, `unplugging failed: ${err.message}${next}`, { code: 'TB_E_HOOK_FAILED' });
+        const retiring = gone > 0 && again
+          ? ` (no network names its database and it is gone: dropped if still so at ${RETIRED_TRIES} tries in a row)`
+          : '';
+        this.note('unplug', 'error', l, `unplugging failed: ${err.message}${next}${retiring}`,
+          { code: 'TB_E_HOOK_FAILED' });
       },
     );
     this.running.add(p);
     void p.finally(() => {
       this.running.delete(p);
       count(this.uids, l.uid, -1);
-      if (again) setTimeout(() => this.unplug(l, attempt + 1), this.delayMs(attempt)).unref();
+      if (again) setTimeout(() => this.unplug(l, attempt + 1, gone), this.delayMs(attempt)).unref();
       // A port never removed, or a `down` still owed, keeps its name from new devices until the broker restarts.
       if (again || ((ovs || cut) && failed && !this.closing)) return;
       count(this.names, l.name, -1);

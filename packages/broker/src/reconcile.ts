@@ -12,8 +12,8 @@ import {
 import { getpwuid, pidfdOpen } from './libc.js';
 import { Forwarding } from './forwarding.js';
 import { shown } from './naming.js';
-import { plugOf, type ForeignPorts } from './plug.js';
-import { delPortOf, listPorts, ovsdbTarget, type OvsPort } from './ovs.js';
+import { namedDbs, plugOf, type ForeignPorts } from './plug.js';
+import { delPortOf, listPorts, ovsdbGone, type OvsPort } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
 /** How a deletion without a lease is recorded, where not as a cleanup. */
@@ -324,17 +324,20 @@ export function relock(lt: Keeper, l: LeaseRecord): void {
  * with no rule for an OVS network got a tap onto another broker's VLAN that way).
  */
 export async function reconcileOvs(lt: Keeper, stale = true): Promise<void> {
-  const named = new Set<string>();
-  for (const n of lt.policy().networks.values()) if (n.kind === 'ovs') named.add(ovsdbTarget(n.ovsdb ?? undefined));
+  const named = namedDbs(lt.policy().networks.values());
+  // One only the table remembers, gone, and with no lease or owed removal of its own, is forgotten (a retired one).
+  for (const db of lt.table.ovsdbs()) if (!named.has(db) && ovsdbGone(db)) lt.table.forgetDb(db);
   const dbs = new Set([...lt.table.ovsdbs(), ...named]);
   const generation = lt.foreign.listing(dbs, named);
-  await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db, stale, generation)));
+  await Promise.all([...dbs].map((db) => reconcileOvsdb(lt, db, stale, generation, named.has(db))));
 }
 
 /** Tries at reaching an Open vSwitch database at start, 1 s, 2 s, 4 s … apart (OVS may start after the broker). */
 const OVS_RECONCILE_ATTEMPTS = 10;
 
-async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation: number, attempt = 1): Promise<void> {
+async function reconcileOvsdb(
+  lt: Keeper, db: string, stale: boolean, generation: number, named: boolean, attempt = 1,
+): Promise<void> {
   let listed: Awaited<ReturnType<typeof listPorts>>;
   // The leases the listing can speak for: those live before it began (a re-test's device made while the start removed
   // stale ports was said to have lost a port it had).
@@ -345,6 +348,8 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
     // A database never listed is tried until it answers (a minute apart at most), by the latest listing alone: one
     // the policy names keeps chosen names from devices meanwhile (an outside audit's reload listing was never tried
     // again), and one the lease table alone remembers protects no name until it answers (a re-test's gave up).
+    // One the table no longer remembers (its owed removals dropped: retired) is tried no more.
+    if (!named && !lt.table.ovsdbs().includes(db)) return;
     const unlisted = lt.foreign.awaits(db, generation);
     const again = (stale && attempt < OVS_RECONCILE_ATTEMPTS) || unlisted;
     const s = Math.min(60, 2 ** (attempt - 1));
@@ -353,7 +358,7 @@ async function reconcileOvsdb(lt: Keeper, db: string, stale: boolean, generation
       + (again ? `; trying again in ${s} s` : stale ? '; its stale ports stay until the next start' : ''));
     if (!again) return;
     await new Promise((resolve) => setTimeout(resolve, 1000 * s).unref());
-    return reconcileOvsdb(lt, db, stale, generation, attempt + 1);
+    return reconcileOvsdb(lt, db, stale, generation, named, attempt + 1);
   }
   const gone = stale ? await removeStalePorts(lt, db, listed.ours) : new Set<string>();
   // Ours: a port of a lease of this broker's (live, being made, or owed its removal), which it removes itself.
