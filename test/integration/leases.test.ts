@@ -588,3 +588,55 @@ test.serial('a create reply cut short at the client\'s open-files limit: its per
   await broker.waitFor(() => ns.link(name) === undefined, 3000, 'the persistent device stayed');
   t.deepEqual((await probeOnce({ socket: sock(), list: true })).leases?.map((l) => l.name), []);
 });
+
+// Found by two outside reviews: a broker that could not keep its identity (`broker-id` in a full or read-only state
+// directory) fell back to its state directory's digest with nothing said and tagged its taps with it; the next start,
+// on a writable directory, drew another, and the VMs granted meanwhile were no one's: out of `list`, out of their
+// quota (a second VM under max_devices = 1), their MACs no longer held to their terms. Now no device is made until the
+// identity is kept (tried again at each create), and the log says both.
+test.serial('a broker that cannot keep its identity makes no device until it can; its devices are its own at the next start', async (t) => {
+  const own = tempDir('unkept');
+  const state = path.join(own, 'state');
+  fs.mkdirSync(state);
+  t.is(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64k,mode=755', 'tmpfs', state]).status, 0, 'mount');
+  let b: BrokerProcess | null = null;
+  let held: Awaited<ReturnType<typeof probe>> | null = null;
+  try {
+    // Full, as /run can be: a file takes what room there is.
+    const fill = path.join(state, 'fill');
+    try {
+      fs.writeFileSync(fill, Buffer.alloc(128 * 1024));
+    } catch (err) {
+      t.is((err as NodeJS.ErrnoException).code, 'ENOSPC');
+    }
+    b = await BrokerProcess.start(ns, POLICY, { dir: own });
+    const broker = b;
+    await broker.waitFor(() => /broker's identity cannot be kept/.test(broker.stderr), 3000, 'no warning');
+    t.regex(broker.stderr, /warning: the broker's identity cannot be kept in \S+\/broker-id \(.*ENOSPC.*\): no device is made until it is/);
+    const refused = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: A });
+    t.is(refused.error?.code, 'TB_E_STATE_UNWRITABLE');
+    t.regex(refused.error!.message, /^the broker's identity \(in its devices' tags\) could not be kept: .*ENOSPC/);
+    t.regex(refused.error!.hint ?? '', /full or read-only/);
+    t.deepEqual(ns.extraLinks(BASE), [], 'no device made');
+    fs.rmSync(fill);
+    held = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: A });
+    t.is(held.result.error, null, JSON.stringify(held.result.error));
+    const name = held.result.taps[0]!.device.name;
+    const id = fs.readFileSync(path.join(state, 'broker-id'), 'utf8').trim();
+    t.regex(id, /^[0-9a-f]{8}$/);
+    t.regex(ns.ip('-d', 'link', 'show', name), new RegExp(`alias tapbroker .*broker=${id}`));
+    t.regex(broker.stderr, /the broker's identity is kept in \S+\/broker-id now: devices are made again/);
+    t.is(broker.stderr.match(/identity cannot be kept/g)!.length, 1, 'the warning is said once');
+    // The next start: the same identity, and the VM's tap is still its lease.
+    await broker.stop('SIGTERM', true);
+    b = await BrokerProcess.start(ns, POLICY, { dir: own });
+    t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8').trim(), id);
+    const listed = await probeOnce({ socket: b.socket, list: true }, { uid: A });
+    t.true(listed.leases!.some((l) => l.name === name), `${name} not listed: ${JSON.stringify(listed.leases)}`);
+  } finally {
+    await held?.release();
+    await b?.stop('SIGTERM', true);
+    spawnSync('umount', [state]);
+    fs.rmSync(own, { recursive: true, force: true });
+  }
+});

@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  ALIAS_MAX, LeaseTable, brokerId, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, ovsdbGone,
+  ALIAS_MAX, LeaseTable, BrokerId, STATE_FILE, Unplugs, aliasBroker, hookRun, killOrphanHooks, aliasIdentity, kernelBound, leaseFromAlias, leaseTag, ovsdbGone,
   type LeaseRecord,
 } from '@tapbroker/broker/internal';
 import { BROKER_VERSION } from '@tapbroker/broker';
@@ -438,31 +438,31 @@ test('a state directory without a broker id draws one and keeps it; one that hol
   try {
     const state = path.join(dir, 'state');
     fs.mkdirSync(state);
-    const first = brokerId(state);
+    const first = BrokerId.load(state).value;
     t.regex(first, /^[0-9a-f]{8}$/);
     t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8'), `${first}\n`);
-    t.is(brokerId(state), first, 'the same at the next start');
+    t.is(BrokerId.load(state).value, first, 'the same at the next start');
     // Another directory at the same path (another container's): another id.
     fs.rmSync(state, { recursive: true });
     fs.mkdirSync(state);
-    t.not(brokerId(state), first);
+    t.not(BrokerId.load(state).value, first);
     // A directory a broker used without the file (an unreleased build's): drawn too, not the path's digest, which two
     // such brokers shared (a re-test).
     fs.rmSync(state, { recursive: true });
     fs.mkdirSync(state);
     fs.writeFileSync(path.join(state, STATE_FILE), '{}');
     const digest = createHash('sha256').update(fs.realpathSync(state)).digest('hex').slice(0, 8);
-    const drawn = brokerId(state);
+    const drawn = BrokerId.load(state).value;
     t.not(drawn, digest);
-    t.is(brokerId(state), drawn, 'and kept');
+    t.is(BrokerId.load(state).value, drawn, 'and kept');
     // One that is there and holds no id is an error, never replaced (a re-test's garbage gave a new identity, and
     // the broker's own devices went to no one).
     fs.writeFileSync(path.join(state, 'broker-id'), 'garbage\n');
-    t.throws(() => brokerId(state), { message: /holds no broker identity/ });
+    t.throws(() => BrokerId.load(state), { message: /holds no broker identity/ });
     t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8'), 'garbage\n');
     fs.rmSync(path.join(state, 'broker-id'));
     fs.symlinkSync('/etc/hostname', path.join(state, 'broker-id'));
-    t.throws(() => brokerId(state), { message: /cannot read the broker's identity/ });
+    t.throws(() => BrokerId.load(state), { message: /cannot read the broker's identity/ });
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -306,7 +306,7 @@ async function grantOne(
     const held = granted.lease.plug ? ctx.lifetimes.unplugs.hold(granted.lease.name) : () => {};
     try {
       const net = spec.network ? policy.networks.get(spec.parent) : undefined;
-      const plugged = await plugUp(granted.lease, net, ctx.lifetimes.brokerId, ctx.lifetimes.hookRun);
+      const plugged = await plugUp(granted.lease, net, ctx.lifetimes.identity.value, ctx.lifetimes.hookRun);
       return { ...granted, plugged, spec, held };
     } catch (err) {
       await undone([abort(ctx, { ...granted, held }, (err as Error).message, caller)]);
@@ -360,6 +360,8 @@ function makeDevice(
   ctx: OpContext, policy: Policy, caller: Identity, spec: CreateSpec, rule: AllowRule, { place, lock }: Admitted,
   asked: ReadonlySet<string>,
 ) {
+  const unkept = ctx.lifetimes.identity.keep();
+  if (unkept) throw unwritable(unkept, 'the broker\'s identity (in its devices\' tags) could not be kept');
   // A guest MAC the hypervisor sets is unknown here: the host side then gets a random one of its own.
   const mac = spec.macUnknown ? null : (spec.mac ?? freshMac(ctx, rule.macPrefix, asked));
   const guestMac = macToBuffer(mac ?? randomMac(rule.macPrefix));
@@ -394,7 +396,7 @@ function makeDevice(
   };
   // The lease is written into the device itself (ifalias), so a crash between here and the lease
   // table leaves a device the next start recognises as ours, and a tap its fds keep alive needs no table.
-  const tag = leaseTag(draft, ctx.lifetimes.brokerId);
+  const tag = leaseTag(draft, ctx.lifetimes.identity.value);
   const common = {
     uid: caller.uid,
     queues: spec.queues,
@@ -489,9 +491,9 @@ function deviceRecord(device: Device, lease: LeaseRecord, plug?: unknown): Recor
 }
 
 const FULL_HINT = 'the broker\'s state directory is full or read-only; an administrator must free it';
-function unwritable(err: unknown): TapbrokerError {
+function unwritable(err: unknown, what = 'the lease table could not be written'): TapbrokerError {
   // Out of fds is not a full disk (an outside review's hint said the directory was full at the open-files limit).
-  const message = `the lease table could not be written: ${(err as Error).message}`;
+  const message = `${what}: ${(err as Error).message}`;
   return new TapbrokerError('TB_E_STATE_UNWRITABLE', message, {
     hint: shortOf(err) ? SHORT_OF_HINT : FULL_HINT,
   });

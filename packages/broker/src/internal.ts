@@ -57,7 +57,7 @@ export { StateFile, LeaseRecord } from './lease-schema.js';
 export { PolicySchema } from './policy-schema.js';
 export { POLICY_SHAPE } from './policy-shape.js';
 export {
-  LeaseTable, leaseView, processStartTime, STATE_FILE, ALIAS_MAX, leaseTag, kernelBound, leaseFromAlias, brokerId,
+  LeaseTable, leaseView, processStartTime, STATE_FILE, ALIAS_MAX, leaseTag, kernelBound, leaseFromAlias, BrokerId,
   aliasIdentity, aliasBroker,
 } from './leases.js';
 export { addPort, delPort, delPortOf, listPorts, isOvsBridge, ovsdbGone, ovsdbTarget, setUpFailed } from './ovs.js';

@@ -447,39 +447,68 @@ const KEEP_ID = 'another would leave this broker\'s devices to no one: put back 
  * where the state directory has none, and kept in it (`broker-id`). It was the digest of the directory's path,
  * which two brokers in two mount namespaces (two containers on the host's network, each with its own /run/tapbroker)
  * shared: an outside review's restart of one deleted the other's VM's tap and port (0.5.0 is the first to tag
- * devices with a broker: 0.4's tags have none, and stay this broker's). One the file cannot be written to (a
- * read-only state directory) keeps that digest, to stay the same from start to start. A file that is there and holds
- * no id is an error, never replaced: another identity would leave this broker's devices to no one (a re-test's
- * garbage in it did, with nothing said).
+ * devices with a broker: 0.4's tags have none, and stay this broker's). A file that is there and holds no id is an
+ * error, never replaced: another identity would leave this broker's devices to no one (a re-test's garbage in it
+ * did, with nothing said). One drawn and not kept (a full or read-only state directory) tags no device until it is
+ * (keep): it fell back to that digest, and the next start, on a writable directory, drew another and left the
+ * devices tagged meanwhile to no one (two outside reviews: a VM's tap outside its quota and its terms).
  */
-export function brokerId(stateDir: string | null): string {
-  const digest = (dir: string) => createHash('sha256').update(dir).digest('hex').slice(0, 8);
-  if (stateDir === null) return digest('-');
-  const file = path.join(stateDir, 'broker-id');
-  let kept: string | null = null;
-  try {
-    kept = readRegular(file, 64, false).trim();
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
-      throw new Error(`cannot read the broker's identity from ${file}: ${(err as Error).message}; ${KEEP_ID}`);
+export class BrokerId {
+  private constructor(readonly value: string, private readonly file: string | null, private kept: boolean,
+    private readonly log: (line: string) => void) {}
+
+  static load(stateDir: string | null, log: (line: string) => void = () => {}): BrokerId {
+    if (stateDir === null) {
+      return new BrokerId(createHash('sha256').update('-').digest('hex').slice(0, 8), null, true, log);
     }
-  }
-  if (kept !== null) {
-    if (/^[0-9a-f]{8}$/.test(kept)) return kept;
-    throw new Error(`${file} holds no broker identity (8 hex digits); ${KEEP_ID}`);
-  }
-  const id = randomOctets(4).toString('hex');
-  try {
-    replaceFile(file, `${id}\n`);
-    return id;
-  } catch {
-    let dir = stateDir;
+    const file = path.join(stateDir, 'broker-id');
+    let kept: string | null = null;
     try {
-      dir = fs.realpathSync(stateDir);
-    } catch {
-      // Not created: the name as given.
+      kept = readRegular(file, 64, false).trim();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+        throw new Error(`cannot read the broker's identity from ${file}: ${(err as Error).message}; ${KEEP_ID}`);
+      }
     }
-    return digest(dir);
+    if (kept !== null && !/^[0-9a-f]{8}$/.test(kept)) {
+      throw new Error(`${file} holds no broker identity (8 hex digits); ${KEEP_ID}`);
+    }
+    const id = new BrokerId(kept ?? randomOctets(4).toString('hex'), file, kept !== null, log);
+    id.keep();
+    return id;
+  }
+
+  private failing = false;
+
+  /** Keeps the identity in the state directory if it is not yet: null once it is, else why not (tried again). */
+  keep(): Error | null {
+    if (this.kept || this.file === null) return null;
+    const why = this.store();
+    if (why) {
+      if (!this.failing) {
+        this.log(`warning: the broker's identity cannot be kept in ${this.file} (${why.message}): no device is made `
+          + 'until it is');
+      }
+      this.failing = true;
+      return why;
+    }
+    if (this.failing) this.log(`the broker's identity is kept in ${this.file} now: devices are made again`);
+    this.kept = true;
+    return null;
+  }
+
+  private store(): Error | null {
+    try {
+      replaceFile(this.file!, `${this.value}\n`);
+      return null;
+    } catch (err) {
+      // The file may be in place with a later step failed (the directory's fsync): kept all the same.
+      try {
+        return readRegular(this.file!, 64, false).trim() === this.value ? null : err as Error;
+      } catch {
+        return err as Error;
+      }
+    }
   }
 }
 

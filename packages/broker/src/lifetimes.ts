@@ -4,7 +4,7 @@
 import { TapbrokerError, macFromBuffer, sys, watchReadable } from '@tapbroker/protocol/core';
 import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
-import { KERNEL_KIND, LeaseTable, aliasIdentity, brokerId, leaseView, type LeaseRecord } from './leases.js';
+import { BrokerId, KERNEL_KIND, LeaseTable, aliasIdentity, leaseView, type LeaseRecord } from './leases.js';
 import type { Cleanup, Kernel } from './kernel.js';
 import { putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks, type HookRun } from './hook.js';
@@ -46,7 +46,7 @@ export class Lifetimes implements Cleanup {
     return o && !this.creating.has(o.id) ? o : undefined;
   });
   /** This broker's identity in its devices' tags. */
-  readonly brokerId: string;
+  readonly identity: BrokerId;
   /** This run's secret, which its plug hooks inherit; and earlier runs', to find the hooks they left running. */
   readonly hookRun: HookRun & { readonly previous: readonly string[]; cleaned(): void };
 
@@ -59,7 +59,7 @@ export class Lifetimes implements Cleanup {
     private readonly log: (line: string) => void,
     takerWaitMs?: number,
   ) {
-    this.brokerId = brokerId(stateDir);
+    this.identity = BrokerId.load(stateDir, log);
     this.hookRun = hookRun(stateDir);
     const { table, problem, trusted, intact } = LeaseTable.load(stateDir);
     this.table = table;
@@ -81,7 +81,7 @@ export class Lifetimes implements Cleanup {
     );
     const keeper: Keeper = this.keeper = {
       table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, intact: this.intact,
-      brokerId: this.brokerId, policy: this.policy, log: this.log,
+      brokerId: this.identity.value, policy: this.policy, log: this.log,
       judge: (l, link) => this.judge(l, link),
       isDevice: (l, link): link is Link => this.isDevice(l, link),
       note: (...a) => this.note(...a),
