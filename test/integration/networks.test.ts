@@ -122,6 +122,34 @@ test.serial('network=lab: a tap on the bridge the admin named, recorded as that 
   }
 });
 
+// Found by an outside review of an administrator's week: a reload that moved a network said nothing of the VMs it
+// leaves where they were. The reload's log line and record name the network, where it is now and was, and how many
+// live devices stay.
+test.serial('a reload that moves a network with live devices says so; they stay, new ones go where it is now', async (t) => {
+  const p = await probe({ socket: sock(), requests: [{ network: 'lab' }] });
+  const policy = fx.broker.policyPath;
+  const before = fs.readFileSync(policy, 'utf8');
+  try {
+    t.is(p.result.error, null, p.result.error?.message);
+    fs.writeFileSync(policy, before.replace('[network.lab]\nbridge = "br0"', '[network.lab]\nbridge = "br-hook"'));
+    fx.broker.proc.kill('SIGHUP');
+    const said = "network `lab' is bridge br-hook now (was bridge br0): its 1 live device(s) stay where they were plugged "
+      + 'until they end';
+    const r = await fx.broker.record((x) => x.op === 'reload' && x.decision === 'reload' && x.message!.includes(said));
+    t.regex(r.message!, /replaced by/);
+    t.true(fx.broker.stderr.includes(`warning: ${said}`));
+    t.is(fx.ns.link(p.result.taps[0]!.device.name)?.master, 'br0', 'the live device stays');
+    const next = await probeOnce({ socket: sock(), requests: [{ network: 'lab' }] });
+    t.like(next.taps[0]?.device, { network: 'lab', parent: 'br-hook' });
+  } finally {
+    await p.release();
+    fs.writeFileSync(policy, before);
+    fx.broker.proc.kill('SIGHUP');
+    await fx.broker.record((x) => x.op === 'reload' && x.decision === 'reload' && /replaced by/.test(x.message!)
+      && !x.message!.includes('br-hook now'));
+  }
+});
+
 test.serial('a network the rule does not list, and a bridge= the rule does not list, are refused', async (t) => {
   t.is((await probeOnce({ socket: sock(), requests: [{ network: 'nope' }] })).error?.code, 'TB_E_POLICY_DENIED');
   const r = await probeOnce({ socket: sock(), requests: [{ bridge: 'br0' }] });

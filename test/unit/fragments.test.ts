@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { TapbrokerError } from '@tapbroker/protocol';
-import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, lostSince, policyFiles, shown } from '@tapbroker/broker/internal';
+import { decide, deniedToUnit, loadPolicy, loadTrustedPolicy, lostSince, movedSince, policyFiles, shown } from '@tapbroker/broker/internal';
+import { parsePolicy } from '@tapbroker/broker';
 import { ROOT, tempDir } from '../helpers/broker.js';
 import { until } from '../helpers/wait.js';
 
@@ -584,4 +585,26 @@ test('a staged policy.toml.new: the tools warn that policy.d is not read, and re
   }
   // The installed file itself: no warning.
   t.notRegex(tool('check-policy', 'policy.toml').stdout, /warning: read without/);
+});
+
+// Found by an outside review of an administrator's week: a reload that moved a network (VLAN 100 to 200) to isolate
+// it said nothing of the VMs left on VLAN 100 until they end; `tapbroker list` shows no VLAN. A reload names each
+// network placed elsewhere with live devices of it, how many, and where they stay.
+test('a reload names each network it places elsewhere while devices plugged as before live on', (t) => {
+  const net = (body: string) => `[network.prod]\n${body}\n[network.lab]\nbridge = "br9"\n`
+    + '[[rule]]\nname = "r"\nusers = [1000]\nnetworks = ["prod", "lab"]\n';
+  const was = parsePolicy(net('ovs = "br-a"\nvlan = 100'));
+  const live = (n: string) => (n === 'prod' ? 2 : n === 'lab' ? 1 : 0);
+  t.deepEqual(movedSince(was, parsePolicy(net('ovs = "br-a"\nvlan = 200')), live),
+    ['network `prod\' is ovs bridge br-a, vlan 200 now (was ovs bridge br-a, vlan 100): its 2 live device(s) stay where '
+      + 'they were plugged until they end']);
+  t.regex(movedSince(was, parsePolicy(net('ovs = "br-a"\ntrunk = [100, 101]')), live)[0]!,
+    /is ovs bridge br-a, trunk 100,101 now \(was ovs bridge br-a, vlan 100\)/);
+  t.regex(movedSince(was, parsePolicy(net('ovs = "br-a"\nvlan = 100\novsdb = "unix:/run/other/db.sock"')), live)[0]!,
+    /is ovs bridge br-a, vlan 100, in unix:\/run\/other\/db\.sock now/);
+  t.regex(movedSince(was, parsePolicy(net('bridge = "br1"')), live)[0]!, /is bridge br1 now \(was ovs bridge br-a/);
+  t.deepEqual(movedSince(was, parsePolicy(net('ovs = "br-a"\nvlan = 100')), live), [], 'unchanged');
+  t.deepEqual(movedSince(was, parsePolicy(net('ovs = "br-a"\nvlan = 200')), () => 0), [], 'no device lives on it');
+  t.deepEqual(movedSince(was, parsePolicy('[[rule]]\nname = "r"\nusers = [1000]\nbridges = ["br0"]\n'), live), [],
+    'gone networks are not moved ones');
 });

@@ -26,7 +26,7 @@ import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
 import { Netdev } from './netdev.js';
 import { dispatch, type OpContext } from './ops.js';
 import type { Policy } from './decide.js';
-import { accountsStamp, loadTrustedPolicy, lostSince, warned, withAccountsNow } from './policy.js';
+import { accountsStamp, loadTrustedPolicy, lostSince, movedSince, warned, withAccountsNow } from './policy.js';
 import { Reaper } from './reaper.js';
 import { reconcileOvs } from './reconcile.js';
 import { Session, type Outcome, type SessionHost } from './session.js';
@@ -279,7 +279,9 @@ export class Broker implements SessionHost, OpContext {
       const loaded = loadTrustedPolicy(this.policyPath);
       // What the last policy had and this one lacks is said where the administrator looks (the reply, the log and
       // the record): a fragment deleted or being replaced reads as gone (an outside review lost a deny that way).
-      const next: Policy = { ...loaded, warnings: [...lostSince(this.policy, loaded), ...loaded.warnings] };
+      const live = (network: string) => this.lifetimes.table.all().filter((l) => l.network === network).length;
+      const moved = movedSince(this.policy, loaded, live);
+      const next: Policy = { ...loaded, warnings: [...lostSince(this.policy, loaded), ...moved, ...loaded.warnings] };
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${shown(w)}`);
       // Denials counted so far were decided under the policy before: their summary names that one.

@@ -12,7 +12,7 @@ export {
 } from './decide.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
 export { deniedToUnit, kernelLocksPorts, policyWarnings } from './policy-tools.js';
-export { POLICY_CHECKS, POLICY_KEYS, loadTrustedPolicy, lostSince, parseSources } from './policy.js';
+export { POLICY_CHECKS, POLICY_KEYS, loadTrustedPolicy, lostSince, movedSince, parseSources } from './policy.js';
 export { fragmentDir, policyFiles, untrustedPolicyFile } from './policy-files.js';
 export { didYouMean, lineIndex } from './policy-text.js';
 export { importBridgeConf, parseAclLine, type ImportResult } from './bridge-conf.js';

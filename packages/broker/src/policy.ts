@@ -111,6 +111,23 @@ export function lostSince(last: Policy, next: Policy): string[] {
   ];
 }
 
+/**
+ * Networks `next` places elsewhere than `last` did (another bridge, VLAN, trunk, database or hook) while devices
+ * plugged as `last` had them live on (`live`: how many of a network's): a reload never moves them, and an outside
+ * review's operator, who moved a network to isolate it, was told nothing of the VMs left where they were.
+ */
+export function movedSince(last: Policy, next: Policy, live: (network: string) => number): string[] {
+  const where = (n: Network) => `${n.kind === 'hook' ? 'hook' : n.kind === 'ovs' ? 'ovs bridge' : 'bridge'} ${n.target}`
+    + (n.vlan !== null ? `, vlan ${n.vlan}` : '') + (n.trunk !== null ? `, trunk ${n.trunk.join(',')}` : '')
+    + (n.ovsdb !== null ? `, in ${n.ovsdb}` : '');
+  return [...last.networks.values()].flatMap((was) => {
+    const now = next.networks.get(was.name);
+    const n = now && where(now) !== where(was) ? live(was.name) : 0;
+    return n === 0 ? [] : [`network \`${was.name}' is ${where(now!)} now (was ${where(was)}): its ${n} live device(s) `
+      + 'stay where they were plugged until they end'];
+  });
+}
+
 /** A reload record's tail: the load's warnings (16 at most; the log has them all). */
 export function warned(p: Policy): string {
   if (p.warnings.length === 0) return '';
