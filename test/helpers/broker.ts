@@ -177,6 +177,24 @@ export class BrokerProcess {
     }).length;
   }
 
+  /** The pids of the broker's closer processes running now. */
+  closers(): number[] {
+    const pid = this.proc.pid!;
+    let children: string[];
+    try {
+      children = fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
+    } catch {
+      return [];
+    }
+    return children.filter((c) => {
+      try {
+        return fs.readFileSync(`/proc/${c}/cmdline`, 'utf8').includes('closer.js');
+      } catch {
+        return false;
+      }
+    }).map(Number);
+  }
+
   /** `socket:[INODE]` of the broker's end of each socket whose other end is a running closer's fd 3. */
   private closerEnds(): Set<string> {
     const pid = this.proc.pid!;

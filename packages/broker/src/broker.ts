@@ -237,6 +237,7 @@ export class Broker implements SessionHost, OpContext {
     this.listener = listener;
     if (this.refuseAtSocket) this.fdsRefusedAtSocket = listener.refuseFds();
     listener.onStall = stallLog(this.log);
+    sys.reserveSpareFd();
     listener.start((fd) => this.accept(fd));
   }
 
@@ -404,7 +405,8 @@ export class Broker implements SessionHost, OpContext {
     if (this.fdsRefusedAtSocket) refuseFds(fd);
     let peer: PeerCredentials;
     try {
-      peer = conn.peer();
+      // Its pidfd is the one fd a connection needs before it can be answered: at the open-files limit, the reserve's.
+      peer = sys.withSpareFd(() => conn.peer());
     } catch {
       conn.drainAndClose((fds) => this.foreign(fds)); // The peer vanished before we could ask who it was.
       return;

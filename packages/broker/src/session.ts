@@ -270,10 +270,13 @@ export class Session {
     const t0 = performance.now();
     this.holderWatch?.close();
     this.holderWatch = null;
+    // The pidfd first: at the open-files limit, counting what is queued takes an fd (a re-test's client was never
+    // answered when it could not).
+    if (this.caller.pidfd !== null) sys.close(this.caller.pidfd);
     // Packets still queued may carry fds: their last close must not happen in this thread.
     this.conn.drainAndClose((fds) => this.host.foreign(fds));
+    sys.reserveSpareFd();
     if (!this.shuttingDown) this.endHeld('its holder closed the connection');
-    if (this.caller.pidfd !== null) sys.close(this.caller.pidfd);
     this.host.fairness.spent(this.caller.uid, performance.now() - t0);
   }
 

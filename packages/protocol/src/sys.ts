@@ -457,11 +457,41 @@ export function dup(fd: number): number {
   return r;
 }
 
+/** One fd held in reserve (see withSpareFd), or -1. */
+let spare = -1;
+
+/** Holds one fd in reserve, if it is not held already and one can be had (the broker: at start, and as fds free). */
+export function reserveSpareFd(): void {
+  if (spare >= 0) return;
+  try {
+    spare = fs.openSync('/dev/null', fs.constants.O_RDONLY | 0o2000000 /* O_CLOEXEC */);
+  } catch {
+    // Out of fds now: held again at a later call.
+  }
+}
+
+/**
+ * Runs `step`, which opens one fd; at the open-files limit, once more with the reserve given up for it. For the steps
+ * whose failure there would leave a connection unanswered and unclosed (an outside review: a client waited for ever
+ * at a limit one fd above the broker's at rest, its socket's queue uncounted and no closer able to start).
+ */
+export function withSpareFd<T>(step: () => T): T {
+  try {
+    return step();
+  } catch (err) {
+    const code = err instanceof SyscallError ? err.errno : (err as NodeJS.ErrnoException).code;
+    if (spare < 0 || (code !== errno.EMFILE && code !== 'EMFILE')) throw err;
+    close(spare);
+    spare = -1;
+    return step();
+  }
+}
+
 /** Fds queued in a unix socket's receive queue (`scm_fds` in its fdinfo, Linux 5.7), or null where it does not say. */
 export function queuedFds(fd: number): number | null {
   let info: string;
   try {
-    info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+    info = withSpareFd(() => fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
   } catch {
     return null;
   }
