@@ -1,6 +1,7 @@
 // Persistent devices for rootless libvirtd, the lease table, and broker restarts.
 import anyTest, { type TestFn } from 'ava';
 import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -280,6 +281,50 @@ test.serial('a persistent device whose tag cannot rebuild its lost lease is left
     await restart();
   }
   t.deepEqual(JSON.parse(fs.readFileSync(path.join(dir, 'state', 'leases.json'), 'utf8')).kept, [], 'gone: forgotten');
+});
+
+// Found by an outside review of an upgrade: 0.4.0 tagged devices with its state directory's path digest, and 0.5,
+// finding no `broker-id`, drew another identity: with the table lost (cut short, or a downgrade and back), every device
+// 0.4 made was another broker's, left to no one. Here a persistent tap's tag is made 0.4's (broker= the digest), and
+// the start after finds neither the table nor `broker-id`.
+test.serial('a start without broker-id or table takes back devices whose tags carry its path digest (0.4\'s identity)', async (t) => {
+  // A broker of its own: the shared one's identity stays as its devices have it.
+  const own = tempDir('lease04');
+  let b = await BrokerProcess.start(ns, POLICY, { dir: own });
+  let name = '';
+  const state = path.join(own, 'state');
+  try {
+    const made = await probeOnce({ socket: b.socket, requests: [{ bridge: 'br0', persistent: true }] }, { uid: A });
+    t.is(made.error, null, made.error?.message);
+    name = made.taps[0]!.device.name;
+    await b.stop('SIGTERM', true);
+    const alias = /alias (tapbroker .*)$/m.exec(ns.ip('-d', 'link', 'show', name))![1]!;
+    // Another broker's (or this one's, its broker-id lost): left alone, and said (a review saw it said nowhere).
+    ns.ip('link', 'set', name, 'alias', alias.replace(/ broker=[0-9a-f]+/, ' broker=deadbeef'));
+    fs.rmSync(path.join(state, 'broker-id'));
+    fs.rmSync(path.join(state, 'leases.json'));
+    b = await BrokerProcess.start(ns, POLICY, { dir: own });
+    t.regex(b.stderr, new RegExp(`1 device\\(s\\) tagged by broker deadbeef, not this one \\([0-9a-f]{8}\\), left alone: `
+      + `another state directory's broker in this namespace, or this one's before its broker-id was lost: ${name}\n`));
+    t.deepEqual((await probeOnce({ socket: b.socket, list: true }, { uid: A })).leases, []);
+    await b.stop('SIGTERM', true);
+    // 0.4's identity: its state directory's digest.
+    const digest = createHash('sha256').update(fs.realpathSync(state)).digest('hex').slice(0, 8);
+    ns.ip('link', 'set', name, 'alias', alias.replace(/ broker=[0-9a-f]+/, ` broker=${digest}`));
+    fs.rmSync(path.join(state, 'broker-id'));
+    fs.rmSync(path.join(state, 'leases.json'), { force: true });
+    b = await BrokerProcess.start(ns, POLICY, { dir: own });
+    t.regex(b.stderr, new RegExp(`the broker's identity is ${digest}, its state directory's digest`));
+    t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8'), `${digest}\n`);
+    const listed = await probeOnce({ socket: b.socket, list: true }, { uid: A });
+    t.true(listed.leases!.some((l) => l.name === name), `${name} is not A's: ${JSON.stringify(listed.leases)}`);
+    const released = await probeOnce({ socket: b.socket, release: [name] }, { uid: A });
+    t.deepEqual(released.released.map((l) => l.name), [name]);
+    t.falsy(ns.link(name));
+  } finally {
+    if (name && ns.link(name)) ns.ip('link', 'del', name);
+    await b.stop();
+  }
 });
 
 /** A VM's hold on a tap: A opens it by name as libvirt does (one queue), until killed. */

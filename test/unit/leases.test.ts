@@ -552,3 +552,32 @@ test('an owed Open vSwitch removal whose database is retired is dropped after se
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// Found by an outside review of an upgrade: 0.4.0 tagged its devices with its state directory's path digest (the
+// comments and the CHANGELOG said its tags named no broker); 0.5 drew a random identity where `broker-id` was missing,
+// and every device 0.4 made (a cut-short table, a downgrade and back) was another broker's: left to no one. Where the
+// file is missing and a device's tag carries that digest, the digest is the identity, and kept.
+test('a state directory without a broker id whose devices carry its path digest (0.4\'s identity) keeps that digest', (t) => {
+  const dir = tempDir('broker-id-04');
+  try {
+    const state = path.join(dir, 'state');
+    fs.mkdirSync(state);
+    const digest = createHash('sha256').update(fs.realpathSync(state)).digest('hex').slice(0, 8);
+    const said: string[] = [];
+    // 0.4's tag, as leaseTag writes it with that identity.
+    const tag = leaseTag(lease(), digest).alias;
+    t.true(tag.includes(` broker=${digest}`));
+    const other = leaseTag(lease(), 'abcdef01').alias;
+    t.not(BrokerId.load(state, () => {}, () => [null, other]).value, digest, 'another broker\'s devices: drawn');
+    fs.rmSync(path.join(state, 'broker-id'));
+    const id = BrokerId.load(state, (l) => void said.push(l), () => [null, other, tag]);
+    t.is(id.value, digest);
+    t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8'), `${digest}\n`, 'kept');
+    t.deepEqual(said, [`the broker's identity is ${digest}, its state directory's digest, which its devices' tags carry `
+      + `(made by an earlier version): kept in ${path.join(state, 'broker-id')}`]);
+    // The file is read from then on: the devices are not looked at again.
+    t.is(BrokerId.load(state, () => {}, () => { throw new Error('read the devices'); }).value, digest);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -446,21 +446,26 @@ const KEEP_ID = 'another would leave this broker\'s devices to no one: put back 
  * A broker's identity in its devices' tags and ports, so that two brokers never take each other's: drawn at random
  * where the state directory has none, and kept in it (`broker-id`). It was the digest of the directory's path,
  * which two brokers in two mount namespaces (two containers on the host's network, each with its own /run/tapbroker)
- * shared: an outside review's restart of one deleted the other's VM's tap and port (0.5.0 is the first to tag
- * devices with a broker: 0.4's tags have none, and stay this broker's). A file that is there and holds no id is an
- * error, never replaced: another identity would leave this broker's devices to no one (a re-test's garbage in it
- * did, with nothing said). One drawn and not kept (a full or read-only state directory) tags no device until it is
- * (keep): it fell back to that digest, and the next start, on a writable directory, drew another and left the
- * devices tagged meanwhile to no one (two outside reviews: a VM's tap outside its quota and its terms).
+ * shared: an outside review's restart of one deleted the other's VM's tap and port. 0.4 (and 0.5 builds before
+ * `broker-id`) tagged devices with that digest: where the file is missing and a device's tag carries it, it is this
+ * broker's identity still, kept in the file from then on (an outside review's upgrade from 0.4 drew another, and left
+ * every device 0.4 made to no one). A file that is there and holds no id is an error, never replaced: another
+ * identity would leave this broker's devices to no one (a re-test's garbage in it did, with nothing said). One drawn
+ * and not kept (a full or read-only state directory) tags no device until it is (keep): it fell back to that digest,
+ * and the next start, on a writable directory, drew another and left the devices tagged meanwhile to no one (two
+ * outside reviews: a VM's tap outside its quota and its terms).
  */
 export class BrokerId {
   private constructor(readonly value: string, private readonly file: string | null, private kept: boolean,
     private readonly log: (line: string) => void) {}
 
-  static load(stateDir: string | null, log: (line: string) => void = () => {}): BrokerId {
-    if (stateDir === null) {
-      return new BrokerId(createHash('sha256').update('-').digest('hex').slice(0, 8), null, true, log);
-    }
+  /** `aliases`: the tags of the devices in the namespace (read only where the file is missing). */
+  static load(
+    stateDir: string | null, log: (line: string) => void = () => {},
+    aliases: () => ReadonlyArray<string | null> = () => [],
+  ): BrokerId {
+    const digest = (dir: string) => createHash('sha256').update(dir).digest('hex').slice(0, 8);
+    if (stateDir === null) return new BrokerId(digest('-'), null, true, log);
     const file = path.join(stateDir, 'broker-id');
     let kept: string | null = null;
     try {
@@ -473,7 +478,21 @@ export class BrokerId {
     if (kept !== null && !/^[0-9a-f]{8}$/.test(kept)) {
       throw new Error(`${file} holds no broker identity (8 hex digits); ${KEEP_ID}`);
     }
-    const id = new BrokerId(kept ?? randomOctets(4).toString('hex'), file, kept !== null, log);
+    let drawn = randomOctets(4).toString('hex');
+    if (kept === null) {
+      let dir = stateDir;
+      try {
+        dir = fs.realpathSync(stateDir);
+      } catch {
+        // Not created: the name as given, as 0.4 had it.
+      }
+      if (aliases().some((a) => aliasBroker(a) === digest(dir))) {
+        drawn = digest(dir);
+        log(`the broker's identity is ${drawn}, its state directory's digest, which its devices' tags carry (made by `
+          + `an earlier version): kept in ${file}`);
+      }
+    }
+    const id = new BrokerId(kept ?? drawn, file, kept !== null, log);
     id.keep();
     return id;
   }

@@ -59,7 +59,7 @@ export class Lifetimes implements Cleanup {
     private readonly log: (line: string) => void,
     takerWaitMs?: number,
   ) {
-    this.identity = BrokerId.load(stateDir, log);
+    this.identity = BrokerId.load(stateDir, log, () => kernel.links().map((k) => k.alias));
     this.hookRun = hookRun(stateDir);
     const { table, problem, trusted, intact } = LeaseTable.load(stateDir);
     this.table = table;

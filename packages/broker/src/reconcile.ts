@@ -115,13 +115,17 @@ export function reconcile(lt: Keeper): void {
   // (deleted), or leases to rebuild when it was lost or corrupt.
   const adopted: Array<[LeaseRecord, Link]> = [];
   const seen = new Set<string>();
+  const others = new Map<string, string[]>();
   for (const link of links) {
     const who = aliasIdentity(link.alias);
     if (!who || lt.table.get(who.id) || interrupted.has(who.id) || link.kind !== KERNEL_KIND[who.kind]) continue;
     if (undone.has(who.id)) continue;
     // Another broker's device (another state directory in this namespace): never ours to touch.
     const by = aliasBroker(link.alias);
-    if (by !== null && by !== lt.brokerId) continue;
+    if (by !== null && by !== lt.brokerId) {
+      others.set(by, [...(others.get(by) ?? []), link.name]);
+      continue;
+    }
     seen.add(who.id);
     // Its lease was lost with an unreadable table, and its tag cannot rebuild it: left alone, every start.
     if (lt.table.kept.has(who.id)) continue;
@@ -170,6 +174,12 @@ export function reconcile(lt: Keeper): void {
           + `left alone, now and at every start (its owner cannot release it; root: ip link del ${link.name})`,
       });
     }
+  }
+  // Said, as an administrator who lost the state directory (and its broker-id) sees them nowhere else (a review).
+  for (const [by, names] of others) {
+    lt.log(`${names.length} device(s) tagged by broker ${by}, not this one (${lt.brokerId}), left alone: another state `
+      + 'directory\'s broker in this namespace, or this one\'s before its broker-id was lost: '
+      + `${names.slice(0, 8).join(', ')}${names.length > 8 ? ', …' : ''}`);
   }
   // A device left alone that is gone now needs no keeping.
   for (const id of lt.table.kept) if (!seen.has(id)) lt.table.kept.delete(id);
