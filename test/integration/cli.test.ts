@@ -686,6 +686,23 @@ test('the broker refuses a second instance on a live socket', (t) => {
   t.true(fx.broker.alive);
 });
 
+// Found by an outside review: a start refused for its audit file's directory had made its state directory first.
+test('a start refused for its audit file\'s directory makes no state directory', (t) => {
+  const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
+  const dir = tempDir('auditdir');
+  try {
+    const state = path.join(dir, 'state');
+    const r = spawnSync('ip', ['netns', 'exec', fx.ns.name, process.execPath, main, '-f', fx.broker.policyPath,
+      '-s', path.join(dir, 'sock'), '--state-dir', state, '--audit-file', path.join(dir, 'missing', 'audit.log'),
+      '--journal-socket', ''], { encoding: 'utf8', timeout: 10_000 });
+    t.is(r.status, 78, r.stderr);
+    t.regex(r.stderr, /the audit file's directory \S+\/missing .*refusing to start/);
+    t.false(fs.existsSync(state), 'the state directory was made');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('tapbrokerd -n checks the policy and exits', (t) => {
   const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
   const ok = spawnSync(process.execPath, [main, '-n', '-f', fx.broker.policyPath], { encoding: 'utf8' });

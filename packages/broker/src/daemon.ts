@@ -243,16 +243,18 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
 
   // Where the broker writes as root: nobody else may be able to swap what is there.
   let locked: boolean;
-  try {
-    fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
-  } catch (err) {
-    log(`cannot start: ${(err as Error).message}`);
-    process.exit(EX.UNAVAILABLE);
-  }
+  // The state directory is made once the audit file's has passed (an outside review: a start refused for the one had
+  // made the other).
   const rootsDirs = [
-    ['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)],
+    ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)], ['state directory', opts.stateDir],
   ] as const;
   for (const [what, p] of rootsDirs) {
+    try {
+      if (p === opts.stateDir) fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
+    } catch (err) {
+      log(`cannot start: ${(err as Error).message}`);
+      process.exit(EX.UNAVAILABLE);
+    }
     const why = p ? notRootsAlone(p) : null;
     if (why) {
       log(`the ${what} ${p} ${why}; refusing to start`);
