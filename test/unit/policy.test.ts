@@ -793,6 +793,33 @@ test('who-can --network lists every way onto that network\'s segment, as its den
   t.regex(text, /except user 1005: denied by `no-prod'/);
 });
 
+// Found by an outside review of the security team's tools: a deny of a network in VLAN 1 of a Linux bridge left the
+// user it denied that bridge directly, whose untagged taps are in the bridge's default VLAN (default_pvid, VLAN 1):
+// the same segment. The tools said the deny covered "bridge br0 VLAN 1 itself"; who-can left the direct route out.
+test('a deny of a network in VLAN 1 covers its bridge\'s untagged taps too; who-can lists them, VLAN 7 stays apart', async (t) => {
+  const text = [
+    '[network.v1]\nbridge = "br0"\nvlan = 1', '[network.v7]\nbridge = "br0"\nvlan = 7',
+    '[[rule]]\nname = "carol"\nusers = [1001]\nnetworks = ["v1"]',
+    '[[rule]]\nname = "lab"\nusers = [1002, 1003]\nbridges = ["br0"]\nnetworks = ["v1", "v7"]',
+    '[[deny]]\nname = "keep-off-vlan1"\nusers = [1002]\nnetworks = ["v1"]',
+  ].join('\n\n');
+  const p = parsePolicy(text);
+  const mallory = caller(1002);
+  const direct = decide(p, mallory, ask({ parent: 'br0' }), none);
+  t.false(direct.allow, 'the bridge directly: its untagged taps are in VLAN 1');
+  t.false(decide(p, mallory, ask({ parent: 'v1', network: true }), none).allow);
+  t.true(decide(p, mallory, ask({ parent: 'v7', network: true }), none).allow, 'VLAN 7 is another segment');
+  t.true(decide(p, caller(1003), ask({ parent: 'br0' }), none).allow, 'others keep the bridge');
+  const run = await tool(t, text);
+  const who = JSON.parse(run('who-can', '--network', 'v1', '--json')) as {
+    allowed_by: Array<{ rule: string; via_network: string | null; via_bridge: string | null }>;
+  };
+  t.deepEqual(who.allowed_by.map((a) => [a.rule, a.via_network, a.via_bridge]),
+    [['carol', null, null], ['lab', null, null], ['lab', null, 'br0']], 'the bridge directly is a way onto v1');
+  t.regex(run('who-can', '--network', 'v1'), /except user 1002: denied by `keep-off-vlan1'/);
+  t.notRegex(run('explain-policy', '--user', '1002'), /VLAN 1 itself/);
+});
+
 // Found by an outside operator review: a rule whose users are not on this host showed "nobody" in who-can's WHO
 // column, which reads like the account `nobody`.
 test('who-can says a rule whose users are not on this host reaches no one, not "nobody"', async (t) => {

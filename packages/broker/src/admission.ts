@@ -6,7 +6,9 @@ import {
   TapbrokerError, macToBuffer, type CanRequest, type CreateMacvtapRequest, type CreateTapRequest, type ErrorCode,
   type Nic,
 } from '@tapbroker/protocol/core';
-import { decide, locksPort, resolveTarget, type AllowRule, type Decision, type Policy } from './decide.js';
+import {
+  decide, locksPort, portVlan, resolveTarget, type AllowRule, type Decision, type Policy,
+} from './decide.js';
 import type { Identity } from './identity.js';
 import type { Kernel } from './kernel.js';
 import { macInUse } from './netdev.js';
@@ -124,7 +126,7 @@ export function macElsewhere(
   ctx: OpContext, caller: Identity, mac: string, bridge: string, vlan: number | null, lock: boolean,
 ): void {
   const owner = ctx.lifetimes.table.withMac(mac).find((o) => (o.locked || lock) && o.kind === 'tap'
-    && o.parent === bridge && o.vlan === vlan);
+    && o.parent === bridge && portVlan(o.vlan) === portVlan(vlan));
   if (owner) {
     throw new TapbrokerError('TB_E_MAC_IN_USE', `MAC ${mac} is ${owner.locked ? 'locked to' : 'in use on'} another `
       + `port of bridge \`${bridge}' (a live lease's): no other tap there may ${lock ? 'be locked to' : 'use'} it`,
@@ -201,7 +203,7 @@ export function firstRefused(
     // (an outside review: granted for taps, a macvtap's refused only by its kernel step, after NIC 0 was made).
     // A hook network's segment is its own (its taps go where its hook puts them): told apart by its name.
     const segment = a.place.parentName === '-' ? `network \`${spec.parent}'` : `\`${a.place.parentName}'`;
-    const where = `${spec.kind}/${segment}/${a.place.vlan}`;
+    const where = `${spec.kind}/${segment}/${a.place.bridge ? portVlan(a.place.vlan) : a.place.vlan}`;
     if (spec.mac !== null && macs.some((m) => m.mac === spec.mac && m.where === where)) {
       const on = spec.kind === 'macvtap' ? `parent ${segment}` : segment;
       return { i, spec, refusal: error(`an earlier NIC of this request asks for MAC ${spec.mac} on ${on} too`) };

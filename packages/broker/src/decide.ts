@@ -251,13 +251,21 @@ function networkTarget(n: Network | undefined): Target | null {
 }
 
 /**
+ * The VLAN of a Linux bridge's port: its own, or (none) the bridge's default_pvid, which the policy takes as the
+ * kernel's default, VLAN 1 (an outside review's deny of a network in VLAN 1 left the bridge's untagged taps, in
+ * VLAN 1 too, open to the user it denied). A bridge whose default_pvid was changed: see tapbroker-policy(5).
+ */
+export const DEFAULT_PVID = 1;
+export const portVlan = (vlan: number | null): number => vlan ?? DEFAULT_PVID;
+
+/**
  * Do two targets reach the same traffic? The same Linux bridge in the same VLAN (no VLAN: its default
- * one); on the same Open vSwitch bridge, any VLAN in common: a trunk, or a port that carries every VLAN,
+ * one, portVlan); on the same Open vSwitch bridge, any VLAN in common: a trunk, or a port that carries every VLAN,
  * reaches an access VLAN's frames.
  */
 export function sameSegment(a: Target, b: Target): boolean {
   if (a.kind !== b.kind || a.name !== b.name) return false;
-  if (a.kind !== 'ovs') return a.vlan === b.vlan;
+  if (a.kind !== 'ovs') return portVlan(a.vlan) === portVlan(b.vlan);
   return a.vlans === 'all' || b.vlans === 'all' || a.vlans.some((v) => (b.vlans as readonly number[]).includes(v));
 }
 
@@ -353,7 +361,7 @@ export function denyScope(policy: Policy, d: DenyRule): string {
     const t = networkTarget(policy.networks.get(n));
     if (t === null || t.kind === 'hook') return n;
     const vlan = t.kind === 'ovs' ? (t.vlans === 'all' ? '' : ` VLAN ${t.vlans.join(', ')}`)
-      : t.vlan !== null ? ` VLAN ${t.vlan}` : '';
+      : portVlan(t.vlan) !== DEFAULT_PVID ? ` VLAN ${t.vlan}` : '';
     return `${n} (and ${t.kind === 'ovs' ? 'Open vSwitch bridge' : 'bridge'} ${t.name}${vlan} itself)`;
   };
   const parts = [

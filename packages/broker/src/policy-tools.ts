@@ -7,8 +7,8 @@ import path from 'node:path';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { accountMembers, getgrgid, getpwnam, getpwuid, groupsOf } from './libc.js';
 import {
-  ANY_BRIDGE, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, resolveTarget, sameSegment,
-  type AllowRule,
+  ANY_BRIDGE, DEFAULT_PVID, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, portVlan,
+  resolveTarget, sameSegment, type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
 import { loadPolicy } from './policy.js';
@@ -683,7 +683,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     ({ via: n.name, direct: false, t: resolveTarget(policy, { kind: 'tap', parent: n.name, network: true }) });
   const routes: Route[] = kind === 'network' ? [
     { via: null, direct: false, t: asked },
-    ...(asked.kind === 'bridge' && asked.vlan === null ? [{ via: null, direct: true,
+    ...(asked.kind === 'bridge' && portVlan(asked.vlan) === DEFAULT_PVID ? [{ via: null, direct: true,
       t: resolveTarget(policy, { kind: 'tap', parent: asked.name, network: false }) }] : []),
     ...[...policy.networks.values()].filter((n) => n.name !== target).map(viaNetwork)
       .filter(({ t }) => asked.kind !== 'hook' && t.kind !== 'hook' && sameSegment(asked, t)),
