@@ -557,7 +557,7 @@ test('an owed Open vSwitch removal whose database is retired is dropped after se
 // comments and the CHANGELOG said its tags named no broker); 0.5 drew a random identity where `broker-id` was missing,
 // and every device 0.4 made (a cut-short table, a downgrade and back) was another broker's: left to no one. Where the
 // file is missing and a device's tag carries that digest, the digest is the identity, and kept.
-test('a state directory without a broker id whose devices carry its path digest (0.4\'s identity) keeps that digest', (t) => {
+test('a state directory a broker ran in, without a broker id, whose devices carry its path digest (0.4\'s identity) keeps it', (t) => {
   const dir = tempDir('broker-id-04');
   try {
     const state = path.join(dir, 'state');
@@ -570,6 +570,11 @@ test('a state directory without a broker id whose devices carry its path digest 
     const other = leaseTag(lease(), 'abcdef01').alias;
     t.not(BrokerId.load(state, () => {}, () => [null, other]).value, digest, 'another broker\'s devices: drawn');
     fs.rmSync(path.join(state, 'broker-id'));
+    // No broker ran here (no lease table): a broker at the same path in another container, whose devices carry the
+    // digest, is not this one (a re-test's fresh broker took its identity, and its devices).
+    t.not(BrokerId.load(state, () => {}, () => [null, other, tag]).value, digest, 'a fresh directory: drawn');
+    fs.rmSync(path.join(state, 'broker-id'));
+    fs.writeFileSync(path.join(state, STATE_FILE), '{"version":1,"leases":[');
     const id = BrokerId.load(state, (l) => void said.push(l), () => [null, other, tag]);
     t.is(id.value, digest);
     t.is(fs.readFileSync(path.join(state, 'broker-id'), 'utf8'), `${digest}\n`, 'kept');

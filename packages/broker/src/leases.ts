@@ -447,9 +447,11 @@ const KEEP_ID = 'another would leave this broker\'s devices to no one: put back 
  * where the state directory has none, and kept in it (`broker-id`). It was the digest of the directory's path,
  * which two brokers in two mount namespaces (two containers on the host's network, each with its own /run/tapbroker)
  * shared: an outside review's restart of one deleted the other's VM's tap and port. 0.4 (and 0.5 builds before
- * `broker-id`) tagged devices with that digest: where the file is missing and a device's tag carries it, it is this
- * broker's identity still, kept in the file from then on (an outside review's upgrade from 0.4 drew another, and left
- * every device 0.4 made to no one). A file that is there and holds no id is an error, never replaced: another
+ * `broker-id`) tagged devices with that digest: where the file is missing, a broker ran here before (its lease table
+ * is there, whatever it holds) and a device's tag carries the digest, it is this broker's identity still, kept in
+ * the file from then on (an outside review's upgrade from 0.4 drew another, and left every device 0.4 made to no
+ * one; its re-test's fresh broker, at the same path in another container, took the digest from an upgraded one's
+ * devices alone, and with it their devices). A file that is there and holds no id is an error, never replaced: another
  * identity would leave this broker's devices to no one (a re-test's garbage in it did, with nothing said). One drawn
  * and not kept (a full or read-only state directory) tags no device until it is (keep): it fell back to that digest,
  * and the next start, on a writable directory, drew another and left the devices tagged meanwhile to no one (two
@@ -486,7 +488,8 @@ export class BrokerId {
       } catch {
         // Not created: the name as given, as 0.4 had it.
       }
-      if (aliases().some((a) => aliasBroker(a) === digest(dir))) {
+      const ranHere = fs.lstatSync(path.join(stateDir, STATE_FILE), { throwIfNoEntry: false }) !== undefined;
+      if (ranHere && aliases().some((a) => aliasBroker(a) === digest(dir))) {
         drawn = digest(dir);
         log(`the broker's identity is ${drawn}, its state directory's digest, which its devices' tags carry (made by `
           + `an earlier version): kept in ${file}`);
