@@ -492,15 +492,20 @@ test('an Open vSwitch port not removed is tried on past ten tries, said once, it
 // Found by an outside review of an administrator's week: an Open vSwitch retired for good (its network gone from the
 // policy, its database and socket deleted) while a VM ran kept the VM's port removal owed forever, tried and recorded
 // as failing at every start, with no way to clear it. A removal whose database no network names and whose socket has
-// been gone at seven tries in a row (about a minute) is dropped, said once, and the table forgets the database; one
-// that comes back in between starts the count again. (Delays shortened; the real table and the real check of the
-// socket's path.)
+// been gone, with its directory, at seven tries in a row (about a minute) is dropped, said once, and the table
+// forgets the database; one whose directory is there (stopped, not retired: its re-test) starts the count again.
+// (Delays shortened; the real table and the real check of the socket's path.)
 test('an owed Open vSwitch removal whose database is retired is dropped after seven tries in a row; a database back in between is not', async (t) => {
   const dir = tempDir('retired');
   try {
     const { table } = LeaseTable.load(dir);
-    const sock = path.join(dir, 'db.sock');
+    const run = path.join(dir, 'run');
+    const sock = path.join(run, 'db.sock');
     const db = `unix:${sock}`;
+    t.true(ovsdbGone(db), 'no socket, no directory');
+    fs.mkdirSync(run);
+    t.false(ovsdbGone(db), 'its directory there, no socket: stopped, not retired');
+    fs.rmSync(run, { recursive: true });
     const named = new Set<string>();
     const notes: string[] = [];
     let tries = 0;
@@ -521,23 +526,23 @@ test('an owed Open vSwitch removal whose database is retired is dropped after se
     t.false(notes.some((n) => /removal is dropped/.test(n)));
     await unplugs.close(0);
     await new Promise((r) => setTimeout(r, 200)); // its last try, scheduled before the close, has run
-    // Named by nothing, gone at three tries, then a file at its socket's path, then gone again: the count starts
-    // again, and seven in a row drop it.
+    // Named by nothing, gone at three tries, then its directory there (an Open vSwitch stopped, not retired), then
+    // gone again: the count starts again, and seven in a row drop it.
     named.clear();
     const said: string[] = [];
     tries = 0;
     const again = new Unplugs(table, (_op, decision, _l, message) => void said.push(`${decision}: ${message}`),
       { current: 'r', save: () => {} }, (d) => !named.has(d) && ovsdbGone(d), (attempt) => {
         tries++;
-        if (attempt === 3) fs.writeFileSync(sock, '');
-        if (attempt === 4) fs.rmSync(sock);
+        if (attempt === 3) fs.mkdirSync(run);
+        if (attempt === 4) fs.rmSync(run, { recursive: true });
         return 1;
       });
     again.unplug(l);
     await until(() => (said.some((n) => /removal is dropped/.test(n)) ? true : null), { ms: 10_000, what: said.join('\n') });
     t.is(tries, 10, `tried ${tries} times: 3 gone, 1 there, then 7 gone (the last not followed by another)\n${said.join("\n")}`);
     t.regex(said.at(-1)!, new RegExp(`^unplug: its port's removal is dropped: no network names Open vSwitch database ${
-      db.replace(/[.]/g, '\\.')} any more, and it has been gone \\(no socket\\) at 7 tries in a row$`));
+      db.replace(/[.]/g, '\\.')} any more, and it has been gone \\(its socket's directory too\\) at 7 tries in a row$`));
     t.regex(said[0]!, /dropped if still so at 7 tries in a row\)$/);
     t.false(/dropped if still so/.test(said[3]!), `the try that found it there says nothing of it: ${said[3]}`);
     t.deepEqual(table.owedDowns(), [], 'no longer owed');

@@ -70,17 +70,17 @@ export function ovsdbTarget(policyValue?: string): string {
 }
 
 /**
- * Is `db` a unix socket with nothing at its path? An Open vSwitch retired (or stopped: ovsdb-server removes its socket
- * when it exits). Never for a socket that is there, answering or not.
+ * Is `db` a unix socket gone with the directory it was in? An Open vSwitch retired, its run directory removed. Not
+ * one stopped: ovsdb-server removes its socket when it exits, and leaves the directory (a re-test's Open vSwitch,
+ * stopped for maintenance, was taken for retired).
  */
 export function ovsdbGone(db: string): boolean {
   if (!db.startsWith('unix:')) return false;
+  const dir = path.dirname(db.slice('unix:'.length));
   try {
-    fs.lstatSync(db.slice('unix:'.length));
-    return false;
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    return code === 'ENOENT' || code === 'ENOTDIR';
+    return fs.lstatSync(dir, { throwIfNoEntry: false }) === undefined;
+  } catch {
+    return false; // ENOTDIR, EACCES: not known to be gone.
   }
 }
 

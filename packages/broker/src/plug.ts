@@ -16,7 +16,7 @@ const UNPLUG_ATTEMPTS = 10;
 const UNPLUG_SLOWEST_S = 300;
 /**
  * Failed tries in a row (about a minute, 1 + 2 + … + 32 s) that found a port's database retired (named by no network,
- * its socket gone) before its removal is dropped: an outside review's retired Open vSwitch kept one owed for good,
+ * its socket's directory gone) before its removal is dropped: an outside review's retired Open vSwitch kept one owed for good,
  * tried and recorded at every start. The wait lets an ovsdb-server restarting (its socket briefly gone) come back.
  */
 const RETIRED_TRIES = 7;
@@ -174,7 +174,7 @@ export class Unplugs {
           this.table.unplugged(l.id);
           this.table.forgetDb(db!);
           this.note('unplug', 'unplug', l, `its port's removal is dropped: no network names Open vSwitch database ${db}`
-            + ` any more, and it has been gone (no socket) at ${gone} tries in a row`);
+            + ` any more, and it has been gone (its socket's directory too) at ${gone} tries in a row`);
           return;
         }
         if (attempt > UNPLUG_ATTEMPTS) return;
