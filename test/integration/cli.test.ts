@@ -1,6 +1,6 @@
 // `tapbroker run`, `qemu-args`, `list` and `can` as a user runs them: exit status, signals, errors, help, env.
 import test from 'ava';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { sys } from '@tapbroker/protocol';
@@ -687,7 +687,7 @@ test('the broker refuses a second instance on a live socket', (t) => {
 });
 
 // Found by an outside review: a start refused for its audit file's directory had made its state directory first.
-test('a start refused for its audit file\'s directory makes no state directory', (t) => {
+test('a start refused for its audit file\'s directory makes no state directory', async (t) => {
   const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
   const dir = tempDir('auditdir');
   try {
@@ -698,6 +698,20 @@ test('a start refused for its audit file\'s directory makes no state directory',
     t.is(r.status, 78, r.stderr);
     t.regex(r.stderr, /the audit file's directory \S+\/missing .*refusing to start/);
     t.false(fs.existsSync(state), 'the state directory was made');
+    // A state directory not there yet, spelt with a trailing slash, that holds the audit file: it starts (its re-test:
+    // refused once the audit file's directory was checked before the state directory was made).
+    const inside = path.join(dir, 'st2');
+    const b = spawn('ip', ['netns', 'exec', fx.ns.name, process.execPath, main, '-f', fx.broker.policyPath,
+      '-s', path.join(dir, 'sock2'), '--state-dir', `${inside}/`, '--audit-file', path.join(inside, 'audit.log'),
+      '--journal-socket', ''], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    const started = await new Promise<boolean>((resolve) => {
+      b.stderr!.on('data', (d: Buffer) => { err += String(d); if (/listening on/.test(err)) resolve(true); });
+      b.once('exit', () => resolve(false));
+    });
+    b.kill('SIGTERM');
+    await new Promise((r) => (b.exitCode !== null ? r(null) : b.once('exit', r)));
+    t.true(started, err);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

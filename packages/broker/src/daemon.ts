@@ -243,21 +243,23 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
 
   // Where the broker writes as root: nobody else may be able to swap what is there.
   let locked: boolean;
-  // The state directory is made once the audit file's has passed (an outside review: a start refused for the one had
-  // made the other).
+  let made: string | undefined;
+  try {
+    made = fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
+  } catch (err) {
+    log(`cannot start: ${(err as Error).message}`);
+    process.exit(EX.UNAVAILABLE);
+  }
   const rootsDirs = [
-    ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)], ['state directory', opts.stateDir],
+    ['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)],
   ] as const;
   for (const [what, p] of rootsDirs) {
-    try {
-      if (p === opts.stateDir) fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
-    } catch (err) {
-      log(`cannot start: ${(err as Error).message}`);
-      process.exit(EX.UNAVAILABLE);
-    }
     const why = p ? notRootsAlone(p) : null;
     if (why) {
       log(`the ${what} ${p} ${why}; refusing to start`);
+      // What this start made goes with it (an outside review: a start refused for its audit file's directory had made
+      // the state directory; its re-test: made after that check, a state directory holding the audit file was not).
+      if (made) fs.rmSync(made, { recursive: true, force: true });
       process.exit(EX.CONFIG);
     }
   }

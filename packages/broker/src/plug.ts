@@ -16,8 +16,8 @@ const UNPLUG_ATTEMPTS = 10;
 const UNPLUG_SLOWEST_S = 300;
 /**
  * Failed tries in a row (about a minute, 1 + 2 + … + 32 s) that found a port's database retired (named by no network,
- * its socket's directory gone) before its removal is dropped: an outside review's retired Open vSwitch kept one owed for good,
- * tried and recorded at every start. The wait lets an ovsdb-server restarting (its socket briefly gone) come back.
+ * its socket's directory gone) before its removal is dropped: an outside review's retired Open vSwitch kept one owed
+ * for good, tried and recorded at every start.
  */
 const RETIRED_TRIES = 7;
 
