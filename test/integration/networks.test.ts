@@ -133,7 +133,7 @@ test.serial('a reload that moves a network with live devices says so; they stay,
     t.is(p.result.error, null, p.result.error?.message);
     fs.writeFileSync(policy, before.replace('[network.lab]\nbridge = "br0"', '[network.lab]\nbridge = "br-hook"'));
     fx.broker.proc.kill('SIGHUP');
-    const said = "network `lab' is bridge br-hook now (was bridge br0): its 1 live device(s) stay where they were plugged "
+    const said = "network `lab' is bridge br-hook now: its 1 live device(s) stay where they were plugged (bridge br0) "
       + 'until they end';
     const r = await fx.broker.record((x) => x.op === 'reload' && x.decision === 'reload' && x.message!.includes(said));
     t.regex(r.message!, /replaced by/);

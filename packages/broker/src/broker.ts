@@ -280,8 +280,7 @@ export class Broker implements SessionHost, OpContext {
       const loaded = loadTrustedPolicy(this.policyPath);
       // What the last policy had and this one lacks is said where the administrator looks (the reply, the log and
       // the record): a fragment deleted or being replaced reads as gone (an outside review lost a deny that way).
-      const live = (network: string) => this.lifetimes.table.all().filter((l) => l.network === network).length;
-      const moved = movedSince(this.policy, loaded, live);
+      const moved = movedSince(this.policy, loaded, this.lifetimes.table.all());
       const next: Policy = { ...loaded, warnings: [...lostSince(this.policy, loaded), ...moved, ...loaded.warnings] };
       forgetUserNames();
       for (const w of next.warnings) this.log(`warning: ${shown(w)}`);

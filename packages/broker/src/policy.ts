@@ -10,7 +10,8 @@ import {
   TapbrokerError, checkIfName, checkMacPrefix, checkNetworkName, validate, type Checks, type Shape,
 } from '@tapbroker/protocol/core';
 import { accountMembers, getgrnam, getpwnam } from './libc.js';
-import { OVSDB_TARGET } from './ovs.js';
+import { OVSDB_TARGET, ovsdbTarget } from './ovs.js';
+import type { LeaseRecord } from './lease-schema.js';
 import {
   ANY_BRIDGE, type AllowRule, type DenyRule, type Network, type Policy, type Selector,
 } from './decide.js';
@@ -112,19 +113,30 @@ export function lostSince(last: Policy, next: Policy): string[] {
 }
 
 /**
- * Networks `next` places elsewhere than `last` did (another bridge, VLAN, trunk, database or hook) while devices
- * plugged as `last` had them live on (`live`: how many of a network's): a reload never moves them, and an outside
- * review's operator, who moved a network to isolate it, was told nothing of the VMs left where they were.
+ * Networks `next` places elsewhere than `last` did (another bridge, VLAN, trunk, database or hook), with the live
+ * devices of each (`leases`) that are not where it is now: a reload never moves them, and an outside review's
+ * operator, who moved a network to isolate it, was told nothing of the VMs left where they were.
  */
-export function movedSince(last: Policy, next: Policy, live: (network: string) => number): string[] {
-  const where = (n: Network) => `${n.kind === 'hook' ? 'hook' : n.kind === 'ovs' ? 'ovs bridge' : 'bridge'} ${n.target}`
-    + (n.vlan !== null ? `, vlan ${n.vlan}` : '') + (n.trunk !== null ? `, trunk ${n.trunk.join(',')}` : '')
-    + (n.ovsdb !== null ? `, in ${n.ovsdb}` : '');
+export function movedSince(last: Policy, next: Policy, leases: Iterable<LeaseRecord>): string[] {
+  // As a lease records it (no trunk: a trunk's change is the network's), and with the same database spelt alike.
+  const at = (kind: string, target: string, vlan: number | null, db: string | null) => `${kind} ${target}`
+    + (vlan !== null ? `, vlan ${vlan}` : '') + (db !== null ? `, in ${db}` : '');
+  const placed = (n: Network) => at(n.kind === 'ovs' ? 'ovs bridge' : n.kind, n.target, n.vlan,
+    n.kind === 'ovs' ? ovsdbTarget(n.ovsdb ?? undefined) : null);
+  const trunk = (n: Network) => [...n.trunk ?? []].sort((a, b) => a - b).join(',');
+  const where = (l: LeaseRecord) => (l.plug && 'hook' in l.plug ? at('hook', l.plug.hook, null, null)
+    : at(l.plug ? 'ovs bridge' : 'bridge', l.plug ? l.plug.ovs : l.parent, l.vlan, l.plug ? l.plug.db : null));
+  const left = new Map<string, string[]>();
+  for (const l of leases) if (l.network !== null) left.set(l.network, [...left.get(l.network) ?? [], where(l)]);
   return [...last.networks.values()].flatMap((was) => {
     const now = next.networks.get(was.name);
-    const n = now && where(now) !== where(was) ? live(was.name) : 0;
-    return n === 0 ? [] : [`network \`${was.name}' is ${where(now!)} now (was ${where(was)}): its ${n} live device(s) `
-      + 'stay where they were plugged until they end'];
+    if (!now || (placed(now) === placed(was) && trunk(now) === trunk(was))) return [];
+    const stay = (left.get(was.name) ?? []).filter((w) => w !== placed(now) || trunk(now) !== trunk(was));
+    if (stay.length === 0) return [];
+    const trunks = now.trunk !== null ? `, trunk ${trunk(now)}` : '';
+    const before = trunk(now) !== trunk(was) ? `, trunk ${trunk(was) || 'none'}` : '';
+    return [`network \`${was.name}' is ${placed(now)}${trunks} now: its ${stay.length} live device(s) stay where they `
+      + `were plugged (${[...new Set(stay)].join('; ')}${before}) until they end`];
   });
 }
 
