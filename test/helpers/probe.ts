@@ -29,6 +29,8 @@ export interface ProbeArgs {
   write?: boolean;
   /** Then list the caller's leases. */
   list?: boolean;
+  /** Then ask to release this name this many times on the one connection, whatever each answer (releaseCodes). */
+  releaseAgain?: { name: string; times: number };
   /** Then release these names. */
   release?: string[];
   /** Misbehave: make every granted tap persistent through its own fd (TUNSETPERSIST). */
@@ -65,6 +67,8 @@ export interface ProbeResult {
   released: Lease[];
   status: StatusReply | null;
   error: { code: string; message: string; rule?: string; hint?: string; nic?: number } | null;
+  /** releaseAgain: each answer's error code, or 'released'. */
+  releaseCodes?: string[];
   /** openByName: per device, 'ok' or the errno of its open. */
   opened?: string[];
   /** floodOffloads: per tap, toggles done and the errno that stopped them (null: all done). */
@@ -177,6 +181,14 @@ async function main(): Promise<void> {
     }
     if (args.list) result.leases = (await client.list()).leases;
     if (args.status) result.status = await client.status();
+    if (args.releaseAgain) {
+      result.releaseCodes = [];
+      for (let i = 0; i < args.releaseAgain.times; i++) {
+        const code = await client.release(args.releaseAgain.name).then(() => 'released',
+          (err: unknown) => (err instanceof TapbrokerError ? err.code : Promise.reject(err)));
+        result.releaseCodes.push(code);
+      }
+    }
     for (const name of args.release ?? []) result.released.push(await client.release(name));
   } catch (err) {
     if (!(err instanceof TapbrokerError)) throw err;
