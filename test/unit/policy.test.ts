@@ -903,6 +903,37 @@ test('test-policy and explain-policy name a uid as the broker does, where two ac
   t.regex(r.stderr, /uid 65534 is `nobody' to the account database, the name the broker goes by/);
 });
 
+test('a user whose name is digits: test-policy, explain-policy and who-can read "64021" as the policy does, a name', (t) => {
+  // Found by an outside review of the security team's tools: with a user named 64021 (uid 64023), the policy's
+  // users = ["64021"] named that user, but test-policy took the string for uid 64021 (a case passed that the broker
+  // would fail), explain-policy took uid 64021 with the named user's groups (`id -G`), and who-can's `user 64021`
+  // read as the uid. The account is an overlay's (this host's files untouched).
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-digits-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const policy = path.join(dir, 'policy.toml');
+  fs.writeFileSync(policy, '[[rule]]\nname = "named"\nusers = ["64021"]\nbridges = ["br1"]\n\n'
+    + '[[rule]]\nname = "lab"\ngroups = ["tblab"]\nbridges = ["br2"]\n');
+  const cases = path.join(dir, 'cases.toml');
+  fs.writeFileSync(cases, '[[case]]\nname = "the user named 64021"\nuser = "64021"\nrequest = "bridge=br1"\nexpect = "allow"\n\n'
+    + '[[case]]\nname = "uid 64021"\nuser = 64021\nrequest = "bridge=br1"\nexpect = "deny"\n\n'
+    + '[[case]]\nname = "digits naming no one are a uid"\nuser = "64022"\nrequest = "bridge=br1"\nexpect = "deny"\n');
+  const r = inEtcOverlay(dir, 'cp /etc/passwd /etc/group "$1/up/"; '
+    + 'echo "64021:x:64023:64023::/nonexistent:/usr/sbin/nologin" >> "$1/up/passwd"; '
+    + 'echo "tblab:x:64024:64021" >> "$1/up/group"',
+    '"$2" "$3" test-policy "$4" "$5"; "$2" "$3" explain-policy "$4" --user 64021 --json; '
+    + '"$2" "$3" who-can "$4" --bridge br1', policy, cases);
+  t.is(r.status, 0, r.stdout + r.stderr);
+  t.regex(r.stdout, /3 passed/);
+  const explained = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'), r.stdout.lastIndexOf('}') + 1)) as {
+    uid: number; groups: number[]; allowed_by: Array<{ rule: string }>;
+  };
+  t.is(explained.uid, 64023, 'the named user');
+  t.true(explained.groups.includes(64024), 'its groups, from the same account');
+  t.deepEqual(explained.allowed_by.map((a) => a.rule).sort(), ['lab', 'named']);
+  t.regex(r.stderr, /`64021' is read as the user of that name \(uid 64023\), as the policy reads "64021"/);
+  t.regex(r.stdout, /user 64021 \(uid 64023\)/, 'who-can tells the name from a uid');
+});
+
 test('check-policy sees a locked rule refusing what a later rule gives through a member two groups share', (t) => {
   // Found by an outside re-test: a locked rule for one group decided first for a member of another group a later
   // rule names, and no warning said so. The groups and their member are an overlay's (this host's files untouched).

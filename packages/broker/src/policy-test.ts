@@ -33,9 +33,16 @@ export const DECIDED_CODES: readonly ErrorCode[] = [
 ];
 
 const Id = z.union([z.string().min(1).max(256), z.number().int().min(0).max(0xfffffffe)]);
-/** A user or group given as a number, or as a string of digits, is an id; anything else a name. */
-const asId = (x: string | number): number | null =>
-  typeof x === 'number' ? x : /^[0-9]{1,10}$/.test(x) && Number(x) <= 0xfffffffe ? Number(x) : null;
+/**
+ * A user or group given as a number is an id; a string is a name, as the policy reads it, or (no such name) an id if
+ * it is digits (an outside review: "1001", a user's name in the policy, was uid 1001 here, and a case passed that the
+ * broker would fail).
+ */
+const asId = (x: string | number, named: (name: string) => boolean): number | null =>
+  typeof x === 'number' ? x
+    : !named(x) && /^[0-9]{1,10}$/.test(x) && Number(x) <= 0xfffffffe ? Number(x) : null;
+const userNamed = (name: string) => getpwnam(name) !== null;
+const groupNamed = (name: string) => getgrnam(name) !== null;
 const guessed = (guess: string | null) => (guess ? ` (did you mean \`${guess}'?)` : '');
 
 /**
@@ -46,7 +53,7 @@ function caseSchema(allowRules: readonly string[]) {
   return z.strictObject({
     name: z.string().min(1).max(256).optional(),
     user: Id.transform((u, ctx) => {
-      const uid = asId(u);
+      const uid = asId(u, userNamed);
       if (uid !== null) {
         const pw = getpwuid(uid);
         return { uid, gid: pw?.gid ?? null, user: pw?.name ?? null };
@@ -58,7 +65,7 @@ function caseSchema(allowRules: readonly string[]) {
       return z.NEVER;
     }),
     groups: z.array(Id.transform((g, ctx) => {
-      const gid = asId(g) ?? getgrnam(g as string);
+      const gid = asId(g, groupNamed) ?? getgrnam(g as string);
       if (gid !== null) return gid;
       ctx.addIssue({ code: 'custom', message: `no group \`${g}' on this host (give a gid instead)` });
       return z.NEVER;
@@ -188,7 +195,7 @@ export function parseRequest(spec: string): Nic | string {
   if (!/^[0-9]{1,9}$/.test(queues)) return `queues must be an integer, not \`${queues}'`;
   // `tapbroker create --group G`'s field (a persistent tap also given to a group): a gid or a group name.
   const group = fields.get('group');
-  const gid = group === undefined ? undefined : asId(group) ?? getgrnam(group);
+  const gid = group === undefined ? undefined : asId(group, groupNamed) ?? getgrnam(group);
   if (gid === null) return `no group \`${group}' on this host (give a gid instead)`;
   const common = {
     queues: Number(queues), vhost, persistent, ...(gid !== undefined ? { group: gid } : {}),

@@ -1,6 +1,5 @@
 // Policy audit tools that need no daemon: check-policy, explain-policy, who-can. They read the same
 // policy the broker reads, through the same code.
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -307,7 +306,10 @@ function principals(s: Selector, host?: HostIds): string {
   if (s.everyone) return 'everyone';
   const user = (u: number) => {
     const sub = host?.subuids.of(u);
-    return `${getpwuid(u)?.name ?? String(u)}${sub ? ` (a subordinate uid of ${sub.owner}: refused at accept)` : ''}`;
+    const name = getpwuid(u)?.name;
+    // A name of digits is told apart from a uid (an outside review read `user 1001` as uid 1001: it was uid 2003).
+    const shownName = name === undefined ? String(u) : /^\d+$/.test(name) ? `${name} (uid ${u})` : name;
+    return `${shownName}${sub ? ` (a subordinate uid of ${sub.owner}: refused at accept)` : ''}`;
   };
   const group = (g: number) => {
     const sub = host?.subgids.of(g);
@@ -592,20 +594,22 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
 
   if (argv[0] === 'explain-policy') {
     if (!o.user) return toolUsage(tool, 'explain-policy needs --user NAME');
-    const pw = /^\d+$/.test(o.user)
-      ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? -1 }
-      : getpwnam(o.user);
+    // A name first, as the policy reads "1001"; digits that name no one, a uid (an outside review: the uid came from
+    // the one reading and the groups, through `id -G`, from the other).
+    const named = getpwnam(o.user);
+    const digits = /^\d+$/.test(o.user);
+    const pw = named ?? (digits ? { uid: Number(o.user), gid: getpwuid(Number(o.user))?.gid ?? -1 } : null);
     if (!pw) {
       process.stderr.write(`tapbrokerd: no user \`${shown(o.user)}'\n`);
       return EX.DATAERR;
     }
-    let groups: number[] = [];
-    try {
-      groups = execFileSync('id', ['-G', o.user], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })
-        .trim().split(/\s+/).map(Number);
-    } catch {
-      // A uid without a passwd entry has only its primary group.
+    if (named && digits && named.uid !== Number(o.user)) {
+      process.stderr.write(`tapbrokerd: \`${o.user}' is read as the user of that name (uid ${named.uid}), as the `
+        + `policy reads "${o.user}"; uid ${o.user} is another caller (${o.user} as an integer in the policy)\n`);
     }
+    // A uid without an account has no groups here, but its primary gid, if it has one.
+    const account = getpwuid(pw.uid);
+    const groups = account ? groupsOf(account.name, account.gid) : [];
     // The name the broker goes by: getpwuid's (where accounts share a uid, another than the one given).
     const user = getpwuid(pw.uid)?.name ?? (/^\d+$/.test(o.user) ? null : o.user);
     if (user !== null && user !== o.user && !/^\d+$/.test(o.user)) {
