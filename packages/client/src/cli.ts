@@ -825,7 +825,7 @@ const PATIENCE_MS = 5000;
 /** Says once, after PATIENCE_MS, that the command still waits for the broker; the returned function stops it. */
 function patience(socket: string | null): () => void {
   const said = `tapbroker: still waiting for the broker at ${socketPath(socket)} `
-    + '(it may be stopped or overloaded; Ctrl-C gives up)\n';
+    + '(it may be stopped or overloaded, or waiting on a network\'s hook or Open vSwitch; Ctrl-C gives up)\n';
   const timer = setTimeout(() => process.stderr.write(said), PATIENCE_MS);
   timer.unref();
   return () => clearTimeout(timer);
