@@ -331,6 +331,34 @@ test.serial('a hook being written (ETXTBSY): the up is refused as the hook\'s, t
   await fx.broker.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 10_000, 'the down never ran');
 });
 
+// Found by an outside review: a broker that exits when idle (--idle-exit, socket activation) counted only connections
+// and leases, and went with a `down` (or an Open vSwitch port removal) still to be tried again: the port stayed until
+// its next start. A `down` waiting to be tried again keeps it running; it exits once the `down` has run.
+test.serial('--idle-exit waits for a network\'s down that is to be tried again, and exits once it has run', async (t) => {
+  const hook = path.join(dir, 'swap');
+  const b = await BrokerProcess.start(fx.ns, policyText, { tag: 'idle-down', args: ['--journal-socket', '', '--idle-exit', '1'] });
+  let writer: number | null = null;
+  try {
+    const p = await probe({ socket: b.socket, requests: [{ network: 'swapped' }] });
+    t.is(p.result.error, null, p.result.error?.message);
+    const name = p.result.taps[0]!.device.name;
+    writer = fs.openSync(hook, 'r+');
+    await p.release();
+    await b.record((r) => r.op === 'unplug' && r.decision === 'error' && (r.device as { name?: string }).name === name);
+    // Well past its idle second, with its `down` owed: still running (a bounded look at something that must not happen).
+    await new Promise((r) => setTimeout(r, 2500));
+    t.true(b.alive, 'the broker exited with a down still to run');
+    fs.closeSync(writer);
+    writer = null;
+    await b.waitFor(() => fs.readFileSync(log, 'utf8').includes(`down-done ${name}`), 15_000, 'the down never ran');
+    await b.waitFor(() => !b.alive, 10_000, 'the broker did not exit once idle');
+    t.is(b.proc.exitCode, 0);
+  } finally {
+    if (writer !== null) fs.closeSync(writer);
+    await b.stop();
+  }
+});
+
 // Found by an outside review: a lease's `down` runs once the lease has left the table (and its quota), and nothing
 // counted it: one user with max_devices = 2, creating and ending leases in a loop, kept 104 root hook processes
 // running at once. A uid's running downs count as its teardowns: past 32, its new devices wait (TB_E_BUSY).

@@ -911,19 +911,23 @@ test('a user whose name is digits: test-policy, explain-policy and who-can read 
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-digits-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const policy = path.join(dir, 'policy.toml');
-  fs.writeFileSync(policy, '[[rule]]\nname = "named"\nusers = ["64021"]\nbridges = ["br1"]\n\n'
+  fs.writeFileSync(policy, '[[rule]]\nname = "named"\nusers = ["64021"]\nbridges = ["br1"]\npersistent = true\n\n'
     + '[[rule]]\nname = "lab"\ngroups = ["tblab"]\nbridges = ["br2"]\n');
   const cases = path.join(dir, 'cases.toml');
   fs.writeFileSync(cases, '[[case]]\nname = "the user named 64021"\nuser = "64021"\nrequest = "bridge=br1"\nexpect = "allow"\n\n'
     + '[[case]]\nname = "uid 64021"\nuser = 64021\nrequest = "bridge=br1"\nexpect = "deny"\n\n'
-    + '[[case]]\nname = "digits naming no one are a uid"\nuser = "64022"\nrequest = "bridge=br1"\nexpect = "deny"\n');
+    + '[[case]]\nname = "digits naming no one are a uid"\nuser = "64022"\nrequest = "bridge=br1"\nexpect = "deny"\n\n'
+    // A request's group=, as `tapbroker create --group` sends it: digits are a gid, whatever group has them as a name
+    // (its re-test: read as the group named 64025, gid 64026, the case passed where the client's request fails).
+    + '[[case]]\nname = "group= digits are a gid"\nuser = "64021"\ngroups = [64025]\n'
+    + 'request = "bridge=br1,persistent=on,group=64025"\nexpect = "allow"\n');
   const r = inEtcOverlay(dir, 'cp /etc/passwd /etc/group "$1/up/"; '
     + 'echo "64021:x:64023:64023::/nonexistent:/usr/sbin/nologin" >> "$1/up/passwd"; '
-    + 'echo "tblab:x:64024:64021" >> "$1/up/group"',
+    + 'printf "tblab:x:64024:64021\\n64025:x:64026:\\n" >> "$1/up/group"',
     '"$2" "$3" test-policy "$4" "$5"; "$2" "$3" explain-policy "$4" --user 64021 --json; '
     + '"$2" "$3" who-can "$4" --bridge br1', policy, cases);
   t.is(r.status, 0, r.stdout + r.stderr);
-  t.regex(r.stdout, /3 passed/);
+  t.regex(r.stdout, /4 cases, 4 passed/);
   const explained = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'), r.stdout.lastIndexOf('}') + 1)) as {
     uid: number; groups: number[]; allowed_by: Array<{ rule: string }>;
   };

@@ -315,9 +315,9 @@ export class Broker implements SessionHost, OpContext {
     }
   }
 
-  /** Idle: no connection and no lease. */
+  /** Idle: no connection, no lease, and no network's `down` (or Open vSwitch port removal) running or to try again. */
   get idle(): boolean {
-    return this.sessions.size === 0 && this.leases.size === 0;
+    return this.sessions.size === 0 && this.leases.size === 0 && this.lifetimes.unplugs.idle;
   }
 
   // ---- SessionHost

@@ -259,7 +259,16 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       log(`the ${what} ${p} ${why}; refusing to start`);
       // What this start made goes with it (an outside review: a start refused for its audit file's directory had made
       // the state directory; its re-test: made after that check, a state directory holding the audit file was not).
-      if (made) fs.rmSync(made, { recursive: true, force: true });
+      // Empty directories only, one level at a time: a recursive delete as root inside a directory others may write
+      // to could be steered (its re-test).
+      for (let d = path.resolve(opts.stateDir); made !== undefined; d = path.dirname(d)) {
+        try {
+          fs.rmdirSync(d);
+        } catch {
+          break;
+        }
+        if (d === made || d === path.dirname(d)) break;
+      }
       process.exit(EX.CONFIG);
     }
   }

@@ -15,11 +15,12 @@ import { leaseView, type LeaseRecord, type LeaseTable, type Plug } from './lease
 const UNPLUG_ATTEMPTS = 10;
 const UNPLUG_SLOWEST_S = 300;
 /**
- * Failed tries in a row (about a minute, 1 + 2 + … + 32 s) that found a port's database retired (named by no network,
- * its socket's directory gone) before its removal is dropped: an outside review's retired Open vSwitch kept one owed
- * for good, tried and recorded at every start.
+ * Failed tries in a row (about an hour: 1 + 2 + … + 256 s, then 300 s apart) that found a port's database retired
+ * (named by no network, its socket's directory gone) before its removal is dropped: an outside review's retired Open
+ * vSwitch kept one owed for good, tried and recorded at every start. A service manager removes that directory when it
+ * stops some Open vSwitch units (its re-test): an hour of maintenance is waited for.
  */
-const RETIRED_TRIES = 7;
+const RETIRED_TRIES = 20;
 
 /** The Open vSwitch databases `networks` (the policy's) name. */
 export function namedDbs(networks: Iterable<Network>): Set<string> {
@@ -206,6 +207,11 @@ export class Unplugs {
    */
   of(uid: number): number {
     return this.uids.get(uid) ?? 0;
+  }
+
+  /** Nothing running or to try again (a broker that exits when idle would leave a port until its next start). */
+  get idle(): boolean {
+    return this.names.size === 0 && this.running.size === 0;
   }
 
   /** Is a device named `name` still being unplugged from its network (its hook's `down`, its OVS port)? */

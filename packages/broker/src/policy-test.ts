@@ -195,7 +195,9 @@ export function parseRequest(spec: string): Nic | string {
   if (!/^[0-9]{1,9}$/.test(queues)) return `queues must be an integer, not \`${queues}'`;
   // `tapbroker create --group G`'s field (a persistent tap also given to a group): a gid or a group name.
   const group = fields.get('group');
-  const gid = group === undefined ? undefined : asId(group, groupNamed) ?? getgrnam(group);
+  // As `tapbroker create --group` sends it: digits are a gid (its re-test: read as a name here, a case passed that the
+  // client's request fails).
+  const gid = group === undefined ? undefined : asId(group, () => false) ?? getgrnam(group);
   if (gid === null) return `no group \`${group}' on this host (give a gid instead)`;
   const common = {
     queues: Number(queues), vhost, persistent, ...(gid !== undefined ? { group: gid } : {}),
