@@ -4,7 +4,7 @@
 // unit test. It is a model, not the kernel: integration tests check the real Netdev against the kernel's
 // own answers; this one checks what the broker decides, creates, records and replies around it.
 import fs from 'node:fs';
-import { TapbrokerError, macFromBuffer } from '@tapbroker/protocol';
+import { TapbrokerError, macFromBuffer, macToBuffer } from '@tapbroker/protocol';
 import {
   hostMac, vhostUnavailable, type Cleanup, type CreatedTap, type FaultPoint, type Kernel, type Link, type MacvtapRequest,
   type TapRequest, type Wants,
@@ -271,6 +271,13 @@ export class FakeKernel implements Kernel {
   fdbEntry(bridge: Link, mac: Buffer, vlan: number | null): { port: number; fixed: boolean } | null {
     const e = this.fdb.get(`${bridge.index}/${macFromBuffer(mac)}/${vlan ?? 0}`);
     return e ? { port: e.port, fixed: e.static } : null;
+  }
+
+  staticEntries(port: number): Array<{ mac: Buffer; vlan: number | null }> {
+    return [...this.fdb].filter(([, e]) => e.port === port && e.static).map(([key]) => {
+      const [, mac, vlan] = key.split('/');
+      return { mac: macToBuffer(mac!), vlan: Number(vlan) || null };
+    });
   }
 
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void {

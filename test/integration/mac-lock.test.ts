@@ -544,6 +544,29 @@ test.serial('a locked lease rebuilt from its tag after the table was lost is sti
   await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
 });
 
+// Found by an outside review of a real upgrade from 0.4.0: 0.4's tags name neither a tap's guest MAC nor its lock; with
+// the table cut short, the rebuilt lease was unlocked with the tap's own address as its MAC, and another user on the
+// bridge could take the guest's MAC: the broker deleted the taker but never put the guest's entry back. The lock and
+// the MAC are read from the port (its lock flag and the static entry the lock keeps on it).
+test.serial('a locked tap whose tag (0.4\'s) names no MAC or lock, its table lost: rebuilt locked, with the guest\'s MAC', async (t) => {
+  const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  t.is(made.error, null, made.error?.message);
+  const { name, mac } = made.taps[0]!.device;
+  t.true(made.taps[0]!.device.locked);
+  await broker.stop('SIGKILL', true);
+  fs.writeFileSync(broker.stateFile, '{"version":1,"leas');
+  const alias = /alias (tapbroker .*)$/m.exec(ns.ip('-d', 'link', 'show', name))![1]!;
+  // As 0.4 wrote it: no mac=, host=, locked=, at=.
+  ns.ip('link', 'set', name, 'alias', alias.replace(/ (?:mac|host|locked|at)=\S+/g, ''));
+  t.notRegex(ns.ip('-d', 'link', 'show', name), / (?:mac|host|locked)=/);
+  broker = await BrokerProcess.start(ns, POLICY, { tag: 'lock', dir: broker.dir, ...QUICK });
+  const listed = (await probeOnce({ socket: broker.socket, list: true })).leases!;
+  t.like(listed.find((l) => l.name === name), { locked: true, mac });
+  t.regex(bridgeCmd('-d', 'link', 'show', 'dev', name), /locked on/);
+  t.is((await probeOnce({ socket: broker.socket, release: [name] })).error, null);
+  await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
+});
+
 test.serial('a broker restart puts back a lock an administrator took off meanwhile', async (t) => {
   const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
   const d = r.taps[0]!.device;

@@ -144,6 +144,8 @@ export interface Kernel {
   /** The bridge's forwarding entry for `mac` (on `vlan`): its port, and whether it is static; null if none. */
   fdbEntry(bridge: Link, mac: Buffer, vlan: number | null): { port: number; fixed: boolean } | null;
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null }): void;
+  /** The static forwarding entries (a lock's) on bridge port `port`. */
+  staticEntries(port: number): Array<{ mac: Buffer; vlan: number | null }>;
   /** Makes `port` an access port of VLAN `vid` on its bridge (a port put back on a bridge is in its default VLAN). */
   setAccessVlan(port: number, vid: number): void;
   /**

@@ -276,6 +276,10 @@ export class Netdev implements Kernel {
     }
   }
 
+  staticEntries(port: number): Array<{ mac: Buffer; vlan: number | null }> {
+    return this.rtnl.staticEntries(port);
+  }
+
   fdbEntry(bridge: Link, mac: Buffer, vlan: number | null): { port: number; fixed: boolean } | null {
     const e = this.rtnl.fdbEntry(bridge.index, mac, vlan);
     return e && { port: e.port, fixed: (e.state & (NUD_NOARP | NUD_PERMANENT)) !== 0 };

@@ -138,7 +138,8 @@ export function reconcile(lt: Keeper): void {
       void lt.deleteLink(link.index, who.uid, link.name, why, as).then(() => lt.unplug(ended));
       continue;
     }
-    const tagged = replug(withUser(leaseFromAlias(link.alias, link)), lt.policy());
+    const rebuilt = replug(withUser(leaseFromAlias(link.alias, link)), lt.policy());
+    const tagged = rebuilt && guestOf(lt, rebuilt, link);
     // Taken back: leases never written (they go with their fds), and where the table may lack a lease: lost with it,
     // or, in a whole table another version wrote, a tap that goes with its fds (one version kept such taps in memory
     // only, another wrote them: an outside review's downgrade and back). Never one the last run was deleting.
@@ -323,6 +324,25 @@ export function relock(lt: Keeper, l: LeaseRecord): void {
       op: 'reconcile', decision: 'cleanup', message: `its port lock cannot be restored (${(err as Error).message})`,
     }).catch(() => {});
   }
+}
+
+/**
+ * A tap's guest MAC and port lock, which tags before 0.5.0 do not name: from its port (its lock, and the one static
+ * entry a lock keeps there), else unknown, never the tap's own address (an outside review's upgrade from 0.4, its
+ * table cut short, took a locked guest's tap for unlocked with the tap's own MAC, and any user on the bridge could
+ * then take the guest's MAC and cut it off for good).
+ */
+function guestOf(lt: Keeper, l: LeaseRecord, link: Link): LeaseRecord {
+  if (l.kind !== 'tap' || / (?:mac|host)=/.test(link.alias ?? '')) return l;
+  let fixed: Array<{ mac: Buffer; vlan: number | null }> = [];
+  try {
+    if (link.portLocked) fixed = lt.kernel.staticEntries(link.index).filter((e) => macFromBuffer(e.mac) !== l.mac);
+  } catch (err) {
+    lt.log(`warning: cannot read the forwarding entries of \`${link.name}': ${(err as Error).message}`);
+  }
+  const one = fixed.length === 1 ? fixed[0]! : null;
+  return { ...l, mac: one ? macFromBuffer(one.mac) : null, host_mac: l.mac, locked: one !== null,
+    vlan: one?.vlan || l.vlan };
 }
 
 /**

@@ -452,6 +452,22 @@ export class Rtnetlink {
     }
   }
 
+  /** The static forwarding entries on bridge port `port` (a lock's): MAC and VLAN. The kernel filters by port. */
+  staticEntries(port: number): Array<{ mac: Buffer; vlan: number | null }> {
+    const dump = (seq: number) => {
+      const m = neighMessage(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, port, 0, []);
+      m.writeUInt8(0, NLMSGHDR + 10); // No NTF_MASTER: with it, a strict dump by port gives nothing.
+      return m;
+    };
+    const entries = this.request(dump, `dump fdb entries of port ${port}`);
+    return entries.flatMap((m) => {
+      if (m.readInt32LE(NLMSGHDR + 4) !== port || (m.readUInt16LE(NLMSGHDR + 8) & NUD_NOARP) === 0) return [];
+      const a = parseAttrs(m, NLMSGHDR + NDMSG);
+      const mac = a.get(NDA_LLADDR);
+      return mac?.length === 6 ? [{ mac: Buffer.from(mac), vlan: a.get(NDA_VLAN)?.readUInt16LE(0) ?? null }] : [];
+    });
+  }
+
   /** Points the bridge's forwarding entry for `mac` at port `port` (see fdbEntryMessage). */
   restoreFdbEntry(port: number, mac: Buffer, opts: { static?: boolean; vlan?: number | null } = {}): void {
     this.request((seq) => fdbEntryMessage(seq, port, mac, opts), `restore fdb entry on port ${port}`);
