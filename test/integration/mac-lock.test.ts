@@ -550,19 +550,32 @@ test.serial('a locked lease rebuilt from its tag after the table was lost is sti
 // the MAC are read from the port (its lock flag and the static entry the lock keeps on it).
 test.serial('a locked tap whose tag (0.4\'s) names no MAC or lock, its table lost: rebuilt locked, with the guest\'s MAC', async (t) => {
   const made = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  const lost = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
   t.is(made.error, null, made.error?.message);
   const { name, mac } = made.taps[0]!.device;
+  const other = lost.taps[0]!.device;
   t.true(made.taps[0]!.device.locked);
   await broker.stop('SIGKILL', true);
   fs.writeFileSync(broker.stateFile, '{"version":1,"leas');
-  const alias = /alias (tapbroker .*)$/m.exec(ns.ip('-d', 'link', 'show', name))![1]!;
-  // As 0.4 wrote it: no mac=, host=, locked=, at=.
-  ns.ip('link', 'set', name, 'alias', alias.replace(/ (?:mac|host|locked|at)=\S+/g, ''));
-  t.notRegex(ns.ip('-d', 'link', 'show', name), / (?:mac|host|locked)=/);
+  for (const n of [name, other.name]) {
+    const alias = /alias (tapbroker .*)$/m.exec(ns.ip('-d', 'link', 'show', n))![1]!;
+    // As 0.4 wrote it: no mac=, host=, locked=, at=.
+    ns.ip('link', 'set', n, 'alias', alias.replace(/ (?:mac|host|locked|at)=\S+/g, ''));
+    t.notRegex(ns.ip('-d', 'link', 'show', n), / (?:mac|host|locked)=/);
+  }
+  // The other's static entry gone while the broker was down (its re-test: another user's tap given the guest's MAC
+  // and back deletes it): its port is still locked, but the guest's MAC cannot be read from it.
+  spawnSync('bridge', ['-n', ns.name, 'fdb', 'del', other.mac!, 'dev', other.name, 'master']);
+  t.notRegex(fdb(other.name), new RegExp(other.mac!));
   broker = await BrokerProcess.start(ns, POLICY, { tag: 'lock', dir: broker.dir, ...QUICK });
   const listed = (await probeOnce({ socket: broker.socket, list: true })).leases!;
   t.like(listed.find((l) => l.name === name), { locked: true, mac });
   t.regex(bridgeCmd('-d', 'link', 'show', 'dev', name), /locked on/);
+  // That one goes, rather than free its guest's MAC for another tap while the guest may still send from it.
+  const gone = await broker.record((r) => r.decision === 'cleanup' && (r.device as { name?: string }).name === other.name);
+  t.regex(gone.message ?? '', /its port lock cannot be restored \(its guest MAC is not known\)/);
+  await broker.waitFor(() => !ns.link(other.name), 3000, `${other.name} is still there`);
+  t.false(listed.some((l) => l.name === other.name && !l.locked), 'never an unlocked lease');
   t.is((await probeOnce({ socket: broker.socket, release: [name] })).error, null);
   await broker.waitFor(() => ns.extraLinks(HOST).length === 0, 3000, 'devices left');
 });

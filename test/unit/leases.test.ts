@@ -591,3 +591,29 @@ test('a state directory a broker ran in, without a broker id, whose devices carr
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// Found by two outside re-tests: a `down` that could not run at its tenth try is owed to the next start and keeps its
+// device's name, and a broker exiting when idle (--idle-exit) counted that name as work still to do: it never exited,
+// and the `down`, which only a start runs, never ran. Unplugs is idle once nothing runs and no try waits for its time.
+test('a down owed to the next start keeps its name, not the broker: idle once its tries are done', async (t) => {
+  const notes: string[] = [];
+  let tries = 0;
+  const unplugs = new Unplugs({ unplugged: () => {}, forgetDb: () => {} },
+    (_op, decision, _l, message) => void notes.push(`${decision}: ${message}`), { current: 'r', save: () => {} },
+    undefined, () => (tries++, 1));
+  // A hook killed by a signal (as a service manager's stop kills it): a `down` cut short, tried again ten times, then
+  // owed to the next start.
+  const dir = tempDir('owed-idle');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const hook = path.join(dir, 'hook');
+  fs.writeFileSync(hook, '#!/bin/sh\nkill -9 $$\n', { mode: 0o755 });
+  const l = lease({ name: 'tb1000-hook', plug: { hook, timeout_ms: 5000 }, network: 'x' });
+  unplugs.unplug(l);
+  t.false(unplugs.idle, 'its first try runs');
+  await until(() => (notes.some((n) => /runs again at the broker's next start$/.test(n)) ? true : null),
+    { ms: 10_000, what: notes.join('\n') });
+  await until(() => (unplugs.idle ? true : null), { ms: 2000, what: 'not idle' });
+  t.is(tries, 9, 'nine waits between ten tries');
+  t.true(unplugs.pending('tb1000-hook'), 'its name is kept until the start that runs it');
+  await unplugs.close(0);
+});

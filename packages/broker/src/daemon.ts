@@ -250,6 +250,22 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     log(`cannot start: ${(err as Error).message}`);
     process.exit(EX.UNAVAILABLE);
   }
+  // A start refused from here on leaves nothing it made (an outside review: a start refused for its audit file's
+  // directory had made the state directory; its re-tests: so did every other refusal). Its lock and the empty
+  // directories only, one level at a time: a recursive delete as root inside a directory others may write to could be
+  // steered.
+  const refuse: (status: number) => never = (status) => {
+    if (made !== undefined) fs.rmSync(path.join(opts.stateDir, 'lock'), { force: true });
+    for (let d = path.resolve(opts.stateDir); made !== undefined; d = path.dirname(d)) {
+      try {
+        fs.rmdirSync(d);
+      } catch {
+        break;
+      }
+      if (d === made || d === path.dirname(d)) break;
+    }
+    return process.exit(status);
+  };
   const rootsDirs = [
     ['state directory', opts.stateDir], ['audit file\'s directory', opts.auditFile && path.dirname(opts.auditFile)],
   ] as const;
@@ -257,19 +273,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     const why = p ? notRootsAlone(p) : null;
     if (why) {
       log(`the ${what} ${p} ${why}; refusing to start`);
-      // What this start made goes with it (an outside review: a start refused for its audit file's directory had made
-      // the state directory; its re-test: made after that check, a state directory holding the audit file was not).
-      // Empty directories only, one level at a time: a recursive delete as root inside a directory others may write
-      // to could be steered (its re-test).
-      for (let d = path.resolve(opts.stateDir); made !== undefined; d = path.dirname(d)) {
-        try {
-          fs.rmdirSync(d);
-        } catch {
-          break;
-        }
-        if (d === made || d === path.dirname(d)) break;
-      }
-      process.exit(EX.CONFIG);
+      refuse(EX.CONFIG);
     }
   }
   // One broker per state directory: two would write its lease table over each other and take each other's
@@ -288,12 +292,12 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     locked = lockExclusive(fd);
   } catch (err) {
     log(`cannot start: cannot lock the state directory: ${(err as Error).message}`);
-    process.exit(EX.UNAVAILABLE);
+    refuse(EX.UNAVAILABLE);
   }
   if (!locked) {
     log(`another tapbrokerd uses the state directory ${opts.stateDir} (it holds ${path.join(opts.stateDir, 'lock')}); `
       + 'refusing to start');
-    process.exit(EX.UNAVAILABLE);
+    refuse(EX.UNAVAILABLE);
   }
 
   let listener: SeqpacketListener;
@@ -306,7 +310,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       const why = notRootsAlone(path.dirname(opts.socket));
       if (why) {
         log(`the socket's directory ${path.dirname(opts.socket)} ${why}; refusing to start`);
-        process.exit(EX.CONFIG);
+        refuse(EX.CONFIG);
       }
       listener = SeqpacketListener.listen(
         opts.socket,
@@ -315,7 +319,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     }
   } catch (err) {
     log(`cannot listen: ${(err as Error).message}`);
-    process.exit(EX.UNAVAILABLE);
+    refuse(EX.UNAVAILABLE);
   }
 
   let broker: Broker;
@@ -340,7 +344,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     log(`cannot start: ${(err as Error).message}`);
     // Its socket goes with it: one left with nobody listening reads as a broker that refuses (a re-test).
     listener.close();
-    process.exit(EX.UNAVAILABLE);
+    refuse(EX.UNAVAILABLE);
   }
   const status = () =>
     `STATUS=serving ${broker.connections} connection(s), ${broker.leases.size} lease(s); `

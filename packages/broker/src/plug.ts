@@ -116,6 +116,8 @@ export class Unplugs {
   /** Unpluggings running (a hook's `down`, an OVS del-port) per uid: counted with its teardowns (see of). */
   private readonly uids = new Map<number, number>();
   private closing = false;
+  /** Tries waiting for their time. */
+  private retries = 0;
   /** Open vSwitch ports that are not this broker's: no new device takes their names. */
   readonly foreign = new ForeignPorts();
 
@@ -193,7 +195,10 @@ export class Unplugs {
     void p.finally(() => {
       this.running.delete(p);
       count(this.uids, l.uid, -1);
-      if (again) setTimeout(() => this.unplug(l, attempt + 1, gone), this.delayMs(attempt)).unref();
+      if (again) {
+        this.retries++;
+        setTimeout(() => (this.retries--, this.unplug(l, attempt + 1, gone)), this.delayMs(attempt)).unref();
+      }
       // A port never removed, or a `down` still owed, keeps its name from new devices until the broker restarts.
       if (again || ((ovs || cut) && failed && !this.closing)) return;
       count(this.names, l.name, -1);
@@ -209,9 +214,12 @@ export class Unplugs {
     return this.uids.get(uid) ?? 0;
   }
 
-  /** Nothing running or to try again (a broker that exits when idle would leave a port until its next start). */
+  /**
+   * Nothing running or to try again (a broker that exits when idle would leave a port until its next start). A `down`
+   * owed to the next start keeps its name, not the broker: its re-test's never exited, and the start runs it.
+   */
   get idle(): boolean {
-    return this.names.size === 0 && this.running.size === 0;
+    return this.running.size === 0 && this.retries === 0;
   }
 
   /** Is a device named `name` still being unplugged from its network (its hook's `down`, its OVS port)? */

@@ -330,7 +330,9 @@ export function relock(lt: Keeper, l: LeaseRecord): void {
  * A tap's guest MAC and port lock, which tags before 0.5.0 do not name: from its port (its lock, and the one static
  * entry a lock keeps there), else unknown, never the tap's own address (an outside review's upgrade from 0.4, its
  * table cut short, took a locked guest's tap for unlocked with the tap's own MAC, and any user on the bridge could
- * then take the guest's MAC and cut it off for good).
+ * then take the guest's MAC and cut it off for good). A locked port is a locked lease's, its entry there or not: one
+ * whose MAC cannot be read goes (relock), rather than free its MAC for another (its re-test removed the entry by
+ * giving its own tap the guest's MAC while the broker was down).
  */
 function guestOf(lt: Keeper, l: LeaseRecord, link: Link): LeaseRecord {
   if (l.kind !== 'tap' || / (?:mac|host)=/.test(link.alias ?? '')) return l;
@@ -341,7 +343,7 @@ function guestOf(lt: Keeper, l: LeaseRecord, link: Link): LeaseRecord {
     lt.log(`warning: cannot read the forwarding entries of \`${link.name}': ${(err as Error).message}`);
   }
   const one = fixed.length === 1 ? fixed[0]! : null;
-  return { ...l, mac: one ? macFromBuffer(one.mac) : null, host_mac: l.mac, locked: one !== null,
+  return { ...l, mac: one ? macFromBuffer(one.mac) : null, host_mac: l.mac, locked: link.portLocked === true,
     vlan: one?.vlan || l.vlan };
 }
 
