@@ -912,7 +912,8 @@ test('a user whose name is digits: test-policy, explain-policy and who-can read 
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const policy = path.join(dir, 'policy.toml');
   fs.writeFileSync(policy, '[[rule]]\nname = "named"\nusers = ["64021"]\nbridges = ["br1"]\npersistent = true\n\n'
-    + '[[rule]]\nname = "lab"\ngroups = ["tblab"]\nbridges = ["br2"]\n');
+    + '[[rule]]\nname = "lab"\ngroups = ["tblab"]\nbridges = ["br2"]\n\n'
+    + '[[rule]]\nname = "digit-group"\ngroups = ["64025"]\nbridges = ["br3"]\n');
   const cases = path.join(dir, 'cases.toml');
   fs.writeFileSync(cases, '[[case]]\nname = "the user named 64021"\nuser = "64021"\nrequest = "bridge=br1"\nexpect = "allow"\n\n'
     + '[[case]]\nname = "uid 64021"\nuser = 64021\nrequest = "bridge=br1"\nexpect = "deny"\n\n'
@@ -925,7 +926,7 @@ test('a user whose name is digits: test-policy, explain-policy and who-can read 
     + 'echo "64021:x:64023:64023::/nonexistent:/usr/sbin/nologin" >> "$1/up/passwd"; '
     + 'printf "tblab:x:64024:64021\\n64025:x:64026:\\n" >> "$1/up/group"',
     '"$2" "$3" test-policy "$4" "$5"; "$2" "$3" explain-policy "$4" --user 64021 --json; '
-    + '"$2" "$3" who-can "$4" --bridge br1', policy, cases);
+    + '"$2" "$3" who-can "$4" --bridge br1; "$2" "$3" who-can "$4" --bridge br3', policy, cases);
   t.is(r.status, 0, r.stdout + r.stderr);
   t.regex(r.stdout, /4 cases, 4 passed/);
   const explained = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'), r.stdout.lastIndexOf('}') + 1)) as {
@@ -936,6 +937,7 @@ test('a user whose name is digits: test-policy, explain-policy and who-can read 
   t.deepEqual(explained.allowed_by.map((a) => a.rule).sort(), ['lab', 'named']);
   t.regex(r.stderr, /`64021' is read as the user of that name \(uid 64023\), as the policy reads "64021"/);
   t.regex(r.stdout, /user 64021 \(uid 64023\)/, 'who-can tells the name from a uid');
+  t.regex(r.stdout, /group 64025 \(gid 64026\)/, 'and a group\'s name from a gid');
 });
 
 test('check-policy sees a locked rule refusing what a later rule gives through a member two groups share', (t) => {

@@ -313,8 +313,9 @@ function principals(s: Selector, host?: HostIds): string {
   };
   const group = (g: number) => {
     const sub = host?.subgids.of(g);
-    return `${getgrgid(g) ?? String(g)}${sub ? ` (a subordinate gid of ${sub.owner}: members by the account database `
-      + 'only)' : ''}`;
+    const name = getgrgid(g);
+    const shownName = name === null ? String(g) : /^\d+$/.test(name) ? `${name} (gid ${g})` : name;
+    return `${shownName}${sub ? ` (a subordinate gid of ${sub.owner}: members by the account database only)` : ''}`;
   };
   return [...[...s.uids].map((u) => `user ${user(u)}`), ...[...s.gids].map((g) => `group ${group(g)}`)].join(', ')
     || NO_ONE;
