@@ -143,6 +143,42 @@ test.serial('one, two and three fds above its own at rest, no closer running: ev
   }
 });
 
+// Found by an outside code audit: connections refused at accept (a uid past its cap of connections) spent the fd held
+// in reserve at the limit and never took it back: the broker was then as before the reserve, and a client could wait
+// unanswered again. The reserve is taken again after every accept, whatever became of the connection.
+test.serial('the fd in reserve, spent on a connection refused at the limit, is held again once that connection is closed', async (t) => {
+  const broker = await BrokerProcess.start(ns, POLICY, { tag: 'emfile-spare', closerIdleMs: 200, maxConnectionsPerUser: 2 });
+  const pid = String(broker.proc.pid);
+  const hard = /^Max open files\s+\d+\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/limits`, 'utf8'))![1]!;
+  const limit = (n: number) => spawnSync('prlimit', ['--pid', pid, `--nofile=${n}:${hard}`]);
+  const reserve = () => broker.fds().filter((f) => /^([3-9]|\d\d+)->\/dev\/null$/.test(f)).length;
+  const held: Array<Awaited<ReturnType<typeof probe>>> = [];
+  try {
+    await broker.waitFor(() => broker.closers().length === 0, 10_000, `closers running: ${broker.closers()}`);
+    t.is(reserve(), 1, `one fd in reserve at rest: ${broker.fds().join(' ')}`);
+    // uid 65534 at its cap of two connections, each held open.
+    for (let i = 0; i < 2; i++) held.push(await probe({ socket: broker.socket, requests: [] }));
+    await broker.waitFor(() => broker.closers().length === 0, 10_000, 'closers');
+    // The limit that leaves one fd number free below it (node holds a high-numbered fd or two, which a count of fds
+    // would take for room).
+    const numbers = broker.fds().map((f) => Number(f.split('->')[0]));
+    let one = 1;
+    while (one - numbers.filter((n) => n < one).length !== 1) one++;
+    limit(one);
+    try {
+      // A third: accepted with the last fd, its pidfd had with the reserve, refused (its cap), closed.
+      const third = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0' }] });
+      t.is(third.error?.code, 'TB_E_BUSY', JSON.stringify(third.error));
+      await broker.waitFor(() => reserve() === 1, 3000, `the reserve was not taken again: ${broker.fds().join(' ')}`);
+    } finally {
+      limit(4096);
+    }
+  } finally {
+    for (const p of held) await p.release();
+    await broker.stop();
+  }
+});
+
 test.serial('at each open-files limit just above its own fds: a resource refusal, never TB_E_INTERNAL; said once', async (t) => {
   const broker = await BrokerProcess.start(ns, POLICY, { tag: 'emfile-sweep' });
   const pid = String(broker.proc.pid);

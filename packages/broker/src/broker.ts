@@ -394,6 +394,16 @@ export class Broker implements SessionHost, OpContext {
    * next window (up to its cap of connections).
    */
   private accept(fd: number): void {
+    try {
+      this.acceptOne(fd);
+    } finally {
+      // The fd held in reserve, given up at the open-files limit, is taken again where it can be, whatever became of
+      // the connection (its re-test: refused and shed connections spent it and never took it back).
+      sys.reserveSpareFd();
+    }
+  }
+
+  private acceptOne(fd: number): void {
     const t0 = performance.now();
     if (this.shed(fd)) return;
     // No client's fd ever enters the broker, not even one queued before the socket refused them: each close()

@@ -242,7 +242,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   }
 
   // Where the broker writes as root: nobody else may be able to swap what is there.
-  let locked: boolean;
+  let locked = false;
   let made: string | undefined;
   try {
     made = fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
@@ -255,7 +255,9 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   // directories only, one level at a time: a recursive delete as root inside a directory others may write to could be
   // steered.
   const refuse: (status: number) => never = (status) => {
-    if (made !== undefined) fs.rmSync(path.join(opts.stateDir, 'lock'), { force: true });
+    // The lock only if this start holds it: another broker's, taken first in a directory this start made, stays (its
+    // re-test: two starts at once, the loser removed the winner's lock, and a third started beside the winner).
+    if (made !== undefined && locked) fs.rmSync(path.join(opts.stateDir, 'lock'), { force: true });
     for (let d = path.resolve(opts.stateDir); made !== undefined; d = path.dirname(d)) {
       try {
         fs.rmdirSync(d);

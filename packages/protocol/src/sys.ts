@@ -483,7 +483,13 @@ export function withSpareFd<T>(step: () => T): T {
     if (spare < 0 || (code !== errno.EMFILE && code !== 'EMFILE')) throw err;
     close(spare);
     spare = -1;
-    return step();
+    try {
+      return step();
+    } finally {
+      // Taken again at once where the step's fd is already closed (an fdinfo read): an outside audit saw a refused
+      // connection's close spend it for good.
+      reserveSpareFd();
+    }
   }
 }
 
