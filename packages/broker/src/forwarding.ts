@@ -8,6 +8,7 @@ import type { Kernel } from './kernel.js';
 import type { LeaseRecord, LeaseTable } from './leases.js';
 import type { Link } from './rtnetlink.js';
 import { takenMac } from './terms.js';
+import { portVlan } from './decide.js';
 
 type Note = (
   op: AuditEvent['op'], decision: AuditEvent['decision'], l: LeaseRecord, message: string, extra?: Partial<AuditEvent>,
@@ -259,11 +260,12 @@ export class Forwarding {
 
   /** The locked leases holding `mac` on `bridge` (the oldest per VLAN), their entries put back now; returned. */
   private relockMac(bridge: string, mac: string, why: string): LeaseRecord[] {
-    const seen = new Set<number | null>();
+    const seen = new Set<number>();
     const relocked: LeaseRecord[] = [];
     for (const o of oldest(this.table.all().filter((v) => v.locked && v.parent === bridge && v.mac === mac))) {
-      if (seen.has(o.vlan) || this.off.has(o.id)) continue;
-      seen.add(o.vlan);
+      // Untagged and VLAN 1 are one segment (portVlan), as the grant's checks take them.
+      if (seen.has(portVlan(o.vlan)) || this.off.has(o.id)) continue;
+      seen.add(portVlan(o.vlan));
       this.relock(o, why);
       relocked.push(o);
     }
@@ -308,7 +310,7 @@ export class Forwarding {
     // One lease per MAC and VLAN, the oldest (a state from before MACs locked were kept unique may have two).
     const seen = new Set<string>();
     const locked = oldest(this.table.all().filter((o) => o.locked && o.mac !== null && o.parent === bridge))
-      .filter((o) => !seen.has(`${o.mac}/${o.vlan}`) && !!seen.add(`${o.mac}/${o.vlan}`));
+      .filter((o) => !seen.has(`${o.mac}/${portVlan(o.vlan)}`) && !!seen.add(`${o.mac}/${portVlan(o.vlan)}`));
     if (locked.length === 0) return;
     this.relockedAt.set(bridge, Date.now());
     if (this.relockedAt.size > 1024) this.relockedAt.delete(this.relockedAt.keys().next().value!);
