@@ -688,7 +688,7 @@ test('the broker refuses a second instance on a live socket', (t) => {
 });
 
 // Found by an outside review: a start refused for its audit file's directory had made its state directory first.
-test('a start refused for its audit file\'s or its socket\'s directory makes no state directory', async (t) => {
+test('a refused start removes the empty state directory it made, never a lock file it made', async (t) => {
   const main = CLIENT_CLI.replace('client/dist/cli.js', 'broker/dist/main.js');
   const dir = tempDir('auditdir');
   try {
@@ -699,7 +699,8 @@ test('a start refused for its audit file\'s or its socket\'s directory makes no 
     t.is(r.status, 78, r.stderr);
     t.regex(r.stderr, /the audit file's directory \S+\/missing .*refusing to start/);
     t.false(fs.existsSync(state), 'the state directory was made');
-    // Nor one refused for its socket's directory (others may write to it), after its lock was taken (its re-test).
+    // One refused for its socket's directory (others may write to it), after its lock was made: its lock stays (another
+    // start may have it open), nothing else (its re-tests).
     const open = path.join(dir, 'open');
     fs.mkdirSync(open, { mode: 0o777 });
     fs.chmodSync(open, 0o777);
@@ -707,7 +708,8 @@ test('a start refused for its audit file\'s or its socket\'s directory makes no 
       '-s', path.join(open, 'sock'), '--state-dir', state, '--journal-socket', ''], { encoding: 'utf8', timeout: 10_000 });
     t.is(s.status, 78, s.stderr);
     t.regex(s.stderr, /the socket's directory \S+\/open .*refusing to start/);
-    t.false(fs.existsSync(state), 'the state directory (and its lock) were left');
+    t.deepEqual(fs.readdirSync(state), ['lock'], 'the state directory holds its lock alone');
+    fs.rmSync(state, { recursive: true });
     // A state directory not there yet, spelt with a trailing slash, that holds the audit file: it starts (its re-test:
     // refused once the audit file's directory was checked before the state directory was made).
     const inside = path.join(dir, 'st2');

@@ -242,7 +242,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   }
 
   // Where the broker writes as root: nobody else may be able to swap what is there.
-  let locked = false;
+  let locked: boolean;
   let made: string | undefined;
   try {
     made = fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
@@ -250,14 +250,12 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     log(`cannot start: ${(err as Error).message}`);
     process.exit(EX.UNAVAILABLE);
   }
-  // A start refused from here on leaves nothing it made (an outside review: a start refused for its audit file's
-  // directory had made the state directory; its re-tests: so did every other refusal). Its lock and the empty
-  // directories only, one level at a time: a recursive delete as root inside a directory others may write to could be
-  // steered.
+  // A start refused from here on leaves the directories it made if they are empty (an outside review: a start refused
+  // for its audit file's directory had made the state directory), one level at a time: a recursive delete as root
+  // inside a directory others may write to could be steered. Never its lock file, once made: another start may have
+  // it open, about to lock it, and would lock a file no longer there while a third made and locked a new one (two
+  // re-tests ran two brokers on one state directory so).
   const refuse: (status: number) => never = (status) => {
-    // The lock only if this start holds it: another broker's, taken first in a directory this start made, stays (its
-    // re-test: two starts at once, the loser removed the winner's lock, and a third started beside the winner).
-    if (made !== undefined && locked) fs.rmSync(path.join(opts.stateDir, 'lock'), { force: true });
     for (let d = path.resolve(opts.stateDir); made !== undefined; d = path.dirname(d)) {
       try {
         fs.rmdirSync(d);
