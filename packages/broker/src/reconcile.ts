@@ -342,9 +342,11 @@ function guestOf(lt: Keeper, l: LeaseRecord, link: Link): LeaseRecord {
   } catch (err) {
     lt.log(`warning: cannot read the forwarding entries of \`${link.name}': ${(err as Error).message}`);
   }
-  const one = fixed.length === 1 ? fixed[0]! : null;
-  return { ...l, mac: one ? macFromBuffer(one.mac) : null, host_mac: l.mac, locked: link.portLocked === true,
-    vlan: one?.vlan || l.vlan };
+  // One MAC, however many entries: a kernel with bridge VLANs adds a lock's entry once with no VLAN and once in the
+  // port's default VLAN (its re-test, from the kernel's br_fdb_add).
+  const macs = new Set(fixed.map((e) => macFromBuffer(e.mac)));
+  const one = macs.size === 1 ? [...macs][0]! : null;
+  return { ...l, mac: one, host_mac: l.mac, locked: link.portLocked === true };
 }
 
 /**
