@@ -427,12 +427,16 @@ export class Broker implements SessionHost, OpContext {
       this.perUid.set(payer, mine + 1);
       void wait.then(() => {
         this.unhold(payer);
-        if (this.listener) {
-          this.admit(conn, peer, payer, performance.now());
-        } else {
-          // Stopped meanwhile: the connection goes as the ones not accepted yet do.
-          if (peer.pidfd !== null) sys.close(peer.pidfd);
-          conn.drainAndClose((fds) => this.foreign(fds));
+        try {
+          if (this.listener) {
+            this.admit(conn, peer, payer, performance.now());
+          } else {
+            // Stopped meanwhile: the connection goes as the ones not accepted yet do.
+            if (peer.pidfd !== null) sys.close(peer.pidfd);
+            conn.drainAndClose((fds) => this.foreign(fds));
+          }
+        } finally {
+          sys.reserveSpareFd(); // As accept's: a connection held back and refused here spent it too.
         }
       });
     } else {
