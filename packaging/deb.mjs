@@ -113,6 +113,9 @@ put('/usr/share/lintian/overrides/tapbroker', fs.readFileSync(path.join(HERE, 'l
 put(`${doc}/changelog.gz`, gz(fs.readFileSync(path.join(HERE, 'changelog')).toString().replace(/@VERSION@/g, version)));
 put(`${doc}/examples/policy.example.toml`, fs.readFileSync(path.join(ROOT, 'systemd', 'policy.example.toml')));
 put('/etc/tapbroker/policy.toml', fs.readFileSync(path.join(HERE, 'policy.toml')));
+// Its fragment directory, empty: where an administrator's fragments go, and what the documented checks name
+// (`--fragments policy.d`: an outside review's run of the README's migration failed on a missing one).
+mkdir('/etc/tapbroker/policy.d');
 
 // ---- control
 const installedKiB = Math.ceil(Number(execFileSync('du', ['-sk', '--apparent-size', stage], { encoding: 'utf8' }).split('\t')[0]));

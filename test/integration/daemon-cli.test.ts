@@ -134,3 +134,45 @@ test('a tool whose output cannot be written exits 74 (EX_IOERR), without a stack
     t.notRegex(r.stderr, /Unhandled|at .*\.js:\d+/, argv[0]);
   }
 });
+
+// Found by an outside review of an install under systemd: every line was stored at info priority, so
+// `journalctl -p warning -u tapbrokerd` showed the unit failed but never why. Under journald (fd 2 is the stream
+// JOURNAL_STREAM names: here a file, as journald names its socket) each line opens with its sd-daemon(3) priority;
+// anywhere else, the lines are as before.
+test('under journald each line carries its priority: a refused start err, a warning warning; elsewhere no prefix', (t) => {
+  const state = path.join(dir, 'open-state');
+  fs.mkdirSync(state, { mode: 0o777 });
+  fs.chmodSync(state, 0o777);
+  const warned = path.join(dir, 'warned.toml');
+  fs.writeFileSync(warned, '[[rule]]\nname = "r"\nusers = ["no-such-user-tb"]\nbridges = ["br0"]\n', { mode: 0o644 });
+  const bad = path.join(dir, 'bad.toml');
+  fs.writeFileSync(bad, '[[rule]]\nname = "r"\nusers = ["*"]\nmax_queues = "4"\n', { mode: 0o644 });
+  const start = (file: string, journal: boolean) => {
+    const err = path.join(dir, 'stderr.log');
+    const fd = fs.openSync(err, 'w');
+    try {
+      const st = fs.fstatSync(fd);
+      const env = { ...process.env, JOURNAL_STREAM: journal ? `${st.dev}:${st.ino}` : '0:1' };
+      const r = spawnSync(process.execPath, [MAIN, '-f', file, '--state-dir', state, '-s', path.join(dir, 's.sock'),
+        '--journal-socket', ''], { stdio: ['ignore', 'ignore', fd], env, timeout: 30_000 });
+      return { status: r.status, lines: fs.readFileSync(err, 'utf8').split('\n').filter(Boolean) };
+    } finally {
+      fs.closeSync(fd);
+    }
+  };
+  const refused = start(warned, true);
+  t.is(refused.status, 78, refused.lines.join('\n'));
+  t.true(refused.lines.some((l) => /^<4>tapbrokerd: warning: .*no-such-user-tb/.test(l)), refused.lines.join('\n'));
+  t.true(refused.lines.some((l) => /^<3>tapbrokerd: the state directory .* refusing to start$/.test(l)),
+    refused.lines.join('\n'));
+  t.true(refused.lines.every((l) => /^<[346]>tapbrokerd: /.test(l)), refused.lines.join('\n'));
+  const invalid = start(bad, true);
+  t.is(invalid.status, 78);
+  t.true(invalid.lines.length > 0 && invalid.lines.every((l) => /^<3>tapbrokerd: /.test(l)), invalid.lines.join('\n'));
+  t.true(invalid.lines.some((l) => /max_queues/.test(l)), invalid.lines.join('\n'));
+  // Another stream (a terminal, a pipe, a file journald does not read): no prefix.
+  const plain = start(warned, false);
+  t.is(plain.status, 78);
+  t.true(plain.lines.length > 0 && plain.lines.every((l) => l.startsWith('tapbrokerd: ')), plain.lines.join('\n'));
+  fs.rmSync(state, { recursive: true, force: true });
+});

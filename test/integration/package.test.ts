@@ -77,6 +77,8 @@ for d in usr etc var; do
   mkdir -p "$work/$d-up" "$work/$d-work"
   mount -t overlay overlay -o "lowerdir=/$d,upperdir=$work/$d-up,workdir=$work/$d-work" "/$d"
 done
+# /run too: the package makes /run/tapbroker, and a purge removes it (never this machine's).
+mount -t tmpfs tmpfs /run
 # An administrator's copy from the earlier manual set-up shadows the packaged unit: postinst says so.
 mkdir -p /etc/systemd/system && echo '[Service]' > /etc/systemd/system/tapbrokerd.service
 echo "shadow: $(dpkg -i "$deb" 2>&1 >/dev/null | grep -c 'overrides the packaged')"
@@ -100,6 +102,25 @@ echo '# fragment' > /etc/tapbroker/policy.d/10-site.toml
 echo '#!/bin/sh' > /etc/tapbroker/hooks/up
 echo "kept-note: $(dpkg --purge tapbroker 2>&1 >/dev/null | grep -c 'is kept: it holds files the package did not install')"
 echo "kept: $(find /etc/tapbroker -type f | sort | tr '\n' ' ')"
+rm -rf /etc/tapbroker
+# The fragment directory ships (empty): the README's migration check names it.
+dpkg -i "$deb" >/dev/null 2>&1
+echo "fragments: $(stat -c '%U %a' /etc/tapbroker/policy.d) $(tapbrokerd check-policy /etc/tapbroker/policy.toml --fragments /etc/tapbroker/policy.d >/dev/null 2>&1; echo $?)"
+# A purge while a device the broker made is still there keeps the state directory (its lease, the broker's
+# identity): a broker installed again takes it back. In a network namespace of its own, with its own sysfs.
+echo id > /run/tapbroker/broker-id
+unshare -n sh -c '
+  set -eu
+  mount -t sysfs sysfs /sys
+  ip link add tbk0 type veth peer name tbk1
+  ip link set tbk0 alias "tapbroker tap uid=1000 broker=id"
+  echo "run-note: $(dpkg --purge tapbroker 2>&1 >/dev/null | tr "\n" " ")"
+  echo "run-kept: $(cat /run/tapbroker/broker-id)"
+  ip link del tbk0
+  dpkg -i "$1" >/dev/null 2>&1
+  dpkg --purge tapbroker >/dev/null 2>&1
+  echo "run-gone: $(test -e /run/tapbroker && echo kept || echo gone)"
+' sh "$deb"
 `;
 
 maybe('installed with dpkg: commands on PATH answer --version, the default policy denies everything, man finds the pages; purge leaves nothing of the package\'s', (t) => {
@@ -118,6 +139,10 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     t.is(got['left'], '', 'purge leaves no file of the package');
     t.is(got['kept'], '/etc/tapbroker/hooks/up /etc/tapbroker/policy.d/10-site.toml ', 'nor takes the administrator\'s');
     t.is(got['kept-note'], '1');
+    t.is(got['fragments'], 'root 755 0', 'an empty policy.d of root\'s, which the documented check takes');
+    t.regex(got['run-note'] ?? '', /\/run\/tapbroker is kept: .* \(tbk0 \); a broker installed again takes them back/);
+    t.is(got['run-kept'], 'id', 'the broker\'s identity stays while its device does');
+    t.is(got['run-gone'], 'gone', 'and goes with the next purge once no device is left');
     // The commands run /usr/bin/node, which the package depends on, never a node earlier on root's PATH.
     t.is(got['shebang'], '#!/usr/bin/node #!/usr/bin/node #!/usr/bin/node');
     t.is(got['shadow'], '1', 'postinst tells about a unit copy under /etc/systemd/system that shadows the packaged one');

@@ -108,3 +108,27 @@ test('a closer whose broker is gone before it starts exits at once', async (t) =
   clearTimeout(timer);
   t.is(code, 0, 'it stayed (killed after 5 s)');
 });
+
+// Found by an outside review of an install: `systemctl kill -s HUP tapbrokerd` (a reload the systemd way) signals
+// every process of the unit, and the closer died of it, unsaid. It takes SIGHUP as the broker does: not as an end.
+test('a closer lives through SIGHUP and serves on', async (t) => {
+  const [mine, theirs] = sys.socketpair(sys.SOCK_SEQPACKET);
+  const child = spawn(process.execPath, [CLOSER], {
+    stdio: ['ignore', 'ignore', 'inherit', theirs], env: { ...process.env, TAPBROKER_CLOSER_OF: String(process.pid) },
+  });
+  sys.close(theirs);
+  const rx = new sys.Receiver(16);
+  try {
+    // Ready (its first byte): its handlers are in place.
+    await until(() => rx.recv(mine, sys.MSG_DONTWAIT)?.data[0] === 2, { ms: 5000, what: 'the closer never said ready' });
+    child.kill('SIGHUP');
+    await quiet(300, 'the closer dying of SIGHUP');
+    t.is(child.exitCode, null, 'it exited');
+    t.is(child.signalCode, null, `it died of ${child.signalCode}`);
+    sys.sendMsg(mine, { data: Buffer.from([1]) }, sys.MSG_NOSIGNAL);
+    await until(() => rx.recv(mine, sys.MSG_DONTWAIT)?.data[0] === 1, { ms: 5000, what: 'no acknowledgement' });
+  } finally {
+    child.kill('SIGKILL');
+    sys.close(mine);
+  }
+});

@@ -233,7 +233,7 @@ export class Audit {
     if (wrote > 0) this.fileCut = wrote !== head && wrote !== head - Buffer.byteLength(gap);
     if (this.fileLost++ === 0) {
       this.fileGap = { since: new Date().toISOString(), why };
-      this.log(`audit file ${this.file}: a record could not be written (${why}); records are being lost until `
+      this.log(`warning: audit file ${this.file}: a record could not be written (${why}); records are being lost until `
         + 'it takes them again (the journal, or stderr, still has them)');
     }
   }
@@ -273,8 +273,8 @@ export class Audit {
       if (why) throw new Error(`its directory ${why}`);
       fd = openAppend(this.file);
     } catch (err) {
-      this.log(`audit file ${this.file}: cannot open it again (${(err as Error).message}); records go on to the file `
-        + 'open until now');
+      this.log(`warning: audit file ${this.file}: cannot open it again (${(err as Error).message}); `
+        + 'records go on to the file open until now');
       return;
     }
     const [was, now] = [fs.fstatSync(this.fileFd), fs.fstatSync(fd)];
@@ -283,7 +283,9 @@ export class Audit {
     if (was.dev === now.dev && was.ino === now.ino) return;
     // A new file: a line cut short in the old one (a full disk) is not this one's to end, nor are the records the old
     // one lacks this one's to count.
-    if (this.fileLost > 0) this.log(`audit file ${this.file}: ${this.fileLost} record(s) lost to the file before it`);
+    if (this.fileLost > 0) {
+      this.log(`warning: audit file ${this.file}: ${this.fileLost} record(s) lost to the file before it`);
+    }
     this.fileLost = 0;
     this.fileCut = false;
     this.log(`audit file ${this.file}: opened again (a new file: the one before was rotated${was.nlink === 0

@@ -17,6 +17,9 @@ const SIGKILL = 9;
 koffi.load('libc.so.6').func('int prctl(int option, ...)')(PR_SET_PDEATHSIG, 'unsigned long', SIGKILL);
 const parent = process.env['TAPBROKER_CLOSER_OF'];
 if (parent !== undefined && String(process.ppid) !== parent) process.exit(0);
+// A reload signal is the broker's: `systemctl kill -s HUP` signals every process of the unit (an outside review's
+// closer died of it).
+process.on('SIGHUP', () => {});
 // Ready: the broker sends nothing before this byte (a closer stopped before its prctl kept what it had been sent).
 sys.sendMsg(SOCK, { data: Buffer.from([2]) }, sys.MSG_NOSIGNAL);
 const receiver = new sys.Receiver(16, sys.SCM_MAX_FD);

@@ -142,8 +142,31 @@ function usage(why: string): never {
   process.exit(EX.USAGE);
 }
 
-function log(line: string): void {
-  toStderr(`tapbrokerd: ${line}\n`);
+/** sd-daemon(3) priorities: a start refused, a warning (a line that says so), the rest. */
+const ERR = 3;
+const WARNING = 4;
+const INFO = 6;
+
+/**
+ * Under journald (fd 2 is the stream JOURNAL_STREAM names), each line opens with its priority (`<4>`), which journald
+ * stores and strips (an outside review: every line was stored as info, so `journalctl -p warning` never showed why
+ * the unit failed). Anywhere else the lines are as written.
+ */
+const journalStream = ((): boolean => {
+  const named = process.env['JOURNAL_STREAM'];
+  if (!named) return false;
+  try {
+    const st = fs.fstatSync(2);
+    return named === `${st.dev}:${st.ino}`;
+  } catch {
+    return false;
+  }
+})();
+
+/** One line per line of `text`, each with the daemon's name (and its priority, under journald). */
+function log(text: string, priority = text.startsWith('warning: ') ? WARNING : INFO): void {
+  const prefix = `${journalStream ? `<${priority}>` : ''}tapbrokerd: `;
+  toStderr(text.split('\n').map((l) => `${prefix}${l}\n`).join(''));
 }
 
 function load(file: string): Policy {
@@ -225,19 +248,14 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   try {
     policy = load(opts.policy);
   } catch (err) {
-    process.stderr.write(
-      `${(err as Error).message
-        .split('\n')
-        .map((l) => `tapbrokerd: ${l}`)
-        .join('\n')}\n`,
-    );
+    log((err as Error).message, ERR);
     process.exit(EX.CONFIG);
   }
   // Without CAP_NET_ADMIN every request would fail with EPERM: refuse to start instead, with a status
   // the unit's RestartPreventExitStatus= lists, so no restart loop follows.
   if (!hasNetAdmin()) {
     log('needs CAP_NET_ADMIN to create and configure network devices, and does not have it; run it as root, '
-      + 'or under tapbrokerd.service (CapabilityBoundingSet=CAP_NET_ADMIN)');
+      + 'or under tapbrokerd.service (CapabilityBoundingSet=CAP_NET_ADMIN)', ERR);
     process.exit(EX.NOPERM);
   }
 
@@ -247,7 +265,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   try {
     made = fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o755 });
   } catch (err) {
-    log(`cannot start: ${(err as Error).message}`);
+    log(`cannot start: ${(err as Error).message}`, ERR);
     process.exit(EX.UNAVAILABLE);
   }
   // A start refused from here on leaves the directories it made if they are empty (an outside review: a start refused
@@ -272,7 +290,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   for (const [what, p] of rootsDirs) {
     const why = p ? notRootsAlone(p) : null;
     if (why) {
-      log(`the ${what} ${p} ${why}; refusing to start`);
+      log(`the ${what} ${p} ${why}; refusing to start`, ERR);
       refuse(EX.CONFIG);
     }
   }
@@ -291,12 +309,12 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     }
     locked = lockExclusive(fd);
   } catch (err) {
-    log(`cannot start: cannot lock the state directory: ${(err as Error).message}`);
+    log(`cannot start: cannot lock the state directory: ${(err as Error).message}`, ERR);
     refuse(EX.UNAVAILABLE);
   }
   if (!locked) {
     log(`another tapbrokerd uses the state directory ${opts.stateDir} (it holds ${path.join(opts.stateDir, 'lock')}); `
-      + 'refusing to start');
+      + 'refusing to start', ERR);
     refuse(EX.UNAVAILABLE);
   }
 
@@ -309,7 +327,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       fs.mkdirSync(path.dirname(opts.socket), { recursive: true, mode: 0o755 });
       const why = notRootsAlone(path.dirname(opts.socket));
       if (why) {
-        log(`the socket's directory ${path.dirname(opts.socket)} ${why}; refusing to start`);
+        log(`the socket's directory ${path.dirname(opts.socket)} ${why}; refusing to start`, ERR);
         refuse(EX.CONFIG);
       }
       listener = SeqpacketListener.listen(
@@ -318,7 +336,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       );
     }
   } catch (err) {
-    log(`cannot listen: ${(err as Error).message}`);
+    log(`cannot listen: ${(err as Error).message}`, ERR);
     refuse(EX.UNAVAILABLE);
   }
 
@@ -341,7 +359,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
     });
     broker.start(listener);
   } catch (err) {
-    log(`cannot start: ${(err as Error).message}`);
+    log(`cannot start: ${(err as Error).message}`, ERR);
     // Its socket goes with it: one left with nobody listening reads as a broker that refuses (a re-test).
     listener.close();
     refuse(EX.UNAVAILABLE);
@@ -399,7 +417,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       log(`policy reloaded from ${broker.policy.files.join(', ')}; sha256 ${broker.policy.sha256}`
         + `${linux ? `; linux audit records: ${linux.stats}` : ''}`);
     } catch (err) {
-      log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`);
+      log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`, ERR);
     }
     notify(`READY=1\n${status()}`);
   };
