@@ -121,6 +121,30 @@ test('a command killed by a signal makes the client die by that signal', (t) => 
   t.is(r.signal, 'SIGHUP');
 });
 
+// Found by an outside review of qemu users: a command that crashed (SIGSEGV) made the client re-raise the signal and
+// dump a core of node of its own, which (core_pattern `core`) replaced the command's core in the same directory. The
+// client still dies by the command's signal, and dumps nothing (python: Node's child status has no core flag).
+test('a command that crashes: the client dies by its signal and dumps no core of its own', (t) => {
+  const cwd = tempDir('cli-core');
+  try {
+    fs.chmodSync(cwd, 0o777);
+    const script = [
+      'import os, resource, subprocess, sys',
+      'resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))',
+      'p = subprocess.Popen(sys.argv[1:], stderr=subprocess.DEVNULL)',
+      '_, st = os.waitpid(p.pid, 0)',
+      'print(os.WTERMSIG(st) if os.WIFSIGNALED(st) else -1, os.WCOREDUMP(st))',
+    ].join('\n');
+    const r = spawnSync('python3', ['-c', script, 'setpriv', ...setprivArgs(), process.execPath, CLIENT_CLI, 'run',
+      '--socket', fx.broker.socket, '--net', 'bridge=br0', '--', 'sh', '-c', 'ulimit -c 0; kill -SEGV $$'],
+    { cwd, encoding: 'utf8', timeout: 20_000 });
+    t.is(r.stdout.trim(), '11 False', r.stderr);
+    t.deepEqual(fs.readdirSync(cwd), [], 'a core file of the client');
+  } finally {
+    fs.rmSync(cwd, { recursive: true, force: true });
+  }
+});
+
 // Found by an outside review: Node opens its inspector (a debugger on 127.0.0.1:9229 that any local user may
 // connect to and run code in) on SIGUSR1, and qemu, the child of `tapbroker run`, can signal its parent.
 test('SIGUSR1 never opens Node\'s inspector in the client: it goes on to the command', (t) => {

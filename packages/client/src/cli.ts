@@ -448,8 +448,12 @@ async function run(args: Args): Promise<number> {
       done();
       if (signal) {
         // Die the way the child died, so our parent sees the same status; where this process cannot (SIGUSR1
-        // stays taken from Node's inspector, Node ignores SIGPIPE), exit with the status a shell would show.
-        if (signal !== 'SIGUSR1' && signal !== 'SIGPIPE') process.kill(process.pid, signal);
+        // stays taken from Node's inspector, Node ignores SIGPIPE), exit with the status a shell would show. The
+        // crash was the child's: its core is the one to keep, and ours (of node) would replace it.
+        if (signal !== 'SIGUSR1' && signal !== 'SIGPIPE') {
+          sys.dumpNoCore();
+          process.kill(process.pid, signal);
+        }
         resolve(128 + (osConstants.signals[signal] ?? 0));
       } else resolve(code ?? 0);
     });
