@@ -8,8 +8,8 @@ import { admit, firstRefused, macElsewhere, type Admitted } from './admission.js
 import type { Audit, AuditOp } from './audit.js';
 import type { Meter } from './fairness.js';
 import { decide, recorded, type AllowRule, type Policy } from './decide.js';
-import type { Identity } from './identity.js';
-import { kernelBound, leaseTag, newLeaseId, processStartTime, type LeaseRecord } from './leases.js';
+import { callerStartTime, type Identity } from './identity.js';
+import { kernelBound, leaseTag, newLeaseId, type LeaseRecord } from './leases.js';
 import { createNamed, freeMac, randomMac } from './naming.js';
 import { hostMac, type CreatedTap } from './kernel.js';
 import type { OpContext } from './ops.js';
@@ -388,7 +388,7 @@ function makeDevice(
     created: new Date().toISOString(),
     ends,
     holder: holding ? caller.pid : null,
-    holder_start: holding ? processStartTime(caller.pid) : null,
+    holder_start: holding ? callerStartTime(caller) : null,
     group: spec.kind === 'tap' ? spec.group : null,
     plug: plugOf(spec.network ? policy.networks.get(spec.parent) : undefined),
     host_mac: spec.kind === 'tap' && mac === null ? macFromBuffer(hostMac(guestMac)) : null,

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import type { PeerCredentials } from '@tapbroker/protocol/core';
 import { getpwuid } from './libc.js';
+import { processStartTime } from './leases.js';
 import type { Caller } from './decide.js';
 
 export interface Identity extends Caller {
@@ -107,11 +108,24 @@ function readExe(pid: number, pidfd: number | null): string | null {
       return null;
     }
   }
-  if (pidfd === null) return exe;
+  return pidfd === null || stillNames(pidfd, pid) ? exe : null;
+}
+
+/** True when `pidfd` still names `pid`: what /proc/<pid> showed before this was the caller's, not a reuser's. */
+function stillNames(pidfd: number, pid: number): boolean {
   try {
     const info = fs.readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8');
-    return /^Pid:\s*(-?\d+)$/m.exec(info)?.[1] === String(pid) ? exe : null;
+    return /^Pid:\s*(-?\d+)$/m.exec(info)?.[1] === String(pid);
   } catch {
-    return null;
+    return false;
   }
+}
+
+/**
+ * The caller's start time (/proc/<pid>/stat), which names a macvtap's holder across restarts; null where its pid no
+ * longer names it (an outside review: read by pid alone, a reuser's could be recorded).
+ */
+export function callerStartTime(c: Pick<Identity, 'pid' | 'pidfd'>): number | null {
+  const start = processStartTime(c.pid);
+  return c.pidfd === null || stillNames(c.pidfd, c.pid) ? start : null;
 }

@@ -3,7 +3,7 @@
 export * from './index.js';
 export { daemon, type DaemonExtras } from './daemon.js';
 export { createNamed, namePrefix, printable, tapName, randomMac, freeMac, shown, auditJson } from './naming.js';
-export { bytesShown, SHOWN_BYTES } from './identity.js';
+export { bytesShown, callerStartTime, SHOWN_BYTES } from './identity.js';
 export { ForeignFds, orphan } from './foreign.js';
 export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
 export {
@@ -63,7 +63,7 @@ export {
 export { addPort, delPort, delPortOf, listPorts, isOvsBridge, ovsdbGone, ovsdbTarget, setUpFailed } from './ovs.js';
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
-export { accountMembers, aclUserOnly, attachFilter, grantUserOnly, getpwnam, getpwuid } from './libc.js';
+export { accountMembers, aclUserOnly, attachFilter, grantUserOnly, getpwnam, getpwuid, pidfdOpen } from './libc.js';
 export {
   MAX_CLAIMED_GROUPS, Subuids, loadSubuids, ownGroups, screenIds, subordinateOf, type HostIds, type SubRange,
 } from './subids.js';
