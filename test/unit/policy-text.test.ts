@@ -191,3 +191,25 @@ test('didYouMean: null when nothing is close, or nothing is known', (t) => {
   t.is(didYouMean('parents', POLICY_KEYS.network), null);
   t.is(didYouMean('name', []), null);
 });
+
+// Found by an outside review (fuzzing the policy tools): a draft with a 20,000-character header and 4,000 keys under
+// it kept check-policy busy for minutes (each key line copied the header, and V8 hashes strings that long by their
+// length alone, so all of them collided). Long keys stand for their digests: found, at their lines, in linear time.
+test('keys and headers of any length are found at their lines, and a long header costs its length once', (t) => {
+  const long = 'x'.repeat(20_000);
+  const keys = Array.from({ length: 4000 }, (_, i) => `b${i} = 1`);
+  const t0 = performance.now();
+  const at = lineIndex(text('version = 1', `["${long}"]`, ...keys, `[network.${'a.'.repeat(5000)}z]`, 'vlan = 3',
+    `[[rule]]`, `"${long}y" = 2`));
+  t.is(at(['version']), 1);
+  t.is(at([long]), 2);
+  t.is(at([long, 'b0']), 3);
+  t.is(at([long, 'b3999']), 4002);
+  t.is(at([long, 'nowhere']), 2, 'an unwritten key: its table\'s line');
+  const dotted = ['network', ...Array(5000).fill('a'), 'z'];
+  t.is(at(dotted), 4003);
+  t.is(at([...dotted, 'vlan']), 4004);
+  t.is(at(['rule', 0, `${long}y`]), 4006);
+  // Not a timing test: a bound far above the ~0.1 s it takes, below the minutes it took.
+  t.true(performance.now() - t0 < 20_000, `${Math.round(performance.now() - t0)} ms`);
+});

@@ -676,6 +676,19 @@ const loadError = (text: string): string => {
   throw new Error('the policy loaded');
 };
 
+// Found by an outside review (fuzzing the policy tools): a line break in a key or value a message quotes (TOML "\n")
+// split one error in two, the second a finding with a file, line and text of the draft's choosing. One error, one line.
+test('a line break in a key or value quoted by an error stays inside that error\'s one line', (t) => {
+  const m = loadError('version = 1\n"x\\np.toml:99: forged" = 1\n[[rule]]\nname = "lab"\nusers = [1]\n'
+    + 'bridges = ["br0\\nfake"]\n');
+  const lines = m.split('\n');
+  t.is(lines.length, 2, m);
+  t.regex(lines[0]!, /^p\.toml:2: top level: unknown key `x\u2424p\.toml:99: forged'$/);
+  t.regex(lines[1]!, /^p\.toml:6: rule\.0\.bridges\.0: interface name `br0\u2424fake' /);
+  const warned = parsePolicy('[[rule]]\nname = "a"\nusers = ["no\\nsuch"]\nbridges = ["br0"]\n', 'w.toml');
+  t.true(warned.warnings.length > 0 && warned.warnings.every((w) => !/[\r\n]/.test(w)), warned.warnings.join('|'));
+});
+
 test('an unknown key is reported at its own line, with the key it is likely a typo of', (t) => {
   const m = loadError('[[rule]]\nname = "a"\nbridges = ["br0"]\nuser = [1]\n');
   t.is(m, "p.toml:4: rule.0: unknown key `user' (did you mean `users'?)");

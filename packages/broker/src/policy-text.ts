@@ -1,5 +1,6 @@
 // Pointing at the policy's text: the line a [[table]] or key is written on, and the key a typo meant.
 // Used for the load's error messages and by the policy tools.
+import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 
@@ -13,7 +14,8 @@ import { parse as parseToml } from 'smol-toml';
 export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => number {
   const at = new Map<string, number>();
   const count = new Map<string, number>();
-  let section: string[] = [];
+  /** The key of the table the lines are in now, or null before the first header. */
+  let sectionKey: string | null = null;
   const put = (k: string, line: number) => {
     if (!at.has(k)) at.set(k, line);
   };
@@ -27,35 +29,59 @@ export function lineIndex(text: string): (where: ReadonlyArray<PropertyKey>) => 
     if (header?.array && header.path.length === 2) {
       // [[rule.macvtap]]: an entry of an array inside the latest entry of its parent array.
       const [outer, inner] = header.path as [string, string];
-      const parent = [outer, String((count.get(outer) ?? 1) - 1), inner];
-      const i = count.get(parent.join('\0')) ?? 0;
-      count.set(parent.join('\0'), i + 1);
-      section = [...parent, String(i)];
-      put(parent.join('\0'), n + 1);
-      put(section.join('\0'), n + 1);
+      const parent = pathKey([outer, String((count.get(short(outer)) ?? 1) - 1), inner]);
+      const i = count.get(parent) ?? 0;
+      count.set(parent, i + 1);
+      sectionKey = joinKey(parent, String(i));
+      put(parent, n + 1);
+      put(sectionKey, n + 1);
     } else if (header?.array && header.path.length === 1) {
-      const name = header.path[0]!;
+      const name = short(header.path[0]!);
       const i = count.get(name) ?? 0;
       count.set(name, i + 1);
-      section = [name, String(i)];
-      put(section.join('\0'), n + 1);
+      sectionKey = joinKey(name, String(i));
+      put(sectionKey, n + 1);
     } else if (header && header.path.length >= 1) {
-      section = header.path;
-      put(section.join('\0'), n + 1);
-      put(header.path[0]!, n + 1);
+      sectionKey = pathKey(header.path);
+      put(sectionKey, n + 1);
+      put(short(header.path[0]!), n + 1);
     } else if (!header) {
       const key = /^("(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*=/.exec(line);
       const name = key?.[1]!.startsWith('"') || key?.[1]!.startsWith("'") ? unquote(key[1]!) : key?.[1];
-      if (name !== undefined) put([...section, name].join('\0'), n + 1);
+      if (name !== undefined) put(sectionKey === null ? short(name) : joinKey(sectionKey, name), n + 1);
     }
   });
   return (where) => {
-    for (let k = where.length; k > 0; k--) {
-      const hit = at.get(where.slice(0, k).map(String).join('\0'));
+    // Every prefix's key, built as the index built them: each step from the last, so a long path costs its length.
+    const keys: string[] = [];
+    for (const part of where.map(String)) keys.push(keys.length === 0 ? short(part) : joinKey(keys.at(-1)!, part));
+    for (let k = keys.length - 1; k >= 0; k--) {
+      const hit = at.get(keys[k]!);
       if (hit !== undefined) return hit;
     }
     return 1;
   };
+}
+
+/**
+ * Keys of the index are bounded: a longer one stands for its digest. Found by an outside review: a draft's 20,000-
+ * character header made every key line copy it whole, and V8 hashes strings past 16,383 characters by their length
+ * alone, so all such keys collided; check-policy ran for minutes and gigabytes on a 51 KB draft.
+ */
+const MAX_KEY = 512;
+const short = (k: string): string =>
+  k.length <= MAX_KEY ? k : `\u0001${createHash('sha256').update(k).digest('base64')}`;
+/** The key of a path one part longer than the path `parent` is the key of. */
+const joinKey = (parent: string, part: string): string => short(`${parent}\0${part}`);
+const pathKey = (parts: readonly string[]): string => parts.slice(1).reduce(joinKey, short(parts[0]!));
+
+/**
+ * A message as one line: a line break a key or value carried (TOML's "\\n") shown as U+2424. The load's messages are
+ * joined with newlines and the tools split them back: an outside review forged a finding, with a file, line and text
+ * of its choosing, from a draft's key.
+ */
+export function oneLine(message: string): string {
+  return message.replace(/\r\n|\n|\r/g, '\u2424');
 }
 
 /** The multi-line string a line ends inside, if any. */

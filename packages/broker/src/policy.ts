@@ -19,7 +19,7 @@ import { hookUnsafe } from './paths.js';
 import { firstUntrusted, openedPolicy, readSources } from './policy-files.js';
 import type { PolicyDoc } from './policy-schema.js';
 import { POLICY_SHAPE } from './policy-shape.js';
-import { didYouMean, lineIndex } from './policy-text.js';
+import { didYouMean, lineIndex, oneLine } from './policy-text.js';
 
 export const DEFAULT_MAC_PREFIX = '52:54:00';
 /** Names callers may pick: `{uid}` and `{user}` are substituted, `*` stands for one or more of [A-Za-z0-9_.-]. */
@@ -196,7 +196,7 @@ function parseDoc(path: string, text: string, errors: string[]): Doc | null {
 export function parseSources(sources: ReadonlyArray<{ path: string; text: string }>): Policy {
   const errors: string[] = [];
   const docs = sources.map((src) => parseDoc(src.path, src.text, errors));
-  if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
+  if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.map(oneLine).join('\n'));
   // An empty fragment is what a copy over it reads as until its write is done (cp and > truncate first): said, since
   // a reload then would apply the policy without it (an outside review lost a deny rule that way).
   const warnings = sources.slice(1).filter((src) => src.text.trim() === '').map((src) => `${src.path}: the fragment `
@@ -274,10 +274,10 @@ export function parseSources(sources: ReadonlyArray<{ path: string; text: string
   const path = sources[0]?.path ?? '<policy>';
   errors.push(...patternOverlaps(allow));
   if (allow.length === 0) warnings.push(`${path}:1: the policy allows nothing: every request will be denied`);
-  if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.join('\n'));
+  if (errors.length > 0) throw new TapbrokerError('TB_E_POLICY_INVALID', errors.map(oneLine).join('\n'));
   return {
-    path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, warnings, networks,
-    membersOf: memberCache(),
+    path, files: sources.map((s) => s.path), sha256: digest(sources), allow, deny, networks, membersOf: memberCache(),
+    warnings: warnings.map(oneLine),
   };
 }
 
