@@ -95,3 +95,57 @@ test('past 4 multi-NIC requests rolled back in 10 s, a uid\'s next ones wait 10 
   at(10_000);
   t.is(f.rollbackWait(1000), 0, 'waited out');
 });
+
+// Found by an outside review: what a window's last requests took past the share was forgotten at the window's turn, so
+// a uid could take far more than its share in one go, every window.
+test('time taken past the share is owed to the next windows', async (t) => {
+  const { f, at } = clocked();
+  const waits: Array<Promise<void>> = [];
+  const held = () => {
+    const w = f.turn(1000);
+    if (w) waits.push(w);
+    return w !== null;
+  };
+  f.spent(1000, SHARE_MS + 600); // 850 ms: 600 owed after its window, 350 after the next
+  at(WINDOW_MS);
+  t.true(held(), '600 ms owed in the next window');
+  at(2 * WINDOW_MS);
+  t.true(held(), '350 ms in the one after');
+  at(3 * WINDOW_MS);
+  t.false(held(), '100 ms: under the share');
+  f.spent(1000, SHARE_MS - 101);
+  t.false(held());
+  at(20 * WINDOW_MS);
+  f.spent(1000, 1);
+  t.false(held(), 'a window long past owes nothing');
+  await Promise.all(waits);
+});
+
+// Found by the same review: a uid's 64 connections ran 64 requests to every one of another user's, each time that
+// user's create waited (on the kernel, or on its own turn). One request per uid per turn of the event loop.
+test('one request per uid in each turn of the event loop, in the order asked; other uids and root are not held up', async (t) => {
+  const f = new Fairness();
+  const order: string[] = [];
+  const ask = (uid: number, who: string) => {
+    const slot = f.slot(uid);
+    if (!slot) return void order.push(`${who} now`);
+    void slot.then(() => order.push(who));
+  };
+  ask(1000, 'a1');
+  ask(1000, 'a2');
+  ask(1000, 'a3');
+  ask(1001, 'b1');
+  ask(0, 'root1');
+  ask(0, 'root2');
+  t.deepEqual(order, ['a1 now', 'b1 now', 'root1 now', 'root2 now']);
+  await new Promise((r) => setImmediate(r));
+  await Promise.resolve();
+  t.deepEqual(order.slice(4), ['a2'], 'the next turn: the next of uid 1000 alone');
+  ask(1001, 'b2');
+  t.deepEqual(order.slice(5), ['b2 now'], 'uid 1001 began nothing in this turn');
+  await new Promise((r) => setImmediate(r));
+  await Promise.resolve();
+  t.deepEqual(order.slice(6), ['a3']);
+  await new Promise((r) => setImmediate(r));
+  t.is(f.slot(1000), null, 'nothing waiting: at once');
+});

@@ -26,7 +26,48 @@ export class Fairness {
   /** `uids` is swept of windows that are over when it grows to this size (each uid that ever connected stayed). */
   private sweepAt = 256;
 
+  /** Uids that began a request in this turn of the event loop, and the sessions of each waiting for the next. */
+  private readonly began = new Set<number>();
+  private readonly waiting = new Map<number, Array<() => void>>();
+  private turning = false;
+
   constructor(private readonly now: () => number = () => performance.now()) {}
+
+  /**
+   * Null when a session of `uid` may begin a request in this turn of the event loop; else when it may. One request
+   * per uid per turn (root aside), in the order they came: an outside review's 64 connections of one uid ran 64
+   * requests to every one of another user's, each time that user's create waited on the kernel or its turn.
+   */
+  slot(uid: number): Promise<void> | null {
+    if (uid === 0) return null;
+    this.nextTurn();
+    if (!this.began.has(uid)) {
+      this.began.add(uid);
+      return null;
+    }
+    return new Promise((resolve) => {
+      const q = this.waiting.get(uid);
+      if (q) q.push(resolve);
+      else this.waiting.set(uid, [resolve]);
+    });
+  }
+
+  /** At the loop's next turn: every uid may begin again, and each uid's first waiting session does. */
+  private nextTurn(): void {
+    if (this.turning) return;
+    this.turning = true;
+    setImmediate(() => {
+      this.turning = false;
+      this.began.clear();
+      for (const [uid, q] of this.waiting) {
+        const go = q.shift()!;
+        if (q.length === 0) this.waiting.delete(uid);
+        this.began.add(uid);
+        go();
+      }
+      if (this.began.size > 0) this.nextTurn();
+    });
+  }
 
   /** Null when `uid` may go on now; else when it may (its share of this window is taken). */
   turn(uid: number): Promise<void> | null {
@@ -115,7 +156,12 @@ export class Fairness {
       for (const [k, v] of this.uids) if (t - v.start >= WINDOW_MS) this.uids.delete(k);
       this.sweepAt = Math.max(256, 2 * this.uids.size);
     }
-    if (!u || t - u.start >= WINDOW_MS) this.uids.set(uid, (u = { start: t, used: 0, wait: null }));
+    if (!u || t - u.start >= WINDOW_MS) {
+      // What a window's last requests took beyond its share is owed to the next windows (an outside review: one
+      // request past the share, or all of a uid's sessions woken at once, was forgotten at the window's turn).
+      const owed = u ? Math.max(0, u.used - SHARE_MS * Math.floor((t - u.start) / WINDOW_MS)) : 0;
+      this.uids.set(uid, (u = { start: t, used: owed, wait: null }));
+    }
     return u;
   }
 }
