@@ -9,6 +9,7 @@ import { Netns } from '../helpers/netns.js';
 import { OvsInstance, ovsUnavailable } from '../helpers/ovs.js';
 import { NOBODY, probe, probeOnce, spawnAs } from '../helpers/unpriv.js';
 import fs from 'node:fs';
+import path from 'node:path';
 
 const test = anyTest as TestFn;
 const unavailable = ovsUnavailable();
@@ -229,6 +230,35 @@ t0('a second broker in the namespace leaves the first one\'s live OVS ports alon
     fs.rmSync(dir2, { recursive: true, force: true });
     await p.release();
   }
+});
+
+// Found by an outside review of libvirt and Open vSwitch users: a reboot empties /run (the lease table, the broker's
+// identity) and takes every device, but Open vSwitch's database is on disk: its ports named a broker that no longer
+// was, so no broker removed them, and their names were kept from new devices; the persistent device's unit was refused
+// (TB_E_DEVICE_EXISTS) after every boot. Ports name their boot too: one of an earlier boot is removed, whoever's.
+// A reboot cannot be made in a test: the port is given another boot's id, as the boot before would have written it.
+t0('after a reboot (its state gone, a new identity), ports of an earlier boot are removed and their names free again', async (t) => {
+  const name = `tb${NOBODY}-boot`;
+  const made = await probe({ socket: broker.socket, requests: [{ network: 'prod', persistent: true, name }] });
+  t.is(made.result.error, null, made.result.error?.message);
+  await made.release();
+  const boot = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  t.regex(portOf(name)!.ids, new RegExp(`"?tapbroker-boot"?="?${boot}"?`), 'the port names its boot');
+  // The "reboot": the broker dies, the device goes, /run is empty, and the port is the last boot's.
+  await broker.stop('SIGKILL', true);
+  ns.ip('link', 'del', name);
+  fs.rmSync(path.dirname(broker.stateFile), { recursive: true, force: true });
+  ovs.vsctl('set', 'Port', name, 'external_ids:tapbroker-boot=00000000-0000-4000-8000-000000000000');
+  broker = await BrokerProcess.start(ns, policy, { dir });
+  await broker.waitFor(() => portOf(name) === null, 10_000, 'the earlier boot\'s port was not removed');
+  await broker.record((r) => r.op === 'reconcile' && /an open vswitch port of an earlier boot/.test(r.message ?? '')
+    && (r.device as { name?: string }).name === name);
+  // What tapbroker-persistent@NAME runs at every boot: the device is made again, on its VLAN.
+  const again = await probe({ socket: broker.socket, requests: [{ network: 'prod', persistent: true, name }],
+    release: [name] });
+  t.is(again.result.error, null, again.result.error?.message);
+  await again.release();
+  await broker.waitFor(() => portOf(name) === null, 5000, 'the port outlived its release');
 });
 
 t0('a device named as a port someone else made: add-port fails, and the rollback leaves that port alone', async (t) => {

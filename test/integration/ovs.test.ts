@@ -106,7 +106,7 @@ ovsTest('addPort: access tag and external-ids on Port and Interface, attached by
   t.regex(ovs.appctl('dpif/show'), /tb1000-a \d+\/\d+/);
 
   const ours = await ourPorts(ovs.db);
-  t.deepEqual(ours.filter((p) => p.port === 'tb1000-a'), [{ bridge: 'br-int', port: 'tb1000-a', lease: '0123456789abcdef', uid: 1000, broker: null }]);
+  t.deepEqual(ours.filter((p) => p.port === 'tb1000-a'), [{ bridge: 'br-int', port: 'tb1000-a', lease: '0123456789abcdef', uid: 1000, broker: null, boot: null }]);
 });
 
 ovsTest('listPorts: ours is not a port added by hand, with the right bridge for each; names is every interface', async (t) => {
@@ -118,7 +118,7 @@ ovsTest('listPorts: ours is not a port added by hand, with the right bridge for 
   const { ours, names } = await listPorts(ovs.db);
   for (const name of ['tbhand', 'br-int', 'br-two', 'tb1000-a', 'tb1000-b']) t.true(names.includes(name), name);
   t.false(ours.some((p) => p.port === 'tbhand' || p.port === 'br-int' || p.port === 'br-two'));
-  t.deepEqual(ours.find((p) => p.port === 'tb1000-b'), { bridge: 'br-two', port: 'tb1000-b', lease: '1111222233334444', uid: 65534, broker: 'abcdef01' });
+  t.deepEqual(ours.find((p) => p.port === 'tb1000-b'), { bridge: 'br-two', port: 'tb1000-b', lease: '1111222233334444', uid: 65534, broker: 'abcdef01', boot: null });
   t.is(ours.find((p) => p.port === 'tb1000-a')?.bridge, 'br-int');
   t.true(await delPort(ovs.db, 'br-two', 'tb1000-b'));
 });

@@ -31,6 +31,22 @@ const EXTERNAL_ID_KEY = /^tapbroker-[a-z]+$/;
 const EXTERNAL_ID_VALUE = /^[A-Za-z0-9_.:-]{1,128}$/;
 export const LEASE_KEY = 'tapbroker-lease';
 export const BROKER_KEY = 'tapbroker-broker';
+/** The boot a port was made in (the kernel's boot_id): a port of an earlier boot has no device, whoever made it. */
+export const BOOT_KEY = 'tapbroker-boot';
+
+let boot: string | null | undefined;
+/** This boot's id (/proc/sys/kernel/random/boot_id), or null where it cannot be read. */
+export function currentBoot(): string | null {
+  if (boot === undefined) {
+    try {
+      boot = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    } catch {
+      boot = null;
+    }
+    if (boot !== null && !EXTERNAL_ID_VALUE.test(boot)) boot = null;
+  }
+  return boot;
+}
 /** An OVSDB target this broker passes to ovs-vsctl: a unix socket path, no spaces or commas. */
 export const OVSDB_TARGET = /^unix:\/[^\0\s,]+$/;
 
@@ -51,6 +67,8 @@ export interface OvsPort {
   uid: number;
   /** The broker that made it (tapbroker-broker); null for ports made before 0.5.0. */
   broker: string | null;
+  /** The boot it was made in (tapbroker-boot); null for ports that do not say. */
+  boot: string | null;
 }
 
 /**
@@ -190,7 +208,7 @@ export async function listPorts(db: string): Promise<{ ours: OvsPort[]; names: s
     const uidText = ids.get('tapbroker-uid') ?? '';
     ours.push({
       bridge, port: String(name), lease, uid: /^\d{1,10}$/.test(uidText) ? Number(uidText) : -1,
-      broker: ids.get(BROKER_KEY) ?? null,
+      broker: ids.get(BROKER_KEY) ?? null, boot: ids.get(BOOT_KEY) ?? null,
     });
   }
   return { ours, names: interfaces.data.map(([name]) => String(name)) };

@@ -1,6 +1,6 @@
 // Joining a device to a named network that is not a plain Linux bridge: an Open vSwitch port, or an
 // administrator's hook. The lease records how it was plugged, so unplugging never consults a later policy.
-import { addPort, delPortOf, ovsdbGone, ovsdbTarget } from './ovs.js';
+import { BOOT_KEY, addPort, currentBoot, delPortOf, ovsdbGone, ovsdbTarget } from './ovs.js';
 import { HookNotRun, runHook, type HookResult, type HookRun } from './hook.js';
 import type { AuditEvent } from './audit.js';
 import type { Network } from './decide.js';
@@ -61,6 +61,8 @@ export async function plugUp(
         'tapbroker-rule': l.rule,
         // Which broker's: another broker in this namespace (another state directory) leaves it alone.
         'tapbroker-broker': broker,
+        // Which boot's: after a reboot (a new identity, /run being empty) it is stale, whoever's it was.
+        ...(currentBoot() !== null ? { [BOOT_KEY]: currentBoot()! } : {}),
       },
     });
     // The record says what the port carries, as addPort was told (an outside review found a trunk's said nothing).

@@ -13,7 +13,7 @@ import { getpwuid, pidfdOpen } from './libc.js';
 import { Forwarding } from './forwarding.js';
 import { shown } from './naming.js';
 import { namedDbs, plugOf, type ForeignPorts } from './plug.js';
-import { delPortOf, listPorts, ovsdbGone, type OvsPort } from './ovs.js';
+import { currentBoot, delPortOf, listPorts, ovsdbGone, type OvsPort } from './ovs.js';
 import type { Link } from './rtnetlink.js';
 
 /** How a deletion without a lease is recorded, where not as a cleanup. */
@@ -430,9 +430,13 @@ function lostPorts(lt: Keeper, db: string, leases: ReadonlySet<string>, before: 
 async function removeStalePorts(lt: Keeper, db: string, ports: readonly OvsPort[]): Promise<Set<string>> {
   const gone = new Set<string>();
   for (const p of ports) {
+    // Made in an earlier boot: its device went with that boot, and so did its broker's identity and lease table (in
+    // /run): nobody else would ever remove it, and it kept its name from every new device (an outside review: the
+    // persistent device's unit was refused after each reboot, and a running VM's port stayed for good).
+    const earlier = p.boot !== null && currentBoot() !== null && p.boot !== currentBoot();
     // Another broker's (another state directory in this namespace): never ours to touch. One owed its removal is the
     // owed removal's (an outside review found both removing one port, and two records of it).
-    if (p.broker !== null && p.broker !== lt.brokerId) continue;
+    if (!earlier && p.broker !== null && p.broker !== lt.brokerId) continue;
     if (lt.table.owedDowns().some((d) => d.id === p.lease)) continue;
     const l = lt.table.get(p.lease);
     // Made before ports named their broker (0.4): ours only if its lease is (or was just) in our table.
@@ -452,7 +456,9 @@ async function removeStalePorts(lt: Keeper, db: string, ports: readonly OvsPort[
       // Only while it is still that lease's port: a device granted since the start may have its name now.
       if (!(await delPortOf(db, p.bridge, p.port, p.lease))) continue;
       gone.add(p.port);
-      lt.audit.record({ ...about, decision: 'reconcile', message: 'a stale open vswitch port of ours: removed' });
+      const message = earlier ? 'an open vswitch port of an earlier boot (its device went with it): removed'
+        : 'a stale open vswitch port of ours: removed';
+      lt.audit.record({ ...about, decision: 'reconcile', message });
     } catch (err) {
       const message = `failed to remove a stale open vswitch port: ${(err as Error).message}`;
       lt.audit.record({ ...about, decision: 'error', code: 'TB_E_KERNEL', message });
