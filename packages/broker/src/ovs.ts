@@ -35,18 +35,30 @@ export const BROKER_KEY = 'tapbroker-broker';
 export const BOOT_KEY = 'tapbroker-boot';
 
 let boot: string | null | undefined;
-/** This boot's id (/proc/sys/kernel/random/boot_id), or null where it cannot be read. */
+/**
+ * This boot's id, 32 hex digits: the kernel's (/proc/sys/kernel/random/boot_id, dashes dropped), else the unit's
+ * TAPBROKER_BOOT_ID (systemd's %b): the unit's ProcSubset=pid hides /proc/sys (an outside re-test: under the unit no
+ * port named its boot). Null where neither says.
+ */
 export function currentBoot(): string | null {
   if (boot === undefined) {
+    let text = process.env['TAPBROKER_BOOT_ID'] ?? '';
     try {
-      boot = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+      text = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8');
     } catch {
-      boot = null;
+      // Hidden (ProcSubset=pid): the unit's word.
     }
-    if (boot !== null && !EXTERNAL_ID_VALUE.test(boot)) boot = null;
+    boot = normalBoot(text);
   }
   return boot;
 }
+
+/** A boot id as ports carry it (32 lower-case hex digits), or null if `text` is none. */
+export function normalBoot(text: string): string | null {
+  const id = text.trim().replace(/-/g, '').toLowerCase();
+  return /^[0-9a-f]{32}$/.test(id) ? id : null;
+}
+
 /** An OVSDB target this broker passes to ovs-vsctl: a unix socket path, no spaces or commas. */
 export const OVSDB_TARGET = /^unix:\/[^\0\s,]+$/;
 
@@ -208,7 +220,7 @@ export async function listPorts(db: string): Promise<{ ours: OvsPort[]; names: s
     const uidText = ids.get('tapbroker-uid') ?? '';
     ours.push({
       bridge, port: String(name), lease, uid: /^\d{1,10}$/.test(uidText) ? Number(uidText) : -1,
-      broker: ids.get(BROKER_KEY) ?? null, boot: ids.get(BOOT_KEY) ?? null,
+      broker: ids.get(BROKER_KEY) ?? null, boot: normalBoot(ids.get(BOOT_KEY) ?? ''),
     });
   }
   return { ours, names: interfaces.data.map(([name]) => String(name)) };

@@ -429,11 +429,14 @@ function lostPorts(lt: Keeper, db: string, leases: ReadonlySet<string>, before: 
 /** Removes the stale ports of ours among `ports`; the names of those removed. */
 async function removeStalePorts(lt: Keeper, db: string, ports: readonly OvsPort[]): Promise<Set<string>> {
   const gone = new Set<string>();
+  const devices = new Set(lt.kernel.links().map((k) => k.name));
   for (const p of ports) {
     // Made in an earlier boot: its device went with that boot, and so did its broker's identity and lease table (in
     // /run): nobody else would ever remove it, and it kept its name from every new device (an outside review: the
-    // persistent device's unit was refused after each reboot, and a running VM's port stayed for good).
-    const earlier = p.boot !== null && currentBoot() !== null && p.boot !== currentBoot();
+    // persistent device's unit was refused after each reboot, and a running VM's port stayed for good). Only with
+    // no device of its name: a broker that sees another boot id (a container's own) is not told a live port's
+    // boot is over (its re-test removed another broker's live port so).
+    const earlier = p.boot !== null && currentBoot() !== null && p.boot !== currentBoot() && !devices.has(p.port);
     // Another broker's (another state directory in this namespace): never ours to touch. One owed its removal is the
     // owed removal's (an outside review found both removing one port, and two records of it).
     if (!earlier && p.broker !== null && p.broker !== lt.brokerId) continue;
