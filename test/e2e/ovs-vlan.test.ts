@@ -247,6 +247,7 @@ t0('after a reboot (its state gone, a new identity), ports of an earlier boot ar
   // And a VM's tap whose port says another boot, its device alive: what a broker that sees another boot id (a
   // container's own) finds. Its re-test: such a live port was removed.
   const live = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+  t.teardown(() => live.release());
   const liveName = live.result.taps[0]!.device.name;
   // The "reboot": the broker dies, the device goes, /run is empty, and the port is the last boot's.
   await broker.stop('SIGKILL', true);
@@ -271,6 +272,32 @@ t0('after a reboot (its state gone, a new identity), ports of an earlier boot ar
   t.is(again.result.error, null, again.result.error?.message);
   await again.release();
   await broker.waitFor(() => portOf(name) === null, 5000, 'the port outlived its release');
+});
+
+// Found by its re-test: the unit's ProcSubset=pid hides /proc/sys/kernel/random/boot_id, so under the unit no port
+// named its boot and the fix above did nothing. The unit gives it (TAPBROKER_BOOT_ID=%b): here the broker runs with
+// /proc mounted as ProcSubset=pid mounts it, and the variable as systemd sets it.
+t0('under the unit\'s ProcSubset=pid, ports name the boot the unit gives (TAPBROKER_BOOT_ID)', async (t) => {
+  const boot = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  await broker.stop('SIGTERM', true);
+  try {
+    broker = await BrokerProcess.start(ns, policy, {
+      dir, env: { TAPBROKER_BOOT_ID: boot.replace(/-/g, '') },
+      wrap: ['unshare', '-m', '--propagation', 'private', 'sh', '-c', 'mount -t proc -o subset=pid proc /proc && exec "$@"',
+        'sh'],
+    });
+    const p = await probe({ socket: broker.socket, requests: [{ network: 'prod' }] });
+    const name = p.result.taps[0]!.device.name;
+    try {
+      t.regex(portOf(name)!.ids, new RegExp(`"?tapbroker-boot"?="?${boot.replace(/-/g, '')}"?`));
+    } finally {
+      await p.release();
+    }
+    await broker.waitFor(() => portOf(name) === null, 5000, 'the port outlived its tap');
+  } finally {
+    await broker.stop('SIGTERM', true);
+    broker = await BrokerProcess.start(ns, policy, { dir });
+  }
 });
 
 t0('a device named as a port someone else made: add-port fails, and the rollback leaves that port alone', async (t) => {
