@@ -146,7 +146,8 @@ test('under journald each line carries its priority: a refused start err, a warn
   const warned = path.join(dir, 'warned.toml');
   fs.writeFileSync(warned, '[[rule]]\nname = "r"\nusers = ["no-such-user-tb"]\nbridges = ["br0"]\n', { mode: 0o644 });
   const bad = path.join(dir, 'bad.toml');
-  fs.writeFileSync(bad, '[[rule]]\nname = "r"\nusers = ["*"]\nmax_queues = "4"\n', { mode: 0o644 });
+  // And an unknown key holding a terminal escape: its error line shows it escaped, as warnings are (a re-test).
+  fs.writeFileSync(bad, '[[rule]]\nname = "r"\nusers = ["*"]\nmax_queues = "4"\n"k\\u001b[2J" = 1\n', { mode: 0o644 });
   const start = (file: string, journal: boolean) => {
     const err = path.join(dir, 'stderr.log');
     const fd = fs.openSync(err, 'w');
@@ -170,6 +171,8 @@ test('under journald each line carries its priority: a refused start err, a warn
   t.is(invalid.status, 78);
   t.true(invalid.lines.length > 0 && invalid.lines.every((l) => /^<3>tapbrokerd: /.test(l)), invalid.lines.join('\n'));
   t.true(invalid.lines.some((l) => /max_queues/.test(l)), invalid.lines.join('\n'));
+  t.true(invalid.lines.some((l) => l.includes('unknown key `k\\x1b[2J')), invalid.lines.join('\n'));
+  t.false(invalid.lines.some((l) => l.includes('\u001b')), 'a raw escape in the log');
   // Another stream (a terminal, a pipe, a file journald does not read): no prefix.
   const plain = start(warned, false);
   t.is(plain.status, 78);

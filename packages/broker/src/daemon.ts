@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import v8 from 'node:v8';
 import {
-  EX, SeqpacketListener, TapbrokerError, dropUnwritableOutput, exitFlushed, keepInspectorShut, sys,
+  EX, SeqpacketListener, dropUnwritableOutput, exitFlushed, keepInspectorShut, sys,
 } from '@tapbroker/protocol/core';
 import { BROKER_VERSION, Broker, PROTOCOL_VERSION, type BrokerOptions } from './broker.js';
 import type { Policy } from './decide.js';
@@ -169,6 +169,12 @@ function log(text: string, priority = text.startsWith('warning: ') ? WARNING : I
   toStderr(text.split('\n').map((l) => `${prefix}${l}\n`).join(''));
 }
 
+/**
+ * A policy's errors (one a line) as a log shows them: what a key or value held that a terminal or journald acts on
+ * escaped, as its warnings are (an outside re-test: a refused policy's lines reached stderr raw).
+ */
+const shownLines = (text: string): string => text.split('\n').map(shown).join('\n');
+
 function load(file: string): Policy {
   const policy = loadTrustedPolicy(file);
   for (const w of policy.warnings) log(`warning: ${shown(w)}`);
@@ -248,7 +254,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
   try {
     policy = load(opts.policy);
   } catch (err) {
-    log((err as Error).message, ERR);
+    log(shownLines((err as Error).message), ERR);
     process.exit(EX.CONFIG);
   }
   // Without CAP_NET_ADMIN every request would fail with EPERM: refuse to start instead, with a status
@@ -417,7 +423,7 @@ export function daemon(argv: string[], extras: DaemonExtras = {}): void {
       log(`policy reloaded from ${broker.policy.files.join(', ')}; sha256 ${broker.policy.sha256}`
         + `${linux ? `; linux audit records: ${linux.stats}` : ''}`);
     } catch (err) {
-      log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${(err as TapbrokerError).message}`, ERR);
+      log(`policy reload failed; keeping sha256 ${broker.policy.sha256}: ${shownLines((err as Error).message)}`, ERR);
     }
     notify(`READY=1\n${status()}`);
   };
