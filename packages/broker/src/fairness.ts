@@ -157,9 +157,12 @@ export class Fairness {
       this.sweepAt = Math.max(256, 2 * this.uids.size);
     }
     if (!u || t - u.start >= WINDOW_MS) {
-      // What a window's last requests took beyond its share is owed to the next windows (an outside review: one
-      // request past the share, or all of a uid's sessions woken at once, was forgotten at the window's turn).
-      const owed = u ? Math.max(0, u.used - SHARE_MS * Math.floor((t - u.start) / WINDOW_MS)) : 0;
+      // What a window's last requests took beyond its share is owed to the next window (an outside review: one
+      // request past the share, or all of a uid's sessions woken at once, was forgotten at the window's turn), up to
+      // one share: the time is the clock's, and a broker stopped or starved of CPU mid-stretch (a CI run's SIGSTOP)
+      // charged seconds, which held the uid's next connection for as many windows.
+      const over = u ? u.used - SHARE_MS * Math.floor((t - u.start) / WINDOW_MS) : 0;
+      const owed = Math.min(SHARE_MS, Math.max(0, over));
       this.uids.set(uid, (u = { start: t, used: owed, wait: null }));
     }
     return u;
