@@ -185,7 +185,7 @@ test('the example policy passes tapbrokerd -n (users and groups missing here onl
   // As check-policy prints them: FILE:LINE: warning: MESSAGE, on stdout; notes of the example's bridges and NICs
   // where this host has none of that name.
   for (const line of lines) {
-    t.regex(line, /policy\.example\.toml:\d+: (warning: .*((no user|no group) `[^']+' on this host; (it matches nobody|this deny rule matches .* until a reload finds it)|matches nobody on this host: it is unreachable)|note: (bridge|macvtap parent) \S+ does not exist on this host now)$/);
+    t.regex(line, /policy\.example\.toml:\d+: (warning: .*((no user|no group) `[^']+' on this host; (it matches nobody|this deny rule matches .*) until the name can be looked up \(within a second of its creation in \/etc\/passwd or \/etc\/group; in a directory service, at a reload\)|matches nobody on this host: it is unreachable)|note: (bridge|macvtap parent) \S+ does not exist on this host now)$/);
   }
   t.is(r.stderr, '');
 });

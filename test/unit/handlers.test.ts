@@ -428,6 +428,14 @@ const ROWS: Row[] = [
     steps: [],
   },
   {
+    // Found by an outside review: audited as `error`; a refusal of ownership is the policy's (tapbrokerd(8)).
+    title: 'create: a persistent tap for a group the caller is not in is refused, audited as a deny',
+    request: tap({ bridge: 'br1', persistent: true, group: 4242 }),
+    code: 'TB_E_POLICY_DENIED',
+    audit: [{ op: 'create-tap', decision: 'deny', code: 'TB_E_POLICY_DENIED', message: 'you are not in group 4242' }],
+    steps: [],
+  },
+  {
     title: 'can: a group for a macvtap is refused (it is its owner\'s alone)',
     request: { op: 'can', kind: 'macvtap', parent: 'eth0', persistent: true, group: 1000 },
     code: 'TB_E_INVALID_REQUEST',
@@ -1381,6 +1389,33 @@ test('status tells a deny only where the caller\'s rules give what it covers, an
 [[deny]]\nname = "elsewhere"\nusers = [5000]\nbridges = ["br9"]\n
 [[deny]]\nname = "here"\nusers = [5000]\nbridges = ["br0"]\n
 [[deny]]\nname = "offboarded"\nusers = ["no-such-user-jsmith"]\nbridges = ["br0"]\n`));
+
+// Found by an outside review: a caller whose rule gives any bridge (`"*"`) was told of no deny, though a deny of
+// everything refused it all, and a deny of a network on br0 refused its taps on br0 (as can and the broker said).
+test('status tells a caller whose rule gives any bridge of the denies that refuse it', (t) =>
+  onFakeKernel(async ({ broker }) => {
+    const status = async (uid: number) => {
+      const { reply } = await ask(broker, caller(uid), { op: 'status' });
+      if (reply.op !== 'status') throw new Error(JSON.stringify(reply));
+      return reply.denies;
+    };
+    t.deepEqual(await status(5000), [{ rule: 'suspended', covers: 'everything' }]);
+    t.deepEqual(await status(5001), [{ rule: 'nolab', covers: 'the Linux bridge of a network it denies' }]);
+    t.deepEqual(await status(5002), [], 'a network in another VLAN of br0 closes no untagged tap of it');
+    t.deepEqual(await status(5003), [{ rule: 'nobr9', covers: 'bridges br9' }]);
+    await t.throwsAsync(ask(broker, caller(5001), { op: 'create-tap', bridge: 'br0' }), { message: /denied by rule `nolab'/ });
+    // The denial names the bridge the caller asked for itself.
+    const can = await ask(broker, caller(5001), { op: 'can', kind: 'tap', parent: 'br0' });
+    if (can.reply.op !== 'can' || can.reply.allow) throw new Error(JSON.stringify(can.reply));
+    await ask(broker, caller(5002), { op: 'can', kind: 'tap', parent: 'br0' }).then(({ reply }) => {
+      t.true(reply.op === 'can' && reply.allow, 'the deny of VLAN 10 leaves br0\'s untagged taps');
+    });
+  }, `[network.lab]\nbridge = "br0"\n[network.v10]\nbridge = "br0"\nvlan = 10\n
+[[rule]]\nname = "any"\nusers = [5000, 5001, 5002, 5003]\nbridges = ["*"]\n
+[[deny]]\nname = "suspended"\nusers = [5000]\n
+[[deny]]\nname = "nolab"\nusers = [5001]\nnetworks = ["lab"]\n
+[[deny]]\nname = "nov10"\nusers = [5002]\nnetworks = ["v10"]\n
+[[deny]]\nname = "nobr9"\nusers = [5003]\nbridges = ["br9"]\n`));
 
 // Found by an outside re-test: status (and a denial's hint) listed every network a deny covers, names no rule gave
 // the caller (a denial of one of them says only `no rule matched`).

@@ -289,16 +289,24 @@ export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
 
 /**
  * Does deny `d` cover anything allow rule `r` gives: one of its bridges, macvtap parents or networks (`"*"`: any
- * bridge a deny names)? A deny is told to a caller only there (status, as a denial).
+ * Linux bridge the deny names or closes through a network's segment)? A deny is told to a caller only there
+ * (status, as a denial). An outside review: a deny of everything, or of a network on br0, was not told to a caller
+ * whose rule gives `"*"`, though it refused that caller's taps on br0.
  */
 export function denyTouches(policy: Policy, d: DenyRule, r: AllowRule): boolean {
-  const anyBridge = r.bridges.includes(ANY_BRIDGE) && (d.bridges?.length ?? 0) > 0;
+  if (d.bridges === null && d.parents === null && d.networks === null) return true;
+  // The Linux bridges a rule of "*" reaches that the deny may close: those it names, and its networks' own.
+  const reached = !r.bridges.includes(ANY_BRIDGE) ? []
+    : [...(d.bridges ?? []), ...(d.networks ?? []).map((n) => networkTarget(policy.networks.get(n)))
+      .flatMap((t) => (t?.kind === 'bridge' ? [t.name] : []))];
   const asks = [
-    ...r.bridges.filter((b) => b !== ANY_BRIDGE).map((parent) => ({ kind: 'tap' as const, parent, network: false })),
+    ...[...r.bridges, ...reached].filter((b) => b !== ANY_BRIDGE)
+      .map((parent) => ({ kind: 'tap' as const, parent, network: false })),
     ...r.macvtap.map((m) => ({ kind: 'macvtap' as const, parent: m.parent, network: false })),
     ...r.networks.map((parent) => ({ kind: 'tap' as const, parent, network: true })),
   ];
-  return anyBridge || asks.some((a) => denyCovers(policy, d, resolveTarget(policy, a)));
+  return !!d.bridges?.includes(ANY_BRIDGE) && r.bridges.includes(ANY_BRIDGE)
+    || asks.some((a) => denyCovers(policy, d, resolveTarget(policy, a)));
 }
 
 /** Does an allow rule's `bridges` grant a tap on this Linux bridge, by name or by `"*"`? */
@@ -394,8 +402,14 @@ export function denyScopeFor(policy: Policy, d: DenyRule, mine: readonly AllowRu
     .filter((p) => covered('macvtap', p, false)).concat(own('macvtap', false)));
   const networks = named(mine.flatMap((r) => r.networks).filter((n) => covered('tap', n, true))
     .concat(own('tap', true)));
+  // A rule giving any bridge, closed on a bridge through a network's segment: told without naming either.
+  const segment = mine.some((r) => r.bridges.includes(ANY_BRIDGE)) && (d.networks ?? []).some((n) => {
+    const t = networkTarget(policy.networks.get(n));
+    return t?.kind === 'bridge' && covered('tap', t.name, false);
+  });
   const parts = [
-    d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge' : bridges.length ? `bridges ${bridges.join(', ')}` : '',
+    d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge' : bridges.length ? `bridges ${bridges.join(', ')}`
+      : segment ? 'the Linux bridge of a network it denies' : '',
     parents.length ? `macvtap parents ${parents.join(', ')}` : '',
     networks.length ? `networks ${networks.join(', ')}` : '',
   ].filter(Boolean);

@@ -316,8 +316,9 @@ async function grantOne(
     if (!audited) {
       const e = toldAs(err);
       const plug = (err as { hook?: unknown }).hook;
-      // The port lock the policy asks for, refused: a policy decision, named by its rule.
-      const byPolicy = e.code === 'TB_E_MAC_LOCK';
+      // The port lock the policy asks for, refused, or a refusal of ownership (a group the caller is not in, a network
+      // gone at a reload): policy decisions, the first named by its rule (an outside review: `deny` was `error`).
+      const byPolicy = e.code === 'TB_E_MAC_LOCK' || e.code === 'TB_E_POLICY_DENIED';
       audit({
         decision: byPolicy ? 'deny' : 'error',
         rule: byPolicy ? (e.rule ?? null) : null,

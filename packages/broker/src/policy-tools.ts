@@ -208,8 +208,9 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
   out.push(...subordinateWarnings(p, host));
   p.deny.forEach((d, i) => {
     if (d.who.gids.size > 0) {
-      warn(d, `deny rule \`${d.name}' names groups: it holds for members by the account database `
-        + `(read at load) and by the caller's own groups; a member added later is covered after a reload`);
+      warn(d, `deny rule \`${d.name}' names groups: it holds for members by the account database and by the `
+        + `caller's own groups; a member added to /etc/group is covered within a second, one added in a directory `
+        + 'service (sssd, LDAP) after a reload');
     }
     if (!d.who.everyone && d.who.uids.size === 0 && d.who.gids.size === 0 && !unresolved(d.who)) {
       warn(d, `deny rule \`${d.name}' matches nobody on this host: it is unreachable`);

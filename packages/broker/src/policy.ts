@@ -452,12 +452,15 @@ function resolveSelector(
   const gids = new Set<number>();
   const unresolved = { users: [] as string[], groups: [] as string[] };
   // An allow rule's unknown name matches nobody; a deny rule's fails closed (matchesDeny).
+  // Until the name can be looked up: within a second of /etc/passwd or /etc/group changing (the broker reads them
+  // again), at a reload for a directory service (an outside review: "until a reload" was said, and not so).
+  const until = 'until the name can be looked up (within a second of its creation in /etc/passwd or /etc/group; '
+    + 'in a directory service, at a reload)';
   const effect = (kind: 'user' | 'group') => (deny
     ? kind === 'user'
-      ? 'this deny rule matches callers of that name and callers whose name cannot be looked up, until a reload '
-        + 'finds it'
-      : 'this deny rule matches every caller until a reload finds it'
-    : 'it matches nobody');
+      ? `this deny rule matches callers of that name and callers whose name cannot be looked up, ${until}`
+      : `this deny rule matches every caller ${until}`
+    : `it matches nobody ${until}`);
   for (const u of users ?? []) {
     if (u === '*') everyone = true;
     else if (typeof u === 'number') uids.add(u);
