@@ -1,5 +1,6 @@
 // --linux-audit's record text: libvirt's fields, libaudit's value encoding, each decision's reason and res.
 import test from 'ava';
+import { spawnSync } from 'node:child_process';
 import type { AuditRecord } from '@tapbroker/broker';
 import { AUDIT_VIRT_RESOURCE, auditField, linuxAuditMessage } from '@tapbroker/broker/internal';
 
@@ -133,4 +134,50 @@ test('an exe longer than the kernel keeps is cut (and so hex), leaving res= at t
   const msg = linuxAuditMessage({ ...base, exe: `/${'x'.repeat(5000)}`, device: tapDevice }, null)!;
   t.true(Buffer.byteLength(msg) < 8560 - 200, `${Buffer.byteLength(msg)} bytes`);
   t.regex(msg, / res=success$/);
+});
+
+// What an auditor's tools read: libaudit's own parser (auparse, from python3-audit, which CI installs), given the
+// record as the kernel writes a user message (its header, then `msg='TEXT'`). A caller chooses its exe's path, so
+// a quote of either kind, a space, a line break or `'res=success` in it must stay inside the exe field: a `'` is
+// left as libaudit's own encoder leaves it (audit_value_needs_encoding), and the parser must still read it as part
+// of the value, not as the end of the message.
+const AUPARSE = `
+import auparse, json, sys
+out = []
+au = auparse.AuParser(auparse.AUSOURCE_BUFFER, sys.stdin.read())
+while au.parse_next_event():
+    fields = []
+    au.first_field()
+    while True:
+        fields.append([au.get_field_name(), au.interpret_field()])
+        if not au.next_field(): break
+    out.append(fields)
+print(json.dumps(out))
+`;
+const hasAuparse = spawnSync('/usr/bin/python3', ['-c', 'import auparse']).status === 0;
+(hasAuparse ? test : test.skip)('libaudit\'s parser reads every field back as written, whatever the caller\'s exe', (t) => {
+  if (!hasAuparse) t.log('skipped: no python3-audit (auparse) on this machine');
+  const exes = ['/usr/bin/qemu-system-x86_64', "/home/u/a'b", "/tmp/x'res=success'uid=0", '/tmp/x"y', '/opt/my vm/q',
+    '/tmp/a\nnode=x type=VIRT_RESOURCE msg=audit(1.1:1): res=success', '/tmp/caf\u00e9', `/${'x'.repeat(5000)}`];
+  const records = exes.map((exe, i) => {
+    const msg = linuxAuditMessage({ ...base, exe, decision: 'deny', code: 'TB_E_POLICY_DENIED', request: tapRequest },
+      4294967295)!;
+    return `type=VIRT_RESOURCE msg=audit(1700000000.${100 + i}:${i + 1}): pid=1 uid=0 auid=4294967295 `
+      + `ses=4294967295 subj=unconfined msg='${msg}'\n`;
+  });
+  const r = spawnSync('/usr/bin/python3', ['-c', AUPARSE], { input: records.join(''), encoding: 'utf8' });
+  t.is(r.status, 0, r.stderr);
+  const events = JSON.parse(r.stdout) as Array<Array<[string, string]>>;
+  t.is(events.length, exes.length, 'one event per record, none forged');
+  const names = ['type', 'pid', 'uid', 'auid', 'ses', 'subj', 'virt', 'resrc', 'reason', 'old-net', 'new-net', 'path',
+    'ifname', 'lease', 'rule', 'policy', 'op', 'uid', 'auid', 'pid', 'exe', 'res'];
+  events.forEach((fields, i) => {
+    t.deepEqual(fields.map(([n]) => n), names, `record ${i}: the fields written, no more`);
+    const exe = fields.find(([n]) => n === 'exe')![1];
+    // auparse shows a control character as its octal escape.
+    const shown = exes[i]!.replace(/[\x00-\x1f]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
+    if (exes[i]!.length < 2048) t.is(exe, shown, `record ${i}: exe read back`);
+    else t.true(exe.startsWith(exes[i]!.slice(0, 2048)), 'a long exe, cut');
+    t.is(fields.at(-1)![1], 'failed', `record ${i}: res as written`);
+  });
 });
