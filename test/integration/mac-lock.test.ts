@@ -146,6 +146,49 @@ test.serial('a locked port drops frames from any other source MAC, and the bridg
   }
 });
 
+// Found by an outside review: a holder gave its other tap a LAN machine's MAC and back (SIOCSIFHWADDR on its own fd),
+// the bridge dropped that machine's entry, and its unicast flooded to every port until it spoke again: the user's
+// locked tap received it. A locked port takes no unknown unicast (its guest's MAC has its static entry).
+const LISTEN = `
+import fcntl, json, os, select, struct, sys, time
+fd = next((int(a.split('fds=')[1].split(':')[0]) for a in sys.argv[1:] if 'fds=' in a), 3)
+ifr = bytearray(40); fcntl.ioctl(fd, 0x800454d2, ifr)
+vnet = bool(struct.unpack_from('<H', ifr, 16)[0] & 0x4000)
+print('ready', flush=True)
+got = {'unknown': 0, 'broadcast': 0}; end = time.time() + 10
+while got['broadcast'] == 0 and time.time() < end:
+    if select.select([fd], [], [], 0.05)[0]:
+        b = os.read(fd, 65535)[10 if vnet else 0:]
+        if b'tb-flood' in b: got['broadcast' if b[:6] == b'\\xff' * 6 else 'unknown'] += 1
+print(json.dumps(got), flush=True)
+`;
+/** python3 -c: from vb1 (a LAN machine), 5 frames to a MAC the bridge has no entry for, then one broadcast. */
+const SEND_UNKNOWN = 'import socket; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); s.bind(("vb1",0)); '
+  + 'src=bytes.fromhex("02aa00000001"); p=b"\\x88\\xb5tb-flood"+bytes(40)\n'
+  + 'for i in range(5): s.send(bytes.fromhex("02aa00000099")+src+p)\ns.send(b"\\xff"*6+src+p)';
+
+test.serial('a locked port takes no unicast the bridge has no entry for; broadcast still reaches it', async (t) => {
+  const run = spawn('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'run', '--socket', broker.socket,
+    '--net', 'bridge=br0,model=none', '--', 'python3', '-c', LISTEN], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  run.stdout!.on('data', (b: Buffer) => (out += b.toString()));
+  run.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+  const exited = new Promise<number | null>((resolve) => run.on('exit', (c) => resolve(c)));
+  try {
+    await poll(() => out.includes('ready') || run.exitCode !== null, { ms: 10_000 });
+    t.true(out.includes('ready'), err);
+    const name = /tb\d+-\w+/.exec(err)?.[0] ?? '';
+    t.regex(bridgeCmd('-d', 'link', 'show', 'dev', name), /flood off/, `${name}: unknown unicast not flooded to it`);
+    const sent = spawnSync('ip', ['netns', 'exec', ns.name, 'python3', '-c', SEND_UNKNOWN], { encoding: 'utf8' });
+    t.is(sent.status, 0, sent.stderr);
+    t.is(await exited, 0, err);
+    t.deepEqual(JSON.parse(out.split('\n')[1]!), { unknown: 0, broadcast: 1 }, 'the broadcast came, after the 5');
+  } finally {
+    run.kill('SIGKILL');
+  }
+});
+
 test.serial('without mac_lock the same spoofed frames cross the bridge (the control)', async (t) => {
   const { p, got } = await forwarded({ as: OTHER_UID, writeFrom: '52:54:00:66:66:67', expect: 5 });
   try {

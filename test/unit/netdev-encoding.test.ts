@@ -88,14 +88,18 @@ test('nameOf reads an event\'s IFLA_IFNAME alone, wherever it is, and null witho
   t.is(nameOf(linkMessage(16, 0, 1, { index: 7 }, [attrU32(10, 4), info])), null);
 });
 
-test('a port lock: locked, learning off, BPDU guard and root block, and the port\'s learned entries flushed', (t) => {
+test('a port lock: locked, learning and unknown-unicast flooding off, BPDU guard and root block, learned entries flushed',
+  (t) => {
   const m = portLockMessage(7, 12, true);
   t.is(m.readUInt8(16), 7 /* AF_BRIDGE */);
   t.is(m.readInt32LE(20), 12);
   const protinfo = parseAttrs(parseAttrs(m, 32).get(12 /* IFLA_PROTINFO */)!);
-  t.deepEqual([...protinfo.keys()].sort((a, b) => a - b), [5, 6, 8, 24, 39]);
+  t.deepEqual([...protinfo.keys()].sort((a, b) => a - b), [5, 6, 8, 9, 24, 39]);
   t.is(protinfo.get(39 /* LOCKED */)![0], 1);
   t.is(protinfo.get(8 /* LEARNING */)![0], 0);
+  t.is(protinfo.get(9 /* UNICAST_FLOOD */)![0], 0);
+  const unlock = parseAttrs(parseAttrs(portLockMessage(8, 12, false), 32).get(12)!);
+  t.deepEqual([39, 8, 9].map((k) => unlock.get(k)![0]), [0, 1, 1], 'unlocked: learning and flooding on again');
   t.is(protinfo.get(24 /* FLUSH: a flag, no payload */)!.length, 0);
 });
 

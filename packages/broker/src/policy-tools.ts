@@ -197,6 +197,16 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
           + `(ip link set ${b} address …)`,
       });
     }
+    // An outside review: one guest's IGMP reports for more groups than mcast_hash_max turned it off for good.
+    if (readSys(`/sys/class/net/${b}/bridge/multicast_snooping`) === '1') {
+      out.push({
+        level: 'note', ...where,
+        message: `bridge ${b} has multicast snooping on: a guest's IGMP/MLD reports for more than `
+          + `${readSys(`/sys/class/net/${b}/bridge/hash_max`) ?? '?'} groups (mcast_hash_max) make the kernel turn `
+          + 'it off for the whole bridge; drop them from its ports (nftables bridge family) where snooping matters, '
+          + `or turn it off (ip link set ${b} type bridge mcast_snooping 0)`,
+      });
+    }
   }
   const parents = new Set(p.allow.flatMap((r) => r.macvtap.map((m) => m.parent)));
   for (const m of parents) {
@@ -253,6 +263,15 @@ function hostBridges(): string[] {
     return fs.readdirSync('/sys/class/net').filter((n) => fs.existsSync(`/sys/class/net/${n}/bridge`)).sort();
   } catch {
     return [];
+  }
+}
+
+/** A sysfs attribute's text, or null where it cannot be read. */
+function readSys(file: string): string | null {
+  try {
+    return fs.readFileSync(file, 'utf8').trim();
+  } catch {
+    return null;
   }
 }
 

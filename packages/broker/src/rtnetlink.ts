@@ -229,6 +229,7 @@ const IFLA_PROTINFO = 12;
 const IFLA_BRPORT_GUARD = 5;
 const IFLA_BRPORT_PROTECT = 6;
 const IFLA_BRPORT_LEARNING = 8;
+const IFLA_BRPORT_UNICAST_FLOOD = 9;
 const IFLA_BRPORT_FLUSH = 24;
 export const IFLA_BRPORT_LOCKED = 39;
 const NLA_F_NESTED = 0x8000;
@@ -275,12 +276,16 @@ export function fdbGetMessage(seq: number, bridge: number, mac: Buffer, vlan: nu
 
 /**
  * RTM_SETLINK (AF_BRIDGE) with IFLA_PROTINFO: port `port` locked (it forwards only frames whose source
- * MAC has a static entry on it) and learning off, or the reverse.
+ * MAC has a static entry on it), learning and unknown-unicast flooding off, or the reverse.
  */
 export function portLockMessage(seq: number, port: number, locked: boolean): Buffer {
   const flag = (v: boolean) => Buffer.from([v ? 1 : 0]);
   const protinfo = rtattr(IFLA_PROTINFO | NLA_F_NESTED, Buffer.concat([
     rtattr(IFLA_BRPORT_LOCKED, flag(locked)), rtattr(IFLA_BRPORT_LEARNING, flag(!locked)),
+    // Unicast to a MAC the bridge has no entry for is not flooded to it: its guest's MAC has a static entry. An
+    // outside review: a holder gave its other tap a LAN machine's MAC and back (SIOCSIFHWADDR on its fd), the
+    // bridge dropped that machine's entry, and its traffic flooded to every port, the same user's locked tap too.
+    rtattr(IFLA_BRPORT_UNICAST_FLOOD, flag(!locked)),
     // BPDU guard and root block: with STP on, the bridge reads BPDUs before it looks at the lock (their
     // source unchecked); a guest sending one gets its port disabled, and never becomes the root port.
     rtattr(IFLA_BRPORT_GUARD, flag(locked)), rtattr(IFLA_BRPORT_PROTECT, flag(locked)),
