@@ -2,6 +2,7 @@
 import test from 'ava';
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { sys } from '@tapbroker/protocol';
 import { BrokerProcess, CLIENT_CLI, tempDir } from '../helpers/broker.js';
@@ -335,6 +336,17 @@ test('a socket the user may not open: the hint names the socket\'s group and log
     const refused = tapbroker(['run', '--socket', `${dir}/stale2.sock`, '--net', 'bridge=br0', '--', 'true']);
     t.is(refused.code, 69);
     t.regex(refused.stderr, /hint: the socket exists but nothing accepts on it/);
+    // A stream socket at the path (a hand-written unit's ListenStream=): found by an outside review, no hint then.
+    const stream = net.createServer().listen(`${dir}/stream.sock`);
+    await new Promise((r) => stream.once('listening', r));
+    fs.chmodSync(`${dir}/stream.sock`, 0o666);
+    try {
+      const wrong = tapbroker(['status', '--socket', `${dir}/stream.sock`]);
+      t.is(wrong.code, 69);
+      t.regex(wrong.stderr, /EPROTOTYPE[^]*hint: something other than tapbrokerd listens there \(a stream socket\): the broker's is SOCK_SEQPACKET/);
+    } finally {
+      stream.close();
+    }
   } finally {
     listener.close();
     fs.rmSync(dir, { recursive: true, force: true });

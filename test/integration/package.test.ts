@@ -237,6 +237,9 @@ test.serial('maintainer scripts: the socket runs after an install, after a remov
     const idleBroken = phases.get('idle-broken')!;
     t.true(idleBroken.some((l) => /^said: tapbroker: \/etc\/tapbroker\/policy\.toml does not load/.test(l)), idleBroken.join('\n'));
     t.true(idleBroken.some((l) => /^said: .*will not start when a client connects/.test(l)), idleBroken.join('\n'));
+    // The whole way back, as the README gives it: reset-failed alone leaves the socket stopped (an outside review).
+    t.true(idleBroken.some((l) => /^said: .*systemctl reset-failed tapbrokerd\.service tapbrokerd\.socket && systemctl start tapbrokerd\.socket$/.test(l)),
+      idleBroken.join('\n'));
     // A device a broker made and none watches is dealt with at once: the broker is started (an outside review: a
     // reinstall left a removed package's macvtap until some client connected); with none, nothing is started.
     const startsBroker = (p: string) => phases.get(p)!.includes('systemctl start --no-block tapbrokerd.service');

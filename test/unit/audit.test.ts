@@ -190,7 +190,7 @@ test('the file is not opened through a symlink', (t) => {
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   fs.writeFileSync(path.join(dir, 'target'), '');
   fs.symlinkSync(path.join(dir, 'target'), path.join(dir, 'audit.jsonl'));
-  t.throws(() => new Audit(() => SHA, { journalSocket: null, file: path.join(dir, 'audit.jsonl') }), { code: 'ELOOP' });
+  t.throws(() => new Audit(() => SHA, { journalSocket: null, file: path.join(dir, 'audit.jsonl') }), { message: /audit\.jsonl is a symbolic link, which is not followed: give the file itself/ });
   t.is(fs.readFileSync(path.join(dir, 'target'), 'utf8'), '');
 });
 
@@ -259,7 +259,7 @@ test('reopen(): records go to a new file at the name after a rotation; the same 
   fs.renameSync(file, `${file}.3`);
   fs.symlinkSync('/dev/null', file);
   audit.reopen();
-  t.regex(log[2]!, /cannot open it again \(.*ELOOP.*\); records go on to the file open until now/);
+  t.regex(log[2]!, /cannot open it again \(.*is a symbolic link, which is not followed: give the file itself\); records go on to the file open until now/);
   const e = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE, message: 'e' });
   t.deepEqual(jsonLines(`${file}.3`), [e]);
 });
@@ -280,12 +280,12 @@ test('reopen(): a FIFO at the name, or a directory a user can now write, keeps t
   fs.renameSync(file, `${file}.1`);
   execFileSync('mkfifo', ['-m', '0600', file]);
   audit.reopen();
-  t.regex(log[0] ?? '', /cannot open it again \(.*(ENXIO|not a regular file).*\); records go on to the file open until now/);
+  t.regex(log[0] ?? '', /cannot open it again \(.*is not a regular file \(a FIFO or socket with no reader\)\); records go on to the file open until now/);
   const a = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'a' });
   t.deepEqual(jsonLines(`${file}.1`), [a]);
   // A FIFO at start: refused, not waited on.
   t.throws(() => new Audit(() => SHA, { journalSocket: null, file, fd: fs.openSync('/dev/null', 'w') }),
-    { message: /ENXIO|not a regular file/ });
+    { message: /is not a regular file \(a FIFO or socket with no reader\)/ });
   fs.rmSync(file);
   fs.chmodSync(dir, 0o777);
   audit.reopen();

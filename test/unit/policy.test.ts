@@ -109,6 +109,31 @@ bridges = ["br1"]
   if (!byGroup.allow) t.is(recorded(byGroup).rule, 'no-3002');
 });
 
+// Found by an outside review: a deny naming a user this host cannot look up (a typo) refused every group's taps on
+// its bridges, the caller's own one-member group included: the group's holders were taken as nameless callers,
+// whom such a deny fails closed on. Members come from the account database and have names; a group this host
+// cannot look up still matches every caller, the group's holders too.
+test('decide: a deny naming an unknown user keeps no group\'s tap off its bridges; an unknown group does', (t) => {
+  const policy = (deny: string) => ({ ...parsePolicy(`
+[[rule]]
+name = "team"
+groups = [3001]
+bridges = ["br0"]
+persistent = true
+
+[[deny]]
+name = "typo"
+${deny}
+bridges = ["br0"]
+`), membersOf: (gid: number) => new Set(gid === 3001 ? [2001] : []) });
+  const alice = { ...caller(2001, 2001, [3001]), user: 'alice' };
+  const asked = ask({ parent: 'br0', persistent: true, group: 3001 });
+  t.true(decide(policy('users = ["no-such-user-mallory"]'), alice, asked, none).allow);
+  t.false(decide(policy('users = ["no-such-user-mallory"]'), { ...alice, user: null }, asked, none).allow,
+    'a caller without an account name is still denied by it');
+  t.false(decide(policy('groups = ["no-such-group-here"]'), alice, asked, none).allow, 'an unknown group: everyone');
+});
+
 // Found by an outside re-test: the search for a member a deny keeps off the target walks the group's members,
 // and ran for callers with no rule for the target too: its time (60 µs with 3,000 members) told them which
 // targets another user's deny covers. It runs only where the caller may use the target.

@@ -361,7 +361,16 @@ export class Audit {
  */
 function openAppend(file: string): number {
   const { O_WRONLY, O_APPEND, O_CREAT, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
-  const fd = fs.openSync(file, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK, 0o600);
+  let fd: number;
+  try {
+    fd = fs.openSync(file, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK, 0o600);
+  } catch (err) {
+    // What the refusal means, not only its errno (an outside review got ELOOP and ENXIO).
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ELOOP') throw new Error(`${file} is a symbolic link, which is not followed: give the file itself`);
+    if (code === 'ENXIO') throw new Error(`${file} is not a regular file (a FIFO or socket with no reader)`);
+    throw err;
+  }
   if (fs.fstatSync(fd).isFile()) return fd;
   fs.closeSync(fd);
   throw new Error(`${file} is not a regular file`);

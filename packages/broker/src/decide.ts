@@ -193,12 +193,15 @@ function groupDenies(policy: Policy, group: number): Array<{ deny: DenyRule; who
   const members = policy.membersOf?.(group) ?? new Set<number>();
   keeps = [];
   for (const deny of policy.deny) {
-    if (matchesDeny(deny.who, holder(-1))) {
+    // A user name this host cannot look up is no member's (members come from the account database, by name) nor
+    // the group's: an outside review's typo in a deny's users refused every group's taps on its bridges.
+    const who = { ...deny.who, unresolved: { users: [], groups: deny.who.unresolved.groups } };
+    if (matchesDeny(who, holder(-1))) {
       keeps.push({ deny, who: `group ${group}` });
       continue;
     }
     for (const uid of members) {
-      if (matchesDeny(deny.who, holder(uid))) {
+      if (matchesDeny(who, holder(uid))) {
         keeps.push({ deny, who: `uid ${uid}, a member` });
         break;
       }
@@ -295,18 +298,16 @@ export function denyCovers(policy: Policy, d: DenyRule, t: Target): boolean {
  */
 export function denyTouches(policy: Policy, d: DenyRule, r: AllowRule): boolean {
   if (d.bridges === null && d.parents === null && d.networks === null) return true;
-  // The Linux bridges a rule of "*" reaches that the deny may close: those it names, and its networks' own.
-  const reached = !r.bridges.includes(ANY_BRIDGE) ? []
-    : [...(d.bridges ?? []), ...(d.networks ?? []).map((n) => networkTarget(policy.networks.get(n)))
-      .flatMap((t) => (t?.kind === 'bridge' ? [t.name] : []))];
+  // A rule of "*" reaches the Linux bridges the deny names ("*" itself too), and those its networks lead onto.
+  const reached = !r.bridges.includes(ANY_BRIDGE) ? [] : [...(d.bridges ?? []), ...(d.networks ?? [])
+    .map((n) => networkTarget(policy.networks.get(n))).flatMap((t) => (t?.kind === 'bridge' ? [t.name] : []))];
   const asks = [
-    ...[...r.bridges, ...reached].filter((b) => b !== ANY_BRIDGE)
-      .map((parent) => ({ kind: 'tap' as const, parent, network: false })),
+    ...[...r.bridges.filter((b) => b !== ANY_BRIDGE), ...reached].map((parent) => ({ kind: 'tap' as const, parent,
+      network: false })),
     ...r.macvtap.map((m) => ({ kind: 'macvtap' as const, parent: m.parent, network: false })),
     ...r.networks.map((parent) => ({ kind: 'tap' as const, parent, network: true })),
   ];
-  return !!d.bridges?.includes(ANY_BRIDGE) && r.bridges.includes(ANY_BRIDGE)
-    || asks.some((a) => denyCovers(policy, d, resolveTarget(policy, a)));
+  return asks.some((a) => denyCovers(policy, d, resolveTarget(policy, a)));
 }
 
 /** Does an allow rule's `bridges` grant a tap on this Linux bridge, by name or by `"*"`? */

@@ -25,6 +25,9 @@ const CONNECT_HINTS: Record<string, string> = {
   ECONNREFUSED: 'the socket exists but nothing accepts on it: the broker is not running (systemctl status '
     + 'tapbrokerd.socket tapbrokerd.service), or it left a stale socket behind',
   ENOTDIR: 'the socket path is wrong: give the right one with --socket or $TAPBROKER_SOCKET',
+  // A stream socket there (a hand-written unit's ListenStream=, another program's): an outside review got no hint.
+  EPROTOTYPE: 'something other than tapbrokerd listens there (a stream socket): the broker\'s is SOCK_SEQPACKET '
+    + '(ListenSequentialPacket= in tapbrokerd.socket); give the right path with --socket or $TAPBROKER_SOCKET',
 };
 
 /** The package's own group for the socket (sysusers.d): the one group whose joining the hint advises. */
