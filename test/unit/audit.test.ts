@@ -699,3 +699,32 @@ test('every audit device written with its lease also carries it as id', (t) => {
   }
   t.deepEqual(offenders, []);
 });
+
+// Found by an outside review: a record a full disk cut short, then a restart: the new broker wrote its first record
+// (a grant) onto the cut bytes, one line that is no JSON, and the file never said records were missing.
+test('a file whose last line was cut short when opened: the line is ended, and the file says records may be missing', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-cut-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'audit.jsonl');
+  const whole = `${JSON.stringify({ audit: { op: 'create-tap', decision: 'grant' } })}\n`;
+  fs.writeFileSync(file, `${whole}{"audit":{"time":"2026-`, { mode: 0o600 });
+  const log: string[] = [];
+  const audit = new Audit(() => SHA, { journalSocket: null, file, fd: fs.openSync('/dev/null', 'w'), log: (l) => log.push(l) });
+  const a = audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'after' });
+  const b = audit.record({ op: 'release', decision: 'release', rule: 'lab', caller: ALICE, message: 'then' });
+  audit.close();
+  const lines = fs.readFileSync(file, 'utf8').split('\n');
+  t.is(lines[1], '{"audit":{"time":"2026-', 'the cut line ended where it was cut');
+  const rest = lines.slice(2).filter((l) => l !== '').map((l) => (JSON.parse(l) as { audit: AuditRecord }).audit);
+  t.is(rest.length, 3);
+  t.like(rest[0], { op: 'audit-file', decision: 'error' });
+  t.regex(rest[0]!.message ?? '', /last line of this file was cut short when the broker opened it .* records before this one may be missing/);
+  t.deepEqual(rest.slice(1), [a, b], 'said once, then the records, each a line');
+  t.deepEqual(log, []);
+  // A file that ends a line is written on as it is.
+  fs.writeFileSync(file, whole);
+  const again = new Audit(() => SHA, { journalSocket: null, file, fd: fs.openSync('/dev/null', 'w') });
+  const c = again.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: ALICE, message: 'c' });
+  again.close();
+  t.deepEqual(jsonLines(file).slice(1), [c]);
+});

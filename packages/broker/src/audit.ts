@@ -138,6 +138,7 @@ export class Audit {
     this.journal = journal && fs.existsSync(journal) ? journal : null;
     this.journalTo = this.journal ? sys.datagramTo(this.journal) : null;
     this.fileFd = opts.file ? openAppend(opts.file) : null;
+    if (this.fileFd !== null) this.fileCut = this.cutAtOpen = endsCut(this.fileFd);
     this.fd = opts.fd ?? 2;
     this.linux = opts.linux ?? null;
     this.file = opts.file ?? null;
@@ -149,6 +150,11 @@ export class Audit {
   /** Records the file did not take since it last took one; whether its last line was cut short. */
   private fileLost = 0;
   private fileCut = false;
+  /**
+   * Its last line was cut short when it was opened (a full disk, then a stop: an outside review's restarted broker
+   * glued its first record, a grant, to it, and the file never said records were missing): said in it first.
+   */
+  private cutAtOpen = false;
   /** Records journald did not take (its queue full, or it gone) since it last took one: they went to stderr. */
   private journalMissed = 0;
 
@@ -219,7 +225,7 @@ export class Audit {
   private toFile(line: string): void {
     // Once it takes records again, the file itself says what it lacks, before the record that ends the gap (an
     // outside review: it held a cut line and nothing else to tell a reader records were missing).
-    const gap = this.fileLost > 0 ? `${auditJson({ audit: this.gapRecord() })}\n` : '';
+    const gap = this.fileLost > 0 || this.cutAtOpen ? `${auditJson({ audit: this.gapRecord() })}\n` : '';
     const head = Buffer.byteLength(`${this.fileCut ? '\n' : ''}${gap}`);
     const text = `${this.fileCut ? '\n' : ''}${gap}${line}`;
     const { left, why } = writeFully(this.fileFd!, text);
@@ -240,9 +246,9 @@ export class Audit {
 
   /** The file took records again, and its record of those it lacks: the count starts again. */
   private gapSaid(): void {
-    this.log(`audit file ${this.file}: taking records again; ${this.fileLost} lost`);
+    if (this.fileLost > 0) this.log(`audit file ${this.file}: taking records again; ${this.fileLost} lost`);
     this.fileLost = 0;
-    this.fileCut = false;
+    this.fileCut = this.cutAtOpen = false;
   }
 
   /** Since when, and why, the file has not taken records. */
@@ -253,8 +259,10 @@ export class Audit {
     return {
       time: new Date().toISOString(), op: 'audit-file', decision: 'error', rule: null, policy_sha256: this.policySha(),
       uid: null, gid: null, pid: null, exe: null, user: null,
-      message: `${this.fileLost} record(s) before this one could not be written to this file (${this.fileGap.why}) `
-        + `since ${this.fileGap.since}; the journal (or stderr) has them`,
+      message: this.fileLost === 0 ? 'the last line of this file was cut short when the broker opened it (a full '
+        + 'disk, or a stop mid-write): records before this one may be missing; the journal (or stderr) has them'
+        : `${this.fileLost} record(s) before this one could not be written to this file (${this.fileGap.why}) `
+          + `since ${this.fileGap.since}; the journal (or stderr) has them`,
     };
   }
 
@@ -287,7 +295,7 @@ export class Audit {
       this.log(`warning: audit file ${this.file}: ${this.fileLost} record(s) lost to the file before it`);
     }
     this.fileLost = 0;
-    this.fileCut = false;
+    this.fileCut = this.cutAtOpen = endsCut(fd);
     this.log(`audit file ${this.file}: opened again (a new file: the one before was rotated${was.nlink === 0
       ? ' and deleted' : ''})`);
   }
@@ -347,6 +355,10 @@ export class Audit {
   /** Closes the file once: its fd number, reused by then, is never written or closed again. */
   close(): void {
     this.flushRefusals();
+    if (this.fileLost > 0) {
+      this.log(`warning: audit file ${this.file}: ${this.fileLost} record(s) since ${this.fileGap.since} lost to it, `
+        + 'not said in it (its next opener says records may be missing where a line was cut)');
+    }
     if (this.fileFd !== null) fs.closeSync(this.fileFd);
     this.fileFd = null;
     this.journalTo?.close();
@@ -374,6 +386,19 @@ function openAppend(file: string): number {
   if (fs.fstatSync(fd).isFile()) return fd;
   fs.closeSync(fd);
   throw new Error(`${file} is not a regular file`);
+}
+
+/** Does the file open on `fd` end inside a line (its last byte not a line break)? Read through a read-only open. */
+function endsCut(fd: number): boolean {
+  const size = fs.fstatSync(fd).size;
+  if (size === 0) return false;
+  const rd = fs.openSync(`/proc/self/fd/${fd}`, 'r');
+  try {
+    const last = Buffer.alloc(1);
+    return fs.readSync(rd, last, 0, 1, size - 1) === 1 && last[0] !== 0x0a;
+  } finally {
+    fs.closeSync(rd);
+  }
 }
 
 /** Refusals, denials and dry runs written one by one per uid and window; the rest are aggregated. */

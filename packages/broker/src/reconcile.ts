@@ -68,7 +68,10 @@ export function reconcile(lt: Keeper): void {
       lt.audit.record({
         op: auditOp(r.op), decision: r.decision, rule: r.lease.rule, caller: { uid: r.lease.uid },
         device: leaseView(r.lease),
-        message: `${r.message} (recorded at this start: the broker stopped while deleting it)`,
+        // The last run may have written its record just before it stopped (an outside review's kills between the
+        // record and the table write): said so, and documented (count an end once, by its lease).
+        message: `${r.message} (recorded at this start: the broker stopped while deleting it; a record of this end `
+          + 'may precede this one)',
       });
     }
     lt.table.retiring.delete(id);
