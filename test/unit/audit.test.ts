@@ -728,3 +728,43 @@ test('a file whose last line was cut short when opened: the line is ended, and t
   again.close();
   t.deepEqual(jsonLines(file).slice(1), [c]);
 });
+
+// Found by an outside re-test: the unit's broker has no CAP_DAC_OVERRIDE, and an audit file it may append to but not
+// read (mode 0200) made the check of its last line fail: the broker did not start, and a reload after a rotation
+// to such a file failed as a whole. Such a file is taken as whole. Run without CAP_DAC_OVERRIDE/READ_SEARCH, as the
+// unit runs the broker.
+test('an audit file the broker may append to but not read: opened, and opened again, as a whole one', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-audit-wo-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'audit.jsonl');
+  fs.writeFileSync(file, '{"audit":{"op":"x"}}\n', { mode: 0o200 });
+  fs.chmodSync(file, 0o200);
+  const child = `
+    import fs from 'node:fs';
+    import { Audit } from '@tapbroker/broker/internal';
+    const file = process.argv[1];
+    const log = [];
+    const audit = new Audit(() => 'a'.repeat(64), { journalSocket: null, fd: fs.openSync('/dev/null', 'w'), file,
+      log: (l) => log.push(l) });
+    audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: { uid: 1000 }, message: 'one' });
+    fs.renameSync(file, file + '.1');
+    fs.writeFileSync(file, '{"audit":{"op":"y"}}', { mode: 0o200 });
+    fs.chmodSync(file, 0o200);
+    audit.reopen();
+    audit.record({ op: 'create-tap', decision: 'grant', rule: 'lab', caller: { uid: 1000 }, message: 'two' });
+    audit.close();
+    let readable = true;
+    try { fs.readFileSync(file); } catch { readable = false; }
+    console.log(JSON.stringify({ log, readable }));`;
+  const r = spawnSync('setpriv', ['--inh-caps', '-dac_override,-dac_read_search', '--bounding-set',
+    '-dac_override,-dac_read_search', process.execPath, '--input-type=module', '-e', child, file],
+  { cwd: REPO, encoding: 'utf8' });
+  t.is(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { log: string[]; readable: boolean };
+  t.false(out.readable, 'the child could not read the file: the case is real');
+  t.true(out.log.some((l) => /opened again \(a new file/.test(l)), out.log.join('\n'));
+  t.false(out.log.some((l) => /cannot open it again/.test(l)), out.log.join('\n'));
+  t.regex(fs.readFileSync(`${file}.1`, 'utf8'), /^\{"audit":\{"op":"x"\}\}\n\{"audit":\{"time":.*"message":"one"\}\}\n$/);
+  t.regex(fs.readFileSync(file, 'utf8'), /^\{"audit":\{"op":"y"\}\}\{"audit":\{"time":.*"message":"two"\}\}\n$/,
+    'unread, the unfinished line was not seen (and not ended): the cost of a file the broker cannot read');
+});

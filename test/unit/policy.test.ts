@@ -109,29 +109,39 @@ bridges = ["br1"]
   if (!byGroup.allow) t.is(recorded(byGroup).rule, 'no-3002');
 });
 
-// Found by an outside review: a deny naming a user this host cannot look up (a typo) refused every group's taps on
-// its bridges, the caller's own one-member group included: the group's holders were taken as nameless callers,
-// whom such a deny fails closed on. Members come from the account database and have names; a group this host
-// cannot look up still matches every caller, the group's holders too.
-test('decide: a deny naming an unknown user keeps no group\'s tap off its bridges; an unknown group does', (t) => {
+// A deny naming a user this host cannot look up fails closed on a process without an account name, and one may hold
+// the group a tap is given to: an offboarded user's process, still running after `userdel`, opened such a tap (an
+// outside re-test, after an earlier change let the tap through). Refused, and the caller is told why in words it
+// can act on (an outside review got "a deny keeps a member off", with a hint it could not follow).
+test('decide: a deny naming an unknown user keeps every group\'s tap off its bridges, and says why', (t) => {
   const policy = (deny: string) => ({ ...parsePolicy(`
 [[rule]]
 name = "team"
 groups = [3001]
-bridges = ["br0"]
+bridges = ["br0", "br1"]
 persistent = true
 
 [[deny]]
-name = "typo"
+name = "offboarded"
 ${deny}
 bridges = ["br0"]
 `), membersOf: (gid: number) => new Set(gid === 3001 ? [2001] : []) });
   const alice = { ...caller(2001, 2001, [3001]), user: 'alice' };
-  const asked = ask({ parent: 'br0', persistent: true, group: 3001 });
-  t.true(decide(policy('users = ["no-such-user-mallory"]'), alice, asked, none).allow);
-  t.false(decide(policy('users = ["no-such-user-mallory"]'), { ...alice, user: null }, asked, none).allow,
-    'a caller without an account name is still denied by it');
-  t.false(decide(policy('groups = ["no-such-group-here"]'), alice, asked, none).allow, 'an unknown group: everyone');
+  const asked = (parent: string) => ask({ parent, persistent: true, group: 3001 });
+  const d = decide(policy('users = ["no-such-user-mallory"]'), alice, asked('br0'), none);
+  t.false(d.allow);
+  if (!d.allow) {
+    t.is(d.message, 'a deny rule covering bridge `br0\' names a user this host cannot look up, so it matches any '
+      + 'process without an account name, and one may hold group 3001 and open the tap');
+    t.is(d.hint, 'give it to no group; only an administrator can change the deny rule');
+    t.notRegex(`${d.message} ${d.hint}`, /mallory|offboarded/, 'neither the name nor the rule');
+    t.regex(recorded(d).message, /^denied by rule `offboarded': .* keeps any process without an account name, which may hold the group, off bridge `br0'/);
+  }
+  t.true(decide(policy('users = ["no-such-user-mallory"]'), alice, asked('br1'), none).allow, 'outside its bridges');
+  t.true(decide(policy('users = ["no-such-user-mallory"]'), alice, ask({ parent: 'br0', persistent: true }), none).allow,
+    'alice\'s own tap, given to no group');
+  t.true(decide(policy('users = ["daemon"]'), alice, asked('br0'), none).allow, 'a known user outside the group');
+  t.false(decide(policy('groups = ["no-such-group-here"]'), alice, asked('br0'), none).allow, 'an unknown group: all');
 });
 
 // Found by an outside re-test: the search for a member a deny keeps off the target walks the group's members,
@@ -279,7 +289,7 @@ test('a deny rule naming a user that cannot be looked up fails closed: that name
     '[[rule]]', 'name = "all"', 'users = ["*"]', 'bridges = ["br0", "br1"]', '',
     '[[deny]]', 'users = ["no-such-user-here"]', 'bridges = ["br0"]',
   ].join('\n'), 'p.toml');
-  t.regex(p.warnings.join('\n'), /deny rule `deny\.0': no user `no-such-user-here' on this host; this deny rule matches callers of that name and callers whose name cannot be looked up, until the name can be looked up \(within a second of its creation in \/etc\/passwd or \/etc\/group; in a directory service, at a reload\)/);
+  t.regex(p.warnings.join('\n'), /deny rule `deny\.0': no user `no-such-user-here' on this host; this deny rule matches callers of that name and callers whose name cannot be looked up, and refuses persistent taps given to a group on what it covers \(a process without a name may hold the group\), until the name can be looked up \(within a second of its creation in \/etc\/passwd or \/etc\/group; in a directory service, at a reload\)/);
   t.deepEqual(p.deny[0]!.who.unresolved, { users: ['no-such-user-here'], groups: [] });
   const as = (user: string | null | undefined) => ({ ...caller(4242), ...(user === undefined ? {} : { user }) });
   t.false(decide(p, as('no-such-user-here'), ask(), none).allow, 'a caller of that name (the account came back)');
@@ -536,7 +546,7 @@ test('who-can and explain-policy agree with the broker about a deny reached thro
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
   try {
     const file = path.join(dir, 'policy.toml');
-    fs.writeFileSync(file, `[network.lab]\nbridge = "br0"\n\n[[rule]]\nname = "r"\nusers = [1001]\nnetworks = ["lab"]\n\n[[deny]]\nname = "d"\nusers = [1001]\nbridges = ["br0"]\n\n[[deny]]\nname = "n"\nusers = [1001]\nnetworks = ["lab"]\n`);
+    fs.writeFileSync(file, `[network.lab]\nbridge = "br0"\n\n[[rule]]\nname = "r"\nusers = [4210001]\nnetworks = ["lab"]\n\n[[deny]]\nname = "d"\nusers = [4210001]\nbridges = ["br0"]\n\n[[deny]]\nname = "n"\nusers = [4210001]\nnetworks = ["lab"]\n`);
     const main = path.resolve('packages/broker/dist/main.js');
     const whoCan = JSON.parse(execFileSync(process.execPath, [main, 'who-can', file, '--bridge', 'br0', '--json'], { encoding: 'utf8' })) as { allowed_by: Array<{ rule: string; via_network: string | null }>; except: Array<{ rule: string }> };
     t.deepEqual(whoCan.allowed_by.map((g) => [g.rule, g.via_network]), [['r', 'lab']], 'the grant through network lab is shown');
@@ -547,10 +557,10 @@ test('who-can and explain-policy agree with the broker about a deny reached thro
     t.deepEqual(Object.fromEntries(whoCan.except.map((d) => [d.rule, (d as { routes?: string[] }).routes])),
       { d: ['the bridge directly', 'network lab'], n: ['the bridge directly', 'network lab'] });
     const tagged = path.join(dir, 'tagged.toml');
-    fs.writeFileSync(tagged, `[network.lab10]\nbridge = "br0"\nvlan = 10\n\n[[rule]]\nname = "r"\nusers = [1001]\nbridges = ["br0"]\n\n[[deny]]\nname = "n10"\nusers = [1001]\nnetworks = ["lab10"]\n`);
+    fs.writeFileSync(tagged, `[network.lab10]\nbridge = "br0"\nvlan = 10\n\n[[rule]]\nname = "r"\nusers = [4210001]\nbridges = ["br0"]\n\n[[deny]]\nname = "n10"\nusers = [4210001]\nnetworks = ["lab10"]\n`);
     const text = execFileSync(process.execPath, [main, 'who-can', tagged, '--bridge', 'br0'], { encoding: 'utf8' });
-    t.regex(text, /^except user 1001 \(on network lab10 only\): denied by `n10'/m);
-    const explained = JSON.parse(execFileSync(process.execPath, [main, 'explain-policy', file, '--user', '1001', '--json'], { encoding: 'utf8' })) as { denied_by: Array<{ rule: string; covers: string }> };
+    t.regex(text, /^except user 4210001 \(on network lab10 only\): denied by `n10'/m);
+    const explained = JSON.parse(execFileSync(process.execPath, [main, 'explain-policy', file, '--user', '4210001', '--json'], { encoding: 'utf8' })) as { denied_by: Array<{ rule: string; covers: string }> };
     t.deepEqual(explained.denied_by.map((d) => [d.rule, d.covers]), [['d', 'bridges br0'], ['n', 'networks lab (and bridge br0 itself)']],
       'a networks-only deny is not "everything", and it says what else it closes (found by an outside review)');
     // A deny whose group this host cannot look up fails closed in the broker: who-can says so, not "nobody"
@@ -560,7 +570,7 @@ test('who-can and explain-policy agree with the broker about a deny reached thro
     const closed = JSON.parse(execFileSync(process.execPath, [main, 'who-can', typo, '--bridge', 'br0', '--json'], { encoding: 'utf8' })) as { except: Array<{ rule: string; who: string }> };
     t.deepEqual(closed.except.map((d) => d.rule), ['s']);
     t.regex(closed.except[0]!.who, /^everyone \(group no-such-group-tb is not on this host: the deny fails closed\)$/);
-    t.is(decide(parsePolicy(fs.readFileSync(typo, 'utf8')), caller(1001), ask({ parent: 'br0' }), none).allow, false,
+    t.is(decide(parsePolicy(fs.readFileSync(typo, 'utf8')), caller(4210001), ask({ parent: 'br0' }), none).allow, false,
       'as the broker decides');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -682,9 +692,9 @@ test('check-policy warns about an allow of "*", and a deny of "*" shadows named 
 });
 
 test('who-can and explain-policy read "*" as any Linux bridge', async (t) => {
-  const run = await tool(t, '[network.lab]\nbridge = "br5"\n\n[[rule]]\nname = "any"\nusers = [1001]\nbridges = ["*"]\n\n'
-    + '[[rule]]\nname = "lab"\nusers = [1003]\nnetworks = ["lab"]\n\n'
-    + '[[deny]]\nname = "none"\nusers = [1002]\nbridges = ["*"]\n');
+  const run = await tool(t, '[network.lab]\nbridge = "br5"\n\n[[rule]]\nname = "any"\nusers = [4210001]\nbridges = ["*"]\n\n'
+    + '[[rule]]\nname = "lab"\nusers = [4210003]\nnetworks = ["lab"]\n\n'
+    + '[[deny]]\nname = "none"\nusers = [4210002]\nbridges = ["*"]\n');
   const whoCan = JSON.parse(run('who-can', '--json', '--bridge', 'br5')) as {
     allowed_by: Array<{ rule: string; via_network: string | null; any_bridge: boolean }>;
     except: Array<{ rule: string }>;
@@ -692,9 +702,9 @@ test('who-can and explain-policy read "*" as any Linux bridge', async (t) => {
   t.deepEqual(whoCan.allowed_by.map((g) => [g.rule, g.via_network, g.any_bridge]),
     [['any', null, true], ['lab', 'lab', false]]);
   t.deepEqual(whoCan.except.map((d) => d.rule), ['none'], 'the deny of "*" covers br5 and network lab onto it');
-  t.regex(run('who-can', '--bridge', 'br5'), /any\s+\d+\s+user 1001\s+any Linux bridge/);
-  t.regex(run('explain-policy', '--user', '1001'), /any\s+\d+\s+any Linux bridge/);
-  const explained = JSON.parse(run('explain-policy', '--json', '--user', '1002')) as {
+  t.regex(run('who-can', '--bridge', 'br5'), /any\s+\d+\s+user 4210001\s+any Linux bridge/);
+  t.regex(run('explain-policy', '--user', '4210001'), /any\s+\d+\s+any Linux bridge/);
+  const explained = JSON.parse(run('explain-policy', '--json', '--user', '4210002')) as {
     denied_by: Array<{ rule: string; covers: string; bridges: string[] }>;
   };
   t.deepEqual(explained.denied_by, [{ ...explained.denied_by[0]!, rule: 'none', covers: 'every Linux bridge' }]);
@@ -822,11 +832,11 @@ test('who-can --network lists every way onto that network\'s segment, as its den
     '[network.prod]\nbridge = "br0"', '[network.also-br0]\nbridge = "br0"', '[network.br0-vlan]\nbridge = "br0"\nvlan = 7',
     '[network.prod-ovs]\novs = "br-int"\nvlan = 100', '[network.trunk]\novs = "br-int"\ntrunk = [100, 200]',
     '[network.other-vlan]\novs = "br-int"\nvlan = 300',
-    '[[rule]]\nname = "admins"\nusers = [1001]\nnetworks = ["prod", "prod-ovs"]',
-    '[[rule]]\nname = "any"\nusers = [1002]\nbridges = ["*"]',
-    '[[rule]]\nname = "named"\nusers = [1003]\nbridges = ["br0"]',
-    '[[rule]]\nname = "side"\nusers = [1004]\nnetworks = ["also-br0", "br0-vlan", "trunk", "other-vlan"]',
-    '[[deny]]\nname = "no-prod"\nusers = [1005]\nnetworks = ["prod"]',
+    '[[rule]]\nname = "admins"\nusers = [4210001]\nnetworks = ["prod", "prod-ovs"]',
+    '[[rule]]\nname = "any"\nusers = [4210002]\nbridges = ["*"]',
+    '[[rule]]\nname = "named"\nusers = [4210003]\nbridges = ["br0"]',
+    '[[rule]]\nname = "side"\nusers = [4210004]\nnetworks = ["also-br0", "br0-vlan", "trunk", "other-vlan"]',
+    '[[deny]]\nname = "no-prod"\nusers = [4210005]\nnetworks = ["prod"]',
   ].join('\n\n'));
   const who = (net: string) => JSON.parse(run('who-can', '--network', net, '--json')) as {
     allowed_by: Array<{ rule: string; via_network: string | null; via_bridge: string | null }>;
@@ -837,9 +847,9 @@ test('who-can --network lists every way onto that network\'s segment, as its den
   t.deepEqual(who('prod-ovs').allowed_by.map((a) => [a.rule, a.via_network]), [['admins', null], ['side', 'trunk']],
     'an OVS trunk carrying VLAN 100; not VLAN 300');
   const text = run('who-can', '--network', 'prod');
-  t.regex(text, /any\s+\d+\s+user 1002\s+any Linux bridge/);
-  t.regex(text, /named\s+\d+\s+user 1003\s+bridge br0/);
-  t.regex(text, /except user 1005: denied by `no-prod'/);
+  t.regex(text, /any\s+\d+\s+user 4210002\s+any Linux bridge/);
+  t.regex(text, /named\s+\d+\s+user 4210003\s+bridge br0/);
+  t.regex(text, /except user 4210005: denied by `no-prod'/);
 });
 
 // Found by an outside review of the security team's tools: a deny of a network in VLAN 1 of a Linux bridge left the
@@ -848,25 +858,25 @@ test('who-can --network lists every way onto that network\'s segment, as its den
 test('a deny of a network in VLAN 1 covers its bridge\'s untagged taps too; who-can lists them, VLAN 7 stays apart', async (t) => {
   const text = [
     '[network.v1]\nbridge = "br0"\nvlan = 1', '[network.v7]\nbridge = "br0"\nvlan = 7',
-    '[[rule]]\nname = "carol"\nusers = [1001]\nnetworks = ["v1"]',
-    '[[rule]]\nname = "lab"\nusers = [1002, 1003]\nbridges = ["br0"]\nnetworks = ["v1", "v7"]',
-    '[[deny]]\nname = "keep-off-vlan1"\nusers = [1002]\nnetworks = ["v1"]',
+    '[[rule]]\nname = "carol"\nusers = [4210001]\nnetworks = ["v1"]',
+    '[[rule]]\nname = "lab"\nusers = [4210002, 4210003]\nbridges = ["br0"]\nnetworks = ["v1", "v7"]',
+    '[[deny]]\nname = "keep-off-vlan1"\nusers = [4210002]\nnetworks = ["v1"]',
   ].join('\n\n');
   const p = parsePolicy(text);
-  const mallory = caller(1002);
+  const mallory = caller(4210002);
   const direct = decide(p, mallory, ask({ parent: 'br0' }), none);
   t.false(direct.allow, 'the bridge directly: its untagged taps are in VLAN 1');
   t.false(decide(p, mallory, ask({ parent: 'v1', network: true }), none).allow);
   t.true(decide(p, mallory, ask({ parent: 'v7', network: true }), none).allow, 'VLAN 7 is another segment');
-  t.true(decide(p, caller(1003), ask({ parent: 'br0' }), none).allow, 'others keep the bridge');
+  t.true(decide(p, caller(4210003), ask({ parent: 'br0' }), none).allow, 'others keep the bridge');
   const run = await tool(t, text);
   const who = JSON.parse(run('who-can', '--network', 'v1', '--json')) as {
     allowed_by: Array<{ rule: string; via_network: string | null; via_bridge: string | null }>;
   };
   t.deepEqual(who.allowed_by.map((a) => [a.rule, a.via_network, a.via_bridge]),
     [['carol', null, null], ['lab', null, null], ['lab', null, 'br0']], 'the bridge directly is a way onto v1');
-  t.regex(run('who-can', '--network', 'v1'), /except user 1002: denied by `keep-off-vlan1'/);
-  t.notRegex(run('explain-policy', '--user', '1002'), /VLAN 1 itself/);
+  t.regex(run('who-can', '--network', 'v1'), /except user 4210002: denied by `keep-off-vlan1'/);
+  t.notRegex(run('explain-policy', '--user', '4210002'), /VLAN 1 itself/);
 });
 
 // Found by an outside operator review: a rule whose users are not on this host showed "nobody" in who-can's WHO
@@ -1065,21 +1075,21 @@ macvtap = [{ parent = "eth0" }]
 });
 
 test('explain-policy and who-can say whom a locked rule keeps a later rule from reaching', (t) => {
-  withTools('[[rule]]\nname = "locked-team"\nusers = [1001]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n\n'
-    + '[[rule]]\nname = "vm-users"\nusers = [1001, 1002]\nmacvtap = [{ parent = "eth0" }]\n', (tool, file) => {
-    t.regex(tool('explain-policy', file, '--user', '1001'),
+  withTools('[[rule]]\nname = "locked-team"\nusers = [4210001]\nmacvtap = [{ parent = "eth0" }]\nmac_lock = true\n\n'
+    + '[[rule]]\nname = "vm-users"\nusers = [4210001, 4210002]\nmacvtap = [{ parent = "eth0" }]\n', (tool, file) => {
+    t.regex(tool('explain-policy', file, '--user', '4210001'),
       /^`vm-users' is not reached for macvtap parent eth0 by requests `locked-team' allows: it comes first, and its /m);
-    t.notRegex(tool('explain-policy', file, '--user', '1002'), /not reached/);
-    const json = JSON.parse(tool('explain-policy', file, '--user', '1001', '--json')) as { locked_out: unknown };
+    t.notRegex(tool('explain-policy', file, '--user', '4210002'), /not reached/);
+    const json = JSON.parse(tool('explain-policy', file, '--user', '4210001', '--json')) as { locked_out: unknown };
     t.deepEqual(json.locked_out, [{ rule: 'vm-users', targets: ['macvtap parent eth0'], by: 'locked-team' }]);
     t.regex(tool('who-can', file, '--macvtap', 'eth0'),
-      /^`vm-users' is not reached by user 1001 for requests `locked-team' allows: it comes first for them/m);
+      /^`vm-users' is not reached by user 4210001 for requests `locked-team' allows: it comes first for them/m);
   });
   // An Open vSwitch network asked for by its name (found by a re-test: who-can's table said "refused", its list not).
-  withTools('[network.fabric]\novs = "ovsbr0"\n\n[[rule]]\nname = "a"\nusers = [1001]\nnetworks = ["fabric"]\nmac_lock = true\n\n'
-    + '[[rule]]\nname = "b"\nusers = [1001]\nnetworks = ["fabric"]\n', (tool, file) => {
+  withTools('[network.fabric]\novs = "ovsbr0"\n\n[[rule]]\nname = "a"\nusers = [4210001]\nnetworks = ["fabric"]\nmac_lock = true\n\n'
+    + '[[rule]]\nname = "b"\nusers = [4210001]\nnetworks = ["fabric"]\n', (tool, file) => {
     const json = JSON.parse(tool('who-can', file, '--network', 'fabric', '--json')) as { locked_out: unknown };
-    t.deepEqual(json.locked_out, [{ rule: 'b', by: 'a', who: 'user 1001' }]);
+    t.deepEqual(json.locked_out, [{ rule: 'b', by: 'a', who: 'user 4210001' }]);
   });
 });
 

@@ -388,16 +388,23 @@ function openAppend(file: string): number {
   throw new Error(`${file} is not a regular file`);
 }
 
-/** Does the file open on `fd` end inside a line (its last byte not a line break)? Read through a read-only open. */
+/**
+ * Does the file open on `fd` end inside a line (its last byte not a line break)? Read through a read-only open; a
+ * file the broker may append to but not read (mode 0200 under the unit, which has no CAP_DAC_OVERRIDE) is taken as
+ * whole: an outside re-test's such file stopped the broker's start, and a reload.
+ */
 function endsCut(fd: number): boolean {
-  const size = fs.fstatSync(fd).size;
-  if (size === 0) return false;
-  const rd = fs.openSync(`/proc/self/fd/${fd}`, 'r');
+  const last = Buffer.alloc(1);
   try {
-    const last = Buffer.alloc(1);
-    return fs.readSync(rd, last, 0, 1, size - 1) === 1 && last[0] !== 0x0a;
-  } finally {
-    fs.closeSync(rd);
+    const size = fs.fstatSync(fd).size;
+    const rd = fs.openSync(`/proc/self/fd/${fd}`, 'r');
+    try {
+      return size > 0 && fs.readSync(rd, last, 0, 1, size - 1) === 1 && last[0] !== 0x0a;
+    } finally {
+      fs.closeSync(rd);
+    }
+  } catch {
+    return false;
   }
 }
 

@@ -176,6 +176,9 @@ function sharedDeny(policy: Policy, group: number, target: Target): { deny: Deny
   return groupDenies(policy, group).find((k) => denyCovers(policy, k.deny, target)) ?? null;
 }
 
+/** Who a deny keeps off a group's tap when only a user name it cannot look up matches the group's holders. */
+const NAMELESS = 'any process without an account name, which may hold the group,';
+
 /** Per policy and group: the deny rules that keep the group, or one of its members, off anything. */
 const keptOff = new WeakMap<Policy, Map<number, Array<{ deny: DenyRule; who: string }>>>();
 
@@ -193,15 +196,15 @@ function groupDenies(policy: Policy, group: number): Array<{ deny: DenyRule; who
   const members = policy.membersOf?.(group) ?? new Set<number>();
   keeps = [];
   for (const deny of policy.deny) {
-    // A user name this host cannot look up is no member's (members come from the account database, by name) nor
-    // the group's: an outside review's typo in a deny's users refused every group's taps on its bridges.
-    const who = { ...deny.who, unresolved: { users: [], groups: deny.who.unresolved.groups } };
-    if (matchesDeny(who, holder(-1))) {
-      keeps.push({ deny, who: `group ${group}` });
+    if (matchesDeny(deny.who, holder(-1))) {
+      // By a user name this host cannot look up alone: it fails closed on a process without an account name, and
+      // one may hold the group (an offboarded user's, still running: an outside re-test opened a group tap so).
+      const named = { ...deny.who, unresolved: { users: [], groups: deny.who.unresolved.groups } };
+      keeps.push({ deny, who: matchesDeny(named, holder(-1)) ? `group ${group}` : NAMELESS });
       continue;
     }
     for (const uid of members) {
-      if (matchesDeny(who, holder(uid))) {
+      if (matchesDeny(deny.who, holder(uid))) {
         keeps.push({ deny, who: `uid ${uid}, a member` });
         break;
       }
@@ -359,28 +362,6 @@ function escapeRe(s: string): string {
 }
 
 /**
- * What a deny rule covers, in words, as the policy's reader is told it: `bridges br0; networks lab (and bridge br0
- * itself)`, `every Linux bridge` or `everything`. A caller is told denyScopeFor instead.
- */
-export function denyScope(policy: Policy, d: DenyRule): string {
-  const bridges = d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge'
-    : d.bridges ? `bridges ${d.bridges.join(', ')}` : '';
-  // A network's deny closes its segment whatever way leads onto it (denyCovers): said where it is a device.
-  const segment = (n: string) => {
-    const t = networkTarget(policy.networks.get(n));
-    if (t === null || t.kind === 'hook') return n;
-    const vlan = t.kind === 'ovs' ? (t.vlans === 'all' ? '' : ` VLAN ${t.vlans.join(', ')}`)
-      : portVlan(t.vlan) !== DEFAULT_PVID ? ` VLAN ${t.vlan}` : '';
-    return `${n} (and ${t.kind === 'ovs' ? 'Open vSwitch bridge' : 'bridge'} ${t.name}${vlan} itself)`;
-  };
-  const parts = [
-    bridges, d.parents ? `macvtap parents ${d.parents.join(', ')}` : '',
-    d.networks ? `networks ${d.networks.map(segment).join(', ')}` : '',
-  ].filter(Boolean);
-  return parts.length ? parts.join('; ') : 'everything';
-}
-
-/**
  * What deny `d` covers of what the caller's rules `mine` give, in words, as the caller is told it (status, a
  * denial's hint): only targets its own rules name, by those names (networks by name: where they lead is the
  * policy's to tell, rv39), a network or bridge it reaches through a deny of its segment included. An outside
@@ -447,8 +428,14 @@ export function decide(
       message: `denied by rule \`${shared.deny.name}': the tap would be given to group ${ask.group}, and the rule `
         + `keeps ${shared.who} off ${what}`,
     };
-    // Told without the rule or the member (rv39): a deny about another user is not the caller's to read.
-    return {
+    // Told without the rule or the member (rv39): a deny about another user is not the caller's to read. One that
+    // names a user this host cannot look up is said as such (an outside review could not follow the hint).
+    return shared.who === NAMELESS ? {
+      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, record,
+      message: `a deny rule covering ${what} names a user this host cannot look up, so it matches any process without `
+        + `an account name, and one may hold group ${ask.group} and open the tap`,
+      hint: 'give it to no group; only an administrator can change the deny rule',
+    } : {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: null,
       message: `a deny rule keeps a member of group ${ask.group} off ${what}, and the tap would reach every member`,
       hint: 'give it to no group, or to a group whose members may all use it', record,

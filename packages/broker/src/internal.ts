@@ -7,11 +7,11 @@ export { bytesShown, callerStartTime, SHOWN_BYTES } from './identity.js';
 export { ForeignFds, orphan } from './foreign.js';
 export { createSpec, checkSpec, specView, type CreateSpec } from './spec.js';
 export {
-  matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, denyScope, ANY_BRIDGE, grantsBridge,
+  matches, matchesDeny, macInPrefix, nameMatches, resolveTarget, denyCovers, ANY_BRIDGE, grantsBridge,
   bridgeList, locksPort,
 } from './decide.js';
 // The policy tools, off the privileged path (daemon.ts loads them only for their commands).
-export { deniedToUnit, kernelLocksPorts, policyWarnings } from './policy-tools.js';
+export { deniedToUnit, denyScope, kernelLocksPorts, policyWarnings } from './policy-tools.js';
 export { POLICY_CHECKS, POLICY_KEYS, loadTrustedPolicy, lostSince, movedSince, parseSources } from './policy.js';
 export { fragmentDir, policyFiles, untrustedPolicyFile } from './policy-files.js';
 export { didYouMean, lineIndex } from './policy-text.js';

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { accountMembers, getgrgid, getpwnam, getpwuid, groupsOf } from './libc.js';
 import {
-  ANY_BRIDGE, DEFAULT_PVID, bridgeList, denyCovers, denyScope, grantsBridge, matches, matchesDeny, portVlan,
+  ANY_BRIDGE, DEFAULT_PVID, bridgeList, denyCovers, grantsBridge, matches, matchesDeny, portVlan,
   resolveTarget, sameSegment, type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
@@ -255,6 +255,28 @@ function subordinateWarnings(p: Policy, host: HostIds): Finding[] {
     }
   }
   return out;
+}
+
+/**
+ * What a deny rule covers, in words, as the policy's reader is told it: `bridges br0; networks lab (and bridge br0
+ * itself)`, `every Linux bridge` or `everything`. A caller is told denyScopeFor instead.
+ */
+export function denyScope(policy: Policy, d: DenyRule): string {
+  const bridges = d.bridges?.includes(ANY_BRIDGE) ? 'every Linux bridge'
+    : d.bridges ? `bridges ${d.bridges.join(', ')}` : '';
+  // A network's deny closes its segment whatever way leads onto it (denyCovers): said where it is a device.
+  const segment = (n: string) => {
+    const t = resolveTarget(policy, { kind: 'tap', parent: n, network: true });
+    if (t.kind === 'unknown' || t.kind === 'hook') return n;
+    const vlan = t.kind === 'ovs' ? (t.vlans === 'all' ? '' : ` VLAN ${t.vlans.join(', ')}`)
+      : portVlan(t.vlan) !== DEFAULT_PVID ? ` VLAN ${t.vlan}` : '';
+    return `${n} (and ${t.kind === 'ovs' ? 'Open vSwitch bridge' : 'bridge'} ${t.name}${vlan} itself)`;
+  };
+  const parts = [
+    bridges, d.parents ? `macvtap parents ${d.parents.join(', ')}` : '',
+    d.networks ? `networks ${d.networks.map(segment).join(', ')}` : '',
+  ].filter(Boolean);
+  return parts.length ? parts.join('; ') : 'everything';
 }
 
 /** The Linux bridges on this host now, for what `bridges = ["*"]` reaches today. */
