@@ -112,10 +112,14 @@ put('/usr/share/lintian/overrides/tapbroker', fs.readFileSync(path.join(HERE, 'l
 // A native package (no Debian revision): its changelog is changelog.gz.
 put(`${doc}/changelog.gz`, gz(fs.readFileSync(path.join(HERE, 'changelog')).toString().replace(/@VERSION@/g, version)));
 put(`${doc}/examples/policy.example.toml`, fs.readFileSync(path.join(ROOT, 'systemd', 'policy.example.toml')));
-put('/etc/tapbroker/policy.toml', fs.readFileSync(path.join(HERE, 'policy.toml')));
+// Root's alone to read: its deny rules name users, and its networks say where they lead, which the broker tells no
+// caller (an outside review read them all with cat; the broker's replies kept silent for nothing).
+put('/etc/tapbroker/policy.toml', fs.readFileSync(path.join(HERE, 'policy.toml')), 0o640);
 // Its fragment directory, empty: where an administrator's fragments go, and what the documented checks name
-// (`--fragments policy.d`: an outside review's run of the README's migration failed on a missing one).
+// (`--fragments policy.d`: an outside review's run of the README's migration failed on a missing one). Closed to
+// others, so that a fragment written with the usual umask (0644) is root's to read too.
 mkdir('/etc/tapbroker/policy.d');
+fs.chmodSync(at('/etc/tapbroker/policy.d'), 0o750);
 
 // ---- control
 const installedKiB = Math.ceil(Number(execFileSync('du', ['-sk', '--apparent-size', stage], { encoding: 'utf8' }).split('\t')[0]));

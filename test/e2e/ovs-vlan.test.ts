@@ -344,7 +344,7 @@ t0('a port that is not the broker\'s keeps its name from every device, a Linux b
       const r = await probe({ socket: broker.socket, requests: [request] });
       await r.release();
       t.is(r.result.error?.code, 'TB_E_DEVICE_EXISTS', JSON.stringify(request));
-      t.regex(r.result.error?.message ?? '', /an Open vSwitch port named `tb\d+-fgn' \(in unix:.*\) is not this broker's/);
+      t.regex(r.result.error?.message ?? '', /^an Open vSwitch port named `tb\d+-fgn' is not this broker's: Open vSwitch would take/);
     }
     t.false(ns.ip('-o', 'link', 'show').includes(`${name}:`), 'no device of that name was made');
     // Gone by hand, and the broker reloaded: the name is given out again.
@@ -374,7 +374,8 @@ t0('until Open vSwitch has answered once, no device gets a name its caller chose
     broker = await BrokerProcess.start(ns, `${policy}bridges = ["lbr-early"]\n`, { dir });
     const early = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'lbr-early', name }] });
     t.is(early.error?.code, 'TB_E_BUSY', JSON.stringify(early.error));
-    t.regex(early.error?.message ?? '', /the ports of Open vSwitch at unix:.* are not listed yet/);
+    t.regex(early.error?.message ?? '', /^the ports of Open vSwitch are not listed yet/);
+    t.notRegex(early.error?.message ?? '', /unix:|\.sock|\.db/, 'the database is the policy\'s to tell (an outside review)');
     const picked = await probe({ socket: broker.socket, requests: [{ bridge: 'lbr-early' }] });
     await picked.release();
     t.is(picked.result.error, null, 'a name the broker picks is given meanwhile');

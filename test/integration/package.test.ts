@@ -106,6 +106,7 @@ rm -rf /etc/tapbroker
 # The fragment directory ships (empty): the README's migration check names it.
 dpkg -i "$deb" >/dev/null 2>&1
 echo "fragments: $(stat -c '%U %a' /etc/tapbroker/policy.d) $(tapbrokerd check-policy /etc/tapbroker/policy.toml --fragments /etc/tapbroker/policy.d >/dev/null 2>&1; echo $?)"
+echo "policy-mode: $(stat -c '%U %a' /etc/tapbroker/policy.toml) $(setpriv --reuid 65534 --regid 65534 --clear-groups cat /etc/tapbroker/policy.toml >/dev/null 2>&1 && echo read || echo closed)"
 # A purge while a device the broker made is still there keeps the state directory (its lease, the broker's
 # identity): a broker installed again takes it back. In a network namespace of its own, with its own sysfs.
 echo id > /run/tapbroker/broker-id
@@ -139,7 +140,9 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     t.is(got['left'], '', 'purge leaves no file of the package');
     t.is(got['kept'], '/etc/tapbroker/hooks/up /etc/tapbroker/policy.d/10-site.toml ', 'nor takes the administrator\'s');
     t.is(got['kept-note'], '1');
-    t.is(got['fragments'], 'root 755 0', 'an empty policy.d of root\'s, which the documented check takes');
+    t.is(got['fragments'], 'root 750 0', 'an empty policy.d of root\'s, which the documented check takes');
+    // Root's to read (an outside review read every deny rule and network of the 0644 one as any user).
+    t.is(got['policy-mode'], 'root 640 closed');
     t.regex(got['run-note'] ?? '', /\/run\/tapbroker is kept: .* \(tbk0 \); a broker installed again takes them back/);
     t.is(got['run-kept'], 'id', 'the broker\'s identity stays while its device does');
     t.is(got['run-gone'], 'gone', 'and goes with the next purge once no device is left');

@@ -325,6 +325,31 @@ test('every policy tool, as root, refuses a fragment the broker would refuse; as
 // Found by an outside review of the package: check-policy ran outside the unit's sandbox and passed a hook under
 // /root (and a fragment linked there); the upgrade guard then restarted the broker into a policy it could not
 // load under the unit (ProtectHome=yes, PrivateTmp=yes), and it stayed down.
+// Found by an outside review: the policy was installed 0644, and any user read its deny rules (whom they name) and
+// where its networks lead, which the broker's replies keep from callers. The package installs it 0640 now; the
+// upgrade guard (--unit) notes an installed policy others may read.
+test('check-policy --unit notes a policy file every user may read, and not one closed to them', (t) => {
+  const dir = fs.mkdtempSync('/run/tb-read-');
+  fs.chmodSync(dir, 0o755);
+  const file = path.join(dir, 'policy.toml');
+  fs.writeFileSync(file, rule('main', '"br0"'), { mode: 0o644 });
+  fs.chmodSync(file, 0o644);
+  const said = () => spawnSync(process.execPath, [MAIN, 'check-policy', '--unit', file], { encoding: 'utf8' }).stdout;
+  try {
+    t.regex(said(), new RegExp(`note: policy file ${file} is readable by every user: its deny rules name users and its `
+      + 'networks say where they lead, which the broker tells no caller'));
+    t.notRegex(spawnSync(process.execPath, [MAIN, 'check-policy', file], { encoding: 'utf8' }).stdout, /readable by/,
+      'a draft, checked without --unit: nothing said');
+    fs.chmodSync(file, 0o640);
+    t.notRegex(said(), /readable by every user/);
+    fs.chmodSync(file, 0o644);
+    fs.chmodSync(dir, 0o750);
+    t.notRegex(said(), /readable by every user/, 'its directory closed to others');
+  } finally {
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
 test('check-policy notes what the shipped unit hides from the broker; with --unit (the upgrade guard) it refuses it', (t) => {
   // A policy where the unit could read it (/run), with a hook under /tmp, which the unit hides.
   const dir = fs.mkdtempSync('/run/tb-unit-');

@@ -37,17 +37,18 @@ export interface Admitted {
   lock: boolean;
 }
 
-/** Throws unless a device may take `name`, which its caller chose, for Open vSwitch's sake (see ForeignPorts). */
+/**
+ * Throws unless a device may take `name`, which its caller chose, for Open vSwitch's sake (see ForeignPorts). The
+ * database is not named: its path is the policy's, and an outside review read it in a plain bridge's refusal.
+ */
 function foreignName(foreign: ForeignPorts, name: string): void {
-  const db = foreign.of(name);
-  if (db !== null) {
-    throw new TapbrokerError('TB_E_DEVICE_EXISTS', `an Open vSwitch port named \`${name}' (in ${db}) is not this `
-      + 'broker\'s: Open vSwitch would take a new device of that name into it');
+  if (foreign.of(name) !== null) {
+    throw new TapbrokerError('TB_E_DEVICE_EXISTS', `an Open vSwitch port named \`${name}' is not this broker's: `
+      + 'Open vSwitch would take a new device of that name into it');
   }
-  const waiting = foreign.waiting();
-  if (waiting !== null) {
-    throw new TapbrokerError('TB_E_BUSY', `the ports of Open vSwitch at ${waiting} are not listed yet (it has not `
-      + 'answered): a device gets a name of your choosing once they are; leave the name out to have one picked');
+  if (foreign.waiting() !== null) {
+    throw new TapbrokerError('TB_E_BUSY', 'the ports of Open vSwitch are not listed yet (it has not answered): a '
+      + 'device gets a name of your choosing once they are; leave the name out to have one picked');
   }
 }
 

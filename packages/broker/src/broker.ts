@@ -365,10 +365,11 @@ export class Broker implements SessionHost, OpContext {
   private readonly fdsReserved = new Map<number, number>();
   private fdsReservedAll = 0;
 
-  reserveFds(uid: number, n: number): { release(): void } | { unread: number; all: number } {
+  reserveFds(uid: number, n: number): { release(): void } | { unread: number; all: number; mine: boolean } {
     const unread = this.fdsUnread(uid) + (this.fdsReserved.get(uid) ?? 0);
     const all = this.fdsUnread() + this.fdsReservedAll;
-    if (unread + n > this.maxUnreadFds.perUid || all + n > this.maxUnreadFds.all) return { unread, all };
+    const mine = unread + n > this.maxUnreadFds.perUid;
+    if (mine || all + n > this.maxUnreadFds.all) return { unread, all, mine };
     this.fdsReserved.set(uid, (this.fdsReserved.get(uid) ?? 0) + n);
     this.fdsReservedAll += n;
     let held = true;

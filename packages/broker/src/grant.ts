@@ -128,10 +128,17 @@ function reserveFds(
   if (want === 0) return { release: () => {} };
   const room = ctx.reserveFds(caller.uid, want);
   if ('release' in room) return room;
+  // The caller is told its own count only: the count of all callers' told their VM starts and unread replies (an
+  // outside review). The record, root's to read, has both.
   const message = `${room.unread} fds of replies to uid ${caller.uid} (${room.all} to all callers) are still unread `
     + `or on their way; this one would carry ${want} more than the broker lets stay in flight`;
   ctx.audit.record({ op, caller, decision: 'error', rule: null, code: 'TB_E_BUSY', message });
-  throw new TapbrokerError('TB_E_BUSY', message, { hint: 'read the replies on your other connections, or close them' });
+  throw room.mine
+    ? new TapbrokerError('TB_E_BUSY', `${room.unread} fds of replies to you are still unread or on their way; this one `
+      + `would carry ${want} more than the broker lets stay in flight for one user`,
+    { hint: 'read the replies on your other connections, or close them' })
+    : new TapbrokerError('TB_E_BUSY', 'the broker has as many fds of replies in flight to all its callers as it lets '
+      + 'stay so', { hint: 'try again shortly' });
 }
 
 /** grantAll's steps, in the caller's turn. */

@@ -44,7 +44,7 @@ export interface OpContext {
    * Room for `n` more fds in replies `uid` has not read (its connections' unread and reserved ones, and everyone's,
    * within their budgets), reserved until `release`: or how many there are, when there is none.
    */
-  reserveFds(uid: number, n: number): { release(): void } | { unread: number; all: number };
+  reserveFds(uid: number, n: number): { release(): void } | { unread: number; all: number; mine: boolean };
   reload(caller: Identity): Policy;
 }
 

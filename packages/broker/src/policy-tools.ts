@@ -15,6 +15,7 @@ import {
   FRAGMENTS_HELP, fragmentDir, policyPaths, readFragmentsFrom, stagedWithout, untrustedForTools,
 } from './policy-files.js';
 import { shown } from './naming.js';
+import { dirsOnTheWay } from './paths.js';
 import { locate, ruleAt } from './policy-text.js';
 import { hostIds, screenIds, type HostIds } from './subids.js';
 
@@ -411,6 +412,7 @@ export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
       out.push({ level: 'note', file: f, line: null, message: `${what} ${f}: ${denied} without CAP_DAC_OVERRIDE, which `
         + 'the shipped unit\'s broker does not have (CapabilityBoundingSet=): under it the policy does not load' });
     }
+
   }
   const dir = fragmentDir(p.path);
   const listed = all && fs.existsSync(dir) ? deniedToUnit(dir, 0o5, 'list') : null;
@@ -419,6 +421,17 @@ export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
       + 'CAP_DAC_OVERRIDE, which the shipped unit\'s broker does not have: under it the policy does not load' });
   }
   return out;
+}
+
+/** May a user other than the file's owner and group read `file`: o+r, and o+x on every directory on its way? */
+function othersMayRead(file: string): boolean {
+  try {
+    const dirs = dirsOnTheWay(file);
+    return dirs.length > 0 && (fs.statSync(file).mode & 0o004) !== 0
+      && dirs.every((d) => (fs.statSync(d).mode & 0o001) !== 0);
+  } catch {
+    return false;
+  }
 }
 
 /** Does `file` begin with `#!` (a script its interpreter reads)? */
@@ -606,6 +619,13 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       return EX.CONFIG;
     }
     findings.push(...hidden);
+    // An installed policy others may read (an outside review read every deny rule and network of one installed 0644;
+    // the package's is 0640): a note, not a refusal, as the upgrade guard (--unit) checks it too.
+    for (const f of o.unit || o.file.startsWith('/etc/') ? policy.files.filter(othersMayRead) : []) {
+      findings.push({ level: 'note', file: f, line: null, message: `policy file ${f} is readable by every user: its `
+        + 'deny rules name users and its networks say where they lead, which the broker tells no caller (chmod o-r '
+        + 'it, or close its directory: chmod 0750)' });
+    }
     if (staged) findings.unshift({ level: 'warning', file: o.file, line: null, message: staged });
     // Names beside the fragments that are not read (policyFiles): said, so a `30-lab.TOML` is not a surprise.
     const dir = fragmentDir(o.file);
