@@ -412,7 +412,6 @@ export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
       out.push({ level: 'note', file: f, line: null, message: `${what} ${f}: ${denied} without CAP_DAC_OVERRIDE, which `
         + 'the shipped unit\'s broker does not have (CapabilityBoundingSet=): under it the policy does not load' });
     }
-
   }
   const dir = fragmentDir(p.path);
   const listed = all && fs.existsSync(dir) ? deniedToUnit(dir, 0o5, 'list') : null;
