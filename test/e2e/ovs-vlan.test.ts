@@ -310,6 +310,13 @@ t0('a device named as a port someone else made: add-port fails, and the rollback
     const r = await probe({ socket: broker.socket, requests: [{ network: 'prod', name }] });
     await r.release();
     t.is(r.result.error?.code, 'TB_E_KERNEL', JSON.stringify(r.result.error));
+    // The caller is told its network's plugging failed; what Open vSwitch said, and its database, are in the record
+    // (an outside re-test read the database's path in such a refusal).
+    t.is(r.result.error?.message, 'Open vSwitch could not plug the device into network `prod\': it was rolled back');
+    t.notRegex(JSON.stringify(r.result.error), /unix:|\.sock|br-int/);
+    const rec = await broker.record((x) => x.decision === 'error' && x.code === 'TB_E_KERNEL'
+      && (x.request as { parent?: string } | undefined)?.parent === 'prod');
+    t.regex(rec.message ?? '', /br-int/, 'the record says what failed');
     await broker.record((rec) => rec.decision === 'cleanup' && /create rolled back/.test(rec.message ?? '')
       && (rec.device as { name?: string }).name === name);
     t.truthy(portOf(name), 'the administrator\'s port is still there');

@@ -107,6 +107,9 @@ rm -rf /etc/tapbroker
 dpkg -i "$deb" >/dev/null 2>&1
 echo "fragments: $(stat -c '%U %a' /etc/tapbroker/policy.d) $(tapbrokerd check-policy /etc/tapbroker/policy.toml --fragments /etc/tapbroker/policy.d >/dev/null 2>&1; echo $?)"
 echo "policy-mode: $(stat -c '%U %a' /etc/tapbroker/policy.toml) $(setpriv --reuid 65534 --regid 65534 --clear-groups cat /etc/tapbroker/policy.toml >/dev/null 2>&1 && echo read || echo closed)"
+chmod 0644 /etc/tapbroker/policy.toml
+echo "open-note: $(dpkg -i "$deb" 2>&1 >/dev/null | grep -c 'policy.toml is readable by every user')"
+chmod 0640 /etc/tapbroker/policy.toml
 # A purge while a device the broker made is still there keeps the state directory (its lease, the broker's
 # identity): a broker installed again takes it back. In a network namespace of its own, with its own sysfs.
 echo id > /run/tapbroker/broker-id
@@ -143,6 +146,7 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     t.is(got['fragments'], 'root 750 0', 'an empty policy.d of root\'s, which the documented check takes');
     // Root's to read (an outside review read every deny rule and network of the 0644 one as any user).
     t.is(got['policy-mode'], 'root 640 closed');
+    t.is(got['open-note'], '1', 'a policy others may read (a 0644 one an earlier version installed) is said at configure');
     t.regex(got['run-note'] ?? '', /\/run\/tapbroker is kept: .* \(tbk0 \); a broker installed again takes them back/);
     t.is(got['run-kept'], 'id', 'the broker\'s identity stays while its device does');
     t.is(got['run-gone'], 'gone', 'and goes with the next purge once no device is left');

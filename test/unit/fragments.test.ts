@@ -345,6 +345,17 @@ test('check-policy --unit notes a policy file every user may read, and not one c
     fs.chmodSync(file, 0o644);
     fs.chmodSync(dir, 0o750);
     t.notRegex(said(), /readable by every user/, 'its directory closed to others');
+    // A symlink in the closed directory to an open file: others read it where it leads (found by a re-test).
+    const open = fs.mkdtempSync('/run/tb-open-');
+    fs.chmodSync(open, 0o755);
+    try {
+      fs.writeFileSync(path.join(open, 'real.toml'), rule('main', '"br0"'), { mode: 0o644 });
+      fs.rmSync(file);
+      fs.symlinkSync(path.join(open, 'real.toml'), file);
+      t.regex(said(), /is readable by every user/);
+    } finally {
+      fs.rmSync(open, { recursive: true });
+    }
   } finally {
     fs.rmSync(dir, { recursive: true });
   }

@@ -284,6 +284,7 @@ async function grantOne(
   let spec: CreateSpec | null = null;
   let made: ReturnType<typeof makeDevice> | null = null;
   let audited = false;
+  let ovs = false; // Open vSwitch was plugging the device when the create failed (see the end).
   try {
     // 1. One normalised request, checked as it will reach the kernel.
     spec = createSpec(nic);
@@ -313,6 +314,7 @@ async function grantOne(
     const held = granted.lease.plug ? ctx.lifetimes.unplugs.hold(granted.lease.name) : () => {};
     try {
       const net = spec.network ? policy.networks.get(spec.parent) : undefined;
+      ovs = !!granted.lease.plug && 'ovs' in granted.lease.plug;
       const plugged = await plugUp(granted.lease, net, ctx.lifetimes.identity.value, ctx.lifetimes.hookRun);
       return { ...granted, plugged, spec, held };
     } catch (err) {
@@ -338,7 +340,16 @@ async function grantOne(
       });
     }
     // Out of fds or memory is no bug: a refusal with its code, for every NIC of the request alike.
-    throw shortOf(err) ? toldAs(err) : err;
+    if (shortOf(err)) throw toldAs(err);
+    // A hook's path and what it printed, Open vSwitch's database and what it said, are the policy's and root's: the
+    // record above has them, the caller is told its network's plugging failed (an outside re-test read them all).
+    const [code, net, hint] = [(err as { code?: string }).code, `network \`${spec?.parent ?? '?'}'`,
+      'the broker\'s log and audit record say why: ask an administrator'];
+    if (code === 'TB_E_HOOK_FAILED') throw new TapbrokerError(code, `the plug hook of ${net} failed, timed out or is `
+      + 'unsafe to run; the device was rolled back', { hint });
+    if (ovs && err instanceof TapbrokerError) throw new TapbrokerError(err.code, 'Open vSwitch could not plug the '
+      + `device into ${net}: it was rolled back`, { hint });
+    throw err;
   }
 }
 

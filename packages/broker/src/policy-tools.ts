@@ -422,12 +422,18 @@ export function hiddenFromUnit(p: Policy, all: boolean): Finding[] {
   return out;
 }
 
-/** May a user other than the file's owner and group read `file`: o+r, and o+x on every directory on its way? */
+/**
+ * May a user other than the file's owner and group read `file` (o+r, and o+x on every directory on its way), by its
+ * path or, a symlink, where it leads (a re-test's fragment in the closed policy.d led to an open file)? ACLs aside.
+ */
 function othersMayRead(file: string): boolean {
-  try {
-    const dirs = dirsOnTheWay(file);
-    return dirs.length > 0 && (fs.statSync(file).mode & 0o004) !== 0
+  const open = (f: string) => {
+    const dirs = dirsOnTheWay(f);
+    return dirs.length > 0 && (fs.statSync(f).mode & 0o004) !== 0
       && dirs.every((d) => (fs.statSync(d).mode & 0o001) !== 0);
+  };
+  try {
+    return open(file) || open(fs.realpathSync(file));
   } catch {
     return false;
   }
@@ -620,7 +626,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     findings.push(...hidden);
     // An installed policy others may read (an outside review read every deny rule and network of one installed 0644;
     // the package's is 0640): a note, not a refusal, as the upgrade guard (--unit) checks it too.
-    for (const f of o.unit || o.file.startsWith('/etc/') ? policy.files.filter(othersMayRead) : []) {
+    const installed = o.unit || path.resolve(o.file).startsWith('/etc/');
+    for (const f of installed ? policy.files.filter(othersMayRead) : []) {
       findings.push({ level: 'note', file: f, line: null, message: `policy file ${f} is readable by every user: its `
         + 'deny rules name users and its networks say where they lead, which the broker tells no caller (chmod o-r '
         + 'it, or close its directory: chmod 0750)' });
