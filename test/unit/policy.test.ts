@@ -69,17 +69,19 @@ const decides = test.macro({
   title: (what) => `decide: ${what}`,
 });
 
-// Found by an outside review: a deny kept a user off br0, every tool said so, and a member of one of his groups
-// made a persistent tap on br0 for that group, which he then opened by name. The account database is modelled
-// here (membersOf, which the broker fills from it).
-test('decide: a tap given to a group is refused where a deny keeps a member, or the group, off its target', (t) => {
-  const p = { ...parsePolicy(`
-[[rule]]
+/** A rule giving group 3001 persistent taps on br0 and br1 (the group-tap tests). */
+const TEAM = `[[rule]]
 name = "team"
 groups = [3001]
 bridges = ["br0", "br1"]
 persistent = true
+`;
 
+// Found by an outside review: a deny kept a user off br0, every tool said so, and a member of one of his groups
+// made a persistent tap on br0 for that group, which he then opened by name. The account database is modelled
+// here (membersOf, which the broker fills from it).
+test('decide: a tap given to a group is refused where a deny keeps a member, or the group, off its target', (t) => {
+  const p = { ...parsePolicy(`${TEAM}
 [[deny]]
 name = "no-2004"
 users = [2004]
@@ -114,13 +116,7 @@ bridges = ["br1"]
 // outside re-test, after an earlier change let the tap through). Refused, and the caller is told why in words it
 // can act on (an outside review got "a deny keeps a member off", with a hint it could not follow).
 test('decide: a deny naming an unknown user keeps every group\'s tap off its bridges, and says why', (t) => {
-  const policy = (deny: string) => ({ ...parsePolicy(`
-[[rule]]
-name = "team"
-groups = [3001]
-bridges = ["br0", "br1"]
-persistent = true
-
+  const policy = (deny: string) => ({ ...parsePolicy(`${TEAM}
 [[deny]]
 name = "offboarded"
 ${deny}
