@@ -291,6 +291,17 @@ test('a flag twice', badFlags, ['create', '--persistent', '--bridge', 'br0', '--
 test('an unknown flag', badFlags, ['list', '--frob'], 'unknown argument `--frob\'');
 test('an empty --socket=', badFlags, ['status', '--socket='], '--socket needs a value');
 
+// Found by an outside review: `run --socket "$SOCK"` with SOCK empty went to $TAPBROKER_SOCKET or the default
+// broker, under another policy; the lease commands refused it already.
+test('run and can refuse an empty --socket, either form, as the other commands do', (t) => {
+  for (const argv of [['run', '--socket', '', '--net', 'bridge=br0', '--', 'qemu'], ['can', '--socket=', '--net',
+    'bridge=br0'], ['run', '--net', 'bridge=br0', '--socket=', '--', 'qemu']]) {
+    const err = t.throws(() => parseArgs(argv)) as TapbrokerError;
+    t.is(err.code, 'TB_E_USAGE', argv.join(' '));
+    t.is(err.message, '--socket needs a value');
+  }
+});
+
 test('status and reload take --socket (either form), status --json', (t) => {
   t.like(parseLeaseArgs(['status', '--json', '--socket=/s']), { command: 'status', output: 'json', socket: '/s' });
   t.like(parseLeaseArgs(['reload', '--socket', '/s']), { command: 'reload', socket: '/s' });

@@ -4,15 +4,15 @@ import test from 'ava';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { sys } from '@tapbroker/protocol';
-import { callerStartTime, pidfdOpen, processStartTime } from '@tapbroker/broker/internal';
+import { callerStartTime, processStartTime } from '@tapbroker/broker/internal';
 
 // Found by an outside review: a macvtap holder's start time (what names it across restarts) was read by pid alone,
 // so a pid reused between the connection and the grant would record the reuser. A pid whose pidfd names another
 // process (here: this process's pid, a reaped child's pidfd, as a reuse would leave it) gives none.
 test('a caller\'s start time is read only while its pidfd still names its pid', async (t) => {
-  const self = pidfdOpen(process.pid)!;
+  const self = sys.pidfdOpen(process.pid)!;
   const child = spawn('sleep', ['60']);
-  const theirs = pidfdOpen(child.pid!)!;
+  const theirs = sys.pidfdOpen(child.pid!)!;
   try {
     const start = callerStartTime({ pid: process.pid, pidfd: self });
     t.not(start, null);

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import os from 'node:os';
 import { TapbrokerError, sys } from '@tapbroker/protocol/core';
-import { pidfdOpen, pidfdSignal } from './libc.js';
+import { pidfdSignal } from './libc.js';
 import { hookUnsafe, replaceFile } from './paths.js';
 
 export const HOOK_TIMEOUT_MS = 10_000;
@@ -223,7 +223,7 @@ export function killOrphanHooks(runs: readonly string[]): number {
       // alive after the reads, and the kill cannot reach another process that took its pid meanwhile.
       let pidfd: number | null = null;
       try {
-        pidfd = pidfdOpen(Number(pid));
+        pidfd = sys.pidfdOpen(Number(pid));
         if (pidfd === null) continue;
         const environ = `\0${fs.readFileSync(`/proc/${pid}/environ`, 'latin1')}`;
         if (!marks.some((mark) => environ.includes(mark))) continue;

@@ -1,5 +1,5 @@
-// The broker's own foreign calls (the protocol package's sys holds what clients need too): pidfds,
-// device nodes, ACLs, the account database, and netlink on the thread pool. Each failure throws a
+// The broker's own foreign calls (the protocol package's sys holds what clients need too, pidfd_open among them):
+// pidfd signals, device nodes, ACLs, the account database, and netlink on the thread pool. Each failure throws a
 // SyscallError carrying errno.
 import koffi from 'koffi';
 import { sys } from '@tapbroker/protocol/core';
@@ -24,7 +24,6 @@ const _getgrent = libc.func('void *getgrent()');
 const _endgrent = libc.func('void endgrent()');
 const _flock = libc.func('int flock(int fd, int op)');
 const _prlimit = libc.func('int prlimit(int pid, int resource, const void *limit, void *old)');
-const SYS_pidfd_open = 434;
 const SYS_pidfd_send_signal = 424;
 const LOCK_EX = 2;
 const LOCK_NB = 4;
@@ -52,15 +51,6 @@ export function attachFilter(fd: number, program: readonly BpfInsn[]): void {
   fprog.writeUInt16LE(program.length, 0);
   fprog.writeBigUInt64LE(koffi.address(insns) as bigint, 8);
   sys.setsockopt(fd, sys.SOL_SOCKET, 26 /* SO_ATTACH_FILTER */, fprog);
-}
-
-/** pidfd_open(2): a pidfd for `pid`, or null if there is no such process. */
-export function pidfdOpen(pid: number): number | null {
-  const fd = Number(_syscall(SYS_pidfd_open, 'int', pid, 'unsigned int', 0));
-  if (fd >= 0) return fd;
-  const e = koffi.errno();
-  if (e === sys.errno.ESRCH) return null;
-  throw new sys.SyscallError('pidfd_open', e);
 }
 
 /** pidfd_send_signal(2): `signal` to the process behind `pidfd`. False when it is gone. */

@@ -9,7 +9,7 @@ import {
   KERNEL_KIND, aliasBroker, aliasIdentity, kernelBound, leaseFromAlias, leaseView, processStartTime,
   type LeaseRecord, type LeaseTable,
 } from './leases.js';
-import { getpwuid, pidfdOpen } from './libc.js';
+import { getpwuid } from './libc.js';
 import { Forwarding } from './forwarding.js';
 import { shown } from './naming.js';
 import { namedDbs, plugOf, type ForeignPorts } from './plug.js';
@@ -248,7 +248,7 @@ export function reconcile(lt: Keeper): void {
     let pidfd: number | null = null;
     let runs: boolean;
     try {
-      pidfd = holder === null ? null : pidfdOpen(holder);
+      pidfd = holder === null ? null : sys.pidfdOpen(holder);
       // The pid is only the holder if the process started when the holder did.
       runs = pidfd !== null && processStartTime(holder!) === start;
     } catch (err) {

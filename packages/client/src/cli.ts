@@ -122,7 +122,9 @@ function refuse(command: Command, arg: string, flag: string): never {
 }
 
 /** sysexits(3), documented in the README. */
-export const EXIT = { USAGE: 64, DATAERR: 65, SOFTWARE: 70, UNAVAILABLE: 69, NOPERM: 77, CONFIG: 78 } as const;
+export const EXIT = {
+  USAGE: 64, DATAERR: 65, SOFTWARE: 70, OSERR: 71, UNAVAILABLE: 69, NOPERM: 77, CONFIG: 78,
+} as const;
 
 export function exitCodeFor(code: ErrorCode): number {
   switch (code) {
@@ -200,7 +202,8 @@ export function parseArgs(argv: readonly string[]): Args {
     const [flag, inline] = splitFlag(a);
     const value = () => {
       const v = inline ?? argv[++i];
-      if (v === undefined) throw new TapbrokerError('TB_E_USAGE', `${flag} needs a value`);
+      // An empty value is none (an outside review: `--socket "$SOCK"` with SOCK empty went to the default broker).
+      if (v === undefined || v === '') throw new TapbrokerError('TB_E_USAGE', `${flag} needs a value`);
       return v;
     };
     if (!COMMANDS[command].flags.includes(flag)) refuse(command, a, flag);
@@ -438,13 +441,18 @@ async function run(args: Args): Promise<number> {
   }
   // The child holds the devices now; our copies must go so they vanish with it.
   taps.forEach(closeTap);
+  // Not reaped before this turn ends (libuv reaps in the event loop): the pidfd is the child's.
+  const pidfd = child.pid === undefined ? null : pidfdOrNull(child.pid);
   return new Promise((resolve) => {
     // Checked above, but the file may have changed since: the shell's status, not a usage error.
     child.once('error', (err: NodeJS.ErrnoException) => {
+      if (pidfd !== null) sys.close(pidfd);
       done();
       resolve(cannotRun(cmd, found.file, err));
     });
-    child.once('exit', (code, signal) => {
+    child.once('exit', (code, named) => {
+      const signal = named ?? (code === 0 ? namelessSignal(pidfd) : null);
+      if (pidfd !== null) sys.close(pidfd);
       done();
       if (signal) {
         // Die the way the child died, so our parent sees the same status; where this process cannot (SIGUSR1
@@ -454,7 +462,7 @@ async function run(args: Args): Promise<number> {
           sys.dumpNoCore();
           process.kill(process.pid, signal);
         }
-        resolve(128 + (osConstants.signals[signal] ?? 0));
+        resolve(128 + (typeof signal === 'number' ? signal : osConstants.signals[signal] ?? 0));
       } else resolve(code ?? 0);
     });
   });
@@ -471,8 +479,44 @@ async function run(args: Args): Promise<number> {
 const FORWARDED: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1', 'SIGQUIT', 'SIGUSR2', 'SIGALRM',
   'SIGVTALRM', 'SIGPROF', 'SIGXCPU', 'SIGXFSZ', 'SIGPWR', 'SIGIO', 'SIGSTKFLT', 'SIGSYS', 'SIGTRAP', 'SIGABRT'];
 
-/** A command that did not start, as a shell reports it: 127 not found, else 126. */
+function pidfdOrNull(pid: number): number | null {
+  try {
+    return sys.pidfdOpen(pid);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The real-time signal (SIGRTMIN … SIGRTMAX) that killed a child Node reports as `exit(0)`: Node names only the
+ * classic signals (an outside review: a VM killed by SIGRTMIN+2 made `tapbroker run` exit 0). Null for a real exit 0,
+ * or where the kernel cannot tell (before Linux 6.15).
+ */
+function namelessSignal(pidfd: number | null): number | null {
+  const status = pidfd === null ? null : sys.exitStatusOf(pidfd);
+  return status !== null && (status & 0x7f) !== 0 ? status & 0x7f : null;
+}
+
+/**
+ * This process's own limits, met while starting the command: not the command's fault, so not 126 (an outside review:
+ * `spawn sh EMFILE' exited 126, which says the command cannot be run). sysexits' EX_OSERR ("cannot fork"), 71.
+ */
+const OWN_LIMITS: Record<string, [why: string, hint: string]> = {
+  EMFILE: ['tapbroker\'s open-files limit is reached', 'raise it (ulimit -n)'],
+  ENFILE: ['the system\'s open-files limit is reached', 'an administrator raises fs.file-max, or closes some files'],
+  EAGAIN: ['no process can be made: the user\'s process limit is reached',
+    'raise it (ulimit -u) or end some processes'],
+  ENOMEM: ['out of memory', 'free some memory or raise the memory limit of this session'],
+};
+
+/** A command that did not start, as a shell reports it: 127 not found, else 126 (71: this process's limits). */
 function cannotRun(cmd: string, file: string, err: NodeJS.ErrnoException): number {
+  const own = OWN_LIMITS[err.code ?? ''];
+  if (own) {
+    process.stderr.write(`tapbroker: cannot start ${cmd}: ${own[0]} (${err.code}); its devices were given back\n`
+      + `tapbroker: hint: ${own[1]}\n`);
+    return EXIT.OSERR;
+  }
   // ENOENT for a file that is there: its `#!' interpreter (or ELF loader) is not, as bash reports it.
   const missing = err.code === 'ENOENT' && !fs.existsSync(file);
   const reason = err.code === 'ENOENT' && !missing
