@@ -78,6 +78,14 @@ export function admit(ctx: OpContext, policy: Policy, caller: Identity, spec: Cr
       : `a tap you gave a group took the MAC of a guest whose port is locked; taps you give a group wait `
         + `another ${s} s`);
   }
+  // A macvtap that is not persistent ends with its holder, found again after a restart by its pid and start time. A
+  // caller outside the broker's PID namespace has no pid the broker sees (0): such a device could never be found
+  // again (an outside review: holder 0 broke `list', and the next start dropped the whole lease table).
+  if (spec.kind === 'macvtap' && !spec.persistent && caller.pid === 0) {
+    throw new TapbrokerError('TB_E_INVALID_REQUEST', 'the broker cannot see your process (it runs in a PID namespace '
+      + 'of its own that yours is not in), so after a restart it could not tell whether you still hold a macvtap',
+    { hint: 'ask for a tap, or a persistent macvtap (tapbroker create --persistent) that you release' });
+  }
   const busy = ctx.teardowns(caller.uid);
   if (busy >= MAX_TEARDOWN_PER_UID) {
     throw new TapbrokerError('TB_E_BUSY', `${busy} of your devices are still being torn down or unplugged; try again `
