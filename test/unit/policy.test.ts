@@ -140,6 +140,44 @@ bridges = ["br0"]
   t.false(decide(policy('groups = ["no-such-group-here"]'), alice, asked('br0'), none).allow, 'an unknown group: all');
 });
 
+// Found by an outside review: a deny naming mallory, whom `gpasswd -d` had taken out of group 3001 while his session
+// kept the group, did not reach alice's tap given to 3001: the account database alone was asked, and mallory opened
+// the tap. The broker also asks which processes hold the group now (groupHolders); policy tests do not.
+test('decide: a deny reaches a process that holds the group now though the account database has its user out', (t) => {
+  const policy = { ...parsePolicy(`${TEAM}
+[[deny]]
+name = "no-mallory"
+users = [4210061]
+bridges = ["br0"]
+`), membersOf: (gid: number) => new Set(gid === 3001 ? [2001] : []) };
+  const alice = { ...caller(2001, 2001, [3001]), user: 'alice' };
+  const asked = (parent: string) => ask({ parent, persistent: true, group: 3001 });
+  const looked: number[] = [];
+  const holders = (gid: number) => (looked.push(gid), gid === 3001 ? [caller(2001, 2001, [3001]),
+    caller(4210061, 100, [100, 3001])] : []);
+  t.true(decide(policy, alice, asked('br0'), none).allow, 'by the account database alone: granted');
+  const d = decide(policy, alice, asked('br0'), none, holders);
+  t.false(d.allow);
+  if (!d.allow) {
+    t.is(d.code, 'TB_E_POLICY_DENIED');
+    t.is(d.message, 'a deny rule keeps a member of group 3001 off bridge `br0\', and the tap would reach every member');
+    t.notRegex(`${d.message} ${d.hint}`, /4210061|no-mallory/, 'neither the uid nor the rule');
+    t.regex(recorded(d).message, /^denied by rule `no-mallory': .* keeps uid 4210061, whose running process holds the group, off bridge `br0'/);
+  }
+  t.true(decide(policy, alice, asked('br1'), none, holders).allow, 'outside the deny\'s bridges');
+  t.true(decide(policy, alice, ask({ parent: 'br0', persistent: true }), none, holders).allow, 'given to no group');
+  t.true(decide(policy, alice, asked('br0'), none, () => [caller(2001, 2001, [3001])]).allow, 'nobody denied holds it');
+  // A group-naming deny reaches a process holding that group too, whatever the database says of its user.
+  const byGroup = { ...policy, deny: parsePolicy(`${TEAM}
+[[deny]]
+name = "no-contractors"
+groups = [3999]
+bridges = ["br0"]
+`).deny };
+  t.false(decide(byGroup, alice, asked('br0'), none, () => [caller(4210062, 100, [3999, 3001])]).allow);
+  t.deepEqual([...new Set(looked)], [3001], 'asked about the tap\'s group alone');
+});
+
 // Found by an outside re-test: the search for a member a deny keeps off the target walks the group's members,
 // and ran for callers with no rule for the target too: its time (60 µs with 3,000 members) told them which
 // targets another user's deny covers. It runs only where the caller may use the target.

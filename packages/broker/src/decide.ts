@@ -214,6 +214,21 @@ function groupDenies(policy: Policy, group: number): Array<{ deny: DenyRule; who
   return keeps;
 }
 
+/**
+ * A deny covering `target` that covers a process holding `group` now, whatever the account database says of its user
+ * (a session that outlived `gpasswd -d`): `holders` on the broker's path only. Asked under any deny, whatever the
+ * target: its time tells nothing of which targets a deny covers.
+ */
+function heldDeny(policy: Policy, group: number, target: Target, holders?: (gid: number) => readonly Caller[]) {
+  if (!holders || policy.deny.length === 0) return null;
+  const covering = policy.deny.filter((d) => denyCovers(policy, d, target));
+  for (const h of holders(group)) {
+    const deny = covering.find((d) => matchesDeny(d.who, { ...h, user: null }));
+    if (deny) return { deny, who: `uid ${h.uid}, whose running process holds the group,` };
+  }
+  return null;
+}
+
 export function macInPrefix(mac: string, prefix: string): boolean {
   return mac.startsWith(prefix) && (mac.length === prefix.length || mac[prefix.length] === ':');
 }
@@ -408,6 +423,7 @@ export function decide(
   caller: Caller & { user?: string | null },
   ask: Ask,
   live: (rule: string) => number,
+  holders?: (gid: number) => readonly Caller[],
 ): Decision {
   const what = ask.network
     ? `network \`${ask.parent}'`
@@ -421,7 +437,8 @@ export function decide(
   // A tap given to a group reaches every member (whoever holds the group opens it): a deny that keeps one
   // of them off the target refuses it. Looked for only where the caller may use the target: a caller with no rule
   // there is told nothing of any deny (and what the search costs does not depend on the target: groupDenies).
-  const shared = !deny && ask.group != null && forTarget.length > 0 ? sharedDeny(policy, ask.group, target) : null;
+  const shared = !deny && ask.group != null && forTarget.length > 0
+    ? sharedDeny(policy, ask.group, target) ?? heldDeny(policy, ask.group, target, holders) : null;
   if (shared) {
     const record = {
       rule: shared.deny.name,

@@ -129,3 +129,39 @@ export function callerStartTime(c: Pick<Identity, 'pid' | 'pidfd'>): number | nu
   const start = processStartTime(c.pid);
   return c.pidfd === null || stillNames(c.pidfd, c.pid) ? start : null;
 }
+
+const IDS = { Uid: /^Uid:\s*([\d\s]*)$/m, Gid: /^Gid:\s*([\d\s]*)$/m, Groups: /^Groups:\s*([\d\s]*)$/m };
+const idsOf = (status: string, key: keyof typeof IDS) =>
+  (IDS[key].exec(status)?.[1] ?? '').split(/\s+/).filter(Boolean).map(Number);
+
+/**
+ * Every running process that holds `gid` (as its real, effective, saved or file-system gid, or a supplementary
+ * one), one per uid it has, as a deny rule sees a caller: each may open a tap given to that group, whatever the
+ * account database says now (an outside review: a session that outlived its user's removal from the group opened
+ * one). /proc as it is now; a broker in a PID namespace of its own sees only that namespace's processes.
+ */
+export function groupHolders(gid: number): Caller[] {
+  let pids: string[];
+  try {
+    pids = fs.readdirSync('/proc');
+  } catch {
+    return [];
+  }
+  const seen = new Map<string, Caller>();
+  for (const pid of pids) {
+    if (!/^\d+$/.test(pid)) continue;
+    let status: string;
+    try {
+      status = fs.readFileSync(`/proc/${pid}/status`, 'latin1');
+    } catch {
+      continue; // exited meanwhile
+    }
+    const gids = [...new Set([...idsOf(status, 'Gid'), ...idsOf(status, 'Groups')])];
+    if (!gids.includes(gid)) continue;
+    for (const uid of new Set(idsOf(status, 'Uid'))) {
+      const key = `${uid}:${gids.join(',')}`;
+      if (!seen.has(key)) seen.set(key, { uid, gid: idsOf(status, 'Gid')[1] ?? gid, groups: gids });
+    }
+  }
+  return [...seen.values()];
+}
