@@ -441,7 +441,7 @@ function makeDevice(
       ctx.lifetimes.table.settle(draft.id);
       throw err;
     }
-  });
+  }, () => new Set(ctx.kernel.links().map((l) => l.name)));
   ctx.lifetimes.table.settle(draft.id, false);
   // passthru: the kernel gives the macvtap its parent's MAC, whatever was asked; the guest must use it.
   const actualMac = spec.kind === 'macvtap' ? macFromBuffer(created.hostMac) : mac;

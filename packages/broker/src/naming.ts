@@ -28,11 +28,34 @@ export function randomOctets(n: number): Buffer {
 
 const BASE36 = '0123456789abcdefghijklmnopqrstuvwxyz';
 
+/** How many random base-36 characters follow `prefix` in a name the broker picks: up to 15 bytes, 2 to 6 of them. */
+const suffixLength = (prefix: string) => Math.max(2, Math.min(6, 15 - prefix.length));
+
 /** `tb<uid>-` followed by random base-36 characters up to 15 bytes (at most 6 of them, at least 2). */
 export function tapName(uid: number): string {
   const prefix = namePrefix(uid);
-  const n = Math.max(2, Math.min(6, 15 - prefix.length));
-  return prefix + [...randomOctets(n)].map((b) => BASE36[b % 36]).join('');
+  return prefix + [...randomOctets(suffixLength(prefix))].map((b) => BASE36[b % 36]).join('');
+}
+
+/**
+ * Names to try for `uid`: eight random ones, then, where the random part is at most three characters (a uid of nine or
+ * ten digits: 46,656 or 1,296 names), every one `present()` (the kernel's names, listed once) and `held` leave free,
+ * in turn from a random one (an outside review: a ten-digit uid's creates failed from about 600 devices on).
+ */
+function* namesFor(uid: number, held: (name: string) => boolean, present: () => ReadonlySet<string>) {
+  for (let i = 0; i < 8; i++) yield tapName(uid);
+  const prefix = namePrefix(uid);
+  const chars = suffixLength(prefix);
+  if (chars > 3) return;
+  const taken = present();
+  const span = 36 ** chars;
+  const start = randomOctets(2).readUInt16BE(0) % span;
+  for (let i = 0; i < span; i++) {
+    let n = (start + i) % span;
+    let suffix = '';
+    for (let k = 0; k < chars; k++, n = Math.floor(n / 36)) suffix = BASE36[n % 36] + suffix;
+    if (!taken.has(prefix + suffix) && !held(prefix + suffix)) yield prefix + suffix;
+  }
 }
 
 /**
@@ -87,15 +110,15 @@ export { jsonShown as auditJson, printable } from '@tapbroker/protocol/core';
 /**
  * The caller's name, or broker-chosen names `tb<uid>-<random>` until one is free and clean: a drawn name the kernel
  * has (or contests), or one `held` still another device's (its `down`, another create's `up`: see Unplugs.hold), is
- * drawn again, eight times at most (an outside review: a uid of ten digits leaves two random characters, and new
- * `up`s overlapped old `down`s of a drawn name).
+ * drawn again (an outside review: new `up`s overlapped old `down`s of a drawn name); see namesFor.
  */
 export function createNamed<T>(
   uid: number, asked: string | null, held: (name: string) => boolean, create: (name: string) => T,
+  present: () => ReadonlySet<string> = () => new Set(),
 ): T & { name: string } {
   if (asked !== null) return { ...create(asked), name: asked };
-  for (let attempt = 0; ; attempt++) {
-    const name = tapName(uid);
+  let misses = 0;
+  for (const name of namesFor(uid, held, present)) {
     try {
       if (held(name)) {
         throw new TapbrokerError('TB_E_DEVICE_EXISTS', `\`${name}' is still being plugged into or unplugged from its `
@@ -105,7 +128,9 @@ export function createNamed<T>(
     } catch (err) {
       const retry =
         err instanceof ContestedDeviceError || (err instanceof TapbrokerError && err.code === 'TB_E_DEVICE_EXISTS');
-      if (!retry || attempt >= 8) throw err;
+      if (!retry || ++misses > 16) throw err;
     }
   }
+  throw new TapbrokerError('TB_E_DEVICE_EXISTS', `every name the broker picks for uid ${uid} (\`${namePrefix(uid)}' `
+    + `and ${suffixLength(namePrefix(uid))} characters) is taken`, { hint: 'name the device yourself (name=…)' });
 }
