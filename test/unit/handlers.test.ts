@@ -10,6 +10,7 @@ import {
   MAX_REPLY_BYTES, PROTOCOL_VERSION, SeqpacketConnection, SeqpacketListener, TapbrokerError, decodeReply, decodeRequest,
   encodeFrame, type Reply,
 } from '@tapbroker/protocol';
+import { decodeReply as decodeReplyLite } from '@tapbroker/protocol/lite';
 import { encodeReply } from '@tapbroker/protocol/requests';
 import {
   Broker, Forwarding, REPEAT_CHECK_MS, loadTrustedPolicy, parsePolicy, type AuditRecord, type Identity,
@@ -1416,6 +1417,41 @@ test('status tells a caller whose rule gives any bridge of the denies that refus
 [[deny]]\nname = "nolab"\nusers = [5001]\nnetworks = ["lab"]\n
 [[deny]]\nname = "nov10"\nusers = [5002]\nnetworks = ["v10"]\n
 [[deny]]\nname = "nobr9"\nusers = [5003]\nbridges = ["br9"]\n`));
+
+// Found by an outside review: status had no bound. A deny of 300 bridges made a `covers` the client's shape refused
+// (TB_E_BAD_REPLY), and 60 of them a reply the broker could not send (the connection closed, nothing logged), which
+// also failed a run of more than 32 NICs (it asks for status between requests). Cut to fit, and said so.
+test('status fits one reply whatever the policy, and says when it left something out', (t) => {
+  const bridges = Array.from({ length: 300 }, (_, i) => `"tenant-${String(i).padStart(5, '0')}"`).join(', ');
+  const denies = (n: number) => Array.from({ length: n }, (_, i) =>
+    `[[deny]]\nname = "d${i}"\nusers = [5000]\nbridges = [${bridges}]\n`).join('\n');
+  const rules = (n: number) => Array.from({ length: n }, (_, i) =>
+    `[[rule]]\nname = "r${String(i).padStart(60, '0')}"\nusers = [5000]\nbridges = ["*"]\n`).join('\n');
+  const statusUnder = (policy: string) => new Promise<Extract<Reply, { op: 'status' }>>((resolve, reject) => {
+    onFakeKernel(async ({ broker }) => {
+      const { reply } = await ask(broker, caller(5000), { op: 'status' });
+      if (reply.op !== 'status') throw new Error(JSON.stringify(reply));
+      resolve(reply);
+    }, policy).catch(reject);
+  });
+  return (async () => {
+    const one = await statusUnder(`${rules(1)}\n${denies(1)}`);
+    t.is(one.denies.length, 1);
+    t.true(one.denies[0]!.covers.length <= 4096, 'the client\'s shape takes 4,096 characters');
+    t.regex(one.denies[0]!.covers, / … \(cut\)$/);
+    t.is(one.truncated, true);
+    t.notThrows(() => decodeReplyLite(encodeReply(one)), 'the client reads it');
+    t.notThrows(() => decodeReply(encodeReply(one)));
+    for (const policy of [`${rules(1)}\n${denies(60)}`, `${rules(2000)}\n${denies(1)}`]) {
+      const big = await statusUnder(policy);
+      t.true(encodeReply(big).length <= MAX_REPLY_BYTES, `${encodeReply(big).length} bytes`);
+      t.is(big.truncated, true);
+      t.notThrows(() => decodeReplyLite(encodeReply(big)));
+    }
+    const small = await statusUnder(`${rules(1)}\n[[deny]]\nname = "d"\nusers = [5000]\nbridges = ["br9"]\n`);
+    t.is(small.truncated, undefined, 'nothing left out: not said');
+  })();
+});
 
 // Found by an outside re-test: status (and a denial's hint) listed every network a deny covers, names no rule gave
 // the caller (a denial of one of them says only `no rule matched`).

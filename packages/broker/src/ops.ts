@@ -255,12 +255,31 @@ function together(ctx: OpContext, caller: Identity, req: CanRequest): Decision {
   return { allow: false, code, rule, message: `${which}${message}`, hint: hint ?? '', ...(record ? { record } : {}) };
 }
 
+/** What one status reply tells of rules and denies at most, in bytes (a reply holds MAX_REPLY_BYTES). */
+const STATUS_BYTES = 96 * 1024;
+/** A deny's `covers` at most, as the reply's shape takes it, and how a longer one ends. */
+const COVERS_CHARS = 4096;
+const CUT = ' … (cut)';
+
 /** status: the broker, its policy, and the caller's standing: leases, and each rule that applies with its quota. */
 function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
   ctx.lifetimes.catchUp();
   const used = ctx.lifetimes.counts(caller.uid);
   const mine = ctx.policy.allow.filter((r) => matches(r.who, caller));
-  const rules = mine.map((r) => ({ rule: r.name, used: used(r.name), max_devices: r.maxDevices }));
+  // Bounded, as `list' is (an outside review: a deny of 300 bridges, or 60 of them, made a reply the client refused
+  // or the broker could not send, and a 33-NIC run that asks for status between requests failed with it).
+  let room = STATUS_BYTES;
+  const fits = (bytes: number) => (room -= bytes) >= 0;
+  const rules = mine.filter((r) => fits(r.name.length + 32))
+    .map((r) => ({ rule: r.name, used: used(r.name), max_devices: r.maxDevices }));
+  // Only where one of the caller's rules gives what the deny covers, as a denial tells it (SECURITY.md).
+  const denies = ctx.policy.deny.filter((d) => matchesDeny(d.who, caller) && mine.some((r) => denyTouches(ctx.policy,
+    d, r))).map((d) => {
+    const unknown = unknownNames(d.who, caller);
+    const covers = `${denyScopeFor(ctx.policy, d, mine)}${unknown ? ` (it names ${unknown})` : ''}`;
+    return { rule: d.name, covers: covers.length <= COVERS_CHARS ? covers : covers.slice(0, COVERS_CHARS - 8) + CUT };
+  });
+  const told = denies.filter((d) => fits(d.rule.length + d.covers.length + 32));
   const reply: Reply = {
     op: 'status',
     id: req.id,
@@ -274,16 +293,12 @@ function status(ctx: OpContext, caller: Identity, req: StatusRequest): Outcome {
     user: caller.user,
     leases: ctx.lifetimes.visible(caller.uid).length,
     rules,
-    // Only where one of the caller's rules gives what the deny covers, as a denial tells it (SECURITY.md).
-    denies: ctx.policy.deny.filter((d) => matchesDeny(d.who, caller) && mine.some((r) => denyTouches(ctx.policy, d, r)))
-      .map((d) => {
-        const unknown = unknownNames(d.who, caller);
-        const covers = denyScopeFor(ctx.policy, d, mine);
-        const why = unknown ? ` (it names ${unknown})` : '';
-        return { rule: d.name, covers: `${covers}${why}` };
-      }),
+    denies: told,
     connections: caller.uid === 0 ? ctx.connections : null,
   };
+  if (rules.length < mine.length || told.length < denies.length || told.some((d) => d.covers.endsWith(CUT))) {
+    reply.truncated = true;
+  }
   return { reply, fds: [] };
 }
 

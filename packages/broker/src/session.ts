@@ -2,6 +2,7 @@
 // reply (with fds) goes out, and the broker's copies close. Foreign fds are never closed here, and a
 // connection never closes with a peer's fds still queued on it.
 import {
+  MAX_REPLY_BYTES,
   MAX_REQUEST_BYTES,
   SeqpacketConnection,
   TapbrokerError,
@@ -438,7 +439,13 @@ export class Session {
       // Sent now where the socket has room: encoded and sent after the handler's first wait, it is charged here
       // (before it, the loop's stretch holds it).
       const t0 = performance.now();
-      const sent = this.conn.send(encodeReply(reply), fds);
+      let frame = encodeReply(reply);
+      if (frame.length > MAX_REPLY_BYTES && fds.length === 0) {
+        // A broker bug (every reply is bounded): said, and the client told so, not left with a closed connection.
+        toStderr(`tapbrokerd: internal error: a ${reply.op} reply of ${frame.length} bytes is over the cap\n`);
+        frame = encodeReply({ op: 'error', id: reply.id, code: 'TB_E_INTERNAL', message: 'the reply was too large' });
+      }
+      const sent = this.conn.send(frame, fds);
       if (this.stretch === null) this.charge(t0);
       await sent;
       this.fdsSent = fds.length;

@@ -805,6 +805,8 @@ async function statusCommand(client: TapbrokerClient, json: boolean): Promise<nu
     // Deny wins: a rule above grants nothing a deny here covers.
     ...s.denies.map((d) => `denied:   by rule ${d.rule}: ${d.covers}${d.covers === 'everything'
       ? ' (the broker will refuse your requests)' : ''}`),
+    ...(s.truncated ? ['          (more rules or denies apply than one reply holds: `tapbroker can\' asks of '
+      + 'one)'] : []),
   ];
   process.stdout.write(`${lines.join('\n')}\n`);
   return 0;

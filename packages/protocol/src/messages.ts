@@ -259,6 +259,8 @@ export const StatusReply = z.strictObject({
   denies: z.array(DenyStanding).max(4096),
   /** Open connections: for root only, null for others. */
   connections: z.number().int().min(0).nullable(),
+  /** Some rules or denies were left out, or a deny's `covers` cut, to fit one reply (a policy of thousands). */
+  truncated: z.literal(true).optional(),
 });
 
 

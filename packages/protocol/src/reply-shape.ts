@@ -336,8 +336,9 @@ export const REPLY_SHAPE: Shape = {
           "max": 4096,
         },
         "connections": {"t":"nullable","of":{"t":"number","int":true,"min":0,"max":9007199254740991}},
+        "truncated": {"t":"literal","values":[true]},
       },
-      "optional": ["policy_loads","tearing_down"],
+      "optional": ["policy_loads","tearing_down","truncated"],
       "defaults": {},
     },
     "error": {
