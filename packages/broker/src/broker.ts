@@ -20,6 +20,7 @@ import { ForeignFds } from './foreign.js';
 import { forgetUserNames, identify, type Identity } from './identity.js';
 import { BROKER_VERSION } from './leases.js';
 import { Lifetimes } from './lifetimes.js';
+import { returnFreeMemory } from './libc.js';
 import { shown } from './naming.js';
 import { SUBGID_FILE, Subuids, screenIds } from './subids.js';
 import { NO_FAULTS, type Cleanup, type Faults, type Kernel } from './kernel.js';
@@ -83,6 +84,9 @@ export interface BrokerOptions {
   closerIdleMs?: number;
   /** How long a uid whose tap took a locked guest's MAC first waits for new devices (default 1 s; it doubles). */
   takerWaitMs?: number;
+  /** How often memory the broker freed goes back to the system (default 60 s; 0: never), and how. */
+  returnMemoryMs?: number;
+  returnMemory?: () => void;
 }
 
 /**
@@ -152,6 +156,7 @@ export class Broker implements SessionHost, OpContext {
   /** True once SO_PASSRIGHTS is in force on the listener. */
   fdsRefusedAtSocket = false;
   private readonly log: (line: string) => void;
+  private readonly trim: NodeJS.Timeout | null;
 
   constructor(opts: BrokerOptions) {
     this.policy = opts.policy;
@@ -183,6 +188,8 @@ export class Broker implements SessionHost, OpContext {
     lifetimes = new Lifetimes(opts.stateDir, this.kernel, this.reaper, this.audit, () => this.policy, this.log,
       opts.takerWaitMs);
     this.lifetimes = lifetimes;
+    const every = opts.returnMemoryMs ?? 60_000;
+    this.trim = every > 0 ? setInterval(opts.returnMemory ?? returnFreeMemory, every).unref() : null;
   }
 
   /**
@@ -262,6 +269,7 @@ export class Broker implements SessionHost, OpContext {
     await this.lifetimes.close(SHUTDOWN_GRACE_MS);
     this.foreignFds.close();
     this.ownFds.close();
+    if (this.trim) clearInterval(this.trim);
     this.kernel.close();
     this.audit.close();
   }

@@ -63,7 +63,9 @@ export {
 export { addPort, delPort, delPortOf, listPorts, isOvsBridge, ovsdbGone, ovsdbTarget, setUpFailed } from './ovs.js';
 export { runHook, type HookResult } from './hook.js';
 export { Reaper } from './reaper.js';
-export { accountMembers, aclUserOnly, attachFilter, grantUserOnly, getpwnam, getpwuid } from './libc.js';
+export {
+  accountMembers, aclUserOnly, attachFilter, grantUserOnly, getpwnam, getpwuid, returnFreeMemory,
+} from './libc.js';
 export {
   MAX_CLAIMED_GROUPS, Subuids, loadSubuids, ownGroups, screenIds, subordinateOf, type HostIds, type SubRange,
 } from './subids.js';

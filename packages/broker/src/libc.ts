@@ -24,6 +24,7 @@ const _getgrent = libc.func('void *getgrent()');
 const _endgrent = libc.func('void endgrent()');
 const _flock = libc.func('int flock(int fd, int op)');
 const _prlimit = libc.func('int prlimit(int pid, int resource, const void *limit, void *old)');
+const _mallocTrim = libc.func('int malloc_trim(size_t pad)');
 const SYS_pidfd_send_signal = 424;
 const LOCK_EX = 2;
 const LOCK_NB = 4;
@@ -51,6 +52,15 @@ export function attachFilter(fd: number, program: readonly BpfInsn[]): void {
   fprog.writeUInt16LE(program.length, 0);
   fprog.writeBigUInt64LE(koffi.address(insns) as bigint, 8);
   sys.setsockopt(fd, sys.SOL_SOCKET, 26 /* SO_ATTACH_FILTER */, fprog);
+}
+
+/**
+ * malloc_trim(3): the memory glibc's heaps hold free goes back to the system, wherever it lies in them (it keeps what
+ * a burst freed otherwise: an outside long run's broker stayed near 80 MB RSS, and one call gave back half of it).
+ * About a millisecond.
+ */
+export function returnFreeMemory(): void {
+  _mallocTrim(0);
 }
 
 /** pidfd_send_signal(2): `signal` to the process behind `pidfd`. False when it is gone. */
