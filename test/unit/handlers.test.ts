@@ -412,13 +412,14 @@ const ROWS: Row[] = [
   },
   {
     // `can --group`: a persistent tap given to a group is asked about as `create --group' would make it.
-    title: 'can: a persistent tap given to one of the caller\'s groups is weighed with the group',
+    // A deny covers br1 (for uid 3000): whoever holds group 1000 could open the tap, which no database tells.
+    title: 'can: a persistent tap given to one of the caller\'s groups, on a bridge a deny covers, is refused',
     request: { op: 'can', kind: 'tap', parent: 'br1', persistent: true, group: 1000 },
     code: null,
-    audit: [{ op: 'can', decision: 'dry-run', rule: 'pets' }],
+    audit: [{ op: 'can', decision: 'dry-run', rule: 'no-br1-for-3000', code: 'TB_E_POLICY_DENIED' }],
     steps: [],
     reply: (r) => {
-      if (r.op !== 'can' || !r.allow) throw new Error(JSON.stringify(r));
+      if (r.op !== 'can' || r.allow || r.code !== 'TB_E_POLICY_DENIED' || r.rule !== null) throw new Error(JSON.stringify(r));
     },
   },
   {

@@ -9,7 +9,7 @@ import {
 import {
   decide, locksPort, portVlan, resolveTarget, type AllowRule, type Decision, type Policy,
 } from './decide.js';
-import { groupHolders, type Identity } from './identity.js';
+import type { Identity } from './identity.js';
 import type { Kernel } from './kernel.js';
 import { macInUse } from './netdev.js';
 import type { OpContext } from './ops.js';
@@ -189,7 +189,7 @@ export function firstRefused(
     try {
       spec = createSpec(nic);
       checkSpec(spec, caller);
-      d = decide(policy, caller, spec, (rule) => counts(rule) + (charged.get(rule) ?? 0), groupHolders);
+      d = decide(policy, caller, spec, (rule) => counts(rule) + (charged.get(rule) ?? 0));
       if (!d.allow) {
         const { rule, code, message, hint, record } = d;
         return { i, spec, refusal: { decision: 'deny', rule, code, message, hint, ...(record ? { record } : {}) } };

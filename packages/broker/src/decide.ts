@@ -171,64 +171,6 @@ export function unknownNames(who: Selector, caller: Caller & { user?: string | n
     : null;
 }
 
-/** A deny rule covering `target` that keeps a member of `group` (by the account database) or the group off it. */
-function sharedDeny(policy: Policy, group: number, target: Target): { deny: DenyRule; who: string } | null {
-  return groupDenies(policy, group).find((k) => denyCovers(policy, k.deny, target)) ?? null;
-}
-
-/** Who a deny keeps off a group's tap when only a user name it cannot look up matches the group's holders. */
-const NAMELESS = 'any process without an account name, which may hold the group,';
-
-/** Per policy and group: the deny rules that keep the group, or one of its members, off anything. */
-const keptOff = new WeakMap<Policy, Map<number, Array<{ deny: DenyRule; who: string }>>>();
-
-/**
- * Worked out once per policy and group, whatever the target: a decision's time then tells nothing of which targets
- * another user's deny covers (outside re-tests timed the members' walk at ~60 µs for 3,000 members).
- */
-function groupDenies(policy: Policy, group: number): Array<{ deny: DenyRule; who: string }> {
-  const byGroup = keptOff.get(policy) ?? new Map<number, Array<{ deny: DenyRule; who: string }>>();
-  keptOff.set(policy, byGroup);
-  let keeps = byGroup.get(group);
-  if (keeps) return keeps;
-  // Anyone holding the group, whoever it is (an unknown uid: only the group and the deny's own wildcards count).
-  const holder = (uid: number) => ({ uid, gid: group, groups: [group], user: null });
-  const members = policy.membersOf?.(group) ?? new Set<number>();
-  keeps = [];
-  for (const deny of policy.deny) {
-    if (matchesDeny(deny.who, holder(-1))) {
-      // By a user name this host cannot look up alone: it fails closed on a process without an account name, and
-      // one may hold the group (an offboarded user's, still running: an outside re-test opened a group tap so).
-      const named = { ...deny.who, unresolved: { users: [], groups: deny.who.unresolved.groups } };
-      keeps.push({ deny, who: matchesDeny(named, holder(-1)) ? `group ${group}` : NAMELESS });
-      continue;
-    }
-    for (const uid of members) {
-      if (matchesDeny(deny.who, holder(uid))) {
-        keeps.push({ deny, who: `uid ${uid}, a member` });
-        break;
-      }
-    }
-  }
-  byGroup.set(group, keeps);
-  return keeps;
-}
-
-/**
- * A deny covering `target` that covers a process holding `group` now, whatever the account database says of its user
- * (a session that outlived `gpasswd -d`): `holders` on the broker's path only. Asked under any deny, whatever the
- * target: its time tells nothing of which targets a deny covers.
- */
-function heldDeny(policy: Policy, group: number, target: Target, holders?: (gid: number) => readonly Caller[]) {
-  if (!holders || policy.deny.length === 0) return null;
-  const covering = policy.deny.filter((d) => denyCovers(policy, d, target));
-  for (const h of holders(group)) {
-    const deny = covering.find((d) => matchesDeny(d.who, { ...h, user: null }));
-    if (deny) return { deny, who: `uid ${h.uid}, whose running process holds the group,` };
-  }
-  return null;
-}
-
 export function macInPrefix(mac: string, prefix: string): boolean {
   return mac.startsWith(prefix) && (mac.length === prefix.length || mac[prefix.length] === ':');
 }
@@ -423,7 +365,6 @@ export function decide(
   caller: Caller & { user?: string | null },
   ask: Ask,
   live: (rule: string) => number,
-  holders?: (gid: number) => readonly Caller[],
 ): Decision {
   const what = ask.network
     ? `network \`${ask.parent}'`
@@ -434,28 +375,22 @@ export function decide(
   const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
   const mine = policy.allow.filter((r) => matches(r.who, caller));
   const forTarget = mine.filter((r) => grantsTarget(r, ask));
-  // A tap given to a group reaches every member (whoever holds the group opens it): a deny that keeps one
-  // of them off the target refuses it. Looked for only where the caller may use the target: a caller with no rule
-  // there is told nothing of any deny (and what the search costs does not depend on the target: groupDenies).
+  // A tap given to a group reaches whoever holds the group when it is opened, which no account database tells (a
+  // session keeps a group its user has left; newgrp, pam_group give one): outside reviews opened such taps from an
+  // offboarded user's process, then from a named user's session, then from one that kept changing pid past a look
+  // at /proc. So a deny covering the target, whomever it names, refuses it. Looked for only where the caller may use
+  // the target: a caller with no rule there is told nothing of any deny.
   const shared = !deny && ask.group != null && forTarget.length > 0
-    ? sharedDeny(policy, ask.group, target) ?? heldDeny(policy, ask.group, target, holders) : null;
+    ? policy.deny.find((d) => denyCovers(policy, d, target)) ?? null : null;
   if (shared) {
-    const record = {
-      rule: shared.deny.name,
-      message: `denied by rule \`${shared.deny.name}': the tap would be given to group ${ask.group}, and the rule `
-        + `keeps ${shared.who} off ${what}`,
-    };
-    // Told without the rule or the member (rv39): a deny about another user is not the caller's to read. One that
-    // names a user this host cannot look up is said as such (an outside review could not follow the hint).
-    return shared.who === NAMELESS ? {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: null, record,
-      message: `a deny rule covering ${what} names a user this host cannot look up, so it matches any process without `
-        + `an account name, and one may hold group ${ask.group} and open the tap`,
-      hint: 'give it to no group; only an administrator can change the deny rule',
-    } : {
+    // Told without the rule (rv39): a deny about another user is not the caller's to read.
+    return {
       allow: false, code: 'TB_E_POLICY_DENIED', rule: null,
-      message: `a deny rule keeps a member of group ${ask.group} off ${what}, and the tap would reach every member`,
-      hint: 'give it to no group, or to a group whose members may all use it', record,
+      record: { rule: shared.name, message: `denied by rule \`${shared.name}': the tap would be given to group `
+        + `${ask.group}, whose holders no account database tells, and the rule covers ${what}` },
+      message: `a deny rule covers ${what}, and a tap given to a group reaches every process holding the group, which `
+        + 'the broker cannot tell (a session keeps a group its user has left)',
+      hint: `give it to no group: no tap on ${what} is given to a group while a deny rule covers it`,
     };
   }
   if (deny) {

@@ -8,7 +8,7 @@ import { admit, firstRefused, macElsewhere, type Admitted } from './admission.js
 import type { Audit, AuditOp } from './audit.js';
 import type { Meter } from './fairness.js';
 import { decide, recorded, type AllowRule, type Policy } from './decide.js';
-import { callerStartTime, groupHolders, type Identity } from './identity.js';
+import { callerStartTime, type Identity } from './identity.js';
 import { kernelBound, leaseTag, newLeaseId, type LeaseRecord } from './leases.js';
 import { createNamed, freeMac, randomMac } from './naming.js';
 import { hostMac, type CreatedTap } from './kernel.js';
@@ -291,7 +291,7 @@ async function grantOne(
     checkSpec(spec, caller);
     // 2. The decision, on a lease table that has seen every link event the kernel sent.
     ctx.lifetimes.catchUp();
-    const decision = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid), groupHolders);
+    const decision = decide(policy, caller, spec, ctx.lifetimes.counts(caller.uid));
     if (!decision.allow) {
       audit({
         decision: 'deny',

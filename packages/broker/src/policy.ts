@@ -458,8 +458,7 @@ function resolveSelector(
     + 'in a directory service, at a reload)';
   const effect = (kind: 'user' | 'group') => (deny
     ? kind === 'user'
-      ? 'this deny rule matches callers of that name and callers whose name cannot be looked up, and refuses '
-        + `persistent taps given to a group on what it covers (a process without a name may hold the group), ${until}`
+      ? `this deny rule matches callers of that name and callers whose name cannot be looked up, ${until}`
       : `this deny rule matches every caller ${until}`
     : `it matches nobody ${until}`);
   for (const u of users ?? []) {
