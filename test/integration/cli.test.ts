@@ -683,6 +683,20 @@ test.serial('create --exist-ok: one\'s own device made the same way is success, 
     const noName = tapbroker(['create', '--persistent', '--bridge', 'br0', '--exist-ok', '--socket', eb.socket]);
     t.is(noName.code, 64);
     t.regex(noName.stderr, /--exist-ok needs --name/);
+    // Found by an outside review: the device that was there was told with MTU 0 and no host MAC; from where the
+    // kernel shows it (the broker's namespace), they are what the create told.
+    const asJson = (as: string[]) => spawnSync('ip', ['netns', 'exec', ens.name, ...as, process.execPath, CLIENT_CLI,
+      'create', '--persistent', '--name', name, '--socket', eb!.socket, '--bridge', 'br0', '--mac', '52:54:00:00:b0:01',
+      '--exist-ok', '--json'], { encoding: 'utf8', timeout: 20_000 });
+    const shown = asJson(['setpriv', ...setprivArgs()]);
+    t.is(shown.status, 0, shown.stderr);
+    const device = JSON.parse(shown.stdout) as { mtu: number; host_mac: string };
+    t.is(device.mtu, 1500);
+    t.regex(device.host_mac, /^fe:54:00:00:b0:01$/, 'the host side of the guest MAC, as the create made it');
+    // Nor is another user's device root's own: root has no rule here, so its create is refused, --exist-ok or not.
+    const root = asJson([]);
+    t.is(root.status, 77, root.stdout + root.stderr);
+    t.regex(root.stderr, /TB_E_POLICY_DENIED/);
     t.is(tapbroker(['release', name, '--socket', eb.socket]).code, 0);
   } finally {
     await eb?.stop();

@@ -732,31 +732,37 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
 }
 
 /**
- * `create --exist-ok`: the caller's own persistent device named `o.name`, made as `o` asks (kind, parent or
- * network, queues, and the MAC when one is given), as a device to print; null when it is not that.
+ * What the kernel shows of a lease's device (/sys/class/net/NAME; the lease does not carry it): the group a tap was
+ * given to (null for none), its MTU, its own MAC and a tap's flags; null where this process cannot see that device
+ * (another namespace: not compared, not told).
  */
-/**
- * The group a tap was given to, as the kernel shows it (`/sys/class/net/NAME/group`; the lease does not carry
- * it): null for none; undefined where this process cannot see that device (another namespace: not compared).
- */
-function givenTo(l: Lease): number | null | undefined {
+function shownByKernel(l: Lease): { group: number | null; mtu: number; address: string; flags: number } | null {
   try {
-    const dir = `/sys/class/net/${l.name}`;
-    if (Number(fs.readFileSync(`${dir}/ifindex`, 'utf8')) !== l.ifindex) return undefined;
-    const g = Number(fs.readFileSync(`${dir}/group`, 'utf8'));
-    return g < 0 || g === 0xffffffff ? null : g;
+    const read = (f: string) => fs.readFileSync(`/sys/class/net/${l.name}/${f}`, 'utf8').trim();
+    if (Number(read('ifindex')) !== l.ifindex) return null;
+    const g = l.kind === 'tap' ? Number(read('group')) : -1;
+    return { group: g < 0 || g === 0xffffffff ? null : g, mtu: Number(read('mtu')), address: read('address'),
+      flags: l.kind === 'tap' ? Number.parseInt(read('tun_flags'), 16) : IFF_VNET_HDR };
   } catch {
-    return undefined;
+    return null;
   }
 }
+const IFF_VNET_HDR = 0x4000;
 
+/**
+ * `create --exist-ok`: the caller's own persistent device named `o.name` (root's too: `list` shows root everyone's,
+ * and another user's device is not root's, an outside review found), made as `o` asks (kind, parent or network,
+ * queues, and the MAC when one is given), as a device to print; null when it is not that.
+ */
 async function sameDevice(client: TapbrokerClient, o: LeaseArgs): Promise<Device | null> {
   const { leases } = await client.list();
-  const l = leases.find((x) => x.name === o.name && x.ends === 'release');
+  const uid = process.getuid?.();
+  const l = leases.find((x) => x.name === o.name && x.ends === 'release' && x.uid === uid);
   if (!l) return null;
   const kind = o.macvtap !== null ? 'macvtap' : 'tap';
   const where = o.network !== null ? `network ${o.network}` : `${o.bridge ?? o.macvtap}`;
-  const group = l.kind === 'tap' ? givenTo(l) : undefined;
+  const seen = shownByKernel(l);
+  const group = l.kind === 'tap' && seen ? seen.group : undefined;
   const differs = [
     l.kind !== kind && `a ${l.kind}, not a ${kind}`,
     (o.network !== null ? l.network !== o.network : l.network !== null || l.parent !== (o.bridge ?? o.macvtap))
@@ -776,9 +782,10 @@ async function sameDevice(client: TapbrokerClient, o: LeaseArgs): Promise<Device
     });
   }
   return {
+    // As the kernel shows them where it can (an outside review: MTU 0 and no host MAC, which the create had told).
     kind: l.kind, name: l.name, ifindex: l.ifindex, parent: l.parent, network: l.network, vlan: null, mode: l.mode,
-    mtu: 0, host_mac: '', mac: l.mac, locked: l.locked, queues: l.queues, vnet_hdr: true, vhost: false,
-    persistent: true, rule: l.rule,
+    mtu: seen?.mtu ?? 0, host_mac: seen?.address ?? '', mac: l.mac, locked: l.locked, queues: l.queues,
+    vnet_hdr: seen ? (seen.flags & IFF_VNET_HDR) !== 0 : true, vhost: false, persistent: true, rule: l.rule,
   };
 }
 
