@@ -121,6 +121,33 @@ bridges = ["br2"]
   if (!elsewhere.allow) t.is(elsewhere.message, 'no rule matched bridge `br9\'');
 });
 
+// Found by an outside re-test: a caller whose rule gives `"*"` but no persistent devices learned, bridge by bridge,
+// which ones another user's deny covers, by asking for taps given to a group its rule refused anyway (and left a
+// record naming the deny each time). The group's check runs only where a rule would grant the tap otherwise.
+test('decide: a refusal for a tap given to a group tells of a deny only where a rule would grant the tap', (t) => {
+  const p = parsePolicy(`[[rule]]
+name = "any"
+users = [2001]
+bridges = ["*"]
+
+[[deny]]
+name = "no-2004"
+users = [2004]
+bridges = ["br0"]
+`);
+  const alice = { ...caller(2001, 2001, [3001]), user: 'alice' };
+  const on = (parent: string) => decide(p, alice, ask({ parent, persistent: true, group: 3001 }), none);
+  const covered = on('br0');
+  const other = on('br7');
+  t.false(covered.allow);
+  t.false(other.allow);
+  if (!covered.allow && !other.allow) {
+    t.is(covered.message.replace('br0', 'BR'), other.message.replace('br7', 'BR'), 'the same answer either way');
+    t.regex(covered.message, /persistent/);
+    t.notRegex(JSON.stringify(recorded(covered)), /no-2004/, 'nor does the record name the deny');
+  }
+});
+
 // Found by an outside review: a deny told a caller which networks the policy defines and where they lead (a
 // bridge, a hook's path), where no rule gives the caller that network: it is now told what it would be without
 // the deny, and the record names the deny.

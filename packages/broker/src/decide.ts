@@ -375,24 +375,6 @@ export function decide(
   const deny = policy.deny.find((d) => matchesDeny(d.who, caller) && denyCovers(policy, d, target));
   const mine = policy.allow.filter((r) => matches(r.who, caller));
   const forTarget = mine.filter((r) => grantsTarget(r, ask));
-  // A tap given to a group reaches whoever holds the group when it is opened, which no account database tells (a
-  // session keeps a group its user has left; newgrp, pam_group give one): outside reviews opened such taps from an
-  // offboarded user's process, then from a named user's session, then from one that kept changing pid past a look
-  // at /proc. So a deny covering the target, whomever it names, refuses it. Looked for only where the caller may use
-  // the target: a caller with no rule there is told nothing of any deny.
-  const shared = !deny && ask.group != null && forTarget.length > 0
-    ? policy.deny.find((d) => denyCovers(policy, d, target)) ?? null : null;
-  if (shared) {
-    // Told without the rule (rv39): a deny about another user is not the caller's to read.
-    return {
-      allow: false, code: 'TB_E_POLICY_DENIED', rule: null,
-      record: { rule: shared.name, message: `denied by rule \`${shared.name}': the tap would be given to group `
-        + `${ask.group}, whose holders no account database tells, and the rule covers ${what}` },
-      message: `a deny rule covers ${what}, and a tap given to a group reaches every process holding the group, which `
-        + 'the broker cannot tell (a session keeps a group its user has left)',
-      hint: `give it to no group: no tap on ${what} is given to a group while a deny rule covers it`,
-    };
-  }
   if (deny) {
     const onto = target.network !== null && target.kind !== 'unknown'
       ? ` (network \`${target.network}' is ${target.kind} ${target.name})`
@@ -422,10 +404,31 @@ export function decide(
     // The first rule that would grant it decides; a port lock it asks for and cannot have refuses the request, and no
     // later rule is tried: a lock is never stepped around (a re-test took an unlocked port through the bridge helper
     // when a later rule was tried). The tools say which later rules it shadows.
-    if (!refusal) return lockRefusal(policy, ask, rule) ?? { allow: true, rule };
+    if (!refusal) {
+      return groupRefusal(policy, ask, target, what) ?? lockRefusal(policy, ask, rule) ?? { allow: true, rule };
+    }
     first ??= refusal;
   }
   return first!;
+}
+
+/**
+ * A tap given to a group reaches whoever holds the group when it is opened, which no account database tells (a session
+ * keeps a group its user has left; newgrp, pam_group give one): outside reviews opened such taps from an offboarded
+ * user's process, then from a named user's session, then from one that kept changing pid past a look at /proc. So a
+ * deny covering the target, whomever it names, refuses it: looked for only where a rule would grant it otherwise
+ * (a re-test learned other users' denies through requests their rules refused anyway), and told without the rule.
+ */
+function groupRefusal(policy: Policy, ask: Ask, target: Target, what: string): Refusal | null {
+  const shared = ask.group != null ? policy.deny.find((d) => denyCovers(policy, d, target)) : undefined;
+  return !shared ? null : {
+    allow: false, code: 'TB_E_POLICY_DENIED', rule: null,
+    record: { rule: shared.name, message: `denied by rule \`${shared.name}': the tap would be given to group `
+      + `${ask.group}, whose holders no account database tells, and the rule covers ${what}` },
+    message: `a deny rule covers ${what}, and a tap given to a group reaches every process holding the group, which `
+      + 'the broker cannot tell (a session keeps a group its user has left)',
+    hint: `give it to no group: no tap on ${what} is given to a group while a deny rule covers it`,
+  };
 }
 
 /** Whether the device is to be a locked port: its rule's or its network's mac_lock (either is enough). */

@@ -739,7 +739,8 @@ async function leaseCommand(o: LeaseArgs): Promise<number> {
 function shownByKernel(l: Lease): { group: number | null; mtu: number; address: string; flags: number } | null {
   try {
     const read = (f: string) => fs.readFileSync(`/sys/class/net/${l.name}/${f}`, 'utf8').trim();
-    if (Number(read('ifindex')) !== l.ifindex) return null;
+    // Its index and its tag both: another namespace's sysfs may show a device of that name and index (a re-test).
+    if (Number(read('ifindex')) !== l.ifindex || !read('ifalias').startsWith(`tapbroker lease=${l.id} `)) return null;
     const g = l.kind === 'tap' ? Number(read('group')) : -1;
     return { group: g < 0 || g === 0xffffffff ? null : g, mtu: Number(read('mtu')), address: read('address'),
       flags: l.kind === 'tap' ? Number.parseInt(read('tun_flags'), 16) : IFF_VNET_HDR };
