@@ -798,6 +798,18 @@ test('mac_lock: check-policy warns about a rule that reaches a locked network\'s
     + "though network `safe' onto that bridge locks its own"]);
 });
 
+// A tap given to a group is refused wherever a deny covers its target (decide): check-policy tells the administrator
+// which rules that touches, so it can be planned for, not found out by a refused user.
+test('check-policy notes where a rule\'s persistent taps cannot be given to a group, and why', (t) => {
+  const p = parsePolicy('[network.lab]\nbridge = "br1"\n\n[[rule]]\nname = "team"\nusers = [1]\nbridges = ["br0", "br2"]\n'
+    + 'networks = ["lab"]\npersistent = true\n\n[[rule]]\nname = "fds-only"\nusers = [1]\nbridges = ["br0"]\n\n'
+    + '[[deny]]\nname = "no-2"\nusers = [2]\nbridges = ["br0", "br1"]\n\n[[deny]]\nname = "far"\nusers = [3]\n'
+    + 'bridges = ["br9"]\n', 'p.toml');
+  const lines = policyWarnings(p).filter((f) => /given to a group/.test(f.message)).map((f) => [f.level, f.message]);
+  t.deepEqual(lines, [['note', "rule `team' allows persistent taps, but none given to a group (tapbroker create "
+    + "--group) on what a deny rule covers, whomever it names: bridges br0, br1 (deny `no-2')"]]);
+});
+
 // Found by an outside review: `who-can --network prod` listed only rules naming prod, while a `bridges = ["*"]`
 // rule's taps (and another network onto the same bridge, and an OVS trunk carrying prod's VLAN) shared prod's
 // segment; the deny side already took a network as its segment. Now both sides do.

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { accountMembers, getgrgid, getpwnam, getpwuid, groupsOf } from './libc.js';
 import {
-  ANY_BRIDGE, DEFAULT_PVID, bridgeList, denyCovers, grantsBridge, matches, matchesDeny, portVlan,
+  ANY_BRIDGE, DEFAULT_PVID, bridgeList, denyCovers, denyTouches, grantsBridge, matches, matchesDeny, portVlan,
   resolveTarget, sameSegment, type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
@@ -138,6 +138,18 @@ export function policyWarnings(p: Policy, host: HostIds = hostIds()): Finding[] 
       warn(r, `rule \`${r.name}' mac_prefix ${r.macPrefix} lacks the locally-administered bit: `
         + 'guests may collide with real NICs');
     }
+  }
+  // A tap given to a group is refused wherever a deny covers its target, whomever it names (decide: no account
+  // database tells who holds a group): said where a rule allows persistent taps, so the administrator can plan.
+  for (const r of p.allow.filter((x) => x.persistent)) {
+    const covering = p.deny.filter((d) => denyTouches(p, d, r));
+    if (covering.length === 0) continue;
+    out.push({
+      level: 'note', file: r.file, line: r.line,
+      message: `rule \`${r.name}' allows persistent taps, but none given to a group (tapbroker create --group) on `
+        + `what a deny rule covers, whomever it names: ${covering.map((d) => `${denyScope(p, d)} (deny \`${d.name}')`)
+          .join('; ')}`,
+    });
   }
   // A network's mac_lock holds for requests by its name: a rule that grants its bridge by name (or "*")
   // without a lock of its own hands out unlocked ports on the same segment.
