@@ -1419,6 +1419,20 @@ test('status tells a caller whose rule gives any bridge of the denies that refus
 [[deny]]\nname = "nov10"\nusers = [5002]\nnetworks = ["v10"]\n
 [[deny]]\nname = "nobr9"\nusers = [5003]\nbridges = ["br9"]\n`));
 
+// Found by an outside review: `can' copied a refusal's message and hint into its reply whole; a hint naming a rule's
+// 300 bridges went past the reply's 1,024 characters, and the client refused the reply (TB_E_BAD_REPLY, exit 70)
+// instead of telling the refusal (77). Bounded as an error's are.
+test('can: a refusal with a long hint still makes a reply the client reads', async (t) => {
+  const bridges = Array.from({ length: 300 }, (_, i) => `"lab-bridge-${String(i).padStart(3, '0')}"`).join(', ');
+  await onFakeKernel(async ({ broker }) => {
+    const { reply } = await ask(broker, caller(5000), { op: 'can', kind: 'tap', parent: 'br9' });
+    if (reply.op !== 'can' || reply.allow) throw new Error(JSON.stringify(reply));
+    t.is(reply.code, 'TB_E_POLICY_DENIED');
+    t.true((reply.hint ?? '').length <= 1024 && (reply.hint ?? '').endsWith('…'), reply.hint);
+    t.notThrows(() => decodeReplyLite(encodeReply(reply)));
+  }, `[[rule]]\nname = "lab"\nusers = [5000]\nbridges = [${bridges}]\n`);
+});
+
 // Found by an outside long run: glibc keeps what a burst freed, so the broker's RSS stayed near 80 MB once idle (one
 // malloc_trim gave back half). The broker gives it back on a timer (returnFreeMemory), which stops with it.
 test('the broker gives freed memory back to the system on its timer, and stops at shutdown', async (t) => {

@@ -1,7 +1,7 @@
 // The closed set of operations: one handler per op, named after it. The create handlers are in grant.ts;
 // here are the others (hello, list, release, reload, can, status) and the state they all read.
 import {
-  MAX_REPLY_BYTES, PROTOCOL_VERSION, TapbrokerError, checkIfName, type CanRequest, type HelloRequest,
+  MAX_REPLY_BYTES, PROTOCOL_VERSION, TapbrokerError, bounded, checkIfName, type CanRequest, type HelloRequest,
   type ListRequest, type ReleaseRequest, type ReloadRequest, type Reply, type Request, type StatusRequest,
 } from '@tapbroker/protocol/core';
 import { encodeReply } from '@tapbroker/protocol/requests';
@@ -231,8 +231,9 @@ function can(ctx: OpContext, caller: Identity, req: CanRequest): Outcome {
         allow: false,
         rule: d.rule,
         code: d.code,
-        message: d.message,
-        ...(d.hint ? { hint: d.hint } : {}),
+        // Within the reply's limits, as an error's are (an outside review: a hint naming many bridges broke `can').
+        message: bounded(d.message),
+        ...(d.hint ? { hint: bounded(d.hint) } : {}),
         locked: false,
       };
   return { reply, fds: [] };

@@ -6,6 +6,7 @@ import {
   MAX_REQUEST_BYTES,
   SeqpacketConnection,
   TapbrokerError,
+  bounded,
   sys,
   watchReadable,
   type ErrorCode,
@@ -47,11 +48,6 @@ export interface SessionHost {
   refused(caller: Identity, op: AuditOp, code: ErrorCode, message: string): void;
   /** Each uid's share of the broker's thread (fairness.ts). */
   readonly fairness: Fairness;
-}
-
-/** Reply text within the protocol's limits (1024 characters for messages). */
-function bounded(s: string, max = 1024): string {
-  return s.length <= max ? s : `${s.slice(0, max - 1)}…`;
 }
 
 /** How often, at the least, a connection whose last reply is unread is looked at again. */

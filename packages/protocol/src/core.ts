@@ -15,7 +15,7 @@ export {
 export * as sys from './sys.js';
 export { EX_IOERR, dropUnwritableOutput, exitFlushed, keepInspectorShut } from './exit.js';
 export { checkShape, validate, type Checks, type Issue, type Shape } from './shape.js';
-export { HIDDEN, PLAIN, jsonShown, printable } from './text.js';
+export { HIDDEN, PLAIN, bounded, jsonShown, printable } from './text.js';
 export type {
   Request, Reply, HelloRequest, CreateRequest, ListRequest, ReleaseRequest, ReloadRequest, CanRequest, StatusRequest,
   Device, TapDevice, Lease, Nic, CreateTapRequest, CreateMacvtapRequest, StatusReply, CanReply, ErrorReply,

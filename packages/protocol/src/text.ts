@@ -24,3 +24,8 @@ export function jsonShown(v: unknown): string {
 export function printable(s: string): string {
   return jsonShown(s.slice(0, 64)).slice(1, -1);
 }
+
+/** Reply text within the protocol's limits (1,024 characters for a message or a hint), cut with an ellipsis. */
+export function bounded(s: string, max = 1024): string {
+  return s.length <= max ? s : `${s.slice(0, max - 1)}…`;
+}
