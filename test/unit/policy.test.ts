@@ -888,6 +888,20 @@ async function tool(t: import('ava').ExecutionContext, text: string): Promise<(c
   return (cmd, ...args) => execFileSync(process.execPath, [main, cmd, file, ...args], { encoding: 'utf8' });
 }
 
+// Found by an outside review of the documents: after the refusal of taps given to a group wherever a deny covers the
+// target, who-can and explain-policy still showed such a deny as about its own users alone.
+test('who-can and explain-policy say where no tap is given to a group, as the broker decides', async (t) => {
+  const run = await tool(t, `[[rule]]\nname = "team"\nusers = ["nobody"]\nbridges = ["br0", "br1"]\npersistent = true\n\n`
+    + '[[deny]]\nname = "suspended"\nusers = [4210092]\nbridges = ["br0"]\n');
+  t.regex(run('explain-policy', '--user', 'nobody'), /^`team' gives no tap given to a group \(create --group\) on bridges br0: deny `suspended' covers it, whomever it names$/m);
+  t.deepEqual((JSON.parse(run('explain-policy', '--user', 'nobody', '--json')) as { group_taps_refused: unknown })
+    .group_taps_refused, [{ rule: 'team', by: 'suspended', covers: 'bridges br0' }]);
+  t.regex(run('who-can', '--bridge', 'br0'), /^and for everyone: no tap on it is given to a group \(create --group\) while a deny rule covers it$/m);
+  t.notRegex(run('who-can', '--bridge', 'br1'), /given to a group/);
+  t.is((JSON.parse(run('who-can', '--bridge', 'br0', '--json')) as { group_taps: boolean }).group_taps, false);
+  t.is((JSON.parse(run('who-can', '--bridge', 'br1', '--json')) as { group_taps: boolean }).group_taps, true);
+});
+
 test('check-policy warns about allow rules naming subordinate uids or gids, which the broker screens at accept', (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-subids-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));

@@ -718,6 +718,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         mac_prefix: r.macPrefix, persistent: r.persistent, name_pattern: r.namePattern, max_devices: r.maxDevices,
         mac_lock: r.macLock,
       })),
+      // A tap given to a group is refused wherever any deny covers its target, whomever it names (decide).
+      group_taps_refused: allows.filter((r) => r.persistent).flatMap((r) => policy.deny
+        .filter((d) => denyTouches(policy, d, r))
+        .map((d) => ({ rule: r.name, by: d.name, covers: denyScope(policy, d) }))),
     };
     if (o.json) write(JSON.stringify(result, null, 2));
     else {
@@ -741,6 +745,10 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
         const scope = denyScope(policy, d);
         const why = shown(`denied by \`${d.name}' (${ruleAt(policy.path, d, true)}): ${scope}`);
         write(`${why} — deny wins over every rule above`);
+      }
+      for (const g of result.group_taps_refused) {
+        write(shown(`\`${g.rule}' gives no tap given to a group (create --group) on ${g.covers}: deny \`${g.by}' `
+          + 'covers it, whomever it names'));
       }
     }
     return EX.OK;
@@ -808,6 +816,8 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     except: denies.map(({ d, on }) => ({
       rule: d.name, file: d.file, line: d.line, who: deniedPrincipals(d.who), routes: on.map(routeName),
     })),
+    // A tap given to a group is refused wherever any deny covers its target, whomever it names (decide).
+    group_taps: kind !== 'macvtap' && denies.length === 0,
     // A rule reached only after a locked one that refuses the same route to callers both may name (see decide).
     locked_out: grants.flatMap(({ r, route }, i) => {
       const via = route.via ?? (kind === 'network' ? target : null);
@@ -837,6 +847,9 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       const only = on.length < routes.length ? ` (on ${on.map(routeName).join(', ')} only)` : '';
       const who = `except ${deniedPrincipals(d.who)}${only}`;
       write(shown(`${who}: denied by \`${d.name}' (${ruleAt(policy.path, d, true)})`));
+    }
+    if (kind !== 'macvtap' && denies.length > 0 && grants.some(({ r }) => r.persistent)) {
+      write('and for everyone: no tap on it is given to a group (create --group) while a deny rule covers it');
     }
   }
   return EX.OK;

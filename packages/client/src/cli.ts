@@ -56,7 +56,8 @@ const COMMANDS: Record<Command, { usage: string[]; about: string[]; flags: strin
       '                 [--queues N] [--mac MAC] [--group GROUP] [--exist-ok] [--xml | --json] [--socket PATH]',
     ],
     about: [
-      'Make a persistent device owned by you, for rootless libvirtd; it lives until `tapbroker release NAME\'.',
+      'Make a persistent device owned by you (with --group: given to that group instead), for rootless libvirtd; it '
+        + 'lives until `tapbroker release NAME\'.',
       '--xml prints the libvirt <interface> element. --exist-ok (with --name): your device of that name, made',
       'the same way, is success, not an error (for a unit that makes it at every boot).',
     ],
