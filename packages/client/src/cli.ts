@@ -203,7 +203,7 @@ export function parseArgs(argv: readonly string[]): Args {
     const [flag, inline] = splitFlag(a);
     const value = () => {
       const v = inline ?? argv[++i];
-      // An empty value is none (an outside review: `--socket "$SOCK"` with SOCK empty went to the default broker).
+      // An empty value is refused (an outside review: `--socket "$SOCK"` with SOCK empty went to the default broker).
       if (v === undefined || v === '') throw new TapbrokerError('TB_E_USAGE', `${flag} needs a value`);
       return v;
     };
