@@ -515,12 +515,14 @@ async function onFakeKernel(
   policy = POLICY,
   options: { takerWaitMs?: number; returnMemoryMs?: number; returnMemory?: () => void } = {},
 ): Promise<void> {
+  // Parsed first: a policy that does not parse leaves no directory behind.
+  const parsed = parsePolicy(policy);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-handlers-'));
   const records: AuditRecord[] = [];
   const devNull = fs.openSync('/dev/null', 'w');
   let kernel!: FakeKernel;
   const broker = new Broker({
-    policy: parsePolicy(policy),
+    policy: parsed,
     stateDir: dir,
     audit: { journalSocket: null, fd: devNull, linux: { send: (r) => records.push(r), close: () => {} } },
     kernel: (cleanup) => (kernel = new FakeKernel(cleanup)),
