@@ -89,7 +89,10 @@ export interface Policy {
   networks: ReadonlyMap<string, Network>;
   /** Problems that do not stop the policy from loading (e.g. a user that does not exist here). */
   warnings: readonly string[];
-  /** The uids the account database says are in a group (for a tap given to it); none where not known. */
+  /**
+   * The uids the account database says are in a group: a tap given to the group counts as theirs when a locked port's
+   * MAC is weighed (admission). None where not known.
+   */
   membersOf?: (gid: number) => ReadonlySet<number>;
 }
 
