@@ -22,6 +22,7 @@ export {
 } from './policy-test.js';
 export { Netdev } from './netdev.js';
 export { stallLog } from './broker.js';
+export { Session, type SessionHost } from './session.js';
 export { ForeignPorts } from './plug.js';
 export { devNumbers, macvtapParent } from './macvtap.js';
 export {
