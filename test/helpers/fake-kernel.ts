@@ -296,6 +296,10 @@ export class FakeKernel implements Kernel {
     this.steps.push(`setAccessVlan ${link.name} ${vid}`);
   }
 
+  closePortStack(_index: number, name: string): void {
+    this.steps.push(`closePortStack ${name}`);
+  }
+
   holdTap(name: string): number | null {
     const l = [...this.devices.values()].find((d) => d.name === name);
     if (l?.tun?.queues) return null;

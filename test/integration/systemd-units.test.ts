@@ -357,7 +357,7 @@ if (boot) console.log(`# skip units under a real systemd: ${boot}`);
   t.regex(status, /^Uid:\s+0\s+0\s+0\s+0$/m);
   t.regex(status, /^CapEff:\s+0000000020001000$/m, 'CAP_NET_ADMIN and CAP_AUDIT_WRITE alone');
   t.regex(status, /^CapBnd:\s+0000000020001000$/m);
-  // Under ProcSubset=pid the broker cannot read the boot id: the unit gives it (%b), as /proc/sys has it.
+  // The unit gives the broker the boot id (%b), as /proc/sys has it.
   const environ = ns(['cat', `/proc/${mainPid}/environ`]).stdout.split('\0');
   const bootId = ns(['cat', '/proc/sys/kernel/random/boot_id']).stdout.trim().replace(/-/g, '');
   t.true(environ.includes(`TAPBROKER_BOOT_ID=${bootId}`), environ.filter((e) => e.startsWith('TAPBROKER')).join(' '));

@@ -99,13 +99,17 @@ test('every policy in tapbroker-policy(5)\'s EXAMPLES loads', (t) => {
 test('tapbroker-policy(5) names every sandbox setting of the shipped unit that a hook runs under', (t) => {
   // Found by an outside review: a hook setting a sysctl failed under ProcSubset=pid and ProtectKernelTunables=yes,
   // which the page's account of the sandbox left out.
-  const unit = read('systemd/tapbrokerd.service');
+  const unit = read('systemd/tapbrokerd.service').split('\n').filter((l) => !l.startsWith('#')).join('\n');
   const page = read('packages/broker/man/tapbroker-policy.5').replace(/\\-/g, '-');
   // What the unit says, and how the page says it.
   const limits = [['ProtectSystem=strict'], ['PrivateTmp=yes', 'a private\n.IR /tmp'], ['RestrictAddressFamilies='],
-    ['IPAddressDeny=any'], ['ProcSubset=pid'], ['ProtectKernelTunables=yes'], ['CAP_NET_ADMIN'], ['CAP_AUDIT_WRITE']];
+    ['IPAddressDeny=any'], ['ProcSubset=pid'], ['ProtectKernelTunables=yes'], ['CAP_NET_ADMIN'], ['CAP_AUDIT_WRITE'],
+    ['ReadWritePaths=-/proc/sys/net/ipv6/conf']];
   for (const [inUnit, onPage = inUnit] of limits) if (unit.includes(inUnit!)) t.true(page.includes(onPage!), inUnit);
-  t.true(unit.includes('ProcSubset=pid') && page.includes('ProcSubset=all'), 'the drop-in that lifts it');
+  // The drop-ins that lift them.
+  if (unit.includes('ProcSubset=pid')) t.true(page.includes('ProcSubset=all'), 'ProcSubset=all');
+  t.true(unit.includes('ProtectKernelTunables=yes'));
+  t.true(page.includes('ReadWritePaths=/proc/sys/net/ipv4/conf'), 'the drop-in for an IPv4 sysctl');
 });
 
 // Found by an outside review of SECURITY.md as a contract: it named a test that does not exist and sent readers to

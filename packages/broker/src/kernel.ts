@@ -148,6 +148,8 @@ export interface Kernel {
   staticEntries(port: number): Array<{ mac: Buffer; vlan: number | null }>;
   /** Makes `port` an access port of VLAN `vid` on its bridge (a port put back on a bridge is in its default VLAN). */
   setAccessVlan(port: number, vid: number): void;
+  /** A Linux-bridge port's own IP stack closed to its guest (see ipv6Off): for a port made before that was done. */
+  closePortStack(index: number, name: string): void;
   /**
    * A single-queue tap nobody holds, attached by the broker (its fd) so that nobody can until it is deleted;
    * null when a process holds it (the kernel counts no queues for such a tap, and its carrier is its holder's
@@ -242,6 +244,31 @@ export function kernelError(what: string, err: unknown): TapbrokerError {
   }
   const e = err as NodeJS.ErrnoException;
   return new TapbrokerError('TB_E_KERNEL', `${what}: ${e.code ?? ''} ${e.message}`.trim(), { cause: err });
+}
+
+/**
+ * A bridge port's own IP stack is closed to its guest. The bridge hands a frame sent to a link-local group address
+ * (01:80:c2:00:00:0X) to the port device itself, before any port lock, whatever its source MAC, and the host took it
+ * there (an outside review: a guest's IPv6 router advertisement gave the host a default route through its tap, and a
+ * UDP packet from a spoofed MAC reached a host socket on the tap's interface, past rules written for the bridge). So
+ * IPv6 is off on every port the broker makes (no address, no router advertisements: here, by sysctl, as netlink cannot
+ * set it), and IPv4 drops unicast in link-layer multicast and checks sources strictly (nothing routes through a port:
+ * every source fails but 0.0.0.0; the host's `all` can only loosen it): IPV4_DEVCONF, in the RTM_NEWLINK that
+ * configures the port (rtnetlink.ts). Before the port is up. A host booted without IPv6 has nothing to turn off.
+ */
+export function ipv6Off(name: string): void {
+  try {
+    fs.writeFileSync(`/proc/sys/net/ipv6/conf/${name}/disable_ipv6`, '1');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' && !fs.existsSync('/proc/sys/net/ipv6') && fs.existsSync('/proc/sys/net/ipv4')) return;
+    const why = code ?? (err as Error).message;
+    throw new TapbrokerError('TB_E_KERNEL', `cannot turn IPv6 off on port \`${name}' (${why}): the broker writes `
+      + '/proc/sys/net/ipv6/conf/PORT/disable_ipv6', {
+      cause: err, hint: 'a unit with ProcSubset=pid, or ProtectKernelTunables= without '
+        + 'ReadWritePaths=-/proc/sys/net/ipv6/conf, keeps it from the broker: see the shipped tapbrokerd.service',
+    });
+  }
 }
 
 const attribute = Buffer.alloc(4096);

@@ -6,7 +6,7 @@ import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol/core';
 import {
   ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
   openVhost, tapFlags, tunIfreq, vhostRefusal, type Cleanup, type CreatedTap, type Faults, type Kernel,
-  sysfsDevice, sysfsRead, type MacvtapRequest, type TapRequest,
+  sysfsDevice, sysfsRead, ipv6Off, type MacvtapRequest, type TapRequest,
 } from './kernel.js';
 import { checkMacFree, createMacvtap, macvtapParent } from './macvtap.js';
 import { randomMac } from './naming.js';
@@ -81,6 +81,11 @@ export class Netdev implements Kernel {
 
   setAccessVlan(port: number, vid: number): void {
     this.rtnl.setAccessVlan(port, vid);
+  }
+
+  closePortStack(index: number, name: string): void {
+    ipv6Off(name);
+    this.rtnl.configureLink(index, { closeStack: true });
   }
 
   deleteLink(index: number): Promise<boolean> {
@@ -226,6 +231,8 @@ export class Netdev implements Kernel {
       const mac = hostMac(req.guestMac);
       const bridge = req.bridge;
       try {
+        // Before it is up: no address, and nothing a guest sends to a link-local group reaches the host through it.
+        if (bridge) ipv6Off(req.name);
         // A port joins its bridge in the bridge's default VLAN: one with an access VLAN comes up only once
         // it is in that VLAN alone, or the broker's queue would hold default-VLAN frames for the guest; a
         // locked one only once locked (a persistent tap's owner may attach a queue by name meanwhile, and the
@@ -235,7 +242,7 @@ export class Netdev implements Kernel {
         this.rtnl.configureLink(
           link.index,
           bridge
-            ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: !upLater, alias: req.alias }
+            ? { address: mac, mtu: bridge.mtu, master: bridge.index, up: !upLater, alias: req.alias, closeStack: true }
             : { address: mac, up: true, alias: req.alias },
         );
         if (vlan !== null) this.rtnl.setAccessVlan(link.index, vlan);

@@ -229,6 +229,14 @@ export function reconcile(lt: Keeper): void {
       lt.unplug(l);
       continue;
     }
+    // A port made before its own IP stack was closed to its guest (before 0.5.0): closed now (see closePortStack).
+    if (l.kind === 'tap' && l.plug === null && byIndex.get(link.master ?? 0)?.kind === 'bridge') {
+      try {
+        lt.kernel.closePortStack(l.ifindex, l.name);
+      } catch (err) {
+        lt.log(`warning: ${(err as Error).message}`);
+      }
+    }
     if (Forwarding.followed(l, lt.kernel)) {
       // Only root can unlock a port: an administrator's script may have, while the broker was down. Said, then undone.
       if (l.locked && lt.kernel.link(l.ifindex)?.portLocked === false) {

@@ -30,6 +30,10 @@ export const IFLA_TUN_NUM_DISABLED_QUEUES = 9;
 export const RTM_SETLINK = 19;
 export const AF_BRIDGE = 7;
 export const IFLA_AF_SPEC = 26;
+const AF_INET = 2;
+const IFLA_INET_CONF = 1;
+const IPV4_DEVCONF_RP_FILTER = 8;
+const IPV4_DEVCONF_DROP_UNICAST_IN_L2_MULTICAST = 30;
 export const IFLA_BRIDGE_VLAN_INFO = 2;
 export const BRIDGE_VLAN_INFO_PVID = 0x2;
 export const BRIDGE_VLAN_INFO_UNTAGGED = 0x4;
@@ -481,9 +485,10 @@ export class Rtnetlink {
   /** Sets address, MTU, master and up in one RTM_NEWLINK. */
   configureLink(
     index: number,
-    opts: { address?: Buffer; mtu?: number; master?: number; up?: boolean; alias?: string },
+    opts: { address?: Buffer; mtu?: number; master?: number; up?: boolean; alias?: string; closeStack?: boolean },
   ): void {
     const attrs: Buffer[] = [];
+    if (opts.closeStack) attrs.push(CLOSED_IPV4);
     if (opts.alias !== undefined) attrs.push(attrString(IFLA_IFALIAS, opts.alias));
     if (opts.address) attrs.push(rtattr(IFLA_ADDRESS, opts.address));
     if (opts.mtu !== undefined) attrs.push(attrU32(IFLA_MTU, opts.mtu));
@@ -496,6 +501,11 @@ export class Rtnetlink {
     );
   }
 }
+
+/** IPv4 on a bridge port: unicast in link-layer multicast dropped, sources checked strictly (see kernel.ts ipv6Off). */
+export const CLOSED_IPV4 = attrNested(IFLA_AF_SPEC, [attrNested(AF_INET, [attrNested(IFLA_INET_CONF, [
+  attrU32(IPV4_DEVCONF_RP_FILTER, 1), attrU32(IPV4_DEVCONF_DROP_UNICAST_IN_L2_MULTICAST, 1),
+])])]);
 
 /**
  * RTM_DELLINK on libuv's thread pool, on a socket of its own: destroying a netdev costs the kernel

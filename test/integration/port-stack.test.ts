@@ -1,0 +1,198 @@
+// A bridge port's own IP stack, closed to its guest (kernel.ts closePortStack). The bridge hands a frame sent to a
+// link-local group address (01:80:c2:00:00:0X) to the port device itself, before any port lock and whatever its
+// source MAC; an outside review's guest gave the host a default route through its tap with one router advertisement,
+// and reached a host socket on the tap's interface from a spoofed MAC. A namespace with the kernel's IPv6 defaults
+// (on, accepting router advertisements; DAD off so that an open stack takes them at once). Each frame goes into a
+// bridge port and, the control, into a tap of a hook network (no bridge: its stack is the operator's and stays
+// open): the control shows the frame is one the host takes, and when, since both are written together.
+import anyTest, { type TestFn } from 'ava';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { BrokerProcess } from '../helpers/broker.js';
+import { Netns } from '../helpers/netns.js';
+import { NOBODY, OTHER_UID, probe } from '../helpers/unpriv.js';
+import { poll } from '../helpers/wait.js';
+
+const test = anyTest as TestFn;
+
+const POLICY = `
+[network.routed]
+hook = "/bin/true"
+
+[[rule]]
+name = "open"
+users = [${NOBODY}]
+bridges = ["br0"]
+networks = ["routed"]
+persistent = true
+
+[[rule]]
+name = "locked"
+users = [${OTHER_UID}]
+bridges = ["br0"]
+mac_lock = true
+`;
+
+let ns: Netns;
+let broker: BrokerProcess;
+
+test.before(async () => {
+  ns = Netns.create('stack');
+  sysctl('net.ipv6.conf.all.disable_ipv6=0', 'net.ipv6.conf.default.disable_ipv6=0',
+    'net.ipv6.conf.default.accept_ra=1', 'net.ipv6.conf.all.forwarding=0', 'net.ipv6.conf.default.dad_transmits=0',
+    'net.ipv6.conf.default.accept_dad=0');
+  ns.bridge('br0', { mcastSnooping: false, address: '10.77.0.1/24' });
+  broker = await BrokerProcess.start(ns, POLICY, { tag: 'stack' });
+});
+
+test.after.always(async () => {
+  await broker?.stop();
+  ns?.destroy();
+});
+
+const inNs = (...argv: string[]) => execFileSync('ip', ['netns', 'exec', ns.name, ...argv], { encoding: 'utf8' });
+const sysctl = (...settings: string[]) => inNs('sysctl', '-q', '-w', ...settings);
+
+function spawnIn(argv: string[]): ChildProcess {
+  return spawn('ip', ['netns', 'exec', ns.name, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+const readConf = (family: string, dev: string, key: string) =>
+  inNs('cat', `/proc/sys/net/${family}/conf/${dev}/${key}`).trim();
+
+/** Internet checksum of `b`. */
+function checksum(b: Buffer): number {
+  let sum = 0;
+  for (let i = 0; i < b.length; i += 2) sum += (b[i]! << 8) + (b[i + 1] ?? 0);
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
+
+const SPOOFED = '525400000099';
+
+/** An IPv6 router advertisement from fe80::bad to ff02::1 (default route, prefix 2001:db8:bad::/64), to :0e. */
+function routerAdvertisement(): string {
+  const ip6 = (s: string) => Buffer.from(s.padEnd(32, '0'), 'hex');
+  const src = Buffer.from('fe800000000000000000000000000bad', 'hex');
+  const dst = Buffer.from('ff020000000000000000000000000001', 'hex');
+  const pio = Buffer.alloc(32);
+  pio.writeUInt8(3, 0); pio.writeUInt8(4, 1); pio.writeUInt8(64, 2); pio.writeUInt8(0xc0, 3);
+  pio.writeUInt32BE(86400, 4); pio.writeUInt32BE(14400, 8);
+  ip6('20010db80bad').copy(pio, 16);
+  const icmp = Buffer.concat([Buffer.from([134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0]), pio]);
+  const pseudo = Buffer.concat([src, dst, Buffer.from([0, 0, 0, icmp.length, 0, 0, 0, 58])]);
+  icmp.writeUInt16BE(checksum(Buffer.concat([pseudo, icmp])), 2);
+  const hdr = Buffer.from([0x60, 0, 0, 0, 0, icmp.length, 58, 255]);
+  return `0180c200000e${SPOOFED}86dd${Buffer.concat([hdr, src, dst, icmp]).toString('hex')}`;
+}
+
+/** A UDP datagram from 10.77.0.99 to `to`:7777 ("tb-port-stack"), to the link-local group `group`. */
+function udp(to: string, group: string): string {
+  const payload = Buffer.from('tb-port-stack');
+  const u = Buffer.alloc(8);
+  u.writeUInt16BE(40000, 0); u.writeUInt16BE(7777, 2); u.writeUInt16BE(8 + payload.length, 4);
+  const ip = Buffer.alloc(20);
+  ip.writeUInt8(0x45, 0); ip.writeUInt16BE(20 + 8 + payload.length, 2); ip.writeUInt8(64, 8); ip.writeUInt8(17, 9);
+  Buffer.from([10, 77, 0, 99]).copy(ip, 12);
+  Buffer.from(to.split('.').map(Number)).copy(ip, 16);
+  ip.writeUInt16BE(checksum(ip), 10);
+  return `0180c20000${group}${SPOOFED}0800${Buffer.concat([ip, u, payload]).toString('hex')}`;
+}
+
+/** A UDP listener on *:7777 in the namespace: the ifindex each datagram came in on. */
+async function listener(): Promise<{ ifindexes: number[]; stop(): void }> {
+  const py = 'import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n'
+    + 's.setsockopt(socket.SOL_SOCKET,socket.SO_BROADCAST,1)\ns.setsockopt(socket.IPPROTO_IP,8,1)\n'
+    + 's.bind(("0.0.0.0",7777))\nprint("ready",flush=True)\nwhile True:\n'
+    + ' d,a,_,_=s.recvmsg(64,64)\n import struct\n print(struct.unpack_from("i",a[0][2])[0],flush=True)\n';
+  const child = spawnIn(['python3', '-c', py]);
+  const ifindexes: number[] = [];
+  let out = '';
+  let ready = false;
+  child.stdout!.on('data', (d) => {
+    out += d;
+    const lines = out.split('\n');
+    out = lines.pop()!;
+    for (const l of lines) if (l === 'ready') ready = true; else ifindexes.push(Number(l));
+  });
+  await poll(() => ready, { ms: 5000 });
+  return { ifindexes, stop: () => child.kill('SIGKILL') };
+}
+
+/** A bridge port and a hook network's tap, the same frame written into each (the port's first). */
+async function both(frame: string) {
+  const p = await probe({
+    socket: broker.socket, write: true, writeRaw: frame, requests: [{ bridge: 'br0' }, { network: 'routed' }],
+  }, { uid: NOBODY });
+  if (p.result.error !== null) throw new Error(`probe failed: ${JSON.stringify(p.result.error)}`);
+  const [port, control] = p.result.taps.map((t) => t.device);
+  return { p, port: port!, control: control! };
+}
+
+test.serial('a router advertisement a guest sends to a link-local group gives the host no route', async (t) => {
+  const { p, port, control } = await both(routerAdvertisement());
+  try {
+    const routes = () => ns.ip('-6', 'route', 'show');
+    await poll(() => routes().includes(`dev ${control.name}`) && routes().includes('fe80::bad'), { ms: 3000 });
+    t.regex(routes(), new RegExp(`default via fe80::bad dev ${control.name}`), 'the control: an open stack takes it');
+    t.notRegex(routes(), new RegExp(`dev ${port.name}`), 'nothing routes through the bridge port');
+    t.is(ns.ip('-6', 'addr', 'show', 'dev', port.name).trim(), '', 'the port has no IPv6 address');
+  } finally {
+    await p.release();
+  }
+});
+
+test.serial('a datagram from a spoofed MAC to a link-local group reaches no host socket through a port', async (t) => {
+  const l = await listener();
+  try {
+    for (const [to, group] of [['10.77.0.1', '03'], ['255.255.255.255', '0e']] as const) {
+      const { p, port, control } = await both(udp(to, group));
+      try {
+        await poll(() => l.ifindexes.includes(control.ifindex), { ms: 3000 });
+        t.false(l.ifindexes.includes(port.ifindex), `${to}: nothing came in through the bridge port`);
+      } finally {
+        await p.release();
+      }
+    }
+  } finally {
+    l.stop();
+  }
+});
+
+test.serial('every port the broker makes has its stack closed, locked or not, and a hook network\'s tap is left open',
+  async (t) => {
+    const locked = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: OTHER_UID });
+    const { p, port, control } = await both(udp('10.77.0.1', '03'));
+    try {
+      const lockedPort = locked.result.taps[0]!.device;
+      t.true(lockedPort.locked);
+      for (const dev of [port.name, lockedPort.name]) {
+        t.is(readConf('ipv6', dev, 'disable_ipv6'), '1', `${dev}: IPv6 off`);
+        t.is(readConf('ipv4', dev, 'drop_unicast_in_l2_multicast'), '1', `${dev}: unicast in multicast dropped`);
+        t.is(readConf('ipv4', dev, 'rp_filter'), '1', `${dev}: sources checked strictly`);
+      }
+      t.is(readConf('ipv6', control.name, 'disable_ipv6'), '0', 'a tap on no bridge is the operator\'s');
+    } finally {
+      await p.release();
+      await locked.release();
+    }
+  });
+
+test.serial('a persistent port an earlier version left open is closed at the next start', async (t) => {
+  const made = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] }, { uid: NOBODY });
+  await made.release();
+  const name = made.result.taps[0]!.device.name;
+  try {
+    t.is(readConf('ipv6', name, 'disable_ipv6'), '1');
+    await broker.stop('SIGTERM', true);
+    try {
+      sysctl(`net.ipv6.conf.${name}.disable_ipv6=0`, `net.ipv4.conf.${name}.rp_filter=0`);
+    } finally {
+      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+    }
+    t.is(readConf('ipv6', name, 'disable_ipv6'), '1', 'IPv6 off again');
+    t.is(readConf('ipv4', name, 'rp_filter'), '1', 'strict again');
+  } finally {
+    const r = await probe({ socket: broker.socket, release: [name] }, { uid: NOBODY });
+    await r.release();
+  }
+});
