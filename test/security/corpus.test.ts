@@ -365,7 +365,8 @@ test.serial('op: __proto__', attack, { frame: pack({ op: '__proto__', id: 3 }), 
 test.serial('op: empty', attack, { frame: pack({ op: '', id: 3 }), expect: 'TB_E_UNKNOWN_OP' });
 test.serial('op: constructor', attack, { frame: pack({ op: 'constructor', id: 3 }), expect: 'TB_E_UNKNOWN_OP' });
 test.serial('op: HELLO in upper case', attack, { frame: pack({ op: 'HELLO', id: 3, version: 1 }), expect: 'TB_E_UNKNOWN_OP' });
-test.serial('op: missing', attack, { frame: pack({ id: 3, bridge: 'br0' }), expect: 'TB_E_UNKNOWN_OP' });
+test.serial('op: missing', attack, { frame: pack({ id: 3, bridge: 'br0' }), expect: 'TB_E_INVALID_REQUEST' });
+test.serial('op: a number', attack, { frame: pack({ op: 5, id: 3 }), expect: 'TB_E_INVALID_REQUEST' });
 test.serial('op: 4000 bytes long', attack, { frame: pack({ op: 'x'.repeat(4000), id: 3 }), expect: 'TB_E_UNKNOWN_OP' });
 test.serial('field: uid', attack, { frame: ct({ uid: 0 }), expect: 'TB_E_INVALID_REQUEST' });
 test.serial('field: mtu', attack, { frame: ct({ mtu: 65535 }), expect: 'TB_E_INVALID_REQUEST' });

@@ -2,9 +2,8 @@
 // extension or binary types, string keys only, no duplicate keys, bounded depth, no trailing
 // bytes), then decoded by msgpackr with every structured-clone feature off, then checked by zod.
 import { Packr, Unpackr } from 'msgpackr';
-import { TapbrokerError } from './errors.js';
+import { TapbrokerError, opRefusal } from './errors.js';
 import { scanFrame } from './scan.js';
-import { printable } from './text.js';
 import {
   MAX_REPLY_BYTES, MAX_REQUEST_BYTES, OPS, Reply, Request, describeIssues,
 } from './messages.js';
@@ -62,14 +61,8 @@ export function decodeRequest(buf: Buffer): Decoded<Request> {
   }
   const id = requestId(obj);
   const op = obj['op'];
-  if (typeof op !== 'string' || !(OPS as readonly string[]).includes(op)) {
-    const shown = typeof op === 'string' ? `\`${printable(op.slice(0, 32))}'` : 'missing';
-    return {
-      ok: false,
-      id,
-      error: new TapbrokerError('TB_E_UNKNOWN_OP', `unknown op ${shown}; known ops: ${OPS.join(', ')}`),
-    };
-  }
+  const refused = opRefusal(op, OPS);
+  if (refused) return { ok: false, id, error: refused };
   const parsed = Request.safeParse(obj);
   if (!parsed.success) {
     // A NIC of a `create` is named by its index, as its other refusals name it.

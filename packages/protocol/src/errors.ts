@@ -1,6 +1,8 @@
 // The one list of stable error codes. Callers match on `code`; messages may change.
 // docs/PROTOCOL.md documents every code, and a test fails if the two disagree.
 
+import { printable } from './text.js';
+
 export const ERROR_CODES = {
   TB_E_MALFORMED:
     'the frame is not a well-formed message: bad msgpack, trailing bytes, duplicate keys or nesting too deep',
@@ -79,4 +81,19 @@ export class TapbrokerError extends Error {
     this.hint = extra.hint;
     this.nic = extra.nic;
   }
+}
+
+/**
+ * Why a request's `op` is refused, or null when it is one of `ops`: a string not among them is an unknown op; none, or
+ * one of another type, an invalid request (an outside review: `{op: 5}` was told its op was missing).
+ */
+export function opRefusal(op: unknown, ops: readonly string[]): TapbrokerError | null {
+  if (typeof op === 'string') {
+    if (ops.includes(op)) return null;
+    const known = ops.join(', ');
+    return new TapbrokerError('TB_E_UNKNOWN_OP', `unknown op \`${printable(op.slice(0, 32))}'; known ops: ${known}`);
+  }
+  const type = op === null ? 'nil' : Array.isArray(op) ? 'an array' : `a ${typeof op}`;
+  const what = op === undefined ? 'is missing' : `must be a string, not ${type}`;
+  return new TapbrokerError('TB_E_INVALID_REQUEST', `invalid request: \`op' ${what}`);
 }

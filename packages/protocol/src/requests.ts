@@ -2,13 +2,12 @@
 // checked request through the strict scanner, a small msgpack reader and the shape generated from the zod
 // schema `Request` (the fuzz test holds it to the msgpackr + zod decoder frame by frame); replies as bytes.
 import { MAX_REQUEST_BYTES } from './constants.js';
-import { TapbrokerError } from './errors.js';
+import { TapbrokerError, opRefusal } from './errors.js';
 import type { Reply, Request } from './messages.js';
 import { decode, encode } from './msgpack.js';
 import { REQUEST_SHAPE } from './request-shape.js';
 import { scanFrame } from './scan.js';
 import { checkShape } from './shape.js';
-import { printable } from './text.js';
 
 export { REQUEST_SHAPE } from './request-shape.js';
 
@@ -40,10 +39,8 @@ export function decodeRequest(buf: Buffer): Decoded<Request> {
   const id = typeof obj['id'] === 'number' && Number.isInteger(obj['id']) && obj['id'] >= 0 && obj['id'] <= 0xffffffff
     ? obj['id'] : null;
   const op = obj['op'];
-  if (typeof op !== 'string' || !OPS.includes(op)) {
-    const shown = typeof op === 'string' ? `\`${printable(op.slice(0, 32))}'` : 'missing';
-    return refuse(id, new TapbrokerError('TB_E_UNKNOWN_OP', `unknown op ${shown}; known ops: ${OPS.join(', ')}`));
-  }
+  const refused = opRefusal(op, OPS);
+  if (refused) return refuse(id, refused);
   const checked = checkShape(REQUEST_SHAPE, obj);
   if (!checked.ok) {
     // A NIC of a `create` is named by its index, as its other refusals name it.
