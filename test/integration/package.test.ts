@@ -124,6 +124,16 @@ unshare -n sh -c '
   dpkg -i "$1" >/dev/null 2>&1
   dpkg --purge tapbroker >/dev/null 2>&1
   echo "run-gone: $(test -e /run/tapbroker && echo kept || echo gone)"
+  # And while its lease table owes work for devices already gone (the down of a hook network: an outside review purged
+  # after a removal, once the VMs had exited, and the downs never ran); a table that owes nothing goes.
+  dpkg -i "$1" >/dev/null 2>&1
+  printf "{\"version\":1,\"leases\":[],\"downs\":[{\"id\":\"x\"}],\"pending\":[]}\n" > /run/tapbroker/leases.json
+  echo "owed-note: $(dpkg --purge tapbroker 2>&1 >/dev/null | tr "\n" " ")"
+  echo "owed-kept: $(test -e /run/tapbroker/leases.json && echo kept || echo gone)"
+  printf "{\"version\":1,\"leases\":[],\"downs\":[],\"pending\":[],\"kept\":[\"y\"]}\n" > /run/tapbroker/leases.json
+  dpkg -i "$1" >/dev/null 2>&1
+  dpkg --purge tapbroker >/dev/null 2>&1
+  echo "owed-gone: $(test -e /run/tapbroker && echo kept || echo gone)"
 ' sh "$deb"
 `;
 
@@ -150,6 +160,9 @@ maybe('installed with dpkg: commands on PATH answer --version, the default polic
     t.regex(got['run-note'] ?? '', /\/run\/tapbroker is kept: .* \(tbk0 \); a broker installed again takes them back/);
     t.is(got['run-kept'], 'id', 'the broker\'s identity stays while its device does');
     t.is(got['run-gone'], 'gone', 'and goes with the next purge once no device is left');
+    t.regex(got['owed-note'] ?? '', /\/run\/tapbroker is kept: its lease table still owes work \(downs\)/);
+    t.is(got['owed-kept'], 'kept', 'a down still owed keeps the lease table');
+    t.is(got['owed-gone'], 'gone', 'one that owes nothing goes');
     // The commands run /usr/bin/node, which the package depends on, never a node earlier on root's PATH.
     t.is(got['shebang'], '#!/usr/bin/node #!/usr/bin/node #!/usr/bin/node');
     t.is(got['shadow'], '1', 'postinst tells about a unit copy under /etc/systemd/system that shadows the packaged one');
@@ -203,6 +216,11 @@ step idle-broken; sh "$pkg/postinst" configure 0.4.0 2> "$bin/said"
 sed 's/^/said: /' "$bin/said" >> "$bin/calls"
 rm "$bin/broken"
 step idle;      sh "$pkg/postinst" configure 0.4.0
+# A lease table that owes a network's down, its device gone: the broker is started to run it.
+mkdir -p /run/tapbroker
+printf '{"version":1,"leases":[],"downs":[{"id":"x"}]}\n' > /run/tapbroker/leases.json
+step owed;      sh "$pkg/postinst" configure 0.4.0
+rm /run/tapbroker/leases.json
 ip link add tbleft0 type bridge
 ip link set tbleft0 alias 'tapbroker lease=0123456789abcdef broker=x uid=65534 kind=macvtap ends=fd'
 step leftover;  sh "$pkg/postinst" configure 0.4.0
@@ -253,6 +271,7 @@ test.serial('maintainer scripts: the socket runs after an install, after a remov
     t.false(startsBroker('idle'), phases.get('idle')!.join('\n'));
     t.false(startsBroker('install'));
     t.true(startsBroker('leftover'), phases.get('leftover')!.join('\n'));
+    t.true(startsBroker('owed'), `a down owed for a device gone: ${phases.get('owed')!.join('; ')}`);
     t.false(startsBroker('forbidden'), `policy-rc.d forbids it: ${phases.get('forbidden')!.join('; ')}`);
     // macvtap is loaded at once where it is a module not loaded yet (modules-load.d waits for the next boot, and
     // the unit's DeviceAllow=char-macvtap finds no major without it: an outside review).
