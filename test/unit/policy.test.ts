@@ -512,6 +512,35 @@ for (const [who, net, want] of [
   });
 }
 
+// Found by an outside review: a deny of network lab closed lab2 (same bridge), the user's only grant, and the broker
+// said so in its hint, but explain-policy named lab alone.
+test('explain-policy says what of the user\'s own rules each deny closes, as the broker tells a refused caller',
+  (t) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tb-tools-'));
+    try {
+      const file = path.join(dir, 'policy.toml');
+      const policy = '[network.lab]\nbridge = "br0"\n[network.lab2]\nbridge = "br0"\n[network.far]\nbridge = "br1"\n\n'
+        + '[[rule]]\nname = "r"\nusers = [4210001]\nnetworks = ["lab2", "far"]\n\n'
+        + '[[deny]]\nname = "no-lab"\nusers = [4210001]\nnetworks = ["lab"]\n\n'
+        + '[[deny]]\nname = "no-br9"\nusers = [4210001]\nbridges = ["br9"]\n';
+      fs.writeFileSync(file, policy);
+      const main = path.resolve('packages/broker/dist/main.js');
+      const run = (...args: string[]) => execFileSync(process.execPath, [main, 'explain-policy', file, '--user', '4210001',
+        ...args], { encoding: 'utf8' });
+      const explained = JSON.parse(run('--json')) as { denied_by: Array<{ rule: string; closes: string }> };
+      t.deepEqual(explained.denied_by.map((d) => [d.rule, d.closes]),
+        [['no-lab', 'networks lab2'], ['no-br9', 'nothing the rules above give']]);
+      t.regex(run(), /^denied by `no-lab' .* of what they give, it closes networks lab2$/m);
+      // The broker's own decision, for the same policy: lab2 is refused by no-lab, far is not.
+      const cases = path.join(dir, 'cases.toml');
+      fs.writeFileSync(cases, '[[case]]\nuser = 4210001\nrequest = "network=lab2"\nexpect = "deny"\nrule = "no-lab"\n\n'
+        + '[[case]]\nuser = 4210001\nrequest = "network=far"\nexpect = "allow"\n');
+      t.notThrows(() => execFileSync(process.execPath, [main, 'test-policy', file, cases], { encoding: 'utf8' }));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
 test('who-can and explain-policy agree with the broker about a deny reached through a network', async (t) => {
   const { execFileSync } = await import('node:child_process');
   const fs = await import('node:fs');

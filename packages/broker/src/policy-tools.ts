@@ -6,8 +6,8 @@ import path from 'node:path';
 import { EX, MACVTAP_MODES, TapbrokerError, type MacvtapMode } from '@tapbroker/protocol';
 import { accountMembers, getgrgid, getpwnam, getpwuid, groupsOf } from './libc.js';
 import {
-  ANY_BRIDGE, DEFAULT_PVID, bridgeList, denyCovers, denyTouches, grantsBridge, matches, matchesDeny, portVlan,
-  resolveTarget, sameSegment, type AllowRule,
+  ANY_BRIDGE, DEFAULT_PVID, bridgeList, denyCovers, denyScopeFor, denyTouches, grantsBridge, matches, matchesDeny,
+  portVlan, resolveTarget, sameSegment, type AllowRule,
   type DenyRule, type Policy, type Selector, type Target,
 } from './decide.js';
 import { loadPolicy } from './policy.js';
@@ -704,13 +704,19 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
     const allows = refused ? [] : policy.allow.filter((r) => matches(r.who, caller));
     const denies = policy.deny.filter((d) => matchesDeny(d.who, caller));
     const everything = (d: DenyRule) => d.bridges === null && d.parents === null && d.networks === null;
+    // What of this user's own rules a deny closes, as the broker tells a refused caller (an outside review: a deny of
+    // network lab closed lab2, on the same bridge, which only the broker's own hint said).
+    const closes = (d: DenyRule) => {
+      const s = denyScopeFor(policy, d, allows);
+      return s === 'none of what your rules give' ? 'nothing the rules above give' : s;
+    };
     const result = {
       user: o.user, uid: pw.uid, gid: pw.gid < 0 ? null : pw.gid, groups, refused_at_accept: refused,
       locked_out: lockedOut(policy, allows),
       denied_by: denies.map((d) => ({
         rule: d.name, file: d.file, line: d.line, bridges: everything(d) ? 'all' : d.bridges ?? [],
         parents: everything(d) ? 'all' : d.parents ?? [],
-        networks: everything(d) ? 'all' : d.networks ?? [], covers: denyScope(policy, d),
+        networks: everything(d) ? 'all' : d.networks ?? [], covers: denyScope(policy, d), closes: closes(d),
       })),
       allowed_by: allows.map((r) => ({
         rule: r.name, file: r.file, line: r.line, bridges: r.bridges, macvtap: r.macvtap, networks: r.networks,
@@ -744,7 +750,7 @@ export function policyTool(argv: readonly string[], defaultPolicy: string, opts:
       for (const d of denies) {
         const scope = denyScope(policy, d);
         const why = shown(`denied by \`${d.name}' (${ruleAt(policy.path, d, true)}): ${scope}`);
-        write(`${why} — deny wins over every rule above`);
+        write(`${why} — deny wins over every rule above; of what they give, it closes ${shown(closes(d))}`);
       }
       for (const g of result.group_taps_refused) {
         write(shown(`\`${g.rule}' gives no tap given to a group (create --group) on ${g.covers}: deny \`${g.by}' `
