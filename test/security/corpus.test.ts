@@ -366,7 +366,6 @@ test.serial('op: empty', attack, { frame: pack({ op: '', id: 3 }), expect: 'TB_E
 test.serial('op: constructor', attack, { frame: pack({ op: 'constructor', id: 3 }), expect: 'TB_E_UNKNOWN_OP' });
 test.serial('op: HELLO in upper case', attack, { frame: pack({ op: 'HELLO', id: 3, version: 1 }), expect: 'TB_E_UNKNOWN_OP' });
 test.serial('op: missing', attack, { frame: pack({ id: 3, bridge: 'br0' }), expect: 'TB_E_INVALID_REQUEST' });
-test.serial('op: a number', attack, { frame: pack({ op: 5, id: 3 }), expect: 'TB_E_INVALID_REQUEST' });
 test.serial('op: 4000 bytes long', attack, { frame: pack({ op: 'x'.repeat(4000), id: 3 }), expect: 'TB_E_UNKNOWN_OP' });
 test.serial('field: uid', attack, { frame: ct({ uid: 0 }), expect: 'TB_E_INVALID_REQUEST' });
 test.serial('field: mtu', attack, { frame: ct({ mtu: 65535 }), expect: 'TB_E_INVALID_REQUEST' });
@@ -410,9 +409,9 @@ for (const [field, values] of Object.entries(WRONG)) {
     await clean(t);
   });
 }
-test.serial('wrong type for op: a number', attack, { frame: pack({ op: 1, id: 3, bridge: 'br0' }), expect: 'TB_E_UNKNOWN_OP' });
-test.serial('wrong type for op: null', attack, { frame: pack({ op: null, id: 3, bridge: 'br0' }), expect: 'TB_E_UNKNOWN_OP' });
-test.serial('wrong type for op: an array', attack, { frame: pack({ op: ['create-tap'], id: 3, bridge: 'br0' }), expect: 'TB_E_UNKNOWN_OP' });
+test.serial('wrong type for op: a number', attack, { frame: pack({ op: 1, id: 3, bridge: 'br0' }), expect: 'TB_E_INVALID_REQUEST' });
+test.serial('wrong type for op: null', attack, { frame: pack({ op: null, id: 3, bridge: 'br0' }), expect: 'TB_E_INVALID_REQUEST' });
+test.serial('wrong type for op: an array', attack, { frame: pack({ op: ['create-tap'], id: 3, bridge: 'br0' }), expect: 'TB_E_INVALID_REQUEST' });
 
 // ---------------------------------------------------------------- msgpack structure
 
@@ -444,7 +443,7 @@ test.serial('a string claiming 4 GiB', attack, { frame: map([...CT, ['x', hex('d
 test.serial('reserved byte 0xc1', attack, { frame: map([...CT, ['x', hex('c1')]]), expect: 'TB_E_MALFORMED' });
 test.serial('trailing bytes after the map', attack, { frame: Buffer.concat([ct(), hex('c0')]), expect: 'TB_E_MALFORMED' });
 test.serial('two maps in one frame', attack, { frame: Buffer.concat([HELLO, ct()]), expect: 'TB_E_MALFORMED' });
-test.serial('an empty map', attack, { frame: hex('80'), expect: 'TB_E_UNKNOWN_OP' });
+test.serial('an empty map', attack, { frame: hex('80'), expect: 'TB_E_INVALID_REQUEST' });
 test.serial('id 2^32-1 is echoed', async (t) => {
   const got = await once(nobody, pack({ op: 'hello', id: 2 ** 32 - 1, version: PROTOCOL_VERSION }));
   t.is(got.code, 'hello');
