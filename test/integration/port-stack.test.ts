@@ -6,10 +6,11 @@
 // bridge port and, the control, into a tap of a hook network (no bridge: its stack is the operator's and stays
 // open): the control shows the frame is one the host takes, and when, since both are written together.
 import anyTest, { type TestFn } from 'ava';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { BrokerProcess } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
-import { NOBODY, OTHER_UID, probe } from '../helpers/unpriv.js';
+import { CLIENT_CLI } from '../helpers/broker.js';
+import { NOBODY, OTHER_UID, probe, setprivArgs } from '../helpers/unpriv.js';
 import { poll } from '../helpers/wait.js';
 
 const test = anyTest as TestFn;
@@ -169,6 +170,7 @@ test.serial('every port the broker makes has its stack closed, locked or not, an
         t.is(readConf('ipv6', dev, 'disable_ipv6'), '1', `${dev}: IPv6 off`);
         t.is(readConf('ipv4', dev, 'drop_unicast_in_l2_multicast'), '1', `${dev}: unicast in multicast dropped`);
         t.is(readConf('ipv4', dev, 'rp_filter'), '1', `${dev}: sources checked strictly`);
+        t.is(readConf('ipv4', dev, 'arp_ignore'), '8', `${dev}: no ARP answered`);
       }
       t.is(readConf('ipv6', control.name, 'disable_ipv6'), '0', 'a tap on no bridge is the operator\'s');
     } finally {
@@ -194,5 +196,94 @@ test.serial('a persistent port an earlier version left open is closed at the nex
   } finally {
     const r = await probe({ socket: broker.socket, release: [name] }, { uid: NOBODY });
     await r.release();
+  }
+});
+
+// Found by an outside re-test: a broker that could not write the IPv6 sysctl at its start skipped the IPv4 settings of
+// the ports it took back too. Here /proc/sys is read-only to it (a bind in its own mount namespace, as a unit that
+// hides it would): IPv4 is closed again over netlink, the sysctl's failure is said, and a new port is refused.
+const RO_PROC_SYS = ['unshare', '-m', '--propagation', 'private', 'sh', '-c',
+  'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$@"', 'sh'];
+
+test.serial('a broker that cannot turn IPv6 off still closes IPv4 on the ports it takes back, and refuses new ones',
+  async (t) => {
+    const made = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] },
+      { uid: NOBODY });
+    await made.release();
+    const name = made.result.taps[0]!.device.name;
+    const before = ns.extraLinks([]).length;
+    try {
+      await broker.stop('SIGTERM', true);
+      sysctl(`net.ipv4.conf.${name}.rp_filter=0`, `net.ipv4.conf.${name}.arp_ignore=0`);
+      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir, wrap: RO_PROC_SYS });
+      t.is(readConf('ipv4', name, 'rp_filter'), '1', 'IPv4 closed again');
+      t.is(readConf('ipv4', name, 'arp_ignore'), '8');
+      t.regex(broker.stderr, new RegExp(`warning: cannot turn IPv6 off on port \`${name}'`));
+      const refused = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY });
+      await refused.release();
+      t.like(refused.result.error, { code: 'TB_E_KERNEL' });
+      t.regex(refused.result.error?.hint ?? '', /ReadWritePaths=-\/proc\/sys\/net\/ipv6\/conf/);
+      await poll(() => ns.extraLinks([]).length === before, { ms: 3000 });
+      t.is(ns.extraLinks([]).length, before, 'nothing left of the refused port');
+    } finally {
+      await broker.stop('SIGTERM', true);
+      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+      const r = await probe({ socket: broker.socket, release: [name] }, { uid: NOBODY });
+      await r.release();
+    }
+  });
+
+// Found by an outside re-test: a guest's ARP probe (sender 0.0.0.0, from a spoofed MAC, to a link-local group) was
+// answered on the port for any of the host's addresses. The guest writes one into each of its two NICs (the port, then
+// the control) and counts the replies each gets; the port's would be queued before the control's.
+const ARP_GUEST = `
+import fcntl, json, os, re, select, struct, sys, time
+fds = [int(m) for a in sys.argv[1:] for m in re.findall(r'[,=]fds?=(\\d+)', a)]
+def off(fd):
+    ifr = bytearray(40); fcntl.ioctl(fd, 0x800454d2, ifr)
+    return 10 if struct.unpack_from('<H', ifr, 16)[0] & 0x4000 else 0
+hdr = {fd: off(fd) for fd in fds}
+smac = bytes.fromhex('${SPOOFED}'); host = bytes([10, 77, 0, 1])
+arp = b'\\x08\\x06' + struct.pack('!HHBBH', 1, 0x0800, 6, 4, 1)
+probe = bytes.fromhex('0180c200000e') + smac + arp + smac + bytes(10) + host
+for fd in fds: os.write(fd, bytes(hdr[fd]) + probe)
+got = {fd: 0 for fd in fds}
+end = time.time() + 5
+while time.time() < end and got[fds[-1]] == 0:
+    for fd in select.select(fds, [], [], 0.05)[0]:
+        b = os.read(fd, 65535)[hdr[fd]:]
+        if b[12:14] == b'\\x08\\x06' and b[20:22] == b'\\x00\\x02' and b[28:32] == host: got[fd] += 1
+for fd in select.select(fds, [], [], 0)[0]:
+    b = os.read(fd, 65535)[hdr[fd]:]
+    if b[12:14] == b'\\x08\\x06' and b[20:22] == b'\\x00\\x02' and b[28:32] == host: got[fd] += 1
+print(json.dumps([got[fd] for fd in fds]), flush=True)
+`;
+
+test.serial('a guest\'s ARP probe to a link-local group is not answered on its port', (t) => {
+  const r = spawnSync('setpriv', [...setprivArgs(), process.execPath, CLIENT_CLI, 'run', '--socket', broker.socket,
+    '--net', 'bridge=br0,model=none', '--net', 'network=routed,model=none', '--', 'python3', '-c', ARP_GUEST],
+  { encoding: 'utf8', timeout: 20_000 });
+  t.is(r.status, 0, r.stderr);
+  const [port, control] = JSON.parse(r.stdout.trim().split('\n').pop()!) as number[];
+  t.true(control! > 0, 'the control: an open stack answers');
+  t.is(port, 0, 'the port does not');
+});
+
+// Found by an outside re-test: writing net.ipv6.conf.all.disable_ipv6 sets every device's, and 1 then 0 opened every
+// port again. The address the kernel gives a reopened port is seen, and the port closed again.
+test.serial('a port whose IPv6 the host turned on again (all.disable_ipv6 1, then 0) is closed again', async (t) => {
+  const p = await probe({ socket: broker.socket, requests: [{ bridge: 'br0' }] }, { uid: NOBODY });
+  const port = p.result.taps[0]!.device;
+  try {
+    t.is(readConf('ipv6', port.name, 'disable_ipv6'), '1');
+    sysctl('net.ipv6.conf.all.disable_ipv6=1');
+    sysctl('net.ipv6.conf.all.disable_ipv6=0');
+    await broker.record((r) => r.decision === 'reconcile' && (r.device as { name?: string }).name === port.name
+      && /IPv6 came on again on its port/.test(r.message ?? ''), 5000);
+    t.is(readConf('ipv6', port.name, 'disable_ipv6'), '1', 'turned off again');
+    t.is(ns.ip('-6', 'addr', 'show', 'dev', port.name).trim(), '', 'and its address gone');
+  } finally {
+    sysctl('net.ipv6.conf.all.disable_ipv6=0');
+    await p.release();
   }
 });

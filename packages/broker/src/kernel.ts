@@ -180,6 +180,7 @@ export interface Kernel {
     onLink: (type: number, link: Link) => void,
     onOverrun: () => void,
     wants: Wants,
+    onAddress?: (index: number) => void,
   ): { drain(): boolean; close(): void };
   followBridges(): void;
   follows(index: number): boolean;

@@ -6,7 +6,7 @@ import type { Audit, AuditEvent } from './audit.js';
 import type { Identity } from './identity.js';
 import { BrokerId, KERNEL_KIND, LeaseTable, aliasIdentity, leaseView, type LeaseRecord } from './leases.js';
 import type { Cleanup, Kernel } from './kernel.js';
-import { putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
+import { portReopened, putBack, reconcile, reconcileOvs, type DeletedAs, type Keeper } from './reconcile.js';
 import { hookRun, killOrphanHooks, type HookRun } from './hook.js';
 import { decidePersistent, expectedMac, takenMac, violationOf } from './terms.js';
 import { Floods } from './floods.js';
@@ -75,9 +75,9 @@ export class Lifetimes implements Cleanup {
   start(): void {
     this.kernel.followBridges();
     this.monitor = this.kernel.monitor(
-      (type, link) => this.onLink(type, link),
-      () => this.resync(),
+      (type, link) => this.onLink(type, link), () => this.resync(),
       (type, index, master, name) => this.wants(type, index, master, name),
+      (index) => this.keeper && portReopened(this.keeper, index),
     );
     const keeper: Keeper = this.keeper = {
       table: this.table, kernel: this.kernel, audit: this.audit, trusted: this.trusted, intact: this.intact,

@@ -3,7 +3,8 @@ import { sys, watchReadable } from '@tapbroker/protocol/core';
 import { attachFilter, type BpfInsn } from './libc.js';
 import { NLMSGHDR, splitMessages } from './netlink.js';
 import {
-  AF_BRIDGE, IFINFOMSG, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, nameOf, parseLink, type Link,
+  AF_BRIDGE, IFINFOMSG, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWLINK, masterOf, nameOf,
+  parseLink, type Link,
 } from './rtnetlink.js';
 import { toStderr } from './stderr.js';
 
@@ -56,6 +57,8 @@ export class LinkMonitor {
     private readonly onOverrun: () => void,
     private readonly wants: Wants = () => true,
     queueBytes = LINK_EVENT_QUEUE,
+    /** An IPv6 address came on device `index` (RTM_NEWADDR; ifaddrmsg's index sits where ifinfomsg's does). */
+    private readonly onAddress: (index: number) => void = () => {},
   ) {
     this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
     // A larger queue overruns less often under a teardown burst (each overrun costs one dump).
@@ -66,7 +69,7 @@ export class LinkMonitor {
     }
     const sa = Buffer.alloc(12);
     sa.writeUInt16LE(sys.AF_NETLINK, 0);
-    sa.writeUInt32LE(RTMGRP_LINK, 8);
+    sa.writeUInt32LE(RTMGRP_LINK | RTMGRP_IPV6_IFADDR, 8);
     sys.bind(this.fd, sa, 'RTMGRP_LINK');
     try {
       attachFilter(this.fd, SKIP_BRIDGE_VIEWS);
@@ -98,6 +101,13 @@ export class LinkMonitor {
       }
       for (const m of splitMessages(got.data)) {
         const type = m.readUInt16LE(4);
+        if (type === RTM_NEWADDR && m.length >= NLMSGHDR + 8) {
+          try {
+            this.onAddress(m.readInt32LE(20));
+          } catch (err) {
+            toStderr(`tapbrokerd: an address event could not be applied: ${(err as Error).stack}\n`);
+          }
+        }
         if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
         // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
         if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE

@@ -84,8 +84,9 @@ export class Netdev implements Kernel {
   }
 
   closePortStack(index: number, name: string): void {
-    ipv6Off(name);
+    // IPv4 first: a sysctl that cannot be written leaves the rest done.
     this.rtnl.configureLink(index, { closeStack: true });
+    ipv6Off(name);
   }
 
   deleteLink(index: number): Promise<boolean> {
@@ -119,8 +120,8 @@ export class Netdev implements Kernel {
     this.rtnl.configureLink(index, { alias: '' });
   }
 
-  monitor(...[onLink, onOverrun, wants]: Parameters<Kernel['monitor']>): LinkMonitor {
-    return new LinkMonitor(onLink, onOverrun, wants, this.linkEventQueue);
+  monitor(...[onLink, onOverrun, wants, onAddress]: Parameters<Kernel['monitor']>): LinkMonitor {
+    return new LinkMonitor(onLink, onOverrun, wants, this.linkEventQueue, onAddress);
   }
 
   /**

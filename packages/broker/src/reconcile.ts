@@ -229,14 +229,7 @@ export function reconcile(lt: Keeper): void {
       lt.unplug(l);
       continue;
     }
-    // A port made before its own IP stack was closed to its guest (before 0.5.0): closed now (see closePortStack).
-    if (l.kind === 'tap' && l.plug === null && byIndex.get(link.master ?? 0)?.kind === 'bridge') {
-      try {
-        lt.kernel.closePortStack(l.ifindex, l.name);
-      } catch (err) {
-        lt.log(`warning: ${(err as Error).message}`);
-      }
-    }
+    closePort(lt, l, byIndex.get(link.master ?? 0), false);
     if (Forwarding.followed(l, lt.kernel)) {
       // Only root can unlock a port: an administrator's script may have, while the broker was down. Said, then undone.
       if (l.locked && lt.kernel.link(l.ifindex)?.portLocked === false) {
@@ -306,6 +299,32 @@ export function putBack(lt: Keeper, l: LeaseRecord): void {
     }
   }
   if (l.locked) relock(lt, l);
+}
+
+/**
+ * A lease's Linux-bridge port, its own IP stack closed again (kernel.ts ipv6Off): at a start (a port made before that
+ * was done, or opened while the broker was down), and when an IPv6 address comes on one (net.ipv6.conf.all.disable_ipv6
+ * written: the kernel sets every device's; an outside re-test wrote 1 then 0, and a guest's router advertisement gave
+ * the host routes through its tap again). A failure is logged: the device stays, its VM runs.
+ */
+function closePort(lt: Keeper, l: LeaseRecord, bridge: Link | null | undefined, reopened: boolean): void {
+  if (l.kind !== 'tap' || l.plug !== null || bridge?.kind !== 'bridge') return;
+  try {
+    lt.kernel.closePortStack(l.ifindex, l.name);
+    if (reopened) {
+      lt.note('reconcile', 'reconcile', l, 'IPv6 came on again on its port (net.ipv6.conf.all.disable_ipv6 written?): '
+        + 'turned off again');
+    }
+  } catch (err) {
+    lt.log(`warning: ${(err as Error).message}`);
+  }
+}
+
+/** An IPv6 address came on device `index` (the link monitor): closed again where it is a lease's bridge port. */
+export function portReopened(lt: Keeper, index: number): void {
+  const l = lt.table.byIfindex(index);
+  const link = l ? lt.kernel.link(index) : null;
+  if (l && link && lt.isDevice(l, link) && link.master !== null) closePort(lt, l, lt.kernel.link(link.master), true);
 }
 
 /**

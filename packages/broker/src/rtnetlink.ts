@@ -33,6 +33,7 @@ export const IFLA_AF_SPEC = 26;
 const AF_INET = 2;
 const IFLA_INET_CONF = 1;
 const IPV4_DEVCONF_RP_FILTER = 8;
+const IPV4_DEVCONF_ARP_IGNORE = 19;
 const IPV4_DEVCONF_DROP_UNICAST_IN_L2_MULTICAST = 30;
 export const IFLA_BRIDGE_VLAN_INFO = 2;
 export const BRIDGE_VLAN_INFO_PVID = 0x2;
@@ -41,6 +42,9 @@ export const IFLA_BR_VLAN_FILTERING = 7;
 const IFLA_BR_VLAN_DEFAULT_PVID = 39;
 const IFLA_NEW_NETNSID = 45;
 export const RTMGRP_LINK = 1;
+/** IPv6 addresses' events: one on a bridge port the broker made means its stack was opened again (reconcile.ts). */
+export const RTMGRP_IPV6_IFADDR = 0x100;
+export const RTM_NEWADDR = 20;
 /** MACVLAN_MODE_* from if_link.h. */
 export const MACVLAN_MODES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as const;
 export const IFLA_EXT_MASK = 29;
@@ -502,9 +506,13 @@ export class Rtnetlink {
   }
 }
 
-/** IPv4 on a bridge port: unicast in link-layer multicast dropped, sources checked strictly (see kernel.ts ipv6Off). */
+/**
+ * IPv4 on a bridge port: unicast in link-layer multicast dropped, sources checked strictly, and no ARP answered for any
+ * of the host's addresses (arp_ignore 8): see kernel.ts ipv6Off.
+ */
 export const CLOSED_IPV4 = attrNested(IFLA_AF_SPEC, [attrNested(AF_INET, [attrNested(IFLA_INET_CONF, [
   attrU32(IPV4_DEVCONF_RP_FILTER, 1), attrU32(IPV4_DEVCONF_DROP_UNICAST_IN_L2_MULTICAST, 1),
+  attrU32(IPV4_DEVCONF_ARP_IGNORE, 8),
 ])])]);
 
 /**
