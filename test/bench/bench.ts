@@ -646,8 +646,8 @@ function phaseFloorC(): void {
     const s = stats((JSON.parse(out) as { samples: number[] }).samples);
     fig({ id: 'floor-c', label: 'kernel floor from C, taps kept (no runtime)', stats: s,
       value: { v: 1000 / s.p50, unit: 'grants/s' },
-      note: 'floor.c: the same steps as the first row (open, TUNSETIFF, TUNSETOWNER, RTM_GETLINK, one RTM_NEWLINK '
-        + 'and its ACK), from C, every tap kept until the end' });
+      note: 'floor.c: the same steps as the first row (open, TUNSETIFF, TUNSETOWNER, RTM_GETLINK, the disable_ipv6 '
+        + 'sysctl, one RTM_NEWLINK and its ACK), from C, every tap kept until the end' });
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -1086,7 +1086,7 @@ async function main(): Promise<void> {
   progress(`namespace ${ns().name}`);
 
   if (wanted('floor')) {
-    await phaseFloor('floor', 'kernel floor (Netdev.createTap, in-process)', 'open /dev/net/tun, TUNSETIFF tap|no_pi|tun_excl|vnet_hdr, RTM_GETLINK, RTM_NEWLINK (MAC, MTU, master, up, ifalias) with the project\'s Netdev, in a process inside the namespace; no IPC, policy, lease or audit; each tap destroyed off the clock before the next');
+    await phaseFloor('floor', 'kernel floor (Netdev.createTap, in-process)', 'open /dev/net/tun, TUNSETIFF tap|no_pi|tun_excl|vnet_hdr, RTM_GETLINK, the disable_ipv6 sysctl, RTM_NEWLINK (MAC, MTU, master, up, ifalias, the port\'s IPv4 settings) with the project\'s Netdev, in a process inside the namespace; no IPC, policy, lease or audit; each tap destroyed off the clock before the next');
     await phaseFloor('floor-held', 'kernel floor, taps kept (no teardown between)', 'the same, every tap kept until the end: no destruction\'s after-effects in the kernel between two creates', true);
     phaseFloorC();
   }

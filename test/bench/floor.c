@@ -1,8 +1,9 @@
 /*
  * The kernel floor without a runtime: the same kernel steps as Netdev.createTap (floor.ts), from C.
  * Per tap: open /dev/net/tun; TUNSETIFF tap|no_pi|tun_excl|vnet_hdr; TUNSETOWNER; RTM_GETLINK of the
- * new name; one RTM_NEWLINK setting the host MAC, the bridge's MTU, the bridge as master, up, and an
- * ifalias; its ACK. Every tap is kept (its fd open) until the end, so no teardown runs between two creates.
+ * new name; IPv6 off (its disable_ipv6 sysctl); one RTM_NEWLINK setting the host MAC, the bridge's MTU, the
+ * bridge as master, up, an ifalias and the port's IPv4 settings (rp_filter, drop_unicast_in_l2_multicast,
+ * arp_ignore); its ACK. Every tap is kept (its fd open) until the end, so no teardown runs between two creates.
  * Prints {"samples": [ms, ...]} (one per tap after the warm-up) as one JSON line.
  *
  * Usage: floor-c BRIDGE N WARMUP PREFIX
@@ -11,6 +12,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if.h>
+#include <linux/if_link.h>
+#include <linux/ip.h>
 #include <linux/if_tun.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
@@ -108,7 +111,13 @@ int main(int argc, char **argv) {
 		attr(h, IFLA_IFNAME, name, (unsigned short)(strlen(name) + 1));
 		struct nlmsghdr *link = request(h);
 		int index = ((struct ifinfomsg *)NLMSG_DATA(link))->ifi_index;
-		/* RTM_NEWLINK: host MAC, the bridge's MTU, master, up, ifalias; with an ACK. */
+		/* IPv6 off on the port, before it is up. */
+		char conf[96];
+		snprintf(conf, sizeof conf, "/proc/sys/net/ipv6/conf/%s/disable_ipv6", name);
+		int sysctl = open(conf, O_WRONLY | O_CLOEXEC);
+		if (sysctl < 0 || write(sysctl, "1", 1) != 1) die(conf);
+		close(sysctl);
+		/* RTM_NEWLINK: host MAC, the bridge's MTU, master, up, ifalias, the port's IPv4 settings; with an ACK. */
 		memset(req, 0, sizeof req);
 		h->nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
 		h->nlmsg_type = RTM_NEWLINK;
@@ -123,6 +132,13 @@ int main(int argc, char **argv) {
 		attr(h, IFLA_ADDRESS, mac, sizeof mac);
 		attr(h, IFLA_MTU, &mtu, sizeof mtu);
 		attr(h, IFLA_MASTER, &master, sizeof master);
+		struct u32attr { struct rtattr a; unsigned v; };
+		struct { struct rtattr inet, conf; struct u32attr v[3]; } ipv4 = {
+			{ sizeof ipv4, AF_INET }, { sizeof ipv4 - sizeof(struct rtattr), IFLA_INET_CONF },
+			{ { { 8, IPV4_DEVCONF_RP_FILTER }, 1 }, { { 8, IPV4_DEVCONF_DROP_UNICAST_IN_L2_MULTICAST }, 1 },
+			  { { 8, IPV4_DEVCONF_ARP_IGNORE }, 8 } },
+		};
+		attr(h, IFLA_AF_SPEC, &ipv4, sizeof ipv4);
 		request(h);
 		double dt = now_ms() - t0;
 		fds[i] = fd;
