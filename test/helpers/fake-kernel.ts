@@ -296,6 +296,10 @@ export class FakeKernel implements Kernel {
     this.steps.push(`setAccessVlan ${link.name} ${vid}`);
   }
 
+  ipv6On(): boolean {
+    return false;
+  }
+
   closePortStack(_index: number, name: string): void {
     this.steps.push(`closePortStack ${name}`);
   }

@@ -150,6 +150,8 @@ export interface Kernel {
   setAccessVlan(port: number, vid: number): void;
   /** A Linux-bridge port's own IP stack closed to its guest (see ipv6Off): for a port made before that was done. */
   closePortStack(index: number, name: string): void;
+  /** Is IPv6 on for device `name` (its disable_ipv6 0)? False where that cannot be read. */
+  ipv6On(name: string): boolean;
   /**
    * A single-queue tap nobody holds, attached by the broker (its fd) so that nobody can until it is deleted;
    * null when a process holds it (the kernel counts no queues for such a tap, and its carrier is its holder's
@@ -180,7 +182,8 @@ export interface Kernel {
     onLink: (type: number, link: Link) => void,
     onOverrun: () => void,
     wants: Wants,
-    onAddress?: (index: number) => void,
+    /** IPv6 came up on device `index`, or null: some such news were lost. */
+    onIpv6?: (index: number | null) => void,
   ): { drain(): boolean; close(): void };
   followBridges(): void;
   follows(index: number): boolean;
@@ -253,9 +256,10 @@ export function kernelError(what: string, err: unknown): TapbrokerError {
  * there (an outside review: a guest's IPv6 router advertisement gave the host a default route through its tap, and a
  * UDP packet from a spoofed MAC reached a host socket on the tap's interface, past rules written for the bridge). So
  * IPv6 is off on every port the broker makes (no address, no router advertisements: here, by sysctl, as netlink cannot
- * set it), and IPv4 drops unicast in link-layer multicast and checks sources strictly (nothing routes through a port:
- * every source fails but 0.0.0.0; the host's `all` can only loosen it): IPV4_DEVCONF, in the RTM_NEWLINK that
- * configures the port (rtnetlink.ts). Before the port is up. A host booted without IPv6 has nothing to turn off.
+ * set it; again whenever the host turns it back on, reconcile.ts portReopened), and IPv4 drops unicast in link-layer
+ * multicast, checks sources (a port has no address: every source but 0.0.0.0 fails) and answers no ARP: IPV4_DEVCONF,
+ * in the RTM_NEWLINK that configures the port (rtnetlink.ts). Before the port is up. A host booted without IPv6 has
+ * nothing to turn off.
  */
 export function ipv6Off(name: string): void {
   try {
@@ -269,6 +273,15 @@ export function ipv6Off(name: string): void {
       cause: err, hint: 'a unit with ProcSubset=pid, or ProtectKernelTunables= without '
         + 'ReadWritePaths=-/proc/sys/net/ipv6/conf, keeps it from the broker: see the shipped tapbrokerd.service',
     });
+  }
+}
+
+/** Is IPv6 on for device `name` (its disable_ipv6 0)? False where that cannot be read. */
+export function ipv6On(name: string): boolean {
+  try {
+    return fs.readFileSync(`/proc/sys/net/ipv6/conf/${name}/disable_ipv6`, 'latin1').trim() === '0';
+  } catch {
+    return false;
   }
 }
 

@@ -3,7 +3,7 @@ import { sys, watchReadable } from '@tapbroker/protocol/core';
 import { attachFilter, type BpfInsn } from './libc.js';
 import { NLMSGHDR, splitMessages } from './netlink.js';
 import {
-  AF_BRIDGE, IFINFOMSG, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWLINK, masterOf, nameOf,
+  AF_BRIDGE, AF_INET6, IFINFOMSG, RTMGRP_IPV6_IFINFO, RTMGRP_LINK, RTM_DELLINK, RTM_NEWLINK, masterOf, nameOf,
   parseLink, type Link,
 } from './rtnetlink.js';
 import { toStderr } from './stderr.js';
@@ -57,8 +57,8 @@ export class LinkMonitor {
     private readonly onOverrun: () => void,
     private readonly wants: Wants = () => true,
     queueBytes = LINK_EVENT_QUEUE,
-    /** An IPv6 address came on device `index` (RTM_NEWADDR; ifaddrmsg's index sits where ifinfomsg's does). */
-    private readonly onAddress: (index: number) => void = () => {},
+    /** IPv6 came up on device `index`, or null: some such news were lost (see Ipv6Watch). */
+    onIpv6?: (index: number | null) => void,
   ) {
     this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
     // A larger queue overruns less often under a teardown burst (each overrun costs one dump).
@@ -69,7 +69,7 @@ export class LinkMonitor {
     }
     const sa = Buffer.alloc(12);
     sa.writeUInt16LE(sys.AF_NETLINK, 0);
-    sa.writeUInt32LE(RTMGRP_LINK | RTMGRP_IPV6_IFADDR, 8);
+    sa.writeUInt32LE(RTMGRP_LINK, 8);
     sys.bind(this.fd, sa, 'RTMGRP_LINK');
     try {
       attachFilter(this.fd, SKIP_BRIDGE_VIEWS);
@@ -78,55 +78,117 @@ export class LinkMonitor {
       // Without the filter the same events come, and are skipped when read.
     }
     this.watch = watchReadable(this.fd, () => this.drain());
+    this.ipv6 = onIpv6 ? new Ipv6Watch(onIpv6) : null;
   }
+
+  private readonly ipv6: Ipv6Watch | null;
 
   /** Applies what is queued, up to DRAIN_BUDGET reads; false when some was left for later. */
   drain(): boolean {
     let overrun = false;
-    let emptied = false;
-    for (let reads = 0; reads < DRAIN_BUDGET; reads++) {
-      let got: sys.MsgIn | null;
+    const read = readQueued(this.fd, this.rx, (m) => {
+      const type = m.readUInt16LE(4);
+      if (type !== RTM_NEWLINK && type !== RTM_DELLINK) return;
+      // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
+      if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE
+        || !this.wants(type, m.readInt32LE(20), () => masterOf(m), () => nameOf(m))) return;
       try {
-        got = this.rx.recv(this.fd, sys.MSG_DONTWAIT);
+        this.onLink(type, parseLink(m));
       } catch (err) {
-        if (err instanceof sys.SyscallError && err.errno === sys.errno.ENOBUFS) {
-          overrun = true;
-          continue;
-        }
-        throw err;
+        // One event that cannot be applied does not lose the rest: they go on, and a resync follows.
+        toStderr(`tapbrokerd: a link event could not be applied: ${(err as Error).stack}\n`);
+        overrun = true;
       }
-      if (got === null) {
-        emptied = true;
-        break;
-      }
-      for (const m of splitMessages(got.data)) {
-        const type = m.readUInt16LE(4);
-        if (type === RTM_NEWADDR && m.length >= NLMSGHDR + 8) {
-          try {
-            this.onAddress(m.readInt32LE(20));
-          } catch (err) {
-            toStderr(`tapbrokerd: an address event could not be applied: ${(err as Error).stack}\n`);
-          }
-        }
-        if (type !== RTM_NEWLINK && type !== RTM_DELLINK) continue;
-        // ifinfomsg: the family (a bridge port's own view is AF_BRIDGE) and the ifindex, read before decoding.
-        if (m.length < NLMSGHDR + IFINFOMSG || m.readUInt8(16) === AF_BRIDGE
-          || !this.wants(type, m.readInt32LE(20), () => masterOf(m), () => nameOf(m))) continue;
-        try {
-          this.onLink(type, parseLink(m));
-        } catch (err) {
-          // One event that cannot be applied does not lose the rest: they go on, and a resync follows.
-          toStderr(`tapbrokerd: a link event could not be applied: ${(err as Error).stack}\n`);
-          overrun = true;
-        }
-      }
-    }
+    });
     // One resync after the reads: a dump then reflects everything lost.
-    if (overrun) this.onOverrun();
-    return emptied;
+    if (overrun || read.lost) this.onOverrun();
+    return read.emptied;
   }
 
   close(): void {
+    this.ipv6?.close();
+    this.watch.close();
+    sys.close(this.fd);
+  }
+}
+
+/**
+ * Each message queued on netlink socket `fd`, up to DRAIN_BUDGET reads: `lost` when the kernel dropped some (an
+ * overrun), `emptied` when nothing is left for later.
+ */
+function readQueued(fd: number, rx: sys.Receiver, each: (m: Buffer) => void): { lost: boolean; emptied: boolean } {
+  let lost = false;
+  for (let reads = 0; reads < DRAIN_BUDGET; reads++) {
+    let got: sys.MsgIn | null;
+    try {
+      got = rx.recv(fd, sys.MSG_DONTWAIT);
+    } catch (err) {
+      if (!(err instanceof sys.SyscallError && err.errno === sys.errno.ENOBUFS)) throw err;
+      lost = true;
+      continue;
+    }
+    if (got === null) return { lost, emptied: true };
+    for (const m of splitMessages(got.data)) each(m);
+  }
+  return { lost, emptied: false };
+}
+
+/** After news were lost, the next look at every port waits at least this long since the last (a flood's overruns). */
+const IPV6_LOST_GAP_MS = 2000;
+
+/**
+ * RTNLGRP_IPV6_IFINFO: the kernel says when IPv6 comes up on a device (addrconf's AF_INET6 RTM_NEWLINK), at once,
+ * before any address passes duplicate address detection (an outside audit: a guest whose router advertisements
+ * stretched DAD to weeks kept a reopened port's address, the broker's former cue, from ever being told). On a socket
+ * of its own: a guest can make the host's bridge send these (advertisements that flip its flags), and their flood
+ * must overrun nothing but this queue (address events read with the link events overran those: 39 resyncs in 6 s).
+ * `on(index)` for each; `on(null)` after some were lost, at most once per IPV6_LOST_GAP_MS (each one looks at every
+ * port).
+ */
+class Ipv6Watch {
+  private readonly fd: number;
+  private readonly watch: { close(): void };
+  private readonly rx = new sys.Receiver(64 * 1024);
+  private lostAt = -Infinity;
+  private lostLater: NodeJS.Timeout | null = null;
+
+  constructor(private readonly on: (index: number | null) => void) {
+    this.fd = sys.socket(sys.AF_NETLINK, sys.SOCK_RAW | sys.SOCK_CLOEXEC | sys.SOCK_NONBLOCK, sys.NETLINK_ROUTE);
+    const sa = Buffer.alloc(12);
+    sa.writeUInt16LE(sys.AF_NETLINK, 0);
+    sa.writeUInt32LE(RTMGRP_IPV6_IFINFO, 8);
+    sys.bind(this.fd, sa, 'RTMGRP_IPV6_IFINFO');
+    this.watch = watchReadable(this.fd, () => this.drain());
+  }
+
+  private drain(): void {
+    const read = readQueued(this.fd, this.rx, (m) => {
+      const up = m.readUInt16LE(4) === RTM_NEWLINK && m.length >= NLMSGHDR + IFINFOMSG;
+      if (up && m.readUInt8(16) === AF_INET6) this.tell(m.readInt32LE(20));
+    });
+    if (read.lost) this.lost();
+  }
+
+  private lost(): void {
+    if (this.lostLater) return;
+    const wait = this.lostAt + IPV6_LOST_GAP_MS - performance.now();
+    this.lostLater = setTimeout(() => {
+      this.lostLater = null;
+      this.lostAt = performance.now();
+      this.tell(null);
+    }, Math.max(0, wait));
+  }
+
+  private tell(index: number | null): void {
+    try {
+      this.on(index);
+    } catch (err) {
+      toStderr(`tapbrokerd: IPv6 news could not be applied: ${(err as Error).stack}\n`);
+    }
+  }
+
+  close(): void {
+    if (this.lostLater) clearTimeout(this.lostLater);
     this.watch.close();
     sys.close(this.fd);
   }

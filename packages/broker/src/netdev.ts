@@ -6,7 +6,7 @@ import { TapbrokerError, macFromBuffer, sys } from '@tapbroker/protocol/core';
 import {
   ContestedDeviceError, NO_FAULTS, TUNSETOWNER, TUNSETGROUP, TUNSETIFF, TUNSETPERSIST, hostMac, kernelError,
   openVhost, tapFlags, tunIfreq, vhostRefusal, type Cleanup, type CreatedTap, type Faults, type Kernel,
-  sysfsDevice, sysfsRead, ipv6Off, type MacvtapRequest, type TapRequest,
+  sysfsDevice, sysfsRead, ipv6Off, ipv6On, type MacvtapRequest, type TapRequest,
 } from './kernel.js';
 import { checkMacFree, createMacvtap, macvtapParent } from './macvtap.js';
 import { randomMac } from './naming.js';
@@ -83,6 +83,10 @@ export class Netdev implements Kernel {
     this.rtnl.setAccessVlan(port, vid);
   }
 
+  ipv6On(name: string): boolean {
+    return ipv6On(name);
+  }
+
   closePortStack(index: number, name: string): void {
     // IPv4 first: a sysctl that cannot be written leaves the rest done.
     this.rtnl.configureLink(index, { closeStack: true });
@@ -120,8 +124,8 @@ export class Netdev implements Kernel {
     this.rtnl.configureLink(index, { alias: '' });
   }
 
-  monitor(...[onLink, onOverrun, wants, onAddress]: Parameters<Kernel['monitor']>): LinkMonitor {
-    return new LinkMonitor(onLink, onOverrun, wants, this.linkEventQueue, onAddress);
+  monitor(...[onLink, onOverrun, wants, onIpv6]: Parameters<Kernel['monitor']>): LinkMonitor {
+    return new LinkMonitor(onLink, onOverrun, wants, this.linkEventQueue, onIpv6);
   }
 
   /**

@@ -320,11 +320,17 @@ function closePort(lt: Keeper, l: LeaseRecord, bridge: Link | null | undefined, 
   }
 }
 
-/** An IPv6 address came on device `index` (the link monitor): closed again where it is a lease's bridge port. */
-export function portReopened(lt: Keeper, index: number): void {
-  const l = lt.table.byIfindex(index);
-  const link = l ? lt.kernel.link(index) : null;
-  if (l && link && lt.isDevice(l, link) && link.master !== null) closePort(lt, l, lt.kernel.link(link.master), true);
+/**
+ * IPv6 came up on device `index` (the link monitor's Ipv6Watch): closed again where it is a lease's bridge port. Null:
+ * such news were lost (an overrun), and every port is looked at: its sysctl read, and closed again where it is open.
+ */
+export function portReopened(lt: Keeper, index: number | null): void {
+  const leases = index !== null ? [lt.table.byIfindex(index)]
+    : lt.table.all().filter((l) => l.kind === 'tap' && l.plug === null && lt.kernel.ipv6On(l.name));
+  for (const l of leases) {
+    const link = l ? lt.kernel.link(l.ifindex) : null;
+    if (l && link && lt.isDevice(l, link) && link.master !== null) closePort(lt, l, lt.kernel.link(link.master), true);
+  }
 }
 
 /**

@@ -42,9 +42,9 @@ export const IFLA_BR_VLAN_FILTERING = 7;
 const IFLA_BR_VLAN_DEFAULT_PVID = 39;
 const IFLA_NEW_NETNSID = 45;
 export const RTMGRP_LINK = 1;
-/** IPv6 addresses' events: one on a bridge port the broker made means its stack was opened again (reconcile.ts). */
-export const RTMGRP_IPV6_IFADDR = 0x100;
-export const RTM_NEWADDR = 20;
+/** A device's IPv6 coming up (an AF_INET6 RTM_NEWLINK as addrconf configures it): see link-monitor.ts Ipv6Watch. */
+export const RTMGRP_IPV6_IFINFO = 0x800;
+export const AF_INET6 = 10;
 /** MACVLAN_MODE_* from if_link.h. */
 export const MACVLAN_MODES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as const;
 export const IFLA_EXT_MASK = 29;
