@@ -835,6 +835,27 @@ test.serial('a locked port moved to another bridge while the broker was down is 
   t.regex(rec.message ?? '', /no longer a port of bridge `br0'/);
 });
 
+// Found by an outside review (a libvirt user's VM): a locked persistent tap left on no bridge while the broker was down
+// (its bridge deleted and made again, as a network manager's restart does) was deleted at the next start, the running
+// VM's NIC with it, though the broker running keeps such a port and locks it again once it is back.
+test.serial('a locked port on no bridge at a start is kept, and locked again once it is put back', async (t) => {
+  const r = await probeOnce({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] });
+  const d = r.taps[0]!.device;
+  try {
+    await whileDown(() => {
+      ns.ip('link', 'set', 'dev', d.name, 'nomaster');
+    });
+    await broker.waitFor(recorded(d.name)(/no longer a port of bridge `br0'/), 3000, 'not followed');
+    t.truthy(ns.link(d.name), 'the device stays');
+    t.false(broker.records.some((x) => x.decision === 'cleanup' && (x.device as { name?: string }).name === d.name));
+    ns.ip('link', 'set', 'dev', d.name, 'master', 'br0');
+    await broker.waitFor(() => /locked on/.test(bridgeCmd('-d', 'link', 'show', 'dev', d.name)), 3000, 'not locked again');
+    t.regex(fdb(d.name), new RegExp(`^${d.mac} (sticky )?master br0 static`, 'm'), 'and its entry back');
+  } finally {
+    await probeOnce({ socket: broker.socket, release: [d.name] });
+  }
+});
+
 // Found by an outside re-test: another user's loops of new taps, each flipping its MAC to a locked guest's until
 // deleted, cut the guest off 32-42 % of the time (each taker lived ~200 ms behind other deletions, retaking at will).
 // A taker now leaves the bridge at once, and its uid's new devices wait: 1 s, then twice as long each time.

@@ -89,9 +89,8 @@ export class Lifetimes implements Cleanup {
       watchHolder: (...a) => this.watchHolder(...a),
       endLease: (...a) => this.endLease(...a),
       retire: (...a) => this.retire(...a),
-      unplug: (l) => this.unplug(l),
-      foreign: this.unplugs.foreign,
-      renounce: (l, link) => this.renounce(l, link),
+      unplug: (l) => this.unplug(l), foreign: this.unplugs.foreign, renounce: (l, link) => this.renounce(l, link),
+      followPort: (l, link) => this.forwarding.followPort(l, link, false, () => putBack(keeper, l)),
     };
     // Hooks a stopped broker left running go before any `down` runs.
     const killed = this.hookRun.previous.length > 0 ? killOrphanHooks(this.hookRun.previous) : 0;

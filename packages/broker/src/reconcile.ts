@@ -41,6 +41,8 @@ export interface Keeper {
   watchHolder(ids: readonly string[], pidfd: number): void;
   endLease(id: string, reason: string): void;
   retire(l: LeaseRecord, o: { op: AuditEvent['op']; decision: 'cleanup'; message: string }): Promise<void>;
+  /** A followed lease's port as its link shows it: off its bridge, kept and followed (Forwarding.followPort). */
+  followPort(l: LeaseRecord, link: Link): void;
   /** Undoes a device's OVS port or runs its hook's `down` (Lifetimes.unplug). */
   unplug(l: LeaseRecord): void;
   /** The names of the Open vSwitch ports that are not this broker's, kept from new devices. */
@@ -231,13 +233,20 @@ export function reconcile(lt: Keeper): void {
     }
     closePort(lt, l, byIndex.get(link.master ?? 0), false);
     if (Forwarding.followed(l, lt.kernel)) {
-      // Only root can unlock a port: an administrator's script may have, while the broker was down. Said, then undone.
-      if (l.locked && lt.kernel.link(l.ifindex)?.portLocked === false) {
-        lt.note('reconcile', 'reconcile', l, 'its port was found unlocked (changed while the broker was down): locked '
-          + 'again');
+      if (link.master === null) {
+        // On no bridge (its bridge made again, an administrator's nomaster): it forwards nothing. Kept and followed, as
+        // at run time, its settings put back once it is a port of a bridge of that name again (an outside review: it
+        // was deleted at a start, and a running VM's NIC with it). One on another bridge goes (putBack).
+        lt.followPort(l, link);
+      } else {
+        // Only root can unlock a port: an administrator's script may have, while the broker was down. Said, undone.
+        if (l.locked && lt.kernel.link(l.ifindex)?.portLocked === false) {
+          lt.note('reconcile', 'reconcile', l, 'its port was found unlocked (changed while the broker was down): '
+            + 'locked again');
+        }
+        // A port moved off its bridge and back meanwhile is in the bridge's default VLAN: set again.
+        putBack(lt, l);
       }
-      // A port moved off its bridge and back meanwhile is in the bridge's default VLAN: set again.
-      putBack(lt, l);
     }
     if (l.ends !== 'holder') continue;
     const key = `${l.holder}:${l.holder_start}`;
