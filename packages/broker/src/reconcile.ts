@@ -231,7 +231,7 @@ export function reconcile(lt: Keeper): void {
       lt.unplug(l);
       continue;
     }
-    closePort(lt, l, byIndex.get(link.master ?? 0), false);
+    closePort(lt, l, false);
     if (Forwarding.followed(l, lt.kernel)) {
       if (link.master === null) {
         // On no bridge (its bridge made again, an administrator's nomaster): it forwards nothing. Kept and followed, as
@@ -312,12 +312,14 @@ export function putBack(lt: Keeper, l: LeaseRecord): void {
 
 /**
  * A lease's Linux-bridge port, its own IP stack closed again (kernel.ts ipv6Off): at a start (a port made before that
- * was done, or opened while the broker was down), and when an IPv6 address comes on one (net.ipv6.conf.all.disable_ipv6
+ * was done, or opened while the broker was down), and when IPv6 comes up on one (net.ipv6.conf.all.disable_ipv6
  * written: the kernel sets every device's; an outside re-test wrote 1 then 0, and a guest's router advertisement gave
- * the host routes through its tap again). A failure is logged: the device stays, its VM runs.
+ * the host routes through its tap again). Wherever the port is now: one off its bridge meanwhile was left open, and
+ * stayed so once put back (a re-test). Its tap of a hook or Open vSwitch network is left as it is. A failure is
+ * logged: the device stays, its VM runs.
  */
-function closePort(lt: Keeper, l: LeaseRecord, bridge: Link | null | undefined, reopened: boolean): void {
-  if (l.kind !== 'tap' || l.plug !== null || bridge?.kind !== 'bridge') return;
+function closePort(lt: Keeper, l: LeaseRecord, reopened: boolean): void {
+  if (l.kind !== 'tap' || l.plug !== null) return;
   try {
     lt.kernel.closePortStack(l.ifindex, l.name);
     if (reopened) {
@@ -331,15 +333,13 @@ function closePort(lt: Keeper, l: LeaseRecord, bridge: Link | null | undefined, 
 
 /**
  * IPv6 came up on device `index` (the link monitor's Ipv6Watch): closed again where it is a lease's bridge port. Null:
- * such news were lost (an overrun), and every port is looked at: its sysctl read, and closed again where it is open.
+ * such news were lost (an overrun, or not read during a flood), and every port is looked at: its sysctl read, and
+ * closed again where it is open.
  */
 export function portReopened(lt: Keeper, index: number | null): void {
   const leases = index !== null ? [lt.table.byIfindex(index)]
     : lt.table.all().filter((l) => l.kind === 'tap' && l.plug === null && lt.kernel.ipv6On(l.name));
-  for (const l of leases) {
-    const link = l ? lt.kernel.link(l.ifindex) : null;
-    if (l && link && lt.isDevice(l, link) && link.master !== null) closePort(lt, l, lt.kernel.link(link.master), true);
-  }
+  for (const l of leases) if (l && lt.isDevice(l, lt.kernel.link(l.ifindex))) closePort(lt, l, true);
 }
 
 /**

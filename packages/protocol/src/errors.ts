@@ -93,7 +93,8 @@ export function opRefusal(op: unknown, ops: readonly string[]): TapbrokerError |
     const known = ops.join(', ');
     return new TapbrokerError('TB_E_UNKNOWN_OP', `unknown op \`${printable(op.slice(0, 32))}'; known ops: ${known}`);
   }
-  const type = op === null ? 'nil' : Array.isArray(op) ? 'an array' : `a ${typeof op}`;
+  const type = op === null ? 'nil' : Array.isArray(op) ? 'an array' : typeof op === 'object' ? 'a map'
+    : `a ${typeof op}`;
   const what = op === undefined ? 'is missing' : `must be a string, not ${type}`;
   return new TapbrokerError('TB_E_INVALID_REQUEST', `invalid request: \`op' ${what}`);
 }
