@@ -66,7 +66,8 @@ test('unknown op', rejects, pack({ op: 'delete-everything', id: 1 }), 'TB_E_UNKN
 // A missing op, or one of the wrong type, is an invalid request, as any such field (PROTOCOL.md); an outside review:
 // `{op: 5}` was told its op was missing. Both decoders (the broker's and the client's) say the same.
 for (const [what, op, message] of [['missing op', undefined, /`op' is missing/], ['op a number', 5, /not a number/],
-  ['op nil', null, /not nil/], ['op an array', ['hello'], /not an array/], ['op a boolean', true, /not a boolean/]] as const) {
+  ['op nil', null, /not nil/], ['op an array', ['hello'], /not an array/], ['op a boolean', true, /not a boolean/],
+  ['op a map', { hello: 1 }, /not a map/]] as const) {
   test(what, rejects, pack({ ...(op === undefined ? {} : { op }), id: 1 }), 'TB_E_INVALID_REQUEST');
   test(`${what}: said as such, by both decoders`, (t) => {
     for (const decode of [decodeRequest, brokerDecodeRequest]) {
