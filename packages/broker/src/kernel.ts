@@ -224,7 +224,8 @@ export function vhostRefusal(): TapbrokerError | null {
 
 /**
  * The kernel's modules as /sys/module lists them: a module's load or unload changes it (a kernel without module
- * support lists its built-ins for good). Not /proc/modules: the unit's ProcSubset=pid hides it (an outside review).
+ * support lists its built-ins for good). Not /proc/modules: a unit with ProcSubset=pid (the shipped one's before 0.5.0)
+ * hides it (an outside review).
  */
 export function loadedModules(): string {
   try {

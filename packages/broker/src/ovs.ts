@@ -37,8 +37,8 @@ export const BOOT_KEY = 'tapbroker-boot';
 let boot: string | null | undefined;
 /**
  * This boot's id, 32 hex digits: the kernel's (/proc/sys/kernel/random/boot_id, dashes dropped), else the unit's
- * TAPBROKER_BOOT_ID (systemd's %b): the unit's ProcSubset=pid hides /proc/sys (an outside re-test: under the unit no
- * port named its boot). Null where neither says.
+ * TAPBROKER_BOOT_ID (systemd's %b): a unit with ProcSubset=pid (the shipped one's before 0.5.0) hides /proc/sys (an
+ * outside re-test: under the unit no port named its boot). Null where neither says.
  */
 export function currentBoot(): string | null {
   if (boot === undefined) {
