@@ -8,6 +8,7 @@
 import anyTest, { type TestFn } from 'ava';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { BrokerProcess } from '../helpers/broker.js';
 import { Netns } from '../helpers/netns.js';
 import { CLIENT_CLI } from '../helpers/broker.js';
@@ -425,5 +426,31 @@ test.serial('a port off its bridge whose IPv6 the host turned on again is closed
     } finally {
       sysctl('net.ipv6.conf.all.disable_ipv6=0');
       await p.release();
+    }
+  });
+
+// Found by an outside re-test: a hook network's tap whose lease was taken back from its tag (the lease table lost)
+// after its network left the policy has no plug, and was closed as a bridge port: the routed guest lost its host
+// addresses. Such a tap, on no bridge, is left as it is.
+test.serial('a hook network\'s tap taken back from its tag, its network gone from the policy, keeps its stack',
+  async (t) => {
+    const made = await probe({ socket: broker.socket, requests: [{ network: 'routed', persistent: true }] },
+      { uid: NOBODY });
+    await made.release();
+    const name = made.result.taps[0]!.device.name;
+    const without = POLICY.replace('[network.routed]\nhook = "/bin/true"\n', '').replace('networks = ["routed"]\n', '');
+    try {
+      t.is(readConf('ipv6', name, 'disable_ipv6'), '0', 'the operator\'s');
+      await broker.stop('SIGTERM', true);
+      fs.rmSync(path.join(broker.dir, 'state', 'leases.json'));
+      broker = await BrokerProcess.start(ns, without, { dir: broker.dir });
+      await broker.waitFor(() => /lease taken back from the device's tag/.test(broker.stderr), 3000, 'not taken back');
+      t.is(readConf('ipv6', name, 'disable_ipv6'), '0', 'still the operator\'s');
+      t.is(readConf('ipv4', name, 'arp_ignore'), '0');
+    } finally {
+      await broker.stop('SIGTERM', true);
+      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+      const r = await probe({ socket: broker.socket, release: [name] }, { uid: NOBODY });
+      await r.release();
     }
   });

@@ -231,7 +231,7 @@ export function reconcile(lt: Keeper): void {
       lt.unplug(l);
       continue;
     }
-    closePort(lt, l, false);
+    closePort(lt, l, link, false);
     if (Forwarding.followed(l, lt.kernel)) {
       if (link.master === null) {
         // On no bridge (its bridge made again, an administrator's nomaster): it forwards nothing. Kept and followed, as
@@ -315,11 +315,15 @@ export function putBack(lt: Keeper, l: LeaseRecord): void {
  * was done, or opened while the broker was down), and when IPv6 comes up on one (net.ipv6.conf.all.disable_ipv6
  * written: the kernel sets every device's; an outside re-test wrote 1 then 0, and a guest's router advertisement gave
  * the host routes through its tap again). Wherever the port is now: one off its bridge meanwhile was left open, and
- * stayed so once put back (a re-test). Its tap of a hook or Open vSwitch network is left as it is. A failure is
- * logged: the device stays, its VM runs.
+ * stayed so once put back (a re-test). A tap of a hook or Open vSwitch network is left as it is, also one whose lease
+ * was taken back from its tag (no plug) when its network is no longer in the policy, unless it is a Linux bridge's
+ * port now (a re-test: a routed hook tap lost its host addresses). A failure is logged: the device stays, its VM runs.
  */
-function closePort(lt: Keeper, l: LeaseRecord, reopened: boolean): void {
+function closePort(lt: Keeper, l: LeaseRecord, link: Link, reopened: boolean): void {
   if (l.kind !== 'tap' || l.plug !== null) return;
+  const net = l.network === null ? null : lt.policy().networks.get(l.network);
+  const port = () => link.master !== null && lt.kernel.link(link.master)?.kind === 'bridge';
+  if (l.network !== null && (net ? net.kind !== 'bridge' : !port())) return;
   try {
     lt.kernel.closePortStack(l.ifindex, l.name);
     if (reopened) {
@@ -339,7 +343,10 @@ function closePort(lt: Keeper, l: LeaseRecord, reopened: boolean): void {
 export function portReopened(lt: Keeper, index: number | null): void {
   const leases = index !== null ? [lt.table.byIfindex(index)]
     : lt.table.all().filter((l) => l.kind === 'tap' && l.plug === null && lt.kernel.ipv6On(l.name));
-  for (const l of leases) if (l && lt.isDevice(l, lt.kernel.link(l.ifindex))) closePort(lt, l, true);
+  for (const l of leases) {
+    const link = l ? lt.kernel.link(l.ifindex) : null;
+    if (l && lt.isDevice(l, link)) closePort(lt, l, link, true);
+  }
 }
 
 /**
