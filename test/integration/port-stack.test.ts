@@ -67,6 +67,20 @@ const runGuest = (nets: string[], script: string, ...args: string[]) => spawnSyn
   process.execPath, CLIENT_CLI, 'run', '--socket', broker.socket, ...nets.flatMap((n) => ['--net', n]), '--', 'python3',
   '-c', script, ...args], { encoding: 'utf8', timeout: 30_000 });
 
+/** A persistent device uid 65534 asks for (`request`): its name, its probe let go. */
+async function persistentTap(request: { bridge: string } | { network: string }): Promise<string> {
+  const made = await probe({ socket: broker.socket, requests: [{ ...request, persistent: true }] }, { uid: NOBODY });
+  await made.release();
+  return made.result.taps[0]!.device.name;
+}
+
+/** The broker started again as the file's tests run it, and uid 65534's device `name` released. */
+async function restartAndRelease(name: string): Promise<void> {
+  await broker.stop('SIGTERM', true);
+  broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
+  await (await probe({ socket: broker.socket, release: [name] }, { uid: NOBODY })).release();
+}
+
 /** Internet checksum of `b`. */
 function checksum(b: Buffer): number {
   let sum = 0;
@@ -187,9 +201,7 @@ test.serial('every port the broker makes has its stack closed, locked or not, an
   });
 
 test.serial('a persistent port an earlier version left open is closed at the next start', async (t) => {
-  const made = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] }, { uid: NOBODY });
-  await made.release();
-  const name = made.result.taps[0]!.device.name;
+  const name = await persistentTap({ bridge: 'br0' });
   try {
     t.is(readConf('ipv6', name, 'disable_ipv6'), '1');
     await broker.stop('SIGTERM', true);
@@ -214,10 +226,7 @@ const RO_PROC_SYS = ['unshare', '-m', '--propagation', 'private', 'sh', '-c',
 
 test.serial('a broker that cannot turn IPv6 off still closes IPv4 on the ports it takes back, and refuses new ones',
   async (t) => {
-    const made = await probe({ socket: broker.socket, requests: [{ bridge: 'br0', persistent: true }] },
-      { uid: NOBODY });
-    await made.release();
-    const name = made.result.taps[0]!.device.name;
+    const name = await persistentTap({ bridge: 'br0' });
     const before = ns.extraLinks([]).length;
     try {
       await broker.stop('SIGTERM', true);
@@ -233,10 +242,7 @@ test.serial('a broker that cannot turn IPv6 off still closes IPv4 on the ports i
       await poll(() => ns.extraLinks([]).length === before, { ms: 3000 });
       t.is(ns.extraLinks([]).length, before, 'nothing left of the refused port');
     } finally {
-      await broker.stop('SIGTERM', true);
-      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
-      const r = await probe({ socket: broker.socket, release: [name] }, { uid: NOBODY });
-      await r.release();
+      await restartAndRelease(name);
     }
   });
 
@@ -434,10 +440,7 @@ test.serial('a port off its bridge whose IPv6 the host turned on again is closed
 // addresses. Such a tap, on no bridge, is left as it is.
 test.serial('a hook network\'s tap taken back from its tag, its network gone from the policy, keeps its stack',
   async (t) => {
-    const made = await probe({ socket: broker.socket, requests: [{ network: 'routed', persistent: true }] },
-      { uid: NOBODY });
-    await made.release();
-    const name = made.result.taps[0]!.device.name;
+    const name = await persistentTap({ network: 'routed' });
     const without = POLICY.replace('[network.routed]\nhook = "/bin/true"\n', '').replace('networks = ["routed"]\n', '');
     try {
       t.is(readConf('ipv6', name, 'disable_ipv6'), '0', 'the operator\'s');
@@ -448,9 +451,6 @@ test.serial('a hook network\'s tap taken back from its tag, its network gone fro
       t.is(readConf('ipv6', name, 'disable_ipv6'), '0', 'still the operator\'s');
       t.is(readConf('ipv4', name, 'arp_ignore'), '0');
     } finally {
-      await broker.stop('SIGTERM', true);
-      broker = await BrokerProcess.start(ns, POLICY, { dir: broker.dir });
-      const r = await probe({ socket: broker.socket, release: [name] }, { uid: NOBODY });
-      await r.release();
+      await restartAndRelease(name);
     }
   });
